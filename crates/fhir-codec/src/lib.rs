@@ -1,0 +1,268 @@
+//! Strict FHIR R4 JSON checking, kept in its own crate so that fhir-sdk's large serde code is
+//! monomorphised here once and never in the application crate (a release rebuild of the app then
+//! takes seconds instead of minutes).
+//!
+//! fhir-sdk's R4B model is a parser, not a validator: it rejects wrong JSON types, unknown codes and
+//! bad dates in plain fields, but silently drops unknown elements, invalid choice-type values and the
+//! second of two choice variants. [`check`] therefore parses with the model *and* compares what was
+//! sent with what the model kept; every element the model did not keep is reported by its path.
+//! Callers store the JSON exactly as received, never the model's re-serialisation.
+
+use serde_json::Value;
+
+/// One problem found in a resource, addressed by a FHIRPath-like `expression`
+/// (`Communication.payload[0].contentString`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// The FHIR issue-type code (`structure`, `value`, `required`, `invalid`, `not-supported`).
+    pub code: &'static str,
+    pub expression: String,
+    pub diagnostics: String,
+}
+
+impl Issue {
+    fn new(code: &'static str, expression: String, diagnostics: impl Into<String>) -> Self {
+        Issue { code, expression, diagnostics: diagnostics.into() }
+    }
+}
+
+macro_rules! supported_types {
+    ($($name:ident),* $(,)?) => {
+        /// Resource types this crate can check strictly.
+        pub const SUPPORTED_TYPES: &[&str] = &[$(stringify!($name)),*];
+
+        fn roundtrip(resource_type: &str, value: &Value) -> Result<Value, Issue> {
+            match resource_type {
+                $(stringify!($name) => roundtrip_as::<fhir_sdk::r4b::resources::$name>(resource_type, value),)*
+                other => Err(Issue::new(
+                    "not-supported",
+                    "resourceType".into(),
+                    format!("resource type '{other}' is not supported by this server"),
+                )),
+            }
+        }
+    };
+}
+
+supported_types!(
+    Communication,
+    CommunicationRequest,
+    Binary,
+    AuditEvent,
+    SearchParameter,
+    Patient,
+    Practitioner,
+    PractitionerRole,
+    RelatedPerson,
+    CareTeam,
+    Group,
+    Encounter,
+    Organization,
+);
+
+/// Checks `value` as a FHIR R4 resource of its declared `resourceType`.
+/// Returns every element that is malformed or that the model would not keep.
+pub fn check(value: &Value) -> Result<(), Vec<Issue>> {
+    let Some(obj) = value.as_object() else {
+        return Err(vec![Issue::new("structure", String::new(), "a resource must be a JSON object")]);
+    };
+    let resource_type = match obj.get("resourceType") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(vec![Issue::new("structure", "resourceType".into(), "resourceType must be a string")])
+        }
+        None => return Err(vec![Issue::new("required", "resourceType".into(), "resourceType is missing")]),
+    };
+    let mut issues = Vec::new();
+    check_json_shape(resource_type, value, &mut issues);
+    if let Some(id) = obj.get("id") {
+        match id.as_str() {
+            Some(s) if is_valid_id(s) => {}
+            _ => issues.push(Issue::new(
+                "value",
+                format!("{resource_type}.id"),
+                "id must be 1-64 characters of A-Z, a-z, 0-9, '-' and '.'",
+            )),
+        }
+    }
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    let kept = roundtrip(resource_type, value).map_err(|e| vec![e])?;
+    diff(resource_type.to_string(), value, &kept, &mut issues);
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(issues)
+    }
+}
+
+/// FHIR logical id syntax: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn roundtrip_as<T>(resource_type: &str, value: &Value) -> Result<Value, Issue>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let expression = if path == "." || path.is_empty() {
+            resource_type.to_string()
+        } else {
+            format!("{resource_type}.{path}")
+        };
+        let inner = e.into_inner().to_string();
+        let code = if inner.starts_with("missing field") { "required" } else { "value" };
+        Issue::new(code, expression, clean_serde_message(&inner))
+    })?;
+    serde_json::to_value(&parsed)
+        .map_err(|e| Issue::new("exception", resource_type.into(), format!("could not re-encode resource: {e}")))
+}
+
+/// serde's messages name Rust types; keep them readable for a FHIR user.
+fn clean_serde_message(msg: &str) -> String {
+    msg.split(" at line ").next().unwrap_or(msg).to_string()
+}
+
+/// FHIR JSON rules that serde cannot see: no nulls (outside primitive-extension arrays), no empty
+/// objects, arrays or strings, no leading/trailing whitespace-only strings.
+fn check_json_shape(path: &str, value: &Value, issues: &mut Vec<Issue>) {
+    match value {
+        Value::Null => issues.push(Issue::new("structure", path.to_string(), "null is not allowed in FHIR JSON")),
+        Value::String(s) if s.trim().is_empty() => {
+            issues.push(Issue::new("value", path.to_string(), "empty strings are not allowed in FHIR JSON"))
+        }
+        Value::Array(items) => {
+            if items.is_empty() {
+                issues.push(Issue::new("structure", path.to_string(), "empty arrays are not allowed in FHIR JSON"));
+            }
+            let primitive_ext = path.rsplit('.').next().is_some_and(|last| last.starts_with('_'));
+            for (i, item) in items.iter().enumerate() {
+                if primitive_ext && item.is_null() {
+                    continue;
+                }
+                check_json_shape(&format!("{path}[{i}]"), item, issues);
+            }
+        }
+        Value::Object(map) => {
+            if map.is_empty() {
+                issues.push(Issue::new("structure", path.to_string(), "empty objects are not allowed in FHIR JSON"));
+            }
+            for (k, v) in map {
+                // Contained / nested resources restart the path at their type, as FHIRPath does.
+                check_json_shape(&format!("{path}.{k}"), v, issues);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Reports every element of `sent` that is absent or different in `kept`.
+fn diff(path: String, sent: &Value, kept: &Value, issues: &mut Vec<Issue>) {
+    match (sent, kept) {
+        (Value::Object(s), Value::Object(k)) => {
+            for (key, sv) in s {
+                let p = format!("{path}.{key}");
+                match k.get(key) {
+                    Some(kv) => diff(p, sv, kv, issues),
+                    None => issues.push(Issue::new(
+                        "structure",
+                        p,
+                        format!("unknown element '{key}', or a value that is not valid for it"),
+                    )),
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(k)) => {
+            if s.len() != k.len() {
+                issues.push(Issue::new("structure", path.clone(), "some items of this list are not valid"));
+            }
+            for (i, (sv, kv)) in s.iter().zip(k.iter()).enumerate() {
+                diff(format!("{path}[{i}]"), sv, kv, issues);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) => {
+            if a != b && a.as_f64() != b.as_f64() {
+                issues.push(Issue::new("value", path, "number out of range or not representable"));
+            }
+        }
+        (Value::String(a), Value::String(b)) => {
+            if a != b && !same_instant(a, b) {
+                issues.push(Issue::new("value", path, "value is not valid for this element"));
+            }
+        }
+        (a, b) if a == b => {}
+        _ => issues.push(Issue::new("value", path, "value is not valid for this element")),
+    }
+}
+
+/// The model normalises instants (`.000+00:00` → `Z`); both spellings are the same value.
+fn same_instant(a: &str, b: &str) -> bool {
+    match (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn exprs(v: Value) -> Vec<String> {
+        check(&v).err().unwrap_or_default().into_iter().map(|i| i.expression).collect()
+    }
+
+    #[test]
+    fn accepts_a_valid_communication() {
+        let v = json!({"resourceType":"Communication","status":"completed",
+            "sent":"2024-01-01T10:00:00.000+00:00",
+            "recipient":[{"reference":"Patient/1"}],"payload":[{"contentString":"hi"}]});
+        assert_eq!(check(&v), Ok(()));
+    }
+
+    #[test]
+    fn names_unknown_elements() {
+        let v = json!({"resourceType":"Communication","status":"completed","foo":1});
+        assert_eq!(exprs(v), vec!["Communication.foo"]);
+    }
+
+    #[test]
+    fn names_invalid_choice_values() {
+        let v = json!({"resourceType":"CommunicationRequest","status":"active","occurrenceDateTime":"not-a-date"});
+        assert_eq!(exprs(v), vec!["CommunicationRequest.occurrenceDateTime"]);
+    }
+
+    #[test]
+    fn names_bad_codes_and_types() {
+        assert_eq!(exprs(json!({"resourceType":"Communication","status":"bogus"})), vec!["Communication.status"]);
+        assert_eq!(
+            exprs(json!({"resourceType":"Communication","status":"completed","sent":12})),
+            vec!["Communication.sent"]
+        );
+        assert_eq!(exprs(json!({"resourceType":"Communication"})), vec!["Communication"]);
+    }
+
+    #[test]
+    fn rejects_bad_ids_and_nulls() {
+        assert_eq!(exprs(json!({"resourceType":"Communication","id":"a b","status":"completed"})), vec![
+            "Communication.id"
+        ]);
+        assert_eq!(exprs(json!({"resourceType":"Communication","status":"completed","note":null})), vec![
+            "Communication.note"
+        ]);
+    }
+}
+
+#[cfg(test)]
+mod decimal_tests {
+    use super::*;
+    #[test]
+    fn accepts_decimals_the_model_normalises() {
+        let text = r#"{"resourceType":"Communication","status":"completed","extension":[{"url":"http://x.org/e","valueDecimal":1.50}]}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(check(&v), Ok(()));
+    }
+}
