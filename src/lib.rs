@@ -1,1 +1,15 @@
-pub fn stub() {}
+//! Courier: a FHIR R4 secure-messaging service.
+//!
+//! Module map (see `../shared/DESIGN.md` for the architecture):
+//! - [`config`]   layered settings: defaults < file < `COURIER_*` environment
+//! - [`startup`]  `Application::build(settings)`: the bound server, used by `main` and tests
+//! - [`fhir`]     the REST layer: interactions, search parsing, Bundles, OperationOutcome, metadata
+//! - [`store`]    persistence: SQLite | PostgreSQL, versions, search index, encryption at rest
+//! - [`audit`]    IHE BALP AuditEvents for every interaction
+
+pub mod audit;
+pub mod config;
+pub mod fhir;
+pub mod search;
+pub mod startup;
+pub mod store;

@@ -1,0 +1,127 @@
+//! Settings, layered: built-in defaults < optional TOML file (`--config` or `COURIER_CONFIG`) < `COURIER_*`
+//! environment variables. Secrets are `SecretString`s so they never print.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on (`COURIER_LISTEN`).
+    pub listen: String,
+    /// Public base URL of the FHIR API, used in `fullUrl`, `Location` and links (`COURIER_BASE_URL`).
+    /// Empty means `http://{listen}`.
+    pub base_url: String,
+    /// Directory for the embedded database and the generated master key (`COURIER_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// `sqlite://path`, a plain path, or `postgres://…` (`COURIER_DATABASE_URL`).
+    /// Empty means `{data_dir}/courier.db`.
+    pub database_url: String,
+    /// Base64 of a 32-byte key-encryption key (`COURIER_MASTER_KEY`); wins over `master_key_file`.
+    pub master_key: Option<SecretString>,
+    /// File holding the base64 master key (`COURIER_MASTER_KEY_FILE`); created (0600) if absent.
+    /// Empty means `{data_dir}/master.key`.
+    pub master_key_file: Option<PathBuf>,
+    /// Largest accepted resource body in bytes (`COURIER_MAX_RESOURCE_BYTES`).
+    pub max_resource_bytes: usize,
+    /// Largest accepted Binary in bytes (`COURIER_MAX_BINARY_BYTES`, default 10 MB).
+    pub max_binary_bytes: usize,
+    /// Page size when `_count` is absent (`COURIER_DEFAULT_COUNT`).
+    pub default_count: usize,
+    /// Largest `_count` honoured (`COURIER_MAX_COUNT`).
+    pub max_count: usize,
+    /// Database connections in the pool (`COURIER_DB_POOL_SIZE`).
+    pub db_pool_size: u32,
+    /// SQLite `synchronous` pragma: `FULL` (durable on power loss) or `NORMAL` (`COURIER_SQLITE_SYNCHRONOUS`).
+    pub sqlite_synchronous: String,
+    /// HTTP worker threads; 0 = one per core (`COURIER_WORKERS`).
+    pub workers: usize,
+    /// Log filter, e.g. `info` or `courier=debug` (`COURIER_LOG`).
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            base_url: String::new(),
+            data_dir: PathBuf::from("data"),
+            database_url: String::new(),
+            master_key: None,
+            master_key_file: None,
+            max_resource_bytes: 1024 * 1024,
+            max_binary_bytes: 10 * 1024 * 1024,
+            default_count: 50,
+            max_count: 1000,
+            db_pool_size: 8,
+            sqlite_synchronous: "FULL".into(),
+            workers: 0,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the config file (if any), then the environment.
+    pub fn load(config_file: Option<&Path>) -> anyhow::Result<Settings> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let file = config_file.map(Path::to_path_buf).or_else(|| env("COURIER_CONFIG").map(PathBuf::from));
+        let mut s = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
+            }
+            None => Settings::default(),
+        };
+        s.apply_env(env)?;
+        s.resolve();
+        Ok(s)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        fn num<T: std::str::FromStr>(k: &str, v: String) -> anyhow::Result<T> {
+            v.parse().map_err(|_| anyhow::anyhow!("{k} must be a number, got '{v}'"))
+        }
+        if let Some(v) = env("COURIER_LISTEN") { self.listen = v; }
+        if let Some(v) = env("COURIER_BASE_URL") { self.base_url = v; }
+        if let Some(v) = env("COURIER_DATA_DIR") { self.data_dir = v.into(); }
+        if let Some(v) = env("COURIER_DATABASE_URL") { self.database_url = v; }
+        if let Some(v) = env("COURIER_MASTER_KEY") { self.master_key = Some(v.into()); }
+        if let Some(v) = env("COURIER_MASTER_KEY_FILE") { self.master_key_file = Some(v.into()); }
+        if let Some(v) = env("COURIER_MAX_RESOURCE_BYTES") { self.max_resource_bytes = num("COURIER_MAX_RESOURCE_BYTES", v)?; }
+        if let Some(v) = env("COURIER_MAX_BINARY_BYTES") { self.max_binary_bytes = num("COURIER_MAX_BINARY_BYTES", v)?; }
+        if let Some(v) = env("COURIER_DEFAULT_COUNT") { self.default_count = num("COURIER_DEFAULT_COUNT", v)?; }
+        if let Some(v) = env("COURIER_MAX_COUNT") { self.max_count = num("COURIER_MAX_COUNT", v)?; }
+        if let Some(v) = env("COURIER_DB_POOL_SIZE") { self.db_pool_size = num("COURIER_DB_POOL_SIZE", v)?; }
+        if let Some(v) = env("COURIER_SQLITE_SYNCHRONOUS") { self.sqlite_synchronous = v; }
+        if let Some(v) = env("COURIER_WORKERS") { self.workers = num("COURIER_WORKERS", v)?; }
+        if let Some(v) = env("COURIER_LOG") { self.log = v; }
+        Ok(())
+    }
+
+    /// Fills the values that default to something derived from others.
+    fn resolve(&mut self) {
+        if self.database_url.is_empty() {
+            self.database_url = format!("sqlite://{}", self.data_dir.join("courier.db").display());
+        }
+        if self.base_url.is_empty() {
+            self.base_url = format!("http://{}", self.listen);
+        }
+        while self.base_url.ends_with('/') {
+            self.base_url.pop();
+        }
+        self.sqlite_synchronous = self.sqlite_synchronous.to_ascii_uppercase();
+        self.default_count = self.default_count.clamp(1, self.max_count.max(1));
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")
+    }
+
+    /// The master key file: configured, or `{data_dir}/master.key`.
+    pub fn key_file(&self) -> PathBuf {
+        self.master_key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+}

@@ -1,0 +1,513 @@
+//! Bundles: searchset and history responses, and batch/transaction processing at the base URL.
+
+use super::outcome::{self, FhirError, FHIR_JSON};
+use super::rest::{self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res};
+use super::{support, AppState};
+use crate::audit::Interaction;
+use crate::search::dates;
+use crate::search::query::SearchRequest;
+use crate::store::{Incoming, SearchPage, Stored, WriteOp, WriteResult, WriteStatus};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+#[derive(Serialize, Default)]
+pub struct Entry {
+    #[serde(rename = "fullUrl", skip_serializing_if = "Option::is_none")]
+    pub full_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct Bundle {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    id: String,
+    meta: Value,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<i64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    link: Vec<Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    entry: Vec<Entry>,
+}
+
+pub fn raw(s: &Stored) -> Option<Box<RawValue>> {
+    s.body.as_ref().and_then(|b| RawValue::from_string(String::from_utf8_lossy(b).into_owned()).ok())
+}
+
+fn raw_value(v: &Value) -> Box<RawValue> {
+    RawValue::from_string(v.to_string()).expect("serialised JSON is valid")
+}
+
+pub fn bundle_response(kind: &'static str, total: Option<i64>, link: Vec<Value>, entry: Vec<Entry>) -> HttpResponse {
+    let b = Bundle {
+        resource_type: "Bundle",
+        id: uuid::Uuid::new_v4().to_string(),
+        meta: json!({"lastUpdated": dates::format_instant(dates::now_micros())}),
+        kind,
+        total,
+        link,
+        entry,
+    };
+    HttpResponse::Ok().content_type(FHIR_JSON).body(serde_json::to_vec(&b).expect("bundle serialises"))
+}
+
+/// `self`, `next` and `previous` links; later pages carry `_snapshot` so they see the same data.
+pub fn page_links(path: &str, params: &[(String, String)], offset: usize, count: usize, has_next: bool, snapshot: i64) -> Vec<Value> {
+    let url = |off: usize, with_snapshot: bool| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in params {
+            s.append_pair(k, v);
+        }
+        if with_snapshot {
+            s.append_pair("_offset", &off.to_string());
+            s.append_pair("_snapshot", &snapshot.to_string());
+        }
+        let q = s.finish();
+        if q.is_empty() { path.to_string() } else { format!("{path}?{q}") }
+    };
+    let mut links = vec![json!({"relation": "self", "url": url(offset, offset > 0)})];
+    if has_next {
+        links.push(json!({"relation": "next", "url": url(offset + count, true)}));
+    }
+    if offset > 0 {
+        links.push(json!({"relation": "previous", "url": url(offset.saturating_sub(count), true)}));
+    }
+    links
+}
+
+pub fn searchset(base: &str, res_type: &str, req: &SearchRequest, page: &SearchPage) -> HttpResponse {
+    let mut params = req.used.clone();
+    if !params.iter().any(|(k, _)| k == "_count") {
+        params.push(("_count".into(), req.count.to_string()));
+    }
+    let links = page_links(&format!("{base}/{res_type}"), &params, req.offset, req.count, page.has_next, page.snapshot);
+    let mut entries: Vec<Entry> = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
+    for (mode, list) in [("match", &page.matches), ("include", &page.included)] {
+        for s in list {
+            entries.push(Entry {
+                full_url: Some(format!("{base}/{}/{}", s.res_type, s.id)),
+                resource: raw(s),
+                search: Some(json!({"mode": mode})),
+                ..Default::default()
+            });
+        }
+    }
+    if !req.ignored.is_empty() {
+        entries.push(Entry {
+            full_url: Some(format!("urn:uuid:{}", uuid::Uuid::new_v4())),
+            resource: Some(raw_value(&outcome::outcome(&req.ignored, "warning"))),
+            search: Some(json!({"mode": "outcome"})),
+            ..Default::default()
+        });
+    }
+    bundle_response("searchset", page.total, links, entries)
+}
+
+pub fn history_entry(base: &str, s: &Stored) -> Entry {
+    let (method, url) = match s.method.as_str() {
+        "POST" => ("POST", s.res_type.clone()),
+        m => (m, format!("{}/{}", s.res_type, s.id)),
+    };
+    let status = match (s.method.as_str(), s.version_id) {
+        ("DELETE", _) => "204 No Content",
+        ("POST", _) | ("PUT", 1) => "201 Created",
+        _ => "200 OK",
+    };
+    Entry {
+        full_url: Some(format!("{base}/{}/{}", s.res_type, s.id)),
+        resource: raw(s),
+        request: Some(json!({"method": if method == "PATCH" { "PATCH" } else { method }, "url": url})),
+        response: Some(json!({"status": status, "etag": s.etag(), "lastModified": dates::format_instant(s.last_updated)})),
+        ..Default::default()
+    }
+}
+
+// ----- batch / transaction ----------------------------------------------------------------------
+
+pub async fn batch_or_transaction(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+    let ctx = audit_context(&req, &state);
+    let (result, interaction) = match process(&state, &req, payload, &ctx).await {
+        Ok((r, i)) => (Ok(r), i),
+        Err((e, i)) => (Err(e), i),
+    };
+    audit_outcome(&state, &ctx, interaction, None, None, &result).await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+struct Parsed {
+    method: String,
+    res_type: String,
+    id: Option<String>,
+    version: Option<i64>,
+    query: Option<String>,
+    full_url: Option<String>,
+    resource: Option<Value>,
+    if_match: Option<i64>,
+    if_none_exist: Option<String>,
+}
+
+type ProcessResult = Result<(HttpResponse, Interaction), (FhirError, Interaction)>;
+
+async fn process(state: &web::Data<AppState>, req: &HttpRequest, payload: web::Payload, ctx: &crate::audit::Context) -> ProcessResult {
+    let fail = |e: FhirError| (e, Interaction::Batch);
+    rest::check_accept(req).map_err(fail)?;
+    let media = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
+    if !matches!(media.as_str(), "application/fhir+json" | "application/json") {
+        return Err(fail(FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "a Bundle must be sent as application/fhir+json")));
+    }
+    // A Bundle may carry Binaries, so it gets the larger limit.
+    let limit = state.settings.max_resource_bytes.max(state.settings.max_binary_bytes * 4 / 3 + 4096);
+    let body = rest::read_body(req, payload, limit).await.map_err(fail)?;
+    let bundle: Value = serde_json::from_slice(&body).map_err(|e| fail(FhirError::at(StatusCode::BAD_REQUEST, "structure", "Bundle", format!("invalid JSON: {e}"))))?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "invalid", "resourceType", "POST to the base URL takes a Bundle of type batch or transaction")));
+    }
+    let interaction = match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => Interaction::Transaction,
+        Some("batch") => Interaction::Batch,
+        other => return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "invalid", "Bundle.type", format!("Bundle.type must be batch or transaction, not {other:?}")))),
+    };
+    let fail = |e: FhirError| (e, interaction);
+    let entries = match bundle.get("entry") {
+        None => &Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "structure", "Bundle.entry", "entry must be an array"))),
+    };
+    let mut parsed = Vec::with_capacity(entries.len());
+    let mut entry_errors: HashMap<usize, FhirError> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        match parse_entry(i, e) {
+            Ok(p) => parsed.push(Some(p)),
+            Err(err) if interaction == Interaction::Batch => {
+                entry_errors.insert(i, err);
+                parsed.push(None)
+            }
+            Err(err) => return Err(fail(err)),
+        }
+    }
+    if interaction == Interaction::Transaction {
+        let parsed: Vec<Parsed> = parsed.into_iter().flatten().collect();
+        transaction(state, parsed, ctx).await.map(|r| (r, interaction)).map_err(fail)
+    } else {
+        Ok((batch(state, req, parsed, entry_errors, ctx).await, interaction))
+    }
+}
+
+fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
+    let at = |field: &str| format!("Bundle.entry[{i}].{field}");
+    let request = e.get("request").ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request"), "each entry needs a request"))?;
+    let method = request.get("method").and_then(Value::as_str).ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request.method"), "request.method is required"))?;
+    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request.url"), "request.url is required"))?;
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (url, None),
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let res_type = segs[0].to_string();
+    if support(&res_type).is_none() {
+        return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request.url"), format!("resource type '{res_type}' is not supported")));
+    }
+    let id = segs.get(1).map(|s| s.to_string());
+    let version = match (segs.get(2), segs.get(3)) {
+        (Some(&"_history"), Some(v)) => Some(v.parse::<i64>().map_err(|_| FhirError::at(StatusCode::BAD_REQUEST, "invalid", at("request.url"), "bad version"))?),
+        (None, None) => None,
+        _ => return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request.url"), format!("'{url}' is not a supported entry URL"))),
+    };
+    if let Some(id) = &id {
+        if !fhir_codec::is_valid_id(id) {
+            return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", at("request.url"), format!("'{id}' is not a valid id")));
+        }
+    }
+    let if_match = match request.get("ifMatch").and_then(Value::as_str) {
+        Some(v) => Some(rest::parse_etag(v)?),
+        None => None,
+    };
+    let resource = e.get("resource").cloned();
+    let shape_ok = match method {
+        "POST" => id.is_none() && resource.is_some(),
+        "PUT" => id.is_some() && resource.is_some(),
+        "DELETE" => id.is_some(),
+        "GET" => true,
+        _ => false,
+    };
+    if !shape_ok {
+        return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request"), format!("{method} {url} is not a supported entry (POST Type, PUT Type/id, DELETE Type/id, GET)")));
+    }
+    Ok(Parsed {
+        method: method.to_string(),
+        res_type,
+        id,
+        version,
+        query,
+        full_url: e.get("fullUrl").and_then(Value::as_str).map(String::from),
+        resource,
+        if_match,
+        if_none_exist: request.get("ifNoneExist").and_then(Value::as_str).map(String::from),
+    })
+}
+
+/// Replaces `urn:uuid:` (and other fullUrl) references with the ids the transaction assigned.
+fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "reference" {
+                    if let Value::String(s) = x {
+                        if let Some(new) = map.get(s.as_str()) {
+                            *s = new.clone();
+                        }
+                    }
+                } else {
+                    rewrite_references(x, map);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_references(x, map)),
+        _ => {}
+    }
+}
+
+fn response_entry(base: &str, r: &WriteResult) -> Entry {
+    let status = match r.status {
+        WriteStatus::Created => "201 Created",
+        WriteStatus::Updated | WriteStatus::Existing => "200 OK",
+        WriteStatus::Deleted | WriteStatus::NothingToDelete => "204 No Content",
+    };
+    let mut response = json!({"status": status});
+    if matches!(r.status, WriteStatus::Created | WriteStatus::Updated | WriteStatus::Existing) {
+        response["location"] = json!(rest::location(base, &r.stored));
+        response["etag"] = json!(r.stored.etag());
+        response["lastModified"] = json!(dates::format_instant(r.stored.last_updated));
+    }
+    Entry {
+        full_url: (!r.stored.deleted).then(|| format!("{base}/{}/{}", r.stored.res_type, r.stored.id)),
+        resource: if r.stored.deleted { None } else { raw(&r.stored) },
+        response: Some(response),
+        ..Default::default()
+    }
+}
+
+async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &crate::audit::Context) -> Res {
+    let base = state.settings.base_url.clone();
+    // 1. Resolve conditional creates and assign ids, so references between entries can be rewritten.
+    let mut ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
+    let mut existing: HashMap<usize, Stored> = HashMap::new();
+    let mut map: HashMap<String, String> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let id = match e.method.as_str() {
+            "POST" => {
+                let mut id = new_id();
+                if let Some(q) = &e.if_none_exist {
+                    let search = rest::parse_search(state, &e.res_type, &query_pairs(q), true).map_err(|mut err| {
+                        err.issues.iter_mut().for_each(|x| x.expression = format!("Bundle.entry[{i}].request.ifNoneExist"));
+                        err
+                    })?;
+                    let store = state.store.clone();
+                    let rt = e.res_type.clone();
+                    let page = blocking(move || Ok(store.search(&rt, &search)?)).await?;
+                    match page.matches.len() {
+                        0 => {}
+                        1 => {
+                            id = page.matches[0].id.clone();
+                            existing.insert(i, page.matches[0].clone());
+                        }
+                        _ => return Err(FhirError::at(StatusCode::PRECONDITION_FAILED, "conflict", format!("Bundle.entry[{i}].request.ifNoneExist"), "ifNoneExist matched more than one resource")),
+                    }
+                }
+                Some(id)
+            }
+            "PUT" | "DELETE" => e.id.clone(),
+            _ => None,
+        };
+        if let (Some(full), Some(id)) = (&e.full_url, &id) {
+            map.insert(full.clone(), format!("{}/{}", e.res_type, id));
+        }
+        ids.push(id);
+    }
+    // 2. Check every resource (after rewriting) and build the operations.
+    let mut ops = Vec::new();
+    let mut op_index = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if existing.contains_key(&i) || e.method == "GET" {
+            continue;
+        }
+        let prefix = format!("Bundle.entry[{i}].resource");
+        let resource = match &e.resource {
+            Some(r) => {
+                let mut r = r.clone();
+                rewrite_references(&mut r, &map);
+                check_resource(&r, &e.res_type, &prefix)?;
+                Some(Incoming::from_value(r))
+            }
+            None => None,
+        };
+        let t = support(&e.res_type).expect("checked in parse_entry");
+        let needed = match e.method.as_str() { "POST" => "create", "PUT" => "update", _ => "delete" };
+        if !t.interactions.contains(&needed) {
+            return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", format!("Bundle.entry[{i}].request"), format!("{needed} is not supported on {}", e.res_type)));
+        }
+        let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
+        let op = match e.method.as_str() {
+            "POST" => WriteOp::Create { res_type: e.res_type.clone(), id, resource: resource.expect("checked"), if_none_exist: None },
+            "PUT" => {
+                let res = resource.expect("checked");
+                if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                    return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", format!("{prefix}.id"), "the resource id must match request.url"));
+                }
+                WriteOp::Update { res_type: e.res_type.clone(), id, resource: res, if_match: e.if_match, upsert: true, patch: false }
+            }
+            _ => WriteOp::Delete { res_type: e.res_type.clone(), id, if_match: e.if_match },
+        };
+        ops.push(op);
+        op_index.push(i);
+    }
+    // 3. All writes in one database transaction: all or nothing.
+    let store = state.store.clone();
+    let ctx2 = ctx.clone();
+    let results = blocking(move || {
+        store.write(ops, &ctx2).map_err(|e| {
+            let mut fe = FhirError::from(e);
+            for issue in &mut fe.issues {
+                if issue.expression.is_empty() {
+                    issue.expression = "Bundle.entry".into();
+                }
+            }
+            fe
+        })
+    })
+    .await?;
+    let mut by_entry: HashMap<usize, WriteResult> = op_index.into_iter().zip(results).collect();
+    // 4. Reads see the committed state.
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        if let Some(s) = existing.remove(&i) {
+            out.push(response_entry(&base, &WriteResult { status: WriteStatus::Existing, stored: s }));
+        } else if let Some(r) = by_entry.remove(&i) {
+            out.push(response_entry(&base, &r));
+        } else {
+            out.push(get_entry(state, e).await);
+        }
+    }
+    Ok(bundle_response("transaction-response", None, vec![], out))
+}
+
+async fn batch(state: &web::Data<AppState>, req: &HttpRequest, entries: Vec<Option<Parsed>>, mut errors: HashMap<usize, FhirError>, ctx: &crate::audit::Context) -> HttpResponse {
+    let _ = req;
+    let base = state.settings.base_url.clone();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.into_iter().enumerate() {
+        let Some(e) = e else {
+            out.push(error_entry(&errors.remove(&i).unwrap_or_else(FhirError::internal)));
+            continue;
+        };
+        if e.method == "GET" {
+            out.push(get_entry(state, &e).await);
+            continue;
+        }
+        let result: Result<WriteResult, FhirError> = async {
+            let prefix = format!("Bundle.entry[{i}].resource");
+            let t = support(&e.res_type).expect("checked");
+            let needed = match e.method.as_str() { "POST" => "create", "PUT" => "update", _ => "delete" };
+            if !t.interactions.contains(&needed) {
+                return Err(FhirError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", format!("{needed} is not supported on {}", e.res_type)));
+            }
+            let resource = match &e.resource {
+                Some(r) => {
+                    check_resource(r, &e.res_type, &prefix)?;
+                    Some(Incoming::from_value(r.clone()))
+                }
+                None => None,
+            };
+            let op = match e.method.as_str() {
+                "POST" => {
+                    let if_none_exist = match &e.if_none_exist {
+                        Some(q) => Some(rest::parse_search(state, &e.res_type, &query_pairs(q), true)?),
+                        None => None,
+                    };
+                    WriteOp::Create { res_type: e.res_type.clone(), id: new_id(), resource: resource.expect("checked"), if_none_exist }
+                }
+                "PUT" => {
+                    let id = e.id.clone().expect("checked");
+                    let res = resource.expect("checked");
+                    if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                        return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", format!("{prefix}.id"), "the resource id must match request.url"));
+                    }
+                    WriteOp::Update { res_type: e.res_type.clone(), id, resource: res, if_match: e.if_match, upsert: true, patch: false }
+                }
+                _ => WriteOp::Delete { res_type: e.res_type.clone(), id: e.id.clone().expect("checked"), if_match: e.if_match },
+            };
+            let store = state.store.clone();
+            let ctx = ctx.clone();
+            blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await
+        }
+        .await;
+        out.push(match result {
+            Ok(r) => response_entry(&base, &r),
+            Err(err) => error_entry(&err),
+        });
+    }
+    bundle_response("batch-response", None, vec![], out)
+}
+
+fn error_entry(e: &FhirError) -> Entry {
+    Entry {
+        response: Some(json!({
+            "status": format!("{} {}", e.status.as_u16(), e.status.canonical_reason().unwrap_or("")),
+            "outcome": e.outcome(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// A GET entry: read, vread or search.
+async fn get_entry(state: &web::Data<AppState>, e: &Parsed) -> Entry {
+    let base = state.settings.base_url.clone();
+    let store = state.store.clone();
+    let result: Result<Entry, FhirError> = async {
+        match (&e.id, e.version) {
+            (Some(id), v) => {
+                let (rt, id, v) = (e.res_type.clone(), id.clone(), v);
+                let s = blocking(move || Ok(match v { Some(v) => store.vread(&rt, &id, v)?, None => store.read(&rt, &id)? })).await?;
+                Ok(Entry {
+                    full_url: Some(format!("{base}/{}/{}", s.res_type, s.id)),
+                    resource: raw(&s),
+                    response: Some(json!({"status": "200 OK", "etag": s.etag(), "lastModified": dates::format_instant(s.last_updated)})),
+                    ..Default::default()
+                })
+            }
+            (None, _) => {
+                let t = support(&e.res_type).expect("checked");
+                if !t.searchable {
+                    return Err(FhirError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", format!("search is not supported on {}", e.res_type)));
+                }
+                let search = rest::parse_search(state, &e.res_type, &query_pairs(e.query.as_deref().unwrap_or("")), false)?;
+                let rt = e.res_type.clone();
+                let s2 = search.clone();
+                let page = blocking(move || Ok(store.search(&rt, &s2)?)).await?;
+                let resp = searchset(&base, &e.res_type, &search, &page);
+                let body = actix_web::body::to_bytes(resp.into_body()).await.map_err(|_| FhirError::internal())?;
+                Ok(Entry {
+                    resource: RawValue::from_string(String::from_utf8_lossy(&body).into_owned()).ok(),
+                    response: Some(json!({"status": "200 OK"})),
+                    ..Default::default()
+                })
+            }
+        }
+    }
+    .await;
+    result.unwrap_or_else(|err| error_entry(&err))
+}

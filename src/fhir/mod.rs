@@ -1,0 +1,77 @@
+//! The FHIR R4 REST layer: routes, content negotiation, and the interactions.
+
+pub mod bundle;
+pub mod capability;
+pub mod outcome;
+pub mod rest;
+
+use crate::config::Settings;
+use crate::store::Store;
+use actix_web::web;
+use std::sync::Arc;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub settings: Arc<Settings>,
+}
+
+/// What the server does with each resource type; the CapabilityStatement is generated from this.
+pub struct TypeSupport {
+    pub name: &'static str,
+    pub interactions: &'static [&'static str],
+    pub writable: bool,
+    pub searchable: bool,
+    pub conditional_create: bool,
+}
+
+pub const TYPES: &[TypeSupport] = &[
+    TypeSupport {
+        name: "Communication",
+        interactions: &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"],
+        writable: true,
+        searchable: true,
+        conditional_create: true,
+    },
+    TypeSupport {
+        name: "CommunicationRequest",
+        interactions: &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"],
+        writable: true,
+        searchable: true,
+        conditional_create: true,
+    },
+    TypeSupport {
+        name: "Binary",
+        interactions: &["read", "vread", "create"],
+        writable: true,
+        searchable: false,
+        conditional_create: false,
+    },
+    TypeSupport {
+        name: "AuditEvent",
+        interactions: &["read", "vread", "search-type"],
+        writable: false,
+        searchable: true,
+        conditional_create: false,
+    },
+];
+
+pub fn support(res_type: &str) -> Option<&'static TypeSupport> {
+    TYPES.iter().find(|t| t.name == res_type)
+}
+
+/// Registers the FHIR routes at the root of the service.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metadata", web::get().to(capability::metadata))
+        .route("/", web::post().to(bundle::batch_or_transaction))
+        .route("/{type}", web::get().to(rest::search_get))
+        .route("/{type}", web::post().to(rest::create))
+        .route("/{type}/_search", web::post().to(rest::search_post))
+        .route("/{type}/_history", web::get().to(rest::type_history))
+        .route("/{type}/{id}", web::get().to(rest::read))
+        .route("/{type}/{id}", web::put().to(rest::update))
+        .route("/{type}/{id}", web::patch().to(rest::patch))
+        .route("/{type}/{id}", web::delete().to(rest::delete))
+        .route("/{type}/{id}/_history", web::get().to(rest::instance_history))
+        .route("/{type}/{id}/_history/{vid}", web::get().to(rest::vread));
+}

@@ -1,0 +1,97 @@
+//! Every error is an OperationOutcome with an HTTP status; this is the one place that mapping lives.
+
+use crate::store::StoreError;
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use fhir_codec::Issue;
+use serde_json::{json, Value};
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+#[derive(Debug)]
+pub struct FhirError {
+    pub status: StatusCode,
+    pub issues: Vec<Issue>,
+}
+
+impl FhirError {
+    pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> FhirError {
+        FhirError { status, issues: vec![Issue { code, expression: String::new(), diagnostics: diagnostics.into() }] }
+    }
+    pub fn at(status: StatusCode, code: &'static str, expression: impl Into<String>, diagnostics: impl Into<String>) -> FhirError {
+        FhirError {
+            status,
+            issues: vec![Issue { code, expression: expression.into(), diagnostics: diagnostics.into() }],
+        }
+    }
+    pub fn bad_request(diagnostics: impl Into<String>) -> FhirError {
+        FhirError::new(StatusCode::BAD_REQUEST, "invalid", diagnostics)
+    }
+    pub fn not_found(diagnostics: impl Into<String>) -> FhirError {
+        FhirError::new(StatusCode::NOT_FOUND, "not-found", diagnostics)
+    }
+    pub fn invalid_resource(issues: Vec<Issue>) -> FhirError {
+        FhirError { status: StatusCode::BAD_REQUEST, issues }
+    }
+    pub fn internal() -> FhirError {
+        FhirError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", "internal error; see the server log for the request id")
+    }
+    pub fn outcome(&self) -> Value {
+        outcome(&self.issues, "error")
+    }
+}
+
+impl std::fmt::Display for FhirError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} issues)", self.status, self.issues.len())
+    }
+}
+
+impl ResponseError for FhirError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).content_type(FHIR_JSON).body(self.outcome().to_string())
+    }
+}
+
+impl From<StoreError> for FhirError {
+    fn from(e: StoreError) -> FhirError {
+        match e {
+            StoreError::NotFound(t, id) => FhirError::not_found(format!("{t}/{id} is not known")),
+            StoreError::Gone(t, id) => FhirError::new(StatusCode::GONE, "deleted", format!("{t}/{id} has been deleted")),
+            StoreError::PreconditionFailed(m) => FhirError::new(StatusCode::PRECONDITION_FAILED, "conflict", m),
+            StoreError::Conflict(m) => FhirError::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Invalid(issues) => FhirError::invalid_resource(issues),
+            StoreError::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                FhirError::internal()
+            }
+            StoreError::Other(e) => {
+                tracing::error!(error = %e, "store error");
+                FhirError::internal()
+            }
+        }
+    }
+}
+
+/// An OperationOutcome for `issues` at `severity`.
+pub fn outcome(issues: &[Issue], severity: &str) -> Value {
+    let issue: Vec<Value> = issues
+        .iter()
+        .map(|i| {
+            let mut v = json!({"severity": severity, "code": i.code, "diagnostics": i.diagnostics});
+            if !i.expression.is_empty() {
+                v["expression"] = json!([i.expression]);
+            }
+            v
+        })
+        .collect();
+    json!({"resourceType": "OperationOutcome", "issue": issue})
+}
+
+/// An informational OperationOutcome (e.g. for `Prefer: return=OperationOutcome`).
+pub fn information(message: &str) -> Value {
+    json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational", "diagnostics": message}]})
+}

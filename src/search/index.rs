@@ -1,0 +1,194 @@
+//! What a resource contributes to the search index, computed from the registry's expressions.
+//! Only codes, references, dates and (for string parameters, none of which select message text)
+//! short strings are indexed.
+
+use super::{dates, ParamType, Registry};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Token { param: String, system: Option<String>, code: String },
+    Ref { param: String, target_type: Option<String>, target_id: Option<String>, url: Option<String> },
+    Date { param: String, lo: i64, hi: i64 },
+    Str { param: String, norm: String, raw: String },
+}
+
+/// A reference split into its parts. A reference to this server (relative, or absolute under
+/// `base_url`) has type and id and no url; an external one keeps its url.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefParts {
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    pub url: Option<String>,
+}
+
+pub fn parse_reference(reference: &str, base_url: &str) -> Option<RefParts> {
+    if reference.starts_with('#') {
+        return None; // contained: not searchable across resources
+    }
+    let local = reference
+        .strip_prefix(base_url)
+        .and_then(|r| r.strip_prefix('/'))
+        .or_else(|| (!reference.contains(':')).then_some(reference));
+    match local {
+        Some(rel) => {
+            let mut parts = rel.split('/');
+            match (parts.next(), parts.next()) {
+                (Some(t), Some(id)) if is_type_name(t) && fhir_codec::is_valid_id(id) => Some(RefParts {
+                    target_type: Some(t.to_string()),
+                    target_id: Some(id.to_string()),
+                    url: None,
+                }),
+                (Some(id), None) if fhir_codec::is_valid_id(id) => {
+                    Some(RefParts { target_type: None, target_id: Some(id.to_string()), url: None })
+                }
+                _ => None,
+            }
+        }
+        None => {
+            // Absolute URL elsewhere (or urn:): keep the URL, plus type/id when it has that shape.
+            let segs: Vec<&str> = reference.trim_end_matches('/').rsplit('/').take(4).collect();
+            let (t, id) = match segs.as_slice() {
+                [_v, "_history", id, t, ..] if is_type_name(t) => (Some(t.to_string()), Some(id.to_string())),
+                [id, t, ..] if is_type_name(t) => (Some(t.to_string()), Some(id.to_string())),
+                _ => (None, None),
+            };
+            Some(RefParts { target_type: t, target_id: id, url: Some(reference.to_string()) })
+        }
+    }
+}
+
+fn is_type_name(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_uppercase()) && s.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Lower-cased, accents and punctuation folded to spaces: what `string` search compares.
+pub fn normalize_string(s: &str) -> String {
+    s.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every index entry of `resource` (of type `res_type`).
+pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: &str) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for p in registry.indexed(res_type) {
+        for v in p.expression.eval(resource) {
+            match p.kind {
+                ParamType::Token => token_entries(&p.key, v, &mut out),
+                ParamType::Uri => {
+                    if let Some(s) = v.as_str() {
+                        out.push(Entry::Token { param: p.key.clone(), system: None, code: s.to_string() });
+                    }
+                }
+                ParamType::Reference => {
+                    let r = v.get("reference").and_then(Value::as_str).or_else(|| v.as_str());
+                    if let Some(parts) = r.and_then(|r| parse_reference(r, base_url)) {
+                        out.push(Entry::Ref {
+                            param: p.key.clone(),
+                            target_type: parts.target_type,
+                            target_id: parts.target_id,
+                            url: parts.url,
+                        });
+                    }
+                }
+                ParamType::Date => {
+                    let range = match v {
+                        Value::String(s) => dates::range(s),
+                        Value::Object(o) => {
+                            let lo = o.get("start").and_then(Value::as_str).and_then(dates::range).map(|r| r.0);
+                            let hi = o.get("end").and_then(Value::as_str).and_then(dates::range).map(|r| r.1);
+                            (lo.is_some() || hi.is_some()).then(|| (lo.unwrap_or(dates::MIN), hi.unwrap_or(dates::MAX)))
+                        }
+                        _ => None,
+                    };
+                    if let Some((lo, hi)) = range {
+                        out.push(Entry::Date { param: p.key.clone(), lo, hi });
+                    }
+                }
+                ParamType::String => {
+                    let mut texts = Vec::new();
+                    string_leaves(v, &mut texts);
+                    for raw in texts {
+                        let norm = normalize_string(raw);
+                        if !norm.is_empty() {
+                            out.push(Entry::Str { param: p.key.clone(), norm, raw: raw.to_string() });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.dedup();
+    out
+}
+
+fn token_entries(param: &str, v: &Value, out: &mut Vec<Entry>) {
+    let mut push = |system: Option<&str>, code: &str| {
+        out.push(Entry::Token { param: param.to_string(), system: system.map(String::from), code: code.to_string() })
+    };
+    match v {
+        Value::String(s) => push(None, s),
+        Value::Bool(b) => push(None, if *b { "true" } else { "false" }),
+        Value::Object(o) => {
+            if let Some(codings) = o.get("coding").and_then(Value::as_array) {
+                for c in codings {
+                    if let Some(code) = c.get("code").and_then(Value::as_str) {
+                        push(c.get("system").and_then(Value::as_str), code);
+                    }
+                }
+            } else if let Some(code) = o.get("code").and_then(Value::as_str) {
+                push(o.get("system").and_then(Value::as_str), code); // Coding
+            } else if let Some(value) = o.get("value").and_then(Value::as_str) {
+                push(o.get("system").and_then(Value::as_str), value); // Identifier, ContactPoint
+            }
+        }
+        _ => {}
+    }
+}
+
+fn string_leaves<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+    match v {
+        Value::String(s) => out.push(s),
+        Value::Array(a) => a.iter().for_each(|x| string_leaves(x, out)),
+        Value::Object(o) => o.iter().filter(|(k, _)| !k.starts_with('_')).for_each(|(_, x)| string_leaves(x, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_to_this_server_are_local() {
+        let base = "https://c.example/fhir";
+        let p = parse_reference("https://c.example/fhir/Patient/7", base).unwrap();
+        assert_eq!((p.target_type.as_deref(), p.target_id.as_deref(), p.url), (Some("Patient"), Some("7"), None));
+        let p = parse_reference("Patient/7", base).unwrap();
+        assert_eq!(p.url, None);
+        let p = parse_reference("https://other/fhir/Patient/7", base).unwrap();
+        assert_eq!(p.url.as_deref(), Some("https://other/fhir/Patient/7"));
+        assert_eq!(p.target_id.as_deref(), Some("7"));
+        assert!(parse_reference("#contained", base).is_none());
+    }
+
+    #[test]
+    fn indexes_registry_parameters() {
+        let reg = Registry::load().unwrap();
+        let r = serde_json::json!({"resourceType":"Communication","status":"completed",
+            "recipient":[{"reference":"Patient/1"}],"sent":"2024-01-01",
+            "category":[{"coding":[{"system":"http://s","code":"c"}]}],
+            "payload":[{"contentString":"secret text"}]});
+        let e = entries(&reg, "Communication", &r, "http://x");
+        assert!(e.contains(&Entry::Token { param: "Communication.status".into(), system: None, code: "completed".into() }));
+        assert!(e.contains(&Entry::Token { param: "Communication.category".into(), system: Some("http://s".into()), code: "c".into() }));
+        assert!(e.iter().any(|x| matches!(x, Entry::Date { param, .. } if param == "Communication.sent")));
+        assert!(e.iter().any(|x| matches!(x, Entry::Ref { param, .. } if param == "Communication.recipient")));
+        assert!(!format!("{e:?}").contains("secret"));
+    }
+}

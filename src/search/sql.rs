@@ -1,0 +1,274 @@
+//! Turns a parsed search into SQL over `resources` (alias `r`) and the index tables. The SQL is the
+//! same on SQLite and PostgreSQL; every value is a bind, never spliced into the text.
+
+use super::query::{Condition, Prefix, SearchRequest, SortKey, StringMatch, TokenValue};
+use super::ParamType;
+use crate::store::db::Bind;
+
+pub struct Sql {
+    pub text: String,
+    pub binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn new() -> Sql {
+        Sql { text: String::new(), binds: Vec::new() }
+    }
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+    }
+    fn bind(&mut self, b: impl Into<Bind>) {
+        self.text.push('?');
+        self.binds.push(b.into());
+    }
+}
+
+/// `FROM resources r WHERE …` for the search (without ORDER BY).
+fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+    let mut q = Sql::new();
+    q.push(" FROM resources r WHERE r.res_type = ");
+    q.bind(res_type);
+    q.push(" AND r.deleted = 0 AND r.rid <= ");
+    q.bind(snapshot);
+    for c in &req.conditions {
+        q.push(" AND ");
+        condition(&mut q, c);
+    }
+    q
+}
+
+/// The page query: `rid, fhir_id, version_id, last_updated` of `count + 1` rows (one extra tells
+/// whether there is a next page).
+pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+    let mut q = Sql::new();
+    q.push("SELECT r.rid, r.fhir_id, r.version_id, r.last_updated");
+    let w = from_where(res_type, req, snapshot);
+    q.push(&w.text);
+    q.binds.extend(w.binds);
+    q.push(" ORDER BY ");
+    for key in &req.sort {
+        match key {
+            SortKey::Id { descending } => q.push(if *descending { "r.fhir_id DESC" } else { "r.fhir_id ASC" }),
+            SortKey::LastUpdated { descending } => {
+                q.push(if *descending { "r.last_updated DESC" } else { "r.last_updated ASC" })
+            }
+            SortKey::Param { key, kind, descending } => {
+                let (table, col) = match kind {
+                    ParamType::Date => ("idx_date", if *descending { "MAX(s.hi)" } else { "MIN(s.lo)" }),
+                    ParamType::String => ("idx_string", if *descending { "MAX(s.norm)" } else { "MIN(s.norm)" }),
+                    _ => ("idx_token", if *descending { "MAX(s.code)" } else { "MIN(s.code)" }),
+                };
+                q.push(&format!("(SELECT {col} FROM {table} s WHERE s.rid = r.rid AND s.param = "));
+                q.bind(key.as_str());
+                q.push(if *descending { ") DESC NULLS LAST" } else { ") ASC NULLS LAST" });
+            }
+        }
+        q.push(", ");
+    }
+    let last_desc = req.sort.is_empty()
+        || matches!(req.sort.last(), Some(SortKey::LastUpdated { descending: true }));
+    // Default order: most recently created first; always a total order so pages never overlap.
+    q.push(if last_desc && req.sort.is_empty() { "r.rid DESC" } else { "r.rid ASC" });
+    q.push(" LIMIT ");
+    q.bind(req.count as i64 + 1);
+    q.push(" OFFSET ");
+    q.bind(req.offset as i64);
+    q
+}
+
+pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+    let mut q = Sql::new();
+    q.push("SELECT COUNT(*) AS n");
+    let w = from_where(res_type, req, snapshot);
+    q.push(&w.text);
+    q.binds.extend(w.binds);
+    q
+}
+
+fn condition(q: &mut Sql, c: &Condition) {
+    match c {
+        Condition::Id { not, ids } => {
+            q.push(if *not { "r.fhir_id NOT IN (" } else { "r.fhir_id IN (" });
+            for (i, id) in ids.iter().enumerate() {
+                if i > 0 {
+                    q.push(", ");
+                }
+                q.bind(id.as_str());
+            }
+            q.push(")");
+        }
+        Condition::LastUpdated(values) => {
+            q.push("(");
+            for (i, (p, lo, hi)) in values.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                date_cond(q, "r.last_updated", "r.last_updated", *p, *lo, *hi);
+            }
+            q.push(")");
+        }
+        Condition::Missing { key, kind, missing } => {
+            q.push(if *missing { "NOT EXISTS (SELECT 1 FROM " } else { "EXISTS (SELECT 1 FROM " });
+            q.push(table(*kind));
+            q.push(" m WHERE m.rid = r.rid AND m.param = ");
+            q.bind(key.as_str());
+            q.push(")");
+        }
+        Condition::Token { key, not, values } => {
+            q.push(if *not { "r.rid NOT IN (SELECT rid FROM idx_token WHERE param = " } else { "r.rid IN (SELECT rid FROM idx_token WHERE param = " });
+            q.bind(key.as_str());
+            q.push(" AND (");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                match v {
+                    TokenValue::Code(code) => {
+                        q.push("code = ");
+                        q.bind(code.as_str());
+                    }
+                    TokenValue::SystemCode(None, Some(code)) => {
+                        q.push("(system IS NULL AND code = ");
+                        q.bind(code.as_str());
+                        q.push(")");
+                    }
+                    TokenValue::SystemCode(Some(system), Some(code)) => {
+                        q.push("(code = ");
+                        q.bind(code.as_str());
+                        q.push(" AND system = ");
+                        q.bind(system.as_str());
+                        q.push(")");
+                    }
+                    TokenValue::SystemCode(Some(system), None) => {
+                        q.push("system = ");
+                        q.bind(system.as_str());
+                    }
+                    TokenValue::SystemCode(None, None) => q.push("1 = 0"),
+                }
+            }
+            q.push("))");
+        }
+        Condition::Reference { key, values } => {
+            q.push("r.rid IN (SELECT rid FROM idx_ref WHERE param = ");
+            q.bind(key.as_str());
+            q.push(" AND (");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                match (&v.url, &v.target_type, &v.target_id) {
+                    (Some(url), _, _) => {
+                        q.push("url = ");
+                        q.bind(url.as_str());
+                    }
+                    (None, Some(t), Some(id)) => {
+                        q.push("(target_id = ");
+                        q.bind(id.as_str());
+                        q.push(" AND target_type = ");
+                        q.bind(t.as_str());
+                        q.push(" AND url IS NULL)");
+                    }
+                    (None, None, Some(id)) => {
+                        q.push("(target_id = ");
+                        q.bind(id.as_str());
+                        q.push(" AND url IS NULL)");
+                    }
+                    _ => q.push("1 = 0"),
+                }
+            }
+            q.push("))");
+        }
+        Condition::Date { key, values } => {
+            let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
+            // `ne` must also match resources whose every value differs, so it negates `eq` over the set.
+            if ne {
+                q.push("r.rid NOT IN (SELECT rid FROM idx_date WHERE param = ");
+            } else {
+                q.push("r.rid IN (SELECT rid FROM idx_date WHERE param = ");
+            }
+            q.bind(key.as_str());
+            q.push(" AND (");
+            for (i, (p, lo, hi)) in values.iter().enumerate() {
+                if i > 0 {
+                    q.push(if ne { " AND " } else { " OR " });
+                }
+                let p = if ne { Prefix::Eq } else { *p };
+                date_cond(q, "lo", "hi", p, *lo, *hi);
+            }
+            q.push("))");
+        }
+        Condition::Str { key, mode, values } => {
+            q.push("r.rid IN (SELECT rid FROM idx_string WHERE param = ");
+            q.bind(key.as_str());
+            q.push(" AND (");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                match mode {
+                    StringMatch::Exact => {
+                        q.push("raw = ");
+                        q.bind(v.as_str());
+                    }
+                    StringMatch::Prefix => {
+                        q.push("norm LIKE ");
+                        q.bind(format!("{}%", like_escape(v)));
+                        q.push(" ESCAPE '\\'");
+                    }
+                    StringMatch::Contains => {
+                        q.push("norm LIKE ");
+                        q.bind(format!("%{}%", like_escape(v)));
+                        q.push(" ESCAPE '\\'");
+                    }
+                }
+            }
+            q.push("))");
+        }
+    }
+}
+
+fn table(kind: ParamType) -> &'static str {
+    match kind {
+        ParamType::Token | ParamType::Uri => "idx_token",
+        ParamType::Reference => "idx_ref",
+        ParamType::Date => "idx_date",
+        ParamType::String => "idx_string",
+    }
+}
+
+/// FHIR date comparison between the resource's range `[lo_col, hi_col]` and the value `[pl, ph]`.
+fn date_cond(q: &mut Sql, lo_col: &str, hi_col: &str, prefix: Prefix, pl: i64, ph: i64) {
+    let mut c = |parts: &[(&str, i64)], tail: &str| {
+        for (text, v) in parts {
+            q.push(text);
+            q.bind(*v);
+        }
+        q.push(tail);
+    };
+    match prefix {
+        Prefix::Eq => c(&[(&format!("({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)], ")"),
+        Prefix::Ne => c(&[(&format!("NOT ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)], ")"),
+        Prefix::Gt => c(&[(&format!("{hi_col} > "), ph)], ""),
+        Prefix::Lt => c(&[(&format!("{lo_col} < "), pl)], ""),
+        Prefix::Ge => c(
+            &[(&format!("({hi_col} > "), ph), (&format!(" OR ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)],
+            "))",
+        ),
+        Prefix::Le => c(
+            &[(&format!("({lo_col} < "), pl), (&format!(" OR ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)],
+            "))",
+        ),
+        Prefix::Sa => c(&[(&format!("{lo_col} > "), ph)], ""),
+        Prefix::Eb => c(&[(&format!("{hi_col} < "), pl)], ""),
+        Prefix::Ap => {
+            // Approximately: within 10% of the distance between the value and now (at least a day).
+            let now = super::dates::now_micros();
+            let w = ((now - pl).abs() / 10).max(86_400_000_000);
+            c(&[(&format!("({lo_col} <= "), ph + w), (&format!(" AND {hi_col} >= "), pl - w)], ")")
+        }
+    }
+}
+
+fn like_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+}

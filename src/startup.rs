@@ -1,0 +1,108 @@
+//! `Application::build(settings)`: opens the store, binds the listener and returns the server.
+//! `main` and the tests build the application exactly the same way.
+
+use crate::config::Settings;
+use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::rest::RequestId;
+use crate::fhir::{self, AppState};
+use crate::search::Registry;
+use crate::store::crypto::MasterKey;
+use crate::store::db::Db;
+use crate::store::Store;
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpMessage, HttpResponse, HttpServer, ResponseError};
+use std::net::TcpListener;
+use std::sync::Arc;
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    pub store: Arc<Store>,
+}
+
+/// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
+pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let db = Db::connect(&settings.database_url, settings.db_pool_size, &settings.sqlite_synchronous)?;
+    let (master, created) = MasterKey::load_or_create(settings.master_key.as_ref(), &settings.key_file())?;
+    if created {
+        tracing::warn!(path = %settings.key_file().display(), key_id = %master.id,
+            "created a new master key (mode 0600); back it up: without it the stored data cannot be read");
+    }
+    let registry = Arc::new(Registry::load()?);
+    Store::open(db, master, registry, &settings.base_url)
+}
+
+impl Application {
+    pub fn build(settings: Settings) -> anyhow::Result<Application> {
+        let store = Arc::new(open_store(&settings)?);
+        let listener = TcpListener::bind(&settings.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
+        let port = listener.local_addr()?.port();
+        let workers = if settings.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { settings.workers };
+        let state = web::Data::new(AppState { store: store.clone(), settings: Arc::new(settings) });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(from_fn(request_id))
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz))
+                .configure(fhir::routes)
+                .default_service(web::to(|| async {
+                    FhirError::not_found("no such endpoint").error_response()
+                }))
+        })
+        .workers(workers)
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+        Ok(Application { port, server, store })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs until stopped; SIGINT/SIGTERM finish in-flight requests first (graceful shutdown).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ok"}"#)
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.store.clone();
+    let ok = web::block(move || store.ping()).await.unwrap_or(false);
+    if ok {
+        HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ready","database":"ok"}"#)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .content_type(FHIR_JSON)
+            .body(crate::fhir::outcome::outcome(&[fhir_codec::Issue { code: "transient", expression: String::new(), diagnostics: "database unreachable".into() }], "error").to_string())
+    }
+}
+
+/// Takes `X-Request-Id` from the client (if sane) or makes one, returns it, and logs the request
+/// by method, route and status only: no query strings, no bodies (they can hold PHI).
+async fn request_id(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().to_string();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let mut res = next.call(req).await?;
+    res.headers_mut().insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&id).expect("checked ASCII"));
+    tracing::info!(request_id = %id, %method, %route, status = res.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    Ok(res)
+}

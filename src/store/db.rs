@@ -1,0 +1,249 @@
+//! The two database backends behind one small interface: SQL is written once with `?` placeholders
+//! and run through diesel's `sql_query` with typed binds on SQLite or PostgreSQL.
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::query_builder::BoxedSqlQuery;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::sqlite::Sqlite;
+use diesel::{PgConnection, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// A value bound to a `?` placeholder.
+#[derive(Debug, Clone)]
+pub enum Bind {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    Blob(Vec<u8>),
+}
+
+impl From<&str> for Bind {
+    fn from(s: &str) -> Self {
+        Bind::Text(s.to_string())
+    }
+}
+impl From<String> for Bind {
+    fn from(s: String) -> Self {
+        Bind::Text(s)
+    }
+}
+impl From<i64> for Bind {
+    fn from(i: i64) -> Self {
+        Bind::Int(i)
+    }
+}
+impl From<Option<String>> for Bind {
+    fn from(s: Option<String>) -> Self {
+        Bind::OptText(s)
+    }
+}
+impl From<Vec<u8>> for Bind {
+    fn from(b: Vec<u8>) -> Self {
+        Bind::Blob(b)
+    }
+}
+
+pub type DbResult<T> = Result<T, diesel::result::Error>;
+
+/// What the store needs from a connection. Implemented for both backends so the store's logic is
+/// written once; the only dialect difference it hides is placeholder syntax and transaction start.
+pub trait Conn {
+    fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize>;
+    fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static;
+    /// Runs `f` in a write transaction (SQLite: `BEGIN IMMEDIATE`, so writers queue instead of failing).
+    fn write_tx<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>;
+    /// True on PostgreSQL, where row locks (`FOR UPDATE`) exist.
+    fn is_postgres(&self) -> bool;
+}
+
+macro_rules! bind_all {
+    ($q:expr, $binds:expr) => {{
+        let mut q = $q;
+        for b in $binds {
+            q = match b {
+                Bind::Text(s) => q.bind::<Text, _>(s),
+                Bind::OptText(s) => q.bind::<Nullable<Text>, _>(s),
+                Bind::Int(i) => q.bind::<BigInt, _>(i),
+                Bind::Blob(v) => q.bind::<Binary, _>(v),
+            };
+        }
+        q
+    }};
+}
+
+fn sqlite_query(sql: &str, binds: Vec<Bind>) -> BoxedSqlQuery<'static, Sqlite, diesel::query_builder::SqlQuery> {
+    bind_all!(diesel::sql_query(sql.to_string()).into_boxed::<Sqlite>(), binds)
+}
+
+fn pg_query(sql: &str, binds: Vec<Bind>) -> BoxedSqlQuery<'static, Pg, diesel::query_builder::SqlQuery> {
+    bind_all!(diesel::sql_query(pg_placeholders(sql)).into_boxed::<Pg>(), binds)
+}
+
+/// `?` → `$1, $2, …` (our SQL never has a `?` inside a literal).
+fn pg_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Conn for SqliteConnection {
+    fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
+        sqlite_query(sql, binds).execute(self)
+    }
+    fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
+    {
+        sqlite_query(sql, binds).load::<T>(self)
+    }
+    fn write_tx<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        self.immediate_transaction(f)
+    }
+    fn is_postgres(&self) -> bool {
+        false
+    }
+}
+
+impl Conn for PgConnection {
+    fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
+        pg_query(sql, binds).execute(self)
+    }
+    fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
+    {
+        pg_query(sql, binds).load::<T>(self)
+    }
+    fn write_tx<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        self.transaction(f)
+    }
+    fn is_postgres(&self) -> bool {
+        true
+    }
+}
+
+/// A pool of either backend.
+#[derive(Clone)]
+pub enum Db {
+    Postgres(Pool<ConnectionManager<PgConnection>>),
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+}
+
+pub enum PooledConn {
+    Postgres(PooledConnection<ConnectionManager<PgConnection>>),
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+}
+
+/// Runs the same block against whichever backend `$conn` holds.
+#[macro_export]
+macro_rules! with_conn {
+    ($pooled:expr, |$c:ident| $body:expr) => {
+        match $pooled {
+            $crate::store::db::PooledConn::Postgres(ref mut __p) => {
+                let $c: &mut diesel::PgConnection = &mut *__p;
+                $body
+            }
+            $crate::store::db::PooledConn::Sqlite(ref mut __p) => {
+                let $c: &mut diesel::SqliteConnection = &mut *__p;
+                $body
+            }
+        }
+    };
+}
+
+#[derive(Debug)]
+struct SqlitePragmas;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        // WAL is set once on the file before the pool exists (setting it per connection gave
+        // "database is locked"); here only per-connection settings.
+        let sync = SQLITE_SYNC.get().map(String::as_str).unwrap_or("FULL");
+        conn.batch_execute(&format!(
+            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536;"
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+static SQLITE_SYNC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+impl Db {
+    /// Opens the database named by `url` and applies pending migrations.
+    pub fn connect(url: &str, pool_size: u32, sqlite_synchronous: &str) -> anyhow::Result<Db> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = Pool::builder()
+                .max_size(pool_size)
+                .connection_timeout(std::time::Duration::from_secs(10))
+                .build(ConnectionManager::<PgConnection>::new(url))
+                .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+            let mut c = pool.get()?;
+            c.run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map_err(|e| anyhow::anyhow!("PostgreSQL migration failed: {e}"))?;
+            Ok(Db::Postgres(pool))
+        } else {
+            let path = url.strip_prefix("sqlite://").unwrap_or(url);
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir)?;
+                }
+            }
+            let sync = match sqlite_synchronous {
+                "NORMAL" | "FULL" | "EXTRA" => sqlite_synchronous.to_string(),
+                other => anyhow::bail!("COURIER_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA, not '{other}'"),
+            };
+            let _ = SQLITE_SYNC.set(sync);
+            {
+                let mut c = SqliteConnection::establish(path)
+                    .map_err(|e| anyhow::anyhow!("cannot open SQLite database {path}: {e}"))?;
+                c.batch_execute("PRAGMA journal_mode = WAL;")?;
+                c.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map_err(|e| anyhow::anyhow!("SQLite migration failed: {e}"))?;
+            }
+            let pool = Pool::builder()
+                .max_size(pool_size)
+                .connection_customizer(Box::new(SqlitePragmas))
+                .build(ConnectionManager::<SqliteConnection>::new(path))?;
+            Ok(Db::Sqlite(pool))
+        }
+    }
+
+    pub fn get(&self) -> anyhow::Result<PooledConn> {
+        Ok(match self {
+            Db::Postgres(p) => PooledConn::Postgres(p.get()?),
+            Db::Sqlite(p) => PooledConn::Sqlite(p.get()?),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "postgresql",
+            Db::Sqlite(_) => "sqlite",
+        }
+    }
+}

@@ -1,0 +1,741 @@
+//! Persistence: one write path for every change. [`Store::write`] versions the resource, re-indexes
+//! it, encrypts its body and records its AuditEvent in one database transaction; reads decrypt.
+
+pub mod crypto;
+pub mod db;
+pub mod rows;
+
+use crate::audit::{self, Interaction};
+use crate::search::index::{self, Entry};
+use crate::search::query::{Include, SearchRequest, Total};
+use crate::search::{dates, sql, Registry};
+use crate::with_conn;
+use crypto::{Keyring, MasterKey, WrappedKey};
+use db::{Bind, Conn, Db};
+use fhir_codec::Issue;
+use rows::*;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// A resource body as received: the parsed value (checked, indexed) and its top-level members as
+/// the exact JSON text sent, so the stored body is what the client sent plus `id` and `meta`.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub value: Value,
+    pub members: Vec<(String, Box<RawValue>)>,
+}
+
+impl Incoming {
+    /// Parses JSON text; the caller checks it with `fhir_codec::check` before writing.
+    pub fn parse(text: &str) -> Result<Incoming, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let map: indexmap_like::Members = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        Ok(Incoming { value, members: map.0 })
+    }
+
+    /// From a value (PATCH results, Bundle entries after reference rewriting).
+    pub fn from_value(value: Value) -> Incoming {
+        let members = value
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), RawValue::from_string(v.to_string()).expect("valid JSON")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Incoming { value, members }
+    }
+}
+
+mod indexmap_like {
+    //! Top-level JSON members in order, each kept as raw text.
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    pub struct Members(pub Vec<(String, Box<RawValue>)>);
+
+    impl<'de> Deserialize<'de> for Members {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Members, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = m.next_entry::<String, Box<RawValue>>()? {
+                        if out.iter().any(|(x, _): &(String, _)| x == &k) {
+                            return Err(serde::de::Error::custom(format!("duplicate member '{k}'")));
+                        }
+                        out.push((k, v));
+                    }
+                    Ok(Members(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+/// One change, as the REST layer asks for it.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Create with a server-assigned id (already chosen, so transactions can resolve `urn:uuid:`).
+    Create { res_type: String, id: String, resource: Incoming, if_none_exist: Option<SearchRequest> },
+    /// Update; `upsert` allows create-with-client-id when the resource does not exist.
+    Update { res_type: String, id: String, resource: Incoming, if_match: Option<i64>, upsert: bool, patch: bool },
+    Delete { res_type: String, id: String, if_match: Option<i64> },
+}
+
+impl WriteOp {
+    pub fn target(&self) -> (&str, &str) {
+        match self {
+            WriteOp::Create { res_type, id, .. }
+            | WriteOp::Update { res_type, id, .. }
+            | WriteOp::Delete { res_type, id, .. } => (res_type, id),
+        }
+    }
+
+    pub fn interaction(&self) -> Interaction {
+        match self {
+            WriteOp::Create { .. } => Interaction::Create,
+            WriteOp::Update { patch: true, .. } => Interaction::Patch,
+            WriteOp::Update { .. } => Interaction::Update,
+            WriteOp::Delete { .. } => Interaction::Delete,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStatus {
+    Created,
+    Updated,
+    /// Conditional create matched an existing resource: nothing written.
+    Existing,
+    Deleted,
+    /// Delete of something that does not exist or is already deleted.
+    NothingToDelete,
+}
+
+/// A stored resource version.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub res_type: String,
+    pub id: String,
+    pub version_id: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub method: String,
+    /// The JSON body; `None` for a deletion.
+    pub body: Option<Vec<u8>>,
+}
+
+impl Stored {
+    pub fn etag(&self) -> String {
+        format!("W/\"{}\"", self.version_id)
+    }
+    pub fn body_str(&self) -> Option<&str> {
+        self.body.as_deref().and_then(|b| std::str::from_utf8(b).ok())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteResult {
+    pub status: WriteStatus,
+    pub stored: Stored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}/{1} is not known")]
+    NotFound(String, String),
+    #[error("{0}/{1} has been deleted")]
+    Gone(String, String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid resource")]
+    Invalid(Vec<Issue>),
+    #[error("database error: {0}")]
+    Db(#[from] diesel::result::Error),
+    #[error("{0}")]
+    Other(#[from] anyhow::Error),
+}
+
+/// What a search returned.
+pub struct SearchPage {
+    pub matches: Vec<Stored>,
+    pub included: Vec<Stored>,
+    pub total: Option<i64>,
+    pub has_next: bool,
+    pub snapshot: i64,
+}
+
+pub struct Store {
+    pub db: Db,
+    pub keys: Keyring,
+    pub registry: Arc<Registry>,
+    pub base_url: String,
+    /// SQLite has one writer at a time; queueing writers here is cheaper than SQLite's busy-wait.
+    sqlite_writer: parking_lot::Mutex<()>,
+}
+
+impl Store {
+    /// Connects, migrates and loads the data keys (creating the first one on a new database).
+    pub fn open(db: Db, master: MasterKey, registry: Arc<Registry>, base_url: &str) -> anyhow::Result<Store> {
+        let store = Store {
+            db,
+            keys: Keyring::new(master),
+            registry,
+            base_url: base_url.to_string(),
+            sqlite_writer: parking_lot::Mutex::new(()),
+        };
+        store.load_keys()?;
+        Ok(store)
+    }
+
+    fn load_keys(&self) -> anyhow::Result<()> {
+        let mut c = self.db.get()?;
+        let rows: Vec<KeyRow> = with_conn!(c, |c| c.load(
+            "SELECT key_id, master_key_id, wrapped FROM data_keys ORDER BY created_at ASC, key_id ASC",
+            vec![]
+        ))?;
+        let mine: Vec<&KeyRow> = rows.iter().filter(|r| r.master_key_id == self.keys.master_key_id()).collect();
+        if !rows.is_empty() && mine.is_empty() {
+            anyhow::bail!(
+                "the database's data keys are wrapped by master key(s) {:?}, but the configured master key is {}: \
+                 configure the key this database was created with",
+                rows.iter().map(|r| r.master_key_id.as_str()).collect::<HashSet<_>>(),
+                self.keys.master_key_id()
+            );
+        }
+        for (i, r) in mine.iter().enumerate() {
+            let k = WrappedKey { key_id: r.key_id.clone(), wrapped: r.wrapped.clone() };
+            self.keys.install(&k, i + 1 == mine.len())?;
+        }
+        if mine.is_empty() {
+            let k = self.keys.generate();
+            with_conn!(c, |c| c.execute(
+                "INSERT INTO data_keys (key_id, master_key_id, wrapped, created_at) VALUES (?, ?, ?, ?)",
+                vec![
+                    k.key_id.clone().into(),
+                    self.keys.master_key_id().into(),
+                    k.wrapped.clone().into(),
+                    dates::now_micros().into()
+                ]
+            ))?;
+            self.keys.install(&k, true)?;
+        }
+        Ok(())
+    }
+
+    /// Is the database reachable?
+    pub fn ping(&self) -> bool {
+        let Ok(mut c) = self.db.get() else { return false };
+        with_conn!(c, |c| c.load::<CountRow>("SELECT 1 AS n", vec![])).is_ok()
+    }
+
+    // ----- writes -------------------------------------------------------------------------------
+
+    /// Applies `ops` in one transaction, all or nothing, with an AuditEvent per op in the same
+    /// transaction.
+    pub fn write(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> Result<Vec<WriteResult>, StoreError> {
+        let mut c = self.db.get()?;
+        let _guard = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
+        with_conn!(c, |c| c.write_tx(|c| {
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                let interaction = op.interaction();
+                let patient = match &op {
+                    WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
+                        audit::patient_of(&resource.value)
+                    }
+                    WriteOp::Delete { .. } => None,
+                };
+                let r = self.apply(c, op)?;
+                if r.status != WriteStatus::Existing {
+                    let what = format!("{}/{}/_history/{}", r.stored.res_type, r.stored.id, r.stored.version_id);
+                    let ev = audit::event(ctx, interaction, Some(&what), patient.as_deref(), None);
+                    self.insert_audit(c, ev)?;
+                }
+                results.push(r);
+            }
+            Ok(results)
+        }))
+    }
+
+    /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
+    /// transaction rolled back).
+    pub fn record_audit(&self, event: Value) -> Result<(), StoreError> {
+        let mut c = self.db.get()?;
+        let _guard = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
+        with_conn!(c, |c| c.write_tx(|c| self.insert_audit(c, event)))
+    }
+
+    fn insert_audit<C: Conn>(&self, c: &mut C, event: Value) -> Result<(), StoreError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let incoming = Incoming::from_value(event);
+        self.put_version(c, "AuditEvent", &id, None, Some(&incoming), "POST")?;
+        Ok(())
+    }
+
+    fn apply<C: Conn>(&self, c: &mut C, op: WriteOp) -> Result<WriteResult, StoreError> {
+        match op {
+            WriteOp::Create { res_type, id, resource, if_none_exist } => {
+                if let Some(cond) = if_none_exist {
+                    if c.is_postgres() {
+                        // Serialise conditional creates of the same type so two cannot both create.
+                        c.execute("SELECT pg_advisory_xact_lock(hashtext(?))", vec![res_type.clone().into()])?;
+                    }
+                    let snapshot = i64::MAX / 2;
+                    let mut probe = cond.clone();
+                    probe.count = 2;
+                    probe.offset = 0;
+                    let q = sql::page(&res_type, &probe, snapshot);
+                    let found: Vec<PageRow> = c.load(&q.text, q.binds)?;
+                    match found.len() {
+                        0 => {}
+                        1 => {
+                            let stored = self.load_current(c, &res_type, &found[0].fhir_id)?;
+                            return Ok(WriteResult { status: WriteStatus::Existing, stored });
+                        }
+                        _ => {
+                            return Err(StoreError::PreconditionFailed(format!(
+                                "If-None-Exist matched more than one {res_type}"
+                            )))
+                        }
+                    }
+                }
+                let head = self.head(c, &res_type, &id)?;
+                if head.is_some() {
+                    return Err(StoreError::Conflict(format!("{res_type}/{id} already exists")));
+                }
+                let stored = self.put_version(c, &res_type, &id, None, Some(&resource), "POST")?;
+                Ok(WriteResult { status: WriteStatus::Created, stored })
+            }
+            WriteOp::Update { res_type, id, resource, if_match, upsert, patch } => {
+                let head = self.head(c, &res_type, &id)?;
+                match (&head, if_match) {
+                    (None, Some(v)) => {
+                        return Err(StoreError::PreconditionFailed(format!(
+                            "If-Match W/\"{v}\" given but {res_type}/{id} does not exist"
+                        )))
+                    }
+                    (None, None) if !upsert => return Err(StoreError::NotFound(res_type, id)),
+                    (Some(h), Some(v)) if h.version_id != v => {
+                        return Err(StoreError::PreconditionFailed(format!(
+                            "{res_type}/{id} is at version {}, not {v}",
+                            h.version_id
+                        )))
+                    }
+                    (Some(h), _) if patch && h.deleted != 0 => return Err(StoreError::Gone(res_type, id)),
+                    _ => {}
+                }
+                let method = if patch { "PATCH" } else { "PUT" };
+                let status = if head.as_ref().is_some_and(|h| h.deleted == 0) { WriteStatus::Updated } else { WriteStatus::Created };
+                let stored = self.put_version(c, &res_type, &id, head.as_ref(), Some(&resource), method)?;
+                Ok(WriteResult { status, stored })
+            }
+            WriteOp::Delete { res_type, id, if_match } => {
+                let head = self.head(c, &res_type, &id)?;
+                match head {
+                    Some(h) if h.deleted == 0 => {
+                        if let Some(v) = if_match {
+                            if v != h.version_id {
+                                return Err(StoreError::PreconditionFailed(format!(
+                                    "{res_type}/{id} is at version {}, not {v}",
+                                    h.version_id
+                                )));
+                            }
+                        }
+                        let stored = self.put_version(c, &res_type, &id, Some(&h), None, "DELETE")?;
+                        Ok(WriteResult { status: WriteStatus::Deleted, stored })
+                    }
+                    other => Ok(WriteResult {
+                        status: WriteStatus::NothingToDelete,
+                        stored: Stored {
+                            res_type,
+                            id,
+                            version_id: other.as_ref().map_or(0, |h| h.version_id),
+                            last_updated: other.as_ref().map_or(0, |h| h.last_updated),
+                            deleted: true,
+                            method: "DELETE".into(),
+                            body: None,
+                        },
+                    }),
+                }
+            }
+        }
+    }
+
+    fn head<C: Conn>(&self, c: &mut C, res_type: &str, id: &str) -> Result<Option<HeadRow>, StoreError> {
+        let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
+        let rows: Vec<HeadRow> = c.load(
+            &format!(
+                "SELECT rid, fhir_id, version_id, last_updated, deleted FROM resources WHERE res_type = ? AND fhir_id = ?{lock}"
+            ),
+            vec![res_type.into(), id.into()],
+        )?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// The single place a version is written: body sealed, head moved, index rebuilt.
+    fn put_version<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        id: &str,
+        prior: Option<&HeadRow>,
+        resource: Option<&Incoming>,
+        method: &str,
+    ) -> Result<Stored, StoreError> {
+        let version_id = prior.map_or(1, |h| h.version_id + 1);
+        // lastUpdated never goes backwards for one resource, even if the clock does.
+        let last_updated = dates::now_micros().max(prior.map_or(0, |h| h.last_updated + 1));
+        let deleted = resource.is_none();
+        let body = resource.map(|r| compose(res_type, id, version_id, last_updated, r));
+        let aad = format!("{res_type}/{id}/{version_id}");
+        let (key_id, sealed) = self.keys.seal(body.as_deref().unwrap_or_default(), &aad);
+        let rid = match prior {
+            Some(h) => {
+                c.execute(
+                    "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ? WHERE rid = ?",
+                    vec![version_id.into(), last_updated.into(), (deleted as i64).into(), h.rid.into()],
+                )?;
+                for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
+                    c.execute(&format!("DELETE FROM {t} WHERE rid = ?"), vec![h.rid.into()])?;
+                }
+                h.rid
+            }
+            None => {
+                let rows: Vec<RidRow> = c.load(
+                    "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted) VALUES (?, ?, ?, ?, ?) RETURNING rid",
+                    vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into()],
+                )?;
+                rows[0].rid
+            }
+        };
+        c.execute(
+            "INSERT INTO resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            vec![
+                rid.into(),
+                res_type.into(),
+                version_id.into(),
+                last_updated.into(),
+                method.into(),
+                (deleted as i64).into(),
+                key_id.into(),
+                sealed.into(),
+            ],
+        )?;
+        if let Some(r) = resource {
+            let entries = index::entries(&self.registry, res_type, &r.value, &self.base_url);
+            insert_index(c, rid, &entries)?;
+        }
+        Ok(Stored {
+            res_type: res_type.into(),
+            id: id.into(),
+            version_id,
+            last_updated,
+            deleted,
+            method: method.into(),
+            body,
+        })
+    }
+
+    // ----- reads --------------------------------------------------------------------------------
+
+    /// The current version; `Gone` if deleted.
+    pub fn read(&self, res_type: &str, id: &str) -> Result<Stored, StoreError> {
+        let mut c = self.db.get()?;
+        with_conn!(c, |c| self.load_current(c, res_type, id))
+    }
+
+    fn load_current<C: Conn>(&self, c: &mut C, res_type: &str, id: &str) -> Result<Stored, StoreError> {
+        let rows: Vec<VersionRow> = c.load(
+            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+             FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
+             WHERE r.res_type = ? AND r.fhir_id = ?",
+            vec![res_type.into(), id.into()],
+        )?;
+        let row = rows.into_iter().next().ok_or_else(|| StoreError::NotFound(res_type.into(), id.into()))?;
+        if row.deleted != 0 {
+            return Err(StoreError::Gone(res_type.into(), id.into()));
+        }
+        self.open_row(row)
+    }
+
+    /// One version; a deleted version reads as `Gone`.
+    pub fn vread(&self, res_type: &str, id: &str, version: i64) -> Result<Stored, StoreError> {
+        let mut c = self.db.get()?;
+        let rows: Vec<VersionRow> = with_conn!(c, |c| c.load(
+            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+             FROM resources r JOIN resource_versions v ON v.rid = r.rid \
+             WHERE r.res_type = ? AND r.fhir_id = ? AND v.version_id = ?",
+            vec![res_type.into(), id.into(), version.into()]
+        ))?;
+        let row = rows.into_iter().next().ok_or_else(|| StoreError::NotFound(res_type.into(), format!("{id}/_history/{version}")))?;
+        if row.deleted != 0 {
+            return Err(StoreError::Gone(res_type.into(), id.into()));
+        }
+        self.open_row(row)
+    }
+
+    fn open_row(&self, row: VersionRow) -> Result<Stored, StoreError> {
+        let deleted = row.deleted != 0;
+        let body = if deleted {
+            None
+        } else {
+            let aad = format!("{}/{}/{}", row.res_type, row.fhir_id, row.version_id);
+            Some(self.keys.open(&row.key_id, &row.body, &aad)?)
+        };
+        Ok(Stored {
+            res_type: row.res_type,
+            id: row.fhir_id,
+            version_id: row.version_id,
+            last_updated: row.last_updated,
+            deleted,
+            method: row.method,
+            body,
+        })
+    }
+
+    /// Instance (`id` given) or type history, newest first. `snapshot` pins the view for paging.
+    pub fn history(
+        &self,
+        res_type: &str,
+        id: Option<&str>,
+        since: Option<i64>,
+        count: usize,
+        offset: usize,
+        snapshot: Option<i64>,
+    ) -> Result<(Vec<Stored>, bool, i64), StoreError> {
+        let mut c = self.db.get()?;
+        with_conn!(c, |c| {
+            if let Some(id) = id {
+                if self.head(c, res_type, id)?.is_none() {
+                    return Err(StoreError::NotFound(res_type.into(), id.into()));
+                }
+            }
+            let snapshot = match snapshot {
+                Some(s) => s,
+                None => c.load::<CountRow>("SELECT COALESCE(MAX(vid), 0) AS n FROM resource_versions", vec![])?[0].n,
+            };
+            let mut sql = String::from(
+                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+                 FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
+            );
+            let mut binds: Vec<Bind> = vec![res_type.into(), snapshot.into()];
+            if let Some(id) = id {
+                sql.push_str(" AND r.fhir_id = ?");
+                binds.push(id.into());
+            }
+            if let Some(s) = since {
+                sql.push_str(" AND v.last_updated >= ?");
+                binds.push(s.into());
+            }
+            sql.push_str(" ORDER BY v.vid DESC LIMIT ? OFFSET ?");
+            binds.push((count as i64 + 1).into());
+            binds.push((offset as i64).into());
+            let mut rows: Vec<VersionRow> = c.load(&sql, binds)?;
+            let has_next = rows.len() > count;
+            rows.truncate(count);
+            let out = rows.into_iter().map(|r| self.open_row(r)).collect::<Result<Vec<_>, _>>()?;
+            Ok((out, has_next, snapshot))
+        })
+    }
+
+    /// Runs a search: the page, `_include`/`_revinclude` results, and the total if asked for.
+    pub fn search(&self, res_type: &str, req: &SearchRequest) -> Result<SearchPage, StoreError> {
+        let mut c = self.db.get()?;
+        with_conn!(c, |c| {
+            let snapshot = match req.snapshot {
+                Some(s) => s,
+                None => c.load::<CountRow>("SELECT COALESCE(MAX(rid), 0) AS n FROM resources", vec![])?[0].n,
+            };
+            let want_total = req.total == Total::Accurate || req.summary_count;
+            let total = if want_total {
+                let q = sql::count(res_type, req, snapshot);
+                Some(c.load::<CountRow>(&q.text, q.binds)?[0].n)
+            } else {
+                None
+            };
+            if req.summary_count {
+                return Ok(SearchPage { matches: vec![], included: vec![], total, has_next: false, snapshot });
+            }
+            let q = sql::page(res_type, req, snapshot);
+            let mut rows: Vec<PageRow> = c.load(&q.text, q.binds)?;
+            let has_next = rows.len() > req.count;
+            rows.truncate(req.count);
+            // Without `_total`, the total is still exact when everything fits on the first page.
+            let total = total.or_else(|| (!has_next && req.offset == 0).then_some(rows.len() as i64));
+            let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
+            let matches = self.bodies(c, &rids)?;
+            let included = self.includes(c, &req.includes, &rids)?;
+            Ok(SearchPage { matches, included, total, has_next, snapshot })
+        })
+    }
+
+    /// Current bodies for `rids`, in the order given.
+    fn bodies<C: Conn>(&self, c: &mut C, rids: &[i64]) -> Result<Vec<Stored>, StoreError> {
+        if rids.is_empty() {
+            return Ok(vec![]);
+        }
+        let placeholders = vec!["?"; rids.len()].join(", ");
+        let rows: Vec<VersionRow> = c.load(
+            &format!(
+                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+                 FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
+                 WHERE r.rid IN ({placeholders}) AND r.deleted = 0"
+            ),
+            rids.iter().map(|r| Bind::Int(*r)).collect(),
+        )?;
+        let mut by_rid: HashMap<i64, VersionRow> = rows.into_iter().map(|r| (r.rid, r)).collect();
+        rids.iter().filter_map(|rid| by_rid.remove(rid)).map(|r| self.open_row(r)).collect()
+    }
+
+    /// `_include` / `_revinclude` (with `:iterate` repeated until nothing new is found).
+    fn includes<C: Conn>(&self, c: &mut C, includes: &[Include], matched: &[i64]) -> Result<Vec<Stored>, StoreError> {
+        if includes.is_empty() || matched.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut seen: HashSet<i64> = matched.iter().copied().collect();
+        let mut out_rids = Vec::new();
+        let mut frontier: Vec<i64> = matched.to_vec();
+        let mut first = true;
+        while !frontier.is_empty() {
+            let mut found = Vec::new();
+            for inc in includes.iter().filter(|i| first || i.iterate) {
+                for rid in self.follow(c, inc, &frontier)? {
+                    if seen.insert(rid) {
+                        found.push(rid);
+                    }
+                }
+            }
+            out_rids.extend(found.iter().copied());
+            frontier = found;
+            first = false;
+            if out_rids.len() > 10_000 {
+                break; // a bound on pathological reference graphs
+            }
+        }
+        self.bodies(c, &out_rids)
+    }
+
+    fn follow<C: Conn>(&self, c: &mut C, inc: &Include, from: &[i64]) -> Result<Vec<i64>, StoreError> {
+        let ph = vec!["?"; from.len()].join(", ");
+        let mut binds: Vec<Bind> = vec![inc.param_key.clone().into(), inc.source_type.clone().into()];
+        binds.extend(from.iter().map(|r| Bind::Int(*r)));
+        if !inc.reverse {
+            // The references the `from` resources make, resolved to current local resources.
+            let mut sql = format!(
+                "SELECT t.rid FROM idx_ref x JOIN resources s ON s.rid = x.rid \
+                 JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id AND t.deleted = 0 \
+                 WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND x.rid IN ({ph})"
+            );
+            if let Some(tt) = &inc.target_type {
+                sql.push_str(" AND t.res_type = ?");
+                binds.push(tt.clone().into());
+            }
+            Ok(c.load::<RidRow>(&sql, binds)?.into_iter().map(|r| r.rid).collect())
+        } else {
+            // Resources of `source_type` whose parameter refers to one of the `from` resources.
+            let sql = format!(
+                "SELECT s.rid FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
+                 JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id \
+                 WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph})"
+            );
+            Ok(c.load::<RidRow>(&sql, binds)?.into_iter().map(|r| r.rid).collect())
+        }
+    }
+
+    /// Row counts of every table (tests assert that rejected input changes nothing).
+    pub fn row_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut c = self.db.get()?;
+        let mut out = Vec::new();
+        for t in ["resources", "resource_versions", "idx_token", "idx_ref", "idx_date", "idx_string", "data_keys"] {
+            let n = with_conn!(c, |c| c.load::<CountRow>(&format!("SELECT COUNT(*) AS n FROM {t}"), vec![]))?[0].n;
+            out.push((t.to_string(), n));
+        }
+        Ok(out)
+    }
+}
+
+fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), StoreError> {
+    let mut tokens: Vec<Bind> = Vec::new();
+    let mut refs: Vec<Bind> = Vec::new();
+    let mut dates_: Vec<Bind> = Vec::new();
+    let mut strings: Vec<Bind> = Vec::new();
+    for e in entries {
+        match e {
+            Entry::Token { param, system, code } => {
+                tokens.extend([rid.into(), param.clone().into(), system.clone().into(), code.clone().into()])
+            }
+            Entry::Ref { param, target_type, target_id, url } => refs.extend([
+                rid.into(),
+                param.clone().into(),
+                target_type.clone().into(),
+                target_id.clone().into(),
+                url.clone().into(),
+            ]),
+            Entry::Date { param, lo, hi } => dates_.extend([rid.into(), param.clone().into(), (*lo).into(), (*hi).into()]),
+            Entry::Str { param, norm, raw } => {
+                strings.extend([rid.into(), param.clone().into(), norm.clone().into(), raw.clone().into()])
+            }
+        }
+    }
+    multi_insert(c, "idx_token (rid, param, system, code)", 4, tokens)?;
+    multi_insert(c, "idx_ref (rid, param, target_type, target_id, url)", 5, refs)?;
+    multi_insert(c, "idx_date (rid, param, lo, hi)", 4, dates_)?;
+    multi_insert(c, "idx_string (rid, param, norm, raw)", 4, strings)?;
+    Ok(())
+}
+
+/// One INSERT with many rows (fewer statements per write).
+fn multi_insert<C: Conn>(c: &mut C, target: &str, width: usize, binds: Vec<Bind>) -> Result<(), StoreError> {
+    // Stay well under SQLite's bind limit.
+    for chunk in binds.chunks(width * 200) {
+        let rows = chunk.len() / width;
+        let row = format!("({})", vec!["?"; width].join(", "));
+        let sql = format!("INSERT INTO {target} VALUES {}", vec![row.as_str(); rows].join(", "));
+        c.execute(&sql, chunk.to_vec())?;
+    }
+    Ok(())
+}
+
+/// The stored JSON: `resourceType`, `id`, `meta` (with `versionId`/`lastUpdated` set, the client's
+/// profile/tag/security kept), then every other member exactly as received.
+fn compose(res_type: &str, id: &str, version_id: i64, last_updated: i64, r: &Incoming) -> Vec<u8> {
+    let mut meta = serde_json::Map::new();
+    meta.insert("versionId".into(), Value::String(version_id.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(dates::format_instant(last_updated)));
+    if let Some(Value::Object(m)) = r.value.get("meta") {
+        for (k, v) in m {
+            if k != "versionId" && k != "lastUpdated" {
+                meta.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(r.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 128);
+    out.extend_from_slice(b"{\"resourceType\":");
+    out.extend_from_slice(serde_json::to_string(res_type).unwrap().as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    out.extend_from_slice(serde_json::to_string(id).unwrap().as_bytes());
+    out.extend_from_slice(b",\"meta\":");
+    out.extend_from_slice(serde_json::to_string(&meta).unwrap().as_bytes());
+    for (k, v) in &r.members {
+        if k == "resourceType" || k == "id" || k == "meta" {
+            continue;
+        }
+        out.push(b',');
+        out.extend_from_slice(serde_json::to_string(k).unwrap().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+    }
+    out.push(b'}');
+    out
+}

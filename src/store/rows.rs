@@ -1,0 +1,84 @@
+//! Row shapes read back with `sql_query` (valid on both backends).
+
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::QueryableByName;
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct HeadRow {
+    #[diesel(sql_type = BigInt)]
+    pub rid: i64,
+    #[diesel(sql_type = Text)]
+    pub fhir_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub version_id: i64,
+    #[diesel(sql_type = BigInt)]
+    pub last_updated: i64,
+    #[diesel(sql_type = BigInt)]
+    pub deleted: i64,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct PageRow {
+    #[diesel(sql_type = BigInt)]
+    pub rid: i64,
+    #[diesel(sql_type = Text)]
+    pub fhir_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub version_id: i64,
+    #[diesel(sql_type = BigInt)]
+    pub last_updated: i64,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct VersionRow {
+    #[diesel(sql_type = BigInt)]
+    pub vid: i64,
+    #[diesel(sql_type = BigInt)]
+    pub rid: i64,
+    #[diesel(sql_type = Text)]
+    pub res_type: String,
+    #[diesel(sql_type = Text)]
+    pub fhir_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub version_id: i64,
+    #[diesel(sql_type = BigInt)]
+    pub last_updated: i64,
+    #[diesel(sql_type = Text)]
+    pub method: String,
+    #[diesel(sql_type = BigInt)]
+    pub deleted: i64,
+    #[diesel(sql_type = Text)]
+    pub key_id: String,
+    #[diesel(sql_type = Binary)]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct RidRow {
+    #[diesel(sql_type = BigInt)]
+    pub rid: i64,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    pub n: i64,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct TargetRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    pub target_type: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub target_id: Option<String>,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct KeyRow {
+    #[diesel(sql_type = Text)]
+    pub key_id: String,
+    #[diesel(sql_type = Text)]
+    pub master_key_id: String,
+    #[diesel(sql_type = Binary)]
+    pub wrapped: Vec<u8>,
+}
