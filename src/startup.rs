@@ -36,11 +36,15 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 }
 
 impl Application {
-    pub fn build(settings: Settings) -> anyhow::Result<Application> {
-        let store = Arc::new(open_store(&settings)?);
+    pub fn build(mut settings: Settings) -> anyhow::Result<Application> {
         let listener = TcpListener::bind(&settings.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
         let port = listener.local_addr()?.port();
+        // Port 0 (tests): the derived base URL names the port actually bound.
+        if settings.base_url.ends_with(":0") {
+            settings.base_url = format!("{}:{port}", &settings.base_url[..settings.base_url.len() - 2]);
+        }
+        let store = Arc::new(open_store(&settings)?);
         let workers = if settings.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { settings.workers };
         let state = web::Data::new(AppState { store: store.clone(), settings: Arc::new(settings) });
         let server = HttpServer::new(move || {

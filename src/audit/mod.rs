@@ -124,7 +124,7 @@ pub fn event(ctx: &Context, interaction: Interaction, what: Option<&str>, patien
     let mut agents = vec![
         json!({"type": client_type, "who": client_who, "requestor": ctx.user.is_none(),
                "network": {"address": ctx.client_address, "type": "2"}}),
-        json!({"type": server_type, "who": server_who, "requestor": false,
+        json!({"type": server_type, "who": server_who, "name": "Courier", "requestor": false,
                "network": {"address": ctx.base_url, "type": "5"}}),
     ];
     if let Some(user) = &ctx.user {

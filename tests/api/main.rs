@@ -1,1 +1,11 @@
-fn main() {}
+//! Black-box tests through HTTP. One test binary; each test runs on SQLite and PostgreSQL.
+
+mod helpers;
+
+mod audit;
+mod bundles;
+mod crud;
+mod operability;
+mod search;
+mod strict;
+mod validator;

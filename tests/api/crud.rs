@@ -1,0 +1,217 @@
+use crate::both_backends;
+use crate::helpers::*;
+use serde_json::{json, Value};
+
+both_backends! {
+    async fn create_read_update_delete_lifecycle(app: TestApp) {
+        let body = message("Patient/p1", "2024-05-01T10:00:00Z", "hello");
+        let r = app.post("Communication", &body).await;
+        assert_eq!(r.status(), 201);
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        assert!(location.starts_with(&format!("{}/Communication/", app.base)) && location.ends_with("/_history/1"), "{location}");
+        assert_eq!(r.headers()["etag"], "W/\"1\"");
+        assert!(r.headers().contains_key("last-modified"));
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+json"));
+        let created: Value = r.json().await.unwrap();
+        let id = created["id"].as_str().unwrap().to_string();
+        assert_eq!(created["meta"]["versionId"], "1");
+        assert_eq!(created["payload"][0]["contentString"], "hello");
+
+        let read = app.get(&format!("Communication/{id}")).await;
+        assert_eq!(read.status(), 200);
+        assert_eq!(read.headers()["etag"], "W/\"1\"");
+        let read: Value = read.json().await.unwrap();
+        assert_eq!(read, created);
+
+        let mut changed = created.clone();
+        changed["status"] = json!("entered-in-error");
+        let r = app.put(&format!("Communication/{id}"), &changed).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["etag"], "W/\"2\"");
+        let updated: Value = r.json().await.unwrap();
+        assert_eq!(updated["meta"]["versionId"], "2");
+        assert_eq!(updated["status"], "entered-in-error");
+
+        let v1: Value = app.get_json(&format!("Communication/{id}/_history/1")).await;
+        assert_eq!(v1["status"], "completed");
+        assert_eq!(app.get(&format!("Communication/{id}/_history/9")).await.status(), 404);
+
+        let r = app.client.delete(app.url(&format!("Communication/{id}"))).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        let gone = app.get(&format!("Communication/{id}")).await;
+        assert_eq!(gone.status(), 410);
+        let oo: Value = gone.json().await.unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(app.get("Communication/never-existed").await.status(), 404);
+
+        let hist = app.get_json(&format!("Communication/{id}/_history")).await;
+        assert_eq!(hist["type"], "history");
+        let methods: Vec<&str> = hist["entry"].as_array().unwrap().iter().map(|e| e["request"]["method"].as_str().unwrap()).collect();
+        assert_eq!(methods, vec!["DELETE", "PUT", "POST"]);
+        assert!(hist["entry"][0].get("resource").is_none());
+        // Deleted resources leave search results.
+        assert!(app.search_ids("Communication?recipient=Patient/p1").await.is_empty());
+    }
+
+    async fn type_history_lists_every_version_newest_first(app: TestApp) {
+        let a = app.create(&message("Patient/p1", "2024-01-01", "a")).await;
+        let b = app.create(&message("Patient/p1", "2024-01-02", "b")).await;
+        let hist = app.get_json("Communication/_history").await;
+        let urls: Vec<String> = hist["entry"].as_array().unwrap().iter().map(|e| e["fullUrl"].as_str().unwrap().to_string()).collect();
+        assert_eq!(urls, vec![format!("{}/Communication/{b}", app.base), format!("{}/Communication/{a}", app.base)]);
+        let page = app.get_json("Communication/_history?_count=1").await;
+        assert_eq!(page["entry"].as_array().unwrap().len(), 1);
+        assert!(page["link"].as_array().unwrap().iter().any(|l| l["relation"] == "next"));
+        assert_eq!(app.get("Communication/nope/_history").await.status(), 404);
+    }
+
+    async fn put_with_client_id_creates_then_updates(app: TestApp) {
+        let mut body = message("Patient/p1", "2024-01-01", "x");
+        body["id"] = json!("client-chosen-1");
+        let r = app.put("Communication/client-chosen-1", &body).await;
+        assert_eq!(r.status(), 201);
+        assert!(r.headers()["location"].to_str().unwrap().ends_with("/Communication/client-chosen-1/_history/1"));
+        let r = app.put("Communication/client-chosen-1", &body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["etag"], "W/\"2\"");
+    }
+
+    async fn if_match_rejects_stale_versions(app: TestApp) {
+        let id = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        let mut body: Value = app.get_json(&format!("Communication/{id}")).await;
+        body["status"] = json!("in-progress");
+        let put = |etag: &'static str, body: Value| {
+            let app = &app;
+            let id = id.clone();
+            async move {
+                app.client.put(app.url(&format!("Communication/{id}"))).header("content-type", FHIR_JSON)
+                    .header("if-match", etag).body(body.to_string()).send().await.unwrap()
+            }
+        };
+        assert_eq!(put("W/\"1\"", body.clone()).await.status(), 200);
+        let stale = put("W/\"1\"", body.clone()).await;
+        assert_eq!(stale.status(), 412);
+        let oo: Value = stale.json().await.unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        let r = app.client.delete(app.url(&format!("Communication/{id}"))).header("if-match", "W/\"1\"").send().await.unwrap();
+        assert_eq!(r.status(), 412);
+        assert_eq!(app.get(&format!("Communication/{id}")).await.status(), 200);
+    }
+
+    async fn conditional_create_returns_the_existing_match(app: TestApp) {
+        let mut body = message("Patient/p1", "2024-01-01", "x");
+        body["identifier"] = json!([{"system": "urn:ehr", "value": "m-1"}]);
+        let send = || app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .header("if-none-exist", "identifier=urn:ehr|m-1").body(body.to_string()).send();
+        let first = send().await.unwrap();
+        assert_eq!(first.status(), 201);
+        let first: Value = first.json().await.unwrap();
+        let second = send().await.unwrap();
+        assert_eq!(second.status(), 200);
+        let second: Value = second.json().await.unwrap();
+        assert_eq!(first["id"], second["id"]);
+        assert_eq!(app.search_ids("Communication?identifier=urn:ehr|m-1").await.len(), 1);
+        // Two matches: 412.
+        app.create(&body).await;
+        assert_eq!(send().await.unwrap().status(), 412);
+        // An unknown parameter in If-None-Exist would match everything: refused.
+        let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .header("if-none-exist", "bogus=1").body(body.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+    }
+
+    async fn prefer_controls_the_response_body(app: TestApp) {
+        let body = message("Patient/p1", "2024-01-01", "x");
+        let send = |prefer: &'static str| app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .header("prefer", prefer).body(body.to_string()).send();
+        let minimal = send("return=minimal").await.unwrap();
+        assert_eq!(minimal.status(), 201);
+        assert!(minimal.headers().contains_key("location"));
+        assert!(minimal.bytes().await.unwrap().is_empty());
+        let oo: Value = send("return=OperationOutcome").await.unwrap().json().await.unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        let rep: Value = send("return=representation").await.unwrap().json().await.unwrap();
+        assert_eq!(rep["resourceType"], "Communication");
+    }
+
+    async fn json_patch_updates_and_is_checked_strictly(app: TestApp) {
+        let id = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        let patch = |doc: Value, ct: &'static str| app.client.patch(app.url(&format!("Communication/{id}")))
+            .header("content-type", ct).body(doc.to_string()).send();
+        let r = patch(json!([{"op": "replace", "path": "/status", "value": "in-progress"}]), "application/json-patch+json").await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "in-progress");
+        assert_eq!(v["meta"]["versionId"], "2");
+        // A patch producing an invalid resource is refused and changes nothing.
+        let r = patch(json!([{"op": "add", "path": "/bogus", "value": 1}]), "application/json-patch+json").await.unwrap();
+        assert_eq!(r.status(), 400);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["expression"][0], "Communication.bogus");
+        let r = patch(json!([{"op": "replace", "path": "/status", "value": "nonsense"}]), "application/json-patch+json").await.unwrap();
+        assert_eq!(r.status(), 400);
+        // A failed `test` op: 422; wrong content type: 415.
+        let r = patch(json!([{"op": "test", "path": "/status", "value": "completed"}]), "application/json-patch+json").await.unwrap();
+        assert_eq!(r.status(), 422);
+        let r = patch(json!([{"op": "replace", "path": "/status", "value": "completed"}]), "application/json").await.unwrap();
+        assert_eq!(r.status(), 415);
+        let current: Value = app.get_json(&format!("Communication/{id}")).await;
+        assert_eq!(current["meta"]["versionId"], "2");
+    }
+
+    async fn communication_request_supports_the_same_interactions(app: TestApp) {
+        let body = json!({"resourceType": "CommunicationRequest", "status": "active", "priority": "urgent",
+            "subject": {"reference": "Patient/p9"}, "occurrenceDateTime": "2025-03-01T09:00:00Z",
+            "payload": [{"contentString": "Your appointment is tomorrow"}]});
+        let id = app.create(&body).await;
+        let got = app.get_json(&format!("CommunicationRequest/{id}")).await;
+        assert_eq!(got["priority"], "urgent");
+        assert_eq!(app.search_ids("CommunicationRequest?priority=urgent&patient=p9").await, vec![id.clone()]);
+        assert_eq!(app.search_ids("CommunicationRequest?occurrence=2025-03-01").await, vec![id]);
+    }
+
+    async fn binary_stores_raw_content_and_enforces_its_size_limit(app: TestApp) {
+        let png = vec![0x89u8, b'P', b'N', b'G', 0, 1, 2, 3, 255];
+        let r = app.client.post(app.url("Binary")).header("content-type", "image/png").body(png.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.unwrap();
+        let id = v["id"].as_str().unwrap().to_string();
+        assert_eq!(v["contentType"], "image/png");
+        let raw = app.client.get(app.url(&format!("Binary/{id}"))).header("accept", "image/png").send().await.unwrap();
+        assert_eq!(raw.status(), 200);
+        assert_eq!(raw.headers()["content-type"], "image/png");
+        assert_eq!(raw.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(raw.bytes().await.unwrap().to_vec(), png);
+        let as_fhir = app.client.get(app.url(&format!("Binary/{id}"))).header("accept", FHIR_JSON).send().await.unwrap();
+        let as_fhir: Value = as_fhir.json().await.unwrap();
+        assert_eq!(as_fhir["resourceType"], "Binary");
+        // FHIR JSON form.
+        let id2 = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGVsbG8="})).await;
+        let raw = app.client.get(app.url(&format!("Binary/{id2}"))).send().await.unwrap();
+        assert_eq!(raw.bytes().await.unwrap().to_vec(), b"hello");
+        // Binary has no search, update or delete.
+        assert_eq!(app.get("Binary").await.status(), 405);
+    }
+
+    async fn audit_events_are_read_only(app: TestApp) {
+        let r = app.post("AuditEvent", &json!({"resourceType": "AuditEvent"})).await;
+        assert_eq!(r.status(), 405);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(app.get("Patient/1").await.status(), 404);
+    }
+}
+
+#[tokio::test]
+async fn binary_over_the_limit_is_refused_with_413() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.max_binary_bytes = 1000).await.unwrap();
+    let before = app.row_counts();
+    let r = app.client.post(app.url("Binary")).header("content-type", "application/pdf").body(vec![7u8; 1001]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let oo: Value = r.json().await.unwrap();
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    let ok = app.client.post(app.url("Binary")).header("content-type", "application/pdf").body(vec![7u8; 1000]).send().await.unwrap();
+    assert_eq!(ok.status(), 201);
+    // The refused upload changed nothing (the accepted one did).
+    assert_ne!(before, app.row_counts());
+}

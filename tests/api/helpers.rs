@@ -1,0 +1,178 @@
+//! `spawn_app(backend)`: a Courier built exactly as production builds it, on a random port, with a
+//! fresh database (a temporary SQLite file, or a fresh PostgreSQL schema).
+
+use courier::config::Settings;
+use courier::startup::Application;
+use courier::store::Store;
+use serde_json::Value;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Arc<Store>,
+    pub backend: Backend,
+    /// Keeps the SQLite directory alive for the test's duration.
+    pub dir: tempfile::TempDir,
+}
+
+/// PostgreSQL URL for tests: `COURIER_TEST_POSTGRES_URL`. Under CI a missing URL is a failure.
+fn postgres_url() -> Option<String> {
+    match std::env::var("COURIER_TEST_POSTGRES_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but COURIER_TEST_POSTGRES_URL is not set: PostgreSQL tests must run in CI");
+            }
+            None
+        }
+    }
+}
+
+/// A fresh schema in the test database, so tests run in parallel without seeing each other.
+fn fresh_postgres_schema(admin_url: &str) -> String {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut c = PgConnection::establish(admin_url).expect("connect to COURIER_TEST_POSTGRES_URL");
+    diesel::sql_query(format!("CREATE SCHEMA {schema}")).execute(&mut c).expect("create schema");
+    let sep = if admin_url.contains('?') { '&' } else { '?' };
+    format!("{admin_url}{sep}options=-csearch_path%3D{schema}")
+}
+
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> Option<TestApp> {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("courier.db").display()),
+        Backend::Postgres => fresh_postgres_schema(&postgres_url()?),
+    };
+    let mut settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        base_url: String::new(),
+        data_dir: dir.path().to_path_buf(),
+        database_url,
+        master_key: Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string().into()),
+        db_pool_size: 4,
+        workers: 2,
+        sqlite_synchronous: "NORMAL".into(),
+        ..Settings::default()
+    };
+    tweak(&mut settings);
+    if settings.base_url.is_empty() {
+        settings.base_url = "http://127.0.0.1:0".into();
+    }
+    let app = Application::build(settings).expect("application builds");
+    let port = app.port();
+    let store = app.store.clone();
+    tokio::spawn(app.run_until_stopped());
+    Some(TestApp {
+        base: format!("http://127.0.0.1:{port}"),
+        client: reqwest::Client::new(),
+        store,
+        backend,
+        dir,
+    })
+}
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.post(self.url(path)).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap()
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.put(self.url(path)).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    /// Creates a resource and returns its id.
+    pub async fn create(&self, body: &Value) -> String {
+        let rt = body["resourceType"].as_str().unwrap();
+        let r = self.post(rt, body).await;
+        assert_eq!(r.status(), 201, "create {rt}");
+        let v: Value = r.json().await.unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Ids of the match entries of a search, in order.
+    pub async fn search_ids(&self, query: &str) -> Vec<String> {
+        let b = self.get_json(query).await;
+        ids(&b)
+    }
+
+    pub fn row_counts(&self) -> Vec<(String, i64)> {
+        self.store.row_counts().unwrap()
+    }
+}
+
+pub fn ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn message(recipient: &str, sent: &str, text: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Communication",
+        "status": "completed",
+        "recipient": [{"reference": recipient}],
+        "sender": {"reference": "Practitioner/dr-1"},
+        "sent": sent,
+        "payload": [{"contentString": text}]
+    })
+}
+
+/// Runs the test body against SQLite and against PostgreSQL (two test functions).
+#[macro_export]
+macro_rules! both_backends {
+    ($(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                async fn run($app: $crate::helpers::TestApp) $body
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let app = $crate::helpers::spawn_app($crate::helpers::Backend::Sqlite).await.unwrap();
+                    run(app).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    match $crate::helpers::spawn_app($crate::helpers::Backend::Postgres).await {
+                        Some(app) => run(app).await,
+                        None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+                    }
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,211 @@
+use crate::both_backends;
+use crate::helpers::*;
+use serde_json::{json, Value};
+
+fn comm(extra: Value) -> Value {
+    let mut c = json!({"resourceType": "Communication", "status": "completed"});
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+both_backends! {
+    async fn token_search_supports_system_code_forms_not_and_missing(app: TestApp) {
+        let a = app.create(&comm(json!({"category": [{"coding": [{"system": "http://s1", "code": "alert"}]}], "medium": [{"coding": [{"system": "http://m", "code": "WRITTEN"}]}]}))).await;
+        let b = app.create(&comm(json!({"category": [{"coding": [{"system": "http://s2", "code": "alert"}]}]}))).await;
+        let c = app.create(&comm(json!({"category": [{"coding": [{"code": "alert"}]}], "status": "in-progress"}))).await;
+        assert_eq!(sorted(app.search_ids("Communication?category=alert").await), sorted(vec![a.clone(), b.clone(), c.clone()]));
+        assert_eq!(app.search_ids("Communication?category=http://s1|alert").await, vec![a.clone()]);
+        assert_eq!(app.search_ids("Communication?category=|alert").await, vec![c.clone()]);
+        assert_eq!(app.search_ids("Communication?category=http://s2|").await, vec![b.clone()]);
+        assert_eq!(sorted(app.search_ids("Communication?status:not=completed").await), vec![c.clone()]);
+        assert_eq!(sorted(app.search_ids("Communication?medium:missing=true").await), sorted(vec![b.clone(), c.clone()]));
+        assert_eq!(app.search_ids("Communication?medium:missing=false").await, vec![a.clone()]);
+        // OR within a parameter, AND across repeats.
+        assert_eq!(sorted(app.search_ids("Communication?category=http://s1|alert,http://s2|alert").await), sorted(vec![a.clone(), b.clone()]));
+        assert_eq!(app.search_ids("Communication?category=alert&status=in-progress").await, vec![c.clone()]);
+        assert_eq!(sorted(app.search_ids(&format!("Communication?_id={a},{c}")).await), sorted(vec![a.clone(), c.clone()]));
+        // Courier's own parameters: priority and topic.
+        let p = app.create(&comm(json!({"priority": "stat", "topic": {"coding": [{"system": "http://t", "code": "lab"}]}}))).await;
+        assert_eq!(app.search_ids("Communication?priority=stat").await, vec![p.clone()]);
+        assert_eq!(app.search_ids("Communication?topic=http://t|lab").await, vec![p]);
+    }
+
+    async fn reference_search_accepts_type_id_bare_id_and_absolute_urls(app: TestApp) {
+        let a = app.create(&comm(json!({"subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Practitioner/d1"}]}))).await;
+        let abs = format!("{}/Patient/p2", app.base);
+        let b = app.create(&comm(json!({"subject": {"reference": abs}}))).await;
+        let ext = app.create(&comm(json!({"subject": {"reference": "https://other.example/fhir/Patient/p1"}}))).await;
+        let g = app.create(&comm(json!({"subject": {"reference": "Group/p1"}}))).await;
+        assert_eq!(app.search_ids("Communication?subject=Patient/p1").await, vec![a.clone()]);
+        assert_eq!(sorted(app.search_ids("Communication?subject=p1").await), sorted(vec![a.clone(), g.clone()]));
+        assert_eq!(app.search_ids("Communication?subject:Patient=p1").await, vec![a.clone()]);
+        assert_eq!(app.search_ids(&format!("Communication?subject={}/Patient/p1", app.base)).await, vec![a.clone()]);
+        assert_eq!(app.search_ids("Communication?subject=Patient/p2").await, vec![b.clone()]);
+        assert_eq!(app.search_ids("Communication?subject=https://other.example/fhir/Patient/p1").await, vec![ext.clone()]);
+        assert_eq!(app.search_ids("Communication?patient=p1").await, vec![a.clone()]);
+        assert_eq!(app.search_ids("Communication?recipient=Practitioner/d1").await, vec![a.clone()]);
+        assert_eq!(sorted(app.search_ids("Communication?recipient:missing=true").await), sorted(vec![b, ext, g]));
+        assert_eq!(app.get("Communication?subject=not a reference!").await.status(), 400);
+    }
+
+    async fn date_search_supports_every_prefix_and_partial_dates(app: TestApp) {
+        let jan = app.create(&comm(json!({"sent": "2024-01-15T10:00:00Z"}))).await;
+        let feb = app.create(&comm(json!({"sent": "2024-02-15T10:00:00Z"}))).await;
+        let mar = app.create(&comm(json!({"sent": "2024-03-15T10:00:00+02:00"}))).await;
+        let day = app.create(&comm(json!({"sent": "2024-02"}))).await;
+        let q = |s: &str| format!("Communication?sent={s}");
+        assert_eq!(sorted(app.search_ids(&q("2024-02")).await), sorted(vec![feb.clone(), day.clone()]));
+        assert_eq!(app.search_ids(&q("2024-01-15")).await, vec![jan.clone()]);
+        assert_eq!(app.search_ids(&q("eq2024-03-15T08:00:00Z")).await, vec![mar.clone()]);
+        assert_eq!(sorted(app.search_ids(&q("ne2024-02")).await), sorted(vec![jan.clone(), mar.clone()]));
+        assert_eq!(sorted(app.search_ids(&q("gt2024-02")).await), vec![mar.clone()]);
+        assert_eq!(sorted(app.search_ids(&q("ge2024-02")).await), sorted(vec![feb.clone(), mar.clone(), day.clone()]));
+        assert_eq!(sorted(app.search_ids(&q("lt2024-02")).await), vec![jan.clone()]);
+        assert_eq!(sorted(app.search_ids(&q("le2024-02")).await), sorted(vec![jan.clone(), feb.clone(), day.clone()]));
+        assert_eq!(sorted(app.search_ids(&q("sa2024-02-20")).await), vec![mar.clone()]);
+        assert_eq!(sorted(app.search_ids(&q("eb2024-02-01")).await), vec![jan.clone()]);
+        assert!(app.search_ids(&q("ap2024-02-15")).await.contains(&feb));
+        assert!(!app.search_ids(&q("ap2019-02-15")).await.contains(&feb));
+        // Range: AND of two prefixes.
+        assert_eq!(app.search_ids("Communication?sent=ge2024-01-01&sent=lt2024-02-01").await, vec![jan.clone()]);
+        assert_eq!(app.get(&q("yesterday")).await.status(), 400);
+        assert_eq!(app.get(&q("xx2024")).await.status(), 400);
+        // _lastUpdated is a date too.
+        assert_eq!(app.search_ids("Communication?_lastUpdated=lt2000-01-01").await.len(), 0);
+        assert_eq!(app.search_ids("Communication?_lastUpdated=gt2000-01-01").await.len(), 4);
+    }
+
+    async fn string_and_uri_search(app: TestApp) {
+        let a = app.create(&comm(json!({"instantiatesUri": ["http://protocols.example/p1"]}))).await;
+        assert_eq!(app.search_ids("Communication?instantiates-uri=http://protocols.example/p1").await, vec![a]);
+        assert!(app.search_ids("Communication?instantiates-uri=http://protocols.example").await.is_empty());
+        // AuditEvent.agent.name (string): prefix, case-insensitive, :exact and :contains.
+        let n = |q: &'static str| app.get_json(q);
+        let total = |b: Value| b["entry"].as_array().map_or(0, |a| a.len());
+        assert!(total(n("AuditEvent?agent-name=cour").await) > 0);
+        assert!(total(n("AuditEvent?agent-name:exact=Courier").await) > 0);
+        assert_eq!(total(n("AuditEvent?agent-name:exact=courier").await), 0);
+        assert!(total(n("AuditEvent?agent-name:contains=URIE").await) > 0);
+        assert_eq!(total(n("AuditEvent?agent-name=nobody").await), 0);
+    }
+
+    async fn sort_count_total_and_summary(app: TestApp) {
+        let a = app.create(&comm(json!({"sent": "2024-01-01", "status": "completed"}))).await;
+        let b = app.create(&comm(json!({"sent": "2024-03-01", "status": "completed"}))).await;
+        let c = app.create(&comm(json!({"sent": "2024-02-01", "status": "in-progress"}))).await;
+        let d = app.create(&comm(json!({"status": "completed"}))).await;
+        assert_eq!(app.search_ids("Communication?_sort=sent").await, vec![a.clone(), c.clone(), b.clone(), d.clone()]);
+        assert_eq!(app.search_ids("Communication?_sort=-sent").await, vec![b.clone(), c.clone(), a.clone(), d.clone()]);
+        assert_eq!(app.search_ids("Communication?_sort=-status,sent").await, vec![c.clone(), a.clone(), b.clone(), d.clone()]);
+        assert_eq!(app.search_ids("Communication?_sort=-sent&_count=2").await, vec![b.clone(), c.clone()]);
+        let bundle = app.get_json("Communication?_count=1&_total=accurate").await;
+        assert_eq!(bundle["total"], 4);
+        assert_eq!(bundle["entry"].as_array().unwrap().len(), 1);
+        let count = app.get_json("Communication?status=completed&_summary=count").await;
+        assert_eq!(count["total"], 3);
+        assert!(count.get("entry").is_none());
+        assert_eq!(app.get("Communication?_sort=-bogus").await.status(), 400);
+        assert_eq!(app.get("Communication?_count=abc").await.status(), 400);
+    }
+
+    async fn paging_links_stay_correct_while_messages_arrive(app: TestApp) {
+        let mut all = Vec::new();
+        for i in 0..5 {
+            all.push(app.create(&message("Patient/inbox", &format!("2024-01-0{}", i + 1), "m")).await);
+        }
+        let first = app.get_json("Communication?recipient=Patient/inbox&_sort=-sent&_count=2").await;
+        let mut seen = ids(&first);
+        let mut next = first["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+        // A new, newest message arrives while the client pages.
+        let late = app.create(&message("Patient/inbox", "2024-12-31", "late")).await;
+        let mut saw_previous = false;
+        while let Some(url) = next {
+            let page: Value = app.client.get(&url).send().await.unwrap().json().await.unwrap();
+            saw_previous |= page["link"].as_array().unwrap().iter().any(|l| l["relation"] == "previous");
+            seen.extend(ids(&page));
+            next = page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+        }
+        assert!(saw_previous);
+        all.reverse();
+        assert_eq!(seen, all, "pages skipped or repeated a message");
+        // A new search sees the new message first.
+        assert_eq!(app.search_ids("Communication?recipient=Patient/inbox&_sort=-sent&_count=1").await, vec![late]);
+    }
+
+    async fn include_revinclude_and_iterate(app: TestApp) {
+        let thread = app.create(&comm(json!({"status": "in-progress", "topic": {"text": "thread"}}))).await;
+        let m1 = app.create(&comm(json!({"partOf": [{"reference": format!("Communication/{thread}")}]}))).await;
+        let m2 = app.create(&comm(json!({"partOf": [{"reference": format!("Communication/{thread}")}], "inResponseTo": [{"reference": format!("Communication/{m1}")}]}))).await;
+        let req = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active"})).await;
+        let based = app.create(&comm(json!({"basedOn": [{"reference": format!("CommunicationRequest/{req}")}]}))).await;
+
+        let included = |b: &Value| -> Vec<String> {
+            let mut v: Vec<String> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include")
+                .map(|e| format!("{}/{}", e["resource"]["resourceType"].as_str().unwrap(), e["resource"]["id"].as_str().unwrap())).collect();
+            v.sort();
+            v
+        };
+        let b = app.get_json(&format!("Communication?_id={m2}&_include=Communication:part-of")).await;
+        assert_eq!(included(&b), vec![format!("Communication/{thread}")]);
+        let b = app.get_json(&format!("Communication?_id={m2}&_include=Communication:in-response-to")).await;
+        assert_eq!(included(&b), vec![format!("Communication/{m1}")]);
+        let b = app.get_json(&format!("Communication?_id={based}&_include=Communication:based-on")).await;
+        assert_eq!(included(&b), vec![format!("CommunicationRequest/{req}")]);
+        let b = app.get_json(&format!("Communication?_id={thread}&_revinclude=Communication:part-of")).await;
+        assert_eq!(included(&b), sorted(vec![format!("Communication/{m1}"), format!("Communication/{m2}")]));
+        // :iterate follows in-response-to from m2 to m1, then part-of from both to the thread.
+        let b = app.get_json(&format!("Communication?_id={m2}&_include:iterate=Communication:in-response-to&_include:iterate=Communication:part-of")).await;
+        assert_eq!(included(&b), sorted(vec![format!("Communication/{m1}"), format!("Communication/{thread}")]));
+        assert_eq!(app.get("Communication?_include=Communication:status").await.status(), 400);
+    }
+
+    async fn post_search_and_unknown_parameter_handling(app: TestApp) {
+        let a = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        let r = app.client.post(app.url("Communication/_search")).header("content-type", "application/x-www-form-urlencoded")
+            .body("recipient=Patient%2Fp1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(ids(&b), vec![a.clone()]);
+        // Lenient (default): ignored and reported in an OperationOutcome entry.
+        let b = app.get_json("Communication?recipient=Patient/p1&bogus=1").await;
+        assert_eq!(ids(&b), vec![a.clone()]);
+        let outcome = b["entry"].as_array().unwrap().iter().find(|e| e["search"]["mode"] == "outcome").expect("outcome entry");
+        assert_eq!(outcome["resource"]["resourceType"], "OperationOutcome");
+        assert_eq!(outcome["resource"]["issue"][0]["expression"][0], "bogus");
+        assert!(!b["link"][0]["url"].as_str().unwrap().contains("bogus"));
+        // Strict: 400.
+        let r = app.client.get(app.url("Communication?recipient=Patient/p1&bogus=1")).header("prefer", "handling=strict").send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["expression"][0], "bogus");
+        // Unknown modifiers are always errors.
+        assert_eq!(app.get("Communication?status:fuzzy=x").await.status(), 400);
+    }
+
+    async fn inbox_search_matches_the_benchmark_query(app: TestApp) {
+        for i in 0..3 {
+            app.create(&message("Practitioner/dr-9", &format!("2024-05-0{}T08:00:00Z", i + 1), "m")).await;
+        }
+        app.create(&message("Practitioner/other", "2024-05-09T08:00:00Z", "m")).await;
+        let b = app.get_json("Communication?recipient=Practitioner/dr-9&_sort=-sent&_count=50").await;
+        let sent: Vec<&str> = b["entry"].as_array().unwrap().iter().map(|e| e["resource"]["sent"].as_str().unwrap()).collect();
+        assert_eq!(sent, vec!["2024-05-03T08:00:00Z", "2024-05-02T08:00:00Z", "2024-05-01T08:00:00Z"]);
+        assert_eq!(b["total"], 3);
+    }
+}
+
+#[tokio::test]
+async fn count_is_capped_at_the_configured_maximum() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.max_count = 2).await.unwrap();
+    for _ in 0..3 {
+        app.create(&message("Patient/p", "2024-01-01", "x")).await;
+    }
+    assert_eq!(app.search_ids("Communication?_count=100").await.len(), 2);
+}
