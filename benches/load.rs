@@ -1,1 +1,170 @@
-fn main() {}
+//! Courier load benchmark (not a test): create throughput and inbox-search latency over HTTP.
+//!
+//!   cargo bench --bench load                         # SQLite, 1,000,000 messages
+//!   COURIER_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --bench load -- --backend postgres
+//!   cargo bench --bench load -- --messages 100000     # a smaller store
+//!
+//! Prints: creates/s at 1 and at 32 concurrent clients (each create strictly checked, indexed,
+//! encrypted and audited in one transaction), then inbox search
+//! `recipient=…&_sort=-sent&_count=50` p50/p99 over a store of N Communications (seeded through
+//! the same store write path, 1,000 per transaction, each with its AuditEvent).
+
+use courier::audit;
+use courier::config::Settings;
+use courier::startup::Application;
+use courier::store::{Incoming, WriteOp};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Args {
+    backend: String,
+    messages: usize,
+    recipients: usize,
+    creates: usize,
+    searches: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { backend: "sqlite".into(), messages: 1_000_000, recipients: 1_000, creates: 20_000, searches: 2_000 };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = || argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--backend" => a.backend = val(),
+            "--messages" => a.messages = val().parse().expect("--messages N"),
+            "--recipients" => a.recipients = val().parse().expect("--recipients N"),
+            "--creates" => a.creates = val().parse().expect("--creates N"),
+            "--searches" => a.searches = val().parse().expect("--searches N"),
+            _ => {} // cargo passes --bench
+        }
+        i += if argv[i].starts_with("--") && !matches!(argv[i].as_str(), "--bench") { 2 } else { 1 };
+    }
+    a
+}
+
+fn message(recipient: usize, day: usize, minute: usize) -> serde_json::Value {
+    json!({
+        "resourceType": "Communication",
+        "status": "completed",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "notification"}]}],
+        "subject": {"reference": format!("Patient/pat-{}", recipient % 5000)},
+        "sender": {"reference": "Practitioner/sender-1"},
+        "recipient": [{"reference": format!("Practitioner/dr-{recipient}")}],
+        "sent": format!("2024-{:02}-{:02}T{:02}:{:02}:00Z", day % 12 + 1, day % 28 + 1, minute / 60 % 24, minute % 60),
+        "payload": [{"contentString": "Your lab results are ready. Please log in to the portal to review them."}]
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let a = args();
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = match a.backend.as_str() {
+        "postgres" => {
+            let url = std::env::var("COURIER_BENCH_POSTGRES_URL").expect("set COURIER_BENCH_POSTGRES_URL for --backend postgres");
+            use diesel::{Connection, PgConnection, RunQueryDsl};
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            let mut c = PgConnection::establish(&url).unwrap();
+            diesel::sql_query(format!("CREATE SCHEMA {schema}")).execute(&mut c).unwrap();
+            eprintln!("(PostgreSQL schema {schema}; drop it afterwards)");
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}options=-csearch_path%3D{schema}")
+        }
+        _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
+    };
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        base_url: "http://127.0.0.1:0".into(),
+        data_dir: dir.path().to_path_buf(),
+        database_url,
+        master_key: Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string().into()),
+        db_pool_size: 16,
+        log: "warn".into(),
+        ..Settings::default()
+    };
+    let sync = settings.sqlite_synchronous.clone();
+    let app = Application::build(settings).unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let store = app.store.clone();
+    tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    println!("Courier load benchmark — backend {} (SQLite synchronous={sync}), {} cores", a.backend, std::thread::available_parallelism().map_or(0, |n| n.get()));
+
+    // ---- creates ----
+    for clients in [1usize, 32] {
+        let total = if clients == 1 { a.creates / 4 } else { a.creates };
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (client, base, next) = (client.clone(), base.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let r = client.post(format!("{base}/Communication")).header("content-type", "application/fhir+json")
+                        .header("prefer", "return=minimal").body(message(i % 1000, i, i).to_string()).send().await.unwrap();
+                    assert_eq!(r.status(), 201);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!("creates: {clients:>2} client(s): {:>7.0} creates/s ({total} creates in {secs:.1} s)", total as f64 / secs);
+    }
+
+    // ---- seed to N messages through the store's write path ----
+    let have = a.creates + a.creates / 4;
+    let started = Instant::now();
+    let ctx = audit::Context { request_id: "bench-seed".into(), client_address: "127.0.0.1".into(), base_url: base.clone(), ..Default::default() };
+    let mut i = have;
+    while i < a.messages {
+        let n = (a.messages - i).min(1000);
+        let ops: Vec<WriteOp> = (i..i + n)
+            .map(|k| WriteOp::Create { res_type: "Communication".into(), id: uuid::Uuid::now_v7().to_string(), resource: Incoming::from_value(message(k % a.recipients, k, k / 7)), if_none_exist: None })
+            .collect();
+        let (s, c) = (store.clone(), ctx.clone());
+        tokio::task::spawn_blocking(move || s.write(ops, &c).map(|_| ())).await.unwrap().unwrap();
+        i += n;
+        if i % 100_000 < 1000 {
+            eprintln!("  seeded {i} messages ({:.0}/s)", (i - have) as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    println!("seeded {} Communications (+ their AuditEvents) in {:.0} s", a.messages, started.elapsed().as_secs_f64());
+
+    // ---- inbox search ----
+    let mut lat = Vec::with_capacity(a.searches);
+    let mut entries = 0usize;
+    for k in 0..a.searches + 50 {
+        let r = (k * 7919) % a.recipients;
+        let t = Instant::now();
+        let resp = client.get(format!("{base}/Communication?recipient=Practitioner/dr-{r}&_sort=-sent&_count=50")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.bytes().await.unwrap();
+        if k >= 50 {
+            lat.push(t.elapsed());
+            entries += body.windows(9).filter(|w| w == b"\"search\":").count();
+        }
+    }
+    lat.sort();
+    println!(
+        "inbox search (recipient=…&_sort=-sent&_count=50, ~{} messages per recipient, {} entries/page avg) over {} Communications: p50 {:.2} ms, p99 {:.2} ms ({} requests, 1 client)",
+        a.messages / a.recipients,
+        entries / a.searches.max(1),
+        a.messages,
+        percentile(&lat, 0.50).as_secs_f64() * 1000.0,
+        percentile(&lat, 0.99).as_secs_f64() * 1000.0,
+        a.searches
+    );
+}

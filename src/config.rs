@@ -125,3 +125,39 @@ impl Settings {
         self.master_key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        let mut s: Settings = toml::from_str("listen = \"0.0.0.0:9000\"\nmax_count = 200\ndefault_count = 20").unwrap();
+        let env = |k: &str| match k {
+            "COURIER_LISTEN" => Some("127.0.0.1:7000".to_string()),
+            _ => None,
+        };
+        s.apply_env(env).unwrap();
+        s.resolve();
+        assert_eq!(s.listen, "127.0.0.1:7000"); // env wins over file
+        assert_eq!(s.max_count, 200); // file wins over default
+        assert_eq!(s.max_binary_bytes, 10 * 1024 * 1024); // default
+        assert_eq!(s.base_url, "http://127.0.0.1:7000");
+        assert!(s.database_url.starts_with("sqlite://") && s.database_url.ends_with("courier.db"));
+        assert!(!s.is_postgres());
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_errors() {
+        let mut s = Settings::default();
+        assert!(s.apply_env(|k: &str| (k == "COURIER_MAX_COUNT").then(|| "many".to_string())).is_err());
+        assert!(toml::from_str::<Settings>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let mut s = Settings::default();
+        s.master_key = Some("c2VjcmV0LWtleS1tYXRlcmlhbA==".to_string().into());
+        assert!(!format!("{s:?}").contains("c2VjcmV0"));
+    }
+}

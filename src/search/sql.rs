@@ -23,26 +23,56 @@ impl Sql {
     }
 }
 
+/// The SQL dialect details that matter for plans. SQLite has no statistics on a young database,
+/// so it is told which index to use; the SQL is otherwise the same on both backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// `INDEXED BY` hint for a per-resource lookup into an index table (SQLite only).
+    fn by_rid(self, table: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!(" INDEXED BY {table}_rid"),
+            Dialect::Postgres => String::new(),
+        }
+    }
+}
+
+/// True when a condition narrows the search through an index table: then the resources are
+/// fetched by row id from that narrow list instead of scanning the type.
+fn drives(c: &Condition) -> bool {
+    match c {
+        Condition::Token { not, .. } => !not,
+        Condition::Reference { .. } | Condition::Str { .. } => true,
+        Condition::Date { values, .. } => !values.iter().all(|(p, _, _)| *p == Prefix::Ne),
+        _ => false,
+    }
+}
+
 /// `FROM resources r WHERE …` for the search (without ORDER BY).
-fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
-    q.push(" FROM resources r WHERE r.res_type = ");
+    let hint = if dialect == Dialect::Sqlite && req.conditions.iter().any(drives) { " NOT INDEXED" } else { "" };
+    q.push(&format!(" FROM resources r{hint} WHERE r.res_type = "));
     q.bind(res_type);
     q.push(" AND r.deleted = 0 AND r.rid <= ");
     q.bind(snapshot);
     for c in &req.conditions {
         q.push(" AND ");
-        condition(&mut q, c);
+        condition(&mut q, c, dialect);
     }
     q
 }
 
 /// The page query: `rid, fhir_id, version_id, last_updated` of `count + 1` rows (one extra tells
 /// whether there is a next page).
-pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT r.rid, r.fhir_id, r.version_id, r.last_updated");
-    let w = from_where(res_type, req, snapshot);
+    let w = from_where(res_type, req, snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
     q.push(" ORDER BY ");
@@ -58,7 +88,7 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
                     ParamType::String => ("idx_string", if *descending { "MAX(s.norm)" } else { "MIN(s.norm)" }),
                     _ => ("idx_token", if *descending { "MAX(s.code)" } else { "MIN(s.code)" }),
                 };
-                q.push(&format!("(SELECT {col} FROM {table} s WHERE s.rid = r.rid AND s.param = "));
+                q.push(&format!("(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ", dialect.by_rid(table)));
                 q.bind(key.as_str());
                 q.push(if *descending { ") DESC NULLS LAST" } else { ") ASC NULLS LAST" });
             }
@@ -76,16 +106,16 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
     q
 }
 
-pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64) -> Sql {
+pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT COUNT(*) AS n");
-    let w = from_where(res_type, req, snapshot);
+    let w = from_where(res_type, req, snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
     q
 }
 
-fn condition(q: &mut Sql, c: &Condition) {
+fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
     match c {
         Condition::Id { not, ids } => {
             q.push(if *not { "r.fhir_id NOT IN (" } else { "r.fhir_id IN (" });
@@ -110,7 +140,7 @@ fn condition(q: &mut Sql, c: &Condition) {
         Condition::Missing { key, kind, missing } => {
             q.push(if *missing { "NOT EXISTS (SELECT 1 FROM " } else { "EXISTS (SELECT 1 FROM " });
             q.push(table(*kind));
-            q.push(" m WHERE m.rid = r.rid AND m.param = ");
+            q.push(&format!(" m{} WHERE m.rid = r.rid AND m.param = ", dialect.by_rid(table(*kind))));
             q.bind(key.as_str());
             q.push(")");
         }

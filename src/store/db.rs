@@ -62,6 +62,10 @@ pub trait Conn {
     fn write_tx<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
     where
         E: From<diesel::result::Error>;
+    /// Runs `f` in a savepoint inside the current transaction: its failure undoes only its work.
+    fn savepoint<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>;
     /// True on PostgreSQL, where row locks (`FOR UPDATE`) exist.
     fn is_postgres(&self) -> bool;
 }
@@ -106,6 +110,12 @@ fn pg_placeholders(sql: &str) -> String {
 }
 
 impl Conn for SqliteConnection {
+    fn savepoint<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        self.transaction(f)
+    }
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
         sqlite_query(sql, binds).execute(self)
     }
@@ -127,6 +137,12 @@ impl Conn for SqliteConnection {
 }
 
 impl Conn for PgConnection {
+    fn savepoint<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        self.transaction(f)
+    }
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
         pg_query(sql, binds).execute(self)
     }

@@ -161,9 +161,26 @@ pub enum StoreError {
     #[error("invalid resource")]
     Invalid(Vec<Issue>),
     #[error("database error: {0}")]
-    Db(#[from] diesel::result::Error),
+    Db(diesel::result::Error),
     #[error("{0}")]
     Other(#[from] anyhow::Error),
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(e: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match e {
+            // Two writers raced to create the same resource: the loser is told, nothing is lost.
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                StoreError::Conflict("a concurrent request created the same resource; retry".into())
+            }
+            // PostgreSQL serialization failures / deadlocks are retryable conflicts too.
+            Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
+                StoreError::Conflict("a concurrent update conflicted with this one; retry".into())
+            }
+            other => StoreError::Db(other),
+        }
+    }
 }
 
 /// What a search returned.
@@ -180,8 +197,22 @@ pub struct Store {
     pub keys: Keyring,
     pub registry: Arc<Registry>,
     pub base_url: String,
-    /// SQLite has one writer at a time; queueing writers here is cheaper than SQLite's busy-wait.
+    /// SQLite has one writer at a time: the thread holding this commits everyone's pending jobs.
     sqlite_writer: parking_lot::Mutex<()>,
+    pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
+}
+
+enum Job {
+    Ops(Vec<WriteOp>, audit::Context),
+    Audit(Value),
+}
+
+type JobResult = Result<Vec<WriteResult>, StoreError>;
+
+/// A job waiting for a group commit, and its result once committed.
+struct Slot {
+    job: parking_lot::Mutex<Option<Job>>,
+    result: parking_lot::Mutex<Option<JobResult>>,
 }
 
 impl Store {
@@ -193,6 +224,7 @@ impl Store {
             registry,
             base_url: base_url.to_string(),
             sqlite_writer: parking_lot::Mutex::new(()),
+            pending: parking_lot::Mutex::new(Vec::new()),
         };
         store.load_keys()?;
         Ok(store)
@@ -244,36 +276,87 @@ impl Store {
     /// Applies `ops` in one transaction, all or nothing, with an AuditEvent per op in the same
     /// transaction.
     pub fn write(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> Result<Vec<WriteResult>, StoreError> {
-        let mut c = self.db.get()?;
-        let _guard = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
-        with_conn!(c, |c| c.write_tx(|c| {
-            let mut results = Vec::with_capacity(ops.len());
-            for op in ops {
-                let interaction = op.interaction();
-                let patient = match &op {
-                    WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
-                        audit::patient_of(&resource.value)
-                    }
-                    WriteOp::Delete { .. } => None,
-                };
-                let r = self.apply(c, op)?;
-                if r.status != WriteStatus::Existing {
-                    let what = format!("{}/{}/_history/{}", r.stored.res_type, r.stored.id, r.stored.version_id);
-                    let ev = audit::event(ctx, interaction, Some(&what), patient.as_deref(), None);
-                    self.insert_audit(c, ev)?;
-                }
-                results.push(r);
-            }
-            Ok(results)
-        }))
+        self.submit(Job::Ops(ops, ctx.clone()))
     }
 
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
     /// transaction rolled back).
     pub fn record_audit(&self, event: Value) -> Result<(), StoreError> {
-        let mut c = self.db.get()?;
-        let _guard = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
-        with_conn!(c, |c| c.write_tx(|c| self.insert_audit(c, event)))
+        self.submit(Job::Audit(event)).map(|_| ())
+    }
+
+    /// PostgreSQL: each job in its own transaction (writers run concurrently). SQLite has one
+    /// writer: jobs that arrive while a commit is under way are committed together in the next
+    /// transaction (group commit), each inside its own savepoint so one job's failure undoes only
+    /// that job. Durability is unchanged (every job is committed before it is answered); what is
+    /// saved is one fsync per job.
+    fn submit(&self, job: Job) -> JobResult {
+        if let Db::Postgres(_) = self.db {
+            let mut c = self.db.get()?;
+            return with_conn!(c, |c| c.write_tx(|c| self.run_job(c, job)));
+        }
+        let slot = Arc::new(Slot { job: parking_lot::Mutex::new(Some(job)), result: parking_lot::Mutex::new(None) });
+        self.pending.lock().push(slot.clone());
+        let _leader = self.sqlite_writer.lock();
+        let done = slot.result.lock().take();
+        if let Some(done) = done {
+            return done; // a previous leader committed it
+        }
+        let batch: Vec<Arc<Slot>> = std::mem::take(&mut *self.pending.lock());
+        let committed: Result<Vec<JobResult>, StoreError> = (|| {
+            let mut c = self.db.get()?;
+            with_conn!(c, |c| c.write_tx(|c| {
+                let mut results = Vec::with_capacity(batch.len());
+                for s in &batch {
+                    let job = s.job.lock().take().expect("each job runs once");
+                    results.push(c.savepoint(|c| self.run_job(c, job)));
+                }
+                Ok::<_, StoreError>(results)
+            }))
+        })();
+        match committed {
+            Ok(results) => {
+                for (s, r) in batch.iter().zip(results) {
+                    *s.result.lock() = Some(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "group commit failed");
+                let msg = e.to_string();
+                for s in &batch {
+                    *s.result.lock() = Some(Err(StoreError::Other(anyhow::anyhow!("commit failed: {msg}"))));
+                }
+            }
+        }
+        let own = slot.result.lock().take();
+        own.expect("the leader ran its own job")
+    }
+
+    fn run_job<C: Conn>(&self, c: &mut C, job: Job) -> JobResult {
+        match job {
+            Job::Audit(ev) => {
+                self.insert_audit(c, ev)?;
+                Ok(vec![])
+            }
+            Job::Ops(ops, ctx) => {
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let interaction = op.interaction();
+                    let patient = match &op {
+                        WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => audit::patient_of(&resource.value),
+                        WriteOp::Delete { .. } => None,
+                    };
+                    let r = self.apply(c, op)?;
+                    if r.status != WriteStatus::Existing {
+                        let what = format!("{}/{}/_history/{}", r.stored.res_type, r.stored.id, r.stored.version_id);
+                        let ev = audit::event(&ctx, interaction, Some(&what), patient.as_deref(), None);
+                        self.insert_audit(c, ev)?;
+                    }
+                    results.push(r);
+                }
+                Ok(results)
+            }
+        }
     }
 
     fn insert_audit<C: Conn>(&self, c: &mut C, event: Value) -> Result<(), StoreError> {
@@ -295,7 +378,7 @@ impl Store {
                     let mut probe = cond.clone();
                     probe.count = 2;
                     probe.offset = 0;
-                    let q = sql::page(&res_type, &probe, snapshot);
+                    let q = sql::page(&res_type, &probe, snapshot, dialect(c));
                     let found: Vec<PageRow> = c.load(&q.text, q.binds)?;
                     match found.len() {
                         0 => {}
@@ -559,7 +642,7 @@ impl Store {
             };
             let want_total = req.total == Total::Accurate || req.summary_count;
             let total = if want_total {
-                let q = sql::count(res_type, req, snapshot);
+                let q = sql::count(res_type, req, snapshot, dialect(c));
                 Some(c.load::<CountRow>(&q.text, q.binds)?[0].n)
             } else {
                 None
@@ -567,7 +650,7 @@ impl Store {
             if req.summary_count {
                 return Ok(SearchPage { matches: vec![], included: vec![], total, has_next: false, snapshot });
             }
-            let q = sql::page(res_type, req, snapshot);
+            let q = sql::page(res_type, req, snapshot, dialect(c));
             let mut rows: Vec<PageRow> = c.load(&q.text, q.binds)?;
             let has_next = rows.len() > req.count;
             rows.truncate(req.count);
@@ -672,6 +755,14 @@ impl Store {
             out.push((t.to_string(), n));
         }
         Ok(out)
+    }
+}
+
+fn dialect<C: Conn>(c: &C) -> sql::Dialect {
+    if c.is_postgres() {
+        sql::Dialect::Postgres
+    } else {
+        sql::Dialect::Sqlite
     }
 }
 

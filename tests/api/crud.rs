@@ -215,3 +215,39 @@ async fn binary_over_the_limit_is_refused_with_413() {
     // The refused upload changed nothing (the accepted one did).
     assert_ne!(before, app.row_counts());
 }
+
+both_backends! {
+    async fn concurrent_writers_each_get_their_own_outcome(app: TestApp) {
+        // On SQLite these land in shared group commits; a failing job must not take others with it.
+        let id = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        let current: Value = app.get_json(&format!("Communication/{id}")).await;
+        let before = app.row_counts();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let client = app.client.clone();
+            let base = app.base.clone();
+            let (id, current) = (id.clone(), current.clone());
+            tasks.push(tokio::spawn(async move {
+                if i % 4 == 0 {
+                    // Stale If-Match: must fail alone.
+                    client.put(format!("{base}/Communication/{id}")).header("content-type", FHIR_JSON)
+                        .header("if-match", "W/\"99\"").body(current.to_string()).send().await.unwrap().status().as_u16()
+                } else {
+                    client.post(format!("{base}/Communication")).header("content-type", FHIR_JSON)
+                        .body(message("Patient/concurrent", "2024-01-01", &format!("m{i}")).to_string()).send().await.unwrap().status().as_u16()
+                }
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 412).count(), 10);
+        assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 30);
+        let b = app.get_json("Communication?recipient=Patient/concurrent&_summary=count").await;
+        assert_eq!(b["total"], 30);
+        let after = app.row_counts();
+        assert_eq!(after[0].1, before[0].1 + 30, "resources");
+        assert_eq!(app.get_json(&format!("Communication/{id}")).await["meta"]["versionId"], "1");
+    }
+}
