@@ -3,6 +3,7 @@
 //!   cargo bench --bench load                         # SQLite, 1,000,000 messages
 //!   COURIER_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --bench load -- --backend postgres
 //!   cargo bench --bench load -- --messages 100000     # a smaller store
+//!   cargo bench --bench load -- --sync NORMAL         # SQLite synchronous=NORMAL (default FULL)
 //!
 //! Prints: creates/s at 1 and at 32 concurrent clients (each create strictly checked, indexed,
 //! encrypted and audited in one transaction), then inbox search
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 struct Args {
     backend: String,
+    sync: String,
     messages: usize,
     recipients: usize,
     creates: usize,
@@ -27,13 +29,14 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { backend: "sqlite".into(), messages: 1_000_000, recipients: 1_000, creates: 20_000, searches: 2_000 };
+    let mut a = Args { backend: "sqlite".into(), sync: "FULL".into(), messages: 1_000_000, recipients: 1_000, creates: 20_000, searches: 2_000 };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
         let val = || argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--backend" => a.backend = val(),
+            "--sync" => a.sync = val(),
             "--messages" => a.messages = val().parse().expect("--messages N"),
             "--recipients" => a.recipients = val().parse().expect("--recipients N"),
             "--creates" => a.creates = val().parse().expect("--creates N"),
@@ -87,6 +90,7 @@ async fn main() {
         master_key: Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string().into()),
         db_pool_size: 16,
         log: "warn".into(),
+        sqlite_synchronous: a.sync.clone(),
         ..Settings::default()
     };
     let sync = settings.sqlite_synchronous.clone();

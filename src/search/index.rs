@@ -123,7 +123,9 @@ pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: 
             }
         }
     }
-    out.dedup();
+    // The same value reached twice (e.g. two identical codings) is indexed once.
+    let mut seen = Vec::with_capacity(out.len());
+    out.retain(|e| if seen.contains(e) { false } else { seen.push(e.clone()); true });
     out
 }
 

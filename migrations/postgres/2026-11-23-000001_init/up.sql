@@ -59,7 +59,6 @@ CREATE TABLE idx_date (
     hi    BIGINT NOT NULL
 );
 CREATE INDEX idx_date_lo ON idx_date (param, lo, rid);
-CREATE INDEX idx_date_hi ON idx_date (param, hi, rid);
 CREATE INDEX idx_date_rid ON idx_date (rid, param, lo, hi);
 
 CREATE TABLE idx_string (
