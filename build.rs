@@ -13,7 +13,12 @@ fn main() {
     writeln!(f, "pub static PROFILES: &[(&str, &str)] = &[").unwrap();
     for p in files {
         let rel = p.strip_prefix(&root).unwrap().display().to_string();
-        writeln!(f, "    ({rel:?}, include_str!({:?})),", p.display().to_string()).unwrap();
+        writeln!(
+            f,
+            "    ({rel:?}, include_str!({:?})),",
+            p.display().to_string()
+        )
+        .unwrap();
     }
     writeln!(f, "];").unwrap();
 }

@@ -29,7 +29,14 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { backend: "sqlite".into(), sync: "FULL".into(), messages: 1_000_000, recipients: 1_000, creates: 20_000, searches: 2_000 };
+    let mut a = Args {
+        backend: "sqlite".into(),
+        sync: "FULL".into(),
+        messages: 1_000_000,
+        recipients: 1_000,
+        creates: 20_000,
+        searches: 2_000,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -43,7 +50,11 @@ fn args() -> Args {
             "--searches" => a.searches = val().parse().expect("--searches N"),
             _ => {} // cargo passes --bench
         }
-        i += if argv[i].starts_with("--") && !matches!(argv[i].as_str(), "--bench") { 2 } else { 1 };
+        i += if argv[i].starts_with("--") && !matches!(argv[i].as_str(), "--bench") {
+            2
+        } else {
+            1
+        };
     }
     a
 }
@@ -71,11 +82,14 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = match a.backend.as_str() {
         "postgres" => {
-            let url = std::env::var("COURIER_BENCH_POSTGRES_URL").expect("set COURIER_BENCH_POSTGRES_URL for --backend postgres");
+            let url = std::env::var("COURIER_BENCH_POSTGRES_URL")
+                .expect("set COURIER_BENCH_POSTGRES_URL for --backend postgres");
             use diesel::{Connection, PgConnection, RunQueryDsl};
             let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
             let mut c = PgConnection::establish(&url).unwrap();
-            diesel::sql_query(format!("CREATE SCHEMA {schema}")).execute(&mut c).unwrap();
+            diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+                .execute(&mut c)
+                .unwrap();
             eprintln!("(PostgreSQL schema {schema}; drop it afterwards)");
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}options=-csearch_path%3D{schema}")
@@ -87,7 +101,11 @@ async fn main() {
         base_url: "http://127.0.0.1:0".into(),
         data_dir: dir.path().to_path_buf(),
         database_url,
-        master_key: Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string().into()),
+        master_key: Some(
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+                .to_string()
+                .into(),
+        ),
         db_pool_size: 16,
         log: "warn".into(),
         sqlite_synchronous: a.sync.clone(),
@@ -98,12 +116,23 @@ async fn main() {
     let base = format!("http://127.0.0.1:{}", app.port());
     let store = app.store.clone();
     tokio::spawn(app.run_until_stopped());
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-    println!("Courier load benchmark — backend {} (SQLite synchronous={sync}), {} cores", a.backend, std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    println!(
+        "Courier load benchmark — backend {} (SQLite synchronous={sync}), {} cores",
+        a.backend,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
 
     // ---- creates ----
     for clients in [1usize, 32] {
-        let total = if clients == 1 { a.creates / 4 } else { a.creates };
+        let total = if clients == 1 {
+            a.creates / 4
+        } else {
+            a.creates
+        };
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -115,8 +144,14 @@ async fn main() {
                     if i >= total {
                         break;
                     }
-                    let r = client.post(format!("{base}/Communication")).header("content-type", "application/fhir+json")
-                        .header("prefer", "return=minimal").body(message(i % 1000, i, i).to_string()).send().await.unwrap();
+                    let r = client
+                        .post(format!("{base}/Communication"))
+                        .header("content-type", "application/fhir+json")
+                        .header("prefer", "return=minimal")
+                        .body(message(i % 1000, i, i).to_string())
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(r.status(), 201);
                 }
             }));
@@ -125,27 +160,50 @@ async fn main() {
             t.await.unwrap();
         }
         let secs = started.elapsed().as_secs_f64();
-        println!("creates: {clients:>2} client(s): {:>7.0} creates/s ({total} creates in {secs:.1} s)", total as f64 / secs);
+        println!(
+            "creates: {clients:>2} client(s): {:>7.0} creates/s ({total} creates in {secs:.1} s)",
+            total as f64 / secs
+        );
     }
 
     // ---- seed to N messages through the store's write path ----
     let have = a.creates + a.creates / 4;
     let started = Instant::now();
-    let ctx = audit::Context { request_id: "bench-seed".into(), client_address: "127.0.0.1".into(), base_url: base.clone(), ..Default::default() };
+    let ctx = audit::Context {
+        request_id: "bench-seed".into(),
+        client_address: "127.0.0.1".into(),
+        base_url: base.clone(),
+        ..Default::default()
+    };
     let mut i = have;
     while i < a.messages {
         let n = (a.messages - i).min(1000);
         let ops: Vec<WriteOp> = (i..i + n)
-            .map(|k| WriteOp::Create { res_type: "Communication".into(), id: uuid::Uuid::now_v7().to_string(), resource: Incoming::from_value(message(k % a.recipients, k, k / 7)), if_none_exist: None })
+            .map(|k| WriteOp::Create {
+                res_type: "Communication".into(),
+                id: uuid::Uuid::now_v7().to_string(),
+                resource: Incoming::from_value(message(k % a.recipients, k, k / 7)),
+                if_none_exist: None,
+            })
             .collect();
         let (s, c) = (store.clone(), ctx.clone());
-        tokio::task::spawn_blocking(move || s.write(ops, &c).map(|_| ())).await.unwrap().unwrap();
+        tokio::task::spawn_blocking(move || s.write(ops, &c).map(|_| ()))
+            .await
+            .unwrap()
+            .unwrap();
         i += n;
         if i % 100_000 < 1000 {
-            eprintln!("  seeded {i} messages ({:.0}/s)", (i - have) as f64 / started.elapsed().as_secs_f64());
+            eprintln!(
+                "  seeded {i} messages ({:.0}/s)",
+                (i - have) as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
-    println!("seeded {} Communications (+ their AuditEvents) in {:.0} s", a.messages, started.elapsed().as_secs_f64());
+    println!(
+        "seeded {} Communications (+ their AuditEvents) in {:.0} s",
+        a.messages,
+        started.elapsed().as_secs_f64()
+    );
 
     // ---- inbox search ----
     let mut lat = Vec::with_capacity(a.searches);
@@ -153,7 +211,13 @@ async fn main() {
     for k in 0..a.searches + 50 {
         let r = (k * 7919) % a.recipients;
         let t = Instant::now();
-        let resp = client.get(format!("{base}/Communication?recipient=Practitioner/dr-{r}&_sort=-sent&_count=50")).send().await.unwrap();
+        let resp = client
+            .get(format!(
+                "{base}/Communication?recipient=Practitioner/dr-{r}&_sort=-sent&_count=50"
+            ))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         let body = resp.bytes().await.unwrap();
         if k >= 50 {

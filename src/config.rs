@@ -66,12 +66,16 @@ impl Settings {
     /// Defaults, then the config file (if any), then the environment.
     pub fn load(config_file: Option<&Path>) -> anyhow::Result<Settings> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let file = config_file.map(Path::to_path_buf).or_else(|| env("COURIER_CONFIG").map(PathBuf::from));
+        let file = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| env("COURIER_CONFIG").map(PathBuf::from));
         let mut s = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    anyhow::anyhow!("cannot read config file {}: {e}", path.display())
+                })?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))?
             }
             None => Settings::default(),
         };
@@ -82,22 +86,51 @@ impl Settings {
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
         fn num<T: std::str::FromStr>(k: &str, v: String) -> anyhow::Result<T> {
-            v.parse().map_err(|_| anyhow::anyhow!("{k} must be a number, got '{v}'"))
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("{k} must be a number, got '{v}'"))
         }
-        if let Some(v) = env("COURIER_LISTEN") { self.listen = v; }
-        if let Some(v) = env("COURIER_BASE_URL") { self.base_url = v; }
-        if let Some(v) = env("COURIER_DATA_DIR") { self.data_dir = v.into(); }
-        if let Some(v) = env("COURIER_DATABASE_URL") { self.database_url = v; }
-        if let Some(v) = env("COURIER_MASTER_KEY") { self.master_key = Some(v.into()); }
-        if let Some(v) = env("COURIER_MASTER_KEY_FILE") { self.master_key_file = Some(v.into()); }
-        if let Some(v) = env("COURIER_MAX_RESOURCE_BYTES") { self.max_resource_bytes = num("COURIER_MAX_RESOURCE_BYTES", v)?; }
-        if let Some(v) = env("COURIER_MAX_BINARY_BYTES") { self.max_binary_bytes = num("COURIER_MAX_BINARY_BYTES", v)?; }
-        if let Some(v) = env("COURIER_DEFAULT_COUNT") { self.default_count = num("COURIER_DEFAULT_COUNT", v)?; }
-        if let Some(v) = env("COURIER_MAX_COUNT") { self.max_count = num("COURIER_MAX_COUNT", v)?; }
-        if let Some(v) = env("COURIER_DB_POOL_SIZE") { self.db_pool_size = num("COURIER_DB_POOL_SIZE", v)?; }
-        if let Some(v) = env("COURIER_SQLITE_SYNCHRONOUS") { self.sqlite_synchronous = v; }
-        if let Some(v) = env("COURIER_WORKERS") { self.workers = num("COURIER_WORKERS", v)?; }
-        if let Some(v) = env("COURIER_LOG") { self.log = v; }
+        if let Some(v) = env("COURIER_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = env("COURIER_BASE_URL") {
+            self.base_url = v;
+        }
+        if let Some(v) = env("COURIER_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = env("COURIER_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = env("COURIER_MASTER_KEY") {
+            self.master_key = Some(v.into());
+        }
+        if let Some(v) = env("COURIER_MASTER_KEY_FILE") {
+            self.master_key_file = Some(v.into());
+        }
+        if let Some(v) = env("COURIER_MAX_RESOURCE_BYTES") {
+            self.max_resource_bytes = num("COURIER_MAX_RESOURCE_BYTES", v)?;
+        }
+        if let Some(v) = env("COURIER_MAX_BINARY_BYTES") {
+            self.max_binary_bytes = num("COURIER_MAX_BINARY_BYTES", v)?;
+        }
+        if let Some(v) = env("COURIER_DEFAULT_COUNT") {
+            self.default_count = num("COURIER_DEFAULT_COUNT", v)?;
+        }
+        if let Some(v) = env("COURIER_MAX_COUNT") {
+            self.max_count = num("COURIER_MAX_COUNT", v)?;
+        }
+        if let Some(v) = env("COURIER_DB_POOL_SIZE") {
+            self.db_pool_size = num("COURIER_DB_POOL_SIZE", v)?;
+        }
+        if let Some(v) = env("COURIER_SQLITE_SYNCHRONOUS") {
+            self.sqlite_synchronous = v;
+        }
+        if let Some(v) = env("COURIER_WORKERS") {
+            self.workers = num("COURIER_WORKERS", v)?;
+        }
+        if let Some(v) = env("COURIER_LOG") {
+            self.log = v;
+        }
         Ok(())
     }
 
@@ -117,12 +150,15 @@ impl Settings {
     }
 
     pub fn is_postgres(&self) -> bool {
-        self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")
+        self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
     }
 
     /// The master key file: configured, or `{data_dir}/master.key`.
     pub fn key_file(&self) -> PathBuf {
-        self.master_key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
 }
 
@@ -132,7 +168,9 @@ mod tests {
 
     #[test]
     fn environment_overrides_file_which_overrides_defaults() {
-        let mut s: Settings = toml::from_str("listen = \"0.0.0.0:9000\"\nmax_count = 200\ndefault_count = 20").unwrap();
+        let mut s: Settings =
+            toml::from_str("listen = \"0.0.0.0:9000\"\nmax_count = 200\ndefault_count = 20")
+                .unwrap();
         let env = |k: &str| match k {
             "COURIER_LISTEN" => Some("127.0.0.1:7000".to_string()),
             _ => None,
@@ -150,7 +188,9 @@ mod tests {
     #[test]
     fn bad_values_and_unknown_keys_are_errors() {
         let mut s = Settings::default();
-        assert!(s.apply_env(|k: &str| (k == "COURIER_MAX_COUNT").then(|| "many".to_string())).is_err());
+        assert!(s
+            .apply_env(|k: &str| (k == "COURIER_MAX_COUNT").then(|| "many".to_string()))
+            .is_err());
         assert!(toml::from_str::<Settings>("listne = \"x\"").is_err());
     }
 

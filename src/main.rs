@@ -38,7 +38,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&settings.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&settings.log).unwrap_or_else(|_| "info".into()),
+        )
         .json()
         .with_current_span(false)
         .init();
@@ -57,7 +59,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config => {
-            println!("{settings:#?}");
+            let mut shown = settings.clone();
+            // A PostgreSQL URL may carry a password: show the user, hide the password.
+            if let (Some(scheme_end), Some(at)) = (shown.database_url.find("://"), shown.database_url.rfind('@')) {
+                let userinfo = &shown.database_url[scheme_end + 3..at];
+                if let Some((user, _)) = userinfo.split_once(':') {
+                    shown.database_url = format!("{}{user}:***{}", &shown.database_url[..scheme_end + 3], &shown.database_url[at..]);
+                }
+            }
+            println!("{shown:#?}");
             Ok(())
         }
     }

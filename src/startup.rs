@@ -25,8 +25,13 @@ pub struct Application {
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
 pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    let db = Db::connect(&settings.database_url, settings.db_pool_size, &settings.sqlite_synchronous)?;
-    let (master, created) = MasterKey::load_or_create(settings.master_key.as_ref(), &settings.key_file())?;
+    let db = Db::connect(
+        &settings.database_url,
+        settings.db_pool_size,
+        &settings.sqlite_synchronous,
+    )?;
+    let (master, created) =
+        MasterKey::load_or_create(settings.master_key.as_ref(), &settings.key_file())?;
     if created {
         tracing::warn!(path = %settings.key_file().display(), key_id = %master.id,
             "created a new master key (mode 0600); back it up: without it the stored data cannot be read");
@@ -42,11 +47,21 @@ impl Application {
         let port = listener.local_addr()?.port();
         // Port 0 (tests): the derived base URL names the port actually bound.
         if settings.base_url.ends_with(":0") {
-            settings.base_url = format!("{}:{port}", &settings.base_url[..settings.base_url.len() - 2]);
+            settings.base_url = format!(
+                "{}:{port}",
+                &settings.base_url[..settings.base_url.len() - 2]
+            );
         }
         let store = Arc::new(open_store(&settings)?);
-        let workers = if settings.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { settings.workers };
-        let state = web::Data::new(AppState { store: store.clone(), settings: Arc::new(settings) });
+        let workers = if settings.workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            settings.workers
+        };
+        let state = web::Data::new(AppState {
+            store: store.clone(),
+            settings: Arc::new(settings),
+        });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -62,7 +77,11 @@ impl Application {
         .shutdown_timeout(10)
         .listen(listener)?
         .run();
-        Ok(Application { port, server, store })
+        Ok(Application {
+            port,
+            server,
+            store,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -76,29 +95,51 @@ impl Application {
 }
 
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ok"}"#)
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(r#"{"status":"ok"}"#)
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
     let ok = web::block(move || store.ping()).await.unwrap_or(false);
     if ok {
-        HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ready","database":"ok"}"#)
+        HttpResponse::Ok()
+            .content_type("application/json")
+            .body(r#"{"status":"ready","database":"ok"}"#)
     } else {
         HttpResponse::ServiceUnavailable()
             .content_type(FHIR_JSON)
-            .body(crate::fhir::outcome::outcome(&[fhir_codec::Issue { code: "transient", expression: String::new(), diagnostics: "database unreachable".into() }], "error").to_string())
+            .body(
+                crate::fhir::outcome::outcome(
+                    &[fhir_codec::Issue {
+                        code: "transient",
+                        expression: String::new(),
+                        diagnostics: "database unreachable".into(),
+                    }],
+                    "error",
+                )
+                .to_string(),
+            )
     }
 }
 
 /// Takes `X-Request-Id` from the client (if sane) or makes one, returns it, and logs the request
 /// by method, route and status only: no query strings, no bodies (they can hold PHI).
-async fn request_id(req: ServiceRequest, next: Next<impl MessageBody>) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+async fn request_id(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
         .map(String::from)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
@@ -106,7 +147,10 @@ async fn request_id(req: ServiceRequest, next: Next<impl MessageBody>) -> Result
     let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let started = std::time::Instant::now();
     let mut res = next.call(req).await?;
-    res.headers_mut().insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&id).expect("checked ASCII"));
+    res.headers_mut().insert(
+        HeaderName::from_static("x-request-id"),
+        HeaderValue::from_str(&id).expect("checked ASCII"),
+    );
     tracing::info!(request_id = %id, %method, %route, status = res.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
     Ok(res)
 }

@@ -98,9 +98,10 @@ impl Interaction {
                 json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "custodian", "display": "Custodian"}]}),
             ),
             Interaction::Create | Interaction::Update | Interaction::Patch => (source, dest),
-            Interaction::SearchType | Interaction::SearchSystem | Interaction::Transaction | Interaction::Batch => {
-                (source, dest)
-            }
+            Interaction::SearchType
+            | Interaction::SearchSystem
+            | Interaction::Transaction
+            | Interaction::Batch => (source, dest),
             _ => (dest, source),
         }
     }
@@ -114,7 +115,13 @@ pub struct Failure<'a> {
 
 /// Builds an AuditEvent. `what` is the resource (`Type/id[/_history/v]`) for instance interactions;
 /// `patient` the patient involved (`Patient/id`), which selects the BALP `Patient*` profile.
-pub fn event(ctx: &Context, interaction: Interaction, what: Option<&str>, patient: Option<&str>, failure: Option<Failure>) -> Value {
+pub fn event(
+    ctx: &Context,
+    interaction: Interaction,
+    what: Option<&str>,
+    patient: Option<&str>,
+    failure: Option<Failure>,
+) -> Value {
     let (client_type, server_type) = interaction.agent_types();
     let client_who = match &ctx.client_id {
         Some(id) => json!({"identifier": {"value": id}, "display": ctx.client_address}),
@@ -147,13 +154,20 @@ pub fn event(ctx: &Context, interaction: Interaction, what: Option<&str>, patien
     let object = json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"});
     let role = |code: &str, display: &str| json!({"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": code, "display": display});
     match (&ctx.query, what) {
-        (Some(q), _) if matches!(interaction, Interaction::SearchType | Interaction::SearchSystem) => {
+        (Some(q), _)
+            if matches!(
+                interaction,
+                Interaction::SearchType | Interaction::SearchSystem
+            ) =>
+        {
             entities.push(json!({
                 "type": object, "role": role("24", "Query"),
                 "query": base64::engine::general_purpose::STANDARD.encode(q.as_bytes())
             }));
         }
-        (_, Some(w)) => entities.push(json!({"what": {"reference": w}, "type": object, "role": role("4", "Domain Resource")})),
+        (_, Some(w)) => entities.push(
+            json!({"what": {"reference": w}, "type": object, "role": role("4", "Domain Resource")}),
+        ),
         _ => {}
     }
     if let Some(p) = patient {
@@ -179,7 +193,11 @@ pub fn event(ctx: &Context, interaction: Interaction, what: Option<&str>, patien
     match failure {
         None => {
             if let Some(profile) = interaction.profile() {
-                let name = if patient.is_some() { format!("{BALP}Patient{profile}") } else { format!("{BALP}{profile}") };
+                let name = if patient.is_some() {
+                    format!("{BALP}Patient{profile}")
+                } else {
+                    format!("{BALP}{profile}")
+                };
                 ev["meta"] = json!({"profile": [name]});
             }
         }
@@ -207,13 +225,24 @@ pub fn patient_of(resource: &Value) -> Option<String> {
     let is_patient = |r: &&str| r.starts_with("Patient/");
     let refs = |v: &Value| -> Vec<String> {
         match v {
-            Value::Array(a) => a.iter().filter_map(|x| x["reference"].as_str().map(String::from)).collect(),
-            Value::Object(_) => v["reference"].as_str().map(String::from).into_iter().collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x["reference"].as_str().map(String::from))
+                .collect(),
+            Value::Object(_) => v["reference"]
+                .as_str()
+                .map(String::from)
+                .into_iter()
+                .collect(),
             _ => vec![],
         }
     };
     for field in ["subject", "patient", "sender", "recipient"] {
-        if let Some(p) = refs(&resource[field]).iter().map(String::as_str).find(is_patient) {
+        if let Some(p) = refs(&resource[field])
+            .iter()
+            .map(String::as_str)
+            .find(is_patient)
+        {
             return Some(p.split("/_history").next().unwrap_or(p).to_string());
         }
     }

@@ -1,7 +1,9 @@
 //! Bundles: searchset and history responses, and batch/transaction processing at the base URL.
 
 use super::outcome::{self, FhirError, FHIR_JSON};
-use super::rest::{self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res};
+use super::rest::{
+    self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res,
+};
 use super::{support, AppState};
 use crate::audit::Interaction;
 use crate::search::dates;
@@ -45,14 +47,21 @@ struct Bundle {
 }
 
 pub fn raw(s: &Stored) -> Option<Box<RawValue>> {
-    s.body.as_ref().and_then(|b| RawValue::from_string(String::from_utf8_lossy(b).into_owned()).ok())
+    s.body
+        .as_ref()
+        .and_then(|b| RawValue::from_string(String::from_utf8_lossy(b).into_owned()).ok())
 }
 
 fn raw_value(v: &Value) -> Box<RawValue> {
     RawValue::from_string(v.to_string()).expect("serialised JSON is valid")
 }
 
-pub fn bundle_response(kind: &'static str, total: Option<i64>, link: Vec<Value>, entry: Vec<Entry>) -> HttpResponse {
+pub fn bundle_response(
+    kind: &'static str,
+    total: Option<i64>,
+    link: Vec<Value>,
+    entry: Vec<Entry>,
+) -> HttpResponse {
     let b = Bundle {
         resource_type: "Bundle",
         id: uuid::Uuid::new_v4().to_string(),
@@ -62,11 +71,20 @@ pub fn bundle_response(kind: &'static str, total: Option<i64>, link: Vec<Value>,
         link,
         entry,
     };
-    HttpResponse::Ok().content_type(FHIR_JSON).body(serde_json::to_vec(&b).expect("bundle serialises"))
+    HttpResponse::Ok()
+        .content_type(FHIR_JSON)
+        .body(serde_json::to_vec(&b).expect("bundle serialises"))
 }
 
 /// `self`, `next` and `previous` links; later pages carry `_snapshot` so they see the same data.
-pub fn page_links(path: &str, params: &[(String, String)], offset: usize, count: usize, has_next: bool, snapshot: i64) -> Vec<Value> {
+pub fn page_links(
+    path: &str,
+    params: &[(String, String)],
+    offset: usize,
+    count: usize,
+    has_next: bool,
+    snapshot: i64,
+) -> Vec<Value> {
     let url = |off: usize, with_snapshot: bool| {
         let mut s = form_urlencoded::Serializer::new(String::new());
         for (k, v) in params {
@@ -77,11 +95,15 @@ pub fn page_links(path: &str, params: &[(String, String)], offset: usize, count:
             s.append_pair("_snapshot", &snapshot.to_string());
         }
         let q = s.finish();
-        if q.is_empty() { path.to_string() } else { format!("{path}?{q}") }
+        if q.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{q}")
+        }
     };
     let mut links = vec![json!({"relation": "self", "url": url(offset, offset > 0)})];
     if has_next {
-        links.push(json!({"relation": "next", "url": url(offset + count, true)}));
+        links.push(json!({"relation": "next", "url": url(offset.saturating_add(count), true)}));
     }
     if offset > 0 {
         links.push(json!({"relation": "previous", "url": url(offset.saturating_sub(count), true)}));
@@ -89,12 +111,24 @@ pub fn page_links(path: &str, params: &[(String, String)], offset: usize, count:
     links
 }
 
-pub fn searchset(base: &str, res_type: &str, req: &SearchRequest, page: &SearchPage) -> HttpResponse {
+pub fn searchset(
+    base: &str,
+    res_type: &str,
+    req: &SearchRequest,
+    page: &SearchPage,
+) -> HttpResponse {
     let mut params = req.used.clone();
     if !params.iter().any(|(k, _)| k == "_count") {
         params.push(("_count".into(), req.count.to_string()));
     }
-    let links = page_links(&format!("{base}/{res_type}"), &params, req.offset, req.count, page.has_next, page.snapshot);
+    let links = page_links(
+        &format!("{base}/{res_type}"),
+        &params,
+        req.offset,
+        req.count,
+        page.has_next,
+        page.snapshot,
+    );
     let mut entries: Vec<Entry> = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
     for (mode, list) in [("match", &page.matches), ("include", &page.included)] {
         for s in list {
@@ -130,15 +164,23 @@ pub fn history_entry(base: &str, s: &Stored) -> Entry {
     Entry {
         full_url: Some(format!("{base}/{}/{}", s.res_type, s.id)),
         resource: raw(s),
-        request: Some(json!({"method": if method == "PATCH" { "PATCH" } else { method }, "url": url})),
-        response: Some(json!({"status": status, "etag": s.etag(), "lastModified": dates::format_instant(s.last_updated)})),
+        request: Some(
+            json!({"method": if method == "PATCH" { "PATCH" } else { method }, "url": url}),
+        ),
+        response: Some(
+            json!({"status": status, "etag": s.etag(), "lastModified": dates::format_instant(s.last_updated)}),
+        ),
         ..Default::default()
     }
 }
 
 // ----- batch / transaction ----------------------------------------------------------------------
 
-pub async fn batch_or_transaction(state: web::Data<AppState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
+pub async fn batch_or_transaction(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
     let ctx = audit_context(&req, &state);
     let (result, interaction) = match process(&state, &req, payload, &ctx).await {
         Ok((r, i)) => (Ok(r), i),
@@ -162,30 +204,77 @@ struct Parsed {
 
 type ProcessResult = Result<(HttpResponse, Interaction), (FhirError, Interaction)>;
 
-async fn process(state: &web::Data<AppState>, req: &HttpRequest, payload: web::Payload, ctx: &crate::audit::Context) -> ProcessResult {
+async fn process(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    payload: web::Payload,
+    ctx: &crate::audit::Context,
+) -> ProcessResult {
     let fail = |e: FhirError| (e, Interaction::Batch);
     rest::check_accept(req).map_err(fail)?;
-    let media = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
+    let media = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if !matches!(media.as_str(), "application/fhir+json" | "application/json") {
-        return Err(fail(FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "a Bundle must be sent as application/fhir+json")));
+        return Err(fail(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "a Bundle must be sent as application/fhir+json",
+        )));
     }
     // A Bundle may carry Binaries, so it gets the larger limit.
-    let limit = state.settings.max_resource_bytes.max(state.settings.max_binary_bytes * 4 / 3 + 4096);
+    let limit = state
+        .settings
+        .max_resource_bytes
+        .max(state.settings.max_binary_bytes * 4 / 3 + 4096);
     let body = rest::read_body(req, payload, limit).await.map_err(fail)?;
-    let bundle: Value = serde_json::from_slice(&body).map_err(|e| fail(FhirError::at(StatusCode::BAD_REQUEST, "structure", "Bundle", format!("invalid JSON: {e}"))))?;
+    let bundle: Value = serde_json::from_slice(&body).map_err(|e| {
+        fail(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "Bundle",
+            format!("invalid JSON: {e}"),
+        ))
+    })?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "invalid", "resourceType", "POST to the base URL takes a Bundle of type batch or transaction")));
+        return Err(fail(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "resourceType",
+            "POST to the base URL takes a Bundle of type batch or transaction",
+        )));
     }
     let interaction = match bundle.get("type").and_then(Value::as_str) {
         Some("transaction") => Interaction::Transaction,
         Some("batch") => Interaction::Batch,
-        other => return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "invalid", "Bundle.type", format!("Bundle.type must be batch or transaction, not {other:?}")))),
+        other => {
+            return Err(fail(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "Bundle.type",
+                format!("Bundle.type must be batch or transaction, not {other:?}"),
+            )))
+        }
     };
     let fail = |e: FhirError| (e, interaction);
     let entries = match bundle.get("entry") {
         None => &Vec::new(),
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(fail(FhirError::at(StatusCode::BAD_REQUEST, "structure", "Bundle.entry", "entry must be an array"))),
+        Some(_) => {
+            return Err(fail(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "structure",
+                "Bundle.entry",
+                "entry must be an array",
+            )))
+        }
     };
     let mut parsed = Vec::with_capacity(entries.len());
     let mut entry_errors: HashMap<usize, FhirError> = HashMap::new();
@@ -201,17 +290,47 @@ async fn process(state: &web::Data<AppState>, req: &HttpRequest, payload: web::P
     }
     if interaction == Interaction::Transaction {
         let parsed: Vec<Parsed> = parsed.into_iter().flatten().collect();
-        transaction(state, parsed, ctx).await.map(|r| (r, interaction)).map_err(fail)
+        transaction(state, parsed, ctx)
+            .await
+            .map(|r| (r, interaction))
+            .map_err(fail)
     } else {
-        Ok((batch(state, req, parsed, entry_errors, ctx).await, interaction))
+        Ok((
+            batch(state, req, parsed, entry_errors, ctx).await,
+            interaction,
+        ))
     }
 }
 
 fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
     let at = |field: &str| format!("Bundle.entry[{i}].{field}");
-    let request = e.get("request").ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request"), "each entry needs a request"))?;
-    let method = request.get("method").and_then(Value::as_str).ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request.method"), "request.method is required"))?;
-    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| FhirError::at(StatusCode::BAD_REQUEST, "required", at("request.url"), "request.url is required"))?;
+    let request = e.get("request").ok_or_else(|| {
+        FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "required",
+            at("request"),
+            "each entry needs a request",
+        )
+    })?;
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "required",
+                at("request.method"),
+                "request.method is required",
+            )
+        })?;
+    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| {
+        FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "required",
+            at("request.url"),
+            "request.url is required",
+        )
+    })?;
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p, Some(q.to_string())),
         None => (url, None),
@@ -219,17 +338,51 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let res_type = segs[0].to_string();
     if support(&res_type).is_none() {
-        return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request.url"), format!("resource type '{res_type}' is not supported")));
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            at("request.url"),
+            format!("resource type '{res_type}' is not supported"),
+        ));
     }
     let id = segs.get(1).map(|s| s.to_string());
+    if segs.len() > 4 || segs.iter().any(|s| s.is_empty()) {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            at("request.url"),
+            format!("'{url}' is not a supported entry URL"),
+        ));
+    }
     let version = match (segs.get(2), segs.get(3)) {
-        (Some(&"_history"), Some(v)) => Some(v.parse::<i64>().map_err(|_| FhirError::at(StatusCode::BAD_REQUEST, "invalid", at("request.url"), "bad version"))?),
+        (Some(&"_history"), Some(v)) if method == "GET" => {
+            Some(v.parse::<i64>().map_err(|_| {
+                FhirError::at(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    at("request.url"),
+                    "bad version",
+                )
+            })?)
+        }
         (None, None) => None,
-        _ => return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request.url"), format!("'{url}' is not a supported entry URL"))),
+        _ => {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                at("request.url"),
+                format!("'{url}' is not a supported entry URL"),
+            ))
+        }
     };
     if let Some(id) = &id {
         if !fhir_codec::is_valid_id(id) {
-            return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", at("request.url"), format!("'{id}' is not a valid id")));
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                at("request.url"),
+                format!("'{id}' is not a valid id"),
+            ));
         }
     }
     let if_match = match request.get("ifMatch").and_then(Value::as_str) {
@@ -256,7 +409,10 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
         full_url: e.get("fullUrl").and_then(Value::as_str).map(String::from),
         resource,
         if_match,
-        if_none_exist: request.get("ifNoneExist").and_then(Value::as_str).map(String::from),
+        if_none_exist: request
+            .get("ifNoneExist")
+            .and_then(Value::as_str)
+            .map(String::from),
     })
 }
 
@@ -288,20 +444,32 @@ fn response_entry(base: &str, r: &WriteResult) -> Entry {
         WriteStatus::Deleted | WriteStatus::NothingToDelete => "204 No Content",
     };
     let mut response = json!({"status": status});
-    if matches!(r.status, WriteStatus::Created | WriteStatus::Updated | WriteStatus::Existing) {
+    if matches!(
+        r.status,
+        WriteStatus::Created | WriteStatus::Updated | WriteStatus::Existing
+    ) {
         response["location"] = json!(rest::location(base, &r.stored));
         response["etag"] = json!(r.stored.etag());
         response["lastModified"] = json!(dates::format_instant(r.stored.last_updated));
     }
     Entry {
-        full_url: (!r.stored.deleted).then(|| format!("{base}/{}/{}", r.stored.res_type, r.stored.id)),
-        resource: if r.stored.deleted { None } else { raw(&r.stored) },
+        full_url: (!r.stored.deleted)
+            .then(|| format!("{base}/{}/{}", r.stored.res_type, r.stored.id)),
+        resource: if r.stored.deleted {
+            None
+        } else {
+            raw(&r.stored)
+        },
         response: Some(response),
         ..Default::default()
     }
 }
 
-async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &crate::audit::Context) -> Res {
+async fn transaction(
+    state: &web::Data<AppState>,
+    entries: Vec<Parsed>,
+    ctx: &crate::audit::Context,
+) -> Res {
     let base = state.settings.base_url.clone();
     // 1. Resolve conditional creates and assign ids, so references between entries can be rewritten.
     let mut ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
@@ -312,10 +480,13 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
             "POST" => {
                 let mut id = new_id();
                 if let Some(q) = &e.if_none_exist {
-                    let search = rest::parse_search(state, &e.res_type, &query_pairs(q), true).map_err(|mut err| {
-                        err.issues.iter_mut().for_each(|x| x.expression = format!("Bundle.entry[{i}].request.ifNoneExist"));
-                        err
-                    })?;
+                    let search =
+                        rest::conditional_search(state, &e.res_type, q).map_err(|mut err| {
+                            err.issues.iter_mut().for_each(|x| {
+                                x.expression = format!("Bundle.entry[{i}].request.ifNoneExist")
+                            });
+                            err
+                        })?;
                     let store = state.store.clone();
                     let rt = e.res_type.clone();
                     let page = blocking(move || Ok(store.search(&rt, &search)?)).await?;
@@ -325,7 +496,14 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
                             id = page.matches[0].id.clone();
                             existing.insert(i, page.matches[0].clone());
                         }
-                        _ => return Err(FhirError::at(StatusCode::PRECONDITION_FAILED, "conflict", format!("Bundle.entry[{i}].request.ifNoneExist"), "ifNoneExist matched more than one resource")),
+                        _ => {
+                            return Err(FhirError::at(
+                                StatusCode::PRECONDITION_FAILED,
+                                "conflict",
+                                format!("Bundle.entry[{i}].request.ifNoneExist"),
+                                "ifNoneExist matched more than one resource",
+                            ))
+                        }
                     }
                 }
                 Some(id)
@@ -337,6 +515,22 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
             map.insert(full.clone(), format!("{}/{}", e.res_type, id));
         }
         ids.push(id);
+    }
+    // Two writes to one resource in a transaction are ambiguous: the spec says it SHALL fail.
+    let mut targets = std::collections::HashSet::new();
+    for (i, e) in entries.iter().enumerate() {
+        if matches!(e.method.as_str(), "PUT" | "DELETE") {
+            if let Some(id) = &ids[i] {
+                if !targets.insert((e.res_type.clone(), id.clone())) {
+                    return Err(FhirError::at(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        format!("Bundle.entry[{i}].request.url"),
+                        format!("{}/{id} is written by more than one entry", e.res_type),
+                    ));
+                }
+            }
+        }
     }
     // 2. Check every resource (after rewriting) and build the operations.
     let mut ops = Vec::new();
@@ -356,21 +550,51 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
             None => None,
         };
         let t = support(&e.res_type).expect("checked in parse_entry");
-        let needed = match e.method.as_str() { "POST" => "create", "PUT" => "update", _ => "delete" };
+        let needed = match e.method.as_str() {
+            "POST" => "create",
+            "PUT" => "update",
+            _ => "delete",
+        };
         if !t.interactions.contains(&needed) {
-            return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", format!("Bundle.entry[{i}].request"), format!("{needed} is not supported on {}", e.res_type)));
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "not-supported",
+                format!("Bundle.entry[{i}].request"),
+                format!("{needed} is not supported on {}", e.res_type),
+            ));
         }
         let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
         let op = match e.method.as_str() {
-            "POST" => WriteOp::Create { res_type: e.res_type.clone(), id, resource: resource.expect("checked"), if_none_exist: None },
+            "POST" => WriteOp::Create {
+                res_type: e.res_type.clone(),
+                id,
+                resource: resource.expect("checked"),
+                if_none_exist: None,
+            },
             "PUT" => {
                 let res = resource.expect("checked");
                 if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-                    return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", format!("{prefix}.id"), "the resource id must match request.url"));
+                    return Err(FhirError::at(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        format!("{prefix}.id"),
+                        "the resource id must match request.url",
+                    ));
                 }
-                WriteOp::Update { res_type: e.res_type.clone(), id, resource: res, if_match: e.if_match, upsert: true, patch: false }
+                WriteOp::Update {
+                    res_type: e.res_type.clone(),
+                    id,
+                    resource: res,
+                    if_match: e.if_match,
+                    upsert: true,
+                    patch: false,
+                }
             }
-            _ => WriteOp::Delete { res_type: e.res_type.clone(), id, if_match: e.if_match },
+            _ => WriteOp::Delete {
+                res_type: e.res_type.clone(),
+                id,
+                if_match: e.if_match,
+            },
         };
         ops.push(op);
         op_index.push(i);
@@ -395,7 +619,13 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         if let Some(s) = existing.remove(&i) {
-            out.push(response_entry(&base, &WriteResult { status: WriteStatus::Existing, stored: s }));
+            out.push(response_entry(
+                &base,
+                &WriteResult {
+                    status: WriteStatus::Existing,
+                    stored: s,
+                },
+            ));
         } else if let Some(r) = by_entry.remove(&i) {
             out.push(response_entry(&base, &r));
         } else {
@@ -405,13 +635,21 @@ async fn transaction(state: &web::Data<AppState>, entries: Vec<Parsed>, ctx: &cr
     Ok(bundle_response("transaction-response", None, vec![], out))
 }
 
-async fn batch(state: &web::Data<AppState>, req: &HttpRequest, entries: Vec<Option<Parsed>>, mut errors: HashMap<usize, FhirError>, ctx: &crate::audit::Context) -> HttpResponse {
+async fn batch(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    entries: Vec<Option<Parsed>>,
+    mut errors: HashMap<usize, FhirError>,
+    ctx: &crate::audit::Context,
+) -> HttpResponse {
     let _ = req;
     let base = state.settings.base_url.clone();
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.into_iter().enumerate() {
         let Some(e) = e else {
-            out.push(error_entry(&errors.remove(&i).unwrap_or_else(FhirError::internal)));
+            out.push(error_entry(
+                &errors.remove(&i).unwrap_or_else(FhirError::internal),
+            ));
             continue;
         };
         if e.method == "GET" {
@@ -421,9 +659,17 @@ async fn batch(state: &web::Data<AppState>, req: &HttpRequest, entries: Vec<Opti
         let result: Result<WriteResult, FhirError> = async {
             let prefix = format!("Bundle.entry[{i}].resource");
             let t = support(&e.res_type).expect("checked");
-            let needed = match e.method.as_str() { "POST" => "create", "PUT" => "update", _ => "delete" };
+            let needed = match e.method.as_str() {
+                "POST" => "create",
+                "PUT" => "update",
+                _ => "delete",
+            };
             if !t.interactions.contains(&needed) {
-                return Err(FhirError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", format!("{needed} is not supported on {}", e.res_type)));
+                return Err(FhirError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "not-supported",
+                    format!("{needed} is not supported on {}", e.res_type),
+                ));
             }
             let resource = match &e.resource {
                 Some(r) => {
@@ -435,20 +681,41 @@ async fn batch(state: &web::Data<AppState>, req: &HttpRequest, entries: Vec<Opti
             let op = match e.method.as_str() {
                 "POST" => {
                     let if_none_exist = match &e.if_none_exist {
-                        Some(q) => Some(rest::parse_search(state, &e.res_type, &query_pairs(q), true)?),
+                        Some(q) => Some(rest::conditional_search(state, &e.res_type, q)?),
                         None => None,
                     };
-                    WriteOp::Create { res_type: e.res_type.clone(), id: new_id(), resource: resource.expect("checked"), if_none_exist }
+                    WriteOp::Create {
+                        res_type: e.res_type.clone(),
+                        id: new_id(),
+                        resource: resource.expect("checked"),
+                        if_none_exist,
+                    }
                 }
                 "PUT" => {
                     let id = e.id.clone().expect("checked");
                     let res = resource.expect("checked");
                     if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-                        return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", format!("{prefix}.id"), "the resource id must match request.url"));
+                        return Err(FhirError::at(
+                            StatusCode::BAD_REQUEST,
+                            "invalid",
+                            format!("{prefix}.id"),
+                            "the resource id must match request.url",
+                        ));
                     }
-                    WriteOp::Update { res_type: e.res_type.clone(), id, resource: res, if_match: e.if_match, upsert: true, patch: false }
+                    WriteOp::Update {
+                        res_type: e.res_type.clone(),
+                        id,
+                        resource: res,
+                        if_match: e.if_match,
+                        upsert: true,
+                        patch: false,
+                    }
                 }
-                _ => WriteOp::Delete { res_type: e.res_type.clone(), id: e.id.clone().expect("checked"), if_match: e.if_match },
+                _ => WriteOp::Delete {
+                    res_type: e.res_type.clone(),
+                    id: e.id.clone().expect("checked"),
+                    if_match: e.if_match,
+                },
             };
             let store = state.store.clone();
             let ctx = ctx.clone();

@@ -19,7 +19,7 @@ pub fn capability_statement(state: &AppState) -> Value {
                 "interaction": t.interactions.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
                 "readHistory": true,
-                "updateCreate": t.writable,
+                "updateCreate": t.interactions.contains(&"update"),
                 "conditionalCreate": t.conditional_create,
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
@@ -71,5 +71,7 @@ pub async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
     if let Err(e) = check_accept(&req) {
         return e.error_response();
     }
-    HttpResponse::Ok().content_type(FHIR_JSON).body(capability_statement(&state).to_string())
+    HttpResponse::Ok()
+        .content_type(FHIR_JSON)
+        .body(capability_statement(&state).to_string())
 }

@@ -28,14 +28,34 @@ pub struct TypeSupport {
 pub const TYPES: &[TypeSupport] = &[
     TypeSupport {
         name: "Communication",
-        interactions: &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"],
+        interactions: &[
+            "read",
+            "vread",
+            "update",
+            "patch",
+            "delete",
+            "history-instance",
+            "history-type",
+            "create",
+            "search-type",
+        ],
         writable: true,
         searchable: true,
         conditional_create: true,
     },
     TypeSupport {
         name: "CommunicationRequest",
-        interactions: &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"],
+        interactions: &[
+            "read",
+            "vread",
+            "update",
+            "patch",
+            "delete",
+            "history-instance",
+            "history-type",
+            "create",
+            "search-type",
+        ],
         writable: true,
         searchable: true,
         conditional_create: true,
@@ -72,6 +92,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/{type}/{id}", web::put().to(rest::update))
         .route("/{type}/{id}", web::patch().to(rest::patch))
         .route("/{type}/{id}", web::delete().to(rest::delete))
-        .route("/{type}/{id}/_history", web::get().to(rest::instance_history))
+        .route(
+            "/{type}/{id}/_history",
+            web::get().to(rest::instance_history),
+        )
         .route("/{type}/{id}/_history/{vid}", web::get().to(rest::vread));
 }

@@ -15,13 +15,33 @@ pub struct FhirError {
 }
 
 impl FhirError {
-    pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> FhirError {
-        FhirError { status, issues: vec![Issue { code, expression: String::new(), diagnostics: diagnostics.into() }] }
-    }
-    pub fn at(status: StatusCode, code: &'static str, expression: impl Into<String>, diagnostics: impl Into<String>) -> FhirError {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        diagnostics: impl Into<String>,
+    ) -> FhirError {
         FhirError {
             status,
-            issues: vec![Issue { code, expression: expression.into(), diagnostics: diagnostics.into() }],
+            issues: vec![Issue {
+                code,
+                expression: String::new(),
+                diagnostics: diagnostics.into(),
+            }],
+        }
+    }
+    pub fn at(
+        status: StatusCode,
+        code: &'static str,
+        expression: impl Into<String>,
+        diagnostics: impl Into<String>,
+    ) -> FhirError {
+        FhirError {
+            status,
+            issues: vec![Issue {
+                code,
+                expression: expression.into(),
+                diagnostics: diagnostics.into(),
+            }],
         }
     }
     pub fn bad_request(diagnostics: impl Into<String>) -> FhirError {
@@ -31,10 +51,17 @@ impl FhirError {
         FhirError::new(StatusCode::NOT_FOUND, "not-found", diagnostics)
     }
     pub fn invalid_resource(issues: Vec<Issue>) -> FhirError {
-        FhirError { status: StatusCode::BAD_REQUEST, issues }
+        FhirError {
+            status: StatusCode::BAD_REQUEST,
+            issues,
+        }
     }
     pub fn internal() -> FhirError {
-        FhirError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", "internal error; see the server log for the request id")
+        FhirError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "internal error; see the server log for the request id",
+        )
     }
     pub fn outcome(&self) -> Value {
         outcome(&self.issues, "error")
@@ -52,7 +79,9 @@ impl ResponseError for FhirError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).content_type(FHIR_JSON).body(self.outcome().to_string())
+        HttpResponse::build(self.status)
+            .content_type(FHIR_JSON)
+            .body(self.outcome().to_string())
     }
 }
 
@@ -60,8 +89,14 @@ impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> FhirError {
         match e {
             StoreError::NotFound(t, id) => FhirError::not_found(format!("{t}/{id} is not known")),
-            StoreError::Gone(t, id) => FhirError::new(StatusCode::GONE, "deleted", format!("{t}/{id} has been deleted")),
-            StoreError::PreconditionFailed(m) => FhirError::new(StatusCode::PRECONDITION_FAILED, "conflict", m),
+            StoreError::Gone(t, id) => FhirError::new(
+                StatusCode::GONE,
+                "deleted",
+                format!("{t}/{id} has been deleted"),
+            ),
+            StoreError::PreconditionFailed(m) => {
+                FhirError::new(StatusCode::PRECONDITION_FAILED, "conflict", m)
+            }
             StoreError::Conflict(m) => FhirError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::Invalid(issues) => FhirError::invalid_resource(issues),
             StoreError::Db(e) => {

@@ -3,8 +3,8 @@
 use super::outcome::{self, FhirError, FHIR_JSON};
 use super::{support, AppState, TypeSupport};
 use crate::audit::{self, Interaction};
-use crate::search::query::{self, Limits, SearchRequest};
 use crate::search::dates;
+use crate::search::query::{self, Limits, SearchRequest};
 use crate::store::{Incoming, Stored, WriteOp, WriteResult, WriteStatus};
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
@@ -20,15 +20,24 @@ pub struct RequestId(pub String);
 
 pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
     audit::Context {
-        request_id: req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default(),
-        client_address: req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into()),
+        request_id: req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default(),
+        client_address: req
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into()),
         base_url: state.settings.base_url.clone(),
         ..Default::default()
     }
 }
 
 /// Runs blocking store work off the async executor.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FhirError> + Send + 'static) -> Result<T, FhirError> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FhirError> + Send + 'static,
+) -> Result<T, FhirError> {
     web::block(f).await.map_err(|_| FhirError::internal())?
 }
 
@@ -44,19 +53,35 @@ pub async fn audit_outcome(
 ) {
     let failure_outcome;
     let failure = match result {
-        Ok(r) if r.status().is_success() => None,
+        Ok(r) if r.status().is_success() || r.status().is_redirection() => None,
         Ok(r) => {
             failure_outcome = outcome::information("");
-            Some(audit::Failure { status: r.status().as_u16(), outcome: &failure_outcome })
+            Some(audit::Failure {
+                status: r.status().as_u16(),
+                outcome: &failure_outcome,
+            })
         }
         Err(e) => {
             failure_outcome = e.outcome();
-            Some(audit::Failure { status: e.status.as_u16(), outcome: &failure_outcome })
+            Some(audit::Failure {
+                status: e.status.as_u16(),
+                outcome: &failure_outcome,
+            })
         }
     };
-    let ev = audit::event(ctx, interaction, what.as_deref(), patient.as_deref(), failure);
+    let ev = audit::event(
+        ctx,
+        interaction,
+        what.as_deref(),
+        patient.as_deref(),
+        failure,
+    );
     let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(ev)).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+    if let Err(e) = web::block(move || store.record_audit(ev))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
         tracing::error!(error = %e, "could not record AuditEvent");
     }
 }
@@ -65,24 +90,47 @@ pub async fn audit_outcome(
 
 /// `Accept` / `_format`: JSON is served; XML and others get 406.
 pub fn check_accept(req: &HttpRequest) -> Result<(), FhirError> {
-    if let Some(f) = query_pairs(req.query_string()).into_iter().find(|(k, _)| k == "_format").map(|(_, v)| v) {
+    if let Some(f) = query_pairs(req.query_string())
+        .into_iter()
+        .find(|(k, _)| k == "_format")
+        .map(|(_, v)| v)
+    {
         return match f.as_str() {
             "json" | "application/json" | "application/fhir+json" => Ok(()),
-            _ => Err(FhirError::new(StatusCode::NOT_ACCEPTABLE, "not-supported", format!("_format={f} is not supported; this server speaks application/fhir+json"))),
+            _ => Err(FhirError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "not-supported",
+                format!("_format={f} is not supported; this server speaks application/fhir+json"),
+            )),
         };
     }
-    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if accept.is_empty() {
         return Ok(());
     }
     let ok = accept.split(',').any(|m| {
         let m = m.split(';').next().unwrap_or("").trim();
-        matches!(m, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "application/json+fhir")
+        matches!(
+            m,
+            "*/*"
+                | "application/*"
+                | "application/json"
+                | "application/fhir+json"
+                | "application/json+fhir"
+        )
     });
     if ok {
         Ok(())
     } else {
-        Err(FhirError::new(StatusCode::NOT_ACCEPTABLE, "not-supported", format!("cannot produce '{accept}'; this server speaks application/fhir+json")))
+        Err(FhirError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!("cannot produce '{accept}'; this server speaks application/fhir+json"),
+        ))
     }
 }
 
@@ -90,7 +138,13 @@ fn media_type(req: &HttpRequest) -> String {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default()
 }
 
@@ -98,22 +152,46 @@ fn media_type(req: &HttpRequest) -> String {
 fn check_content_type(req: &HttpRequest) -> Result<(), FhirError> {
     match media_type(req).as_str() {
         "application/fhir+json" | "application/json" | "application/json+fhir" => Ok(()),
-        "" => Err(FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "Content-Type is missing; send application/fhir+json")),
-        other => Err(FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", format!("Content-Type '{other}' is not supported; send application/fhir+json"))),
+        "" => Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "Content-Type is missing; send application/fhir+json",
+        )),
+        other => Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            format!("Content-Type '{other}' is not supported; send application/fhir+json"),
+        )),
     }
 }
 
 /// Reads the body, refusing (413) anything over `limit` before buffering it.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, FhirError> {
-    let too_large = || FhirError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the request body is larger than the limit of {limit} bytes"));
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, FhirError> {
+    let too_large = || {
+        FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-costly",
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(too_large());
         }
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| FhirError::bad_request("the request body could not be read"))?;
+        let chunk =
+            chunk.map_err(|_| FhirError::bad_request("the request body could not be read"))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }
@@ -123,25 +201,63 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
 }
 
 /// Parses and strictly checks a resource body of `expected` type.
-pub fn parse_resource(bytes: &[u8], expected: &str, expression_prefix: &str) -> Result<Incoming, FhirError> {
-    let text = std::str::from_utf8(bytes).map_err(|_| FhirError::bad_request("the body is not UTF-8"))?;
-    let incoming = Incoming::parse(text).map_err(|m| FhirError::at(StatusCode::BAD_REQUEST, "structure", expression_prefix, m))?;
+pub fn parse_resource(
+    bytes: &[u8],
+    expected: &str,
+    expression_prefix: &str,
+) -> Result<Incoming, FhirError> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| FhirError::bad_request("the body is not UTF-8"))?;
+    let incoming = Incoming::parse(text)
+        .map_err(|m| FhirError::at(StatusCode::BAD_REQUEST, "structure", expression_prefix, m))?;
     check_resource(&incoming.value, expected, expression_prefix)?;
     Ok(incoming)
 }
 
 /// Strict FHIR check of an already parsed resource; expressions are prefixed for Bundle entries.
-pub fn check_resource(value: &Value, expected: &str, expression_prefix: &str) -> Result<(), FhirError> {
-    let prefix = |e: String| if expression_prefix.is_empty() { e } else if e.is_empty() { expression_prefix.to_string() } else { format!("{expression_prefix}.{e}") };
+pub fn check_resource(
+    value: &Value,
+    expected: &str,
+    expression_prefix: &str,
+) -> Result<(), FhirError> {
+    let prefix = |e: String| {
+        if expression_prefix.is_empty() {
+            e
+        } else if e.is_empty() {
+            expression_prefix.to_string()
+        } else {
+            format!("{expression_prefix}.{e}")
+        }
+    };
     match value.get("resourceType").and_then(Value::as_str) {
         Some(t) if t == expected => {}
         Some(t) => {
-            return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", prefix("resourceType".into()), format!("resourceType '{t}' does not match the expected type '{expected}'")))
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                prefix("resourceType".into()),
+                format!("resourceType '{t}' does not match the expected type '{expected}'"),
+            ))
         }
-        None => return Err(FhirError::at(StatusCode::BAD_REQUEST, "required", prefix("resourceType".into()), "resourceType is missing")),
+        None => {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "required",
+                prefix("resourceType".into()),
+                "resourceType is missing",
+            ))
+        }
     }
     fhir_codec::check(value).map_err(|issues| {
-        FhirError::invalid_resource(issues.into_iter().map(|mut i| { i.expression = prefix(i.expression); i }).collect())
+        FhirError::invalid_resource(
+            issues
+                .into_iter()
+                .map(|mut i| {
+                    i.expression = prefix(i.expression);
+                    i
+                })
+                .collect(),
+        )
     })
 }
 
@@ -155,7 +271,12 @@ pub enum Return {
 }
 
 pub fn prefer_return(req: &HttpRequest) -> Return {
-    let prefer = req.headers().get_all("prefer").filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let prefer = req
+        .headers()
+        .get_all("prefer")
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
     for p in prefer.split([',', ';']) {
         match p.trim().replace(' ', "").as_str() {
             "return=minimal" => return Return::Minimal,
@@ -171,14 +292,19 @@ pub fn prefer_strict(req: &HttpRequest) -> bool {
     req.headers()
         .get_all("prefer")
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split([',', ';']).any(|p| p.trim().replace(' ', "") == "handling=strict"))
+        .any(|v| {
+            v.split([',', ';'])
+                .any(|p| p.trim().replace(' ', "") == "handling=strict")
+        })
 }
 
 /// `If-Match: W/"3"` → 3.
 pub fn parse_etag(v: &str) -> Result<i64, FhirError> {
     let t = v.trim();
     let t = t.strip_prefix("W/").unwrap_or(t);
-    t.trim_matches('"').parse().map_err(|_| FhirError::bad_request(format!("If-Match '{v}' is not an ETag like W/\"1\"")))
+    t.trim_matches('"')
+        .parse()
+        .map_err(|_| FhirError::bad_request(format!("If-Match '{v}' is not an ETag like W/\"1\"")))
 }
 
 fn if_match(req: &HttpRequest) -> Result<Option<i64>, FhirError> {
@@ -209,31 +335,51 @@ fn write_response(state: &AppState, req: &HttpRequest, r: &WriteResult) -> HttpR
     };
     let mut b = resource_response(status, &r.stored);
     if r.status == WriteStatus::Created {
-        b.insert_header((header::LOCATION, location(&state.settings.base_url, &r.stored)));
+        b.insert_header((
+            header::LOCATION,
+            location(&state.settings.base_url, &r.stored),
+        ));
     }
     match prefer_return(req) {
         Return::Minimal => b.finish(),
         Return::OperationOutcome => b.content_type(FHIR_JSON).body(
-            outcome::information(&format!("{}/{}/_history/{} {}", r.stored.res_type, r.stored.id, r.stored.version_id, match r.status {
-                WriteStatus::Created => "created",
-                WriteStatus::Existing => "already exists (If-None-Exist matched); nothing was written",
-                _ => "updated",
-            }))
+            outcome::information(&format!(
+                "{}/{}/_history/{} {}",
+                r.stored.res_type,
+                r.stored.id,
+                r.stored.version_id,
+                match r.status {
+                    WriteStatus::Created => "created",
+                    WriteStatus::Existing =>
+                        "already exists (If-None-Exist matched); nothing was written",
+                    _ => "updated",
+                }
+            ))
             .to_string(),
         ),
-        Return::Representation => b.content_type(FHIR_JSON).body(r.stored.body.clone().unwrap_or_default()),
+        Return::Representation => b
+            .content_type(FHIR_JSON)
+            .body(r.stored.body.clone().unwrap_or_default()),
     }
 }
 
 fn type_support(res_type: &str) -> Result<&'static TypeSupport, FhirError> {
-    support(res_type).ok_or_else(|| FhirError::not_found(format!("resource type '{res_type}' is not supported by this server")))
+    support(res_type).ok_or_else(|| {
+        FhirError::not_found(format!(
+            "resource type '{res_type}' is not supported by this server"
+        ))
+    })
 }
 
 fn require(t: &TypeSupport, interaction: &str) -> Result<(), FhirError> {
     if t.interactions.contains(&interaction) {
         Ok(())
     } else {
-        Err(FhirError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", format!("{interaction} is not supported on {}", t.name)))
+        Err(FhirError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            format!("{interaction} is not supported on {}", t.name),
+        ))
     }
 }
 
@@ -241,7 +387,9 @@ fn check_id(id: &str) -> Result<(), FhirError> {
     if fhir_codec::is_valid_id(id) {
         Ok(())
     } else {
-        Err(FhirError::bad_request(format!("'{id}' is not a valid FHIR id")))
+        Err(FhirError::bad_request(format!(
+            "'{id}' is not a valid FHIR id"
+        )))
     }
 }
 
@@ -252,24 +400,51 @@ pub fn new_id() -> String {
 
 // ----- create -----------------------------------------------------------------------------------
 
-pub async fn create(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> HttpResponse {
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> HttpResponse {
     let res_type = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = create_inner(&state, &req, &res_type, payload, &ctx).await;
     if result.is_err() {
-        audit_outcome(&state, &ctx, Interaction::Create, Some(res_type), None, &result).await;
+        audit_outcome(
+            &state,
+            &ctx,
+            Interaction::Create,
+            Some(res_type),
+            None,
+            &result,
+        )
+        .await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn create_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, payload: web::Payload, ctx: &audit::Context) -> Res {
+async fn create_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    payload: web::Payload,
+    ctx: &audit::Context,
+) -> Res {
     let t = type_support(res_type)?;
     require(t, "create")?;
     check_accept(req)?;
     let is_binary = res_type == "Binary";
-    let limit = if is_binary { state.settings.max_binary_bytes * 4 / 3 + 1024 } else { state.settings.max_resource_bytes };
+    let limit = if is_binary {
+        state.settings.max_binary_bytes * 4 / 3 + 1024
+    } else {
+        state.settings.max_resource_bytes
+    };
     let mt = media_type(req);
-    let raw_binary = is_binary && !matches!(mt.as_str(), "application/fhir+json" | "application/json+fhir");
+    let raw_binary = is_binary
+        && !matches!(
+            mt.as_str(),
+            "application/fhir+json" | "application/json+fhir"
+        );
     if !raw_binary {
         check_content_type(req)?;
     }
@@ -277,30 +452,67 @@ async fn create_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: 
     let id = new_id();
     let incoming = if raw_binary {
         if body.len() > state.settings.max_binary_bytes {
-            return Err(FhirError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the Binary is larger than the limit of {} bytes", state.settings.max_binary_bytes)));
+            return Err(FhirError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-costly",
+                format!(
+                    "the Binary is larger than the limit of {} bytes",
+                    state.settings.max_binary_bytes
+                ),
+            ));
         }
-        let content_type = if mt.is_empty() { "application/octet-stream".to_string() } else { req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or(&mt).to_string() };
-        Incoming::from_value(json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)}))
+        let content_type = if mt.is_empty() {
+            "application/octet-stream".to_string()
+        } else {
+            req.headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(&mt)
+                .to_string()
+        };
+        Incoming::from_value(
+            json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)}),
+        )
     } else {
         let incoming = parse_resource(&body, res_type, "")?;
         if is_binary {
-            let len = incoming.value["data"].as_str().map_or(0, |d| d.len() / 4 * 3);
+            let len = incoming.value["data"]
+                .as_str()
+                .map_or(0, |d| d.len() / 4 * 3);
             if len > state.settings.max_binary_bytes {
-                return Err(FhirError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the Binary is larger than the limit of {} bytes", state.settings.max_binary_bytes)));
+                return Err(FhirError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too-costly",
+                    format!(
+                        "the Binary is larger than the limit of {} bytes",
+                        state.settings.max_binary_bytes
+                    ),
+                ));
             }
         }
         incoming
     };
     let if_none_exist = match req.headers().get("if-none-exist") {
         Some(v) if t.conditional_create => {
-            let q = v.to_str().map_err(|_| FhirError::bad_request("If-None-Exist is not valid text"))?;
+            let q = v
+                .to_str()
+                .map_err(|_| FhirError::bad_request("If-None-Exist is not valid text"))?;
             let q = q.split_once('?').map_or(q, |(_, q)| q);
-            Some(parse_search(state, res_type, &query_pairs(q), true)?)
+            Some(conditional_search(state, res_type, q)?)
         }
-        Some(_) => return Err(FhirError::bad_request(format!("conditional create is not supported on {res_type}"))),
+        Some(_) => {
+            return Err(FhirError::bad_request(format!(
+                "conditional create is not supported on {res_type}"
+            )))
+        }
         None => None,
     };
-    let op = WriteOp::Create { res_type: res_type.to_string(), id, resource: incoming, if_none_exist };
+    let op = WriteOp::Create {
+        res_type: res_type.to_string(),
+        id,
+        resource: incoming,
+        if_none_exist,
+    };
     let store = state.store.clone();
     let ctx = ctx.clone();
     let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
@@ -309,87 +521,180 @@ async fn create_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: 
 
 // ----- read / vread -----------------------------------------------------------------------------
 
-pub async fn read(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+pub async fn read(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = read_inner(&state, &req, &res_type, &id, None).await;
     finish_read(&state, &ctx, Interaction::Read, &res_type, &id, result).await
 }
 
-pub async fn vread(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String, String)>) -> HttpResponse {
+pub async fn vread(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> HttpResponse {
     let (res_type, id, vid) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = match vid.parse::<i64>() {
         Ok(v) => read_inner(&state, &req, &res_type, &id, Some(v)).await,
-        Err(_) => Err(FhirError::not_found(format!("'{vid}' is not a version of {res_type}/{id}"))),
+        Err(_) => Err(FhirError::not_found(format!(
+            "'{vid}' is not a version of {res_type}/{id}"
+        ))),
     };
-    finish_read(&state, &ctx, Interaction::Vread, &res_type, &id, result.map(|(r, s)| (r, s))).await
+    finish_read(
+        &state,
+        &ctx,
+        Interaction::Vread,
+        &res_type,
+        &id,
+        result.map(|(r, s)| (r, s)),
+    )
+    .await
 }
 
-async fn finish_read(state: &web::Data<AppState>, ctx: &audit::Context, interaction: Interaction, res_type: &str, id: &str, result: Result<(HttpResponse, Option<String>), FhirError>) -> HttpResponse {
+async fn finish_read(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    interaction: Interaction,
+    res_type: &str,
+    id: &str,
+    result: Result<(HttpResponse, Option<String>), FhirError>,
+) -> HttpResponse {
     let (result, patient) = match result {
         Ok((r, p)) => (Ok(r), p),
         Err(e) => (Err(e), None),
     };
-    audit_outcome(state, ctx, interaction, Some(format!("{res_type}/{id}")), patient, &result).await;
+    audit_outcome(
+        state,
+        ctx,
+        interaction,
+        Some(format!("{res_type}/{id}")),
+        patient,
+        &result,
+    )
+    .await;
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn read_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, id: &str, version: Option<i64>) -> Result<(HttpResponse, Option<String>), FhirError> {
+async fn read_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    id: &str,
+    version: Option<i64>,
+) -> Result<(HttpResponse, Option<String>), FhirError> {
     let t = type_support(res_type)?;
     require(t, if version.is_some() { "vread" } else { "read" })?;
     check_id(id)?;
-    let raw_binary = res_type == "Binary" && check_accept(req).is_err() || res_type == "Binary" && wants_raw(req);
+    let raw_binary = res_type == "Binary" && check_accept(req).is_err()
+        || res_type == "Binary" && wants_raw(req);
     if !raw_binary {
         check_accept(req)?;
     }
     let store = state.store.clone();
     let (rt, rid) = (res_type.to_string(), id.to_string());
-    let s = blocking(move || Ok(match version { Some(v) => store.vread(&rt, &rid, v)?, None => store.read(&rt, &rid)? })).await?;
+    let s = blocking(move || {
+        Ok(match version {
+            Some(v) => store.vread(&rt, &rid, v)?,
+            None => store.read(&rt, &rid)?,
+        })
+    })
+    .await?;
     let body = s.body.clone().unwrap_or_default();
     let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let patient = audit::patient_of(&value);
     // If-None-Match: the client's copy is current.
-    if let Some(inm) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+    if let Some(inm) = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
         if parse_etag(inm).ok() == Some(s.version_id) {
-            return Ok((resource_response(StatusCode::NOT_MODIFIED, &s).finish(), patient));
+            return Ok((
+                resource_response(StatusCode::NOT_MODIFIED, &s).finish(),
+                patient,
+            ));
         }
     }
     if raw_binary {
-        let ct = value["contentType"].as_str().unwrap_or("application/octet-stream").to_string();
-        let data = base64::engine::general_purpose::STANDARD.decode(value["data"].as_str().unwrap_or("")).unwrap_or_default();
+        let ct = value["contentType"]
+            .as_str()
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(value["data"].as_str().unwrap_or(""))
+            .unwrap_or_default();
         // User-supplied content: never let a browser run it in our origin.
-        return Ok((resource_response(StatusCode::OK, &s)
-            .content_type(ct)
-            .insert_header(("X-Content-Type-Options", "nosniff"))
-            .insert_header(("Content-Security-Policy", "sandbox; default-src 'none'"))
-            .body(data), patient));
+        return Ok((
+            resource_response(StatusCode::OK, &s)
+                .content_type(ct)
+                .insert_header(("X-Content-Type-Options", "nosniff"))
+                .insert_header(("Content-Security-Policy", "sandbox; default-src 'none'"))
+                .body(data),
+            patient,
+        ));
     }
-    Ok((resource_response(StatusCode::OK, &s).content_type(FHIR_JSON).body(body), patient))
+    Ok((
+        resource_response(StatusCode::OK, &s)
+            .content_type(FHIR_JSON)
+            .body(body),
+        patient,
+    ))
 }
 
 /// A Binary read returns the raw content unless the client asks for a FHIR format.
 fn wants_raw(req: &HttpRequest) -> bool {
-    if query_pairs(req.query_string()).iter().any(|(k, _)| k == "_format") {
+    if query_pairs(req.query_string())
+        .iter()
+        .any(|(k, _)| k == "_format")
+    {
         return false;
     }
-    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     !(accept.contains("application/fhir+json") || accept.contains("application/json"))
 }
 
 // ----- update / patch / delete ------------------------------------------------------------------
 
-pub async fn update(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> HttpResponse {
+pub async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> HttpResponse {
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = update_inner(&state, &req, &res_type, &id, payload, &ctx).await;
     if result.is_err() {
-        audit_outcome(&state, &ctx, Interaction::Update, Some(format!("{res_type}/{id}")), None, &result).await;
+        audit_outcome(
+            &state,
+            &ctx,
+            Interaction::Update,
+            Some(format!("{res_type}/{id}")),
+            None,
+            &result,
+        )
+        .await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn update_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, id: &str, payload: web::Payload, ctx: &audit::Context) -> Res {
+async fn update_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    id: &str,
+    payload: web::Payload,
+    ctx: &audit::Context,
+) -> Res {
     let t = type_support(res_type)?;
     require(t, "update")?;
     check_id(id)?;
@@ -400,49 +705,122 @@ async fn update_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: 
     let incoming = parse_resource(&body, res_type, "")?;
     match incoming.value.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
-        Some(body_id) => return Err(FhirError::at(StatusCode::BAD_REQUEST, "invalid", format!("{res_type}.id"), format!("the body's id '{body_id}' does not match the URL's id '{id}'"))),
-        None => return Err(FhirError::at(StatusCode::BAD_REQUEST, "required", format!("{res_type}.id"), "an update must carry the resource id in the body")),
+        Some(body_id) => {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("{res_type}.id"),
+                format!("the body's id '{body_id}' does not match the URL's id '{id}'"),
+            ))
+        }
+        None => {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "required",
+                format!("{res_type}.id"),
+                "an update must carry the resource id in the body",
+            ))
+        }
     }
-    let op = WriteOp::Update { res_type: res_type.to_string(), id: id.to_string(), resource: incoming, if_match, upsert: true, patch: false };
+    let op = WriteOp::Update {
+        res_type: res_type.to_string(),
+        id: id.to_string(),
+        resource: incoming,
+        if_match,
+        upsert: true,
+        patch: false,
+    };
     let store = state.store.clone();
     let ctx = ctx.clone();
     let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
     Ok(write_response(state, req, &r))
 }
 
-pub async fn patch(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> HttpResponse {
+pub async fn patch(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> HttpResponse {
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = patch_inner(&state, &req, &res_type, &id, payload, &ctx).await;
     if result.is_err() {
-        audit_outcome(&state, &ctx, Interaction::Patch, Some(format!("{res_type}/{id}")), None, &result).await;
+        audit_outcome(
+            &state,
+            &ctx,
+            Interaction::Patch,
+            Some(format!("{res_type}/{id}")),
+            None,
+            &result,
+        )
+        .await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn patch_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, id: &str, payload: web::Payload, ctx: &audit::Context) -> Res {
+async fn patch_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    id: &str,
+    payload: web::Payload,
+    ctx: &audit::Context,
+) -> Res {
     let t = type_support(res_type)?;
     require(t, "patch")?;
     check_id(id)?;
     check_accept(req)?;
     if media_type(req) != "application/json-patch+json" {
-        return Err(FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "PATCH takes a JSON Patch document (Content-Type: application/json-patch+json)"));
+        return Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "PATCH takes a JSON Patch document (Content-Type: application/json-patch+json)",
+        ));
     }
     let if_match = if_match(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
-    let patch: json_patch::Patch = serde_json::from_slice(&body).map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
+    let patch: json_patch::Patch = serde_json::from_slice(&body)
+        .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
     let store = state.store.clone();
     let (rt, rid) = (res_type.to_string(), id.to_string());
     let current = blocking(move || Ok(store.read(&rt, &rid)?)).await?;
     if let Some(v) = if_match {
         if v != current.version_id {
-            return Err(FhirError::new(StatusCode::PRECONDITION_FAILED, "conflict", format!("{res_type}/{id} is at version {}, not {v}", current.version_id)));
+            return Err(FhirError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "conflict",
+                format!(
+                    "{res_type}/{id} is at version {}, not {v}",
+                    current.version_id
+                ),
+            ));
         }
     }
-    let mut value: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default()).map_err(|_| FhirError::internal())?;
-    json_patch::patch(&mut value, &patch).map_err(|e| FhirError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", format!("the patch cannot be applied: {e}")))?;
-    if value.get("id").and_then(Value::as_str) != Some(id) || value.get("resourceType").and_then(Value::as_str) != Some(res_type) {
-        return Err(FhirError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", "a patch may not change id or resourceType"));
+    let mut value: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default())
+        .map_err(|_| FhirError::internal())?;
+    json_patch::patch(&mut value, &patch).map_err(|e| {
+        FhirError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            format!("the patch cannot be applied: {e}"),
+        )
+    })?;
+    if depth(&value) > 100 {
+        return Err(FhirError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            "the patched resource would be nested more than 100 levels deep",
+        ));
+    }
+    if value.get("id").and_then(Value::as_str) != Some(id)
+        || value.get("resourceType").and_then(Value::as_str) != Some(res_type)
+    {
+        return Err(FhirError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            "a patch may not change id or resourceType",
+        ));
     }
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
     check_resource(&value, res_type, "")?;
@@ -460,22 +838,52 @@ async fn patch_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &
     Ok(write_response(state, req, &r))
 }
 
-pub async fn delete(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+pub async fn delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = delete_inner(&state, &req, &res_type, &id, &ctx).await;
     if result.is_err() {
-        audit_outcome(&state, &ctx, Interaction::Delete, Some(format!("{res_type}/{id}")), None, &result).await;
+        audit_outcome(
+            &state,
+            &ctx,
+            Interaction::Delete,
+            Some(format!("{res_type}/{id}")),
+            None,
+            &result,
+        )
+        .await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn delete_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, id: &str, ctx: &audit::Context) -> Res {
+async fn delete_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    id: &str,
+    ctx: &audit::Context,
+) -> Res {
     let t = type_support(res_type)?;
     require(t, "delete")?;
     check_id(id)?;
     let if_match = if_match(req)?;
-    let op = WriteOp::Delete { res_type: res_type.to_string(), id: id.to_string(), if_match };
+    let op = WriteOp::Delete {
+        res_type: res_type.to_string(),
+        id: id.to_string(),
+        if_match,
+    };
     let store = state.store.clone();
     let ctx = ctx.clone();
     let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
@@ -483,24 +891,49 @@ async fn delete_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: 
         WriteStatus::Deleted => format!("{res_type}/{id} deleted"),
         _ => format!("{res_type}/{id} did not exist or was already deleted; nothing to do"),
     };
-    let mut b = HttpResponse::build(if prefer_return(req) == Return::OperationOutcome { StatusCode::OK } else { StatusCode::NO_CONTENT });
+    let mut b = HttpResponse::build(if prefer_return(req) == Return::OperationOutcome {
+        StatusCode::OK
+    } else {
+        StatusCode::NO_CONTENT
+    });
     if r.status == WriteStatus::Deleted {
         b.insert_header((header::ETAG, r.stored.etag()));
     }
-    Ok(if prefer_return(req) == Return::OperationOutcome { b.content_type(FHIR_JSON).body(outcome::information(&msg).to_string()) } else { b.finish() })
+    Ok(if prefer_return(req) == Return::OperationOutcome {
+        b.content_type(FHIR_JSON)
+            .body(outcome::information(&msg).to_string())
+    } else {
+        b.finish()
+    })
 }
 
 // ----- history ----------------------------------------------------------------------------------
 
-pub async fn instance_history(state: web::Data<AppState>, req: HttpRequest, path: web::Path<(String, String)>) -> HttpResponse {
+pub async fn instance_history(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, Some(id.clone())).await;
-    audit_outcome(&state, &ctx, Interaction::HistoryInstance, Some(format!("{res_type}/{id}")), None, &result).await;
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::HistoryInstance,
+        Some(format!("{res_type}/{id}")),
+        None,
+        &result,
+    )
+    .await;
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-pub async fn type_history(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> HttpResponse {
+pub async fn type_history(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
     let res_type = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, None).await;
@@ -508,33 +941,75 @@ pub async fn type_history(state: web::Data<AppState>, req: HttpRequest, path: we
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn history_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, id: Option<String>) -> Res {
+async fn history_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    id: Option<String>,
+) -> Res {
     let t = type_support(res_type)?;
-    require(t, if id.is_some() { "history-instance" } else { "history-type" })?;
+    require(
+        t,
+        if id.is_some() {
+            "history-instance"
+        } else {
+            "history-type"
+        },
+    )?;
     if let Some(id) = &id {
         check_id(id)?;
     }
     check_accept(req)?;
     let pairs = query_pairs(req.query_string());
     let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let num = |k: &str| -> Result<Option<usize>, FhirError> { get(k).map(|v| v.parse().map_err(|_| FhirError::bad_request(format!("{k} must be a non-negative integer")))).transpose() };
-    let count = num("_count")?.unwrap_or(state.settings.default_count).clamp(1, state.settings.max_count);
+    let num = |k: &str| -> Result<Option<usize>, FhirError> {
+        get(k)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    FhirError::bad_request(format!("{k} must be a non-negative integer"))
+                })
+            })
+            .transpose()
+    };
+    let count = num("_count")?
+        .unwrap_or(state.settings.default_count)
+        .clamp(1, state.settings.max_count);
     let offset = num("_offset")?.unwrap_or(0);
     let snapshot = num("_snapshot")?.map(|s| s as i64);
     let since = match get("_since") {
-        Some(s) => Some(dates::range(&s).ok_or_else(|| FhirError::bad_request(format!("_since '{s}' is not a valid instant")))?.0),
+        Some(s) => Some(
+            dates::range(&s)
+                .ok_or_else(|| {
+                    FhirError::bad_request(format!("_since '{s}' is not a valid instant"))
+                })?
+                .0,
+        ),
         None => None,
     };
     let store = state.store.clone();
     let (rt, rid) = (res_type.to_string(), id.clone());
-    let (versions, has_next, snapshot) = blocking(move || Ok(store.history(&rt, rid.as_deref(), since, count, offset, snapshot)?)).await?;
+    let (versions, has_next, snapshot) =
+        blocking(move || Ok(store.history(&rt, rid.as_deref(), since, count, offset, snapshot)?))
+            .await?;
     let base = &state.settings.base_url;
-    let path = match &id { Some(id) => format!("{base}/{res_type}/{id}/_history"), None => format!("{base}/{res_type}/_history") };
-    let mut keep: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k == "_since").cloned().collect();
+    let path = match &id {
+        Some(id) => format!("{base}/{res_type}/{id}/_history"),
+        None => format!("{base}/{res_type}/_history"),
+    };
+    let mut keep: Vec<(String, String)> = pairs
+        .iter()
+        .filter(|(k, _)| k == "_since")
+        .cloned()
+        .collect();
     keep.push(("_count".into(), count.to_string()));
     let links = super::bundle::page_links(&path, &keep, offset, count, has_next, snapshot);
-    let entries = versions.iter().map(|s| super::bundle::history_entry(base, s)).collect();
-    Ok(super::bundle::bundle_response("history", None, links, entries))
+    let entries = versions
+        .iter()
+        .map(|s| super::bundle::history_entry(base, s))
+        .collect();
+    Ok(super::bundle::bundle_response(
+        "history", None, links, entries,
+    ))
 }
 
 // ----- search -----------------------------------------------------------------------------------
@@ -543,50 +1018,131 @@ pub fn query_pairs(q: &str) -> Vec<(String, String)> {
     form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
-pub fn parse_search(state: &AppState, res_type: &str, pairs: &[(String, String)], strict: bool) -> Result<SearchRequest, FhirError> {
-    let limits = Limits { default_count: state.settings.default_count, max_count: state.settings.max_count, strict };
-    query::parse(&state.store.registry, res_type, pairs, &state.settings.base_url, &limits).map_err(|issues| {
+pub fn parse_search(
+    state: &AppState,
+    res_type: &str,
+    pairs: &[(String, String)],
+    strict: bool,
+) -> Result<SearchRequest, FhirError> {
+    let limits = Limits {
+        default_count: state.settings.default_count,
+        max_count: state.settings.max_count,
+        strict,
+    };
+    query::parse(
+        &state.store.registry,
+        res_type,
+        pairs,
+        &state.settings.base_url,
+        &limits,
+    )
+    .map_err(|issues| {
         let status = StatusCode::BAD_REQUEST;
         FhirError { status, issues }
     })
 }
 
-pub async fn search_get(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>) -> HttpResponse {
+/// The search of a conditional create (`If-None-Exist`, Bundle `ifNoneExist`): strict, and it must
+/// actually narrow the search (an empty one would match any resource of the type).
+pub fn conditional_search(
+    state: &AppState,
+    res_type: &str,
+    query: &str,
+) -> Result<SearchRequest, FhirError> {
+    let mut search = parse_search(state, res_type, &query_pairs(query), true)?;
+    if search.conditions.is_empty() {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "If-None-Exist",
+            "a conditional create needs at least one search criterion",
+        ));
+    }
+    search.count = 2;
+    search.offset = 0;
+    search.summary_count = false;
+    Ok(search)
+}
+
+pub async fn search_get(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
     let res_type = path.into_inner();
     let pairs = query_pairs(req.query_string());
     let raw = format!("GET {}{}", state.settings.base_url, req.uri());
     search_common(state, req, res_type, pairs, raw).await
 }
 
-pub async fn search_post(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, payload: web::Payload) -> HttpResponse {
+pub async fn search_post(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> HttpResponse {
     let res_type = path.into_inner();
     let body = match read_body(&req, payload, 64 * 1024).await {
         Ok(b) => b,
         Err(e) => return actix_web::ResponseError::error_response(&e),
     };
     if !body.is_empty() && media_type(&req) != "application/x-www-form-urlencoded" {
-        let e = FhirError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not-supported", "_search takes application/x-www-form-urlencoded parameters");
+        let e = FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "_search takes application/x-www-form-urlencoded parameters",
+        );
         return actix_web::ResponseError::error_response(&e);
     }
     let mut pairs = query_pairs(req.query_string());
     pairs.extend(query_pairs(&String::from_utf8_lossy(&body)));
-    let raw = format!("POST {}{}\n\n{}", state.settings.base_url, req.uri(), String::from_utf8_lossy(&body));
+    let raw = format!(
+        "POST {}{}\n\n{}",
+        state.settings.base_url,
+        req.uri(),
+        String::from_utf8_lossy(&body)
+    );
     search_common(state, req, res_type, pairs, raw).await
 }
 
-async fn search_common(state: web::Data<AppState>, req: HttpRequest, res_type: String, pairs: Vec<(String, String)>, raw: String) -> HttpResponse {
+async fn search_common(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    res_type: String,
+    pairs: Vec<(String, String)>,
+    raw: String,
+) -> HttpResponse {
     let mut ctx = audit_context(&req, &state);
     ctx.query = Some(raw);
     let patient = pairs
         .iter()
         .filter(|(k, _)| matches!(k.as_str(), "patient" | "subject" | "recipient" | "sender"))
-        .find_map(|(k, v)| if k == "patient" && !v.contains('/') { Some(format!("Patient/{v}")) } else { v.starts_with("Patient/").then(|| v.clone()) });
+        .find_map(|(k, v)| {
+            if k == "patient" && !v.contains('/') {
+                Some(format!("Patient/{v}"))
+            } else {
+                v.starts_with("Patient/").then(|| v.clone())
+            }
+        });
     let result = search_inner(&state, &req, &res_type, pairs).await;
-    audit_outcome(&state, &ctx, Interaction::SearchType, None, patient, &result).await;
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::SearchType,
+        None,
+        patient,
+        &result,
+    )
+    .await;
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
-async fn search_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: &str, pairs: Vec<(String, String)>) -> Res {
+async fn search_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    res_type: &str,
+    pairs: Vec<(String, String)>,
+) -> Res {
     let t = type_support(res_type)?;
     require(t, "search-type")?;
     check_accept(req)?;
@@ -595,5 +1151,10 @@ async fn search_inner(state: &web::Data<AppState>, req: &HttpRequest, res_type: 
     let rt = res_type.to_string();
     let s2 = search.clone();
     let page = blocking(move || Ok(store.search(&rt, &s2)?)).await?;
-    Ok(super::bundle::searchset(&state.settings.base_url, res_type, &search, &page))
+    Ok(super::bundle::searchset(
+        &state.settings.base_url,
+        res_type,
+        &search,
+        &page,
+    ))
 }

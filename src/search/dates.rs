@@ -40,14 +40,17 @@ pub fn range(s: &str) -> Option<(i64, i64)> {
 }
 
 fn day_start(d: NaiveDate) -> i64 {
-    Utc.from_utc_datetime(&d.and_time(NaiveTime::MIN)).timestamp_micros()
+    Utc.from_utc_datetime(&d.and_time(NaiveTime::MIN))
+        .timestamp_micros()
 }
 
 fn date_time(s: &str) -> Option<(i64, i64)> {
     // Split off the zone: `Z`, `+hh:mm`, `-hh:mm`, or none (UTC).
     let (local, zone) = if let Some(x) = s.strip_suffix('Z') {
         (x, "+00:00")
-    } else if s.len() > 16 && (s.as_bytes()[s.len() - 6] == b'+' || s.as_bytes()[s.len() - 6] == b'-') {
+    } else if s.len() > 16
+        && (s.as_bytes()[s.len() - 6] == b'+' || s.as_bytes()[s.len() - 6] == b'-')
+    {
         (&s[..s.len() - 6], &s[s.len() - 6..])
     } else {
         (s, "+00:00")
@@ -86,7 +89,9 @@ pub fn now_micros() -> i64 {
 
 /// Years are in range for the index (guards against `year 0001` style oddities in comparisons).
 pub fn plausible(micros: i64) -> bool {
-    Utc.timestamp_micros(micros).single().is_some_and(|d| d.year() > 0)
+    Utc.timestamp_micros(micros)
+        .single()
+        .is_some_and(|d| d.year() > 0)
 }
 
 #[cfg(test)]

@@ -36,14 +36,19 @@ impl Expression {
             segs.next().ok_or("empty expression")?; // the type name
             let mut steps = Vec::new();
             for seg in segs {
-                if let Some(t) = seg.strip_prefix("where(resolve() is ").and_then(|s| s.strip_suffix(')')) {
+                if let Some(t) = seg
+                    .strip_prefix("where(resolve() is ")
+                    .and_then(|s| s.strip_suffix(')'))
+                {
                     steps.push(Step::RefersTo(t.to_string()));
                 } else if let Some(t) = seg
                     .strip_prefix("as(")
                     .or_else(|| seg.strip_prefix("ofType("))
                     .and_then(|s| s.strip_suffix(')'))
                 {
-                    let Some(Step::Field(name)) = steps.pop() else { return Err(format!("bad cast in '{expr}'")) };
+                    let Some(Step::Field(name)) = steps.pop() else {
+                        return Err(format!("bad cast in '{expr}'"));
+                    };
                     steps.push(Step::Choice(name, t.to_string()));
                 } else if seg.chars().all(|c| c.is_ascii_alphanumeric()) && !seg.is_empty() {
                     steps.push(Step::Field(seg.to_string()));
@@ -52,7 +57,9 @@ impl Expression {
                 }
             }
             if let Some(t) = cast {
-                let Some(Step::Field(name)) = steps.pop() else { return Err(format!("bad cast in '{expr}'")) };
+                let Some(Step::Field(name)) = steps.pop() else {
+                    return Err(format!("bad cast in '{expr}'"));
+                };
                 steps.push(Step::Choice(name, t.to_string()));
             }
             paths.push(steps);
@@ -78,7 +85,8 @@ impl Expression {
                                         for (k, x) in obj {
                                             if k.len() > name.len()
                                                 && k.starts_with(name.as_str())
-                                                && k[name.len()..].starts_with(|c: char| c.is_ascii_uppercase())
+                                                && k[name.len()..]
+                                                    .starts_with(|c: char| c.is_ascii_uppercase())
                                             {
                                                 push_flat(&mut next, x);
                                             }
@@ -95,7 +103,9 @@ impl Expression {
                         }
                         Step::RefersTo(ty) => {
                             if let Some(r) = v.get("reference").and_then(Value::as_str) {
-                                if r.starts_with(&format!("{ty}/")) || r.contains(&format!("/{ty}/")) {
+                                if r.starts_with(&format!("{ty}/"))
+                                    || r.contains(&format!("/{ty}/"))
+                                {
                                     next.push(v);
                                 }
                             }
@@ -128,15 +138,20 @@ mod tests {
             "subject":{"reference":"Patient/1"},
             "recipient":[{"reference":"Patient/2"},{"reference":"Practitioner/3"}],
             "occurrenceDateTime":"2024-01-01"});
-        let e = Expression::compile("CommunicationRequest.subject.where(resolve() is Patient)").unwrap();
+        let e = Expression::compile("CommunicationRequest.subject.where(resolve() is Patient)")
+            .unwrap();
         assert_eq!(e.eval(&r).len(), 1);
         let e = Expression::compile("(CommunicationRequest.occurrence as dateTime)").unwrap();
         assert_eq!(e.eval(&r), vec![&json!("2024-01-01")]);
         let e = Expression::compile("CommunicationRequest.occurrence").unwrap();
         assert_eq!(e.eval(&r).len(), 1);
-        let e = Expression::compile("CommunicationRequest.recipient | CommunicationRequest.subject").unwrap();
+        let e =
+            Expression::compile("CommunicationRequest.recipient | CommunicationRequest.subject")
+                .unwrap();
         assert_eq!(e.eval(&r).len(), 3);
-        let e = Expression::compile("CommunicationRequest.recipient.where(resolve() is Practitioner)").unwrap();
+        let e =
+            Expression::compile("CommunicationRequest.recipient.where(resolve() is Practitioner)")
+                .unwrap();
         assert_eq!(e.eval(&r).len(), 1);
         assert!(Expression::compile("Communication.extension('x')").is_err());
     }

@@ -5,12 +5,29 @@
 use super::{dates, ParamType, Registry};
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Entry {
-    Token { param: String, system: Option<String>, code: String },
-    Ref { param: String, target_type: Option<String>, target_id: Option<String>, url: Option<String> },
-    Date { param: String, lo: i64, hi: i64 },
-    Str { param: String, norm: String, raw: String },
+    Token {
+        param: String,
+        system: Option<String>,
+        code: String,
+    },
+    Ref {
+        param: String,
+        target_type: Option<String>,
+        target_id: Option<String>,
+        url: Option<String>,
+    },
+    Date {
+        param: String,
+        lo: i64,
+        hi: i64,
+    },
+    Str {
+        param: String,
+        norm: String,
+        raw: String,
+    },
 }
 
 /// A reference split into its parts. A reference to this server (relative, or absolute under
@@ -34,26 +51,40 @@ pub fn parse_reference(reference: &str, base_url: &str) -> Option<RefParts> {
         Some(rel) => {
             let mut parts = rel.split('/');
             match (parts.next(), parts.next()) {
-                (Some(t), Some(id)) if is_type_name(t) && fhir_codec::is_valid_id(id) => Some(RefParts {
-                    target_type: Some(t.to_string()),
+                (Some(t), Some(id)) if is_type_name(t) && fhir_codec::is_valid_id(id) => {
+                    Some(RefParts {
+                        target_type: Some(t.to_string()),
+                        target_id: Some(id.to_string()),
+                        url: None,
+                    })
+                }
+                (Some(id), None) if fhir_codec::is_valid_id(id) => Some(RefParts {
+                    target_type: None,
                     target_id: Some(id.to_string()),
                     url: None,
                 }),
-                (Some(id), None) if fhir_codec::is_valid_id(id) => {
-                    Some(RefParts { target_type: None, target_id: Some(id.to_string()), url: None })
-                }
                 _ => None,
             }
         }
         None => {
             // Absolute URL elsewhere (or urn:): keep the URL, plus type/id when it has that shape.
-            let segs: Vec<&str> = reference.trim_end_matches('/').rsplit('/').take(4).collect();
+            let segs: Vec<&str> = reference
+                .trim_end_matches('/')
+                .rsplit('/')
+                .take(4)
+                .collect();
             let (t, id) = match segs.as_slice() {
-                [_v, "_history", id, t, ..] if is_type_name(t) => (Some(t.to_string()), Some(id.to_string())),
+                [_v, "_history", id, t, ..] if is_type_name(t) => {
+                    (Some(t.to_string()), Some(id.to_string()))
+                }
                 [id, t, ..] if is_type_name(t) => (Some(t.to_string()), Some(id.to_string())),
                 _ => (None, None),
             };
-            Some(RefParts { target_type: t, target_id: id, url: Some(reference.to_string()) })
+            Some(RefParts {
+                target_type: t,
+                target_id: id,
+                url: Some(reference.to_string()),
+            })
         }
     }
 }
@@ -74,7 +105,12 @@ pub fn normalize_string(s: &str) -> String {
 }
 
 /// Every index entry of `resource` (of type `res_type`).
-pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: &str) -> Vec<Entry> {
+pub fn entries(
+    registry: &Registry,
+    res_type: &str,
+    resource: &Value,
+    base_url: &str,
+) -> Vec<Entry> {
     let mut out = Vec::new();
     for p in registry.indexed(res_type) {
         for v in p.expression.eval(resource) {
@@ -82,11 +118,18 @@ pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: 
                 ParamType::Token => token_entries(&p.key, v, &mut out),
                 ParamType::Uri => {
                     if let Some(s) = v.as_str() {
-                        out.push(Entry::Token { param: p.key.clone(), system: None, code: s.to_string() });
+                        out.push(Entry::Token {
+                            param: p.key.clone(),
+                            system: None,
+                            code: s.to_string(),
+                        });
                     }
                 }
                 ParamType::Reference => {
-                    let r = v.get("reference").and_then(Value::as_str).or_else(|| v.as_str());
+                    let r = v
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .or_else(|| v.as_str());
                     if let Some(parts) = r.and_then(|r| parse_reference(r, base_url)) {
                         out.push(Entry::Ref {
                             param: p.key.clone(),
@@ -100,14 +143,27 @@ pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: 
                     let range = match v {
                         Value::String(s) => dates::range(s),
                         Value::Object(o) => {
-                            let lo = o.get("start").and_then(Value::as_str).and_then(dates::range).map(|r| r.0);
-                            let hi = o.get("end").and_then(Value::as_str).and_then(dates::range).map(|r| r.1);
-                            (lo.is_some() || hi.is_some()).then(|| (lo.unwrap_or(dates::MIN), hi.unwrap_or(dates::MAX)))
+                            let lo = o
+                                .get("start")
+                                .and_then(Value::as_str)
+                                .and_then(dates::range)
+                                .map(|r| r.0);
+                            let hi = o
+                                .get("end")
+                                .and_then(Value::as_str)
+                                .and_then(dates::range)
+                                .map(|r| r.1);
+                            (lo.is_some() || hi.is_some())
+                                .then(|| (lo.unwrap_or(dates::MIN), hi.unwrap_or(dates::MAX)))
                         }
                         _ => None,
                     };
                     if let Some((lo, hi)) = range {
-                        out.push(Entry::Date { param: p.key.clone(), lo, hi });
+                        out.push(Entry::Date {
+                            param: p.key.clone(),
+                            lo,
+                            hi,
+                        });
                     }
                 }
                 ParamType::String => {
@@ -116,7 +172,11 @@ pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: 
                     for raw in texts {
                         let norm = normalize_string(raw);
                         if !norm.is_empty() {
-                            out.push(Entry::Str { param: p.key.clone(), norm, raw: raw.to_string() });
+                            out.push(Entry::Str {
+                                param: p.key.clone(),
+                                norm,
+                                raw: raw.to_string(),
+                            });
                         }
                     }
                 }
@@ -124,14 +184,18 @@ pub fn entries(registry: &Registry, res_type: &str, resource: &Value, base_url: 
         }
     }
     // The same value reached twice (e.g. two identical codings) is indexed once.
-    let mut seen = Vec::with_capacity(out.len());
-    out.retain(|e| if seen.contains(e) { false } else { seen.push(e.clone()); true });
+    let mut seen = std::collections::HashSet::with_capacity(out.len());
+    out.retain(|e| seen.insert(e.clone()));
     out
 }
 
 fn token_entries(param: &str, v: &Value, out: &mut Vec<Entry>) {
     let mut push = |system: Option<&str>, code: &str| {
-        out.push(Entry::Token { param: param.to_string(), system: system.map(String::from), code: code.to_string() })
+        out.push(Entry::Token {
+            param: param.to_string(),
+            system: system.map(String::from),
+            code: code.to_string(),
+        })
     };
     match v {
         Value::String(s) => push(None, s),
@@ -157,7 +221,10 @@ fn string_leaves<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
     match v {
         Value::String(s) => out.push(s),
         Value::Array(a) => a.iter().for_each(|x| string_leaves(x, out)),
-        Value::Object(o) => o.iter().filter(|(k, _)| !k.starts_with('_')).for_each(|(_, x)| string_leaves(x, out)),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .for_each(|(_, x)| string_leaves(x, out)),
         _ => {}
     }
 }
@@ -170,7 +237,10 @@ mod tests {
     fn references_to_this_server_are_local() {
         let base = "https://c.example/fhir";
         let p = parse_reference("https://c.example/fhir/Patient/7", base).unwrap();
-        assert_eq!((p.target_type.as_deref(), p.target_id.as_deref(), p.url), (Some("Patient"), Some("7"), None));
+        assert_eq!(
+            (p.target_type.as_deref(), p.target_id.as_deref(), p.url),
+            (Some("Patient"), Some("7"), None)
+        );
         let p = parse_reference("Patient/7", base).unwrap();
         assert_eq!(p.url, None);
         let p = parse_reference("https://other/fhir/Patient/7", base).unwrap();
@@ -187,10 +257,22 @@ mod tests {
             "category":[{"coding":[{"system":"http://s","code":"c"}]}],
             "payload":[{"contentString":"secret text"}]});
         let e = entries(&reg, "Communication", &r, "http://x");
-        assert!(e.contains(&Entry::Token { param: "Communication.status".into(), system: None, code: "completed".into() }));
-        assert!(e.contains(&Entry::Token { param: "Communication.category".into(), system: Some("http://s".into()), code: "c".into() }));
-        assert!(e.iter().any(|x| matches!(x, Entry::Date { param, .. } if param == "Communication.sent")));
-        assert!(e.iter().any(|x| matches!(x, Entry::Ref { param, .. } if param == "Communication.recipient")));
+        assert!(e.contains(&Entry::Token {
+            param: "Communication.status".into(),
+            system: None,
+            code: "completed".into()
+        }));
+        assert!(e.contains(&Entry::Token {
+            param: "Communication.category".into(),
+            system: Some("http://s".into()),
+            code: "c".into()
+        }));
+        assert!(e
+            .iter()
+            .any(|x| matches!(x, Entry::Date { param, .. } if param == "Communication.sent")));
+        assert!(e
+            .iter()
+            .any(|x| matches!(x, Entry::Ref { param, .. } if param == "Communication.recipient")));
         assert!(!format!("{e:?}").contains("secret"));
     }
 }

@@ -81,19 +81,34 @@ impl Registry {
     pub fn load() -> anyhow::Result<Registry> {
         let mut reg = Registry::default();
         for (name, text) in PROFILES {
-            let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let v: Value =
+                serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             if v["resourceType"] != "SearchParameter" {
                 continue;
             }
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-            let kind = ParamType::parse(&s("type"))
-                .ok_or_else(|| anyhow::anyhow!("{name}: search parameter type '{}' is not supported", s("type")))?;
-            let expression = Expression::compile(&s("expression")).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let kind = ParamType::parse(&s("type")).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{name}: search parameter type '{}' is not supported",
+                    s("type")
+                )
+            })?;
+            let expression = Expression::compile(&s("expression"))
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let targets = v["target"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
-            for base in v["base"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            for base in v["base"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 let p = SearchParam {
                     code: s("code"),
                     base: base.to_string(),
@@ -107,7 +122,10 @@ impl Registry {
                 if base == "Resource" {
                     reg.common.insert(p.code.clone(), p);
                 } else {
-                    reg.by_type.entry(base.to_string()).or_default().insert(p.code.clone(), p);
+                    reg.by_type
+                        .entry(base.to_string())
+                        .or_default()
+                        .insert(p.code.clone(), p);
                 }
             }
         }
@@ -116,12 +134,18 @@ impl Registry {
 
     /// The parameter `code` of `res_type` (type-specific first, then `_id`/`_lastUpdated`).
     pub fn get(&self, res_type: &str, code: &str) -> Option<&SearchParam> {
-        self.by_type.get(res_type).and_then(|m| m.get(code)).or_else(|| self.common.get(code))
+        self.by_type
+            .get(res_type)
+            .and_then(|m| m.get(code))
+            .or_else(|| self.common.get(code))
     }
 
     /// Type-specific parameters of `res_type` (those that are indexed).
     pub fn indexed(&self, res_type: &str) -> impl Iterator<Item = &SearchParam> {
-        self.by_type.get(res_type).into_iter().flat_map(|m| m.values())
+        self.by_type
+            .get(res_type)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     /// All parameters usable on `res_type`, for the CapabilityStatement.

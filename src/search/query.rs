@@ -35,20 +35,49 @@ pub enum StringMatch {
 
 #[derive(Debug, Clone)]
 pub enum Condition {
-    Token { key: String, not: bool, values: Vec<TokenValue> },
-    Reference { key: String, values: Vec<RefParts> },
-    Date { key: String, values: Vec<(Prefix, i64, i64)> },
-    Str { key: String, mode: StringMatch, values: Vec<String> },
-    Missing { key: String, kind: ParamType, missing: bool },
-    Id { not: bool, ids: Vec<String> },
+    Token {
+        key: String,
+        not: bool,
+        values: Vec<TokenValue>,
+    },
+    Reference {
+        key: String,
+        values: Vec<RefParts>,
+    },
+    Date {
+        key: String,
+        values: Vec<(Prefix, i64, i64)>,
+    },
+    Str {
+        key: String,
+        mode: StringMatch,
+        values: Vec<String>,
+    },
+    Missing {
+        key: String,
+        kind: ParamType,
+        missing: bool,
+    },
+    Id {
+        not: bool,
+        ids: Vec<String>,
+    },
     LastUpdated(Vec<(Prefix, i64, i64)>),
 }
 
 #[derive(Debug, Clone)]
 pub enum SortKey {
-    Param { key: String, kind: ParamType, descending: bool },
-    Id { descending: bool },
-    LastUpdated { descending: bool },
+    Param {
+        key: String,
+        kind: ParamType,
+        descending: bool,
+    },
+    Id {
+        descending: bool,
+    },
+    LastUpdated {
+        descending: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +114,12 @@ pub struct SearchRequest {
     pub ignored: Vec<Issue>,
 }
 
+/// Deepest page offset honoured (deeper paging should narrow the search instead).
+pub const MAX_OFFSET: usize = 10_000_000;
+/// Most values one parameter may carry, and most parameters one search may have.
+pub const MAX_VALUES: usize = 100;
+pub const MAX_PARAMS: usize = 50;
+
 pub struct Limits {
     pub default_count: usize,
     pub max_count: usize,
@@ -112,12 +147,23 @@ pub fn parse(
         ignored: vec![],
     };
     let mut errors = Vec::new();
+    if pairs.len() > MAX_PARAMS {
+        return Err(vec![Issue {
+            code: "too-costly",
+            expression: String::new(),
+            diagnostics: format!("a search may have at most {MAX_PARAMS} parameters"),
+        }]);
+    }
     for (name, value) in pairs {
         let (code, modifier) = match name.split_once(':') {
             Some((c, m)) => (c, Some(m)),
             None => (name.as_str(), None),
         };
-        let bad = |msg: String| Issue { code: "invalid", expression: name.clone(), diagnostics: msg };
+        let bad = |msg: String| Issue {
+            code: "invalid",
+            expression: name.clone(),
+            diagnostics: msg,
+        };
         let result: Result<bool, Issue> = match code {
             "_count" => value
                 .parse::<usize>()
@@ -128,21 +174,57 @@ pub fn parse(
                     }
                     true
                 })
-                .map_err(|_| bad(format!("_count must be a non-negative integer, not '{value}'"))),
-            "_offset" => value.parse().map(|n| { req.offset = n; false }).map_err(|_| bad("_offset must be an integer".into())),
-            "_snapshot" => value.parse().map(|n| { req.snapshot = Some(n); false }).map_err(|_| bad("_snapshot must be an integer".into())),
+                .map_err(|_| {
+                    bad(format!(
+                        "_count must be a non-negative integer, not '{value}'"
+                    ))
+                }),
+            "_offset" => match value.parse::<usize>() {
+                Ok(n) if n <= MAX_OFFSET => {
+                    req.offset = n;
+                    Ok(false)
+                }
+                _ => Err(bad(format!(
+                    "_offset must be an integer from 0 to {MAX_OFFSET}"
+                ))),
+            },
+            "_snapshot" => match value.parse::<i64>() {
+                Ok(n) if n >= 0 => {
+                    req.snapshot = Some(n);
+                    Ok(false)
+                }
+                _ => Err(bad("_snapshot must be a non-negative integer".into())),
+            },
             "_total" => match value.as_str() {
-                "none" | "estimate" => { req.total = Total::None; Ok(true) }
-                "accurate" => { req.total = Total::Accurate; Ok(true) }
-                _ => Err(bad(format!("_total must be none, estimate or accurate, not '{value}'"))),
+                "none" | "estimate" => {
+                    req.total = Total::None;
+                    Ok(true)
+                }
+                "accurate" => {
+                    req.total = Total::Accurate;
+                    Ok(true)
+                }
+                _ => Err(bad(format!(
+                    "_total must be none, estimate or accurate, not '{value}'"
+                ))),
             },
             "_summary" => match value.as_str() {
-                "count" => { req.summary_count = true; Ok(true) }
+                "count" => {
+                    req.summary_count = true;
+                    Ok(true)
+                }
                 "false" => Ok(true),
-                _ => Err(bad(format!("_summary={value} is not supported (supported: count, false)"))),
+                _ => Err(bad(format!(
+                    "_summary={value} is not supported (supported: count, false)"
+                ))),
             },
             "_format" | "_pretty" => Ok(false),
-            "_sort" => parse_sort(registry, res_type, value).map(|s| { req.sort = s; true }).map_err(bad),
+            "_sort" => parse_sort(registry, res_type, value)
+                .map(|s| {
+                    req.sort = s;
+                    true
+                })
+                .map_err(bad),
             "_include" | "_revinclude" => {
                 let iterate = match modifier {
                     None => false,
@@ -150,25 +232,37 @@ pub fn parse(
                     Some(m) => return Err(vec![bad(format!("unknown modifier ':{m}' on {code}"))]),
                 };
                 parse_include(registry, value, iterate, code == "_revinclude")
-                    .map(|inc| { req.includes.push(inc); true })
+                    .map(|inc| {
+                        req.includes.push(inc);
+                        true
+                    })
                     .map_err(bad)
             }
-            _ if code.starts_with('_') && registry.get(res_type, code).is_none() => {
-                Err(Issue { code: "not-supported", expression: name.clone(), diagnostics: format!("parameter '{code}' is not supported") })
-            }
+            _ if code.starts_with('_') && registry.get(res_type, code).is_none() => Err(Issue {
+                code: "not-supported",
+                expression: name.clone(),
+                diagnostics: format!("parameter '{code}' is not supported"),
+            }),
             _ => match registry.get(res_type, code) {
                 None => Err(Issue {
                     code: "not-supported",
                     expression: name.clone(),
                     diagnostics: format!("unknown search parameter '{code}' for {res_type}"),
                 }),
-                Some(p) => parse_condition(p, modifier, value, base_url).map(|c| { req.conditions.push(c); true }).map_err(bad),
+                Some(p) => parse_condition(p, modifier, value, base_url)
+                    .map(|c| {
+                        req.conditions.push(c);
+                        true
+                    })
+                    .map_err(bad),
             },
         };
         match result {
             Ok(true) => req.used.push((name.clone(), value.clone())),
             Ok(false) => {}
-            Err(issue) if issue.code == "not-supported" && !limits.strict => req.ignored.push(issue),
+            Err(issue) if issue.code == "not-supported" && !limits.strict => {
+                req.ignored.push(issue)
+            }
             Err(issue) => errors.push(issue),
         }
     }
@@ -201,7 +295,12 @@ pub fn split_values(s: &str) -> Vec<String> {
     out
 }
 
-fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_url: &str) -> Result<Condition, String> {
+fn parse_condition(
+    p: &SearchParam,
+    modifier: Option<&str>,
+    value: &str,
+    base_url: &str,
+) -> Result<Condition, String> {
     if modifier == Some("missing") {
         let missing = match value {
             "true" => true,
@@ -209,15 +308,31 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
             _ => return Err(format!(":missing takes true or false, not '{value}'")),
         };
         if p.is_resource_level() {
-            return Err(format!("{} is never missing; :missing is not supported on it", p.code));
+            return Err(format!(
+                "{} is never missing; :missing is not supported on it",
+                p.code
+            ));
         }
-        return Ok(Condition::Missing { key: p.key.clone(), kind: p.kind, missing });
+        return Ok(Condition::Missing {
+            key: p.key.clone(),
+            kind: p.kind,
+            missing,
+        });
     }
     let values = split_values(value);
+    if values.len() > MAX_VALUES {
+        return Err(format!("at most {MAX_VALUES} values per parameter"));
+    }
     if values.iter().any(String::is_empty) {
         return Err(format!("empty value in '{value}'"));
     }
-    let unsupported = |m: &str| Err(format!("modifier ':{m}' is not supported on {} ({})", p.code, p.kind.as_str()));
+    let unsupported = |m: &str| {
+        Err(format!(
+            "modifier ':{m}' is not supported on {} ({})",
+            p.code,
+            p.kind.as_str()
+        ))
+    };
     if p.code == "_id" {
         let not = match modifier {
             None => false,
@@ -230,7 +345,12 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
         if let Some(m) = modifier {
             return unsupported(m);
         }
-        return Ok(Condition::LastUpdated(values.iter().map(|v| parse_date(v)).collect::<Result<_, _>>()?));
+        return Ok(Condition::LastUpdated(
+            values
+                .iter()
+                .map(|v| parse_date(v))
+                .collect::<Result<_, _>>()?,
+        ));
     }
     Ok(match p.kind {
         ParamType::Token | ParamType::Uri => {
@@ -249,7 +369,11 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
                     _ => TokenValue::Code(v.replace("\\|", "|")),
                 })
                 .collect();
-            Condition::Token { key: p.key.clone(), not, values }
+            Condition::Token {
+                key: p.key.clone(),
+                not,
+                values,
+            }
         }
         ParamType::Reference => {
             let type_modifier = match modifier {
@@ -264,7 +388,8 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
             };
             let mut refs = Vec::new();
             for v in values {
-                let mut parts = parse_reference(&v, base_url).ok_or_else(|| format!("'{v}' is not a valid reference"))?;
+                let mut parts = parse_reference(&v, base_url)
+                    .ok_or_else(|| format!("'{v}' is not a valid reference"))?;
                 if let Some(t) = &type_modifier {
                     if parts.target_type.as_ref().is_some_and(|x| x != t) {
                         return Err(format!("'{v}' is not a {t} reference"));
@@ -273,13 +398,22 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
                 }
                 refs.push(parts);
             }
-            Condition::Reference { key: p.key.clone(), values: refs }
+            Condition::Reference {
+                key: p.key.clone(),
+                values: refs,
+            }
         }
         ParamType::Date => {
             if let Some(m) = modifier {
                 return unsupported(m);
             }
-            Condition::Date { key: p.key.clone(), values: values.iter().map(|v| parse_date(v)).collect::<Result<_, _>>()? }
+            Condition::Date {
+                key: p.key.clone(),
+                values: values
+                    .iter()
+                    .map(|v| parse_date(v))
+                    .collect::<Result<_, _>>()?,
+            }
         }
         ParamType::String => {
             let mode = match modifier {
@@ -290,9 +424,19 @@ fn parse_condition(p: &SearchParam, modifier: Option<&str>, value: &str, base_ur
             };
             let values = values
                 .into_iter()
-                .map(|v| if mode == StringMatch::Exact { v } else { super::index::normalize_string(&v) })
+                .map(|v| {
+                    if mode == StringMatch::Exact {
+                        v
+                    } else {
+                        super::index::normalize_string(&v)
+                    }
+                })
                 .collect();
-            Condition::Str { key: p.key.clone(), mode, values }
+            Condition::Str {
+                key: p.key.clone(),
+                mode,
+                values,
+            }
         }
     })
 }
@@ -308,7 +452,10 @@ fn split_token(v: &str) -> Option<(String, Option<String>)> {
         }
         if bytes[i] == b'|' {
             let code = &v[i + 1..];
-            return Some((v[..i].replace("\\|", "|"), (!code.is_empty()).then(|| code.replace("\\|", "|"))));
+            return Some((
+                v[..i].replace("\\|", "|"),
+                (!code.is_empty()).then(|| code.replace("\\|", "|")),
+            ));
         }
         i += 1;
     }
@@ -328,7 +475,8 @@ fn parse_date(v: &str) -> Result<(Prefix, i64, i64), String> {
         Some("ap") => (Prefix::Ap, &v[2..]),
         _ => (Prefix::Eq, v),
     };
-    let (lo, hi) = dates::range(rest).ok_or_else(|| format!("'{v}' is not a valid date search value"))?;
+    let (lo, hi) =
+        dates::range(rest).ok_or_else(|| format!("'{v}' is not a valid date search value"))?;
     Ok((prefix, lo, hi))
 }
 
@@ -343,11 +491,19 @@ fn parse_sort(registry: &Registry, res_type: &str, value: &str) -> Result<Vec<So
             "_id" => SortKey::Id { descending },
             "_lastUpdated" => SortKey::LastUpdated { descending },
             _ => {
-                let p = registry.get(res_type, code).ok_or_else(|| format!("cannot sort by unknown parameter '{code}'"))?;
+                let p = registry
+                    .get(res_type, code)
+                    .ok_or_else(|| format!("cannot sort by unknown parameter '{code}'"))?;
                 if p.kind == ParamType::Reference {
-                    return Err(format!("sorting by reference parameter '{code}' is not supported"));
+                    return Err(format!(
+                        "sorting by reference parameter '{code}' is not supported"
+                    ));
                 }
-                SortKey::Param { key: p.key.clone(), kind: p.kind, descending }
+                SortKey::Param {
+                    key: p.key.clone(),
+                    kind: p.kind,
+                    descending,
+                }
             }
         };
         keys.push(key);
@@ -355,7 +511,12 @@ fn parse_sort(registry: &Registry, res_type: &str, value: &str) -> Result<Vec<So
     Ok(keys)
 }
 
-fn parse_include(registry: &Registry, value: &str, iterate: bool, reverse: bool) -> Result<Include, String> {
+fn parse_include(
+    registry: &Registry,
+    value: &str,
+    iterate: bool,
+    reverse: bool,
+) -> Result<Include, String> {
     let mut parts = value.split(':');
     let (source_type, code, target) = (parts.next(), parts.next(), parts.next());
     let (Some(source_type), Some(code)) = (source_type, code) else {
@@ -381,7 +542,10 @@ mod tests {
     #[test]
     fn splits_escaped_values() {
         assert_eq!(split_values(r"a,b\,c"), vec!["a", "b,c"]);
-        assert_eq!(split_token("http://s|c"), Some(("http://s".into(), Some("c".into()))));
+        assert_eq!(
+            split_token("http://s|c"),
+            Some(("http://s".into(), Some("c".into())))
+        );
         assert_eq!(split_token("|c"), Some(("".into(), Some("c".into()))));
         assert_eq!(split_token("http://s|"), Some(("http://s".into(), None)));
         assert_eq!(split_token("c"), None);

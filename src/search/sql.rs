@@ -12,7 +12,10 @@ pub struct Sql {
 
 impl Sql {
     fn new() -> Sql {
-        Sql { text: String::new(), binds: Vec::new() }
+        Sql {
+            text: String::new(),
+            binds: Vec::new(),
+        }
     }
     fn push(&mut self, s: &str) {
         self.text.push_str(s);
@@ -55,7 +58,11 @@ fn drives(c: &Condition) -> bool {
 /// `FROM resources r WHERE …` for the search (without ORDER BY).
 fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
-    let hint = if dialect == Dialect::Sqlite && req.conditions.iter().any(drives) { " NOT INDEXED" } else { "" };
+    let hint = if dialect == Dialect::Sqlite && req.conditions.iter().any(drives) {
+        " NOT INDEXED"
+    } else {
+        ""
+    };
     q.push(&format!(" FROM resources r{hint} WHERE r.res_type = "));
     q.bind(res_type);
     q.push(" AND r.deleted = 0 AND r.rid <= ");
@@ -78,27 +85,72 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
     q.push(" ORDER BY ");
     for key in &req.sort {
         match key {
-            SortKey::Id { descending } => q.push(if *descending { "r.fhir_id DESC" } else { "r.fhir_id ASC" }),
-            SortKey::LastUpdated { descending } => {
-                q.push(if *descending { "r.last_updated DESC" } else { "r.last_updated ASC" })
-            }
-            SortKey::Param { key, kind, descending } => {
+            SortKey::Id { descending } => q.push(if *descending {
+                "r.fhir_id DESC"
+            } else {
+                "r.fhir_id ASC"
+            }),
+            SortKey::LastUpdated { descending } => q.push(if *descending {
+                "r.last_updated DESC"
+            } else {
+                "r.last_updated ASC"
+            }),
+            SortKey::Param {
+                key,
+                kind,
+                descending,
+            } => {
                 let (table, col) = match kind {
-                    ParamType::Date => ("idx_date", if *descending { "MAX(s.hi)" } else { "MIN(s.lo)" }),
-                    ParamType::String => ("idx_string", if *descending { "MAX(s.norm)" } else { "MIN(s.norm)" }),
-                    _ => ("idx_token", if *descending { "MAX(s.code)" } else { "MIN(s.code)" }),
+                    ParamType::Date => (
+                        "idx_date",
+                        if *descending {
+                            "MAX(s.hi)"
+                        } else {
+                            "MIN(s.lo)"
+                        },
+                    ),
+                    ParamType::String => (
+                        "idx_string",
+                        if *descending {
+                            "MAX(s.norm)"
+                        } else {
+                            "MIN(s.norm)"
+                        },
+                    ),
+                    _ => (
+                        "idx_token",
+                        if *descending {
+                            "MAX(s.code)"
+                        } else {
+                            "MIN(s.code)"
+                        },
+                    ),
                 };
-                q.push(&format!("(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ", dialect.by_rid(table)));
+                q.push(&format!(
+                    "(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ",
+                    dialect.by_rid(table)
+                ));
                 q.bind(key.as_str());
-                q.push(if *descending { ") DESC NULLS LAST" } else { ") ASC NULLS LAST" });
+                q.push(if *descending {
+                    ") DESC NULLS LAST"
+                } else {
+                    ") ASC NULLS LAST"
+                });
             }
         }
         q.push(", ");
     }
     let last_desc = req.sort.is_empty()
-        || matches!(req.sort.last(), Some(SortKey::LastUpdated { descending: true }));
+        || matches!(
+            req.sort.last(),
+            Some(SortKey::LastUpdated { descending: true })
+        );
     // Default order: most recently created first; always a total order so pages never overlap.
-    q.push(if last_desc && req.sort.is_empty() { "r.rid DESC" } else { "r.rid ASC" });
+    q.push(if last_desc && req.sort.is_empty() {
+        "r.rid DESC"
+    } else {
+        "r.rid ASC"
+    });
     q.push(" LIMIT ");
     q.bind(req.count as i64 + 1);
     q.push(" OFFSET ");
@@ -118,7 +170,11 @@ pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialec
 fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
     match c {
         Condition::Id { not, ids } => {
-            q.push(if *not { "r.fhir_id NOT IN (" } else { "r.fhir_id IN (" });
+            q.push(if *not {
+                "r.fhir_id NOT IN ("
+            } else {
+                "r.fhir_id IN ("
+            });
             for (i, id) in ids.iter().enumerate() {
                 if i > 0 {
                     q.push(", ");
@@ -138,14 +194,25 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             q.push(")");
         }
         Condition::Missing { key, kind, missing } => {
-            q.push(if *missing { "NOT EXISTS (SELECT 1 FROM " } else { "EXISTS (SELECT 1 FROM " });
+            q.push(if *missing {
+                "NOT EXISTS (SELECT 1 FROM "
+            } else {
+                "EXISTS (SELECT 1 FROM "
+            });
             q.push(table(*kind));
-            q.push(&format!(" m{} WHERE m.rid = r.rid AND m.param = ", dialect.by_rid(table(*kind))));
+            q.push(&format!(
+                " m{} WHERE m.rid = r.rid AND m.param = ",
+                dialect.by_rid(table(*kind))
+            ));
             q.bind(key.as_str());
             q.push(")");
         }
         Condition::Token { key, not, values } => {
-            q.push(if *not { "r.rid NOT IN (SELECT rid FROM idx_token WHERE param = " } else { "r.rid IN (SELECT rid FROM idx_token WHERE param = " });
+            q.push(if *not {
+                "r.rid NOT IN (SELECT rid FROM idx_token WHERE param = "
+            } else {
+                "r.rid IN (SELECT rid FROM idx_token WHERE param = "
+            });
             q.bind(key.as_str());
             q.push(" AND (");
             for (i, v) in values.iter().enumerate() {
@@ -212,7 +279,13 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
             // `ne` must also match resources whose every value differs, so it negates `eq` over the set.
             if ne {
-                q.push("r.rid NOT IN (SELECT rid FROM idx_date WHERE param = ");
+                // Resources without a value for the parameter match no date search (only :missing).
+                q.push(&format!(
+                    "EXISTS (SELECT 1 FROM idx_date m{} WHERE m.rid = r.rid AND m.param = ",
+                    dialect.by_rid("idx_date")
+                ));
+                q.bind(key.as_str());
+                q.push(") AND r.rid NOT IN (SELECT rid FROM idx_date WHERE param = ");
             } else {
                 q.push("r.rid IN (SELECT rid FROM idx_date WHERE param = ");
             }
@@ -276,16 +349,36 @@ fn date_cond(q: &mut Sql, lo_col: &str, hi_col: &str, prefix: Prefix, pl: i64, p
         q.push(tail);
     };
     match prefix {
-        Prefix::Eq => c(&[(&format!("({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)], ")"),
-        Prefix::Ne => c(&[(&format!("NOT ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)], ")"),
+        Prefix::Eq => c(
+            &[
+                (&format!("({lo_col} >= "), pl),
+                (&format!(" AND {hi_col} <= "), ph),
+            ],
+            ")",
+        ),
+        Prefix::Ne => c(
+            &[
+                (&format!("NOT ({lo_col} >= "), pl),
+                (&format!(" AND {hi_col} <= "), ph),
+            ],
+            ")",
+        ),
         Prefix::Gt => c(&[(&format!("{hi_col} > "), ph)], ""),
         Prefix::Lt => c(&[(&format!("{lo_col} < "), pl)], ""),
         Prefix::Ge => c(
-            &[(&format!("({hi_col} > "), ph), (&format!(" OR ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)],
+            &[
+                (&format!("({hi_col} > "), ph),
+                (&format!(" OR ({lo_col} >= "), pl),
+                (&format!(" AND {hi_col} <= "), ph),
+            ],
             "))",
         ),
         Prefix::Le => c(
-            &[(&format!("({lo_col} < "), pl), (&format!(" OR ({lo_col} >= "), pl), (&format!(" AND {hi_col} <= "), ph)],
+            &[
+                (&format!("({lo_col} < "), pl),
+                (&format!(" OR ({lo_col} >= "), pl),
+                (&format!(" AND {hi_col} <= "), ph),
+            ],
             "))",
         ),
         Prefix::Sa => c(&[(&format!("{lo_col} > "), ph)], ""),
@@ -294,11 +387,19 @@ fn date_cond(q: &mut Sql, lo_col: &str, hi_col: &str, prefix: Prefix, pl: i64, p
             // Approximately: within 10% of the distance between the value and now (at least a day).
             let now = super::dates::now_micros();
             let w = ((now - pl).abs() / 10).max(86_400_000_000);
-            c(&[(&format!("({lo_col} <= "), ph + w), (&format!(" AND {hi_col} >= "), pl - w)], ")")
+            c(
+                &[
+                    (&format!("({lo_col} <= "), ph + w),
+                    (&format!(" AND {hi_col} >= "), pl - w),
+                ],
+                ")",
+            )
         }
     }
 }
 
 fn like_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }

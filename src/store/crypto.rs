@@ -24,7 +24,10 @@ impl MasterKey {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
             .map_err(|_| anyhow::anyhow!("the master key must be base64"))?;
-        anyhow::ensure!(bytes.len() == 32, "the master key must be 32 bytes (base64 of 32 random bytes)");
+        anyhow::ensure!(
+            bytes.len() == 32,
+            "the master key must be 32 bytes (base64 of 32 random bytes)"
+        );
         let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes));
         // Key-check value: the key encrypting a fixed block; a fingerprint, not the key.
         let kcv = cipher
@@ -36,13 +39,17 @@ impl MasterKey {
 
     /// The configured key, else the key file, else a new key written to the key file with mode 0600.
     /// Returns the key and whether it was just created.
-    pub fn load_or_create(configured: Option<&SecretString>, file: &Path) -> anyhow::Result<(MasterKey, bool)> {
+    pub fn load_or_create(
+        configured: Option<&SecretString>,
+        file: &Path,
+    ) -> anyhow::Result<(MasterKey, bool)> {
         if let Some(k) = configured {
             return Ok((MasterKey::from_base64(k.expose_secret())?, false));
         }
         if file.exists() {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| anyhow::anyhow!("cannot read master key file {}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                anyhow::anyhow!("cannot read master key file {}: {e}", file.display())
+            })?;
             return Ok((MasterKey::from_base64(&text)?, false));
         }
         if let Some(dir) = file.parent() {
@@ -62,9 +69,15 @@ impl MasterKey {
     }
 
     fn unwrap(&self, wrapped: &[u8], key_id: &str) -> anyhow::Result<[u8; 32]> {
-        let plain = open(&self.cipher, wrapped, key_id.as_bytes())
-            .map_err(|_| anyhow::anyhow!("data key {key_id} cannot be unwrapped with master key {}", self.id))?;
-        plain.try_into().map_err(|_| anyhow::anyhow!("data key {key_id} has the wrong length"))
+        let plain = open(&self.cipher, wrapped, key_id.as_bytes()).map_err(|_| {
+            anyhow::anyhow!(
+                "data key {key_id} cannot be unwrapped with master key {}",
+                self.id
+            )
+        })?;
+        plain
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("data key {key_id} has the wrong length"))
     }
 }
 
@@ -72,7 +85,11 @@ impl MasterKey {
 fn write_private(file: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -98,7 +115,11 @@ pub struct Keyring {
 
 impl Keyring {
     pub fn new(master: MasterKey) -> Keyring {
-        Keyring { master, keys: Default::default(), active: Default::default() }
+        Keyring {
+            master,
+            keys: Default::default(),
+            active: Default::default(),
+        }
     }
 
     pub fn master_key_id(&self) -> &str {
@@ -117,7 +138,10 @@ impl Keyring {
     /// Unwraps a stored data key into memory; `active` makes it the key for new writes.
     pub fn install(&self, key: &WrappedKey, active: bool) -> anyhow::Result<()> {
         let dk = self.master.unwrap(&key.wrapped, &key.key_id)?;
-        self.keys.write().insert(key.key_id.clone(), Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dk)));
+        self.keys.write().insert(
+            key.key_id.clone(),
+            Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dk)),
+        );
         if active {
             *self.active.write() = key.key_id.clone();
         }
@@ -128,14 +152,19 @@ impl Keyring {
     pub fn seal(&self, plain: &[u8], aad: &str) -> (String, Vec<u8>) {
         let key_id = self.active.read().clone();
         let keys = self.keys.read();
-        let cipher = keys.get(&key_id).expect("an active data key is installed at start-up");
+        let cipher = keys
+            .get(&key_id)
+            .expect("an active data key is installed at start-up");
         (key_id, seal(cipher, plain, aad.as_bytes()))
     }
 
     pub fn open(&self, key_id: &str, sealed: &[u8], aad: &str) -> anyhow::Result<Vec<u8>> {
         let keys = self.keys.read();
-        let cipher = keys.get(key_id).ok_or_else(|| anyhow::anyhow!("data key {key_id} is not available"))?;
-        open(cipher, sealed, aad.as_bytes()).map_err(|_| anyhow::anyhow!("stored data failed authentication"))
+        let cipher = keys
+            .get(key_id)
+            .ok_or_else(|| anyhow::anyhow!("data key {key_id} is not available"))?;
+        open(cipher, sealed, aad.as_bytes())
+            .map_err(|_| anyhow::anyhow!("stored data failed authentication"))
     }
 }
 
@@ -169,20 +198,31 @@ mod tests {
 
     #[test]
     fn sealed_data_opens_only_with_its_row_identity() {
-        let mk = MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])).unwrap();
+        let mk =
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
+                .unwrap();
         let ring = Keyring::new(mk);
         let k = ring.generate();
         ring.install(&k, true).unwrap();
         let (kid, sealed) = ring.seal(b"secret text", "Communication/1/1");
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
-        assert_eq!(ring.open(&kid, &sealed, "Communication/1/1").unwrap(), b"secret text");
+        assert_eq!(
+            ring.open(&kid, &sealed, "Communication/1/1").unwrap(),
+            b"secret text"
+        );
         assert!(ring.open(&kid, &sealed, "Communication/2/1").is_err());
     }
 
     #[test]
     fn a_data_key_does_not_unwrap_under_another_master_key() {
-        let a = Keyring::new(MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([1u8; 32])).unwrap());
-        let b = Keyring::new(MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([2u8; 32])).unwrap());
+        let a = Keyring::new(
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([1u8; 32]))
+                .unwrap(),
+        );
+        let b = Keyring::new(
+            MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([2u8; 32]))
+                .unwrap(),
+        );
         let k = a.generate();
         assert!(b.install(&k, true).is_err());
         assert_ne!(a.master_key_id(), b.master_key_id());

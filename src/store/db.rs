@@ -85,12 +85,24 @@ macro_rules! bind_all {
     }};
 }
 
-fn sqlite_query(sql: &str, binds: Vec<Bind>) -> BoxedSqlQuery<'static, Sqlite, diesel::query_builder::SqlQuery> {
-    bind_all!(diesel::sql_query(sql.to_string()).into_boxed::<Sqlite>(), binds)
+fn sqlite_query(
+    sql: &str,
+    binds: Vec<Bind>,
+) -> BoxedSqlQuery<'static, Sqlite, diesel::query_builder::SqlQuery> {
+    bind_all!(
+        diesel::sql_query(sql.to_string()).into_boxed::<Sqlite>(),
+        binds
+    )
 }
 
-fn pg_query(sql: &str, binds: Vec<Bind>) -> BoxedSqlQuery<'static, Pg, diesel::query_builder::SqlQuery> {
-    bind_all!(diesel::sql_query(pg_placeholders(sql)).into_boxed::<Pg>(), binds)
+fn pg_query(
+    sql: &str,
+    binds: Vec<Bind>,
+) -> BoxedSqlQuery<'static, Pg, diesel::query_builder::SqlQuery> {
+    bind_all!(
+        diesel::sql_query(pg_placeholders(sql)).into_boxed::<Pg>(),
+        binds
+    )
 }
 
 /// `?` → `$1, $2, …` (our SQL never has a `?` inside a literal).
@@ -201,7 +213,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
         // "database is locked"); here only per-connection settings.
         let sync = SQLITE_SYNC.get().map(String::as_str).unwrap_or("FULL");
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536;"
+            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA mmap_size = 17179869184;"
         ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -231,7 +243,9 @@ impl Db {
             }
             let sync = match sqlite_synchronous {
                 "NORMAL" | "FULL" | "EXTRA" => sqlite_synchronous.to_string(),
-                other => anyhow::bail!("COURIER_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA, not '{other}'"),
+                other => anyhow::bail!(
+                    "COURIER_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA, not '{other}'"
+                ),
             };
             let _ = SQLITE_SYNC.set(sync);
             {

@@ -31,8 +31,15 @@ impl Incoming {
     /// Parses JSON text; the caller checks it with `fhir_codec::check` before writing.
     pub fn parse(text: &str) -> Result<Incoming, String> {
         let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let map: indexmap_like::Members = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        Ok(Incoming { value, members: map.0 })
+        // serde_json keeps the last of two equal keys; the raw text would keep both. Refuse them.
+        serde_json::from_str::<indexmap_like::NoDuplicateKeys>(text)
+            .map_err(|e| format!("invalid JSON: {e}"))?;
+        let map: indexmap_like::Members =
+            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        Ok(Incoming {
+            value,
+            members: map.0,
+        })
     }
 
     /// From a value (PATCH results, Bundle entries after reference rewriting).
@@ -41,7 +48,12 @@ impl Incoming {
             .as_object()
             .map(|o| {
                 o.iter()
-                    .map(|(k, v)| (k.clone(), RawValue::from_string(v.to_string()).expect("valid JSON")))
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            RawValue::from_string(v.to_string()).expect("valid JSON"),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -56,6 +68,62 @@ mod indexmap_like {
 
     pub struct Members(pub Vec<(String, Box<RawValue>)>);
 
+    /// Walks a JSON document and fails on a key repeated within one object, at any depth.
+    pub struct NoDuplicateKeys;
+
+    impl<'de> Deserialize<'de> for NoDuplicateKeys {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = NoDuplicateKeys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("JSON")
+                }
+                fn visit_map<A: MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<NoDuplicateKeys, A::Error> {
+                    let mut keys = std::collections::HashSet::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        if !keys.insert(k.clone()) {
+                            return Err(serde::de::Error::custom(format!(
+                                "duplicate member '{k}'"
+                            )));
+                        }
+                        m.next_value::<NoDuplicateKeys>()?;
+                    }
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut s: A,
+                ) -> Result<NoDuplicateKeys, A::Error> {
+                    while s.next_element::<NoDuplicateKeys>()?.is_some() {}
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_str<E>(self, _: &str) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+                fn visit_unit<E>(self) -> Result<NoDuplicateKeys, E> {
+                    Ok(NoDuplicateKeys)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
     impl<'de> Deserialize<'de> for Members {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V;
@@ -68,7 +136,9 @@ mod indexmap_like {
                     let mut out = Vec::new();
                     while let Some((k, v)) = m.next_entry::<String, Box<RawValue>>()? {
                         if out.iter().any(|(x, _): &(String, _)| x == &k) {
-                            return Err(serde::de::Error::custom(format!("duplicate member '{k}'")));
+                            return Err(serde::de::Error::custom(format!(
+                                "duplicate member '{k}'"
+                            )));
                         }
                         out.push((k, v));
                     }
@@ -84,10 +154,26 @@ mod indexmap_like {
 #[derive(Debug, Clone)]
 pub enum WriteOp {
     /// Create with a server-assigned id (already chosen, so transactions can resolve `urn:uuid:`).
-    Create { res_type: String, id: String, resource: Incoming, if_none_exist: Option<SearchRequest> },
+    Create {
+        res_type: String,
+        id: String,
+        resource: Incoming,
+        if_none_exist: Option<SearchRequest>,
+    },
     /// Update; `upsert` allows create-with-client-id when the resource does not exist.
-    Update { res_type: String, id: String, resource: Incoming, if_match: Option<i64>, upsert: bool, patch: bool },
-    Delete { res_type: String, id: String, if_match: Option<i64> },
+    Update {
+        res_type: String,
+        id: String,
+        resource: Incoming,
+        if_match: Option<i64>,
+        upsert: bool,
+        patch: bool,
+    },
+    Delete {
+        res_type: String,
+        id: String,
+        if_match: Option<i64>,
+    },
 }
 
 impl WriteOp {
@@ -138,7 +224,9 @@ impl Stored {
         format!("W/\"{}\"", self.version_id)
     }
     pub fn body_str(&self) -> Option<&str> {
-        self.body.as_deref().and_then(|b| std::str::from_utf8(b).ok())
+        self.body
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
 }
 
@@ -178,6 +266,12 @@ impl From<diesel::result::Error> for StoreError {
             Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => {
                 StoreError::Conflict("a concurrent update conflicted with this one; retry".into())
             }
+            // PostgreSQL deadlock (40P01): one of two crossing transactions was chosen to fail.
+            Error::DatabaseError(_, ref info) if info.message().contains("deadlock detected") => {
+                StoreError::Conflict(
+                    "a concurrent transaction conflicted with this one; retry".into(),
+                )
+            }
             other => StoreError::Db(other),
         }
     }
@@ -191,6 +285,9 @@ pub struct SearchPage {
     pub has_next: bool,
     pub snapshot: i64,
 }
+
+/// At most this many resources are added by `_include`/`_revinclude` to one page.
+pub const MAX_INCLUDED: usize = 1000;
 
 pub struct Store {
     pub db: Db,
@@ -230,7 +327,12 @@ struct Slot {
 
 impl Store {
     /// Connects, migrates and loads the data keys (creating the first one on a new database).
-    pub fn open(db: Db, master: MasterKey, registry: Arc<Registry>, base_url: &str) -> anyhow::Result<Store> {
+    pub fn open(
+        db: Db,
+        master: MasterKey,
+        registry: Arc<Registry>,
+        base_url: &str,
+    ) -> anyhow::Result<Store> {
         let store = Store {
             db,
             keys: Keyring::new(master),
@@ -245,11 +347,16 @@ impl Store {
 
     fn load_keys(&self) -> anyhow::Result<()> {
         let mut c = self.db.get()?;
-        let rows: Vec<KeyRow> = with_conn!(c, |c| c.load(
+        let rows: Vec<KeyRow> = with_conn!(c, |c| {
+            c.load(
             "SELECT key_id, master_key_id, wrapped FROM data_keys ORDER BY created_at ASC, key_id ASC",
             vec![]
-        ))?;
-        let mine: Vec<&KeyRow> = rows.iter().filter(|r| r.master_key_id == self.keys.master_key_id()).collect();
+        )
+        })?;
+        let mine: Vec<&KeyRow> = rows
+            .iter()
+            .filter(|r| r.master_key_id == self.keys.master_key_id())
+            .collect();
         if !rows.is_empty() && mine.is_empty() {
             anyhow::bail!(
                 "the database's data keys are wrapped by master key(s) {:?}, but the configured master key is {}: \
@@ -259,12 +366,16 @@ impl Store {
             );
         }
         for (i, r) in mine.iter().enumerate() {
-            let k = WrappedKey { key_id: r.key_id.clone(), wrapped: r.wrapped.clone() };
+            let k = WrappedKey {
+                key_id: r.key_id.clone(),
+                wrapped: r.wrapped.clone(),
+            };
             self.keys.install(&k, i + 1 == mine.len())?;
         }
         if mine.is_empty() {
             let k = self.keys.generate();
-            with_conn!(c, |c| c.execute(
+            with_conn!(c, |c| {
+                c.execute(
                 "INSERT INTO data_keys (key_id, master_key_id, wrapped, created_at) VALUES (?, ?, ?, ?)",
                 vec![
                     k.key_id.clone().into(),
@@ -272,7 +383,8 @@ impl Store {
                     k.wrapped.clone().into(),
                     dates::now_micros().into()
                 ]
-            ))?;
+            )
+            })?;
             self.keys.install(&k, true)?;
         }
         Ok(())
@@ -280,15 +392,23 @@ impl Store {
 
     /// Is the database reachable?
     pub fn ping(&self) -> bool {
-        let Ok(mut c) = self.db.get() else { return false };
-        with_conn!(c, |c| c.load::<CountRow>("SELECT CAST(1 AS BIGINT) AS n", vec![])).is_ok()
+        let Ok(mut c) = self.db.get() else {
+            return false;
+        };
+        with_conn!(c, |c| c
+            .load::<CountRow>("SELECT CAST(1 AS BIGINT) AS n", vec![]))
+        .is_ok()
     }
 
     // ----- writes -------------------------------------------------------------------------------
 
     /// Applies `ops` in one transaction, all or nothing, with an AuditEvent per op in the same
     /// transaction.
-    pub fn write(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> Result<Vec<WriteResult>, StoreError> {
+    pub fn write(
+        &self,
+        ops: Vec<WriteOp>,
+        ctx: &audit::Context,
+    ) -> Result<Vec<WriteResult>, StoreError> {
         self.submit(Job::Ops(ops, ctx.clone()))
     }
 
@@ -312,7 +432,10 @@ impl Store {
             let mut c = self.db.get()?;
             return with_conn!(c, |c| c.write_tx(|c| self.run_job(c, job)));
         }
-        let slot = Arc::new(Slot { job: parking_lot::Mutex::new(Some(job)), result: parking_lot::Mutex::new(None) });
+        let slot = Arc::new(Slot {
+            job: parking_lot::Mutex::new(Some(job)),
+            result: parking_lot::Mutex::new(None),
+        });
         self.pending.lock().push(slot.clone());
         let _leader = self.sqlite_writer.lock();
         let done = slot.result.lock().take();
@@ -345,7 +468,8 @@ impl Store {
                     BatchAbort::Job(i, e) => Ok(Err((i, e))),
                     BatchAbort::Store(e) => Err(e),
                 })
-            })();
+            })(
+            );
             match attempt {
                 Ok(Ok(results)) => {
                     for ((s, _), r) in batch.drain(..).zip(results) {
@@ -360,7 +484,9 @@ impl Store {
                     tracing::error!(error = %e, jobs = batch.len(), "group commit failed");
                     let msg = e.to_string();
                     for (s, _) in batch.drain(..) {
-                        *s.result.lock() = Some(Err(StoreError::Other(anyhow::anyhow!("commit failed: {msg}"))));
+                        *s.result.lock() = Some(Err(StoreError::Other(anyhow::anyhow!(
+                            "commit failed: {msg}"
+                        ))));
                     }
                 }
             }
@@ -380,13 +506,19 @@ impl Store {
                 for op in ops {
                     let interaction = op.interaction();
                     let patient = match &op {
-                        WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => audit::patient_of(&resource.value),
+                        WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
+                            audit::patient_of(&resource.value)
+                        }
                         WriteOp::Delete { .. } => None,
                     };
                     let r = self.apply(c, op)?;
                     if r.status != WriteStatus::Existing {
-                        let what = format!("{}/{}/_history/{}", r.stored.res_type, r.stored.id, r.stored.version_id);
-                        let ev = audit::event(&ctx, interaction, Some(&what), patient.as_deref(), None);
+                        let what = format!(
+                            "{}/{}/_history/{}",
+                            r.stored.res_type, r.stored.id, r.stored.version_id
+                        );
+                        let ev =
+                            audit::event(&ctx, interaction, Some(&what), patient.as_deref(), None);
                         self.insert_audit(c, ev)?;
                     }
                     results.push(r);
@@ -405,11 +537,19 @@ impl Store {
 
     fn apply<C: Conn>(&self, c: &mut C, op: WriteOp) -> Result<WriteResult, StoreError> {
         match op {
-            WriteOp::Create { res_type, id, resource, if_none_exist } => {
+            WriteOp::Create {
+                res_type,
+                id,
+                resource,
+                if_none_exist,
+            } => {
                 if let Some(cond) = if_none_exist {
                     if c.is_postgres() {
                         // Serialise conditional creates of the same type so two cannot both create.
-                        c.execute("SELECT pg_advisory_xact_lock(hashtext(?))", vec![res_type.clone().into()])?;
+                        c.execute(
+                            "SELECT pg_advisory_xact_lock(hashtext(?))",
+                            vec![res_type.clone().into()],
+                        )?;
                     }
                     let snapshot = i64::MAX / 2;
                     let mut probe = cond.clone();
@@ -421,7 +561,10 @@ impl Store {
                         0 => {}
                         1 => {
                             let stored = self.load_current(c, &res_type, &found[0].fhir_id)?;
-                            return Ok(WriteResult { status: WriteStatus::Existing, stored });
+                            return Ok(WriteResult {
+                                status: WriteStatus::Existing,
+                                stored,
+                            });
                         }
                         _ => {
                             return Err(StoreError::PreconditionFailed(format!(
@@ -433,9 +576,19 @@ impl Store {
                 // The id is server-assigned (UUIDv7), so no lookup first: should it ever exist, the
                 // unique (res_type, fhir_id) constraint refuses the insert as a conflict.
                 let stored = self.put_version(c, &res_type, &id, None, Some(&resource), "POST")?;
-                Ok(WriteResult { status: WriteStatus::Created, stored })
+                Ok(WriteResult {
+                    status: WriteStatus::Created,
+                    stored,
+                })
             }
-            WriteOp::Update { res_type, id, resource, if_match, upsert, patch } => {
+            WriteOp::Update {
+                res_type,
+                id,
+                resource,
+                if_match,
+                upsert,
+                patch,
+            } => {
                 let head = self.head(c, &res_type, &id)?;
                 match (&head, if_match) {
                     (None, Some(v)) => {
@@ -450,15 +603,26 @@ impl Store {
                             h.version_id
                         )))
                     }
-                    (Some(h), _) if patch && h.deleted != 0 => return Err(StoreError::Gone(res_type, id)),
+                    (Some(h), _) if patch && h.deleted != 0 => {
+                        return Err(StoreError::Gone(res_type, id))
+                    }
                     _ => {}
                 }
                 let method = if patch { "PATCH" } else { "PUT" };
-                let status = if head.as_ref().is_some_and(|h| h.deleted == 0) { WriteStatus::Updated } else { WriteStatus::Created };
-                let stored = self.put_version(c, &res_type, &id, head.as_ref(), Some(&resource), method)?;
+                let status = if head.as_ref().is_some_and(|h| h.deleted == 0) {
+                    WriteStatus::Updated
+                } else {
+                    WriteStatus::Created
+                };
+                let stored =
+                    self.put_version(c, &res_type, &id, head.as_ref(), Some(&resource), method)?;
                 Ok(WriteResult { status, stored })
             }
-            WriteOp::Delete { res_type, id, if_match } => {
+            WriteOp::Delete {
+                res_type,
+                id,
+                if_match,
+            } => {
                 let head = self.head(c, &res_type, &id)?;
                 match head {
                     Some(h) if h.deleted == 0 => {
@@ -470,9 +634,16 @@ impl Store {
                                 )));
                             }
                         }
-                        let stored = self.put_version(c, &res_type, &id, Some(&h), None, "DELETE")?;
-                        Ok(WriteResult { status: WriteStatus::Deleted, stored })
+                        let stored =
+                            self.put_version(c, &res_type, &id, Some(&h), None, "DELETE")?;
+                        Ok(WriteResult {
+                            status: WriteStatus::Deleted,
+                            stored,
+                        })
                     }
+                    _ if if_match.is_some() => Err(StoreError::PreconditionFailed(format!(
+                        "If-Match given but {res_type}/{id} does not exist or is deleted"
+                    ))),
                     other => Ok(WriteResult {
                         status: WriteStatus::NothingToDelete,
                         stored: Stored {
@@ -490,7 +661,12 @@ impl Store {
         }
     }
 
-    fn head<C: Conn>(&self, c: &mut C, res_type: &str, id: &str) -> Result<Option<HeadRow>, StoreError> {
+    fn head<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        id: &str,
+    ) -> Result<Option<HeadRow>, StoreError> {
         let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
         let rows: Vec<HeadRow> = c.load(
             &format!(
@@ -525,7 +701,10 @@ impl Store {
                     vec![version_id.into(), last_updated.into(), (deleted as i64).into(), h.rid.into()],
                 )?;
                 for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
-                    c.execute(&format!("DELETE FROM {t} WHERE rid = ?"), vec![h.rid.into()])?;
+                    c.execute(
+                        &format!("DELETE FROM {t} WHERE rid = ?"),
+                        vec![h.rid.into()],
+                    )?;
                 }
                 h.rid
             }
@@ -573,14 +752,22 @@ impl Store {
         with_conn!(c, |c| self.load_current(c, res_type, id))
     }
 
-    fn load_current<C: Conn>(&self, c: &mut C, res_type: &str, id: &str) -> Result<Stored, StoreError> {
+    fn load_current<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        id: &str,
+    ) -> Result<Stored, StoreError> {
         let rows: Vec<VersionRow> = c.load(
             "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
              FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
              WHERE r.res_type = ? AND r.fhir_id = ?",
             vec![res_type.into(), id.into()],
         )?;
-        let row = rows.into_iter().next().ok_or_else(|| StoreError::NotFound(res_type.into(), id.into()))?;
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::NotFound(res_type.into(), id.into()))?;
         if row.deleted != 0 {
             return Err(StoreError::Gone(res_type.into(), id.into()));
         }
@@ -590,13 +777,17 @@ impl Store {
     /// One version; a deleted version reads as `Gone`.
     pub fn vread(&self, res_type: &str, id: &str, version: i64) -> Result<Stored, StoreError> {
         let mut c = self.db.get()?;
-        let rows: Vec<VersionRow> = with_conn!(c, |c| c.load(
+        let rows: Vec<VersionRow> = with_conn!(c, |c| {
+            c.load(
             "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
              FROM resources r JOIN resource_versions v ON v.rid = r.rid \
              WHERE r.res_type = ? AND r.fhir_id = ? AND v.version_id = ?",
             vec![res_type.into(), id.into(), version.into()]
-        ))?;
-        let row = rows.into_iter().next().ok_or_else(|| StoreError::NotFound(res_type.into(), format!("{id}/_history/{version}")))?;
+        )
+        })?;
+        let row = rows.into_iter().next().ok_or_else(|| {
+            StoreError::NotFound(res_type.into(), format!("{id}/_history/{version}"))
+        })?;
         if row.deleted != 0 {
             return Err(StoreError::Gone(res_type.into(), id.into()));
         }
@@ -641,7 +832,13 @@ impl Store {
             }
             let snapshot = match snapshot {
                 Some(s) => s,
-                None => c.load::<CountRow>("SELECT COALESCE(MAX(vid), 0) AS n FROM resource_versions", vec![])?[0].n,
+                None => {
+                    c.load::<CountRow>(
+                        "SELECT COALESCE(MAX(vid), 0) AS n FROM resource_versions",
+                        vec![],
+                    )?[0]
+                        .n
+                }
             };
             let mut sql = String::from(
                 "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
@@ -662,7 +859,10 @@ impl Store {
             let mut rows: Vec<VersionRow> = c.load(&sql, binds)?;
             let has_next = rows.len() > count;
             rows.truncate(count);
-            let out = rows.into_iter().map(|r| self.open_row(r)).collect::<Result<Vec<_>, _>>()?;
+            let out = rows
+                .into_iter()
+                .map(|r| self.open_row(r))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok((out, has_next, snapshot))
         })
     }
@@ -673,7 +873,11 @@ impl Store {
         with_conn!(c, |c| {
             let snapshot = match req.snapshot {
                 Some(s) => s,
-                None => c.load::<CountRow>("SELECT COALESCE(MAX(rid), 0) AS n FROM resources", vec![])?[0].n,
+                None => {
+                    c.load::<CountRow>("SELECT COALESCE(MAX(rid), 0) AS n FROM resources", vec![])?
+                        [0]
+                    .n
+                }
             };
             let want_total = req.total == Total::Accurate || req.summary_count;
             let total = if want_total {
@@ -683,23 +887,43 @@ impl Store {
                 None
             };
             if req.summary_count {
-                return Ok(SearchPage { matches: vec![], included: vec![], total, has_next: false, snapshot });
+                return Ok(SearchPage {
+                    matches: vec![],
+                    included: vec![],
+                    total,
+                    has_next: false,
+                    snapshot,
+                });
             }
             let q = sql::page(res_type, req, snapshot, dialect(c));
             let mut rows: Vec<PageRow> = c.load(&q.text, q.binds)?;
             let has_next = rows.len() > req.count;
             rows.truncate(req.count);
             // Without `_total`, the total is still exact when everything fits on the first page.
-            let total = total.or_else(|| (!has_next && req.offset == 0).then_some(rows.len() as i64));
+            let total =
+                total.or_else(|| (!has_next && req.offset == 0).then_some(rows.len() as i64));
             let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
             let matches = self.bodies(c, &rids)?;
             let included = self.includes(c, &req.includes, &rids)?;
-            Ok(SearchPage { matches, included, total, has_next, snapshot })
+            Ok(SearchPage {
+                matches,
+                included,
+                total,
+                has_next,
+                snapshot,
+            })
         })
     }
 
     /// Current bodies for `rids`, in the order given.
     fn bodies<C: Conn>(&self, c: &mut C, rids: &[i64]) -> Result<Vec<Stored>, StoreError> {
+        if rids.len() > 500 {
+            let mut out = Vec::with_capacity(rids.len());
+            for chunk in rids.chunks(500) {
+                out.extend(self.bodies(c, chunk)?);
+            }
+            return Ok(out);
+        }
         if rids.is_empty() {
             return Ok(vec![]);
         }
@@ -713,11 +937,19 @@ impl Store {
             rids.iter().map(|r| Bind::Int(*r)).collect(),
         )?;
         let mut by_rid: HashMap<i64, VersionRow> = rows.into_iter().map(|r| (r.rid, r)).collect();
-        rids.iter().filter_map(|rid| by_rid.remove(rid)).map(|r| self.open_row(r)).collect()
+        rids.iter()
+            .filter_map(|rid| by_rid.remove(rid))
+            .map(|r| self.open_row(r))
+            .collect()
     }
 
     /// `_include` / `_revinclude` (with `:iterate` repeated until nothing new is found).
-    fn includes<C: Conn>(&self, c: &mut C, includes: &[Include], matched: &[i64]) -> Result<Vec<Stored>, StoreError> {
+    fn includes<C: Conn>(
+        &self,
+        c: &mut C,
+        includes: &[Include],
+        matched: &[i64],
+    ) -> Result<Vec<Stored>, StoreError> {
         if includes.is_empty() || matched.is_empty() {
             return Ok(vec![]);
         }
@@ -728,25 +960,33 @@ impl Store {
         while !frontier.is_empty() {
             let mut found = Vec::new();
             for inc in includes.iter().filter(|i| first || i.iterate) {
-                for rid in self.follow(c, inc, &frontier)? {
-                    if seen.insert(rid) {
-                        found.push(rid);
+                for chunk in frontier.chunks(500) {
+                    for rid in self.follow(c, inc, chunk)? {
+                        if out_rids.len() + found.len() < MAX_INCLUDED && seen.insert(rid) {
+                            found.push(rid);
+                        }
                     }
                 }
             }
             out_rids.extend(found.iter().copied());
             frontier = found;
             first = false;
-            if out_rids.len() > 10_000 {
+            if out_rids.len() >= MAX_INCLUDED {
                 break; // a bound on pathological reference graphs
             }
         }
         self.bodies(c, &out_rids)
     }
 
-    fn follow<C: Conn>(&self, c: &mut C, inc: &Include, from: &[i64]) -> Result<Vec<i64>, StoreError> {
+    fn follow<C: Conn>(
+        &self,
+        c: &mut C,
+        inc: &Include,
+        from: &[i64],
+    ) -> Result<Vec<i64>, StoreError> {
         let ph = vec!["?"; from.len()].join(", ");
-        let mut binds: Vec<Bind> = vec![inc.param_key.clone().into(), inc.source_type.clone().into()];
+        let mut binds: Vec<Bind> =
+            vec![inc.param_key.clone().into(), inc.source_type.clone().into()];
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
@@ -759,7 +999,10 @@ impl Store {
                 sql.push_str(" AND t.res_type = ?");
                 binds.push(tt.clone().into());
             }
-            Ok(c.load::<RidRow>(&sql, binds)?.into_iter().map(|r| r.rid).collect())
+            Ok(c.load::<RidRow>(&sql, binds)?
+                .into_iter()
+                .map(|r| r.rid)
+                .collect())
         } else {
             // Resources of `source_type` whose parameter refers to one of the `from` resources.
             let sql = format!(
@@ -767,7 +1010,10 @@ impl Store {
                  JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id \
                  WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph})"
             );
-            Ok(c.load::<RidRow>(&sql, binds)?.into_iter().map(|r| r.rid).collect())
+            Ok(c.load::<RidRow>(&sql, binds)?
+                .into_iter()
+                .map(|r| r.rid)
+                .collect())
         }
     }
 
@@ -808,36 +1054,66 @@ fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), S
     let mut strings: Vec<Bind> = Vec::new();
     for e in entries {
         match e {
-            Entry::Token { param, system, code } => {
-                tokens.extend([rid.into(), param.clone().into(), system.clone().into(), code.clone().into()])
-            }
-            Entry::Ref { param, target_type, target_id, url } => refs.extend([
+            Entry::Token {
+                param,
+                system,
+                code,
+            } => tokens.extend([
+                rid.into(),
+                param.clone().into(),
+                system.clone().into(),
+                code.clone().into(),
+            ]),
+            Entry::Ref {
+                param,
+                target_type,
+                target_id,
+                url,
+            } => refs.extend([
                 rid.into(),
                 param.clone().into(),
                 target_type.clone().into(),
                 target_id.clone().into(),
                 url.clone().into(),
             ]),
-            Entry::Date { param, lo, hi } => dates_.extend([rid.into(), param.clone().into(), (*lo).into(), (*hi).into()]),
-            Entry::Str { param, norm, raw } => {
-                strings.extend([rid.into(), param.clone().into(), norm.clone().into(), raw.clone().into()])
+            Entry::Date { param, lo, hi } => {
+                dates_.extend([rid.into(), param.clone().into(), (*lo).into(), (*hi).into()])
             }
+            Entry::Str { param, norm, raw } => strings.extend([
+                rid.into(),
+                param.clone().into(),
+                norm.clone().into(),
+                raw.clone().into(),
+            ]),
         }
     }
     multi_insert(c, "idx_token (rid, param, system, code)", 4, tokens)?;
-    multi_insert(c, "idx_ref (rid, param, target_type, target_id, url)", 5, refs)?;
+    multi_insert(
+        c,
+        "idx_ref (rid, param, target_type, target_id, url)",
+        5,
+        refs,
+    )?;
     multi_insert(c, "idx_date (rid, param, lo, hi)", 4, dates_)?;
     multi_insert(c, "idx_string (rid, param, norm, raw)", 4, strings)?;
     Ok(())
 }
 
 /// One INSERT with many rows (fewer statements per write).
-fn multi_insert<C: Conn>(c: &mut C, target: &str, width: usize, binds: Vec<Bind>) -> Result<(), StoreError> {
+fn multi_insert<C: Conn>(
+    c: &mut C,
+    target: &str,
+    width: usize,
+    binds: Vec<Bind>,
+) -> Result<(), StoreError> {
     // Stay well under SQLite's bind limit.
     for chunk in binds.chunks(width * 200) {
         let rows = chunk.len() / width;
         let row = format!("({})", vec!["?"; width].join(", "));
-        let sql = format!("INSERT INTO {target} VALUES {}", vec![row.as_str(); rows].join(", "));
+        let sql = format!(
+            "INSERT INTO {target} VALUES {}",
+            vec![row.as_str(); rows].join(", ")
+        );
         c.execute(&sql, chunk.to_vec())?;
     }
     Ok(())
@@ -848,7 +1124,10 @@ fn multi_insert<C: Conn>(c: &mut C, target: &str, width: usize, binds: Vec<Bind>
 fn compose(res_type: &str, id: &str, version_id: i64, last_updated: i64, r: &Incoming) -> Vec<u8> {
     let mut meta = serde_json::Map::new();
     meta.insert("versionId".into(), Value::String(version_id.to_string()));
-    meta.insert("lastUpdated".into(), Value::String(dates::format_instant(last_updated)));
+    meta.insert(
+        "lastUpdated".into(),
+        Value::String(dates::format_instant(last_updated)),
+    );
     if let Some(Value::Object(m)) = r.value.get("meta") {
         for (k, v) in m {
             if k != "versionId" && k != "lastUpdated" {
@@ -856,7 +1135,13 @@ fn compose(res_type: &str, id: &str, version_id: i64, last_updated: i64, r: &Inc
             }
         }
     }
-    let mut out = Vec::with_capacity(r.members.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 128);
+    let mut out = Vec::with_capacity(
+        r.members
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>()
+            + 128,
+    );
     out.extend_from_slice(b"{\"resourceType\":");
     out.extend_from_slice(serde_json::to_string(res_type).unwrap().as_bytes());
     out.extend_from_slice(b",\"id\":");

@@ -4,12 +4,25 @@ use base64::Engine;
 use serde_json::Value;
 
 async fn audit_events(app: &TestApp, query: &str) -> Vec<Value> {
-    let b = app.get_json(&format!("AuditEvent?{query}&_count=200")).await;
-    b["entry"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| e["search"]["mode"] == "match").map(|e| e["resource"].clone()).collect()
+    let b = app
+        .get_json(&format!("AuditEvent?{query}&_count=200"))
+        .await;
+    b["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| e["resource"].clone())
+        .collect()
 }
 
 fn has_request_id(ev: &Value, id: &str) -> bool {
-    ev["entity"].as_array().unwrap().iter().any(|e| e["type"]["code"] == "XrequestId" && e["what"]["identifier"]["value"] == id)
+    ev["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"]["code"] == "XrequestId" && e["what"]["identifier"]["value"] == id)
 }
 
 both_backends! {

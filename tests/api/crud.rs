@@ -204,13 +204,29 @@ both_backends! {
 
 #[tokio::test]
 async fn binary_over_the_limit_is_refused_with_413() {
-    let app = spawn_app_with(Backend::Sqlite, |s| s.max_binary_bytes = 1000).await.unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| s.max_binary_bytes = 1000)
+        .await
+        .unwrap();
     let before = app.row_counts();
-    let r = app.client.post(app.url("Binary")).header("content-type", "application/pdf").body(vec![7u8; 1001]).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("Binary"))
+        .header("content-type", "application/pdf")
+        .body(vec![7u8; 1001])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
-    let ok = app.client.post(app.url("Binary")).header("content-type", "application/pdf").body(vec![7u8; 1000]).send().await.unwrap();
+    let ok = app
+        .client
+        .post(app.url("Binary"))
+        .header("content-type", "application/pdf")
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 201);
     // The refused upload changed nothing (the accepted one did).
     assert_ne!(before, app.row_counts());

@@ -40,7 +40,9 @@ fn fresh_postgres_schema(admin_url: &str) -> String {
     use diesel::{Connection, PgConnection, RunQueryDsl};
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let mut c = PgConnection::establish(admin_url).expect("connect to COURIER_TEST_POSTGRES_URL");
-    diesel::sql_query(format!("CREATE SCHEMA {schema}")).execute(&mut c).expect("create schema");
+    diesel::sql_query(format!("CREATE SCHEMA {schema}"))
+        .execute(&mut c)
+        .expect("create schema");
     let sep = if admin_url.contains('?') { '&' } else { '?' };
     format!("{admin_url}{sep}options=-csearch_path%3D{schema}")
 }
@@ -49,7 +51,10 @@ pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |_| {}).await
 }
 
-pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> Option<TestApp> {
+pub async fn spawn_app_with(
+    backend: Backend,
+    tweak: impl FnOnce(&mut Settings),
+) -> Option<TestApp> {
     let dir = tempfile::tempdir().unwrap();
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}", dir.path().join("courier.db").display()),
@@ -60,7 +65,11 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Settings))
         base_url: String::new(),
         data_dir: dir.path().to_path_buf(),
         database_url,
-        master_key: Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string().into()),
+        master_key: Some(
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+                .to_string()
+                .into(),
+        ),
         db_pool_size: 4,
         workers: 2,
         sqlite_synchronous: "NORMAL".into(),
@@ -91,11 +100,23 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client.post(self.url(path)).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap()
+        self.client
+            .post(self.url(path))
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client.put(self.url(path)).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap()
+        self.client
+            .put(self.url(path))
+            .header("content-type", FHIR_JSON)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {

@@ -80,11 +80,17 @@ async fn a_database_refuses_a_different_master_key() {
     app.create(&message("Patient/p1", "2024-01-01", "x")).await;
     let mut settings = courier::config::Settings {
         database_url: format!("sqlite://{}", app.dir.path().join("courier.db").display()),
-        master_key: Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_string().into()),
+        master_key: Some(
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+                .to_string()
+                .into(),
+        ),
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
     settings.base_url = "http://127.0.0.1:0".into();
-    let err = courier::startup::Application::build(settings).err().expect("must refuse");
+    let err = courier::startup::Application::build(settings)
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("master key"), "{err}");
 }

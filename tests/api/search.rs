@@ -203,9 +203,19 @@ both_backends! {
 
 #[tokio::test]
 async fn count_is_capped_at_the_configured_maximum() {
-    let app = spawn_app_with(Backend::Sqlite, |s| s.max_count = 2).await.unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| s.max_count = 2)
+        .await
+        .unwrap();
     for _ in 0..3 {
         app.create(&message("Patient/p", "2024-01-01", "x")).await;
     }
     assert_eq!(app.search_ids("Communication?_count=100").await.len(), 2);
+}
+
+both_backends! {
+    async fn ne_does_not_match_resources_without_a_value(app: TestApp) {
+        let dated = app.create(&comm(json!({"sent": "2024-01-15"}))).await;
+        let _undated = app.create(&comm(json!({}))).await;
+        assert_eq!(app.search_ids("Communication?sent=ne2024-02-01").await, vec![dated]);
+    }
 }

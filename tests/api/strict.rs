@@ -6,23 +6,48 @@ use serde_json::{json, Value};
 
 /// Posts `body` as text and asserts: `status`, an OperationOutcome whose first issue's expression is
 /// `expression` (when given), and unchanged row counts.
-async fn rejected(app: &TestApp, method: &str, path: &str, content_type: &str, body: &str, status: u16, expression: Option<&str>) {
+async fn rejected(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+    status: u16,
+    expression: Option<&str>,
+) {
     let before = app.row_counts();
     let req = match method {
         "PUT" => app.client.put(app.url(path)),
         _ => app.client.post(app.url(path)),
     };
-    let r = req.header("content-type", content_type).body(body.to_string()).send().await.unwrap();
+    let r = req
+        .header("content-type", content_type)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), status, "{method} {path} {body}");
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+json"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/fhir+json"));
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome", "{oo}");
     assert_eq!(oo["issue"][0]["severity"], "error");
     if let Some(e) = expression {
-        let exprs: Vec<&str> = oo["issue"].as_array().unwrap().iter().filter_map(|i| i["expression"][0].as_str()).collect();
+        let exprs: Vec<&str> = oo["issue"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["expression"][0].as_str())
+            .collect();
         assert!(exprs.contains(&e), "expected {e} in {oo}");
     }
-    assert_eq!(before, app.row_counts(), "rejected input changed the database");
+    assert_eq!(
+        before,
+        app.row_counts(),
+        "rejected input changed the database"
+    );
 }
 
 both_backends! {
@@ -81,7 +106,48 @@ both_backends! {
 
 #[tokio::test]
 async fn bodies_over_the_size_limit_get_413_and_change_nothing() {
-    let app = spawn_app_with(Backend::Sqlite, |s| s.max_resource_bytes = 2000).await.unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| s.max_resource_bytes = 2000)
+        .await
+        .unwrap();
     let big = message("Patient/p1", "2024-01-01", &"x".repeat(3000));
-    rejected(&app, "POST", "Communication", FHIR_JSON, &big.to_string(), 413, None).await;
+    rejected(
+        &app,
+        "POST",
+        "Communication",
+        FHIR_JSON,
+        &big.to_string(),
+        413,
+        None,
+    )
+    .await;
+}
+
+both_backends! {
+    async fn review_edge_cases_are_4xx_and_change_nothing(app: TestApp) {
+        // A key repeated inside a nested object would be stored ambiguously: refused.
+        rejected(&app, "POST", "Communication", FHIR_JSON,
+            r#"{"resourceType":"Communication","status":"completed","subject":{"reference":"Patient/evil","reference":"Patient/1"}}"#, 400, None).await;
+        // An If-None-Exist that narrows nothing would match any resource: refused.
+        let before = app.row_counts();
+        let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON).header("if-none-exist", "_count=1")
+            .body(message("Patient/p1", "2024-01-01", "x").to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        assert_eq!(before, app.row_counts());
+        // Paging and value limits.
+        assert_eq!(app.get("Communication?_offset=9223372036854775808").await.status(), 400);
+        let many = vec!["a"; 101].join(",");
+        assert_eq!(app.get(&format!("Communication?_id={many}")).await.status(), 400);
+        // DELETE with If-Match on something that does not exist: 412, not 204.
+        let r = app.client.delete(app.url("Communication/nothing-here")).header("if-match", "W/\"1\"").send().await.unwrap();
+        assert_eq!(r.status(), 412);
+        // A transaction writing one resource twice is ambiguous: refused, nothing written.
+        let mut c = message("Patient/p1", "2024-01-01", "x");
+        c["id"] = serde_json::json!("twice");
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": c.clone(), "request": {"method": "PUT", "url": "Communication/twice"}},
+            {"resource": c, "request": {"method": "PUT", "url": "Communication/twice"}}]});
+        let r = app.post("", &tx).await;
+        assert_eq!(r.status(), 400);
+        assert_eq!(before, app.row_counts());
+    }
 }

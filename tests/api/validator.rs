@@ -11,7 +11,10 @@ fn python() -> String {
 }
 
 fn validator_available() -> bool {
-    let ok = Command::new(python()).args(["-c", "import fhir.resources.R4B"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new(python())
+        .args(["-c", "import fhir.resources.R4B"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("CI=true but the validator (python3 with fhir.resources) is not installed");
     }
@@ -32,24 +35,61 @@ async fn every_response_kind_validates_with_an_independent_validator() {
     let created: Value = r.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     docs.push(created.clone());
-    let thread = app.create(&json!({"resourceType": "Communication", "status": "in-progress"})).await;
+    let thread = app
+        .create(&json!({"resourceType": "Communication", "status": "in-progress"}))
+        .await;
     let mut reply = message("Practitioner/dr-1", "2024-01-02T10:00:00Z", "reply");
     reply["partOf"] = json!([{"reference": format!("Communication/{thread}")}]);
     reply["inResponseTo"] = json!([{"reference": format!("Communication/{id}")}]);
-    docs.push(app.post("Communication", &reply).await.json().await.unwrap());
+    docs.push(
+        app.post("Communication", &reply)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
     docs.push(app.post("CommunicationRequest", &json!({"resourceType": "CommunicationRequest", "status": "active", "occurrenceDateTime": "2025-01-01T09:00:00Z", "payload": [{"contentString": "Reminder"}]})).await.json().await.unwrap());
-    let bin = app.client.post(app.url("Binary")).header("content-type", "image/png").body(vec![1u8, 2, 3]).send().await.unwrap();
+    let bin = app
+        .client
+        .post(app.url("Binary"))
+        .header("content-type", "image/png")
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
     let bin: Value = bin.json().await.unwrap();
-    docs.push(app.client.get(app.url(&format!("Binary/{}", bin["id"].as_str().unwrap()))).header("accept", FHIR_JSON).send().await.unwrap().json().await.unwrap());
+    docs.push(
+        app.client
+            .get(app.url(&format!("Binary/{}", bin["id"].as_str().unwrap())))
+            .header("accept", FHIR_JSON)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
     let mut updated = created.clone();
     updated["status"] = json!("entered-in-error");
-    docs.push(app.put(&format!("Communication/{id}"), &updated).await.json().await.unwrap());
+    docs.push(
+        app.put(&format!("Communication/{id}"), &updated)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
     // Bundles: searchset (with include and outcome entries), history, transaction-response, batch-response.
     docs.push(app.get_json(&format!("Communication?_id={id},{thread}&_revinclude=Communication:in-response-to&_total=accurate&bogus=1")).await);
     docs.push(app.get_json("Communication?_count=1").await);
     docs.push(app.get_json(&format!("Communication/{id}/_history")).await);
-    let del = app.create(&message("Patient/p1", "2024-01-01", "to delete")).await;
-    app.client.delete(app.url(&format!("Communication/{del}"))).send().await.unwrap();
+    let del = app
+        .create(&message("Patient/p1", "2024-01-01", "to delete"))
+        .await;
+    app.client
+        .delete(app.url(&format!("Communication/{del}")))
+        .send()
+        .await
+        .unwrap();
     docs.push(app.get_json("Communication/_history").await);
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a", "resource": {"resourceType": "Communication", "status": "completed"}, "request": {"method": "POST", "url": "Communication"}},
@@ -62,35 +102,114 @@ async fn every_response_kind_validates_with_an_independent_validator() {
     docs.push(app.post("", &batch).await.json().await.unwrap());
     docs.push(app.get_json("metadata").await);
     // OperationOutcomes: invalid resource, 404, 410, 412, 406.
-    docs.push(app.post("Communication", &json!({"resourceType": "Communication", "status": "x"})).await.json().await.unwrap());
+    docs.push(
+        app.post(
+            "Communication",
+            &json!({"resourceType": "Communication", "status": "x"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap(),
+    );
     docs.push(app.get("Communication/missing").await.json().await.unwrap());
-    docs.push(app.get(&format!("Communication/{del}")).await.json().await.unwrap());
-    docs.push(app.client.get(app.url("Communication")).header("accept", "application/fhir+xml").send().await.unwrap().json().await.unwrap());
-    docs.push(app.client.post(app.url("Communication")).header("content-type", FHIR_JSON).header("prefer", "return=OperationOutcome").body(body.to_string()).send().await.unwrap().json().await.unwrap());
+    docs.push(
+        app.get(&format!("Communication/{del}"))
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    docs.push(
+        app.client
+            .get(app.url("Communication"))
+            .header("accept", "application/fhir+xml")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
+    docs.push(
+        app.client
+            .post(app.url("Communication"))
+            .header("content-type", FHIR_JSON)
+            .header("prefer", "return=OperationOutcome")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
     // AuditEvents of every kind recorded so far (create, read, update, delete, search, failures).
     let audits = app.get_json("AuditEvent?_count=500").await;
-    let kinds: std::collections::BTreeSet<String> = audits["entry"].as_array().unwrap().iter()
-        .map(|e| e["resource"]["subtype"][0]["code"].as_str().unwrap().to_string()).collect();
-    for k in ["create", "read", "update", "delete", "search-type", "history-instance", "transaction", "batch"] {
+    let kinds: std::collections::BTreeSet<String> = audits["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["resource"]["subtype"][0]["code"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for k in [
+        "create",
+        "read",
+        "update",
+        "delete",
+        "search-type",
+        "history-instance",
+        "transaction",
+        "batch",
+    ] {
         assert!(kinds.contains(k), "no {k} AuditEvent in {kinds:?}");
     }
     docs.push(audits);
 
-    let kinds: std::collections::BTreeSet<String> = docs.iter().map(|d| match d["type"].as_str() {
-        Some(t) if d["resourceType"] == "Bundle" => format!("Bundle/{t}"),
-        _ => d["resourceType"].as_str().unwrap().to_string(),
-    }).collect();
-    for k in ["Communication", "CommunicationRequest", "Binary", "OperationOutcome", "CapabilityStatement", "Bundle/searchset", "Bundle/history", "Bundle/transaction-response", "Bundle/batch-response"] {
+    let kinds: std::collections::BTreeSet<String> = docs
+        .iter()
+        .map(|d| match d["type"].as_str() {
+            Some(t) if d["resourceType"] == "Bundle" => format!("Bundle/{t}"),
+            _ => d["resourceType"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    for k in [
+        "Communication",
+        "CommunicationRequest",
+        "Binary",
+        "OperationOutcome",
+        "CapabilityStatement",
+        "Bundle/searchset",
+        "Bundle/history",
+        "Bundle/transaction-response",
+        "Bundle/batch-response",
+    ] {
         assert!(kinds.contains(k), "{k} not covered");
     }
     let mut child = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/validate/validate_fhir.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/validate/validate_fhir.py"
+        ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(serde_json::to_string(&docs).unwrap().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&docs).unwrap().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "validator rejected Courier's output:\n{report}");
+    assert!(
+        out.status.success(),
+        "validator rejected Courier's output:\n{report}"
+    );
 }

@@ -22,7 +22,11 @@ pub struct Issue {
 
 impl Issue {
     fn new(code: &'static str, expression: String, diagnostics: impl Into<String>) -> Self {
-        Issue { code, expression, diagnostics: diagnostics.into() }
+        Issue {
+            code,
+            expression,
+            diagnostics: diagnostics.into(),
+        }
     }
 }
 
@@ -64,14 +68,28 @@ supported_types!(
 /// Returns every element that is malformed or that the model would not keep.
 pub fn check(value: &Value) -> Result<(), Vec<Issue>> {
     let Some(obj) = value.as_object() else {
-        return Err(vec![Issue::new("structure", String::new(), "a resource must be a JSON object")]);
+        return Err(vec![Issue::new(
+            "structure",
+            String::new(),
+            "a resource must be a JSON object",
+        )]);
     };
     let resource_type = match obj.get("resourceType") {
         Some(Value::String(s)) => s.as_str(),
         Some(_) => {
-            return Err(vec![Issue::new("structure", "resourceType".into(), "resourceType must be a string")])
+            return Err(vec![Issue::new(
+                "structure",
+                "resourceType".into(),
+                "resourceType must be a string",
+            )])
         }
-        None => return Err(vec![Issue::new("required", "resourceType".into(), "resourceType is missing")]),
+        None => {
+            return Err(vec![Issue::new(
+                "required",
+                "resourceType".into(),
+                "resourceType is missing",
+            )])
+        }
     };
     let mut issues = Vec::new();
     check_json_shape(resource_type, value, &mut issues);
@@ -99,7 +117,10 @@ pub fn check(value: &Value) -> Result<(), Vec<Issue>> {
 
 /// FHIR logical id syntax: `[A-Za-z0-9\-\.]{1,64}`.
 pub fn is_valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn roundtrip_as<T>(resource_type: &str, value: &Value) -> Result<Value, Issue>
@@ -114,11 +135,20 @@ where
             format!("{resource_type}.{path}")
         };
         let inner = e.into_inner().to_string();
-        let code = if inner.starts_with("missing field") { "required" } else { "value" };
+        let code = if inner.starts_with("missing field") {
+            "required"
+        } else {
+            "value"
+        };
         Issue::new(code, expression, clean_serde_message(&inner))
     })?;
-    serde_json::to_value(&parsed)
-        .map_err(|e| Issue::new("exception", resource_type.into(), format!("could not re-encode resource: {e}")))
+    serde_json::to_value(&parsed).map_err(|e| {
+        Issue::new(
+            "exception",
+            resource_type.into(),
+            format!("could not re-encode resource: {e}"),
+        )
+    })
 }
 
 /// serde's messages name Rust types; keep them readable for a FHIR user.
@@ -130,15 +160,28 @@ fn clean_serde_message(msg: &str) -> String {
 /// objects, arrays or strings, no leading/trailing whitespace-only strings.
 fn check_json_shape(path: &str, value: &Value, issues: &mut Vec<Issue>) {
     match value {
-        Value::Null => issues.push(Issue::new("structure", path.to_string(), "null is not allowed in FHIR JSON")),
-        Value::String(s) if s.trim().is_empty() => {
-            issues.push(Issue::new("value", path.to_string(), "empty strings are not allowed in FHIR JSON"))
-        }
+        Value::Null => issues.push(Issue::new(
+            "structure",
+            path.to_string(),
+            "null is not allowed in FHIR JSON",
+        )),
+        Value::String(s) if s.trim().is_empty() => issues.push(Issue::new(
+            "value",
+            path.to_string(),
+            "empty strings are not allowed in FHIR JSON",
+        )),
         Value::Array(items) => {
             if items.is_empty() {
-                issues.push(Issue::new("structure", path.to_string(), "empty arrays are not allowed in FHIR JSON"));
+                issues.push(Issue::new(
+                    "structure",
+                    path.to_string(),
+                    "empty arrays are not allowed in FHIR JSON",
+                ));
             }
-            let primitive_ext = path.rsplit('.').next().is_some_and(|last| last.starts_with('_'));
+            let primitive_ext = path
+                .rsplit('.')
+                .next()
+                .is_some_and(|last| last.starts_with('_'));
             for (i, item) in items.iter().enumerate() {
                 if primitive_ext && item.is_null() {
                     continue;
@@ -148,7 +191,11 @@ fn check_json_shape(path: &str, value: &Value, issues: &mut Vec<Issue>) {
         }
         Value::Object(map) => {
             if map.is_empty() {
-                issues.push(Issue::new("structure", path.to_string(), "empty objects are not allowed in FHIR JSON"));
+                issues.push(Issue::new(
+                    "structure",
+                    path.to_string(),
+                    "empty objects are not allowed in FHIR JSON",
+                ));
             }
             for (k, v) in map {
                 // Contained / nested resources restart the path at their type, as FHIRPath does.
@@ -177,7 +224,11 @@ fn diff(path: String, sent: &Value, kept: &Value, issues: &mut Vec<Issue>) {
         }
         (Value::Array(s), Value::Array(k)) => {
             if s.len() != k.len() {
-                issues.push(Issue::new("structure", path.clone(), "some items of this list are not valid"));
+                issues.push(Issue::new(
+                    "structure",
+                    path.clone(),
+                    "some items of this list are not valid",
+                ));
             }
             for (i, (sv, kv)) in s.iter().zip(k.iter()).enumerate() {
                 diff(format!("{path}[{i}]"), sv, kv, issues);
@@ -185,22 +236,37 @@ fn diff(path: String, sent: &Value, kept: &Value, issues: &mut Vec<Issue>) {
         }
         (Value::Number(a), Value::Number(b)) => {
             if a != b && a.as_f64() != b.as_f64() {
-                issues.push(Issue::new("value", path, "number out of range or not representable"));
+                issues.push(Issue::new(
+                    "value",
+                    path,
+                    "number out of range or not representable",
+                ));
             }
         }
         (Value::String(a), Value::String(b)) => {
             if a != b && !same_instant(a, b) {
-                issues.push(Issue::new("value", path, "value is not valid for this element"));
+                issues.push(Issue::new(
+                    "value",
+                    path,
+                    "value is not valid for this element",
+                ));
             }
         }
         (a, b) if a == b => {}
-        _ => issues.push(Issue::new("value", path, "value is not valid for this element")),
+        _ => issues.push(Issue::new(
+            "value",
+            path,
+            "value is not valid for this element",
+        )),
     }
 }
 
 /// The model normalises instants (`.000+00:00` → `Z`); both spellings are the same value.
 fn same_instant(a: &str, b: &str) -> bool {
-    match (chrono::DateTime::parse_from_rfc3339(a), chrono::DateTime::parse_from_rfc3339(b)) {
+    match (
+        chrono::DateTime::parse_from_rfc3339(a),
+        chrono::DateTime::parse_from_rfc3339(b),
+    ) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
     }
@@ -212,7 +278,12 @@ mod tests {
     use serde_json::json;
 
     fn exprs(v: Value) -> Vec<String> {
-        check(&v).err().unwrap_or_default().into_iter().map(|i| i.expression).collect()
+        check(&v)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.expression)
+            .collect()
     }
 
     #[test]
@@ -237,22 +308,30 @@ mod tests {
 
     #[test]
     fn names_bad_codes_and_types() {
-        assert_eq!(exprs(json!({"resourceType":"Communication","status":"bogus"})), vec!["Communication.status"]);
+        assert_eq!(
+            exprs(json!({"resourceType":"Communication","status":"bogus"})),
+            vec!["Communication.status"]
+        );
         assert_eq!(
             exprs(json!({"resourceType":"Communication","status":"completed","sent":12})),
             vec!["Communication.sent"]
         );
-        assert_eq!(exprs(json!({"resourceType":"Communication"})), vec!["Communication"]);
+        assert_eq!(
+            exprs(json!({"resourceType":"Communication"})),
+            vec!["Communication"]
+        );
     }
 
     #[test]
     fn rejects_bad_ids_and_nulls() {
-        assert_eq!(exprs(json!({"resourceType":"Communication","id":"a b","status":"completed"})), vec![
-            "Communication.id"
-        ]);
-        assert_eq!(exprs(json!({"resourceType":"Communication","status":"completed","note":null})), vec![
-            "Communication.note"
-        ]);
+        assert_eq!(
+            exprs(json!({"resourceType":"Communication","id":"a b","status":"completed"})),
+            vec!["Communication.id"]
+        );
+        assert_eq!(
+            exprs(json!({"resourceType":"Communication","status":"completed","note":null})),
+            vec!["Communication.note"]
+        );
     }
 }
 
