@@ -549,53 +549,8 @@ async fn transaction(
             }
             None => None,
         };
-        let t = support(&e.res_type).expect("checked in parse_entry");
-        let needed = match e.method.as_str() {
-            "POST" => "create",
-            "PUT" => "update",
-            _ => "delete",
-        };
-        if !t.interactions.contains(&needed) {
-            return Err(FhirError::at(
-                StatusCode::BAD_REQUEST,
-                "not-supported",
-                format!("Bundle.entry[{i}].request"),
-                format!("{needed} is not supported on {}", e.res_type),
-            ));
-        }
         let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
-        let op = match e.method.as_str() {
-            "POST" => WriteOp::Create {
-                res_type: e.res_type.clone(),
-                id,
-                resource: resource.expect("checked"),
-                if_none_exist: None,
-            },
-            "PUT" => {
-                let res = resource.expect("checked");
-                if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-                    return Err(FhirError::at(
-                        StatusCode::BAD_REQUEST,
-                        "invalid",
-                        format!("{prefix}.id"),
-                        "the resource id must match request.url",
-                    ));
-                }
-                WriteOp::Update {
-                    res_type: e.res_type.clone(),
-                    id,
-                    resource: res,
-                    if_match: e.if_match,
-                    upsert: true,
-                    patch: false,
-                }
-            }
-            _ => WriteOp::Delete {
-                res_type: e.res_type.clone(),
-                id,
-                if_match: e.if_match,
-            },
-        };
+        let op = entry_op(i, e, id, resource, None)?;
         ops.push(op);
         op_index.push(i);
     }
@@ -658,19 +613,6 @@ async fn batch(
         }
         let result: Result<WriteResult, FhirError> = async {
             let prefix = format!("Bundle.entry[{i}].resource");
-            let t = support(&e.res_type).expect("checked");
-            let needed = match e.method.as_str() {
-                "POST" => "create",
-                "PUT" => "update",
-                _ => "delete",
-            };
-            if !t.interactions.contains(&needed) {
-                return Err(FhirError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "not-supported",
-                    format!("{needed} is not supported on {}", e.res_type),
-                ));
-            }
             let resource = match &e.resource {
                 Some(r) => {
                     check_resource(r, &e.res_type, &prefix)?;
@@ -678,48 +620,15 @@ async fn batch(
                 }
                 None => None,
             };
-            let op = match e.method.as_str() {
-                "POST" => {
-                    let if_none_exist = match &e.if_none_exist {
-                        Some(q) => Some(rest::conditional_search(state, &e.res_type, q)?),
-                        None => None,
-                    };
-                    WriteOp::Create {
-                        res_type: e.res_type.clone(),
-                        id: new_id(),
-                        resource: resource.expect("checked"),
-                        if_none_exist,
-                    }
+            let if_none_exist = match &e.if_none_exist {
+                Some(q) if e.method == "POST" => {
+                    Some(rest::conditional_search(state, &e.res_type, q)?)
                 }
-                "PUT" => {
-                    let id = e.id.clone().expect("checked");
-                    let res = resource.expect("checked");
-                    if res.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-                        return Err(FhirError::at(
-                            StatusCode::BAD_REQUEST,
-                            "invalid",
-                            format!("{prefix}.id"),
-                            "the resource id must match request.url",
-                        ));
-                    }
-                    WriteOp::Update {
-                        res_type: e.res_type.clone(),
-                        id,
-                        resource: res,
-                        if_match: e.if_match,
-                        upsert: true,
-                        patch: false,
-                    }
-                }
-                _ => WriteOp::Delete {
-                    res_type: e.res_type.clone(),
-                    id: e.id.clone().expect("checked"),
-                    if_match: e.if_match,
-                },
+                _ => None,
             };
-            let store = state.store.clone();
-            let ctx = ctx.clone();
-            blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await
+            let id = e.id.clone().unwrap_or_else(new_id);
+            let op = entry_op(i, &e, id, resource, if_none_exist)?;
+            rest::write_one(state, ctx, op).await
         }
         .await;
         out.push(match result {
@@ -728,6 +637,62 @@ async fn batch(
         });
     }
     bundle_response("batch-response", None, vec![], out)
+}
+
+/// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).
+fn entry_op(
+    i: usize,
+    e: &Parsed,
+    id: String,
+    resource: Option<Incoming>,
+    if_none_exist: Option<SearchRequest>,
+) -> Result<WriteOp, FhirError> {
+    let needed = match e.method.as_str() {
+        "POST" => "create",
+        "PUT" => "update",
+        _ => "delete",
+    };
+    let t = support(&e.res_type).expect("checked in parse_entry");
+    if !t.interactions.contains(&needed) {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            format!("Bundle.entry[{i}].request"),
+            format!("{needed} is not supported on {}", e.res_type),
+        ));
+    }
+    let res_type = e.res_type.clone();
+    Ok(match (e.method.as_str(), resource) {
+        ("POST", Some(resource)) => WriteOp::Create {
+            res_type,
+            id,
+            resource,
+            if_none_exist,
+        },
+        ("PUT", Some(resource)) => {
+            if resource.value.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                return Err(FhirError::at(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("Bundle.entry[{i}].resource.id"),
+                    "the resource id must match request.url",
+                ));
+            }
+            WriteOp::Update {
+                res_type,
+                id,
+                resource,
+                if_match: e.if_match,
+                upsert: true,
+                patch: false,
+            }
+        }
+        _ => WriteOp::Delete {
+            res_type,
+            id,
+            if_match: e.if_match,
+        },
+    })
 }
 
 fn error_entry(e: &FhirError) -> Entry {

@@ -25,37 +25,30 @@ pub struct TypeSupport {
     pub conditional_create: bool,
 }
 
+/// Everything the messaging resources support.
+const MESSAGING_INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+];
+
 pub const TYPES: &[TypeSupport] = &[
     TypeSupport {
         name: "Communication",
-        interactions: &[
-            "read",
-            "vread",
-            "update",
-            "patch",
-            "delete",
-            "history-instance",
-            "history-type",
-            "create",
-            "search-type",
-        ],
+        interactions: MESSAGING_INTERACTIONS,
         writable: true,
         searchable: true,
         conditional_create: true,
     },
     TypeSupport {
         name: "CommunicationRequest",
-        interactions: &[
-            "read",
-            "vread",
-            "update",
-            "patch",
-            "delete",
-            "history-instance",
-            "history-type",
-            "create",
-            "search-type",
-        ],
+        interactions: MESSAGING_INTERACTIONS,
         writable: true,
         searchable: true,
         conditional_create: true,

@@ -400,6 +400,31 @@ pub fn new_id() -> String {
 
 // ----- create -----------------------------------------------------------------------------------
 
+/// A write's success is audited inside its own transaction; only a failure is audited here.
+async fn finish_write(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    interaction: Interaction,
+    what: Option<String>,
+    result: Res,
+) -> HttpResponse {
+    if result.is_err() {
+        audit_outcome(state, ctx, interaction, what, None, &result).await;
+    }
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+/// One change through the store's single write path.
+pub async fn write_one(
+    state: &AppState,
+    ctx: &audit::Context,
+    op: WriteOp,
+) -> Result<WriteResult, FhirError> {
+    let store = state.store.clone();
+    let ctx = ctx.clone();
+    blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await
+}
+
 pub async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -409,18 +434,7 @@ pub async fn create(
     let res_type = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = create_inner(&state, &req, &res_type, payload, &ctx).await;
-    if result.is_err() {
-        audit_outcome(
-            &state,
-            &ctx,
-            Interaction::Create,
-            Some(res_type),
-            None,
-            &result,
-        )
-        .await;
-    }
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    finish_write(&state, &ctx, Interaction::Create, Some(res_type), result).await
 }
 
 async fn create_inner(
@@ -513,9 +527,7 @@ async fn create_inner(
         resource: incoming,
         if_none_exist,
     };
-    let store = state.store.clone();
-    let ctx = ctx.clone();
-    let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
+    let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
 }
 
@@ -673,18 +685,14 @@ pub async fn update(
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = update_inner(&state, &req, &res_type, &id, payload, &ctx).await;
-    if result.is_err() {
-        audit_outcome(
-            &state,
-            &ctx,
-            Interaction::Update,
-            Some(format!("{res_type}/{id}")),
-            None,
-            &result,
-        )
-        .await;
-    }
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    finish_write(
+        &state,
+        &ctx,
+        Interaction::Update,
+        Some(format!("{res_type}/{id}")),
+        result,
+    )
+    .await
 }
 
 async fn update_inner(
@@ -730,9 +738,7 @@ async fn update_inner(
         upsert: true,
         patch: false,
     };
-    let store = state.store.clone();
-    let ctx = ctx.clone();
-    let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
+    let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
 }
 
@@ -745,18 +751,14 @@ pub async fn patch(
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = patch_inner(&state, &req, &res_type, &id, payload, &ctx).await;
-    if result.is_err() {
-        audit_outcome(
-            &state,
-            &ctx,
-            Interaction::Patch,
-            Some(format!("{res_type}/{id}")),
-            None,
-            &result,
-        )
-        .await;
-    }
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    finish_write(
+        &state,
+        &ctx,
+        Interaction::Patch,
+        Some(format!("{res_type}/{id}")),
+        result,
+    )
+    .await
 }
 
 async fn patch_inner(
@@ -832,9 +834,7 @@ async fn patch_inner(
         upsert: false,
         patch: true,
     };
-    let store = state.store.clone();
-    let ctx = ctx.clone();
-    let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
+    let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
 }
 
@@ -854,18 +854,14 @@ pub async fn delete(
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = delete_inner(&state, &req, &res_type, &id, &ctx).await;
-    if result.is_err() {
-        audit_outcome(
-            &state,
-            &ctx,
-            Interaction::Delete,
-            Some(format!("{res_type}/{id}")),
-            None,
-            &result,
-        )
-        .await;
-    }
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    finish_write(
+        &state,
+        &ctx,
+        Interaction::Delete,
+        Some(format!("{res_type}/{id}")),
+        result,
+    )
+    .await
 }
 
 async fn delete_inner(
@@ -884,9 +880,7 @@ async fn delete_inner(
         id: id.to_string(),
         if_match,
     };
-    let store = state.store.clone();
-    let ctx = ctx.clone();
-    let r = blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await?;
+    let r = write_one(state, ctx, op).await?;
     let msg = match r.status {
         WriteStatus::Deleted => format!("{res_type}/{id} deleted"),
         _ => format!("{res_type}/{id} did not exist or was already deleted; nothing to do"),
