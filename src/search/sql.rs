@@ -55,9 +55,46 @@ fn drives(c: &Condition) -> bool {
     }
 }
 
-/// `FROM resources r WHERE …` for the search (without ORDER BY).
+/// `FROM … WHERE …` for the search (without ORDER BY).
+///
+/// When a condition narrows through an index table and nothing needs the resource row itself, the
+/// search is driven from that condition's matches alone: index rows exist only for the current
+/// version of live resources and their parameter key names the type, so `resources` is not touched
+/// until the page is chosen (measured: an inbox search over 1,000 matches reads half the pages).
 fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
+    let resource_free = req.sort.iter().all(|k| matches!(k, SortKey::Param { .. }))
+        && !req
+            .conditions
+            .iter()
+            .any(|c| matches!(c, Condition::Id { .. } | Condition::LastUpdated(_)));
+    let driver = if resource_free {
+        req.conditions.iter().position(drives)
+    } else {
+        None
+    };
+    if let Some(k) = driver {
+        let mut d = Sql::new();
+        condition(&mut d, &req.conditions[k], dialect);
+        let inner = d
+            .text
+            .strip_prefix("r.rid IN (")
+            .and_then(|t| t.strip_suffix(')'))
+            .expect("driving conditions are IN lists");
+        q.push(&format!(
+            " FROM ({}) r WHERE r.rid <= ",
+            inner.replacen("SELECT rid", "SELECT DISTINCT rid", 1)
+        ));
+        q.binds.extend(d.binds);
+        q.bind(snapshot);
+        for (i, c) in req.conditions.iter().enumerate() {
+            if i != k {
+                q.push(" AND ");
+                condition(&mut q, c, dialect);
+            }
+        }
+        return q;
+    }
     let hint = if dialect == Dialect::Sqlite && req.conditions.iter().any(drives) {
         " NOT INDEXED"
     } else {
@@ -74,11 +111,10 @@ fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Diale
     q
 }
 
-/// The page query: `rid, fhir_id, version_id, last_updated` of `count + 1` rows (one extra tells
-/// whether there is a next page).
+/// The page query: the row ids of `count + 1` matches (one extra tells whether there is a next page).
 pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
-    q.push("SELECT r.rid, r.fhir_id, r.version_id, r.last_updated");
+    q.push("SELECT r.rid");
     let w = from_where(res_type, req, snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);

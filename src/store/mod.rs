@@ -556,11 +556,11 @@ impl Store {
                     probe.count = 2;
                     probe.offset = 0;
                     let q = sql::page(&res_type, &probe, snapshot, dialect(c));
-                    let found: Vec<PageRow> = c.load(&q.text, q.binds)?;
+                    let found: Vec<RidRow> = c.load(&q.text, q.binds)?;
                     match found.len() {
                         0 => {}
                         1 => {
-                            let stored = self.load_current(c, &res_type, &found[0].fhir_id)?;
+                            let stored = self.bodies(c, &[found[0].rid])?.remove(0);
                             return Ok(WriteResult {
                                 status: WriteStatus::Existing,
                                 stored,
@@ -896,7 +896,7 @@ impl Store {
                 });
             }
             let q = sql::page(res_type, req, snapshot, dialect(c));
-            let mut rows: Vec<PageRow> = c.load(&q.text, q.binds)?;
+            let mut rows: Vec<RidRow> = c.load(&q.text, q.binds)?;
             let has_next = rows.len() > req.count;
             rows.truncate(req.count);
             // Without `_total`, the total is still exact when everything fits on the first page.
