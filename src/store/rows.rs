@@ -18,18 +18,6 @@ pub struct HeadRow {
 }
 
 #[derive(Debug, Clone, QueryableByName)]
-pub struct PageRow {
-    #[diesel(sql_type = BigInt)]
-    pub rid: i64,
-    #[diesel(sql_type = Text)]
-    pub fhir_id: String,
-    #[diesel(sql_type = BigInt)]
-    pub version_id: i64,
-    #[diesel(sql_type = BigInt)]
-    pub last_updated: i64,
-}
-
-#[derive(Debug, Clone, QueryableByName)]
 pub struct VersionRow {
     #[diesel(sql_type = BigInt)]
     pub vid: i64,
@@ -63,14 +51,6 @@ pub struct RidRow {
 pub struct CountRow {
     #[diesel(sql_type = BigInt)]
     pub n: i64,
-}
-
-#[derive(Debug, Clone, QueryableByName)]
-pub struct TargetRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    pub target_type: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
-    pub target_id: Option<String>,
 }
 
 #[derive(Debug, Clone, QueryableByName)]
