@@ -1,6 +1,6 @@
 //! Row shapes read back with `sql_query` (valid on both backends).
 
-use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::sql_types::{BigInt, Binary, Text};
 use diesel::QueryableByName;
 
 #[derive(Debug, Clone, QueryableByName)]
