@@ -120,9 +120,13 @@ async fn main() {
         .pool_max_idle_per_host(64)
         .build()
         .unwrap();
+    let backend = if a.backend == "postgres" {
+        "postgres".to_string()
+    } else {
+        format!("sqlite (synchronous={sync})")
+    };
     println!(
-        "Courier load benchmark — backend {} (SQLite synchronous={sync}), {} cores",
-        a.backend,
+        "Courier load benchmark — backend {backend}, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
