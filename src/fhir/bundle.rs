@@ -295,10 +295,7 @@ async fn process(
             .map(|r| (r, interaction))
             .map_err(fail)
     } else {
-        Ok((
-            batch(state, req, parsed, entry_errors, ctx).await,
-            interaction,
-        ))
+        Ok((batch(state, parsed, entry_errors, ctx).await, interaction))
     }
 }
 
@@ -592,12 +589,10 @@ async fn transaction(
 
 async fn batch(
     state: &web::Data<AppState>,
-    req: &HttpRequest,
     entries: Vec<Option<Parsed>>,
     mut errors: HashMap<usize, FhirError>,
     ctx: &crate::audit::Context,
 ) -> HttpResponse {
-    let _ = req;
     let base = state.settings.base_url.clone();
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.into_iter().enumerate() {

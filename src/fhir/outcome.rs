@@ -20,14 +20,7 @@ impl FhirError {
         code: &'static str,
         diagnostics: impl Into<String>,
     ) -> FhirError {
-        FhirError {
-            status,
-            issues: vec![Issue {
-                code,
-                expression: String::new(),
-                diagnostics: diagnostics.into(),
-            }],
-        }
+        FhirError::at(status, code, String::new(), diagnostics)
     }
     pub fn at(
         status: StatusCode,

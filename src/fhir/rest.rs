@@ -557,15 +557,7 @@ pub async fn vread(
             "'{vid}' is not a version of {res_type}/{id}"
         ))),
     };
-    finish_read(
-        &state,
-        &ctx,
-        Interaction::Vread,
-        &res_type,
-        &id,
-        result.map(|(r, s)| (r, s)),
-    )
-    .await
+    finish_read(&state, &ctx, Interaction::Vread, &res_type, &id, result).await
 }
 
 async fn finish_read(
@@ -602,8 +594,7 @@ async fn read_inner(
     let t = type_support(res_type)?;
     require(t, if version.is_some() { "vread" } else { "read" })?;
     check_id(id)?;
-    let raw_binary = res_type == "Binary" && check_accept(req).is_err()
-        || res_type == "Binary" && wants_raw(req);
+    let raw_binary = res_type == "Binary" && wants_raw(req);
     if !raw_binary {
         check_accept(req)?;
     }

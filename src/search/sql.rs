@@ -176,13 +176,8 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
         }
         q.push(", ");
     }
-    let last_desc = req.sort.is_empty()
-        || matches!(
-            req.sort.last(),
-            Some(SortKey::LastUpdated { descending: true })
-        );
     // Default order: most recently created first; always a total order so pages never overlap.
-    q.push(if last_desc && req.sort.is_empty() {
+    q.push(if req.sort.is_empty() {
         "r.rid DESC"
     } else {
         "r.rid ASC"
