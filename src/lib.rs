@@ -6,8 +6,10 @@
 //! - [`fhir`]     the REST layer: interactions, search parsing, Bundles, OperationOutcome, metadata
 //! - [`store`]    persistence: SQLite | PostgreSQL, versions, search index, encryption at rest
 //! - [`audit`]    IHE BALP AuditEvents for every interaction
+//! - [`auth`]     Courier's SMART authorization server, tokens, scopes and the access policy
 
 pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod search;

@@ -3,7 +3,10 @@
 use clap::{Parser, Subcommand};
 use courier::config::Settings;
 use courier::startup::{open_store, Application};
+use courier::auth::tokens::{Grant, Tokens};
+use courier::auth::{clients, scopes};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Courier: FHIR R4 secure-messaging server.
 ///
@@ -32,6 +35,62 @@ enum Command {
     Migrate,
     /// Print the effective settings (secrets hidden) and exit.
     Config,
+    /// Manage the integrators (SMART Backend Services clients) allowed to get tokens.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Manage Courier's own token-signing keys (published at {base}/auth/jwks).
+    #[command(subcommand, name = "signing-key")]
+    SigningKey(SigningKeyCommand),
+    /// Issue an access token for a registered client, for operators and local testing. The token
+    /// is printed on stdout; it is subject to revocation and client removal like any other.
+    Token {
+        /// The registered client the token is issued to.
+        #[arg(long)]
+        client_id: String,
+        /// Scopes to grant (each must be within the client's registered scopes).
+        #[arg(long)]
+        scope: String,
+        /// The user the token speaks for (a Courier reference such as Practitioner/123).
+        #[arg(long)]
+        fhir_user: Option<String>,
+        /// The patient in context (a Courier Patient id).
+        #[arg(long)]
+        patient: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Register a client; prints its client_id.
+    Add {
+        /// A name for people (shown by `client list`).
+        #[arg(long)]
+        name: String,
+        /// Where the client publishes its public keys (https; http only on loopback).
+        #[arg(long, conflicts_with = "jwks_file", required_unless_present = "jwks_file")]
+        jwks_url: Option<String>,
+        /// A file holding the client's public JWK Set.
+        #[arg(long)]
+        jwks_file: Option<PathBuf>,
+        /// Space-separated SMART scopes the client may be granted, e.g.
+        /// "system/Communication.cruds system/CommunicationRequest.cruds".
+        #[arg(long)]
+        scope: String,
+    },
+    /// List the registered clients.
+    List,
+    /// Remove a client: its token requests are refused and its tokens stop working at once.
+    Remove {
+        client_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SigningKeyCommand {
+    /// Start signing with a new key; the old one stays published until its tokens have expired.
+    Rotate,
+    /// List the published keys.
+    List,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +115,68 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let store = open_store(&settings)?;
             tracing::info!(database = %store.db.backend_name(), "migrations applied");
+            Ok(())
+        }
+        Command::Client(cmd) => {
+            let store = open_store(&settings)?;
+            match cmd {
+                ClientCommand::Add { name, jwks_url, jwks_file, scope } => {
+                    let keys = match (jwks_url, jwks_file) {
+                        (Some(u), _) => clients::KeySource::Url(u),
+                        (None, Some(f)) => clients::KeySource::Document(
+                            std::fs::read_to_string(&f)
+                                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                        ),
+                        (None, None) => anyhow::bail!("give --jwks-url or --jwks-file"),
+                    };
+                    println!("{}", clients::add(&store, &name, keys, &scope)?);
+                }
+                ClientCommand::List => {
+                    for c in clients::list(&store)? {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            c.client_id,
+                            c.name,
+                            c.jwks_url.as_deref().unwrap_or("(registered JWKS)"),
+                            c.scopes
+                        );
+                    }
+                }
+                ClientCommand::Remove { client_id } => {
+                    if !clients::remove(&store, &client_id)? {
+                        anyhow::bail!("no client {client_id}");
+                    }
+                    println!("removed {client_id}");
+                }
+            }
+            Ok(())
+        }
+        Command::SigningKey(cmd) => {
+            let tokens = Tokens::open(Arc::new(open_store(&settings)?), &settings.base_url)?;
+            if let SigningKeyCommand::Rotate = cmd {
+                println!("now signing with {}", tokens.rotate()?);
+            }
+            for k in tokens.jwks().keys {
+                println!("{}", k.common.key_id.unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Token { client_id, scope, fhir_user, patient } => {
+            let store = Arc::new(open_store(&settings)?);
+            let client = clients::get(&store, &client_id)?
+                .ok_or_else(|| anyhow::anyhow!("no client {client_id}"))?;
+            let requested = scopes::parse_all(&scope).map_err(|e| anyhow::anyhow!(e))?;
+            let granted = scopes::grant(&requested, &clients::registered_scopes(&client));
+            anyhow::ensure!(!granted.is_empty(), "none of these scopes is registered for the client");
+            let tokens = Tokens::open(store, &settings.base_url)?;
+            let issued = tokens.issue(&Grant {
+                client_id,
+                scopes: granted,
+                fhir_user,
+                patient,
+                encounter: None,
+            })?;
+            println!("{}", issued.access_token);
             Ok(())
         }
         Command::Config => {

@@ -1,6 +1,8 @@
 //! `Application::build(settings)`: opens the store, binds the listener and returns the server.
 //! `main` and the tests build the application exactly the same way.
 
+use crate::auth::clients::JwksCache;
+use crate::auth::tokens::Tokens;
 use crate::config::Settings;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::RequestId;
@@ -21,6 +23,8 @@ pub struct Application {
     port: u16,
     server: Server,
     pub store: Arc<Store>,
+    /// Issues and checks access tokens (tests and the SMART launch issue user tokens with it).
+    pub tokens: Arc<Tokens>,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -53,6 +57,7 @@ impl Application {
             );
         }
         let store = Arc::new(open_store(&settings)?);
+        let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -61,13 +66,19 @@ impl Application {
         let state = web::Data::new(AppState {
             store: store.clone(),
             settings: Arc::new(settings),
+            tokens: tokens.clone(),
+            jwks: Arc::new(JwksCache::new()),
         });
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(64 * 1024))
+                .wrap(from_fn(crate::auth::guard::authenticate))
                 .wrap(from_fn(request_id))
+                .wrap(cors())
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .configure(crate::auth::server::routes)
                 .configure(fhir::routes)
                 .default_service(web::to(|| async {
                     FhirError::not_found("no such endpoint").error_response()
@@ -81,6 +92,7 @@ impl Application {
             port,
             server,
             store,
+            tokens,
         })
     }
 
@@ -92,6 +104,33 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// Browsers' SMART apps call the FHIR API, discovery and token endpoints from other origins. Bearer
+/// tokens, never cookies: no credentials mode.
+fn cors() -> actix_cors::Cors {
+    use actix_web::http::header;
+    actix_cors::Cors::default()
+        .allow_any_origin()
+        .allowed_methods(["GET", "POST", "PUT", "PATCH", "DELETE"])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            HeaderName::from_static("if-none-exist"),
+            HeaderName::from_static("prefer"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            header::ETAG,
+            header::LAST_MODIFIED,
+            header::WWW_AUTHENTICATE,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(3600)
 }
 
 async fn healthz() -> HttpResponse {

@@ -20,8 +20,10 @@ pub struct Context {
     pub base_url: String,
     /// The authenticated user (`fhirUser` reference), once authorization provides one.
     pub user: Option<String>,
-    /// The OAuth client id, once authorization provides one.
+    /// The OAuth client id of the access token.
     pub client_id: Option<String>,
+    /// The access token's `jti` (BALP OAuth: `agent.policy`).
+    pub token_id: Option<String>,
     /// For searches: the raw request (`GET <url>`, plus the form body for `POST _search`).
     pub query: Option<String>,
 }
@@ -128,9 +130,13 @@ pub fn event(
         None => json!({"display": ctx.client_address}),
     };
     let server_who = json!({"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"});
+    let mut client = json!({"type": client_type, "who": client_who, "requestor": ctx.user.is_none(),
+               "network": {"address": ctx.client_address, "type": "2"}});
+    if let (Some(jti), None) = (&ctx.token_id, &ctx.user) {
+        client["policy"] = json!([jti]);
+    }
     let mut agents = vec![
-        json!({"type": client_type, "who": client_who, "requestor": ctx.user.is_none(),
-               "network": {"address": ctx.client_address, "type": "2"}}),
+        client,
         json!({"type": server_type, "who": server_who, "name": "Courier", "requestor": false,
                "network": {"address": ctx.base_url, "type": "5"}}),
     ];
@@ -139,10 +145,14 @@ pub fn event(
             "R" | "E" => ("IRCP", "information recipient"),
             _ => ("AUT", "author (originator)"),
         };
-        agents.push(json!({
+        let mut agent = json!({
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": code.0, "display": code.1}]},
             "who": {"reference": user}, "requestor": true
-        }));
+        });
+        if let Some(jti) = &ctx.token_id {
+            agent["policy"] = json!([jti]);
+        }
+        agents.push(agent);
     }
     let mut entities = Vec::new();
     if !ctx.request_id.is_empty() {
@@ -215,6 +225,45 @@ pub fn event(
     }
     if !entities.is_empty() {
         ev["entity"] = Value::Array(entities);
+    }
+    ev
+}
+
+/// An authentication attempt (a token request, or a request with a missing or bad access token):
+/// DICOM "User Authentication" / "Login", outcome 0 or, with `failure`, 4 and why.
+pub fn authentication(ctx: &Context, failure: Option<&str>) -> Value {
+    let client_who = match &ctx.client_id {
+        Some(id) => json!({"identifier": {"value": id}, "display": ctx.client_address}),
+        None => json!({"display": ctx.client_address}),
+    };
+    let mut ev = json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": DCM, "code": "110114", "display": "User Authentication"},
+        "subtype": [{"system": DCM, "code": "110122", "display": "Login"}],
+        "action": "E",
+        "recorded": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "outcome": "0",
+        "agent": [
+            {"type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+             "who": client_who, "requestor": true, "network": {"address": ctx.client_address, "type": "2"}},
+            {"type": {"coding": [{"system": DCM, "code": "110152", "display": "Destination Role ID"}]},
+             "who": {"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"},
+             "requestor": false, "network": {"address": ctx.base_url, "type": "5"}}
+        ],
+        "source": {
+            "observer": {"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}]
+        },
+    });
+    if !ctx.request_id.is_empty() {
+        ev["entity"] = json!([{
+            "what": {"identifier": {"value": ctx.request_id}},
+            "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"}
+        }]);
+    }
+    if let Some(why) = failure {
+        ev["outcome"] = json!("4");
+        ev["outcomeDesc"] = json!(why);
     }
     ev
 }

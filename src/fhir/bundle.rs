@@ -1,6 +1,9 @@
 //! Bundles: searchset and history responses, and batch/transaction processing at the base URL.
 
+use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
+use crate::auth::scopes::Perm;
+use crate::auth::Principal;
 use super::rest::{
     self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res,
 };
@@ -182,7 +185,11 @@ pub async fn batch_or_transaction(
     payload: web::Payload,
 ) -> HttpResponse {
     let ctx = audit_context(&req, &state);
-    let (result, interaction) = match process(&state, &req, payload, &ctx).await {
+    let p = match access::principal(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let (result, interaction) = match process(&state, &req, payload, &ctx, &p).await {
         Ok((r, i)) => (Ok(r), i),
         Err((e, i)) => (Err(e), i),
     };
@@ -209,6 +216,7 @@ async fn process(
     req: &HttpRequest,
     payload: web::Payload,
     ctx: &crate::audit::Context,
+    p: &Principal,
 ) -> ProcessResult {
     let fail = |e: FhirError| (e, Interaction::Batch);
     rest::check_accept(req).map_err(fail)?;
@@ -290,12 +298,12 @@ async fn process(
     }
     if interaction == Interaction::Transaction {
         let parsed: Vec<Parsed> = parsed.into_iter().flatten().collect();
-        transaction(state, parsed, ctx)
+        transaction(state, parsed, ctx, p)
             .await
             .map(|r| (r, interaction))
             .map_err(fail)
     } else {
-        Ok((batch(state, parsed, entry_errors, ctx).await, interaction))
+        Ok((batch(state, parsed, entry_errors, ctx, p).await, interaction))
     }
 }
 
@@ -466,6 +474,7 @@ async fn transaction(
     state: &web::Data<AppState>,
     entries: Vec<Parsed>,
     ctx: &crate::audit::Context,
+    p: &Principal,
 ) -> Res {
     let base = state.settings.base_url.clone();
     // 1. Resolve conditional creates and assign ids, so references between entries can be rewritten.
@@ -478,7 +487,7 @@ async fn transaction(
                 let mut id = new_id();
                 if let Some(q) = &e.if_none_exist {
                     let search =
-                        rest::conditional_search(state, &e.res_type, q).map_err(|mut err| {
+                        rest::conditional_search(state, p, &e.res_type, q).map_err(|mut err| {
                             err.issues.iter_mut().for_each(|x| {
                                 x.expression = format!("Bundle.entry[{i}].request.ifNoneExist")
                             });
@@ -547,7 +556,8 @@ async fn transaction(
             None => None,
         };
         let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
-        let op = entry_op(i, e, id, resource, None)?;
+        let guard = entry_guard(state, p, i, e, resource.as_ref())?;
+        let op = entry_op(i, e, id, resource, None, guard)?;
         ops.push(op);
         op_index.push(i);
     }
@@ -581,7 +591,7 @@ async fn transaction(
         } else if let Some(r) = by_entry.remove(&i) {
             out.push(response_entry(&base, &r));
         } else {
-            out.push(get_entry(state, e).await);
+            out.push(get_entry(state, e, p).await);
         }
     }
     Ok(bundle_response("transaction-response", None, vec![], out))
@@ -592,6 +602,7 @@ async fn batch(
     entries: Vec<Option<Parsed>>,
     mut errors: HashMap<usize, FhirError>,
     ctx: &crate::audit::Context,
+    p: &Principal,
 ) -> HttpResponse {
     let base = state.settings.base_url.clone();
     let mut out = Vec::with_capacity(entries.len());
@@ -603,7 +614,7 @@ async fn batch(
             continue;
         };
         if e.method == "GET" {
-            out.push(get_entry(state, &e).await);
+            out.push(get_entry(state, &e, p).await);
             continue;
         }
         let result: Result<WriteResult, FhirError> = async {
@@ -615,14 +626,15 @@ async fn batch(
                 }
                 None => None,
             };
+            let guard = entry_guard(state, p, i, &e, resource.as_ref())?;
             let if_none_exist = match &e.if_none_exist {
                 Some(q) if e.method == "POST" => {
-                    Some(rest::conditional_search(state, &e.res_type, q)?)
+                    Some(rest::conditional_search(state, p, &e.res_type, q)?)
                 }
                 _ => None,
             };
             let id = e.id.clone().unwrap_or_else(new_id);
-            let op = entry_op(i, &e, id, resource, if_none_exist)?;
+            let op = entry_op(i, &e, id, resource, if_none_exist, guard)?;
             rest::write_one(state, ctx, op).await
         }
         .await;
@@ -634,6 +646,27 @@ async fn batch(
     bundle_response("batch-response", None, vec![], out)
 }
 
+/// The access policy's decision on a POST/PUT/DELETE entry (shared by transaction and batch).
+fn entry_guard(
+    state: &AppState,
+    p: &Principal,
+    i: usize,
+    e: &Parsed,
+    resource: Option<&Incoming>,
+) -> Result<Option<crate::search::query::Condition>, FhirError> {
+    let perm = match e.method.as_str() {
+        "POST" => Perm::Create,
+        "PUT" => Perm::Update,
+        _ => Perm::Delete,
+    };
+    access::write_guard(state, p, &e.res_type, perm, resource.map(|r| &r.value)).map_err(|mut err| {
+        err.issues
+            .iter_mut()
+            .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
+        err
+    })
+}
+
 /// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).
 fn entry_op(
     i: usize,
@@ -641,6 +674,7 @@ fn entry_op(
     id: String,
     resource: Option<Incoming>,
     if_none_exist: Option<SearchRequest>,
+    guard: Option<crate::search::query::Condition>,
 ) -> Result<WriteOp, FhirError> {
     let needed = match e.method.as_str() {
         "POST" => "create",
@@ -680,12 +714,14 @@ fn entry_op(
                 if_match: e.if_match,
                 upsert: true,
                 patch: false,
+                guard,
             }
         }
         _ => WriteOp::Delete {
             res_type,
             id,
             if_match: e.if_match,
+            guard,
         },
     })
 }
@@ -700,15 +736,13 @@ fn error_entry(e: &FhirError) -> Entry {
     }
 }
 
-/// A GET entry: read, vread or search.
-async fn get_entry(state: &web::Data<AppState>, e: &Parsed) -> Entry {
+/// A GET entry: read, vread or search, through the same access decisions as a plain request.
+async fn get_entry(state: &web::Data<AppState>, e: &Parsed, p: &Principal) -> Entry {
     let base = state.settings.base_url.clone();
-    let store = state.store.clone();
     let result: Result<Entry, FhirError> = async {
         match (&e.id, e.version) {
             (Some(id), v) => {
-                let (rt, id, v) = (e.res_type.clone(), id.clone(), v);
-                let s = blocking(move || Ok(match v { Some(v) => store.vread(&rt, &id, v)?, None => store.read(&rt, &id)? })).await?;
+                let s = access::read(state, p, &e.res_type, id, v).await?;
                 Ok(Entry {
                     full_url: Some(format!("{base}/{}/{}", s.res_type, s.id)),
                     resource: raw(&s),
@@ -722,9 +756,7 @@ async fn get_entry(state: &web::Data<AppState>, e: &Parsed) -> Entry {
                     return Err(FhirError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", format!("search is not supported on {}", e.res_type)));
                 }
                 let search = rest::parse_search(state, &e.res_type, &query_pairs(e.query.as_deref().unwrap_or("")), false)?;
-                let rt = e.res_type.clone();
-                let s2 = search.clone();
-                let page = blocking(move || Ok(store.search(&rt, &s2)?)).await?;
+                let page = access::search(state, p, &e.res_type, search.clone()).await?;
                 let resp = searchset(&base, &e.res_type, &search, &page);
                 let body = actix_web::body::to_bytes(resp.into_body()).await.map_err(|_| FhirError::internal())?;
                 Ok(Entry {

@@ -61,9 +61,32 @@ pub fn capability_statement(state: &AppState) -> Value {
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
+            "security": security(state),
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
         }]
+    })
+}
+
+/// SMART on FHIR: the service coding and the OAuth endpoints (the `oauth-uris` extension, which
+/// some clients read instead of `/.well-known/smart-configuration`).
+fn security(state: &AppState) -> Value {
+    use crate::auth::server::{endpoint, INTROSPECT_PATH, REVOKE_PATH, TOKEN_PATH};
+    json!({
+        "cors": true,
+        "service": [{
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)"
+        }],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [
+                {"url": "token", "valueUri": endpoint(state, TOKEN_PATH)},
+                {"url": "introspect", "valueUri": endpoint(state, INTROSPECT_PATH)},
+                {"url": "revoke", "valueUri": endpoint(state, REVOKE_PATH)}
+            ]
+        }],
+        "description": "Every endpoint but /metadata needs a bearer access token from the token endpoint (SMART Backend Services: client_credentials with a private_key_jwt assertion, RS384 or ES384). Scopes: SMART v2 (v1 accepted)."
     })
 }
 

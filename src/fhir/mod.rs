@@ -1,10 +1,13 @@
 //! The FHIR R4 REST layer: routes, content negotiation, and the interactions.
 
+pub mod access;
 pub mod bundle;
 pub mod capability;
 pub mod outcome;
 pub mod rest;
 
+use crate::auth::clients::JwksCache;
+use crate::auth::tokens::Tokens;
 use crate::config::Settings;
 use crate::store::Store;
 use actix_web::web;
@@ -14,6 +17,10 @@ use std::sync::Arc;
 pub struct AppState {
     pub store: Arc<Store>,
     pub settings: Arc<Settings>,
+    /// Courier's access tokens: issuing and checking them.
+    pub tokens: Arc<Tokens>,
+    /// Integrators' public keys, fetched from their JWKS URLs.
+    pub jwks: Arc<JwksCache>,
 }
 
 /// What the server does with each resource type; the CapabilityStatement is generated from this.

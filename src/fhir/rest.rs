@@ -1,8 +1,11 @@
 //! Instance and type interactions: create, read, vread, update, patch, delete, history, search.
 
+use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
+use crate::auth::scopes::Perm;
 use super::{support, AppState, TypeSupport};
 use crate::audit::{self, Interaction};
+use crate::auth::Principal;
 use crate::search::dates;
 use crate::search::query::{self, Limits, SearchRequest};
 use crate::store::{Incoming, Stored, WriteOp, WriteResult, WriteStatus};
@@ -19,7 +22,11 @@ pub type Res = Result<HttpResponse, FhirError>;
 pub struct RequestId(pub String);
 
 pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
+    let principal = req.extensions().get::<Principal>().cloned();
     audit::Context {
+        user: principal.as_ref().and_then(|p| p.fhir_user.clone()),
+        client_id: principal.as_ref().map(|p| p.client_id.clone()),
+        token_id: principal.map(|p| p.jti),
         request_id: req
             .extensions()
             .get::<RequestId>()
@@ -447,6 +454,7 @@ async fn create_inner(
     let t = type_support(res_type)?;
     require(t, "create")?;
     check_accept(req)?;
+    let p = access::principal(req)?;
     let is_binary = res_type == "Binary";
     let limit = if is_binary {
         state.settings.max_binary_bytes * 4 / 3 + 1024
@@ -506,13 +514,14 @@ async fn create_inner(
         }
         incoming
     };
+    access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value))?;
     let if_none_exist = match req.headers().get("if-none-exist") {
         Some(v) if t.conditional_create => {
             let q = v
                 .to_str()
                 .map_err(|_| FhirError::bad_request("If-None-Exist is not valid text"))?;
             let q = q.split_once('?').map_or(q, |(_, q)| q);
-            Some(conditional_search(state, res_type, q)?)
+            Some(conditional_search(state, &p, res_type, q)?)
         }
         Some(_) => {
             return Err(FhirError::bad_request(format!(
@@ -598,15 +607,8 @@ async fn read_inner(
     if !raw_binary {
         check_accept(req)?;
     }
-    let store = state.store.clone();
-    let (rt, rid) = (res_type.to_string(), id.to_string());
-    let s = blocking(move || {
-        Ok(match version {
-            Some(v) => store.vread(&rt, &rid, v)?,
-            None => store.read(&rt, &rid)?,
-        })
-    })
-    .await?;
+    let p = access::principal(req)?;
+    let s = access::read(state, &p, res_type, id, version).await?;
     let body = s.body.clone().unwrap_or_default();
     let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let patient = audit::patient_of(&value);
@@ -700,6 +702,7 @@ async fn update_inner(
     check_accept(req)?;
     check_content_type(req)?;
     let if_match = if_match(req)?;
+    let p = access::principal(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
     let incoming = parse_resource(&body, res_type, "")?;
     match incoming.value.get("id").and_then(Value::as_str) {
@@ -721,6 +724,7 @@ async fn update_inner(
             ))
         }
     }
+    let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&incoming.value))?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -728,6 +732,7 @@ async fn update_inner(
         if_match,
         upsert: true,
         patch: false,
+        guard,
     };
     let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
@@ -775,9 +780,16 @@ async fn patch_inner(
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
     let patch: json_patch::Patch = serde_json::from_slice(&body)
         .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
-    let store = state.store.clone();
-    let (rt, rid) = (res_type.to_string(), id.to_string());
-    let current = blocking(move || Ok(store.read(&rt, &rid)?)).await?;
+    let p = access::principal(req)?;
+    let current_guard = access::write_guard(state, &p, res_type, Perm::Update, None)?;
+    let current = if current_guard.is_some() {
+        // A confined token patches only what it can see; anything else is "not found".
+        access::read(state, &p, res_type, id, None).await?
+    } else {
+        let store = state.store.clone();
+        let (rt, rid) = (res_type.to_string(), id.to_string());
+        blocking(move || Ok(store.read(&rt, &rid)?)).await?
+    };
     if let Some(v) = if_match {
         if v != current.version_id {
             return Err(FhirError::new(
@@ -817,6 +829,7 @@ async fn patch_inner(
     }
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
     check_resource(&value, res_type, "")?;
+    let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -824,6 +837,7 @@ async fn patch_inner(
         if_match: Some(current.version_id),
         upsert: false,
         patch: true,
+        guard,
     };
     let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
@@ -866,10 +880,13 @@ async fn delete_inner(
     require(t, "delete")?;
     check_id(id)?;
     let if_match = if_match(req)?;
+    let p = access::principal(req)?;
+    let guard = access::write_guard(state, &p, res_type, Perm::Delete, None)?;
     let op = WriteOp::Delete {
         res_type: res_type.to_string(),
         id: id.to_string(),
         if_match,
+        guard,
     };
     let r = write_one(state, ctx, op).await?;
     let msg = match r.status {
@@ -945,6 +962,17 @@ async fn history_inner(
         check_id(id)?;
     }
     check_accept(req)?;
+    let p = access::principal(req)?;
+    let filter = match access::decide(state, &p, res_type, Perm::Read)? {
+        access::Access::All => None,
+        access::Access::Only(c) => {
+            if let Some(id) = &id {
+                // The resource itself must be visible; then each version is checked below.
+                access::read(state, &p, res_type, id, None).await?;
+            }
+            Some(c)
+        }
+    };
     let pairs = query_pairs(req.query_string());
     let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let num = |k: &str| -> Result<Option<usize>, FhirError> {
@@ -973,9 +1001,15 @@ async fn history_inner(
     };
     let store = state.store.clone();
     let (rt, rid) = (res_type.to_string(), id.clone());
-    let (versions, has_next, snapshot) =
-        blocking(move || Ok(store.history(&rt, rid.as_deref(), since, count, offset, snapshot)?))
-            .await?;
+    let f2 = filter.clone();
+    let (mut versions, has_next, snapshot) = blocking(move || {
+        Ok(store.history(&rt, rid.as_deref(), since, count, offset, snapshot, f2.as_ref())?)
+    })
+    .await?;
+    if filter.is_some() {
+        // Older versions may have been outside the grant even though the current one is not.
+        versions.retain(|s| access::may_see(state, &p, s));
+    }
     let base = &state.settings.base_url;
     let path = match &id {
         Some(id) => format!("{base}/{res_type}/{id}/_history"),
@@ -1031,6 +1065,7 @@ pub fn parse_search(
 /// actually narrow the search (an empty one would match any resource of the type).
 pub fn conditional_search(
     state: &AppState,
+    p: &crate::auth::Principal,
     res_type: &str,
     query: &str,
 ) -> Result<SearchRequest, FhirError> {
@@ -1046,6 +1081,8 @@ pub fn conditional_search(
     search.count = 2;
     search.offset = 0;
     search.summary_count = false;
+    // It may match only what the token may see: a match outside the grant must not leak.
+    access::confine(state, p, res_type, &mut search)?;
     Ok(search)
 }
 
@@ -1132,10 +1169,8 @@ async fn search_inner(
     require(t, "search-type")?;
     check_accept(req)?;
     let search = parse_search(state, res_type, &pairs, prefer_strict(req))?;
-    let store = state.store.clone();
-    let rt = res_type.to_string();
-    let s2 = search.clone();
-    let page = blocking(move || Ok(store.search(&rt, &s2)?)).await?;
+    let p = access::principal(req)?;
+    let page = access::search(state, &p, res_type, search.clone()).await?;
     Ok(super::bundle::searchset(
         &state.settings.base_url,
         res_type,

@@ -63,6 +63,9 @@ pub enum Condition {
         ids: Vec<String>,
     },
     LastUpdated(Vec<(Prefix, i64, i64)>),
+    /// Any of the groups, each a conjunction. Never parsed from a query: the access policy adds it
+    /// to confine a search to what the token may see (an empty list matches nothing).
+    AnyOf(Vec<Vec<Condition>>),
 }
 
 #[derive(Debug, Clone)]

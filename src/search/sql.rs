@@ -198,6 +198,23 @@ pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialec
     q
 }
 
+/// Does the live resource `rid` satisfy `c`? (`SELECT r.rid … LIMIT 1`: a row means yes.)
+pub fn admits(rid: i64, c: &Condition, dialect: Dialect) -> Sql {
+    let mut q = Sql::new();
+    q.push("SELECT r.rid FROM resources r WHERE r.rid = ");
+    q.bind(rid);
+    q.push(" AND r.deleted = 0 AND ");
+    condition(&mut q, c, dialect);
+    q
+}
+
+/// `c` as a SQL predicate over `resources r` (for history, which is not a search).
+pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
+    let mut q = Sql::new();
+    condition(&mut q, c, dialect);
+    q
+}
+
 fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
     match c {
         Condition::Id { not, ids } => {
@@ -330,6 +347,30 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                 date_cond(q, "lo", "hi", p, *lo, *hi);
             }
             q.push("))");
+        }
+        Condition::AnyOf(groups) => {
+            if groups.is_empty() {
+                q.push("1 = 0");
+                return;
+            }
+            q.push("(");
+            for (i, g) in groups.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                q.push("(");
+                if g.is_empty() {
+                    q.push("1 = 1");
+                }
+                for (j, c) in g.iter().enumerate() {
+                    if j > 0 {
+                        q.push(" AND ");
+                    }
+                    condition(q, c, dialect);
+                }
+                q.push(")");
+            }
+            q.push(")");
         }
         Condition::Str { key, mode, values } => {
             q.push("r.rid IN (SELECT rid FROM idx_string WHERE param = ");

@@ -7,7 +7,7 @@ pub mod rows;
 
 use crate::audit::{self, Interaction};
 use crate::search::index::{self, Entry};
-use crate::search::query::{Include, SearchRequest, Total};
+use crate::search::query::{Condition, Include, SearchRequest, Total};
 use crate::search::{dates, sql, Registry};
 use crate::with_conn;
 use crypto::{Keyring, MasterKey, WrappedKey};
@@ -168,11 +168,15 @@ pub enum WriteOp {
         if_match: Option<i64>,
         upsert: bool,
         patch: bool,
+        /// The access policy's condition the version being replaced must meet (else 404).
+        guard: Option<Condition>,
     },
     Delete {
         res_type: String,
         id: String,
         if_match: Option<i64>,
+        /// As for `Update`: a confined principal deletes only what it may see (else 404).
+        guard: Option<Condition>,
     },
 }
 
@@ -390,6 +394,24 @@ impl Store {
         Ok(())
     }
 
+    /// One statement on a pooled connection, outside the resource write path: for the
+    /// authorization server's own tables (clients, signing keys, used assertions, revocations).
+    pub fn execute(&self, sql: &str, binds: Vec<Bind>) -> Result<usize, StoreError> {
+        let mut c = self.db.get()?;
+        Ok(with_conn!(c, |c| c.execute(sql, binds))?)
+    }
+
+    /// A query on a pooled connection (see [`Store::execute`]).
+    pub fn query<T>(&self, sql: &str, binds: Vec<Bind>) -> Result<Vec<T>, StoreError>
+    where
+        T: diesel::QueryableByName<diesel::sqlite::Sqlite>
+            + diesel::QueryableByName<diesel::pg::Pg>
+            + 'static,
+    {
+        let mut c = self.db.get()?;
+        Ok(with_conn!(c, |c| c.load(sql, binds))?)
+    }
+
     /// Is the database reachable?
     pub fn ping(&self) -> bool {
         let Ok(mut c) = self.db.get() else {
@@ -588,8 +610,14 @@ impl Store {
                 if_match,
                 upsert,
                 patch,
+                guard,
             } => {
                 let head = self.head(c, &res_type, &id)?;
+                if let (Some(g), Some(h)) = (&guard, &head) {
+                    if h.deleted == 0 && !self.admits(c, h.rid, g)? {
+                        return Err(StoreError::NotFound(res_type, id));
+                    }
+                }
                 match (&head, if_match) {
                     (None, Some(v)) => {
                         return Err(StoreError::PreconditionFailed(format!(
@@ -622,8 +650,18 @@ impl Store {
                 res_type,
                 id,
                 if_match,
+                guard,
             } => {
                 let head = self.head(c, &res_type, &id)?;
+                if let Some(g) = &guard {
+                    let visible = match &head {
+                        Some(h) if h.deleted == 0 => self.admits(c, h.rid, g)?,
+                        _ => false,
+                    };
+                    if !visible {
+                        return Err(StoreError::NotFound(res_type, id));
+                    }
+                }
                 match head {
                     Some(h) if h.deleted == 0 => {
                         if let Some(v) = if_match {
@@ -659,6 +697,12 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Does the live resource `rid` meet the access policy's condition `g`?
+    fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
+        let q = sql::admits(rid, g, dialect(c));
+        Ok(!c.load::<RidRow>(&q.text, q.binds)?.is_empty())
     }
 
     fn head<C: Conn>(
@@ -822,6 +866,7 @@ impl Store {
         count: usize,
         offset: usize,
         snapshot: Option<i64>,
+        filter: Option<&Condition>,
     ) -> Result<(Vec<Stored>, bool, i64), StoreError> {
         let mut c = self.db.get()?;
         with_conn!(c, |c| {
@@ -852,6 +897,13 @@ impl Store {
             if let Some(s) = since {
                 sql.push_str(" AND v.last_updated >= ?");
                 binds.push(s.into());
+            }
+            if let Some(f) = filter {
+                // The access policy, on the resource's current version (the index holds only that).
+                let p = sql::predicate(f, dialect(c));
+                sql.push_str(" AND ");
+                sql.push_str(&p.text);
+                binds.extend(p.binds);
             }
             sql.push_str(" ORDER BY v.vid DESC LIMIT ? OFFSET ?");
             binds.push((count as i64 + 1).into());

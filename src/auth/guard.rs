@@ -1,0 +1,93 @@
+//! Every FHIR endpoint but `/metadata` needs a valid bearer token: this middleware turns it into a
+//! [`Principal`] in the request's extensions, or answers 401 with `WWW-Authenticate: Bearer` and an
+//! OperationOutcome (and audits the refusal).
+
+use super::Principal;
+use crate::audit;
+use crate::fhir::outcome::FhirError;
+use crate::fhir::rest::audit_context;
+use crate::fhir::AppState;
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage, HttpRequest, ResponseError};
+
+/// Paths anyone may call: discovery, the authorization server itself, health, CapabilityStatement.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/metadata" | "/healthz" | "/readyz")
+        || path.starts_with("/.well-known/")
+        || path.starts_with("/auth/")
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pub async fn authenticate(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    if req.method() == Method::OPTIONS || is_public(req.path()) {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    }
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .expect("AppState is registered")
+        .clone();
+    let token = bearer(req.request()).map(String::from);
+    let had_token = token.is_some();
+    let verdict: Result<Principal, String> = match token {
+        None => Err("an access token is required (Authorization: Bearer …)".into()),
+        Some(t) => {
+            let st = state.clone();
+            web::block(move || {
+                let p = st.tokens.verify(&t)?;
+                match st.tokens.still_valid(&p) {
+                    Ok(true) => Ok(p),
+                    Ok(false) => Err("the access token has been revoked or its client removed".into()),
+                    Err(_) => Err("the access token could not be checked".into()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("the access token could not be checked".into()))
+        }
+    };
+    match verdict {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.call(req).await.map(|r| r.map_into_left_body())
+        }
+        Err(why) => {
+            let ctx = audit_context(req.request(), &state);
+            let event = audit::authentication(&ctx, Some(&why));
+            let store = state.store.clone();
+            if let Err(e) = web::block(move || store.record_audit(event)).await {
+                tracing::error!(error = %e, "could not record AuditEvent");
+            }
+            let err = FhirError::new(StatusCode::UNAUTHORIZED, "login", why.clone());
+            let mut res = err.error_response();
+            // RFC 6750 §3.1: no error code when the request carried no token at all.
+            let challenge = if had_token {
+                format!(
+                    "Bearer realm=\"courier\", error=\"invalid_token\", error_description=\"{}\"",
+                    why.replace('"', "'")
+                )
+            } else {
+                "Bearer realm=\"courier\"".to_string()
+            };
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_str(&challenge)
+                    .unwrap_or(header::HeaderValue::from_static("Bearer realm=\"courier\"")),
+            );
+            Ok(req.into_response(res).map_into_right_body())
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The access policy: what a [`Principal`] may do with resources of a type, expressed as search
+//! conditions so that one definition serves every path — added to a search's SQL (so counts,
+//! `_total` and paging never see outside the grant), checked against a single resource's index
+//! entries (reads, includes, history versions, the body of a write), and checked in SQL inside a
+//! write's transaction against the stored version it replaces.
+//!
+//! - `system/` scopes: every resource of the granted types.
+//! - `patient/` scopes: the patient's compartment (R4 CompartmentDefinition `Patient`:
+//!   Communication subject/sender/recipient, CommunicationRequest also requester, AuditEvent
+//!   patient); a patient cannot address another patient.
+//! - `user/` scopes: what the user takes part in (sender, recipient, requester; AuditEvent agent),
+//!   plus the launch patient's compartment when a patient is in context.
+//! - A scope with a query (`patient/Communication.rs?category=alert`) adds its conditions.
+//! - `*` never names AuditEvent; a Binary follows the Communication/CommunicationRequest that
+//!   attaches it (see `fhir::access`).
+
+use super::scopes::{Context, Perm, Scope};
+use super::{Principal, SubjectKind};
+use crate::search::index::{self, Entry, RefParts};
+use crate::search::query::{self, Condition, Limits, TokenValue};
+use crate::search::Registry;
+use serde_json::Value;
+
+/// What a principal may reach of one type for one permission.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Every resource of the type.
+    All,
+    /// Only the resources matching this condition.
+    Only(Condition),
+}
+
+/// Why access was refused: a sentence for the OperationOutcome that names nothing it may not see.
+#[derive(Debug)]
+pub struct Denied(pub String);
+
+/// The R4 Patient compartment's parameters for the types Courier stores.
+fn patient_params(res_type: &str) -> &'static [&'static str] {
+    match res_type {
+        "Communication" => &["subject", "sender", "recipient"],
+        "CommunicationRequest" => &["subject", "sender", "recipient", "requester"],
+        "AuditEvent" => &["patient"],
+        _ => &[],
+    }
+}
+
+/// The parameters that make a user a participant.
+fn participant_params(res_type: &str) -> &'static [&'static str] {
+    match res_type {
+        "Communication" => &["sender", "recipient"],
+        "CommunicationRequest" => &["sender", "recipient", "requester"],
+        "AuditEvent" => &["agent"],
+        _ => &[],
+    }
+}
+
+/// One group per parameter: "`param` refers to `target`" (a local `Type/id`).
+fn refers(registry: &Registry, res_type: &str, params: &[&str], target: &str) -> Vec<Vec<Condition>> {
+    let Some((t, id)) = target.split_once('/') else {
+        return vec![];
+    };
+    params
+        .iter()
+        .filter_map(|code| registry.get(res_type, code))
+        .map(|p| {
+            vec![Condition::Reference {
+                key: p.key.clone(),
+                values: vec![RefParts {
+                    target_type: Some(t.to_string()),
+                    target_id: Some(id.to_string()),
+                    url: None,
+                }],
+            }]
+        })
+        .collect()
+}
+
+/// The compartment a scope's context confines it to: `Some(None)` for no confinement, `None`
+/// when the scope cannot apply (no patient in context, no user, or a type without a compartment).
+fn compartment(
+    p: &Principal,
+    registry: &Registry,
+    res_type: &str,
+    context: Context,
+) -> Option<Option<Condition>> {
+    let groups = match context {
+        Context::System => return Some(None),
+        Context::Patient => {
+            let patient = p.patient.as_ref()?;
+            refers(registry, res_type, patient_params(res_type), &format!("Patient/{patient}"))
+        }
+        Context::User => {
+            let user = p.fhir_user.as_ref()?;
+            let mut g = refers(registry, res_type, participant_params(res_type), user);
+            if let Some(patient) = &p.patient {
+                g.extend(refers(
+                    registry,
+                    res_type,
+                    patient_params(res_type),
+                    &format!("Patient/{patient}"),
+                ));
+            }
+            g
+        }
+    };
+    (!groups.is_empty()).then_some(Some(Condition::AnyOf(groups)))
+}
+
+/// The conditions of a scope's query, if every one is a token or reference condition (the kinds
+/// the policy can check on a single resource). Anything else makes the scope grant nothing.
+fn scope_query(scope: &Scope, registry: &Registry, base_url: &str) -> Option<Vec<Condition>> {
+    let Some(q) = &scope.query else {
+        return Some(vec![]);
+    };
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+    let limits = Limits {
+        default_count: 1,
+        max_count: 1,
+        strict: true,
+    };
+    let req = query::parse(registry, &scope.resource, &pairs, base_url, &limits).ok()?;
+    let ok = !req.conditions.is_empty()
+        && req
+            .conditions
+            .iter()
+            .all(|c| matches!(c, Condition::Token { .. } | Condition::Reference { .. }));
+    ok.then_some(req.conditions)
+}
+
+/// Is `scope` usable as a granular scope query? (Checked when a token is issued.)
+pub fn scope_query_supported(scope: &Scope, registry: &Registry, base_url: &str) -> bool {
+    scope_query(scope, registry, base_url).is_some()
+}
+
+/// The one decision: may `p` use `perm` on resources of `res_type`, and on which of them?
+pub fn decide(
+    p: &Principal,
+    registry: &Registry,
+    base_url: &str,
+    res_type: &str,
+    perm: Perm,
+) -> Result<Access, Denied> {
+    let mut groups: Vec<Vec<Condition>> = Vec::new();
+    let mut named = false;
+    for scope in p
+        .scopes
+        .iter()
+        .filter(|s| s.names(res_type) && s.allows(perm))
+    {
+        named = true;
+        // A Binary is content without a compartment: any context may upload one; reading one
+        // follows the resource that attaches it (fhir::access), so only system scopes reach all.
+        let confinement = if res_type == "Binary" {
+            match (scope.context, perm) {
+                (Context::System, _) | (_, Perm::Create) => Some(None),
+                _ => None,
+            }
+        } else {
+            compartment(p, registry, res_type, scope.context)
+        };
+        let (Some(confinement), Some(mut conditions)) =
+            (confinement, scope_query(scope, registry, base_url))
+        else {
+            continue;
+        };
+        if let Some(c) = confinement {
+            conditions.insert(0, c);
+        }
+        if conditions.is_empty() {
+            return Ok(Access::All);
+        }
+        groups.push(conditions);
+    }
+    if groups.is_empty() {
+        let why = if named {
+            format!(
+                "the token's scopes name {res_type} but cannot apply here (no {} in context)",
+                if p.fhir_user.is_none() { "user" } else { "patient" }
+            )
+        } else {
+            format!(
+                "the token's scopes do not allow '{}' on {res_type}",
+                perm.letter()
+            )
+        };
+        return Err(Denied(why));
+    }
+    Ok(Access::Only(Condition::AnyOf(groups)))
+}
+
+/// Does a resource with these index entries satisfy `c`? The in-memory twin of the SQL in
+/// `search::sql` for the conditions the policy produces (reference, token, any-of); any other
+/// condition is refused rather than guessed.
+pub fn admits(c: &Condition, entries: &[Entry]) -> bool {
+    match c {
+        Condition::AnyOf(groups) => groups
+            .iter()
+            .any(|g| g.iter().all(|c| admits(c, entries))),
+        Condition::Reference { key, values } => entries.iter().any(|e| match e {
+            Entry::Ref {
+                param,
+                target_type,
+                target_id,
+                url,
+            } if param == key => values.iter().any(|v| match (&v.url, &v.target_type, &v.target_id) {
+                (Some(u), _, _) => url.as_ref() == Some(u),
+                (None, Some(t), Some(id)) => {
+                    url.is_none() && target_type.as_ref() == Some(t) && target_id.as_ref() == Some(id)
+                }
+                (None, None, Some(id)) => url.is_none() && target_id.as_ref() == Some(id),
+                _ => false,
+            }),
+            _ => false,
+        }),
+        Condition::Token { key, not, values } => {
+            let found = entries.iter().any(|e| match e {
+                Entry::Token {
+                    param,
+                    system,
+                    code,
+                } if param == key => values.iter().any(|v| match v {
+                    TokenValue::Code(c) => code == c,
+                    TokenValue::SystemCode(None, Some(c)) => system.is_none() && code == c,
+                    TokenValue::SystemCode(Some(s), Some(c)) => {
+                        system.as_ref() == Some(s) && code == c
+                    }
+                    TokenValue::SystemCode(Some(s), None) => system.as_ref() == Some(s),
+                    TokenValue::SystemCode(None, None) => false,
+                }),
+                _ => false,
+            });
+            found != *not
+        }
+        _ => false,
+    }
+}
+
+/// May `p` see this resource (for `perm`, Read or Search)? Binaries are decided in `fhir::access`.
+pub fn may_see(
+    p: &Principal,
+    registry: &Registry,
+    base_url: &str,
+    res_type: &str,
+    resource: &Value,
+    perm: Perm,
+) -> bool {
+    match decide(p, registry, base_url, res_type, perm) {
+        Ok(Access::All) => true,
+        Ok(Access::Only(c)) => admits(&c, &index::entries(registry, res_type, resource, base_url)),
+        Err(_) => false,
+    }
+}
+
+/// May `p` write this resource body (create, or the new version of an update)? Returns the
+/// access, whose condition must also hold for the version being replaced.
+pub fn check_write(
+    p: &Principal,
+    registry: &Registry,
+    base_url: &str,
+    res_type: &str,
+    perm: Perm,
+    resource: Option<&Value>,
+) -> Result<Access, Denied> {
+    let access = decide(p, registry, base_url, res_type, perm)?;
+    let (Access::Only(c), Some(resource)) = (&access, resource) else {
+        return Ok(access);
+    };
+    let entries = index::entries(registry, res_type, resource, base_url);
+    if !admits(c, &entries) {
+        return Err(Denied(format!(
+            "this {res_type} is outside what the token may write: it must involve {}",
+            match (&p.fhir_user, &p.patient) {
+                (Some(u), Some(pt)) => format!("{u} or Patient/{pt}"),
+                (Some(u), None) => u.clone(),
+                (None, Some(pt)) => format!("Patient/{pt}"),
+                (None, None) => "the token's subject".into(),
+            }
+        )));
+    }
+    // A patient writes only about themself: no other patient may be subject, sender or recipient.
+    let patient_bound = p.kind() == SubjectKind::Patient
+        || !p.scopes.iter().any(|s| {
+            s.names(res_type) && s.allows(perm) && s.context != Context::Patient
+        });
+    if patient_bound {
+        let me = p
+            .patient
+            .clone()
+            .or_else(|| p.fhir_user.as_deref().and_then(|u| u.strip_prefix("Patient/")).map(String::from));
+        let keys: Vec<String> = patient_params(res_type)
+            .iter()
+            .filter_map(|code| registry.get(res_type, code).map(|sp| sp.key.clone()))
+            .collect();
+        let other = entries.iter().any(|e| match e {
+            Entry::Ref {
+                param,
+                target_type: Some(t),
+                target_id: Some(id),
+                ..
+            } => keys.contains(param) && t == "Patient" && Some(id) != me.as_ref(),
+            _ => false,
+        });
+        if other {
+            return Err(Denied(
+                "a patient cannot address another patient".into(),
+            ));
+        }
+    }
+    Ok(access)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::scopes::parse_all;
+    use serde_json::json;
+
+    fn principal(scopes: &str, user: Option<&str>, patient: Option<&str>) -> Principal {
+        Principal {
+            client_id: "c".into(),
+            jti: "j".into(),
+            exp: i64::MAX,
+            scopes: parse_all(scopes).unwrap(),
+            fhir_user: user.map(String::from),
+            patient: patient.map(String::from),
+            encounter: None,
+        }
+    }
+
+    fn msg(sender: &str, recipient: &str) -> Value {
+        json!({"resourceType": "Communication", "status": "completed",
+               "sender": {"reference": sender}, "recipient": [{"reference": recipient}],
+               "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "alert"}]}]})
+    }
+
+    #[test]
+    fn system_scopes_see_everything_of_their_types_only() {
+        let r = Registry::load().unwrap();
+        let p = principal("system/Communication.rs", None, None);
+        assert!(matches!(decide(&p, &r, "http://x", "Communication", Perm::Read), Ok(Access::All)));
+        assert!(decide(&p, &r, "http://x", "Communication", Perm::Create).is_err());
+        assert!(decide(&p, &r, "http://x", "CommunicationRequest", Perm::Read).is_err());
+    }
+
+    #[test]
+    fn patient_scopes_confine_to_the_compartment() {
+        let r = Registry::load().unwrap();
+        let p = principal("patient/Communication.rs", None, Some("p1"));
+        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
+        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Patient/p1", "Practitioner/d"), Perm::Read));
+        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p2"), Perm::Read));
+        let no_context = principal("patient/Communication.rs", None, None);
+        assert!(decide(&no_context, &r, "http://x", "Communication", Perm::Read).is_err());
+    }
+
+    #[test]
+    fn a_patient_cannot_address_another_patient() {
+        let r = Registry::load().unwrap();
+        let p = principal("patient/Communication.cruds", Some("Patient/p1"), Some("p1"));
+        let to_other = msg("Patient/p1", "Patient/p2");
+        assert!(check_write(&p, &r, "http://x", "Communication", Perm::Create, Some(&to_other)).is_err());
+        let to_doctor = msg("Patient/p1", "Practitioner/d");
+        assert!(check_write(&p, &r, "http://x", "Communication", Perm::Create, Some(&to_doctor)).is_ok());
+    }
+
+    #[test]
+    fn user_scopes_cover_participation_and_the_launch_patient() {
+        let r = Registry::load().unwrap();
+        let p = principal("user/Communication.rs", Some("Practitioner/d"), Some("p1"));
+        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Practitioner/d"), Perm::Read));
+        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Patient/p1"), Perm::Read));
+        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Patient/p2"), Perm::Read));
+    }
+
+    #[test]
+    fn scope_queries_narrow_the_grant() {
+        let r = Registry::load().unwrap();
+        let p = principal(
+            "system/Communication.rs?category=http://terminology.hl7.org/CodeSystem/communication-category|notification",
+            None,
+            None,
+        );
+        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
+        let p = principal("system/Communication.rs?category=alert", None, None);
+        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
+    }
+}

@@ -1,0 +1,336 @@
+//! Courier's access tokens: JWTs signed (ES384) by Courier's own key, published at the JWKS URL.
+//!
+//! Keys live in `signing_keys`, the private half sealed under the store's data key like a resource
+//! body. `courier signing-key rotate` adds a key and retires the old one; a retired key stays
+//! published and accepted for [`RETIRED_KEY_GRACE`], longer than any token it signed lives, so a
+//! rotation breaks no token in flight. Every instance re-reads the keys at most [`KEY_REFRESH`] after a
+//! change (and at once when it sees an unknown `kid`).
+//!
+//! A token's signature is checked once; the resulting [`Principal`] is cached by the token's hash
+//! until it expires. Revocation and client removal are checked on every request
+//! ([`Tokens::still_valid`]), so both take effect at once on every instance.
+
+use super::scopes::{self, Scope};
+use super::Principal;
+use crate::search::dates;
+use crate::store::db::Bind;
+use crate::store::Store;
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::QueryableByName;
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Access-token lifetime: SMART asks for at most 5 minutes for backend services.
+pub const TOKEN_LIFETIME_SECS: i64 = 300;
+/// How long a retired signing key stays published and accepted.
+pub const RETIRED_KEY_GRACE_SECS: i64 = 3600;
+const KEY_REFRESH: Duration = Duration::from_secs(30);
+const CACHE_LIMIT: usize = 50_000;
+
+/// The claims of a Courier access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub jti: String,
+    pub client_id: String,
+    pub scope: String,
+    #[serde(rename = "fhirUser", default, skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<String>,
+}
+
+/// What a token is issued for: a client's grant, and for a user also who and in what context.
+#[derive(Debug, Clone, Default)]
+pub struct Grant {
+    pub client_id: String,
+    pub scopes: Vec<Scope>,
+    pub fhir_user: Option<String>,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+}
+
+/// A freshly issued token.
+pub struct Issued {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub claims: AccessClaims,
+}
+
+#[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = Text)]
+    kid: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    private_key: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    public_jwk: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    retired_at: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct ValidityRow {
+    #[diesel(sql_type = BigInt)]
+    revoked: i64,
+    #[diesel(sql_type = BigInt)]
+    clients: i64,
+}
+
+/// The keys currently published: the signer and every key still accepted.
+struct KeySet {
+    signer: Option<(String, EncodingKey)>,
+    verifiers: HashMap<String, DecodingKey>,
+    jwks: JwkSet,
+    loaded: Instant,
+}
+
+pub struct Tokens {
+    store: Arc<Store>,
+    /// `iss` of Courier's tokens and `aud` they are for: the FHIR base URL.
+    issuer: String,
+    keys: RwLock<KeySet>,
+    verified: Mutex<HashMap<[u8; 32], Principal>>,
+}
+
+fn now() -> i64 {
+    dates::now_micros() / 1_000_000
+}
+
+fn aad(kid: &str) -> String {
+    format!("signing-key/{kid}")
+}
+
+impl Tokens {
+    /// Loads the signing keys, creating the first one on a new database.
+    pub fn open(store: Arc<Store>, issuer: &str) -> anyhow::Result<Tokens> {
+        let tokens = Tokens {
+            store,
+            issuer: issuer.to_string(),
+            keys: RwLock::new(KeySet {
+                signer: None,
+                verifiers: HashMap::new(),
+                jwks: JwkSet { keys: vec![] },
+                loaded: Instant::now(),
+            }),
+            verified: Mutex::new(HashMap::new()),
+        };
+        tokens.reload()?;
+        if tokens.keys.read().signer.is_none() {
+            tokens.rotate()?;
+        }
+        Ok(tokens)
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Adds a new signing key and retires the others (they stay published for the grace period).
+    /// Returns the new key's `kid`.
+    pub fn rotate(&self) -> anyhow::Result<String> {
+        use p384::pkcs8::EncodePrivateKey;
+        let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
+        let der = secret
+            .to_pkcs8_der()
+            .map_err(|e| anyhow::anyhow!("cannot encode the new signing key: {e}"))?;
+        let encoding = EncodingKey::from_ec_der(der.as_bytes());
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES384)?;
+        let kid = jwk.thumbprint(ThumbprintHash::SHA256);
+        jwk.common.key_id = Some(kid.clone());
+        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        let (key_id, sealed) = self.store.keys.seal(der.as_bytes(), &aad(&kid));
+        let created = dates::now_micros();
+        self.store.execute(
+            "INSERT INTO signing_keys (kid, alg, key_id, private_key, public_jwk, created_at, retired_at) VALUES (?, 'ES384', ?, ?, ?, ?, NULL)",
+            vec![kid.clone().into(), key_id.into(), sealed.into(), serde_json::to_string(&jwk)?.into(), created.into()],
+        )?;
+        self.store.execute(
+            "UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL AND kid <> ?",
+            vec![now().into(), kid.clone().into()],
+        )?;
+        self.reload()?;
+        Ok(kid)
+    }
+
+    /// Re-reads the published keys from the database.
+    fn reload(&self) -> anyhow::Result<()> {
+        let rows: Vec<KeyRow> = self.store.query(
+            "SELECT kid, key_id, private_key, public_jwk, retired_at FROM signing_keys \
+             WHERE retired_at IS NULL OR retired_at > ? ORDER BY created_at DESC, kid ASC",
+            vec![(now() - RETIRED_KEY_GRACE_SECS).into()],
+        )?;
+        let mut set = KeySet {
+            signer: None,
+            verifiers: HashMap::new(),
+            jwks: JwkSet { keys: vec![] },
+            loaded: Instant::now(),
+        };
+        for row in rows {
+            let jwk: Jwk = serde_json::from_str(&row.public_jwk)?;
+            if set.signer.is_none() && row.retired_at.is_none() {
+                let der = self
+                    .store
+                    .keys
+                    .open(&row.key_id, &row.private_key, &aad(&row.kid))?;
+                set.signer = Some((row.kid.clone(), EncodingKey::from_ec_der(&der)));
+            }
+            set.verifiers
+                .insert(row.kid.clone(), DecodingKey::from_jwk(&jwk)?);
+            set.jwks.keys.push(jwk);
+        }
+        *self.keys.write() = set;
+        Ok(())
+    }
+
+    fn refresh_if_stale(&self, force: bool) {
+        let age = self.keys.read().loaded.elapsed();
+        if age > KEY_REFRESH || (force && age > Duration::from_secs(1)) {
+            if let Err(e) = self.reload() {
+                tracing::error!(error = %e, "could not reload signing keys");
+            }
+        }
+    }
+
+    /// The public keys, for the JWKS endpoint.
+    pub fn jwks(&self) -> JwkSet {
+        self.refresh_if_stale(false);
+        self.keys.read().jwks.clone()
+    }
+
+    /// Issues an access token for `grant`.
+    pub fn issue(&self, grant: &Grant) -> anyhow::Result<Issued> {
+        self.refresh_if_stale(false);
+        let iat = now();
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: grant
+                .fhir_user
+                .clone()
+                .unwrap_or_else(|| grant.client_id.clone()),
+            aud: self.issuer.clone(),
+            exp: iat + TOKEN_LIFETIME_SECS,
+            iat,
+            jti: uuid::Uuid::new_v4().to_string(),
+            client_id: grant.client_id.clone(),
+            scope: scopes::render(&grant.scopes),
+            fhir_user: grant.fhir_user.clone(),
+            patient: grant.patient.clone(),
+            encounter: grant.encounter.clone(),
+        };
+        let keys = self.keys.read();
+        let (kid, key) = keys
+            .signer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no signing key"))?;
+        let mut header = Header::new(Algorithm::ES384);
+        header.kid = Some(kid.clone());
+        header.typ = Some("at+jwt".into());
+        let access_token = jsonwebtoken::encode(&header, &claims, key)?;
+        Ok(Issued {
+            access_token,
+            expires_in: TOKEN_LIFETIME_SECS,
+            claims,
+        })
+    }
+
+    /// Checks a token's signature, issuer, audience and lifetime. Does not check revocation
+    /// (see [`Tokens::still_valid`]).
+    pub fn verify(&self, token: &str) -> Result<Principal, String> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(p) = self.verified.lock().get(&hash) {
+            if p.exp > now() {
+                return Ok(p.clone());
+            }
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| "the access token is not a well-formed JWT".to_string())?;
+        if header.alg != Algorithm::ES384 {
+            return Err("the access token was not signed by this server".into());
+        }
+        let kid = header
+            .kid
+            .ok_or("the access token was not signed by this server")?;
+        if !self.keys.read().verifiers.contains_key(&kid) {
+            self.refresh_if_stale(true);
+        }
+        let keys = self.keys.read();
+        let key = keys
+            .verifiers
+            .get(&kid)
+            .ok_or("the access token was not signed by a current key of this server")?;
+        let mut v = Validation::new(Algorithm::ES384);
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.issuer]);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.leeway = 5;
+        v.validate_nbf = true;
+        let data = jsonwebtoken::decode::<AccessClaims>(token, key, &v)
+            .map_err(|e| format!("the access token is not valid: {e}"))?;
+        drop(keys);
+        let c = data.claims;
+        let principal = Principal {
+            scopes: scopes::parse_all(&c.scope)
+                .map_err(|e| format!("the access token carries a bad scope: {e}"))?,
+            client_id: c.client_id,
+            jti: c.jti,
+            exp: c.exp,
+            fhir_user: c.fhir_user,
+            patient: c.patient,
+            encounter: c.encounter,
+        };
+        let mut cache = self.verified.lock();
+        if cache.len() >= CACHE_LIMIT {
+            let t = now();
+            cache.retain(|_, p| p.exp > t);
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(hash, principal.clone());
+        Ok(principal)
+    }
+
+    /// True unless the token was revoked or its client removed since it was issued. One indexed
+    /// query, run on every request so revocation takes effect at once on every instance.
+    pub fn still_valid(&self, p: &Principal) -> Result<bool, crate::store::StoreError> {
+        let rows: Vec<ValidityRow> = self.store.query(
+            "SELECT (SELECT COUNT(*) FROM revoked_tokens WHERE jti = ?) AS revoked, \
+                    (SELECT COUNT(*) FROM oauth_clients WHERE client_id = ?) AS clients",
+            vec![p.jti.clone().into(), p.client_id.clone().into()],
+        )?;
+        Ok(rows
+            .first()
+            .is_some_and(|r| r.revoked == 0 && r.clients > 0))
+    }
+
+    /// Revokes a token by its `jti` until it would have expired anyway.
+    pub fn revoke(&self, p: &Principal) -> Result<(), crate::store::StoreError> {
+        let binds: Vec<Bind> = vec![p.jti.clone().into(), p.exp.into()];
+        let sql = if self.store.db.backend_name() == "postgresql" {
+            "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+        } else {
+            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)"
+        };
+        self.store.execute(sql, binds)?;
+        self.store.execute(
+            "DELETE FROM revoked_tokens WHERE expires_at < ?",
+            vec![(now() - 60).into()],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! The REST layer's side of the access policy: every read, vread, search, include, history entry,
+//! write and Binary read — from a plain request or a Bundle entry — calls these functions, which
+//! ask `auth::policy` for the one decision. Nothing reaches the store for a principal any other way.
+//!
+//! Answers: a type the token's scopes do not name is 403 (that reveals nothing about any
+//! resource); a resource outside the grant is 404, exactly as if it did not exist, and a deleted
+//! resource is 404 rather than 410 for a confined token (410 would confirm it existed).
+
+use super::outcome::FhirError;
+use super::rest::blocking;
+use super::AppState;
+pub use crate::auth::policy::Access;
+use crate::auth::policy::{self, Denied};
+use crate::auth::scopes::Perm;
+use crate::auth::Principal;
+use crate::search::query::{Condition, SearchRequest, TokenValue, Total};
+use crate::store::{SearchPage, Stored, StoreError};
+use actix_web::http::StatusCode;
+use actix_web::{HttpMessage, HttpRequest};
+use serde_json::Value;
+
+/// The principal the guard middleware put on the request.
+pub fn principal(req: &HttpRequest) -> Result<Principal, FhirError> {
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| FhirError::new(StatusCode::UNAUTHORIZED, "login", "an access token is required"))
+}
+
+pub fn forbidden(d: Denied) -> FhirError {
+    FhirError::new(StatusCode::FORBIDDEN, "forbidden", d.0)
+}
+
+fn not_found(res_type: &str, id: &str) -> FhirError {
+    FhirError::from(StoreError::NotFound(res_type.into(), id.into()))
+}
+
+pub fn decide(state: &AppState, p: &Principal, res_type: &str, perm: Perm) -> Result<Access, FhirError> {
+    policy::decide(p, &state.store.registry, &state.settings.base_url, res_type, perm).map_err(forbidden)
+}
+
+fn body_value(s: &Stored) -> Value {
+    s.body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// May `p` see this stored resource as a search result or include (read or search permission)?
+pub fn may_see(state: &AppState, p: &Principal, s: &Stored) -> bool {
+    let (registry, base) = (&state.store.registry, &state.settings.base_url);
+    let v = body_value(s);
+    policy::may_see(p, registry, base, &s.res_type, &v, Perm::Read)
+        || policy::may_see(p, registry, base, &s.res_type, &v, Perm::Search)
+}
+
+/// Reads the current version (or `version`) as `p` may see it.
+pub async fn read(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    id: &str,
+    version: Option<i64>,
+) -> Result<Stored, FhirError> {
+    let access = if res_type == "Binary" {
+        None
+    } else {
+        Some(decide(state, p, res_type, Perm::Read)?)
+    };
+    let store = state.store.clone();
+    let (rt, rid) = (res_type.to_string(), id.to_string());
+    let loaded = blocking(move || {
+        Ok(match version {
+            Some(v) => store.vread(&rt, &rid, v),
+            None => store.read(&rt, &rid),
+        })
+    })
+    .await?;
+    let confined = !matches!(access, Some(Access::All));
+    let s = match loaded {
+        Ok(s) => s,
+        Err(StoreError::Gone(..)) if confined && !binary_reachable_by_all(state, p, res_type) => {
+            return Err(not_found(res_type, id))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let visible = match &access {
+        None => binary_visible(state, p, id).await?,
+        Some(Access::All) => true,
+        Some(Access::Only(c)) => {
+            let entries = crate::search::index::entries(
+                &state.store.registry,
+                res_type,
+                &body_value(&s),
+                &state.settings.base_url,
+            );
+            policy::admits(c, &entries)
+        }
+    };
+    if visible {
+        Ok(s)
+    } else {
+        Err(not_found(res_type, id))
+    }
+}
+
+fn binary_reachable_by_all(state: &AppState, p: &Principal, res_type: &str) -> bool {
+    res_type == "Binary" && matches!(decide(state, p, "Binary", Perm::Read), Ok(Access::All))
+}
+
+/// A Binary follows the resource that attaches it: visible to `p` when `p` may read a
+/// Communication or CommunicationRequest whose payload attachment is this Binary.
+async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<bool, FhirError> {
+    if binary_reachable_by_all(state, p, "Binary") {
+        return Ok(true);
+    }
+    let base = &state.settings.base_url;
+    for res_type in ["Communication", "CommunicationRequest"] {
+        let Ok(access) = decide(state, p, res_type, Perm::Read) else {
+            continue;
+        };
+        let Some(param) = state.store.registry.get(res_type, "attachment") else {
+            continue;
+        };
+        let mut conditions = vec![Condition::Token {
+            key: param.key.clone(),
+            not: false,
+            values: vec![
+                TokenValue::Code(format!("Binary/{id}")),
+                TokenValue::Code(format!("{base}/Binary/{id}")),
+            ],
+        }];
+        if let Access::Only(c) = access {
+            conditions.push(c);
+        }
+        let search = SearchRequest {
+            conditions,
+            sort: vec![],
+            count: 1,
+            offset: 0,
+            snapshot: None,
+            total: Total::None,
+            summary_count: false,
+            includes: vec![],
+            used: vec![],
+            ignored: vec![],
+        };
+        let store = state.store.clone();
+        let page = blocking(move || Ok(store.search(res_type, &search)?)).await?;
+        if !page.matches.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Confines a search to what `p` may search.
+pub fn confine(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    search: &mut SearchRequest,
+) -> Result<(), FhirError> {
+    if let Access::Only(c) = decide(state, p, res_type, Perm::Search)? {
+        search.conditions.push(c);
+    }
+    Ok(())
+}
+
+/// Runs a search as `p`: the grant is part of the SQL (so `_total` and paging see only what `p`
+/// may see), and every `_include`/`_revinclude` result is checked on its own.
+pub async fn search(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    mut search: SearchRequest,
+) -> Result<SearchPage, FhirError> {
+    confine(state, p, res_type, &mut search)?;
+    let store = state.store.clone();
+    let rt = res_type.to_string();
+    let mut page = blocking(move || Ok(store.search(&rt, &search)?)).await?;
+    page.included.retain(|s| may_see(state, p, s));
+    Ok(page)
+}
+
+/// May `p` write this body (`perm` Create or Update; `None` for a delete)? Returns the condition
+/// the stored version being replaced or deleted must also meet (checked inside the write's
+/// transaction), or `None` when the grant reaches every resource of the type.
+pub fn write_guard(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    perm: Perm,
+    body: Option<&Value>,
+) -> Result<Option<Condition>, FhirError> {
+    match policy::check_write(
+        p,
+        &state.store.registry,
+        &state.settings.base_url,
+        res_type,
+        perm,
+        body,
+    ) {
+        Ok(Access::All) => Ok(None),
+        Ok(Access::Only(c)) => Ok(Some(c)),
+        Err(d) => Err(forbidden(d)),
+    }
+}
