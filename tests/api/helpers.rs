@@ -1,6 +1,8 @@
 //! `spawn_app(backend)`: a Courier built exactly as production builds it, on a random port, with a
 //! fresh database (a temporary SQLite file, or a fresh PostgreSQL schema).
 
+use courier::auth::tokens::{Grant, Tokens};
+use courier::auth::{clients, scopes};
 use courier::config::Settings;
 use courier::startup::Application;
 use courier::store::Store;
@@ -15,8 +17,14 @@ pub enum Backend {
 
 pub struct TestApp {
     pub base: String,
+    /// Sends every request with an access token for `system/*.cruds system/AuditEvent.rs`.
     pub client: reqwest::Client,
+    /// Sends no token.
+    pub anonymous: reqwest::Client,
     pub store: Arc<Store>,
+    pub tokens: Arc<Tokens>,
+    /// The client the default token was issued to.
+    pub admin_client_id: String,
     pub backend: Backend,
     /// Keeps the SQLite directory alive for the test's duration.
     pub dir: tempfile::TempDir,
@@ -82,14 +90,74 @@ pub async fn spawn_app_with(
     let app = Application::build(settings).expect("application builds");
     let port = app.port();
     let store = app.store.clone();
+    let tokens = app.tokens.clone();
     tokio::spawn(app.run_until_stopped());
+    let admin_client_id = clients::add(
+        &store,
+        "test suite",
+        clients::KeySource::Document(es384_key().1.to_string()),
+        ADMIN_SCOPES,
+    )
+    .unwrap();
+    let token = issue(&tokens, &admin_client_id, ADMIN_SCOPES, None, None);
     Some(TestApp {
         base: format!("http://127.0.0.1:{port}"),
-        client: reqwest::Client::new(),
+        client: client_with_token(&token),
+        anonymous: reqwest::Client::new(),
         store,
+        tokens,
+        admin_client_id,
         backend,
         dir,
     })
+}
+
+pub const ADMIN_SCOPES: &str = "system/*.cruds system/AuditEvent.rs";
+
+/// A reqwest client that sends `token` as its bearer token on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Issues a token the way the token endpoint (and later the SMART launch) does.
+pub fn issue(
+    tokens: &Tokens,
+    client_id: &str,
+    scope: &str,
+    fhir_user: Option<&str>,
+    patient: Option<&str>,
+) -> String {
+    tokens
+        .issue(&Grant {
+            client_id: client_id.to_string(),
+            scopes: scopes::parse_all(scope).unwrap(),
+            fhir_user: fhir_user.map(String::from),
+            patient: patient.map(String::from),
+            encounter: None,
+        })
+        .unwrap()
+        .access_token
+}
+
+/// A fresh ES384 key pair: (PKCS#8 PEM private key, public JWK Set with kid "es-1").
+pub fn es384_key() -> (String, Value) {
+    use p384::pkcs8::{EncodePrivateKey, LineEnding};
+    let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
+    let pem = secret.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+    let mut jwk: Value =
+        serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+    jwk["kid"] = serde_json::json!("es-1");
+    jwk["alg"] = serde_json::json!("ES384");
+    jwk["use"] = serde_json::json!("sig");
+    (pem, serde_json::json!({"keys": [jwk]}))
 }
 
 pub const FHIR_JSON: &str = "application/fhir+json";

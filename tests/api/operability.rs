@@ -26,9 +26,9 @@ both_backends! {
         for expected in [("recipient", "reference"), ("sent", "date"), ("category", "token"), ("priority", "token"), ("topic", "token"), ("in-response-to", "reference"), ("_id", "token"), ("_lastUpdated", "date"), ("instantiates-uri", "uri")] {
             assert!(params.contains(&expected), "{expected:?} missing from {params:?}");
         }
-        assert_eq!(params.len(), 20);
+        assert_eq!(params.len(), 21);
         let cr = resources.iter().find(|r| r["type"] == "CommunicationRequest").unwrap();
-        assert_eq!(cr["searchParam"].as_array().unwrap().len(), 18);
+        assert_eq!(cr["searchParam"].as_array().unwrap().len(), 19);
         let binary = resources.iter().find(|r| r["type"] == "Binary").unwrap();
         assert!(binary.get("searchParam").is_none());
         let audit = resources.iter().find(|r| r["type"] == "AuditEvent").unwrap();
