@@ -1,10 +1,10 @@
 //! The `courier` command: configuration and telemetry, then the chosen subcommand.
 
 use clap::{Parser, Subcommand};
-use courier::config::Settings;
-use courier::startup::{open_store, Application};
 use courier::auth::tokens::{Grant, Tokens};
 use courier::auth::{clients, scopes};
+use courier::config::Settings;
+use courier::startup::{open_store, Application};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -67,7 +67,11 @@ enum ClientCommand {
         #[arg(long)]
         name: String,
         /// Where the client publishes its public keys (https; http only on loopback).
-        #[arg(long, conflicts_with = "jwks_file", required_unless_present = "jwks_file")]
+        #[arg(
+            long,
+            conflicts_with = "jwks_file",
+            required_unless_present = "jwks_file"
+        )]
         jwks_url: Option<String>,
         /// A file holding the client's public JWK Set.
         #[arg(long)]
@@ -80,9 +84,7 @@ enum ClientCommand {
     /// List the registered clients.
     List,
     /// Remove a client: its token requests are refused and its tokens stop working at once.
-    Remove {
-        client_id: String,
-    },
+    Remove { client_id: String },
 }
 
 #[derive(Subcommand)]

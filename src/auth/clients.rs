@@ -52,8 +52,7 @@ pub enum KeySource {
 /// Registers a client; returns its new `client_id`.
 pub fn add(store: &Store, name: &str, keys: KeySource, scope: &str) -> anyhow::Result<String> {
     anyhow::ensure!(!name.trim().is_empty(), "the client needs a name");
-    let parsed =
-        scopes::parse_all(scope).map_err(|e| anyhow::anyhow!("invalid scope: {e}"))?;
+    let parsed = scopes::parse_all(scope).map_err(|e| anyhow::anyhow!("invalid scope: {e}"))?;
     anyhow::ensure!(
         !parsed.is_empty(),
         "register at least one resource scope, e.g. system/Communication.cruds"
@@ -237,11 +236,15 @@ impl JwksCache {
                 .find(|k| k.common.key_id.as_deref() == Some(kid) && usable(k) == Some(alg))
                 .cloned()
         };
-        let unknown = || Refused(format!("no {alg:?} key with kid '{kid}' is registered for this client"));
+        let unknown = || {
+            Refused(format!(
+                "no {alg:?} key with kid '{kid}' is registered for this client"
+            ))
+        };
         match (&client.jwks, &client.jwks_url) {
             (Some(doc), _) => {
-                let set: JwkSet =
-                    serde_json::from_str(doc).map_err(|_| Refused("the registered JWKS is invalid".into()))?;
+                let set: JwkSet = serde_json::from_str(doc)
+                    .map_err(|_| Refused("the registered JWKS is invalid".into()))?;
                 find(&set).ok_or_else(unknown)
             }
             (None, Some(url)) => {
@@ -298,7 +301,8 @@ pub async fn authenticate(
         .map_err(|_| Refused("internal error".into()))?
         .ok_or_else(|| Refused("unknown client".into()))?;
     let jwk = jwks.key(&client, &kid, header.alg).await?;
-    let key = DecodingKey::from_jwk(&jwk).map_err(|_| Refused("the client's key is unusable".into()))?;
+    let key =
+        DecodingKey::from_jwk(&jwk).map_err(|_| Refused("the client's key is unusable".into()))?;
     let mut v = Validation::new(header.alg);
     v.set_issuer(&[&client.client_id]);
     v.sub = Some(client.client_id.clone());
@@ -318,7 +322,9 @@ pub async fn authenticate(
     let jti = c
         .jti
         .filter(|j| !j.is_empty() && j.len() <= 256)
-        .ok_or_else(|| Refused("the client assertion needs a jti (at most 256 characters)".into()))?;
+        .ok_or_else(|| {
+            Refused("the client assertion needs a jti (at most 256 characters)".into())
+        })?;
     // Replay protection: the (client, jti) pair may be used once. The row outlives the assertion.
     let store2 = store.clone();
     let (cid, exp) = (c.iss.clone(), c.exp);

@@ -51,7 +51,9 @@ pub async fn authenticate(
                 let p = st.tokens.verify(&t)?;
                 match st.tokens.still_valid(&p) {
                     Ok(true) => Ok(p),
-                    Ok(false) => Err("the access token has been revoked or its client removed".into()),
+                    Ok(false) => {
+                        Err("the access token has been revoked or its client removed".into())
+                    }
                     Err(_) => Err("the access token could not be checked".into()),
                 }
             })

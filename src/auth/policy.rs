@@ -55,7 +55,12 @@ fn participant_params(res_type: &str) -> &'static [&'static str] {
 }
 
 /// One group per parameter: "`param` refers to `target`" (a local `Type/id`).
-fn refers(registry: &Registry, res_type: &str, params: &[&str], target: &str) -> Vec<Vec<Condition>> {
+fn refers(
+    registry: &Registry,
+    res_type: &str,
+    params: &[&str],
+    target: &str,
+) -> Vec<Vec<Condition>> {
     let Some((t, id)) = target.split_once('/') else {
         return vec![];
     };
@@ -87,7 +92,12 @@ fn compartment(
         Context::System => return Some(None),
         Context::Patient => {
             let patient = p.patient.as_ref()?;
-            refers(registry, res_type, patient_params(res_type), &format!("Patient/{patient}"))
+            refers(
+                registry,
+                res_type,
+                patient_params(res_type),
+                &format!("Patient/{patient}"),
+            )
         }
         Context::User => {
             let user = p.fhir_user.as_ref()?;
@@ -175,7 +185,11 @@ pub fn decide(
         let why = if named {
             format!(
                 "the token's scopes name {res_type} but cannot apply here (no {} in context)",
-                if p.fhir_user.is_none() { "user" } else { "patient" }
+                if p.fhir_user.is_none() {
+                    "user"
+                } else {
+                    "patient"
+                }
             )
         } else {
             format!(
@@ -193,23 +207,27 @@ pub fn decide(
 /// condition is refused rather than guessed.
 pub fn admits(c: &Condition, entries: &[Entry]) -> bool {
     match c {
-        Condition::AnyOf(groups) => groups
-            .iter()
-            .any(|g| g.iter().all(|c| admits(c, entries))),
+        Condition::AnyOf(groups) => groups.iter().any(|g| g.iter().all(|c| admits(c, entries))),
         Condition::Reference { key, values } => entries.iter().any(|e| match e {
             Entry::Ref {
                 param,
                 target_type,
                 target_id,
                 url,
-            } if param == key => values.iter().any(|v| match (&v.url, &v.target_type, &v.target_id) {
-                (Some(u), _, _) => url.as_ref() == Some(u),
-                (None, Some(t), Some(id)) => {
-                    url.is_none() && target_type.as_ref() == Some(t) && target_id.as_ref() == Some(id)
-                }
-                (None, None, Some(id)) => url.is_none() && target_id.as_ref() == Some(id),
-                _ => false,
-            }),
+            } if param == key => {
+                values
+                    .iter()
+                    .any(|v| match (&v.url, &v.target_type, &v.target_id) {
+                        (Some(u), _, _) => url.as_ref() == Some(u),
+                        (None, Some(t), Some(id)) => {
+                            url.is_none()
+                                && target_type.as_ref() == Some(t)
+                                && target_id.as_ref() == Some(id)
+                        }
+                        (None, None, Some(id)) => url.is_none() && target_id.as_ref() == Some(id),
+                        _ => false,
+                    })
+            }
             _ => false,
         }),
         Condition::Token { key, not, values } => {
@@ -279,14 +297,17 @@ pub fn check_write(
     }
     // A patient writes only about themself: no other patient may be subject, sender or recipient.
     let patient_bound = p.kind() == SubjectKind::Patient
-        || !p.scopes.iter().any(|s| {
-            s.names(res_type) && s.allows(perm) && s.context != Context::Patient
-        });
+        || !p
+            .scopes
+            .iter()
+            .any(|s| s.names(res_type) && s.allows(perm) && s.context != Context::Patient);
     if patient_bound {
-        let me = p
-            .patient
-            .clone()
-            .or_else(|| p.fhir_user.as_deref().and_then(|u| u.strip_prefix("Patient/")).map(String::from));
+        let me = p.patient.clone().or_else(|| {
+            p.fhir_user
+                .as_deref()
+                .and_then(|u| u.strip_prefix("Patient/"))
+                .map(String::from)
+        });
         let keys: Vec<String> = patient_params(res_type)
             .iter()
             .filter_map(|code| registry.get(res_type, code).map(|sp| sp.key.clone()))
@@ -301,9 +322,7 @@ pub fn check_write(
             _ => false,
         });
         if other {
-            return Err(Denied(
-                "a patient cannot address another patient".into(),
-            ));
+            return Err(Denied("a patient cannot address another patient".into()));
         }
     }
     Ok(access)
@@ -337,7 +356,10 @@ mod tests {
     fn system_scopes_see_everything_of_their_types_only() {
         let r = Registry::load().unwrap();
         let p = principal("system/Communication.rs", None, None);
-        assert!(matches!(decide(&p, &r, "http://x", "Communication", Perm::Read), Ok(Access::All)));
+        assert!(matches!(
+            decide(&p, &r, "http://x", "Communication", Perm::Read),
+            Ok(Access::All)
+        ));
         assert!(decide(&p, &r, "http://x", "Communication", Perm::Create).is_err());
         assert!(decide(&p, &r, "http://x", "CommunicationRequest", Perm::Read).is_err());
     }
@@ -346,9 +368,30 @@ mod tests {
     fn patient_scopes_confine_to_the_compartment() {
         let r = Registry::load().unwrap();
         let p = principal("patient/Communication.rs", None, Some("p1"));
-        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
-        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Patient/p1", "Practitioner/d"), Perm::Read));
-        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p2"), Perm::Read));
+        assert!(may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/d", "Patient/p1"),
+            Perm::Read
+        ));
+        assert!(may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Patient/p1", "Practitioner/d"),
+            Perm::Read
+        ));
+        assert!(!may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/d", "Patient/p2"),
+            Perm::Read
+        ));
         let no_context = principal("patient/Communication.rs", None, None);
         assert!(decide(&no_context, &r, "http://x", "Communication", Perm::Read).is_err());
     }
@@ -356,20 +399,61 @@ mod tests {
     #[test]
     fn a_patient_cannot_address_another_patient() {
         let r = Registry::load().unwrap();
-        let p = principal("patient/Communication.cruds", Some("Patient/p1"), Some("p1"));
+        let p = principal(
+            "patient/Communication.cruds",
+            Some("Patient/p1"),
+            Some("p1"),
+        );
         let to_other = msg("Patient/p1", "Patient/p2");
-        assert!(check_write(&p, &r, "http://x", "Communication", Perm::Create, Some(&to_other)).is_err());
+        assert!(check_write(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            Perm::Create,
+            Some(&to_other)
+        )
+        .is_err());
         let to_doctor = msg("Patient/p1", "Practitioner/d");
-        assert!(check_write(&p, &r, "http://x", "Communication", Perm::Create, Some(&to_doctor)).is_ok());
+        assert!(check_write(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            Perm::Create,
+            Some(&to_doctor)
+        )
+        .is_ok());
     }
 
     #[test]
     fn user_scopes_cover_participation_and_the_launch_patient() {
         let r = Registry::load().unwrap();
         let p = principal("user/Communication.rs", Some("Practitioner/d"), Some("p1"));
-        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Practitioner/d"), Perm::Read));
-        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Patient/p1"), Perm::Read));
-        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/e", "Patient/p2"), Perm::Read));
+        assert!(may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/e", "Practitioner/d"),
+            Perm::Read
+        ));
+        assert!(may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/e", "Patient/p1"),
+            Perm::Read
+        ));
+        assert!(!may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/e", "Patient/p2"),
+            Perm::Read
+        ));
     }
 
     #[test]
@@ -380,8 +464,22 @@ mod tests {
             None,
             None,
         );
-        assert!(!may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
+        assert!(!may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/d", "Patient/p1"),
+            Perm::Read
+        ));
         let p = principal("system/Communication.rs?category=alert", None, None);
-        assert!(may_see(&p, &r, "http://x", "Communication", &msg("Practitioner/d", "Patient/p1"), Perm::Read));
+        assert!(may_see(
+            &p,
+            &r,
+            "http://x",
+            "Communication",
+            &msg("Practitioner/d", "Patient/p1"),
+            Perm::Read
+        ));
     }
 }

@@ -138,7 +138,11 @@ pub fn parse(s: &str) -> Result<Option<Scope>, String> {
         "patient" => Context::Patient,
         "user" => Context::User,
         "system" => Context::System,
-        _ => return Err(format!("'{s}': the context must be patient, user or system")),
+        _ => {
+            return Err(format!(
+                "'{s}': the context must be patient, user or system"
+            ))
+        }
     };
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) if !q.is_empty() => (r, Some(q.to_string())),
@@ -252,16 +256,27 @@ mod tests {
 
     #[test]
     fn v1_scopes_map_to_v2() {
-        assert_eq!(one("patient/Communication.read").to_string(), "patient/Communication.rs");
+        assert_eq!(
+            one("patient/Communication.read").to_string(),
+            "patient/Communication.rs"
+        );
         assert_eq!(one("user/*.write").to_string(), "user/*.cud");
-        assert_eq!(one("system/AuditEvent.*").to_string(), "system/AuditEvent.cruds");
+        assert_eq!(
+            one("system/AuditEvent.*").to_string(),
+            "system/AuditEvent.cruds"
+        );
     }
 
     #[test]
     fn non_resource_scopes_grant_nothing() {
         assert_eq!(parse("openid").unwrap(), None);
         assert_eq!(parse("launch/patient").unwrap(), None);
-        assert!(parse_all("openid fhirUser system/Communication.rs").unwrap().len() == 1);
+        assert!(
+            parse_all("openid fhirUser system/Communication.rs")
+                .unwrap()
+                .len()
+                == 1
+        );
     }
 
     #[test]

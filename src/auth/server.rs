@@ -141,12 +141,10 @@ async fn token_inner(
                 &format!("client_assertion_type must be {JWT_BEARER}"),
             ))
         }
-        None => {
-            return Err(fail(
-                "invalid_client",
-                "client authentication is required: send client_assertion_type and client_assertion",
-            ))
-        }
+        None => return Err(fail(
+            "invalid_client",
+            "client authentication is required: send client_assertion_type and client_assertion",
+        )),
     }
     let Some(assertion) = param(&pairs, "client_assertion") else {
         return Err(fail("invalid_client", "client_assertion is required"));
@@ -202,7 +200,9 @@ async fn caller(state: &web::Data<AppState>, req: &HttpRequest) -> Result<Princi
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(json!({"error": "invalid_token", "error_description": "authenticate with a bearer access token of this server"}))
     };
-    let token = super::guard::bearer(req).ok_or_else(unauthorized)?.to_string();
+    let token = super::guard::bearer(req)
+        .ok_or_else(unauthorized)?
+        .to_string();
     let st = state.clone();
     let checked = web::block(move || {
         let p = st.tokens.verify(&token).ok()?;
@@ -270,7 +270,11 @@ pub async fn introspect(
 
 /// `POST /auth/revoke` (RFC 7009): a client revokes one of its own tokens; it stops working at
 /// once. Unknown or foreign tokens are answered 200 all the same, as the RFC says.
-pub async fn revoke(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+pub async fn revoke(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let who = match caller(&state, &req).await {
         Ok(p) => p,
         Err(r) => return r,

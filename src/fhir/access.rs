@@ -14,17 +14,20 @@ use crate::auth::policy::{self, Denied};
 use crate::auth::scopes::Perm;
 use crate::auth::Principal;
 use crate::search::query::{Condition, SearchRequest, TokenValue, Total};
-use crate::store::{SearchPage, Stored, StoreError};
+use crate::store::{SearchPage, StoreError, Stored};
 use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpRequest};
 use serde_json::Value;
 
 /// The principal the guard middleware put on the request.
 pub fn principal(req: &HttpRequest) -> Result<Principal, FhirError> {
-    req.extensions()
-        .get::<Principal>()
-        .cloned()
-        .ok_or_else(|| FhirError::new(StatusCode::UNAUTHORIZED, "login", "an access token is required"))
+    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
+        FhirError::new(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "an access token is required",
+        )
+    })
 }
 
 pub fn forbidden(d: Denied) -> FhirError {
@@ -35,8 +38,20 @@ fn not_found(res_type: &str, id: &str) -> FhirError {
     FhirError::from(StoreError::NotFound(res_type.into(), id.into()))
 }
 
-pub fn decide(state: &AppState, p: &Principal, res_type: &str, perm: Perm) -> Result<Access, FhirError> {
-    policy::decide(p, &state.store.registry, &state.settings.base_url, res_type, perm).map_err(forbidden)
+pub fn decide(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    perm: Perm,
+) -> Result<Access, FhirError> {
+    policy::decide(
+        p,
+        &state.store.registry,
+        &state.settings.base_url,
+        res_type,
+        perm,
+    )
+    .map_err(forbidden)
 }
 
 fn body_value(s: &Stored) -> Value {

@@ -2,13 +2,13 @@
 
 use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
-use crate::auth::scopes::Perm;
-use crate::auth::Principal;
 use super::rest::{
     self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res,
 };
 use super::{support, AppState};
 use crate::audit::Interaction;
+use crate::auth::scopes::Perm;
+use crate::auth::Principal;
 use crate::search::dates;
 use crate::search::query::SearchRequest;
 use crate::store::{Incoming, SearchPage, Stored, WriteOp, WriteResult, WriteStatus};
@@ -303,7 +303,10 @@ async fn process(
             .map(|r| (r, interaction))
             .map_err(fail)
     } else {
-        Ok((batch(state, parsed, entry_errors, ctx, p).await, interaction))
+        Ok((
+            batch(state, parsed, entry_errors, ctx, p).await,
+            interaction,
+        ))
     }
 }
 
@@ -659,12 +662,14 @@ fn entry_guard(
         "PUT" => Perm::Update,
         _ => Perm::Delete,
     };
-    access::write_guard(state, p, &e.res_type, perm, resource.map(|r| &r.value)).map_err(|mut err| {
-        err.issues
-            .iter_mut()
-            .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
-        err
-    })
+    access::write_guard(state, p, &e.res_type, perm, resource.map(|r| &r.value)).map_err(
+        |mut err| {
+            err.issues
+                .iter_mut()
+                .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
+            err
+        },
+    )
 }
 
 /// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).

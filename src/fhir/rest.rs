@@ -2,9 +2,9 @@
 
 use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
-use crate::auth::scopes::Perm;
 use super::{support, AppState, TypeSupport};
 use crate::audit::{self, Interaction};
+use crate::auth::scopes::Perm;
 use crate::auth::Principal;
 use crate::search::dates;
 use crate::search::query::{self, Limits, SearchRequest};
@@ -1003,7 +1003,15 @@ async fn history_inner(
     let (rt, rid) = (res_type.to_string(), id.clone());
     let f2 = filter.clone();
     let (mut versions, has_next, snapshot) = blocking(move || {
-        Ok(store.history(&rt, rid.as_deref(), since, count, offset, snapshot, f2.as_ref())?)
+        Ok(store.history(
+            &rt,
+            rid.as_deref(),
+            since,
+            count,
+            offset,
+            snapshot,
+            f2.as_ref(),
+        )?)
     })
     .await?;
     if filter.is_some() {

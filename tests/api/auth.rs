@@ -90,8 +90,13 @@ pub fn token_url(app: &TestApp) -> String {
     app.url("auth/token")
 }
 
-pub async fn token_request(app: &TestApp, form: &[(&str, &str)]) -> (u16, Value, reqwest::header::HeaderMap) {
-    let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+pub async fn token_request(
+    app: &TestApp,
+    form: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
     let r = app
         .anonymous
         .post(token_url(app))
@@ -122,11 +127,20 @@ pub async fn get_token(app: &TestApp, s: &Signer, client_id: &str, scope: &str) 
     (status, body)
 }
 
-async fn form_post(app: &TestApp, client: &reqwest::Client, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+async fn form_post(
+    app: &TestApp,
+    client: &reqwest::Client,
+    path: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
     client
         .post(app.url(path))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish())
+        .body(
+            form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form)
+                .finish(),
+        )
         .send()
         .await
         .unwrap()
@@ -406,20 +420,61 @@ fn client_registry_cli_adds_lists_and_removes() {
             .env("COURIER_LOG", "error")
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
-    let (ok, id, err) = run(&["client", "add", "--name", "Hospital EHR", "--jwks-file", jwks.to_str().unwrap(), "--scope", "system/Communication.cruds system/CommunicationRequest.cruds"]);
+    let (ok, id, err) = run(&[
+        "client",
+        "add",
+        "--name",
+        "Hospital EHR",
+        "--jwks-file",
+        jwks.to_str().unwrap(),
+        "--scope",
+        "system/Communication.cruds system/CommunicationRequest.cruds",
+    ]);
     assert!(ok, "{err}");
     let id = id.trim().to_string();
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().to_string(), id);
     let (ok, list, _) = run(&["client", "list"]);
-    assert!(ok && list.contains(&id) && list.contains("Hospital EHR") && list.contains("system/Communication.cruds"));
-    let (ok, token, err) = run(&["token", "--client-id", &id, "--scope", "system/Communication.rs"]);
+    assert!(
+        ok && list.contains(&id)
+            && list.contains("Hospital EHR")
+            && list.contains("system/Communication.cruds")
+    );
+    let (ok, token, err) = run(&[
+        "token",
+        "--client-id",
+        &id,
+        "--scope",
+        "system/Communication.rs",
+    ]);
     assert!(ok, "{err}");
     assert_eq!(token.trim().split('.').count(), 3);
-    let (ok, _, err) = run(&["client", "add", "--name", "x", "--jwks-url", "http://ehr.example.org/jwks", "--scope", "system/Communication.rs"]);
+    let (ok, _, err) = run(&[
+        "client",
+        "add",
+        "--name",
+        "x",
+        "--jwks-url",
+        "http://ehr.example.org/jwks",
+        "--scope",
+        "system/Communication.rs",
+    ]);
     assert!(!ok && err.contains("https"), "{err}");
-    let (ok, _, err) = run(&["client", "add", "--name", "x", "--jwks-file", jwks.to_str().unwrap(), "--scope", "system/Communication.rx"]);
+    let (ok, _, err) = run(&[
+        "client",
+        "add",
+        "--name",
+        "x",
+        "--jwks-file",
+        jwks.to_str().unwrap(),
+        "--scope",
+        "system/Communication.rx",
+    ]);
     assert!(!ok && err.contains("scope"), "{err}");
     let (ok, _, _) = run(&["client", "remove", &id]);
     assert!(ok);

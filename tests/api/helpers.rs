@@ -152,8 +152,7 @@ pub fn es384_key() -> (String, Value) {
     use p384::pkcs8::{EncodePrivateKey, LineEnding};
     let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
     let pem = secret.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
-    let mut jwk: Value =
-        serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+    let mut jwk: Value = serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
     jwk["kid"] = serde_json::json!("es-1");
     jwk["alg"] = serde_json::json!("ES384");
     jwk["use"] = serde_json::json!("sig");
