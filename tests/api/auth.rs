@@ -17,8 +17,8 @@ pub struct Signer {
     pub key: EncodingKey,
 }
 
-/// A fresh RS384 key: its signer and public JWK Set (kid "rs-1").
-pub fn rs384() -> (Signer, Value) {
+/// A fresh RS384 key: its signer, public JWK Set (kid "rs-1") and PKCS#1 PEM.
+pub fn rs384() -> (Signer, Value, String) {
     use rsa::pkcs1::EncodeRsaPrivateKey;
     use rsa::traits::PublicKeyParts;
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
@@ -33,6 +33,7 @@ pub fn rs384() -> (Signer, Value) {
             key: EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
         },
         json!({"keys": [jwk]}),
+        pem.to_string(),
     )
 }
 
@@ -148,7 +149,7 @@ async fn form_post(
 
 both_backends! {
     async fn backend_services_flow_with_rs384_and_es384(app: TestApp) {
-        let (rs, rs_jwks) = rs384();
+        let (rs, rs_jwks, _) = rs384();
         let url = serve_jwks(rs_jwks).await;
         let rs_client = clients::add(&app.store, "EHR integration (RS384, JWKS URL)", clients::KeySource::Url(url),
             "system/Communication.cruds system/CommunicationRequest.rs").unwrap();

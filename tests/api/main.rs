@@ -6,6 +6,7 @@ mod access;
 mod audit;
 mod auth;
 mod bundles;
+mod clients;
 mod crud;
 mod operability;
 mod search;

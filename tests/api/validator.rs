@@ -144,7 +144,45 @@ async fn every_response_kind_validates_with_an_independent_validator() {
             .await
             .unwrap(),
     );
-    // AuditEvents of every kind recorded so far (create, read, update, delete, search, failures).
+    // Authorization answers: 401 without a token, 403 for a type outside the token's scopes.
+    docs.push(
+        app.anonymous
+            .get(app.url("Communication"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
+    let narrow = client_with_token(&issue(
+        &app.tokens,
+        &app.admin_client_id,
+        "system/CommunicationRequest.rs",
+        None,
+        None,
+    ));
+    docs.push(
+        narrow
+            .get(app.url("Communication"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap(),
+    );
+    // A user's request, so its AuditEvents carry a user agent with the token id.
+    let user = client_with_token(&issue(
+        &app.tokens,
+        &app.admin_client_id,
+        "user/Communication.rs",
+        Some("Practitioner/dr-1"),
+        None,
+    ));
+    user.get(app.url("Communication")).send().await.unwrap();
+    // AuditEvents of every kind recorded so far (create, read, update, delete, search, failures,
+    // and the failed authentications).
     let audits = app.get_json("AuditEvent?_count=500").await;
     let kinds: std::collections::BTreeSet<String> = audits["entry"]
         .as_array()
@@ -166,6 +204,7 @@ async fn every_response_kind_validates_with_an_independent_validator() {
         "history-instance",
         "transaction",
         "batch",
+        "110122",
     ] {
         assert!(kinds.contains(k), "no {k} AuditEvent in {kinds:?}");
     }
