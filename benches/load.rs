@@ -5,12 +5,19 @@
 //!   cargo bench --bench load -- --messages 100000     # a smaller store
 //!   cargo bench --bench load -- --sync NORMAL         # SQLite synchronous=NORMAL (default FULL)
 //!
-//! Prints: creates/s at 1 and at 32 concurrent clients (each create strictly checked, indexed,
-//! encrypted and audited in one transaction), then inbox search
+//! Prints: creates/s at 1 and at 32 concurrent clients (each create authorized, strictly checked,
+//! indexed, encrypted and audited in one transaction), then inbox search
 //! `recipient=…&_sort=-sent&_count=50` p50/p99 over a store of N Communications (seeded through
-//! the same store write path, 1,000 per transaction, each with its AuditEvent).
+//! the same store write path, 500 per transaction, each with its AuditEvent).
+//!
+//! Every request carries a bearer token. The cost of authorization is reported three ways: the
+//! per-request token check measured in-process, creates/s with a user token (whose writes are
+//! checked against the user's compartment) beside the system token, and the inbox search with the
+//! recipient's own user token (the search then also carries the compartment condition).
 
 use courier::audit;
+use courier::auth::tokens::Grant;
+use courier::auth::{clients, scopes};
 use courier::config::Settings;
 use courier::startup::Application;
 use courier::store::{Incoming, WriteOp};
@@ -115,11 +122,45 @@ async fn main() {
     let app = Application::build(settings).unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
     let store = app.store.clone();
+    let tokens = app.tokens.clone();
     tokio::spawn(app.run_until_stopped());
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let jwks = bench_jwks();
+    let client_id = clients::add(
+        &store,
+        "load benchmark",
+        clients::KeySource::Document(jwks),
+        "system/Communication.cruds user/Communication.cruds",
+    )
+    .unwrap();
+    let token = |scope: &str, user: Option<String>| {
+        tokens
+            .issue(&Grant {
+                client_id: client_id.clone(),
+                scopes: scopes::parse_all(scope).unwrap(),
+                fhir_user: user,
+                ..Default::default()
+            })
+            .unwrap()
+            .access_token
+    };
+    let http = |token: String| {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .default_headers(h)
+            .build()
+            .unwrap()
+    };
+    let client = http(token("system/Communication.cruds", None));
+    // The sender of every benchmark message, as a user: its creates are compartment-checked.
+    let sender = http(token(
+        "user/Communication.cruds",
+        Some("Practitioner/sender-1".into()),
+    ));
     let backend = if a.backend == "postgres" {
         "postgres".to_string()
     } else {
@@ -130,8 +171,50 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // ---- the per-request token check, in-process ----
+    {
+        let t = token("system/Communication.cruds", None);
+        let fresh: Vec<String> = (0..200)
+            .map(|_| token("system/Communication.cruds", None))
+            .collect();
+        let mut uncached: Vec<Duration> = fresh
+            .iter()
+            .map(|t| {
+                let s = Instant::now();
+                tokens.verify(t).unwrap();
+                s.elapsed()
+            })
+            .collect();
+        let p = tokens.verify(&t).unwrap();
+        let mut cached = Vec::new();
+        let mut db = Vec::new();
+        for _ in 0..2000 {
+            let s = Instant::now();
+            tokens.verify(&t).unwrap();
+            cached.push(s.elapsed());
+            let s = Instant::now();
+            assert!(tokens.still_valid(&p).unwrap());
+            db.push(s.elapsed());
+        }
+        for v in [&mut uncached, &mut cached, &mut db] {
+            v.sort();
+        }
+        let us = |v: &[Duration]| percentile(v, 0.5).as_secs_f64() * 1e6;
+        println!(
+            "token check per request (median): signature {:.0} µs on first use, {:.1} µs cached; revocation/client lookup {:.0} µs",
+            us(&uncached),
+            us(&cached),
+            us(&db)
+        );
+    }
+
     // ---- creates ----
-    for clients in [1usize, 32] {
+    for (clients, who) in [(1usize, "system"), (32, "system"), (32, "user")] {
+        let client = if who == "user" {
+            sender.clone()
+        } else {
+            client.clone()
+        };
         let total = if clients == 1 {
             a.creates / 4
         } else {
@@ -165,13 +248,13 @@ async fn main() {
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "creates: {clients:>2} client(s): {:>7.0} creates/s ({total} creates in {secs:.1} s)",
+            "creates: {clients:>2} client(s), {who} token: {:>7.0} creates/s ({total} creates in {secs:.1} s)",
             total as f64 / secs
         );
     }
 
     // ---- seed to N messages through the store's write path ----
-    let have = a.creates + a.creates / 4;
+    let have = 2 * a.creates + a.creates / 4;
     let started = Instant::now();
     let ctx = audit::Context {
         request_id: "bench-seed".into(),
@@ -218,29 +301,45 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    // ---- inbox search ----
-    let mut lat = Vec::with_capacity(a.searches);
-    let mut entries = 0usize;
-    for k in 0..a.searches + 50 {
-        let r = (k * 7919) % a.recipients;
-        let t = Instant::now();
-        let resp = client
-            .get(format!(
-                "{base}/Communication?recipient=Practitioner/dr-{r}&_sort=-sent&_count=50"
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let body = resp.bytes().await.unwrap();
-        if k >= 50 {
-            lat.push(t.elapsed());
-            entries += body.windows(9).filter(|w| w == b"\"search\":").count();
+    // ---- inbox search: with the system token, then with each recipient's own user token ----
+    for who in ["system", "user"] {
+        let mut lat = Vec::with_capacity(a.searches);
+        let mut entries = 0usize;
+        let users: Vec<reqwest::Client> = if who == "user" {
+            (0..a.recipients.min(200))
+                .map(|r| {
+                    http(token(
+                        "user/Communication.cruds",
+                        Some(format!("Practitioner/dr-{r}")),
+                    ))
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        for k in 0..a.searches + 50 {
+            let r = (k * 7919)
+                % a.recipients
+                    .min(if who == "user" { 200 } else { usize::MAX });
+            let client = if who == "user" { &users[r] } else { &client };
+            let t = Instant::now();
+            let resp = client
+                .get(format!(
+                    "{base}/Communication?recipient=Practitioner/dr-{r}&_sort=-sent&_count=50"
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.bytes().await.unwrap();
+            if k >= 50 {
+                lat.push(t.elapsed());
+                entries += body.windows(9).filter(|w| w == b"\"search\":").count();
+            }
         }
-    }
-    lat.sort();
-    println!(
-        "inbox search (recipient=…&_sort=-sent&_count=50, ~{} messages per recipient, {} entries/page avg) over {} Communications: p50 {:.2} ms, p99 {:.2} ms ({} requests, 1 client)",
+        lat.sort();
+        println!(
+        "inbox search, {who} token (recipient=…&_sort=-sent&_count=50, ~{} messages per recipient, {} entries/page avg) over {} Communications: p50 {:.2} ms, p99 {:.2} ms ({} requests, 1 client)",
         a.messages / a.recipients,
         entries / a.searches.max(1),
         a.messages,
@@ -248,4 +347,14 @@ async fn main() {
         percentile(&lat, 0.99).as_secs_f64() * 1000.0,
         a.searches
     );
+    }
+}
+
+/// A public JWKS for the benchmark's client registration (its key is never used to sign).
+fn bench_jwks() -> String {
+    let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
+    let mut jwk: serde_json::Value =
+        serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
+    jwk["kid"] = json!("bench");
+    json!({"keys": [jwk]}).to_string()
 }
