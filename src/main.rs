@@ -104,6 +104,8 @@ fn main() -> anyhow::Result<()> {
         )
         .json()
         .with_current_span(false)
+        // Logs go to stderr: stdout carries what commands print (a client id, a token).
+        .with_writer(std::io::stderr)
         .init();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {

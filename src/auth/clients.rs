@@ -120,12 +120,26 @@ pub fn remove(store: &Store, client_id: &str) -> Result<bool, StoreError> {
     )? > 0)
 }
 
-/// JWKS URLs must be https, except on the loopback interface (development and tests).
-fn check_jwks_url(u: &str) -> anyhow::Result<()> {
-    let ok = u.starts_with("https://")
-        || ["http://127.0.0.1", "http://localhost", "http://[::1]"]
-            .iter()
-            .any(|p| u.starts_with(p));
+/// JWKS URLs must be https, except on the loopback interface (development and tests), and carry
+/// no credentials.
+pub fn check_jwks_url(u: &str) -> anyhow::Result<()> {
+    let url =
+        reqwest::Url::parse(u).map_err(|e| anyhow::anyhow!("the JWKS URL is not a URL: {e}"))?;
+    anyhow::ensure!(
+        url.username().is_empty() && url.password().is_none(),
+        "the JWKS URL must not carry credentials"
+    );
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    let ok = match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => loopback,
+        _ => false,
+    };
     anyhow::ensure!(ok, "the JWKS URL must be https (http only on loopback)");
     Ok(())
 }
@@ -205,7 +219,7 @@ impl JwksCache {
 
     async fn fetch(&self, url: &str) -> Result<Arc<JwkSet>, Refused> {
         let fail = |m: String| Refused(format!("the client's JWKS could not be fetched: {m}"));
-        let res = self
+        let mut res = self
             .http
             .get(url)
             .header("accept", "application/json")
@@ -215,9 +229,12 @@ impl JwksCache {
         if !res.status().is_success() {
             return Err(fail(format!("HTTP {}", res.status().as_u16())));
         }
-        let body = res.bytes().await.map_err(|e| fail(e.to_string()))?;
-        if body.len() > JWKS_MAX_BYTES {
-            return Err(fail("the document is too large".into()));
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| fail(e.to_string()))? {
+            if body.len() + chunk.len() > JWKS_MAX_BYTES {
+                return Err(fail("the document is too large".into()));
+            }
+            body.extend_from_slice(&chunk);
         }
         let set: JwkSet =
             serde_json::from_slice(&body).map_err(|_| fail("not a JWK Set".into()))?;
@@ -351,6 +368,28 @@ pub async fn authenticate(
         ));
     }
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jwks_urls_are_https_or_loopback_http_without_credentials() {
+        use super::check_jwks_url as ok;
+        assert!(ok("https://ehr.example.org/jwks.json").is_ok());
+        assert!(ok("http://127.0.0.1:9000/jwks").is_ok());
+        assert!(ok("http://localhost/jwks").is_ok());
+        assert!(ok("http://[::1]:80/jwks").is_ok());
+        for bad in [
+            "http://ehr.example.org/jwks",
+            "http://localhost.evil.example/jwks",
+            "http://127.0.0.1@evil.example/jwks",
+            "https://user:pw@ehr.example.org/jwks",
+            "ftp://ehr.example.org/jwks",
+            "not a url",
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 /// The registered scopes of a client, parsed.

@@ -280,11 +280,20 @@ pub fn check_write(
     resource: Option<&Value>,
 ) -> Result<Access, Denied> {
     let access = decide(p, registry, base_url, res_type, perm)?;
-    let (Access::Only(c), Some(resource)) = (&access, resource) else {
+    // A patient writes only about themself: no other patient may be subject, sender or recipient.
+    let patient_bound = p.kind() == SubjectKind::Patient
+        || !p
+            .scopes
+            .iter()
+            .any(|s| s.names(res_type) && s.allows(perm) && s.context != Context::Patient);
+    let Some(resource) = resource else {
         return Ok(access);
     };
+    if matches!(access, Access::All) && !patient_bound {
+        return Ok(access);
+    }
     let entries = index::entries(registry, res_type, resource, base_url);
-    if !admits(c, &entries) {
+    if matches!(&access, Access::Only(c) if !admits(c, &entries)) {
         return Err(Denied(format!(
             "this {res_type} is outside what the token may write: it must involve {}",
             match (&p.fhir_user, &p.patient) {
@@ -295,12 +304,6 @@ pub fn check_write(
             }
         )));
     }
-    // A patient writes only about themself: no other patient may be subject, sender or recipient.
-    let patient_bound = p.kind() == SubjectKind::Patient
-        || !p
-            .scopes
-            .iter()
-            .any(|s| s.names(res_type) && s.allows(perm) && s.context != Context::Patient);
     if patient_bound {
         let me = p.patient.clone().or_else(|| {
             p.fhir_user

@@ -75,6 +75,8 @@ impl Scope {
             return None;
         }
         let resource = match (self.resource.as_str(), other.resource.as_str()) {
+            // `*` never names AuditEvent, here as everywhere.
+            ("*", "AuditEvent") | ("AuditEvent", "*") => return None,
             ("*", r) | (r, "*") => r.to_string(),
             (a, b) if a == b => a.to_string(),
             _ => return None,
@@ -289,6 +291,12 @@ mod tests {
         );
         let user = parse_all("user/Communication.rs").unwrap();
         assert!(grant(&user, &registered).is_empty(), "contexts never mix");
+        // A wildcard on either side never yields the audit trail.
+        let everything = parse_all("system/*.cruds").unwrap();
+        let audit = parse_all("system/AuditEvent.rs").unwrap();
+        assert!(grant(&audit, &everything).is_empty());
+        assert!(grant(&everything, &audit).is_empty());
+        assert_eq!(render(&grant(&audit, &audit)), "system/AuditEvent.rs");
     }
 
     #[test]

@@ -75,15 +75,25 @@ fn form(req: &HttpRequest, body: &[u8]) -> Result<Vec<(String, String)>, HttpRes
         ));
     }
     let pairs: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
-    for (i, (k, _)) in pairs.iter().enumerate() {
-        if pairs[..i].iter().any(|(j, _)| j == k) {
-            return Err(oauth_error(
-                "invalid_request",
-                &format!("the parameter '{k}' is given more than once"),
-            ));
-        }
+    let mut names = std::collections::HashSet::new();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !names.insert(k.as_str())) {
+        return Err(oauth_error(
+            "invalid_request",
+            &format!(
+                "the parameter '{}' is given more than once",
+                truncate(k, 40)
+            ),
+        ));
     }
     Ok(pairs)
+}
+
+/// At most `n` characters of client-supplied text, for error messages and the audit trail.
+pub fn truncate(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -104,7 +114,7 @@ async fn record(state: &web::Data<AppState>, event: Value) {
 pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let mut ctx = audit_context(&req, &state);
     let result = token_inner(&state, &req, &body, &mut ctx).await;
-    let failure = result.as_ref().err().map(|(_, d)| d.clone());
+    let failure = result.as_ref().err().map(|(_, d)| truncate(d, 300));
     record(&state, audit::authentication(&ctx, failure.as_deref())).await;
     match result {
         Ok(r) => r,

@@ -104,6 +104,8 @@ pub struct Tokens {
     /// `iss` of Courier's tokens and `aud` they are for: the FHIR base URL.
     issuer: String,
     keys: RwLock<KeySet>,
+    /// Held while the keys are re-read, so concurrent requests do not all reload.
+    reloading: Mutex<()>,
     verified: Mutex<HashMap<[u8; 32], Principal>>,
 }
 
@@ -127,6 +129,7 @@ impl Tokens {
                 jwks: JwkSet { keys: vec![] },
                 loaded: Instant::now(),
             }),
+            reloading: Mutex::new(()),
             verified: Mutex::new(HashMap::new()),
         };
         tokens.reload()?;
@@ -200,6 +203,9 @@ impl Tokens {
     fn refresh_if_stale(&self, force: bool) {
         let age = self.keys.read().loaded.elapsed();
         if age > KEY_REFRESH || (force && age > Duration::from_secs(1)) {
+            let Some(_one) = self.reloading.try_lock() else {
+                return; // another request is reloading right now
+            };
             if let Err(e) = self.reload() {
                 tracing::error!(error = %e, "could not reload signing keys");
             }

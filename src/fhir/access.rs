@@ -100,7 +100,7 @@ pub async fn read(
         Err(e) => return Err(e.into()),
     };
     let visible = match &access {
-        None => binary_visible(state, p, id).await?,
+        None => owns(p, &body_value(&s)) || binary_visible(state, p, id).await?,
         Some(Access::All) => true,
         Some(Access::Only(c)) => {
             let entries = crate::search::index::entries(
@@ -159,6 +159,7 @@ async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<boo
             includes: vec![],
             used: vec![],
             ignored: vec![],
+            include_access: None,
         };
         let store = state.store.clone();
         let page = blocking(move || Ok(store.search(res_type, &search)?)).await?;
@@ -167,6 +168,82 @@ async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<boo
         }
     }
     Ok(false)
+}
+
+/// The identifier system naming an OAuth client as a Binary's owner (a backend service has no user).
+pub const CLIENT_SYSTEM: &str = "urn:courier:oauth-client";
+
+/// Records who uploads a Binary in its `securityContext` (unless the client set one): the user, or
+/// for a backend service its client. The uploader may read it back, and attach it to a message.
+pub fn stamp_owner(p: &Principal, binary: &mut Value) {
+    if binary.get("securityContext").is_none() {
+        binary["securityContext"] = match &p.fhir_user {
+            Some(u) => serde_json::json!({"reference": u}),
+            None => {
+                serde_json::json!({"identifier": {"system": CLIENT_SYSTEM, "value": p.client_id}})
+            }
+        };
+    }
+}
+
+fn owns(p: &Principal, binary: &Value) -> bool {
+    let sc = &binary["securityContext"];
+    match &p.fhir_user {
+        Some(u) => sc["reference"].as_str() == Some(u.as_str()),
+        None => {
+            sc["identifier"]["system"] == CLIENT_SYSTEM
+                && sc["identifier"]["value"].as_str() == Some(p.client_id.as_str())
+        }
+    }
+}
+
+/// A message may attach only Binaries its writer may read (its own uploads, or ones already
+/// shared with it): otherwise attaching a Binary id learnt elsewhere would open it to the writer.
+/// `fresh` are the Binaries created in the same transaction.
+pub async fn check_attachments(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    value: &Value,
+    fresh: &std::collections::HashSet<String>,
+) -> Result<(), FhirError> {
+    let (registry, base) = (&state.store.registry, &state.settings.base_url);
+    let Some(param) = registry.get(res_type, "attachment") else {
+        return Ok(());
+    };
+    for e in crate::search::index::entries(registry, res_type, value, base) {
+        let crate::search::index::Entry::Token {
+            param: key, code, ..
+        } = e
+        else {
+            continue;
+        };
+        if key != param.key {
+            continue;
+        }
+        let local = code
+            .strip_prefix(base.as_str())
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(&code);
+        let Some(id) = local
+            .strip_prefix("Binary/")
+            .and_then(|r| r.split('/').next())
+        else {
+            continue; // an attachment stored elsewhere
+        };
+        if fresh.contains(id) {
+            continue;
+        }
+        if read(state, p, "Binary", id, None).await.is_err() {
+            return Err(FhirError::at(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{res_type}.payload.content"),
+                format!("the attachment Binary/{id} is not one this token may read"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Confines a search to what `p` may search.
@@ -191,6 +268,24 @@ pub async fn search(
     mut search: SearchRequest,
 ) -> Result<SearchPage, FhirError> {
     confine(state, p, res_type, &mut search)?;
+    if !search.includes.is_empty() {
+        // Each level of an include (and of :iterate) reaches only what `p` may see.
+        let mut reach = std::collections::HashMap::new();
+        for t in crate::fhir::TYPES.iter().filter(|t| t.searchable) {
+            if let Ok(a) = decide(state, p, t.name, Perm::Read)
+                .or_else(|_| decide(state, p, t.name, Perm::Search))
+            {
+                reach.insert(
+                    t.name.to_string(),
+                    match a {
+                        Access::All => None,
+                        Access::Only(c) => Some(c),
+                    },
+                );
+            }
+        }
+        search.include_access = Some(reach);
+    }
     let store = state.store.clone();
     let rt = res_type.to_string();
     let mut page = blocking(move || Ok(store.search(&rt, &search)?)).await?;

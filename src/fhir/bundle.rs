@@ -424,12 +424,13 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
     })
 }
 
-/// Replaces `urn:uuid:` (and other fullUrl) references with the ids the transaction assigned.
+/// Replaces `urn:uuid:` (and other fullUrl) references — and attachment URLs naming a Binary of
+/// the same transaction — with the ids the transaction assigned.
 fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
     match v {
         Value::Object(o) => {
             for (k, x) in o.iter_mut() {
-                if k == "reference" {
+                if k == "reference" || k == "url" {
                     if let Value::String(s) = x {
                         if let Some(new) = map.get(s.as_str()) {
                             *s = new.clone();
@@ -544,6 +545,13 @@ async fn transaction(
     // 2. Check every resource (after rewriting) and build the operations.
     let mut ops = Vec::new();
     let mut op_index = Vec::new();
+    // Binaries this transaction writes may be attached by its messages.
+    let fresh: std::collections::HashSet<String> = entries
+        .iter()
+        .zip(&ids)
+        .filter(|(e, _)| e.res_type == "Binary" && e.resource.is_some())
+        .filter_map(|(_, id)| id.clone())
+        .collect();
     for (i, e) in entries.iter().enumerate() {
         if existing.contains_key(&i) || e.method == "GET" {
             continue;
@@ -553,14 +561,19 @@ async fn transaction(
             Some(r) => {
                 let mut r = r.clone();
                 rewrite_references(&mut r, &map);
+                if e.res_type == "Binary" {
+                    access::stamp_owner(p, &mut r);
+                }
                 check_resource(&r, &e.res_type, &prefix)?;
+                access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
                 Some(Incoming::from_value(r))
             }
             None => None,
         };
         let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
         let guard = entry_guard(state, p, i, e, resource.as_ref())?;
-        let op = entry_op(i, e, id, resource, None, guard)?;
+        let may_create = may_create(state, p, e, resource.as_ref());
+        let op = entry_op(i, e, id, resource, None, guard, may_create)?;
         ops.push(op);
         op_index.push(i);
     }
@@ -624,8 +637,14 @@ async fn batch(
             let prefix = format!("Bundle.entry[{i}].resource");
             let resource = match &e.resource {
                 Some(r) => {
-                    check_resource(r, &e.res_type, &prefix)?;
-                    Some(Incoming::from_value(r.clone()))
+                    let mut r = r.clone();
+                    if e.res_type == "Binary" {
+                        access::stamp_owner(p, &mut r);
+                    }
+                    check_resource(&r, &e.res_type, &prefix)?;
+                    access::check_attachments(state, p, &e.res_type, &r, &Default::default())
+                        .await?;
+                    Some(Incoming::from_value(r))
                 }
                 None => None,
             };
@@ -637,7 +656,8 @@ async fn batch(
                 _ => None,
             };
             let id = e.id.clone().unwrap_or_else(new_id);
-            let op = entry_op(i, &e, id, resource, if_none_exist, guard)?;
+            let may_create = may_create(state, p, &e, resource.as_ref());
+            let op = entry_op(i, &e, id, resource, if_none_exist, guard, may_create)?;
             rest::write_one(state, ctx, op).await
         }
         .await;
@@ -672,6 +692,19 @@ fn entry_guard(
     )
 }
 
+/// May a PUT entry create its resource, should it not exist?
+fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Incoming>) -> bool {
+    e.method == "PUT"
+        && access::write_guard(
+            state,
+            p,
+            &e.res_type,
+            Perm::Create,
+            resource.map(|r| &r.value),
+        )
+        .is_ok()
+}
+
 /// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).
 fn entry_op(
     i: usize,
@@ -680,6 +713,7 @@ fn entry_op(
     resource: Option<Incoming>,
     if_none_exist: Option<SearchRequest>,
     guard: Option<crate::search::query::Condition>,
+    may_create: bool,
 ) -> Result<WriteOp, FhirError> {
     let needed = match e.method.as_str() {
         "POST" => "create",
@@ -720,6 +754,7 @@ fn entry_op(
                 upsert: true,
                 patch: false,
                 guard,
+                may_create,
             }
         }
         _ => WriteOp::Delete {

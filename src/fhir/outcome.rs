@@ -91,6 +91,7 @@ impl From<StoreError> for FhirError {
                 FhirError::new(StatusCode::PRECONDITION_FAILED, "conflict", m)
             }
             StoreError::Conflict(m) => FhirError::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Forbidden(m) => FhirError::new(StatusCode::FORBIDDEN, "forbidden", m),
             StoreError::Invalid(issues) => FhirError::invalid_resource(issues),
             StoreError::Db(e) => {
                 tracing::error!(error = %e, "database error");

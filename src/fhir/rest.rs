@@ -492,11 +492,16 @@ async fn create_inner(
                 .unwrap_or(&mt)
                 .to_string()
         };
-        Incoming::from_value(
-            json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)}),
-        )
+        let mut v = json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)});
+        access::stamp_owner(&p, &mut v);
+        Incoming::from_value(v)
     } else {
-        let incoming = parse_resource(&body, res_type, "")?;
+        let mut incoming = parse_resource(&body, res_type, "")?;
+        if is_binary && incoming.value.get("securityContext").is_none() {
+            let mut v = incoming.value.clone();
+            access::stamp_owner(&p, &mut v);
+            incoming = Incoming::from_value(v);
+        }
         if is_binary {
             let len = incoming.value["data"]
                 .as_str()
@@ -515,6 +520,7 @@ async fn create_inner(
         incoming
     };
     access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value))?;
+    access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
     let if_none_exist = match req.headers().get("if-none-exist") {
         Some(v) if t.conditional_create => {
             let q = v
@@ -725,6 +731,9 @@ async fn update_inner(
         }
     }
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&incoming.value))?;
+    let may_create =
+        access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
+    access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -733,6 +742,7 @@ async fn update_inner(
         upsert: true,
         patch: false,
         guard,
+        may_create,
     };
     let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
@@ -781,15 +791,10 @@ async fn patch_inner(
     let patch: json_patch::Patch = serde_json::from_slice(&body)
         .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
     let p = access::principal(req)?;
-    let current_guard = access::write_guard(state, &p, res_type, Perm::Update, None)?;
-    let current = if current_guard.is_some() {
-        // A confined token patches only what it can see; anything else is "not found".
-        access::read(state, &p, res_type, id, None).await?
-    } else {
-        let store = state.store.clone();
-        let (rt, rid) = (res_type.to_string(), id.to_string());
-        blocking(move || Ok(store.read(&rt, &rid)?)).await?
-    };
+    // A patch reads the current version (and answers with the result): it takes update and read
+    // permission, and a confined token patches only what it can see.
+    access::write_guard(state, &p, res_type, Perm::Update, None)?;
+    let current = access::read(state, &p, res_type, id, None).await?;
     if let Some(v) = if_match {
         if v != current.version_id {
             return Err(FhirError::new(
@@ -830,6 +835,7 @@ async fn patch_inner(
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
     check_resource(&value, res_type, "")?;
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
+    access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -838,6 +844,7 @@ async fn patch_inner(
         upsert: false,
         patch: true,
         guard,
+        may_create: false,
     };
     let r = write_one(state, ctx, op).await?;
     Ok(write_response(state, req, &r))
@@ -963,7 +970,13 @@ async fn history_inner(
     }
     check_accept(req)?;
     let p = access::principal(req)?;
-    let filter = match access::decide(state, &p, res_type, Perm::Read)? {
+    // SMART v2: instance history is under `r`, type history under `s`.
+    let perm = if id.is_some() {
+        Perm::Read
+    } else {
+        Perm::Search
+    };
+    let filter = match access::decide(state, &p, res_type, perm)? {
         access::Access::All => None,
         access::Access::Only(c) => {
             if let Some(id) = &id {
@@ -1155,6 +1168,9 @@ async fn search_common(
             }
         });
     let result = search_inner(&state, &req, &res_type, pairs).await;
+    // A refused search concerns no patient: naming one would put the caller's query into that
+    // patient's audit trail.
+    let patient = patient.filter(|_| result.as_ref().is_ok_and(|r| r.status().is_success()));
     audit_outcome(
         &state,
         &ctx,

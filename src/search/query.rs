@@ -115,6 +115,10 @@ pub struct SearchRequest {
     pub used: Vec<(String, String)>,
     /// Parameters that were ignored (lenient handling), reported in the Bundle.
     pub ignored: Vec<Issue>,
+    /// What `_include`/`_revinclude` may reach, by type: `None` reaches everything; otherwise only
+    /// the types listed, each limited by its condition if any. Set by the access policy, so that
+    /// `:iterate` never walks through a resource the caller may not see.
+    pub include_access: Option<std::collections::HashMap<String, Option<Condition>>>,
 }
 
 /// Deepest page offset honoured (deeper paging should narrow the search instead).
@@ -148,6 +152,7 @@ pub fn parse(
         includes: vec![],
         used: vec![],
         ignored: vec![],
+        include_access: None,
     };
     let mut errors = Vec::new();
     if pairs.len() > MAX_PARAMS {

@@ -170,6 +170,9 @@ pub enum WriteOp {
         patch: bool,
         /// The access policy's condition the version being replaced must meet (else 404).
         guard: Option<Condition>,
+        /// May the caller create this resource, should it not exist (or be deleted)? An update
+        /// that creates takes create permission.
+        may_create: bool,
     },
     Delete {
         res_type: String,
@@ -250,6 +253,9 @@ pub enum StoreError {
     PreconditionFailed(String),
     #[error("{0}")]
     Conflict(String),
+    /// The access policy refuses the write (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("invalid resource")]
     Invalid(Vec<Issue>),
     #[error("database error: {0}")]
@@ -611,12 +617,22 @@ impl Store {
                 upsert,
                 patch,
                 guard,
+                may_create,
             } => {
                 let head = self.head(c, &res_type, &id)?;
+                // The access policy first, so a refused caller learns nothing from 412s or 410s.
                 if let (Some(g), Some(h)) = (&guard, &head) {
-                    if h.deleted == 0 && !self.admits(c, h.rid, g)? {
+                    // A confined caller neither sees nor revives what it cannot see; a deleted
+                    // resource it cannot see as such.
+                    if h.deleted != 0 || !self.admits(c, h.rid, g)? {
                         return Err(StoreError::NotFound(res_type, id));
                     }
+                }
+                let live = head.as_ref().is_some_and(|h| h.deleted == 0);
+                if upsert && !live && !may_create {
+                    return Err(StoreError::Forbidden(format!(
+                        "{res_type}/{id} does not exist: creating it takes create permission"
+                    )));
                 }
                 match (&head, if_match) {
                     (None, Some(v)) => {
@@ -956,7 +972,7 @@ impl Store {
                 total.or_else(|| (!has_next && req.offset == 0).then_some(rows.len() as i64));
             let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
             let matches = self.bodies(c, &rids)?;
-            let included = self.includes(c, &req.includes, &rids)?;
+            let included = self.includes(c, &req.includes, &rids, req.include_access.as_ref())?;
             Ok(SearchPage {
                 matches,
                 included,
@@ -1001,6 +1017,7 @@ impl Store {
         c: &mut C,
         includes: &[Include],
         matched: &[i64],
+        reach: Option<&HashMap<String, Option<Condition>>>,
     ) -> Result<Vec<Stored>, StoreError> {
         if includes.is_empty() || matched.is_empty() {
             return Ok(vec![]);
@@ -1013,7 +1030,8 @@ impl Store {
             let mut found = Vec::new();
             for inc in includes.iter().filter(|i| first || i.iterate) {
                 for chunk in frontier.chunks(500) {
-                    for rid in self.follow(c, inc, chunk)? {
+                    let followed = self.follow(c, inc, chunk)?;
+                    for rid in self.reachable(c, followed, reach)? {
                         if out_rids.len() + found.len() < MAX_INCLUDED && seen.insert(rid) {
                             found.push(rid);
                         }
@@ -1030,12 +1048,37 @@ impl Store {
         self.bodies(c, &out_rids)
     }
 
+    /// The followed resources the caller may reach (see `SearchRequest::include_access`).
+    fn reachable<C: Conn>(
+        &self,
+        c: &mut C,
+        followed: Vec<(i64, String)>,
+        reach: Option<&HashMap<String, Option<Condition>>>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let Some(reach) = reach else {
+            return Ok(followed.into_iter().map(|(rid, _)| rid).collect());
+        };
+        let mut out = Vec::with_capacity(followed.len());
+        for (rid, res_type) in followed {
+            match reach.get(&res_type) {
+                None => {}
+                Some(None) => out.push(rid),
+                Some(Some(cond)) => {
+                    if self.admits(c, rid, cond)? {
+                        out.push(rid);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn follow<C: Conn>(
         &self,
         c: &mut C,
         inc: &Include,
         from: &[i64],
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         let ph = vec!["?"; from.len()].join(", ");
         let mut binds: Vec<Bind> =
             vec![inc.param_key.clone().into(), inc.source_type.clone().into()];
@@ -1043,7 +1086,7 @@ impl Store {
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
             let mut sql = format!(
-                "SELECT t.rid FROM idx_ref x JOIN resources s ON s.rid = x.rid \
+                "SELECT t.rid, t.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid \
                  JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id AND t.deleted = 0 \
                  WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND x.rid IN ({ph})"
             );
@@ -1051,20 +1094,20 @@ impl Store {
                 sql.push_str(" AND t.res_type = ?");
                 binds.push(tt.clone().into());
             }
-            Ok(c.load::<RidRow>(&sql, binds)?
+            Ok(c.load::<RidTypeRow>(&sql, binds)?
                 .into_iter()
-                .map(|r| r.rid)
+                .map(|r| (r.rid, r.res_type))
                 .collect())
         } else {
             // Resources of `source_type` whose parameter refers to one of the `from` resources.
             let sql = format!(
-                "SELECT s.rid FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
+                "SELECT s.rid, s.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
                  JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id \
                  WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph})"
             );
-            Ok(c.load::<RidRow>(&sql, binds)?
+            Ok(c.load::<RidTypeRow>(&sql, binds)?
                 .into_iter()
-                .map(|r| r.rid)
+                .map(|r| (r.rid, r.res_type))
                 .collect())
         }
     }

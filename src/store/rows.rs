@@ -48,6 +48,14 @@ pub struct RidRow {
 }
 
 #[derive(Debug, Clone, QueryableByName)]
+pub struct RidTypeRow {
+    #[diesel(sql_type = BigInt)]
+    pub rid: i64,
+    #[diesel(sql_type = Text)]
+    pub res_type: String,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
 pub struct CountRow {
     #[diesel(sql_type = BigInt)]
     pub n: i64,

@@ -355,3 +355,113 @@ both_backends! {
 fn ids_of(b: &Value) -> Vec<String> {
     ids(b)
 }
+
+async fn token_for(
+    app: &TestApp,
+    scope: &str,
+    user: Option<&str>,
+    patient: Option<&str>,
+) -> reqwest::Client {
+    let client_id = clients::add(
+        &app.store,
+        "edge",
+        clients::KeySource::Document(es384_key().1.to_string()),
+        "system/*.cruds",
+    )
+    .unwrap();
+    client_with_token(&issue(&app.tokens, &client_id, scope, user, patient))
+}
+
+async fn post_json(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    let r = c
+        .post(app.url(path))
+        .header("content-type", FHIR_JSON)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+both_backends! {
+    async fn binaries_follow_their_messages_and_cannot_be_borrowed(app: TestApp) {
+        let p1 = token_for(&app, "patient/Communication.crs patient/Binary.c", Some("Patient/p1"), Some("p1")).await;
+        let p2 = token_for(&app, "patient/Communication.crs patient/Binary.c", Some("Patient/p2"), Some("p2")).await;
+        let d1 = token_for(&app, "user/Communication.rs", Some("Practitioner/d1"), None).await;
+        // p2 uploads a photo and sends it to d2.
+        let r = p2.post(app.url("Binary")).header("content-type", "image/png").body(vec![9u8, 9, 9]).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let photo = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        assert_eq!(p2.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap().status(), 200, "the uploader reads it back");
+        let msg = |sender: &str, recipient: &str, bin: &str| json!({"resourceType": "Communication", "status": "completed",
+            "sender": {"reference": sender}, "recipient": [{"reference": recipient}],
+            "payload": [{"contentAttachment": {"contentType": "image/png", "url": format!("Binary/{bin}")}}]});
+        assert_eq!(post_json(&p2, &app, "Communication", &msg("Patient/p2", "Practitioner/d2", &photo)).await.0, 201);
+        // p1 learns the id and tries to attach it to a message of its own: refused, nothing written.
+        assert_eq!(p1.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap().status(), 404);
+        let before = app.row_counts();
+        let (s, b) = post_json(&p1, &app, "Communication", &msg("Patient/p1", "Practitioner/d1", &photo)).await;
+        assert_eq!(s, 403, "{b}");
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": msg("Patient/p1", "Practitioner/d1", &photo), "request": {"method": "POST", "url": "Communication"}}]});
+        assert_eq!(post_json(&p1, &app, "", &tx).await.0, 403);
+        assert_eq!(app.row_counts(), before);
+        assert_eq!(p1.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap().status(), 404);
+        // p1 sends its own upload to d1 in one transaction (urn:uuid attachment): d1 may then read it.
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:0b0b2f9e-6a4d-4e63-9a55-4c1b0f0d9a01", "resource": {"resourceType": "Binary", "contentType": "text/plain", "data": "aGk="}, "request": {"method": "POST", "url": "Binary"}},
+            {"resource": {"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p1"}, "recipient": [{"reference": "Practitioner/d1"}],
+                "payload": [{"contentAttachment": {"contentType": "text/plain", "url": "urn:uuid:0b0b2f9e-6a4d-4e63-9a55-4c1b0f0d9a01"}}]}, "request": {"method": "POST", "url": "Communication"}}]});
+        let (s, b) = post_json(&p1, &app, "", &tx).await;
+        assert_eq!(s, 200, "{b}");
+        let bin = b["entry"][0]["resource"]["id"].as_str().unwrap().to_string();
+        assert_eq!(b["entry"][1]["resource"]["payload"][0]["contentAttachment"]["url"], format!("Binary/{bin}"));
+        assert_eq!(b["entry"][0]["resource"]["securityContext"]["reference"], "Patient/p1");
+        assert_eq!(d1.get(app.url(&format!("Binary/{bin}"))).send().await.unwrap().status(), 200, "the recipient reads the attachment");
+        assert_eq!(p2.get(app.url(&format!("Binary/{bin}"))).send().await.unwrap().status(), 404);
+    }
+
+    async fn confined_writes_reveal_nothing_and_need_their_permissions(app: TestApp) {
+        // p2's message, then deleted (two versions).
+        let theirs = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p2"}, "recipient": [{"reference": "Practitioner/d2"}]})).await;
+        assert_eq!(app.client.delete(app.url(&format!("Communication/{theirs}"))).send().await.unwrap().status(), 204);
+        let p1 = token_for(&app, "patient/Communication.cruds", Some("Patient/p1"), Some("p1")).await;
+        let mine = json!({"resourceType": "Communication", "id": theirs, "status": "completed", "sender": {"reference": "Patient/p1"}});
+        // Neither 412 (which would tell the version) nor a revival: as if it did not exist... but it does.
+        let r = p1.put(app.url(&format!("Communication/{theirs}"))).header("content-type", FHIR_JSON).header("if-match", "W/\"1\"").body(mine.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        let r = p1.put(app.url(&format!("Communication/{theirs}"))).header("content-type", FHIR_JSON).body(mine.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        // An update that would create takes create permission.
+        let ru = token_for(&app, "system/Communication.ru", None, None).await;
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let r = ru.put(app.url(&format!("Communication/{fresh}"))).header("content-type", FHIR_JSON)
+            .body(json!({"resourceType": "Communication", "id": fresh, "status": "completed"}).to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        // Type history is a search (`s`); instance history a read (`r`).
+        let r_only = token_for(&app, "system/Communication.r", None, None).await;
+        assert_eq!(r_only.get(app.url("Communication/_history")).send().await.unwrap().status(), 403);
+        let visible = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        assert_eq!(r_only.get(app.url(&format!("Communication/{visible}/_history"))).send().await.unwrap().status(), 200);
+        // A patch reads the resource and returns it: it takes read permission too.
+        let u_only = token_for(&app, "system/Communication.u", None, None).await;
+        let r = u_only.patch(app.url(&format!("Communication/{visible}"))).header("content-type", "application/json-patch+json").body("[]").send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(!r.text().await.unwrap().contains("\"payload\""));
+    }
+
+    async fn include_iterate_never_walks_through_hidden_resources(app: TestApp) {
+        // C (visible to p1) <- B (hidden from p1) <- A (visible to p1), linked by partOf.
+        let c = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Practitioner/d1"}, "recipient": [{"reference": "Patient/p1"}]})).await;
+        let b = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p2"}, "recipient": [{"reference": "Practitioner/d2"}],
+            "partOf": [{"reference": format!("Communication/{c}")}]})).await;
+        let a = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p1"}, "recipient": [{"reference": "Practitioner/d1"}],
+            "partOf": [{"reference": format!("Communication/{b}")}]})).await;
+        let p1 = token_for(&app, "patient/Communication.rs", Some("Patient/p1"), Some("p1")).await;
+        let body: Value = p1.get(app.url(&format!("Communication?_id={a}&_include:iterate=Communication:part-of"))).send().await.unwrap().json().await.unwrap();
+        assert_eq!(id_set(&body, "match"), [a.clone()].into_iter().collect());
+        assert!(id_set(&body, "include").is_empty(), "reached through a hidden resource: {:?}", id_set(&body, "include"));
+        // The same search as the system sees the whole chain.
+        let all = app.get_json(&format!("Communication?_id={a}&_include:iterate=Communication:part-of")).await;
+        assert_eq!(id_set(&all, "include"), [b, c].into_iter().collect());
+    }
+}
