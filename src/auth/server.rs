@@ -58,17 +58,7 @@ fn no_store_json(v: Value) -> HttpResponse {
 
 /// Form parameters; a parameter given twice is an error (RFC 6749 §3.2).
 fn form(req: &HttpRequest, body: &[u8]) -> Result<Vec<(String, String)>, HttpResponse> {
-    let media = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if media != "application/x-www-form-urlencoded" {
+    if crate::fhir::rest::media_type(req) != "application/x-www-form-urlencoded" {
         return Err(oauth_error(
             "invalid_request",
             "send the parameters as application/x-www-form-urlencoded",
@@ -225,6 +215,20 @@ async fn caller(state: &web::Data<AppState>, req: &HttpRequest) -> Result<Princi
     }
 }
 
+/// What introspection and revocation take: the authenticated caller, the form, and its `token`.
+async fn token_operation(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    body: &[u8],
+) -> Result<(Principal, Vec<(String, String)>, String), HttpResponse> {
+    let who = caller(state, req).await?;
+    let pairs = form(req, body)?;
+    let token = param(&pairs, "token")
+        .map(String::from)
+        .ok_or_else(|| oauth_error("invalid_request", "token is required"))?;
+    Ok((who, pairs, token))
+}
+
 /// `POST /auth/introspect` (RFC 7662). A client may introspect only its own tokens; any other
 /// token is reported inactive.
 pub async fn introspect(
@@ -232,16 +236,9 @@ pub async fn introspect(
     req: HttpRequest,
     body: web::Bytes,
 ) -> HttpResponse {
-    let who = match caller(&state, &req).await {
-        Ok(p) => p,
+    let (who, _, token) = match token_operation(&state, &req, &body).await {
+        Ok(t) => t,
         Err(r) => return r,
-    };
-    let pairs = match form(&req, &body) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let Some(token) = param(&pairs, "token").map(String::from) else {
-        return oauth_error("invalid_request", "token is required");
     };
     let st = state.clone();
     let answer = web::block(move || {
@@ -285,16 +282,9 @@ pub async fn revoke(
     req: HttpRequest,
     body: web::Bytes,
 ) -> HttpResponse {
-    let who = match caller(&state, &req).await {
-        Ok(p) => p,
+    let (who, pairs, token) = match token_operation(&state, &req, &body).await {
+        Ok(t) => t,
         Err(r) => return r,
-    };
-    let pairs = match form(&req, &body) {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let Some(token) = param(&pairs, "token").map(String::from) else {
-        return oauth_error("invalid_request", "token is required");
     };
     if matches!(param(&pairs, "token_type_hint"), Some(h) if h != "access_token" && h != "refresh_token")
     {

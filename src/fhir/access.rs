@@ -13,7 +13,7 @@ pub use crate::auth::policy::Access;
 use crate::auth::policy::{self, Denied};
 use crate::auth::scopes::Perm;
 use crate::auth::Principal;
-use crate::search::query::{Condition, SearchRequest, TokenValue, Total};
+use crate::search::query::{Condition, SearchRequest, TokenValue};
 use crate::store::{SearchPage, StoreError, Stored};
 use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpRequest};
@@ -148,19 +148,7 @@ async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<boo
         if let Access::Only(c) = access {
             conditions.push(c);
         }
-        let search = SearchRequest {
-            conditions,
-            sort: vec![],
-            count: 1,
-            offset: 0,
-            snapshot: None,
-            total: Total::None,
-            summary_count: false,
-            includes: vec![],
-            used: vec![],
-            ignored: vec![],
-            include_access: None,
-        };
+        let search = SearchRequest::of(conditions, 1);
         let store = state.store.clone();
         let page = blocking(move || Ok(store.search(res_type, &search)?)).await?;
         if !page.matches.is_empty() {

@@ -220,17 +220,10 @@ async fn process(
 ) -> ProcessResult {
     let fail = |e: FhirError| (e, Interaction::Batch);
     rest::check_accept(req).map_err(fail)?;
-    let media = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if !matches!(media.as_str(), "application/fhir+json" | "application/json") {
+    if !matches!(
+        rest::media_type(req).as_str(),
+        "application/fhir+json" | "application/json"
+    ) {
         return Err(fail(FhirError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "not-supported",

@@ -141,7 +141,8 @@ pub fn check_accept(req: &HttpRequest) -> Result<(), FhirError> {
     }
 }
 
-fn media_type(req: &HttpRequest) -> String {
+/// The request's media type, lower-cased, without parameters.
+pub fn media_type(req: &HttpRequest) -> String {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -121,6 +121,25 @@ pub struct SearchRequest {
     pub include_access: Option<std::collections::HashMap<String, Option<Condition>>>,
 }
 
+impl SearchRequest {
+    /// A search for `conditions` alone: no sort, includes or paging state, `count` results.
+    pub fn of(conditions: Vec<Condition>, count: usize) -> SearchRequest {
+        SearchRequest {
+            conditions,
+            sort: vec![],
+            count,
+            offset: 0,
+            snapshot: None,
+            total: Total::None,
+            summary_count: false,
+            includes: vec![],
+            used: vec![],
+            ignored: vec![],
+            include_access: None,
+        }
+    }
+}
+
 /// Deepest page offset honoured (deeper paging should narrow the search instead).
 pub const MAX_OFFSET: usize = 10_000_000;
 /// Most values one parameter may carry, and most parameters one search may have.
@@ -141,19 +160,7 @@ pub fn parse(
     base_url: &str,
     limits: &Limits,
 ) -> Result<SearchRequest, Vec<Issue>> {
-    let mut req = SearchRequest {
-        conditions: vec![],
-        sort: vec![],
-        count: limits.default_count,
-        offset: 0,
-        snapshot: None,
-        total: Total::None,
-        summary_count: false,
-        includes: vec![],
-        used: vec![],
-        ignored: vec![],
-        include_access: None,
-    };
+    let mut req = SearchRequest::of(vec![], limits.default_count);
     let mut errors = Vec::new();
     if pairs.len() > MAX_PARAMS {
         return Err(vec![Issue {
