@@ -3,7 +3,8 @@ from fhir.resources.R4B.searchparameter import SearchParameter
 files = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "fhir-profiles", "SearchParameter", "*.json")))
 ok = bad = 0
 # FHIRPath subset accepted by the Courier indexer
-term = r"(?:\(\s*{b}(?:\.[A-Za-z][A-Za-z0-9]*)+ as [A-Za-z]+\s*\)|{b}(?:\.[A-Za-z][A-Za-z0-9]*)+(?:\.where\(resolve\(\) is [A-Z][A-Za-z]+\)|\.as\([A-Za-z]+\)|\.ofType\([A-Za-z]+\))*)"
+# (a cast may be followed by more path: Communication.payload.content.ofType(Attachment).url)
+term = r"(?:\(\s*{b}(?:\.[A-Za-z][A-Za-z0-9]*)+ as [A-Za-z]+\s*\)|{b}(?:\.[A-Za-z][A-Za-z0-9]*)+(?:\.where\(resolve\(\) is [A-Z][A-Za-z]+\)|\.as\([A-Za-z]+\)|\.ofType\([A-Za-z]+\)|\.[A-Za-z][A-Za-z0-9]*)*)"
 for f in files:
     errs = []
     try:
