@@ -194,6 +194,9 @@ struct Unverified {
 pub struct JwksCache {
     http: reqwest::Client,
     cache: Mutex<HashMap<String, (Instant, Arc<JwkSet>)>>,
+    /// URLs whose last fetch failed, and when: not fetched again for `JWKS_MIN_REFETCH`, so
+    /// unauthenticated requests cannot make Courier hammer an unreachable host.
+    failed: Mutex<HashMap<String, Instant>>,
 }
 
 impl Default for JwksCache {
@@ -214,10 +217,29 @@ impl JwksCache {
                 .build()
                 .expect("HTTP client builds"),
             cache: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
     async fn fetch(&self, url: &str) -> Result<Arc<JwkSet>, Refused> {
+        if self
+            .failed
+            .lock()
+            .get(url)
+            .is_some_and(|at| at.elapsed() < JWKS_MIN_REFETCH)
+        {
+            return Err(Refused(
+                "the client's JWKS could not be fetched a moment ago; try again shortly".into(),
+            ));
+        }
+        let result = self.fetch_now(url).await;
+        if result.is_err() {
+            self.failed.lock().insert(url.to_string(), Instant::now());
+        }
+        result
+    }
+
+    async fn fetch_now(&self, url: &str) -> Result<Arc<JwkSet>, Refused> {
         let fail = |m: String| Refused(format!("the client's JWKS could not be fetched: {m}"));
         let mut res = self
             .http

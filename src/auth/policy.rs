@@ -129,11 +129,15 @@ fn scope_query(scope: &Scope, registry: &Registry, base_url: &str) -> Option<Vec
         strict: true,
     };
     let req = query::parse(registry, &scope.resource, &pairs, base_url, &limits).ok()?;
+    // Positive token and reference conditions only: `:not` would also pass deleted resources
+    // (which have no index rows) and is refused.
     let ok = !req.conditions.is_empty()
-        && req
-            .conditions
-            .iter()
-            .all(|c| matches!(c, Condition::Token { .. } | Condition::Reference { .. }));
+        && req.conditions.iter().all(|c| {
+            matches!(
+                c,
+                Condition::Token { not: false, .. } | Condition::Reference { .. }
+            )
+        });
     ok.then_some(req.conditions)
 }
 
@@ -475,6 +479,9 @@ mod tests {
             &msg("Practitioner/d", "Patient/p1"),
             Perm::Read
         ));
+        // A negated scope query grants nothing (deleted resources have no index rows to negate).
+        let p = principal("system/Communication.rs?category:not=alert", None, None);
+        assert!(decide(&p, &r, "http://x", "Communication", Perm::Read).is_err());
         let p = principal("system/Communication.rs?category=alert", None, None);
         assert!(may_see(
             &p,

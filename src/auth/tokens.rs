@@ -106,7 +106,8 @@ pub struct Tokens {
     keys: RwLock<KeySet>,
     /// Held while the keys are re-read, so concurrent requests do not all reload.
     reloading: Mutex<()>,
-    verified: Mutex<HashMap<[u8; 32], Principal>>,
+    /// Verified tokens by hash, with the kid that signed them.
+    verified: Mutex<HashMap<[u8; 32], (Principal, String)>>,
 }
 
 fn now() -> i64 {
@@ -258,8 +259,9 @@ impl Tokens {
     /// (see [`Tokens::still_valid`]).
     pub fn verify(&self, token: &str) -> Result<Principal, String> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(p) = self.verified.lock().get(&hash) {
-            if p.exp > now() {
+        if let Some((p, kid)) = self.verified.lock().get(&hash) {
+            // Still unexpired, and its key still accepted (a key dropped from the set ends its tokens).
+            if p.exp > now() && self.keys.read().verifiers.contains_key(kid) {
                 return Ok(p.clone());
             }
         }
@@ -289,6 +291,9 @@ impl Tokens {
             .map_err(|e| format!("the access token is not valid: {e}"))?;
         drop(keys);
         let c = data.claims;
+        if c.exp - c.iat > TOKEN_LIFETIME_SECS {
+            return Err("the access token claims a longer life than this server gives".into());
+        }
         let principal = Principal {
             scopes: scopes::parse_all(&c.scope)
                 .map_err(|e| format!("the access token carries a bad scope: {e}"))?,
@@ -302,12 +307,12 @@ impl Tokens {
         let mut cache = self.verified.lock();
         if cache.len() >= CACHE_LIMIT {
             let t = now();
-            cache.retain(|_, p| p.exp > t);
+            cache.retain(|_, (p, _)| p.exp > t);
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
             }
         }
-        cache.insert(hash, principal.clone());
+        cache.insert(hash, (principal.clone(), kid));
         Ok(principal)
     }
 

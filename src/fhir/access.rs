@@ -161,28 +161,37 @@ async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<boo
 /// The identifier system naming an OAuth client as a Binary's owner (a backend service has no user).
 pub const CLIENT_SYSTEM: &str = "urn:courier:oauth-client";
 
-/// Records who uploads a Binary in its `securityContext` (unless the client set one): the user, or
-/// for a backend service its client. The uploader may read it back, and attach it to a message.
-pub fn stamp_owner(p: &Principal, binary: &mut Value) {
-    if binary.get("securityContext").is_none() {
-        binary["securityContext"] = match &p.fhir_user {
-            Some(u) => serde_json::json!({"reference": u}),
-            None => {
-                serde_json::json!({"identifier": {"system": CLIENT_SYSTEM, "value": p.client_id}})
-            }
-        };
+/// The uploader of a Binary as recorded in its `securityContext`: the user; else the client and
+/// the patient in context; else the client (a backend service).
+fn owner(p: &Principal) -> Value {
+    match (&p.fhir_user, &p.patient) {
+        (Some(u), _) => serde_json::json!({"reference": u}),
+        (None, Some(pt)) => {
+            serde_json::json!({"identifier": {"system": CLIENT_SYSTEM, "value": format!("{} Patient/{pt}", p.client_id)}})
+        }
+        (None, None) => {
+            serde_json::json!({"identifier": {"system": CLIENT_SYSTEM, "value": p.client_id}})
+        }
     }
 }
 
-fn owns(p: &Principal, binary: &Value) -> bool {
-    let sc = &binary["securityContext"];
-    match &p.fhir_user {
-        Some(u) => sc["reference"].as_str() == Some(u.as_str()),
-        None => {
-            sc["identifier"]["system"] == CLIENT_SYSTEM
-                && sc["identifier"]["value"].as_str() == Some(p.client_id.as_str())
-        }
+/// Records who uploads a Binary in its `securityContext`. Only a caller that may read every Binary
+/// may set its own (anyone else could claim someone else's upload): for all others it is
+/// overwritten. The uploader may read it back, and attach it to a message.
+pub fn stamp_owner(state: &AppState, p: &Principal, binary: &mut Value) {
+    let trusted = binary_reachable_by_all(state, p, "Binary");
+    if !trusted || binary.get("securityContext").is_none() {
+        binary["securityContext"] = owner(p);
     }
+}
+
+/// Is `p` the uploader — and does its token still name Binary at all?
+fn owns(p: &Principal, binary: &Value) -> bool {
+    let names_binary = p
+        .scopes
+        .iter()
+        .any(|s| s.names("Binary") && (s.allows(Perm::Read) || s.allows(Perm::Create)));
+    names_binary && binary["securityContext"] == owner(p)
 }
 
 /// A message may attach only Binaries its writer may read (its own uploads, or ones already

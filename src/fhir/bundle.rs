@@ -386,6 +386,16 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
             ));
         }
     }
+    if request.get("ifNoneExist").is_some()
+        && !support(&res_type).is_some_and(|t| t.conditional_create && method == "POST")
+    {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            at("request.ifNoneExist"),
+            format!("conditional create is not supported for {method} {res_type}"),
+        ));
+    }
     let if_match = match request.get("ifMatch").and_then(Value::as_str) {
         Some(v) => Some(rest::parse_etag(v)?),
         None => None,
@@ -496,6 +506,9 @@ async fn transaction(
                     match page.matches.len() {
                         0 => {}
                         1 => {
+                            // The match is answered in full: it takes create and read permission.
+                            access::decide(state, p, &e.res_type, Perm::Create)?;
+                            access::decide(state, p, &e.res_type, Perm::Read)?;
                             id = page.matches[0].id.clone();
                             existing.insert(i, page.matches[0].clone());
                         }
@@ -542,8 +555,11 @@ async fn transaction(
     let fresh: std::collections::HashSet<String> = entries
         .iter()
         .zip(&ids)
-        .filter(|(e, _)| e.res_type == "Binary" && e.resource.is_some())
-        .filter_map(|(_, id)| id.clone())
+        .enumerate()
+        .filter(|(i, (e, _))| {
+            e.res_type == "Binary" && e.resource.is_some() && !existing.contains_key(i)
+        })
+        .filter_map(|(_, (_, id))| id.clone())
         .collect();
     for (i, e) in entries.iter().enumerate() {
         if existing.contains_key(&i) || e.method == "GET" {
@@ -555,7 +571,7 @@ async fn transaction(
                 let mut r = r.clone();
                 rewrite_references(&mut r, &map);
                 if e.res_type == "Binary" {
-                    access::stamp_owner(p, &mut r);
+                    access::stamp_owner(state, p, &mut r);
                 }
                 check_resource(&r, &e.res_type, &prefix)?;
                 access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
@@ -632,7 +648,7 @@ async fn batch(
                 Some(r) => {
                     let mut r = r.clone();
                     if e.res_type == "Binary" {
-                        access::stamp_owner(p, &mut r);
+                        access::stamp_owner(state, p, &mut r);
                     }
                     check_resource(&r, &e.res_type, &prefix)?;
                     access::check_attachments(state, p, &e.res_type, &r, &Default::default())

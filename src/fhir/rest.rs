@@ -494,13 +494,13 @@ async fn create_inner(
                 .to_string()
         };
         let mut v = json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)});
-        access::stamp_owner(&p, &mut v);
+        access::stamp_owner(state, &p, &mut v);
         Incoming::from_value(v)
     } else {
         let mut incoming = parse_resource(&body, res_type, "")?;
-        if is_binary && incoming.value.get("securityContext").is_none() {
+        if is_binary {
             let mut v = incoming.value.clone();
-            access::stamp_owner(&p, &mut v);
+            access::stamp_owner(state, &p, &mut v);
             incoming = Incoming::from_value(v);
         }
         if is_binary {
@@ -1171,7 +1171,21 @@ async fn search_common(
     let result = search_inner(&state, &req, &res_type, pairs).await;
     // A refused search concerns no patient: naming one would put the caller's query into that
     // patient's audit trail.
-    let patient = patient.filter(|_| result.as_ref().is_ok_and(|r| r.status().is_success()));
+    let patient = patient.filter(|pt| {
+        result.as_ref().is_ok_and(|r| r.status().is_success())
+            && access::principal(&req).is_ok_and(|p| {
+                matches!(
+                    access::decide(&state, &p, &res_type, Perm::Search),
+                    Ok(access::Access::All)
+                ) || p
+                    .patient
+                    .as_deref()
+                    .map(|x| format!("Patient/{x}"))
+                    .as_deref()
+                    == Some(pt.as_str())
+                    || p.fhir_user.as_deref() == Some(pt.as_str())
+            })
+    });
     audit_outcome(
         &state,
         &ctx,

@@ -465,3 +465,55 @@ both_backends! {
         assert_eq!(id_set(&all, "include"), [b, c].into_iter().collect());
     }
 }
+
+both_backends! {
+    async fn binary_ownership_is_exact_and_cannot_be_claimed(app: TestApp) {
+        // Two patients through the same portal client, with no fhirUser: each owns only its own upload.
+        let client_id = clients::add(&app.store, "portal", clients::KeySource::Document(es384_key().1.to_string()), "system/*.cruds").unwrap();
+        let as_patient = |p: &'static str| client_with_token(&issue(&app.tokens, &client_id, "patient/Communication.crs patient/Binary.cr", None, Some(p)));
+        let (p1, p2) = (as_patient("p1"), as_patient("p2"));
+        let r = p1.post(app.url("Binary")).header("content-type", "text/plain").body("p1's scan").send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let mine = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        assert_eq!(p1.get(app.url(&format!("Binary/{mine}"))).send().await.unwrap().status(), 200);
+        assert_eq!(p2.get(app.url(&format!("Binary/{mine}"))).send().await.unwrap().status(), 404);
+        // The same client's token without a Binary scope does not read it either.
+        let narrow = client_with_token(&issue(&app.tokens, &client_id, "patient/Communication.rs", None, Some("p1")));
+        assert_eq!(narrow.get(app.url(&format!("Binary/{mine}"))).send().await.unwrap().status(), 404);
+        // Claiming someone else's ownership at upload does not stick.
+        let spoof = json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGk=", "securityContext": {"reference": "Practitioner/d1"}});
+        let (s, b) = post_json(&p2, &app, "Binary", &spoof).await;
+        assert_eq!(s, 201);
+        assert_ne!(b["securityContext"], json!({"reference": "Practitioner/d1"}));
+        let d1 = client_with_token(&issue(&app.tokens, &client_id, "user/Binary.r user/Communication.rs", Some("Practitioner/d1"), None));
+        assert_eq!(d1.get(app.url(&format!("Binary/{}", b["id"].as_str().unwrap()))).send().await.unwrap().status(), 404);
+    }
+
+    async fn bundles_cannot_use_conditional_create_to_read(app: TestApp) {
+        let bin = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "c2VjcmV0"})).await;
+        let b = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"resource": {"resourceType": "Binary", "contentType": "text/plain", "data": "eA=="},
+            "request": {"method": "POST", "url": "Binary", "ifNoneExist": format!("_id={bin}")}}]});
+        let r: Value = app.post("", &b).await.json().await.unwrap();
+        assert!(r["entry"][0]["response"]["status"].as_str().unwrap().starts_with("400"), "{r}");
+        assert!(!r.to_string().contains("c2VjcmV0"));
+        // A conditional create that matches answers with the match: it takes read permission.
+        let msg = app.create(&message("Patient/p1", "2024-01-01", "x")).await;
+        let cs = token_for(&app, "system/Communication.cs", None, None).await;
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": message("Patient/p1", "2024-01-01", "y"),
+            "request": {"method": "POST", "url": "Communication", "ifNoneExist": format!("_id={msg}")}}]});
+        let (s, b) = post_json(&cs, &app, "", &tx).await;
+        assert_eq!(s, 403, "{b}");
+    }
+
+    async fn a_confined_search_does_not_write_into_another_patients_audit_trail(app: TestApp) {
+        // (counted by entity: a search by `patient` would itself be an event naming p1)
+        let count = || async { app.get_json("AuditEvent?entity=Patient/p1&_summary=count").await["total"].as_i64().unwrap() };
+        let before = count().await;
+        let p2 = token_for(&app, "patient/Communication.rs", Some("Patient/p2"), Some("p2")).await;
+        assert_eq!(p2.get(app.url("Communication?subject=Patient/p1")).send().await.unwrap().status(), 200);
+        assert_eq!(count().await, before, "p2's search is not an event in p1's trail");
+        let p1 = token_for(&app, "patient/Communication.rs", Some("Patient/p1"), Some("p1")).await;
+        assert_eq!(p1.get(app.url("Communication?subject=Patient/p1")).send().await.unwrap().status(), 200);
+        assert_eq!(count().await, before + 1, "p1's own search is");
+    }
+}
