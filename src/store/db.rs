@@ -54,8 +54,16 @@ pub type DbResult<T> = Result<T, diesel::result::Error>;
 /// What the store needs from a connection. Implemented for both backends so the store's logic is
 /// written once; the only dialect difference it hides is placeholder syntax and transaction start.
 pub trait Conn {
+    /// Runs a statement whose prepared form is cached per connection by its SQL text: for the
+    /// write path and other statements of a bounded set of shapes.
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize>;
+    /// A query prepared afresh each time: for searches, whose SQL varies without bound.
     fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static;
+    /// A query of a fixed shape on the write path (`INSERT … RETURNING`, head lookups), cached
+    /// like [`Conn::execute`].
+    fn load_cached<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
     where
         T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static;
     /// Runs `f` in a write transaction (SQLite: `BEGIN IMMEDIATE`, so writers queue instead of failing).
@@ -84,6 +92,62 @@ macro_rules! bind_all {
         q
     }};
 }
+
+/// A statement with `?` placeholders whose prepared form diesel caches by SQL text. (`sql_query`
+/// opts out of diesel's statement cache; preparing every statement anew was ~10% of a write and
+/// most of the time SQLite's single writer held its lock.) Each `?` becomes the backend's own
+/// placeholder, so the same text serves SQLite and PostgreSQL.
+struct CachedQuery<'a> {
+    sql: &'a str,
+    binds: Vec<Bind>,
+}
+
+impl<DB> diesel::query_builder::QueryFragment<DB> for CachedQuery<'_>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<Text>
+        + diesel::sql_types::HasSqlType<BigInt>
+        + diesel::sql_types::HasSqlType<Binary>,
+    String: diesel::serialize::ToSql<Text, DB>,
+    Option<String>: diesel::serialize::ToSql<Nullable<Text>, DB>,
+    i64: diesel::serialize::ToSql<BigInt, DB>,
+    Vec<u8>: diesel::serialize::ToSql<Binary, DB>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, DB>,
+    ) -> QueryResult<()> {
+        let mut parts = self.sql.split('?');
+        out.push_sql(parts.next().unwrap_or_default());
+        let mut binds = self.binds.iter();
+        for part in parts {
+            match binds.next() {
+                Some(Bind::Text(s)) => out.push_bind_param::<Text, _>(s)?,
+                Some(Bind::OptText(s)) => out.push_bind_param::<Nullable<Text>, _>(s)?,
+                Some(Bind::Int(i)) => out.push_bind_param::<BigInt, _>(i)?,
+                Some(Bind::Blob(b)) => out.push_bind_param::<Binary, _>(b)?,
+                None => {
+                    return Err(diesel::result::Error::QueryBuilderError(
+                        "more placeholders than binds".into(),
+                    ))
+                }
+            }
+            out.push_sql(part);
+        }
+        Ok(())
+    }
+}
+
+impl diesel::query_builder::QueryId for CachedQuery<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::Query for CachedQuery<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<C> RunQueryDsl<C> for CachedQuery<'_> {}
 
 fn sqlite_query(
     sql: &str,
@@ -129,7 +193,13 @@ impl Conn for SqliteConnection {
         self.transaction(f)
     }
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
-        sqlite_query(sql, binds).execute(self)
+        CachedQuery { sql, binds }.execute(self)
+    }
+    fn load_cached<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
+    {
+        CachedQuery { sql, binds }.load::<T>(self)
     }
     fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
     where
@@ -156,7 +226,13 @@ impl Conn for PgConnection {
         self.transaction(f)
     }
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
-        pg_query(sql, binds).execute(self)
+        CachedQuery { sql, binds }.execute(self)
+    }
+    fn load_cached<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
+    where
+        T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
+    {
+        CachedQuery { sql, binds }.load::<T>(self)
     }
     fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
     where

@@ -415,7 +415,7 @@ impl Store {
             + 'static,
     {
         let mut c = self.db.get()?;
-        Ok(with_conn!(c, |c| c.load(sql, binds))?)
+        Ok(with_conn!(c, |c| c.load_cached(sql, binds))?)
     }
 
     /// Is the database reachable?
@@ -728,7 +728,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<HeadRow>, StoreError> {
         let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
-        let rows: Vec<HeadRow> = c.load(
+        let rows: Vec<HeadRow> = c.load_cached(
             &format!(
                 "SELECT rid, fhir_id, version_id, last_updated, deleted FROM resources WHERE res_type = ? AND fhir_id = ?{lock}"
             ),
@@ -769,7 +769,7 @@ impl Store {
                 h.rid
             }
             None => {
-                let rows: Vec<RidRow> = c.load(
+                let rows: Vec<RidRow> = c.load_cached(
                     "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted) VALUES (?, ?, ?, ?, ?) RETURNING rid",
                     vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into()],
                 )?;
