@@ -1,0 +1,76 @@
+// Everything one EHR instance remembers. One process = one EHR, so this is a
+// single object passed to every handler; nothing is global.
+
+import { nowSeconds } from './http.mjs';
+
+export const CODE_TTL_SECONDS = 60;
+export const LAUNCH_TTL_SECONDS = 600;
+
+export function createState(config, key) {
+  const state = {
+    name: config.name,
+    key,
+    urls: null, // set by setUrls() once the port is known
+    clients: new Map(config.clients.map((c) => [c.client_id, c])),
+    // What tests change at run time (see /_test/settings).
+    settings: {
+      tokenTtl: config.tokenTtl,
+      refreshTtl: config.refreshTtl,
+      refreshRotation: config.refreshRotation,
+      codeTtl: CODE_TTL_SECONDS,
+      autoApproveUser: config.autoApproveUser,
+      standalonePatient: config.standalonePatient,
+      standaloneEncounter: null,
+      deny: config.deny,
+    },
+    down: null, // {status, retry_after} while "down"
+    faults: { drop_response_after_write: 0 },
+    launches: new Map(), // launch id -> {context, client_id, expires}
+    codes: new Map(), // code -> {..., expires, used, family}
+    refreshTokens: new Map(), // token -> {..., expires, used, family}
+    families: new Map(), // family id -> {client_id, revoked}
+    seenJti: new Map(), // `${client_id} ${jti}` -> exp (seconds); replay protection
+    writes: [], // log of every FHIR write through /fhir
+    counters: null,
+  };
+  resetCounters(state);
+  return state;
+}
+
+export function setUrls(state, port) {
+  const origin = `http://127.0.0.1:${port}`;
+  state.urls = {
+    origin,
+    fhirBase: `${origin}/fhir`,
+    // The OpenID issuer is the FHIR base: SMART clients discover it from there.
+    issuer: `${origin}/fhir`,
+    authorize: `${origin}/authorize`,
+    token: `${origin}/token`,
+    jwks: `${origin}/jwks.json`,
+  };
+}
+
+export function resetCounters(state) {
+  state.counters = {
+    authorize: { requests: 0, approved: 0, denied: 0, rejected: 0 },
+    token: { requests: 0, issued: 0, by_grant_type: {}, by_client: {}, errors: {} },
+    fhir: { requests: 0, unauthorized: 0, forbidden: 0, by_status: {} },
+    jwks_fetches: 0,
+    down_rejected: 0,
+    dropped_responses: 0,
+  };
+}
+
+export function bump(map, key) {
+  map[key] = (map[key] || 0) + 1;
+}
+
+// Forget expired codes, launches, refresh tokens and jti entries. Called on each
+// token/authorize request so memory stays bounded without a timer.
+export function prune(state) {
+  const now = nowSeconds();
+  for (const map of [state.codes, state.launches, state.refreshTokens]) {
+    for (const [k, v] of map) if (v.expires < now - 60) map.delete(k);
+  }
+  for (const [k, exp] of state.seenJti) if (exp < now) state.seenJti.delete(k);
+}

@@ -1,0 +1,153 @@
+// /_test/*: the test-control API. Nothing here exists on a real EHR; it is how a
+// test plays the EHR's user and operator (start a launch, seed the chart, take the
+// EHR down) and how it looks inside (what was written, how many token requests).
+// It answers even while the EHR is "down", and it needs no token.
+
+import { normalizeUser, stripType } from './authorize.mjs';
+import { normalizeClient } from './clients.mjs';
+import { HttpError, nowSeconds, randomToken, readJsonBody, sendJson } from './http.mjs';
+import { LAUNCH_TTL_SECONDS, resetCounters } from './state.mjs';
+
+const LAUNCH_FIELDS = ['need_patient_banner', 'smart_style_url', 'fhirContext', 'intent', 'tenant'];
+
+export function createTestControl(state, tokens, fhir) {
+  const routes = {
+    'GET /_test': () => ({
+      name: state.name,
+      urls: state.urls,
+      down: state.down,
+      endpoints: Object.keys(routes),
+    }),
+
+    // An EHR launch as the EHR would start it: returns the launch id to put in
+    // the app's launch URL (?iss=<fhir base>&launch=<id>).
+    'POST /_test/launches': async (body = {}) => {
+      const context = {};
+      if (body.patient) context.patient = stripType(String(body.patient), 'Patient');
+      if (body.encounter) context.encounter = stripType(String(body.encounter), 'Encounter');
+      if (body.user) context.user = normalizeUser(String(body.user));
+      for (const field of LAUNCH_FIELDS) if (body[field] !== undefined) context[field] = body[field];
+      if (context.fhirContext !== undefined && !Array.isArray(context.fhirContext)) {
+        throw new HttpError(400, 'fhirContext must be an array of objects, e.g. [{"reference": "Appointment/1"}]');
+      }
+      const launch = randomToken(16);
+      state.launches.set(launch, { context, client_id: body.client_id ?? null, expires: nowSeconds() + LAUNCH_TTL_SECONDS });
+      return { launch, iss: state.urls.fhirBase, expires_in: LAUNCH_TTL_SECONDS, context };
+    },
+
+    // Seed resources: one resource, a list, or a Bundle. Ids are kept (PUT semantics).
+    'POST /_test/seed': async (body) => {
+      let resources;
+      if (Array.isArray(body)) resources = body;
+      else if (body?.resourceType === 'Bundle') resources = (body.entry ?? []).map((e) => e.resource);
+      else resources = [body];
+      try {
+        return { stored: await fhir.seed(resources) };
+      } catch (e) {
+        throw new HttpError(400, e.message, e.outcome ? { outcome: e.outcome } : undefined);
+      }
+    },
+
+    // Every write made through /fhir (creates, updates, conditional-create matches), in order.
+    'GET /_test/writes': () => ({ writes: state.writes }),
+
+    'POST /_test/down': async (body = {}) => {
+      const status = body.status ?? 503;
+      if (!Number.isInteger(status) || status < 400 || status > 599) throw new HttpError(400, 'status must be 4xx or 5xx');
+      state.down = { status, retry_after: body.retry_after ?? null };
+      return { down: state.down };
+    },
+    'POST /_test/up': () => {
+      state.down = null;
+      return { down: null };
+    },
+
+    'GET /_test/settings': () => publicSettings(state),
+    'POST /_test/settings': async (body = {}) => {
+      const s = state.settings;
+      const set = (key, field, check) => {
+        if (body[key] === undefined) return;
+        if (!check(body[key])) throw new HttpError(400, `invalid value for ${key}`);
+        s[field] = body[key];
+      };
+      const isUserish = (v) => v === null || typeof v === 'string';
+      const isSeconds = (v) => Number.isInteger(v) && v > 0;
+      set('auto_approve_user', 'autoApproveUser', isUserish);
+      set('standalone_patient', 'standalonePatient', isUserish);
+      set('standalone_encounter', 'standaloneEncounter', isUserish);
+      set('deny', 'deny', (v) => typeof v === 'boolean');
+      set('token_ttl', 'tokenTtl', isSeconds);
+      set('refresh_ttl', 'refreshTtl', isSeconds);
+      set('refresh_rotation', 'refreshRotation', (v) => typeof v === 'boolean');
+      set('code_ttl', 'codeTtl', isSeconds);
+      return publicSettings(state);
+    },
+
+    'GET /_test/counters': () => state.counters,
+    'POST /_test/counters/reset': () => {
+      resetCounters(state);
+      return state.counters;
+    },
+
+    'GET /_test/clients': () => ({ clients: [...state.clients.values()] }),
+    'POST /_test/clients': async (body) => {
+      let client;
+      try {
+        client = normalizeClient(body);
+      } catch (e) {
+        throw new HttpError(400, e.message);
+      }
+      state.clients.set(client.client_id, client);
+      return { registered: client };
+    },
+
+    // The next N successful FHIR writes are committed but their response is never sent.
+    'POST /_test/faults': async (body = {}) => {
+      const n = body.drop_response_after_write ?? 0;
+      if (!Number.isInteger(n) || n < 0) throw new HttpError(400, 'drop_response_after_write must be a non-negative integer');
+      state.faults.drop_response_after_write = n;
+      return { faults: state.faults };
+    },
+
+    // Revoke every grant (or one client's): its access and refresh tokens stop working.
+    'POST /_test/revoke': async (body = {}) => ({ revoked_grants: tokens.revokeAll(body.client_id) }),
+  };
+
+  return async function handleTest(req, res, url) {
+    const path = url.pathname.replace(/\/+$/, '');
+    try {
+      // GET /_test/resources/<Type>: everything stored of that type.
+      const typed = /^\/_test\/resources\/([A-Za-z]+)$/.exec(path);
+      if (typed && req.method === 'GET') {
+        let resources;
+        try {
+          resources = await fhir.list(typed[1]);
+        } catch (e) {
+          throw new HttpError(404, e.message);
+        }
+        return sendJson(res, 200, { resourceType: typed[1], count: resources.length, resources });
+      }
+      const route = routes[`${req.method} ${path}`];
+      if (!route) throw new HttpError(404, `no test-control route ${req.method} ${path}`);
+      const body = req.method === 'POST' ? await readJsonBody(req) : undefined;
+      return sendJson(res, 200, await route(body));
+    } catch (e) {
+      if (e instanceof HttpError) return sendJson(res, e.status, { error: e.message, ...e.details });
+      throw e;
+    }
+  };
+}
+
+function publicSettings(state) {
+  const s = state.settings;
+  return {
+    auto_approve_user: s.autoApproveUser,
+    standalone_patient: s.standalonePatient,
+    standalone_encounter: s.standaloneEncounter,
+    deny: s.deny,
+    token_ttl: s.tokenTtl,
+    refresh_ttl: s.refreshTtl,
+    refresh_rotation: s.refreshRotation,
+    code_ttl: s.codeTtl,
+  };
+}
