@@ -7,11 +7,13 @@
 //! - [`store`]    persistence: SQLite | PostgreSQL, versions, search index, encryption at rest
 //! - [`audit`]    IHE BALP AuditEvents for every interaction
 //! - [`auth`]     Courier's SMART authorization server, tokens, scopes and the access policy
+//! - [`smart`]    Courier as a SMART client of EHRs: registry, discovery, backend-services tokens
 
 pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod search;
+pub mod smart;
 pub mod startup;
 pub mod store;

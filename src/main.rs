@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use courier::auth::tokens::{Grant, Tokens};
 use courier::auth::{clients, scopes};
 use courier::config::Settings;
+use courier::smart::registry;
 use courier::startup::{open_store, Application};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,10 @@ enum Command {
     /// Manage the integrators (SMART Backend Services clients) allowed to get tokens.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Manage the EHRs Courier connects to as a SMART client (its keys are published at
+    /// {base}/smart/jwks for the EHRs to register).
+    #[command(subcommand)]
+    Ehr(EhrCommand),
     /// Manage Courier's own token-signing keys (published at {base}/auth/jwks).
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
@@ -85,6 +90,39 @@ enum ClientCommand {
     List,
     /// Remove a client: its token requests are refused and its tokens stop working at once.
     Remove { client_id: String },
+}
+
+#[derive(Subcommand)]
+enum EhrCommand {
+    /// Register an EHR and make Courier's signing key for it; prints its kid and the JWKS URL to
+    /// register at the EHR.
+    Add {
+        /// A short name (letters, digits, '-', '_').
+        #[arg(long)]
+        name: String,
+        /// The EHR's FHIR base URL (its `iss`; https, or http on loopback).
+        #[arg(long)]
+        iss: String,
+        /// Courier's client id at this EHR.
+        #[arg(long)]
+        client_id: String,
+        /// Courier's signing algorithm for this EHR.
+        #[arg(long, default_value = "ES384", value_parser = ["ES384", "RS384"])]
+        alg: String,
+        /// Scopes to request for user launches.
+        #[arg(
+            long,
+            default_value = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r"
+        )]
+        launch_scope: String,
+        /// Scopes to request for the backend-services connection (AuditEvent write-back).
+        #[arg(long, default_value = "system/AuditEvent.c system/Communication.c")]
+        backend_scope: String,
+    },
+    /// List the registered EHRs.
+    List,
+    /// Remove an EHR (its launches are refused from then on).
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +189,37 @@ fn main() -> anyhow::Result<()> {
                         anyhow::bail!("no client {client_id}");
                     }
                     println!("removed {client_id}");
+                }
+            }
+            Ok(())
+        }
+        Command::Ehr(cmd) => {
+            let store = open_store(&settings)?;
+            match cmd {
+                EhrCommand::Add { name, iss, client_id, alg, launch_scope, backend_scope } => {
+                    let ehr = registry::add(
+                        &store,
+                        &registry::NewEhr {
+                            name: &name,
+                            iss: &iss,
+                            client_id: &client_id,
+                            alg: &alg,
+                            launch_scopes: &launch_scope,
+                            backend_scopes: &backend_scope,
+                        },
+                    )?;
+                    println!("{}\t{}\t{}/smart/jwks", ehr.name, ehr.kid, settings.base_url);
+                }
+                EhrCommand::List => {
+                    for e in registry::list(&store)? {
+                        println!("{}\t{}\t{}\t{}\t{}", e.name, e.iss, e.client_id, e.alg, e.kid);
+                    }
+                }
+                EhrCommand::Remove { name } => {
+                    if !registry::remove(&store, &name)? {
+                        anyhow::bail!("no EHR {name}");
+                    }
+                    println!("removed {name}");
                 }
             }
             Ok(())

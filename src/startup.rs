@@ -8,6 +8,8 @@ use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::RequestId;
 use crate::fhir::{self, AppState};
 use crate::search::Registry;
+use crate::smart::backend::Connections;
+use crate::smart::discovery::Discovery;
 use crate::store::crypto::MasterKey;
 use crate::store::db::Db;
 use crate::store::Store;
@@ -25,6 +27,8 @@ pub struct Application {
     pub store: Arc<Store>,
     /// Issues and checks access tokens (tests and the SMART launch issue user tokens with it).
     pub tokens: Arc<Tokens>,
+    /// Backend-services connections to the registered EHRs.
+    pub ehrs: Arc<Connections>,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -58,6 +62,7 @@ impl Application {
         }
         let store = Arc::new(open_store(&settings)?);
         let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
+        let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new())));
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -68,6 +73,7 @@ impl Application {
             settings: Arc::new(settings),
             tokens: tokens.clone(),
             jwks: Arc::new(JwksCache::new()),
+            ehrs: ehrs.clone(),
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -93,6 +99,7 @@ impl Application {
             server,
             store,
             tokens,
+            ehrs,
         })
     }
 

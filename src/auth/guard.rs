@@ -18,6 +18,7 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/metadata" | "/healthz" | "/readyz")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
+        || path == "/smart/jwks"
 }
 
 /// The token of an `Authorization: Bearer …` header.

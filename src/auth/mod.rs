@@ -2,6 +2,7 @@
 //!
 //! - [`scopes`]  SMART v1/v2 scope syntax, `requested ∩ registered`
 //! - [`tokens`]  Courier's signing keys (ES384, rotatable) and its JWT access tokens
+//! - [`keys`]    key generation, shared with Courier's client keys for EHRs
 //! - [`clients`] the client registry (SMART Backend Services integrators) and their JWKS
 //! - [`server`]  token, introspection, revocation and discovery endpoints
 //! - [`guard`]   the middleware that turns a bearer token into a [`Principal`] (or a 401)
@@ -13,6 +14,7 @@
 
 pub mod clients;
 pub mod guard;
+pub mod keys;
 pub mod policy;
 pub mod scopes;
 pub mod server;

@@ -18,6 +18,8 @@ pub const TOKEN_PATH: &str = "/auth/token";
 pub const INTROSPECT_PATH: &str = "/auth/introspect";
 pub const REVOKE_PATH: &str = "/auth/revoke";
 pub const JWKS_PATH: &str = "/auth/jwks";
+/// Courier's public client keys for the EHRs it connects to (each EHR registers this URL).
+pub const EHR_JWKS_PATH: &str = "/smart/jwks";
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -25,6 +27,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(INTROSPECT_PATH, web::post().to(introspect))
         .route(REVOKE_PATH, web::post().to(revoke))
         .route(JWKS_PATH, web::get().to(jwks))
+        .route(EHR_JWKS_PATH, web::get().to(ehr_jwks))
         .route(
             "/.well-known/smart-configuration",
             web::get().to(smart_configuration),
@@ -312,6 +315,17 @@ pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
             .insert_header((header::CACHE_CONTROL, "public, max-age=300"))
             .json(set),
         Err(_) => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+/// `GET /smart/jwks`: Courier's public client keys, one per registered EHR.
+pub async fn ehr_jwks(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.store.clone();
+    match web::block(move || crate::smart::registry::jwks(&store)).await {
+        Ok(Ok(set)) => HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "public, max-age=300"))
+            .json(set),
+        _ => HttpResponse::ServiceUnavailable().finish(),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::store::db::Bind;
 use crate::store::Store;
 use diesel::sql_types::{BigInt, Binary, Nullable, Text};
 use diesel::QueryableByName;
-use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -147,17 +147,12 @@ impl Tokens {
     /// Adds a new signing key and retires the others (they stay published for the grace period).
     /// Returns the new key's `kid`.
     pub fn rotate(&self) -> anyhow::Result<String> {
-        use p384::pkcs8::EncodePrivateKey;
-        let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
-        let der = secret
-            .to_pkcs8_der()
-            .map_err(|e| anyhow::anyhow!("cannot encode the new signing key: {e}"))?;
-        let encoding = EncodingKey::from_ec_der(der.as_bytes());
-        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES384)?;
-        let kid = jwk.thumbprint(ThumbprintHash::SHA256);
-        jwk.common.key_id = Some(kid.clone());
-        jwk.common.public_key_use = Some(PublicKeyUse::Signature);
-        let (key_id, sealed) = self.store.keys.seal(der.as_bytes(), &aad(&kid));
+        let super::keys::NewKey {
+            kid,
+            der,
+            public: jwk,
+        } = super::keys::generate(Algorithm::ES384)?;
+        let (key_id, sealed) = self.store.keys.seal(&der, &aad(&kid));
         let created = dates::now_micros();
         self.store.execute(
             "INSERT INTO signing_keys (kid, alg, key_id, private_key, public_jwk, created_at, retired_at) VALUES (?, 'ES384', ?, ?, ?, ?, NULL)",

@@ -21,6 +21,8 @@ pub struct AppState {
     pub tokens: Arc<Tokens>,
     /// Integrators' public keys, fetched from their JWKS URLs.
     pub jwks: Arc<JwksCache>,
+    /// Backend-services connections to the registered EHRs.
+    pub ehrs: Arc<crate::smart::backend::Connections>,
 }
 
 /// What the server does with each resource type; the CapabilityStatement is generated from this.

@@ -23,6 +23,8 @@ pub struct TestApp {
     pub anonymous: reqwest::Client,
     pub store: Arc<Store>,
     pub tokens: Arc<Tokens>,
+    /// Backend-services connections to EHRs.
+    pub ehrs: Arc<courier::smart::backend::Connections>,
     /// The client the default token was issued to.
     pub admin_client_id: String,
     pub backend: Backend,
@@ -91,6 +93,7 @@ pub async fn spawn_app_with(
     let port = app.port();
     let store = app.store.clone();
     let tokens = app.tokens.clone();
+    let ehrs = app.ehrs.clone();
     tokio::spawn(app.run_until_stopped());
     let admin_client_id = clients::add(
         &store,
@@ -106,6 +109,7 @@ pub async fn spawn_app_with(
         anonymous: reqwest::Client::new(),
         store,
         tokens,
+        ehrs,
         admin_client_id,
         backend,
         dir,

@@ -8,6 +8,7 @@ mod auth;
 mod bundles;
 mod clients;
 mod crud;
+mod ehr;
 mod operability;
 mod search;
 mod strict;

@@ -1,0 +1,203 @@
+//! The EHR registry: each EHR's FHIR base URL (`iss`), Courier's client id there, the scopes to
+//! request for user launches and for the backend-services connection, and Courier's own signing
+//! key for that EHR (RS384 or ES384), whose public half Courier publishes at `/smart/jwks` for the
+//! EHR to register. Managed with `courier ehr add|list|remove`, stored in the database.
+
+use crate::auth::keys;
+use crate::auth::scopes;
+use crate::search::dates;
+use crate::store::{Store, StoreError};
+use diesel::sql_types::{BigInt, Binary, Text};
+use diesel::QueryableByName;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey};
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Ehr {
+    /// A short name for people and the CLI (`ehr-a`).
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    /// The EHR's FHIR base URL: what it sends as `iss` in an EHR launch.
+    #[diesel(sql_type = Text)]
+    pub iss: String,
+    /// Courier's client id at this EHR.
+    #[diesel(sql_type = Text)]
+    pub client_id: String,
+    #[diesel(sql_type = Text)]
+    pub alg: String,
+    #[diesel(sql_type = Text)]
+    pub kid: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    private_key: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    public_jwk: String,
+    #[diesel(sql_type = Text)]
+    pub launch_scopes: String,
+    #[diesel(sql_type = Text)]
+    pub backend_scopes: String,
+    #[diesel(sql_type = BigInt)]
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "name, iss, client_id, alg, kid, key_id, private_key, public_jwk, launch_scopes, backend_scopes, created_at";
+
+fn aad(name: &str, kid: &str) -> String {
+    format!("ehr-key/{name}/{kid}")
+}
+
+/// What `courier ehr add` takes.
+pub struct NewEhr<'a> {
+    pub name: &'a str,
+    pub iss: &'a str,
+    pub client_id: &'a str,
+    pub alg: &'a str,
+    pub launch_scopes: &'a str,
+    pub backend_scopes: &'a str,
+}
+
+/// An EHR's FHIR base: an absolute https URL (http only on loopback), without a trailing slash,
+/// query or fragment — it is compared exactly with the `iss` of a launch.
+pub fn normalize_iss(iss: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(iss).map_err(|e| anyhow::anyhow!("iss is not a URL: {e}"))?;
+    anyhow::ensure!(
+        url.query().is_none() && url.fragment().is_none() && url.username().is_empty(),
+        "iss must be a plain FHIR base URL (no query, fragment or credentials)"
+    );
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    anyhow::ensure!(
+        url.scheme() == "https" || (url.scheme() == "http" && loopback),
+        "iss must be https (http only on loopback)"
+    );
+    Ok(iss.trim_end_matches('/').to_string())
+}
+
+/// Registers an EHR and makes Courier's signing key for it. Returns the registration.
+pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
+    let name = new.name.trim();
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "the EHR name must be 1-64 letters, digits, '-' or '_'"
+    );
+    anyhow::ensure!(
+        !new.client_id.trim().is_empty(),
+        "the client id is required"
+    );
+    let iss = normalize_iss(new.iss)?;
+    let alg = match new.alg {
+        "ES384" => Algorithm::ES384,
+        "RS384" => Algorithm::RS384,
+        other => anyhow::bail!("the key algorithm must be ES384 or RS384, not {other}"),
+    };
+    for s in [new.launch_scopes, new.backend_scopes] {
+        anyhow::ensure!(
+            s.split_whitespace().all(|one| scopes::parse(one).is_ok()),
+            "invalid SMART scope in '{s}'"
+        );
+    }
+    let key = keys::generate(alg)?;
+    let (key_id, sealed) = store.keys.seal(&key.der, &aad(name, &key.kid));
+    store
+        .execute(
+            &format!("INSERT INTO ehrs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            vec![
+                name.into(),
+                iss.into(),
+                new.client_id.trim().into(),
+                new.alg.into(),
+                key.kid.clone().into(),
+                key_id.into(),
+                sealed.into(),
+                serde_json::to_string(&key.public)?.into(),
+                new.launch_scopes.trim().into(),
+                new.backend_scopes.trim().into(),
+                dates::now_micros().into(),
+            ],
+        )
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => {
+                anyhow::anyhow!("an EHR with this name or iss is registered already")
+            }
+            other => other.into(),
+        })?;
+    get(store, name)?.ok_or_else(|| anyhow::anyhow!("the EHR was not stored"))
+}
+
+pub fn list(store: &Store) -> Result<Vec<Ehr>, StoreError> {
+    store.query(&format!("SELECT {COLUMNS} FROM ehrs ORDER BY name"), vec![])
+}
+
+pub fn get(store: &Store, name: &str) -> Result<Option<Ehr>, StoreError> {
+    Ok(store
+        .query(
+            &format!("SELECT {COLUMNS} FROM ehrs WHERE name = ?"),
+            vec![name.into()],
+        )?
+        .into_iter()
+        .next())
+}
+
+/// The EHR whose FHIR base is `iss` (an EHR launch names its EHR this way).
+pub fn by_iss(store: &Store, iss: &str) -> Result<Option<Ehr>, StoreError> {
+    Ok(store
+        .query(
+            &format!("SELECT {COLUMNS} FROM ehrs WHERE iss = ?"),
+            vec![iss.trim_end_matches('/').into()],
+        )?
+        .into_iter()
+        .next())
+}
+
+pub fn remove(store: &Store, name: &str) -> Result<bool, StoreError> {
+    Ok(store.execute("DELETE FROM ehrs WHERE name = ?", vec![name.into()])? > 0)
+}
+
+/// Courier's public keys for all EHRs (`GET /smart/jwks`).
+pub fn jwks(store: &Store) -> Result<JwkSet, StoreError> {
+    let keys = list(store)?
+        .into_iter()
+        .filter_map(|e| serde_json::from_str::<Jwk>(&e.public_jwk).ok())
+        .collect();
+    Ok(JwkSet { keys })
+}
+
+impl Ehr {
+    pub fn algorithm(&self) -> Algorithm {
+        if self.alg == "RS384" {
+            Algorithm::RS384
+        } else {
+            Algorithm::ES384
+        }
+    }
+
+    /// Courier's signing key for this EHR, unsealed.
+    pub fn signing_key(&self, store: &Store) -> anyhow::Result<EncodingKey> {
+        let der = store
+            .keys
+            .open(&self.key_id, &self.private_key, &aad(&self.name, &self.kid))?;
+        Ok(keys::encoding_key(self.algorithm(), &der))
+    }
+
+    /// A `private_key_jwt` client assertion for this EHR's token endpoint (SMART: `iss` = `sub` =
+    /// client id, `aud` = the token URL, `exp` within five minutes, a fresh `jti`).
+    pub fn client_assertion(&self, store: &Store, token_url: &str) -> anyhow::Result<String> {
+        let now = dates::now_micros() / 1_000_000;
+        let claims = serde_json::json!({
+            "iss": self.client_id, "sub": self.client_id, "aud": token_url,
+            "iat": now, "exp": now + 240, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        let mut header = jsonwebtoken::Header::new(self.algorithm());
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        Ok(jsonwebtoken::encode(
+            &header,
+            &claims,
+            &self.signing_key(store)?,
+        )?)
+    }
+}

@@ -1,0 +1,320 @@
+//! Courier as a SMART client of EHRs, against the test EHR in `tests/ehr` (FHIR on Medplum's
+//! fhir-router, plus a SMART authorization-server fixture that checks private_key_jwt the way a
+//! real one does): the EHR registry, Courier's published client keys, discovery (and its
+//! CapabilityStatement fallback), and the backend-services connection with its token cache.
+
+use crate::both_backends;
+use crate::helpers::*;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use courier::smart::registry::{self, NewEhr};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// One running test EHR; killed when dropped.
+pub struct TestEhr {
+    pub base: String,
+    pub test_api: String,
+    child: Child,
+}
+
+impl Drop for TestEhr {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ehr_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr")
+}
+
+/// Starts a test EHR, or `None` where Node or its packages are missing (a failure under CI).
+pub fn spawn_ehr(name: &str) -> Option<TestEhr> {
+    let installed = ehr_dir().join("node_modules/@medplum/fhir-router").exists()
+        && Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !installed {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but the test EHR is not installed: run `npm ci` in tests/ehr");
+        }
+        eprintln!("skipped: the test EHR is not installed (npm ci in tests/ehr)");
+        return None;
+    }
+    let mut child = Command::new("node")
+        .arg(ehr_dir().join("server.mjs"))
+        .args([
+            "--port",
+            "0",
+            "--name",
+            name,
+            "--exit-on-stdin-eof",
+            "--max-lifetime",
+            "300",
+            "--quiet",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: Value = serde_json::from_str(&line).expect("the test EHR's ready line");
+    Some(TestEhr {
+        base: ready["base"].as_str().unwrap().to_string(),
+        test_api: ready["test_api"].as_str().unwrap().to_string(),
+        child,
+    })
+}
+
+impl TestEhr {
+    pub async fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut r = reqwest::Client::new().request(method, format!("{}/{path}", self.test_api));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let res = r.send().await.unwrap();
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    /// Registers Courier as a client of this EHR, with its keys at Courier's JWKS URL.
+    pub async fn register_courier(&self, app: &TestApp, client_id: &str) {
+        self.control(
+            reqwest::Method::POST,
+            "clients",
+            Some(
+                json!({"client_id": client_id, "jwks_url": app.url("smart/jwks"),
+                "redirect_uris": [app.url("smart/callback")], "scopes": "*"}),
+            ),
+        )
+        .await;
+    }
+
+    async fn token_requests(&self) -> u64 {
+        self.control(reqwest::Method::GET, "counters", None).await["token"]["requests"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+fn new_ehr<'a>(name: &'a str, iss: &'a str, alg: &'a str) -> NewEhr<'a> {
+    NewEhr {
+        name,
+        iss,
+        client_id: "courier",
+        alg,
+        launch_scopes: "openid fhirUser launch user/Patient.r",
+        backend_scopes: "system/AuditEvent.crs",
+    }
+}
+
+both_backends! {
+    async fn backend_services_connection_to_two_ehrs(app: TestApp) {
+        let (Some(a), Some(b)) = (spawn_ehr("ehr-a"), spawn_ehr("ehr-b")) else { return };
+        // One EHR with an RS384 key, one with ES384; Courier publishes both public keys.
+        let ehr_a = registry::add(&app.store, &new_ehr("ehr-a", &a.base, "RS384")).unwrap();
+        let ehr_b = registry::add(&app.store, &new_ehr("ehr-b", &b.base, "ES384")).unwrap();
+        let jwks = app.anonymous.get(app.url("smart/jwks")).send().await.unwrap().json::<Value>().await.unwrap();
+        let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+        assert!(kids.contains(&ehr_a.kid.as_str()) && kids.contains(&ehr_b.kid.as_str()));
+        for field in ["d", "p", "q", "dp", "dq", "qi"] {
+            assert!(jwks["keys"].as_array().unwrap().iter().all(|k| k.get(field).is_none()), "private {field} published");
+        }
+        // Before the EHR knows Courier, it refuses the connection.
+        let err = app.ehrs.token(&app.store, &ehr_a).await.unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        a.register_courier(&app, "courier").await;
+        b.register_courier(&app, "courier").await;
+        for (ehr, fixture) in [(&ehr_a, &a), (&ehr_b, &b)] {
+            let before = fixture.token_requests().await;
+            let token = app.ehrs.token(&app.store, ehr).await.unwrap();
+            // The token works at that EHR, and only there.
+            let r = reqwest::Client::new().get(format!("{}/AuditEvent", fixture.base)).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", ehr.name);
+            let other = if fixture.base == a.base { &b } else { &a };
+            let r = reqwest::Client::new().get(format!("{}/AuditEvent", other.base)).bearer_auth(&token).send().await.unwrap();
+            assert_eq!(r.status(), 401);
+            // Cached: the second call does not go to the EHR again.
+            assert_eq!(app.ehrs.token(&app.store, ehr).await.unwrap(), token);
+            assert_eq!(fixture.token_requests().await, before + 1);
+        }
+        // The client assertion is one a strict server accepts only once (fresh jti each time).
+        app.ehrs.forget("ehr-a");
+        app.ehrs.token(&app.store, &ehr_a).await.unwrap();
+        // Down EHR: a clear error, no token.
+        app.ehrs.forget("ehr-b");
+        b.control(reqwest::Method::POST, "down", Some(json!({}))).await;
+        assert!(app.ehrs.token(&app.store, &ehr_b).await.is_err());
+        b.control(reqwest::Method::POST, "up", None).await;
+        assert!(app.ehrs.token(&app.store, &ehr_b).await.is_ok());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_falls_back_to_the_capability_statement() {
+    // An EHR that publishes its endpoints only in its CapabilityStatement.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}/fhir");
+    let b2 = base.clone();
+    let server = HttpServer::new(move || {
+        let b = b2.clone();
+        App::new().route("/fhir/metadata", web::get().to(move || {
+            let b = b.clone();
+            async move {
+                HttpResponse::Ok().json(json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server", "security": {"extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": format!("{b}/oauth/token")}, {"url": "authorize", "valueUri": format!("{b}/oauth/authorize")}]}]}}]}))
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    let d = courier::smart::discovery::Discovery::new();
+    let e = d.endpoints(&base).await.unwrap();
+    assert_eq!(e.source, "CapabilityStatement");
+    assert_eq!(e.token, format!("{base}/oauth/token"));
+    assert_eq!(
+        e.authorization.as_deref(),
+        Some(format!("{base}/oauth/authorize").as_str())
+    );
+    // Neither document: a clear error.
+    assert!(d.endpoints("http://127.0.0.1:1/fhir").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_reads_the_smart_configuration_of_the_test_ehr() {
+    let Some(ehr) = spawn_ehr("disc") else { return };
+    let e = courier::smart::discovery::Discovery::new()
+        .endpoints(&ehr.base)
+        .await
+        .unwrap();
+    assert_eq!(e.source, "smart-configuration");
+    assert!(e.token.ends_with("/token"));
+    assert!(e
+        .capabilities
+        .iter()
+        .any(|c| c == "client-confidential-asymmetric"));
+}
+
+/// `courier ehr …` through the real binary.
+#[test]
+fn ehr_registry_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(args)
+            .env("COURIER_DATA_DIR", dir.path())
+            .env("COURIER_LOG", "error")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = run(&[
+        "ehr",
+        "add",
+        "--name",
+        "hospital-a",
+        "--iss",
+        "https://ehr.example.org/fhir/",
+        "--client-id",
+        "courier-at-a",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("hospital-a") && out.ends_with("/smart/jwks\n"),
+        "{out}"
+    );
+    let (ok, list, _) = run(&["ehr", "list"]);
+    assert!(
+        ok && list.contains("https://ehr.example.org/fhir\t") && list.contains("ES384"),
+        "{list}"
+    );
+    for (args, why) in [
+        (
+            vec![
+                "ehr",
+                "add",
+                "--name",
+                "b",
+                "--iss",
+                "http://ehr.example.org/fhir",
+                "--client-id",
+                "x",
+            ],
+            "https",
+        ),
+        (
+            vec![
+                "ehr",
+                "add",
+                "--name",
+                "hospital-a",
+                "--iss",
+                "https://other.example.org/fhir",
+                "--client-id",
+                "x",
+            ],
+            "already",
+        ),
+        (
+            vec![
+                "ehr",
+                "add",
+                "--name",
+                "c",
+                "--iss",
+                "https://ehr.example.org/fhir",
+                "--client-id",
+                "x",
+            ],
+            "already",
+        ),
+        (
+            vec![
+                "ehr",
+                "add",
+                "--name",
+                "bad name",
+                "--iss",
+                "https://e.example.org/fhir",
+                "--client-id",
+                "x",
+            ],
+            "name",
+        ),
+        (
+            vec![
+                "ehr",
+                "add",
+                "--name",
+                "d",
+                "--iss",
+                "https://e.example.org/fhir",
+                "--client-id",
+                "x",
+                "--backend-scope",
+                "system/AuditEvent.xyz",
+            ],
+            "scope",
+        ),
+    ] {
+        let (ok, _, err) = run(&args);
+        assert!(!ok && err.contains(why), "{args:?}: {err}");
+    }
+    assert!(run(&["ehr", "remove", "hospital-a"]).0);
+    assert!(!run(&["ehr", "remove", "hospital-a"]).0);
+}
