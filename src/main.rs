@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use courier::auth::tokens::{Grant, Tokens};
 use courier::auth::{clients, scopes};
 use courier::config::Settings;
-use courier::smart::registry;
+use courier::smart::{identity, registry};
 use courier::startup::{open_store, Application};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +43,9 @@ enum Command {
     /// {base}/smart/jwks for the EHRs to register).
     #[command(subcommand)]
     Ehr(EhrCommand),
+    /// Identity mapping between EHRs and Courier.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Manage Courier's own token-signing keys (published at {base}/auth/jwks).
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
@@ -123,6 +126,12 @@ enum EhrCommand {
     List,
     /// Remove an EHR (its launches are refused from then on).
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// List the links refused because they would join two identities (newest first).
+    Conflicts,
 }
 
 #[derive(Subcommand)]
@@ -221,6 +230,20 @@ fn main() -> anyhow::Result<()> {
                     }
                     println!("removed {name}");
                 }
+            }
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Conflicts) => {
+            let store = open_store(&settings)?;
+            for c in identity::conflicts(&store)? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    courier::search::dates::format_instant(c.at),
+                    c.iss,
+                    c.ehr_ref,
+                    c.claimed,
+                    c.reason
+                );
             }
             Ok(())
         }

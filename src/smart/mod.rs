@@ -3,11 +3,13 @@
 //! - [`registry`]   the EHRs Courier works with, and Courier's signing key for each
 //! - [`discovery`]  an EHR's SMART endpoints, from `.well-known/smart-configuration` or, failing
 //!   that, the CapabilityStatement's `oauth-uris` extension; cached
+//! - [`identity`]   Courier's own identities linked to each EHR's records and identifiers
 //! - [`backend`]    the backend-services connection to each EHR: `client_credentials` with a
 //!   `private_key_jwt` assertion, the token cached until shortly before it expires
 //!
-//! Launches (EHR and standalone), identity mapping and AuditEvent write-back build on these.
+//! Launches (EHR and standalone) and AuditEvent write-back build on these.
 
 pub mod backend;
 pub mod discovery;
+pub mod identity;
 pub mod registry;

@@ -315,6 +315,92 @@ fn ehr_registry_cli() {
         let (ok, _, err) = run(&args);
         assert!(!ok && err.contains(why), "{args:?}: {err}");
     }
+    let (ok, out, _) = run(&["identity", "conflicts"]);
+    assert!(ok && out.is_empty());
     assert!(run(&["ehr", "remove", "hospital-a"]).0);
     assert!(!run(&["ehr", "remove", "hospital-a"]).0);
+}
+
+fn person(kind: &str, id: &str, ids: &[(&str, &str)]) -> Value {
+    let mut v = json!({"resourceType": kind, "id": id, "name": [{"family": "Test"}]});
+    if !ids.is_empty() {
+        v["identifier"] = json!(ids
+            .iter()
+            .map(|(s, val)| json!({"system": s, "value": val}))
+            .collect::<Vec<_>>());
+    }
+    v
+}
+
+/// Reads a record from a test EHR with Courier's backend-services token for it.
+async fn read_from(app: &TestApp, ehr: &courier::smart::registry::Ehr, reference: &str) -> Value {
+    let token = app.ehrs.token(&app.store, ehr).await.unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("{}/{reference}", ehr.iss))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{reference}");
+    r.json().await.unwrap()
+}
+
+both_backends! {
+    async fn one_person_in_two_ehrs_is_one_courier_identity(app: TestApp) {
+        use courier::smart::identity::{self, How, LinkError};
+        let (Some(a), Some(b)) = (spawn_ehr("ehr-a"), spawn_ehr("ehr-b")) else { return };
+        const MRN: &str = "urn:oid:2.16.840.1.113883.19.5";
+        const NPI: &str = "http://hl7.org/fhir/sid/us-npi";
+        a.control(reqwest::Method::POST, "seed", Some(json!([
+            person("Patient", "a1", &[(MRN, "1001")]),
+            person("Patient", "a2", &[(MRN, "1002")]),
+            person("Practitioner", "dr-a", &[(NPI, "1234567890")]),
+        ]))).await;
+        b.control(reqwest::Method::POST, "seed", Some(json!([
+            person("Patient", "b1", &[(MRN, "1001")]),
+            person("Patient", "b3", &[(MRN, "1001"), (MRN, "1002")]),
+            person("Patient", "b4", &[]),
+            person("Practitioner", "dr-b", &[(NPI, "1234567890")]),
+        ]))).await;
+        let mut ehrs = Vec::new();
+        for (name, fixture) in [("ehr-a", &a), ("ehr-b", &b)] {
+            let mut n = new_ehr(name, &fixture.base, "ES384");
+            n.backend_scopes = "system/Patient.r system/Practitioner.r";
+            ehrs.push(registry::add(&app.store, &n).unwrap());
+            fixture.register_courier(&app, "courier").await;
+        }
+        let (ea, eb) = (&ehrs[0], &ehrs[1]);
+        let link = |ehr: &courier::smart::registry::Ehr, r: Value| identity::link(&app.store, &ehr.iss, &r);
+
+        let (p1, how) = link(ea, read_from(&app, ea, "Patient/a1").await).unwrap();
+        assert_eq!(how, How::Created);
+        assert!(p1.starts_with("Patient/") && p1 != "Patient/a1", "Courier ids are Courier's own: {p1}");
+        assert_eq!(link(ea, read_from(&app, ea, "Patient/a1").await).unwrap(), (p1.clone(), How::Linked));
+        // The same MRN in the other EHR: the same Courier patient.
+        assert_eq!(link(eb, read_from(&app, eb, "Patient/b1").await).unwrap(), (p1.clone(), How::Identifier));
+        let (p2, _) = link(ea, read_from(&app, ea, "Patient/a2").await).unwrap();
+        assert_ne!(p1, p2);
+        // A record whose identifiers belong to two identities is refused and recorded.
+        let before = identity::conflicts(&app.store).unwrap().len();
+        assert!(matches!(link(eb, read_from(&app, eb, "Patient/b3").await), Err(LinkError::Conflict(_))));
+        let conflicts = identity::conflicts(&app.store).unwrap();
+        assert_eq!(conflicts.len(), before + 1);
+        assert_eq!(conflicts[0].ehr_ref, "Patient/b3");
+        // No identifiers: a new identity, never a guess.
+        let (p4, how) = link(eb, read_from(&app, eb, "Patient/b4").await).unwrap();
+        assert_eq!(how, How::Created);
+        assert!(![&p1, &p2].contains(&&p4));
+        // Practitioners by NPI.
+        let (d1, _) = link(ea, read_from(&app, ea, "Practitioner/dr-a").await).unwrap();
+        assert_eq!(link(eb, read_from(&app, eb, "Practitioner/dr-b").await).unwrap(), (d1.clone(), How::Identifier));
+        assert!(d1.starts_with("Practitioner/"));
+        // Writing to an EHR: its own reference, else identifier-only, else nothing.
+        assert_eq!(identity::ehr_reference(&app.store, &ea.iss, &p1).unwrap(), Some(json!({"reference": "Patient/a1"})));
+        assert_eq!(identity::ehr_reference(&app.store, &eb.iss, &p1).unwrap(), Some(json!({"reference": "Patient/b1"})));
+        assert_eq!(identity::ehr_reference(&app.store, &eb.iss, &p2).unwrap(),
+            Some(json!({"type": "Patient", "identifier": {"system": MRN, "value": "1002"}})));
+        assert_eq!(identity::ehr_reference(&app.store, &ea.iss, &p4).unwrap(), None);
+        // Only people are linked.
+        assert!(matches!(identity::link(&app.store, &ea.iss, &json!({"resourceType": "Encounter", "id": "e1"})), Err(LinkError::Invalid(_))));
+    }
 }

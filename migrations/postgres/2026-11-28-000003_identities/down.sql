@@ -1,0 +1,4 @@
+DROP TABLE identity_conflicts;
+DROP TABLE identity_identifiers;
+DROP TABLE identity_links;
+DROP TABLE identities;
