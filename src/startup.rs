@@ -62,6 +62,12 @@ impl Application {
         }
         let store = Arc::new(open_store(&settings)?);
         let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
+        crate::auth::clients::ensure_internal(
+            &store,
+            crate::smart::launch::WEB_APP_CLIENT,
+            "Courier web app (tokens from SMART launches)",
+            "user/*.cruds patient/*.cruds",
+        )?;
         let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new())));
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -85,6 +91,7 @@ impl Application {
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
                 .configure(crate::auth::server::routes)
+                .configure(crate::smart::launch::routes)
                 .configure(fhir::routes)
                 .default_service(web::to(|| async {
                     FhirError::not_found("no such endpoint").error_response()

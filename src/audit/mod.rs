@@ -261,6 +261,14 @@ pub fn authentication(ctx: &Context, failure: Option<&str>) -> Value {
             "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"}
         }]);
     }
+    if let Some(user) = &ctx.user {
+        // The person who signed in (after a SMART launch): the requestor.
+        ev["agent"][0]["requestor"] = json!(false);
+        ev["agent"].as_array_mut().expect("agents").push(json!({
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "code": "humanuser", "display": "human user"}]},
+            "who": {"reference": user}, "requestor": true
+        }));
+    }
     if let Some(why) = failure {
         ev["outcome"] = json!("4");
         ev["outcomeDesc"] = json!(why);

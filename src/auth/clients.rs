@@ -91,6 +91,25 @@ pub fn add(store: &Store, name: &str, keys: KeySource, scope: &str) -> anyhow::R
     Ok(client_id)
 }
 
+/// Makes sure a client Courier itself uses exists (no keys: it cannot use the token endpoint).
+pub fn ensure_internal(
+    store: &Store,
+    client_id: &str,
+    name: &str,
+    scope: &str,
+) -> Result<(), StoreError> {
+    if get(store, client_id)?.is_none() {
+        match store.execute(
+            "INSERT INTO oauth_clients (client_id, name, jwks_url, jwks, scopes, created_at) VALUES (?, ?, NULL, NULL, ?, ?)",
+            vec![client_id.into(), name.into(), scope.into(), dates::now_micros().into()],
+        ) {
+            Ok(_) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn list(store: &Store) -> Result<Vec<Client>, StoreError> {
     store.query(
         "SELECT client_id, name, jwks_url, jwks, scopes, created_at FROM oauth_clients ORDER BY created_at, client_id",
@@ -265,6 +284,19 @@ impl JwksCache {
             .lock()
             .insert(url.to_string(), (Instant::now(), set.clone()));
         Ok(set)
+    }
+
+    /// A JWK Set from `url`: cached for ten minutes, refetched when `refresh` (an unknown kid).
+    pub async fn set(&self, url: &str, refresh: bool) -> Result<Arc<JwkSet>, Refused> {
+        let cached = self.cache.lock().get(url).cloned();
+        match cached {
+            Some((at, set))
+                if at.elapsed() < JWKS_TTL && !(refresh && at.elapsed() > JWKS_MIN_REFETCH) =>
+            {
+                Ok(set)
+            }
+            _ => self.fetch(url).await,
+        }
     }
 
     /// The client's key named `kid`, usable for `alg`.

@@ -18,7 +18,8 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/metadata" | "/healthz" | "/readyz")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
-        || path == "/smart/jwks"
+        || path == "/launch"
+        || path.starts_with("/smart/")
 }
 
 /// The token of an `Authorization: Bearer …` header.

@@ -69,6 +69,10 @@ impl Connections {
         Ok(token)
     }
 
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
     /// Forgets a cached token (after the EHR answered 401 to it, say).
     pub fn forget(&self, ehr: &str) {
         self.tokens.lock().remove(ehr);
@@ -76,7 +80,7 @@ impl Connections {
 }
 
 /// The ~20-line adapter DESIGN asks for: `oauth2` without its own reqwest, through ours.
-async fn send(
+pub(crate) async fn send(
     http: &reqwest::Client,
     req: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, std::io::Error> {

@@ -13,6 +13,8 @@ const MAX_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoints {
+    /// The authorization server's issuer (the `iss` of its id_tokens), when published.
+    pub issuer: Option<String>,
     pub authorization: Option<String>,
     pub token: String,
     pub jwks_uri: Option<String>,
@@ -109,6 +111,7 @@ fn from_smart_configuration(doc: &Value) -> Result<Endpoints, String> {
     let s = |k: &str| doc[k].as_str().map(String::from);
     Ok(Endpoints {
         token: s("token_endpoint").ok_or("smart-configuration has no token_endpoint")?,
+        issuer: s("issuer"),
         authorization: s("authorization_endpoint"),
         jwks_uri: s("jwks_uri"),
         capabilities: doc["capabilities"]
@@ -145,6 +148,7 @@ fn from_capability_statement(cs: &Value) -> Result<Endpoints, String> {
     };
     Ok(Endpoints {
         token: uri("token").ok_or("oauth-uris has no token URI")?,
+        issuer: None,
         authorization: uri("authorize"),
         jwks_uri: None,
         capabilities: vec![],

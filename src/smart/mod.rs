@@ -4,12 +4,14 @@
 //! - [`discovery`]  an EHR's SMART endpoints, from `.well-known/smart-configuration` or, failing
 //!   that, the CapabilityStatement's `oauth-uris` extension; cached
 //! - [`identity`]   Courier's own identities linked to each EHR's records and identifiers
+//! - [`launch`]     EHR and standalone launches ending in a Courier user token for the web app
 //! - [`backend`]    the backend-services connection to each EHR: `client_credentials` with a
 //!   `private_key_jwt` assertion, the token cached until shortly before it expires
 //!
-//! Launches (EHR and standalone) and AuditEvent write-back build on these.
+//! AuditEvent write-back builds on these.
 
 pub mod backend;
 pub mod discovery;
 pub mod identity;
+pub mod launch;
 pub mod registry;

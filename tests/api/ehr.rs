@@ -404,3 +404,123 @@ both_backends! {
         assert!(matches!(identity::link(&app.store, &ea.iss, &json!({"resourceType": "Encounter", "id": "e1"})), Err(LinkError::Invalid(_))));
     }
 }
+
+/// Follows one redirect step by hand (as a browser would), returning the Location.
+async fn step(url: &str) -> (u16, Option<String>, String) {
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let loc = r
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, loc, r.text().await.unwrap_or_default())
+}
+
+/// The session the hand-off page gives the web app.
+fn session_of(page: &str) -> Value {
+    let start = page.find("JSON.stringify(").expect("hand-off script") + "JSON.stringify(".len();
+    let end = page[start..].find("));location").unwrap() + start;
+    serde_json::from_str(&page[start..end]).unwrap()
+}
+
+fn query_of(url: &str) -> std::collections::HashMap<String, String> {
+    form_urlencoded::parse(url.split_once('?').unwrap().1.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+both_backends! {
+    async fn ehr_and_standalone_launch_end_in_a_courier_user_token(app: TestApp) {
+        let Some(a) = spawn_ehr("ehr-a") else { return };
+        const MRN: &str = "urn:oid:2.16.840.1.113883.19.5";
+        a.control(reqwest::Method::POST, "seed", Some(json!([
+            person("Patient", "a1", &[(MRN, "1001")]),
+            person("Practitioner", "dr-a", &[("http://hl7.org/fhir/sid/us-npi", "1234567890")]),
+        ]))).await;
+        let mut n = new_ehr("ehr-a", &a.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch user/Patient.r user/Practitioner.r";
+        let ehr = registry::add(&app.store, &n).unwrap();
+        a.register_courier(&app, "courier").await;
+
+        // EHR launch: the clinician opens Courier with patient a1 in context.
+        let l = a.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a", "need_patient_banner": true}))).await;
+        let start = app.url(&format!("launch?iss={}&launch={}", a.base, l["launch"].as_str().unwrap()));
+        let (s, to_ehr, _) = step(&start).await;
+        assert_eq!(s, 302);
+        let to_ehr = to_ehr.unwrap();
+        let q = query_of(&to_ehr);
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["client_id"], "courier");
+        assert_eq!(q["redirect_uri"], app.url("smart/callback"));
+        assert_eq!(q["aud"], a.base);
+        assert_eq!(q["launch"], l["launch"].as_str().unwrap());
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert!(q["state"].len() >= 22, "at least 128 bits of state");
+        assert!(q["scope"].split(' ').any(|s| s == "openid") && q["scope"].split(' ').any(|s| s == "fhirUser"));
+        let (s, back, _) = step(&to_ehr).await;
+        assert_eq!(s, 302, "the EHR approves");
+        let back = back.unwrap();
+        assert!(back.starts_with(&app.url("smart/callback")));
+        let r = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap().get(&back).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        assert_eq!(r.headers()["referrer-policy"], "no-referrer");
+        assert!(r.headers().get("location").is_none(), "the token never travels in a URL");
+        let session = session_of(&r.text().await.unwrap());
+        let user = session["fhirUser"].as_str().unwrap().to_string();
+        let patient = session["patient"].as_str().unwrap().to_string();
+        assert!(user.starts_with("Practitioner/") && user != "Practitioner/dr-a", "{user}");
+        assert_eq!(session["need_patient_banner"], true);
+        assert_eq!(courier::smart::identity::ehr_reference(&app.store, &ehr.iss, &patient).unwrap(), Some(json!({"reference": "Patient/a1"})));
+        // The Courier token works, as that clinician, in that patient's context.
+        let clinician = client_with_token(session["access_token"].as_str().unwrap());
+        let msg = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": user}, "recipient": [{"reference": patient}]});
+        let r = clinician.post(app.url("Communication")).header("content-type", FHIR_JSON).body(msg.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        // The same answer from the EHR again: the state was single use.
+        let (s, loc, body) = step(&back).await;
+        assert_eq!((s, loc), (400, None));
+        assert!(body.contains("expired or was already used"));
+
+        // Standalone launch from the patient portal: the patient signs in at the EHR.
+        a.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        let (s, to_ehr, _) = step(&app.url("smart/launch?ehr=ehr-a")).await;
+        assert_eq!(s, 302);
+        let to_ehr = to_ehr.unwrap();
+        assert!(query_of(&to_ehr)["scope"].split(' ').any(|s| s == "launch/patient"));
+        assert!(!query_of(&to_ehr).contains_key("launch"));
+        let (_, back, _) = step(&to_ehr).await;
+        let back = back.unwrap();
+        assert!(!back.contains("error="), "{back}");
+        let (s, _, page) = step(&back).await;
+        assert_eq!(s, 200, "{page}");
+        let session = session_of(&page);
+        assert_eq!(session["fhirUser"], patient.as_str(), "the patient is the same Courier patient");
+        assert_eq!(session["patient"], patient.as_str());
+
+        // Refusals end on a readable page and are audited.
+        let (s, loc, body) = step(&app.url("launch?iss=https://evil.example.org/fhir&launch=x")).await;
+        assert_eq!((s, loc), (400, None), "an unknown iss is never followed");
+        assert!(body.contains("not registered"));
+        let (s, _, _) = step(&app.url("smart/callback?code=x&state=not-a-state")).await;
+        assert_eq!(s, 400);
+        a.control(reqwest::Method::POST, "settings", Some(json!({"deny": true}))).await;
+        let (_, to_ehr, _) = step(&app.url("smart/launch?ehr=ehr-a")).await;
+        let (_, back, _) = step(&to_ehr.unwrap()).await;
+        let back = back.unwrap();
+        assert!(back.contains("error=access_denied"));
+        let (s, _, body) = step(&back).await;
+        assert_eq!(s, 403);
+        assert!(body.contains("denied"));
+        let logins = app.get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110122&_count=100").await;
+        let entries = logins["entry"].as_array().unwrap();
+        assert!(entries.iter().any(|e| e["resource"]["outcome"] == "0" && e["resource"].to_string().contains(&user)));
+        assert!(entries.iter().filter(|e| e["resource"]["outcome"] == "4").count() >= 4);
+        // No token or code in the audit trail.
+        assert!(!logins.to_string().contains(session["access_token"].as_str().unwrap()));
+    }
+}

@@ -1,0 +1,619 @@
+//! SMART App Launch with Courier as a confidential asymmetric client of the EHR.
+//!
+//! - `GET /launch?iss=…&launch=…`: the EHR launch. An `iss` that is not a registered EHR is refused
+//!   with a page and never followed.
+//! - `GET /smart/launch?ehr=NAME`: the standalone launch a patient portal links to (asks for
+//!   `launch/patient`).
+//! - `GET /smart/callback`: the EHR's redirect. The state (128 bits, single use, 10 minutes) is
+//!   looked up, the code exchanged with its PKCE verifier and a `private_key_jwt` assertion, the
+//!   `id_token` verified (signature by the EHR's JWKS, `iss`, `aud`, `exp`, `nonce`), the user
+//!   (`fhirUser`) and the patient in context read from the EHR with the user's token and mapped to
+//!   Courier identities, and a Courier user token — the same token type integrators get — handed to
+//!   the web app in the body of a no-store page (into `sessionStorage`), never in a URL, so it
+//!   reaches no log, no history and no Referer. Every outcome is audited.
+//!
+//! Not yet: refreshing the EHR token while the user is active, and idle log-off.
+
+use super::identity;
+use super::registry::{self, Ehr};
+use crate::audit;
+use crate::auth::scopes;
+use crate::auth::tokens::Grant;
+use crate::fhir::rest::audit_context;
+use crate::fhir::AppState;
+use crate::search::dates;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, Scope, StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The OAuth client Courier's own web app holds tokens as (registered at start-up, no keys: it
+/// cannot use the token endpoint; its tokens come only from a launch).
+pub const WEB_APP_CLIENT: &str = "courier-web-app";
+const STATE_TTL_SECS: i64 = 600;
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/launch", web::get().to(ehr_launch))
+        .route("/smart/launch", web::get().to(standalone_launch))
+        .route("/smart/callback", web::get().to(callback));
+}
+
+/// The launch context fields of a SMART token response.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SmartFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encounter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub need_patient_banner: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smart_style_url: Option<String>,
+    #[serde(
+        default,
+        rename = "fhirContext",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub fhir_context: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+impl oauth2::ExtraTokenFields for SmartFields {}
+
+type SmartClient = oauth2::Client<
+    BasicErrorResponse,
+    StandardTokenResponse<SmartFields, BasicTokenType>,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+>;
+
+fn redirect_uri(state: &AppState) -> String {
+    format!("{}/smart/callback", state.settings.base_url)
+}
+
+/// A page for people (errors end here), escaped, never cached, never leaking a Referer.
+fn page(status: actix_web::http::StatusCode, title: &str, text: &str) -> HttpResponse {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    HttpResponse::build(status)
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'"))
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{t} — Courier</title>\
+             <main style=\"font-family:sans-serif;max-width:40em;margin:3em auto\"><h1>{t}</h1><p>{x}</p></main></html>",
+            t = esc(title),
+            x = esc(text)
+        ))
+}
+
+async fn audit_login(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    user: Option<String>,
+    failure: Option<&str>,
+) {
+    let mut ctx = audit_context(req, state);
+    ctx.client_id = Some(WEB_APP_CLIENT.into());
+    ctx.user = user;
+    let event = audit::authentication(&ctx, failure);
+    let store = state.store.clone();
+    if let Err(e) = web::block(move || store.record_audit(event)).await {
+        tracing::error!(error = %e, "could not record AuditEvent");
+    }
+}
+
+async fn refuse(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    status: u16,
+    title: &str,
+    text: &str,
+) -> HttpResponse {
+    audit_login(state, req, None, Some(&format!("{title}: {text}"))).await;
+    page(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or_default(),
+        title,
+        text,
+    )
+}
+
+fn query(req: &HttpRequest) -> Vec<(String, String)> {
+    form_urlencoded::parse(req.query_string().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+/// `GET /launch?iss=…&launch=…` (EHR launch).
+pub async fn ehr_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let q = query(&req);
+    let (Some(iss), Some(launch)) = (param(&q, "iss"), param(&q, "launch")) else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Cannot start Courier",
+            "The EHR's launch request must carry iss and launch.",
+        )
+        .await;
+    };
+    let store = state.store.clone();
+    let iss2 = iss.to_string();
+    let ehr = match web::block(move || registry::by_iss(&store, &iss2)).await {
+        Ok(Ok(Some(e))) => e,
+        Ok(Ok(None)) => {
+            return refuse(&state, &req, 400, "Unknown EHR", "This EHR is not registered with Courier. Ask your administrator to register it (courier ehr add).").await
+        }
+        _ => return refuse(&state, &req, 503, "Courier is unavailable", "Try again in a moment.").await,
+    };
+    authorize(&state, &req, ehr, Some(launch.to_string())).await
+}
+
+/// `GET /smart/launch?ehr=NAME` (standalone launch from a patient portal).
+pub async fn standalone_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let q = query(&req);
+    let Some(name) = param(&q, "ehr").map(String::from) else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Cannot start Courier",
+            "The link must name the EHR (?ehr=…).",
+        )
+        .await;
+    };
+    let store = state.store.clone();
+    match web::block(move || registry::get(&store, &name)).await {
+        Ok(Ok(Some(e))) => authorize(&state, &req, e, None).await,
+        Ok(Ok(None)) => {
+            refuse(
+                &state,
+                &req,
+                400,
+                "Unknown EHR",
+                "This EHR is not registered with Courier.",
+            )
+            .await
+        }
+        _ => {
+            refuse(
+                &state,
+                &req,
+                503,
+                "Courier is unavailable",
+                "Try again in a moment.",
+            )
+            .await
+        }
+    }
+}
+
+/// Sends the browser to the EHR's authorization endpoint.
+async fn authorize(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    ehr: Ehr,
+    launch: Option<String>,
+) -> HttpResponse {
+    let endpoints = match state.ehrs.discovery().endpoints(&ehr.iss).await {
+        Ok(e) => e,
+        Err(_) => {
+            return refuse(
+                state,
+                req,
+                502,
+                "The EHR cannot be reached",
+                "Courier could not read the EHR's SMART configuration. Try again later.",
+            )
+            .await
+        }
+    };
+    let Some(auth_url) = endpoints.authorization.clone() else {
+        return refuse(
+            state,
+            req,
+            502,
+            "The EHR does not support app launch",
+            "Its SMART configuration names no authorization endpoint.",
+        )
+        .await;
+    };
+    let (Ok(auth), Ok(redirect)) = (
+        AuthUrl::new(auth_url),
+        RedirectUrl::new(redirect_uri(state)),
+    ) else {
+        return refuse(
+            state,
+            req,
+            502,
+            "The EHR's configuration is invalid",
+            "Its authorization endpoint is not a URL.",
+        )
+        .await;
+    };
+    let client = SmartClient::new(ClientId::new(ehr.client_id.clone()))
+        .set_auth_uri(auth)
+        .set_redirect_uri(redirect);
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let nonce = CsrfToken::new_random().secret().clone();
+    // An EHR launch asks for `launch` (the EHR supplies the context); a standalone launch for
+    // `launch/patient` (the user picks the patient) and must not ask for `launch`.
+    let (ask, drop) = if launch.is_some() {
+        ("launch", "launch/patient")
+    } else {
+        ("launch/patient", "launch")
+    };
+    let mut wanted: Vec<String> = ehr
+        .launch_scopes
+        .split_whitespace()
+        .filter(|s| *s != drop && *s != ask)
+        .map(String::from)
+        .collect();
+    wanted.push(ask.into());
+    let mut request = client
+        .authorize_url(CsrfToken::new_random)
+        .add_scopes(wanted.into_iter().map(Scope::new))
+        .set_pkce_challenge(challenge)
+        .add_extra_param("aud", ehr.iss.clone())
+        .add_extra_param("nonce", nonce.clone());
+    if let Some(l) = &launch {
+        request = request.add_extra_param("launch", l.clone());
+    }
+    let (url, csrf) = request.url();
+    let store = state.store.clone();
+    let saved = web::block(move || {
+        let now = dates::now_micros() / 1_000_000;
+        store.execute("DELETE FROM launch_states WHERE expires_at < ?", vec![now.into()])?;
+        store.execute(
+            "INSERT INTO launch_states (state, ehr, verifier, nonce, launch, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            vec![
+                csrf.secret().clone().into(),
+                ehr.name.clone().into(),
+                verifier.secret().clone().into(),
+                nonce.into(),
+                launch.into(),
+                (now + STATE_TTL_SECS).into(),
+            ],
+        )
+    })
+    .await;
+    if !matches!(saved, Ok(Ok(_))) {
+        return refuse(
+            state,
+            req,
+            503,
+            "Courier is unavailable",
+            "Try again in a moment.",
+        )
+        .await;
+    }
+    HttpResponse::Found()
+        .insert_header((header::LOCATION, url.to_string()))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .finish()
+}
+
+#[derive(diesel::QueryableByName)]
+struct PendingRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    ehr: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    verifier: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    nonce: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    expires_at: i64,
+}
+
+/// `GET /smart/callback?code=…&state=…` (or `?error=…&state=…`).
+pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let q = query(&req);
+    let Some(csrf) = param(&q, "state").map(String::from) else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Sign-in failed",
+            "The EHR's answer carries no state.",
+        )
+        .await;
+    };
+    // Single use: the row is deleted as it is read.
+    let store = state.store.clone();
+    let pending = web::block(move || {
+        store.query::<PendingRow>(
+            "DELETE FROM launch_states WHERE state = ? RETURNING ehr, verifier, nonce, expires_at",
+            vec![csrf.into()],
+        )
+    })
+    .await;
+    let pending = match pending {
+        Ok(Ok(rows)) => rows.into_iter().next(),
+        _ => {
+            return refuse(
+                &state,
+                &req,
+                503,
+                "Courier is unavailable",
+                "Try again in a moment.",
+            )
+            .await
+        }
+    };
+    let Some(pending) = pending.filter(|p| p.expires_at >= dates::now_micros() / 1_000_000) else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Sign-in failed",
+            "This sign-in has expired or was already used. Start again from the EHR.",
+        )
+        .await;
+    };
+    if let Some(error) = param(&q, "error") {
+        let why = if error == "access_denied" {
+            "Access was denied at the EHR."
+        } else {
+            "The EHR refused the sign-in."
+        };
+        return refuse(&state, &req, 403, "Sign-in cancelled", why).await;
+    }
+    let Some(code) = param(&q, "code").map(String::from) else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Sign-in failed",
+            "The EHR's answer carries no code.",
+        )
+        .await;
+    };
+    let store = state.store.clone();
+    let name = pending.ehr.clone();
+    let Ok(Ok(Some(ehr))) = web::block(move || registry::get(&store, &name)).await else {
+        return refuse(
+            &state,
+            &req,
+            400,
+            "Unknown EHR",
+            "This EHR is no longer registered with Courier.",
+        )
+        .await;
+    };
+    match complete(&state, &ehr, &code, &pending).await {
+        Ok((handoff, user)) => {
+            audit_login(&state, &req, Some(user), None).await;
+            handoff
+        }
+        Err(why) => {
+            tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
+            refuse(&state, &req, 502, "Sign-in failed", &why).await
+        }
+    }
+}
+
+/// The code exchange, the id_token check, identity mapping and the Courier token.
+async fn complete(
+    state: &web::Data<AppState>,
+    ehr: &Ehr,
+    code: &str,
+    pending: &PendingRow,
+) -> Result<(HttpResponse, String), String> {
+    let endpoints = state.ehrs.discovery().endpoints(&ehr.iss).await?;
+    let assertion = ehr
+        .client_assertion(&state.store, &endpoints.token)
+        .map_err(|e| format!("cannot sign the client assertion: {e}"))?;
+    let client = SmartClient::new(ClientId::new(ehr.client_id.clone()))
+        .set_token_uri(TokenUrl::new(endpoints.token.clone()).map_err(|e| e.to_string())?)
+        .set_redirect_uri(RedirectUrl::new(redirect_uri(state)).map_err(|e| e.to_string())?)
+        .set_auth_type(AuthType::RequestBody);
+    let http = state.ehrs.discovery().http().clone();
+    let send = move |r: oauth2::HttpRequest| {
+        let http = http.clone();
+        async move { super::backend::send(&http, r).await }
+    };
+    let res = client
+        .exchange_code(AuthorizationCode::new(code.to_string()))
+        .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.clone()))
+        .add_extra_param("client_assertion_type", JWT_BEARER)
+        .add_extra_param("client_assertion", assertion)
+        .request_async(&send)
+        .await
+        .map_err(|e| format!("the EHR's token endpoint refused the code: {e}"))?;
+    let extra = res.extra_fields().clone();
+    let id_token = extra
+        .id_token
+        .clone()
+        .ok_or("the EHR sent no id_token (Courier asks for openid fhirUser)")?;
+    let claims = verify_id_token(state, ehr, &endpoints, &id_token, &pending.nonce).await?;
+    let fhir_user = claims["fhirUser"]
+        .as_str()
+        .or_else(|| claims["profile"].as_str())
+        .ok_or("the id_token names no fhirUser")?
+        .to_string();
+    let ehr_token = res.access_token().secret().clone();
+    // Who the user and the patient in context are, in Courier's terms.
+    let user_ref = relative(&fhir_user, &ehr.iss)
+        .ok_or("the fhirUser is not a Patient, Practitioner or RelatedPerson of this EHR")?;
+    let user = map_identity(state, ehr, &ehr_token, &user_ref).await?;
+    let patient = match &extra.patient {
+        Some(id) => Some(map_identity(state, ehr, &ehr_token, &format!("Patient/{id}")).await?),
+        None if user.starts_with("Patient/") => Some(user.clone()),
+        None => None,
+    };
+    let scope = if user.starts_with("Practitioner/") {
+        "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
+    } else {
+        "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
+    };
+    let issued = state
+        .tokens
+        .issue(&Grant {
+            client_id: WEB_APP_CLIENT.into(),
+            scopes: scopes::parse_all(scope).expect("fixed scopes parse"),
+            fhir_user: Some(user.clone()),
+            patient: patient
+                .as_ref()
+                .and_then(|p| p.strip_prefix("Patient/"))
+                .map(String::from),
+            encounter: extra.encounter.clone(),
+        })
+        .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
+    let session = json!({
+        "access_token": issued.access_token,
+        "expires_in": issued.expires_in,
+        "fhirUser": user,
+        "patient": patient,
+        "ehr": ehr.name,
+        "need_patient_banner": extra.need_patient_banner.unwrap_or(false),
+        "smart_style_url": extra.smart_style_url,
+        "intent": extra.intent,
+    });
+    Ok((handoff(&session), user))
+}
+
+/// `Type/id` of a reference to this EHR (relative, or absolute under its base).
+fn relative(reference: &str, iss: &str) -> Option<String> {
+    let r = reference
+        .strip_prefix(iss)
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or(reference);
+    let (t, id) = r.split_once('/')?;
+    (identity::KINDS.contains(&t) && fhir_codec::is_valid_id(id)).then(|| format!("{t}/{id}"))
+}
+
+/// Reads `reference` from the EHR with the user's token and links it to a Courier identity.
+async fn map_identity(
+    state: &web::Data<AppState>,
+    ehr: &Ehr,
+    token: &str,
+    reference: &str,
+) -> Result<String, String> {
+    let res = state
+        .ehrs
+        .discovery()
+        .http()
+        .get(format!("{}/{reference}", ehr.iss))
+        .bearer_auth(token)
+        .header("accept", "application/fhir+json")
+        .send()
+        .await
+        .map_err(|e| format!("cannot read {reference} from the EHR: {}", e.without_url()))?;
+    if !res.status().is_success() {
+        return Err(format!(
+            "the EHR answered {} to {reference}",
+            res.status().as_u16()
+        ));
+    }
+    let resource: Value = res
+        .json()
+        .await
+        .map_err(|_| format!("the EHR's {reference} is not JSON"))?;
+    if resource["resourceType"].as_str() != reference.split('/').next() {
+        return Err(format!(
+            "the EHR answered {reference} with another resource type"
+        ));
+    }
+    let store = state.store.clone();
+    let iss = ehr.iss.clone();
+    web::block(move || identity::link(&store, &iss, &resource))
+        .await
+        .map_err(|_| "internal error".to_string())?
+        .map(|(r, _)| r)
+        .map_err(|e| e.to_string())
+}
+
+/// Checks the id_token: signature by a key in the EHR's JWKS, issuer, audience, expiry, nonce.
+async fn verify_id_token(
+    state: &web::Data<AppState>,
+    ehr: &Ehr,
+    endpoints: &super::discovery::Endpoints,
+    id_token: &str,
+    nonce: &str,
+) -> Result<Value, String> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let header = jsonwebtoken::decode_header(id_token).map_err(|_| "the id_token is not a JWT")?;
+    if !matches!(
+        header.alg,
+        Algorithm::RS256 | Algorithm::RS384 | Algorithm::ES256 | Algorithm::ES384
+    ) {
+        return Err(format!("the id_token is signed with {:?}", header.alg));
+    }
+    let jwks_uri = endpoints
+        .jwks_uri
+        .as_deref()
+        .ok_or("the EHR publishes no jwks_uri to check its id_token")?;
+    crate::auth::clients::check_jwks_url(jwks_uri).map_err(|e| e.to_string())?;
+    let kid = header.kid.clone().unwrap_or_default();
+    let mut key = None;
+    for refresh in [false, true] {
+        let set = state.jwks.set(jwks_uri, refresh).await.map_err(|e| e.0)?;
+        key = set
+            .keys
+            .iter()
+            .find(|k| k.common.key_id.as_deref().unwrap_or_default() == kid)
+            .cloned();
+        if key.is_some() {
+            break;
+        }
+    }
+    let key = key.ok_or("the id_token's kid is not in the EHR's JWKS")?;
+    let key = DecodingKey::from_jwk(&key).map_err(|_| "the EHR's key is unusable")?;
+    let mut v = Validation::new(header.alg);
+    v.set_issuer(&[endpoints.issuer.as_deref().unwrap_or(&ehr.iss)]);
+    v.set_audience(&[&ehr.client_id]);
+    v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    v.leeway = 5;
+    let data = jsonwebtoken::decode::<Value>(id_token, &key, &v)
+        .map_err(|e| format!("the id_token is not valid: {e}"))?;
+    if data.claims["nonce"].as_str() != Some(nonce) {
+        return Err("the id_token's nonce does not match this sign-in".into());
+    }
+    Ok(data.claims)
+}
+
+/// The page that hands the session to the web app: the token travels in this no-store body into
+/// `sessionStorage`, then the app loads — no URL ever carries it.
+fn handoff(session: &Value) -> HttpResponse {
+    let nonce = CsrfToken::new_random().secret().clone();
+    // JSON inside <script>: no "</" or line separators can end or break it.
+    let data = session
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029");
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; script-src 'nonce-{nonce}'")))
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
+             <script nonce=\"{nonce}\">sessionStorage.setItem(\"courier.session\", JSON.stringify({data}));location.replace(\"/app/\");</script>\
+             <noscript>Courier needs JavaScript.</noscript></html>"
+        ))
+}
