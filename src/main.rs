@@ -43,6 +43,9 @@ enum Command {
     /// {base}/smart/jwks for the EHRs to register).
     #[command(subcommand)]
     Ehr(EhrCommand),
+    /// The write-back outbox to EHRs.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Identity mapping between EHRs and Courier.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -126,6 +129,12 @@ enum EhrCommand {
     List,
     /// Remove an EHR (its launches are refused from then on).
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// The backlog per EHR: pending, delivered, the oldest undelivered item and its last error.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -230,6 +239,25 @@ fn main() -> anyhow::Result<()> {
                     }
                     println!("removed {name}");
                 }
+            }
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::Status) => {
+            let store = open_store(&settings)?;
+            let rows = courier::smart::outbox::status(&store)?;
+            if rows.is_empty() {
+                println!("the outbox is empty");
+            }
+            for r in rows {
+                let oldest = r.oldest_pending.map_or("-".to_string(), courier::search::dates::format_instant);
+                println!(
+                    "{}\tpending {}\tdelivered {}\toldest undelivered {}\t{}",
+                    r.ehr,
+                    r.pending,
+                    r.delivered,
+                    oldest,
+                    r.last_error.unwrap_or_default()
+                );
             }
             Ok(())
         }

@@ -29,6 +29,8 @@ pub struct Application {
     pub tokens: Arc<Tokens>,
     /// Backend-services connections to the registered EHRs.
     pub ehrs: Arc<Connections>,
+    /// The outbox delivery worker (tests stop it to play a crashed instance).
+    pub outbox: tokio::task::AbortHandle,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -69,6 +71,7 @@ impl Application {
             "user/*.cruds patient/*.cruds",
         )?;
         let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new())));
+        let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -90,6 +93,7 @@ impl Application {
                 .wrap(cors())
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(metrics))
                 .configure(crate::auth::server::routes)
                 .configure(crate::smart::launch::routes)
                 .configure(fhir::routes)
@@ -107,6 +111,7 @@ impl Application {
             store,
             tokens,
             ehrs,
+            outbox,
         })
     }
 
@@ -145,6 +150,17 @@ fn cors() -> actix_cors::Cors {
             HeaderName::from_static("x-request-id"),
         ])
         .max_age(3600)
+}
+
+/// Prometheus metrics: the write-back backlog (counts and ages only, no PHI).
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let store = state.store.clone();
+    match web::block(move || crate::smart::outbox::metrics(&store)).await {
+        Ok(Ok(text)) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(text),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
 }
 
 async fn healthz() -> HttpResponse {

@@ -15,7 +15,7 @@ use actix_web::{web, HttpMessage, HttpRequest, ResponseError};
 
 /// Paths anyone may call: discovery, the authorization server itself, health, CapabilityStatement.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/metadata" | "/healthz" | "/readyz")
+    matches!(path, "/metadata" | "/healthz" | "/readyz" | "/metrics")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
         || path == "/launch"

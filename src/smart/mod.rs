@@ -8,10 +8,11 @@
 //! - [`backend`]    the backend-services connection to each EHR: `client_credentials` with a
 //!   `private_key_jwt` assertion, the token cached until shortly before it expires
 //!
-//! AuditEvent write-back builds on these.
+//! - [`outbox`]     AuditEvent write-back to EHRs through a durable outbox, exactly once
 
 pub mod backend;
 pub mod discovery;
 pub mod identity;
 pub mod launch;
+pub mod outbox;
 pub mod registry;

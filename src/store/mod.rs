@@ -560,6 +560,8 @@ impl Store {
         let id = uuid::Uuid::now_v7().to_string();
         let incoming = Incoming::from_value(event);
         self.put_version(c, "AuditEvent", &id, None, Some(&incoming), "POST")?;
+        // In the same transaction: the outbox rows that deliver it to the EHRs that know its people.
+        crate::smart::outbox::enqueue(c, &id, &incoming.value)?;
         Ok(())
     }
 

@@ -524,3 +524,97 @@ both_backends! {
         assert!(!logins.to_string().contains(session["access_token"].as_str().unwrap()));
     }
 }
+
+/// The AuditEvents the test EHR holds that came from Courier's outbox, by outbox id.
+async fn delivered(ehr: &TestEhr) -> std::collections::HashMap<String, Vec<Value>> {
+    let all = ehr
+        .control(reqwest::Method::GET, "resources/AuditEvent", None)
+        .await;
+    let mut by_id: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for ev in all["resources"].as_array().unwrap() {
+        for e in ev["entity"].as_array().into_iter().flatten() {
+            if e["what"]["identifier"]["system"] == "urn:courier:outbox" {
+                by_id
+                    .entry(
+                        e["what"]["identifier"]["value"]
+                            .as_str()
+                            .unwrap()
+                            .to_string(),
+                    )
+                    .or_default()
+                    .push(ev.clone());
+            }
+        }
+    }
+    by_id
+}
+
+/// Waits (bounded) until the outbox has nothing pending.
+async fn drained(app: &TestApp) -> bool {
+    for _ in 0..60 {
+        let s = courier::smart::outbox::status(&app.store).unwrap();
+        if s.iter().all(|r| r.pending == 0) && !s.is_empty() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    false
+}
+
+both_backends! {
+    async fn every_audit_event_reaches_the_ehr_exactly_once(app: TestApp) {
+        use courier::smart::identity;
+        let Some(a) = spawn_ehr("ehr-a") else { return };
+        a.control(reqwest::Method::POST, "seed", Some(json!([
+            person("Patient", "a1", &[("urn:oid:mrn", "1001")]),
+            person("Practitioner", "dr-a", &[("http://hl7.org/fhir/sid/us-npi", "1234567890")]),
+        ]))).await;
+        let mut n = new_ehr("ehr-a", &a.base, "ES384");
+        n.backend_scopes = "system/Patient.r system/Practitioner.r system/AuditEvent.cr";
+        let ehr = registry::add(&app.store, &n).unwrap();
+        a.register_courier(&app, "courier").await;
+        // The clinician and the patient as a launch would have linked them.
+        let (dr, _) = identity::link(&app.store, &ehr.iss, &read_from(&app, &ehr, "Practitioner/dr-a").await).unwrap();
+        let (pt, _) = identity::link(&app.store, &ehr.iss, &read_from(&app, &ehr, "Patient/a1").await).unwrap();
+        let clinician = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.cruds", Some(&dr), Some(pt.strip_prefix("Patient/").unwrap())));
+        let msg = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": dr}, "recipient": [{"reference": pt}]});
+        let send = || async { clinician.post(app.url("Communication")).header("content-type", FHIR_JSON).body(msg.to_string()).send().await.unwrap().status().as_u16() };
+        // Events about people no EHR knows stay home.
+        app.create(&message("Patient/nobody", "2024-01-01", "x")).await;
+
+        assert_eq!(send().await, 201);
+        assert!(drained(&app).await, "delivered");
+        let got = delivered(&a).await;
+        assert_eq!(got.len(), 1, "one event (the create) concerns people ehr-a knows");
+        let ev = &got.values().next().unwrap()[0];
+        // Translated to the EHR's references; Courier's own resources as absolute URLs.
+        let text = ev.to_string();
+        assert!(text.contains("\"Practitioner/dr-a\"") && text.contains("\"Patient/a1\""), "{text}");
+        assert!(!text.contains(&dr) && !text.contains(&pt), "no Courier ids leak to the EHR as references");
+        assert!(text.contains(&format!("{}/Communication/", app.base)));
+
+        // Outage: the EHR is down while events happen; nothing is lost, nothing doubled.
+        a.control(reqwest::Method::POST, "down", Some(json!({}))).await;
+        for _ in 0..3 {
+            assert_eq!(send().await, 201);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let backlog = courier::smart::outbox::status(&app.store).unwrap();
+        assert_eq!(backlog[0].pending, 3);
+        assert!(backlog[0].oldest_pending.is_some() && backlog[0].last_error.is_some());
+        let metrics = app.anonymous.get(app.url("metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains(r#"courier_outbox_pending{ehr="ehr-a"} 3"#), "{metrics}");
+        a.control(reqwest::Method::POST, "up", None).await;
+        // Lost answers: the EHR commits the next two writes but the connection drops.
+        a.control(reqwest::Method::POST, "faults", Some(json!({"drop_response_after_write": 2}))).await;
+        // A restart in the middle: this instance stops; another on the same database takes over.
+        app.outbox.abort();
+        let app2 = spawn_instance_on(&app).await.unwrap();
+        assert!(drained(&app2).await, "the new instance delivered the backlog");
+        let got = delivered(&a).await;
+        assert_eq!(got.len(), 4, "every event arrived");
+        assert!(got.values().all(|copies| copies.len() == 1), "each exactly once: {:?}", got.values().map(Vec::len).collect::<Vec<_>>());
+        let st = courier::smart::outbox::status(&app2.store).unwrap();
+        assert_eq!((st[0].pending, st[0].delivered), (0, 4));
+    }
+}

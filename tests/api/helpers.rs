@@ -25,6 +25,10 @@ pub struct TestApp {
     pub tokens: Arc<Tokens>,
     /// Backend-services connections to EHRs.
     pub ehrs: Arc<courier::smart::backend::Connections>,
+    /// The outbox worker (abort it to play a crashed instance).
+    pub outbox: tokio::task::AbortHandle,
+    /// The database this instance uses (a second instance can share it).
+    pub database_url: String,
     /// The client the default token was issued to.
     pub admin_client_id: String,
     pub backend: Backend,
@@ -55,6 +59,13 @@ fn fresh_postgres_schema(admin_url: &str) -> String {
         .expect("create schema");
     let sep = if admin_url.contains('?') { '&' } else { '?' };
     format!("{admin_url}{sep}options=-csearch_path%3D{schema}")
+}
+
+/// A second Courier instance on the same database as `app` (same master key), as after a restart
+/// or beside it in a cluster.
+pub async fn spawn_instance_on(app: &TestApp) -> Option<TestApp> {
+    let url = app.database_url.clone();
+    spawn_app_with(app.backend, move |s| s.database_url = url).await
 }
 
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
@@ -89,11 +100,13 @@ pub async fn spawn_app_with(
     if settings.base_url.is_empty() {
         settings.base_url = "http://127.0.0.1:0".into();
     }
+    let database_url_used = settings.database_url.clone();
     let app = Application::build(settings).expect("application builds");
     let port = app.port();
     let store = app.store.clone();
     let tokens = app.tokens.clone();
     let ehrs = app.ehrs.clone();
+    let outbox = app.outbox.clone();
     tokio::spawn(app.run_until_stopped());
     let admin_client_id = clients::add(
         &store,
@@ -110,6 +123,8 @@ pub async fn spawn_app_with(
         store,
         tokens,
         ehrs,
+        outbox,
+        database_url: database_url_used,
         admin_client_id,
         backend,
         dir,

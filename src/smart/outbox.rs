@@ -1,0 +1,352 @@
+//! AuditEvent write-back to EHRs through a durable outbox, so that none is ever lost.
+//!
+//! When an AuditEvent names a person (agent or patient entity) whom an EHR knows — an identity
+//! linked to that EHR — the store writes an outbox row for that EHR in the same transaction as the
+//! event ([`Store`]'s audit path calls [`enqueue`]). A worker on every instance delivers due rows:
+//! it claims a row with a lease, translates the event to the EHR's references (its own reference
+//! for each person, else an identifier-only reference, never a guess; Courier's own resources as
+//! absolute URLs), and creates it at the EHR conditionally on the row's id
+//! (`If-None-Exist: entity:identifier=urn:courier:outbox|{id}`), so a retry after a lost answer,
+//! a restart or a second instance never makes a second copy. Failures back off exponentially
+//! (1 s doubling to 5 min); the backlog is `courier outbox status` and `/metrics`.
+
+use super::backend::Connections;
+use super::{identity, registry};
+use crate::search::dates;
+use crate::store::db::{Bind, Conn};
+use crate::store::{Store, StoreError};
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The identifier system of outbox ids in delivered AuditEvents.
+pub const OUTBOX_SYSTEM: &str = "urn:courier:outbox";
+const LEASE_SECS: i64 = 120;
+const MAX_BACKOFF_SECS: i64 = 300;
+const BATCH: i64 = 50;
+
+fn now() -> i64 {
+    dates::now_micros() / 1_000_000
+}
+
+#[derive(QueryableByName)]
+struct NameRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+/// Inside the AuditEvent's own transaction: one outbox row per EHR that knows a person it names.
+pub fn enqueue<C: Conn>(c: &mut C, audit_id: &str, event: &Value) -> Result<(), StoreError> {
+    let people = people_of(event);
+    if people.is_empty() {
+        return Ok(());
+    }
+    let ph = vec!["?"; people.len()].join(", ");
+    let ehrs: Vec<NameRow> = c.load_cached(
+        &format!(
+            "SELECT DISTINCT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
+             WHERE l.courier_ref IN ({ph}) ORDER BY e.name"
+        ),
+        people.into_iter().map(Bind::Text).collect(),
+    )?;
+    let t = now();
+    for ehr in ehrs {
+        c.execute(
+            "INSERT INTO outbox (id, ehr, res_type, res_id, created_at, attempts, next_attempt_at) VALUES (?, ?, 'AuditEvent', ?, ?, 0, ?)",
+            vec![
+                uuid::Uuid::now_v7().to_string().into(),
+                ehr.name.into(),
+                audit_id.into(),
+                dates::now_micros().into(),
+                t.into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The people an AuditEvent names: its agents and its patient entity (Courier identities).
+fn people_of(event: &Value) -> Vec<String> {
+    let person = |r: &str| {
+        identity::KINDS
+            .iter()
+            .any(|k| r.starts_with(&format!("{k}/")))
+    };
+    let mut out: Vec<String> = event["agent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["who"]["reference"].as_str())
+        .chain(
+            event["entity"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["role"]["code"] == "1")
+                .filter_map(|e| e["what"]["reference"].as_str()),
+        )
+        .filter(|r| person(r))
+        .map(String::from)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[derive(QueryableByName)]
+struct DueRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    ehr: String,
+    #[diesel(sql_type = Text)]
+    res_type: String,
+    #[diesel(sql_type = Text)]
+    res_id: String,
+    #[diesel(sql_type = BigInt)]
+    attempts: i64,
+}
+
+/// Runs the delivery loop until the task is dropped.
+pub fn spawn(store: Arc<Store>, connections: Arc<Connections>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = deliver_due(&store, &connections).await {
+                tracing::error!(error = %e, "outbox delivery round failed");
+            }
+        }
+    })
+}
+
+/// Delivers the rows that are due; returns how many were delivered.
+pub async fn deliver_due(
+    store: &Arc<Store>,
+    connections: &Connections,
+) -> Result<usize, StoreError> {
+    let s = store.clone();
+    let due: Vec<DueRow> = tokio::task::spawn_blocking(move || {
+        s.query(
+            "SELECT id, ehr, res_type, res_id, attempts FROM outbox WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            vec![now().into(), BATCH.into()],
+        )
+    })
+    .await
+    .map_err(|e| StoreError::Other(e.into()))??;
+    let mut delivered = 0;
+    for row in due {
+        // Claim it with a lease: another instance (or round) skips it until the lease ends.
+        let (s, id) = (store.clone(), row.id.clone());
+        let claimed = tokio::task::spawn_blocking(move || {
+            let t = now();
+            s.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE id = ? AND delivered_at IS NULL AND next_attempt_at <= ?",
+                vec![(t + LEASE_SECS).into(), id.into(), t.into()],
+            )
+        })
+        .await
+        .map_err(|e| StoreError::Other(e.into()))??;
+        if claimed == 0 {
+            continue;
+        }
+        let result = deliver(store, connections, &row).await;
+        let s = store.clone();
+        let ok = result.is_ok();
+        tokio::task::spawn_blocking(move || match result {
+            Ok(()) => s.execute(
+                "UPDATE outbox SET delivered_at = ?, last_error = NULL, attempts = attempts + 1 WHERE id = ?",
+                vec![dates::now_micros().into(), row.id.into()],
+            ),
+            Err(why) => {
+                let backoff = (1i64 << row.attempts.clamp(0, 16)).min(MAX_BACKOFF_SECS);
+                tracing::warn!(outbox = %row.id, ehr = %row.ehr, attempts = row.attempts + 1, error = %why, "write-back failed; will retry");
+                s.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                    vec![(now() + backoff).into(), why.into(), row.id.into()],
+                )
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Other(e.into()))??;
+        delivered += ok as usize;
+    }
+    Ok(delivered)
+}
+
+async fn deliver(
+    store: &Arc<Store>,
+    connections: &Connections,
+    row: &DueRow,
+) -> Result<(), String> {
+    let (s, ehr_name, rt, rid) = (
+        store.clone(),
+        row.ehr.clone(),
+        row.res_type.clone(),
+        row.res_id.clone(),
+    );
+    let (ehr, stored) = tokio::task::spawn_blocking(move || {
+        let ehr = registry::get(&s, &ehr_name).map_err(|e| e.to_string())?;
+        let stored = s.read(&rt, &rid).map_err(|e| e.to_string())?;
+        Ok::<_, String>((ehr, stored))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let ehr = ehr.ok_or("the EHR is no longer registered")?;
+    let event: Value = serde_json::from_slice(stored.body.as_deref().unwrap_or_default())
+        .map_err(|_| "the stored event is not JSON")?;
+    let s = store.clone();
+    let iss = ehr.iss.clone();
+    let outbox_id = row.id.clone();
+    let translated = tokio::task::spawn_blocking(move || translate(&s, &iss, event, &outbox_id))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let token = connections.token(store, &ehr).await?;
+    let res = connections
+        .discovery()
+        .http()
+        .post(format!("{}/{}", ehr.iss, row.res_type))
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .header("accept", "application/fhir+json")
+        .header(
+            "if-none-exist",
+            format!("entity:identifier={OUTBOX_SYSTEM}|{}", row.id),
+        )
+        .body(translated.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("the EHR could not be reached: {}", e.without_url()))?;
+    match res.status().as_u16() {
+        200 | 201 => Ok(()),
+        401 => {
+            connections.forget(&ehr.name);
+            Err("the EHR refused Courier's token (401)".into())
+        }
+        s => Err(format!("the EHR answered {s}")),
+    }
+}
+
+/// The event as the EHR should see it: its references, Courier's resources as absolute URLs, and
+/// the outbox id as the stable identifier of this delivery.
+fn translate(
+    store: &Store,
+    iss: &str,
+    mut event: Value,
+    outbox_id: &str,
+) -> Result<Value, StoreError> {
+    if let Some(o) = event.as_object_mut() {
+        o.remove("id");
+        o.remove("meta");
+    }
+    rewrite(store, iss, &mut event)?;
+    let entity = json!({
+        "what": {"identifier": {"system": OUTBOX_SYSTEM, "value": outbox_id}},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+        "description": "Courier outbox delivery id"
+    });
+    match event.get_mut("entity").and_then(Value::as_array_mut) {
+        Some(a) => a.push(entity),
+        None => event["entity"] = json!([entity]),
+    }
+    Ok(event)
+}
+
+fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get("reference").cloned() {
+                let person = identity::KINDS
+                    .iter()
+                    .any(|k| r.starts_with(&format!("{k}/")));
+                if person {
+                    o.remove("reference");
+                    match identity::ehr_reference(store, iss, &r)? {
+                        Some(Value::Object(m)) => o.extend(m),
+                        _ => {
+                            o.entry("display")
+                                .or_insert(json!("a person this EHR does not know"));
+                        }
+                    }
+                } else if !r.starts_with('#') && !r.contains("://") && r.contains('/') {
+                    o.insert("reference".into(), json!(format!("{}/{r}", store.base_url)));
+                }
+            }
+            for (k, x) in o.iter_mut() {
+                if k != "reference" {
+                    rewrite(store, iss, x)?;
+                }
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                rewrite(store, iss, x)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[derive(Debug, QueryableByName, serde::Serialize)]
+pub struct Backlog {
+    #[diesel(sql_type = Text)]
+    pub ehr: String,
+    #[diesel(sql_type = BigInt)]
+    pub pending: i64,
+    #[diesel(sql_type = BigInt)]
+    pub delivered: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub oldest_pending: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub last_error: Option<String>,
+}
+
+/// The backlog per EHR: pending and delivered counts, the oldest undelivered item (micros).
+pub fn status(store: &Store) -> Result<Vec<Backlog>, StoreError> {
+    store.query(
+        "SELECT ehr, \
+            CAST(SUM(CASE WHEN delivered_at IS NULL THEN 1 ELSE 0 END) AS BIGINT) AS pending, \
+            CAST(SUM(CASE WHEN delivered_at IS NULL THEN 0 ELSE 1 END) AS BIGINT) AS delivered, \
+            MIN(CASE WHEN delivered_at IS NULL THEN created_at END) AS oldest_pending, \
+            MAX(CASE WHEN delivered_at IS NULL THEN last_error END) AS last_error \
+         FROM outbox GROUP BY ehr ORDER BY ehr",
+        vec![],
+    )
+}
+
+/// Prometheus text for `/metrics` (counts and ages only).
+pub fn metrics(store: &Store) -> Result<String, StoreError> {
+    let mut out = String::from(
+        "# HELP courier_outbox_pending Items waiting for delivery to an EHR.\n# TYPE courier_outbox_pending gauge\n",
+    );
+    let rows = status(store)?;
+    for r in &rows {
+        out.push_str(&format!(
+            "courier_outbox_pending{{ehr=\"{}\"}} {}\n",
+            r.ehr, r.pending
+        ));
+    }
+    out.push_str("# HELP courier_outbox_delivered Items delivered to an EHR.\n# TYPE courier_outbox_delivered counter\n");
+    for r in &rows {
+        out.push_str(&format!(
+            "courier_outbox_delivered{{ehr=\"{}\"}} {}\n",
+            r.ehr, r.delivered
+        ));
+    }
+    out.push_str("# HELP courier_outbox_oldest_pending_seconds Age of the oldest undelivered item.\n# TYPE courier_outbox_oldest_pending_seconds gauge\n");
+    for r in &rows {
+        let age = r
+            .oldest_pending
+            .map_or(0, |t| (dates::now_micros() - t) / 1_000_000);
+        out.push_str(&format!(
+            "courier_outbox_oldest_pending_seconds{{ehr=\"{}\"}} {age}\n",
+            r.ehr
+        ));
+    }
+    Ok(out)
+}
