@@ -449,7 +449,20 @@ async fn complete(
         .id_token
         .clone()
         .ok_or("the EHR sent no id_token (Courier asks for openid fhirUser)")?;
-    let claims = verify_id_token(state, ehr, &endpoints, &id_token, &pending.nonce).await?;
+    let jwks_uri = endpoints
+        .jwks_uri
+        .as_deref()
+        .ok_or("the EHR publishes no jwks_uri to check its id_token")?;
+    let issuer = endpoints.issuer.as_deref().unwrap_or(&ehr.iss);
+    let claims = verify_id_token(
+        &state.jwks,
+        jwks_uri,
+        issuer,
+        &ehr.client_id,
+        &id_token,
+        &pending.nonce,
+    )
+    .await?;
     let fhir_user = claims["fhirUser"]
         .as_str()
         .or_else(|| claims["profile"].as_str())
@@ -547,11 +560,13 @@ async fn map_identity(
         .map_err(|e| e.to_string())
 }
 
-/// Checks the id_token: signature by a key in the EHR's JWKS, issuer, audience, expiry, nonce.
-async fn verify_id_token(
-    state: &web::Data<AppState>,
-    ehr: &Ehr,
-    endpoints: &super::discovery::Endpoints,
+/// Checks an id_token: signature by a key in the EHR's JWKS (RS256/RS384/ES256/ES384), issuer,
+/// audience (Courier's client id), expiry, and the nonce of this sign-in.
+pub async fn verify_id_token(
+    jwks: &crate::auth::clients::JwksCache,
+    jwks_uri: &str,
+    issuer: &str,
+    client_id: &str,
     id_token: &str,
     nonce: &str,
 ) -> Result<Value, String> {
@@ -563,15 +578,11 @@ async fn verify_id_token(
     ) {
         return Err(format!("the id_token is signed with {:?}", header.alg));
     }
-    let jwks_uri = endpoints
-        .jwks_uri
-        .as_deref()
-        .ok_or("the EHR publishes no jwks_uri to check its id_token")?;
     crate::auth::clients::check_jwks_url(jwks_uri).map_err(|e| e.to_string())?;
     let kid = header.kid.clone().unwrap_or_default();
     let mut key = None;
     for refresh in [false, true] {
-        let set = state.jwks.set(jwks_uri, refresh).await.map_err(|e| e.0)?;
+        let set = jwks.set(jwks_uri, refresh).await.map_err(|e| e.0)?;
         key = set
             .keys
             .iter()
@@ -584,8 +595,8 @@ async fn verify_id_token(
     let key = key.ok_or("the id_token's kid is not in the EHR's JWKS")?;
     let key = DecodingKey::from_jwk(&key).map_err(|_| "the EHR's key is unusable")?;
     let mut v = Validation::new(header.alg);
-    v.set_issuer(&[endpoints.issuer.as_deref().unwrap_or(&ehr.iss)]);
-    v.set_audience(&[&ehr.client_id]);
+    v.set_issuer(&[issuer]);
+    v.set_audience(&[client_id]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     v.leeway = 5;
     let data = jsonwebtoken::decode::<Value>(id_token, &key, &v)

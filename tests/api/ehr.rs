@@ -618,3 +618,83 @@ both_backends! {
         assert_eq!((st[0].pending, st[0].delivered), (0, 4));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_tokens_are_checked_like_a_relying_party_must() {
+    use crate::auth::{now, rs384, serve_jwks};
+    use courier::smart::launch::verify_id_token;
+    let (key, jwks, _) = rs384();
+    let url = serve_jwks(jwks).await;
+    let cache = courier::auth::clients::JwksCache::new();
+    let iss = "http://127.0.0.1:9/fhir";
+    let sign =
+        |claims: Value, alg: jsonwebtoken::Algorithm, k: &jsonwebtoken::EncodingKey, kid: &str| {
+            let mut h = jsonwebtoken::Header::new(alg);
+            h.kid = Some(kid.into());
+            jsonwebtoken::encode(&h, &claims, k).unwrap()
+        };
+    let good = json!({"iss": iss, "aud": "courier", "sub": "u1", "exp": now() + 60, "iat": now(), "nonce": "n1", "fhirUser": "Practitioner/dr-a"});
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let check = |t: String| {
+        let cache = &cache;
+        let url = url.clone();
+        async move { verify_id_token(cache, &url, iss, "courier", &t, "n1").await }
+    };
+    assert_eq!(
+        check(sign(good.clone(), key.alg, &key.key, "rs-1"))
+            .await
+            .unwrap()["fhirUser"],
+        "Practitioner/dr-a"
+    );
+    for (why, token) in [
+        (
+            "expired",
+            sign(with("exp", json!(now() - 120)), key.alg, &key.key, "rs-1"),
+        ),
+        (
+            "wrong audience",
+            sign(
+                with("aud", json!("someone-else")),
+                key.alg,
+                &key.key,
+                "rs-1",
+            ),
+        ),
+        (
+            "wrong issuer",
+            sign(
+                with("iss", json!("https://evil.example.org")),
+                key.alg,
+                &key.key,
+                "rs-1",
+            ),
+        ),
+        (
+            "wrong nonce",
+            sign(with("nonce", json!("n2")), key.alg, &key.key, "rs-1"),
+        ),
+        (
+            "unknown kid",
+            sign(good.clone(), key.alg, &key.key, "other"),
+        ),
+        (
+            "HS256 with the public key",
+            sign(
+                good.clone(),
+                jsonwebtoken::Algorithm::HS256,
+                &jsonwebtoken::EncodingKey::from_secret(b"x"),
+                "rs-1",
+            ),
+        ),
+        ("another key", {
+            let (k2, _, _) = rs384();
+            sign(good.clone(), k2.alg, &k2.key, "rs-1")
+        }),
+    ] {
+        assert!(check(token).await.is_err(), "{why} accepted");
+    }
+}
