@@ -39,6 +39,9 @@ pub struct Settings {
     pub workers: usize,
     /// Log filter, e.g. `info` or `courier=debug` (`COURIER_LOG`).
     pub log: String,
+    /// A signed-in user's session ends after this many seconds without activity
+    /// (`COURIER_IDLE_TIMEOUT_SECS`, automatic log-off).
+    pub idle_timeout_secs: i64,
 }
 
 impl Default for Settings {
@@ -58,6 +61,7 @@ impl Default for Settings {
             sqlite_synchronous: "FULL".into(),
             workers: 0,
             log: "info".into(),
+            idle_timeout_secs: 900,
         }
     }
 }
@@ -127,6 +131,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_WORKERS") {
             self.workers = num("COURIER_WORKERS", v)?;
+        }
+        if let Some(v) = env("COURIER_IDLE_TIMEOUT_SECS") {
+            self.idle_timeout_secs = num("COURIER_IDLE_TIMEOUT_SECS", v)?;
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

@@ -96,6 +96,7 @@ impl Application {
                 .route("/metrics", web::get().to(metrics))
                 .configure(crate::auth::server::routes)
                 .configure(crate::smart::launch::routes)
+                .configure(crate::smart::session::routes)
                 .configure(fhir::routes)
                 .default_service(web::to(|| async {
                     FhirError::not_found("no such endpoint").error_response()

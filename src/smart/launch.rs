@@ -12,7 +12,7 @@
 //!   the web app in the body of a no-store page (into `sessionStorage`), never in a URL, so it
 //!   reaches no log, no history and no Referer. Every outcome is audited.
 //!
-//! Not yet: refreshing the EHR token while the user is active, and idle log-off.
+//! The session that follows (refresh while active, idle log-off, logout) is `session`'s.
 
 use super::identity;
 use super::registry::{self, Ehr};
@@ -496,9 +496,28 @@ async fn complete(
             encounter: extra.encounter.clone(),
         })
         .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
+    let signed = super::session::Signed {
+        ehr: ehr.name.clone(),
+        fhir_user: user.clone(),
+        patient: patient
+            .as_ref()
+            .and_then(|p| p.strip_prefix("Patient/"))
+            .map(String::from),
+        encounter: extra.encounter.clone(),
+        scope: scope.to_string(),
+        ehr_access_token: ehr_token.clone(),
+        ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
+        ehr_expires_in: res.expires_in().map_or(300, |d| d.as_secs() as i64),
+    };
+    let st = state.clone();
+    let handle = web::block(move || super::session::start(&st, &signed))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot start the session: {e}"))?;
     let session = json!({
         "access_token": issued.access_token,
         "expires_in": issued.expires_in,
+        "session": handle,
         "fhirUser": user,
         "patient": patient,
         "ehr": ehr.name,

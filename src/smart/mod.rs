@@ -8,6 +8,7 @@
 //! - [`backend`]    the backend-services connection to each EHR: `client_credentials` with a
 //!   `private_key_jwt` assertion, the token cached until shortly before it expires
 //!
+//! - [`session`]    signed-in users: EHR token refresh while active, idle log-off, logout
 //! - [`outbox`]     AuditEvent write-back to EHRs through a durable outbox, exactly once
 
 pub mod backend;
@@ -16,3 +17,4 @@ pub mod identity;
 pub mod launch;
 pub mod outbox;
 pub mod registry;
+pub mod session;

@@ -698,3 +698,118 @@ async fn id_tokens_are_checked_like_a_relying_party_must() {
         assert!(check(token).await.is_err(), "{why} accepted");
     }
 }
+
+/// An EHR launch of `user` with `patient` in context, through to the hand-off page's session.
+async fn launch_as(app: &TestApp, ehr: &TestEhr, patient: &str, user: &str) -> Value {
+    let l = ehr
+        .control(
+            reqwest::Method::POST,
+            "launches",
+            Some(json!({"patient": patient, "user": user})),
+        )
+        .await;
+    let (_, to_ehr, _) = step(&app.url(&format!(
+        "launch?iss={}&launch={}",
+        ehr.base,
+        l["launch"].as_str().unwrap()
+    )))
+    .await;
+    let (_, back, _) = step(&to_ehr.unwrap()).await;
+    let (s, _, page) = step(&back.unwrap()).await;
+    assert_eq!(s, 200, "{page}");
+    session_of(&page)
+}
+
+async fn session_post(
+    app: &TestApp,
+    path: &str,
+    handle: &str,
+    bearer: Option<&str>,
+) -> (u16, Value) {
+    let mut r = app
+        .anonymous
+        .post(app.url(path))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("session={handle}"));
+    if let Some(t) = bearer {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn launch_fixture(app: &TestApp, ehr: &TestEhr) {
+    ehr.control(
+        reqwest::Method::POST,
+        "seed",
+        Some(json!([
+            person("Patient", "a1", &[]),
+            person("Practitioner", "dr-a", &[])
+        ])),
+    )
+    .await;
+    let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+    n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r";
+    registry::add(&app.store, &n).unwrap();
+    ehr.register_courier(app, "courier").await;
+}
+
+both_backends! {
+    async fn sessions_refresh_the_ehr_token_while_active_and_end_on_logout(app: TestApp) {
+        let Some(a) = spawn_ehr("ehr-a") else { return };
+        launch_fixture(&app, &a).await;
+        // The EHR's tokens live 2 s here, so the next refresh must renew it at the EHR.
+        a.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 2}))).await;
+        let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+        let handle = s["session"].as_str().unwrap().to_string();
+        assert!(handle.len() >= 22);
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let before = a.control(reqwest::Method::GET, "counters", None).await["token"]["by_grant_type"]["refresh_token"].as_u64().unwrap_or(0);
+        let (st, fresh) = session_post(&app, "smart/session/refresh", &handle, None).await;
+        assert_eq!(st, 200, "{fresh}");
+        let after = a.control(reqwest::Method::GET, "counters", None).await["token"]["by_grant_type"]["refresh_token"].as_u64().unwrap_or(0);
+        assert_eq!(after, before + 1, "the EHR token was refreshed");
+        let token = fresh["access_token"].as_str().unwrap().to_string();
+        assert_ne!(token, s["access_token"].as_str().unwrap());
+        assert_eq!(client_with_token(&token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+        // Logout: the session and the token end at once.
+        let (st, _) = session_post(&app, "smart/logout", &handle, Some(&token)).await;
+        assert_eq!(st, 200);
+        assert_eq!(client_with_token(&token).get(app.url("Communication")).send().await.unwrap().status(), 401);
+        assert_eq!(session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
+        assert_eq!(session_post(&app, "smart/session/refresh", "not-a-session", None).await.0, 401);
+        // When the EHR revokes the grant, the next refresh that needs it ends the session.
+        let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+        a.control(reqwest::Method::POST, "revoke", Some(json!({}))).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        let (st, body) = session_post(&app, "smart/session/refresh", s["session"].as_str().unwrap(), None).await;
+        assert_eq!(st, 401, "{body}");
+        let logouts = app.get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110123").await;
+        assert!(ids(&logouts).len() >= 2, "logouts are audited");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_logged_off() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 1).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let handle = s["session"].as_str().unwrap();
+    assert_eq!(
+        session_post(&app, "smart/session/refresh", handle, None)
+            .await
+            .0,
+        200,
+        "active"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let (st, body) = session_post(&app, "smart/session/refresh", handle, None).await;
+    assert_eq!(st, 401);
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("inactivity"));
+}

@@ -1,0 +1,304 @@
+//! Signed-in users after a SMART launch.
+//!
+//! The launch creates a session and hands the web app a random handle (128 bits; only its SHA-256
+//! is stored) beside its first Courier token. While the user is active the app trades the handle
+//! for a fresh Courier token (`POST /smart/session/refresh`); Courier refreshes the EHR's token
+//! first when it is about to expire, so the EHR session stays alive exactly as long as the user is.
+//! A session ends after the configured idle time (automatic log-off), on `POST /smart/logout`, or
+//! when the EHR refuses to refresh it. Every end is audited (DICOM 110123 Logout).
+
+use super::registry::{self, Ehr};
+use crate::auth::scopes;
+use crate::auth::tokens::Grant;
+use crate::fhir::AppState;
+use crate::search::dates;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::QueryableByName;
+use oauth2::{AuthType, ClientId, RefreshToken, TokenResponse, TokenUrl};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// The EHR's token is refreshed when it has less than this left.
+const REFRESH_MARGIN_SECS: i64 = 60;
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/smart/session/refresh", web::post().to(refresh))
+        .route("/smart/logout", web::post().to(logout));
+}
+
+fn now() -> i64 {
+    dates::now_micros() / 1_000_000
+}
+
+fn hash(handle: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(handle.as_bytes()))
+}
+
+fn aad(handle_hash: &str) -> String {
+    format!("ehr-session/{handle_hash}")
+}
+
+/// What a session carries over to each new Courier token.
+pub struct Signed {
+    pub ehr: String,
+    pub fhir_user: String,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    pub scope: String,
+    pub ehr_access_token: String,
+    pub ehr_refresh_token: Option<String>,
+    pub ehr_expires_in: i64,
+}
+
+/// Starts a session; returns the handle for the web app.
+pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
+    let handle = oauth2::CsrfToken::new_random().secret().clone();
+    let h = hash(&handle);
+    let tokens = json!({"access_token": s.ehr_access_token, "refresh_token": s.ehr_refresh_token});
+    let (key_id, sealed) = state
+        .store
+        .keys
+        .seal(tokens.to_string().as_bytes(), &aad(&h));
+    let t = now();
+    state.store.execute(
+        "INSERT INTO ehr_sessions (handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        vec![
+            h.into(),
+            s.ehr.clone().into(),
+            s.fhir_user.clone().into(),
+            s.patient.clone().into(),
+            s.encounter.clone().into(),
+            s.scope.clone().into(),
+            key_id.into(),
+            sealed.into(),
+            (t + s.ehr_expires_in).into(),
+            t.into(),
+            t.into(),
+        ],
+    )?;
+    Ok(handle)
+}
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = Text)]
+    handle_hash: String,
+    #[diesel(sql_type = Text)]
+    ehr: String,
+    #[diesel(sql_type = Text)]
+    fhir_user: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    patient: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    encounter: Option<String>,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    ehr_tokens: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    ehr_expires_at: i64,
+    #[diesel(sql_type = BigInt)]
+    last_active: i64,
+}
+
+fn handle_of(body: &[u8]) -> Option<String> {
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == "session")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+fn ended(why: &str) -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"error": "session_ended", "error_description": why}))
+}
+
+async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str, why: &str) {
+    let mut ctx = crate::fhir::rest::audit_context(req, state);
+    ctx.client_id = Some(super::launch::WEB_APP_CLIENT.into());
+    ctx.user = Some(user.to_string());
+    let mut event = crate::audit::authentication(&ctx, None);
+    event["subtype"] = json!([{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110123", "display": "Logout"}]);
+    event["outcomeDesc"] = json!(why);
+    let store = state.store.clone();
+    if let Err(e) = web::block(move || store.record_audit(event)).await {
+        tracing::error!(error = %e, "could not record AuditEvent");
+    }
+}
+
+async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
+    let store = state.store.clone();
+    let h = hash(handle);
+    web::block(move || {
+        store.query::<Row>(
+            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active FROM ehr_sessions WHERE handle_hash = ?",
+            vec![h.into()],
+        )
+    })
+    .await
+    .ok()?
+    .ok()?
+    .into_iter()
+    .next()
+}
+
+async fn end(state: &web::Data<AppState>, handle_hash: &str) {
+    let store = state.store.clone();
+    let h = handle_hash.to_string();
+    let _ = web::block(move || {
+        store.execute(
+            "DELETE FROM ehr_sessions WHERE handle_hash = ?",
+            vec![h.into()],
+        )
+    })
+    .await;
+}
+
+/// `POST /smart/session/refresh` (form: `session=<handle>`): a fresh Courier token while the user
+/// is active.
+pub async fn refresh(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let Some(handle) = handle_of(&body) else {
+        return ended("no session handle");
+    };
+    let Some(row) = load(&state, &handle).await else {
+        return ended("no such session: sign in again from the EHR");
+    };
+    let t = now();
+    if t - row.last_active > state.settings.idle_timeout_secs {
+        end(&state, &row.handle_hash).await;
+        audit_logout(
+            &state,
+            &req,
+            &row.fhir_user,
+            "automatic log-off after inactivity",
+        )
+        .await;
+        return ended("signed out after a period of inactivity");
+    }
+    // Keep the EHR session alive with the user's.
+    let mut ehr_tokens: Option<Value> = None;
+    if row.ehr_expires_at - t < REFRESH_MARGIN_SECS {
+        match refresh_at_ehr(&state, &row).await {
+            Ok((tokens, expires_in)) => ehr_tokens = Some(json!([tokens, expires_in])),
+            Err(why) => {
+                tracing::warn!(ehr = %row.ehr, reason = %why, "the EHR did not refresh a session");
+                end(&state, &row.handle_hash).await;
+                audit_logout(&state, &req, &row.fhir_user, "the EHR ended the session").await;
+                return ended("the EHR ended the session: sign in again");
+            }
+        }
+    }
+    let issued = state.tokens.issue(&Grant {
+        client_id: super::launch::WEB_APP_CLIENT.into(),
+        scopes: scopes::parse_all(&row.scope).unwrap_or_default(),
+        fhir_user: Some(row.fhir_user.clone()),
+        patient: row.patient.clone(),
+        encounter: row.encounter.clone(),
+    });
+    let Ok(issued) = issued else {
+        return HttpResponse::InternalServerError().finish();
+    };
+    let store = state.store.clone();
+    let h = row.handle_hash.clone();
+    let _ = web::block(move || match ehr_tokens {
+        Some(v) => {
+            let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));
+            store.execute(
+                "UPDATE ehr_sessions SET last_active = ?, key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ?",
+                vec![t.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into()],
+            )
+        }
+        None => store.execute("UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ?", vec![t.into(), h.into()]),
+    })
+    .await;
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"access_token": issued.access_token, "token_type": "bearer", "expires_in": issued.expires_in}))
+}
+
+/// Refreshes the EHR's token with the session's refresh token (authenticated by private_key_jwt).
+async fn refresh_at_ehr(state: &web::Data<AppState>, row: &Row) -> Result<(Value, i64), String> {
+    let tokens: Value = serde_json::from_slice(
+        &state
+            .store
+            .keys
+            .open(&row.key_id, &row.ehr_tokens, &aad(&row.handle_hash))
+            .map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let refresh = tokens["refresh_token"]
+        .as_str()
+        .ok_or("the EHR gave no refresh token")?
+        .to_string();
+    let store = state.store.clone();
+    let name = row.ehr.clone();
+    let ehr: Ehr = web::block(move || registry::get(&store, &name))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the EHR is no longer registered")?;
+    let endpoints = state.ehrs.discovery().endpoints(&ehr.iss).await?;
+    let assertion = ehr
+        .client_assertion(&state.store, &endpoints.token)
+        .map_err(|e| e.to_string())?;
+    let client = oauth2::basic::BasicClient::new(ClientId::new(ehr.client_id.clone()))
+        .set_token_uri(TokenUrl::new(endpoints.token.clone()).map_err(|e| e.to_string())?)
+        .set_auth_type(AuthType::RequestBody);
+    let http = state.ehrs.discovery().http().clone();
+    let send = move |r: oauth2::HttpRequest| {
+        let http = http.clone();
+        async move { super::backend::send(&http, r).await }
+    };
+    let res = client
+        .exchange_refresh_token(&RefreshToken::new(refresh.clone()))
+        .add_extra_param("client_assertion_type", JWT_BEARER)
+        .add_extra_param("client_assertion", assertion)
+        .request_async(&send)
+        .await
+        .map_err(|e| format!("refresh refused: {e}"))?;
+    let new_refresh = res
+        .refresh_token()
+        .map(|r| r.secret().clone())
+        .unwrap_or(refresh);
+    let expires_in = res.expires_in().map_or(300, |d| d.as_secs() as i64);
+    Ok((
+        json!({"access_token": res.access_token().secret(), "refresh_token": new_refresh}),
+        expires_in,
+    ))
+}
+
+/// `POST /smart/logout` (form: `session=<handle>`; with the bearer token, which is revoked too).
+pub async fn logout(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    if let Some(token) = crate::auth::guard::bearer(&req).map(String::from) {
+        let st = state.clone();
+        let _ = web::block(move || match st.tokens.verify(&token) {
+            Ok(p) => st.tokens.revoke(&p).map_err(|e| e.to_string()),
+            Err(_) => Ok(()),
+        })
+        .await;
+    }
+    if let Some(handle) = handle_of(&body) {
+        if let Some(row) = load(&state, &handle).await {
+            end(&state, &row.handle_hash).await;
+            audit_logout(&state, &req, &row.fhir_user, "logout").await;
+        }
+    }
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"signed_out": true}))
+}
