@@ -43,6 +43,8 @@ pub enum Interaction {
     Capabilities,
     Transaction,
     Batch,
+    /// An operation such as `$file-to-chart`.
+    Operation,
 }
 
 impl Interaction {
@@ -62,6 +64,7 @@ impl Interaction {
             Interaction::Capabilities => "capabilities",
             Interaction::Transaction => "transaction",
             Interaction::Batch => "batch",
+            Interaction::Operation => "operation",
         }
     }
 
@@ -71,7 +74,7 @@ impl Interaction {
             Interaction::Update | Interaction::Patch => "U",
             Interaction::Delete => "D",
             Interaction::SearchType | Interaction::SearchSystem => "E",
-            Interaction::Transaction | Interaction::Batch => "E",
+            Interaction::Transaction | Interaction::Batch | Interaction::Operation => "E",
             _ => "R",
         }
     }

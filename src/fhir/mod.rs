@@ -86,6 +86,10 @@ pub fn support(res_type: &str) -> Option<&'static TypeSupport> {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metadata", web::get().to(capability::metadata))
         .route("/", web::post().to(bundle::batch_or_transaction))
+        .route(
+            "/Communication/{id}/$file-to-chart",
+            web::post().to(crate::smart::chart::file_to_chart),
+        )
         .route("/{type}", web::get().to(rest::search_get))
         .route("/{type}", web::post().to(rest::create))
         .route("/{type}/_search", web::post().to(rest::search_post))

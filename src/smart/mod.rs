@@ -9,9 +9,11 @@
 //!   `private_key_jwt` assertion, the token cached until shortly before it expires
 //!
 //! - [`session`]    signed-in users: EHR token refresh while active, idle log-off, logout
+//! - [`chart`]      "file to chart": a thread filed to the EHR as Communications, via the outbox
 //! - [`outbox`]     AuditEvent write-back to EHRs through a durable outbox, exactly once
 
 pub mod backend;
+pub mod chart;
 pub mod discovery;
 pub mod identity;
 pub mod launch;

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// The identifier system of outbox ids in delivered AuditEvents.
 pub const OUTBOX_SYSTEM: &str = "urn:courier:outbox";
+/// The identifier system of Communications filed to an EHR's chart (value: Courier's URL).
+pub const COMMUNICATION_SYSTEM: &str = "urn:courier:communication";
 const LEASE_SECS: i64 = 120;
 const MAX_BACKOFF_SECS: i64 = 300;
 const BATCH: i64 = 50;
@@ -201,10 +203,11 @@ async fn deliver(
     let s = store.clone();
     let iss = ehr.iss.clone();
     let outbox_id = row.id.clone();
-    let translated = tokio::task::spawn_blocking(move || translate(&s, &iss, event, &outbox_id))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let (translated, condition) =
+        tokio::task::spawn_blocking(move || translate(&s, &iss, event, &outbox_id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     let token = connections.token(store, &ehr).await?;
     let res = connections
         .discovery()
@@ -213,10 +216,7 @@ async fn deliver(
         .bearer_auth(token)
         .header("content-type", "application/fhir+json")
         .header("accept", "application/fhir+json")
-        .header(
-            "if-none-exist",
-            format!("entity:identifier={OUTBOX_SYSTEM}|{}", row.id),
-        )
+        .header("if-none-exist", condition)
         .body(translated.to_string())
         .send()
         .await
@@ -231,19 +231,38 @@ async fn deliver(
     }
 }
 
-/// The event as the EHR should see it: its references, Courier's resources as absolute URLs, and
-/// the outbox id as the stable identifier of this delivery.
+/// The resource as the EHR should see it — its references, Courier's resources as absolute URLs —
+/// with a stable identifier, and the conditional-create search that finds an earlier copy. An
+/// AuditEvent is identified by its outbox id (each event is delivered once); a filed Communication
+/// by its Courier URL (filing a thread twice adds nothing).
 fn translate(
     store: &Store,
     iss: &str,
     mut event: Value,
     outbox_id: &str,
-) -> Result<Value, StoreError> {
+) -> Result<(Value, String), StoreError> {
+    let courier_url = format!(
+        "{}/{}/{}",
+        store.base_url,
+        event["resourceType"].as_str().unwrap_or_default(),
+        event["id"].as_str().unwrap_or_default()
+    );
     if let Some(o) = event.as_object_mut() {
         o.remove("id");
         o.remove("meta");
     }
     rewrite(store, iss, &mut event)?;
+    if event["resourceType"] == "Communication" {
+        let id = json!({"system": COMMUNICATION_SYSTEM, "value": courier_url});
+        match event.get_mut("identifier").and_then(Value::as_array_mut) {
+            Some(a) => a.push(id),
+            None => event["identifier"] = json!([id]),
+        }
+        return Ok((
+            event,
+            format!("identifier={COMMUNICATION_SYSTEM}|{courier_url}"),
+        ));
+    }
     let entity = json!({
         "what": {"identifier": {"system": OUTBOX_SYSTEM, "value": outbox_id}},
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
@@ -253,7 +272,37 @@ fn translate(
         Some(a) => a.push(entity),
         None => event["entity"] = json!([entity]),
     }
-    Ok(event)
+    Ok((
+        event,
+        format!("entity:identifier={OUTBOX_SYSTEM}|{outbox_id}"),
+    ))
+}
+
+/// Files resources to an EHR's chart through the outbox (the "file to chart" operation).
+pub fn enqueue_filing(
+    store: &Store,
+    ehr: &str,
+    items: &[(String, String)],
+) -> Result<(), StoreError> {
+    let mut c = store.db.get()?;
+    crate::with_conn!(c, |c| {
+        c.write_tx(|c| {
+        for (res_type, id) in items {
+            c.execute(
+                "INSERT INTO outbox (id, ehr, res_type, res_id, created_at, attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
+                vec![
+                    uuid::Uuid::now_v7().to_string().into(),
+                    ehr.into(),
+                    res_type.clone().into(),
+                    id.clone().into(),
+                    dates::now_micros().into(),
+                    now().into(),
+                ],
+            )?;
+        }
+        Ok::<_, StoreError>(())
+    })
+    })
 }
 
 fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {

@@ -813,3 +813,49 @@ async fn idle_sessions_are_logged_off() {
         .unwrap()
         .contains("inactivity"));
 }
+
+both_backends! {
+    async fn a_clinician_files_a_thread_to_the_chart_once(app: TestApp) {
+        let Some(a) = spawn_ehr("ehr-a") else { return };
+        a.control(reqwest::Method::POST, "seed", Some(json!([person("Patient", "a1", &[]), person("Practitioner", "dr-a", &[])]))).await;
+        let mut n = new_ehr("ehr-a", &a.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r";
+        n.backend_scopes = "system/AuditEvent.c system/Communication.crs";
+        registry::add(&app.store, &n).unwrap();
+        a.register_courier(&app, "courier").await;
+        let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+        let (dr, pt) = (s["fhirUser"].as_str().unwrap(), s["patient"].as_str().unwrap());
+        let clinician = client_with_token(s["access_token"].as_str().unwrap());
+        let post = |body: Value| { let c = clinician.clone(); let url = app.url("Communication"); async move {
+            let r = c.post(url).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+        }};
+        let thread = post(json!({"resourceType": "Communication", "status": "in-progress", "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": pt}], "topic": {"text": "Lab results"}})).await;
+        for text in ["Your potassium is normal", "Please repeat in 3 months"] {
+            post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{thread}")}],
+                "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": pt}], "payload": [{"contentString": text}]})).await;
+        }
+        let file = || clinician.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send();
+        let r = file().await.unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        assert!(drained(&app).await);
+        let filed = || async { a.control(reqwest::Method::GET, "resources/Communication", None).await["resources"].as_array().unwrap().clone() };
+        let chart = filed().await;
+        assert_eq!(chart.len(), 3, "the header and both messages");
+        for c in &chart {
+            assert_eq!(c["subject"]["reference"], "Patient/a1", "the EHR's own reference");
+            assert_eq!(c["sender"]["reference"], "Practitioner/dr-a");
+            assert!(c["identifier"].to_string().contains("urn:courier:communication"));
+        }
+        // Filing again adds nothing.
+        assert_eq!(file().await.unwrap().status(), 202);
+        assert!(drained(&app).await);
+        assert_eq!(filed().await.len(), 3);
+        // Only a clinician may file, and only what they can see.
+        let patient = client_with_token(&issue(&app.tokens, &app.admin_client_id, "patient/Communication.rs", Some(pt), Some(pt.strip_prefix("Patient/").unwrap())));
+        assert_eq!(patient.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 403);
+        let other = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.rs", Some("Practitioner/someone-else"), None));
+        assert_eq!(other.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 404);
+    }
+}

@@ -1,0 +1,105 @@
+//! "File to chart": a clinician files a thread — its header Communication and every message that
+//! is `partOf` it — to the EHR(s) that know its patient, as Communication resources, through the
+//! write-back outbox (translated to the EHR's references; filing twice adds nothing).
+//!
+//! `POST /Communication/{id}/$file-to-chart[?ehr=NAME]`
+
+use crate::audit::{self, Interaction};
+use crate::auth::SubjectKind;
+use crate::fhir::access;
+use crate::fhir::outcome::{self, FhirError, FHIR_JSON};
+use crate::fhir::rest::{audit_context, audit_outcome, blocking, parse_search, Res};
+use crate::fhir::AppState;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use diesel::sql_types::Text;
+use serde_json::Value;
+
+#[derive(diesel::QueryableByName)]
+struct NameRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+pub async fn file_to_chart(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
+    let id = path.into_inner();
+    let ctx = audit_context(&req, &state);
+    let result = file(&state, &req, &id).await;
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::Operation,
+        Some(format!("Communication/{id}")),
+        None,
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
+    let p = access::principal(req)?;
+    if p.kind() != SubjectKind::Practitioner {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a clinician may file a thread to the chart",
+        ));
+    }
+    let thread = access::read(state, &p, "Communication", id, None).await?;
+    let header: Value = serde_json::from_slice(thread.body.as_deref().unwrap_or_default())
+        .map_err(|_| FhirError::internal())?;
+    let pairs = vec![
+        ("part-of".to_string(), format!("Communication/{id}")),
+        ("_count".to_string(), "1000".to_string()),
+    ];
+    let search = parse_search(state, "Communication", &pairs, true)?;
+    let page = access::search(state, &p, "Communication", search).await?;
+    let mut items = vec![("Communication".to_string(), id.to_string())];
+    items.extend(
+        page.matches
+            .iter()
+            .map(|s| ("Communication".to_string(), s.id.clone())),
+    );
+    // The patient: the thread's subject, else the patient in the clinician's launch context.
+    let patient =
+        audit::patient_of(&header).or_else(|| p.patient.as_ref().map(|x| format!("Patient/{x}")));
+    let Some(patient) = patient else {
+        return Err(FhirError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            "the thread names no patient, so no chart to file it to",
+        ));
+    };
+    let wanted = form_urlencoded::parse(req.query_string().as_bytes())
+        .find(|(k, _)| k == "ehr")
+        .map(|(_, v)| v.into_owned());
+    let store = state.store.clone();
+    let n = items.len();
+    let filed_to = blocking(move || {
+        let ehrs: Vec<NameRow> = store.query(
+            "SELECT DISTINCT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss WHERE l.courier_ref = ? ORDER BY e.name",
+            vec![patient.into()],
+        )?;
+        let names: Vec<String> = ehrs.into_iter().map(|r| r.name).filter(|n| wanted.as_ref().is_none_or(|w| w == n)).collect();
+        if names.is_empty() {
+            return Err(FhirError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", "the thread's patient is not known to that EHR (or to any)"));
+        }
+        for name in &names {
+            crate::smart::outbox::enqueue_filing(&store, name, &items)?;
+        }
+        Ok(names)
+    })
+    .await?;
+    Ok(HttpResponse::Accepted().content_type(FHIR_JSON).body(
+        outcome::information(&format!(
+            "{n} Communications queued for filing to {}",
+            filed_to.join(", ")
+        ))
+        .to_string(),
+    ))
+}
