@@ -524,6 +524,9 @@ async fn complete(
         "need_patient_banner": extra.need_patient_banner.unwrap_or(false),
         "smart_style_url": extra.smart_style_url,
         "intent": extra.intent,
+        "tenant": extra.tenant,
+        "fhirContext": extra.fhir_context,
+        "encounter": extra.encounter,
     });
     Ok((handoff(&session), user))
 }

@@ -317,6 +317,8 @@ fn ehr_registry_cli() {
     }
     let (ok, out, _) = run(&["identity", "conflicts"]);
     assert!(ok && out.is_empty());
+    let (ok, out, _) = run(&["outbox", "status"]);
+    assert!(ok && out.contains("empty"), "{out}");
     assert!(run(&["ehr", "remove", "hospital-a"]).0);
     assert!(!run(&["ehr", "remove", "hospital-a"]).0);
 }
@@ -501,6 +503,12 @@ both_backends! {
         let session = session_of(&page);
         assert_eq!(session["fhirUser"], patient.as_str(), "the patient is the same Courier patient");
         assert_eq!(session["patient"], patient.as_str());
+
+        // An EHR that cannot be reached: a readable page, no redirect.
+        registry::add(&app.store, &new_ehr("dead", "http://127.0.0.1:1/fhir", "ES384")).unwrap();
+        let (s, loc, body) = step(&app.url("launch?iss=http://127.0.0.1:1/fhir&launch=x")).await;
+        assert_eq!((s, loc), (502, None));
+        assert!(body.contains("cannot be reached"), "{body}");
 
         // Refusals end on a readable page and are audited.
         let (s, loc, body) = step(&app.url("launch?iss=https://evil.example.org/fhir&launch=x")).await;
