@@ -17,7 +17,8 @@ use std::sync::Arc;
 /// PostgreSQL), COURIER_MASTER_KEY (base64 of 32 bytes) or COURIER_MASTER_KEY_FILE (default
 /// {data dir}/master.key, created with mode 0600 on first start), COURIER_MAX_RESOURCE_BYTES,
 /// COURIER_MAX_BINARY_BYTES (default 10 MB), COURIER_DEFAULT_COUNT, COURIER_MAX_COUNT,
-/// COURIER_DB_POOL_SIZE, COURIER_SQLITE_SYNCHRONOUS (FULL|NORMAL), COURIER_WORKERS, COURIER_LOG.
+/// COURIER_DB_POOL_SIZE, COURIER_SQLITE_SYNCHRONOUS (FULL|NORMAL), COURIER_WORKERS, COURIER_LOG,
+/// COURIER_IDLE_TIMEOUT_SECS (automatic log-off of signed-in users, default 900).
 #[derive(Parser)]
 #[command(name = "courier", version, about, long_about)]
 struct Cli {
