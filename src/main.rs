@@ -125,6 +125,10 @@ enum EhrCommand {
         /// Scopes to request for the backend-services connection (AuditEvent write-back).
         #[arg(long, default_value = "system/AuditEvent.c system/Communication.c")]
         backend_scope: String,
+        /// Identifier systems this EHR is trusted for (space-separated): only identifiers in these
+        /// systems join its records to identities another EHR brought (an enterprise MRN, NPI).
+        #[arg(long, default_value = "http://hl7.org/fhir/sid/us-npi")]
+        trusted_systems: String,
     },
     /// List the registered EHRs.
     List,
@@ -215,7 +219,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ehr(cmd) => {
             let store = open_store(&settings)?;
             match cmd {
-                EhrCommand::Add { name, iss, client_id, alg, launch_scope, backend_scope } => {
+                EhrCommand::Add { name, iss, client_id, alg, launch_scope, backend_scope, trusted_systems } => {
                     let ehr = registry::add(
                         &store,
                         &registry::NewEhr {
@@ -225,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                             alg: &alg,
                             launch_scopes: &launch_scope,
                             backend_scopes: &backend_scope,
+                            trusted_systems: &trusted_systems,
                         },
                     )?;
                     println!("{}\t{}\t{}/smart/jwks", ehr.name, ehr.kid, settings.base_url);

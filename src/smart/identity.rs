@@ -105,8 +105,16 @@ fn identifiers(resource: &Value) -> Vec<(String, String)> {
     out
 }
 
-/// Finds or makes the Courier identity of a person record read from the EHR at `iss`.
-pub fn link(store: &Store, iss: &str, resource: &Value) -> Result<(String, How), LinkError> {
+/// Finds or makes the Courier identity of a person record read from the EHR at `iss`. Only
+/// identifiers in `trusted` systems (those the administrator trusts this EHR for,
+/// `courier ehr add --trusted-systems`) are used to join, or stored: any EHR could otherwise claim
+/// anyone by asserting their identifier.
+pub fn link(
+    store: &Store,
+    iss: &str,
+    trusted: &dyn Fn(&str) -> bool,
+    resource: &Value,
+) -> Result<(String, How), LinkError> {
     let kind = resource["resourceType"].as_str().unwrap_or_default();
     if !KINDS.contains(&kind) {
         return Err(LinkError::Invalid(format!(
@@ -119,7 +127,10 @@ pub fn link(store: &Store, iss: &str, resource: &Value) -> Result<(String, How),
         .ok_or_else(|| LinkError::Invalid("the EHR record has no valid id".into()))?;
     let iss = iss.trim_end_matches('/');
     let ehr_ref = format!("{kind}/{id}");
-    let ids = identifiers(resource);
+    let ids: Vec<(String, String)> = identifiers(resource)
+        .into_iter()
+        .filter(|(system, _)| trusted(system))
+        .collect();
     let mut c = store.db.get().map_err(StoreError::from)?;
     let result = with_conn!(c, |c| c
         .write_tx(|c| decide_and_link(c, iss, &ehr_ref, kind, &ids)));
@@ -173,6 +184,20 @@ fn decide_and_link<C: Conn>(
         return Err(LinkError::Conflict(format!(
             "an identifier of this {kind} belongs to {other}"
         )));
+    }
+    // Within one EHR an identifier names one record: two records sharing one (a mother and her
+    // newborn, a duplicate chart) are two people, and joining them would be a guess.
+    for owner in &owners {
+        let other_records: Vec<EhrRefRow> = c.load_cached(
+            "SELECT ehr_ref FROM identity_links WHERE iss = ? AND courier_ref = ? AND ehr_ref <> ?",
+            vec![iss.into(), owner.clone().into(), ehr_ref.into()],
+        )?;
+        if let Some(r) = other_records.first() {
+            return Err(LinkError::Conflict(format!(
+                "its identifiers belong to {owner}, which this EHR knows as {}",
+                r.ehr_ref
+            )));
+        }
     }
     let (courier_ref, how) = match (linked, owners.len()) {
         (Some(l), _) if owners.iter().all(|o| *o == l) => (l, How::Linked),

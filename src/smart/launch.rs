@@ -575,7 +575,8 @@ async fn map_identity(
     }
     let store = state.store.clone();
     let iss = ehr.iss.clone();
-    web::block(move || identity::link(&store, &iss, &resource))
+    let ehr2 = ehr.clone();
+    web::block(move || identity::link(&store, &iss, &|s| ehr2.trusts(s), &resource))
         .await
         .map_err(|_| "internal error".to_string())?
         .map(|(r, _)| r)

@@ -28,6 +28,8 @@ pub const COMMUNICATION_SYSTEM: &str = "urn:courier:communication";
 const LEASE_SECS: i64 = 120;
 const MAX_BACKOFF_SECS: i64 = 300;
 const BATCH: i64 = 50;
+/// After this many failed attempts a row is parked (kept, not retried) for an administrator.
+pub const MAX_ATTEMPTS: i64 = 30;
 
 fn now() -> i64 {
     dates::now_micros() / 1_000_000
@@ -39,7 +41,9 @@ struct NameRow {
     name: String,
 }
 
-/// Inside the AuditEvent's own transaction: one outbox row per EHR that knows a person it names.
+/// Inside the AuditEvent's own transaction: one outbox row per EHR that knows the event's patient
+/// (or, for an event about no patient, its user). An EHR that knows only the clinician does not
+/// hear about another organisation's patient.
 pub fn enqueue<C: Conn>(c: &mut C, audit_id: &str, event: &Value) -> Result<(), StoreError> {
     let people = people_of(event);
     if people.is_empty() {
@@ -69,29 +73,33 @@ pub fn enqueue<C: Conn>(c: &mut C, audit_id: &str, event: &Value) -> Result<(), 
     Ok(())
 }
 
-/// The people an AuditEvent names: its agents and its patient entity (Courier identities).
+/// Whom the event is about: its patient entities, else its agents (Courier identities).
 fn people_of(event: &Value) -> Vec<String> {
-    let person = |r: &str| {
+    let person = |r: &&str| {
         identity::KINDS
             .iter()
             .any(|k| r.starts_with(&format!("{k}/")))
     };
-    let mut out: Vec<String> = event["agent"]
+    let patients: Vec<&str> = event["entity"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|a| a["who"]["reference"].as_str())
-        .chain(
-            event["entity"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|e| e["role"]["code"] == "1")
-                .filter_map(|e| e["what"]["reference"].as_str()),
-        )
-        .filter(|r| person(r))
-        .map(String::from)
+        .filter(|e| e["role"]["code"] == "1")
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .filter(person)
         .collect();
+    let mut out: Vec<String> = if patients.is_empty() {
+        event["agent"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["who"]["reference"].as_str())
+            .filter(person)
+            .map(String::from)
+            .collect()
+    } else {
+        patients.into_iter().map(String::from).collect()
+    };
     out.sort();
     out.dedup();
     out
@@ -164,7 +172,12 @@ pub async fn deliver_due(
                 vec![dates::now_micros().into(), row.id.into()],
             ),
             Err(why) => {
-                let backoff = (1i64 << row.attempts.clamp(0, 16)).min(MAX_BACKOFF_SECS);
+                let backoff = if row.attempts + 1 >= MAX_ATTEMPTS {
+                    // Parked: kept for an administrator (courier outbox status), never dropped.
+                    i64::MAX / 4
+                } else {
+                    (1i64 << row.attempts.clamp(0, 16)).min(MAX_BACKOFF_SECS)
+                };
                 tracing::warn!(outbox = %row.id, ehr = %row.ehr, attempts = row.attempts + 1, error = %why, "write-back failed; will retry");
                 s.execute(
                     "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
@@ -216,13 +229,25 @@ async fn deliver(
         .bearer_auth(token)
         .header("content-type", "application/fhir+json")
         .header("accept", "application/fhir+json")
-        .header("if-none-exist", condition)
+        .header("if-none-exist", condition.clone())
+        // An EHR that does not understand the condition must refuse, not ignore it.
+        .header("prefer", "handling=strict")
         .body(translated.to_string())
         .send()
         .await
         .map_err(|e| format!("the EHR could not be reached: {}", e.without_url()))?;
     match res.status().as_u16() {
-        200 | 201 => Ok(()),
+        201 => Ok(()),
+        200 => {
+            // A match: it must be our earlier copy, or the EHR ignored the condition.
+            let body = res.text().await.unwrap_or_default();
+            let marker = condition.rsplit('|').next().unwrap_or_default();
+            if body.contains(marker) {
+                Ok(())
+            } else {
+                Err("the EHR answered 200 with a resource that is not Courier's copy".into())
+            }
+        }
         401 => {
             connections.forget(&ehr.name);
             Err("the EHR refused Courier's token (401)".into())
@@ -250,6 +275,43 @@ fn translate(
     if let Some(o) = event.as_object_mut() {
         o.remove("id");
         o.remove("meta");
+        // Not for another organisation's eyes: the raw search (other people's ids and search
+        // terms), the returned OperationOutcome, network addresses.
+        o.remove("contained");
+    }
+    // (`get_mut`, not indexing: indexing a missing key would insert a null)
+    for e in event
+        .get_mut("entity")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(o) = e.as_object_mut() {
+            o.remove("query");
+            let contained = o
+                .get("what")
+                .and_then(|w| w.get("reference"))
+                .and_then(Value::as_str)
+                == Some("#oo1");
+            if contained {
+                o.remove("what");
+            }
+        }
+    }
+    for a in event
+        .get_mut("agent")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(o) = a.as_object_mut() {
+            o.remove("network");
+            if let Some(who) = o.get_mut("who").and_then(Value::as_object_mut) {
+                if who.get("reference").is_none() {
+                    who.remove("display");
+                }
+            }
+        }
     }
     rewrite(store, iss, &mut event)?;
     if event["resourceType"] == "Communication" {
@@ -314,11 +376,11 @@ fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {
                     .any(|k| r.starts_with(&format!("{k}/")));
                 if person {
                     o.remove("reference");
+                    o.remove("display");
                     match identity::ehr_reference(store, iss, &r)? {
                         Some(Value::Object(m)) => o.extend(m),
                         _ => {
-                            o.entry("display")
-                                .or_insert(json!("a person this EHR does not know"));
+                            o.insert("display".into(), json!("a person this EHR does not know"));
                         }
                     }
                 } else if !r.starts_with('#') && !r.contains("://") && r.contains('/') {

@@ -39,9 +39,12 @@ pub struct Ehr {
     pub backend_scopes: String,
     #[diesel(sql_type = BigInt)]
     pub created_at: i64,
+    /// Identifier systems this EHR is trusted for: only these join records across EHRs.
+    #[diesel(sql_type = Text)]
+    pub trusted_systems: String,
 }
 
-const COLUMNS: &str = "name, iss, client_id, alg, kid, key_id, private_key, public_jwk, launch_scopes, backend_scopes, created_at";
+const COLUMNS: &str = "name, iss, client_id, alg, kid, key_id, private_key, public_jwk, launch_scopes, backend_scopes, created_at, trusted_systems";
 
 fn aad(name: &str, kid: &str) -> String {
     format!("ehr-key/{name}/{kid}")
@@ -55,6 +58,8 @@ pub struct NewEhr<'a> {
     pub alg: &'a str,
     pub launch_scopes: &'a str,
     pub backend_scopes: &'a str,
+    /// Space-separated identifier systems trusted for joining identities across EHRs.
+    pub trusted_systems: &'a str,
 }
 
 /// An EHR's FHIR base: an absolute https URL (http only on loopback), without a trailing slash,
@@ -104,7 +109,7 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
     let (key_id, sealed) = store.keys.seal(&key.der, &aad(name, &key.kid));
     store
         .execute(
-            &format!("INSERT INTO ehrs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            &format!("INSERT INTO ehrs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
             vec![
                 name.into(),
                 iss.into(),
@@ -117,6 +122,11 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
                 new.launch_scopes.trim().into(),
                 new.backend_scopes.trim().into(),
                 dates::now_micros().into(),
+                new.trusted_systems
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .into(),
             ],
         )
         .map_err(|e| match e {
@@ -153,7 +163,14 @@ pub fn by_iss(store: &Store, iss: &str) -> Result<Option<Ehr>, StoreError> {
         .next())
 }
 
+/// Removes an EHR with its sessions and undelivered outbox rows (a later EHR of the same name
+/// must not inherit them).
 pub fn remove(store: &Store, name: &str) -> Result<bool, StoreError> {
+    store.execute("DELETE FROM ehr_sessions WHERE ehr = ?", vec![name.into()])?;
+    store.execute(
+        "DELETE FROM outbox WHERE ehr = ? AND delivered_at IS NULL",
+        vec![name.into()],
+    )?;
     Ok(store.execute("DELETE FROM ehrs WHERE name = ?", vec![name.into()])? > 0)
 }
 
@@ -167,6 +184,10 @@ pub fn jwks(store: &Store) -> Result<JwkSet, StoreError> {
 }
 
 impl Ehr {
+    pub fn trusts(&self, system: &str) -> bool {
+        self.trusted_systems.split_whitespace().any(|s| s == system)
+    }
+
     pub fn algorithm(&self) -> Algorithm {
         if self.alg == "RS384" {
             Algorithm::RS384

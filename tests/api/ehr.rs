@@ -111,6 +111,7 @@ fn new_ehr<'a>(name: &'a str, iss: &'a str, alg: &'a str) -> NewEhr<'a> {
         alg,
         launch_scopes: "openid fhirUser launch user/Patient.r",
         backend_scopes: "system/AuditEvent.crs",
+        trusted_systems: "urn:oid:2.16.840.1.113883.19.5 http://hl7.org/fhir/sid/us-npi",
     }
 }
 
@@ -372,7 +373,7 @@ both_backends! {
             fixture.register_courier(&app, "courier").await;
         }
         let (ea, eb) = (&ehrs[0], &ehrs[1]);
-        let link = |ehr: &courier::smart::registry::Ehr, r: Value| identity::link(&app.store, &ehr.iss, &r);
+        let link = |ehr: &courier::smart::registry::Ehr, r: Value| identity::link(&app.store, &ehr.iss, &|s| ehr.trusts(s), &r);
 
         let (p1, how) = link(ea, read_from(&app, ea, "Patient/a1").await).unwrap();
         assert_eq!(how, How::Created);
@@ -403,7 +404,7 @@ both_backends! {
             Some(json!({"type": "Patient", "identifier": {"system": MRN, "value": "1002"}})));
         assert_eq!(identity::ehr_reference(&app.store, &ea.iss, &p4).unwrap(), None);
         // Only people are linked.
-        assert!(matches!(identity::link(&app.store, &ea.iss, &json!({"resourceType": "Encounter", "id": "e1"})), Err(LinkError::Invalid(_))));
+        assert!(matches!(identity::link(&app.store, &ea.iss, &|_| true, &json!({"resourceType": "Encounter", "id": "e1"})), Err(LinkError::Invalid(_))));
     }
 }
 
@@ -582,8 +583,9 @@ both_backends! {
         let ehr = registry::add(&app.store, &n).unwrap();
         a.register_courier(&app, "courier").await;
         // The clinician and the patient as a launch would have linked them.
-        let (dr, _) = identity::link(&app.store, &ehr.iss, &read_from(&app, &ehr, "Practitioner/dr-a").await).unwrap();
-        let (pt, _) = identity::link(&app.store, &ehr.iss, &read_from(&app, &ehr, "Patient/a1").await).unwrap();
+        let trust = |s: &str| ehr.trusts(s);
+        let (dr, _) = identity::link(&app.store, &ehr.iss, &trust, &read_from(&app, &ehr, "Practitioner/dr-a").await).unwrap();
+        let (pt, _) = identity::link(&app.store, &ehr.iss, &trust, &read_from(&app, &ehr, "Patient/a1").await).unwrap();
         let clinician = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.cruds", Some(&dr), Some(pt.strip_prefix("Patient/").unwrap())));
         let msg = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": dr}, "recipient": [{"reference": pt}]});
         let send = || async { clinician.post(app.url("Communication")).header("content-type", FHIR_JSON).body(msg.to_string()).send().await.unwrap().status().as_u16() };
@@ -847,7 +849,7 @@ both_backends! {
         let file = || clinician.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send();
         let r = file().await.unwrap();
         assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-        assert!(drained(&app).await);
+        assert!(drained(&app).await, "{:?}", courier::smart::outbox::status(&app.store).unwrap());
         let filed = || async { a.control(reqwest::Method::GET, "resources/Communication", None).await["resources"].as_array().unwrap().clone() };
         let chart = filed().await;
         assert_eq!(chart.len(), 3, "the header and both messages");

@@ -1,0 +1,1 @@
+ALTER TABLE ehrs DROP COLUMN trusted_systems;
