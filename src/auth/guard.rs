@@ -18,8 +18,15 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/metadata" | "/healthz" | "/readyz" | "/metrics")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
-        || path == "/launch"
-        || path.starts_with("/smart/")
+        || matches!(
+            path,
+            "/launch"
+                | "/smart/jwks"
+                | "/smart/launch"
+                | "/smart/callback"
+                | "/smart/session/refresh"
+                | "/smart/logout"
+        )
 }
 
 /// The token of an `Authorization: Bearer …` header.

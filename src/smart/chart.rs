@@ -53,41 +53,68 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
     let thread = access::read(state, &p, "Communication", id, None).await?;
     let header: Value = serde_json::from_slice(thread.body.as_deref().unwrap_or_default())
         .map_err(|_| FhirError::internal())?;
-    let pairs = vec![
-        ("part-of".to_string(), format!("Communication/{id}")),
-        ("_count".to_string(), "1000".to_string()),
-    ];
-    let search = parse_search(state, "Communication", &pairs, true)?;
-    let page = access::search(state, &p, "Communication", search).await?;
-    let mut items = vec![("Communication".to_string(), id.to_string())];
-    items.extend(
-        page.matches
-            .iter()
-            .map(|s| ("Communication".to_string(), s.id.clone())),
-    );
-    // The patient: the thread's subject, else the patient in the clinician's launch context.
-    let patient =
-        audit::patient_of(&header).or_else(|| p.patient.as_ref().map(|x| format!("Patient/{x}")));
-    let Some(patient) = patient else {
+    // The chart is the thread's subject's: no subject, no chart (never a guess from context).
+    let Some(patient) = header["subject"]["reference"]
+        .as_str()
+        .filter(|r| r.starts_with("Patient/"))
+        .map(String::from)
+    else {
         return Err(FhirError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "processing",
-            "the thread names no patient, so no chart to file it to",
+            "the thread names no patient (subject), so there is no chart to file it to",
         ));
     };
+    // Every message of the thread the clinician can see, page by page; only those about the same
+    // patient (a message about someone else does not go into this chart).
+    let mut items = vec![("Communication".to_string(), id.to_string())];
+    let mut offset = 0usize;
+    loop {
+        let pairs = vec![
+            ("part-of".to_string(), format!("Communication/{id}")),
+            ("_count".to_string(), "500".to_string()),
+            ("_offset".to_string(), offset.to_string()),
+        ];
+        let search = parse_search(state, "Communication", &pairs, true)?;
+        let page = access::search(state, &p, "Communication", search).await?;
+        for s in &page.matches {
+            let body: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            if audit::patient_of(&body).as_deref() == Some(patient.as_str()) {
+                items.push(("Communication".to_string(), s.id.clone()));
+            }
+        }
+        if !page.has_next {
+            break;
+        }
+        offset += 500;
+    }
     let wanted = form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "ehr")
         .map(|(_, v)| v.into_owned());
+    let clinician = p.fhir_user.clone().unwrap_or_default();
     let store = state.store.clone();
     let n = items.len();
     let filed_to = blocking(move || {
+        // Only EHRs that know both the patient and the clinician: a thread goes to the chart of an
+        // organisation the clinician works in, not to every EHR that has seen the patient.
         let ehrs: Vec<NameRow> = store.query(
-            "SELECT DISTINCT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss WHERE l.courier_ref = ? ORDER BY e.name",
-            vec![patient.into()],
+            "SELECT DISTINCT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
+             JOIN identity_links u ON u.iss = l.iss AND u.courier_ref = ? \
+             WHERE l.courier_ref = ? ORDER BY e.name",
+            vec![clinician.into(), patient.into()],
         )?;
-        let names: Vec<String> = ehrs.into_iter().map(|r| r.name).filter(|n| wanted.as_ref().is_none_or(|w| w == n)).collect();
+        let names: Vec<String> = ehrs
+            .into_iter()
+            .map(|r| r.name)
+            .filter(|n| wanted.as_ref().is_none_or(|w| w == n))
+            .collect();
         if names.is_empty() {
-            return Err(FhirError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", "the thread's patient is not known to that EHR (or to any)"));
+            return Err(FhirError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "processing",
+                "no EHR knows both this patient and you (or not the one named)",
+            ));
         }
         for name in &names {
             crate::smart::outbox::enqueue_filing(&store, name, &items)?;

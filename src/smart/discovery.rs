@@ -78,6 +78,11 @@ impl Discovery {
                 from_capability_statement(&cs).map_err(|e| format!("{first}; {e}"))?
             }
         };
+        // Codes, assertions and tokens travel to these: https only (http on loopback).
+        for url in std::iter::once(&found.token).chain(found.authorization.as_ref()) {
+            crate::auth::clients::check_jwks_url(url)
+                .map_err(|_| format!("the EHR's endpoint {url} is not https"))?;
+        }
         let found = Arc::new(found);
         self.cache
             .lock()

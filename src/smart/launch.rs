@@ -96,7 +96,8 @@ fn page(status: actix_web::http::StatusCode, title: &str, text: &str) -> HttpRes
     HttpResponse::build(status)
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'; base-uri 'none'; style-src 'unsafe-inline'"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{t} — Courier</title>\
@@ -405,7 +406,23 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
         .await;
     };
     match complete(&state, &ehr, &code, &pending).await {
-        Ok((handoff, user)) => {
+        Ok((mut handoff, user)) => {
+            // The hand-off page may be framed by the EHR that launched Courier, and no one else.
+            let origin = reqwest::Url::parse(&ehr.iss).map(|u| u.origin().ascii_serialization());
+            let csp = handoff
+                .headers()
+                .get(header::CONTENT_SECURITY_POLICY)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            if let (Ok(origin), Some(csp)) = (origin, csp) {
+                if let Ok(v) = header::HeaderValue::from_str(&format!(
+                    "{csp}; frame-ancestors 'self' {origin}"
+                )) {
+                    handoff
+                        .headers_mut()
+                        .insert(header::CONTENT_SECURITY_POLICY, v);
+                }
+            }
             audit_login(&state, &req, Some(user), None).await;
             handoff
         }
@@ -474,6 +491,9 @@ async fn complete(
         .ok_or("the fhirUser is not a Patient, Practitioner or RelatedPerson of this EHR")?;
     let user = map_identity(state, ehr, &ehr_token, &user_ref).await?;
     let patient = match &extra.patient {
+        Some(id) if !fhir_codec::is_valid_id(id) => {
+            return Err("the EHR's patient context is not a valid id".into())
+        }
         Some(id) => Some(map_identity(state, ehr, &ehr_token, &format!("Patient/{id}")).await?),
         None if user.starts_with("Patient/") => Some(user.clone()),
         None => None,
@@ -493,7 +513,8 @@ async fn complete(
                 .as_ref()
                 .and_then(|p| p.strip_prefix("Patient/"))
                 .map(String::from),
-            encounter: extra.encounter.clone(),
+            // The EHR's encounter id is not a Courier id: it goes to the app, not into the token.
+            encounter: None,
         })
         .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
     let signed = super::session::Signed {
@@ -503,7 +524,7 @@ async fn complete(
             .as_ref()
             .and_then(|p| p.strip_prefix("Patient/"))
             .map(String::from),
-        encounter: extra.encounter.clone(),
+        encounter: None,
         scope: scope.to_string(),
         ehr_access_token: ehr_token.clone(),
         ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
@@ -568,9 +589,14 @@ async fn map_identity(
         .json()
         .await
         .map_err(|_| format!("the EHR's {reference} is not JSON"))?;
-    if resource["resourceType"].as_str() != reference.split('/').next() {
+    let answered = format!(
+        "{}/{}",
+        resource["resourceType"].as_str().unwrap_or_default(),
+        resource["id"].as_str().unwrap_or_default()
+    );
+    if answered != reference {
         return Err(format!(
-            "the EHR answered {reference} with another resource type"
+            "the EHR answered {reference} with another resource"
         ));
     }
     let store = state.store.clone();
@@ -580,7 +606,11 @@ async fn map_identity(
         .await
         .map_err(|_| "internal error".to_string())?
         .map(|(r, _)| r)
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            // The details are for the administrator (courier identity conflicts), not this page.
+            identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
+            other => other.to_string(),
+        })
 }
 
 /// Checks an id_token: signature by a key in the EHR's JWKS (RS256/RS384/ES256/ES384), issuer,
@@ -616,6 +646,11 @@ pub async fn verify_id_token(
         }
     }
     let key = key.ok_or("the id_token's kid is not in the EHR's JWKS")?;
+    if let Some(a) = key.common.key_algorithm {
+        if format!("{a:?}") != format!("{:?}", header.alg) {
+            return Err("the id_token's alg does not match its key".into());
+        }
+    }
     let key = DecodingKey::from_jwk(&key).map_err(|_| "the EHR's key is unusable")?;
     let mut v = Validation::new(header.alg);
     v.set_issuer(&[issuer]);
@@ -643,7 +678,8 @@ fn handoff(session: &Value) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; script-src 'nonce-{nonce}'")))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\

@@ -58,6 +58,11 @@ pub struct Signed {
 pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
     let handle = oauth2::CsrfToken::new_random().secret().clone();
     let h = hash(&handle);
+    // Sessions idle past the limit are gone for good (their sealed EHR tokens with them).
+    state.store.execute(
+        "DELETE FROM ehr_sessions WHERE last_active < ?",
+        vec![(now() - state.settings.idle_timeout_secs).into()],
+    )?;
     let tokens = json!({"access_token": s.ehr_access_token, "refresh_token": s.ehr_refresh_token});
     let (key_id, sealed) = state
         .store
@@ -191,11 +196,19 @@ pub async fn refresh(
     if row.ehr_expires_at - t < REFRESH_MARGIN_SECS {
         match refresh_at_ehr(&state, &row).await {
             Ok((tokens, expires_in)) => ehr_tokens = Some(json!([tokens, expires_in])),
-            Err(why) => {
-                tracing::warn!(ehr = %row.ehr, reason = %why, "the EHR did not refresh a session");
+            Err((true, why)) => {
+                tracing::warn!(ehr = %row.ehr, reason = %why, "the EHR refused to refresh a session");
                 end(&state, &row.handle_hash).await;
                 audit_logout(&state, &req, &row.fhir_user, "the EHR ended the session").await;
                 return ended("the EHR ended the session: sign in again");
+            }
+            Err((false, why)) => {
+                // Unreachable or failing EHR: the session stays; the app may try again.
+                tracing::warn!(ehr = %row.ehr, reason = %why, "could not refresh a session at the EHR");
+                return HttpResponse::ServiceUnavailable()
+                    .insert_header((header::CACHE_CONTROL, "no-store"))
+                    .insert_header((header::RETRY_AFTER, "10"))
+                    .json(json!({"error": "temporarily_unavailable", "error_description": "the EHR cannot be reached; try again shortly"}));
             }
         }
     }
@@ -228,7 +241,35 @@ pub async fn refresh(
 }
 
 /// Refreshes the EHR's token with the session's refresh token (authenticated by private_key_jwt).
-async fn refresh_at_ehr(state: &web::Data<AppState>, row: &Row) -> Result<(Value, i64), String> {
+/// An error says whether the EHR refused (the session is over) or could not answer (try again).
+async fn refresh_at_ehr(
+    state: &web::Data<AppState>,
+    row: &Row,
+) -> Result<(Value, i64), (bool, String)> {
+    refresh_inner(state, row).await.map_err(|e| match e {
+        Refusal::Refused(m) => (true, m),
+        Refusal::Unavailable(m) => (false, m),
+    })
+}
+
+enum Refusal {
+    Refused(String),
+    Unavailable(String),
+}
+
+impl From<String> for Refusal {
+    fn from(m: String) -> Self {
+        Refusal::Unavailable(m)
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(m: &str) -> Self {
+        Refusal::Refused(m.into())
+    }
+}
+
+async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value, i64), Refusal> {
     let tokens: Value = serde_json::from_slice(
         &state
             .store
@@ -239,7 +280,7 @@ async fn refresh_at_ehr(state: &web::Data<AppState>, row: &Row) -> Result<(Value
     .map_err(|e| e.to_string())?;
     let refresh = tokens["refresh_token"]
         .as_str()
-        .ok_or("the EHR gave no refresh token")?
+        .ok_or_else(|| Refusal::Refused("the EHR gave no refresh token".into()))?
         .to_string();
     let store = state.store.clone();
     let name = row.ehr.clone();
@@ -266,7 +307,12 @@ async fn refresh_at_ehr(state: &web::Data<AppState>, row: &Row) -> Result<(Value
         .add_extra_param("client_assertion", assertion)
         .request_async(&send)
         .await
-        .map_err(|e| format!("refresh refused: {e}"))?;
+        .map_err(|e| match e {
+            oauth2::RequestTokenError::ServerResponse(r) => {
+                Refusal::Refused(format!("refresh refused: {}", r.error()))
+            }
+            other => Refusal::Unavailable(other.to_string()),
+        })?;
     let new_refresh = res
         .refresh_token()
         .map(|r| r.secret().clone())

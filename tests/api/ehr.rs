@@ -358,11 +358,13 @@ both_backends! {
             person("Patient", "a1", &[(MRN, "1001")]),
             person("Patient", "a2", &[(MRN, "1002")]),
             person("Practitioner", "dr-a", &[(NPI, "1234567890")]),
+            person("Patient", "a9", &[(MRN, "1001")]),
         ]))).await;
         b.control(reqwest::Method::POST, "seed", Some(json!([
             person("Patient", "b1", &[(MRN, "1001")]),
             person("Patient", "b3", &[(MRN, "1001"), (MRN, "1002")]),
             person("Patient", "b4", &[]),
+            person("Patient", "b5", &[("urn:untrusted:mrn", "1001")]),
             person("Practitioner", "dr-b", &[(NPI, "1234567890")]),
         ]))).await;
         let mut ehrs = Vec::new();
@@ -393,6 +395,12 @@ both_backends! {
         let (p4, how) = link(eb, read_from(&app, eb, "Patient/b4").await).unwrap();
         assert_eq!(how, How::Created);
         assert!(![&p1, &p2].contains(&&p4));
+        // An identifier in a system this EHR is not trusted for joins nothing.
+        let (p5, how) = link(eb, read_from(&app, eb, "Patient/b5").await).unwrap();
+        assert_eq!(how, How::Created);
+        assert_ne!(p5, p1);
+        // Two records of one EHR sharing an identifier (mother and newborn) are never merged.
+        assert!(matches!(link(ea, read_from(&app, ea, "Patient/a9").await), Err(LinkError::Conflict(_))));
         // Practitioners by NPI.
         let (d1, _) = link(ea, read_from(&app, ea, "Practitioner/dr-a").await).unwrap();
         assert_eq!(link(eb, read_from(&app, eb, "Practitioner/dr-b").await).unwrap(), (d1.clone(), How::Identifier));
@@ -589,6 +597,15 @@ both_backends! {
         let clinician = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.cruds", Some(&dr), Some(pt.strip_prefix("Patient/").unwrap())));
         let msg = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": dr}, "recipient": [{"reference": pt}]});
         let send = || async { clinician.post(app.url("Communication")).header("content-type", FHIR_JSON).body(msg.to_string()).send().await.unwrap().status().as_u16() };
+        // A second EHR that knows the clinician but not this patient hears nothing about them.
+        let Some(b) = spawn_ehr("ehr-b") else { return };
+        b.control(reqwest::Method::POST, "seed", Some(json!([person("Practitioner", "dr-b", &[("http://hl7.org/fhir/sid/us-npi", "1234567890")])]))).await;
+        let mut nb = new_ehr("ehr-b", &b.base, "ES384");
+        nb.backend_scopes = "system/Practitioner.r system/AuditEvent.cr";
+        let ehr_b = registry::add(&app.store, &nb).unwrap();
+        b.register_courier(&app, "courier").await;
+        let (dr_b, _) = identity::link(&app.store, &ehr_b.iss, &|s| ehr_b.trusts(s), &read_from(&app, &ehr_b, "Practitioner/dr-b").await).unwrap();
+        assert_eq!(dr_b, dr, "the same clinician in both EHRs");
         // Events about people no EHR knows stay home.
         app.create(&message("Patient/nobody", "2024-01-01", "x")).await;
 
@@ -599,6 +616,7 @@ both_backends! {
         let ev = &got.values().next().unwrap()[0];
         // Translated to the EHR's references; Courier's own resources as absolute URLs.
         let text = ev.to_string();
+        assert!(ev.get("contained").is_none() && !text.contains("\"network\""), "no outcome or addresses leave Courier");
         assert!(text.contains("\"Practitioner/dr-a\"") && text.contains("\"Patient/a1\""), "{text}");
         assert!(!text.contains(&dr) && !text.contains(&pt), "no Courier ids leak to the EHR as references");
         assert!(text.contains(&format!("{}/Communication/", app.base)));
@@ -623,6 +641,7 @@ both_backends! {
         assert!(drained(&app2).await, "the new instance delivered the backlog");
         let got = delivered(&a).await;
         assert_eq!(got.len(), 4, "every event arrived");
+        assert!(delivered(&b).await.is_empty(), "ehr-b does not know the patient: it received nothing");
         assert!(got.values().all(|copies| copies.len() == 1), "each exactly once: {:?}", got.values().map(Vec::len).collect::<Vec<_>>());
         let st = courier::smart::outbox::status(&app2.store).unwrap();
         assert_eq!((st[0].pending, st[0].delivered), (0, 4));
