@@ -218,6 +218,18 @@ pub struct JwksCache {
     failed: Mutex<HashMap<String, Instant>>,
 }
 
+/// The HTTP client for everything Courier fetches from other servers (JWKS documents, EHRs): a
+/// 5-second timeout, and no redirects — a bearer token or assertion is never forwarded elsewhere.
+/// TLS is rustls with ring, installed once per process (a second call finds it installed).
+pub fn outbound_http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client builds")
+}
+
 impl Default for JwksCache {
     fn default() -> Self {
         Self::new()
@@ -226,15 +238,8 @@ impl Default for JwksCache {
 
 impl JwksCache {
     pub fn new() -> JwksCache {
-        // TLS for https JWKS URLs: rustls with ring (installed once per process; a second call
-        // finds it installed, which is fine).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         JwksCache {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("HTTP client builds"),
+            http: outbound_http(),
             cache: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
         }

@@ -36,13 +36,8 @@ impl Default for Discovery {
 
 impl Discovery {
     pub fn new() -> Discovery {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         Discovery {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("HTTP client builds"),
+            http: crate::auth::clients::outbound_http(),
             cache: Mutex::new(HashMap::new()),
         }
     }
