@@ -284,12 +284,18 @@ async fn authorize(
         request = request.add_extra_param("launch", l.clone());
     }
     let (url, csrf) = request.url();
+    // A standalone launch starts in the user's own browser window: bind its state to that browser
+    // with a first-party cookie, so a callback link made by someone else (login CSRF) fails.
+    let binding = launch
+        .is_none()
+        .then(|| CsrfToken::new_random().secret().clone());
+    let binding_hash = binding.as_deref().map(binding_hash);
     let store = state.store.clone();
     let saved = web::block(move || {
         let now = dates::now_micros() / 1_000_000;
         store.execute("DELETE FROM launch_states WHERE expires_at < ?", vec![now.into()])?;
         store.execute(
-            "INSERT INTO launch_states (state, ehr, verifier, nonce, launch, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO launch_states (state, ehr, verifier, nonce, launch, expires_at, browser_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
             vec![
                 csrf.secret().clone().into(),
                 ehr.name.clone().into(),
@@ -297,6 +303,7 @@ async fn authorize(
                 nonce.into(),
                 launch.into(),
                 (now + STATE_TTL_SECS).into(),
+                binding_hash.into(),
             ],
         )
     })
@@ -311,11 +318,30 @@ async fn authorize(
         )
         .await;
     }
-    HttpResponse::Found()
-        .insert_header((header::LOCATION, url.to_string()))
+    let mut res = HttpResponse::Found();
+    res.insert_header((header::LOCATION, url.to_string()))
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .finish()
+        .insert_header((header::REFERRER_POLICY, "no-referrer"));
+    if let Some(b) = binding {
+        let secure = if state.settings.base_url.starts_with("https://") {
+            "; Secure"
+        } else {
+            ""
+        };
+        res.insert_header((
+            header::SET_COOKIE,
+            format!("{BINDING_COOKIE}={b}; Path=/smart/callback; HttpOnly; SameSite=Lax; Max-Age={STATE_TTL_SECS}{secure}"),
+        ));
+    }
+    res.finish()
+}
+
+const BINDING_COOKIE: &str = "courier_launch";
+
+fn binding_hash(b: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(b.as_bytes()))
 }
 
 #[derive(diesel::QueryableByName)]
@@ -328,6 +354,8 @@ struct PendingRow {
     nonce: String,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     expires_at: i64,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    browser_hash: Option<String>,
 }
 
 /// `GET /smart/callback?code=…&state=…` (or `?error=…&state=…`).
@@ -347,7 +375,7 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
     let store = state.store.clone();
     let pending = web::block(move || {
         store.query::<PendingRow>(
-            "DELETE FROM launch_states WHERE state = ? RETURNING ehr, verifier, nonce, expires_at",
+            "DELETE FROM launch_states WHERE state = ? RETURNING ehr, verifier, nonce, expires_at, browser_hash",
             vec![csrf.into()],
         )
     })
@@ -375,6 +403,25 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
         )
         .await;
     };
+    if let Some(expected) = &pending.browser_hash {
+        let cookie = req
+            .headers()
+            .get_all(header::COOKIE)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(BINDING_COOKIE)?.strip_prefix('='))
+            .map(binding_hash);
+        if cookie.as_ref() != Some(expected) {
+            return refuse(
+                &state,
+                &req,
+                400,
+                "Sign-in failed",
+                "This sign-in was started in another browser. Start again from your portal.",
+            )
+            .await;
+        }
+    }
     if let Some(error) = param(&q, "error") {
         let why = if error == "access_denied" {
             "Access was denied at the EHR."

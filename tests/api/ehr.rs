@@ -431,6 +431,41 @@ async fn step(url: &str) -> (u16, Option<String>, String) {
     (status, loc, r.text().await.unwrap_or_default())
 }
 
+/// Starts a standalone launch in a "browser": the EHR's authorize URL and the binding cookie.
+async fn standalone(app: &TestApp) -> (String, String) {
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c
+        .get(app.url("smart/launch?ehr=ehr-a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (
+        r.headers()["location"].to_str().unwrap().to_string(),
+        cookie,
+    )
+}
+
+/// The EHR's redirect back, as the browser that holds `cookie` follows it.
+async fn back_with(url: &str, cookie: &str) -> (u16, String) {
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c.get(url).header("cookie", cookie).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 /// The session the hand-off page gives the web app.
 fn session_of(page: &str) -> Value {
     let start = page.find("JSON.stringify(").expect("hand-off script") + "JSON.stringify(".len();
@@ -499,15 +534,14 @@ both_backends! {
 
         // Standalone launch from the patient portal: the patient signs in at the EHR.
         a.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
-        let (s, to_ehr, _) = step(&app.url("smart/launch?ehr=ehr-a")).await;
-        assert_eq!(s, 302);
-        let to_ehr = to_ehr.unwrap();
+        let (to_ehr, cookie) = standalone(&app).await;
+        assert!(cookie.starts_with("courier_launch="));
         assert!(query_of(&to_ehr)["scope"].split(' ').any(|s| s == "launch/patient"));
         assert!(!query_of(&to_ehr).contains_key("launch"));
         let (_, back, _) = step(&to_ehr).await;
         let back = back.unwrap();
         assert!(!back.contains("error="), "{back}");
-        let (s, _, page) = step(&back).await;
+        let (s, page) = back_with(&back, &cookie).await;
         assert_eq!(s, 200, "{page}");
         let session = session_of(&page);
         assert_eq!(session["fhirUser"], patient.as_str(), "the patient is the same Courier patient");
@@ -525,18 +559,24 @@ both_backends! {
         assert!(body.contains("not registered"));
         let (s, _, _) = step(&app.url("smart/callback?code=x&state=not-a-state")).await;
         assert_eq!(s, 400);
+        // Login CSRF: a standalone callback finished in another browser (without the cookie) fails.
+        let (to_ehr, _cookie) = standalone(&app).await;
+        let (_, back, _) = step(&to_ehr).await;
+        let (s, _, body) = step(&back.unwrap()).await;
+        assert_eq!(s, 400);
+        assert!(body.contains("another browser"), "{body}");
         a.control(reqwest::Method::POST, "settings", Some(json!({"deny": true}))).await;
-        let (_, to_ehr, _) = step(&app.url("smart/launch?ehr=ehr-a")).await;
-        let (_, back, _) = step(&to_ehr.unwrap()).await;
+        let (to_ehr, cookie) = standalone(&app).await;
+        let (_, back, _) = step(&to_ehr).await;
         let back = back.unwrap();
         assert!(back.contains("error=access_denied"));
-        let (s, _, body) = step(&back).await;
+        let (s, body) = back_with(&back, &cookie).await;
         assert_eq!(s, 403);
         assert!(body.contains("denied"));
         let logins = app.get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110122&_count=100").await;
         let entries = logins["entry"].as_array().unwrap();
         assert!(entries.iter().any(|e| e["resource"]["outcome"] == "0" && e["resource"].to_string().contains(&user)));
-        assert!(entries.iter().filter(|e| e["resource"]["outcome"] == "4").count() >= 4);
+        assert!(entries.iter().filter(|e| e["resource"]["outcome"] == "4").count() >= 5);
         // No token or code in the audit trail.
         assert!(!logins.to_string().contains(session["access_token"].as_str().unwrap()));
     }

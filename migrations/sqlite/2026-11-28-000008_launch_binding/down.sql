@@ -1,0 +1,1 @@
+ALTER TABLE launch_states DROP COLUMN browser_hash;
