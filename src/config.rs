@@ -42,6 +42,39 @@ pub struct Settings {
     /// A signed-in user's session ends after this many seconds without activity
     /// (`COURIER_IDLE_TIMEOUT_SECS`, automatic log-off).
     pub idle_timeout_secs: i64,
+    /// EHRs from the config file (`[[ehr]]` tables), registered or updated at start; the same as
+    /// `courier ehr add`, which needs no file.
+    pub ehr: Vec<EhrConfig>,
+}
+
+/// An `[[ehr]]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EhrConfig {
+    pub name: String,
+    pub iss: String,
+    pub client_id: String,
+    #[serde(default = "default_alg")]
+    pub alg: String,
+    #[serde(default = "default_launch_scope")]
+    pub launch_scope: String,
+    #[serde(default = "default_backend_scope")]
+    pub backend_scope: String,
+    #[serde(default = "default_trusted_systems")]
+    pub trusted_systems: String,
+}
+
+fn default_alg() -> String {
+    "ES384".into()
+}
+pub fn default_launch_scope() -> String {
+    "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r".into()
+}
+pub fn default_backend_scope() -> String {
+    "system/AuditEvent.c system/Communication.c".into()
+}
+pub fn default_trusted_systems() -> String {
+    "http://hl7.org/fhir/sid/us-npi".into()
 }
 
 impl Default for Settings {
@@ -62,6 +95,7 @@ impl Default for Settings {
             workers: 0,
             log: "info".into(),
             idle_timeout_secs: 900,
+            ehr: vec![],
         }
     }
 }

@@ -119,15 +119,15 @@ enum EhrCommand {
         /// Scopes to request for user launches.
         #[arg(
             long,
-            default_value = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r"
+            default_value_t = courier::config::default_launch_scope()
         )]
         launch_scope: String,
         /// Scopes to request for the backend-services connection (AuditEvent write-back).
-        #[arg(long, default_value = "system/AuditEvent.c system/Communication.c")]
+        #[arg(long, default_value_t = courier::config::default_backend_scope())]
         backend_scope: String,
         /// Identifier systems this EHR is trusted for (space-separated): only identifiers in these
         /// systems join its records to identities another EHR brought (an enterprise MRN, NPI).
-        #[arg(long, default_value = "http://hl7.org/fhir/sid/us-npi")]
+        #[arg(long, default_value_t = courier::config::default_trusted_systems())]
         trusted_systems: String,
     },
     /// List the registered EHRs.

@@ -64,6 +64,7 @@ impl Application {
         }
         let store = Arc::new(open_store(&settings)?);
         let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
+        crate::smart::registry::sync(&store, &settings.ehr)?;
         crate::auth::clients::ensure_internal(
             &store,
             crate::smart::launch::WEB_APP_CLIENT,

@@ -174,6 +174,40 @@ pub fn remove(store: &Store, name: &str) -> Result<bool, StoreError> {
     Ok(store.execute("DELETE FROM ehrs WHERE name = ?", vec![name.into()])? > 0)
 }
 
+/// Registers the EHRs of the config file, or updates their settings (keeping their keys).
+pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::Result<()> {
+    for c in configured {
+        let wanted = NewEhr {
+            name: &c.name,
+            iss: &c.iss,
+            client_id: &c.client_id,
+            alg: &c.alg,
+            launch_scopes: &c.launch_scope,
+            backend_scopes: &c.backend_scope,
+            trusted_systems: &c.trusted_systems,
+        };
+        match get(store, &c.name)? {
+            None => {
+                add(store, &wanted).map_err(|e| anyhow::anyhow!("[[ehr]] {}: {e}", c.name))?;
+            }
+            Some(_) => {
+                store.execute(
+                    "UPDATE ehrs SET iss = ?, client_id = ?, launch_scopes = ?, backend_scopes = ?, trusted_systems = ? WHERE name = ?",
+                    vec![
+                        normalize_iss(&c.iss)?.into(),
+                        c.client_id.trim().into(),
+                        c.launch_scope.trim().into(),
+                        c.backend_scope.trim().into(),
+                        c.trusted_systems.split_whitespace().collect::<Vec<_>>().join(" ").into(),
+                        c.name.clone().into(),
+                    ],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Courier's public keys for all EHRs (`GET /smart/jwks`).
 pub fn jwks(store: &Store) -> Result<JwkSet, StoreError> {
     let keys = list(store)?

@@ -928,3 +928,45 @@ both_backends! {
         assert_eq!(other.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 404);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ehrs_from_the_config_file_are_registered_and_updated() {
+    let cfg = |scope: &str| courier::config::EhrConfig {
+        name: "from-file".into(),
+        iss: "https://ehr.example.org/fhir".into(),
+        client_id: "courier".into(),
+        alg: "ES384".into(),
+        launch_scope: "openid fhirUser launch".into(),
+        backend_scope: scope.into(),
+        trusted_systems: courier::config::default_trusted_systems(),
+    };
+    let first = cfg("system/AuditEvent.c");
+    let app = spawn_app_with(Backend::Sqlite, move |s| s.ehr = vec![first])
+        .await
+        .unwrap();
+    let e = registry::get(&app.store, "from-file")
+        .unwrap()
+        .expect("registered at start");
+    assert_eq!(e.backend_scopes, "system/AuditEvent.c");
+    // A restart with changed settings updates them and keeps the key the EHR registered.
+    let url = app.database_url.clone();
+    let second = cfg("system/AuditEvent.c system/Communication.c");
+    let app2 = spawn_app_with(Backend::Sqlite, move |s| {
+        s.database_url = url;
+        s.ehr = vec![second];
+    })
+    .await
+    .unwrap();
+    let e2 = registry::get(&app2.store, "from-file").unwrap().unwrap();
+    assert_eq!(
+        e2.backend_scopes,
+        "system/AuditEvent.c system/Communication.c"
+    );
+    assert_eq!(e2.kid, e.kid);
+    // The file format.
+    let parsed: courier::config::Settings = toml::from_str(
+        "[[ehr]]\nname = \"a\"\niss = \"https://e.example.org/fhir\"\nclient_id = \"c\"\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.ehr[0].alg, "ES384");
+}
