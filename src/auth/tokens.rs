@@ -326,7 +326,12 @@ impl Tokens {
 
     /// Revokes a token by its `jti` until it would have expired anyway.
     pub fn revoke(&self, p: &Principal) -> Result<(), crate::store::StoreError> {
-        let binds: Vec<Bind> = vec![p.jti.clone().into(), p.exp.into()];
+        self.revoke_jti(&p.jti, p.exp)
+    }
+
+    /// Revokes the token with this `jti` (which expires at `exp`).
+    pub fn revoke_jti(&self, jti: &str, exp: i64) -> Result<(), crate::store::StoreError> {
+        let binds: Vec<Bind> = vec![jti.into(), exp.into()];
         let sql = if self.store.db.backend_name() == "postgresql" {
             "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
         } else {

@@ -576,6 +576,7 @@ async fn complete(
         ehr_access_token: ehr_token.clone(),
         ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
         ehr_expires_in: res.expires_in().map_or(300, |d| d.as_secs() as i64),
+        first_token: (issued.claims.jti.clone(), issued.claims.exp),
     };
     let st = state.clone();
     let handle = web::block(move || super::session::start(&st, &signed))

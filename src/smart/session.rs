@@ -52,6 +52,8 @@ pub struct Signed {
     pub ehr_access_token: String,
     pub ehr_refresh_token: Option<String>,
     pub ehr_expires_in: i64,
+    /// The first Courier token's `jti` and expiry.
+    pub first_token: (String, i64),
 }
 
 /// Starts a session; returns the handle for the web app.
@@ -70,7 +72,7 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
         .seal(tokens.to_string().as_bytes(), &aad(&h));
     let t = now();
     state.store.execute(
-        "INSERT INTO ehr_sessions (handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO ehr_sessions (handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, created_at, token_jtis) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         vec![
             h.into(),
             s.ehr.clone().into(),
@@ -83,9 +85,16 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
             (t + s.ehr_expires_in).into(),
             t.into(),
             t.into(),
+            format!("{}:{}", s.first_token.0, s.first_token.1).into(),
         ],
     )?;
     Ok(handle)
+}
+
+#[derive(QueryableByName)]
+struct JtiRow {
+    #[diesel(sql_type = Text)]
+    token_jtis: String,
 }
 
 #[derive(QueryableByName)]
@@ -110,6 +119,8 @@ struct Row {
     ehr_expires_at: i64,
     #[diesel(sql_type = BigInt)]
     last_active: i64,
+    #[diesel(sql_type = Text)]
+    token_jtis: String,
 }
 
 fn handle_of(body: &[u8]) -> Option<String> {
@@ -143,7 +154,7 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
     let h = hash(handle);
     web::block(move || {
         store.query::<Row>(
-            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active FROM ehr_sessions WHERE handle_hash = ?",
+            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, token_jtis FROM ehr_sessions WHERE handle_hash = ?",
             vec![h.into()],
         )
     })
@@ -154,11 +165,22 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
     .next()
 }
 
+/// Ends a session: the row goes, and every Courier token it was given is revoked at once.
 async fn end(state: &web::Data<AppState>, handle_hash: &str) {
-    let store = state.store.clone();
+    let st = state.clone();
     let h = handle_hash.to_string();
     let _ = web::block(move || {
-        store.execute(
+        let rows: Vec<JtiRow> = st.store.query(
+            "SELECT token_jtis FROM ehr_sessions WHERE handle_hash = ?",
+            vec![h.clone().into()],
+        )?;
+        for pair in rows.iter().flat_map(|r| r.token_jtis.split_whitespace()) {
+            if let Some((jti, exp)) = pair.split_once(':') {
+                st.tokens
+                    .revoke_jti(jti, exp.parse().unwrap_or(i64::MAX / 4))?;
+            }
+        }
+        st.store.execute(
             "DELETE FROM ehr_sessions WHERE handle_hash = ?",
             vec![h.into()],
         )
@@ -224,6 +246,28 @@ pub async fn refresh(
     };
     let store = state.store.clone();
     let h = row.handle_hash.clone();
+    let jtis = row
+        .token_jtis
+        .split_whitespace()
+        .filter(|p| {
+            p.split_once(':')
+                .and_then(|(_, e)| e.parse::<i64>().ok())
+                .is_some_and(|e| e > t)
+        })
+        .chain(std::iter::once(
+            format!("{}:{}", issued.claims.jti, issued.claims.exp).as_str(),
+        ))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let store2 = store.clone();
+    let h2 = h.clone();
+    let _ = web::block(move || {
+        store2.execute(
+            "UPDATE ehr_sessions SET token_jtis = ? WHERE handle_hash = ?",
+            vec![jtis.into(), h2.into()],
+        )
+    })
+    .await;
     let _ = web::block(move || match ehr_tokens {
         Some(v) => {
             let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));

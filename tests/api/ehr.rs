@@ -845,6 +845,9 @@ both_backends! {
         let (st, _) = session_post(&app, "smart/logout", &handle, Some(&token)).await;
         assert_eq!(st, 200);
         assert_eq!(client_with_token(&token).get(app.url("Communication")).send().await.unwrap().status(), 401);
+        // So does every earlier token of the session, the launch's own included.
+        let first = s["access_token"].as_str().unwrap();
+        assert_eq!(client_with_token(first).get(app.url("Communication")).send().await.unwrap().status(), 401);
         assert_eq!(session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
         assert_eq!(session_post(&app, "smart/session/refresh", "not-a-session", None).await.0, 401);
         // When the EHR revokes the grant, the next refresh that needs it ends the session.
@@ -881,6 +884,17 @@ async fn idle_sessions_are_logged_off() {
         .as_str()
         .unwrap()
         .contains("inactivity"));
+    let first = s["access_token"].as_str().unwrap();
+    assert_eq!(
+        client_with_token(first)
+            .get(app.url("Communication"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "its tokens end with it"
+    );
 }
 
 both_backends! {

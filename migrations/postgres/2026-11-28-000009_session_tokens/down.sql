@@ -1,0 +1,1 @@
+ALTER TABLE ehr_sessions DROP COLUMN token_jtis;
