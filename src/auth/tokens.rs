@@ -331,17 +331,25 @@ impl Tokens {
 
     /// Revokes the token with this `jti` (which expires at `exp`).
     pub fn revoke_jti(&self, jti: &str, exp: i64) -> Result<(), crate::store::StoreError> {
-        let binds: Vec<Bind> = vec![jti.into(), exp.into()];
-        let sql = if self.store.db.backend_name() == "postgresql" {
-            "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
-        } else {
-            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)"
-        };
-        self.store.execute(sql, binds)?;
-        self.store.execute(
-            "DELETE FROM revoked_tokens WHERE expires_at < ?",
-            vec![(now() - 60).into()],
-        )?;
-        Ok(())
+        revoke_in(&self.store, jti, exp)
     }
 }
+
+/// Revokes a token by its `jti` until it would have expired anyway (for callers holding only the
+/// store, such as the EHR registry).
+pub fn revoke_in(store: &Store, jti: &str, exp: i64) -> Result<(), crate::store::StoreError> {
+    let binds: Vec<Bind> = vec![jti.into(), exp.into()];
+    let sql = if store.db.backend_name() == "postgresql" {
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    } else {
+        "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)"
+    };
+    store.execute(sql, binds)?;
+    store.execute(
+        "DELETE FROM revoked_tokens WHERE expires_at < ?",
+        vec![(now() - 60).into()],
+    )?;
+    Ok(())
+}
+
+impl Tokens {}

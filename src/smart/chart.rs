@@ -84,10 +84,10 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
                 items.push(("Communication".to_string(), s.id.clone()));
             }
         }
-        if !page.has_next {
+        if !page.has_next || page.matches.is_empty() {
             break;
         }
-        offset += 500;
+        offset += page.matches.len();
     }
     let wanted = form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "ehr")

@@ -330,13 +330,20 @@ async fn authorize(
         };
         res.insert_header((
             header::SET_COOKIE,
-            format!("{BINDING_COOKIE}={b}; Path=/smart/callback; HttpOnly; SameSite=Lax; Max-Age={STATE_TTL_SECS}{secure}"),
+            format!("{BINDING_COOKIE}={b}; Path={}; HttpOnly; SameSite=Lax; Max-Age={STATE_TTL_SECS}{secure}", callback_path(state)),
         ));
     }
     res.finish()
 }
 
 const BINDING_COOKIE: &str = "courier_launch";
+
+/// The callback's path under the base URL (the binding cookie is sent there only).
+fn callback_path(state: &AppState) -> String {
+    reqwest::Url::parse(&redirect_uri(state))
+        .map(|u| u.path().to_string())
+        .unwrap_or_else(|_| "/smart/callback".into())
+}
 
 fn binding_hash(b: &str) -> String {
     use base64::Engine;

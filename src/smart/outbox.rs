@@ -239,10 +239,25 @@ async fn deliver(
     match res.status().as_u16() {
         201 => Ok(()),
         200 => {
-            // A match: it must be our earlier copy, or the EHR ignored the condition.
-            let body = res.text().await.unwrap_or_default();
-            let marker = condition.rsplit('|').next().unwrap_or_default();
-            if body.contains(marker) {
+            // A match: it must be our earlier copy (its identifier exactly), or the EHR ignored the
+            // condition and answered with something else.
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            let (system, value) = condition
+                .split_once('=')
+                .and_then(|(_, v)| v.split_once('|'))
+                .unwrap_or_default();
+            let ours = |i: &Value| i["system"] == system && i["value"] == value;
+            let found = body["identifier"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(ours)
+                || body["entity"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| ours(&e["what"]["identifier"]));
+            if found {
                 Ok(())
             } else {
                 Err("the EHR answered 200 with a resource that is not Courier's copy".into())

@@ -166,7 +166,7 @@ pub fn by_iss(store: &Store, iss: &str) -> Result<Option<Ehr>, StoreError> {
 /// Removes an EHR with its sessions and undelivered outbox rows (a later EHR of the same name
 /// must not inherit them).
 pub fn remove(store: &Store, name: &str) -> Result<bool, StoreError> {
-    store.execute("DELETE FROM ehr_sessions WHERE ehr = ?", vec![name.into()])?;
+    crate::smart::session::end_where(store, "ehr = ?", vec![name.into()])?;
     store.execute(
         "DELETE FROM outbox WHERE ehr = ? AND delivered_at IS NULL",
         vec![name.into()],
@@ -190,11 +190,17 @@ pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::R
             None => {
                 add(store, &wanted).map_err(|e| anyhow::anyhow!("[[ehr]] {}: {e}", c.name))?;
             }
-            Some(_) => {
+            Some(e) => {
+                // Another server under the same name would inherit sessions, links and pending
+                // deliveries meant for the old one: that takes `courier ehr remove` and a new add.
+                anyhow::ensure!(
+                    e.iss == normalize_iss(&c.iss)? && e.alg == c.alg,
+                    "[[ehr]] {}: iss or alg differ from the registered EHR; remove it (courier ehr remove) and start again",
+                    c.name
+                );
                 store.execute(
-                    "UPDATE ehrs SET iss = ?, client_id = ?, launch_scopes = ?, backend_scopes = ?, trusted_systems = ? WHERE name = ?",
+                    "UPDATE ehrs SET client_id = ?, launch_scopes = ?, backend_scopes = ?, trusted_systems = ? WHERE name = ?",
                     vec![
-                        normalize_iss(&c.iss)?.into(),
                         c.client_id.trim().into(),
                         c.launch_scope.trim().into(),
                         c.backend_scope.trim().into(),

@@ -61,8 +61,9 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
     let handle = oauth2::CsrfToken::new_random().secret().clone();
     let h = hash(&handle);
     // Sessions idle past the limit are gone for good (their sealed EHR tokens with them).
-    state.store.execute(
-        "DELETE FROM ehr_sessions WHERE last_active < ?",
+    end_where(
+        &state.store,
+        "last_active < ?",
         vec![(now() - state.settings.idle_timeout_secs).into()],
     )?;
     let tokens = json!({"access_token": s.ehr_access_token, "refresh_token": s.ehr_refresh_token});
@@ -119,8 +120,6 @@ struct Row {
     ehr_expires_at: i64,
     #[diesel(sql_type = BigInt)]
     last_active: i64,
-    #[diesel(sql_type = Text)]
-    token_jtis: String,
 }
 
 fn handle_of(body: &[u8]) -> Option<String> {
@@ -154,7 +153,7 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
     let h = hash(handle);
     web::block(move || {
         store.query::<Row>(
-            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, token_jtis FROM ehr_sessions WHERE handle_hash = ?",
+            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active FROM ehr_sessions WHERE handle_hash = ?",
             vec![h.into()],
         )
     })
@@ -169,23 +168,29 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
 async fn end(state: &web::Data<AppState>, handle_hash: &str) {
     let st = state.clone();
     let h = handle_hash.to_string();
-    let _ = web::block(move || {
-        let rows: Vec<JtiRow> = st.store.query(
-            "SELECT token_jtis FROM ehr_sessions WHERE handle_hash = ?",
-            vec![h.clone().into()],
-        )?;
-        for pair in rows.iter().flat_map(|r| r.token_jtis.split_whitespace()) {
-            if let Some((jti, exp)) = pair.split_once(':') {
-                st.tokens
-                    .revoke_jti(jti, exp.parse().unwrap_or(i64::MAX / 4))?;
-            }
+    let _ = web::block(move || end_where(&st.store, "handle_hash = ?", vec![h.into()])).await;
+}
+
+/// Ends every session matching `condition` (logout, idle, a removed EHR): their Courier tokens are
+/// revoked, then the rows deleted. The one way a session ends.
+pub fn end_where(
+    store: &crate::store::Store,
+    condition: &str,
+    binds: Vec<crate::store::db::Bind>,
+) -> Result<usize, crate::store::StoreError> {
+    let rows: Vec<JtiRow> = store.query(
+        &format!("SELECT token_jtis FROM ehr_sessions WHERE {condition}"),
+        binds.clone(),
+    )?;
+    for pair in rows.iter().flat_map(|r| r.token_jtis.split_whitespace()) {
+        if let Some((jti, exp)) = pair.split_once(':') {
+            crate::auth::tokens::revoke_in(store, jti, exp.parse().unwrap_or(i64::MAX / 4))?;
         }
-        st.store.execute(
-            "DELETE FROM ehr_sessions WHERE handle_hash = ?",
-            vec![h.into()],
-        )
-    })
-    .await;
+    }
+    store.execute(
+        &format!("DELETE FROM ehr_sessions WHERE {condition}"),
+        binds,
+    )
 }
 
 /// `POST /smart/session/refresh` (form: `session=<handle>`): a fresh Courier token while the user
@@ -246,28 +251,29 @@ pub async fn refresh(
     };
     let store = state.store.clone();
     let h = row.handle_hash.clone();
-    let jtis = row
-        .token_jtis
-        .split_whitespace()
-        .filter(|p| {
-            p.split_once(':')
-                .and_then(|(_, e)| e.parse::<i64>().ok())
-                .is_some_and(|e| e > t)
-        })
-        .chain(std::iter::once(
-            format!("{}:{}", issued.claims.jti, issued.claims.exp).as_str(),
-        ))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let store2 = store.clone();
-    let h2 = h.clone();
-    let _ = web::block(move || {
-        store2.execute(
-            "UPDATE ehr_sessions SET token_jtis = ? WHERE handle_hash = ?",
-            vec![jtis.into(), h2.into()],
-        )
+    let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
+    let (store2, h2, jti, exp) = (
+        store.clone(),
+        h.clone(),
+        issued.claims.jti.clone(),
+        issued.claims.exp,
+    );
+    // Appended in one statement (concurrent refreshes both land); no row means the session ended
+    // meanwhile, and the token just issued is revoked instead of handed out.
+    let recorded = web::block(move || {
+        let n = store2.execute(
+            "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ?",
+            vec![entry.into(), h2.into()],
+        )?;
+        if n == 0 {
+            crate::auth::tokens::revoke_in(&store2, &jti, exp)?;
+        }
+        Ok::<_, crate::store::StoreError>(n)
     })
     .await;
+    if !matches!(recorded, Ok(Ok(1))) {
+        return ended("the session has ended: sign in again");
+    }
     let _ = web::block(move || match ehr_tokens {
         Some(v) => {
             let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));
@@ -307,12 +313,6 @@ impl From<String> for Refusal {
     }
 }
 
-impl From<&str> for Refusal {
-    fn from(m: &str) -> Self {
-        Refusal::Refused(m.into())
-    }
-}
-
 async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value, i64), Refusal> {
     let tokens: Value = serde_json::from_slice(
         &state
@@ -332,7 +332,7 @@ async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value,
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?
-        .ok_or("the EHR is no longer registered")?;
+        .ok_or_else(|| Refusal::Refused("the EHR is no longer registered".into()))?;
     let endpoints = state.ehrs.discovery().endpoints(&ehr.iss).await?;
     let assertion = ehr
         .client_assertion(&state.store, &endpoints.token)
@@ -352,7 +352,14 @@ async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value,
         .request_async(&send)
         .await
         .map_err(|e| match e {
-            oauth2::RequestTokenError::ServerResponse(r) => {
+            oauth2::RequestTokenError::ServerResponse(r)
+                if matches!(
+                    r.error(),
+                    oauth2::basic::BasicErrorResponseType::InvalidGrant
+                        | oauth2::basic::BasicErrorResponseType::InvalidClient
+                        | oauth2::basic::BasicErrorResponseType::UnauthorizedClient
+                ) =>
+            {
                 Refusal::Refused(format!("refresh refused: {}", r.error()))
             }
             other => Refusal::Unavailable(other.to_string()),

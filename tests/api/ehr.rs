@@ -977,6 +977,13 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         "system/AuditEvent.c system/Communication.c"
     );
     assert_eq!(e2.kid, e.kid);
+    // Another server under the same name is refused (its sessions and deliveries would follow it).
+    let mut moved = cfg("system/AuditEvent.c");
+    moved.iss = "https://elsewhere.example.org/fhir".into();
+    let err = registry::sync(&app2.store, &[moved])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("remove it"), "{err}");
     // The file format.
     let parsed: courier::config::Settings = toml::from_str(
         "[[ehr]]\nname = \"a\"\niss = \"https://e.example.org/fhir\"\nclient_id = \"c\"\n",
