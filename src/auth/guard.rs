@@ -78,10 +78,7 @@ pub async fn authenticate(
         Err(why) => {
             let ctx = audit_context(req.request(), &state);
             let event = audit::authentication(&ctx, Some(&why));
-            let store = state.store.clone();
-            if let Err(e) = web::block(move || store.record_audit(event)).await {
-                tracing::error!(error = %e, "could not record AuditEvent");
-            }
+            crate::fhir::rest::record_event(&state, event).await;
             let err = FhirError::new(StatusCode::UNAUTHORIZED, "login", why.clone());
             let mut res = err.error_response();
             // RFC 6750 §3.1: no error code when the request carried no token at all.

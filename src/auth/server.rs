@@ -96,19 +96,12 @@ fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-async fn record(state: &web::Data<AppState>, event: Value) {
-    let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(event)).await {
-        tracing::error!(error = %e, "could not record AuditEvent");
-    }
-}
-
 /// `POST /auth/token`: SMART Backend Services.
 pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let mut ctx = audit_context(&req, &state);
     let result = token_inner(&state, &req, &body, &mut ctx).await;
     let failure = result.as_ref().err().map(|(_, d)| truncate(d, 300));
-    record(&state, audit::authentication(&ctx, failure.as_deref())).await;
+    crate::fhir::rest::record_event(&state, audit::authentication(&ctx, failure.as_deref())).await;
     match result {
         Ok(r) => r,
         Err((r, _)) => r,

@@ -83,8 +83,14 @@ pub async fn audit_outcome(
         patient.as_deref(),
         failure,
     );
+    record_event(state, ev).await;
+}
+
+/// Records an AuditEvent on its own, off the async executor. Audit failures are logged, never
+/// shown to the client.
+pub async fn record_event(state: &AppState, event: Value) {
     let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(ev))
+    if let Err(e) = web::block(move || store.record_audit(event))
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()))

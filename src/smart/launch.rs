@@ -117,10 +117,7 @@ async fn audit_login(
     ctx.client_id = Some(WEB_APP_CLIENT.into());
     ctx.user = user;
     let event = audit::authentication(&ctx, failure);
-    let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(event)).await {
-        tracing::error!(error = %e, "could not record AuditEvent");
-    }
+    crate::fhir::rest::record_event(state, event).await;
 }
 
 async fn refuse(

@@ -142,10 +142,7 @@ async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str
     let mut event = crate::audit::authentication(&ctx, None);
     event["subtype"] = json!([{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110123", "display": "Logout"}]);
     event["outcomeDesc"] = json!(why);
-    let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(event)).await {
-        tracing::error!(error = %e, "could not record AuditEvent");
-    }
+    crate::fhir::rest::record_event(state, event).await;
 }
 
 async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {

@@ -414,19 +414,7 @@ fn client_registry_cli_adds_lists_and_removes() {
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, es384_key().1.to_string()).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(args)
-            .env("COURIER_DATA_DIR", dir.path())
-            .env("COURIER_LOG", "error")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| run_cli(dir.path(), args);
     let (ok, id, err) = run(&[
         "client",
         "add",

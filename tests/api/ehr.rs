@@ -211,19 +211,7 @@ async fn discovery_reads_the_smart_configuration_of_the_test_ehr() {
 #[test]
 fn ehr_registry_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(args)
-            .env("COURIER_DATA_DIR", dir.path())
-            .env("COURIER_LOG", "error")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| run_cli(dir.path(), args);
     let (ok, out, err) = run(&[
         "ehr",
         "add",

@@ -131,6 +131,21 @@ pub async fn spawn_app_with(
     })
 }
 
+/// Runs the real `courier` binary on the data directory `dir`: (success, stdout, stderr).
+pub fn run_cli(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(args)
+        .env("COURIER_DATA_DIR", dir)
+        .env("COURIER_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 pub const ADMIN_SCOPES: &str = "system/*.cruds system/AuditEvent.rs";
 
 /// A reqwest client that sends `token` as its bearer token on every request.
