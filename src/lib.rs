@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod fhir;
+pub mod messaging;
 pub mod search;
 pub mod smart;
 pub mod startup;

@@ -72,6 +72,11 @@ impl Application {
             "user/*.cruds patient/*.cruds",
         )?;
         let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new())));
+        let pg_url = settings
+            .database_url
+            .starts_with("postgres")
+            .then(|| settings.database_url.clone());
+        let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url)?;
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -84,6 +89,7 @@ impl Application {
             tokens: tokens.clone(),
             jwks: Arc::new(JwksCache::new()),
             ehrs: ehrs.clone(),
+            hub,
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -98,6 +104,7 @@ impl Application {
                 .configure(crate::auth::server::routes)
                 .configure(crate::smart::launch::routes)
                 .configure(crate::smart::session::routes)
+                .configure(crate::messaging::routes)
                 .configure(fhir::routes)
                 .default_service(web::to(|| async {
                     FhirError::not_found("no such endpoint").error_response()

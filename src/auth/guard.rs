@@ -26,6 +26,8 @@ fn is_public(path: &str) -> bool {
                 | "/smart/callback"
                 | "/smart/session/refresh"
                 | "/smart/logout"
+                // The WebSocket authenticates in its protocol (a browser cannot set the header).
+                | "/ws"
         )
 }
 

@@ -23,6 +23,8 @@ pub struct AppState {
     pub jwks: Arc<JwksCache>,
     /// Backend-services connections to the registered EHRs.
     pub ehrs: Arc<crate::smart::backend::Connections>,
+    /// The real-time hub (WebSocket fan-out).
+    pub hub: Arc<crate::messaging::hub::Hub>,
 }
 
 /// What the server does with each resource type; the CapabilityStatement is generated from this.

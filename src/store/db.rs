@@ -20,6 +20,7 @@ pub enum Bind {
     Text(String),
     OptText(Option<String>),
     Int(i64),
+    OptInt(Option<i64>),
     Blob(Vec<u8>),
 }
 
@@ -41,6 +42,11 @@ impl From<i64> for Bind {
 impl From<Option<String>> for Bind {
     fn from(s: Option<String>) -> Self {
         Bind::OptText(s)
+    }
+}
+impl From<Option<i64>> for Bind {
+    fn from(i: Option<i64>) -> Self {
+        Bind::OptInt(i)
     }
 }
 impl From<Vec<u8>> for Bind {
@@ -86,6 +92,7 @@ macro_rules! bind_all {
                 Bind::Text(s) => q.bind::<Text, _>(s),
                 Bind::OptText(s) => q.bind::<Nullable<Text>, _>(s),
                 Bind::Int(i) => q.bind::<BigInt, _>(i),
+                Bind::OptInt(i) => q.bind::<Nullable<BigInt>, _>(i),
                 Bind::Blob(v) => q.bind::<Binary, _>(v),
             };
         }
@@ -111,6 +118,7 @@ where
     String: diesel::serialize::ToSql<Text, DB>,
     Option<String>: diesel::serialize::ToSql<Nullable<Text>, DB>,
     i64: diesel::serialize::ToSql<BigInt, DB>,
+    Option<i64>: diesel::serialize::ToSql<Nullable<BigInt>, DB>,
     Vec<u8>: diesel::serialize::ToSql<Binary, DB>,
 {
     fn walk_ast<'b>(
@@ -125,6 +133,7 @@ where
                 Some(Bind::Text(s)) => out.push_bind_param::<Text, _>(s)?,
                 Some(Bind::OptText(s)) => out.push_bind_param::<Nullable<Text>, _>(s)?,
                 Some(Bind::Int(i)) => out.push_bind_param::<BigInt, _>(i)?,
+                Some(Bind::OptInt(i)) => out.push_bind_param::<Nullable<BigInt>, _>(i)?,
                 Some(Bind::Blob(b)) => out.push_bind_param::<Binary, _>(b)?,
                 None => {
                     return Err(diesel::result::Error::QueryBuilderError(

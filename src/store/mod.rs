@@ -307,6 +307,8 @@ pub struct Store {
     /// SQLite has one writer at a time: the thread holding this commits everyone's pending jobs.
     sqlite_writer: parking_lot::Mutex<()>,
     pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
+    /// Woken after every commit: the messaging hub tails the event log when it fires.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone)]
@@ -350,6 +352,7 @@ impl Store {
             base_url: base_url.to_string(),
             sqlite_writer: parking_lot::Mutex::new(()),
             pending: parking_lot::Mutex::new(Vec::new()),
+            changed: Arc::new(tokio::sync::Notify::new()),
         };
         store.load_keys()?;
         Ok(store)
@@ -440,6 +443,23 @@ impl Store {
         self.submit(Job::Ops(ops, ctx.clone()))
     }
 
+    /// Sets a receipt (see `messaging::receipts`) in a transaction of its own, serialised with the
+    /// resource writes on SQLite; its event commits with it.
+    pub fn mark_receipt(
+        &self,
+        comm_id: &str,
+        recipient: &str,
+        read: bool,
+    ) -> Result<(crate::messaging::receipts::Receipt, bool), StoreError> {
+        let _writer = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
+        let mut c = self.db.get()?;
+        let r = with_conn!(c, |c| c.write_tx(|c| {
+            crate::messaging::receipts::apply(c, comm_id, recipient, read)
+        }));
+        self.changed.notify_one();
+        r
+    }
+
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
     /// transaction rolled back).
     pub fn record_audit(&self, event: Value) -> Result<(), StoreError> {
@@ -458,7 +478,9 @@ impl Store {
     fn submit(&self, job: Job) -> JobResult {
         if let Db::Postgres(_) = self.db {
             let mut c = self.db.get()?;
-            return with_conn!(c, |c| c.write_tx(|c| self.run_job(c, job)));
+            let r = with_conn!(c, |c| c.write_tx(|c| self.run_job(c, job)));
+            self.changed.notify_one();
+            return r;
         }
         let slot = Arc::new(Slot {
             job: parking_lot::Mutex::new(Some(job)),
@@ -519,6 +541,7 @@ impl Store {
                 }
             }
         }
+        self.changed.notify_one();
         let own = slot.result.lock().take();
         own.expect("the leader ran its own job")
     }
@@ -794,6 +817,15 @@ impl Store {
         if let Some(r) = resource {
             let entries = index::entries(&self.registry, res_type, &r.value, &self.base_url);
             insert_index(c, rid, &entries)?;
+        }
+        if crate::messaging::events::logged(res_type) {
+            use crate::messaging::events::{record, Kind};
+            let kind = match (deleted, prior.is_some_and(|h| h.deleted == 0)) {
+                (true, _) => Kind::Delete,
+                (false, true) => Kind::Update,
+                (false, false) => Kind::Create,
+            };
+            record(c, kind, res_type, id, version_id, None)?;
         }
         Ok(Stored {
             res_type: res_type.into(),

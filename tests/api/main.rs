@@ -9,6 +9,7 @@ mod bundles;
 mod clients;
 mod crud;
 mod ehr;
+mod messaging;
 mod operability;
 mod search;
 mod strict;

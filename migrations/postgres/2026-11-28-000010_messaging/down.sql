@@ -1,0 +1,2 @@
+DROP TABLE receipts;
+DROP TABLE events;

@@ -1,0 +1,121 @@
+//! The event log: one row per version of a Communication or CommunicationRequest and per receipt
+//! change, written inside the change's own transaction (so an event exists exactly when its change
+//! committed). The hub tails it; reconnecting clients catch up from it.
+
+use crate::store::db::Conn;
+use crate::store::{Store, StoreError};
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::QueryableByName;
+
+/// The PostgreSQL notification channel that wakes every instance's hub.
+pub const CHANNEL: &str = "courier_events";
+
+/// An arbitrary, fixed advisory-lock key: held from an event's insert to its commit, it makes
+/// PostgreSQL commit events in `seq` order (a sequence alone would let a later seq commit first,
+/// and a tailer that had read past it would never see the earlier one).
+const PG_EVENT_LOCK: i64 = 0x636f_7572_6576;
+
+/// Are changes of this type logged (and so pushed to sockets and subscribers)?
+pub fn logged(res_type: &str) -> bool {
+    matches!(res_type, "Communication" | "CommunicationRequest")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Create,
+    Update,
+    Delete,
+    Receipt,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Create => "create",
+            Kind::Update => "update",
+            Kind::Delete => "delete",
+            Kind::Receipt => "receipt",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "create" => Kind::Create,
+            "update" => Kind::Update,
+            "delete" => Kind::Delete,
+            "receipt" => Kind::Receipt,
+            _ => return None,
+        })
+    }
+}
+
+/// Appends an event inside the caller's transaction. `detail` is a reference (a receipt's
+/// recipient), never content.
+pub fn record<C: Conn>(
+    c: &mut C,
+    kind: Kind,
+    res_type: &str,
+    id: &str,
+    version_id: i64,
+    detail: Option<String>,
+) -> Result<(), StoreError> {
+    if c.is_postgres() {
+        c.execute(
+            "SELECT pg_advisory_xact_lock(?)",
+            vec![PG_EVENT_LOCK.into()],
+        )?;
+    }
+    c.execute(
+        "INSERT INTO events (at, kind, res_type, fhir_id, version_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        vec![
+            crate::search::dates::now_micros().into(),
+            kind.as_str().into(),
+            res_type.into(),
+            id.into(),
+            version_id.into(),
+            detail.into(),
+        ],
+    )?;
+    if c.is_postgres() {
+        // Delivered at commit, to every instance listening (and not at all on rollback).
+        c.execute(&format!("NOTIFY {CHANNEL}"), vec![])?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct EventRow {
+    #[diesel(sql_type = BigInt)]
+    pub seq: i64,
+    #[diesel(sql_type = BigInt)]
+    pub at: i64,
+    #[diesel(sql_type = Text)]
+    pub kind: String,
+    #[diesel(sql_type = Text)]
+    pub res_type: String,
+    #[diesel(sql_type = Text)]
+    pub fhir_id: String,
+    #[diesel(sql_type = BigInt)]
+    pub version_id: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub detail: Option<String>,
+}
+
+/// Events after `seq`, oldest first, at most `limit`.
+pub fn after(store: &Store, seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
+    store.query(
+        "SELECT seq, at, kind, res_type, fhir_id, version_id, detail FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+        vec![seq.into(), limit.into()],
+    )
+}
+
+#[derive(QueryableByName)]
+struct SeqRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// The newest event's seq (0 when there is none).
+pub fn last_seq(store: &Store) -> Result<i64, StoreError> {
+    let rows: Vec<SeqRow> = store.query("SELECT COALESCE(MAX(seq), 0) AS n FROM events", vec![])?;
+    Ok(rows.first().map_or(0, |r| r.n))
+}

@@ -1,0 +1,226 @@
+//! The real-time hub: one task per instance tails the event log and broadcasts each event, with
+//! the resource it concerns already loaded and indexed, to the sockets of this instance; every
+//! socket then applies its own principal's access decision (`auth::policy`, the one path) before
+//! anything is sent.
+//!
+//! Every instance tails the same table, so a change committed through any instance reaches the
+//! sockets of all of them. The tail wakes on a local commit (`Store::changed`), on a PostgreSQL
+//! `NOTIFY` from another instance (a listener thread), and otherwise once a second.
+
+use super::events::{self, EventRow, Kind};
+use crate::search::index::{self, Entry};
+use crate::store::{Store, StoreError};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// One event, loaded once for all sockets.
+#[derive(Debug)]
+pub struct Event {
+    pub seq: i64,
+    pub kind: Kind,
+    pub res_type: String,
+    pub id: String,
+    pub version_id: i64,
+    /// The index entries of the resource the access decision is made on: the new version, or for
+    /// a deletion the version deleted, or for a receipt the Communication's current version.
+    pub entries: Vec<Entry>,
+    /// The Communication's sender (`Type/id`), for receipts: only the sender and the recipient
+    /// concerned see a receipt.
+    pub sender: Option<String>,
+    /// A receipt's recipient (`Type/id`).
+    pub recipient: Option<String>,
+    /// The message as sent to a socket that may see it (JSON text, built once).
+    pub text: String,
+}
+
+pub struct Hub {
+    store: Arc<Store>,
+    tx: broadcast::Sender<Arc<Event>>,
+    /// The seq of the last event broadcast.
+    head: AtomicI64,
+}
+
+/// How many events a socket may be behind before it is told to reload instead of catching up.
+pub const MAX_CATCH_UP: usize = 5000;
+
+impl Hub {
+    /// Starts the tail task (and, on PostgreSQL, the listener thread) from the current end of the
+    /// log.
+    pub fn start(store: Arc<Store>, postgres_url: Option<String>) -> anyhow::Result<Arc<Hub>> {
+        let head = events::last_seq(&store)?;
+        let (tx, _) = broadcast::channel(4096);
+        let hub = Arc::new(Hub {
+            store: store.clone(),
+            tx,
+            head: AtomicI64::new(head),
+        });
+        if let Some(url) = postgres_url {
+            listen(url, store.changed.clone());
+        }
+        let h = hub.clone();
+        tokio::spawn(async move { h.tail().await });
+        Ok(hub)
+    }
+
+    /// A receiver of live events and the seq it starts after.
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, i64) {
+        let rx = self.tx.subscribe();
+        (rx, self.head.load(Ordering::Acquire))
+    }
+
+    pub fn head(&self) -> i64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    async fn tail(self: Arc<Self>) {
+        loop {
+            let woken = self.store.changed.clone();
+            tokio::select! {
+                _ = woken.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            loop {
+                let after = self.head();
+                let hub = self.clone();
+                let batch = tokio::task::spawn_blocking(move || hub.load_after(after, 500)).await;
+                let batch = match batch {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "event tail failed; retrying");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                let full = batch.len() == 500;
+                for e in batch {
+                    self.head.store(e.seq, Ordering::Release);
+                    let _ = self.tx.send(e); // no receivers is fine
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Events after `seq` (at most `limit`), loaded. Blocking.
+    pub fn load_after(&self, seq: i64, limit: i64) -> Result<Vec<Arc<Event>>, StoreError> {
+        let rows = events::after(&self.store, seq, limit)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| self.load(r))
+            .map(Arc::new)
+            .collect())
+    }
+
+    /// Loads what an event concerns. An event whose resource has since been purged is skipped.
+    fn load(&self, r: EventRow) -> Option<Event> {
+        let kind = Kind::parse(&r.kind)?;
+        let store = &self.store;
+        let (resource, shown): (Value, Option<Value>) = match kind {
+            Kind::Create | Kind::Update => {
+                let s = store.vread(&r.res_type, &r.fhir_id, r.version_id).ok()?;
+                let v: Value = serde_json::from_slice(s.body.as_deref()?).ok()?;
+                (v.clone(), Some(v))
+            }
+            Kind::Delete => {
+                let s = store
+                    .vread(&r.res_type, &r.fhir_id, r.version_id - 1)
+                    .ok()?;
+                (serde_json::from_slice(s.body.as_deref()?).ok()?, None)
+            }
+            Kind::Receipt => {
+                let s = store.read(&r.res_type, &r.fhir_id).ok()?;
+                (serde_json::from_slice(s.body.as_deref()?).ok()?, None)
+            }
+        };
+        let entries = index::entries(&store.registry, &r.res_type, &resource, &store.base_url);
+        let sender = resource["sender"]["reference"]
+            .as_str()
+            .map(|s| local_ref(s, &store.base_url));
+        let mut msg = json!({
+            "type": "event",
+            "seq": r.seq,
+            "event": kind.as_str(),
+            "resourceType": r.res_type,
+            "id": r.fhir_id,
+            "versionId": r.version_id,
+            "at": crate::search::dates::format_instant(r.at),
+        });
+        if let Some(v) = shown {
+            msg["resource"] = v;
+        }
+        if kind == Kind::Receipt {
+            let recipient = r.detail.clone()?;
+            let receipt = super::receipts::get(store, &r.fhir_id, &recipient).ok()??;
+            msg["receipt"] = receipt.to_json();
+        }
+        Some(Event {
+            seq: r.seq,
+            kind,
+            res_type: r.res_type,
+            id: r.fhir_id,
+            version_id: r.version_id,
+            entries,
+            sender,
+            recipient: r.detail,
+            text: msg.to_string(),
+        })
+    }
+}
+
+/// `Type/id` of a reference to this server (relative or absolute under `base`); others unchanged.
+pub fn local_ref(reference: &str, base: &str) -> String {
+    reference
+        .strip_prefix(base)
+        .map(|r| r.trim_start_matches('/').to_string())
+        .unwrap_or_else(|| reference.to_string())
+}
+
+/// PostgreSQL: a thread holding one connection that `LISTEN`s for events committed by any
+/// instance and wakes the tail. Reading notifications is a non-blocking socket read, polled every
+/// 10 ms; a broken connection is re-established.
+fn listen(url: String, wake: Arc<tokio::sync::Notify>) {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    std::thread::Builder::new()
+        .name("courier-listen".into())
+        .spawn(move || loop {
+            let mut conn = match PgConnection::establish(&url) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event listener cannot connect; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            if let Err(e) =
+                diesel::sql_query(format!("LISTEN {}", events::CHANNEL)).execute(&mut conn)
+            {
+                tracing::warn!(error = %e, "LISTEN failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            // Whatever was committed while not listening is picked up by the tail's own poll.
+            wake.notify_one();
+            'poll: loop {
+                let mut any = false;
+                for n in conn.notifications_iter() {
+                    match n {
+                        Ok(_) => any = true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event listener lost its connection");
+                            break 'poll;
+                        }
+                    }
+                }
+                if any {
+                    wake.notify_one();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .expect("spawn the event listener");
+}

@@ -1,0 +1,419 @@
+//! Per-recipient delivery and read receipts.
+//!
+//! - `POST /Communication/{id}/$mark-delivered`, `POST /Communication/{id}/$mark-read`: the
+//!   signed-in user marks a message addressed to them (read implies delivered; a time once set is
+//!   never moved). Only a recipient named in `Communication.recipient` may; nobody sets a receipt
+//!   for someone else.
+//! - `GET /Communication/{id}/$receipts`: the sender (or a system client) sees every recipient's
+//!   receipt; a recipient sees only their own.
+//! - `GET /Communication/$unread`: the signed-in user's unread messages, counted in total, urgent
+//!   (priority urgent/asap/stat) and per thread (`partOf`), from the search index and the receipt
+//!   table (no message is decrypted or scanned).
+//!
+//! Receipts are stored by Courier (a Communication has one `received` time, not one per
+//! recipient), change the message's event stream (`receipt` events reach the sender's and the
+//! recipient's sockets), and are audited.
+
+use crate::audit::Interaction;
+use crate::auth::scopes::Perm;
+use crate::auth::{Principal, SubjectKind};
+use crate::fhir::access;
+use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
+use crate::fhir::AppState;
+use crate::messaging::events::{self, Kind};
+use crate::search::dates::{format_instant, now_micros};
+use crate::store::db::Conn;
+use crate::store::{Store, StoreError};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Receipt {
+    #[diesel(sql_type = Text)]
+    pub comm_id: String,
+    #[diesel(sql_type = Text)]
+    pub recipient: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub delivered_at: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub read_at: Option<i64>,
+}
+
+impl Receipt {
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "communication": {"reference": format!("Communication/{}", self.comm_id)},
+            "recipient": {"reference": self.recipient},
+        });
+        if let Some(t) = self.delivered_at {
+            v["delivered"] = format_instant(t).into();
+        }
+        if let Some(t) = self.read_at {
+            v["read"] = format_instant(t).into();
+        }
+        v
+    }
+
+    /// As a `Parameters.parameter` with parts.
+    fn to_parameter(&self) -> Value {
+        let mut part =
+            vec![json!({"name": "recipient", "valueReference": {"reference": self.recipient}})];
+        if let Some(t) = self.delivered_at {
+            part.push(json!({"name": "delivered", "valueInstant": format_instant(t)}));
+        }
+        if let Some(t) = self.read_at {
+            part.push(json!({"name": "read", "valueInstant": format_instant(t)}));
+        }
+        json!({"name": "receipt", "part": part})
+    }
+}
+
+pub fn get(store: &Store, comm_id: &str, recipient: &str) -> Result<Option<Receipt>, StoreError> {
+    let rows: Vec<Receipt> = store.query(
+        "SELECT comm_id, recipient, delivered_at, read_at FROM receipts WHERE comm_id = ? AND recipient = ?",
+        vec![comm_id.into(), recipient.into()],
+    )?;
+    Ok(rows.into_iter().next())
+}
+
+fn for_message(store: &Store, comm_id: &str) -> Result<Vec<Receipt>, StoreError> {
+    store.query(
+        "SELECT comm_id, recipient, delivered_at, read_at FROM receipts WHERE comm_id = ? ORDER BY recipient",
+        vec![comm_id.into()],
+    )
+}
+
+/// Inside the receipt's transaction: sets delivered (and read) unless already set, and logs a
+/// `receipt` event when something changed. The message must still exist.
+pub fn apply<C: Conn>(
+    c: &mut C,
+    comm_id: &str,
+    recipient: &str,
+    read: bool,
+) -> Result<(Receipt, bool), StoreError> {
+    #[derive(QueryableByName)]
+    struct Live {
+        #[diesel(sql_type = BigInt)]
+        version_id: i64,
+    }
+    let live: Vec<Live> = c.load(
+        "SELECT version_id FROM resources WHERE res_type = 'Communication' AND fhir_id = ? AND deleted = 0",
+        vec![comm_id.into()],
+    )?;
+    let Some(live) = live.into_iter().next() else {
+        return Err(StoreError::NotFound("Communication".into(), comm_id.into()));
+    };
+    let before: Option<Receipt> = c
+        .load(
+            "SELECT comm_id, recipient, delivered_at, read_at FROM receipts WHERE comm_id = ? AND recipient = ?",
+            vec![comm_id.into(), recipient.into()],
+        )?
+        .into_iter()
+        .next();
+    let now = now_micros();
+    let mut after = before.clone().unwrap_or(Receipt {
+        comm_id: comm_id.into(),
+        recipient: recipient.into(),
+        delivered_at: None,
+        read_at: None,
+    });
+    after.delivered_at.get_or_insert(now);
+    if read {
+        after.read_at.get_or_insert(now);
+    }
+    let changed = before.as_ref().map(|b| (b.delivered_at, b.read_at))
+        != Some((after.delivered_at, after.read_at));
+    if changed {
+        if before.is_some() {
+            c.execute(
+                "UPDATE receipts SET delivered_at = ?, read_at = ? WHERE comm_id = ? AND recipient = ?",
+                vec![
+                    after.delivered_at.into(),
+                    after.read_at.into(),
+                    comm_id.into(),
+                    recipient.into(),
+                ],
+            )?;
+        } else {
+            c.execute(
+                "INSERT INTO receipts (comm_id, recipient, delivered_at, read_at) VALUES (?, ?, ?, ?)",
+                vec![
+                    comm_id.into(),
+                    recipient.into(),
+                    after.delivered_at.into(),
+                    after.read_at.into(),
+                ],
+            )?;
+        }
+        events::record(
+            c,
+            Kind::Receipt,
+            "Communication",
+            comm_id,
+            live.version_id,
+            Some(recipient.into()),
+        )?;
+    }
+    Ok((after, changed))
+}
+
+/// The references of a Communication's recipients, as `Type/id` of this server.
+fn recipients(msg: &Value, base: &str) -> Vec<String> {
+    msg["recipient"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["reference"].as_str())
+                .map(|r| super::hub::local_ref(r, base))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sender(msg: &Value, base: &str) -> Option<String> {
+    msg["sender"]["reference"]
+        .as_str()
+        .map(|r| super::hub::local_ref(r, base))
+}
+
+fn user_of(p: &Principal) -> Result<String, FhirError> {
+    p.fhir_user.clone().ok_or_else(|| {
+        FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "receipts belong to users: this token speaks for no user (fhirUser)",
+        )
+    })
+}
+
+fn parameters(params: Vec<Value>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(FHIR_JSON)
+        .insert_header(("Cache-Control", "no-store"))
+        .body(json!({"resourceType": "Parameters", "parameter": params}).to_string())
+}
+
+async fn load_message(state: &AppState, p: &Principal, id: &str) -> Result<Value, FhirError> {
+    let s = access::read(state, p, "Communication", id, None).await?;
+    serde_json::from_slice(s.body.as_deref().unwrap_or_default()).map_err(|_| FhirError::internal())
+}
+
+pub async fn mark_delivered(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
+    mark(state, req, path.into_inner(), false).await
+}
+
+pub async fn mark_read(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
+    mark(state, req, path.into_inner(), true).await
+}
+
+async fn mark(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: String,
+    read: bool,
+) -> HttpResponse {
+    let ctx = audit_context(&req, &state);
+    let result = mark_inner(&state, &req, &id, read).await;
+    let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
+    let result = result.map(|(r, _)| r);
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::Operation,
+        Some(format!("Communication/{id}")),
+        patient,
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+async fn mark_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    id: &str,
+    read: bool,
+) -> Result<(HttpResponse, Option<String>), FhirError> {
+    let p = access::principal(req)?;
+    let user = user_of(&p)?;
+    let msg = load_message(state, &p, id).await?;
+    let base = &state.settings.base_url;
+    if !recipients(&msg, base).contains(&user) {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a recipient of this message may set its receipt, and only their own",
+        ));
+    }
+    if matches!(
+        msg["status"].as_str(),
+        Some("preparation" | "entered-in-error")
+    ) {
+        return Err(FhirError::new(
+            StatusCode::CONFLICT,
+            "business-rule",
+            "a draft or a recalled message has no receipts",
+        ));
+    }
+    let store = state.store.clone();
+    let (cid, u) = (id.to_string(), user.clone());
+    let (receipt, _) = blocking(move || Ok(store.mark_receipt(&cid, &u, read)?)).await?;
+    let patient = crate::audit::patient_of(&msg);
+    Ok((parameters(vec![receipt.to_parameter()]), patient))
+}
+
+/// `GET /Communication/{id}/$receipts`
+pub async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
+    let id = path.into_inner();
+    let ctx = audit_context(&req, &state);
+    let result = list_inner(&state, &req, &id).await;
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::Operation,
+        Some(format!("Communication/{id}")),
+        None,
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+async fn list_inner(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
+    let p = access::principal(req)?;
+    let msg = load_message(state, &p, id).await?;
+    let base = &state.settings.base_url;
+    let me = p.fhir_user.clone();
+    let everyone = p.kind() == SubjectKind::System || me.is_some() && me == sender(&msg, base);
+    if !everyone
+        && !me
+            .as_ref()
+            .is_some_and(|u| recipients(&msg, base).contains(u))
+    {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "receipts are shown to the message's sender, and to each recipient their own",
+        ));
+    }
+    let store = state.store.clone();
+    let cid = id.to_string();
+    let all = blocking(move || Ok(for_message(&store, &cid)?)).await?;
+    let shown: Vec<Value> = all
+        .iter()
+        .filter(|r| everyone || Some(&r.recipient) == me.as_ref())
+        .map(Receipt::to_parameter)
+        .collect();
+    Ok(parameters(shown))
+}
+
+#[derive(QueryableByName)]
+struct UnreadRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    thread: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+    #[diesel(sql_type = BigInt)]
+    urgent: i64,
+}
+
+/// Priorities that make a message urgent (everything but `routine`).
+pub const URGENT: [&str; 3] = ["urgent", "asap", "stat"];
+
+/// `GET /Communication/$unread`
+pub async fn unread(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    let ctx = audit_context(&req, &state);
+    let result = unread_inner(&state, &req).await;
+    audit_outcome(
+        &state,
+        &ctx,
+        Interaction::Operation,
+        Some("Communication/$unread".into()),
+        None,
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
+    let p = access::principal(req)?;
+    let user = user_of(&p)?;
+    // Counting what one may not read would still tell something: read permission is required.
+    access::decide(state, &p, "Communication", Perm::Read)?;
+    let store = state.store.clone();
+    let rows = blocking(move || Ok(unread_counts(&store, &user)?)).await?;
+    let (mut total, mut urgent) = (0, 0);
+    let mut params = vec![];
+    let mut threads = vec![];
+    for r in rows {
+        total += r.n;
+        urgent += r.urgent;
+        if let Some(t) = r.thread {
+            threads.push(json!({"name": "thread", "part": [
+                {"name": "thread", "valueReference": {"reference": t}},
+                {"name": "unread", "valueInteger": r.n},
+                {"name": "urgent", "valueInteger": r.urgent},
+            ]}));
+        }
+    }
+    params.push(json!({"name": "unread", "valueInteger": total}));
+    params.push(json!({"name": "urgent", "valueInteger": urgent}));
+    params.extend(threads);
+    Ok(parameters(params))
+}
+
+/// Unread messages addressed directly to `user`, grouped by thread. Index lookups only: the
+/// recipient index finds the user's messages, the receipt's primary key tells which were read.
+fn unread_counts(store: &Store, user: &str) -> Result<Vec<UnreadRow>, StoreError> {
+    let Some((t, id)) = user.split_once('/') else {
+        return Ok(vec![]);
+    };
+    let key = |code: &str| {
+        store
+            .registry
+            .get("Communication", code)
+            .map(|p| p.key.clone())
+            .unwrap_or_default()
+    };
+    let concat = "p.target_type || '/' || p.target_id";
+    let sql = format!(
+        "SELECT {concat} AS thread, COUNT(*) AS n, \
+         COALESCE(SUM(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END), 0) AS urgent \
+         FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
+         LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
+         WHERE x.param = ? AND x.target_id = ? AND x.target_type = ? AND x.url IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error')) \
+         GROUP BY {concat} ORDER BY {concat}"
+    );
+    store.query(
+        &sql,
+        vec![
+            key("priority").into(),
+            user.into(),
+            key("part-of").into(),
+            key("recipient").into(),
+            id.into(),
+            t.into(),
+            key("status").into(),
+        ],
+    )
+}

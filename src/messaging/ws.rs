@@ -1,0 +1,330 @@
+//! `GET /ws`: the web app's real-time channel.
+//!
+//! Protocol (JSON text frames):
+//! - client → `{"type":"auth","token":"<Courier access token>","since":<seq>}` within 10 s of
+//!   connecting (the token never travels in a URL). `since` is the last event seq the client
+//!   has seen; without it, delivery starts now. Later `auth` frames swap in a refreshed token of
+//!   the same user and client.
+//! - server → `{"type":"event","seq":…,"event":"create|update|delete|receipt", "resourceType",
+//!   "id", "versionId", "at", "resource"?, "receipt"?}` for every change the token may see,
+//!   first the ones missed since `since` (catch-up), then live, in seq order, each once.
+//! - server → `{"type":"ready","seq":…}` when catch-up is done; `{"type":"resync","seq":…}`
+//!   instead when the client was too far behind (reload, then carry on from `seq`).
+//! - server → `{"type":"error","code":…,"message":…}` and a close (4401 expired, revoked or invalid
+//!   token; 4400 protocol error) — the client refreshes its token and reconnects with `since`.
+//!
+//! Each event passes the socket principal's access decision (`auth::policy`, the same one as
+//! every read and search); a receipt goes only to the message's sender and the recipient it
+//! belongs to.
+
+use super::events::Kind;
+use super::hub::{Event, Hub, MAX_CATCH_UP};
+use crate::auth::policy::{self, Access};
+use crate::auth::scopes::Perm;
+use crate::auth::{Principal, SubjectKind};
+use crate::fhir::rest::audit_context;
+use crate::fhir::AppState;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{CloseCode, CloseReason};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+const CHECK_EVERY: Duration = Duration::from_secs(30);
+
+pub async fn socket(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (res, session, stream) = actix_ws::handle(&req, body)?;
+    let ctx = audit_context(&req, &state);
+    actix_web::rt::spawn(run(state, ctx, session, stream));
+    Ok(res)
+}
+
+/// What one socket's principal may see.
+struct Viewer {
+    principal: Principal,
+    communication: Option<Access>,
+    request: Option<Access>,
+}
+
+impl Viewer {
+    fn new(state: &AppState, p: Principal) -> Viewer {
+        let decide = |t: &str| {
+            policy::decide(
+                &p,
+                &state.store.registry,
+                &state.settings.base_url,
+                t,
+                Perm::Read,
+            )
+            .ok()
+        };
+        Viewer {
+            communication: decide("Communication"),
+            request: decide("CommunicationRequest"),
+            principal: p,
+        }
+    }
+
+    fn sees(&self, e: &Event) -> bool {
+        let access = match e.res_type.as_str() {
+            "Communication" => &self.communication,
+            "CommunicationRequest" => &self.request,
+            _ => &None,
+        };
+        let admitted = match access {
+            None => false,
+            Some(Access::All) => true,
+            Some(Access::Only(c)) => policy::admits(c, &e.entries),
+        };
+        if !admitted {
+            return false;
+        }
+        if e.kind == Kind::Receipt && self.principal.kind() != SubjectKind::System {
+            let me = self.principal.fhir_user.as_ref();
+            return me.is_some() && (me == e.sender.as_ref() || me == e.recipient.as_ref());
+        }
+        true
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AuthFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    token: String,
+    since: Option<i64>,
+}
+
+enum Stop {
+    Close(Option<CloseReason>),
+    Gone,
+}
+
+async fn send(session: &mut actix_ws::Session, v: &Value) -> Result<(), Stop> {
+    session.text(v.to_string()).await.map_err(|_| Stop::Gone)
+}
+
+fn close(code: u16, why: &str) -> Stop {
+    Stop::Close(Some(CloseReason {
+        code: CloseCode::Other(code),
+        description: Some(why.to_string()),
+    }))
+}
+
+async fn refuse(session: &mut actix_ws::Session, code: u16, error: &str, why: &str) -> Stop {
+    let _ = send(
+        session,
+        &json!({"type": "error", "code": error, "message": why}),
+    )
+    .await;
+    close(code, why)
+}
+
+/// Verifies a token as the HTTP guard does (signature, expiry, revocation, client removal).
+async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal, String> {
+    let st = state.clone();
+    web::block(move || {
+        let p = st.tokens.verify(&token)?;
+        match st.tokens.still_valid(&p) {
+            Ok(true) => Ok(p),
+            Ok(false) => Err("the access token has been revoked or its client removed".into()),
+            Err(_) => Err("the access token could not be checked".into()),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("the access token could not be checked".into()))
+}
+
+async fn run(
+    state: web::Data<AppState>,
+    ctx: crate::audit::Context,
+    mut session: actix_ws::Session,
+    stream: actix_ws::MessageStream,
+) {
+    let mut stream = stream.max_frame_size(64 * 1024).aggregate_continuations();
+    let stop = serve(&state, ctx, &mut session, &mut stream).await;
+    if let Stop::Close(reason) = stop {
+        let _ = session.close(reason).await;
+    }
+}
+
+async fn next_text(
+    stream: &mut actix_ws::AggregatedMessageStream,
+    session: &mut actix_ws::Session,
+) -> Result<String, Stop> {
+    loop {
+        match stream.next().await {
+            Some(Ok(actix_ws::AggregatedMessage::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(actix_ws::AggregatedMessage::Ping(b))) => {
+                session.pong(&b).await.map_err(|_| Stop::Gone)?
+            }
+            Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => {}
+            Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {
+                return Err(close(4400, "binary frames are not part of this protocol"))
+            }
+            Some(Ok(actix_ws::AggregatedMessage::Close(_))) => return Err(Stop::Close(None)),
+            Some(Err(_)) => return Err(close(4400, "malformed frame")),
+            None => return Err(Stop::Gone),
+        }
+    }
+}
+
+fn parse_auth(text: &str) -> Result<AuthFrame, String> {
+    let f: AuthFrame = serde_json::from_str(text)
+        .map_err(|_| "expected {\"type\":\"auth\",\"token\":…,\"since\":…}".to_string())?;
+    if f.kind != "auth" {
+        return Err(format!("unexpected frame type '{}'", f.kind));
+    }
+    Ok(f)
+}
+
+async fn serve(
+    state: &web::Data<AppState>,
+    ctx: crate::audit::Context,
+    session: &mut actix_ws::Session,
+    stream: &mut actix_ws::AggregatedMessageStream,
+) -> Stop {
+    let hub: Arc<Hub> = state.hub.clone();
+    let first = match tokio::time::timeout(AUTH_TIMEOUT, next_text(stream, session)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(stop)) => return stop,
+        Err(_) => return refuse(session, 4401, "login", "no auth frame within 10 s").await,
+    };
+    let frame = match parse_auth(&first) {
+        Ok(f) => f,
+        Err(why) => return refuse(session, 4400, "invalid", &why).await,
+    };
+    let principal = match verify(state, frame.token).await {
+        Ok(p) => p,
+        Err(why) => {
+            let event = crate::audit::authentication(&ctx, Some(&why));
+            crate::fhir::rest::record_event(state, event).await;
+            return refuse(session, 4401, "login", &why).await;
+        }
+    };
+    let mut exp = principal.exp;
+    let mut viewer = Viewer::new(state, principal);
+    let (mut rx, head) = hub.subscribe();
+    let mut last = frame.since.unwrap_or(head).min(head).max(0);
+    // Catch-up from the log, then live from the channel (events up to `head` are in the log;
+    // the channel holds everything after it, and anything already sent is skipped by seq).
+    match catch_up(&hub, &viewer, session, last, head).await {
+        Ok(Some(seq)) => last = seq,
+        Ok(None) => {
+            if let Err(stop) = send(session, &json!({"type": "resync", "seq": head})).await {
+                return stop;
+            }
+            last = head;
+        }
+        Err(stop) => return stop,
+    }
+    if let Err(stop) = send(session, &json!({"type": "ready", "seq": last})).await {
+        return stop;
+    }
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.tick().await;
+    loop {
+        let expires = tokio::time::sleep(Duration::from_secs(
+            (exp - chrono::Utc::now().timestamp()).max(0) as u64,
+        ));
+        tokio::select! {
+            msg = next_text(stream, session) => {
+                let text = match msg { Ok(t) => t, Err(stop) => return stop };
+                let frame = match parse_auth(&text) {
+                    Ok(f) => f,
+                    Err(why) => return refuse(session, 4400, "invalid", &why).await,
+                };
+                match verify(state, frame.token).await {
+                    Ok(p) if p.fhir_user == viewer.principal.fhir_user
+                        && p.client_id == viewer.principal.client_id => {
+                        exp = p.exp;
+                        viewer = Viewer::new(state, p);
+                    }
+                    Ok(_) => return refuse(session, 4401, "login", "a refreshed token must be the same user's").await,
+                    Err(why) => return refuse(session, 4401, "login", &why).await,
+                }
+            }
+            got = rx.recv() => match got {
+                Ok(e) => {
+                    if e.seq <= last { continue; }
+                    last = e.seq;
+                    if viewer.sees(&e) && session.text(e.text.clone()).await.is_err() {
+                        return Stop::Gone;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    // Too slow for the channel: what was dropped is read back from the log.
+                    let upto = hub.head();
+                    match catch_up(&hub, &viewer, session, last, upto).await {
+                        Ok(Some(seq)) => last = seq,
+                        Ok(None) => {
+                            if let Err(stop) = send(session, &json!({"type": "resync", "seq": upto})).await {
+                                return stop;
+                            }
+                            last = upto;
+                        }
+                        Err(stop) => return stop,
+                    }
+                }
+                Err(RecvError::Closed) => return close(1012, "restarting"),
+            },
+            _ = expires => {
+                return refuse(session, 4401, "expired", "the access token has expired: refresh it and reconnect").await;
+            }
+            _ = check.tick() => {
+                let st = state.clone();
+                let p = viewer.principal.clone();
+                let valid = web::block(move || st.tokens.still_valid(&p)).await;
+                if !matches!(valid, Ok(Ok(true))) {
+                    return refuse(session, 4401, "revoked", "the access token has been revoked").await;
+                }
+                if session.ping(b"").await.is_err() {
+                    return Stop::Gone;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the visible events in (`from`, `upto`], read from the log. `None` when there are more
+/// than [`MAX_CATCH_UP`] (the client reloads instead).
+async fn catch_up(
+    hub: &Arc<Hub>,
+    viewer: &Viewer,
+    session: &mut actix_ws::Session,
+    from: i64,
+    upto: i64,
+) -> Result<Option<i64>, Stop> {
+    if upto - from > MAX_CATCH_UP as i64 {
+        return Ok(None);
+    }
+    let mut last = from;
+    while last < upto {
+        let h = hub.clone();
+        let after = last;
+        let batch = tokio::task::spawn_blocking(move || h.load_after(after, 500))
+            .await
+            .map_err(|_| close(1011, "catch-up failed"))?
+            .map_err(|_| close(1011, "catch-up failed"))?;
+        let Some(end) = batch.last().map(|e| e.seq) else {
+            break;
+        };
+        for e in batch.iter().filter(|e| e.seq <= upto) {
+            if viewer.sees(e) {
+                session.text(e.text.clone()).await.map_err(|_| Stop::Gone)?;
+            }
+        }
+        last = end.min(upto);
+        if end >= upto {
+            break;
+        }
+    }
+    Ok(Some(upto.max(last)))
+}

@@ -1,0 +1,331 @@
+//! Messaging: the WebSocket channel (access-filtered, catch-up after a dropped connection, across
+//! instances) and per-recipient receipts.
+
+use crate::both_backends;
+use crate::helpers::*;
+use courier::auth::clients;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+type Stream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Ws {
+    stream: Stream,
+}
+
+impl Ws {
+    /// Opens `/ws`, sends the auth frame, and collects the catch-up events up to `ready`.
+    pub async fn open(app: &TestApp, token: &str, since: Option<i64>) -> (Ws, Vec<Value>, i64) {
+        let url = format!("{}/ws", app.base.replace("http://", "ws://"));
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        let mut ws = Ws { stream };
+        let mut auth = json!({"type": "auth", "token": token});
+        if let Some(s) = since {
+            auth["since"] = s.into();
+        }
+        ws.send(&auth).await;
+        let mut events = vec![];
+        loop {
+            let f = ws.next().await.expect("a frame before ready");
+            match f["type"].as_str() {
+                Some("ready") => return (ws, events, f["seq"].as_i64().unwrap()),
+                Some("event") => events.push(f),
+                _ => panic!("unexpected frame {f}"),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, v: &Value) {
+        self.stream
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame within 5 s; `None` on timeout or close.
+    pub async fn next(&mut self) -> Option<Value> {
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .ok()??
+                .ok()?;
+            match m {
+                Message::Text(t) => return Some(serde_json::from_str(&t).unwrap()),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// The close frame's code, reading past other frames.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.stream.next()).await {
+                Ok(Some(Ok(Message::Close(Some(f))))) => return Some(f.code.into()),
+                Ok(Some(Ok(Message::Close(None)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return None
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
+
+fn user_token(app: &TestApp, scope: &str, user: &str, patient: Option<&str>) -> String {
+    let client_id = clients::add(
+        &app.store,
+        "messaging test",
+        clients::KeySource::Document(es384_key().1.to_string()),
+        "system/*.cruds",
+    )
+    .unwrap();
+    issue(&app.tokens, &client_id, scope, Some(user), patient)
+}
+
+fn patient_token(app: &TestApp, p: &str) -> String {
+    user_token(app, "patient/*.cruds", &format!("Patient/{p}"), Some(p))
+}
+
+fn clinician_token(app: &TestApp, who: &str) -> String {
+    user_token(app, "user/*.cruds", &format!("Practitioner/{who}"), None)
+}
+
+fn msg(sender: &str, recipients: &[&str], text: &str) -> Value {
+    json!({
+        "resourceType": "Communication",
+        "status": "completed",
+        "sender": {"reference": sender},
+        "recipient": recipients.iter().map(|r| json!({"reference": r})).collect::<Vec<_>>(),
+        "sent": "2026-11-28T10:00:00Z",
+        "payload": [{"contentString": text}]
+    })
+}
+
+async fn call(c: &reqwest::Client, app: &TestApp, method: &str, path: &str) -> (u16, Value) {
+    let r = match method {
+        "POST" => c.post(app.url(path)).send().await.unwrap(),
+        _ => c.get(app.url(path)).send().await.unwrap(),
+    };
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn param<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+    p["parameter"]
+        .as_array()?
+        .iter()
+        .find(|x| x["name"] == name)
+}
+
+fn part<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+    p["part"].as_array()?.iter().find(|x| x["name"] == name)
+}
+
+both_backends! {
+    async fn socket_delivers_what_the_user_may_see_and_nothing_else(app: TestApp) {
+        let (mut p1, caught, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+        assert!(caught.is_empty(), "no since: nothing replayed");
+        let (mut outsider, _, _) = Ws::open(&app, &clinician_token(&app, "dr-9"), None).await;
+
+        let for_p1 = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "Your results are in")).await;
+        let for_p2 = app.create(&msg("Practitioner/dr-1", &["Patient/p2"], "Private to p2")).await;
+        let for_dr9 = app.create(&msg("Practitioner/dr-1", &["Practitioner/dr-9"], "Hello dr-9")).await;
+
+        let e = p1.next().await.expect("p1 gets its message");
+        assert_eq!(e["type"], "event");
+        assert_eq!(e["event"], "create");
+        assert_eq!(e["id"], for_p1.as_str());
+        assert_eq!(e["resource"]["payload"][0]["contentString"], "Your results are in");
+        // Nothing about p2's message reaches p1; the outsider's first event is its own message,
+        // which was written after the other two, so it saw neither of them.
+        assert!(p1.next_within(Duration::from_millis(700)).await.is_none(), "p1 sees no more");
+        let e = outsider.next().await.expect("dr-9 gets its own message");
+        assert_eq!(e["id"], for_dr9.as_str());
+        assert_ne!(e["id"], for_p2.as_str());
+
+        // An update and a delete of p1's message are events too (a delete carries no body).
+        let mut body = app.get_json(&format!("/Communication/{for_p1}")).await;
+        body["status"] = json!("entered-in-error");
+        assert_eq!(app.put(&format!("/Communication/{for_p1}"), &body).await.status(), 200);
+        let e = p1.next().await.unwrap();
+        assert_eq!((e["event"].as_str(), e["versionId"].as_i64()), (Some("update"), Some(2)));
+        let r = app.client.delete(app.url(&format!("/Communication/{for_p1}"))).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        let e = p1.next().await.unwrap();
+        assert_eq!(e["event"], "delete");
+        assert!(e.get("resource").is_none());
+    }
+
+    async fn reconnecting_catches_up_on_exactly_what_was_missed(app: TestApp) {
+        let token = patient_token(&app, "p1");
+        let (mut ws, _, seq) = Ws::open(&app, &token, None).await;
+        let first = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "one")).await;
+        let e = ws.next().await.unwrap();
+        assert_eq!(e["id"], first.as_str());
+        let last_seen = e["seq"].as_i64().unwrap();
+        assert!(last_seen > seq);
+        drop(ws); // the connection drops
+
+        let a = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "two")).await;
+        app.create(&msg("Practitioner/dr-1", &["Patient/p2"], "not yours")).await;
+        let b = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "three")).await;
+
+        let (mut ws, caught, ready) = Ws::open(&app, &token, Some(last_seen)).await;
+        let ids: Vec<&str> = caught.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![a.as_str(), b.as_str()], "the two missed, in order, nothing else");
+        assert!(ready >= caught[1]["seq"].as_i64().unwrap());
+        // And live delivery carries on after the catch-up, without repeats.
+        let c = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "four")).await;
+        let e = ws.next().await.unwrap();
+        assert_eq!(e["id"], c.as_str());
+    }
+
+    async fn socket_refuses_bad_tokens_and_frames(app: TestApp) {
+        let url = format!("{}/ws", app.base.replace("http://", "ws://"));
+        for (frame, code) in [
+            (json!({"type": "auth", "token": "not-a-token"}).to_string(), 4401u16),
+            ("hello".to_string(), 4400),
+            (json!({"type": "subscribe"}).to_string(), 4400),
+        ] {
+            let (stream, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+            let mut ws = Ws { stream };
+            ws.stream.send(Message::Text(frame.into())).await.unwrap();
+            let err = ws.next().await.expect("an error frame");
+            assert_eq!(err["type"], "error");
+            assert_eq!(ws.close_code().await, Some(code));
+        }
+        // A revoked token is refused at once.
+        let token = patient_token(&app, "p1");
+        let p = app.tokens.verify(&token).unwrap();
+        app.tokens.revoke(&p).unwrap();
+        let (stream, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let mut ws = Ws { stream };
+        ws.send(&json!({"type": "auth", "token": token})).await;
+        assert_eq!(ws.next().await.unwrap()["type"], "error");
+        assert_eq!(ws.close_code().await, Some(4401));
+    }
+
+    async fn receipts_are_set_by_their_recipient_and_shown_to_the_sender(app: TestApp) {
+        let sender = client_with_token(&clinician_token(&app, "dr-1"));
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let p2 = client_with_token(&patient_token(&app, "p2"));
+        let outsider = client_with_token(&clinician_token(&app, "dr-9"));
+        let (mut sender_ws, _, _) = Ws::open(&app, &clinician_token(&app, "dr-1"), None).await;
+        let (mut p2_ws, _, _) = Ws::open(&app, &patient_token(&app, "p2"), None).await;
+
+        let thread = app.create(&json!({
+            "resourceType": "Communication", "status": "in-progress",
+            "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": "Patient/p1"}, {"reference": "Patient/p2"}],
+            "topic": {"text": "Flu clinic"}
+        })).await;
+        let mut m = msg("Practitioner/dr-1", &["Patient/p1", "Patient/p2"], "Flu shots on Monday");
+        m["partOf"] = json!([{"reference": format!("Communication/{thread}")}]);
+        m["priority"] = json!("urgent");
+        let id = app.create(&m).await;
+        for _ in 0..2 {
+            sender_ws.next().await.unwrap(); // the two creates
+            p2_ws.next().await.unwrap();
+        }
+
+        // Unread before anything is marked: the thread header and the message for each.
+        let (s, u) = call(&p2, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(s, 200, "{u}");
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 2);
+        assert_eq!(param(&u, "urgent").unwrap()["valueInteger"], 1);
+        let t = param(&u, "thread").expect("a thread count");
+        assert_eq!(part(t, "thread").unwrap()["valueReference"]["reference"], format!("Communication/{thread}"));
+        assert_eq!(part(t, "unread").unwrap()["valueInteger"], 1);
+        assert_eq!(part(t, "urgent").unwrap()["valueInteger"], 1);
+
+        // p1 reads it; p2 only has it delivered.
+        let (s, r) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
+        assert_eq!(s, 200, "{r}");
+        let receipt = param(&r, "receipt").unwrap();
+        assert_eq!(part(receipt, "recipient").unwrap()["valueReference"]["reference"], "Patient/p1");
+        assert!(part(receipt, "delivered").is_some() && part(receipt, "read").is_some());
+        let (s, _) = call(&p2, &app, "POST", &format!("/Communication/{id}/$mark-delivered")).await;
+        assert_eq!(s, 200);
+
+        // The sender's socket hears both receipts; p2's socket hears only its own.
+        let a = sender_ws.next().await.unwrap();
+        let b = sender_ws.next().await.unwrap();
+        assert_eq!((a["event"].as_str(), b["event"].as_str()), (Some("receipt"), Some("receipt")));
+        assert_eq!(a["receipt"]["recipient"]["reference"], "Patient/p1");
+        assert!(a["receipt"]["read"].is_string());
+        assert_eq!(b["receipt"]["recipient"]["reference"], "Patient/p2");
+        assert!(b["receipt"].get("read").is_none());
+        let own = p2_ws.next().await.unwrap();
+        assert_eq!(own["receipt"]["recipient"]["reference"], "Patient/p2");
+        assert!(p2_ws.next_within(Duration::from_millis(500)).await.is_none(), "p1's receipt is not p2's business");
+
+        // The sender sees every receipt; a recipient only their own; an outsider nothing at all.
+        let (s, all) = call(&sender, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
+        assert_eq!(s, 200);
+        assert_eq!(all["parameter"].as_array().unwrap().len(), 2);
+        let (_, mine) = call(&p2, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
+        assert_eq!(mine["parameter"].as_array().unwrap().len(), 1);
+        assert_eq!(mine["parameter"][0]["part"][0]["valueReference"]["reference"], "Patient/p2");
+        let (s, _) = call(&outsider, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
+        assert_eq!(s, 404, "an outsider cannot even tell the message exists");
+        let (s, _) = call(&outsider, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
+        assert_eq!(s, 404);
+        // The sender is not a recipient: it cannot mark the message read for anyone.
+        let (s, o) = call(&sender, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
+        assert_eq!(s, 403, "{o}");
+        assert_eq!(o["resourceType"], "OperationOutcome");
+
+        // Unread now: p1 has only the thread header left; p2 still has the message (delivered is
+        // not read), so its urgent count stays.
+        let (_, u) = call(&p1, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 1);
+        assert_eq!(param(&u, "urgent").unwrap()["valueInteger"], 0);
+        let (_, u) = call(&p2, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 2);
+        // Marking twice changes nothing (the first read time stays).
+        let (_, again) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
+        assert_eq!(param(&again, "receipt").unwrap(), receipt);
+        // A system token has no user to count for.
+        let (s, _) = call(&app.client, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(s, 403);
+        // The sender's own socket got no event for the repeated mark.
+        assert!(sender_ws.next_within(Duration::from_millis(500)).await.is_none());
+    }
+}
+
+/// Two instances on one PostgreSQL: a message posted to A reaches a socket on B (LISTEN/NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_posted_to_one_instance_reaches_a_socket_on_another() {
+    let Some(a) = spawn_app(Backend::Postgres).await else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let b = spawn_instance_on(&a).await.unwrap();
+    let (mut ws, _, _) = Ws::open(&b, &patient_token(&b, "p1"), None).await;
+    let started = std::time::Instant::now();
+    let id = a
+        .create(&msg(
+            "Practitioner/dr-1",
+            &["Patient/p1"],
+            "across instances",
+        ))
+        .await;
+    let e = ws.next().await.expect("B's socket receives A's message");
+    assert_eq!(e["id"], id.as_str());
+    // Woken by NOTIFY, not by B's one-second fallback poll.
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+}
