@@ -45,6 +45,15 @@ pub struct Settings {
     /// EHRs from the config file (`[[ehr]]` tables), registered or updated at start; the same as
     /// `courier ehr add`, which needs no file.
     pub ehr: Vec<EhrConfig>,
+    /// Longest message text a patient may send, in characters
+    /// (`COURIER_PATIENT_MAX_MESSAGE_CHARS`).
+    pub patient_max_message_chars: usize,
+    /// Shown to patients when they write (`COURIER_EXPECTED_RESPONSE_NOTICE`).
+    pub expected_response_notice: String,
+    /// Content types a Binary (attachment) may have (`COURIER_ATTACHMENT_TYPES`, comma-separated).
+    pub attachment_types: Vec<String>,
+    /// Who may frame the web app: the CSP `frame-ancestors` value (`COURIER_FRAME_ANCESTORS`).
+    pub frame_ancestors: String,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -96,6 +105,22 @@ impl Default for Settings {
             log: "info".into(),
             idle_timeout_secs: 900,
             ehr: vec![],
+            patient_max_message_chars: 2000,
+            expected_response_notice: "Your care team usually replies within 2 business days. \
+                 Messages are not for emergencies: in an emergency, call your local emergency number."
+                .into(),
+            attachment_types: [
+                "image/jpeg",
+                "image/png",
+                "image/gif",
+                "image/webp",
+                "image/heic",
+                "application/pdf",
+                "text/plain",
+            ]
+            .map(String::from)
+            .to_vec(),
+            frame_ancestors: "*".into(),
         }
     }
 }
@@ -168,6 +193,22 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_IDLE_TIMEOUT_SECS") {
             self.idle_timeout_secs = num("COURIER_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_PATIENT_MAX_MESSAGE_CHARS") {
+            self.patient_max_message_chars = num("COURIER_PATIENT_MAX_MESSAGE_CHARS", v)?;
+        }
+        if let Some(v) = env("COURIER_EXPECTED_RESPONSE_NOTICE") {
+            self.expected_response_notice = v;
+        }
+        if let Some(v) = env("COURIER_ATTACHMENT_TYPES") {
+            self.attachment_types = v
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("COURIER_FRAME_ANCESTORS") {
+            self.frame_ancestors = v;
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

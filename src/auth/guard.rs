@@ -18,6 +18,9 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/metadata" | "/healthz" | "/readyz" | "/metrics")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
+        // The web app's static files (its API calls carry the token).
+        || path == "/app"
+        || path.starts_with("/app/")
         || matches!(
             path,
             "/launch"

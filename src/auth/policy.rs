@@ -113,7 +113,45 @@ fn compartment(
             g
         }
     };
+    let groups = hide_others_drafts(p, registry, res_type, groups);
     (!groups.is_empty()).then_some(Some(Condition::AnyOf(groups)))
+}
+
+/// A draft message (`status=preparation`) is its author's alone: every group of a compartment
+/// but "the principal is the sender" also requires that the message is not a draft. (A system
+/// client, unconfined, sees drafts as it sees everything.)
+fn hide_others_drafts(
+    p: &Principal,
+    registry: &Registry,
+    res_type: &str,
+    mut groups: Vec<Vec<Condition>>,
+) -> Vec<Vec<Condition>> {
+    if res_type != "Communication" {
+        return groups;
+    }
+    let (Some(status), Some(sender)) = (
+        registry.get(res_type, "status"),
+        registry.get(res_type, "sender"),
+    ) else {
+        return groups;
+    };
+    let me = p.fhir_user.as_deref();
+    let not_draft = Condition::Token {
+        key: status.key.clone(),
+        not: true,
+        values: vec![TokenValue::Code("preparation".into())],
+    };
+    for g in groups.iter_mut() {
+        let own = matches!(g.as_slice(), [Condition::Reference { key, values }]
+        if *key == sender.key && values.iter().any(|v| {
+            me.is_some_and(|m| Some(m) == v.target_type.as_deref().zip(v.target_id.as_deref())
+                .map(|(t, id)| format!("{t}/{id}")).as_deref())
+        }));
+        if !own {
+            g.push(not_draft.clone());
+        }
+    }
+    groups
 }
 
 /// The conditions of a scope's query, if every one is a token or reference condition (the kinds

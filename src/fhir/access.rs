@@ -300,6 +300,9 @@ pub fn write_guard(
     perm: Perm,
     body: Option<&Value>,
 ) -> Result<Option<Condition>, FhirError> {
+    if let Some(b) = body {
+        crate::messaging::rules::check(&state.settings, p, res_type, b)?;
+    }
     match policy::check_write(
         p,
         &state.store.registry,

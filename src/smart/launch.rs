@@ -540,14 +540,17 @@ async fn complete(
     // Who the user and the patient in context are, in Courier's terms.
     let user_ref = relative(&fhir_user, &ehr.iss)
         .ok_or("the fhirUser is not a Patient, Practitioner or RelatedPerson of this EHR")?;
-    let user = map_identity(state, ehr, &ehr_token, &user_ref).await?;
-    let patient = match &extra.patient {
+    let (user, user_shown) = map_identity(state, ehr, &ehr_token, &user_ref).await?;
+    let (patient, patient_shown) = match &extra.patient {
         Some(id) if !fhir_codec::is_valid_id(id) => {
             return Err("the EHR's patient context is not a valid id".into())
         }
-        Some(id) => Some(map_identity(state, ehr, &ehr_token, &format!("Patient/{id}")).await?),
-        None if user.starts_with("Patient/") => Some(user.clone()),
-        None => None,
+        Some(id) => {
+            let (r, shown) = map_identity(state, ehr, &ehr_token, &format!("Patient/{id}")).await?;
+            (Some(r), shown)
+        }
+        None if user.starts_with("Patient/") => (Some(user.clone()), user_shown.clone()),
+        None => (None, Value::Null),
     };
     let scope = if user.starts_with("Practitioner/") {
         "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
@@ -595,6 +598,9 @@ async fn complete(
         "patient": patient,
         "ehr": ehr.name,
         "need_patient_banner": extra.need_patient_banner.unwrap_or(false),
+        // For the app's header and patient banner only (they are the EHR's own data).
+        "user_display": user_shown,
+        "patient_display": patient_shown,
         "smart_style_url": extra.smart_style_url,
         "intent": extra.intent,
         "tenant": extra.tenant,
@@ -620,7 +626,7 @@ async fn map_identity(
     ehr: &Ehr,
     token: &str,
     reference: &str,
-) -> Result<String, String> {
+) -> Result<(String, Value), String> {
     let res = state
         .ehrs
         .discovery()
@@ -654,15 +660,42 @@ async fn map_identity(
     let store = state.store.clone();
     let iss = ehr.iss.clone();
     let ehr2 = ehr.clone();
+    let shown = display_of(&resource);
     web::block(move || identity::link(&store, &iss, &|s| ehr2.trusts(s), &resource))
         .await
         .map_err(|_| "internal error".to_string())?
-        .map(|(r, _)| r)
+        .map(|(r, _)| (r, shown))
         .map_err(|e| match e {
             // The details are for the administrator (courier identity conflicts), not this page.
             identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
             other => other.to_string(),
         })
+}
+
+/// What the web app shows of a person: name, and for a patient birth date and gender.
+fn display_of(resource: &Value) -> Value {
+    let name = resource["name"].as_array().and_then(|names| {
+        let n = names
+            .iter()
+            .find(|n| n["use"] == "official")
+            .or(names.first())?;
+        if let Some(t) = n["text"].as_str() {
+            return Some(t.to_string());
+        }
+        let mut parts: Vec<&str> = n["given"]
+            .as_array()
+            .map(|g| g.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(f) = n["family"].as_str() {
+            parts.push(f);
+        }
+        (!parts.is_empty()).then(|| parts.join(" "))
+    });
+    json!({
+        "name": name,
+        "birthDate": resource["birthDate"],
+        "gender": resource["gender"],
+    })
 }
 
 /// Checks an id_token: signature by a key in the EHR's JWKS (RS256/RS384/ES256/ES384), issuer,

@@ -329,3 +329,133 @@ async fn a_message_posted_to_one_instance_reaches_a_socket_on_another() {
         started.elapsed()
     );
 }
+
+async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    let r = c
+        .post(app.url(path))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=representation")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+both_backends! {
+    async fn drafts_are_their_authors_alone_until_sent(app: TestApp) {
+        let author = client_with_token(&clinician_token(&app, "dr-1"));
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let (mut p1_ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+        let mut draft = msg("Practitioner/dr-1", &["Patient/p1"], "half-written thought");
+        draft["status"] = json!("preparation");
+        let (s, saved) = post_as(&author, &app, "/Communication", &draft).await;
+        assert_eq!(s, 201, "{saved}");
+        let id = saved["id"].as_str().unwrap().to_string();
+        // The recipient neither reads, finds, counts nor hears of it.
+        assert_eq!(p1.get(app.url(&format!("/Communication/{id}"))).send().await.unwrap().status(), 404);
+        let b: Value = p1.get(app.url("/Communication?recipient=Patient/p1")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(ids(&b), Vec::<String>::new());
+        let (_, u) = call(&p1, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 0);
+        assert!(p1_ws.next_within(Duration::from_millis(700)).await.is_none());
+        // The author does.
+        let b: Value = author.get(app.url("/Communication?recipient=Patient/p1")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(ids(&b), vec![id.clone()]);
+        // Sent: now it arrives.
+        let mut sent = saved.clone();
+        sent["status"] = json!("completed");
+        let r = author.put(app.url(&format!("/Communication/{id}"))).header("content-type", "application/fhir+json").body(sent.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let e = p1_ws.next().await.expect("the sent message arrives");
+        assert_eq!((e["id"].as_str(), e["event"].as_str()), (Some(id.as_str()), Some("update")));
+        assert_eq!(p1.get(app.url(&format!("/Communication/{id}"))).send().await.unwrap().status(), 200);
+    }
+
+    async fn patient_portal_guardrails_and_attachment_types(app: TestApp) {
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let before = app.row_counts();
+        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "When is my appointment?");
+        let (s, o) = post_as(&p1, &app, "/Communication", &m).await;
+        assert_eq!(s, 422, "{o}");
+        assert_eq!(o["issue"][0]["expression"][0], "Communication.category");
+        m["category"] = json!([{"coding": [{"system": courier::messaging::rules::CATEGORY_SYSTEM, "code": "appointment"}]}]);
+        m["payload"] = json!([{"contentString": "x".repeat(1500)}, {"contentString": "y".repeat(501)}]);
+        let (s, o) = post_as(&p1, &app, "/Communication", &m).await;
+        assert_eq!(s, 422, "{o}");
+        assert_eq!(o["issue"][0]["code"], "too-long");
+        assert_eq!(o["issue"][0]["expression"][0], "Communication.payload[1].contentString");
+        let mut to_other = m.clone();
+        to_other["payload"] = json!([{"contentString": "hi"}]);
+        to_other["recipient"] = json!([{"reference": "Patient/p2"}]);
+        let (s, _) = post_as(&p1, &app, "/Communication", &to_other).await;
+        assert_eq!(s, 403, "a patient cannot message another patient");
+        // An attachment of a type not configured.
+        let exe = json!({"resourceType": "Binary", "contentType": "application/x-msdownload", "data": "TVo="});
+        let (s, o) = post_as(&p1, &app, "/Binary", &exe).await;
+        assert_eq!(s, 415, "{o}");
+        assert_eq!(o["issue"][0]["expression"][0], "Binary.contentType");
+        let r = app.client.post(app.url("/Binary")).header("content-type", "application/x-sh").body("echo hi").send().await.unwrap();
+        assert_eq!(r.status(), 415, "raw uploads are held to the same list");
+        assert_eq!(app.row_counts().iter().find(|(t, _)| t == "resources"), before.iter().find(|(t, _)| t == "resources"), "refusals changed nothing");
+        // Within the rules: accepted, with a picture attached.
+        let (s, bin) = post_as(&p1, &app, "/Binary", &json!({"resourceType": "Binary", "contentType": "image/png; charset=binary", "data": "iVBORw0KGgo="})).await;
+        assert_eq!(s, 201, "{bin}");
+        m["payload"] = json!([{"contentString": "See the photo"}, {"contentAttachment": {"contentType": "image/png", "url": format!("Binary/{}", bin["id"].as_str().unwrap()), "title": "rash.png"}}]);
+        let (s, o) = post_as(&p1, &app, "/Communication", &m).await;
+        assert_eq!(s, 201, "{o}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_app_is_served_under_a_strict_content_security_policy() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.expected_response_notice = "We reply within 1 day.".into();
+        s.frame_ancestors = "https://ehr.example.org".into();
+    })
+    .await
+    .unwrap();
+    let r = app.anonymous.get(app.url("/app/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(
+        csp.contains("frame-ancestors https://ehr.example.org"),
+        "{csp}"
+    );
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let page = r.text().await.unwrap();
+    assert!(page.contains("<script src=\"/app/app.js\""));
+    let js = app
+        .anonymous
+        .get(app.url("/app/app.js"))
+        .send()
+        .await
+        .unwrap();
+    assert!(js.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(
+        !js.text().await.unwrap().contains(".innerHTML"),
+        "user content is never parsed as HTML"
+    );
+    let cfg: Value = app
+        .anonymous
+        .get(app.url("/app/config.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cfg["expected_response_notice"], "We reply within 1 day.");
+    assert_eq!(cfg["patient_max_message_chars"], 2000);
+}

@@ -1,0 +1,532 @@
+// Courier web app: thread list, thread view, compose, receipts, real-time updates.
+// Every piece of user content is put into the page with textContent (never innerHTML), so message
+// text, names and file names render as text whatever they contain.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const STORE_KEY = 'courier.session';
+const SEQ_KEY = 'courier.seq';
+const URGENT = ['urgent', 'asap', 'stat'];
+
+let session = null;
+let token = null;
+let tokenExpires = 0;
+let lastActivity = Date.now();
+let lastRefresh = Date.now();
+let config = {};
+let ws = null;
+let wsBackoff = 1000;
+let current = null; // the open thread: {header, messages: Map id -> resource}
+const threads = new Map(); // id -> header Communication
+let unread = {total: 0, urgent: 0, byThread: new Map()};
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'class') e.className = v; else e.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function showNotice(text) {
+  const n = $('notice');
+  n.textContent = text;
+  n.hidden = !text;
+}
+
+function end(why) {
+  sessionStorage.removeItem(STORE_KEY);
+  token = null;
+  if (ws) { ws.onclose = null; ws.close(); }
+  $('main').hidden = true;
+  $('ended').hidden = false;
+  $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
+  $('connection').textContent = 'Signed out';
+}
+
+// ----- tokens and the session ---------------------------------------------------------------
+
+async function refreshToken() {
+  const body = new URLSearchParams({session: session.session});
+  let r;
+  try {
+    r = await fetch('/smart/session/refresh', {method: 'POST', body, headers: {Authorization: 'Bearer ' + token}});
+  } catch (e) {
+    return false; // offline: keep the old token until it expires, try again later
+  }
+  if (r.ok) {
+    const t = await r.json();
+    token = t.access_token;
+    tokenExpires = Date.now() + t.expires_in * 1000;
+    lastRefresh = Date.now();
+    session.access_token = token;
+    sessionStorage.setItem(STORE_KEY, JSON.stringify(session));
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({type: 'auth', token}));
+    return true;
+  }
+  if (r.status === 400 || r.status === 401) {
+    let why = 'Your session has ended.';
+    try { why = (await r.json()).error_description || why; } catch (e) { /* keep the default */ }
+    end(why.charAt(0).toUpperCase() + why.slice(1));
+  }
+  return false;
+}
+
+// The token is refreshed shortly before it expires while the user is active; an idle user's
+// session is left to end (Courier's automatic log-off decides, not the app).
+setInterval(() => {
+  if (!token) return;
+  if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
+}, 15000);
+for (const ev of ['keydown', 'pointerdown', 'focus']) {
+  window.addEventListener(ev, () => {
+    lastActivity = Date.now();
+    if (token && Date.now() > tokenExpires) refreshToken();
+  }, true);
+}
+
+async function api(method, path, body, headers) {
+  const send = () => fetch(path, {
+    method,
+    headers: Object.assign({Authorization: 'Bearer ' + token, Accept: 'application/fhir+json'},
+      body !== undefined ? {'Content-Type': 'application/fhir+json'} : {}, headers || {}),
+    body: body !== undefined ? JSON.stringify(body) : undefined,
+  });
+  let r = await send();
+  if (r.status === 401 && await refreshToken()) r = await send();
+  let json = null;
+  try { json = await r.json(); } catch (e) { /* empty body */ }
+  if (!r.ok) {
+    const issue = json && json.issue && json.issue[0];
+    const msg = issue ? (issue.diagnostics || issue.code) : ('the server answered ' + r.status);
+    const err = new Error(msg);
+    err.status = r.status;
+    throw err;
+  }
+  return json;
+}
+
+// ----- people --------------------------------------------------------------------------------
+
+function refOf(x) { return x && x.reference ? x.reference.replace(/^.*\/(\w+\/[^/]+)$/, '$1') : null; }
+
+function nameOf(ref) {
+  if (!ref) return 'Unknown';
+  if (ref === session.fhirUser) return 'You';
+  if (ref === session.patient && session.patient_display && session.patient_display.name) return session.patient_display.name;
+  return ref;
+}
+
+function participants(c) {
+  const all = [refOf(c.sender), ...(c.recipient || []).map(refOf)].filter(Boolean);
+  return [...new Set(all)];
+}
+
+// ----- thread list ---------------------------------------------------------------------------
+
+async function loadThreads() {
+  const b = await api('GET', '/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=100');
+  threads.clear();
+  for (const e of (b.entry || [])) {
+    if (e.search && e.search.mode !== 'match') continue;
+    threads.set(e.resource.id, e.resource);
+  }
+  await loadUnread();
+}
+
+async function loadUnread() {
+  try {
+    const p = await api('GET', '/Communication/$unread');
+    unread = {total: 0, urgent: 0, byThread: new Map()};
+    for (const x of (p.parameter || [])) {
+      if (x.name === 'unread') unread.total = x.valueInteger;
+      if (x.name === 'urgent') unread.urgent = x.valueInteger;
+      if (x.name === 'thread') {
+        const get = (n) => x.part.find((q) => q.name === n);
+        unread.byThread.set(get('thread').valueReference.reference, {n: get('unread').valueInteger, urgent: get('urgent').valueInteger});
+      }
+    }
+  } catch (e) { /* counts are a convenience; the list still works */ }
+  renderThreads();
+}
+
+let unreadTimer = null;
+function loadUnreadSoon() {
+  clearTimeout(unreadTimer);
+  unreadTimer = setTimeout(loadUnread, 250);
+}
+
+function renderThreads() {
+  const list = $('threads');
+  list.replaceChildren();
+  const sorted = [...threads.values()].sort((a, b) => (b.meta.lastUpdated || '').localeCompare(a.meta.lastUpdated || ''));
+  for (const t of sorted) {
+    const counts = unread.byThread.get('Communication/' + t.id);
+    const topic = (t.topic && t.topic.text) || firstText(t) || '(no subject)';
+    const li = el('li', {tabindex: 0, role: 'link', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
+      el('span', {class: 'topic'}, topic),
+      t.status === 'preparation' ? el('span', {class: 'badge'}, 'Draft') : null,
+      counts && counts.urgent ? el('span', {class: 'badge urgent', 'aria-label': counts.urgent + ' urgent unread'}, '! ' + counts.urgent) : null,
+      counts && counts.n ? el('span', {class: 'badge', 'aria-label': counts.n + ' unread'}, counts.n) : null);
+    li.addEventListener('click', () => openThread(t.id));
+    li.addEventListener('keydown', (ev) => { if (ev.key === 'Enter' || ev.key === ' ') { ev.preventDefault(); openThread(t.id); } });
+    list.append(li);
+  }
+  $('threads-empty').hidden = threads.size > 0;
+  $('threads-title').textContent = unread.total ? 'Conversations (' + unread.total + ' unread)' : 'Conversations';
+  document.title = (unread.total ? '(' + unread.total + ') ' : '') + 'Courier messages';
+}
+
+function firstText(c) {
+  const p = (c.payload || []).find((x) => x.contentString);
+  return p ? p.contentString.slice(0, 80) : null;
+}
+
+// ----- thread view ---------------------------------------------------------------------------
+
+async function openThread(id) {
+  let header = threads.get(id);
+  if (!header) header = await api('GET', '/Communication/' + encodeURIComponent(id));
+  current = {header, messages: new Map()};
+  $('main').classList.add('reading');
+  $('thread-title').textContent = (header.topic && header.topic.text) || '(no subject)';
+  $('compose').hidden = false;
+  const b = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=sent&_count=200');
+  current.messages.set(header.id, header);
+  for (const e of (b.entry || [])) if (!e.search || e.search.mode === 'match') current.messages.set(e.resource.id, e.resource);
+  renderMessages();
+  renderThreads();
+  $('thread-view').focus();
+  await markSeen();
+  await loadReceipts();
+}
+
+function renderMessages() {
+  const list = $('messages');
+  list.replaceChildren();
+  for (const m of current.messages.values()) list.append(renderMessage(m));
+}
+
+function renderMessage(m) {
+  const mine = refOf(m.sender) === session.fhirUser;
+  const withdrawn = m.status === 'entered-in-error';
+  const li = el('li', {id: 'msg-' + m.id, class: (mine ? 'mine ' : '') + (withdrawn ? 'withdrawn' : '')});
+  li.append(el('div', {class: 'meta'},
+    el('span', {class: 'from'}, nameOf(refOf(m.sender))),
+    el('time', {datetime: m.sent || m.meta.lastUpdated}, new Date(m.sent || m.meta.lastUpdated).toLocaleString()),
+    m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null,
+    m.status === 'preparation' ? el('span', {class: 'badge'}, 'Draft') : null));
+  if (withdrawn) {
+    li.append(el('p', {class: 'text'}, 'This message was withdrawn by its sender.'));
+    return li;
+  }
+  for (const p of (m.payload || [])) {
+    if (p.contentString) li.append(el('p', {class: 'text'}, p.contentString));
+    if (p.contentAttachment) li.append(attachmentLink(p.contentAttachment));
+  }
+  if (mine) li.append(el('div', {class: 'status', id: 'status-' + m.id}));
+  return li;
+}
+
+function attachmentLink(a) {
+  const name = a.title || 'attachment';
+  const b = el('button', {type: 'button', class: 'quiet attachment'}, '📎 ' + name);
+  b.addEventListener('click', async () => {
+    try {
+      const bin = await api('GET', '/' + a.url.replace(/^.*\/(Binary\/[^/]+)$/, '$1'));
+      const bytes = Uint8Array.from(atob(bin.data || ''), (c) => c.charCodeAt(0));
+      const url = URL.createObjectURL(new Blob([bytes], {type: 'application/octet-stream'}));
+      const link = el('a', {href: url, download: name});
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } catch (e) { showNotice('Could not open the attachment: ' + e.message); }
+  });
+  return b;
+}
+
+// Messages addressed to me in the open thread are marked read while the page is visible.
+async function markSeen() {
+  if (!current || document.visibilityState !== 'visible') return;
+  let changed = false;
+  for (const m of current.messages.values()) {
+    const toMe = (m.recipient || []).some((r) => refOf(r) === session.fhirUser);
+    if (!toMe || m.status === 'preparation' || m.status === 'entered-in-error' || m._read) continue;
+    try {
+      await api('POST', '/Communication/' + m.id + '/$mark-read');
+      m._read = true;
+      changed = true;
+    } catch (e) { /* shown again next time */ }
+  }
+  if (changed) loadUnreadSoon();
+}
+document.addEventListener('visibilitychange', markSeen);
+
+async function loadReceipts() {
+  for (const m of current.messages.values()) {
+    if (refOf(m.sender) !== session.fhirUser || m.status === 'preparation') continue;
+    try {
+      const p = await api('GET', '/Communication/' + m.id + '/$receipts');
+      for (const x of (p.parameter || [])) showReceipt(m.id, receiptOf(x));
+    } catch (e) { /* not shown */ }
+  }
+}
+
+function receiptOf(param) {
+  const get = (n) => (param.part || []).find((q) => q.name === n);
+  return {recipient: get('recipient').valueReference.reference, delivered: get('delivered') && get('delivered').valueInstant, read: get('read') && get('read').valueInstant};
+}
+
+const receipts = new Map(); // message id -> Map recipient -> receipt
+function showReceipt(id, r) {
+  if (!receipts.has(id)) receipts.set(id, new Map());
+  receipts.get(id).set(r.recipient, r);
+  const box = $('status-' + id);
+  if (!box) return;
+  const lines = [...receipts.get(id).values()].map((x) => (x.read ? 'Read by ' : 'Delivered to ') + nameOf(x.recipient));
+  box.textContent = lines.join(' · ');
+}
+
+// ----- compose -------------------------------------------------------------------------------
+
+function toBase64(buf) {
+  let s = '';
+  const bytes = new Uint8Array(buf);
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+async function upload(file) {
+  if (config.attachment_max_bytes && file.size > config.attachment_max_bytes) {
+    throw new Error('the file is larger than ' + Math.round(config.attachment_max_bytes / 1048576) + ' MB');
+  }
+  const type = file.type || 'application/octet-stream';
+  const bin = await api('POST', '/Binary', {resourceType: 'Binary', contentType: type, data: toBase64(await file.arrayBuffer())}, {Prefer: 'return=representation'});
+  return {contentType: type, url: 'Binary/' + bin.id, title: file.name, size: file.size};
+}
+
+function isPatient() { return (session.fhirUser || '').startsWith('Patient/'); }
+
+async function send(ev) {
+  ev.preventDefault();
+  const text = $('compose-text').value.trim();
+  const file = $('compose-file').files[0];
+  if (!text && !file) return;
+  const h = current.header;
+  const payload = [];
+  if (text) payload.push({contentString: text});
+  $('send').disabled = true;
+  try {
+    if (file) payload.push({contentAttachment: await upload(file)});
+    const msg = {
+      resourceType: 'Communication',
+      status: 'completed',
+      partOf: [{reference: 'Communication/' + h.id}],
+      sender: {reference: session.fhirUser},
+      recipient: participants(h).filter((r) => r !== session.fhirUser).map((r) => ({reference: r})),
+      sent: new Date().toISOString(),
+      payload,
+    };
+    if (h.subject) msg.subject = h.subject;
+    if (h.category) msg.category = h.category;
+    if (!isPatient()) msg.priority = $('compose-priority').value;
+    const saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
+    current.messages.set(saved.id, saved);
+    if (!$('msg-' + saved.id)) $('messages').append(renderMessage(saved));
+    $('compose-text').value = '';
+    $('compose-file').value = '';
+    showNotice('');
+  } catch (e) {
+    showNotice('Your message was not sent: ' + e.message);
+  } finally {
+    $('send').disabled = false;
+    updateCount();
+  }
+}
+
+function updateCount() {
+  const max = isPatient() ? config.patient_max_message_chars : 0;
+  const n = $('compose-text').value.length;
+  $('compose-count').textContent = max ? n + ' / ' + max + ' characters' : '';
+}
+
+async function startThread(ev) {
+  ev.preventDefault();
+  const to = $('new-recipient').value.trim();
+  if (!/^(Patient|Practitioner|PractitionerRole|RelatedPerson|CareTeam|Group)\/[A-Za-z0-9\-.]{1,64}$/.test(to)) {
+    showNotice('“To” must be a reference such as Patient/123.');
+    return;
+  }
+  const base = {
+    resourceType: 'Communication',
+    sender: {reference: session.fhirUser},
+    recipient: [{reference: to}],
+  };
+  if (session.patient) base.subject = {reference: session.patient};
+  const category = $('new-category').value;
+  if (category) base.category = [{coding: [{system: config.category_system, code: category}]}];
+  try {
+    const header = await api('POST', '/Communication', Object.assign({status: 'in-progress', topic: {text: $('new-topic').value.trim()}}, base), {Prefer: 'return=representation'});
+    await api('POST', '/Communication', Object.assign({status: 'completed', partOf: [{reference: 'Communication/' + header.id}], sent: new Date().toISOString(), payload: [{contentString: $('new-text').value}]}, base));
+    threads.set(header.id, header);
+    $('new-dialog').close();
+    $('new-form').reset();
+    showNotice('');
+    await openThread(header.id);
+  } catch (e) {
+    showNotice('The conversation was not started: ' + e.message);
+  }
+}
+
+// ----- real time -----------------------------------------------------------------------------
+
+function setConnection(text, offline) {
+  const c = $('connection');
+  c.textContent = text;
+  c.classList.toggle('offline', !!offline);
+}
+
+function connect() {
+  if (!token) return;
+  const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+  ws = new WebSocket(url);
+  ws.onopen = () => {
+    const since = Number(sessionStorage.getItem(SEQ_KEY));
+    ws.send(JSON.stringify(Object.assign({type: 'auth', token}, since ? {since} : {})));
+  };
+  ws.onmessage = (m) => {
+    let f;
+    try { f = JSON.parse(m.data); } catch (e) { return; }
+    if (f.type === 'ready') { wsBackoff = 1000; setConnection('Connected'); remember(f.seq); }
+    else if (f.type === 'resync') { remember(f.seq); loadThreads().then(() => current && openThread(current.header.id)); }
+    else if (f.type === 'event') { remember(f.seq); onEvent(f); }
+    else if (f.type === 'error' && (f.code === 'expired' || f.code === 'login' || f.code === 'revoked')) {
+      ws.onclose = null;
+      refreshToken().then((ok) => { if (ok) connect(); });
+    }
+  };
+  ws.onclose = () => {
+    setConnection(navigator.onLine ? 'Reconnecting…' : 'Offline — reconnecting when the network is back', true);
+    setTimeout(connect, wsBackoff);
+    wsBackoff = Math.min(wsBackoff * 2, 30000);
+  };
+}
+
+function remember(seq) {
+  if (typeof seq === 'number' && seq > Number(sessionStorage.getItem(SEQ_KEY) || 0)) sessionStorage.setItem(SEQ_KEY, String(seq));
+}
+
+function onEvent(f) {
+  if (f.resourceType !== 'Communication') return;
+  if (f.event === 'receipt') {
+    const r = f.receipt;
+    showReceipt(f.id, {recipient: r.recipient.reference, delivered: r.delivered, read: r.read});
+    return;
+  }
+  const c = f.resource;
+  if (f.event === 'delete') {
+    threads.delete(f.id);
+    if (current) { current.messages.delete(f.id); const li = $('msg-' + f.id); if (li) li.remove(); }
+    renderThreads();
+    return;
+  }
+  const parent = (c.partOf || []).map(refOf).find(Boolean);
+  if (!parent) threads.set(c.id, c);
+  const toMe = (c.recipient || []).some((r) => refOf(r) === session.fhirUser);
+  if (f.event === 'create' && toMe && c.status !== 'preparation') {
+    api('POST', '/Communication/' + c.id + '/$mark-delivered').catch(() => {});
+  }
+  if (current && (parent === 'Communication/' + current.header.id || c.id === current.header.id)) {
+    const old = current.messages.get(c.id);
+    current.messages.set(c.id, c);
+    const li = renderMessage(c);
+    const existing = $('msg-' + c.id);
+    if (existing) existing.replaceWith(li); else $('messages').append(li);
+    if (old && old._read) c._read = true;
+    const rs = receipts.get(c.id);
+    if (rs) for (const r of rs.values()) showReceipt(c.id, r);
+    markSeen();
+  }
+  loadUnreadSoon();
+}
+
+window.addEventListener('offline', () => setConnection('Offline — reconnecting when the network is back', true));
+window.addEventListener('online', () => { if (!ws || ws.readyState !== WebSocket.OPEN) { wsBackoff = 1000; connect(); } });
+
+// ----- styling from the EHR -------------------------------------------------------------------
+
+async function applyStyle(url) {
+  try {
+    const s = await (await fetch(url)).json();
+    const map = {color_background: '--bg', color_text: '--fg', color_highlight: '--accent', color_error: '--error',
+      color_success: '--success', dim_border_radius: '--radius', dim_spacing_size: '--space', font_family_body: '--font', dim_font_size: '--font-size'};
+    for (const [k, v] of Object.entries(map)) {
+      // Only plain values: a colour, a length or a font list (no url(), no expressions).
+      if (typeof s[k] === 'string' && /^[#\w\s,.%'"-]{1,100}$/.test(s[k])) document.documentElement.style.setProperty(v, s[k]);
+    }
+  } catch (e) { /* the default look */ }
+}
+
+// ----- start ----------------------------------------------------------------------------------
+
+async function start() {
+  try { session = JSON.parse(sessionStorage.getItem(STORE_KEY)); } catch (e) { session = null; }
+  if (!session || !session.access_token) { end(); return; }
+  token = session.access_token;
+  tokenExpires = Date.now() + (session.expires_in || 300) * 1000;
+  const me = session.user_display && session.user_display.name;
+  $('me').textContent = me ? 'Signed in as ' + me : session.fhirUser;
+  if (session.need_patient_banner && session.patient) {
+    const d = session.patient_display || {};
+    const b = $('patient-banner');
+    b.replaceChildren(el('span', {}, d.name || session.patient),
+      d.birthDate ? el('span', {}, ' · Born ' + d.birthDate) : null,
+      d.gender ? el('span', {}, ' · ' + d.gender) : null);
+    b.hidden = false;
+  }
+  if (session.smart_style_url) applyStyle(session.smart_style_url);
+  try { config = await (await fetch('/app/config.json')).json(); } catch (e) { config = {}; }
+  const categories = $('new-category');
+  categories.append(el('option', {value: ''}, isPatient() ? 'Choose one…' : '(none)'));
+  for (const c of (config.categories || [])) categories.append(el('option', {value: c.code}, c.display));
+  categories.required = isPatient();
+  $('priority-field').hidden = isPatient();
+  if (isPatient() && config.expected_response_notice) {
+    $('response-notice').textContent = config.expected_response_notice;
+    $('response-notice').hidden = false;
+  }
+  if (isPatient() && config.patient_max_message_chars) {
+    $('compose-text').maxLength = config.patient_max_message_chars;
+    $('new-text').maxLength = config.patient_max_message_chars;
+  }
+  $('main').hidden = false;
+  $('compose').addEventListener('submit', send);
+  $('compose-text').addEventListener('input', updateCount);
+  $('new-thread').addEventListener('click', () => {
+    if (!isPatient() && session.patient) $('new-recipient').value = session.patient;
+    $('new-dialog').showModal();
+  });
+  $('new-form').addEventListener('submit', startThread);
+  $('new-cancel').addEventListener('click', () => $('new-dialog').close());
+  $('back').addEventListener('click', () => { $('main').classList.remove('reading'); current = null; renderThreads(); });
+  $('logout').addEventListener('click', async () => {
+    try { await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: session.session}), headers: {Authorization: 'Bearer ' + token}}); } catch (e) { /* ended locally anyway */ }
+    end('You have signed out.');
+  });
+  try {
+    await loadThreads();
+  } catch (e) {
+    if (e.status === 401) { end('Your session has expired.'); return; }
+    showNotice('Could not load your conversations: ' + e.message);
+  }
+  connect();
+  document.body.dataset.ready = 'true';
+}
+
+start();
