@@ -115,12 +115,29 @@ async function api(method, path, body, headers) {
 
 function refOf(x) { return x && x.reference ? x.reference.replace(/^.*\/(\w+\/[^/]+)$/, '$1') : null; }
 
+// Display names travel in the messages themselves (Reference.display, set by the sender's app
+// from the EHR's record); the launch tells the app its own user's and patient's names.
+const names = new Map();
+
+function learnNames(c) {
+  for (const r of [c.sender, ...(c.recipient || [])]) {
+    if (r && r.display && refOf(r)) names.set(refOf(r), r.display);
+  }
+}
+
 function nameOf(ref) {
   if (!ref) return 'Unknown';
   if (ref === session.fhirUser) return 'You';
   if (ref === session.patient && session.patient_display && session.patient_display.name) return session.patient_display.name;
-  return ref;
+  return names.get(ref) || ref;
 }
+
+function referenceTo(ref) {
+  const display = ref === session.fhirUser ? myName() : (ref === session.patient && session.patient_display ? session.patient_display.name : names.get(ref));
+  return display ? {reference: ref, display} : {reference: ref};
+}
+
+function myName() { return session.user_display && session.user_display.name; }
 
 function participants(c) {
   const all = [refOf(c.sender), ...(c.recipient || []).map(refOf)].filter(Boolean);
@@ -135,6 +152,7 @@ async function loadThreads() {
   for (const e of (b.entry || [])) {
     if (e.search && e.search.mode !== 'match') continue;
     threads.set(e.resource.id, e.resource);
+    learnNames(e.resource);
   }
   await loadUnread();
 }
@@ -198,7 +216,12 @@ async function openThread(id) {
   $('compose').hidden = false;
   const b = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=sent&_count=200');
   current.messages.set(header.id, header);
-  for (const e of (b.entry || [])) if (!e.search || e.search.mode === 'match') current.messages.set(e.resource.id, e.resource);
+  learnNames(header);
+  for (const e of (b.entry || [])) {
+    if (e.search && e.search.mode !== 'match') continue;
+    current.messages.set(e.resource.id, e.resource);
+    learnNames(e.resource);
+  }
   renderMessages();
   renderThreads();
   $('thread-view').focus();
@@ -209,7 +232,11 @@ async function openThread(id) {
 function renderMessages() {
   const list = $('messages');
   list.replaceChildren();
-  for (const m of current.messages.values()) list.append(renderMessage(m));
+  for (const m of current.messages.values()) {
+    // The thread header is the title; it shows as a message only if it carries one.
+    if (m.id === current.header.id && !(m.payload || []).length) continue;
+    list.append(renderMessage(m));
+  }
 }
 
 function renderMessage(m) {
@@ -235,7 +262,7 @@ function renderMessage(m) {
 
 function attachmentLink(a) {
   const name = a.title || 'attachment';
-  const b = el('button', {type: 'button', class: 'quiet attachment'}, '📎 ' + name);
+  const b = el('button', {type: 'button', class: 'quiet attachment', 'aria-label': 'Download attachment ' + name}, 'Attachment: ' + name);
   b.addEventListener('click', async () => {
     try {
       const bin = await api('GET', '/' + a.url.replace(/^.*\/(Binary\/[^/]+)$/, '$1'));
@@ -328,8 +355,8 @@ async function send(ev) {
       resourceType: 'Communication',
       status: 'completed',
       partOf: [{reference: 'Communication/' + h.id}],
-      sender: {reference: session.fhirUser},
-      recipient: participants(h).filter((r) => r !== session.fhirUser).map((r) => ({reference: r})),
+      sender: referenceTo(session.fhirUser),
+      recipient: participants(h).filter((r) => r !== session.fhirUser).map(referenceTo),
       sent: new Date().toISOString(),
       payload,
     };
@@ -365,8 +392,8 @@ async function startThread(ev) {
   }
   const base = {
     resourceType: 'Communication',
-    sender: {reference: session.fhirUser},
-    recipient: [{reference: to}],
+    sender: referenceTo(session.fhirUser),
+    recipient: [referenceTo(to)],
   };
   if (session.patient) base.subject = {reference: session.patient};
   const category = $('new-category').value;
@@ -430,6 +457,7 @@ function onEvent(f) {
     return;
   }
   const c = f.resource;
+  if (c) learnNames(c);
   if (f.event === 'delete') {
     threads.delete(f.id);
     if (current) { current.messages.delete(f.id); const li = $('msg-' + f.id); if (li) li.remove(); }
@@ -442,7 +470,11 @@ function onEvent(f) {
   if (f.event === 'create' && toMe && c.status !== 'preparation') {
     api('POST', '/Communication/' + c.id + '/$mark-delivered').catch(() => {});
   }
-  if (current && (parent === 'Communication/' + current.header.id || c.id === current.header.id)) {
+  if (current && c.id === current.header.id) {
+    current.header = c;
+    $('thread-title').textContent = (c.topic && c.topic.text) || '(no subject)';
+  }
+  if (current && (parent === 'Communication/' + current.header.id || (c.id === current.header.id && (c.payload || []).length))) {
     const old = current.messages.get(c.id);
     current.messages.set(c.id, c);
     const li = renderMessage(c);
@@ -498,8 +530,10 @@ async function start() {
   categories.required = isPatient();
   $('priority-field').hidden = isPatient();
   if (isPatient() && config.expected_response_notice) {
-    $('response-notice').textContent = config.expected_response_notice;
-    $('response-notice').hidden = false;
+    for (const id of ['response-notice', 'new-notice']) {
+      $(id).textContent = config.expected_response_notice;
+      $(id).hidden = false;
+    }
   }
   if (isPatient() && config.patient_max_message_chars) {
     $('compose-text').maxLength = config.patient_max_message_chars;

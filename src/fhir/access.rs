@@ -300,10 +300,7 @@ pub fn write_guard(
     perm: Perm,
     body: Option<&Value>,
 ) -> Result<Option<Condition>, FhirError> {
-    if let Some(b) = body {
-        crate::messaging::rules::check(&state.settings, p, res_type, b)?;
-    }
-    match policy::check_write(
+    let guard = match policy::check_write(
         p,
         &state.store.registry,
         &state.settings.base_url,
@@ -311,8 +308,14 @@ pub fn write_guard(
         perm,
         body,
     ) {
-        Ok(Access::All) => Ok(None),
-        Ok(Access::Only(c)) => Ok(Some(c)),
-        Err(d) => Err(forbidden(d)),
+        Ok(Access::All) => None,
+        Ok(Access::Only(c)) => Some(c),
+        Err(d) => return Err(forbidden(d)),
+    };
+    // The messaging rules after the access decision: a caller refused access learns nothing
+    // from them.
+    if let Some(b) = body {
+        crate::messaging::rules::check(&state.settings, p, res_type, b)?;
     }
+    Ok(guard)
 }

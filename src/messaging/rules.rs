@@ -1,8 +1,8 @@
 //! Messaging rules applied to every write body, whatever the path (REST create, update, patch,
 //! Bundle entry), before the access policy:
 //! - an attachment (`Binary`) must have one of the configured content types;
-//! - a patient's message carries a category and stays within the configured length (patient
-//!   portal guardrails; that a patient cannot address another patient is the access policy's).
+//! - a patient's new conversation (a message with no `partOf`) carries a category, and a patient's
+//!   message stays within the configured length (patient-portal guardrails; that a patient cannot address another patient is the access policy's).
 
 use crate::auth::{Principal, SubjectKind};
 use crate::config::Settings;
@@ -59,17 +59,20 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
 }
 
 fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
-    let has_category = body["category"].as_array().is_some_and(|c| {
-        c.iter().any(|cc| {
-            cc["coding"].as_array().is_some_and(|x| !x.is_empty()) || cc["text"].is_string()
-        })
-    });
+    // A new conversation says what it is about (for triage); a reply belongs to its thread.
+    let starts_thread = body["partOf"].as_array().is_none_or(|a| a.is_empty());
+    let has_category = !starts_thread
+        || body["category"].as_array().is_some_and(|c| {
+            c.iter().any(|cc| {
+                cc["coding"].as_array().is_some_and(|x| !x.is_empty()) || cc["text"].is_string()
+            })
+        });
     if !has_category {
         return Err(FhirError::at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "required",
             "Communication.category",
-            "a message from a patient needs a category (what it is about)",
+            "a conversation started by a patient needs a category (what it is about)",
         ));
     }
     let mut total = 0usize;

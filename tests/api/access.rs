@@ -284,7 +284,7 @@ both_backends! {
                 let visible = sees(w, r);
                 if can_update && !visible {
                     let me = w.user.unwrap();
-                    let body = json!({"resourceType": "Communication", "id": r.id, "status": "completed", "sender": {"reference": me}});
+                    let body = json!({"resourceType": "Communication", "id": r.id, "status": "completed", "sender": {"reference": me}, "category": [{"text": "question"}]});
                     let (s, _) = seen.named(c.put(app.url(&path)).header("content-type", FHIR_JSON).body(body.to_string()).send().await.unwrap(), false).await;
                     assert_eq!(s, 404, "{name}: update of {path} it cannot see");
                     let patch = json!([{"op": "replace", "path": "/status", "value": "stopped"}]);
@@ -308,7 +308,7 @@ both_backends! {
             assert_eq!(app.row_counts(), before, "{name}: refused writes change nothing");
             if can_create {
                 let me = w.user.unwrap();
-                let own = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": me}, "recipient": [{"reference": "Practitioner/d2"}]});
+                let own = json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": me}, "recipient": [{"reference": "Practitioner/d2"}], "category": [{"text": "question"}]});
                 let (s, b) = seen.take(c.post(app.url("Communication")).header("content-type", FHIR_JSON).body(own.to_string()).send().await.unwrap()).await;
                 assert_eq!(s, 201, "{name}: create inside the grant");
                 let id = b["id"].as_str().unwrap().to_string();
@@ -395,6 +395,7 @@ both_backends! {
         assert_eq!(p2.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap().status(), 200, "the uploader reads it back");
         let msg = |sender: &str, recipient: &str, bin: &str| json!({"resourceType": "Communication", "status": "completed",
             "sender": {"reference": sender}, "recipient": [{"reference": recipient}],
+            "category": [{"text": "question"}],
             "payload": [{"contentAttachment": {"contentType": "image/png", "url": format!("Binary/{bin}")}}]});
         assert_eq!(post_json(&p2, &app, "Communication", &msg("Patient/p2", "Practitioner/d2", &photo)).await.0, 201);
         // p1 learns the id and tries to attach it to a message of its own: refused, nothing written.
@@ -409,7 +410,7 @@ both_backends! {
         // p1 sends its own upload to d1 in one transaction (urn:uuid attachment): d1 may then read it.
         let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
             {"fullUrl": "urn:uuid:0b0b2f9e-6a4d-4e63-9a55-4c1b0f0d9a01", "resource": {"resourceType": "Binary", "contentType": "text/plain", "data": "aGk="}, "request": {"method": "POST", "url": "Binary"}},
-            {"resource": {"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p1"}, "recipient": [{"reference": "Practitioner/d1"}],
+            {"resource": {"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p1"}, "recipient": [{"reference": "Practitioner/d1"}], "category": [{"text": "question"}],
                 "payload": [{"contentAttachment": {"contentType": "text/plain", "url": "urn:uuid:0b0b2f9e-6a4d-4e63-9a55-4c1b0f0d9a01"}}]}, "request": {"method": "POST", "url": "Communication"}}]});
         let (s, b) = post_json(&p1, &app, "", &tx).await;
         assert_eq!(s, 200, "{b}");
@@ -425,7 +426,7 @@ both_backends! {
         let theirs = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p2"}, "recipient": [{"reference": "Practitioner/d2"}]})).await;
         assert_eq!(app.client.delete(app.url(&format!("Communication/{theirs}"))).send().await.unwrap().status(), 204);
         let p1 = token_for(&app, "patient/Communication.cruds", Some("Patient/p1"), Some("p1")).await;
-        let mine = json!({"resourceType": "Communication", "id": theirs, "status": "completed", "sender": {"reference": "Patient/p1"}});
+        let mine = json!({"resourceType": "Communication", "id": theirs, "status": "completed", "sender": {"reference": "Patient/p1"}, "category": [{"text": "question"}]});
         // Neither 412 (which would tell the version) nor a revival: as if it did not exist... but it does.
         let r = p1.put(app.url(&format!("Communication/{theirs}"))).header("content-type", FHIR_JSON).header("if-match", "W/\"1\"").body(mine.to_string()).send().await.unwrap();
         assert_eq!(r.status(), 404);

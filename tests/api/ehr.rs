@@ -103,7 +103,7 @@ impl TestEhr {
     }
 }
 
-fn new_ehr<'a>(name: &'a str, iss: &'a str, alg: &'a str) -> NewEhr<'a> {
+pub fn new_ehr<'a>(name: &'a str, iss: &'a str, alg: &'a str) -> NewEhr<'a> {
     NewEhr {
         name,
         iss,
@@ -312,7 +312,7 @@ fn ehr_registry_cli() {
     assert!(!run(&["ehr", "remove", "hospital-a"]).0);
 }
 
-fn person(kind: &str, id: &str, ids: &[(&str, &str)]) -> Value {
+pub fn person(kind: &str, id: &str, ids: &[(&str, &str)]) -> Value {
     let mut v = json!({"resourceType": kind, "id": id, "name": [{"family": "Test"}]});
     if !ids.is_empty() {
         v["identifier"] = json!(ids

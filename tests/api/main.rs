@@ -5,6 +5,7 @@ mod helpers;
 mod access;
 mod audit;
 mod auth;
+mod browser;
 mod bundles;
 mod clients;
 mod crud;

@@ -1,0 +1,131 @@
+// Browser test of Courier's web app in real Chromium (Debian's, driven by playwright-core).
+// Called by the Rust test `browser::clinician_and_patient_message_each_other_in_real_browsers`
+// with one JSON argument: {clinician_url, patient_url, patient_name, clinician_name, artifacts}.
+//
+// Two browsers (separate contexts): a patient signs in through the portal (standalone launch, at
+// phone width), a clinician through an EHR launch with the patient in context. The clinician starts
+// a conversation whose text and subject carry XSS payloads; it appears in the patient's list without
+// a reload; the patient opens it (a read receipt goes back to the clinician's screen, live) and
+// replies with an attachment whose file name is an XSS payload, which appears on the clinician's
+// screen live. Nothing of the payloads may run or become markup. Screenshots of both pages are
+// saved in `artifacts` at the end (and on failure).
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+
+const cfg = JSON.parse(process.argv[2]);
+mkdirSync(cfg.artifacts, { recursive: true });
+
+const XSS_TEXT = 'Results are fine <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>';
+const XSS_TOPIC = 'Lab results <b onmouseover="window.__xss=3">bold</b>';
+const XSS_FILE = '<img src=x onerror=window.__xss=4>.txt';
+const REPLY = 'Thank you, doctor & team!';
+
+const browser = await chromium.launch({
+  executablePath: process.env.COURIER_CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--no-first-run', '--disable-quic', '--disable-sync'],
+});
+const problems = [];
+const pages = {};
+
+async function open(name, viewport) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.on('dialog', (d) => { problems.push(`${name}: a dialog opened: ${d.message()}`); d.dismiss(); });
+  page.on('pageerror', (e) => problems.push(`${name}: page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) problems.push(`${name}: console error: ${m.text()}`); });
+  pages[name] = page;
+  return page;
+}
+
+async function shots(suffix) {
+  for (const [name, page] of Object.entries(pages)) {
+    await page.screenshot({ path: join(cfg.artifacts, `${name}-${suffix}.png`), fullPage: true }).catch(() => {});
+  }
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error(what);
+}
+
+async function noScriptRan(page, name) {
+  const xss = await page.evaluate(() => window.__xss);
+  check(xss === undefined, `${name}: an XSS payload ran (window.__xss = ${xss})`);
+  const injected = await page.evaluate(() => document.querySelectorAll('#messages img, #messages script, #messages b, #threads b, #thread-title b').length);
+  check(injected === 0, `${name}: user content became markup (${injected} elements)`);
+}
+
+try {
+  // The patient signs in first and sees an empty inbox.
+  const patient = await open('patient', { width: 375, height: 740 });
+  await patient.goto(cfg.patient_url);
+  await patient.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await patient.waitForSelector('#threads-empty:not([hidden])');
+  check(!(await patient.isVisible('#priority-field')), 'patient: no priority choice for patients');
+
+  // The clinician launches from the EHR with the patient in context: banner with the name.
+  const clinician = await open('clinician', { width: 1280, height: 800 });
+  await clinician.goto(cfg.clinician_url);
+  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  const banner = await clinician.textContent('#patient-banner');
+  check(banner.includes(cfg.patient_name), `clinician: the patient banner names the patient (got "${banner}")`);
+  check((await clinician.textContent('#me')).includes(cfg.clinician_name), 'clinician: signed-in name shown');
+  await clinician.waitForSelector('#connection:text-is("Connected")');
+  await patient.waitForSelector('#connection:text-is("Connected")');
+
+  // The clinician starts a conversation (keyboard only: labelled fields, Enter on the button).
+  await clinician.click('#new-thread');
+  check(await clinician.inputValue('#new-recipient') !== '', 'clinician: the patient in context is the default recipient');
+  await clinician.getByLabel('Subject').fill(XSS_TOPIC);
+  await clinician.fill('#new-text', XSS_TEXT);
+  await clinician.focus('#new-send');
+  await clinician.keyboard.press('Enter');
+  await clinician.waitForSelector('#messages li .text');
+  check((await clinician.textContent('#thread-title')) === XSS_TOPIC, 'clinician: the subject shows literally');
+
+  // It appears in the patient's list without a reload, marked unread; the patient opens it.
+  const item = patient.locator('#threads li', { hasText: 'Lab results' });
+  await item.waitFor({ timeout: 10000 });
+  await patient.waitForSelector('#threads li .badge');
+  await item.focus();
+  await patient.keyboard.press('Enter');
+  await patient.waitForSelector('#messages li .text');
+  const shown = await patient.locator('#messages li .text').first().textContent();
+  check(shown === XSS_TEXT, `patient: the message text shows literally (got "${shown}")`);
+  await noScriptRan(patient, 'patient');
+  const from = await patient.locator('#messages li .from').first().textContent();
+  check(from === cfg.clinician_name, `patient: the sender is shown by name (got "${from}")`);
+  check(await patient.isVisible('#response-notice'), 'patient: the expected-response notice is shown where they write');
+
+  // The read receipt reaches the clinician's screen live.
+  await clinician.waitForSelector(`.status:text("Read by ${cfg.patient_name}")`, { timeout: 10000 });
+
+  // The patient replies with an attachment whose name is a payload.
+  await patient.getByLabel('Message', { exact: true }).first().fill(REPLY);
+  await patient.setInputFiles('#compose-file', { name: XSS_FILE, mimeType: 'text/plain', buffer: Buffer.from('a note') });
+  await patient.click('#send');
+  await patient.waitForSelector(`#messages li .text:text("${REPLY}")`);
+
+  // The reply and its attachment appear on the clinician's screen live, names inert.
+  await clinician.waitForSelector(`#messages li .text:text("${REPLY}")`, { timeout: 10000 });
+  const file = await clinician.locator('#messages .attachment').first().textContent();
+  check(file.includes(XSS_FILE), `clinician: the file name shows literally (got "${file}")`);
+  await noScriptRan(clinician, 'clinician');
+
+  // Offline: the connection state says so.
+  await patient.context().setOffline(true);
+  await patient.evaluate(() => window.dispatchEvent(new Event('offline')));
+  await patient.waitForSelector('#connection.offline');
+  await patient.context().setOffline(false);
+
+  check(problems.length === 0, problems.join('\n'));
+  await shots('final');
+  console.log(JSON.stringify({ ok: true }));
+  await browser.close();
+} catch (e) {
+  await shots('failure');
+  console.log(JSON.stringify({ ok: false, error: String(e && e.message || e), problems }));
+  await browser.close();
+  process.exit(1);
+}
