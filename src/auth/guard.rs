@@ -31,6 +31,8 @@ fn is_public(path: &str) -> bool {
                 | "/smart/logout"
                 // The WebSocket authenticates in its protocol (a browser cannot set the header).
                 | "/ws"
+                // Bound with a single-use token from $get-ws-binding-token.
+                | "/subscriptions/ws"
         )
 }
 

@@ -48,6 +48,8 @@ pub fn capability_statement(state: &AppState) -> Value {
             r
         })
         .collect();
+    let mut resources = resources;
+    resources.push(subscription_support());
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -65,6 +67,28 @@ pub fn capability_statement(state: &AppState) -> Value {
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
         }]
+    })
+}
+
+/// Topic-based Subscriptions (R5 Backport IG for R4): the topics, the operations.
+fn subscription_support() -> Value {
+    use crate::messaging::subscriptions::TOPICS;
+    const IG: &str = "http://hl7.org/fhir/uv/subscriptions-backport";
+    json!({
+        "type": "Subscription",
+        "profile": "http://hl7.org/fhir/StructureDefinition/Subscription",
+        "supportedProfile": [format!("{IG}/StructureDefinition/backport-subscription")],
+        "interaction": [{"code": "create"}, {"code": "read"}, {"code": "delete"}, {"code": "search-type"}],
+        "extension": TOPICS.iter().map(|(t, _)| json!({
+            "url": format!("{IG}/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"),
+            "valueCanonical": t,
+        })).collect::<Vec<_>>(),
+        "operation": [
+            {"name": "status", "definition": format!("{IG}/OperationDefinition/backport-subscription-status")},
+            {"name": "events", "definition": format!("{IG}/OperationDefinition/backport-subscription-events")},
+            {"name": "get-ws-binding-token", "definition": format!("{IG}/OperationDefinition/backport-subscription-get-ws-binding-token")},
+        ],
+        "documentation": "Topic-based subscriptions: rest-hook (HMAC-signed, retried) and websocket channels; payload content empty, id-only or full-resource; filters on token and reference parameters. A subscription belongs to the client that created it and hears only of what that client may read."
     })
 }
 

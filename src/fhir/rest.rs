@@ -163,7 +163,7 @@ pub fn media_type(req: &HttpRequest) -> String {
 }
 
 /// A resource body must be FHIR JSON; XML is refused with 415.
-fn check_content_type(req: &HttpRequest) -> Result<(), FhirError> {
+pub fn check_content_type(req: &HttpRequest) -> Result<(), FhirError> {
     match media_type(req).as_str() {
         "application/fhir+json" | "application/json" | "application/json+fhir" => Ok(()),
         "" => Err(FhirError::new(

@@ -5,12 +5,16 @@
 //! - [`ws`]       `GET /ws`: authenticated, access-filtered, catch-up from the last seq seen
 //! - [`receipts`] per-recipient delivered/read receipts and unread counts
 //! - [`rules`]    attachment types and patient-portal guardrails on every write
+//! - [`subscriptions`] topic-based Subscriptions (R5 Backport IG): REST, `$status`, `$events`
+//! - [`dispatch`] the leader's matching and rest-hook delivery; the subscription websocket
 //! - [`webapp`]   the web app (`smart-launch/`) served at `/app/`
 
+pub mod dispatch;
 pub mod events;
 pub mod hub;
 pub mod receipts;
 pub mod rules;
+pub mod subscriptions;
 pub mod webapp;
 pub mod ws;
 
@@ -31,5 +35,29 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/Communication/{id}/$receipts",
             web::get().to(receipts::list),
+        )
+        .route("/subscriptions/ws", web::get().to(dispatch::socket))
+        .route("/Subscription", web::post().to(subscriptions::create))
+        .route("/Subscription", web::get().to(subscriptions::search))
+        .route("/Subscription/{id}", web::get().to(subscriptions::read))
+        .route(
+            "/Subscription/{id}",
+            web::delete().to(subscriptions::delete),
+        )
+        .route(
+            "/Subscription/{id}/$status",
+            web::get().to(subscriptions::status),
+        )
+        .route(
+            "/Subscription/{id}/$events",
+            web::get().to(subscriptions::events),
+        )
+        .route(
+            "/Subscription/{id}/$get-ws-binding-token",
+            web::get().to(subscriptions::binding_token),
+        )
+        .route(
+            "/Subscription/{id}/$get-ws-binding-token",
+            web::post().to(subscriptions::binding_token),
         );
 }

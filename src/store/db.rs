@@ -22,6 +22,7 @@ pub enum Bind {
     Int(i64),
     OptInt(Option<i64>),
     Blob(Vec<u8>),
+    OptBlob(Option<Vec<u8>>),
 }
 
 impl From<&str> for Bind {
@@ -94,6 +95,7 @@ macro_rules! bind_all {
                 Bind::Int(i) => q.bind::<BigInt, _>(i),
                 Bind::OptInt(i) => q.bind::<Nullable<BigInt>, _>(i),
                 Bind::Blob(v) => q.bind::<Binary, _>(v),
+                Bind::OptBlob(v) => q.bind::<Nullable<Binary>, _>(v),
             };
         }
         q
@@ -120,6 +122,7 @@ where
     i64: diesel::serialize::ToSql<BigInt, DB>,
     Option<i64>: diesel::serialize::ToSql<Nullable<BigInt>, DB>,
     Vec<u8>: diesel::serialize::ToSql<Binary, DB>,
+    Option<Vec<u8>>: diesel::serialize::ToSql<Nullable<Binary>, DB>,
 {
     fn walk_ast<'b>(
         &'b self,
@@ -135,6 +138,7 @@ where
                 Some(Bind::Int(i)) => out.push_bind_param::<BigInt, _>(i)?,
                 Some(Bind::OptInt(i)) => out.push_bind_param::<Nullable<BigInt>, _>(i)?,
                 Some(Bind::Blob(b)) => out.push_bind_param::<Binary, _>(b)?,
+                Some(Bind::OptBlob(b)) => out.push_bind_param::<Nullable<Binary>, _>(b)?,
                 None => {
                     return Err(diesel::result::Error::QueryBuilderError(
                         "more placeholders than binds".into(),

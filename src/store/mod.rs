@@ -443,6 +443,12 @@ impl Store {
         self.submit(Job::Ops(ops, ctx.clone()))
     }
 
+    /// For a transaction outside the resource write path: on SQLite, the single writer's lock (so
+    /// it queues behind group commits instead of failing busy); nothing on PostgreSQL.
+    pub fn exclusive_writer(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock())
+    }
+
     /// Sets a receipt (see `messaging::receipts`) in a transaction of its own, serialised with the
     /// resource writes on SQLite; its event commits with it.
     pub fn mark_receipt(

@@ -14,4 +14,5 @@ mod messaging;
 mod operability;
 mod search;
 mod strict;
+mod subscriptions;
 mod validator;

@@ -54,6 +54,7 @@ supported_types!(
     Binary,
     AuditEvent,
     SearchParameter,
+    Subscription,
     Patient,
     Practitioner,
     PractitionerRole,

@@ -1,0 +1,535 @@
+//! The subscription dispatcher, run by exactly one instance at a time (the leader), and the
+//! websocket channel, served by whichever instance holds the socket.
+//!
+//! The leader reads the event log from its cursor, numbers each event for every subscription it
+//! reaches (topic, filters, the owner's grant), and delivers rest-hook notifications: a handshake
+//! first, then events in order (at most `max-count` per Bundle), heartbeats while idle. A failed
+//! POST is retried with exponential backoff (1 s, 2 s, 4 s … capped at 5 min); after
+//! [`MAX_ATTEMPTS`] failures the subscription goes to `error` and stops. Every notification is
+//! signed: `X-Courier-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+//!
+//! Leadership: on PostgreSQL a session advisory lock held on a dedicated connection (keyed by the
+//! schema, so databases sharing a server do not share a leader); when that instance dies its
+//! connection closes and another instance takes over within a second. On SQLite, one instance
+//! owns the file and leads.
+
+use super::hub::Hub;
+use super::subscriptions::{self, bundle, numbered, SubRow, SIGNATURE_HEADER, SUB_COLUMNS};
+use crate::auth::policy;
+use crate::auth::scopes::Perm;
+use crate::fhir::AppState;
+use crate::search::dates::now_micros;
+use crate::store::db::Conn;
+use crate::store::{Store, StoreError};
+use crate::with_conn;
+use actix_web::{web, HttpRequest, HttpResponse};
+use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::QueryableByName;
+use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Failed deliveries (or handshakes) in a row before a subscription goes to `error`.
+pub const MAX_ATTEMPTS: i64 = 8;
+const CURSOR: &str = "subscriptions";
+
+fn now_secs() -> i64 {
+    now_micros() / 1_000_000
+}
+
+// ----- leadership ---------------------------------------------------------------------------------
+
+pub struct Leader {
+    postgres_url: Option<String>,
+    held: parking_lot::Mutex<Option<(diesel::PgConnection, Instant)>>,
+}
+
+#[derive(QueryableByName)]
+struct Got {
+    #[diesel(sql_type = Bool)]
+    ok: bool,
+}
+
+impl Leader {
+    pub fn new(postgres_url: Option<String>) -> Leader {
+        Leader {
+            postgres_url,
+            held: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Is this instance the leader (taking the lead if nobody has it)? Blocking.
+    pub fn lead(&self) -> bool {
+        use diesel::{Connection, RunQueryDsl};
+        let Some(url) = &self.postgres_url else {
+            return true;
+        };
+        let mut held = self.held.lock();
+        if let Some((c, checked)) = held.as_mut() {
+            if checked.elapsed() < Duration::from_secs(1) {
+                return true;
+            }
+            if diesel::sql_query("SELECT 1").execute(c).is_ok() {
+                *checked = Instant::now();
+                return true;
+            }
+            *held = None; // the connection (and with it the lock) is gone
+        }
+        let Ok(mut c) = diesel::PgConnection::establish(url) else {
+            return false;
+        };
+        let got: Vec<Got> = diesel::sql_query(
+            "SELECT pg_try_advisory_lock(hashtext('courier.dispatch.' || current_schema())) AS ok",
+        )
+        .load(&mut c)
+        .unwrap_or_default();
+        if got.first().is_some_and(|g| g.ok) {
+            *held = Some((c, Instant::now()));
+            true
+        } else {
+            false
+        }
+    }
+}
+
+// ----- matching -----------------------------------------------------------------------------------
+
+#[derive(QueryableByName)]
+struct SeqRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+fn active(store: &Store, channel: Option<&str>) -> Result<Vec<SubRow>, StoreError> {
+    let (extra, binds) = match channel {
+        Some(c) => (" AND channel = ?", vec![c.into()]),
+        None => ("", vec![]),
+    };
+    store.query(
+        &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE status IN ('requested', 'active'){extra} ORDER BY created_at"),
+        binds,
+    )
+}
+
+/// Numbers the new events of the log for the subscriptions they reach. Returns how many events
+/// were read. Blocking.
+pub fn record_matches(store: &Store, hub: &Hub) -> Result<usize, StoreError> {
+    let cursor: Vec<SeqRow> = store.query(
+        "SELECT seq FROM job_cursors WHERE name = ?",
+        vec![CURSOR.into()],
+    )?;
+    let Some(cursor) = cursor.first().map(|r| r.seq) else {
+        // First run: start at the end of the log (subscriptions hear of what happens from now).
+        let last = super::events::last_seq(store)?;
+        store.execute(
+            "INSERT INTO job_cursors (name, seq) VALUES (?, ?)",
+            vec![CURSOR.into(), last.into()],
+        )?;
+        return Ok(0);
+    };
+    let events = hub.load_after(cursor, 500)?;
+    let Some(last) = events.last().map(|e| e.seq) else {
+        return Ok(0);
+    };
+    let mut subs = vec![];
+    for s in active(store, None)? {
+        if crate::auth::clients::get(store, &s.owner_client)?.is_none() {
+            // The owner is no longer a client: its subscriptions stop.
+            store.execute(
+                "UPDATE subscriptions SET status = 'off', last_error = 'the owning client was removed' WHERE id = ?",
+                vec![s.id.clone().into()],
+            )?;
+            continue;
+        }
+        let Some(res_type) = subscriptions::topic_type(&s.topic) else {
+            continue;
+        };
+        let owner = s.owner();
+        let access = policy::decide(
+            &owner,
+            &store.registry,
+            &store.base_url,
+            res_type,
+            Perm::Read,
+        )
+        .ok();
+        let body = s.resource(store)?;
+        let criteria: Vec<String> = body["_criteria"]["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["valueString"].as_str().map(String::from))
+            .collect();
+        let filters =
+            subscriptions::filters_in(&store.registry, &store.base_url, res_type, &criteria)
+                .unwrap_or_else(|_| vec![crate::search::query::Condition::AnyOf(vec![])]);
+        subs.push((s, res_type, access, filters));
+    }
+    let mut inserts: Vec<(String, i64, i64)> = vec![];
+    for e in events
+        .iter()
+        .filter(|e| e.kind != super::events::Kind::Receipt)
+    {
+        for (s, res_type, access, filters) in subs.iter_mut() {
+            if *res_type != e.res_type || e.seq <= s.start_seq {
+                continue;
+            }
+            if subscriptions::matches(access, filters, &e.entries) {
+                s.events_since_start += 1;
+                inserts.push((s.id.clone(), s.events_since_start, e.seq));
+            }
+        }
+    }
+    let _writer = store.exclusive_writer();
+    let mut c = store.db.get().map_err(StoreError::Other)?;
+    with_conn!(c, |c| {
+        c.write_tx(|c| -> Result<(), StoreError> {
+        for (sub, number, seq) in &inserts {
+            c.execute(
+                "INSERT INTO subscription_events (sub_id, number, event_seq) VALUES (?, ?, ?)",
+                vec![sub.clone().into(), (*number).into(), (*seq).into()],
+            )?;
+        }
+        for (s, ..) in &subs {
+            c.execute(
+                "UPDATE subscriptions SET events_since_start = ? WHERE id = ? AND events_since_start < ?",
+                vec![s.events_since_start.into(), s.id.clone().into(), s.events_since_start.into()],
+            )?;
+        }
+        c.execute(
+            "UPDATE job_cursors SET seq = ? WHERE name = ?",
+            vec![last.into(), CURSOR.into()],
+        )?;
+        Ok(())
+    })
+    })?;
+    Ok(events.len())
+}
+
+// ----- rest-hook delivery -------------------------------------------------------------------------
+
+/// Signs `body` for `secret` at time `t`: the value of [`SIGNATURE_HEADER`].
+pub fn signature(secret: &[u8], t: i64, body: &str) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(format!("{t}.{body}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={t},v1={hex}")
+}
+
+async fn post(
+    http: &reqwest::Client,
+    sub: &SubRow,
+    body: &Value,
+    secret: &[u8],
+) -> Result<(), String> {
+    let endpoint = body_endpoint(body)?;
+    let text = body["__notification"].to_string();
+    let mut req = http
+        .post(endpoint)
+        .header("content-type", "application/fhir+json")
+        .header(SIGNATURE_HEADER, signature(secret, now_secs(), &text))
+        .timeout(Duration::from_secs(timeout_of(body)));
+    for h in body["channel"]["header"].as_array().into_iter().flatten() {
+        if let Some((n, v)) = h.as_str().and_then(|h| h.split_once(':')) {
+            req = req.header(n.trim(), v.trim());
+        }
+    }
+    let res = req
+        .body(text)
+        .send()
+        .await
+        .map_err(|e| format!("the endpoint could not be reached: {}", e.without_url()))?;
+    if res.status().is_success() {
+        Ok(())
+    } else {
+        let _ = &sub.id;
+        Err(format!("the endpoint answered {}", res.status().as_u16()))
+    }
+}
+
+fn body_endpoint(body: &Value) -> Result<String, String> {
+    body["channel"]["endpoint"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| "no endpoint".to_string())
+}
+
+fn timeout_of(body: &Value) -> u64 {
+    body["channel"]["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| {
+            e["url"]
+                == "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-timeout"
+        })
+        .and_then(|e| e["valueUnsignedInt"].as_u64())
+        .unwrap_or(10)
+        .clamp(1, 60)
+}
+
+/// One pass over the rest-hook subscriptions: handshakes, due deliveries, heartbeats.
+pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client) {
+    let s = store.clone();
+    let subs = match web::block(move || active(&s, Some("rest-hook"))).await {
+        Ok(Ok(s)) => s,
+        _ => return,
+    };
+    for sub in subs {
+        let now = now_secs();
+        if sub.next_attempt_at > now {
+            continue;
+        }
+        let s = store.clone();
+        let row = sub.clone();
+        // What to send, built off the async threads (it reads and decrypts).
+        let plan = web::block(
+            move || -> Result<Option<(&'static str, i64, Value, Vec<u8>)>, StoreError> {
+                let secret = row.secret(&s).unwrap_or_default();
+                let mut body = row.resource(&s)?;
+                let (kind, upto, notification) = if row.status == "requested" {
+                    (
+                        "handshake",
+                        row.delivered,
+                        bundle(&s, &row, "handshake", &[], "empty"),
+                    )
+                } else if row.delivered < row.events_since_start {
+                    let upto = (row.delivered + row.max_count).min(row.events_since_start);
+                    let evs = numbered(&s, &row.id, row.delivered + 1, upto)?;
+                    (
+                        "event-notification",
+                        upto,
+                        bundle(&s, &row, "event-notification", &evs, &row.content),
+                    )
+                } else if row.heartbeat_secs > 0 && now - row.last_sent_at >= row.heartbeat_secs {
+                    (
+                        "heartbeat",
+                        row.delivered,
+                        bundle(&s, &row, "heartbeat", &[], "empty"),
+                    )
+                } else {
+                    return Ok(None);
+                };
+                body["__notification"] = notification;
+                Ok(Some((kind, upto, body, secret)))
+            },
+        )
+        .await;
+        let Ok(Ok(Some((kind, upto, body, secret)))) = plan else {
+            continue;
+        };
+        let outcome = post(http, &sub, &body, &secret).await;
+        let s = store.clone();
+        let id = sub.id.clone();
+        let attempts = sub.attempts;
+        let _ = web::block(move || -> Result<(), StoreError> {
+            match outcome {
+                Ok(()) => {
+                    let status = if kind == "handshake" { "active" } else { "active" };
+                    s.execute(
+                        "UPDATE subscriptions SET status = ?, delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ?",
+                        vec![status.into(), upto.into(), now.into(), id.into()],
+                    )?;
+                }
+                Err(why) => {
+                    tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
+                    let attempts = attempts + 1;
+                    if attempts >= MAX_ATTEMPTS {
+                        s.execute(
+                            "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ?",
+                            vec![attempts.into(), why.into(), id.into()],
+                        )?;
+                    } else {
+                        let backoff = (1i64 << (attempts - 1).min(9)).min(300);
+                        s.execute(
+                            "UPDATE subscriptions SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                            vec![attempts.into(), (now + backoff).into(), why.into(), id.into()],
+                        )?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The leader's loop: match new events, deliver, every 100 ms.
+pub fn spawn(store: Arc<Store>, hub: Arc<Hub>, leader: Arc<Leader>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = crate::auth::clients::outbound_http();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let l = leader.clone();
+            if !web::block(move || l.lead()).await.unwrap_or(false) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let (s, h) = (store.clone(), hub.clone());
+            match web::block(move || record_matches(&s, &h)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "subscription matching failed"),
+                Err(_) => continue,
+                _ => {}
+            }
+            deliver(&store, &http).await;
+        }
+    })
+}
+
+// ----- the websocket channel ----------------------------------------------------------------------
+
+#[derive(QueryableByName)]
+struct BindingRow {
+    #[diesel(sql_type = Text)]
+    sub_id: String,
+    #[diesel(sql_type = Text)]
+    owner_client: String,
+    #[diesel(sql_type = BigInt)]
+    expires_at: i64,
+}
+
+/// `GET /subscriptions/ws`: `bind-with-token <token>` (from `$get-ws-binding-token`), then a
+/// handshake Bundle, event notifications as they are numbered, and heartbeats.
+pub async fn socket(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (res, session, stream) = actix_ws::handle(&req, body)?;
+    actix_web::rt::spawn(channel(state, session, stream));
+    Ok(res)
+}
+
+async fn channel(
+    state: web::Data<AppState>,
+    mut session: actix_ws::Session,
+    stream: actix_ws::MessageStream,
+) {
+    let mut stream = stream.max_frame_size(16 * 1024).aggregate_continuations();
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(actix_ws::AggregatedMessage::Text(t))) => return Some(t.to_string()),
+                Some(Ok(
+                    actix_ws::AggregatedMessage::Ping(_) | actix_ws::AggregatedMessage::Pong(_),
+                )) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    let token = first
+        .as_deref()
+        .and_then(|t| t.strip_prefix("bind-with-token "))
+        .map(|t| t.trim().to_string());
+    let Some(token) = token else {
+        let _ = session
+            .text("error: expected 'bind-with-token <token>'")
+            .await;
+        let _ = session.close(None).await;
+        return;
+    };
+    let store = state.store.clone();
+    let bound = web::block(move || -> Result<Option<SubRow>, StoreError> {
+        let h = subscriptions::token_hash(&token);
+        let rows: Vec<BindingRow> = store.query(
+            "SELECT sub_id, owner_client, expires_at FROM ws_binding_tokens WHERE token_hash = ?",
+            vec![h.clone().into()],
+        )?;
+        // Single use.
+        store.execute(
+            "DELETE FROM ws_binding_tokens WHERE token_hash = ?",
+            vec![h.into()],
+        )?;
+        let Some(b) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        if b.expires_at < now_secs() {
+            return Ok(None);
+        }
+        let sub = subscriptions::load(&store, &b.sub_id)?;
+        Ok(sub.filter(|s| {
+            s.owner_client == b.owner_client && s.status == "active" && s.channel == "websocket"
+        }))
+    })
+    .await;
+    let Ok(Ok(Some(sub))) = bound else {
+        let _ = session
+            .text("error: the binding token is unknown, used or expired")
+            .await;
+        let _ = session.close(None).await;
+        return;
+    };
+    let send = |s: &Arc<Store>, row: &SubRow, kind: &'static str, from: i64, to: i64| {
+        let (s, row) = (s.clone(), row.clone());
+        web::block(move || -> Result<Value, StoreError> {
+            let evs = if to >= from {
+                numbered(&s, &row.id, from, to)?
+            } else {
+                vec![]
+            };
+            Ok(bundle(
+                &s,
+                &row,
+                kind,
+                &evs,
+                if kind == "event-notification" {
+                    &row.content
+                } else {
+                    "empty"
+                },
+            ))
+        })
+    };
+    let Ok(Ok(handshake)) = send(&state.store, &sub, "handshake", 1, 0).await else {
+        return;
+    };
+    if session.text(handshake.to_string()).await.is_err() {
+        return;
+    }
+    let mut last = sub.events_since_start;
+    let mut last_sent = Instant::now();
+    let heartbeat = Duration::from_secs(sub.heartbeat_secs.max(0) as u64);
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(actix_ws::AggregatedMessage::Ping(b))) => { if session.pong(&b).await.is_err() { return; } }
+                Some(Ok(actix_ws::AggregatedMessage::Close(_))) | None | Some(Err(_)) => { let _ = session.close(None).await; return; }
+                _ => {}
+            },
+            _ = poll.tick() => {
+                let (s, id) = (state.store.clone(), sub.id.clone());
+                let Ok(Ok(Some(row))) = web::block(move || subscriptions::load(&s, &id)).await else {
+                    let _ = session.close(None).await; // deleted
+                    return;
+                };
+                if row.status != "active" {
+                    let _ = session.close(None).await;
+                    return;
+                }
+                while last < row.events_since_start {
+                    let to = (last + row.max_count).min(row.events_since_start);
+                    let Ok(Ok(b)) = send(&state.store, &row, "event-notification", last + 1, to).await else { return };
+                    if session.text(b.to_string()).await.is_err() { return; }
+                    last = to;
+                    last_sent = Instant::now();
+                }
+                if !heartbeat.is_zero() && last_sent.elapsed() >= heartbeat {
+                    let Ok(Ok(b)) = send(&state.store, &row, "heartbeat", 1, 0).await else { return };
+                    if session.text(b.to_string()).await.is_err() { return; }
+                    last_sent = Instant::now();
+                }
+            }
+        }
+    }
+}
