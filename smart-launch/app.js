@@ -450,6 +450,15 @@ function remember(seq) {
 }
 
 function onEvent(f) {
+  if (f.resourceType === 'CommunicationRequest') {
+    // Courier's escalation of an unread urgent message: a reminder for its recipient (or backup).
+    const c = f.resource;
+    const escalation = c && (c.category || []).some((x) => (x.coding || []).some((k) => k.code === 'unread-urgent'));
+    if (escalation && c.status === 'active' && (c.recipient || []).some((r) => refOf(r) === session.fhirUser)) {
+      showNotice('Reminder: an urgent message is waiting to be read.');
+    }
+    return;
+  }
   if (f.resourceType !== 'Communication') return;
   if (f.event === 'receipt') {
     const r = f.receipt;

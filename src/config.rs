@@ -54,6 +54,15 @@ pub struct Settings {
     pub attachment_types: Vec<String>,
     /// Who may frame the web app: the CSP `frame-ancestors` value (`COURIER_FRAME_ANCESTORS`).
     pub frame_ancestors: String,
+    /// An unread urgent (urgent/asap/stat) message is re-notified to its recipient every this
+    /// many seconds (`COURIER_ESCALATION_RENOTIFY_SECS`).
+    pub escalation_renotify_secs: i64,
+    /// … and after this many seconds unread, escalated to the backup recipient
+    /// (`COURIER_ESCALATION_AFTER_SECS`).
+    pub escalation_after_secs: i64,
+    /// The backup recipient of escalations, e.g. `PractitionerRole/on-call`
+    /// (`COURIER_ESCALATION_BACKUP`; none: reminders only).
+    pub escalation_backup: Option<String>,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -121,6 +130,9 @@ impl Default for Settings {
             .map(String::from)
             .to_vec(),
             frame_ancestors: "*".into(),
+            escalation_renotify_secs: 900,
+            escalation_after_secs: 3600,
+            escalation_backup: None,
         }
     }
 }
@@ -209,6 +221,15 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_FRAME_ANCESTORS") {
             self.frame_ancestors = v;
+        }
+        if let Some(v) = env("COURIER_ESCALATION_RENOTIFY_SECS") {
+            self.escalation_renotify_secs = num("COURIER_ESCALATION_RENOTIFY_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_ESCALATION_AFTER_SECS") {
+            self.escalation_after_secs = num("COURIER_ESCALATION_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_ESCALATION_BACKUP") {
+            self.escalation_backup = Some(v);
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

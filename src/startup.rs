@@ -78,7 +78,12 @@ impl Application {
             .then(|| settings.database_url.clone());
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
-        crate::messaging::dispatch::spawn(store.clone(), hub.clone(), leader);
+        crate::messaging::dispatch::spawn(
+            store.clone(),
+            hub.clone(),
+            leader,
+            Arc::new(settings.clone()),
+        );
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())

@@ -361,10 +361,16 @@ pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client) {
     }
 }
 
-/// The leader's loop: match new events, deliver, every 100 ms.
-pub fn spawn(store: Arc<Store>, hub: Arc<Hub>, leader: Arc<Leader>) -> tokio::task::JoinHandle<()> {
+/// The leader's loop: match new events and deliver every 100 ms; escalations every second.
+pub fn spawn(
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    leader: Arc<Leader>,
+    settings: Arc<crate::config::Settings>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let http = crate::auth::clients::outbound_http();
+        let mut last_escalation = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let l = leader.clone();
@@ -379,6 +385,22 @@ pub fn spawn(store: Arc<Store>, hub: Arc<Hub>, leader: Arc<Leader>) -> tokio::ta
                 _ => {}
             }
             deliver(&store, &http).await;
+            if last_escalation.elapsed() >= Duration::from_secs(1) {
+                last_escalation = Instant::now();
+                let (s, cfg) = (store.clone(), settings.clone());
+                match web::block(move || super::escalation::run(&s, &cfg)).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "escalation pass failed"),
+                    Ok(Ok((r, e, c))) if r + e + c > 0 => {
+                        tracing::info!(
+                            reminders = r,
+                            escalations = e,
+                            closed = c,
+                            "escalation pass"
+                        )
+                    }
+                    _ => {}
+                }
+            }
         }
     })
 }

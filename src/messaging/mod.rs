@@ -7,9 +7,11 @@
 //! - [`rules`]    attachment types and patient-portal guardrails on every write
 //! - [`subscriptions`] topic-based Subscriptions (R5 Backport IG): REST, `$status`, `$events`
 //! - [`dispatch`] the leader's matching and rest-hook delivery; the subscription websocket
+//! - [`escalation`] reminders and escalation of unread urgent messages (CommunicationRequests)
 //! - [`webapp`]   the web app (`smart-launch/`) served at `/app/`
 
 pub mod dispatch;
+pub mod escalation;
 pub mod events;
 pub mod hub;
 pub mod receipts;

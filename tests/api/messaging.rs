@@ -459,3 +459,109 @@ async fn the_web_app_is_served_under_a_strict_content_security_policy() {
     assert_eq!(cfg["expected_response_notice"], "We reply within 1 day.");
     assert_eq!(cfg["patient_max_message_chars"], 2000);
 }
+
+/// Unread urgent messages: reminders every `renotify` seconds, escalation to the backup after
+/// `after` seconds, all as a CommunicationRequest that is versioned, audited and pushed; reading
+/// the message completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_urgent_messages_are_re_notified_then_escalated_until_read() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.escalation_renotify_secs = 1;
+        s.escalation_after_secs = 3;
+        s.escalation_backup = Some("Practitioner/on-call".into());
+    })
+    .await
+    .unwrap();
+    let (mut p1_ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+    let (mut backup_ws, _, _) = Ws::open(&app, &clinician_token(&app, "on-call"), None).await;
+    let mut urgent = msg("Practitioner/dr-1", &["Patient/p1"], "Call us today");
+    urgent["priority"] = json!("stat");
+    let id = app.create(&urgent).await;
+    let routine = app
+        .create(&msg("Practitioner/dr-1", &["Patient/p1"], "No rush"))
+        .await;
+    for _ in 0..2 {
+        p1_ws.next().await.unwrap(); // the two messages
+    }
+    // The first reminder: a CommunicationRequest about the message, to p1.
+    let e = p1_ws
+        .next_within(Duration::from_secs(6))
+        .await
+        .expect("a reminder");
+    assert_eq!(
+        (e["resourceType"].as_str(), e["event"].as_str()),
+        (Some("CommunicationRequest"), Some("create"))
+    );
+    let cr = &e["resource"];
+    assert_eq!(cr["about"][0]["reference"], format!("Communication/{id}"));
+    assert_eq!(cr["priority"], "stat");
+    assert_eq!(cr["identifier"][0]["value"], format!("{id}:Patient/p1"));
+    assert!(
+        !cr.to_string().contains("Call us today"),
+        "the reminder carries no message text"
+    );
+    let cr_id = cr["id"].as_str().unwrap().to_string();
+    // Later reminders update it; after 3 s the backup is named and hears of it.
+    let escalated = backup_ws
+        .next_within(Duration::from_secs(10))
+        .await
+        .expect("the backup is notified");
+    assert_eq!(escalated["id"], cr_id.as_str());
+    assert!(escalated["resource"]["recipient"]
+        .to_string()
+        .contains("Practitioner/on-call"));
+    let ext = escalated["resource"]["extension"][0]["extension"]
+        .as_array()
+        .unwrap();
+    let reminders = ext.iter().find(|x| x["url"] == "reminders").unwrap()["valueInteger"]
+        .as_i64()
+        .unwrap();
+    assert!(reminders >= 2, "{reminders} reminders");
+    assert!(ext.iter().any(|x| x["url"] == "escalatedTo"));
+    // p1 reads it: the request is completed.
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    assert_eq!(
+        call(
+            &p1,
+            &app,
+            "POST",
+            &format!("/Communication/{id}/$mark-read")
+        )
+        .await
+        .0,
+        200
+    );
+    let mut completed = false;
+    for _ in 0..50 {
+        let cr = app
+            .get_json(&format!("/CommunicationRequest/{cr_id}"))
+            .await;
+        if cr["status"] == "completed" {
+            completed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(completed, "reading the message completes the escalation");
+    // Every step is in the request's history and the audit trail; the routine message never escalated.
+    let history = app
+        .get_json(&format!("/CommunicationRequest/{cr_id}/_history"))
+        .await;
+    assert!(history["entry"].as_array().unwrap().len() >= 3, "{history}");
+    let audit = app
+        .get_json(&format!(
+            "/AuditEvent?entity=CommunicationRequest/{cr_id}&_count=50"
+        ))
+        .await;
+    assert!(
+        audit["entry"].as_array().unwrap().len() >= 3,
+        "create, updates and completion are audited"
+    );
+    let all = app.get_json("/CommunicationRequest?_count=50").await;
+    assert_eq!(
+        ids(&all),
+        vec![cr_id.clone()],
+        "only the urgent message escalated"
+    );
+    assert!(!all.to_string().contains(&routine));
+}

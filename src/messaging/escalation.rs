@@ -1,0 +1,291 @@
+//! Escalation of unread urgent messages, run by the leader (see `dispatch`).
+//!
+//! A Communication with priority urgent, asap or stat, status completed, that a recipient (named
+//! directly) has not read:
+//! - after `escalation_renotify_secs` Courier creates a CommunicationRequest about it, addressed to
+//!   that recipient — the reminder — and updates it every further `escalation_renotify_secs`
+//!   (each update is a new version: the reminders are the request's history);
+//! - after `escalation_after_secs` unread, the request also names the configured backup
+//!   recipient (`escalation_backup`), who is notified like any recipient;
+//! - once the recipient reads the message the request is `completed`; if the message is withdrawn
+//!   (entered-in-error) or deleted it is `revoked`.
+//!
+//! The request carries identifier `urn:courier:escalation|<message id>:<recipient>`, category
+//! `https://courier.example.org/fhir/CodeSystem/escalation#unread-urgent`, `about` the message, and
+//! the extension `https://courier.example.org/fhir/StructureDefinition/escalation` (recipient,
+//! reminders, lastReminder, escalatedTo, escalatedAt). It is written through the one write path, so
+//! it is versioned, audited and pushed to the sockets of those it names.
+
+use crate::audit;
+use crate::config::Settings;
+use crate::search::dates::{format_instant, now_micros};
+use crate::store::{Incoming, Store, StoreError, WriteOp};
+use diesel::sql_types::{BigInt, Nullable, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+
+pub const IDENTIFIER_SYSTEM: &str = "urn:courier:escalation";
+pub const CATEGORY_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/escalation";
+pub const EXTENSION: &str = "https://courier.example.org/fhir/StructureDefinition/escalation";
+/// Messages older than this are not considered (bounds the scan of urgent messages).
+const HORIZON_SECS: i64 = 7 * 24 * 3600;
+
+#[derive(QueryableByName, Debug)]
+struct Unread {
+    #[diesel(sql_type = Text)]
+    comm_id: String,
+    #[diesel(sql_type = Text)]
+    recipient: String,
+    #[diesel(sql_type = BigInt)]
+    at: i64,
+}
+
+#[derive(QueryableByName, Debug)]
+struct Row {
+    #[diesel(sql_type = Text)]
+    comm_id: String,
+    #[diesel(sql_type = Text)]
+    recipient: String,
+    #[diesel(sql_type = Text)]
+    request_id: String,
+    #[diesel(sql_type = BigInt)]
+    reminders: i64,
+    #[diesel(sql_type = BigInt)]
+    last_reminder_at: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    escalated_at: Option<i64>,
+}
+
+fn ctx(store: &Store) -> audit::Context {
+    audit::Context {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        client_address: "courier escalation job".into(),
+        base_url: store.base_url.clone(),
+        user: None,
+        client_id: Some("courier-escalation".into()),
+        token_id: None,
+        query: None,
+    }
+}
+
+fn key(store: &Store, res_type: &str, code: &str) -> String {
+    store
+        .registry
+        .get(res_type, code)
+        .map(|p| p.key.clone())
+        .unwrap_or_default()
+}
+
+/// One pass. Blocking. Returns (reminders sent, escalations, requests closed).
+pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), StoreError> {
+    let now = now_micros();
+    let secs = 1_000_000;
+    let due_before = now - settings.escalation_renotify_secs * secs;
+    let unread: Vec<Unread> = store.query(
+        "SELECT r.fhir_id AS comm_id, x.target_type || '/' || x.target_id AS recipient, r.last_updated AS at \
+         FROM idx_token pr JOIN resources r ON r.rid = pr.rid \
+         JOIN idx_ref x ON x.rid = r.rid AND x.param = ? AND x.url IS NULL \
+         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = x.target_type || '/' || x.target_id \
+         WHERE pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat') \
+         AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
+         AND r.last_updated <= ? AND r.last_updated >= ? \
+         AND x.target_type IN ('Patient', 'Practitioner', 'PractitionerRole', 'RelatedPerson') \
+         AND EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code = 'completed')",
+        vec![
+            key(store, "Communication", "recipient").into(),
+            key(store, "Communication", "priority").into(),
+            due_before.into(),
+            (now - HORIZON_SECS * secs).into(),
+            key(store, "Communication", "status").into(),
+        ],
+    )?;
+    let (mut reminded, mut escalated, mut closed) = (0, 0, 0);
+    for u in unread {
+        let existing: Vec<Row> = store.query(
+            "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ? AND done = 0",
+            vec![u.comm_id.clone().into(), u.recipient.clone().into()],
+        )?;
+        let done_before: Vec<Row> = if existing.is_empty() {
+            store.query(
+                "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ?",
+                vec![u.comm_id.clone().into(), u.recipient.clone().into()],
+            )?
+        } else {
+            vec![]
+        };
+        if !done_before.is_empty() {
+            continue; // closed once (e.g. read, then marked unread is not a thing): never reopened
+        }
+        let Ok(msg) = store.read("Communication", &u.comm_id) else {
+            continue;
+        };
+        let msg: Value =
+            serde_json::from_slice(msg.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let escalate = settings
+            .escalation_backup
+            .clone()
+            .filter(|b| *b != u.recipient && now - u.at >= settings.escalation_after_secs * secs);
+        match existing.into_iter().next() {
+            None => {
+                let id = crate::fhir::rest::new_id();
+                let (cr, escalated_to) = request(
+                    store,
+                    &id,
+                    &msg,
+                    &u.recipient,
+                    1,
+                    now,
+                    escalate.as_deref(),
+                    None,
+                );
+                write(
+                    store,
+                    WriteOp::Create {
+                        res_type: "CommunicationRequest".into(),
+                        id: id.clone(),
+                        resource: Incoming::from_value(cr),
+                        if_none_exist: None,
+                    },
+                )?;
+                store.execute(
+                    "INSERT INTO escalations (comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                    vec![u.comm_id.into(), u.recipient.into(), id.into(), now.into(), escalated_to.then_some(now).into()],
+                )?;
+                reminded += 1;
+                escalated += escalated_to as usize;
+            }
+            Some(row) if row.last_reminder_at <= due_before => {
+                let escalate = if row.escalated_at.is_some() {
+                    None
+                } else {
+                    escalate
+                };
+                let (cr, now_escalated) = request(
+                    store,
+                    &row.request_id,
+                    &msg,
+                    &row.recipient,
+                    row.reminders + 1,
+                    now,
+                    escalate
+                        .as_deref()
+                        .or(row.escalated_at.and(settings.escalation_backup.as_deref())),
+                    row.escalated_at,
+                );
+                update(store, &row.request_id, cr)?;
+                let newly = now_escalated && row.escalated_at.is_none();
+                store.execute(
+                    "UPDATE escalations SET reminders = ?, last_reminder_at = ?, escalated_at = ? WHERE comm_id = ? AND recipient = ?",
+                    vec![
+                        (row.reminders + 1).into(),
+                        now.into(),
+                        row.escalated_at.or(newly.then_some(now)).into(),
+                        row.comm_id.into(),
+                        row.recipient.into(),
+                    ],
+                )?;
+                reminded += 1;
+                escalated += newly as usize;
+            }
+            Some(_) => {}
+        }
+    }
+    // Close what is resolved: read by its recipient, or the message withdrawn or deleted.
+    let open: Vec<Row> = store.query(
+        "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE done = 0",
+        vec![],
+    )?;
+    for row in open {
+        let read = super::receipts::get(store, &row.comm_id, &row.recipient)?
+            .is_some_and(|r| r.read_at.is_some());
+        let live = store
+            .read("Communication", &row.comm_id)
+            .ok()
+            .and_then(|s| s.body)
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .filter(|m| m["status"] == "completed");
+        let status = match (read, live) {
+            (true, _) => "completed",
+            (false, None) => "revoked",
+            (false, Some(_)) => continue,
+        };
+        if let Ok(current) = store.read("CommunicationRequest", &row.request_id) {
+            let mut cr: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            cr["status"] = json!(status);
+            update(store, &row.request_id, cr)?;
+        }
+        store.execute(
+            "UPDATE escalations SET done = 1 WHERE comm_id = ? AND recipient = ?",
+            vec![row.comm_id.into(), row.recipient.into()],
+        )?;
+        closed += 1;
+    }
+    Ok((reminded, escalated, closed))
+}
+
+fn write(store: &Store, op: WriteOp) -> Result<(), StoreError> {
+    store.write(vec![op], &ctx(store)).map(|_| ())
+}
+
+fn update(store: &Store, id: &str, cr: Value) -> Result<(), StoreError> {
+    write(
+        store,
+        WriteOp::Update {
+            res_type: "CommunicationRequest".into(),
+            id: id.into(),
+            resource: Incoming::from_value(cr),
+            if_match: None,
+            upsert: false,
+            patch: false,
+            guard: None,
+            may_create: false,
+        },
+    )
+}
+
+/// The CommunicationRequest that records (and notifies) an escalation. Returns it and whether it
+/// names the backup.
+#[allow(clippy::too_many_arguments)]
+fn request(
+    store: &Store,
+    id: &str,
+    msg: &Value,
+    recipient: &str,
+    reminders: i64,
+    now: i64,
+    backup: Option<&str>,
+    escalated_at: Option<i64>,
+) -> (Value, bool) {
+    let comm_id = msg["id"].as_str().unwrap_or_default();
+    let mut recipients = vec![json!({"reference": recipient})];
+    let mut ext = vec![
+        json!({"url": "recipient", "valueReference": {"reference": recipient}}),
+        json!({"url": "reminders", "valueInteger": reminders}),
+        json!({"url": "lastReminder", "valueDateTime": format_instant(now)}),
+    ];
+    if let Some(b) = backup {
+        recipients.push(json!({"reference": b}));
+        ext.push(json!({"url": "escalatedTo", "valueReference": {"reference": b}}));
+        ext.push(json!({"url": "escalatedAt", "valueDateTime": format_instant(escalated_at.unwrap_or(now))}));
+    }
+    let mut cr = json!({
+        "resourceType": "CommunicationRequest",
+        "id": id,
+        "extension": [{"url": EXTENSION, "extension": ext}],
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": format!("{comm_id}:{recipient}")}],
+        "status": "active",
+        "category": [{"coding": [{"system": CATEGORY_SYSTEM, "code": "unread-urgent", "display": "Urgent message unread"}]}],
+        "priority": msg["priority"],
+        "about": [{"reference": format!("Communication/{comm_id}")}],
+        "recipient": recipients,
+        "requester": {"display": "Courier escalation"},
+        "authoredOn": format_instant(now),
+        "payload": [{"contentString": "An urgent message is waiting to be read."}],
+    });
+    if msg.get("subject").is_some() {
+        cr["subject"] = msg["subject"].clone();
+    }
+    let _ = store;
+    (cr, backup.is_some())
+}
