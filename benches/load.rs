@@ -15,6 +15,10 @@
 //! checked against the user's compartment) beside the system token, and the inbox search with the
 //! recipient's own user token (the search then also carries the compartment condition).
 
+#[path = "common.rs"]
+mod common;
+use common::bench_jwks;
+
 use courier::audit;
 use courier::auth::tokens::Grant;
 use courier::auth::{clients, scopes};
@@ -350,13 +354,4 @@ async fn main() {
         a.searches
     );
     }
-}
-
-/// A public JWKS for the benchmark's client registration (its key is never used to sign).
-fn bench_jwks() -> String {
-    let secret = p384::SecretKey::random(&mut rand::rngs::OsRng);
-    let mut jwk: serde_json::Value =
-        serde_json::from_str(&secret.public_key().to_jwk_string()).unwrap();
-    jwk["kid"] = json!("bench");
-    json!({"keys": [jwk]}).to_string()
 }

@@ -64,9 +64,13 @@ pub async fn authenticate(
         Some(t) => {
             let st = state.clone();
             web::block(move || {
-                let p = st.tokens.verify(&t)?;
+                let mut p = st.tokens.verify(&t)?;
                 match st.tokens.still_valid(&p) {
-                    Ok(true) => Ok(p),
+                    Ok(true) => {
+                        p.groups = crate::messaging::groups::of(&st.store, p.fhir_user.as_deref())
+                            .map_err(|_| "the access token could not be checked".to_string())?;
+                        Ok(p)
+                    }
                     Ok(false) => {
                         Err("the access token has been revoked or its client removed".into())
                     }

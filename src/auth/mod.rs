@@ -46,6 +46,9 @@ pub struct Principal {
     pub patient: Option<String>,
     /// Launch context: the encounter in context.
     pub encounter: Option<String>,
+    /// The Groups and CareTeams (`Group/…`, `CareTeam/…`) the user is a member of, looked up when
+    /// the token is used: a message addressed to one of them is the user's too.
+    pub groups: Vec<String>,
 }
 
 impl Principal {

@@ -40,6 +40,8 @@ fn patient_params(res_type: &str) -> &'static [&'static str] {
         "Communication" => &["subject", "sender", "recipient"],
         "CommunicationRequest" => &["subject", "sender", "recipient", "requester"],
         "AuditEvent" => &["patient"],
+        "CareTeam" => &["patient", "participant"],
+        "Group" => &["member"],
         _ => &[],
     }
 }
@@ -50,8 +52,19 @@ fn participant_params(res_type: &str) -> &'static [&'static str] {
         "Communication" => &["sender", "recipient"],
         "CommunicationRequest" => &["sender", "recipient", "requester"],
         "AuditEvent" => &["agent"],
+        "CareTeam" => &["participant"],
+        "Group" => &["member"],
         _ => &[],
     }
+}
+
+/// A message addressed to a Group or CareTeam is each member's (membership is looked up when the
+/// token is used: `Principal::groups`).
+fn via_groups(p: &Principal, registry: &Registry, res_type: &str) -> Vec<Vec<Condition>> {
+    p.groups
+        .iter()
+        .flat_map(|g| refers(registry, res_type, &["recipient"], g))
+        .collect()
 }
 
 /// One group per parameter: "`param` refers to `target`" (a local `Type/id`).
@@ -92,16 +105,21 @@ fn compartment(
         Context::System => return Some(None),
         Context::Patient => {
             let patient = p.patient.as_ref()?;
-            refers(
+            let mut g = refers(
                 registry,
                 res_type,
                 patient_params(res_type),
                 &format!("Patient/{patient}"),
-            )
+            );
+            if p.kind() == SubjectKind::Patient {
+                g.extend(via_groups(p, registry, res_type));
+            }
+            g
         }
         Context::User => {
             let user = p.fhir_user.as_ref()?;
             let mut g = refers(registry, res_type, participant_params(res_type), user);
+            g.extend(via_groups(p, registry, res_type));
             if let Some(patient) = &p.patient {
                 g.extend(refers(
                     registry,
@@ -388,6 +406,7 @@ mod tests {
             fhir_user: user.map(String::from),
             patient: patient.map(String::from),
             encounter: None,
+            groups: vec![],
         }
     }
 

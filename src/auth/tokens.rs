@@ -298,6 +298,7 @@ impl Tokens {
             fhir_user: c.fhir_user,
             patient: c.patient,
             encounter: c.encounter,
+            groups: vec![],
         };
         let mut cache = self.verified.lock();
         if cache.len() >= CACHE_LIMIT {

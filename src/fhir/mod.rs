@@ -65,6 +65,20 @@ pub const TYPES: &[TypeSupport] = &[
         conditional_create: true,
     },
     TypeSupport {
+        name: "Group",
+        interactions: MESSAGING_INTERACTIONS,
+        writable: true,
+        searchable: true,
+        conditional_create: true,
+    },
+    TypeSupport {
+        name: "CareTeam",
+        interactions: MESSAGING_INTERACTIONS,
+        writable: true,
+        searchable: true,
+        conditional_create: true,
+    },
+    TypeSupport {
         name: "Binary",
         interactions: &["read", "vread", "create"],
         writable: true,

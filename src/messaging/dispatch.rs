@@ -284,7 +284,10 @@ pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client) {
     };
     for sub in subs {
         let now = now_secs();
-        if sub.next_attempt_at > now {
+        let due = sub.status == "requested"
+            || sub.delivered < sub.events_since_start
+            || (sub.heartbeat_secs > 0 && now - sub.last_sent_at >= sub.heartbeat_secs);
+        if sub.next_attempt_at > now || !due {
             continue;
         }
         let s = store.clone();
@@ -520,6 +523,11 @@ async fn channel(
     }
     let mut last = sub.events_since_start;
     let mut last_sent = Instant::now();
+    // The subscription's row is read when the event log moved (its events are numbered by the
+    // leader shortly after), and every few seconds regardless.
+    let mut seen_head = state.hub.head();
+    let mut dirty_until = Instant::now();
+    let mut last_read = Instant::now();
     let heartbeat = Duration::from_secs(sub.heartbeat_secs.max(0) as u64);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -530,6 +538,16 @@ async fn channel(
                 _ => {}
             },
             _ = poll.tick() => {
+                let head = state.hub.head();
+                if head != seen_head {
+                    seen_head = head;
+                    dirty_until = Instant::now() + Duration::from_secs(2);
+                }
+                let heartbeat_due = !heartbeat.is_zero() && last_sent.elapsed() >= heartbeat;
+                if Instant::now() > dirty_until && last_read.elapsed() < Duration::from_secs(5) && !heartbeat_due {
+                    continue;
+                }
+                last_read = Instant::now();
                 let (s, id) = (state.store.clone(), sub.id.clone());
                 let Ok(Ok(Some(row))) = web::block(move || subscriptions::load(&s, &id)).await else {
                     let _ = session.close(None).await; // deleted

@@ -1,6 +1,7 @@
 //! Messaging: the event log and real-time hub, the WebSocket channel, and receipts.
 //!
 //! - [`events`]   the event log written in every messaging change's own transaction
+//! - [`groups`]   Group and CareTeam membership (who a message to a group reaches)
 //! - [`hub`]      tails the log (all instances), loads each event once, fans it out
 //! - [`ws`]       `GET /ws`: authenticated, access-filtered, catch-up from the last seq seen
 //! - [`receipts`] per-recipient delivered/read receipts and unread counts
@@ -13,6 +14,7 @@
 pub mod dispatch;
 pub mod escalation;
 pub mod events;
+pub mod groups;
 pub mod hub;
 pub mod receipts;
 pub mod rules;

@@ -250,7 +250,8 @@ async fn mark_inner(
     let user = user_of(&p)?;
     let msg = load_message(state, &p, id).await?;
     let base = &state.settings.base_url;
-    if !recipients(&msg, base).contains(&user) {
+    let to = recipients(&msg, base);
+    if !to.iter().any(|r| *r == user || p.groups.contains(r)) {
         return Err(FhirError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -301,11 +302,10 @@ async fn list_inner(state: &web::Data<AppState>, req: &HttpRequest, id: &str) ->
     let base = &state.settings.base_url;
     let me = p.fhir_user.clone();
     let everyone = p.kind() == SubjectKind::System || me.is_some() && me == sender(&msg, base);
-    if !everyone
-        && !me
-            .as_ref()
-            .is_some_and(|u| recipients(&msg, base).contains(u))
-    {
+    let to = recipients(&msg, base);
+    let addressed =
+        me.as_ref().is_some_and(|u| to.contains(u)) || to.iter().any(|r| p.groups.contains(r));
+    if !everyone && !addressed {
         return Err(FhirError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -358,7 +358,8 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     // Counting what one may not read would still tell something: read permission is required.
     access::decide(state, &p, "Communication", Perm::Read)?;
     let store = state.store.clone();
-    let rows = blocking(move || Ok(unread_counts(&store, &user)?)).await?;
+    let groups = p.groups.clone();
+    let rows = blocking(move || Ok(unread_counts(&store, &user, &groups)?)).await?;
     let (mut total, mut urgent) = (0, 0);
     let mut params = vec![];
     let mut threads = vec![];
@@ -381,10 +382,20 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
 
 /// Unread messages addressed directly to `user`, grouped by thread. Index lookups only: the
 /// recipient index finds the user's messages, the receipt's primary key tells which were read.
-fn unread_counts(store: &Store, user: &str) -> Result<Vec<UnreadRow>, StoreError> {
-    let Some((t, id)) = user.split_once('/') else {
+fn unread_counts(
+    store: &Store,
+    user: &str,
+    groups: &[String],
+) -> Result<Vec<UnreadRow>, StoreError> {
+    // Addressed to the user, or to a Group or CareTeam they are a member of.
+    let targets: Vec<(&str, &str)> = std::iter::once(user)
+        .chain(groups.iter().map(String::as_str))
+        .filter_map(|r| r.split_once('/'))
+        .collect();
+    if targets.is_empty() {
         return Ok(vec![]);
-    };
+    }
+    let addressed = vec!["(x.target_id = ? AND x.target_type = ?)"; targets.len()].join(" OR ");
     let key = |code: &str| {
         store
             .registry
@@ -392,28 +403,30 @@ fn unread_counts(store: &Store, user: &str) -> Result<Vec<UnreadRow>, StoreError
             .map(|p| p.key.clone())
             .unwrap_or_default()
     };
-    let concat = "p.target_type || '/' || p.target_id";
+    // One row per unread message (a message to the user and to their group is one message),
+    // then counted per thread.
     let sql = format!(
-        "SELECT {concat} AS thread, COUNT(*) AS n, \
-         COALESCE(SUM(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END), 0) AS urgent \
+        "SELECT thread, COUNT(*) AS n, COALESCE(SUM(urgent), 0) AS urgent FROM (\
+         SELECT DISTINCT r.rid, p.target_type || '/' || p.target_id AS thread, \
+         CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS urgent \
          FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
          LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
-         WHERE x.param = ? AND x.target_id = ? AND x.target_type = ? AND x.url IS NULL \
+         WHERE x.param = ? AND ({addressed}) AND x.url IS NULL \
          AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
-         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error')) \
-         GROUP BY {concat} ORDER BY {concat}"
+         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error'))\
+         ) m GROUP BY thread ORDER BY thread"
     );
-    store.query(
-        &sql,
-        vec![
-            key("priority").into(),
-            user.into(),
-            key("part-of").into(),
-            key("recipient").into(),
-            id.into(),
-            t.into(),
-            key("status").into(),
-        ],
-    )
+    let mut binds: Vec<crate::store::db::Bind> = vec![
+        key("priority").into(),
+        user.into(),
+        key("part-of").into(),
+        key("recipient").into(),
+    ];
+    for (t, id) in targets {
+        binds.push(id.into());
+        binds.push(t.into());
+    }
+    binds.push(key("status").into());
+    store.query(&sql, binds)
 }

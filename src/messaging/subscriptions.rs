@@ -152,6 +152,7 @@ impl SubRow {
             fhir_user: self.owner_user.clone(),
             patient: self.owner_patient.clone(),
             encounter: None,
+            groups: vec![],
         }
     }
 

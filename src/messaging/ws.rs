@@ -131,9 +131,13 @@ async fn refuse(session: &mut actix_ws::Session, code: u16, error: &str, why: &s
 async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal, String> {
     let st = state.clone();
     web::block(move || {
-        let p = st.tokens.verify(&token)?;
+        let mut p = st.tokens.verify(&token)?;
         match st.tokens.still_valid(&p) {
-            Ok(true) => Ok(p),
+            Ok(true) => {
+                p.groups = super::groups::of(&st.store, p.fhir_user.as_deref())
+                    .map_err(|_| "the access token could not be checked".to_string())?;
+                Ok(p)
+            }
             Ok(false) => Err("the access token has been revoked or its client removed".into()),
             Err(_) => Err("the access token could not be checked".into()),
         }

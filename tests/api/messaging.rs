@@ -565,3 +565,63 @@ async fn unread_urgent_messages_are_re_notified_then_escalated_until_read() {
     );
     assert!(!all.to_string().contains(&routine));
 }
+
+both_backends! {
+    async fn a_message_to_a_group_or_care_team_reaches_its_members_only(app: TestApp) {
+        let team = app.create(&json!({"resourceType": "CareTeam", "status": "active", "name": "Cardiology",
+            "subject": {"reference": "Patient/p1"},
+            "participant": [{"member": {"reference": "Practitioner/a"}}, {"member": {"reference": "Practitioner/b"}}]})).await;
+        let group = app.create(&json!({"resourceType": "Group", "type": "practitioner", "actual": true,
+            "member": [{"entity": {"reference": "Practitioner/c"}}]})).await;
+        let (a, b, c, outsider) = (
+            client_with_token(&clinician_token(&app, "a")),
+            client_with_token(&clinician_token(&app, "b")),
+            client_with_token(&clinician_token(&app, "c")),
+            client_with_token(&clinician_token(&app, "z")),
+        );
+        let (mut b_ws, _, _) = Ws::open(&app, &clinician_token(&app, "b"), None).await;
+        let (mut z_ws, _, _) = Ws::open(&app, &clinician_token(&app, "z"), None).await;
+        let mut m = msg("Patient/p1", &[&format!("CareTeam/{team}")], "Question for the team");
+        m["priority"] = json!("urgent");
+        let to_team = app.create(&m).await;
+        let to_group = app.create(&msg("Practitioner/x", &[&format!("Group/{group}")], "For the group")).await;
+        // Members read and find it; others do not, and cannot tell it exists.
+        for (who, c_, sees_team, sees_group) in [("a", &a, true, false), ("b", &b, true, false), ("c", &c, false, true), ("z", &outsider, false, false)] {
+            let s = c_.get(app.url(&format!("/Communication/{to_team}"))).send().await.unwrap().status().as_u16();
+            assert_eq!(s, if sees_team { 200 } else { 404 }, "{who} reads the team's message");
+            let s = c_.get(app.url(&format!("/Communication/{to_group}"))).send().await.unwrap().status().as_u16();
+            assert_eq!(s, if sees_group { 200 } else { 404 }, "{who} reads the group's message");
+            let b: Value = c_.get(app.url("/Communication?_count=50")).send().await.unwrap().json().await.unwrap();
+            let expect: Vec<String> = [(sees_team, &to_team), (sees_group, &to_group)].iter().filter(|(s, _)| *s).map(|(_, id)| id.to_string()).collect();
+            let mut got = ids(&b);
+            got.sort();
+            let mut expect = expect;
+            expect.sort();
+            assert_eq!(got, expect, "{who} searches");
+        }
+        // A member's socket hears of it; an outsider's does not.
+        let e = b_ws.next().await.expect("b hears of the team's message");
+        assert_eq!(e["id"], to_team.as_str());
+        assert!(z_ws.next_within(Duration::from_millis(600)).await.is_none());
+        // Each member's receipt is their own; unread counts include team messages.
+        let (_, u) = call(&b, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 1);
+        assert_eq!(param(&u, "urgent").unwrap()["valueInteger"], 1);
+        let (s, r) = call(&a, &app, "POST", &format!("/Communication/{to_team}/$mark-read")).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(param(&r, "receipt").unwrap()["part"][0]["valueReference"]["reference"], "Practitioner/a");
+        let (_, u) = call(&a, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 0);
+        let (_, u) = call(&b, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 1, "a's read is not b's");
+        assert_eq!(call(&outsider, &app, "POST", &format!("/Communication/{to_team}/$mark-read")).await.0, 404);
+        // Membership is looked up at each use: b leaves the team and loses access at once.
+        let mut t = app.get_json(&format!("/CareTeam/{team}")).await;
+        t["participant"] = json!([{"member": {"reference": "Practitioner/a"}}]);
+        assert_eq!(app.put(&format!("/CareTeam/{team}"), &t).await.status(), 200);
+        assert_eq!(b.get(app.url(&format!("/Communication/{to_team}"))).send().await.unwrap().status(), 404);
+        // The members read the team itself; others do not.
+        assert_eq!(a.get(app.url(&format!("/CareTeam/{team}"))).send().await.unwrap().status(), 200);
+        assert_eq!(outsider.get(app.url(&format!("/CareTeam/{team}"))).send().await.unwrap().status(), 404);
+    }
+}

@@ -172,6 +172,61 @@ async fn every_response_kind_validates_with_an_independent_validator() {
             .await
             .unwrap(),
     );
+    // Messaging: receipts and unread counts (Parameters), a Subscription, its $status and
+    // $events Bundles, and a subscription notification's shape.
+    let patient = client_with_token(&issue(
+        &app.tokens,
+        &app.admin_client_id,
+        "patient/Communication.rs",
+        Some("Patient/p9"),
+        Some("p9"),
+    ));
+    let to_p9 = app
+        .create(&message("Patient/p9", "2024-01-03T10:00:00Z", "for p9"))
+        .await;
+    for (method, path) in [
+        ("POST", format!("Communication/{to_p9}/$mark-read")),
+        ("GET", format!("Communication/{to_p9}/$receipts")),
+        ("GET", "Communication/$unread".to_string()),
+    ] {
+        let r = if method == "POST" {
+            patient.post(app.url(&path)).send().await.unwrap()
+        } else {
+            patient.get(app.url(&path)).send().await.unwrap()
+        };
+        assert!(r.status().is_success(), "{path}");
+        docs.push(r.json().await.unwrap());
+    }
+    let sub = json!({"resourceType": "Subscription", "status": "requested", "reason": "validator",
+        "criteria": courier::messaging::subscriptions::TOPIC_COMMUNICATION,
+        "_criteria": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria", "valueString": "Communication?recipient=Patient/p9"}]},
+        "channel": {"type": "websocket", "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "full-resource"}]}}});
+    let created_sub: Value = app.post("Subscription", &sub).await.json().await.unwrap();
+    let sub_id = created_sub["id"]
+        .as_str()
+        .expect("a subscription")
+        .to_string();
+    docs.push(created_sub);
+    app.create(&message("Patient/p9", "2024-01-04T10:00:00Z", "notify me"))
+        .await;
+    let mut events = Value::Null;
+    for _ in 0..50 {
+        events = app
+            .get_json(&format!("Subscription/{sub_id}/$events"))
+            .await;
+        if events["entry"].as_array().is_some_and(|e| e.len() > 1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(events["entry"].as_array().unwrap().len() > 1, "{events}");
+    docs.push(events);
+    docs.push(
+        app.get_json(&format!("Subscription/{sub_id}/$status"))
+            .await,
+    );
+    docs.push(app.get_json("Subscription").await);
     // A user's request, so its AuditEvents carry a user agent with the token id.
     let user = client_with_token(&issue(
         &app.tokens,

@@ -119,6 +119,13 @@ try {
   await patient.waitForSelector('#connection.offline');
   await patient.context().setOffline(false);
 
+  // Signing out ends the session: the app says so, and the token no longer works.
+  const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
+  await patient.click('#logout');
+  await patient.waitForSelector('#ended:not([hidden])');
+  const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
+  check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
+
   check(problems.length === 0, problems.join('\n'));
   await shots('final');
   console.log(JSON.stringify({ ok: true }));

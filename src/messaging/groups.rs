@@ -1,0 +1,41 @@
+//! Group and CareTeam membership. Integrators keep `Group` (`member.entity`) and `CareTeam`
+//! (`participant.member`) resources in Courier; a message whose recipient is one of them reaches
+//! every member: the access policy adds "recipient is one of my groups" to a user's compartment,
+//! with the memberships looked up from the search index each time a token is used (so a member
+//! removed from a group loses access at once).
+
+use crate::store::{Store, StoreError};
+use diesel::sql_types::Text;
+use diesel::QueryableByName;
+
+#[derive(QueryableByName)]
+struct RefRow {
+    #[diesel(sql_type = Text)]
+    reference: String,
+}
+
+/// The Groups and CareTeams `user` (`Type/id`) is a member of, as `Group/…`/`CareTeam/…`.
+pub fn of(store: &Store, user: Option<&str>) -> Result<Vec<String>, StoreError> {
+    let Some((t, id)) = user.and_then(|u| u.split_once('/')) else {
+        return Ok(vec![]);
+    };
+    let key = |rt: &str, code: &str| {
+        store
+            .registry
+            .get(rt, code)
+            .map(|p| p.key.clone())
+            .unwrap_or_default()
+    };
+    let rows: Vec<RefRow> = store.query(
+        "SELECT DISTINCT r.res_type || '/' || r.fhir_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE x.param IN (?, ?) AND x.target_id = ? AND x.target_type = ? AND x.url IS NULL \
+         AND r.deleted = 0 AND r.res_type IN ('Group', 'CareTeam') ORDER BY 1",
+        vec![
+            key("Group", "member").into(),
+            key("CareTeam", "participant").into(),
+            id.into(),
+            t.into(),
+        ],
+    )?;
+    Ok(rows.into_iter().map(|r| r.reference).collect())
+}
