@@ -7,8 +7,8 @@
 //! - `GET /Communication/{id}/$receipts`: the sender (or a system client) sees every recipient's
 //!   receipt; a recipient sees only their own.
 //! - `GET /Communication/$unread`: the signed-in user's unread messages, counted in total, urgent
-//!   (priority urgent/asap/stat) and per thread (`partOf`), from the search index and the receipt
-//!   table (no message is decrypted or scanned).
+//!   (priority urgent/asap/stat) and per thread (`partOf`), and the newest 100 by reference, from
+//!   the search index and the receipt table (no message is decrypted or scanned).
 //!
 //! Receipts are stored by Courier (a Communication has one `received` time, not one per
 //! recipient), change the message's event stream (`receipt` events reach the sender's and the
@@ -325,13 +325,22 @@ async fn list_inner(state: &web::Data<AppState>, req: &HttpRequest, id: &str) ->
 
 #[derive(QueryableByName)]
 struct UnreadRow {
+    #[diesel(sql_type = BigInt)]
+    rid: i64,
+    #[diesel(sql_type = Text)]
+    id: String,
     #[diesel(sql_type = Nullable<Text>)]
     thread: Option<String>,
     #[diesel(sql_type = BigInt)]
-    n: i64,
-    #[diesel(sql_type = BigInt)]
     urgent: i64,
+    /// Selected for the ORDER BY of a DISTINCT query (PostgreSQL requires it in the list).
+    #[diesel(sql_type = BigInt)]
+    #[allow(dead_code)]
+    at: i64,
 }
+
+/// At most this many unread messages are listed by reference (all are counted).
+const MAX_LISTED: usize = 100;
 
 /// Priorities that make a message urgent (everything but `routine`).
 pub const URGENT: [&str; 3] = ["urgent", "asap", "stat"];
@@ -355,34 +364,63 @@ pub async fn unread(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
 async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     let p = access::principal(req)?;
     let user = user_of(&p)?;
-    // Counting what one may not read would still tell something: read permission is required.
-    access::decide(state, &p, "Communication", Perm::Read)?;
+    // Counting what one may not read would still tell something: read permission is required,
+    // and a confined grant (e.g. a scope limited to a category) counts only what it admits.
+    let access = access::decide(state, &p, "Communication", Perm::Read)?;
     let store = state.store.clone();
     let groups = p.groups.clone();
-    let rows = blocking(move || Ok(unread_counts(&store, &user, &groups)?)).await?;
-    let (mut total, mut urgent) = (0, 0);
-    let mut params = vec![];
-    let mut threads = vec![];
-    for r in rows {
-        total += r.n;
-        urgent += r.urgent;
-        if let Some(t) = r.thread {
-            threads.push(json!({"name": "thread", "part": [
-                {"name": "thread", "valueReference": {"reference": t}},
-                {"name": "unread", "valueInteger": r.n},
-                {"name": "urgent", "valueInteger": r.urgent},
-            ]}));
+    let rows = blocking(move || {
+        let rows = unread_messages(&store, &user, &groups)?;
+        let mut kept = Vec::with_capacity(rows.len());
+        for r in rows {
+            let admitted = match &access {
+                access::Access::All => true,
+                access::Access::Only(c) => store.admits_rid(r.rid, c)?,
+            };
+            if admitted {
+                kept.push(r);
+            }
+        }
+        Ok(kept)
+    })
+    .await?;
+    // One message may sit in one thread (partOf); a message counts once.
+    let mut seen = std::collections::HashSet::new();
+    let (mut total, mut urgent) = (0i64, 0i64);
+    let mut threads: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+    let mut listed = vec![];
+    for r in &rows {
+        if let Some(t) = &r.thread {
+            let e = threads.entry(t.clone()).or_default();
+            e.0 += 1;
+            e.1 += r.urgent;
+        }
+        if seen.insert(r.rid) {
+            total += 1;
+            urgent += r.urgent;
+            if listed.len() < MAX_LISTED {
+                listed.push(json!({"name": "message", "valueReference": {"reference": format!("Communication/{}", r.id)}}));
+            }
         }
     }
-    params.push(json!({"name": "unread", "valueInteger": total}));
-    params.push(json!({"name": "urgent", "valueInteger": urgent}));
-    params.extend(threads);
+    let mut params = vec![
+        json!({"name": "unread", "valueInteger": total}),
+        json!({"name": "urgent", "valueInteger": urgent}),
+    ];
+    for (t, (n, u)) in threads {
+        params.push(json!({"name": "thread", "part": [
+            {"name": "thread", "valueReference": {"reference": t}},
+            {"name": "unread", "valueInteger": n},
+            {"name": "urgent", "valueInteger": u},
+        ]}));
+    }
+    params.extend(listed);
     Ok(parameters(params))
 }
 
 /// Unread messages addressed directly to `user`, grouped by thread. Index lookups only: the
 /// recipient index finds the user's messages, the receipt's primary key tells which were read.
-fn unread_counts(
+fn unread_messages(
     store: &Store,
     user: &str,
     groups: &[String],
@@ -403,19 +441,19 @@ fn unread_counts(
             .map(|p| p.key.clone())
             .unwrap_or_default()
     };
-    // One row per unread message (a message to the user and to their group is one message),
-    // then counted per thread.
+    // One row per unread message and thread (a message to the user and to their group is one
+    // message), newest first.
     let sql = format!(
-        "SELECT thread, COUNT(*) AS n, COALESCE(SUM(urgent), 0) AS urgent FROM (\
-         SELECT DISTINCT r.rid, p.target_type || '/' || p.target_id AS thread, \
-         CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS urgent \
+        "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
+         CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS urgent, \
+         r.last_updated AS at \
          FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
          LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
          WHERE x.param = ? AND ({addressed}) AND x.url IS NULL \
          AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
-         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error'))\
-         ) m GROUP BY thread ORDER BY thread"
+         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error')) \
+         ORDER BY at DESC, r.rid DESC"
     );
     let mut binds: Vec<crate::store::db::Bind> = vec![
         key("priority").into(),

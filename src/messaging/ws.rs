@@ -213,6 +213,12 @@ async fn serve(
             return refuse(session, 4401, "login", &why).await;
         }
     };
+    // The socket is a session of its own: its start is audited (who, which client, which token).
+    let mut opened = ctx.clone();
+    opened.client_id = Some(principal.client_id.clone());
+    opened.user = principal.fhir_user.clone();
+    opened.token_id = Some(principal.jti.clone());
+    crate::fhir::rest::record_event(state, crate::audit::authentication(&opened, None)).await;
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();

@@ -746,6 +746,12 @@ impl Store {
         }
     }
 
+    /// Does the live resource `rid` meet the access policy's condition `g`? (Outside a write.)
+    pub fn admits_rid(&self, rid: i64, g: &Condition) -> Result<bool, StoreError> {
+        let mut c = self.db.get()?;
+        with_conn!(c, |c| self.admits(c, rid, g))
+    }
+
     /// Does the live resource `rid` meet the access policy's condition `g`?
     fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
         let q = sql::admits(rid, g, dialect(c));

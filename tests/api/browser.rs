@@ -54,7 +54,8 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
             reqwest::Method::POST,
             "launches",
             Some(
-                json!({"patient": "a1", "user": "Practitioner/dr-a", "need_patient_banner": true}),
+                json!({"patient": "a1", "user": "Practitioner/dr-a", "need_patient_banner": true,
+                "smart_style_url": format!("{}/smart-style.json", ehr.base.trim_end_matches("/fhir"))}),
             ),
         )
         .await;

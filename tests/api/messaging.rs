@@ -292,6 +292,16 @@ both_backends! {
         assert_eq!(param(&u, "urgent").unwrap()["valueInteger"], 0);
         let (_, u) = call(&p2, &app, "GET", "/Communication/$unread").await;
         assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 2);
+        // … and lists them by reference, newest first.
+        let listed: Vec<&str> = u["parameter"].as_array().unwrap().iter().filter(|x| x["name"] == "message")
+            .map(|x| x["valueReference"]["reference"].as_str().unwrap()).collect();
+        assert_eq!(listed, vec![format!("Communication/{id}"), format!("Communication/{thread}")]);
+        // A grant narrowed by a scope query counts only what it admits.
+        let alerts_only = client_with_token(&user_token(&app,
+            "patient/Communication.rs?category=http://terminology.hl7.org/CodeSystem/communication-category|alert",
+            "Patient/p2", Some("p2")));
+        let (_, u) = call(&alerts_only, &app, "GET", "/Communication/$unread").await;
+        assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 0, "{u}");
         // Marking twice changes nothing (the first read time stays).
         let (_, again) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
         assert_eq!(param(&again, "receipt").unwrap(), receipt);

@@ -71,6 +71,8 @@ try {
   const banner = await clinician.textContent('#patient-banner');
   check(banner.includes(cfg.patient_name), `clinician: the patient banner names the patient (got "${banner}")`);
   check((await clinician.textContent('#me')).includes(cfg.clinician_name), 'clinician: signed-in name shown');
+  // The EHR's style applies (smart_style_url): its highlight colour on the buttons.
+  await clinician.waitForFunction(() => getComputedStyle(document.querySelector('#new-thread')).backgroundColor === 'rgb(122, 46, 140)', null, { timeout: 5000 });
   await clinician.waitForSelector('#connection:text-is("Connected")');
   await patient.waitForSelector('#connection:text-is("Connected")');
 

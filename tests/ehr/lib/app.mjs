@@ -13,6 +13,20 @@ import { createSigningKey, TokenService } from './tokens.mjs';
 // Bounds on how long one request may take, so a stuck client cannot hold the
 // fixture (and the test run) forever.
 const REQUEST_TIMEOUT_MS = 15_000;
+/** A SMART style sheet (SMART App Launch, "Styling"): a recognisable highlight colour. */
+export const SMART_STYLE = {
+  color_background: '#fdfcf7',
+  color_error: '#9e2a2b',
+  color_highlight: '#7a2e8c',
+  color_modal_backdrop: '',
+  color_success: '#2b7a3d',
+  color_text: '#1b1b1b',
+  dim_border_radius: '2px',
+  dim_font_size: '15px',
+  dim_spacing_size: '8px',
+  font_family_body: 'Georgia, serif',
+  font_family_heading: 'Georgia, serif',
+};
 const HEADERS_TIMEOUT_MS = 10_000;
 
 export async function createEhr(config, log = () => {}) {
@@ -41,6 +55,10 @@ export async function createEhr(config, log = () => {}) {
     if (get && path === '/fhir/.well-known/smart-configuration') return sendJson(res, 200, smartConfiguration(state.urls));
     if (get && path === '/fhir/.well-known/openid-configuration') return sendJson(res, 200, openidConfiguration(state.urls));
     if (get && path === '/jwks.json') return sendJson(res, 200, state.key.jwks);
+    // The EHR's SMART style (the launch's smart_style_url points here), readable cross-origin.
+    if (get && path === '/smart-style.json') {
+      return sendJson(res, 200, SMART_STYLE, { 'Access-Control-Allow-Origin': '*' });
+    }
     if (path === '/authorize') return handleAuthorize(state, req, res, url);
     if (path === '/token') return handleToken(state, tokens, req, res);
     if (path === '/fhir' || path.startsWith('/fhir/')) return fhir.handle(req, res, url);
