@@ -92,7 +92,15 @@ async fn main() {
             .unwrap()
             .access_token
     };
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    /// Kills the server however the benchmark ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
         .arg("serve")
         .env("COURIER_LISTEN", format!("127.0.0.1:{port}"))
         .env("COURIER_BASE_URL", &base)
@@ -103,7 +111,8 @@ async fn main() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("the courier binary starts");
-    let pid = server.id();
+    let server = Server(server);
+    let pid = server.0.id();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     for _ in 0..200 {
@@ -223,8 +232,7 @@ async fn main() {
     }
     let elapsed = t0.elapsed();
     let loaded_rss = rss_kib(pid);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     latencies.sort();
     println!(
         "delivered {}/{messages} messages ({posters} posters, {:.0} messages/s)",

@@ -129,12 +129,18 @@ pub fn record_matches(store: &Store, hub: &Hub) -> Result<usize, StoreError> {
         )?;
         return Ok(0);
     };
-    let events = hub.load_after(cursor, 500)?;
+    let candidates = active(store, None)?;
+    // Nothing before the oldest subscription's start concerns anyone: with no subscription,
+    // nothing is read (or written) at all.
+    let Some(oldest) = candidates.iter().map(|s| s.start_seq).min() else {
+        return Ok(0);
+    };
+    let events = hub.load_after(cursor.max(oldest), 500)?;
     let Some(last) = events.last().map(|e| e.seq) else {
         return Ok(0);
     };
     let mut subs = vec![];
-    for s in active(store, None)? {
+    for s in candidates {
         if crate::auth::clients::get(store, &s.owner_client)?.is_none() {
             // The owner is no longer a client: its subscriptions stop.
             store.execute(

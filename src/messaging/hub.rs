@@ -84,6 +84,17 @@ impl Hub {
             }
             loop {
                 let after = self.head();
+                if self.tx.receiver_count() == 0 {
+                    // Nobody is listening on this instance: move the head without loading the
+                    // events (a socket that connects later catches up from the log).
+                    let store = self.store.clone();
+                    if let Ok(Ok(last)) =
+                        tokio::task::spawn_blocking(move || events::last_seq(&store)).await
+                    {
+                        self.head.fetch_max(last, Ordering::AcqRel);
+                    }
+                    break;
+                }
                 let hub = self.clone();
                 let batch = tokio::task::spawn_blocking(move || hub.load_after(after, 500)).await;
                 let batch = match batch {
