@@ -445,7 +445,7 @@ fn unread_messages(
     // message), newest first.
     let sql = format!(
         "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
-         CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS urgent, \
+         CAST(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS BIGINT) AS urgent, \
          r.last_updated AS at \
          FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
