@@ -113,16 +113,22 @@ async function api(method, path, body, headers) {
 
 // ----- people --------------------------------------------------------------------------------
 
-function refOf(x) { return x && x.reference ? x.reference.replace(/^.*\/(\w+\/[^/]+)$/, '$1') : null; }
+// A reference to this server as `Type/id`; a reference elsewhere stays whole (so it can never be
+// mistaken for a local person).
+function refOf(x) {
+  if (!x || typeof x.reference !== 'string') return null;
+  const own = location.origin + '/';
+  return x.reference.startsWith(own) ? x.reference.slice(own.length) : x.reference;
+}
 
 // Display names travel in the messages themselves (Reference.display, set by the sender's app
 // from the EHR's record); the launch tells the app its own user's and patient's names.
 const names = new Map();
 
+// A sender names only themself: recipients' displays in someone else's message are not trusted.
 function learnNames(c) {
-  for (const r of [c.sender, ...(c.recipient || [])]) {
-    if (r && r.display && refOf(r)) names.set(refOf(r), r.display);
-  }
+  const r = c.sender;
+  if (r && typeof r.display === 'string' && refOf(r) && !names.has(refOf(r))) names.set(refOf(r), r.display);
 }
 
 function nameOf(ref) {
@@ -260,12 +266,22 @@ function renderMessage(m) {
   return li;
 }
 
+// Only a Binary on this server is ever fetched (with the user's token); any other URL is shown as
+// text and never followed, so a message cannot send the token elsewhere.
+function binaryPath(url) {
+  const own = location.origin + '/';
+  const rel = typeof url === 'string' && url.startsWith(own) ? url.slice(own.length) : url;
+  return typeof rel === 'string' && /^Binary\/[A-Za-z0-9.-]{1,64}$/.test(rel) ? '/' + rel : null;
+}
+
 function attachmentLink(a) {
   const name = a.title || 'attachment';
+  const path = binaryPath(a.url);
+  if (!path) return el('span', {class: 'attachment'}, 'Attachment (not stored in Courier, not opened): ' + name);
   const b = el('button', {type: 'button', class: 'quiet attachment', 'aria-label': 'Download attachment ' + name}, 'Attachment: ' + name);
   b.addEventListener('click', async () => {
     try {
-      const bin = await api('GET', '/' + a.url.replace(/^.*\/(Binary\/[^/]+)$/, '$1'));
+      const bin = await api('GET', path);
       const bytes = Uint8Array.from(atob(bin.data || ''), (c) => c.charCodeAt(0));
       const url = URL.createObjectURL(new Blob([bytes], {type: 'application/octet-stream'}));
       const link = el('a', {href: url, download: name});
@@ -502,9 +518,9 @@ window.addEventListener('online', () => { if (!ws || ws.readyState !== WebSocket
 
 // ----- styling from the EHR -------------------------------------------------------------------
 
-async function applyStyle(url) {
+// The EHR's style (smart_style_url), fetched by Courier at launch and handed over with the session.
+function applyStyle(s) {
   try {
-    const s = await (await fetch(url)).json();
     const map = {color_background: '--bg', color_text: '--fg', color_highlight: '--accent', color_error: '--error',
       color_success: '--success', dim_border_radius: '--radius', dim_spacing_size: '--space', font_family_body: '--font', dim_font_size: '--font-size'};
     for (const [k, v] of Object.entries(map)) {
@@ -531,7 +547,7 @@ async function start() {
       d.gender ? el('span', {}, ' · ' + d.gender) : null);
     b.hidden = false;
   }
-  if (session.smart_style_url) applyStyle(session.smart_style_url);
+  if (session.smart_style) applyStyle(session.smart_style);
   try { config = await (await fetch('/app/config.json')).json(); } catch (e) { config = {}; }
   const categories = $('new-category');
   categories.append(el('option', {value: ''}, isPatient() ? 'Choose one…' : '(none)'));

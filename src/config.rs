@@ -63,6 +63,10 @@ pub struct Settings {
     /// The backup recipient of escalations, e.g. `PractitionerRole/on-call`
     /// (`COURIER_ESCALATION_BACKUP`; none: reminders only).
     pub escalation_backup: Option<String>,
+    /// May rest-hook endpoints be loopback or private addresses
+    /// (`COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS`, default false: a subscriber could otherwise
+    /// make Courier probe the hospital's internal network)?
+    pub subscription_private_endpoints: bool,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -133,6 +137,7 @@ impl Default for Settings {
             escalation_renotify_secs: 900,
             escalation_after_secs: 3600,
             escalation_backup: None,
+            subscription_private_endpoints: false,
         }
     }
 }
@@ -230,6 +235,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_ESCALATION_BACKUP") {
             self.escalation_backup = Some(v);
+        }
+        if let Some(v) = env("COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS") {
+            self.subscription_private_endpoints = matches!(v.as_str(), "true" | "1" | "yes");
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

@@ -317,5 +317,28 @@ pub fn write_guard(
     if let Some(b) = body {
         crate::messaging::rules::check(&state.settings, p, res_type, b)?;
     }
+    // A user changes or deletes only the messages they sent (a recipient may not rewrite one, nor
+    // make itself its sender); any other stored version is, to them, not there (404).
+    if res_type == "Communication" && matches!(perm, Perm::Update | Perm::Delete) {
+        if let (Some(me), false) = (&p.fhir_user, p.kind() == crate::auth::SubjectKind::System) {
+            if let (Some(sender), Some((t, id))) = (
+                state.store.registry.get("Communication", "sender"),
+                me.split_once('/'),
+            ) {
+                let mine = Condition::Reference {
+                    key: sender.key.clone(),
+                    values: vec![crate::search::index::RefParts {
+                        target_type: Some(t.to_string()),
+                        target_id: Some(id.to_string()),
+                        url: None,
+                    }],
+                };
+                return Ok(Some(match guard {
+                    Some(g) => Condition::AnyOf(vec![vec![g, mine]]),
+                    None => mine,
+                }));
+            }
+        }
+    }
     Ok(guard)
 }

@@ -135,12 +135,15 @@ pub fn record_matches(store: &Store, hub: &Hub) -> Result<usize, StoreError> {
     let Some(oldest) = candidates.iter().map(|s| s.start_seq).min() else {
         return Ok(0);
     };
-    let events = hub.load_after(cursor.max(oldest), 500)?;
-    let Some(last) = events.last().map(|e| e.seq) else {
+    let (events, last) = hub.load_after(cursor.max(oldest), 500)?;
+    let Some(last) = last else {
         return Ok(0);
     };
+    // The subscriptions as they are now, after the events were read: one created meanwhile
+    // starts after all of them (its start_seq is at least their seq), so it misses none.
+    drop(candidates);
     let mut subs = vec![];
-    for s in candidates {
+    for s in active(store, None)? {
         if crate::auth::clients::get(store, &s.owner_client)?.is_none() {
             // The owner is no longer a client: its subscriptions stop.
             store.execute(
@@ -278,11 +281,32 @@ fn timeout_of(body: &Value) -> u64 {
         })
         .and_then(|e| e["valueUnsignedInt"].as_u64())
         .unwrap_or(10)
-        .clamp(1, 60)
+        .clamp(1, 30)
 }
 
-/// One pass over the rest-hook subscriptions: handshakes, due deliveries, heartbeats.
-pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client) {
+/// At most this many rest-hook POSTs are in flight at once.
+const MAX_CONCURRENT_DELIVERIES: usize = 16;
+
+/// The rest-hook deliveries under way (one per subscription at a time) and their cap.
+#[derive(Clone)]
+pub struct Deliveries {
+    in_flight: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Deliveries {
+    fn default() -> Self {
+        Deliveries {
+            in_flight: Arc::default(),
+            limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_DELIVERIES)),
+        }
+    }
+}
+
+/// One pass over the rest-hook subscriptions: handshakes, due deliveries, heartbeats. Each POST
+/// runs on a task of its own and is not waited for, so a slow endpoint delays only its own
+/// subscription (which is skipped until its delivery finishes).
+pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client, deliveries: &Deliveries) {
     let s = store.clone();
     let subs = match web::block(move || active(&s, Some("rest-hook"))).await {
         Ok(Ok(s)) => s,
@@ -293,81 +317,92 @@ pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client) {
         let due = sub.status == "requested"
             || sub.delivered < sub.events_since_start
             || (sub.heartbeat_secs > 0 && now - sub.last_sent_at >= sub.heartbeat_secs);
-        if sub.next_attempt_at > now || !due {
+        if sub.next_attempt_at > now || !due || !deliveries.in_flight.lock().insert(sub.id.clone())
+        {
             continue;
         }
-        let s = store.clone();
-        let row = sub.clone();
-        // What to send, built off the async threads (it reads and decrypts).
-        let plan = web::block(
-            move || -> Result<Option<(&'static str, i64, Value, Vec<u8>)>, StoreError> {
-                let secret = row.secret(&s).unwrap_or_default();
-                let mut body = row.resource(&s)?;
-                let (kind, upto, notification) = if row.status == "requested" {
-                    (
-                        "handshake",
-                        row.delivered,
-                        bundle(&s, &row, "handshake", &[], "empty"),
-                    )
-                } else if row.delivered < row.events_since_start {
-                    let upto = (row.delivered + row.max_count).min(row.events_since_start);
-                    let evs = numbered(&s, &row.id, row.delivered + 1, upto)?;
-                    (
-                        "event-notification",
-                        upto,
-                        bundle(&s, &row, "event-notification", &evs, &row.content),
-                    )
-                } else if row.heartbeat_secs > 0 && now - row.last_sent_at >= row.heartbeat_secs {
-                    (
-                        "heartbeat",
-                        row.delivered,
-                        bundle(&s, &row, "heartbeat", &[], "empty"),
-                    )
-                } else {
-                    return Ok(None);
-                };
-                body["__notification"] = notification;
-                Ok(Some((kind, upto, body, secret)))
-            },
-        )
-        .await;
-        let Ok(Ok(Some((kind, upto, body, secret)))) = plan else {
-            continue;
-        };
-        let outcome = post(http, &sub, &body, &secret).await;
-        let s = store.clone();
-        let id = sub.id.clone();
-        let attempts = sub.attempts;
-        let _ = web::block(move || -> Result<(), StoreError> {
-            match outcome {
-                Ok(()) => {
-                    let status = if kind == "handshake" { "active" } else { "active" };
+        let (store, http, d) = (store.clone(), http.clone(), deliveries.clone());
+        tokio::spawn(async move {
+            let id = sub.id.clone();
+            if let Ok(_permit) = d.limit.clone().acquire_owned().await {
+                deliver_one(&store, &http, sub, now).await;
+            }
+            d.in_flight.lock().remove(&id);
+        });
+    }
+}
+
+async fn deliver_one(store: &Arc<Store>, http: &reqwest::Client, sub: SubRow, now: i64) {
+    let s = store.clone();
+    let row = sub.clone();
+    // What to send, built off the async threads (it reads and decrypts).
+    let plan = web::block(
+        move || -> Result<Option<(&'static str, i64, Value, Vec<u8>)>, StoreError> {
+            let secret = row.secret(&s).unwrap_or_default();
+            let mut body = row.resource(&s)?;
+            let (kind, upto, notification) = if row.status == "requested" {
+                (
+                    "handshake",
+                    row.delivered,
+                    bundle(&s, &row, "handshake", &[], "empty"),
+                )
+            } else if row.delivered < row.events_since_start {
+                let upto = (row.delivered + row.max_count).min(row.events_since_start);
+                let evs = numbered(&s, &row.id, row.delivered + 1, upto)?;
+                (
+                    "event-notification",
+                    upto,
+                    bundle(&s, &row, "event-notification", &evs, &row.content),
+                )
+            } else if row.heartbeat_secs > 0 && now - row.last_sent_at >= row.heartbeat_secs {
+                (
+                    "heartbeat",
+                    row.delivered,
+                    bundle(&s, &row, "heartbeat", &[], "empty"),
+                )
+            } else {
+                return Ok(None);
+            };
+            body["__notification"] = notification;
+            Ok(Some((kind, upto, body, secret)))
+        },
+    )
+    .await;
+    let Ok(Ok(Some((kind, upto, body, secret)))) = plan else {
+        return;
+    };
+    let outcome = post(http, &sub, &body, &secret).await;
+    let s = store.clone();
+    let id = sub.id.clone();
+    let attempts = sub.attempts;
+    let _ = web::block(move || -> Result<(), StoreError> {
+        match outcome {
+            Ok(()) => {
+                s.execute(
+                    "UPDATE subscriptions SET status = 'active', delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ?",
+                    vec![upto.into(), now.into(), id.into()],
+                )?;
+            }
+            Err(why) => {
+                tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
+                let attempts = attempts + 1;
+                if attempts >= MAX_ATTEMPTS {
                     s.execute(
-                        "UPDATE subscriptions SET status = ?, delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ?",
-                        vec![status.into(), upto.into(), now.into(), id.into()],
+                        "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ?",
+                        vec![attempts.into(), why.into(), id.into()],
+                    )?;
+                } else {
+                    let backoff = (1i64 << (attempts - 1).min(9)).min(300);
+                    s.execute(
+                        "UPDATE subscriptions SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                        vec![attempts.into(), (now + backoff).into(), why.into(), id.into()],
                     )?;
                 }
-                Err(why) => {
-                    tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
-                    let attempts = attempts + 1;
-                    if attempts >= MAX_ATTEMPTS {
-                        s.execute(
-                            "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ?",
-                            vec![attempts.into(), why.into(), id.into()],
-                        )?;
-                    } else {
-                        let backoff = (1i64 << (attempts - 1).min(9)).min(300);
-                        s.execute(
-                            "UPDATE subscriptions SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
-                            vec![attempts.into(), (now + backoff).into(), why.into(), id.into()],
-                        )?;
-                    }
-                }
             }
-            Ok(())
-        })
-        .await;
-    }
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// The leader's loop: match new events and deliver every 100 ms; escalations every second.
@@ -377,9 +412,33 @@ pub fn spawn(
     leader: Arc<Leader>,
     settings: Arc<crate::config::Settings>,
 ) -> tokio::task::JoinHandle<()> {
+    // Escalation on a task of its own, so slow subscribers never delay an urgent reminder.
+    let (s, l) = (store.clone(), leader.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let l2 = l.clone();
+            if !web::block(move || l2.lead()).await.unwrap_or(false) {
+                continue;
+            }
+            let (s2, cfg) = (s.clone(), settings.clone());
+            match web::block(move || super::escalation::run(&s2, &cfg)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "escalation pass failed"),
+                Ok(Ok((r, e, c))) if r + e + c > 0 => {
+                    tracing::info!(
+                        reminders = r,
+                        escalations = e,
+                        closed = c,
+                        "escalation pass"
+                    )
+                }
+                _ => {}
+            }
+        }
+    });
     tokio::spawn(async move {
         let http = crate::auth::clients::outbound_http();
-        let mut last_escalation = Instant::now();
+        let deliveries = Deliveries::default();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let l = leader.clone();
@@ -393,23 +452,7 @@ pub fn spawn(
                 Err(_) => continue,
                 _ => {}
             }
-            deliver(&store, &http).await;
-            if last_escalation.elapsed() >= Duration::from_secs(1) {
-                last_escalation = Instant::now();
-                let (s, cfg) = (store.clone(), settings.clone());
-                match web::block(move || super::escalation::run(&s, &cfg)).await {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "escalation pass failed"),
-                    Ok(Ok((r, e, c))) if r + e + c > 0 => {
-                        tracing::info!(
-                            reminders = r,
-                            escalations = e,
-                            closed = c,
-                            "escalation pass"
-                        )
-                    }
-                    _ => {}
-                }
-            }
+            deliver(&store, &http, &deliveries).await;
         }
     })
 }
@@ -476,12 +519,12 @@ async fn channel(
             "SELECT sub_id, owner_client, expires_at FROM ws_binding_tokens WHERE token_hash = ?",
             vec![h.clone().into()],
         )?;
-        // Single use.
-        store.execute(
+        // Single use: of two binds racing with one token, only the one that deletes it wins.
+        let taken = store.execute(
             "DELETE FROM ws_binding_tokens WHERE token_hash = ?",
             vec![h.into()],
         )?;
-        let Some(b) = rows.into_iter().next() else {
+        let Some(b) = rows.into_iter().next().filter(|_| taken == 1) else {
             return Ok(None);
         };
         if b.expires_at < now_secs() {

@@ -41,6 +41,18 @@ struct Unread {
 }
 
 #[derive(QueryableByName, Debug)]
+struct Resolved {
+    #[diesel(sql_type = Text)]
+    comm_id: String,
+    #[diesel(sql_type = Text)]
+    recipient: String,
+    #[diesel(sql_type = Text)]
+    request_id: String,
+    #[diesel(sql_type = BigInt)]
+    was_read: i64,
+}
+
+#[derive(QueryableByName, Debug)]
 struct Row {
     #[diesel(sql_type = Text)]
     comm_id: String,
@@ -138,15 +150,33 @@ pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), 
                     escalate.as_deref(),
                     None,
                 );
-                write(
-                    store,
-                    WriteOp::Create {
+                // Conditional on the identifier: after a crash between the request and its row,
+                // the next pass finds the request instead of making a second one.
+                let identifier = format!("{IDENTIFIER_SYSTEM}|{}:{}", u.comm_id, u.recipient);
+                let pairs = vec![("identifier".to_string(), identifier)];
+                let limits = crate::search::query::Limits {
+                    default_count: 2,
+                    max_count: 2,
+                    strict: true,
+                };
+                let cond = crate::search::query::parse(
+                    &store.registry,
+                    "CommunicationRequest",
+                    &pairs,
+                    &store.base_url,
+                    &limits,
+                )
+                .map_err(|_| StoreError::Other(anyhow::anyhow!("escalation identifier query")))?;
+                let written = store.write(
+                    vec![WriteOp::Create {
                         res_type: "CommunicationRequest".into(),
                         id: id.clone(),
                         resource: Incoming::from_value(cr),
-                        if_none_exist: None,
-                    },
+                        if_none_exist: Some(cond),
+                    }],
+                    &ctx(store),
                 )?;
+                let id = written.first().map(|w| w.stored.id.clone()).unwrap_or(id);
                 store.execute(
                     "INSERT INTO escalations (comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at) VALUES (?, ?, ?, 1, ?, ?)",
                     vec![u.comm_id.into(), u.recipient.into(), id.into(), now.into(), escalated_to.then_some(now).into()],
@@ -190,24 +220,25 @@ pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), 
             Some(_) => {}
         }
     }
-    // Close what is resolved: read by its recipient, or the message withdrawn or deleted.
-    let open: Vec<Row> = store.query(
-        "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE done = 0",
-        vec![],
+    // Close what is resolved — read by its recipient, the message withdrawn, deleted or past the
+    // horizon — found in SQL, so open escalations cost nothing per pass while they stay open.
+    let resolved: Vec<Resolved> = store.query(
+        "SELECT e.comm_id, e.recipient, e.request_id, CAST(CASE WHEN rc.read_at IS NOT NULL THEN 1 ELSE 0 END AS BIGINT) AS was_read \
+         FROM escalations e \
+         LEFT JOIN receipts rc ON rc.comm_id = e.comm_id AND rc.recipient = e.recipient \
+         LEFT JOIN resources r ON r.res_type = 'Communication' AND r.fhir_id = e.comm_id \
+         WHERE e.done = 0 AND (rc.read_at IS NOT NULL OR r.rid IS NULL OR r.deleted = 1 OR r.last_updated < ? \
+         OR NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code = 'completed'))",
+        vec![
+            (now - HORIZON_SECS * secs).into(),
+            key(store, "Communication", "status").into(),
+        ],
     )?;
-    for row in open {
-        let read = super::receipts::get(store, &row.comm_id, &row.recipient)?
-            .is_some_and(|r| r.read_at.is_some());
-        let live = store
-            .read("Communication", &row.comm_id)
-            .ok()
-            .and_then(|s| s.body)
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .filter(|m| m["status"] == "completed");
-        let status = match (read, live) {
-            (true, _) => "completed",
-            (false, None) => "revoked",
-            (false, Some(_)) => continue,
+    for row in resolved {
+        let status = if row.was_read != 0 {
+            "completed"
+        } else {
+            "revoked"
         };
         if let Ok(current) = store.read("CommunicationRequest", &row.request_id) {
             let mut cr: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default())
@@ -269,7 +300,7 @@ fn request(
         ext.push(json!({"url": "escalatedTo", "valueReference": {"reference": b}}));
         ext.push(json!({"url": "escalatedAt", "valueDateTime": format_instant(escalated_at.unwrap_or(now))}));
     }
-    let mut cr = json!({
+    let cr = json!({
         "resourceType": "CommunicationRequest",
         "id": id,
         "extension": [{"url": EXTENSION, "extension": ext}],
@@ -283,9 +314,8 @@ fn request(
         "authoredOn": format_instant(now),
         "payload": [{"contentString": "An urgent message is waiting to be read."}],
     });
-    if msg.get("subject").is_some() {
-        cr["subject"] = msg["subject"].clone();
-    }
+    // No `subject`: the request would otherwise sit in the patient's compartment and show the
+    // patient whether (and when) a clinician read a message — what `$receipts` keeps from them.
     let _ = store;
     (cr, backup.is_some())
 }

@@ -48,6 +48,19 @@ impl Kind {
     }
 }
 
+/// PostgreSQL: takes the event lock for the rest of the transaction. A transaction that will log
+/// events takes it before any row lock (the store does so at its start), so two writers never
+/// hold a row lock and the event lock crosswise (a deadlock). Re-taking it is free.
+pub fn lock<C: Conn>(c: &mut C) -> Result<(), StoreError> {
+    if c.is_postgres() {
+        c.execute(
+            "SELECT pg_advisory_xact_lock(?)",
+            vec![PG_EVENT_LOCK.into()],
+        )?;
+    }
+    Ok(())
+}
+
 /// Appends an event inside the caller's transaction. `detail` is a reference (a receipt's
 /// recipient), never content.
 pub fn record<C: Conn>(
@@ -58,12 +71,7 @@ pub fn record<C: Conn>(
     version_id: i64,
     detail: Option<String>,
 ) -> Result<(), StoreError> {
-    if c.is_postgres() {
-        c.execute(
-            "SELECT pg_advisory_xact_lock(?)",
-            vec![PG_EVENT_LOCK.into()],
-        )?;
-    }
+    lock(c)?;
     c.execute(
         "INSERT INTO events (at, kind, res_type, fhir_id, version_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
         vec![

@@ -2,7 +2,7 @@
 //! (`participant.member`) resources in Courier; a message whose recipient is one of them reaches
 //! every member: the access policy adds "recipient is one of my groups" to a user's compartment,
 //! with the memberships looked up from the search index each time a token is used (so a member
-//! removed from a group loses access at once).
+//! removed from a group loses REST access at once, and an open socket within 30 s).
 
 use crate::store::{Store, StoreError};
 use diesel::sql_types::Text;

@@ -41,6 +41,8 @@ pub struct Hub {
     tx: broadcast::Sender<Arc<Event>>,
     /// The seq of the last event broadcast.
     head: AtomicI64,
+    /// Orders a new subscriber against the head moving without a broadcast (see `tail`).
+    gate: parking_lot::Mutex<()>,
 }
 
 /// How many events a socket may be behind before it is told to reload instead of catching up.
@@ -56,6 +58,7 @@ impl Hub {
             store: store.clone(),
             tx,
             head: AtomicI64::new(head),
+            gate: parking_lot::Mutex::new(()),
         });
         if let Some(url) = postgres_url {
             listen(url, store.changed.clone());
@@ -67,6 +70,7 @@ impl Hub {
 
     /// A receiver of live events and the seq it starts after.
     pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, i64) {
+        let _gate = self.gate.lock();
         let rx = self.tx.subscribe();
         (rx, self.head.load(Ordering::Acquire))
     }
@@ -88,16 +92,25 @@ impl Hub {
                     // Nobody is listening on this instance: move the head without loading the
                     // events (a socket that connects later catches up from the log).
                     let store = self.store.clone();
-                    if let Ok(Ok(last)) =
+                    let Ok(Ok(last)) =
                         tokio::task::spawn_blocking(move || events::last_seq(&store)).await
+                    else {
+                        break;
+                    };
                     {
-                        self.head.fetch_max(last, Ordering::AcqRel);
+                        // Only while still nobody listens: a socket that subscribed meanwhile
+                        // has a head before these events, and gets them from the loop below.
+                        let _gate = self.gate.lock();
+                        if self.tx.receiver_count() == 0 {
+                            self.head.fetch_max(last, Ordering::AcqRel);
+                            break;
+                        }
                     }
-                    break;
+                    continue;
                 }
                 let hub = self.clone();
                 let batch = tokio::task::spawn_blocking(move || hub.load_after(after, 500)).await;
-                let batch = match batch {
+                let (batch, raw_last) = match batch {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "event tail failed; retrying");
@@ -105,26 +118,38 @@ impl Hub {
                     }
                     Err(_) => break,
                 };
-                let full = batch.len() == 500;
                 for e in batch {
                     self.head.store(e.seq, Ordering::Release);
                     let _ = self.tx.send(e); // no receivers is fine
                 }
-                if !full {
-                    break;
+                // Past events that could not be loaded (their resource since purged) too.
+                match raw_last {
+                    Some(last) => {
+                        self.head.fetch_max(last, Ordering::AcqRel);
+                    }
+                    None => break,
                 }
             }
         }
     }
 
-    /// Events after `seq` (at most `limit`), loaded. Blocking.
-    pub fn load_after(&self, seq: i64, limit: i64) -> Result<Vec<Arc<Event>>, StoreError> {
+    /// Events after `seq` (at most `limit` rows of the log), loaded, and the seq of the last row
+    /// read (`None` when there was none): an event whose resource is gone is skipped, but read
+    /// past. Blocking.
+    pub fn load_after(
+        &self,
+        seq: i64,
+        limit: i64,
+    ) -> Result<(Vec<Arc<Event>>, Option<i64>), StoreError> {
         let rows = events::after(&self.store, seq, limit)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| self.load(r))
-            .map(Arc::new)
-            .collect())
+        let last = rows.last().map(|r| r.seq);
+        Ok((
+            rows.into_iter()
+                .filter_map(|r| self.load(r))
+                .map(Arc::new)
+                .collect(),
+            last,
+        ))
     }
 
     /// Loads what an event concerns. An event whose resource has since been purged is skipped.

@@ -100,6 +100,7 @@ pub fn apply<C: Conn>(
         #[diesel(sql_type = BigInt)]
         version_id: i64,
     }
+    events::lock(c)?;
     let live: Vec<Live> = c.load(
         "SELECT version_id FROM resources WHERE res_type = 'Communication' AND fhir_id = ? AND deleted = 0",
         vec![comm_id.into()],
@@ -107,13 +108,21 @@ pub fn apply<C: Conn>(
     let Some(live) = live.into_iter().next() else {
         return Err(StoreError::NotFound("Communication".into(), comm_id.into()));
     };
+    // The row exists (empty) and is locked before it is read, so two marks at once (delivered
+    // and read) serialise instead of both inserting.
+    c.execute(
+        "INSERT INTO receipts (comm_id, recipient) VALUES (?, ?) ON CONFLICT (comm_id, recipient) DO NOTHING",
+        vec![comm_id.into(), recipient.into()],
+    )?;
+    let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
     let before: Option<Receipt> = c
         .load(
-            "SELECT comm_id, recipient, delivered_at, read_at FROM receipts WHERE comm_id = ? AND recipient = ?",
+            &format!("SELECT comm_id, recipient, delivered_at, read_at FROM receipts WHERE comm_id = ? AND recipient = ?{lock}"),
             vec![comm_id.into(), recipient.into()],
         )?
         .into_iter()
-        .next();
+        .next()
+        .filter(|r: &Receipt| r.delivered_at.is_some() || r.read_at.is_some());
     let now = now_micros();
     let mut after = before.clone().unwrap_or(Receipt {
         comm_id: comm_id.into(),
@@ -128,27 +137,15 @@ pub fn apply<C: Conn>(
     let changed = before.as_ref().map(|b| (b.delivered_at, b.read_at))
         != Some((after.delivered_at, after.read_at));
     if changed {
-        if before.is_some() {
-            c.execute(
-                "UPDATE receipts SET delivered_at = ?, read_at = ? WHERE comm_id = ? AND recipient = ?",
-                vec![
-                    after.delivered_at.into(),
-                    after.read_at.into(),
-                    comm_id.into(),
-                    recipient.into(),
-                ],
-            )?;
-        } else {
-            c.execute(
-                "INSERT INTO receipts (comm_id, recipient, delivered_at, read_at) VALUES (?, ?, ?, ?)",
-                vec![
-                    comm_id.into(),
-                    recipient.into(),
-                    after.delivered_at.into(),
-                    after.read_at.into(),
-                ],
-            )?;
-        }
+        c.execute(
+            "UPDATE receipts SET delivered_at = ?, read_at = ? WHERE comm_id = ? AND recipient = ?",
+            vec![
+                after.delivered_at.into(),
+                after.read_at.into(),
+                comm_id.into(),
+                recipient.into(),
+            ],
+        )?;
         events::record(
             c,
             Kind::Receipt,

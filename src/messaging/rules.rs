@@ -29,11 +29,31 @@ pub fn check(
     res_type: &str,
     body: &Value,
 ) -> Result<(), FhirError> {
+    if res_type == "Communication" {
+        own_sender(settings, p, body)?;
+    }
     match res_type {
         "Binary" => attachment_type(settings, body),
         "Communication" if p.kind() == SubjectKind::Patient => patient_message(settings, body),
         _ => Ok(()),
     }
+}
+
+/// A user writes messages as themself: `sender`, when given, is the signed-in user. (Receipts
+/// and drafts belong to the sender, so a sender nobody checked would hand them to anyone.)
+fn own_sender(settings: &Settings, p: &Principal, body: &Value) -> Result<(), FhirError> {
+    let (Some(me), Some(sender)) = (&p.fhir_user, body["sender"]["reference"].as_str()) else {
+        return Ok(());
+    };
+    if p.kind() == SubjectKind::System || super::hub::local_ref(sender, &settings.base_url) == *me {
+        return Ok(());
+    }
+    Err(FhirError::at(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "Communication.sender",
+        format!("a message is sent as the signed-in user: sender must be {me}"),
+    ))
 }
 
 fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {

@@ -42,12 +42,16 @@ fn asset(content_type: &str, body: &'static str) -> HttpResponse {
 }
 
 async fn index(state: web::Data<AppState>) -> HttpResponse {
-    // The EHR frames the app (frame-ancestors is configuration); the EHR's style sheet and the
-    // WebSocket are the only other connections.
+    // The EHR frames the app (frame-ancestors is configuration). The app talks to Courier only
+    // (its API and its WebSocket): no token can be sent anywhere else.
+    let ws = state
+        .settings
+        .base_url
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
     let csp = format!(
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
-         connect-src 'self' ws: wss: http: https:; form-action 'self'; base-uri 'none'; \
-         frame-ancestors {}",
+         connect-src 'self' {ws}; form-action 'self'; base-uri 'none'; frame-ancestors {}",
         state.settings.frame_ancestors
     );
     HttpResponse::Ok()

@@ -289,11 +289,21 @@ async fn serve(
                 return refuse(session, 4401, "expired", "the access token has expired: refresh it and reconnect").await;
             }
             _ = check.tick() => {
+                // Still valid? And group memberships as they are now (a member removed from a
+                // care team stops hearing of its messages within this interval).
                 let st = state.clone();
-                let p = viewer.principal.clone();
-                let valid = web::block(move || st.tokens.still_valid(&p)).await;
-                if !matches!(valid, Ok(Ok(true))) {
-                    return refuse(session, 4401, "revoked", "the access token has been revoked").await;
+                let mut p = viewer.principal.clone();
+                let fresh = web::block(move || -> Result<Option<Principal>, crate::store::StoreError> {
+                    if !st.tokens.still_valid(&p)? {
+                        return Ok(None);
+                    }
+                    p.groups = super::groups::of(&st.store, p.fhir_user.as_deref())?;
+                    Ok(Some(p))
+                })
+                .await;
+                match fresh {
+                    Ok(Ok(Some(p))) => viewer = Viewer::new(state, p),
+                    _ => return refuse(session, 4401, "revoked", "the access token has been revoked").await,
                 }
                 if session.ping(b"").await.is_err() {
                     return Stop::Gone;
@@ -319,11 +329,11 @@ async fn catch_up(
     while last < upto {
         let h = hub.clone();
         let after = last;
-        let batch = tokio::task::spawn_blocking(move || h.load_after(after, 500))
+        let (batch, raw_last) = tokio::task::spawn_blocking(move || h.load_after(after, 500))
             .await
             .map_err(|_| close(1011, "catch-up failed"))?
             .map_err(|_| close(1011, "catch-up failed"))?;
-        let Some(end) = batch.last().map(|e| e.seq) else {
+        let Some(end) = raw_last else {
             break;
         };
         for e in batch.iter().filter(|e| e.seq <= upto) {

@@ -602,6 +602,11 @@ async fn complete(
         "user_display": user_shown,
         "patient_display": patient_shown,
         "smart_style_url": extra.smart_style_url,
+        // Fetched here, so the app itself never connects anywhere but Courier.
+        "smart_style": match &extra.smart_style_url {
+            Some(url) => fetch_style(state, url).await,
+            None => Value::Null,
+        },
         "intent": extra.intent,
         "tenant": extra.tenant,
         "fhirContext": extra.fhir_context,
@@ -670,6 +675,59 @@ async fn map_identity(
             identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
             other => other.to_string(),
         })
+}
+
+/// The EHR's SMART style sheet (`smart_style_url`): https (http on loopback only), at most 16 KB,
+/// only the known keys with plain values (a colour, a length, a font list). Anything else, or an
+/// EHR that does not answer within 3 s, gives the app's default look.
+async fn fetch_style(state: &web::Data<AppState>, url: &str) -> Value {
+    const KEYS: &[&str] = &[
+        "color_background",
+        "color_error",
+        "color_highlight",
+        "color_modal_backdrop",
+        "color_success",
+        "color_text",
+        "dim_border_radius",
+        "dim_font_size",
+        "dim_spacing_size",
+        "font_family_body",
+        "font_family_heading",
+    ];
+    if crate::auth::clients::check_jwks_url(url).is_err() {
+        return Value::Null;
+    }
+    let got = state
+        .ehrs
+        .discovery()
+        .http()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(3))
+        .send()
+        .await;
+    let Ok(res) = got else { return Value::Null };
+    if !res.status().is_success() || res.content_length().is_some_and(|n| n > 16 * 1024) {
+        return Value::Null;
+    }
+    let Ok(bytes) = res.bytes().await else {
+        return Value::Null;
+    };
+    if bytes.len() > 16 * 1024 {
+        return Value::Null;
+    }
+    let Ok(Value::Object(all)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Value::Null;
+    };
+    let plain = |v: &str| {
+        v.len() <= 100
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || " #,.%'\"-".contains(c))
+    };
+    Value::Object(
+        all.into_iter()
+            .filter(|(k, v)| KEYS.contains(&k.as_str()) && v.as_str().is_some_and(plain))
+            .collect(),
+    )
 }
 
 /// What the web app shows of a person: name, and for a patient birth date and gender.

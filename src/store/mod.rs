@@ -559,6 +559,13 @@ impl Store {
                 Ok(vec![])
             }
             Job::Ops(ops, ctx) => {
+                // The event lock first, before any row lock (see `events::lock`).
+                if ops
+                    .iter()
+                    .any(|op| crate::messaging::events::logged(op.target().0))
+                {
+                    crate::messaging::events::lock(c)?;
+                }
                 let mut results = Vec::with_capacity(ops.len());
                 for op in ops {
                     let interaction = op.interaction();

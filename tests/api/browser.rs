@@ -92,7 +92,7 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         artifacts.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The conversation really went through Courier: header, message and reply, with receipts.
+    // The conversation really went through Courier: header, message, reply and the foreign-URL one.
     let b = app.get_json("Communication?_count=10").await;
-    assert_eq!(ids(&b).len(), 3, "{b}");
+    assert_eq!(ids(&b).len(), 4, "{b}");
 }

@@ -94,6 +94,8 @@ pub async fn spawn_app_with(
         db_pool_size: 4,
         workers: 2,
         sqlite_synchronous: "NORMAL".into(),
+        // The tests' notification receivers listen on loopback.
+        subscription_private_endpoints: true,
         ..Settings::default()
     };
     tweak(&mut settings);

@@ -635,3 +635,62 @@ both_backends! {
         assert_eq!(outsider.get(app.url(&format!("/CareTeam/{team}"))).send().await.unwrap().status(), 404);
     }
 }
+
+both_backends! {
+    async fn only_the_sender_writes_a_message_and_only_as_themself(app: TestApp) {
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let id = app.create(&msg("Practitioner/dr-1", &["Patient/p1", "Practitioner/dr-2"], "Results are in")).await;
+        // A recipient cannot rewrite the message, nor make itself its sender (which would give it
+        // everyone's receipts): to it the stored message is not writable at all.
+        let mut hijack = app.get_json(&format!("/Communication/{id}")).await;
+        hijack["sender"] = json!({"reference": "Patient/p1"});
+        hijack["category"] = json!([{"text": "question"}]);
+        let r = p1.put(app.url(&format!("/Communication/{id}"))).header("content-type", "application/fhir+json").body(hijack.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        let r = p1.delete(app.url(&format!("/Communication/{id}"))).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        assert_eq!(app.get_json(&format!("/Communication/{id}")).await["meta"]["versionId"], "1");
+        // Nobody writes as someone else.
+        let mut forged = msg("Practitioner/dr-1", &["Patient/p1"], "I am your doctor");
+        forged["category"] = json!([{"text": "question"}]);
+        let (s, o) = post_as(&p1, &app, "/Communication", &forged).await;
+        assert_eq!(s, 403, "{o}");
+        assert_eq!(o["issue"][0]["expression"][0], "Communication.sender");
+        // The sender edits its own message.
+        let mut edit = app.get_json(&format!("/Communication/{id}")).await;
+        edit["status"] = json!("entered-in-error");
+        let r = dr.put(app.url(&format!("/Communication/{id}"))).header("content-type", "application/fhir+json").body(edit.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn concurrent_receipts_and_crossing_writes_do_not_fail(app: TestApp) {
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        // The app marks delivered and read at once: both succeed, one receipt.
+        for _ in 0..10 {
+            let id = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "hi")).await;
+            let (delivered, read) = (format!("/Communication/{id}/$mark-delivered"), format!("/Communication/{id}/$mark-read"));
+            let (a, b) = tokio::join!(call(&p1, &app, "POST", &delivered), call(&p1, &app, "POST", &read));
+            assert_eq!((a.0, b.0), (200, 200), "{} {}", a.1, b.1);
+            let (_, all) = call(&app.client, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
+            assert_eq!(all["parameter"].as_array().unwrap().len(), 1);
+        }
+        // A transaction updating A then B beside a single update of B: no deadlock, no 500.
+        let a = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "a")).await;
+        let b = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "b")).await;
+        for i in 0..15 {
+            let body = |id: &str, n: usize| {
+                let mut m = msg("Practitioner/dr-1", &["Patient/p1"], &format!("v{n}"));
+                m["id"] = json!(id);
+                m
+            };
+            let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": body(&a, i), "request": {"method": "PUT", "url": format!("Communication/{a}")}},
+                {"resource": body(&b, i), "request": {"method": "PUT", "url": format!("Communication/{b}")}}]});
+            let (path, alone) = (format!("Communication/{b}"), body(&b, 100 + i));
+            let (t, single) = tokio::join!(app.post("", &tx), app.put(&path, &alone));
+            let (t, single) = (t.status().as_u16(), single.status().as_u16());
+            assert!(matches!(t, 200 | 409) && matches!(single, 200 | 409), "transaction {t}, single {single}");
+        }
+    }
+}

@@ -411,3 +411,38 @@ async fn two_instances_notify_each_event_exactly_once() {
         1
     );
 }
+
+/// By default a subscriber cannot point Courier at loopback or private addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_endpoints_are_refused_by_default() {
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.subscription_private_endpoints = false
+    })
+    .await
+    .unwrap();
+    let c = integrator(
+        &app,
+        "system/Communication.rs system/Subscription.cruds",
+        None,
+    );
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "https://10.1.2.3/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/hook",
+    ] {
+        let (s, o) = post(
+            &c,
+            &app,
+            "Subscription",
+            &subscription(rest_hook(url), "id-only", &[]),
+        )
+        .await;
+        assert_eq!(s, 400, "{url}: {o}");
+        assert_eq!(
+            o["issue"][0]["expression"][0],
+            "Subscription.channel.endpoint"
+        );
+    }
+}

@@ -115,6 +115,21 @@ try {
   check(file.includes(XSS_FILE), `clinician: the file name shows literally (got "${file}")`);
   await noScriptRan(clinician, 'clinician');
 
+  // An attachment pointing elsewhere is shown, never fetched (the token must not leave Courier).
+  const status = await patient.evaluate(async () => {
+    const s = JSON.parse(sessionStorage.getItem('courier.session'));
+    const h = { Authorization: 'Bearer ' + s.access_token, 'Content-Type': 'application/fhir+json' };
+    const list = await (await fetch('/Communication?part-of:missing=true', { headers: h })).json();
+    const header = list.entry.find((e) => e.search.mode === 'match').resource;
+    const msg = { resourceType: 'Communication', status: 'completed', partOf: [{ reference: 'Communication/' + header.id }],
+      sender: { reference: s.fhirUser }, recipient: [header.sender],
+      payload: [{ contentAttachment: { contentType: 'application/pdf', url: '//attacker.example/steal', title: 'labs.pdf' } }] };
+    return (await fetch('/Communication', { method: 'POST', headers: h, body: JSON.stringify(msg) })).status;
+  });
+  check(status === 201, `patient: posting the message failed (${status})`);
+  await clinician.waitForSelector('#messages span.attachment:text("labs.pdf")', { timeout: 10000 });
+  check(await clinician.locator('#messages button.attachment', { hasText: 'labs.pdf' }).count() === 0, 'clinician: a foreign attachment URL is not clickable');
+
   // Offline: the connection state says so.
   await patient.context().setOffline(true);
   await patient.evaluate(() => window.dispatchEvent(new Event('offline')));
