@@ -382,6 +382,9 @@ async fn deliver_one(store: &Arc<Store>, http: &reqwest::Client, sub: SubRow, no
                     "UPDATE subscriptions SET status = 'active', delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ?",
                     vec![upto.into(), now.into(), id.into()],
                 )?;
+                if kind == "event-notification" {
+                    audit_disclosure(&s, &sub, sub.delivered + 1, upto);
+                }
             }
             Err(why) => {
                 tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
@@ -455,6 +458,36 @@ pub fn spawn(
             deliver(&store, &http, &deliveries).await;
         }
     })
+}
+
+/// Records that notifications `from..=to` went to the subscription's owner: an AuditEvent per
+/// delivery (the subscription, the owner's client, how many events and the content level — not
+/// what they were about). Failures are logged, never fatal to delivery.
+fn audit_disclosure(store: &Store, sub: &SubRow, from: i64, to: i64) {
+    let ctx = crate::audit::Context {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        client_address: "courier subscription delivery".into(),
+        base_url: store.base_url.clone(),
+        user: sub.owner_user.clone(),
+        client_id: Some(sub.owner_client.clone()),
+        token_id: None,
+        query: None,
+    };
+    let what = format!("Subscription/{}", sub.id);
+    let mut event = crate::audit::event(
+        &ctx,
+        crate::audit::Interaction::Operation,
+        Some(&what),
+        None,
+        None,
+    );
+    event["outcomeDesc"] = serde_json::json!(format!(
+        "notified events {from}-{to} ({}) over {}",
+        sub.content, sub.channel
+    ));
+    if let Err(e) = store.record_audit(event) {
+        tracing::warn!(subscription = %sub.id, error = %e, "could not audit a notification");
+    }
 }
 
 // ----- the websocket channel ----------------------------------------------------------------------
@@ -610,6 +643,8 @@ async fn channel(
                     let to = (last + row.max_count).min(row.events_since_start);
                     let Ok(Ok(b)) = send(&state.store, &row, "event-notification", last + 1, to).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
+                    let (s, r, from) = (state.store.clone(), row.clone(), last + 1);
+                    let _ = web::block(move || audit_disclosure(&s, &r, from, to)).await;
                     last = to;
                     last_sent = Instant::now();
                 }

@@ -268,6 +268,13 @@ both_backends! {
         assert_eq!(ev["entry"].as_array().unwrap().len(), 1, "empty: the status only");
         assert!(!ev.to_string().contains(&first));
 
+        // Every delivery is audited (which subscription, which events), without the content.
+        let audits = app.get_json(&format!("AuditEvent?entity=Subscription/{id}&_count=200")).await;
+        let deliveries = audits["entry"].as_array().unwrap().iter()
+            .filter(|e| e["resource"]["outcomeDesc"].as_str().is_some_and(|d| d.starts_with("notified events")))
+            .count();
+        assert!(deliveries >= 2, "{audits}");
+        assert!(!audits.to_string().contains("for p1"), "no message text in the audit trail");
         // Another client sees nothing of it.
         let other = integrator(&app, "system/Subscription.cruds system/Communication.rs", None);
         assert_eq!(get(&other, &app, &format!("Subscription/{id}")).await.0, 404);
