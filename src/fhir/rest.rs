@@ -48,6 +48,19 @@ pub async fn blocking<T: Send + 'static>(
     web::block(f).await.map_err(|_| FhirError::internal())?
 }
 
+/// Audits an operation's result (see [`audit_outcome`]) and answers with it.
+pub async fn audited_answer(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    interaction: Interaction,
+    what: String,
+    result: Res,
+) -> HttpResponse {
+    let ctx = audit_context(req, state);
+    audit_outcome(state, &ctx, interaction, Some(what), None, &result).await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
 /// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
 /// and every failure. Audit failures are logged, never shown to the client.
 pub async fn audit_outcome(

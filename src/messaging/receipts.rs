@@ -19,7 +19,7 @@ use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::access;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
+use crate::fhir::rest::{audit_context, audit_outcome, audited_answer, blocking, Res};
 use crate::fhir::AppState;
 use crate::messaging::events::{self, Kind};
 use crate::search::dates::{format_instant, now_micros};
@@ -279,18 +279,15 @@ pub async fn list(
     path: web::Path<String>,
 ) -> HttpResponse {
     let id = path.into_inner();
-    let ctx = audit_context(&req, &state);
     let result = list_inner(&state, &req, &id).await;
-    audit_outcome(
+    audited_answer(
         &state,
-        &ctx,
+        &req,
         Interaction::Operation,
-        Some(format!("Communication/{id}")),
-        None,
-        &result,
+        format!("Communication/{id}"),
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 async fn list_inner(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
@@ -344,18 +341,15 @@ pub const URGENT: [&str; 3] = ["urgent", "asap", "stat"];
 
 /// `GET /Communication/$unread`
 pub async fn unread(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
-    let ctx = audit_context(&req, &state);
     let result = unread_inner(&state, &req).await;
-    audit_outcome(
+    audited_answer(
         &state,
-        &ctx,
+        &req,
         Interaction::Operation,
-        Some("Communication/$unread".into()),
-        None,
-        &result,
+        "Communication/$unread".into(),
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {

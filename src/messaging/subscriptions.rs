@@ -22,8 +22,8 @@ use crate::auth::scopes::{self, Perm};
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{
-    audit_context, audit_outcome, blocking, check_content_type, new_id, parse_resource, read_body,
-    Res,
+    audit_context, audit_outcome, audited_answer, blocking, check_content_type, new_id,
+    parse_resource, read_body, Res,
 };
 use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
@@ -538,30 +538,26 @@ async fn create_inner(
         .body(shown.to_string()))
 }
 
-/// The caller's own subscription, or 404 (another owner's is as if it did not exist).
-async fn owned(state: &AppState, p: &Principal, id: &str) -> Result<SubRow, FhirError> {
+/// The caller, if its scopes allow `perm` on Subscription, and its own subscription `id` — or
+/// 404 (another owner's is as if it did not exist).
+async fn owned(
+    state: &AppState,
+    req: &HttpRequest,
+    id: &str,
+    perm: Perm,
+) -> Result<(Principal, SubRow), FhirError> {
+    let p = crate::fhir::access::principal(req)?;
+    may(&p, perm)?;
     let store = state.store.clone();
     let sid = id.to_string();
     let row = blocking(move || Ok(load(&store, &sid)?)).await?;
     match row {
-        Some(r) if r.owned_by(p) => Ok(r),
+        Some(r) if r.owned_by(&p) => Ok((p, r)),
         _ => Err(FhirError::from(StoreError::NotFound(
             "Subscription".into(),
             id.into(),
         ))),
     }
-}
-
-async fn audited(
-    state: &web::Data<AppState>,
-    req: &HttpRequest,
-    interaction: Interaction,
-    what: String,
-    result: Res,
-) -> HttpResponse {
-    let ctx = audit_context(req, state);
-    audit_outcome(state, &ctx, interaction, Some(what), None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
 pub async fn read(
@@ -571,14 +567,12 @@ pub async fn read(
 ) -> HttpResponse {
     let id = path.into_inner();
     let result = async {
-        let p = crate::fhir::access::principal(&req)?;
-        may(&p, Perm::Read)?;
-        let row = owned(&state, &p, &id).await?;
+        let (_, row) = owned(&state, &req, &id, Perm::Read).await?;
         let v = row.resource(&state.store)?;
         Ok(reply(StatusCode::OK, &v))
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::Read,
@@ -614,7 +608,7 @@ pub async fn search(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
         ))
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::SearchType,
@@ -631,9 +625,7 @@ pub async fn delete(
 ) -> HttpResponse {
     let id = path.into_inner();
     let result = async {
-        let p = crate::fhir::access::principal(&req)?;
-        may(&p, Perm::Delete)?;
-        owned(&state, &p, &id).await?;
+        owned(&state, &req, &id, Perm::Delete).await?;
         let store = state.store.clone();
         let sid = id.clone();
         blocking(move || {
@@ -650,7 +642,7 @@ pub async fn delete(
         Ok(HttpResponse::NoContent().finish())
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::Delete,
@@ -778,9 +770,7 @@ pub async fn status(
 ) -> HttpResponse {
     let id = path.into_inner();
     let result = async {
-        let p = crate::fhir::access::principal(&req)?;
-        may(&p, Perm::Read)?;
-        let row = owned(&state, &p, &id).await?;
+        let (_, row) = owned(&state, &req, &id, Perm::Read).await?;
         let b = bundle(&state.store, &row, "query-status", &[], "empty");
         let mut status = b["entry"][0].clone();
         status["search"] = json!({"mode": "match"});
@@ -790,7 +780,7 @@ pub async fn status(
         ))
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::Operation,
@@ -811,9 +801,7 @@ pub async fn events(
 ) -> HttpResponse {
     let id = path.into_inner();
     let result = async {
-        let p = crate::fhir::access::principal(&req)?;
-        may(&p, Perm::Read)?;
-        let row = owned(&state, &p, &id).await?;
+        let (_, row) = owned(&state, &req, &id, Perm::Read).await?;
         let q: Vec<(String, String)> = form_urlencoded::parse(req.query_string().as_bytes())
             .into_owned()
             .collect();
@@ -867,7 +855,7 @@ pub async fn events(
         Ok(reply(StatusCode::OK, &b))
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::Operation,
@@ -889,9 +877,7 @@ pub async fn binding_token(
 ) -> HttpResponse {
     let id = path.into_inner();
     let result = async {
-        let p = crate::fhir::access::principal(&req)?;
-        may(&p, Perm::Read)?;
-        let row = owned(&state, &p, &id).await?;
+        let (p, row) = owned(&state, &req, &id, Perm::Read).await?;
         if row.channel != "websocket" {
             return Err(FhirError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -936,7 +922,7 @@ pub async fn binding_token(
         ))
     }
     .await;
-    audited(
+    audited_answer(
         &state,
         &req,
         Interaction::Operation,

@@ -8,7 +8,7 @@ use crate::audit::{self, Interaction};
 use crate::auth::SubjectKind;
 use crate::fhir::access;
 use crate::fhir::outcome::{self, FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audit_outcome, blocking, parse_search, Res};
+use crate::fhir::rest::{audited_answer, blocking, parse_search, Res};
 use crate::fhir::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -27,18 +27,15 @@ pub async fn file_to_chart(
     path: web::Path<String>,
 ) -> HttpResponse {
     let id = path.into_inner();
-    let ctx = audit_context(&req, &state);
     let result = file(&state, &req, &id).await;
-    audit_outcome(
+    audited_answer(
         &state,
-        &ctx,
+        &req,
         Interaction::Operation,
-        Some(format!("Communication/{id}")),
-        None,
-        &result,
+        format!("Communication/{id}"),
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
