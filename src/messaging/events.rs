@@ -48,9 +48,10 @@ impl Kind {
     }
 }
 
-/// PostgreSQL: takes the event lock for the rest of the transaction. A transaction that will log
-/// events takes it before any row lock (the store does so at its start), so two writers never
-/// hold a row lock and the event lock crosswise (a deadlock). Re-taking it is free.
+/// PostgreSQL: takes the event lock for the rest of the transaction. Events are recorded at the
+/// end of a transaction, after its last row lock, so the lock is held only from the event insert
+/// to the commit, and a holder never waits for a row lock (no deadlock with writers that hold row
+/// locks and wait for it). Re-taking it is free.
 pub fn lock<C: Conn>(c: &mut C) -> Result<(), StoreError> {
     if c.is_postgres() {
         c.execute(

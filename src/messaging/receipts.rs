@@ -100,7 +100,6 @@ pub fn apply<C: Conn>(
         #[diesel(sql_type = BigInt)]
         version_id: i64,
     }
-    events::lock(c)?;
     let live: Vec<Live> = c.load(
         "SELECT version_id FROM resources WHERE res_type = 'Communication' AND fhir_id = ? AND deleted = 0",
         vec![comm_id.into()],

@@ -559,13 +559,6 @@ impl Store {
                 Ok(vec![])
             }
             Job::Ops(ops, ctx) => {
-                // The event lock first, before any row lock (see `events::lock`).
-                if ops
-                    .iter()
-                    .any(|op| crate::messaging::events::logged(op.target().0))
-                {
-                    crate::messaging::events::lock(c)?;
-                }
                 let mut results = Vec::with_capacity(ops.len());
                 for op in ops {
                     let interaction = op.interaction();
@@ -586,6 +579,26 @@ impl Store {
                         self.insert_audit(c, ev)?;
                     }
                     results.push(r);
+                }
+                // The messaging events last, once every row lock is held (see `events::lock`).
+                for r in &results {
+                    use crate::messaging::events::{logged, record, Kind};
+                    let kind = match r.status {
+                        WriteStatus::Created => Kind::Create,
+                        WriteStatus::Updated => Kind::Update,
+                        WriteStatus::Deleted => Kind::Delete,
+                        WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
+                    };
+                    if logged(&r.stored.res_type) {
+                        record(
+                            c,
+                            kind,
+                            &r.stored.res_type,
+                            &r.stored.id,
+                            r.stored.version_id,
+                            None,
+                        )?;
+                    }
                 }
                 Ok(results)
             }
@@ -836,15 +849,6 @@ impl Store {
         if let Some(r) = resource {
             let entries = index::entries(&self.registry, res_type, &r.value, &self.base_url);
             insert_index(c, rid, &entries)?;
-        }
-        if crate::messaging::events::logged(res_type) {
-            use crate::messaging::events::{record, Kind};
-            let kind = match (deleted, prior.is_some_and(|h| h.deleted == 0)) {
-                (true, _) => Kind::Delete,
-                (false, true) => Kind::Update,
-                (false, false) => Kind::Create,
-            };
-            record(c, kind, res_type, id, version_id, None)?;
         }
         Ok(Stored {
             res_type: res_type.into(),
