@@ -67,6 +67,9 @@ pub struct Settings {
     /// (`COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS`, default false: a subscriber could otherwise
     /// make Courier probe the hospital's internal network)?
     pub subscription_private_endpoints: bool,
+    /// How long an instance holds a scheduled send it claimed before another may take it over
+    /// (`COURIER_SCHEDULER_LEASE_SECS`).
+    pub scheduler_lease_secs: i64,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -138,6 +141,7 @@ impl Default for Settings {
             escalation_after_secs: 3600,
             escalation_backup: None,
             subscription_private_endpoints: false,
+            scheduler_lease_secs: 30,
         }
     }
 }
@@ -238,6 +242,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS") {
             self.subscription_private_endpoints = matches!(v.as_str(), "true" | "1" | "yes");
+        }
+        if let Some(v) = env("COURIER_SCHEDULER_LEASE_SECS") {
+            self.scheduler_lease_secs = num("COURIER_SCHEDULER_LEASE_SECS", v)?;
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

@@ -31,6 +31,8 @@ pub struct Application {
     pub ehrs: Arc<Connections>,
     /// The outbox delivery worker (tests stop it to play a crashed instance).
     pub outbox: tokio::task::AbortHandle,
+    /// The scheduled-message sender (tests stop it to play a crashed instance).
+    pub scheduler: tokio::task::AbortHandle,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -85,6 +87,11 @@ impl Application {
             Arc::new(settings.clone()),
         );
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
+        let scheduler = crate::messaging::schedule::spawn(
+            store.clone(),
+            std::time::Duration::from_secs(settings.scheduler_lease_secs.max(1) as u64),
+        )
+        .abort_handle();
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -128,6 +135,7 @@ impl Application {
             tokens,
             ehrs,
             outbox,
+            scheduler,
         })
     }
 

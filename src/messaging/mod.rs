@@ -9,6 +9,7 @@
 //! - [`subscriptions`] topic-based Subscriptions (R5 Backport IG): REST, `$status`, `$events`
 //! - [`dispatch`] the leader's matching and rest-hook delivery; the subscription websocket
 //! - [`escalation`] reminders and escalation of unread urgent messages (CommunicationRequests)
+//! - [`schedule`] scheduled messages: active CommunicationRequests sent at their occurrenceDateTime
 //! - [`webapp`]   the web app (`smart-launch/`) served at `/app/`
 
 pub mod dispatch;
@@ -18,6 +19,7 @@ pub mod groups;
 pub mod hub;
 pub mod receipts;
 pub mod rules;
+pub mod schedule;
 pub mod subscriptions;
 pub mod webapp;
 pub mod ws;

@@ -589,6 +589,14 @@ impl Store {
                         WriteStatus::Deleted => Kind::Delete,
                         WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
                     };
+                    if r.stored.res_type == "CommunicationRequest" {
+                        crate::messaging::schedule::track(
+                            c,
+                            &r.stored.id,
+                            r.status,
+                            r.stored.body.as_deref(),
+                        )?;
+                    }
                     if logged(&r.stored.res_type) {
                         record(
                             c,

@@ -27,6 +27,8 @@ pub struct TestApp {
     pub ehrs: Arc<courier::smart::backend::Connections>,
     /// The outbox worker (abort it to play a crashed instance).
     pub outbox: tokio::task::AbortHandle,
+    /// The scheduled-message sender (abort it to play a crashed instance).
+    pub scheduler: tokio::task::AbortHandle,
     /// The database this instance uses (a second instance can share it).
     pub database_url: String,
     /// The client the default token was issued to.
@@ -109,6 +111,7 @@ pub async fn spawn_app_with(
     let tokens = app.tokens.clone();
     let ehrs = app.ehrs.clone();
     let outbox = app.outbox.clone();
+    let scheduler = app.scheduler.clone();
     tokio::spawn(app.run_until_stopped());
     let admin_client_id = clients::add(
         &store,
@@ -126,6 +129,7 @@ pub async fn spawn_app_with(
         tokens,
         ehrs,
         outbox,
+        scheduler,
         database_url: database_url_used,
         admin_client_id,
         backend,

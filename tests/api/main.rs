@@ -12,6 +12,7 @@ mod crud;
 mod ehr;
 mod messaging;
 mod operability;
+mod schedule;
 mod search;
 mod strict;
 mod subscriptions;

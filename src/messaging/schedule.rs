@@ -1,0 +1,264 @@
+//! Scheduled messages (appointment reminders, "your results are ready" notices): an integrator
+//! posts a CommunicationRequest with `status=active` and an `occurrenceDateTime`; at that time
+//! Courier sends the Communication — `basedOn` the request, its recipients, sender, subject,
+//! category, priority and payload — and completes the request. Revoking the request (or putting
+//! it on hold, or deleting it) before then cancels the send.
+//!
+//! - The schedule is kept by the write path, in the request's own transaction (`track`).
+//! - Every instance runs the sender; a due row is claimed with a lease (`FOR UPDATE SKIP LOCKED`
+//!   on PostgreSQL), so instances share the work without sending twice. The Communication is
+//!   created conditionally on `urn:courier:schedule|<request id>`, so an instance that dies after
+//!   sending and before recording it cannot cause a second send: the next claimant finds it.
+//! - A time missed while Courier was down is sent at start, with the original time recorded in
+//!   the extension `https://courier.example.org/fhir/StructureDefinition/scheduled-for`.
+//! - Times are instants: `occurrenceDateTime` carries its time-zone offset; a date without a time
+//!   is due at 00:00 UTC of that date.
+//!
+//! Not yet: `occurrencePeriod` with a repeating timing (medication schedules).
+
+use crate::audit;
+use crate::search::dates::{self, format_instant, now_micros};
+use crate::store::db::Conn;
+use crate::store::{Incoming, Store, StoreError, WriteOp, WriteStatus};
+use diesel::sql_types::{BigInt, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const IDENTIFIER_SYSTEM: &str = "urn:courier:schedule";
+pub const EXT_SCHEDULED_FOR: &str =
+    "https://courier.example.org/fhir/StructureDefinition/scheduled-for";
+
+/// Inside a write's transaction: keeps the schedule row of a CommunicationRequest in step with
+/// it. A row already sent is never touched.
+pub fn track<C: Conn>(
+    c: &mut C,
+    id: &str,
+    status: WriteStatus,
+    body: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let value: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
+    let due = value.as_ref().and_then(|v| {
+        let active = v["status"] == "active";
+        let when = v["occurrenceDateTime"].as_str()?;
+        active
+            .then(|| dates::range(when).map(|(lo, _)| lo))
+            .flatten()
+    });
+    match (status, due) {
+        (WriteStatus::Created | WriteStatus::Updated, Some(due)) => {
+            c.execute(
+                "INSERT INTO schedules (request_id, due_at) VALUES (?, ?) \
+                 ON CONFLICT (request_id) DO UPDATE SET due_at = excluded.due_at WHERE schedules.sent_at IS NULL",
+                vec![id.into(), due.into()],
+            )?;
+        }
+        // Completed by the sender itself: the sender records the send.
+        (WriteStatus::Updated, None)
+            if value.as_ref().is_some_and(|v| v["status"] == "completed") => {}
+        (WriteStatus::Existing | WriteStatus::NothingToDelete, _) => {}
+        _ => {
+            c.execute(
+                "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
+                vec![id.into()],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(QueryableByName, Debug)]
+struct Due {
+    #[diesel(sql_type = Text)]
+    request_id: String,
+    #[diesel(sql_type = BigInt)]
+    due_at: i64,
+}
+
+fn ctx(store: &Store) -> audit::Context {
+    audit::Context {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        client_address: "courier scheduler".into(),
+        base_url: store.base_url.clone(),
+        user: None,
+        client_id: Some("courier-scheduler".into()),
+        token_id: None,
+        query: None,
+    }
+}
+
+/// Claims up to `limit` due sends for `lease` and sends them. Blocking. Returns how many were
+/// sent.
+pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreError> {
+    let now = now_micros();
+    let until = now + lease.as_micros() as i64;
+    let claimed: Vec<Due> = {
+        let _writer = store.exclusive_writer();
+        let skip = if store.db.backend_name() == "postgresql" {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        store.query(
+            &format!(
+                "UPDATE schedules SET claimed_until = ? WHERE request_id IN (\
+                 SELECT request_id FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? \
+                 ORDER BY due_at LIMIT ?{skip}) RETURNING request_id, due_at"
+            ),
+            vec![until.into(), now.into(), now.into(), limit.into()],
+        )?
+    };
+    let mut sent = 0;
+    for d in claimed {
+        if send(store, &d)? {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// Sends one due request (if it is still active) and records it.
+fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
+    let request = match store.read("CommunicationRequest", &d.request_id) {
+        Ok(s) => s,
+        Err(StoreError::NotFound(..) | StoreError::Gone(..)) => {
+            store.execute(
+                "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
+                vec![d.request_id.clone().into()],
+            )?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let cr: Value = serde_json::from_slice(request.body.as_deref().unwrap_or_default())
+        .map_err(|e| StoreError::Other(e.into()))?;
+    if cr["status"] != "active" {
+        store.execute(
+            "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
+            vec![d.request_id.clone().into()],
+        )?;
+        return Ok(false);
+    }
+    let now = now_micros();
+    let mut msg = json!({
+        "resourceType": "Communication",
+        "extension": [{"url": EXT_SCHEDULED_FOR, "valueDateTime": format_instant(d.due_at)}],
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": d.request_id}],
+        "basedOn": [{"reference": format!("CommunicationRequest/{}", d.request_id)}],
+        "status": "completed",
+        "sent": format_instant(now),
+    });
+    for k in [
+        "category",
+        "priority",
+        "subject",
+        "recipient",
+        "sender",
+        "encounter",
+        "medium",
+    ] {
+        if let Some(v) = cr.get(k) {
+            msg[k] = v.clone();
+        }
+    }
+    if msg.get("sender").is_none() {
+        if let Some(r) = cr.get("requester") {
+            msg["sender"] = r.clone();
+        }
+    }
+    if let Some(p) = cr["payload"].as_array() {
+        msg["payload"] = json!(p);
+    }
+    let pairs = vec![(
+        "identifier".to_string(),
+        format!("{IDENTIFIER_SYSTEM}|{}", d.request_id),
+    )];
+    let limits = crate::search::query::Limits {
+        default_count: 2,
+        max_count: 2,
+        strict: true,
+    };
+    let cond = crate::search::query::parse(
+        &store.registry,
+        "Communication",
+        &pairs,
+        &store.base_url,
+        &limits,
+    )
+    .map_err(|_| StoreError::Other(anyhow::anyhow!("schedule identifier query")))?;
+    let mut done = cr.clone();
+    done["status"] = json!("completed");
+    let written = store.write(
+        vec![
+            WriteOp::Create {
+                res_type: "Communication".into(),
+                id: crate::fhir::rest::new_id(),
+                resource: Incoming::from_value(msg),
+                if_none_exist: Some(cond),
+            },
+            WriteOp::Update {
+                res_type: "CommunicationRequest".into(),
+                id: d.request_id.clone(),
+                resource: Incoming::from_value(done),
+                if_match: Some(request.version_id),
+                upsert: false,
+                patch: false,
+                guard: None,
+                may_create: false,
+            },
+        ],
+        &ctx(store),
+    );
+    let communication = match written {
+        Ok(w) => w[0].stored.id.clone(),
+        // The request changed meanwhile (revoked, edited): the next pass decides again.
+        Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => {
+            store.execute(
+                "UPDATE schedules SET claimed_until = 0 WHERE request_id = ? AND sent_at IS NULL",
+                vec![d.request_id.clone().into()],
+            )?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    store.execute(
+        "UPDATE schedules SET sent_at = ?, communication_id = ? WHERE request_id = ?",
+        vec![
+            now.into(),
+            communication.into(),
+            d.request_id.clone().into(),
+        ],
+    )?;
+    Ok(true)
+}
+
+/// Sends claimed per pass.
+const BATCH: i64 = 20;
+
+/// The sender on this instance: a pass every 250 ms, or at once after a full pass (a backlog is
+/// worked off without pausing).
+pub fn spawn(store: Arc<Store>, lease: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut full = false;
+        loop {
+            if !full {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let s = store.clone();
+            full = match tokio::task::spawn_blocking(move || run(&s, lease, BATCH)).await {
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "scheduled sends failed; retrying");
+                    false
+                }
+                Ok(Ok(n)) => {
+                    if n > 0 {
+                        tracing::debug!(sent = n, "scheduled messages sent");
+                    }
+                    n as i64 == BATCH
+                }
+                Err(_) => false,
+            };
+        }
+    })
+}

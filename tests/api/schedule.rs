@@ -1,0 +1,229 @@
+//! Scheduled messages: an active CommunicationRequest with an occurrenceDateTime is sent at that
+//! time, once, across instances and restarts; revoking it cancels the send.
+
+use crate::both_backends;
+use crate::helpers::*;
+use chrono::{DateTime, Duration as Span, FixedOffset, SecondsFormat, SubsecRound, Utc};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn request(at: DateTime<FixedOffset>, text: &str) -> Value {
+    json!({
+        "resourceType": "CommunicationRequest",
+        "status": "active",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "reminder"}]}],
+        "priority": "routine",
+        "subject": {"reference": "Patient/p1"},
+        "recipient": [{"reference": "Patient/p1"}],
+        "requester": {"reference": "Practitioner/dr-1"},
+        "payload": [{"contentString": text}],
+        "occurrenceDateTime": at.to_rfc3339_opts(SecondsFormat::Secs, false),
+    })
+}
+
+fn utc_in(secs: i64) -> DateTime<FixedOffset> {
+    // Whole seconds: that is what the request says.
+    (Utc::now().trunc_subsecs(0) + Span::seconds(secs)).fixed_offset()
+}
+
+/// The Communications sent for request `id`.
+async fn sent_for(app: &TestApp, id: &str) -> Vec<Value> {
+    let b = app
+        .get_json(&format!(
+            "Communication?based-on=CommunicationRequest/{id}&_count=10"
+        ))
+        .await;
+    b["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["search"]["mode"] == "match")
+                .map(|e| e["resource"].clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn instant(v: &Value) -> DateTime<FixedOffset> {
+    DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap()
+}
+
+both_backends! {
+    async fn requests_are_sent_at_their_time_and_revoking_cancels(app: TestApp) {
+        // Missed while "down" (an hour ago), due in 2 s (written in another time zone), and one
+        // revoked before its time.
+        let missed = app.create(&request(utc_in(-3600), "Your appointment was yesterday")).await;
+        let tz = FixedOffset::east_opt(5 * 3600 + 1800).unwrap();
+        let due = utc_in(2).with_timezone(&tz);
+        let soon = app.create(&request(due, "Your results are ready")).await;
+        let cancelled = app.create(&request(utc_in(2), "Never sent")).await;
+        let mut revoked = app.get_json(&format!("CommunicationRequest/{cancelled}")).await;
+        revoked["status"] = json!("revoked");
+        assert_eq!(app.put(&format!("CommunicationRequest/{cancelled}"), &revoked).await.status(), 200);
+        // The missed one goes out at once, with its original time recorded.
+        let mut got = vec![];
+        for _ in 0..40 {
+            got = sent_for(&app, &missed).await;
+            if !got.is_empty() { break; }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got.len(), 1, "the missed request is sent on start");
+        let m = &got[0];
+        assert_eq!(m["payload"][0]["contentString"], "Your appointment was yesterday");
+        assert_eq!(m["recipient"][0]["reference"], "Patient/p1");
+        assert_eq!(m["sender"]["reference"], "Practitioner/dr-1");
+        let scheduled = instant(&m["extension"][0]["valueDateTime"]);
+        assert!((Utc::now().fixed_offset() - scheduled).num_seconds() >= 3590, "original time kept");
+        // Not before its time.
+        assert!(sent_for(&app, &soon).await.is_empty(), "nothing is sent early");
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let s = sent_for(&app, &soon).await;
+        assert_eq!(s.len(), 1);
+        let late = instant(&s[0]["sent"]) - due;
+        assert!(late >= Span::zero() && late <= Span::milliseconds(1500), "sent {late:?} after its time");
+        assert_eq!(app.get_json(&format!("CommunicationRequest/{soon}")).await["status"], "completed");
+        assert!(sent_for(&app, &cancelled).await.is_empty(), "a revoked request is not sent");
+        assert_eq!(app.get_json(&format!("CommunicationRequest/{cancelled}")).await["status"], "revoked");
+        // Sending is audited through the write path (create of the Communication).
+        let id = s[0]["id"].as_str().unwrap();
+        let audit = app.get_json(&format!("AuditEvent?entity=Communication/{id}")).await;
+        assert!(!audit["entry"].as_array().unwrap().is_empty());
+    }
+}
+
+/// 1,000 requests across two instances on PostgreSQL, one of them "crashing" in the middle and a
+/// third starting: each is sent exactly once, within a stated tolerance of its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_across_instances_are_each_sent_once() {
+    let lease = 2;
+    let Some(a) = spawn_app_with(Backend::Postgres, |s| s.scheduler_lease_secs = lease).await
+    else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let url = a.database_url.clone();
+    let b = spawn_app_with(Backend::Postgres, move |s| {
+        s.database_url = url;
+        s.scheduler_lease_secs = lease;
+    })
+    .await
+    .unwrap();
+    let start = Utc::now();
+    let n = 1000;
+    let mut ids = Vec::with_capacity(n);
+    let mut due_at = Vec::with_capacity(n);
+    for i in 0..n {
+        // Due 15 to 25 s from the start (whole seconds, ~100 a second); written through both
+        // instances.
+        let at = (start.trunc_subsecs(0) + Span::seconds(15 + (i as i64 * 10 / n as i64)))
+            .fixed_offset();
+        let through = if i % 2 == 0 { &a } else { &b };
+        ids.push(through.create(&request(at, &format!("reminder {i}"))).await);
+        due_at.push(at);
+    }
+    // Ten requests claimed by an instance that then died holding them (its lease runs to 2 s
+    // after their time): another instance takes them over when the lease ends, not before.
+    let orphaned: Vec<String> = ids.iter().step_by(100).cloned().collect();
+    for (k, id) in ids.iter().enumerate().step_by(100) {
+        let until = due_at[k].timestamp_micros() + lease * 1_000_000;
+        a.store
+            .execute(
+                "UPDATE schedules SET claimed_until = ? WHERE request_id = ?",
+                vec![until.into(), id.clone().into()],
+            )
+            .unwrap();
+    }
+    let written = Utc::now() - start;
+    eprintln!(
+        "1,000 requests written in {} ms",
+        written.num_milliseconds()
+    );
+    assert!(
+        written < Span::seconds(15),
+        "the requests must be written before they are due"
+    );
+    // A "crashes" once sending has begun; a new instance C starts on the same database.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let c = a
+            .get_json("Communication?identifier=urn:courier:schedule|&_summary=count")
+            .await;
+        if c["total"].as_i64().unwrap_or(0) > 50 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.scheduler.abort();
+    let url = a.database_url.clone();
+    let _c = spawn_app_with(Backend::Postgres, move |s| {
+        s.database_url = url;
+        s.scheduler_lease_secs = lease;
+    })
+    .await
+    .unwrap();
+    loop {
+        let c = b
+            .get_json("Communication?identifier=urn:courier:schedule|&_summary=count")
+            .await;
+        if c["total"].as_i64().unwrap_or(0) >= n as i64 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Exactly once: n Communications, one per request.
+    let mut per_request = std::collections::HashMap::<String, usize>::new();
+    let mut worst = Span::zero();
+    let mut orphan_lateness = vec![];
+    let mut next = Some(b.url("Communication?identifier=urn:courier:schedule|&_count=500"));
+    while let Some(u) = next.take() {
+        let page: Value = b.client.get(&u).send().await.unwrap().json().await.unwrap();
+        for e in page["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["search"]["mode"] == "match")
+        {
+            let r = &e["resource"];
+            *per_request
+                .entry(r["basedOn"][0]["reference"].as_str().unwrap().to_string())
+                .or_default() += 1;
+            let late = instant(&r["sent"]) - instant(&r["extension"][0]["valueDateTime"]);
+            worst = worst.max(late);
+            let based_on = r["basedOn"][0]["reference"].as_str().unwrap();
+            if orphaned.iter().any(|o| based_on.ends_with(o.as_str())) {
+                orphan_lateness.push(late);
+            }
+        }
+        next = page["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    assert_eq!(per_request.len(), n, "every request sent");
+    assert!(per_request.values().all(|&c| c == 1), "none sent twice");
+    for id in ids.iter().take(5) {
+        assert_eq!(
+            b.get_json(&format!("CommunicationRequest/{id}")).await["status"],
+            "completed"
+        );
+    }
+    // Orphaned claims wait for their lease, then go out.
+    assert_eq!(orphan_lateness.len(), orphaned.len());
+    assert!(
+        orphan_lateness
+            .iter()
+            .all(|l| *l >= Span::milliseconds(lease * 1000 - 300)),
+        "{orphan_lateness:?}"
+    );
+    // Tolerance: 2 s (the 250 ms poll, the write, a backlog of ~100 sends a second on a debug
+    // build), plus the lease for a crashed instance's claims.
+    eprintln!(
+        "latest send: {} ms after its time",
+        worst.num_milliseconds()
+    );
+    assert!(
+        worst <= Span::seconds(lease + 2),
+        "latest send {worst:?} after its time"
+    );
+}
