@@ -76,11 +76,11 @@ both_backends! {
         assert!((Utc::now().fixed_offset() - scheduled).num_seconds() >= 3590, "original time kept");
         // Not before its time.
         assert!(sent_for(&app, &soon).await.is_empty(), "nothing is sent early");
-        tokio::time::sleep(Duration::from_millis(3500)).await;
+        tokio::time::sleep(Duration::from_millis(5000)).await;
         let s = sent_for(&app, &soon).await;
         assert_eq!(s.len(), 1);
         let late = instant(&s[0]["sent"]) - due;
-        assert!(late >= Span::zero() && late <= Span::milliseconds(1500), "sent {late:?} after its time");
+        assert!(late >= Span::zero() && late <= Span::milliseconds(3000), "sent {late:?} after its time");
         assert_eq!(app.get_json(&format!("CommunicationRequest/{soon}")).await["status"], "completed");
         assert!(sent_for(&app, &cancelled).await.is_empty(), "a revoked request is not sent");
         assert_eq!(app.get_json(&format!("CommunicationRequest/{cancelled}")).await["status"], "revoked");
