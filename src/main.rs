@@ -50,6 +50,13 @@ enum Command {
     /// Identity mapping between EHRs and Courier.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Print everything Courier holds about one patient (their messages, attachments, receipts
+    /// and the audit trail of access to their data) as a FHIR Bundle on stdout (GDPR access).
+    Export {
+        /// The Courier Patient id.
+        #[arg(long)]
+        patient: String,
+    },
     /// Manage Courier's own token-signing keys (published at {base}/auth/jwks).
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
@@ -246,6 +253,31 @@ fn main() -> anyhow::Result<()> {
                     println!("removed {name}");
                 }
             }
+            Ok(())
+        }
+        Command::Export { patient } => {
+            anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");
+            let store = open_store(&settings)?;
+            let bundle = courier::messaging::export::everything(&store, &patient)?;
+            // The export is a disclosure: audited like the API's.
+            let ctx = courier::audit::Context {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                client_address: "courier export (command line)".into(),
+                base_url: store.base_url.clone(),
+                user: None,
+                client_id: None,
+                token_id: None,
+                query: None,
+            };
+            let what = format!("Patient/{patient}");
+            store.record_audit(courier::audit::event(
+                &ctx,
+                courier::audit::Interaction::Operation,
+                Some(&what),
+                Some(&what),
+                None,
+            ))?;
+            println!("{bundle}");
             Ok(())
         }
         Command::Outbox(OutboxCommand::Status) => {

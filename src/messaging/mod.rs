@@ -1,6 +1,7 @@
 //! Messaging: the event log and real-time hub, the WebSocket channel, and receipts.
 //!
 //! - [`events`]   the event log written in every messaging change's own transaction
+//! - [`export`]   everything Courier holds about a patient (GDPR right of access)
 //! - [`groups`]   Group and CareTeam membership (who a message to a group reaches)
 //! - [`hub`]      tails the log (all instances), loads each event once, fans it out
 //! - [`ws`]       `GET /ws`: authenticated, access-filtered, catch-up from the last seq seen
@@ -15,6 +16,7 @@
 pub mod dispatch;
 pub mod escalation;
 pub mod events;
+pub mod export;
 pub mod groups;
 pub mod hub;
 pub mod receipts;
@@ -41,6 +43,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/Communication/{id}/$receipts",
             web::get().to(receipts::list),
+        )
+        .route(
+            "/Patient/{id}/$everything",
+            web::get().to(export::patient_everything),
         )
         .route("/subscriptions/ws", web::get().to(dispatch::socket))
         .route("/Subscription", web::post().to(subscriptions::create))

@@ -10,6 +10,7 @@ mod bundles;
 mod clients;
 mod crud;
 mod ehr;
+mod export;
 mod messaging;
 mod operability;
 mod schedule;

@@ -227,6 +227,7 @@ async fn every_response_kind_validates_with_an_independent_validator() {
             .await,
     );
     docs.push(app.get_json("Subscription").await);
+    docs.push(app.get_json("Patient/p9/$everything").await);
     // A user's request, so its AuditEvents carry a user agent with the token id.
     let user = client_with_token(&issue(
         &app.tokens,
