@@ -79,6 +79,7 @@ impl Application {
             .starts_with("postgres")
             .then(|| settings.database_url.clone());
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
+        crate::messaging::away::init(&store)?;
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
         crate::messaging::dispatch::spawn(
             store.clone(),

@@ -54,6 +54,7 @@ fn participant_params(res_type: &str) -> &'static [&'static str] {
         "AuditEvent" => &["agent"],
         "CareTeam" => &["participant"],
         "Group" => &["member"],
+        "PractitionerRole" => &["practitioner"],
         _ => &[],
     }
 }

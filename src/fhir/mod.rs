@@ -79,6 +79,13 @@ pub const TYPES: &[TypeSupport] = &[
         conditional_create: true,
     },
     TypeSupport {
+        name: "PractitionerRole",
+        interactions: MESSAGING_INTERACTIONS,
+        writable: true,
+        searchable: true,
+        conditional_create: true,
+    },
+    TypeSupport {
         name: "Binary",
         interactions: &["read", "vread", "create"],
         writable: true,

@@ -424,6 +424,12 @@ pub fn spawn(
             if !web::block(move || l2.lead()).await.unwrap_or(false) {
                 continue;
             }
+            let s3 = s.clone();
+            match web::block(move || super::away::run(&s3)).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "out-of-office pass failed"),
+                Ok(Ok(n)) if n > 0 => tracing::info!(written = n, "out-of-office messages"),
+                _ => {}
+            }
             let (s2, cfg) = (s.clone(), settings.clone());
             match web::block(move || super::escalation::run(&s2, &cfg)).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "escalation pass failed"),

@@ -7,6 +7,8 @@
 //!   (each update is a new version: the reminders are the request's history);
 //! - after `escalation_after_secs` unread, the request also names the configured backup
 //!   recipient (`escalation_backup`), who is notified like any recipient;
+//! - when the recipient is away (out-of-office, `away.rs`), the first request already names their
+//!   delegate (else the backup);
 //! - once the recipient reads the message the request is `completed`; if the message is withdrawn
 //!   (entered-in-error) or deleted it is `revoked`.
 //!
@@ -133,10 +135,17 @@ pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), 
         };
         let msg: Value =
             serde_json::from_slice(msg.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
-        let escalate = settings
-            .escalation_backup
-            .clone()
-            .filter(|b| *b != u.recipient && now - u.at >= settings.escalation_after_secs * secs);
+        // Someone away (out-of-office) is not reminded in vain: it goes to their delegate (else
+        // the backup) at once.
+        let away = super::away::away(store, &u.recipient, now)?;
+        let escalate = match &away {
+            Some(a) => a.delegate.clone().or(settings.escalation_backup.clone()),
+            None => settings
+                .escalation_backup
+                .clone()
+                .filter(|_| now - u.at >= settings.escalation_after_secs * secs),
+        }
+        .filter(|b| *b != u.recipient);
         match existing.into_iter().next() {
             None => {
                 let id = crate::fhir::rest::new_id();

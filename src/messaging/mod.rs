@@ -1,5 +1,6 @@
 //! Messaging: the event log and real-time hub, the WebSocket channel, and receipts.
 //!
+//! - [`away`]     out-of-office: automatic replies and copies to a delegate (PractitionerRole)
 //! - [`events`]   the event log written in every messaging change's own transaction
 //! - [`export`]   everything Courier holds about a patient (GDPR right of access)
 //! - [`groups`]   Group and CareTeam membership (who a message to a group reaches)
@@ -13,6 +14,7 @@
 //! - [`schedule`] scheduled messages: active CommunicationRequests sent at their occurrenceDateTime
 //! - [`webapp`]   the web app (`smart-launch/`) served at `/app/`
 
+pub mod away;
 pub mod dispatch;
 pub mod escalation;
 pub mod events;

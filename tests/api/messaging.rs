@@ -694,3 +694,109 @@ both_backends! {
         }
     }
 }
+
+/// Out-of-office: a practitioner's PractitionerRole.notAvailable makes Courier answer for them and
+/// copy their delegate; escalation goes to the delegate at once; nothing answers an automatic
+/// message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.escalation_renotify_secs = 1)
+        .await
+        .unwrap();
+    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
+    let now = chrono::Utc::now();
+    let role = json!({"resourceType": "PractitionerRole", "active": true,
+        "practitioner": {"reference": "Practitioner/dr-2"},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
+        "notAvailable": [{"description": "I am away until Monday; Dr Three covers for me.",
+            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
+    let (s, created) = post_as(&dr2, &app, "/PractitionerRole", &role).await;
+    assert_eq!(
+        s, 201,
+        "the practitioner sets their own out-of-office: {created}"
+    );
+    let (mut p1_ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+    let (mut dr3_ws, _, _) = Ws::open(&app, &clinician_token(&app, "dr-3"), None).await;
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let mut m = msg(
+        "Patient/p1",
+        &["Practitioner/dr-2"],
+        "Can I double my dose?",
+    );
+    m["category"] = json!([{"text": "question"}]);
+    m["priority"] = json!("urgent");
+    let (s, sent) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{sent}");
+    let id = sent["id"].as_str().unwrap().to_string();
+    // p1 gets the automatic reply; dr-3 gets a copy with the text.
+    let mut reply = Value::Null;
+    while let Some(e) = p1_ws.next_within(Duration::from_secs(6)).await {
+        if e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{id}").as_str() {
+            reply = e["resource"].clone();
+            break;
+        }
+    }
+    assert_eq!(
+        reply["payload"][0]["contentString"],
+        "I am away until Monday; Dr Three covers for me."
+    );
+    assert_eq!(reply["sender"]["reference"], "Practitioner/dr-2");
+    assert_eq!(reply["extension"][0]["valueCode"], "auto-reply");
+    let mut copy = Value::Null;
+    while let Some(e) = dr3_ws.next_within(Duration::from_secs(6)).await {
+        if e["resourceType"] == "Communication"
+            && e["resource"]["extension"][0]["valueCode"] == "forward"
+        {
+            copy = e["resource"].clone();
+            break;
+        }
+    }
+    assert!(copy.to_string().contains("Can I double my dose?"), "{copy}");
+    // The urgent message escalates to the delegate straight away (no backup configured).
+    let mut escalated = false;
+    for _ in 0..60 {
+        let crs = app.get_json("/CommunicationRequest?_count=10").await;
+        if crs.to_string().contains("Practitioner/dr-3") {
+            escalated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(escalated, "escalation went to the delegate");
+    // Exactly one reply and one copy: nothing answers the automatic messages.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let all = app.get_json("/Communication?_count=50").await;
+    let automatic = all["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"]["extension"][0]["url"] == courier::messaging::away::EXT_AUTOMATIC)
+        .count();
+    assert_eq!(automatic, 2, "{all}");
+    // Back in the office: no more automatic replies.
+    let mut back = created.clone();
+    back["notAvailable"] = json!([]);
+    back.as_object_mut().unwrap().remove("notAvailable");
+    let r = dr2
+        .put(app.url(&format!(
+            "/PractitionerRole/{}",
+            created["id"].as_str().unwrap()
+        )))
+        .header("content-type", "application/fhir+json")
+        .body(back.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, _) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let all = app.get_json("/Communication?_count=50").await;
+    let automatic = all["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"]["extension"][0]["url"] == courier::messaging::away::EXT_AUTOMATIC)
+        .count();
+    assert_eq!(automatic, 2, "no automatic reply once back");
+}

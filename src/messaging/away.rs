@@ -1,0 +1,240 @@
+//! Out-of-office / do-not-disturb, as FHIR: a practitioner (or an administrator) keeps a
+//! `PractitionerRole` with `practitioner` = them and `notAvailable` periods — `during` the time
+//! away, `description` the automatic reply — and optionally the extension
+//! `https://courier.example.org/fhir/StructureDefinition/delegate` naming who covers for them.
+//!
+//! While a practitioner is away, a message addressed to them directly gets (run by the leader,
+//! once per message and recipient):
+//! - an automatic reply to its sender (`inResponseTo` the message, same thread, the description
+//!   as text), and
+//! - when a delegate is named, a copy to the delegate (`inResponseTo` the message, its text).
+//!
+//! Both are marked with the `automatic` extension and are never answered automatically in turn.
+//! Escalation (`escalation.rs`) does not remind someone who is away: it goes to their delegate at
+//! once (else to the configured backup).
+
+use crate::audit;
+use crate::search::dates::{self, format_instant, now_micros};
+use crate::store::{Incoming, Store, StoreError, WriteOp};
+use diesel::sql_types::{BigInt, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+
+pub const EXT_DELEGATE: &str = "https://courier.example.org/fhir/StructureDefinition/delegate";
+pub const EXT_AUTOMATIC: &str = "https://courier.example.org/fhir/StructureDefinition/automatic";
+const CURSOR: &str = "away";
+
+/// Away now: the automatic reply and the delegate, if any.
+#[derive(Debug, Clone)]
+pub struct Away {
+    pub reply: String,
+    pub delegate: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
+}
+
+/// Is `who` (`Practitioner/…`) away at `at` (µs)? Blocking.
+pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreError> {
+    let Some(("Practitioner", id)) = who.split_once('/') else {
+        return Ok(None);
+    };
+    let key = store
+        .registry
+        .get("PractitionerRole", "practitioner")
+        .map(|p| p.key.clone())
+        .unwrap_or_default();
+    let roles: Vec<IdRow> = store.query(
+        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE x.param = ? AND x.target_type = 'Practitioner' AND x.target_id = ? AND x.url IS NULL \
+         AND r.res_type = 'PractitionerRole' AND r.deleted = 0",
+        vec![key.into(), id.into()],
+    )?;
+    for role in roles {
+        let Ok(s) = store.read("PractitionerRole", &role.fhir_id) else {
+            continue;
+        };
+        let v: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        if v["active"] == false {
+            continue;
+        }
+        for n in v["notAvailable"].as_array().into_iter().flatten() {
+            let start = n["during"]["start"]
+                .as_str()
+                .and_then(dates::range)
+                .map(|r| r.0);
+            let end = n["during"]["end"]
+                .as_str()
+                .and_then(dates::range)
+                .map(|r| r.1);
+            if start.is_some_and(|s| s > at) || end.is_some_and(|e| e < at) {
+                continue;
+            }
+            let delegate = v["extension"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["url"] == EXT_DELEGATE)
+                .and_then(|e| e["valueReference"]["reference"].as_str())
+                .map(String::from);
+            return Ok(Some(Away {
+                reply: n["description"]
+                    .as_str()
+                    .unwrap_or("I am away.")
+                    .to_string(),
+                delegate,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+#[derive(QueryableByName)]
+struct SeqRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+fn ctx(store: &Store) -> audit::Context {
+    audit::Context {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        client_address: "courier out-of-office".into(),
+        base_url: store.base_url.clone(),
+        user: None,
+        client_id: Some("courier-out-of-office".into()),
+        token_id: None,
+        query: None,
+    }
+}
+
+/// At start: a database that never ran this job answers only messages that arrive from now on
+/// (not its whole history).
+pub fn init(store: &Store) -> Result<(), StoreError> {
+    let last = super::events::last_seq(store)?;
+    store.execute(
+        "INSERT INTO job_cursors (name, seq) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        vec![CURSOR.into(), last.into()],
+    )?;
+    Ok(())
+}
+
+/// One pass over the new messages. Blocking. Returns the automatic messages written.
+pub fn run(store: &Store) -> Result<usize, StoreError> {
+    let cursor: Vec<SeqRow> = store.query(
+        "SELECT seq FROM job_cursors WHERE name = ?",
+        vec![CURSOR.into()],
+    )?;
+    let Some(cursor) = cursor.first().map(|r| r.seq) else {
+        let last = super::events::last_seq(store)?;
+        store.execute(
+            "INSERT INTO job_cursors (name, seq) VALUES (?, ?)",
+            vec![CURSOR.into(), last.into()],
+        )?;
+        return Ok(0);
+    };
+    let rows = super::events::after(store, cursor, 200)?;
+    let Some(last) = rows.last().map(|r| r.seq) else {
+        return Ok(0);
+    };
+    let mut written = 0;
+    let now = now_micros();
+    for e in rows
+        .iter()
+        .filter(|e| e.kind == "create" && e.res_type == "Communication")
+    {
+        let Ok(s) = store.vread("Communication", &e.fhir_id, e.version_id) else {
+            continue;
+        };
+        let msg: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let automatic = msg["extension"]
+            .as_array()
+            .is_some_and(|x| x.iter().any(|e| e["url"] == EXT_AUTOMATIC));
+        if msg["status"] != "completed" || automatic {
+            continue;
+        }
+        let sender = msg["sender"]["reference"]
+            .as_str()
+            .map(|r| super::hub::local_ref(r, &store.base_url));
+        for to in msg["recipient"].as_array().into_iter().flatten() {
+            let Some(to) = to["reference"]
+                .as_str()
+                .map(|r| super::hub::local_ref(r, &store.base_url))
+            else {
+                continue;
+            };
+            if Some(&to) == sender.as_ref() {
+                continue;
+            }
+            let Some(away) = away(store, &to, now)? else {
+                continue;
+            };
+            // Once per message and recipient, whoever runs this.
+            let claimed = store.execute(
+                "INSERT INTO away_handled (comm_id, recipient, at) VALUES (?, ?, ?) ON CONFLICT (comm_id, recipient) DO NOTHING",
+                vec![e.fhir_id.clone().into(), to.clone().into(), now.into()],
+            )?;
+            if claimed == 0 {
+                continue;
+            }
+            let mut ops = vec![];
+            let base = json!({
+                "resourceType": "Communication",
+                "status": "completed",
+                "inResponseTo": [{"reference": format!("Communication/{}", e.fhir_id)}],
+                "sender": {"reference": to},
+                "sent": format_instant(now),
+            });
+            let with = |mut v: Value, kind: &str, recipient: &str, payload: Value| {
+                v["extension"] = json!([{"url": EXT_AUTOMATIC, "valueCode": kind}]);
+                v["recipient"] = json!([{"reference": recipient}]);
+                v["payload"] = payload;
+                for k in ["partOf", "subject", "category", "priority"] {
+                    if let Some(x) = msg.get(k) {
+                        v[k] = x.clone();
+                    }
+                }
+                v
+            };
+            if let Some(sender) = &sender {
+                ops.push(with(
+                    base.clone(),
+                    "auto-reply",
+                    sender,
+                    json!([{"contentString": away.reply}]),
+                ));
+            }
+            if let Some(d) = &away.delegate {
+                let mut payload =
+                    vec![json!({"contentString": format!("Forwarded while {to} is away.")})];
+                payload.extend(msg["payload"].as_array().cloned().unwrap_or_default());
+                ops.push(with(base.clone(), "forward", d, json!(payload)));
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let n = ops.len();
+            store.write(
+                ops.into_iter()
+                    .map(|v| WriteOp::Create {
+                        res_type: "Communication".into(),
+                        id: crate::fhir::rest::new_id(),
+                        resource: Incoming::from_value(v),
+                        if_none_exist: None,
+                    })
+                    .collect(),
+                &ctx(store),
+            )?;
+            written += n;
+        }
+    }
+    store.execute(
+        "UPDATE job_cursors SET seq = ? WHERE name = ?",
+        vec![last.into(), CURSOR.into()],
+    )?;
+    Ok(written)
+}
