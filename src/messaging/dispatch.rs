@@ -462,6 +462,13 @@ pub fn spawn(
                 _ => {}
             }
             deliver(&store, &http, &deliveries).await;
+            // Without subscriptions, look again in a second rather than ten times a second.
+            let s = store.clone();
+            if let Ok(Ok(none)) = web::block(move || active(&s, None).map(|a| a.is_empty())).await {
+                if none {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                }
+            }
         }
     })
 }
