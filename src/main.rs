@@ -50,6 +50,9 @@ enum Command {
     /// Identity mapping between EHRs and Courier.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// The audit trail's integrity.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print everything Courier holds about one patient (their messages, attachments, receipts
     /// and the audit trail of access to their data) as a FHIR Bundle on stdout (GDPR access).
     Export {
@@ -147,6 +150,13 @@ enum EhrCommand {
 enum OutboxCommand {
     /// The backlog per EHR: pending, delivered, the oldest undelivered item and its last error.
     Status,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the tamper-evident audit chain from its first link; names the first broken link
+    /// (exit status 1) or prints how many links hold.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +264,19 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let store = open_store(&settings)?;
+            match courier::audit::chain::verify(&store)? {
+                courier::audit::chain::Verdict::Intact { links, unsealed } => {
+                    println!("the audit chain is intact: {links} links ({unsealed} recent AuditEvents not sealed yet)");
+                    Ok(())
+                }
+                courier::audit::chain::Verdict::Broken { seq, audit_id, why } => {
+                    println!("BROKEN at link {seq} (AuditEvent/{audit_id}): {why}");
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Export { patient } => {
             anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");

@@ -5,6 +5,8 @@
 //! The agents are the client (network peer; later also the OAuth client), the server, and — once
 //! authorization exists — the user (`Context::user`), so adding the user adds no second path.
 
+pub mod chain;
+
 use base64::Engine;
 use serde_json::{json, Value};
 

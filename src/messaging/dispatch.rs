@@ -424,6 +424,10 @@ pub fn spawn(
             if !web::block(move || l2.lead()).await.unwrap_or(false) {
                 continue;
             }
+            let s4 = s.clone();
+            if let Ok(Err(e)) = web::block(move || crate::audit::chain::seal(&s4)).await {
+                tracing::warn!(error = %e, "sealing the audit chain failed");
+            }
             let s3 = s.clone();
             match web::block(move || super::away::run(&s3)).await {
                 Ok(Err(e)) => tracing::warn!(error = %e, "out-of-office pass failed"),

@@ -83,3 +83,92 @@ both_backends! {
         assert_eq!(audit_events(&app, "subtype=create").await.len(), before + 2);
     }
 }
+
+/// The audit chain: sealed by the leader, verified by `courier audit verify`, broken by an edit
+/// made directly in the database (which verify names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
+    use courier::audit::chain::{verify, Verdict};
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    for i in 0..5 {
+        app.create(&message(
+            "Patient/p1",
+            "2026-11-01T10:00:00Z",
+            &format!("m{i}"),
+        ))
+        .await;
+    }
+    app.get_json("AuditEvent?_count=5").await;
+    // Sealed within a couple of seconds.
+    let mut links = 0;
+    for _ in 0..50 {
+        if let Verdict::Intact {
+            links: l,
+            unsealed: 0,
+        } = verify(&app.store).unwrap()
+        {
+            if l >= 6 {
+                links = l;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(links >= 6, "the trail is sealed");
+    let cli = |app: &TestApp| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["audit", "verify"])
+            .env("COURIER_DATA_DIR", app.dir.path())
+            .env("COURIER_DATABASE_URL", &app.database_url)
+            .env(
+                "COURIER_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .env("COURIER_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let out = cli(&app);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact"));
+    // Someone with database access swaps one sealed AuditEvent's stored body for another's (each
+    // a valid ciphertext of its own) — or edits it in any other way.
+    #[derive(diesel::QueryableByName)]
+    struct V {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        vid: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        audit_id: String,
+    }
+    let sealed: Vec<V> = app
+        .store
+        .query(
+            "SELECT vid, audit_id FROM audit_chain ORDER BY seq LIMIT 4",
+            vec![],
+        )
+        .unwrap();
+    let (victim, donor) = (&sealed[2], &sealed[3]);
+    app.store
+        .execute(
+            "UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE vid = ?) WHERE vid = ?",
+            vec![donor.vid.into(), victim.vid.into()],
+        )
+        .unwrap();
+    match verify(&app.store).unwrap() {
+        Verdict::Broken { audit_id, .. } => {
+            assert_eq!(audit_id, victim.audit_id, "the first broken link is named")
+        }
+        other => panic!("verify missed the edit: {other:?}"),
+    }
+    let out = cli(&app);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("BROKEN") && text.contains(&victim.audit_id),
+        "{text}"
+    );
+}

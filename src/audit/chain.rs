@@ -1,0 +1,200 @@
+//! The tamper-evident audit chain.
+//!
+//! The leader seals every stored AuditEvent version, in the order it finds them, into one global
+//! chain: `hash = SHA-256(previous hash | vid | id | key id | SHA-256(ciphertext))`. It hashes the
+//! row exactly as stored (never re-serialised JSON), so any edit of a sealed row, its replacement
+//! by another valid row, or its deletion breaks the chain; `courier audit verify` walks it and
+//! names the first broken link.
+//!
+//! Why global, and why sealed after the fact: a link computed inside each write's transaction
+//! would have to serialise every audited transaction (reads included) across all instances on
+//! PostgreSQL. One sealer off the write path costs the writes nothing; the price is a window of
+//! about a second in which a new row is not yet sealed (verify reports unsealed rows older than a
+//! minute as a failure). On PostgreSQL a transaction may commit a lower row id after a higher one:
+//! the sealer looks back 10,000 rows for late arrivals, and they are sealed where they are found.
+
+use crate::search::dates::now_micros;
+use crate::store::{Store, StoreError};
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::QueryableByName;
+use sha2::{Digest, Sha256};
+
+/// How far back (in row ids) the sealer looks for rows that committed late.
+const LOOK_BACK: i64 = 10_000;
+const GENESIS: &str = "courier-audit-chain-v1";
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = BigInt)]
+    vid: i64,
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    body: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
+struct Link {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = BigInt)]
+    vid: i64,
+    #[diesel(sql_type = Text)]
+    audit_id: String,
+    #[diesel(sql_type = Text)]
+    hash: String,
+}
+
+#[derive(QueryableByName)]
+struct MaxRow {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    n: Option<i64>,
+}
+
+fn link(prev: &str, vid: i64, id: &str, key_id: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(format!("|{vid}|{id}|{key_id}|").as_bytes());
+    h.update(Sha256::digest(body));
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn last_link(store: &Store) -> Result<Option<Link>, StoreError> {
+    Ok(store
+        .query::<Link>(
+            "SELECT seq, vid, audit_id, hash FROM audit_chain ORDER BY seq DESC LIMIT 1",
+            vec![],
+        )?
+        .into_iter()
+        .next())
+}
+
+/// Seals the AuditEvent rows not yet in the chain (at most 5,000 per call). Run by one instance
+/// at a time (the leader). Blocking. Returns how many were sealed.
+pub fn seal(store: &Store) -> Result<usize, StoreError> {
+    let max: Vec<MaxRow> = store.query("SELECT MAX(vid) AS n FROM audit_chain", vec![])?;
+    let from = max.first().and_then(|m| m.n).map_or(0, |m| m - LOOK_BACK);
+    let rows: Vec<Row> = store.query(
+        "SELECT v.vid, r.fhir_id, v.key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid \
+         LEFT JOIN audit_chain c ON c.vid = v.vid \
+         WHERE v.res_type = 'AuditEvent' AND v.vid > ? AND c.vid IS NULL ORDER BY v.vid LIMIT 5000",
+        vec![from.into()],
+    )?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut prev = last_link(store)?.map_or(GENESIS.to_string(), |l| l.hash);
+    let now = now_micros();
+    let mut links = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let hash = link(&prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
+        links.push((r.vid, r.fhir_id.clone(), hash.clone()));
+        prev = hash;
+    }
+    // One transaction for the batch (one commit, not one per AuditEvent).
+    let _writer = store.exclusive_writer();
+    let mut c = store.db.get().map_err(StoreError::Other)?;
+    crate::with_conn!(c, |c| {
+        use crate::store::db::Conn;
+        c.write_tx(|c| -> Result<(), StoreError> {
+            for (vid, id, hash) in &links {
+                c.execute(
+                    "INSERT INTO audit_chain (vid, audit_id, hash, sealed_at) VALUES (?, ?, ?, ?)",
+                    vec![
+                        (*vid).into(),
+                        id.clone().into(),
+                        hash.clone().into(),
+                        now.into(),
+                    ],
+                )?;
+            }
+            Ok(())
+        })
+    })?;
+    Ok(links.len())
+}
+
+/// What `verify` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every link holds; `unsealed` recent rows are not yet in the chain.
+    Intact { links: usize, unsealed: usize },
+    /// The first link that does not hold, and why.
+    Broken {
+        seq: i64,
+        audit_id: String,
+        why: String,
+    },
+}
+
+/// Walks the whole chain from the start. Blocking.
+pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
+    let mut prev = GENESIS.to_string();
+    let mut after = 0i64;
+    let mut links = 0usize;
+    loop {
+        let page: Vec<Link> = store.query(
+            "SELECT seq, vid, audit_id, hash FROM audit_chain WHERE seq > ? ORDER BY seq LIMIT 2000",
+            vec![after.into()],
+        )?;
+        let Some(last) = page.last().map(|l| l.seq) else {
+            break;
+        };
+        for l in page {
+            let rows: Vec<Row> = store.query(
+                "SELECT v.vid, r.fhir_id, v.key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?",
+                vec![l.vid.into()],
+            )?;
+            let Some(r) = rows.into_iter().next() else {
+                return Ok(Verdict::Broken {
+                    seq: l.seq,
+                    audit_id: l.audit_id,
+                    why: "the sealed AuditEvent row is gone".into(),
+                });
+            };
+            if r.fhir_id != l.audit_id {
+                return Ok(Verdict::Broken {
+                    seq: l.seq,
+                    audit_id: l.audit_id,
+                    why: format!("the row now belongs to AuditEvent/{}", r.fhir_id),
+                });
+            }
+            let expect = link(&prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
+            if expect != l.hash {
+                return Ok(Verdict::Broken {
+                    seq: l.seq,
+                    audit_id: l.audit_id,
+                    why: "the row or the chain was changed after it was sealed".into(),
+                });
+            }
+            prev = l.hash;
+            links += 1;
+        }
+        after = last;
+    }
+    // Rows older than a minute that are not in the chain were written around the sealer.
+    let stale: Vec<MaxRow> = store.query(
+        "SELECT COUNT(*) AS n FROM resource_versions v LEFT JOIN audit_chain c ON c.vid = v.vid \
+         WHERE v.res_type = 'AuditEvent' AND c.vid IS NULL AND v.last_updated < ?",
+        vec![(now_micros() - 60_000_000).into()],
+    )?;
+    let stale = stale.first().and_then(|m| m.n).unwrap_or(0);
+    if stale > 0 {
+        return Ok(Verdict::Broken {
+            seq: 0,
+            audit_id: String::new(),
+            why: format!("{stale} AuditEvent rows older than a minute are not in the chain"),
+        });
+    }
+    let fresh: Vec<MaxRow> = store.query(
+        "SELECT COUNT(*) AS n FROM resource_versions v LEFT JOIN audit_chain c ON c.vid = v.vid \
+         WHERE v.res_type = 'AuditEvent' AND c.vid IS NULL",
+        vec![],
+    )?;
+    Ok(Verdict::Intact {
+        links,
+        unsealed: fresh.first().and_then(|m| m.n).unwrap_or(0) as usize,
+    })
+}
