@@ -283,15 +283,7 @@ fn main() -> anyhow::Result<()> {
             let store = open_store(&settings)?;
             let bundle = courier::messaging::export::everything(&store, &patient)?;
             // The export is a disclosure: audited like the API's.
-            let ctx = courier::audit::Context {
-                request_id: uuid::Uuid::new_v4().to_string(),
-                client_address: "courier export (command line)".into(),
-                base_url: store.base_url.clone(),
-                user: None,
-                client_id: None,
-                token_id: None,
-                query: None,
-            };
+            let ctx = courier::audit::Context::job(&store.base_url, "export (command line)");
             let what = format!("Patient/{patient}");
             store.record_audit(courier::audit::event(
                 &ctx,

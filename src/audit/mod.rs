@@ -30,6 +30,20 @@ pub struct Context {
     pub query: Option<String>,
 }
 
+impl Context {
+    /// Courier's own background work (`job`: escalation, scheduler, …) as the acting client
+    /// `courier-{job}`, at address `courier {job}`.
+    pub fn job(base_url: &str, job: &str) -> Context {
+        Context {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            client_address: format!("courier {job}"),
+            base_url: base_url.to_string(),
+            client_id: Some(format!("courier-{job}")),
+            ..Context::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interaction {
     Create,

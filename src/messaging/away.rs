@@ -16,7 +16,7 @@
 use crate::audit;
 use crate::search::dates::{self, format_instant, now_micros};
 use crate::store::{Incoming, Store, StoreError, WriteOp};
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::Text;
 use diesel::QueryableByName;
 use serde_json::{json, Value};
 
@@ -93,49 +93,19 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
     Ok(None)
 }
 
-#[derive(QueryableByName)]
-struct SeqRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-}
-
 fn ctx(store: &Store) -> audit::Context {
-    audit::Context {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_address: "courier out-of-office".into(),
-        base_url: store.base_url.clone(),
-        user: None,
-        client_id: Some("courier-out-of-office".into()),
-        token_id: None,
-        query: None,
-    }
+    audit::Context::job(&store.base_url, "out-of-office")
 }
 
 /// At start: a database that never ran this job answers only messages that arrive from now on
 /// (not its whole history).
 pub fn init(store: &Store) -> Result<(), StoreError> {
-    let last = super::events::last_seq(store)?;
-    store.execute(
-        "INSERT INTO job_cursors (name, seq) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-        vec![CURSOR.into(), last.into()],
-    )?;
-    Ok(())
+    super::events::cursor(store, CURSOR).map(|_| ())
 }
 
 /// One pass over the new messages. Blocking. Returns the automatic messages written.
 pub fn run(store: &Store) -> Result<usize, StoreError> {
-    let cursor: Vec<SeqRow> = store.query(
-        "SELECT seq FROM job_cursors WHERE name = ?",
-        vec![CURSOR.into()],
-    )?;
-    let Some(cursor) = cursor.first().map(|r| r.seq) else {
-        let last = super::events::last_seq(store)?;
-        store.execute(
-            "INSERT INTO job_cursors (name, seq) VALUES (?, ?)",
-            vec![CURSOR.into(), last.into()],
-        )?;
-        return Ok(0);
-    };
+    let cursor = super::events::cursor(store, CURSOR)?;
     let rows = super::events::after(store, cursor, 200)?;
     let Some(last) = rows.last().map(|r| r.seq) else {
         return Ok(0);
@@ -232,9 +202,6 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
             written += n;
         }
     }
-    store.execute(
-        "UPDATE job_cursors SET seq = ? WHERE name = ?",
-        vec![last.into(), CURSOR.into()],
-    )?;
+    super::events::move_cursor(store, CURSOR, last)?;
     Ok(written)
 }

@@ -96,12 +96,6 @@ impl Leader {
 
 // ----- matching -----------------------------------------------------------------------------------
 
-#[derive(QueryableByName)]
-struct SeqRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-}
-
 fn active(store: &Store, channel: Option<&str>) -> Result<Vec<SubRow>, StoreError> {
     let (extra, binds) = match channel {
         Some(c) => (" AND channel = ?", vec![c.into()]),
@@ -116,19 +110,9 @@ fn active(store: &Store, channel: Option<&str>) -> Result<Vec<SubRow>, StoreErro
 /// Numbers the new events of the log for the subscriptions they reach. Returns how many events
 /// were read. Blocking.
 pub fn record_matches(store: &Store, hub: &Hub) -> Result<usize, StoreError> {
-    let cursor: Vec<SeqRow> = store.query(
-        "SELECT seq FROM job_cursors WHERE name = ?",
-        vec![CURSOR.into()],
-    )?;
-    let Some(cursor) = cursor.first().map(|r| r.seq) else {
-        // First run: start at the end of the log (subscriptions hear of what happens from now).
-        let last = super::events::last_seq(store)?;
-        store.execute(
-            "INSERT INTO job_cursors (name, seq) VALUES (?, ?)",
-            vec![CURSOR.into(), last.into()],
-        )?;
-        return Ok(0);
-    };
+    // On its first run the job starts at the end of the log: subscriptions hear of what happens
+    // from now.
+    let cursor = super::events::cursor(store, CURSOR)?;
     let candidates = active(store, None)?;
     // Nothing before the oldest subscription's start concerns anyone: with no subscription,
     // nothing is read (or written) at all.
@@ -481,15 +465,10 @@ pub fn spawn(
 /// delivery (the subscription, the owner's client, how many events and the content level — not
 /// what they were about). Failures are logged, never fatal to delivery.
 fn audit_disclosure(store: &Store, sub: &SubRow, from: i64, to: i64) {
-    let ctx = crate::audit::Context {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_address: "courier subscription delivery".into(),
-        base_url: store.base_url.clone(),
-        user: sub.owner_user.clone(),
-        client_id: Some(sub.owner_client.clone()),
-        token_id: None,
-        query: None,
-    };
+    // The recipient of the disclosure is the owner's client (and user).
+    let mut ctx = crate::audit::Context::job(&store.base_url, "subscription delivery");
+    ctx.user = sub.owner_user.clone();
+    ctx.client_id = Some(sub.owner_client.clone());
     let what = format!("Subscription/{}", sub.id);
     let mut event = crate::audit::event(
         &ctx,

@@ -71,15 +71,7 @@ struct Row {
 }
 
 fn ctx(store: &Store) -> audit::Context {
-    audit::Context {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_address: "courier escalation job".into(),
-        base_url: store.base_url.clone(),
-        user: None,
-        client_id: Some("courier-escalation".into()),
-        token_id: None,
-        query: None,
-    }
+    audit::Context::job(&store.base_url, "escalation")
 }
 
 fn key(store: &Store, res_type: &str, code: &str) -> String {

@@ -123,6 +123,33 @@ struct SeqRow {
     n: i64,
 }
 
+/// A background job's position in the log (`job_cursors`). A job seen for the first time starts
+/// at the end of the log, so it acts on what happens from then on, not on the history.
+pub fn cursor(store: &Store, job: &str) -> Result<i64, StoreError> {
+    let at: Vec<SeqRow> = store.query(
+        "SELECT seq AS n FROM job_cursors WHERE name = ?",
+        vec![job.into()],
+    )?;
+    if let Some(r) = at.first() {
+        return Ok(r.n);
+    }
+    let last = last_seq(store)?;
+    store.execute(
+        "INSERT INTO job_cursors (name, seq) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        vec![job.into(), last.into()],
+    )?;
+    Ok(last)
+}
+
+/// Moves a background job's position in the log.
+pub fn move_cursor(store: &Store, job: &str, seq: i64) -> Result<(), StoreError> {
+    store.execute(
+        "UPDATE job_cursors SET seq = ? WHERE name = ?",
+        vec![seq.into(), job.into()],
+    )?;
+    Ok(())
+}
+
 /// The newest event's seq (0 when there is none).
 pub fn last_seq(store: &Store) -> Result<i64, StoreError> {
     let rows: Vec<SeqRow> = store.query("SELECT COALESCE(MAX(seq), 0) AS n FROM events", vec![])?;

@@ -77,15 +77,7 @@ struct Due {
 }
 
 fn ctx(store: &Store) -> audit::Context {
-    audit::Context {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        client_address: "courier scheduler".into(),
-        base_url: store.base_url.clone(),
-        user: None,
-        client_id: Some("courier-scheduler".into()),
-        token_id: None,
-        query: None,
-    }
+    audit::Context::job(&store.base_url, "scheduler")
 }
 
 /// Claims up to `limit` due sends for `lease` and sends them. Blocking. Returns how many were
