@@ -70,6 +70,16 @@ pub struct Settings {
     /// How long an instance holds a scheduled send it claimed before another may take it over
     /// (`COURIER_SCHEDULER_LEASE_SECS`).
     pub scheduler_lease_secs: i64,
+    /// Previous master keys (base64, comma-separated in `COURIER_PREVIOUS_MASTER_KEYS`): they only
+    /// unwrap data keys until the background re-wrap has moved them all to the current key.
+    pub previous_master_keys: Vec<SecretString>,
+    /// Retention classes (`[[retention]]` tables; `COURIER_RETENTION`, see
+    /// `compliance::retention::parse_env`). Default: appointment notices 730 days, messages and
+    /// attachments 2190 days, the audit trail 2190 days.
+    pub retention: Vec<crate::compliance::retention::RetentionClass>,
+    /// The purge job runs every this many seconds on one instance; 0: only `courier purge`
+    /// (`COURIER_PURGE_INTERVAL_SECS`).
+    pub purge_interval_secs: i64,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -142,6 +152,9 @@ impl Default for Settings {
             escalation_backup: None,
             subscription_private_endpoints: false,
             scheduler_lease_secs: 30,
+            previous_master_keys: vec![],
+            retention: crate::compliance::retention::defaults(),
+            purge_interval_secs: 3600,
         }
     }
 }
@@ -187,6 +200,20 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_MASTER_KEY") {
             self.master_key = Some(v.into());
+        }
+        if let Some(v) = env("COURIER_PREVIOUS_MASTER_KEYS") {
+            self.previous_master_keys = v
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(|k| SecretString::from(k.to_string()))
+                .collect();
+        }
+        if let Some(v) = env("COURIER_RETENTION") {
+            self.retention = crate::compliance::retention::parse_env(&v)?;
+        }
+        if let Some(v) = env("COURIER_PURGE_INTERVAL_SECS") {
+            self.purge_interval_secs = num("COURIER_PURGE_INTERVAL_SECS", v)?;
         }
         if let Some(v) = env("COURIER_MASTER_KEY_FILE") {
             self.master_key_file = Some(v.into());

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod compliance;
 pub mod config;
 pub mod fhir;
 pub mod messaging;

@@ -60,6 +60,37 @@ enum Command {
         #[arg(long)]
         patient: String,
     },
+    /// Destroy what outlived its retention period (see README § Retention): every trace of each
+    /// expired resource, then the data keys that sealed it. The server does this on its own every
+    /// COURIER_PURGE_INTERVAL_SECS on one instance; this runs it now or shows what it would do.
+    #[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "now"])))]
+    Purge {
+        /// Count what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove it now.
+        #[arg(long)]
+        now: bool,
+        /// Judge expiry as of this instant instead of now (RFC 3339), e.g. to preview a date.
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// Erase one patient's messaging data (GDPR Art. 17) with the purge's thoroughness, and
+    /// destroy their data keys. Refused while a legal hold covers them. The audit trail stays.
+    Erase {
+        /// The Courier Patient id.
+        #[arg(long)]
+        patient: String,
+        /// Confirm: erasure cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Legal holds: a patient's or a thread's data is kept past its retention while held.
+    #[command(subcommand)]
+    Hold(HoldCommand),
+    /// Encryption keys at rest: status and rotation.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Manage Courier's own token-signing keys (published at {base}/auth/jwks).
     #[command(subcommand, name = "signing-key")]
     SigningKey(SigningKeyCommand),
@@ -157,6 +188,38 @@ enum AuditCommand {
     /// Check the tamper-evident audit chain from its first link; names the first broken link
     /// (exit status 1) or prints how many links hold.
     Verify,
+}
+
+#[derive(Subcommand)]
+enum HoldCommand {
+    /// Place a hold on Patient/<id> or Communication/<id> (the thread: the message and its parts).
+    Add {
+        target: String,
+        /// Why (a case or matter reference); required.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a hold.
+    Release { target: String },
+    /// List the holds.
+    List,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// The current master key, data keys per master key and class, and whether a previous master
+    /// key can be retired.
+    Status,
+    /// Retire every data key (new writes, on every instance, get new ones; old data stays
+    /// readable). With --master, also make a new master key current in the key file and re-wrap
+    /// every data key under it; the old master key stays in the file, as a previous key, until
+    /// `courier keys status` says no data key needs it.
+    Rotate {
+        #[arg(long)]
+        master: bool,
+    },
+    /// Remove previous master keys that no data key needs any more from the key file.
+    ForgetPrevious,
 }
 
 #[derive(Subcommand)]
@@ -295,6 +358,110 @@ fn main() -> anyhow::Result<()> {
             println!("{bundle}");
             Ok(())
         }
+        Command::Purge { dry_run, now: _, as_of } => {
+            let as_of = match as_of {
+                Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                    .map_err(|e| anyhow::anyhow!("--as-of must be an RFC 3339 instant such as 2027-01-31T00:00:00Z: {e}"))?
+                    .timestamp_micros(),
+                None => courier::search::dates::now_micros(),
+            };
+            let store = open_store(&settings)?;
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} resources ({eta} left)")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(if dry_run { "checking" } else { "purging" });
+            let tick = |done: usize, total: usize| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let summary = courier::compliance::purge::purge(&store, as_of, dry_run, Some(&tick))?;
+            bar.finish_and_clear();
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for (class, n) in &summary.classes {
+                println!("{class:>14}: {verb} {n} resources");
+            }
+            println!("{:>14}: {} resources kept under a legal hold", "held", summary.held);
+            if !dry_run {
+                println!("{:>14}: {} versions, {} data keys destroyed, {} audit-chain links cut, {} outbox rows",
+                    "in all", summary.versions, summary.keys_destroyed, summary.audit_links_cut, summary.outbox_rows);
+            }
+            Ok(())
+        }
+        Command::Erase { patient, yes } => {
+            anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");
+            anyhow::ensure!(yes, "erasure cannot be undone: add --yes to erase Patient/{patient}'s messaging data");
+            let store = open_store(&settings)?;
+            let ctx = courier::audit::Context::job(&store.base_url, "erasure (command line)");
+            let s = courier::compliance::purge::erase_patient(&store, &patient, &ctx)?;
+            println!("erased Patient/{patient}: {} resources, {} versions, {} data keys destroyed",
+                s.resources(), s.versions, s.keys_destroyed);
+            Ok(())
+        }
+        Command::Hold(cmd) => {
+            use courier::compliance::purge::{check_target, list_holds, place_hold, release_hold};
+            let store = open_store(&settings)?;
+            match cmd {
+                HoldCommand::Add { target, reason } => {
+                    check_target(&target).map_err(anyhow::Error::msg)?;
+                    anyhow::ensure!(!reason.trim().is_empty(), "a legal hold needs a reason");
+                    if place_hold(&store, &target, &reason)? {
+                        println!("hold placed on {target}");
+                    } else {
+                        println!("{target} was already on hold");
+                    }
+                }
+                HoldCommand::Release { target } => {
+                    anyhow::ensure!(release_hold(&store, &target)?, "no hold on {target}");
+                    println!("hold on {target} released");
+                }
+                HoldCommand::List => {
+                    for h in list_holds(&store)? {
+                        println!("{}\t{}\t{}", h.target, courier::search::dates::format_instant(h.created_at), h.reason);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Keys(cmd) => {
+            let store = open_store(&settings)?;
+            match cmd {
+                KeysCommand::Status => print_key_status(&store)?,
+                KeysCommand::Rotate { master } => {
+                    if master {
+                        anyhow::ensure!(
+                            settings.master_key.is_none(),
+                            "the master key comes from COURIER_MASTER_KEY: set the new key there and the old one in \
+                             COURIER_PREVIOUS_MASTER_KEYS, restart, and each instance re-wraps the data keys"
+                        );
+                        let file = settings.key_file();
+                        let mut lines = courier::store::crypto::key_file_lines(&file)?;
+                        let new = courier::store::crypto::new_key_base64();
+                        lines.insert(0, new.clone());
+                        courier::store::crypto::rewrite_key_file(&file, &lines)?;
+                        let key = courier::store::crypto::MasterKey::from_base64(&new)?;
+                        println!("new master key {} is current (key file {}); back it up", key.id, file.display());
+                        store.keys.promote(key);
+                    }
+                    let retired = store.retire_data_keys()?;
+                    println!("retired {retired} data keys: new writes get new ones");
+                    let n = store.rewrap_all()?;
+                    println!("re-wrapped {n} data keys under master key {}", store.keys.master_key_id());
+                    print_key_status(&store)?;
+                }
+                KeysCommand::ForgetPrevious => {
+                    anyhow::ensure!(settings.master_key.is_none(), "the master keys come from the environment: remove the key from COURIER_PREVIOUS_MASTER_KEYS");
+                    let status = store.key_status()?;
+                    anyhow::ensure!(status.pending.is_empty(), "data keys still need previous master key(s) {:?}: wait for the re-wrap (`courier keys status`)", status.pending);
+                    let file = settings.key_file();
+                    let lines = courier::store::crypto::key_file_lines(&file)?;
+                    courier::store::crypto::rewrite_key_file(&file, &lines[..1])?;
+                    println!("removed {} previous master key(s) from {}", lines.len() - 1, file.display());
+                }
+            }
+            Ok(())
+        }
         Command::Outbox(OutboxCommand::Status) => {
             let store = open_store(&settings)?;
             let rows = courier::smart::outbox::status(&store)?;
@@ -369,4 +536,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_key_status(store: &courier::store::Store) -> anyhow::Result<()> {
+    let st = store.key_status()?;
+    println!("current master key: {}", st.current_master);
+    println!(
+        "{:<22} {:<14} {:>8} {:>8}",
+        "master key", "class", "active", "retired"
+    );
+    for r in &st.rows {
+        println!(
+            "{:<22} {:<14} {:>8} {:>8}",
+            r.master_key_id, r.class, r.active, r.retired
+        );
+    }
+    for (m, n) in &st.pending {
+        println!(
+            "previous master key {m} still wraps {n} data keys (re-wrap in progress: keep it)"
+        );
+    }
+    for m in &st.retirable {
+        println!("previous master key {m} wraps no data key: it can be retired (`courier keys forget-previous`)");
+    }
+    Ok(())
 }

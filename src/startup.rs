@@ -10,7 +10,7 @@ use crate::fhir::{self, AppState};
 use crate::search::Registry;
 use crate::smart::backend::Connections;
 use crate::smart::discovery::Discovery;
-use crate::store::crypto::MasterKey;
+use crate::store::crypto::{Keyring, MasterKey};
 use crate::store::db::Db;
 use crate::store::Store;
 use actix_web::body::MessageBody;
@@ -42,14 +42,27 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
         settings.db_pool_size,
         &settings.sqlite_synchronous,
     )?;
-    let (master, created) =
-        MasterKey::load_or_create(settings.master_key.as_ref(), &settings.key_file())?;
+    let (master, previous, created) = MasterKey::load_or_create(
+        settings.master_key.as_ref(),
+        &settings.previous_master_keys,
+        &settings.key_file(),
+    )?;
     if created {
         tracing::warn!(path = %settings.key_file().display(), key_id = %master.id,
             "created a new master key (mode 0600); back it up: without it the stored data cannot be read");
     }
     let registry = Arc::new(Registry::load()?);
-    Store::open(db, master, registry, &settings.base_url)
+    let retention = crate::compliance::retention::Policy::new(settings.retention.clone())?;
+    // The key file is re-read on an unknown master key only when it is where the key comes from.
+    let key_file = settings.master_key.is_none().then(|| settings.key_file());
+    Store::open(
+        db,
+        Keyring::with_previous(master, previous),
+        registry,
+        &settings.base_url,
+        retention,
+        key_file,
+    )
 }
 
 impl Application {
@@ -84,9 +97,10 @@ impl Application {
         crate::messaging::dispatch::spawn(
             store.clone(),
             hub.clone(),
-            leader,
+            leader.clone(),
             Arc::new(settings.clone()),
         );
+        crate::compliance::spawn(store.clone(), leader, settings.purge_interval_secs);
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let scheduler = crate::messaging::schedule::spawn(
             store.clone(),

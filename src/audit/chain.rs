@@ -10,7 +10,9 @@
 //! would have to serialise every audited transaction (reads included) across all instances on
 //! PostgreSQL. One sealer off the write path costs the writes nothing; the price is a window of
 //! about a second in which a new row is not yet sealed (verify reports unsealed rows older than a
-//! minute as a failure). On PostgreSQL a transaction may commit a lower row id after a higher one:
+//! minute as a failure). When the retention purge removes the oldest AuditEvents it removes their
+//! links from the start of the chain and keeps the hash of the last one removed as the chain's
+//! anchor (`audit_chain_anchor`); verify starts there. On PostgreSQL a transaction may commit a lower row id after a higher one:
 //! the sealer looks back 10,000 rows for late arrivals, and they are sealed where they are found.
 
 use crate::search::dates::now_micros;
@@ -85,7 +87,18 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut prev = last_link(store)?.map_or(GENESIS.to_string(), |l| l.hash);
+    let mut prev = match last_link(store)? {
+        Some(l) => l.hash,
+        // Every link was cut by the retention purge: the chain goes on from its anchor.
+        None => store
+            .query::<Link>(
+                "SELECT seq, seq AS vid, '' AS audit_id, hash FROM audit_chain_anchor WHERE id = 1",
+                vec![],
+            )?
+            .into_iter()
+            .next()
+            .map_or(GENESIS.to_string(), |a| a.hash),
+    };
     let now = now_micros();
     let mut links = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -131,8 +144,15 @@ pub enum Verdict {
 
 /// Walks the whole chain from the start. Blocking.
 pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
-    let mut prev = GENESIS.to_string();
-    let mut after = 0i64;
+    // After a retention purge the chain starts at its anchor: the hash of the last link removed.
+    let anchor: Vec<Link> = store.query(
+        "SELECT seq, seq AS vid, '' AS audit_id, hash FROM audit_chain_anchor WHERE id = 1",
+        vec![],
+    )?;
+    let (mut prev, mut after) = match anchor.into_iter().next() {
+        Some(a) => (a.hash, a.seq),
+        None => (GENESIS.to_string(), 0i64),
+    };
     let mut links = 0usize;
     loop {
         let page: Vec<Link> = store.query(

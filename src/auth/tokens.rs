@@ -184,8 +184,7 @@ impl Tokens {
             if set.signer.is_none() && row.retired_at.is_none() {
                 let der = self
                     .store
-                    .keys
-                    .open(&row.key_id, &row.private_key, &aad(&row.kid))?;
+                    .open_sealed(&row.key_id, &row.private_key, &aad(&row.kid))?;
                 set.signer = Some((row.kid.clone(), EncodingKey::from_ec_der(&der)));
             }
             set.verifiers

@@ -66,6 +66,12 @@ pub fn capability_statement(state: &AppState) -> Value {
             "security": security(state),
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            // The retention classes in force (CodeSystem retention-class; README § Retention).
+            "extension": state.store.retention.extension(),
+            "operation": [
+                {"name": "erase", "definition": "https://courier.example.org/fhir/OperationDefinition/Patient-erase"},
+                {"name": "legal-hold", "definition": "https://courier.example.org/fhir/OperationDefinition/legal-hold"},
+            ],
         }]
     })
 }

@@ -50,6 +50,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/Patient/{id}/$everything",
             web::get().to(export::patient_everything),
         )
+        .route(
+            "/Patient/{id}/$erase",
+            web::post().to(crate::compliance::api::erase),
+        )
+        .route(
+            "/Patient/{id}/$legal-hold",
+            web::post().to(crate::compliance::api::legal_hold),
+        )
+        .route(
+            "/Communication/{id}/$legal-hold",
+            web::post().to(crate::compliance::api::legal_hold),
+        )
         .route("/subscriptions/ws", web::get().to(dispatch::socket))
         .route("/Subscription", web::post().to(subscriptions::create))
         .route("/Subscription", web::get().to(subscriptions::search))

@@ -120,8 +120,7 @@ impl SubRow {
     /// The stored body with the live status.
     pub fn resource(&self, store: &Store) -> Result<Value, StoreError> {
         let plain = store
-            .keys
-            .open(&self.key_id, &self.body, &aad(&self.id))
+            .open_sealed(&self.key_id, &self.body, &aad(&self.id))
             .map_err(StoreError::Other)?;
         let mut v: Value =
             serde_json::from_slice(&plain).map_err(|e| StoreError::Other(e.into()))?;
@@ -137,8 +136,7 @@ impl SubRow {
     pub fn secret(&self, store: &Store) -> Option<Vec<u8>> {
         let sealed = self.secret.as_ref()?;
         store
-            .keys
-            .open(&self.key_id, sealed, &format!("{}#secret", aad(&self.id)))
+            .open_sealed(&self.key_id, sealed, &format!("{}#secret", aad(&self.id)))
             .ok()
     }
 

@@ -148,6 +148,16 @@ impl Registry {
             .flat_map(|m| m.values())
     }
 
+    /// The index keys of every reference parameter (what points at a resource from elsewhere).
+    pub fn reference_keys(&self) -> Vec<String> {
+        self.by_type
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|p| p.kind == ParamType::Reference)
+            .map(|p| p.key.clone())
+            .collect()
+    }
+
     /// All parameters usable on `res_type`, for the CapabilityStatement.
     pub fn all_for(&self, res_type: &str) -> Vec<&SearchParam> {
         self.common.values().chain(self.indexed(res_type)).collect()

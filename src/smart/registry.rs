@@ -238,9 +238,8 @@ impl Ehr {
 
     /// Courier's signing key for this EHR, unsealed.
     pub fn signing_key(&self, store: &Store) -> anyhow::Result<EncodingKey> {
-        let der = store
-            .keys
-            .open(&self.key_id, &self.private_key, &aad(&self.name, &self.kid))?;
+        let der =
+            store.open_sealed(&self.key_id, &self.private_key, &aad(&self.name, &self.kid))?;
         Ok(keys::encoding_key(self.algorithm(), &der))
     }
 

@@ -314,8 +314,7 @@ async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value,
     let tokens: Value = serde_json::from_slice(
         &state
             .store
-            .keys
-            .open(&row.key_id, &row.ehr_tokens, &aad(&row.handle_hash))
+            .open_sealed(&row.key_id, &row.ehr_tokens, &aad(&row.handle_hash))
             .map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;

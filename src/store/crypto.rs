@@ -38,30 +38,34 @@ impl MasterKey {
     }
 
     /// The configured key, else the key file, else a new key written to the key file with mode 0600.
-    /// Returns the key and whether it was just created.
+    /// A key file holds one base64 key per line: the current key first, then previous keys (kept
+    /// after a rotation until no data key is wrapped by them). `previous` adds configured previous
+    /// keys. Returns the current key, the previous ones, and whether the key was just created.
     pub fn load_or_create(
         configured: Option<&SecretString>,
+        previous: &[SecretString],
         file: &Path,
-    ) -> anyhow::Result<(MasterKey, bool)> {
+    ) -> anyhow::Result<(MasterKey, Vec<MasterKey>, bool)> {
+        let mut prev = previous
+            .iter()
+            .map(|k| MasterKey::from_base64(k.expose_secret()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(k) = configured {
-            return Ok((MasterKey::from_base64(k.expose_secret())?, false));
+            return Ok((MasterKey::from_base64(k.expose_secret())?, prev, false));
         }
         if file.exists() {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                anyhow::anyhow!("cannot read master key file {}: {e}", file.display())
-            })?;
-            return Ok((MasterKey::from_base64(&text)?, false));
+            let (current, mut from_file) = read_key_file(file)?;
+            from_file.append(&mut prev);
+            return Ok((current, from_file, false));
         }
         if let Some(dir) = file.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)?;
             }
         }
-        let mut key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
-        let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        let b64 = new_key_base64();
         write_private(file, &b64)?;
-        Ok((MasterKey::from_base64(&b64)?, true))
+        Ok((MasterKey::from_base64(&b64)?, prev, true))
     }
 
     fn wrap(&self, data_key: &[u8; 32], key_id: &str) -> Vec<u8> {
@@ -79,6 +83,46 @@ impl MasterKey {
             .try_into()
             .map_err(|_| anyhow::anyhow!("data key {key_id} has the wrong length"))
     }
+}
+
+/// A new random master key, base64.
+pub fn new_key_base64() -> String {
+    let mut key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut key);
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// The key file's current key and previous keys.
+pub fn read_key_file(file: &Path) -> anyhow::Result<(MasterKey, Vec<MasterKey>)> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read master key file {}: {e}", file.display()))?;
+    let mut keys = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(MasterKey::from_base64);
+    let current = keys
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("master key file {} is empty", file.display()))??;
+    Ok((current, keys.collect::<anyhow::Result<Vec<_>>>()?))
+}
+
+/// Rewrites the key file with `lines` (base64 keys, current first), atomically and mode 0600.
+pub fn rewrite_key_file(file: &Path, lines: &[String]) -> anyhow::Result<()> {
+    let tmp = file.with_extension("key.new");
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &(lines.join("\n") + "\n"))?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
+/// The key file's lines (base64 keys), current first.
+pub fn key_file_lines(file: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(std::fs::read_to_string(file)?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
 }
 
 #[cfg(unix)]
@@ -106,39 +150,97 @@ pub struct WrappedKey {
     pub wrapped: Vec<u8>,
 }
 
-/// The unwrapped data keys in memory, and which one seals new writes.
+/// At most this many unwrapped data keys are kept in memory; beyond it the cache starts over (keys
+/// are scoped per patient and month, so a large store has many; each is unwrapped again on use).
+const CACHE_MAX: usize = 50_000;
+
+/// The master keys (the current one wraps new data keys; previous ones still unwrap what they
+/// wrapped until the background re-wrap is done), the unwrapped data keys in memory, and the
+/// system key that seals Courier's own secrets.
 pub struct Keyring {
-    master: MasterKey,
+    masters: parking_lot::RwLock<Vec<MasterKey>>,
     keys: parking_lot::RwLock<HashMap<String, Aes256Gcm>>,
     active: parking_lot::RwLock<String>,
 }
 
 impl Keyring {
     pub fn new(master: MasterKey) -> Keyring {
+        Keyring::with_previous(master, vec![])
+    }
+
+    /// `current` wraps new data keys; `previous` master keys only unwrap.
+    pub fn with_previous(current: MasterKey, previous: Vec<MasterKey>) -> Keyring {
+        let mut masters = vec![current];
+        for p in previous {
+            if !masters.iter().any(|m| m.id == p.id) {
+                masters.push(p);
+            }
+        }
         Keyring {
-            master,
+            masters: parking_lot::RwLock::new(masters),
             keys: Default::default(),
             active: Default::default(),
         }
     }
 
-    pub fn master_key_id(&self) -> &str {
-        &self.master.id
+    pub fn master_key_id(&self) -> String {
+        self.masters.read()[0].id.clone()
     }
 
-    /// Makes a new random data key, returns it wrapped for storage; it becomes active on `install`.
+    /// Every master key id known here, the current one first.
+    pub fn master_key_ids(&self) -> Vec<String> {
+        self.masters.read().iter().map(|m| m.id.clone()).collect()
+    }
+
+    /// Makes `master` the current master key (the one before stays, to unwrap).
+    pub fn promote(&self, master: MasterKey) {
+        let mut ms = self.masters.write();
+        ms.retain(|m| m.id != master.id);
+        ms.insert(0, master);
+    }
+
+    /// Learns another previous master key (unwrap only).
+    pub fn add_previous(&self, master: MasterKey) {
+        let mut ms = self.masters.write();
+        if !ms.iter().any(|m| m.id == master.id) {
+            ms.push(master);
+        }
+    }
+
+    /// Makes a new random data key, wrapped by the current master key for storage.
     pub fn generate(&self) -> WrappedKey {
         let mut dk = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut dk);
         let key_id = format!("dk-{}", uuid::Uuid::now_v7().simple());
-        let wrapped = self.master.wrap(&dk, &key_id);
+        let wrapped = self.masters.read()[0].wrap(&dk, &key_id);
         WrappedKey { key_id, wrapped }
     }
 
-    /// Unwraps a stored data key into memory; `active` makes it the key for new writes.
-    pub fn install(&self, key: &WrappedKey, active: bool) -> anyhow::Result<()> {
-        let dk = self.master.unwrap(&key.wrapped, &key.key_id)?;
-        self.keys.write().insert(
+    /// Unwraps a stored data key (wrapped by master `master_key_id`) into memory; `active` makes it
+    /// the system key (see [`Keyring::seal`]).
+    pub fn install(
+        &self,
+        key: &WrappedKey,
+        master_key_id: &str,
+        active: bool,
+    ) -> anyhow::Result<()> {
+        let dk = {
+            let ms = self.masters.read();
+            let m = ms.iter().find(|m| m.id == master_key_id).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data key {} is wrapped by master key {master_key_id}, which is not configured (configured: {})",
+                    key.key_id,
+                    ms.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            m.unwrap(&key.wrapped, &key.key_id)?
+        };
+        let mut keys = self.keys.write();
+        if keys.len() >= CACHE_MAX {
+            let keep = self.active.read().clone();
+            keys.retain(|k, _| *k == keep);
+        }
+        keys.insert(
             key.key_id.clone(),
             Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dk)),
         );
@@ -148,14 +250,46 @@ impl Keyring {
         Ok(())
     }
 
-    /// Seals `plain` under the active data key; returns `(key_id, nonce || ciphertext)`.
+    /// The data key wrapped again by the current master key (key rotation).
+    pub fn rewrap(&self, key_id: &str, from: &str, wrapped: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let ms = self.masters.read();
+        let old = ms
+            .iter()
+            .find(|m| m.id == from)
+            .ok_or_else(|| anyhow::anyhow!("master key {from} is not configured"))?;
+        let dk = old.unwrap(wrapped, key_id)?;
+        Ok(ms[0].wrap(&dk, key_id))
+    }
+
+    pub fn has(&self, key_id: &str) -> bool {
+        self.keys.read().contains_key(key_id)
+    }
+
+    /// Drops a destroyed data key from memory.
+    pub fn forget(&self, key_id: &str) {
+        self.keys.write().remove(key_id);
+    }
+
+    pub fn active_key_id(&self) -> String {
+        self.active.read().clone()
+    }
+
+    /// Seals `plain` under the system key; returns `(key_id, nonce || ciphertext)`.
     pub fn seal(&self, plain: &[u8], aad: &str) -> (String, Vec<u8>) {
         let key_id = self.active.read().clone();
+        let sealed = self
+            .seal_with(&key_id, plain, aad)
+            .expect("the system data key is installed at start-up");
+        (key_id, sealed)
+    }
+
+    /// Seals `plain` under the (installed) data key `key_id`.
+    pub fn seal_with(&self, key_id: &str, plain: &[u8], aad: &str) -> anyhow::Result<Vec<u8>> {
         let keys = self.keys.read();
         let cipher = keys
-            .get(&key_id)
-            .expect("an active data key is installed at start-up");
-        (key_id, seal(cipher, plain, aad.as_bytes()))
+            .get(key_id)
+            .ok_or_else(|| anyhow::anyhow!("data key {key_id} is not available"))?;
+        Ok(seal(cipher, plain, aad.as_bytes()))
     }
 
     pub fn open(&self, key_id: &str, sealed: &[u8], aad: &str) -> anyhow::Result<Vec<u8>> {
@@ -203,7 +337,7 @@ mod tests {
                 .unwrap();
         let ring = Keyring::new(mk);
         let k = ring.generate();
-        ring.install(&k, true).unwrap();
+        ring.install(&k, &ring.master_key_id(), true).unwrap();
         let (kid, sealed) = ring.seal(b"secret text", "Communication/1/1");
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(
@@ -224,7 +358,8 @@ mod tests {
                 .unwrap(),
         );
         let k = a.generate();
-        assert!(b.install(&k, true).is_err());
+        assert!(b.install(&k, &a.master_key_id(), true).is_err());
+        assert!(b.install(&k, &b.master_key_id(), true).is_err());
         assert_ne!(a.master_key_id(), b.master_key_id());
     }
 }

@@ -300,9 +300,11 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         // WAL is set once on the file before the pool exists (setting it per connection gave
         // "database is locked"); here only per-connection settings.
+        // secure_delete: freed content is zeroed, so a purge or erasure leaves no trace of the
+        // removed ids in the file's free pages (tests/api/retention.rs scans the raw files).
         let sync = SQLITE_SYNC.get().map(String::as_str).unwrap_or("FULL");
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA mmap_size = 17179869184;"
+            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA mmap_size = 17179869184;"
         ))
         .map_err(diesel::r2d2::Error::QueryError)
     }

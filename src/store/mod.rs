@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod db;
+pub mod keys;
 pub mod rows;
 
 use crate::audit::{self, Interaction};
@@ -10,7 +11,7 @@ use crate::search::index::{self, Entry};
 use crate::search::query::{Condition, Include, SearchRequest, Total};
 use crate::search::{dates, sql, Registry};
 use crate::with_conn;
-use crypto::{Keyring, MasterKey, WrappedKey};
+use crypto::Keyring;
 use db::{Bind, Conn, Db};
 use fhir_codec::Issue;
 use rows::*;
@@ -309,6 +310,10 @@ pub struct Store {
     pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
+    /// The retention classes: each version's class scopes its data key.
+    pub retention: crate::compliance::retention::Policy,
+    /// The master key file, re-read when a data key is wrapped by a master key not known here.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -341,66 +346,25 @@ impl Store {
     /// Connects, migrates and loads the data keys (creating the first one on a new database).
     pub fn open(
         db: Db,
-        master: MasterKey,
+        keys: Keyring,
         registry: Arc<Registry>,
         base_url: &str,
+        retention: crate::compliance::retention::Policy,
+        key_file: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Store> {
         let store = Store {
             db,
-            keys: Keyring::new(master),
+            keys,
             registry,
             base_url: base_url.to_string(),
             sqlite_writer: parking_lot::Mutex::new(()),
             pending: parking_lot::Mutex::new(Vec::new()),
             changed: Arc::new(tokio::sync::Notify::new()),
+            retention,
+            key_file,
         };
         store.load_keys()?;
         Ok(store)
-    }
-
-    fn load_keys(&self) -> anyhow::Result<()> {
-        let mut c = self.db.get()?;
-        let rows: Vec<KeyRow> = with_conn!(c, |c| {
-            c.load(
-            "SELECT key_id, master_key_id, wrapped FROM data_keys ORDER BY created_at ASC, key_id ASC",
-            vec![]
-        )
-        })?;
-        let mine: Vec<&KeyRow> = rows
-            .iter()
-            .filter(|r| r.master_key_id == self.keys.master_key_id())
-            .collect();
-        if !rows.is_empty() && mine.is_empty() {
-            anyhow::bail!(
-                "the database's data keys are wrapped by master key(s) {:?}, but the configured master key is {}: \
-                 configure the key this database was created with",
-                rows.iter().map(|r| r.master_key_id.as_str()).collect::<HashSet<_>>(),
-                self.keys.master_key_id()
-            );
-        }
-        for (i, r) in mine.iter().enumerate() {
-            let k = WrappedKey {
-                key_id: r.key_id.clone(),
-                wrapped: r.wrapped.clone(),
-            };
-            self.keys.install(&k, i + 1 == mine.len())?;
-        }
-        if mine.is_empty() {
-            let k = self.keys.generate();
-            with_conn!(c, |c| {
-                c.execute(
-                "INSERT INTO data_keys (key_id, master_key_id, wrapped, created_at) VALUES (?, ?, ?, ?)",
-                vec![
-                    k.key_id.clone().into(),
-                    self.keys.master_key_id().into(),
-                    k.wrapped.clone().into(),
-                    dates::now_micros().into()
-                ]
-            )
-            })?;
-            self.keys.install(&k, true)?;
-        }
-        Ok(())
     }
 
     /// One statement on a pooled connection, outside the resource write path: for the
@@ -795,7 +759,7 @@ impl Store {
         let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
         let rows: Vec<HeadRow> = c.load_cached(
             &format!(
-                "SELECT rid, fhir_id, version_id, last_updated, deleted FROM resources WHERE res_type = ? AND fhir_id = ?{lock}"
+                "SELECT rid, fhir_id, version_id, last_updated, deleted, retention_class FROM resources WHERE res_type = ? AND fhir_id = ?{lock}"
             ),
             vec![res_type.into(), id.into()],
         )?;
@@ -818,12 +782,32 @@ impl Store {
         let deleted = resource.is_none();
         let body = resource.map(|r| compose(res_type, id, version_id, last_updated, r));
         let aad = format!("{res_type}/{id}/{version_id}");
-        let (key_id, sealed) = self.keys.seal(body.as_deref().unwrap_or_default(), &aad);
+        // The data key of the version's scope: retention class, patient, write window.
+        let (class, patient) = match resource {
+            Some(r) => {
+                let class = self.retention.class_of(res_type, &r.value).to_string();
+                let patient = if class == crate::compliance::retention::SYSTEM {
+                    String::new()
+                } else {
+                    scope_patient(res_type, &r.value).unwrap_or_default()
+                };
+                (class, patient)
+            }
+            None => (
+                prior.map_or_else(|| "system".to_string(), |h| h.retention_class.clone()),
+                String::new(),
+            ),
+        };
+        let key_id = self.scoped_key(c, &class, &patient, last_updated)?;
+        let sealed = self
+            .keys
+            .seal_with(&key_id, body.as_deref().unwrap_or_default(), &aad)
+            .map_err(StoreError::Other)?;
         let rid = match prior {
             Some(h) => {
                 c.execute(
-                    "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ? WHERE rid = ?",
-                    vec![version_id.into(), last_updated.into(), (deleted as i64).into(), h.rid.into()],
+                    "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ?, retention_class = ? WHERE rid = ?",
+                    vec![version_id.into(), last_updated.into(), (deleted as i64).into(), class.clone().into(), h.rid.into()],
                 )?;
                 for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
                     c.execute(
@@ -835,8 +819,8 @@ impl Store {
             }
             None => {
                 let rows: Vec<RidRow> = c.load_cached(
-                    "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted) VALUES (?, ?, ?, ?, ?) RETURNING rid",
-                    vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into()],
+                    "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted, retention_class) VALUES (?, ?, ?, ?, ?, ?) RETURNING rid",
+                    vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into(), class.into()],
                 )?;
                 rows[0].rid
             }
@@ -925,7 +909,7 @@ impl Store {
             None
         } else {
             let aad = format!("{}/{}/{}", row.res_type, row.fhir_id, row.version_id);
-            Some(self.keys.open(&row.key_id, &row.body, &aad)?)
+            Some(self.open_sealed(&row.key_id, &row.body, &aad)?)
         };
         Ok(Stored {
             res_type: row.res_type,
@@ -1185,7 +1169,9 @@ impl Store {
         let queries = [
             ("resources", "SELECT COUNT(*) AS n FROM resources WHERE res_type <> 'AuditEvent'".to_string()),
             ("resource_versions", "SELECT COUNT(*) AS n FROM resource_versions WHERE res_type <> 'AuditEvent'".to_string()),
-            ("data_keys", "SELECT COUNT(*) AS n FROM data_keys".to_string()),
+            // The audit trail's keys aside: a refused request is audited, and its first AuditEvent
+            // of the month makes that month's audit key.
+            ("data_keys", "SELECT COUNT(*) AS n FROM data_keys WHERE class <> 'audit'".to_string()),
         ]
         .into_iter()
         .chain(["idx_token", "idx_ref", "idx_date", "idx_string"].into_iter().map(|t| {
@@ -1281,6 +1267,20 @@ fn multi_insert<C: Conn>(
 
 /// The stored JSON: `resourceType`, `id`, `meta` (with `versionId`/`lastUpdated` set, the client's
 /// profile/tag/security kept), then every other member exactly as received.
+/// The patient whose data key seals a resource: a message's patient (subject, sender, recipient),
+/// a Binary's `securityContext` patient. AuditEvents are sealed per month, not per patient: the
+/// audit trail outlives an erasure (its own retention, GDPR Art. 17(3)(b)).
+fn scope_patient(res_type: &str, value: &Value) -> Option<String> {
+    match res_type {
+        "AuditEvent" => None,
+        "Binary" => value["securityContext"]["reference"]
+            .as_str()
+            .filter(|r| r.starts_with("Patient/"))
+            .map(String::from),
+        _ => audit::patient_of(value),
+    }
+}
+
 fn compose(res_type: &str, id: &str, version_id: i64, last_updated: i64, r: &Incoming) -> Vec<u8> {
     let mut meta = serde_json::Map::new();
     meta.insert("versionId".into(), Value::String(version_id.to_string()));

@@ -15,6 +15,8 @@ pub struct HeadRow {
     pub last_updated: i64,
     #[diesel(sql_type = BigInt)]
     pub deleted: i64,
+    #[diesel(sql_type = Text)]
+    pub retention_class: String,
 }
 
 #[derive(Debug, Clone, QueryableByName)]
@@ -69,4 +71,13 @@ pub struct KeyRow {
     pub master_key_id: String,
     #[diesel(sql_type = Binary)]
     pub wrapped: Vec<u8>,
+}
+
+impl KeyRow {
+    pub fn wrapped_key(&self) -> super::crypto::WrappedKey {
+        super::crypto::WrappedKey {
+            key_id: self.key_id.clone(),
+            wrapped: self.wrapped.clone(),
+        }
+    }
 }

@@ -13,6 +13,7 @@ mod ehr;
 mod export;
 mod messaging;
 mod operability;
+mod retention;
 mod schedule;
 mod search;
 mod strict;

@@ -1,0 +1,11 @@
+DROP TABLE audit_chain_anchor;
+DROP TABLE legal_holds;
+DROP INDEX resources_retention;
+ALTER TABLE resources DROP COLUMN retention_class;
+DROP INDEX resource_versions_key;
+DROP INDEX events_resource;
+DROP INDEX data_keys_scope;
+ALTER TABLE data_keys DROP COLUMN retired_at;
+ALTER TABLE data_keys DROP COLUMN window_end;
+ALTER TABLE data_keys DROP COLUMN patient;
+ALTER TABLE data_keys DROP COLUMN class;

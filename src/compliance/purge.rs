@@ -1,0 +1,832 @@
+//! Secure deletion: the retention purge, a patient's erasure, and legal holds.
+//!
+//! Both remove a resource with every trace Courier keeps of it: all versions, its search-index
+//! rows, the index rows of other resources that point at it (replies, AuditEvents), its event-log
+//! rows and the subscription notifications that name them, its receipts, escalation state and
+//! escalation requests, out-of-office marks and schedule rows, and the Binaries it attaches that
+//! nothing else attaches. Then the data keys whose data is all gone are destroyed (crypto-erase:
+//! copies in backups, WAL and free pages become unreadable). On SQLite `secure_delete` zeroes the
+//! freed content and the WAL is checkpointed and truncated, so the database files hold no trace.
+//!
+//! The purge runs by class: a resource whose last change is older than its class's period goes,
+//! unless a legal hold covers it (its patient, or its thread). The audit trail is purged from the
+//! start of the chain (`audit::chain` keeps the hash of the last link removed as its new anchor).
+//! Each run is itself audited: per class, how many, never what.
+
+use crate::audit::{self, Interaction};
+use crate::compliance::retention::AUDIT;
+use crate::search::dates::now_micros;
+use crate::store::db::{Bind, Conn, Db};
+use crate::store::{Store, StoreError};
+use crate::with_conn;
+use diesel::sql_types::{BigInt, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+
+/// Runs the block in one write transaction (queued behind the write path on SQLite).
+macro_rules! in_write_tx {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        let _writer = $store.exclusive_writer();
+        let mut pooled = $store.db.get().map_err(StoreError::from)?;
+        with_conn!(pooled, |$c| $c.write_tx(|$c| $body))
+    }};
+}
+
+/// Resources erased per transaction.
+const BATCH: usize = 200;
+/// Delivered outbox rows are kept this long (they only name AuditEvents already at the EHR).
+const OUTBOX_KEEP_MICROS: i64 = 30 * 86_400 * 1_000_000;
+/// The compartment parameters that make a message a patient's (as the access policy has them).
+const PATIENT_PARAMS: [&str; 8] = [
+    "Communication.subject",
+    "Communication.patient",
+    "Communication.sender",
+    "Communication.recipient",
+    "CommunicationRequest.subject",
+    "CommunicationRequest.patient",
+    "CommunicationRequest.requester",
+    "CommunicationRequest.recipient",
+];
+
+#[derive(QueryableByName, Debug, Clone)]
+struct Target {
+    #[diesel(sql_type = BigInt)]
+    rid: i64,
+    #[diesel(sql_type = Text)]
+    res_type: String,
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+}
+
+#[derive(QueryableByName)]
+struct RidRow {
+    #[diesel(sql_type = BigInt)]
+    rid: i64,
+}
+
+#[derive(QueryableByName)]
+struct LinkRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = BigInt)]
+    rid: i64,
+    #[diesel(sql_type = Text)]
+    audit_id: String,
+    #[diesel(sql_type = Text)]
+    hash: String,
+    #[diesel(sql_type = BigInt)]
+    last_updated: i64,
+}
+
+/// A legal hold.
+#[derive(QueryableByName, Debug, Clone, serde::Serialize)]
+pub struct Hold {
+    #[diesel(sql_type = Text)]
+    pub target: String,
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    #[diesel(sql_type = BigInt)]
+    pub created_at: i64,
+}
+
+/// What a purge or an erasure removed (or, in a dry run, would remove).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Per retention class: resources removed.
+    pub classes: BTreeMap<String, usize>,
+    /// Resources of those classes kept because a legal hold covers them.
+    pub held: usize,
+    pub versions: usize,
+    pub keys_destroyed: usize,
+    pub audit_links_cut: usize,
+    pub outbox_rows: usize,
+    pub dry_run: bool,
+}
+
+impl Summary {
+    pub fn resources(&self) -> usize {
+        self.classes.values().sum()
+    }
+}
+
+/// Progress of a purge: `(done, total)` resources.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+fn held_patient(target: &str) -> Option<&str> {
+    target.strip_prefix("Patient/")
+}
+
+// ----- legal holds ------------------------------------------------------------------------------
+
+/// A hold target is `Patient/<id>` or `Communication/<id>` (a thread: the message and what is
+/// `partOf` it).
+pub fn check_target(target: &str) -> Result<(), String> {
+    match target.split_once('/') {
+        Some(("Patient" | "Communication", id)) if fhir_codec::is_valid_id(id) => Ok(()),
+        _ => Err(format!(
+            "a legal hold is on Patient/<id> or Communication/<id> (a thread), not '{target}'"
+        )),
+    }
+}
+
+/// Places a hold; false if it was already there. The caller checks the target and reason first.
+pub fn place_hold(store: &Store, target: &str, reason: &str) -> Result<bool, StoreError> {
+    let exists = !list_holds(store)?.iter().any(|h| h.target == target);
+    if exists {
+        store.execute(
+            "INSERT INTO legal_holds (target, reason, created_at) VALUES (?, ?, ?)",
+            vec![target.into(), reason.into(), now_micros().into()],
+        )?;
+    }
+    Ok(exists)
+}
+
+pub fn release_hold(store: &Store, target: &str) -> Result<bool, StoreError> {
+    Ok(store.execute(
+        "DELETE FROM legal_holds WHERE target = ?",
+        vec![target.into()],
+    )? > 0)
+}
+
+pub fn list_holds(store: &Store) -> Result<Vec<Hold>, StoreError> {
+    store.query(
+        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
+        vec![],
+    )
+}
+
+/// The resources (row ids) a set of holds covers: a patient's compartment (and the Binaries its
+/// messages attach, which stay referenced), a thread's root and its parts.
+fn held_rids<C: Conn>(c: &mut C, holds: &[Hold]) -> Result<HashSet<i64>, StoreError> {
+    let mut out = HashSet::new();
+    for h in holds {
+        if let Some(p) = held_patient(&h.target) {
+            out.extend(compartment_rids(c, p)?);
+        } else if let Some(id) = h.target.strip_prefix("Communication/") {
+            let rows: Vec<RidRow> = c.load(
+                "SELECT rid FROM resources WHERE res_type = 'Communication' AND fhir_id = ? \
+                 UNION SELECT rid FROM idx_ref WHERE param = 'Communication.part-of' AND target_type = 'Communication' AND target_id = ?",
+                vec![id.into(), id.into()],
+            )?;
+            out.extend(rows.into_iter().map(|r| r.rid));
+        }
+    }
+    Ok(out)
+}
+
+/// The messages in a patient's compartment, and everything sealed under the patient's keys.
+fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, StoreError> {
+    let marks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
+    let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| (*p).into()).collect();
+    binds.push(patient.into());
+    binds.push(format!("Patient/{patient}").into());
+    let rows: Vec<RidRow> = c.load(
+        &format!(
+            "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = 'Patient' AND target_id = ? \
+             UNION SELECT v.rid FROM resource_versions v JOIN data_keys k ON k.key_id = v.key_id WHERE k.patient = ?"
+        ),
+        binds,
+    )?;
+    Ok(rows.into_iter().map(|r| r.rid).collect())
+}
+
+// ----- erasing resources ------------------------------------------------------------------------
+
+/// Removes `targets` with every trace, inside the caller's transaction. Returns the number of
+/// versions removed. Binaries the targets attach are returned for the caller to consider.
+fn erase<C: Conn>(
+    store: &Store,
+    c: &mut C,
+    targets: &[Target],
+    ref_keys: &[String],
+) -> Result<usize, StoreError> {
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let rids: Vec<Bind> = targets.iter().map(|t| Bind::Int(t.rid)).collect();
+    let rid_marks = vec!["?"; targets.len()].join(", ");
+    let by_type = {
+        let mut m: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for t in targets {
+            m.entry(&t.res_type).or_default().push(&t.fhir_id);
+        }
+        m
+    };
+    let versions = c.load::<Count>(
+        &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
+        rids.clone(),
+    )?[0]
+        .n as usize;
+    let key_marks = vec!["?"; ref_keys.len()].join(", ");
+    for (res_type, ids) in &by_type {
+        let id_marks = vec!["?"; ids.len()].join(", ");
+        let id_binds = || ids.iter().map(|i| Bind::from(*i)).collect::<Vec<_>>();
+        // Index rows of other resources that point at these (replies, AuditEvents, requests).
+        let mut binds: Vec<Bind> = ref_keys.iter().map(|k| k.clone().into()).collect();
+        binds.push((*res_type).into());
+        binds.extend(id_binds());
+        c.execute(
+            &format!("DELETE FROM idx_ref WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
+            binds,
+        )?;
+        // The event log and the subscription notifications numbered from it.
+        let mut binds: Vec<Bind> = vec![(*res_type).into()];
+        binds.extend(id_binds());
+        c.execute(
+            &format!("DELETE FROM subscription_events WHERE event_seq IN (SELECT seq FROM events WHERE res_type = ? AND fhir_id IN ({id_marks}))"),
+            binds.clone(),
+        )?;
+        c.execute(
+            &format!("DELETE FROM events WHERE res_type = ? AND fhir_id IN ({id_marks})"),
+            binds,
+        )?;
+        match *res_type {
+            "Communication" => {
+                for t in ["receipts", "escalations", "away_handled"] {
+                    c.execute(
+                        &format!("DELETE FROM {t} WHERE comm_id IN ({id_marks})"),
+                        id_binds(),
+                    )?;
+                }
+                c.execute(
+                    &format!("UPDATE schedules SET communication_id = NULL WHERE communication_id IN ({id_marks})"),
+                    id_binds(),
+                )?;
+            }
+            "CommunicationRequest" => {
+                c.execute(
+                    &format!("DELETE FROM schedules WHERE request_id IN ({id_marks})"),
+                    id_binds(),
+                )?;
+                c.execute(
+                    &format!("DELETE FROM escalations WHERE request_id IN ({id_marks})"),
+                    id_binds(),
+                )?;
+            }
+            "AuditEvent" => {
+                c.execute(
+                    &format!("DELETE FROM outbox WHERE res_type = 'AuditEvent' AND res_id IN ({id_marks})"),
+                    id_binds(),
+                )?;
+            }
+            _ => {}
+        }
+    }
+    for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
+        c.execute(
+            &format!("DELETE FROM {t} WHERE rid IN ({rid_marks})"),
+            rids.clone(),
+        )?;
+    }
+    c.execute(
+        &format!("DELETE FROM resource_versions WHERE rid IN ({rid_marks})"),
+        rids.clone(),
+    )?;
+    c.execute(
+        &format!("DELETE FROM resources WHERE rid IN ({rid_marks})"),
+        rids,
+    )?;
+    let _ = store;
+    Ok(versions)
+}
+
+/// The escalation requests about `comms` (they exist only for those messages): erased with them.
+fn escalation_requests<C: Conn>(c: &mut C, comms: &[&str]) -> Result<Vec<Target>, StoreError> {
+    if comms.is_empty() {
+        return Ok(vec![]);
+    }
+    let marks = vec!["?"; comms.len()].join(", ");
+    Ok(c.load(
+        &format!(
+            "SELECT r.rid, r.res_type, r.fhir_id FROM resources r WHERE r.res_type = 'CommunicationRequest' \
+             AND r.fhir_id IN (SELECT request_id FROM escalations WHERE comm_id IN ({marks}))"
+        ),
+        comms.iter().map(|c| Bind::from(*c)).collect(),
+    )?)
+}
+
+/// The Binaries `messages` attach (by local reference).
+fn attached_binaries<C: Conn>(
+    c: &mut C,
+    base: &str,
+    messages: &[i64],
+) -> Result<Vec<String>, StoreError> {
+    if messages.is_empty() {
+        return Ok(vec![]);
+    }
+    let marks = vec!["?"; messages.len()].join(", ");
+    let rows: Vec<IdRow> = c.load(
+        &format!("SELECT code AS id FROM idx_token WHERE param = 'Communication.attachment' AND rid IN ({marks})"),
+        messages.iter().map(|r| Bind::Int(*r)).collect(),
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            crate::messaging::hub::local_ref(&r.id, base)
+                .strip_prefix("Binary/")
+                .map(String::from)
+        })
+        .collect())
+}
+
+/// Is Binary `id` attached to a message still stored?
+fn binary_attached<C: Conn>(c: &mut C, base: &str, id: &str) -> Result<bool, StoreError> {
+    let rows: Vec<RidRow> = c.load(
+        "SELECT rid FROM idx_token WHERE param = 'Communication.attachment' AND code IN (?, ?) LIMIT 1",
+        vec![format!("Binary/{id}").into(), format!("{base}/Binary/{id}").into()],
+    )?;
+    Ok(!rows.is_empty())
+}
+
+fn binary_target<C: Conn>(c: &mut C, id: &str) -> Result<Option<Target>, StoreError> {
+    Ok(c.load::<Target>(
+        "SELECT rid, res_type, fhir_id FROM resources WHERE res_type = 'Binary' AND fhir_id = ?",
+        vec![id.into()],
+    )?
+    .into_iter()
+    .next())
+}
+
+/// Destroys the data keys of the given rows' scopes whose data is all gone and whose write window
+/// closed before `closed_before`.
+fn destroy_keys<C: Conn>(
+    store: &Store,
+    c: &mut C,
+    class: &str,
+    closed_before: i64,
+) -> Result<usize, StoreError> {
+    let keys: Vec<IdRow> = c.load(
+        "SELECT key_id AS id FROM data_keys WHERE class = ? AND window_end <= ?",
+        vec![class.into(), closed_before.into()],
+    )?;
+    let mut n = 0;
+    for k in keys {
+        if store.destroy_key_if_unused(c, &k.id)? {
+            store.keys.forget(&k.id);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+// ----- the purge --------------------------------------------------------------------------------
+
+/// Removes what expired as of `as_of` (microseconds; the real clock outside tests). A dry run
+/// counts without changing anything.
+pub fn purge(
+    store: &Store,
+    as_of: i64,
+    dry_run: bool,
+    progress: Option<Progress>,
+) -> Result<Summary, StoreError> {
+    let holds = list_holds(store)?;
+    let ref_keys = store.registry.reference_keys();
+    let base = store.base_url.clone();
+    let held: HashSet<i64> = {
+        let mut c = store.db.get()?;
+        with_conn!(c, |c| held_rids(c, &holds))?
+    };
+    let mut summary = Summary {
+        dry_run,
+        ..Default::default()
+    };
+    // Every class with a period except the audit trail (last: it records this purge's reads).
+    let classes: Vec<(String, i64)> = store
+        .retention
+        .classes
+        .iter()
+        .filter(|c| c.class != AUDIT)
+        .filter_map(|c| {
+            store
+                .retention
+                .period(&c.class)
+                .map(|p| (c.class.clone(), p))
+        })
+        .collect();
+    let mut total = 0usize;
+    for (class, period) in &classes {
+        let n = store.query::<Count>(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE retention_class = ? AND last_updated < ?",
+            vec![class.clone().into(), (as_of - period).into()],
+        )?[0]
+            .n;
+        total += n as usize;
+    }
+    let mut done = 0usize;
+    for (class, period) in &classes {
+        let cutoff = as_of - period;
+        let mut after = 0i64;
+        let mut removed = 0usize;
+        loop {
+            let page: Vec<Target> = store.query(
+                "SELECT rid, res_type, fhir_id FROM resources WHERE retention_class = ? AND last_updated < ? AND rid > ? \
+                 ORDER BY rid LIMIT ?",
+                vec![class.clone().into(), cutoff.into(), after.into(), (BATCH as i64).into()],
+            )?;
+            let Some(last) = page.last() else { break };
+            after = last.rid;
+            done += page.len();
+            let (keep, go): (Vec<Target>, Vec<Target>) =
+                page.into_iter().partition(|t| held.contains(&t.rid));
+            summary.held += keep.len();
+            // Binaries go last, and only when nothing still stored attaches them.
+            let (binaries, go): (Vec<Target>, Vec<Target>) =
+                go.into_iter().partition(|t| t.res_type == "Binary");
+            if dry_run {
+                removed += go.len() + binaries.len();
+            } else {
+                let (n, v) = in_write_tx!(store, |c| {
+                    let comms: Vec<&str> = go
+                        .iter()
+                        .filter(|t| t.res_type == "Communication")
+                        .map(|t| t.fhir_id.as_str())
+                        .collect();
+                    let mut all = go.clone();
+                    for t in escalation_requests(c, &comms)? {
+                        if !held.contains(&t.rid) && !all.iter().any(|a| a.rid == t.rid) {
+                            all.push(t);
+                        }
+                    }
+                    let message_rids: Vec<i64> = all
+                        .iter()
+                        .filter(|t| t.res_type == "Communication")
+                        .map(|t| t.rid)
+                        .collect();
+                    let attached = attached_binaries(c, &base, &message_rids)?;
+                    let mut v = erase(store, c, &all, &ref_keys)?;
+                    let mut n = all.len();
+                    // The Binaries they attach go with them, unless something kept attaches them;
+                    // expired Binaries of the class go when nothing attaches them.
+                    let mut free: Vec<Target> = vec![];
+                    for id in attached {
+                        if !binary_attached(c, &base, &id)? {
+                            if let Some(t) = binary_target(c, &id)? {
+                                if !held.contains(&t.rid) && !free.iter().any(|f| f.rid == t.rid) {
+                                    free.push(t);
+                                }
+                            }
+                        }
+                    }
+                    for b in &binaries {
+                        if !binary_attached(c, &base, &b.fhir_id)?
+                            && !free.iter().any(|f| f.rid == b.rid)
+                        {
+                            free.push(b.clone());
+                        }
+                    }
+                    v += erase(store, c, &free, &ref_keys)?;
+                    n += free.len();
+                    Ok::<_, StoreError>((n, v))
+                })?;
+                removed += n;
+                summary.versions += v;
+            }
+            if let Some(p) = progress {
+                p(done.min(total), total);
+            }
+        }
+        if !dry_run {
+            summary.keys_destroyed +=
+                in_write_tx!(store, |c| destroy_keys(store, c, class, cutoff))?;
+        }
+        summary.classes.insert(class.clone(), removed);
+    }
+    // The audit trail: from the start of the chain, as far as it expired.
+    if let Some(period) = store.retention.period(AUDIT) {
+        let (n, links, outbox) = purge_audit(store, as_of - period, dry_run, &ref_keys)?;
+        summary.classes.insert(AUDIT.into(), n);
+        summary.audit_links_cut = links;
+        summary.outbox_rows += outbox;
+        if !dry_run {
+            summary.keys_destroyed +=
+                in_write_tx!(store, |c| destroy_keys(store, c, AUDIT, as_of - period))?;
+        }
+    }
+    if !dry_run {
+        summary.outbox_rows += store.execute(
+            "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
+            vec![(as_of - OUTBOX_KEEP_MICROS).into()],
+        )?;
+        let ctx = audit::Context::job(&store.base_url, "retention purge");
+        record(store, &ctx, "purge", None, &summary)?;
+        scrub_files(store);
+    }
+    Ok(summary)
+}
+
+/// Removes the AuditEvents older than `cutoff` from the start of the audit chain (a prefix of it:
+/// the chain must stay verifiable), and moves the chain's anchor past them.
+fn purge_audit(
+    store: &Store,
+    cutoff: i64,
+    dry_run: bool,
+    ref_keys: &[String],
+) -> Result<(usize, usize, usize), StoreError> {
+    let mut events = 0;
+    let mut links = 0;
+    let mut outbox = 0;
+    loop {
+        let chunk: Vec<LinkRow> = store.query(
+            "SELECT c.seq, r.rid, c.audit_id, c.hash, v.last_updated FROM audit_chain c \
+             JOIN resource_versions v ON v.vid = c.vid JOIN resources r ON r.rid = v.rid \
+             WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
+            vec![anchor_seq(store)?.into(), (BATCH as i64).into()],
+        )?;
+        let expired: Vec<&LinkRow> = chunk
+            .iter()
+            .take_while(|l| l.last_updated < cutoff)
+            .collect();
+        if expired.is_empty() {
+            break;
+        }
+        if dry_run {
+            events += expired.len();
+            links += expired.len();
+            if expired.len() < chunk.len() {
+                break;
+            }
+            // A dry run cannot move the anchor: count the rest in one query.
+            let last = expired.last().map_or(0, |l| l.seq);
+            let rest: Vec<LinkRow> = store.query(
+                "SELECT c.seq, r.rid, c.audit_id, c.hash, v.last_updated FROM audit_chain c \
+                 JOIN resource_versions v ON v.vid = c.vid JOIN resources r ON r.rid = v.rid \
+                 WHERE c.seq > ? ORDER BY c.seq",
+                vec![last.into()],
+            )?;
+            let n = rest.iter().take_while(|l| l.last_updated < cutoff).count();
+            events += n;
+            links += n;
+            break;
+        }
+        let last = expired.last().expect("not empty");
+        let targets: Vec<Target> = expired
+            .iter()
+            .map(|l| Target {
+                rid: l.rid,
+                res_type: "AuditEvent".into(),
+                fhir_id: l.audit_id.clone(),
+            })
+            .collect();
+        let (o, n) = in_write_tx!(store, |c| {
+            let before =
+                c.load::<Count>("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox", vec![])?[0].n;
+            erase(store, c, &targets, ref_keys)?;
+            let after =
+                c.load::<Count>("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox", vec![])?[0].n;
+            let n = c.execute(
+                "DELETE FROM audit_chain WHERE seq <= ?",
+                vec![last.seq.into()],
+            )?;
+            let updated = c.execute(
+                "UPDATE audit_chain_anchor SET seq = ?, hash = ?, cut_at = ?, links_cut = links_cut + ? WHERE id = 1",
+                vec![last.seq.into(), last.hash.clone().into(), now_micros().into(), (n as i64).into()],
+            )?;
+            if updated == 0 {
+                c.execute(
+                    "INSERT INTO audit_chain_anchor (id, seq, hash, cut_at, links_cut) VALUES (1, ?, ?, ?, ?)",
+                    vec![last.seq.into(), last.hash.clone().into(), now_micros().into(), (n as i64).into()],
+                )?;
+            }
+            Ok::<_, StoreError>(((before - after) as usize, n))
+        })?;
+        outbox += o;
+        events += targets.len();
+        links += n;
+        if expired.len() < chunk.len() {
+            break;
+        }
+    }
+    Ok((events, links, outbox))
+}
+
+fn anchor_seq(store: &Store) -> Result<i64, StoreError> {
+    #[derive(QueryableByName)]
+    struct Seq {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    Ok(store
+        .query::<Seq>("SELECT seq FROM audit_chain_anchor WHERE id = 1", vec![])?
+        .first()
+        .map_or(0, |r| r.seq))
+}
+
+/// Records a purge or an erasure as an AuditEvent: per class, how many; never what.
+fn record(
+    store: &Store,
+    ctx: &audit::Context,
+    job: &str,
+    patient: Option<&str>,
+    summary: &Summary,
+) -> Result<(), StoreError> {
+    let mut ev = audit::event(ctx, Interaction::Delete, patient, patient, None);
+    let mut detail: Vec<Value> = summary
+        .classes
+        .iter()
+        .map(|(class, n)| json!({"type": format!("removed:{class}"), "valueString": n.to_string()}))
+        .collect();
+    detail.push(json!({"type": "versions", "valueString": summary.versions.to_string()}));
+    detail.push(json!({"type": "held", "valueString": summary.held.to_string()}));
+    detail
+        .push(json!({"type": "keys-destroyed", "valueString": summary.keys_destroyed.to_string()}));
+    detail.push(
+        json!({"type": "audit-links-cut", "valueString": summary.audit_links_cut.to_string()}),
+    );
+    let entity = json!({
+        "what": {"display": format!("Courier {job}")},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+        "detail": detail,
+    });
+    match ev["entity"].as_array_mut() {
+        Some(a) => a.push(entity),
+        None => ev["entity"] = json!([entity]),
+    }
+    store.record_audit(ev)
+}
+
+/// SQLite: move everything out of the WAL and truncate it, so no page image of removed rows stays
+/// in the WAL file (`secure_delete` already zeroed them in the database file).
+fn scrub_files(store: &Store) {
+    #[derive(QueryableByName)]
+    struct Checkpoint {
+        #[diesel(sql_type = BigInt)]
+        busy: i64,
+    }
+    if let Db::Sqlite(_) = store.db {
+        for _ in 0..50 {
+            let done = {
+                let _writer = store.exclusive_writer();
+                store
+                    .query::<Checkpoint>("PRAGMA wal_checkpoint(TRUNCATE)", vec![])
+                    .map(|r| r.first().is_some_and(|c| c.busy == 0))
+                    .unwrap_or(false)
+            };
+            if done {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        tracing::warn!("could not truncate the WAL after a purge (readers kept it busy); the next checkpoint will");
+    }
+}
+
+// ----- erasure ----------------------------------------------------------------------------------
+
+/// Why an erasure was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EraseError {
+    #[error("a legal hold applies: {0}")]
+    Held(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Erases one patient's messaging data with the purge's thoroughness: the messages and requests
+/// in their compartment, the Binaries only those attach, everything sealed under their keys, their
+/// receipts, escalations and out-of-office marks as a recipient, their subscriptions, EHR
+/// sessions and identity links, and then their data keys. Refused while a hold covers the patient
+/// or one of their threads. The AuditEvents about them stay (their own retention; GDPR
+/// Art. 17(3)(b), HIPAA §164.316). Audited by the caller's context.
+pub fn erase_patient(
+    store: &Store,
+    patient: &str,
+    ctx: &audit::Context,
+) -> Result<Summary, EraseError> {
+    let holds = list_holds(store)?;
+    let reference = format!("Patient/{patient}");
+    let base = store.base_url.clone();
+    let ref_keys = store.registry.reference_keys();
+    let mut c0 = store.db.get().map_err(StoreError::from)?;
+    let rids = with_conn!(c0, |c| compartment_rids(c, patient))?;
+    let thread_holds: Vec<Hold> = holds
+        .iter()
+        .filter(|h| h.target.starts_with("Communication/"))
+        .cloned()
+        .collect();
+    let held = with_conn!(c0, |c| held_rids(c, &thread_holds))?;
+    drop(c0);
+    if let Some(h) = holds.iter().find(|h| h.target == reference) {
+        return Err(EraseError::Held(format!("{} ({})", h.target, h.reason)));
+    }
+    if let Some(r) = rids.iter().find(|r| held.contains(r)) {
+        let _ = r;
+        return Err(EraseError::Held(
+            "one of the patient's threads is on hold".into(),
+        ));
+    }
+    let mut summary = Summary::default();
+    for chunk in rids.chunks(BATCH) {
+        let (n, v) = in_write_tx!(store, |c| {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let mut targets: Vec<Target> = c.load(
+                &format!("SELECT rid, res_type, fhir_id FROM resources WHERE rid IN ({marks})"),
+                chunk.iter().map(|r| Bind::Int(*r)).collect(),
+            )?;
+            let comms: Vec<String> = targets
+                .iter()
+                .filter(|t| t.res_type == "Communication")
+                .map(|t| t.fhir_id.clone())
+                .collect();
+            let comm_refs: Vec<&str> = comms.iter().map(String::as_str).collect();
+            for t in escalation_requests(c, &comm_refs)? {
+                if !targets.iter().any(|a| a.rid == t.rid) {
+                    targets.push(t);
+                }
+            }
+            let messages: Vec<i64> = targets
+                .iter()
+                .filter(|t| t.res_type == "Communication")
+                .map(|t| t.rid)
+                .collect();
+            let binaries = attached_binaries(c, &base, &messages)?;
+            let mut v = erase(store, c, &targets, &ref_keys)?;
+            let mut n = targets.len();
+            for b in binaries {
+                if !binary_attached(c, &base, &b)? {
+                    if let Some(t) = binary_target(c, &b)? {
+                        v += erase(store, c, &[t], &ref_keys)?;
+                        n += 1;
+                    }
+                }
+            }
+            Ok::<_, StoreError>((n, v))
+        })?;
+        *summary.classes.entry("patient-data".into()).or_default() += n;
+        summary.versions += v;
+    }
+    // What names the patient outside the resource store.
+    let destroyed = in_write_tx!(store, |c| {
+        for (table, column) in [
+            ("receipts", "recipient"),
+            ("escalations", "recipient"),
+            ("away_handled", "recipient"),
+        ] {
+            c.execute(
+                &format!("DELETE FROM {table} WHERE {column} = ?"),
+                vec![reference.clone().into()],
+            )?;
+        }
+        c.execute(
+            "DELETE FROM subscription_events WHERE event_seq IN (SELECT seq FROM events WHERE detail = ?)",
+            vec![reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM events WHERE detail = ?",
+            vec![reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM subscription_events WHERE sub_id IN (SELECT id FROM subscriptions WHERE owner_patient = ? OR owner_user = ?)",
+            vec![patient.into(), reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM subscriptions WHERE owner_patient = ? OR owner_user = ?",
+            vec![patient.into(), reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM ehr_sessions WHERE patient = ? OR fhir_user = ?",
+            vec![patient.into(), reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM identity_links WHERE courier_ref = ?",
+            vec![reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM identity_identifiers WHERE courier_ref = ?",
+            vec![reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM identities WHERE courier_ref = ?",
+            vec![reference.clone().into()],
+        )?;
+        // Crypto-erase: the patient's keys seal nothing stored any more.
+        let keys: Vec<IdRow> = c.load(
+            "SELECT key_id AS id FROM data_keys WHERE patient = ?",
+            vec![reference.clone().into()],
+        )?;
+        let mut n = 0;
+        for k in keys {
+            if store.destroy_key_if_unused(c, &k.id)? {
+                store.keys.forget(&k.id);
+                n += 1;
+            }
+        }
+        Ok::<_, StoreError>(n)
+    })?;
+    summary.keys_destroyed = destroyed;
+    record(store, ctx, "erasure", Some(&reference), &summary)?;
+    scrub_files(store);
+    Ok(summary)
+}
