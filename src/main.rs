@@ -425,16 +425,20 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys(cmd) => {
+            if matches!(cmd, KeysCommand::Rotate { master: true } | KeysCommand::ForgetPrevious) {
+                anyhow::ensure!(
+                    settings.master_key.is_none(),
+                    "the master key comes from COURIER_MASTER_KEY: roll it out in two steps: first add the new key to \
+                     COURIER_PREVIOUS_MASTER_KEYS on every instance (so each can unwrap what it wraps), then make it \
+                     COURIER_MASTER_KEY with the old key in COURIER_PREVIOUS_MASTER_KEYS; each instance re-wraps the \
+                     data keys in the background, and `courier keys status` says when the old key can go"
+                );
+            }
             let store = open_store(&settings)?;
             match cmd {
                 KeysCommand::Status => print_key_status(&store)?,
                 KeysCommand::Rotate { master } => {
                     if master {
-                        anyhow::ensure!(
-                            settings.master_key.is_none(),
-                            "the master key comes from COURIER_MASTER_KEY: set the new key there and the old one in \
-                             COURIER_PREVIOUS_MASTER_KEYS, restart, and each instance re-wraps the data keys"
-                        );
                         let file = settings.key_file();
                         let mut lines = courier::store::crypto::key_file_lines(&file)?;
                         let new = courier::store::crypto::new_key_base64();
@@ -451,7 +455,6 @@ fn main() -> anyhow::Result<()> {
                     print_key_status(&store)?;
                 }
                 KeysCommand::ForgetPrevious => {
-                    anyhow::ensure!(settings.master_key.is_none(), "the master keys come from the environment: remove the key from COURIER_PREVIOUS_MASTER_KEYS");
                     let status = store.key_status()?;
                     anyhow::ensure!(status.pending.is_empty(), "data keys still need previous master key(s) {:?}: wait for the re-wrap (`courier keys status`)", status.pending);
                     let file = settings.key_file();

@@ -19,6 +19,8 @@ pub fn spawn(store: Arc<Store>, leader: Arc<Leader>, purge_interval_secs: i64) {
             tokio::time::sleep(Duration::from_secs(30)).await;
             let s2 = s.clone();
             let r = tokio::task::spawn_blocking(move || {
+                // A rotation by `courier keys rotate --master` shows in the key file.
+                s2.reload_master_keys();
                 s2.refresh_system_key()?;
                 anyhow::Ok(s2.rewrap_step(1000)?)
             })

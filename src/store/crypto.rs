@@ -348,6 +348,37 @@ mod tests {
     }
 
     #[test]
+    fn a_rewrapped_data_key_opens_old_data_under_the_new_master_key_only() {
+        let b64 = |b: u8| base64::engine::general_purpose::STANDARD.encode([b; 32]);
+        let old = Keyring::new(MasterKey::from_base64(&b64(1)).unwrap());
+        let k = old.generate();
+        old.install(&k, &old.master_key_id(), true).unwrap();
+        let sealed = old.seal_with(&k.key_id, b"kept", "Binary/1/1").unwrap();
+        let both = Keyring::with_previous(
+            MasterKey::from_base64(&b64(2)).unwrap(),
+            vec![MasterKey::from_base64(&b64(1)).unwrap()],
+        );
+        let rewrapped = both
+            .rewrap(&k.key_id, &old.master_key_id(), &k.wrapped)
+            .unwrap();
+        let new_only = Keyring::new(MasterKey::from_base64(&b64(2)).unwrap());
+        let moved = WrappedKey {
+            key_id: k.key_id.clone(),
+            wrapped: rewrapped,
+        };
+        assert!(old
+            .install(&moved, &new_only.master_key_id(), false)
+            .is_err());
+        new_only
+            .install(&moved, &new_only.master_key_id(), false)
+            .unwrap();
+        assert_eq!(
+            new_only.open(&k.key_id, &sealed, "Binary/1/1").unwrap(),
+            b"kept"
+        );
+    }
+
+    #[test]
     fn a_data_key_does_not_unwrap_under_another_master_key() {
         let a = Keyring::new(
             MasterKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([1u8; 32]))

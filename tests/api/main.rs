@@ -11,6 +11,7 @@ mod clients;
 mod crud;
 mod ehr;
 mod export;
+mod keys;
 mod messaging;
 mod operability;
 mod retention;

@@ -1,0 +1,268 @@
+//! Key management: data-key and master-key rotation under load without a failed read, the
+//! background re-wrap that lets the old master key retire, and the `courier keys` commands.
+
+use crate::helpers::*;
+use courier::store::crypto::MasterKey;
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const NEW_KEY: &str = "bmV3LW1hc3Rlci1rZXktZm9yLXJvdGF0aW9uLXRlc3Q=";
+
+fn patient_message(i: usize) -> Value {
+    message(
+        &format!("Patient/k{}", i % 7),
+        "2026-11-20T10:00:00Z",
+        &format!("rotation load {i}"),
+    )
+}
+
+async fn rotation_under_load(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else {
+        return;
+    };
+    let old_master = app.store.keys.master_key_id();
+    let mut ids = vec![];
+    for i in 0..30 {
+        ids.push(app.create(&patient_message(i)).await);
+    }
+    let ids = Arc::new(parking_lot::Mutex::new(ids));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = vec![];
+    // Two readers (reads and inbox searches) and a writer (new patients' keys made during it).
+    for r in 0..2 {
+        let (client, base, ids, stop, reads, failures) = (
+            app.client.clone(),
+            app.base.clone(),
+            ids.clone(),
+            stop.clone(),
+            reads.clone(),
+            failures.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut n = r;
+            while !stop.load(Ordering::Relaxed) {
+                let id = {
+                    let v = ids.lock();
+                    v[n % v.len()].clone()
+                };
+                n += 7;
+                let url = if n % 3 == 0 {
+                    format!(
+                        "{base}/Communication?recipient=Patient/k{}&_count=20",
+                        n % 7
+                    )
+                } else {
+                    format!("{base}/Communication/{id}")
+                };
+                let s = client.get(url).send().await.unwrap().status();
+                reads.fetch_add(1, Ordering::Relaxed);
+                if s != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    {
+        let (client, base, ids, stop, failures) = (
+            app.client.clone(),
+            app.base.clone(),
+            ids.clone(),
+            stop.clone(),
+            failures.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut i = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .post(format!("{base}/Communication"))
+                    .json(&patient_message(i))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() != 201 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let v: Value = r.json().await.unwrap();
+                    ids.lock().push(v["id"].as_str().unwrap().to_string());
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // Rotate twice under load: data keys alone, then the master key with them.
+    let store = app.store.clone();
+    let rotated_at = courier::search::dates::now_micros();
+    let (retired, rewrapped) = tokio::task::spawn_blocking(move || {
+        let retired = store.retire_data_keys().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        store.keys.promote(MasterKey::from_base64(NEW_KEY).unwrap());
+        store.retire_data_keys().unwrap();
+        (retired, store.rewrap_all().unwrap())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(
+        retired >= 7,
+        "every patient's key and the system key were retired ({retired})"
+    );
+    assert!(
+        rewrapped >= retired,
+        "every data key moved to the new master key ({rewrapped})"
+    );
+    assert!(
+        reads.load(Ordering::Relaxed) > 50,
+        "the readers ran ({})",
+        reads.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no read or write failed during rotation"
+    );
+
+    // Every data key is wrapped by the new master key: the old one can retire.
+    let status = app.store.key_status().unwrap();
+    assert_ne!(status.current_master, old_master);
+    assert!(status.pending.is_empty(), "{:?}", status.pending);
+    assert_eq!(status.retirable, vec![old_master.clone()]);
+    // New writes use keys made after the rotation.
+    let fresh = app.create(&patient_message(3)).await;
+    #[derive(diesel::QueryableByName)]
+    struct Made {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        created_at: i64,
+    }
+    let made: Vec<Made> = app.store.query(
+        "SELECT k.created_at FROM data_keys k JOIN resource_versions v ON v.key_id = k.key_id JOIN resources r ON r.rid = v.rid WHERE r.fhir_id = ?",
+        vec![fresh.into()],
+    ).unwrap();
+    assert!(made[0].created_at >= rotated_at);
+
+    // A restart with only the new master key reads everything; one with only the old key is refused.
+    let url = app.database_url.clone();
+    let after = spawn_app_with(backend, move |s| {
+        s.database_url = url;
+        s.master_key = Some(NEW_KEY.to_string().into());
+    })
+    .await
+    .unwrap();
+    let all = ids.lock().clone();
+    for id in &all {
+        assert_eq!(
+            after.get(&format!("Communication/{id}")).await.status(),
+            200,
+            "{id}"
+        );
+    }
+    let url = app.database_url.clone();
+    let old_only = std::panic::AssertUnwindSafe(spawn_app_with(backend, move |s| {
+        s.database_url = url;
+        s.master_key = Some(
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+                .to_string()
+                .into(),
+        );
+    }));
+    use futures::FutureExt;
+    assert!(
+        old_only.catch_unwind().await.is_err(),
+        "an unknown master key is refused at start"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_under_load_without_a_failed_read_sqlite() {
+    rotation_under_load(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_under_load_without_a_failed_read_postgres() {
+    rotation_under_load(Backend::Postgres).await;
+}
+
+/// The operator's path on the embedded set-up: `courier keys rotate --master` while Courier runs,
+/// the running server picks the new key up from the key file, and the old key is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_commands_rotate_the_master_key_in_the_key_file_while_courier_runs() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.master_key = None)
+        .await
+        .unwrap();
+    let dir = app.dir.path().to_path_buf();
+    let key_file = dir.join("master.key");
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        1
+    );
+    let before = app.create(&patient_message(1)).await;
+
+    let (ok, out, err) = run_cli(&dir, &["keys", "rotate", "--master"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("re-wrapped") && out.contains("is current"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        2,
+        "the old key stays as a previous key"
+    );
+    // The running server still reads and writes, learns the new key from the file, and re-wraps
+    // what it wrapped with the old one meanwhile (its 30-second task; run here at once).
+    assert_eq!(
+        app.get(&format!("Communication/{before}")).await.status(),
+        200
+    );
+    let during = app.create(&patient_message(2)).await;
+    app.store.reload_master_keys();
+    app.store.rewrap_all().unwrap();
+    let (ok, out, _) = run_cli(&dir, &["keys", "status"]);
+    assert!(ok && out.contains("can be retired"), "{out}");
+    let (ok, out, err) = run_cli(&dir, &["keys", "forget-previous"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap().lines().count(),
+        1
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // Restarted on the new key alone, everything reads.
+    let url = app.database_url.clone();
+    let d = dir.clone();
+    let after = spawn_app_with(Backend::Sqlite, move |s| {
+        s.database_url = url;
+        s.master_key = None;
+        s.data_dir = d;
+    })
+    .await
+    .unwrap();
+    for id in [&before, &during] {
+        assert_eq!(
+            after.get(&format!("Communication/{id}")).await.status(),
+            200
+        );
+    }
+    // `rotate --master` is refused when the key comes from the environment, with the procedure.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["keys", "rotate", "--master"])
+        .env("COURIER_DATA_DIR", &dir)
+        .env("COURIER_MASTER_KEY", NEW_KEY)
+        .env("COURIER_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("COURIER_PREVIOUS_MASTER_KEYS"));
+}
