@@ -25,6 +25,7 @@ pub mod receipts;
 pub mod rules;
 pub mod schedule;
 pub mod subscriptions;
+pub mod timing;
 pub mod webapp;
 pub mod ws;
 

@@ -14,10 +14,13 @@
 //! - Times are instants: `occurrenceDateTime` carries its time-zone offset; a date without a time
 //!   is due at 00:00 UTC of that date.
 //!
-//! Not yet: `occurrencePeriod` with a repeating timing (medication schedules).
+//! - Repeating schedules (medication schedules): `occurrencePeriod` with the `schedule-timing`
+//!   extension and the `tz-code` time zone (see `timing`); one schedule row per occurrence, each
+//!   sent once (identifier `<request id>#<n>`); an occurrence missed while a later one is already
+//!   due is skipped; the request completes with its last occurrence.
 
 use crate::audit;
-use crate::search::dates::{self, format_instant, now_micros};
+use crate::search::dates::{format_instant, now_micros};
 use crate::store::db::Conn;
 use crate::store::{Incoming, Store, StoreError, WriteOp, WriteStatus};
 use diesel::sql_types::{BigInt, Text};
@@ -30,8 +33,9 @@ pub const IDENTIFIER_SYSTEM: &str = "urn:courier:schedule";
 pub const EXT_SCHEDULED_FOR: &str =
     "https://courier.example.org/fhir/StructureDefinition/scheduled-for";
 
-/// Inside a write's transaction: keeps the schedule row of a CommunicationRequest in step with
-/// it. A row already sent is never touched.
+/// Inside a write's transaction: keeps the schedule rows of a CommunicationRequest in step with
+/// it (one per occurrence). Rows already sent are never touched. An active request whose schedule
+/// Courier cannot follow is refused (4xx naming the element), so it is never silently unsent.
 pub fn track<C: Conn>(
     c: &mut C,
     id: &str,
@@ -39,20 +43,36 @@ pub fn track<C: Conn>(
     body: Option<&[u8]>,
 ) -> Result<(), StoreError> {
     let value: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
-    let due = value.as_ref().and_then(|v| {
-        let active = v["status"] == "active";
-        let when = v["occurrenceDateTime"].as_str()?;
-        active
-            .then(|| dates::range(when).map(|(lo, _)| lo))
-            .flatten()
-    });
+    let due = match value.as_ref().filter(|v| v["status"] == "active") {
+        Some(v) => super::timing::occurrences(v).map_err(StoreError::Invalid)?,
+        None => None,
+    };
     match (status, due) {
         (WriteStatus::Created | WriteStatus::Updated, Some(due)) => {
             c.execute(
-                "INSERT INTO schedules (request_id, due_at) VALUES (?, ?) \
-                 ON CONFLICT (request_id) DO UPDATE SET due_at = excluded.due_at WHERE schedules.sent_at IS NULL",
-                vec![id.into(), due.into()],
+                "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
+                vec![id.into()],
             )?;
+            // One occurrence is number 0 (occurrenceDateTime); a repeating schedule's are 1..n.
+            let numbered: Vec<(i64, i64)> = if due.len() == 1
+                && value
+                    .as_ref()
+                    .is_some_and(|v| v.get("occurrencePeriod").is_none())
+            {
+                vec![(0, due[0])]
+            } else {
+                due.iter()
+                    .enumerate()
+                    .map(|(i, d)| (i as i64 + 1, *d))
+                    .collect()
+            };
+            for (n, at) in numbered {
+                c.execute(
+                    "INSERT INTO schedules (request_id, occurrence, due_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (request_id, occurrence) DO NOTHING",
+                    vec![id.into(), n.into(), at.into()],
+                )?;
+            }
         }
         // Completed by the sender itself: the sender records the send.
         (WriteStatus::Updated, None)
@@ -73,6 +93,8 @@ struct Due {
     #[diesel(sql_type = Text)]
     request_id: String,
     #[diesel(sql_type = BigInt)]
+    occurrence: i64,
+    #[diesel(sql_type = BigInt)]
     due_at: i64,
 }
 
@@ -87,7 +109,7 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
     let until = now + lease.as_micros() as i64;
     // A read first: the claim is a write, and most passes find nothing due.
     let due: Vec<Due> = store.query(
-        "SELECT request_id, due_at FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? LIMIT 1",
+        "SELECT request_id, occurrence, due_at FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? LIMIT 1",
         vec![now.into(), now.into()],
     )?;
     if due.is_empty() {
@@ -102,9 +124,9 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
         };
         store.query(
             &format!(
-                "UPDATE schedules SET claimed_until = ? WHERE request_id IN (\
-                 SELECT request_id FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? \
-                 ORDER BY due_at LIMIT ?{skip}) RETURNING request_id, due_at"
+                "UPDATE schedules SET claimed_until = ? WHERE (request_id, occurrence) IN (\
+                 SELECT request_id, occurrence FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? \
+                 ORDER BY due_at LIMIT ?{skip}) RETURNING request_id, occurrence, due_at"
             ),
             vec![until.into(), now.into(), now.into(), limit.into()],
         )?
@@ -141,10 +163,40 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
         return Ok(false);
     }
     let now = now_micros();
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    if d.occurrence > 0 {
+        // A repeating schedule's occurrence missed while a later one is also due (downtime) is
+        // skipped: one "take your 14:00 dose" at 15:00, not a burst of every dose missed.
+        let later: Vec<N> = store.query(
+            "SELECT occurrence AS n FROM schedules WHERE request_id = ? AND occurrence > ? AND due_at <= ? AND sent_at IS NULL LIMIT 1",
+            vec![d.request_id.clone().into(), d.occurrence.into(), now.into()],
+        )?;
+        if !later.is_empty() {
+            store.execute(
+                "UPDATE schedules SET sent_at = ? WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
+                vec![now.into(), d.request_id.clone().into(), d.occurrence.into()],
+            )?;
+            return Ok(false);
+        }
+    }
+    let remaining = store.query::<N>(
+        "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM schedules WHERE request_id = ? AND occurrence <> ? AND sent_at IS NULL",
+        vec![d.request_id.clone().into(), d.occurrence.into()],
+    )?[0]
+        .n;
+    let ident = if d.occurrence == 0 {
+        d.request_id.clone()
+    } else {
+        format!("{}#{}", d.request_id, d.occurrence)
+    };
     let mut msg = json!({
         "resourceType": "Communication",
         "extension": [{"url": EXT_SCHEDULED_FOR, "valueDateTime": format_instant(d.due_at)}],
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": d.request_id}],
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": ident}],
         "basedOn": [{"reference": format!("CommunicationRequest/{}", d.request_id)}],
         "status": "completed",
         "sent": format_instant(now),
@@ -172,7 +224,7 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
     }
     let pairs = vec![(
         "identifier".to_string(),
-        format!("{IDENTIFIER_SYSTEM}|{}", d.request_id),
+        format!("{IDENTIFIER_SYSTEM}|{ident}"),
     )];
     let limits = crate::search::query::Limits {
         default_count: 2,
@@ -189,45 +241,45 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
     .map_err(|_| StoreError::Other(anyhow::anyhow!("schedule identifier query")))?;
     let mut done = cr.clone();
     done["status"] = json!("completed");
-    let written = store.write(
-        vec![
-            WriteOp::Create {
-                res_type: "Communication".into(),
-                id: crate::fhir::rest::new_id(),
-                resource: Incoming::from_value(msg),
-                if_none_exist: Some(cond),
-            },
-            WriteOp::Update {
-                res_type: "CommunicationRequest".into(),
-                id: d.request_id.clone(),
-                resource: Incoming::from_value(done),
-                if_match: Some(request.version_id),
-                upsert: false,
-                patch: false,
-                guard: None,
-                may_create: false,
-            },
-        ],
-        &ctx(store),
-    );
+    let mut ops = vec![WriteOp::Create {
+        res_type: "Communication".into(),
+        id: crate::fhir::rest::new_id(),
+        resource: Incoming::from_value(msg),
+        if_none_exist: Some(cond),
+    }];
+    // The request completes with its last occurrence.
+    if remaining == 0 {
+        ops.push(WriteOp::Update {
+            res_type: "CommunicationRequest".into(),
+            id: d.request_id.clone(),
+            resource: Incoming::from_value(done),
+            if_match: Some(request.version_id),
+            upsert: false,
+            patch: false,
+            guard: None,
+            may_create: false,
+        });
+    }
+    let written = store.write(ops, &ctx(store));
     let communication = match written {
         Ok(w) => w[0].stored.id.clone(),
         // The request changed meanwhile (revoked, edited): the next pass decides again.
         Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => {
             store.execute(
-                "UPDATE schedules SET claimed_until = 0 WHERE request_id = ? AND sent_at IS NULL",
-                vec![d.request_id.clone().into()],
+                "UPDATE schedules SET claimed_until = 0 WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
+                vec![d.request_id.clone().into(), d.occurrence.into()],
             )?;
             return Ok(false);
         }
         Err(e) => return Err(e),
     };
     store.execute(
-        "UPDATE schedules SET sent_at = ?, communication_id = ? WHERE request_id = ?",
+        "UPDATE schedules SET sent_at = ?, communication_id = ? WHERE request_id = ? AND occurrence = ?",
         vec![
             now.into(),
             communication.into(),
             d.request_id.clone().into(),
+            d.occurrence.into(),
         ],
     )?;
     Ok(true)

@@ -228,3 +228,92 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
         "latest send {worst:?} after its time"
     );
 }
+
+fn repeating(start: &str, end: &str, repeat: Value) -> Value {
+    json!({
+        "resourceType": "CommunicationRequest",
+        "status": "active",
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/tz-code", "valueCode": "Europe/Berlin"},
+            {"url": "https://courier.example.org/fhir/StructureDefinition/schedule-timing", "valueTiming": {"repeat": repeat}},
+        ],
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "reminder"}]}],
+        "subject": {"reference": "Patient/p1"},
+        "recipient": [{"reference": "Patient/p1"}],
+        "requester": {"reference": "Practitioner/dr-1"},
+        "payload": [{"contentString": "Take one tablet of metformin with food"}],
+        "occurrencePeriod": {"start": start, "end": end},
+    })
+}
+
+async fn wait_for_sends(app: &TestApp, id: &str, n: usize) -> Vec<Value> {
+    for _ in 0..150 {
+        let sent = sent_for(app, id).await;
+        if sent.len() >= n {
+            return sent;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sent_for(app, id).await
+}
+
+both_backends! {
+    async fn a_medication_schedule_sends_each_local_dose_time_once_and_stops_when_revoked(app: TestApp) {
+        use chrono::TimeZone;
+        let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+        // A daily dose at a local Berlin time three seconds from now, for three days.
+        let first = Utc::now().trunc_subsecs(0) + Span::seconds(3);
+        let local = first.with_timezone(&berlin);
+        let day_start = berlin.from_local_datetime(&local.date_naive().and_hms_opt(0, 0, 0).unwrap()).unwrap();
+        let schedule = repeating(
+            &day_start.to_rfc3339_opts(SecondsFormat::Secs, false),
+            &(day_start + Span::days(3)).to_rfc3339_opts(SecondsFormat::Secs, false),
+            json!({"timeOfDay": [local.format("%H:%M:%S").to_string()], "period": 1, "periodUnit": "d"}),
+        );
+        let id = app.create(&schedule).await;
+        let sent = wait_for_sends(&app, &id, 1).await;
+        assert_eq!(sent.len(), 1, "the first dose, once");
+        assert_eq!(instant(&sent[0]["extension"][0]["valueDateTime"]), first.fixed_offset(), "due at the local time asked for");
+        let late = instant(&sent[0]["sent"]) - first.fixed_offset();
+        assert!(late >= Span::zero() && late <= Span::seconds(10), "sent {late:?} after its time");
+        assert!(sent[0]["identifier"][0]["value"].as_str().unwrap().ends_with("#1"));
+        // Two more doses are due: the request stays active.
+        assert_eq!(app.get_json(&format!("CommunicationRequest/{id}")).await["status"], "active");
+        #[derive(diesel::QueryableByName)]
+        struct N { #[diesel(sql_type = diesel::sql_types::BigInt)] n: i64 }
+        let pending = |app: &TestApp| app.store.query::<N>(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM schedules WHERE request_id = ? AND sent_at IS NULL", vec![id.clone().into()]).unwrap()[0].n;
+        assert_eq!(pending(&app), 2);
+        // Revoked: the remaining doses are cancelled.
+        let mut revoked = app.get_json(&format!("CommunicationRequest/{id}")).await;
+        revoked["status"] = json!("revoked");
+        assert_eq!(app.put(&format!("CommunicationRequest/{id}"), &revoked).await.status(), 200);
+        assert_eq!(pending(&app), 0);
+
+        // Doses missed during downtime: only the latest due one goes; the request completes with
+        // its last dose.
+        let now = Utc::now().trunc_subsecs(0);
+        let past = repeating(
+            &(now - Span::hours(30)).to_rfc3339_opts(SecondsFormat::Secs, true),
+            &(now + Span::minutes(1)).to_rfc3339_opts(SecondsFormat::Secs, true),
+            json!({"frequency": 1, "period": 12, "periodUnit": "h"}),
+        );
+        let missed = app.create(&past).await;
+        let sent = wait_for_sends(&app, &missed, 1).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let sent_again = sent_for(&app, &missed).await;
+        assert_eq!(sent_again.len(), 1, "one message for three missed doses: {sent:?}");
+        assert_eq!(instant(&sent_again[0]["extension"][0]["valueDateTime"]), (now - Span::hours(6)).fixed_offset(), "the latest dose's time");
+        assert_eq!(app.get_json(&format!("CommunicationRequest/{missed}")).await["status"], "completed");
+
+        // A schedule Courier cannot follow is refused naming the element, and nothing is stored.
+        let before = app.store.row_counts().unwrap();
+        let r = app.post("CommunicationRequest", &repeating("2026-12-01", "2099-01-01", json!({"timeOfDay": ["08:00:00"], "when": ["MORN"]}))).await;
+        assert!(r.status().is_client_error(), "{}", r.status());
+        let o: Value = r.json().await.unwrap();
+        assert!(o.to_string().contains("repeat.when"), "{o}");
+        let r = app.post("CommunicationRequest", &repeating("2026-12-01", "2099-01-01", json!({"timeOfDay": ["08:00:00"]}))).await;
+        assert!(r.status().is_client_error(), "more than 1,000 occurrences");
+        assert_eq!(app.store.row_counts().unwrap(), before);
+    }
+}
