@@ -80,6 +80,9 @@ pub struct Settings {
     /// The purge job runs every this many seconds on one instance; 0: only `courier purge`
     /// (`COURIER_PURGE_INTERVAL_SECS`).
     pub purge_interval_secs: i64,
+    /// How long an emergency-access ("break the glass") grant lasts, in minutes
+    /// (`COURIER_EMERGENCY_ACCESS_MINUTES`).
+    pub emergency_access_minutes: i64,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -155,6 +158,7 @@ impl Default for Settings {
             previous_master_keys: vec![],
             retention: crate::compliance::retention::defaults(),
             purge_interval_secs: 3600,
+            emergency_access_minutes: 60,
         }
     }
 }
@@ -211,6 +215,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_RETENTION") {
             self.retention = crate::compliance::retention::parse_env(&v)?;
+        }
+        if let Some(v) = env("COURIER_EMERGENCY_ACCESS_MINUTES") {
+            self.emergency_access_minutes = num("COURIER_EMERGENCY_ACCESS_MINUTES", v)?;
         }
         if let Some(v) = env("COURIER_PURGE_INTERVAL_SECS") {
             self.purge_interval_secs = num("COURIER_PURGE_INTERVAL_SECS", v)?;

@@ -18,7 +18,10 @@ use std::sync::Arc;
 /// {data dir}/master.key, created with mode 0600 on first start), COURIER_MAX_RESOURCE_BYTES,
 /// COURIER_MAX_BINARY_BYTES (default 10 MB), COURIER_DEFAULT_COUNT, COURIER_MAX_COUNT,
 /// COURIER_DB_POOL_SIZE, COURIER_SQLITE_SYNCHRONOUS (FULL|NORMAL), COURIER_WORKERS, COURIER_LOG,
-/// COURIER_IDLE_TIMEOUT_SECS (automatic log-off of signed-in users, default 900).
+/// COURIER_IDLE_TIMEOUT_SECS (automatic log-off of signed-in users, default 900),
+/// COURIER_PREVIOUS_MASTER_KEYS (during a master-key rotation), COURIER_RETENTION (retention
+/// classes), COURIER_PURGE_INTERVAL_SECS (default 3600), COURIER_EMERGENCY_ACCESS_MINUTES
+/// (default 60); the README lists the rest.
 #[derive(Parser)]
 #[command(name = "courier", version, about, long_about)]
 struct Cli {
@@ -88,6 +91,9 @@ enum Command {
     /// Legal holds: a patient's or a thread's data is kept past its retention while held.
     #[command(subcommand)]
     Hold(HoldCommand),
+    /// Emergency-access ("break the glass") grants, for review.
+    #[command(subcommand)]
+    Emergency(EmergencyCommand),
     /// Encryption keys at rest: status and rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -203,6 +209,16 @@ enum HoldCommand {
     Release { target: String },
     /// List the holds.
     List,
+}
+
+#[derive(Subcommand)]
+enum EmergencyCommand {
+    /// List the grants (newest first): who, which patient, why, when, until when.
+    List {
+        /// Only grants from the last this many days.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -421,6 +437,15 @@ fn main() -> anyhow::Result<()> {
                         println!("{}\t{}\t{}", h.target, courier::search::dates::format_instant(h.created_at), h.reason);
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Emergency(EmergencyCommand::List { days }) => {
+            let store = open_store(&settings)?;
+            let since = courier::search::dates::now_micros() - days * 86_400_000_000;
+            use courier::search::dates::format_instant;
+            for g in courier::compliance::emergency::list(&store, since)? {
+                println!("{}\t{}\tPatient/{}\tuntil {}\t{}", format_instant(g.granted_at), g.user_ref, g.patient, format_instant(g.expires_at), g.reason);
             }
             Ok(())
         }

@@ -28,6 +28,8 @@ pub struct Context {
     pub token_id: Option<String>,
     /// For searches: the raw request (`GET <url>`, plus the form body for `POST _search`).
     pub query: Option<String>,
+    /// The user acts under an emergency-access grant: the AuditEvent's purpose is BTG.
+    pub emergency: bool,
 }
 
 impl Context {
@@ -171,6 +173,9 @@ pub fn event(
         if let Some(jti) = &ctx.token_id {
             agent["policy"] = json!([jti]);
         }
+        if ctx.emergency {
+            agent["purposeOfUse"] = json!([{"coding": [BTG.clone()]}]);
+        }
         agents.push(agent);
     }
     let mut entities = Vec::new();
@@ -245,8 +250,16 @@ pub fn event(
     if !entities.is_empty() {
         ev["entity"] = Value::Array(entities);
     }
+    if ctx.emergency {
+        ev["purposeOfEvent"] = json!([{"coding": [BTG.clone()]}]);
+    }
     ev
 }
+
+/// HL7 v3 ActReason "break the glass": the purpose of what a user does under emergency access.
+pub static BTG: std::sync::LazyLock<Value> = std::sync::LazyLock::new(
+    || json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "BTG", "display": "break the glass"}),
+);
 
 /// An authentication attempt (a token request, or a request with a missing or bad access token):
 /// DICOM "User Authentication" / "Login", outcome 0 or, with `failure`, 4 and why.

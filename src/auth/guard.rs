@@ -69,6 +69,8 @@ pub async fn authenticate(
                     Ok(true) => {
                         p.groups = crate::messaging::groups::of(&st.store, p.fhir_user.as_deref())
                             .map_err(|_| "the access token could not be checked".to_string())?;
+                        p.emergency = crate::compliance::emergency::active(&st.store, &p)
+                            .map_err(|_| "the access token could not be checked".to_string())?;
                         Ok(p)
                     }
                     Ok(false) => {

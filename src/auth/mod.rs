@@ -49,6 +49,9 @@ pub struct Principal {
     /// The Groups and CareTeams (`Group/…`, `CareTeam/…`) the user is a member of, looked up when
     /// the token is used: a message addressed to one of them is the user's too.
     pub groups: Vec<String>,
+    /// Patients (Courier ids) this user reads under an active emergency-access grant ("break the
+    /// glass"), looked up when the token is used; read-only, and every access is audited as BTG.
+    pub emergency: Vec<String>,
 }
 
 impl Principal {

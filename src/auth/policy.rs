@@ -101,6 +101,7 @@ fn compartment(
     registry: &Registry,
     res_type: &str,
     context: Context,
+    perm: Perm,
 ) -> Option<Option<Condition>> {
     let groups = match context {
         Context::System => return Some(None),
@@ -128,6 +129,17 @@ fn compartment(
                     patient_params(res_type),
                     &format!("Patient/{patient}"),
                 ));
+            }
+            // Emergency access: the patient's compartment, to read only.
+            if matches!(perm, Perm::Read | Perm::Search) {
+                for patient in &p.emergency {
+                    g.extend(refers(
+                        registry,
+                        res_type,
+                        patient_params(res_type),
+                        &format!("Patient/{patient}"),
+                    ));
+                }
             }
             g
         }
@@ -227,7 +239,7 @@ pub fn decide(
                 _ => None,
             }
         } else {
-            compartment(p, registry, res_type, scope.context)
+            compartment(p, registry, res_type, scope.context, perm)
         };
         let (Some(confinement), Some(mut conditions)) =
             (confinement, scope_query(scope, registry, base_url))
@@ -408,6 +420,7 @@ mod tests {
             patient: patient.map(String::from),
             encounter: None,
             groups: vec![],
+            emergency: vec![],
         }
     }
 

@@ -298,6 +298,7 @@ impl Tokens {
             patient: c.patient,
             encounter: c.encounter,
             groups: vec![],
+            emergency: vec![],
         };
         let mut cache = self.verified.lock();
         if cache.len() >= CACHE_LIMIT {

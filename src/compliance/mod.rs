@@ -1,6 +1,7 @@
 //! Compliance: retention classes, the purge, erasure and legal holds (issue 6).
 
 pub mod api;
+pub mod emergency;
 pub mod purge;
 pub mod retention;
 

@@ -303,6 +303,30 @@ fn erase<C: Conn>(
     Ok(versions)
 }
 
+/// Which of `a` and `b` are still of `class` and unchanged since `cutoff` (row-locked on PostgreSQL).
+fn still_expired<C: Conn>(
+    c: &mut C,
+    a: &[Target],
+    b: &[Target],
+    class: &str,
+    cutoff: i64,
+) -> Result<HashSet<i64>, StoreError> {
+    let rids: Vec<i64> = a.iter().chain(b).map(|t| t.rid).collect();
+    if rids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let marks = vec!["?"; rids.len()].join(", ");
+    let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
+    let mut binds: Vec<Bind> = rids.iter().map(|r| Bind::Int(*r)).collect();
+    binds.push(class.into());
+    binds.push(cutoff.into());
+    let rows: Vec<RidRow> = c.load(
+        &format!("SELECT rid FROM resources WHERE rid IN ({marks}) AND retention_class = ? AND last_updated < ?{lock}"),
+        binds,
+    )?;
+    Ok(rows.into_iter().map(|r| r.rid).collect())
+}
+
 /// The escalation requests about `comms` (they exist only for those messages): erased with them.
 fn escalation_requests<C: Conn>(c: &mut C, comms: &[&str]) -> Result<Vec<Target>, StoreError> {
     if comms.is_empty() {
@@ -449,6 +473,19 @@ pub fn purge(
                 removed += go.len() + binaries.len();
             } else {
                 let (n, v) = in_write_tx!(store, |c| {
+                    // Again inside the transaction (locked on PostgreSQL): a resource changed
+                    // since the page was read is no longer expired and stays.
+                    let still = still_expired(c, &go, &binaries, class, cutoff)?;
+                    let go: Vec<Target> = go
+                        .iter()
+                        .filter(|t| still.contains(&t.rid))
+                        .cloned()
+                        .collect();
+                    let binaries: Vec<Target> = binaries
+                        .iter()
+                        .filter(|t| still.contains(&t.rid))
+                        .cloned()
+                        .collect();
                     let comms: Vec<&str> = go
                         .iter()
                         .filter(|t| t.res_type == "Communication")
@@ -794,6 +831,10 @@ pub fn erase_patient(
         c.execute(
             "DELETE FROM subscriptions WHERE owner_patient = ? OR owner_user = ?",
             vec![patient.into(), reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM emergency_access WHERE patient = ?",
+            vec![patient.into()],
         )?;
         c.execute(
             "DELETE FROM ehr_sessions WHERE patient = ? OR fhir_user = ?",

@@ -24,6 +24,7 @@ pub struct RequestId(pub String);
 pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
     let principal = req.extensions().get::<Principal>().cloned();
     audit::Context {
+        emergency: principal.as_ref().is_some_and(|p| !p.emergency.is_empty()),
         user: principal.as_ref().and_then(|p| p.fhir_user.clone()),
         client_id: principal.as_ref().map(|p| p.client_id.clone()),
         token_id: principal.map(|p| p.jti),

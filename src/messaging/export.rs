@@ -43,6 +43,7 @@ fn compartment_of(patient: &str) -> Principal {
         patient: Some(patient.to_string()),
         encounter: None,
         groups: vec![],
+        emergency: vec![],
     }
 }
 

@@ -56,6 +56,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::post().to(crate::compliance::api::erase),
         )
         .route(
+            "/Patient/{id}/$emergency-access",
+            web::post().to(crate::compliance::emergency::request),
+        )
+        .route(
             "/Patient/{id}/$legal-hold",
             web::post().to(crate::compliance::api::legal_hold),
         )

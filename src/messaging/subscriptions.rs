@@ -151,6 +151,7 @@ impl SubRow {
             patient: self.owner_patient.clone(),
             encounter: None,
             groups: vec![],
+            emergency: vec![],
         }
     }
 

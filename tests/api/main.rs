@@ -10,6 +10,7 @@ mod bundles;
 mod clients;
 mod crud;
 mod ehr;
+mod emergency;
 mod export;
 mod keys;
 mod messaging;

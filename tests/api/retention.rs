@@ -248,6 +248,38 @@ async fn retention_purge_removes_every_trace_of_expired_data_and_keeps_the_rest(
         before,
         "a dry run changes nothing"
     );
+    if app.backend == Backend::Sqlite {
+        // The same from the command line, judged as of a date; and a mode is required.
+        let cli = |args: &[&str]| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+                .args(args)
+                .env("COURIER_DATA_DIR", app.dir.path())
+                .env("COURIER_DATABASE_URL", &app.database_url)
+                .env("COURIER_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+                .env("COURIER_RETENTION", "notification=1@appointment;message=3650:Communication|CommunicationRequest|Binary;audit=3650:AuditEvent")
+                .env("COURIER_LOG", "error")
+                .output()
+                .unwrap()
+        };
+        let as_of = courier::search::dates::format_instant(later);
+        let out = cli(&["purge", "--dry-run", "--as-of", &as_of]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("notification: would remove 3 resources")
+                && text.contains("3 resources kept under a legal hold"),
+            "{text}"
+        );
+        assert!(
+            !cli(&["purge"]).status.success(),
+            "--dry-run or --now is required"
+        );
+        assert_eq!(app.store.row_counts().unwrap(), before);
+    }
 
     let done = purge::purge(&app.store, later, false, None).unwrap();
     assert_eq!(done.classes["notification"], 4, "{done:?}"); // … and the Binary only r1 attached

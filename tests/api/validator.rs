@@ -228,6 +228,51 @@ async fn every_response_kind_validates_with_an_independent_validator() {
     );
     docs.push(app.get_json("Subscription").await);
     docs.push(app.get_json("Patient/p9/$everything").await);
+    // The compliance operations' answers: a legal hold, an erasure, an emergency-access grant (whose
+    // BTG AuditEvents are among those validated below).
+    let hold = |action: &str| {
+        json!({"resourceType": "Parameters", "parameter": [
+        {"name": "action", "valueCode": action}, {"name": "reason", "valueString": "matter 1"}]})
+    };
+    for action in ["place", "release"] {
+        let r = app
+            .client
+            .post(app.url("Patient/p8/$legal-hold"))
+            .json(&hold(action))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        docs.push(r.json().await.unwrap());
+    }
+    let r = app
+        .client
+        .post(app.url("Patient/p8/$erase"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    docs.push(r.json().await.unwrap());
+    let glass = client_with_token(&issue(
+        &app.tokens,
+        &app.admin_client_id,
+        "user/Communication.rs",
+        Some("Practitioner/dr-7"),
+        None,
+    ));
+    let r = glass
+        .post(app.url("Patient/p9/$emergency-access"))
+        .json(&json!({"resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "covering the night shift"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    docs.push(r.json().await.unwrap());
+    glass
+        .get(app.url("Communication?recipient=Patient/p9"))
+        .send()
+        .await
+        .unwrap();
     // A user's request, so its AuditEvents carry a user agent with the token id.
     let user = client_with_token(&issue(
         &app.tokens,

@@ -1,0 +1,158 @@
+//! Emergency access ("break the glass", HIPAA §164.312(a)(2)(ii)).
+//!
+//! A clinician who must read a patient's messages outside their own compartment (covering a
+//! colleague in an emergency) asks for it with a reason: `POST /Patient/{id}/$emergency-access`
+//! (Parameters `reason`). The grant is for that user and that patient only, read-only, and lasts
+//! `COURIER_EMERGENCY_ACCESS_MINUTES` (default 60). The grant and everything the user does while
+//! it lasts are audited with purpose `BTG` (HL7 v3 ActReason); `courier emergency list` shows the
+//! grants for the privacy officer's review. Patients and backend services cannot break the glass
+//! (a patient has their own compartment; a system client is not confined to one).
+
+use crate::auth::policy::{self, Access};
+use crate::auth::scopes::Perm;
+use crate::auth::{Principal, SubjectKind};
+use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
+use crate::fhir::AppState;
+use crate::search::dates::{format_instant, now_micros};
+use crate::store::{Store, StoreError};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use diesel::sql_types::{BigInt, Text};
+use diesel::QueryableByName;
+use serde_json::{json, Value};
+
+/// Shortest reason accepted: a word or two is not a justification.
+const MIN_REASON_CHARS: usize = 10;
+
+#[derive(QueryableByName, Debug, Clone)]
+pub struct Grant {
+    #[diesel(sql_type = Text)]
+    pub user_ref: String,
+    #[diesel(sql_type = Text)]
+    pub patient: String,
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    #[diesel(sql_type = BigInt)]
+    pub granted_at: i64,
+    #[diesel(sql_type = BigInt)]
+    pub expires_at: i64,
+}
+
+#[derive(QueryableByName)]
+struct PatientRow {
+    #[diesel(sql_type = Text)]
+    patient: String,
+}
+
+/// The patients `p` holds an active grant for (practitioners only).
+pub fn active(store: &Store, p: &Principal) -> Result<Vec<String>, StoreError> {
+    if p.kind() != SubjectKind::Practitioner {
+        return Ok(vec![]);
+    }
+    let Some(user) = &p.fhir_user else {
+        return Ok(vec![]);
+    };
+    let rows: Vec<PatientRow> = store.query(
+        "SELECT DISTINCT patient FROM emergency_access WHERE user_ref = ? AND expires_at > ?",
+        vec![user.clone().into(), now_micros().into()],
+    )?;
+    Ok(rows.into_iter().map(|r| r.patient).collect())
+}
+
+/// Grants `user` read access to `patient` for `minutes`; returns when it ends.
+pub fn grant(
+    store: &Store,
+    user: &str,
+    patient: &str,
+    reason: &str,
+    minutes: i64,
+) -> Result<i64, StoreError> {
+    let now = now_micros();
+    let until = now + minutes * 60_000_000;
+    store.execute(
+        "INSERT INTO emergency_access (user_ref, patient, reason, granted_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+        vec![user.into(), patient.into(), reason.into(), now.into(), until.into()],
+    )?;
+    Ok(until)
+}
+
+/// Every grant since `since` (microseconds), newest first.
+pub fn list(store: &Store, since: i64) -> Result<Vec<Grant>, StoreError> {
+    store.query(
+        "SELECT user_ref, patient, reason, granted_at, expires_at FROM emergency_access WHERE granted_at >= ? ORDER BY granted_at DESC",
+        vec![since.into()],
+    )
+}
+
+pub async fn request(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let id = path.into_inner();
+    let mut ctx = audit_context(&req, &state);
+    // The grant itself is the first act under it.
+    ctx.emergency = true;
+    let result: Res = async {
+        let p = crate::fhir::access::principal(&req)?;
+        let reads_messages = matches!(
+            policy::decide(&p, &state.store.registry, &state.settings.base_url, "Communication", Perm::Read),
+            Ok(Access::Only(_))
+        );
+        if p.kind() != SubjectKind::Practitioner || !reads_messages {
+            return Err(FhirError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "emergency access is for clinicians (a practitioner's token that reads Communication)",
+            ));
+        }
+        if !fhir_codec::is_valid_id(&id) {
+            return Err(FhirError::bad_request("not a valid Patient id"));
+        }
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|_| FhirError::bad_request("the body must be a Parameters resource (JSON)"))?;
+        let reason = (v["resourceType"] == "Parameters")
+            .then(|| {
+                v["parameter"].as_array().and_then(|ps| {
+                    ps.iter()
+                        .find(|p| p["name"] == "reason")
+                        .and_then(|p| p["valueString"].as_str())
+                })
+            })
+            .flatten()
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string();
+        if reason.chars().count() < MIN_REASON_CHARS {
+            return Err(FhirError::new(
+                StatusCode::BAD_REQUEST,
+                "required",
+                format!("Parameters.reason (valueString, at least {MIN_REASON_CHARS} characters) must say why emergency access is needed"),
+            ));
+        }
+        let user = p.fhir_user.clone().unwrap_or_default();
+        let (store, pid, minutes) = (state.store.clone(), id.clone(), state.settings.emergency_access_minutes);
+        let until = blocking(move || Ok(grant(&store, &user, &pid, &reason, minutes)?)).await?;
+        let body = json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}},
+                {"name": "expires", "valueInstant": format_instant(until)},
+            ]
+        });
+        Ok(HttpResponse::Ok().content_type(FHIR_JSON).body(body.to_string()))
+    }
+    .await;
+    audit_outcome(
+        &state,
+        &ctx,
+        crate::audit::Interaction::Operation,
+        Some(format!("Patient/{id}")),
+        Some(format!("Patient/{id}")),
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
