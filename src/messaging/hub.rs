@@ -61,7 +61,7 @@ impl Hub {
             gate: parking_lot::Mutex::new(()),
         });
         if let Some(url) = postgres_url {
-            listen(url, store.changed.clone());
+            listen(url, Arc::downgrade(&store.changed));
         }
         let h = hub.clone();
         tokio::spawn(async move { h.tail().await });
@@ -218,12 +218,16 @@ pub fn local_ref(reference: &str, base: &str) -> String {
 
 /// PostgreSQL: a thread holding one connection that `LISTEN`s for events committed by any
 /// instance and wakes the tail. Reading notifications is a non-blocking socket read, polled every
-/// 10 ms; a broken connection is re-established.
-fn listen(url: String, wake: Arc<tokio::sync::Notify>) {
+/// 10 ms; a broken connection is re-established. The thread ends (closing its connection) once the
+/// store is gone, so an instance shut down in-process leaves no connection behind.
+fn listen(url: String, wake: std::sync::Weak<tokio::sync::Notify>) {
     use diesel::{Connection, PgConnection, RunQueryDsl};
     std::thread::Builder::new()
         .name("courier-listen".into())
         .spawn(move || loop {
+            if wake.strong_count() == 0 {
+                return;
+            }
             let mut conn = match PgConnection::establish(&url) {
                 Ok(c) => c,
                 Err(e) => {
@@ -240,7 +244,9 @@ fn listen(url: String, wake: Arc<tokio::sync::Notify>) {
                 continue;
             }
             // Whatever was committed while not listening is picked up by the tail's own poll.
-            wake.notify_one();
+            let Some(w) = wake.upgrade() else { return };
+            w.notify_one();
+            drop(w);
             'poll: loop {
                 let mut any = false;
                 for n in conn.notifications_iter() {
@@ -252,8 +258,10 @@ fn listen(url: String, wake: Arc<tokio::sync::Notify>) {
                         }
                     }
                 }
-                if any {
-                    wake.notify_one();
+                match wake.upgrade() {
+                    Some(w) if any => w.notify_one(),
+                    Some(_) => {}
+                    None => return,
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }

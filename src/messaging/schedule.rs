@@ -131,6 +131,9 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
             vec![until.into(), now.into(), now.into(), limit.into()],
         )?
     };
+    // In time order (RETURNING has none), so a repeating schedule's doses are judged in order.
+    let mut claimed = claimed;
+    claimed.sort_by(|a, b| (a.due_at, a.occurrence).cmp(&(b.due_at, b.occurrence)));
     let mut sent = 0;
     for d in claimed {
         if send(store, &d)? {
@@ -172,7 +175,7 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
         // A repeating schedule's occurrence missed while a later one is also due (downtime) is
         // skipped: one "take your 14:00 dose" at 15:00, not a burst of every dose missed.
         let later: Vec<N> = store.query(
-            "SELECT occurrence AS n FROM schedules WHERE request_id = ? AND occurrence > ? AND due_at <= ? AND sent_at IS NULL LIMIT 1",
+            "SELECT occurrence AS n FROM schedules WHERE request_id = ? AND occurrence > ? AND due_at <= ? LIMIT 1",
             vec![d.request_id.clone().into(), d.occurrence.into(), now.into()],
         )?;
         if !later.is_empty() {
