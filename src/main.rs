@@ -411,8 +411,8 @@ fn main() -> anyhow::Result<()> {
             let store = open_store(&settings)?;
             let ctx = courier::audit::Context::job(&store.base_url, "erasure (command line)");
             let s = courier::compliance::purge::erase_patient(&store, &patient, &ctx)?;
-            println!("erased Patient/{patient}: {} resources, {} versions, {} data keys destroyed",
-                s.resources(), s.versions, s.keys_destroyed);
+            println!("erased Patient/{patient}: {} resources, {} versions, {} data keys destroyed; {} messages kept because they are also another patient's",
+                s.resources(), s.versions, s.keys_destroyed, s.shared);
             Ok(())
         }
         Command::Hold(cmd) => {

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 /// How far back (in row ids) the sealer looks for rows that committed late.
 const LOOK_BACK: i64 = 10_000;
-const GENESIS: &str = "courier-audit-chain-v1";
+pub(crate) const GENESIS: &str = "courier-audit-chain-v1";
 
 #[derive(QueryableByName)]
 struct Row {
@@ -55,7 +55,7 @@ struct MaxRow {
     n: Option<i64>,
 }
 
-fn link(prev: &str, vid: i64, id: &str, key_id: &str, body: &[u8]) -> String {
+pub(crate) fn link(prev: &str, vid: i64, id: &str, key_id: &str, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(format!("|{vid}|{id}|{key_id}|").as_bytes());

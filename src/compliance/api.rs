@@ -74,6 +74,7 @@ pub async fn erase(
                 {"name": "resources", "valueInteger": summary.resources()},
                 {"name": "versions", "valueInteger": summary.versions},
                 {"name": "keysDestroyed", "valueInteger": summary.keys_destroyed},
+                {"name": "shared", "valueInteger": summary.shared},
             ]
         });
         Ok(HttpResponse::Ok()

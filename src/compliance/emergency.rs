@@ -25,18 +25,33 @@ use serde_json::{json, Value};
 /// Shortest reason accepted: a word or two is not a justification.
 const MIN_REASON_CHARS: usize = 10;
 
-#[derive(QueryableByName, Debug, Clone)]
+#[derive(Debug, Clone)]
 pub struct Grant {
-    #[diesel(sql_type = Text)]
     pub user_ref: String,
-    #[diesel(sql_type = Text)]
     pub patient: String,
-    #[diesel(sql_type = Text)]
     pub reason: String,
-    #[diesel(sql_type = BigInt)]
     pub granted_at: i64,
-    #[diesel(sql_type = BigInt)]
     pub expires_at: i64,
+}
+
+#[derive(QueryableByName)]
+struct GrantRow {
+    #[diesel(sql_type = Text)]
+    user_ref: String,
+    #[diesel(sql_type = Text)]
+    patient: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    reason: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    granted_at: i64,
+    #[diesel(sql_type = BigInt)]
+    expires_at: i64,
+}
+
+fn aad(user: &str, patient: &str, at: i64) -> String {
+    format!("emergency_access/{user}/{patient}/{at}")
 }
 
 #[derive(QueryableByName)]
@@ -70,19 +85,38 @@ pub fn grant(
 ) -> Result<i64, StoreError> {
     let now = now_micros();
     let until = now + minutes * 60_000_000;
+    let (key_id, sealed) = store.keys.seal(reason.as_bytes(), &aad(user, patient, now));
     store.execute(
-        "INSERT INTO emergency_access (user_ref, patient, reason, granted_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-        vec![user.into(), patient.into(), reason.into(), now.into(), until.into()],
+        "INSERT INTO emergency_access (user_ref, patient, key_id, reason, granted_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+        vec![user.into(), patient.into(), key_id.into(), crate::store::db::Bind::Blob(sealed), now.into(), until.into()],
     )?;
     Ok(until)
 }
 
 /// Every grant since `since` (microseconds), newest first.
 pub fn list(store: &Store, since: i64) -> Result<Vec<Grant>, StoreError> {
-    store.query(
-        "SELECT user_ref, patient, reason, granted_at, expires_at FROM emergency_access WHERE granted_at >= ? ORDER BY granted_at DESC",
+    let rows: Vec<GrantRow> = store.query(
+        "SELECT user_ref, patient, key_id, reason, granted_at, expires_at FROM emergency_access WHERE granted_at >= ? ORDER BY granted_at DESC",
         vec![since.into()],
-    )
+    )?;
+    rows.into_iter()
+        .map(|r| {
+            let reason = store
+                .open_sealed(
+                    &r.key_id,
+                    &r.reason,
+                    &aad(&r.user_ref, &r.patient, r.granted_at),
+                )
+                .map_err(StoreError::Other)?;
+            Ok(Grant {
+                reason: String::from_utf8_lossy(&reason).into_owned(),
+                user_ref: r.user_ref,
+                patient: r.patient,
+                granted_at: r.granted_at,
+                expires_at: r.expires_at,
+            })
+        })
+        .collect()
 }
 
 pub async fn request(

@@ -14,7 +14,6 @@
 //! Each run is itself audited: per class, how many, never what.
 
 use crate::audit::{self, Interaction};
-use crate::compliance::retention::AUDIT;
 use crate::search::dates::now_micros;
 use crate::store::db::{Bind, Conn, Db};
 use crate::store::{Store, StoreError};
@@ -38,7 +37,7 @@ const BATCH: usize = 200;
 /// Delivered outbox rows are kept this long (they only name AuditEvents already at the EHR).
 const OUTBOX_KEEP_MICROS: i64 = 30 * 86_400 * 1_000_000;
 /// The compartment parameters that make a message a patient's (as the access policy has them).
-const PATIENT_PARAMS: [&str; 8] = [
+const PATIENT_PARAMS: [&str; 9] = [
     "Communication.subject",
     "Communication.patient",
     "Communication.sender",
@@ -46,6 +45,7 @@ const PATIENT_PARAMS: [&str; 8] = [
     "CommunicationRequest.subject",
     "CommunicationRequest.patient",
     "CommunicationRequest.requester",
+    "CommunicationRequest.sender",
     "CommunicationRequest.recipient",
 ];
 
@@ -77,20 +77,6 @@ struct RidRow {
     rid: i64,
 }
 
-#[derive(QueryableByName)]
-struct LinkRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-    #[diesel(sql_type = BigInt)]
-    rid: i64,
-    #[diesel(sql_type = Text)]
-    audit_id: String,
-    #[diesel(sql_type = Text)]
-    hash: String,
-    #[diesel(sql_type = BigInt)]
-    last_updated: i64,
-}
-
 /// A legal hold.
 #[derive(QueryableByName, Debug, Clone, serde::Serialize)]
 pub struct Hold {
@@ -113,6 +99,8 @@ pub struct Summary {
     pub keys_destroyed: usize,
     pub audit_links_cut: usize,
     pub outbox_rows: usize,
+    /// Erasure: messages kept because they are also another patient's.
+    pub shared: usize,
     pub dry_run: bool,
 }
 
@@ -276,14 +264,15 @@ fn erase<C: Conn>(
                     id_binds(),
                 )?;
             }
-            "AuditEvent" => {
-                c.execute(
-                    &format!("DELETE FROM outbox WHERE res_type = 'AuditEvent' AND res_id IN ({id_marks})"),
-                    id_binds(),
-                )?;
-            }
             _ => {}
         }
+        // Outbox rows naming them (AuditEvents for the EHRs, messages filed to a chart).
+        let mut binds: Vec<Bind> = vec![(*res_type).into()];
+        binds.extend(id_binds());
+        c.execute(
+            &format!("DELETE FROM outbox WHERE res_type = ? AND res_id IN ({id_marks})"),
+            binds,
+        )?;
     }
     for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
         c.execute(
@@ -353,7 +342,7 @@ fn attached_binaries<C: Conn>(
     }
     let marks = vec!["?"; messages.len()].join(", ");
     let rows: Vec<IdRow> = c.load(
-        &format!("SELECT code AS id FROM idx_token WHERE param = 'Communication.attachment' AND rid IN ({marks})"),
+        &format!("SELECT code AS id FROM idx_token WHERE param IN ('Communication.attachment', 'CommunicationRequest.attachment') AND rid IN ({marks})"),
         messages.iter().map(|r| Bind::Int(*r)).collect(),
     )?;
     Ok(rows
@@ -369,7 +358,7 @@ fn attached_binaries<C: Conn>(
 /// Is Binary `id` attached to a message still stored?
 fn binary_attached<C: Conn>(c: &mut C, base: &str, id: &str) -> Result<bool, StoreError> {
     let rows: Vec<RidRow> = c.load(
-        "SELECT rid FROM idx_token WHERE param = 'Communication.attachment' AND code IN (?, ?) LIMIT 1",
+        "SELECT rid FROM idx_token WHERE param IN ('Communication.attachment', 'CommunicationRequest.attachment') AND code IN (?, ?) LIMIT 1",
         vec![format!("Binary/{id}").into(), format!("{base}/Binary/{id}").into()],
     )?;
     Ok(!rows.is_empty())
@@ -432,7 +421,6 @@ pub fn purge(
         .retention
         .classes
         .iter()
-        .filter(|c| c.class != AUDIT)
         .filter_map(|c| {
             store
                 .retention
@@ -443,7 +431,7 @@ pub fn purge(
     let mut total = 0usize;
     for (class, period) in &classes {
         let n = store.query::<Count>(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE retention_class = ? AND last_updated < ?",
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE retention_class = ? AND last_updated < ? AND res_type <> 'AuditEvent'",
             vec![class.clone().into(), (as_of - period).into()],
         )?[0]
             .n;
@@ -457,7 +445,7 @@ pub fn purge(
         loop {
             let page: Vec<Target> = store.query(
                 "SELECT rid, res_type, fhir_id FROM resources WHERE retention_class = ? AND last_updated < ? AND rid > ? \
-                 ORDER BY rid LIMIT ?",
+                 AND res_type <> 'AuditEvent' ORDER BY rid LIMIT ?",
                 vec![class.clone().into(), cutoff.into(), after.into(), (BATCH as i64).into()],
             )?;
             let Some(last) = page.last() else { break };
@@ -476,16 +464,15 @@ pub fn purge(
                     // Again inside the transaction (locked on PostgreSQL): a resource changed
                     // since the page was read is no longer expired and stays.
                     let still = still_expired(c, &go, &binaries, class, cutoff)?;
-                    let go: Vec<Target> = go
-                        .iter()
-                        .filter(|t| still.contains(&t.rid))
-                        .cloned()
-                        .collect();
-                    let binaries: Vec<Target> = binaries
-                        .iter()
-                        .filter(|t| still.contains(&t.rid))
-                        .cloned()
-                        .collect();
+                    // Holds too: one placed since the purge started counts.
+                    let holds_now: Vec<Hold> = c.load(
+                        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
+                        vec![],
+                    )?;
+                    let held = held_rids(c, &holds_now)?;
+                    let keep = |t: &&Target| still.contains(&t.rid) && !held.contains(&t.rid);
+                    let go: Vec<Target> = go.iter().filter(keep).cloned().collect();
+                    let binaries: Vec<Target> = binaries.iter().filter(keep).cloned().collect();
                     let comms: Vec<&str> = go
                         .iter()
                         .filter(|t| t.res_type == "Communication")
@@ -499,7 +486,12 @@ pub fn purge(
                     }
                     let message_rids: Vec<i64> = all
                         .iter()
-                        .filter(|t| t.res_type == "Communication")
+                        .filter(|t| {
+                            matches!(
+                                t.res_type.as_str(),
+                                "Communication" | "CommunicationRequest"
+                            )
+                        })
                         .map(|t| t.rid)
                         .collect();
                     let attached = attached_binaries(c, &base, &message_rids)?;
@@ -542,14 +534,22 @@ pub fn purge(
         summary.classes.insert(class.clone(), removed);
     }
     // The audit trail: from the start of the chain, as far as it expired.
-    if let Some(period) = store.retention.period(AUDIT) {
+    let audit_class = store
+        .retention
+        .class_of("AuditEvent", &json!({}))
+        .to_string();
+    if let Some(period) = store.retention.period(&audit_class) {
         let (n, links, outbox) = purge_audit(store, as_of - period, dry_run, &ref_keys)?;
-        summary.classes.insert(AUDIT.into(), n);
+        *summary.classes.entry(audit_class.clone()).or_default() += n;
         summary.audit_links_cut = links;
         summary.outbox_rows += outbox;
         if !dry_run {
-            summary.keys_destroyed +=
-                in_write_tx!(store, |c| destroy_keys(store, c, AUDIT, as_of - period))?;
+            summary.keys_destroyed += in_write_tx!(store, |c| destroy_keys(
+                store,
+                c,
+                &audit_class,
+                as_of - period
+            ))?;
         }
     }
     if !dry_run {
@@ -564,101 +564,177 @@ pub fn purge(
     Ok(summary)
 }
 
+#[derive(QueryableByName)]
+struct ChainRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = BigInt)]
+    vid: i64,
+    #[diesel(sql_type = Text)]
+    audit_id: String,
+    #[diesel(sql_type = Text)]
+    hash: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    rid: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    fhir_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    key_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Binary>)]
+    body: Option<Vec<u8>>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    last_updated: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct AnchorRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    hash: String,
+}
+
+/// What one audit-purge step cut: the AuditEvents, the new anchor, outbox rows removed.
+type AuditStep = (Vec<Target>, Option<(i64, String)>, usize);
+
+/// One step of the audit purge, inside a write transaction: from the anchor (locked), up to
+/// `BATCH` links that are intact, expired and not about a held patient; cut them unless `dry`.
+/// A broken link stops the purge with an error: evidence of tampering is never cut away.
+fn audit_step<C: Conn>(
+    store: &Store,
+    c: &mut C,
+    from: Option<(i64, String)>,
+    cutoff: i64,
+    dry: bool,
+    ref_keys: &[String],
+) -> Result<AuditStep, StoreError> {
+    let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
+    let anchor = match from {
+        Some(a) => Some(a),
+        None => c
+            .load::<AnchorRow>(
+                &format!("SELECT seq, hash FROM audit_chain_anchor WHERE id = 1{lock}"),
+                vec![],
+            )?
+            .into_iter()
+            .next()
+            .map(|a| (a.seq, a.hash)),
+    };
+    let (mut seq, mut prev) = anchor.unwrap_or((0, crate::audit::chain::GENESIS.to_string()));
+    let rows: Vec<ChainRow> = c.load(
+        "SELECT c.seq, c.vid, c.audit_id, c.hash, r.rid, r.fhir_id, v.key_id, v.body, v.last_updated \
+         FROM audit_chain c LEFT JOIN resource_versions v ON v.vid = c.vid LEFT JOIN resources r ON r.rid = v.rid \
+         WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
+        vec![seq.into(), (BATCH as i64).into()],
+    )?;
+    // Patients under a hold: their AuditEvents stay, and so does everything after them.
+    let holds: Vec<Hold> = c.load(
+        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
+        vec![],
+    )?;
+    let held_patients: Vec<String> = holds
+        .iter()
+        .filter(|h| h.target.starts_with("Patient/"))
+        .map(|h| h.target.clone())
+        .collect();
+    let mut cut = vec![];
+    for r in rows {
+        let (Some(rid), Some(id), Some(key_id), Some(body), Some(at)) =
+            (r.rid, &r.fhir_id, &r.key_id, &r.body, r.last_updated)
+        else {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "the audit chain is broken at link {} (its AuditEvent row is gone): not cutting it; see `courier audit verify`",
+                r.seq
+            )));
+        };
+        if *id != r.audit_id || crate::audit::chain::link(&prev, r.vid, id, key_id, body) != r.hash
+        {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "the audit chain is broken at link {}: not cutting it; see `courier audit verify`",
+                r.seq
+            )));
+        }
+        if at >= cutoff {
+            break;
+        }
+        if !held_patients.is_empty() {
+            let about: Vec<IdRow> = c.load(
+                "SELECT target_id AS id FROM idx_ref WHERE rid = ? AND param = 'AuditEvent.patient' AND target_type = 'Patient'",
+                vec![rid.into()],
+            )?;
+            if about
+                .iter()
+                .any(|a| held_patients.contains(&format!("Patient/{}", a.id)))
+            {
+                break;
+            }
+        }
+        seq = r.seq;
+        prev = r.hash.clone();
+        cut.push(Target {
+            rid,
+            res_type: "AuditEvent".into(),
+            fhir_id: r.audit_id.clone(),
+        });
+    }
+    if cut.is_empty() {
+        return Ok((cut, None, 0));
+    }
+    let mut outbox = 0;
+    if !dry {
+        let count = "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox";
+        let before = c.load::<Count>(count, vec![])?[0].n;
+        erase(store, c, &cut, ref_keys)?;
+        outbox = (before - c.load::<Count>(count, vec![])?[0].n) as usize;
+        c.execute("DELETE FROM audit_chain WHERE seq <= ?", vec![seq.into()])?;
+        let n = cut.len() as i64;
+        let updated = c.execute(
+            "UPDATE audit_chain_anchor SET seq = ?, hash = ?, cut_at = ?, links_cut = links_cut + ? WHERE id = 1 AND seq < ?",
+            vec![seq.into(), prev.clone().into(), now_micros().into(), n.into(), seq.into()],
+        )?;
+        if updated == 0 {
+            c.execute(
+                "INSERT INTO audit_chain_anchor (id, seq, hash, cut_at, links_cut) VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                vec![seq.into(), prev.clone().into(), now_micros().into(), n.into()],
+            )?;
+        }
+    }
+    Ok((cut, Some((seq, prev)), outbox))
+}
+
 /// Removes the AuditEvents older than `cutoff` from the start of the audit chain (a prefix of it:
-/// the chain must stay verifiable), and moves the chain's anchor past them.
+/// the chain must stay verifiable), checking each link before it goes, and moves the chain's
+/// anchor past them. Stops at the first AuditEvent about a patient under a legal hold.
 fn purge_audit(
     store: &Store,
     cutoff: i64,
     dry_run: bool,
     ref_keys: &[String],
 ) -> Result<(usize, usize, usize), StoreError> {
-    let mut events = 0;
-    let mut links = 0;
-    let mut outbox = 0;
+    let (mut events, mut outbox) = (0, 0);
+    // A dry run carries its own cursor; a real one re-reads the (locked) anchor each step.
+    let mut cursor: Option<(i64, String)> = None;
     loop {
-        let chunk: Vec<LinkRow> = store.query(
-            "SELECT c.seq, r.rid, c.audit_id, c.hash, v.last_updated FROM audit_chain c \
-             JOIN resource_versions v ON v.vid = c.vid JOIN resources r ON r.rid = v.rid \
-             WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
-            vec![anchor_seq(store)?.into(), (BATCH as i64).into()],
-        )?;
-        let expired: Vec<&LinkRow> = chunk
-            .iter()
-            .take_while(|l| l.last_updated < cutoff)
-            .collect();
-        if expired.is_empty() {
+        let from = if dry_run { cursor.clone() } else { None };
+        let (cut, next, o) = in_write_tx!(store, |c| audit_step(
+            store,
+            c,
+            from.clone(),
+            cutoff,
+            dry_run,
+            ref_keys
+        ))?;
+        if cut.is_empty() {
             break;
         }
-        if dry_run {
-            events += expired.len();
-            links += expired.len();
-            if expired.len() < chunk.len() {
-                break;
-            }
-            // A dry run cannot move the anchor: count the rest in one query.
-            let last = expired.last().map_or(0, |l| l.seq);
-            let rest: Vec<LinkRow> = store.query(
-                "SELECT c.seq, r.rid, c.audit_id, c.hash, v.last_updated FROM audit_chain c \
-                 JOIN resource_versions v ON v.vid = c.vid JOIN resources r ON r.rid = v.rid \
-                 WHERE c.seq > ? ORDER BY c.seq",
-                vec![last.into()],
-            )?;
-            let n = rest.iter().take_while(|l| l.last_updated < cutoff).count();
-            events += n;
-            links += n;
-            break;
-        }
-        let last = expired.last().expect("not empty");
-        let targets: Vec<Target> = expired
-            .iter()
-            .map(|l| Target {
-                rid: l.rid,
-                res_type: "AuditEvent".into(),
-                fhir_id: l.audit_id.clone(),
-            })
-            .collect();
-        let (o, n) = in_write_tx!(store, |c| {
-            let before =
-                c.load::<Count>("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox", vec![])?[0].n;
-            erase(store, c, &targets, ref_keys)?;
-            let after =
-                c.load::<Count>("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox", vec![])?[0].n;
-            let n = c.execute(
-                "DELETE FROM audit_chain WHERE seq <= ?",
-                vec![last.seq.into()],
-            )?;
-            let updated = c.execute(
-                "UPDATE audit_chain_anchor SET seq = ?, hash = ?, cut_at = ?, links_cut = links_cut + ? WHERE id = 1",
-                vec![last.seq.into(), last.hash.clone().into(), now_micros().into(), (n as i64).into()],
-            )?;
-            if updated == 0 {
-                c.execute(
-                    "INSERT INTO audit_chain_anchor (id, seq, hash, cut_at, links_cut) VALUES (1, ?, ?, ?, ?)",
-                    vec![last.seq.into(), last.hash.clone().into(), now_micros().into(), (n as i64).into()],
-                )?;
-            }
-            Ok::<_, StoreError>(((before - after) as usize, n))
-        })?;
+        events += cut.len();
         outbox += o;
-        events += targets.len();
-        links += n;
-        if expired.len() < chunk.len() {
+        cursor = next;
+        if cut.len() < BATCH {
             break;
         }
     }
-    Ok((events, links, outbox))
-}
-
-fn anchor_seq(store: &Store) -> Result<i64, StoreError> {
-    #[derive(QueryableByName)]
-    struct Seq {
-        #[diesel(sql_type = BigInt)]
-        seq: i64,
-    }
-    Ok(store
-        .query::<Seq>("SELECT seq FROM audit_chain_anchor WHERE id = 1", vec![])?
-        .first()
-        .map_or(0, |r| r.seq))
+    Ok((events, events, outbox))
 }
 
 /// Records a purge or an erasure as an AuditEvent: per class, how many; never what.
@@ -731,6 +807,78 @@ pub enum EraseError {
     Store(#[from] StoreError),
 }
 
+impl From<diesel::result::Error> for EraseError {
+    fn from(e: diesel::result::Error) -> Self {
+        EraseError::Store(e.into())
+    }
+}
+
+/// Refuses (409) while a hold covers the patient or one of their threads.
+fn check_holds(store: &Store, patient: &str, rids: Option<&[i64]>) -> Result<(), EraseError> {
+    let mut c = store.db.get().map_err(StoreError::from)?;
+    with_conn!(c, |c| check_holds_in(c, patient, rids))
+}
+
+fn check_holds_in<C: Conn>(
+    c: &mut C,
+    patient: &str,
+    rids: Option<&[i64]>,
+) -> Result<(), EraseError> {
+    let holds: Vec<Hold> = c.load(
+        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
+        vec![],
+    )?;
+    if let Some(h) = holds
+        .iter()
+        .find(|h| h.target == format!("Patient/{patient}"))
+    {
+        return Err(EraseError::Held(format!("{} ({})", h.target, h.reason)));
+    }
+    let threads: Vec<Hold> = holds
+        .into_iter()
+        .filter(|h| h.target.starts_with("Communication/"))
+        .collect();
+    if threads.is_empty() {
+        return Ok(());
+    }
+    let held = held_rids(c, &threads)?;
+    let mine = match rids {
+        Some(r) => r.to_vec(),
+        None => compartment_rids(c, patient)?,
+    };
+    if mine.iter().any(|r| held.contains(r)) {
+        return Err(EraseError::Held(
+            "one of the patient's threads is on hold".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Which of `rids` also belong to another patient's compartment.
+fn shared_rids<C: Conn>(
+    c: &mut C,
+    rids: &[i64],
+    patient: &str,
+) -> Result<HashSet<i64>, StoreError> {
+    let mut out = HashSet::new();
+    for chunk in rids.chunks(BATCH) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let pmarks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
+        let mut binds: Vec<Bind> = chunk.iter().map(|r| Bind::Int(*r)).collect();
+        binds.extend(PATIENT_PARAMS.iter().map(|p| Bind::from(*p)));
+        binds.push(patient.into());
+        let rows: Vec<RidRow> = c.load(
+            &format!(
+                "SELECT DISTINCT rid FROM idx_ref WHERE rid IN ({marks}) AND param IN ({pmarks}) \
+                 AND target_type = 'Patient' AND target_id <> ?"
+            ),
+            binds,
+        )?;
+        out.extend(rows.into_iter().map(|r| r.rid));
+    }
+    Ok(out)
+}
+
 /// Erases one patient's messaging data with the purge's thoroughness: the messages and requests
 /// in their compartment, the Binaries only those attach, everything sealed under their keys, their
 /// receipts, escalations and out-of-office marks as a recipient, their subscriptions, EHR
@@ -742,36 +890,42 @@ pub fn erase_patient(
     patient: &str,
     ctx: &audit::Context,
 ) -> Result<Summary, EraseError> {
-    let holds = list_holds(store)?;
     let reference = format!("Patient/{patient}");
     let base = store.base_url.clone();
     let ref_keys = store.registry.reference_keys();
+    check_holds(store, patient, None)?;
+    // New writes about the patient get new keys from now on, so the keys destroyed at the end
+    // cannot be taken up by a write racing with the erasure.
+    store.execute(
+        "UPDATE data_keys SET retired_at = ? WHERE patient = ? AND retired_at IS NULL",
+        vec![now_micros().into(), reference.clone().into()],
+    )?;
     let mut c0 = store.db.get().map_err(StoreError::from)?;
-    let rids = with_conn!(c0, |c| compartment_rids(c, patient))?;
-    let thread_holds: Vec<Hold> = holds
-        .iter()
-        .filter(|h| h.target.starts_with("Communication/"))
-        .cloned()
-        .collect();
-    let held = with_conn!(c0, |c| held_rids(c, &thread_holds))?;
+    let all = with_conn!(c0, |c| compartment_rids(c, patient))?;
+    // A message that is also another patient's stays theirs: it is kept (and counted).
+    let shared = with_conn!(c0, |c| shared_rids(c, &all, patient))?;
     drop(c0);
-    if let Some(h) = holds.iter().find(|h| h.target == reference) {
-        return Err(EraseError::Held(format!("{} ({})", h.target, h.reason)));
-    }
-    if let Some(r) = rids.iter().find(|r| held.contains(r)) {
-        let _ = r;
-        return Err(EraseError::Held(
-            "one of the patient's threads is on hold".into(),
-        ));
-    }
-    let mut summary = Summary::default();
+    let rids: Vec<i64> = all
+        .iter()
+        .copied()
+        .filter(|r| !shared.contains(r))
+        .collect();
+    let mut summary = Summary {
+        shared: shared.len(),
+        ..Default::default()
+    };
     for chunk in rids.chunks(BATCH) {
         let (n, v) = in_write_tx!(store, |c| {
+            // A hold placed since the erasure began stops it here.
+            check_holds_in(c, patient, Some(chunk))?;
             let marks = vec!["?"; chunk.len()].join(", ");
-            let mut targets: Vec<Target> = c.load(
+            let found: Vec<Target> = c.load(
                 &format!("SELECT rid, res_type, fhir_id FROM resources WHERE rid IN ({marks})"),
                 chunk.iter().map(|r| Bind::Int(*r)).collect(),
             )?;
+            // Binaries last, and only those nothing kept attaches.
+            let (own_binaries, mut targets): (Vec<Target>, Vec<Target>) =
+                found.into_iter().partition(|t| t.res_type == "Binary");
             let comms: Vec<String> = targets
                 .iter()
                 .filter(|t| t.res_type == "Communication")
@@ -785,21 +939,28 @@ pub fn erase_patient(
             }
             let messages: Vec<i64> = targets
                 .iter()
-                .filter(|t| t.res_type == "Communication")
+                .filter(|t| {
+                    matches!(
+                        t.res_type.as_str(),
+                        "Communication" | "CommunicationRequest"
+                    )
+                })
                 .map(|t| t.rid)
                 .collect();
-            let binaries = attached_binaries(c, &base, &messages)?;
+            let mut binaries: Vec<String> = attached_binaries(c, &base, &messages)?;
+            binaries.extend(own_binaries.iter().map(|b| b.fhir_id.clone()));
             let mut v = erase(store, c, &targets, &ref_keys)?;
             let mut n = targets.len();
+            let mut done_binaries = HashSet::new();
             for b in binaries {
-                if !binary_attached(c, &base, &b)? {
+                if done_binaries.insert(b.clone()) && !binary_attached(c, &base, &b)? {
                     if let Some(t) = binary_target(c, &b)? {
                         v += erase(store, c, &[t], &ref_keys)?;
                         n += 1;
                     }
                 }
             }
-            Ok::<_, StoreError>((n, v))
+            Ok::<_, EraseError>((n, v))
         })?;
         *summary.classes.entry("patient-data".into()).or_default() += n;
         summary.versions += v;
@@ -831,10 +992,6 @@ pub fn erase_patient(
         c.execute(
             "DELETE FROM subscriptions WHERE owner_patient = ? OR owner_user = ?",
             vec![patient.into(), reference.clone().into()],
-        )?;
-        c.execute(
-            "DELETE FROM emergency_access WHERE patient = ?",
-            vec![patient.into()],
         )?;
         c.execute(
             "DELETE FROM ehr_sessions WHERE patient = ? OR fhir_user = ?",

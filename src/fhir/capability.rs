@@ -71,6 +71,7 @@ pub fn capability_statement(state: &AppState) -> Value {
             "operation": [
                 {"name": "erase", "definition": "https://courier.example.org/fhir/OperationDefinition/Patient-erase"},
                 {"name": "legal-hold", "definition": "https://courier.example.org/fhir/OperationDefinition/legal-hold"},
+                {"name": "emergency-access", "definition": "https://courier.example.org/fhir/OperationDefinition/Patient-emergency-access"},
             ],
         }]
     })

@@ -16,7 +16,7 @@
 //!
 //! - Repeating schedules (medication schedules): `occurrencePeriod` with the `schedule-timing`
 //!   extension and the `tz-code` time zone (see `timing`); one schedule row per occurrence, each
-//!   sent once (identifier `<request id>#<n>`); an occurrence missed while a later one is already
+//!   sent once (identifier `<request id>@<instant>`); an occurrence missed while a later one is already
 //!   due is skipped; the request completes with its last occurrence.
 
 use crate::audit;
@@ -53,7 +53,9 @@ pub fn track<C: Conn>(
                 "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
                 vec![id.into()],
             )?;
-            // One occurrence is number 0 (occurrenceDateTime); a repeating schedule's are 1..n.
+            // One occurrence is number 0 (occurrenceDateTime); a repeating schedule's are numbered
+            // by their instant, so an edited schedule keeps what was sent and sends each new
+            // instant once.
             let numbered: Vec<(i64, i64)> = if due.len() == 1
                 && value
                     .as_ref()
@@ -61,10 +63,7 @@ pub fn track<C: Conn>(
             {
                 vec![(0, due[0])]
             } else {
-                due.iter()
-                    .enumerate()
-                    .map(|(i, d)| (i as i64 + 1, *d))
-                    .collect()
+                due.iter().map(|d| (*d, *d)).collect()
             };
             for (n, at) in numbered {
                 c.execute(
@@ -194,7 +193,7 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
     let ident = if d.occurrence == 0 {
         d.request_id.clone()
     } else {
-        format!("{}#{}", d.request_id, d.occurrence)
+        format!("{}@{}", d.request_id, format_instant(d.occurrence))
     };
     let mut msg = json!({
         "resourceType": "Communication",

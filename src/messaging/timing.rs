@@ -90,7 +90,16 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
             )
         })
         .and_then(|s| instant(s, tz, "CommunicationRequest.occurrencePeriod.start"))?;
+    // A date alone as the end covers that whole day.
     let end = match period["end"].as_str() {
+        Some(s) if s.len() == 10 => {
+            let next = NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.succ_opt())
+                .and_then(|d| local(tz, d, NaiveTime::MIN))
+                .ok_or_else(|| issue("CommunicationRequest.occurrencePeriod.end", "not a date"))?;
+            Some(next - 1)
+        }
         Some(s) => Some(instant(s, tz, "CommunicationRequest.occurrencePeriod.end")?),
         None => None,
     };
@@ -223,10 +232,10 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
                 "occurrences at least a minute apart",
             ));
         }
-        let mut t = start;
-        while t <= end && out.len() < cap {
-            out.push(t);
-            t += step;
+        let mut t = Some(start);
+        while let Some(at) = t.filter(|at| *at <= end && out.len() < cap) {
+            out.push(at);
+            t = at.checked_add(step);
         }
     }
     if out.len() > MAX_OCCURRENCES {
@@ -295,6 +304,12 @@ mod tests {
 
     #[test]
     fn weekdays_count_and_hourly_frequency() {
+        // A date as the end covers that day.
+        let t = plan(
+            json!({"occurrencePeriod": {"start": "2026-11-30", "end": "2026-12-01"},
+            "timing": {"timeOfDay": ["09:00:00", "21:00:00"]}}),
+        );
+        assert_eq!(t.len(), 4);
         let t = plan(json!({"occurrencePeriod": {"start": "2026-11-30"},
             "timing": {"timeOfDay": ["09:00:00"], "dayOfWeek": ["mon", "thu"], "count": 3}}));
         assert_eq!(

@@ -192,9 +192,16 @@ impl Store {
 
     /// Opens data sealed outside the resource store (sessions, subscriptions, Courier's own keys).
     pub fn open_sealed(&self, key_id: &str, sealed: &[u8], aad: &str) -> anyhow::Result<Vec<u8>> {
-        if !self.keys.has(key_id) {
-            let mut c = self.db.get()?;
-            with_conn!(c, |c| self.ensure_key(c, key_id))?;
+        // Twice: the key cache may start over between loading the key and using it.
+        for _ in 0..2 {
+            if !self.keys.has(key_id) {
+                let mut c = self.db.get()?;
+                with_conn!(c, |c| self.ensure_key(c, key_id))?;
+            }
+            match self.keys.open(key_id, sealed, aad) {
+                Err(_) if !self.keys.has(key_id) => continue,
+                r => return r,
+            }
         }
         self.keys.open(key_id, sealed, aad)
     }

@@ -799,10 +799,17 @@ impl Store {
             ),
         };
         let key_id = self.scoped_key(c, &class, &patient, last_updated)?;
-        let sealed = self
-            .keys
-            .seal_with(&key_id, body.as_deref().unwrap_or_default(), &aad)
-            .map_err(StoreError::Other)?;
+        let plain = body.as_deref().unwrap_or_default();
+        let sealed = match self.keys.seal_with(&key_id, plain, &aad) {
+            Ok(s) => s,
+            // The key cache started over between lookup and use: load it again.
+            Err(_) => {
+                self.ensure_key(c, &key_id)?;
+                self.keys
+                    .seal_with(&key_id, plain, &aad)
+                    .map_err(StoreError::Other)?
+            }
+        };
         let rid = match prior {
             Some(h) => {
                 c.execute(
@@ -1277,7 +1284,27 @@ fn scope_patient(res_type: &str, value: &Value) -> Option<String> {
             .as_str()
             .filter(|r| r.starts_with("Patient/"))
             .map(String::from),
-        _ => audit::patient_of(value),
+        // A message of one patient only: one that is also another patient's is sealed under the
+        // unscoped key of its class, so erasing either patient can destroy their keys.
+        _ => {
+            let mut patients: Vec<&str> =
+                ["subject", "patient", "sender", "recipient", "requester"]
+                    .iter()
+                    .flat_map(|f| match &value[*f] {
+                        Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                        v => vec![v],
+                    })
+                    .filter_map(|r| r["reference"].as_str())
+                    .filter(|r| r.starts_with("Patient/"))
+                    .map(|r| r.split("/_history").next().unwrap_or(r))
+                    .collect();
+            patients.sort_unstable();
+            patients.dedup();
+            match patients.as_slice() {
+                [one] => Some(one.to_string()),
+                _ => None,
+            }
+        }
     }
 }
 

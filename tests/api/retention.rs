@@ -403,6 +403,10 @@ both_backends! {
         let photo = app.create(&json!({"resourceType": "Binary", "contentType": "image/png", "data": "iVBORw0KGgo=",
             "securityContext": {"reference": "Patient/p1"}})).await;
         let to_p2 = app.create(&message("Patient/p2", "2026-11-01T10:00:00Z", "for p2")).await;
+        // A message to p1 and p2 is p2's too: it stays.
+        let mut both = message("Patient/p1", "2026-11-01T10:00:00Z", "to both");
+        both["recipient"] = json!([{"reference": "Patient/p1"}, {"reference": "Patient/p2"}]);
+        let both = app.create(&both).await;
         let p1 = patient_token(&app, "p1");
         assert_eq!(p1.post(app.url(&format!("Communication/{to_p1}/$mark-read"))).send().await.unwrap().status(), 200);
 
@@ -430,6 +434,8 @@ both_backends! {
             assert_eq!(app.get(&gone).await.status(), 404, "{gone}");
         }
         assert_eq!(app.get(&format!("Communication/{to_p2}")).await.status(), 200);
+        assert_eq!(app.get(&format!("Communication/{both}")).await.status(), 200, "shared with p2: kept");
+        assert_eq!(out["parameter"][3]["valueInteger"], 1, "{out}");
         assert_eq!(count(&app, "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM data_keys WHERE patient = 'Patient/p1'"), 0);
         assert_eq!(count(&app, "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM receipts WHERE recipient = 'Patient/p1'"), 0);
         // Audited, as an operation on the patient and as the erasure's own record.
@@ -452,8 +458,22 @@ both_backends! {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(sealed >= 5, "sealed {sealed}");
+        // A broken link is never cut away: the purge refuses and changes nothing.
+        #[derive(QueryableByName)]
+        struct Link { #[diesel(sql_type = Text)] hash: String }
+        let second: Link = app.store.query::<Link>("SELECT hash FROM audit_chain ORDER BY seq LIMIT 1 OFFSET 1", vec![]).unwrap().remove(0);
+        app.store.execute("UPDATE audit_chain SET hash = 'forged' WHERE hash = ?", vec![second.hash.clone().into()]).unwrap();
+        let err = purge::purge(&app.store, now_micros() + 10 * DAY, false, None).unwrap_err();
+        assert!(err.to_string().contains("broken at link"), "{err}");
+        app.store.execute("UPDATE audit_chain SET hash = ? WHERE hash = 'forged'", vec![second.hash.into()]).unwrap();
+        // A held patient's AuditEvents stop the cut (it takes a prefix of the chain).
+        assert!(purge::place_hold(&app.store, "Patient/p1", "audit matter").unwrap());
+        let partial = purge::purge(&app.store, now_micros() + 10 * DAY, false, None).unwrap();
+        assert!(partial.audit_links_cut < sealed, "{partial:?}");
+        assert!(matches!(chain::verify(&app.store).unwrap(), Verdict::Intact { .. }));
+        assert!(purge::release_hold(&app.store, "Patient/p1").unwrap());
         let s = purge::purge(&app.store, now_micros() + 10 * DAY, false, None).unwrap();
-        assert!(s.audit_links_cut >= sealed, "{s:?}");
+        assert!(partial.audit_links_cut + s.audit_links_cut >= sealed, "{s:?}");
         assert_eq!(s.classes["audit"], s.audit_links_cut);
         // The chain goes on from its anchor: new events seal onto it and verify holds.
         app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after the cut")).await;

@@ -276,7 +276,7 @@ both_backends! {
         assert_eq!(instant(&sent[0]["extension"][0]["valueDateTime"]), first.fixed_offset(), "due at the local time asked for");
         let late = instant(&sent[0]["sent"]) - first.fixed_offset();
         assert!(late >= Span::zero() && late <= Span::seconds(10), "sent {late:?} after its time");
-        assert!(sent[0]["identifier"][0]["value"].as_str().unwrap().ends_with("#1"));
+        assert!(sent[0]["identifier"][0]["value"].as_str().unwrap().contains('@'));
         // Two more doses are due: the request stays active.
         assert_eq!(app.get_json(&format!("CommunicationRequest/{id}")).await["status"], "active");
         #[derive(diesel::QueryableByName)]
@@ -284,6 +284,14 @@ both_backends! {
         let pending = |app: &TestApp| app.store.query::<N>(
             "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM schedules WHERE request_id = ? AND sent_at IS NULL", vec![id.clone().into()]).unwrap()[0].n;
         assert_eq!(pending(&app), 2);
+        // Edited to add an earlier daily time: what was sent stays sent, the new time already past
+        // today is skipped (a later dose was due), and nothing is sent twice.
+        let mut edited = app.get_json(&format!("CommunicationRequest/{id}")).await;
+        edited["extension"][1]["valueTiming"]["repeat"]["timeOfDay"] = json!(["00:00:01", local.format("%H:%M:%S").to_string()]);
+        assert_eq!(app.put(&format!("CommunicationRequest/{id}"), &edited).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(sent_for(&app, &id).await.len(), 1, "no dose sent twice after an edit");
+        assert_eq!(pending(&app), 4);
         // Revoked: the remaining doses are cancelled.
         let mut revoked = app.get_json(&format!("CommunicationRequest/{id}")).await;
         revoked["status"] = json!("revoked");

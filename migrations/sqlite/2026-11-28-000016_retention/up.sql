@@ -14,6 +14,11 @@ CREATE INDEX events_resource ON events (fhir_id);
 -- Each resource's retention class, set from its current version (category, type).
 ALTER TABLE resources ADD COLUMN retention_class TEXT NOT NULL DEFAULT 'system';
 CREATE INDEX resources_retention ON resources (retention_class, last_updated);
+-- Data stored before retention existed: its class by type (bodies are encrypted, so category
+-- classes cannot be told here: such messages take the longer message class). Its versions stay
+-- sealed under the system key, so the purge deletes them but cannot crypto-erase their copies.
+UPDATE resources SET retention_class = 'message' WHERE res_type IN ('Communication', 'CommunicationRequest', 'Binary');
+UPDATE resources SET retention_class = 'audit' WHERE res_type = 'AuditEvent';
 
 -- Legal holds: a patient (Patient/x) or a thread (Communication/x: the message and what is partOf
 -- it) whose data neither the purge nor an erasure may remove while the hold stands.
