@@ -4,7 +4,10 @@ use std::io::Write;
 
 fn main() {
     println!("cargo:rerun-if-changed=fhir-profiles");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir-profiles");
+    // At run time, not `env!`: a build-script binary shared through one target directory by two
+    // checkouts (worktrees) would otherwise read the other checkout's profiles.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = std::path::Path::new(&manifest).join("fhir-profiles");
     let mut files = Vec::new();
     collect(&root, &mut files);
     files.sort();
