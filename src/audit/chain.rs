@@ -129,6 +129,27 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     Ok(links.len())
 }
 
+const ANCHOR_AAD: &str = "audit_chain_anchor";
+
+#[derive(QueryableByName)]
+struct Anchor {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    hash: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    seal: Vec<u8>,
+}
+
+/// The anchor's seal: "seq|hash" under the system key (AES-GCM authenticates it).
+pub(crate) fn seal_anchor(store: &Store, seq: i64, hash: &str) -> (String, Vec<u8>) {
+    store
+        .keys
+        .seal(format!("{seq}|{hash}").as_bytes(), ANCHOR_AAD)
+}
+
 /// What `verify` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -144,13 +165,26 @@ pub enum Verdict {
 
 /// Walks the whole chain from the start. Blocking.
 pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
-    // After a retention purge the chain starts at its anchor: the hash of the last link removed.
-    let anchor: Vec<Link> = store.query(
-        "SELECT seq, seq AS vid, '' AS audit_id, hash FROM audit_chain_anchor WHERE id = 1",
+    // After a retention purge the chain starts at its anchor: the hash of the last link removed,
+    // sealed so that it cannot be moved by whoever can only write the database.
+    let anchor: Vec<Anchor> = store.query(
+        "SELECT seq, hash, key_id, seal FROM audit_chain_anchor WHERE id = 1",
         vec![],
     )?;
     let (mut prev, mut after) = match anchor.into_iter().next() {
-        Some(a) => (a.hash, a.seq),
+        Some(a) => {
+            let genuine = store
+                .open_sealed(&a.key_id, &a.seal, ANCHOR_AAD)
+                .is_ok_and(|p| p == format!("{}|{}", a.seq, a.hash).as_bytes());
+            if !genuine {
+                return Ok(Verdict::Broken {
+                    seq: a.seq,
+                    audit_id: String::new(),
+                    why: "the chain's anchor (where a retention purge cut it) was altered".into(),
+                });
+            }
+            (a.hash, a.seq)
+        }
         None => (GENESIS.to_string(), 0i64),
     };
     let mut links = 0usize;

@@ -688,14 +688,15 @@ fn audit_step<C: Conn>(
         outbox = (before - c.load::<Count>(count, vec![])?[0].n) as usize;
         c.execute("DELETE FROM audit_chain WHERE seq <= ?", vec![seq.into()])?;
         let n = cut.len() as i64;
+        let (key_id, seal) = crate::audit::chain::seal_anchor(store, seq, &prev);
         let updated = c.execute(
-            "UPDATE audit_chain_anchor SET seq = ?, hash = ?, cut_at = ?, links_cut = links_cut + ? WHERE id = 1 AND seq < ?",
-            vec![seq.into(), prev.clone().into(), now_micros().into(), n.into(), seq.into()],
+            "UPDATE audit_chain_anchor SET seq = ?, hash = ?, cut_at = ?, links_cut = links_cut + ?, key_id = ?, seal = ? WHERE id = 1 AND seq < ?",
+            vec![seq.into(), prev.clone().into(), now_micros().into(), n.into(), key_id.clone().into(), Bind::Blob(seal.clone()), seq.into()],
         )?;
         if updated == 0 {
             c.execute(
-                "INSERT INTO audit_chain_anchor (id, seq, hash, cut_at, links_cut) VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                vec![seq.into(), prev.clone().into(), now_micros().into(), n.into()],
+                "INSERT INTO audit_chain_anchor (id, seq, hash, cut_at, links_cut, key_id, seal) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                vec![seq.into(), prev.clone().into(), now_micros().into(), n.into(), key_id.into(), Bind::Blob(seal)],
             )?;
         }
     }

@@ -30,10 +30,14 @@ CREATE TABLE legal_holds (
 
 -- Where the audit chain starts once the oldest AuditEvents were purged at the end of their
 -- retention: the hash of the last link removed, so verify still checks every remaining link.
+-- `seal` is "seq|hash" sealed (AES-GCM) under the system key named by key_id: whoever can write the
+-- database but not read the master key cannot move the anchor to hide a deleted prefix.
 CREATE TABLE audit_chain_anchor (
     id        BIGINT PRIMARY KEY,
     seq       BIGINT NOT NULL,
     hash      TEXT NOT NULL,
     cut_at    BIGINT NOT NULL,
-    links_cut BIGINT NOT NULL
+    links_cut BIGINT NOT NULL,
+    key_id    TEXT NOT NULL,
+    seal      BLOB NOT NULL
 );
