@@ -275,6 +275,20 @@ pub fn decide(
     Ok(Access::Only(Condition::AnyOf(groups)))
 }
 
+/// Is `p` an administrator for `needs`: a system client (no user) unconfined for each (type,
+/// permission)? For operations that reach across every compartment (export, erasure, holds).
+pub fn is_administrator(
+    p: &Principal,
+    registry: &Registry,
+    base_url: &str,
+    needs: &[(&str, Perm)],
+) -> bool {
+    p.kind() == SubjectKind::System
+        && needs
+            .iter()
+            .all(|(t, perm)| matches!(decide(p, registry, base_url, t, *perm), Ok(Access::All)))
+}
+
 /// Does a resource with these index entries satisfy `c`? The in-memory twin of the SQL in
 /// `search::sql` for the conditions the policy produces (reference, token, any-of); any other
 /// condition is refused rather than guessed.

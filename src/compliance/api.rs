@@ -8,9 +8,9 @@
 //! Anyone else gets 403 and learns nothing about the patient. Both are audited.
 
 use super::purge::{self, EraseError};
-use crate::auth::policy::{self, Access};
+use crate::auth::policy;
 use crate::auth::scopes::Perm;
-use crate::auth::{Principal, SubjectKind};
+use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
 use crate::fhir::AppState;
@@ -25,13 +25,12 @@ const ADMIN_NEEDS: [(&str, Perm); 3] = [
 ];
 
 fn is_admin(p: &Principal, state: &AppState) -> bool {
-    p.kind() == SubjectKind::System
-        && ADMIN_NEEDS.iter().all(|(t, perm)| {
-            matches!(
-                policy::decide(p, &state.store.registry, &state.settings.base_url, t, *perm),
-                Ok(Access::All)
-            )
-        })
+    policy::is_administrator(
+        p,
+        &state.store.registry,
+        &state.settings.base_url,
+        &ADMIN_NEEDS,
+    )
 }
 
 fn forbidden() -> FhirError {

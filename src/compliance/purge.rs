@@ -150,10 +150,16 @@ pub fn release_hold(store: &Store, target: &str) -> Result<bool, StoreError> {
 }
 
 pub fn list_holds(store: &Store) -> Result<Vec<Hold>, StoreError> {
-    store.query(
+    let mut c = store.db.get()?;
+    with_conn!(c, |c| holds_in(c))
+}
+
+/// The holds, read through `c` (inside a transaction: as they stand now).
+fn holds_in<C: Conn>(c: &mut C) -> Result<Vec<Hold>, StoreError> {
+    Ok(c.load(
         "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
         vec![],
-    )
+    )?)
 }
 
 /// The resources (row ids) a set of holds covers: a patient's compartment (and the Binaries its
@@ -316,6 +322,55 @@ fn still_expired<C: Conn>(
     Ok(rows.into_iter().map(|r| r.rid).collect())
 }
 
+/// Erases `targets` with what exists only for them: the escalation requests about their messages,
+/// and the Binaries they (or `binaries`) name that nothing kept attaches. Nothing in `held` goes.
+/// Returns (resources, versions) removed.
+fn erase_with_dependents<C: Conn>(
+    store: &Store,
+    c: &mut C,
+    mut targets: Vec<Target>,
+    binaries: Vec<String>,
+    held: &HashSet<i64>,
+    base: &str,
+    ref_keys: &[String],
+) -> Result<(usize, usize), StoreError> {
+    let comms: Vec<String> = targets
+        .iter()
+        .filter(|t| t.res_type == "Communication")
+        .map(|t| t.fhir_id.clone())
+        .collect();
+    let comm_refs: Vec<&str> = comms.iter().map(String::as_str).collect();
+    for t in escalation_requests(c, &comm_refs)? {
+        if !held.contains(&t.rid) && !targets.iter().any(|a| a.rid == t.rid) {
+            targets.push(t);
+        }
+    }
+    let messages: Vec<i64> = targets
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.res_type.as_str(),
+                "Communication" | "CommunicationRequest"
+            )
+        })
+        .map(|t| t.rid)
+        .collect();
+    let mut candidates = attached_binaries(c, base, &messages)?;
+    candidates.extend(binaries);
+    let mut v = erase(store, c, &targets, ref_keys)?;
+    let mut n = targets.len();
+    let mut seen = HashSet::new();
+    for b in candidates {
+        if seen.insert(b.clone()) && !binary_attached(c, base, &b)? {
+            if let Some(t) = binary_target(c, &b)?.filter(|t| !held.contains(&t.rid)) {
+                v += erase(store, c, &[t], ref_keys)?;
+                n += 1;
+            }
+        }
+    }
+    Ok((n, v))
+}
+
 /// The escalation requests about `comms` (they exist only for those messages): erased with them.
 fn escalation_requests<C: Conn>(c: &mut C, comms: &[&str]) -> Result<Vec<Target>, StoreError> {
     if comms.is_empty() {
@@ -465,59 +520,17 @@ pub fn purge(
                     // since the page was read is no longer expired and stays.
                     let still = still_expired(c, &go, &binaries, class, cutoff)?;
                     // Holds too: one placed since the purge started counts.
-                    let holds_now: Vec<Hold> = c.load(
-                        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
-                        vec![],
-                    )?;
+                    let holds_now = holds_in(c)?;
                     let held = held_rids(c, &holds_now)?;
                     let keep = |t: &&Target| still.contains(&t.rid) && !held.contains(&t.rid);
                     let go: Vec<Target> = go.iter().filter(keep).cloned().collect();
-                    let binaries: Vec<Target> = binaries.iter().filter(keep).cloned().collect();
-                    let comms: Vec<&str> = go
+                    let binaries: Vec<String> = binaries
                         .iter()
-                        .filter(|t| t.res_type == "Communication")
-                        .map(|t| t.fhir_id.as_str())
+                        .filter(keep)
+                        .map(|b| b.fhir_id.clone())
                         .collect();
-                    let mut all = go.clone();
-                    for t in escalation_requests(c, &comms)? {
-                        if !held.contains(&t.rid) && !all.iter().any(|a| a.rid == t.rid) {
-                            all.push(t);
-                        }
-                    }
-                    let message_rids: Vec<i64> = all
-                        .iter()
-                        .filter(|t| {
-                            matches!(
-                                t.res_type.as_str(),
-                                "Communication" | "CommunicationRequest"
-                            )
-                        })
-                        .map(|t| t.rid)
-                        .collect();
-                    let attached = attached_binaries(c, &base, &message_rids)?;
-                    let mut v = erase(store, c, &all, &ref_keys)?;
-                    let mut n = all.len();
-                    // The Binaries they attach go with them, unless something kept attaches them;
-                    // expired Binaries of the class go when nothing attaches them.
-                    let mut free: Vec<Target> = vec![];
-                    for id in attached {
-                        if !binary_attached(c, &base, &id)? {
-                            if let Some(t) = binary_target(c, &id)? {
-                                if !held.contains(&t.rid) && !free.iter().any(|f| f.rid == t.rid) {
-                                    free.push(t);
-                                }
-                            }
-                        }
-                    }
-                    for b in &binaries {
-                        if !binary_attached(c, &base, &b.fhir_id)?
-                            && !free.iter().any(|f| f.rid == b.rid)
-                        {
-                            free.push(b.clone());
-                        }
-                    }
-                    v += erase(store, c, &free, &ref_keys)?;
-                    n += free.len();
+                    let (n, v) =
+                        erase_with_dependents(store, c, go, binaries, &held, &base, &ref_keys)?;
                     Ok::<_, StoreError>((n, v))
                 })?;
                 removed += n;
@@ -628,10 +641,7 @@ fn audit_step<C: Conn>(
         vec![seq.into(), (BATCH as i64).into()],
     )?;
     // Patients under a hold: their AuditEvents stay, and so does everything after them.
-    let holds: Vec<Hold> = c.load(
-        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
-        vec![],
-    )?;
+    let holds = holds_in(c)?;
     let held_patients: Vec<String> = holds
         .iter()
         .filter(|h| h.target.starts_with("Patient/"))
@@ -825,10 +835,7 @@ fn check_holds_in<C: Conn>(
     patient: &str,
     rids: Option<&[i64]>,
 ) -> Result<(), EraseError> {
-    let holds: Vec<Hold> = c.load(
-        "SELECT target, reason, created_at FROM legal_holds ORDER BY target",
-        vec![],
-    )?;
+    let holds = holds_in(c)?;
     if let Some(h) = holds
         .iter()
         .find(|h| h.target == format!("Patient/{patient}"))
@@ -925,42 +932,12 @@ pub fn erase_patient(
                 chunk.iter().map(|r| Bind::Int(*r)).collect(),
             )?;
             // Binaries last, and only those nothing kept attaches.
-            let (own_binaries, mut targets): (Vec<Target>, Vec<Target>) =
+            let (own_binaries, targets): (Vec<Target>, Vec<Target>) =
                 found.into_iter().partition(|t| t.res_type == "Binary");
-            let comms: Vec<String> = targets
-                .iter()
-                .filter(|t| t.res_type == "Communication")
-                .map(|t| t.fhir_id.clone())
-                .collect();
-            let comm_refs: Vec<&str> = comms.iter().map(String::as_str).collect();
-            for t in escalation_requests(c, &comm_refs)? {
-                if !targets.iter().any(|a| a.rid == t.rid) {
-                    targets.push(t);
-                }
-            }
-            let messages: Vec<i64> = targets
-                .iter()
-                .filter(|t| {
-                    matches!(
-                        t.res_type.as_str(),
-                        "Communication" | "CommunicationRequest"
-                    )
-                })
-                .map(|t| t.rid)
-                .collect();
-            let mut binaries: Vec<String> = attached_binaries(c, &base, &messages)?;
-            binaries.extend(own_binaries.iter().map(|b| b.fhir_id.clone()));
-            let mut v = erase(store, c, &targets, &ref_keys)?;
-            let mut n = targets.len();
-            let mut done_binaries = HashSet::new();
-            for b in binaries {
-                if done_binaries.insert(b.clone()) && !binary_attached(c, &base, &b)? {
-                    if let Some(t) = binary_target(c, &b)? {
-                        v += erase(store, c, &[t], &ref_keys)?;
-                        n += 1;
-                    }
-                }
-            }
+            let binaries = own_binaries.into_iter().map(|b| b.fhir_id).collect();
+            let none = HashSet::new();
+            let (n, v) =
+                erase_with_dependents(store, c, targets, binaries, &none, &base, &ref_keys)?;
             Ok::<_, EraseError>((n, v))
         })?;
         *summary.classes.entry("patient-data".into()).or_default() += n;

@@ -143,13 +143,12 @@ fn allowed(p: &Principal, patient: &str, state: &AppState) -> bool {
     if p.kind() == SubjectKind::Patient {
         return p.fhir_user.as_deref() == Some(&format!("Patient/{patient}"));
     }
-    p.kind() == SubjectKind::System
-        && ADMIN_NEEDS.iter().all(|(t, perm)| {
-            matches!(
-                policy::decide(p, &state.store.registry, &state.settings.base_url, t, *perm),
-                Ok(Access::All)
-            )
-        })
+    policy::is_administrator(
+        p,
+        &state.store.registry,
+        &state.settings.base_url,
+        &ADMIN_NEEDS,
+    )
 }
 
 pub async fn patient_everything(
