@@ -1,10 +1,12 @@
 //! The tamper-evident audit chain.
 //!
 //! The leader seals every stored AuditEvent version, in the order it finds them, into one global
-//! chain: `hash = SHA-256(previous hash | vid | id | key id | SHA-256(ciphertext))`. It hashes the
-//! row exactly as stored (never re-serialised JSON), so any edit of a sealed row, its replacement
-//! by another valid row, or its deletion breaks the chain; `courier audit verify` walks it and
-//! names the first broken link.
+//! chain: `hash = HMAC-SHA-256(chain key, previous hash | vid | id | key id | SHA-256(ciphertext))`.
+//! It hashes the row exactly as stored (never re-serialised JSON), so any edit of a sealed row, its
+//! replacement by another valid row, or its deletion breaks the chain; `courier audit verify` walks
+//! it and names the first broken link. The chain key is random, kept sealed under Courier's system
+//! key (so under the master key): someone who can write the database but not read the master key
+//! cannot recompute the links after an edit.
 //!
 //! Why global, and why sealed after the fact: a link computed inside each write's transaction
 //! would have to serialise every audited transaction (reads included) across all instances on
@@ -55,12 +57,73 @@ struct MaxRow {
     n: Option<i64>,
 }
 
-pub(crate) fn link(prev: &str, vid: i64, id: &str, key_id: &str, body: &[u8]) -> String {
-    let mut h = Sha256::new();
+pub(crate) fn link(
+    key: &[u8],
+    prev: &str,
+    vid: i64,
+    id: &str,
+    key_id: &str,
+    body: &[u8],
+) -> String {
+    use hmac::{Hmac, Mac};
+    let mut h = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     h.update(prev.as_bytes());
     h.update(format!("|{vid}|{id}|{key_id}|").as_bytes());
-    h.update(Sha256::digest(body));
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    h.update(&Sha256::digest(body));
+    h.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[derive(QueryableByName)]
+struct ChainKey {
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    seal: Vec<u8>,
+}
+
+const CHAIN_KEY_AAD: &str = "audit_chain_key";
+
+/// The chain's HMAC key: made (random, sealed under the system key) by the first instance that
+/// needs it, then read and kept in memory.
+pub(crate) fn chain_key(store: &Store) -> Result<Vec<u8>, StoreError> {
+    if let Some(k) = store.chain_key.get() {
+        return Ok(k.clone());
+    }
+    let read = |store: &Store| -> Result<Option<Vec<u8>>, StoreError> {
+        let rows: Vec<ChainKey> = store.query(
+            "SELECT key_id, seal FROM audit_chain_key WHERE id = 1",
+            vec![],
+        )?;
+        rows.into_iter()
+            .next()
+            .map(|r| {
+                store
+                    .open_sealed(&r.key_id, &r.seal, CHAIN_KEY_AAD)
+                    .map_err(StoreError::Other)
+            })
+            .transpose()
+    };
+    let key = match read(store)? {
+        Some(k) => k,
+        None => {
+            use rand::RngCore;
+            let mut k = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut k);
+            let (key_id, seal) = store.keys.seal(&k, CHAIN_KEY_AAD);
+            store.execute(
+                "INSERT INTO audit_chain_key (id, key_id, seal) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
+                vec![key_id.into(), crate::store::db::Bind::Blob(seal)],
+            )?;
+            // Another instance may have won the insert: use what is stored.
+            read(store)?.ok_or_else(|| StoreError::Other(anyhow::anyhow!("no audit chain key")))?
+        }
+    };
+    let _ = store.chain_key.set(key.clone());
+    Ok(key)
 }
 
 fn last_link(store: &Store) -> Result<Option<Link>, StoreError> {
@@ -87,6 +150,7 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     if rows.is_empty() {
         return Ok(0);
     }
+    let key = chain_key(store)?;
     let mut prev = match last_link(store)? {
         Some(l) => l.hash,
         // Every link was cut by the retention purge: the chain goes on from its anchor.
@@ -102,7 +166,7 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let now = now_micros();
     let mut links = Vec::with_capacity(rows.len());
     for r in &rows {
-        let hash = link(&prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
+        let hash = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
         links.push((r.vid, r.fhir_id.clone(), hash.clone()));
         prev = hash;
     }
@@ -143,6 +207,23 @@ struct Anchor {
     seal: Vec<u8>,
 }
 
+/// Does the anchor's seal hold "seq|hash"? `Err` when it cannot be checked (a database or key
+/// problem), `Ok(false)` when it was altered.
+pub(crate) fn anchor_genuine(
+    store: &Store,
+    seq: i64,
+    hash: &str,
+    key_id: &str,
+    seal: &[u8],
+) -> Result<bool, StoreError> {
+    match store.open_sealed(key_id, seal, ANCHOR_AAD) {
+        Ok(p) => Ok(p == format!("{seq}|{hash}").as_bytes()),
+        Err(e) if e.to_string().contains("failed authentication") => Ok(false),
+        Err(e) if e.to_string().contains("destroyed") => Ok(false),
+        Err(e) => Err(StoreError::Other(e)),
+    }
+}
+
 /// The anchor's seal: "seq|hash" under the system key (AES-GCM authenticates it).
 pub(crate) fn seal_anchor(store: &Store, seq: i64, hash: &str) -> (String, Vec<u8>) {
     store
@@ -167,16 +248,14 @@ pub enum Verdict {
 pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
     // After a retention purge the chain starts at its anchor: the hash of the last link removed,
     // sealed so that it cannot be moved by whoever can only write the database.
+    let key = chain_key(store)?;
     let anchor: Vec<Anchor> = store.query(
         "SELECT seq, hash, key_id, seal FROM audit_chain_anchor WHERE id = 1",
         vec![],
     )?;
     let (mut prev, mut after) = match anchor.into_iter().next() {
         Some(a) => {
-            let genuine = store
-                .open_sealed(&a.key_id, &a.seal, ANCHOR_AAD)
-                .is_ok_and(|p| p == format!("{}|{}", a.seq, a.hash).as_bytes());
-            if !genuine {
+            if !anchor_genuine(store, a.seq, &a.hash, &a.key_id, &a.seal)? {
                 return Ok(Verdict::Broken {
                     seq: a.seq,
                     audit_id: String::new(),
@@ -215,7 +294,7 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
                     why: format!("the row now belongs to AuditEvent/{}", r.fhir_id),
                 });
             }
-            let expect = link(&prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
+            let expect = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
             if expect != l.hash {
                 return Ok(Verdict::Broken {
                     seq: l.seq,

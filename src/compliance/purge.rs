@@ -189,7 +189,7 @@ fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, Store
     binds.push(format!("Patient/{patient}").into());
     let rows: Vec<RidRow> = c.load(
         &format!(
-            "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = 'Patient' AND target_id = ? \
+            "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = 'Patient' AND target_id = ? AND url IS NULL \
              UNION SELECT v.rid FROM resource_versions v JOIN data_keys k ON k.key_id = v.key_id WHERE k.patient = ?"
         ),
         binds,
@@ -605,6 +605,10 @@ struct AnchorRow {
     seq: i64,
     #[diesel(sql_type = Text)]
     hash: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    seal: Vec<u8>,
 }
 
 /// What one audit-purge step cut: the AuditEvents, the new anchor, outbox rows removed.
@@ -616,6 +620,7 @@ type AuditStep = (Vec<Target>, Option<(i64, String)>, usize);
 fn audit_step<C: Conn>(
     store: &Store,
     c: &mut C,
+    chain_key: &[u8],
     from: Option<(i64, String)>,
     cutoff: i64,
     dry: bool,
@@ -624,14 +629,23 @@ fn audit_step<C: Conn>(
     let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
     let anchor = match from {
         Some(a) => Some(a),
-        None => c
+        None => match c
             .load::<AnchorRow>(
-                &format!("SELECT seq, hash FROM audit_chain_anchor WHERE id = 1{lock}"),
+                &format!("SELECT seq, hash, key_id, seal FROM audit_chain_anchor WHERE id = 1{lock}"),
                 vec![],
             )?
             .into_iter()
             .next()
-            .map(|a| (a.seq, a.hash)),
+        {
+            // An anchor that was moved by hand is never built on (that would launder it).
+            Some(a) if !crate::audit::chain::anchor_genuine(store, a.seq, &a.hash, &a.key_id, &a.seal)? => {
+                return Err(StoreError::Other(anyhow::anyhow!(
+                    "the audit chain's anchor was altered: not cutting it; see `courier audit verify`"
+                )))
+            }
+            Some(a) => Some((a.seq, a.hash)),
+            None => None,
+        },
     };
     let (mut seq, mut prev) = anchor.unwrap_or((0, crate::audit::chain::GENESIS.to_string()));
     let rows: Vec<ChainRow> = c.load(
@@ -642,11 +656,26 @@ fn audit_step<C: Conn>(
     )?;
     // Patients under a hold: their AuditEvents stay, and so does everything after them.
     let holds = holds_in(c)?;
-    let held_patients: Vec<String> = holds
+    // What is held, as the references an AuditEvent names: the patients, and every message of a
+    // held thread.
+    let mut held_refs: HashSet<String> = holds
         .iter()
         .filter(|h| h.target.starts_with("Patient/"))
         .map(|h| h.target.clone())
         .collect();
+    for h in holds
+        .iter()
+        .filter(|h| h.target.starts_with("Communication/"))
+    {
+        let id = h.target.trim_start_matches("Communication/");
+        held_refs.insert(h.target.clone());
+        let parts: Vec<IdRow> = c.load(
+            "SELECT r.fhir_id AS id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+             WHERE x.param = 'Communication.part-of' AND x.target_type = 'Communication' AND x.target_id = ?",
+            vec![id.into()],
+        )?;
+        held_refs.extend(parts.into_iter().map(|p| format!("Communication/{}", p.id)));
+    }
     let mut cut = vec![];
     for r in rows {
         let (Some(rid), Some(id), Some(key_id), Some(body), Some(at)) =
@@ -657,7 +686,8 @@ fn audit_step<C: Conn>(
                 r.seq
             )));
         };
-        if *id != r.audit_id || crate::audit::chain::link(&prev, r.vid, id, key_id, body) != r.hash
+        if *id != r.audit_id
+            || crate::audit::chain::link(chain_key, &prev, r.vid, id, key_id, body) != r.hash
         {
             return Err(StoreError::Other(anyhow::anyhow!(
                 "the audit chain is broken at link {}: not cutting it; see `courier audit verify`",
@@ -667,15 +697,14 @@ fn audit_step<C: Conn>(
         if at >= cutoff {
             break;
         }
-        if !held_patients.is_empty() {
+        if !held_refs.is_empty() {
             let about: Vec<IdRow> = c.load(
-                "SELECT target_id AS id FROM idx_ref WHERE rid = ? AND param = 'AuditEvent.patient' AND target_type = 'Patient'",
+                "SELECT target_type || '/' || target_id AS id FROM idx_ref \
+                 WHERE rid = ? AND param IN ('AuditEvent.patient', 'AuditEvent.entity') \
+                 AND target_type IS NOT NULL AND target_id IS NOT NULL",
                 vec![rid.into()],
             )?;
-            if about
-                .iter()
-                .any(|a| held_patients.contains(&format!("Patient/{}", a.id)))
-            {
+            if about.iter().any(|a| held_refs.contains(&a.id)) {
                 break;
             }
         }
@@ -725,11 +754,14 @@ fn purge_audit(
     let (mut events, mut outbox) = (0, 0);
     // A dry run carries its own cursor; a real one re-reads the (locked) anchor each step.
     let mut cursor: Option<(i64, String)> = None;
+    // Read (or made) before any write transaction: on SQLite that needs the writer.
+    let chain_key = crate::audit::chain::chain_key(store)?;
     loop {
         let from = if dry_run { cursor.clone() } else { None };
         let (cut, next, o) = in_write_tx!(store, |c| audit_step(
             store,
             c,
+            &chain_key,
             from.clone(),
             cutoff,
             dry_run,
@@ -878,7 +910,7 @@ fn shared_rids<C: Conn>(
         let rows: Vec<RidRow> = c.load(
             &format!(
                 "SELECT DISTINCT rid FROM idx_ref WHERE rid IN ({marks}) AND param IN ({pmarks}) \
-                 AND target_type = 'Patient' AND target_id <> ?"
+                 AND target_type = 'Patient' AND target_id <> ? AND url IS NULL"
             ),
             binds,
         )?;
@@ -935,9 +967,12 @@ pub fn erase_patient(
             let (own_binaries, targets): (Vec<Target>, Vec<Target>) =
                 found.into_iter().partition(|t| t.res_type == "Binary");
             let binaries = own_binaries.into_iter().map(|b| b.fhir_id).collect();
-            let none = HashSet::new();
+            // Another patient's hold keeps what it covers (a Binary only this patient's message
+            // attached, say).
+            let holds = holds_in(c)?;
+            let held = held_rids(c, &holds)?;
             let (n, v) =
-                erase_with_dependents(store, c, targets, binaries, &none, &base, &ref_keys)?;
+                erase_with_dependents(store, c, targets, binaries, &held, &base, &ref_keys)?;
             Ok::<_, EraseError>((n, v))
         })?;
         *summary.classes.entry("patient-data".into()).or_default() += n;
@@ -987,11 +1022,25 @@ pub fn erase_patient(
             "DELETE FROM identities WHERE courier_ref = ?",
             vec![reference.clone().into()],
         )?;
-        // Crypto-erase: the patient's keys seal nothing stored any more.
+        // Kept messages (shared with another patient) no longer name this one in the index, so a
+        // later erasure of the other patient does not count them as shared with this one.
+        let pmarks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
+        let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| Bind::from(*p)).collect();
+        binds.push(patient.into());
+        c.execute(
+            &format!("DELETE FROM idx_ref WHERE param IN ({pmarks}) AND target_type = 'Patient' AND target_id = ? AND url IS NULL"),
+            binds,
+        )?;
+        // Crypto-erase: what is kept but still sealed under the patient's keys (an older version
+        // of a message later shared, a Binary a kept message attaches) is sealed again under its
+        // class's unscoped key, so the patient's keys seal nothing stored any more.
         let keys: Vec<IdRow> = c.load(
             "SELECT key_id AS id FROM data_keys WHERE patient = ?",
             vec![reference.clone().into()],
         )?;
+        for k in &keys {
+            store.reseal_unscoped(c, &k.id)?;
+        }
         let mut n = 0;
         for k in keys {
             if store.destroy_key_if_unused(c, &k.id)? {

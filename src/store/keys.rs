@@ -318,6 +318,53 @@ impl Store {
         Ok(rows.into_iter().next().and_then(|r| r.n))
     }
 
+    /// Seals every version still under data key `key_id` again, under the unscoped key of its
+    /// resource's class (inside `c`'s transaction): so the key can be destroyed while its data stays.
+    pub(crate) fn reseal_unscoped<C: Conn>(
+        &self,
+        c: &mut C,
+        key_id: &str,
+    ) -> Result<usize, StoreError> {
+        #[derive(QueryableByName)]
+        struct Sealed {
+            #[diesel(sql_type = BigInt)]
+            vid: i64,
+            #[diesel(sql_type = Text)]
+            res_type: String,
+            #[diesel(sql_type = Text)]
+            fhir_id: String,
+            #[diesel(sql_type = BigInt)]
+            version_id: i64,
+            #[diesel(sql_type = diesel::sql_types::Binary)]
+            body: Vec<u8>,
+            #[diesel(sql_type = Text)]
+            retention_class: String,
+        }
+        let rows: Vec<Sealed> = c.load(
+            "SELECT v.vid, v.res_type, r.fhir_id, v.version_id, v.body, r.retention_class \
+             FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.key_id = ?",
+            vec![key_id.into()],
+        )?;
+        self.ensure_key(c, key_id)?;
+        for r in &rows {
+            let aad = format!("{}/{}/{}", r.res_type, r.fhir_id, r.version_id);
+            let plain = self
+                .keys
+                .open(key_id, &r.body, &aad)
+                .map_err(StoreError::Other)?;
+            let to = self.scoped_key(c, &r.retention_class, "", now_micros())?;
+            let sealed = self
+                .keys
+                .seal_with(&to, &plain, &aad)
+                .map_err(StoreError::Other)?;
+            c.execute(
+                "UPDATE resource_versions SET key_id = ?, body = ? WHERE vid = ?",
+                vec![to.into(), Bind::Blob(sealed), r.vid.into()],
+            )?;
+        }
+        Ok(rows.len())
+    }
+
     /// Destroys data key `key_id` if nothing sealed under it remains (inside `c`'s transaction).
     /// Returns whether it was destroyed.
     pub(crate) fn destroy_key_if_unused<C: Conn>(

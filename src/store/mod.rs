@@ -314,6 +314,8 @@ pub struct Store {
     pub retention: crate::compliance::retention::Policy,
     /// The master key file, re-read when a data key is wrapped by a master key not known here.
     pub key_file: Option<std::path::PathBuf>,
+    /// The audit chain's HMAC key, once loaded (see `audit::chain`).
+    pub chain_key: std::sync::OnceLock<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -362,6 +364,7 @@ impl Store {
             changed: Arc::new(tokio::sync::Notify::new()),
             retention,
             key_file,
+            chain_key: std::sync::OnceLock::new(),
         };
         store.load_keys()?;
         Ok(store)
@@ -789,7 +792,7 @@ impl Store {
                 let patient = if class == crate::compliance::retention::SYSTEM {
                     String::new()
                 } else {
-                    scope_patient(res_type, &r.value).unwrap_or_default()
+                    scope_patient(res_type, &r.value, &self.base_url).unwrap_or_default()
                 };
                 (class, patient)
             }
@@ -1277,17 +1280,23 @@ fn multi_insert<C: Conn>(
 /// The patient whose data key seals a resource: a message's patient (subject, sender, recipient),
 /// a Binary's `securityContext` patient. AuditEvents are sealed per month, not per patient: the
 /// audit trail outlives an erasure (its own retention, GDPR Art. 17(3)(b)).
-fn scope_patient(res_type: &str, value: &Value) -> Option<String> {
+fn scope_patient(res_type: &str, value: &Value, base_url: &str) -> Option<String> {
+    // A reference to a Patient of this server (relative, or absolute under the base URL).
+    let local_patient = |r: &str| {
+        index::parse_reference(r, base_url)
+            .filter(|p| p.url.is_none() && p.target_type.as_deref() == Some("Patient"))
+            .and_then(|p| p.target_id)
+            .map(|id| format!("Patient/{id}"))
+    };
     match res_type {
         "AuditEvent" => None,
         "Binary" => value["securityContext"]["reference"]
             .as_str()
-            .filter(|r| r.starts_with("Patient/"))
-            .map(String::from),
+            .and_then(local_patient),
         // A message of one patient only: one that is also another patient's is sealed under the
         // unscoped key of its class, so erasing either patient can destroy their keys.
         _ => {
-            let mut patients: Vec<&str> =
+            let mut patients: Vec<String> =
                 ["subject", "patient", "sender", "recipient", "requester"]
                     .iter()
                     .flat_map(|f| match &value[*f] {
@@ -1295,13 +1304,12 @@ fn scope_patient(res_type: &str, value: &Value) -> Option<String> {
                         v => vec![v],
                     })
                     .filter_map(|r| r["reference"].as_str())
-                    .filter(|r| r.starts_with("Patient/"))
-                    .map(|r| r.split("/_history").next().unwrap_or(r))
+                    .filter_map(local_patient)
                     .collect();
             patients.sort_unstable();
             patients.dedup();
             match patients.as_slice() {
-                [one] => Some(one.to_string()),
+                [one] => Some(one.clone()),
                 _ => None,
             }
         }

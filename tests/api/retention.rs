@@ -403,6 +403,11 @@ both_backends! {
         let photo = app.create(&json!({"resourceType": "Binary", "contentType": "image/png", "data": "iVBORw0KGgo=",
             "securityContext": {"reference": "Patient/p1"}})).await;
         let to_p2 = app.create(&message("Patient/p2", "2026-11-01T10:00:00Z", "for p2")).await;
+        // A message first to p1 alone (sealed under p1's key), then also addressed to p2.
+        let later_shared = app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "first p1 only")).await;
+        let mut v2 = app.get_json(&format!("Communication/{later_shared}")).await;
+        v2["recipient"] = json!([{"reference": "Patient/p1"}, {"reference": "Patient/p2"}]);
+        assert_eq!(app.put(&format!("Communication/{later_shared}"), &v2).await.status(), 200);
         // A message to p1 and p2 is p2's too: it stays.
         let mut both = message("Patient/p1", "2026-11-01T10:00:00Z", "to both");
         both["recipient"] = json!([{"reference": "Patient/p1"}, {"reference": "Patient/p2"}]);
@@ -435,7 +440,9 @@ both_backends! {
         }
         assert_eq!(app.get(&format!("Communication/{to_p2}")).await.status(), 200);
         assert_eq!(app.get(&format!("Communication/{both}")).await.status(), 200, "shared with p2: kept");
-        assert_eq!(out["parameter"][3]["valueInteger"], 1, "{out}");
+        assert_eq!(out["parameter"][3]["valueInteger"], 2, "{out}");
+        // Its first version, sealed under p1's key, was sealed again: p1's keys are gone, it reads.
+        assert_eq!(app.get(&format!("Communication/{later_shared}/_history/1")).await.status(), 200);
         assert_eq!(count(&app, "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM data_keys WHERE patient = 'Patient/p1'"), 0);
         assert_eq!(count(&app, "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM receipts WHERE recipient = 'Patient/p1'"), 0);
         // Audited, as an operation on the patient and as the erasure's own record.
@@ -485,6 +492,42 @@ both_backends! {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(ok, "{:?}", chain::verify(&app.store).unwrap());
+        // Deleting a row and recomputing the later links without the chain's key is caught.
+        {
+            use sha2::{Digest, Sha256};
+            #[derive(QueryableByName)]
+            struct L { #[diesel(sql_type = diesel::sql_types::BigInt)] seq: i64, #[diesel(sql_type = diesel::sql_types::BigInt)] vid: i64,
+                #[diesel(sql_type = Text)] audit_id: String, #[diesel(sql_type = Text)] key_id: String,
+                #[diesel(sql_type = diesel::sql_types::Binary)] body: Vec<u8> }
+            app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "more")).await;
+            app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "and more")).await;
+            for _ in 0..100 {
+                if let Verdict::Intact { links, unsealed: 0 } = chain::verify(&app.store).unwrap() {
+                    if links >= 3 { break; }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            #[derive(QueryableByName)]
+            struct A { #[diesel(sql_type = Text)] hash: String }
+            let anchor = app.store.query::<A>("SELECT hash FROM audit_chain_anchor WHERE id = 1", vec![]).unwrap().remove(0);
+            let links: Vec<L> = app.store.query(
+                "SELECT c.seq, c.vid, c.audit_id, v.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid ORDER BY c.seq", vec![]).unwrap();
+            let victim = &links[0];
+            app.store.execute("DELETE FROM audit_chain WHERE seq = ?", vec![victim.seq.into()]).unwrap();
+            let mut prev = anchor.hash;
+            for l in &links[1..] {
+                let mut h = Sha256::new();
+                h.update(prev.as_bytes());
+                h.update(format!("|{}|{}|{}|", l.vid, l.audit_id, l.key_id).as_bytes());
+                h.update(Sha256::digest(&l.body));
+                let hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                app.store.execute("UPDATE audit_chain SET hash = ? WHERE seq = ?", vec![hash.clone().into(), l.seq.into()]).unwrap();
+                prev = hash;
+            }
+            assert!(matches!(chain::verify(&app.store).unwrap(), Verdict::Broken { .. }), "recomputed links verified");
+            // … and a purge refuses to build on it.
+            assert!(purge::purge(&app.store, now_micros() + 10 * DAY, false, None).is_err());
+        }
         // Cutting more of the chain by hand and moving the anchor over the gap is caught: the
         // anchor is sealed under a key only Courier holds.
         #[derive(QueryableByName)]

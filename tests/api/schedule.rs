@@ -289,9 +289,14 @@ both_backends! {
         let mut edited = app.get_json(&format!("CommunicationRequest/{id}")).await;
         edited["extension"][1]["valueTiming"]["repeat"]["timeOfDay"] = json!(["00:00:01", local.format("%H:%M:%S").to_string()]);
         assert_eq!(app.put(&format!("CommunicationRequest/{id}"), &edited).await.status(), 200);
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(sent_for(&app, &id).await.len(), 1, "no dose sent twice after an edit");
+        for _ in 0..150 {
+            if pending(&app) == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(pending(&app), 4);
+        assert_eq!(sent_for(&app, &id).await.len(), 1, "no dose sent twice after an edit");
         // Revoked: the remaining doses are cancelled.
         let mut revoked = app.get_json(&format!("CommunicationRequest/{id}")).await;
         revoked["status"] = json!("revoked");

@@ -41,3 +41,13 @@ CREATE TABLE audit_chain_anchor (
     key_id    TEXT NOT NULL,
     seal      BYTEA NOT NULL
 );
+
+-- The audit chain's links are keyed from now on (HMAC-SHA-256 under this random key, sealed under
+-- the system key), so whoever can write the database but not read the master key cannot recompute
+-- them. Links made unkeyed by earlier builds are dropped; the sealer re-seals every row.
+CREATE TABLE audit_chain_key (
+    id     BIGINT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    seal   BYTEA NOT NULL
+);
+DELETE FROM audit_chain;

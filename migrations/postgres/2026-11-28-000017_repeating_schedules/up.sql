@@ -1,5 +1,6 @@
 -- Repeating schedules (medication schedules): one row per occurrence of a request. A request with
--- one occurrenceDateTime has occurrence 0; a repeating one (occurrencePeriod + timing) 1..n.
+-- one occurrenceDateTime has occurrence 0; a repeating one's occurrences are numbered by their
+-- instant (due_at), so an edited schedule keeps what was sent.
 CREATE TABLE schedule_runs (
     request_id       TEXT NOT NULL,
     occurrence       BIGINT NOT NULL,

@@ -1,3 +1,4 @@
+DROP TABLE audit_chain_key;
 DROP TABLE audit_chain_anchor;
 DROP TABLE legal_holds;
 DROP INDEX resources_retention;
