@@ -261,6 +261,13 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
             guard: None,
             may_create: false,
         });
+    } else {
+        // Not the last: the request must still be the version read (not revoked meanwhile).
+        ops.push(WriteOp::Unchanged {
+            res_type: "CommunicationRequest".into(),
+            id: d.request_id.clone(),
+            version: request.version_id,
+        });
     }
     let written = store.write(ops, &ctx(store));
     let communication = match written {

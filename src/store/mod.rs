@@ -182,6 +182,14 @@ pub enum WriteOp {
         /// As for `Update`: a confined principal deletes only what it may see (else 404).
         guard: Option<Condition>,
     },
+    /// Writes nothing: the transaction goes ahead only if the resource is still live at `version`
+    /// (row-locked on PostgreSQL), else 412. A job's guard on what it acts upon (the scheduler
+    /// sending one dose of a request that may be revoked meanwhile).
+    Unchanged {
+        res_type: String,
+        id: String,
+        version: i64,
+    },
 }
 
 impl WriteOp {
@@ -189,7 +197,8 @@ impl WriteOp {
         match self {
             WriteOp::Create { res_type, id, .. }
             | WriteOp::Update { res_type, id, .. }
-            | WriteOp::Delete { res_type, id, .. } => (res_type, id),
+            | WriteOp::Delete { res_type, id, .. }
+            | WriteOp::Unchanged { res_type, id, .. } => (res_type, id),
         }
     }
 
@@ -199,6 +208,7 @@ impl WriteOp {
             WriteOp::Update { patch: true, .. } => Interaction::Patch,
             WriteOp::Update { .. } => Interaction::Update,
             WriteOp::Delete { .. } => Interaction::Delete,
+            WriteOp::Unchanged { .. } => Interaction::Read,
         }
     }
 }
@@ -533,7 +543,7 @@ impl Store {
                         WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
                             audit::patient_of(&resource.value)
                         }
-                        WriteOp::Delete { .. } => None,
+                        WriteOp::Delete { .. } | WriteOp::Unchanged { .. } => None,
                     };
                     let r = self.apply(c, op)?;
                     if r.status != WriteStatus::Existing {
@@ -688,6 +698,27 @@ impl Store {
                     self.put_version(c, &res_type, &id, head.as_ref(), Some(&resource), method)?;
                 Ok(WriteResult { status, stored })
             }
+            WriteOp::Unchanged {
+                res_type,
+                id,
+                version,
+            } => match self.head(c, &res_type, &id)? {
+                Some(h) if h.deleted == 0 && h.version_id == version => Ok(WriteResult {
+                    status: WriteStatus::Existing,
+                    stored: Stored {
+                        res_type,
+                        id,
+                        version_id: version,
+                        last_updated: h.last_updated,
+                        deleted: false,
+                        method: "GET".into(),
+                        body: None,
+                    },
+                }),
+                _ => Err(StoreError::PreconditionFailed(format!(
+                    "{res_type}/{id} is no longer at version {version}"
+                ))),
+            },
             WriteOp::Delete {
                 res_type,
                 id,

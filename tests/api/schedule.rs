@@ -330,3 +330,30 @@ both_backends! {
         assert_eq!(app.store.row_counts().unwrap(), before);
     }
 }
+
+both_backends! {
+    async fn a_dose_is_written_only_if_its_request_is_unchanged(app: TestApp) {
+        use courier::store::{Incoming, StoreError, WriteOp};
+        let id = app.create(&request(utc_in(3600), "later")).await;
+        let mut v = app.get_json(&format!("CommunicationRequest/{id}")).await;
+        v["status"] = json!("revoked");
+        assert_eq!(app.put(&format!("CommunicationRequest/{id}"), &v).await.status(), 200);
+        let send = |version: i64| {
+            vec![
+                WriteOp::Create {
+                    res_type: "Communication".into(),
+                    id: uuid::Uuid::new_v4().to_string(),
+                    resource: Incoming::from_value(message("Patient/p1", "2026-11-01T10:00:00Z", "dose")),
+                    if_none_exist: None,
+                },
+                WriteOp::Unchanged { res_type: "CommunicationRequest".into(), id: id.clone(), version },
+            ]
+        };
+        let ctx = courier::audit::Context::job(&app.base, "test");
+        let before = app.store.row_counts().unwrap();
+        // Read at version 1, revoked since (version 2): nothing is written.
+        assert!(matches!(app.store.write(send(1), &ctx), Err(StoreError::PreconditionFailed(_))));
+        assert_eq!(app.store.row_counts().unwrap(), before);
+        assert!(app.store.write(send(2), &ctx).is_ok());
+    }
+}
