@@ -127,10 +127,21 @@ impl Store {
         if class == SYSTEM {
             return Ok(self.keys.active_key_id());
         }
+        // PostgreSQL: a patient's key is share-locked until this write commits, so an erasure
+        // destroying that key waits for it and then sees what it sealed (and keeps the key). On
+        // SQLite the single writer already orders them. Unscoped keys are only destroyed once
+        // their write window has closed, when no write can pick them.
+        let lock = if c.is_postgres() && !patient.is_empty() {
+            " FOR KEY SHARE"
+        } else {
+            ""
+        };
         let rows: Vec<KeyRow> = c.load_cached(
-            "SELECT key_id, master_key_id, wrapped FROM data_keys \
-             WHERE class = ? AND patient = ? AND window_end > ? AND retired_at IS NULL \
-             ORDER BY window_end ASC, created_at DESC LIMIT 1",
+            &format!(
+                "SELECT key_id, master_key_id, wrapped FROM data_keys \
+                 WHERE class = ? AND patient = ? AND window_end > ? AND retired_at IS NULL \
+                 ORDER BY window_end ASC, created_at DESC LIMIT 1{lock}"
+            ),
             vec![class.into(), patient.into(), now.into()],
         )?;
         if let Some(r) = rows.into_iter().next() {
@@ -372,6 +383,14 @@ impl Store {
         c: &mut C,
         key_id: &str,
     ) -> Result<bool, StoreError> {
+        if c.is_postgres() {
+            // Waits for writes that share-locked the key (see `scoped_key`) to commit, so the
+            // check below sees what they sealed.
+            c.load::<KeyIdRow>(
+                "SELECT key_id FROM data_keys WHERE key_id = ? FOR UPDATE",
+                vec![key_id.into()],
+            )?;
+        }
         let used: Vec<KeyIdRow> = c.load(
             "SELECT key_id FROM resource_versions WHERE key_id = ? LIMIT 1",
             vec![key_id.into()],
