@@ -12,7 +12,7 @@ use crate::auth::policy;
 use crate::auth::scopes::Perm;
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
+use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
 use crate::fhir::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -82,16 +82,14 @@ pub async fn erase(
             .body(body.to_string()))
     }
     .await;
-    audit_outcome(
+    audited_operation(
         &state,
         &ctx,
-        crate::audit::Interaction::Operation,
+        format!("Patient/{id}"),
         Some(format!("Patient/{id}")),
-        Some(format!("Patient/{id}")),
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
@@ -169,14 +167,5 @@ pub async fn legal_hold(
     }
     .await;
     let patient = (res_type == "Patient").then(|| target.clone());
-    audit_outcome(
-        &state,
-        &ctx,
-        crate::audit::Interaction::Operation,
-        Some(target.clone()),
-        patient,
-        &result,
-    )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    audited_operation(&state, &ctx, target.clone(), patient, result).await
 }

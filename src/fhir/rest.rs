@@ -62,6 +62,27 @@ pub async fn audited_answer(
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
+/// Audits an operation under `ctx` (on `what`, about `patient` when it concerns one) and answers
+/// with its result.
+pub async fn audited_operation(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    what: String,
+    patient: Option<String>,
+    result: Res,
+) -> HttpResponse {
+    audit_outcome(
+        state,
+        ctx,
+        Interaction::Operation,
+        Some(what),
+        patient,
+        &result,
+    )
+    .await;
+    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
 /// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
 /// and every failure. Audit failures are logged, never shown to the client.
 pub async fn audit_outcome(

@@ -14,7 +14,7 @@ use crate::auth::policy::{self, Access};
 use crate::auth::scopes::{self, Perm};
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audit_outcome, blocking, Res};
+use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
 use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
 use crate::search::query::SearchRequest;
@@ -179,14 +179,12 @@ pub async fn patient_everything(
             .body(bundle.to_string()))
     }
     .await;
-    audit_outcome(
+    audited_operation(
         &state,
         &ctx,
-        crate::audit::Interaction::Operation,
+        format!("Patient/{id}"),
         Some(format!("Patient/{id}")),
-        Some(format!("Patient/{id}")),
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
