@@ -821,7 +821,7 @@ fn scrub_files(store: &Store) {
         #[diesel(sql_type = BigInt)]
         busy: i64,
     }
-    if let Db::Sqlite(_) = store.db {
+    if let Db::Sqlite(..) = store.db {
         for _ in 0..50 {
             let done = {
                 let _writer = store.exclusive_writer();

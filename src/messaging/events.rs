@@ -109,12 +109,18 @@ pub struct EventRow {
     pub detail: Option<String>,
 }
 
-/// Events after `seq`, oldest first, at most `limit`.
+/// Events after `seq`, oldest first, at most `limit`. Every reader of the log tells someone
+/// (a socket, a subscriber, a sender), so what is returned is durable first ([`Store::settle`]):
+/// nobody hears of a write that a crash could still take back.
 pub fn after(store: &Store, seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
-    store.query(
+    let rows: Vec<EventRow> = store.query(
         "SELECT seq, at, kind, res_type, fhir_id, version_id, detail FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
         vec![seq.into(), limit.into()],
-    )
+    )?;
+    if !rows.is_empty() {
+        store.settle()?;
+    }
+    Ok(rows)
 }
 
 #[derive(QueryableByName)]

@@ -268,7 +268,12 @@ impl Conn for PgConnection {
 #[derive(Clone)]
 pub enum Db {
     Postgres(Pool<ConnectionManager<PgConnection>>),
-    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    /// The pool, the database file's path and its `synchronous` setting (FULL, NORMAL, EXTRA).
+    Sqlite(
+        Pool<ConnectionManager<SqliteConnection>>,
+        std::path::PathBuf,
+        String,
+    ),
 }
 
 pub enum PooledConn {
@@ -294,7 +299,9 @@ macro_rules! with_conn {
 }
 
 #[derive(Debug)]
-struct SqlitePragmas;
+struct SqlitePragmas {
+    sync: String,
+}
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
@@ -302,15 +309,90 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
         // "database is locked"); here only per-connection settings.
         // secure_delete: freed content is zeroed, so a purge or erasure leaves no trace of the
         // removed ids in the file's free pages (tests/api/retention.rs scans the raw files).
-        let sync = SQLITE_SYNC.get().map(String::as_str).unwrap_or("FULL");
-        conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA mmap_size = 17179869184;"
-        ))
-        .map_err(diesel::r2d2::Error::QueryError)
+        sqlite_pragmas(conn, &self.sync).map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
-static SQLITE_SYNC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// SQLite checkpoints the write-ahead log into the database file itself only once it has grown
+/// this far (pages, 4 KiB each): normally [`Checkpointer`] has done it long before, off the
+/// writer's path.
+const AUTOCHECKPOINT_PAGES: u32 = 16_000;
+
+fn sqlite_pragmas(conn: &mut SqliteConnection, sync: &str) -> QueryResult<()> {
+    conn.batch_execute(&format!(
+        "PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA synchronous = {sync}; PRAGMA cache_size = -65536; PRAGMA mmap_size = 17179869184; PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES};"
+    ))
+}
+
+/// SQLite: a thread that checkpoints the write-ahead log into the database file every
+/// [`Checkpointer::EVERY`]. SQLite's own automatic checkpoint (every 1,000 pages by default) runs
+/// inside the commit that crosses the mark, with two fsyncs, while the single writer's lock is
+/// held: the profile of the write benchmark showed the writer waiting on them for much of its
+/// time. A `PASSIVE` checkpoint here runs beside readers and the writer and blocks neither. The
+/// thread ends when this is dropped (with its store).
+pub struct Checkpointer {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+    /// `None` on PostgreSQL.
+    pub fn start(db: &Db) -> Option<Checkpointer> {
+        let Db::Sqlite(pool, ..) = db else {
+            return None;
+        };
+        let pool = pool.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("courier-checkpoint".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(Self::EVERY) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+                let done = pool.get().map_err(|e| e.to_string()).and_then(|mut c| {
+                    c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Checkpointer { _stop: stop }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the WAL checkpointer; SQLite checkpoints by itself");
+                None
+            }
+        }
+    }
+}
+
+/// SQLite's process-wide settings, made once before its first connection. Memory statistics off:
+/// with them on (SQLite's default), every allocation of every connection takes one global mutex,
+/// and the profile of the write benchmark showed the single writer waiting on it behind the
+/// readers (token checks, searches, the event tail) for a large part of its time.
+fn sqlite_global_config() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: `sqlite3_config` may be called before SQLite is initialised (its first
+        // connection), which the `Once` and the call site (before any connection) ensure; after
+        // that it only answers SQLITE_MISUSE and changes nothing.
+        let rc = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            )
+        };
+        if rc != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(
+                rc,
+                "SQLite was initialised already; memory statistics stay on"
+            );
+        }
+    });
+}
 
 impl Db {
     /// Opens the database named by `url` and applies pending migrations.
@@ -338,7 +420,7 @@ impl Db {
                     "COURIER_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA, not '{other}'"
                 ),
             };
-            let _ = SQLITE_SYNC.set(sync);
+            sqlite_global_config();
             {
                 let mut c = SqliteConnection::establish(path)
                     .map_err(|e| anyhow::anyhow!("cannot open SQLite database {path}: {e}"))?;
@@ -348,23 +430,67 @@ impl Db {
             }
             let pool = Pool::builder()
                 .max_size(pool_size)
-                .connection_customizer(Box::new(SqlitePragmas))
+                .connection_customizer(Box::new(SqlitePragmas { sync: sync.clone() }))
                 .build(ConnectionManager::<SqliteConnection>::new(path))?;
-            Ok(Db::Sqlite(pool))
+            Ok(Db::Sqlite(pool, path.into(), sync))
         }
     }
 
     pub fn get(&self) -> anyhow::Result<PooledConn> {
         Ok(match self {
             Db::Postgres(p) => PooledConn::Postgres(p.get()?),
-            Db::Sqlite(p) => PooledConn::Sqlite(p.get()?),
+            Db::Sqlite(p, ..) => PooledConn::Sqlite(p.get()?),
         })
     }
 
     pub fn backend_name(&self) -> &'static str {
         match self {
             Db::Postgres(_) => "postgresql",
-            Db::Sqlite(_) => "sqlite",
+            Db::Sqlite(..) => "sqlite",
+        }
+    }
+
+    /// SQLite: the connection the group commit writes on (see `Store::submit`). With the
+    /// configured `synchronous = FULL` it commits with `NORMAL` (no fsync inside the commit) and
+    /// [`Db::sync_wal`] makes each commit durable right after, outside the single writer's lock,
+    /// before any of its jobs is answered: the same durability as `FULL` (which is `NORMAL` plus an
+    /// fsync of the WAL after every commit), but the next group's transaction runs while the
+    /// last one's fsync is under way. `None` on PostgreSQL.
+    pub(crate) fn group_connection(&self) -> Option<anyhow::Result<(SqliteConnection, bool)>> {
+        let Db::Sqlite(_, path, configured) = self else {
+            return None;
+        };
+        let deferred = self.defers_sync();
+        let sync = if deferred { "NORMAL" } else { configured };
+        Some((|| {
+            let mut c = SqliteConnection::establish(&path.to_string_lossy())?;
+            sqlite_pragmas(&mut c, sync)?;
+            Ok((c, deferred))
+        })())
+    }
+
+    /// Does the group commit leave its fsync to [`Db::sync_wal`] (SQLite, `synchronous = FULL`)?
+    pub(crate) fn defers_sync(&self) -> bool {
+        matches!(self, Db::Sqlite(_, _, sync) if sync == "FULL")
+    }
+
+    /// SQLite with deferred syncs: makes everything committed to the write-ahead log so far durable (`fdatasync` on
+    /// the `-wal` file, as `synchronous = FULL` does at the end of every commit). Opened by path
+    /// each time, so a log SQLite has removed and made anew is never missed. No WAL file means
+    /// its content was checkpointed into the database file, which SQLite synced itself.
+    pub fn sync_wal(&self) -> std::io::Result<()> {
+        let Db::Sqlite(_, path, _) = self else {
+            return Ok(());
+        };
+        if !self.defers_sync() {
+            return Ok(());
+        }
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        match std::fs::File::open(&wal) {
+            Ok(f) => f.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }

@@ -318,6 +318,13 @@ pub struct Store {
     /// SQLite has one writer at a time: the thread holding this commits everyone's pending jobs.
     sqlite_writer: parking_lot::Mutex<()>,
     pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
+    /// SQLite: the group commit's own connection (see `Db::group_connection`), and whether its
+    /// commits wait for `Db::sync_wal`.
+    group_conn: parking_lot::Mutex<Option<(diesel::SqliteConnection, bool)>>,
+    /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
+    _checkpointer: Option<db::Checkpointer>,
+    group_commits: std::sync::atomic::AtomicU64,
+    wal_syncs: std::sync::atomic::AtomicU64,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
     /// The retention classes: each version's class scopes its data key.
@@ -348,10 +355,28 @@ impl From<diesel::result::Error> for BatchAbort {
 
 type JobResult = Result<Vec<WriteResult>, StoreError>;
 
-/// A job waiting for a group commit, and its result once committed.
+/// A job waiting for a group commit, and its result once committed (and durable).
 struct Slot {
     job: parking_lot::Mutex<Option<Job>>,
     result: parking_lot::Mutex<Option<JobResult>>,
+    ready: parking_lot::Condvar,
+}
+
+impl Slot {
+    fn answer(&self, r: JobResult) {
+        *self.result.lock() = Some(r);
+        self.ready.notify_all();
+    }
+
+    fn wait(&self) -> JobResult {
+        let mut r = self.result.lock();
+        loop {
+            if let Some(r) = r.take() {
+                return r;
+            }
+            self.ready.wait(&mut r);
+        }
+    }
 }
 
 impl Store {
@@ -364,6 +389,7 @@ impl Store {
         retention: crate::compliance::retention::Policy,
         key_file: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Store> {
+        let checkpointer = db::Checkpointer::start(&db);
         let store = Store {
             db,
             keys,
@@ -371,6 +397,10 @@ impl Store {
             base_url: base_url.to_string(),
             sqlite_writer: parking_lot::Mutex::new(()),
             pending: parking_lot::Mutex::new(Vec::new()),
+            group_conn: parking_lot::Mutex::new(None),
+            _checkpointer: checkpointer,
+            group_commits: Default::default(),
+            wal_syncs: Default::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
             retention,
             key_file,
@@ -420,10 +450,20 @@ impl Store {
         self.submit(Job::Ops(ops, ctx.clone()))
     }
 
+    /// A durability barrier for work that tells the outside world about what it read (the event
+    /// log's readers: WebSockets, subscriptions): everything committed before this call is
+    /// durable when it returns. Only the SQLite group commit defers its fsync (see `submit`), so
+    /// elsewhere this does nothing.
+    pub fn settle(&self) -> Result<(), StoreError> {
+        self.db
+            .sync_wal()
+            .map_err(|e| StoreError::Other(anyhow::anyhow!("fsync of the write-ahead log: {e}")))
+    }
+
     /// For a transaction outside the resource write path: on SQLite, the single writer's lock (so
     /// it queues behind group commits instead of failing busy); nothing on PostgreSQL.
     pub fn exclusive_writer(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
-        matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock())
+        matches!(self.db, Db::Sqlite(..)).then(|| self.sqlite_writer.lock())
     }
 
     /// Sets a receipt (see `messaging::receipts`) in a transaction of its own, serialised with the
@@ -434,7 +474,7 @@ impl Store {
         recipient: &str,
         read: bool,
     ) -> Result<(crate::messaging::receipts::Receipt, bool), StoreError> {
-        let _writer = matches!(self.db, Db::Sqlite(_)).then(|| self.sqlite_writer.lock());
+        let _writer = matches!(self.db, Db::Sqlite(..)).then(|| self.sqlite_writer.lock());
         let mut c = self.db.get()?;
         let r = with_conn!(c, |c| c.write_tx(|c| {
             crate::messaging::receipts::apply(c, comm_id, recipient, read)
@@ -451,8 +491,11 @@ impl Store {
 
     /// PostgreSQL: each job in its own transaction (writers run concurrently). SQLite has one
     /// writer: jobs that arrive while a commit is under way are committed together in the next
-    /// transaction (group commit). Durability is unchanged (every job is committed before it is
-    /// answered); what is saved is one fsync per job.
+    /// transaction (group commit). Durability is unchanged (every job is committed, and with
+    /// `synchronous = FULL` its write-ahead log fsynced, before it is answered); what is saved is
+    /// one fsync per job, and the fsync is made after the writer's lock is released, so the next
+    /// group's transaction runs while it is under way (see `Db::group_connection`). Nobody is told
+    /// of a commit (answer, `changed`) before it is durable.
     ///
     /// A job that fails (412, 409, …) must not take the others with it. Savepoints per job would
     /// do that but make SQLite copy every touched page to a sub-journal (measured: a third of the
@@ -468,65 +511,129 @@ impl Store {
         let slot = Arc::new(Slot {
             job: parking_lot::Mutex::new(Some(job)),
             result: parking_lot::Mutex::new(None),
+            ready: parking_lot::Condvar::new(),
         });
         self.pending.lock().push(slot.clone());
-        let _leader = self.sqlite_writer.lock();
-        let done = slot.result.lock().take();
-        if let Some(done) = done {
-            return done; // a previous leader committed it
-        }
-        let mut batch: Vec<(Arc<Slot>, Job)> = std::mem::take(&mut *self.pending.lock())
-            .into_iter()
-            .map(|s| {
-                let job = s.job.lock().take().expect("each job is taken once");
-                (s, job)
-            })
-            .collect();
-        while !batch.is_empty() {
-            let attempt: Result<Result<Vec<JobResult>, (usize, StoreError)>, StoreError> = (|| {
-                let mut c = self.db.get()?;
-                with_conn!(c, |c| c.write_tx(|c| {
-                    let mut results = Vec::with_capacity(batch.len());
-                    for (i, (_, job)) in batch.iter().enumerate() {
-                        match self.run_job(c, job.clone()) {
-                            Ok(r) => results.push(Ok(r)),
-                            // Roll back everything; the failing job is answered, the rest re-run.
-                            Err(e) => return Err(BatchAbort::Job(i, e)),
-                        }
-                    }
-                    Ok(results)
-                }))
-                .map(Ok)
-                .or_else(|abort| match abort {
-                    BatchAbort::Job(i, e) => Ok(Err((i, e))),
-                    BatchAbort::Store(e) => Err(e),
+        let (outcomes, needs_sync) = {
+            let _leader = self.sqlite_writer.lock();
+            if slot.job.lock().is_none() {
+                // A leader before us took the job: it answers once its group is durable.
+                drop(_leader);
+                return slot.wait();
+            }
+            let batch: Vec<(Arc<Slot>, Job)> = std::mem::take(&mut *self.pending.lock())
+                .into_iter()
+                .filter_map(|s| {
+                    let job = s.job.lock().take()?;
+                    Some((s, job))
                 })
-            })(
-            );
-            match attempt {
-                Ok(Ok(results)) => {
-                    for ((s, _), r) in batch.drain(..).zip(results) {
-                        *s.result.lock() = Some(r);
+                .collect();
+            self.commit_group(batch)
+        };
+        // Durable before anyone is answered (or told of it), outside the writer's lock: the next
+        // group's transaction runs meanwhile.
+        let synced = if needs_sync {
+            let r = self.db.sync_wal();
+            if r.is_ok() {
+                self.wal_syncs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, jobs = outcomes.len(), "fsync of the SQLite write-ahead log failed");
+        }
+        for (s, r) in outcomes {
+            let r = match &synced {
+                Ok(()) => r,
+                Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
+                    "the commit could not be made durable: {e}"
+                )))),
+            };
+            s.answer(r);
+        }
+        self.changed.notify_one();
+        slot.wait()
+    }
+
+    /// SQLite: commits `batch` in one transaction on the group-commit connection, re-running it
+    /// without any job that fails. Returns each job's outcome, and whether a commit was made that
+    /// still needs [`Db::sync_wal`] to be durable. Called with the single writer's lock held.
+    fn commit_group(
+        &self,
+        mut batch: Vec<(Arc<Slot>, Job)>,
+    ) -> (Vec<(Arc<Slot>, JobResult)>, bool) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut conn = self.group_conn.lock();
+        if conn.is_none() {
+            match self.db.group_connection() {
+                Some(Ok(c)) => *conn = Some(c),
+                Some(Err(e)) => {
+                    let msg = e.to_string();
+                    tracing::error!(error = %msg, "cannot open the SQLite group-commit connection");
+                    for (s, _) in batch {
+                        let e =
+                            StoreError::Other(anyhow::anyhow!("cannot open the database: {msg}"));
+                        outcomes.push((s, Err(e)));
+                    }
+                    return (outcomes, false);
+                }
+                None => unreachable!("group commit is SQLite's"),
+            }
+        }
+        let (c, deferred) = conn.as_mut().expect("opened above");
+        let deferred = *deferred;
+        while !batch.is_empty() {
+            let attempt = c.write_tx(|c| {
+                let mut results = Vec::with_capacity(batch.len());
+                for (i, (_, job)) in batch.iter().enumerate() {
+                    match self.run_job(c, job.clone()) {
+                        Ok(r) => results.push(r),
+                        // Roll back everything; the failing job is answered, the rest re-run.
+                        Err(e) => return Err(BatchAbort::Job(i, e)),
                     }
                 }
-                Ok(Err((i, e))) => {
-                    let (s, _) = batch.remove(i);
-                    *s.result.lock() = Some(Err(e));
+                Ok(results)
+            });
+            match attempt {
+                Ok(results) => {
+                    for ((s, _), r) in batch.drain(..).zip(results) {
+                        outcomes.push((s, Ok(r)));
+                    }
+                    self.group_commits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return (outcomes, deferred);
                 }
-                Err(e) => {
+                Err(BatchAbort::Job(i, e)) => {
+                    let (s, _) = batch.remove(i);
+                    outcomes.push((s, Err(e)));
+                }
+                Err(BatchAbort::Store(e)) => {
                     tracing::error!(error = %e, jobs = batch.len(), "group commit failed");
                     let msg = e.to_string();
                     for (s, _) in batch.drain(..) {
-                        *s.result.lock() = Some(Err(StoreError::Other(anyhow::anyhow!(
-                            "commit failed: {msg}"
-                        ))));
+                        let e = StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
+                        outcomes.push((s, Err(e)));
                     }
+                    // Start the next group on a fresh connection.
+                    *conn = None;
+                    break;
                 }
             }
         }
-        self.changed.notify_one();
-        let own = slot.result.lock().take();
-        own.expect("the leader ran its own job")
+        (outcomes, false)
+    }
+
+    /// SQLite: how many group commits were made and how many fsyncs of the write-ahead log made
+    /// them durable (equal with `synchronous = FULL`; no fsyncs of Courier's own otherwise).
+    pub fn group_commit_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.group_commits.load(Relaxed),
+            self.wal_syncs.load(Relaxed),
+        )
     }
 
     fn run_job<C: Conn>(&self, c: &mut C, job: Job) -> JobResult {

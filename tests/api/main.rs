@@ -18,6 +18,7 @@ mod operability;
 mod retention;
 mod schedule;
 mod search;
+mod storage;
 mod strict;
 mod subscriptions;
 mod validator;

@@ -1,0 +1,118 @@
+//! The SQLite write path's mechanics (SQLite only; PostgreSQL commits each write on its own):
+//! group commit with the WAL's fsync made outside the single writer's lock, the background
+//! checkpointer, and SQLite's process-wide settings.
+
+use crate::helpers::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+async fn sqlite_app(synchronous: &str) -> TestApp {
+    let synchronous = synchronous.to_string();
+    spawn_app_with(Backend::Sqlite, move |s| s.sqlite_synchronous = synchronous)
+        .await
+        .expect("SQLite needs no set-up")
+}
+
+/// `n` creates at once: their ids, each answered 201.
+async fn create_together(app: &TestApp, n: usize) -> Vec<String> {
+    let bodies: Vec<Value> = (0..n)
+        .map(|i| {
+            message(
+                "Patient/p1",
+                "2026-11-28T10:00:00Z",
+                &format!("grouped {i}"),
+            )
+        })
+        .collect();
+    let posts = bodies.iter().map(|b| app.post("Communication", b));
+    let mut ids = Vec::new();
+    for r in futures::future::join_all(posts).await {
+        assert_eq!(r.status(), 201);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    ids
+}
+
+/// Waits (up to 5 s) until every group commit made so far has had its fsync.
+async fn settled_stats(app: &TestApp) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (commits, syncs) = app.store.group_commit_stats();
+        if commits == syncs || Instant::now() > deadline {
+            return (commits, syncs);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_synchronous_full_every_group_commit_gets_its_own_wal_fsync() {
+    let app = sqlite_app("FULL").await;
+    let (c0, s0) = settled_stats(&app).await;
+    let ids = create_together(&app, 40).await;
+    let (c1, s1) = settled_stats(&app).await;
+    assert!(c1 > c0, "the creates were committed by the group commit");
+    assert!(
+        c1 - c0 <= 40 + 40,
+        "grouped: at most one commit per create (and per read's audit)"
+    );
+    // SQLite's FULL is NORMAL plus an fsync of the WAL after each commit; Courier makes that
+    // fsync itself, after the writer's lock is released and before the jobs are answered.
+    assert_eq!(s1 - s0, c1 - c0, "one WAL fsync per group commit");
+    for id in &ids {
+        let m = app.get_json(&format!("Communication/{id}")).await;
+        assert!(m["payload"][0]["contentString"]
+            .as_str()
+            .unwrap()
+            .starts_with("grouped "));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_synchronous_normal_courier_adds_no_fsyncs() {
+    let app = sqlite_app("NORMAL").await;
+    create_together(&app, 10).await;
+    let (commits, syncs) = app.store.group_commit_stats();
+    assert!(commits > 0);
+    assert_eq!(
+        syncs, 0,
+        "NORMAL leaves durability of the last commits to SQLite's checkpoints"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+    let app = sqlite_app("NORMAL").await;
+    let file = app.dir.path().join("courier.db");
+    let before = std::fs::metadata(&file).unwrap().len();
+    create_together(&app, 30).await;
+    // SQLite would checkpoint by itself only after 16,000 pages of log; these writes are ~1,000.
+    // The checkpointer copies them into the database file within about 100 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&file).unwrap().len() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the database file did not grow: nothing checkpointed the WAL"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_keeps_no_memory_statistics() {
+    let app = sqlite_app("NORMAL").await;
+    create_together(&app, 5).await;
+    // With statistics on (SQLite's default) every allocation by every connection takes one
+    // process-wide mutex, which the single writer then waits on behind the readers.
+    // SAFETY: a plain read of SQLite's counter.
+    let used = unsafe { libsqlite3_sys::sqlite3_memory_used() };
+    assert_eq!(
+        used, 0,
+        "SQLite counts its memory: SQLITE_CONFIG_MEMSTATUS was not switched off"
+    );
+}
