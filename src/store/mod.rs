@@ -335,10 +335,38 @@ pub struct Store {
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
 }
 
-#[derive(Clone)]
+/// A unit of work for the writer. Whatever can be made before the transaction (the stored body,
+/// the index entries, the AuditEvent of a plain create) is made before the job is queued, so the
+/// single SQLite writer spends its turn on rows only.
 enum Job {
-    Ops(Vec<WriteOp>, audit::Context),
-    Audit(Value),
+    Ops(Vec<Prepared>, audit::Context),
+    Audit(AuditDraft),
+}
+
+/// An operation, and for a plain create (no `If-None-Exist`) its version and AuditEvent drafted
+/// ahead.
+struct Prepared {
+    op: WriteOp,
+    ahead: Option<(Draft, AuditDraft)>,
+}
+
+/// A version made ready outside the transaction: everything but its rows, its data key and seal.
+struct Draft {
+    version_id: i64,
+    last_updated: i64,
+    /// The stored JSON; `None` for a deletion.
+    body: Option<Vec<u8>>,
+    /// Retention class and scope patient: which data key seals it.
+    class: String,
+    patient: String,
+    entries: Vec<Entry>,
+}
+
+/// An AuditEvent ready to insert: its id, content and drafted version.
+struct AuditDraft {
+    id: String,
+    value: Value,
+    draft: Draft,
 }
 
 /// Why a group-commit transaction stopped: one job failed, or the database did.
@@ -447,6 +475,33 @@ impl Store {
         ops: Vec<WriteOp>,
         ctx: &audit::Context,
     ) -> Result<Vec<WriteResult>, StoreError> {
+        let ops = ops
+            .into_iter()
+            .map(|op| {
+                let ahead = match &op {
+                    WriteOp::Create {
+                        res_type,
+                        id,
+                        resource,
+                        if_none_exist: None,
+                    } => {
+                        let own = self.draft(res_type, id, None, Some(resource));
+                        let what = format!("{res_type}/{id}/_history/1");
+                        let patient = audit::patient_of(&resource.value);
+                        let ev = audit::event(
+                            ctx,
+                            Interaction::Create,
+                            Some(&what),
+                            patient.as_deref(),
+                            None,
+                        );
+                        Some((own, self.audit_draft(ev)))
+                    }
+                    _ => None,
+                };
+                Prepared { op, ahead }
+            })
+            .collect();
         self.submit(Job::Ops(ops, ctx.clone()))
     }
 
@@ -486,7 +541,7 @@ impl Store {
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
     /// transaction rolled back).
     pub fn record_audit(&self, event: Value) -> Result<(), StoreError> {
-        self.submit(Job::Audit(event)).map(|_| ())
+        self.submit(Job::Audit(self.audit_draft(event))).map(|_| ())
     }
 
     /// PostgreSQL: each job in its own transaction (writers run concurrently). SQLite has one
@@ -504,7 +559,7 @@ impl Store {
     fn submit(&self, job: Job) -> JobResult {
         if let Db::Postgres(_) = self.db {
             let mut c = self.db.get()?;
-            let r = with_conn!(c, |c| c.write_tx(|c| self.run_job(c, job)));
+            let r = with_conn!(c, |c| c.write_tx(|c| self.run_job(c, &job)));
             self.changed.notify_one();
             return r;
         }
@@ -589,7 +644,7 @@ impl Store {
             let attempt = c.write_tx(|c| {
                 let mut results = Vec::with_capacity(batch.len());
                 for (i, (_, job)) in batch.iter().enumerate() {
-                    match self.run_job(c, job.clone()) {
+                    match self.run_job(c, job) {
                         Ok(r) => results.push(r),
                         // Roll back everything; the failing job is answered, the rest re-run.
                         Err(e) => return Err(BatchAbort::Job(i, e)),
@@ -636,31 +691,51 @@ impl Store {
         )
     }
 
-    fn run_job<C: Conn>(&self, c: &mut C, job: Job) -> JobResult {
+    fn run_job<C: Conn>(&self, c: &mut C, job: &Job) -> JobResult {
         match job {
-            Job::Audit(ev) => {
-                self.insert_audit(c, ev)?;
+            Job::Audit(a) => {
+                self.insert_audit(c, a)?;
                 Ok(vec![])
             }
             Job::Ops(ops, ctx) => {
                 let mut results = Vec::with_capacity(ops.len());
-                for op in ops {
-                    let interaction = op.interaction();
-                    let patient = match &op {
-                        WriteOp::Create { resource, .. } | WriteOp::Update { resource, .. } => {
-                            audit::patient_of(&resource.value)
+                for Prepared { op, ahead } in ops {
+                    let (r, audited) = match (op, ahead) {
+                        (WriteOp::Create { res_type, id, .. }, Some((own, audit))) => {
+                            let stored = self.put_draft(c, res_type, id, None, own, "POST")?;
+                            let r = WriteResult {
+                                status: WriteStatus::Created,
+                                stored,
+                            };
+                            (r, Some(audit))
                         }
-                        WriteOp::Delete { .. } | WriteOp::Unchanged { .. } => None,
+                        _ => (self.apply(c, op)?, None),
                     };
-                    let r = self.apply(c, op)?;
                     if r.status != WriteStatus::Existing {
-                        let what = format!(
-                            "{}/{}/_history/{}",
-                            r.stored.res_type, r.stored.id, r.stored.version_id
-                        );
-                        let ev =
-                            audit::event(&ctx, interaction, Some(&what), patient.as_deref(), None);
-                        self.insert_audit(c, ev)?;
+                        match audited {
+                            Some(a) => self.insert_audit(c, a)?,
+                            None => {
+                                let patient = match op {
+                                    WriteOp::Create { resource, .. }
+                                    | WriteOp::Update { resource, .. } => {
+                                        audit::patient_of(&resource.value)
+                                    }
+                                    WriteOp::Delete { .. } | WriteOp::Unchanged { .. } => None,
+                                };
+                                let what = format!(
+                                    "{}/{}/_history/{}",
+                                    r.stored.res_type, r.stored.id, r.stored.version_id
+                                );
+                                let ev = audit::event(
+                                    ctx,
+                                    op.interaction(),
+                                    Some(&what),
+                                    patient.as_deref(),
+                                    None,
+                                );
+                                self.insert_audit(c, &self.audit_draft(ev))?;
+                            }
+                        }
                     }
                     results.push(r);
                 }
@@ -697,16 +772,26 @@ impl Store {
         }
     }
 
-    fn insert_audit<C: Conn>(&self, c: &mut C, event: Value) -> Result<(), StoreError> {
+    /// An AuditEvent drafted for insertion (a fresh UUIDv7 id).
+    fn audit_draft(&self, event: Value) -> AuditDraft {
         let id = uuid::Uuid::now_v7().to_string();
         let incoming = Incoming::from_value(event);
-        self.put_version(c, "AuditEvent", &id, None, Some(&incoming), "POST")?;
+        let draft = self.draft("AuditEvent", &id, None, Some(&incoming));
+        AuditDraft {
+            id,
+            value: incoming.value,
+            draft,
+        }
+    }
+
+    fn insert_audit<C: Conn>(&self, c: &mut C, a: &AuditDraft) -> Result<(), StoreError> {
+        self.put_draft(c, "AuditEvent", &a.id, None, &a.draft, "POST")?;
         // In the same transaction: the outbox rows that deliver it to the EHRs that know its people.
-        crate::smart::outbox::enqueue(c, &id, &incoming.value)?;
+        crate::smart::outbox::enqueue(c, &a.id, &a.value)?;
         Ok(())
     }
 
-    fn apply<C: Conn>(&self, c: &mut C, op: WriteOp) -> Result<WriteResult, StoreError> {
+    fn apply<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
         match op {
             WriteOp::Create {
                 res_type,
@@ -746,7 +831,7 @@ impl Store {
                 }
                 // The id is server-assigned (UUIDv7), so no lookup first: should it ever exist, the
                 // unique (res_type, fhir_id) constraint refuses the insert as a conflict.
-                let stored = self.put_version(c, &res_type, &id, None, Some(&resource), "POST")?;
+                let stored = self.put_version(c, res_type, id, None, Some(resource), "POST")?;
                 Ok(WriteResult {
                     status: WriteStatus::Created,
                     stored,
@@ -762,17 +847,17 @@ impl Store {
                 guard,
                 may_create,
             } => {
-                let head = self.head(c, &res_type, &id)?;
+                let head = self.head(c, res_type, id)?;
                 // The access policy first, so a refused caller learns nothing from 412s or 410s.
                 if let (Some(g), Some(h)) = (&guard, &head) {
                     // A confined caller neither sees nor revives what it cannot see; a deleted
                     // resource it cannot see as such.
                     if h.deleted != 0 || !self.admits(c, h.rid, g)? {
-                        return Err(StoreError::NotFound(res_type, id));
+                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
                     }
                 }
                 let live = head.as_ref().is_some_and(|h| h.deleted == 0);
-                if upsert && !live && !may_create {
+                if *upsert && !live && !may_create {
                     return Err(StoreError::Forbidden(format!(
                         "{res_type}/{id} does not exist: creating it takes create permission"
                     )));
@@ -783,39 +868,41 @@ impl Store {
                             "If-Match W/\"{v}\" given but {res_type}/{id} does not exist"
                         )))
                     }
-                    (None, None) if !upsert => return Err(StoreError::NotFound(res_type, id)),
-                    (Some(h), Some(v)) if h.version_id != v => {
+                    (None, None) if !upsert => {
+                        return Err(StoreError::NotFound(res_type.clone(), id.clone()))
+                    }
+                    (Some(h), Some(v)) if h.version_id != *v => {
                         return Err(StoreError::PreconditionFailed(format!(
                             "{res_type}/{id} is at version {}, not {v}",
                             h.version_id
                         )))
                     }
-                    (Some(h), _) if patch && h.deleted != 0 => {
-                        return Err(StoreError::Gone(res_type, id))
+                    (Some(h), _) if *patch && h.deleted != 0 => {
+                        return Err(StoreError::Gone(res_type.clone(), id.clone()))
                     }
                     _ => {}
                 }
-                let method = if patch { "PATCH" } else { "PUT" };
+                let method = if *patch { "PATCH" } else { "PUT" };
                 let status = if head.as_ref().is_some_and(|h| h.deleted == 0) {
                     WriteStatus::Updated
                 } else {
                     WriteStatus::Created
                 };
                 let stored =
-                    self.put_version(c, &res_type, &id, head.as_ref(), Some(&resource), method)?;
+                    self.put_version(c, res_type, id, head.as_ref(), Some(resource), method)?;
                 Ok(WriteResult { status, stored })
             }
             WriteOp::Unchanged {
                 res_type,
                 id,
                 version,
-            } => match self.head(c, &res_type, &id)? {
-                Some(h) if h.deleted == 0 && h.version_id == version => Ok(WriteResult {
+            } => match self.head(c, res_type, id)? {
+                Some(h) if h.deleted == 0 && h.version_id == *version => Ok(WriteResult {
                     status: WriteStatus::Existing,
                     stored: Stored {
-                        res_type,
-                        id,
-                        version_id: version,
+                        res_type: res_type.clone(),
+                        id: id.clone(),
+                        version_id: *version,
                         last_updated: h.last_updated,
                         deleted: false,
                         method: "GET".into(),
@@ -832,19 +919,19 @@ impl Store {
                 if_match,
                 guard,
             } => {
-                let head = self.head(c, &res_type, &id)?;
+                let head = self.head(c, res_type, id)?;
                 if let Some(g) = &guard {
                     let visible = match &head {
                         Some(h) if h.deleted == 0 => self.admits(c, h.rid, g)?,
                         _ => false,
                     };
                     if !visible {
-                        return Err(StoreError::NotFound(res_type, id));
+                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
                     }
                 }
                 match head {
                     Some(h) if h.deleted == 0 => {
-                        if let Some(v) = if_match {
+                        if let Some(v) = *if_match {
                             if v != h.version_id {
                                 return Err(StoreError::PreconditionFailed(format!(
                                     "{res_type}/{id} is at version {}, not {v}",
@@ -852,8 +939,7 @@ impl Store {
                                 )));
                             }
                         }
-                        let stored =
-                            self.put_version(c, &res_type, &id, Some(&h), None, "DELETE")?;
+                        let stored = self.put_version(c, res_type, id, Some(&h), None, "DELETE")?;
                         Ok(WriteResult {
                             status: WriteStatus::Deleted,
                             stored,
@@ -865,8 +951,8 @@ impl Store {
                     other => Ok(WriteResult {
                         status: WriteStatus::NothingToDelete,
                         stored: Stored {
-                            res_type,
-                            id,
+                            res_type: res_type.clone(),
+                            id: id.clone(),
                             version_id: other.as_ref().map_or(0, |h| h.version_id),
                             last_updated: other.as_ref().map_or(0, |h| h.last_updated),
                             deleted: true,
@@ -917,12 +1003,23 @@ impl Store {
         resource: Option<&Incoming>,
         method: &str,
     ) -> Result<Stored, StoreError> {
+        let draft = self.draft(res_type, id, prior, resource);
+        self.put_draft(c, res_type, id, prior, &draft, method)
+    }
+
+    /// What a version will be, made without the database: its number and time (after `prior`),
+    /// stored body, retention scope and index entries.
+    fn draft(
+        &self,
+        res_type: &str,
+        id: &str,
+        prior: Option<&HeadRow>,
+        resource: Option<&Incoming>,
+    ) -> Draft {
         let version_id = prior.map_or(1, |h| h.version_id + 1);
         // lastUpdated never goes backwards for one resource, even if the clock does.
         let last_updated = dates::now_micros().max(prior.map_or(0, |h| h.last_updated + 1));
-        let deleted = resource.is_none();
         let body = resource.map(|r| compose(res_type, id, version_id, last_updated, r));
-        let aad = format!("{res_type}/{id}/{version_id}");
         // The data key of the version's scope: retention class, patient, write window.
         let (class, patient) = match resource {
             Some(r) => {
@@ -939,8 +1036,35 @@ impl Store {
                 String::new(),
             ),
         };
-        let key_id = self.scoped_key(c, &class, &patient, last_updated)?;
-        let plain = body.as_deref().unwrap_or_default();
+        let entries = match resource {
+            Some(r) => index::entries(&self.registry, res_type, &r.value, &self.base_url),
+            None => Vec::new(),
+        };
+        Draft {
+            version_id,
+            last_updated,
+            body,
+            class,
+            patient,
+            entries,
+        }
+    }
+
+    /// Writes a drafted version: sealed under its scope's data key, head moved, index rebuilt.
+    fn put_draft<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        id: &str,
+        prior: Option<&HeadRow>,
+        d: &Draft,
+        method: &str,
+    ) -> Result<Stored, StoreError> {
+        let (version_id, last_updated) = (d.version_id, d.last_updated);
+        let deleted = d.body.is_none();
+        let aad = format!("{res_type}/{id}/{version_id}");
+        let key_id = self.scoped_key(c, &d.class, &d.patient, last_updated)?;
+        let plain = d.body.as_deref().unwrap_or_default();
         let sealed = match self.keys.seal_with(&key_id, plain, &aad) {
             Ok(s) => s,
             // The key cache started over between lookup and use: load it again.
@@ -955,7 +1079,7 @@ impl Store {
             Some(h) => {
                 c.execute(
                     "UPDATE resources SET version_id = ?, last_updated = ?, deleted = ?, retention_class = ? WHERE rid = ?",
-                    vec![version_id.into(), last_updated.into(), (deleted as i64).into(), class.clone().into(), h.rid.into()],
+                    vec![version_id.into(), last_updated.into(), (deleted as i64).into(), d.class.clone().into(), h.rid.into()],
                 )?;
                 for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
                     c.execute(
@@ -968,7 +1092,7 @@ impl Store {
             None => {
                 let rows: Vec<RidRow> = c.load_cached(
                     "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted, retention_class) VALUES (?, ?, ?, ?, ?, ?) RETURNING rid",
-                    vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into(), class.into()],
+                    vec![res_type.into(), id.into(), version_id.into(), last_updated.into(), (deleted as i64).into(), d.class.clone().into()],
                 )?;
                 rows[0].rid
             }
@@ -986,9 +1110,8 @@ impl Store {
                 sealed.into(),
             ],
         )?;
-        if let Some(r) = resource {
-            let entries = index::entries(&self.registry, res_type, &r.value, &self.base_url);
-            insert_index(c, rid, &entries)?;
+        if !deleted {
+            insert_index(c, rid, &d.entries)?;
         }
         Ok(Stored {
             res_type: res_type.into(),
@@ -997,7 +1120,7 @@ impl Store {
             last_updated,
             deleted,
             method: method.into(),
-            body,
+            body: d.body.clone(),
         })
     }
 
