@@ -12,7 +12,7 @@
 //! says when no data key depends on a previous master key any more, so it can be retired.
 
 use super::db::{Bind, Conn};
-use super::rows::KeyRow;
+use super::rows::{KeyRow, ScopedKeyRow};
 use super::{Store, StoreError};
 use crate::compliance::retention::{self, SYSTEM};
 use crate::search::dates::now_micros;
@@ -136,18 +136,34 @@ impl Store {
         } else {
             ""
         };
-        let rows: Vec<KeyRow> = c.load_cached(
+        // SQLite's group commit: a scope met earlier in the same transaction has the same key
+        // (nothing else writes `data_keys` meanwhile: the transaction holds the only write lock).
+        let memo_key = (class.to_string(), patient.to_string());
+        if let Some(memo) = self.group_keys.lock().as_ref() {
+            if let Some((key_id, window_end)) = memo.get(&memo_key) {
+                if *window_end > now && self.keys.has(key_id) {
+                    return Ok(key_id.clone());
+                }
+            }
+        }
+        let remember = |key_id: &str, window_end: i64| {
+            if let Some(memo) = self.group_keys.lock().as_mut() {
+                memo.insert(memo_key.clone(), (key_id.to_string(), window_end));
+            }
+        };
+        let rows: Vec<ScopedKeyRow> = c.load_cached(
             &format!(
-                "SELECT key_id, master_key_id, wrapped FROM data_keys \
+                "SELECT key_id, master_key_id, wrapped, window_end FROM data_keys \
                  WHERE class = ? AND patient = ? AND window_end > ? AND retired_at IS NULL \
                  ORDER BY window_end ASC, created_at DESC LIMIT 1{lock}"
             ),
             vec![class.into(), patient.into(), now.into()],
         )?;
-        if let Some(r) = rows.into_iter().next() {
+        if let Some(ScopedKeyRow { key: r, window_end }) = rows.into_iter().next() {
             if !self.keys.has(&r.key_id) {
                 self.install_row(&r)?;
             }
+            remember(&r.key_id, window_end);
             return Ok(r.key_id);
         }
         let k = self.keys.generate();
@@ -166,6 +182,7 @@ impl Store {
         self.keys
             .install(&k, &self.keys.master_key_id(), false)
             .map_err(StoreError::Other)?;
+        remember(&k.key_id, retention::window_end(now));
         Ok(k.key_id)
     }
 

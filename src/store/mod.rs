@@ -324,6 +324,9 @@ pub struct Store {
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     group_commits: std::sync::atomic::AtomicU64,
+    /// SQLite: the data keys met in the group commit's transaction under way, by scope (class,
+    /// patient), with their window's end; `None` outside it (see `scoped_key`).
+    group_keys: parking_lot::Mutex<Option<HashMap<(String, String), (String, i64)>>>,
     wal_syncs: std::sync::atomic::AtomicU64,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
@@ -428,6 +431,7 @@ impl Store {
             group_conn: parking_lot::Mutex::new(None),
             _checkpointer: checkpointer,
             group_commits: Default::default(),
+            group_keys: parking_lot::Mutex::new(None),
             wal_syncs: Default::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
             retention,
@@ -642,6 +646,8 @@ impl Store {
         let deferred = *deferred;
         while !batch.is_empty() {
             let attempt = c.write_tx(|c| {
+                // Keys met in an attempt rolled back may be gone: each attempt starts afresh.
+                *self.group_keys.lock() = Some(HashMap::new());
                 let mut results = Vec::with_capacity(batch.len());
                 for (i, (_, job)) in batch.iter().enumerate() {
                     match self.run_job(c, job) {
@@ -652,6 +658,7 @@ impl Store {
                 }
                 Ok(results)
             });
+            *self.group_keys.lock() = None;
             match attempt {
                 Ok(results) => {
                     for ((s, _), r) in batch.drain(..).zip(results) {

@@ -73,6 +73,15 @@ pub struct KeyRow {
     pub wrapped: Vec<u8>,
 }
 
+/// A scope's data key and the end of its write window.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct ScopedKeyRow {
+    #[diesel(embed)]
+    pub key: KeyRow,
+    #[diesel(sql_type = BigInt)]
+    pub window_end: i64,
+}
+
 impl KeyRow {
     pub fn wrapped_key(&self) -> super::crypto::WrappedKey {
         super::crypto::WrappedKey {

@@ -71,6 +71,16 @@ async fn with_synchronous_full_every_group_commit_gets_its_own_wal_fsync() {
             .unwrap()
             .starts_with("grouped "));
     }
+    // Messages about one patient written in one group commit share their scope's one data key
+    // (looked up once per transaction, made once).
+    let keys: Vec<courier::store::rows::CountRow> = app
+        .store
+        .query(
+            "SELECT COUNT(*) AS n FROM data_keys WHERE patient = 'Patient/p1'",
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(keys[0].n, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
