@@ -318,9 +318,6 @@ pub struct Store {
     /// SQLite has one writer at a time: the thread holding this commits everyone's pending jobs.
     sqlite_writer: parking_lot::Mutex<()>,
     pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
-    /// SQLite: the group commit's own connection (see `Db::group_connection`), and whether its
-    /// commits wait for `Db::sync_wal`.
-    group_conn: parking_lot::Mutex<Option<(diesel::SqliteConnection, bool)>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     group_commits: std::sync::atomic::AtomicU64,
@@ -428,7 +425,6 @@ impl Store {
             base_url: base_url.to_string(),
             sqlite_writer: parking_lot::Mutex::new(()),
             pending: parking_lot::Mutex::new(Vec::new()),
-            group_conn: parking_lot::Mutex::new(None),
             _checkpointer: checkpointer,
             group_commits: Default::default(),
             group_keys: parking_lot::Mutex::new(None),
@@ -553,7 +549,7 @@ impl Store {
     /// transaction (group commit). Durability is unchanged (every job is committed, and with
     /// `synchronous = FULL` its write-ahead log fsynced, before it is answered); what is saved is
     /// one fsync per job, and the fsync is made after the writer's lock is released, so the next
-    /// group's transaction runs while it is under way (see `Db::group_connection`). Nobody is told
+    /// group's transaction runs while it is under way (see `db::DeferredSync`). Nobody is told
     /// of a commit (answer, `changed`) before it is durable.
     ///
     /// A job that fails (412, 409, …) must not take the others with it. Savepoints per job would
@@ -625,25 +621,21 @@ impl Store {
         mut batch: Vec<(Arc<Slot>, Job)>,
     ) -> (Vec<(Arc<Slot>, JobResult)>, bool) {
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut conn = self.group_conn.lock();
-        if conn.is_none() {
-            match self.db.group_connection() {
-                Some(Ok(c)) => *conn = Some(c),
-                Some(Err(e)) => {
-                    let msg = e.to_string();
-                    tracing::error!(error = %msg, "cannot open the SQLite group-commit connection");
-                    for (s, _) in batch {
-                        let e =
-                            StoreError::Other(anyhow::anyhow!("cannot open the database: {msg}"));
-                        outcomes.push((s, Err(e)));
-                    }
-                    return (outcomes, false);
+        let mut pooled = match self.db.get() {
+            Ok(db::PooledConn::Sqlite(c)) => c,
+            Ok(db::PooledConn::Postgres(_)) => unreachable!("group commit is SQLite's"),
+            Err(e) => {
+                let msg = e.to_string();
+                for (s, _) in batch {
+                    let e = StoreError::Other(anyhow::anyhow!("cannot open the database: {msg}"));
+                    outcomes.push((s, Err(e)));
                 }
-                None => unreachable!("group commit is SQLite's"),
+                return (outcomes, false);
             }
-        }
-        let (c, deferred) = conn.as_mut().expect("opened above");
-        let deferred = *deferred;
+        };
+        let deferred = self.db.defers_sync();
+        let mut conn = db::DeferredSync::new(&mut pooled, deferred);
+        let c: &mut diesel::SqliteConnection = &mut conn;
         while !batch.is_empty() {
             let attempt = c.write_tx(|c| {
                 // Keys met in an attempt rolled back may be gone: each attempt starts afresh.
@@ -679,8 +671,6 @@ impl Store {
                         let e = StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
                         outcomes.push((s, Err(e)));
                     }
-                    // Start the next group on a fresh connection.
-                    *conn = None;
                     break;
                 }
             }

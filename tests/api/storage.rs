@@ -81,6 +81,16 @@ async fn with_synchronous_full_every_group_commit_gets_its_own_wal_fsync() {
         )
         .unwrap();
     assert_eq!(keys[0].n, 1);
+    // The pooled connection the group commit used (NORMAL meanwhile) is back at FULL: the pool is
+    // LIFO, so the next query runs on it.
+    let sync: Vec<courier::store::rows::CountRow> = app
+        .store
+        .query("SELECT synchronous AS n FROM pragma_synchronous", vec![])
+        .unwrap();
+    assert_eq!(
+        sync[0].n, 2,
+        "a pooled connection was left at synchronous=NORMAL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
