@@ -323,7 +323,7 @@ pub struct Store {
     group_commits: std::sync::atomic::AtomicU64,
     /// SQLite: the data keys met in the group commit's transaction under way, by scope (class,
     /// patient), with their window's end; `None` outside it (see `scoped_key`).
-    group_keys: parking_lot::Mutex<Option<HashMap<(String, String), (String, i64)>>>,
+    group_keys: parking_lot::Mutex<Option<KeyMemo>>,
     wal_syncs: std::sync::atomic::AtomicU64,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
@@ -334,6 +334,9 @@ pub struct Store {
     /// The audit chain's HMAC key, once loaded (see `audit::chain`).
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
 }
+
+/// Data keys by scope (class, patient): key id and the end of its write window.
+type KeyMemo = HashMap<(String, String), (String, i64)>;
 
 /// A unit of work for the writer. Whatever can be made before the transaction (the stored body,
 /// the index entries, the AuditEvent of a plain create) is made before the job is queued, so the
@@ -808,7 +811,7 @@ impl Store {
                     let mut probe = cond.clone();
                     probe.count = 2;
                     probe.offset = 0;
-                    let q = sql::page(&res_type, &probe, snapshot, dialect(c));
+                    let q = sql::page(res_type, &probe, snapshot, dialect(c));
                     let found: Vec<RidRow> = c.load(&q.text, q.binds)?;
                     match found.len() {
                         0 => {}
