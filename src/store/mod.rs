@@ -393,6 +393,21 @@ struct Slot {
     ready: parking_lot::Condvar,
 }
 
+/// Answers every slot it holds with an error if dropped while the thread panics.
+struct AnswerOnUnwind(Vec<Arc<Slot>>);
+
+impl Drop for AnswerOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for s in &self.0 {
+                s.answer(Err(StoreError::Other(anyhow::anyhow!(
+                    "the group commit failed unexpectedly"
+                ))));
+            }
+        }
+    }
+}
+
 impl Slot {
     fn answer(&self, r: JobResult) {
         *self.result.lock() = Some(r);
@@ -586,6 +601,9 @@ impl Store {
                     Some((s, job))
                 })
                 .collect();
+            // Should the group commit panic, its jobs are answered with an error instead of
+            // leaving their callers waiting for ever.
+            let _unwind = AnswerOnUnwind(batch.iter().map(|(s, _)| s.clone()).collect());
             self.commit_group(batch)
         };
         // Durable before anyone is answered (or told of it), outside the writer's lock: the next
