@@ -39,16 +39,17 @@ struct Row {
     body: Vec<u8>,
 }
 
+/// One link of the chain (also read by the audit trail's retention purge).
 #[derive(QueryableByName)]
-struct Link {
+pub(crate) struct Link {
     #[diesel(sql_type = BigInt)]
-    seq: i64,
+    pub(crate) seq: i64,
     #[diesel(sql_type = BigInt)]
-    vid: i64,
+    pub(crate) vid: i64,
     #[diesel(sql_type = Text)]
-    audit_id: String,
+    pub(crate) audit_id: String,
     #[diesel(sql_type = Text)]
-    hash: String,
+    pub(crate) hash: String,
 }
 
 #[derive(QueryableByName)]
@@ -195,16 +196,17 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
 
 const ANCHOR_AAD: &str = "audit_chain_anchor";
 
+/// The sealed anchor the chain starts from (also moved by the retention purge).
 #[derive(QueryableByName)]
-struct Anchor {
+pub(crate) struct Anchor {
     #[diesel(sql_type = BigInt)]
-    seq: i64,
+    pub(crate) seq: i64,
     #[diesel(sql_type = Text)]
-    hash: String,
+    pub(crate) hash: String,
     #[diesel(sql_type = Text)]
-    key_id: String,
+    pub(crate) key_id: String,
     #[diesel(sql_type = Binary)]
-    seal: Vec<u8>,
+    pub(crate) seal: Vec<u8>,
 }
 
 /// Does the anchor's seal hold "seq|hash"? `Err` when it cannot be checked (a database or key

@@ -579,14 +579,8 @@ pub fn purge(
 
 #[derive(QueryableByName)]
 struct ChainRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-    #[diesel(sql_type = BigInt)]
-    vid: i64,
-    #[diesel(sql_type = Text)]
-    audit_id: String,
-    #[diesel(sql_type = Text)]
-    hash: String,
+    #[diesel(embed)]
+    link: crate::audit::chain::Link,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
     rid: Option<i64>,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -597,18 +591,6 @@ struct ChainRow {
     body: Option<Vec<u8>>,
     #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
     last_updated: Option<i64>,
-}
-
-#[derive(QueryableByName)]
-struct AnchorRow {
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
-    #[diesel(sql_type = Text)]
-    hash: String,
-    #[diesel(sql_type = Text)]
-    key_id: String,
-    #[diesel(sql_type = diesel::sql_types::Binary)]
-    seal: Vec<u8>,
 }
 
 /// What one audit-purge step cut: the AuditEvents, the new anchor, outbox rows removed.
@@ -630,7 +612,7 @@ fn audit_step<C: Conn>(
     let anchor = match from {
         Some(a) => Some(a),
         None => match c
-            .load::<AnchorRow>(
+            .load::<crate::audit::chain::Anchor>(
                 &format!("SELECT seq, hash, key_id, seal FROM audit_chain_anchor WHERE id = 1{lock}"),
                 vec![],
             )?
@@ -683,15 +665,16 @@ fn audit_step<C: Conn>(
         else {
             return Err(StoreError::Other(anyhow::anyhow!(
                 "the audit chain is broken at link {} (its AuditEvent row is gone): not cutting it; see `courier audit verify`",
-                r.seq
+                r.link.seq
             )));
         };
-        if *id != r.audit_id
-            || crate::audit::chain::link(chain_key, &prev, r.vid, id, key_id, body) != r.hash
+        if *id != r.link.audit_id
+            || crate::audit::chain::link(chain_key, &prev, r.link.vid, id, key_id, body)
+                != r.link.hash
         {
             return Err(StoreError::Other(anyhow::anyhow!(
                 "the audit chain is broken at link {}: not cutting it; see `courier audit verify`",
-                r.seq
+                r.link.seq
             )));
         }
         if at >= cutoff {
@@ -708,12 +691,12 @@ fn audit_step<C: Conn>(
                 break;
             }
         }
-        seq = r.seq;
-        prev = r.hash.clone();
+        seq = r.link.seq;
+        prev = r.link.hash.clone();
         cut.push(Target {
             rid,
             res_type: "AuditEvent".into(),
-            fhir_id: r.audit_id.clone(),
+            fhir_id: r.link.audit_id.clone(),
         });
     }
     if cut.is_empty() {
