@@ -4,6 +4,10 @@
 //!   COURIER_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --bench load -- --backend postgres
 //!   cargo bench --bench load -- --messages 100000     # a smaller store
 //!   cargo bench --bench load -- --sync NORMAL         # SQLite synchronous=NORMAL (default FULL)
+//!   cargo bench --bench load -- --keep /var/tmp/b1m  # SQLite: keep the store in that directory;
+//!                                                     # a later run with the same directory skips the
+//!                                                     # creates and the seed and only searches
+//!   cargo bench --bench load -- --trace /tmp/t.tsv   # also write each search's start and latency
 //!
 //! Prints: creates/s at 1 and at 32 concurrent clients (each create authorized, strictly checked,
 //! indexed, encrypted and audited in one transaction), then inbox search
@@ -37,6 +41,8 @@ struct Args {
     recipients: usize,
     creates: usize,
     searches: usize,
+    keep: Option<std::path::PathBuf>,
+    trace: Option<std::path::PathBuf>,
 }
 
 fn args() -> Args {
@@ -47,6 +53,8 @@ fn args() -> Args {
         recipients: 1_000,
         creates: 20_000,
         searches: 2_000,
+        keep: None,
+        trace: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -59,6 +67,8 @@ fn args() -> Args {
             "--recipients" => a.recipients = val().parse().expect("--recipients N"),
             "--creates" => a.creates = val().parse().expect("--creates N"),
             "--searches" => a.searches = val().parse().expect("--searches N"),
+            "--keep" => a.keep = Some(val().into()),
+            "--trace" => a.trace = Some(val().into()),
             _ => {} // cargo passes --bench
         }
         i += if argv[i].starts_with("--") && !matches!(argv[i].as_str(), "--bench") {
@@ -90,7 +100,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let a = args();
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = a.keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    // --keep DIR with a store already in it: search that store, skip the creates and the seed.
+    let reuse = a.keep.is_some() && a.backend != "postgres" && dir.join("bench.db").exists();
     let database_url = match a.backend.as_str() {
         "postgres" => {
             let url = std::env::var("COURIER_BENCH_POSTGRES_URL")
@@ -105,12 +119,12 @@ async fn main() {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}options=-csearch_path%3D{schema}")
         }
-        _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        _ => format!("sqlite://{}", dir.join("bench.db").display()),
     };
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         base_url: "http://127.0.0.1:0".into(),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.clone(),
         database_url,
         master_key: Some(
             "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
@@ -213,7 +227,16 @@ async fn main() {
     }
 
     // ---- creates ----
-    for (clients, who) in [(1usize, "system"), (32, "system"), (32, "user")] {
+    let phases = if reuse {
+        println!(
+            "reusing the store in {} (creates and seed skipped)",
+            dir.display()
+        );
+        vec![]
+    } else {
+        vec![(1usize, "system"), (32, "system"), (32, "user")]
+    };
+    for (clients, who) in phases {
         let client = if who == "user" {
             sender.clone()
         } else {
@@ -267,7 +290,7 @@ async fn main() {
         ..Default::default()
     };
     // Four seeders at once: PostgreSQL takes them concurrently, SQLite group-commits them.
-    let seeded = Arc::new(AtomicUsize::new(have));
+    let seeded = Arc::new(AtomicUsize::new(if reuse { a.messages } else { have }));
     let mut seeders = Vec::new();
     for _ in 0..4 {
         let (store, ctx, seeded) = (store.clone(), ctx.clone(), seeded.clone());
@@ -299,17 +322,21 @@ async fn main() {
     for s in seeders {
         s.await.unwrap();
     }
-    println!(
-        "seeded {} Communications (+ their AuditEvents) in {:.0} s",
-        a.messages,
-        started.elapsed().as_secs_f64()
-    );
+    if !reuse {
+        println!(
+            "seeded {} Communications (+ their AuditEvents) in {:.0} s",
+            a.messages,
+            started.elapsed().as_secs_f64()
+        );
+    }
 
     // ---- inbox search: with the system token, then with each recipient's own user token ----
     // (fresh tokens: seeding a large store takes longer than a token lives)
     let client = http(token("system/Communication.cruds", None));
     for who in ["system", "user"] {
         let mut lat = Vec::with_capacity(a.searches);
+        let phase = Instant::now();
+        let mut trace = String::new();
         let mut entries = 0usize;
         let users: Vec<reqwest::Client> = if who == "user" {
             (0..a.recipients.min(200))
@@ -336,12 +363,34 @@ async fn main() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(resp.status(), 200);
+            if resp.status() != 200 {
+                panic!(
+                    "search answered {}: {}",
+                    resp.status(),
+                    resp.text().await.unwrap()
+                );
+            }
             let body = resp.bytes().await.unwrap();
             if k >= 50 {
-                lat.push(t.elapsed());
+                let took = t.elapsed();
+                lat.push(took);
+                trace += &format!(
+                    "{who}\t{:.1}\t{:.3}\n",
+                    (t - phase).as_secs_f64() * 1000.0,
+                    took.as_secs_f64() * 1000.0
+                );
                 entries += body.windows(9).filter(|w| w == b"\"search\":").count();
             }
+        }
+        if let Some(path) = &a.trace {
+            // --trace FILE: every timed search as "token, start (ms into the phase), latency (ms)"
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(trace.as_bytes()))
+                .expect("--trace FILE");
         }
         lat.sort();
         println!(

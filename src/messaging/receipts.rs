@@ -408,6 +408,27 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     Ok(parameters(params))
 }
 
+/// The SQL of [`unread_messages`] for `targets` addressees (binds: priority key, user, part-of
+/// key, recipient key, then id and type per addressee, then status key). The `|| ''` on the
+/// parameter in the per-message EXISTS keeps SQLite (which has no statistics) on the (rid, param)
+/// index: through the (param, code) index it would read every urgent (or withdrawn) message of
+/// the store for each unread one.
+pub fn unread_sql(targets: usize) -> String {
+    let addressed = vec!["(x.target_id = ? AND x.target_type = ?)"; targets].join(" OR ");
+    format!(
+        "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
+         CAST(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param || '' = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS BIGINT) AS urgent, \
+         r.last_updated AS at \
+         FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
+         LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
+         WHERE x.param = ? AND ({addressed}) AND x.url IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param || '' = ? AND s.code IN ('preparation', 'entered-in-error')) \
+         ORDER BY at DESC, r.rid DESC"
+    )
+}
+
 /// Unread messages addressed directly to `user`, grouped by thread. Index lookups only: the
 /// recipient index finds the user's messages, the receipt's primary key tells which were read.
 fn unread_messages(
@@ -423,7 +444,6 @@ fn unread_messages(
     if targets.is_empty() {
         return Ok(vec![]);
     }
-    let addressed = vec!["(x.target_id = ? AND x.target_type = ?)"; targets.len()].join(" OR ");
     let key = |code: &str| {
         store
             .registry
@@ -433,18 +453,7 @@ fn unread_messages(
     };
     // One row per unread message and thread (a message to the user and to their group is one
     // message), newest first.
-    let sql = format!(
-        "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
-         CAST(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS BIGINT) AS urgent, \
-         r.last_updated AS at \
-         FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
-         LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
-         WHERE x.param = ? AND ({addressed}) AND x.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
-         AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param = ? AND s.code IN ('preparation', 'entered-in-error')) \
-         ORDER BY at DESC, r.rid DESC"
-    );
+    let sql = unread_sql(targets.len());
     let mut binds: Vec<crate::store::db::Bind> = vec![
         key("priority").into(),
         user.into(),

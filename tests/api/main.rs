@@ -15,6 +15,7 @@ mod export;
 mod keys;
 mod messaging;
 mod operability;
+mod plans;
 mod retention;
 mod schedule;
 mod search;
