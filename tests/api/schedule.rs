@@ -218,14 +218,18 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
     );
     // Tolerance: measured alone, the latest send is ~2.4 s late (the lease of the orphaned
     // claims, 2 s, plus the poll and the write); this bound leaves room for the rest of the
-    // test suite sharing the 2 cores (a debug build sending ~100 a second).
+    // test suite sharing the 2 cores (a debug build sending ~100 a second). Sending the 1,000 is
+    // about as much work as writing them was, so on a slow day of this machine (its speed varies
+    // by more than twice: writing them took 15 s instead of ~5) the bound grows with that.
+    let slack = Span::seconds(8).max(written);
     eprintln!(
-        "latest send: {} ms after its time",
-        worst.num_milliseconds()
+        "latest send: {} ms after its time (allowed: {} ms)",
+        worst.num_milliseconds(),
+        (Span::seconds(lease) + slack).num_milliseconds()
     );
     assert!(
-        worst <= Span::seconds(lease + 8),
-        "latest send {worst:?} after its time"
+        worst <= Span::seconds(lease) + slack,
+        "latest send {worst:?} after its time (1,000 requests written in {written:?})"
     );
 }
 
