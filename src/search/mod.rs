@@ -46,6 +46,26 @@ impl ParamType {
     }
 }
 
+/// The principal date of each resource type that has one, as the index key of its date parameter.
+/// Every reference index row of a resource carries this date's lowest start and highest end
+/// (`idx_ref.at_lo`/`at_hi`, NULL when the resource has none), so a search driven by a reference
+/// that sorts by this date — the inbox, `recipient=…&_sort=-sent` — sorts the matches it read from
+/// one index range instead of looking each one up in `idx_date`. Migration 000019 backfills the
+/// same list.
+pub const REFERENCE_SORT_DATES: [&str; 3] = [
+    "Communication.sent",
+    "CommunicationRequest.authored",
+    "AuditEvent.date",
+];
+
+/// The principal date's index key for `res_type` (see [`REFERENCE_SORT_DATES`]).
+pub fn reference_sort_date(res_type: &str) -> Option<&'static str> {
+    REFERENCE_SORT_DATES
+        .iter()
+        .copied()
+        .find(|k| k.strip_prefix(res_type).and_then(|r| r.strip_prefix('.')).is_some())
+}
+
 /// One search parameter of one resource type.
 #[derive(Debug, Clone)]
 pub struct SearchParam {
@@ -127,6 +147,13 @@ impl Registry {
                         .or_default()
                         .insert(p.code.clone(), p);
                 }
+            }
+        }
+        for key in REFERENCE_SORT_DATES {
+            let (base, code) = key.split_once('.').expect("Type.code");
+            match reg.by_type.get(base).and_then(|m| m.get(code)) {
+                Some(p) if p.kind == ParamType::Date => {}
+                _ => anyhow::bail!("{key}: the principal date of {base} is not a date search parameter"),
             }
         }
         Ok(reg)

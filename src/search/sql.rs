@@ -55,25 +55,45 @@ fn drives(c: &Condition) -> bool {
     }
 }
 
+/// The condition a search on `res_type` is driven from, if any (see [`from_where`]).
+fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
+    let resource_free = req.sort.iter().all(|k| matches!(k, SortKey::Param { .. }))
+        && !req
+            .conditions
+            .iter()
+            .any(|c| matches!(c, Condition::Id { .. } | Condition::LastUpdated(_)));
+    if !resource_free {
+        return None;
+    }
+    // Sorted by the principal date, a reference drives: its rows carry that date, so the sort
+    // reads nothing else. Otherwise the first condition that narrows.
+    let by_principal_date = super::reference_sort_date(res_type).is_some_and(|date| {
+        req.sort
+            .iter()
+            .any(|k| matches!(k, SortKey::Param { key, .. } if key == date))
+    });
+    by_principal_date
+        .then(|| {
+            req.conditions
+                .iter()
+                .position(|c| matches!(c, Condition::Reference { .. }))
+        })
+        .flatten()
+        .or_else(|| req.conditions.iter().position(drives))
+}
+
 /// `FROM … WHERE …` for the search (without ORDER BY).
 ///
 /// When a condition narrows through an index table and nothing needs the resource row itself, the
 /// search is driven from that condition's matches alone: index rows exist only for the current
 /// version of live resources and their parameter key names the type, so `resources` is not touched
 /// until the page is chosen (measured: an inbox search over 1,000 matches reads half the pages).
+///
+/// Driven from a reference, the rows also carry the resource's principal date as `r.at_lo` and
+/// `r.at_hi` (see `search::REFERENCE_SORT_DATES`), which [`page`] sorts by when asked to.
 fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
-    let resource_free = req.sort.iter().all(|k| matches!(k, SortKey::Param { .. }))
-        && !req
-            .conditions
-            .iter()
-            .any(|c| matches!(c, Condition::Id { .. } | Condition::LastUpdated(_)));
-    let driver = if resource_free {
-        req.conditions.iter().position(drives)
-    } else {
-        None
-    };
-    if let Some(k) = driver {
+    if let Some(k) = driver(res_type, req) {
         let mut d = Sql::new();
         condition(&mut d, &req.conditions[k], dialect);
         let inner = d
@@ -81,9 +101,14 @@ fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Diale
             .strip_prefix("r.rid IN (")
             .and_then(|t| t.strip_suffix(')'))
             .expect("driving conditions are IN lists");
+        let columns = if matches!(req.conditions[k], Condition::Reference { .. }) {
+            "SELECT DISTINCT rid, at_lo, at_hi"
+        } else {
+            "SELECT DISTINCT rid"
+        };
         q.push(&format!(
             " FROM ({}) r WHERE r.rid <= ",
-            inner.replacen("SELECT rid", "SELECT DISTINCT rid", 1)
+            inner.replacen("SELECT rid", columns, 1)
         ));
         q.binds.extend(d.binds);
         q.bind(snapshot);
@@ -119,6 +144,11 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
     q.push(&w.text);
     q.binds.extend(w.binds);
     q.push(" ORDER BY ");
+    // Driven from a reference, the principal date is on the driving rows.
+    let inline = driver(res_type, req)
+        .is_some_and(|k| matches!(req.conditions[k], Condition::Reference { .. }))
+        .then(|| super::reference_sort_date(res_type))
+        .flatten();
     for key in &req.sort {
         match key {
             SortKey::Id { descending } => q.push(if *descending {
@@ -130,6 +160,13 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
                 "r.last_updated DESC"
             } else {
                 "r.last_updated ASC"
+            }),
+            SortKey::Param {
+                key, descending, ..
+            } if Some(key.as_str()) == inline => q.push(if *descending {
+                "r.at_hi DESC NULLS LAST"
+            } else {
+                "r.at_lo ASC NULLS LAST"
             }),
             SortKey::Param {
                 key,

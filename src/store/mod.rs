@@ -1492,6 +1492,15 @@ fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), S
     let mut refs: Vec<Bind> = Vec::new();
     let mut dates_: Vec<Bind> = Vec::new();
     let mut strings: Vec<Bind> = Vec::new();
+    // The resource's principal date, carried by each of its reference rows (search::REFERENCE_SORT_DATES).
+    let principal = entries.iter().filter_map(|e| match e {
+        Entry::Date { param, lo, hi } if crate::search::REFERENCE_SORT_DATES.contains(&param.as_str()) => {
+            Some((*lo, *hi))
+        }
+        _ => None,
+    });
+    let at_lo: Option<i64> = principal.clone().map(|(lo, _)| lo).min();
+    let at_hi: Option<i64> = principal.map(|(_, hi)| hi).max();
     for e in entries {
         match e {
             Entry::Token {
@@ -1515,6 +1524,8 @@ fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), S
                 target_type.clone().into(),
                 target_id.clone().into(),
                 url.clone().into(),
+                at_lo.into(),
+                at_hi.into(),
             ]),
             Entry::Date { param, lo, hi } => {
                 dates_.extend([rid.into(), param.clone().into(), (*lo).into(), (*hi).into()])
@@ -1530,8 +1541,8 @@ fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), S
     multi_insert(c, "idx_token (rid, param, system, code)", 4, tokens)?;
     multi_insert(
         c,
-        "idx_ref (rid, param, target_type, target_id, url)",
-        5,
+        "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
+        7,
         refs,
     )?;
     multi_insert(c, "idx_date (rid, param, lo, hi)", 4, dates_)?;

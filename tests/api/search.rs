@@ -213,6 +213,80 @@ async fn count_is_capped_at_the_configured_maximum() {
 }
 
 both_backends! {
+    /// A reference-driven search sorted by the resource's principal date (the inbox) sorts by the
+    /// date its reference rows carry; it must give exactly the order of the general sort, which
+    /// reads `idx_date`: partial dates by their range's end (descending) or start (ascending),
+    /// undated last, ties by creation, after updates and deletes, for several values at once.
+    async fn sort_by_principal_date_through_a_reference_matches_the_general_sort(app: TestApp) {
+        let to = |who: &[&str], sent: Option<&str>| {
+            let mut c = comm(json!({"recipient": who.iter().map(|w| json!({"reference": w})).collect::<Vec<_>>()}));
+            if let Some(s) = sent {
+                c["sent"] = json!(s);
+            }
+            c
+        };
+        let noon = app.create(&to(&["Patient/sx"], Some("2024-06-01T12:00:00Z"))).await;
+        let year = app.create(&to(&["Patient/sx"], Some("2024"))).await;
+        let undated = app.create(&to(&["Patient/sx"], None)).await;
+        let tie = app.create(&to(&["Patient/sx"], Some("2024-06-01T14:00:00+02:00"))).await; // = noon UTC
+        let twice = app.create(&to(&["Patient/sx", "Patient/sx"], Some("2024-03-01"))).await;
+        let other = app.create(&to(&["Patient/other"], Some("2025-01-01"))).await;
+        let both = app.create(&to(&["Patient/other", "Patient/sx"], Some("2023-07-01"))).await;
+
+        // The general sort (no reference drives it) restricted to the recipient's messages.
+        let general = |order: &str, keep: Vec<String>| {
+            let app = &app;
+            let order = order.to_string();
+            async move {
+                app.search_ids(&format!("Communication?_sort={order}&_count=100"))
+                    .await
+                    .into_iter()
+                    .filter(|id| keep.contains(id))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let mine = vec![noon.clone(), year.clone(), undated.clone(), tie.clone(), twice.clone(), both.clone()];
+        let desc = app.search_ids("Communication?recipient=Patient/sx&_sort=-sent").await;
+        assert_eq!(desc, vec![year.clone(), noon.clone(), tie.clone(), twice.clone(), both.clone(), undated.clone()]);
+        assert_eq!(desc, general("-sent", mine.clone()).await);
+        let asc = app.search_ids("Communication?recipient=Patient/sx&_sort=sent").await;
+        assert_eq!(asc, vec![both.clone(), year.clone(), twice.clone(), noon.clone(), tie.clone(), undated.clone()]);
+        assert_eq!(asc, general("sent", mine.clone()).await);
+        // A second key after the date, and paging through the sorted matches.
+        assert_eq!(app.search_ids("Communication?recipient=Patient/sx&_sort=-sent,-status").await, desc);
+        assert_eq!(app.search_ids("Communication?recipient=Patient/sx&_sort=-sent&_count=2").await, vec![year.clone(), noon.clone()]);
+        let page2 = app.get_json("Communication?recipient=Patient/sx&_sort=-sent&_count=2").await;
+        let next = page2["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_string();
+        let p2: Value = app.client.get(&next).send().await.unwrap().json().await.unwrap();
+        assert_eq!(ids(&p2), vec![tie.clone(), twice.clone()]);
+        // Several values: either recipient.
+        let either = app.search_ids("Communication?recipient=Patient/sx,Patient/other&_sort=-sent").await;
+        assert_eq!(either, vec![other.clone(), year.clone(), noon.clone(), tie.clone(), twice.clone(), both.clone(), undated.clone()]);
+
+        // An update moves the message; a delete removes it; a date added later counts.
+        let mut moved = to(&["Patient/sx"], Some("2023-01-01"));
+        moved["id"] = json!(noon);
+        assert_eq!(app.put(&format!("Communication/{noon}"), &moved).await.status(), 200);
+        let mut dated = to(&["Patient/sx"], Some("2030-01-01"));
+        dated["id"] = json!(undated);
+        assert_eq!(app.put(&format!("Communication/{undated}"), &dated).await.status(), 200);
+        let gone = app.client.delete(app.url(&format!("Communication/{tie}"))).send().await.unwrap();
+        assert!(gone.status().is_success());
+        let mine = vec![noon.clone(), year.clone(), undated.clone(), twice.clone(), both.clone()];
+        let desc = app.search_ids("Communication?recipient=Patient/sx&_sort=-sent").await;
+        assert_eq!(desc, vec![undated.clone(), year.clone(), twice.clone(), both.clone(), noon.clone()]);
+        assert_eq!(desc, general("-sent", mine.clone()).await);
+        assert_eq!(app.search_ids("Communication?recipient=Patient/sx&_sort=sent").await, general("sent", mine).await);
+
+        // CommunicationRequest's principal date is `authored`.
+        let req = |authored: &str| json!({"resourceType": "CommunicationRequest", "status": "active",
+            "requester": {"reference": "Practitioner/rq"}, "authoredOn": authored});
+        let r1 = app.create(&req("2024-01-02")).await;
+        let r2 = app.create(&req("2024-05-02")).await;
+        assert_eq!(app.search_ids("CommunicationRequest?requester=Practitioner/rq&_sort=-authored").await, vec![r2.clone(), r1.clone()]);
+        assert_eq!(app.search_ids("CommunicationRequest?requester=Practitioner/rq&_sort=authored").await, vec![r1, r2]);
+    }
+
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {
         let dated = app.create(&comm(json!({"sent": "2024-01-15"}))).await;
         let _undated = app.create(&comm(json!({}))).await;
