@@ -213,10 +213,10 @@ async fn count_is_capped_at_the_configured_maximum() {
 }
 
 both_backends! {
-    /// A reference-driven search sorted by the resource's principal date (the inbox) sorts by the
-    /// date its reference rows carry; it must give exactly the order of the general sort, which
-    /// reads `idx_date`: partial dates by their range's end (descending) or start (ascending),
-    /// undated last, ties by creation, after updates and deletes, for several values at once.
+    // A reference-driven search sorted by the resource's principal date (the inbox) sorts by the
+    // date its reference rows carry; it must give exactly the order of the general sort, which
+    // reads `idx_date`: partial dates by their range's end (descending) or start (ascending),
+    // undated last, ties by creation, after updates and deletes, for several values at once.
     async fn sort_by_principal_date_through_a_reference_matches_the_general_sort(app: TestApp) {
         let to = |who: &[&str], sent: Option<&str>| {
             let mut c = comm(json!({"recipient": who.iter().map(|w| json!({"reference": w})).collect::<Vec<_>>()}));
