@@ -60,10 +60,11 @@ pub const REFERENCE_SORT_DATES: [&str; 3] = [
 
 /// The principal date's index key for `res_type` (see [`REFERENCE_SORT_DATES`]).
 pub fn reference_sort_date(res_type: &str) -> Option<&'static str> {
-    REFERENCE_SORT_DATES
-        .iter()
-        .copied()
-        .find(|k| k.strip_prefix(res_type).and_then(|r| r.strip_prefix('.')).is_some())
+    REFERENCE_SORT_DATES.iter().copied().find(|k| {
+        k.strip_prefix(res_type)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some()
+    })
 }
 
 /// One search parameter of one resource type.
@@ -153,7 +154,9 @@ impl Registry {
             let (base, code) = key.split_once('.').expect("Type.code");
             match reg.by_type.get(base).and_then(|m| m.get(code)) {
                 Some(p) if p.kind == ParamType::Date => {}
-                _ => anyhow::bail!("{key}: the principal date of {base} is not a date search parameter"),
+                _ => anyhow::bail!(
+                    "{key}: the principal date of {base} is not a date search parameter"
+                ),
             }
         }
         Ok(reg)

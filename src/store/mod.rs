@@ -1494,7 +1494,9 @@ fn insert_index<C: Conn>(c: &mut C, rid: i64, entries: &[Entry]) -> Result<(), S
     let mut strings: Vec<Bind> = Vec::new();
     // The resource's principal date, carried by each of its reference rows (search::REFERENCE_SORT_DATES).
     let principal = entries.iter().filter_map(|e| match e {
-        Entry::Date { param, lo, hi } if crate::search::REFERENCE_SORT_DATES.contains(&param.as_str()) => {
+        Entry::Date { param, lo, hi }
+            if crate::search::REFERENCE_SORT_DATES.contains(&param.as_str()) =>
+        {
             Some((*lo, *hi))
         }
         _ => None,

@@ -123,10 +123,22 @@ async fn inbox_search_sorts_from_the_reference_index_alone() {
         strict: true,
     };
     for (res_type, query) in [
-        ("Communication", "recipient=Practitioner/dr-1&_sort=-sent&_count=50"),
-        ("Communication", "recipient=Practitioner/dr-1,Patient/p-2&_sort=sent"),
-        ("Communication", "status=completed&recipient=Practitioner/dr-1&_sort=-sent"),
-        ("CommunicationRequest", "requester=Practitioner/dr-1&_sort=-authored"),
+        (
+            "Communication",
+            "recipient=Practitioner/dr-1&_sort=-sent&_count=50",
+        ),
+        (
+            "Communication",
+            "recipient=Practitioner/dr-1,Patient/p-2&_sort=sent",
+        ),
+        (
+            "Communication",
+            "status=completed&recipient=Practitioner/dr-1&_sort=-sent",
+        ),
+        (
+            "CommunicationRequest",
+            "requester=Practitioner/dr-1&_sort=-authored",
+        ),
     ] {
         let pairs: Vec<(String, String)> = query
             .split('&')
@@ -143,9 +155,9 @@ async fn inbox_search_sorts_from_the_reference_index_alone() {
             "{query}: the sort looks up idx_date: {steps:#?}"
         );
         assert!(
-            steps
-                .iter()
-                .any(|(d, _)| d.starts_with("SEARCH") && d.contains("COVERING INDEX idx_ref_lookup")),
+            steps.iter().any(
+                |(d, _)| d.starts_with("SEARCH") && d.contains("COVERING INDEX idx_ref_lookup")
+            ),
             "{query}: the reference index does not answer the search alone: {steps:#?}"
         );
         assert_probes_by_rid(query, &steps);

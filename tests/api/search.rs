@@ -287,6 +287,33 @@ both_backends! {
         assert_eq!(app.search_ids("CommunicationRequest?requester=Practitioner/rq&_sort=authored").await, vec![r1, r2]);
     }
 
+    // A store made before migration 000019 gets its reference rows' dates on upgrade: the
+    // migration is undone (its down.sql, and diesel forgets it ran), and a restart runs it again.
+    async fn principal_date_migration_backfills_an_existing_store(app: TestApp) {
+        let to = |sent: Option<&str>| {
+            let mut c = comm(json!({"recipient": [{"reference": "Patient/mig"}]}));
+            if let Some(s) = sent {
+                c["sent"] = json!(s);
+            }
+            c
+        };
+        let jan = app.create(&to(Some("2024-01-01"))).await;
+        let mar = app.create(&to(Some("2024-03-01"))).await;
+        let undated = app.create(&to(None)).await;
+        let down = match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-11-29-000019_reference_sort_date/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-11-29-000019_reference_sort_date/down.sql"),
+        };
+        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            app.store.execute(stmt, vec![]).unwrap();
+        }
+        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261129000019'", vec![]).unwrap();
+        assert_eq!(forgotten, 1, "the migration's version as diesel records it");
+        let upgraded = spawn_instance_on(&app).await.unwrap();
+        assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=-sent").await, vec![mar.clone(), jan.clone(), undated.clone()]);
+        assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=sent").await, vec![jan, mar, undated]);
+    }
+
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {
         let dated = app.create(&comm(json!({"sent": "2024-01-15"}))).await;
         let _undated = app.create(&comm(json!({}))).await;
