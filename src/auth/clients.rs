@@ -429,6 +429,11 @@ pub async fn authenticate(
     Ok(client)
 }
 
+/// The registered scopes of a client, parsed.
+pub fn registered_scopes(client: &Client) -> Vec<Scope> {
+    scopes::parse_all(&client.scopes).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -449,9 +454,4 @@ mod tests {
             assert!(ok(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// The registered scopes of a client, parsed.
-pub fn registered_scopes(client: &Client) -> Vec<Scope> {
-    scopes::parse_all(&client.scopes).unwrap_or_default()
 }

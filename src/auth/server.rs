@@ -60,6 +60,7 @@ fn no_store_json(v: Value) -> HttpResponse {
 }
 
 /// Form parameters; a parameter given twice is an error (RFC 6749 §3.2).
+#[allow(clippy::result_large_err)] // the error is the finished response, built once per refusal
 fn form(req: &HttpRequest, body: &[u8]) -> Result<Vec<(String, String)>, HttpResponse> {
     if crate::fhir::rest::media_type(req) != "application/x-www-form-urlencoded" {
         return Err(oauth_error(

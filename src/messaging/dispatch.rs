@@ -316,41 +316,43 @@ pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client, deliveries: &De
     }
 }
 
+/// What one delivery sends: its kind, the event number it reaches, the notification Bundle and the
+/// body's bytes (None: nothing to send).
+type Delivery = Option<(&'static str, i64, Value, Vec<u8>)>;
+
 async fn deliver_one(store: &Arc<Store>, http: &reqwest::Client, sub: SubRow, now: i64) {
     let s = store.clone();
     let row = sub.clone();
     // What to send, built off the async threads (it reads and decrypts).
-    let plan = web::block(
-        move || -> Result<Option<(&'static str, i64, Value, Vec<u8>)>, StoreError> {
-            let secret = row.secret(&s).unwrap_or_default();
-            let mut body = row.resource(&s)?;
-            let (kind, upto, notification) = if row.status == "requested" {
-                (
-                    "handshake",
-                    row.delivered,
-                    bundle(&s, &row, "handshake", &[], "empty"),
-                )
-            } else if row.delivered < row.events_since_start {
-                let upto = (row.delivered + row.max_count).min(row.events_since_start);
-                let evs = numbered(&s, &row.id, row.delivered + 1, upto)?;
-                (
-                    "event-notification",
-                    upto,
-                    bundle(&s, &row, "event-notification", &evs, &row.content),
-                )
-            } else if row.heartbeat_secs > 0 && now - row.last_sent_at >= row.heartbeat_secs {
-                (
-                    "heartbeat",
-                    row.delivered,
-                    bundle(&s, &row, "heartbeat", &[], "empty"),
-                )
-            } else {
-                return Ok(None);
-            };
-            body["__notification"] = notification;
-            Ok(Some((kind, upto, body, secret)))
-        },
-    )
+    let plan = web::block(move || -> Result<Delivery, StoreError> {
+        let secret = row.secret(&s).unwrap_or_default();
+        let mut body = row.resource(&s)?;
+        let (kind, upto, notification) = if row.status == "requested" {
+            (
+                "handshake",
+                row.delivered,
+                bundle(&s, &row, "handshake", &[], "empty"),
+            )
+        } else if row.delivered < row.events_since_start {
+            let upto = (row.delivered + row.max_count).min(row.events_since_start);
+            let evs = numbered(&s, &row.id, row.delivered + 1, upto)?;
+            (
+                "event-notification",
+                upto,
+                bundle(&s, &row, "event-notification", &evs, &row.content),
+            )
+        } else if row.heartbeat_secs > 0 && now - row.last_sent_at >= row.heartbeat_secs {
+            (
+                "heartbeat",
+                row.delivered,
+                bundle(&s, &row, "heartbeat", &[], "empty"),
+            )
+        } else {
+            return Ok(None);
+        };
+        body["__notification"] = notification;
+        Ok(Some((kind, upto, body, secret)))
+    })
     .await;
     let Ok(Ok(Some((kind, upto, body, secret)))) = plan else {
         return;
@@ -611,7 +613,7 @@ async fn channel(
     loop {
         tokio::select! {
             msg = stream.next() => match msg {
-                Some(Ok(actix_ws::AggregatedMessage::Ping(b))) => { if session.pong(&b).await.is_err() { return; } }
+                Some(Ok(actix_ws::AggregatedMessage::Ping(b))) if session.pong(&b).await.is_err() => return,
                 Some(Ok(actix_ws::AggregatedMessage::Close(_))) | None | Some(Err(_)) => { let _ = session.close(None).await; return; }
                 _ => {}
             },

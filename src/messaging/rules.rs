@@ -64,7 +64,7 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    if settings.attachment_types.iter().any(|t| *t == essence) {
+    if settings.attachment_types.contains(&essence) {
         return Ok(());
     }
     Err(FhirError::at(

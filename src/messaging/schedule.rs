@@ -132,7 +132,7 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
     };
     // In time order (RETURNING has none), so a repeating schedule's doses are judged in order.
     let mut claimed = claimed;
-    claimed.sort_by(|a, b| (a.due_at, a.occurrence).cmp(&(b.due_at, b.occurrence)));
+    claimed.sort_by_key(|d| (d.due_at, d.occurrence));
     let mut sent = 0;
     for d in claimed {
         if send(store, &d)? {

@@ -1217,6 +1217,7 @@ impl Store {
     }
 
     /// Instance (`id` given) or type history, newest first. `snapshot` pins the view for paging.
+    #[allow(clippy::too_many_arguments)] // each is one of _history's own parameters
     pub fn history(
         &self,
         res_type: &str,
@@ -1406,11 +1407,8 @@ impl Store {
             match reach.get(&res_type) {
                 None => {}
                 Some(None) => out.push(rid),
-                Some(Some(cond)) => {
-                    if self.admits(c, rid, cond)? {
-                        out.push(rid);
-                    }
-                }
+                Some(Some(cond)) if self.admits(c, rid, cond)? => out.push(rid),
+                Some(Some(_)) => {}
             }
         }
         Ok(out)
