@@ -220,8 +220,10 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
     // claims, 2 s, plus the poll and the write); this bound leaves room for the rest of the
     // test suite sharing the 2 cores (a debug build sending ~100 a second). Sending the 1,000 is
     // about as much work as writing them was, so on a slow day of this machine (its speed varies
-    // by more than twice: writing them took 15 s instead of ~5) the bound grows with that.
-    let slack = Span::seconds(8).max(written);
+    // by more than twice: writing them took 15 s instead of ~5) the bound grows with that. Twice
+    // the write time: on 2026-11-29 a clean-clone CI run wrote them in 18.6 s and sent the last
+    // 20.9 s after its lease (1.1 times), beyond a bound of once the write time.
+    let slack = Span::seconds(8).max(written * 2);
     eprintln!(
         "latest send: {} ms after its time (allowed: {} ms)",
         worst.num_milliseconds(),
