@@ -91,9 +91,15 @@ fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
 ///
 /// Driven from a reference, the rows also carry the resource's principal date as `r.at_lo` and
 /// `r.at_hi` (see `search::REFERENCE_SORT_DATES`), which [`page`] sorts by when asked to.
-fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
+fn from_where(
+    res_type: &str,
+    req: &SearchRequest,
+    driver: Option<usize>,
+    snapshot: i64,
+    dialect: Dialect,
+) -> Sql {
     let mut q = Sql::new();
-    if let Some(k) = driver(res_type, req) {
+    if let Some(k) = driver {
         let mut d = Sql::new();
         condition(&mut d, &req.conditions[k], dialect);
         let inner = d
@@ -140,12 +146,13 @@ fn from_where(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Diale
 pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT r.rid");
-    let w = from_where(res_type, req, snapshot, dialect);
+    let driver = driver(res_type, req);
+    let w = from_where(res_type, req, driver, snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
     q.push(" ORDER BY ");
     // Driven from a reference, the principal date is on the driving rows.
-    let inline = driver(res_type, req)
+    let inline = driver
         .is_some_and(|k| matches!(req.conditions[k], Condition::Reference { .. }))
         .then(|| super::reference_sort_date(res_type))
         .flatten();
@@ -229,7 +236,7 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
 pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT COUNT(*) AS n");
-    let w = from_where(res_type, req, snapshot, dialect);
+    let w = from_where(res_type, req, driver(res_type, req), snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
     q
