@@ -93,6 +93,36 @@ fn message(recipient: usize, day: usize, minute: usize) -> serde_json::Value {
     })
 }
 
+/// This process's CPU time (user + system, the load generator's included) and the bytes it has
+/// caused to be written to storage, from `/proc/self`: a phase's cost per create, next to its
+/// throughput, which this machine's speed swings by 2× between days. Zero where `/proc` is absent.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_secs: f64,
+    written: u64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+        let written = io
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        // fields[0] is the state (field 3), so utime (14) is at 11 and stime (15) at 12; 100 ticks/s.
+        Usage {
+            cpu_secs: (ticks(11) + ticks(12)) / 100.0,
+            written,
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -251,6 +281,8 @@ async fn main() {
             a.creates
         };
         let next = Arc::new(AtomicUsize::new(0));
+        let before = Usage::now();
+        let groups_before = store.group_commit_stats().0;
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..clients {
@@ -277,9 +309,15 @@ async fn main() {
             t.await.unwrap();
         }
         let secs = started.elapsed().as_secs_f64();
+        let after = Usage::now();
+        // SQLite: each create is one job of a group commit (PostgreSQL: 0 groups).
+        let groups = store.group_commit_stats().0 - groups_before;
         println!(
-            "creates: {clients:>2} client(s), {who} token: {:>7.0} creates/s ({total} creates in {secs:.1} s)",
-            total as f64 / secs
+            "creates: {clients:>2} client(s), {who} token: {:>7.0} creates/s ({total} creates in {secs:.1} s; per create {:.0} µs CPU of the process, load generator included, {:.1} KiB written; {:.1} creates per group commit)",
+            total as f64 / secs,
+            (after.cpu_secs - before.cpu_secs) * 1e6 / total as f64,
+            (after.written - before.written) as f64 / 1024.0 / total as f64,
+            total as f64 / groups.max(1) as f64
         );
     }
 

@@ -1,6 +1,7 @@
 //! Turns a parsed search into SQL over `resources` (alias `r`) and the index tables. The SQL is the
 //! same on SQLite and PostgreSQL; every value is a bind, never spliced into the text.
 
+use super::index::RefParts;
 use super::query::{Condition, Prefix, SearchRequest, SortKey, StringMatch, TokenValue};
 use super::ParamType;
 use crate::store::db::Bind;
@@ -101,21 +102,32 @@ fn from_where(
     let mut q = Sql::new();
     if let Some(k) = driver {
         let mut d = Sql::new();
-        condition(&mut d, &req.conditions[k], dialect);
-        let inner = d
-            .text
-            .strip_prefix("r.rid IN (")
-            .and_then(|t| t.strip_suffix(')'))
-            .expect("driving conditions are IN lists");
-        let columns = if matches!(req.conditions[k], Condition::Reference { .. }) {
-            "SELECT DISTINCT rid, at_lo, at_hi"
-        } else {
-            "SELECT DISTINCT rid"
-        };
-        q.push(&format!(
-            " FROM ({}) r WHERE r.rid <= ",
-            inner.replacen("SELECT rid", columns, 1)
-        ));
+        match &req.conditions[k] {
+            // Driven from a reference, the rows also carry the principal date (see `page`).
+            // Several values are joined by UNION, which drops the duplicates itself.
+            Condition::Reference { key, values } => {
+                let select = if values.len() == 1 {
+                    "SELECT DISTINCT rid, at_lo, at_hi"
+                } else {
+                    "SELECT rid, at_lo, at_hi"
+                };
+                reference_rows(&mut d, key, values, select)
+            }
+            c => {
+                condition(&mut d, c, dialect);
+                let inner = d
+                    .text
+                    .strip_prefix("r.rid IN (")
+                    .and_then(|t| t.strip_suffix(')'))
+                    .expect("driving conditions are IN lists");
+                d.text = if inner.contains(" UNION ") {
+                    inner.to_string()
+                } else {
+                    inner.replacen("SELECT rid", "SELECT DISTINCT rid", 1)
+                };
+            }
+        }
+        q.push(&format!(" FROM ({}) r WHERE r.rid <= ", d.text));
         q.binds.extend(d.binds);
         q.bind(snapshot);
         for (i, c) in req.conditions.iter().enumerate() {
@@ -259,6 +271,82 @@ pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
     q
 }
 
+/// `{select} FROM idx_ref` rows matching any of `values`: one branch per value, joined by
+/// `UNION` (which also drops the duplicates a resource referring to several of them makes). An
+/// `OR` of the values inside one `param = ?` branch would be read by SQLite, which keeps no
+/// statistics, as a scan of every entry of the parameter (all the store's recipients for
+/// `recipient=a,b`); each branch here is one range of `idx_ref_lookup` or `idx_ref_url`.
+fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
+    if values.is_empty() {
+        q.push(&format!("{select} FROM idx_ref WHERE 1 = 0"));
+    }
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(" UNION ");
+        }
+        q.push(&format!("{select} FROM idx_ref WHERE param = "));
+        q.bind(key);
+        q.push(" AND ");
+        match (&v.url, &v.target_type, &v.target_id) {
+            (Some(url), _, _) => {
+                q.push("url = ");
+                q.bind(url.as_str());
+            }
+            (None, Some(t), Some(id)) => {
+                q.push("target_id = ");
+                q.bind(id.as_str());
+                q.push(" AND target_type = ");
+                q.bind(t.as_str());
+                q.push(" AND url IS NULL");
+            }
+            (None, None, Some(id)) => {
+                q.push("target_id = ");
+                q.bind(id.as_str());
+                q.push(" AND url IS NULL");
+            }
+            _ => q.push("1 = 0"),
+        }
+    }
+}
+
+/// `SELECT rid FROM idx_token` rows matching any of `values`, one `UNION` branch per value (see
+/// [`reference_rows`]: `code = a OR (system = s AND code = b)` inside one branch scans the
+/// parameter).
+fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue]) {
+    if values.is_empty() {
+        q.push("SELECT rid FROM idx_token WHERE 1 = 0");
+    }
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(" UNION ");
+        }
+        q.push("SELECT rid FROM idx_token WHERE param = ");
+        q.bind(key);
+        q.push(" AND ");
+        match v {
+            TokenValue::Code(code) => {
+                q.push("code = ");
+                q.bind(code.as_str());
+            }
+            TokenValue::SystemCode(None, Some(code)) => {
+                q.push("system IS NULL AND code = ");
+                q.bind(code.as_str());
+            }
+            TokenValue::SystemCode(Some(system), Some(code)) => {
+                q.push("code = ");
+                q.bind(code.as_str());
+                q.push(" AND system = ");
+                q.bind(system.as_str());
+            }
+            TokenValue::SystemCode(Some(system), None) => {
+                q.push("system = ");
+                q.bind(system.as_str());
+            }
+            TokenValue::SystemCode(None, None) => q.push("1 = 0"),
+        }
+    }
+}
+
 fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
     match c {
         Condition::Id { not, ids } => {
@@ -300,72 +388,14 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             q.push(")");
         }
         Condition::Token { key, not, values } => {
-            q.push(if *not {
-                "r.rid NOT IN (SELECT rid FROM idx_token WHERE param = "
-            } else {
-                "r.rid IN (SELECT rid FROM idx_token WHERE param = "
-            });
-            q.bind(key.as_str());
-            q.push(" AND (");
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    q.push(" OR ");
-                }
-                match v {
-                    TokenValue::Code(code) => {
-                        q.push("code = ");
-                        q.bind(code.as_str());
-                    }
-                    TokenValue::SystemCode(None, Some(code)) => {
-                        q.push("(system IS NULL AND code = ");
-                        q.bind(code.as_str());
-                        q.push(")");
-                    }
-                    TokenValue::SystemCode(Some(system), Some(code)) => {
-                        q.push("(code = ");
-                        q.bind(code.as_str());
-                        q.push(" AND system = ");
-                        q.bind(system.as_str());
-                        q.push(")");
-                    }
-                    TokenValue::SystemCode(Some(system), None) => {
-                        q.push("system = ");
-                        q.bind(system.as_str());
-                    }
-                    TokenValue::SystemCode(None, None) => q.push("1 = 0"),
-                }
-            }
-            q.push("))");
+            q.push(if *not { "r.rid NOT IN (" } else { "r.rid IN (" });
+            token_rows(q, key, values);
+            q.push(")");
         }
         Condition::Reference { key, values } => {
-            q.push("r.rid IN (SELECT rid FROM idx_ref WHERE param = ");
-            q.bind(key.as_str());
-            q.push(" AND (");
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    q.push(" OR ");
-                }
-                match (&v.url, &v.target_type, &v.target_id) {
-                    (Some(url), _, _) => {
-                        q.push("url = ");
-                        q.bind(url.as_str());
-                    }
-                    (None, Some(t), Some(id)) => {
-                        q.push("(target_id = ");
-                        q.bind(id.as_str());
-                        q.push(" AND target_type = ");
-                        q.bind(t.as_str());
-                        q.push(" AND url IS NULL)");
-                    }
-                    (None, None, Some(id)) => {
-                        q.push("(target_id = ");
-                        q.bind(id.as_str());
-                        q.push(" AND url IS NULL)");
-                    }
-                    _ => q.push("1 = 0"),
-                }
-            }
-            q.push("))");
+            q.push("r.rid IN (");
+            reference_rows(q, key, values, "SELECT rid");
+            q.push(")");
         }
         Condition::Date { key, values } => {
             let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);

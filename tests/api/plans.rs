@@ -161,5 +161,65 @@ async fn inbox_search_sorts_from_the_reference_index_alone() {
             "{query}: the reference index does not answer the search alone: {steps:#?}"
         );
         assert_probes_by_rid(query, &steps);
+        assert_no_parameter_scan(query, &steps);
+    }
+}
+
+/// Each search of an index table narrows below the parameter: a step that reads a whole
+/// parameter's entries (every recipient of the store) fails.
+fn assert_no_parameter_scan(what: &str, steps: &[(String, Vec<String>)]) {
+    for (detail, _) in steps {
+        assert!(
+            !(detail.contains(" idx_") && detail.ends_with("(param=?)")),
+            "{what}: reads every entry of the parameter: {detail}\n{steps:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_with_several_values_reads_one_index_range_per_value() {
+    // `recipient=a,b` once read every recipient entry of the store: SQLite, without statistics,
+    // answered `param = ? AND (… OR …)` by scanning the parameter. And references by absolute URL
+    // (idx_ref_url, which holds only those) must still find their index.
+    let app = spawn_app_with(Backend::Sqlite, |_| {})
+        .await
+        .expect("SQLite needs no set-up");
+    let registry = Registry::load().unwrap();
+    let limits = query::Limits {
+        default_count: 50,
+        max_count: 1000,
+        strict: true,
+    };
+    for (query, index) in [
+        ("recipient=https://other.example/fhir/Practitioner/7", "idx_ref_url (param=? AND url=?)"),
+        ("recipient=Practitioner/dr-1,Practitioner/dr-2&_sort=-sent", "idx_ref_lookup (param=? AND target_id=? AND target_type=? AND url=?)"),
+        ("recipient=Practitioner/dr-1,https://other.example/fhir/Patient/8&_sort=-sent", "idx_ref_url (param=? AND url=?)"),
+        ("recipient=dr-1,Patient/p-2", "idx_ref_lookup (param=? AND target_id=?"),
+        ("status=completed&recipient=Practitioner/dr-1,Practitioner/dr-2", "idx_ref_lookup (param=? AND target_id=? AND target_type=? AND url=?)"),
+        ("category=notification,http://terminology.hl7.org/CodeSystem/communication-category|alert", "idx_token_lookup (param=? AND code=?"),
+        ("category:not=notification,http://terminology.hl7.org/CodeSystem/communication-category|alert&recipient=dr-1", "idx_token_lookup (param=? AND code=?"),
+    ] {
+        let pairs: Vec<(String, String)> = query
+            .split('&')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        let req = query::parse(&registry, "Communication", &pairs, &app.base, &limits).unwrap();
+        for q in [
+            sql::page("Communication", &req, i64::MAX, sql::Dialect::Sqlite),
+            sql::count("Communication", &req, i64::MAX, sql::Dialect::Sqlite),
+        ] {
+            let steps = plan(&app, &q.text);
+            assert!(
+                steps
+                    .iter()
+                    .any(|(d, _)| d.starts_with("SEARCH") && d.contains(index)),
+                "{query}: not answered from {index}: {steps:#?}"
+            );
+            assert_no_parameter_scan(query, &steps);
+            assert_probes_by_rid(query, &steps);
+        }
     }
 }

@@ -31,6 +31,10 @@ both_backends! {
         assert_eq!(sorted(app.search_ids("Communication?category=http://s1|alert,http://s2|alert").await), sorted(vec![a.clone(), b.clone()]));
         assert_eq!(app.search_ids("Communication?category=alert&status=in-progress").await, vec![c.clone()]);
         assert_eq!(sorted(app.search_ids(&format!("Communication?_id={a},{c}")).await), sorted(vec![a.clone(), c.clone()]));
+        // Values of different forms at once (each its own index range, see tests/api/plans.rs).
+        assert_eq!(sorted(app.search_ids("Communication?category=|alert,http://s2|").await), sorted(vec![b.clone(), c.clone()]));
+        assert_eq!(sorted(app.search_ids("Communication?category=http://s1|alert,alert").await), sorted(vec![a.clone(), b.clone(), c.clone()]));
+        assert_eq!(app.search_ids("Communication?category:not=http://s1|alert,|alert").await, vec![b.clone()]);
         // Courier's own parameters: priority and topic.
         let p = app.create(&comm(json!({"priority": "stat", "topic": {"coding": [{"system": "http://t", "code": "lab"}]}}))).await;
         assert_eq!(app.search_ids("Communication?priority=stat").await, vec![p.clone()]);
@@ -51,7 +55,14 @@ both_backends! {
         assert_eq!(app.search_ids("Communication?subject=https://other.example/fhir/Patient/p1").await, vec![ext.clone()]);
         assert_eq!(app.search_ids("Communication?patient=p1").await, vec![a.clone()]);
         assert_eq!(app.search_ids("Communication?recipient=Practitioner/d1").await, vec![a.clone()]);
-        assert_eq!(sorted(app.search_ids("Communication?recipient:missing=true").await), sorted(vec![b, ext, g]));
+        assert_eq!(sorted(app.search_ids("Communication?recipient:missing=true").await), sorted(vec![b.clone(), ext.clone(), g.clone()]));
+        // Several values of different forms: OR, each resource once, in counts too.
+        let several = "Communication?subject=Patient/p1,https://other.example/fhir/Patient/p1,p2";
+        assert_eq!(sorted(app.search_ids(several).await), sorted(vec![a.clone(), b.clone(), ext.clone()]));
+        let both = app.create(&comm(json!({"sent": "2024-06-01", "subject": {"reference": "Patient/p9"}, "recipient": [{"reference": "Practitioner/d9"}, {"reference": "Practitioner/d8"}, {"reference": "Practitioner/d9"}]}))).await;
+        assert_eq!(app.search_ids("Communication?recipient=Practitioner/d9,d8,Practitioner/d1&_sort=-sent").await, vec![both.clone(), a.clone()]);
+        let counted: serde_json::Value = app.get("Communication?recipient=Practitioner/d9,d8,Practitioner/d1&_summary=count").await.json().await.unwrap();
+        assert_eq!(counted["total"], 2);
         assert_eq!(app.get("Communication?subject=not a reference!").await.status(), 400);
     }
 
@@ -287,11 +298,12 @@ both_backends! {
         assert_eq!(app.search_ids("CommunicationRequest?requester=Practitioner/rq&_sort=authored").await, vec![r1, r2]);
     }
 
-    // A store made before migration 000019 gets its reference rows' dates on upgrade: the
-    // migration is undone (its down.sql, and diesel forgets it ran), and a restart runs it again.
+    // A store made before migrations 000019 and 000020 gets its reference rows' dates, and its
+    // URL index, on upgrade: both are undone (their down.sql, newest first, and diesel forgets
+    // they ran), and a restart runs them again.
     async fn principal_date_migration_backfills_an_existing_store(app: TestApp) {
         let to = |sent: Option<&str>| {
-            let mut c = comm(json!({"recipient": [{"reference": "Patient/mig"}]}));
+            let mut c = comm(json!({"recipient": [{"reference": "Patient/mig"}, {"reference": "https://other.example/fhir/Patient/mig"}]}));
             if let Some(s) = sent {
                 c["sent"] = json!(s);
             }
@@ -300,18 +312,26 @@ both_backends! {
         let jan = app.create(&to(Some("2024-01-01"))).await;
         let mar = app.create(&to(Some("2024-03-01"))).await;
         let undated = app.create(&to(None)).await;
-        let down = match app.backend {
-            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-11-29-000019_reference_sort_date/down.sql"),
-            Backend::Postgres => include_str!("../../migrations/postgres/2026-11-29-000019_reference_sort_date/down.sql"),
+        let downs = match app.backend {
+            Backend::Sqlite => [
+                include_str!("../../migrations/sqlite/2026-11-29-000020_reference_url_partial_index/down.sql"),
+                include_str!("../../migrations/sqlite/2026-11-29-000019_reference_sort_date/down.sql"),
+            ],
+            Backend::Postgres => [
+                include_str!("../../migrations/postgres/2026-11-29-000020_reference_url_partial_index/down.sql"),
+                include_str!("../../migrations/postgres/2026-11-29-000019_reference_sort_date/down.sql"),
+            ],
         };
-        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        for stmt in downs.iter().flat_map(|d| d.split(';')).map(str::trim).filter(|s| !s.is_empty()) {
             app.store.execute(stmt, vec![]).unwrap();
         }
-        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261129000019'", vec![]).unwrap();
-        assert_eq!(forgotten, 1, "the migration's version as diesel records it");
+        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version IN ('20261129000019', '20261129000020')", vec![]).unwrap();
+        assert_eq!(forgotten, 2, "the migrations' versions as diesel records them");
         let upgraded = spawn_instance_on(&app).await.unwrap();
         assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=-sent").await, vec![mar.clone(), jan.clone(), undated.clone()]);
-        assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=sent").await, vec![jan, mar, undated]);
+        assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=sent").await, vec![jan.clone(), mar.clone(), undated.clone()]);
+        let by_url = "Communication?recipient=https://other.example/fhir/Patient/mig&_sort=-sent";
+        assert_eq!(upgraded.search_ids(by_url).await, vec![mar, jan, undated]);
     }
 
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {
