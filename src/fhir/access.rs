@@ -251,7 +251,7 @@ pub fn confine(
     search: &mut SearchRequest,
 ) -> Result<(), FhirError> {
     if let Access::Only(c) = decide(state, p, res_type, Perm::Search)? {
-        search.conditions.push(c);
+        search.confine(c);
     }
     Ok(())
 }

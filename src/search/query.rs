@@ -18,7 +18,7 @@ pub enum Prefix {
     Ap,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TokenValue {
     /// `code`: any system.
     Code(String),
@@ -122,6 +122,32 @@ pub struct SearchRequest {
 }
 
 impl SearchRequest {
+    /// Confines the search by the access policy's condition `c`, leaving out the parts of it that
+    /// the search's own conditions already imply: in `recipient=Practitioner/x` searched by
+    /// Practitioner/x, the compartment's "x is a recipient" holds for every match, so the SQL
+    /// does not test it again for each (what is left: "and it is not someone else's draft").
+    /// Only exact implications are used (a reference or positive token condition whose values
+    /// are a subset of the policy's), so the result matches exactly the same resources.
+    pub fn confine(&mut self, c: Condition) {
+        if implied(&self.conditions, &c) {
+            return;
+        }
+        let c = match c {
+            Condition::AnyOf(groups) => Condition::AnyOf(
+                groups
+                    .into_iter()
+                    .map(|g| {
+                        g.into_iter()
+                            .filter(|c| !implied(&self.conditions, c))
+                            .collect()
+                    })
+                    .collect(),
+            ),
+            c => c,
+        };
+        self.conditions.push(c);
+    }
+
     /// A search for `conditions` alone: no sort, includes or paging state, `count` results.
     pub fn of(conditions: Vec<Condition>, count: usize) -> SearchRequest {
         SearchRequest {
@@ -550,6 +576,27 @@ fn parse_include(
     })
 }
 
+/// Does every resource matching all of `given` also match `c`?  (`false` when unsure.)
+fn implied(given: &[Condition], c: &Condition) -> bool {
+    fn subset<T: PartialEq>(mine: &[T], theirs: &[T]) -> bool {
+        !mine.is_empty() && mine.iter().all(|v| theirs.contains(v))
+    }
+    match c {
+        Condition::Reference { key, values } => given.iter().any(|g| {
+            matches!(g, Condition::Reference { key: k, values: v } if k == key && subset(v, values))
+        }),
+        Condition::Token {
+            key,
+            not: false,
+            values,
+        } => given.iter().any(|g| {
+            matches!(g, Condition::Token { key: k, not: false, values: v } if k == key && subset(v, values))
+        }),
+        Condition::AnyOf(groups) => groups.iter().any(|g| g.iter().all(|c| implied(given, c))),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,5 +611,107 @@ mod tests {
         assert_eq!(split_token("|c"), Some(("".into(), Some("c".into()))));
         assert_eq!(split_token("http://s|"), Some(("http://s".into(), None)));
         assert_eq!(split_token("c"), None);
+    }
+
+    fn reference(key: &str, refs: &[&str]) -> Condition {
+        Condition::Reference {
+            key: key.into(),
+            values: refs
+                .iter()
+                .map(|r| crate::search::index::parse_reference(r, "http://courier").unwrap())
+                .collect(),
+        }
+    }
+
+    fn not_draft() -> Condition {
+        Condition::Token {
+            key: "Communication.status".into(),
+            not: true,
+            values: vec![TokenValue::Code("preparation".into())],
+        }
+    }
+
+    /// The compartment of Practitioner/x as the policy builds it: x sent it, or x is a
+    /// recipient and it is not a draft.
+    fn compartment() -> Condition {
+        Condition::AnyOf(vec![
+            vec![reference("Communication.sender", &["Practitioner/x"])],
+            vec![
+                reference("Communication.recipient", &["Practitioner/x"]),
+                not_draft(),
+            ],
+        ])
+    }
+
+    fn confined(own: Vec<Condition>) -> Vec<Condition> {
+        let mut req = SearchRequest::of(own, 10);
+        req.confine(compartment());
+        req.conditions
+    }
+
+    #[test]
+    fn confine_leaves_out_only_what_the_search_implies() {
+        // recipient=Practitioner/x: "x is a recipient" goes, "not a draft" stays.
+        let c = confined(vec![reference(
+            "Communication.recipient",
+            &["Practitioner/x"],
+        )]);
+        let Condition::AnyOf(groups) = &c[1] else {
+            panic!("{c:?}")
+        };
+        assert_eq!(groups.len(), 2);
+        assert!(
+            matches!(groups[1].as_slice(), [Condition::Token { not: true, .. }]),
+            "{groups:?}"
+        );
+        assert!(
+            matches!(groups[0].as_slice(), [Condition::Reference { .. }]),
+            "{groups:?}"
+        );
+
+        // sender=Practitioner/x implies a whole group: nothing to add.
+        let c = confined(vec![reference("Communication.sender", &["Practitioner/x"])]);
+        assert_eq!(c.len(), 1, "{c:?}");
+
+        // Not implied, so kept whole: a wider value set, a bare id (also Patient/x), another
+        // parameter, a negated token.
+        for own in [
+            reference(
+                "Communication.recipient",
+                &["Practitioner/x", "Practitioner/y"],
+            ),
+            reference("Communication.recipient", &["x"]),
+            reference("Communication.subject", &["Practitioner/x"]),
+            not_draft(),
+        ] {
+            let c = confined(vec![own]);
+            let Condition::AnyOf(groups) = &c[1] else {
+                panic!("{c:?}")
+            };
+            assert_eq!(
+                groups.iter().map(Vec::len).collect::<Vec<_>>(),
+                vec![1, 2],
+                "{c:?}"
+            );
+        }
+
+        // Tokens: a subset of the values implies, a superset does not.
+        let status = |codes: &[&str]| Condition::Token {
+            key: "Communication.status".into(),
+            not: false,
+            values: codes
+                .iter()
+                .map(|c| TokenValue::Code(c.to_string()))
+                .collect(),
+        };
+        assert!(implied(
+            &[status(&["completed"])],
+            &status(&["completed", "in-progress"])
+        ));
+        assert!(!implied(
+            &[status(&["completed", "stopped"])],
+            &status(&["completed"])
+        ));
+        assert!(!implied(&[], &status(&["completed"])));
     }
 }

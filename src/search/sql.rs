@@ -113,18 +113,22 @@ fn from_where(
                 };
                 reference_rows(&mut d, key, values, select)
             }
+            Condition::Token { key, values, .. } => {
+                let select = if values.len() == 1 {
+                    "SELECT DISTINCT rid"
+                } else {
+                    "SELECT rid"
+                };
+                token_rows(&mut d, key, values, select)
+            }
             c => {
                 condition(&mut d, c, dialect);
-                let inner = d
+                d.text = d
                     .text
                     .strip_prefix("r.rid IN (")
                     .and_then(|t| t.strip_suffix(')'))
-                    .expect("driving conditions are IN lists");
-                d.text = if inner.contains(" UNION ") {
-                    inner.to_string()
-                } else {
-                    inner.replacen("SELECT rid", "SELECT DISTINCT rid", 1)
-                };
+                    .expect("driving conditions are IN lists")
+                    .replacen("SELECT rid", "SELECT DISTINCT rid", 1);
             }
         }
         q.push(&format!(" FROM ({}) r WHERE r.rid <= ", d.text));
@@ -309,18 +313,18 @@ fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
     }
 }
 
-/// `SELECT rid FROM idx_token` rows matching any of `values`, one `UNION` branch per value (see
+/// `{select} FROM idx_token` rows matching any of `values`, one `UNION` branch per value (see
 /// [`reference_rows`]: `code = a OR (system = s AND code = b)` inside one branch scans the
 /// parameter).
-fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue]) {
+fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue], select: &str) {
     if values.is_empty() {
-        q.push("SELECT rid FROM idx_token WHERE 1 = 0");
+        q.push(&format!("{select} FROM idx_token WHERE 1 = 0"));
     }
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
             q.push(" UNION ");
         }
-        q.push("SELECT rid FROM idx_token WHERE param = ");
+        q.push(&format!("{select} FROM idx_token WHERE param = "));
         q.bind(key);
         q.push(" AND ");
         match v {
@@ -389,7 +393,7 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
         }
         Condition::Token { key, not, values } => {
             q.push(if *not { "r.rid NOT IN (" } else { "r.rid IN (" });
-            token_rows(q, key, values);
+            token_rows(q, key, values, "SELECT rid");
             q.push(")");
         }
         Condition::Reference { key, values } => {
