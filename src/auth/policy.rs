@@ -444,6 +444,75 @@ mod tests {
                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "alert"}]}]})
     }
 
+    /// `SearchRequest::confine` on what `decide` really builds (the compartment nested in a
+    /// scope's group): it drops what the search implies, and admits exactly the same messages.
+    #[test]
+    fn confining_a_search_drops_only_what_it_implies() {
+        use crate::search::query::SearchRequest;
+        let r = Registry::load().unwrap();
+        let base = "http://x";
+        let mut x = principal("user/Communication.rs", Some("Practitioner/x"), None);
+        x.groups = vec!["CareTeam/t".into()];
+        let Ok(Access::Only(policy)) = decide(&x, &r, base, "Communication", Perm::Search) else {
+            panic!("a user is confined")
+        };
+        let mut draft_to_x = msg("Practitioner/y", "Practitioner/x");
+        draft_to_x["status"] = json!("preparation");
+        let mut own_draft = msg("Practitioner/x", "Practitioner/y");
+        own_draft["status"] = json!("preparation");
+        let messages = [
+            msg("Practitioner/y", "Practitioner/x"),
+            msg("Practitioner/x", "Practitioner/y"),
+            msg("Practitioner/y", "Practitioner/z"),
+            msg("Practitioner/y", "CareTeam/t"),
+            msg("Practitioner/x", "Practitioner/x"),
+            msg("Patient/x", "Patient/x"),
+            draft_to_x,
+            own_draft,
+        ];
+        let limits = Limits {
+            default_count: 10,
+            max_count: 10,
+            strict: true,
+        };
+        for (search, shrinks) in [
+            ("recipient=Practitioner/x", true),
+            ("sender=Practitioner/x", true),
+            ("recipient=Practitioner/x,CareTeam/t", false),
+            ("recipient=x", false),
+            ("recipient=Practitioner/x,Practitioner/z", false),
+            ("status=completed", false),
+            ("category=alert&recipient:Practitioner=x", true),
+        ] {
+            let pairs: Vec<(String, String)> = search
+                .split('&')
+                .map(|kv| kv.split_once('=').unwrap())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let own = query::parse(&r, "Communication", &pairs, base, &limits).unwrap();
+            let mut confined = SearchRequest::of(own.conditions.clone(), 10);
+            confined.confine(policy.clone());
+            let mut whole = own.conditions.clone();
+            whole.push(policy.clone());
+            let added = &confined.conditions[own.conditions.len()..];
+            let smaller = format!("{added:?}").len() < format!("{policy:?}").len();
+            assert_eq!(smaller, shrinks, "{search}: {added:?}");
+            if search == "recipient=Practitioner/x" {
+                // Left: x sent it, or it is not a draft, or it went to x's CareTeam (and is not a
+                // draft). "x is a recipient" is gone; someone else's draft to x stays hidden.
+                let recipients = format!("{added:?}")
+                    .matches("Communication.recipient")
+                    .count();
+                assert_eq!(recipients, 1, "{added:?}");
+            }
+            for m in &messages {
+                let e = index::entries(&r, "Communication", m, base);
+                let all = |cs: &[Condition]| cs.iter().all(|c| admits(c, &e));
+                assert_eq!(all(&confined.conditions), all(&whole), "{search} on {m}");
+            }
+        }
+    }
+
     #[test]
     fn system_scopes_see_everything_of_their_types_only() {
         let r = Registry::load().unwrap();

@@ -409,12 +409,15 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
 }
 
 /// The SQL of [`unread_messages`] for `targets` addressees (binds: priority key, user, part-of
-/// key, recipient key, then id and type per addressee, then status key). The `|| ''` on the
-/// parameter in the per-message EXISTS keeps SQLite (which has no statistics) on the (rid, param)
-/// index: through the (param, code) index it would read every urgent (or withdrawn) message of
-/// the store for each unread one.
+/// key, recipient key, then the id of each addressee, then id and type per addressee, then status
+/// key). The `|| ''` on the parameter in the per-message EXISTS keeps SQLite (which has no
+/// statistics) on the (rid, param) index: through the (param, code) index it would read every
+/// urgent (or withdrawn) message of the store for each unread one. The ids are listed with `IN`
+/// before the (id, type) pairs are checked: SQLite reads `param = ? AND (pair OR pair)` as a
+/// scan of every recipient entry of the store, `param = ? AND target_id IN (…)` as one range per id.
 pub fn unread_sql(targets: usize) -> String {
     let addressed = vec!["(x.target_id = ? AND x.target_type = ?)"; targets].join(" OR ");
+    let ids = vec!["?"; targets].join(", ");
     format!(
         "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
          CAST(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param || '' = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS BIGINT) AS urgent, \
@@ -422,7 +425,7 @@ pub fn unread_sql(targets: usize) -> String {
          FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
          LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
-         WHERE x.param = ? AND ({addressed}) AND x.url IS NULL \
+         WHERE x.param = ? AND x.target_id IN ({ids}) AND ({addressed}) AND x.url IS NULL \
          AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
          AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param || '' = ? AND s.code IN ('preparation', 'entered-in-error')) \
          ORDER BY at DESC, r.rid DESC"
@@ -460,6 +463,9 @@ fn unread_messages(
         key("part-of").into(),
         key("recipient").into(),
     ];
+    for (_, id) in &targets {
+        binds.push((*id).into());
+    }
     for (t, id) in targets {
         binds.push(id.into());
         binds.push(t.into());

@@ -129,23 +129,9 @@ impl SearchRequest {
     /// Only exact implications are used (a reference or positive token condition whose values
     /// are a subset of the policy's), so the result matches exactly the same resources.
     pub fn confine(&mut self, c: Condition) {
-        if implied(&self.conditions, &c) {
-            return;
+        if let Some(c) = without_implied(&self.conditions, c) {
+            self.conditions.push(c);
         }
-        let c = match c {
-            Condition::AnyOf(groups) => Condition::AnyOf(
-                groups
-                    .into_iter()
-                    .map(|g| {
-                        g.into_iter()
-                            .filter(|c| !implied(&self.conditions, c))
-                            .collect()
-                    })
-                    .collect(),
-            ),
-            c => c,
-        };
-        self.conditions.push(c);
     }
 
     /// A search for `conditions` alone: no sort, includes or paging state, `count` results.
@@ -574,6 +560,33 @@ fn parse_include(
         iterate,
         reverse,
     })
+}
+
+/// `c` less what `given` implies, at any depth: `None` when all of it is implied. Sound because
+/// the policy's conditions nest only AND (a group) and OR (`AnyOf`), never a negation around
+/// them: a part true of every resource matching `given` can be dropped from a group, and a group
+/// left empty makes its `AnyOf` true.
+fn without_implied(given: &[Condition], c: Condition) -> Option<Condition> {
+    if implied(given, &c) {
+        return None;
+    }
+    match c {
+        Condition::AnyOf(groups) => {
+            let mut kept = Vec::with_capacity(groups.len());
+            for g in groups {
+                let g: Vec<Condition> = g
+                    .into_iter()
+                    .filter_map(|c| without_implied(given, c))
+                    .collect();
+                if g.is_empty() {
+                    return None;
+                }
+                kept.push(g);
+            }
+            Some(Condition::AnyOf(kept))
+        }
+        c => Some(c),
+    }
 }
 
 /// Does every resource matching all of `given` also match `c`?  (`false` when unsure.)

@@ -370,9 +370,22 @@ both_backends! {
         let (_, u) = call(&p1, &app, "GET", "/Communication/$unread").await;
         assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 0);
         assert!(p1_ws.next_within(Duration::from_millis(700)).await.is_none());
+        // Nor does a clinician it is addressed to, searching as themselves (the search's own
+        // "recipient is me" leaves only "and it is not a draft" of that compartment group).
+        let mut to_dr2 = msg("Practitioner/dr-1", &["Practitioner/dr-2"], "a note for a colleague");
+        to_dr2["status"] = json!("preparation");
+        let (s, note) = post_as(&author, &app, "/Communication", &to_dr2).await;
+        assert_eq!(s, 201, "{note}");
+        let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
+        for q in ["/Communication?recipient=Practitioner/dr-2", "/Communication?recipient=Practitioner/dr-2&_summary=count"] {
+            let b: Value = dr2.get(app.url(q)).send().await.unwrap().json().await.unwrap();
+            assert_eq!((ids(&b), b["total"].as_i64().unwrap_or(0)), (Vec::<String>::new(), 0), "{q}: {b}");
+        }
         // The author does.
         let b: Value = author.get(app.url("/Communication?recipient=Patient/p1")).send().await.unwrap().json().await.unwrap();
         assert_eq!(ids(&b), vec![id.clone()]);
+        let b: Value = author.get(app.url("/Communication?sender=Practitioner/dr-1&recipient=Practitioner/dr-2")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(ids(&b), vec![note["id"].as_str().unwrap().to_string()]);
         // Sent: now it arrives.
         let mut sent = saved.clone();
         sent["status"] = json!("completed");

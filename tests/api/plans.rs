@@ -96,6 +96,7 @@ async fn escalation_and_unread_passes_probe_the_index_tables_by_row_id() {
     for targets in [1, 3] {
         let steps = plan(&app, &receipts::unread_sql(targets));
         assert_probes_by_rid("unread summary", &steps);
+        assert_no_parameter_scan("unread summary", &steps);
         assert!(
             steps
                 .iter()
