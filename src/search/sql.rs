@@ -451,33 +451,74 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             q.push(")");
         }
         Condition::Str { key, mode, values } => {
-            q.push("r.rid IN (SELECT rid FROM idx_string WHERE param = ");
-            q.bind(key.as_str());
-            q.push(" AND (");
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    q.push(" OR ");
-                }
-                match mode {
-                    StringMatch::Exact => {
-                        q.push("raw = ");
-                        q.bind(v.as_str());
-                    }
-                    StringMatch::Prefix => {
-                        q.push("norm LIKE ");
-                        q.bind(format!("{}%", like_escape(v)));
-                        q.push(" ESCAPE '\\'");
-                    }
-                    StringMatch::Contains => {
-                        q.push("norm LIKE ");
-                        q.bind(format!("%{}%", like_escape(v)));
-                        q.push(" ESCAPE '\\'");
-                    }
-                }
-            }
-            q.push("))");
+            q.push("r.rid IN (");
+            string_rows(q, key, *mode, values, dialect);
+            q.push(")");
         }
     }
+}
+
+/// `SELECT rid FROM idx_string` rows matching any of `values` (already normalised, but for
+/// `:exact`), one `UNION` branch per value, each answerable from `idx_string_lookup (param, norm)`:
+/// `:exact` also compares the normalised form, and on SQLite a prefix is also a range of `norm`
+/// (its `LIKE` alone reads every entry of the parameter: all the store's AuditEvents for
+/// `AuditEvent?agent-name=…`). PostgreSQL takes a `LIKE 'prefix%'` to an index range itself under
+/// a C collation (the README's PostgreSQL note). `:contains` reads the parameter's entries.
+fn string_rows(q: &mut Sql, key: &str, mode: StringMatch, values: &[String], dialect: Dialect) {
+    if values.is_empty() {
+        q.push("SELECT rid FROM idx_string WHERE 1 = 0");
+    }
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(" UNION ");
+        }
+        q.push("SELECT rid FROM idx_string WHERE param = ");
+        q.bind(key);
+        match mode {
+            StringMatch::Exact => {
+                q.push(" AND norm = ");
+                q.bind(super::index::normalize_string(v));
+                q.push(" AND raw = ");
+                q.bind(v.as_str());
+            }
+            StringMatch::Prefix => {
+                if dialect == Dialect::Sqlite && !v.is_empty() {
+                    q.push(" AND norm >= ");
+                    q.bind(v.as_str());
+                    if let Some(above) = prefix_bound(v) {
+                        q.push(" AND norm < ");
+                        q.bind(above);
+                    }
+                }
+                q.push(" AND norm LIKE ");
+                q.bind(format!("{}%", like_escape(v)));
+                q.push(" ESCAPE '\\'");
+            }
+            StringMatch::Contains => {
+                q.push(" AND norm LIKE ");
+                q.bind(format!("%{}%", like_escape(v)));
+                q.push(" ESCAPE '\\'");
+            }
+        }
+    }
+}
+
+/// The least string above every string that starts with `prefix`, in code-point order (which is
+/// SQLite's byte order of UTF-8): the prefix with its last character stepped up (`ab` → `ac`).
+/// `None` when there is none (a prefix of U+10FFFF characters only).
+pub fn prefix_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last as u32 + 1 {
+            0xD800 => Some('\u{E000}'), // over the surrogates, which are not characters
+            n => char::from_u32(n),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 fn table(kind: ParamType) -> &'static str {
@@ -552,4 +593,31 @@ fn like_escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('%', "\\%")
         .replace('_', "\\_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_bound;
+
+    #[test]
+    fn prefix_bound_is_the_least_string_above_the_prefix() {
+        assert_eq!(prefix_bound("ab").as_deref(), Some("ac"));
+        assert_eq!(prefix_bound("a z").as_deref(), Some("a {"));
+        assert_eq!(prefix_bound("zoë").as_deref(), Some("zoì"));
+        assert_eq!(prefix_bound("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(prefix_bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_bound("\u{10FFFF}"), None);
+        // Every string that starts with the prefix sorts below the bound, byte-wise.
+        for (prefix, s) in [
+            ("ab", "ab\u{10FFFF}\u{10FFFF}"),
+            ("zoë", "zoëzzz"),
+            ("a\u{10FFFF}", "a\u{10FFFF}z"),
+        ] {
+            let bound = prefix_bound(prefix).unwrap();
+            assert!(
+                s.as_bytes() >= prefix.as_bytes() && s.as_bytes() < bound.as_bytes(),
+                "{s:?} < {bound:?}"
+            );
+        }
+    }
 }

@@ -178,7 +178,7 @@ fn assert_no_parameter_scan(what: &str, steps: &[(String, Vec<String>)]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_search_with_several_values_reads_one_index_range_per_value() {
+async fn each_value_of_a_search_reads_one_index_range() {
     // `recipient=a,b` once read every recipient entry of the store: SQLite, without statistics,
     // answered `param = ? AND (… OR …)` by scanning the parameter. And references by absolute URL
     // (idx_ref_url, which holds only those) must still find their index.
@@ -200,27 +200,60 @@ async fn a_search_with_several_values_reads_one_index_range_per_value() {
         ("category=notification,http://terminology.hl7.org/CodeSystem/communication-category|alert", "idx_token_lookup (param=? AND code=?"),
         ("category:not=notification,http://terminology.hl7.org/CodeSystem/communication-category|alert&recipient=dr-1", "idx_token_lookup (param=? AND code=?"),
     ] {
-        let pairs: Vec<(String, String)> = query
-            .split('&')
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap();
-                (k.to_string(), v.to_string())
-            })
-            .collect();
-        let req = query::parse(&registry, "Communication", &pairs, &app.base, &limits).unwrap();
-        for q in [
-            sql::page("Communication", &req, i64::MAX, sql::Dialect::Sqlite),
-            sql::count("Communication", &req, i64::MAX, sql::Dialect::Sqlite),
-        ] {
-            let steps = plan(&app, &q.text);
-            assert!(
-                steps
-                    .iter()
-                    .any(|(d, _)| d.starts_with("SEARCH") && d.contains(index)),
-                "{query}: not answered from {index}: {steps:#?}"
-            );
-            assert_no_parameter_scan(query, &steps);
-            assert_probes_by_rid(query, &steps);
-        }
+        assert_answered_from(&app, &registry, &limits, "Communication", query, index);
+    }
+    // Strings: a prefix is a range of the normalised form, :exact an equality on it.
+    for (query, index) in [
+        (
+            "agent-name=cour",
+            "idx_string_lookup (param=? AND norm>? AND norm<?)",
+        ),
+        (
+            "agent-name=cour,smart%20app",
+            "idx_string_lookup (param=? AND norm>? AND norm<?)",
+        ),
+        (
+            "agent-name:exact=Courier",
+            "idx_string_lookup (param=? AND norm=?",
+        ),
+        (
+            "address=127",
+            "idx_string_lookup (param=? AND norm>? AND norm<?)",
+        ),
+    ] {
+        assert_answered_from(&app, &registry, &limits, "AuditEvent", query, index);
+    }
+}
+
+/// The page and count queries of `query` on `res_type` search `index` and read no parameter whole.
+fn assert_answered_from(
+    app: &TestApp,
+    registry: &Registry,
+    limits: &query::Limits,
+    res_type: &str,
+    query: &str,
+    index: &str,
+) {
+    let pairs: Vec<(String, String)> = query
+        .split('&')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.replace("%20", " "))
+        })
+        .collect();
+    let req = query::parse(registry, res_type, &pairs, &app.base, limits).unwrap();
+    for q in [
+        sql::page(res_type, &req, i64::MAX, sql::Dialect::Sqlite),
+        sql::count(res_type, &req, i64::MAX, sql::Dialect::Sqlite),
+    ] {
+        let steps = plan(app, &q.text);
+        assert!(
+            steps
+                .iter()
+                .any(|(d, _)| d.starts_with("SEARCH") && d.contains(index)),
+            "{query}: not answered from {index}: {steps:#?}"
+        );
+        assert_no_parameter_scan(query, &steps);
+        assert_probes_by_rid(query, &steps);
     }
 }

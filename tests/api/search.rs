@@ -105,6 +105,17 @@ both_backends! {
         assert_eq!(total(n("AuditEvent?agent-name:exact=courier").await), 0);
         assert!(total(n("AuditEvent?agent-name:contains=URIE").await) > 0);
         assert_eq!(total(n("AuditEvent?agent-name=nobody").await), 0);
+        // The prefix is a range of the normalised form: its ends, and several values.
+        assert!(total(n("AuditEvent?agent-name=courier").await) > 0);
+        assert!(total(n("AuditEvent?agent-name=COURIER").await) > 0);
+        assert_eq!(total(n("AuditEvent?agent-name=courieq").await), 0);
+        assert_eq!(total(n("AuditEvent?agent-name=couriers").await), 0);
+        assert_eq!(total(n("AuditEvent?agent-name=couriez").await), 0);
+        // (Each search audits itself, so a later search may find more.)
+        let one = total(n("AuditEvent?agent-name=cour").await);
+        assert!(one > 0 && total(n("AuditEvent?agent-name=nobody,cour").await) >= one);
+        let one = total(n("AuditEvent?agent-name:exact=Courier").await);
+        assert!(one > 0 && total(n("AuditEvent?agent-name:exact=nobody,Courier").await) >= one);
     }
 
     async fn sort_count_total_and_summary(app: TestApp) {
