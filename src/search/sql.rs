@@ -45,18 +45,28 @@ impl Dialect {
     }
 }
 
-/// True when a condition narrows the search through an index table: then the resources are
-/// fetched by row id from that narrow list instead of scanning the type.
-fn drives(c: &Condition) -> bool {
+/// How narrow a condition that can drive a search is likely to be, without statistics (lower is
+/// narrower): a reference names one resource's referrers; an identifier or a string value is
+/// near-unique; other tokens (status, category) and dates match large parts of the store, and
+/// `:contains` reads its whole parameter. `None`: cannot drive.
+fn drive_rank(c: &Condition) -> Option<u8> {
     match c {
-        Condition::Token { not, .. } => !not,
-        Condition::Reference { .. } | Condition::Str { .. } => true,
-        Condition::Date { values, .. } => !values.iter().all(|(p, _, _)| *p == Prefix::Ne),
-        _ => false,
+        Condition::Reference { .. } => Some(0),
+        Condition::Token {
+            not: false, key, ..
+        } if key.ends_with("identifier") => Some(1),
+        Condition::Str { mode, .. } if *mode != StringMatch::Contains => Some(2),
+        Condition::Token { not: false, .. } => Some(3),
+        Condition::Date { values, .. } if !values.iter().all(|(p, _, _)| *p == Prefix::Ne) => {
+            Some(4)
+        }
+        Condition::Str { .. } => Some(5),
+        _ => None,
     }
 }
 
-/// The condition a search on `res_type` is driven from, if any (see [`from_where`]).
+/// The condition a search on `res_type` is driven from, if any (see [`from_where`]): the
+/// narrowest by [`drive_rank`], the first of equals.
 fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
     let resource_free = req.sort.iter().all(|k| matches!(k, SortKey::Param { .. }))
         && !req
@@ -67,7 +77,7 @@ fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
         return None;
     }
     // Sorted by the principal date, a reference drives: its rows carry that date, so the sort
-    // reads nothing else. Otherwise the first condition that narrows.
+    // reads nothing else (and a reference ranks first anyway).
     let by_principal_date = super::reference_sort_date(res_type).is_some_and(|date| {
         req.sort
             .iter()
@@ -80,7 +90,12 @@ fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
                 .position(|c| matches!(c, Condition::Reference { .. }))
         })
         .flatten()
-        .or_else(|| req.conditions.iter().position(drives))
+        .or_else(|| {
+            (0..req.conditions.len())
+                .filter_map(|i| drive_rank(&req.conditions[i]).map(|r| (r, i)))
+                .min()
+                .map(|(_, i)| i)
+        })
 }
 
 /// `FROM … WHERE …` for the search (without ORDER BY).
@@ -134,19 +149,23 @@ fn from_where(
         q.push(&format!(" FROM ({}) r WHERE r.rid <= ", d.text));
         q.binds.extend(d.binds);
         q.bind(snapshot);
+        // The others are checked per driving row, through each index table's (rid, param) index:
+        // as `rid IN (subquery)` SQLite would first list every match of each (all the store's
+        // completed messages for `status=completed`, every `sent` for `sent=ge…`).
         for (i, c) in req.conditions.iter().enumerate() {
             if i != k {
                 q.push(" AND ");
-                condition(&mut q, c, dialect);
+                per_row(&mut q, c, dialect);
             }
         }
         return q;
     }
-    let hint = if dialect == Dialect::Sqlite && req.conditions.iter().any(drives) {
-        " NOT INDEXED"
-    } else {
-        ""
-    };
+    let hint =
+        if dialect == Dialect::Sqlite && req.conditions.iter().any(|c| drive_rank(c).is_some()) {
+            " NOT INDEXED"
+        } else {
+            ""
+        };
     q.push(&format!(" FROM resources r{hint} WHERE r.res_type = "));
     q.bind(res_type);
     q.push(" AND r.deleted = 0 AND r.rid <= ");
@@ -281,73 +300,223 @@ pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
 /// statistics, as a scan of every entry of the parameter (all the store's recipients for
 /// `recipient=a,b`); each branch here is one range of `idx_ref_lookup` or `idx_ref_url`.
 fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
-    if values.is_empty() {
-        q.push(&format!("{select} FROM idx_ref WHERE 1 = 0"));
-    }
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            q.push(" UNION ");
-        }
-        q.push(&format!("{select} FROM idx_ref WHERE param = "));
-        q.bind(key);
-        q.push(" AND ");
-        match (&v.url, &v.target_type, &v.target_id) {
-            (Some(url), _, _) => {
-                q.push("url = ");
-                q.bind(url.as_str());
-            }
-            (None, Some(t), Some(id)) => {
-                q.push("target_id = ");
-                q.bind(id.as_str());
-                q.push(" AND target_type = ");
-                q.bind(t.as_str());
-                q.push(" AND url IS NULL");
-            }
-            (None, None, Some(id)) => {
-                q.push("target_id = ");
-                q.bind(id.as_str());
-                q.push(" AND url IS NULL");
-            }
-            _ => q.push("1 = 0"),
-        }
-    }
+    union_of(q, "idx_ref", key, values, select, reference_value);
 }
 
 /// `{select} FROM idx_token` rows matching any of `values`, one `UNION` branch per value (see
 /// [`reference_rows`]: `code = a OR (system = s AND code = b)` inside one branch scans the
 /// parameter).
 fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue], select: &str) {
+    union_of(q, "idx_token", key, values, select, token_value);
+}
+
+/// `SELECT rid FROM idx_string` rows matching any of `values` (already normalised, but for
+/// `:exact`), one `UNION` branch per value, each answerable from `idx_string_lookup (param,
+/// norm)` (see [`string_value`]).
+fn string_rows(q: &mut Sql, key: &str, mode: StringMatch, values: &[String], dialect: Dialect) {
+    union_of(q, "idx_string", key, values, "SELECT rid", |q, v| {
+        string_value(q, mode, v, dialect)
+    });
+}
+
+/// `{select} FROM {table} WHERE param = ? AND <value>` for each value, joined by `UNION`.
+fn union_of<V>(
+    q: &mut Sql,
+    table: &str,
+    key: &str,
+    values: &[V],
+    select: &str,
+    value: impl Fn(&mut Sql, &V),
+) {
     if values.is_empty() {
-        q.push(&format!("{select} FROM idx_token WHERE 1 = 0"));
+        q.push(&format!("{select} FROM {table} WHERE 1 = 0"));
     }
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
             q.push(" UNION ");
         }
-        q.push(&format!("{select} FROM idx_token WHERE param = "));
+        q.push(&format!("{select} FROM {table} WHERE param = "));
         q.bind(key);
         q.push(" AND ");
-        match v {
-            TokenValue::Code(code) => {
-                q.push("code = ");
-                q.bind(code.as_str());
-            }
-            TokenValue::SystemCode(None, Some(code)) => {
-                q.push("system IS NULL AND code = ");
-                q.bind(code.as_str());
-            }
-            TokenValue::SystemCode(Some(system), Some(code)) => {
-                q.push("code = ");
-                q.bind(code.as_str());
-                q.push(" AND system = ");
-                q.bind(system.as_str());
-            }
-            TokenValue::SystemCode(Some(system), None) => {
-                q.push("system = ");
-                q.bind(system.as_str());
-            }
-            TokenValue::SystemCode(None, None) => q.push("1 = 0"),
+        value(q, v);
+    }
+}
+
+/// `EXISTS` (or `NOT EXISTS`) an entry of `table` for the row `r.rid` under `key` matching any of
+/// `values`: one probe of the table's (rid, param) index per row checked.
+fn exists_per_row<V>(
+    q: &mut Sql,
+    table: &str,
+    key: &str,
+    not: bool,
+    values: &[V],
+    dialect: Dialect,
+    value: impl Fn(&mut Sql, &V),
+) {
+    q.push(&format!(
+        "{}EXISTS (SELECT 1 FROM {table} m{} WHERE m.rid = r.rid AND m.param = ",
+        if not { "NOT " } else { "" },
+        dialect.by_rid(table)
+    ));
+    q.bind(key);
+    q.push(" AND (");
+    if values.is_empty() {
+        q.push("1 = 0");
+    }
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(" OR ");
         }
+        q.push("(");
+        value(q, v);
+        q.push(")");
+    }
+    q.push("))");
+}
+
+fn reference_value(q: &mut Sql, v: &RefParts) {
+    match (&v.url, &v.target_type, &v.target_id) {
+        (Some(url), _, _) => {
+            q.push("url = ");
+            q.bind(url.as_str());
+        }
+        (None, Some(t), Some(id)) => {
+            q.push("target_id = ");
+            q.bind(id.as_str());
+            q.push(" AND target_type = ");
+            q.bind(t.as_str());
+            q.push(" AND url IS NULL");
+        }
+        (None, None, Some(id)) => {
+            q.push("target_id = ");
+            q.bind(id.as_str());
+            q.push(" AND url IS NULL");
+        }
+        _ => q.push("1 = 0"),
+    }
+}
+
+fn token_value(q: &mut Sql, v: &TokenValue) {
+    match v {
+        TokenValue::Code(code) => {
+            q.push("code = ");
+            q.bind(code.as_str());
+        }
+        TokenValue::SystemCode(None, Some(code)) => {
+            q.push("system IS NULL AND code = ");
+            q.bind(code.as_str());
+        }
+        TokenValue::SystemCode(Some(system), Some(code)) => {
+            q.push("code = ");
+            q.bind(code.as_str());
+            q.push(" AND system = ");
+            q.bind(system.as_str());
+        }
+        TokenValue::SystemCode(Some(system), None) => {
+            q.push("system = ");
+            q.bind(system.as_str());
+        }
+        TokenValue::SystemCode(None, None) => q.push("1 = 0"),
+    }
+}
+
+/// A string value: `:exact` also compares the normalised form, and on SQLite a prefix is also a
+/// range of `norm` (its `LIKE` alone reads every entry of the parameter: all the store's
+/// AuditEvents for `AuditEvent?agent-name=…`). PostgreSQL takes a `LIKE 'prefix%'` to an index
+/// range itself under a C collation (the README's PostgreSQL note). `:contains` reads the
+/// parameter's entries.
+fn string_value(q: &mut Sql, mode: StringMatch, v: &String, dialect: Dialect) {
+    match mode {
+        StringMatch::Exact => {
+            q.push("norm = ");
+            q.bind(super::index::normalize_string(v));
+            q.push(" AND raw = ");
+            q.bind(v.as_str());
+        }
+        StringMatch::Prefix => {
+            if dialect == Dialect::Sqlite && !v.is_empty() {
+                q.push("norm >= ");
+                q.bind(v.as_str());
+                if let Some(above) = prefix_bound(v) {
+                    q.push(" AND norm < ");
+                    q.bind(above);
+                }
+                q.push(" AND ");
+            }
+            q.push("norm LIKE ");
+            q.bind(format!("{}%", like_escape(v)));
+            q.push(" ESCAPE '\\'");
+        }
+        StringMatch::Contains => {
+            q.push("norm LIKE ");
+            q.bind(format!("%{}%", like_escape(v)));
+            q.push(" ESCAPE '\\'");
+        }
+    }
+}
+
+/// `c` checked for the one row `r.rid` (a condition that does not drive the search): every index
+/// table is probed by (rid, param). The same matches as [`condition`].
+fn per_row(q: &mut Sql, c: &Condition, dialect: Dialect) {
+    match c {
+        Condition::Token { key, not, values } => {
+            exists_per_row(q, "idx_token", key, *not, values, dialect, token_value)
+        }
+        Condition::Reference { key, values } => {
+            exists_per_row(q, "idx_ref", key, false, values, dialect, reference_value)
+        }
+        Condition::Str { key, mode, values } => {
+            exists_per_row(q, "idx_string", key, false, values, dialect, |q, v| {
+                string_value(q, *mode, v, dialect)
+            })
+        }
+        Condition::Date { key, values } => {
+            if values.iter().all(|(p, _, _)| *p == Prefix::Ne) {
+                // As in `condition`: a value for the parameter, and none within all the values.
+                exists_per_row(q, "idx_date", key, false, &[()], dialect, |q, _| {
+                    q.push("1 = 1")
+                });
+                q.push(" AND ");
+                exists_per_row(q, "idx_date", key, true, &[()], dialect, |q, _| {
+                    for (i, (_, lo, hi)) in values.iter().enumerate() {
+                        if i > 0 {
+                            q.push(" AND ");
+                        }
+                        date_cond(q, "lo", "hi", Prefix::Eq, *lo, *hi);
+                    }
+                });
+            } else {
+                exists_per_row(q, "idx_date", key, false, values, dialect, |q, v| {
+                    date_cond(q, "lo", "hi", v.0, v.1, v.2)
+                });
+            }
+        }
+        Condition::AnyOf(groups) => {
+            if groups.is_empty() {
+                q.push("1 = 0");
+                return;
+            }
+            q.push("(");
+            for (i, g) in groups.iter().enumerate() {
+                if i > 0 {
+                    q.push(" OR ");
+                }
+                q.push("(");
+                if g.is_empty() {
+                    q.push("1 = 1");
+                }
+                for (j, c) in g.iter().enumerate() {
+                    if j > 0 {
+                        q.push(" AND ");
+                    }
+                    per_row(q, c, dialect);
+                }
+                q.push(")");
+            }
+            q.push(")");
+        }
+        // Already per row (`:missing`), or on the resource row (never beside a driver).
+        c => condition(q, c, dialect),
     }
 }
 
@@ -454,51 +623,6 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             q.push("r.rid IN (");
             string_rows(q, key, *mode, values, dialect);
             q.push(")");
-        }
-    }
-}
-
-/// `SELECT rid FROM idx_string` rows matching any of `values` (already normalised, but for
-/// `:exact`), one `UNION` branch per value, each answerable from `idx_string_lookup (param, norm)`:
-/// `:exact` also compares the normalised form, and on SQLite a prefix is also a range of `norm`
-/// (its `LIKE` alone reads every entry of the parameter: all the store's AuditEvents for
-/// `AuditEvent?agent-name=…`). PostgreSQL takes a `LIKE 'prefix%'` to an index range itself under
-/// a C collation (the README's PostgreSQL note). `:contains` reads the parameter's entries.
-fn string_rows(q: &mut Sql, key: &str, mode: StringMatch, values: &[String], dialect: Dialect) {
-    if values.is_empty() {
-        q.push("SELECT rid FROM idx_string WHERE 1 = 0");
-    }
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            q.push(" UNION ");
-        }
-        q.push("SELECT rid FROM idx_string WHERE param = ");
-        q.bind(key);
-        match mode {
-            StringMatch::Exact => {
-                q.push(" AND norm = ");
-                q.bind(super::index::normalize_string(v));
-                q.push(" AND raw = ");
-                q.bind(v.as_str());
-            }
-            StringMatch::Prefix => {
-                if dialect == Dialect::Sqlite && !v.is_empty() {
-                    q.push(" AND norm >= ");
-                    q.bind(v.as_str());
-                    if let Some(above) = prefix_bound(v) {
-                        q.push(" AND norm < ");
-                        q.bind(above);
-                    }
-                }
-                q.push(" AND norm LIKE ");
-                q.bind(format!("{}%", like_escape(v)));
-                q.push(" ESCAPE '\\'");
-            }
-            StringMatch::Contains => {
-                q.push(" AND norm LIKE ");
-                q.bind(format!("%{}%", like_escape(v)));
-                q.push(" ESCAPE '\\'");
-            }
         }
     }
 }

@@ -345,6 +345,63 @@ both_backends! {
         assert_eq!(upgraded.search_ids(by_url).await, vec![mar, jan, undated]);
     }
 
+    // Several conditions at once: whichever drives, the others (checked per match) select the
+    // same as each alone. Every kind beside a reference, and beside each other.
+    async fn combined_conditions_select_exactly_their_intersection(app: TestApp) {
+        let m = |to: &str, status: &str, cat: Option<&str>, sent: Option<&str>, medium: bool| {
+            let mut c = comm(json!({"status": status, "recipient": [{"reference": to}]}));
+            if let Some(cat) = cat {
+                c["category"] = json!([{"coding": [{"system": "http://s", "code": cat}]}]);
+            }
+            if let Some(s) = sent {
+                c["sent"] = json!(s);
+            }
+            if medium {
+                c["medium"] = json!([{"coding": [{"system": "http://m", "code": "WRITTEN"}]}]);
+            }
+            c
+        };
+        let a = app.create(&m("Practitioner/d1", "completed", Some("alert"), Some("2024-07-01"), true)).await;
+        let b = app.create(&m("Practitioner/d1", "completed", Some("notice"), Some("2024-05-01"), false)).await;
+        let c = app.create(&m("Practitioner/d1", "stopped", None, Some("2024-06-01"), false)).await;
+        let d = app.create(&m("Practitioner/d1", "completed", Some("alert"), None, false)).await;
+        let e = app.create(&m("Practitioner/d2", "completed", Some("alert"), Some("2024-07-01"), true)).await;
+        let mut f = m("Practitioner/d1", "completed", None, Some("2024-08-01"), false);
+        f["identifier"] = json!([{"system": "http://ids", "value": "f-1"}]);
+        let f = app.create(&f).await;
+        let q = |s: &str| format!("Communication?{s}");
+        for (query, want) in [
+            ("status=completed&recipient=Practitioner/d1", vec![&a, &b, &d, &f]),
+            ("recipient=Practitioner/d1&status=completed", vec![&a, &b, &d, &f]),
+            ("recipient=Practitioner/d1&sent=ge2024-06-01", vec![&a, &c, &f]),
+            ("recipient=Practitioner/d1&sent=ne2024-06-01", vec![&a, &b, &f]),
+            ("recipient=Practitioner/d1&sent=lt2024-06,gt2024-07-15", vec![&b, &f]),
+            ("recipient=Practitioner/d1&category:not=alert", vec![&b, &c, &f]),
+            ("recipient=Practitioner/d1&category=http://s|alert,notice&status=completed", vec![&a, &b, &d]),
+            ("recipient=Practitioner/d1&medium:missing=false", vec![&a]),
+            ("recipient=Practitioner/d1,Practitioner/d2&category=alert&sent=ge2024-07-01", vec![&a, &e]),
+            ("category=alert&identifier=http://ids|f-1", vec![]),
+            ("status=completed&identifier=http://ids|f-1", vec![&f]),
+            ("sent=lt2024-06-15&status=completed", vec![&b]),
+            ("status=completed,stopped&sent=ge2024-06-01&category:not=notice", vec![&a, &c, &e, &f]),
+        ] {
+            let mut want: Vec<String> = want.into_iter().cloned().collect();
+            want.sort();
+            assert_eq!(sorted(app.search_ids(&q(query)).await), want, "{query}");
+            let counted = app.get_json(&q(&format!("{query}&_summary=count"))).await;
+            assert_eq!(counted["total"], want.len(), "{query}: count");
+        }
+        // Paging through a driven search with a per-match condition: same set, each once.
+        let mut seen = Vec::new();
+        let mut next = Some(app.url(&q("recipient=Practitioner/d1&status=completed&_count=2")));
+        while let Some(url) = next {
+            let b: serde_json::Value = app.client.get(&url).send().await.unwrap().json().await.unwrap();
+            seen.extend(b["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["id"].as_str().unwrap().to_string()));
+            next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+        }
+        assert_eq!(sorted(seen), sorted(vec![a, b, d, f]));
+    }
+
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {
         let dated = app.create(&comm(json!({"sent": "2024-01-15"}))).await;
         let _undated = app.create(&comm(json!({}))).await;
