@@ -4,6 +4,10 @@ use std::io::Write;
 
 fn main() {
     println!("cargo:rerun-if-changed=fhir-profiles");
+    // `embed_migrations!` (src/store/db.rs) reads these directories when the crate compiles; a
+    // build script that names its inputs turns off cargo's own "any file changed" check, so a new
+    // migration would otherwise be missing from an incremental build.
+    println!("cargo:rerun-if-changed=migrations");
     // At run time, not `env!`: a build-script binary shared through one target directory by two
     // checkouts (worktrees) would otherwise read the other checkout's profiles.
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
