@@ -65,9 +65,9 @@ fn drive_rank(c: &Condition) -> Option<u8> {
     }
 }
 
-/// The condition a search on `res_type` is driven from, if any (see [`from_where`]): the
+/// The condition a search is driven from, if any (see [`from_where`]): the
 /// narrowest by [`drive_rank`], the first of equals.
-fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
+fn driver(req: &SearchRequest) -> Option<usize> {
     let resource_free = req.sort.iter().all(|k| matches!(k, SortKey::Param { .. }))
         && !req
             .conditions
@@ -76,26 +76,12 @@ fn driver(res_type: &str, req: &SearchRequest) -> Option<usize> {
     if !resource_free {
         return None;
     }
-    // Sorted by the principal date, a reference drives: its rows carry that date, so the sort
-    // reads nothing else (and a reference ranks first anyway).
-    let by_principal_date = super::reference_sort_date(res_type).is_some_and(|date| {
-        req.sort
-            .iter()
-            .any(|k| matches!(k, SortKey::Param { key, .. } if key == date))
-    });
-    by_principal_date
-        .then(|| {
-            req.conditions
-                .iter()
-                .position(|c| matches!(c, Condition::Reference { .. }))
-        })
-        .flatten()
-        .or_else(|| {
-            (0..req.conditions.len())
-                .filter_map(|i| drive_rank(&req.conditions[i]).map(|r| (r, i)))
-                .min()
-                .map(|(_, i)| i)
-        })
+    // A reference ranks first; sorted by the principal date, its rows also carry that date, so
+    // the sort reads nothing else (see `page`).
+    (0..req.conditions.len())
+        .filter_map(|i| drive_rank(&req.conditions[i]).map(|r| (r, i)))
+        .min()
+        .map(|(_, i)| i)
 }
 
 /// `FROM … WHERE …` for the search (without ORDER BY).
@@ -179,7 +165,7 @@ fn from_where(
 pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT r.rid");
-    let driver = driver(res_type, req);
+    let driver = driver(req);
     let w = from_where(res_type, req, driver, snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
@@ -269,7 +255,7 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
 pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT COUNT(*) AS n");
-    let w = from_where(res_type, req, driver(res_type, req), snapshot, dialect);
+    let w = from_where(res_type, req, driver(req), snapshot, dialect);
     q.push(&w.text);
     q.binds.extend(w.binds);
     q
@@ -423,18 +409,18 @@ fn token_value(q: &mut Sql, v: &TokenValue) {
 /// AuditEvents for `AuditEvent?agent-name=…`). PostgreSQL takes a `LIKE 'prefix%'` to an index
 /// range itself under a C collation (the README's PostgreSQL note). `:contains` reads the
 /// parameter's entries.
-fn string_value(q: &mut Sql, mode: StringMatch, v: &String, dialect: Dialect) {
+fn string_value(q: &mut Sql, mode: StringMatch, v: &str, dialect: Dialect) {
     match mode {
         StringMatch::Exact => {
             q.push("norm = ");
             q.bind(super::index::normalize_string(v));
             q.push(" AND raw = ");
-            q.bind(v.as_str());
+            q.bind(v);
         }
         StringMatch::Prefix => {
             if dialect == Dialect::Sqlite && !v.is_empty() {
                 q.push("norm >= ");
-                q.bind(v.as_str());
+                q.bind(v);
                 if let Some(above) = prefix_bound(v) {
                     q.push(" AND norm < ");
                     q.bind(above);
