@@ -44,6 +44,37 @@ fn plan(app: &TestApp, sql: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// A test app on SQLite (the plans are SQLite's; PostgreSQL plans by its statistics).
+async fn sqlite_app() -> TestApp {
+    spawn_app_with(Backend::Sqlite, |_| {})
+        .await
+        .expect("SQLite needs no set-up")
+}
+
+/// `query` (`a=1&b=2`, `%20` for a space) parsed as a search on `res_type`.
+fn parsed(app: &TestApp, res_type: &str, query: &str) -> query::SearchRequest {
+    let pairs: Vec<(String, String)> = query
+        .split('&')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.replace("%20", " "))
+        })
+        .collect();
+    let limits = query::Limits {
+        default_count: 50,
+        max_count: 1000,
+        strict: true,
+    };
+    query::parse(
+        &Registry::load().unwrap(),
+        res_type,
+        &pairs,
+        &app.base,
+        &limits,
+    )
+    .unwrap()
+}
+
 /// Every index table probed once per row (inside a correlated subquery) is probed by row id, and
 /// no big table is scanned.
 fn assert_probes_by_rid(what: &str, steps: &[(String, Vec<String>)]) {
@@ -67,9 +98,7 @@ fn assert_probes_by_rid(what: &str, steps: &[(String, Vec<String>)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escalation_and_unread_passes_probe_the_index_tables_by_row_id() {
-    let app = spawn_app_with(Backend::Sqlite, |_| {})
-        .await
-        .expect("SQLite needs no set-up");
+    let app = sqlite_app().await;
 
     let unread = plan(&app, escalation::UNREAD_SQL);
     assert_probes_by_rid("escalation, unread urgent messages", &unread);
@@ -114,15 +143,7 @@ async fn escalation_and_unread_passes_probe_the_index_tables_by_row_id() {
 /// read each match's `idx_ref` table row for its `url`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_search_sorts_from_the_reference_index_alone() {
-    let app = spawn_app_with(Backend::Sqlite, |_| {})
-        .await
-        .expect("SQLite needs no set-up");
-    let registry = Registry::load().unwrap();
-    let limits = query::Limits {
-        default_count: 50,
-        max_count: 1000,
-        strict: true,
-    };
+    let app = sqlite_app().await;
     for (res_type, query) in [
         (
             "Communication",
@@ -141,14 +162,7 @@ async fn inbox_search_sorts_from_the_reference_index_alone() {
             "requester=Practitioner/dr-1&_sort=-authored",
         ),
     ] {
-        let pairs: Vec<(String, String)> = query
-            .split('&')
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap();
-                (k.to_string(), v.to_string())
-            })
-            .collect();
-        let req = query::parse(&registry, res_type, &pairs, &app.base, &limits).unwrap();
+        let req = parsed(&app, res_type, query);
         let q = sql::page(res_type, &req, i64::MAX, sql::Dialect::Sqlite);
         let steps = plan(&app, &q.text);
         assert!(
@@ -182,15 +196,7 @@ async fn each_value_of_a_search_reads_one_index_range() {
     // `recipient=a,b` once read every recipient entry of the store: SQLite, without statistics,
     // answered `param = ? AND (… OR …)` by scanning the parameter. And references by absolute URL
     // (idx_ref_url, which holds only those) must still find their index.
-    let app = spawn_app_with(Backend::Sqlite, |_| {})
-        .await
-        .expect("SQLite needs no set-up");
-    let registry = Registry::load().unwrap();
-    let limits = query::Limits {
-        default_count: 50,
-        max_count: 1000,
-        strict: true,
-    };
+    let app = sqlite_app().await;
     for (query, index) in [
         ("recipient=https://other.example/fhir/Practitioner/7", "idx_ref_url (param=? AND url=?)"),
         ("recipient=Practitioner/dr-1,Practitioner/dr-2&_sort=-sent", "idx_ref_lookup (param=? AND target_id=? AND target_type=? AND url=?)"),
@@ -201,7 +207,7 @@ async fn each_value_of_a_search_reads_one_index_range() {
         // A negated token never drives: the reference does, the token is probed per match.
         ("category:not=notification,http://terminology.hl7.org/CodeSystem/communication-category|alert&recipient=dr-1", "idx_ref_lookup (param=? AND target_id=?"),
     ] {
-        assert_answered_from(&app, &registry, &limits, "Communication", query, index);
+        assert_answered_from(&app, "Communication", query, index);
     }
     // Strings: a prefix is a range of the normalised form, :exact an equality on it.
     for (query, index) in [
@@ -222,27 +228,13 @@ async fn each_value_of_a_search_reads_one_index_range() {
             "idx_string_lookup (param=? AND norm>? AND norm<?)",
         ),
     ] {
-        assert_answered_from(&app, &registry, &limits, "AuditEvent", query, index);
+        assert_answered_from(&app, "AuditEvent", query, index);
     }
 }
 
 /// The page and count queries of `query` on `res_type` search `index` and read no parameter whole.
-fn assert_answered_from(
-    app: &TestApp,
-    registry: &Registry,
-    limits: &query::Limits,
-    res_type: &str,
-    query: &str,
-    index: &str,
-) {
-    let pairs: Vec<(String, String)> = query
-        .split('&')
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap();
-            (k.to_string(), v.replace("%20", " "))
-        })
-        .collect();
-    let req = query::parse(registry, res_type, &pairs, &app.base, limits).unwrap();
+fn assert_answered_from(app: &TestApp, res_type: &str, query: &str, index: &str) {
+    let req = parsed(app, res_type, query);
     for q in [
         sql::page(res_type, &req, i64::MAX, sql::Dialect::Sqlite),
         sql::count(res_type, &req, i64::MAX, sql::Dialect::Sqlite),
@@ -265,15 +257,7 @@ async fn the_narrowest_condition_drives_and_the_others_are_probed_per_match() {
     // `recipient=…&sent=ge…` listed every `sent` of the store before looking at the recipient's
     // thousand (4.6–12 s at 1,000,000 messages). Now a reference (or an identifier) drives, and
     // each other condition is one probe of its table's (rid, param) index per match.
-    let app = spawn_app_with(Backend::Sqlite, |_| {})
-        .await
-        .expect("SQLite needs no set-up");
-    let registry = Registry::load().unwrap();
-    let limits = query::Limits {
-        default_count: 50,
-        max_count: 1000,
-        strict: true,
-    };
+    let app = sqlite_app().await;
     let by_recipient = "idx_ref_lookup (param=? AND target_id=? AND target_type=? AND url=?)";
     for (query, index) in [
         ("status=completed&recipient=Practitioner/dr-1", by_recipient),
@@ -302,13 +286,8 @@ async fn the_narrowest_condition_drives_and_the_others_are_probed_per_match() {
             "idx_token_lookup (param=? AND code=?",
         ),
     ] {
-        assert_answered_from(&app, &registry, &limits, "Communication", query, index);
-        let pairs: Vec<(String, String)> = query
-            .split('&')
-            .map(|kv| kv.split_once('=').unwrap())
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let req = query::parse(&registry, "Communication", &pairs, &app.base, &limits).unwrap();
+        assert_answered_from(&app, "Communication", query, index);
+        let req = parsed(&app, "Communication", query);
         let steps = plan(
             &app,
             &sql::page("Communication", &req, i64::MAX, sql::Dialect::Sqlite).text,
