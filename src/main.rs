@@ -7,7 +7,6 @@ use courier::config::Settings;
 use courier::smart::{identity, registry};
 use courier::startup::{open_store, Application};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// Courier: FHIR R4 secure-messaging server.
 ///
@@ -524,7 +523,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::SigningKey(cmd) => {
-            let tokens = Tokens::open(Arc::new(open_store(&settings)?), &settings.base_url)?;
+            let tokens = Tokens::open(open_store(&settings)?, &settings.base_url)?;
             if let SigningKeyCommand::Rotate = cmd {
                 println!("now signing with {}", tokens.rotate()?);
             }
@@ -534,7 +533,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { client_id, scope, fhir_user, patient } => {
-            let store = Arc::new(open_store(&settings)?);
+            let store = open_store(&settings)?;
             let client = clients::get(&store, &client_id)?
                 .ok_or_else(|| anyhow::anyhow!("no client {client_id}"))?;
             let requested = scopes::parse_all(&scope).map_err(|e| anyhow::anyhow!(e))?;

@@ -36,7 +36,7 @@ pub struct Application {
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
-pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
     let db = Db::connect(
         &settings.database_url,
         settings.db_pool_size,
@@ -77,7 +77,7 @@ impl Application {
                 &settings.base_url[..settings.base_url.len() - 2]
             );
         }
-        let store = Arc::new(open_store(&settings)?);
+        let store = open_store(&settings)?;
         let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
         crate::smart::registry::sync(&store, &settings.ehr)?;
         crate::auth::clients::ensure_internal(

@@ -469,9 +469,7 @@ pub async fn write_one(
     ctx: &audit::Context,
     op: WriteOp,
 ) -> Result<WriteResult, FhirError> {
-    let store = state.store.clone();
-    let ctx = ctx.clone();
-    blocking(move || Ok(store.write(vec![op], &ctx)?.remove(0))).await
+    Ok(state.store.write_async(vec![op], ctx).await?.remove(0))
 }
 
 pub async fn create(

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod db;
 pub mod keys;
 pub mod rows;
+mod writer;
 
 use crate::audit::{self, Interaction};
 use crate::search::index::{self, Entry};
@@ -315,9 +316,12 @@ pub struct Store {
     pub keys: Keyring,
     pub registry: Arc<Registry>,
     pub base_url: String,
-    /// SQLite has one writer at a time: the thread holding this commits everyone's pending jobs.
+    /// SQLite has one writer at a time: the writer thread holds this while it commits a group,
+    /// and so does any transaction outside the resource write path ([`Store::exclusive_writer`]).
     sqlite_writer: parking_lot::Mutex<()>,
-    pending: parking_lot::Mutex<Vec<Arc<Slot>>>,
+    /// SQLite: the queue of the writer thread, which commits every job waiting in it as one group
+    /// (see [`Store::submit`]); `None` on PostgreSQL.
+    writer: Option<std::sync::mpsc::Sender<Arc<Slot>>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     group_commits: std::sync::atomic::AtomicU64,
@@ -325,6 +329,9 @@ pub struct Store {
     /// patient), with their window's end; `None` outside it (see `scoped_key`).
     group_keys: parking_lot::Mutex<Option<KeyMemo>>,
     wal_syncs: std::sync::atomic::AtomicU64,
+    /// SQLite: the group commits made durable by those fsyncs (each fsync covers every group
+    /// committed before it).
+    synced_groups: std::sync::atomic::AtomicU64,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
     /// The retention classes: each version's class scopes its data key.
@@ -391,6 +398,9 @@ struct Slot {
     job: parking_lot::Mutex<Option<Job>>,
     result: parking_lot::Mutex<Option<JobResult>>,
     ready: parking_lot::Condvar,
+    /// An async caller's channel: answered through it instead of `result` (see
+    /// [`Store::write_async`]).
+    reply: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<JobResult>>>,
 }
 
 /// Answers every slot it holds with an error if dropped while the thread panics.
@@ -409,7 +419,21 @@ impl Drop for AnswerOnUnwind {
 }
 
 impl Slot {
+    fn new(job: Job, reply: Option<tokio::sync::oneshot::Sender<JobResult>>) -> Arc<Slot> {
+        Arc::new(Slot {
+            job: parking_lot::Mutex::new(Some(job)),
+            result: parking_lot::Mutex::new(None),
+            ready: parking_lot::Condvar::new(),
+            reply: parking_lot::Mutex::new(reply),
+        })
+    }
+
     fn answer(&self, r: JobResult) {
+        if let Some(tx) = self.reply.lock().take() {
+            // The caller may have gone (its request was cancelled): the job's outcome stands.
+            let _ = tx.send(r);
+            return;
+        }
         *self.result.lock() = Some(r);
         self.ready.notify_all();
     }
@@ -434,24 +458,29 @@ impl Store {
         base_url: &str,
         retention: crate::compliance::retention::Policy,
         key_file: Option<std::path::PathBuf>,
-    ) -> anyhow::Result<Store> {
+    ) -> anyhow::Result<Arc<Store>> {
         let checkpointer = db::Checkpointer::start(&db);
-        let store = Store {
-            db,
-            keys,
-            registry,
-            base_url: base_url.to_string(),
-            sqlite_writer: parking_lot::Mutex::new(()),
-            pending: parking_lot::Mutex::new(Vec::new()),
-            _checkpointer: checkpointer,
-            group_commits: Default::default(),
-            group_keys: parking_lot::Mutex::new(None),
-            wal_syncs: Default::default(),
-            changed: Arc::new(tokio::sync::Notify::new()),
-            retention,
-            key_file,
-            chain_key: std::sync::OnceLock::new(),
-        };
+        let sqlite = matches!(db, Db::Sqlite(..));
+        let store = Arc::new_cyclic(|weak: &std::sync::Weak<Store>| {
+            let writer = sqlite.then(|| writer::start(weak.clone()));
+            Store {
+                db,
+                keys,
+                registry,
+                base_url: base_url.to_string(),
+                sqlite_writer: parking_lot::Mutex::new(()),
+                writer,
+                _checkpointer: checkpointer,
+                group_commits: Default::default(),
+                group_keys: parking_lot::Mutex::new(None),
+                wal_syncs: Default::default(),
+                synced_groups: Default::default(),
+                changed: Arc::new(tokio::sync::Notify::new()),
+                retention,
+                key_file,
+                chain_key: std::sync::OnceLock::new(),
+            }
+        });
         store.load_keys()?;
         Ok(store)
     }
@@ -498,6 +527,33 @@ impl Store {
         ops: Vec<WriteOp>,
         ctx: &audit::Context,
     ) -> Result<Vec<WriteResult>, StoreError> {
+        self.submit(self.prepare(ops, ctx))
+    }
+
+    /// [`Store::write`] for async callers. On SQLite the caller's task waits for the writer
+    /// thread's answer without holding a thread of its own (the drafting, which is CPU work of a
+    /// fraction of a millisecond, runs on the caller's thread); PostgreSQL's blocking driver runs
+    /// on the blocking pool.
+    pub async fn write_async(
+        self: &Arc<Self>,
+        ops: Vec<WriteOp>,
+        ctx: &audit::Context,
+    ) -> Result<Vec<WriteResult>, StoreError> {
+        let Some(writer) = &self.writer else {
+            let (store, ctx) = (self.clone(), ctx.clone());
+            return tokio::task::spawn_blocking(move || store.write(ops, &ctx))
+                .await
+                .map_err(|e| StoreError::Other(anyhow::anyhow!("the write failed: {e}")))?;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let slot = Slot::new(self.prepare(ops, ctx), Some(tx));
+        writer.send(slot).map_err(|_| writer::gone())?;
+        rx.await.map_err(|_| writer::gone())?
+    }
+
+    /// The job for `ops`: what can be made before the transaction (a plain create's version and
+    /// AuditEvent) is drafted here, so the single SQLite writer spends its turn on rows only.
+    fn prepare(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> Job {
         let ops = ops
             .into_iter()
             .map(|op| {
@@ -525,7 +581,7 @@ impl Store {
                 Prepared { op, ahead }
             })
             .collect();
-        self.submit(Job::Ops(ops, ctx.clone()))
+        Job::Ops(ops, ctx.clone())
     }
 
     /// A durability barrier for work that tells the outside world about what it read (the event
@@ -568,74 +624,26 @@ impl Store {
     }
 
     /// PostgreSQL: each job in its own transaction (writers run concurrently). SQLite has one
-    /// writer: jobs that arrive while a commit is under way are committed together in the next
-    /// transaction (group commit). Durability is unchanged (every job is committed, and with
-    /// `synchronous = FULL` its write-ahead log fsynced, before it is answered); what is saved is
-    /// one fsync per job, and the fsync is made after the writer's lock is released, so the next
-    /// group's transaction runs while it is under way (see `db::DeferredSync`). Nobody is told
-    /// of a commit (answer, `changed`) before it is durable.
+    /// writer: the writer thread (see [`writer`]) commits every job waiting in its queue as one
+    /// transaction (group commit), and leaves the group's fsync to the syncer thread behind it,
+    /// so the next group's transaction runs while the last one is made durable. Durability is
+    /// unchanged (every job is committed, and with `synchronous = FULL` its write-ahead log
+    /// fsynced, before it is answered); nobody is told of a commit (answer, `changed`) before it
+    /// is durable.
     ///
     /// A job that fails (412, 409, …) must not take the others with it. Savepoints per job would
     /// do that but make SQLite copy every touched page to a sub-journal (measured: a third of the
     /// write time), so instead the batch runs optimistically and, when a job fails, the whole
     /// transaction is rolled back and re-run without that job, which is answered with its error.
     fn submit(&self, job: Job) -> JobResult {
-        if let Db::Postgres(_) = self.db {
+        let Some(writer) = &self.writer else {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| self.run_job(c, &job)));
             self.changed.notify_one();
             return r;
-        }
-        let slot = Arc::new(Slot {
-            job: parking_lot::Mutex::new(Some(job)),
-            result: parking_lot::Mutex::new(None),
-            ready: parking_lot::Condvar::new(),
-        });
-        self.pending.lock().push(slot.clone());
-        let (outcomes, needs_sync) = {
-            let _leader = self.sqlite_writer.lock();
-            if slot.job.lock().is_none() {
-                // A leader before us took the job: it answers once its group is durable.
-                drop(_leader);
-                return slot.wait();
-            }
-            let batch: Vec<(Arc<Slot>, Job)> = std::mem::take(&mut *self.pending.lock())
-                .into_iter()
-                .filter_map(|s| {
-                    let job = s.job.lock().take()?;
-                    Some((s, job))
-                })
-                .collect();
-            // Should the group commit panic, its jobs are answered with an error instead of
-            // leaving their callers waiting for ever.
-            let _unwind = AnswerOnUnwind(batch.iter().map(|(s, _)| s.clone()).collect());
-            self.commit_group(batch)
         };
-        // Durable before anyone is answered (or told of it), outside the writer's lock: the next
-        // group's transaction runs meanwhile.
-        let synced = if needs_sync {
-            let r = self.db.sync_wal();
-            if r.is_ok() {
-                self.wal_syncs
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            r
-        } else {
-            Ok(())
-        };
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, jobs = outcomes.len(), "fsync of the SQLite write-ahead log failed");
-        }
-        for (s, r) in outcomes {
-            let r = match &synced {
-                Ok(()) => r,
-                Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
-                    "the commit could not be made durable: {e}"
-                )))),
-            };
-            s.answer(r);
-        }
-        self.changed.notify_one();
+        let slot = Slot::new(job, None);
+        writer.send(slot.clone()).map_err(|_| writer::gone())?;
         slot.wait()
     }
 
@@ -704,12 +712,15 @@ impl Store {
         (outcomes, false)
     }
 
-    /// SQLite: how many group commits were made and how many fsyncs of the write-ahead log made
-    /// them durable (equal with `synchronous = FULL`; no fsyncs of Courier's own otherwise).
-    pub fn group_commit_stats(&self) -> (u64, u64) {
+    /// SQLite: how many group commits were made, how many of them Courier's own fsyncs made
+    /// durable (all of them with `synchronous = FULL`, once answered; none otherwise), and how
+    /// many fsyncs of the write-ahead log that took (one covers every group committed before it,
+    /// so at most as many as groups).
+    pub fn group_commit_stats(&self) -> (u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
             self.group_commits.load(Relaxed),
+            self.synced_groups.load(Relaxed),
             self.wal_syncs.load(Relaxed),
         )
     }
