@@ -167,6 +167,11 @@ async fn main() {
         db_pool_size: 16,
         log: "warn".into(),
         sqlite_synchronous: a.sync.clone(),
+        // COURIER_WORKERS=N: the HTTP server's worker threads (default one per core).
+        workers: std::env::var("COURIER_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         ..Settings::default()
     };
     let sync = settings.sqlite_synchronous.clone();

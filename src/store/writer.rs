@@ -1,7 +1,8 @@
 //! SQLite's single writer: a thread that commits every job waiting in its queue as one
 //! transaction (group commit), and a syncer thread behind it that makes the committed groups
 //! durable (one `fdatasync` of the write-ahead log for all the groups committed since the last
-//! one) before anyone is answered or told of them.
+//! one) before anyone is answered or told of them. When no other group is waiting, the writer
+//! makes the fsync itself.
 //!
 //! Callers do not take turns as the writer any more: an HTTP request's task waits on a channel
 //! without holding a thread (see [`Store::write_async`]), the writer never hands the database
@@ -42,7 +43,16 @@ pub(super) fn start(store: Weak<Store>) -> Sender<Arc<Slot>> {
 }
 
 fn write_loop(store: Weak<Store>, jobs: Receiver<Arc<Slot>>, to_sync: Sender<Committed>) {
-    while let Ok(first) = jobs.recv() {
+    // A job taken from the queue to see whether another group is waiting.
+    let mut next: Option<Arc<Slot>> = None;
+    loop {
+        let first = match next.take() {
+            Some(s) => s,
+            None => match jobs.recv() {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
         // Everything queued meanwhile joins this group.
         let slots: Vec<Arc<Slot>> = std::iter::once(first).chain(jobs.try_iter()).collect();
         let Some(store) = store.upgrade() else {
@@ -69,17 +79,25 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<Arc<Slot>>, to_sync: Sender<Com
         let Ok((outcomes, needs_sync)) = done else {
             continue;
         };
-        if needs_sync {
+        if !needs_sync {
+            for (s, r) in outcomes {
+                s.answer(r);
+            }
+            store.changed.notify_one();
+            continue;
+        }
+        // Another group waiting: the syncer makes this one durable while the writer commits
+        // that one. None: the writer makes the fsync itself (one thread hand-over fewer for a
+        // lone write, such as a read's AuditEvent).
+        next = jobs.try_recv().ok();
+        if next.is_some() {
             if let Err(std::sync::mpsc::SendError(outcomes)) = to_sync.send(outcomes) {
                 for (s, _) in outcomes {
                     s.answer(Err(gone()));
                 }
             }
         } else {
-            for (s, r) in outcomes {
-                s.answer(r);
-            }
-            store.changed.notify_one();
+            make_durable(&store, vec![outcomes]);
         }
     }
 }
@@ -88,30 +106,42 @@ fn sync_loop(store: Weak<Store>, committed: Receiver<Committed>) {
     while let Ok(first) = committed.recv() {
         // One fsync makes every group committed before it durable.
         let groups: Vec<Committed> = std::iter::once(first).chain(committed.try_iter()).collect();
-        let store = store.upgrade();
-        let synced = match &store {
-            Some(s) => s.db.sync_wal().inspect(|_| {
-                use std::sync::atomic::Ordering::Relaxed;
-                s.wal_syncs.fetch_add(1, Relaxed);
-                s.synced_groups.fetch_add(groups.len() as u64, Relaxed);
-            }),
-            None => Err(std::io::Error::other("the store was closed")),
-        };
-        if let Err(e) = &synced {
+        match store.upgrade() {
+            Some(store) => make_durable(&store, groups),
+            None => {
+                for (s, _) in groups.into_iter().flatten() {
+                    s.answer(Err(StoreError::Other(anyhow::anyhow!(
+                        "the store was closed before the commit was made durable"
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// Fsyncs the write-ahead log, which makes `groups` (committed before this call) durable, then
+/// answers their jobs and tells the event log's readers.
+fn make_durable(store: &Store, groups: Vec<Committed>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let synced = store.db.sync_wal();
+    match &synced {
+        Ok(()) => {
+            store.wal_syncs.fetch_add(1, Relaxed);
+            store.synced_groups.fetch_add(groups.len() as u64, Relaxed);
+        }
+        Err(e) => {
             let jobs: usize = groups.iter().map(Vec::len).sum();
             tracing::error!(error = %e, jobs, "fsync of the SQLite write-ahead log failed");
         }
-        for (s, r) in groups.into_iter().flatten() {
-            let r = match &synced {
-                Ok(()) => r,
-                Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
-                    "the commit could not be made durable: {e}"
-                )))),
-            };
-            s.answer(r);
-        }
-        if let Some(s) = store {
-            s.changed.notify_one();
-        }
     }
+    for (s, r) in groups.into_iter().flatten() {
+        let r = match &synced {
+            Ok(()) => r,
+            Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
+                "the commit could not be made durable: {e}"
+            )))),
+        };
+        s.answer(r);
+    }
+    store.changed.notify_one();
 }
