@@ -1,5 +1,5 @@
 //! The SQLite write path's mechanics (SQLite only; PostgreSQL commits each write on its own):
-//! group commit with the WAL's fsync made outside the single writer's lock, the background
+//! group commit by the writer thread with the WAL's fsync made by the syncer thread (or the writer when nothing else waits), the background
 //! checkpointer, and SQLite's process-wide settings.
 
 use crate::helpers::*;
@@ -144,4 +144,81 @@ async fn sqlite_keeps_no_memory_statistics() {
         used, 0,
         "SQLite counts its memory: SQLITE_CONFIG_MEMSTATUS was not switched off"
     );
+}
+
+/// The SQLite writer and syncer threads hold the store only while they work: when its last user
+/// lets go, the store (its connections, its files' locks) is released and both threads end. A
+/// writer that kept the store for ever would leak one open database per store opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_threads_let_the_store_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = courier::config::Settings {
+        data_dir: dir.path().to_path_buf(),
+        database_url: format!("sqlite://{}", dir.path().join("w.db").display()),
+        master_key: Some(
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+                .to_string()
+                .into(),
+        ),
+        sqlite_synchronous: "FULL".into(),
+        ..courier::config::Settings::default()
+    };
+    let store = courier::startup::open_store(&settings).unwrap();
+    let ctx = courier::audit::Context {
+        request_id: "writer-test".into(),
+        client_address: "127.0.0.1".into(),
+        base_url: "http://127.0.0.1".into(),
+        ..Default::default()
+    };
+    // Writes from blocking threads (sync) and from async tasks, at once: all committed and
+    // answered only once durable.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            store.write(vec![create_op(i)], &ctx).map(|r| r.len())
+        }));
+    }
+    for i in 8..16 {
+        let (store, ctx) = (store.clone(), ctx.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .write_async(vec![create_op(i)], &ctx)
+                .await
+                .map(|r| r.len())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 1);
+    }
+    let (commits, durable, syncs) = store.group_commit_stats();
+    assert!(commits >= 1 && commits <= 16, "{commits} group commits");
+    assert_eq!(
+        durable, commits,
+        "every group was made durable before its answer"
+    );
+    assert!(syncs >= 1 && syncs <= commits);
+    let weak = std::sync::Arc::downgrade(&store);
+    drop(store);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while weak.upgrade().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the store is still held after its last user let go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn create_op(i: usize) -> courier::store::WriteOp {
+    courier::store::WriteOp::Create {
+        res_type: "Communication".into(),
+        id: format!("writer-{i}"),
+        resource: courier::store::Incoming::from_value(message(
+            "Patient/p1",
+            "2026-11-29T10:00:00Z",
+            &format!("writer {i}"),
+        )),
+        if_none_exist: None,
+    }
 }
