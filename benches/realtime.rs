@@ -70,7 +70,7 @@ async fn main() {
         master_key: Some(MASTER_KEY.to_string().into()),
         ..Settings::default()
     };
-    let store = Arc::new(courier::startup::open_store(&settings).unwrap());
+    let store = courier::startup::open_store(&settings).unwrap();
     let tokens = Tokens::open(store.clone(), &base).unwrap();
     let jwks = common::bench_jwks();
     let client_id = clients::add(

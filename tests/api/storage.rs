@@ -192,7 +192,7 @@ async fn the_writer_threads_let_the_store_go() {
         assert_eq!(t.await.unwrap().unwrap(), 1);
     }
     let (commits, durable, syncs) = store.group_commit_stats();
-    assert!(commits >= 1 && commits <= 16, "{commits} group commits");
+    assert!((1..=16).contains(&commits), "{commits} group commits");
     assert_eq!(
         durable, commits,
         "every group was made durable before its answer"
