@@ -321,7 +321,7 @@ pub struct Store {
     sqlite_writer: parking_lot::Mutex<()>,
     /// SQLite: the queue of the writer thread, which commits every job waiting in it as one group
     /// (see [`Store::submit`]); `None` on PostgreSQL.
-    writer: Option<std::sync::mpsc::Sender<Arc<Slot>>>,
+    writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, Job)>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     group_commits: std::sync::atomic::AtomicU64,
@@ -393,9 +393,9 @@ impl From<diesel::result::Error> for BatchAbort {
 
 type JobResult = Result<Vec<WriteResult>, StoreError>;
 
-/// A job waiting for a group commit, and its result once committed (and durable).
+/// Where a queued job's result goes once committed (and durable): to the thread waiting on
+/// `ready`, or through an async caller's channel.
 struct Slot {
-    job: parking_lot::Mutex<Option<Job>>,
     result: parking_lot::Mutex<Option<JobResult>>,
     ready: parking_lot::Condvar,
     /// An async caller's channel: answered through it instead of `result` (see
@@ -419,9 +419,8 @@ impl Drop for AnswerOnUnwind {
 }
 
 impl Slot {
-    fn new(job: Job, reply: Option<tokio::sync::oneshot::Sender<JobResult>>) -> Arc<Slot> {
+    fn new(reply: Option<tokio::sync::oneshot::Sender<JobResult>>) -> Arc<Slot> {
         Arc::new(Slot {
-            job: parking_lot::Mutex::new(Some(job)),
             result: parking_lot::Mutex::new(None),
             ready: parking_lot::Condvar::new(),
             reply: parking_lot::Mutex::new(reply),
@@ -546,8 +545,10 @@ impl Store {
                 .map_err(|e| StoreError::Other(anyhow::anyhow!("the write failed: {e}")))?;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let slot = Slot::new(self.prepare(ops, ctx), Some(tx));
-        writer.send(slot).map_err(|_| writer::gone())?;
+        let job = self.prepare(ops, ctx);
+        writer
+            .send((Slot::new(Some(tx)), job))
+            .map_err(|_| writer::gone())?;
         rx.await.map_err(|_| writer::gone())?
     }
 
@@ -642,8 +643,10 @@ impl Store {
             self.changed.notify_one();
             return r;
         };
-        let slot = Slot::new(job, None);
-        writer.send(slot.clone()).map_err(|_| writer::gone())?;
+        let slot = Slot::new(None);
+        writer
+            .send((slot.clone(), job))
+            .map_err(|_| writer::gone())?;
         slot.wait()
     }
 

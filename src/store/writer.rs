@@ -27,8 +27,8 @@ pub(super) fn gone() -> StoreError {
 
 /// Starts the writer and the syncer for the store `store` will point to; returns the writer's
 /// queue. Both threads end when the store (which owns the queue's sender) is dropped.
-pub(super) fn start(store: Weak<Store>) -> Sender<Arc<Slot>> {
-    let (queue, jobs) = channel::<Arc<Slot>>();
+pub(super) fn start(store: Weak<Store>) -> Sender<(Arc<Slot>, Job)> {
+    let (queue, jobs) = channel::<(Arc<Slot>, Job)>();
     let (to_sync, committed) = channel::<Committed>();
     let for_syncer = store.clone();
     std::thread::Builder::new()
@@ -42,9 +42,9 @@ pub(super) fn start(store: Weak<Store>) -> Sender<Arc<Slot>> {
     queue
 }
 
-fn write_loop(store: Weak<Store>, jobs: Receiver<Arc<Slot>>, to_sync: Sender<Committed>) {
+fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sender<Committed>) {
     // A job taken from the queue to see whether another group is waiting.
-    let mut next: Option<Arc<Slot>> = None;
+    let mut next: Option<(Arc<Slot>, Job)> = None;
     loop {
         let first = match next.take() {
             Some(s) => s,
@@ -54,20 +54,13 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<Arc<Slot>>, to_sync: Sender<Com
             },
         };
         // Everything queued meanwhile joins this group.
-        let slots: Vec<Arc<Slot>> = std::iter::once(first).chain(jobs.try_iter()).collect();
+        let batch: Vec<(Arc<Slot>, Job)> = std::iter::once(first).chain(jobs.try_iter()).collect();
         let Some(store) = store.upgrade() else {
-            for s in slots {
+            for (s, _) in batch {
                 s.answer(Err(gone()));
             }
             return;
         };
-        let batch: Vec<(Arc<Slot>, Job)> = slots
-            .into_iter()
-            .filter_map(|s| {
-                let job = s.job.lock().take()?;
-                Some((s, job))
-            })
-            .collect();
         let held: Vec<Arc<Slot>> = batch.iter().map(|(s, _)| s.clone()).collect();
         // A panic in a group answers its jobs with an error (`AnswerOnUnwind`) and leaves the
         // writer running for the next.
