@@ -25,6 +25,13 @@ pub(super) fn gone() -> StoreError {
     ))
 }
 
+/// The answer to a job committed but not made durable because the store closed meanwhile.
+fn not_durable() -> StoreError {
+    StoreError::Other(anyhow::anyhow!(
+        "the store closed before the commit was made durable"
+    ))
+}
+
 /// Starts the writer and the syncer for the store `store` will point to; returns the writer's
 /// queue. Both threads end when the store (which owns the queue's sender) is dropped.
 pub(super) fn start(store: Weak<Store>) -> Sender<(Arc<Slot>, Job)> {
@@ -86,7 +93,7 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sen
         if next.is_some() {
             if let Err(std::sync::mpsc::SendError(outcomes)) = to_sync.send(outcomes) {
                 for (s, _) in outcomes {
-                    s.answer(Err(gone()));
+                    s.answer(Err(not_durable()));
                 }
             }
         } else {
@@ -103,9 +110,7 @@ fn sync_loop(store: Weak<Store>, committed: Receiver<Committed>) {
             Some(store) => make_durable(&store, groups),
             None => {
                 for (s, _) in groups.into_iter().flatten() {
-                    s.answer(Err(StoreError::Other(anyhow::anyhow!(
-                        "the store was closed before the commit was made durable"
-                    ))));
+                    s.answer(Err(not_durable()));
                 }
             }
         }
