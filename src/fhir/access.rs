@@ -208,16 +208,13 @@ pub async fn check_attachments(
     let Some(param) = registry.get(res_type, "attachment") else {
         return Ok(());
     };
-    for e in crate::search::index::entries(registry, res_type, value, base) {
-        let crate::search::index::Entry::Token {
-            param: key, code, ..
-        } = e
-        else {
+    // Only the attachment parameter's values (the whole index is drafted once, later).
+    let mut attached = Vec::new();
+    crate::search::index::param_entries(param, value, base, &mut attached);
+    for e in attached {
+        let crate::search::index::Entry::Token { code, .. } = e else {
             continue;
         };
-        if key != param.key {
-            continue;
-        }
         let local = code
             .strip_prefix(base.as_str())
             .map(|r| r.trim_start_matches('/'))

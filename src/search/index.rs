@@ -2,7 +2,7 @@
 //! Only codes, references, dates and (for string parameters, none of which select message text)
 //! short strings are indexed.
 
-use super::{dates, ParamType, Registry};
+use super::{dates, ParamType, Registry, SearchParam};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -113,80 +113,85 @@ pub fn entries(
 ) -> Vec<Entry> {
     let mut out = Vec::new();
     for p in registry.indexed(res_type) {
-        for v in p.expression.eval(resource) {
-            match p.kind {
-                ParamType::Token => token_entries(&p.key, v, &mut out),
-                ParamType::Uri => {
-                    if let Some(s) = v.as_str() {
-                        out.push(Entry::Token {
-                            param: p.key.clone(),
-                            system: None,
-                            code: s.to_string(),
-                        });
-                    }
-                }
-                ParamType::Reference => {
-                    let r = v
-                        .get("reference")
-                        .and_then(Value::as_str)
-                        .or_else(|| v.as_str());
-                    if let Some(parts) = r.and_then(|r| parse_reference(r, base_url)) {
-                        out.push(Entry::Ref {
-                            param: p.key.clone(),
-                            target_type: parts.target_type,
-                            target_id: parts.target_id,
-                            url: parts.url,
-                        });
-                    }
-                }
-                ParamType::Date => {
-                    let range = match v {
-                        Value::String(s) => dates::range(s),
-                        Value::Object(o) => {
-                            let lo = o
-                                .get("start")
-                                .and_then(Value::as_str)
-                                .and_then(dates::range)
-                                .map(|r| r.0);
-                            let hi = o
-                                .get("end")
-                                .and_then(Value::as_str)
-                                .and_then(dates::range)
-                                .map(|r| r.1);
-                            (lo.is_some() || hi.is_some())
-                                .then(|| (lo.unwrap_or(dates::MIN), hi.unwrap_or(dates::MAX)))
-                        }
-                        _ => None,
-                    };
-                    if let Some((lo, hi)) = range {
-                        out.push(Entry::Date {
-                            param: p.key.clone(),
-                            lo,
-                            hi,
-                        });
-                    }
-                }
-                ParamType::String => {
-                    let mut texts = Vec::new();
-                    string_leaves(v, &mut texts);
-                    for raw in texts {
-                        let norm = normalize_string(raw);
-                        if !norm.is_empty() {
-                            out.push(Entry::Str {
-                                param: p.key.clone(),
-                                norm,
-                                raw: raw.to_string(),
-                            });
-                        }
-                    }
-                }
-            }
-        }
+        param_entries(p, resource, base_url, &mut out);
     }
     // The same value reached twice (e.g. two identical codings) is indexed once.
     let mut seen = std::collections::HashSet::with_capacity(out.len());
     out.retain(|e| seen.insert(e.clone()));
     out
+}
+
+/// The index entries of one search parameter of `resource`, appended to `out` (duplicates kept).
+pub fn param_entries(p: &SearchParam, resource: &Value, base_url: &str, out: &mut Vec<Entry>) {
+    for v in p.expression.eval(resource) {
+        match p.kind {
+            ParamType::Token => token_entries(&p.key, v, out),
+            ParamType::Uri => {
+                if let Some(s) = v.as_str() {
+                    out.push(Entry::Token {
+                        param: p.key.clone(),
+                        system: None,
+                        code: s.to_string(),
+                    });
+                }
+            }
+            ParamType::Reference => {
+                let r = v
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .or_else(|| v.as_str());
+                if let Some(parts) = r.and_then(|r| parse_reference(r, base_url)) {
+                    out.push(Entry::Ref {
+                        param: p.key.clone(),
+                        target_type: parts.target_type,
+                        target_id: parts.target_id,
+                        url: parts.url,
+                    });
+                }
+            }
+            ParamType::Date => {
+                let range = match v {
+                    Value::String(s) => dates::range(s),
+                    Value::Object(o) => {
+                        let lo = o
+                            .get("start")
+                            .and_then(Value::as_str)
+                            .and_then(dates::range)
+                            .map(|r| r.0);
+                        let hi = o
+                            .get("end")
+                            .and_then(Value::as_str)
+                            .and_then(dates::range)
+                            .map(|r| r.1);
+                        (lo.is_some() || hi.is_some())
+                            .then(|| (lo.unwrap_or(dates::MIN), hi.unwrap_or(dates::MAX)))
+                    }
+                    _ => None,
+                };
+                if let Some((lo, hi)) = range {
+                    out.push(Entry::Date {
+                        param: p.key.clone(),
+                        lo,
+                        hi,
+                    });
+                }
+            }
+            ParamType::String => {
+                let mut texts = Vec::new();
+                string_leaves(v, &mut texts);
+                for raw in texts {
+                    let norm = normalize_string(raw);
+                    if !norm.is_empty() {
+                        out.push(Entry::Str {
+                            param: p.key.clone(),
+                            norm,
+                            raw: raw.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn token_entries(param: &str, v: &Value, out: &mut Vec<Entry>) {
