@@ -121,15 +121,10 @@ pub async fn audit_outcome(
     record_event(state, ev).await;
 }
 
-/// Records an AuditEvent on its own, off the async executor. Audit failures are logged, never
-/// shown to the client.
+/// Records an AuditEvent on its own (durable before this returns). Audit failures are logged,
+/// never shown to the client.
 pub async fn record_event(state: &AppState, event: Value) {
-    let store = state.store.clone();
-    if let Err(e) = web::block(move || store.record_audit(event))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-    {
+    if let Err(e) = state.store.record_audit_async(event).await {
         tracing::error!(error = %e, "could not record AuditEvent");
     }
 }

@@ -538,14 +538,26 @@ impl Store {
         ops: Vec<WriteOp>,
         ctx: &audit::Context,
     ) -> Result<Vec<WriteResult>, StoreError> {
+        self.submit_async(self.prepare(ops, ctx)).await
+    }
+
+    /// [`Store::record_audit`] for async callers (see [`Store::write_async`]).
+    pub async fn record_audit_async(self: &Arc<Self>, event: Value) -> Result<(), StoreError> {
+        self.submit_async(Job::Audit(self.audit_draft(event)))
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Store::submit`] without holding a thread while the SQLite writer works; PostgreSQL's
+    /// blocking driver runs on the blocking pool.
+    async fn submit_async(self: &Arc<Self>, job: Job) -> JobResult {
         let Some(writer) = &self.writer else {
-            let (store, ctx) = (self.clone(), ctx.clone());
-            return tokio::task::spawn_blocking(move || store.write(ops, &ctx))
+            let store = self.clone();
+            return tokio::task::spawn_blocking(move || store.submit(job))
                 .await
                 .map_err(|e| StoreError::Other(anyhow::anyhow!("the write failed: {e}")))?;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = self.prepare(ops, ctx);
         writer
             .send((Slot::new(Some(tx)), job))
             .map_err(|_| writer::gone())?;
