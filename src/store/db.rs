@@ -483,8 +483,8 @@ impl Db {
 }
 
 /// A pooled SQLite connection switched to `synchronous = NORMAL` for one group commit, whose
-/// fsync [`Db::sync_wal`] then makes after the writer's lock is released and before any of its
-/// jobs is answered: the same durability as `FULL` (which is `NORMAL` plus an fsync of the WAL
+/// fsync [`Db::sync_wal`] then makes after the commit (in the syncer thread, or the writer's when
+/// nothing else waits; see `store::writer`) and before any of its jobs is answered: the same durability as `FULL` (which is `NORMAL` plus an fsync of the WAL
 /// after every commit), but the next group's transaction runs while the last one's fsync is under
 /// way. Back to `FULL` when dropped, whatever happened meanwhile. (A connection of its own for
 /// the group commit was tried: it wrote ~5% faster, but every reader then found the database
