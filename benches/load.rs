@@ -8,6 +8,7 @@
 //!                                                     # a later run with the same directory skips the
 //!                                                     # creates and the seed and only searches
 //!   cargo bench --bench load -- --trace /tmp/t.tsv   # also write each search's start and latency
+//!   cargo bench --bench load -- --clients 64         # the concurrent phases with 64 clients (default 32)
 //!
 //! Prints: creates/s at 1 and at 32 concurrent clients (each create authorized, strictly checked,
 //! indexed, encrypted and audited in one transaction), with the process's CPU time per create
@@ -44,6 +45,7 @@ struct Args {
     recipients: usize,
     creates: usize,
     searches: usize,
+    clients: usize,
     keep: Option<std::path::PathBuf>,
     trace: Option<std::path::PathBuf>,
 }
@@ -56,6 +58,7 @@ fn args() -> Args {
         recipients: 1_000,
         creates: 20_000,
         searches: 2_000,
+        clients: 32,
         keep: None,
         trace: None,
     };
@@ -70,6 +73,7 @@ fn args() -> Args {
             "--recipients" => a.recipients = val().parse().expect("--recipients N"),
             "--creates" => a.creates = val().parse().expect("--creates N"),
             "--searches" => a.searches = val().parse().expect("--searches N"),
+            "--clients" => a.clients = val().parse().expect("--clients N"),
             "--keep" => a.keep = Some(val().into()),
             "--trace" => a.trace = Some(val().into()),
             _ => {} // cargo passes --bench
@@ -275,7 +279,11 @@ async fn main() {
         );
         vec![]
     } else {
-        vec![(1usize, "system"), (32, "system"), (32, "user")]
+        vec![
+            (1usize, "system"),
+            (a.clients, "system"),
+            (a.clients, "user"),
+        ]
     };
     for (clients, who) in phases {
         let client = if who == "user" {

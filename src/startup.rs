@@ -4,7 +4,7 @@
 use crate::auth::clients::JwksCache;
 use crate::auth::tokens::Tokens;
 use crate::config::Settings;
-use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::outcome::FHIR_JSON;
 use crate::fhir::rest::RequestId;
 use crate::fhir::{self, AppState};
 use crate::search::Registry;
@@ -17,7 +17,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpMessage, HttpResponse, HttpServer, ResponseError};
+use actix_web::{web, App, HttpMessage, HttpResponse, HttpServer};
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -133,11 +133,13 @@ impl Application {
                 .configure(crate::auth::server::routes)
                 .configure(crate::smart::launch::routes)
                 .configure(crate::smart::session::routes)
+                // Static paths first, then FHIR's type level, then the operations on an
+                // instance, then FHIR's instance level (see `fhir::type_routes`).
                 .configure(crate::messaging::routes)
-                .configure(fhir::routes)
-                .default_service(web::to(|| async {
-                    FhirError::not_found("no such endpoint").error_response()
-                }))
+                .configure(fhir::type_routes)
+                .configure(crate::messaging::operation_routes)
+                .configure(fhir::instance_routes)
+                .default_service(web::to(fhir::no_such_endpoint))
         })
         .workers(workers)
         .shutdown_timeout(10)
@@ -251,14 +253,18 @@ async fn request_id(
         .map(String::from)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let method = req.method().to_string();
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
     let started = std::time::Instant::now();
     let mut res = next.call(req).await?;
     res.headers_mut().insert(
         HeaderName::from_static("x-request-id"),
         HeaderValue::from_str(&id).expect("checked ASCII"),
     );
-    tracing::info!(request_id = %id, %method, %route, status = res.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    // The route's pattern is found by matching the path against the routes once more: only
+    // when the line is logged.
+    if tracing::enabled!(tracing::Level::INFO) {
+        let req = res.request();
+        let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+        tracing::info!(request_id = %id, method = %req.method(), %route, status = res.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    }
     Ok(res)
 }

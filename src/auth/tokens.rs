@@ -252,12 +252,8 @@ impl Tokens {
     /// Checks a token's signature, issuer, audience and lifetime. Does not check revocation
     /// (see [`Tokens::still_valid`]).
     pub fn verify(&self, token: &str) -> Result<Principal, String> {
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some((p, kid)) = self.verified.lock().get(&hash) {
-            // Still unexpired, and its key still accepted (a key dropped from the set ends its tokens).
-            if p.exp > now() && self.keys.read().verifiers.contains_key(kid) {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.verified(token) {
+            return Ok(p);
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| "the access token is not a well-formed JWT".to_string())?;
@@ -308,14 +304,36 @@ impl Tokens {
                 cache.clear();
             }
         }
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         cache.insert(hash, (principal.clone(), kid));
         Ok(principal)
+    }
+
+    /// The principal of a token whose signature this server has already checked (and which is
+    /// still unexpired, its key still accepted): what [`Tokens::verify`] answers without the
+    /// signature check. `None` for any other token.
+    pub fn verified(&self, token: &str) -> Option<Principal> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cache = self.verified.lock();
+        let (p, kid) = cache.get(&hash)?;
+        // A key dropped from the set ends its tokens.
+        (p.exp > now() && self.keys.read().verifiers.contains_key(kid)).then(|| p.clone())
     }
 
     /// True unless the token was revoked or its client removed since it was issued. One indexed
     /// query, run on every request so revocation takes effect at once on every instance.
     pub fn still_valid(&self, p: &Principal) -> Result<bool, crate::store::StoreError> {
-        let rows: Vec<ValidityRow> = self.store.query(
+        self.still_valid_on(&mut self.store.db.get()?, p)
+    }
+
+    /// [`Tokens::still_valid`] on a connection the caller holds.
+    pub fn still_valid_on(
+        &self,
+        c: &mut crate::store::db::PooledConn,
+        p: &Principal,
+    ) -> Result<bool, crate::store::StoreError> {
+        let rows: Vec<ValidityRow> = self.store.query_on(
+            c,
             "SELECT (SELECT COUNT(*) FROM revoked_tokens WHERE jti = ?) AS revoked, \
                     (SELECT COUNT(*) FROM oauth_clients WHERE client_id = ?) AS clients",
             vec![p.jti.clone().into(), p.client_id.clone().into()],

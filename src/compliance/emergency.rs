@@ -62,13 +62,23 @@ struct PatientRow {
 
 /// The patients `p` holds an active grant for (practitioners only).
 pub fn active(store: &Store, p: &Principal) -> Result<Vec<String>, StoreError> {
+    active_on(store, &mut store.db.get()?, p)
+}
+
+/// [`active`] on a connection the caller holds.
+pub fn active_on(
+    store: &Store,
+    c: &mut crate::store::db::PooledConn,
+    p: &Principal,
+) -> Result<Vec<String>, StoreError> {
     if p.kind() != SubjectKind::Practitioner {
         return Ok(vec![]);
     }
     let Some(user) = &p.fhir_user else {
         return Ok(vec![]);
     };
-    let rows: Vec<PatientRow> = store.query(
+    let rows: Vec<PatientRow> = store.query_on(
+        c,
         "SELECT DISTINCT patient FROM emergency_access WHERE user_ref = ? AND expires_at > ?",
         vec![user.clone().into(), now_micros().into()],
     )?;

@@ -4,6 +4,7 @@
 //! with the memberships looked up from the search index each time a token is used (so a member
 //! removed from a group loses REST access at once, and an open socket within 30 s).
 
+use crate::store::db::PooledConn;
 use crate::store::{Store, StoreError};
 use diesel::sql_types::Text;
 use diesel::QueryableByName;
@@ -16,6 +17,15 @@ struct RefRow {
 
 /// The Groups and CareTeams `user` (`Type/id`) is a member of, as `Group/…`/`CareTeam/…`.
 pub fn of(store: &Store, user: Option<&str>) -> Result<Vec<String>, StoreError> {
+    of_on(store, &mut store.db.get()?, user)
+}
+
+/// [`of`] on a connection the caller holds.
+pub fn of_on(
+    store: &Store,
+    c: &mut PooledConn,
+    user: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
     let Some((t, id)) = user.and_then(|u| u.split_once('/')) else {
         return Ok(vec![]);
     };
@@ -26,7 +36,8 @@ pub fn of(store: &Store, user: Option<&str>) -> Result<Vec<String>, StoreError> 
             .map(|p| p.key.clone())
             .unwrap_or_default()
     };
-    let rows: Vec<RefRow> = store.query(
+    let rows: Vec<RefRow> = store.query_on(
+        c,
         "SELECT DISTINCT r.res_type || '/' || r.fhir_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          WHERE x.param IN (?, ?) AND x.target_id = ? AND x.target_type = ? AND x.url IS NULL \
          AND r.deleted = 0 AND r.res_type IN ('Group', 'CareTeam') ORDER BY 1",

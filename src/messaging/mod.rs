@@ -31,64 +31,72 @@ pub mod ws;
 
 use actix_web::web;
 
+/// The messaging routes with static paths (registered before the FHIR type routes, see
+/// [`crate::fhir::type_routes`]).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     webapp::routes(cfg);
     cfg.route("/ws", web::get().to(ws::socket))
         .route("/Communication/$unread", web::get().to(receipts::unread))
-        .route(
-            "/Communication/{id}/$mark-read",
-            web::post().to(receipts::mark_read),
-        )
-        .route(
-            "/Communication/{id}/$mark-delivered",
-            web::post().to(receipts::mark_delivered),
-        )
-        .route(
-            "/Communication/{id}/$receipts",
-            web::get().to(receipts::list),
-        )
-        .route(
-            "/Patient/{id}/$everything",
-            web::get().to(export::patient_everything),
-        )
-        .route(
-            "/Patient/{id}/$erase",
-            web::post().to(crate::compliance::api::erase),
-        )
-        .route(
-            "/Patient/{id}/$emergency-access",
-            web::post().to(crate::compliance::emergency::request),
-        )
-        .route(
-            "/Patient/{id}/$legal-hold",
-            web::post().to(crate::compliance::api::legal_hold),
-        )
-        .route(
-            "/Communication/{id}/$legal-hold",
-            web::post().to(crate::compliance::api::legal_hold),
-        )
         .route("/subscriptions/ws", web::get().to(dispatch::socket))
         .route("/Subscription", web::post().to(subscriptions::create))
-        .route("/Subscription", web::get().to(subscriptions::search))
-        .route("/Subscription/{id}", web::get().to(subscriptions::read))
-        .route(
-            "/Subscription/{id}",
-            web::delete().to(subscriptions::delete),
-        )
-        .route(
-            "/Subscription/{id}/$status",
-            web::get().to(subscriptions::status),
-        )
-        .route(
-            "/Subscription/{id}/$events",
-            web::get().to(subscriptions::events),
-        )
-        .route(
-            "/Subscription/{id}/$get-ws-binding-token",
-            web::get().to(subscriptions::binding_token),
-        )
-        .route(
-            "/Subscription/{id}/$get-ws-binding-token",
-            web::post().to(subscriptions::binding_token),
-        );
+        .route("/Subscription", web::get().to(subscriptions::search));
+}
+
+/// The messaging routes on an instance (`/Subscription/{id}`, `/Communication/{id}/$mark-read`,
+/// …): registered after the FHIR type routes and before the FHIR instance routes, over which
+/// they win (see [`crate::fhir::type_routes`]).
+pub fn operation_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/Communication/{id}/$mark-read",
+        web::post().to(receipts::mark_read),
+    )
+    .route(
+        "/Communication/{id}/$mark-delivered",
+        web::post().to(receipts::mark_delivered),
+    )
+    .route(
+        "/Communication/{id}/$receipts",
+        web::get().to(receipts::list),
+    )
+    .route(
+        "/Patient/{id}/$everything",
+        web::get().to(export::patient_everything),
+    )
+    .route(
+        "/Patient/{id}/$erase",
+        web::post().to(crate::compliance::api::erase),
+    )
+    .route(
+        "/Patient/{id}/$emergency-access",
+        web::post().to(crate::compliance::emergency::request),
+    )
+    .route(
+        "/Patient/{id}/$legal-hold",
+        web::post().to(crate::compliance::api::legal_hold),
+    )
+    .route(
+        "/Communication/{id}/$legal-hold",
+        web::post().to(crate::compliance::api::legal_hold),
+    )
+    .route("/Subscription/{id}", web::get().to(subscriptions::read))
+    .route(
+        "/Subscription/{id}",
+        web::delete().to(subscriptions::delete),
+    )
+    .route(
+        "/Subscription/{id}/$status",
+        web::get().to(subscriptions::status),
+    )
+    .route(
+        "/Subscription/{id}/$events",
+        web::get().to(subscriptions::events),
+    )
+    .route(
+        "/Subscription/{id}/$get-ws-binding-token",
+        web::get().to(subscriptions::binding_token),
+    )
+    .route(
+        "/Subscription/{id}/$get-ws-binding-token",
+        web::post().to(subscriptions::binding_token),
+    );
 }

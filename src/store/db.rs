@@ -449,6 +449,16 @@ impl Db {
         })
     }
 
+    /// SQLite: an idle pooled connection, if one is free at once (`None` rather than waiting).
+    /// PostgreSQL: always `None`, as its queries are network round trips. For the few indexed
+    /// lookups an async task may make in place rather than through the blocking pool.
+    pub fn get_now(&self) -> Option<PooledConn> {
+        match self {
+            Db::Postgres(_) => None,
+            Db::Sqlite(p, ..) => p.try_get().map(PooledConn::Sqlite),
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self {
             Db::Postgres(_) => "postgresql",

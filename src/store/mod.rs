@@ -503,7 +503,21 @@ impl Store {
             + diesel::QueryableByName<diesel::pg::Pg>
             + 'static,
     {
-        let mut c = self.db.get()?;
+        self.query_on(&mut self.db.get()?, sql, binds)
+    }
+
+    /// [`Store::query`] on a connection the caller holds (see [`db::Db::get_now`]).
+    pub fn query_on<T>(
+        &self,
+        c: &mut db::PooledConn,
+        sql: &str,
+        binds: Vec<Bind>,
+    ) -> Result<Vec<T>, StoreError>
+    where
+        T: diesel::QueryableByName<diesel::sqlite::Sqlite>
+            + diesel::QueryableByName<diesel::pg::Pg>
+            + 'static,
+    {
         Ok(with_conn!(c, |c| c.load_cached(sql, binds))?)
     }
 

@@ -200,6 +200,35 @@ both_backends! {
         assert_eq!(oo["resourceType"], "OperationOutcome");
         assert_eq!(app.get("Patient/1").await.status(), 404);
     }
+
+    async fn paths_and_methods_the_server_lacks_are_404_operation_outcomes(app: TestApp) {
+        let id = app.create(&json!({"resourceType": "Communication", "status": "completed"})).await;
+        let before = app.row_counts();
+        let body = json!({"resourceType": "Communication", "status": "completed"}).to_string();
+        for (method, path) in [
+            (reqwest::Method::PUT, "Communication".to_string()),
+            (reqwest::Method::DELETE, "Communication".to_string()),
+            (reqwest::Method::POST, format!("Communication/{id}")),
+            (reqwest::Method::POST, format!("Communication/{id}/_history")),
+            (reqwest::Method::GET, format!("Communication/{id}/_nothing")),
+            (reqwest::Method::GET, "Communication/a/b/c/d".to_string()),
+        ] {
+            let r = app.client.request(method.clone(), app.url(&path))
+                .header("content-type", "application/fhir+json").body(body.clone()).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{method} {path}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["resourceType"], "OperationOutcome", "{method} {path}");
+            assert_eq!(oo["issue"][0]["diagnostics"], "no such endpoint", "{method} {path}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing written");
+        // The static paths and the operations still win over the FHIR type and instance routes.
+        assert_eq!(app.get("metadata").await.json::<Value>().await.unwrap()["resourceType"], "CapabilityStatement");
+        let sub = app.get("Subscription").await;
+        assert_eq!(sub.status(), 200);
+        assert_eq!(app.get(&format!("Communication/{id}")).await.status(), 200);
+        let receipts = app.get(&format!("Communication/{id}/$receipts")).await;
+        assert_eq!(receipts.status(), 200);
+    }
 }
 
 #[tokio::test]
