@@ -15,8 +15,12 @@ use super::{AnswerOnUnwind, Job, JobResult, Slot, Store, StoreError};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Weak};
 
-/// The groups committed by the writer and not yet durable: each job's slot and outcome.
-type Committed = Vec<(Arc<Slot>, JobResult)>;
+/// A group committed by the writer and not yet durable: each job's slot and outcome, and the
+/// jobs themselves, freed once answered.
+struct Committed {
+    answers: Vec<(Arc<Slot>, JobResult)>,
+    spent: Vec<Job>,
+}
 
 /// The answer to a job the writer can no longer take (the store is closing).
 pub(super) fn gone() -> StoreError {
@@ -76,11 +80,12 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sen
             let _writer = store.sqlite_writer.lock();
             store.commit_group(batch)
         }));
-        let Ok((outcomes, needs_sync)) = done else {
+        let Ok((answers, needs_sync, spent)) = done else {
             continue;
         };
+        let group = Committed { answers, spent };
         if !needs_sync {
-            for (s, r) in outcomes {
+            for (s, r) in group.answers {
                 s.answer(r);
             }
             store.changed.notify_one();
@@ -91,13 +96,13 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sen
         // lone write, such as a read's AuditEvent).
         next = jobs.try_recv().ok();
         if next.is_some() {
-            if let Err(std::sync::mpsc::SendError(outcomes)) = to_sync.send(outcomes) {
-                for (s, _) in outcomes {
+            if let Err(std::sync::mpsc::SendError(group)) = to_sync.send(group) {
+                for (s, _) in group.answers {
                     s.answer(Err(not_durable()));
                 }
             }
         } else {
-            make_durable(&store, vec![outcomes]);
+            make_durable(&store, vec![group]);
         }
     }
 }
@@ -109,7 +114,7 @@ fn sync_loop(store: Weak<Store>, committed: Receiver<Committed>) {
         match store.upgrade() {
             Some(store) => make_durable(&store, groups),
             None => {
-                for (s, _) in groups.into_iter().flatten() {
+                for (s, _) in groups.into_iter().flat_map(|g| g.answers) {
                     s.answer(Err(not_durable()));
                 }
             }
@@ -128,18 +133,24 @@ fn make_durable(store: &Store, groups: Vec<Committed>) {
             store.synced_groups.fetch_add(groups.len() as u64, Relaxed);
         }
         Err(e) => {
-            let jobs: usize = groups.iter().map(Vec::len).sum();
+            let jobs: usize = groups.iter().map(|g| g.answers.len()).sum();
             tracing::error!(error = %e, jobs, "fsync of the SQLite write-ahead log failed");
         }
     }
-    for (s, r) in groups.into_iter().flatten() {
-        let r = match &synced {
-            Ok(()) => r,
-            Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
-                "the commit could not be made durable: {e}"
-            )))),
-        };
-        s.answer(r);
+    let mut spent = Vec::with_capacity(groups.len());
+    for g in groups {
+        spent.push(g.spent);
+        for (s, r) in g.answers {
+            let r = match &synced {
+                Ok(()) => r,
+                Err(e) => r.and(Err(StoreError::Other(anyhow::anyhow!(
+                    "the commit could not be made durable: {e}"
+                )))),
+            };
+            s.answer(r);
+        }
     }
     store.changed.notify_one();
+    // Freed after everyone is answered, on the syncer's thread (or the writer's when idle).
+    drop(spent);
 }
