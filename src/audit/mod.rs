@@ -136,6 +136,17 @@ pub struct Failure<'a> {
     pub outcome: &'a Value,
 }
 
+/// A JSON object of these members, in this order, moved in (`json!` would copy each Value by
+/// serialising it, which was half the cost of building an AuditEvent).
+fn obj<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
 /// Builds an AuditEvent. `what` is the resource (`Type/id[/_history/v]`) for instance interactions;
 /// `patient` the patient involved (`Patient/id`), which selects the BALP `Patient*` profile.
 pub fn event(
@@ -151,15 +162,27 @@ pub fn event(
         None => json!({"display": ctx.client_address}),
     };
     let server_who = json!({"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"});
-    let mut client = json!({"type": client_type, "who": client_who, "requestor": ctx.user.is_none(),
-               "network": {"address": ctx.client_address, "type": "2"}});
+    let mut client = obj([
+        ("type", client_type),
+        ("who", client_who),
+        ("requestor", Value::Bool(ctx.user.is_none())),
+        (
+            "network",
+            json!({"address": ctx.client_address, "type": "2"}),
+        ),
+    ]);
     if let (Some(jti), None) = (&ctx.token_id, &ctx.user) {
         client["policy"] = json!([jti]);
     }
     let mut agents = vec![
         client,
-        json!({"type": server_type, "who": server_who, "name": "Courier", "requestor": false,
-               "network": {"address": ctx.base_url, "type": "5"}}),
+        obj([
+            ("type", server_type),
+            ("who", server_who),
+            ("name", json!("Courier")),
+            ("requestor", Value::Bool(false)),
+            ("network", json!({"address": ctx.base_url, "type": "5"})),
+        ]),
     ];
     if let Some(user) = &ctx.user {
         let code = match interaction.action() {
@@ -194,22 +217,31 @@ pub fn event(
                 Interaction::SearchType | Interaction::SearchSystem
             ) =>
         {
-            entities.push(json!({
-                "type": object, "role": role("24", "Query"),
-                "query": base64::engine::general_purpose::STANDARD.encode(q.as_bytes())
-            }));
+            entities.push(obj([
+                ("type", object),
+                ("role", role("24", "Query")),
+                (
+                    "query",
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(q.as_bytes())),
+                ),
+            ]));
         }
-        (_, Some(w)) => entities.push(
-            json!({"what": {"reference": w}, "type": object, "role": role("4", "Domain Resource")}),
-        ),
+        (_, Some(w)) => entities.push(obj([
+            ("what", json!({"reference": w})),
+            ("type", object),
+            ("role", role("4", "Domain Resource")),
+        ])),
         _ => {}
     }
     if let Some(p) = patient {
-        entities.push(json!({
-            "what": {"reference": p},
-            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
-            "role": role("1", "Patient")
-        }));
+        entities.push(obj([
+            ("what", json!({"reference": p})),
+            (
+                "type",
+                json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"}),
+            ),
+            ("role", role("1", "Patient")),
+        ]));
     }
     let mut ev = json!({
         "resourceType": "AuditEvent",
@@ -218,12 +250,14 @@ pub fn event(
         "action": interaction.action(),
         "recorded": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "outcome": "0",
-        "agent": agents,
+        "agent": null,
         "source": {
             "observer": {"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"},
             "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}]
         },
     });
+    // Moved in rather than interpolated: `json!` copies an interpolated Value by serialising it.
+    ev["agent"] = Value::Array(agents);
     match failure {
         None => {
             if let Some(profile) = interaction.profile() {
