@@ -393,6 +393,9 @@ impl From<diesel::result::Error> for BatchAbort {
 
 type JobResult = Result<Vec<WriteResult>, StoreError>;
 
+/// Each job of a group with its outcome.
+type Answers = Vec<(Arc<Slot>, JobResult)>;
+
 /// Where a queued job's result goes once committed (and durable): to the thread waiting on
 /// `ready`, or through an async caller's channel.
 struct Slot {
@@ -682,10 +685,7 @@ impl Store {
     /// Returns each job's outcome, whether the commit is still to be made durable, and the jobs
     /// committed (whose freeing the caller leaves to a thread other than the writer's: it was
     /// ~5% of the writer's time).
-    fn commit_group(
-        &self,
-        mut batch: Vec<(Arc<Slot>, Job)>,
-    ) -> (Vec<(Arc<Slot>, JobResult)>, bool, Vec<Job>) {
+    fn commit_group(&self, mut batch: Vec<(Arc<Slot>, Job)>) -> (Answers, bool, Vec<Job>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut spent = Vec::with_capacity(batch.len());
         let mut pooled = match self.db.get() {

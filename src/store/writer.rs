@@ -11,14 +11,14 @@
 //! lock committed everyone's jobs and made the fsync itself; under 32 clients a fifth of both
 //! cores stood idle in lock hand-overs and thread wake-ups.)
 
-use super::{AnswerOnUnwind, Job, JobResult, Slot, Store, StoreError};
+use super::{AnswerOnUnwind, Answers, Job, Slot, Store, StoreError};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Weak};
 
 /// A group committed by the writer and not yet durable: each job's slot and outcome, and the
 /// jobs themselves, freed once answered.
 struct Committed {
-    answers: Vec<(Arc<Slot>, JobResult)>,
+    answers: Answers,
     spent: Vec<Job>,
 }
 
