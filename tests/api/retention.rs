@@ -455,9 +455,10 @@ both_backends! {
         for i in 0..5 {
             app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", &format!("m{i}"))).await;
         }
-        // Wait until the leader sealed everything so far.
+        // Wait until the leader sealed everything so far (it seals once a second; up to 30 s for a
+        // loaded machine: once in a full run on a slow day, 10 s were not enough on PostgreSQL).
         let mut sealed = 0;
-        for _ in 0..100 {
+        for _ in 0..300 {
             if let Verdict::Intact { links, unsealed: 0 } = chain::verify(&app.store).unwrap() {
                 sealed = links;
                 break;
@@ -485,7 +486,7 @@ both_backends! {
         // The chain goes on from its anchor: new events seal onto it and verify holds.
         app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after the cut")).await;
         let mut ok = false;
-        for _ in 0..100 {
+        for _ in 0..300 {
             if let Verdict::Intact { links, unsealed: 0 } = chain::verify(&app.store).unwrap() {
                 if links >= 2 { ok = true; break; }
             }
@@ -501,7 +502,7 @@ both_backends! {
                 #[diesel(sql_type = diesel::sql_types::Binary)] body: Vec<u8> }
             app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "more")).await;
             app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "and more")).await;
-            for _ in 0..100 {
+            for _ in 0..300 {
                 if let Verdict::Intact { links, unsealed: 0 } = chain::verify(&app.store).unwrap() {
                     if links >= 3 { break; }
                 }
