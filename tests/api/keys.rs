@@ -29,16 +29,19 @@ async fn rotation_under_load(backend: Backend) {
     let ids = Arc::new(parking_lot::Mutex::new(ids));
     let stop = Arc::new(AtomicBool::new(false));
     let (reads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // What failed, for the assertion's message (it failed once in a full run, never alone).
+    let failed: Arc<parking_lot::Mutex<Vec<String>>> = Arc::default();
     let mut load = vec![];
     // Two readers (reads and inbox searches) and a writer (new patients' keys made during it).
     for r in 0..2 {
-        let (client, base, ids, stop, reads, failures) = (
+        let (client, base, ids, stop, reads, failures, failed) = (
             app.client.clone(),
             app.base.clone(),
             ids.clone(),
             stop.clone(),
             reads.clone(),
             failures.clone(),
+            failed.clone(),
         );
         load.push(tokio::spawn(async move {
             let mut n = r;
@@ -56,21 +59,28 @@ async fn rotation_under_load(backend: Backend) {
                 } else {
                     format!("{base}/Communication/{id}")
                 };
-                let s = client.get(url).send().await.unwrap().status();
+                let r = client.get(&url).send().await.unwrap();
+                let s = r.status();
                 reads.fetch_add(1, Ordering::Relaxed);
                 if s != 200 {
                     failures.fetch_add(1, Ordering::Relaxed);
+                    let body = r.text().await.unwrap_or_default();
+                    failed.lock().push(format!(
+                        "GET {url}: {s} {}",
+                        body.chars().take(300).collect::<String>()
+                    ));
                 }
             }
         }));
     }
     {
-        let (client, base, ids, stop, failures) = (
+        let (client, base, ids, stop, failures, failed) = (
             app.client.clone(),
             app.base.clone(),
             ids.clone(),
             stop.clone(),
             failures.clone(),
+            failed.clone(),
         );
         load.push(tokio::spawn(async move {
             let mut i = 1000;
@@ -83,6 +93,12 @@ async fn rotation_under_load(backend: Backend) {
                     .unwrap();
                 if r.status() != 201 {
                     failures.fetch_add(1, Ordering::Relaxed);
+                    let s = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    failed.lock().push(format!(
+                        "POST: {s} {}",
+                        body.chars().take(300).collect::<String>()
+                    ));
                 } else {
                     let v: Value = r.json().await.unwrap();
                     ids.lock().push(v["id"].as_str().unwrap().to_string());
@@ -125,7 +141,8 @@ async fn rotation_under_load(backend: Backend) {
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
-        "no read or write failed during rotation"
+        "no read or write failed during rotation: {:?}",
+        failed.lock()
     );
 
     // Every data key is wrapped by the new master key: the old one can retire.
