@@ -680,11 +680,10 @@ impl Store {
     }
 
     /// SQLite: commits `batch` in one transaction on the group-commit connection, re-running it
-    /// without any job that fails. Returns each job's outcome, and whether a commit was made that
-    /// still needs [`Db::sync_wal`] to be durable. Called with the single writer's lock held.
-    /// Returns each job's outcome, whether the commit is still to be made durable, and the jobs
-    /// committed (whose freeing the caller leaves to a thread other than the writer's: it was
-    /// ~5% of the writer's time).
+    /// without any job that fails. Called with the single writer's lock held. Returns each job's
+    /// outcome; whether a commit was made that still needs [`Db::sync_wal`] to be durable; and
+    /// the jobs committed, for the caller to free on a thread other than the writer's (freeing
+    /// them was ~5% of the writer's time).
     fn commit_group(&self, mut batch: Vec<(Arc<Slot>, Job)>) -> (Answers, bool, Vec<Job>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut spent = Vec::with_capacity(batch.len());
