@@ -10,10 +10,13 @@ use diesel::QueryableByName;
 /// The PostgreSQL notification channel that wakes every instance's hub.
 pub const CHANNEL: &str = "courier_events";
 
-/// An arbitrary, fixed advisory-lock key: held from an event's insert to its commit, it makes
-/// PostgreSQL commit events in `seq` order (a sequence alone would let a later seq commit first,
-/// and a tailer that had read past it would never see the earlier one).
-const PG_EVENT_LOCK: i64 = 0x636f_7572_6576;
+/// The advisory lock held from an event's insert to its commit: it makes PostgreSQL commit events
+/// in `seq` order (a sequence alone would let a later seq commit first, and a tailer that had read
+/// past it would never see the earlier one). Keyed by the schema, as the dispatch leader's lock is:
+/// advisory locks are database-wide, and Courier instances (or test runs) in other schemas of the
+/// same database have event logs of their own that must not queue on ours.
+const PG_EVENT_LOCK: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('courier.events.' || current_schema()))";
 
 /// Are changes of this type logged (and so pushed to sockets and subscribers)?
 pub fn logged(res_type: &str) -> bool {
@@ -54,10 +57,7 @@ impl Kind {
 /// locks and wait for it). Re-taking it is free.
 pub fn lock<C: Conn>(c: &mut C) -> Result<(), StoreError> {
     if c.is_postgres() {
-        c.execute(
-            "SELECT pg_advisory_xact_lock(?)",
-            vec![PG_EVENT_LOCK.into()],
-        )?;
+        c.execute(PG_EVENT_LOCK, vec![])?;
     }
     Ok(())
 }

@@ -827,3 +827,62 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
         .count();
     assert_eq!(automatic, 2, "no automatic reply once back");
 }
+
+/// The event log's commit-order lock is one per schema: a Courier in another schema of the same
+/// PostgreSQL database (another deployment, or another test) holding its own never stalls this
+/// one's writes, while within one schema event-writing transactions still queue on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_lock_of_another_schema_does_not_stall_writes() {
+    let Some(a) = spawn_app(Backend::Postgres).await else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let b = spawn_app(Backend::Postgres).await.unwrap();
+    // B's event lock held by an open transaction in B's schema, as B's own writer would hold it.
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let url = b.database_url.clone();
+    let holder = std::thread::spawn(move || {
+        use diesel::{Connection, PgConnection, RunQueryDsl};
+        let mut c = PgConnection::establish(&url).unwrap();
+        diesel::sql_query("BEGIN").execute(&mut c).unwrap();
+        courier::messaging::events::lock(&mut c).unwrap();
+        held_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        diesel::sql_query("ROLLBACK").execute(&mut c).unwrap();
+    });
+    held_rx.recv().unwrap();
+    let body = msg("Practitioner/dr-1", &["Patient/p1"], "not queued behind B");
+    // A (another schema) writes its message and its event at once.
+    let r = tokio::time::timeout(Duration::from_secs(5), a.post("Communication", &body))
+        .await
+        .expect("a write in schema A waited for the event lock of schema B");
+    assert_eq!(r.status(), 201);
+    // B itself queues behind the holder: its event commits in order.
+    let b_post = tokio::spawn({
+        let (client, url, body) = (b.client.clone(), b.url("/Communication"), body.clone());
+        async move {
+            client
+                .post(url)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !b_post.is_finished(),
+        "B's write did not wait for its own schema's event lock"
+    );
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), b_post)
+        .await
+        .expect("B's write finishes once the lock is released")
+        .unwrap();
+    assert_eq!(status, 201);
+}
