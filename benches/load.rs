@@ -9,6 +9,8 @@
 //!                                                     # creates and the seed and only searches
 //!   cargo bench --bench load -- --trace /tmp/t.tsv   # also write each search's start and latency
 //!   cargo bench --bench load -- --clients 64         # the concurrent phases with 64 clients (default 32)
+//!   cargo bench --bench load -- --resident-mb 16384  # COURIER_SQLITE_RESIDENT_MB: keep the file in memory
+//!   cargo bench --bench load -- --keep DIR --idle 900  # the server idles 15 minutes before the searches
 //!
 //! Prints: creates/s at 1 and at 32 concurrent clients (each create authorized, strictly checked,
 //! indexed, encrypted and audited in one transaction), with the process's CPU time per create
@@ -46,6 +48,8 @@ struct Args {
     creates: usize,
     searches: usize,
     clients: usize,
+    resident_mb: u64,
+    idle_secs: u64,
     keep: Option<std::path::PathBuf>,
     trace: Option<std::path::PathBuf>,
 }
@@ -59,6 +63,8 @@ fn args() -> Args {
         creates: 20_000,
         searches: 2_000,
         clients: 32,
+        resident_mb: 0,
+        idle_secs: 0,
         keep: None,
         trace: None,
     };
@@ -74,6 +80,8 @@ fn args() -> Args {
             "--creates" => a.creates = val().parse().expect("--creates N"),
             "--searches" => a.searches = val().parse().expect("--searches N"),
             "--clients" => a.clients = val().parse().expect("--clients N"),
+            "--resident-mb" => a.resident_mb = val().parse().expect("--resident-mb N"),
+            "--idle" => a.idle_secs = val().parse().expect("--idle SECONDS"),
             "--keep" => a.keep = Some(val().into()),
             "--trace" => a.trace = Some(val().into()),
             _ => {} // cargo passes --bench
@@ -171,6 +179,7 @@ async fn main() {
         db_pool_size: 16,
         log: "warn".into(),
         sqlite_synchronous: a.sync.clone(),
+        sqlite_resident_mb: a.resident_mb,
         // COURIER_WORKERS=N: the HTTP server's worker threads (default one per core).
         workers: std::env::var("COURIER_WORKERS")
             .ok()
@@ -227,7 +236,10 @@ async fn main() {
     let backend = if a.backend == "postgres" {
         "postgres".to_string()
     } else {
-        format!("sqlite (synchronous={sync})")
+        match a.resident_mb {
+            0 => format!("sqlite (synchronous={sync})"),
+            mb => format!("sqlite (synchronous={sync}, resident up to {mb} MiB)"),
+        }
     };
     println!(
         "Courier load benchmark — backend {backend}, {} cores",
@@ -395,6 +407,16 @@ async fn main() {
         );
     }
 
+    // --idle N: the server sits idle before the searches, as a store does between bursts of use
+    // (a host that reclaims idle file pages has dropped some of its cache by then).
+    if a.idle_secs > 0 {
+        tokio::time::sleep(Duration::from_secs(a.idle_secs)).await;
+        println!(
+            "idled {} s before the searches (database file kept resident: {} MiB)",
+            a.idle_secs,
+            store.resident_bytes() >> 20
+        );
+    }
     // ---- inbox search: with the system token, then with each recipient's own user token ----
     // (fresh tokens: seeding a large store takes longer than a token lives)
     let client = http(token("system/Communication.cruds", None));

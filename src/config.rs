@@ -35,6 +35,9 @@ pub struct Settings {
     pub db_pool_size: u32,
     /// SQLite `synchronous` pragma: `FULL` (durable on power loss) or `NORMAL` (`COURIER_SQLITE_SYNCHRONOUS`).
     pub sqlite_synchronous: String,
+    /// SQLite: keep up to this many MiB of the database file in memory, for hosts that reclaim
+    /// idle file pages (`COURIER_SQLITE_RESIDENT_MB`; 0, the default, = off; see `store::resident`).
+    pub sqlite_resident_mb: u64,
     /// HTTP worker threads; 0 = one per core (`COURIER_WORKERS`).
     pub workers: usize,
     /// Log filter, e.g. `info` or `courier=debug` (`COURIER_LOG`).
@@ -130,6 +133,7 @@ impl Default for Settings {
             max_count: 1000,
             db_pool_size: 8,
             sqlite_synchronous: "FULL".into(),
+            sqlite_resident_mb: 0,
             workers: 0,
             log: "info".into(),
             idle_timeout_secs: 900,
@@ -242,6 +246,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_SQLITE_SYNCHRONOUS") {
             self.sqlite_synchronous = v;
+        }
+        if let Some(v) = env("COURIER_SQLITE_RESIDENT_MB") {
+            self.sqlite_resident_mb = num("COURIER_SQLITE_RESIDENT_MB", v)?;
         }
         if let Some(v) = env("COURIER_WORKERS") {
             self.workers = num("COURIER_WORKERS", v)?;

@@ -78,6 +78,9 @@ impl Application {
             );
         }
         let store = open_store(&settings)?;
+        if settings.sqlite_resident_mb > 0 {
+            store.keep_resident(settings.sqlite_resident_mb.saturating_mul(1 << 20))?;
+        }
         let tokens = Arc::new(Tokens::open(store.clone(), &settings.base_url)?);
         crate::smart::registry::sync(&store, &settings.ehr)?;
         crate::auth::clients::ensure_internal(

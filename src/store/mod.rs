@@ -4,6 +4,7 @@
 pub mod crypto;
 pub mod db;
 pub mod keys;
+pub mod resident;
 pub mod rows;
 mod writer;
 
@@ -324,6 +325,9 @@ pub struct Store {
     writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, Job)>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
+    /// SQLite: keeps the database file in memory when asked to (see [`resident`]); stops with
+    /// the store.
+    resident: parking_lot::Mutex<Option<resident::Keeper>>,
     group_commits: std::sync::atomic::AtomicU64,
     /// SQLite: the data keys met in the group commit's transaction under way, by scope (class,
     /// patient), with their window's end; `None` outside it (see `scoped_key`).
@@ -473,6 +477,7 @@ impl Store {
                 sqlite_writer: parking_lot::Mutex::new(()),
                 writer,
                 _checkpointer: checkpointer,
+                resident: parking_lot::Mutex::new(None),
                 group_commits: Default::default(),
                 group_keys: parking_lot::Mutex::new(None),
                 wal_syncs: Default::default(),
@@ -628,6 +633,22 @@ impl Store {
     /// it queues behind group commits instead of failing busy); nothing on PostgreSQL.
     pub fn exclusive_writer(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
         matches!(self.db, Db::Sqlite(..)).then(|| self.sqlite_writer.lock())
+    }
+
+    /// SQLite: keeps the first `limit_bytes` of the database file in memory from now on (see
+    /// [`resident`]). Nothing on PostgreSQL.
+    pub fn keep_resident(&self, limit_bytes: u64) -> anyhow::Result<()> {
+        if let Db::Sqlite(_, path, _) = &self.db {
+            let keeper = resident::Keeper::start(path.into(), limit_bytes)
+                .map_err(|e| anyhow::anyhow!("cannot keep the SQLite database in memory: {e}"))?;
+            *self.resident.lock() = Some(keeper);
+        }
+        Ok(())
+    }
+
+    /// Bytes of the database file kept in memory (0 when not asked to, or on PostgreSQL).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.lock().as_ref().map_or(0, |k| k.mapped())
     }
 
     /// Sets a receipt (see `messaging::receipts`) in a transaction of its own, serialised with the

@@ -222,3 +222,44 @@ fn create_op(i: usize) -> courier::store::WriteOp {
         if_none_exist: None,
     }
 }
+
+/// `COURIER_SQLITE_RESIDENT_MB`: the database file is mapped and faulted in at start (so a host
+/// that reclaims idle file pages leaves it in memory), up to the limit, and the store works as
+/// before around the mapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_file_can_be_kept_in_memory() {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.sqlite_resident_mb = 64)
+        .await
+        .unwrap();
+    let file = app.dir.path().join("courier.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.store.resident_bytes() == 0 {
+        assert!(Instant::now() < deadline, "nothing was mapped");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(size > 0);
+    assert_eq!(app.store.resident_bytes(), size.min(64 << 20));
+    // Writes grow the file past the mapping; reads and writes go on as before.
+    let ids = create_together(&app, 30).await;
+    for id in ids.iter().take(3) {
+        let r = app.get(&format!("/Communication/{id}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    // Off by default.
+    let plain = sqlite_app("NORMAL").await;
+    assert_eq!(plain.store.resident_bytes(), 0);
+    // A limit below the file's size maps only that much.
+    let small = spawn_app_with(Backend::Sqlite, |s| s.sqlite_resident_mb = 1)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while small.store.resident_bytes() == 0 {
+        assert!(Instant::now() < deadline, "nothing was mapped");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let small_size = std::fs::metadata(small.dir.path().join("courier.db"))
+        .unwrap()
+        .len();
+    assert_eq!(small.store.resident_bytes(), small_size.min(1 << 20));
+}
