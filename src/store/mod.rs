@@ -842,6 +842,11 @@ impl Store {
                     }
                     results.push(r);
                 }
+                // PostgreSQL: the gathered index rows go in before the events, so that no round
+                // trip falls inside the event lock (SQLite inserts them at the group's end).
+                if c.is_postgres() {
+                    ix.flush(c)?;
+                }
                 // The messaging events last, once every row lock is held (see `events::lock`).
                 for r in &results {
                     use crate::messaging::events::{logged, record, Kind};

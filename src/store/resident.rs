@@ -12,11 +12,13 @@
 //! pages are mapped page cache: shared with SQLite's reads (the same pages, not a copy), exempt
 //! from such reclaim, and still reclaimable by the kernel under real memory pressure (which is why
 //! the keeper faults the mapping in again on every pass). It never reads through the mapping
-//! itself, so a file that shrinks under it is harmless (its pages past the end are simply gone).
-//! The cost: up to the limit of memory, which shows in the process's resident size as shared file
-//! pages.
+//! itself (the mappings are raw, `MmapRaw`: no Rust reference to their memory is ever made), so
+//! another writer changing the file, or truncating it under them, is harmless (pages past the end
+//! are simply gone). The cost: up to the limit of memory, which shows in the process's resident
+//! size as shared file pages. Linux only (`MAP_POPULATE`, and `MADV_POPULATE_READ` of Linux 5.14);
+//! elsewhere the setting is refused.
 
-use memmap2::{Advice, Mmap, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The file is mapped in pieces of this size, so that its growth maps only the new part.
-const PIECE: u64 = 256 << 20;
+const PIECE: u64 = if cfg!(test) { 4 << 20 } else { 256 << 20 };
 
 /// How often the keeper maps what the file grew by and faults in what was reclaimed.
 pub const EVERY: Duration = Duration::from_secs(30);
@@ -34,7 +36,9 @@ pub struct Resident {
     file: File,
     limit: u64,
     /// Contiguous from offset 0: every piece but the last is `PIECE` long.
-    maps: Vec<Mmap>,
+    maps: Vec<MmapRaw>,
+    /// Whether faulting in again has failed once (said once in the log).
+    repopulate_failed: bool,
 }
 
 impl Resident {
@@ -43,6 +47,7 @@ impl Resident {
             file: File::open(path)?,
             limit,
             maps: Vec::new(),
+            repopulate_failed: false,
         })
     }
 
@@ -69,27 +74,37 @@ impl Resident {
         }
         self.maps.truncate(keep);
         // Pages the kernel reclaimed since the last pass (under memory pressure) come back.
-        // (Fails only on kernels before 5.14; the new pieces below are populated either way.)
         for m in &self.maps {
-            let _ = m.advise(Advice::PopulateRead);
+            if let Err(e) = repopulate(m) {
+                if !self.repopulate_failed {
+                    self.repopulate_failed = true;
+                    tracing::warn!(error = %e, "cannot fault the kept SQLite file in again (Linux 5.14 or later can); pages the kernel reclaims stay out");
+                }
+                break;
+            }
         }
         while end < want {
             let len = (want - end).min(PIECE);
-            // SAFETY: the mapping is read-only and never read through by this program (only
-            // advised to the kernel), so another writer changing or truncating the file cannot
-            // make it observe torn or missing memory.
-            let m = unsafe {
-                MmapOptions::new()
-                    .offset(end)
-                    .len(len as usize)
-                    .populate()
-                    .map(&self.file)?
-            };
+            let m = MmapOptions::new()
+                .offset(end)
+                .len(len as usize)
+                .populate()
+                .map_raw_read_only(&self.file)?;
             self.maps.push(m);
             end += len;
         }
         Ok(end)
     }
+}
+
+#[cfg(target_os = "linux")]
+fn repopulate(m: &MmapRaw) -> std::io::Result<()> {
+    m.advise(memmap2::Advice::PopulateRead)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn repopulate(_: &MmapRaw) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// The keeper thread of a store: stops when this is dropped.
@@ -101,6 +116,12 @@ pub struct Keeper {
 impl Keeper {
     /// Starts keeping the first `limit` bytes of the database file at `path` in memory.
     pub fn start(path: PathBuf, limit: u64) -> std::io::Result<Keeper> {
+        if !cfg!(target_os = "linux") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "keeping the database file in memory needs Linux",
+            ));
+        }
         let mut resident = Resident::open(&path, limit)?;
         let mapped = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -144,7 +165,7 @@ impl Keeper {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::Write;
@@ -176,29 +197,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let mut f = File::create(&path).unwrap();
-        f.write_all(&vec![7u8; 3 << 20]).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
         f.sync_all().unwrap();
         let mut r = Resident::open(&path, 600 << 20).unwrap();
-        assert_eq!(r.refresh().unwrap(), 3 << 20);
+        assert_eq!(r.refresh().unwrap(), 1 << 20);
         // Every page is faulted in (mapped page cache), not merely mapped.
         assert!(
-            resident_kib(&path) >= 3 << 10,
+            resident_kib(&path) >= 1 << 10,
             "{} KiB",
             resident_kib(&path)
         );
         // Grown: the short piece is mapped again at its new length.
         f.write_all(&vec![8u8; 2 << 20]).unwrap();
-        assert_eq!(r.refresh().unwrap(), 5 << 20);
+        assert_eq!(r.refresh().unwrap(), 3 << 20);
         assert_eq!(r.maps.len(), 1);
-        assert!(resident_kib(&path) >= 5 << 10);
+        assert!(resident_kib(&path) >= 3 << 10);
         // Past one piece: whole pieces stay, the rest is a piece of its own.
-        f.set_len(PIECE + (1 << 20)).unwrap();
-        assert_eq!(r.refresh().unwrap(), PIECE + (1 << 20));
+        f.write_all(&vec![9u8; PIECE as usize]).unwrap();
+        assert_eq!(r.refresh().unwrap(), PIECE + (3 << 20));
         assert_eq!(r.maps.len(), 2);
+        assert!(resident_kib(&path) >= (PIECE >> 10) + (3 << 10));
         // Shrunk: nothing past the new end stays mapped, and nothing faults.
-        f.set_len(4 << 20).unwrap();
-        assert_eq!(r.refresh().unwrap(), 4 << 20);
-        assert_eq!(r.mapped(), 4 << 20);
+        f.set_len(2 << 20).unwrap();
+        assert_eq!(r.refresh().unwrap(), 2 << 20);
+        assert_eq!(r.mapped(), 2 << 20);
+        assert_eq!(r.maps.len(), 1);
         // The limit holds.
         let mut small = Resident::open(&path, 1 << 20).unwrap();
         assert_eq!(small.refresh().unwrap(), 1 << 20);
