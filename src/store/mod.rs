@@ -1167,7 +1167,11 @@ impl Store {
         }
     }
 
-    /// Writes a drafted version: sealed under its scope's data key, head moved, index rebuilt.
+    /// Writes a drafted version: sealed under its scope's data key, head moved, the old index rows
+    /// deleted and the new ones handed to `ix` (the caller flushes them, see [`IndexRows`]).
+    // The version's coordinates, its draft, and where its index rows go: one write, kept as one
+    // call rather than split over a parameter struct used nowhere else.
+    #[allow(clippy::too_many_arguments)]
     fn put_draft<C: Conn>(
         &self,
         c: &mut C,
