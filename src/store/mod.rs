@@ -1657,30 +1657,18 @@ impl IndexRows {
 
     /// Inserts the rows gathered so far.
     fn flush<C: Conn>(&mut self, c: &mut C) -> Result<(), StoreError> {
-        multi_insert(
-            c,
-            "idx_token (rid, param, system, code)",
-            4,
-            std::mem::take(&mut self.tokens),
-        )?;
-        multi_insert(
-            c,
-            "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
-            7,
-            std::mem::take(&mut self.refs),
-        )?;
-        multi_insert(
-            c,
-            "idx_date (rid, param, lo, hi)",
-            4,
-            std::mem::take(&mut self.dates),
-        )?;
-        multi_insert(
-            c,
-            "idx_string (rid, param, norm, raw)",
-            4,
-            std::mem::take(&mut self.strings),
-        )?;
+        for (target, width, rows) in [
+            ("idx_token (rid, param, system, code)", 4, &mut self.tokens),
+            (
+                "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
+                7,
+                &mut self.refs,
+            ),
+            ("idx_date (rid, param, lo, hi)", 4, &mut self.dates),
+            ("idx_string (rid, param, norm, raw)", 4, &mut self.strings),
+        ] {
+            multi_insert(c, target, width, std::mem::take(rows))?;
+        }
         Ok(())
     }
 }
