@@ -136,7 +136,7 @@ impl Keeper {
                             shown.store(n, Ordering::Relaxed);
                             if first {
                                 tracing::info!(
-                                    mapped_mib = n >> 20,
+                                    mapped_bytes = n,
                                     limit_mib = limit >> 20,
                                     "keeping the SQLite database in memory"
                                 );
