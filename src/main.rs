@@ -360,7 +360,11 @@ fn main() -> anyhow::Result<()> {
         Command::Export { patient } => {
             anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");
             let store = open_store(&settings)?;
-            let bundle = courier::messaging::export::everything(&store, &patient)?;
+            let bundle = courier::messaging::export::everything(
+                &store,
+                &patient,
+                courier::messaging::export::Viewer::Administrator,
+            )?;
             // The export is a disclosure: audited like the API's.
             let ctx = courier::audit::Context::job(&store.base_url, "export (command line)");
             let what = format!("Patient/{patient}");

@@ -215,6 +215,30 @@ pub fn scope_query_supported(scope: &Scope, registry: &Registry, base_url: &str)
     scope_query(scope, registry, base_url).is_some()
 }
 
+/// Does `scope`, used by `p`, speak for the patient's side (the patient, a RelatedPerson, or an
+/// app in a patient's context with no clinician signed in)? Such a grant never reaches a
+/// staff-only resource (`messaging::staff_only`).
+fn patient_facing(p: &Principal, scope: &Scope) -> bool {
+    match p.kind() {
+        SubjectKind::Patient | SubjectKind::RelatedPerson => true,
+        SubjectKind::Practitioner => false,
+        SubjectKind::System => scope.context == Context::Patient,
+    }
+}
+
+/// "Not labelled staff-only (`NOPAT`)", for the types that carry the label.
+fn not_staff_only(registry: &Registry, res_type: &str) -> Option<Condition> {
+    let param = registry.get(res_type, "_security")?;
+    Some(Condition::Token {
+        key: param.key.clone(),
+        not: true,
+        values: vec![TokenValue::SystemCode(
+            Some(crate::messaging::staff_only::ACT_CODE.into()),
+            Some(crate::messaging::staff_only::NOPAT.into()),
+        )],
+    })
+}
+
 /// The one decision: may `p` use `perm` on resources of `res_type`, and on which of them?
 pub fn decide(
     p: &Principal,
@@ -248,6 +272,9 @@ pub fn decide(
         };
         if let Some(c) = confinement {
             conditions.insert(0, c);
+        }
+        if patient_facing(p, scope) {
+            conditions.extend(not_staff_only(registry, res_type));
         }
         if conditions.is_empty() {
             return Ok(Access::All);
@@ -356,6 +383,37 @@ pub fn may_see(
     }
 }
 
+/// `patient`'s compartment of `res_type` (R4 CompartmentDefinition Patient), labels aside: for an
+/// administrator's export of everything about the patient.
+pub fn patient_compartment(registry: &Registry, res_type: &str, patient: &str) -> Option<Condition> {
+    let groups = refers(registry, res_type, patient_params(res_type), &format!("Patient/{patient}"));
+    (!groups.is_empty()).then_some(Condition::AnyOf(groups))
+}
+
+/// The patient a writer is bound to, when it writes from the patient's side (a patient or
+/// RelatedPerson user, or a grant that only has patient-context scopes for `res_type`): such a
+/// writer may not address any other patient. `Some("")` when no patient is known (then no patient
+/// may be addressed at all).
+pub fn patient_bound(p: &Principal, res_type: &str) -> Option<String> {
+    let bound = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson)
+        || !p.scopes.iter().any(|s| {
+            s.names(res_type)
+                && (s.allows(Perm::Create) || s.allows(Perm::Update))
+                && s.context != Context::Patient
+        });
+    bound.then(|| {
+        p.patient
+            .clone()
+            .or_else(|| {
+                p.fhir_user
+                    .as_deref()
+                    .and_then(|u| u.strip_prefix("Patient/"))
+                    .map(String::from)
+            })
+            .unwrap_or_default()
+    })
+}
+
 /// May `p` write this resource body (create, or the new version of an update)? Returns the
 /// access, whose condition must also hold for the version being replaced.
 pub fn check_write(
@@ -384,6 +442,7 @@ pub fn check_write(
         return Err(Denied(format!(
             "this {res_type} is outside what the token may write: it must involve {}",
             match (&p.fhir_user, &p.patient) {
+                (Some(u), Some(pt)) if *u == format!("Patient/{pt}") => u.clone(),
                 (Some(u), Some(pt)) => format!("{u} or Patient/{pt}"),
                 (Some(u), None) => u.clone(),
                 (None, Some(pt)) => format!("Patient/{pt}"),

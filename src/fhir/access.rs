@@ -297,6 +297,16 @@ pub fn write_guard(
     perm: Perm,
     body: Option<&Value>,
 ) -> Result<Option<Condition>, FhirError> {
+    // Who a Group or CareTeam reaches decides who reads what is sent to it: membership is kept
+    // by the EHR integration (a system client), never by a signed-in user or a patient app, who
+    // could otherwise add themself to a group and read its messages.
+    if matches!(res_type, "Group" | "CareTeam") && p.kind() != crate::auth::SubjectKind::System {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{res_type} membership is managed by the EHR integration (a system client); a user's token cannot change it"),
+        ));
+    }
     let guard = match policy::check_write(
         p,
         &state.store.registry,
@@ -314,22 +324,32 @@ pub fn write_guard(
     if let Some(b) = body {
         crate::messaging::rules::check(&state.settings, p, res_type, b)?;
     }
-    // A user changes or deletes only the messages they sent (a recipient may not rewrite one, nor
-    // make itself its sender); any other stored version is, to them, not there (404).
-    if res_type == "Communication" && matches!(perm, Perm::Update | Perm::Delete) {
+    // A user changes or deletes only the messages they sent, and the requests they made (a
+    // recipient may not rewrite one, nor make itself its author); any other stored version is,
+    // to them, not there (404).
+    let authors: &[&str] = match res_type {
+        "Communication" => &["sender"],
+        "CommunicationRequest" => &["requester", "sender"],
+        _ => &[],
+    };
+    if !authors.is_empty() && matches!(perm, Perm::Update | Perm::Delete) {
         if let (Some(me), false) = (&p.fhir_user, p.kind() == crate::auth::SubjectKind::System) {
-            if let (Some(sender), Some((t, id))) = (
-                state.store.registry.get("Communication", "sender"),
-                me.split_once('/'),
-            ) {
-                let mine = Condition::Reference {
-                    key: sender.key.clone(),
-                    values: vec![crate::search::index::RefParts {
-                        target_type: Some(t.to_string()),
-                        target_id: Some(id.to_string()),
-                        url: None,
-                    }],
-                };
+            if let Some((t, id)) = me.split_once('/') {
+                let mine: Vec<Vec<Condition>> = authors
+                    .iter()
+                    .filter_map(|code| state.store.registry.get(res_type, code))
+                    .map(|param| {
+                        vec![Condition::Reference {
+                            key: param.key.clone(),
+                            values: vec![crate::search::index::RefParts {
+                                target_type: Some(t.to_string()),
+                                target_id: Some(id.to_string()),
+                                url: None,
+                            }],
+                        }]
+                    })
+                    .collect();
+                let mine = Condition::AnyOf(mine);
                 return Ok(Some(match guard {
                     Some(g) => Condition::AnyOf(vec![vec![g, mine]]),
                     None => mine,

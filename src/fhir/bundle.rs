@@ -561,6 +561,9 @@ async fn transaction(
         })
         .filter_map(|(_, (_, id))| id.clone())
         .collect();
+    // Messages this transaction writes, and whether each is staff-only (a reply may belong to a
+    // thread started in the same transaction).
+    let mut fresh_messages: HashMap<String, bool> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if existing.contains_key(&i) || e.method == "GET" {
             continue;
@@ -575,6 +578,22 @@ async fn transaction(
                 }
                 check_resource(&r, &e.res_type, &prefix)?;
                 access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
+                let replaces = (e.method == "PUT").then(|| ids[i].clone()).flatten();
+                crate::messaging::rules::prepare(
+                    state,
+                    p,
+                    &e.res_type,
+                    &mut r,
+                    replaces.as_deref(),
+                    &fresh_messages,
+                )
+                .await
+                .map_err(|err| at_entry(err, i))?;
+                if e.res_type == "Communication" {
+                    if let Some(id) = &ids[i] {
+                        fresh_messages.insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
+                    }
+                }
                 Some(Incoming::from_value(r))
             }
             None => None,
@@ -653,6 +672,17 @@ async fn batch(
                     check_resource(&r, &e.res_type, &prefix)?;
                     access::check_attachments(state, p, &e.res_type, &r, &Default::default())
                         .await?;
+                    let replaces = (e.method == "PUT").then(|| e.id.clone()).flatten();
+                    crate::messaging::rules::prepare(
+                        state,
+                        p,
+                        &e.res_type,
+                        &mut r,
+                        replaces.as_deref(),
+                        &Default::default(),
+                    )
+                    .await
+                    .map_err(|err| at_entry(err, i))?;
                     Some(Incoming::from_value(r))
                 }
                 None => None,
@@ -676,6 +706,18 @@ async fn batch(
         });
     }
     bundle_response("batch-response", None, vec![], out)
+}
+
+/// An entry's error names the entry when it names no element of it.
+fn at_entry(mut err: FhirError, i: usize) -> FhirError {
+    for x in &mut err.issues {
+        x.expression = if x.expression.is_empty() {
+            format!("Bundle.entry[{i}]")
+        } else {
+            format!("Bundle.entry[{i}].resource.{}", x.expression.split_once('.').map_or(x.expression.as_str(), |(_, rest)| rest))
+        };
+    }
+    err
 }
 
 /// The access policy's decision on a POST/PUT/DELETE entry (shared by transaction and batch).

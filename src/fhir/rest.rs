@@ -437,6 +437,25 @@ fn check_id(id: &str) -> Result<(), FhirError> {
     }
 }
 
+/// A message after [`crate::messaging::rules::prepare`] (its thread checked, its label decided);
+/// the body as received when nothing was added.
+async fn prepared(
+    state: &AppState,
+    p: &crate::auth::Principal,
+    res_type: &str,
+    incoming: Incoming,
+    replaces: Option<&str>,
+) -> Result<Incoming, FhirError> {
+    let mut v = incoming.value.clone();
+    crate::messaging::rules::prepare(state, p, res_type, &mut v, replaces, &Default::default())
+        .await?;
+    Ok(if v == incoming.value {
+        incoming
+    } else {
+        Incoming::from_value(v)
+    })
+}
+
 /// A new server-assigned id: time-ordered and unguessable.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -556,6 +575,7 @@ async fn create_inner(
     };
     access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value))?;
     access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
+    let incoming = prepared(state, &p, res_type, incoming, None).await?;
     let if_none_exist = match req.headers().get("if-none-exist") {
         Some(v) if t.conditional_create => {
             let q = v
@@ -769,6 +789,7 @@ async fn update_inner(
     let may_create =
         access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
     access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
+    let incoming = prepared(state, &p, res_type, incoming, Some(id)).await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -871,6 +892,9 @@ async fn patch_inner(
     check_resource(&value, res_type, "")?;
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
     access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;
+    let mut value = value;
+    crate::messaging::rules::prepare(state, &p, res_type, &mut value, Some(id), &Default::default())
+        .await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),

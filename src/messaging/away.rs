@@ -168,6 +168,8 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
                         v[k] = x.clone();
                     }
                 }
+                // A forward to a colleague is staff-only; a reply to a patient is not.
+                super::staff_only::label_derived(store, "Communication", &mut v, &msg);
                 v
             };
             if let Some(sender) = &sender {

@@ -315,7 +315,7 @@ fn request(
         ext.push(json!({"url": "escalatedTo", "valueReference": {"reference": b}}));
         ext.push(json!({"url": "escalatedAt", "valueDateTime": format_instant(escalated_at.unwrap_or(now))}));
     }
-    let cr = json!({
+    let mut cr = json!({
         "resourceType": "CommunicationRequest",
         "id": id,
         "extension": [{"url": EXTENSION, "extension": ext}],
@@ -331,6 +331,6 @@ fn request(
     });
     // No `subject`: the request would otherwise sit in the patient's compartment and show the
     // patient whether (and when) a clinician read a message — what `$receipts` keeps from them.
-    let _ = store;
+    super::staff_only::label_derived(store, "CommunicationRequest", &mut cr, msg);
     (cr, backup.is_some())
 }

@@ -1,4 +1,4 @@
-//! GDPR right of access: everything Courier holds about one patient, as one FHIR Bundle.
+//! GDPR / HIPAA right of access: everything Courier holds about one patient, as one FHIR Bundle.
 //!
 //! `GET /Patient/{id}/$everything` (the patient's own token, or a system client allowed to read
 //! every messaging type and the audit trail) and `courier export --patient ID` (operators):
@@ -8,20 +8,31 @@
 //! - the receipts on those messages, as a Parameters resource;
 //! - the AuditEvents about the patient: who read or changed their data, when, from where.
 //!
+//! What each caller gets ([`Viewer`]):
+//! - **The patient's own call** gets what their token could read anyway, type by type: a type
+//!   its scopes do not grant is left out (a `patient/Binary.cr` token gets no messages and no
+//!   audit trail), staff-only (`NOPAT`) messages are left out as everywhere else, and the
+//!   AuditEvents are cut down to who accessed what and when — no client ids, network addresses,
+//!   token ids, queries, nor entities the patient cannot see.
+//! - **An administrator** (a system client with the export scopes, or the `courier export` CLI)
+//!   gets everything in the compartment, staff-only messages included and labelled `NOPAT`, so
+//!   the privacy officer who answers a right-of-access request can review them before release.
+//!
 //! The Bundle is a `collection`; the export is itself audited (an operation on the patient).
 
 use crate::auth::policy::{self, Access};
-use crate::auth::scopes::{self, Perm};
+use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
 use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
-use crate::search::query::SearchRequest;
+use crate::search::query::{Condition, SearchRequest};
 use crate::store::{Store, StoreError};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 
 const TYPES: [&str; 3] = ["Communication", "CommunicationRequest", "AuditEvent"];
 /// The scopes an administrator's token must carry to export anyone's data.
@@ -32,44 +43,57 @@ const ADMIN_NEEDS: [(&str, Perm); 4] = [
     ("AuditEvent", Perm::Search),
 ];
 
-/// The patient's compartment, as the access policy defines it.
-fn compartment_of(patient: &str) -> Principal {
-    Principal {
-        client_id: "courier-export".into(),
-        jti: String::new(),
-        exp: i64::MAX,
-        scopes: scopes::parse_all("patient/*.rs patient/AuditEvent.rs").unwrap_or_default(),
-        fhir_user: Some(format!("Patient/{patient}")),
-        patient: Some(patient.to_string()),
-        encounter: None,
-        groups: vec![],
-        emergency: vec![],
+/// Who the export is for.
+#[derive(Clone, Copy)]
+pub enum Viewer<'a> {
+    /// An operator or a system client with the export scopes: the whole compartment.
+    Administrator,
+    /// The patient's own token: what it may read, with a minimal audit trail.
+    Patient(&'a Principal),
+}
+
+/// What `viewer` may reach of `t` within `patient`'s compartment, or `None` for nothing.
+fn reach(store: &Store, viewer: Viewer, patient: &str, t: &str) -> Option<Vec<Condition>> {
+    let compartment = policy::patient_compartment(&store.registry, t, patient)?;
+    match viewer {
+        Viewer::Administrator => Some(vec![compartment]),
+        Viewer::Patient(p) => {
+            match policy::decide(p, &store.registry, &store.base_url, t, Perm::Search)
+                .or_else(|_| policy::decide(p, &store.registry, &store.base_url, t, Perm::Read))
+            {
+                Ok(Access::All) => Some(vec![compartment]),
+                Ok(Access::Only(c)) => Some(vec![compartment, c]),
+                Err(_) => None,
+            }
+        }
     }
 }
 
-/// Everything Courier holds about `patient`. Blocking.
-pub fn everything(store: &Store, patient: &str) -> Result<Value, StoreError> {
-    let who = compartment_of(patient);
+/// Everything Courier holds about `patient`, as `viewer` may have it. Blocking.
+pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value, StoreError> {
     let base = &store.base_url;
     let mut entries = vec![];
     let mut messages = vec![];
-    let mut binaries = std::collections::BTreeSet::new();
+    let mut visible = BTreeSet::from([format!("Patient/{patient}")]);
+    let mut binaries = BTreeSet::new();
     for t in TYPES {
-        let Ok(Access::Only(cond)) = policy::decide(&who, &store.registry, base, t, Perm::Search)
-        else {
+        let Some(conditions) = reach(store, viewer, patient, t) else {
             continue;
         };
-        let mut req = SearchRequest::of(vec![cond], 500);
+        let mut req = SearchRequest::of(conditions, 500);
         loop {
             let page = store.search(t, &req)?;
             for s in &page.matches {
                 let Some(body) = s.body.as_deref() else {
                     continue;
                 };
-                let v: Value =
+                let mut v: Value =
                     serde_json::from_slice(body).map_err(|e| StoreError::Other(e.into()))?;
                 if t == "Communication" {
                     messages.push(s.id.clone());
+                }
+                if t != "AuditEvent" {
+                    visible.insert(format!("{t}/{}", s.id));
                 }
                 for p in v["payload"].as_array().into_iter().flatten() {
                     if let Some(id) = p["contentAttachment"]["url"]
@@ -78,6 +102,11 @@ pub fn everything(store: &Store, patient: &str) -> Result<Value, StoreError> {
                         .and_then(|u| u.strip_prefix("Binary/").map(String::from))
                     {
                         binaries.insert(id);
+                    }
+                }
+                if t == "AuditEvent" {
+                    if let Viewer::Patient(_) = viewer {
+                        v = minimal_audit(&v, &visible, base);
                     }
                 }
                 entries.push(json!({"fullUrl": format!("{base}/{t}/{}", s.id), "resource": v}));
@@ -89,7 +118,14 @@ pub fn everything(store: &Store, patient: &str) -> Result<Value, StoreError> {
             req.snapshot = Some(page.snapshot);
         }
     }
-    for id in binaries {
+    let binaries_granted = match viewer {
+        Viewer::Administrator => true,
+        Viewer::Patient(p) => p
+            .scopes
+            .iter()
+            .any(|s| s.names("Binary") && s.allows(Perm::Read)),
+    };
+    for id in binaries.into_iter().filter(|_| binaries_granted) {
         if let Ok(s) = store.read("Binary", &id) {
             if let Some(v) = s
                 .body
@@ -137,11 +173,74 @@ pub fn everything(store: &Store, patient: &str) -> Result<Value, StoreError> {
     }))
 }
 
+/// An AuditEvent as its patient receives it: who accessed what and when. Kept: type, subtype,
+/// action, recorded, outcome; the people (Practitioner, PractitionerRole, Patient, RelatedPerson)
+/// among the agents; the entities the patient can see. Dropped: client ids, network addresses,
+/// token ids (`agent.policy`), search queries, and every detail.
+pub fn minimal_audit(ev: &Value, visible: &BTreeSet<String>, base: &str) -> Value {
+    let mut out = json!({"resourceType": "AuditEvent"});
+    for k in ["id", "type", "subtype", "action", "period", "recorded", "outcome"] {
+        if let Some(v) = ev.get(k) {
+            out[k] = v.clone();
+        }
+    }
+    let person = |r: &str| {
+        matches!(
+            r.split('/').next(),
+            Some("Practitioner" | "PractitionerRole" | "Patient" | "RelatedPerson")
+        )
+    };
+    let mut agents: Vec<Value> = ev["agent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let who = a["who"]["reference"]
+                .as_str()
+                .map(|r| super::hub::local_ref(r, base))?;
+            person(&who).then(|| {
+                json!({"who": {"reference": who}, "requestor": a["requestor"].as_bool().unwrap_or(false)})
+            })
+        })
+        .collect();
+    if agents.is_empty() {
+        agents.push(json!({"who": {"display": "an authorised application"}, "requestor": true}));
+    }
+    out["agent"] = json!(agents);
+    out["source"] = json!({"observer": {"display": "Courier"}});
+    let entities: Vec<Value> = ev["entity"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let what = e["what"]["reference"]
+                .as_str()
+                .map(|r| super::hub::local_ref(r, base))?;
+            let what = what.split("/_history").next().unwrap_or_default().to_string();
+            visible.contains(&what).then(|| {
+                let mut x = json!({"what": {"reference": what}});
+                if let Some(t) = e.get("type") {
+                    x["type"] = t.clone();
+                }
+                if let Some(r) = e.get("role") {
+                    x["role"] = r.clone();
+                }
+                x
+            })
+        })
+        .collect();
+    if !entities.is_empty() {
+        out["entity"] = json!(entities);
+    }
+    out
+}
+
 /// May `p` export `patient`'s data: the patient themself, or a system client that may read all of
 /// it anyway.
-fn allowed(p: &Principal, patient: &str, state: &AppState) -> bool {
+fn allowed<'a>(p: &'a Principal, patient: &str, state: &AppState) -> Option<Viewer<'a>> {
     if p.kind() == SubjectKind::Patient {
-        return p.fhir_user.as_deref() == Some(&format!("Patient/{patient}"));
+        return (p.fhir_user.as_deref() == Some(&format!("Patient/{patient}")))
+            .then_some(Viewer::Patient(p));
     }
     policy::is_administrator(
         p,
@@ -149,6 +248,7 @@ fn allowed(p: &Principal, patient: &str, state: &AppState) -> bool {
         &state.settings.base_url,
         &ADMIN_NEEDS,
     )
+    .then_some(Viewer::Administrator)
 }
 
 pub async fn patient_everything(
@@ -163,16 +263,26 @@ pub async fn patient_everything(
         if !fhir_codec::is_valid_id(&id) {
             return Err(FhirError::bad_request("not a valid Patient id"));
         }
-        if !allowed(&p, &id, &state) {
+        let Some(viewer) = allowed(&p, &id, &state) else {
             return Err(FhirError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "a patient exports their own data; an administrator needs system read access to every messaging type and the audit trail",
             ));
-        }
+        };
         let store = state.store.clone();
         let pid = id.clone();
-        let bundle = blocking(move || Ok(everything(&store, &pid)?)).await?;
+        let admin = matches!(viewer, Viewer::Administrator);
+        let who = p.clone();
+        let bundle = blocking(move || {
+            let viewer = if admin {
+                Viewer::Administrator
+            } else {
+                Viewer::Patient(&who)
+            };
+            Ok(everything(&store, &pid, viewer)?)
+        })
+        .await?;
         Ok(HttpResponse::Ok()
             .content_type(FHIR_JSON)
             .insert_header(("Cache-Control", "no-store"))

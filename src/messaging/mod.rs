@@ -11,6 +11,7 @@
 //! - [`subscriptions`] topic-based Subscriptions (R5 Backport IG): REST, `$status`, `$events`
 //! - [`dispatch`] the leader's matching and rest-hook delivery; the subscription websocket
 //! - [`escalation`] reminders and escalation of unread urgent messages (CommunicationRequests)
+//! - [`staff_only`] the NOPAT label on messages no patient takes part in (hidden from patients)
 //! - [`schedule`] scheduled messages: active CommunicationRequests sent at their occurrenceDateTime
 //! - [`webapp`]   the web app (`smart-launch/`) served at `/app/`
 
@@ -24,6 +25,7 @@ pub mod hub;
 pub mod receipts;
 pub mod rules;
 pub mod schedule;
+pub mod staff_only;
 pub mod subscriptions;
 pub mod timing;
 pub mod webapp;

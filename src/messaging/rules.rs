@@ -1,14 +1,29 @@
 //! Messaging rules applied to every write body, whatever the path (REST create, update, patch,
 //! Bundle entry), before the access policy:
 //! - an attachment (`Binary`) must have one of the configured content types;
+//! - a user writes as themself: `Communication.sender`, `CommunicationRequest.requester` and
+//!   `.sender`, when given, are the signed-in user (a system client excepted); a user's
+//!   CommunicationRequest without either gets the user as requester, so the scheduler later sends
+//!   it as the author verified here;
 //! - a patient's new conversation (a message with no `partOf`) carries a category, and a patient's
-//!   message stays within the configured length (patient-portal guardrails; that a patient cannot address another patient is the access policy's).
+//!   message — sent now or scheduled — stays within the configured length (patient-portal
+//!   guardrails; that a patient cannot address another patient is the access policy's).
+//!
+//! [`prepare`] then checks what a message points at and labels it (see [`super::staff_only`]):
+//! a thread (`partOf`, `inResponseTo`) must be one the writer can see; a Group or CareTeam a patient
+//! writes to must not reach another patient; a staff-only thread stays staff-only.
 
+use crate::auth::policy;
+use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::config::Settings;
+use crate::fhir::access;
 use crate::fhir::outcome::FhirError;
+use crate::fhir::rest::blocking;
+use crate::fhir::AppState;
 use actix_web::http::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
+use std::collections::HashMap;
 
 /// The Courier CodeSystem of message categories offered to patients.
 pub const CATEGORY_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/message-category";
@@ -29,30 +44,48 @@ pub fn check(
     res_type: &str,
     body: &Value,
 ) -> Result<(), FhirError> {
-    if res_type == "Communication" {
-        own_sender(settings, p, body)?;
+    match res_type {
+        "Communication" => own_reference(settings, p, body, res_type, "sender")?,
+        "CommunicationRequest" => {
+            own_reference(settings, p, body, res_type, "requester")?;
+            own_reference(settings, p, body, res_type, "sender")?;
+        }
+        _ => {}
     }
+    let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson);
     match res_type {
         "Binary" => attachment_type(settings, body),
-        "Communication" if p.kind() == SubjectKind::Patient => patient_message(settings, body),
+        "Communication" if patient_side => patient_message(settings, body),
+        "CommunicationRequest" if patient_side => patient_text(settings, res_type, body),
         _ => Ok(()),
     }
 }
 
-/// A user writes messages as themself: `sender`, when given, is the signed-in user. (Receipts
-/// and drafts belong to the sender, so a sender nobody checked would hand them to anyone.)
-fn own_sender(settings: &Settings, p: &Principal, body: &Value) -> Result<(), FhirError> {
-    let (Some(me), Some(sender)) = (&p.fhir_user, body["sender"]["reference"].as_str()) else {
+/// A user writes messages as themself: `element` (`sender`, `requester`), when given, is the
+/// signed-in user. (Receipts, drafts and scheduled sends belong to their author, so an author
+/// nobody checked would hand them to anyone, or put words in a colleague's name.)
+fn own_reference(
+    settings: &Settings,
+    p: &Principal,
+    body: &Value,
+    res_type: &str,
+    element: &str,
+) -> Result<(), FhirError> {
+    let Some(me) = &p.fhir_user else {
         return Ok(());
     };
-    if p.kind() == SubjectKind::System || super::hub::local_ref(sender, &settings.base_url) == *me {
+    if p.kind() == SubjectKind::System || body.get(element).is_none() {
+        return Ok(());
+    }
+    let given = body[element]["reference"].as_str();
+    if given.is_some_and(|r| super::hub::local_ref(r, &settings.base_url) == *me) {
         return Ok(());
     }
     Err(FhirError::at(
         StatusCode::FORBIDDEN,
         "forbidden",
-        "Communication.sender",
-        format!("a message is sent as the signed-in user: sender must be {me}"),
+        format!("{res_type}.{element}"),
+        format!("a user writes as themself: {element} must be {me}"),
     ))
 }
 
@@ -95,6 +128,11 @@ fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
             "a conversation started by a patient needs a category (what it is about)",
         ));
     }
+    patient_text(settings, "Communication", body)
+}
+
+/// A patient's message text, sent now or scheduled, stays within the configured length.
+fn patient_text(settings: &Settings, res_type: &str, body: &Value) -> Result<(), FhirError> {
     let mut total = 0usize;
     for (i, part) in body["payload"].as_array().into_iter().flatten().enumerate() {
         if let Some(text) = part["contentString"].as_str() {
@@ -103,7 +141,7 @@ fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
                 return Err(FhirError::at(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "too-long",
-                    format!("Communication.payload[{i}].contentString"),
+                    format!("{res_type}.payload[{i}].contentString"),
                     format!(
                         "a message from a patient may be at most {} characters long",
                         settings.patient_max_message_chars
@@ -113,4 +151,133 @@ fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
         }
     }
     Ok(())
+}
+
+/// Checks what a Communication or CommunicationRequest about to be written points at, and
+/// labels it (see [`super::staff_only`]); called after [`check`] and the access policy on every
+/// REST and Bundle write of a message. `replaces`: the id of the version an update replaces.
+/// `fresh`: messages written earlier in the same transaction, with whether each is staff-only.
+pub async fn prepare(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    body: &mut Value,
+    replaces: Option<&str>,
+    fresh: &HashMap<String, bool>,
+) -> Result<(), FhirError> {
+    if !matches!(res_type, "Communication" | "CommunicationRequest") {
+        return Ok(());
+    }
+    let base = &state.settings.base_url;
+    // A user's request without an author is theirs: the scheduler sends as the author.
+    if res_type == "CommunicationRequest"
+        && p.kind() != SubjectKind::System
+        && body.get("requester").is_none()
+        && body.get("sender").is_none()
+    {
+        if let Some(me) = &p.fhir_user {
+            body["requester"] = json!({"reference": me});
+        }
+    }
+    // A patient's (or RelatedPerson's) message is from them.
+    let patient_user = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson);
+    if res_type == "Communication" && patient_user && body.get("sender").is_none() {
+        if let Some(me) = &p.fhir_user {
+            body["sender"] = json!({"reference": me});
+        }
+    }
+    let mut inherited = false;
+    // The thread: a message may belong only to a conversation its writer can see.
+    let unconfined = matches!(
+        access::decide(state, p, "Communication", Perm::Read),
+        Ok(access::Access::All)
+    );
+    for element in ["partOf", "inResponseTo"] {
+        for (i, r) in body[element].as_array().into_iter().flatten().enumerate() {
+            let Some(local) = r["reference"]
+                .as_str()
+                .map(|s| super::hub::local_ref(s, base))
+            else {
+                continue;
+            };
+            let Some(id) = local.strip_prefix("Communication/") else {
+                continue;
+            };
+            if let Some(staff_only) = fresh.get(id) {
+                inherited |= *staff_only;
+                continue;
+            }
+            match access::read(state, p, "Communication", id, None).await {
+                Ok(s) => {
+                    let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
+                        .unwrap_or(Value::Null);
+                    inherited |= super::staff_only::is_labelled(&v);
+                }
+                // An integrator that reaches every message may load a thread out of order.
+                Err(_) if unconfined => {}
+                Err(_) => {
+                    return Err(FhirError::at(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        format!("{res_type}.{element}[{i}]"),
+                        format!("{local} is not a conversation this token can see: a message may only belong to one the writer takes part in"),
+                    ))
+                }
+            }
+        }
+    }
+    // A new version of a staff-only message stays staff-only (when the writer may see it at
+    // all: otherwise the write is refused as not found by the access guard).
+    if let Some(id) = replaces {
+        if let Ok(s) = access::read(state, p, res_type, id, None).await {
+            let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            inherited |= super::staff_only::is_labelled(&v);
+        }
+    }
+    let store = state.store.clone();
+    let rt = res_type.to_string();
+    let mut v = std::mem::take(body);
+    let patient_bound = policy::patient_bound(p, res_type);
+    let patient_side = patient_user || (p.kind() == SubjectKind::System && patient_bound.is_some());
+    let (v, outcome) = blocking(move || {
+        // A patient's message to a Group or CareTeam reaches its members: none may be another
+        // patient (as for a message addressed to them directly).
+        if let Some(me) = &patient_bound {
+            let reached = super::staff_only::patient_side_participants(&store, &rt, &v)?;
+            if let Some((path, _)) = reached
+                .iter()
+                .find(|(_, who)| who.starts_with("Patient/") && *who != format!("Patient/{me}"))
+            {
+                let e = FhirError::at(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    path.clone(),
+                    "a patient cannot address another patient (a Group or CareTeam recipient reaches each of its members)",
+                );
+                return Ok((v, Err(e)));
+            }
+        }
+        let mut r = super::staff_only::label(&store, &rt, &mut v, inherited)?.map_err(|r| {
+            FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                r.expression,
+                r.message,
+            )
+        });
+        // The patient's side never writes what it could not read back.
+        if r.is_ok() && patient_side && super::staff_only::is_labelled(&v) {
+            r = Err(FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                format!("{rt}.recipient"),
+                "a message from the patient's side includes the patient (as sender or recipient); it cannot be staff-only",
+            ));
+        }
+        Ok((v, r))
+    })
+    .await?;
+    *body = v;
+    outcome
 }

@@ -224,6 +224,9 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
     if let Some(p) = cr["payload"].as_array() {
         msg["payload"] = json!(p);
     }
+    // Sent as the author checked when the request was written (`messaging::rules`), and as
+    // staff-only as the request.
+    super::staff_only::label_derived(store, "Communication", &mut msg, &cr);
     let pairs = vec![(
         "identifier".to_string(),
         format!("{IDENTIFIER_SYSTEM}|{ident}"),

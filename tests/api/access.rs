@@ -94,6 +94,16 @@ fn sees(w: &Who, r: &Res) -> bool {
             .any(|(role, p)| p == who && roles.contains(role))
     };
     let patient_roles: &[&str] = &["sender", "recipient", "subject", "requester"];
+    // Staff-only: no patient takes part (sender, recipient, requester). The patient's side
+    // (a patient user, or a patient-context grant with no user) never sees it.
+    let staff_only = !r
+        .parties
+        .iter()
+        .any(|(role, p)| *role != "subject" && p.starts_with("Patient/"));
+    let patient_side = w.user.map_or(context == "patient", |u| u.starts_with("Patient/"));
+    if staff_only && patient_side {
+        return false;
+    }
     match context {
         "system" => true,
         "patient" => involves(&format!("Patient/{}", w.patient.unwrap()), patient_roles),
@@ -129,19 +139,30 @@ async fn seed(app: &TestApp) -> Vec<Res> {
             });
         }
     }
-    // Two doctors talking about patient p1.
-    let body = json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": "Patient/p1"},
-        "sender": {"reference": "Practitioner/d1"}, "recipient": [{"reference": "Practitioner/d2"}]});
-    out.push(Res {
-        res_type: "Communication",
-        id: app.create(&body).await,
-        parties: vec![
-            ("subject", "Patient/p1".into()),
+    // A staff-only thread about each patient: two doctors talking about them (labelled NOPAT,
+    // hidden from the patient's side although the patient is its subject).
+    for p in ["Patient/p1", "Patient/p2"] {
+        let body = json!({"resourceType": "Communication", "status": "in-progress", "subject": {"reference": p},
+            "sender": {"reference": "Practitioner/d1"}, "recipient": [{"reference": "Practitioner/d2"}]});
+        let header = app.create(&body).await;
+        let parties = vec![
+            ("subject", p.to_string()),
             ("sender", "Practitioner/d1".into()),
             ("recipient", "Practitioner/d2".into()),
-        ],
-        binary: None,
-    });
+        ];
+        out.push(Res { res_type: "Communication", id: header.clone(), parties: parties.clone(), binary: None });
+        let bin = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGVsbG8="})).await;
+        let body = json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": p},
+            "partOf": [{"reference": format!("Communication/{header}")}],
+            "sender": {"reference": "Practitioner/d2"}, "recipient": [{"reference": "Practitioner/d1"}],
+            "payload": [{"contentAttachment": {"contentType": "text/plain", "url": format!("Binary/{bin}")}}]});
+        out.push(Res {
+            res_type: "Communication",
+            id: app.create(&body).await,
+            parties: vec![("subject", p.to_string()), ("sender", "Practitioner/d2".into()), ("recipient", "Practitioner/d1".into())],
+            binary: Some(bin),
+        });
+    }
     out
 }
 

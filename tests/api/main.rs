@@ -19,6 +19,7 @@ mod plans;
 mod retention;
 mod schedule;
 mod search;
+mod staff_only;
 mod storage;
 mod strict;
 mod subscriptions;

@@ -81,7 +81,7 @@ impl Ws {
     }
 }
 
-fn user_token(app: &TestApp, scope: &str, user: &str, patient: Option<&str>) -> String {
+pub fn user_token(app: &TestApp, scope: &str, user: &str, patient: Option<&str>) -> String {
     let client_id = clients::add(
         &app.store,
         "messaging test",
@@ -92,15 +92,15 @@ fn user_token(app: &TestApp, scope: &str, user: &str, patient: Option<&str>) -> 
     issue(&app.tokens, &client_id, scope, Some(user), patient)
 }
 
-fn patient_token(app: &TestApp, p: &str) -> String {
+pub fn patient_token(app: &TestApp, p: &str) -> String {
     user_token(app, "patient/*.cruds", &format!("Patient/{p}"), Some(p))
 }
 
-fn clinician_token(app: &TestApp, who: &str) -> String {
+pub fn clinician_token(app: &TestApp, who: &str) -> String {
     user_token(app, "user/*.cruds", &format!("Practitioner/{who}"), None)
 }
 
-fn msg(sender: &str, recipients: &[&str], text: &str) -> Value {
+pub fn msg(sender: &str, recipients: &[&str], text: &str) -> Value {
     json!({
         "resourceType": "Communication",
         "status": "completed",
@@ -111,7 +111,7 @@ fn msg(sender: &str, recipients: &[&str], text: &str) -> Value {
     })
 }
 
-async fn call(c: &reqwest::Client, app: &TestApp, method: &str, path: &str) -> (u16, Value) {
+pub async fn call(c: &reqwest::Client, app: &TestApp, method: &str, path: &str) -> (u16, Value) {
     let r = match method {
         "POST" => c.post(app.url(path)).send().await.unwrap(),
         _ => c.get(app.url(path)).send().await.unwrap(),
@@ -120,7 +120,7 @@ async fn call(c: &reqwest::Client, app: &TestApp, method: &str, path: &str) -> (
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-fn param<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+pub fn param<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
     p["parameter"]
         .as_array()?
         .iter()
@@ -340,7 +340,7 @@ async fn a_message_posted_to_one_instance_reaches_a_socket_on_another() {
     );
 }
 
-async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+pub async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
     let r = c
         .post(app.url(path))
         .header("content-type", "application/fhir+json")
