@@ -247,6 +247,14 @@ pub fn decide(
     res_type: &str,
     perm: Perm,
 ) -> Result<Access, Denied> {
+    // The patient's side reads its audit trail only through `Patient/$everything`, cut down to
+    // who accessed what and when: a BALP AuditEvent carries client ids, network addresses, token
+    // ids and queries, and names staff-only messages.
+    if res_type == "AuditEvent" && p.scopes.iter().any(|s| s.names(res_type) && patient_facing(p, s)) {
+        return Err(Denied(
+            "the patient's side reads its audit trail through Patient/[id]/$everything".into(),
+        ));
+    }
     let mut groups: Vec<Vec<Condition>> = Vec::new();
     let mut named = false;
     for scope in p

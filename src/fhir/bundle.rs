@@ -578,29 +578,26 @@ async fn transaction(
                 }
                 check_resource(&r, &e.res_type, &prefix)?;
                 access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
-                let replaces = (e.method == "PUT").then(|| ids[i].clone()).flatten();
-                crate::messaging::rules::prepare(
-                    state,
-                    p,
-                    &e.res_type,
-                    &mut r,
-                    replaces.as_deref(),
-                    &fresh_messages,
-                )
-                .await
-                .map_err(|err| at_entry(err, i))?;
-                if e.res_type == "Communication" {
-                    if let Some(id) = &ids[i] {
-                        fresh_messages.insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
-                    }
-                }
-                Some(Incoming::from_value(r))
+                Some(r)
             }
             None => None,
         };
         let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
         let guard = entry_guard(state, p, i, e, resource.as_ref())?;
         let may_create = may_create(state, p, e, resource.as_ref());
+        let resource = match resource {
+            Some(mut r) => {
+                let replaces = (e.method == "PUT").then_some(id.as_str());
+                crate::messaging::rules::prepare(state, p, &e.res_type, &mut r, replaces, &fresh_messages)
+                    .await
+                    .map_err(|err| at_entry(err, i))?;
+                if e.res_type == "Communication" {
+                    fresh_messages.insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
+                }
+                Some(Incoming::from_value(r))
+            }
+            None => None,
+        };
         let op = entry_op(i, e, id, resource, None, guard, may_create)?;
         ops.push(op);
         op_index.push(i);
@@ -672,18 +669,7 @@ async fn batch(
                     check_resource(&r, &e.res_type, &prefix)?;
                     access::check_attachments(state, p, &e.res_type, &r, &Default::default())
                         .await?;
-                    let replaces = (e.method == "PUT").then(|| e.id.clone()).flatten();
-                    crate::messaging::rules::prepare(
-                        state,
-                        p,
-                        &e.res_type,
-                        &mut r,
-                        replaces.as_deref(),
-                        &Default::default(),
-                    )
-                    .await
-                    .map_err(|err| at_entry(err, i))?;
-                    Some(Incoming::from_value(r))
+                    Some(r)
                 }
                 None => None,
             };
@@ -696,6 +682,16 @@ async fn batch(
             };
             let id = e.id.clone().unwrap_or_else(new_id);
             let may_create = may_create(state, p, &e, resource.as_ref());
+            let resource = match resource {
+                Some(mut r) => {
+                    let replaces = (e.method == "PUT").then_some(id.as_str());
+                    crate::messaging::rules::prepare(state, p, &e.res_type, &mut r, replaces, &Default::default())
+                        .await
+                        .map_err(|err| at_entry(err, i))?;
+                    Some(Incoming::from_value(r))
+                }
+                None => None,
+            };
             let op = entry_op(i, &e, id, resource, if_none_exist, guard, may_create)?;
             rest::write_one(state, ctx, op).await
         }
@@ -726,14 +722,14 @@ fn entry_guard(
     p: &Principal,
     i: usize,
     e: &Parsed,
-    resource: Option<&Incoming>,
+    resource: Option<&Value>,
 ) -> Result<Option<crate::search::query::Condition>, FhirError> {
     let perm = match e.method.as_str() {
         "POST" => Perm::Create,
         "PUT" => Perm::Update,
         _ => Perm::Delete,
     };
-    access::write_guard(state, p, &e.res_type, perm, resource.map(|r| &r.value)).map_err(
+    access::write_guard(state, p, &e.res_type, perm, resource).map_err(
         |mut err| {
             err.issues
                 .iter_mut()
@@ -744,14 +740,14 @@ fn entry_guard(
 }
 
 /// May a PUT entry create its resource, should it not exist?
-fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Incoming>) -> bool {
+fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Value>) -> bool {
     e.method == "PUT"
         && access::write_guard(
             state,
             p,
             &e.res_type,
             Perm::Create,
-            resource.map(|r| &r.value),
+            resource,
         )
         .is_ok()
 }

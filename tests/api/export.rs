@@ -37,8 +37,9 @@ both_backends! {
             "recipient": [{"reference": "Practitioner/dr-1"}], "payload": [{"contentString": "Thanks"}]})).await;
         let to_p2 = app.create(&message("Patient/p2", "2026-11-01T11:00:00Z", "Private to p2")).await;
         let request = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active", "subject": {"reference": "Patient/p1"},
-            "payload": [{"contentString": "Fasting from midnight"}]})).await;
-        let p1 = token(&app, "patient/*.rs", Some("Patient/p1"), Some("p1"));
+            "recipient": [{"reference": "Patient/p1"}], "payload": [{"contentString": "Fasting from midnight"}]})).await;
+        // The audit trail is the patient's to see when the token's scopes name AuditEvent.
+        let p1 = token(&app, "patient/*.rs patient/AuditEvent.rs", Some("Patient/p1"), Some("p1"));
         assert_eq!(p1.post(app.url(&format!("Communication/{to_p1}/$mark-read"))).send().await.unwrap().status(), 200);
         // A clinician reads p1's message: that access is p1's to see.
         let dr = token(&app, "user/*.rs", Some("Practitioner/dr-1"), None);

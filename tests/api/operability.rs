@@ -23,12 +23,12 @@ both_backends! {
         let resources = cs["rest"][0]["resource"].as_array().unwrap();
         let comm = resources.iter().find(|r| r["type"] == "Communication").unwrap();
         let params: Vec<(&str, &str)> = comm["searchParam"].as_array().unwrap().iter().map(|p| (p["name"].as_str().unwrap(), p["type"].as_str().unwrap())).collect();
-        for expected in [("recipient", "reference"), ("sent", "date"), ("category", "token"), ("priority", "token"), ("topic", "token"), ("in-response-to", "reference"), ("_id", "token"), ("_lastUpdated", "date"), ("instantiates-uri", "uri")] {
+        for expected in [("recipient", "reference"), ("sent", "date"), ("category", "token"), ("priority", "token"), ("topic", "token"), ("in-response-to", "reference"), ("_id", "token"), ("_lastUpdated", "date"), ("instantiates-uri", "uri"), ("_security", "token")] {
             assert!(params.contains(&expected), "{expected:?} missing from {params:?}");
         }
-        assert_eq!(params.len(), 21);
+        assert_eq!(params.len(), 22);
         let cr = resources.iter().find(|r| r["type"] == "CommunicationRequest").unwrap();
-        assert_eq!(cr["searchParam"].as_array().unwrap().len(), 19);
+        assert_eq!(cr["searchParam"].as_array().unwrap().len(), 20);
         let binary = resources.iter().find(|r| r["type"] == "Binary").unwrap();
         assert!(binary.get("searchParam").is_none());
         let audit = resources.iter().find(|r| r["type"] == "AuditEvent").unwrap();

@@ -325,6 +325,10 @@ both_backends! {
             assert!(a["entity"].as_array().into_iter().flatten().all(|e| e.get("query").is_none() && e.get("detail").is_none()), "{a}");
         }
         assert!(!text.contains(&app.admin_client_id) && !text.contains("urn:courier:oauth-client"), "no client ids: {text}");
+        // The full BALP records are not the patient's to search directly.
+        let (s, oo) = send(&full, &app, "GET", "AuditEvent?patient=Patient/ada", None).await;
+        assert_eq!(s, 403, "{oo}");
+        assert!(oo.to_string().contains("$everything"), "{oo}");
     }
 
     async fn a_patient_reaches_no_other_patient_through_a_group_or_care_team(app: TestApp) {
