@@ -580,6 +580,29 @@ mod tests {
         }
     }
 
+    /// The decision every path shares (reads, searches, sockets, subscription notifications,
+    /// unread counts): a staff-only message about p1 is hidden from p1's side only.
+    #[test]
+    fn staff_only_messages_are_hidden_from_the_patients_side_only() {
+        let r = Registry::load().unwrap();
+        let mut m = msg("Practitioner/d", "Practitioner/e");
+        m["subject"] = json!({"reference": "Patient/p1"});
+        crate::messaging::staff_only::add_label(&mut m);
+        let sees = |scopes: &str, user: Option<&str>, patient: Option<&str>| {
+            may_see(&principal(scopes, user, patient), &r, "http://x", "Communication", &m, Perm::Read)
+        };
+        assert!(!sees("patient/Communication.rs", Some("Patient/p1"), Some("p1")));
+        assert!(!sees("patient/Communication.rs", None, Some("p1")), "a patient app without a user");
+        assert!(!sees("patient/Communication.rs", Some("RelatedPerson/r1"), Some("p1")));
+        assert!(!sees("system/Communication.rs", Some("Patient/p1"), None));
+        assert!(sees("patient/Communication.rs", Some("Practitioner/e"), Some("p1")), "a clinician in the patient's context");
+        assert!(sees("user/Communication.rs", Some("Practitioner/e"), None));
+        assert!(sees("system/Communication.rs", None, None));
+        let mut to_p1 = m.clone();
+        to_p1["meta"] = json!({});
+        assert!(may_see(&principal("patient/Communication.rs", Some("Patient/p1"), Some("p1")), &r, "http://x", "Communication", &to_p1, Perm::Read));
+    }
+
     #[test]
     fn system_scopes_see_everything_of_their_types_only() {
         let r = Registry::load().unwrap();
