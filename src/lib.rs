@@ -1,6 +1,6 @@
 //! Courier: a FHIR R4 secure-messaging service.
 //!
-//! Module map (see `../shared/DESIGN.md` for the architecture):
+//! Module map:
 //! - [`config`]   layered settings: defaults < file < `COURIER_*` environment
 //! - [`startup`]  `Application::build(settings)`: the bound server, used by `main` and tests
 //! - [`fhir`]     the REST layer: interactions, search parsing, Bundles, OperationOutcome, metadata
