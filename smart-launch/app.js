@@ -34,24 +34,51 @@ function el(tag, attrs, ...children) {
 }
 
 function showNotice(text) {
+  if (!token && text) return; // signed out: the ended screen says all there is to say
   const n = $('notice');
   n.textContent = text;
   n.hidden = !text;
 }
 
+// The session is over (signed out, logged off for inactivity, revoked elsewhere): every trace of
+// PHI leaves the page and the app's memory, nothing actionable stays, and one clear screen says so.
 function end(why) {
   sessionStorage.removeItem(STORE_KEY);
+  sessionStorage.removeItem(SEQ_KEY);
   token = null;
-  if (ws) { ws.onclose = null; ws.close(); }
-  $('main').hidden = true;
+  session = session ? {fhirUser: null} : null;
+  if (ws) { ws.onclose = null; ws.onmessage = null; ws.close(); ws = null; }
+  current = null;
+  threads.clear();
+  names.clear();
+  receipts.clear();
+  unread = {total: 0, urgent: 0, byThread: new Map()};
+  for (const id of ['threads', 'messages', 'patient-banner']) $(id).replaceChildren();
+  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice']) $(id).hidden = true;
+  $('thread-title').textContent = '';
+  $('me').textContent = '';
+  $('compose').reset();
+  $('new-form').reset();
+  if ($('new-dialog').open) $('new-dialog').close();
+  $('logout').hidden = true;
+  document.title = 'Courier messages';
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
   $('connection').textContent = 'Signed out';
+  window.scrollTo(0, 0);
+  $('ended').setAttribute('tabindex', '-1');
+  $('ended').focus();
+}
+
+// A staff-only message carries the HL7 security label NOPAT (Courier labels it at write time).
+function isStaffOnly(c) {
+  return ((c && c.meta && c.meta.security) || []).some((x) => x.code === 'NOPAT' && x.system === 'http://terminology.hl7.org/CodeSystem/v3-ActCode');
 }
 
 // ----- tokens and the session ---------------------------------------------------------------
 
 async function refreshToken() {
+  if (!token || !session || !session.session) return false;
   const body = new URLSearchParams({session: session.session});
   let r;
   try {
@@ -91,6 +118,7 @@ for (const ev of ['keydown', 'pointerdown', 'focus']) {
 }
 
 async function api(method, path, body, headers) {
+  if (!token) throw new Error('you are signed out');
   const send = () => fetch(path, {
     method,
     headers: Object.assign({Authorization: 'Bearer ' + token, Accept: 'application/fhir+json'},
@@ -195,6 +223,7 @@ function renderThreads() {
     const li = el('li', {tabindex: 0, role: 'link', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
       el('span', {class: 'topic'}, topic),
       t.status === 'preparation' ? el('span', {class: 'badge'}, 'Draft') : null,
+      isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
       counts && counts.urgent ? el('span', {class: 'badge urgent', 'aria-label': counts.urgent + ' urgent unread'}, '! ' + counts.urgent) : null,
       counts && counts.n ? el('span', {class: 'badge', 'aria-label': counts.n + ' unread'}, counts.n) : null);
     li.addEventListener('click', () => openThread(t.id));
@@ -219,6 +248,10 @@ async function openThread(id) {
   current = {header, messages: new Map()};
   $('main').classList.add('reading');
   $('thread-title').textContent = (header.topic && header.topic.text) || '(no subject)';
+  $('staff-banner').hidden = !isStaffOnly(header);
+  // The composer belongs to one thread: nothing typed or chosen for another carries over.
+  $('compose').reset();
+  updateCount();
   $('compose').hidden = false;
   const b = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=sent&_count=200');
   current.messages.set(header.id, header);
@@ -361,6 +394,7 @@ async function send(ev) {
   const text = $('compose-text').value.trim();
   const file = $('compose-file').files[0];
   if (!text && !file) return;
+  if (!current || !token) return;
   const h = current.header;
   const payload = [];
   if (text) payload.push({contentString: text});
@@ -399,11 +433,31 @@ function updateCount() {
   $('compose-count').textContent = max ? n + ' / ' + max + ' characters' : '';
 }
 
+function newError(text) {
+  $('new-error').textContent = text;
+  $('new-error').hidden = !text;
+}
+
+// A clinician with a patient in context chooses: message the patient, or staff only (the patient
+// is the subject, never a participant, and Courier labels the thread NOPAT).
+function chooseAudience() {
+  const staff = $('audience-staff').checked;
+  const to = $('new-recipient');
+  if (staff && /^(Patient|RelatedPerson)\//.test(to.value)) to.value = '';
+  if (!staff && !to.value && session.patient) to.value = session.patient;
+  newError('');
+}
+
 async function startThread(ev) {
   ev.preventDefault();
   const to = $('new-recipient').value.trim();
   if (!/^(Patient|Practitioner|PractitionerRole|RelatedPerson|CareTeam|Group)\/[A-Za-z0-9\-.]{1,64}$/.test(to)) {
-    showNotice('“To” must be a reference such as Patient/123.');
+    newError('“To” must be a reference such as Patient/123.');
+    return;
+  }
+  const staffOnly = !isPatient() && $('audience-staff').checked;
+  if (staffOnly && /^(Patient|RelatedPerson)\//.test(to)) {
+    newError('A staff-only conversation cannot include the patient or their relatives. Choose “Message the patient” instead.');
     return;
   }
   const base = {
@@ -420,10 +474,11 @@ async function startThread(ev) {
     threads.set(header.id, header);
     $('new-dialog').close();
     $('new-form').reset();
+    newError('');
     showNotice('');
     await openThread(header.id);
   } catch (e) {
-    showNotice('The conversation was not started: ' + e.message);
+    newError('The conversation was not started: ' + e.message);
   }
 }
 
@@ -567,13 +622,23 @@ async function start() {
   $('main').hidden = false;
   $('compose').addEventListener('submit', send);
   $('compose-text').addEventListener('input', updateCount);
+  $('audience').hidden = isPatient() || !session.patient;
+  for (const id of ['audience-patient', 'audience-staff']) $(id).addEventListener('change', chooseAudience);
   $('new-thread').addEventListener('click', () => {
+    $('new-form').reset();
+    newError('');
     if (!isPatient() && session.patient) $('new-recipient').value = session.patient;
     $('new-dialog').showModal();
   });
   $('new-form').addEventListener('submit', startThread);
   $('new-cancel').addEventListener('click', () => $('new-dialog').close());
-  $('back').addEventListener('click', () => { $('main').classList.remove('reading'); current = null; renderThreads(); });
+  $('back').addEventListener('click', () => {
+    $('main').classList.remove('reading');
+    current = null;
+    $('compose').hidden = true;
+    $('staff-banner').hidden = true;
+    renderThreads();
+  });
   $('logout').addEventListener('click', async () => {
     try { await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: session.session}), headers: {Authorization: 'Bearer ' + token}}); } catch (e) { /* ended locally anyway */ }
     end('You have signed out.');

@@ -7,7 +7,10 @@
 // a conversation whose text and subject carry XSS payloads; it appears in the patient's list without
 // a reload; the patient opens it (a read receipt goes back to the clinician's screen, live) and
 // replies with an attachment whose file name is an XSS payload, which appears on the clinician's
-// screen live. Nothing of the payloads may run or become markup. Screenshots of both pages are
+// screen live. Nothing of the payloads may run or become markup. The clinician then starts a
+// staff-only conversation about the patient (refused with the patient in it; a banner; the composer
+// does not carry over to the next thread) that never reaches the patient's screen; after the
+// patient signs out nothing of the inbox remains in the page. Screenshots of both pages are
 // saved in `artifacts` at the end (and on failure).
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -20,6 +23,8 @@ const XSS_TEXT = 'Results are fine <img src=x onerror="window.__xss=1"><script>w
 const XSS_TOPIC = 'Lab results <b onmouseover="window.__xss=3">bold</b>';
 const XSS_FILE = '<img src=x onerror=window.__xss=4>.txt';
 const REPLY = 'Thank you, doctor & team!';
+const STAFF_TOPIC = 'Pharmacy fill history';
+const STAFF_TEXT = 'I suspect she is not taking her meds, can you check?';
 
 const browser = await chromium.launch({
   executablePath: process.env.COURIER_CHROMIUM || '/usr/bin/chromium',
@@ -130,6 +135,35 @@ try {
   await clinician.waitForSelector('#messages span.attachment:text("labs.pdf")', { timeout: 10000 });
   check(await clinician.locator('#messages button.attachment', { hasText: 'labs.pdf' }).count() === 0, 'clinician: a foreign attachment URL is not clickable');
 
+  // Staff only: the clinician talks to a colleague about the patient. The dialog offers the
+  // choice, refuses to put the patient in such a thread, and the thread carries a banner.
+  const patientRef = await clinician.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).patient);
+  await clinician.click('#new-thread');
+  check(await clinician.isVisible('#audience'), 'clinician: chooses who a new conversation is with');
+  await clinician.check('#audience-staff');
+  check(await clinician.inputValue('#new-recipient') === '', 'clinician: staff only takes the patient out of "To"');
+  await clinician.fill('#new-recipient', patientRef);
+  await clinician.getByLabel('Subject').fill(STAFF_TOPIC);
+  await clinician.fill('#new-text', STAFF_TEXT);
+  await clinician.click('#new-send');
+  await clinician.waitForSelector('#new-error:not([hidden])');
+  check((await clinician.textContent('#new-error')).includes('cannot include the patient'), 'clinician: the refusal is explained in the dialog');
+  await clinician.fill('#new-recipient', 'Practitioner/dr-b');
+  await clinician.click('#new-send');
+  await clinician.waitForSelector('#staff-banner:not([hidden])', { timeout: 10000 });
+  await clinician.waitForSelector('#threads li .badge.staff');
+  // The composer belongs to its thread: text and priority do not follow to the next one.
+  await clinician.fill('#compose-text', 'half-written note for the pharmacist');
+  await clinician.selectOption('#compose-priority', 'urgent');
+  await clinician.locator('#threads li', { hasText: 'Lab results' }).click();
+  await clinician.waitForSelector('#staff-banner', { state: 'hidden' });
+  check(await clinician.inputValue('#compose-text') === '', 'clinician: typed text does not leak into another thread');
+  check(await clinician.inputValue('#compose-priority') === 'routine', 'clinician: priority resets per thread');
+  // The patient never sees it (give the live channel time to deliver anything it would).
+  await patient.waitForTimeout(1500);
+  const patientText = await patient.evaluate(() => document.body.textContent);
+  check(!patientText.includes(STAFF_TOPIC) && !patientText.includes(STAFF_TEXT), 'patient: a staff-only conversation reached the portal');
+
   // Offline: the connection state says so.
   await patient.context().setOffline(true);
   await patient.evaluate(() => window.dispatchEvent(new Event('offline')));
@@ -140,6 +174,13 @@ try {
   const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
   await patient.click('#logout');
   await patient.waitForSelector('#ended:not([hidden])');
+  // Nothing of the inbox stays on screen, in the page or actionable; the notice is in view.
+  check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
+  const left = await patient.evaluate(() => document.body.textContent);
+  check(!left.includes(REPLY) && !left.includes('Lab results') && !left.includes(cfg.clinician_name), 'patient: PHI left in the page after sign-out');
+  const box = await patient.locator('#ended').boundingBox();
+  check(box && box.y < 740, 'patient: the signed-out notice is in view');
+  check(!(await patient.isVisible('#logout')), 'patient: nothing actionable without a session');
   const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
   check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
 
