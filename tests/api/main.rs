@@ -19,6 +19,7 @@ mod plans;
 mod retention;
 mod schedule;
 mod search;
+mod ssrf;
 mod storage;
 mod strict;
 mod subscriptions;
