@@ -289,7 +289,11 @@ impl Settings {
             self.subscription_private_endpoints = matches!(v.as_str(), "true" | "1" | "yes");
         }
         if let Some(v) = env("COURIER_OUTBOUND_ALLOW") {
-            self.outbound_allow = v.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+            self.outbound_allow = v
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
         }
         if let Some(v) = env("COURIER_SCHEDULER_LEASE_SECS") {
             self.scheduler_lease_secs = num("COURIER_SCHEDULER_LEASE_SECS", v)?;

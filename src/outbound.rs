@@ -151,7 +151,10 @@ impl Outbound {
             .iter()
             .map(|n| parse_net(n))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Outbound::build(settings.subscription_private_endpoints, allow))
+        Ok(Outbound::build(
+            settings.subscription_private_endpoints,
+            allow,
+        ))
     }
 
     /// Public addresses only (the default settings).
@@ -212,7 +215,9 @@ impl Outbound {
 
     /// Sends a request built elsewhere (the OAuth adapter), after the same check.
     pub async fn execute(&self, req: reqwest::Request) -> Result<reqwest::Response, SendError> {
-        self.guard.check_literal(req.url()).map_err(SendError::Refused)?;
+        self.guard
+            .check_literal(req.url())
+            .map_err(SendError::Refused)?;
         self.client.execute(req).await.map_err(SendError::Http)
     }
 
@@ -290,12 +295,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// The IPv4 address inside an IPv4-mapped (`::ffff:0:0/96`) or IPv4-compatible (`::/96`) one.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = ip.segments();
-    let low = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     match s[..6] {
         [0, 0, 0, 0, 0, 0xffff] | [0, 0, 0, 0, 0, 0] => Some(low),
         _ => None,
@@ -386,11 +386,30 @@ mod tests {
     #[test]
     fn every_non_public_ipv4_range_is_refused() {
         for s in [
-            "0.0.0.0", "0.1.2.3", "10.0.0.1", "10.255.255.255", "100.64.0.1", "100.127.255.254",
-            "127.0.0.1", "127.0.0.2", "127.255.255.255", "169.254.169.254", "172.16.0.1",
-            "172.31.255.255", "192.0.0.8", "192.0.2.1", "192.88.99.1", "192.168.1.1",
-            "198.18.0.1", "198.19.255.255", "198.51.100.7", "203.0.113.9", "224.0.0.1",
-            "239.255.255.250", "240.0.0.1", "255.255.255.255",
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.0.0.1",
+            "10.255.255.255",
+            "100.64.0.1",
+            "100.127.255.254",
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.255.255.255",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
         ] {
             no(s);
         }
@@ -399,8 +418,18 @@ mod tests {
     #[test]
     fn public_ipv4_addresses_pass() {
         for s in [
-            "1.1.1.1", "8.8.8.8", "93.184.216.34", "100.63.255.255", "100.128.0.1", "172.15.0.1",
-            "172.32.0.1", "192.0.1.1", "192.169.0.1", "198.17.0.1", "198.20.0.1", "223.255.255.1",
+            "1.1.1.1",
+            "8.8.8.8",
+            "93.184.216.34",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.15.0.1",
+            "172.32.0.1",
+            "192.0.1.1",
+            "192.169.0.1",
+            "198.17.0.1",
+            "198.20.0.1",
+            "223.255.255.1",
         ] {
             yes(s);
         }
@@ -409,12 +438,38 @@ mod tests {
     #[test]
     fn ipv6_forms_of_forbidden_addresses_are_refused() {
         for s in [
-            "::", "::1", "::ffff:127.0.0.1", "::ffff:7f00:2", "::ffff:169.254.169.254",
-            "::ffff:10.0.0.1", "::ffff:100.64.0.1", "::127.0.0.1", "::10.1.2.3", "::169.254.169.254",
-            "64:ff9b::7f00:1", "64:ff9b::808:808", "64:ff9b:1::1", "100::1", "fc00::1", "fd12:3456::1",
-            "fe80::1", "febf::1", "fec0::1", "feff::1", "ff02::1", "ff05::1:3", "2001::1",
-            "2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:2::1", "2001:db8::1", "2002:7f00:1::1",
-            "2002:a9fe:a9fe::1", "2002:0a00:0001::", "3fff::1", "1::1", "4000::1",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:7f00:2",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "::ffff:100.64.0.1",
+            "::127.0.0.1",
+            "::10.1.2.3",
+            "::169.254.169.254",
+            "64:ff9b::7f00:1",
+            "64:ff9b::808:808",
+            "64:ff9b:1::1",
+            "100::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "feff::1",
+            "ff02::1",
+            "ff05::1:3",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:db8::1",
+            "2002:7f00:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:0a00:0001::",
+            "3fff::1",
+            "1::1",
+            "4000::1",
         ] {
             no(s);
         }
@@ -423,8 +478,12 @@ mod tests {
     #[test]
     fn public_ipv6_addresses_pass() {
         for s in [
-            "2606:4700:4700::1111", "2001:4860:4860::8888", "2002:808:808::1", "2a00:1450::1",
-            "::ffff:8.8.8.8", "2001:200::1",
+            "2606:4700:4700::1111",
+            "2001:4860:4860::8888",
+            "2002:808:808::1",
+            "2a00:1450::1",
+            "::ffff:8.8.8.8",
+            "2001:200::1",
         ] {
             yes(s);
         }
@@ -434,7 +493,10 @@ mod tests {
     fn allowed_networks_open_only_themselves_and_any_address_opens_all() {
         let g = Guard {
             any_address: false,
-            allow: vec![parse_net("10.20.0.0/16").unwrap(), parse_net("fd00::5").unwrap()],
+            allow: vec![
+                parse_net("10.20.0.0/16").unwrap(),
+                parse_net("fd00::5").unwrap(),
+            ],
             pinned: RwLock::new(HashMap::new()),
         };
         assert!(g.check("h", "10.20.3.4".parse().unwrap()).is_ok());
@@ -455,14 +517,23 @@ mod tests {
     #[tokio::test]
     async fn names_are_refused_when_any_address_is_forbidden() {
         let o = Outbound::public_only();
-        o.pin("mixed.test", &["93.184.216.34".parse().unwrap(), "10.0.0.1".parse().unwrap()]);
+        o.pin(
+            "mixed.test",
+            &[
+                "93.184.216.34".parse().unwrap(),
+                "10.0.0.1".parse().unwrap(),
+            ],
+        );
         o.pin("public.test", &["93.184.216.34".parse().unwrap()]);
         assert!(o.guard.resolve("MIXED.test.").await.is_err());
         assert!(o.guard.resolve("public.test").await.is_ok());
         assert!(o.guard.resolve("localhost").await.is_err());
         assert!(o.guard.resolve("a.localhost").await.is_err());
         assert!(o.get("https://[::ffff:127.0.0.1]:18443/").is_err());
-        assert!(o.get("http://2130706433/").is_err(), "decimal IPv4 is parsed as 127.0.0.1");
+        assert!(
+            o.get("http://2130706433/").is_err(),
+            "decimal IPv4 is parsed as 127.0.0.1"
+        );
         assert!(o.get("http://0x7f.1/").is_err());
         assert!(o.get("file:///etc/passwd").is_err());
         assert!(o.get("https://public.test/").is_ok());

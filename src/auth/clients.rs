@@ -5,9 +5,9 @@
 //! and a `jti` never seen before within its lifetime.
 
 use super::scopes::{self, Scope};
+use crate::outbound::Outbound;
 use crate::search::dates;
 use crate::store::{Store, StoreError};
-use crate::outbound::Outbound;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::QueryableByName;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};

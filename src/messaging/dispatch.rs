@@ -234,11 +234,12 @@ async fn post(
             req = req.header(n.trim(), v.trim());
         }
     }
-    let res = req
-        .body(text)
-        .send()
-        .await
-        .map_err(|e| format!("the endpoint could not be reached: {}", crate::outbound::why(e)))?;
+    let res = req.body(text).send().await.map_err(|e| {
+        format!(
+            "the endpoint could not be reached: {}",
+            crate::outbound::why(e)
+        )
+    })?;
     if res.status().is_success() {
         Ok(())
     } else {
@@ -290,7 +291,11 @@ impl Default for Deliveries {
 /// One pass over the rest-hook subscriptions: handshakes, due deliveries, heartbeats. Each POST
 /// runs on a task of its own and is not waited for, so a slow endpoint delays only its own
 /// subscription (which is skipped until its delivery finishes).
-pub async fn deliver(store: &Arc<Store>, http: &crate::outbound::Outbound, deliveries: &Deliveries) {
+pub async fn deliver(
+    store: &Arc<Store>,
+    http: &crate::outbound::Outbound,
+    deliveries: &Deliveries,
+) {
     let s = store.clone();
     let subs = match web::block(move || active(&s, Some("rest-hook"))).await {
         Ok(Ok(s)) => s,
