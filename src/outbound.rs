@@ -40,6 +40,8 @@ impl From<Refused> for String {
     }
 }
 
+const ALLOW_HINT: &str = " (COURIER_OUTBOUND_ALLOW lists the networks it may reach)";
+
 /// What may be reached, and the names a test (or an operator) pins to addresses.
 struct Guard {
     /// No address rules at all (`COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS=true`).
@@ -52,7 +54,8 @@ struct Guard {
 }
 
 impl Guard {
-    fn check(&self, host: &str, ip: IpAddr) -> Result<(), Refused> {
+    /// Whether `ip` may be reached: `Err` names the rule that forbids it.
+    fn check(&self, ip: IpAddr) -> Result<(), &'static str> {
         if self.any_address {
             return Ok(());
         }
@@ -67,9 +70,7 @@ impl Guard {
         {
             return Ok(());
         }
-        Err(Refused(format!(
-            "{host} is {why} ({ip}); Courier does not connect to it (COURIER_OUTBOUND_ALLOW lists networks it may reach)"
-        )))
+        Err(why)
     }
 
     /// Resolves `name` (pinned names first, then the system resolver) and checks every address.
@@ -103,7 +104,25 @@ impl Guard {
         if addrs.is_empty() {
             return Err(Refused(format!("{name} has no address")));
         }
-        addrs.iter().try_for_each(|ip| self.check(name, *ip))
+        for ip in addrs {
+            if let Err(why) = self.check(*ip) {
+                // The caller is told only that the name is refused, not what it resolves to
+                // (no map of the internal network); the operator sees which address and rule.
+                tracing::warn!(host = %name, address = %ip, rule = why, "outbound call refused");
+                return Err(Refused(format!(
+                    "{name} resolves to an address that is not public; Courier does not connect to it{ALLOW_HINT}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_address(&self, ip: IpAddr) -> Result<(), Refused> {
+        self.check(ip).map_err(|why| {
+            Refused(format!(
+                "{ip} is {why}; Courier does not connect to it{ALLOW_HINT}"
+            ))
+        })
     }
 
     /// Checks the host of `url` when it is an address; names are left to the resolver.
@@ -113,8 +132,8 @@ impl Guard {
             other => return Err(Refused(format!("the scheme {other} is not fetched"))),
         }
         match url.host() {
-            Some(url::Host::Ipv4(ip)) => self.check(&ip.to_string(), IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => self.check(&format!("[{ip}]"), IpAddr::V6(ip)),
+            Some(url::Host::Ipv4(ip)) => self.check_address(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.check_address(IpAddr::V6(ip)),
             Some(url::Host::Domain(_)) => Ok(()),
             None => Err(Refused("the URL has no host".into())),
         }
@@ -499,19 +518,19 @@ mod tests {
             ],
             pinned: RwLock::new(HashMap::new()),
         };
-        assert!(g.check("h", "10.20.3.4".parse().unwrap()).is_ok());
-        assert!(g.check("h", "::ffff:10.20.3.4".parse().unwrap()).is_ok());
-        assert!(g.check("h", "fd00::5".parse().unwrap()).is_ok());
-        assert!(g.check("h", "10.21.0.1".parse().unwrap()).is_err());
-        assert!(g.check("h", "fd00::6".parse().unwrap()).is_err());
-        assert!(g.check("h", "127.0.0.1".parse().unwrap()).is_err());
+        assert!(g.check("10.20.3.4".parse().unwrap()).is_ok());
+        assert!(g.check("::ffff:10.20.3.4".parse().unwrap()).is_ok());
+        assert!(g.check("fd00::5".parse().unwrap()).is_ok());
+        assert!(g.check("10.21.0.1".parse().unwrap()).is_err());
+        assert!(g.check("fd00::6".parse().unwrap()).is_err());
+        assert!(g.check("127.0.0.1".parse().unwrap()).is_err());
         assert!(parse_net("10.0.0.0/33").is_err() && parse_net("intranet").is_err());
         let all = Guard {
             any_address: true,
             allow: vec![],
             pinned: RwLock::new(HashMap::new()),
         };
-        assert!(all.check("h", "127.0.0.1".parse().unwrap()).is_ok());
+        assert!(all.check("127.0.0.1".parse().unwrap()).is_ok());
     }
 
     #[tokio::test]

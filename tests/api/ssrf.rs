@@ -212,6 +212,24 @@ on_both! {
             let (s, o) = create(&c, &app, &url).await;
             assert_refused(s, &o, &url);
         }
+        // Names the system resolver answers from /etc/hosts (not pinned) are checked the same way.
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        let local_names = hosts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('#').next()?.split_whitespace();
+                let ip: IpAddr = f.next()?.parse().ok()?;
+                courier::outbound::forbidden(ip)?;
+                Some(f.map(String::from).collect::<Vec<_>>())
+            })
+            .flatten()
+            .filter(|n| !n.ends_with("localhost"))
+            .take(3);
+        for name in local_names {
+            let url = format!("https://{name}/hook");
+            let (s, o) = create(&c, &app, &url).await;
+            assert_refused(s, &o, &url);
+        }
         assert_eq!(app.row_counts(), before, "nothing is stored");
         // A name with only public addresses is accepted.
         pin(&app, "public.test", &["93.184.216.34", "2606:4700:4700::1111"]);
@@ -234,7 +252,7 @@ on_both! {
         for _ in 0..80 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let row = sub_row(&app, &id);
-            if row.last_error.as_deref().is_some_and(|e| e.contains("loopback")) {
+            if row.last_error.as_deref().is_some_and(|e| e.contains("rebind.test resolves to an address that is not public")) {
                 refused = true;
                 break;
             }
