@@ -66,10 +66,13 @@ pub struct Settings {
     /// The backup recipient of escalations, e.g. `PractitionerRole/on-call`
     /// (`COURIER_ESCALATION_BACKUP`; none: reminders only).
     pub escalation_backup: Option<String>,
-    /// May rest-hook endpoints be loopback or private addresses
-    /// (`COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS`, default false: a subscriber could otherwise
-    /// make Courier probe the hospital's internal network)?
+    /// May outbound calls (rest-hooks, JWKS URLs, EHRs) reach loopback, private and other
+    /// non-public addresses (`COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS`, default false: a subscriber
+    /// could otherwise make Courier probe the hospital's internal network)? See `outbound`.
     pub subscription_private_endpoints: bool,
+    /// Networks outbound calls may reach although they are not public, e.g. the EHR's
+    /// `10.20.0.0/16` (`COURIER_OUTBOUND_ALLOW`, comma-separated CIDRs or addresses; default none).
+    pub outbound_allow: Vec<String>,
     /// How long an instance holds a scheduled send it claimed before another may take it over
     /// (`COURIER_SCHEDULER_LEASE_SECS`).
     pub scheduler_lease_secs: i64,
@@ -158,6 +161,7 @@ impl Default for Settings {
             escalation_after_secs: 3600,
             escalation_backup: None,
             subscription_private_endpoints: false,
+            outbound_allow: vec![],
             scheduler_lease_secs: 30,
             previous_master_keys: vec![],
             retention: crate::compliance::retention::defaults(),
@@ -283,6 +287,13 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_SUBSCRIPTION_PRIVATE_ENDPOINTS") {
             self.subscription_private_endpoints = matches!(v.as_str(), "true" | "1" | "yes");
+        }
+        if let Some(v) = env("COURIER_OUTBOUND_ALLOW") {
+            self.outbound_allow = v
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
         }
         if let Some(v) = env("COURIER_SCHEDULER_LEASE_SECS") {
             self.scheduler_lease_secs = num("COURIER_SCHEDULER_LEASE_SECS", v)?;

@@ -7,6 +7,7 @@
 //! - [`store`]    persistence: SQLite | PostgreSQL, versions, search index, encryption at rest
 //! - [`audit`]    IHE BALP AuditEvents for every interaction
 //! - [`auth`]     Courier's SMART authorization server, tokens, scopes and the access policy
+//! - [`outbound`] every HTTP request to another server, and the address rules (SSRF)
 //! - [`smart`]    Courier as a SMART client of EHRs: registry, discovery, backend-services tokens
 
 /// mimalloc for every Rust allocation of the process (server, CLI, tests, benchmarks): the write
@@ -20,6 +21,7 @@ pub mod compliance;
 pub mod config;
 pub mod fhir;
 pub mod messaging;
+pub mod outbound;
 pub mod search;
 pub mod smart;
 pub mod startup;

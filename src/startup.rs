@@ -89,7 +89,9 @@ impl Application {
             "Courier web app (tokens from SMART launches)",
             "user/*.cruds patient/*.cruds",
         )?;
-        let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new())));
+        // Every request to another server goes through this one client (SSRF rules: `outbound`).
+        let outbound = crate::outbound::Outbound::new(&settings)?;
+        let ehrs = Arc::new(Connections::new(Arc::new(Discovery::new(outbound.clone()))));
         let pg_url = settings
             .database_url
             .starts_with("postgres")
@@ -102,6 +104,7 @@ impl Application {
             hub.clone(),
             leader.clone(),
             Arc::new(settings.clone()),
+            outbound.clone(),
         );
         crate::compliance::spawn(store.clone(), leader, settings.purge_interval_secs);
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
@@ -119,7 +122,7 @@ impl Application {
             store: store.clone(),
             settings: Arc::new(settings),
             tokens: tokens.clone(),
-            jwks: Arc::new(JwksCache::new()),
+            jwks: Arc::new(JwksCache::new(outbound)),
             ehrs: ehrs.clone(),
             hub,
         });

@@ -5,6 +5,7 @@
 //! and a `jti` never seen before within its lifetime.
 
 use super::scopes::{self, Scope};
+use crate::outbound::Outbound;
 use crate::search::dates;
 use crate::store::{Store, StoreError};
 use diesel::sql_types::{BigInt, Nullable, Text};
@@ -211,35 +212,18 @@ struct Unverified {
 
 /// Fetches and caches clients' JWKS documents.
 pub struct JwksCache {
-    http: reqwest::Client,
+    http: Outbound,
     cache: Mutex<HashMap<String, (Instant, Arc<JwkSet>)>>,
     /// URLs whose last fetch failed, and when: not fetched again for `JWKS_MIN_REFETCH`, so
     /// unauthenticated requests cannot make Courier hammer an unreachable host.
     failed: Mutex<HashMap<String, Instant>>,
 }
 
-/// The HTTP client for everything Courier fetches from other servers (JWKS documents, EHRs): a
-/// 5-second timeout, and no redirects — a bearer token or assertion is never forwarded elsewhere.
-/// TLS is rustls with ring, installed once per process (a second call finds it installed).
-pub fn outbound_http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("HTTP client builds")
-}
-
-impl Default for JwksCache {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl JwksCache {
-    pub fn new() -> JwksCache {
+    /// A cache that fetches through `http` (see [`crate::outbound`]).
+    pub fn new(http: Outbound) -> JwksCache {
         JwksCache {
-            http: outbound_http(),
+            http,
             cache: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
         }
@@ -268,6 +252,7 @@ impl JwksCache {
         let mut res = self
             .http
             .get(url)
+            .map_err(|e| fail(e.0))?
             .header("accept", "application/json")
             .send()
             .await

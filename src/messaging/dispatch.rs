@@ -217,7 +217,7 @@ pub fn signature(secret: &[u8], t: i64, body: &str) -> String {
 }
 
 async fn post(
-    http: &reqwest::Client,
+    http: &crate::outbound::Outbound,
     sub: &SubRow,
     body: &Value,
     secret: &[u8],
@@ -225,7 +225,7 @@ async fn post(
     let endpoint = body_endpoint(body)?;
     let text = body["__notification"].to_string();
     let mut req = http
-        .post(endpoint)
+        .post(&endpoint)?
         .header("content-type", "application/fhir+json")
         .header(SIGNATURE_HEADER, signature(secret, now_secs(), &text))
         .timeout(Duration::from_secs(timeout_of(body)));
@@ -234,11 +234,12 @@ async fn post(
             req = req.header(n.trim(), v.trim());
         }
     }
-    let res = req
-        .body(text)
-        .send()
-        .await
-        .map_err(|e| format!("the endpoint could not be reached: {}", e.without_url()))?;
+    let res = req.body(text).send().await.map_err(|e| {
+        format!(
+            "the endpoint could not be reached: {}",
+            crate::outbound::why(e)
+        )
+    })?;
     if res.status().is_success() {
         Ok(())
     } else {
@@ -290,7 +291,11 @@ impl Default for Deliveries {
 /// One pass over the rest-hook subscriptions: handshakes, due deliveries, heartbeats. Each POST
 /// runs on a task of its own and is not waited for, so a slow endpoint delays only its own
 /// subscription (which is skipped until its delivery finishes).
-pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client, deliveries: &Deliveries) {
+pub async fn deliver(
+    store: &Arc<Store>,
+    http: &crate::outbound::Outbound,
+    deliveries: &Deliveries,
+) {
     let s = store.clone();
     let subs = match web::block(move || active(&s, Some("rest-hook"))).await {
         Ok(Ok(s)) => s,
@@ -320,7 +325,7 @@ pub async fn deliver(store: &Arc<Store>, http: &reqwest::Client, deliveries: &De
 /// body's bytes (None: nothing to send).
 type Delivery = Option<(&'static str, i64, Value, Vec<u8>)>;
 
-async fn deliver_one(store: &Arc<Store>, http: &reqwest::Client, sub: SubRow, now: i64) {
+async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: SubRow, now: i64) {
     let s = store.clone();
     let row = sub.clone();
     // What to send, built off the async threads (it reads and decrypts).
@@ -400,6 +405,7 @@ pub fn spawn(
     hub: Arc<Hub>,
     leader: Arc<Leader>,
     settings: Arc<crate::config::Settings>,
+    http: crate::outbound::Outbound,
 ) -> tokio::task::JoinHandle<()> {
     // Escalation on a task of its own, so slow subscribers never delay an urgent reminder.
     let (s, l) = (store.clone(), leader.clone());
@@ -436,7 +442,6 @@ pub fn spawn(
         }
     });
     tokio::spawn(async move {
-        let http = crate::auth::clients::outbound_http();
         let deliveries = Deliveries::default();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;

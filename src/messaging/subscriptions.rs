@@ -353,12 +353,6 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
                 e.to_string().replace("the JWKS URL", "the endpoint"),
             )
         })?;
-        if !state.settings.subscription_private_endpoints && private_host(url) {
-            return Err(bad(
-                "Subscription.channel.endpoint",
-                "the endpoint is a loopback or private address; this server does not notify those",
-            ));
-        }
         if secret
             .as_ref()
             .is_none_or(|s| s.chars().count() < MIN_SECRET_CHARS)
@@ -392,30 +386,6 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
         max_count,
         secret,
     })
-}
-
-/// A loopback, private, link-local or unspecified address (or `localhost`), written literally.
-/// (A name that resolves to one is not caught here: that needs egress rules in the network.)
-fn private_host(url: &str) -> bool {
-    let Ok(u) = reqwest::Url::parse(url) else {
-        return true;
-    };
-    match u.host() {
-        Some(url::Host::Domain(d)) => {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
-        Some(url::Host::Ipv4(ip)) => {
-            ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
-        }
-        Some(url::Host::Ipv6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00
-                || (ip.segments()[0] & 0xffc0) == 0xfe80
-        }
-        None => true,
-    }
 }
 
 fn may(p: &Principal, perm: Perm) -> Result<(), FhirError> {
@@ -475,6 +445,13 @@ async fn create_inner(
     let incoming = parse_resource(&body, "Subscription", "")?;
     let mut v = incoming.value;
     let r = check(state, &p, &mut v)?;
+    if let Some(url) = r.endpoint.as_deref().filter(|_| r.channel == "rest-hook") {
+        // Resolved and checked now for a clear answer; every delivery is checked again.
+        let http = state.ehrs.discovery().http();
+        http.check(url)
+            .await
+            .map_err(|e| bad("Subscription.channel.endpoint", e.0))?;
+    }
     let id = new_id();
     let now = now_micros();
     v["id"] = json!(id);

@@ -81,7 +81,7 @@ impl Connections {
 
 /// The ~20-line adapter DESIGN asks for: `oauth2` without its own reqwest, through ours.
 pub(crate) async fn send(
-    http: &reqwest::Client,
+    http: &crate::outbound::Outbound,
     req: oauth2::HttpRequest,
 ) -> Result<oauth2::HttpResponse, std::io::Error> {
     let req = reqwest::Request::try_from(req).map_err(std::io::Error::other)?;

@@ -2,6 +2,7 @@
 //! publish them there — the `oauth-uris` extension of `CapabilityStatement.rest.security`. Cached
 //! for [`TTL`]; a failure is not cached, so a recovered EHR is found again on the next attempt.
 
+use crate::outbound::Outbound;
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -24,25 +25,20 @@ pub struct Endpoints {
 }
 
 pub struct Discovery {
-    http: reqwest::Client,
+    http: Outbound,
     cache: Mutex<HashMap<String, (Instant, Arc<Endpoints>)>>,
 }
 
-impl Default for Discovery {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Discovery {
-    pub fn new() -> Discovery {
+    /// Discovery through `http` (see [`crate::outbound`]), whose client every EHR call shares.
+    pub fn new(http: Outbound) -> Discovery {
         Discovery {
-            http: crate::auth::clients::outbound_http(),
+            http,
             cache: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn http(&self) -> &reqwest::Client {
+    pub fn http(&self) -> &Outbound {
         &self.http
     }
 
@@ -88,7 +84,7 @@ impl Discovery {
     async fn get_json(&self, url: &str, accept: &str) -> Result<Value, String> {
         let mut res = self
             .http
-            .get(url)
+            .get(url)?
             .header("accept", accept)
             .send()
             .await

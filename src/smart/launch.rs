@@ -636,7 +636,8 @@ async fn map_identity(
         .ehrs
         .discovery()
         .http()
-        .get(format!("{}/{reference}", ehr.iss))
+        .get(&format!("{}/{reference}", ehr.iss))
+        .map_err(|e| format!("cannot read {reference} from the EHR: {e}"))?
         .bearer_auth(token)
         .header("accept", "application/fhir+json")
         .send()
@@ -702,9 +703,9 @@ async fn fetch_style(state: &web::Data<AppState>, url: &str) -> Value {
         .discovery()
         .http()
         .get(url)
-        .timeout(std::time::Duration::from_secs(3))
-        .send()
-        .await;
+        .map(|r| r.timeout(std::time::Duration::from_secs(3)).send());
+    let Ok(got) = got else { return Value::Null };
+    let got = got.await;
     let Ok(res) = got else { return Value::Null };
     if !res.status().is_success() || res.content_length().is_some_and(|n| n > 16 * 1024) {
         return Value::Null;

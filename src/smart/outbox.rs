@@ -225,7 +225,7 @@ async fn deliver(
     let res = connections
         .discovery()
         .http()
-        .post(format!("{}/{}", ehr.iss, row.res_type))
+        .post(&format!("{}/{}", ehr.iss, row.res_type))?
         .bearer_auth(token)
         .header("content-type", "application/fhir+json")
         .header("accept", "application/fhir+json")

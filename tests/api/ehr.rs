@@ -180,7 +180,7 @@ async fn discovery_falls_back_to_the_capability_statement() {
     .unwrap()
     .run();
     tokio::spawn(server);
-    let d = courier::smart::discovery::Discovery::new();
+    let d = courier::smart::discovery::Discovery::new(courier::outbound::Outbound::any_address());
     let e = d.endpoints(&base).await.unwrap();
     assert_eq!(e.source, "CapabilityStatement");
     assert_eq!(e.token, format!("{base}/oauth/token"));
@@ -195,7 +195,7 @@ async fn discovery_falls_back_to_the_capability_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_reads_the_smart_configuration_of_the_test_ehr() {
     let Some(ehr) = spawn_ehr("disc") else { return };
-    let e = courier::smart::discovery::Discovery::new()
+    let e = courier::smart::discovery::Discovery::new(courier::outbound::Outbound::any_address())
         .endpoints(&ehr.base)
         .await
         .unwrap();
@@ -682,7 +682,7 @@ async fn id_tokens_are_checked_like_a_relying_party_must() {
     use courier::smart::launch::verify_id_token;
     let (key, jwks, _) = rs384();
     let url = serve_jwks(jwks).await;
-    let cache = courier::auth::clients::JwksCache::new();
+    let cache = courier::auth::clients::JwksCache::new(courier::outbound::Outbound::any_address());
     let iss = "http://127.0.0.1:9/fhir";
     let sign =
         |claims: Value, alg: jsonwebtoken::Algorithm, k: &jsonwebtoken::EncodingKey, kid: &str| {

@@ -19,6 +19,7 @@ mod plans;
 mod retention;
 mod schedule;
 mod search;
+mod ssrf;
 mod staff_only;
 mod storage;
 mod strict;
