@@ -757,8 +757,38 @@ fn display_of(resource: &Value) -> Value {
     })
 }
 
+/// At most this many keys of a JWKS are tried for an id_token without `kid`.
+const MAX_KEYS_TRIED: usize = 4;
+
+/// Can `key` verify a signature made with `alg`? (Its type and curve fit, it is not an
+/// encryption key, and an `alg` it names is this one.)
+fn key_fits(key: &jsonwebtoken::jwk::Jwk, alg: jsonwebtoken::Algorithm) -> bool {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, PublicKeyUse};
+    use jsonwebtoken::Algorithm;
+    if matches!(key.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        return false;
+    }
+    if let Some(a) = key.common.key_algorithm {
+        if format!("{a:?}") != format!("{alg:?}") {
+            return false;
+        }
+    }
+    match (&key.algorithm, alg) {
+        (AlgorithmParameters::RSA(_), Algorithm::RS256 | Algorithm::RS384) => true,
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES256) => ec.curve == EllipticCurve::P256,
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES384) => ec.curve == EllipticCurve::P384,
+        _ => false,
+    }
+}
+
 /// Checks an id_token: signature by a key in the EHR's JWKS (RS256/RS384/ES256/ES384), issuer,
-/// audience (Courier's client id), expiry, and the nonce of this sign-in.
+/// audience (Courier's client id), expiry (60 s of clock skew allowed either way), and the nonce
+/// of this sign-in.
+///
+/// The key: the one the id_token's `kid` names. Without a `kid` (OpenID Connect Core §10.1 asks
+/// for one only when the JWKS holds several keys; the SMART App Launcher signs without one), each
+/// key that fits the `alg` is tried, at most [`MAX_KEYS_TRIED`]; the JWKS is fetched again once
+/// when none fits or verifies (the EHR may have rotated its keys).
 pub async fn verify_id_token(
     jwks: &crate::auth::clients::JwksCache,
     jwks_uri: &str,
@@ -767,6 +797,7 @@ pub async fn verify_id_token(
     id_token: &str,
     nonce: &str,
 ) -> Result<Value, String> {
+    use jsonwebtoken::errors::ErrorKind;
     use jsonwebtoken::{Algorithm, DecodingKey, Validation};
     let header = jsonwebtoken::decode_header(id_token).map_err(|_| "the id_token is not a JWT")?;
     if !matches!(
@@ -776,37 +807,63 @@ pub async fn verify_id_token(
         return Err(format!("the id_token is signed with {:?}", header.alg));
     }
     crate::auth::clients::check_jwks_url(jwks_uri).map_err(|e| e.to_string())?;
-    let kid = header.kid.clone().unwrap_or_default();
-    let mut key = None;
-    for refresh in [false, true] {
-        let set = jwks.set(jwks_uri, refresh).await.map_err(|e| e.0)?;
-        key = set
-            .keys
-            .iter()
-            .find(|k| k.common.key_id.as_deref().unwrap_or_default() == kid)
-            .cloned();
-        if key.is_some() {
-            break;
-        }
-    }
-    let key = key.ok_or("the id_token's kid is not in the EHR's JWKS")?;
-    if let Some(a) = key.common.key_algorithm {
-        if format!("{a:?}") != format!("{:?}", header.alg) {
-            return Err("the id_token's alg does not match its key".into());
-        }
-    }
-    let key = DecodingKey::from_jwk(&key).map_err(|_| "the EHR's key is unusable")?;
     let mut v = Validation::new(header.alg);
     v.set_issuer(&[issuer]);
     v.set_audience(&[client_id]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    v.leeway = 5;
-    let data = jsonwebtoken::decode::<Value>(id_token, &key, &v)
-        .map_err(|e| format!("the id_token is not valid: {e}"))?;
-    if data.claims["nonce"].as_str() != Some(nonce) {
-        return Err("the id_token's nonce does not match this sign-in".into());
+    v.leeway = 60;
+    let mut why = String::new();
+    for refresh in [false, true] {
+        let set = jwks.set(jwks_uri, refresh).await.map_err(|e| e.0)?;
+        let candidates: Vec<&jsonwebtoken::jwk::Jwk> = match &header.kid {
+            Some(kid) => set
+                .keys
+                .iter()
+                .filter(|k| k.common.key_id.as_deref() == Some(kid.as_str()))
+                .collect(),
+            None => set
+                .keys
+                .iter()
+                .filter(|k| key_fits(k, header.alg))
+                .take(MAX_KEYS_TRIED)
+                .collect(),
+        };
+        why = match (&header.kid, candidates.len()) {
+            (Some(_), 0) => "the id_token's kid is not in the EHR's JWKS".into(),
+            (None, 0) => format!(
+                "the id_token names no kid and the EHR's JWKS has no {:?} key",
+                header.alg
+            ),
+            _ => String::new(),
+        };
+        for key in candidates {
+            if header.kid.is_some() && !key_fits(key, header.alg) {
+                return Err("the id_token's alg does not match its key".into());
+            }
+            let Ok(decoding) = DecodingKey::from_jwk(key) else {
+                why = "the EHR's key is unusable".into();
+                continue;
+            };
+            match jsonwebtoken::decode::<Value>(id_token, &decoding, &v) {
+                Ok(data) => {
+                    if data.claims["nonce"].as_str() != Some(nonce) {
+                        return Err("the id_token's nonce does not match this sign-in".into());
+                    }
+                    return Ok(data.claims);
+                }
+                // Another key may have signed it.
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                    why = if header.kid.is_some() {
+                        "the id_token's signature does not verify with the key its kid names".into()
+                    } else {
+                        format!("the id_token names no kid and its signature verifies with none of the EHR's {:?} keys (at most {MAX_KEYS_TRIED} tried)", header.alg)
+                    };
+                }
+                Err(e) => return Err(format!("the id_token is not valid: {e}")),
+            }
+        }
     }
-    Ok(data.claims)
+    Err(why)
 }
 
 /// The page that hands the session to the web app: the token travels in this no-store body into

@@ -756,6 +756,74 @@ async fn id_tokens_are_checked_like_a_relying_party_must() {
     }
 }
 
+/// OpenID Connect Core §10.1 asks for `kid` only when the JWKS holds several keys, and the SMART
+/// App Launcher signs its id_tokens without one: the key that fits the `alg` is used, several are
+/// tried (at most 4), and a refusal names its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn id_tokens_without_kid_are_checked_with_the_keys_that_fit() {
+    use crate::auth::{now, rs384, serve_jwks};
+    use courier::smart::launch::verify_id_token;
+    let iss = "http://127.0.0.1:9/fhir";
+    let claims = json!({"iss": iss, "aud": "courier", "sub": "u1", "exp": now() + 60, "iat": now(), "nonce": "n1"});
+    let unsigned_kid = |k: &crate::auth::Signer| {
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(k.alg), &claims, &k.key).unwrap()
+    };
+    let jwks_of = |keys: Vec<Value>| json!({"keys": keys});
+    let key_of = |jwks: &Value, kid: &str| {
+        let mut k = jwks["keys"][0].clone();
+        k["kid"] = json!(kid);
+        k
+    };
+    let (real, real_jwks, _) = rs384();
+    let decoys: Vec<Value> = (0..5).map(|i| key_of(&rs384().1, &format!("decoy-{i}"))).collect();
+    let check = |url: String, t: String| async move {
+        let cache = courier::auth::clients::JwksCache::new(courier::outbound::Outbound::any_address());
+        verify_id_token(&cache, &url, iss, "courier", &t, "n1").await
+    };
+    // One key: it is the one.
+    let url = serve_jwks(real_jwks.clone()).await;
+    assert_eq!(check(url.clone(), unsigned_kid(&real)).await.unwrap()["sub"], "u1");
+    // Two decoys before it (an EHR mid-rotation): each is tried.
+    let mut keys = decoys[..2].to_vec();
+    keys.push(key_of(&real_jwks, "current"));
+    let url = serve_jwks(jwks_of(keys)).await;
+    assert_eq!(check(url, unsigned_kid(&real)).await.unwrap()["sub"], "u1");
+    // Beyond the bound, a readable refusal.
+    let mut keys = decoys.clone();
+    keys.push(key_of(&real_jwks, "current"));
+    let url = serve_jwks(jwks_of(keys)).await;
+    let why = check(url, unsigned_kid(&real)).await.unwrap_err();
+    assert!(why.contains("names no kid") && why.contains("none of"), "{why}");
+    // A token no key of the EHR signed, and a token whose alg no key fits.
+    let url = serve_jwks(real_jwks.clone()).await;
+    let (other, _, _) = rs384();
+    assert!(check(url.clone(), unsigned_kid(&other)).await.is_err());
+    let es = jsonwebtoken::EncodingKey::from_ec_pem(es384_key().0.as_bytes()).unwrap();
+    let t = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384), &claims, &es).unwrap();
+    let why = check(url.clone(), t).await.unwrap_err();
+    assert!(why.contains("no ES384 key"), "{why}");
+    // Clock skew: an id_token that expired 30 s ago (the EHR's clock is behind) still passes.
+    let mut late = claims.clone();
+    late["exp"] = json!(now() - 30);
+    let t = jsonwebtoken::encode(&jsonwebtoken::Header::new(real.alg), &late, &real.key).unwrap();
+    assert!(check(url, t).await.is_ok(), "60 s of clock skew is allowed");
+}
+
+/// The same, end to end: the test EHR signs its id_tokens without `kid` and publishes decoy keys
+/// beside its signing key, as the SMART App Launcher (no kid) and an EHR mid-rotation do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ehr_launch_whose_id_token_has_no_kid_signs_in() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let set = a.control(reqwest::Method::POST, "settings", Some(json!({"id_token_kid": false, "jwks_decoys": 2}))).await;
+    assert_eq!(set["id_token_kid"], false, "{set}");
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    assert!(s["fhirUser"].as_str().unwrap().starts_with("Practitioner/"), "{s}");
+    let token = s["access_token"].as_str().unwrap();
+    assert_eq!(client_with_token(token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+}
+
 /// An EHR launch of `user` with `patient` in context, through to the hand-off page's session.
 async fn launch_as(app: &TestApp, ehr: &TestEhr, patient: &str, user: &str) -> Value {
     let l = ehr

@@ -54,7 +54,10 @@ export async function createEhr(config, log = () => {}) {
     const get = req.method === 'GET';
     if (get && path === '/fhir/.well-known/smart-configuration') return sendJson(res, 200, smartConfiguration(state.urls));
     if (get && path === '/fhir/.well-known/openid-configuration') return sendJson(res, 200, openidConfiguration(state.urls));
-    if (get && path === '/jwks.json') return sendJson(res, 200, state.key.jwks);
+    if (get && path === '/jwks.json') {
+      const decoys = state.decoyKeys.slice(0, state.settings.jwksDecoys);
+      return sendJson(res, 200, { keys: [...decoys, ...state.key.jwks.keys] });
+    }
     // The EHR's SMART style (the launch's smart_style_url points here), readable cross-origin.
     if (get && path === '/smart-style.json') {
       return sendJson(res, 200, SMART_STYLE, { 'Access-Control-Allow-Origin': '*' });

@@ -22,7 +22,13 @@ export function createState(config, key) {
       standalonePatient: config.standalonePatient,
       standaloneEncounter: null,
       deny: config.deny,
+      // OpenID Connect Core §10.1 asks for `kid` only when the JWKS holds several keys: real EHRs
+      // (the SMART App Launcher among them) sign id_tokens without one.
+      idTokenKid: true,
+      // Extra RSA keys published in the JWKS before the signing key (an EHR mid-rotation).
+      jwksDecoys: 0,
     },
+    decoyKeys: [], // public JWKs, made when jwks_decoys is set
     down: null, // {status, retry_after} while "down"
     faults: { drop_response_after_write: 0 },
     launches: new Map(), // launch id -> {context, client_id, expires}

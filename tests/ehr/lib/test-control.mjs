@@ -3,6 +3,7 @@
 // EHR down) and how it looks inside (what was written, how many token requests).
 // It answers even while the EHR is "down", and it needs no token.
 
+import * as jose from 'jose';
 import { normalizeUser, stripType } from './authorize.mjs';
 import { normalizeClient } from './clients.mjs';
 import { HttpError, nowSeconds, randomToken, readJsonBody, sendJson } from './http.mjs';
@@ -80,6 +81,12 @@ export function createTestControl(state, tokens, fhir) {
       set('refresh_ttl', 'refreshTtl', isSeconds);
       set('refresh_rotation', 'refreshRotation', (v) => typeof v === 'boolean');
       set('code_ttl', 'codeTtl', isSeconds);
+      set('id_token_kid', 'idTokenKid', (v) => typeof v === 'boolean');
+      set('jwks_decoys', 'jwksDecoys', (v) => Number.isInteger(v) && v >= 0 && v <= 8);
+      while (state.decoyKeys.length < s.jwksDecoys) {
+        const { publicKey } = await jose.generateKeyPair('RS256', { extractable: true });
+        state.decoyKeys.push({ ...(await jose.exportJWK(publicKey)), kid: `decoy-${state.decoyKeys.length + 1}`, alg: 'RS256', use: 'sig' });
+      }
       return publicSettings(state);
     },
 
@@ -149,5 +156,7 @@ function publicSettings(state) {
     refresh_ttl: s.refreshTtl,
     refresh_rotation: s.refreshRotation,
     code_ttl: s.codeTtl,
+    id_token_kid: s.idTokenKid,
+    jwks_decoys: s.jwksDecoys,
   };
 }

@@ -98,7 +98,7 @@ export class TokenService {
     // fhirUser is an absolute URL of the user's FHIR resource (SMART App Launch 2, §fhirUser).
     if (scopes.includes('fhirUser')) claims.fhirUser = `${urls.fhirBase}/${user}`;
     return new jose.SignJWT(claims)
-      .setProtectedHeader({ alg: SIGNING_ALG, kid: key.kid, typ: 'JWT' })
+      .setProtectedHeader(settings.idTokenKid ? { alg: SIGNING_ALG, kid: key.kid, typ: 'JWT' } : { alg: SIGNING_ALG, typ: 'JWT' })
       .setIssuer(urls.issuer)
       .setAudience(clientId)
       .setSubject(user)
