@@ -21,5 +21,6 @@ mod schedule;
 mod search;
 mod storage;
 mod strict;
+mod strict_more;
 mod subscriptions;
 mod validator;
