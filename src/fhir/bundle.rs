@@ -241,6 +241,16 @@ async fn process(
             format!("invalid JSON: {e}"),
         ))
     })?;
+    // A key given twice (say two `reference`s) would be read as the last one: refused, as it is
+    // in a single resource.
+    crate::store::no_duplicate_keys(&body).map_err(|m| {
+        fail(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "Bundle",
+            m,
+        ))
+    })?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(fail(FhirError::at(
             StatusCode::BAD_REQUEST,

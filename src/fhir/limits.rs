@@ -87,6 +87,59 @@ fn check_bytes(settings: &Settings, n: usize, expression: &str) -> Result<(), Fh
     Ok(())
 }
 
+/// Applies a JSON Patch to `doc` without letting it grow past the resource limit on the way:
+/// `copy` can double a document with every operation, so a patch small enough to be read could
+/// otherwise build a document of any size in memory. A running estimate (additions counted with
+/// their path, removals subtracted) is an upper bound of the document's size; the result is then
+/// held to [`check_resource_size`] by the caller. 422 when an operation cannot be applied, 413 when
+/// the document would grow too large.
+pub fn apply_patch(
+    settings: &Settings,
+    doc: &mut Value,
+    patch: &json_patch::Patch,
+) -> Result<(), FhirError> {
+    use json_patch::PatchOperation as Op;
+    let size_at = |doc: &Value, p: &str| doc.pointer(p).map_or(0, json_size);
+    let mut estimate = json_size(doc);
+    for op in &patch.0 {
+        match op {
+            Op::Add(a) => {
+                estimate += json_size(&a.value) + a.path.as_str().len() + 4;
+            }
+            Op::Replace(r) => {
+                estimate = estimate.saturating_sub(size_at(doc, r.path.as_str()));
+                estimate += json_size(&r.value);
+            }
+            Op::Copy(c) => {
+                estimate += size_at(doc, c.from.as_str()) + c.path.as_str().len() + 4;
+            }
+            Op::Move(m) => estimate += m.path.as_str().len() + 4,
+            Op::Remove(r) => {
+                estimate = estimate.saturating_sub(size_at(doc, r.path.as_str()));
+            }
+            Op::Test(_) => {}
+        }
+        if estimate > settings.max_resource_bytes {
+            return Err(FhirError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-costly",
+                format!(
+                    "the patched resource would be larger than the limit of {} bytes",
+                    settings.max_resource_bytes
+                ),
+            ));
+        }
+        json_patch::patch_unsafe(doc, std::slice::from_ref(op)).map_err(|e| {
+            FhirError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "processing",
+                format!("the patch cannot be applied: {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The compact JSON size of `v`, counted without building the text.
 pub fn json_size(v: &Value) -> usize {
     struct Count(usize);

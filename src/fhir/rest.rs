@@ -857,13 +857,7 @@ async fn patch_inner(
     }
     let mut value: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default())
         .map_err(|_| FhirError::internal())?;
-    json_patch::patch(&mut value, &patch).map_err(|e| {
-        FhirError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "processing",
-            format!("the patch cannot be applied: {e}"),
-        )
-    })?;
+    super::limits::apply_patch(&state.settings, &mut value, &patch)?;
     if depth(&value) > 100 {
         return Err(FhirError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -881,6 +875,7 @@ async fn patch_inner(
         ));
     }
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
+    super::limits::check_resource_size(&state.settings, res_type, &value, res_type)?;
     check_resource(state, &value, res_type, "")?;
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
     access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;

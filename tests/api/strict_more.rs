@@ -136,6 +136,29 @@ both_backends! {
         rejected(&app, "POST", "", FHIR_JSON, &tx("batch", entries), 400, Some("Bundle.entry[1].fullUrl")).await;
     }
 
+    async fn a_key_repeated_inside_a_bundle_entry_is_400(app: TestApp) {
+        let body = r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Communication"},
+            "resource":{"resourceType":"Communication","status":"completed","subject":{"reference":"Patient/evil","reference":"Patient/p1"}}}]}"#;
+        rejected(&app, "POST", "", FHIR_JSON, body, 400, Some("Bundle")).await;
+    }
+
+    async fn a_patch_cannot_grow_a_resource_past_the_limit(app: TestApp) {
+        // A patch read within the limit builds something far bigger: 300 copies of a 4 KB payload
+        // (a valid message of 1.2 MB), or `copy` of a list into itself, doubling it each time.
+        let id = app.create(&message("Patient/p1", "2024-01-01", &"x".repeat(4000))).await;
+        let ops: Vec<Value> = (0..9).map(|_| json!({"op": "copy", "from": "/payload", "path": "/payload/-"})).collect();
+        let grow: Vec<Value> = (0..300).map(|_| json!({"op": "copy", "from": "/payload/0", "path": "/payload/-"})).collect();
+        let before = app.row_counts();
+        for patch in [Value::Array(grow), Value::Array(ops)] {
+            let r = app.client.patch(app.url(&format!("Communication/{id}"))).header("content-type", "application/json-patch+json")
+                .body(patch.to_string()).send().await.unwrap();
+            assert_eq!(r.status(), 413);
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["resourceType"], "OperationOutcome");
+        }
+        assert_eq!(before, app.row_counts());
+    }
+
     async fn empty_parameters_in_entry_and_conditional_urls_are_400(app: TestApp) {
         let write = post_entry(message("Patient/p1", "2024-01-01", "x"));
         for url in ["Communication?_id=1&&&", "Communication?", "Communication?&_id=1", "Communication?=1"] {
