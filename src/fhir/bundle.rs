@@ -284,6 +284,7 @@ async fn process(
             )))
         }
     };
+    super::limits::check_entry_count(entries.len()).map_err(fail)?;
     check_bundle(entries).map_err(fail)?;
     let mut parsed = Vec::with_capacity(entries.len());
     let mut entry_errors: HashMap<usize, FhirError> = HashMap::new();

@@ -54,6 +54,24 @@ pub fn bundle_body_limit(settings: &Settings) -> usize {
     binary_json_body_limit(settings)
 }
 
+/// The most entries one batch/transaction Bundle may have: each is a write (in a transaction, all
+/// in one database transaction) or a search, so the work a single request asks for stays bounded
+/// even when its entries are tiny.
+pub const MAX_BUNDLE_ENTRIES: usize = 1000;
+
+/// Refuses (413) a Bundle with more than [`MAX_BUNDLE_ENTRIES`] entries.
+pub fn check_entry_count(n: usize) -> Result<(), FhirError> {
+    if n > MAX_BUNDLE_ENTRIES {
+        return Err(FhirError::at(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-costly",
+            "Bundle.entry",
+            format!("a Bundle may have at most {MAX_BUNDLE_ENTRIES} entries"),
+        ));
+    }
+    Ok(())
+}
+
 /// A resource (given as its JSON value) of type `res_type` obeys its limit: a Binary's decoded
 /// `data` the Binary limit (and the rest of it the resource limit), anything else its compact JSON
 /// size the resource limit. 413 naming `expression`.

@@ -136,6 +136,17 @@ both_backends! {
         rejected(&app, "POST", "", FHIR_JSON, &tx("batch", entries), 400, Some("Bundle.entry[1].fullUrl")).await;
     }
 
+    async fn a_bundle_of_more_than_1000_entries_is_413(app: TestApp) {
+        let get = json!({"request": {"method": "GET", "url": "Communication?_id=1"}});
+        let write = post_entry(message("Patient/p1", "2024-01-01", "x"));
+        let mut entries = vec![write];
+        entries.extend(std::iter::repeat_n(get.clone(), 1000));
+        rejected(&app, "POST", "", FHIR_JSON, &tx("transaction", entries), 413, Some("Bundle.entry")).await;
+        let r = app.client.post(app.url("")).header("content-type", FHIR_JSON)
+            .body(tx("batch", vec![get; 1000])).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     async fn a_key_repeated_inside_a_bundle_entry_is_400(app: TestApp) {
         let body = r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"POST","url":"Communication"},
             "resource":{"resourceType":"Communication","status":"completed","subject":{"reference":"Patient/evil","reference":"Patient/p1"}}}]}"#;
