@@ -230,11 +230,8 @@ async fn process(
             "a Bundle must be sent as application/fhir+json",
         )));
     }
-    // A Bundle may carry Binaries, so it gets the larger limit.
-    let limit = state
-        .settings
-        .max_resource_bytes
-        .max(state.settings.max_binary_bytes * 4 / 3 + 4096);
+    // A Bundle may carry a Binary, so it gets the larger limit; each entry obeys its own below.
+    let limit = super::limits::bundle_body_limit(&state.settings);
     let body = rest::read_body(req, payload, limit).await.map_err(fail)?;
     let bundle: Value = serde_json::from_slice(&body).map_err(|e| {
         fail(FhirError::at(
@@ -242,6 +239,16 @@ async fn process(
             "structure",
             "Bundle",
             format!("invalid JSON: {e}"),
+        ))
+    })?;
+    // A key given twice (say two `reference`s) would be read as the last one: refused, as it is
+    // in a single resource.
+    crate::store::no_duplicate_keys(&body).map_err(|m| {
+        fail(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "Bundle",
+            m,
         ))
     })?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
@@ -277,10 +284,19 @@ async fn process(
             )))
         }
     };
+    super::limits::check_entry_count(entries.len()).map_err(fail)?;
+    check_bundle(entries).map_err(fail)?;
     let mut parsed = Vec::with_capacity(entries.len());
     let mut entry_errors: HashMap<usize, FhirError> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
-        match parse_entry(i, e) {
+        let entry = parse_entry(i, e).and_then(|p| {
+            if let Some(r) = &p.resource {
+                let at = format!("Bundle.entry[{i}].resource");
+                super::limits::check_resource_size(&state.settings, &p.res_type, r, &at)?;
+            }
+            Ok(p)
+        });
+        match entry {
             Ok(p) => parsed.push(Some(p)),
             Err(err) if interaction == Interaction::Batch => {
                 entry_errors.insert(i, err);
@@ -301,6 +317,66 @@ async fn process(
             interaction,
         ))
     }
+}
+
+/// What holds for the Bundle as a whole: no control characters in any of its strings (the
+/// resources get the same check, and more, from the strict parser), and every `fullUrl` unique
+/// (bdl-7; a reference to a fullUrl that two entries carry would be ambiguous).
+fn check_bundle(entries: &[Value]) -> Result<(), FhirError> {
+    fn strings(path: &str, v: &Value) -> Result<(), FhirError> {
+        match v {
+            Value::String(s) if fhir_codec::has_control_chars(s) => Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "value",
+                path,
+                "control characters are not allowed in FHIR strings (only tab, carriage return and line feed)",
+            )),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, x)| strings(&format!("{path}[{i}]"), x)),
+            Value::Object(o) => o
+                .iter()
+                .try_for_each(|(k, x)| strings(&format!("{path}.{k}"), x)),
+            _ => Ok(()),
+        }
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        for (k, v) in e.as_object().into_iter().flatten() {
+            if k != "resource" {
+                strings(&format!("Bundle.entry[{i}].{k}"), v)?;
+            }
+        }
+        if let Some(full) = e.get("fullUrl").and_then(Value::as_str) {
+            if let Some(first) = seen.insert(full, i) {
+                return Err(FhirError::at(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("Bundle.entry[{i}].fullUrl"),
+                    format!("bdl-7: this fullUrl is also the fullUrl of Bundle.entry[{first}]; each entry needs its own"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The query of an entry URL or `ifNoneExist`: no empty parameters (`a=1&&b=2`, a trailing `&`,
+/// a bare `?`) and none without a name (`=x`). Such a URL is a client error, not a search for
+/// "anything" (conditional writes and searches would silently match more than intended).
+pub fn check_query(query: &str, expression: &str) -> Result<(), FhirError> {
+    for part in query.split('&') {
+        if part.is_empty() || part.starts_with('=') {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                expression,
+                "the URL has an empty search parameter (a stray '&', '?' or '=')",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
@@ -336,6 +412,15 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
         Some((p, q)) => (p, Some(q.to_string())),
         None => (url, None),
     };
+    if let Some(q) = &query {
+        check_query(q, &at("request.url"))?;
+    }
+    if let Some(q) = request.get("ifNoneExist").and_then(Value::as_str) {
+        check_query(
+            q.split_once('?').map_or(q, |(_, q)| q),
+            &at("request.ifNoneExist"),
+        )?;
+    }
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let res_type = segs[0].to_string();
     if support(&res_type).is_none() {
@@ -576,7 +661,7 @@ async fn transaction(
                 if e.res_type == "Binary" {
                     access::stamp_owner(state, p, &mut r);
                 }
-                check_resource(&r, &e.res_type, &prefix)?;
+                check_resource(state, &r, &e.res_type, &prefix)?;
                 access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
                 Some(r)
             }
@@ -666,7 +751,7 @@ async fn batch(
                     if e.res_type == "Binary" {
                         access::stamp_owner(state, p, &mut r);
                     }
-                    check_resource(&r, &e.res_type, &prefix)?;
+                    check_resource(state, &r, &e.res_type, &prefix)?;
                     access::check_attachments(state, p, &e.res_type, &r, &Default::default())
                         .await?;
                     Some(r)

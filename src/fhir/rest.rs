@@ -246,6 +246,7 @@ pub async fn read_body(
 
 /// Parses and strictly checks a resource body of `expected` type.
 pub fn parse_resource(
+    state: &AppState,
     bytes: &[u8],
     expected: &str,
     expression_prefix: &str,
@@ -254,12 +255,15 @@ pub fn parse_resource(
         std::str::from_utf8(bytes).map_err(|_| FhirError::bad_request("the body is not UTF-8"))?;
     let incoming = Incoming::parse(text)
         .map_err(|m| FhirError::at(StatusCode::BAD_REQUEST, "structure", expression_prefix, m))?;
-    check_resource(&incoming.value, expected, expression_prefix)?;
+    check_resource(state, &incoming.value, expected, expression_prefix)?;
     Ok(incoming)
 }
 
 /// Strict FHIR check of an already parsed resource; expressions are prefixed for Bundle entries.
+/// Besides [`fhir_codec::check`], every searchable value must fit the index
+/// ([`crate::search::index::check_indexable`]).
 pub fn check_resource(
+    state: &AppState,
     value: &Value,
     expected: &str,
     expression_prefix: &str,
@@ -292,17 +296,31 @@ pub fn check_resource(
             ))
         }
     }
-    fhir_codec::check(value).map_err(|issues| {
-        FhirError::invalid_resource(
-            issues
-                .into_iter()
-                .map(|mut i| {
-                    i.expression = prefix(i.expression);
-                    i
-                })
-                .collect(),
-        )
-    })
+    fhir_codec::check(value)
+        .and_then(|()| {
+            let issues = crate::search::index::check_indexable(
+                &state.store.registry,
+                expected,
+                value,
+                &state.settings.base_url,
+            );
+            if issues.is_empty() {
+                Ok(())
+            } else {
+                Err(issues)
+            }
+        })
+        .map_err(|issues| {
+            FhirError::invalid_resource(
+                issues
+                    .into_iter()
+                    .map(|mut i| {
+                        i.expression = prefix(i.expression);
+                        i
+                    })
+                    .collect(),
+            )
+        })
 }
 
 // ----- Prefer / If-Match ------------------------------------------------------------------------
@@ -511,7 +529,7 @@ async fn create_inner(
     let p = access::principal(req)?;
     let is_binary = res_type == "Binary";
     let limit = if is_binary {
-        state.settings.max_binary_bytes * 4 / 3 + 1024
+        super::limits::binary_json_body_limit(&state.settings)
     } else {
         state.settings.max_resource_bytes
     };
@@ -527,16 +545,7 @@ async fn create_inner(
     let body = read_body(req, payload, limit).await?;
     let id = new_id();
     let incoming = if raw_binary {
-        if body.len() > state.settings.max_binary_bytes {
-            return Err(FhirError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-costly",
-                format!(
-                    "the Binary is larger than the limit of {} bytes",
-                    state.settings.max_binary_bytes
-                ),
-            ));
-        }
+        super::limits::check_binary_bytes(&state.settings, body.len(), "Binary.data")?;
         let content_type = if mt.is_empty() {
             "application/octet-stream".to_string()
         } else {
@@ -546,30 +555,31 @@ async fn create_inner(
                 .unwrap_or(&mt)
                 .to_string()
         };
+        if !fhir_codec::is_mime_type(&content_type) {
+            return Err(FhirError::at(
+                StatusCode::BAD_REQUEST,
+                "value",
+                "Binary.contentType",
+                "Content-Type must be a MIME type: type/subtype, optionally with ;name=value parameters",
+            ));
+        }
         let mut v = json!({"resourceType": "Binary", "contentType": content_type, "data": base64::engine::general_purpose::STANDARD.encode(&body)});
         access::stamp_owner(state, &p, &mut v);
         Incoming::from_value(v)
     } else {
-        let mut incoming = parse_resource(&body, res_type, "")?;
+        let mut incoming = parse_resource(state, &body, res_type, "")?;
         if is_binary {
             let mut v = incoming.value.clone();
             access::stamp_owner(state, &p, &mut v);
             incoming = Incoming::from_value(v);
         }
         if is_binary {
-            let len = incoming.value["data"]
-                .as_str()
-                .map_or(0, |d| d.len() / 4 * 3);
-            if len > state.settings.max_binary_bytes {
-                return Err(FhirError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too-costly",
-                    format!(
-                        "the Binary is larger than the limit of {} bytes",
-                        state.settings.max_binary_bytes
-                    ),
-                ));
-            }
+            super::limits::check_resource_size(
+                &state.settings,
+                "Binary",
+                &incoming.value,
+                "Binary",
+            )?;
         }
         incoming
     };
@@ -582,6 +592,7 @@ async fn create_inner(
                 .to_str()
                 .map_err(|_| FhirError::bad_request("If-None-Exist is not valid text"))?;
             let q = q.split_once('?').map_or(q, |(_, q)| q);
+            super::bundle::check_query(q, "If-None-Exist")?;
             Some(conditional_search(state, &p, res_type, q)?)
         }
         Some(_) => {
@@ -687,8 +698,10 @@ async fn read_inner(
         }
     }
     if raw_binary {
+        // A content type stored before it was checked is served as plain bytes, never as a 500.
         let ct = value["contentType"]
             .as_str()
+            .filter(|ct| fhir_codec::is_mime_type(ct) && header::HeaderValue::from_str(ct).is_ok())
             .unwrap_or("application/octet-stream")
             .to_string();
         let data = base64::engine::general_purpose::STANDARD
@@ -765,7 +778,7 @@ async fn update_inner(
     let if_match = if_match(req)?;
     let p = access::principal(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
-    let incoming = parse_resource(&body, res_type, "")?;
+    let incoming = parse_resource(state, &body, res_type, "")?;
     match incoming.value.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(body_id) => {
@@ -865,13 +878,7 @@ async fn patch_inner(
     }
     let mut value: Value = serde_json::from_slice(current.body.as_deref().unwrap_or_default())
         .map_err(|_| FhirError::internal())?;
-    json_patch::patch(&mut value, &patch).map_err(|e| {
-        FhirError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "processing",
-            format!("the patch cannot be applied: {e}"),
-        )
-    })?;
+    super::limits::apply_patch(&state.settings, &mut value, &patch)?;
     if depth(&value) > 100 {
         return Err(FhirError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -889,7 +896,8 @@ async fn patch_inner(
         ));
     }
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
-    check_resource(&value, res_type, "")?;
+    super::limits::check_resource_size(&state.settings, res_type, &value, res_type)?;
+    check_resource(state, &value, res_type, "")?;
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
     access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;
     let mut value = value;

@@ -442,7 +442,7 @@ async fn create_inner(
     may(&p, Perm::Create)?;
     check_content_type(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
-    let incoming = parse_resource(&body, "Subscription", "")?;
+    let incoming = parse_resource(state, &body, "Subscription", "")?;
     let mut v = incoming.value;
     let r = check(state, &p, &mut v)?;
     if let Some(url) = r.endpoint.as_deref().filter(|_| r.channel == "rest-hook") {

@@ -104,6 +104,100 @@ pub fn normalize_string(s: &str) -> String {
         .join(" ")
 }
 
+/// The most bytes (UTF-8) one indexed value may have: a token's code or system, a uri, a reference,
+/// a string parameter's value. PostgreSQL's btree refuses an index row over 2,704 bytes
+/// (`idx_token_lookup` holds code and system, `idx_ref_lookup` a reference's type, id and url), so
+/// with every value at most 1,024 bytes a row stays well under it; SQLite has no such limit but gets
+/// the same rule, so both backends answer alike. Writes with a longer value are refused
+/// ([`check_indexable`]); search values longer than this are refused too (they could match nothing).
+pub const MAX_INDEXED_BYTES: usize = 1024;
+
+/// Can the index tables hold `s` on both backends (length, and no NUL, which PostgreSQL's text
+/// type cannot store)?
+pub fn fits(s: &str) -> bool {
+    s.len() <= MAX_INDEXED_BYTES && !s.contains('\0')
+}
+
+impl Entry {
+    /// The value of this entry the index cannot hold, if any.
+    fn oversized(&self) -> Option<&str> {
+        match self {
+            Entry::Token { system, code, .. } => system
+                .as_deref()
+                .filter(|s| !fits(s))
+                .or_else(|| (!fits(code)).then_some(code.as_str())),
+            Entry::Ref {
+                target_type,
+                target_id,
+                url,
+                ..
+            } => [target_type, target_id, url]
+                .into_iter()
+                .flatten()
+                .find(|s| !fits(s))
+                .map(String::as_str),
+            Entry::Date { .. } => None,
+            Entry::Str { norm, raw, .. } => (!fits(norm) || !fits(raw)).then_some(raw.as_str()),
+        }
+    }
+}
+
+/// Every value of `resource` that a search parameter indexes and that is longer than
+/// [`MAX_INDEXED_BYTES`] (a reference is measured whole, indexed or not), each named by its path
+/// (`Communication.identifier[0].value`). The write paths refuse such a resource with 400.
+pub fn check_indexable(
+    registry: &Registry,
+    res_type: &str,
+    resource: &Value,
+    base_url: &str,
+) -> Vec<fhir_codec::Issue> {
+    let mut bad: Vec<String> = Vec::new();
+    for p in registry.indexed(res_type) {
+        if p.kind == ParamType::Reference {
+            for v in p.expression.eval(resource) {
+                if let Some(r) = v
+                    .get("reference")
+                    .and_then(Value::as_str)
+                    .or_else(|| v.as_str())
+                {
+                    if !fits(r) {
+                        bad.push(r.to_string());
+                    }
+                }
+            }
+        }
+        let mut es = Vec::new();
+        param_entries(p, resource, base_url, &mut es);
+        bad.extend(es.iter().filter_map(Entry::oversized).map(String::from));
+    }
+    bad.sort();
+    bad.dedup();
+    bad.iter()
+        .map(|s| fhir_codec::Issue {
+            code: "too-long",
+            expression: path_of(resource, res_type, s).unwrap_or_else(|| res_type.to_string()),
+            diagnostics: format!(
+                "this searchable value is longer than {MAX_INDEXED_BYTES} bytes, the most this server indexes"
+            ),
+        })
+        .collect()
+}
+
+/// The path of the first string equal to `needle` in `v` (`Type.a[0].b`).
+fn path_of(v: &Value, path: &str, needle: &str) -> Option<String> {
+    match v {
+        Value::String(s) if s == needle => Some(path.to_string()),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| path_of(x, &format!("{path}[{i}]"), needle)),
+        Value::Object(o) => o
+            .iter()
+            .find_map(|(k, x)| path_of(x, &format!("{path}.{k}"), needle)),
+        _ => None,
+    }
+}
+
 /// Every index entry of `resource` (of type `res_type`).
 pub fn entries(
     registry: &Registry,
@@ -115,9 +209,11 @@ pub fn entries(
     for p in registry.indexed(res_type) {
         param_entries(p, resource, base_url, &mut out);
     }
-    // The same value reached twice (e.g. two identical codings) is indexed once.
+    // The same value reached twice (e.g. two identical codings) is indexed once. A value the index
+    // cannot hold is left out (the write paths refuse such resources first; this keeps the
+    // server's own writes, such as AuditEvents, from failing on one).
     let mut seen = std::collections::HashSet::with_capacity(out.len());
-    out.retain(|e| seen.insert(e.clone()));
+    out.retain(|e| e.oversized().is_none() && seen.insert(e.clone()));
     out
 }
 
@@ -279,5 +375,30 @@ mod tests {
             .iter()
             .any(|x| matches!(x, Entry::Ref { param, .. } if param == "Communication.recipient")));
         assert!(!format!("{e:?}").contains("secret"));
+    }
+
+    #[test]
+    fn values_too_long_to_index_are_named_and_never_indexed() {
+        let reg = Registry::load().unwrap();
+        let long = "x".repeat(MAX_INDEXED_BYTES + 1);
+        let r = serde_json::json!({"resourceType":"Communication","status":"completed",
+            "identifier":[{"system":"http://s","value":"ok"},{"system":"http://s","value":long}],
+            "recipient":[{"reference":format!("https://elsewhere.example/{long}")}]});
+        let issues = check_indexable(&reg, "Communication", &r, "http://x");
+        let mut exprs: Vec<&str> = issues.iter().map(|i| i.expression.as_str()).collect();
+        exprs.sort();
+        assert_eq!(
+            exprs,
+            vec![
+                "Communication.identifier[1].value",
+                "Communication.recipient[0].reference"
+            ]
+        );
+        let e = entries(&reg, "Communication", &r, "http://x");
+        assert!(e.iter().all(|x| x.oversized().is_none()));
+        let at_limit = "y".repeat(MAX_INDEXED_BYTES);
+        let r = serde_json::json!({"resourceType":"Communication","status":"completed",
+            "identifier":[{"system":at_limit,"value":at_limit}]});
+        assert!(check_indexable(&reg, "Communication", &r, "http://x").is_empty());
     }
 }

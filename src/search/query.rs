@@ -182,6 +182,19 @@ pub fn parse(
         }]);
     }
     for (name, value) in pairs {
+        // NUL cannot even be compared by PostgreSQL; no stored string holds a control character.
+        if fhir_codec::has_control_chars(name) || fhir_codec::has_control_chars(value) {
+            errors.push(Issue {
+                code: "invalid",
+                expression: if fhir_codec::has_control_chars(name) {
+                    String::new()
+                } else {
+                    name.clone()
+                },
+                diagnostics: "search parameters may not contain control characters".into(),
+            });
+            continue;
+        }
         let (code, modifier) = match name.split_once(':') {
             Some((c, m)) => (c, Some(m)),
             None => (name.as_str(), None),
@@ -352,6 +365,21 @@ fn parse_condition(
     }
     if values.iter().any(String::is_empty) {
         return Err(format!("empty value in '{value}'"));
+    }
+    // No stored value is longer (see index::MAX_INDEXED_BYTES); a token may be `system|code`.
+    let max = super::index::MAX_INDEXED_BYTES;
+    let token = matches!(p.kind, ParamType::Token) && p.code != "_id";
+    if values.iter().any(|v| {
+        if token {
+            match split_token(v) {
+                Some((sys, code)) => sys.len() > max || code.is_some_and(|c| c.len() > max),
+                None => v.len() > max,
+            }
+        } else {
+            v.len() > max
+        }
+    }) {
+        return Err(format!("a search value may be at most {max} bytes"));
     }
     let unsupported = |m: &str| {
         Err(format!(

@@ -64,6 +64,14 @@ impl Incoming {
     }
 }
 
+/// Fails on a key repeated within one object of the JSON `text`, at any depth (serde_json would
+/// keep the last one silently; [`Incoming::parse`] does the same check for a single resource).
+pub fn no_duplicate_keys(text: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<indexmap_like::NoDuplicateKeys>(text)
+        .map(|_| ())
+        .map_err(|e| format!("invalid JSON: {e}"))
+}
+
 mod indexmap_like {
     //! Top-level JSON members in order, each kept as raw text.
     use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};

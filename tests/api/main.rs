@@ -23,5 +23,6 @@ mod ssrf;
 mod staff_only;
 mod storage;
 mod strict;
+mod strict_more;
 mod subscriptions;
 mod validator;

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 /// Posts `body` as text and asserts: `status`, an OperationOutcome whose first issue's expression is
 /// `expression` (when given), and unchanged row counts.
-async fn rejected(
+pub(crate) async fn rejected(
     app: &TestApp,
     method: &str,
     path: &str,

@@ -104,6 +104,7 @@ pub fn check(value: &Value) -> Result<(), Vec<Issue>> {
             )),
         }
     }
+    check_contained(resource_type, obj, &mut issues);
     if !issues.is_empty() {
         return Err(issues);
     }
@@ -171,6 +172,11 @@ fn check_json_shape(path: &str, value: &Value, issues: &mut Vec<Issue>) {
             path.to_string(),
             "empty strings are not allowed in FHIR JSON",
         )),
+        Value::String(s) if has_control_chars(s) => issues.push(Issue::new(
+            "value",
+            path.to_string(),
+            "control characters are not allowed in FHIR strings (only tab, carriage return and line feed)",
+        )),
         Value::Array(items) => {
             if items.is_empty() {
                 issues.push(Issue::new(
@@ -200,10 +206,164 @@ fn check_json_shape(path: &str, value: &Value, issues: &mut Vec<Issue>) {
             }
             for (k, v) in map {
                 // Contained / nested resources restart the path at their type, as FHIRPath does.
-                check_json_shape(&format!("{path}.{k}"), v, issues);
+                let p = format!("{path}.{k}");
+                if k == "contentType" {
+                    if let Value::String(s) = v {
+                        if !has_control_chars(s) && !is_mime_type(s) {
+                            issues.push(Issue::new(
+                                "value",
+                                p.clone(),
+                                "contentType must be a MIME type: type/subtype, optionally followed by ;name=value parameters",
+                            ));
+                        }
+                    }
+                }
+                check_json_shape(&p, v, issues);
             }
         }
         _ => {}
+    }
+}
+
+/// FHIR `string` (R4: regex `[ \r\n\t\S]+`, and "strings SHOULD not contain Unicode character
+/// points below 32, except for u0009, u000D and u000A"): Courier refuses every Unicode control
+/// character (C0, DEL and C1) other than tab, CR and LF, in every JSON string of a resource. (No
+/// FHIR primitive — code, uri, id, base64Binary, markdown — may hold one either.)
+pub fn has_control_chars(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n'))
+}
+
+/// An RFC 9110 media type: `type "/" subtype *( OWS ";" OWS parameter )`, where a parameter is
+/// `token "=" ( token / quoted-string )`; ASCII only, at most 255 bytes. What an HTTP
+/// `Content-Type` header can carry as it is (Courier serves `Binary.contentType` as one).
+pub fn is_mime_type(s: &str) -> bool {
+    fn tchar(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    }
+    fn token(b: &[u8], mut i: usize) -> usize {
+        while i < b.len() && tchar(b[i]) {
+            i += 1;
+        }
+        i
+    }
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > 255 {
+        return false;
+    }
+    let ows = |mut i: usize| {
+        while i < b.len() && (b[i] == b' ' || b[i] == b'\t') {
+            i += 1;
+        }
+        i
+    };
+    // type "/" subtype
+    let i = token(b, 0);
+    if i == 0 || b.get(i) != Some(&b'/') {
+        return false;
+    }
+    let j = token(b, i + 1);
+    if j == i + 1 {
+        return false;
+    }
+    let mut i = j;
+    loop {
+        i = ows(i);
+        if i == b.len() {
+            return true;
+        }
+        if b[i] != b';' {
+            return false;
+        }
+        i = ows(i + 1);
+        if i == b.len() {
+            return true; // a trailing ';' is tolerated by RFC 9110's grammar (empty parameter)
+        }
+        let n = token(b, i);
+        if n == i || b.get(n) != Some(&b'=') {
+            return false;
+        }
+        i = n + 1;
+        if b.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return false,
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') => match b.get(i + 1) {
+                        Some(&c) if c == b'\t' || (0x20..0x7f).contains(&c) => i += 2,
+                        _ => return false,
+                    },
+                    Some(&c) if c == b'\t' || (0x20..0x7f).contains(&c) => i += 1,
+                    Some(_) => return false,
+                }
+            }
+        } else {
+            let v = token(b, i);
+            if v == i {
+                return false;
+            }
+            i = v;
+        }
+    }
+}
+
+/// dom-2 (a contained resource SHALL NOT contain resources) and dom-3 (every contained resource
+/// SHALL be referenced from elsewhere in the resource by `#id`, or itself refer to its container
+/// with `#`). References are looked for in every string of the resource, whatever its element, so
+/// canonical and uri references count as the invariant says; the check never refuses a resource the
+/// invariant accepts.
+fn check_contained(
+    resource_type: &str,
+    obj: &serde_json::Map<String, Value>,
+    issues: &mut Vec<Issue>,
+) {
+    let Some(Value::Array(contained)) = obj.get("contained") else {
+        return;
+    };
+    fn local_refs<'a>(v: &'a Value, out: &mut std::collections::HashSet<&'a str>) {
+        match v {
+            Value::String(s) if s.starts_with('#') => {
+                out.insert(s.as_str());
+            }
+            Value::Array(a) => a.iter().for_each(|x| local_refs(x, out)),
+            Value::Object(o) => o.values().for_each(|x| local_refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut refs = std::collections::HashSet::new();
+    for v in obj.values() {
+        local_refs(v, &mut refs);
+    }
+    for (i, c) in contained.iter().enumerate() {
+        let path = format!("{resource_type}.contained[{i}]");
+        if c.get("contained").is_some() {
+            issues.push(Issue::new(
+                "invariant",
+                format!("{path}.contained"),
+                "dom-2: a contained resource cannot contain resources",
+            ));
+        }
+        let Some(id) = c.get("id").and_then(Value::as_str) else {
+            issues.push(Issue::new(
+                "invariant",
+                format!("{path}.id"),
+                "a contained resource needs an id, and a reference to it (#id) from the resource (dom-3)",
+            ));
+            continue;
+        };
+        let mut own = std::collections::HashSet::new();
+        local_refs(c, &mut own);
+        if !refs.contains(format!("#{id}").as_str()) && !own.contains("#") {
+            issues.push(Issue::new(
+                "invariant",
+                path,
+                format!("dom-3: contained resource '#{id}' is not referenced from elsewhere in the resource"),
+            ));
+        }
     }
 }
 
@@ -344,5 +504,87 @@ mod decimal_tests {
         let text = r#"{"resourceType":"Communication","status":"completed","extension":[{"url":"http://x.org/e","valueDecimal":1.50}]}"#;
         let v: Value = serde_json::from_str(text).unwrap();
         assert_eq!(check(&v), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod input_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn exprs(v: Value) -> Vec<String> {
+        check(&v)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.expression)
+            .collect()
+    }
+
+    #[test]
+    fn control_characters_are_refused_except_tab_cr_lf() {
+        for bad in ["a\u{0}b", "a\u{1}", "\u{1b}[31m", "x\u{7f}", "x\u{85}"] {
+            let v = json!({"resourceType":"Communication","status":"completed",
+                "identifier":[{"system":"http://x.org","value":bad}]});
+            assert_eq!(
+                exprs(v),
+                vec!["Communication.identifier[0].value"],
+                "{bad:?}"
+            );
+        }
+        let v = json!({"resourceType":"Communication","status":"completed",
+            "payload":[{"contentString":"line 1\r\n\tline 2"}]});
+        assert_eq!(check(&v), Ok(()));
+    }
+
+    #[test]
+    fn mime_types() {
+        for ok in [
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/fhir+json;charset=\"utf-8\"",
+            "multipart/form-data; boundary=\"a;b\"",
+            "image/png",
+        ] {
+            assert!(is_mime_type(ok), "{ok}");
+        }
+        for bad in [
+            "text/plain;\nX: 1",
+            "text",
+            "text/",
+            "/plain",
+            "text/plain x",
+            "text/plain; a",
+            "text/plain; a=",
+            "text/pl\u{e9}in",
+            "text/plain; a=\"open",
+            "text / plain",
+        ] {
+            assert!(!is_mime_type(bad), "{bad:?}");
+        }
+        let v = json!({"resourceType":"Binary","contentType":"text/plain; x y"});
+        assert_eq!(exprs(v), vec!["Binary.contentType"]);
+        let v = json!({"resourceType":"Binary","contentType":"text/plain;\nX: 1"});
+        assert_eq!(exprs(v), vec!["Binary.contentType"]);
+    }
+
+    #[test]
+    fn contained_resources_must_be_referenced() {
+        let unreferenced = json!({"resourceType":"Communication","status":"completed",
+            "contained":[{"resourceType":"Patient","id":"p"}]});
+        assert_eq!(exprs(unreferenced), vec!["Communication.contained[0]"]);
+        let referenced = json!({"resourceType":"Communication","status":"completed",
+            "contained":[{"resourceType":"Patient","id":"p"}],
+            "subject":{"reference":"#p"}});
+        assert_eq!(check(&referenced), Ok(()));
+        let to_container = json!({"resourceType":"Communication","status":"completed",
+            "contained":[{"resourceType":"Group","id":"g","type":"person","actual":true,
+                "member":[{"entity":{"reference":"#"}}]}]});
+        assert_eq!(check(&to_container), Ok(()));
+        let nested = json!({"resourceType":"Communication","status":"completed",
+            "contained":[{"resourceType":"Patient","id":"p",
+                "contained":[{"resourceType":"Patient","id":"q"}]}],
+            "subject":{"reference":"#p"}, "recipient":[{"reference":"#q"}]});
+        assert_eq!(exprs(nested), vec!["Communication.contained[0].contained"]);
     }
 }
