@@ -22,7 +22,7 @@ use crate::auth::scopes::{self, Perm};
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{
-    audit_context, audit_outcome, audited_answer, blocking, check_content_type, new_id,
+    audit_context, audited_answer, blocking, check_content_type, new_id,
     parse_resource, read_body, Res,
 };
 use crate::fhir::AppState;
@@ -459,8 +459,7 @@ pub async fn create(
                 .trim_start_matches('/')
                 .to_string()
         });
-    audit_outcome(&state, &ctx, Interaction::Create, what, None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    crate::fhir::rest::answer_audited(&state, &ctx, Interaction::Create, what, None, result).await
 }
 
 async fn create_inner(

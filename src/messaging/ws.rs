@@ -218,7 +218,13 @@ async fn serve(
     opened.client_id = Some(principal.client_id.clone());
     opened.user = principal.fhir_user.clone();
     opened.token_id = Some(principal.jti.clone());
-    crate::fhir::rest::record_event(state, crate::audit::authentication(&opened, None)).await;
+    if crate::fhir::rest::record_event_checked(state, crate::audit::authentication(&opened, None))
+        .await
+        .is_err()
+    {
+        // Nothing is served unaudited: 1013 "try again later".
+        return refuse(session, 1013, "unavailable", "the audit trail cannot be written now; retry later").await;
+    }
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();

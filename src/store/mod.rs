@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod db;
+pub mod health;
 pub mod keys;
 pub mod resident;
 pub mod rows;
@@ -344,6 +345,8 @@ pub struct Store {
     pub key_file: Option<std::path::PathBuf>,
     /// The audit chain's HMAC key, once loaded (see `audit::chain`).
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
+    /// Whether writes succeed now (see [`health`]).
+    pub health: health::WriteHealth,
 }
 
 /// Data keys by scope (class, patient): key id and the end of its write window.
@@ -486,6 +489,7 @@ impl Store {
                 retention,
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
+                health: Default::default(),
             }
         });
         store.load_keys()?;
@@ -573,6 +577,12 @@ impl Store {
     /// [`Store::submit`] without holding a thread while the SQLite writer works; PostgreSQL's
     /// blocking driver runs on the blocking pool.
     async fn submit_async(self: &Arc<Self>, job: Job) -> JobResult {
+        let r = self.submit_async_unobserved(job).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn submit_async_unobserved(self: &Arc<Self>, job: Job) -> JobResult {
         let Some(writer) = &self.writer else {
             let store = self.clone();
             return tokio::task::spawn_blocking(move || store.submit(job))
@@ -687,6 +697,12 @@ impl Store {
     /// write time), so instead the batch runs optimistically and, when a job fails, the whole
     /// transaction is rolled back and re-run without that job, which is answered with its error.
     fn submit(&self, job: Job) -> JobResult {
+        let r = self.submit_unobserved(job);
+        self.health.observe(&r);
+        r
+    }
+
+    fn submit_unobserved(&self, job: Job) -> JobResult {
         let Some(writer) = &self.writer else {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| {
