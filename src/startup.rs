@@ -116,6 +116,7 @@ impl Application {
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let scheduler = crate::messaging::schedule::spawn(
             store.clone(),
+            settings.instance_id(),
             std::time::Duration::from_secs(settings.scheduler_lease_secs.max(1) as u64),
         )
         .abort_handle();

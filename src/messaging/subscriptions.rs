@@ -888,15 +888,15 @@ pub async fn binding_token(
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let expires = now_micros() / 1_000_000 + BINDING_TOKEN_SECS;
         let store = state.store.clone();
-        let (h, sid, client) = (token_hash(&token), id.clone(), p.client_id.clone());
+        let (h, sid, client, jti) = (token_hash(&token), id.clone(), p.client_id.clone(), p.jti.clone());
         blocking(move || {
             store.execute(
                 "DELETE FROM ws_binding_tokens WHERE expires_at < ?",
                 vec![(now_micros() / 1_000_000).into()],
             )?;
             store.execute(
-                "INSERT INTO ws_binding_tokens (token_hash, sub_id, owner_client, expires_at) VALUES (?, ?, ?, ?)",
-                vec![h.into(), sid.into(), client.into(), expires.into()],
+                "INSERT INTO ws_binding_tokens (token_hash, sub_id, owner_client, expires_at, jti) VALUES (?, ?, ?, ?, ?)",
+                vec![h.into(), sid.into(), client.into(), expires.into(), jti.into()],
             )?;
             Ok(())
         })

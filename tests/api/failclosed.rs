@@ -190,3 +190,124 @@ fn a_start_on_a_directory_that_cannot_be_written_fails_naming_it() {
     }
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// Reads frames until the socket closes, within `within`: the close code (`None`: it did not
+/// close in time). An event frame is a failure: nothing is sent after the revocation.
+async fn closes_without_events(ws: &mut crate::messaging::Ws, within: std::time::Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match ws.next_within(left).await {
+            Some(f) if f["type"] == "event" => panic!("an event was sent after the revocation: {f}"),
+            Some(f) => {
+                assert_eq!(f["type"], "error", "{f}");
+                assert_eq!(f["code"], "revoked", "{f}");
+                return ws.close_code().await;
+            }
+            None => return None,
+        }
+    }
+}
+
+both_backends! {
+    async fn a_revoked_tokens_websocket_closes_at_once_on_every_instance(app: TestApp) {
+        // The socket is on instance b; the token is revoked through instance a.
+        let b = spawn_instance_on(&app).await.unwrap();
+        let token = issue(&b.tokens, &app.admin_client_id, "system/Communication.rs", None, None);
+        let (mut ws, _, _) = crate::messaging::Ws::open(&b, &token, None).await;
+        app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "before")).await;
+        let f = ws.next().await.expect("the event before the revocation");
+        assert_eq!(f["type"], "event", "{f}");
+        let p = b.tokens.verify(&token).unwrap();
+        app.tokens.revoke_jti(&p.jti, p.exp).unwrap();
+        // Written after the revocation: never sent to the socket, which closes within the bound.
+        app.create(&message("Patient/p1", "2026-01-01T10:01:00Z", "after")).await;
+        let code = closes_without_events(&mut ws, std::time::Duration::from_secs(3)).await;
+        assert_eq!(code, Some(4401), "the socket did not close within 3 s");
+    }
+
+    async fn a_revoked_tokens_subscription_websocket_closes_at_once(app: TestApp) {
+        use courier::messaging::subscriptions::TOPIC_COMMUNICATION;
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let b = spawn_instance_on(&app).await.unwrap();
+        let scope = "system/Communication.rs system/Subscription.cruds";
+        let client_id = courier::auth::clients::add(&app.store, "subscriber",
+            courier::auth::clients::KeySource::Document(es384_key().1.to_string()), scope).unwrap();
+        let token = issue(&app.tokens, &client_id, scope, None, None);
+        let c = client_with_token(&token);
+        let post = |path: String, body: Value| {
+            let r = c.post(app.url(&path)).header("content-type", FHIR_JSON).body(body.to_string()).send();
+            async move { r.await.unwrap().json::<Value>().await.unwrap() }
+        };
+        let sub = post("Subscription".into(), json!({"resourceType": "Subscription", "status": "requested",
+            "reason": "test", "criteria": TOPIC_COMMUNICATION,
+            "channel": {"type": "websocket", "payload": "application/fhir+json"}})).await;
+        let id = sub["id"].as_str().unwrap().to_string();
+        let p = post(format!("Subscription/{id}/$get-ws-binding-token"), json!({"resourceType": "Parameters"})).await;
+        let binding = p["parameter"].as_array().unwrap().iter().find(|x| x["name"] == "token").unwrap()["valueString"]
+            .as_str().unwrap().to_string();
+        let url = format!("{}/subscriptions/ws", b.base.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::Text(format!("bind-with-token {binding}").into())).await.unwrap();
+        let hs = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert!(hs.to_text().unwrap().contains("handshake"), "{hs:?}");
+        let principal = app.tokens.verify(&token).unwrap();
+        app.tokens.revoke(&principal).unwrap();
+        app.create(&message("Patient/p1", "2026-01-01T10:01:00Z", "after")).await;
+        // Closed within 3 s, with no notification of what was written after the revocation.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Err(_) => panic!("the subscription socket did not close within 3 s"),
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    assert!(!t.contains("event-notification"), "notified after the revocation: {t}");
+                    assert!(t.starts_with("error"), "{t}");
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    async fn a_restarted_instance_sends_what_it_had_claimed_at_once(app: TestApp) {
+        use chrono::{SecondsFormat, Utc};
+        // The instance that will "die": its sender stopped, the claim made as its sender makes it.
+        app.scheduler.abort();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let at = (Utc::now() - chrono::Duration::seconds(1)).to_rfc3339_opts(SecondsFormat::Secs, true);
+        let id = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active",
+            "subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Patient/p1"}],
+            "requester": {"reference": "Practitioner/dr-1"}, "payload": [{"contentString": "reminder"}],
+            "occurrenceDateTime": at})).await;
+        let me = courier::config::Settings { data_dir: app.dir.path().to_path_buf(), ..Default::default() }.instance_id();
+        let claimed = courier::messaging::schedule::claim(&app.store, &me, std::time::Duration::from_secs(30), 20).unwrap();
+        assert_eq!(claimed.len(), 1);
+        let q = format!("Communication?based-on=CommunicationRequest/{id}");
+        // Another live instance leaves the claim alone (its lease runs)...
+        let other = spawn_instance_on(&app).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(ids(&other.get_json(&q).await).len(), 0, "another instance took a live claim");
+        // ...the same instance, restarted (same data directory), sends it at once.
+        let url = app.database_url.clone();
+        let dir = app.dir.path().to_path_buf();
+        let restarted = spawn_app_with(app.backend, move |s| {
+            s.database_url = url;
+            s.data_dir = dir;
+        })
+        .await
+        .unwrap();
+        let mut n = 0;
+        for _ in 0..20 {
+            n = ids(&restarted.get_json(&q).await).len();
+            if n > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        assert_eq!(n, 1, "the restarted instance did not send its claimed message within 5 s");
+    }
+}
