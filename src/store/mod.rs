@@ -360,6 +360,21 @@ enum Job {
     Audit(AuditDraft),
 }
 
+impl Job {
+    /// The id of the request the job is for, if any.
+    fn request_id(&self) -> Option<&str> {
+        match self {
+            Job::Ops(_, ctx) => Some(ctx.request_id.as_str()),
+            Job::Audit(a) => a.value["entity"].as_array()?.iter().find_map(|e| {
+                (e["type"]["code"] == "XrequestId")
+                    .then(|| e["what"]["identifier"]["value"].as_str())
+                    .flatten()
+            }),
+        }
+        .filter(|id| !id.is_empty())
+    }
+}
+
 /// An operation, and for a plain create (no `If-None-Exist`) its version and AuditEvent drafted
 /// ahead.
 struct Prepared {
@@ -777,7 +792,10 @@ impl Store {
                     outcomes.push((s, Err(e)));
                 }
                 Err(BatchAbort::Store(e)) => {
-                    tracing::error!(error = %e, jobs = batch.len(), "group commit failed");
+                    // The requests it fails, by id (the writer thread is in none's log span).
+                    let request_ids: Vec<&str> =
+                        batch.iter().filter_map(|(_, j)| j.request_id()).collect();
+                    tracing::error!(error = %e, jobs = batch.len(), request_ids = %request_ids.join(","), "group commit failed");
                     let msg = e.to_string();
                     for (s, _) in batch.drain(..) {
                         let e = StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
