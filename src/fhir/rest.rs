@@ -89,10 +89,38 @@ pub async fn answer_audited(
     result: Res,
 ) -> HttpResponse {
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
-    match audited.and(result) {
-        Ok(r) => r,
-        Err(e) => actix_web::ResponseError::error_response(&e),
-    }
+    let answer = match (audited, result) {
+        (Ok(()), result) => result,
+        // A change that was made has its AuditEvent in its own transaction: it stands, and so
+        // does its answer (a 503 would invite a second, duplicate change).
+        (Err(_), Ok(r))
+            if r.status().is_success()
+                && matches!(
+                    interaction,
+                    Interaction::Create
+                        | Interaction::Update
+                        | Interaction::Patch
+                        | Interaction::Delete
+                ) =>
+        {
+            Ok(r)
+        }
+        // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
+        // changes, if any, were made (each audited in its transaction).
+        (Err(e), Ok(r))
+            if r.status().is_success()
+                && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
+        {
+            let mut e = e;
+            e.issues[0].diagnostics = format!(
+                "{}; the bundle's changes, if any, were made: read them back before retrying",
+                e.issues[0].diagnostics.split(';').next().unwrap_or_default()
+            );
+            Err(e)
+        }
+        (Err(e), _) => Err(e),
+    };
+    answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
 /// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
