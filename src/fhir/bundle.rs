@@ -2,9 +2,7 @@
 
 use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
-use super::rest::{
-    self, audit_context, blocking, check_resource, new_id, query_pairs, Res,
-};
+use super::rest::{self, audit_context, blocking, check_resource, new_id, query_pairs, Res};
 use super::{support, AppState};
 use crate::audit::Interaction;
 use crate::auth::scopes::Perm;

@@ -86,7 +86,10 @@ impl ResponseError for FhirError {
     fn error_response(&self) -> HttpResponse {
         let mut r = HttpResponse::build(self.status);
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+            r.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECS.to_string(),
+            ));
         }
         r.content_type(FHIR_JSON).body(self.outcome().to_string())
     }

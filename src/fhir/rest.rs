@@ -74,7 +74,15 @@ pub async fn audited_operation(
     patient: Option<String>,
     result: Res,
 ) -> HttpResponse {
-    answer_audited(state, ctx, Interaction::Operation, Some(what), patient, result).await
+    answer_audited(
+        state,
+        ctx,
+        Interaction::Operation,
+        Some(what),
+        patient,
+        result,
+    )
+    .await
 }
 
 /// Audits an interaction's result (see [`audit_outcome`]) and answers with it, or — when its
@@ -89,37 +97,39 @@ pub async fn answer_audited(
     result: Res,
 ) -> HttpResponse {
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
-    let answer = match (audited, result) {
-        (Ok(()), result) => result,
-        // A change that was made has its AuditEvent in its own transaction: it stands, and so
-        // does its answer (a 503 would invite a second, duplicate change).
-        (Err(_), Ok(r))
-            if r.status().is_success()
-                && matches!(
-                    interaction,
-                    Interaction::Create
-                        | Interaction::Update
-                        | Interaction::Patch
-                        | Interaction::Delete
-                ) =>
-        {
-            Ok(r)
-        }
-        // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
-        // changes, if any, were made (each audited in its transaction).
-        (Err(e), Ok(r))
-            if r.status().is_success()
-                && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
-        {
-            let mut e = e;
-            e.issues[0].diagnostics = format!(
+    let answer =
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // A change that was made has its AuditEvent in its own transaction: it stands, and so
+            // does its answer (a 503 would invite a second, duplicate change).
+            (Err(_), Ok(r))
+                if r.status().is_success()
+                    && matches!(
+                        interaction,
+                        Interaction::Create
+                            | Interaction::Update
+                            | Interaction::Patch
+                            | Interaction::Delete
+                    ) =>
+            {
+                Ok(r)
+            }
+            // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
+            // changes, if any, were made (each audited in its transaction).
+            (Err(e), Ok(r))
+                if r.status().is_success()
+                    && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
+            {
+                let mut e = e;
+                e.issues[0].diagnostics =
+                    format!(
                 "{}; the bundle's changes, if any, were made: read them back before retrying",
                 e.issues[0].diagnostics.split(';').next().unwrap_or_default()
             );
-            Err(e)
-        }
-        (Err(e), _) => Err(e),
-    };
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        };
     answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
@@ -1275,15 +1285,7 @@ async fn search_common(
                     || p.fhir_user.as_deref() == Some(pt.as_str())
             })
     });
-    answer_audited(
-        &state,
-        &ctx,
-        Interaction::SearchType,
-        None,
-        patient,
-        result,
-    )
-    .await
+    answer_audited(&state, &ctx, Interaction::SearchType, None, patient, result).await
 }
 
 async fn search_inner(

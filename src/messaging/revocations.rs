@@ -28,7 +28,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// Does this snapshot end a socket opened with the token `jti` of `client`?
     pub fn ends(&self, jti: Option<&str>, client: &str) -> bool {
-        self.loaded && (jti.is_some_and(|j| self.revoked.contains(j)) || !self.clients.contains(client))
+        self.loaded
+            && (jti.is_some_and(|j| self.revoked.contains(j)) || !self.clients.contains(client))
     }
 }
 
@@ -113,7 +114,10 @@ pub fn ends_now(store: &Store, jti: Option<&str>, client: &str) -> Result<bool, 
     let rows: Vec<Counts> = store.query(
         "SELECT (SELECT COUNT(*) FROM revoked_tokens WHERE jti = ?) AS revoked, \
                 (SELECT COUNT(*) FROM oauth_clients WHERE client_id = ?) AS clients",
-        vec![jti.unwrap_or("").to_string().into(), client.to_string().into()],
+        vec![
+            jti.unwrap_or("").to_string().into(),
+            client.to_string().into(),
+        ],
     )?;
     Ok(rows.first().is_none_or(|r| r.revoked > 0 || r.clients == 0))
 }

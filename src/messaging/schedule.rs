@@ -104,7 +104,12 @@ fn ctx(store: &Store) -> audit::Context {
 
 /// Claims up to `limit` due sends for `lease` as `instance` and sends them. Blocking. Returns how
 /// many were sent.
-pub fn run(store: &Store, instance: &str, lease: Duration, limit: i64) -> Result<usize, StoreError> {
+pub fn run(
+    store: &Store,
+    instance: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<usize, StoreError> {
     let mut sent = 0;
     for d in claim(store, instance, lease, limit)? {
         if send(store, &d)? {

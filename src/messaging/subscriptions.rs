@@ -22,8 +22,8 @@ use crate::auth::scopes::{self, Perm};
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{
-    audit_context, audited_answer, blocking, check_content_type, new_id,
-    parse_resource, read_body, Res,
+    audit_context, audited_answer, blocking, check_content_type, new_id, parse_resource, read_body,
+    Res,
 };
 use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};

@@ -233,7 +233,13 @@ async fn serve(
         .is_err()
     {
         // Nothing is served unaudited: 1013 "try again later".
-        return refuse(session, 1013, "unavailable", "the audit trail cannot be written now; retry later").await;
+        return refuse(
+            session,
+            1013,
+            "unavailable",
+            "the audit trail cannot be written now; retry later",
+        )
+        .await;
     }
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);

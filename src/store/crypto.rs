@@ -61,7 +61,10 @@ impl MasterKey {
         if let Some(dir) = file.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| {
-                    anyhow::anyhow!("cannot create the master key's directory {}: {e}", dir.display())
+                    anyhow::anyhow!(
+                        "cannot create the master key's directory {}: {e}",
+                        dir.display()
+                    )
                 })?;
             }
         }

@@ -416,7 +416,10 @@ fn sqlite_global_config() {
 fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
     let fail = |what: &str, e: std::io::Error| {
-        anyhow::anyhow!("cannot use the data directory {}: {what}: {e}", dir.display())
+        anyhow::anyhow!(
+            "cannot use the data directory {}: {what}: {e}",
+            dir.display()
+        )
     };
     std::fs::create_dir_all(dir).map_err(|e| fail("cannot create it", e))?;
     let probe = dir.join(format!(".courier-write-check-{}", std::process::id()));

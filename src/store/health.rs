@@ -161,3 +161,59 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(kind: diesel::result::DatabaseErrorKind, msg: &str) -> StoreError {
+        StoreError::Db(diesel::result::Error::DatabaseError(
+            kind,
+            Box::new(msg.to_string()),
+        ))
+    }
+
+    #[test]
+    fn storage_failures_are_told_from_other_errors() {
+        use diesel::result::DatabaseErrorKind::*;
+        let full = "the database storage is full";
+        assert_eq!(
+            unavailable(&db(Unknown, "database or disk is full")),
+            Some(full)
+        );
+        assert_eq!(
+            unavailable(&db(
+                Unknown,
+                "could not extend file \"base/1/2\": No space left on device"
+            )),
+            Some(full)
+        );
+        assert_eq!(
+            unavailable(&StoreError::Other(anyhow::anyhow!(
+                "commit failed: database error: database or disk is full"
+            ))),
+            Some(full)
+        );
+        assert_eq!(
+            unavailable(&db(Unknown, "attempt to write a readonly database")),
+            Some("the database is read-only")
+        );
+        assert_eq!(
+            unavailable(&db(
+                ReadOnlyTransaction,
+                "cannot execute INSERT in a read-only transaction"
+            )),
+            Some("the database is read-only")
+        );
+        assert_eq!(
+            unavailable(&db(ClosedConnection, "server closed the connection")),
+            Some("the database is unreachable")
+        );
+        assert_eq!(unavailable(&db(UniqueViolation, "duplicate key")), None);
+        assert_eq!(unavailable(&StoreError::Conflict("retry".into())), None);
+        assert_eq!(
+            unavailable(&StoreError::NotFound("Communication".into(), "x".into())),
+            None
+        );
+    }
+}

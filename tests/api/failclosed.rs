@@ -50,7 +50,8 @@ fn free_disk(app: &TestApp) {
         courier::store::db::Db::Sqlite(pool, ..) => {
             let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
             for mut c in conns {
-                c.batch_execute("PRAGMA max_page_count = 1073741823").unwrap();
+                c.batch_execute("PRAGMA max_page_count = 1073741823")
+                    .unwrap();
             }
         }
         courier::store::db::Db::Postgres(_) => {
@@ -94,7 +95,12 @@ async fn audited_request_ids(app: &TestApp) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|e| e["resource"]["entity"].as_array().cloned().unwrap_or_default())
+        .flat_map(|e| {
+            e["resource"]["entity"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter(|en| en["type"]["code"] == "XrequestId")
         .filter_map(|en| en["what"]["identifier"]["value"].as_str().map(String::from))
         .collect()
@@ -194,7 +200,10 @@ fn a_start_on_a_directory_that_cannot_be_written_fails_naming_it() {
 /// The socket's next frame is the revocation error, then it closes, within `within`: the close
 /// code (`None`: it did not close in time). An event frame fails the test: nothing is sent after
 /// the revocation.
-async fn closes_without_events(ws: &mut crate::messaging::Ws, within: std::time::Duration) -> Option<u16> {
+async fn closes_without_events(
+    ws: &mut crate::messaging::Ws,
+    within: std::time::Duration,
+) -> Option<u16> {
     match ws.next_within(within).await {
         Some(f) if f["type"] == "event" => panic!("an event was sent after the revocation: {f}"),
         Some(f) => {
