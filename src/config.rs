@@ -76,6 +76,10 @@ pub struct Settings {
     /// How long an instance holds a scheduled send it claimed before another may take it over
     /// (`COURIER_SCHEDULER_LEASE_SECS`).
     pub scheduler_lease_secs: i64,
+    /// This instance's name, the same across its restarts and different from every other
+    /// instance running on the database (`COURIER_INSTANCE_ID`). Empty: `{host name}:{data dir}`.
+    /// A restarted instance releases the scheduled sends it had claimed at once.
+    pub instance_id: String,
     /// Previous master keys (base64, comma-separated in `COURIER_PREVIOUS_MASTER_KEYS`): they only
     /// unwrap data keys until the background re-wrap has moved them all to the current key.
     pub previous_master_keys: Vec<SecretString>,
@@ -163,6 +167,7 @@ impl Default for Settings {
             subscription_private_endpoints: false,
             outbound_allow: vec![],
             scheduler_lease_secs: 30,
+            instance_id: String::new(),
             previous_master_keys: vec![],
             retention: crate::compliance::retention::defaults(),
             purge_interval_secs: 3600,
@@ -298,6 +303,9 @@ impl Settings {
         if let Some(v) = env("COURIER_SCHEDULER_LEASE_SECS") {
             self.scheduler_lease_secs = num("COURIER_SCHEDULER_LEASE_SECS", v)?;
         }
+        if let Some(v) = env("COURIER_INSTANCE_ID") {
+            self.instance_id = v;
+        }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;
         }
@@ -322,6 +330,23 @@ impl Settings {
     pub fn is_postgres(&self) -> bool {
         self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
+    }
+
+    /// This instance's id: configured, or `{host name}:{data dir}` (the data directory made
+    /// absolute), which a restart of the same instance keeps.
+    pub fn instance_id(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let dir = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        format!("{host}:{}", dir.display())
     }
 
     /// The master key file: configured, or `{data_dir}/master.key`.

@@ -78,6 +78,15 @@ impl Application {
             );
         }
         let store = open_store(&settings)?;
+        // Serve only what can be audited: a database that cannot be written now (read-only
+        // file or directory, full disk) stops the start, naming it and why.
+        store.probe_write().map_err(|e| {
+            let place = match &store.db {
+                Db::Sqlite(_, path, _) => format!("the SQLite database {}", path.display()),
+                Db::Postgres(_) => "the PostgreSQL database".to_string(),
+            };
+            anyhow::anyhow!("cannot write to {place}: {e}")
+        })?;
         if settings.sqlite_resident_mb > 0 {
             store.keep_resident(settings.sqlite_resident_mb.saturating_mul(1 << 20))?;
         }
@@ -110,6 +119,7 @@ impl Application {
         let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
         let scheduler = crate::messaging::schedule::spawn(
             store.clone(),
+            settings.instance_id(),
             std::time::Duration::from_secs(settings.scheduler_lease_secs.max(1) as u64),
         )
         .abort_handle();
@@ -218,25 +228,31 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let store = state.store.clone();
-    let ok = web::block(move || store.ping()).await.unwrap_or(false);
-    if ok {
-        HttpResponse::Ok()
+    let ready = web::block(move || store.readiness())
+        .await
+        .unwrap_or_else(|_| Err("the readiness check failed".into()));
+    match ready {
+        Ok(()) => HttpResponse::Ok()
             .content_type("application/json")
-            .body(r#"{"status":"ready","database":"ok"}"#)
-    } else {
-        HttpResponse::ServiceUnavailable()
+            .body(r#"{"status":"ready","database":"ok"}"#),
+        // Not ready while writes fail: nothing could be audited, so nothing is served.
+        Err(why) => HttpResponse::ServiceUnavailable()
             .content_type(FHIR_JSON)
+            .insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                crate::fhir::outcome::RETRY_AFTER_SECS.to_string(),
+            ))
             .body(
                 crate::fhir::outcome::outcome(
                     &[fhir_codec::Issue {
                         code: "transient",
                         expression: String::new(),
-                        diagnostics: "database unreachable".into(),
+                        diagnostics: why,
                     }],
                     "error",
                 )
                 .to_string(),
-            )
+            ),
     }
 }
 
@@ -260,7 +276,11 @@ async fn request_id(
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
     let started = std::time::Instant::now();
-    let mut res = next.call(req).await?;
+    // Every line logged while the request is handled carries its id (ERROR lines included: the
+    // 500/503 answers point to the server log by it). An ERROR-level span, so a quieter log
+    // filter keeps it.
+    let span = tracing::error_span!("request", request_id = %id);
+    let mut res = tracing::Instrument::instrument(next.call(req), span).await?;
     res.headers_mut().insert(
         HeaderName::from_static("x-request-id"),
         HeaderValue::from_str(&id).expect("checked ASCII"),

@@ -102,10 +102,16 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let mut ctx = audit_context(&req, &state);
     let result = token_inner(&state, &req, &body, &mut ctx).await;
     let failure = result.as_ref().err().map(|(_, d)| truncate(d, 300));
-    crate::fhir::rest::record_event(&state, audit::authentication(&ctx, failure.as_deref())).await;
-    match result {
-        Ok(r) => r,
-        Err((r, _)) => r,
+    let audited = crate::fhir::rest::record_event_checked(
+        &state,
+        audit::authentication(&ctx, failure.as_deref()),
+    )
+    .await;
+    match (result, audited) {
+        // No token is handed out whose issue is not in the audit trail.
+        (Ok(_), Err(e)) => actix_web::ResponseError::error_response(&e),
+        (Ok(r), Ok(())) => r,
+        (Err((r, _)), _) => r,
     }
 }
 

@@ -2,9 +2,7 @@
 
 use super::access;
 use super::outcome::{self, FhirError, FHIR_JSON};
-use super::rest::{
-    self, audit_context, audit_outcome, blocking, check_resource, new_id, query_pairs, Res,
-};
+use super::rest::{self, audit_context, blocking, check_resource, new_id, query_pairs, Res};
 use super::{support, AppState};
 use crate::audit::Interaction;
 use crate::auth::scopes::Perm;
@@ -193,8 +191,7 @@ pub async fn batch_or_transaction(
         Ok((r, i)) => (Ok(r), i),
         Err((e, i)) => (Err(e), i),
     };
-    audit_outcome(&state, &ctx, interaction, None, None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    crate::fhir::rest::answer_audited(&state, &ctx, interaction, None, None, result).await
 }
 
 struct Parsed {

@@ -8,6 +8,9 @@ use serde_json::{json, Value};
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
+/// `Retry-After` (seconds) on every 503.
+pub const RETRY_AFTER_SECS: u32 = 5;
+
 #[derive(Debug)]
 pub struct FhirError {
     pub status: StatusCode,
@@ -56,6 +59,15 @@ impl FhirError {
             "internal error; see the server log for the request id",
         )
     }
+    /// 503 `transient` with `Retry-After`: the server cannot do this now (its storage cannot be
+    /// written: disk full, read-only, unreachable); nothing was served or changed.
+    pub fn unavailable(why: &str) -> FhirError {
+        FhirError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            format!("{why}; nothing was served or changed: retry later"),
+        )
+    }
     pub fn outcome(&self) -> Value {
         outcome(&self.issues, "error")
     }
@@ -72,14 +84,23 @@ impl ResponseError for FhirError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status)
-            .content_type(FHIR_JSON)
-            .body(self.outcome().to_string())
+        let mut r = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECS.to_string(),
+            ));
+        }
+        r.content_type(FHIR_JSON).body(self.outcome().to_string())
     }
 }
 
 impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> FhirError {
+        if let Some(why) = crate::store::health::unavailable(&e) {
+            tracing::error!(error = %e, "the database cannot be written");
+            return FhirError::unavailable(why);
+        }
         match e {
             StoreError::NotFound(t, id) => FhirError::not_found(format!("{t}/{id} is not known")),
             StoreError::Gone(t, id) => FhirError::new(

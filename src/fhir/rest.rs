@@ -46,7 +46,11 @@ pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, FhirError> + Send + 'static,
 ) -> Result<T, FhirError> {
-    web::block(f).await.map_err(|_| FhirError::internal())?
+    // The request's span (its request id) follows the work onto the blocking thread.
+    let span = tracing::Span::current();
+    web::block(move || span.in_scope(f))
+        .await
+        .map_err(|_| FhirError::internal())?
 }
 
 /// Audits an operation's result (see [`audit_outcome`]) and answers with it.
@@ -58,8 +62,7 @@ pub async fn audited_answer(
     result: Res,
 ) -> HttpResponse {
     let ctx = audit_context(req, state);
-    audit_outcome(state, &ctx, interaction, Some(what), None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    answer_audited(state, &ctx, interaction, Some(what), None, result).await
 }
 
 /// Audits an operation under `ctx` (on `what`, about `patient` when it concerns one) and answers
@@ -71,20 +74,68 @@ pub async fn audited_operation(
     patient: Option<String>,
     result: Res,
 ) -> HttpResponse {
-    audit_outcome(
+    answer_audited(
         state,
         ctx,
         Interaction::Operation,
         Some(what),
         patient,
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
+}
+
+/// Audits an interaction's result (see [`audit_outcome`]) and answers with it, or — when its
+/// AuditEvent could not be recorded — with 503 instead: nothing is served unaudited
+/// (HIPAA §164.312(b)).
+pub async fn answer_audited(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    interaction: Interaction,
+    what: Option<String>,
+    patient: Option<String>,
+    result: Res,
+) -> HttpResponse {
+    let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
+    let answer =
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // A change that was made has its AuditEvent in its own transaction: it stands, and so
+            // does its answer (a 503 would invite a second, duplicate change).
+            (Err(_), Ok(r))
+                if r.status().is_success()
+                    && matches!(
+                        interaction,
+                        Interaction::Create
+                            | Interaction::Update
+                            | Interaction::Patch
+                            | Interaction::Delete
+                    ) =>
+            {
+                Ok(r)
+            }
+            // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
+            // changes, if any, were made (each audited in its transaction).
+            (Err(e), Ok(r))
+                if r.status().is_success()
+                    && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
+            {
+                let mut e = e;
+                e.issues[0].diagnostics =
+                    format!(
+                "{}; the bundle's changes, if any, were made: read them back before retrying",
+                e.issues[0].diagnostics.split(';').next().unwrap_or_default()
+            );
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        };
+    answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 
 /// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
-/// and every failure. Audit failures are logged, never shown to the client.
+/// and every failure; durable when this returns. `Err` (503) when it could not be recorded: the
+/// caller must not serve the result (see [`answer_audited`]).
 pub async fn audit_outcome(
     state: &web::Data<AppState>,
     ctx: &audit::Context,
@@ -92,7 +143,7 @@ pub async fn audit_outcome(
     what: Option<String>,
     patient: Option<String>,
     result: &Res,
-) {
+) -> Result<(), FhirError> {
     let failure_outcome;
     let failure = match result {
         Ok(r) if r.status().is_success() || r.status().is_redirection() => None,
@@ -118,15 +169,32 @@ pub async fn audit_outcome(
         patient.as_deref(),
         failure,
     );
-    record_event(state, ev).await;
+    record_event_checked(state, ev).await
 }
 
-/// Records an AuditEvent on its own (durable before this returns). Audit failures are logged,
-/// never shown to the client.
+/// Records an AuditEvent on its own (durable before this returns). A failure is logged; for
+/// callers that go ahead whatever happens (a refusal, a logout).
 pub async fn record_event(state: &AppState, event: Value) {
-    if let Err(e) = state.store.record_audit_async(event).await {
-        tracing::error!(error = %e, "could not record AuditEvent");
-    }
+    let _ = record_event_checked(state, event).await;
+}
+
+/// Records an AuditEvent on its own (durable before this returns); `Err` (503, logged with the
+/// request id) when it could not be: what it records must then not happen.
+pub async fn record_event_checked(state: &AppState, event: Value) -> Result<(), FhirError> {
+    let request_id = event["entity"]
+        .as_array()
+        .and_then(|es| {
+            es.iter()
+                .find(|e| e["type"]["code"] == "XrequestId")
+                .and_then(|e| e["what"]["identifier"]["value"].as_str())
+        })
+        .unwrap_or_default()
+        .to_string();
+    state.store.record_audit_async(event).await.map_err(|e| {
+        let why = crate::store::health::unavailable(&e).unwrap_or("the audit trail cannot be written");
+        tracing::error!(%request_id, error = %e, "could not record AuditEvent: the request is refused");
+        FhirError::unavailable(why)
+    })
 }
 
 // ----- content negotiation ------------------------------------------------------------------------
@@ -490,7 +558,7 @@ async fn finish_write(
     result: Res,
 ) -> HttpResponse {
     if result.is_err() {
-        audit_outcome(state, ctx, interaction, what, None, &result).await;
+        return answer_audited(state, ctx, interaction, what, None, result).await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
@@ -653,16 +721,15 @@ async fn finish_read(
         Ok((r, p)) => (Ok(r), p),
         Err(e) => (Err(e), None),
     };
-    audit_outcome(
+    answer_audited(
         state,
         ctx,
         interaction,
         Some(format!("{res_type}/{id}")),
         patient,
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 async fn read_inner(
@@ -993,16 +1060,15 @@ pub async fn instance_history(
     let (res_type, id) = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, Some(id.clone())).await;
-    audit_outcome(
+    answer_audited(
         &state,
         &ctx,
         Interaction::HistoryInstance,
         Some(format!("{res_type}/{id}")),
         None,
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 pub async fn type_history(
@@ -1013,8 +1079,7 @@ pub async fn type_history(
     let res_type = path.into_inner();
     let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, None).await;
-    audit_outcome(&state, &ctx, Interaction::HistoryType, None, None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    answer_audited(&state, &ctx, Interaction::HistoryType, None, None, result).await
 }
 
 async fn history_inner(
@@ -1252,16 +1317,7 @@ async fn search_common(
                     || p.fhir_user.as_deref() == Some(pt.as_str())
             })
     });
-    audit_outcome(
-        &state,
-        &ctx,
-        Interaction::SearchType,
-        None,
-        patient,
-        &result,
-    )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    answer_audited(&state, &ctx, Interaction::SearchType, None, patient, result).await
 }
 
 async fn search_inner(

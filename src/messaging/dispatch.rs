@@ -495,7 +495,7 @@ fn audit_disclosure(store: &Store, sub: &SubRow, from: i64, to: i64) {
 
 // ----- the websocket channel ----------------------------------------------------------------------
 
-#[derive(QueryableByName)]
+#[derive(QueryableByName, Clone)]
 struct BindingRow {
     #[diesel(sql_type = Text)]
     sub_id: String,
@@ -503,6 +503,9 @@ struct BindingRow {
     owner_client: String,
     #[diesel(sql_type = BigInt)]
     expires_at: i64,
+    /// The access token that asked for the binding: its revocation closes the socket.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    jti: Option<String>,
 }
 
 /// `GET /subscriptions/ws`: `bind-with-token <token>` (from `$get-ws-binding-token`), then a
@@ -549,10 +552,10 @@ async fn channel(
         return;
     };
     let store = state.store.clone();
-    let bound = web::block(move || -> Result<Option<SubRow>, StoreError> {
+    let bound = web::block(move || -> Result<Option<(SubRow, BindingRow)>, StoreError> {
         let h = subscriptions::token_hash(&token);
         let rows: Vec<BindingRow> = store.query(
-            "SELECT sub_id, owner_client, expires_at FROM ws_binding_tokens WHERE token_hash = ?",
+            "SELECT sub_id, owner_client, expires_at, jti FROM ws_binding_tokens WHERE token_hash = ?",
             vec![h.clone().into()],
         )?;
         // Single use: of two binds racing with one token, only the one that deletes it wins.
@@ -563,16 +566,20 @@ async fn channel(
         let Some(b) = rows.into_iter().next().filter(|_| taken == 1) else {
             return Ok(None);
         };
-        if b.expires_at < now_secs() {
+        if b.expires_at < now_secs()
+            || super::revocations::ends_now(&store, b.jti.as_deref(), &b.owner_client)?
+        {
             return Ok(None);
         }
         let sub = subscriptions::load(&store, &b.sub_id)?;
-        Ok(sub.filter(|s| {
-            s.owner_client == b.owner_client && s.status == "active" && s.channel == "websocket"
-        }))
+        Ok(sub
+            .filter(|s| {
+                s.owner_client == b.owner_client && s.status == "active" && s.channel == "websocket"
+            })
+            .map(|s| (s, b)))
     })
     .await;
-    let Ok(Ok(Some(sub))) = bound else {
+    let Ok(Ok(Some((sub, binding)))) = bound else {
         let _ = session
             .text("error: the binding token is unknown, used or expired")
             .await;
@@ -615,8 +622,16 @@ async fn channel(
     let mut last_read = Instant::now();
     let heartbeat = Duration::from_secs(sub.heartbeat_secs.max(0) as u64);
     let mut poll = tokio::time::interval(Duration::from_millis(250));
+    let mut revocations = state.hub.revocations.subscribe();
     loop {
         tokio::select! {
+            Ok(()) = revocations.changed() => {
+                if revocations.borrow().ends(binding.jti.as_deref(), &binding.owner_client) {
+                    let _ = session.text("error: the access token that bound this socket has been revoked").await;
+                    let _ = session.close(None).await;
+                    return;
+                }
+            }
             msg = stream.next() => match msg {
                 Some(Ok(actix_ws::AggregatedMessage::Ping(b))) if session.pong(&b).await.is_err() => return,
                 Some(Ok(actix_ws::AggregatedMessage::Close(_))) | None | Some(Err(_)) => { let _ = session.close(None).await; return; }
@@ -641,6 +656,17 @@ async fn channel(
                 if row.status != "active" {
                     let _ = session.close(None).await;
                     return;
+                }
+                if last < row.events_since_start {
+                    // Checked as of now, before anything is sent: nothing reaches a socket whose
+                    // token was revoked before the events were.
+                    let (s, b) = (state.store.clone(), binding.clone());
+                    let ended = web::block(move || super::revocations::ends_now(&s, b.jti.as_deref(), &b.owner_client)).await;
+                    if !matches!(ended, Ok(Ok(false))) {
+                        let _ = session.text("error: the access token that bound this socket has been revoked").await;
+                        let _ = session.close(None).await;
+                        return;
+                    }
                 }
                 while last < row.events_since_start {
                     let to = (last + row.max_count).min(row.events_since_start);

@@ -43,6 +43,8 @@ pub struct Hub {
     head: AtomicI64,
     /// Orders a new subscriber against the head moving without a broadcast (see `tail`).
     gate: parking_lot::Mutex<()>,
+    /// Revoked tokens and removed clients: their sockets close (see `revocations`).
+    pub revocations: Arc<super::revocations::Revocations>,
 }
 
 /// How many events a socket may be behind before it is told to reload instead of catching up.
@@ -59,6 +61,7 @@ impl Hub {
             tx,
             head: AtomicI64::new(head),
             gate: parking_lot::Mutex::new(()),
+            revocations: super::revocations::Revocations::start(store.clone()),
         });
         if let Some(url) = postgres_url {
             listen(url, Arc::downgrade(&store.changed));
@@ -109,7 +112,16 @@ impl Hub {
                     continue;
                 }
                 let hub = self.clone();
-                let batch = tokio::task::spawn_blocking(move || hub.load_after(after, 500)).await;
+                let batch = tokio::task::spawn_blocking(move || {
+                    let b = hub.load_after(after, 500)?;
+                    // Read after the events: a revocation committed before any of them is in
+                    // the snapshot the sockets check before they send it.
+                    if !b.0.is_empty() && hub.revocations.watched() {
+                        hub.revocations.refresh()?;
+                    }
+                    Ok::<_, StoreError>(b)
+                })
+                .await;
                 let (batch, raw_last) = match batch {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {

@@ -23,6 +23,7 @@ pub mod export;
 pub mod groups;
 pub mod hub;
 pub mod receipts;
+pub mod revocations;
 pub mod rules;
 pub mod schedule;
 pub mod staff_only;

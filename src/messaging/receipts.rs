@@ -19,7 +19,7 @@ use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::access;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audit_outcome, audited_answer, blocking, Res};
+use crate::fhir::rest::{audit_context, audited_answer, blocking, Res};
 use crate::fhir::AppState;
 use crate::messaging::events::{self, Kind};
 use crate::search::dates::{format_instant, now_micros};
@@ -224,16 +224,15 @@ async fn mark(
     let result = mark_inner(&state, &req, &id, read).await;
     let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
     let result = result.map(|(r, _)| r);
-    audit_outcome(
+    crate::fhir::rest::answer_audited(
         &state,
         &ctx,
         Interaction::Operation,
         Some(format!("Communication/{id}")),
         patient,
-        &result,
+        result,
     )
-    .await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    .await
 }
 
 async fn mark_inner(

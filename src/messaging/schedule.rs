@@ -87,8 +87,9 @@ pub fn track<C: Conn>(
     Ok(())
 }
 
+/// A due send, as claimed.
 #[derive(QueryableByName, Debug)]
-struct Due {
+pub struct Due {
     #[diesel(sql_type = Text)]
     request_id: String,
     #[diesel(sql_type = BigInt)]
@@ -101,9 +102,30 @@ fn ctx(store: &Store) -> audit::Context {
     audit::Context::job(&store.base_url, "scheduler")
 }
 
-/// Claims up to `limit` due sends for `lease` and sends them. Blocking. Returns how many were
-/// sent.
-pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreError> {
+/// Claims up to `limit` due sends for `lease` as `instance` and sends them. Blocking. Returns how
+/// many were sent.
+pub fn run(
+    store: &Store,
+    instance: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    let mut sent = 0;
+    for d in claim(store, instance, lease, limit)? {
+        if send(store, &d)? {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// Claims up to `limit` due sends for `lease` as `instance`, in time order. Blocking.
+pub fn claim(
+    store: &Store,
+    instance: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Due>, StoreError> {
     let now = now_micros();
     let until = now + lease.as_micros() as i64;
     // A read first: the claim is a write, and most passes find nothing due.
@@ -112,7 +134,7 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
         vec![now.into(), now.into()],
     )?;
     if due.is_empty() {
-        return Ok(0);
+        return Ok(vec![]);
     }
     let claimed: Vec<Due> = {
         let _writer = store.exclusive_writer();
@@ -123,23 +145,34 @@ pub fn run(store: &Store, lease: Duration, limit: i64) -> Result<usize, StoreErr
         };
         store.query(
             &format!(
-                "UPDATE schedules SET claimed_until = ? WHERE (request_id, occurrence) IN (\
+                "UPDATE schedules SET claimed_until = ?, claimed_by = ? WHERE (request_id, occurrence) IN (\
                  SELECT request_id, occurrence FROM schedules WHERE sent_at IS NULL AND due_at <= ? AND claimed_until < ? \
                  ORDER BY due_at LIMIT ?{skip}) RETURNING request_id, occurrence, due_at"
             ),
-            vec![until.into(), now.into(), now.into(), limit.into()],
+            vec![
+                until.into(),
+                instance.to_string().into(),
+                now.into(),
+                now.into(),
+                limit.into(),
+            ],
         )?
     };
     // In time order (RETURNING has none), so a repeating schedule's doses are judged in order.
     let mut claimed = claimed;
     claimed.sort_by_key(|d| (d.due_at, d.occurrence));
-    let mut sent = 0;
-    for d in claimed {
-        if send(store, &d)? {
-            sent += 1;
-        }
-    }
-    Ok(sent)
+    Ok(claimed)
+}
+
+/// Releases the claims `instance` holds on unsent sends: called as an instance starts, when any
+/// claim under its id is a previous run's, which died holding it (kill -9, power loss). They are
+/// sent at once instead of after their lease. Instance ids must differ between instances running
+/// at the same time (`COURIER_INSTANCE_ID`). Blocking; returns how many were released.
+pub fn release_own(store: &Store, instance: &str) -> Result<usize, StoreError> {
+    store.execute(
+        "UPDATE schedules SET claimed_until = 0, claimed_by = NULL WHERE claimed_by = ? AND sent_at IS NULL AND claimed_until > 0",
+        vec![instance.to_string().into()],
+    )
 }
 
 /// Sends one due request (if it is still active) and records it.
@@ -302,15 +335,26 @@ const BATCH: i64 = 20;
 
 /// The sender on this instance: a pass every 250 ms, or at once after a full pass (a backlog is
 /// worked off without pausing).
-pub fn spawn(store: Arc<Store>, lease: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn(store: Arc<Store>, instance: String, lease: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let (s, me) = (store.clone(), instance.clone());
+        match tokio::task::spawn_blocking(move || release_own(&s, &me)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(released = n, instance = %instance, "released the scheduled sends this instance had claimed before it stopped")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot release this instance's earlier claims; they wait for their lease")
+            }
+            Err(_) => {}
+        }
         let mut full = false;
         loop {
             if !full {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            let s = store.clone();
-            full = match tokio::task::spawn_blocking(move || run(&s, lease, BATCH)).await {
+            let (s, me) = (store.clone(), instance.clone());
+            full = match tokio::task::spawn_blocking(move || run(&s, &me, lease, BATCH)).await {
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "scheduled sends failed; retrying");
                     false

@@ -22,8 +22,8 @@ use crate::auth::scopes::{self, Perm};
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
 use crate::fhir::rest::{
-    audit_context, audit_outcome, audited_answer, blocking, check_content_type, new_id,
-    parse_resource, read_body, Res,
+    audit_context, audited_answer, blocking, check_content_type, new_id, parse_resource, read_body,
+    Res,
 };
 use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
@@ -429,8 +429,7 @@ pub async fn create(
                 .trim_start_matches('/')
                 .to_string()
         });
-    audit_outcome(&state, &ctx, Interaction::Create, what, None, &result).await;
-    result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+    crate::fhir::rest::answer_audited(&state, &ctx, Interaction::Create, what, None, result).await
 }
 
 async fn create_inner(
@@ -866,15 +865,15 @@ pub async fn binding_token(
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
         let expires = now_micros() / 1_000_000 + BINDING_TOKEN_SECS;
         let store = state.store.clone();
-        let (h, sid, client) = (token_hash(&token), id.clone(), p.client_id.clone());
+        let (h, sid, client, jti) = (token_hash(&token), id.clone(), p.client_id.clone(), p.jti.clone());
         blocking(move || {
             store.execute(
                 "DELETE FROM ws_binding_tokens WHERE expires_at < ?",
                 vec![(now_micros() / 1_000_000).into()],
             )?;
             store.execute(
-                "INSERT INTO ws_binding_tokens (token_hash, sub_id, owner_client, expires_at) VALUES (?, ?, ?, ?)",
-                vec![h.into(), sid.into(), client.into(), expires.into()],
+                "INSERT INTO ws_binding_tokens (token_hash, sub_id, owner_client, expires_at, jti) VALUES (?, ?, ?, ?, ?)",
+                vec![h.into(), sid.into(), client.into(), expires.into(), jti.into()],
             )?;
             Ok(())
         })

@@ -51,6 +51,8 @@ struct Viewer {
     principal: Principal,
     communication: Option<Access>,
     request: Option<Access>,
+    /// Revoked tokens and removed clients, as last read (see `revocations`).
+    revocations: tokio::sync::watch::Receiver<Arc<super::revocations::Snapshot>>,
 }
 
 impl Viewer {
@@ -68,8 +70,16 @@ impl Viewer {
         Viewer {
             communication: decide("Communication"),
             request: decide("CommunicationRequest"),
+            revocations: state.hub.revocations.subscribe(),
             principal: p,
         }
+    }
+
+    /// Has the socket's token been revoked (or its client removed)?
+    fn revoked(&self) -> bool {
+        self.revocations
+            .borrow()
+            .ends(Some(&self.principal.jti), &self.principal.client_id)
     }
 
     fn sees(&self, e: &Event) -> bool {
@@ -218,7 +228,19 @@ async fn serve(
     opened.client_id = Some(principal.client_id.clone());
     opened.user = principal.fhir_user.clone();
     opened.token_id = Some(principal.jti.clone());
-    crate::fhir::rest::record_event(state, crate::audit::authentication(&opened, None)).await;
+    if crate::fhir::rest::record_event_checked(state, crate::audit::authentication(&opened, None))
+        .await
+        .is_err()
+    {
+        // Nothing is served unaudited: 1013 "try again later".
+        return refuse(
+            session,
+            1013,
+            "unavailable",
+            "the audit trail cannot be written now; retry later",
+        )
+        .await;
+    }
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();
@@ -265,6 +287,9 @@ async fn serve(
                 Ok(e) => {
                     if e.seq <= last { continue; }
                     last = e.seq;
+                    if viewer.revoked() {
+                        return refuse(session, 4401, "revoked", "the access token has been revoked").await;
+                    }
                     if viewer.sees(&e) && session.text(e.text.clone()).await.is_err() {
                         return Stop::Gone;
                     }
@@ -285,6 +310,11 @@ async fn serve(
                 }
                 Err(RecvError::Closed) => return close(1012, "restarting"),
             },
+            Ok(()) = viewer.revocations.changed() => {
+                if viewer.revoked() {
+                    return refuse(session, 4401, "revoked", "the access token has been revoked").await;
+                }
+            }
             _ = expires => {
                 return refuse(session, 4401, "expired", "the access token has expired: refresh it and reconnect").await;
             }
@@ -337,6 +367,9 @@ async fn catch_up(
             break;
         };
         for e in batch.iter().filter(|e| e.seq <= upto) {
+            if viewer.revoked() {
+                return Err(close(4401, "the access token has been revoked"));
+            }
             if viewer.sees(e) {
                 session.text(e.text.clone()).await.map_err(|_| Stop::Gone)?;
             }

@@ -60,11 +60,17 @@ impl MasterKey {
         }
         if let Some(dir) = file.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create the master key's directory {}: {e}",
+                        dir.display()
+                    )
+                })?;
             }
         }
         let b64 = new_key_base64();
-        write_private(file, &b64)?;
+        write_private(file, &b64)
+            .map_err(|e| anyhow::anyhow!("cannot write master key file {}: {e}", file.display()))?;
         Ok((MasterKey::from_base64(&b64)?, prev, true))
     }
 

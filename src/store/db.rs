@@ -224,7 +224,17 @@ impl Conn for SqliteConnection {
     where
         E: From<diesel::result::Error>,
     {
-        self.immediate_transaction(f)
+        // On SQLITE_FULL or an I/O error SQLite rolls the transaction back itself; diesel's
+        // ROLLBACK then fails ("no transaction is active") and diesel answers with that error
+        // instead of the one that happened. Keep the one that happened.
+        let mut failure: Option<E> = None;
+        let r = self.immediate_transaction(|c| {
+            f(c).map_err(|e| {
+                failure = Some(e);
+                E::from(diesel::result::Error::RollbackTransaction)
+            })
+        });
+        r.map_err(|e| failure.take().unwrap_or(e))
     }
     fn is_postgres(&self) -> bool {
         false
@@ -400,6 +410,32 @@ fn sqlite_global_config() {
     });
 }
 
+/// The SQLite database's directory exists (made if missing) and takes a new file now: a missing
+/// directory that cannot be made, a read-only one and a full disk all stop the start here, the
+/// same way each time, naming the directory and the reason.
+fn check_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let fail = |what: &str, e: std::io::Error| {
+        anyhow::anyhow!(
+            "cannot use the data directory {}: {what}: {e}",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail("cannot create it", e))?;
+    let probe = dir.join(format!(".courier-write-check-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .and_then(|mut f| {
+            f.write_all(b"courier")?;
+            f.sync_all()
+        });
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| fail("cannot write a file in it", e))
+}
+
 impl Db {
     /// Opens the database named by `url` and applies pending migrations.
     pub fn connect(url: &str, pool_size: u32, sqlite_synchronous: &str) -> anyhow::Result<Db> {
@@ -415,11 +451,11 @@ impl Db {
             Ok(Db::Postgres(pool))
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
-            if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir)?;
-                }
-            }
+            let dir = std::path::Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            check_data_dir(dir)?;
             let sync = match sqlite_synchronous {
                 "NORMAL" | "FULL" | "EXTRA" => sqlite_synchronous.to_string(),
                 other => anyhow::bail!(

@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod db;
+pub mod health;
 pub mod keys;
 pub mod resident;
 pub mod rows;
@@ -352,6 +353,8 @@ pub struct Store {
     pub key_file: Option<std::path::PathBuf>,
     /// The audit chain's HMAC key, once loaded (see `audit::chain`).
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
+    /// Whether writes succeed now (see [`health`]).
+    pub health: health::WriteHealth,
 }
 
 /// Data keys by scope (class, patient): key id and the end of its write window.
@@ -363,6 +366,21 @@ type KeyMemo = HashMap<(String, String), (String, i64)>;
 enum Job {
     Ops(Vec<Prepared>, audit::Context),
     Audit(AuditDraft),
+}
+
+impl Job {
+    /// The id of the request the job is for, if any.
+    fn request_id(&self) -> Option<&str> {
+        match self {
+            Job::Ops(_, ctx) => Some(ctx.request_id.as_str()),
+            Job::Audit(a) => a.value["entity"].as_array()?.iter().find_map(|e| {
+                (e["type"]["code"] == "XrequestId")
+                    .then(|| e["what"]["identifier"]["value"].as_str())
+                    .flatten()
+            }),
+        }
+        .filter(|id| !id.is_empty())
+    }
 }
 
 /// An operation, and for a plain create (no `If-None-Exist`) its version and AuditEvent drafted
@@ -494,6 +512,7 @@ impl Store {
                 retention,
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
+                health: Default::default(),
             }
         });
         store.load_keys()?;
@@ -581,6 +600,12 @@ impl Store {
     /// [`Store::submit`] without holding a thread while the SQLite writer works; PostgreSQL's
     /// blocking driver runs on the blocking pool.
     async fn submit_async(self: &Arc<Self>, job: Job) -> JobResult {
+        let r = self.submit_async_unobserved(job).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn submit_async_unobserved(self: &Arc<Self>, job: Job) -> JobResult {
         let Some(writer) = &self.writer else {
             let store = self.clone();
             return tokio::task::spawn_blocking(move || store.submit(job))
@@ -695,6 +720,12 @@ impl Store {
     /// write time), so instead the batch runs optimistically and, when a job fails, the whole
     /// transaction is rolled back and re-run without that job, which is answered with its error.
     fn submit(&self, job: Job) -> JobResult {
+        let r = self.submit_unobserved(job);
+        self.health.observe(&r);
+        r
+    }
+
+    fn submit_unobserved(&self, job: Job) -> JobResult {
         let Some(writer) = &self.writer else {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| {
@@ -769,7 +800,10 @@ impl Store {
                     outcomes.push((s, Err(e)));
                 }
                 Err(BatchAbort::Store(e)) => {
-                    tracing::error!(error = %e, jobs = batch.len(), "group commit failed");
+                    // The requests it fails, by id (the writer thread is in none's log span).
+                    let request_ids: Vec<&str> =
+                        batch.iter().filter_map(|(_, j)| j.request_id()).collect();
+                    tracing::error!(error = %e, jobs = batch.len(), request_ids = %request_ids.join(","), "group commit failed");
                     let msg = e.to_string();
                     for (s, _) in batch.drain(..) {
                         let e = StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));

@@ -134,7 +134,11 @@ fn make_durable(store: &Store, groups: Vec<Committed>) {
         }
         Err(e) => {
             let jobs: usize = groups.iter().map(|g| g.answers.len()).sum();
-            tracing::error!(error = %e, jobs, "fsync of the SQLite write-ahead log failed");
+            let request_ids: Vec<&str> = groups
+                .iter()
+                .flat_map(|g| g.spent.iter().filter_map(|j| j.request_id()))
+                .collect();
+            tracing::error!(error = %e, jobs, request_ids = %request_ids.join(","), "fsync of the SQLite write-ahead log failed");
         }
     }
     let mut spent = Vec::with_capacity(groups.len());

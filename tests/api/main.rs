@@ -12,6 +12,7 @@ mod crud;
 mod ehr;
 mod emergency;
 mod export;
+mod failclosed;
 mod keys;
 mod messaging;
 mod operability;

@@ -1,0 +1,316 @@
+//! Issue 19 H and I: fail closed. A read whose AuditEvent cannot be recorded is not served;
+//! `/readyz` says not ready while writes fail; a full disk answers 503 with `Retry-After`; a
+//! start on a directory that cannot be written fails naming it. A revoked token's WebSocket
+//! closes at once; a restarted instance sends what it had claimed before it died at once.
+//!
+//! A full disk is made real on SQLite with `PRAGMA max_page_count` (the database cannot grow:
+//! SQLITE_FULL, SQLite's own disk-full path) on every pooled connection, and on PostgreSQL with a
+//! trigger that raises `disk_full` (SQLSTATE 53100) with PostgreSQL's own message on every insert.
+
+use crate::both_backends;
+use crate::helpers::*;
+use diesel::connection::SimpleConnection;
+use serde_json::{json, Value};
+
+/// Makes the database "full": no write that needs new space succeeds.
+fn fill_disk(app: &TestApp) {
+    match &app.store.db {
+        courier::store::db::Db::Sqlite(pool, ..) => {
+            // Every pooled connection (held together, so each is a different one).
+            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
+            for mut c in conns {
+                // Below the current size means "the current size".
+                c.batch_execute("PRAGMA max_page_count = 1").unwrap();
+            }
+        }
+        courier::store::db::Db::Postgres(_) => {
+            use diesel::Connection;
+            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
+            c.batch_execute(
+                r#"CREATE OR REPLACE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN
+                     RAISE EXCEPTION USING ERRCODE = 'disk_full',
+                       MESSAGE = 'could not extend file "base/16384/16402": No space left on device',
+                       HINT = 'Check free disk space.';
+                   END $$;
+                   DO $$ DECLARE t text; BEGIN
+                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
+                       EXECUTE format('CREATE TRIGGER test_disk_full BEFORE INSERT ON %I FOR EACH ROW EXECUTE FUNCTION test_disk_full()', t);
+                     END LOOP;
+                   END $$;"#,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// Frees the space again.
+fn free_disk(app: &TestApp) {
+    match &app.store.db {
+        courier::store::db::Db::Sqlite(pool, ..) => {
+            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
+            for mut c in conns {
+                c.batch_execute("PRAGMA max_page_count = 1073741823")
+                    .unwrap();
+            }
+        }
+        courier::store::db::Db::Postgres(_) => {
+            use diesel::Connection;
+            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
+            c.batch_execute(
+                r#"DO $$ DECLARE t text; BEGIN
+                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
+                       EXECUTE format('DROP TRIGGER IF EXISTS test_disk_full ON %I', t);
+                     END LOOP;
+                   END $$;"#,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// A 503 OperationOutcome with `Retry-After`, `transient`, that says why.
+async fn assert_unavailable(r: reqwest::Response, what: &str) {
+    assert_eq!(r.status(), 503, "{what}");
+    assert!(
+        r.headers().get("retry-after").is_some(),
+        "{what}: no Retry-After"
+    );
+    let oo: Value = r.json().await.unwrap();
+    assert_eq!(oo["resourceType"], "OperationOutcome", "{what}: {oo}");
+    assert_eq!(oo["issue"][0]["code"], "transient", "{what}: {oo}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("full"),
+        "{what}: {oo}"
+    );
+}
+
+/// The request ids the AuditEvents record.
+async fn audited_request_ids(app: &TestApp) -> Vec<String> {
+    let b = app.get_json("AuditEvent?_count=1000").await;
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| {
+            e["resource"]["entity"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|en| en["type"]["code"] == "XrequestId")
+        .filter_map(|en| en["what"]["identifier"]["value"].as_str().map(String::from))
+        .collect()
+}
+
+both_backends! {
+    async fn a_read_whose_audit_cannot_be_recorded_is_not_served(app: TestApp) {
+        let id = app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "lab results")).await;
+        assert_eq!(app.anonymous.get(app.url("readyz")).send().await.unwrap().status(), 200);
+        fill_disk(&app);
+        // Every read answered 200 has its AuditEvent; once the audit cannot be written, the read,
+        // the search and the history answer 503 and carry no PHI.
+        let mut served = Vec::new();
+        let mut refused = false;
+        for i in 0..300 {
+            let r = app.get(&format!("Communication/{id}")).await;
+            let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+            if r.status() == 200 {
+                served.push(rid);
+                continue;
+            }
+            assert_unavailable(r, &format!("read {i}")).await;
+            refused = true;
+            break;
+        }
+        assert!(refused, "300 reads were served with the database full");
+        let r = app.get("Communication?recipient=Patient/p1").await;
+        assert_unavailable(r, "search").await;
+        let r = app.get(&format!("Communication/{id}/_history")).await;
+        assert_unavailable(r, "history").await;
+        // A write answers 503 too (not 500 `exception`), and so does the readiness probe.
+        let r = app.post("Communication", &message("Patient/p1", "2026-01-01T11:00:00Z", "x")).await;
+        assert_unavailable(r, "create").await;
+        let r = app.anonymous.get(app.url("readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "readyz with the database full");
+        assert!(r.headers().get("retry-after").is_some());
+        let oo: Value = r.json().await.unwrap();
+        assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("full"), "{oo}");
+
+        free_disk(&app);
+        // Ready again once a write succeeds (the probe), and reads are served.
+        let mut ready = false;
+        for _ in 0..20 {
+            if app.anonymous.get(app.url("readyz")).send().await.unwrap().status() == 200 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        assert!(ready, "readyz stayed 503 after the space was freed");
+        assert_eq!(app.get(&format!("Communication/{id}")).await.status(), 200);
+        let audited = audited_request_ids(&app).await;
+        for rid in &served {
+            assert!(audited.contains(rid), "read {rid} was served without its AuditEvent");
+        }
+    }
+}
+
+/// `courier migrate` (the same start as `serve`) on a directory that cannot be used.
+fn start_fails_naming(dir: &std::path::Path) -> String {
+    let (ok, _, stderr) = run_cli(dir, &["migrate"]);
+    assert!(!ok, "started on {}", dir.display());
+    let error = stderr
+        .lines()
+        .rfind(|l| l.starts_with("Error"))
+        .unwrap_or_else(|| panic!("no error in {stderr}"))
+        .to_string();
+    assert!(error.contains(&dir.display().to_string()), "{stderr}");
+    error
+}
+
+#[test]
+fn a_start_on_a_directory_that_cannot_be_written_fails_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Missing, and impossible to create (its parent is a file): the same answer every time.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let missing = file.join("data");
+    let first = start_fails_naming(&missing);
+    assert!(first.contains("cannot use the data directory"), "{first}");
+    assert!(first.contains("Not a directory"), "{first}");
+    assert_eq!(first, start_fails_naming(&missing));
+    // Read-only (meaningless as root, who writes anyway: then only the missing case is checked).
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    if std::fs::write(ro.join("probe"), "x").is_err() {
+        let first = start_fails_naming(&ro);
+        assert!(first.contains("cannot write a file in it"), "{first}");
+        assert!(first.contains("ermission denied"), "{first}");
+        assert_eq!(first, start_fails_naming(&ro));
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The socket's next frame is the revocation error, then it closes, within `within`: the close
+/// code (`None`: it did not close in time). An event frame fails the test: nothing is sent after
+/// the revocation.
+async fn closes_without_events(
+    ws: &mut crate::messaging::Ws,
+    within: std::time::Duration,
+) -> Option<u16> {
+    match ws.next_within(within).await {
+        Some(f) if f["type"] == "event" => panic!("an event was sent after the revocation: {f}"),
+        Some(f) => {
+            assert_eq!(f["type"], "error", "{f}");
+            assert_eq!(f["code"], "revoked", "{f}");
+            ws.close_code().await
+        }
+        None => None,
+    }
+}
+
+both_backends! {
+    async fn a_revoked_tokens_websocket_closes_at_once_on_every_instance(app: TestApp) {
+        // The socket is on instance b; the token is revoked through instance a.
+        let b = spawn_instance_on(&app).await.unwrap();
+        let token = issue(&b.tokens, &app.admin_client_id, "system/Communication.rs", None, None);
+        let (mut ws, _, _) = crate::messaging::Ws::open(&b, &token, None).await;
+        app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "before")).await;
+        let f = ws.next().await.expect("the event before the revocation");
+        assert_eq!(f["type"], "event", "{f}");
+        let p = b.tokens.verify(&token).unwrap();
+        app.tokens.revoke_jti(&p.jti, p.exp).unwrap();
+        // Written after the revocation: never sent to the socket, which closes within the bound.
+        app.create(&message("Patient/p1", "2026-01-01T10:01:00Z", "after")).await;
+        let code = closes_without_events(&mut ws, std::time::Duration::from_secs(3)).await;
+        assert_eq!(code, Some(4401), "the socket did not close within 3 s");
+    }
+
+    async fn a_revoked_tokens_subscription_websocket_closes_at_once(app: TestApp) {
+        use courier::messaging::subscriptions::TOPIC_COMMUNICATION;
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let b = spawn_instance_on(&app).await.unwrap();
+        let scope = "system/Communication.rs system/Subscription.cruds";
+        let client_id = courier::auth::clients::add(&app.store, "subscriber",
+            courier::auth::clients::KeySource::Document(es384_key().1.to_string()), scope).unwrap();
+        let token = issue(&app.tokens, &client_id, scope, None, None);
+        let c = client_with_token(&token);
+        let post = |path: String, body: Value| {
+            let r = c.post(app.url(&path)).header("content-type", FHIR_JSON).body(body.to_string()).send();
+            async move { r.await.unwrap().json::<Value>().await.unwrap() }
+        };
+        let sub = post("Subscription".into(), json!({"resourceType": "Subscription", "status": "requested",
+            "reason": "test", "criteria": TOPIC_COMMUNICATION,
+            "channel": {"type": "websocket", "payload": "application/fhir+json"}})).await;
+        let id = sub["id"].as_str().unwrap().to_string();
+        let p = post(format!("Subscription/{id}/$get-ws-binding-token"), json!({"resourceType": "Parameters"})).await;
+        let binding = p["parameter"].as_array().unwrap().iter().find(|x| x["name"] == "token").unwrap()["valueString"]
+            .as_str().unwrap().to_string();
+        let url = format!("{}/subscriptions/ws", b.base.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::Text(format!("bind-with-token {binding}").into())).await.unwrap();
+        let hs = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert!(hs.to_text().unwrap().contains("handshake"), "{hs:?}");
+        let principal = app.tokens.verify(&token).unwrap();
+        app.tokens.revoke(&principal).unwrap();
+        app.create(&message("Patient/p1", "2026-01-01T10:01:00Z", "after")).await;
+        // Closed within 3 s, with no notification of what was written after the revocation.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Err(_) => panic!("the subscription socket did not close within 3 s"),
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => break,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    assert!(!t.contains("event-notification"), "notified after the revocation: {t}");
+                    assert!(t.starts_with("error"), "{t}");
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    async fn a_restarted_instance_sends_what_it_had_claimed_at_once(app: TestApp) {
+        use chrono::{SecondsFormat, Utc};
+        // The instance that will "die": its sender stopped, the claim made as its sender makes it.
+        app.scheduler.abort();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let at = (Utc::now() - chrono::Duration::seconds(1)).to_rfc3339_opts(SecondsFormat::Secs, true);
+        let id = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active",
+            "subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Patient/p1"}],
+            "requester": {"reference": "Practitioner/dr-1"}, "payload": [{"contentString": "reminder"}],
+            "occurrenceDateTime": at})).await;
+        let me = courier::config::Settings { data_dir: app.dir.path().to_path_buf(), ..Default::default() }.instance_id();
+        let claimed = courier::messaging::schedule::claim(&app.store, &me, std::time::Duration::from_secs(30), 20).unwrap();
+        assert_eq!(claimed.len(), 1);
+        let q = format!("Communication?based-on=CommunicationRequest/{id}");
+        // Another live instance leaves the claim alone (its lease runs)...
+        let other = spawn_instance_on(&app).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(ids(&other.get_json(&q).await).len(), 0, "another instance took a live claim");
+        // ...the same instance, restarted (same data directory), sends it at once.
+        let url = app.database_url.clone();
+        let dir = app.dir.path().to_path_buf();
+        let restarted = spawn_app_with(app.backend, move |s| {
+            s.database_url = url;
+            s.data_dir = dir;
+        })
+        .await
+        .unwrap();
+        let mut n = 0;
+        for _ in 0..20 {
+            n = ids(&restarted.get_json(&q).await).len();
+            if n > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        assert_eq!(n, 1, "the restarted instance did not send its claimed message within 5 s");
+    }
+}
