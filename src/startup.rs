@@ -37,6 +37,10 @@ pub struct Application {
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
 pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
+    if settings.data_dir.is_dir() {
+        // Narrowed to 0700 if it is open to others (a new one is made 0700 where it is needed).
+        crate::store::private::dir(&settings.data_dir)?;
+    }
     let db = Db::connect(
         &settings.database_url,
         settings.db_pool_size,
@@ -115,6 +119,9 @@ impl Application {
         } else {
             settings.workers
         };
+        let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
+        abuse.spawn(store.clone());
+        let abuse = web::Data::from(abuse);
         let state = web::Data::new(AppState {
             store: store.clone(),
             settings: Arc::new(settings),
@@ -126,6 +133,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(abuse.clone())
                 .app_data(web::PayloadConfig::new(64 * 1024))
                 .wrap(from_fn(crate::auth::guard::authenticate))
                 .wrap(from_fn(request_id))
@@ -196,8 +204,26 @@ fn cors() -> actix_cors::Cors {
         .max_age(3600)
 }
 
-/// Prometheus metrics: the write-back backlog (counts and ages only, no PHI).
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus metrics: the write-back backlog (counts and ages only, no PHI), for the static
+/// `COURIER_METRICS_TOKEN` or a system client's access token (EHR names are not for everyone).
+async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> HttpResponse {
+    let allowed = req
+        .extensions()
+        .get::<crate::auth::guard::MetricsAccess>()
+        .is_some()
+        || req
+            .extensions()
+            .get::<crate::auth::Principal>()
+            .is_some_and(|p| p.kind() == crate::auth::SubjectKind::System);
+    if !allowed {
+        use actix_web::ResponseError;
+        return crate::fhir::outcome::FhirError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "the metrics are for the metrics token or a system client's token",
+        )
+        .error_response();
+    }
     let store = state.store.clone();
     match web::block(move || crate::smart::outbox::metrics(&store)).await {
         Ok(Ok(text)) => HttpResponse::Ok()

@@ -102,7 +102,10 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let mut ctx = audit_context(&req, &state);
     let result = token_inner(&state, &req, &body, &mut ctx).await;
     let failure = result.as_ref().err().map(|(_, d)| truncate(d, 300));
-    crate::fhir::rest::record_event(&state, audit::authentication(&ctx, failure.as_deref())).await;
+    match failure.as_deref() {
+        Some(why) => crate::auth::abuse::record_failure(&state, &req, &ctx, why).await,
+        None => crate::fhir::rest::record_event(&state, audit::authentication(&ctx, None)).await,
+    }
     match result {
         Ok(r) => r,
         Err((r, _)) => r,

@@ -703,7 +703,9 @@ fn entry_guard(
 
 /// May a PUT entry create its resource, should it not exist?
 fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Incoming>) -> bool {
+    // As for a plain PUT: update as create for system tokens only (see `rest::update_inner`).
     e.method == "PUT"
+        && p.kind() == crate::auth::SubjectKind::System
         && access::write_guard(
             state,
             p,

@@ -33,10 +33,8 @@ pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default(),
-        client_address: req
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "unknown".into()),
+        client_address: crate::auth::abuse::client_ip(req, &state.settings)
+            .map_or_else(|| "unknown".into(), |a| a.to_string()),
         base_url: state.settings.base_url.clone(),
         ..Default::default()
     }
@@ -766,8 +764,10 @@ async fn update_inner(
         }
     }
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&incoming.value))?;
-    let may_create =
-        access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
+    // Client-assigned ids (update as create) for system tokens only: to a user, an unused id and
+    // someone else's hidden one both answer 404, so a PUT tells nobody which ids exist.
+    let may_create = p.kind() == crate::auth::SubjectKind::System
+        && access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
     access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),

@@ -59,9 +59,7 @@ impl MasterKey {
             return Ok((current, from_file, false));
         }
         if let Some(dir) = file.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
-            }
+            super::private::dir(dir)?;
         }
         let b64 = new_key_base64();
         write_private(file, &b64)?;

@@ -416,9 +416,10 @@ impl Db {
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
             if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir)?;
-                }
+                super::private::dir(dir)?;
+            }
+            if !path.starts_with(":memory:") && !path.starts_with("file:") {
+                super::private::file(std::path::Path::new(path))?;
             }
             let sync = match sqlite_synchronous {
                 "NORMAL" | "FULL" | "EXTRA" => sqlite_synchronous.to_string(),
