@@ -122,6 +122,7 @@ impl Application {
         let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
         abuse.spawn(store.clone());
         let abuse = web::Data::from(abuse);
+        let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));
         let state = web::Data::new(AppState {
             store: store.clone(),
             settings: Arc::new(settings),
@@ -134,7 +135,10 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .app_data(abuse.clone())
+                .app_data(bodies.clone())
                 .app_data(web::PayloadConfig::new(64 * 1024))
+                // Inside the guard: only authenticated requests get to have their bodies read.
+                .wrap(from_fn(crate::auth::abuse::body_budget))
                 .wrap(from_fn(crate::auth::guard::authenticate))
                 .wrap(from_fn(request_id))
                 .wrap(cors())

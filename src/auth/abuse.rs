@@ -300,3 +300,76 @@ pub async fn record_failure(
         crate::fhir::rest::record_event(state, event).await;
     }
 }
+
+/// Request bodies held in memory at once, server-wide: a request that declares a body over
+/// [`BodyBudget::SMALL`] (or sends one without a length) takes its size from a shared budget —
+/// four of the largest bodies the server takes — before anything of it is read, and gives it back
+/// when answered. Beyond the budget, requests wait (their bodies stay in the clients' sockets) up
+/// to 30 s, then 503 with `Retry-After`. Small requests never wait.
+pub struct BodyBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    largest: usize,
+}
+
+impl BodyBudget {
+    pub const SMALL: usize = 64 * 1024;
+
+    pub fn new(settings: &Settings) -> BodyBudget {
+        let largest = settings
+            .max_resource_bytes
+            .max(settings.max_binary_bytes * 4 / 3 + 4096);
+        BodyBudget {
+            kib: Arc::new(tokio::sync::Semaphore::new(4 * largest.div_ceil(1024))),
+            largest,
+        }
+    }
+}
+
+pub async fn body_budget(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let Some(budget) = req.app_data::<actix_web::web::Data<BodyBudget>>().cloned() else {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let chunked = req
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    let size = match (declared, chunked) {
+        (_, true) => budget.largest,
+        (Some(n), false) => n.min(budget.largest),
+        (None, false) => 0,
+    };
+    if size <= BodyBudget::SMALL {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    }
+    let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+    let permit = tokio::time::timeout(
+        Duration::from_secs(30),
+        budget.kib.clone().acquire_many_owned(kib),
+    )
+    .await;
+    let Ok(Ok(permit)) = permit else {
+        let mut res = FhirError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "the server is receiving too many large requests; try again shortly",
+        )
+        .error_response();
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return Ok(req.into_response(res).map_into_right_body());
+    };
+    let res = next.call(req).await;
+    drop(permit);
+    res.map(|r| r.map_into_left_body())
+}

@@ -236,6 +236,7 @@ async fn process(
         .max_resource_bytes
         .max(state.settings.max_binary_bytes * 4 / 3 + 4096);
     let body = rest::read_body(req, payload, limit).await.map_err(fail)?;
+    super::limits::check_json_cost(&body).map_err(fail)?;
     let bundle: Value = serde_json::from_slice(&body).map_err(|e| {
         fail(FhirError::at(
             StatusCode::BAD_REQUEST,

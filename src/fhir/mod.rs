@@ -3,6 +3,7 @@
 pub mod access;
 pub mod bundle;
 pub mod capability;
+pub mod limits;
 pub mod outcome;
 pub mod rest;
 

@@ -220,17 +220,16 @@ pub async fn read_body(
             format!("the request body is larger than the limit of {limit} bytes"),
         )
     };
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(too_large());
-        }
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
     }
-    let mut body = web::BytesMut::new();
+    // Sized once from the declared length (growing by doubling held up to twice the body).
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|_| FhirError::bad_request("the request body could not be read"))?;
@@ -248,6 +247,7 @@ pub fn parse_resource(
     expected: &str,
     expression_prefix: &str,
 ) -> Result<Incoming, FhirError> {
+    super::limits::check_json_cost(bytes)?;
     let text =
         std::str::from_utf8(bytes).map_err(|_| FhirError::bad_request("the body is not UTF-8"))?;
     let incoming = Incoming::parse(text)
@@ -823,6 +823,7 @@ async fn patch_inner(
     }
     let if_match = if_match(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
+    super::limits::check_json_cost(&body)?;
     let patch: json_patch::Patch = serde_json::from_slice(&body)
         .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
     let p = access::principal(req)?;

@@ -144,7 +144,7 @@ both_backends_with! {
         }
         // The first at once, with its reason.
         let events = failure_events(&app).await;
-        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events.len(), 1, "one event at once, not {}", events.len());
         assert_eq!(events[0]["agent"][0]["network"]["address"], "127.0.0.1");
         // The other 49 as one event with the count, once the window is over.
         let mut events = vec![];
@@ -257,5 +257,32 @@ both_backends_with! {
         for f in files {
             assert_eq!(mode(&f), 0o600, "{}", f.display());
         }
+    }
+}
+
+both_backends! {
+    async fn bodies_that_would_cost_too_much_memory_are_refused_before_they_are_parsed(app: TestApp) {
+        let before = app.row_counts();
+        // ~420 KB of tiny values: under the byte limit, but some 200,000 values (~16 MB parsed).
+        let zeros = format!("[{}0]", "0,".repeat(210_000));
+        let resource = format!(r#"{{"resourceType":"Communication","status":"completed","note":[{{"text":"x"}}],"x":{zeros}}}"#);
+        let bundle = format!(r#"{{"resourceType":"Bundle","type":"transaction","entry":{}}}"#, format!("[{}{{}}]", "{},".repeat(210_000)));
+        for (path, body) in [("Communication", &resource), ("", &bundle)] {
+            let r = app.client.post(app.url(path)).header("content-type", FHIR_JSON).body(body.clone()).send().await.unwrap();
+            assert_eq!(r.status(), 413, "POST /{path}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["issue"][0]["code"], "too-costly", "{oo}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing stored");
+
+        // A body declared larger than the limit is refused from its Content-Length, unread.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let token = issue(&app.tokens, &app.admin_client_id, ADMIN_SCOPES, None, None);
+        let mut s = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://")).await.unwrap();
+        s.write_all(format!("POST /Communication HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 100000000\r\n\r\n{{").as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf)).await.expect("answered without the body").unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     }
 }
