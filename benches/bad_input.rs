@@ -122,14 +122,30 @@ fn bad_body(i: usize) -> (&'static str, &'static str, Vec<u8>) {
     let deep = |n: usize| "[".repeat(n / 2) + &"]".repeat(n / 2);
     let long = |n: usize| format!("\"{}\"", "A".repeat(n - 2));
     match i % 10 {
-        0 => ("Communication", "application/fhir+json", resource(&zeros, MIB - 64)),
-        1 => ("Communication", "application/fhir+json", resource(&keys, MIB - 64)),
-        2 => ("Communication", "application/fhir+json", resource(&empties, MIB - 64)),
+        0 => (
+            "Communication",
+            "application/fhir+json",
+            resource(&zeros, MIB - 64),
+        ),
+        1 => (
+            "Communication",
+            "application/fhir+json",
+            resource(&keys, MIB - 64),
+        ),
+        2 => (
+            "Communication",
+            "application/fhir+json",
+            resource(&empties, MIB - 64),
+        ),
         3 => ("", "application/fhir+json", bundle(&zeros, BUNDLE)),
         4 => ("", "application/fhir+json", bundle(&keys, BUNDLE)),
         5 => ("", "application/fhir+json", bundle(&empties, BUNDLE)),
         6 => ("", "application/fhir+json", bundle(&deep, BUNDLE)),
-        7 => ("Communication", "application/fhir+json", resource(&long, MIB - 64)),
+        7 => (
+            "Communication",
+            "application/fhir+json",
+            resource(&long, MIB - 64),
+        ),
         8 => {
             // Invalid UTF-8 and truncated JSON.
             let mut b = resource(&zeros, MIB - 64);
@@ -205,12 +221,20 @@ async fn attack() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (before, _) = rss(pid);
     let next = Arc::new(AtomicUsize::new(0));
-    let statuses = Arc::new(parking_lot::Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
+    let statuses = Arc::new(parking_lot::Mutex::new(std::collections::BTreeMap::<
+        u16,
+        usize,
+    >::new()));
     let started = Instant::now();
     let mut tasks = vec![];
     for _ in 0..concurrency {
-        let (http, base, token, next, statuses) =
-            (http.clone(), base.clone(), token.to_string(), next.clone(), statuses.clone());
+        let (http, base, token, next, statuses) = (
+            http.clone(),
+            base.clone(),
+            token.to_string(),
+            next.clone(),
+            statuses.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +261,11 @@ async fn attack() {
     let (_, hwm) = rss(pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (after, _) = rss(pid);
-    let alive = http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200);
+    let alive = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200);
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
         "{bodies} bad bodies, {concurrency} at a time, in {:.1} s; answers {:?}",

@@ -123,7 +123,10 @@ impl Abuse {
         }
     }
 
-    fn check(limiter: &Option<DefaultKeyedRateLimiter<IpAddr>>, ip: Option<IpAddr>) -> Result<(), Duration> {
+    fn check(
+        limiter: &Option<DefaultKeyedRateLimiter<IpAddr>>,
+        ip: Option<IpAddr>,
+    ) -> Result<(), Duration> {
         let (Some(l), Some(ip)) = (limiter, ip) else {
             return Ok(());
         };
@@ -199,7 +202,14 @@ impl Abuse {
             let over = now.duration_since(w.written) >= self.window;
             if w.pending > 0 && (over || all) {
                 if let (Some(ctx), Some(first)) = (w.last_ctx.take(), w.first.take()) {
-                    out.push(counted(&ctx, k.is_none(), &w.last_why, w.pending, first, w.last));
+                    out.push(counted(
+                        &ctx,
+                        k.is_none(),
+                        &w.last_why,
+                        w.pending,
+                        first,
+                        w.last,
+                    ));
                 }
                 w.pending = 0;
                 w.written = now;
@@ -221,7 +231,9 @@ impl Abuse {
             return;
         }
         let me = Arc::downgrade(self);
-        let tick = self.window.clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let tick = self
+            .window
+            .clamp(Duration::from_millis(200), Duration::from_secs(5));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(tick).await;
@@ -391,33 +403,56 @@ mod tests {
     fn x_forwarded_for_is_believed_only_from_a_trusted_proxy() {
         let mut s = Settings::default();
         // No trusted proxy: the peer, whatever the header says.
-        assert_eq!(client_ip(&req("198.51.100.7:5000", Some("10.0.0.1")), &s), Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(
+            client_ip(&req("198.51.100.7:5000", Some("10.0.0.1")), &s),
+            Some("198.51.100.7".parse().unwrap())
+        );
         s.trusted_proxies = vec!["10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap()];
         // From the proxy: the right-most address that is not a trusted proxy (a client can
         // prepend anything it likes; it cannot append).
         let r = req("10.0.0.2:5000", Some("1.2.3.4, 203.0.113.9, 10.0.0.3"));
         assert_eq!(client_ip(&r, &s), Some("203.0.113.9".parse().unwrap()));
         // From someone else: the header is ignored.
-        assert_eq!(client_ip(&req("203.0.113.50:1", Some("1.2.3.4")), &s), Some("203.0.113.50".parse().unwrap()));
+        assert_eq!(
+            client_ip(&req("203.0.113.50:1", Some("1.2.3.4")), &s),
+            Some("203.0.113.50".parse().unwrap())
+        );
         // From the proxy without the header: the proxy.
-        assert_eq!(client_ip(&req("10.0.0.2:1", None), &s), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(
+            client_ip(&req("10.0.0.2:1", None), &s),
+            Some("10.0.0.2".parse().unwrap())
+        );
         // IPv4-mapped IPv6 peers count as IPv4; IPv6 clients are limited per /64.
-        assert_eq!(client_ip(&req("[::ffff:192.0.2.1]:1", None), &Settings::default()), Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(key("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(&req("[::ffff:192.0.2.1]:1", None), &Settings::default()),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn failures_from_one_source_make_one_event_per_window_with_the_count() {
-        let s = Settings { auth_failure_audit_window_secs: 3600, ..Settings::default() };
+        let s = Settings {
+            auth_failure_audit_window_secs: 3600,
+            ..Settings::default()
+        };
         let a = Abuse::new(&s);
         let ip: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
-        let ctx = audit::Context { client_address: "192.0.2.1".into(), ..Default::default() };
+        let ctx = audit::Context {
+            client_address: "192.0.2.1".into(),
+            ..Default::default()
+        };
         assert!(a.failure(ip, &ctx, "bad").is_some(), "the first at once");
         for _ in 0..9 {
             assert!(a.failure(ip, &ctx, "bad").is_none());
         }
         // Another source is not held back by the first.
-        assert!(a.failure(Some("192.0.2.2".parse().unwrap()), &ctx, "bad").is_some());
+        assert!(a
+            .failure(Some("192.0.2.2".parse().unwrap()), &ctx, "bad")
+            .is_some());
         assert!(a.due(false).is_empty(), "the window is not over");
         let flushed = a.due(true);
         assert_eq!(flushed.len(), 1);

@@ -87,7 +87,9 @@ pub async fn authenticate(
                 .expect("AppState is registered");
             let ip = abuse::client_ip(req.request(), &state.settings);
             if let Err(wait) = abuse.check_open(ip) {
-                return Ok(req.into_response(abuse::too_many(wait)).map_into_right_body());
+                return Ok(req
+                    .into_response(abuse::too_many(wait))
+                    .map_into_right_body());
             }
         }
         return next.call(req).await.map(|r| r.map_into_left_body());
@@ -149,7 +151,9 @@ pub async fn authenticate(
                 crate::fhir::rest::record_event(&state, event).await;
             }
             if let Err(wait) = abuse.check_failed(ip) {
-                return Ok(req.into_response(abuse::too_many(wait)).map_into_right_body());
+                return Ok(req
+                    .into_response(abuse::too_many(wait))
+                    .map_into_right_body());
             }
             let err = FhirError::new(StatusCode::UNAUTHORIZED, "login", why.clone());
             let mut res = err.error_response();

@@ -48,7 +48,9 @@ pub fn check_json_cost(bytes: &[u8]) -> Result<(), FhirError> {
         return Err(FhirError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-costly",
-            format!("the body holds more than {MAX_JSON_VALUES} JSON values, the most one request may"),
+            format!(
+                "the body holds more than {MAX_JSON_VALUES} JSON values, the most one request may"
+            ),
         ));
     }
     Ok(())

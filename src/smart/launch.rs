@@ -145,7 +145,8 @@ const MAX_QUERY_BYTES: usize = 8 * 1024;
 /// Is any parameter (or the query string) longer than the endpoints take?
 fn oversized(req: &HttpRequest, q: &[(String, String)]) -> bool {
     req.query_string().len() > MAX_QUERY_BYTES
-        || q.iter().any(|(k, v)| k.len() > MAX_PARAM_BYTES || v.len() > MAX_PARAM_BYTES)
+        || q.iter()
+            .any(|(k, v)| k.len() > MAX_PARAM_BYTES || v.len() > MAX_PARAM_BYTES)
 }
 
 async fn refuse_oversized(state: &web::Data<AppState>, req: &HttpRequest) -> HttpResponse {

@@ -43,7 +43,9 @@ pub fn file(file: &Path) -> std::io::Result<()> {
             let mode = std::fs::metadata(file)?.permissions().mode();
             if mode & 0o077 != 0 {
                 tracing::warn!(path = %file.display(), mode = format!("{:o}", mode & 0o777), "a data file was open to other users; narrowing it to 0600");
-                if let Err(e) = std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+                if let Err(e) =
+                    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                {
                     tracing::warn!(path = %file.display(), error = %e, "could not narrow a data file to 0600");
                 }
             }

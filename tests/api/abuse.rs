@@ -58,7 +58,10 @@ fn count(app: &TestApp, sql: &str) -> i64 {
 /// A fake EHR that publishes a SMART configuration (so a launch gets as far as storing its state).
 fn fake_ehr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://127.0.0.1:{}/fhir", listener.local_addr().unwrap().port());
+    let base = format!(
+        "http://127.0.0.1:{}/fhir",
+        listener.local_addr().unwrap().port()
+    );
     let b2 = base.clone();
     let server = HttpServer::new(move || {
         let b = b2.clone();
@@ -93,7 +96,11 @@ fn no_redirects() -> reqwest::Client {
 
 async fn assert_throttled(r: reqwest::Response) {
     assert_eq!(r.status(), 429);
-    let wait: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&wait), "Retry-After {wait}");
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
@@ -266,7 +273,8 @@ both_backends! {
         // ~420 KB of tiny values: under the byte limit, but some 200,000 values (~16 MB parsed).
         let zeros = format!("[{}0]", "0,".repeat(210_000));
         let resource = format!(r#"{{"resourceType":"Communication","status":"completed","note":[{{"text":"x"}}],"x":{zeros}}}"#);
-        let bundle = format!(r#"{{"resourceType":"Bundle","type":"transaction","entry":{}}}"#, format!("[{}{{}}]", "{},".repeat(210_000)));
+        let empties = format!("[{}{{}}]", "{},".repeat(210_000));
+        let bundle = format!(r#"{{"resourceType":"Bundle","type":"transaction","entry":{empties}}}"#);
         for (path, body) in [("Communication", &resource), ("", &bundle)] {
             let r = app.client.post(app.url(path)).header("content-type", FHIR_JSON).body(body.clone()).send().await.unwrap();
             assert_eq!(r.status(), 413, "POST /{path}");
