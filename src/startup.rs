@@ -33,6 +33,8 @@ pub struct Application {
     pub outbox: tokio::task::AbortHandle,
     /// The scheduled-message sender (tests stop it to play a crashed instance).
     pub scheduler: tokio::task::AbortHandle,
+    /// Failed authentications counted but not yet audited: written at shutdown.
+    abuse: Arc<crate::auth::abuse::Abuse>,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -121,6 +123,7 @@ impl Application {
         };
         let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
         abuse.spawn(store.clone());
+        let abuse_at_exit = abuse.clone();
         let abuse = web::Data::from(abuse);
         let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));
         let state = web::Data::new(AppState {
@@ -168,6 +171,7 @@ impl Application {
             ehrs,
             outbox,
             scheduler,
+            abuse: abuse_at_exit,
         })
     }
 
@@ -177,7 +181,13 @@ impl Application {
 
     /// Runs until stopped; SIGINT/SIGTERM finish in-flight requests first (graceful shutdown).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let r = self.server.await;
+        for event in self.abuse.due(true) {
+            if let Err(e) = self.store.record_audit_async(event).await {
+                tracing::error!(error = %e, "could not record AuditEvent");
+            }
+        }
+        r
     }
 }
 
