@@ -93,6 +93,19 @@ pub struct Settings {
     /// How long an emergency-access ("break the glass") grant lasts, in minutes
     /// (`COURIER_EMERGENCY_ACCESS_MINUTES`).
     pub emergency_access_minutes: i64,
+    /// Requests per minute one client address may make to the unauthenticated endpoints (token,
+    /// launch, callback), and bearer checks per minute it may fail, before 429
+    /// (`COURIER_RATE_LIMIT_PER_MINUTE`; 0 = no limit). Valid tokens are never limited by it.
+    pub rate_limit_per_minute: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (`COURIER_TRUSTED_PROXIES`, IP
+    /// addresses, comma-separated). Empty, the default: the client is the TCP peer, header ignored.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Failed authentications from one address are audited as one AuditEvent, with a count, per
+    /// this many seconds (`COURIER_AUTH_FAILURE_AUDIT_WINDOW_SECS`; 0 = one event per failure).
+    pub auth_failure_audit_window_secs: u64,
+    /// A static bearer token for `GET /metrics` (`COURIER_METRICS_TOKEN`, for a scraper); a system
+    /// client's access token is accepted too. Unset: an access token only.
+    pub metrics_token: Option<SecretString>,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -172,6 +185,10 @@ impl Default for Settings {
             retention: crate::compliance::retention::defaults(),
             purge_interval_secs: 3600,
             emergency_access_minutes: 60,
+            rate_limit_per_minute: 120,
+            trusted_proxies: vec![],
+            auth_failure_audit_window_secs: 60,
+            metrics_token: None,
         }
     }
 }
@@ -305,6 +322,27 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_INSTANCE_ID") {
             self.instance_id = v;
+        }
+        if let Some(v) = env("COURIER_RATE_LIMIT_PER_MINUTE") {
+            self.rate_limit_per_minute = num("COURIER_RATE_LIMIT_PER_MINUTE", v)?;
+        }
+        if let Some(v) = env("COURIER_TRUSTED_PROXIES") {
+            self.trusted_proxies = v
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    a.parse().map_err(|_| {
+                        anyhow::anyhow!("COURIER_TRUSTED_PROXIES must list IP addresses, got '{a}'")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if let Some(v) = env("COURIER_AUTH_FAILURE_AUDIT_WINDOW_SECS") {
+            self.auth_failure_audit_window_secs = num("COURIER_AUTH_FAILURE_AUDIT_WINDOW_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_METRICS_TOKEN") {
+            self.metrics_token = Some(v.into());
         }
         if let Some(v) = env("COURIER_LOG") {
             self.log = v;

@@ -253,6 +253,8 @@ enum SigningKeyCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the server writes (database, WAL, keys, exports) is its own: 0600 / 0700.
+    courier::store::private::restrict_umask();
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     tracing_subscriber::fmt()

@@ -33,10 +33,16 @@ pub struct Application {
     pub outbox: tokio::task::AbortHandle,
     /// The scheduled-message sender (tests stop it to play a crashed instance).
     pub scheduler: tokio::task::AbortHandle,
+    /// Failed authentications counted but not yet audited: written at shutdown.
+    abuse: Arc<crate::auth::abuse::Abuse>,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
 pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
+    if settings.data_dir.is_dir() {
+        // Narrowed to 0700 if it is open to others (a new one is made 0700 where it is needed).
+        crate::store::private::dir(&settings.data_dir)?;
+    }
     let db = Db::connect(
         &settings.database_url,
         settings.db_pool_size,
@@ -128,6 +134,11 @@ impl Application {
         } else {
             settings.workers
         };
+        let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
+        abuse.spawn(store.clone());
+        let abuse_at_exit = abuse.clone();
+        let abuse = web::Data::from(abuse);
+        let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));
         let state = web::Data::new(AppState {
             store: store.clone(),
             settings: Arc::new(settings),
@@ -139,7 +150,11 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(abuse.clone())
+                .app_data(bodies.clone())
                 .app_data(web::PayloadConfig::new(64 * 1024))
+                // Inside the guard: only authenticated requests get to have their bodies read.
+                .wrap(from_fn(crate::auth::abuse::body_budget))
                 .wrap(from_fn(crate::auth::guard::authenticate))
                 .wrap(from_fn(request_id))
                 .wrap(cors())
@@ -169,6 +184,7 @@ impl Application {
             ehrs,
             outbox,
             scheduler,
+            abuse: abuse_at_exit,
         })
     }
 
@@ -178,7 +194,13 @@ impl Application {
 
     /// Runs until stopped; SIGINT/SIGTERM finish in-flight requests first (graceful shutdown).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let r = self.server.await;
+        for event in self.abuse.due(true) {
+            if let Err(e) = self.store.record_audit_async(event).await {
+                tracing::error!(error = %e, "could not record AuditEvent");
+            }
+        }
+        r
     }
 }
 
@@ -209,8 +231,26 @@ fn cors() -> actix_cors::Cors {
         .max_age(3600)
 }
 
-/// Prometheus metrics: the write-back backlog (counts and ages only, no PHI).
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus metrics: the write-back backlog (counts and ages only, no PHI), for the static
+/// `COURIER_METRICS_TOKEN` or a system client's access token (EHR names are not for everyone).
+async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> HttpResponse {
+    let allowed = req
+        .extensions()
+        .get::<crate::auth::guard::MetricsAccess>()
+        .is_some()
+        || req
+            .extensions()
+            .get::<crate::auth::Principal>()
+            .is_some_and(|p| p.kind() == crate::auth::SubjectKind::System);
+    if !allowed {
+        use actix_web::ResponseError;
+        return crate::fhir::outcome::FhirError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "the metrics are for the metrics token or a system client's token",
+        )
+        .error_response();
+    }
     let store = state.store.clone();
     match web::block(move || crate::smart::outbox::metrics(&store)).await {
         Ok(Ok(text)) => HttpResponse::Ok()

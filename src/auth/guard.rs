@@ -2,8 +2,8 @@
 //! [`Principal`] in the request's extensions, or answers 401 with `WWW-Authenticate: Bearer` and an
 //! OperationOutcome (and audits the refusal).
 
+use super::abuse::{self, Abuse};
 use super::Principal;
-use crate::audit;
 use crate::fhir::outcome::FhirError;
 use crate::fhir::rest::audit_context;
 use crate::fhir::AppState;
@@ -16,7 +16,7 @@ use actix_web::{web, HttpMessage, HttpRequest, ResponseError};
 
 /// Paths anyone may call: discovery, the authorization server itself, health, CapabilityStatement.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/metadata" | "/healthz" | "/readyz" | "/metrics")
+    matches!(path, "/metadata" | "/healthz" | "/readyz")
         || path.starts_with("/.well-known/")
         || path.starts_with("/auth/")
         // The web app's static files (its API calls carry the token).
@@ -47,6 +47,10 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// In a request's extensions: it carried the static metrics token.
+#[derive(Clone, Copy)]
+pub struct MetricsAccess;
+
 const UNCHECKED: &str = "the access token could not be checked";
 
 /// A verified token's principal, once checked against revocation (and its client's removal),
@@ -69,7 +73,25 @@ pub async fn authenticate(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    if req.method() == Method::OPTIONS || is_public(req.path()) {
+    if req.method() == Method::OPTIONS {
+        return next.call(req).await.map(|r| r.map_into_left_body());
+    }
+    let abuse = req
+        .app_data::<web::Data<Abuse>>()
+        .expect("Abuse is registered")
+        .clone();
+    if is_public(req.path()) {
+        if abuse::is_limited_path(req.path()) {
+            let state = req
+                .app_data::<web::Data<AppState>>()
+                .expect("AppState is registered");
+            let ip = abuse::client_ip(req.request(), &state.settings);
+            if let Err(wait) = abuse.check_open(ip) {
+                return Ok(req
+                    .into_response(abuse::too_many(wait))
+                    .map_into_right_body());
+            }
+        }
         return next.call(req).await.map(|r| r.map_into_left_body());
     }
     let state = req
@@ -77,6 +99,18 @@ pub async fn authenticate(
         .expect("AppState is registered")
         .clone();
     let token = bearer(req.request()).map(String::from);
+    // A scraper's static token for the metrics (`COURIER_METRICS_TOKEN`).
+    if req.path() == "/metrics" {
+        if let (Some(t), Some(want)) = (&token, &state.settings.metrics_token) {
+            use secrecy::ExposeSecret;
+            use sha2::{Digest, Sha256};
+            // Compared as digests: no timing hint about the secret's bytes.
+            if Sha256::digest(t.as_bytes()) == Sha256::digest(want.expose_secret().as_bytes()) {
+                req.extensions_mut().insert(MetricsAccess);
+                return next.call(req).await.map(|r| r.map_into_left_body());
+            }
+        }
+    }
     let had_token = token.is_some();
     let verdict: Result<Principal, String> = match token {
         None => Err("an access token is required (Authorization: Bearer …)".into()),
@@ -111,8 +145,16 @@ pub async fn authenticate(
         }
         Err(why) => {
             let ctx = audit_context(req.request(), &state);
-            let event = audit::authentication(&ctx, Some(&why));
-            crate::fhir::rest::record_event(&state, event).await;
+            let ip = abuse::client_ip(req.request(), &state.settings);
+            // Audited per source and window, with a count (see `abuse`).
+            if let Some(event) = abuse.failure(ip, &ctx, &why) {
+                crate::fhir::rest::record_event(&state, event).await;
+            }
+            if let Err(wait) = abuse.check_failed(ip) {
+                return Ok(req
+                    .into_response(abuse::too_many(wait))
+                    .map_into_right_body());
+            }
             let err = FhirError::new(StatusCode::UNAUTHORIZED, "login", why.clone());
             let mut res = err.error_response();
             // RFC 6750 §3.1: no error code when the request carried no token at all.

@@ -6,12 +6,14 @@
 //! - [`clients`] the client registry (SMART Backend Services integrators) and their JWKS
 //! - [`server`]  token, introspection, revocation and discovery endpoints
 //! - [`guard`]   the middleware that turns a bearer token into a [`Principal`] (or a 401)
+//! - [`abuse`]   rate limits per client address, failed authentications audited with a count
 //! - [`policy`]  what a principal may do with a resource: the single decision every read, search,
 //!   include, history entry, write and Binary read goes through
 //!
 //! Every caller — an integrator's backend service today, a clinician or patient after a SMART
 //! launch later — is a [`Principal`] built from one kind of access token.
 
+pub mod abuse;
 pub mod clients;
 pub mod guard;
 pub mod keys;

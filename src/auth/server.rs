@@ -102,11 +102,16 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
     let mut ctx = audit_context(&req, &state);
     let result = token_inner(&state, &req, &body, &mut ctx).await;
     let failure = result.as_ref().err().map(|(_, d)| truncate(d, 300));
-    let audited = crate::fhir::rest::record_event_checked(
-        &state,
-        audit::authentication(&ctx, failure.as_deref()),
-    )
-    .await;
+    let audited = match failure.as_deref() {
+        Some(why) => {
+            crate::auth::abuse::record_failure(&state, &req, &ctx, why).await;
+            Ok(())
+        }
+        None => {
+            crate::fhir::rest::record_event_checked(&state, audit::authentication(&ctx, None))
+                .await
+        }
+    };
     match (result, audited) {
         // No token is handed out whose issue is not in the audit trail.
         (Ok(_), Err(e)) => actix_web::ResponseError::error_response(&e),

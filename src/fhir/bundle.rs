@@ -230,6 +230,7 @@ async fn process(
     // A Bundle may carry a Binary, so it gets the larger limit; each entry obeys its own below.
     let limit = super::limits::bundle_body_limit(&state.settings);
     let body = rest::read_body(req, payload, limit).await.map_err(fail)?;
+    super::limits::check_json_cost(&body).map_err(fail)?;
     let bundle: Value = serde_json::from_slice(&body).map_err(|e| {
         fail(FhirError::at(
             StatusCode::BAD_REQUEST,
@@ -823,7 +824,9 @@ fn entry_guard(
 
 /// May a PUT entry create its resource, should it not exist?
 fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Value>) -> bool {
+    // As for a plain PUT: update as create for system tokens only (see `rest::update_inner`).
     e.method == "PUT"
+        && p.kind() == crate::auth::SubjectKind::System
         && access::write_guard(
             state,
             p,

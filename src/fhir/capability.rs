@@ -25,6 +25,9 @@ pub fn capability_statement(state: &AppState) -> Value {
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
             });
+            if t.interactions.contains(&"update") {
+                r["documentation"] = json!("Update as create (a client-assigned id) is for system (backend-service) tokens; a user's PUT to an id that does not exist is 404, as for one they cannot see.");
+            }
             if t.searchable {
                 r["searchParam"] = registry
                     .all_for(t.name)

@@ -33,10 +33,8 @@ pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
             .get::<RequestId>()
             .map(|r| r.0.clone())
             .unwrap_or_default(),
-        client_address: req
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|| "unknown".into()),
+        client_address: crate::auth::abuse::client_ip(req, &state.settings)
+            .map_or_else(|| "unknown".into(), |a| a.to_string()),
         base_url: state.settings.base_url.clone(),
         ..Default::default()
     }
@@ -290,17 +288,16 @@ pub async fn read_body(
             format!("the request body is larger than the limit of {limit} bytes"),
         )
     };
-    if let Some(len) = req
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(too_large());
-        }
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
     }
-    let mut body = web::BytesMut::new();
+    // Sized once from the declared length (growing by doubling held up to twice the body).
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|_| FhirError::bad_request("the request body could not be read"))?;
@@ -319,6 +316,7 @@ pub fn parse_resource(
     expected: &str,
     expression_prefix: &str,
 ) -> Result<Incoming, FhirError> {
+    super::limits::check_json_cost(bytes)?;
     let text =
         std::str::from_utf8(bytes).map_err(|_| FhirError::bad_request("the body is not UTF-8"))?;
     let incoming = Incoming::parse(text)
@@ -866,8 +864,10 @@ async fn update_inner(
         }
     }
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&incoming.value))?;
-    let may_create =
-        access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
+    // Client-assigned ids (update as create) for system tokens only: to a user, an unused id and
+    // someone else's hidden one both answer 404, so a PUT tells nobody which ids exist.
+    let may_create = p.kind() == crate::auth::SubjectKind::System
+        && access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
     access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
     let incoming = prepared(state, &p, res_type, incoming, Some(id)).await?;
     let op = WriteOp::Update {
@@ -924,6 +924,7 @@ async fn patch_inner(
     }
     let if_match = if_match(req)?;
     let body = read_body(req, payload, state.settings.max_resource_bytes).await?;
+    super::limits::check_json_cost(&body)?;
     let patch: json_patch::Patch = serde_json::from_slice(&body)
         .map_err(|e| FhirError::bad_request(format!("invalid JSON Patch document: {e}")))?;
     let p = access::principal(req)?;

@@ -116,8 +116,10 @@ async fn audit_login(
     let mut ctx = audit_context(req, state);
     ctx.client_id = Some(WEB_APP_CLIENT.into());
     ctx.user = user;
-    let event = audit::authentication(&ctx, failure);
-    crate::fhir::rest::record_event(state, event).await;
+    match failure {
+        Some(why) => crate::auth::abuse::record_failure(state, req, &ctx, why).await,
+        None => crate::fhir::rest::record_event(state, audit::authentication(&ctx, None)).await,
+    }
 }
 
 async fn refuse(
@@ -135,6 +137,29 @@ async fn refuse(
     )
 }
 
+/// The longest `launch`, `iss`, `state`, `code` (any parameter) these endpoints take, and the
+/// longest query string: what is stored per launch stays small (a flood cannot fill the disk).
+pub const MAX_PARAM_BYTES: usize = 2048;
+const MAX_QUERY_BYTES: usize = 8 * 1024;
+
+/// Is any parameter (or the query string) longer than the endpoints take?
+fn oversized(req: &HttpRequest, q: &[(String, String)]) -> bool {
+    req.query_string().len() > MAX_QUERY_BYTES
+        || q.iter()
+            .any(|(k, v)| k.len() > MAX_PARAM_BYTES || v.len() > MAX_PARAM_BYTES)
+}
+
+async fn refuse_oversized(state: &web::Data<AppState>, req: &HttpRequest) -> HttpResponse {
+    refuse(
+        state,
+        req,
+        400,
+        "Cannot start Courier",
+        &format!("A parameter of the request is longer than {MAX_PARAM_BYTES} bytes."),
+    )
+    .await
+}
+
 fn query(req: &HttpRequest) -> Vec<(String, String)> {
     form_urlencoded::parse(req.query_string().as_bytes())
         .into_owned()
@@ -148,6 +173,9 @@ fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 /// `GET /launch?iss=…&launch=…` (EHR launch).
 pub async fn ehr_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let q = query(&req);
+    if oversized(&req, &q) {
+        return refuse_oversized(&state, &req).await;
+    }
     let (Some(iss), Some(launch)) = (param(&q, "iss"), param(&q, "launch")) else {
         return refuse(
             &state,
@@ -173,6 +201,9 @@ pub async fn ehr_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpRes
 /// `GET /smart/launch?ehr=NAME` (standalone launch from a patient portal).
 pub async fn standalone_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let q = query(&req);
+    if oversized(&req, &q) {
+        return refuse_oversized(&state, &req).await;
+    }
     let Some(name) = param(&q, "ehr").map(String::from) else {
         return refuse(
             &state,
@@ -365,6 +396,9 @@ struct PendingRow {
 /// `GET /smart/callback?code=…&state=…` (or `?error=…&state=…`).
 pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let q = query(&req);
+    if oversized(&req, &q) {
+        return refuse_oversized(&state, &req).await;
+    }
     let Some(csrf) = param(&q, "state").map(String::from) else {
         return refuse(
             &state,

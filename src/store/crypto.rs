@@ -59,14 +59,12 @@ impl MasterKey {
             return Ok((current, from_file, false));
         }
         if let Some(dir) = file.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot create the master key's directory {}: {e}",
-                        dir.display()
-                    )
-                })?;
-            }
+            super::private::dir(dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the master key's directory {}: {e}",
+                    dir.display()
+                )
+            })?;
         }
         let b64 = new_key_base64();
         write_private(file, &b64)

@@ -455,7 +455,15 @@ impl Db {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(std::path::Path::new("."));
+            // 0700, created if missing; then a probe write names the path and the reason when
+            // the directory cannot be used.
+            super::private::dir(dir).map_err(|e| {
+                anyhow::anyhow!("cannot use the data directory {}: cannot create it: {e}", dir.display())
+            })?;
             check_data_dir(dir)?;
+            if !path.starts_with(":memory:") && !path.starts_with("file:") {
+                super::private::file(std::path::Path::new(path))?;
+            }
             let sync = match sqlite_synchronous {
                 "NORMAL" | "FULL" | "EXTRA" => sqlite_synchronous.to_string(),
                 other => anyhow::bail!(

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod db;
 pub mod health;
 pub mod keys;
+pub mod private;
 pub mod resident;
 pub mod rows;
 mod writer;
@@ -1014,6 +1015,10 @@ impl Store {
                 }
                 let live = head.as_ref().is_some_and(|h| h.deleted == 0);
                 if *upsert && !live && !may_create {
+                    // To a confined caller an unused id looks exactly like a hidden one.
+                    if guard.is_some() {
+                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
+                    }
                     return Err(StoreError::Forbidden(format!(
                         "{res_type}/{id} does not exist: creating it takes create permission"
                     )));

@@ -658,7 +658,7 @@ both_backends! {
         let backlog = courier::smart::outbox::status(&app.store).unwrap();
         assert_eq!(backlog[0].pending, 3);
         assert!(backlog[0].oldest_pending.is_some() && backlog[0].last_error.is_some());
-        let metrics = app.anonymous.get(app.url("metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = app.get("metrics").await.text().await.unwrap(); // a system token (anonymous: 401)
         assert!(metrics.contains(r#"courier_outbox_pending{ehr="ehr-a"} 3"#), "{metrics}");
         a.control(reqwest::Method::POST, "up", None).await;
         // Lost answers: the EHR commits the next two writes but the connection drops.

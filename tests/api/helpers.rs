@@ -98,6 +98,9 @@ pub async fn spawn_app_with(
         sqlite_synchronous: "NORMAL".into(),
         // The tests' notification receivers listen on loopback.
         subscription_private_endpoints: true,
+        // The suite counts failed authentications one event each; tests/api/abuse.rs checks the
+        // default's aggregation (a window of its own).
+        auth_failure_audit_window_secs: 0,
         ..Settings::default()
     };
     tweak(&mut settings);
