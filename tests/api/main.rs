@@ -17,6 +17,7 @@ mod messaging;
 mod operability;
 mod plans;
 mod retention;
+mod review_ad;
 mod schedule;
 mod search;
 mod staff_only;
