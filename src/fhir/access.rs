@@ -333,7 +333,8 @@ pub fn write_guard(
         _ => &[],
     };
     if !authors.is_empty() && matches!(perm, Perm::Update | Perm::Delete) {
-        if let (Some(me), false) = (&p.fhir_user, p.kind() == crate::auth::SubjectKind::System) {
+        // An app in a patient's context with no user writes as the patient.
+        if let Some(me) = crate::messaging::rules::acting_as(p, res_type) {
             if let Some((t, id)) = me.split_once('/') {
                 let mine: Vec<Vec<Condition>> = authors
                     .iter()
