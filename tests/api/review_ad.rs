@@ -356,3 +356,74 @@ both_backends! {
         assert_eq!(app.row_counts(), before);
     }
 }
+
+both_backends! {
+    async fn a_patients_socket_hears_nothing_of_a_message_that_became_staff_only(app: TestApp) {
+        let ada_token = patient_token(&app, "ada");
+        let (mut ws, _, _) = Ws::open(&app, &ada_token, None).await;
+        let dr1 = client_with_token(&clinician_token(&app, "dr1"));
+        let (s, v) = send(&dr1, &app, "POST", "Communication", Some(&about("ada", "Practitioner/dr1", &["Patient/ada"], "Hello Ada"))).await;
+        assert_eq!(s, 201);
+        let id = v["id"].as_str().unwrap().to_string();
+        let e = ws.next().await.expect("Ada hears of the message to her");
+        assert_eq!(e["id"], id.as_str(), "{e}");
+        let mut v2 = v.clone();
+        v2["recipient"] = json!([{"reference": "Practitioner/dr2"}]);
+        v2["payload"] = json!([{"contentString": "Between us: prognosis is poor"}]);
+        let (s, v2) = send(&dr1, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await;
+        assert_eq!(s, 200, "{v2}");
+        while let Some(e) = ws.next_within(Duration::from_millis(700)).await {
+            assert!(!e.to_string().contains("prognosis"), "Ada's socket carried the staff-only version: {e}");
+        }
+        let (_, events, _) = Ws::open(&app, &ada_token, Some(0)).await;
+        assert!(!serde_json::to_string(&events).unwrap().contains("prognosis"));
+    }
+
+    async fn reverse_chains_and_has_do_not_reveal_a_staff_only_reply(app: TestApp) {
+        let visible = app.create(&about("ada", "Practitioner/dr1", &["Patient/ada"], "Your results")).await;
+        let mut remark = about("ada", "Practitioner/dr2", &["Practitioner/dr1"], "Worrying trend");
+        remark["inResponseTo"] = json!([{"reference": format!("Communication/{visible}")}]);
+        app.create(&remark).await;
+        let plain = app.create(&about("ada", "Practitioner/dr1", &["Patient/ada"], "Unrelated")).await;
+        let ada = client_with_token(&patient_token(&app, "ada"));
+        for q in [
+            "Communication?_has:Communication:in-response-to:sender=Practitioner/dr2".to_string(),
+            format!("Communication?_has:Communication:in-response-to:_security={ACT_CODE}|NOPAT"),
+            "Communication?_has:Communication:in-response-to:_id:missing=false".to_string(),
+            format!("Communication?in-response-to:Communication._security={ACT_CODE}|NOPAT"),
+        ] {
+            let (s, b) = send(&ada, &app, "GET", &q, None).await;
+            if s == 200 {
+                let got = ids(&b);
+                // Either both of Ada's messages match (the parameter was ignored) or neither.
+                assert!(got.is_empty() || (got.contains(&visible) && got.contains(&plain)), "{q}: {b}");
+            } else {
+                assert_eq!(s, 400, "{q}: {b}");
+            }
+        }
+    }
+
+    async fn a_patient_app_without_a_user_cannot_make_a_group_or_care_team(app: TestApp) {
+        let ada_app = client_with_token(&patient_app_token(&app, "patient/*.cruds", "ada"));
+        // Ada's care team in the EHR, and what her clinicians send to it.
+        let real = app.create(&json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/ada"},
+            "participant": [{"member": {"reference": "Patient/ada"}}, {"member": {"reference": "Practitioner/dr1"}}]})).await;
+        let to_team = app.create(&msg("Practitioner/dr2", &[&format!("CareTeam/{real}")], "Ada's biopsy result")).await;
+        let before = app.row_counts();
+        let joined = json!({"resourceType": "CareTeam", "id": real, "status": "active", "subject": {"reference": "Patient/ada"},
+            "participant": [{"member": {"reference": "Patient/ada"}}, {"member": {"reference": "Practitioner/dr1"}}, {"member": {"reference": "Practitioner/nosy"}}]});
+        let (s, v) = send(&ada_app, &app, "PUT", &format!("CareTeam/{real}"), Some(&joined)).await;
+        assert_eq!(s, 403, "a patient app added someone to Ada's care team: {v}");
+        let nosy = client_with_token(&clinician_token(&app, "nosy"));
+        assert_eq!(send(&nosy, &app, "GET", &format!("Communication/{to_team}"), None).await.0, 404);
+        let team = json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/ada"},
+            "participant": [{"member": {"reference": "Patient/ada"}}, {"member": {"reference": "Practitioner/nosy"}}]});
+        let (s, v) = send(&ada_app, &app, "POST", "CareTeam", Some(&team)).await;
+        assert_eq!(s, 403, "a patient app made a CareTeam: {v}");
+        let group = json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/ada"}}, {"entity": {"reference": "Practitioner/nosy"}}]});
+        let (s, v) = send(&ada_app, &app, "POST", "Group", Some(&group)).await;
+        assert_eq!(s, 403, "a patient app made a Group: {v}");
+        assert_eq!(app.row_counts(), before);
+    }
+}
