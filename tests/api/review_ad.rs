@@ -427,3 +427,29 @@ both_backends! {
         assert_eq!(app.row_counts(), before);
     }
 }
+
+both_backends! {
+    async fn includes_never_bring_the_audit_trail_or_a_staff_only_thread_to_the_patient(app: TestApp) {
+        let visible = app.create(&about("ada", "Practitioner/dr1", &["Patient/ada"], "Your results")).await;
+        let mut remark = about("ada", "Practitioner/dr2", &["Practitioner/dr1"], "Worrying trend");
+        remark["inResponseTo"] = json!([{"reference": format!("Communication/{visible}")}]);
+        let hidden = app.create(&remark).await;
+        let dr2 = client_with_token(&clinician_token(&app, "dr2"));
+        assert_eq!(send(&dr2, &app, "GET", &format!("Communication/{hidden}"), None).await.0, 200);
+        for token in [patient_token(&app, "ada"), user_token(&app, "patient/*.cruds", "RelatedPerson/ada-mother", Some("ada")),
+            patient_app_token(&app, "patient/*.rs", "ada")] {
+            let c = client_with_token(&token);
+            for q in [
+                format!("Communication?_id={visible}&_revinclude=AuditEvent:entity"),
+                format!("Communication?_id={visible}&_revinclude:iterate=Communication:in-response-to&_revinclude:iterate=AuditEvent:entity"),
+                format!("Communication?_id={visible}&_revinclude=*"),
+                "AuditEvent?patient=Patient/ada".to_string(),
+            ] {
+                let (s, b) = send(&c, &app, "GET", &q, None).await;
+                let text = b.to_string();
+                assert!(s == 200 || s == 400 || s == 403, "{q}: {s} {b}");
+                assert!(!text.contains(&hidden) && !text.contains("\"AuditEvent\""), "{q}: {b}");
+            }
+        }
+    }
+}
