@@ -453,3 +453,23 @@ both_backends! {
         }
     }
 }
+
+both_backends! {
+    async fn the_patients_audit_trail_does_not_betray_a_deleted_staff_only_message(app: TestApp) {
+        let dr1 = client_with_token(&clinician_token(&app, "dr1"));
+        let dr2 = client_with_token(&clinician_token(&app, "dr2"));
+        let (s, v) = send(&dr1, &app, "POST", "Communication", Some(&about("ada", "Practitioner/dr1", &["Practitioner/dr2"], "Is she drinking again?"))).await;
+        assert_eq!(s, 201);
+        let id = v["id"].as_str().unwrap();
+        assert_eq!(send(&dr2, &app, "GET", &format!("Communication/{id}"), None).await.0, 200);
+        assert_eq!(send(&dr1, &app, "DELETE", &format!("Communication/{id}"), None).await.0, 204);
+        let ada = client_with_token(&user_token(&app, "patient/*.rs patient/AuditEvent.rs", "Patient/ada", Some("ada")));
+        let (s, b) = send(&ada, &app, "GET", "Patient/ada/$everything", None).await;
+        assert_eq!(s, 200, "{b}");
+        let staff_events: Vec<&Value> = b["entry"].as_array().unwrap().iter().map(|e| &e["resource"])
+            .filter(|r| r["resourceType"] == "AuditEvent")
+            .filter(|r| r.to_string().contains("Practitioner/dr1") || r.to_string().contains("Practitioner/dr2"))
+            .collect();
+        assert!(staff_events.is_empty(), "Ada learns that dr1 wrote, dr2 read and dr1 deleted something about her: {staff_events:?}");
+    }
+}
