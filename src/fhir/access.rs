@@ -300,7 +300,11 @@ pub fn write_guard(
     // Who a Group or CareTeam reaches decides who reads what is sent to it: membership is kept
     // by the EHR integration (a system client), never by a signed-in user or a patient app, who
     // could otherwise add themself to a group and read its messages.
-    if matches!(res_type, "Group" | "CareTeam") && p.kind() != crate::auth::SubjectKind::System {
+    // (An app in a patient's context with no user is no such client, even without a user.)
+    if matches!(res_type, "Group" | "CareTeam")
+        && (p.kind() != crate::auth::SubjectKind::System
+            || policy::patient_bound(p, res_type).is_some())
+    {
         return Err(FhirError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -333,7 +337,8 @@ pub fn write_guard(
         _ => &[],
     };
     if !authors.is_empty() && matches!(perm, Perm::Update | Perm::Delete) {
-        if let (Some(me), false) = (&p.fhir_user, p.kind() == crate::auth::SubjectKind::System) {
+        // An app in a patient's context with no user writes as the patient.
+        if let Some(me) = crate::messaging::rules::acting_as(p, res_type) {
             if let Some((t, id)) = me.split_once('/') {
                 let mine: Vec<Vec<Condition>> = authors
                     .iter()

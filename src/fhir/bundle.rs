@@ -647,6 +647,9 @@ async fn transaction(
     // Messages this transaction writes, and whether each is staff-only (a reply may belong to a
     // thread started in the same transaction).
     let mut fresh_messages: HashMap<String, bool> = HashMap::new();
+    // Each message's thread references, checked again once every label is known: a reply may
+    // come before the staff-only message it answers.
+    let mut threads: Vec<(usize, String, Vec<String>)> = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         if existing.contains_key(&i) || e.method == "GET" {
             continue;
@@ -676,6 +679,7 @@ async fn transaction(
                     .map_err(|err| at_entry(err, i))?;
                 if e.res_type == "Communication" {
                     fresh_messages.insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
+                    threads.push((i, id.clone(), thread_ids(&r, &base)));
                 }
                 Some(Incoming::from_value(r))
             }
@@ -684,6 +688,18 @@ async fn transaction(
         let op = entry_op(i, e, id, resource, None, guard, may_create)?;
         ops.push(op);
         op_index.push(i);
+    }
+    for (i, id, refs) in &threads {
+        if fresh_messages.get(id) == Some(&false)
+            && refs.iter().any(|r| fresh_messages.get(r) == Some(&true))
+        {
+            return Err(FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                format!("Bundle.entry[{i}].resource.partOf"),
+                "this message belongs to a staff-only conversation (security label NOPAT), which cannot include a patient or RelatedPerson: start a new conversation with them",
+            ));
+        }
     }
     // 3. All writes in one database transaction: all or nothing.
     let store = state.store.clone();
@@ -785,6 +801,19 @@ async fn batch(
         });
     }
     bundle_response("batch-response", None, vec![], out)
+}
+
+/// The ids of the messages `v` answers or belongs to (`partOf`, `inResponseTo`), read as the
+/// search index reads references.
+fn thread_ids(v: &Value, base: &str) -> Vec<String> {
+    ["partOf", "inResponseTo"]
+        .iter()
+        .flat_map(|k| v[*k].as_array().into_iter().flatten())
+        .filter_map(|r| r["reference"].as_str())
+        .filter_map(|r| crate::search::index::parse_reference(r, base))
+        .filter(|p| p.url.is_none() && matches!(p.target_type.as_deref(), None | Some("Communication")))
+        .filter_map(|p| p.target_id)
+        .collect()
 }
 
 /// An entry's error names the entry when it names no element of it.

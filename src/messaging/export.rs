@@ -82,6 +82,12 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
     let mut messages = vec![];
     let mut visible = BTreeSet::from([format!("Patient/{patient}")]);
     let mut binaries = BTreeSet::new();
+    // What the patient's side may not learn of, not even that it was accessed: staff-only
+    // messages and requests about the patient, and their attachments.
+    let mut staff_only = match viewer {
+        Viewer::Administrator => BTreeSet::new(),
+        Viewer::Patient(_) => staff_only_items(store, patient)?,
+    };
     for t in TYPES {
         let Some(conditions) = reach(store, viewer, patient, t) else {
             continue;
@@ -112,6 +118,19 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
                 }
                 if t == "AuditEvent" {
                     if let Viewer::Patient(_) = viewer {
+                        // A message deleted since is no longer in the compartment: its last
+                        // content tells whether it was staff-only.
+                        for what in named_messages(&v, base) {
+                            if !visible.contains(&what)
+                                && !staff_only.contains(&what)
+                                && was_staff_only(store, &what)?
+                            {
+                                staff_only.insert(what);
+                            }
+                        }
+                        if names_any(&v, &staff_only, base) {
+                            continue;
+                        }
                         v = minimal_audit(&v, &visible, base);
                     }
                 }
@@ -177,6 +196,89 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
         "timestamp": format_instant(now_micros()),
         "entry": entries,
     }))
+}
+
+/// The staff-only (`NOPAT`) Communications and CommunicationRequests in `patient`'s compartment
+/// and the Binaries they attach, as `Type/id`. Blocking.
+fn staff_only_items(store: &Store, patient: &str) -> Result<BTreeSet<String>, StoreError> {
+    let mut out = BTreeSet::new();
+    for t in ["Communication", "CommunicationRequest"] {
+        let Some(conditions) = reach(store, Viewer::Administrator, patient, t) else {
+            continue;
+        };
+        let mut req = SearchRequest::of(conditions, 500);
+        loop {
+            let page = store.search(t, &req)?;
+            for s in &page.matches {
+                let Some(v) = s
+                    .body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                else {
+                    continue;
+                };
+                if !super::staff_only::is_labelled(&v) {
+                    continue;
+                }
+                out.insert(format!("{t}/{}", s.id));
+                for p in v["payload"].as_array().into_iter().flatten() {
+                    if let Some(u) = p["contentAttachment"]["url"].as_str() {
+                        let u = super::hub::local_ref(u, &store.base_url);
+                        if u.starts_with("Binary/") {
+                            out.insert(u);
+                        }
+                    }
+                }
+            }
+            if !page.has_next || page.matches.is_empty() {
+                break;
+            }
+            req.offset += page.matches.len();
+            req.snapshot = Some(page.snapshot);
+        }
+    }
+    Ok(out)
+}
+
+/// The messages and requests (`Type/id`) the AuditEvent `ev` names as entities.
+fn named_messages(ev: &Value, base: &str) -> Vec<String> {
+    ev["entity"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .map(|r| super::hub::local_ref(r, base))
+        .map(|r| r.split("/_history").next().unwrap_or_default().to_string())
+        .filter(|r| r.starts_with("Communication/") || r.starts_with("CommunicationRequest/"))
+        .collect()
+}
+
+/// Was the message or request `what` (`Type/id`) staff-only in its last stored content (it may
+/// have been deleted since)? Blocking.
+fn was_staff_only(store: &Store, what: &str) -> Result<bool, StoreError> {
+    let Some((t, id)) = what.split_once('/') else {
+        return Ok(false);
+    };
+    let versions = match store.history(t, Some(id), None, 100, 0, None, None) {
+        Ok((v, _, _)) => v,
+        Err(StoreError::NotFound(..)) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(versions
+        .iter()
+        .find_map(|s| s.body.as_deref())
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        .is_some_and(|v| super::staff_only::is_labelled(&v)))
+}
+
+/// Does the AuditEvent `ev` name (as an entity) one of `items`?
+fn names_any(ev: &Value, items: &BTreeSet<String>, base: &str) -> bool {
+    ev["entity"].as_array().into_iter().flatten().any(|e| {
+        e["what"]["reference"].as_str().is_some_and(|r| {
+            let r = super::hub::local_ref(r, base);
+            items.contains(r.split("/_history").next().unwrap_or_default())
+        })
+    })
 }
 
 /// An AuditEvent as its patient receives it: who accessed what and when. Kept: type, subtype,

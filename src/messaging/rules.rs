@@ -52,13 +52,26 @@ pub fn check(
         }
         _ => {}
     }
-    let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson);
+    // An app in a patient's context with no user writes for the patient, under the same rules.
+    let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson)
+        || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
     match res_type {
         "Binary" => attachment_type(settings, body),
         "Communication" if patient_side => patient_message(settings, body),
         "CommunicationRequest" if patient_side => patient_text(settings, res_type, body),
         _ => Ok(()),
     }
+}
+
+/// Whom `p` writes `res_type` as: the signed-in user; for an app in a patient's context with no
+/// user (no fhirUser) that writes only from the patient's side, the patient (`Patient/` alone,
+/// matching no one, when no patient is known); `None` for a system client, which may write in
+/// anyone's name.
+pub fn acting_as(p: &Principal, res_type: &str) -> Option<String> {
+    if let Some(u) = &p.fhir_user {
+        return Some(u.clone());
+    }
+    policy::patient_bound(p, res_type).map(|pt| format!("Patient/{pt}"))
 }
 
 /// A user writes messages as themself: `element` (`sender`, `requester`), when given, is the
@@ -71,14 +84,14 @@ fn own_reference(
     res_type: &str,
     element: &str,
 ) -> Result<(), FhirError> {
-    let Some(me) = &p.fhir_user else {
+    let Some(me) = acting_as(p, res_type) else {
         return Ok(());
     };
-    if p.kind() == SubjectKind::System || body.get(element).is_none() {
+    if body.get(element).is_none() {
         return Ok(());
     }
     let given = body[element]["reference"].as_str();
-    if given.is_some_and(|r| super::hub::local_ref(r, &settings.base_url) == *me) {
+    if given.is_some_and(|r| super::hub::local_ref(r, &settings.base_url) == me) {
         return Ok(());
     }
     Err(FhirError::at(
@@ -194,15 +207,22 @@ pub async fn prepare(
     );
     for element in ["partOf", "inResponseTo"] {
         for (i, r) in body[element].as_array().into_iter().flatten().enumerate() {
-            let Some(local) = r["reference"]
+            // Read the reference as the search index does (`Communication/x/_history/1` and a
+            // bare `x` both put the message in thread `x`), so no spelling escapes the check.
+            let Some(parts) = r["reference"]
                 .as_str()
-                .map(|s| super::hub::local_ref(s, base))
+                .and_then(|s| crate::search::index::parse_reference(s, base))
             else {
                 continue;
             };
-            let Some(id) = local.strip_prefix("Communication/") else {
+            let (None, Some("Communication") | None, Some(id)) = (
+                &parts.url,
+                parts.target_type.as_deref(),
+                parts.target_id.as_deref(),
+            ) else {
                 continue;
             };
+            let local = format!("Communication/{id}");
             if let Some(staff_only) = fresh.get(id) {
                 inherited |= *staff_only;
                 continue;

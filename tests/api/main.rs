@@ -19,6 +19,7 @@ mod messaging;
 mod operability;
 mod plans;
 mod retention;
+mod review_ad;
 mod schedule;
 mod search;
 mod ssrf;
