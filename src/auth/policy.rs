@@ -46,6 +46,15 @@ fn patient_params(res_type: &str) -> &'static [&'static str] {
     }
 }
 
+/// The Patient compartment's parameters without `subject`: the patient as a participant.
+fn participant_params_of_patient(res_type: &str) -> &'static [&'static str] {
+    match res_type {
+        "Communication" => &["sender", "recipient"],
+        "CommunicationRequest" => &["sender", "recipient", "requester"],
+        other => patient_params(other),
+    }
+}
+
 /// The parameters that make a user a participant.
 fn participant_params(res_type: &str) -> &'static [&'static str] {
     match res_type {
@@ -107,12 +116,19 @@ fn compartment(
         Context::System => return Some(None),
         Context::Patient => {
             let patient = p.patient.as_ref()?;
-            let mut g = refers(
-                registry,
-                res_type,
-                patient_params(res_type),
-                &format!("Patient/{patient}"),
-            );
+            // The patient's side reads the messages the patient takes part in (sent, received
+            // directly or through a group), not every message that names them as its subject: a
+            // clinician's message to another patient, or to the patient's relative, that is
+            // "about" them is not theirs to read. Writes keep the compartment (the writer becomes
+            // the sender, and a message from the patient's side cannot be staff-only).
+            let params = if p.kind() != SubjectKind::Practitioner
+                && matches!(perm, Perm::Read | Perm::Search)
+            {
+                participant_params_of_patient(res_type)
+            } else {
+                patient_params(res_type)
+            };
+            let mut g = refers(registry, res_type, params, &format!("Patient/{patient}"));
             if p.kind() == SubjectKind::Patient {
                 g.extend(via_groups(p, registry, res_type));
             }
@@ -598,9 +614,15 @@ mod tests {
         assert!(sees("patient/Communication.rs", Some("Practitioner/e"), Some("p1")), "a clinician in the patient's context");
         assert!(sees("user/Communication.rs", Some("Practitioner/e"), None));
         assert!(sees("system/Communication.rs", None, None));
-        let mut to_p1 = m.clone();
-        to_p1["meta"] = json!({});
-        assert!(may_see(&principal("patient/Communication.rs", Some("Patient/p1"), Some("p1")), &r, "http://x", "Communication", &to_p1, Perm::Read));
+        // Unlabelled but only *about* p1 (a message between clinicians, or to another patient):
+        // not p1's to read either; addressed to p1, it is.
+        let p1 = principal("patient/Communication.rs", Some("Patient/p1"), Some("p1"));
+        let mut about_p1 = m.clone();
+        about_p1["meta"] = json!({});
+        assert!(!may_see(&p1, &r, "http://x", "Communication", &about_p1, Perm::Read));
+        let mut to_p1 = about_p1.clone();
+        to_p1["recipient"] = json!([{"reference": "Patient/p1"}]);
+        assert!(may_see(&p1, &r, "http://x", "Communication", &to_p1, Perm::Read));
     }
 
     #[test]

@@ -104,8 +104,11 @@ fn sees(w: &Who, r: &Res) -> bool {
     if staff_only && patient_side {
         return false;
     }
+    // The patient's side reads what the patient takes part in, not what is only about them.
+    let participant_roles: &[&str] = &["sender", "recipient", "requester"];
     match context {
         "system" => true,
+        "patient" if patient_side => involves(&format!("Patient/{}", w.patient.unwrap()), participant_roles),
         "patient" => involves(&format!("Patient/{}", w.patient.unwrap()), patient_roles),
         _ => {
             involves(w.user.unwrap(), &["sender", "recipient", "requester"])
