@@ -266,7 +266,11 @@ pub fn decide(
     // The patient's side reads its audit trail only through `Patient/$everything`, cut down to
     // who accessed what and when: a BALP AuditEvent carries client ids, network addresses, token
     // ids and queries, and names staff-only messages.
-    if res_type == "AuditEvent" && p.scopes.iter().any(|s| s.names(res_type) && patient_facing(p, s)) {
+    if res_type == "AuditEvent"
+        && p.scopes
+            .iter()
+            .any(|s| s.names(res_type) && patient_facing(p, s))
+    {
         return Err(Denied(
             "the patient's side reads its audit trail through Patient/[id]/$everything".into(),
         ));
@@ -409,8 +413,17 @@ pub fn may_see(
 
 /// `patient`'s compartment of `res_type` (R4 CompartmentDefinition Patient), labels aside: for an
 /// administrator's export of everything about the patient.
-pub fn patient_compartment(registry: &Registry, res_type: &str, patient: &str) -> Option<Condition> {
-    let groups = refers(registry, res_type, patient_params(res_type), &format!("Patient/{patient}"));
+pub fn patient_compartment(
+    registry: &Registry,
+    res_type: &str,
+    patient: &str,
+) -> Option<Condition> {
+    let groups = refers(
+        registry,
+        res_type,
+        patient_params(res_type),
+        &format!("Patient/{patient}"),
+    );
     (!groups.is_empty()).then_some(Condition::AnyOf(groups))
 }
 
@@ -605,13 +618,38 @@ mod tests {
         m["subject"] = json!({"reference": "Patient/p1"});
         crate::messaging::staff_only::add_label(&mut m);
         let sees = |scopes: &str, user: Option<&str>, patient: Option<&str>| {
-            may_see(&principal(scopes, user, patient), &r, "http://x", "Communication", &m, Perm::Read)
+            may_see(
+                &principal(scopes, user, patient),
+                &r,
+                "http://x",
+                "Communication",
+                &m,
+                Perm::Read,
+            )
         };
-        assert!(!sees("patient/Communication.rs", Some("Patient/p1"), Some("p1")));
-        assert!(!sees("patient/Communication.rs", None, Some("p1")), "a patient app without a user");
-        assert!(!sees("patient/Communication.rs", Some("RelatedPerson/r1"), Some("p1")));
+        assert!(!sees(
+            "patient/Communication.rs",
+            Some("Patient/p1"),
+            Some("p1")
+        ));
+        assert!(
+            !sees("patient/Communication.rs", None, Some("p1")),
+            "a patient app without a user"
+        );
+        assert!(!sees(
+            "patient/Communication.rs",
+            Some("RelatedPerson/r1"),
+            Some("p1")
+        ));
         assert!(!sees("system/Communication.rs", Some("Patient/p1"), None));
-        assert!(sees("patient/Communication.rs", Some("Practitioner/e"), Some("p1")), "a clinician in the patient's context");
+        assert!(
+            sees(
+                "patient/Communication.rs",
+                Some("Practitioner/e"),
+                Some("p1")
+            ),
+            "a clinician in the patient's context"
+        );
         assert!(sees("user/Communication.rs", Some("Practitioner/e"), None));
         assert!(sees("system/Communication.rs", None, None));
         // Unlabelled but only *about* p1 (a message between clinicians, or to another patient):
@@ -619,10 +657,24 @@ mod tests {
         let p1 = principal("patient/Communication.rs", Some("Patient/p1"), Some("p1"));
         let mut about_p1 = m.clone();
         about_p1["meta"] = json!({});
-        assert!(!may_see(&p1, &r, "http://x", "Communication", &about_p1, Perm::Read));
+        assert!(!may_see(
+            &p1,
+            &r,
+            "http://x",
+            "Communication",
+            &about_p1,
+            Perm::Read
+        ));
         let mut to_p1 = about_p1.clone();
         to_p1["recipient"] = json!([{"reference": "Patient/p1"}]);
-        assert!(may_see(&p1, &r, "http://x", "Communication", &to_p1, Perm::Read));
+        assert!(may_see(
+            &p1,
+            &r,
+            "http://x",
+            "Communication",
+            &to_p1,
+            Perm::Read
+        ));
     }
 
     #[test]

@@ -108,8 +108,7 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             Ok(())
         }
         None => {
-            crate::fhir::rest::record_event_checked(&state, audit::authentication(&ctx, None))
-                .await
+            crate::fhir::rest::record_event_checked(&state, audit::authentication(&ctx, None)).await
         }
     };
     match (result, audited) {

@@ -674,11 +674,19 @@ async fn transaction(
         let resource = match resource {
             Some(mut r) => {
                 let replaces = (e.method == "PUT").then_some(id.as_str());
-                crate::messaging::rules::prepare(state, p, &e.res_type, &mut r, replaces, &fresh_messages)
-                    .await
-                    .map_err(|err| at_entry(err, i))?;
+                crate::messaging::rules::prepare(
+                    state,
+                    p,
+                    &e.res_type,
+                    &mut r,
+                    replaces,
+                    &fresh_messages,
+                )
+                .await
+                .map_err(|err| at_entry(err, i))?;
                 if e.res_type == "Communication" {
-                    fresh_messages.insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
+                    fresh_messages
+                        .insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
                     threads.push((i, id.clone(), thread_ids(&r, &base)));
                 }
                 Some(Incoming::from_value(r))
@@ -784,9 +792,16 @@ async fn batch(
             let resource = match resource {
                 Some(mut r) => {
                     let replaces = (e.method == "PUT").then_some(id.as_str());
-                    crate::messaging::rules::prepare(state, p, &e.res_type, &mut r, replaces, &Default::default())
-                        .await
-                        .map_err(|err| at_entry(err, i))?;
+                    crate::messaging::rules::prepare(
+                        state,
+                        p,
+                        &e.res_type,
+                        &mut r,
+                        replaces,
+                        &Default::default(),
+                    )
+                    .await
+                    .map_err(|err| at_entry(err, i))?;
                     Some(Incoming::from_value(r))
                 }
                 None => None,
@@ -811,7 +826,9 @@ fn thread_ids(v: &Value, base: &str) -> Vec<String> {
         .flat_map(|k| v[*k].as_array().into_iter().flatten())
         .filter_map(|r| r["reference"].as_str())
         .filter_map(|r| crate::search::index::parse_reference(r, base))
-        .filter(|p| p.url.is_none() && matches!(p.target_type.as_deref(), None | Some("Communication")))
+        .filter(|p| {
+            p.url.is_none() && matches!(p.target_type.as_deref(), None | Some("Communication"))
+        })
         .filter_map(|p| p.target_id)
         .collect()
 }
@@ -822,7 +839,12 @@ fn at_entry(mut err: FhirError, i: usize) -> FhirError {
         x.expression = if x.expression.is_empty() {
             format!("Bundle.entry[{i}]")
         } else {
-            format!("Bundle.entry[{i}].resource.{}", x.expression.split_once('.').map_or(x.expression.as_str(), |(_, rest)| rest))
+            format!(
+                "Bundle.entry[{i}].resource.{}",
+                x.expression
+                    .split_once('.')
+                    .map_or(x.expression.as_str(), |(_, rest)| rest)
+            )
         };
     }
     err
@@ -841,14 +863,12 @@ fn entry_guard(
         "PUT" => Perm::Update,
         _ => Perm::Delete,
     };
-    access::write_guard(state, p, &e.res_type, perm, resource).map_err(
-        |mut err| {
-            err.issues
-                .iter_mut()
-                .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
-            err
-        },
-    )
+    access::write_guard(state, p, &e.res_type, perm, resource).map_err(|mut err| {
+        err.issues
+            .iter_mut()
+            .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
+        err
+    })
 }
 
 /// May a PUT entry create its resource, should it not exist?
@@ -856,14 +876,7 @@ fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Val
     // As for a plain PUT: update as create for system tokens only (see `rest::update_inner`).
     e.method == "PUT"
         && p.kind() == crate::auth::SubjectKind::System
-        && access::write_guard(
-            state,
-            p,
-            &e.res_type,
-            Perm::Create,
-            resource,
-        )
-        .is_ok()
+        && access::write_guard(state, p, &e.res_type, Perm::Create, resource).is_ok()
 }
 
 /// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).

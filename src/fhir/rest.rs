@@ -969,8 +969,15 @@ async fn patch_inner(
     let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
     access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;
     let mut value = value;
-    crate::messaging::rules::prepare(state, &p, res_type, &mut value, Some(id), &Default::default())
-        .await?;
+    crate::messaging::rules::prepare(
+        state,
+        &p,
+        res_type,
+        &mut value,
+        Some(id),
+        &Default::default(),
+    )
+    .await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),

@@ -287,7 +287,9 @@ fn names_any(ev: &Value, items: &BTreeSet<String>, base: &str) -> bool {
 /// token ids (`agent.policy`), search queries, and every detail.
 pub fn minimal_audit(ev: &Value, visible: &BTreeSet<String>, base: &str) -> Value {
     let mut out = json!({"resourceType": "AuditEvent"});
-    for k in ["id", "type", "subtype", "action", "period", "recorded", "outcome"] {
+    for k in [
+        "id", "type", "subtype", "action", "period", "recorded", "outcome",
+    ] {
         if let Some(v) = ev.get(k) {
             out[k] = v.clone();
         }
@@ -324,7 +326,11 @@ pub fn minimal_audit(ev: &Value, visible: &BTreeSet<String>, base: &str) -> Valu
             let what = e["what"]["reference"]
                 .as_str()
                 .map(|r| super::hub::local_ref(r, base))?;
-            let what = what.split("/_history").next().unwrap_or_default().to_string();
+            let what = what
+                .split("/_history")
+                .next()
+                .unwrap_or_default()
+                .to_string();
             visible.contains(&what).then(|| {
                 let mut x = json!({"what": {"reference": what}});
                 if let Some(t) = e.get("type") {

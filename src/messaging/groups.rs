@@ -29,13 +29,7 @@ pub fn of_on(
     let Some((t, id)) = user.and_then(|u| u.split_once('/')) else {
         return Ok(vec![]);
     };
-    let key = |rt: &str, code: &str| {
-        store
-            .registry
-            .get(rt, code)
-            .map(|p| p.key.clone())
-            .unwrap_or_default()
-    };
+    let key = |rt: &str, code: &str| param_key(store, rt, code);
     let rows: Vec<RefRow> = store.query_on(
         c,
         "SELECT DISTINCT r.res_type || '/' || r.fhir_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
@@ -49,4 +43,34 @@ pub fn of_on(
         ],
     )?;
     Ok(rows.into_iter().map(|r| r.reference).collect())
+}
+
+/// The index key of a membership parameter (`Group.member`, `CareTeam.participant`).
+fn param_key(store: &Store, res_type: &str, code: &str) -> String {
+    store
+        .registry
+        .get(res_type, code)
+        .map(|p| p.key.clone())
+        .unwrap_or_default()
+}
+
+/// The members (`Type/id`, local references) of a Group (`member.entity`) or CareTeam
+/// (`participant.member`) stored in Courier, one level deep; empty for any other reference or an
+/// unknown group. Blocking.
+pub fn members(store: &Store, group: &str) -> Result<Vec<String>, StoreError> {
+    let Some((t @ ("Group" | "CareTeam"), id)) = group.split_once('/') else {
+        return Ok(vec![]);
+    };
+    let param = if t == "Group" {
+        param_key(store, "Group", "member")
+    } else {
+        param_key(store, "CareTeam", "participant")
+    };
+    let rows: Vec<RefRow> = store.query(
+        "SELECT DISTINCT x.target_type || '/' || x.target_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE r.res_type = ? AND r.fhir_id = ? AND r.deleted = 0 AND x.param = ? \
+         AND x.target_type IS NOT NULL AND x.target_id IS NOT NULL ORDER BY 1",
+        vec![t.into(), id.into(), param.into()],
+    )?;
+    Ok(rows.into_iter().map(|m| m.reference).collect())
 }

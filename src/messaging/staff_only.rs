@@ -17,8 +17,6 @@
 //! tokens on every path; this module only decides the label.
 
 use crate::store::{Store, StoreError};
-use diesel::sql_types::Text;
-use diesel::QueryableByName;
 use serde_json::{json, Value};
 
 /// The HL7 v3 ActCode system of the `NOPAT` label.
@@ -27,9 +25,10 @@ pub const NOPAT: &str = "NOPAT";
 
 /// Does `v` carry the `NOPAT` label?
 pub fn is_labelled(v: &Value) -> bool {
-    v["meta"]["security"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|c| c["system"] == ACT_CODE && c["code"] == NOPAT))
+    v["meta"]["security"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|c| c["system"] == ACT_CODE && c["code"] == NOPAT)
+    })
 }
 
 /// Adds the `NOPAT` label to `v` (once).
@@ -88,39 +87,6 @@ pub fn is_patient_side(res_type: &str) -> bool {
     matches!(res_type, "Patient" | "RelatedPerson")
 }
 
-#[derive(QueryableByName)]
-struct Member {
-    #[diesel(sql_type = Text)]
-    reference: String,
-}
-
-/// The members (`Type/id`, local references) of a Group or CareTeam stored in Courier; empty for
-/// any other reference or an unknown group. Blocking.
-pub fn members(store: &Store, group: &str) -> Result<Vec<String>, StoreError> {
-    let Some((t @ ("Group" | "CareTeam"), id)) = group.split_once('/') else {
-        return Ok(vec![]);
-    };
-    let key = |rt: &str, code: &str| {
-        store
-            .registry
-            .get(rt, code)
-            .map(|p| p.key.clone())
-            .unwrap_or_default()
-    };
-    let param = if t == "Group" {
-        key("Group", "member")
-    } else {
-        key("CareTeam", "participant")
-    };
-    let rows: Vec<Member> = store.query(
-        "SELECT DISTINCT x.target_type || '/' || x.target_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         WHERE r.res_type = ? AND r.fhir_id = ? AND r.deleted = 0 AND x.param = ? \
-         AND x.target_type IS NOT NULL AND x.target_id IS NOT NULL ORDER BY 1",
-        vec![t.into(), id.into(), param.into()],
-    )?;
-    Ok(rows.into_iter().map(|m| m.reference).collect())
-}
-
 /// Everyone a message reaches on the patient's side, as `Type/id` (local references; a Group or
 /// CareTeam expanded one level), with the element that names them. Blocking.
 pub fn patient_side_participants(
@@ -141,7 +107,7 @@ pub fn patient_side_participants(
         if is_patient_side(&t) {
             out.push((path, local));
         } else if matches!(t.as_str(), "Group" | "CareTeam") {
-            for m in members(store, &local)? {
+            for m in super::groups::members(store, &local)? {
                 if m.split_once('/').is_some_and(|(mt, _)| is_patient_side(mt)) {
                     out.push((path.clone(), m));
                 }
@@ -214,9 +180,18 @@ mod tests {
     fn referenced_types_are_read_from_relative_absolute_and_typed_references() {
         for (r, t) in [
             (json!({"reference": "Patient/1"}), Some("Patient")),
-            (json!({"reference": "https://ehr.example/fhir/RelatedPerson/9"}), Some("RelatedPerson")),
-            (json!({"reference": "Practitioner/1/_history/2"}), Some("Practitioner")),
-            (json!({"type": "Patient", "identifier": {"value": "x"}}), Some("Patient")),
+            (
+                json!({"reference": "https://ehr.example/fhir/RelatedPerson/9"}),
+                Some("RelatedPerson"),
+            ),
+            (
+                json!({"reference": "Practitioner/1/_history/2"}),
+                Some("Practitioner"),
+            ),
+            (
+                json!({"type": "Patient", "identifier": {"value": "x"}}),
+                Some("Patient"),
+            ),
             (json!({"display": "someone"}), None),
         ] {
             assert_eq!(referenced_type(&r).as_deref(), t, "{r}");

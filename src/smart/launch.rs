@@ -809,8 +809,12 @@ fn key_fits(key: &jsonwebtoken::jwk::Jwk, alg: jsonwebtoken::Algorithm) -> bool 
     }
     match (&key.algorithm, alg) {
         (AlgorithmParameters::RSA(_), Algorithm::RS256 | Algorithm::RS384) => true,
-        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES256) => ec.curve == EllipticCurve::P256,
-        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES384) => ec.curve == EllipticCurve::P384,
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES256) => {
+            ec.curve == EllipticCurve::P256
+        }
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES384) => {
+            ec.curve == EllipticCurve::P384
+        }
         _ => false,
     }
 }

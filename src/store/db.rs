@@ -458,7 +458,10 @@ impl Db {
             // 0700, created if missing; then a probe write names the path and the reason when
             // the directory cannot be used.
             super::private::dir(dir).map_err(|e| {
-                anyhow::anyhow!("cannot use the data directory {}: cannot create it: {e}", dir.display())
+                anyhow::anyhow!(
+                    "cannot use the data directory {}: cannot create it: {e}",
+                    dir.display()
+                )
             })?;
             check_data_dir(dir)?;
             if !path.starts_with(":memory:") && !path.starts_with("file:") {

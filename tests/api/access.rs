@@ -100,7 +100,9 @@ fn sees(w: &Who, r: &Res) -> bool {
         .parties
         .iter()
         .any(|(role, p)| *role != "subject" && p.starts_with("Patient/"));
-    let patient_side = w.user.map_or(context == "patient", |u| u.starts_with("Patient/"));
+    let patient_side = w
+        .user
+        .map_or(context == "patient", |u| u.starts_with("Patient/"));
     if staff_only && patient_side {
         return false;
     }
@@ -108,7 +110,10 @@ fn sees(w: &Who, r: &Res) -> bool {
     let participant_roles: &[&str] = &["sender", "recipient", "requester"];
     match context {
         "system" => true,
-        "patient" if patient_side => involves(&format!("Patient/{}", w.patient.unwrap()), participant_roles),
+        "patient" if patient_side => involves(
+            &format!("Patient/{}", w.patient.unwrap()),
+            participant_roles,
+        ),
         "patient" => involves(&format!("Patient/{}", w.patient.unwrap()), patient_roles),
         _ => {
             involves(w.user.unwrap(), &["sender", "recipient", "requester"])
@@ -153,8 +158,17 @@ async fn seed(app: &TestApp) -> Vec<Res> {
             ("sender", "Practitioner/d1".into()),
             ("recipient", "Practitioner/d2".into()),
         ];
-        out.push(Res { res_type: "Communication", id: header.clone(), parties: parties.clone(), binary: None });
-        let bin = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGVsbG8="})).await;
+        out.push(Res {
+            res_type: "Communication",
+            id: header.clone(),
+            parties: parties.clone(),
+            binary: None,
+        });
+        let bin = app
+            .create(
+                &json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGVsbG8="}),
+            )
+            .await;
         let body = json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": p},
             "partOf": [{"reference": format!("Communication/{header}")}],
             "sender": {"reference": "Practitioner/d2"}, "recipient": [{"reference": "Practitioner/d1"}],
@@ -162,7 +176,11 @@ async fn seed(app: &TestApp) -> Vec<Res> {
         out.push(Res {
             res_type: "Communication",
             id: app.create(&body).await,
-            parties: vec![("subject", p.to_string()), ("sender", "Practitioner/d2".into()), ("recipient", "Practitioner/d1".into())],
+            parties: vec![
+                ("subject", p.to_string()),
+                ("sender", "Practitioner/d2".into()),
+                ("recipient", "Practitioner/d1".into()),
+            ],
             binary: Some(bin),
         });
     }

@@ -775,14 +775,20 @@ async fn id_tokens_without_kid_are_checked_with_the_keys_that_fit() {
         k
     };
     let (real, real_jwks, _) = rs384();
-    let decoys: Vec<Value> = (0..5).map(|i| key_of(&rs384().1, &format!("decoy-{i}"))).collect();
+    let decoys: Vec<Value> = (0..5)
+        .map(|i| key_of(&rs384().1, &format!("decoy-{i}")))
+        .collect();
     let check = |url: String, t: String| async move {
-        let cache = courier::auth::clients::JwksCache::new(courier::outbound::Outbound::any_address());
+        let cache =
+            courier::auth::clients::JwksCache::new(courier::outbound::Outbound::any_address());
         verify_id_token(&cache, &url, iss, "courier", &t, "n1").await
     };
     // One key: it is the one.
     let url = serve_jwks(real_jwks.clone()).await;
-    assert_eq!(check(url.clone(), unsigned_kid(&real)).await.unwrap()["sub"], "u1");
+    assert_eq!(
+        check(url.clone(), unsigned_kid(&real)).await.unwrap()["sub"],
+        "u1"
+    );
     // Two decoys before it (an EHR mid-rotation): each is tried.
     let mut keys = decoys[..2].to_vec();
     keys.push(key_of(&real_jwks, "current"));
@@ -793,13 +799,21 @@ async fn id_tokens_without_kid_are_checked_with_the_keys_that_fit() {
     keys.push(key_of(&real_jwks, "current"));
     let url = serve_jwks(jwks_of(keys)).await;
     let why = check(url, unsigned_kid(&real)).await.unwrap_err();
-    assert!(why.contains("names no kid") && why.contains("none of"), "{why}");
+    assert!(
+        why.contains("names no kid") && why.contains("none of"),
+        "{why}"
+    );
     // A token no key of the EHR signed, and a token whose alg no key fits.
     let url = serve_jwks(real_jwks.clone()).await;
     let (other, _, _) = rs384();
     assert!(check(url.clone(), unsigned_kid(&other)).await.is_err());
     let es = jsonwebtoken::EncodingKey::from_ec_pem(es384_key().0.as_bytes()).unwrap();
-    let t = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384), &claims, &es).unwrap();
+    let t = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384),
+        &claims,
+        &es,
+    )
+    .unwrap();
     let why = check(url.clone(), t).await.unwrap_err();
     assert!(why.contains("no ES384 key"), "{why}");
     // Clock skew: an id_token that expired 30 s ago (the EHR's clock is behind) still passes.
@@ -816,12 +830,29 @@ async fn an_ehr_launch_whose_id_token_has_no_kid_signs_in() {
     let app = spawn_app(Backend::Sqlite).await.unwrap();
     let Some(a) = spawn_ehr("ehr-a") else { return };
     launch_fixture(&app, &a).await;
-    let set = a.control(reqwest::Method::POST, "settings", Some(json!({"id_token_kid": false, "jwks_decoys": 2}))).await;
+    let set = a
+        .control(
+            reqwest::Method::POST,
+            "settings",
+            Some(json!({"id_token_kid": false, "jwks_decoys": 2})),
+        )
+        .await;
     assert_eq!(set["id_token_kid"], false, "{set}");
     let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
-    assert!(s["fhirUser"].as_str().unwrap().starts_with("Practitioner/"), "{s}");
+    assert!(
+        s["fhirUser"].as_str().unwrap().starts_with("Practitioner/"),
+        "{s}"
+    );
     let token = s["access_token"].as_str().unwrap();
-    assert_eq!(client_with_token(token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client_with_token(token)
+            .get(app.url("Communication"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 /// An EHR launch of `user` with `patient` in context, through to the hand-off page's session.

@@ -4,51 +4,10 @@
 use crate::both_backends;
 use crate::helpers::*;
 use crate::messaging::{clinician_token, msg, patient_token, user_token, Ws};
+use crate::staff_only::{about, labelled, send, ACT_CODE};
 use courier::auth::clients;
 use serde_json::{json, Value};
 use std::time::Duration;
-
-const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
-
-fn labelled(v: &Value) -> bool {
-    v["meta"]["security"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|c| c["system"] == ACT_CODE && c["code"] == "NOPAT"))
-}
-
-async fn send(
-    c: &reqwest::Client,
-    app: &TestApp,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let mut r = match method {
-        "PUT" => c.put(app.url(path)),
-        "DELETE" => c.delete(app.url(path)),
-        "POST" => c.post(app.url(path)),
-        "PATCH" => c.patch(app.url(path)),
-        _ => c.get(app.url(path)),
-    };
-    if let Some(b) = body {
-        let ct = if method == "PATCH" { "application/json-patch+json" } else { FHIR_JSON };
-        r = r
-            .header("content-type", ct)
-            .header("prefer", "return=representation")
-            .body(b.to_string());
-    }
-    let r = r.send().await.unwrap();
-    let s = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// A message about `patient` (subject) from `sender` to `recipients`.
-fn about(patient: &str, sender: &str, recipients: &[&str], text: &str) -> Value {
-    let mut m = msg(sender, recipients, text);
-    m["subject"] = json!({"reference": format!("Patient/{patient}")});
-    m
-}
 
 /// A token for an app launched in `patient`'s context with no user signed in (no fhirUser).
 fn patient_app_token(app: &TestApp, scope: &str, patient: &str) -> String {

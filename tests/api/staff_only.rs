@@ -8,15 +8,19 @@ use crate::messaging::{call, clinician_token, msg, param, patient_token, user_to
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+pub const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 
-fn labelled(v: &Value) -> bool {
-    v["meta"]["security"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|c| c["system"] == ACT_CODE && c["code"] == "NOPAT"))
+/// Does `v` carry the staff-only label?
+pub fn labelled(v: &Value) -> bool {
+    v["meta"]["security"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|c| c["system"] == ACT_CODE && c["code"] == "NOPAT")
+    })
 }
 
-async fn send(
+/// One request as `c`: (status, JSON body or the text). A body goes as FHIR JSON (a JSON Patch
+/// for PATCH), asking for the representation back.
+pub async fn send(
     c: &reqwest::Client,
     app: &TestApp,
     method: &str,
@@ -27,18 +31,44 @@ async fn send(
         "PUT" => c.put(app.url(path)),
         "DELETE" => c.delete(app.url(path)),
         "POST" => c.post(app.url(path)),
+        "PATCH" => c.patch(app.url(path)),
         _ => c.get(app.url(path)),
     };
     if let Some(b) = body {
+        let ct = if method == "PATCH" {
+            "application/json-patch+json"
+        } else {
+            FHIR_JSON
+        };
         r = r
-            .header("content-type", FHIR_JSON)
+            .header("content-type", ct)
             .header("prefer", "return=representation")
             .body(b.to_string());
     }
     let r = r.send().await.unwrap();
     let s = r.status().as_u16();
     let text = r.text().await.unwrap();
-    (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        s,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The Communications sent for a scheduled request, waiting up to 10 s for the first.
+async fn sent_for(app: &TestApp, request: &str) -> Vec<String> {
+    let mut sent = vec![];
+    for _ in 0..100 {
+        sent = ids(&app
+            .get_json(&format!(
+                "Communication?based-on=CommunicationRequest/{request}"
+            ))
+            .await);
+        if !sent.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sent
 }
 
 fn first_expression(oo: &Value) -> String {
@@ -49,7 +79,7 @@ fn first_expression(oo: &Value) -> String {
 }
 
 /// A message about `patient` (subject) from `sender` to `recipients`.
-fn about(patient: &str, sender: &str, recipients: &[&str], text: &str) -> Value {
+pub fn about(patient: &str, sender: &str, recipients: &[&str], text: &str) -> Value {
     let mut m = msg(sender, recipients, text);
     m["subject"] = json!({"reference": format!("Patient/{patient}")});
     m
@@ -229,14 +259,7 @@ both_backends! {
         assert_eq!(s, 201, "{cr}");
         assert_eq!(cr["requester"]["reference"], "Patient/ada", "{cr}");
         let id = cr["id"].as_str().unwrap();
-        let mut sent = vec![];
-        for _ in 0..100 {
-            sent = ids(&app.get_json(&format!("Communication?based-on=CommunicationRequest/{id}")).await);
-            if !sent.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let sent = sent_for(&app, id).await;
         assert_eq!(sent.len(), 1, "the request was sent");
         let m = app.get_json(&format!("Communication/{}", sent[0])).await;
         assert_eq!(m["sender"]["reference"], "Patient/ada", "{m}");
@@ -248,14 +271,7 @@ both_backends! {
         assert_eq!(s, 201, "{cr}");
         assert!(labelled(&cr));
         let id = cr["id"].as_str().unwrap();
-        let mut sent = vec![];
-        for _ in 0..100 {
-            sent = ids(&app.get_json(&format!("Communication?based-on=CommunicationRequest/{id}")).await);
-            if !sent.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let sent = sent_for(&app, id).await;
         assert_eq!(sent.len(), 1);
         assert!(labelled(&app.get_json(&format!("Communication/{}", sent[0])).await));
         let (s, _) = send(&ada, &app, "GET", &format!("Communication/{}", sent[0]), None).await;
