@@ -609,6 +609,14 @@ async function start() {
   for (const c of (config.categories || [])) categories.append(el('option', {value: c.code}, c.display));
   categories.required = isPatient();
   $('priority-field').hidden = isPatient();
+  // Patients are told, where they write and before they write, that messages are not for
+  // emergencies — with the number to call.
+  if (isPatient() && config.emergency_number) {
+    for (const e of document.querySelectorAll('.emergency')) {
+      e.textContent = 'Not for emergencies. If this is an emergency, call ' + config.emergency_number + ' now.';
+      e.hidden = false;
+    }
+  }
   if (isPatient() && config.expected_response_notice) {
     for (const id of ['response-notice', 'new-notice']) {
       $(id).textContent = config.expected_response_notice;

@@ -53,6 +53,8 @@ pub struct Settings {
     pub patient_max_message_chars: usize,
     /// Shown to patients when they write (`COURIER_EXPECTED_RESPONSE_NOTICE`).
     pub expected_response_notice: String,
+    /// The emergency number the web app tells patients to call (`COURIER_EMERGENCY_NUMBER`).
+    pub emergency_number: String,
     /// Content types a Binary (attachment) may have (`COURIER_ATTACHMENT_TYPES`, comma-separated).
     pub attachment_types: Vec<String>,
     /// Who may frame the web app: the CSP `frame-ancestors` value (`COURIER_FRAME_ANCESTORS`).
@@ -159,9 +161,9 @@ impl Default for Settings {
             idle_timeout_secs: 900,
             ehr: vec![],
             patient_max_message_chars: 2000,
-            expected_response_notice: "Your care team usually replies within 2 business days. \
-                 Messages are not for emergencies: in an emergency, call your local emergency number."
+            expected_response_notice: "Your care team usually replies within 2 business days."
                 .into(),
+            emergency_number: "911".into(),
             attachment_types: [
                 "image/jpeg",
                 "image/png",
@@ -287,6 +289,12 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_EXPECTED_RESPONSE_NOTICE") {
             self.expected_response_notice = v;
+        }
+        if let Some(v) = env("COURIER_EMERGENCY_NUMBER") {
+            if v.trim().is_empty() || v.len() > 20 {
+                anyhow::bail!("COURIER_EMERGENCY_NUMBER must be a short number such as 911 or 112, got '{v}'");
+            }
+            self.emergency_number = v.trim().to_string();
         }
         if let Some(v) = env("COURIER_ATTACHMENT_TYPES") {
             self.attachment_types = v

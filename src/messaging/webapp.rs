@@ -71,6 +71,7 @@ async fn config(state: web::Data<AppState>) -> HttpResponse {
         .json(json!({
             "patient_max_message_chars": s.patient_max_message_chars,
             "expected_response_notice": s.expected_response_notice,
+            "emergency_number": s.emergency_number,
             "attachment_max_bytes": s.max_binary_bytes,
             "attachment_types": s.attachment_types,
             "category_system": super::rules::CATEGORY_SYSTEM,

@@ -104,6 +104,10 @@ try {
   const from = await patient.locator('#messages li .from').first().textContent();
   check(from === cfg.clinician_name, `patient: the sender is shown by name (got "${from}")`);
   check(await patient.isVisible('#response-notice'), 'patient: the expected-response notice is shown where they write');
+  // The emergency number sits above the message box, in view when the thread opens.
+  const emergency = patient.locator('#compose .emergency');
+  check(await emergency.isVisible() && (await emergency.textContent()).includes('call 911'), 'patient: the emergency notice with its number is shown where they write');
+  check(!(await clinician.isVisible('#compose .emergency')), 'clinician: no patient emergency notice');
 
   // The read receipt reaches the clinician's screen live.
   await clinician.waitForSelector(`.status:text("Read by ${cfg.patient_name}")`, { timeout: 10000 });
