@@ -65,6 +65,7 @@ function end(why) {
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
   $('connection').textContent = 'Signed out';
+  $('connection').classList.remove('offline');
   window.scrollTo(0, 0);
   $('ended').setAttribute('tabindex', '-1');
   $('ended').focus();
