@@ -18,6 +18,7 @@ let ws = null;
 let wsBackoff = 1000;
 let current = null; // the open thread: {header, messages: Map id -> resource}
 const threads = new Map(); // id -> header Communication
+const activity = new Map(); // thread id -> ISO time of its newest message (orders the list)
 let unread = {total: 0, urgent: 0, byThread: new Map()};
 
 function el(tag, attrs, ...children) {
@@ -50,6 +51,7 @@ function end(why) {
   if (ws) { ws.onclose = null; ws.onmessage = null; ws.close(); ws = null; }
   current = null;
   threads.clear();
+  activity.clear();
   names.clear();
   receipts.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
@@ -189,6 +191,11 @@ async function loadThreads() {
     threads.set(e.resource.id, e.resource);
     learnNames(e.resource);
   }
+  // The newest replies put their threads first (a new "BP 165/100" must not sit 12th of 12).
+  try {
+    const r = await api('GET', '/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=200');
+    for (const e of (r.entry || [])) if (!e.search || e.search.mode === 'match') noteActivity(e.resource);
+  } catch (e) { /* the list still works, ordered by its headers */ }
   await loadUnread();
 }
 
@@ -214,10 +221,25 @@ function loadUnreadSoon() {
   unreadTimer = setTimeout(loadUnread, 250);
 }
 
+function whenOf(c) { return (c && c.meta && c.meta.lastUpdated) || ''; }
+
+// Remembers the newest activity of the thread `c` belongs to (or heads).
+function noteActivity(c) {
+  const parent = (c.partOf || []).map(refOf).find(Boolean);
+  const id = parent ? parent.replace(/^Communication\//, '') : c.id;
+  const t = whenOf(c);
+  if (t > (activity.get(id) || '')) activity.set(id, t);
+}
+
+function threadTime(t) {
+  const a = activity.get(t.id) || '';
+  return a > whenOf(t) ? a : whenOf(t);
+}
+
 function renderThreads() {
   const list = $('threads');
   list.replaceChildren();
-  const sorted = [...threads.values()].sort((a, b) => (b.meta.lastUpdated || '').localeCompare(a.meta.lastUpdated || ''));
+  const sorted = [...threads.values()].sort((a, b) => threadTime(b).localeCompare(threadTime(a)));
   for (const t of sorted) {
     const counts = unread.byThread.get('Communication/' + t.id);
     const topic = (t.topic && t.topic.text) || firstText(t) || '(no subject)';
@@ -415,6 +437,8 @@ async function send(ev) {
     if (h.category) msg.category = h.category;
     if (!isPatient()) msg.priority = $('compose-priority').value;
     const saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
+    noteActivity(saved);
+    renderThreads();
     current.messages.set(saved.id, saved);
     if (!$('msg-' + saved.id)) $('messages').append(renderMessage(saved));
     $('compose-text').value = '';
@@ -547,6 +571,8 @@ function onEvent(f) {
   }
   const parent = (c.partOf || []).map(refOf).find(Boolean);
   if (!parent) threads.set(c.id, c);
+  noteActivity(c);
+  renderThreads();
   const toMe = (c.recipient || []).some((r) => refOf(r) === session.fhirUser);
   if (f.event === 'create' && toMe && c.status !== 'preparation') {
     api('POST', '/Communication/' + c.id + '/$mark-delivered').catch(() => {});

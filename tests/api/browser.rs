@@ -92,10 +92,10 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         artifacts.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The conversations really went through Courier: header, message, reply and the foreign-URL
-    // one; the staff-only thread's header and message, labelled NOPAT.
+    // The conversations really went through Courier: header, message, reply, the foreign-URL one
+    // and the patient's later message; the staff-only thread's header and message, labelled NOPAT.
     let b = app.get_json("Communication?_count=10").await;
-    assert_eq!(ids(&b).len(), 6, "{b}");
+    assert_eq!(ids(&b).len(), 7, "{b}");
     let staff = app
         .get_json("Communication?_security=http://terminology.hl7.org/CodeSystem/v3-ActCode|NOPAT")
         .await;

@@ -24,6 +24,7 @@ const XSS_TOPIC = 'Lab results <b onmouseover="window.__xss=3">bold</b>';
 const XSS_FILE = '<img src=x onerror=window.__xss=4>.txt';
 const REPLY = 'Thank you, doctor & team!';
 const STAFF_TOPIC = 'Pharmacy fill history';
+const URGENT_NEWS = 'BP 165/100 and headache';
 const STAFF_TEXT = 'I suspect she is not taking her meds, can you check?';
 
 const browser = await chromium.launch({
@@ -167,6 +168,14 @@ try {
   await patient.waitForTimeout(1500);
   const patientText = await patient.evaluate(() => document.body.textContent);
   check(!patientText.includes(STAFF_TOPIC) && !patientText.includes(STAFF_TEXT), 'patient: a staff-only conversation reached the portal');
+
+  // New activity moves a thread up: the patient writes in the older thread, and it comes first
+  // in the clinician's list (above the newer staff-only one).
+  check((await clinician.locator('#threads li .topic').first().textContent()) === STAFF_TOPIC, 'clinician: the newest thread is first');
+  await patient.getByLabel('Message', { exact: true }).first().fill(URGENT_NEWS);
+  await patient.click('#send');
+  await patient.waitForSelector(`#messages li .text:text("${URGENT_NEWS}")`);
+  await clinician.waitForFunction((t) => document.querySelector('#threads li .topic').textContent.startsWith(t), 'Lab results', { timeout: 10000 });
 
   // Offline: the connection state says so.
   await patient.context().setOffline(true);
