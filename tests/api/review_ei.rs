@@ -1,0 +1,438 @@
+//! A second, outside attack on issue 19 E-I (SSRF, abuse limits, strict input, fail closed,
+//! smaller holes): each probe is a test; the ones that found a hole name it.
+
+use crate::both_backends;
+use crate::helpers::*;
+use courier::auth::clients;
+use courier::messaging::subscriptions::{EXT_SECRET, TOPIC_COMMUNICATION};
+use diesel::connection::SimpleConnection;
+use serde_json::{json, Value};
+
+/// `both_backends!` with settings of the test's own (`|s| { s.field = …; }`).
+macro_rules! both_backends_with {
+    (|$s:ident| $tweak:block $(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                fn tweak($s: &mut courier::config::Settings) $tweak
+                async fn run($app: $crate::helpers::TestApp) $body
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let app = spawn_app_with(Backend::Sqlite, tweak).await.unwrap();
+                    run(app).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    match spawn_app_with(Backend::Postgres, tweak).await {
+                        Some(app) => run(app).await,
+                        None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+fn token_form(c: &reqwest::Client, url: String) -> reqwest::RequestBuilder {
+    c.post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+}
+
+// ----- E: SSRF ------------------------------------------------------------------------------------
+
+fn hook(endpoint: &str) -> Value {
+    json!({
+        "resourceType": "Subscription", "status": "requested", "reason": "test",
+        "criteria": TOPIC_COMMUNICATION,
+        "channel": {"type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json",
+            "extension": [{"url": EXT_SECRET, "valueString": "a-shared-secret-of-at-least-32-characters"}]},
+    })
+}
+
+both_backends_with! {
+    |s| { s.subscription_private_endpoints = false; }
+
+    async fn rest_hooks_to_loopback_spelled_other_ways_are_refused(app: TestApp) {
+        let scope = "system/Communication.rs system/Subscription.cruds";
+        let id = clients::add(&app.store, "subscriber",
+            clients::KeySource::Document(es384_key().1.to_string()), scope).unwrap();
+        let c = client_with_token(&issue(&app.tokens, &id, scope, None, None));
+        let before = app.row_counts();
+        for url in [
+            "https://2130706433/",
+            "https://0x7f.1/",
+            "https://0177.0.0.1/",
+            "https://127.1/",
+            "https://0x7f000001/",
+            "https://127.0.0.1./",
+            "https://public@127.0.0.1/",
+            "https://public:pw@[::1]/",
+            "https://[0:0:0:0:0:ffff:127.0.0.1]/",
+            "https://[::ffff:0:7f00:1]/",
+            "https://[0::ffff:7f00:0001]/",
+            "https://[fe80::1%25lo]/",
+            "https://[fe80::1]/",
+            "https://[::]/",
+            "https://0.0.0.0/",
+            "https://localhost./",
+            "https://LOCALHOST/",
+            "https://a.localhost/",
+            "https://[2002:7f00:1::]/",
+            "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "https://[ff02::1]/",
+            "https://255.255.255.255/",
+            "https://%31%32%37.0.0.1/",
+            "https://127。0。0。1/",
+            "https://１２７.０.０.１/",
+        ] {
+            let r = c.post(app.url("Subscription")).header("content-type", FHIR_JSON)
+                .body(hook(url).to_string()).send().await.unwrap();
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            assert_eq!(s, 400, "{url}: {o}");
+            assert_eq!(o["resourceType"], "OperationOutcome", "{url}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing stored");
+    }
+}
+
+// ----- F: abuse limits ----------------------------------------------------------------------------
+
+both_backends_with! {
+    |s| { s.rate_limit_per_minute = 3; }
+
+    async fn a_percent_encoded_token_path_is_rate_limited_like_the_plain_one(app: TestApp) {
+        // `/auth/%74oken` is routed to the token endpoint (actix decodes unreserved characters).
+        let r = token_form(&app.anonymous, app.url("auth/%74oken")).send().await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_client", "the encoded path reaches the token endpoint: {body}");
+        for _ in 0..3 {
+            token_form(&app.anonymous, app.url("auth/token")).send().await.unwrap();
+        }
+        assert_eq!(token_form(&app.anonymous, app.url("auth/token")).send().await.unwrap().status(), 429);
+        for path in ["auth/%74oken", "%61uth/token", "auth/t%6Fken", "auth/%69ntrospect"] {
+            let s = token_form(&app.anonymous, app.url(path)).send().await.unwrap().status();
+            assert_eq!(s, 429, "{path} escapes the limit");
+        }
+    }
+
+    async fn x_forwarded_for_does_not_reset_the_limit_without_a_trusted_proxy(app: TestApp) {
+        for i in 0..3 {
+            token_form(&app.anonymous, app.url("auth/token"))
+                .header("x-forwarded-for", format!("203.0.113.{i}")).send().await.unwrap();
+        }
+        let r = token_form(&app.anonymous, app.url("auth/token"))
+            .header("x-forwarded-for", "203.0.113.99").header("forwarded", "for=198.51.100.1")
+            .header("x-real-ip", "198.51.100.2").send().await.unwrap();
+        assert_eq!(r.status(), 429);
+    }
+}
+
+both_backends_with! {
+    |s| { s.rate_limit_per_minute = 0; s.auth_failure_audit_window_secs = 3600; }
+
+    async fn an_aggregated_failure_does_not_carry_the_tokens_contents(app: TestApp) {
+        // A token-shaped secret: the audit names why, never the token.
+        let secret = "eyJhbGciOiJFUzM4NCJ9.eyJzdWIiOiJTRUNSRVQtU1VCIn0.c2lnbmF0dXJlLVNFQ1JFVA";
+        for _ in 0..3 {
+            client_with_token(secret).get(app.url("Communication")).send().await.unwrap();
+        }
+        let ws_ok = true;
+        let all = app.get_json("AuditEvent?_count=200").await.to_string();
+        assert!(!all.contains("SECRET") && !all.contains("c2lnbmF0dXJl") && !all.contains("eyJzdWIi"), "{all}");
+        assert!(ws_ok);
+    }
+}
+
+// ----- G: strict input ----------------------------------------------------------------------------
+
+both_backends! {
+    async fn control_characters_anywhere_are_refused(app: TestApp) {
+        let before = app.row_counts();
+        let base = || message("Patient/p1", "2026-01-01T10:00:00Z", "hi");
+        let mut bodies: Vec<(String, String)> = vec![];
+        let mut b = base(); b["id"] = json!("ab\u{1}c");
+        bodies.push(("id".into(), b.to_string()));
+        let mut b = base(); b["extension"] = json!([{"url": "http://x.example/\u{1b}e", "valueString": "v"}]);
+        bodies.push(("extension url".into(), b.to_string()));
+        let mut b = base(); b["category"] = json!([{"coding": [{"system": "http://x.example/\u{7f}", "code": "c"}]}]);
+        bodies.push(("coding system (uri)".into(), b.to_string()));
+        let mut b = base(); b["category"] = json!([{"coding": [{"system": "http://x.example/", "code": "c\u{0}d"}]}]);
+        bodies.push(("code".into(), b.to_string()));
+        let mut b = base(); b["payload"] = json!([{"contentString": "a\u{85}b"}]);
+        bodies.push(("C1 control (NEL)".into(), b.to_string()));
+        let mut b = base(); b["meta"] = json!({"tag": [{"system": "http://x.example/", "code": "t\u{1}"}]});
+        bodies.push(("meta tag code".into(), b.to_string()));
+        let mut b = base(); b["sent"] = json!("2026-01-01T10:00:00Z\u{1}");
+        bodies.push(("dateTime".into(), b.to_string()));
+        // A control character in a key (not a value).
+        let b = base().to_string().replacen("\"status\"", "\"sta\\u0001tus\"", 1);
+        bodies.push(("key".into(), b));
+        let b = base().to_string().replacen("\"status\"", "\"status\\u0000\"", 1);
+        bodies.push(("key with NUL".into(), b));
+        for (what, body) in bodies {
+            let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+                .body(body).send().await.unwrap();
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            assert_eq!(s, 400, "{what}: {o}");
+            assert_eq!(o["resourceType"], "OperationOutcome", "{what}");
+        }
+        // In a Bundle entry's request.url and fullUrl.
+        for (what, url, full) in [
+            ("request.url", "Communication\u{1}", "urn:uuid:0b3c1a1e-0000-4000-8000-000000000001"),
+            ("request.url query", "Communication?_id=a\u{0}", "urn:uuid:0b3c1a1e-0000-4000-8000-000000000002"),
+            ("fullUrl", "Communication", "urn:uuid:0b3c1a1e-0000-4000-8000-00000000000\u{1}"),
+        ] {
+            let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"fullUrl": full, "resource": base(), "request": {"method": "POST", "url": url}}]});
+            let r = app.post("", &bundle).await;
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            assert!(s == 400 || s == 404, "{what}: {s} {o}");
+        }
+        // Overlong UTF-8 ('/' as C0 AF) and a lone surrogate.
+        let raw = base().to_string().replacen("hi", "h\u{1}i", 0).into_bytes();
+        let mut overlong = raw.clone();
+        let at = overlong.windows(2).position(|w| w == b"hi").unwrap();
+        overlong.splice(at..at + 1, [0xC0u8, 0xAF]);
+        let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .body(overlong).send().await.unwrap();
+        assert_eq!(r.status(), 400, "overlong UTF-8");
+        let lone = base().to_string().replacen("hi", "h\\ud800i", 1);
+        let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .body(lone).send().await.unwrap();
+        assert_eq!(r.status(), 400, "lone surrogate");
+        assert_eq!(app.row_counts(), before, "nothing stored");
+    }
+
+    async fn deep_nesting_and_many_small_entries_are_refused_cleanly(app: TestApp) {
+        let before = app.row_counts();
+        for depth in [200usize, 5_000, 100_000] {
+            let body = format!("{{\"resourceType\":\"Communication\",\"status\":\"completed\",\"extension\":{}1{}}}",
+                "[".repeat(depth), "]".repeat(depth));
+            let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+                .body(body).send().await.unwrap();
+            assert!(r.status().is_client_error(), "depth {depth}: {}", r.status());
+            let body = format!("{{\"resourceType\":\"Communication\",\"status\":\"completed\",\"x\":{}1{}}}",
+                "{\"a\":".repeat(depth), "}".repeat(depth));
+            let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+                .body(body).send().await.unwrap();
+            assert!(r.status().is_client_error(), "object depth {depth}: {}", r.status());
+        }
+        // 1,001 tiny entries: over the entry limit, refused; nothing stored.
+        let entry = json!({"request": {"method": "GET", "url": "Communication?_id=x"}});
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry; 1001]});
+        let r = app.post("", &bundle).await;
+        assert!(r.status().is_client_error(), "1,001 entries: {}", r.status());
+        assert_eq!(app.row_counts(), before, "nothing stored");
+        // Still alive.
+        assert_eq!(app.get("Communication").await.status(), 200);
+    }
+
+    async fn contained_resources_in_a_cycle_are_handled(app: TestApp) {
+        // The message references #a; #a and #b reference each other: valid (dom-3), no hang.
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "hi");
+        m["contained"] = json!([
+            {"resourceType": "Communication", "id": "a", "status": "completed", "partOf": [{"reference": "#b"}]},
+            {"resourceType": "Communication", "id": "b", "status": "completed", "partOf": [{"reference": "#a"}]},
+        ]);
+        m["partOf"] = json!([{"reference": "#a"}]);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), app.post("Communication", &m)).await
+            .expect("the cycle hangs the server");
+        assert!(r.status() == 201 || r.status() == 400, "{}", r.status());
+        // A cycle nothing references from the container passes dom-3 as FHIR writes it
+        // (`%resource.descendants()` includes the contained resources themselves): accepted, no hang.
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "hi");
+        m["contained"] = json!([
+            {"resourceType": "Communication", "id": "a", "status": "completed", "partOf": [{"reference": "#b"}]},
+            {"resourceType": "Communication", "id": "b", "status": "completed", "partOf": [{"reference": "#a"}]},
+        ]);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), app.post("Communication", &m)).await
+            .expect("the cycle hangs the server");
+        assert!(r.status() == 201 || r.status() == 400, "{}", r.status());
+    }
+}
+
+// ----- H: fail closed -----------------------------------------------------------------------------
+
+fn fill_disk(app: &TestApp) {
+    match &app.store.db {
+        courier::store::db::Db::Sqlite(pool, ..) => {
+            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
+            for mut c in conns {
+                c.batch_execute("PRAGMA max_page_count = 1").unwrap();
+            }
+        }
+        courier::store::db::Db::Postgres(_) => {
+            use diesel::Connection;
+            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
+            c.batch_execute(
+                r#"CREATE OR REPLACE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = 'No space left on device'; END $$;
+                   DO $$ DECLARE t text; BEGIN
+                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
+                       EXECUTE format('CREATE TRIGGER test_disk_full BEFORE INSERT ON %I FOR EACH ROW EXECUTE FUNCTION test_disk_full()', t);
+                     END LOOP;
+                   END $$;"#,
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn free_disk(app: &TestApp) {
+    match &app.store.db {
+        courier::store::db::Db::Sqlite(pool, ..) => {
+            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
+            for mut c in conns {
+                c.batch_execute("PRAGMA max_page_count = 1073741823").unwrap();
+            }
+        }
+        courier::store::db::Db::Postgres(_) => {
+            use diesel::Connection;
+            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
+            c.batch_execute(
+                r#"DO $$ DECLARE t text; BEGIN
+                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
+                       EXECUTE format('DROP TRIGGER IF EXISTS test_disk_full ON %I', t);
+                     END LOOP;
+                   END $$;"#,
+            )
+            .unwrap();
+        }
+    }
+}
+
+both_backends! {
+    async fn no_read_path_serves_data_while_its_audit_fails(app: TestApp) {
+        let id = app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "lab results")).await;
+        let bin = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "c2VjcmV0"})).await;
+        let patient = client_with_token(&issue(&app.tokens, &app.admin_client_id,
+            "patient/Communication.rs patient/*.rs", Some("Patient/p1"), Some("p1")));
+        fill_disk(&app);
+        // Reads until the audit trail fails for good.
+        let mut refused = false;
+        for _ in 0..300 {
+            if app.get(&format!("Communication/{id}")).await.status() == 503 {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "reads were served with the database full");
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": format!("Communication/{id}")}}]});
+        let mut leaks = vec![];
+        let mut served = vec![];
+        for (what, r) in [
+            ("read", app.get(&format!("Communication/{id}")).await),
+            ("vread", app.get(&format!("Communication/{id}/_history/1")).await),
+            ("type history", app.get("Communication/_history").await),
+            ("system search", app.get("?_type=Communication").await),
+            ("search POST", app.client.post(app.url("Communication/_search"))
+                .header("content-type", "application/x-www-form-urlencoded").body("_id=".to_string() + &id).send().await.unwrap()),
+            ("$receipts", app.get(&format!("Communication/{id}/$receipts")).await),
+            ("$everything", app.get("Patient/p1/$everything").await),
+            ("patient $unread", patient.get(app.url("Communication/$unread")).send().await.unwrap()),
+            ("patient read", patient.get(app.url(&format!("Communication/{id}"))).send().await.unwrap()),
+            ("Binary JSON", app.get(&format!("Binary/{bin}")).await),
+            ("Binary raw", app.client.get(app.url(&format!("Binary/{bin}"))).header("accept", "text/plain").send().await.unwrap()),
+            ("batch GET", app.post("", &batch).await),
+            ("AuditEvent search", app.get("AuditEvent").await),
+        ] {
+            let s = r.status().as_u16();
+            let rid = r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            let text = r.text().await.unwrap_or_default();
+            if s < 300 {
+                // Served: then its AuditEvent must have been written (a smaller row can still fit).
+                served.push((what, rid));
+            } else if text.contains("lab results") || text.contains("c2VjcmV0") {
+                leaks.push(format!("{what}: {s} {}", &text[..text.len().min(200)]));
+            }
+        }
+        assert!(leaks.is_empty(), "PHI in a refusal: {leaks:#?}");
+        free_disk(&app);
+        let trail = app.get_json("AuditEvent?_count=1000").await.to_string();
+        let unaudited: Vec<_> = served.iter().filter(|(_, rid)| !trail.contains(rid.as_str())).collect();
+        assert!(unaudited.is_empty(), "served without an AuditEvent while the audit was failing: {unaudited:?}");
+    }
+}
+
+// ----- I: PUT existence, /metrics -----------------------------------------------------------------
+
+both_backends! {
+    async fn conditional_update_transaction_put_and_delete_tell_nothing_about_hidden_ids(app: TestApp) {
+        let mut hidden = json!({"resourceType": "Communication", "status": "completed",
+            "identifier": [{"system": "urn:x", "value": "hidden-1"}],
+            "sender": {"reference": "Patient/p2"}, "recipient": [{"reference": "Practitioner/d2"}]});
+        let hidden_id = app.create(&hidden).await;
+        hidden["id"] = json!(hidden_id);
+        let unused = uuid::Uuid::new_v4().to_string();
+        let user = "Practitioner/d1";
+        let c = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.cruds", Some(user), None));
+        let body = |id: Option<&str>, ident: &str| {
+            let mut b = json!({"resourceType": "Communication", "status": "completed",
+                "identifier": [{"system": "urn:x", "value": ident}],
+                "sender": {"reference": user}, "recipient": [{"reference": "Practitioner/d1"}]});
+            if let Some(id) = id { b["id"] = json!(id); }
+            b
+        };
+        let answer = |r: reqwest::Response| async move {
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            (s, o["issue"][0]["code"].clone())
+        };
+        // DELETE.
+        let a = answer(c.delete(app.url(&format!("Communication/{hidden_id}"))).send().await.unwrap()).await;
+        let b = answer(c.delete(app.url(&format!("Communication/{unused}"))).send().await.unwrap()).await;
+        assert_eq!(a, b, "DELETE hidden vs unused");
+        // PUT with If-None-Match.
+        let mut ans = vec![];
+        for id in [&hidden_id, &unused] {
+            let r = c.put(app.url(&format!("Communication/{id}"))).header("content-type", FHIR_JSON)
+                .header("if-none-match", "*").body(body(Some(id), "z").to_string()).send().await.unwrap();
+            ans.push(answer(r).await);
+        }
+        assert_eq!(ans[0], ans[1], "If-None-Match PUT hidden vs unused");
+        // Transaction PUT.
+        let mut ans = vec![];
+        for id in [&hidden_id, &unused] {
+            let t = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"fullUrl": format!("{}/Communication/{id}", app.base), "resource": body(Some(id), "t"),
+                 "request": {"method": "PUT", "url": format!("Communication/{id}")}}]});
+            let r = c.post(app.url("")).header("content-type", FHIR_JSON).body(t.to_string()).send().await.unwrap();
+            ans.push(answer(r).await);
+        }
+        assert_eq!(ans[0], ans[1], "transaction PUT hidden vs unused");
+        // Conditional update on an identifier only the hidden message carries.
+        let before = app.row_counts();
+        let r = c.put(app.url("Communication?identifier=urn:x|hidden-1")).header("content-type", FHIR_JSON)
+            .body(body(None, "hidden-1").to_string()).send().await.unwrap();
+        let hidden_ans = r.status().as_u16();
+        let r = c.put(app.url(&format!("Communication?identifier=urn:x|{unused}"))).header("content-type", FHIR_JSON)
+            .body(body(None, &unused).to_string()).send().await.unwrap();
+        let unused_ans = r.status().as_u16();
+        assert_eq!(hidden_ans, unused_ans, "conditional update hidden vs unused");
+        let _ = before;
+        // The hidden message is unchanged.
+        let now = app.get_json(&format!("Communication/{hidden_id}")).await;
+        assert_eq!(now["meta"]["versionId"], "1", "{now}");
+    }
+
+    async fn the_metrics_take_no_token_from_the_query_string(app: TestApp) {
+        let tok = issue(&app.tokens, &app.admin_client_id, ADMIN_SCOPES, None, None);
+        let r = app.anonymous.get(app.url(&format!("metrics?access_token={tok}"))).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = app.anonymous.get(app.url("%6detrics")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let user = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.rs", Some("Practitioner/d1"), None));
+        assert_eq!(user.get(app.url("%6detrics")).send().await.unwrap().status(), 403);
+        // Public prefixes do not open FHIR routes without a token.
+        for path in ["auth/x", "auth/x/_history", "app/x/_history/1", ".well-known/x"] {
+            let s = app.anonymous.get(app.url(path)).send().await.unwrap().status();
+            assert!(s == 401 || s == 404, "{path}: {s}");
+        }
+    }
+}
