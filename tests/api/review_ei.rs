@@ -436,3 +436,18 @@ both_backends! {
         }
     }
 }
+
+both_backends! {
+    async fn a_percent_encoded_patient_legal_hold_holds_the_patient(app: TestApp) {
+        // `/%50atient/p3/$legal-hold` is routed to the Patient operation; it must hold the patient,
+        // not a Communication that happens to have the same id.
+        let r = app.client.post(app.url("%50atient/p3/$legal-hold"))
+            .json(&json!({"resourceType": "Parameters", "parameter": [
+                {"name": "action", "valueCode": "place"}, {"name": "reason", "valueString": "case 1"}]}))
+            .send().await.unwrap();
+        let s = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["parameter"][0]["valueReference"]["reference"], "Patient/p3", "{body}");
+    }
+}
