@@ -451,3 +451,58 @@ both_backends! {
         assert_eq!(body["parameter"][0]["valueReference"]["reference"], "Patient/p3", "{body}");
     }
 }
+
+both_backends! {
+    async fn a_conditional_create_that_matches_is_not_served_while_its_audit_fails(app: TestApp) {
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "lab results");
+        m["identifier"] = json!([{"system": "urn:x", "value": "m-1"}]);
+        app.create(&m).await;
+        fill_disk(&app);
+        let mut refused = false;
+        for _ in 0..300 {
+            if app.get("Communication?identifier=urn:x|m-1").await.status() == 503 {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+        let mut fresh = message("Patient/p1", "2026-01-02T10:00:00Z", "other");
+        fresh["identifier"] = json!([{"system": "urn:x", "value": "m-1"}]);
+        let mut served = vec![];
+        for _ in 0..5 {
+            let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+                .header("if-none-exist", "identifier=urn:x|m-1").body(fresh.to_string()).send().await.unwrap();
+            let s = r.status().as_u16();
+            let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+            let text = r.text().await.unwrap();
+            if s < 300 {
+                served.push((rid, text.contains("lab results")));
+            }
+        }
+        free_disk(&app);
+        let trail = app.get_json("AuditEvent?_count=1000").await.to_string();
+        let unaudited: Vec<_> = served.iter().filter(|(rid, _)| !trail.contains(rid.as_str())).collect();
+        assert!(unaudited.is_empty(), "conditional create answered (with the stored resource: PHI) without an AuditEvent: {unaudited:?}");
+    }
+
+    async fn a_conditional_create_does_not_match_what_the_caller_cannot_see(app: TestApp) {
+        let hidden = json!({"resourceType": "Communication", "status": "completed",
+            "identifier": [{"system": "urn:x", "value": "h-1"}],
+            "payload": [{"contentString": "someone else's"}],
+            "sender": {"reference": "Patient/p2"}, "recipient": [{"reference": "Practitioner/d2"}]});
+        app.create(&hidden).await;
+        let c = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.cruds", Some("Practitioner/d1"), None));
+        let mine = json!({"resourceType": "Communication", "status": "completed",
+            "identifier": [{"system": "urn:x", "value": "h-1"}],
+            "sender": {"reference": "Practitioner/d1"}, "recipient": [{"reference": "Practitioner/d3"}]});
+        let seen = c.get(app.url("Communication?identifier=urn:x|h-1")).send().await.unwrap().text().await.unwrap();
+        assert!(!seen.contains("someone else"), "the search shows it: {seen}");
+        let r = c.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .header("if-none-exist", "identifier=urn:x|h-1").body(mine.to_string()).send().await.unwrap();
+        let s = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("someone else"), "{s} {text}");
+        // Created like for an identifier nobody uses (the hidden one is not matched).
+        assert_eq!(s, 201, "hidden: {text}");
+    }
+}
