@@ -457,6 +457,16 @@ both_backends! {
         let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "lab results");
         m["identifier"] = json!([{"system": "urn:x", "value": "m-1"}]);
         app.create(&m).await;
+        // With room on the disk: the match answers with the stored message; that is a read, audited.
+        let mut again = message("Patient/p1", "2026-01-02T10:00:00Z", "other");
+        again["identifier"] = json!([{"system": "urn:x", "value": "m-1"}]);
+        let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+            .header("if-none-exist", "identifier=urn:x|m-1").body(again.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert!(r.text().await.unwrap().contains("lab results"));
+        let trail = app.get_json("AuditEvent?_count=1000").await.to_string();
+        assert!(trail.contains(&rid), "a matching conditional create is not audited at all");
         fill_disk(&app);
         let mut refused = false;
         for _ in 0..300 {
