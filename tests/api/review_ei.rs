@@ -516,3 +516,55 @@ both_backends! {
         assert_eq!(s, 201, "hidden: {text}");
     }
 }
+
+both_backends! {
+    async fn a_binary_with_whitespace_in_its_base64_reads_back_raw(app: TestApp) {
+        for data in ["QUJD\nREVG", " QUJDREVG ", "QUJD\r\nREVG\r\n", "QUJDREVG\t"] {
+            let r = app.post("Binary", &json!({"resourceType": "Binary", "contentType": "text/plain", "data": data})).await;
+            let s = r.status().as_u16();
+            if s == 400 { continue; }
+            assert_eq!(s, 201, "{data:?}");
+            let loc = r.headers()["location"].to_str().unwrap().to_string();
+            let id = loc.split("/Binary/").nth(1).unwrap().split('/').next().unwrap().to_string();
+            let r = app.client.get(app.url(&format!("Binary/{id}"))).header("accept", "text/plain").send().await.unwrap();
+            assert_eq!(r.status(), 200, "{data:?} raw read");
+            assert_eq!(r.text().await.unwrap(), "ABCDEF", "{data:?}");
+        }
+        let before = app.row_counts();
+        for data in ["@@@@", "QUJ", "QU=D", "QUJD===="] {
+            let r = app.post("Binary", &json!({"resourceType": "Binary", "contentType": "text/plain", "data": data})).await;
+            assert_eq!(r.status(), 400, "{data:?}");
+        }
+        assert_eq!(app.row_counts(), before);
+    }
+
+    async fn a_token_header_is_not_echoed_into_the_audit_trail(app: TestApp) {
+        use base64::Engine;
+        let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for header in [r#"{"alg":"SECRETALG1"}"#, r#"{"alg":"ES384","kid":"SECRETKID2"}"#, r#"{"alg":"ES384","typ":7,"x":"SECRETX3"}"#] {
+            let tok = format!("{}.{}.c2ln", e(header), e(r#"{"sub":"SECRETSUB4"}"#));
+            client_with_token(&tok).get(app.url("Communication")).send().await.unwrap();
+        }
+        let all = app.get_json("AuditEvent?_count=200").await.to_string();
+        assert!(!all.contains("SECRET"), "{all}");
+    }
+}
+
+both_backends_with! {
+    |s| { s.rate_limit_per_minute = 0; s.auth_failure_audit_window_secs = 3600; }
+
+    async fn failed_websocket_authentications_are_aggregated_like_the_others(app: TestApp) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let before = app.row_counts().into_iter().find(|(t, _)| t == "resources").map(|x| x.1);
+        let ws = app.base.replace("http://", "ws://") + "/ws";
+        for _ in 0..10 {
+            let (mut s, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+            s.send(Message::Text(json!({"type": "auth", "token": "bad"}).to_string().into())).await.unwrap();
+            while let Some(Ok(m)) = s.next().await { if m.is_close() { break; } }
+        }
+        let events = app.get_json("AuditEvent?type=http://dicom.nema.org/resources/ontology/DCM|110114&outcome=4&_count=200").await;
+        let n = events["entry"].as_array().map_or(0, |a| a.len());
+        assert!(n <= 1, "{n} AuditEvents for 10 failed WebSocket authentications from one address ({before:?})");
+    }
+}
