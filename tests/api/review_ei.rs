@@ -568,3 +568,26 @@ both_backends_with! {
         assert!(n <= 1, "{n} AuditEvents for 10 failed WebSocket authentications from one address ({before:?})");
     }
 }
+
+both_backends_with! {
+    |s| { s.rate_limit_per_minute = 3; }
+
+    async fn failed_websocket_authentications_are_rate_limited_per_address(app: TestApp) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let ws = app.base.replace("http://", "ws://") + "/ws";
+        let mut codes = vec![];
+        for _ in 0..5 {
+            let (mut s, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+            s.send(Message::Text(json!({"type": "auth", "token": "bad"}).to_string().into())).await.unwrap();
+            let mut code = None;
+            while let Some(Ok(m)) = s.next().await {
+                if let Message::Close(Some(f)) = &m { code = Some(u16::from(f.code)); }
+                if m.is_close() { break; }
+            }
+            codes.push(code);
+        }
+        assert_eq!(codes[..3], [Some(4401); 3], "{codes:?}");
+        assert_eq!(codes[4], Some(4429), "{codes:?}");
+    }
+}
