@@ -591,3 +591,34 @@ both_backends_with! {
         assert_eq!(codes[4], Some(4429), "{codes:?}");
     }
 }
+
+both_backends! {
+    async fn duplicate_keys_odd_numbers_and_control_characters_in_queries_are_refused(app: TestApp) {
+        let before = app.row_counts();
+        for (what, body) in [
+            ("duplicate key", r#"{"resourceType":"Communication","status":"completed","status":"entered-in-error"}"#.to_string()),
+            ("duplicate resourceType", r#"{"resourceType":"Communication","resourceType":"Patient","status":"completed"}"#.to_string()),
+            ("duplicate recipient", r#"{"resourceType":"Communication","status":"completed","recipient":[{"reference":"Patient/p1"}],"recipient":[{"reference":"Patient/p2"}]}"#.to_string()),
+            ("huge exponent", r#"{"resourceType":"Communication","status":"completed","extension":[{"url":"http://x.example/n","valueDecimal":1e999999}]}"#.to_string()),
+            ("nested duplicate", r#"{"resourceType":"Communication","status":"completed","sender":{"reference":"Patient/p1","reference":"Practitioner/d9"}}"#.to_string()),
+        ] {
+            let r = app.client.post(app.url("Communication")).header("content-type", FHIR_JSON)
+                .body(body).send().await.unwrap();
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            assert_eq!(s, 400, "{what}: {o}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing stored");
+        for q in ["Communication?identifier=a%01b", "Communication?_id=a%1Bb", "Communication?subject=Patient/p%7F1",
+                  "Communication?_content=a%00"] {
+            let s = app.get(q).await.status().as_u16();
+            assert_eq!(s, 400, "{q}");
+        }
+        // Invalid UTF-8 in a query is decoded lossily (U+FFFD) and searched for: no 500, nothing
+        // found (a 400 would be stricter; noted in the review).
+        for q in ["Communication?category=%C0%AF", "Communication?identifier=%FF"] {
+            let s = app.get(q).await.status().as_u16();
+            assert!(s == 400 || s == 200, "{q}: {s}");
+        }
+    }
+}
