@@ -312,6 +312,10 @@ both_backends! {
         let bin = app.create(&json!({"resourceType": "Binary", "contentType": "text/plain", "data": "c2VjcmV0"})).await;
         let patient = client_with_token(&issue(&app.tokens, &app.admin_client_id,
             "patient/Communication.rs patient/*.rs", Some("Patient/p1"), Some("p1")));
+        let r = app.post("Subscription", &hook("http://127.0.0.1:9/hook")).await;
+        assert_eq!(r.status(), 201);
+        let sub = r.headers()["location"].to_str().unwrap().split("/Subscription/").nth(1).unwrap()
+            .split('/').next().unwrap().to_string();
         fill_disk(&app);
         // Reads until the audit trail fails for good.
         let mut refused = false;
@@ -341,6 +345,11 @@ both_backends! {
             ("Binary raw", app.client.get(app.url(&format!("Binary/{bin}"))).header("accept", "text/plain").send().await.unwrap()),
             ("batch GET", app.post("", &batch).await),
             ("AuditEvent search", app.get("AuditEvent").await),
+            ("Subscription read", app.get(&format!("Subscription/{sub}")).await),
+            ("Subscription search", app.get("Subscription").await),
+            ("Subscription $status", app.get(&format!("Subscription/{sub}/$status")).await),
+            ("Subscription $events", app.get(&format!("Subscription/{sub}/$events")).await),
+            ("$get-ws-binding-token", app.get(&format!("Subscription/{sub}/$get-ws-binding-token")).await),
         ] {
             let s = r.status().as_u16();
             let rid = r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
@@ -619,6 +628,38 @@ both_backends! {
         for q in ["Communication?category=%C0%AF", "Communication?identifier=%FF"] {
             let s = app.get(q).await.status().as_u16();
             assert!(s == 400 || s == 200, "{q}: {s}");
+        }
+    }
+}
+
+both_backends! {
+    async fn no_websocket_catch_up_while_the_audit_fails(app: TestApp) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "lab results")).await;
+        let tok = issue(&app.tokens, &app.admin_client_id, "user/Communication.rs", Some("Patient/p1"), None);
+        fill_disk(&app);
+        for _ in 0..300 {
+            if app.get("Communication").await.status() == 503 { break; }
+        }
+        let ws = app.base.replace("http://", "ws://") + "/ws";
+        let mut got = vec![];
+        for _ in 0..5 {
+            let (mut s, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+            s.send(Message::Text(json!({"type": "auth", "token": tok, "since": 0}).to_string().into())).await.unwrap();
+            while let Some(Ok(m)) = s.next().await {
+                if m.is_close() { break; }
+                got.push(m.to_string());
+            }
+        }
+        let leaked: Vec<_> = got.iter().filter(|t| t.contains("lab results") || t.contains("\"ready\"")).collect();
+        // A socket admitted while the audit fails must have its session AuditEvent (a small row can fit).
+        if !leaked.is_empty() {
+            free_disk(&app);
+            let trail = app.get_json("AuditEvent?_count=1000").await;
+            let sessions = trail["entry"].as_array().unwrap().iter()
+                .filter(|e| e["resource"]["type"]["code"] == "110114" && e["resource"]["outcome"] == "0").count();
+            assert!(sessions >= 1, "catch-up served without an audited session: {leaked:?}");
         }
     }
 }
