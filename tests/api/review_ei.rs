@@ -425,6 +425,24 @@ both_backends! {
         let unused_ans = r.status().as_u16();
         assert_eq!(hidden_ans, unused_ans, "conditional update hidden vs unused");
         let _ = before;
+        // Conditional delete and PATCH.
+        let a = answer(c.delete(app.url("Communication?identifier=urn:x|hidden-1")).send().await.unwrap()).await;
+        let b = answer(c.delete(app.url(&format!("Communication?identifier=urn:x|{unused}x"))).send().await.unwrap()).await;
+        assert_eq!(a, b, "conditional DELETE hidden vs unused");
+        let patch = json!([{"op": "replace", "path": "/status", "value": "entered-in-error"}]).to_string();
+        let mut ans = vec![];
+        for id in [&hidden_id, &unused] {
+            let r = c.patch(app.url(&format!("Communication/{id}"))).header("content-type", "application/json-patch+json")
+                .body(patch.clone()).send().await.unwrap();
+            ans.push(answer(r).await);
+        }
+        assert_eq!(ans[0], ans[1], "PATCH hidden vs unused");
+        let mut ans = vec![];
+        for id in [&hidden_id, &unused] {
+            let r = c.get(app.url(&format!("Communication/{id}/_history"))).send().await.unwrap();
+            ans.push(answer(r).await);
+        }
+        assert_eq!(ans[0], ans[1], "instance history hidden vs unused");
         // The hidden message is unchanged.
         let now = app.get_json(&format!("Communication/{hidden_id}")).await;
         assert_eq!(now["meta"]["versionId"], "1", "{now}");
