@@ -681,3 +681,35 @@ both_backends! {
         }
     }
 }
+
+both_backends! {
+    async fn odd_bundle_entry_urls_are_refused(app: TestApp) {
+        let before = app.row_counts();
+        let m = message("Patient/p1", "2026-01-01T10:00:00Z", "hi");
+        let mut bad = vec![];
+        for (method, url) in [
+            ("POST", "http://evil.example/Communication"),
+            ("POST", "./Communication"),
+            ("PUT", "Communication/../Patient/p1"),
+            ("PUT", "Communication/a/b"),
+            ("PUT", "Communication/%2e%2e"),
+            ("PUT", "Communication/a?x=1"),
+            ("POST", "Communication?x=1#frag"),
+            ("POST", "communication"),
+            ("POST", "Communication\u{2028}"),
+            ("POST", " Communication"),
+            ("DELETE", "Communication"),
+        ] {
+            let mut res = m.clone();
+            if method == "PUT" { res["id"] = json!("a"); }
+            let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"fullUrl": "urn:uuid:0b3c1a1e-0000-4000-8000-000000000009", "resource": res, "request": {"method": method, "url": url}}]});
+            let r = app.post("", &bundle).await;
+            let s = r.status().as_u16();
+            let o: Value = r.json().await.unwrap_or(Value::Null);
+            if !(400..500).contains(&s) { bad.push(format!("{method} {url:?}: {s} {}", &o.to_string()[..120.min(o.to_string().len())])); }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+        assert_eq!(app.row_counts(), before, "nothing stored");
+    }
+}
