@@ -713,3 +713,38 @@ both_backends! {
         assert_eq!(app.row_counts(), before, "nothing stored");
     }
 }
+
+both_backends! {
+    async fn a_refused_bodys_text_is_not_copied_into_the_audit_trail(app: TestApp) {
+        let mut bodies = vec![];
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "SECRETTEXT1 diagnosis\u{1}");
+        bodies.push(m.clone());
+        m["payload"] = json!([{"contentString": "SECRETTEXT2".repeat(200_000)}]);
+        bodies.push(m.clone());
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["sent"] = json!("SECRETTEXT3");
+        bodies.push(m);
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["identifier"] = json!([{"system": "urn:x", "value": "SECRETTEXT4".repeat(200)}]);
+        bodies.push(m);
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["unknownElement"] = json!("SECRETTEXT5");
+        bodies.push(m);
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["status"] = json!("SECRETTEXT6");
+        bodies.push(m);
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["payload"] = json!("SECRETTEXT7 \" quoted, expected");
+        bodies.push(m);
+        let mut m = message("Patient/p1", "2026-01-01T10:00:00Z", "x");
+        m["sender"] = json!("SECRETTEXT8");
+        bodies.push(m);
+        for b in &bodies {
+            let r = app.post("Communication", b).await;
+            assert!(r.status().is_client_error(), "{}", r.status());
+        }
+        let trail = app.get_json("AuditEvent?_count=1000").await.to_string();
+        let found: Vec<_> = (1..=8).filter(|i| trail.contains(&format!("SECRETTEXT{i}"))).collect();
+        assert!(found.is_empty(), "refused values copied into AuditEvents: {found:?}");
+    }
+}
