@@ -86,7 +86,16 @@ both_backends_with! {
             "https://%31%32%37.0.0.1/",
             "https://127。0。0。1/",
             "https://１２７.０.０.１/",
-        ] {
+            "https://LocalHost.:443/",
+        ].into_iter().map(String::from).chain(
+            // Names /etc/hosts gives a loopback address (issue 19 E), as a trailing-dot name too.
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default().lines()
+                .filter(|l| l.starts_with("127.") || l.starts_with("::1"))
+                .flat_map(|l| l.split_whitespace().skip(1).map(String::from).collect::<Vec<_>>())
+                .filter(|n| !n.starts_with('#'))
+                .flat_map(|n| [format!("https://{n}/"), format!("https://{}./", n.to_uppercase())])
+        ) {
+            let url = url.as_str();
             let r = c.post(app.url("Subscription")).header("content-type", FHIR_JSON)
                 .body(hook(url).to_string()).send().await.unwrap();
             let s = r.status().as_u16();
