@@ -502,7 +502,8 @@ fn write_response(state: &AppState, req: &HttpRequest, r: &WriteResult) -> HttpR
             "{}/{}/_history/{}",
             r.stored.res_type, r.stored.id, r.stored.version_id
         );
-        res.extensions_mut().insert(NothingWritten { what, patient });
+        res.extensions_mut()
+            .insert(NothingWritten { what, patient });
     }
     res
 }

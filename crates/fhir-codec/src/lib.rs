@@ -165,7 +165,11 @@ fn clean_serde_message(msg: &str) -> String {
         if let Some(i) = msg.find(kind) {
             let tail = msg.rfind(", expected").filter(|&j| j > i);
             let rest = tail.map_or("", |j| &msg[j..]);
-            return format!("{}{}{rest}", &msg[..i], kind.trim_end_matches([' ', '"', '`']));
+            return format!(
+                "{}{}{rest}",
+                &msg[..i],
+                kind.trim_end_matches([' ', '"', '`'])
+            );
         }
     }
     msg.to_string()
@@ -466,12 +470,18 @@ mod tests {
             clean_serde_message("invalid type: string \"Dear Dr, expected results\", expected struct Foo at line 1 column 2"),
             "invalid type: string, expected struct Foo"
         );
-        assert_eq!(clean_serde_message("Unknown value: secret"), "not one of the element's codes");
+        assert_eq!(
+            clean_serde_message("Unknown value: secret"),
+            "not one of the element's codes"
+        );
         assert_eq!(
             clean_serde_message("unknown variant `secret`, expected `a` or `b`"),
             "unknown variant, expected `a` or `b`"
         );
-        assert_eq!(clean_serde_message("missing field `status`"), "missing field `status`");
+        assert_eq!(
+            clean_serde_message("missing field `status`"),
+            "missing field `status`"
+        );
     }
 
     #[test]
