@@ -80,8 +80,11 @@ pub async fn authenticate(
         .app_data::<web::Data<Abuse>>()
         .expect("Abuse is registered")
         .clone();
-    if is_public(req.path()) {
-        if abuse::is_limited_path(req.path()) {
+    // The path as the router matches it (percent-encoded unreserved characters decoded):
+    // `/auth/%74oken` is the token endpoint and is limited like it.
+    let path = req.match_info().as_str().to_string();
+    if is_public(&path) {
+        if abuse::is_limited_path(&path) {
             let state = req
                 .app_data::<web::Data<AppState>>()
                 .expect("AppState is registered");
@@ -100,7 +103,7 @@ pub async fn authenticate(
         .clone();
     let token = bearer(req.request()).map(String::from);
     // A scraper's static token for the metrics (`COURIER_METRICS_TOKEN`).
-    if req.path() == "/metrics" {
+    if path == "/metrics" {
         if let (Some(t), Some(want)) = (&token, &state.settings.metrics_token) {
             use secrecy::ExposeSecret;
             use sha2::{Digest, Sha256};

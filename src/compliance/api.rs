@@ -106,7 +106,8 @@ pub async fn legal_hold(
     body: web::Bytes,
 ) -> HttpResponse {
     let id = path.into_inner();
-    let res_type = if req.path().contains("/Patient/") {
+    // The routed path (`/%50atient/…` is the Patient route too).
+    let res_type = if req.match_info().as_str().starts_with("/Patient/") {
         "Patient"
     } else {
         "Communication"

@@ -494,6 +494,16 @@ fn parse_entry(i: usize, e: &Value) -> Result<Parsed, FhirError> {
     if !shape_ok {
         return Err(FhirError::at(StatusCode::BAD_REQUEST, "not-supported", at("request"), format!("{method} {url} is not a supported entry (POST Type, PUT Type/id, DELETE Type/id, GET)")));
     }
+    // A query (or a fragment) would be silently ignored on a write: refused, not dropped
+    // (a conditional create is `request.ifNoneExist`).
+    if (query.is_some() && method != "GET") || url.contains('#') {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            at("request.url"),
+            format!("'{url}' is not a supported {method} entry URL: a query is for GET entries only, and no URL takes a fragment"),
+        ));
+    }
     Ok(Parsed {
         method: method.to_string(),
         res_type,

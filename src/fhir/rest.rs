@@ -468,7 +468,7 @@ fn write_response(state: &AppState, req: &HttpRequest, r: &WriteResult) -> HttpR
             location(&state.settings.base_url, &r.stored),
         ));
     }
-    match prefer_return(req) {
+    let mut res = match prefer_return(req) {
         Return::Minimal => b.finish(),
         Return::OperationOutcome => b.content_type(FHIR_JSON).body(
             outcome::information(&format!(
@@ -488,7 +488,30 @@ fn write_response(state: &AppState, req: &HttpRequest, r: &WriteResult) -> HttpR
         Return::Representation => b
             .content_type(FHIR_JSON)
             .body(r.stored.body.clone().unwrap_or_default()),
+    };
+    if r.status == WriteStatus::Existing {
+        // Nothing was written, so nothing was audited in a write's transaction: `finish_write`
+        // audits it (a conditional create's match answers with the stored resource: a read).
+        let patient = r
+            .stored
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+            .and_then(|v| audit::patient_of(&v));
+        let what = format!(
+            "{}/{}/_history/{}",
+            r.stored.res_type, r.stored.id, r.stored.version_id
+        );
+        res.extensions_mut()
+            .insert(NothingWritten { what, patient });
     }
+    res
+}
+
+/// On a write's answer: nothing was written (a conditional create matched, or nothing changed).
+struct NothingWritten {
+    what: String,
+    patient: Option<String>,
 }
 
 fn type_support(res_type: &str) -> Result<&'static TypeSupport, FhirError> {
@@ -557,6 +580,21 @@ async fn finish_write(
 ) -> HttpResponse {
     if result.is_err() {
         return answer_audited(state, ctx, interaction, what, None, result).await;
+    }
+    let mut result = result;
+    let nothing_written = result
+        .as_mut()
+        .ok()
+        .and_then(|r| r.extensions_mut().remove::<NothingWritten>());
+    if let Some(n) = nothing_written {
+        // Audited here, and not served if that fails (`answer_audited` lets through only a 201
+        // from a create: a conditional create's match is a 200 and carries the stored resource).
+        let interaction = if interaction == Interaction::Create {
+            Interaction::Read
+        } else {
+            interaction
+        };
+        return answer_audited(state, ctx, interaction, Some(n.what), n.patient, result).await;
     }
     result.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }

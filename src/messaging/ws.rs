@@ -42,7 +42,14 @@ pub async fn socket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let (res, session, stream) = actix_ws::handle(&req, body)?;
     let ctx = audit_context(&req, &state);
-    actix_web::rt::spawn(run(state, ctx, session, stream));
+    // Failed authentications are counted per address like the bearer checks' (see `abuse`).
+    let source = Source {
+        abuse: req
+            .app_data::<web::Data<crate::auth::abuse::Abuse>>()
+            .cloned(),
+        ip: crate::auth::abuse::client_ip(&req, &state.settings),
+    };
+    actix_web::rt::spawn(run(state, ctx, source, session, stream));
     Ok(res)
 }
 
@@ -156,14 +163,21 @@ async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal,
     .unwrap_or_else(|_| Err("the access token could not be checked".into()))
 }
 
+/// Where a socket comes from, for the aggregated audit and the rate limit of failed logins.
+struct Source {
+    abuse: Option<web::Data<crate::auth::abuse::Abuse>>,
+    ip: Option<std::net::IpAddr>,
+}
+
 async fn run(
     state: web::Data<AppState>,
     ctx: crate::audit::Context,
+    source: Source,
     mut session: actix_ws::Session,
     stream: actix_ws::MessageStream,
 ) {
     let mut stream = stream.max_frame_size(64 * 1024).aggregate_continuations();
-    let stop = serve(&state, ctx, &mut session, &mut stream).await;
+    let stop = serve(&state, ctx, &source, &mut session, &mut stream).await;
     if let Stop::Close(reason) = stop {
         let _ = session.close(reason).await;
     }
@@ -202,6 +216,7 @@ fn parse_auth(text: &str) -> Result<AuthFrame, String> {
 async fn serve(
     state: &web::Data<AppState>,
     ctx: crate::audit::Context,
+    source: &Source,
     session: &mut actix_ws::Session,
     stream: &mut actix_ws::AggregatedMessageStream,
 ) -> Stop {
@@ -218,8 +233,25 @@ async fn serve(
     let principal = match verify(state, frame.token).await {
         Ok(p) => p,
         Err(why) => {
-            let event = crate::audit::authentication(&ctx, Some(&why));
-            crate::fhir::rest::record_event(state, event).await;
+            // One AuditEvent per source and window, with the count (as for bearer checks).
+            let event = match &source.abuse {
+                Some(a) => a.failure(source.ip, &ctx, &why),
+                None => Some(crate::audit::authentication(&ctx, Some(&why))),
+            };
+            if let Some(event) = event {
+                crate::fhir::rest::record_event(state, event).await;
+            }
+            if let Some(a) = &source.abuse {
+                if a.check_failed(source.ip).is_err() {
+                    return refuse(
+                        session,
+                        4429,
+                        "throttled",
+                        "too many failed authentications from this address; try again later",
+                    )
+                    .await;
+                }
+            }
             return refuse(session, 4401, "login", &why).await;
         }
     };

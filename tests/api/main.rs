@@ -20,6 +20,7 @@ mod operability;
 mod plans;
 mod retention;
 mod review_ad;
+mod review_ei;
 mod schedule;
 mod search;
 mod ssrf;

@@ -153,9 +153,26 @@ where
     })
 }
 
-/// serde's messages name Rust types; keep them readable for a FHIR user.
+/// serde's messages name Rust types; keep them readable for a FHIR user. They never repeat the
+/// client's value (it may be message text, and the message goes to the audit trail and logs):
+/// `invalid type: string "…", expected …` keeps only the kinds, `Unknown value: …` the fact.
 fn clean_serde_message(msg: &str) -> String {
-    msg.split(" at line ").next().unwrap_or(msg).to_string()
+    let msg = msg.split(" at line ").next().unwrap_or(msg);
+    if msg.starts_with("Unknown value") {
+        return "not one of the element's codes".to_string();
+    }
+    for kind in ["string \"", "character `", "bytes ", "variant `"] {
+        if let Some(i) = msg.find(kind) {
+            let tail = msg.rfind(", expected").filter(|&j| j > i);
+            let rest = tail.map_or("", |j| &msg[j..]);
+            return format!(
+                "{}{}{rest}",
+                &msg[..i],
+                kind.trim_end_matches([' ', '"', '`'])
+            );
+        }
+    }
+    msg.to_string()
 }
 
 /// FHIR JSON rules that serde cannot see: no nulls (outside primitive-extension arrays), no empty
@@ -445,6 +462,26 @@ mod tests {
             .into_iter()
             .map(|i| i.expression)
             .collect()
+    }
+
+    #[test]
+    fn serde_messages_do_not_repeat_the_clients_value() {
+        assert_eq!(
+            clean_serde_message("invalid type: string \"Dear Dr, expected results\", expected struct Foo at line 1 column 2"),
+            "invalid type: string, expected struct Foo"
+        );
+        assert_eq!(
+            clean_serde_message("Unknown value: secret"),
+            "not one of the element's codes"
+        );
+        assert_eq!(
+            clean_serde_message("unknown variant `secret`, expected `a` or `b`"),
+            "unknown variant, expected `a` or `b`"
+        );
+        assert_eq!(
+            clean_serde_message("missing field `status`"),
+            "missing field `status`"
+        );
     }
 
     #[test]
