@@ -292,7 +292,9 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_EMERGENCY_NUMBER") {
             if v.trim().is_empty() || v.len() > 20 {
-                anyhow::bail!("COURIER_EMERGENCY_NUMBER must be a short number such as 911 or 112, got '{v}'");
+                anyhow::bail!(
+                    "COURIER_EMERGENCY_NUMBER must be a short number such as 911 or 112, got '{v}'"
+                );
             }
             self.emergency_number = v.trim().to_string();
         }

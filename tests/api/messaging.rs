@@ -482,7 +482,10 @@ async fn the_web_app_is_served_under_a_strict_content_security_policy() {
         .unwrap();
     assert_eq!(cfg["expected_response_notice"], "We reply within 1 day.");
     assert_eq!(cfg["patient_max_message_chars"], 2000);
-    assert_eq!(cfg["emergency_number"], "112", "the clinic's emergency number reaches the app");
+    assert_eq!(
+        cfg["emergency_number"], "112",
+        "the clinic's emergency number reaches the app"
+    );
 }
 
 /// Unread urgent messages: reminders every `renotify` seconds, escalation to the backup after

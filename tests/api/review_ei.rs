@@ -297,7 +297,8 @@ fn free_disk(app: &TestApp) {
         courier::store::db::Db::Sqlite(pool, ..) => {
             let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
             for mut c in conns {
-                c.batch_execute("PRAGMA max_page_count = 1073741823").unwrap();
+                c.batch_execute("PRAGMA max_page_count = 1073741823")
+                    .unwrap();
             }
         }
         courier::store::db::Db::Postgres(_) => {
