@@ -683,17 +683,7 @@ async fn transaction(
         let may_create = may_create(state, p, e, resource.as_ref());
         let resource = match resource {
             Some(mut r) => {
-                let replaces = (e.method == "PUT").then_some(id.as_str());
-                crate::messaging::rules::prepare(
-                    state,
-                    p,
-                    &e.res_type,
-                    &mut r,
-                    replaces,
-                    &fresh_messages,
-                )
-                .await
-                .map_err(|err| at_entry(err, i))?;
+                prepare_entry(state, p, i, e, &id, &mut r, &fresh_messages).await?;
                 if e.res_type == "Communication" {
                     fresh_messages
                         .insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
@@ -801,17 +791,7 @@ async fn batch(
             let may_create = may_create(state, p, &e, resource.as_ref());
             let resource = match resource {
                 Some(mut r) => {
-                    let replaces = (e.method == "PUT").then_some(id.as_str());
-                    crate::messaging::rules::prepare(
-                        state,
-                        p,
-                        &e.res_type,
-                        &mut r,
-                        replaces,
-                        &Default::default(),
-                    )
-                    .await
-                    .map_err(|err| at_entry(err, i))?;
+                    prepare_entry(state, p, i, &e, &id, &mut r, &Default::default()).await?;
                     Some(Incoming::from_value(r))
                 }
                 None => None,
@@ -841,6 +821,23 @@ fn thread_ids(v: &Value, base: &str) -> Vec<String> {
         })
         .filter_map(|p| p.target_id)
         .collect()
+}
+
+/// A message entry's thread check and label ([`crate::messaging::rules::prepare`]), its errors
+/// naming the entry. `fresh`: the messages written earlier in the same transaction.
+async fn prepare_entry(
+    state: &AppState,
+    p: &Principal,
+    i: usize,
+    e: &Parsed,
+    id: &str,
+    r: &mut Value,
+    fresh: &HashMap<String, bool>,
+) -> Result<(), FhirError> {
+    let replaces = (e.method == "PUT").then_some(id);
+    crate::messaging::rules::prepare(state, p, &e.res_type, r, replaces, fresh)
+        .await
+        .map_err(|err| at_entry(err, i))
 }
 
 /// An entry's error names the entry when it names no element of it.

@@ -3,35 +3,10 @@
 //! metrics behind a token, private data files, and PUT telling nobody which ids exist.
 
 use crate::both_backends;
+use crate::both_backends_with;
 use crate::helpers::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::{json, Value};
-
-/// `both_backends!` with settings of the test's own (`|s| { s.field = …; }`).
-macro_rules! both_backends_with {
-    (|$s:ident| $tweak:block $(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
-        $(
-            mod $name {
-                #[allow(unused_imports)]
-                use super::*;
-                fn tweak($s: &mut courier::config::Settings) $tweak
-                async fn run($app: $crate::helpers::TestApp) $body
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let app = spawn_app_with(Backend::Sqlite, tweak).await.unwrap();
-                    run(app).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    match spawn_app_with(Backend::Postgres, tweak).await {
-                        Some(app) => run(app).await,
-                        None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
-                    }
-                }
-            }
-        )*
-    };
-}
 
 const FAILURES: &str =
     "AuditEvent?type=http://dicom.nema.org/resources/ontology/DCM|110114&outcome=4&_count=200";

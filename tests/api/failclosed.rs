@@ -13,7 +13,7 @@ use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
 
 /// Makes the database "full": no write that needs new space succeeds.
-fn fill_disk(app: &TestApp) {
+pub fn fill_disk(app: &TestApp) {
     match &app.store.db {
         courier::store::db::Db::Sqlite(pool, ..) => {
             // Every pooled connection (held together, so each is a different one).
@@ -45,7 +45,7 @@ fn fill_disk(app: &TestApp) {
 }
 
 /// Frees the space again.
-fn free_disk(app: &TestApp) {
+pub fn free_disk(app: &TestApp) {
     match &app.store.db {
         courier::store::db::Db::Sqlite(pool, ..) => {
             let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();

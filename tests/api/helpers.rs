@@ -307,3 +307,30 @@ macro_rules! both_backends {
         )*
     };
 }
+
+/// `both_backends!` with settings of the test's own (`|s| { s.field = …; }`).
+#[macro_export]
+macro_rules! both_backends_with {
+    (|$s:ident| $tweak:block $(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                fn tweak($s: &mut courier::config::Settings) $tweak
+                async fn run($app: $crate::helpers::TestApp) $body
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let app = $crate::helpers::spawn_app_with($crate::helpers::Backend::Sqlite, tweak).await.unwrap();
+                    run(app).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    match $crate::helpers::spawn_app_with($crate::helpers::Backend::Postgres, tweak).await {
+                        Some(app) => run(app).await,
+                        None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+                    }
+                }
+            }
+        )*
+    };
+}

@@ -2,37 +2,12 @@
 //! smaller holes): each probe is a test; the ones that found a hole name it.
 
 use crate::both_backends;
+use crate::both_backends_with;
+use crate::failclosed::{fill_disk, free_disk};
 use crate::helpers::*;
 use courier::auth::clients;
 use courier::messaging::subscriptions::{EXT_SECRET, TOPIC_COMMUNICATION};
-use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
-
-/// `both_backends!` with settings of the test's own (`|s| { s.field = …; }`).
-macro_rules! both_backends_with {
-    (|$s:ident| $tweak:block $(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
-        $(
-            mod $name {
-                #[allow(unused_imports)]
-                use super::*;
-                fn tweak($s: &mut courier::config::Settings) $tweak
-                async fn run($app: $crate::helpers::TestApp) $body
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let app = spawn_app_with(Backend::Sqlite, tweak).await.unwrap();
-                    run(app).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    match spawn_app_with(Backend::Postgres, tweak).await {
-                        Some(app) => run(app).await,
-                        None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
-                    }
-                }
-            }
-        )*
-    };
-}
 
 fn token_form(c: &reqwest::Client, url: String) -> reqwest::RequestBuilder {
     c.post(url)
@@ -266,55 +241,6 @@ both_backends! {
 }
 
 // ----- H: fail closed -----------------------------------------------------------------------------
-
-fn fill_disk(app: &TestApp) {
-    match &app.store.db {
-        courier::store::db::Db::Sqlite(pool, ..) => {
-            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
-            for mut c in conns {
-                c.batch_execute("PRAGMA max_page_count = 1").unwrap();
-            }
-        }
-        courier::store::db::Db::Postgres(_) => {
-            use diesel::Connection;
-            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
-            c.batch_execute(
-                r#"CREATE OR REPLACE FUNCTION test_disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
-                   BEGIN RAISE EXCEPTION USING ERRCODE = 'disk_full', MESSAGE = 'No space left on device'; END $$;
-                   DO $$ DECLARE t text; BEGIN
-                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
-                       EXECUTE format('CREATE TRIGGER test_disk_full BEFORE INSERT ON %I FOR EACH ROW EXECUTE FUNCTION test_disk_full()', t);
-                     END LOOP;
-                   END $$;"#,
-            )
-            .unwrap();
-        }
-    }
-}
-
-fn free_disk(app: &TestApp) {
-    match &app.store.db {
-        courier::store::db::Db::Sqlite(pool, ..) => {
-            let conns: Vec<_> = (0..pool.max_size()).map(|_| pool.get().unwrap()).collect();
-            for mut c in conns {
-                c.batch_execute("PRAGMA max_page_count = 1073741823")
-                    .unwrap();
-            }
-        }
-        courier::store::db::Db::Postgres(_) => {
-            use diesel::Connection;
-            let mut c = diesel::PgConnection::establish(&app.database_url).unwrap();
-            c.batch_execute(
-                r#"DO $$ DECLARE t text; BEGIN
-                     FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
-                       EXECUTE format('DROP TRIGGER IF EXISTS test_disk_full ON %I', t);
-                     END LOOP;
-                   END $$;"#,
-            )
-            .unwrap();
-        }
-    }
-}
 
 both_backends! {
     async fn no_read_path_serves_data_while_its_audit_fails(app: TestApp) {
