@@ -313,6 +313,25 @@ pub async fn record_failure(
     }
 }
 
+/// Audits a failed socket login (`/ws`, `/subscriptions/ws`) the aggregated way, and tells whether
+/// its source is now over the failed-authentication limit (the socket then closes "throttled").
+pub async fn socket_failure(
+    state: &crate::fhir::AppState,
+    abuse: Option<&actix_web::web::Data<Abuse>>,
+    ip: Option<IpAddr>,
+    ctx: &audit::Context,
+    why: &str,
+) -> bool {
+    let event = match abuse {
+        Some(a) => a.failure(ip, ctx, why),
+        None => Some(audit::authentication(ctx, Some(why))),
+    };
+    if let Some(event) = event {
+        crate::fhir::rest::record_event(state, event).await;
+    }
+    abuse.is_some_and(|a| a.check_failed(ip).is_err())
+}
+
 /// Request bodies held in memory at once, server-wide: a request that declares a body over
 /// [`BodyBudget::SMALL`] (or sends one without a length) takes its size from a shared budget —
 /// four of the largest bodies the server takes — before anything of it is read, and gives it back

@@ -516,14 +516,45 @@ pub async fn socket(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (res, session, stream) = actix_ws::handle(&req, body)?;
-    actix_web::rt::spawn(channel(state, session, stream));
+    // A failed bind is a failed authentication: audited per source and window, rate limited.
+    let ctx = crate::fhir::rest::audit_context(&req, &state);
+    let source = super::ws::Source::of(&req, &state);
+    actix_web::rt::spawn(channel(state, session, stream, ctx, source));
     Ok(res)
+}
+
+/// Refuses a bind: audited the aggregated way; over the limit the socket closes 4429.
+async fn refuse_bind(
+    state: &AppState,
+    session: actix_ws::Session,
+    ctx: &crate::audit::Context,
+    source: &super::ws::Source,
+    why: &str,
+) {
+    let throttled =
+        crate::auth::abuse::socket_failure(state, source.abuse.as_ref(), source.ip, ctx, why).await;
+    let mut session = session;
+    if throttled {
+        let why = "too many failed authentications from this address; try again later";
+        let _ = session.text(format!("error: {why}")).await;
+        let _ = session
+            .close(Some(actix_ws::CloseReason {
+                code: actix_ws::CloseCode::Other(4429),
+                description: Some(why.into()),
+            }))
+            .await;
+        return;
+    }
+    let _ = session.text(format!("error: {why}")).await;
+    let _ = session.close(None).await;
 }
 
 async fn channel(
     state: web::Data<AppState>,
     mut session: actix_ws::Session,
     stream: actix_ws::MessageStream,
+    ctx: crate::audit::Context,
+    source: super::ws::Source,
 ) {
     let mut stream = stream.max_frame_size(16 * 1024).aggregate_continuations();
     let first = tokio::time::timeout(Duration::from_secs(10), async {
@@ -545,10 +576,14 @@ async fn channel(
         .and_then(|t| t.strip_prefix("bind-with-token "))
         .map(|t| t.trim().to_string());
     let Some(token) = token else {
-        let _ = session
-            .text("error: expected 'bind-with-token <token>'")
-            .await;
-        let _ = session.close(None).await;
+        refuse_bind(
+            &state,
+            session,
+            &ctx,
+            &source,
+            "expected 'bind-with-token <token>'",
+        )
+        .await;
         return;
     };
     let store = state.store.clone();
@@ -580,10 +615,14 @@ async fn channel(
     })
     .await;
     let Ok(Ok(Some((sub, binding)))) = bound else {
-        let _ = session
-            .text("error: the binding token is unknown, used or expired")
-            .await;
-        let _ = session.close(None).await;
+        refuse_bind(
+            &state,
+            session,
+            &ctx,
+            &source,
+            "the binding token is unknown, used or expired",
+        )
+        .await;
         return;
     };
     let send = |s: &Arc<Store>, row: &SubRow, kind: &'static str, from: i64, to: i64| {

@@ -43,12 +43,7 @@ pub async fn socket(
     let (res, session, stream) = actix_ws::handle(&req, body)?;
     let ctx = audit_context(&req, &state);
     // Failed authentications are counted per address like the bearer checks' (see `abuse`).
-    let source = Source {
-        abuse: req
-            .app_data::<web::Data<crate::auth::abuse::Abuse>>()
-            .cloned(),
-        ip: crate::auth::abuse::client_ip(&req, &state.settings),
-    };
+    let source = Source::of(&req, &state);
     actix_web::rt::spawn(run(state, ctx, source, session, stream));
     Ok(res)
 }
@@ -164,9 +159,21 @@ async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal,
 }
 
 /// Where a socket comes from, for the aggregated audit and the rate limit of failed logins.
-struct Source {
-    abuse: Option<web::Data<crate::auth::abuse::Abuse>>,
-    ip: Option<std::net::IpAddr>,
+pub(crate) struct Source {
+    pub(crate) abuse: Option<web::Data<crate::auth::abuse::Abuse>>,
+    pub(crate) ip: Option<std::net::IpAddr>,
+}
+
+impl Source {
+    /// Where the socket asked for by `req` comes from.
+    pub(crate) fn of(req: &HttpRequest, state: &AppState) -> Source {
+        Source {
+            abuse: req
+                .app_data::<web::Data<crate::auth::abuse::Abuse>>()
+                .cloned(),
+            ip: crate::auth::abuse::client_ip(req, &state.settings),
+        }
+    }
 }
 
 async fn run(
@@ -234,23 +241,22 @@ async fn serve(
         Ok(p) => p,
         Err(why) => {
             // One AuditEvent per source and window, with the count (as for bearer checks).
-            let event = match &source.abuse {
-                Some(a) => a.failure(source.ip, &ctx, &why),
-                None => Some(crate::audit::authentication(&ctx, Some(&why))),
-            };
-            if let Some(event) = event {
-                crate::fhir::rest::record_event(state, event).await;
-            }
-            if let Some(a) = &source.abuse {
-                if a.check_failed(source.ip).is_err() {
-                    return refuse(
-                        session,
-                        4429,
-                        "throttled",
-                        "too many failed authentications from this address; try again later",
-                    )
-                    .await;
-                }
+            let throttled = crate::auth::abuse::socket_failure(
+                state,
+                source.abuse.as_ref(),
+                source.ip,
+                &ctx,
+                &why,
+            )
+            .await;
+            if throttled {
+                return refuse(
+                    session,
+                    4429,
+                    "throttled",
+                    "too many failed authentications from this address; try again later",
+                )
+                .await;
             }
             return refuse(session, 4401, "login", &why).await;
         }

@@ -555,6 +555,33 @@ both_backends_with! {
     }
 }
 
+both_backends_with! {
+    |s| { s.rate_limit_per_minute = 3; s.auth_failure_audit_window_secs = 60; }
+
+    async fn failed_subscription_socket_binds_are_audited_and_rate_limited(app: TestApp) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        // A bad binding token on the subscription socket is a failed authentication too: audited
+        // once per source and window (with the count), and rate limited (close 4429).
+        let ws = app.base.replace("http://", "ws://") + "/subscriptions/ws";
+        let mut codes = vec![];
+        for _ in 0..5 {
+            let (mut s, _) = tokio_tungstenite::connect_async(&ws).await.unwrap();
+            s.send(Message::Text("bind-with-token not-a-token".into())).await.unwrap();
+            let mut code = None;
+            while let Some(Ok(m)) = s.next().await {
+                if let Message::Close(f) = &m { code = Some(f.as_ref().map(|f| u16::from(f.code)).unwrap_or(0)); }
+                if m.is_close() { break; }
+            }
+            codes.push(code);
+        }
+        assert_eq!(codes[4], Some(4429), "{codes:?}");
+        let events = app.get_json("AuditEvent?type=http://dicom.nema.org/resources/ontology/DCM|110114&outcome=4&_count=200").await;
+        let n = events["entry"].as_array().map_or(0, |a| a.len());
+        assert_eq!(n, 1, "the first failed bind is audited at once, the rest counted into the window's event: {events}");
+    }
+}
+
 both_backends! {
     async fn duplicate_keys_odd_numbers_and_control_characters_in_queries_are_refused(app: TestApp) {
         let before = app.row_counts();
