@@ -21,7 +21,7 @@ use std::path::PathBuf;
 /// COURIER_IDLE_TIMEOUT_SECS (automatic log-off of signed-in users, default 900),
 /// COURIER_PREVIOUS_MASTER_KEYS (during a master-key rotation), COURIER_RETENTION (retention
 /// classes), COURIER_PURGE_INTERVAL_SECS (default 3600), COURIER_EMERGENCY_ACCESS_MINUTES
-/// (default 60); the README lists the rest.
+/// (default 60); the README and docs/ list the rest.
 #[derive(Parser)]
 #[command(name = "courier", version, about, long_about)]
 struct Cli {
@@ -63,7 +63,7 @@ enum Command {
         #[arg(long)]
         patient: String,
     },
-    /// Destroy what outlived its retention period (see README § Retention): every trace of each
+    /// Destroy what outlived its retention period (see docs/compliance.md, Retention): every trace of each
     /// expired resource, then the data keys that sealed it. The server does this on its own every
     /// COURIER_PURGE_INTERVAL_SECS on one instance; this runs it now or shows what it would do.
     #[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "now"])))]
