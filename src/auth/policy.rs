@@ -427,17 +427,16 @@ pub fn patient_compartment(
     (!groups.is_empty()).then_some(Condition::AnyOf(groups))
 }
 
-/// The patient a writer is bound to, when it writes from the patient's side (a patient or
-/// RelatedPerson user, or a grant that only has patient-context scopes for `res_type`): such a
-/// writer may not address any other patient. `Some("")` when no patient is known (then no patient
-/// may be addressed at all).
-pub fn patient_bound(p: &Principal, res_type: &str) -> Option<String> {
+/// The patient a writer is bound to for `perm`, when it writes from the patient's side (a patient
+/// or RelatedPerson user, or a grant whose only scopes for `res_type` and `perm` are
+/// patient-context ones): such a writer may not address any other patient. `Some("")` when no
+/// patient is known (then no patient may be addressed at all).
+pub fn patient_bound_for(p: &Principal, res_type: &str, perm: Perm) -> Option<String> {
     let bound = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson)
-        || !p.scopes.iter().any(|s| {
-            s.names(res_type)
-                && (s.allows(Perm::Create) || s.allows(Perm::Update))
-                && s.context != Context::Patient
-        });
+        || !p
+            .scopes
+            .iter()
+            .any(|s| s.names(res_type) && s.allows(perm) && s.context != Context::Patient);
     bound.then(|| {
         p.patient
             .clone()
@@ -449,6 +448,12 @@ pub fn patient_bound(p: &Principal, res_type: &str) -> Option<String> {
             })
             .unwrap_or_default()
     })
+}
+
+/// [`patient_bound_for`] a write that may create or update (bound if either is).
+pub fn patient_bound(p: &Principal, res_type: &str) -> Option<String> {
+    patient_bound_for(p, res_type, Perm::Create)
+        .or_else(|| patient_bound_for(p, res_type, Perm::Update))
 }
 
 /// May `p` write this resource body (create, or the new version of an update)? Returns the
@@ -463,15 +468,11 @@ pub fn check_write(
 ) -> Result<Access, Denied> {
     let access = decide(p, registry, base_url, res_type, perm)?;
     // A patient writes only about themself: no other patient may be subject, sender or recipient.
-    let patient_bound = p.kind() == SubjectKind::Patient
-        || !p
-            .scopes
-            .iter()
-            .any(|s| s.names(res_type) && s.allows(perm) && s.context != Context::Patient);
+    let bound = patient_bound_for(p, res_type, perm);
     let Some(resource) = resource else {
         return Ok(access);
     };
-    if matches!(access, Access::All) && !patient_bound {
+    if matches!(access, Access::All) && bound.is_none() {
         return Ok(access);
     }
     let entries = index::entries(registry, res_type, resource, base_url);
@@ -487,13 +488,7 @@ pub fn check_write(
             }
         )));
     }
-    if patient_bound {
-        let me = p.patient.clone().or_else(|| {
-            p.fhir_user
-                .as_deref()
-                .and_then(|u| u.strip_prefix("Patient/"))
-                .map(String::from)
-        });
+    if let Some(me) = bound {
         let keys: Vec<String> = patient_params(res_type)
             .iter()
             .filter_map(|code| registry.get(res_type, code).map(|sp| sp.key.clone()))
@@ -504,7 +499,7 @@ pub fn check_write(
                 target_type: Some(t),
                 target_id: Some(id),
                 ..
-            } => keys.contains(param) && t == "Patient" && Some(id) != me.as_ref(),
+            } => keys.contains(param) && t == "Patient" && *id != me,
             _ => false,
         });
         if other {

@@ -531,32 +531,8 @@ mod tests {
             vec!["Communication.note"]
         );
     }
-}
 
-#[cfg(test)]
-mod decimal_tests {
-    use super::*;
-    #[test]
-    fn accepts_decimals_the_model_normalises() {
-        let text = r#"{"resourceType":"Communication","status":"completed","extension":[{"url":"http://x.org/e","valueDecimal":1.50}]}"#;
-        let v: Value = serde_json::from_str(text).unwrap();
-        assert_eq!(check(&v), Ok(()));
-    }
-}
-
-#[cfg(test)]
-mod input_tests {
-    use super::*;
-    use serde_json::json;
-
-    fn exprs(v: Value) -> Vec<String> {
-        check(&v)
-            .err()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.expression)
-            .collect()
-    }
+    // ----- strict input (control characters and the like) -----
 
     #[test]
     fn control_characters_are_refused_except_tab_cr_lf() {
@@ -623,5 +599,16 @@ mod input_tests {
                 "contained":[{"resourceType":"Patient","id":"q"}]}],
             "subject":{"reference":"#p"}, "recipient":[{"reference":"#q"}]});
         assert_eq!(exprs(nested), vec!["Communication.contained[0].contained"]);
+    }
+}
+
+#[cfg(test)]
+mod decimal_tests {
+    use super::*;
+    #[test]
+    fn accepts_decimals_the_model_normalises() {
+        let text = r#"{"resourceType":"Communication","status":"completed","extension":[{"url":"http://x.org/e","valueDecimal":1.50}]}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(check(&v), Ok(()));
     }
 }
