@@ -450,10 +450,19 @@ pub fn patient_bound_for(p: &Principal, res_type: &str, perm: Perm) -> Option<St
     })
 }
 
-/// [`patient_bound_for`] a write that may create or update (bound if either is).
+/// [`patient_bound_for`] a write that may create or update: bound if the token is for either
+/// permission it holds (a grant without a permission is not bound by it).
 pub fn patient_bound(p: &Principal, res_type: &str) -> Option<String> {
-    patient_bound_for(p, res_type, Perm::Create)
-        .or_else(|| patient_bound_for(p, res_type, Perm::Update))
+    let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson);
+    [Perm::Create, Perm::Update]
+        .into_iter()
+        .filter(|perm| {
+            patient_side
+                || p.scopes
+                    .iter()
+                    .any(|s| s.names(res_type) && s.allows(*perm))
+        })
+        .find_map(|perm| patient_bound_for(p, res_type, perm))
 }
 
 /// May `p` write this resource body (create, or the new version of an update)? Returns the

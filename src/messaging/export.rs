@@ -75,6 +75,32 @@ fn reach(store: &Store, viewer: Viewer, patient: &str, t: &str) -> Option<Vec<Co
     }
 }
 
+/// Runs a search of `t` under `conditions` through all its pages, calling `f` with each match's
+/// id and parsed body.
+fn each_match(
+    store: &Store,
+    t: &str,
+    conditions: Vec<Condition>,
+    mut f: impl FnMut(&str, Value) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut req = SearchRequest::of(conditions, 500);
+    loop {
+        let page = store.search(t, &req)?;
+        for s in &page.matches {
+            let Some(body) = s.body.as_deref() else {
+                continue;
+            };
+            let v: Value = serde_json::from_slice(body).map_err(|e| StoreError::Other(e.into()))?;
+            f(&s.id, v)?;
+        }
+        if !page.has_next || page.matches.is_empty() {
+            return Ok(());
+        }
+        req.offset += page.matches.len();
+        req.snapshot = Some(page.snapshot);
+    }
+}
+
 /// Everything Courier holds about `patient`, as `viewer` may have it. Blocking.
 pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value, StoreError> {
     let base = &store.base_url;
@@ -92,56 +118,43 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
         let Some(conditions) = reach(store, viewer, patient, t) else {
             continue;
         };
-        let mut req = SearchRequest::of(conditions, 500);
-        loop {
-            let page = store.search(t, &req)?;
-            for s in &page.matches {
-                let Some(body) = s.body.as_deref() else {
-                    continue;
-                };
-                let mut v: Value =
-                    serde_json::from_slice(body).map_err(|e| StoreError::Other(e.into()))?;
-                if t == "Communication" {
-                    messages.push(s.id.clone());
-                }
-                if t != "AuditEvent" {
-                    visible.insert(format!("{t}/{}", s.id));
-                }
-                for p in v["payload"].as_array().into_iter().flatten() {
-                    if let Some(id) = p["contentAttachment"]["url"]
-                        .as_str()
-                        .map(|u| super::hub::local_ref(u, base))
-                        .and_then(|u| u.strip_prefix("Binary/").map(String::from))
-                    {
-                        binaries.insert(id);
-                    }
-                }
-                if t == "AuditEvent" {
-                    if let Viewer::Patient(_) = viewer {
-                        // A message deleted since is no longer in the compartment: its last
-                        // content tells whether it was staff-only.
-                        for what in named_messages(&v, base) {
-                            if !visible.contains(&what)
-                                && !staff_only.contains(&what)
-                                && was_staff_only(store, &what)?
-                            {
-                                staff_only.insert(what);
-                            }
-                        }
-                        if names_any(&v, &staff_only, base) {
-                            continue;
-                        }
-                        v = minimal_audit(&v, &visible, base);
-                    }
-                }
-                entries.push(json!({"fullUrl": format!("{base}/{t}/{}", s.id), "resource": v}));
+        each_match(store, t, conditions, |id, mut v| {
+            if t == "Communication" {
+                messages.push(id.to_string());
             }
-            if !page.has_next || page.matches.is_empty() {
-                break;
+            if t != "AuditEvent" {
+                visible.insert(format!("{t}/{id}"));
             }
-            req.offset += page.matches.len();
-            req.snapshot = Some(page.snapshot);
-        }
+            for p in v["payload"].as_array().into_iter().flatten() {
+                if let Some(id) = p["contentAttachment"]["url"]
+                    .as_str()
+                    .map(|u| super::hub::local_ref(u, base))
+                    .and_then(|u| u.strip_prefix("Binary/").map(String::from))
+                {
+                    binaries.insert(id);
+                }
+            }
+            if t == "AuditEvent" {
+                if let Viewer::Patient(_) = viewer {
+                    // A message deleted since is no longer in the compartment: its last
+                    // content tells whether it was staff-only.
+                    for what in named_messages(&v, base) {
+                        if !visible.contains(&what)
+                            && !staff_only.contains(&what)
+                            && was_staff_only(store, &what)?
+                        {
+                            staff_only.insert(what);
+                        }
+                    }
+                    if names_any(&v, &staff_only, base) {
+                        return Ok(());
+                    }
+                    v = minimal_audit(&v, &visible, base);
+                }
+            }
+            entries.push(json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": v}));
+            Ok(())
+        })?;
     }
     let binaries_granted = match viewer {
         Viewer::Administrator => true,
@@ -203,39 +216,33 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
 fn staff_only_items(store: &Store, patient: &str) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
     for t in ["Communication", "CommunicationRequest"] {
-        let Some(conditions) = reach(store, Viewer::Administrator, patient, t) else {
+        let Some(mut conditions) = reach(store, Viewer::Administrator, patient, t) else {
             continue;
         };
-        let mut req = SearchRequest::of(conditions, 500);
-        loop {
-            let page = store.search(t, &req)?;
-            for s in &page.matches {
-                let Some(v) = s
-                    .body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                else {
-                    continue;
-                };
-                if !super::staff_only::is_labelled(&v) {
-                    continue;
-                }
-                out.insert(format!("{t}/{}", s.id));
-                for p in v["payload"].as_array().into_iter().flatten() {
-                    if let Some(u) = p["contentAttachment"]["url"].as_str() {
-                        let u = super::hub::local_ref(u, &store.base_url);
-                        if u.starts_with("Binary/") {
-                            out.insert(u);
-                        }
+        // Only the labelled ones, found by the index (nothing else is decrypted).
+        let Some(label) = store.registry.get(t, "_security") else {
+            continue;
+        };
+        conditions.push(Condition::Token {
+            key: label.key.clone(),
+            not: false,
+            values: vec![crate::search::query::TokenValue::SystemCode(
+                Some(super::staff_only::ACT_CODE.into()),
+                Some(super::staff_only::NOPAT.into()),
+            )],
+        });
+        each_match(store, t, conditions, |id, v| {
+            out.insert(format!("{t}/{id}"));
+            for p in v["payload"].as_array().into_iter().flatten() {
+                if let Some(u) = p["contentAttachment"]["url"].as_str() {
+                    let u = super::hub::local_ref(u, &store.base_url);
+                    if u.starts_with("Binary/") {
+                        out.insert(u);
                     }
                 }
             }
-            if !page.has_next || page.matches.is_empty() {
-                break;
-            }
-            req.offset += page.matches.len();
-            req.snapshot = Some(page.snapshot);
-        }
+            Ok(())
+        })?;
     }
     Ok(out)
 }
