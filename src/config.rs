@@ -55,6 +55,9 @@ pub struct Settings {
     pub expected_response_notice: String,
     /// The emergency number the web app tells patients to call (`COURIER_EMERGENCY_NUMBER`).
     pub emergency_number: String,
+    /// Shared inboxes patients may write to, as `(label, Group/… or CareTeam/…)`
+    /// (`COURIER_MESSAGE_POOLS`: `Nurse line=Group/nurse-line;Billing=Group/billing`).
+    pub message_pools: Vec<(String, String)>,
     /// Content types a Binary (attachment) may have (`COURIER_ATTACHMENT_TYPES`, comma-separated).
     pub attachment_types: Vec<String>,
     /// Who may frame the web app: the CSP `frame-ancestors` value (`COURIER_FRAME_ANCESTORS`).
@@ -130,8 +133,29 @@ pub struct EhrConfig {
 fn default_alg() -> String {
     "ES384".into()
 }
+/// Parses `COURIER_MESSAGE_POOLS`: `label=Group/id` (or `CareTeam/id`) entries separated by `;`.
+pub fn parse_pools(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = vec![];
+    for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (label, reference) = entry.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("COURIER_MESSAGE_POOLS: '{entry}' is not label=Group/id")
+        })?;
+        let (label, reference) = (label.trim(), reference.trim());
+        let valid = reference
+            .split_once('/')
+            .is_some_and(|(t, id)| matches!(t, "Group" | "CareTeam") && fhir_codec::is_valid_id(id));
+        if label.is_empty() || label.chars().count() > 80 || !valid {
+            anyhow::bail!(
+                "COURIER_MESSAGE_POOLS: '{entry}' needs a label (≤ 80 characters) and a Group/id or CareTeam/id"
+            );
+        }
+        out.push((label.to_string(), reference.to_string()));
+    }
+    Ok(out)
+}
+
 pub fn default_launch_scope() -> String {
-    "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r".into()
+    "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r user/CareTeam.rs patient/CareTeam.rs".into()
 }
 pub fn default_backend_scope() -> String {
     "system/AuditEvent.c system/Communication.c".into()
@@ -164,6 +188,7 @@ impl Default for Settings {
             expected_response_notice: "Your care team usually replies within 2 business days."
                 .into(),
             emergency_number: "911".into(),
+            message_pools: vec![],
             attachment_types: [
                 "image/jpeg",
                 "image/png",
@@ -297,6 +322,9 @@ impl Settings {
                 );
             }
             self.emergency_number = v.trim().to_string();
+        }
+        if let Some(v) = env("COURIER_MESSAGE_POOLS") {
+            self.message_pools = parse_pools(&v)?;
         }
         if let Some(v) = env("COURIER_ATTACHMENT_TYPES") {
             self.attachment_types = v

@@ -427,6 +427,14 @@ pub fn patient_compartment(
     (!groups.is_empty()).then_some(Condition::AnyOf(groups))
 }
 
+/// Resources of `res_type` that name `target` (`Type/id`) as a party: subject, sender,
+/// recipient, requester. `None` for a type without such parameters.
+pub fn mentions(registry: &Registry, res_type: &str, target: &str) -> Option<Condition> {
+    const PARTIES: &[&str] = &["subject", "sender", "recipient", "requester"];
+    let groups = refers(registry, res_type, PARTIES, target);
+    (!groups.is_empty()).then_some(Condition::AnyOf(groups))
+}
+
 /// The patient a writer is bound to for `perm`, when it writes from the patient's side (a patient
 /// or RelatedPerson user, or a grant whose only scopes for `res_type` and `perm` are
 /// patient-context ones): such a writer may not address any other patient. `Some("")` when no

@@ -570,6 +570,16 @@ pub fn purge(
             "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
             vec![(as_of - OUTBOX_KEEP_MICROS).into()],
         )?;
+        // A person's summary (name, birth date, MRN) and a patient's care team are refreshed at
+        // each launch: one not refreshed within the message class's period goes.
+        if let Some(period) = store.retention.period("message") {
+            for table in ["person_summaries", "care_team_members"] {
+                store.execute(
+                    &format!("DELETE FROM {table} WHERE updated_at < ?"),
+                    vec![(as_of - period).into()],
+                )?;
+            }
+        }
         let ctx = audit::Context::job(&store.base_url, "retention purge");
         record(store, &ctx, "purge", None, &summary)?;
         scrub_files(store);
@@ -992,6 +1002,15 @@ pub fn erase_patient(
         c.execute(
             "DELETE FROM ehr_sessions WHERE patient = ? OR fhir_user = ?",
             vec![patient.into(), reference.clone().into()],
+        )?;
+        // What the app showed of the patient (name, birth date, MRN), and their care team.
+        c.execute(
+            "DELETE FROM person_summaries WHERE courier_ref = ?",
+            vec![reference.clone().into()],
+        )?;
+        c.execute(
+            "DELETE FROM care_team_members WHERE patient_ref = ?",
+            vec![reference.clone().into()],
         )?;
         c.execute(
             "DELETE FROM identity_links WHERE courier_ref = ?",

@@ -22,6 +22,7 @@ pub mod events;
 pub mod export;
 pub mod groups;
 pub mod hub;
+pub mod people;
 pub mod receipts;
 pub mod revocations;
 pub mod rules;
@@ -40,6 +41,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     webapp::routes(cfg);
     cfg.route("/ws", web::get().to(ws::socket))
         .route("/Communication/$unread", web::get().to(receipts::unread))
+        .route("/Communication/$participants", web::get().to(people::participants))
+        .route("/Communication/$recipients", web::get().to(people::recipients))
         .route("/subscriptions/ws", web::get().to(dispatch::socket))
         .route("/Subscription", web::post().to(subscriptions::create))
         .route("/Subscription", web::get().to(subscriptions::search));

@@ -294,3 +294,169 @@ pub fn conflicts(store: &Store) -> Result<Vec<ConflictRow>, StoreError> {
         vec![],
     )
 }
+
+/// What the web app shows of a person, so that every thread names the patient it is about and
+/// every message its sender: name, for a patient birth date, gender and the MRN the EHR gives,
+/// for a practitioner the role (qualification), for a related person the relationship. Read from
+/// the EHR record at each launch ([`summary_of`]), kept sealed ([`remember`]).
+pub fn summary_of(resource: &Value) -> Value {
+    let name = resource["name"].as_array().and_then(|names| {
+        let n = names
+            .iter()
+            .find(|n| n["use"] == "official")
+            .or(names.first())?;
+        if let Some(t) = n["text"].as_str().filter(|t| !t.trim().is_empty()) {
+            return Some(t.trim().to_string());
+        }
+        let mut parts: Vec<&str> = n["given"]
+            .as_array()
+            .map(|g| g.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(f) = n["family"].as_str() {
+            parts.push(f);
+        }
+        (!parts.is_empty()).then(|| parts.join(" "))
+    });
+    let coded_text = |c: &Value| -> Option<String> {
+        c["text"].as_str().map(String::from).or_else(|| {
+            c["coding"]
+                .as_array()?
+                .iter()
+                .find_map(|k| k["display"].as_str().or(k["code"].as_str()))
+                .map(String::from)
+        })
+    };
+    // The medical record number: the identifier typed MR (HL7 v2 table 0203).
+    let mrn = resource["identifier"].as_array().and_then(|ids| {
+        ids.iter()
+            .find(|i| {
+                i["type"]["coding"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|k| k["code"] == "MR"))
+            })
+            .and_then(|i| i["value"].as_str())
+            .map(String::from)
+    });
+    let role = match resource["resourceType"].as_str() {
+        Some("Practitioner") => resource["qualification"]
+            .as_array()
+            .and_then(|q| q.first())
+            .and_then(|q| coded_text(&q["code"])),
+        Some("RelatedPerson") => resource["relationship"]
+            .as_array()
+            .and_then(|r| r.first())
+            .and_then(coded_text),
+        _ => None,
+    };
+    let short = |v: Option<String>| v.map(|s| s.chars().take(200).collect::<String>());
+    let date = resource["birthDate"]
+        .as_str()
+        .filter(|d| d.len() <= 10 && d.chars().all(|c| c.is_ascii_digit() || c == '-'));
+    let gender = resource["gender"]
+        .as_str()
+        .filter(|g| ["male", "female", "other", "unknown"].contains(g));
+    json!({
+        "name": short(name),
+        "birthDate": date,
+        "gender": gender,
+        "mrn": short(mrn),
+        "role": short(role),
+    })
+}
+
+#[derive(QueryableByName)]
+struct SealedRow {
+    #[diesel(sql_type = Text)]
+    courier_ref: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    sealed: Vec<u8>,
+}
+
+fn summary_aad(courier_ref: &str) -> String {
+    format!("person_summaries:{courier_ref}")
+}
+
+/// Keeps (or refreshes) the summary of a Courier identity, sealed.
+pub fn remember(store: &Store, courier_ref: &str, summary: &Value) -> Result<(), StoreError> {
+    let (key_id, sealed) = store
+        .keys
+        .seal(summary.to_string().as_bytes(), &summary_aad(courier_ref));
+    store.execute(
+        "INSERT INTO person_summaries (courier_ref, key_id, sealed, updated_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (courier_ref) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, updated_at = excluded.updated_at",
+        vec![
+            courier_ref.into(),
+            key_id.into(),
+            crate::store::db::Bind::Blob(sealed),
+            dates::now_micros().into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The summaries kept for `refs` (those with none are left out).
+pub fn summaries(
+    store: &Store,
+    refs: &[String],
+) -> Result<std::collections::BTreeMap<String, Value>, StoreError> {
+    let mut out = std::collections::BTreeMap::new();
+    for chunk in refs.chunks(100) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        let rows: Vec<SealedRow> = store.query(
+            &format!("SELECT courier_ref, key_id, sealed FROM person_summaries WHERE courier_ref IN ({marks})"),
+            chunk.iter().map(|r| r.clone().into()).collect(),
+        )?;
+        for r in rows {
+            let plain = store
+                .open_sealed(&r.key_id, &r.sealed, &summary_aad(&r.courier_ref))
+                .map_err(StoreError::Other)?;
+            let v: Value =
+                serde_json::from_slice(&plain).map_err(|e| StoreError::Other(e.into()))?;
+            out.insert(r.courier_ref, v);
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces the care team Courier knows for `patient_ref` (members as Courier references).
+pub fn set_care_team(
+    store: &Store,
+    patient_ref: &str,
+    members: &[String],
+) -> Result<(), StoreError> {
+    let now = dates::now_micros();
+    let _writer = store.exclusive_writer();
+    let mut c = store.db.get().map_err(StoreError::from)?;
+    with_conn!(c, |c| c.write_tx(|c| {
+        c.execute(
+            "DELETE FROM care_team_members WHERE patient_ref = ?",
+            vec![patient_ref.into()],
+        )?;
+        for m in members {
+            c.execute(
+                "INSERT INTO care_team_members (patient_ref, member_ref, updated_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                vec![patient_ref.into(), m.clone().into(), now.into()],
+            )?;
+        }
+        Ok::<_, StoreError>(())
+    }))
+}
+
+/// The care team Courier knows for `patient_ref`.
+pub fn care_team(store: &Store, patient_ref: &str) -> Result<Vec<String>, StoreError> {
+    #[derive(QueryableByName)]
+    struct M {
+        #[diesel(sql_type = Text)]
+        member_ref: String,
+    }
+    Ok(store
+        .query::<M>(
+            "SELECT member_ref FROM care_team_members WHERE patient_ref = ? ORDER BY member_ref",
+            vec![patient_ref.into()],
+        )?
+        .into_iter()
+        .map(|m| m.member_ref)
+        .collect())
+}

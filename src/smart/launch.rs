@@ -586,6 +586,23 @@ async fn complete(
         None if user.starts_with("Patient/") => (Some(user.clone()), user_shown.clone()),
         None => (None, Value::Null),
     };
+    // Whom the patient may pick to write to: their care team as the EHR lists it (best effort,
+    // bounded: a launch never waits on it for more than 5 s, and a refusal changes nothing).
+    if let Some(courier_patient) = &patient {
+        let ehr_patient = match &extra.patient {
+            Some(id) => Some(id.clone()),
+            None => user_ref.strip_prefix("Patient/").map(String::from),
+        };
+        if let Some(ehr_patient) = ehr_patient {
+            let refresh = refresh_care_team(state, ehr, &ehr_token, &ehr_patient, courier_patient);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), refresh)
+                .await
+                .is_err()
+            {
+                tracing::info!(ehr = %ehr.name, "the EHR's care team was not read within 5 s");
+            }
+        }
+    }
     let scope = if user.starts_with("Practitioner/") {
         "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
     } else {
@@ -700,8 +717,14 @@ async fn map_identity(
     let store = state.store.clone();
     let iss = ehr.iss.clone();
     let ehr2 = ehr.clone();
-    let shown = display_of(&resource);
-    web::block(move || identity::link(&store, &iss, &|s| ehr2.trusts(s), &resource))
+    let shown = identity::summary_of(&resource);
+    let kept = shown.clone();
+    web::block(move || {
+        let (r, how) = identity::link(&store, &iss, &|s| ehr2.trusts(s), &resource)?;
+        // Refreshed at every launch: the app names people as their EHR does today.
+        identity::remember(&store, &r, &kept)?;
+        Ok::<_, identity::LinkError>((r, how))
+    })
         .await
         .map_err(|_| "internal error".to_string())?
         .map(|(r, _)| (r, shown))
@@ -710,6 +733,73 @@ async fn map_identity(
             identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
             other => other.to_string(),
         })
+}
+
+/// At most this many care-team members are read from the EHR at a launch.
+const MAX_CARE_TEAM: usize = 12;
+
+/// Reads the patient's active CareTeams from the EHR and keeps their practitioners (linked to
+/// Courier identities, with their summaries) as the patient's care team. Nothing is changed when
+/// the EHR refuses or answers something else (no scope for CareTeam, not supported).
+async fn refresh_care_team(
+    state: &web::Data<AppState>,
+    ehr: &Ehr,
+    token: &str,
+    ehr_patient: &str,
+    courier_patient: &str,
+) {
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("patient", ehr_patient)
+        .append_pair("status", "active")
+        .append_pair("_count", "20")
+        .finish();
+    let url = format!("{}/CareTeam?{query}", ehr.iss.trim_end_matches('/'));
+    let Ok(req) = state.ehrs.discovery().http().get(&url) else {
+        return;
+    };
+    let res = req
+        .bearer_auth(token)
+        .header("accept", "application/fhir+json")
+        .send()
+        .await;
+    let Ok(res) = res else { return };
+    if !res.status().is_success() {
+        tracing::info!(ehr = %ehr.name, status = res.status().as_u16(), "the EHR did not give the patient's care team");
+        return;
+    }
+    let Ok(bundle) = res.json::<Value>().await else {
+        return;
+    };
+    let mut members: Vec<String> = vec![];
+    for e in bundle["entry"].as_array().into_iter().flatten() {
+        if e["resource"]["resourceType"] != "CareTeam" {
+            continue;
+        }
+        for part in e["resource"]["participant"].as_array().into_iter().flatten() {
+            if let Some(r) = part["member"]["reference"]
+                .as_str()
+                .and_then(|r| relative(r, &ehr.iss))
+                .filter(|r| r.starts_with("Practitioner/"))
+            {
+                if !members.contains(&r) && members.len() < MAX_CARE_TEAM {
+                    members.push(r);
+                }
+            }
+        }
+    }
+    let mut mapped = vec![];
+    for m in members {
+        match map_identity(state, ehr, token, &m).await {
+            Ok((r, _)) => mapped.push(r),
+            Err(e) => tracing::info!(ehr = %ehr.name, error = %e, "a care-team member was not mapped"),
+        }
+    }
+    let store = state.store.clone();
+    let patient = courier_patient.to_string();
+    let kept = web::block(move || identity::set_care_team(&store, &patient, &mapped)).await;
+    if !matches!(kept, Ok(Ok(()))) {
+        tracing::warn!(ehr = %ehr.name, "the patient's care team could not be kept");
+    }
 }
 
 /// The EHR's SMART style sheet (`smart_style_url`): https (http on loopback only), at most 16 KB,
@@ -763,32 +853,6 @@ async fn fetch_style(state: &web::Data<AppState>, url: &str) -> Value {
             .filter(|(k, v)| KEYS.contains(&k.as_str()) && v.as_str().is_some_and(plain))
             .collect(),
     )
-}
-
-/// What the web app shows of a person: name, and for a patient birth date and gender.
-fn display_of(resource: &Value) -> Value {
-    let name = resource["name"].as_array().and_then(|names| {
-        let n = names
-            .iter()
-            .find(|n| n["use"] == "official")
-            .or(names.first())?;
-        if let Some(t) = n["text"].as_str() {
-            return Some(t.to_string());
-        }
-        let mut parts: Vec<&str> = n["given"]
-            .as_array()
-            .map(|g| g.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if let Some(f) = n["family"].as_str() {
-            parts.push(f);
-        }
-        (!parts.is_empty()).then(|| parts.join(" "))
-    });
-    json!({
-        "name": name,
-        "birthDate": resource["birthDate"],
-        "gender": resource["gender"],
-    })
 }
 
 /// At most this many keys of a JWKS are tried for an id_token without `kid`.

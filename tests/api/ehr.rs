@@ -79,8 +79,10 @@ impl TestEhr {
             r = r.json(&b);
         }
         let res = r.send().await.unwrap();
-        assert!(res.status().is_success(), "{path}: {}", res.status());
-        res.json().await.unwrap()
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
     }
 
     /// Registers Courier as a client of this EHR, with its keys at Courier's JWKS URL.
@@ -856,7 +858,7 @@ async fn an_ehr_launch_whose_id_token_has_no_kid_signs_in() {
 }
 
 /// An EHR launch of `user` with `patient` in context, through to the hand-off page's session.
-async fn launch_as(app: &TestApp, ehr: &TestEhr, patient: &str, user: &str) -> Value {
+pub async fn launch_as(app: &TestApp, ehr: &TestEhr, patient: &str, user: &str) -> Value {
     let l = ehr
         .control(
             reqwest::Method::POST,

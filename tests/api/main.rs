@@ -17,6 +17,7 @@ mod failclosed;
 mod keys;
 mod messaging;
 mod operability;
+mod people;
 mod plans;
 mod retention;
 mod review_ad;

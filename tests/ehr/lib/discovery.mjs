@@ -2,7 +2,7 @@
 // SMART configuration (/fhir/.well-known/smart-configuration) and the OpenID
 // provider metadata (/fhir/.well-known/openid-configuration).
 
-export const RESOURCE_TYPES = ['Patient', 'Practitioner', 'Encounter', 'AuditEvent', 'Communication'];
+export const RESOURCE_TYPES = ['Patient', 'Practitioner', 'RelatedPerson', 'CareTeam', 'Encounter', 'AuditEvent', 'Communication'];
 
 const INTERACTIONS = ['read', 'vread', 'history-instance', 'search-type', 'create', 'update'];
 

@@ -1,0 +1,17 @@
+-- Issue 20. What the web app shows of a person (name, birth date, gender, MRN, role), read from
+-- the EHR at each launch, sealed (AES-256-GCM under Courier's system data key). Purged with the
+-- person's erasure, and when not refreshed within the message retention period.
+CREATE TABLE person_summaries (
+    courier_ref TEXT PRIMARY KEY,
+    key_id      TEXT NOT NULL,
+    sealed      BYTEA NOT NULL,
+    updated_at  BIGINT NOT NULL
+);
+-- A patient's care team as their EHR lists it (CareTeam.participant.member, read at launch):
+-- whom the patient may pick to write to.
+CREATE TABLE care_team_members (
+    patient_ref TEXT NOT NULL,
+    member_ref  TEXT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    PRIMARY KEY (patient_ref, member_ref)
+);
