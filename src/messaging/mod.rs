@@ -57,6 +57,10 @@ pub fn operation_routes(cfg: &mut web::ServiceConfig) {
         web::post().to(receipts::mark_read),
     )
     .route(
+        "/Communication/{id}/$mark-unread",
+        web::post().to(receipts::mark_unread),
+    )
+    .route(
         "/Communication/{id}/$mark-delivered",
         web::post().to(receipts::mark_delivered),
     )

@@ -133,6 +133,13 @@ pub fn apply<C: Conn>(
     if read {
         after.read_at.get_or_insert(now);
     }
+    if read {
+        // Read again: the user's own "mark unread" flag is cleared.
+        c.execute(
+            "UPDATE receipts SET unread_mark = NULL WHERE comm_id = ? AND recipient = ? AND unread_mark IS NOT NULL",
+            vec![comm_id.into(), recipient.into()],
+        )?;
+    }
     let changed = before.as_ref().map(|b| (b.delivered_at, b.read_at))
         != Some((after.delivered_at, after.read_at));
     if changed {
@@ -268,6 +275,74 @@ async fn mark_inner(
     let (receipt, _) = blocking(move || Ok(store.mark_receipt(&cid, &u, read)?)).await?;
     let patient = crate::audit::patient_of(&msg);
     Ok((parameters(vec![receipt.to_parameter()]), patient))
+}
+
+/// `POST /Communication/{id}/$mark-unread`: the recipient's own flag — the message counts as
+/// unread for them again (in `$unread`) until they read it again. Its sender's read receipt is
+/// left as it was: the message was read.
+pub async fn mark_unread(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> HttpResponse {
+    let id = path.into_inner();
+    let ctx = audit_context(&req, &state);
+    let result = mark_unread_inner(&state, &req, &id).await;
+    let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
+    let result = result.map(|(r, _)| r);
+    crate::fhir::rest::answer_audited(
+        &state,
+        &ctx,
+        Interaction::Operation,
+        Some(format!("Communication/{id}")),
+        patient,
+        result,
+    )
+    .await
+}
+
+async fn mark_unread_inner(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    id: &str,
+) -> Result<(HttpResponse, Option<String>), FhirError> {
+    let p = access::principal(req)?;
+    let user = user_of(&p)?;
+    let msg = load_message(state, &p, id).await?;
+    let to = recipients(&msg, &state.settings.base_url);
+    if !to.iter().any(|r| *r == user || p.groups.contains(r)) {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a recipient of this message may mark it unread, for themself",
+        ));
+    }
+    if matches!(
+        msg["status"].as_str(),
+        Some("preparation" | "entered-in-error")
+    ) {
+        return Err(FhirError::new(
+            StatusCode::CONFLICT,
+            "business-rule",
+            "a draft or a recalled message cannot be marked unread",
+        ));
+    }
+    let store = state.store.clone();
+    let (cid, u) = (id.to_string(), user.clone());
+    blocking(move || {
+        store.execute(
+            // A message with no receipt yet is unread already.
+            "UPDATE receipts SET unread_mark = ? WHERE comm_id = ? AND recipient = ?",
+            vec![now_micros().into(), cid.into(), u.into()],
+        )?;
+        Ok(())
+    })
+    .await?;
+    let patient = crate::audit::patient_of(&msg);
+    Ok((
+        parameters(vec![json!({"name": "unread", "valueBoolean": true})]),
+        patient,
+    ))
 }
 
 /// `GET /Communication/{id}/$receipts`
@@ -425,7 +500,7 @@ pub fn unread_sql(targets: usize) -> String {
          LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = ? \
          LEFT JOIN idx_ref p ON p.rid = r.rid AND p.param = ? AND p.url IS NULL \
          WHERE x.param = ? AND x.target_id IN ({ids}) AND ({addressed}) AND x.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0 AND (rc.read_at IS NULL OR rc.unread_mark IS NOT NULL) \
          AND NOT EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param || '' = ? AND s.code IN ('preparation', 'entered-in-error')) \
          ORDER BY at DESC, r.rid DESC"
     )

@@ -2,7 +2,7 @@
 //! date, MRN, role), sealed at rest, named only to who may know the person; whom a patient may
 //! write to (shared inboxes, the EHR's care team, their clinicians); erased with the patient.
 
-use crate::both_backends_with;
+use crate::{both_backends, both_backends_with};
 use crate::ehr::{launch_as, new_ehr, person, spawn_ehr, TestEhr};
 use crate::helpers::*;
 use courier::smart::{identity, registry};
@@ -194,4 +194,36 @@ fn summaries_take_what_the_app_shows_and_nothing_else() {
     assert_eq!(s["name"], "Ann Byron");
     assert_eq!(s["role"], "Mother");
     assert_eq!(s["birthDate"], Value::Null);
+}
+
+both_backends! {
+    async fn mark_unread_is_the_readers_own_flag_and_leaves_the_receipt_true(app: TestApp) {
+        use crate::messaging::{call, clinician_token, msg, param, patient_token};
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let other = client_with_token(&patient_token(&app, "p2"));
+        let id = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "Your results")).await;
+        let unread = |c: reqwest::Client| {
+            let app = &app;
+            async move { param(&call(&c, app, "GET", "/Communication/$unread").await.1, "unread").unwrap()["valueInteger"].as_i64().unwrap() }
+        };
+        assert_eq!(unread(p1.clone()).await, 1);
+        // Unread before it was ever read: nothing to mark, still unread.
+        assert_eq!(call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-unread")).await.0, 200);
+        assert_eq!(unread(p1.clone()).await, 1);
+        assert_eq!(call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await.0, 200);
+        assert_eq!(unread(p1.clone()).await, 0);
+        let (s, r) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-unread")).await;
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(unread(p1.clone()).await, 1);
+        // The sender still sees that it was read.
+        let (_, receipts) = call(&dr, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
+        assert!(receipts.to_string().contains("\"read\""), "{receipts}");
+        // Reading it again clears the flag.
+        assert_eq!(call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await.0, 200);
+        assert_eq!(unread(p1.clone()).await, 0);
+        // Only a recipient, for themself; the sender cannot; someone who cannot see it gets 404.
+        assert_eq!(call(&dr, &app, "POST", &format!("/Communication/{id}/$mark-unread")).await.0, 403);
+        assert_eq!(call(&other, &app, "POST", &format!("/Communication/{id}/$mark-unread")).await.0, 404);
+    }
 }

@@ -15,3 +15,6 @@ CREATE TABLE care_team_members (
     updated_at  BIGINT NOT NULL,
     PRIMARY KEY (patient_ref, member_ref)
 );
+-- "Mark unread": the user's own flag on a message they read. The read receipt its sender saw
+-- stays true; only the user's unread count and list change. Reading it again clears the flag.
+ALTER TABLE receipts ADD COLUMN unread_mark BIGINT;
