@@ -6,7 +6,10 @@
 const $ = (id) => document.getElementById(id);
 const STORE_KEY = 'courier.session';
 const SEQ_KEY = 'courier.seq';
+const ALERTS_KEY = 'courier.alerts-asked';
 const URGENT = ['urgent', 'asap', 'stat'];
+const PAGE = 50; // messages per page in a thread (older ones load on scroll)
+const DRAFT_DELAY = 1200; // ms of quiet typing before a draft is saved
 
 let session = null;
 let token = null;
@@ -16,10 +19,14 @@ let lastRefresh = Date.now();
 let config = {};
 let ws = null;
 let wsBackoff = 1000;
-let current = null; // the open thread: {header, messages: Map id -> resource}
+let current = null; // the open thread: {header, messages: Map id -> resource, older: next-page path}
 const threads = new Map(); // id -> header Communication
-const activity = new Map(); // thread id -> ISO time of its newest message (orders the list)
+const latest = new Map(); // thread id -> newest message in it (orders the list, gives the preview)
 let unread = {total: 0, urgent: 0, byThread: new Map()};
+const filters = {scope: 'patient', text: '', show: 'all', when: '', patient: '', inbox: ''};
+const blobs = new Map(); // Binary path -> object URL (image previews), revoked at sign-out
+let draft = null; // {thread, id, timer, saving} — the open thread's draft on the server
+let noticeCause = null;
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -34,11 +41,35 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-function showNotice(text) {
-  if (!token && text) return; // signed out: the ended screen says all there is to say
-  const n = $('notice');
-  n.textContent = text;
-  n.hidden = !text;
+// ----- notices: plain words, gone when their cause is ----------------------------------------
+
+// `cause` names what went wrong ('network', 'send', …): the notice is cleared when that cause is
+// seen to be gone (the next successful call, the socket back).
+function showNotice(text, cause) {
+  if (!token && text) return; // signed out: the signed-out screen says all there is to say
+  $('notice-text').textContent = text || '';
+  $('notice').hidden = !text;
+  noticeCause = text ? (cause || 'other') : null;
+}
+function clearNotice(cause) {
+  if (noticeCause && (!cause || noticeCause === cause)) showNotice('');
+}
+
+// What an error means to the person using the app.
+function plain(e) {
+  if (!e) return 'Something went wrong.';
+  if (e.name === 'TypeError' || e.status === 0) return 'Courier cannot be reached. Check your internet connection; the app keeps trying.';
+  switch (e.status) {
+    case 400: case 422: return e.plain || 'Courier could not accept this: ' + (e.message || 'it is not valid') + '.';
+    case 401: return 'Your session has ended. Open Courier again to continue.';
+    case 403: return 'You do not have access to that.';
+    case 404: case 410: return 'That is no longer available. It may have been removed.';
+    case 409: case 412: return 'Someone changed this at the same time. Please try again.';
+    case 413: return 'That is too large to send' + (config.attachment_max_bytes ? ' (the limit is ' + Math.round(config.attachment_max_bytes / 1048576) + ' MB).' : '.');
+    case 415: return 'That kind of file cannot be sent. You can send photos (JPEG, PNG) and PDF documents.';
+    case 429: return 'Too many requests at once. Wait a moment and try again.';
+    default: return e.status >= 500 ? 'Courier is having a problem right now. Try again in a moment.' : (e.message || 'Something went wrong.');
+  }
 }
 
 // The session is over (signed out, logged off for inactivity, revoked elsewhere): every trace of
@@ -49,27 +80,38 @@ function end(why) {
   token = null;
   session = session ? {fhirUser: null} : null;
   if (ws) { ws.onclose = null; ws.onmessage = null; ws.close(); ws = null; }
+  if (draft && draft.timer) clearTimeout(draft.timer);
+  draft = null;
   current = null;
   threads.clear();
-  activity.clear();
-  names.clear();
+  latest.clear();
+  people.clear();
+  asked.clear();
   receipts.clear();
+  delivered.clear();
+  recipientsList = [];
+  for (const url of blobs.values()) URL.revokeObjectURL(url);
+  blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner']) $(id).replaceChildren();
-  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice']) $(id).hidden = true;
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me']) $(id).replaceChildren();
+  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older']) $(id).hidden = true;
   $('thread-title').textContent = '';
-  $('me').textContent = '';
+  $('threads-count').textContent = '';
+  $('threads-title').textContent = 'Conversations';
+  $('scope-patient').textContent = 'This patient';
+  $('draft-state').textContent = '';
+  $('filter-inbox').replaceChildren(el('option', {value: ''}, 'All inboxes'));
+  for (const id of ['filter-patient', 'filter-inbox']) delete $(id).dataset.list;
   $('compose').reset();
   $('new-form').reset();
+  $('filter-text').value = '';
   if ($('new-dialog').open) $('new-dialog').close();
-  $('logout').hidden = true;
   document.title = 'Courier messages';
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
   $('connection').textContent = 'Signed out';
   $('connection').classList.remove('offline');
   window.scrollTo(0, 0);
-  $('ended').setAttribute('tabindex', '-1');
   $('ended').focus();
 }
 
@@ -107,10 +149,24 @@ async function refreshToken() {
   return false;
 }
 
-// The token is refreshed shortly before it expires while the user is active; an idle user's
-// session is left to end (Courier's automatic log-off decides, not the app).
+async function signOut(why) {
+  const s = session && session.session;
+  const t = token;
+  end(why);
+  if (s && t) {
+    try { await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}}); } catch (e) { /* ended locally anyway */ }
+  }
+}
+
+// The token is refreshed shortly before it expires while the user is active. An idle user is
+// signed out here at the configured idle limit (Courier's own log-off ends the session too).
 setInterval(() => {
   if (!token) return;
+  const idle = (config.idle_timeout_secs || 0) * 1000;
+  if (idle && Date.now() - lastActivity > idle) {
+    signOut('You were signed out after ' + Math.round(idle / 60000) + ' minutes without activity.');
+    return;
+  }
   if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
 }, 15000);
 for (const ev of ['keydown', 'pointerdown', 'focus']) {
@@ -121,25 +177,48 @@ for (const ev of ['keydown', 'pointerdown', 'focus']) {
 }
 
 async function api(method, path, body, headers) {
-  if (!token) throw new Error('you are signed out');
+  if (!token) { const e = new Error('you are signed out'); e.status = 401; throw e; }
   const send = () => fetch(path, {
     method,
     headers: Object.assign({Authorization: 'Bearer ' + token, Accept: 'application/fhir+json'},
       body !== undefined ? {'Content-Type': 'application/fhir+json'} : {}, headers || {}),
     body: body !== undefined ? JSON.stringify(body) : undefined,
   });
-  let r = await send();
-  if (r.status === 401 && await refreshToken()) r = await send();
+  let r;
+  try {
+    r = await send();
+    if (r.status === 401 && await refreshToken()) r = await send();
+  } catch (e) {
+    showNotice(plain(e), 'network');
+    throw e;
+  }
+  clearNotice('network');
   let json = null;
   try { json = await r.json(); } catch (e) { /* empty body */ }
   if (!r.ok) {
     const issue = json && json.issue && json.issue[0];
-    const msg = issue ? (issue.diagnostics || issue.code) : ('the server answered ' + r.status);
-    const err = new Error(msg);
+    const err = new Error(issue ? (issue.diagnostics || issue.code) : ('the server answered ' + r.status));
     err.status = r.status;
+    if (r.status === 401 && token) end('Your session has ended. Open Courier again to continue.');
     throw err;
   }
   return json;
+}
+
+// A `next` link of this server as a path the app may call.
+function ownPath(url) {
+  if (typeof url !== 'string') return null;
+  try {
+    const u = new URL(url, location.origin);
+    return u.origin === location.origin ? u.pathname + u.search : null;
+  } catch (e) { return null; }
+}
+function nextOf(bundle) {
+  const l = ((bundle && bundle.link) || []).find((x) => x.relation === 'next');
+  return l ? ownPath(l.url) : null;
+}
+function matches(bundle) {
+  return ((bundle && bundle.entry) || []).filter((e) => !e.search || e.search.mode === 'match').map((e) => e.resource);
 }
 
 // ----- people --------------------------------------------------------------------------------
@@ -152,25 +231,68 @@ function refOf(x) {
   return x.reference.startsWith(own) ? x.reference.slice(own.length) : x.reference;
 }
 
-// Display names travel in the messages themselves (Reference.display, set by the sender's app
-// from the EHR's record); the launch tells the app its own user's and patient's names.
-const names = new Map();
+// People by name: Courier's summaries (from the EHR, $participants), asked for in batches.
+const people = new Map(); // ref -> {name, birthDate, gender, mrn, role}
+const asked = new Set(); // every reference asked for (once)
+let pending = [];
+let askTimer = null;
+let askWaiters = [];
 
-// A sender names only themself: recipients' displays in someone else's message are not trusted.
-function learnNames(c) {
-  const r = c.sender;
-  if (r && typeof r.display === 'string' && refOf(r) && !names.has(refOf(r))) names.set(refOf(r), r.display);
+function wantPeople(refs) {
+  for (const r of refs) {
+    if (r && /^(Patient|Practitioner|PractitionerRole|RelatedPerson|Group|CareTeam)\/[A-Za-z0-9.-]{1,64}$/.test(r) && !asked.has(r) && !people.has(r)) {
+      asked.add(r);
+      pending.push(r);
+    }
+  }
+  if (!pending.length) return Promise.resolve();
+  return new Promise((resolve) => {
+    askWaiters.push(resolve);
+    clearTimeout(askTimer);
+    askTimer = setTimeout(askNow, 20);
+  });
+}
+
+async function askNow() {
+  const waiters = askWaiters;
+  const todo = pending;
+  askWaiters = [];
+  pending = [];
+  for (let i = 0; i < todo.length; i += 100) {
+    const batch = todo.slice(i, i + 100);
+    try {
+      const p = await api('GET', '/Communication/$participants?' + batch.map((r) => 'reference=' + encodeURIComponent(r)).join('&'));
+      for (const x of (p.parameter || [])) learnPerson(x);
+    } catch (e) { /* names are shown as soon as they are known */ }
+  }
+  waiters.forEach((w) => w());
+  if (token) { renderThreads(); if (current) renderThreadHead(); }
+}
+
+function learnPerson(param) {
+  const v = {};
+  for (const q of (param.part || [])) {
+    const val = q.valueString ?? q.valueDate ?? q.valueCode ?? (q.valueReference && q.valueReference.reference);
+    v[q.name] = val;
+  }
+  if (v.reference) people.set(v.reference, v);
+  return v;
 }
 
 function nameOf(ref) {
   if (!ref) return 'Unknown';
   if (ref === session.fhirUser) return 'You';
+  const p = people.get(ref);
+  if (p && p.name) return p.name;
   if (ref === session.patient && session.patient_display && session.patient_display.name) return session.patient_display.name;
-  return names.get(ref) || ref;
+  if (/^Patient\//.test(ref)) return 'Patient (name not known)';
+  if (/^(Group|CareTeam)\//.test(ref)) return 'Care team';
+  return 'Clinician (name not known)';
 }
 
 function referenceTo(ref) {
-  const display = ref === session.fhirUser ? myName() : (ref === session.patient && session.patient_display ? session.patient_display.name : names.get(ref));
+  const p = people.get(ref);
+  const display = ref === session.fhirUser ? myName() : (p && p.name);
   return display ? {reference: ref, display} : {reference: ref};
 }
 
@@ -181,21 +303,55 @@ function participants(c) {
   return [...new Set(all)];
 }
 
+function isPatient() { return /^(Patient|RelatedPerson)\//.test(session.fhirUser || ''); }
+
+// The patient a thread is about: its subject, else the patient among its participants.
+function patientOf(c) {
+  const s = refOf(c.subject);
+  if (s && s.startsWith('Patient/')) return s;
+  return participants(c).find((r) => r.startsWith('Patient/')) || null;
+}
+
+function born(d) {
+  if (!d) return null;
+  const t = new Date(d + 'T00:00:00');
+  return isNaN(t) ? d : t.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+}
+
+// "Ada Lovelace · born 10 Dec 1990 · MRN 0042" — the patient, as a clinician must see them.
+function patientLine(ref) {
+  if (!ref) return 'No patient';
+  const p = people.get(ref) || (ref === session.patient ? Object.assign({}, session.patient_display) : {});
+  const parts = [p.name || 'Patient (name not known)'];
+  if (p.birthDate) parts.push('born ' + born(p.birthDate));
+  if (p.gender) parts.push(p.gender);
+  if (p.mrn) parts.push('MRN ' + p.mrn);
+  return parts.join(' · ');
+}
+
 // ----- thread list ---------------------------------------------------------------------------
 
 async function loadThreads() {
-  const b = await api('GET', '/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=100');
   threads.clear();
-  for (const e of (b.entry || [])) {
-    if (e.search && e.search.mode !== 'match') continue;
-    threads.set(e.resource.id, e.resource);
-    learnNames(e.resource);
+  latest.clear();
+  // Every thread header, a page at a time (the newest first), and the newest messages.
+  let path = '/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=500';
+  for (let pages = 0; path && pages < 10; pages++) {
+    const b = await api('GET', path);
+    for (const h of matches(b)) threads.set(h.id, h);
+    path = nextOf(b);
   }
-  // The newest replies put their threads first (a new "BP 165/100" must not sit 12th of 12).
-  try {
-    const r = await api('GET', '/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=200');
-    for (const e of (r.entry || [])) if (!e.search || e.search.mode === 'match') noteActivity(e.resource);
-  } catch (e) { /* the list still works, ordered by its headers */ }
+  path = '/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=1000';
+  for (let pages = 0; path && pages < 5; pages++) {
+    let b;
+    try { b = await api('GET', path); } catch (e) { break; }
+    for (const m of matches(b)) noteLatest(m);
+    path = nextOf(b);
+  }
+  const refs = new Set();
+  for (const t of threads.values()) participants(t).concat([patientOf(t)]).forEach((r) => refs.add(r));
+  for (const m of latest.values()) refs.add(refOf(m.sender));
+  wantPeople(refs);
   await loadUnread();
 }
 
@@ -221,74 +377,214 @@ function loadUnreadSoon() {
   unreadTimer = setTimeout(loadUnread, 250);
 }
 
-function whenOf(c) { return (c && c.meta && c.meta.lastUpdated) || ''; }
+function whenOf(c) { return (c && (c.sent || (c.meta && c.meta.lastUpdated))) || ''; }
+function updatedOf(c) { return (c && c.meta && c.meta.lastUpdated) || ''; }
 
-// Remembers the newest activity of the thread `c` belongs to (or heads).
-function noteActivity(c) {
+function threadIdOf(c) {
   const parent = (c.partOf || []).map(refOf).find(Boolean);
-  const id = parent ? parent.replace(/^Communication\//, '') : c.id;
-  const t = whenOf(c);
-  if (t > (activity.get(id) || '')) activity.set(id, t);
+  return parent ? parent.replace(/^Communication\//, '') : null;
 }
 
-function threadTime(t) {
-  const a = activity.get(t.id) || '';
-  return a > whenOf(t) ? a : whenOf(t);
+// Remembers the newest message of the thread `m` belongs to (drafts are not activity).
+function noteLatest(m) {
+  const t = threadIdOf(m);
+  if (!t || m.status === 'preparation') return;
+  const old = latest.get(t);
+  if (!old || updatedOf(m) >= updatedOf(old)) latest.set(t, m);
 }
 
-function renderThreads() {
-  const list = $('threads');
-  list.replaceChildren();
-  const sorted = [...threads.values()].sort((a, b) => threadTime(b).localeCompare(threadTime(a)));
-  for (const t of sorted) {
+function activityOf(t) {
+  const m = latest.get(t.id);
+  const a = m ? updatedOf(m) : '';
+  return a > updatedOf(t) ? a : updatedOf(t);
+}
+
+function shortTime(iso) {
+  if (!iso) return '';
+  const d = new Date(iso);
+  const now = new Date();
+  if (d.toDateString() === now.toDateString()) return d.toLocaleTimeString(undefined, {hour: '2-digit', minute: '2-digit'});
+  if (now - d < 6 * 86400000) return d.toLocaleDateString(undefined, {weekday: 'short', hour: '2-digit', minute: '2-digit'});
+  return d.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+}
+
+function textOf(c) {
+  const p = (c.payload || []).find((x) => x.contentString);
+  if (p) return p.contentString;
+  const a = (c.payload || []).find((x) => x.contentAttachment);
+  return a ? 'Attachment: ' + (a.contentAttachment.title || 'file') : '';
+}
+
+function topicOf(t) {
+  return (t.topic && t.topic.text) || textOf(t).slice(0, 80) || '(no subject)';
+}
+
+// Which group inboxes (Group, CareTeam) a thread is addressed to.
+function inboxesOf(t) {
+  return participants(t).filter((r) => /^(Group|CareTeam)\//.test(r));
+}
+
+function visibleThreads() {
+  const q = filters.text.trim().toLowerCase();
+  const since = filters.when ? Date.now() - (filters.when === '1' ? (Date.now() - new Date().setHours(0, 0, 0, 0)) : Number(filters.when) * 86400000) : 0;
+  const out = [];
+  for (const t of threads.values()) {
+    const pt = patientOf(t);
+    if (!isPatient() && session.patient && filters.scope === 'patient' && pt !== session.patient) continue;
+    if (filters.patient && pt !== filters.patient) continue;
+    if (filters.inbox === 'me' && !participants(t).includes(session.fhirUser)) continue;
+    if (filters.inbox && filters.inbox !== 'me' && !inboxesOf(t).includes(filters.inbox)) continue;
     const counts = unread.byThread.get('Communication/' + t.id);
-    const topic = (t.topic && t.topic.text) || firstText(t) || '(no subject)';
-    const li = el('li', {tabindex: 0, role: 'link', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
-      el('span', {class: 'topic'}, topic),
-      t.status === 'preparation' ? el('span', {class: 'badge'}, 'Draft') : null,
-      isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
-      counts && counts.urgent ? el('span', {class: 'badge urgent', 'aria-label': counts.urgent + ' urgent unread'}, '! ' + counts.urgent) : null,
-      counts && counts.n ? el('span', {class: 'badge', 'aria-label': counts.n + ' unread'}, counts.n) : null);
-    li.addEventListener('click', () => openThread(t.id));
-    li.addEventListener('keydown', (ev) => { if (ev.key === 'Enter' || ev.key === ' ') { ev.preventDefault(); openThread(t.id); } });
-    list.append(li);
+    if (filters.show === 'unread' && !(counts && counts.n)) continue;
+    if (filters.show === 'urgent' && !(counts && counts.urgent) && !URGENT.includes((latest.get(t.id) || {}).priority)) continue;
+    if (filters.show === 'waiting') {
+      const last = latest.get(t.id);
+      if (!last || refOf(last.sender) === session.fhirUser || last.status === 'entered-in-error') continue;
+    }
+    if (since && new Date(activityOf(t)).getTime() < since) continue;
+    if (q) {
+      const hay = [topicOf(t), pt ? nameOf(pt) : '', (people.get(pt) || {}).mrn || '', ...participants(t).map(nameOf)].join(' ').toLowerCase();
+      if (!hay.includes(q)) continue;
+    }
+    out.push(t);
   }
+  return out.sort((a, b) => activityOf(b).localeCompare(activityOf(a)));
+}
+
+let renderQueued = false;
+function renderThreads() {
+  if (renderQueued) return;
+  renderQueued = true;
+  // Not requestAnimationFrame: a tab in the background must still update its title's count.
+  setTimeout(() => { renderQueued = false; renderThreadsNow(); }, 0);
+}
+
+function renderThreadsNow() {
+  if (!token) return;
+  const list = $('threads');
+  const shown = visibleThreads();
+  const rows = shown.map(threadRow);
+  list.replaceChildren(...rows);
   $('threads-empty').hidden = threads.size > 0;
+  $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' : '';
   $('threads-title').textContent = unread.total ? 'Conversations (' + unread.total + ' unread)' : 'Conversations';
   document.title = (unread.total ? '(' + unread.total + ') ' : '') + 'Courier messages';
+  refreshFilterChoices();
 }
 
-function firstText(c) {
-  const p = (c.payload || []).find((x) => x.contentString);
-  return p ? p.contentString.slice(0, 80) : null;
+function threadRow(t) {
+  const counts = unread.byThread.get('Communication/' + t.id);
+  const last = latest.get(t.id);
+  const pt = patientOf(t);
+  // Clinicians see the patient first; a patient sees whom the conversation is with.
+  const who = isPatient()
+    ? participants(t).filter((r) => r !== session.fhirUser && r !== pt).map(nameOf).join(', ') || 'Your care team'
+    : patientLine(pt);
+  const preview = last ? (nameOf(refOf(last.sender)) + ': ' + (last.status === 'entered-in-error' ? '(withdrawn)' : textOf(last))) : '';
+  const urgent = (counts && counts.urgent) || (last && URGENT.includes(last.priority));
+  const b = el('button', {type: 'button', class: 'row', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
+    el('span', {class: 'who'}, who),
+    el('time', {class: 'when', datetime: activityOf(t)}, shortTime(activityOf(t))),
+    el('span', {class: 'topic'}, topicOf(t)),
+    preview ? el('span', {class: 'preview'}, preview.slice(0, 140)) : null,
+    el('span', {class: 'badges'},
+      t.status === 'preparation' ? el('span', {class: 'badge draft'}, 'Draft') : null,
+      isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
+      urgent ? el('span', {class: 'badge urgent'}, counts && counts.urgent ? 'Urgent · ' + counts.urgent : 'Urgent') : null,
+      counts && counts.n ? el('span', {class: 'badge'}, counts.n + ' unread') : null));
+  b.addEventListener('click', () => openThread(t.id));
+  return el('li', {class: counts && counts.n ? 'unread' : null}, b);
+}
+
+// The patient and inbox filters list what the loaded threads hold.
+function refreshFilterChoices() {
+  if (isPatient()) return;
+  $('filter-more').hidden = false;
+  const sel = $('filter-patient');
+  const pts = [...new Set([...threads.values()].map(patientOf).filter(Boolean))];
+  const want = ['', ...pts].join('|');
+  if (sel.dataset.list !== want || sel.dataset.names !== String(people.size)) {
+    const keep = sel.value;
+    sel.replaceChildren(el('option', {value: ''}, 'All patients'),
+      ...pts.map((p) => [p, patientLine(p)]).sort((a, b) => a[1].localeCompare(b[1])).map(([p, line]) => el('option', {value: p}, line)));
+    sel.value = pts.includes(keep) ? keep : '';
+    sel.dataset.list = want;
+    sel.dataset.names = String(people.size);
+  }
+  const inbox = $('filter-inbox');
+  const boxes = [...new Set([...threads.values()].flatMap(inboxesOf))];
+  const wantBoxes = boxes.join('|') + people.size;
+  if (inbox.dataset.list !== wantBoxes) {
+    const keep = inbox.value;
+    inbox.replaceChildren(el('option', {value: ''}, 'All inboxes'), el('option', {value: 'me'}, 'Addressed to me'),
+      ...boxes.map((g) => el('option', {value: g}, nameOf(g))));
+    inbox.value = keep === 'me' || boxes.includes(keep) ? keep : '';
+    inbox.dataset.list = wantBoxes;
+  }
 }
 
 // ----- thread view ---------------------------------------------------------------------------
 
 async function openThread(id) {
+  await flushDraft();
   let header = threads.get(id);
-  if (!header) header = await api('GET', '/Communication/' + encodeURIComponent(id));
-  current = {header, messages: new Map()};
+  try {
+    if (!header) header = await api('GET', '/Communication/' + encodeURIComponent(id));
+  } catch (e) { showNotice(plain(e), 'open'); return; }
+  current = {header, messages: new Map(), older: null};
+  draft = null;
   $('main').classList.add('reading');
-  $('thread-title').textContent = (header.topic && header.topic.text) || '(no subject)';
-  $('staff-banner').hidden = !isStaffOnly(header);
+  renderThreadHead();
   // The composer belongs to one thread: nothing typed or chosen for another carries over.
   $('compose').reset();
+  $('draft-state').textContent = '';
   updateCount();
   $('compose').hidden = false;
-  const b = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=sent&_count=200');
+  $('messages').replaceChildren();
+  $('older').hidden = true;
+  $('announce').textContent = '';
+  let page;
+  try {
+    // The newest page first; older ones load when scrolled to (or with the button).
+    page = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=-sent&_count=' + PAGE);
+  } catch (e) { showNotice(plain(e), 'open'); return; }
+  if (!token || !current || current.header.id !== id) return;
   current.messages.set(header.id, header);
-  learnNames(header);
-  for (const e of (b.entry || [])) {
-    if (e.search && e.search.mode !== 'match') continue;
-    current.messages.set(e.resource.id, e.resource);
-    learnNames(e.resource);
-  }
+  const got = matches(page);
+  const mine = got.filter((m) => m.status === 'preparation' && refOf(m.sender) === session.fhirUser);
+  for (const m of got.reverse()) if (m.status !== 'preparation') current.messages.set(m.id, m);
+  current.older = nextOf(page);
+  wantPeople([...current.messages.values()].flatMap(participants).concat([patientOf(header)]));
   renderMessages();
   renderThreads();
-  $('thread-view').focus();
+  $('older').hidden = !current.older;
+  clearNotice('open');
+  restoreDraft(mine[0] || null);
+  scrollToNewest();
+  $('thread-view').focus({preventScroll: true});
   await markSeen();
   await loadReceipts();
+}
+
+function renderThreadHead() {
+  if (!current) return;
+  const h = current.header;
+  $('thread-title').textContent = topicOf(h);
+  $('staff-banner').hidden = !isStaffOnly(h);
+  const pt = patientOf(h);
+  const box = $('thread-patient');
+  // Clinicians always see whom the thread is about; a thread about a patient other than the one
+  // the EHR has open says so.
+  if (!isPatient()) {
+    const other = session.patient && pt && pt !== session.patient;
+    box.textContent = (other ? 'Another patient — not the one open in your EHR: ' : 'Patient: ') + patientLine(pt);
+    box.classList.toggle('other', !!other);
+    box.hidden = false;
+  } else {
+    box.hidden = true;
+  }
+  $('thread-actions').hidden = false;
+  $('file-chart').hidden = isPatient();
 }
 
 function renderMessages() {
@@ -301,25 +597,98 @@ function renderMessages() {
   }
 }
 
+function scrollToNewest() {
+  const box = window.matchMedia('(max-width: 700px)').matches ? document.scrollingElement : $('messages-box');
+  box.scrollTop = box.scrollHeight;
+}
+
+async function loadOlder() {
+  if (!current || !current.older || current.loadingOlder) return;
+  current.loadingOlder = true;
+  const box = $('messages-box');
+  const before = box.scrollHeight - box.scrollTop;
+  try {
+    const page = await api('GET', current.older);
+    const older = matches(page).filter((m) => m.status !== 'preparation').reverse();
+    const all = new Map();
+    all.set(current.header.id, current.header);
+    for (const m of older) all.set(m.id, m);
+    for (const [k, v] of current.messages) all.set(k, v);
+    current.messages = all;
+    current.older = nextOf(page);
+    const first = $('messages').firstChild;
+    for (const m of older) $('messages').insertBefore(renderMessage(m), first);
+    wantPeople(older.map((m) => refOf(m.sender)));
+    box.scrollTop = box.scrollHeight - before;
+    $('older').hidden = !current.older;
+  } catch (e) {
+    showNotice(plain(e), 'older');
+  } finally {
+    if (current) current.loadingOlder = false;
+  }
+}
+
 function renderMessage(m) {
   const mine = refOf(m.sender) === session.fhirUser;
   const withdrawn = m.status === 'entered-in-error';
   const li = el('li', {id: 'msg-' + m.id, class: (mine ? 'mine ' : '') + (withdrawn ? 'withdrawn' : '')});
+  const when = m.sent || m.meta.lastUpdated;
   li.append(el('div', {class: 'meta'},
     el('span', {class: 'from'}, nameOf(refOf(m.sender))),
-    el('time', {datetime: m.sent || m.meta.lastUpdated}, new Date(m.sent || m.meta.lastUpdated).toLocaleString()),
-    m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null,
-    m.status === 'preparation' ? el('span', {class: 'badge'}, 'Draft') : null));
+    el('time', {datetime: when}, new Date(when).toLocaleString()),
+    m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null));
   if (withdrawn) {
     li.append(el('p', {class: 'text'}, 'This message was withdrawn by its sender.'));
     return li;
   }
   for (const p of (m.payload || [])) {
     if (p.contentString) li.append(el('p', {class: 'text'}, p.contentString));
-    if (p.contentAttachment) li.append(attachmentLink(p.contentAttachment));
+    if (p.contentAttachment) li.append(attachmentView(p.contentAttachment));
   }
-  if (mine) li.append(el('div', {class: 'status', id: 'status-' + m.id}));
+  if (mine) {
+    li.append(el('div', {class: 'status', id: 'status-' + m.id}));
+    if (m.id !== (current && current.header.id)) li.append(withdrawButton(m));
+  }
   return li;
+}
+
+// Withdrawing one's own message takes two presses (no browser dialog): the message stays in the
+// thread as "withdrawn" for everyone (status entered-in-error).
+function withdrawButton(m) {
+  const b = el('button', {type: 'button', class: 'quiet small withdraw'}, 'Withdraw');
+  let armed = null;
+  b.addEventListener('click', async () => {
+    if (!armed) {
+      b.textContent = 'Press again to withdraw';
+      armed = setTimeout(() => { armed = null; b.textContent = 'Withdraw'; }, 5000);
+      return;
+    }
+    clearTimeout(armed);
+    armed = null;
+    b.disabled = true;
+    try {
+      const fresh = await api('GET', '/Communication/' + m.id);
+      fresh.status = 'entered-in-error';
+      const saved = await api('PUT', '/Communication/' + m.id, fresh, {Prefer: 'return=representation', 'If-Match': 'W/"' + fresh.meta.versionId + '"'});
+      replaceMessage(saved);
+      clearNotice('withdraw');
+    } catch (e) {
+      showNotice('The message was not withdrawn. ' + plain(e), 'withdraw');
+      b.disabled = false;
+      b.textContent = 'Withdraw';
+    }
+  });
+  return b;
+}
+
+function replaceMessage(m) {
+  if (!current) return;
+  current.messages.set(m.id, m);
+  const li = renderMessage(m);
+  const existing = $('msg-' + m.id);
+  if (existing) existing.replaceWith(li); else $('messages').append(li);
+  const rs = receipts.get(m.id);
+  if (rs) for (const r of rs.values()) showReceipt(m.id, r);
 }
 
 // Only a Binary on this server is ever fetched (with the user's token); any other URL is shown as
@@ -330,31 +699,50 @@ function binaryPath(url) {
   return typeof rel === 'string' && /^Binary\/[A-Za-z0-9.-]{1,64}$/.test(rel) ? '/' + rel : null;
 }
 
-function attachmentLink(a) {
+const IMAGE = /^image\/(jpeg|png|gif|webp)$/;
+
+async function binaryUrl(path, type) {
+  if (blobs.has(path)) return blobs.get(path);
+  const bin = await api('GET', path);
+  const bytes = Uint8Array.from(atob(bin.data || ''), (c) => c.charCodeAt(0));
+  const safe = IMAGE.test(type || '') ? type : 'application/octet-stream';
+  const url = URL.createObjectURL(new Blob([bytes], {type: safe}));
+  blobs.set(path, url);
+  return url;
+}
+
+function attachmentView(a) {
   const name = a.title || 'attachment';
   const path = binaryPath(a.url);
   if (!path) return el('span', {class: 'attachment'}, 'Attachment (not stored in Courier, not opened): ' + name);
-  const b = el('button', {type: 'button', class: 'quiet attachment', 'aria-label': 'Download attachment ' + name}, 'Attachment: ' + name);
+  const wrap = el('div', {class: 'attachment'});
+  if (IMAGE.test(a.contentType || '')) {
+    const img = el('img', {class: 'thumb', alt: 'Photo: ' + name});
+    wrap.append(img);
+    binaryUrl(path, a.contentType).then((u) => { img.src = u; }).catch(() => { img.replaceWith(el('span', {}, 'The photo could not be loaded.')); });
+  }
+  const size = a.size ? ' (' + (a.size > 1048576 ? (a.size / 1048576).toFixed(1) + ' MB' : Math.max(1, Math.round(a.size / 1024)) + ' KB') + ')' : '';
+  const b = el('button', {type: 'button', class: 'quiet small', 'aria-label': 'Download ' + name}, '⬇ ' + name + size);
   b.addEventListener('click', async () => {
     try {
-      const bin = await api('GET', path);
-      const bytes = Uint8Array.from(atob(bin.data || ''), (c) => c.charCodeAt(0));
-      const url = URL.createObjectURL(new Blob([bytes], {type: 'application/octet-stream'}));
+      const url = await binaryUrl(path, 'application/octet-stream');
       const link = el('a', {href: url, download: name});
       document.body.append(link);
       link.click();
       link.remove();
-      setTimeout(() => URL.revokeObjectURL(url), 10000);
-    } catch (e) { showNotice('Could not open the attachment: ' + e.message); }
+    } catch (e) { showNotice('The file could not be opened. ' + plain(e), 'download'); }
   });
-  return b;
+  wrap.append(b);
+  return wrap;
 }
 
 // Messages addressed to me in the open thread are marked read while the page is visible.
 async function markSeen() {
-  if (!current || document.visibilityState !== 'visible') return;
+  const open = current;
+  if (!open || document.visibilityState !== 'visible') return;
   let changed = false;
-  for (const m of current.messages.values()) {
+  for (const m of [...open.messages.values()]) {
+    if (!token) return;
     const toMe = (m.recipient || []).some((r) => refOf(r) === session.fhirUser);
     if (!toMe || m.status === 'preparation' || m.status === 'entered-in-error' || m._read) continue;
     try {
@@ -368,7 +756,10 @@ async function markSeen() {
 document.addEventListener('visibilitychange', markSeen);
 
 async function loadReceipts() {
-  for (const m of current.messages.values()) {
+  const open = current;
+  if (!open) return;
+  for (const m of [...open.messages.values()]) {
+    if (!token || current !== open) return;
     if (refOf(m.sender) !== session.fhirUser || m.status === 'preparation') continue;
     try {
       const p = await api('GET', '/Communication/' + m.id + '/$receipts');
@@ -383,6 +774,7 @@ function receiptOf(param) {
 }
 
 const receipts = new Map(); // message id -> Map recipient -> receipt
+const delivered = new Set(); // messages to me this app has marked delivered
 function showReceipt(id, r) {
   if (!receipts.has(id)) receipts.set(id, new Map());
   receipts.get(id).set(r.recipient, r);
@@ -392,7 +784,49 @@ function showReceipt(id, r) {
   box.textContent = lines.join(' · ');
 }
 
-// ----- compose -------------------------------------------------------------------------------
+// Mark unread: the thread's newest message to me counts as unread again (my own flag); the thread
+// closes so that opening it is what reads it again.
+async function markUnread() {
+  if (!current) return;
+  const mine = [...current.messages.values()].filter((m) => (m.recipient || []).some((r) => refOf(r) === session.fhirUser) && m.status !== 'preparation' && m.status !== 'entered-in-error');
+  const last = mine[mine.length - 1];
+  if (!last) { showNotice('There is no message to you in this conversation to mark unread.', 'unread'); return; }
+  try {
+    await api('POST', '/Communication/' + last.id + '/$mark-unread');
+    clearNotice('unread');
+    closeThread();
+    await loadUnread();
+  } catch (e) { showNotice(plain(e), 'unread'); }
+}
+
+async function fileToChart() {
+  if (!current) return;
+  const b = $('file-chart');
+  b.disabled = true;
+  try {
+    await api('POST', '/Communication/' + current.header.id + '/$file-to-chart');
+    b.textContent = 'Filed to the chart';
+    clearNotice('chart');
+  } catch (e) {
+    showNotice('The conversation was not filed to the chart. ' + (e.status === 404 || e.status === 409 ? 'No EHR Courier is connected to knows this patient.' : plain(e)), 'chart');
+    b.disabled = false;
+  }
+}
+
+async function closeThread() {
+  await flushDraft();
+  $('main').classList.remove('reading');
+  current = null;
+  draft = null;
+  for (const id of ['compose', 'staff-banner', 'thread-actions', 'thread-patient', 'older']) $(id).hidden = true;
+  $('messages').replaceChildren();
+  $('thread-title').textContent = 'Select a conversation';
+  $('file-chart').textContent = 'File to chart';
+  $('file-chart').disabled = false;
+  renderThreads();
+}
+
+// ----- compose and drafts --------------------------------------------------------------------
 
 function toBase64(buf) {
   let s = '';
@@ -403,49 +837,128 @@ function toBase64(buf) {
 
 async function upload(file) {
   if (config.attachment_max_bytes && file.size > config.attachment_max_bytes) {
-    throw new Error('the file is larger than ' + Math.round(config.attachment_max_bytes / 1048576) + ' MB');
+    const e = new Error('too large');
+    e.status = 413;
+    throw e;
   }
   const type = file.type || 'application/octet-stream';
+  if (config.attachment_types && config.attachment_types.length && !config.attachment_types.includes(type)) {
+    const e = new Error('type');
+    e.status = 415;
+    throw e;
+  }
   const bin = await api('POST', '/Binary', {resourceType: 'Binary', contentType: type, data: toBase64(await file.arrayBuffer())}, {Prefer: 'return=representation'});
   return {contentType: type, url: 'Binary/' + bin.id, title: file.name, size: file.size};
 }
 
-function isPatient() { return (session.fhirUser || '').startsWith('Patient/'); }
+function messageFor(h, payload, status) {
+  const msg = {
+    resourceType: 'Communication',
+    status,
+    partOf: [{reference: 'Communication/' + h.id}],
+    sender: referenceTo(session.fhirUser),
+    recipient: participants(h).filter((r) => r !== session.fhirUser).map(referenceTo),
+    payload,
+  };
+  if (status === 'completed') msg.sent = new Date().toISOString();
+  if (h.subject) msg.subject = h.subject;
+  if (h.category) msg.category = h.category;
+  if (!isPatient()) msg.priority = $('compose-priority').value;
+  return msg;
+}
+
+// Drafts live on the server (a Communication in status `preparation`, its author's alone), so a
+// message begun on one device can be finished on another.
+function restoreDraft(d) {
+  if (!current) return;
+  draft = {thread: current.header.id, id: d ? d.id : null, version: d ? d.meta.versionId : null, timer: null};
+  if (d) {
+    $('compose-text').value = ((d.payload || []).find((p) => p.contentString) || {}).contentString || '';
+    if (d.priority && !isPatient()) $('compose-priority').value = d.priority;
+    $('draft-state').textContent = 'Draft restored.';
+    updateCount();
+  }
+}
+
+function draftChanged() {
+  if (!draft || !current) return;
+  clearTimeout(draft.timer);
+  $('draft-state').textContent = '';
+  draft.timer = setTimeout(() => saveDraft(), DRAFT_DELAY);
+}
+
+async function saveDraft() {
+  const d = draft;
+  if (!d || !current || d.thread !== current.header.id) return;
+  clearTimeout(d.timer);
+  d.timer = null;
+  if (d.saving) { await d.saving; }
+  const text = $('compose-text').value;
+  const work = (async () => {
+    try {
+      if (!text.trim()) {
+        if (d.id) { await api('DELETE', '/Communication/' + d.id); d.id = null; $('draft-state').textContent = ''; }
+        return;
+      }
+      const body = messageFor(current.header, [{contentString: text}], 'preparation');
+      if (d.id) {
+        body.id = d.id;
+        const saved = await api('PUT', '/Communication/' + d.id, body, {Prefer: 'return=representation'});
+        d.version = saved.meta.versionId;
+      } else {
+        const saved = await api('POST', '/Communication', body, {Prefer: 'return=representation'});
+        d.id = saved.id;
+        d.version = saved.meta.versionId;
+      }
+      $('draft-state').textContent = 'Draft saved.';
+    } catch (e) {
+      $('draft-state').textContent = 'The draft could not be saved: ' + plain(e);
+    }
+  })();
+  d.saving = work;
+  await work;
+  d.saving = null;
+}
+
+async function flushDraft() {
+  if (draft && draft.timer) await saveDraft();
+  else if (draft && draft.saving) await draft.saving;
+}
 
 async function send(ev) {
   ev.preventDefault();
+  if (!current || !token) return;
   const text = $('compose-text').value.trim();
   const file = $('compose-file').files[0];
-  if (!text && !file) return;
-  if (!current || !token) return;
+  if (!text && !file) { showNotice('Write a message or choose a photo or file to send.', 'send'); return; }
   const h = current.header;
   const payload = [];
   if (text) payload.push({contentString: text});
   $('send').disabled = true;
   try {
     if (file) payload.push({contentAttachment: await upload(file)});
-    const msg = {
-      resourceType: 'Communication',
-      status: 'completed',
-      partOf: [{reference: 'Communication/' + h.id}],
-      sender: referenceTo(session.fhirUser),
-      recipient: participants(h).filter((r) => r !== session.fhirUser).map(referenceTo),
-      sent: new Date().toISOString(),
-      payload,
-    };
-    if (h.subject) msg.subject = h.subject;
-    if (h.category) msg.category = h.category;
-    if (!isPatient()) msg.priority = $('compose-priority').value;
-    const saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
-    noteActivity(saved);
+    if (draft && draft.timer) { clearTimeout(draft.timer); draft.timer = null; }
+    if (draft && draft.saving) await draft.saving;
+    const msg = messageFor(h, payload, 'completed');
+    let saved;
+    if (draft && draft.id) {
+      // The draft becomes the message (one resource, sent now).
+      msg.id = draft.id;
+      saved = await api('PUT', '/Communication/' + draft.id, msg, {Prefer: 'return=representation'});
+    } else {
+      saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
+    }
+    if (draft) { draft.id = null; draft.version = null; }
+    noteLatest(saved);
     renderThreads();
-    current.messages.set(saved.id, saved);
-    if (!$('msg-' + saved.id)) $('messages').append(renderMessage(saved));
+    replaceMessage(saved);
     $('compose-text').value = '';
     $('compose-file').value = '';
-    showNotice('');
+    $('draft-state').textContent = '';
+    clearNotice('send');
+    scrollToNewest();
   } catch (e) {
-    showNotice('Your message was not sent: ' + e.message);
+    showNotice('Your message was not sent. ' + plain(e), 'send');
   } finally {
     $('send').disabled = false;
     updateCount();
@@ -455,29 +968,86 @@ async function send(ev) {
 function updateCount() {
   const max = isPatient() ? config.patient_max_message_chars : 0;
   const n = $('compose-text').value.length;
-  $('compose-count').textContent = max ? n + ' / ' + max + ' characters' : '';
+  $('compose-count').textContent = max && n > max * 0.8 ? n + ' / ' + max + ' characters' : '';
 }
+
+// ----- new conversation -----------------------------------------------------------------------
+
+let recipientsList = [];
 
 function newError(text) {
   $('new-error').textContent = text;
   $('new-error').hidden = !text;
 }
 
-// A clinician with a patient in context chooses: message the patient, or staff only (the patient
-// is the subject, never a participant, and Courier labels the thread NOPAT).
-function chooseAudience() {
-  const staff = $('audience-staff').checked;
-  const to = $('new-recipient');
-  if (staff && /^(Patient|RelatedPerson)\//.test(to.value)) to.value = '';
-  if (!staff && !to.value && session.patient) to.value = session.patient;
+async function loadRecipients() {
+  try {
+    const q = !isPatient() && session.patient ? '?patient=' + encodeURIComponent(session.patient) : '';
+    const p = await api('GET', '/Communication/$recipients' + q);
+    recipientsList = (p.parameter || []).map(learnPerson);
+  } catch (e) {
+    recipientsList = [];
+  }
+}
+
+const SOURCE = {pool: 'Shared inboxes', 'care-team': 'Your care team', correspondent: 'Who has written with you'};
+
+// A patient picks from their care team and the clinic's shared inboxes, never a reference. A
+// clinician with a patient in context picks "the patient" or, for a staff-only conversation,
+// a colleague (or types a reference for someone not listed).
+function fillTo() {
+  const sel = $('new-to');
+  const keep = sel.value;
+  sel.replaceChildren();
+  const staff = !isPatient() && $('audience-staff').checked;
+  if (!isPatient() && !staff && session.patient) {
+    sel.append(el('option', {value: session.patient}, 'The patient: ' + patientLine(session.patient)));
+  } else {
+    sel.append(el('option', {value: ''}, 'Choose…'));
+  }
+  const groups = {};
+  for (const r of recipientsList) {
+    if (!r.reference || r.reference === session.fhirUser) continue;
+    if (staff && /^(Patient|RelatedPerson)\//.test(r.reference)) continue;
+    (groups[r.source] = groups[r.source] || []).push(r);
+  }
+  for (const src of ['pool', 'care-team', 'correspondent']) {
+    if (!groups[src]) continue;
+    const og = el('optgroup', {label: SOURCE[src]});
+    for (const r of groups[src]) og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '')));
+    sel.append(og);
+  }
+  if (!isPatient()) sel.append(el('option', {value: 'other'}, 'Someone else (enter their reference)…'));
+  if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
+  if (isPatient() && sel.options.length === 1) {
+    newError('Courier does not know your care team yet. Please call your clinic, or reply in an existing conversation.');
+  }
+  $('ref-field').hidden = sel.value !== 'other';
+}
+
+function chooseTo() {
+  $('ref-field').hidden = $('new-to').value !== 'other';
   newError('');
+}
+
+async function openNew() {
+  $('new-form').reset();
+  newError('');
+  $('new-thread').disabled = true;
+  try { await loadRecipients(); } finally { $('new-thread').disabled = false; }
+  if (!token) return;
+  fillTo();
+  $('new-dialog').showModal();
 }
 
 async function startThread(ev) {
   ev.preventDefault();
-  const to = $('new-recipient').value.trim();
+  newError('');
+  let to = $('new-to').value;
+  if (to === 'other') to = $('new-recipient').value.trim();
+  if (!to) { newError('Choose whom to write to.'); return; }
   if (!/^(Patient|Practitioner|PractitionerRole|RelatedPerson|CareTeam|Group)\/[A-Za-z0-9\-.]{1,64}$/.test(to)) {
-    newError('“To” must be a reference such as Patient/123.');
+    newError('That is not a reference Courier knows. It looks like Practitioner/456.');
     return;
   }
   const staffOnly = !isPatient() && $('audience-staff').checked;
@@ -485,6 +1055,10 @@ async function startThread(ev) {
     newError('A staff-only conversation cannot include the patient or their relatives. Choose “Message the patient” instead.');
     return;
   }
+  if (!$('new-topic').value.trim()) { newError('Give the conversation a subject.'); return; }
+  if (isPatient() && !$('new-category').value) { newError('Choose what this is about.'); return; }
+  const text = $('new-text').value.trim();
+  if (!text) { newError('Write your message.'); return; }
   const base = {
     resourceType: 'Communication',
     sender: referenceTo(session.fhirUser),
@@ -493,17 +1067,47 @@ async function startThread(ev) {
   if (session.patient) base.subject = {reference: session.patient};
   const category = $('new-category').value;
   if (category) base.category = [{coding: [{system: config.category_system, code: category}]}];
+  $('new-send').disabled = true;
   try {
     const header = await api('POST', '/Communication', Object.assign({status: 'in-progress', topic: {text: $('new-topic').value.trim()}}, base), {Prefer: 'return=representation'});
-    await api('POST', '/Communication', Object.assign({status: 'completed', partOf: [{reference: 'Communication/' + header.id}], sent: new Date().toISOString(), payload: [{contentString: $('new-text').value}]}, base));
+    const first = await api('POST', '/Communication', Object.assign({status: 'completed', partOf: [{reference: 'Communication/' + header.id}], sent: new Date().toISOString(), payload: [{contentString: text}]}, base), {Prefer: 'return=representation'});
     threads.set(header.id, header);
+    noteLatest(first);
     $('new-dialog').close();
     $('new-form').reset();
-    newError('');
-    showNotice('');
     await openThread(header.id);
   } catch (e) {
-    newError('The conversation was not started: ' + e.message);
+    newError('The conversation was not started. ' + plain(e));
+  } finally {
+    $('new-send').disabled = false;
+  }
+}
+
+// ----- alerts for clinicians -----------------------------------------------------------------
+
+function alertsOn() { return 'Notification' in window && Notification.permission === 'granted'; }
+
+function beep() {
+  try {
+    const ctx = new (window.AudioContext || window.webkitAudioContext)();
+    const o = ctx.createOscillator();
+    const g = ctx.createGain();
+    o.frequency.value = 880;
+    g.gain.value = 0.15;
+    o.connect(g); g.connect(ctx.destination);
+    o.start();
+    o.stop(ctx.currentTime + 0.25);
+    o.onended = () => ctx.close();
+  } catch (e) { /* no sound */ }
+}
+
+// A new urgent message to a clinician: a browser notification (no PHI in it: it can show on a
+// locked screen) and a sound, while the app is open.
+function alertUrgent() {
+  window.__courierAlerts = (window.__courierAlerts || 0) + 1;
+  beep();
+  if (alertsOn()) {
+    try { new Notification('Courier: new urgent message', {body: 'Open Courier to read it.', tag: 'courier-urgent'}); } catch (e) { /* shown in the app */ }
   }
 }
 
@@ -526,7 +1130,7 @@ function connect() {
   ws.onmessage = (m) => {
     let f;
     try { f = JSON.parse(m.data); } catch (e) { return; }
-    if (f.type === 'ready') { wsBackoff = 1000; setConnection('Connected'); remember(f.seq); }
+    if (f.type === 'ready') { wsBackoff = 1000; setConnection('Connected'); clearNotice('network'); remember(f.seq); }
     else if (f.type === 'resync') { remember(f.seq); loadThreads().then(() => current && openThread(current.header.id)); }
     else if (f.type === 'event') { remember(f.seq); onEvent(f); }
     else if (f.type === 'error' && (f.code === 'expired' || f.code === 'login' || f.code === 'revoked')) {
@@ -535,6 +1139,7 @@ function connect() {
     }
   };
   ws.onclose = () => {
+    if (!token) return;
     setConnection(navigator.onLine ? 'Reconnecting…' : 'Offline — reconnecting when the network is back', true);
     setTimeout(connect, wsBackoff);
     wsBackoff = Math.min(wsBackoff * 2, 30000);
@@ -551,7 +1156,8 @@ function onEvent(f) {
     const c = f.resource;
     const escalation = c && (c.category || []).some((x) => (x.coding || []).some((k) => k.code === 'unread-urgent'));
     if (escalation && c.status === 'active' && (c.recipient || []).some((r) => refOf(r) === session.fhirUser)) {
-      showNotice('Reminder: an urgent message is waiting to be read.');
+      showNotice('Reminder: an urgent message is waiting to be read.', 'reminder');
+      if (!isPatient()) alertUrgent();
     }
     return;
   }
@@ -562,41 +1168,53 @@ function onEvent(f) {
     return;
   }
   const c = f.resource;
-  if (c) learnNames(c);
   if (f.event === 'delete') {
     threads.delete(f.id);
     if (current) { current.messages.delete(f.id); const li = $('msg-' + f.id); if (li) li.remove(); }
     renderThreads();
     return;
   }
-  const parent = (c.partOf || []).map(refOf).find(Boolean);
-  if (!parent) threads.set(c.id, c);
-  noteActivity(c);
+  if (c.status === 'preparation') return; // drafts are their author's, and not activity
+  const parent = threadIdOf(c);
+  if (!parent) threads.set(c.id, c); else noteLatest(c);
+  wantPeople(participants(c).concat([patientOf(c)]));
   renderThreads();
+  const mine = refOf(c.sender) === session.fhirUser;
   const toMe = (c.recipient || []).some((r) => refOf(r) === session.fhirUser);
-  if (f.event === 'create' && toMe && c.status !== 'preparation') {
+  // A message is new to its recipient when first seen sent (created so, or a draft sent now).
+  if (toMe && c.status !== 'entered-in-error' && !delivered.has(c.id)) {
+    delivered.add(c.id);
     api('POST', '/Communication/' + c.id + '/$mark-delivered').catch(() => {});
+    if (!isPatient() && URGENT.includes(c.priority)) alertUrgent();
   }
   if (current && c.id === current.header.id) {
     current.header = c;
-    $('thread-title').textContent = (c.topic && c.topic.text) || '(no subject)';
+    renderThreadHead();
   }
-  if (current && (parent === 'Communication/' + current.header.id || (c.id === current.header.id && (c.payload || []).length))) {
+  if (current && (parent === current.header.id || (c.id === current.header.id && (c.payload || []).length))) {
     const old = current.messages.get(c.id);
-    current.messages.set(c.id, c);
-    const li = renderMessage(c);
-    const existing = $('msg-' + c.id);
-    if (existing) existing.replaceWith(li); else $('messages').append(li);
+    const box = $('messages-box');
+    const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    replaceMessage(c);
     if (old && old._read) c._read = true;
-    const rs = receipts.get(c.id);
-    if (rs) for (const r of rs.values()) showReceipt(c.id, r);
+    // The live region says only what is new, not the whole thread.
+    if (!old && !mine) $('announce').textContent = 'New message from ' + nameOf(refOf(c.sender)) + '.';
+    if (!old && (atEnd || mine)) scrollToNewest();
     markSeen();
   }
   loadUnreadSoon();
 }
 
-window.addEventListener('offline', () => setConnection('Offline — reconnecting when the network is back', true));
-window.addEventListener('online', () => { if (!ws || ws.readyState !== WebSocket.OPEN) { wsBackoff = 1000; connect(); } });
+window.addEventListener('offline', () => { if (token) setConnection('Offline — reconnecting when the network is back', true); });
+// Back online: a fresh socket at once (one that looks open may be dead after a network change;
+// the new one resumes from the last event seen).
+window.addEventListener('online', () => {
+  if (!token) return;
+  if (ws) { ws.onclose = null; ws.onmessage = null; try { ws.close(); } catch (e) { /* already closed */ } }
+  wsBackoff = 1000;
+  setConnection('Reconnecting…', true);
+  connect();
+});
 
 // ----- styling from the EHR -------------------------------------------------------------------
 
@@ -614,19 +1232,28 @@ function applyStyle(s) {
 
 // ----- start ----------------------------------------------------------------------------------
 
+function setScope(scope) {
+  filters.scope = scope;
+  $('scope-patient').setAttribute('aria-pressed', String(scope === 'patient'));
+  $('scope-all').setAttribute('aria-pressed', String(scope === 'all'));
+  renderThreads();
+}
+
 async function start() {
   try { session = JSON.parse(sessionStorage.getItem(STORE_KEY)); } catch (e) { session = null; }
   if (!session || !session.access_token) { end(); return; }
   token = session.access_token;
   tokenExpires = Date.now() + (session.expires_in || 300) * 1000;
-  const me = session.user_display && session.user_display.name;
-  $('me').textContent = me ? 'Signed in as ' + me : session.fhirUser;
+  const me = myName();
+  $('me').textContent = me ? 'Signed in as ' + me : 'Signed in';
+  $('logout').hidden = false;
+  if (session.patient && session.patient_display) {
+    people.set(session.patient, Object.assign({reference: session.patient}, session.patient_display));
+  }
+  if (session.user_display) people.set(session.fhirUser, Object.assign({reference: session.fhirUser}, session.user_display));
   if (session.need_patient_banner && session.patient) {
-    const d = session.patient_display || {};
     const b = $('patient-banner');
-    b.replaceChildren(el('span', {}, d.name || session.patient),
-      d.birthDate ? el('span', {}, ' · Born ' + d.birthDate) : null,
-      d.gender ? el('span', {}, ' · ' + d.gender) : null);
+    b.textContent = patientLine(session.patient);
     b.hidden = false;
   }
   if (session.smart_style) applyStyle(session.smart_style);
@@ -636,6 +1263,7 @@ async function start() {
   for (const c of (config.categories || [])) categories.append(el('option', {value: c.code}, c.display));
   categories.required = isPatient();
   $('priority-field').hidden = isPatient();
+  if (config.attachment_types) $('compose-file').accept = config.attachment_types.join(',');
   // Patients are told, where they write and before they write, that messages are not for
   // emergencies — with the number to call.
   if (isPatient() && config.emergency_number) {
@@ -654,35 +1282,46 @@ async function start() {
     $('compose-text').maxLength = config.patient_max_message_chars;
     $('new-text').maxLength = config.patient_max_message_chars;
   }
+  // A clinician launched with a patient sees that patient's conversations first.
+  if (!isPatient() && session.patient) {
+    $('scope').hidden = false;
+    $('scope-patient').textContent = 'This patient' + (session.patient_display && session.patient_display.name ? ' (' + session.patient_display.name + ')' : '');
+  }
+  $('audience').hidden = isPatient() || !session.patient;
+  if (isPatient()) $('filter-text').placeholder = 'Search your conversations';
+  if (!isPatient() && 'Notification' in window && Notification.permission === 'default' && !localStorage.getItem(ALERTS_KEY)) $('alerts').hidden = false;
   $('main').hidden = false;
   $('compose').addEventListener('submit', send);
-  $('compose-text').addEventListener('input', updateCount);
-  $('audience').hidden = isPatient() || !session.patient;
-  for (const id of ['audience-patient', 'audience-staff']) $(id).addEventListener('change', chooseAudience);
-  $('new-thread').addEventListener('click', () => {
-    $('new-form').reset();
-    newError('');
-    if (!isPatient() && session.patient) $('new-recipient').value = session.patient;
-    $('new-dialog').showModal();
-  });
+  $('compose-text').addEventListener('input', () => { updateCount(); draftChanged(); });
+  $('compose-priority').addEventListener('change', draftChanged);
+  for (const id of ['audience-patient', 'audience-staff']) $(id).addEventListener('change', () => { newError(''); fillTo(); });
+  $('new-to').addEventListener('change', chooseTo);
+  $('new-thread').addEventListener('click', openNew);
   $('new-form').addEventListener('submit', startThread);
   $('new-cancel').addEventListener('click', () => $('new-dialog').close());
-  $('back').addEventListener('click', () => {
-    $('main').classList.remove('reading');
-    current = null;
-    $('compose').hidden = true;
-    $('staff-banner').hidden = true;
-    renderThreads();
+  $('back').addEventListener('click', closeThread);
+  $('older').addEventListener('click', loadOlder);
+  $('messages-box').addEventListener('scroll', () => { if ($('messages-box').scrollTop < 40) loadOlder(); }, {passive: true});
+  $('mark-unread').addEventListener('click', markUnread);
+  $('file-chart').addEventListener('click', fileToChart);
+  $('notice-close').addEventListener('click', () => showNotice(''));
+  $('scope-patient').addEventListener('click', () => setScope('patient'));
+  $('scope-all').addEventListener('click', () => setScope('all'));
+  $('filter-text').addEventListener('input', () => { filters.text = $('filter-text').value; renderThreads(); });
+  for (const [id, key] of [['filter-show', 'show'], ['filter-when', 'when'], ['filter-patient', 'patient'], ['filter-inbox', 'inbox']]) {
+    $(id).addEventListener('change', () => { filters[key] = $(id).value; renderThreads(); });
+  }
+  $('alerts').addEventListener('click', async () => {
+    localStorage.setItem(ALERTS_KEY, '1');
+    $('alerts').hidden = true;
+    try { await Notification.requestPermission(); } catch (e) { /* the sound still plays */ }
   });
-  $('logout').addEventListener('click', async () => {
-    try { await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: session.session}), headers: {Authorization: 'Bearer ' + token}}); } catch (e) { /* ended locally anyway */ }
-    end('You have signed out.');
-  });
+  $('logout').addEventListener('click', () => signOut('You have signed out.'));
   try {
     await loadThreads();
   } catch (e) {
     if (e.status === 401) { end('Your session has expired.'); return; }
-    showNotice('Could not load your conversations: ' + e.message);
+    showNotice('Your conversations could not be loaded. ' + plain(e), 'network');
   }
   connect();
   document.body.dataset.ready = 'true';

@@ -72,6 +72,8 @@ async fn config(state: web::Data<AppState>) -> HttpResponse {
             "patient_max_message_chars": s.patient_max_message_chars,
             "expected_response_notice": s.expected_response_notice,
             "emergency_number": s.emergency_number,
+            // The app signs out on its own after this long without activity.
+            "idle_timeout_secs": s.idle_timeout_secs,
             "attachment_max_bytes": s.max_binary_bytes,
             "attachment_types": s.attachment_types,
             "category_system": super::rules::CATEGORY_SYSTEM,

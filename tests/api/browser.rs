@@ -2,7 +2,7 @@
 //! standalone launch, phone width) and a clinician (EHR launch) message each other live. The
 //! browser part is `tests/ehr/browser.mjs`; screenshots land in `target/browser-artifacts/`.
 
-use crate::ehr::{new_ehr, person, spawn_ehr};
+use crate::ehr::{launch_as, new_ehr, person, spawn_ehr};
 use crate::helpers::*;
 use courier::smart::registry;
 use serde_json::{json, Value};
@@ -22,7 +22,11 @@ fn chromium() -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clinician_and_patient_message_each_other_in_real_browsers() {
     let Some(chromium) = chromium() else { return };
-    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.message_pools = vec![("Nurse line".into(), "Group/nurse-line".into())];
+    })
+    .await
+    .unwrap();
     let Some(ehr) = spawn_ehr("ehr-a") else {
         return;
     };
@@ -30,19 +34,73 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
     patient["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
     patient["birthDate"] = json!("1990-12-10");
     patient["gender"] = json!("female");
+    patient["identifier"] = json!([{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}, "system": "urn:mrn", "value": "MRN-0042"}]);
+    let mut other = person("Patient", "b2", &[]);
+    other["name"] = json!([{"given": ["Bob"], "family": "Other"}]);
+    other["birthDate"] = json!("1950-05-11");
     let mut clinician = person("Practitioner", "dr-a", &[]);
     clinician["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
+    let mut colleague = person("Practitioner", "dr-b", &[]);
+    colleague["name"] = json!([{"given": ["Alan"], "family": "Turing"}]);
+    colleague["qualification"] = json!([{"code": {"text": "Nurse practitioner"}}]);
+    let team = json!({"resourceType": "CareTeam", "id": "team-a1", "status": "active",
+        "subject": {"reference": "Patient/a1"}, "participant": [{"member": {"reference": "Practitioner/dr-b"}}]});
     ehr.control(
         reqwest::Method::POST,
         "seed",
-        Some(json!([patient, clinician])),
+        Some(json!([patient, other, clinician, colleague, team])),
     )
     .await;
     let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
     n.launch_scopes =
-        "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+        "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r user/CareTeam.rs patient/CareTeam.rs";
     registry::add(&app.store, &n).unwrap();
     ehr.register_courier(&app, "courier").await;
+    // Earlier launches (as an EHR would have made them): Grace with Bob and with Ada in context,
+    // and her colleague Alan — so that Courier knows them, and there is history to show.
+    let with_bob = launch_as(&app, &ehr, "b2", "Practitioner/dr-a").await;
+    let with_ada = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+    let alan = launch_as(&app, &ehr, "a1", "Practitioner/dr-b").await;
+    let (grace, ada, bob) = (
+        with_ada["fhirUser"].as_str().unwrap().to_string(),
+        with_ada["patient"].as_str().unwrap().to_string(),
+        with_bob["patient"].as_str().unwrap().to_string(),
+    );
+    let alan_ref = alan["fhirUser"].as_str().unwrap().to_string();
+    let post = |token: &str, body: Value| {
+        let c = client_with_token(token);
+        let url = app.url("Communication");
+        async move {
+            let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+        }
+    };
+    let thread = |token: String, about: String, with: String, topic: &'static str, text: &'static str| {
+        let grace = grace.clone();
+        async move {
+            let h = post(&token, json!({"resourceType": "Communication", "status": "in-progress", "topic": {"text": topic},
+                "subject": {"reference": about}, "sender": {"reference": grace}, "recipient": [{"reference": with}]})).await;
+            post(&token, json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{h}")}],
+                "subject": {"reference": about}, "sender": {"reference": grace}, "recipient": [{"reference": with}],
+                "sent": "2026-12-01T09:00:00Z", "payload": [{"contentString": text}]})).await;
+            h
+        }
+    };
+    // Two threads with the same subject about two patients; a long thread with Ada.
+    let bob_token = with_bob["access_token"].as_str().unwrap().to_string();
+    let ada_token = with_ada["access_token"].as_str().unwrap().to_string();
+    thread(bob_token, bob.clone(), bob.clone(), "Chest pain after climbing stairs", "How is the knee today?").await;
+    thread(ada_token.clone(), ada.clone(), ada.clone(), "Chest pain after climbing stairs", "Any chest pain since Monday?").await;
+    let long = thread(ada_token.clone(), ada.clone(), ada.clone(), "Blood pressure diary", "Please send your readings daily.").await;
+    for i in 0..119 {
+        let from_ada = i % 2 == 0;
+        let (s, r) = if from_ada { (&ada, &grace) } else { (&grace, &ada) };
+        let body = json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{long}")}],
+            "subject": {"reference": ada}, "sender": {"reference": s}, "recipient": [{"reference": r}],
+            "sent": format!("2026-12-02T{:02}:{:02}:00Z", 8 + i / 60, i % 60), "payload": [{"contentString": format!("Reading {i}: 12{} over 8{}", i % 10, i % 7)}]});
+        assert_eq!(app.client.post(app.url("Communication")).json(&body).send().await.unwrap().status(), 201);
+    }
     ehr.control(
         reqwest::Method::POST,
         "settings",
@@ -65,12 +123,20 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         "clinician_url": app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap())),
         "patient_url": app.url("smart/launch?ehr=ehr-a"),
         "patient_name": "Ada Lovelace",
+        "patient_mrn": "MRN-0042",
+        "other_patient_name": "Bob Other",
         "clinician_name": "Grace Hopper",
+        "colleague_name": "Alan Turing",
+        "colleague_ref": alan_ref,
+        "colleague_token": alan["access_token"],
+        "clinician_ref": grace,
+        "patient_ref": ada,
+        "base": app.url(""),
         "artifacts": artifacts,
     });
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr/browser.mjs");
     let out = tokio::time::timeout(
-        std::time::Duration::from_secs(180),
+        std::time::Duration::from_secs(300),
         tokio::process::Command::new("node")
             .arg(script)
             .arg(args.to_string())
@@ -78,7 +144,7 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
             .output(),
     )
     .await
-    .expect("the browser test finishes within 3 minutes")
+    .expect("the browser test finishes within 5 minutes")
     .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let result: Value = stdout
@@ -92,12 +158,19 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         artifacts.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The conversations really went through Courier: header, message, reply, the foreign-URL one
-    // and the patient's later message; the staff-only thread's header and message, labelled NOPAT.
-    let b = app.get_json("Communication?_count=10").await;
-    assert_eq!(ids(&b).len(), 7, "{b}");
+    // What the browsers did really went through Courier. Staff only (NOPAT): the thread's header
+    // and message, the note half-written in it (kept as that thread's draft when the clinician
+    // moved on), and the colleague's urgent message. The draft that was sent is no draft any
+    // more; the withdrawn message is entered-in-error.
     let staff = app
         .get_json("Communication?_security=http://terminology.hl7.org/CodeSystem/v3-ActCode|NOPAT")
         .await;
-    assert_eq!(ids(&staff).len(), 2, "{staff}");
+    assert_eq!(ids(&staff).len(), 4, "{staff}");
+    let drafts = app.get_json("Communication?status=preparation").await;
+    assert_eq!(ids(&drafts).len(), 1, "{drafts}");
+    assert_eq!(
+        drafts["entry"][0]["resource"]["payload"][0]["contentString"],
+        "half-written note for the pharmacist"
+    );
+    assert_eq!(ids(&app.get_json("Communication?status=entered-in-error").await).len(), 1);
 }

@@ -1,20 +1,29 @@
 // Browser test of Courier's web app in real Chromium (Debian's, driven by playwright-core).
 // Called by the Rust test `browser::clinician_and_patient_message_each_other_in_real_browsers`
-// with one JSON argument: {clinician_url, patient_url, patient_name, clinician_name, artifacts}.
+// with one JSON argument (see that test): the launch URLs, the people's names, a colleague's token.
 //
-// Two browsers (separate contexts): a patient signs in through the portal (standalone launch, at
-// phone width), a clinician through an EHR launch with the patient in context. The clinician starts
-// a conversation whose text and subject carry XSS payloads; it appears in the patient's list without
-// a reload; the patient opens it (a read receipt goes back to the clinician's screen, live) and
-// replies with an attachment whose file name is an XSS payload, which appears on the clinician's
-// screen live. Nothing of the payloads may run or become markup. The clinician then starts a
-// staff-only conversation about the patient (refused with the patient in it; a banner; the composer
-// does not carry over to the next thread) that never reaches the patient's screen; after the
-// patient signs out nothing of the inbox remains in the page. Screenshots of both pages are
-// saved in `artifacts` at the end (and on failure).
+// A patient signs in through the portal (standalone launch, phone size 390×844), a clinician
+// through an EHR launch with the patient in context (desktop 1280×800). Courier already holds two
+// threads with the same subject about two patients and a 120-message thread. The test walks
+// issue 20 point by point as a clinician and as a patient:
+// - right patient at a glance: every row names its patient (name, birth date, MRN) with time,
+//   last sender and preview; "This patient" first and "All my patients" one click away; a thread
+//   about another patient carries its own banner;
+// - finding things: search by patient name, the unread / urgent / waiting filters, newest first;
+// - whom to write to: the patient picks from the nurse line and the care team (no references);
+//   a clinician chooses "Message the patient" or "Staff only";
+// - composing: drafts saved on the server and restored after a reload; per-thread composer;
+//   a photo with no text shows as a thumbnail; withdrawing one's own message; mark unread;
+//   long threads open at the newest message and load older ones;
+// - user content is inert (XSS payloads in subject, text and file name);
+// - urgent messages to a clinician raise an alert; the live region announces only new messages;
+// - sign-out leaves nothing on screen; offline shows; axe-core finds no serious or critical
+//   violation on any screen; touch targets are ≥ 44 px on the phone; 320 px wide works.
+// Screenshots of both pages are saved in `artifacts` at the end (and on failure).
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { axeAudit, smallTargets } from './axe.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 mkdirSync(cfg.artifacts, { recursive: true });
@@ -26,6 +35,10 @@ const REPLY = 'Thank you, doctor & team!';
 const STAFF_TOPIC = 'Pharmacy fill history';
 const URGENT_NEWS = 'BP 165/100 and headache';
 const STAFF_TEXT = 'I suspect she is not taking her meds, can you check?';
+const DRAFT = 'Please book a follow-up for next week';
+const PATIENT_TOPIC = 'Question about my inhaler';
+// A 2×2 red PNG.
+const PNG = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg==', 'base64');
 
 const browser = await chromium.launch({
   executablePath: process.env.COURIER_CHROMIUM || '/usr/bin/chromium',
@@ -34,6 +47,7 @@ const browser = await chromium.launch({
 });
 const problems = [];
 const pages = {};
+const steps = [];
 
 async function open(name, viewport) {
   const context = await browser.newContext({ viewport });
@@ -47,7 +61,7 @@ async function open(name, viewport) {
 
 async function shots(suffix) {
   for (const [name, page] of Object.entries(pages)) {
-    await page.screenshot({ path: join(cfg.artifacts, `${name}-${suffix}.png`), fullPage: true }).catch(() => {});
+    await page.screenshot({ path: join(cfg.artifacts, `${name}-${suffix}.png`), fullPage: false }).catch(() => {});
   }
 }
 
@@ -55,48 +69,132 @@ function check(cond, what) {
   if (!cond) throw new Error(what);
 }
 
+function step(what) { steps.push(what); }
+
+// axe-core on the screen as it is now, and (on the phone) the touch targets.
+async function a11y(page, screen, phone) {
+  problems.push(...await axeAudit(page, screen));
+  if (phone) problems.push(...await smallTargets(page, screen));
+}
+
 async function noScriptRan(page, name) {
   const xss = await page.evaluate(() => window.__xss);
   check(xss === undefined, `${name}: an XSS payload ran (window.__xss = ${xss})`);
-  const injected = await page.evaluate(() => document.querySelectorAll('#messages img, #messages script, #messages b, #threads b, #thread-title b').length);
+  const injected = await page.evaluate(() => document.querySelectorAll('#messages img:not(.thumb), #messages script, #messages b, #threads b, #thread-title b').length);
   check(injected === 0, `${name}: user content became markup (${injected} elements)`);
 }
 
+// Where in the page any of `strings` still shows (for a readable failure).
+async function phiWhere(page, strings) {
+  return page.evaluate((strings) => {
+    const out = [];
+    const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+      if (strings.some((s) => n.nodeValue.includes(s))) {
+        const e = n.parentElement;
+        out.push((e.id ? '#' + e.id : e.tagName.toLowerCase() + '.' + e.className) + ': ' + n.nodeValue.slice(0, 60));
+      }
+    }
+    return out;
+  }, strings);
+}
+
+const rows = (page) => page.locator('#threads li');
+const row = (page, text) => page.locator('#threads li', { hasText: text });
+
 try {
-  // The patient signs in first and sees an empty inbox.
-  const patient = await open('patient', { width: 375, height: 740 });
+  // ---- The patient signs in (phone) and sees the conversations her clinicians started. ----
+  step('patient signs in');
+  const patient = await open('patient', { width: 390, height: 844 });
   await patient.goto(cfg.patient_url);
   await patient.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
-  await patient.waitForSelector('#threads-empty:not([hidden])');
   check(!(await patient.isVisible('#priority-field')), 'patient: no priority choice for patients');
+  check(!(await patient.isVisible('#scope')), 'patient: no patient scope choice');
+  await row(patient, 'Blood pressure diary').waitFor();
+  check(await row(patient, 'Chest pain').count() === 1, 'patient: sees only her own "Chest pain" thread');
+  const prow = await row(patient, 'Blood pressure diary').textContent();
+  check(prow.includes(cfg.clinician_name), `patient: the row names whom the conversation is with (got "${prow}")`);
+  await a11y(patient, 'patient inbox (phone)', true);
 
-  // The clinician launches from the EHR with the patient in context: banner with the name.
+  // ---- The clinician launches from the EHR with Ada in context. ----
+  step('clinician launches');
   const clinician = await open('clinician', { width: 1280, height: 800 });
   await clinician.goto(cfg.clinician_url);
   await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
   const banner = await clinician.textContent('#patient-banner');
-  check(banner.includes(cfg.patient_name), `clinician: the patient banner names the patient (got "${banner}")`);
+  check(banner.includes(cfg.patient_name) && banner.includes(cfg.patient_mrn), `clinician: the patient banner names the patient and MRN (got "${banner}")`);
   check((await clinician.textContent('#me')).includes(cfg.clinician_name), 'clinician: signed-in name shown');
   // The EHR's style applies (smart_style_url): its highlight colour on the buttons.
   await clinician.waitForFunction(() => getComputedStyle(document.querySelector('#new-thread')).backgroundColor === 'rgb(122, 46, 140)', null, { timeout: 5000 });
   await clinician.waitForSelector('#connection:text-is("Connected")');
   await patient.waitForSelector('#connection:text-is("Connected")');
 
-  // The clinician starts a conversation (keyboard only: labelled fields, Enter on the button).
+  // Right patient at a glance: "This patient" first; every row names the patient, with MRN.
+  step('clinician: this patient / all my patients');
+  check(await clinician.getAttribute('#scope-patient', 'aria-pressed') === 'true', 'clinician: "This patient" is the first view');
+  await row(clinician, 'Blood pressure diary').waitFor();
+  await clinician.waitForFunction((n) => [...document.querySelectorAll('#threads li .who')].every((w) => w.textContent.includes(n)), cfg.patient_name, { timeout: 5000 });
+  check(await row(clinician, 'Chest pain').count() === 1, 'clinician: "This patient" shows only Ada\'s threads');
+  const crow = await row(clinician, 'Blood pressure diary').textContent();
+  check(crow.includes(cfg.patient_mrn) && /born/.test(crow), `clinician: the row shows birth date and MRN (got "${crow}")`);
+  check(/Reading 118/.test(crow), `clinician: the row previews the newest message (got "${crow}")`);
+  await a11y(clinician, 'clinician inbox');
+  await clinician.click('#scope-all');
+  await clinician.waitForFunction(() => document.querySelectorAll('#threads li').length >= 3);
+  const chest = await row(clinician, 'Chest pain').allTextContents();
+  check(chest.length === 2 && chest.some((t) => t.includes(cfg.patient_name)) && chest.some((t) => t.includes(cfg.other_patient_name)),
+    `clinician: the two "Chest pain" threads are told apart by patient (got ${JSON.stringify(chest)})`);
+  // A thread about another patient carries its own banner.
+  await row(clinician, cfg.other_patient_name).locator('button').click();
+  await clinician.waitForSelector('#thread-patient.other');
+  const other = await clinician.textContent('#thread-patient');
+  check(other.includes(cfg.other_patient_name) && other.includes('not the one open in your EHR'), `clinician: another patient's thread says so (got "${other}")`);
+  await a11y(clinician, 'clinician thread about another patient');
+  // Search by patient name.
+  await clinician.fill('#filter-text', 'bob');
+  await clinician.waitForFunction(() => document.querySelectorAll('#threads li').length === 1);
+  check((await rows(clinician).first().textContent()).includes(cfg.other_patient_name), 'clinician: search finds the patient by name');
+  await clinician.fill('#filter-text', '');
+  await clinician.click('#scope-patient');
+
+  // A long thread opens at its newest message, with the composer in view; older ones load.
+  step('clinician: long thread');
+  await row(clinician, 'Blood pressure diary').locator('button').click();
+  await clinician.waitForSelector('#messages li .text:text("Reading 118: 128 over 86")');
+  const inView = await clinician.evaluate(() => {
+    const last = document.querySelector('#messages li:last-child').getBoundingClientRect();
+    const compose = document.querySelector('#compose').getBoundingClientRect();
+    return last.bottom <= innerHeight + 1 && last.top >= 0 && compose.bottom <= innerHeight + 1;
+  });
+  check(inView, 'clinician: a long thread opens at the newest message with the composer in view');
+  const first = await clinician.locator('#messages > li').count();
+  check(first <= 51 && await clinician.isVisible('#older'), `clinician: a long thread loads a page, not all (${first})`);
+  await clinician.evaluate(() => { document.querySelector('#messages-box').scrollTop = 0; });
+  await clinician.waitForFunction((n) => document.querySelectorAll('#messages > li').length > n, first, { timeout: 5000 });
+  check(!(await clinician.locator('#thread-patient.other').count()), 'clinician: Ada\'s thread is not flagged as another patient');
+  check((await clinician.textContent('#thread-patient')).includes(cfg.patient_name), 'clinician: the thread names its patient');
+  check(await clinician.getAttribute('#messages', 'aria-live') === null, 'clinician: the message list is not a live region (a whole thread would be read aloud)');
+
+  // ---- A new conversation with the patient (keyboard only; XSS payloads stay text). ----
+  step('clinician: new conversation');
   await clinician.click('#new-thread');
-  check(await clinician.inputValue('#new-recipient') !== '', 'clinician: the patient in context is the default recipient');
+  await clinician.waitForFunction(() => document.querySelector('#new-to').value.startsWith('Patient/'));
+  check((await clinician.locator('#new-to option:checked').textContent()).includes(cfg.patient_name), 'clinician: the patient in context is the default recipient, by name');
+  await a11y(clinician, 'clinician new conversation');
   await clinician.getByLabel('Subject').fill(XSS_TOPIC);
   await clinician.fill('#new-text', XSS_TEXT);
   await clinician.focus('#new-send');
   await clinician.keyboard.press('Enter');
+  await clinician.waitForFunction((t) => document.querySelector('#thread-title').textContent === t, XSS_TOPIC, { timeout: 10000 });
   await clinician.waitForSelector('#messages li .text');
-  check((await clinician.textContent('#thread-title')) === XSS_TOPIC, 'clinician: the subject shows literally');
 
-  // It appears in the patient's list without a reload, marked unread; the patient opens it.
-  const item = patient.locator('#threads li', { hasText: 'Lab results' });
+  // It appears first in the patient's list without a reload, marked unread; she opens it.
+  step('patient: opens the new thread');
+  const item = row(patient, 'Lab results');
   await item.waitFor({ timeout: 10000 });
-  await patient.waitForSelector('#threads li .badge');
-  await item.focus();
+  await patient.waitForFunction(() => document.querySelector('#threads li .topic').textContent.startsWith('Lab results'));
+  await patient.waitForSelector('#threads li.unread .badge');
+  await item.locator('button').focus();
   await patient.keyboard.press('Enter');
   await patient.waitForSelector('#messages li .text');
   const shown = await patient.locator('#messages li .text').first().textContent();
@@ -105,31 +203,48 @@ try {
   const from = await patient.locator('#messages li .from').first().textContent();
   check(from === cfg.clinician_name, `patient: the sender is shown by name (got "${from}")`);
   check(await patient.isVisible('#response-notice'), 'patient: the expected-response notice is shown where they write');
-  // The emergency number sits above the message box, in view when the thread opens.
   const emergency = patient.locator('#compose .emergency');
   check(await emergency.isVisible() && (await emergency.textContent()).includes('call 911'), 'patient: the emergency notice with its number is shown where they write');
   check(!(await clinician.isVisible('#compose .emergency')), 'clinician: no patient emergency notice');
+  await a11y(patient, 'patient thread (phone)', true);
 
-  // The read receipt reaches the clinician's screen live.
+  // The read receipt reaches the clinician's screen live, by name.
   await clinician.waitForSelector(`.status:text("Read by ${cfg.patient_name}")`, { timeout: 10000 });
 
-  // The patient replies with an attachment whose name is a payload.
-  await patient.getByLabel('Message', { exact: true }).first().fill(REPLY);
+  // The patient replies with an attachment whose name is a payload; the live region announces
+  // only the new message on the clinician's side.
+  step('patient: replies with a file');
+  await patient.fill('#compose-text', REPLY);
   await patient.setInputFiles('#compose-file', { name: XSS_FILE, mimeType: 'text/plain', buffer: Buffer.from('a note') });
   await patient.click('#send');
   await patient.waitForSelector(`#messages li .text:text("${REPLY}")`);
-
-  // The reply and its attachment appear on the clinician's screen live, names inert.
   await clinician.waitForSelector(`#messages li .text:text("${REPLY}")`, { timeout: 10000 });
   const file = await clinician.locator('#messages .attachment').first().textContent();
   check(file.includes(XSS_FILE), `clinician: the file name shows literally (got "${file}")`);
   await noScriptRan(clinician, 'clinician');
+  const said = await clinician.textContent('#announce');
+  check(said === `New message from ${cfg.patient_name}.`, `clinician: the live region announces just the new message (got "${said}")`);
+
+  // A photo with no text: a thumbnail on the other side.
+  step('patient: photo only');
+  await patient.setInputFiles('#compose-file', { name: 'rash.png', mimeType: 'image/png', buffer: PNG });
+  await patient.click('#send');
+  await clinician.waitForSelector('#messages img.thumb[alt="Photo: rash.png"]', { timeout: 10000 });
+  await clinician.waitForFunction(() => { const i = document.querySelector('#messages img.thumb'); return i && i.complete && i.naturalWidth === 2; }, null, { timeout: 10000 });
+
+  // The patient withdraws her own message (two presses, no browser dialog).
+  step('patient: withdraws a message');
+  const mineReply = patient.locator('#messages li.mine', { hasText: REPLY });
+  await mineReply.locator('button.withdraw').click();
+  await mineReply.locator('button.withdraw:text("Press again to withdraw")').click();
+  await clinician.waitForSelector('#messages li.withdrawn', { timeout: 10000 });
+  check(!(await clinician.locator('#messages li .text', { hasText: REPLY }).count()), 'clinician: a withdrawn message no longer shows its text');
 
   // An attachment pointing elsewhere is shown, never fetched (the token must not leave Courier).
   const status = await patient.evaluate(async () => {
     const s = JSON.parse(sessionStorage.getItem('courier.session'));
     const h = { Authorization: 'Bearer ' + s.access_token, 'Content-Type': 'application/fhir+json' };
-    const list = await (await fetch('/Communication?part-of:missing=true', { headers: h })).json();
+    const list = await (await fetch('/Communication?part-of:missing=true&_sort=-_lastUpdated', { headers: h })).json();
     const header = list.entry.find((e) => e.search.mode === 'match').resource;
     const msg = { resourceType: 'Communication', status: 'completed', partOf: [{ reference: 'Communication/' + header.id }],
       sender: { reference: s.fhirUser }, recipient: [header.sender],
@@ -138,72 +253,155 @@ try {
   });
   check(status === 201, `patient: posting the message failed (${status})`);
   await clinician.waitForSelector('#messages span.attachment:text("labs.pdf")', { timeout: 10000 });
-  check(await clinician.locator('#messages button.attachment', { hasText: 'labs.pdf' }).count() === 0, 'clinician: a foreign attachment URL is not clickable');
+  check(await clinician.locator('#messages .attachment button', { hasText: 'labs.pdf' }).count() === 0, 'clinician: a foreign attachment URL is not clickable');
 
-  // Staff only: the clinician talks to a colleague about the patient. The dialog offers the
-  // choice, refuses to put the patient in such a thread, and the thread carries a banner.
-  const patientRef = await clinician.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).patient);
+  // ---- Drafts: saved on the server, restored after a reload, sent as the message. ----
+  step('clinician: draft');
+  await clinician.fill('#compose-text', DRAFT);
+  await clinician.waitForSelector('#draft-state:text("Draft saved.")', { timeout: 10000 });
+  await clinician.reload();
+  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await row(clinician, 'Lab results').locator('button').click();
+  await clinician.waitForFunction((t) => document.querySelector('#compose-text').value === t, DRAFT, { timeout: 10000 });
+  check((await clinician.textContent('#draft-state')).includes('restored'), 'clinician: the draft says it was restored');
+  check(!(await patient.locator('#messages li .text', { hasText: DRAFT }).count()), 'patient: a draft is not shown to the recipient');
+  await clinician.click('#send');
+  await patient.waitForSelector(`#messages li .text:text("${DRAFT}")`, { timeout: 10000 });
+
+  // ---- Staff only: the clinician writes to a colleague about the patient. ----
+  step('clinician: staff only');
   await clinician.click('#new-thread');
+  await clinician.waitForSelector('#new-dialog[open]');
   check(await clinician.isVisible('#audience'), 'clinician: chooses who a new conversation is with');
   await clinician.check('#audience-staff');
-  check(await clinician.inputValue('#new-recipient') === '', 'clinician: staff only takes the patient out of "To"');
-  await clinician.fill('#new-recipient', patientRef);
+  await clinician.waitForFunction(() => !document.querySelector('#new-to').value.startsWith('Patient/'));
+  await clinician.selectOption('#new-to', 'other');
+  await clinician.fill('#new-recipient', cfg.patient_ref);
   await clinician.getByLabel('Subject').fill(STAFF_TOPIC);
   await clinician.fill('#new-text', STAFF_TEXT);
   await clinician.click('#new-send');
   await clinician.waitForSelector('#new-error:not([hidden])');
   check((await clinician.textContent('#new-error')).includes('cannot include the patient'), 'clinician: the refusal is explained in the dialog');
-  await clinician.fill('#new-recipient', 'Practitioner/dr-b');
+  // The care team is offered by name.
+  const offered = await clinician.locator('#new-to option').allTextContents();
+  check(offered.some((o) => o.includes(cfg.colleague_name)), `clinician: the care team is offered by name (got ${JSON.stringify(offered)})`);
+  await clinician.selectOption('#new-to', cfg.colleague_ref);
   await clinician.click('#new-send');
   await clinician.waitForSelector('#staff-banner:not([hidden])', { timeout: 10000 });
   await clinician.waitForSelector('#threads li .badge.staff');
   // The composer belongs to its thread: text and priority do not follow to the next one.
   await clinician.fill('#compose-text', 'half-written note for the pharmacist');
   await clinician.selectOption('#compose-priority', 'urgent');
-  await clinician.locator('#threads li', { hasText: 'Lab results' }).click();
+  await row(clinician, 'Lab results').locator('button').click();
   await clinician.waitForSelector('#staff-banner', { state: 'hidden' });
   check(await clinician.inputValue('#compose-text') === '', 'clinician: typed text does not leak into another thread');
   check(await clinician.inputValue('#compose-priority') === 'routine', 'clinician: priority resets per thread');
-  // The patient never sees it (give the live channel time to deliver anything it would).
   await patient.waitForTimeout(1500);
   const patientText = await patient.evaluate(() => document.body.textContent);
   check(!patientText.includes(STAFF_TOPIC) && !patientText.includes(STAFF_TEXT), 'patient: a staff-only conversation reached the portal');
 
-  // New activity moves a thread up: the patient writes in the older thread, and it comes first
-  // in the clinician's list (above the newer staff-only one).
-  check((await clinician.locator('#threads li .topic').first().textContent()) === STAFF_TOPIC, 'clinician: the newest thread is first');
-  await patient.getByLabel('Message', { exact: true }).first().fill(URGENT_NEWS);
+  // ---- The patient starts a conversation: she picks from the care team, never a reference. ----
+  step('patient: new conversation');
+  await patient.click('#back');
+  await patient.click('#new-thread');
+  await patient.waitForSelector('#new-dialog[open]');
+  await patient.waitForFunction(() => document.querySelectorAll('#new-to option').length > 1);
+  const choices = await patient.locator('#new-to option').allTextContents();
+  check(choices.some((c) => c.includes('Nurse line')) && choices.some((c) => c.includes(cfg.colleague_name)) && choices.some((c) => c.includes(cfg.clinician_name)),
+    `patient: offered the nurse line, her care team and her clinician (got ${JSON.stringify(choices)})`);
+  check(!choices.some((c) => /Patient\/|Practitioner\//.test(c)) && !(await patient.isVisible('#new-recipient')), 'patient: never asked for a reference');
+  check(await patient.isVisible('#new-dialog .emergency'), 'patient: the emergency notice is in the new-conversation dialog');
+  await a11y(patient, 'patient new conversation (phone)', true);
+  await patient.click('#new-send');
+  await patient.waitForSelector('#new-error:not([hidden])');
+  check((await patient.textContent('#new-error')).includes('Choose whom'), 'patient: a missing recipient is explained in the dialog');
+  await patient.selectOption('#new-to', cfg.colleague_ref);
+  await patient.getByLabel('Subject').fill(PATIENT_TOPIC);
+  await patient.selectOption('#new-category', { index: 1 });
+  await patient.fill('#new-text', 'Can I use it twice a day?');
+  await patient.click('#new-send');
+  await patient.waitForSelector(`#thread-title:text("${PATIENT_TOPIC}")`, { timeout: 10000 });
+
+  // ---- New activity moves a thread up; the filters find it. ----
+  step('new activity moves a thread up');
+  await patient.click('#back');
+  await row(patient, 'Lab results').locator('button').click();
+  await patient.fill('#compose-text', URGENT_NEWS);
   await patient.click('#send');
   await patient.waitForSelector(`#messages li .text:text("${URGENT_NEWS}")`);
   await clinician.waitForFunction((t) => document.querySelector('#threads li .topic').textContent.startsWith(t), 'Lab results', { timeout: 10000 });
+  await clinician.selectOption('#filter-show', 'waiting');
+  await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li .topic')].some((t) => t.textContent.startsWith('Lab results')));
+  check(!(await row(clinician, STAFF_TOPIC).count()), 'clinician: "waiting for my reply" leaves out threads where I wrote last');
+  await clinician.selectOption('#filter-show', 'all');
 
-  // Offline: the connection state says so.
+  // ---- Mark unread: the thread she has read is unread again for her. ----
+  step('patient: mark unread');
+  await patient.waitForFunction(() => { const r = [...document.querySelectorAll('#threads li')].find((l) => l.textContent.includes('Lab results')); return r && !r.classList.contains('unread'); }, null, { timeout: 10000 });
+  await patient.click('#mark-unread');
+  await patient.waitForFunction(() => { const r = [...document.querySelectorAll('#threads li')].find((l) => l.textContent.includes('Lab results')); return r && r.classList.contains('unread'); }, null, { timeout: 10000 });
+  check(!(await patient.isVisible('#compose')), 'patient: marking unread closes the thread (opening it reads it again)');
+
+  // ---- Urgent messages raise an alert for the clinician (sound / notification). ----
+  step('clinician: urgent alert');
+  const alertsBefore = await clinician.evaluate(() => window.__courierAlerts || 0);
+  const urgent = await fetch(cfg.base + 'Communication', {
+    method: 'POST',
+    headers: { Authorization: 'Bearer ' + cfg.colleague_token, 'Content-Type': 'application/fhir+json' },
+    body: JSON.stringify({ resourceType: 'Communication', status: 'completed', priority: 'urgent', subject: { reference: cfg.patient_ref },
+      sender: { reference: cfg.colleague_ref }, recipient: [{ reference: cfg.clinician_ref }], payload: [{ contentString: 'Call me about her potassium' }] }),
+  });
+  check(urgent.status === 201, `colleague: the urgent message was not sent (${urgent.status})`);
+  await clinician.waitForFunction((n) => (window.__courierAlerts || 0) > n, alertsBefore, { timeout: 10000 });
+
+  // ---- Offline: the connection state says so. ----
   await patient.context().setOffline(true);
   await patient.evaluate(() => window.dispatchEvent(new Event('offline')));
   await patient.waitForSelector('#connection.offline');
   await patient.context().setOffline(false);
+  await patient.evaluate(() => window.dispatchEvent(new Event('online')));
+  await patient.waitForSelector('#connection:text-is("Connected")', { timeout: 15000 });
 
-  // Signing out ends the session: the app says so, and the token no longer works.
+  // ---- 320 px wide: nothing runs off the side. ----
+  await patient.setViewportSize({ width: 320, height: 640 });
+  const overflow = await patient.evaluate(() => document.scrollingElement.scrollWidth);
+  check(overflow <= 320, `patient: the page is wider than 320 px (${overflow})`);
+  await patient.setViewportSize({ width: 390, height: 844 });
+  await shots('final');
+
+  // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
+  step('patient: signs out');
   const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
+  await row(patient, 'Lab results').locator('button').click();
   await patient.click('#logout');
   await patient.waitForSelector('#ended:not([hidden])');
-  // Nothing of the inbox stays on screen, in the page or actionable; the notice is in view.
   check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
-  const left = await patient.evaluate(() => document.body.textContent);
-  check(!left.includes(REPLY) && !left.includes('Lab results') && !left.includes(cfg.clinician_name), 'patient: PHI left in the page after sign-out');
+  const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line']);
+  check(left.length === 0, `patient: PHI left in the page after sign-out: ${left.join('; ')}`);
   const box = await patient.locator('#ended').boundingBox();
   check(box && box.y < 740, 'patient: the signed-out notice is in view');
-  check(!(await patient.isVisible('#logout')), 'patient: nothing actionable without a session');
+  check(!(await patient.isVisible('#logout')) && !(await patient.isVisible('#new-thread')), 'patient: nothing actionable without a session');
+  await a11y(patient, 'patient signed out (phone)', true);
   const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
   check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
 
+  // ---- Revoked elsewhere: the clinician's session ends outside this page (another device, the
+  // EHR, an administrator); the page clears itself without any click. ----
+  step('clinician: session revoked elsewhere');
+  const cs = await clinician.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')));
+  const out = await fetch(cfg.base + 'smart/logout', { method: 'POST', body: new URLSearchParams({ session: cs.session }), headers: { Authorization: 'Bearer ' + cs.access_token } });
+  check(out.status === 200, `clinician: logout elsewhere answered ${out.status}`);
+  await clinician.waitForSelector('#ended:not([hidden])', { timeout: 15000 });
+  const cleft = await phiWhere(clinician, [cfg.patient_name, 'Lab results', cfg.patient_mrn, cfg.other_patient_name, cfg.colleague_name]);
+  check(cleft.length === 0, `clinician: PHI left in the page after the session was revoked elsewhere: ${cleft.join('; ')}`);
+  check(!(await clinician.isVisible('#main')) && !(await clinician.isVisible('#patient-banner')), 'clinician: the inbox stays visible after revocation');
+
   check(problems.length === 0, problems.join('\n'));
-  await shots('final');
-  console.log(JSON.stringify({ ok: true }));
+  console.log(JSON.stringify({ ok: true, steps: steps.length }));
   await browser.close();
 } catch (e) {
   await shots('failure');
-  console.log(JSON.stringify({ ok: false, error: String(e && e.message || e), problems }));
+  console.log(JSON.stringify({ ok: false, step: steps[steps.length - 1], error: String(e && e.message || e), problems }));
   await browser.close();
   process.exit(1);
 }
