@@ -62,7 +62,11 @@ async fn create(http: &reqwest::Client, base: &str, token: &str, body: Value) ->
         match r {
             Ok(r) if r.status() == 201 => return r.json().await.expect("a Communication"),
             Ok(r) if r.status().is_server_error() && attempt < 5 => {}
-            Ok(r) => panic!("seeding: {} {}", r.status(), r.text().await.unwrap_or_default()),
+            Ok(r) => panic!(
+                "seeding: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ),
             Err(e) if attempt < 5 => eprintln!("seeding: {e}; again"),
             Err(e) => panic!("seeding: {e}"),
         }
@@ -80,7 +84,10 @@ async fn main() {
     let profile = std::env::args().any(|a| a == "--profile");
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ehr/bench-app.mjs");
-    let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ehr/node_modules/playwright-core");
+    let modules = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/ehr/node_modules/playwright-core"
+    );
     if !std::path::Path::new(modules).exists() {
         eprintln!("playwright-core is not installed: run `npm ci` in tests/ehr first");
         std::process::exit(2);
@@ -233,6 +240,46 @@ async fn main() {
                 .access_token
         })
         .collect();
+    // The server's share: the requests the app makes at start and on opening the thread, timed
+    // from here (median of 5, the clinician's token), so the browser's figures can be split.
+    let mut timings = vec![];
+    for (what, path) in [
+        (
+            "thread list",
+            "/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=100".to_string(),
+        ),
+        (
+            "newest replies",
+            "/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=200".to_string(),
+        ),
+        ("unread counts", "/Communication/$unread".to_string()),
+        (
+            "the big thread's messages",
+            format!("/Communication?part-of=Communication/{big}&_sort=sent&_count={messages}"),
+        ),
+    ] {
+        let mut ms = vec![];
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{base}{path}"))
+                .bearer_auth(&clinician_tokens[0])
+                .header("accept", "application/fhir+json")
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            r.bytes().await.unwrap();
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        timings.push(format!("{what} {:.0} ms", ms[2]));
+    }
+    println!(
+        "server alone (median of 5 requests): {}",
+        timings.join(", ")
+    );
+
     let cfg = json!({
         "base": base, "tokens": clinician_tokens, "fhir_user": clinician, "user_name": CLINICIAN_NAME,
         "threads": threads, "big_thread": big, "big_messages": messages, "runs": runs, "profile": profile,

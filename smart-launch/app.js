@@ -646,7 +646,7 @@ function renderMessage(m) {
     if (p.contentAttachment) li.append(attachmentView(p.contentAttachment));
   }
   if (mine) {
-    li.append(el('div', {class: 'status', id: 'status-' + m.id}));
+    li.append(el('div', {class: 'status', id: 'status-' + m.id}, receiptText(m.id)));
     if (m.id !== (current && current.header.id)) li.append(withdrawButton(m));
   }
   return li;
@@ -779,9 +779,12 @@ function showReceipt(id, r) {
   if (!receipts.has(id)) receipts.set(id, new Map());
   receipts.get(id).set(r.recipient, r);
   const box = $('status-' + id);
-  if (!box) return;
-  const lines = [...receipts.get(id).values()].map((x) => (x.read ? 'Read by ' : 'Delivered to ') + nameOf(x.recipient));
-  box.textContent = lines.join(' · ');
+  if (box) box.textContent = receiptText(id);
+}
+
+function receiptText(id) {
+  const rs = receipts.get(id);
+  return rs ? [...rs.values()].map((x) => (x.read ? 'Read by ' : 'Delivered to ') + nameOf(x.recipient)).join(' · ') : '';
 }
 
 // Mark unread: the thread's newest message to me counts as unread again (my own flag); the thread

@@ -20,7 +20,8 @@ const BAD = `<!doctype html><html lang="en"><head>${CSP}<title>Bad</title></head
 <input type="checkbox" id="c">
 </main></body></html>`;
 
-// The same kinds of content, done right; a hidden button (no box) is not a target.
+// The same kinds of content, done right; a hidden button (no box) and a skip link parked off the
+// page are not targets.
 const CLEAN = `<!doctype html><html lang="en"><head>${CSP}<title>Clean</title></head><body><main><h1>Clean</h1>
 <img src="${PIXEL}" width="50" height="50" alt="Logo">
 <button style="min-width:48px;min-height:48px">Go</button>
@@ -28,6 +29,7 @@ const CLEAN = `<!doctype html><html lang="en"><head>${CSP}<title>Clean</title></
 <label style="display:inline-block;min-height:44px;min-width:44px;padding:12px">Name <input type="text" style="min-height:44px"></label>
 <label style="display:inline-block;min-height:44px;min-width:44px;padding:12px"><input type="checkbox"> Remember</label>
 <button hidden>Hidden</button>
+<a href="#main" style="position:absolute;left:-9999px">Skip to the content</a>
 </main></body></html>`;
 
 const problems = [];

@@ -47,8 +47,10 @@ export async function axeAudit(page, screen) {
 
 /**
  * Visible interactive elements smaller than `min` CSS px in width or height, one line each.
- * Hidden elements (no box) are skipped; a checkbox or radio button is measured by the label that
- * encloses it, when one does (the label is what is tapped).
+ * Hidden elements are skipped (no box, `visibility: hidden`, a 1 × 1 px "visually hidden" box, or
+ * a box moved off the page to the left or top, like a skip link until focused); a checkbox or
+ * radio button is measured by the label that encloses it, when one does (the label is what is
+ * tapped).
  */
 export async function smallTargets(page, screen, min = 44) {
   const small = await page.evaluate((min) => {
@@ -70,6 +72,10 @@ export async function smallTargets(page, screen, min = 44) {
       seen.add(target);
       const box = target.getBoundingClientRect();
       if (box.width === 0 || box.height === 0) continue;
+      // Visually hidden on purpose: a 1 px "sr-only" box, or one moved off the page (a skip link
+      // until it has focus) — nobody can tap those.
+      if (box.width <= 1 && box.height <= 1) continue;
+      if (box.right + scrollX <= 0 || box.bottom + scrollY <= 0) continue;
       const style = getComputedStyle(target);
       if (style.visibility === 'hidden' || style.visibility === 'collapse') continue;
       if (box.width < min || box.height < min) {

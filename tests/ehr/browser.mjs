@@ -362,6 +362,41 @@ try {
   await patient.evaluate(() => window.dispatchEvent(new Event('online')));
   await patient.waitForSelector('#connection:text-is("Connected")', { timeout: 15000 });
 
+  // ---- Errors in plain words, gone when their cause is. ----
+  step('patient: plain-word errors');
+  await row(patient, 'Lab results').locator('button').click();
+  await patient.waitForSelector('#compose:not([hidden])');
+  await patient.setInputFiles('#compose-file', { name: 'setup.exe', mimeType: 'application/x-msdownload', buffer: Buffer.from('MZ') });
+  await patient.click('#send');
+  await patient.waitForSelector('#notice:not([hidden])');
+  const err = await patient.textContent('#notice-text');
+  check(err.includes('That kind of file cannot be sent') && !/MIME|application\//.test(err), `patient: a refused file type is explained in plain words (got "${err}")`);
+  await patient.setInputFiles('#compose-file', []);
+  await patient.fill('#compose-text', 'Sorry, here it is in words');
+  await patient.click('#send');
+  await patient.waitForSelector('#notice', { state: 'hidden', timeout: 10000 });
+  await patient.click('#back');
+
+  // ---- The clinician on a phone and the patient on a desktop: the same checks. ----
+  step('clinician on a phone');
+  await clinician.setViewportSize({ width: 390, height: 844 });
+  if (await clinician.isVisible('#back')) await clinician.click('#back');
+  await clinician.click('#scope-all');
+  await a11y(clinician, 'clinician inbox (phone)', true);
+  await row(clinician, cfg.other_patient_name).locator('button').click();
+  await clinician.waitForSelector('#thread-patient.other');
+  check(await clinician.isVisible('#back') && !(await clinician.isVisible('#threads')), 'clinician: on a phone the thread takes the screen, with a way back');
+  await a11y(clinician, 'clinician thread (phone)', true);
+  await clinician.click('#back');
+  await clinician.click('#scope-patient');
+  await clinician.setViewportSize({ width: 1280, height: 800 });
+  await patient.setViewportSize({ width: 1280, height: 800 });
+  await row(patient, 'Lab results').locator('button').click();
+  await patient.waitForSelector('#compose:not([hidden])');
+  await a11y(patient, 'patient thread (desktop)');
+  await patient.setViewportSize({ width: 390, height: 844 });
+  await patient.click('#back');
+
   // ---- 320 px wide: nothing runs off the side. ----
   await patient.setViewportSize({ width: 320, height: 640 });
   const overflow = await patient.evaluate(() => document.scrollingElement.scrollWidth);
