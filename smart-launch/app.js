@@ -23,6 +23,8 @@ let current = null; // the open thread: {header, messages: Map id -> resource, o
 const threads = new Map(); // id -> header Communication
 const latest = new Map(); // thread id -> newest message in it (orders the list, gives the preview)
 let unread = {total: 0, urgent: 0, byThread: new Map()};
+let unreadKnown = false; // $unread has answered at least once
+const fresh = new Set(); // messages that arrived live since (not yet in the counts)
 const filters = {scope: 'patient', text: '', show: 'all', when: '', patient: '', inbox: ''};
 const blobs = new Map(); // Binary path -> object URL (image previews), revoked at sign-out
 let draft = null; // {thread, id, timer, saving} — the open thread's draft on the server
@@ -89,6 +91,9 @@ function end(why) {
   asked.clear();
   receipts.clear();
   delivered.clear();
+  marked.clear();
+  fresh.clear();
+  unreadKnown = false;
   recipientsList = [];
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
@@ -315,7 +320,7 @@ function patientOf(c) {
 function born(d) {
   if (!d) return null;
   const t = new Date(d + 'T00:00:00');
-  return isNaN(t) ? d : t.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+  return isNaN(t) ? d : DAY.format(t);
 }
 
 // "Ada Lovelace · born 10 Dec 1990 · MRN 0042" — the patient, as a clinician must see them.
@@ -331,28 +336,42 @@ function patientLine(ref) {
 
 // ----- thread list ---------------------------------------------------------------------------
 
-async function loadThreads() {
+async function loadThreads(onFirstPage) {
   threads.clear();
   latest.clear();
-  // Every thread header, a page at a time (the newest first), and the newest messages.
+  // Every thread header, a page at a time (the newest first): the list shows as soon as they
+  // are in; the newest messages (previews, order), the unread counts and the names follow in
+  // parallel and fill the rows in as they land.
   let path = '/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=500';
   for (let pages = 0; path && pages < 10; pages++) {
     const b = await api('GET', path);
     for (const h of matches(b)) threads.set(h.id, h);
     path = nextOf(b);
+    if (pages === 0) renderThreadsNow();
   }
-  path = '/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=1000';
-  for (let pages = 0; path && pages < 5; pages++) {
-    let b;
-    try { b = await api('GET', path); } catch (e) { break; }
-    for (const m of matches(b)) noteLatest(m);
-    path = nextOf(b);
-  }
+  if (onFirstPage) onFirstPage();
   const refs = new Set();
   for (const t of threads.values()) participants(t).concat([patientOf(t)]).forEach((r) => refs.add(r));
-  for (const m of latest.values()) refs.add(refOf(m.sender));
-  wantPeople(refs);
-  await loadUnread();
+  const names = wantPeople(refs);
+  const replies = (async () => {
+    let p = '/Communication?part-of:missing=false&_sort=-_lastUpdated&_count=1000';
+    for (let pages = 0; p && pages < 5; pages++) {
+      let b;
+      try { b = await api('GET', p); } catch (e) { break; }
+      for (const m of matches(b)) noteLatest(m);
+      p = nextOf(b);
+    }
+    wantPeople([...latest.values()].map((m) => refOf(m.sender)));
+    renderThreads();
+  })();
+  await Promise.all([replies, loadUnread(), names]);
+}
+
+// Runs `fn` over `items`, at most `n` at a time.
+async function each(items, n, fn) {
+  const queue = [...items];
+  const worker = async () => { while (queue.length) await fn(queue.shift()); };
+  await Promise.all(Array.from({length: Math.min(n, queue.length)}, worker));
 }
 
 async function loadUnread() {
@@ -367,6 +386,8 @@ async function loadUnread() {
         unread.byThread.set(get('thread').valueReference.reference, {n: get('unread').valueInteger, urgent: get('urgent').valueInteger});
       }
     }
+    unreadKnown = true;
+    fresh.clear();
   } catch (e) { /* counts are a convenience; the list still works */ }
   renderThreads();
 }
@@ -399,13 +420,20 @@ function activityOf(t) {
   return a > updatedOf(t) ? a : updatedOf(t);
 }
 
+// Formatters made once (a new Intl.DateTimeFormat per row cost ~40 ms for 500 rows).
+const TIME = new Intl.DateTimeFormat(undefined, {hour: '2-digit', minute: '2-digit'});
+const WEEKDAY = new Intl.DateTimeFormat(undefined, {weekday: 'short', hour: '2-digit', minute: '2-digit'});
+const DAY = new Intl.DateTimeFormat(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+const FULL = new Intl.DateTimeFormat(undefined, {dateStyle: 'medium', timeStyle: 'short'});
+
 function shortTime(iso) {
   if (!iso) return '';
   const d = new Date(iso);
-  const now = new Date();
-  if (d.toDateString() === now.toDateString()) return d.toLocaleTimeString(undefined, {hour: '2-digit', minute: '2-digit'});
-  if (now - d < 6 * 86400000) return d.toLocaleDateString(undefined, {weekday: 'short', hour: '2-digit', minute: '2-digit'});
-  return d.toLocaleDateString(undefined, {year: 'numeric', month: 'short', day: 'numeric'});
+  const now = Date.now();
+  const today = new Date(now).setHours(0, 0, 0, 0);
+  if (d >= today) return TIME.format(d);
+  if (now - d < 6 * 86400000) return WEEKDAY.format(d);
+  return DAY.format(d);
 }
 
 function textOf(c) {
@@ -556,7 +584,7 @@ async function openThread(id) {
   current.older = nextOf(page);
   wantPeople([...current.messages.values()].flatMap(participants).concat([patientOf(header)]));
   renderMessages();
-  renderThreads();
+  markCurrentRow();
   $('older').hidden = !current.older;
   clearNotice('open');
   restoreDraft(mine[0] || null);
@@ -564,6 +592,13 @@ async function openThread(id) {
   $('thread-view').focus({preventScroll: true});
   await markSeen();
   await loadReceipts();
+}
+
+// Moves the "current" mark in the list without rebuilding it.
+function markCurrentRow() {
+  for (const b of document.querySelectorAll('#threads button.row[aria-current]')) b.removeAttribute('aria-current');
+  const b = current && document.querySelector('#threads button.row[data-id="' + CSS.escape(current.header.id) + '"]');
+  if (b) b.setAttribute('aria-current', 'true');
 }
 
 function renderThreadHead() {
@@ -635,7 +670,7 @@ function renderMessage(m) {
   const when = m.sent || m.meta.lastUpdated;
   li.append(el('div', {class: 'meta'},
     el('span', {class: 'from'}, nameOf(refOf(m.sender))),
-    el('time', {datetime: when}, new Date(when).toLocaleString()),
+    el('time', {datetime: when}, FULL.format(new Date(when))),
     m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null));
   if (withdrawn) {
     li.append(el('p', {class: 'text'}, 'This message was withdrawn by its sender.'));
@@ -736,21 +771,28 @@ function attachmentView(a) {
   return wrap;
 }
 
-// Messages addressed to me in the open thread are marked read while the page is visible.
+// Messages addressed to me in the open thread are marked read while the page is visible (once:
+// what this app marked read is remembered; a thread with nothing unread needs no calls).
+const marked = new Set();
 async function markSeen() {
   const open = current;
   if (!open || document.visibilityState !== 'visible') return;
-  let changed = false;
-  for (const m of [...open.messages.values()]) {
-    if (!token) return;
+  const counts = unread.byThread.get('Communication/' + open.header.id);
+  const todo = [...open.messages.values()].filter((m) => {
     const toMe = (m.recipient || []).some((r) => refOf(r) === session.fhirUser);
-    if (!toMe || m.status === 'preparation' || m.status === 'entered-in-error' || m._read) continue;
+    if (!toMe || m.status === 'preparation' || m.status === 'entered-in-error' || marked.has(m.id)) return false;
+    // Replies are counted per thread: none unread there means only the header may need a mark.
+    return m.id === open.header.id || !unreadKnown || (counts && counts.n > 0) || fresh.has(m.id);
+  });
+  let changed = false;
+  await each(todo, 6, async (m) => {
+    if (!token) return;
     try {
       await api('POST', '/Communication/' + m.id + '/$mark-read');
-      m._read = true;
+      marked.add(m.id);
       changed = true;
     } catch (e) { /* shown again next time */ }
-  }
+  });
   if (changed) loadUnreadSoon();
 }
 document.addEventListener('visibilitychange', markSeen);
@@ -758,14 +800,14 @@ document.addEventListener('visibilitychange', markSeen);
 async function loadReceipts() {
   const open = current;
   if (!open) return;
-  for (const m of [...open.messages.values()]) {
+  const mine = [...open.messages.values()].filter((m) => refOf(m.sender) === session.fhirUser && m.status !== 'preparation');
+  await each(mine, 6, async (m) => {
     if (!token || current !== open) return;
-    if (refOf(m.sender) !== session.fhirUser || m.status === 'preparation') continue;
     try {
       const p = await api('GET', '/Communication/' + m.id + '/$receipts');
       for (const x of (p.parameter || [])) showReceipt(m.id, receiptOf(x));
     } catch (e) { /* not shown */ }
-  }
+  });
 }
 
 function receiptOf(param) {
@@ -796,6 +838,7 @@ async function markUnread() {
   if (!last) { showNotice('There is no message to you in this conversation to mark unread.', 'unread'); return; }
   try {
     await api('POST', '/Communication/' + last.id + '/$mark-unread');
+    marked.delete(last.id);
     clearNotice('unread');
     closeThread();
     await loadUnread();
@@ -1180,6 +1223,7 @@ function onEvent(f) {
   if (c.status === 'preparation') return; // drafts are their author's, and not activity
   const parent = threadIdOf(c);
   if (!parent) threads.set(c.id, c); else noteLatest(c);
+  fresh.add(c.id);
   wantPeople(participants(c).concat([patientOf(c)]));
   renderThreads();
   const mine = refOf(c.sender) === session.fhirUser;
@@ -1199,7 +1243,6 @@ function onEvent(f) {
     const box = $('messages-box');
     const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
     replaceMessage(c);
-    if (old && old._read) c._read = true;
     // The live region says only what is new, not the whole thread.
     if (!old && !mine) $('announce').textContent = 'New message from ' + nameOf(refOf(c.sender)) + '.';
     if (!old && (atEnd || mine)) scrollToNewest();
@@ -1320,14 +1363,21 @@ async function start() {
     try { await Notification.requestPermission(); } catch (e) { /* the sound still plays */ }
   });
   $('logout').addEventListener('click', () => signOut('You have signed out.'));
+  // The inbox is ready when its threads show; counts, previews and names fill in after.
+  let ready = false;
+  const shown = () => {
+    if (ready || !token) return;
+    ready = true;
+    connect();
+    document.body.dataset.ready = 'true';
+  };
   try {
-    await loadThreads();
+    await loadThreads(shown);
   } catch (e) {
     if (e.status === 401) { end('Your session has expired.'); return; }
     showNotice('Your conversations could not be loaded. ' + plain(e), 'network');
   }
-  connect();
-  document.body.dataset.ready = 'true';
+  shown();
 }
 
 start();

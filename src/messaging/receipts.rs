@@ -435,17 +435,14 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     let groups = p.groups.clone();
     let rows = blocking(move || {
         let rows = unread_messages(&store, &user, &groups)?;
-        let mut kept = Vec::with_capacity(rows.len());
-        for r in rows {
-            let admitted = match &access {
-                access::Access::All => true,
-                access::Access::Only(c) => store.admits_rid(r.rid, c)?,
-            };
-            if admitted {
-                kept.push(r);
+        match &access {
+            access::Access::All => Ok(rows),
+            access::Access::Only(c) => {
+                let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
+                let admitted = store.admitted_rids(&rids, c)?;
+                Ok(rows.into_iter().filter(|r| admitted.contains(&r.rid)).collect())
             }
         }
-        Ok(kept)
     })
     .await?;
     // One message may sit in one thread (partOf); a message counts once.

@@ -271,6 +271,22 @@ pub fn admits(rid: i64, c: &Condition, dialect: Dialect) -> Sql {
     q
 }
 
+/// Which of the live resources `rids` meet `c` (one query for many: the unread count checks
+/// every unread message against the reader's access condition).
+pub fn admits_many(rids: &[i64], c: &Condition, dialect: Dialect) -> Sql {
+    let mut q = Sql::new();
+    q.push("SELECT r.rid FROM resources r WHERE r.rid IN (");
+    for (i, rid) in rids.iter().enumerate() {
+        if i > 0 {
+            q.push(", ");
+        }
+        q.bind(*rid);
+    }
+    q.push(") AND r.deleted = 0 AND ");
+    condition(&mut q, c, dialect);
+    q
+}
+
 /// `c` as a SQL predicate over `resources r` (for history, which is not a search).
 pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
     let mut q = Sql::new();

@@ -1126,6 +1126,24 @@ impl Store {
         }
     }
 
+    /// Which of the live resources `rids` meet the access policy's condition `g`.
+    pub fn admitted_rids(
+        &self,
+        rids: &[i64],
+        g: &Condition,
+    ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        let mut c = self.db.get()?;
+        for chunk in rids.chunks(500) {
+            let rows: Vec<RidRow> = with_conn!(c, |c| {
+                let q = sql::admits_many(chunk, g, dialect(c));
+                c.load::<RidRow>(&q.text, q.binds)
+            })?;
+            out.extend(rows.into_iter().map(|r| r.rid));
+        }
+        Ok(out)
+    }
+
     /// Does the live resource `rid` meet the access policy's condition `g`? (Outside a write.)
     pub fn admits_rid(&self, rid: i64, g: &Condition) -> Result<bool, StoreError> {
         let mut c = self.db.get()?;
