@@ -20,6 +20,7 @@ pub mod auth;
 pub mod compliance;
 pub mod config;
 pub mod fhir;
+pub mod hooks;
 pub mod messaging;
 pub mod outbound;
 pub mod search;

@@ -68,6 +68,7 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
         &settings.base_url,
         retention,
         key_file,
+        crate::hooks::app(),
     )
 }
 

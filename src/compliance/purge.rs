@@ -199,103 +199,39 @@ fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, Store
 
 // ----- erasing resources ------------------------------------------------------------------------
 
-/// Removes `targets` with every trace, inside the caller's transaction. Returns the number of
-/// versions removed. Binaries the targets attach are returned for the caller to consider.
-fn erase<C: Conn>(
-    store: &Store,
+/// Erases `targets` through the store (which first asks every module to remove what it keeps
+/// about them: [`erase_dependents`]). Returns how many versions went.
+fn erase<C: Conn>(store: &Store, c: &mut C, targets: &[Target]) -> Result<usize, StoreError> {
+    let t: Vec<(i64, &str, &str)> = targets
+        .iter()
+        .map(|t| (t.rid, t.res_type.as_str(), t.fhir_id.as_str()))
+        .collect();
+    store.erase_resources(c, &t)
+}
+
+/// What each module keeps about resources being erased, removed in the erasing transaction (the
+/// store calls this through its erase hook): the event log and the subscription notifications
+/// numbered from it, receipts, escalation and out-of-office marks, schedules, outbox rows. A
+/// module that keeps rows keyed by a resource adds its own `erase` here.
+pub fn erase_dependents<C: Conn>(
     c: &mut C,
-    targets: &[Target],
-    ref_keys: &[String],
-) -> Result<usize, StoreError> {
-    if targets.is_empty() {
-        return Ok(0);
+    erased: &[crate::store::hooks::Erased],
+) -> Result<(), StoreError> {
+    let mut by_type: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in erased {
+        by_type.entry(e.res_type).or_default().push(e.id);
     }
-    let rids: Vec<Bind> = targets.iter().map(|t| Bind::Int(t.rid)).collect();
-    let rid_marks = vec!["?"; targets.len()].join(", ");
-    let by_type = {
-        let mut m: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for t in targets {
-            m.entry(&t.res_type).or_default().push(&t.fhir_id);
-        }
-        m
-    };
-    let versions = c.load::<Count>(
-        &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
-        rids.clone(),
-    )?[0]
-        .n as usize;
-    let key_marks = vec!["?"; ref_keys.len()].join(", ");
     for (res_type, ids) in &by_type {
-        let id_marks = vec!["?"; ids.len()].join(", ");
-        let id_binds = || ids.iter().map(|i| Bind::from(*i)).collect::<Vec<_>>();
-        // Index rows of other resources that point at these (replies, AuditEvents, requests).
-        let mut binds: Vec<Bind> = ref_keys.iter().map(|k| k.clone().into()).collect();
-        binds.push((*res_type).into());
-        binds.extend(id_binds());
-        c.execute(
-            &format!("DELETE FROM idx_ref WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
-            binds,
-        )?;
-        // The event log and the subscription notifications numbered from it.
-        let mut binds: Vec<Bind> = vec![(*res_type).into()];
-        binds.extend(id_binds());
-        c.execute(
-            &format!("DELETE FROM subscription_events WHERE event_seq IN (SELECT seq FROM events WHERE res_type = ? AND fhir_id IN ({id_marks}))"),
-            binds.clone(),
-        )?;
-        c.execute(
-            &format!("DELETE FROM events WHERE res_type = ? AND fhir_id IN ({id_marks})"),
-            binds,
-        )?;
-        match *res_type {
-            "Communication" => {
-                for t in ["receipts", "escalations", "away_handled"] {
-                    c.execute(
-                        &format!("DELETE FROM {t} WHERE comm_id IN ({id_marks})"),
-                        id_binds(),
-                    )?;
-                }
-                c.execute(
-                    &format!("UPDATE schedules SET communication_id = NULL WHERE communication_id IN ({id_marks})"),
-                    id_binds(),
-                )?;
-            }
-            "CommunicationRequest" => {
-                c.execute(
-                    &format!("DELETE FROM schedules WHERE request_id IN ({id_marks})"),
-                    id_binds(),
-                )?;
-                c.execute(
-                    &format!("DELETE FROM escalations WHERE request_id IN ({id_marks})"),
-                    id_binds(),
-                )?;
-            }
-            _ => {}
+        crate::messaging::events::erase(c, res_type, ids)?;
+        if *res_type == "Communication" {
+            crate::messaging::receipts::erase(c, ids)?;
+            crate::messaging::away::erase(c, ids)?;
         }
-        // Outbox rows naming them (AuditEvents for the EHRs, messages filed to a chart).
-        let mut binds: Vec<Bind> = vec![(*res_type).into()];
-        binds.extend(id_binds());
-        c.execute(
-            &format!("DELETE FROM outbox WHERE res_type = ? AND res_id IN ({id_marks})"),
-            binds,
-        )?;
+        crate::messaging::escalation::erase(c, res_type, ids)?;
+        crate::messaging::schedule::erase(c, res_type, ids)?;
+        crate::smart::outbox::erase(c, res_type, ids)?;
     }
-    for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
-        c.execute(
-            &format!("DELETE FROM {t} WHERE rid IN ({rid_marks})"),
-            rids.clone(),
-        )?;
-    }
-    c.execute(
-        &format!("DELETE FROM resource_versions WHERE rid IN ({rid_marks})"),
-        rids.clone(),
-    )?;
-    c.execute(
-        &format!("DELETE FROM resources WHERE rid IN ({rid_marks})"),
-        rids,
-    )?;
-    let _ = store;
-    Ok(versions)
+    Ok(())
 }
 
 /// Which of `a` and `b` are still of `class` and unchanged since `cutoff` (row-locked on PostgreSQL).
@@ -332,7 +268,6 @@ fn erase_with_dependents<C: Conn>(
     binaries: Vec<String>,
     held: &HashSet<i64>,
     base: &str,
-    ref_keys: &[String],
 ) -> Result<(usize, usize), StoreError> {
     let comms: Vec<String> = targets
         .iter()
@@ -357,13 +292,13 @@ fn erase_with_dependents<C: Conn>(
         .collect();
     let mut candidates = attached_binaries(c, base, &messages)?;
     candidates.extend(binaries);
-    let mut v = erase(store, c, &targets, ref_keys)?;
+    let mut v = erase(store, c, &targets)?;
     let mut n = targets.len();
     let mut seen = HashSet::new();
     for b in candidates {
         if seen.insert(b.clone()) && !binary_attached(c, base, &b)? {
             if let Some(t) = binary_target(c, &b)?.filter(|t| !held.contains(&t.rid)) {
-                v += erase(store, c, &[t], ref_keys)?;
+                v += erase(store, c, &[t])?;
                 n += 1;
             }
         }
@@ -461,7 +396,6 @@ pub fn purge(
     progress: Option<Progress>,
 ) -> Result<Summary, StoreError> {
     let holds = list_holds(store)?;
-    let ref_keys = store.registry.reference_keys();
     let base = store.base_url.clone();
     let held: HashSet<i64> = {
         let mut c = store.db.get()?;
@@ -530,7 +464,7 @@ pub fn purge(
                         .map(|b| b.fhir_id.clone())
                         .collect();
                     let (n, v) =
-                        erase_with_dependents(store, c, go, binaries, &held, &base, &ref_keys)?;
+                        erase_with_dependents(store, c, go, binaries, &held, &base)?;
                     Ok::<_, StoreError>((n, v))
                 })?;
                 removed += n;
@@ -552,7 +486,7 @@ pub fn purge(
         .class_of("AuditEvent", &json!({}))
         .to_string();
     if let Some(period) = store.retention.period(&audit_class) {
-        let (n, links, outbox) = purge_audit(store, as_of - period, dry_run, &ref_keys)?;
+        let (n, links, outbox) = purge_audit(store, as_of - period, dry_run)?;
         *summary.classes.entry(audit_class.clone()).or_default() += n;
         summary.audit_links_cut = links;
         summary.outbox_rows += outbox;
@@ -616,7 +550,6 @@ fn audit_step<C: Conn>(
     from: Option<(i64, String)>,
     cutoff: i64,
     dry: bool,
-    ref_keys: &[String],
 ) -> Result<AuditStep, StoreError> {
     let lock = if c.is_postgres() { " FOR UPDATE" } else { "" };
     let anchor = match from {
@@ -716,7 +649,7 @@ fn audit_step<C: Conn>(
     if !dry {
         let count = "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox";
         let before = c.load::<Count>(count, vec![])?[0].n;
-        erase(store, c, &cut, ref_keys)?;
+        erase(store, c, &cut)?;
         outbox = (before - c.load::<Count>(count, vec![])?[0].n) as usize;
         c.execute("DELETE FROM audit_chain WHERE seq <= ?", vec![seq.into()])?;
         let n = cut.len() as i64;
@@ -742,7 +675,6 @@ fn purge_audit(
     store: &Store,
     cutoff: i64,
     dry_run: bool,
-    ref_keys: &[String],
 ) -> Result<(usize, usize, usize), StoreError> {
     let (mut events, mut outbox) = (0, 0);
     // A dry run carries its own cursor; a real one re-reads the (locked) anchor each step.
@@ -757,8 +689,7 @@ fn purge_audit(
             &chain_key,
             from.clone(),
             cutoff,
-            dry_run,
-            ref_keys
+            dry_run
         ))?;
         if cut.is_empty() {
             break;
@@ -925,14 +856,10 @@ pub fn erase_patient(
 ) -> Result<Summary, EraseError> {
     let reference = format!("Patient/{patient}");
     let base = store.base_url.clone();
-    let ref_keys = store.registry.reference_keys();
     check_holds(store, patient, None)?;
     // New writes about the patient get new keys from now on, so the keys destroyed at the end
     // cannot be taken up by a write racing with the erasure.
-    store.execute(
-        "UPDATE data_keys SET retired_at = ? WHERE patient = ? AND retired_at IS NULL",
-        vec![now_micros().into(), reference.clone().into()],
-    )?;
+    store.retire_patient_keys(&reference)?;
     let mut c0 = store.db.get().map_err(StoreError::from)?;
     let all = with_conn!(c0, |c| compartment_rids(c, patient))?;
     // A message that is also another patient's stays theirs: it is kept (and counted).
@@ -965,7 +892,7 @@ pub fn erase_patient(
             let holds = holds_in(c)?;
             let held = held_rids(c, &holds)?;
             let (n, v) =
-                erase_with_dependents(store, c, targets, binaries, &held, &base, &ref_keys)?;
+                erase_with_dependents(store, c, targets, binaries, &held, &base)?;
             Ok::<_, EraseError>((n, v))
         })?;
         *summary.classes.entry("patient-data".into()).or_default() += n;
@@ -1026,13 +953,7 @@ pub fn erase_patient(
         )?;
         // Kept messages (shared with another patient) no longer name this one in the index, so a
         // later erasure of the other patient does not count them as shared with this one.
-        let pmarks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
-        let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| Bind::from(*p)).collect();
-        binds.push(patient.into());
-        c.execute(
-            &format!("DELETE FROM idx_ref WHERE param IN ({pmarks}) AND target_type = 'Patient' AND target_id = ? AND url IS NULL"),
-            binds,
-        )?;
+        store.forget_references(c, &PATIENT_PARAMS, &reference)?;
         // Crypto-erase: what is kept but still sealed under the patient's keys (an older version
         // of a message later shared, a Binary a kept message attaches) is sealed again under its
         // class's unscoped key, so the patient's keys seal nothing stored any more.

@@ -207,3 +207,13 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
     super::events::move_cursor(store, CURSOR, last)?;
     Ok(written)
 }
+
+/// Erasure (the store's erase hook): the out-of-office marks of these Communications.
+pub fn erase<C: crate::store::db::Conn>(c: &mut C, ids: &[&str]) -> Result<(), StoreError> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    c.execute(
+        &format!("DELETE FROM away_handled WHERE comm_id IN ({marks})"),
+        ids.iter().map(|i| (*i).into()).collect(),
+    )?;
+    Ok(())
+}

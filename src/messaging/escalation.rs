@@ -334,3 +334,19 @@ fn request(
     super::staff_only::label_derived(store, "CommunicationRequest", &mut cr, msg);
     (cr, backup.is_some())
 }
+
+/// Erasure (the store's erase hook): the escalation state of these messages, or of these
+/// escalation requests.
+pub fn erase<C: crate::store::db::Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
+    let column = match res_type {
+        "Communication" => "comm_id",
+        "CommunicationRequest" => "request_id",
+        _ => return Ok(()),
+    };
+    let marks = vec!["?"; ids.len()].join(", ");
+    c.execute(
+        &format!("DELETE FROM escalations WHERE {column} IN ({marks})"),
+        ids.iter().map(|i| (*i).into()).collect(),
+    )?;
+    Ok(())
+}

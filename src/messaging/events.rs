@@ -161,3 +161,20 @@ pub fn last_seq(store: &Store) -> Result<i64, StoreError> {
     let rows: Vec<SeqRow> = store.query("SELECT COALESCE(MAX(seq), 0) AS n FROM events", vec![])?;
     Ok(rows.first().map_or(0, |r| r.n))
 }
+
+/// Erasure (the store's erase hook): the events of these resources and the subscription
+/// notifications numbered from them.
+pub fn erase<C: Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut binds: Vec<crate::store::db::Bind> = vec![res_type.into()];
+    binds.extend(ids.iter().map(|i| (*i).into()));
+    c.execute(
+        &format!("DELETE FROM subscription_events WHERE event_seq IN (SELECT seq FROM events WHERE res_type = ? AND fhir_id IN ({marks}))"),
+        binds.clone(),
+    )?;
+    c.execute(
+        &format!("DELETE FROM events WHERE res_type = ? AND fhir_id IN ({marks})"),
+        binds,
+    )?;
+    Ok(())
+}

@@ -164,6 +164,21 @@ pub fn apply<C: Conn>(
     Ok((after, changed))
 }
 
+/// Sets a receipt in a transaction of its own, serialised with the resource writes on SQLite;
+/// its event commits with it.
+pub fn mark_receipt(
+    store: &Store,
+    comm_id: &str,
+    recipient: &str,
+    read: bool,
+) -> Result<(Receipt, bool), StoreError> {
+    let _writer = store.exclusive_writer();
+    let mut c = store.db.get()?;
+    let r = crate::with_conn!(c, |c| c.write_tx(|c| apply(c, comm_id, recipient, read)));
+    store.notify_changed();
+    r
+}
+
 /// The references of a Communication's recipients, as `Type/id` of this server.
 fn recipients(msg: &Value, base: &str) -> Vec<String> {
     msg["recipient"]
@@ -272,7 +287,7 @@ async fn mark_inner(
     }
     let store = state.store.clone();
     let (cid, u) = (id.to_string(), user.clone());
-    let (receipt, _) = blocking(move || Ok(store.mark_receipt(&cid, &u, read)?)).await?;
+    let (receipt, _) = blocking(move || Ok(mark_receipt(&store, &cid, &u, read)?)).await?;
     let patient = crate::audit::patient_of(&msg);
     Ok((parameters(vec![receipt.to_parameter()]), patient))
 }
@@ -543,4 +558,14 @@ fn unread_messages(
     }
     binds.push(key("status").into());
     store.query(&sql, binds)
+}
+
+/// Erasure (the store's erase hook): the receipts of these Communications.
+pub fn erase<C: Conn>(c: &mut C, ids: &[&str]) -> Result<(), StoreError> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    c.execute(
+        &format!("DELETE FROM receipts WHERE comm_id IN ({marks})"),
+        ids.iter().map(|i| (*i).into()).collect(),
+    )?;
+    Ok(())
 }

@@ -370,3 +370,26 @@ pub fn spawn(store: Arc<Store>, instance: String, lease: Duration) -> tokio::tas
         }
     })
 }
+
+/// Erasure (the store's erase hook): a request's schedule goes with it; a sent message erased
+/// leaves its schedule row without it.
+pub fn erase<C: Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    let binds = || ids.iter().map(|i| (*i).into()).collect::<Vec<crate::store::db::Bind>>();
+    match res_type {
+        "Communication" => {
+            c.execute(
+                &format!("UPDATE schedules SET communication_id = NULL WHERE communication_id IN ({marks})"),
+                binds(),
+            )?;
+        }
+        "CommunicationRequest" => {
+            c.execute(
+                &format!("DELETE FROM schedules WHERE request_id IN ({marks})"),
+                binds(),
+            )?;
+        }
+        _ => {}
+    }
+    Ok(())
+}

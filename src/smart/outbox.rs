@@ -476,3 +476,16 @@ pub fn metrics(store: &Store) -> Result<String, StoreError> {
     }
     Ok(out)
 }
+
+/// Erasure (the store's erase hook): outbox rows naming these resources (AuditEvents for the EHRs,
+/// messages filed to a chart).
+pub fn erase<C: Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut binds: Vec<crate::store::db::Bind> = vec![res_type.into()];
+    binds.extend(ids.iter().map(|i| (*i).into()));
+    c.execute(
+        &format!("DELETE FROM outbox WHERE res_type = ? AND res_id IN ({marks})"),
+        binds,
+    )?;
+    Ok(())
+}

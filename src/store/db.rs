@@ -60,7 +60,8 @@ pub type DbResult<T> = Result<T, diesel::result::Error>;
 
 /// What the store needs from a connection. Implemented for both backends so the store's logic is
 /// written once; the only dialect difference it hides is placeholder syntax and transaction start.
-pub trait Conn {
+/// A connection of either backend (every one can call the registered hooks: [`super::hooks`]).
+pub trait Conn: super::hooks::Dispatch {
     /// Runs a statement whose prepared form is cached per connection by its SQL text: for the
     /// write path and other statements of a bounded set of shapes.
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize>;

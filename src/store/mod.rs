@@ -4,6 +4,7 @@
 pub mod crypto;
 pub mod db;
 pub mod health;
+pub mod hooks;
 pub mod keys;
 pub mod private;
 pub mod resident;
@@ -350,6 +351,8 @@ pub struct Store {
     pub changed: Arc<tokio::sync::Notify>,
     /// The retention classes: each version's class scopes its data key.
     pub retention: crate::compliance::retention::Policy,
+    /// What the modules above the store add to its transactions (registered at start-up).
+    hooks: Arc<dyn hooks::Hooks>,
     /// The master key file, re-read when a data key is wrapped by a master key not known here.
     pub key_file: Option<std::path::PathBuf>,
     /// The audit chain's HMAC key, once loaded (see `audit::chain`).
@@ -491,6 +494,7 @@ impl Store {
         base_url: &str,
         retention: crate::compliance::retention::Policy,
         key_file: Option<std::path::PathBuf>,
+        hooks: Arc<dyn hooks::Hooks>,
     ) -> anyhow::Result<Arc<Store>> {
         let checkpointer = db::Checkpointer::start(&db);
         let sqlite = matches!(db, Db::Sqlite(..));
@@ -511,6 +515,7 @@ impl Store {
                 synced_groups: Default::default(),
                 changed: Arc::new(tokio::sync::Notify::new()),
                 retention,
+                hooks,
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
                 health: Default::default(),
@@ -685,21 +690,103 @@ impl Store {
         self.resident.lock().as_ref().map_or(0, |k| k.mapped())
     }
 
-    /// Sets a receipt (see `messaging::receipts`) in a transaction of its own, serialised with the
-    /// resource writes on SQLite; its event commits with it.
-    pub fn mark_receipt(
+    /// Erases resources for good, inside the caller's write transaction: first what the modules
+    /// above keep about them ([`hooks::Hooks::erased`]), then the index rows of other resources
+    /// that point at them (replies, AuditEvents, requests), their own index rows, every version
+    /// and the resource rows. Returns how many versions went.
+    pub fn erase_resources<C: Conn>(
         &self,
-        comm_id: &str,
-        recipient: &str,
-        read: bool,
-    ) -> Result<(crate::messaging::receipts::Receipt, bool), StoreError> {
-        let _writer = matches!(self.db, Db::Sqlite(..)).then(|| self.sqlite_writer.lock());
-        let mut c = self.db.get()?;
-        let r = with_conn!(c, |c| c.write_tx(|c| {
-            crate::messaging::receipts::apply(c, comm_id, recipient, read)
-        }));
+        c: &mut C,
+        targets: &[(i64, &str, &str)],
+    ) -> Result<usize, StoreError> {
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let erased: Vec<hooks::Erased> = targets
+            .iter()
+            .map(|(_, t, id)| hooks::Erased { res_type: t, id })
+            .collect();
+        c.erased(&*self.hooks, &erased)?;
+        let rids: Vec<Bind> = targets.iter().map(|(rid, _, _)| Bind::Int(*rid)).collect();
+        let rid_marks = vec!["?"; targets.len()].join(", ");
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let versions = c.load::<N>(
+            &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
+            rids.clone(),
+        )?[0]
+            .n as usize;
+        let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (_, t, id) in targets {
+            by_type.entry(t).or_default().push(id);
+        }
+        let ref_keys = self.registry.reference_keys();
+        let key_marks = vec!["?"; ref_keys.len()].join(", ");
+        for (res_type, ids) in &by_type {
+            let id_marks = vec!["?"; ids.len()].join(", ");
+            let mut binds: Vec<Bind> = ref_keys.iter().map(|k| k.clone().into()).collect();
+            binds.push((*res_type).into());
+            binds.extend(ids.iter().map(|i| Bind::from(*i)));
+            c.execute(
+                &format!("DELETE FROM idx_ref WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
+                binds,
+            )?;
+        }
+        for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
+            c.execute(
+                &format!("DELETE FROM {t} WHERE rid IN ({rid_marks})"),
+                rids.clone(),
+            )?;
+        }
+        c.execute(
+            &format!("DELETE FROM resource_versions WHERE rid IN ({rid_marks})"),
+            rids.clone(),
+        )?;
+        c.execute(
+            &format!("DELETE FROM resources WHERE rid IN ({rid_marks})"),
+            rids,
+        )?;
+        Ok(versions)
+    }
+
+    /// Takes `target` (`Type/id`) out of the reference index rows of `params` (parameter URLs or
+    /// keys as [`crate::search::Registry::get`] names them `Type.param`): kept resources no longer
+    /// name an erased person in the index. Inside the caller's write transaction.
+    pub fn forget_references<C: Conn>(
+        &self,
+        c: &mut C,
+        params: &[&str],
+        target: &str,
+    ) -> Result<usize, StoreError> {
+        let Some((t, id)) = target.split_once('/') else {
+            return Ok(0);
+        };
+        let marks = vec!["?"; params.len()].join(", ");
+        let mut binds: Vec<Bind> = params.iter().map(|p| Bind::from(*p)).collect();
+        binds.push(t.into());
+        binds.push(id.into());
+        Ok(c.execute(
+            &format!("DELETE FROM idx_ref WHERE param IN ({marks}) AND target_type = ? AND target_id = ? AND url IS NULL"),
+            binds,
+        )?)
+    }
+
+    /// Retires every active data key scoped to `patient` (`Patient/id`): new writes about them get
+    /// new keys from now on.
+    pub fn retire_patient_keys(&self, patient: &str) -> Result<usize, StoreError> {
+        self.execute(
+            "UPDATE data_keys SET retired_at = ? WHERE patient = ? AND retired_at IS NULL",
+            vec![dates::now_micros().into(), patient.into()],
+        )
+    }
+
+    /// Tells the waiters on [`Store::changed`] that something committed outside the write path
+    /// (a receipt set in a transaction of its own).
+    pub fn notify_changed(&self) {
         self.changed.notify_one();
-        r
     }
 
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
@@ -890,33 +977,23 @@ impl Store {
                 if c.is_postgres() {
                     ix.flush(c)?;
                 }
-                // The messaging events last, once every row lock is held (see `events::lock`).
-                for r in &results {
-                    use crate::messaging::events::{logged, record, Kind};
-                    let kind = match r.status {
-                        WriteStatus::Created => Kind::Create,
-                        WriteStatus::Updated => Kind::Update,
-                        WriteStatus::Deleted => Kind::Delete,
-                        WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
-                    };
-                    if r.stored.res_type == "CommunicationRequest" {
-                        crate::messaging::schedule::track(
-                            c,
-                            &r.stored.id,
-                            r.status,
-                            r.stored.body.as_deref(),
-                        )?;
-                    }
-                    if logged(&r.stored.res_type) {
-                        record(
-                            c,
-                            kind,
-                            &r.stored.res_type,
-                            &r.stored.id,
-                            r.stored.version_id,
-                            None,
-                        )?;
-                    }
+                // What the modules above add (messaging events, schedules) last, once every row
+                // lock is held (see `messaging::events::lock`).
+                let written: Vec<hooks::Written> = results
+                    .iter()
+                    .filter(|r| {
+                        !matches!(r.status, WriteStatus::Existing | WriteStatus::NothingToDelete)
+                    })
+                    .map(|r| hooks::Written {
+                        res_type: &r.stored.res_type,
+                        id: &r.stored.id,
+                        version_id: r.stored.version_id,
+                        status: r.status,
+                        body: r.stored.body.as_deref(),
+                    })
+                    .collect();
+                if !written.is_empty() {
+                    c.written(&*self.hooks, &written)?;
                 }
                 Ok(results)
             }
@@ -942,8 +1019,9 @@ impl Store {
         ix: &mut IndexRows,
     ) -> Result<(), StoreError> {
         self.put_draft(c, "AuditEvent", &a.id, None, &a.draft, "POST", ix)?;
-        // In the same transaction: the outbox rows that deliver it to the EHRs that know its people.
-        crate::smart::outbox::enqueue(c, &a.id, &a.value)?;
+        // In the same transaction: what the modules above add (the outbox rows that deliver it to
+        // the EHRs that know its people).
+        c.audited(&*self.hooks, &a.id, &a.value)?;
         Ok(())
     }
 

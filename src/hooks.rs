@@ -1,0 +1,50 @@
+//! What Courier's modules add to the store's transactions ([`crate::store::hooks`]), registered
+//! once in [`crate::startup::open_store`] — used by `serve`, every CLI command and the tests alike.
+//!
+//! - a write of a Communication or CommunicationRequest records its messaging event (the live
+//!   channels and subscriptions tail that log), and a CommunicationRequest's schedule is tracked;
+//! - an AuditEvent gets its outbox rows (delivery to the EHRs that know its people);
+//! - an erased resource takes with it every row a module keeps about it (see
+//!   [`crate::compliance::purge`]).
+
+use crate::messaging::events::{self, Kind};
+use crate::store::db::Conn;
+use crate::store::hooks::{Erased, Written};
+use crate::store::{StoreError, WriteStatus};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The hooks `serve`, the CLI and the tests run with.
+pub fn app() -> Arc<dyn crate::store::hooks::Hooks> {
+    Arc::new(App)
+}
+
+pub struct App;
+
+crate::forward_hooks!(App, written, audited, erased);
+
+fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
+    for r in w {
+        let kind = match r.status {
+            WriteStatus::Created => Kind::Create,
+            WriteStatus::Updated => Kind::Update,
+            WriteStatus::Deleted => Kind::Delete,
+            WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
+        };
+        if r.res_type == "CommunicationRequest" {
+            crate::messaging::schedule::track(c, r.id, r.status, r.body)?;
+        }
+        if events::logged(r.res_type) {
+            events::record(c, kind, r.res_type, r.id, r.version_id, None)?;
+        }
+    }
+    Ok(())
+}
+
+fn audited<C: Conn>(c: &mut C, id: &str, event: &Value) -> Result<(), StoreError> {
+    crate::smart::outbox::enqueue(c, id, event)
+}
+
+fn erased<C: Conn>(c: &mut C, e: &[Erased]) -> Result<(), StoreError> {
+    crate::compliance::purge::erase_dependents(c, e)
+}
