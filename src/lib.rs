@@ -4,7 +4,12 @@
 //! - [`config`]   layered settings: defaults < file < `COURIER_*` environment
 //! - [`startup`]  `Application::build(settings)`: the bound server, used by `main` and tests
 //! - [`fhir`]     the REST layer: interactions, search parsing, Bundles, OperationOutcome, metadata
-//! - [`store`]    persistence: SQLite | PostgreSQL, versions, search index, encryption at rest
+//! - [`store`], [`search`] the `courier-store` crate (below everything, knows nothing above it):
+//!   SQLite | PostgreSQL, versions, search index, encryption at rest, the write path and its hooks
+//! - [`background`] every background task, named, started from one place
+//! - [`hooks`]    what the modules add to the store's transactions (events, schedules, outbox, erasure)
+//! - [`messaging`] threads, receipts, real time, subscriptions, schedules, escalation, the web app
+//! - [`compliance`] retention and secure deletion, erasure, legal holds, emergency access
 //! - [`audit`]    IHE BALP AuditEvents for every interaction
 //! - [`auth`]     Courier's SMART authorization server, tokens, scopes and the access policy
 //! - [`outbound`] every HTTP request to another server, and the address rules (SSRF)
@@ -16,6 +21,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod audit;
+pub mod background;
 pub mod auth;
 pub mod compliance;
 pub mod config;
@@ -23,7 +29,8 @@ pub mod fhir;
 pub mod hooks;
 pub mod messaging;
 pub mod outbound;
-pub mod search;
 pub mod smart;
 pub mod startup;
-pub mod store;
+
+// The store crate, below everything: its modules keep their paths (`crate::store`, `crate::search`).
+pub use courier_store::{forward_hooks, search, store, with_conn};

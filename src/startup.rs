@@ -115,28 +115,23 @@ impl Application {
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
         crate::messaging::away::init(&store)?;
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
-        crate::messaging::dispatch::spawn(
-            store.clone(),
-            hub.clone(),
-            leader.clone(),
-            Arc::new(settings.clone()),
-            outbound.clone(),
+        let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
+        let settings_arc = Arc::new(settings.clone());
+        let background = crate::background::start(
+            &store,
+            &settings_arc,
+            &leader,
+            &hub,
+            &ehrs,
+            &outbound,
+            &abuse,
         );
-        crate::compliance::spawn(store.clone(), leader, settings.purge_interval_secs);
-        let outbox = crate::smart::outbox::spawn(store.clone(), ehrs.clone()).abort_handle();
-        let scheduler = crate::messaging::schedule::spawn(
-            store.clone(),
-            settings.instance_id(),
-            std::time::Duration::from_secs(settings.scheduler_lease_secs.max(1) as u64),
-        )
-        .abort_handle();
+        let (outbox, scheduler) = (background.outbox, background.scheduler);
         let workers = if settings.workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
             settings.workers
         };
-        let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
-        abuse.spawn(store.clone());
         let abuse_at_exit = abuse.clone();
         let abuse = web::Data::from(abuse);
         let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));

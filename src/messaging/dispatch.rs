@@ -399,48 +399,14 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
     .await;
 }
 
-/// The leader's loop: match new events and deliver every 100 ms; escalations every second.
+/// The `subscriptions` background task (leader only): match new events and deliver every 100 ms
+/// (every second while there is no subscription). Started by [`crate::background::start`].
 pub fn spawn(
     store: Arc<Store>,
     hub: Arc<Hub>,
     leader: Arc<Leader>,
-    settings: Arc<crate::config::Settings>,
     http: crate::outbound::Outbound,
 ) -> tokio::task::JoinHandle<()> {
-    // Escalation on a task of its own, so slow subscribers never delay an urgent reminder.
-    let (s, l) = (store.clone(), leader.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let l2 = l.clone();
-            if !web::block(move || l2.lead()).await.unwrap_or(false) {
-                continue;
-            }
-            let s4 = s.clone();
-            if let Ok(Err(e)) = web::block(move || crate::audit::chain::seal(&s4)).await {
-                tracing::warn!(error = %e, "sealing the audit chain failed");
-            }
-            let s3 = s.clone();
-            match web::block(move || super::away::run(&s3)).await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "out-of-office pass failed"),
-                Ok(Ok(n)) if n > 0 => tracing::info!(written = n, "out-of-office messages"),
-                _ => {}
-            }
-            let (s2, cfg) = (s.clone(), settings.clone());
-            match web::block(move || super::escalation::run(&s2, &cfg)).await {
-                Ok(Err(e)) => tracing::warn!(error = %e, "escalation pass failed"),
-                Ok(Ok((r, e, c))) if r + e + c > 0 => {
-                    tracing::info!(
-                        reminders = r,
-                        escalations = e,
-                        closed = c,
-                        "escalation pass"
-                    )
-                }
-                _ => {}
-            }
-        }
-    });
     tokio::spawn(async move {
         let deliveries = Deliveries::default();
         loop {

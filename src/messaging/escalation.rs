@@ -109,8 +109,19 @@ fn key(store: &Store, res_type: &str, code: &str) -> String {
         .unwrap_or_default()
 }
 
-/// One pass. Blocking. Returns (reminders sent, escalations, requests closed).
-pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), StoreError> {
+/// What one escalation pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Reminders sent to the recipient of an unread urgent message.
+    pub reminders: usize,
+    /// Escalations to the backup recipient.
+    pub escalations: usize,
+    /// Reminder requests closed because their message was read.
+    pub closed: usize,
+}
+
+/// One pass. Blocking.
+pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
     let now = now_micros();
     let secs = 1_000_000;
     let due_before = now - settings.escalation_renotify_secs * secs;
@@ -267,7 +278,11 @@ pub fn run(store: &Store, settings: &Settings) -> Result<(usize, usize, usize), 
         )?;
         closed += 1;
     }
-    Ok((reminded, escalated, closed))
+    Ok(Pass {
+        reminders: reminded,
+        escalations: escalated,
+        closed,
+    })
 }
 
 fn write(store: &Store, op: WriteOp) -> Result<(), StoreError> {

@@ -14,7 +14,7 @@
 use super::db::{Bind, Conn};
 use super::rows::{KeyRow, ScopedKeyRow};
 use super::{Store, StoreError};
-use crate::compliance::retention::{self, SYSTEM};
+use crate::retention::{self, SYSTEM};
 use crate::search::dates::now_micros;
 use crate::with_conn;
 use diesel::sql_types::{BigInt, Nullable, Text};
@@ -348,7 +348,7 @@ impl Store {
 
     /// Seals every version still under data key `key_id` again, under the unscoped key of its
     /// resource's class (inside `c`'s transaction): so the key can be destroyed while its data stays.
-    pub(crate) fn reseal_unscoped<C: Conn>(
+    pub fn reseal_unscoped<C: Conn>(
         &self,
         c: &mut C,
         key_id: &str,
@@ -395,7 +395,7 @@ impl Store {
 
     /// Destroys data key `key_id` if nothing sealed under it remains (inside `c`'s transaction).
     /// Returns whether it was destroyed.
-    pub(crate) fn destroy_key_if_unused<C: Conn>(
+    pub fn destroy_key_if_unused<C: Conn>(
         &self,
         c: &mut C,
         key_id: &str,

@@ -350,7 +350,7 @@ pub struct Store {
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
     /// The retention classes: each version's class scopes its data key.
-    pub retention: crate::compliance::retention::Policy,
+    pub retention: crate::retention::Policy,
     /// What the modules above the store add to its transactions (registered at start-up).
     hooks: Arc<dyn hooks::Hooks>,
     /// The master key file, re-read when a data key is wrapped by a master key not known here.
@@ -492,7 +492,7 @@ impl Store {
         keys: Keyring,
         registry: Arc<Registry>,
         base_url: &str,
-        retention: crate::compliance::retention::Policy,
+        retention: crate::retention::Policy,
         key_file: Option<std::path::PathBuf>,
         hooks: Arc<dyn hooks::Hooks>,
     ) -> anyhow::Result<Arc<Store>> {
@@ -1284,7 +1284,7 @@ impl Store {
         let (class, patient) = match resource {
             Some(r) => {
                 let class = self.retention.class_of(res_type, &r.value).to_string();
-                let patient = if class == crate::compliance::retention::SYSTEM {
+                let patient = if class == crate::retention::SYSTEM {
                     String::new()
                 } else {
                     scope_patient(res_type, &r.value, &self.base_url).unwrap_or_default()

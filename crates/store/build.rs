@@ -3,15 +3,16 @@
 use std::io::Write;
 
 fn main() {
-    println!("cargo:rerun-if-changed=fhir-profiles");
+    // The profiles and migrations live at the repository root (two levels up).
+    println!("cargo:rerun-if-changed=../../fhir-profiles");
     // `embed_migrations!` (src/store/db.rs) reads these directories when the crate compiles; a
     // build script that names its inputs turns off cargo's own "any file changed" check, so a new
     // migration would otherwise be missing from an incremental build.
-    println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=../../migrations");
     // At run time, not `env!`: a build-script binary shared through one target directory by two
     // checkouts (worktrees) would otherwise read the other checkout's profiles.
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    let root = std::path::Path::new(&manifest).join("fhir-profiles");
+    let root = std::path::Path::new(&manifest).join("../../fhir-profiles");
     let mut files = Vec::new();
     collect(&root, &mut files);
     files.sort();
