@@ -221,7 +221,15 @@ both_backends! {
         let hs = hook.wait_for("handshake", 1).await;
         assert_eq!(hs["type"], "history");
         assert_eq!(status_param(&hs, "subscription")["valueReference"]["reference"], app.url(&format!("Subscription/{id}")));
-        let (_, read) = get(&sub_client, &app, &format!("Subscription/{id}")).await;
+        // Active once the handshake's answer is in (a moment after the receiver has it).
+        let mut read = Value::Null;
+        for _ in 0..50 {
+            read = get(&sub_client, &app, &format!("Subscription/{id}")).await.1;
+            if read["status"] == "active" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         assert_eq!(read["status"], "active");
         assert!(!read.to_string().contains(SECRET));
 
