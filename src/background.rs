@@ -80,7 +80,8 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
                 s.reload_master_keys();
                 s.refresh_system_key()?;
                 let n = s.rewrap_step(1000)?;
-                Ok((n > 0).then(|| format!("{n} data keys re-wrapped under the current master key")))
+                Ok((n > 0)
+                    .then(|| format!("{n} data keys re-wrapped under the current master key")))
             },
         },
     ];
@@ -91,8 +92,12 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
             every: Duration::from_secs(settings.purge_interval_secs as u64),
             first_after: Duration::from_secs(60),
             work: |s, _| {
-                let sum =
-                    crate::compliance::purge::purge(s, crate::search::dates::now_micros(), false, None)?;
+                let sum = crate::compliance::purge::purge(
+                    s,
+                    crate::search::dates::now_micros(),
+                    false,
+                    None,
+                )?;
                 Ok(Some(format!(
                     "removed {}, held {}, keys destroyed {}, audit links cut {}",
                     sum.resources(),
@@ -124,7 +129,9 @@ pub fn run(task: Periodic, store: Arc<Store>, leader: Arc<Leader>, settings: Arc
             .await;
             match done {
                 Ok(Ok(Some(line))) => tracing::info!(task = task.name, "{line}"),
-                Ok(Err(e)) => tracing::warn!(task = task.name, error = %e, "background task failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(task = task.name, error = %e, "background task failed")
+                }
                 _ => {}
             }
         }
@@ -147,12 +154,7 @@ pub fn start(
     outbound: &crate::outbound::Outbound,
     abuse: &Arc<crate::auth::abuse::Abuse>,
 ) -> Started {
-    crate::messaging::dispatch::spawn(
-        store.clone(),
-        hub.clone(),
-        leader.clone(),
-        outbound.clone(),
-    );
+    crate::messaging::dispatch::spawn(store.clone(), hub.clone(), leader.clone(), outbound.clone());
     for task in periodic(settings) {
         run(task, store.clone(), leader.clone(), settings.clone());
     }

@@ -141,9 +141,9 @@ pub fn parse_pools(text: &str) -> anyhow::Result<Vec<(String, String)>> {
             anyhow::anyhow!("COURIER_MESSAGE_POOLS: '{entry}' is not label=Group/id")
         })?;
         let (label, reference) = (label.trim(), reference.trim());
-        let valid = reference
-            .split_once('/')
-            .is_some_and(|(t, id)| matches!(t, "Group" | "CareTeam") && fhir_codec::is_valid_id(id));
+        let valid = reference.split_once('/').is_some_and(|(t, id)| {
+            matches!(t, "Group" | "CareTeam") && fhir_codec::is_valid_id(id)
+        });
         if label.is_empty() || label.chars().count() > 80 || !valid {
             anyhow::bail!(
                 "COURIER_MESSAGE_POOLS: '{entry}' needs a label (≤ 80 characters) and a Group/id or CareTeam/id"

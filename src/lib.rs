@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`config`]   layered settings: defaults < file < `COURIER_*` environment
 //! - [`startup`]  `Application::build(settings)`: the bound server, used by `main` and tests
+//! - [`api`]      the web layer every handler uses: state, request context, bodies, audited answers
 //! - [`fhir`]     the REST layer: interactions, search parsing, Bundles, OperationOutcome, metadata
 //! - [`store`], [`search`] the `courier-store` crate (below everything, knows nothing above it):
 //!   SQLite | PostgreSQL, versions, search index, encryption at rest, the write path and its hooks
@@ -20,9 +21,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod api;
 pub mod audit;
-pub mod background;
 pub mod auth;
+pub mod background;
 pub mod compliance;
 pub mod config;
 pub mod fhir;

@@ -1,12 +1,13 @@
 //! `Application::build(settings)`: opens the store, binds the listener and returns the server.
 //! `main` and the tests build the application exactly the same way.
 
+use crate::api::AppState;
+use crate::api::RequestId;
 use crate::auth::clients::JwksCache;
 use crate::auth::tokens::Tokens;
 use crate::config::Settings;
+use crate::fhir;
 use crate::fhir::outcome::FHIR_JSON;
-use crate::fhir::rest::RequestId;
-use crate::fhir::{self, AppState};
 use crate::search::Registry;
 use crate::smart::backend::Connections;
 use crate::smart::discovery::Discovery;

@@ -299,7 +299,7 @@ pub fn too_many(wait: Duration) -> HttpResponse {
 
 /// Audits a failed authentication the aggregated way (the token endpoint, a launch, a WebSocket).
 pub async fn record_failure(
-    state: &crate::fhir::AppState,
+    state: &crate::api::AppState,
     req: &HttpRequest,
     ctx: &audit::Context,
     why: &str,
@@ -309,14 +309,14 @@ pub async fn record_failure(
         None => Some(audit::authentication(ctx, Some(why))),
     };
     if let Some(event) = event {
-        crate::fhir::rest::record_event(state, event).await;
+        crate::api::record_event(state, event).await;
     }
 }
 
 /// Audits a failed socket login (`/ws`, `/subscriptions/ws`) the aggregated way, and tells whether
 /// its source is now over the failed-authentication limit (the socket then closes "throttled").
 pub async fn socket_failure(
-    state: &crate::fhir::AppState,
+    state: &crate::api::AppState,
     abuse: Option<&actix_web::web::Data<Abuse>>,
     ip: Option<IpAddr>,
     ctx: &audit::Context,
@@ -327,7 +327,7 @@ pub async fn socket_failure(
         None => Some(audit::authentication(ctx, Some(why))),
     };
     if let Some(event) = event {
-        crate::fhir::rest::record_event(state, event).await;
+        crate::api::record_event(state, event).await;
     }
     abuse.is_some_and(|a| a.check_failed(ip).is_err())
 }

@@ -4,9 +4,9 @@
 
 use super::abuse::{self, Abuse};
 use super::Principal;
+use crate::api::audit_context;
+use crate::api::AppState;
 use crate::fhir::outcome::FhirError;
-use crate::fhir::rest::audit_context;
-use crate::fhir::AppState;
 use crate::store::db::PooledConn;
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -151,7 +151,7 @@ pub async fn authenticate(
             let ip = abuse::client_ip(req.request(), &state.settings);
             // Audited per source and window, with a count (see `abuse`).
             if let Some(event) = abuse.failure(ip, &ctx, &why) {
-                crate::fhir::rest::record_event(&state, event).await;
+                crate::api::record_event(&state, event).await;
             }
             if let Err(wait) = abuse.check_failed(ip) {
                 return Ok(req

@@ -7,9 +7,9 @@ use super::policy;
 use super::scopes::{self, Context};
 use super::tokens::Grant;
 use super::Principal;
+use crate::api::audit_context;
+use crate::api::AppState;
 use crate::audit;
-use crate::fhir::rest::audit_context;
-use crate::fhir::AppState;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
@@ -62,7 +62,7 @@ fn no_store_json(v: Value) -> HttpResponse {
 /// Form parameters; a parameter given twice is an error (RFC 6749 §3.2).
 #[allow(clippy::result_large_err)] // the error is the finished response, built once per refusal
 fn form(req: &HttpRequest, body: &[u8]) -> Result<Vec<(String, String)>, HttpResponse> {
-    if crate::fhir::rest::media_type(req) != "application/x-www-form-urlencoded" {
+    if crate::api::media_type(req) != "application/x-www-form-urlencoded" {
         return Err(oauth_error(
             "invalid_request",
             "send the parameters as application/x-www-form-urlencoded",
@@ -107,9 +107,7 @@ pub async fn token(state: web::Data<AppState>, req: HttpRequest, body: web::Byte
             crate::auth::abuse::record_failure(&state, &req, &ctx, why).await;
             Ok(())
         }
-        None => {
-            crate::fhir::rest::record_event_checked(&state, audit::authentication(&ctx, None)).await
-        }
+        None => crate::api::record_event_checked(&state, audit::authentication(&ctx, None)).await,
     };
     match (result, audited) {
         // No token is handed out whose issue is not in the audit trail.

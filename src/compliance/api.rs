@@ -8,12 +8,12 @@
 //! Anyone else gets 403 and learns nothing about the patient. Both are audited.
 
 use super::purge::{self, EraseError};
+use crate::api::AppState;
+use crate::api::{audit_context, audited_operation, blocking, Res};
 use crate::auth::policy;
 use crate::auth::scopes::Perm;
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
-use crate::fhir::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};

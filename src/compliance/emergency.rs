@@ -8,12 +8,12 @@
 //! grants for the privacy officer's review. Patients and backend services cannot break the glass
 //! (a patient has their own compartment; a system client is not confined to one).
 
+use crate::api::AppState;
+use crate::api::{audit_context, audited_operation, blocking, Res};
 use crate::auth::policy::{self, Access};
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
-use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
 use crate::store::{Store, StoreError};
 use actix_web::http::StatusCode;

@@ -463,8 +463,7 @@ pub fn purge(
                         .filter(keep)
                         .map(|b| b.fhir_id.clone())
                         .collect();
-                    let (n, v) =
-                        erase_with_dependents(store, c, go, binaries, &held, &base)?;
+                    let (n, v) = erase_with_dependents(store, c, go, binaries, &held, &base)?;
                     Ok::<_, StoreError>((n, v))
                 })?;
                 removed += n;
@@ -891,8 +890,7 @@ pub fn erase_patient(
             // attached, say).
             let holds = holds_in(c)?;
             let held = held_rids(c, &holds)?;
-            let (n, v) =
-                erase_with_dependents(store, c, targets, binaries, &held, &base)?;
+            let (n, v) = erase_with_dependents(store, c, targets, binaries, &held, &base)?;
             Ok::<_, EraseError>((n, v))
         })?;
         *summary.classes.entry("patient-data".into()).or_default() += n;

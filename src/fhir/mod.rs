@@ -7,26 +7,9 @@ pub mod limits;
 pub mod outcome;
 pub mod rest;
 
-use crate::auth::clients::JwksCache;
-use crate::auth::tokens::Tokens;
-use crate::config::Settings;
-use crate::store::Store;
 use actix_web::web;
-use std::sync::Arc;
 
-/// Shared by every handler.
-pub struct AppState {
-    pub store: Arc<Store>,
-    pub settings: Arc<Settings>,
-    /// Courier's access tokens: issuing and checking them.
-    pub tokens: Arc<Tokens>,
-    /// Integrators' public keys, fetched from their JWKS URLs.
-    pub jwks: Arc<JwksCache>,
-    /// Backend-services connections to the registered EHRs.
-    pub ehrs: Arc<crate::smart::backend::Connections>,
-    /// The real-time hub (WebSocket fan-out).
-    pub hub: Arc<crate::messaging::hub::Hub>,
-}
+pub use crate::api::AppState;
 
 /// What the server does with each resource type; the CapabilityStatement is generated from this.
 pub struct TypeSupport {

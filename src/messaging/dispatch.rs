@@ -15,9 +15,9 @@
 
 use super::hub::Hub;
 use super::subscriptions::{self, bundle, numbered, SubRow, SIGNATURE_HEADER, SUB_COLUMNS};
+use crate::api::AppState;
 use crate::auth::policy;
 use crate::auth::scopes::Perm;
-use crate::fhir::AppState;
 use crate::search::dates::now_micros;
 use crate::store::db::Conn;
 use crate::store::{Store, StoreError};
@@ -483,7 +483,7 @@ pub async fn socket(
 ) -> Result<HttpResponse, actix_web::Error> {
     let (res, session, stream) = actix_ws::handle(&req, body)?;
     // A failed bind is a failed authentication: audited per source and window, rate limited.
-    let ctx = crate::fhir::rest::audit_context(&req, &state);
+    let ctx = crate::api::audit_context(&req, &state);
     let source = super::ws::Source::of(&req, &state);
     actix_web::rt::spawn(channel(state, session, stream, ctx, source));
     Ok(res)

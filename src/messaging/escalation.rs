@@ -352,7 +352,11 @@ fn request(
 
 /// Erasure (the store's erase hook): the escalation state of these messages, or of these
 /// escalation requests.
-pub fn erase<C: crate::store::db::Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
+pub fn erase<C: crate::store::db::Conn>(
+    c: &mut C,
+    res_type: &str,
+    ids: &[&str],
+) -> Result<(), StoreError> {
     let column = match res_type {
         "Communication" => "comm_id",
         "CommunicationRequest" => "request_id",

@@ -20,12 +20,12 @@
 //!
 //! The Bundle is a `collection`; the export is itself audited (an operation on the patient).
 
+use crate::api::AppState;
+use crate::api::{audit_context, audited_operation, blocking, Res};
 use crate::auth::policy::{self, Access};
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audited_operation, blocking, Res};
-use crate::fhir::AppState;
 use crate::search::dates::{format_instant, now_micros};
 use crate::search::query::{Condition, SearchRequest};
 use crate::store::{Store, StoreError};

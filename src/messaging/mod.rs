@@ -41,8 +41,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     webapp::routes(cfg);
     cfg.route("/ws", web::get().to(ws::socket))
         .route("/Communication/$unread", web::get().to(receipts::unread))
-        .route("/Communication/$participants", web::get().to(people::participants))
-        .route("/Communication/$recipients", web::get().to(people::recipients))
+        .route(
+            "/Communication/$participants",
+            web::get().to(people::participants),
+        )
+        .route(
+            "/Communication/$recipients",
+            web::get().to(people::recipients),
+        )
         .route("/subscriptions/ws", web::get().to(dispatch::socket))
         .route("/Subscription", web::post().to(subscriptions::create))
         .route("/Subscription", web::get().to(subscriptions::search));

@@ -15,14 +15,14 @@
 //! exactly as an unknown reference is, so the answer tells nothing of who exists. A staff-only
 //! message (NOPAT) is never searchable by the patient's side, so it names no one to them.
 
+use crate::api::AppState;
+use crate::api::{audited_answer, blocking, Res};
 use crate::audit::Interaction;
 use crate::auth::policy::{self, Access};
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::access;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audited_answer, blocking, Res};
-use crate::fhir::AppState;
 use crate::search::query::SearchRequest;
 use crate::smart::identity;
 use crate::store::{Store, StoreError};
@@ -70,7 +70,11 @@ fn local_ref(value: &str, base: &str) -> Option<String> {
 fn accesses(state: &AppState, p: &Principal) -> Vec<(&'static str, Access)> {
     ["Communication", "CommunicationRequest"]
         .into_iter()
-        .filter_map(|t| access::decide(state, p, t, Perm::Search).ok().map(|a| (t, a)))
+        .filter_map(|t| {
+            access::decide(state, p, t, Perm::Search)
+                .ok()
+                .map(|a| (t, a))
+        })
         .collect()
 }
 
@@ -102,21 +106,27 @@ fn named_in_visible(
 /// The patient the caller's side is about: a patient user themself, a RelatedPerson's or a
 /// launch's patient in context.
 fn patient_in_context(p: &Principal) -> Option<String> {
-    p.patient.as_ref().map(|id| format!("Patient/{id}")).or_else(|| {
-        p.fhir_user
-            .clone()
-            .filter(|u| u.starts_with("Patient/"))
-    })
+    p.patient
+        .as_ref()
+        .map(|id| format!("Patient/{id}"))
+        .or_else(|| p.fhir_user.clone().filter(|u| u.starts_with("Patient/")))
 }
 
 fn is_staff(p: &Principal) -> bool {
     p.kind() == SubjectKind::Practitioner
 }
 
-fn person(reference: &str, summary: Option<&Value>, pool: Option<&str>, source: Option<&str>) -> Value {
+fn person(
+    reference: &str,
+    summary: Option<&Value>,
+    pool: Option<&str>,
+    source: Option<&str>,
+) -> Value {
     let mut part = vec![json!({"name": "reference", "valueReference": {"reference": reference}})];
     let s = summary.cloned().unwrap_or(Value::Null);
-    let name = pool.map(String::from).or_else(|| s["name"].as_str().map(String::from));
+    let name = pool
+        .map(String::from)
+        .or_else(|| s["name"].as_str().map(String::from));
     if let Some(n) = name {
         part.push(json!({"name": "name", "valueString": n}));
     }
@@ -294,7 +304,9 @@ async fn recipients_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res
             .collect();
         // A staff user learns another patient's care team only for a patient they could see.
         let knows_patient = match &patient {
-            Some(pt) => context.as_deref() == Some(pt.as_str()) || named_in_visible(&store, &accesses, pt)?,
+            Some(pt) => {
+                context.as_deref() == Some(pt.as_str()) || named_in_visible(&store, &accesses, pt)?
+            }
             None => false,
         };
         if let (Some(pt), true) = (&patient, knows_patient) {
@@ -338,14 +350,19 @@ fn correspondents(
         }
         let page = store.search(t, &SearchRequest::of(conditions, CORRESPONDENTS_SCANNED))?;
         for s in &page.matches {
-            let Some(body) = s.body.as_deref() else { continue };
+            let Some(body) = s.body.as_deref() else {
+                continue;
+            };
             let Ok(v) = serde_json::from_slice::<Value>(body) else {
                 continue;
             };
-            let parties = std::iter::once(&v["sender"]).chain(v["recipient"].as_array().into_iter().flatten());
+            let parties = std::iter::once(&v["sender"])
+                .chain(v["recipient"].as_array().into_iter().flatten());
             for r in parties.filter_map(|x| x["reference"].as_str()) {
                 let r = local_ref(r, &store.base_url);
-                if let Some(r) = r.filter(|r| r.starts_with("Practitioner/") || r.starts_with("PractitionerRole/")) {
+                if let Some(r) = r.filter(|r| {
+                    r.starts_with("Practitioner/") || r.starts_with("PractitionerRole/")
+                }) {
                     if !found.contains(&r) {
                         found.push(r);
                     }

@@ -14,13 +14,13 @@
 //! recipient), change the message's event stream (`receipt` events reach the sender's and the
 //! recipient's sockets), and are audited.
 
+use crate::api::AppState;
+use crate::api::{audit_context, audited_answer, blocking, Res};
 use crate::audit::Interaction;
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::access;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{audit_context, audited_answer, blocking, Res};
-use crate::fhir::AppState;
 use crate::messaging::events::{self, Kind};
 use crate::search::dates::{format_instant, now_micros};
 use crate::store::db::Conn;
@@ -246,7 +246,7 @@ async fn mark(
     let result = mark_inner(&state, &req, &id, read).await;
     let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
     let result = result.map(|(r, _)| r);
-    crate::fhir::rest::answer_audited(
+    crate::api::answer_audited(
         &state,
         &ctx,
         Interaction::Operation,
@@ -305,7 +305,7 @@ pub async fn mark_unread(
     let result = mark_unread_inner(&state, &req, &id).await;
     let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
     let result = result.map(|(r, _)| r);
-    crate::fhir::rest::answer_audited(
+    crate::api::answer_audited(
         &state,
         &ctx,
         Interaction::Operation,
@@ -455,7 +455,10 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
             access::Access::Only(c) => {
                 let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
                 let admitted = store.admitted_rids(&rids, c)?;
-                Ok(rows.into_iter().filter(|r| admitted.contains(&r.rid)).collect())
+                Ok(rows
+                    .into_iter()
+                    .filter(|r| admitted.contains(&r.rid))
+                    .collect())
             }
         }
     })

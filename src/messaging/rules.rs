@@ -13,14 +13,14 @@
 //! a thread (`partOf`, `inResponseTo`) must be one the writer can see; a Group or CareTeam a patient
 //! writes to must not reach another patient; a staff-only thread stays staff-only.
 
+use crate::api::blocking;
+use crate::api::AppState;
 use crate::auth::policy;
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::config::Settings;
 use crate::fhir::access;
 use crate::fhir::outcome::FhirError;
-use crate::fhir::rest::blocking;
-use crate::fhir::AppState;
 use actix_web::http::StatusCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;

@@ -375,7 +375,11 @@ pub fn spawn(store: Arc<Store>, instance: String, lease: Duration) -> tokio::tas
 /// leaves its schedule row without it.
 pub fn erase<C: Conn>(c: &mut C, res_type: &str, ids: &[&str]) -> Result<(), StoreError> {
     let marks = vec!["?"; ids.len()].join(", ");
-    let binds = || ids.iter().map(|i| (*i).into()).collect::<Vec<crate::store::db::Bind>>();
+    let binds = || {
+        ids.iter()
+            .map(|i| (*i).into())
+            .collect::<Vec<crate::store::db::Bind>>()
+    };
     match res_type {
         "Communication" => {
             c.execute(

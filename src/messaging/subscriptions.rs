@@ -16,16 +16,14 @@
 //! query it, and an event reaches it only if the owner's grant would let it read the resource
 //! (the access policy, as for every read); a removed client's subscriptions stop.
 
+use crate::api::AppState;
+use crate::api::{audit_context, audited_answer, blocking, check_content_type, read_body, Res};
 use crate::audit::Interaction;
 use crate::auth::policy::{self, Access};
 use crate::auth::scopes::{self, Perm};
 use crate::auth::Principal;
 use crate::fhir::outcome::{FhirError, FHIR_JSON};
-use crate::fhir::rest::{
-    audit_context, audited_answer, blocking, check_content_type, new_id, parse_resource, read_body,
-    Res,
-};
-use crate::fhir::AppState;
+use crate::fhir::rest::{new_id, parse_resource};
 use crate::search::dates::{format_instant, now_micros};
 use crate::search::query::{self, Condition, Limits};
 use crate::store::{Store, StoreError};
@@ -429,7 +427,7 @@ pub async fn create(
                 .trim_start_matches('/')
                 .to_string()
         });
-    crate::fhir::rest::answer_audited(&state, &ctx, Interaction::Create, what, None, result).await
+    crate::api::answer_audited(&state, &ctx, Interaction::Create, what, None, result).await
 }
 
 async fn create_inner(

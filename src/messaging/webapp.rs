@@ -3,7 +3,7 @@
 //! token the hand-off put in `sessionStorage`), under a strict Content-Security-Policy: scripts
 //! and styles only from this origin, so even a message that slipped past escaping could not run.
 
-use crate::fhir::AppState;
+use crate::api::AppState;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 use serde_json::json;

@@ -19,11 +19,11 @@
 
 use super::events::Kind;
 use super::hub::{Event, Hub, MAX_CATCH_UP};
+use crate::api::audit_context;
+use crate::api::AppState;
 use crate::auth::policy::{self, Access};
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
-use crate::fhir::rest::audit_context;
-use crate::fhir::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason};
 use futures_util::StreamExt;
@@ -266,7 +266,7 @@ async fn serve(
     opened.client_id = Some(principal.client_id.clone());
     opened.user = principal.fhir_user.clone();
     opened.token_id = Some(principal.jti.clone());
-    if crate::fhir::rest::record_event_checked(state, crate::audit::authentication(&opened, None))
+    if crate::api::record_event_checked(state, crate::audit::authentication(&opened, None))
         .await
         .is_err()
     {

@@ -4,12 +4,13 @@
 //!
 //! `POST /Communication/{id}/$file-to-chart[?ehr=NAME]`
 
+use crate::api::AppState;
+use crate::api::{audited_answer, blocking, Res};
 use crate::audit::{self, Interaction};
 use crate::auth::SubjectKind;
 use crate::fhir::access;
 use crate::fhir::outcome::{self, FhirError, FHIR_JSON};
-use crate::fhir::rest::{audited_answer, blocking, parse_search, Res};
-use crate::fhir::AppState;
+use crate::fhir::rest::parse_search;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use diesel::sql_types::Text;

@@ -429,7 +429,8 @@ pub fn set_care_team(
     let now = dates::now_micros();
     let _writer = store.exclusive_writer();
     let mut c = store.db.get().map_err(StoreError::from)?;
-    with_conn!(c, |c| c.write_tx(|c| {
+    with_conn!(c, |c| {
+        c.write_tx(|c| {
         c.execute(
             "DELETE FROM care_team_members WHERE patient_ref = ?",
             vec![patient_ref.into()],
@@ -441,7 +442,8 @@ pub fn set_care_team(
             )?;
         }
         Ok::<_, StoreError>(())
-    }))
+    })
+    })
 }
 
 /// The care team Courier knows for `patient_ref`.

@@ -16,11 +16,11 @@
 
 use super::identity;
 use super::registry::{self, Ehr};
+use crate::api::audit_context;
+use crate::api::AppState;
 use crate::audit;
 use crate::auth::scopes;
 use crate::auth::tokens::Grant;
-use crate::fhir::rest::audit_context;
-use crate::fhir::AppState;
 use crate::search::dates;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -118,7 +118,7 @@ async fn audit_login(
     ctx.user = user;
     match failure {
         Some(why) => crate::auth::abuse::record_failure(state, req, &ctx, why).await,
-        None => crate::fhir::rest::record_event(state, audit::authentication(&ctx, None)).await,
+        None => crate::api::record_event(state, audit::authentication(&ctx, None)).await,
     }
 }
 
@@ -775,7 +775,11 @@ async fn refresh_care_team(
         if e["resource"]["resourceType"] != "CareTeam" {
             continue;
         }
-        for part in e["resource"]["participant"].as_array().into_iter().flatten() {
+        for part in e["resource"]["participant"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             if let Some(r) = part["member"]["reference"]
                 .as_str()
                 .and_then(|r| relative(r, &ehr.iss))
@@ -791,7 +795,9 @@ async fn refresh_care_team(
     for m in members {
         match map_identity(state, ehr, token, &m).await {
             Ok((r, _)) => mapped.push(r),
-            Err(e) => tracing::info!(ehr = %ehr.name, error = %e, "a care-team member was not mapped"),
+            Err(e) => {
+                tracing::info!(ehr = %ehr.name, error = %e, "a care-team member was not mapped")
+            }
         }
     }
     let store = state.store.clone();

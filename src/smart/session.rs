@@ -8,9 +8,9 @@
 //! when the EHR refuses to refresh it. Every end is audited (DICOM 110123 Logout).
 
 use super::registry::{self, Ehr};
+use crate::api::AppState;
 use crate::auth::scopes;
 use crate::auth::tokens::Grant;
-use crate::fhir::AppState;
 use crate::search::dates;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -136,13 +136,13 @@ fn ended(why: &str) -> HttpResponse {
 }
 
 async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str, why: &str) {
-    let mut ctx = crate::fhir::rest::audit_context(req, state);
+    let mut ctx = crate::api::audit_context(req, state);
     ctx.client_id = Some(super::launch::WEB_APP_CLIENT.into());
     ctx.user = Some(user.to_string());
     let mut event = crate::audit::authentication(&ctx, None);
     event["subtype"] = json!([{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110123", "display": "Logout"}]);
     event["outcomeDesc"] = json!(why);
-    crate::fhir::rest::record_event(state, event).await;
+    crate::api::record_event(state, event).await;
 }
 
 async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {

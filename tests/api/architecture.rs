@@ -19,7 +19,9 @@ const STORE_TABLES: &[&str] = &[
 /// `t` is a store table, or a `{name}` filled in by `format!` in a file that also names a store
 /// table in a string literal.
 fn store_table_writes(file: &str, text: &str) -> Vec<String> {
-    let names_a_store_table = STORE_TABLES.iter().any(|t| text.contains(&format!("\"{t}\"")));
+    let names_a_store_table = STORE_TABLES
+        .iter()
+        .any(|t| text.contains(&format!("\"{t}\"")));
     let mut found = vec![];
     for (n, line) in text.lines().enumerate() {
         let code = line.split("//").next().unwrap_or_default();
@@ -79,14 +81,28 @@ fn only_the_store_writes_the_stores_tables() {
 
 #[test]
 fn the_check_finds_what_it_looks_for() {
-    let caught = store_table_writes("x.rs", "c.execute(\"DELETE FROM idx_ref WHERE rid = ?\", b)?;");
+    let caught = store_table_writes(
+        "x.rs",
+        "c.execute(\"DELETE FROM idx_ref WHERE rid = ?\", b)?;",
+    );
     assert_eq!(caught.len(), 1, "{caught:?}");
     let caught = store_table_writes(
         "x.rs",
         "for t in [\"idx_token\", \"idx_date\"] { c.execute(&format!(\"DELETE FROM {t} WHERE rid = ?\"), b)?; }",
     );
     assert_eq!(caught.len(), 1, "{caught:?}");
-    assert!(store_table_writes("x.rs", "c.execute(\"DELETE FROM receipts WHERE comm_id = ?\", b)?;").is_empty());
-    assert!(store_table_writes("x.rs", "c.execute(\"UPDATE resources SET x = 1\", b)?; // x").len() == 1);
+    assert!(store_table_writes(
+        "x.rs",
+        "c.execute(\"DELETE FROM receipts WHERE comm_id = ?\", b)?;"
+    )
+    .is_empty());
+    assert!(
+        store_table_writes(
+            "x.rs",
+            "c.execute(\"UPDATE resources SET x = 1\", b)?; // x"
+        )
+        .len()
+            == 1
+    );
     assert!(store_table_writes("x.rs", "// DELETE FROM resources in a comment").is_empty());
 }

@@ -71,12 +71,25 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         let c = client_with_token(token);
         let url = app.url("Communication");
         async move {
-            let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+            let r = c
+                .post(url)
+                .header("prefer", "return=representation")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
-            r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
         }
     };
-    let thread = |token: String, about: String, with: String, topic: &'static str, text: &'static str| {
+    let thread = |token: String,
+                  about: String,
+                  with: String,
+                  topic: &'static str,
+                  text: &'static str| {
         let grace = grace.clone();
         async move {
             let h = post(&token, json!({"resourceType": "Communication", "status": "in-progress", "topic": {"text": topic},
@@ -90,16 +103,50 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
     // Two threads with the same subject about two patients; a long thread with Ada.
     let bob_token = with_bob["access_token"].as_str().unwrap().to_string();
     let ada_token = with_ada["access_token"].as_str().unwrap().to_string();
-    thread(bob_token, bob.clone(), bob.clone(), "Chest pain after climbing stairs", "How is the knee today?").await;
-    thread(ada_token.clone(), ada.clone(), ada.clone(), "Chest pain after climbing stairs", "Any chest pain since Monday?").await;
-    let long = thread(ada_token.clone(), ada.clone(), ada.clone(), "Blood pressure diary", "Please send your readings daily.").await;
+    thread(
+        bob_token,
+        bob.clone(),
+        bob.clone(),
+        "Chest pain after climbing stairs",
+        "How is the knee today?",
+    )
+    .await;
+    thread(
+        ada_token.clone(),
+        ada.clone(),
+        ada.clone(),
+        "Chest pain after climbing stairs",
+        "Any chest pain since Monday?",
+    )
+    .await;
+    let long = thread(
+        ada_token.clone(),
+        ada.clone(),
+        ada.clone(),
+        "Blood pressure diary",
+        "Please send your readings daily.",
+    )
+    .await;
     for i in 0..119 {
         let from_ada = i % 2 == 0;
-        let (s, r) = if from_ada { (&ada, &grace) } else { (&grace, &ada) };
+        let (s, r) = if from_ada {
+            (&ada, &grace)
+        } else {
+            (&grace, &ada)
+        };
         let body = json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{long}")}],
             "subject": {"reference": ada}, "sender": {"reference": s}, "recipient": [{"reference": r}],
             "sent": format!("2026-12-02T{:02}:{:02}:00Z", 8 + i / 60, i % 60), "payload": [{"contentString": format!("Reading {i}: 12{} over 8{}", i % 10, i % 7)}]});
-        assert_eq!(app.client.post(app.url("Communication")).json(&body).send().await.unwrap().status(), 201);
+        assert_eq!(
+            app.client
+                .post(app.url("Communication"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            201
+        );
     }
     ehr.control(
         reqwest::Method::POST,
@@ -172,5 +219,8 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         drafts["entry"][0]["resource"]["payload"][0]["contentString"],
         "half-written note for the pharmacist"
     );
-    assert_eq!(ids(&app.get_json("Communication?status=entered-in-error").await).len(), 1);
+    assert_eq!(
+        ids(&app.get_json("Communication?status=entered-in-error").await).len(),
+        1
+    );
 }

@@ -3,8 +3,8 @@
 mod helpers;
 
 mod abuse;
-mod architecture;
 mod access;
+mod architecture;
 mod audit;
 mod auth;
 mod browser;

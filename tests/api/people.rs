@@ -2,9 +2,9 @@
 //! date, MRN, role), sealed at rest, named only to who may know the person; whom a patient may
 //! write to (shared inboxes, the EHR's care team, their clinicians); erased with the patient.
 
-use crate::{both_backends, both_backends_with};
 use crate::ehr::{launch_as, new_ehr, person, spawn_ehr, TestEhr};
 use crate::helpers::*;
+use crate::{both_backends, both_backends_with};
 use courier::smart::{identity, registry};
 use serde_json::{json, Value};
 
@@ -28,8 +28,12 @@ async fn fixture(app: &TestApp, ehr: &TestEhr) {
     let team = json!({"resourceType": "CareTeam", "id": "team-a1", "status": "active",
         "subject": {"reference": "Patient/a1"},
         "participant": [{"member": {"reference": "Practitioner/dr-b"}}, {"member": {"reference": "Organization/o1"}}]});
-    ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, bob, grace, alan, edsger, team])))
-        .await;
+    ehr.control(
+        reqwest::Method::POST,
+        "seed",
+        Some(json!([ada, bob, grace, alan, edsger, team])),
+    )
+    .await;
     let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
     n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r user/CareTeam.rs patient/CareTeam.rs patient/Patient.r";
     registry::add(&app.store, &n).unwrap();
@@ -44,10 +48,19 @@ fn named(p: &Value) -> std::collections::BTreeMap<String, Value> {
         .map(|x| {
             let mut m = serde_json::Map::new();
             for part in x["part"].as_array().unwrap() {
-                let v = part.as_object().unwrap().iter().find(|(k, _)| k.starts_with("value")).unwrap().1;
+                let v = part
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .find(|(k, _)| k.starts_with("value"))
+                    .unwrap()
+                    .1;
                 m.insert(part["name"].as_str().unwrap().to_string(), v.clone());
             }
-            (m["reference"]["reference"].as_str().unwrap().to_string(), Value::Object(m))
+            (
+                m["reference"]["reference"].as_str().unwrap().to_string(),
+                Value::Object(m),
+            )
         })
         .collect()
 }
@@ -188,7 +201,10 @@ fn summaries_take_what_the_app_shows_and_nothing_else() {
         "name": [{"use": "nickname", "given": ["Addie"]}, {"use": "official", "text": "Ada King, Countess of Lovelace"}],
         "birthDate": "1815-12-10", "gender": "female", "telecom": [{"value": "555-0100"}],
         "identifier": [{"system": "urn:ssn", "value": "123-45-6789"}, {"type": {"coding": [{"code": "MR"}]}, "value": "M1"}]}));
-    assert_eq!(s, json!({"name": "Ada King, Countess of Lovelace", "birthDate": "1815-12-10", "gender": "female", "mrn": "M1", "role": null}));
+    assert_eq!(
+        s,
+        json!({"name": "Ada King, Countess of Lovelace", "birthDate": "1815-12-10", "gender": "female", "mrn": "M1", "role": null})
+    );
     let s = identity::summary_of(&json!({"resourceType": "RelatedPerson", "id": "r",
         "name": [{"given": ["Ann"], "family": "Byron"}], "relationship": [{"coding": [{"display": "Mother"}]}], "birthDate": "<script>"}));
     assert_eq!(s["name"], "Ann Byron");

@@ -5,7 +5,6 @@
 //! The agents are the client (network peer; later also the OAuth client), the server, and — once
 //! authorization exists — the user (`Context::user`), so adding the user adds no second path.
 
-
 use base64::Engine;
 use serde_json::{json, Value};
 

@@ -36,7 +36,12 @@ pub struct Erased<'a> {
 pub trait Hooks: Send + Sync {
     fn written_sqlite(&self, c: &mut SqliteConnection, w: &[Written]) -> Result<(), StoreError>;
     fn written_pg(&self, c: &mut PgConnection, w: &[Written]) -> Result<(), StoreError>;
-    fn audited_sqlite(&self, c: &mut SqliteConnection, id: &str, event: &Value) -> Result<(), StoreError>;
+    fn audited_sqlite(
+        &self,
+        c: &mut SqliteConnection,
+        id: &str,
+        event: &Value,
+    ) -> Result<(), StoreError>;
     fn audited_pg(&self, c: &mut PgConnection, id: &str, event: &Value) -> Result<(), StoreError>;
     fn erased_sqlite(&self, c: &mut SqliteConnection, e: &[Erased]) -> Result<(), StoreError>;
     fn erased_pg(&self, c: &mut PgConnection, e: &[Erased]) -> Result<(), StoreError>;
@@ -83,7 +88,12 @@ impl Hooks for NoHooks {
     fn written_pg(&self, _: &mut PgConnection, _: &[Written]) -> Result<(), StoreError> {
         Ok(())
     }
-    fn audited_sqlite(&self, _: &mut SqliteConnection, _: &str, _: &Value) -> Result<(), StoreError> {
+    fn audited_sqlite(
+        &self,
+        _: &mut SqliteConnection,
+        _: &str,
+        _: &Value,
+    ) -> Result<(), StoreError> {
         Ok(())
     }
     fn audited_pg(&self, _: &mut PgConnection, _: &str, _: &Value) -> Result<(), StoreError> {
@@ -103,25 +113,50 @@ impl Hooks for NoHooks {
 macro_rules! forward_hooks {
     ($t:ty, $written:path, $audited:path, $erased:path) => {
         impl $crate::store::hooks::Hooks for $t {
-            fn written_sqlite(&self, c: &mut diesel::SqliteConnection, w: &[$crate::store::hooks::Written]) -> Result<(), $crate::store::StoreError> {
+            fn written_sqlite(
+                &self,
+                c: &mut diesel::SqliteConnection,
+                w: &[$crate::store::hooks::Written],
+            ) -> Result<(), $crate::store::StoreError> {
                 $written(c, w)
             }
-            fn written_pg(&self, c: &mut diesel::PgConnection, w: &[$crate::store::hooks::Written]) -> Result<(), $crate::store::StoreError> {
+            fn written_pg(
+                &self,
+                c: &mut diesel::PgConnection,
+                w: &[$crate::store::hooks::Written],
+            ) -> Result<(), $crate::store::StoreError> {
                 $written(c, w)
             }
-            fn audited_sqlite(&self, c: &mut diesel::SqliteConnection, id: &str, event: &serde_json::Value) -> Result<(), $crate::store::StoreError> {
+            fn audited_sqlite(
+                &self,
+                c: &mut diesel::SqliteConnection,
+                id: &str,
+                event: &serde_json::Value,
+            ) -> Result<(), $crate::store::StoreError> {
                 $audited(c, id, event)
             }
-            fn audited_pg(&self, c: &mut diesel::PgConnection, id: &str, event: &serde_json::Value) -> Result<(), $crate::store::StoreError> {
+            fn audited_pg(
+                &self,
+                c: &mut diesel::PgConnection,
+                id: &str,
+                event: &serde_json::Value,
+            ) -> Result<(), $crate::store::StoreError> {
                 $audited(c, id, event)
             }
-            fn erased_sqlite(&self, c: &mut diesel::SqliteConnection, e: &[$crate::store::hooks::Erased]) -> Result<(), $crate::store::StoreError> {
+            fn erased_sqlite(
+                &self,
+                c: &mut diesel::SqliteConnection,
+                e: &[$crate::store::hooks::Erased],
+            ) -> Result<(), $crate::store::StoreError> {
                 $erased(c, e)
             }
-            fn erased_pg(&self, c: &mut diesel::PgConnection, e: &[$crate::store::hooks::Erased]) -> Result<(), $crate::store::StoreError> {
+            fn erased_pg(
+                &self,
+                c: &mut diesel::PgConnection,
+                e: &[$crate::store::hooks::Erased],
+            ) -> Result<(), $crate::store::StoreError> {
                 $erased(c, e)
             }
         }
     };
 }
-

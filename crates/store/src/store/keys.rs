@@ -348,11 +348,7 @@ impl Store {
 
     /// Seals every version still under data key `key_id` again, under the unscoped key of its
     /// resource's class (inside `c`'s transaction): so the key can be destroyed while its data stays.
-    pub fn reseal_unscoped<C: Conn>(
-        &self,
-        c: &mut C,
-        key_id: &str,
-    ) -> Result<usize, StoreError> {
+    pub fn reseal_unscoped<C: Conn>(&self, c: &mut C, key_id: &str) -> Result<usize, StoreError> {
         #[derive(QueryableByName)]
         struct Sealed {
             #[diesel(sql_type = BigInt)]

@@ -982,7 +982,10 @@ impl Store {
                 let written: Vec<hooks::Written> = results
                     .iter()
                     .filter(|r| {
-                        !matches!(r.status, WriteStatus::Existing | WriteStatus::NothingToDelete)
+                        !matches!(
+                            r.status,
+                            WriteStatus::Existing | WriteStatus::NothingToDelete
+                        )
                     })
                     .map(|r| hooks::Written {
                         res_type: &r.stored.res_type,

@@ -1,0 +1,327 @@
+//! The web layer every handler uses — FHIR, auth, SMART and messaging alike: the application
+//! state, the request's context (request id, audit context), content negotiation, reading bodies,
+//! running blocking work, and answering with an audit. It knows no FHIR interaction; the REST
+//! handlers (`fhir::rest`) are one of its users.
+
+use crate::audit::{self, Interaction};
+use crate::auth::clients::JwksCache;
+use crate::auth::tokens::Tokens;
+use crate::auth::Principal;
+use crate::config::Settings;
+use crate::fhir::outcome::{self, FhirError};
+use crate::store::Store;
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Shared by every handler.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub settings: Arc<Settings>,
+    /// Courier's access tokens: issuing and checking them.
+    pub tokens: Arc<Tokens>,
+    /// Integrators' public keys, fetched from their JWKS URLs.
+    pub jwks: Arc<JwksCache>,
+    /// Backend-services connections to the registered EHRs.
+    pub ehrs: Arc<crate::smart::backend::Connections>,
+    /// The real-time hub (WebSocket fan-out).
+    pub hub: Arc<crate::messaging::hub::Hub>,
+}
+
+pub type Res = Result<HttpResponse, FhirError>;
+
+/// The request id set by the request-id middleware.
+#[derive(Clone)]
+pub struct RequestId(pub String);
+
+pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
+    let principal = req.extensions().get::<Principal>().cloned();
+    audit::Context {
+        emergency: principal.as_ref().is_some_and(|p| !p.emergency.is_empty()),
+        user: principal.as_ref().and_then(|p| p.fhir_user.clone()),
+        client_id: principal.as_ref().map(|p| p.client_id.clone()),
+        token_id: principal.map(|p| p.jti),
+        request_id: req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default(),
+        client_address: crate::auth::abuse::client_ip(req, &state.settings)
+            .map_or_else(|| "unknown".into(), |a| a.to_string()),
+        base_url: state.settings.base_url.clone(),
+        ..Default::default()
+    }
+}
+
+/// Runs blocking store work off the async executor.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, FhirError> + Send + 'static,
+) -> Result<T, FhirError> {
+    // The request's span (its request id) follows the work onto the blocking thread.
+    let span = tracing::Span::current();
+    web::block(move || span.in_scope(f))
+        .await
+        .map_err(|_| FhirError::internal())?
+}
+
+/// Audits an operation's result (see [`audit_outcome`]) and answers with it.
+pub async fn audited_answer(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    interaction: Interaction,
+    what: String,
+    result: Res,
+) -> HttpResponse {
+    let ctx = audit_context(req, state);
+    answer_audited(state, &ctx, interaction, Some(what), None, result).await
+}
+
+/// Audits an operation under `ctx` (on `what`, about `patient` when it concerns one) and answers
+/// with its result.
+pub async fn audited_operation(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    what: String,
+    patient: Option<String>,
+    result: Res,
+) -> HttpResponse {
+    answer_audited(
+        state,
+        ctx,
+        Interaction::Operation,
+        Some(what),
+        patient,
+        result,
+    )
+    .await
+}
+
+/// Audits an interaction's result (see [`audit_outcome`]) and answers with it, or — when its
+/// AuditEvent could not be recorded — with 503 instead: nothing is served unaudited
+/// (HIPAA §164.312(b)).
+pub async fn answer_audited(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    interaction: Interaction,
+    what: Option<String>,
+    patient: Option<String>,
+    result: Res,
+) -> HttpResponse {
+    let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
+    let answer =
+        match (audited, result) {
+            (Ok(()), result) => result,
+            // A change that was made has its AuditEvent in its own transaction: it stands, and so
+            // does its answer (a 503 would invite a second, duplicate change).
+            (Err(_), Ok(r))
+                if r.status().is_success()
+                    && matches!(
+                        interaction,
+                        Interaction::Create
+                            | Interaction::Update
+                            | Interaction::Patch
+                            | Interaction::Delete
+                    ) =>
+            {
+                Ok(r)
+            }
+            // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
+            // changes, if any, were made (each audited in its transaction).
+            (Err(e), Ok(r))
+                if r.status().is_success()
+                    && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
+            {
+                let mut e = e;
+                e.issues[0].diagnostics =
+                    format!(
+                "{}; the bundle's changes, if any, were made: read them back before retrying",
+                e.issues[0].diagnostics.split(';').next().unwrap_or_default()
+            );
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+        };
+    answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
+}
+
+/// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
+/// and every failure; durable when this returns. `Err` (503) when it could not be recorded: the
+/// caller must not serve the result (see [`answer_audited`]).
+pub async fn audit_outcome(
+    state: &web::Data<AppState>,
+    ctx: &audit::Context,
+    interaction: Interaction,
+    what: Option<String>,
+    patient: Option<String>,
+    result: &Res,
+) -> Result<(), FhirError> {
+    let failure_outcome;
+    let failure = match result {
+        Ok(r) if r.status().is_success() || r.status().is_redirection() => None,
+        Ok(r) => {
+            failure_outcome = outcome::information("");
+            Some(audit::Failure {
+                status: r.status().as_u16(),
+                outcome: &failure_outcome,
+            })
+        }
+        Err(e) => {
+            failure_outcome = e.outcome();
+            Some(audit::Failure {
+                status: e.status.as_u16(),
+                outcome: &failure_outcome,
+            })
+        }
+    };
+    let ev = audit::event(
+        ctx,
+        interaction,
+        what.as_deref(),
+        patient.as_deref(),
+        failure,
+    );
+    record_event_checked(state, ev).await
+}
+
+/// Records an AuditEvent on its own (durable before this returns). A failure is logged; for
+/// callers that go ahead whatever happens (a refusal, a logout).
+pub async fn record_event(state: &AppState, event: Value) {
+    let _ = record_event_checked(state, event).await;
+}
+
+/// Records an AuditEvent on its own (durable before this returns); `Err` (503, logged with the
+/// request id) when it could not be: what it records must then not happen.
+pub async fn record_event_checked(state: &AppState, event: Value) -> Result<(), FhirError> {
+    let request_id = event["entity"]
+        .as_array()
+        .and_then(|es| {
+            es.iter()
+                .find(|e| e["type"]["code"] == "XrequestId")
+                .and_then(|e| e["what"]["identifier"]["value"].as_str())
+        })
+        .unwrap_or_default()
+        .to_string();
+    state.store.record_audit_async(event).await.map_err(|e| {
+        let why = crate::store::health::unavailable(&e).unwrap_or("the audit trail cannot be written");
+        tracing::error!(%request_id, error = %e, "could not record AuditEvent: the request is refused");
+        FhirError::unavailable(why)
+    })
+}
+
+// ----- content negotiation ------------------------------------------------------------------------
+
+/// `Accept` / `_format`: JSON is served; XML and others get 406.
+pub fn check_accept(req: &HttpRequest) -> Result<(), FhirError> {
+    if let Some(f) = form_urlencoded::parse(req.query_string().as_bytes())
+        .into_owned()
+        .collect::<Vec<(String, String)>>()
+        .into_iter()
+        .find(|(k, _)| k == "_format")
+        .map(|(_, v)| v)
+    {
+        return match f.as_str() {
+            "json" | "application/json" | "application/fhir+json" => Ok(()),
+            _ => Err(FhirError::new(
+                StatusCode::NOT_ACCEPTABLE,
+                "not-supported",
+                format!("_format={f} is not supported; this server speaks application/fhir+json"),
+            )),
+        };
+    }
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.is_empty() {
+        return Ok(());
+    }
+    let ok = accept.split(',').any(|m| {
+        let m = m.split(';').next().unwrap_or("").trim();
+        matches!(
+            m,
+            "*/*"
+                | "application/*"
+                | "application/json"
+                | "application/fhir+json"
+                | "application/json+fhir"
+        )
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(FhirError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!("cannot produce '{accept}'; this server speaks application/fhir+json"),
+        ))
+    }
+}
+
+/// The request's media type, lower-cased, without parameters.
+pub fn media_type(req: &HttpRequest) -> String {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// A resource body must be FHIR JSON; XML is refused with 415.
+pub fn check_content_type(req: &HttpRequest) -> Result<(), FhirError> {
+    match media_type(req).as_str() {
+        "application/fhir+json" | "application/json" | "application/json+fhir" => Ok(()),
+        "" => Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "Content-Type is missing; send application/fhir+json",
+        )),
+        other => Err(FhirError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            format!("Content-Type '{other}' is not supported; send application/fhir+json"),
+        )),
+    }
+}
+
+/// Reads the body, refusing (413) anything over `limit` before buffering it.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, FhirError> {
+    let too_large = || {
+        FhirError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-costly",
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    // Sized once from the declared length (growing by doubling held up to twice the body).
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| FhirError::bad_request("the request body could not be read"))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
