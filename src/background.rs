@@ -92,12 +92,8 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
             every: Duration::from_secs(settings.purge_interval_secs as u64),
             first_after: Duration::from_secs(60),
             work: |s, _| {
-                let sum = crate::compliance::purge::purge(
-                    s,
-                    crate::search::dates::now_micros(),
-                    false,
-                    None,
-                )?;
+                let sum =
+                    crate::compliance::purge::purge(s, crate::clock::now_micros(), false, None)?;
                 Ok(Some(format!(
                     "removed {}, held {}, keys destroyed {}, audit links cut {}",
                     sum.resources(),

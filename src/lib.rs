@@ -35,4 +35,4 @@ pub mod smart;
 pub mod startup;
 
 // The store crate, below everything: its modules keep their paths (`crate::store`, `crate::search`).
-pub use courier_store::{forward_hooks, search, store, with_conn};
+pub use courier_store::{clock, forward_hooks, search, store, with_conn};

@@ -385,7 +385,7 @@ fn main() -> anyhow::Result<()> {
                 Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
                     .map_err(|e| anyhow::anyhow!("--as-of must be an RFC 3339 instant such as 2027-01-31T00:00:00Z: {e}"))?
                     .timestamp_micros(),
-                None => courier::search::dates::now_micros(),
+                None => courier::clock::now_micros(),
             };
             let store = open_store(&settings)?;
             let bar = indicatif::ProgressBar::new(0).with_style(
@@ -448,7 +448,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Emergency(EmergencyCommand::List { days }) => {
             let store = open_store(&settings)?;
-            let since = courier::search::dates::now_micros() - days * 86_400_000_000;
+            let since = courier::clock::now_micros() - days * 86_400_000_000;
             use courier::search::dates::format_instant;
             for g in courier::compliance::emergency::list(&store, since)? {
                 println!("{}\t{}\tPatient/{}\tuntil {}\t{}", format_instant(g.granted_at), g.user_ref, g.patient, format_instant(g.expires_at), g.reason);

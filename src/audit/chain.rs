@@ -17,7 +17,7 @@
 //! anchor (`audit_chain_anchor`); verify starts there. On PostgreSQL a transaction may commit a lower row id after a higher one:
 //! the sealer looks back 10,000 rows for late arrivals, and they are sealed where they are found.
 
-use crate::search::dates::now_micros;
+use crate::clock::now_micros;
 use crate::store::{Store, StoreError};
 use diesel::sql_types::{BigInt, Binary, Nullable, Text};
 use diesel::QueryableByName;

@@ -346,9 +346,9 @@ impl BodyBudget {
     pub const SMALL: usize = 64 * 1024;
 
     pub fn new(settings: &Settings) -> BodyBudget {
-        let largest = settings
-            .max_resource_bytes
-            .max(settings.max_binary_bytes * 4 / 3 + 4096);
+        // The largest body any endpoint takes (a Bundle: one largest Binary and a resource's worth
+        // of other entries) — the same formula the endpoints use.
+        let largest = crate::fhir::limits::bundle_body_limit(settings);
         BodyBudget {
             kib: Arc::new(tokio::sync::Semaphore::new(4 * largest.div_ceil(1024))),
             largest,

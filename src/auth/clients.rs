@@ -6,7 +6,6 @@
 
 use super::scopes::{self, Scope};
 use crate::outbound::Outbound;
-use crate::search::dates;
 use crate::store::{Store, StoreError};
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::QueryableByName;
@@ -86,7 +85,7 @@ pub fn add(store: &Store, name: &str, keys: KeySource, scope: &str) -> anyhow::R
             url.into(),
             doc.into(),
             scopes::render(&parsed).into(),
-            dates::now_micros().into(),
+            crate::clock::now_micros().into(),
         ],
     )?;
     Ok(client_id)
@@ -102,7 +101,7 @@ pub fn ensure_internal(
     if get(store, client_id)?.is_none() {
         match store.execute(
             "INSERT INTO oauth_clients (client_id, name, jwks_url, jwks, scopes, created_at) VALUES (?, ?, NULL, NULL, ?, ?)",
-            vec![client_id.into(), name.into(), scope.into(), dates::now_micros().into()],
+            vec![client_id.into(), name.into(), scope.into(), crate::clock::now_micros().into()],
         ) {
             Ok(_) | Err(StoreError::Conflict(_)) => {}
             Err(e) => return Err(e),
@@ -374,7 +373,7 @@ pub async fn authenticate(
     let data = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &v)
         .map_err(|e| Refused(format!("the client assertion is not valid: {e}")))?;
     let c = data.claims;
-    let now = dates::now_micros() / 1_000_000;
+    let now = crate::clock::now_micros() / 1_000_000;
     if c.exp > now + MAX_ASSERTION_LIFETIME_SECS + LEEWAY_SECS as i64 {
         return Err(Refused(
             "the client assertion's exp is more than five minutes ahead".into(),

@@ -12,7 +12,6 @@
 
 use super::scopes::{self, Scope};
 use super::Principal;
-use crate::search::dates;
 use crate::store::db::Bind;
 use crate::store::Store;
 use diesel::sql_types::{BigInt, Binary, Nullable, Text};
@@ -111,7 +110,7 @@ pub struct Tokens {
 }
 
 fn now() -> i64 {
-    dates::now_micros() / 1_000_000
+    crate::clock::now_micros() / 1_000_000
 }
 
 fn aad(kid: &str) -> String {
@@ -153,7 +152,7 @@ impl Tokens {
             public: jwk,
         } = super::keys::generate(Algorithm::ES384)?;
         let (key_id, sealed) = self.store.keys.seal(&der, &aad(&kid));
-        let created = dates::now_micros();
+        let created = crate::clock::now_micros();
         self.store.execute(
             "INSERT INTO signing_keys (kid, alg, key_id, private_key, public_jwk, created_at, retired_at) VALUES (?, 'ES384', ?, ?, ?, ?, NULL)",
             vec![kid.clone().into(), key_id.into(), sealed.into(), serde_json::to_string(&jwk)?.into(), created.into()],

@@ -14,7 +14,7 @@
 //! Each run is itself audited: per class, how many, never what.
 
 use crate::audit::{self, Interaction};
-use crate::search::dates::now_micros;
+use crate::clock::now_micros;
 use crate::store::db::{Bind, Conn, Db};
 use crate::store::{Store, StoreError};
 use crate::with_conn;

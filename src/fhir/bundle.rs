@@ -66,7 +66,7 @@ pub fn bundle_response(
     let b = Bundle {
         resource_type: "Bundle",
         id: uuid::Uuid::new_v4().to_string(),
-        meta: json!({"lastUpdated": dates::format_instant(dates::now_micros())}),
+        meta: json!({"lastUpdated": dates::format_instant(crate::clock::now_micros())}),
         kind,
         total,
         link,

@@ -56,7 +56,7 @@ pub fn capability_statement(state: &AppState) -> Value {
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": dates::format_instant(dates::now_micros()),
+        "date": dates::format_instant(crate::clock::now_micros()),
         "publisher": "Courier",
         "kind": "instance",
         "software": {"name": "Courier", "version": env!("CARGO_PKG_VERSION")},

@@ -14,7 +14,8 @@
 //! once (else to the configured backup).
 
 use crate::audit;
-use crate::search::dates::{self, format_instant, now_micros};
+use crate::clock::now_micros;
+use crate::search::dates::{self, format_instant};
 use crate::store::{Incoming, Store, StoreError, WriteOp};
 use diesel::sql_types::Text;
 use diesel::QueryableByName;

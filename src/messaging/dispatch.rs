@@ -18,7 +18,7 @@ use super::subscriptions::{self, bundle, numbered, SubRow, SIGNATURE_HEADER, SUB
 use crate::api::AppState;
 use crate::auth::policy;
 use crate::auth::scopes::Perm;
-use crate::search::dates::now_micros;
+use crate::clock::now_micros;
 use crate::store::db::Conn;
 use crate::store::{Store, StoreError};
 use crate::with_conn;

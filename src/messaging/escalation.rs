@@ -19,8 +19,9 @@
 //! it is versioned, audited and pushed to the sockets of those it names.
 
 use crate::audit;
+use crate::clock::now_micros;
 use crate::config::Settings;
-use crate::search::dates::{format_instant, now_micros};
+use crate::search::dates::format_instant;
 use crate::store::{Incoming, Store, StoreError, WriteOp};
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::QueryableByName;

@@ -76,7 +76,7 @@ pub fn record<C: Conn>(
     c.execute(
         "INSERT INTO events (at, kind, res_type, fhir_id, version_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
         vec![
-            crate::search::dates::now_micros().into(),
+            crate::clock::now_micros().into(),
             kind.as_str().into(),
             res_type.into(),
             id.into(),

@@ -20,7 +20,8 @@
 //!   due is skipped; the request completes with its last occurrence.
 
 use crate::audit;
-use crate::search::dates::{format_instant, now_micros};
+use crate::clock::now_micros;
+use crate::search::dates::format_instant;
 use crate::store::db::Conn;
 use crate::store::{Incoming, Store, StoreError, WriteOp, WriteStatus};
 use diesel::sql_types::{BigInt, Text};

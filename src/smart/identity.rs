@@ -11,7 +11,6 @@
 //! [`ehr_reference`] goes the other way for writes to an EHR: that EHR's own reference, else an
 //! identifier-only reference, else nothing — never a guess.
 
-use crate::search::dates;
 use crate::store::db::Conn;
 use crate::store::{Store, StoreError};
 use crate::with_conn;
@@ -145,7 +144,7 @@ pub fn link(
             "INSERT INTO identity_conflicts (id, at, iss, ehr_ref, claimed, reason) VALUES (?, ?, ?, ?, ?, ?)",
             vec![
                 uuid::Uuid::now_v7().to_string().into(),
-                dates::now_micros().into(),
+                crate::clock::now_micros().into(),
                 iss.into(),
                 ehr_ref.clone().into(),
                 ids.iter().map(|(s, v)| format!("{s}|{v}")).collect::<Vec<_>>().join(" ").into(),
@@ -216,7 +215,11 @@ fn decide_and_link<C: Conn>(
             let new = format!("{kind}/{}", uuid::Uuid::new_v4());
             c.execute(
                 "INSERT INTO identities (courier_ref, kind, created_at) VALUES (?, ?, ?)",
-                vec![new.clone().into(), kind.into(), dates::now_micros().into()],
+                vec![
+                    new.clone().into(),
+                    kind.into(),
+                    crate::clock::now_micros().into(),
+                ],
             )?;
             (new, How::Created)
         }
@@ -390,7 +393,7 @@ pub fn remember(store: &Store, courier_ref: &str, summary: &Value) -> Result<(),
             courier_ref.into(),
             key_id.into(),
             crate::store::db::Bind::Blob(sealed),
-            dates::now_micros().into(),
+            crate::clock::now_micros().into(),
         ],
     )?;
     Ok(())
@@ -426,7 +429,7 @@ pub fn set_care_team(
     patient_ref: &str,
     members: &[String],
 ) -> Result<(), StoreError> {
-    let now = dates::now_micros();
+    let now = crate::clock::now_micros();
     let _writer = store.exclusive_writer();
     let mut c = store.db.get().map_err(StoreError::from)?;
     with_conn!(c, |c| {

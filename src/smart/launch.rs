@@ -21,7 +21,6 @@ use crate::api::AppState;
 use crate::audit;
 use crate::auth::scopes;
 use crate::auth::tokens::Grant;
-use crate::search::dates;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use oauth2::basic::{
@@ -320,7 +319,7 @@ async fn authorize(
     let binding_hash = binding.as_deref().map(binding_hash);
     let store = state.store.clone();
     let saved = web::block(move || {
-        let now = dates::now_micros() / 1_000_000;
+        let now = crate::clock::now_micros() / 1_000_000;
         store.execute("DELETE FROM launch_states WHERE expires_at < ?", vec![now.into()])?;
         store.execute(
             "INSERT INTO launch_states (state, ehr, verifier, nonce, launch, expires_at, browser_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -431,7 +430,8 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
             .await
         }
     };
-    let Some(pending) = pending.filter(|p| p.expires_at >= dates::now_micros() / 1_000_000) else {
+    let Some(pending) = pending.filter(|p| p.expires_at >= crate::clock::now_micros() / 1_000_000)
+    else {
         return refuse(
             &state,
             &req,

@@ -12,7 +12,6 @@
 
 use super::backend::Connections;
 use super::{identity, registry};
-use crate::search::dates;
 use crate::store::db::{Bind, Conn};
 use crate::store::{Store, StoreError};
 use diesel::sql_types::{BigInt, Nullable, Text};
@@ -32,7 +31,7 @@ const BATCH: i64 = 50;
 pub const MAX_ATTEMPTS: i64 = 30;
 
 fn now() -> i64 {
-    dates::now_micros() / 1_000_000
+    crate::clock::now_micros() / 1_000_000
 }
 
 #[derive(QueryableByName)]
@@ -65,7 +64,7 @@ pub fn enqueue<C: Conn>(c: &mut C, audit_id: &str, event: &Value) -> Result<(), 
                 uuid::Uuid::now_v7().to_string().into(),
                 ehr.name.into(),
                 audit_id.into(),
-                dates::now_micros().into(),
+                crate::clock::now_micros().into(),
                 t.into(),
             ],
         )?;
@@ -169,7 +168,7 @@ pub async fn deliver_due(
         tokio::task::spawn_blocking(move || match result {
             Ok(()) => s.execute(
                 "UPDATE outbox SET delivered_at = ?, last_error = NULL, attempts = attempts + 1 WHERE id = ?",
-                vec![dates::now_micros().into(), row.id.into()],
+                vec![crate::clock::now_micros().into(), row.id.into()],
             ),
             Err(why) => {
                 let backoff = if row.attempts + 1 >= MAX_ATTEMPTS {
@@ -372,7 +371,7 @@ pub fn enqueue_filing(
                     ehr.into(),
                     res_type.clone().into(),
                     id.clone().into(),
-                    dates::now_micros().into(),
+                    crate::clock::now_micros().into(),
                     now().into(),
                 ],
             )?;
@@ -468,7 +467,7 @@ pub fn metrics(store: &Store) -> Result<String, StoreError> {
     for r in &rows {
         let age = r
             .oldest_pending
-            .map_or(0, |t| (dates::now_micros() - t) / 1_000_000);
+            .map_or(0, |t| (crate::clock::now_micros() - t) / 1_000_000);
         out.push_str(&format!(
             "courier_outbox_oldest_pending_seconds{{ehr=\"{}\"}} {age}\n",
             r.ehr

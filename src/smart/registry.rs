@@ -5,7 +5,6 @@
 
 use crate::auth::keys;
 use crate::auth::scopes;
-use crate::search::dates;
 use crate::store::{Store, StoreError};
 use diesel::sql_types::{BigInt, Binary, Text};
 use diesel::QueryableByName;
@@ -121,7 +120,7 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
                 serde_json::to_string(&key.public)?.into(),
                 new.launch_scopes.trim().into(),
                 new.backend_scopes.trim().into(),
-                dates::now_micros().into(),
+                crate::clock::now_micros().into(),
                 new.trusted_systems
                     .split_whitespace()
                     .collect::<Vec<_>>()
@@ -246,7 +245,7 @@ impl Ehr {
     /// A `private_key_jwt` client assertion for this EHR's token endpoint (SMART: `iss` = `sub` =
     /// client id, `aud` = the token URL, `exp` within five minutes, a fresh `jti`).
     pub fn client_assertion(&self, store: &Store, token_url: &str) -> anyhow::Result<String> {
-        let now = dates::now_micros() / 1_000_000;
+        let now = crate::clock::now_micros() / 1_000_000;
         let claims = serde_json::json!({
             "iss": self.client_id, "sub": self.client_id, "aud": token_url,
             "iat": now, "exp": now + 240, "jti": uuid::Uuid::new_v4().to_string(),

@@ -11,7 +11,6 @@ use super::registry::{self, Ehr};
 use crate::api::AppState;
 use crate::auth::scopes;
 use crate::auth::tokens::Grant;
-use crate::search::dates;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
@@ -31,7 +30,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 fn now() -> i64 {
-    dates::now_micros() / 1_000_000
+    crate::clock::now_micros() / 1_000_000
 }
 
 fn hash(handle: &str) -> String {

@@ -110,7 +110,7 @@ async fn rotation_under_load(backend: Backend) {
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     // Rotate twice under load: data keys alone, then the master key with them.
     let store = app.store.clone();
-    let rotated_at = courier::search::dates::now_micros();
+    let rotated_at = courier::clock::now_micros();
     let (retired, rewrapped) = tokio::task::spawn_blocking(move || {
         let retired = store.retire_data_keys().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(300));

@@ -9,11 +9,13 @@
 //! an import from the store into the application.
 //!
 //! - [`store`]     persistence, keys, the write path, hooks
-//! - [`search`]    SearchParameters, the index, queries as SQL, the clock (`search::dates`)
+//! - [`search`]    SearchParameters, the index, queries as SQL, FHIR dates
+//! - [`clock`]     every "now" (microseconds since the epoch)
 //! - [`audit`]     IHE BALP AuditEvents (building them; the hash chain lives in the application)
 //! - [`retention`] retention classes and the policy that files each write under one
 
 pub mod audit;
+pub mod clock;
 pub mod retention;
 pub mod search;
 pub mod store;

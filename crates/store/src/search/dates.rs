@@ -83,9 +83,7 @@ pub fn format_http(micros: i64) -> String {
     dt.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
-pub fn now_micros() -> i64 {
-    Utc::now().timestamp_micros()
-}
+pub use crate::clock::now_micros;
 
 /// Years are in range for the index (guards against `year 0001` style oddities in comparisons).
 pub fn plausible(micros: i64) -> bool {

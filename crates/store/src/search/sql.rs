@@ -684,7 +684,7 @@ fn date_cond(q: &mut Sql, lo_col: &str, hi_col: &str, prefix: Prefix, pl: i64, p
         Prefix::Eb => c(&[(&format!("{hi_col} < "), pl)], ""),
         Prefix::Ap => {
             // Approximately: within 10% of the distance between the value and now (at least a day).
-            let now = super::dates::now_micros();
+            let now = crate::clock::now_micros();
             let w = ((now - pl).abs() / 10).max(86_400_000_000);
             c(
                 &[

@@ -120,7 +120,7 @@ impl Store {
                     "INSERT INTO write_probe (id, at, pad) VALUES (?, ?, ?)",
                     vec![
                         id.clone().into(),
-                        crate::search::dates::now_micros().into(),
+                        crate::clock::now_micros().into(),
                         pad.into(),
                     ],
                 )?;

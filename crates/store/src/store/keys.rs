@@ -14,8 +14,8 @@
 use super::db::{Bind, Conn};
 use super::rows::{KeyRow, ScopedKeyRow};
 use super::{Store, StoreError};
+use crate::clock::now_micros;
 use crate::retention::{self, SYSTEM};
-use crate::search::dates::now_micros;
 use crate::with_conn;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::QueryableByName;

@@ -333,7 +333,7 @@ pub struct Store {
     sqlite_writer: parking_lot::Mutex<()>,
     /// SQLite: the queue of the writer thread, which commits every job waiting in it as one group
     /// (see [`Store::submit`]); `None` on PostgreSQL.
-    writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, Job)>>,
+    writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, WriteUnit)>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     /// SQLite: keeps the database file in memory when asked to (see [`resident`]); stops with
@@ -364,20 +364,21 @@ pub struct Store {
 /// Data keys by scope (class, patient): key id and the end of its write window.
 type KeyMemo = HashMap<(String, String), (String, i64)>;
 
-/// A unit of work for the writer. Whatever can be made before the transaction (the stored body,
-/// the index entries, the AuditEvent of a plain create) is made before the job is queued, so the
+/// A write unit: one request's writes (or one AuditEvent) for the writer (not "a job": that word
+/// is for background work, `crate::background` in the application). Whatever can be made before the transaction (the stored body,
+/// the index entries, the AuditEvent of a plain create) is made before the unit is queued, so the
 /// single SQLite writer spends its turn on rows only.
-enum Job {
+enum WriteUnit {
     Ops(Vec<Prepared>, audit::Context),
     Audit(AuditDraft),
 }
 
-impl Job {
+impl WriteUnit {
     /// The id of the request the job is for, if any.
     fn request_id(&self) -> Option<&str> {
         match self {
-            Job::Ops(_, ctx) => Some(ctx.request_id.as_str()),
-            Job::Audit(a) => a.value["entity"].as_array()?.iter().find_map(|e| {
+            WriteUnit::Ops(_, ctx) => Some(ctx.request_id.as_str()),
+            WriteUnit::Audit(a) => a.value["entity"].as_array()?.iter().find_map(|e| {
                 (e["type"]["code"] == "XrequestId")
                     .then(|| e["what"]["identifier"]["value"].as_str())
                     .flatten()
@@ -415,7 +416,7 @@ struct AuditDraft {
 
 /// Why a group-commit transaction stopped: one job failed, or the database did.
 enum BatchAbort {
-    Job(usize, StoreError),
+    Unit(usize, StoreError),
     Store(StoreError),
 }
 
@@ -425,19 +426,19 @@ impl From<diesel::result::Error> for BatchAbort {
     }
 }
 
-type JobResult = Result<Vec<WriteResult>, StoreError>;
+type WriteUnitResult = Result<Vec<WriteResult>, StoreError>;
 
 /// Each job of a group with its outcome.
-type Answers = Vec<(Arc<Slot>, JobResult)>;
+type Answers = Vec<(Arc<Slot>, WriteUnitResult)>;
 
 /// Where a queued job's result goes once committed (and durable): to the thread waiting on
 /// `ready`, or through an async caller's channel.
 struct Slot {
-    result: parking_lot::Mutex<Option<JobResult>>,
+    result: parking_lot::Mutex<Option<WriteUnitResult>>,
     ready: parking_lot::Condvar,
     /// An async caller's channel: answered through it instead of `result` (see
     /// [`Store::write_async`]).
-    reply: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<JobResult>>>,
+    reply: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<WriteUnitResult>>>,
 }
 
 /// Answers every slot it holds with an error if dropped while the thread panics.
@@ -456,7 +457,7 @@ impl Drop for AnswerOnUnwind {
 }
 
 impl Slot {
-    fn new(reply: Option<tokio::sync::oneshot::Sender<JobResult>>) -> Arc<Slot> {
+    fn new(reply: Option<tokio::sync::oneshot::Sender<WriteUnitResult>>) -> Arc<Slot> {
         Arc::new(Slot {
             result: parking_lot::Mutex::new(None),
             ready: parking_lot::Condvar::new(),
@@ -464,7 +465,7 @@ impl Slot {
         })
     }
 
-    fn answer(&self, r: JobResult) {
+    fn answer(&self, r: WriteUnitResult) {
         if let Some(tx) = self.reply.lock().take() {
             // The caller may have gone (its request was cancelled): the job's outcome stands.
             let _ = tx.send(r);
@@ -474,7 +475,7 @@ impl Slot {
         self.ready.notify_all();
     }
 
-    fn wait(&self) -> JobResult {
+    fn wait(&self) -> WriteUnitResult {
         let mut r = self.result.lock();
         loop {
             if let Some(r) = r.take() {
@@ -598,20 +599,20 @@ impl Store {
 
     /// [`Store::record_audit`] for async callers (see [`Store::write_async`]).
     pub async fn record_audit_async(self: &Arc<Self>, event: Value) -> Result<(), StoreError> {
-        self.submit_async(Job::Audit(self.audit_draft(event)))
+        self.submit_async(WriteUnit::Audit(self.audit_draft(event)))
             .await
             .map(|_| ())
     }
 
     /// [`Store::submit`] without holding a thread while the SQLite writer works; PostgreSQL's
     /// blocking driver runs on the blocking pool.
-    async fn submit_async(self: &Arc<Self>, job: Job) -> JobResult {
+    async fn submit_async(self: &Arc<Self>, job: WriteUnit) -> WriteUnitResult {
         let r = self.submit_async_unobserved(job).await;
         self.health.observe(&r);
         r
     }
 
-    async fn submit_async_unobserved(self: &Arc<Self>, job: Job) -> JobResult {
+    async fn submit_async_unobserved(self: &Arc<Self>, job: WriteUnit) -> WriteUnitResult {
         let Some(writer) = &self.writer else {
             let store = self.clone();
             return tokio::task::spawn_blocking(move || store.submit(job))
@@ -627,7 +628,7 @@ impl Store {
 
     /// The job for `ops`: what can be made before the transaction (a plain create's version and
     /// AuditEvent) is drafted here, so the single SQLite writer spends its turn on rows only.
-    fn prepare(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> Job {
+    fn prepare(&self, ops: Vec<WriteOp>, ctx: &audit::Context) -> WriteUnit {
         let ops = ops
             .into_iter()
             .map(|op| {
@@ -655,7 +656,7 @@ impl Store {
                 Prepared { op, ahead }
             })
             .collect();
-        Job::Ops(ops, ctx.clone())
+        WriteUnit::Ops(ops, ctx.clone())
     }
 
     /// A durability barrier for work that tells the outside world about what it read (the event
@@ -779,7 +780,7 @@ impl Store {
     pub fn retire_patient_keys(&self, patient: &str) -> Result<usize, StoreError> {
         self.execute(
             "UPDATE data_keys SET retired_at = ? WHERE patient = ? AND retired_at IS NULL",
-            vec![dates::now_micros().into(), patient.into()],
+            vec![crate::clock::now_micros().into(), patient.into()],
         )
     }
 
@@ -792,7 +793,8 @@ impl Store {
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
     /// transaction rolled back).
     pub fn record_audit(&self, event: Value) -> Result<(), StoreError> {
-        self.submit(Job::Audit(self.audit_draft(event))).map(|_| ())
+        self.submit(WriteUnit::Audit(self.audit_draft(event)))
+            .map(|_| ())
     }
 
     /// PostgreSQL: each job in its own transaction (writers run concurrently). SQLite has one
@@ -807,18 +809,18 @@ impl Store {
     /// do that but make SQLite copy every touched page to a sub-journal (measured: a third of the
     /// write time), so instead the batch runs optimistically and, when a job fails, the whole
     /// transaction is rolled back and re-run without that job, which is answered with its error.
-    fn submit(&self, job: Job) -> JobResult {
+    fn submit(&self, job: WriteUnit) -> WriteUnitResult {
         let r = self.submit_unobserved(job);
         self.health.observe(&r);
         r
     }
 
-    fn submit_unobserved(&self, job: Job) -> JobResult {
+    fn submit_unobserved(&self, job: WriteUnit) -> WriteUnitResult {
         let Some(writer) = &self.writer else {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| {
                 let mut ix = IndexRows::default();
-                let r = self.run_job(c, &job, &mut ix)?;
+                let r = self.run_unit(c, &job, &mut ix)?;
                 ix.flush(c)?;
                 Ok(r)
             }));
@@ -837,7 +839,10 @@ impl Store {
     /// outcome; whether a commit was made that still needs [`Db::sync_wal`] to be durable; and
     /// the jobs committed, for the caller to free on a thread other than the writer's (freeing
     /// them was ~5% of the writer's time).
-    fn commit_group(&self, mut batch: Vec<(Arc<Slot>, Job)>) -> (Answers, bool, Vec<Job>) {
+    fn commit_group(
+        &self,
+        mut batch: Vec<(Arc<Slot>, WriteUnit)>,
+    ) -> (Answers, bool, Vec<WriteUnit>) {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut spent = Vec::with_capacity(batch.len());
         let mut pooled = match self.db.get() {
@@ -863,10 +868,10 @@ impl Store {
                 // The group's index rows, inserted together at its end (see `IndexRows`).
                 let mut ix = IndexRows::default();
                 for (i, (_, job)) in batch.iter().enumerate() {
-                    match self.run_job(c, job, &mut ix) {
+                    match self.run_unit(c, job, &mut ix) {
                         Ok(r) => results.push(r),
                         // Roll back everything; the failing job is answered, the rest re-run.
-                        Err(e) => return Err(BatchAbort::Job(i, e)),
+                        Err(e) => return Err(BatchAbort::Unit(i, e)),
                     }
                 }
                 ix.flush(c).map_err(BatchAbort::Store)?;
@@ -883,7 +888,7 @@ impl Store {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return (outcomes, deferred, spent);
                 }
-                Err(BatchAbort::Job(i, e)) => {
+                Err(BatchAbort::Unit(i, e)) => {
                     let (s, _) = batch.remove(i);
                     outcomes.push((s, Err(e)));
                 }
@@ -921,13 +926,13 @@ impl Store {
     /// AuditEvent's) go to `ix`, for the caller to insert with others (see [`IndexRows`]); before
     /// an operation that reads the index (a conditional create, an update's access check) they
     /// are flushed.
-    fn run_job<C: Conn>(&self, c: &mut C, job: &Job, ix: &mut IndexRows) -> JobResult {
+    fn run_unit<C: Conn>(&self, c: &mut C, job: &WriteUnit, ix: &mut IndexRows) -> WriteUnitResult {
         match job {
-            Job::Audit(a) => {
+            WriteUnit::Audit(a) => {
                 self.insert_audit(c, a, ix)?;
                 Ok(vec![])
             }
-            Job::Ops(ops, ctx) => {
+            WriteUnit::Ops(ops, ctx) => {
                 let mut results = Vec::with_capacity(ops.len());
                 for Prepared { op, ahead } in ops {
                     let (r, audited) = match (op, ahead) {
@@ -1281,7 +1286,7 @@ impl Store {
     ) -> Draft {
         let version_id = prior.map_or(1, |h| h.version_id + 1);
         // lastUpdated never goes backwards for one resource, even if the clock does.
-        let last_updated = dates::now_micros().max(prior.map_or(0, |h| h.last_updated + 1));
+        let last_updated = crate::clock::now_micros().max(prior.map_or(0, |h| h.last_updated + 1));
         let body = resource.map(|r| compose(res_type, id, version_id, last_updated, r));
         // The data key of the version's scope: retention class, patient, write window.
         let (class, patient) = match resource {

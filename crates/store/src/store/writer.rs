@@ -11,7 +11,7 @@
 //! lock committed everyone's jobs and made the fsync itself; under 32 clients a fifth of both
 //! cores stood idle in lock hand-overs and thread wake-ups.)
 
-use super::{AnswerOnUnwind, Answers, Job, Slot, Store, StoreError};
+use super::{AnswerOnUnwind, Answers, Slot, Store, StoreError, WriteUnit};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Weak};
 
@@ -19,7 +19,7 @@ use std::sync::{Arc, Weak};
 /// jobs themselves, freed once answered.
 struct Committed {
     answers: Answers,
-    spent: Vec<Job>,
+    spent: Vec<WriteUnit>,
 }
 
 /// The answer to a job the writer can no longer take (the store is closing).
@@ -38,8 +38,8 @@ fn not_durable() -> StoreError {
 
 /// Starts the writer and the syncer for the store `store` will point to; returns the writer's
 /// queue. Both threads end when the store (which owns the queue's sender) is dropped.
-pub(super) fn start(store: Weak<Store>) -> Sender<(Arc<Slot>, Job)> {
-    let (queue, jobs) = channel::<(Arc<Slot>, Job)>();
+pub(super) fn start(store: Weak<Store>) -> Sender<(Arc<Slot>, WriteUnit)> {
+    let (queue, jobs) = channel::<(Arc<Slot>, WriteUnit)>();
     let (to_sync, committed) = channel::<Committed>();
     let for_syncer = store.clone();
     std::thread::Builder::new()
@@ -53,9 +53,13 @@ pub(super) fn start(store: Weak<Store>) -> Sender<(Arc<Slot>, Job)> {
     queue
 }
 
-fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sender<Committed>) {
+fn write_loop(
+    store: Weak<Store>,
+    jobs: Receiver<(Arc<Slot>, WriteUnit)>,
+    to_sync: Sender<Committed>,
+) {
     // A job taken from the queue to see whether another group is waiting.
-    let mut next: Option<(Arc<Slot>, Job)> = None;
+    let mut next: Option<(Arc<Slot>, WriteUnit)> = None;
     loop {
         let first = match next.take() {
             Some(s) => s,
@@ -65,7 +69,8 @@ fn write_loop(store: Weak<Store>, jobs: Receiver<(Arc<Slot>, Job)>, to_sync: Sen
             },
         };
         // Everything queued meanwhile joins this group.
-        let batch: Vec<(Arc<Slot>, Job)> = std::iter::once(first).chain(jobs.try_iter()).collect();
+        let batch: Vec<(Arc<Slot>, WriteUnit)> =
+            std::iter::once(first).chain(jobs.try_iter()).collect();
         let Some(store) = store.upgrade() else {
             for (s, _) in batch {
                 s.answer(Err(gone()));
