@@ -364,3 +364,48 @@ pub fn write_guard(
     }
     Ok(guard)
 }
+
+/// What the steps before a write decided: the body to write, the access condition the version
+/// being replaced must still meet, and whether an update may create.
+pub struct BeforeWrite {
+    pub body: Value,
+    pub guard: Option<Condition>,
+    pub may_create: bool,
+}
+
+/// The steps before every write of a body, in one place — REST create, update and patch, and
+/// every POST/PUT entry of a transaction or batch go through it, in this order:
+/// 1. a Binary is stamped with its owner (`securityContext`);
+/// 2. the access policy decides ([`write_guard`]); an update may create only for a system token
+///    that may also create (to a user, an unused id and a hidden one both answer 404);
+/// 3. attachments must be the writer's to attach ([`check_attachments`]; `fresh_binaries`: those
+///    written earlier in the same transaction);
+/// 4. the messaging rules prepare a message ([`crate::messaging::rules::prepare`]: sender,
+///    thread, staff-only label; `fresh_messages`: messages earlier in the same transaction).
+#[allow(clippy::too_many_arguments)]
+pub async fn before_write(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    perm: Perm,
+    mut body: Value,
+    replaces: Option<&str>,
+    fresh_binaries: &std::collections::HashSet<String>,
+    fresh_messages: &std::collections::HashMap<String, bool>,
+) -> Result<BeforeWrite, FhirError> {
+    if res_type == "Binary" {
+        stamp_owner(state, p, &mut body);
+    }
+    let guard = write_guard(state, p, res_type, perm, Some(&body))?;
+    let may_create = perm == Perm::Update
+        && p.kind() == crate::auth::SubjectKind::System
+        && write_guard(state, p, res_type, Perm::Create, Some(&body)).is_ok();
+    check_attachments(state, p, res_type, &body, fresh_binaries).await?;
+    crate::messaging::rules::prepare(state, p, res_type, &mut body, replaces, fresh_messages)
+        .await?;
+    Ok(BeforeWrite {
+        body,
+        guard,
+        may_create,
+    })
+}

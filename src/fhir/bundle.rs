@@ -665,33 +665,23 @@ async fn transaction(
             continue;
         }
         let prefix = format!("Bundle.entry[{i}].resource");
-        let resource = match &e.resource {
+        let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
+        let (resource, guard, may_create) = match &e.resource {
             Some(r) => {
                 let mut r = r.clone();
                 rewrite_references(&mut r, &map);
-                if e.res_type == "Binary" {
-                    access::stamp_owner(state, p, &mut r);
-                }
-                check_resource(state, &r, &e.res_type, &prefix)?;
-                access::check_attachments(state, p, &e.res_type, &r, &fresh).await?;
-                Some(r)
-            }
-            None => None,
-        };
-        let id = ids[i].clone().expect("POST/PUT/DELETE have ids");
-        let guard = entry_guard(state, p, i, e, resource.as_ref())?;
-        let may_create = may_create(state, p, e, resource.as_ref());
-        let resource = match resource {
-            Some(mut r) => {
-                prepare_entry(state, p, i, e, &id, &mut r, &fresh_messages).await?;
+                let c =
+                    checked_entry(state, p, i, e, &prefix, &id, r, &fresh, &fresh_messages).await?;
                 if e.res_type == "Communication" {
-                    fresh_messages
-                        .insert(id.clone(), crate::messaging::staff_only::is_labelled(&r));
-                    threads.push((i, id.clone(), thread_ids(&r, &base)));
+                    fresh_messages.insert(
+                        id.clone(),
+                        crate::messaging::staff_only::is_labelled(&c.body),
+                    );
+                    threads.push((i, id.clone(), thread_ids(&c.body, &base)));
                 }
-                Some(Incoming::from_value(r))
+                (Some(Incoming::from_value(c.body)), c.guard, c.may_create)
             }
-            None => None,
+            None => (None, entry_guard(state, p, i, e, None)?, false),
         };
         let op = entry_op(i, e, id, resource, None, guard, may_create)?;
         ops.push(op);
@@ -767,34 +757,30 @@ async fn batch(
         }
         let result: Result<WriteResult, FhirError> = async {
             let prefix = format!("Bundle.entry[{i}].resource");
-            let resource = match &e.resource {
+            let id = e.id.clone().unwrap_or_else(new_id);
+            let (resource, guard, may_create) = match &e.resource {
                 Some(r) => {
-                    let mut r = r.clone();
-                    if e.res_type == "Binary" {
-                        access::stamp_owner(state, p, &mut r);
-                    }
-                    check_resource(state, &r, &e.res_type, &prefix)?;
-                    access::check_attachments(state, p, &e.res_type, &r, &Default::default())
-                        .await?;
-                    Some(r)
+                    let c = checked_entry(
+                        state,
+                        p,
+                        i,
+                        &e,
+                        &prefix,
+                        &id,
+                        r.clone(),
+                        &Default::default(),
+                        &Default::default(),
+                    )
+                    .await?;
+                    (Some(Incoming::from_value(c.body)), c.guard, c.may_create)
                 }
-                None => None,
+                None => (None, entry_guard(state, p, i, &e, None)?, false),
             };
-            let guard = entry_guard(state, p, i, &e, resource.as_ref())?;
             let if_none_exist = match &e.if_none_exist {
                 Some(q) if e.method == "POST" => {
                     Some(rest::conditional_search(state, p, &e.res_type, q)?)
                 }
                 _ => None,
-            };
-            let id = e.id.clone().unwrap_or_else(new_id);
-            let may_create = may_create(state, p, &e, resource.as_ref());
-            let resource = match resource {
-                Some(mut r) => {
-                    prepare_entry(state, p, i, &e, &id, &mut r, &Default::default()).await?;
-                    Some(Incoming::from_value(r))
-                }
-                None => None,
             };
             let op = entry_op(i, &e, id, resource, if_none_exist, guard, may_create)?;
             rest::write_one(state, ctx, op).await
@@ -823,21 +809,48 @@ fn thread_ids(v: &Value, base: &str) -> Vec<String> {
         .collect()
 }
 
-/// A message entry's thread check and label ([`crate::messaging::rules::prepare`]), its errors
-/// naming the entry. `fresh`: the messages written earlier in the same transaction.
-async fn prepare_entry(
+/// An entry's body checked strictly (a Binary stamped with its owner first), then
+/// [`access::before_write`] — the same steps as a plain create or update — its errors naming the
+/// entry. `fresh_*`: what the same transaction writes earlier.
+#[allow(clippy::too_many_arguments)]
+async fn checked_entry(
     state: &AppState,
     p: &Principal,
     i: usize,
     e: &Parsed,
+    prefix: &str,
     id: &str,
-    r: &mut Value,
-    fresh: &HashMap<String, bool>,
-) -> Result<(), FhirError> {
+    mut r: Value,
+    fresh_binaries: &std::collections::HashSet<String>,
+    fresh_messages: &HashMap<String, bool>,
+) -> Result<access::BeforeWrite, FhirError> {
+    if e.res_type == "Binary" {
+        access::stamp_owner(state, p, &mut r);
+    }
+    check_resource(state, &r, &e.res_type, prefix)?;
     let replaces = (e.method == "PUT").then_some(id);
-    crate::messaging::rules::prepare(state, p, &e.res_type, r, replaces, fresh)
-        .await
-        .map_err(|err| at_entry(err, i))
+    let mut c = access::before_write(
+        state,
+        p,
+        &e.res_type,
+        entry_perm(e),
+        r,
+        replaces,
+        fresh_binaries,
+        fresh_messages,
+    )
+    .await
+    .map_err(|err| at_entry(err, i))?;
+    c.may_create &= e.method == "PUT";
+    Ok(c)
+}
+
+fn entry_perm(e: &Parsed) -> Perm {
+    match e.method.as_str() {
+        "POST" => Perm::Create,
+        "PUT" => Perm::Update,
+        _ => Perm::Delete,
+    }
 }
 
 /// An entry's error names the entry when it names no element of it.
@@ -865,25 +878,12 @@ fn entry_guard(
     e: &Parsed,
     resource: Option<&Value>,
 ) -> Result<Option<crate::search::query::Condition>, FhirError> {
-    let perm = match e.method.as_str() {
-        "POST" => Perm::Create,
-        "PUT" => Perm::Update,
-        _ => Perm::Delete,
-    };
-    access::write_guard(state, p, &e.res_type, perm, resource).map_err(|mut err| {
+    access::write_guard(state, p, &e.res_type, entry_perm(e), resource).map_err(|mut err| {
         err.issues
             .iter_mut()
             .for_each(|x| x.expression = format!("Bundle.entry[{i}]"));
         err
     })
-}
-
-/// May a PUT entry create its resource, should it not exist?
-fn may_create(state: &AppState, p: &Principal, e: &Parsed, resource: Option<&Value>) -> bool {
-    // As for a plain PUT: update as create for system tokens only (see `rest::update_inner`).
-    e.method == "PUT"
-        && p.kind() == crate::auth::SubjectKind::System
-        && access::write_guard(state, p, &e.res_type, Perm::Create, resource).is_ok()
 }
 
 /// The write a POST/PUT/DELETE entry asks for (shared by transaction and batch).

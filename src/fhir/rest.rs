@@ -254,26 +254,35 @@ fn check_id(id: &str) -> Result<(), FhirError> {
     }
 }
 
-/// A message after [`crate::messaging::rules::prepare`] (its thread checked, its label decided);
-/// the body as received when nothing was added.
-async fn prepared(
+/// [`access::before_write`] on a request's body; the body as received when nothing was added
+/// (its text is stored as sent).
+async fn checked(
     state: &AppState,
     p: &crate::auth::Principal,
     res_type: &str,
+    perm: Perm,
     incoming: Incoming,
     replaces: Option<&str>,
-) -> Result<Incoming, FhirError> {
-    let mut v = incoming.value.clone();
-    crate::messaging::rules::prepare(state, p, res_type, &mut v, replaces, &Default::default())
-        .await?;
-    Ok(if v == incoming.value {
+) -> Result<(Incoming, Option<crate::search::query::Condition>, bool), FhirError> {
+    let c = access::before_write(
+        state,
+        p,
+        res_type,
+        perm,
+        incoming.value.clone(),
+        replaces,
+        &Default::default(),
+        &Default::default(),
+    )
+    .await?;
+    let incoming = if c.body == incoming.value {
         incoming
     } else {
-        Incoming::from_value(v)
-    })
+        Incoming::from_value(c.body)
+    };
+    Ok((incoming, c.guard, c.may_create))
 }
 
-/// A new server-assigned id: time-ordered and unguessable.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
@@ -381,12 +390,7 @@ async fn create_inner(
         access::stamp_owner(state, &p, &mut v);
         Incoming::from_value(v)
     } else {
-        let mut incoming = parse_resource(state, &body, res_type, "")?;
-        if is_binary {
-            let mut v = incoming.value.clone();
-            access::stamp_owner(state, &p, &mut v);
-            incoming = Incoming::from_value(v);
-        }
+        let incoming = parse_resource(state, &body, res_type, "")?;
         if is_binary {
             super::limits::check_resource_size(
                 &state.settings,
@@ -397,9 +401,7 @@ async fn create_inner(
         }
         incoming
     };
-    access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value))?;
-    access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
-    let incoming = prepared(state, &p, res_type, incoming, None).await?;
+    let (incoming, _, _) = checked(state, &p, res_type, Perm::Create, incoming, None).await?;
     let if_none_exist = match req.headers().get("if-none-exist") {
         Some(v) if t.conditional_create => {
             let q = v
@@ -611,13 +613,9 @@ async fn update_inner(
             ))
         }
     }
-    let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&incoming.value))?;
-    // Client-assigned ids (update as create) for system tokens only: to a user, an unused id and
-    // someone else's hidden one both answer 404, so a PUT tells nobody which ids exist.
-    let may_create = p.kind() == crate::auth::SubjectKind::System
-        && access::write_guard(state, &p, res_type, Perm::Create, Some(&incoming.value)).is_ok();
-    access::check_attachments(state, &p, res_type, &incoming.value, &Default::default()).await?;
-    let incoming = prepared(state, &p, res_type, incoming, Some(id)).await?;
+    // Client-assigned ids (update as create) for system tokens only: see `access::before_write`.
+    let (incoming, guard, may_create) =
+        checked(state, &p, res_type, Perm::Update, incoming, Some(id)).await?;
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
@@ -714,18 +712,18 @@ async fn patch_inner(
     // meta.versionId/lastUpdated are the server's; the patched resource is checked as strictly as a PUT.
     super::limits::check_resource_size(&state.settings, res_type, &value, res_type)?;
     check_resource(state, &value, res_type, "")?;
-    let guard = access::write_guard(state, &p, res_type, Perm::Update, Some(&value))?;
-    access::check_attachments(state, &p, res_type, &value, &Default::default()).await?;
-    let mut value = value;
-    crate::messaging::rules::prepare(
+    let checked = access::before_write(
         state,
         &p,
         res_type,
-        &mut value,
+        Perm::Update,
+        value,
         Some(id),
+        &Default::default(),
         &Default::default(),
     )
     .await?;
+    let (value, guard) = (checked.body, checked.guard);
     let op = WriteOp::Update {
         res_type: res_type.to_string(),
         id: id.to_string(),
