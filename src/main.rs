@@ -267,308 +267,31 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            actix_web::rt::System::new().block_on(async {
-                let app = Application::build(settings.clone())?;
-                tracing::info!(listen = %settings.listen, base_url = %settings.base_url, database = %app.store.db.backend_name(), "Courier is serving FHIR R4");
-                app.run_until_stopped().await?;
-                anyhow::Ok(())
-            })
-        }
-        Command::Migrate => {
-            let store = open_store(&settings)?;
-            tracing::info!(database = %store.db.backend_name(), "migrations applied");
-            Ok(())
-        }
-        Command::Client(cmd) => {
-            let store = open_store(&settings)?;
-            match cmd {
-                ClientCommand::Add { name, jwks_url, jwks_file, scope } => {
-                    let keys = match (jwks_url, jwks_file) {
-                        (Some(u), _) => clients::KeySource::Url(u),
-                        (None, Some(f)) => clients::KeySource::Document(
-                            std::fs::read_to_string(&f)
-                                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
-                        ),
-                        (None, None) => anyhow::bail!("give --jwks-url or --jwks-file"),
-                    };
-                    println!("{}", clients::add(&store, &name, keys, &scope)?);
-                }
-                ClientCommand::List => {
-                    for c in clients::list(&store)? {
-                        println!(
-                            "{}\t{}\t{}\t{}",
-                            c.client_id,
-                            c.name,
-                            c.jwks_url.as_deref().unwrap_or("(registered JWKS)"),
-                            c.scopes
-                        );
-                    }
-                }
-                ClientCommand::Remove { client_id } => {
-                    if !clients::remove(&store, &client_id)? {
-                        anyhow::bail!("no client {client_id}");
-                    }
-                    println!("removed {client_id}");
-                }
-            }
-            Ok(())
-        }
-        Command::Ehr(cmd) => {
-            let store = open_store(&settings)?;
-            match cmd {
-                EhrCommand::Add { name, iss, client_id, alg, launch_scope, backend_scope, trusted_systems } => {
-                    let ehr = registry::add(
-                        &store,
-                        &registry::NewEhr {
-                            name: &name,
-                            iss: &iss,
-                            client_id: &client_id,
-                            alg: &alg,
-                            launch_scopes: &launch_scope,
-                            backend_scopes: &backend_scope,
-                            trusted_systems: &trusted_systems,
-                        },
-                    )?;
-                    println!("{}\t{}\t{}/smart/jwks", ehr.name, ehr.kid, settings.base_url);
-                }
-                EhrCommand::List => {
-                    for e in registry::list(&store)? {
-                        println!("{}\t{}\t{}\t{}\t{}", e.name, e.iss, e.client_id, e.alg, e.kid);
-                    }
-                }
-                EhrCommand::Remove { name } => {
-                    if !registry::remove(&store, &name)? {
-                        anyhow::bail!("no EHR {name}");
-                    }
-                    println!("removed {name}");
-                }
-            }
-            Ok(())
-        }
-        Command::Audit(AuditCommand::Verify) => {
-            let store = open_store(&settings)?;
-            match courier::audit::chain::verify(&store)? {
-                courier::audit::chain::Verdict::Intact { links, unsealed } => {
-                    println!("the audit chain is intact: {links} links ({unsealed} recent AuditEvents not sealed yet)");
-                    Ok(())
-                }
-                courier::audit::chain::Verdict::Broken { seq, audit_id, why } => {
-                    println!("BROKEN at link {seq} (AuditEvent/{audit_id}): {why}");
-                    std::process::exit(1);
-                }
-            }
-        }
-        Command::Export { patient } => {
-            anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");
-            let store = open_store(&settings)?;
-            let bundle = courier::messaging::export::everything(
-                &store,
-                &patient,
-                courier::messaging::export::Viewer::Administrator,
-            )?;
-            // The export is a disclosure: audited like the API's.
-            let ctx = courier::audit::Context::job(&store.base_url, "export (command line)");
-            let what = format!("Patient/{patient}");
-            store.record_audit(courier::audit::event(
-                &ctx,
-                courier::audit::Interaction::Operation,
-                Some(&what),
-                Some(&what),
-                None,
-            ))?;
-            println!("{bundle}");
-            Ok(())
-        }
-        Command::Purge { dry_run, now: _, as_of } => {
-            let as_of = match as_of {
-                Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
-                    .map_err(|e| anyhow::anyhow!("--as-of must be an RFC 3339 instant such as 2027-01-31T00:00:00Z: {e}"))?
-                    .timestamp_micros(),
-                None => courier::clock::now_micros(),
-            };
-            let store = open_store(&settings)?;
-            let bar = indicatif::ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} resources ({eta} left)")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
-            bar.set_message(if dry_run { "checking" } else { "purging" });
-            let tick = |done: usize, total: usize| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            };
-            let summary = courier::compliance::purge::purge(&store, as_of, dry_run, Some(&tick))?;
-            bar.finish_and_clear();
-            let verb = if dry_run { "would remove" } else { "removed" };
-            for (class, n) in &summary.classes {
-                println!("{class:>14}: {verb} {n} resources");
-            }
-            println!("{:>14}: {} resources kept under a legal hold", "held", summary.held);
-            if !dry_run {
-                println!("{:>14}: {} versions, {} data keys destroyed, {} audit-chain links cut, {} outbox rows",
-                    "in all", summary.versions, summary.keys_destroyed, summary.audit_links_cut, summary.outbox_rows);
-            }
-            Ok(())
-        }
-        Command::Erase { patient, yes } => {
-            anyhow::ensure!(fhir_codec::is_valid_id(&patient), "not a valid Patient id: {patient}");
-            anyhow::ensure!(yes, "erasure cannot be undone: add --yes to erase Patient/{patient}'s messaging data");
-            let store = open_store(&settings)?;
-            let ctx = courier::audit::Context::job(&store.base_url, "erasure (command line)");
-            let s = courier::compliance::purge::erase_patient(&store, &patient, &ctx)?;
-            println!("erased Patient/{patient}: {} resources, {} versions, {} data keys destroyed; {} messages kept because they are also another patient's",
-                s.resources(), s.versions, s.keys_destroyed, s.shared);
-            Ok(())
-        }
-        Command::Hold(cmd) => {
-            use courier::compliance::purge::{check_target, list_holds, place_hold, release_hold};
-            let store = open_store(&settings)?;
-            match cmd {
-                HoldCommand::Add { target, reason } => {
-                    check_target(&target).map_err(anyhow::Error::msg)?;
-                    anyhow::ensure!(!reason.trim().is_empty(), "a legal hold needs a reason");
-                    if place_hold(&store, &target, &reason)? {
-                        println!("hold placed on {target}");
-                    } else {
-                        println!("{target} was already on hold");
-                    }
-                }
-                HoldCommand::Release { target } => {
-                    anyhow::ensure!(release_hold(&store, &target)?, "no hold on {target}");
-                    println!("hold on {target} released");
-                }
-                HoldCommand::List => {
-                    for h in list_holds(&store)? {
-                        println!("{}\t{}\t{}", h.target, courier::search::dates::format_instant(h.created_at), h.reason);
-                    }
-                }
-            }
-            Ok(())
-        }
-        Command::Emergency(EmergencyCommand::List { days }) => {
-            let store = open_store(&settings)?;
-            let since = courier::clock::now_micros() - days * 86_400_000_000;
-            use courier::search::dates::format_instant;
-            for g in courier::compliance::emergency::list(&store, since)? {
-                println!("{}\t{}\tPatient/{}\tuntil {}\t{}", format_instant(g.granted_at), g.user_ref, g.patient, format_instant(g.expires_at), g.reason);
-            }
-            Ok(())
-        }
-        Command::Keys(cmd) => {
-            if matches!(cmd, KeysCommand::Rotate { master: true } | KeysCommand::ForgetPrevious) {
-                anyhow::ensure!(
-                    settings.master_key.is_none(),
-                    "the master key comes from COURIER_MASTER_KEY: roll it out in two steps: first add the new key to \
-                     COURIER_PREVIOUS_MASTER_KEYS on every instance (so each can unwrap what it wraps), then make it \
-                     COURIER_MASTER_KEY with the old key in COURIER_PREVIOUS_MASTER_KEYS; each instance re-wraps the \
-                     data keys in the background, and `courier keys status` says when the old key can go"
-                );
-            }
-            let store = open_store(&settings)?;
-            match cmd {
-                KeysCommand::Status => print_key_status(&store)?,
-                KeysCommand::Rotate { master } => {
-                    if master {
-                        let file = settings.key_file();
-                        let mut lines = courier::store::crypto::key_file_lines(&file)?;
-                        let new = courier::store::crypto::new_key_base64();
-                        lines.insert(0, new.clone());
-                        courier::store::crypto::rewrite_key_file(&file, &lines)?;
-                        let key = courier::store::crypto::MasterKey::from_base64(&new)?;
-                        println!("new master key {} is current (key file {}); back it up", key.id, file.display());
-                        store.keys.promote(key);
-                    }
-                    let retired = store.retire_data_keys()?;
-                    println!("retired {retired} data keys: new writes get new ones");
-                    let n = store.rewrap_all()?;
-                    println!("re-wrapped {n} data keys under master key {}", store.keys.master_key_id());
-                    print_key_status(&store)?;
-                }
-                KeysCommand::ForgetPrevious => {
-                    let status = store.key_status()?;
-                    anyhow::ensure!(status.pending.is_empty(), "data keys still need previous master key(s) {:?}: wait for the re-wrap (`courier keys status`)", status.pending);
-                    let file = settings.key_file();
-                    let lines = courier::store::crypto::key_file_lines(&file)?;
-                    courier::store::crypto::rewrite_key_file(&file, &lines[..1])?;
-                    println!("removed {} previous master key(s) from {}", lines.len() - 1, file.display());
-                }
-            }
-            Ok(())
-        }
-        Command::Outbox(OutboxCommand::Status) => {
-            let store = open_store(&settings)?;
-            let rows = courier::smart::outbox::status(&store)?;
-            if rows.is_empty() {
-                println!("the outbox is empty");
-            }
-            for r in rows {
-                let oldest = r.oldest_pending.map_or("-".to_string(), courier::search::dates::format_instant);
-                println!(
-                    "{}\tpending {}\tdelivered {}\toldest undelivered {}\t{}",
-                    r.ehr,
-                    r.pending,
-                    r.delivered,
-                    oldest,
-                    r.last_error.unwrap_or_default()
-                );
-            }
-            Ok(())
-        }
-        Command::Identity(IdentityCommand::Conflicts) => {
-            let store = open_store(&settings)?;
-            for c in identity::conflicts(&store)? {
-                println!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    courier::search::dates::format_instant(c.at),
-                    c.iss,
-                    c.ehr_ref,
-                    c.claimed,
-                    c.reason
-                );
-            }
-            Ok(())
-        }
-        Command::SigningKey(cmd) => {
-            let tokens = Tokens::open(open_store(&settings)?, &settings.base_url)?;
-            if let SigningKeyCommand::Rotate = cmd {
-                println!("now signing with {}", tokens.rotate()?);
-            }
-            for k in tokens.jwks().keys {
-                println!("{}", k.common.key_id.unwrap_or_default());
-            }
-            Ok(())
-        }
-        Command::Token { client_id, scope, fhir_user, patient } => {
-            let store = open_store(&settings)?;
-            let client = clients::get(&store, &client_id)?
-                .ok_or_else(|| anyhow::anyhow!("no client {client_id}"))?;
-            let requested = scopes::parse_all(&scope).map_err(|e| anyhow::anyhow!(e))?;
-            let granted = scopes::grant(&requested, &clients::registered_scopes(&client));
-            anyhow::ensure!(!granted.is_empty(), "none of these scopes is registered for the client");
-            let tokens = Tokens::open(store, &settings.base_url)?;
-            let issued = tokens.issue(&Grant {
-                client_id,
-                scopes: granted,
-                fhir_user,
-                patient,
-                encounter: None,
-            })?;
-            println!("{}", issued.access_token);
-            Ok(())
-        }
-        Command::Config => {
-            let mut shown = settings.clone();
-            // A PostgreSQL URL may carry a password: show the user, hide the password.
-            if let (Some(scheme_end), Some(at)) = (shown.database_url.find("://"), shown.database_url.rfind('@')) {
-                let userinfo = &shown.database_url[scheme_end + 3..at];
-                if let Some((user, _)) = userinfo.split_once(':') {
-                    shown.database_url = format!("{}{user}:***{}", &shown.database_url[..scheme_end + 3], &shown.database_url[at..]);
-                }
-            }
-            println!("{shown:#?}");
-            Ok(())
-        }
+        Command::Serve => serve(settings),
+        Command::Migrate => migrate(&settings),
+        Command::Client(cmd) => client(&settings, cmd),
+        Command::Ehr(cmd) => ehr(&settings, cmd),
+        Command::Audit(AuditCommand::Verify) => audit_verify(&settings),
+        Command::Export { patient } => export(&settings, patient),
+        Command::Purge {
+            dry_run,
+            now: _,
+            as_of,
+        } => purge(&settings, dry_run, as_of),
+        Command::Erase { patient, yes } => erase(&settings, patient, yes),
+        Command::Hold(cmd) => hold(&settings, cmd),
+        Command::Emergency(EmergencyCommand::List { days }) => emergency_list(&settings, days),
+        Command::Keys(cmd) => keys(&settings, cmd),
+        Command::Outbox(OutboxCommand::Status) => outbox_status(&settings),
+        Command::Identity(IdentityCommand::Conflicts) => identity_conflicts(&settings),
+        Command::SigningKey(cmd) => signing_key(&settings, cmd),
+        Command::Token {
+            client_id,
+            scope,
+            fhir_user,
+            patient,
+        } => token(&settings, client_id, scope, fhir_user, patient),
+        Command::Config => config(&settings),
     }
 }
 
@@ -593,5 +316,410 @@ fn print_key_status(store: &courier::store::Store) -> anyhow::Result<()> {
     for m in &st.retirable {
         println!("previous master key {m} wraps no data key: it can be retired (`courier keys forget-previous`)");
     }
+    Ok(())
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async {
+        let app = Application::build(settings.clone())?;
+        tracing::info!(listen = %settings.listen, base_url = %settings.base_url, database = %app.store.db.backend_name(), "Courier is serving FHIR R4");
+        app.run_until_stopped().await?;
+        anyhow::Ok(())
+    })
+}
+
+fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    tracing::info!(database = %store.db.backend_name(), "migrations applied");
+    Ok(())
+}
+
+fn client(settings: &Settings, cmd: ClientCommand) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    match cmd {
+        ClientCommand::Add {
+            name,
+            jwks_url,
+            jwks_file,
+            scope,
+        } => {
+            let keys = match (jwks_url, jwks_file) {
+                (Some(u), _) => clients::KeySource::Url(u),
+                (None, Some(f)) => clients::KeySource::Document(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                ),
+                (None, None) => anyhow::bail!("give --jwks-url or --jwks-file"),
+            };
+            println!("{}", clients::add(&store, &name, keys, &scope)?);
+        }
+        ClientCommand::List => {
+            for c in clients::list(&store)? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    c.client_id,
+                    c.name,
+                    c.jwks_url.as_deref().unwrap_or("(registered JWKS)"),
+                    c.scopes
+                );
+            }
+        }
+        ClientCommand::Remove { client_id } => {
+            if !clients::remove(&store, &client_id)? {
+                anyhow::bail!("no client {client_id}");
+            }
+            println!("removed {client_id}");
+        }
+    }
+    Ok(())
+}
+
+fn ehr(settings: &Settings, cmd: EhrCommand) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    match cmd {
+        EhrCommand::Add {
+            name,
+            iss,
+            client_id,
+            alg,
+            launch_scope,
+            backend_scope,
+            trusted_systems,
+        } => {
+            let ehr = registry::add(
+                &store,
+                &registry::NewEhr {
+                    name: &name,
+                    iss: &iss,
+                    client_id: &client_id,
+                    alg: &alg,
+                    launch_scopes: &launch_scope,
+                    backend_scopes: &backend_scope,
+                    trusted_systems: &trusted_systems,
+                },
+            )?;
+            println!(
+                "{}\t{}\t{}/smart/jwks",
+                ehr.name, ehr.kid, settings.base_url
+            );
+        }
+        EhrCommand::List => {
+            for e in registry::list(&store)? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    e.name, e.iss, e.client_id, e.alg, e.kid
+                );
+            }
+        }
+        EhrCommand::Remove { name } => {
+            if !registry::remove(&store, &name)? {
+                anyhow::bail!("no EHR {name}");
+            }
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+fn audit_verify(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    match courier::audit::chain::verify(&store)? {
+        courier::audit::chain::Verdict::Intact { links, unsealed } => {
+            println!("the audit chain is intact: {links} links ({unsealed} recent AuditEvents not sealed yet)");
+            Ok(())
+        }
+        courier::audit::chain::Verdict::Broken { seq, audit_id, why } => {
+            println!("BROKEN at link {seq} (AuditEvent/{audit_id}): {why}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn export(settings: &Settings, patient: String) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        fhir_codec::is_valid_id(&patient),
+        "not a valid Patient id: {patient}"
+    );
+    let store = open_store(&settings)?;
+    let bundle = courier::messaging::export::everything(
+        &store,
+        &patient,
+        courier::messaging::export::Viewer::Administrator,
+    )?;
+    // The export is a disclosure: audited like the API's.
+    let ctx = courier::audit::Context::job(&store.base_url, "export (command line)");
+    let what = format!("Patient/{patient}");
+    store.record_audit(courier::audit::event(
+        &ctx,
+        courier::audit::Interaction::Operation,
+        Some(&what),
+        Some(&what),
+        None,
+    ))?;
+    println!("{bundle}");
+    Ok(())
+}
+
+fn purge(settings: &Settings, dry_run: bool, as_of: Option<String>) -> anyhow::Result<()> {
+    let as_of = match as_of {
+        Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--as-of must be an RFC 3339 instant such as 2027-01-31T00:00:00Z: {e}"
+                )
+            })?
+            .timestamp_micros(),
+        None => courier::clock::now_micros(),
+    };
+    let store = open_store(&settings)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} resources ({eta} left)",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(if dry_run { "checking" } else { "purging" });
+    let tick = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let summary = courier::compliance::purge::purge(&store, as_of, dry_run, Some(&tick))?;
+    bar.finish_and_clear();
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for (class, n) in &summary.classes {
+        println!("{class:>14}: {verb} {n} resources");
+    }
+    println!(
+        "{:>14}: {} resources kept under a legal hold",
+        "held", summary.held
+    );
+    if !dry_run {
+        println!(
+            "{:>14}: {} versions, {} data keys destroyed, {} audit-chain links cut, {} outbox rows",
+            "in all",
+            summary.versions,
+            summary.keys_destroyed,
+            summary.audit_links_cut,
+            summary.outbox_rows
+        );
+    }
+    Ok(())
+}
+
+fn erase(settings: &Settings, patient: String, yes: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        fhir_codec::is_valid_id(&patient),
+        "not a valid Patient id: {patient}"
+    );
+    anyhow::ensure!(
+        yes,
+        "erasure cannot be undone: add --yes to erase Patient/{patient}'s messaging data"
+    );
+    let store = open_store(&settings)?;
+    let ctx = courier::audit::Context::job(&store.base_url, "erasure (command line)");
+    let s = courier::compliance::purge::erase_patient(&store, &patient, &ctx)?;
+    println!("erased Patient/{patient}: {} resources, {} versions, {} data keys destroyed; {} messages kept because they are also another patient's",
+        s.resources(), s.versions, s.keys_destroyed, s.shared);
+    Ok(())
+}
+
+fn hold(settings: &Settings, cmd: HoldCommand) -> anyhow::Result<()> {
+    use courier::compliance::purge::{check_target, list_holds, place_hold, release_hold};
+    let store = open_store(&settings)?;
+    match cmd {
+        HoldCommand::Add { target, reason } => {
+            check_target(&target).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(!reason.trim().is_empty(), "a legal hold needs a reason");
+            if place_hold(&store, &target, &reason)? {
+                println!("hold placed on {target}");
+            } else {
+                println!("{target} was already on hold");
+            }
+        }
+        HoldCommand::Release { target } => {
+            anyhow::ensure!(release_hold(&store, &target)?, "no hold on {target}");
+            println!("hold on {target} released");
+        }
+        HoldCommand::List => {
+            for h in list_holds(&store)? {
+                println!(
+                    "{}\t{}\t{}",
+                    h.target,
+                    courier::search::dates::format_instant(h.created_at),
+                    h.reason
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn emergency_list(settings: &Settings, days: i64) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    let since = courier::clock::now_micros() - days * 86_400_000_000;
+    use courier::search::dates::format_instant;
+    for g in courier::compliance::emergency::list(&store, since)? {
+        println!(
+            "{}\t{}\tPatient/{}\tuntil {}\t{}",
+            format_instant(g.granted_at),
+            g.user_ref,
+            g.patient,
+            format_instant(g.expires_at),
+            g.reason
+        );
+    }
+    Ok(())
+}
+
+fn keys(settings: &Settings, cmd: KeysCommand) -> anyhow::Result<()> {
+    if matches!(
+        cmd,
+        KeysCommand::Rotate { master: true } | KeysCommand::ForgetPrevious
+    ) {
+        anyhow::ensure!(
+            settings.master_key.is_none(),
+            "the master key comes from COURIER_MASTER_KEY: roll it out in two steps: first add the new key to \
+             COURIER_PREVIOUS_MASTER_KEYS on every instance (so each can unwrap what it wraps), then make it \
+             COURIER_MASTER_KEY with the old key in COURIER_PREVIOUS_MASTER_KEYS; each instance re-wraps the \
+             data keys in the background, and `courier keys status` says when the old key can go"
+        );
+    }
+    let store = open_store(&settings)?;
+    match cmd {
+        KeysCommand::Status => print_key_status(&store)?,
+        KeysCommand::Rotate { master } => {
+            if master {
+                let file = settings.key_file();
+                let mut lines = courier::store::crypto::key_file_lines(&file)?;
+                let new = courier::store::crypto::new_key_base64();
+                lines.insert(0, new.clone());
+                courier::store::crypto::rewrite_key_file(&file, &lines)?;
+                let key = courier::store::crypto::MasterKey::from_base64(&new)?;
+                println!(
+                    "new master key {} is current (key file {}); back it up",
+                    key.id,
+                    file.display()
+                );
+                store.keys.promote(key);
+            }
+            let retired = store.retire_data_keys()?;
+            println!("retired {retired} data keys: new writes get new ones");
+            let n = store.rewrap_all()?;
+            println!(
+                "re-wrapped {n} data keys under master key {}",
+                store.keys.master_key_id()
+            );
+            print_key_status(&store)?;
+        }
+        KeysCommand::ForgetPrevious => {
+            let status = store.key_status()?;
+            anyhow::ensure!(status.pending.is_empty(), "data keys still need previous master key(s) {:?}: wait for the re-wrap (`courier keys status`)", status.pending);
+            let file = settings.key_file();
+            let lines = courier::store::crypto::key_file_lines(&file)?;
+            courier::store::crypto::rewrite_key_file(&file, &lines[..1])?;
+            println!(
+                "removed {} previous master key(s) from {}",
+                lines.len() - 1,
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn outbox_status(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    let rows = courier::smart::outbox::status(&store)?;
+    if rows.is_empty() {
+        println!("the outbox is empty");
+    }
+    for r in rows {
+        let oldest = r
+            .oldest_pending
+            .map_or("-".to_string(), courier::search::dates::format_instant);
+        println!(
+            "{}\tpending {}\tdelivered {}\toldest undelivered {}\t{}",
+            r.ehr,
+            r.pending,
+            r.delivered,
+            oldest,
+            r.last_error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn identity_conflicts(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    for c in identity::conflicts(&store)? {
+        println!(
+            "{}\t{}\t{}\t{}\t{}",
+            courier::search::dates::format_instant(c.at),
+            c.iss,
+            c.ehr_ref,
+            c.claimed,
+            c.reason
+        );
+    }
+    Ok(())
+}
+
+fn signing_key(settings: &Settings, cmd: SigningKeyCommand) -> anyhow::Result<()> {
+    let tokens = Tokens::open(open_store(&settings)?, &settings.base_url)?;
+    if let SigningKeyCommand::Rotate = cmd {
+        println!("now signing with {}", tokens.rotate()?);
+    }
+    for k in tokens.jwks().keys {
+        println!("{}", k.common.key_id.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn token(
+    settings: &Settings,
+    client_id: String,
+    scope: String,
+    fhir_user: Option<String>,
+    patient: Option<String>,
+) -> anyhow::Result<()> {
+    let store = open_store(&settings)?;
+    let client = clients::get(&store, &client_id)?
+        .ok_or_else(|| anyhow::anyhow!("no client {client_id}"))?;
+    let requested = scopes::parse_all(&scope).map_err(|e| anyhow::anyhow!(e))?;
+    let granted = scopes::grant(&requested, &clients::registered_scopes(&client));
+    anyhow::ensure!(
+        !granted.is_empty(),
+        "none of these scopes is registered for the client"
+    );
+    let tokens = Tokens::open(store, &settings.base_url)?;
+    let issued = tokens.issue(&Grant {
+        client_id,
+        scopes: granted,
+        fhir_user,
+        patient,
+        encounter: None,
+    })?;
+    println!("{}", issued.access_token);
+    Ok(())
+}
+
+fn config(settings: &Settings) -> anyhow::Result<()> {
+    let mut shown = settings.clone();
+    // A PostgreSQL URL may carry a password: show the user, hide the password.
+    if let (Some(scheme_end), Some(at)) = (
+        shown.database_url.find("://"),
+        shown.database_url.rfind('@'),
+    ) {
+        let userinfo = &shown.database_url[scheme_end + 3..at];
+        if let Some((user, _)) = userinfo.split_once(':') {
+            shown.database_url = format!(
+                "{}{user}:***{}",
+                &shown.database_url[..scheme_end + 3],
+                &shown.database_url[at..]
+            );
+        }
+    }
+    println!("{shown:#?}");
     Ok(())
 }
