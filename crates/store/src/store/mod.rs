@@ -1035,180 +1035,209 @@ impl Store {
 
     fn apply<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
         match op {
-            WriteOp::Create {
-                res_type,
-                id,
-                resource,
-                if_none_exist,
-            } => {
-                if let Some(cond) = if_none_exist {
-                    if c.is_postgres() {
-                        // Serialise conditional creates of the same type so two cannot both create
-                        // (keyed by schema too: advisory locks are database-wide).
-                        c.execute(
-                            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || ?))",
-                            vec![res_type.clone().into()],
-                        )?;
-                    }
-                    let snapshot = i64::MAX / 2;
-                    let mut probe = cond.clone();
-                    probe.count = 2;
-                    probe.offset = 0;
-                    let q = sql::page(res_type, &probe, snapshot, dialect(c));
-                    let found: Vec<RidRow> = c.load(&q.text, q.binds)?;
-                    match found.len() {
-                        0 => {}
-                        1 => {
-                            let stored = self.bodies(c, &[found[0].rid])?.remove(0);
-                            return Ok(WriteResult {
-                                status: WriteStatus::Existing,
-                                stored,
-                            });
-                        }
-                        _ => {
-                            return Err(StoreError::PreconditionFailed(format!(
-                                "If-None-Exist matched more than one {res_type}"
-                            )))
-                        }
-                    }
-                }
-                // The id is server-assigned (UUIDv7), so no lookup first: should it ever exist, the
-                // unique (res_type, fhir_id) constraint refuses the insert as a conflict.
-                let stored = self.put_version(c, res_type, id, None, Some(resource), "POST")?;
-                Ok(WriteResult {
-                    status: WriteStatus::Created,
-                    stored,
-                })
+            WriteOp::Create { .. } => self.apply_create(c, op),
+            WriteOp::Update { .. } => self.apply_update(c, op),
+            WriteOp::Unchanged { .. } => self.apply_unchanged(c, op),
+            WriteOp::Delete { .. } => self.apply_delete(c, op),
+        }
+    }
+
+    /// A create (conditional when `if_none_exist`).
+    fn apply_create<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
+        let WriteOp::Create {
+            res_type,
+            id,
+            resource,
+            if_none_exist,
+        } = op
+        else {
+            unreachable!("apply sends only Create here")
+        };
+        if let Some(cond) = if_none_exist {
+            if c.is_postgres() {
+                // Serialise conditional creates of the same type so two cannot both create
+                // (keyed by schema too: advisory locks are database-wide).
+                c.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || ?))",
+                    vec![res_type.clone().into()],
+                )?;
             }
-            WriteOp::Update {
-                res_type,
-                id,
-                resource,
-                if_match,
-                upsert,
-                patch,
-                guard,
-                may_create,
-            } => {
-                let head = self.head(c, res_type, id)?;
-                // The access policy first, so a refused caller learns nothing from 412s or 410s.
-                if let (Some(g), Some(h)) = (&guard, &head) {
-                    // A confined caller neither sees nor revives what it cannot see; a deleted
-                    // resource it cannot see as such.
-                    if h.deleted != 0 || !self.admits(c, h.rid, g)? {
-                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
-                    }
+            let snapshot = i64::MAX / 2;
+            let mut probe = cond.clone();
+            probe.count = 2;
+            probe.offset = 0;
+            let q = sql::page(res_type, &probe, snapshot, dialect(c));
+            let found: Vec<RidRow> = c.load(&q.text, q.binds)?;
+            match found.len() {
+                0 => {}
+                1 => {
+                    let stored = self.bodies(c, &[found[0].rid])?.remove(0);
+                    return Ok(WriteResult {
+                        status: WriteStatus::Existing,
+                        stored,
+                    });
                 }
-                let live = head.as_ref().is_some_and(|h| h.deleted == 0);
-                if *upsert && !live && !may_create {
-                    // To a confined caller an unused id looks exactly like a hidden one.
-                    if guard.is_some() {
-                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
-                    }
-                    return Err(StoreError::Forbidden(format!(
-                        "{res_type}/{id} does not exist: creating it takes create permission"
-                    )));
+                _ => {
+                    return Err(StoreError::PreconditionFailed(format!(
+                        "If-None-Exist matched more than one {res_type}"
+                    )))
                 }
-                match (&head, if_match) {
-                    (None, Some(v)) => {
-                        return Err(StoreError::PreconditionFailed(format!(
-                            "If-Match W/\"{v}\" given but {res_type}/{id} does not exist"
-                        )))
-                    }
-                    (None, None) if !upsert => {
-                        return Err(StoreError::NotFound(res_type.clone(), id.clone()))
-                    }
-                    (Some(h), Some(v)) if h.version_id != *v => {
+            }
+        }
+        // The id is server-assigned (UUIDv7), so no lookup first: should it ever exist, the
+        // unique (res_type, fhir_id) constraint refuses the insert as a conflict.
+        let stored = self.put_version(c, res_type, id, None, Some(resource), "POST")?;
+        Ok(WriteResult {
+            status: WriteStatus::Created,
+            stored,
+        })
+    }
+
+    /// An update (or update as create), checked against the guard, `If-Match` and the current version.
+    fn apply_update<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
+        let WriteOp::Update {
+            res_type,
+            id,
+            resource,
+            if_match,
+            upsert,
+            patch,
+            guard,
+            may_create,
+        } = op
+        else {
+            unreachable!("apply sends only Update here")
+        };
+        let head = self.head(c, res_type, id)?;
+        // The access policy first, so a refused caller learns nothing from 412s or 410s.
+        if let (Some(g), Some(h)) = (&guard, &head) {
+            // A confined caller neither sees nor revives what it cannot see; a deleted
+            // resource it cannot see as such.
+            if h.deleted != 0 || !self.admits(c, h.rid, g)? {
+                return Err(StoreError::NotFound(res_type.clone(), id.clone()));
+            }
+        }
+        let live = head.as_ref().is_some_and(|h| h.deleted == 0);
+        if *upsert && !live && !may_create {
+            // To a confined caller an unused id looks exactly like a hidden one.
+            if guard.is_some() {
+                return Err(StoreError::NotFound(res_type.clone(), id.clone()));
+            }
+            return Err(StoreError::Forbidden(format!(
+                "{res_type}/{id} does not exist: creating it takes create permission"
+            )));
+        }
+        match (&head, if_match) {
+            (None, Some(v)) => {
+                return Err(StoreError::PreconditionFailed(format!(
+                    "If-Match W/\"{v}\" given but {res_type}/{id} does not exist"
+                )))
+            }
+            (None, None) if !upsert => {
+                return Err(StoreError::NotFound(res_type.clone(), id.clone()))
+            }
+            (Some(h), Some(v)) if h.version_id != *v => {
+                return Err(StoreError::PreconditionFailed(format!(
+                    "{res_type}/{id} is at version {}, not {v}",
+                    h.version_id
+                )))
+            }
+            (Some(h), _) if *patch && h.deleted != 0 => {
+                return Err(StoreError::Gone(res_type.clone(), id.clone()))
+            }
+            _ => {}
+        }
+        let method = if *patch { "PATCH" } else { "PUT" };
+        let status = if head.as_ref().is_some_and(|h| h.deleted == 0) {
+            WriteStatus::Updated
+        } else {
+            WriteStatus::Created
+        };
+        let stored = self.put_version(c, res_type, id, head.as_ref(), Some(resource), method)?;
+        Ok(WriteResult { status, stored })
+    }
+
+    /// A version the caller saw, still current: nothing written.
+    fn apply_unchanged<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
+        let WriteOp::Unchanged {
+            res_type,
+            id,
+            version,
+        } = op
+        else {
+            unreachable!("apply sends only Unchanged here")
+        };
+        match self.head(c, res_type, id)? {
+            Some(h) if h.deleted == 0 && h.version_id == *version => Ok(WriteResult {
+                status: WriteStatus::Existing,
+                stored: Stored {
+                    res_type: res_type.clone(),
+                    id: id.clone(),
+                    version_id: *version,
+                    last_updated: h.last_updated,
+                    deleted: false,
+                    method: "GET".into(),
+                    body: None,
+                },
+            }),
+            _ => Err(StoreError::PreconditionFailed(format!(
+                "{res_type}/{id} is no longer at version {version}"
+            ))),
+        }
+    }
+
+    /// A delete (a tombstone version), checked against the guard and `If-Match`.
+    fn apply_delete<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
+        let WriteOp::Delete {
+            res_type,
+            id,
+            if_match,
+            guard,
+        } = op
+        else {
+            unreachable!("apply sends only Delete here")
+        };
+        let head = self.head(c, res_type, id)?;
+        if let Some(g) = &guard {
+            let visible = match &head {
+                Some(h) if h.deleted == 0 => self.admits(c, h.rid, g)?,
+                _ => false,
+            };
+            if !visible {
+                return Err(StoreError::NotFound(res_type.clone(), id.clone()));
+            }
+        }
+        match head {
+            Some(h) if h.deleted == 0 => {
+                if let Some(v) = *if_match {
+                    if v != h.version_id {
                         return Err(StoreError::PreconditionFailed(format!(
                             "{res_type}/{id} is at version {}, not {v}",
                             h.version_id
-                        )))
+                        )));
                     }
-                    (Some(h), _) if *patch && h.deleted != 0 => {
-                        return Err(StoreError::Gone(res_type.clone(), id.clone()))
-                    }
-                    _ => {}
                 }
-                let method = if *patch { "PATCH" } else { "PUT" };
-                let status = if head.as_ref().is_some_and(|h| h.deleted == 0) {
-                    WriteStatus::Updated
-                } else {
-                    WriteStatus::Created
-                };
-                let stored =
-                    self.put_version(c, res_type, id, head.as_ref(), Some(resource), method)?;
-                Ok(WriteResult { status, stored })
+                let stored = self.put_version(c, res_type, id, Some(&h), None, "DELETE")?;
+                Ok(WriteResult {
+                    status: WriteStatus::Deleted,
+                    stored,
+                })
             }
-            WriteOp::Unchanged {
-                res_type,
-                id,
-                version,
-            } => match self.head(c, res_type, id)? {
-                Some(h) if h.deleted == 0 && h.version_id == *version => Ok(WriteResult {
-                    status: WriteStatus::Existing,
-                    stored: Stored {
-                        res_type: res_type.clone(),
-                        id: id.clone(),
-                        version_id: *version,
-                        last_updated: h.last_updated,
-                        deleted: false,
-                        method: "GET".into(),
-                        body: None,
-                    },
-                }),
-                _ => Err(StoreError::PreconditionFailed(format!(
-                    "{res_type}/{id} is no longer at version {version}"
-                ))),
-            },
-            WriteOp::Delete {
-                res_type,
-                id,
-                if_match,
-                guard,
-            } => {
-                let head = self.head(c, res_type, id)?;
-                if let Some(g) = &guard {
-                    let visible = match &head {
-                        Some(h) if h.deleted == 0 => self.admits(c, h.rid, g)?,
-                        _ => false,
-                    };
-                    if !visible {
-                        return Err(StoreError::NotFound(res_type.clone(), id.clone()));
-                    }
-                }
-                match head {
-                    Some(h) if h.deleted == 0 => {
-                        if let Some(v) = *if_match {
-                            if v != h.version_id {
-                                return Err(StoreError::PreconditionFailed(format!(
-                                    "{res_type}/{id} is at version {}, not {v}",
-                                    h.version_id
-                                )));
-                            }
-                        }
-                        let stored = self.put_version(c, res_type, id, Some(&h), None, "DELETE")?;
-                        Ok(WriteResult {
-                            status: WriteStatus::Deleted,
-                            stored,
-                        })
-                    }
-                    _ if if_match.is_some() => Err(StoreError::PreconditionFailed(format!(
-                        "If-Match given but {res_type}/{id} does not exist or is deleted"
-                    ))),
-                    other => Ok(WriteResult {
-                        status: WriteStatus::NothingToDelete,
-                        stored: Stored {
-                            res_type: res_type.clone(),
-                            id: id.clone(),
-                            version_id: other.as_ref().map_or(0, |h| h.version_id),
-                            last_updated: other.as_ref().map_or(0, |h| h.last_updated),
-                            deleted: true,
-                            method: "DELETE".into(),
-                            body: None,
-                        },
-                    }),
-                }
-            }
+            _ if if_match.is_some() => Err(StoreError::PreconditionFailed(format!(
+                "If-Match given but {res_type}/{id} does not exist or is deleted"
+            ))),
+            other => Ok(WriteResult {
+                status: WriteStatus::NothingToDelete,
+                stored: Stored {
+                    res_type: res_type.clone(),
+                    id: id.clone(),
+                    version_id: other.as_ref().map_or(0, |h| h.version_id),
+                    last_updated: other.as_ref().map_or(0, |h| h.last_updated),
+                    deleted: true,
+                    method: "DELETE".into(),
+                    body: None,
+                },
+            }),
         }
     }
 
