@@ -121,7 +121,8 @@ pub struct Pass {
     pub closed: usize,
 }
 
-/// One pass. Blocking.
+/// One pass: reminds (and escalates) every unread urgent message that is due, then closes what
+/// is resolved. Blocking.
 pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
     let now = now_micros();
     let secs = 1_000_000;
@@ -136,124 +137,163 @@ pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
             key(store, "Communication", "status").into(),
         ],
     )?;
-    let (mut reminded, mut escalated, mut closed) = (0, 0, 0);
+    let mut pass = Pass::default();
     for u in unread {
-        let existing: Vec<Row> = store.query(
-            "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ? AND done = 0",
-            vec![u.comm_id.clone().into(), u.recipient.clone().into()],
-        )?;
-        let done_before: Vec<Row> = if existing.is_empty() {
-            store.query(
-                "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ?",
-                vec![u.comm_id.clone().into(), u.recipient.clone().into()],
-            )?
-        } else {
-            vec![]
-        };
-        if !done_before.is_empty() {
-            continue; // closed once (e.g. read, then marked unread is not a thing): never reopened
-        }
-        let Ok(msg) = store.read("Communication", &u.comm_id) else {
-            continue;
-        };
-        let msg: Value =
-            serde_json::from_slice(msg.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
-        // Someone away (out-of-office) is not reminded in vain: it goes to their delegate (else
-        // the backup) at once.
-        let away = super::away::away(store, &u.recipient, now)?;
-        let escalate = match &away {
-            Some(a) => a.delegate.clone().or(settings.escalation_backup.clone()),
-            None => settings
-                .escalation_backup
-                .clone()
-                .filter(|_| now - u.at >= settings.escalation_after_secs * secs),
-        }
-        .filter(|b| *b != u.recipient);
-        match existing.into_iter().next() {
-            None => {
-                let id = crate::fhir::rest::new_id();
-                let (cr, escalated_to) = request(
-                    store,
-                    &id,
-                    &msg,
-                    &u.recipient,
-                    1,
-                    now,
-                    escalate.as_deref(),
-                    None,
-                );
-                // Conditional on the identifier: after a crash between the request and its row,
-                // the next pass finds the request instead of making a second one.
-                let identifier = format!("{IDENTIFIER_SYSTEM}|{}:{}", u.comm_id, u.recipient);
-                let pairs = vec![("identifier".to_string(), identifier)];
-                let limits = crate::search::query::Limits {
-                    default_count: 2,
-                    max_count: 2,
-                    strict: true,
-                };
-                let cond = crate::search::query::parse(
-                    &store.registry,
-                    "CommunicationRequest",
-                    &pairs,
-                    &store.base_url,
-                    &limits,
-                )
-                .map_err(|_| StoreError::Other(anyhow::anyhow!("escalation identifier query")))?;
-                let written = store.write(
-                    vec![WriteOp::Create {
-                        res_type: "CommunicationRequest".into(),
-                        id: id.clone(),
-                        resource: Incoming::from_value(cr),
-                        if_none_exist: Some(cond),
-                    }],
-                    &ctx(store),
-                )?;
-                let id = written.first().map(|w| w.stored.id.clone()).unwrap_or(id);
-                store.execute(
-                    "INSERT INTO escalations (comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at) VALUES (?, ?, ?, 1, ?, ?)",
-                    vec![u.comm_id.into(), u.recipient.into(), id.into(), now.into(), escalated_to.then_some(now).into()],
-                )?;
-                reminded += 1;
-                escalated += escalated_to as usize;
-            }
-            Some(row) if row.last_reminder_at <= due_before => {
-                let escalate = if row.escalated_at.is_some() {
-                    None
-                } else {
-                    escalate
-                };
-                let (cr, now_escalated) = request(
-                    store,
-                    &row.request_id,
-                    &msg,
-                    &row.recipient,
-                    row.reminders + 1,
-                    now,
-                    escalate
-                        .as_deref()
-                        .or(row.escalated_at.and(settings.escalation_backup.as_deref())),
-                    row.escalated_at,
-                );
-                update(store, &row.request_id, cr)?;
-                let newly = now_escalated && row.escalated_at.is_none();
-                store.execute(
-                    "UPDATE escalations SET reminders = ?, last_reminder_at = ?, escalated_at = ? WHERE comm_id = ? AND recipient = ?",
-                    vec![
-                        (row.reminders + 1).into(),
-                        now.into(),
-                        row.escalated_at.or(newly.then_some(now)).into(),
-                        row.comm_id.into(),
-                        row.recipient.into(),
-                    ],
-                )?;
-                reminded += 1;
-                escalated += newly as usize;
-            }
-            Some(_) => {}
-        }
+        remind(store, settings, u, now, due_before, &mut pass)?;
     }
-    // Close what is resolved — read by its recipient, the message withdrawn, deleted or past the
-    // horizon — found in SQL, so open escalations cost nothing per pass while they stay open.
+    pass.closed = close_resolved(store, now)?;
+    Ok(pass)
+}
+
+/// One unread urgent message to one recipient: its first reminder, or the next one when due —
+/// escalated to the recipient's out-of-office delegate, else the backup, when that is due.
+fn remind(
+    store: &Store,
+    settings: &Settings,
+    u: Unread,
+    now: i64,
+    due_before: i64,
+    pass: &mut Pass,
+) -> Result<(), StoreError> {
+    let secs = 1_000_000;
+    let existing: Vec<Row> = store.query(
+        "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ? AND done = 0",
+        vec![u.comm_id.clone().into(), u.recipient.clone().into()],
+    )?;
+    let done_before: Vec<Row> = if existing.is_empty() {
+        store.query(
+            "SELECT comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at FROM escalations WHERE comm_id = ? AND recipient = ?",
+            vec![u.comm_id.clone().into(), u.recipient.clone().into()],
+        )?
+    } else {
+        vec![]
+    };
+    if !done_before.is_empty() {
+        return Ok(()); // closed once: never reopened
+    }
+    let Ok(msg) = store.read("Communication", &u.comm_id) else {
+        return Ok(());
+    };
+    let msg: Value =
+        serde_json::from_slice(msg.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+    // Someone away (out-of-office) is not reminded in vain: it goes to their delegate (else
+    // the backup) at once.
+    let away = super::away::away(store, &u.recipient, now)?;
+    let escalate = match &away {
+        Some(a) => a.delegate.clone().or(settings.escalation_backup.clone()),
+        None => settings
+            .escalation_backup
+            .clone()
+            .filter(|_| now - u.at >= settings.escalation_after_secs * secs),
+    }
+    .filter(|b| *b != u.recipient);
+    match existing.into_iter().next() {
+        None => first_reminder(store, &u, &msg, now, escalate.as_deref(), pass),
+        Some(row) if row.last_reminder_at <= due_before => {
+            next_reminder(store, settings, row, &msg, now, escalate, pass)
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The first reminder: a CommunicationRequest (conditional on its identifier, so a crash between
+/// it and its row never makes a second one) and the escalation row.
+fn first_reminder(
+    store: &Store,
+    u: &Unread,
+    msg: &Value,
+    now: i64,
+    escalate: Option<&str>,
+    pass: &mut Pass,
+) -> Result<(), StoreError> {
+    let id = crate::fhir::rest::new_id();
+    let (cr, escalated_to) = request(store, &id, msg, &u.recipient, 1, now, escalate, None);
+    // Conditional on the identifier: after a crash between the request and its row,
+    // the next pass finds the request instead of making a second one.
+    let identifier = format!("{IDENTIFIER_SYSTEM}|{}:{}", u.comm_id, u.recipient);
+    let pairs = vec![("identifier".to_string(), identifier)];
+    let limits = crate::search::query::Limits {
+        default_count: 2,
+        max_count: 2,
+        strict: true,
+    };
+    let cond = crate::search::query::parse(
+        &store.registry,
+        "CommunicationRequest",
+        &pairs,
+        &store.base_url,
+        &limits,
+    )
+    .map_err(|_| StoreError::Other(anyhow::anyhow!("escalation identifier query")))?;
+    let written = store.write(
+        vec![WriteOp::Create {
+            res_type: "CommunicationRequest".into(),
+            id: id.clone(),
+            resource: Incoming::from_value(cr),
+            if_none_exist: Some(cond),
+        }],
+        &ctx(store),
+    )?;
+    let id = written.first().map(|w| w.stored.id.clone()).unwrap_or(id);
+    store.execute(
+        "INSERT INTO escalations (comm_id, recipient, request_id, reminders, last_reminder_at, escalated_at) VALUES (?, ?, ?, 1, ?, ?)",
+        vec![u.comm_id.clone().into(), u.recipient.clone().into(), id.into(), now.into(), escalated_to.then_some(now).into()],
+    )?;
+    pass.reminders += 1;
+    pass.escalations += escalated_to as usize;
+    Ok(())
+}
+
+/// A later reminder, escalated once when due (never twice).
+fn next_reminder(
+    store: &Store,
+    settings: &Settings,
+    row: Row,
+    msg: &Value,
+    now: i64,
+    escalate: Option<String>,
+    pass: &mut Pass,
+) -> Result<(), StoreError> {
+    let escalate = if row.escalated_at.is_some() {
+        None
+    } else {
+        escalate
+    };
+    let (cr, now_escalated) = request(
+        store,
+        &row.request_id,
+        msg,
+        &row.recipient,
+        row.reminders + 1,
+        now,
+        escalate
+            .as_deref()
+            .or(row.escalated_at.and(settings.escalation_backup.as_deref())),
+        row.escalated_at,
+    );
+    update(store, &row.request_id, cr)?;
+    let newly = now_escalated && row.escalated_at.is_none();
+    store.execute(
+        "UPDATE escalations SET reminders = ?, last_reminder_at = ?, escalated_at = ? WHERE comm_id = ? AND recipient = ?",
+        vec![
+            (row.reminders + 1).into(),
+            now.into(),
+            row.escalated_at.or(newly.then_some(now)).into(),
+            row.comm_id.into(),
+            row.recipient.into(),
+        ],
+    )?;
+    pass.reminders += 1;
+    pass.escalations += newly as usize;
+    Ok(())
+}
+
+/// Closes what is resolved — read by its recipient, the message withdrawn, deleted or past the
+/// horizon. Returns how many.
+fn close_resolved(store: &Store, now: i64) -> Result<usize, StoreError> {
+    let secs = 1_000_000;
+    let mut closed = 0;
+    // Found in SQL, so open escalations cost nothing per pass while they stay open.
     let resolved: Vec<Resolved> = store.query(
         RESOLVED_SQL,
         vec![
@@ -279,11 +319,7 @@ pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
         )?;
         closed += 1;
     }
-    Ok(Pass {
-        reminders: reminded,
-        escalations: escalated,
-        closed,
-    })
+    Ok(closed)
 }
 
 fn write(store: &Store, op: WriteOp) -> Result<(), StoreError> {
