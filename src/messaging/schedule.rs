@@ -176,54 +176,129 @@ pub fn release_own(store: &Store, instance: &str) -> Result<usize, StoreError> {
     )
 }
 
-/// Sends one due request (if it is still active) and records it.
+/// Sends one due request (if it is still active) and records it: the message (conditional on
+/// its identifier, so a crash between the send and its record never sends twice), the request
+/// completed with its last occurrence, the schedule row marked sent.
 fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
-    let request = match store.read("CommunicationRequest", &d.request_id) {
-        Ok(s) => s,
-        Err(StoreError::NotFound(..) | StoreError::Gone(..)) => {
-            store.execute(
-                "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
-                vec![d.request_id.clone().into()],
-            )?;
-            return Ok(false);
-        }
-        Err(e) => return Err(e),
-    };
-    let cr: Value = serde_json::from_slice(request.body.as_deref().unwrap_or_default())
-        .map_err(|e| StoreError::Other(e.into()))?;
-    if cr["status"] != "active" {
-        store.execute(
-            "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
-            vec![d.request_id.clone().into()],
-        )?;
+    let Some((version, cr)) = still_active(store, d)? else {
         return Ok(false);
-    }
+    };
     let now = now_micros();
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    if d.occurrence > 0 {
-        // A repeating schedule's occurrence missed while a later one is also due (downtime) is
-        // skipped: one "take your 14:00 dose" at 15:00, not a burst of every dose missed.
-        let later: Vec<N> = store.query(
-            "SELECT occurrence AS n FROM schedules WHERE request_id = ? AND occurrence > ? AND due_at <= ? LIMIT 1",
-            vec![d.request_id.clone().into(), d.occurrence.into(), now.into()],
-        )?;
-        if !later.is_empty() {
-            store.execute(
-                "UPDATE schedules SET sent_at = ? WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
-                vec![now.into(), d.request_id.clone().into(), d.occurrence.into()],
-            )?;
-            return Ok(false);
-        }
+    if missed_for_a_later_one(store, d, now)? {
+        return Ok(false);
     }
     let remaining = store.query::<N>(
         "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM schedules WHERE request_id = ? AND occurrence <> ? AND sent_at IS NULL",
         vec![d.request_id.clone().into(), d.occurrence.into()],
     )?[0]
         .n;
+    let (msg, ident) = message_for(store, d, &cr, now);
+    let mut ops = vec![WriteOp::Create {
+        res_type: "Communication".into(),
+        id: crate::fhir::rest::new_id(),
+        resource: Incoming::from_value(msg),
+        if_none_exist: Some(identifier_condition(store, &ident)?),
+    }];
+    if remaining == 0 {
+        // The request completes with its last occurrence.
+        let mut done = cr.clone();
+        done["status"] = json!("completed");
+        ops.push(WriteOp::Update {
+            res_type: "CommunicationRequest".into(),
+            id: d.request_id.clone(),
+            resource: Incoming::from_value(done),
+            if_match: Some(version),
+            upsert: false,
+            patch: false,
+            guard: None,
+            may_create: false,
+        });
+    } else {
+        // Not the last: the request must still be the version read (not revoked meanwhile).
+        ops.push(WriteOp::Unchanged {
+            res_type: "CommunicationRequest".into(),
+            id: d.request_id.clone(),
+            version,
+        });
+    }
+    let communication = match store.write(ops, &ctx(store)) {
+        Ok(w) => w[0].stored.id.clone(),
+        // The request changed meanwhile (revoked, edited): the next pass decides again.
+        Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => {
+            store.execute(
+                "UPDATE schedules SET claimed_until = 0 WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
+                vec![d.request_id.clone().into(), d.occurrence.into()],
+            )?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    store.execute(
+        "UPDATE schedules SET sent_at = ?, communication_id = ? WHERE request_id = ? AND occurrence = ?",
+        vec![
+            now.into(),
+            communication.into(),
+            d.request_id.clone().into(),
+            d.occurrence.into(),
+        ],
+    )?;
+    Ok(true)
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// The request (its version and body) if it is still active; otherwise its unsent schedule rows
+/// go and `None`.
+fn still_active(store: &Store, d: &Due) -> Result<Option<(i64, Value)>, StoreError> {
+    let request = match store.read("CommunicationRequest", &d.request_id) {
+        Ok(s) => Some(s),
+        Err(StoreError::NotFound(..) | StoreError::Gone(..)) => None,
+        Err(e) => return Err(e),
+    };
+    let active = match &request {
+        Some(r) => {
+            let cr: Value = serde_json::from_slice(r.body.as_deref().unwrap_or_default())
+                .map_err(|e| StoreError::Other(e.into()))?;
+            (cr["status"] == "active").then_some((r.version_id, cr))
+        }
+        None => None,
+    };
+    if active.is_none() {
+        store.execute(
+            "DELETE FROM schedules WHERE request_id = ? AND sent_at IS NULL",
+            vec![d.request_id.clone().into()],
+        )?;
+    }
+    Ok(active)
+}
+
+/// A repeating schedule's occurrence missed while a later one is also due (downtime) is skipped
+/// (marked sent): one "take your 14:00 dose" at 15:00, not a burst of every dose missed.
+fn missed_for_a_later_one(store: &Store, d: &Due, now: i64) -> Result<bool, StoreError> {
+    if d.occurrence == 0 {
+        return Ok(false);
+    }
+    let later: Vec<N> = store.query(
+        "SELECT occurrence AS n FROM schedules WHERE request_id = ? AND occurrence > ? AND due_at <= ? LIMIT 1",
+        vec![d.request_id.clone().into(), d.occurrence.into(), now.into()],
+    )?;
+    if later.is_empty() {
+        return Ok(false);
+    }
+    store.execute(
+        "UPDATE schedules SET sent_at = ? WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
+        vec![now.into(), d.request_id.clone().into(), d.occurrence.into()],
+    )?;
+    Ok(true)
+}
+
+/// The Communication an occurrence sends, and its identifier: what the request asks for, sent now
+/// by its sender (else its requester), as staff-only as the request.
+fn message_for(store: &Store, d: &Due, cr: &Value, now: i64) -> (Value, String) {
     let ident = if d.occurrence == 0 {
         d.request_id.clone()
     } else {
@@ -260,7 +335,15 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
     }
     // Sent as the author checked when the request was written (`messaging::rules`), and as
     // staff-only as the request.
-    super::staff_only::label_derived(store, "Communication", &mut msg, &cr);
+    super::staff_only::label_derived(store, "Communication", &mut msg, cr);
+    (msg, ident)
+}
+
+/// `Communication?identifier=…|{ident}`: the condition that makes a send happen once.
+fn identifier_condition(
+    store: &Store,
+    ident: &str,
+) -> Result<crate::search::query::SearchRequest, StoreError> {
     let pairs = vec![(
         "identifier".to_string(),
         format!("{IDENTIFIER_SYSTEM}|{ident}"),
@@ -270,65 +353,14 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
         max_count: 2,
         strict: true,
     };
-    let cond = crate::search::query::parse(
+    crate::search::query::parse(
         &store.registry,
         "Communication",
         &pairs,
         &store.base_url,
         &limits,
     )
-    .map_err(|_| StoreError::Other(anyhow::anyhow!("schedule identifier query")))?;
-    let mut done = cr.clone();
-    done["status"] = json!("completed");
-    let mut ops = vec![WriteOp::Create {
-        res_type: "Communication".into(),
-        id: crate::fhir::rest::new_id(),
-        resource: Incoming::from_value(msg),
-        if_none_exist: Some(cond),
-    }];
-    // The request completes with its last occurrence.
-    if remaining == 0 {
-        ops.push(WriteOp::Update {
-            res_type: "CommunicationRequest".into(),
-            id: d.request_id.clone(),
-            resource: Incoming::from_value(done),
-            if_match: Some(request.version_id),
-            upsert: false,
-            patch: false,
-            guard: None,
-            may_create: false,
-        });
-    } else {
-        // Not the last: the request must still be the version read (not revoked meanwhile).
-        ops.push(WriteOp::Unchanged {
-            res_type: "CommunicationRequest".into(),
-            id: d.request_id.clone(),
-            version: request.version_id,
-        });
-    }
-    let written = store.write(ops, &ctx(store));
-    let communication = match written {
-        Ok(w) => w[0].stored.id.clone(),
-        // The request changed meanwhile (revoked, edited): the next pass decides again.
-        Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => {
-            store.execute(
-                "UPDATE schedules SET claimed_until = 0 WHERE request_id = ? AND occurrence = ? AND sent_at IS NULL",
-                vec![d.request_id.clone().into(), d.occurrence.into()],
-            )?;
-            return Ok(false);
-        }
-        Err(e) => return Err(e),
-    };
-    store.execute(
-        "UPDATE schedules SET sent_at = ?, communication_id = ? WHERE request_id = ? AND occurrence = ?",
-        vec![
-            now.into(),
-            communication.into(),
-            d.request_id.clone().into(),
-            d.occurrence.into(),
-        ],
-    )?;
-    Ok(true)
+    .map_err(|_| StoreError::Other(anyhow::anyhow!("schedule identifier query")))
 }
 
 /// Sends claimed per pass.
