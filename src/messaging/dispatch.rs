@@ -515,15 +515,9 @@ async fn refuse_bind(
     let _ = session.close(None).await;
 }
 
-async fn channel(
-    state: web::Data<AppState>,
-    mut session: actix_ws::Session,
-    stream: actix_ws::MessageStream,
-    ctx: crate::audit::Context,
-    source: super::ws::Source,
-) {
-    let mut stream = stream.max_frame_size(16 * 1024).aggregate_continuations();
-    let first = tokio::time::timeout(Duration::from_secs(10), async {
+/// The socket's first text frame (pings and pongs before it are skipped), within 10 s.
+async fn first_text(stream: &mut actix_ws::AggregatedMessageStream) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match stream.next().await {
                 Some(Ok(actix_ws::AggregatedMessage::Text(t))) => return Some(t.to_string()),
@@ -536,7 +530,72 @@ async fn channel(
     })
     .await
     .ok()
-    .flatten();
+    .flatten()
+}
+
+/// Takes a binding token (single use) and finds the active websocket subscription it binds, if
+/// the token is known, unexpired and its access token not revoked. Blocking.
+fn take_binding(store: &Store, token: &str) -> Result<Option<(SubRow, BindingRow)>, StoreError> {
+    let h = subscriptions::token_hash(token);
+    let rows: Vec<BindingRow> = store.query(
+        "SELECT sub_id, owner_client, expires_at, jti FROM ws_binding_tokens WHERE token_hash = ?",
+        vec![h.clone().into()],
+    )?;
+    // Single use: of two binds racing with one token, only the one that deletes it wins.
+    let taken = store.execute(
+        "DELETE FROM ws_binding_tokens WHERE token_hash = ?",
+        vec![h.into()],
+    )?;
+    let Some(b) = rows.into_iter().next().filter(|_| taken == 1) else {
+        return Ok(None);
+    };
+    if b.expires_at < now_secs()
+        || super::revocations::ends_now(store, b.jti.as_deref(), &b.owner_client)?
+    {
+        return Ok(None);
+    }
+    let sub = subscriptions::load(store, &b.sub_id)?;
+    Ok(sub
+        .filter(|s| {
+            s.owner_client == b.owner_client && s.status == "active" && s.channel == "websocket"
+        })
+        .map(|s| (s, b)))
+}
+
+/// A notification Bundle of `kind` for `row`, with its events `from..=to` (none when `to < from`).
+async fn notification(
+    s: &Arc<Store>,
+    row: &SubRow,
+    kind: &'static str,
+    from: i64,
+    to: i64,
+) -> Result<Result<Value, StoreError>, actix_web::error::BlockingError> {
+    let (s, row) = (s.clone(), row.clone());
+    web::block(move || -> Result<Value, StoreError> {
+        let evs = if to >= from {
+            numbered(&s, &row.id, from, to)?
+        } else {
+            vec![]
+        };
+        let content = if kind == "event-notification" {
+            row.content.as_str()
+        } else {
+            "empty"
+        };
+        Ok(bundle(&s, &row, kind, &evs, content))
+    })
+    .await
+}
+
+async fn channel(
+    state: web::Data<AppState>,
+    mut session: actix_ws::Session,
+    stream: actix_ws::MessageStream,
+    ctx: crate::audit::Context,
+    source: super::ws::Source,
+) {
+    let mut stream = stream.max_frame_size(16 * 1024).aggregate_continuations();
+    let first = first_text(&mut stream).await;
     let token = first
         .as_deref()
         .and_then(|t| t.strip_prefix("bind-with-token "))
@@ -553,33 +612,7 @@ async fn channel(
         return;
     };
     let store = state.store.clone();
-    let bound = web::block(move || -> Result<Option<(SubRow, BindingRow)>, StoreError> {
-        let h = subscriptions::token_hash(&token);
-        let rows: Vec<BindingRow> = store.query(
-            "SELECT sub_id, owner_client, expires_at, jti FROM ws_binding_tokens WHERE token_hash = ?",
-            vec![h.clone().into()],
-        )?;
-        // Single use: of two binds racing with one token, only the one that deletes it wins.
-        let taken = store.execute(
-            "DELETE FROM ws_binding_tokens WHERE token_hash = ?",
-            vec![h.into()],
-        )?;
-        let Some(b) = rows.into_iter().next().filter(|_| taken == 1) else {
-            return Ok(None);
-        };
-        if b.expires_at < now_secs()
-            || super::revocations::ends_now(&store, b.jti.as_deref(), &b.owner_client)?
-        {
-            return Ok(None);
-        }
-        let sub = subscriptions::load(&store, &b.sub_id)?;
-        Ok(sub
-            .filter(|s| {
-                s.owner_client == b.owner_client && s.status == "active" && s.channel == "websocket"
-            })
-            .map(|s| (s, b)))
-    })
-    .await;
+    let bound = web::block(move || take_binding(&store, &token)).await;
     let Ok(Ok(Some((sub, binding)))) = bound else {
         refuse_bind(
             &state,
@@ -591,28 +624,7 @@ async fn channel(
         .await;
         return;
     };
-    let send = |s: &Arc<Store>, row: &SubRow, kind: &'static str, from: i64, to: i64| {
-        let (s, row) = (s.clone(), row.clone());
-        web::block(move || -> Result<Value, StoreError> {
-            let evs = if to >= from {
-                numbered(&s, &row.id, from, to)?
-            } else {
-                vec![]
-            };
-            Ok(bundle(
-                &s,
-                &row,
-                kind,
-                &evs,
-                if kind == "event-notification" {
-                    &row.content
-                } else {
-                    "empty"
-                },
-            ))
-        })
-    };
-    let Ok(Ok(handshake)) = send(&state.store, &sub, "handshake", 1, 0).await else {
+    let Ok(Ok(handshake)) = notification(&state.store, &sub, "handshake", 1, 0).await else {
         return;
     };
     if session.text(handshake.to_string()).await.is_err() {
@@ -675,7 +687,7 @@ async fn channel(
                 }
                 while last < row.events_since_start {
                     let to = (last + row.max_count).min(row.events_since_start);
-                    let Ok(Ok(b)) = send(&state.store, &row, "event-notification", last + 1, to).await else { return };
+                    let Ok(Ok(b)) = notification(&state.store, &row, "event-notification", last + 1, to).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
                     let (s, r, from) = (state.store.clone(), row.clone(), last + 1);
                     let _ = web::block(move || audit_disclosure(&s, &r, from, to)).await;
@@ -683,7 +695,7 @@ async fn channel(
                     last_sent = Instant::now();
                 }
                 if !heartbeat.is_zero() && last_sent.elapsed() >= heartbeat {
-                    let Ok(Ok(b)) = send(&state.store, &row, "heartbeat", 1, 0).await else { return };
+                    let Ok(Ok(b)) = notification(&state.store, &row, "heartbeat", 1, 0).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
                     last_sent = Instant::now();
                 }
