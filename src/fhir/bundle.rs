@@ -570,14 +570,22 @@ fn response_entry(base: &str, r: &WriteResult) -> Entry {
     }
 }
 
-async fn transaction(
+/// Step 1 of a transaction: each entry's id — a new one for a create, the existing resource's
+/// for a conditional create that matches one — and the map from each entry's `fullUrl` to its
+/// `Type/id`, so references between entries can be rewritten.
+#[allow(clippy::type_complexity)]
+async fn assign_ids(
     state: &web::Data<AppState>,
-    entries: Vec<Parsed>,
-    ctx: &crate::audit::Context,
     p: &Principal,
-) -> Res {
-    let base = state.settings.base_url.clone();
-    // 1. Resolve conditional creates and assign ids, so references between entries can be rewritten.
+    entries: &[Parsed],
+) -> Result<
+    (
+        Vec<Option<String>>,
+        HashMap<usize, Stored>,
+        HashMap<String, String>,
+    ),
+    FhirError,
+> {
     let mut ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
     let mut existing: HashMap<usize, Stored> = HashMap::new();
     let mut map: HashMap<String, String> = HashMap::new();
@@ -625,7 +633,11 @@ async fn transaction(
         }
         ids.push(id);
     }
-    // Two writes to one resource in a transaction are ambiguous: the spec says it SHALL fail.
+    Ok((ids, existing, map))
+}
+
+/// Two writes to one resource in a transaction are ambiguous: the spec says it SHALL fail.
+fn one_write_per_resource(entries: &[Parsed], ids: &[Option<String>]) -> Result<(), FhirError> {
     let mut targets = std::collections::HashSet::new();
     for (i, e) in entries.iter().enumerate() {
         if matches!(e.method.as_str(), "PUT" | "DELETE") {
@@ -641,6 +653,20 @@ async fn transaction(
             }
         }
     }
+    Ok(())
+}
+
+async fn transaction(
+    state: &web::Data<AppState>,
+    entries: Vec<Parsed>,
+    ctx: &crate::audit::Context,
+    p: &Principal,
+) -> Res {
+    let base = state.settings.base_url.clone();
+    // 1. Resolve conditional creates and assign ids, so references between entries can be rewritten.
+    let (ids, mut existing, map) = assign_ids(state, p, &entries).await?;
+    // Two writes to one resource in a transaction are ambiguous: the spec says it SHALL fail.
+    one_write_per_resource(&entries, &ids)?;
     // 2. Check every resource (after rewriting) and build the operations.
     let mut ops = Vec::new();
     let mut op_index = Vec::new();
