@@ -42,6 +42,12 @@ impl Discovery {
         &self.http
     }
 
+    /// Drops what was discovered of `iss`: the next launch discovers it again (after an EHR
+    /// changed its configuration).
+    pub fn forget(&self, iss: &str) {
+        self.cache.lock().remove(iss);
+    }
+
     /// The EHR's endpoints, from the cache or discovered now.
     pub async fn endpoints(&self, iss: &str) -> Result<Arc<Endpoints>, String> {
         if let Some((at, e)) = self.cache.lock().get(iss) {

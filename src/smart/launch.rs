@@ -301,6 +301,7 @@ async fn authorize(
         .map(String::from)
         .collect();
     wanted.push(ask.into());
+    let wanted = in_the_ehrs_syntax(wanted, &endpoints.capabilities);
     let mut request = client
         .authorize_url(CsrfToken::new_random)
         .add_scopes(wanted.into_iter().map(Scope::new))
@@ -574,13 +575,23 @@ async fn complete(
     // Who the user and the patient in context are, in Courier's terms.
     let user_ref = relative(&fhir_user, &ehr.iss)
         .ok_or("the fhirUser is not a Patient, Practitioner or RelatedPerson of this EHR")?;
-    let (user, user_shown) = map_identity(state, ehr, &ehr_token, &user_ref).await?;
+    let (user, user_shown) = map_identity(
+        state,
+        ehr,
+        &ehr_token,
+        &user_ref,
+        Some(as_the_id_token_says(&user_ref, &claims)),
+    )
+    .await?;
     let (patient, patient_shown) = match &extra.patient {
         Some(id) if !fhir_codec::is_valid_id(id) => {
             return Err("the EHR's patient context is not a valid id".into())
         }
         Some(id) => {
-            let (r, shown) = map_identity(state, ehr, &ehr_token, &format!("Patient/{id}")).await?;
+            let reference = format!("Patient/{id}");
+            let minimal = json!({"resourceType": "Patient", "id": id});
+            let (r, shown) =
+                map_identity(state, ehr, &ehr_token, &reference, Some(minimal)).await?;
             (Some(r), shown)
         }
         None if user.starts_with("Patient/") => (Some(user.clone()), user_shown.clone()),
@@ -666,6 +677,39 @@ async fn complete(
     Ok((handoff(&session), user))
 }
 
+/// The launch scopes in the syntax the EHR speaks. Courier's are SMART v2 (`user/Patient.rs`);
+/// an EHR whose discovery advertises `permission-v1` but not `permission-v2` gets them as SMART
+/// v1 (`user/Patient.read`; a v1 EHR ignores v2 scopes, and the launch would then lack the reads
+/// it needs). A v2 scope with a query has no v1 form and is sent unchanged.
+pub fn in_the_ehrs_syntax(scopes: Vec<String>, capabilities: &[String]) -> Vec<String> {
+    let has = |c: &str| capabilities.iter().any(|x| x == c);
+    if !(has("permission-v1") && !has("permission-v2")) {
+        return scopes;
+    }
+    scopes
+        .into_iter()
+        .map(|s| {
+            let Some((head, perms)) = s.rsplit_once('.') else {
+                return s;
+            };
+            let clinical = ["patient/", "user/", "system/"]
+                .iter()
+                .any(|c| head.starts_with(c));
+            if !clinical || perms.is_empty() || !perms.chars().all(|c| "cruds".contains(c)) {
+                return s;
+            }
+            let reads = perms.contains('r') || perms.contains('s');
+            let writes = perms.contains('c') || perms.contains('u') || perms.contains('d');
+            let v1 = match (reads, writes) {
+                (true, true) => "*",
+                (true, false) => "read",
+                _ => "write",
+            };
+            format!("{head}.{v1}")
+        })
+        .collect()
+}
+
 /// `Type/id` of a reference to this EHR (relative, or absolute under its base).
 fn relative(reference: &str, iss: &str) -> Option<String> {
     let r = reference
@@ -677,11 +721,17 @@ fn relative(reference: &str, iss: &str) -> Option<String> {
 }
 
 /// Reads `reference` from the EHR with the user's token and links it to a Courier identity.
+///
+/// An EHR that granted less than Courier asked for (no read of this kind of record) answers 401 or
+/// 403: with a `fallback` (the record as the id_token describes it), the person is linked by their
+/// EHR reference alone and named as the id_token names them — a summary from an earlier, fuller
+/// launch is kept — instead of failing the sign-in.
 async fn map_identity(
     state: &web::Data<AppState>,
     ehr: &Ehr,
     token: &str,
     reference: &str,
+    fallback: Option<Value>,
 ) -> Result<(String, Value), String> {
     let res = state
         .ehrs
@@ -694,6 +744,12 @@ async fn map_identity(
         .send()
         .await
         .map_err(|e| format!("cannot read {reference} from the EHR: {}", e.without_url()))?;
+    let refused = matches!(res.status().as_u16(), 401 | 403);
+    if refused && fallback.is_some() {
+        tracing::info!(ehr = %ehr.name, status = res.status().as_u16(),
+            "the EHR's grant does not read this record: linked by reference");
+        return link_as_granted(state, ehr, fallback.unwrap_or_default()).await;
+    }
     if !res.status().is_success() {
         return Err(format!(
             "the EHR answered {} to {reference}",
@@ -733,6 +789,57 @@ async fn map_identity(
             identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
             other => other.to_string(),
         })
+}
+
+/// Links a person the EHR's grant does not let Courier read, by their EHR reference alone (no
+/// identifiers: never joined to another EHR's record by guess), keeping any summary Courier has.
+async fn link_as_granted(
+    state: &web::Data<AppState>,
+    ehr: &Ehr,
+    minimal: Value,
+) -> Result<(String, Value), String> {
+    let store = state.store.clone();
+    let iss = ehr.iss.clone();
+    let shown = identity::summary_of(&minimal);
+    web::block(move || {
+        let (r, _) = identity::link(&store, &iss, &|_| false, &minimal)?;
+        let known = identity::summaries(&store, std::slice::from_ref(&r))?;
+        let shown = match known.get(&r) {
+            Some(k) => k.clone(),
+            None => {
+                identity::remember(&store, &r, &shown)?;
+                shown
+            }
+        };
+        Ok::<_, identity::LinkError>((r, shown))
+    })
+    .await
+    .map_err(|_| "internal error".to_string())?
+    .map_err(|e| match e {
+        identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
+        other => other.to_string(),
+    })
+}
+
+/// The record the id_token describes: its kind and id, and the name in its OpenID Connect
+/// `name` (or `given_name` / `family_name`) claims, when the EHR sends them.
+fn as_the_id_token_says(reference: &str, claims: &Value) -> Value {
+    let (kind, id) = reference.split_once('/').unwrap_or_default();
+    let mut v = json!({"resourceType": kind, "id": id});
+    let name = claims["name"].as_str().map(String::from).or_else(|| {
+        let parts: Vec<&str> = [
+            claims["given_name"].as_str(),
+            claims["family_name"].as_str(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    });
+    if let Some(n) = name {
+        v["name"] = json!([{"text": n}]);
+    }
+    v
 }
 
 /// At most this many care-team members are read from the EHR at a launch.
@@ -793,7 +900,7 @@ async fn refresh_care_team(
     }
     let mut mapped = vec![];
     for m in members {
-        match map_identity(state, ehr, token, &m).await {
+        match map_identity(state, ehr, token, &m, None).await {
             Ok((r, _)) => mapped.push(r),
             Err(e) => {
                 tracing::info!(ehr = %ehr.name, error = %e, "a care-team member was not mapped")

@@ -10,6 +10,7 @@ mod auth;
 mod browser;
 mod bundles;
 mod clients;
+mod compat;
 mod crud;
 mod ehr;
 mod emergency;

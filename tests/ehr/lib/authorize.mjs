@@ -118,7 +118,7 @@ function decide(state, req, params, repeated, client) {
     throw invalid('the "launch" scope needs a launch parameter (EHR launch)');
   }
 
-  const scopes = grantScopes(requested, client, 'user');
+  const scopes = grantScopes(requested, client, 'user', state.settings.scopesVersion);
   if (scopes.length === 0) throw new OAuthError(400, 'invalid_scope', 'none of the requested scopes is registered for this client');
 
   const headerDeny = String(req.headers['x-test-deny'] || '').toLowerCase() === 'true';

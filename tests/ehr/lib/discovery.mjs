@@ -27,7 +27,7 @@ export const SCOPES_SUPPORTED = [
   'system/*.write',
 ];
 
-export function smartConfiguration(urls) {
+export function smartConfiguration(urls, scopesVersion = 'both') {
   return {
     issuer: urls.issuer,
     jwks_uri: urls.jwks,
@@ -36,7 +36,7 @@ export function smartConfiguration(urls) {
     token_endpoint_auth_methods_supported: ['private_key_jwt'],
     token_endpoint_auth_signing_alg_values_supported: ['RS384', 'ES384'],
     grant_types_supported: ['authorization_code', 'client_credentials', 'refresh_token'],
-    scopes_supported: SCOPES_SUPPORTED,
+    scopes_supported: SCOPES_SUPPORTED.filter((x) => scopesVersion === 'both' || scopeVersion(x) === 0 || scopeVersion(x) === scopesVersion),
     response_types_supported: ['code'],
     code_challenge_methods_supported: ['S256'],
     capabilities: [
@@ -55,8 +55,8 @@ export function smartConfiguration(urls) {
       'permission-online',
       'permission-patient',
       'permission-user',
-      'permission-v1',
-      'permission-v2',
+      ...(scopesVersion === 2 ? [] : ['permission-v1']),
+      ...(scopesVersion === 1 ? [] : ['permission-v2']),
     ],
   };
 }
@@ -124,4 +124,11 @@ export function capabilityStatement(urls, name, startedAt) {
       },
     ],
   };
+}
+
+// 1 for a SMART v1 clinical scope (…read, …write, ….*), 2 for a v2 one (….cruds), 0 otherwise.
+export function scopeVersion(scope) {
+  const m = /^(patient|user|system)\/(\*|[A-Z][A-Za-z]+)\.([a-z*]+)/.exec(scope);
+  if (!m) return 0;
+  return ['read', 'write', '*'].includes(m[3]) ? 1 : 2;
 }

@@ -1,4 +1,5 @@
 // SMART scopes: what a client may be granted, and what a granted scope allows on /fhir.
+import { scopeVersion } from './discovery.mjs';
 //
 // Both SMART v1 (patient/Patient.read, user/*.write, system/*.*) and v2
 // (patient/Patient.rs, user/AuditEvent.c, system/*.cruds) are understood.
@@ -41,11 +42,14 @@ export function parseClinicalScope(scope) {
 // fail, so the token response's `scope` is what the client must look at.
 //   flow 'user'   (authorization_code): context scopes + patient/ and user/ scopes
 //   flow 'system' (client_credentials): system/ scopes only
-export function grantScopes(requested, client, flow) {
+export function grantScopes(requested, client, flow, scopesVersion = 'both') {
   const registered = new Set(client.scopes);
   const any = registered.has('*');
   return requested.filter((scope) => {
     if (!any && !registered.has(scope)) return false;
+    // An EHR that speaks one scope syntax ignores the other (it narrows; it does not fail).
+    const v = scopeVersion(scope);
+    if (scopesVersion !== 'both' && v !== 0 && v !== scopesVersion) return false;
     const clinical = parseClinicalScope(scope);
     if (flow === 'system') return clinical !== null && clinical.context === 'system';
     if (clinical) return clinical.context !== 'system';

@@ -27,6 +27,9 @@ export function createState(config, key) {
       idTokenKid: true,
       // Extra RSA keys published in the JWKS before the signing key (an EHR mid-rotation).
       jwksDecoys: 0,
+      // Which SMART scope syntax the EHR understands: 'both', 1 (v1 only: patient/Patient.read;
+      // it advertises permission-v1 alone and ignores v2 scopes) or 2 (v2 only).
+      scopesVersion: 'both',
     },
     decoyKeys: [], // public JWKs, made when jwks_decoys is set
     down: null, // {status, retry_after} while "down"

@@ -83,6 +83,7 @@ export function createTestControl(state, tokens, fhir) {
       set('code_ttl', 'codeTtl', isSeconds);
       set('id_token_kid', 'idTokenKid', (v) => typeof v === 'boolean');
       set('jwks_decoys', 'jwksDecoys', (v) => Number.isInteger(v) && v >= 0 && v <= 8);
+      set('scopes_version', 'scopesVersion', (v) => v === 'both' || v === 1 || v === 2);
       while (state.decoyKeys.length < s.jwksDecoys) {
         const { publicKey } = await jose.generateKeyPair('RS256', { extractable: true });
         state.decoyKeys.push({ ...(await jose.exportJWK(publicKey)), kid: `decoy-${state.decoyKeys.length + 1}`, alg: 'RS256', use: 'sig' });
@@ -158,5 +159,6 @@ function publicSettings(state) {
     code_ttl: s.codeTtl,
     id_token_kid: s.idTokenKid,
     jwks_decoys: s.jwksDecoys,
+    scopes_version: s.scopesVersion,
   };
 }

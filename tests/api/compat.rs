@@ -1,0 +1,87 @@
+//! EHRs that differ within the SMART spec (issue 22's compatibility matrix): each behaviour the
+//! test EHR can take, and Courier working with it.
+
+use crate::both_backends;
+use crate::ehr::{launch_as, new_ehr, person, spawn_ehr, TestEhr};
+use crate::helpers::*;
+use courier::smart::launch::in_the_ehrs_syntax;
+use courier::smart::registry;
+use serde_json::json;
+
+async fn fixture(app: &TestApp, ehr: &TestEhr) {
+    let mut ada = person("Patient", "a1", &[]);
+    ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+    let mut grace = person("Practitioner", "dr-a", &[]);
+    grace["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
+    ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace])))
+        .await;
+    let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+    n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r";
+    registry::add(&app.store, &n).unwrap();
+    ehr.register_courier(app, "courier").await;
+}
+
+#[test]
+fn v2_scopes_are_asked_in_v1_of_an_ehr_that_speaks_only_v1() {
+    let v1 = vec!["permission-v1".to_string()];
+    let both = vec!["permission-v1".to_string(), "permission-v2".to_string()];
+    let scopes = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+    let asked = scopes("openid fhirUser launch user/Patient.r user/Practitioner.rs patient/CareTeam.rs user/Communication.cruds system/AuditEvent.c patient/Observation.rs?category=vital-signs");
+    assert_eq!(
+        in_the_ehrs_syntax(asked.clone(), &v1),
+        scopes("openid fhirUser launch user/Patient.read user/Practitioner.read patient/CareTeam.read user/Communication.* system/AuditEvent.write patient/Observation.rs?category=vital-signs")
+    );
+    assert_eq!(in_the_ehrs_syntax(asked.clone(), &both), asked);
+    assert_eq!(
+        in_the_ehrs_syntax(asked.clone(), &[]),
+        asked,
+        "no capabilities: as configured"
+    );
+}
+
+both_backends! {
+    async fn an_ehr_that_speaks_only_smart_v1_scopes_launches(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        let set = ehr.control(reqwest::Method::POST, "settings", Some(json!({"scopes_version": 1}))).await;
+        assert_eq!(set["scopes_version"], 1);
+        // The EHR ignores v2 scopes: asked in v2, the launch would get no read of the user.
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert!(s["fhirUser"].as_str().unwrap().starts_with("Practitioner/"), "{s}");
+        assert_eq!(s["user_display"]["name"], "Grace Hopper");
+        assert_eq!(s["patient_display"]["name"], "Ada Lovelace");
+        // And an EHR that speaks only v2 gets v2.
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"scopes_version": 2}))).await;
+        app.ehrs.discovery().forget(&ehr.base);
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(s["user_display"]["name"], "Grace Hopper");
+    }
+}
+
+both_backends! {
+    async fn a_narrower_grant_signs_in_and_keeps_what_an_earlier_launch_named(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // Granted in full: Grace is read and named.
+        let full = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(full["user_display"]["name"], "Grace Hopper");
+        // Now the EHR grants no read of Practitioner records (registered for less).
+        ehr.control(reqwest::Method::POST, "clients", Some(json!({"client_id": "courier",
+            "jwks_url": app.url("smart/jwks"), "redirect_uris": [app.url("smart/callback")],
+            "scopes": "openid fhirUser launch launch/patient online_access user/Patient.r"}))).await;
+        let narrow = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(narrow["fhirUser"], full["fhirUser"], "the same Courier identity: {narrow}");
+        assert_eq!(narrow["user_display"]["name"], "Grace Hopper", "the earlier summary is kept");
+        assert_eq!(narrow["patient_display"]["name"], "Ada Lovelace");
+        // Someone never read in full gets a working sign-in without a name.
+        let mut alan = person("Practitioner", "dr-b", &[]);
+        alan["name"] = json!([{"given": ["Alan"], "family": "Turing"}]);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([alan]))).await;
+        let unnamed = launch_as(&app, &ehr, "a1", "Practitioner/dr-b").await;
+        assert!(unnamed["fhirUser"].as_str().unwrap().starts_with("Practitioner/"), "{unnamed}");
+        assert_ne!(unnamed["fhirUser"], full["fhirUser"]);
+        assert!(unnamed["user_display"]["name"].is_null(), "{unnamed}");
+        let token = unnamed["access_token"].as_str().unwrap();
+        assert_eq!(client_with_token(token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+    }
+}
