@@ -155,7 +155,7 @@ pub fn parse_pools(text: &str) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 pub fn default_launch_scope() -> String {
-    "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r user/CareTeam.rs patient/CareTeam.rs".into()
+    "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r user/RelatedPerson.r user/CareTeam.rs patient/CareTeam.rs".into()
 }
 pub fn default_backend_scope() -> String {
     "system/AuditEvent.c system/Communication.c".into()

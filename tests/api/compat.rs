@@ -16,7 +16,7 @@ async fn fixture(app: &TestApp, ehr: &TestEhr) {
     ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace])))
         .await;
     let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
-    n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r";
+    n.launch_scopes = courier::config::default_launch_scope().leak();
     registry::add(&app.store, &n).unwrap();
     ehr.register_courier(app, "courier").await;
 }
@@ -83,5 +83,35 @@ both_backends! {
         assert!(unnamed["user_display"]["name"].is_null(), "{unnamed}");
         let token = unnamed["access_token"].as_str().unwrap();
         assert_eq!(client_with_token(token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+    }
+}
+
+both_backends! {
+    async fn a_launch_without_a_patient_and_a_related_person_user_sign_in(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // A clinician opens Courier from the EHR with no patient in context: all their patients.
+        let s = launch_as(&app, &ehr, "", "Practitioner/dr-a").await;
+        assert!(s["patient"].is_null(), "{s}");
+        assert_eq!(s["user_display"]["name"], "Grace Hopper");
+        let token = s["access_token"].as_str().unwrap();
+        assert_eq!(client_with_token(token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+        // A mother (RelatedPerson) signs in about her child: patient-side scopes, the child in
+        // context, her relationship shown.
+        let mut mother = json!({"resourceType": "RelatedPerson", "id": "r1", "patient": {"reference": "Patient/a1"},
+            "name": [{"given": ["Anne"], "family": "Byron"}],
+            "relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH", "display": "mother"}]}]});
+        mother["active"] = json!(true);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([mother]))).await;
+        let m = launch_as(&app, &ehr, "a1", "RelatedPerson/r1").await;
+        assert!(m["fhirUser"].as_str().unwrap().starts_with("RelatedPerson/"), "{m}");
+        assert!(m["patient"].as_str().unwrap().starts_with("Patient/"), "{m}");
+        assert_eq!(m["user_display"]["name"], "Anne Byron");
+        assert_eq!(m["user_display"]["role"], "mother");
+        assert_eq!(m["patient_display"]["name"], "Ada Lovelace");
+        let t = m["access_token"].as_str().unwrap();
+        // Her token is a patient-side one: she cannot search the audit trail.
+        assert_eq!(client_with_token(t).get(app.url("AuditEvent")).send().await.unwrap().status(), 403);
+        assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 200);
     }
 }
