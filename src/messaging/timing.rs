@@ -63,7 +63,41 @@ fn local(tz: Tz, d: NaiveDate, t: NaiveTime) -> Option<i64> {
 /// `occurrenceDateTime` (or a period without timing: its start); the occurrences of a repeating
 /// schedule. `Err` names what is not supported.
 pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
-    let tz: Tz = match extension(cr, EXT_TZ) {
+    let tz = time_zone(cr)?;
+    if let Some(s) = cr["occurrenceDateTime"].as_str() {
+        return Ok(crate::search::dates::range(s).map(|(lo, _)| vec![lo]));
+    }
+    let Some(period) = cr.get("occurrencePeriod") else {
+        return Ok(None);
+    };
+    let (start, end) = period_bounds(period, tz)?;
+    let Some(timing) = extension(cr, EXT_TIMING) else {
+        return Ok(Some(vec![start]));
+    };
+    let repeat = supported_repeat(timing)?;
+    let span = schedule_span(repeat, start, end)?;
+    let period_n = repeat_period(repeat)?;
+    let unit = repeat["periodUnit"].as_str().unwrap_or("d");
+    let out = match repeat["timeOfDay"].as_array() {
+        Some(times) => times_of_day_occurrences(repeat, times, period_n, unit, tz, &span)?,
+        None => frequency_occurrences(repeat, period_n, unit, &span)?,
+    };
+    within_limits(out).map(Some)
+}
+
+/// Where `Timing.repeat` is, for the issues about it.
+const REPEAT: &str = "CommunicationRequest.extension('schedule-timing').valueTiming.repeat";
+
+/// Where a repeating schedule runs: from `start` to `end` (both included), at most `cap` of them.
+struct Span {
+    start: i64,
+    end: i64,
+    cap: usize,
+}
+
+/// The schedule's time zone: the `tz-code` extension's IANA zone, UTC when absent.
+fn time_zone(cr: &Value) -> Result<Tz, Vec<Issue>> {
+    Ok(match extension(cr, EXT_TZ) {
         Some(e) => e["valueCode"]
             .as_str()
             .and_then(|z| z.parse().ok())
@@ -74,13 +108,12 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
                 )
             })?,
         None => Tz::UTC,
-    };
-    if let Some(s) = cr["occurrenceDateTime"].as_str() {
-        return Ok(crate::search::dates::range(s).map(|(lo, _)| vec![lo]));
-    }
-    let Some(period) = cr.get("occurrencePeriod") else {
-        return Ok(None);
-    };
+    })
+}
+
+/// The `occurrencePeriod`'s start (required) and end, if any; a date alone as the end covers
+/// that whole day.
+fn period_bounds(period: &Value, tz: Tz) -> Result<(i64, Option<i64>), Vec<Issue>> {
     let start = period["start"]
         .as_str()
         .ok_or_else(|| {
@@ -90,7 +123,6 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
             )
         })
         .and_then(|s| instant(s, tz, "CommunicationRequest.occurrencePeriod.start"))?;
-    // A date alone as the end covers that whole day.
     let end = match period["end"].as_str() {
         Some(s) if s.len() == 10 => {
             let next = NaiveDate::parse_from_str(s, "%Y-%m-%d")
@@ -103,13 +135,14 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
         Some(s) => Some(instant(s, tz, "CommunicationRequest.occurrencePeriod.end")?),
         None => None,
     };
-    let Some(timing) = extension(cr, EXT_TIMING) else {
-        return Ok(Some(vec![start]));
-    };
-    let at = "CommunicationRequest.extension('schedule-timing').valueTiming.repeat";
+    Ok((start, end))
+}
+
+/// The timing's `repeat`, refused when absent or when it has an element schedules do not support.
+fn supported_repeat(timing: &Value) -> Result<&Value, Vec<Issue>> {
     let repeat = &timing["valueTiming"]["repeat"];
     if !repeat.is_object() {
-        return Err(issue(at, "the timing needs a repeat"));
+        return Err(issue(REPEAT, "the timing needs a repeat"));
     }
     for k in repeat
         .as_object()
@@ -122,11 +155,17 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
             "timeOfDay" | "dayOfWeek" | "frequency" | "period" | "periodUnit" | "count"
         ) {
             return Err(issue(
-                &format!("{at}.{k}"),
+                &format!("{REPEAT}.{k}"),
                 format!("repeat.{k} is not supported in schedules"),
             ));
         }
     }
+    Ok(repeat)
+}
+
+/// How far a repeating schedule runs: to the period's end and at most `count` occurrences, one of
+/// them required (the cap stops one past [`MAX_OCCURRENCES`], so that too many is noticed).
+fn schedule_span(repeat: &Value, start: i64, end: Option<i64>) -> Result<Span, Vec<Issue>> {
     let count = repeat["count"].as_u64().map(|c| c as usize);
     if end.is_none() && count.is_none() {
         return Err(issue(
@@ -134,120 +173,192 @@ pub fn occurrences(cr: &Value) -> Result<Option<Vec<i64>>, Vec<Issue>> {
             "a repeating schedule needs occurrencePeriod.end or repeat.count",
         ));
     }
-    let end = end.unwrap_or(i64::MAX);
-    let cap = count
-        .unwrap_or(MAX_OCCURRENCES + 1)
-        .min(MAX_OCCURRENCES + 1);
+    Ok(Span {
+        start,
+        end: end.unwrap_or(i64::MAX),
+        cap: count
+            .unwrap_or(MAX_OCCURRENCES + 1)
+            .min(MAX_OCCURRENCES + 1),
+    })
+}
+
+/// The repeat's `period` (default 1), which must be positive.
+fn repeat_period(repeat: &Value) -> Result<f64, Vec<Issue>> {
     let period_n = repeat["period"].as_f64().unwrap_or(1.0);
     if period_n <= 0.0 {
         return Err(issue(
-            &format!("{at}.period"),
+            &format!("{REPEAT}.period"),
             "the period must be positive",
         ));
     }
-    let unit = repeat["periodUnit"].as_str().unwrap_or("d");
-    let mut out = vec![];
-    if let Some(times) = repeat["timeOfDay"].as_array() {
-        let times: Vec<NaiveTime> = times
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .and_then(|t| NaiveTime::parse_from_str(t, "%H:%M:%S").ok())
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| issue(&format!("{at}.timeOfDay"), "times of day are hh:mm:ss"))?;
-        if !matches!(unit, "d" | "wk") {
-            return Err(issue(
-                &format!("{at}.periodUnit"),
-                "with timeOfDay the period is in days (d) or weeks (wk)",
-            ));
-        }
-        if period_n.fract() != 0.0 {
-            return Err(issue(
-                &format!("{at}.period"),
-                "with timeOfDay the period is a whole number",
-            ));
-        }
-        let days: Vec<&str> = repeat["dayOfWeek"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let first = Utc
-            .timestamp_micros(start)
-            .single()
-            .map(|t| t.with_timezone(&tz).date_naive());
-        let Some(mut day) = first else {
-            return Err(issue(
-                "CommunicationRequest.occurrencePeriod.start",
-                "out of range",
-            ));
-        };
-        let mut sorted = times.clone();
-        sorted.sort();
-        let first_day = day;
-        let n = period_n as i64;
-        'days: for _ in 0..(366 * 20) {
-            let since = (day - first_day).num_days();
-            let dow = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-                [day.weekday().num_days_from_monday() as usize];
-            // Every n-th day, or every day of every n-th week (weeks counted from the start's Monday).
-            let in_step = match unit {
-                "wk" => ((since + first_day.weekday().num_days_from_monday() as i64) / 7) % n == 0,
-                _ => !days.is_empty() || since % n == 0,
-            };
-            if in_step && (days.is_empty() || days.contains(&dow)) {
-                for t in &sorted {
-                    let Some(i) = local(tz, day, *t) else {
-                        continue;
-                    };
-                    if i < start {
-                        continue;
-                    }
-                    if i > end || out.len() >= cap {
-                        break 'days;
-                    }
-                    out.push(i);
-                }
-            }
-            day += Duration::days(1);
-        }
-    } else {
-        let freq = repeat["frequency"].as_u64().unwrap_or(1).max(1) as f64;
-        let unit_micros: f64 = match unit {
-            "min" => 60e6,
-            "h" => 3600e6,
-            "d" => 86_400e6,
-            "wk" => 7.0 * 86_400e6,
-            _ => {
-                return Err(issue(
-                    &format!("{at}.periodUnit"),
-                    "the period unit is min, h, d or wk",
-                ))
-            }
-        };
-        let step = (period_n * unit_micros / freq) as i64;
-        if step < 60_000_000 {
-            return Err(issue(
-                &format!("{at}.frequency"),
-                "occurrences at least a minute apart",
-            ));
-        }
-        let mut t = Some(start);
-        while let Some(at) = t.filter(|at| *at <= end && out.len() < cap) {
-            out.push(at);
-            t = at.checked_add(step);
-        }
+    Ok(period_n)
+}
+
+/// The occurrences at local times of day (`times`), every `period_n` days or weeks, on the
+/// repeat's `dayOfWeek`s.
+fn times_of_day_occurrences(
+    repeat: &Value,
+    times: &[Value],
+    period_n: f64,
+    unit: &str,
+    tz: Tz,
+    span: &Span,
+) -> Result<Vec<i64>, Vec<Issue>> {
+    let mut times = times_of_day(times)?;
+    if !matches!(unit, "d" | "wk") {
+        return Err(issue(
+            &format!("{REPEAT}.periodUnit"),
+            "with timeOfDay the period is in days (d) or weeks (wk)",
+        ));
     }
+    if period_n.fract() != 0.0 {
+        return Err(issue(
+            &format!("{REPEAT}.period"),
+            "with timeOfDay the period is a whole number",
+        ));
+    }
+    let days: Vec<&str> = repeat["dayOfWeek"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let first = Utc
+        .timestamp_micros(span.start)
+        .single()
+        .map(|t| t.with_timezone(&tz).date_naive());
+    let Some(first_day) = first else {
+        return Err(issue(
+            "CommunicationRequest.occurrencePeriod.start",
+            "out of range",
+        ));
+    };
+    times.sort();
+    let rule = DailyRule {
+        times,
+        days,
+        weekly: unit == "wk",
+        every: period_n as i64,
+        first_day,
+    };
+    Ok(daily_occurrences(&rule, tz, span))
+}
+
+/// The repeat's `timeOfDay`s as local times (`hh:mm:ss`).
+fn times_of_day(times: &[Value]) -> Result<Vec<NaiveTime>, Vec<Issue>> {
+    times
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .and_then(|t| NaiveTime::parse_from_str(t, "%H:%M:%S").ok())
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| issue(&format!("{REPEAT}.timeOfDay"), "times of day are hh:mm:ss"))
+}
+
+/// A schedule at local times of day: on which days, and at what (sorted) times.
+struct DailyRule<'a> {
+    times: Vec<NaiveTime>,
+    /// `mon` … `sun`; every day when empty.
+    days: Vec<&'a str>,
+    /// Every `every` weeks (else days).
+    weekly: bool,
+    every: i64,
+    /// The start's local date, from which days and weeks are counted.
+    first_day: NaiveDate,
+}
+
+impl DailyRule<'_> {
+    /// Whether `day` is one of the schedule's: every n-th day, or every day of every n-th week
+    /// (weeks counted from the start's Monday), and one of its days of the week.
+    fn includes(&self, day: NaiveDate) -> bool {
+        let since = (day - self.first_day).num_days();
+        let dow = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            [day.weekday().num_days_from_monday() as usize];
+        let in_step = if self.weekly {
+            ((since + self.first_day.weekday().num_days_from_monday() as i64) / 7) % self.every == 0
+        } else {
+            !self.days.is_empty() || since % self.every == 0
+        };
+        in_step && (self.days.is_empty() || self.days.contains(&dow))
+    }
+}
+
+/// The instants of `rule`, day by day (for at most 20 years) from the span's start until past its
+/// end or its cap.
+fn daily_occurrences(rule: &DailyRule, tz: Tz, span: &Span) -> Vec<i64> {
+    let mut out = vec![];
+    let mut day = rule.first_day;
+    'days: for _ in 0..(366 * 20) {
+        if rule.includes(day) {
+            for t in &rule.times {
+                let Some(i) = local(tz, day, *t) else {
+                    continue;
+                };
+                if i < span.start {
+                    continue;
+                }
+                if i > span.end || out.len() >= span.cap {
+                    break 'days;
+                }
+                out.push(i);
+            }
+        }
+        day += Duration::days(1);
+    }
+    out
+}
+
+/// The occurrences `frequency` times per `period_n` `unit`s from the span's start, at least a
+/// minute apart.
+fn frequency_occurrences(
+    repeat: &Value,
+    period_n: f64,
+    unit: &str,
+    span: &Span,
+) -> Result<Vec<i64>, Vec<Issue>> {
+    let freq = repeat["frequency"].as_u64().unwrap_or(1).max(1) as f64;
+    let unit_micros: f64 = match unit {
+        "min" => 60e6,
+        "h" => 3600e6,
+        "d" => 86_400e6,
+        "wk" => 7.0 * 86_400e6,
+        _ => {
+            return Err(issue(
+                &format!("{REPEAT}.periodUnit"),
+                "the period unit is min, h, d or wk",
+            ))
+        }
+    };
+    let step = (period_n * unit_micros / freq) as i64;
+    if step < 60_000_000 {
+        return Err(issue(
+            &format!("{REPEAT}.frequency"),
+            "occurrences at least a minute apart",
+        ));
+    }
+    let mut out = vec![];
+    let mut t = Some(span.start);
+    while let Some(at) = t.filter(|at| *at <= span.end && out.len() < span.cap) {
+        out.push(at);
+        t = at.checked_add(step);
+    }
+    Ok(out)
+}
+
+/// The occurrences, refused when more than [`MAX_OCCURRENCES`] or none.
+fn within_limits(out: Vec<i64>) -> Result<Vec<i64>, Vec<Issue>> {
     if out.len() > MAX_OCCURRENCES {
         return Err(issue(
-            at,
+            REPEAT,
             format!("at most {MAX_OCCURRENCES} occurrences per request"),
         ));
     }
     if out.is_empty() {
-        return Err(issue(at, "the schedule has no occurrence in its period"));
+        return Err(issue(
+            REPEAT,
+            "the schedule has no occurrence in its period",
+        ));
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -154,93 +154,8 @@ pub fn event(
     patient: Option<&str>,
     failure: Option<Failure>,
 ) -> Value {
-    let (client_type, server_type) = interaction.agent_types();
-    let client_who = match &ctx.client_id {
-        Some(id) => json!({"identifier": {"value": id}, "display": ctx.client_address}),
-        None => json!({"display": ctx.client_address}),
-    };
-    let server_who = json!({"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"});
-    let mut client = obj([
-        ("type", client_type),
-        ("who", client_who),
-        ("requestor", Value::Bool(ctx.user.is_none())),
-        (
-            "network",
-            json!({"address": ctx.client_address, "type": "2"}),
-        ),
-    ]);
-    if let (Some(jti), None) = (&ctx.token_id, &ctx.user) {
-        client["policy"] = json!([jti]);
-    }
-    let mut agents = vec![
-        client,
-        obj([
-            ("type", server_type),
-            ("who", server_who),
-            ("name", json!("Courier")),
-            ("requestor", Value::Bool(false)),
-            ("network", json!({"address": ctx.base_url, "type": "5"})),
-        ]),
-    ];
-    if let Some(user) = &ctx.user {
-        let code = match interaction.action() {
-            "R" | "E" => ("IRCP", "information recipient"),
-            _ => ("AUT", "author (originator)"),
-        };
-        let mut agent = json!({
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": code.0, "display": code.1}]},
-            "who": {"reference": user}, "requestor": true
-        });
-        if let Some(jti) = &ctx.token_id {
-            agent["policy"] = json!([jti]);
-        }
-        if ctx.emergency {
-            agent["purposeOfUse"] = json!([{"coding": [BTG.clone()]}]);
-        }
-        agents.push(agent);
-    }
-    let mut entities = Vec::new();
-    if !ctx.request_id.is_empty() {
-        entities.push(json!({
-            "what": {"identifier": {"value": ctx.request_id}},
-            "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"}
-        }));
-    }
-    let object = json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"});
-    let role = |code: &str, display: &str| json!({"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": code, "display": display});
-    match (&ctx.query, what) {
-        (Some(q), _)
-            if matches!(
-                interaction,
-                Interaction::SearchType | Interaction::SearchSystem
-            ) =>
-        {
-            entities.push(obj([
-                ("type", object),
-                ("role", role("24", "Query")),
-                (
-                    "query",
-                    Value::String(base64::engine::general_purpose::STANDARD.encode(q.as_bytes())),
-                ),
-            ]));
-        }
-        (_, Some(w)) => entities.push(obj([
-            ("what", json!({"reference": w})),
-            ("type", object),
-            ("role", role("4", "Domain Resource")),
-        ])),
-        _ => {}
-    }
-    if let Some(p) = patient {
-        entities.push(obj([
-            ("what", json!({"reference": p})),
-            (
-                "type",
-                json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"}),
-            ),
-            ("role", role("1", "Patient")),
-        ]));
-    }
+    let agents = agents_of(ctx, interaction);
+    let mut entities = entities_of(ctx, interaction, what, patient);
     let mut ev = json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "Restful Operation"},
@@ -257,27 +172,8 @@ pub fn event(
     // Moved in rather than interpolated: `json!` copies an interpolated Value by serialising it.
     ev["agent"] = Value::Array(agents);
     match failure {
-        None => {
-            if let Some(profile) = interaction.profile() {
-                let name = if patient.is_some() {
-                    format!("{BALP}Patient{profile}")
-                } else {
-                    format!("{BALP}{profile}")
-                };
-                ev["meta"] = json!({"profile": [name]});
-            }
-        }
-        Some(f) => {
-            // BALP profiles fix outcome 0; a failure follows the pattern without claiming the profile,
-            // and carries the OperationOutcome that was returned (as FHIR's error example does).
-            ev["outcome"] = json!(if f.status >= 500 { "8" } else { "4" });
-            ev["outcomeDesc"] = json!(format!("HTTP {}", f.status));
-            let mut oo = f.outcome.clone();
-            oo["id"] = json!("oo1");
-            ev["contained"] = json!([oo]);
-            entities.push(json!({"what": {"reference": "#oo1"},
-                "type": {"system": "http://hl7.org/fhir/resource-types", "code": "OperationOutcome"}}));
-        }
+        None => claim_profile(&mut ev, interaction, patient),
+        Some(f) => record_failure(&mut ev, &mut entities, f),
     }
     if !entities.is_empty() {
         ev["entity"] = Value::Array(entities);
@@ -286,6 +182,165 @@ pub fn event(
         ev["purposeOfEvent"] = json!([{"coding": [BTG.clone()]}]);
     }
     ev
+}
+
+/// The agents of an interaction: the client, the server, and the user if there is one.
+fn agents_of(ctx: &Context, interaction: Interaction) -> Vec<Value> {
+    let (client_type, server_type) = interaction.agent_types();
+    let mut agents = vec![
+        client_agent(ctx, client_type),
+        server_agent(ctx, server_type),
+    ];
+    if let Some(user) = &ctx.user {
+        agents.push(user_agent(ctx, user, interaction));
+    }
+    agents
+}
+
+/// The client (the network peer, with its OAuth client id): the requestor unless a user acts
+/// through it; without a user, the access token's `jti` is its policy.
+fn client_agent(ctx: &Context, client_type: Value) -> Value {
+    let client_who = match &ctx.client_id {
+        Some(id) => json!({"identifier": {"value": id}, "display": ctx.client_address}),
+        None => json!({"display": ctx.client_address}),
+    };
+    let mut client = obj([
+        ("type", client_type),
+        ("who", client_who),
+        ("requestor", Value::Bool(ctx.user.is_none())),
+        (
+            "network",
+            json!({"address": ctx.client_address, "type": "2"}),
+        ),
+    ]);
+    if let (Some(jti), None) = (&ctx.token_id, &ctx.user) {
+        client["policy"] = json!([jti]);
+    }
+    client
+}
+
+/// Courier itself, at its base URL.
+fn server_agent(ctx: &Context, server_type: Value) -> Value {
+    let server_who = json!({"identifier": {"system": "urn:ietf:rfc:3986", "value": ctx.base_url}, "display": "Courier"});
+    obj([
+        ("type", server_type),
+        ("who", server_who),
+        ("name", json!("Courier")),
+        ("requestor", Value::Bool(false)),
+        ("network", json!({"address": ctx.base_url, "type": "5"})),
+    ])
+}
+
+/// The user (the requestor): recipient of what is read or searched, author of what is written;
+/// with the access token's `jti` as policy, and break-the-glass as purpose under emergency access.
+fn user_agent(ctx: &Context, user: &str, interaction: Interaction) -> Value {
+    let code = match interaction.action() {
+        "R" | "E" => ("IRCP", "information recipient"),
+        _ => ("AUT", "author (originator)"),
+    };
+    let mut agent = json!({
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": code.0, "display": code.1}]},
+        "who": {"reference": user}, "requestor": true
+    });
+    if let Some(jti) = &ctx.token_id {
+        agent["policy"] = json!([jti]);
+    }
+    if ctx.emergency {
+        agent["purposeOfUse"] = json!([{"coding": [BTG.clone()]}]);
+    }
+    agent
+}
+
+/// The entities of an interaction: the request id, then the search's query or the resource
+/// acted on, then the patient.
+fn entities_of(
+    ctx: &Context,
+    interaction: Interaction,
+    what: Option<&str>,
+    patient: Option<&str>,
+) -> Vec<Value> {
+    let mut entities = Vec::new();
+    if !ctx.request_id.is_empty() {
+        entities.push(json!({
+            "what": {"identifier": {"value": ctx.request_id}},
+            "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"}
+        }));
+    }
+    match (&ctx.query, what) {
+        (Some(q), _)
+            if matches!(
+                interaction,
+                Interaction::SearchType | Interaction::SearchSystem
+            ) =>
+        {
+            entities.push(query_entity(q))
+        }
+        (_, Some(w)) => entities.push(obj([
+            ("what", json!({"reference": w})),
+            ("type", system_object()),
+            ("role", object_role("4", "Domain Resource")),
+        ])),
+        _ => {}
+    }
+    if let Some(p) = patient {
+        entities.push(obj([
+            ("what", json!({"reference": p})),
+            (
+                "type",
+                json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"}),
+            ),
+            ("role", object_role("1", "Patient")),
+        ]));
+    }
+    entities
+}
+
+/// A search's query (the raw request, base64) as a BALP Query entity.
+fn query_entity(q: &str) -> Value {
+    obj([
+        ("type", system_object()),
+        ("role", object_role("24", "Query")),
+        (
+            "query",
+            Value::String(base64::engine::general_purpose::STANDARD.encode(q.as_bytes())),
+        ),
+    ])
+}
+
+/// The audit entity type "System Object".
+fn system_object() -> Value {
+    json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"})
+}
+
+/// An `object-role` coding.
+fn object_role(code: &str, display: &str) -> Value {
+    json!({"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": code, "display": display})
+}
+
+/// A successful interaction claims its BALP profile (the `Patient*` one when a patient is
+/// involved), if BALP defines one.
+fn claim_profile(ev: &mut Value, interaction: Interaction, patient: Option<&str>) {
+    if let Some(profile) = interaction.profile() {
+        let name = if patient.is_some() {
+            format!("{BALP}Patient{profile}")
+        } else {
+            format!("{BALP}{profile}")
+        };
+        ev["meta"] = json!({"profile": [name]});
+    }
+}
+
+/// A failed interaction's outcome (4, or 8 for a server error) and why.
+fn record_failure(ev: &mut Value, entities: &mut Vec<Value>, f: Failure) {
+    // BALP profiles fix outcome 0; a failure follows the pattern without claiming the profile,
+    // and carries the OperationOutcome that was returned (as FHIR's error example does).
+    ev["outcome"] = json!(if f.status >= 500 { "8" } else { "4" });
+    ev["outcomeDesc"] = json!(format!("HTTP {}", f.status));
+    let mut oo = f.outcome.clone();
+    oo["id"] = json!("oo1");
+    ev["contained"] = json!([oo]);
+    entities.push(json!({"what": {"reference": "#oo1"},
+        "type": {"system": "http://hl7.org/fhir/resource-types", "code": "OperationOutcome"}}));
 }
 
 /// HL7 v3 ActReason "break the glass": the purpose of what a user does under emergency access.

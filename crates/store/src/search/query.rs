@@ -174,90 +174,24 @@ pub fn parse(
 ) -> Result<SearchRequest, Vec<Issue>> {
     let mut req = SearchRequest::of(vec![], limits.default_count);
     let mut errors = Vec::new();
-    if pairs.len() > MAX_PARAMS {
-        return Err(vec![Issue {
-            code: "too-costly",
-            expression: String::new(),
-            diagnostics: format!("a search may have at most {MAX_PARAMS} parameters"),
-        }]);
-    }
+    within_parameter_limit(pairs)?;
     for (name, value) in pairs {
-        // NUL cannot even be compared by PostgreSQL; no stored string holds a control character.
-        if fhir_codec::has_control_chars(name) || fhir_codec::has_control_chars(value) {
-            errors.push(Issue {
-                code: "invalid",
-                expression: if fhir_codec::has_control_chars(name) {
-                    String::new()
-                } else {
-                    name.clone()
-                },
-                diagnostics: "search parameters may not contain control characters".into(),
-            });
+        if let Some(issue) = control_characters(name, value) {
+            errors.push(issue);
             continue;
         }
-        let (code, modifier) = match name.split_once(':') {
-            Some((c, m)) => (c, Some(m)),
-            None => (name.as_str(), None),
-        };
+        let (code, modifier) = code_and_modifier(name);
         let bad = |msg: String| Issue {
             code: "invalid",
             expression: name.clone(),
             diagnostics: msg,
         };
         let result: Result<bool, Issue> = match code {
-            "_count" => value
-                .parse::<usize>()
-                .map(|n| {
-                    req.count = n.min(limits.max_count);
-                    if n == 0 {
-                        req.summary_count = true;
-                    }
-                    true
-                })
-                .map_err(|_| {
-                    bad(format!(
-                        "_count must be a non-negative integer, not '{value}'"
-                    ))
-                }),
-            "_offset" => match value.parse::<usize>() {
-                Ok(n) if n <= MAX_OFFSET => {
-                    req.offset = n;
-                    Ok(false)
-                }
-                _ => Err(bad(format!(
-                    "_offset must be an integer from 0 to {MAX_OFFSET}"
-                ))),
-            },
-            "_snapshot" => match value.parse::<i64>() {
-                Ok(n) if n >= 0 => {
-                    req.snapshot = Some(n);
-                    Ok(false)
-                }
-                _ => Err(bad("_snapshot must be a non-negative integer".into())),
-            },
-            "_total" => match value.as_str() {
-                "none" | "estimate" => {
-                    req.total = Total::None;
-                    Ok(true)
-                }
-                "accurate" => {
-                    req.total = Total::Accurate;
-                    Ok(true)
-                }
-                _ => Err(bad(format!(
-                    "_total must be none, estimate or accurate, not '{value}'"
-                ))),
-            },
-            "_summary" => match value.as_str() {
-                "count" => {
-                    req.summary_count = true;
-                    Ok(true)
-                }
-                "false" => Ok(true),
-                _ => Err(bad(format!(
-                    "_summary={value} is not supported (supported: count, false)"
-                ))),
-            },
+            "_count" => set_count(&mut req, value, limits.max_count).map_err(bad),
+            "_offset" => set_offset(&mut req, value).map_err(bad),
+            "_snapshot" => set_snapshot(&mut req, value).map_err(bad),
+            "_total" => set_total(&mut req, value).map_err(bad),
+            "_summary" => set_summary(&mut req, value).map_err(bad),
             "_format" | "_pretty" => Ok(false),
             "_sort" => parse_sort(registry, res_type, value)
                 .map(|s| {
@@ -266,11 +200,8 @@ pub fn parse(
                 })
                 .map_err(bad),
             "_include" | "_revinclude" => {
-                let iterate = match modifier {
-                    None => false,
-                    Some("iterate") | Some("recurse") => true,
-                    Some(m) => return Err(vec![bad(format!("unknown modifier ':{m}' on {code}"))]),
-                };
+                // An unknown modifier here fails the search at once, with this issue alone.
+                let iterate = include_iterates(code, modifier).map_err(|m| vec![bad(m)])?;
                 parse_include(registry, value, iterate, code == "_revinclude")
                     .map(|inc| {
                         req.includes.push(inc);
@@ -278,38 +209,181 @@ pub fn parse(
                     })
                     .map_err(bad)
             }
-            _ if code.starts_with('_') && registry.get(res_type, code).is_none() => Err(Issue {
-                code: "not-supported",
-                expression: name.clone(),
-                diagnostics: format!("parameter '{code}' is not supported"),
+            _ => search_condition(registry, res_type, name, value, base_url).map(|c| {
+                req.conditions.push(c);
+                true
             }),
-            _ => match registry.get(res_type, code) {
-                None => Err(Issue {
-                    code: "not-supported",
-                    expression: name.clone(),
-                    diagnostics: format!("unknown search parameter '{code}' for {res_type}"),
-                }),
-                Some(p) => parse_condition(p, modifier, value, base_url)
-                    .map(|c| {
-                        req.conditions.push(c);
-                        true
-                    })
-                    .map_err(bad),
-            },
         };
-        match result {
-            Ok(true) => req.used.push((name.clone(), value.clone())),
-            Ok(false) => {}
-            Err(issue) if issue.code == "not-supported" && !limits.strict => {
-                req.ignored.push(issue)
-            }
-            Err(issue) => errors.push(issue),
-        }
+        file_outcome(&mut req, &mut errors, name, value, result, limits.strict);
     }
     if errors.is_empty() {
         Ok(req)
     } else {
         Err(errors)
+    }
+}
+
+/// Refuses a search of more than [`MAX_PARAMS`] parameters.
+fn within_parameter_limit(pairs: &[(String, String)]) -> Result<(), Vec<Issue>> {
+    if pairs.len() > MAX_PARAMS {
+        return Err(vec![Issue {
+            code: "too-costly",
+            expression: String::new(),
+            diagnostics: format!("a search may have at most {MAX_PARAMS} parameters"),
+        }]);
+    }
+    Ok(())
+}
+
+/// A parameter's name split into its code and modifier: `subject:Patient`.
+fn code_and_modifier(name: &str) -> (&str, Option<&str>) {
+    match name.split_once(':') {
+        Some((c, m)) => (c, Some(m)),
+        None => (name, None),
+    }
+}
+
+/// The issue with a parameter whose name or value holds a control character (PostgreSQL cannot
+/// even compare NUL; no stored string holds one), naming the parameter unless it is the name.
+fn control_characters(name: &str, value: &str) -> Option<Issue> {
+    if !fhir_codec::has_control_chars(name) && !fhir_codec::has_control_chars(value) {
+        return None;
+    }
+    Some(Issue {
+        code: "invalid",
+        expression: if fhir_codec::has_control_chars(name) {
+            String::new()
+        } else {
+            name.to_string()
+        },
+        diagnostics: "search parameters may not contain control characters".into(),
+    })
+}
+
+/// `_count`: the page size, at most `max_count`; 0 asks for the total alone.
+fn set_count(req: &mut SearchRequest, value: &str, max_count: usize) -> Result<bool, String> {
+    value
+        .parse::<usize>()
+        .map(|n| {
+            req.count = n.min(max_count);
+            if n == 0 {
+                req.summary_count = true;
+            }
+            true
+        })
+        .map_err(|_| format!("_count must be a non-negative integer, not '{value}'"))
+}
+
+/// `_offset`: where the page starts, at most [`MAX_OFFSET`] (a paging parameter: not echoed).
+fn set_offset(req: &mut SearchRequest, value: &str) -> Result<bool, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n <= MAX_OFFSET => {
+            req.offset = n;
+            Ok(false)
+        }
+        _ => Err(format!("_offset must be an integer from 0 to {MAX_OFFSET}")),
+    }
+}
+
+/// `_snapshot`: the highest row id the pages see (a paging parameter: not echoed).
+fn set_snapshot(req: &mut SearchRequest, value: &str) -> Result<bool, String> {
+    match value.parse::<i64>() {
+        Ok(n) if n >= 0 => {
+            req.snapshot = Some(n);
+            Ok(false)
+        }
+        _ => Err("_snapshot must be a non-negative integer".into()),
+    }
+}
+
+/// `_total`: whether the Bundle counts all matches (`estimate` counts none).
+fn set_total(req: &mut SearchRequest, value: &str) -> Result<bool, String> {
+    match value {
+        "none" | "estimate" => {
+            req.total = Total::None;
+            Ok(true)
+        }
+        "accurate" => {
+            req.total = Total::Accurate;
+            Ok(true)
+        }
+        _ => Err(format!(
+            "_total must be none, estimate or accurate, not '{value}'"
+        )),
+    }
+}
+
+/// `_summary`: `count` (the total alone) or `false`.
+fn set_summary(req: &mut SearchRequest, value: &str) -> Result<bool, String> {
+    match value {
+        "count" => {
+            req.summary_count = true;
+            Ok(true)
+        }
+        "false" => Ok(true),
+        _ => Err(format!(
+            "_summary={value} is not supported (supported: count, false)"
+        )),
+    }
+}
+
+/// Whether `_include`/`_revinclude` (`code`) follows references on from what it includes
+/// (`:iterate`, or the older `:recurse`); any other modifier is refused.
+fn include_iterates(code: &str, modifier: Option<&str>) -> Result<bool, String> {
+    match modifier {
+        None => Ok(false),
+        Some("iterate") | Some("recurse") => Ok(true),
+        Some(m) => Err(format!("unknown modifier ':{m}' on {code}")),
+    }
+}
+
+/// The condition of search parameter `name` (`code[:modifier]`) of `res_type`; not-supported when
+/// `res_type` has no such parameter.
+fn search_condition(
+    registry: &Registry,
+    res_type: &str,
+    name: &str,
+    value: &str,
+    base_url: &str,
+) -> Result<Condition, Issue> {
+    let (code, modifier) = code_and_modifier(name);
+    let not_supported = |diagnostics: String| Issue {
+        code: "not-supported",
+        expression: name.to_string(),
+        diagnostics,
+    };
+    if code.starts_with('_') && registry.get(res_type, code).is_none() {
+        return Err(not_supported(format!(
+            "parameter '{code}' is not supported"
+        )));
+    }
+    match registry.get(res_type, code) {
+        None => Err(not_supported(format!(
+            "unknown search parameter '{code}' for {res_type}"
+        ))),
+        Some(p) => parse_condition(p, modifier, value, base_url).map_err(|msg| Issue {
+            code: "invalid",
+            expression: name.to_string(),
+            diagnostics: msg,
+        }),
+    }
+}
+
+/// Files one parameter's outcome: a used one for the `self` link; a not-supported one among the
+/// ignored unless the search is strict; any other problem among the errors.
+fn file_outcome(
+    req: &mut SearchRequest,
+    errors: &mut Vec<Issue>,
+    name: &str,
+    value: &str,
+    result: Result<bool, Issue>,
+    strict: bool,
+) {
+    match result {
+        Ok(true) => req.used.push((name.to_string(), value.to_string())),
+        Ok(false) => {}
+        Err(issue) if issue.code == "not-supported" && !strict => req.ignored.push(issue),
+        Err(issue) => errors.push(issue),
     }
 }
 
@@ -335,6 +409,7 @@ pub fn split_values(s: &str) -> Vec<String> {
     out
 }
 
+/// The condition that `value` of search parameter `p` with `modifier` stands for.
 fn parse_condition(
     p: &SearchParam,
     modifier: Option<&str>,
@@ -342,23 +417,56 @@ fn parse_condition(
     base_url: &str,
 ) -> Result<Condition, String> {
     if modifier == Some("missing") {
-        let missing = match value {
-            "true" => true,
-            "false" => false,
-            _ => return Err(format!(":missing takes true or false, not '{value}'")),
-        };
-        if p.is_resource_level() {
-            return Err(format!(
-                "{} is never missing; :missing is not supported on it",
-                p.code
-            ));
-        }
-        return Ok(Condition::Missing {
-            key: p.key.clone(),
-            kind: p.kind,
-            missing,
-        });
+        return missing_condition(p, value);
     }
+    let values = checked_values(p, value)?;
+    if p.code == "_id" {
+        return id_condition(p, modifier, values);
+    }
+    if p.code == "_lastUpdated" {
+        if let Some(m) = modifier {
+            return unsupported(p, m);
+        }
+        return Ok(Condition::LastUpdated(dates_of(&values)?));
+    }
+    match p.kind {
+        ParamType::Token | ParamType::Uri => token_condition(p, modifier, values),
+        ParamType::Reference => reference_condition(p, modifier, values, base_url),
+        ParamType::Date => {
+            if let Some(m) = modifier {
+                return unsupported(p, m);
+            }
+            Ok(Condition::Date {
+                key: p.key.clone(),
+                values: dates_of(&values)?,
+            })
+        }
+        ParamType::String => string_condition(p, modifier, values),
+    }
+}
+
+/// `:missing=true|false`: whether `p` has no value (never so for a resource-level parameter).
+fn missing_condition(p: &SearchParam, value: &str) -> Result<Condition, String> {
+    let missing = match value {
+        "true" => true,
+        "false" => false,
+        _ => return Err(format!(":missing takes true or false, not '{value}'")),
+    };
+    if p.is_resource_level() {
+        return Err(format!(
+            "{} is never missing; :missing is not supported on it",
+            p.code
+        ));
+    }
+    Ok(Condition::Missing {
+        key: p.key.clone(),
+        kind: p.kind,
+        missing,
+    })
+}
+
+/// The values of `value` (OR), refused when too many, empty or longer than any stored value.
+fn checked_values(p: &SearchParam, value: &str) -> Result<Vec<String>, String> {
     let values = split_values(value);
     if values.len() > MAX_VALUES {
         return Err(format!("at most {MAX_VALUES} values per parameter"));
@@ -381,118 +489,127 @@ fn parse_condition(
     }) {
         return Err(format!("a search value may be at most {max} bytes"));
     }
-    let unsupported = |m: &str| {
-        Err(format!(
-            "modifier ':{m}' is not supported on {} ({})",
-            p.code,
-            p.kind.as_str()
-        ))
+    Ok(values)
+}
+
+/// The refusal of modifier `m` on `p`.
+fn unsupported<T>(p: &SearchParam, m: &str) -> Result<T, String> {
+    Err(format!(
+        "modifier ':{m}' is not supported on {} ({})",
+        p.code,
+        p.kind.as_str()
+    ))
+}
+
+/// `_id`, or `_id:not`: the resource ids.
+fn id_condition(
+    p: &SearchParam,
+    modifier: Option<&str>,
+    ids: Vec<String>,
+) -> Result<Condition, String> {
+    let not = match modifier {
+        None => false,
+        Some("not") => true,
+        Some(m) => return unsupported(p, m),
     };
-    if p.code == "_id" {
-        let not = match modifier {
-            None => false,
-            Some("not") => true,
-            Some(m) => return unsupported(m),
-        };
-        return Ok(Condition::Id { not, ids: values });
+    Ok(Condition::Id { not, ids })
+}
+
+/// The date ranges (with their prefixes) of date search values.
+fn dates_of(values: &[String]) -> Result<Vec<(Prefix, i64, i64)>, String> {
+    values.iter().map(|v| parse_date(v)).collect()
+}
+
+/// A token (`code`, `system|code`; `:not` negates) or uri condition.
+fn token_condition(
+    p: &SearchParam,
+    modifier: Option<&str>,
+    values: Vec<String>,
+) -> Result<Condition, String> {
+    let not = match modifier {
+        None => false,
+        Some("not") if p.kind == ParamType::Token => true,
+        Some(m) => return unsupported(p, m),
+    };
+    let values = values
+        .into_iter()
+        .map(|v| match split_token(&v) {
+            // `|code` is "no system": SystemCode(None, Some(code)).
+            Some((sys, code)) if p.kind == ParamType::Token => {
+                TokenValue::SystemCode((!sys.is_empty()).then_some(sys), code)
+            }
+            _ => TokenValue::Code(v.replace("\\|", "|")),
+        })
+        .collect();
+    Ok(Condition::Token {
+        key: p.key.clone(),
+        not,
+        values,
+    })
+}
+
+/// A reference condition; a type modifier (`:Patient`) must be one of `p`'s targets and types
+/// every value.
+fn reference_condition(
+    p: &SearchParam,
+    modifier: Option<&str>,
+    values: Vec<String>,
+    base_url: &str,
+) -> Result<Condition, String> {
+    let type_modifier = match modifier {
+        None => None,
+        Some(m) if m.starts_with(|c: char| c.is_ascii_uppercase()) => {
+            if !p.targets.is_empty() && !p.targets.iter().any(|t| t == m) {
+                return Err(format!("{} cannot refer to {m}", p.code));
+            }
+            Some(m.to_string())
+        }
+        Some(m) => return unsupported(p, m),
+    };
+    let mut refs = Vec::new();
+    for v in values {
+        let mut parts = parse_reference(&v, base_url)
+            .ok_or_else(|| format!("'{v}' is not a valid reference"))?;
+        if let Some(t) = &type_modifier {
+            if parts.target_type.as_ref().is_some_and(|x| x != t) {
+                return Err(format!("'{v}' is not a {t} reference"));
+            }
+            parts.target_type = Some(t.clone());
+        }
+        refs.push(parts);
     }
-    if p.code == "_lastUpdated" {
-        if let Some(m) = modifier {
-            return unsupported(m);
-        }
-        return Ok(Condition::LastUpdated(
-            values
-                .iter()
-                .map(|v| parse_date(v))
-                .collect::<Result<_, _>>()?,
-        ));
-    }
-    Ok(match p.kind {
-        ParamType::Token | ParamType::Uri => {
-            let not = match modifier {
-                None => false,
-                Some("not") if p.kind == ParamType::Token => true,
-                Some(m) => return unsupported(m),
-            };
-            let values = values
-                .into_iter()
-                .map(|v| match split_token(&v) {
-                    // `|code` is "no system": SystemCode(None, Some(code)).
-                    Some((sys, code)) if p.kind == ParamType::Token => {
-                        TokenValue::SystemCode((!sys.is_empty()).then_some(sys), code)
-                    }
-                    _ => TokenValue::Code(v.replace("\\|", "|")),
-                })
-                .collect();
-            Condition::Token {
-                key: p.key.clone(),
-                not,
-                values,
+    Ok(Condition::Reference {
+        key: p.key.clone(),
+        values: refs,
+    })
+}
+
+/// A string condition: starts with (normalised), `:exact`, or `:contains` (normalised).
+fn string_condition(
+    p: &SearchParam,
+    modifier: Option<&str>,
+    values: Vec<String>,
+) -> Result<Condition, String> {
+    let mode = match modifier {
+        None => StringMatch::Prefix,
+        Some("exact") => StringMatch::Exact,
+        Some("contains") => StringMatch::Contains,
+        Some(m) => return unsupported(p, m),
+    };
+    let values = values
+        .into_iter()
+        .map(|v| {
+            if mode == StringMatch::Exact {
+                v
+            } else {
+                super::index::normalize_string(&v)
             }
-        }
-        ParamType::Reference => {
-            let type_modifier = match modifier {
-                None => None,
-                Some(m) if m.starts_with(|c: char| c.is_ascii_uppercase()) => {
-                    if !p.targets.is_empty() && !p.targets.iter().any(|t| t == m) {
-                        return Err(format!("{} cannot refer to {m}", p.code));
-                    }
-                    Some(m.to_string())
-                }
-                Some(m) => return unsupported(m),
-            };
-            let mut refs = Vec::new();
-            for v in values {
-                let mut parts = parse_reference(&v, base_url)
-                    .ok_or_else(|| format!("'{v}' is not a valid reference"))?;
-                if let Some(t) = &type_modifier {
-                    if parts.target_type.as_ref().is_some_and(|x| x != t) {
-                        return Err(format!("'{v}' is not a {t} reference"));
-                    }
-                    parts.target_type = Some(t.clone());
-                }
-                refs.push(parts);
-            }
-            Condition::Reference {
-                key: p.key.clone(),
-                values: refs,
-            }
-        }
-        ParamType::Date => {
-            if let Some(m) = modifier {
-                return unsupported(m);
-            }
-            Condition::Date {
-                key: p.key.clone(),
-                values: values
-                    .iter()
-                    .map(|v| parse_date(v))
-                    .collect::<Result<_, _>>()?,
-            }
-        }
-        ParamType::String => {
-            let mode = match modifier {
-                None => StringMatch::Prefix,
-                Some("exact") => StringMatch::Exact,
-                Some("contains") => StringMatch::Contains,
-                Some(m) => return unsupported(m),
-            };
-            let values = values
-                .into_iter()
-                .map(|v| {
-                    if mode == StringMatch::Exact {
-                        v
-                    } else {
-                        super::index::normalize_string(&v)
-                    }
-                })
-                .collect();
-            Condition::Str {
-                key: p.key.clone(),
-                mode,
-                values,
-            }
-        }
+        })
+        .collect();
+    Ok(Condition::Str {
+        key: p.key.clone(),
+        mode,
+        values,
     })
 }
 
