@@ -226,7 +226,7 @@ pub async fn mark_delivered(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> HttpResponse {
-    mark(state, req, path.into_inner(), false).await
+    mark(state, req, path.into_inner(), Mark::Delivered).await
 }
 
 pub async fn mark_read(
@@ -234,17 +234,25 @@ pub async fn mark_read(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> HttpResponse {
-    mark(state, req, path.into_inner(), true).await
+    mark(state, req, path.into_inner(), Mark::Read).await
+}
+
+/// What a recipient sets on a message for themself.
+#[derive(Clone, Copy)]
+enum Mark {
+    Delivered,
+    Read,
+    Unread,
 }
 
 async fn mark(
     state: web::Data<AppState>,
     req: HttpRequest,
     id: String,
-    read: bool,
+    what: Mark,
 ) -> HttpResponse {
     let ctx = audit_context(&req, &state);
-    let result = mark_inner(&state, &req, &id, read).await;
+    let result = mark_inner(&state, &req, &id, what).await;
     let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
     let result = result.map(|(r, _)| r);
     crate::api::answer_audited(
@@ -262,7 +270,7 @@ async fn mark_inner(
     state: &web::Data<AppState>,
     req: &HttpRequest,
     id: &str,
-    read: bool,
+    what: Mark,
 ) -> Result<(HttpResponse, Option<String>), FhirError> {
     let p = access::principal(req)?;
     let user = user_of(&p)?;
@@ -288,9 +296,26 @@ async fn mark_inner(
     }
     let store = state.store.clone();
     let (cid, u) = (id.to_string(), user.clone());
-    let (receipt, _) = blocking(move || Ok(mark_receipt(&store, &cid, &u, read)?)).await?;
-    let patient = crate::audit::patient_of(&msg);
-    Ok((parameters(vec![receipt.to_parameter()]), patient))
+    let answer = match what {
+        Mark::Unread => {
+            blocking(move || {
+                // A message with no receipt yet is unread already.
+                store.execute(
+                    "UPDATE receipts SET unread_mark = ? WHERE comm_id = ? AND recipient = ?",
+                    vec![now_micros().into(), cid.into(), u.into()],
+                )?;
+                Ok(())
+            })
+            .await?;
+            parameters(vec![json!({"name": "unread", "valueBoolean": true})])
+        }
+        Mark::Delivered | Mark::Read => {
+            let read = matches!(what, Mark::Read);
+            let (receipt, _) = blocking(move || Ok(mark_receipt(&store, &cid, &u, read)?)).await?;
+            parameters(vec![receipt.to_parameter()])
+        }
+    };
+    Ok((answer, crate::audit::patient_of(&msg)))
 }
 
 /// `POST /Communication/{id}/$mark-unread`: the recipient's own flag — the message counts as
@@ -301,64 +326,7 @@ pub async fn mark_unread(
     req: HttpRequest,
     path: web::Path<String>,
 ) -> HttpResponse {
-    let id = path.into_inner();
-    let ctx = audit_context(&req, &state);
-    let result = mark_unread_inner(&state, &req, &id).await;
-    let patient = result.as_ref().ok().and_then(|(_, p)| p.clone());
-    let result = result.map(|(r, _)| r);
-    crate::api::answer_audited(
-        &state,
-        &ctx,
-        Interaction::Operation,
-        Some(format!("Communication/{id}")),
-        patient,
-        result,
-    )
-    .await
-}
-
-async fn mark_unread_inner(
-    state: &web::Data<AppState>,
-    req: &HttpRequest,
-    id: &str,
-) -> Result<(HttpResponse, Option<String>), FhirError> {
-    let p = access::principal(req)?;
-    let user = user_of(&p)?;
-    let msg = load_message(state, &p, id).await?;
-    let to = recipients(&msg, &state.settings.base_url);
-    if !to.iter().any(|r| *r == user || p.groups.contains(r)) {
-        return Err(FhirError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only a recipient of this message may mark it unread, for themself",
-        ));
-    }
-    if matches!(
-        msg["status"].as_str(),
-        Some("preparation" | "entered-in-error")
-    ) {
-        return Err(FhirError::new(
-            StatusCode::CONFLICT,
-            "business-rule",
-            "a draft or a recalled message cannot be marked unread",
-        ));
-    }
-    let store = state.store.clone();
-    let (cid, u) = (id.to_string(), user.clone());
-    blocking(move || {
-        store.execute(
-            // A message with no receipt yet is unread already.
-            "UPDATE receipts SET unread_mark = ? WHERE comm_id = ? AND recipient = ?",
-            vec![now_micros().into(), cid.into(), u.into()],
-        )?;
-        Ok(())
-    })
-    .await?;
-    let patient = crate::audit::patient_of(&msg);
-    Ok((
-        parameters(vec![json!({"name": "unread", "valueBoolean": true})]),
-        patient,
-    ))
+    mark(state, req, path.into_inner(), Mark::Unread).await
 }
 
 /// `GET /Communication/{id}/$receipts`
