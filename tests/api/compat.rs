@@ -115,3 +115,35 @@ both_backends! {
         assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 200);
     }
 }
+
+both_backends! {
+    async fn id_tokens_signed_es384_with_relative_fhir_user_and_skewed_clocks_are_checked(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        let set = |v: serde_json::Value| {
+            let ehr = &ehr;
+            async move { ehr.control(reqwest::Method::POST, "settings", Some(v)).await }
+        };
+        // ES384 (a P-384 key beside the RS256 one in the JWKS), fhirUser relative.
+        let s = set(json!({"id_token_alg": "ES384", "fhir_user_form": "relative"})).await;
+        assert_eq!(s["id_token_alg"], "ES384");
+        let l = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(l["user_display"]["name"], "Grace Hopper", "{l}");
+        // The EHR's clock 90 s behind, its id_tokens living 60 s: expired 30 s ago by Courier's
+        // clock, within the 60 s of skew allowed.
+        set(json!({"id_token_alg": "RS256", "fhir_user_form": "absolute", "token_ttl": 60, "clock_skew_secs": -90})).await;
+        let l = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(l["user_display"]["name"], "Grace Hopper", "{l}");
+        // 60 s ahead: issued "in the future" by Courier's clock, accepted.
+        set(json!({"clock_skew_secs": 60})).await;
+        launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        // 200 s behind: expired beyond the skew allowed, refused with a page that says so.
+        set(json!({"clock_skew_secs": -200})).await;
+        let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
+        let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+        let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+        let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(status, 502, "{page}");
+        assert!(page.contains("id_token"), "{page}");
+    }
+}

@@ -407,7 +407,7 @@ both_backends! {
 }
 
 /// Follows one redirect step by hand (as a browser would), returning the Location.
-async fn step(url: &str) -> (u16, Option<String>, String) {
+pub async fn step(url: &str) -> (u16, Option<String>, String) {
     let c = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

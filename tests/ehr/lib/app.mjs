@@ -56,7 +56,8 @@ export async function createEhr(config, log = () => {}) {
     if (get && path === '/fhir/.well-known/openid-configuration') return sendJson(res, 200, openidConfiguration(state.urls));
     if (get && path === '/jwks.json') {
       const decoys = state.decoyKeys.slice(0, state.settings.jwksDecoys);
-      return sendJson(res, 200, { keys: [...decoys, ...state.key.jwks.keys] });
+      const ec = state.ecKey ? [state.ecKey.jwk] : [];
+      return sendJson(res, 200, { keys: [...decoys, ...state.key.jwks.keys, ...ec] });
     }
     // The EHR's SMART style (the launch's smart_style_url points here), readable cross-origin.
     if (get && path === '/smart-style.json') {

@@ -30,7 +30,15 @@ export function createState(config, key) {
       // Which SMART scope syntax the EHR understands: 'both', 1 (v1 only: patient/Patient.read;
       // it advertises permission-v1 alone and ignores v2 scopes) or 2 (v2 only).
       scopesVersion: 'both',
+      // id_tokens: signed RS256 (the fixture's key) or ES384 (a P-384 key published beside it);
+      // fhirUser absolute (SMART 2 asks for a URL) or relative (Type/id, as some EHRs send it);
+      // this EHR's clock ahead of (+) or behind (-) real time by this many seconds.
+      idTokenAlg: 'RS256',
+      fhirUserForm: 'absolute',
+      clockSkewSecs: 0,
     },
+    // The P-384 key, made when first asked for (id_token_alg ES384).
+    ecKey: null,
     decoyKeys: [], // public JWKs, made when jwks_decoys is set
     down: null, // {status, retry_after} while "down"
     faults: { drop_response_after_write: 0 },

@@ -84,6 +84,15 @@ export function createTestControl(state, tokens, fhir) {
       set('id_token_kid', 'idTokenKid', (v) => typeof v === 'boolean');
       set('jwks_decoys', 'jwksDecoys', (v) => Number.isInteger(v) && v >= 0 && v <= 8);
       set('scopes_version', 'scopesVersion', (v) => v === 'both' || v === 1 || v === 2);
+      set('id_token_alg', 'idTokenAlg', (v) => v === 'RS256' || v === 'ES384');
+      set('fhir_user_form', 'fhirUserForm', (v) => v === 'absolute' || v === 'relative');
+      set('clock_skew_secs', 'clockSkewSecs', (v) => Number.isInteger(v) && Math.abs(v) <= 3600);
+      if (s.idTokenAlg === 'ES384' && !state.ecKey) {
+        const { publicKey, privateKey } = await jose.generateKeyPair('ES384', { extractable: true });
+        const jwk = await jose.exportJWK(publicKey);
+        const kid = await jose.calculateJwkThumbprint(jwk);
+        state.ecKey = { kid, privateKey, jwk: { ...jwk, kid, alg: 'ES384', use: 'sig' } };
+      }
       while (state.decoyKeys.length < s.jwksDecoys) {
         const { publicKey } = await jose.generateKeyPair('RS256', { extractable: true });
         state.decoyKeys.push({ ...(await jose.exportJWK(publicKey)), kid: `decoy-${state.decoyKeys.length + 1}`, alg: 'RS256', use: 'sig' });
@@ -160,5 +169,8 @@ function publicSettings(state) {
     id_token_kid: s.idTokenKid,
     jwks_decoys: s.jwksDecoys,
     scopes_version: s.scopesVersion,
+    id_token_alg: s.idTokenAlg,
+    fhir_user_form: s.fhirUserForm,
+    clock_skew_secs: s.clockSkewSecs,
   };
 }

@@ -93,17 +93,24 @@ export class TokenService {
 
   async idToken({ clientId, user, scopes, nonce, authTime }) {
     const { key, urls, settings } = this.state;
-    const claims = { auth_time: authTime };
+    const skew = settings.clockSkewSecs || 0;
+    const claims = { auth_time: authTime + skew };
     if (nonce) claims.nonce = nonce;
-    // fhirUser is an absolute URL of the user's FHIR resource (SMART App Launch 2, §fhirUser).
-    if (scopes.includes('fhirUser')) claims.fhirUser = `${urls.fhirBase}/${user}`;
+    // fhirUser is an absolute URL of the user's FHIR resource (SMART App Launch 2, §fhirUser);
+    // some EHRs send it relative (fhir_user_form).
+    if (scopes.includes('fhirUser')) {
+      claims.fhirUser = settings.fhirUserForm === 'relative' ? user : `${urls.fhirBase}/${user}`;
+    }
+    const ec = settings.idTokenAlg === 'ES384' && this.state.ecKey;
+    const alg = ec ? 'ES384' : SIGNING_ALG;
+    const kid = ec ? this.state.ecKey.kid : key.kid;
     return new jose.SignJWT(claims)
-      .setProtectedHeader(settings.idTokenKid ? { alg: SIGNING_ALG, kid: key.kid, typ: 'JWT' } : { alg: SIGNING_ALG, typ: 'JWT' })
+      .setProtectedHeader(settings.idTokenKid ? { alg, kid, typ: 'JWT' } : { alg, typ: 'JWT' })
       .setIssuer(urls.issuer)
       .setAudience(clientId)
       .setSubject(user)
-      .setIssuedAt()
-      .setExpirationTime(nowSeconds() + settings.tokenTtl)
-      .sign(key.privateKey);
+      .setIssuedAt(nowSeconds() + skew)
+      .setExpirationTime(nowSeconds() + skew + settings.tokenTtl)
+      .sign(ec ? this.state.ecKey.privateKey : key.privateKey);
   }
 }
