@@ -147,3 +147,30 @@ both_backends! {
         assert!(page.contains("id_token"), "{page}");
     }
 }
+
+both_backends! {
+    async fn an_ehr_that_gives_no_refresh_token_ends_the_session_with_its_token(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // Asked without online_access/offline_access, the EHR gives no refresh token; its access
+        // token lives 66 s (Courier renews an EHR token when less than a minute is left).
+        let mut n = new_ehr("ehr-b", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch user/Patient.r user/Practitioner.r";
+        registry::remove(&app.store, "ehr-a").unwrap();
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 66}))).await;
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let handle = s["session"].as_str().unwrap().to_string();
+        // While the EHR's token lives, the session refreshes Courier's token.
+        let (st, fresh) = crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await;
+        assert_eq!(st, 200, "{fresh}");
+        // Once it is due for renewal it cannot be renewed: the session ends, plainly.
+        tokio::time::sleep(std::time::Duration::from_millis(7000)).await;
+        let (st, body) = crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await;
+        assert_eq!(st, 401, "{body}");
+        assert!(body.to_string().contains("sign in again"), "{body}");
+        let t = fresh["access_token"].as_str().unwrap();
+        assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 401, "every token of the session is revoked");
+    }
+}

@@ -878,7 +878,7 @@ pub async fn launch_as(app: &TestApp, ehr: &TestEhr, patient: &str, user: &str) 
     session_of(&page)
 }
 
-async fn session_post(
+pub async fn session_post(
     app: &TestApp,
     path: &str,
     handle: &str,
