@@ -75,6 +75,27 @@ impl Discovery {
                 from_capability_statement(&cs).map_err(|e| format!("{first}; {e}"))?
             }
         };
+        // No jwks_uri (a CapabilityStatement carries none): the OpenID provider configuration
+        // names the keys that sign the id_token (OpenID Connect Discovery §3).
+        let mut found = found;
+        if found.jwks_uri.is_none() {
+            if let Ok(doc) = self
+                .get_json(
+                    &format!("{iss}/.well-known/openid-configuration"),
+                    "application/json",
+                )
+                .await
+            {
+                found.jwks_uri = doc["jwks_uri"].as_str().map(String::from);
+                if found.issuer.is_none() {
+                    found.issuer = doc["issuer"].as_str().map(String::from);
+                }
+            }
+        }
+        if let Some(j) = &found.jwks_uri {
+            crate::auth::clients::check_jwks_url(j)
+                .map_err(|_| format!("the EHR's key set {j} is not https"))?;
+        }
         // Codes, assertions and tokens travel to these: https only (http on loopback).
         for url in std::iter::once(&found.token).chain(found.authorization.as_ref()) {
             crate::auth::clients::check_jwks_url(url)

@@ -174,3 +174,20 @@ both_backends! {
         assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 401, "every token of the session is revoked");
     }
 }
+
+both_backends! {
+    async fn discovery_by_smart_configuration_first_and_the_capability_statement_when_it_is_missing(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // Both documents, disagreeing: the CapabilityStatement names endpoints that answer
+        // nothing. The SMART configuration is authoritative (SMART App Launch 2 §Discovery).
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"metadata_oauth_uris": "elsewhere"}))).await;
+        let l = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(l["user_display"]["name"], "Grace Hopper", "{l}");
+        // Only the CapabilityStatement (an older EHR): its oauth-uris are used.
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"metadata_oauth_uris": "same", "smart_configuration": false}))).await;
+        app.ehrs.discovery().forget(&ehr.base);
+        let l = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(l["user_display"]["name"], "Grace Hopper", "{l}");
+    }
+}

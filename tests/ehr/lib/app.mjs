@@ -52,7 +52,10 @@ export async function createEhr(config, log = () => {}) {
     }
 
     const get = req.method === 'GET';
-    if (get && path === '/fhir/.well-known/smart-configuration') return sendJson(res, 200, smartConfiguration(state.urls, state.settings.scopesVersion));
+    if (get && path === '/fhir/.well-known/smart-configuration') {
+      if (!state.settings.smartConfiguration) return sendJson(res, 404, { error: 'not served (test setting smart_configuration)' });
+      return sendJson(res, 200, smartConfiguration(state.urls, state.settings.scopesVersion));
+    }
     if (get && path === '/fhir/.well-known/openid-configuration') return sendJson(res, 200, openidConfiguration(state.urls));
     if (get && path === '/jwks.json') {
       const decoys = state.decoyKeys.slice(0, state.settings.jwksDecoys);

@@ -78,7 +78,9 @@ export function openidConfiguration(urls) {
   };
 }
 
-export function capabilityStatement(urls, name, startedAt) {
+export function capabilityStatement(urls, name, startedAt, oauthUris = 'same') {
+  // 'elsewhere': endpoints that answer nothing (an EHR whose documents disagree).
+  const other = (u) => (oauthUris === 'elsewhere' ? u.replace(/\/([^/]*)$/, '/moved-$1') : u);
   return {
     resourceType: 'CapabilityStatement',
     status: 'active',
@@ -107,8 +109,8 @@ export function capabilityStatement(urls, name, startedAt) {
             {
               url: 'http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris',
               extension: [
-                { url: 'authorize', valueUri: urls.authorize },
-                { url: 'token', valueUri: urls.token },
+                { url: 'authorize', valueUri: other(urls.authorize) },
+                { url: 'token', valueUri: other(urls.token) },
               ],
             },
           ],

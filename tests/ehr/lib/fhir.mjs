@@ -70,7 +70,7 @@ export class FhirService {
     // The CapabilityStatement is public: clients read it to discover the SMART endpoints.
     if (segments.length === 1 && segments[0] === 'metadata') {
       if (req.method !== 'GET') return this.send(res, 405, outcome('error', 'not-supported', 'metadata is GET only'));
-      return this.send(res, 200, capabilityStatement(state.urls, state.name, this.startedAt));
+      return this.send(res, 200, capabilityStatement(state.urls, state.name, this.startedAt, state.settings.metadataOauthUris));
     }
 
     const claims = await this.authenticate(req, res);

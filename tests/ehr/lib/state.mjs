@@ -36,6 +36,11 @@ export function createState(config, key) {
       idTokenAlg: 'RS256',
       fhirUserForm: 'absolute',
       clockSkewSecs: 0,
+      // Discovery: whether /.well-known/smart-configuration is served, and whether the
+      // CapabilityStatement's oauth-uris name the real endpoints ('same') or others ('elsewhere',
+      // an EHR whose two documents disagree).
+      smartConfiguration: true,
+      metadataOauthUris: 'same',
     },
     // The P-384 key, made when first asked for (id_token_alg ES384).
     ecKey: null,

@@ -87,6 +87,8 @@ export function createTestControl(state, tokens, fhir) {
       set('id_token_alg', 'idTokenAlg', (v) => v === 'RS256' || v === 'ES384');
       set('fhir_user_form', 'fhirUserForm', (v) => v === 'absolute' || v === 'relative');
       set('clock_skew_secs', 'clockSkewSecs', (v) => Number.isInteger(v) && Math.abs(v) <= 3600);
+      set('smart_configuration', 'smartConfiguration', (v) => typeof v === 'boolean');
+      set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
       if (s.idTokenAlg === 'ES384' && !state.ecKey) {
         const { publicKey, privateKey } = await jose.generateKeyPair('ES384', { extractable: true });
         const jwk = await jose.exportJWK(publicKey);
@@ -172,5 +174,7 @@ function publicSettings(state) {
     id_token_alg: s.idTokenAlg,
     fhir_user_form: s.fhirUserForm,
     clock_skew_secs: s.clockSkewSecs,
+    smart_configuration: s.smartConfiguration,
+    metadata_oauth_uris: s.metadataOauthUris,
   };
 }
