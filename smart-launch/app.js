@@ -98,8 +98,9 @@ function end(why) {
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me']) $(id).replaceChildren();
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error']) $(id).replaceChildren();
   for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older']) $(id).hidden = true;
+  document.querySelector('.skip').hidden = true;
   $('thread-title').textContent = '';
   $('threads-count').textContent = '';
   $('threads-title').textContent = 'Conversations';
@@ -147,9 +148,7 @@ async function refreshToken() {
     return true;
   }
   if (r.status === 400 || r.status === 401) {
-    let why = 'Your session has ended.';
-    try { why = (await r.json()).error_description || why; } catch (e) { /* keep the default */ }
-    end(why.charAt(0).toUpperCase() + why.slice(1));
+    end('Your session has ended (signed out here or elsewhere, or by your EHR). Open Courier again from your EHR or your patient portal to continue.');
   }
   return false;
 }
@@ -566,6 +565,9 @@ async function openThread(id) {
   // The composer belongs to one thread: nothing typed or chosen for another carries over.
   $('compose').reset();
   $('draft-state').textContent = '';
+  composeError('');
+  $('file-chart').textContent = 'File to chart';
+  $('file-chart').disabled = false;
   updateCount();
   $('compose').hidden = false;
   $('messages').replaceChildren();
@@ -579,7 +581,13 @@ async function openThread(id) {
   if (!token || !current || current.header.id !== id) return;
   current.messages.set(header.id, header);
   const got = matches(page);
-  const mine = got.filter((m) => m.status === 'preparation' && refOf(m.sender) === session.fhirUser);
+  // My draft in this thread, wherever it sorts (a draft has no send time).
+  let mine = [];
+  try {
+    const drafts = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&status=preparation&sender=' + encodeURIComponent(session.fhirUser) + '&_sort=-_lastUpdated&_count=1');
+    mine = matches(drafts);
+  } catch (e) { /* no draft shown */ }
+  if (!token || !current || current.header.id !== id) return;
   for (const m of got.reverse()) if (m.status !== 'preparation') current.messages.set(m.id, m);
   current.older = nextOf(page);
   wantPeople([...current.messages.values()].flatMap(participants).concat([patientOf(header)]));
@@ -638,12 +646,15 @@ function scrollToNewest() {
 }
 
 async function loadOlder() {
-  if (!current || !current.older || current.loadingOlder) return;
-  current.loadingOlder = true;
+  const open = current;
+  if (!open || !open.older || open.loadingOlder) return;
+  open.loadingOlder = true;
   const box = $('messages-box');
   const before = box.scrollHeight - box.scrollTop;
   try {
-    const page = await api('GET', current.older);
+    const page = await api('GET', open.older);
+    // Another thread opened meanwhile: these messages are not its (never show them there).
+    if (current !== open || !token) return;
     const older = matches(page).filter((m) => m.status !== 'preparation').reverse();
     const all = new Map();
     all.set(current.header.id, current.header);
@@ -659,7 +670,7 @@ async function loadOlder() {
   } catch (e) {
     showNotice(plain(e), 'older');
   } finally {
-    if (current) current.loadingOlder = false;
+    open.loadingOlder = false;
   }
 }
 
@@ -854,13 +865,14 @@ async function fileToChart() {
     b.textContent = 'Filed to the chart';
     clearNotice('chart');
   } catch (e) {
-    showNotice('The conversation was not filed to the chart. ' + (e.status === 404 || e.status === 409 ? 'No EHR Courier is connected to knows this patient.' : plain(e)), 'chart');
+    showNotice('The conversation was not filed to the chart. ' + (e.status === 404 || e.status === 409 || e.status === 422 ? 'No EHR Courier is connected to knows this patient (and you).' : plain(e)), 'chart');
     b.disabled = false;
   }
 }
 
 async function closeThread() {
   await flushDraft();
+  const was = current && current.header.id;
   $('main').classList.remove('reading');
   current = null;
   draft = null;
@@ -869,7 +881,10 @@ async function closeThread() {
   $('thread-title').textContent = 'Select a conversation';
   $('file-chart').textContent = 'File to chart';
   $('file-chart').disabled = false;
-  renderThreads();
+  renderThreadsNow();
+  // Keyboard focus goes back to the conversation just left (else the list).
+  const row = was && document.querySelector('#threads button.row[data-id="' + CSS.escape(was) + '"]');
+  (row || $('new-thread')).focus();
 }
 
 // ----- compose and drafts --------------------------------------------------------------------
@@ -897,7 +912,7 @@ async function upload(file) {
   return {contentType: type, url: 'Binary/' + bin.id, title: file.name, size: file.size};
 }
 
-function messageFor(h, payload, status) {
+function messageFor(h, payload, status, priority) {
   const msg = {
     resourceType: 'Communication',
     status,
@@ -909,7 +924,7 @@ function messageFor(h, payload, status) {
   if (status === 'completed') msg.sent = new Date().toISOString();
   if (h.subject) msg.subject = h.subject;
   if (h.category) msg.category = h.category;
-  if (!isPatient()) msg.priority = $('compose-priority').value;
+  if (!isPatient()) msg.priority = priority || $('compose-priority').value;
   return msg;
 }
 
@@ -974,41 +989,57 @@ async function flushDraft() {
 async function send(ev) {
   ev.preventDefault();
   if (!current || !token) return;
+  // The thread, its draft and its composer's content as they are now: whatever happens while
+  // this sends (another thread opened), the message goes to this thread and only its screen
+  // changes.
+  const open = current;
+  const d = draft && draft.thread === open.header.id ? draft : null;
   const text = $('compose-text').value.trim();
   const file = $('compose-file').files[0];
-  if (!text && !file) { showNotice('Write a message or choose a photo or file to send.', 'send'); return; }
-  const h = current.header;
+  if (!text && !file) { composeError('Write a message or choose a photo or file to send.'); return; }
+  const h = open.header;
   const payload = [];
   if (text) payload.push({contentString: text});
+  const priority = isPatient() ? null : $('compose-priority').value;
   $('send').disabled = true;
+  composeError('');
   try {
     if (file) payload.push({contentAttachment: await upload(file)});
-    if (draft && draft.timer) { clearTimeout(draft.timer); draft.timer = null; }
-    if (draft && draft.saving) await draft.saving;
-    const msg = messageFor(h, payload, 'completed');
+    if (d && d.timer) { clearTimeout(d.timer); d.timer = null; }
+    if (d && d.saving) await d.saving;
+    const msg = messageFor(h, payload, 'completed', priority);
     let saved;
-    if (draft && draft.id) {
+    if (d && d.id) {
       // The draft becomes the message (one resource, sent now).
-      msg.id = draft.id;
-      saved = await api('PUT', '/Communication/' + draft.id, msg, {Prefer: 'return=representation'});
+      msg.id = d.id;
+      saved = await api('PUT', '/Communication/' + d.id, msg, {Prefer: 'return=representation'});
     } else {
       saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
     }
-    if (draft) { draft.id = null; draft.version = null; }
+    if (d) { d.id = null; d.version = null; }
     noteLatest(saved);
     renderThreads();
-    replaceMessage(saved);
-    $('compose-text').value = '';
-    $('compose-file').value = '';
-    $('draft-state').textContent = '';
+    if (current === open) {
+      replaceMessage(saved);
+      $('compose-text').value = '';
+      $('compose-file').value = '';
+      $('draft-state').textContent = '';
+      scrollToNewest();
+    }
     clearNotice('send');
-    scrollToNewest();
   } catch (e) {
-    showNotice('Your message was not sent. ' + plain(e), 'send');
+    const why = 'Your message was not sent. ' + (e.name === 'TypeError' ? 'Courier cannot be reached: check your connection, then press Send again.' : plain(e));
+    if (current === open) composeError(why); else showNotice(why + ' (in “' + topicOf(h) + '”)', 'send');
   } finally {
     $('send').disabled = false;
     updateCount();
   }
+}
+
+// A send's error, beside Send (in view on a phone, where the page's notice is scrolled away).
+function composeError(text) {
+  $('compose-error').textContent = text;
+  $('compose-error').hidden = !text;
 }
 
 function updateCount() {
@@ -1057,13 +1088,15 @@ function fillTo() {
     if (staff && /^(Patient|RelatedPerson)\//.test(r.reference)) continue;
     (groups[r.source] = groups[r.source] || []).push(r);
   }
+  // "Message the patient" writes to the patient in context, and to no one else.
+  const toThePatient = !isPatient() && !staff && session.patient;
   for (const src of ['pool', 'care-team', 'correspondent']) {
-    if (!groups[src]) continue;
+    if (!groups[src] || toThePatient) continue;
     const og = el('optgroup', {label: SOURCE[src]});
     for (const r of groups[src]) og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '')));
     sel.append(og);
   }
-  if (!isPatient()) sel.append(el('option', {value: 'other'}, 'Someone else (enter their reference)…'));
+  if (!isPatient() && (staff || !session.patient)) sel.append(el('option', {value: 'other'}, 'Someone else (enter their reference)…'));
   if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
   if (isPatient() && sel.options.length === 1) {
     newError('Courier does not know your care team yet. Please call your clinic, or reply in an existing conversation.');
@@ -1079,10 +1112,24 @@ function chooseTo() {
 async function openNew() {
   $('new-form').reset();
   newError('');
-  $('new-thread').disabled = true;
-  try { await loadRecipients(); } finally { $('new-thread').disabled = false; }
+  if ($('new-thread').dataset.busy) return;
+  $('new-thread').dataset.busy = '1';
+  try { await loadRecipients(); } finally { delete $('new-thread').dataset.busy; }
   if (!token) return;
   fillTo();
+  // Which patient the new conversation is about, said before anything is written — and that it
+  // is not the patient of the thread being read, when it is not.
+  const about = $('new-about');
+  if (!isPatient() && session.patient) {
+    const reading = current && patientOf(current.header);
+    const other = reading && reading !== session.patient;
+    about.textContent = 'About: ' + patientLine(session.patient) + ' (the patient open in your EHR)' +
+      (other ? '. Not ' + nameOf(reading) + ', whose conversation you are reading.' : '');
+    about.classList.toggle('other', !!other);
+    about.hidden = false;
+  } else {
+    about.hidden = true;
+  }
   $('new-dialog').showModal();
 }
 
@@ -1097,6 +1144,10 @@ async function startThread(ev) {
     return;
   }
   const staffOnly = !isPatient() && $('audience-staff').checked;
+  if (!isPatient() && !staffOnly && session.patient && /^(Patient|RelatedPerson)\//.test(to) && to !== session.patient) {
+    newError('This conversation is about ' + nameOf(session.patient) + '; it cannot be sent to another patient.');
+    return;
+  }
   if (staffOnly && /^(Patient|RelatedPerson)\//.test(to)) {
     newError('A staff-only conversation cannot include the patient or their relatives. Choose “Message the patient” instead.');
     return;
@@ -1345,6 +1396,7 @@ async function start() {
   $('new-thread').addEventListener('click', openNew);
   $('new-form').addEventListener('submit', startThread);
   $('new-cancel').addEventListener('click', () => $('new-dialog').close());
+  $('new-dialog').addEventListener('close', () => { if (token) $('new-thread').focus(); });
   $('back').addEventListener('click', closeThread);
   $('older').addEventListener('click', loadOlder);
   $('messages-box').addEventListener('scroll', () => { if ($('messages-box').scrollTop < 40) loadOlder(); }, {passive: true});

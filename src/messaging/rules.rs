@@ -170,6 +170,38 @@ fn patient_text(settings: &Settings, res_type: &str, body: &Value) -> Result<(),
 /// labels it (see [`super::staff_only`]); called after [`check`] and the access policy on every
 /// REST and Bundle write of a message. `replaces`: the id of the version an update replaces.
 /// `fresh`: messages written earlier in the same transaction, with whether each is staff-only.
+/// A message (or request) about a patient is never sent to or from another patient: every
+/// Patient among its parties is its subject. (Addressed to the wrong patient, it would put one
+/// patient's matter — and, through the app, their name and MRN — in another's portal.)
+fn about_one_patient(body: &Value, base: &str) -> Result<(), FhirError> {
+    let Some(subject) = body["subject"]["reference"]
+        .as_str()
+        .map(|r| super::hub::local_ref(r, base))
+        .filter(|r| r.starts_with("Patient/"))
+    else {
+        return Ok(());
+    };
+    let parties = std::iter::once(&body["sender"])
+        .chain(std::iter::once(&body["requester"]))
+        .chain(body["recipient"].as_array().into_iter().flatten());
+    for party in parties {
+        let Some(r) = party["reference"]
+            .as_str()
+            .map(|r| super::hub::local_ref(r, base))
+        else {
+            continue;
+        };
+        if r.starts_with("Patient/") && r != subject {
+            return Err(FhirError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                format!("this message is about {subject}; it cannot be sent to or from another patient ({r})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn prepare(
     state: &AppState,
     p: &Principal,
@@ -199,6 +231,7 @@ pub async fn prepare(
             body["sender"] = json!({"reference": me});
         }
     }
+    about_one_patient(body, base)?;
     let mut inherited = false;
     // The thread: a message may belong only to a conversation its writer can see.
     let unconfined = matches!(

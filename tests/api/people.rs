@@ -243,3 +243,26 @@ both_backends! {
         assert_eq!(call(&other, &app, "POST", &format!("/Communication/{id}/$mark-unread")).await.0, 404);
     }
 }
+
+both_backends! {
+    async fn a_message_about_one_patient_is_never_sent_to_another(app: TestApp) {
+        use crate::messaging::clinician_token;
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let post = |body: Value| {
+            let dr = dr.clone();
+            let url = app.url("Communication");
+            async move { dr.post(url).json(&body).send().await.unwrap() }
+        };
+        let about_ada = |to: &str| json!({"resourceType": "Communication", "status": "completed",
+            "subject": {"reference": "Patient/ada"}, "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": to}], "payload": [{"contentString": "Your results"}]});
+        let r = post(about_ada("Patient/annabella")).await;
+        assert_eq!(r.status(), 422);
+        let o: Value = r.json().await.unwrap();
+        assert!(o.to_string().contains("another patient"), "{o}");
+        assert!(ids(&app.get_json("Communication?recipient=Patient/annabella").await).is_empty(), "nothing written");
+        assert_eq!(post(about_ada("Patient/ada")).await.status(), 201);
+        assert_eq!(post(about_ada("Practitioner/dr-2")).await.status(), 201, "staff about Ada");
+        assert_eq!(post(about_ada("RelatedPerson/ada-mother")).await.status(), 201, "her mother");
+    }
+}

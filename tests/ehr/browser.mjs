@@ -175,6 +175,42 @@ try {
   check((await clinician.textContent('#thread-patient')).includes(cfg.patient_name), 'clinician: the thread names its patient');
   check(await clinician.getAttribute('#messages', 'aria-live') === null, 'clinician: the message list is not a live region (a whole thread would be read aloud)');
 
+  // ---- Slow network: nothing of one thread lands in another. ----
+  step('clinician: slow network races');
+  // Older messages of Ada's long thread arrive after Bob's thread was opened.
+  await clinician.route(/_offset=/, async (route) => { await new Promise((r) => setTimeout(r, 1500)); await route.continue(); });
+  await clinician.click('#older');
+  await clinician.click('#scope-all');
+  await row(clinician, cfg.other_patient_name).locator('button').click();
+  await clinician.waitForSelector('#thread-patient.other');
+  await clinician.waitForTimeout(2500);
+  check(!(await clinician.locator('#messages li .text', { hasText: 'Reading' }).count()), 'clinician: older messages of another thread appeared in this one');
+  await clinician.unroute(/_offset=/);
+  // A reply still sending when another thread is opened stays in its own thread.
+  await row(clinician, 'Blood pressure diary').locator('button').click();
+  await clinician.waitForSelector('#messages li .text:text("Reading 118: 128 over 86")');
+  await clinician.route('**/Communication', async (route) => { if (route.request().method() === 'POST') await new Promise((r) => setTimeout(r, 1500)); await route.continue(); });
+  await clinician.fill('#compose-text', 'Slow reply for the diary');
+  await clinician.click('#send');
+  await row(clinician, cfg.other_patient_name).locator('button').click();
+  await clinician.waitForSelector('#thread-patient.other');
+  await clinician.waitForTimeout(2500);
+  check(!(await clinician.locator('#messages li .text', { hasText: 'Slow reply' }).count()), 'clinician: a reply sent in one thread appeared in another');
+  check(await clinician.inputValue('#compose-text') === '', 'clinician: the other thread\'s composer was touched');
+  await clinician.unroute('**/Communication');
+  await row(clinician, 'Blood pressure diary').locator('button').click();
+  await clinician.waitForSelector('#messages li .text:text("Slow reply for the diary")', { timeout: 10000 });
+  // The new-conversation dialog says which patient it is about, and that it is not the one read.
+  await row(clinician, cfg.other_patient_name).locator('button').click();
+  await clinician.waitForSelector('#thread-patient.other');
+  await clinician.click('#new-thread');
+  await clinician.waitForSelector('#new-dialog[open]');
+  const about = await clinician.textContent('#new-about');
+  check(about.includes(cfg.patient_name) && about.includes('Not ' + cfg.other_patient_name), `clinician: the dialog names whom it is about (got "${about}")`);
+  check(!(await clinician.locator('#new-to option', { hasText: 'Someone else' }).count()), 'clinician: "Message the patient" offers only the patient');
+  await clinician.click('#new-cancel');
+  await clinician.click('#scope-patient');
+
   // ---- A new conversation with the patient (keyboard only; XSS payloads stay text). ----
   step('clinician: new conversation');
   await clinician.click('#new-thread');
@@ -368,13 +404,16 @@ try {
   await patient.waitForSelector('#compose:not([hidden])');
   await patient.setInputFiles('#compose-file', { name: 'setup.exe', mimeType: 'application/x-msdownload', buffer: Buffer.from('MZ') });
   await patient.click('#send');
-  await patient.waitForSelector('#notice:not([hidden])');
-  const err = await patient.textContent('#notice-text');
+  // Beside Send (in view on a phone), not at the top of the page.
+  await patient.waitForSelector('#compose-error:not([hidden])');
+  const err = await patient.textContent('#compose-error');
+  const errBox = await patient.locator('#compose-error').boundingBox();
+  check(errBox && errBox.y >= 0 && errBox.y < 844, 'patient: the send error is in view');
   check(err.includes('That kind of file cannot be sent') && !/MIME|application\//.test(err), `patient: a refused file type is explained in plain words (got "${err}")`);
   await patient.setInputFiles('#compose-file', []);
   await patient.fill('#compose-text', 'Sorry, here it is in words');
   await patient.click('#send');
-  await patient.waitForSelector('#notice', { state: 'hidden', timeout: 10000 });
+  await patient.waitForSelector('#compose-error', { state: 'hidden', timeout: 10000 });
   await patient.click('#back');
 
   // ---- The clinician on a phone and the patient on a desktop: the same checks. ----
@@ -396,6 +435,22 @@ try {
   await a11y(patient, 'patient thread (desktop)');
   await patient.setViewportSize({ width: 390, height: 844 });
   await patient.click('#back');
+
+  // ---- Desktop: every filter within the list; 320 px: the clinician's pages fit too. ----
+  const fits = await clinician.evaluate(() => {
+    const pane = document.querySelector('#threads-pane').getBoundingClientRect();
+    return ['#filter-inbox', '#filter-when', '#filter-text'].every((id) => document.querySelector(id).getBoundingClientRect().right <= pane.right + 1);
+  });
+  check(fits, 'clinician: a filter runs out of the conversation list');
+  await clinician.setViewportSize({ width: 320, height: 640 });
+  const cw = await clinician.evaluate(() => document.scrollingElement.scrollWidth);
+  check(cw <= 320, `clinician: the inbox is wider than 320 px (${cw})`);
+  await row(clinician, 'Lab results').locator('button').click();
+  await clinician.waitForSelector('#compose:not([hidden])');
+  const tw = await clinician.evaluate(() => document.scrollingElement.scrollWidth);
+  check(tw <= 320, `clinician: the thread is wider than 320 px (${tw})`);
+  await clinician.click('#back');
+  await clinician.setViewportSize({ width: 1280, height: 800 });
 
   // ---- 320 px wide: nothing runs off the side. ----
   await patient.setViewportSize({ width: 320, height: 640 });
