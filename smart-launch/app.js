@@ -98,7 +98,7 @@ function end(why) {
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error']) $(id).replaceChildren();
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to']) $(id).replaceChildren();
   for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older']) $(id).hidden = true;
   document.querySelector('.skip').hidden = true;
   $('thread-title').textContent = '';
@@ -628,6 +628,10 @@ function renderThreadHead() {
   }
   $('thread-actions').hidden = false;
   $('file-chart').hidden = isPatient();
+  // Beside the message box (which stays in view on a phone when the banners have scrolled away):
+  // whom a reply goes to, and for a clinician which patient it is about.
+  const to = participants(h).filter((r) => r !== session.fhirUser).map(nameOf).join(', ');
+  $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt ? ' · about ' + nameOf(pt) : '');
 }
 
 function renderMessages() {

@@ -167,6 +167,8 @@ try {
     return last.bottom <= innerHeight + 1 && last.top >= 0 && compose.bottom <= innerHeight + 1;
   });
   check(inView, 'clinician: a long thread opens at the newest message with the composer in view');
+  const composeTo = await clinician.textContent('#compose-to');
+  check(composeTo.includes(cfg.patient_name) && composeTo.includes('about'), `clinician: the composer says whom the reply goes to and about whom (got "${composeTo}")`);
   const first = await clinician.locator('#messages > li').count();
   check(first <= 51 && await clinician.isVisible('#older'), `clinician: a long thread loads a page, not all (${first})`);
   await clinician.evaluate(() => { document.querySelector('#messages-box').scrollTop = 0; });
