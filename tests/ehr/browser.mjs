@@ -112,6 +112,9 @@ try {
   check(!(await patient.isVisible('#scope')), 'patient: no patient scope choice');
   await row(patient, 'Blood pressure diary').waitFor();
   check(await row(patient, 'Chest pain').count() === 1, 'patient: sees only her own "Chest pain" thread');
+  // Names fill in as they arrive (the list shows first).
+  await patient.waitForFunction((n) => [...document.querySelectorAll('#threads li')].some((l) => l.textContent.includes('Blood pressure diary') && l.textContent.includes(n)), cfg.clinician_name, { timeout: 10000 })
+    .catch(() => {});
   const prow = await row(patient, 'Blood pressure diary').textContent();
   check(prow.includes(cfg.clinician_name), `patient: the row names whom the conversation is with (got "${prow}")`);
   await a11y(patient, 'patient inbox (phone)', true);
