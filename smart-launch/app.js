@@ -22,6 +22,7 @@ let wsBackoff = 1000;
 let current = null; // the open thread: {header, messages: Map id -> resource, older: next-page path}
 const threads = new Map(); // id -> header Communication
 const latest = new Map(); // thread id -> newest message in it (orders the list, gives the preview)
+const draftThreads = new Set(); // threads where I have an unsent draft
 let unread = {total: 0, urgent: 0, byThread: new Map()};
 let unreadKnown = false; // $unread has answered at least once
 const fresh = new Set(); // messages that arrived live since (not yet in the counts)
@@ -87,6 +88,7 @@ function end(why) {
   current = null;
   threads.clear();
   latest.clear();
+  draftThreads.clear();
   people.clear();
   asked.clear();
   receipts.clear();
@@ -357,7 +359,11 @@ async function loadThreads(onFirstPage) {
     for (let pages = 0; p && pages < 5; pages++) {
       let b;
       try { b = await api('GET', p); } catch (e) { break; }
-      for (const m of matches(b)) noteLatest(m);
+      for (const m of matches(b)) {
+        noteLatest(m);
+        // My unsent drafts: their threads are marked in the list.
+        if (m.status === 'preparation' && refOf(m.sender) === session.fhirUser) draftThreads.add(threadIdOf(m));
+      }
       p = nextOf(b);
     }
     wantPeople([...latest.values()].map((m) => refOf(m.sender)));
@@ -509,13 +515,15 @@ function threadRow(t) {
     : patientLine(pt);
   const preview = last ? (nameOf(refOf(last.sender)) + ': ' + (last.status === 'entered-in-error' ? '(withdrawn)' : textOf(last))) : '';
   const urgent = (counts && counts.urgent) || (last && URGENT.includes(last.priority));
+  // The time shown is when the newest message was sent (the list is ordered by activity).
+  const when = (last && (last.sent || updatedOf(last))) || t.sent || updatedOf(t);
   const b = el('button', {type: 'button', class: 'row', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
     el('span', {class: 'who'}, who),
-    el('time', {class: 'when', datetime: activityOf(t)}, shortTime(activityOf(t))),
+    el('time', {class: 'when', datetime: when}, shortTime(when)),
     el('span', {class: 'topic'}, topicOf(t)),
     preview ? el('span', {class: 'preview'}, preview.slice(0, 140)) : null,
     el('span', {class: 'badges'},
-      t.status === 'preparation' ? el('span', {class: 'badge draft'}, 'Draft') : null,
+      t.status === 'preparation' || draftThreads.has(t.id) ? el('span', {class: 'badge draft'}, 'Draft') : null,
       isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
       urgent ? el('span', {class: 'badge urgent'}, counts && counts.urgent ? 'Urgent · ' + counts.urgent : 'Urgent') : null,
       counts && counts.n ? el('span', {class: 'badge'}, counts.n + ' unread') : null));
@@ -963,6 +971,8 @@ async function saveDraft() {
     try {
       if (!text.trim()) {
         if (d.id) { await api('DELETE', '/Communication/' + d.id); d.id = null; $('draft-state').textContent = ''; }
+        draftThreads.delete(d.thread);
+        renderThreads();
         return;
       }
       const body = messageFor(current.header, [{contentString: text}], 'preparation');
@@ -976,6 +986,8 @@ async function saveDraft() {
         d.version = saved.meta.versionId;
       }
       $('draft-state').textContent = 'Draft saved.';
+      draftThreads.add(d.thread);
+      renderThreads();
     } catch (e) {
       $('draft-state').textContent = 'The draft could not be saved: ' + plain(e);
     }
@@ -1021,6 +1033,7 @@ async function send(ev) {
       saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
     }
     if (d) { d.id = null; d.version = null; }
+    draftThreads.delete(h.id);
     noteLatest(saved);
     renderThreads();
     if (current === open) {

@@ -138,6 +138,8 @@ try {
   await row(clinician, 'Blood pressure diary').waitFor();
   await clinician.waitForFunction((n) => [...document.querySelectorAll('#threads li .who')].every((w) => w.textContent.includes(n)), cfg.patient_name, { timeout: 5000 });
   check(await row(clinician, 'Chest pain').count() === 1, 'clinician: "This patient" shows only Ada\'s threads');
+  // Previews fill in as the newest messages arrive (the list shows first).
+  await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li')].some((l) => l.textContent.includes('Reading 118')), null, { timeout: 10000 }).catch(() => {});
   const crow = await row(clinician, 'Blood pressure diary').textContent();
   check(crow.includes(cfg.patient_mrn) && /born/.test(crow), `clinician: the row shows birth date and MRN (got "${crow}")`);
   check(/Reading 118/.test(crow), `clinician: the row previews the newest message (got "${crow}")`);
@@ -302,6 +304,8 @@ try {
   await clinician.waitForSelector('#draft-state:text("Draft saved.")', { timeout: 10000 });
   await clinician.reload();
   await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  // The list marks the thread with an unsent draft.
+  await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li')].some((l) => l.textContent.includes('Lab results') && l.querySelector('.badge.draft')), null, { timeout: 10000 });
   await row(clinician, 'Lab results').locator('button').click();
   await clinician.waitForFunction((t) => document.querySelector('#compose-text').value === t, DRAFT, { timeout: 10000 });
   check((await clinician.textContent('#draft-state')).includes('restored'), 'clinician: the draft says it was restored');
