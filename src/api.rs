@@ -325,3 +325,16 @@ pub async fn read_body(
     }
     Ok(body.freeze())
 }
+
+/// A query string as its decoded `(name, value)` pairs, in order.
+pub fn query_pairs(q: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
+}
+
+/// A `Parameters` resource answer (operations' results), never cached.
+pub fn parameters(params: Vec<Value>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(crate::fhir::outcome::FHIR_JSON)
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(serde_json::json!({"resourceType": "Parameters", "parameter": params}).to_string())
+}

@@ -6,8 +6,8 @@ use super::{support, TypeSupport};
 #[allow(unused_imports)]
 pub use crate::api::{
     answer_audited, audit_context, audit_outcome, audited_answer, audited_operation, blocking,
-    check_accept, check_content_type, media_type, read_body, record_event, record_event_checked,
-    AppState, RequestId, Res,
+    check_accept, check_content_type, media_type, query_pairs, read_body, record_event,
+    record_event_checked, AppState, RequestId, Res,
 };
 use crate::audit::{self, Interaction};
 use crate::auth::scopes::Perm;
@@ -939,10 +939,6 @@ async fn history_inner(
 }
 
 // ----- search -----------------------------------------------------------------------------------
-
-pub fn query_pairs(q: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
-}
 
 pub fn parse_search(
     state: &AppState,

@@ -211,20 +211,7 @@ fn first_reminder(
     // Conditional on the identifier: after a crash between the request and its row,
     // the next pass finds the request instead of making a second one.
     let identifier = format!("{IDENTIFIER_SYSTEM}|{}:{}", u.comm_id, u.recipient);
-    let pairs = vec![("identifier".to_string(), identifier)];
-    let limits = crate::search::query::Limits {
-        default_count: 2,
-        max_count: 2,
-        strict: true,
-    };
-    let cond = crate::search::query::parse(
-        &store.registry,
-        "CommunicationRequest",
-        &pairs,
-        &store.base_url,
-        &limits,
-    )
-    .map_err(|_| StoreError::Other(anyhow::anyhow!("escalation identifier query")))?;
+    let cond = super::identifier_condition(store, "CommunicationRequest", &identifier)?;
     let written = store.write(
         vec![WriteOp::Create {
             res_type: "CommunicationRequest".into(),

@@ -116,3 +116,23 @@ pub fn operation_routes(cfg: &mut web::ServiceConfig) {
         web::post().to(subscriptions::binding_token),
     );
 }
+
+/// `{res_type}?identifier={identifier}` as a store condition: what makes a derived write (a
+/// scheduled send, an escalation request) happen once — written with `if_none_exist`, a retry
+/// after a crash finds the first instead of writing a second.
+pub(crate) fn identifier_condition(
+    store: &crate::store::Store,
+    res_type: &str,
+    identifier: &str,
+) -> Result<crate::search::query::SearchRequest, crate::store::StoreError> {
+    let pairs = vec![("identifier".to_string(), identifier.to_string())];
+    let limits = crate::search::query::Limits {
+        default_count: 2,
+        max_count: 2,
+        strict: true,
+    };
+    crate::search::query::parse(&store.registry, res_type, &pairs, &store.base_url, &limits)
+        .map_err(|_| {
+            crate::store::StoreError::Other(anyhow::anyhow!("{res_type} identifier query"))
+        })
+}

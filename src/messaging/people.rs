@@ -22,7 +22,7 @@ use crate::auth::policy::{self, Access};
 use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::fhir::access;
-use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::outcome::FhirError;
 use crate::search::query::SearchRequest;
 use crate::smart::identity;
 use crate::store::{Store, StoreError};
@@ -50,18 +50,12 @@ fn invalid(text: impl Into<String>) -> FhirError {
 }
 
 fn query(req: &HttpRequest) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(req.query_string().as_bytes())
-        .into_owned()
-        .collect()
+    crate::api::query_pairs(req.query_string())
 }
 
 /// `Type/id` of a reference given in a query (relative, or absolute under this server).
 fn local_ref(value: &str, base: &str) -> Option<String> {
-    let v = value.trim();
-    let v = v
-        .strip_prefix(base.trim_end_matches('/'))
-        .map(|r| r.trim_start_matches('/'))
-        .unwrap_or(v);
+    let v = super::hub::local_ref(value.trim(), base.trim_end_matches('/'));
     let (t, id) = v.split_once('/')?;
     (KINDS.contains(&t) && fhir_codec::is_valid_id(id)).then(|| format!("{t}/{id}"))
 }
@@ -153,12 +147,7 @@ fn person(
     json!({"name": "person", "part": part})
 }
 
-fn parameters(params: Vec<Value>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type(FHIR_JSON)
-        .insert_header(("Cache-Control", "no-store"))
-        .body(json!({"resourceType": "Parameters", "parameter": params}).to_string())
-}
+use crate::api::parameters;
 
 /// `GET /Communication/$participants`
 pub async fn participants(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {

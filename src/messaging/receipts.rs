@@ -21,7 +21,7 @@ use crate::auth::scopes::Perm;
 use crate::auth::{Principal, SubjectKind};
 use crate::clock::now_micros;
 use crate::fhir::access;
-use crate::fhir::outcome::{FhirError, FHIR_JSON};
+use crate::fhir::outcome::FhirError;
 use crate::messaging::events::{self, Kind};
 use crate::search::dates::format_instant;
 use crate::store::db::Conn;
@@ -209,12 +209,7 @@ fn user_of(p: &Principal) -> Result<String, FhirError> {
     })
 }
 
-fn parameters(params: Vec<Value>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type(FHIR_JSON)
-        .insert_header(("Cache-Control", "no-store"))
-        .body(json!({"resourceType": "Parameters", "parameter": params}).to_string())
-}
+use crate::api::parameters;
 
 async fn load_message(state: &AppState, p: &Principal, id: &str) -> Result<Value, FhirError> {
     let s = access::read(state, p, "Communication", id, None).await?;

@@ -197,7 +197,11 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
         res_type: "Communication".into(),
         id: crate::fhir::rest::new_id(),
         resource: Incoming::from_value(msg),
-        if_none_exist: Some(identifier_condition(store, &ident)?),
+        if_none_exist: Some(super::identifier_condition(
+            store,
+            "Communication",
+            &format!("{IDENTIFIER_SYSTEM}|{ident}"),
+        )?),
     }];
     if remaining == 0 {
         // The request completes with its last occurrence.
@@ -337,30 +341,6 @@ fn message_for(store: &Store, d: &Due, cr: &Value, now: i64) -> (Value, String) 
     // staff-only as the request.
     super::staff_only::label_derived(store, "Communication", &mut msg, cr);
     (msg, ident)
-}
-
-/// `Communication?identifier=…|{ident}`: the condition that makes a send happen once.
-fn identifier_condition(
-    store: &Store,
-    ident: &str,
-) -> Result<crate::search::query::SearchRequest, StoreError> {
-    let pairs = vec![(
-        "identifier".to_string(),
-        format!("{IDENTIFIER_SYSTEM}|{ident}"),
-    )];
-    let limits = crate::search::query::Limits {
-        default_count: 2,
-        max_count: 2,
-        strict: true,
-    };
-    crate::search::query::parse(
-        &store.registry,
-        "Communication",
-        &pairs,
-        &store.base_url,
-        &limits,
-    )
-    .map_err(|_| StoreError::Other(anyhow::anyhow!("schedule identifier query")))
 }
 
 /// Sends claimed per pass.

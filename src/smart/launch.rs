@@ -160,9 +160,7 @@ async fn refuse_oversized(state: &web::Data<AppState>, req: &HttpRequest) -> Htt
 }
 
 fn query(req: &HttpRequest) -> Vec<(String, String)> {
-    form_urlencoded::parse(req.query_string().as_bytes())
-        .into_owned()
-        .collect()
+    crate::api::query_pairs(req.query_string())
 }
 
 fn param<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
@@ -781,14 +779,10 @@ async fn map_identity(
         identity::remember(&store, &r, &kept)?;
         Ok::<_, identity::LinkError>((r, how))
     })
-        .await
-        .map_err(|_| "internal error".to_string())?
-        .map(|(r, _)| (r, shown))
-        .map_err(|e| match e {
-            // The details are for the administrator (courier identity conflicts), not this page.
-            identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
-            other => other.to_string(),
-        })
+    .await
+    .map_err(|_| "internal error".to_string())?
+    .map(|(r, _)| (r, shown))
+    .map_err(link_failure)
 }
 
 /// Links a person the EHR's grant does not let Courier read, by their EHR reference alone (no
@@ -815,10 +809,16 @@ async fn link_as_granted(
     })
     .await
     .map_err(|_| "internal error".to_string())?
-    .map_err(|e| match e {
+    .map_err(link_failure)
+}
+
+/// What the sign-in page says when a person cannot be linked. The details of a conflict are for
+/// the administrator (`courier identity conflicts`), not this page.
+fn link_failure(e: identity::LinkError) -> String {
+    match e {
         identity::LinkError::Conflict(_) => "Courier could not match this person to its records safely; an administrator has been notified".to_string(),
         other => other.to_string(),
-    })
+    }
 }
 
 /// The record the id_token describes: its kind and id, and the name in its OpenID Connect

@@ -78,35 +78,6 @@ impl Dispatch for PgConnection {
     }
 }
 
-/// Hooks that add nothing: for tools that only read (and for the store's own unit tests).
-pub struct NoHooks;
-
-impl Hooks for NoHooks {
-    fn written_sqlite(&self, _: &mut SqliteConnection, _: &[Written]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn written_pg(&self, _: &mut PgConnection, _: &[Written]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn audited_sqlite(
-        &self,
-        _: &mut SqliteConnection,
-        _: &str,
-        _: &Value,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn audited_pg(&self, _: &mut PgConnection, _: &str, _: &Value) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn erased_sqlite(&self, _: &mut SqliteConnection, _: &[Erased]) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn erased_pg(&self, _: &mut PgConnection, _: &[Erased]) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
 /// Implements [`Hooks`] for `$t` by forwarding each pair of methods to generic functions
 /// `written<C: Conn>(c, w)`, `audited<C: Conn>(c, id, event)` and `erased<C: Conn>(c, e)` in scope.
 #[macro_export]
