@@ -82,7 +82,9 @@ fn named_in_visible(
         let Some(m) = policy::mentions(&store.registry, t, target) else {
             continue;
         };
-        let mut conditions = vec![m];
+        // A draft is its author's alone: writing one proves no acquaintance (else a draft about
+        // any id would reveal that person's name).
+        let mut conditions = vec![m, not_a_draft(store, t)];
         if let Access::Only(c) = a {
             conditions.push(c.clone());
         }
@@ -95,6 +97,19 @@ fn named_in_visible(
         }
     }
     Ok(false)
+}
+
+/// `status:not=preparation`.
+fn not_a_draft(store: &Store, res_type: &str) -> crate::search::query::Condition {
+    crate::search::query::Condition::Token {
+        key: store
+            .registry
+            .get(res_type, "status")
+            .map(|p| p.key.clone())
+            .unwrap_or_default(),
+        not: true,
+        values: vec![crate::search::query::TokenValue::Code("preparation".into())],
+    }
 }
 
 /// The patient the caller's side is about: a patient user themself, a RelatedPerson's or a
@@ -208,6 +223,16 @@ async fn participants_inner(state: &web::Data<AppState>, req: &HttpRequest) -> R
         let mut allowed = vec![];
         for r in &refs {
             let pool = pools.iter().find(|(_, g)| g == r).map(|(l, _)| l.as_str());
+            // The patient's side learns no other patient or relative by name, whatever message
+            // names them (a broadcast to several patients, say): only themself and their patient.
+            let other_person = r.starts_with("Patient/") || r.starts_with("RelatedPerson/");
+            if !is_staff(&p)
+                && other_person
+                && me.as_deref() != Some(r.as_str())
+                && context.as_deref() != Some(r.as_str())
+            {
+                continue;
+            }
             let ok = me.as_deref() == Some(r.as_str())
                 || context.as_deref() == Some(r.as_str())
                 || pool.is_some()

@@ -311,6 +311,27 @@ pub async fn prepare(
                 return Ok((v, Err(e)));
             }
         }
+        // A message about a patient reaches no other patient through a Group or CareTeam either
+        // (whoever writes it: see `about_one_patient` for the parties named directly).
+        if let Some(subject) = v["subject"]["reference"]
+            .as_str()
+            .map(|r| super::hub::local_ref(r, &store.base_url))
+            .filter(|r| r.starts_with("Patient/"))
+        {
+            let reached = super::staff_only::patient_side_participants(&store, &rt, &v)?;
+            if let Some((path, who)) = reached
+                .iter()
+                .find(|(_, who)| who.starts_with("Patient/") && **who != subject)
+            {
+                let e = FhirError::at(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "business-rule",
+                    path.clone(),
+                    format!("this message is about {subject}; it cannot reach another patient ({who}) through a Group or CareTeam"),
+                );
+                return Ok((v, Err(e)));
+            }
+        }
         let mut r = super::staff_only::label(&store, &rt, &mut v, inherited)?.map_err(|r| {
             FhirError::at(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -266,3 +266,41 @@ both_backends! {
         assert_eq!(post(about_ada("RelatedPerson/ada-mother")).await.status(), 201, "her mother");
     }
 }
+
+both_backends! {
+    async fn names_cannot_be_learnt_through_drafts_broadcasts_or_groups(app: TestApp) {
+        use crate::messaging::{clinician_token, patient_token};
+        for who in ["Patient/a", "Patient/b", "Patient/c", "RelatedPerson/rb"] {
+            identity::remember(&app.store, who, &json!({"name": format!("Secret {who}"), "mrn": "M"})).unwrap();
+        }
+        let names = |token: String, r: &'static str| {
+            let app = &app;
+            async move { named(&participants(app, &token, &[r]).await.1) }
+        };
+        let post = |token: String, body: Value| {
+            let url = app.url("Communication");
+            async move { client_with_token(&token).post(url).json(&body).send().await.unwrap().status().as_u16() }
+        };
+        // A draft about anyone proves no acquaintance.
+        let y = clinician_token(&app, "y");
+        assert_eq!(post(y.clone(), json!({"resourceType": "Communication", "status": "preparation",
+            "subject": {"reference": "Patient/c"}, "sender": {"reference": "Practitioner/y"},
+            "recipient": [{"reference": "Practitioner/y"}]})).await, 201);
+        assert!(names(y, "Patient/c").await.is_empty(), "a draft revealed a patient's name");
+        // A broadcast to two patients names neither to the other; nor a relative to a patient.
+        assert_eq!(post(clinician_token(&app, "x"), json!({"resourceType": "Communication", "status": "completed",
+            "sender": {"reference": "Practitioner/x"}, "recipient": [{"reference": "Patient/a"}, {"reference": "Patient/b"}, {"reference": "RelatedPerson/rb"}],
+            "payload": [{"contentString": "Flu clinic on Monday"}]})).await, 201);
+        let b = patient_token(&app, "b");
+        assert!(names(b.clone(), "Patient/a").await.is_empty(), "a broadcast named another patient");
+        assert!(names(b.clone(), "RelatedPerson/rb").await.is_empty(), "a broadcast named a relative");
+        assert_eq!(names(b, "Patient/b").await["Patient/b"]["name"], "Secret Patient/b");
+        // A message about a patient reaches no other patient through a Group.
+        let g = app.create(&json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/b"}}, {"entity": {"reference": "Practitioner/y"}}]})).await;
+        assert_eq!(post(clinician_token(&app, "x"), json!({"resourceType": "Communication", "status": "completed",
+            "subject": {"reference": "Patient/a"}, "sender": {"reference": "Practitioner/x"},
+            "recipient": [{"reference": format!("Group/{g}")}, {"reference": "Patient/a"}],
+            "payload": [{"contentString": "About Ada"}]})).await, 422);
+    }
+}
