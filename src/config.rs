@@ -128,6 +128,16 @@ pub struct EhrConfig {
     pub backend_scope: String,
     #[serde(default = "default_trusted_systems")]
     pub trusted_systems: String,
+    /// Multi-factor policy for EHR launches: off | trust-ehr | always (unset: kept as it is;
+    /// trust-ehr for a new EHR).
+    #[serde(default)]
+    pub mfa: Option<String>,
+    /// … and for the portal's standalone launches.
+    #[serde(default)]
+    pub portal_mfa: Option<String>,
+    /// `acr` values of the EHR's id_token that show a second factor (space-separated).
+    #[serde(default)]
+    pub mfa_acr: Option<String>,
 }
 
 fn default_alg() -> String {

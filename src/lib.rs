@@ -30,6 +30,7 @@ pub mod config;
 pub mod fhir;
 pub mod hooks;
 pub mod messaging;
+pub mod mfa;
 pub mod outbound;
 pub mod smart;
 pub mod startup;

@@ -53,6 +53,9 @@ enum Command {
     /// Identity mapping between EHRs and Courier.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Multi-factor sign-in: each EHR's policy, and a person's second factors.
+    #[command(subcommand)]
+    Mfa(MfaCommand),
     /// The audit trail's integrity.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -184,6 +187,47 @@ enum EhrCommand {
 }
 
 #[derive(Subcommand)]
+enum MfaCommand {
+    /// Show or set an EHR's multi-factor policy: off (the EHR's sign-in is enough), trust-ehr
+    /// (enough when the EHR's id_token shows a second factor in amr/acr, else Courier's own), or
+    /// always (Courier's own second factor at every sign-in).
+    Policy {
+        /// The EHR's name.
+        #[arg(long)]
+        ehr: String,
+        /// The policy for EHR launches.
+        #[arg(long, value_parser = ["off", "trust-ehr", "always"])]
+        launch: Option<String>,
+        /// The policy for the EHR's portal (standalone launches).
+        #[arg(long, value_parser = ["off", "trust-ehr", "always"])]
+        portal: Option<String>,
+        /// acr values of the EHR's id_token that show a second factor (space-separated; "" for none).
+        #[arg(long)]
+        acr: Option<String>,
+    },
+    /// A person's second factors (kinds and dates, never secrets) and whether they are locked out.
+    Status {
+        /// A Courier identity (Practitioner/…, Patient/…, RelatedPerson/…), or with --ehr that
+        /// EHR's reference for the person.
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        ehr: Option<String>,
+    },
+    /// Remove a person's second factors and recovery codes (a lost phone): their next sign-in
+    /// enrols anew. Audited.
+    Reset {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        ehr: Option<String>,
+        /// Why (recorded in the audit trail), e.g. a ticket number.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum OutboxCommand {
     /// The backlog per EHR: pending, delivered, the oldest undelivered item and its last error.
     Status,
@@ -284,6 +328,7 @@ fn main() -> anyhow::Result<()> {
         Command::Keys(cmd) => keys(&settings, cmd),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&settings),
         Command::Identity(IdentityCommand::Conflicts) => identity_conflicts(&settings),
+        Command::Mfa(cmd) => mfa(&settings, cmd),
         Command::SigningKey(cmd) => signing_key(&settings, cmd),
         Command::Token {
             client_id,
@@ -293,6 +338,67 @@ fn main() -> anyhow::Result<()> {
         } => token(&settings, client_id, scope, fhir_user, patient),
         Command::Config => config(&settings),
     }
+}
+
+fn mfa(settings: &Settings, cmd: MfaCommand) -> anyhow::Result<()> {
+    let store = open_store(settings)?;
+    match cmd {
+        MfaCommand::Policy {
+            ehr,
+            launch,
+            portal,
+            acr,
+        } => {
+            let s = courier::mfa::set_settings(
+                &store,
+                &ehr,
+                launch.as_deref(),
+                portal.as_deref(),
+                acr.as_deref(),
+            )?;
+            println!(
+                "{ehr}\tlaunch={}\tportal={}\tacr={}",
+                s.launch.as_str(),
+                s.portal.as_str(),
+                s.acr.join(" ")
+            );
+        }
+        MfaCommand::Status { user, ehr } => {
+            let user = courier::mfa::person(&store, ehr.as_deref(), &user)?;
+            let factors = courier::mfa::factors::list(&store, &user)?;
+            let date = |t: i64| {
+                chrono::DateTime::from_timestamp(t, 0)
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_default()
+            };
+            println!("{user}");
+            if factors.is_empty() {
+                println!("  no second factor: the next sign-in that needs one enrols");
+            }
+            for f in factors {
+                println!(
+                    "  {}\tadded {}\tlast used {}",
+                    f.kind,
+                    date(f.created_at),
+                    f.last_used_at.map(date).unwrap_or_else(|| "never".into())
+                );
+            }
+            println!(
+                "  recovery codes left: {}",
+                courier::mfa::factors::recovery_codes_left(&store, &user)?
+            );
+            if let Some(until) = courier::mfa::factors::locked_until(&store, &user)? {
+                println!("  locked out until {}", date(until));
+            }
+        }
+        MfaCommand::Reset { user, ehr, reason } => {
+            anyhow::ensure!(!reason.trim().is_empty(), "--reason is required");
+            let user = courier::mfa::person(&store, ehr.as_deref(), &user)?;
+            let n = courier::mfa::reset(&store, &user, reason.trim())?;
+            println!("{user}: {n} second factor(s) removed; the next sign-in enrols anew");
+        }
+    }
+    Ok(())
 }
 
 fn print_key_status(store: &courier::store::Store) -> anyhow::Result<()> {

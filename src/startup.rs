@@ -161,6 +161,7 @@ impl Application {
                 .configure(crate::auth::server::routes)
                 .configure(crate::smart::launch::routes)
                 .configure(crate::smart::session::routes)
+                .configure(crate::mfa::routes)
                 // Static paths first, then FHIR's type level, then the operations on an
                 // instance, then FHIR's instance level (see `fhir::type_routes`).
                 .configure(crate::messaging::routes)

@@ -22,6 +22,8 @@ fn is_public(path: &str) -> bool {
         // The web app's static files (its API calls carry the token).
         || path == "/app"
         || path.starts_with("/app/")
+        // The second step of a sign-in: bound by its single-use ticket (src/mfa).
+        || path.starts_with("/smart/mfa")
         || matches!(
             path,
             "/launch"

@@ -49,6 +49,10 @@ pub struct AccessClaims {
     pub patient: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encounter: Option<String>,
+    /// How the user authenticated (RFC 8176 values; OpenID Connect Core §2), for tokens of a
+    /// signed-in person: the EHR's methods, and `mfa` with Courier's own factor when one was used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
 }
 
 /// What a token is issued for: a client's grant, and for a user also who and in what context.
@@ -214,6 +218,11 @@ impl Tokens {
 
     /// Issues an access token for `grant`.
     pub fn issue(&self, grant: &Grant) -> anyhow::Result<Issued> {
+        self.issue_with_amr(grant, &[])
+    }
+
+    /// Issues a token for a signed-in person that says how they authenticated (`amr`).
+    pub fn issue_with_amr(&self, grant: &Grant, amr: &[String]) -> anyhow::Result<Issued> {
         self.refresh_if_stale(false);
         let iat = now();
         let claims = AccessClaims {
@@ -231,6 +240,7 @@ impl Tokens {
             fhir_user: grant.fhir_user.clone(),
             patient: grant.patient.clone(),
             encounter: grant.encounter.clone(),
+            amr: amr.to_vec(),
         };
         let keys = self.keys.read();
         let (kid, key) = keys

@@ -937,6 +937,13 @@ pub fn erase_patient(
             "DELETE FROM care_team_members WHERE patient_ref = ?",
             vec![reference.clone().into()],
         )?;
+        // Their second factors (passkeys, authenticator app, recovery codes) and waiting sign-ins.
+        for table in ["mfa_factors", "mfa_recovery_codes", "mfa_guard", "mfa_tickets"] {
+            c.execute(
+                &format!("DELETE FROM {table} WHERE user_ref = ?"),
+                vec![reference.clone().into()],
+            )?;
+        }
         c.execute(
             "DELETE FROM identity_links WHERE courier_ref = ?",
             vec![reference.clone().into()],

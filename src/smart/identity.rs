@@ -259,6 +259,20 @@ fn decide_and_link<C: Conn>(
     Ok((courier_ref, how))
 }
 
+/// The Courier identity an EHR's reference (`Practitioner/123` at the EHR named `ehr`) is linked to.
+pub fn courier_reference(store: &Store, ehr: &str, ehr_ref: &str) -> anyhow::Result<Option<String>> {
+    let ehr = super::registry::get(store, ehr)?
+        .ok_or_else(|| anyhow::anyhow!("no EHR named {ehr} is registered"))?;
+    Ok(store
+        .query::<RefRow>(
+            "SELECT courier_ref FROM identity_links WHERE iss = ? AND ehr_ref = ?",
+            vec![ehr.iss.into(), ehr_ref.into()],
+        )?
+        .into_iter()
+        .next()
+        .map(|r| r.courier_ref))
+}
+
 /// How to name the Courier identity `courier_ref` when writing to the EHR at `iss`: its reference
 /// there, else an identifier-only reference, else `None` (no mapping; never guessed).
 pub fn ehr_reference(

@@ -85,7 +85,7 @@ fn redirect_uri(state: &AppState) -> String {
 }
 
 /// A page for people (errors end here), escaped, never cached, never leaking a Referer.
-fn page(status: actix_web::http::StatusCode, title: &str, text: &str) -> HttpResponse {
+pub(crate) fn page(status: actix_web::http::StatusCode, title: &str, text: &str) -> HttpResponse {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -490,25 +490,17 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
         .await;
     };
     match complete(&state, &ehr, &code, &pending).await {
-        Ok((mut handoff, user)) => {
-            // The hand-off page may be framed by the EHR that launched Courier, and no one else.
-            let origin = reqwest::Url::parse(&ehr.iss).map(|u| u.origin().ascii_serialization());
-            let csp = handoff
-                .headers()
-                .get(header::CONTENT_SECURITY_POLICY)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
-            if let (Ok(origin), Some(csp)) = (origin, csp) {
-                if let Ok(v) = header::HeaderValue::from_str(&format!(
-                    "{csp}; frame-ancestors 'self' {origin}"
-                )) {
-                    handoff
-                        .headers_mut()
-                        .insert(header::CONTENT_SECURITY_POLICY, v);
+        Ok(signin) => {
+            let user = signin.user.clone();
+            audit_login(&state, &req, Some(user.clone()), None).await;
+            // The second factor, when the policy asks for one Courier has not seen.
+            match crate::mfa::step_up(&state, &req, &ehr, signin).await {
+                Ok(page) => page,
+                Err(why) => {
+                    tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
+                    page(actix_web::http::StatusCode::BAD_GATEWAY, "Sign-in failed", &why)
                 }
             }
-            audit_login(&state, &req, Some(user), None).await;
-            handoff
         }
         Err(why) => {
             tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
@@ -523,7 +515,7 @@ async fn complete(
     ehr: &Ehr,
     code: &str,
     pending: &PendingRow,
-) -> Result<(HttpResponse, String), String> {
+) -> Result<SignIn, String> {
     let endpoints = state.ehrs.discovery().endpoints(&ehr.iss).await?;
     let assertion = ehr
         .client_assertion(&state.store, &endpoints.token)
@@ -617,43 +609,10 @@ async fn complete(
     } else {
         "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
     };
-    let issued = state
-        .tokens
-        .issue(&Grant {
-            client_id: WEB_APP_CLIENT.into(),
-            scopes: scopes::parse_all(scope).expect("fixed scopes parse"),
-            fhir_user: Some(user.clone()),
-            patient: patient
-                .as_ref()
-                .and_then(|p| p.strip_prefix("Patient/"))
-                .map(String::from),
-            // The EHR's encounter id is not a Courier id: it goes to the app, not into the token.
-            encounter: None,
-        })
-        .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
-    let signed = super::session::Signed {
-        ehr: ehr.name.clone(),
-        fhir_user: user.clone(),
-        patient: patient
-            .as_ref()
-            .and_then(|p| p.strip_prefix("Patient/"))
-            .map(String::from),
-        encounter: None,
-        scope: scope.to_string(),
-        ehr_access_token: ehr_token.clone(),
-        ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
-        ehr_expires_in: res.expires_in().map_or(300, |d| d.as_secs() as i64),
-        first_token: (issued.claims.jti.clone(), issued.claims.exp),
-    };
-    let st = state.clone();
-    let handle = web::block(move || super::session::start(&st, &signed))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot start the session: {e}"))?;
+    let frame_origin = reqwest::Url::parse(&ehr.iss)
+        .ok()
+        .map(|u| u.origin().ascii_serialization());
     let session = json!({
-        "access_token": issued.access_token,
-        "expires_in": issued.expires_in,
-        "session": handle,
         "fhirUser": user,
         "patient": patient,
         "ehr": ehr.name,
@@ -672,7 +631,113 @@ async fn complete(
         "fhirContext": extra.fhir_context,
         "encounter": extra.encounter,
     });
-    Ok((handoff(&session), user))
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).take(16).map(|x| x.chars().take(32).collect()).collect())
+            .unwrap_or_default()
+    };
+    Ok(SignIn {
+        ehr: ehr.name.clone(),
+        portal: pending.browser_hash.is_some(),
+        frame_origin,
+        user,
+        patient: patient
+            .as_ref()
+            .and_then(|p| p.strip_prefix("Patient/"))
+            .map(String::from),
+        scope: scope.to_string(),
+        ehr_access_token: ehr_token,
+        ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
+        ehr_expires_in: res.expires_in().map_or(300, |d| d.as_secs() as i64),
+        ehr_amr: strings(&claims["amr"]),
+        ehr_acr: claims["acr"].as_str().map(|a| a.chars().take(256).collect()),
+        session,
+    })
+}
+
+/// A sign-in the EHR has vouched for: everything Courier needs to start the session, kept (sealed)
+/// while the person shows a second factor when the policy asks for one.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub struct SignIn {
+    pub ehr: String,
+    /// A standalone (portal) launch rather than an EHR launch.
+    pub portal: bool,
+    /// The EHR's origin: the only other page that may frame Courier's pages for this sign-in.
+    pub frame_origin: Option<String>,
+    /// The Courier identity signing in.
+    pub user: String,
+    /// The Courier patient id in context.
+    pub patient: Option<String>,
+    pub scope: String,
+    pub ehr_access_token: String,
+    pub ehr_refresh_token: Option<String>,
+    pub ehr_expires_in: i64,
+    /// The id_token's `amr` (RFC 8176) and `acr`, as the EHR asserted them.
+    pub ehr_amr: Vec<String>,
+    pub ehr_acr: Option<String>,
+    /// What the web app is told besides its token (names, context, style).
+    pub session: Value,
+}
+
+/// Starts the session of a sign-in and hands the web app its first Courier token; `amr` is how the
+/// person authenticated (the EHR's methods, and Courier's own second factor when one was used).
+pub async fn finish(
+    state: &web::Data<AppState>,
+    s: SignIn,
+    amr: Vec<String>,
+) -> Result<HttpResponse, String> {
+    let issued = state
+        .tokens
+        .issue_with_amr(
+            &Grant {
+                client_id: WEB_APP_CLIENT.into(),
+                scopes: scopes::parse_all(&s.scope).map_err(|e| e.to_string())?,
+                fhir_user: Some(s.user.clone()),
+                patient: s.patient.clone(),
+                // The EHR's encounter id is not a Courier id: it goes to the app, not into the token.
+                encounter: None,
+            },
+            &amr,
+        )
+        .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
+    let signed = super::session::Signed {
+        ehr: s.ehr.clone(),
+        fhir_user: s.user.clone(),
+        patient: s.patient.clone(),
+        encounter: None,
+        scope: s.scope.clone(),
+        ehr_access_token: s.ehr_access_token.clone(),
+        ehr_refresh_token: s.ehr_refresh_token.clone(),
+        ehr_expires_in: s.ehr_expires_in,
+        first_token: (issued.claims.jti.clone(), issued.claims.exp),
+        amr: amr.clone(),
+    };
+    let st = state.clone();
+    let handle = web::block(move || super::session::start(&st, &signed))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot start the session: {e}"))?;
+    let mut session = s.session;
+    session["access_token"] = json!(issued.access_token);
+    session["expires_in"] = json!(issued.expires_in);
+    session["session"] = json!(handle);
+    session["amr"] = json!(amr);
+    Ok(framed_by(handoff(&session), s.frame_origin.as_deref()))
+}
+
+/// Lets the EHR that launched Courier (and no one else) frame a page of the sign-in.
+pub fn framed_by(mut page: HttpResponse, origin: Option<&str>) -> HttpResponse {
+    let csp = page
+        .headers()
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    if let (Some(origin), Some(csp)) = (origin, csp) {
+        if let Ok(v) = header::HeaderValue::from_str(&format!("{csp}; frame-ancestors 'self' {origin}")) {
+            page.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+    }
+    page
 }
 
 /// The launch scopes in the syntax the EHR speaks. Courier's are SMART v2 (`user/Patient.rs`);

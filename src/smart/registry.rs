@@ -209,6 +209,14 @@ pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::R
                 )?;
             }
         }
+        crate::mfa::set_settings(
+            store,
+            &c.name,
+            c.mfa.as_deref(),
+            c.portal_mfa.as_deref(),
+            c.mfa_acr.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("[[ehr]] {}: {e}", c.name))?;
     }
     Ok(())
 }

@@ -53,6 +53,8 @@ pub struct Signed {
     pub ehr_expires_in: i64,
     /// The first Courier token's `jti` and expiry.
     pub first_token: (String, i64),
+    /// How the person authenticated (RFC 8176), carried into every token of the session.
+    pub amr: Vec<String>,
 }
 
 /// Starts a session; returns the handle for the web app.
@@ -72,7 +74,7 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
         .seal(tokens.to_string().as_bytes(), &aad(&h));
     let t = now();
     state.store.execute(
-        "INSERT INTO ehr_sessions (handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, created_at, token_jtis) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO ehr_sessions (handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, created_at, token_jtis, amr) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         vec![
             h.into(),
             s.ehr.clone().into(),
@@ -86,6 +88,7 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
             t.into(),
             t.into(),
             format!("{}:{}", s.first_token.0, s.first_token.1).into(),
+            s.amr.join(" ").into(),
         ],
     )?;
     Ok(handle)
@@ -119,6 +122,8 @@ struct Row {
     ehr_expires_at: i64,
     #[diesel(sql_type = BigInt)]
     last_active: i64,
+    #[diesel(sql_type = Text)]
+    amr: String,
 }
 
 fn handle_of(body: &[u8]) -> Option<String> {
@@ -149,7 +154,7 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
     let h = hash(handle);
     web::block(move || {
         store.query::<Row>(
-            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active FROM ehr_sessions WHERE handle_hash = ?",
+            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr FROM ehr_sessions WHERE handle_hash = ?",
             vec![h.into()],
         )
     })
@@ -235,13 +240,17 @@ pub async fn refresh(
             }
         }
     }
-    let issued = state.tokens.issue(&Grant {
-        client_id: super::launch::WEB_APP_CLIENT.into(),
-        scopes: scopes::parse_all(&row.scope).unwrap_or_default(),
-        fhir_user: Some(row.fhir_user.clone()),
-        patient: row.patient.clone(),
-        encounter: row.encounter.clone(),
-    });
+    let amr: Vec<String> = row.amr.split_whitespace().map(String::from).collect();
+    let issued = state.tokens.issue_with_amr(
+        &Grant {
+            client_id: super::launch::WEB_APP_CLIENT.into(),
+            scopes: scopes::parse_all(&row.scope).unwrap_or_default(),
+            fhir_user: Some(row.fhir_user.clone()),
+            patient: row.patient.clone(),
+            encounter: row.encounter.clone(),
+        },
+        &amr,
+    );
     let Ok(issued) = issued else {
         return HttpResponse::InternalServerError().finish();
     };

@@ -422,7 +422,7 @@ pub async fn step(url: &str) -> (u16, Option<String>, String) {
 }
 
 /// Starts a standalone launch in a "browser": the EHR's authorize URL and the binding cookie.
-async fn standalone(app: &TestApp) -> (String, String) {
+pub async fn standalone(app: &TestApp) -> (String, String) {
     let c = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -447,7 +447,7 @@ async fn standalone(app: &TestApp) -> (String, String) {
 }
 
 /// The EHR's redirect back, as the browser that holds `cookie` follows it.
-async fn back_with(url: &str, cookie: &str) -> (u16, String) {
+pub async fn back_with(url: &str, cookie: &str) -> (u16, String) {
     let c = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -457,7 +457,7 @@ async fn back_with(url: &str, cookie: &str) -> (u16, String) {
 }
 
 /// The session the hand-off page gives the web app.
-fn session_of(page: &str) -> Value {
+pub fn session_of(page: &str) -> Value {
     let start = page.find("JSON.stringify(").expect("hand-off script") + "JSON.stringify(".len();
     let end = page[start..].find("));location").unwrap() + start;
     serde_json::from_str(&page[start..end]).unwrap()
@@ -1042,6 +1042,9 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         launch_scope: "openid fhirUser launch".into(),
         backend_scope: scope.into(),
         trusted_systems: courier::config::default_trusted_systems(),
+        mfa: Some("always".into()),
+        portal_mfa: None,
+        mfa_acr: Some("urn:example:loa:mfa".into()),
     };
     let first = cfg("system/AuditEvent.c");
     let app = spawn_app_with(Backend::Sqlite, move |s| s.ehr = vec![first])

@@ -18,6 +18,7 @@ mod export;
 mod failclosed;
 mod keys;
 mod messaging;
+mod mfa;
 mod operability;
 mod people;
 mod plans;

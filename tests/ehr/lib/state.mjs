@@ -41,6 +41,10 @@ export function createState(config, key) {
       // an EHR whose two documents disagree).
       smartConfiguration: true,
       metadataOauthUris: 'same',
+      // How the user signed in, as the id_token tells it: `amr` (RFC 8176; null: no amr claim, as
+      // many EHRs send) and `acr` (null: none). A password and a one-time code by default.
+      idTokenAmr: ['pwd', 'otp'],
+      idTokenAcr: null,
     },
     // The P-384 key, made when first asked for (id_token_alg ES384).
     ecKey: null,

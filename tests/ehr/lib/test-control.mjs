@@ -89,6 +89,8 @@ export function createTestControl(state, tokens, fhir) {
       set('clock_skew_secs', 'clockSkewSecs', (v) => Number.isInteger(v) && Math.abs(v) <= 3600);
       set('smart_configuration', 'smartConfiguration', (v) => typeof v === 'boolean');
       set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
+      set('id_token_amr', 'idTokenAmr', (v) => v === null || (Array.isArray(v) && v.every((m) => typeof m === 'string')));
+      set('id_token_acr', 'idTokenAcr', (v) => v === null || typeof v === 'string');
       if (s.idTokenAlg === 'ES384' && !state.ecKey) {
         const { publicKey, privateKey } = await jose.generateKeyPair('ES384', { extractable: true });
         const jwk = await jose.exportJWK(publicKey);
@@ -176,5 +178,7 @@ function publicSettings(state) {
     clock_skew_secs: s.clockSkewSecs,
     smart_configuration: s.smartConfiguration,
     metadata_oauth_uris: s.metadataOauthUris,
+    id_token_amr: s.idTokenAmr,
+    id_token_acr: s.idTokenAcr,
   };
 }

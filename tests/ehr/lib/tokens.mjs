@@ -96,6 +96,8 @@ export class TokenService {
     const skew = settings.clockSkewSecs || 0;
     const claims = { auth_time: authTime + skew };
     if (nonce) claims.nonce = nonce;
+    if (settings.idTokenAmr) claims.amr = settings.idTokenAmr;
+    if (settings.idTokenAcr) claims.acr = settings.idTokenAcr;
     // fhirUser is an absolute URL of the user's FHIR resource (SMART App Launch 2, §fhirUser);
     // some EHRs send it relative (fhir_user_form).
     if (scopes.includes('fhirUser')) {
