@@ -302,7 +302,7 @@ async fn begin(state: &web::Data<AppState>, signin: SignIn) -> Result<HttpRespon
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot start the second factor: {e}"))?;
     Ok(launch::framed_by(
-        page(state, &ticket, &factors.0, factors.1),
+        page(state, &user, &ticket, &factors.0, factors.1),
         frame_origin.as_deref(),
     ))
 }
@@ -334,6 +334,7 @@ fn clock(t: i64) -> String {
 /// The second-factor page: enrolment for a person with no factor, else the factors they have.
 fn page(
     state: &AppState,
+    user: &str,
     ticket: &str,
     factors: &[factors::Factor],
     locked_until: Option<i64>,
@@ -343,16 +344,24 @@ fn page(
     let passkeys = webauthn(state).is_some();
     let enrol = factors.is_empty();
     let hidden = |show: bool| if show { "" } else { " hidden" };
-    let (heading, intro) = if enrol {
-        (
+    let staff = user.starts_with("Practitioner/");
+    let (heading, intro) = match (enrol, staff) {
+        (true, true) => (
             "Set up a second step for signing in",
             "Courier protects patients' messages with a second step after you sign in. Set it up once; you will use it each time you sign in.",
-        )
-    } else {
-        (
+        ),
+        (true, false) => (
+            "Set up a second step for signing in",
+            "Courier protects your messages with a second step after you sign in. Set it up once; you will use it each time you sign in.",
+        ),
+        (false, true) => (
             "Confirm it's you",
             "Your organisation asks for a second step before you see patients' messages.",
-        )
+        ),
+        (false, false) => (
+            "Confirm it's you",
+            "Your care team asks for a second step before you see your messages.",
+        ),
     };
     let locked = locked_until.map(|t| {
         format!(

@@ -224,3 +224,124 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         1
     );
 }
+
+/// Multi-factor sign-in in Chromium (issue 22 §3): a clinician enrols and uses a passkey on a
+/// DevTools virtual authenticator; a patient enrols an authenticator app whose codes the test
+/// computes. Courier calls itself `localhost` here: passkeys need a domain as relying party.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator_app() {
+    let Some(chromium) = chromium() else { return };
+    let app = spawn_app_with(Backend::Sqlite, |s| s.base_url = "http://localhost:0".into())
+        .await
+        .unwrap();
+    let Some(ehr) = spawn_ehr("ehr-a") else {
+        return;
+    };
+    let mut patient = person("Patient", "a1", &[]);
+    patient["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+    let mut clinician = person("Practitioner", "dr-a", &[]);
+    clinician["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
+    ehr.control(reqwest::Method::POST, "seed", Some(json!([patient, clinician])))
+        .await;
+    let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+    n.launch_scopes =
+        "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+    registry::add(&app.store, &n).unwrap();
+    let local = app.url("").replace("127.0.0.1", "localhost");
+    ehr.control(
+        reqwest::Method::POST,
+        "clients",
+        Some(json!({"client_id": "courier", "jwks_url": app.url("smart/jwks"),
+            "redirect_uris": [format!("{local}smart/callback")], "scopes": "*"})),
+    )
+    .await;
+    // The EHR's id_tokens show no second factor: under trust-ehr Courier asks for its own.
+    ehr.control(
+        reqwest::Method::POST,
+        "settings",
+        Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1", "id_token_amr": null})),
+    )
+    .await;
+    let mut clinician_urls = Vec::new();
+    for _ in 0..3 {
+        let l = ehr
+            .control(
+                reqwest::Method::POST,
+                "launches",
+                Some(json!({"patient": "a1", "user": "Practitioner/dr-a"})),
+            )
+            .await;
+        clinician_urls.push(format!(
+            "{local}launch?iss={}&launch={}",
+            ehr.base,
+            l["launch"].as_str().unwrap()
+        ));
+    }
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
+    let args = json!({
+        "clinician_urls": clinician_urls,
+        "patient_url": format!("{local}smart/launch?ehr=ehr-a"),
+        "artifacts": artifacts,
+    });
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr/mfa-browser.mjs");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(240),
+        tokio::process::Command::new("node")
+            .arg(script)
+            .arg(args.to_string())
+            .env("COURIER_CHROMIUM", chromium)
+            .output(),
+    )
+    .await
+    .expect("the browser test finishes within 4 minutes")
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success() && result["ok"] == true,
+        "browser test failed (screenshots in {}):\n{stdout}\n{}",
+        artifacts.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the browsers did went through Courier's factors: one passkey (its counter moved on),
+    // one authenticator app, and an audit trail of each step.
+    #[derive(diesel::QueryableByName)]
+    struct Kind {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        kind: String,
+    }
+    let kinds: Vec<Kind> = app
+        .store
+        .query("SELECT kind FROM mfa_factors ORDER BY kind", vec![])
+        .unwrap();
+    assert_eq!(
+        kinds.iter().map(|k| k.kind.as_str()).collect::<Vec<_>>(),
+        ["passkey", "totp"]
+    );
+    for (step, n) in [
+        ("passkey-enrolled", 1),
+        ("passkey-verified", 1),
+        ("recovery-code-used", 1),
+        ("totp-enrolled", 1),
+        ("totp-replayed", 1),
+        ("totp-verified", 1),
+    ] {
+        let b = app
+            .get_json(&format!(
+                "AuditEvent?subtype={}|{step}",
+                courier::mfa::STEP_SYSTEM
+            ))
+            .await;
+        assert_eq!(
+            b["entry"].as_array().map_or(0, |e| e.len()),
+            n,
+            "{step}: {b}"
+        );
+    }
+}

@@ -408,3 +408,53 @@ both_backends_with! {
         assert_eq!(complete(&app, &ticket).await.0, 400);
     }
 }
+
+both_backends! {
+    async fn administrators_set_policies_and_reset_factors_from_the_command_line(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // Courier knows dr-a after one launch.
+        let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        let user = claims(session_of(&page)["access_token"].as_str().unwrap())["fhirUser"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+                .args(args)
+                .env("COURIER_DATA_DIR", app.dir.path())
+                .env("COURIER_DATABASE_URL", &app.database_url)
+                .env("COURIER_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+                .env("COURIER_LOG", "error")
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, out) = cli(&["mfa", "policy", "--ehr", "ehr-a", "--launch", "always", "--portal", "off", "--acr", "urn:a urn:b"]);
+        assert!(ok, "{out}");
+        assert!(out.contains("launch=always") && out.contains("portal=off"), "{out}");
+        let s = mfa::settings(&app.store, "ehr-a").unwrap();
+        assert_eq!((s.launch, s.portal, s.acr.len()), (mfa::Policy::Always, mfa::Policy::Off, 2));
+        let (ok, _) = cli(&["mfa", "policy", "--ehr", "ehr-a", "--launch", "sometimes"]);
+        assert!(!ok);
+        let (ok, out) = cli(&["mfa", "policy", "--ehr", "no-such-ehr", "--launch", "off"]);
+        assert!(!ok, "{out}");
+        assert_eq!(mfa::settings(&app.store, "ehr-a").unwrap().launch, mfa::Policy::Always);
+        // A person with an authenticator app, by Courier identity or by the EHR's reference.
+        mfa::factors::add_totp(&app.store, &user, &mfa::factors::new_totp_secret(), 1).unwrap();
+        let (ok, out) = cli(&["mfa", "status", "--ehr", "ehr-a", "--user", "Practitioner/dr-a"]);
+        assert!(ok && out.contains("totp") && out.contains(&user), "{out}");
+        assert!(!out.to_lowercase().contains("secret"), "{out}");
+        let (ok, out) = cli(&["mfa", "reset", "--user", &user, "--reason", " "]);
+        assert!(!ok, "a reset needs a reason: {out}");
+        let (ok, out) = cli(&["mfa", "reset", "--ehr", "ehr-a", "--user", "Practitioner/nobody", "--reason", "x"]);
+        assert!(!ok, "{out}");
+        let (ok, out) = cli(&["mfa", "reset", "--ehr", "ehr-a", "--user", "Practitioner/dr-a", "--reason", "lost phone, ticket 42"]);
+        assert!(ok, "{out}");
+        assert!(mfa::factors::list(&app.store, &user).unwrap().is_empty());
+        assert_eq!(audited(&app, "reset").await, 1);
+    }
+}
