@@ -82,6 +82,8 @@ function end(why) {
   sessionStorage.removeItem(SEQ_KEY);
   token = null;
   session = session ? {fhirUser: null} : null;
+  $('step-up').hidden = true;
+  $('step-up-session').value = '';
   if (ws) { ws.onclose = null; ws.onmessage = null; ws.close(); ws = null; }
   if (draft && draft.timer) clearTimeout(draft.timer);
   draft = null;
@@ -954,7 +956,7 @@ function restoreDraft(d) {
 }
 
 function draftChanged() {
-  if (!draft || !current) return;
+  if (!draft || !current || document.body.dataset.readOnly) return;
   clearTimeout(draft.timer);
   $('draft-state').textContent = '';
   draft.timer = setTimeout(() => saveDraft(), DRAFT_DELAY);
@@ -1371,6 +1373,13 @@ async function start() {
     b.hidden = false;
   }
   if (session.smart_style) applyStyle(session.smart_style);
+  // Policy "writes": this session reads only until the person confirms it's them (Courier's
+  // second factor); then the server hands back a token that may write, and the page reloads.
+  if (session.step_up === 'writes') {
+    document.body.dataset.readOnly = 'true';
+    $('step-up-session').value = session.session;
+    $('step-up').hidden = false;
+  }
   try { config = await (await fetch('/app/config.json')).json(); } catch (e) { config = {}; }
   const categories = $('new-category');
   categories.append(el('option', {value: ''}, isPatient() ? 'Choose one…' : '(none)'));

@@ -58,6 +58,9 @@ const STYLE: &str = include_str!("../../smart-launch/mfa.css");
 pub enum Policy {
     Off,
     TrustEhr,
+    /// trust-ehr for reading; without the EHR's second factor the session reads only, and
+    /// Courier's own second factor unlocks writing (step-up from the app).
+    Writes,
     Always,
 }
 
@@ -66,8 +69,9 @@ impl Policy {
         match s.trim() {
             "off" => Ok(Policy::Off),
             "trust-ehr" => Ok(Policy::TrustEhr),
+            "writes" => Ok(Policy::Writes),
             "always" => Ok(Policy::Always),
-            other => anyhow::bail!("the MFA policy must be off, trust-ehr or always, not '{other}'"),
+            other => anyhow::bail!("the MFA policy must be off, trust-ehr, writes or always, not '{other}'"),
         }
     }
 
@@ -75,6 +79,7 @@ impl Policy {
         match self {
             Policy::Off => "off",
             Policy::TrustEhr => "trust-ehr",
+            Policy::Writes => "writes",
             Policy::Always => "always",
         }
     }
@@ -178,7 +183,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/smart/mfa/totp/enrol/finish", web::post().to(totp_enrol_finish))
         .route("/smart/mfa/totp/verify", web::post().to(totp_verify))
         .route("/smart/mfa/recovery/verify", web::post().to(recovery_verify))
-        .route("/smart/mfa/complete", web::post().to(complete));
+        .route("/smart/mfa/complete", web::post().to(complete))
+        .route("/smart/mfa/step-up", web::post().to(step_up_writes));
 }
 
 fn now() -> i64 {
@@ -236,7 +242,7 @@ pub async fn step_up(
             let amr = signin.ehr_amr.clone();
             launch::finish(state, signin, amr).await
         }
-        Policy::TrustEhr if vouched => {
+        Policy::TrustEhr | Policy::Writes if vouched => {
             audit_step(state, req, &signin.user, "ehr-asserted", None)
                 .await
                 .map_err(|_| "the sign-in could not be recorded; try again".to_string())?;
@@ -246,14 +252,107 @@ pub async fn step_up(
             }
             launch::finish(state, signin, amr).await
         }
-        _ => begin(state, signin).await,
+        Policy::Writes => {
+            // Reading on the EHR's word; writing after Courier's second factor (`step_up_writes`).
+            let mut signin = signin;
+            signin.scope = read_only(&signin.scope);
+            signin.session["step_up"] = json!("writes");
+            let amr = signin.ehr_amr.clone();
+            launch::finish(state, signin, amr).await
+        }
+        _ => {
+            let frame_origin = signin.frame_origin.clone();
+            begin(state, Waiting::SignIn(signin), frame_origin).await
+        }
+    }
+}
+
+/// The read and search permissions of SMART scopes (`user/Communication.cruds` →
+/// `user/Communication.rs`); a scope left with none is dropped.
+pub fn read_only(scope: &str) -> String {
+    scope
+        .split_whitespace()
+        .filter_map(|one| {
+            let (head, perms) = one.rsplit_once('.')?;
+            let kept: String = perms.chars().filter(|c| *c == 'r' || *c == 's').collect();
+            (!kept.is_empty()).then(|| format!("{head}.{kept}"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `POST /smart/mfa/step-up` (form `session=<handle>`): a session that reads only (policy
+/// `writes`) asks for Courier's second factor; when it passes, the session and its later tokens
+/// may write.
+async fn step_up_writes(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+    let sorry = |text: &str| launch::page(StatusCode::BAD_REQUEST, "Cannot confirm it's you", text);
+    let Some(handle) = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "session")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+    else {
+        return sorry("Your session has ended. Sign in again from your EHR or portal.");
+    };
+    let Some(current) = crate::smart::session::current(&state, &handle).await else {
+        return sorry("Your session has ended. Sign in again from your EHR or portal.");
+    };
+    let full = launch::web_app_scope(&current.fhir_user);
+    if current.scope == full {
+        return sorry("You can send messages already. Go back to Courier.");
+    }
+    let store = state.store.clone();
+    let ehr = current.ehr.clone();
+    let frame_origin = web::block(move || crate::smart::registry::get(&store, &ehr))
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .flatten()
+        .and_then(|e| reqwest::Url::parse(&e.iss).ok())
+        .map(|u| u.origin().ascii_serialization());
+    let waiting = Waiting::Upgrade(Upgrade {
+        handle_hash: current.handle_hash,
+        user: current.fhir_user,
+        scope: full.to_string(),
+        amr: current.amr,
+    });
+    match begin(&state, waiting, frame_origin).await {
+        Ok(page) => page,
+        Err(why) => {
+            tracing::warn!(reason = %why, "step-up failed");
+            launch::page(StatusCode::SERVICE_UNAVAILABLE, "Cannot confirm it's you", "Courier cannot start this step right now. Try again in a moment.")
+        }
+    }
+}
+
+/// A session that reads only, waiting to be allowed to write.
+#[derive(Serialize, Deserialize)]
+struct Upgrade {
+    handle_hash: String,
+    user: String,
+    scope: String,
+    amr: Vec<String>,
+}
+
+/// What waits for the second factor: a sign-in, or a session's step-up.
+#[derive(Serialize, Deserialize)]
+enum Waiting {
+    SignIn(SignIn),
+    Upgrade(Upgrade),
+}
+
+impl Waiting {
+    fn user(&self) -> &str {
+        match self {
+            Waiting::SignIn(s) => &s.user,
+            Waiting::Upgrade(u) => &u.user,
+        }
     }
 }
 
 /// What waits, sealed, while the second factor is outstanding.
 #[derive(Serialize, Deserialize)]
 struct Pending {
-    signin: SignIn,
+    waiting: Waiting,
     registration: Option<PasskeyRegistration>,
     authentication: Option<PasskeyAuthentication>,
     /// A TOTP secret being enrolled (confirmed by its first code).
@@ -274,13 +373,16 @@ struct TicketRow {
     expires_at: i64,
 }
 
-async fn begin(state: &web::Data<AppState>, signin: SignIn) -> Result<HttpResponse, String> {
+async fn begin(
+    state: &web::Data<AppState>,
+    waiting: Waiting,
+    frame_origin: Option<String>,
+) -> Result<HttpResponse, String> {
     let ticket = oauth2::CsrfToken::new_random().secret().clone();
     let h = hash(&ticket);
-    let user = signin.user.clone();
-    let frame_origin = signin.frame_origin.clone();
+    let user = waiting.user().to_string();
     let pending = Pending {
-        signin,
+        waiting,
         registration: None,
         authentication: None,
         totp_secret: None,
@@ -661,10 +763,18 @@ async fn passkey_register_begin(state: web::Data<AppState>, body: web::Bytes) ->
     let Some(wa) = webauthn(&state) else {
         return refuse(StatusCode::BAD_REQUEST, "no_passkeys", "Passkeys are not available on this server: use an authenticator app.");
     };
-    let display = step.pending.signin.session["user_display"]["name"]
-        .as_str()
-        .unwrap_or("Courier user")
-        .to_string();
+    let display = match &step.pending.waiting {
+        Waiting::SignIn(s) => s.session["user_display"]["name"].as_str().map(String::from),
+        Waiting::Upgrade(u) => {
+            let who = u.user.clone();
+            in_store(&state, move |s| crate::smart::identity::summaries(s, &[who]))
+                .await
+                .ok()
+                .and_then(|m| m.into_values().next())
+                .and_then(|v| v["name"].as_str().map(String::from))
+        }
+    }
+    .unwrap_or_else(|| "Courier user".into());
     let Ok((options, registration)) =
         wa.start_passkey_registration(user_uuid(&step.user), &display, &display, None)
     else {
@@ -924,20 +1034,62 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
     let Some(pending) = pending else {
         return sorry("Courier cannot finish this sign-in. Start again from your EHR or portal.");
     };
-    let mut amr = pending.signin.ehr_amr.clone();
-    for m in row.verified.unwrap_or_default().split_whitespace() {
-        if !amr.iter().any(|a| a == m) {
-            amr.push(m.to_string());
+    let verified: Vec<String> = row
+        .verified
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let with = |mut amr: Vec<String>| {
+        for m in &verified {
+            if !amr.contains(m) {
+                amr.push(m.clone());
+            }
         }
-    }
+        amr
+    };
     let _ = &req;
-    match launch::finish(&state, pending.signin, amr).await {
+    let done = match pending.waiting {
+        Waiting::SignIn(signin) => {
+            let amr = with(signin.ehr_amr.clone());
+            launch::finish(&state, signin, amr).await
+        }
+        Waiting::Upgrade(u) => {
+            let amr = with(u.amr.clone());
+            crate::smart::session::upgrade(&state, &u.handle_hash, &u.scope, &amr)
+                .await
+                .map(|token| upgraded(&token))
+        }
+    };
+    match done {
         Ok(page) => page,
         Err(why) => {
             tracing::warn!(reason = %why, "sign-in failed after the second factor");
             launch::page(StatusCode::BAD_GATEWAY, "Sign-in failed", &why)
         }
     }
+}
+
+/// After a step-up: the app's stored session gets the new token (which may write) and goes on.
+fn upgraded(token: &Value) -> HttpResponse {
+    let nonce = oauth2::CsrfToken::new_random().secret().clone();
+    let data = token
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029");
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
+             <script nonce=\"{nonce}\">const k=\"courier.session\";const s=JSON.parse(sessionStorage.getItem(k)||\"null\");\
+             if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}location.replace(\"/app/\");</script>\
+             <noscript>Courier needs JavaScript.</noscript></html>"
+        ))
 }
 
 /// Who a person is for `courier mfa`: a Courier identity (`Practitioner/…`) or, with an EHR, that

@@ -604,11 +604,7 @@ async fn complete(
             }
         }
     }
-    let scope = if user.starts_with("Practitioner/") {
-        "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
-    } else {
-        "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
-    };
+    let scope = web_app_scope(&user);
     let frame_origin = reqwest::Url::parse(&ehr.iss)
         .ok()
         .map(|u| u.origin().ascii_serialization());
@@ -653,6 +649,16 @@ async fn complete(
         ehr_acr: claims["acr"].as_str().map(|a| a.chars().take(256).collect()),
         session,
     })
+}
+
+/// What the web app's tokens may do: a practitioner reads and writes the messages they take part
+/// in; a patient or their representative, the patient's compartment.
+pub fn web_app_scope(user: &str) -> &'static str {
+    if user.starts_with("Practitioner/") {
+        "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
+    } else {
+        "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
+    }
 }
 
 /// A sign-in the EHR has vouched for: everything Courier needs to start the session, kept (sealed)

@@ -165,6 +165,85 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
     .next()
 }
 
+/// A live session (not idle past the limit), as `POST /smart/mfa/step-up` needs it.
+pub struct Current {
+    pub handle_hash: String,
+    pub ehr: String,
+    pub fhir_user: String,
+    pub scope: String,
+    pub amr: Vec<String>,
+}
+
+pub async fn current(state: &web::Data<AppState>, handle: &str) -> Option<Current> {
+    let row = load(state, handle).await?;
+    (now() - row.last_active <= state.settings.idle_timeout_secs).then(|| Current {
+        handle_hash: row.handle_hash,
+        ehr: row.ehr,
+        fhir_user: row.fhir_user,
+        scope: row.scope,
+        amr: row.amr.split_whitespace().map(String::from).collect(),
+    })
+}
+
+/// After a step-up: the session's scope and authentication methods change, and a token with
+/// them is issued (and recorded, so that ending the session revokes it). Returns what the app
+/// stores: `access_token`, `expires_in`, `amr`.
+pub async fn upgrade(
+    state: &web::Data<AppState>,
+    handle_hash: &str,
+    scope: &str,
+    amr: &[String],
+) -> Result<Value, String> {
+    let store = state.store.clone();
+    let h = handle_hash.to_string();
+    let row = web::block(move || {
+        store.query::<Row>(
+            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr FROM ehr_sessions WHERE handle_hash = ?",
+            vec![h.into()],
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?
+    .into_iter()
+    .next()
+    .ok_or("your session has ended: sign in again")?;
+    let issued = state
+        .tokens
+        .issue_with_amr(
+            &Grant {
+                client_id: super::launch::WEB_APP_CLIENT.into(),
+                scopes: scopes::parse_all(scope).map_err(|e| e.to_string())?,
+                fhir_user: Some(row.fhir_user.clone()),
+                patient: row.patient.clone(),
+                encounter: row.encounter.clone(),
+            },
+            amr,
+        )
+        .map_err(|e| e.to_string())?;
+    let store = state.store.clone();
+    let (h, scope, joined) = (row.handle_hash.clone(), scope.to_string(), amr.join(" "));
+    let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
+    let (jti, exp) = (issued.claims.jti.clone(), issued.claims.exp);
+    let n = web::block(move || {
+        let n = store.execute(
+            "UPDATE ehr_sessions SET scope = ?, amr = ?, token_jtis = token_jtis || ?, last_active = ? WHERE handle_hash = ?",
+            vec![scope.into(), joined.into(), entry.into(), now().into(), h.into()],
+        )?;
+        if n == 0 {
+            crate::auth::tokens::revoke_in(&store, &jti, exp)?;
+        }
+        Ok::<_, crate::store::StoreError>(n)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    if n != 1 {
+        return Err("your session has ended: sign in again".into());
+    }
+    Ok(json!({"access_token": issued.access_token, "expires_in": issued.expires_in, "amr": amr}))
+}
+
 /// Ends a session: the row goes, and every Courier token it was given is revoked at once.
 async fn end(state: &web::Data<AppState>, handle_hash: &str) {
     let st = state.clone();

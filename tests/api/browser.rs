@@ -247,6 +247,9 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
     n.launch_scopes =
         "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
     registry::add(&app.store, &n).unwrap();
+    // EHR launches read at once and write after Courier's second factor; the portal asks for it
+    // at sign-in (trust-ehr, and the EHR shows none).
+    courier::mfa::set_settings(&app.store, "ehr-a", Some("writes"), None, None).unwrap();
     let local = app.url("").replace("127.0.0.1", "localhost");
     ehr.control(
         reqwest::Method::POST,
@@ -255,7 +258,7 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
             "redirect_uris": [format!("{local}smart/callback")], "scopes": "*"})),
     )
     .await;
-    // The EHR's id_tokens show no second factor: under trust-ehr Courier asks for its own.
+    // The EHR's id_tokens show no second factor.
     ehr.control(
         reqwest::Method::POST,
         "settings",

@@ -458,3 +458,93 @@ both_backends! {
         assert_eq!(audited(&app, "reset").await, 1);
     }
 }
+
+/// The token the step-up's page hands the app.
+fn upgraded_token(page: &str) -> Value {
+    let start = page.find("Object.assign(s,").expect("the step-up hand-off") + "Object.assign(s,".len();
+    let end = page[start..].find(");delete").unwrap() + start;
+    serde_json::from_str(&page[start..end]).unwrap()
+}
+
+both_backends! {
+    async fn under_the_writes_policy_a_session_reads_until_the_person_confirms_it_is_them(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        mfa::set_settings(&app.store, "ehr-a", Some("writes"), None, None).unwrap();
+        amr(&ehr, json!(["pwd"]), Value::Null).await;
+        // Signed in at once, reading only.
+        let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        assert!(is_hand_off(&page), "{page}");
+        let session = session_of(&page);
+        assert_eq!(session["step_up"], "writes");
+        let token = session["access_token"].as_str().unwrap().to_string();
+        let c = claims(&token);
+        assert_eq!(c["scope"], "user/Communication.rs user/CommunicationRequest.rs user/Binary.r");
+        let (user, patient) = (c["fhirUser"].as_str().unwrap().to_string(), format!("Patient/{}", c["patient"].as_str().unwrap()));
+        let message = json!({"resourceType": "Communication", "status": "completed",
+            "subject": {"reference": patient}, "sender": {"reference": user},
+            "recipient": [{"reference": patient}], "payload": [{"contentString": "Your results are in"}]});
+        let reader = client_with_token(&token);
+        let r = reader.post(app.url("Communication")).json(&message).send().await.unwrap();
+        assert_eq!(r.status(), 403, "a read-only session cannot write");
+        let r = reader.get(app.url("Communication")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        // No session, an ended one: refused in words.
+        let step_up = |handle: String| {
+            let c = app.anonymous.clone();
+            let url = app.url("smart/mfa/step-up");
+            async move {
+                let r = c.post(url).header("content-type", "application/x-www-form-urlencoded").body(format!("session={handle}")).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        };
+        assert_eq!(step_up("nope".into()).await.0, 400);
+        // The step-up: Courier's second factor (enrolment here, the first time).
+        let handle = session["session"].as_str().unwrap().to_string();
+        let (s, page) = step_up(handle.clone()).await;
+        assert_eq!(s, 200, "{page}");
+        let ticket = ticket_of(&page);
+        let (_, begun) = mfa_step(&app, "totp/enrol/begin", json!({"ticket": ticket})).await;
+        let secret = begun["secret"].as_str().unwrap().to_string();
+        let (s, _) = mfa_step(&app, "totp/enrol/finish", json!({"ticket": ticket, "code": code_at(&secret, now())})).await;
+        assert_eq!(s, 200);
+        let (s, page) = complete(&app, &ticket).await;
+        assert_eq!(s, 200, "{page}");
+        let upgraded = upgraded_token(&page);
+        let writer_token = upgraded["access_token"].as_str().unwrap();
+        let c = claims(writer_token);
+        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+        assert_eq!(c["amr"], json!(["pwd", "otp", "mfa"]));
+        assert_eq!(upgraded["amr"], json!(["pwd", "otp", "mfa"]));
+        let r = client_with_token(writer_token).post(app.url("Communication")).json(&message).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        // The session's later tokens may write too, and say how the person signed in.
+        let (s, refreshed) = crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await;
+        assert_eq!(s, 200);
+        let c = claims(refreshed["access_token"].as_str().unwrap());
+        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+        assert_eq!(c["amr"], json!(["pwd", "otp", "mfa"]));
+        let (_, again) = step_up(handle.clone()).await;
+        assert!(again.contains("already"), "{again}");
+        // Ending the session revokes the token the step-up gave.
+        let (s, _) = crate::ehr::session_post(&app, "smart/logout", &handle, None).await;
+        assert_eq!(s, 200);
+        let r = client_with_token(writer_token).get(app.url("Communication")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        // An EHR that shows a second factor: writing from the start.
+        amr(&ehr, json!(["pwd", "otp"]), Value::Null).await;
+        let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        let session = session_of(&page);
+        assert!(session["step_up"].is_null());
+        assert_eq!(claims(session["access_token"].as_str().unwrap())["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+    }
+}
+
+#[test]
+fn read_only_keeps_reads_and_searches() {
+    assert_eq!(
+        mfa::read_only("patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"),
+        "patient/Communication.rs patient/CommunicationRequest.rs patient/Binary.r"
+    );
+    assert_eq!(mfa::read_only("user/Binary.c openid"), "");
+}

@@ -87,9 +87,29 @@ try {
     options: { protocol: 'ctap2', transport: 'internal', hasResidentKey: true, hasUserVerification: true,
       isUserVerified: true, automaticPresenceSimulation: true },
   });
-  await clinician.goto(cfg.clinician_urls[0]);
+  // The EHR launch's policy is "writes": the clinician reads at once, and confirms it's her
+  // before she can write.
+  async function readOnlyThenStepUp(url) {
+    await clinician.goto(url);
+    await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+    const ro = await session(clinician);
+    check(ro.step_up === 'writes' && !claims(ro.access_token).scope.includes('.cruds'), 'clinician: the session reads only before the step-up');
+    check(await clinician.isVisible('#step-up'), 'clinician: the step-up notice shows');
+    check(!(await clinician.isVisible('#new-thread')), 'clinician: nothing to write with before the step-up');
+    await a11y(clinician, 'app: reading only');
+    await clinician.click('#step-up-go');
+  }
+  async function writing() {
+    await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+    const s = await session(clinician);
+    const c = claims(s.access_token);
+    check(c.amr.includes('mfa') && c.scope.includes('user/Communication.cruds'), `clinician: after the step-up: ${c.amr} / ${c.scope}`);
+    check(!(await clinician.isVisible('#step-up')), 'clinician: the step-up notice is gone');
+    check(await clinician.isVisible('#new-thread'), 'clinician: may write after the step-up');
+    return c;
+  }
+  await readOnlyThenStepUp(cfg.clinician_urls[0]);
   await clinician.waitForSelector('h1:text("Set up a second step")');
-  check(await session(clinician) === null, 'clinician: a session exists before the second step');
   await a11y(clinician, 'second step: enrolment');
   await shots('enrolment');
   await clinician.click('#enrol-passkey');
@@ -100,21 +120,17 @@ try {
   check(creds.credentials.length === 1 && creds.credentials[0].rpId === 'localhost', 'clinician: one passkey for localhost on the authenticator');
   await a11y(clinician, 'second step: recovery codes');
   await clinician.click('#codes-saved');
-  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
-  let s = await session(clinician);
-  let c = claims(s.access_token);
-  check(c.amr.includes('mfa') && c.amr.includes('pop'), `clinician: the token's amr after a passkey: ${c.amr}`);
+  let c = await writing();
+  check(c.amr.includes('pop'), `clinician: the token's amr after a passkey: ${c.amr}`);
 
   step('clinician: signs in with the passkey');
-  await clinician.goto(cfg.clinician_urls[1]);
+  await readOnlyThenStepUp(cfg.clinician_urls[1]);
   await clinician.waitForSelector('h1:text("Confirm it\'s you")');
   check(await clinician.isVisible('#verify-passkey'), 'clinician: the passkey button is offered');
   check(!(await clinician.isVisible('#enrol')), 'clinician: enrolment is not offered again');
   await a11y(clinician, 'second step: verify');
   await clinician.click('#verify-passkey');
-  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
-  s = await session(clinician);
-  check(claims(s.access_token).amr.includes('mfa'), 'clinician: the second sign-in says mfa');
+  await writing();
   const signCount = (await cdp.send('WebAuthn.getCredentials', { authenticatorId })).credentials[0].signCount;
   check(signCount >= 1, `clinician: the passkey signed (${signCount})`);
 
@@ -124,18 +140,17 @@ try {
     options: { protocol: 'ctap2', transport: 'internal', hasResidentKey: true, hasUserVerification: true,
       isUserVerified: true, automaticPresenceSimulation: true },
   });
-  await clinician.evaluate(() => sessionStorage.clear());
-  await clinician.goto(cfg.clinician_urls[2]);
+  await readOnlyThenStepUp(cfg.clinician_urls[2]);
   await clinician.waitForSelector('h1:text("Confirm it\'s you")');
   await clinician.click('#verify-passkey');
   await clinician.waitForSelector('#error:text("No passkey answered")', { timeout: 60000 });
-  check(await session(clinician) === null, 'clinician: signed in without the passkey');
-  check((await clinician.url()).includes('/smart/callback'), 'clinician: left the second-step page');
+  check((await session(clinician)).step_up === 'writes', 'clinician: may write without the passkey');
   // A recovery code still works (the phone is lost).
   await clinician.click('#recovery summary');
   await clinician.fill('#recovery-code', codes[0]);
   await clinician.click('#recovery-form button');
-  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await writing();
+  let s;
 
   // ---- The patient: an authenticator app, on a phone. ----
   step('patient: enrols an authenticator app');
