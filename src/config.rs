@@ -128,6 +128,12 @@ pub struct EhrConfig {
     pub backend_scope: String,
     #[serde(default = "default_trusted_systems")]
     pub trusted_systems: String,
+    /// The backend-services token endpoint, when the EHR's is not the discovered one.
+    #[serde(default)]
+    pub backend_token_url: Option<String>,
+    /// The FHIR base that takes Courier's AuditEvents, when not `iss`.
+    #[serde(default)]
+    pub audit_base: Option<String>,
 }
 
 fn default_alg() -> String {
