@@ -138,6 +138,12 @@ pub struct EhrConfig {
     /// `acr` values of the EHR's id_token that show a second factor (space-separated).
     #[serde(default)]
     pub mfa_acr: Option<String>,
+    /// The backend-services token endpoint, when the EHR's is not the discovered one.
+    #[serde(default)]
+    pub backend_token_url: Option<String>,
+    /// The FHIR base that takes Courier's AuditEvents, when not `iss`.
+    #[serde(default)]
+    pub audit_base: Option<String>,
 }
 
 fn default_alg() -> String {

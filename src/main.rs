@@ -179,6 +179,14 @@ enum EhrCommand {
         /// systems join its records to identities another EHR brought (an enterprise MRN, NPI).
         #[arg(long, default_value_t = courier::config::default_trusted_systems())]
         trusted_systems: String,
+        /// The token endpoint for the backend-services connection (client_credentials), when the
+        /// EHR serves it elsewhere than the discovered one (https, or http on loopback).
+        #[arg(long)]
+        backend_token_url: Option<String>,
+        /// The FHIR base that takes Courier's AuditEvents, when not the iss (https, or http on
+        /// loopback).
+        #[arg(long)]
+        audit_base: Option<String>,
     },
     /// List the registered EHRs.
     List,
@@ -491,6 +499,8 @@ fn ehr(settings: &Settings, cmd: EhrCommand) -> anyhow::Result<()> {
             launch_scope,
             backend_scope,
             trusted_systems,
+            backend_token_url,
+            audit_base,
         } => {
             let ehr = registry::add(
                 &store,
@@ -502,6 +512,8 @@ fn ehr(settings: &Settings, cmd: EhrCommand) -> anyhow::Result<()> {
                     launch_scopes: &launch_scope,
                     backend_scopes: &backend_scope,
                     trusted_systems: &trusted_systems,
+                    backend_token_url: backend_token_url.as_deref(),
+                    audit_base: audit_base.as_deref(),
                 },
             )?;
             println!(
@@ -511,8 +523,16 @@ fn ehr(settings: &Settings, cmd: EhrCommand) -> anyhow::Result<()> {
         }
         EhrCommand::List => {
             for e in registry::list(&store)? {
+                // The overrides, when set, after the fixed columns.
+                let mut extra = String::new();
+                if let Some(u) = &e.backend_token_url {
+                    extra.push_str(&format!("\tbackend_token_url={u}"));
+                }
+                if let Some(u) = &e.audit_base {
+                    extra.push_str(&format!("\taudit_base={u}"));
+                }
                 println!(
-                    "{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}{extra}",
                     e.name, e.iss, e.client_id, e.alg, e.kid
                 );
             }

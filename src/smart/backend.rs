@@ -1,7 +1,9 @@
 //! The backend-services connection to each EHR: `client_credentials` at the EHR's token endpoint,
 //! authenticated with a `private_key_jwt` assertion signed by Courier's key for that EHR (SMART
 //! Backend Services), through the `oauth2` crate. The token is cached until [`RENEW_BEFORE`] ahead
-//! of its expiry.
+//! of its expiry. An EHR that serves Backend Services at another token endpoint than the launch's
+//! is registered with that endpoint (`--backend-token-url`), which is then used instead of the
+//! discovered one, and named as the assertion's `aud`.
 
 use super::discovery::Discovery;
 use super::registry::Ehr;
@@ -20,6 +22,41 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer
 pub struct Connections {
     discovery: Arc<Discovery>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// How each EHR took Courier's idempotent writes (see [`WriteMode`]), by EHR, base and type.
+    modes: Mutex<HashMap<String, WriteMode>>,
+}
+
+/// How an EHR takes an idempotent create (the write-back outbox), learnt from its answers and
+/// kept in memory: after a restart the first write pays for the refused tries once again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteMode {
+    /// The EHR honours `If-None-Exist` (conditional create); otherwise Courier searches for its
+    /// identifier and creates only when there is no copy.
+    pub conditional: bool,
+    /// The EHR accepts `Prefer: handling=strict`.
+    pub strict: bool,
+}
+
+impl WriteMode {
+    /// Best first: each refusal steps to the next.
+    pub const ALL: [WriteMode; 4] = [
+        WriteMode {
+            conditional: true,
+            strict: true,
+        },
+        WriteMode {
+            conditional: true,
+            strict: false,
+        },
+        WriteMode {
+            conditional: false,
+            strict: true,
+        },
+        WriteMode {
+            conditional: false,
+            strict: false,
+        },
+    ];
 }
 
 impl Connections {
@@ -27,6 +64,7 @@ impl Connections {
         Connections {
             discovery,
             tokens: Mutex::new(HashMap::new()),
+            modes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -37,12 +75,15 @@ impl Connections {
                 return Ok(t.clone());
             }
         }
-        let endpoints = self.discovery.endpoints(&ehr.iss).await?;
+        let token_url = match &ehr.backend_token_url {
+            Some(u) => u.clone(),
+            None => self.discovery.endpoints(&ehr.iss).await?.token.clone(),
+        };
         let assertion = ehr
-            .client_assertion(store, &endpoints.token)
+            .client_assertion(store, &token_url)
             .map_err(|e| format!("cannot sign the client assertion: {e}"))?;
         let client = BasicClient::new(ClientId::new(ehr.client_id.clone()))
-            .set_token_uri(TokenUrl::new(endpoints.token.clone()).map_err(|e| e.to_string())?)
+            .set_token_uri(TokenUrl::new(token_url).map_err(|e| e.to_string())?)
             .set_auth_type(AuthType::RequestBody);
         let http = self.discovery.http().clone();
         let send = move |req: oauth2::HttpRequest| {
@@ -71,6 +112,20 @@ impl Connections {
 
     pub fn discovery(&self) -> &Discovery {
         &self.discovery
+    }
+
+    /// The write mode that last worked for `key` (EHR, base and type), else the best one.
+    pub fn write_mode(&self, key: &str) -> WriteMode {
+        self.modes
+            .lock()
+            .get(key)
+            .copied()
+            .unwrap_or(WriteMode::ALL[0])
+    }
+
+    /// Remembers the write mode that worked for `key`.
+    pub fn remember_write_mode(&self, key: &str, mode: WriteMode) {
+        self.modes.lock().insert(key.to_string(), mode);
     }
 
     /// Forgets a cached token (after the EHR answered 401 to it, say).

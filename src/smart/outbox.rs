@@ -9,8 +9,14 @@
 //! (`If-None-Exist: entity:identifier=urn:courier:outbox|{id}`), so a retry after a lost answer,
 //! a restart or a second instance never makes a second copy. Failures back off exponentially
 //! (1 s doubling to 5 min); the backlog is `courier outbox status` and `/metrics`.
+//!
+//! EHRs that refuse part of that request (a 400, 412, 422 or 501 to `If-None-Exist` or to
+//! `Prefer: handling=strict`) are written to in the next [`WriteMode`]: without `Prefer`, then by
+//! searching for the identifier and creating only when no copy exists. A refused request created
+//! nothing, so stepping down never doubles an event; the mode that worked is remembered per EHR.
+//! AuditEvents go to the registration's AuditEvent base when it has one (`--audit-base`).
 
-use super::backend::Connections;
+use super::backend::{Connections, WriteMode};
 use super::{identity, registry};
 use crate::store::db::{Bind, Conn};
 use crate::store::{Store, StoreError};
@@ -212,61 +218,195 @@ async fn deliver(
     let ehr = ehr.ok_or("the EHR is no longer registered")?;
     let event: Value = serde_json::from_slice(stored.body.as_deref().unwrap_or_default())
         .map_err(|_| "the stored event is not JSON")?;
+    // AuditEvents at the registration's AuditEvent base, if any; everything else at the iss.
+    let base = match (&ehr.audit_base, row.res_type.as_str()) {
+        (Some(b), "AuditEvent") => b.clone(),
+        _ => ehr.iss.clone(),
+    };
     let s = store.clone();
     let iss = ehr.iss.clone();
     let outbox_id = row.id.clone();
+    // At another base, the EHR's references are made absolute (they are relative to the iss).
+    let absolute = base != ehr.iss;
     let (translated, condition) =
-        tokio::task::spawn_blocking(move || translate(&s, &iss, event, &outbox_id))
+        tokio::task::spawn_blocking(move || translate(&s, &iss, absolute, event, &outbox_id))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     let token = connections.token(store, &ehr).await?;
-    let res = connections
-        .discovery()
-        .http()
-        .post(&format!("{}/{}", ehr.iss, row.res_type))?
-        .bearer_auth(token)
-        .header("content-type", "application/fhir+json")
-        .header("accept", "application/fhir+json")
-        .header("if-none-exist", condition.clone())
-        // An EHR that does not understand the condition must refuse, not ignore it.
-        .header("prefer", "handling=strict")
-        .body(translated.to_string())
-        .send()
-        .await
-        .map_err(|e| format!("the EHR could not be reached: {}", e.without_url()))?;
-    match res.status().as_u16() {
-        201 => Ok(()),
-        200 => {
-            // A match: it must be our earlier copy (its identifier exactly), or the EHR ignored the
-            // condition and answered with something else.
-            let body: Value = res.json().await.unwrap_or(Value::Null);
-            let (system, value) = condition
-                .split_once('=')
-                .and_then(|(_, v)| v.split_once('|'))
-                .unwrap_or_default();
-            let ours = |i: &Value| i["system"] == system && i["value"] == value;
-            let found = body["identifier"]
+    let write = Write {
+        connections,
+        ehr: &ehr.name,
+        url: format!("{base}/{}", row.res_type),
+        token: &token,
+        body: translated.to_string(),
+        condition: &condition,
+    };
+    // The mode that worked last for this EHR, base and type; a refusal steps to the next one.
+    let key = format!("{} {}", ehr.name, write.url);
+    let first = connections.write_mode(&key);
+    let mut refused = vec![];
+    for mode in WriteMode::ALL.into_iter().skip_while(|m| *m != first) {
+        match write.attempt(mode).await? {
+            Attempt::Done => {
+                if mode != first {
+                    connections.remember_write_mode(&key, mode);
+                    tracing::info!(ehr = %ehr.name, res_type = %row.res_type, conditional = mode.conditional,
+                        strict = mode.strict, "write-back: the EHR takes idempotent creates this way");
+                }
+                return Ok(());
+            }
+            Attempt::Refused(status) => refused.push(status.to_string()),
+        }
+    }
+    Err(format!(
+        "the EHR refused every way of writing (answers {})",
+        refused.join(", ")
+    ))
+}
+
+/// Answers that refuse a request's form (an unsupported `If-None-Exist` or `Prefer`, or a 412 to
+/// the condition): nothing was created, and the next [`WriteMode`] is tried.
+const REFUSALS: [u16; 4] = [400, 412, 422, 501];
+
+enum Attempt {
+    Done,
+    Refused(u16),
+}
+
+/// One resource to create at the EHR, with its identifier search (`param=system|value`).
+struct Write<'a> {
+    connections: &'a Connections,
+    ehr: &'a str,
+    url: String,
+    token: &'a str,
+    body: String,
+    condition: &'a str,
+}
+
+impl Write<'_> {
+    /// The identifier Courier's copy carries (the condition's `system|value`).
+    fn identifier(&self) -> (&str, &str) {
+        self.condition
+            .split_once('=')
+            .and_then(|(_, v)| v.split_once('|'))
+            .unwrap_or_default()
+    }
+
+    /// Whether `resource` is Courier's copy: it carries the identifier exactly (a Communication's
+    /// `identifier`, an AuditEvent's `entity.what.identifier`).
+    fn is_ours(&self, resource: &Value) -> bool {
+        let (system, value) = self.identifier();
+        let ours = |i: &Value| i["system"] == system && i["value"] == value;
+        resource["identifier"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(ours)
+            || resource["entity"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(ours)
-                || body["entity"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|e| ours(&e["what"]["identifier"]));
-            if found {
-                Ok(())
-            } else {
-                Err("the EHR answered 200 with a resource that is not Courier's copy".into())
+                .any(|e| ours(&e["what"]["identifier"]))
+    }
+
+    fn unauthorized(&self) -> String {
+        self.connections.forget(self.ehr);
+        "the EHR refused Courier's token (401)".into()
+    }
+
+    /// Creates the resource in `mode`: conditionally (the EHR finds an earlier copy), or after a
+    /// search for the identifier that found none.
+    async fn attempt(&self, mode: WriteMode) -> Result<Attempt, String> {
+        let http = self.connections.discovery().http();
+        let unreachable =
+            |e: reqwest::Error| format!("the EHR could not be reached: {}", e.without_url());
+        if !mode.conditional {
+            let (param, id) = self.condition.split_once('=').unwrap_or_default();
+            let mut url = reqwest::Url::parse(&self.url).map_err(|e| e.to_string())?;
+            url.query_pairs_mut().append_pair(param, id);
+            let mut req = http
+                .get(url.as_str())?
+                .bearer_auth(self.token)
+                .header("accept", "application/fhir+json");
+            if mode.strict {
+                // An EHR that does not know the parameter must refuse, not ignore it.
+                req = req.header("prefer", "handling=strict");
+            }
+            let res = req.send().await.map_err(unreachable)?;
+            match res.status().as_u16() {
+                200 => {}
+                401 => return Err(self.unauthorized()),
+                403 => {
+                    return Err(
+                        "the EHR refused the search for Courier's copy (403): without \
+                        conditional create, the backend scope needs search (system/AuditEvent.cs)"
+                            .into(),
+                    )
+                }
+                s if REFUSALS.contains(&s) => return Ok(Attempt::Refused(s)),
+                s => {
+                    return Err(format!(
+                        "the EHR answered {s} to the search for Courier's copy"
+                    ))
+                }
+            }
+            let bundle: Value = res
+                .json()
+                .await
+                .map_err(|_| "the EHR's search answer is not JSON")?;
+            let found: Vec<&Value> = bundle["entry"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["search"]["mode"] != "include" && e["search"]["mode"] != "outcome")
+                .map(|e| &e["resource"])
+                .collect();
+            // A server that ignored the parameter answers with other resources: creating then
+            // could double the event, so nothing is written.
+            if found.iter().any(|r| !self.is_ours(r)) {
+                return Err("the EHR's search did not filter by Courier's identifier".into());
+            }
+            if !found.is_empty() {
+                return Ok(Attempt::Done);
+            }
+            if bundle["resourceType"] != "Bundle" || bundle["total"].as_u64().unwrap_or(0) > 0 {
+                return Err("the EHR's search answer cannot be read as no copy".into());
             }
         }
-        401 => {
-            connections.forget(&ehr.name);
-            Err("the EHR refused Courier's token (401)".into())
+        let mut req = http
+            .post(&self.url)?
+            .bearer_auth(self.token)
+            .header("content-type", "application/fhir+json")
+            .header("accept", "application/fhir+json");
+        if mode.conditional {
+            req = req.header("if-none-exist", self.condition);
         }
-        s => Err(format!("the EHR answered {s}")),
+        if mode.strict {
+            // An EHR that does not understand the condition must refuse, not ignore it.
+            req = req.header("prefer", "handling=strict");
+        }
+        let res = req
+            .body(self.body.clone())
+            .send()
+            .await
+            .map_err(unreachable)?;
+        match res.status().as_u16() {
+            201 => Ok(Attempt::Done),
+            200 => {
+                // A match: it must be our earlier copy (its identifier exactly), or the EHR
+                // ignored the condition and answered with something else.
+                let body: Value = res.json().await.unwrap_or(Value::Null);
+                if self.is_ours(&body) {
+                    Ok(Attempt::Done)
+                } else {
+                    Err("the EHR answered 200 with a resource that is not Courier's copy".into())
+                }
+            }
+            401 => Err(self.unauthorized()),
+            s if REFUSALS.contains(&s) => Ok(Attempt::Refused(s)),
+            s => Err(format!("the EHR answered {s}")),
+        }
     }
 }
 
@@ -277,6 +417,7 @@ async fn deliver(
 fn translate(
     store: &Store,
     iss: &str,
+    absolute: bool,
     mut event: Value,
     outbox_id: &str,
 ) -> Result<(Value, String), StoreError> {
@@ -327,7 +468,7 @@ fn translate(
             }
         }
     }
-    rewrite(store, iss, &mut event)?;
+    rewrite(store, iss, absolute, &mut event)?;
     if event["resourceType"] == "Communication" {
         let id = json!({"system": COMMUNICATION_SYSTEM, "value": courier_url});
         match event.get_mut("identifier").and_then(Value::as_array_mut) {
@@ -381,7 +522,9 @@ pub fn enqueue_filing(
     })
 }
 
-fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {
+/// Courier's references to the EHR's (relative to `iss`, or made absolute when the resource goes to
+/// another base), Courier's own resources to absolute URLs.
+fn rewrite(store: &Store, iss: &str, absolute: bool, v: &mut Value) -> Result<(), StoreError> {
     match v {
         Value::Object(o) => {
             if let Some(Value::String(r)) = o.get("reference").cloned() {
@@ -392,7 +535,14 @@ fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {
                     o.remove("reference");
                     o.remove("display");
                     match identity::ehr_reference(store, iss, &r)? {
-                        Some(Value::Object(m)) => o.extend(m),
+                        Some(Value::Object(mut m)) => {
+                            if let Some(Value::String(theirs)) = m.get_mut("reference") {
+                                if absolute && !theirs.contains("://") {
+                                    *theirs = format!("{}/{theirs}", iss.trim_end_matches('/'));
+                                }
+                            }
+                            o.extend(m)
+                        }
                         _ => {
                             o.insert("display".into(), json!("a person this EHR does not know"));
                         }
@@ -403,13 +553,13 @@ fn rewrite(store: &Store, iss: &str, v: &mut Value) -> Result<(), StoreError> {
             }
             for (k, x) in o.iter_mut() {
                 if k != "reference" {
-                    rewrite(store, iss, x)?;
+                    rewrite(store, iss, absolute, x)?;
                 }
             }
         }
         Value::Array(a) => {
             for x in a {
-                rewrite(store, iss, x)?;
+                rewrite(store, iss, absolute, x)?;
             }
         }
         _ => {}

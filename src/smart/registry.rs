@@ -2,11 +2,15 @@
 //! request for user launches and for the backend-services connection, and Courier's own signing
 //! key for that EHR (RS384 or ES384), whose public half Courier publishes at `/smart/jwks` for the
 //! EHR to register. Managed with `courier ehr add|list|remove`, stored in the database.
+//!
+//! A registration may override what discovery finds, for EHRs that put things elsewhere: the token
+//! endpoint of the backend-services connection (`--backend-token-url`) and the FHIR base that takes
+//! Courier's AuditEvents (`--audit-base`).
 
 use crate::auth::keys;
 use crate::auth::scopes;
 use crate::store::{Store, StoreError};
-use diesel::sql_types::{BigInt, Binary, Text};
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
 use diesel::QueryableByName;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -41,9 +45,16 @@ pub struct Ehr {
     /// Identifier systems this EHR is trusted for: only these join records across EHRs.
     #[diesel(sql_type = Text)]
     pub trusted_systems: String,
+    /// The backend-services token endpoint, when not the discovered one (the client assertion's
+    /// `aud` is then this URL).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub backend_token_url: Option<String>,
+    /// The FHIR base that takes Courier's AuditEvents, when not `iss`.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub audit_base: Option<String>,
 }
 
-const COLUMNS: &str = "name, iss, client_id, alg, kid, key_id, private_key, public_jwk, launch_scopes, backend_scopes, created_at, trusted_systems";
+const COLUMNS: &str = "name, iss, client_id, alg, kid, key_id, private_key, public_jwk, launch_scopes, backend_scopes, created_at, trusted_systems, backend_token_url, audit_base";
 
 fn aad(name: &str, kid: &str) -> String {
     format!("ehr-key/{name}/{kid}")
@@ -59,6 +70,10 @@ pub struct NewEhr<'a> {
     pub backend_scopes: &'a str,
     /// Space-separated identifier systems trusted for joining identities across EHRs.
     pub trusted_systems: &'a str,
+    /// The backend-services token endpoint, overriding the discovered one.
+    pub backend_token_url: Option<&'a str>,
+    /// The FHIR base for AuditEvents, overriding `iss`.
+    pub audit_base: Option<&'a str>,
 }
 
 /// An EHR's FHIR base: an absolute https URL (http only on loopback), without a trailing slash,
@@ -75,6 +90,43 @@ pub fn normalize_iss(iss: &str) -> anyhow::Result<String> {
         "iss must be https (http only on loopback)"
     );
     Ok(iss.trim_end_matches('/').to_string())
+}
+
+/// A URL a registration overrides discovery with (`what` names it in errors): absolute, https
+/// (http only on loopback), without credentials, query or fragment. Tokens and assertions travel
+/// to it, and the events it takes carry patients' references.
+pub fn check_override(what: &str, u: &str) -> anyhow::Result<String> {
+    let u = u.trim();
+    let url = reqwest::Url::parse(u).map_err(|e| anyhow::anyhow!("{what} is not a URL: {e}"))?;
+    anyhow::ensure!(
+        url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.password().is_none(),
+        "{what} must be a plain URL (no query, fragment or credentials)"
+    );
+    crate::auth::clients::check_jwks_url(u)
+        .map_err(|_| anyhow::anyhow!("{what} must be https (http only on loopback)"))?;
+    Ok(u.to_string())
+}
+
+/// The overrides of a registration, checked: the token URL as given (it is the assertion's `aud`,
+/// compared exactly by the EHR), the AuditEvent base without a trailing slash. Empty means none.
+fn overrides(
+    backend_token_url: Option<&str>,
+    audit_base: Option<&str>,
+) -> anyhow::Result<(Option<String>, Option<String>)> {
+    fn given(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let token = given(backend_token_url)
+        .map(|u| check_override("the backend token URL", u))
+        .transpose()?;
+    let audit = given(audit_base)
+        .map(|u| check_override("the AuditEvent base", u))
+        .transpose()?
+        .map(|u| u.trim_end_matches('/').to_string());
+    Ok((token, audit))
 }
 
 /// Registers an EHR and makes Courier's signing key for it. Returns the registration.
@@ -104,11 +156,14 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
             "invalid SMART scope in '{s}'"
         );
     }
+    let (backend_token_url, audit_base) = overrides(new.backend_token_url, new.audit_base)?;
     let key = keys::generate(alg)?;
     let (key_id, sealed) = store.keys.seal(&key.der, &aad(name, &key.kid));
     store
         .execute(
-            &format!("INSERT INTO ehrs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            &format!(
+                "INSERT INTO ehrs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
             vec![
                 name.into(),
                 iss.into(),
@@ -126,6 +181,8 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
                     .collect::<Vec<_>>()
                     .join(" ")
                     .into(),
+                backend_token_url.into(),
+                audit_base.into(),
             ],
         )
         .map_err(|e| match e {
@@ -184,6 +241,8 @@ pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::R
             launch_scopes: &c.launch_scope,
             backend_scopes: &c.backend_scope,
             trusted_systems: &c.trusted_systems,
+            backend_token_url: c.backend_token_url.as_deref(),
+            audit_base: c.audit_base.as_deref(),
         };
         match get(store, &c.name)? {
             None => {
@@ -197,13 +256,18 @@ pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::R
                     "[[ehr]] {}: iss or alg differ from the registered EHR; remove it (courier ehr remove) and start again",
                     c.name
                 );
+                let (backend_token_url, audit_base) =
+                    overrides(c.backend_token_url.as_deref(), c.audit_base.as_deref())
+                        .map_err(|e| anyhow::anyhow!("[[ehr]] {}: {e}", c.name))?;
                 store.execute(
-                    "UPDATE ehrs SET client_id = ?, launch_scopes = ?, backend_scopes = ?, trusted_systems = ? WHERE name = ?",
+                    "UPDATE ehrs SET client_id = ?, launch_scopes = ?, backend_scopes = ?, trusted_systems = ?, backend_token_url = ?, audit_base = ? WHERE name = ?",
                     vec![
                         c.client_id.trim().into(),
                         c.launch_scope.trim().into(),
                         c.backend_scope.trim().into(),
                         c.trusted_systems.split_whitespace().collect::<Vec<_>>().join(" ").into(),
+                        backend_token_url.into(),
+                        audit_base.into(),
                         c.name.clone().into(),
                     ],
                 )?;

@@ -191,3 +191,235 @@ both_backends! {
         assert_eq!(l["user_display"]["name"], "Grace Hopper", "{l}");
     }
 }
+
+// --- write-back (the outbox) to EHRs that differ ------------------------------------------------
+
+/// Ada (patient a1) and Grace (dr-a) in `ehr`, which takes `settings`; Courier registered there as
+/// `name`, with the registration's overrides. Returns the test EHR's settings as set.
+async fn write_back_fixture(
+    app: &TestApp,
+    ehr: &TestEhr,
+    name: &str,
+    settings: serde_json::Value,
+    overrides: impl FnOnce(&serde_json::Value) -> (Option<String>, Option<String>),
+) -> serde_json::Value {
+    let mut ada = person("Patient", "a1", &[]);
+    ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+    let grace = person("Practitioner", "dr-a", &[]);
+    ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace])))
+        .await;
+    let set = ehr
+        .control(reqwest::Method::POST, "settings", Some(settings))
+        .await;
+    let (token_url, audit_base) = overrides(&set);
+    let mut n = new_ehr(name, &ehr.base, "ES384");
+    n.launch_scopes = "openid fhirUser launch online_access user/Patient.r user/Practitioner.r";
+    n.backend_token_url = token_url.as_deref();
+    n.audit_base = audit_base.as_deref();
+    registry::add(&app.store, &n).unwrap();
+    ehr.register_courier(app, "courier").await;
+    set
+}
+
+/// Launches (each signs in, so audits, about Ada and Grace: events for `name`), the second time
+/// with the EHR dropping its answers to the next two writes after committing them. Every event
+/// must reach the EHR exactly once. Returns the EHR's write log.
+async fn delivers_each_event_exactly_once(
+    app: &TestApp,
+    ehr: &TestEhr,
+    name: &str,
+) -> Vec<serde_json::Value> {
+    use crate::ehr::{delivered, drained};
+    let backlog = |app: &TestApp| {
+        courier::smart::outbox::status(&app.store)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.ehr == name)
+            .expect("events for this EHR")
+    };
+    launch_as(app, ehr, "a1", "Practitioner/dr-a").await;
+    assert!(
+        drained(app).await,
+        "{name}: delivered: {:?}",
+        backlog(app).last_error
+    );
+    let first = backlog(app).delivered;
+    assert!(first >= 1);
+    // Lost answers: committed at the EHR, never heard by Courier, retried.
+    ehr.control(
+        reqwest::Method::POST,
+        "faults",
+        Some(json!({"drop_response_after_write": 2})),
+    )
+    .await;
+    launch_as(app, ehr, "a1", "Practitioner/dr-a").await;
+    launch_as(app, ehr, "a1", "Practitioner/dr-a").await;
+    assert!(
+        drained(app).await,
+        "{name}: delivered after lost answers: {:?}",
+        backlog(app).last_error
+    );
+    let counters = ehr.control(reqwest::Method::GET, "counters", None).await;
+    assert_eq!(
+        counters["dropped_responses"], 2,
+        "{name}: two answers were lost"
+    );
+    let got = delivered(ehr).await;
+    let b = backlog(app);
+    assert_eq!(b.pending, 0);
+    assert!(b.delivered > first);
+    assert_eq!(got.len() as i64, b.delivered, "{name}: every event arrived");
+    assert!(
+        got.values().all(|copies| copies.len() == 1),
+        "{name}: each exactly once: {:?}",
+        got.values().map(Vec::len).collect::<Vec<_>>()
+    );
+    ehr.control(reqwest::Method::GET, "writes", None).await["writes"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+both_backends! {
+    async fn write_back_goes_through_the_backend_token_endpoint_of_the_registration(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        // Backend Services at /backend/token, which discovery does not name; /token turns
+        // client_credentials away.
+        let set = write_back_fixture(&app, &ehr, "ehr-a", json!({"backend_token_path": "/backend/token", "token_client_credentials": false}),
+            |s| (s["backend_token_url"].as_str().map(String::from), None)).await;
+        let url = set["backend_token_url"].as_str().unwrap();
+        let registered = registry::get(&app.store, "ehr-a").unwrap().unwrap();
+        assert_eq!(registered.backend_token_url.as_deref(), Some(url));
+        // Without the override, the discovered (launch) endpoint refuses the connection.
+        let mut discovered = registered.clone();
+        discovered.backend_token_url = None;
+        let err = app.ehrs.token(&app.store, &discovered).await.unwrap_err();
+        assert!(err.contains("unsupported_grant_type"), "{err}");
+        delivers_each_event_exactly_once(&app, &ehr, "ehr-a").await;
+        let tokens = &ehr.control(reqwest::Method::GET, "counters", None).await["token"];
+        // The assertion named the backend endpoint (the EHR checks aud = its own URL): no refusals
+        // there. The launches' codes went to /token.
+        assert!(tokens["by_endpoint"]["/backend/token"].as_u64().unwrap() >= 1, "{tokens}");
+        assert_eq!(tokens["errors"]["invalid_client"], serde_json::Value::Null, "{tokens}");
+        assert_eq!(tokens["errors"]["unsupported_grant_type"], 1, "only the probe without the override: {tokens}");
+        assert!(tokens["by_endpoint"]["/token"].as_u64().unwrap() >= 3, "{tokens}");
+    }
+}
+
+both_backends! {
+    async fn write_back_is_exactly_once_to_ehrs_that_refuse_if_none_exist(app: TestApp) {
+        // Servers without conditional create refuse it variously (400, 412, 501).
+        let mut alive = vec![];
+        for status in [400, 412, 501] {
+            let name = format!("ehr-{status}");
+            let Some(ehr) = spawn_ehr(&name) else { return };
+            write_back_fixture(&app, &ehr, &name, json!({"if_none_exist": status}), |_| (None, None)).await;
+            let writes = delivers_each_event_exactly_once(&app, &ehr, &name).await;
+            // Searched for, then created plainly: no write carries the refused header.
+            assert!(writes.iter().all(|w| w["if_none_exist"].is_null() && w["status"] == 201), "{name}: {writes:?}");
+            // Only the first event paid for the refused tries (with and without Prefer); the rest
+            // went the way that worked.
+            let c = ehr.control(reqwest::Method::GET, "counters", None).await;
+            assert_eq!(c["fhir"]["refused"]["if_none_exist"], 2, "{name}: {c}");
+            assert_eq!(c["fhir"]["by_status"][status.to_string()], 2, "{name}: {c}");
+            alive.push(ehr);
+        }
+    }
+}
+
+both_backends! {
+    async fn write_back_is_exactly_once_to_ehrs_that_refuse_prefer_handling(app: TestApp) {
+        // 400 to `Prefer: handling=strict`: the conditional create without it.
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        write_back_fixture(&app, &ehr, "ehr-a", json!({"prefer_handling": "refused"}), |_| (None, None)).await;
+        let writes = delivers_each_event_exactly_once(&app, &ehr, "ehr-a").await;
+        assert!(writes.iter().all(|w| w["prefer"].is_null() && w["if_none_exist"].is_string()), "{writes:?}");
+        // Two lost answers: each retry found the committed write (a 200 match).
+        assert_eq!(writes.iter().filter(|w| w["status"] == 200).count(), 2, "{writes:?}");
+        let c = ehr.control(reqwest::Method::GET, "counters", None).await;
+        assert_eq!(c["fhir"]["refused"]["prefer"], 1, "{c}");
+        // Refusing both: searched for without Prefer, then created.
+        let Some(both) = spawn_ehr("ehr-b") else { return };
+        write_back_fixture(&app, &both, "ehr-b", json!({"prefer_handling": "refused", "if_none_exist": 400}), |_| (None, None)).await;
+        let writes = delivers_each_event_exactly_once(&app, &both, "ehr-b").await;
+        assert!(writes.iter().all(|w| w["prefer"].is_null() && w["if_none_exist"].is_null()), "{writes:?}");
+        let c = both.control(reqwest::Method::GET, "counters", None).await;
+        assert_eq!((c["fhir"]["refused"]["prefer"].as_u64(), c["fhir"]["refused"]["if_none_exist"].as_u64()), (Some(2), Some(1)), "{c}");
+    }
+}
+
+both_backends! {
+    async fn write_back_goes_to_the_audit_base_of_the_registration(app: TestApp) {
+        // AuditEvents only at {iss}/audit: the FHIR base has no AuditEvent type.
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let set = write_back_fixture(&app, &ehr, "ehr-a", json!({"audit_path": "/fhir/audit"}),
+            |s| (None, s["audit_base"].as_str().map(String::from))).await;
+        let audit_base = set["audit_base"].as_str().unwrap();
+        assert_eq!(audit_base, format!("{}/audit", ehr.base));
+        let writes = delivers_each_event_exactly_once(&app, &ehr, "ehr-a").await;
+        assert!(writes.iter().all(|w| w["base"] == audit_base && w["resourceType"] == "AuditEvent"), "{writes:?}");
+        // Written at another base, the EHR's references are absolute (they belong to the iss).
+        let events = ehr.control(reqwest::Method::GET, "resources/AuditEvent", None).await;
+        let text = events.to_string();
+        assert!(text.contains(&format!("\"{}/Practitioner/dr-a\"", ehr.base)), "{text}");
+        assert!(!text.contains("\"Practitioner/dr-a\""), "{text}");
+    }
+}
+
+/// The overrides through `courier ehr add`, and bad ones refused with a clear error.
+#[test]
+fn ehr_overrides_are_checked_at_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| run_cli(dir.path(), args);
+    let add = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "ehr",
+            "add",
+            "--name",
+            name,
+            "--iss",
+            "https://ehr.example.org/fhir",
+            "--client-id",
+            "c",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    for (extra, why) in [
+        (
+            ["--backend-token-url", "http://ehr.example.org/token"],
+            "the backend token URL must be https",
+        ),
+        (
+            ["--backend-token-url", "token"],
+            "the backend token URL is not a URL",
+        ),
+        (
+            ["--audit-base", "ftp://ehr.example.org/audit"],
+            "the AuditEvent base must be https",
+        ),
+        (
+            ["--audit-base", "https://u:p@ehr.example.org/audit"],
+            "plain URL",
+        ),
+        (
+            ["--audit-base", "https://ehr.example.org/audit?x=1"],
+            "plain URL",
+        ),
+    ] {
+        let (ok, _, err) = add("bad", &extra);
+        assert!(!ok && err.contains(why), "{extra:?}: {err}");
+    }
+    let (ok, _, err) = add(
+        "good",
+        &[
+            "--backend-token-url",
+            "http://127.0.0.1:9/backend/token",
+            "--audit-base",
+            "https://audit.example.org/fhir/",
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, list, _) = run(&["ehr", "list"]);
+    assert!(ok && list.contains("\tbackend_token_url=http://127.0.0.1:9/backend/token\taudit_base=https://audit.example.org/fhir\n"), "{list}");
+}

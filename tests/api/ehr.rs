@@ -114,6 +114,8 @@ pub fn new_ehr<'a>(name: &'a str, iss: &'a str, alg: &'a str) -> NewEhr<'a> {
         launch_scopes: "openid fhirUser launch user/Patient.r",
         backend_scopes: "system/AuditEvent.crs",
         trusted_systems: "urn:oid:2.16.840.1.113883.19.5 http://hl7.org/fhir/sid/us-npi",
+        backend_token_url: None,
+        audit_base: None,
     }
 }
 
@@ -573,7 +575,7 @@ both_backends! {
 }
 
 /// The AuditEvents the test EHR holds that came from Courier's outbox, by outbox id.
-async fn delivered(ehr: &TestEhr) -> std::collections::HashMap<String, Vec<Value>> {
+pub async fn delivered(ehr: &TestEhr) -> std::collections::HashMap<String, Vec<Value>> {
     let all = ehr
         .control(reqwest::Method::GET, "resources/AuditEvent", None)
         .await;
@@ -597,7 +599,7 @@ async fn delivered(ehr: &TestEhr) -> std::collections::HashMap<String, Vec<Value
 }
 
 /// Waits (bounded) until the outbox has nothing pending.
-async fn drained(app: &TestApp) -> bool {
+pub async fn drained(app: &TestApp) -> bool {
     for _ in 0..60 {
         let s = courier::smart::outbox::status(&app.store).unwrap();
         if s.iter().all(|r| r.pending == 0) && !s.is_empty() {
@@ -1045,6 +1047,8 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         mfa: Some("always".into()),
         portal_mfa: None,
         mfa_acr: Some("urn:example:loa:mfa".into()),
+        backend_token_url: None,
+        audit_base: None,
     };
     let first = cfg("system/AuditEvent.c");
     let app = spawn_app_with(Backend::Sqlite, move |s| s.ehr = vec![first])
@@ -1054,9 +1058,14 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         .unwrap()
         .expect("registered at start");
     assert_eq!(e.backend_scopes, "system/AuditEvent.c");
+    let m = courier::mfa::settings(&app.store, "from-file").unwrap();
+    assert_eq!((m.launch, m.portal), (courier::mfa::Policy::Always, courier::mfa::Policy::TrustEhr));
+    assert_eq!(m.acr, ["urn:example:loa:mfa"]);
     // A restart with changed settings updates them and keeps the key the EHR registered.
     let url = app.database_url.clone();
-    let second = cfg("system/AuditEvent.c system/Communication.c");
+    let mut second = cfg("system/AuditEvent.c system/Communication.c");
+    second.backend_token_url = Some("https://auth.example.org/backend/token".into());
+    second.audit_base = Some("https://ehr.example.org/audit/".into());
     let app2 = spawn_app_with(Backend::Sqlite, move |s| {
         s.database_url = url;
         s.ehr = vec![second];
@@ -1069,6 +1078,24 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         "system/AuditEvent.c system/Communication.c"
     );
     assert_eq!(e2.kid, e.kid);
+    assert_eq!(
+        (e2.backend_token_url.as_deref(), e2.audit_base.as_deref()),
+        (
+            Some("https://auth.example.org/backend/token"),
+            Some("https://ehr.example.org/audit")
+        )
+    );
+    // A bad override is refused, naming the table; none given clears them.
+    let mut bad = cfg("system/AuditEvent.c");
+    bad.audit_base = Some("http://ehr.example.org/audit".into());
+    let err = registry::sync(&app2.store, &[bad]).unwrap_err().to_string();
+    assert!(
+        err.contains("[[ehr]] from-file") && err.contains("https"),
+        "{err}"
+    );
+    registry::sync(&app2.store, &[cfg("system/AuditEvent.c")]).unwrap();
+    let e3 = registry::get(&app2.store, "from-file").unwrap().unwrap();
+    assert_eq!((e3.backend_token_url, e3.audit_base), (None, None));
     // Another server under the same name is refused (its sessions and deliveries would follow it).
     let mut moved = cfg("system/AuditEvent.c");
     moved.iss = "https://elsewhere.example.org/fhir".into();

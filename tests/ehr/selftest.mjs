@@ -522,6 +522,76 @@ async function run() {
     const reset = await postJson(test(ehrA, '/counters/reset'), {});
     assertEq(reset.body.token.requests, 0, 'reset');
   });
+
+  await check('settings: a backend token endpoint elsewhere, and /token without client_credentials', async () => {
+    const bad = await postJson(test(ehrA, '/settings'), { backend_token_path: '/token' });
+    assertEq(bad.status, 400, 'a path the fixture uses is refused');
+    const set = await postJson(test(ehrA, '/settings'), { backend_token_path: '/backend/token', token_client_credentials: false });
+    assertEq(set.body.backend_token_url, `${ehrA.origin}/backend/token`, 'its URL');
+    const cc = { grant_type: 'client_credentials', scope: 'system/AuditEvent.c' };
+    expectOAuthError(await authenticatedTokenRequest(ehrA, backend, backendKey, cc), 400, 'unsupported_grant_type');
+    const elsewhere = { ...ehrA, token: set.body.backend_token_url };
+    const ok = await authenticatedTokenRequest(elsewhere, backend, backendKey, cc);
+    assertEq(ok.status, 200, `client_credentials at the backend endpoint (${JSON.stringify(ok.body)})`);
+    // The assertion names the endpoint it is sent to: the launch one's URL is refused there.
+    expectOAuthError(await authenticatedTokenRequest(elsewhere, backend, backendKey, cc, { claims: { aud: ehrA.token } }), 401, 'invalid_client', 'aud');
+    expectOAuthError(await authenticatedTokenRequest(elsewhere, backend, backendKey, { grant_type: 'authorization_code', code: 'x' }), 400, 'unsupported_grant_type');
+    const c = (await request(test(ehrA, '/counters'))).body.token.by_endpoint;
+    assert(c['/backend/token'] >= 3, `counted by endpoint (${JSON.stringify(c)})`);
+    await postJson(test(ehrA, '/settings'), { backend_token_path: null, token_client_credentials: true });
+    assertEq((await request(`${ehrA.origin}/backend/token`, { method: 'POST' })).status, 404, 'gone when cleared');
+    assertEq((await authenticatedTokenRequest(ehrA, backend, backendKey, cc)).status, 200, '/token grants it again');
+  });
+
+  // A fresh backend token (the revocation check above ended the earlier one).
+  const freshToken = async () =>
+    (await authenticatedTokenRequest(ehrA, backend, backendKey, { grant_type: 'client_credentials', scope: 'system/AuditEvent.c system/AuditEvent.rs' })).body.access_token;
+
+  await check('settings: If-None-Exist refused (400, 412, 501) and Prefer handling refused, as OperationOutcomes', async () => {
+    const backendToken = await freshToken();
+    const id = `outbox-compat-${Date.now()}`;
+    const condition = { 'If-None-Exist': `entity:identifier=urn:courier:outbox|${id}` };
+    for (const status of [400, 412, 501]) {
+      await postJson(test(ehrA, '/settings'), { if_none_exist: status });
+      const r = await fhirPost(ehrA, 'AuditEvent', backendToken, auditEvent(id, 'p1'), condition);
+      assertEq([r.status, r.body.resourceType, r.body.issue?.[0]?.code], [status, 'OperationOutcome', 'not-supported'], `refused with ${status}`);
+    }
+    assertEq((await postJson(test(ehrA, '/settings'), { if_none_exist: 'maybe' })).status, 400, 'an unknown value is refused');
+    const plain = await fhirPost(ehrA, 'AuditEvent', backendToken, auditEvent(id, 'p1'));
+    assertEq(plain.status, 201, 'a plain create is taken');
+    await postJson(test(ehrA, '/settings'), { if_none_exist: 'honoured', prefer_handling: 'refused' });
+    const strict = { Prefer: 'handling=strict' };
+    assertEq((await fhirPost(ehrA, 'AuditEvent', backendToken, auditEvent(id, 'p1'), { ...condition, ...strict })).status, 400, 'a create with Prefer: handling');
+    const search = `AuditEvent?entity:identifier=${encodeURIComponent(`urn:courier:outbox|${id}`)}`;
+    assertEq((await fhir(ehrA, search, backendToken, { headers: strict })).status, 400, 'a search with Prefer: handling');
+    assertEq((await fhir(ehrA, search, backendToken)).body.total, 1, 'without it: searchable');
+    const again = await fhirPost(ehrA, 'AuditEvent', backendToken, auditEvent(id, 'p1'), condition);
+    assertEq(again.status, 200, 'the conditional create without Prefer matches the plain one');
+    const refused = (await request(test(ehrA, '/counters'))).body.fhir.refused;
+    assert(refused.if_none_exist >= 3 && refused.prefer >= 2, `refusals counted (${JSON.stringify(refused)})`);
+    await postJson(test(ehrA, '/settings'), { prefer_handling: 'honoured' });
+  });
+
+  await check('settings: AuditEvents only at another FHIR base (audit_path)', async () => {
+    const backendToken = await freshToken();
+    const set = await postJson(test(ehrA, '/settings'), { audit_path: '/fhir/audit' });
+    const auditBase = set.body.audit_base;
+    assertEq(auditBase, `${ehrA.base}/audit`, 'its URL');
+    const id = `outbox-base-${Date.now()}`;
+    const condition = { 'If-None-Exist': `entity:identifier=urn:courier:outbox|${id}` };
+    const atBase = await fhirPost(ehrA, 'AuditEvent', backendToken, auditEvent(id, 'p1'), condition);
+    assertEq([atBase.status, atBase.body.issue?.[0]?.code], [404, 'not-supported'], 'no AuditEvent at the FHIR base');
+    const audit = { ...ehrA, base: auditBase };
+    const created = await fhirPost(audit, 'AuditEvent', backendToken, auditEvent(id, 'p1'), condition);
+    assertEq(created.status, 201, `created at the audit base (${JSON.stringify(created.body)})`);
+    assert(created.headers.get('location').startsWith(`${auditBase}/AuditEvent/`), 'Location at the audit base');
+    assertEq((await fhirPost(audit, 'AuditEvent', backendToken, auditEvent(id, 'p1'), condition)).status, 200, 'conditional there too');
+    assertEq((await fhir(audit, 'Patient/p1', backendToken)).status, 404, 'the audit base has only AuditEvent');
+    const writes = (await request(test(ehrA, '/writes'))).body.writes.filter((w) => w.id === created.body.id);
+    assertEq(writes.map((w) => w.base), [auditBase, auditBase], 'the write log names the base');
+    await postJson(test(ehrA, '/settings'), { audit_path: null });
+    assertEq((await fhir(ehrA, 'AuditEvent', backendToken)).status, 200, 'back at the FHIR base');
+  });
 }
 
 async function rejectionChecks() {

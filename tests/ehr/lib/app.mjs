@@ -68,6 +68,14 @@ export async function createEhr(config, log = () => {}) {
     }
     if (path === '/authorize') return handleAuthorize(state, req, res, url);
     if (path === '/token') return handleToken(state, tokens, req, res);
+    if (state.urls.backendToken && path === state.settings.backendTokenPath) {
+      return handleToken(state, tokens, req, res, { url: state.urls.backendToken, backendOnly: true });
+    }
+    // The AuditEvent base (setting audit_path), before /fhir: it may sit below it.
+    const audit = state.settings.auditPath;
+    if (audit && (path === audit || path.startsWith(`${audit}/`))) {
+      return fhir.handle(req, res, url, { prefix: audit, url: state.urls.auditBase, types: ['AuditEvent'] });
+    }
     if (path === '/fhir' || path.startsWith('/fhir/')) return fhir.handle(req, res, url);
     throw new HttpError(404, `no route ${req.method} ${path}`);
   }

@@ -15,7 +15,8 @@ function fail(message) {
   return new OAuthError(401, 'invalid_client', message);
 }
 
-export async function authenticateClient(state, params) {
+// `tokenUrl`: the endpoint the request came to (the assertion's `aud` must name it).
+export async function authenticateClient(state, params, tokenUrl = state.urls.token) {
   if (params.client_secret !== undefined) throw fail('client_secret is not accepted: register a JWKS and use private_key_jwt');
   if (params.client_assertion_type !== ASSERTION_TYPE) throw fail(`client_assertion_type must be ${ASSERTION_TYPE}`);
   const assertion = params.client_assertion;
@@ -43,7 +44,6 @@ export async function authenticateClient(state, params) {
   if (!client) throw fail(`unknown client_id "${clientId}"`);
   if (header.jku !== undefined && header.jku !== client.jwks_url) throw fail('jku does not match the registered jwks_url');
 
-  const tokenUrl = state.urls.token;
   const audOk = claims.aud === tokenUrl || (Array.isArray(claims.aud) && claims.aud.includes(tokenUrl));
   if (!audOk) throw fail(`client_assertion aud must be the token endpoint ${tokenUrl}`);
 

@@ -57,12 +57,19 @@ export class FhirService {
     res.end(text);
   }
 
-  async handle(req, res, url) {
+  // `base`: which FHIR base the request came to — /fhir (every type but AuditEvent when the
+  // setting audit_path names another base for it), or that AuditEvent base.
+  async handle(req, res, url, base = undefined) {
     const { state } = this;
+    base ??= {
+      prefix: '/fhir',
+      url: state.urls.fhirBase,
+      types: state.settings.auditPath ? RESOURCE_TYPES.filter((t) => t !== 'AuditEvent') : RESOURCE_TYPES,
+    };
     state.counters.fhir.requests++;
     let segments;
     try {
-      segments = url.pathname.slice('/fhir'.length).split('/').filter(Boolean).map(decodeURIComponent);
+      segments = url.pathname.slice(base.prefix.length).split('/').filter(Boolean).map(decodeURIComponent);
     } catch {
       return this.send(res, 400, outcome('error', 'invalid', 'malformed percent-encoding in the path'));
     }
@@ -80,7 +87,7 @@ export class FhirService {
     if (!op) {
       return this.send(res, 405, outcome('error', 'not-supported', `${req.method} ${url.pathname} is not supported by this test server`));
     }
-    if (!RESOURCE_TYPES.includes(op.type)) {
+    if (!base.types.includes(op.type)) {
       return this.send(res, 404, outcome('error', 'not-supported', `Resource type not supported: ${op.type}`));
     }
     const scopes = claims.scope.split(' ');
@@ -93,7 +100,19 @@ export class FhirService {
       );
     }
 
-    const prepared = await this.prepare(req, res, url, op);
+    // An EHR without some of R4's optional HTTP features, refusing them as such a server does.
+    const prefer = String(req.headers.prefer || '');
+    if (state.settings.preferHandling === 'refused' && /(^|[\s,;])handling\s*=/.test(prefer)) {
+      state.counters.fhir.refused.prefer++;
+      return this.send(res, 400, outcome('error', 'not-supported', `Unsupported Prefer header: ${prefer}`));
+    }
+    const refusal = state.settings.ifNoneExist;
+    if (op.interaction === 'create' && req.headers['if-none-exist'] !== undefined && refusal !== 'honoured') {
+      state.counters.fhir.refused.if_none_exist++;
+      return this.send(res, refusal, outcome('error', 'not-supported', 'Conditional create (If-None-Exist) is not supported'));
+    }
+
+    const prepared = await this.prepare(req, res, url, op, base);
     if (!prepared) return;
 
     const isWrite = op.interaction === 'create' || op.interaction === 'update';
@@ -123,6 +142,8 @@ export class FhirService {
         versionId: resource.meta?.versionId,
         status,
         if_none_exist: req.headers['if-none-exist'] ?? null,
+        prefer: req.headers.prefer ?? null,
+        base: base.url,
         client_id: claims.client_id,
       });
       // Fault injection: the write is committed, but the client never hears back,
@@ -138,11 +159,10 @@ export class FhirService {
 
     if (!resource) return this.send(res, status, resultOutcome);
     if (resource.resourceType === 'Bundle' && resource.type === 'searchset') {
-      return this.send(res, status, this.decorateSearchset(resource, url, op, prepared));
+      return this.send(res, status, this.decorateSearchset(resource, url, op, prepared, base.url));
     }
     const headers = this.versionHeaders(resource);
-    if (status === 201) headers.Location = `${state.urls.fhirBase}/${resource.resourceType}/${resource.id}/_history/${resource.meta?.versionId}`;
-    const prefer = String(req.headers.prefer || '');
+    if (status === 201) headers.Location = `${base.url}/${resource.resourceType}/${resource.id}/_history/${resource.meta?.versionId}`;
     if (isWrite && prefer.includes('return=minimal')) return this.send(res, status, undefined, headers);
     if (isWrite && prefer.includes('return=OperationOutcome')) return this.send(res, status, resultOutcome, headers);
     return this.send(res, status, resource, headers);
@@ -170,7 +190,7 @@ export class FhirService {
 
   // Builds the FhirRequest for Medplum's router, with the request body checked the
   // way a real server checks it (media type, JSON, R4 structure).
-  async prepare(req, res, url, op) {
+  async prepare(req, res, url, op, base) {
     const query = new URLSearchParams(url.search);
     // Format parameters are about the wire, not the search; JSON is the only format here.
     query.delete('_format');
@@ -215,7 +235,7 @@ export class FhirService {
         return null;
       }
     }
-    const path = url.pathname.slice('/fhir/'.length);
+    const path = url.pathname.slice(base.prefix.length + 1);
     const qs = query.toString();
     return {
       method: req.method,
@@ -244,8 +264,7 @@ export class FhirService {
 
   // MemoryRepository returns bare entries; a real server adds fullUrl, search.mode
   // and self/next links (clients page by following "next").
-  decorateSearchset(bundle, url, op, prepared) {
-    const base = this.state.urls.fhirBase;
+  decorateSearchset(bundle, url, op, prepared, base) {
     const params = new URLSearchParams(op.postSearch ? prepared.body : url.search);
     params.delete('_format');
     params.delete('_pretty');

@@ -45,6 +45,17 @@ export function createState(config, key) {
       // many EHRs send) and `acr` (null: none). A password and a one-time code by default.
       idTokenAmr: ['pwd', 'otp'],
       idTokenAcr: null,
+      // Backend Services elsewhere: a second token endpoint at this path (client_credentials
+      // only; discovery does not name it), and whether /token still grants client_credentials.
+      backendTokenPath: null,
+      tokenClientCredentials: true,
+      // Write-back compatibility: 'honoured', or the status (400, 412, 501) with which a create
+      // carrying If-None-Exist is refused (a server without conditional create); 'honoured' or
+      // 'refused' (400) for a request carrying `Prefer: handling=…`; and the path of another
+      // FHIR base that alone takes AuditEvents (/fhir then has no AuditEvent type).
+      ifNoneExist: 'honoured',
+      preferHandling: 'honoured',
+      auditPath: null,
     },
     // The P-384 key, made when first asked for (id_token_alg ES384).
     ecKey: null,
@@ -74,13 +85,21 @@ export function setUrls(state, port) {
     token: `${origin}/token`,
     jwks: `${origin}/jwks.json`,
   };
+  setSettingUrls(state);
+}
+
+// URLs that follow from settings (the backend token endpoint, the AuditEvent base).
+export function setSettingUrls(state) {
+  const { origin } = state.urls;
+  state.urls.backendToken = state.settings.backendTokenPath ? `${origin}${state.settings.backendTokenPath}` : null;
+  state.urls.auditBase = state.settings.auditPath ? `${origin}${state.settings.auditPath}` : null;
 }
 
 export function resetCounters(state) {
   state.counters = {
     authorize: { requests: 0, approved: 0, denied: 0, rejected: 0 },
-    token: { requests: 0, issued: 0, by_grant_type: {}, by_client: {}, errors: {} },
-    fhir: { requests: 0, unauthorized: 0, forbidden: 0, by_status: {} },
+    token: { requests: 0, issued: 0, by_grant_type: {}, by_client: {}, by_endpoint: {}, errors: {} },
+    fhir: { requests: 0, unauthorized: 0, forbidden: 0, by_status: {}, refused: { if_none_exist: 0, prefer: 0 } },
     jwks_fetches: 0,
     down_rejected: 0,
     dropped_responses: 0,

@@ -7,7 +7,7 @@ import * as jose from 'jose';
 import { normalizeUser, stripType } from './authorize.mjs';
 import { normalizeClient } from './clients.mjs';
 import { HttpError, nowSeconds, randomToken, readJsonBody, sendJson } from './http.mjs';
-import { LAUNCH_TTL_SECONDS, resetCounters } from './state.mjs';
+import { LAUNCH_TTL_SECONDS, resetCounters, setSettingUrls } from './state.mjs';
 
 const LAUNCH_FIELDS = ['need_patient_banner', 'smart_style_url', 'fhirContext', 'intent', 'tenant'];
 
@@ -91,6 +91,13 @@ export function createTestControl(state, tokens, fhir) {
       set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
       set('id_token_amr', 'idTokenAmr', (v) => v === null || (Array.isArray(v) && v.every((m) => typeof m === 'string')));
       set('id_token_acr', 'idTokenAcr', (v) => v === null || typeof v === 'string');
+      set('backend_token_path', 'backendTokenPath', (v) => v === null || isFreePath(v));
+      set('token_client_credentials', 'tokenClientCredentials', (v) => typeof v === 'boolean');
+      set('if_none_exist', 'ifNoneExist', (v) => v === 'honoured' || v === 400 || v === 412 || v === 501);
+      set('prefer_handling', 'preferHandling', (v) => v === 'honoured' || v === 'refused');
+      set('audit_path', 'auditPath', (v) => v === null || isFreePath(v, true));
+      if (s.backendTokenPath !== null && s.backendTokenPath === s.auditPath) throw new HttpError(400, 'backend_token_path and audit_path must differ');
+      setSettingUrls(state);
       if (s.idTokenAlg === 'ES384' && !state.ecKey) {
         const { publicKey, privateKey } = await jose.generateKeyPair('ES384', { extractable: true });
         const jwk = await jose.exportJWK(publicKey);
@@ -180,5 +187,21 @@ function publicSettings(state) {
     metadata_oauth_uris: s.metadataOauthUris,
     id_token_amr: s.idTokenAmr,
     id_token_acr: s.idTokenAcr,
+    backend_token_path: s.backendTokenPath,
+    token_client_credentials: s.tokenClientCredentials,
+    if_none_exist: s.ifNoneExist,
+    prefer_handling: s.preferHandling,
+    audit_path: s.auditPath,
+    backend_token_url: state.urls.backendToken,
+    audit_base: state.urls.auditBase,
   };
+}
+
+// A path for an extra endpoint: absolute, plain, and clear of the fixture's own routes. An
+// AuditEvent base may sit below the FHIR base (`/fhir/audit`), but not on a resource type's path.
+function isFreePath(v, belowFhir = false) {
+  if (typeof v !== 'string' || !/^(\/[A-Za-z0-9._~-]+)+$/.test(v)) return false;
+  if (belowFhir && /^\/fhir\/[a-z][A-Za-z0-9._~-]*$/.test(v)) return v !== '/fhir/metadata';
+  const taken = ['/_test', '/fhir', '/authorize', '/token', '/jwks.json', '/smart-style.json'];
+  return !taken.some((t) => v === t || v.startsWith(`${t}/`));
 }

@@ -17,9 +17,13 @@ const invalidRequest = (m) => new OAuthError(400, 'invalid_request', m);
 const invalidGrant = (m) => new OAuthError(400, 'invalid_grant', m);
 const invalidScope = (m) => new OAuthError(400, 'invalid_scope', m);
 
-export async function handleToken(state, tokens, req, res) {
+// `endpoint`: which token endpoint this is — the launch one (`/token`, every grant, unless the
+// setting token_client_credentials turns client_credentials away) or the backend one
+// (`backend_token_path`: client_credentials only), with its URL (the assertions' `aud`).
+export async function handleToken(state, tokens, req, res, endpoint = { url: state.urls.token, backendOnly: false }) {
   const counters = state.counters.token;
   counters.requests++;
+  bump(counters.by_endpoint, new URL(endpoint.url).pathname);
   prune(state);
   try {
     if (req.method !== 'POST') throw new OAuthError(405, 'invalid_request', 'the token endpoint accepts POST only');
@@ -32,8 +36,14 @@ export async function handleToken(state, tokens, req, res) {
     if (!grant) throw invalidRequest('grant_type is required');
     bump(counters.by_grant_type, grant);
     if (!GRANTS.includes(grant)) throw new OAuthError(400, 'unsupported_grant_type', `grant_type ${grant} is not supported`);
+    if (endpoint.backendOnly && grant !== 'client_credentials') {
+      throw new OAuthError(400, 'unsupported_grant_type', 'this endpoint serves SMART Backend Services (client_credentials) only');
+    }
+    if (!endpoint.backendOnly && grant === 'client_credentials' && !state.settings.tokenClientCredentials) {
+      throw new OAuthError(400, 'unsupported_grant_type', 'client_credentials is not served at this endpoint (SMART Backend Services have their own)');
+    }
 
-    const client = await authenticateClient(state, params);
+    const client = await authenticateClient(state, params, endpoint.url);
     bump(counters.by_client, client.client_id);
 
     let body;
