@@ -24,6 +24,8 @@ pub const FAILURE_WINDOW_SECS: i64 = 15 * 60;
 pub const LOCKOUT_SECS: i64 = 15 * 60;
 /// Recovery codes made at enrolment.
 pub const RECOVERY_CODES: usize = 10;
+/// Letters in a recovery code.
+const CODE_CHARS: usize = 24;
 
 pub const PASSKEY: &str = "passkey";
 pub const TOTP: &str = "totp";
@@ -212,17 +214,19 @@ fn normalize_code(code: &str) -> String {
 }
 
 /// Makes a new set of recovery codes (the old ones stop working) and returns them, the only time
-/// they are ever shown: 10 codes of 10 characters from a 32-letter alphabet (50 bits each).
+/// they are ever shown: 10 codes of 24 characters from a 31-letter alphabet (118 bits each, so a
+/// salted SHA-256 hash suffices: NIST SP 800-63B asks a key-derivation function only below 112
+/// bits), written as four groups of six.
 pub fn new_recovery_codes(store: &Store, user: &str) -> Result<Vec<String>, StoreError> {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
     store.execute("DELETE FROM mfa_recovery_codes WHERE user_ref = ?", vec![user.into()])?;
     let mut rng = rand::thread_rng();
     let mut codes = Vec::with_capacity(RECOVERY_CODES);
     for _ in 0..RECOVERY_CODES {
-        let raw: String = (0..10)
+        let raw: String = (0..CODE_CHARS)
             .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
             .collect();
-        let code = format!("{}-{}", &raw[..5], &raw[5..]);
+        let code = format!("{}-{}-{}-{}", &raw[..6], &raw[6..12], &raw[12..18], &raw[18..]);
         let salt = hex(&rng.gen::<[u8; 16]>());
         store.execute(
             "INSERT INTO mfa_recovery_codes (user_ref, salt, code_hash, used_at) VALUES (?, ?, ?, NULL)",
@@ -243,7 +247,7 @@ struct CodeRow {
 
 /// Uses up a recovery code; true when it was one of the person's unused codes.
 pub fn use_recovery_code(store: &Store, user: &str, code: &str) -> Result<bool, StoreError> {
-    if normalize_code(code).len() != 10 {
+    if normalize_code(code).len() != CODE_CHARS {
         return Ok(false);
     }
     let rows: Vec<CodeRow> = store.query(

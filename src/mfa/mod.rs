@@ -498,7 +498,7 @@ fn page(
 <button type=\"submit\">Verify</button></form>\
 <details id=\"recovery\"><summary>Lost your phone or passkey?</summary>\
 <form id=\"recovery-form\"><label for=\"recovery-code\">Enter one of your recovery codes</label>\
-<input id=\"recovery-code\" name=\"code\" autocomplete=\"off\" spellcheck=\"false\" maxlength=\"16\" required>\
+<input id=\"recovery-code\" name=\"code\" autocomplete=\"off\" spellcheck=\"false\" maxlength=\"40\" required>\
 <button type=\"submit\">Use recovery code</button></form>\
 <p class=\"hint\">No recovery codes? Ask your administrator to reset your second step.</p></details>\
 </section>\

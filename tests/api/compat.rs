@@ -423,3 +423,77 @@ fn ehr_overrides_are_checked_at_registration() {
     let (ok, list, _) = run(&["ehr", "list"]);
     assert!(ok && list.contains("\tbackend_token_url=http://127.0.0.1:9/backend/token\taudit_base=https://audit.example.org/fhir\n"), "{list}");
 }
+
+both_backends! {
+    async fn the_launch_context_reaches_the_app_and_ehr_ids_stay_out_of_courier_tokens(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // An EHR launch with an encounter, fhirContext (SMART 2.0), an intent, a tenant, the banner.
+        let l = ehr
+            .control(
+                reqwest::Method::POST,
+                "launches",
+                Some(json!({"patient": "a1", "user": "Practitioner/dr-a", "encounter": "e1",
+                    "fhirContext": [{"reference": "Encounter/e1"}, {"reference": "DocumentReference/d9"}],
+                    "intent": "reconcile-medications", "tenant": "clinic-7", "need_patient_banner": true})),
+            )
+            .await;
+        let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!(
+            "launch?iss={}&launch={}",
+            ehr.base,
+            l["launch"].as_str().unwrap()
+        )))
+        .await;
+        let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+        let (s, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(s, 200, "{page}");
+        let session = crate::ehr::session_of(&page);
+        assert_eq!(session["encounter"], "e1", "{session}");
+        assert_eq!(session["fhirContext"], json!([{"reference": "Encounter/e1"}, {"reference": "DocumentReference/d9"}]));
+        assert_eq!(session["intent"], "reconcile-medications");
+        assert_eq!(session["tenant"], "clinic-7");
+        assert_eq!(session["need_patient_banner"], true);
+        // The token names Courier's own patient; the EHR's encounter id is not a Courier id.
+        let payload = session["access_token"].as_str().unwrap().split('.').nth(1).unwrap().to_string();
+        use base64::Engine;
+        let claims: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert!(claims["encounter"].is_null(), "{claims}");
+        assert_eq!(format!("Patient/{}", claims["patient"].as_str().unwrap()), session["patient"].as_str().unwrap());
+        assert_ne!(claims["patient"], "a1");
+    }
+
+    async fn offline_access_refreshes_like_online_access_and_never_outlives_the_session(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        // A registration that asks offline_access instead of online_access.
+        let scope = courier::config::default_launch_scope().replace("online_access", "offline_access");
+        assert!(scope.contains("offline_access"));
+        app.store
+            .execute("UPDATE ehrs SET launch_scopes = ? WHERE name = 'ehr-a'", vec![scope.into()])
+            .unwrap();
+        // …from an EHR that does not rotate refresh tokens (a refresh answer carries none, as
+        // Oracle Health documents): Courier keeps using the first one.
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 2, "refresh_rotation": false}))).await;
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let handle = s["session"].as_str().unwrap().to_string();
+        let grants = |c: serde_json::Value| c["token"]["by_grant_type"]["refresh_token"].as_u64().unwrap_or(0);
+        for _ in 0..2 {
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            let before = grants(ehr.control(reqwest::Method::GET, "counters", None).await);
+            let (st, fresh) = crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await;
+            assert_eq!(st, 200, "{fresh}");
+            assert_eq!(grants(ehr.control(reqwest::Method::GET, "counters", None).await), before + 1);
+        }
+        // Signing out ends it, offline_access or not: Courier keeps no EHR token past the session.
+        let (st, _) = crate::ehr::session_post(&app, "smart/logout", &handle, None).await;
+        assert_eq!(st, 200);
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let left: Vec<N> = app.store.query("SELECT COUNT(*) AS n FROM ehr_sessions", vec![]).unwrap();
+        assert_eq!(left[0].n, 0, "the EHR's tokens went with the session");
+        assert_eq!(crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
+    }
+}

@@ -115,7 +115,7 @@ try {
   await clinician.click('#enrol-passkey');
   await clinician.waitForSelector('#codes:not([hidden])');
   const codes = await clinician.locator('#code-list li').allTextContents();
-  check(codes.length === 10 && codes.every((c) => /^[a-z2-9]{5}-[a-z2-9]{5}$/.test(c)), `clinician: recovery codes shown: ${codes}`);
+  check(codes.length === 10 && codes.every((c) => /^[a-z2-9]{6}(-[a-z2-9]{6}){3}$/.test(c)), `clinician: recovery codes shown: ${codes}`);
   const creds = await cdp.send('WebAuthn.getCredentials', { authenticatorId });
   check(creds.credentials.length === 1 && creds.credentials[0].rpId === 'localhost', 'clinician: one passkey for localhost on the authenticator');
   await a11y(clinician, 'second step: recovery codes');

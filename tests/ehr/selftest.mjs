@@ -291,6 +291,14 @@ async function run() {
     const r2 = await redeem(ehrB, other.code, other.verifier, rsKey);
     assertEq(jose.decodeJwt(r2.body.id_token).sub, 'Practitioner/dr-x', 'X-Test-User');
     assert(r2.body.refresh_token === undefined, 'no refresh_token without offline_access/online_access');
+    // How the user signed in: amr by default ["pwd", "otp"]; id_token_amr/id_token_acr change it.
+    assertEq(JSON.stringify(jose.decodeJwt(r2.body.id_token).amr), '["pwd","otp"]', 'default amr');
+    assertEq((await postJson(test(ehrB, '/settings'), { id_token_amr: null, id_token_acr: 'urn:loa:2' })).status, 200, 'amr settings');
+    assertEq((await postJson(test(ehrB, '/settings'), { id_token_amr: 'mfa' })).status, 400, 'amr must be an array');
+    const third = await getCode(ehrB, { scope: 'launch/patient openid fhirUser patient/*.rs' });
+    const r3 = jose.decodeJwt((await redeem(ehrB, third.code, third.verifier, rsKey)).body.id_token);
+    assert(r3.amr === undefined && r3.acr === 'urn:loa:2', 'no amr, an acr');
+    await postJson(test(ehrB, '/settings'), { id_token_amr: ['pwd', 'otp'], id_token_acr: null });
   });
 
   await check('refresh: rotating refresh token, narrowed scope, replay revokes the grant', async () => {
