@@ -88,7 +88,7 @@ pub fn is_limited_path(path: &str) -> bool {
             | "/launch"
             | "/smart/launch"
             | "/smart/callback"
-    )
+    ) || (path.starts_with("/smart/mfa/") && path != "/smart/mfa/complete")
 }
 
 struct Window {

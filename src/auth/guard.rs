@@ -23,7 +23,8 @@ fn is_public(path: &str) -> bool {
         || path == "/app"
         || path.starts_with("/app/")
         // The second step of a sign-in: bound by its single-use ticket (src/mfa).
-        || path.starts_with("/smart/mfa")
+        || path.starts_with("/smart/mfa/")
+        || matches!(path, "/smart/mfa.js" | "/smart/mfa.css")
         || matches!(
             path,
             "/launch"

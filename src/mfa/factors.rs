@@ -294,15 +294,13 @@ struct GuardRow {
     #[diesel(sql_type = BigInt)]
     failures: i64,
     #[diesel(sql_type = BigInt)]
-    window_start: i64,
-    #[diesel(sql_type = BigInt)]
     locked_until: i64,
 }
 
 fn guard(store: &Store, user: &str) -> Result<Option<GuardRow>, StoreError> {
     Ok(store
         .query::<GuardRow>(
-            "SELECT failures, window_start, locked_until FROM mfa_guard WHERE user_ref = ?",
+            "SELECT failures, locked_until FROM mfa_guard WHERE user_ref = ?",
             vec![user.into()],
         )?
         .into_iter()
@@ -317,23 +315,78 @@ pub fn locked_until(store: &Store, user: &str) -> Result<Option<i64>, StoreError
         .filter(|&until| until > t))
 }
 
-/// Counts a wrong answer; returns the end of the lockout it started, if it started one.
-pub fn record_failure(store: &Store, user: &str) -> Result<Option<i64>, StoreError> {
+/// Whether an attempt at a second factor may go ahead.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    Go,
+    /// Locked out until then; `true` when this attempt started the lockout.
+    Locked(i64, bool),
+}
+
+#[derive(QueryableByName)]
+struct Counted {
+    #[diesel(sql_type = BigInt)]
+    failures: i64,
+    #[diesel(sql_type = BigInt)]
+    locked_until: i64,
+}
+
+/// Counts an attempt before it is checked, in one statement, so that requests racing in parallel
+/// cannot make more than [`MAX_FAILURES`] guesses within the window between them; a right answer
+/// ([`record_success`]) clears the count. Refused while locked out (and not counted then).
+pub fn attempt(store: &Store, user: &str) -> Result<Attempt, StoreError> {
     let t = now();
-    let (failures, start) = match guard(store, user)? {
-        Some(g) if t - g.window_start <= FAILURE_WINDOW_SECS && g.locked_until <= t => {
-            (g.failures + 1, g.window_start)
+    let since = t - FAILURE_WINDOW_SECS;
+    let row = store
+        .query::<Counted>(
+            "INSERT INTO mfa_guard (user_ref, failures, window_start, locked_until) VALUES (?, 1, ?, 0) \
+             ON CONFLICT (user_ref) DO UPDATE SET \
+             failures = CASE WHEN mfa_guard.locked_until > ? THEN mfa_guard.failures \
+                             WHEN mfa_guard.window_start < ? THEN 1 ELSE mfa_guard.failures + 1 END, \
+             window_start = CASE WHEN mfa_guard.locked_until > ? THEN mfa_guard.window_start \
+                                 WHEN mfa_guard.window_start < ? THEN ? ELSE mfa_guard.window_start END \
+             RETURNING failures, locked_until",
+            vec![
+                user.into(),
+                t.into(),
+                t.into(),
+                since.into(),
+                t.into(),
+                since.into(),
+                t.into(),
+            ],
+        )?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Other(anyhow::anyhow!("the attempt was not counted")))?;
+    if row.locked_until > t {
+        return Ok(Attempt::Locked(row.locked_until, false));
+    }
+    if row.failures > MAX_FAILURES {
+        return Ok(Attempt::Locked(lock(store, user, t)?, true));
+    }
+    Ok(Attempt::Go)
+}
+
+/// After a wrong answer: the one that used up the allowance starts the lockout. Returns its end.
+pub fn failed(store: &Store, user: &str) -> Result<Option<i64>, StoreError> {
+    let g = guard(store, user)?;
+    match g {
+        Some(g) if g.failures >= MAX_FAILURES && g.locked_until <= now() => {
+            Ok(Some(lock(store, user, now())?))
         }
-        _ => (1, t),
-    };
-    let locked = if failures >= MAX_FAILURES { t + LOCKOUT_SECS } else { 0 };
-    let (failures, start) = if locked > 0 { (0, t) } else { (failures, start) };
+        _ => Ok(None),
+    }
+}
+
+fn lock(store: &Store, user: &str, t: i64) -> Result<i64, StoreError> {
+    let until = t + LOCKOUT_SECS;
+    // Never shortens a lockout already running.
     store.execute(
-        "INSERT INTO mfa_guard (user_ref, failures, window_start, locked_until) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (user_ref) DO UPDATE SET failures = excluded.failures, window_start = excluded.window_start, locked_until = excluded.locked_until",
-        vec![user.into(), failures.into(), start.into(), locked.into()],
+        "UPDATE mfa_guard SET locked_until = CASE WHEN locked_until > ? THEN locked_until ELSE ? END, failures = 0, window_start = ? WHERE user_ref = ?",
+        vec![until.into(), until.into(), t.into(), user.into()],
     )?;
-    Ok((locked > 0).then_some(locked))
+    Ok(locked_until(store, user)?.unwrap_or(until))
 }
 
 /// A right answer clears the count of wrong ones.

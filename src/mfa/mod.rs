@@ -85,7 +85,11 @@ impl Policy {
     }
 }
 
-/// Does an `amr` (RFC 8176) show a second factor?
+/// Does an `amr` (RFC 8176) show a second factor? `amr` lists every method used, so one method
+/// alone (`["otp"]`, `["sms"]`: a passwordless sign-in) is one factor. Two factors are `mfa`, or
+/// methods of two kinds — something known (`pwd`, `pin`, `kba`), something held (`otp`, `hwk`,
+/// `swk`, `sms`, `tel`, `sc`, `pop`), something one is (`fpt`, `face`, `iris`, `retina`, `vbm`).
+/// `mca` (several channels) counts only beside a method of another kind.
 pub fn shows_second_factor(amr: &[String]) -> bool {
     let has = |m: &str| amr.iter().any(|a| a == m);
     const KNOW: &[&str] = &["pwd", "pin", "kba"];
@@ -95,11 +99,7 @@ pub fn shows_second_factor(amr: &[String]) -> bool {
         .iter()
         .filter(|k| k.iter().any(|m| has(m)))
         .count();
-    has("mfa")
-        || has("mca")
-        || ["otp", "hwk", "sms", "tel", "sc"].iter().any(|m| has(m))
-        || (has("swk") && (has("pin") || ARE.iter().any(|m| has(m))))
-        || kinds >= 2
+    has("mfa") || kinds >= 2 || (has("mca") && kinds >= 1)
 }
 
 /// An EHR's policies.
@@ -231,29 +231,48 @@ pub async fn step_up(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let policy = if signin.portal { s.portal } else { s.launch };
-    let vouched = shows_second_factor(&signin.ehr_amr)
+    // A patient or a relative always meets the portal's policy, whichever door they came in by;
+    // a clinician's standalone launch is the portal's too.
+    let patient_side = !signin.user.starts_with("Practitioner/");
+    let policy = if signin.portal || patient_side { s.portal } else { s.launch };
+    let amr_vouches = shows_second_factor(&signin.ehr_amr);
+    let vouched = amr_vouches
         || signin
             .ehr_acr
             .as_ref()
             .is_some_and(|a| s.acr.iter().any(|x| x == a));
+    let user = signin.user.clone();
+    let signed_in = |step: Option<&'static str>| {
+        let user = user.clone();
+        async move {
+            if let Some(step) = step {
+                audit_step(state, req, &user, step, None)
+                    .await
+                    .map_err(|_| "the sign-in could not be recorded; try again".to_string())?;
+            }
+            launch::audit_login(state, req, Some(user), None).await;
+            Ok::<_, String>(())
+        }
+    };
     match policy {
         Policy::Off => {
+            signed_in(None).await?;
             let amr = signin.ehr_amr.clone();
             launch::finish(state, signin, amr).await
         }
         Policy::TrustEhr | Policy::Writes if vouched => {
-            audit_step(state, req, &signin.user, "ehr-asserted", None)
-                .await
-                .map_err(|_| "the sign-in could not be recorded; try again".to_string())?;
+            signed_in(Some("ehr-asserted")).await?;
             let mut amr = signin.ehr_amr.clone();
-            if !amr.iter().any(|a| a == "mfa") {
+            // `mfa` is added only when the EHR's own amr showed two factors (an acr is the
+            // EHR's word for it, not a list of methods).
+            if amr_vouches && !amr.iter().any(|a| a == "mfa") {
                 amr.push("mfa".into());
             }
             launch::finish(state, signin, amr).await
         }
         Policy::Writes => {
             // Reading on the EHR's word; writing after Courier's second factor (`step_up_writes`).
+            signed_in(Some("read-only-session")).await?;
             let mut signin = signin;
             signin.scope = read_only(&signin.scope);
             signin.session["step_up"] = json!("writes");
@@ -261,6 +280,10 @@ pub async fn step_up(
             launch::finish(state, signin, amr).await
         }
         _ => {
+            // The EHR's sign-in passed; the Login is recorded when the second factor has.
+            audit_step(state, req, &user, "second-factor-asked", None)
+                .await
+                .map_err(|_| "the sign-in could not be recorded; try again".to_string())?;
             let frame_origin = signin.frame_origin.clone();
             begin(state, Waiting::SignIn(signin), frame_origin).await
         }
@@ -284,8 +307,11 @@ pub fn read_only(scope: &str) -> String {
 /// `POST /smart/mfa/step-up` (form `session=<handle>`): a session that reads only (policy
 /// `writes`) asks for Courier's second factor; when it passes, the session and its later tokens
 /// may write.
-async fn step_up_writes(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+async fn step_up_writes(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let sorry = |text: &str| launch::page(StatusCode::BAD_REQUEST, "Cannot confirm it's you", text);
+    if !same_origin(&state, &req) {
+        return launch::page(StatusCode::FORBIDDEN, "Cannot confirm it's you", "This request did not come from Courier's own page.");
+    }
     let Some(handle) = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "session")
         .map(|(_, v)| v.into_owned())
@@ -309,6 +335,9 @@ async fn step_up_writes(state: web::Data<AppState>, body: web::Bytes) -> HttpRes
         .flatten()
         .and_then(|e| reqwest::Url::parse(&e.iss).ok())
         .map(|u| u.origin().ascii_serialization());
+    if audit_step(&state, &req, &current.fhir_user, "step-up-begun", None).await.is_err() {
+        return launch::page(StatusCode::SERVICE_UNAVAILABLE, "Cannot confirm it's you", "Courier cannot start this step right now. Try again in a moment.");
+    }
     let waiting = Waiting::Upgrade(Upgrade {
         handle_hash: current.handle_hash,
         user: current.fhir_user,
@@ -353,6 +382,8 @@ impl Waiting {
 #[derive(Serialize, Deserialize)]
 struct Pending {
     waiting: Waiting,
+    /// Who may frame the pages of this step (the EHR's origin).
+    frame_origin: Option<String>,
     registration: Option<PasskeyRegistration>,
     authentication: Option<PasskeyAuthentication>,
     /// A TOTP secret being enrolled (confirmed by its first code).
@@ -383,6 +414,7 @@ async fn begin(
     let user = waiting.user().to_string();
     let pending = Pending {
         waiting,
+        frame_origin: frame_origin.clone(),
         registration: None,
         authentication: None,
         totp_secret: None,
@@ -391,7 +423,11 @@ async fn begin(
     let u = user.clone();
     let factors = web::block(move || -> Result<_, StoreError> {
         // Waiting sign-ins that were never finished are gone for good (their EHR tokens with them).
-        store.execute("DELETE FROM mfa_tickets WHERE expires_at < ?", vec![now().into()])?;
+        // …and a person has one sign-in waiting at a time (the newest).
+        store.execute(
+            "DELETE FROM mfa_tickets WHERE expires_at < ? OR user_ref = ?",
+            vec![now().into(), u.clone().into()],
+        )?;
         let json = serde_json::to_vec(&pending).map_err(|e| anyhow::anyhow!(e))?;
         let (key_id, sealed) = store.keys.seal(&json, &aad(&h));
         store.execute(
@@ -576,8 +612,32 @@ struct Step {
     body: Value,
 }
 
+/// Did the request come from one of Courier's own pages? A browser says where a request comes
+/// from (`Sec-Fetch-Site`, `Origin`): a form another site posts (login CSRF: the attacker's
+/// finished sign-in completed in the victim's tab) is refused. A client that is not a browser
+/// sends neither and cannot be led to post for someone else.
+fn same_origin(state: &AppState, req: &HttpRequest) -> bool {
+    let h = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let site = h("sec-fetch-site");
+    if site.is_some_and(|v| v != "same-origin") {
+        return false;
+    }
+    let ours = Url::parse(&state.settings.base_url).map(|u| u.origin().ascii_serialization());
+    match (h("origin"), ours) {
+        // Courier's pages send no Referer, so a browser posts their forms with `Origin: null`:
+        // then only Sec-Fetch-Site can say it was ours.
+        (Some("null"), _) => site == Some("same-origin"),
+        (Some(origin), Ok(ours)) => origin == ours,
+        (Some(_), Err(_)) => false,
+        (None, _) => true,
+    }
+}
+
 /// Reads the request's ticket and the sign-in it names (not yet used, not expired).
-async fn load(state: &AppState, body: &[u8]) -> Result<Step, HttpResponse> {
+async fn load(state: &AppState, req: &HttpRequest, body: &[u8]) -> Result<Step, HttpResponse> {
+    if !same_origin(state, req) {
+        return Err(refuse(StatusCode::FORBIDDEN, "cross_site", "This request did not come from Courier's own page."));
+    }
     if body.len() > MAX_BODY {
         return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "The request is too large."));
     }
@@ -645,7 +705,7 @@ async fn in_store<T: Send + 'static>(
         .map_err(|_| unavailable())
 }
 
-/// Refuses while the person is locked out (and audits the attempt).
+/// Refuses while the person is locked out (and audits the attempt); nothing is counted.
 async fn check_lock(state: &AppState, req: &HttpRequest, user: &str) -> Result<(), HttpResponse> {
     let u = user.to_string();
     if let Some(until) = in_store(state, move |s| factors::locked_until(s, &u)).await? {
@@ -653,6 +713,23 @@ async fn check_lock(state: &AppState, req: &HttpRequest, user: &str) -> Result<(
         return Err(locked(until));
     }
     Ok(())
+}
+
+/// Counts an answer before it is checked (see [`factors::attempt`]); refuses while locked out.
+async fn count_attempt(state: &AppState, req: &HttpRequest, user: &str) -> Result<(), HttpResponse> {
+    let u = user.to_string();
+    match in_store(state, move |s| factors::attempt(s, &u)).await? {
+        factors::Attempt::Go => Ok(()),
+        factors::Attempt::Locked(until, started) => {
+            let why = if started {
+                format!("locked out for {} minutes after {} wrong attempts", factors::LOCKOUT_SECS / 60, factors::MAX_FAILURES)
+            } else {
+                "second factor refused: locked out after repeated wrong attempts".to_string()
+            };
+            let _ = audit_step(state, req, user, "locked-out", Some(&why)).await;
+            Err(locked(until))
+        }
+    }
 }
 
 fn locked(until: i64) -> HttpResponse {
@@ -675,7 +752,7 @@ async fn wrong(
     message: &str,
 ) -> HttpResponse {
     let u = user.to_string();
-    let lock = in_store(state, move |s| factors::record_failure(s, &u)).await;
+    let lock = in_store(state, move |s| factors::failed(s, &u)).await;
     let _ = audit_step(state, req, user, step, Some(why)).await;
     match lock {
         Ok(Some(until)) => {
@@ -752,8 +829,8 @@ async fn must_have_none(state: &AppState, user: &str) -> Result<(), HttpResponse
     Ok(())
 }
 
-async fn passkey_register_begin(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+async fn passkey_register_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -794,7 +871,7 @@ async fn passkey_register_finish(
     req: HttpRequest,
     body: web::Bytes,
 ) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -822,7 +899,7 @@ async fn passkey_register_finish(
 }
 
 async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -854,11 +931,11 @@ async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::
 }
 
 async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_lock(&state, &req, &step.user).await {
+    if let Err(r) = count_attempt(&state, &req, &step.user).await {
         return r;
     }
     let (Some(wa), Some(authentication)) = (webauthn(&state), step.pending.authentication.take())
@@ -895,8 +972,8 @@ async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web:
     }
 }
 
-async fn totp_enrol_begin(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+async fn totp_enrol_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -938,7 +1015,7 @@ fn code_of(step: &Step) -> String {
 }
 
 async fn totp_enrol_finish(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    let mut step = match load(&state, &body).await {
+    let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -961,11 +1038,11 @@ async fn totp_enrol_finish(state: web::Data<AppState>, req: HttpRequest, body: w
 }
 
 async fn totp_verify(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    let step = match load(&state, &body).await {
+    let step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_lock(&state, &req, &step.user).await {
+    if let Err(r) = count_attempt(&state, &req, &step.user).await {
         return r;
     }
     let (u, code) = (step.user.clone(), code_of(&step));
@@ -984,11 +1061,11 @@ async fn totp_verify(state: web::Data<AppState>, req: HttpRequest, body: web::By
 }
 
 async fn recovery_verify(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
-    let step = match load(&state, &body).await {
+    let step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(r) = check_lock(&state, &req, &step.user).await {
+    if let Err(r) = count_attempt(&state, &req, &step.user).await {
         return r;
     }
     let (u, code) = (step.user.clone(), code_of(&step));
@@ -1003,6 +1080,9 @@ async fn recovery_verify(state: web::Data<AppState>, req: HttpRequest, body: web
 /// session; the ticket is used up.
 async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let sorry = |text: &str| launch::page(StatusCode::BAD_REQUEST, "Sign-in failed", text);
+    if !same_origin(&state, &req) {
+        return launch::page(StatusCode::FORBIDDEN, "Sign-in failed", "This request did not come from Courier's own page.");
+    }
     let Some(ticket) = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "ticket")
         .map(|(_, v)| v.into_owned())
@@ -1048,17 +1128,21 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
         }
         amr
     };
-    let _ = &req;
     let done = match pending.waiting {
         Waiting::SignIn(signin) => {
             let amr = with(signin.ehr_amr.clone());
+            launch::audit_login(&state, &req, Some(signin.user.clone()), None).await;
             launch::finish(&state, signin, amr).await
         }
         Waiting::Upgrade(u) => {
             let amr = with(u.amr.clone());
-            crate::smart::session::upgrade(&state, &u.handle_hash, &u.scope, &amr)
+            let upgraded_page = crate::smart::session::upgrade(&state, &u.handle_hash, &u.scope, &amr)
                 .await
-                .map(|token| upgraded(&token))
+                .map(|token| launch::framed_by(upgraded(&token), pending.frame_origin.as_deref()));
+            if upgraded_page.is_ok() {
+                let _ = audit_step(&state, &req, &u.user, "writes-unlocked", None).await;
+            }
+            upgraded_page
         }
     };
     match done {

@@ -106,7 +106,7 @@ pub(crate) fn page(status: actix_web::http::StatusCode, title: &str, text: &str)
         ))
 }
 
-async fn audit_login(
+pub(crate) async fn audit_login(
     state: &web::Data<AppState>,
     req: &HttpRequest,
     user: Option<String>,
@@ -491,9 +491,7 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
     };
     match complete(&state, &ehr, &code, &pending).await {
         Ok(signin) => {
-            let user = signin.user.clone();
-            audit_login(&state, &req, Some(user.clone()), None).await;
-            // The second factor, when the policy asks for one Courier has not seen.
+            // The Login is recorded there, once the policy's second factor (if any) has passed.
             match crate::mfa::step_up(&state, &req, &ehr, signin).await {
                 Ok(page) => page,
                 Err(why) => {
@@ -644,7 +642,8 @@ async fn complete(
         scope: scope.to_string(),
         ehr_access_token: ehr_token,
         ehr_refresh_token: res.refresh_token().map(|r| r.secret().clone()),
-        ehr_expires_in: res.expires_in().map_or(300, |d| d.as_secs() as i64),
+        ehr_expires_at: crate::clock::now_micros() / 1_000_000
+            + res.expires_in().map_or(300, |d| d.as_secs() as i64),
         ehr_amr: strings(&claims["amr"]),
         ehr_acr: claims["acr"].as_str().map(|a| a.chars().take(256).collect()),
         session,
@@ -677,7 +676,8 @@ pub struct SignIn {
     pub scope: String,
     pub ehr_access_token: String,
     pub ehr_refresh_token: Option<String>,
-    pub ehr_expires_in: i64,
+    /// When the EHR's access token expires (Unix seconds): a second factor may take minutes.
+    pub ehr_expires_at: i64,
     /// The id_token's `amr` (RFC 8176) and `acr`, as the EHR asserted them.
     pub ehr_amr: Vec<String>,
     pub ehr_acr: Option<String>,
@@ -714,7 +714,7 @@ pub async fn finish(
         scope: s.scope.clone(),
         ehr_access_token: s.ehr_access_token.clone(),
         ehr_refresh_token: s.ehr_refresh_token.clone(),
-        ehr_expires_in: s.ehr_expires_in,
+        ehr_expires_in: s.ehr_expires_at - crate::clock::now_micros() / 1_000_000,
         first_token: (issued.claims.jti.clone(), issued.claims.exp),
         amr: amr.clone(),
     };
@@ -731,15 +731,20 @@ pub async fn finish(
     Ok(framed_by(handoff(&session), s.frame_origin.as_deref()))
 }
 
-/// Lets the EHR that launched Courier (and no one else) frame a page of the sign-in.
+/// Lets the EHR that launched Courier (and no one else) frame a page of the sign-in; with no EHR
+/// origin, only Courier's own pages may.
 pub fn framed_by(mut page: HttpResponse, origin: Option<&str>) -> HttpResponse {
     let csp = page
         .headers()
         .get(header::CONTENT_SECURITY_POLICY)
         .and_then(|v| v.to_str().ok())
         .map(String::from);
-    if let (Some(origin), Some(csp)) = (origin, csp) {
-        if let Ok(v) = header::HeaderValue::from_str(&format!("{csp}; frame-ancestors 'self' {origin}")) {
+    if let Some(csp) = csp {
+        let ancestors = match origin {
+            Some(o) => format!("'self' {o}"),
+            None => "'self'".to_string(),
+        };
+        if let Ok(v) = header::HeaderValue::from_str(&format!("{csp}; frame-ancestors {ancestors}")) {
             page.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
         }
     }

@@ -223,12 +223,13 @@ pub async fn upgrade(
         .map_err(|e| e.to_string())?;
     let store = state.store.clone();
     let (h, scope, joined) = (row.handle_hash.clone(), scope.to_string(), amr.join(" "));
+    let idle = state.settings.idle_timeout_secs;
     let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
     let (jti, exp) = (issued.claims.jti.clone(), issued.claims.exp);
     let n = web::block(move || {
         let n = store.execute(
-            "UPDATE ehr_sessions SET scope = ?, amr = ?, token_jtis = token_jtis || ?, last_active = ? WHERE handle_hash = ?",
-            vec![scope.into(), joined.into(), entry.into(), now().into(), h.into()],
+            "UPDATE ehr_sessions SET scope = ?, amr = ?, token_jtis = token_jtis || ?, last_active = ? WHERE handle_hash = ? AND last_active >= ?",
+            vec![scope.into(), joined.into(), entry.into(), now().into(), h.into(), (now() - idle).into()],
         )?;
         if n == 0 {
             crate::auth::tokens::revoke_in(&store, &jti, exp)?;

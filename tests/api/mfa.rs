@@ -131,17 +131,30 @@ fn which_amr_values_show_a_second_factor() {
     for yes in [
         &["mfa"][..],
         &["pwd", "otp"],
-        &["otp"],
-        &["hwk"],
-        &["sms"],
+        &["pwd", "mfa", "otp"],
         &["swk", "pin"],
-        &["swk", "fpt"],
+        &["hwk", "fpt"],
         &["pwd", "fpt"],
-        &["mca"],
+        &["pwd", "sms"],
+        &["mca", "pwd"],
     ] {
         assert!(v(yes), "{yes:?} shows a second factor");
     }
-    for no in [&[][..], &["pwd"], &["swk"], &["pin"], &["user"], &["pwd", "kba"], &["fpt"]] {
+    // One method alone is one factor (amr lists every method used: ["sms"] is a passwordless
+    // sign-in by text message), and two of one kind are still one kind.
+    for no in [
+        &[][..],
+        &["pwd"],
+        &["otp"],
+        &["sms"],
+        &["hwk"],
+        &["swk"],
+        &["pin"],
+        &["user"],
+        &["mca"],
+        &["pwd", "kba"],
+        &["fpt", "face"],
+    ] {
         assert!(!v(no), "{no:?} shows one factor at most");
     }
     assert!(mfa::Policy::parse("sometimes").is_err());
@@ -277,14 +290,19 @@ both_backends! {
         let (s, e) = mfa_step(&app, "totp/verify", json!({"ticket": ticket, "code": next})).await;
         assert_eq!(s, 200, "{e}");
         assert!(e["recovery_codes"].is_null());
+        let (s, page) = complete(&app, &ticket).await;
+        assert_eq!(s, 200);
+        assert!(is_hand_off(&page));
         // …and an earlier step's code is refused from then on, whatever the ticket.
         let (_, page2) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
         let ticket2 = ticket_of(&page2);
         let (s, _) = mfa_step(&app, "totp/verify", json!({"ticket": ticket2, "code": next})).await;
         assert_eq!(s, 400);
-        let (s, page) = complete(&app, &ticket).await;
-        assert_eq!(s, 200);
-        assert!(is_hand_off(&page));
+        // A person has one sign-in waiting at a time: a newer one ends the older.
+        let (_, newer) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        let (s, e) = mfa_step(&app, "totp/verify", json!({"ticket": ticket2, "code": "123456"})).await;
+        assert_eq!((s, e["error"].as_str()), (400, Some("expired")), "{e}");
+        let ticket2 = ticket_of(&newer);
 
         // A recovery code lets the person in once.
         let (s, e) = mfa_step(&app, "recovery/verify", json!({"ticket": ticket2, "code": recovery[0].to_uppercase()})).await;
@@ -356,6 +374,25 @@ both_backends! {
         assert_eq!(s, 400, "{options}");
         assert_eq!(options["error"], "no_passkeys");
         assert!(page.contains("id=\"enrol-passkey\" hidden"), "the page does not offer passkeys");
+        // A form another site posts is refused (login CSRF: an attacker's finished sign-in
+        // completed in the victim's tab), as is a step from another origin.
+        let r = app.anonymous.post(app.url("smart/mfa/complete"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("sec-fetch-site", "cross-site")
+            .body(format!("ticket={ticket}")).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let r = app.anonymous.post(app.url("smart/mfa/totp/verify"))
+            .header("origin", "https://attacker.example")
+            .json(&json!({"ticket": ticket, "code": "123456"})).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let r = app.anonymous.post(app.url("smart/mfa/step-up"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("sec-fetch-site", "same-site")
+            .body("session=x").send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        // The page may be framed by Courier and the launching EHR only.
+        let (_, launch) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        assert!(launch.contains("data-ticket"));
         // The second-factor page is never cached, never framed by strangers, never leaks a Referer.
         let r = app.anonymous.get(app.url("smart/mfa.js")).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -547,4 +584,31 @@ fn read_only_keeps_reads_and_searches() {
         "patient/Communication.rs patient/CommunicationRequest.rs patient/Binary.r"
     );
     assert_eq!(mfa::read_only("user/Binary.c openid"), "");
+}
+
+both_backends! {
+    async fn guesses_sent_in_parallel_are_counted_before_they_are_checked(app: TestApp) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        fixture(&app, &ehr).await;
+        amr(&ehr, json!(["pwd"]), Value::Null).await;
+        let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        let ticket = ticket_of(&page);
+        let (_, begun) = mfa_step(&app, "totp/enrol/begin", json!({"ticket": ticket})).await;
+        let secret = begun["secret"].as_str().unwrap().to_string();
+        mfa_step(&app, "totp/enrol/finish", json!({"ticket": ticket, "code": code_at(&secret, now())})).await;
+        assert_eq!(complete(&app, &ticket).await.0, 200);
+        let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
+        let ticket = ticket_of(&page);
+        // Twenty wrong codes at once: no more than five are ever checked; the rest are refused
+        // as locked out, and the lockout holds for the right code after them.
+        let wrong = if code_at(&secret, now()) == "000000" { "111111" } else { "000000" };
+        let answers = futures_util::future::join_all((0..20).map(|_| mfa_step(&app, "totp/verify", json!({"ticket": ticket, "code": wrong})))).await;
+        let checked = answers.iter().filter(|(s, _)| *s == 400).count();
+        let locked = answers.iter().filter(|(s, _)| *s == 429).count();
+        assert!(checked <= 5, "{checked} guesses were checked: {answers:?}");
+        assert_eq!(checked + locked, 20, "{answers:?}");
+        let (s, e) = mfa_step(&app, "totp/verify", json!({"ticket": ticket, "code": code_at(&secret, now() + 30)})).await;
+        assert_eq!(s, 429, "{e}");
+        assert!(audited(&app, "totp-refused").await <= 5);
+    }
 }

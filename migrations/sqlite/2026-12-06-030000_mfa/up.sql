@@ -40,8 +40,10 @@ CREATE TABLE mfa_tickets (
     verified    TEXT,
     expires_at  BIGINT NOT NULL
 );
+CREATE INDEX mfa_tickets_expiry ON mfa_tickets (expires_at);
+CREATE INDEX mfa_tickets_user ON mfa_tickets (user_ref);
 -- The policy per EHR, for its EHR launches (mfa) and its portal's standalone launches
--- (portal_mfa): off | trust-ehr | always; mfa_acr: acr values that show a second factor.
+-- (portal_mfa): off | trust-ehr | writes | always; mfa_acr: acr values that show a second factor.
 ALTER TABLE ehrs ADD COLUMN mfa TEXT NOT NULL DEFAULT 'trust-ehr';
 ALTER TABLE ehrs ADD COLUMN portal_mfa TEXT NOT NULL DEFAULT 'trust-ehr';
 ALTER TABLE ehrs ADD COLUMN mfa_acr TEXT NOT NULL DEFAULT '';
