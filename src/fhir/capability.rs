@@ -98,7 +98,7 @@ fn subscription_support() -> Value {
             {"name": "events", "definition": format!("{IG}/OperationDefinition/backport-subscription-events")},
             {"name": "get-ws-binding-token", "definition": format!("{IG}/OperationDefinition/backport-subscription-get-ws-binding-token")},
         ],
-        "documentation": "Topic-based subscriptions: rest-hook (HMAC-signed, retried) and websocket channels; payload content empty, id-only or full-resource; filters on token and reference parameters. A subscription belongs to the client that created it and hears only of what that client may read."
+        "documentation": "Topic-based subscriptions (Subscriptions R5 Backport IG 1.1): rest-hook (handshake before active, heartbeats when a period is given, retried; channel.header values sent on every POST and never shown in reads; signed with HMAC-SHA256 only when the subscriber gives a secret in https://courier.example.org/fhir/StructureDefinition/subscription-hmac-secret) and websocket channels; payload content empty, id-only or full-resource; filters (backport-filter-criteria) on token and reference parameters. Stricter than the IG: rest-hook endpoints must be https (http only on loopback when the operator allows it) and public addresses; criteria extensions other than backport-filter-criteria are refused. A subscription belongs to the client that created it and hears only of what that client may read."
     })
 }
 

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 /// Failed deliveries (or handshakes) in a row before a subscription goes to `error`.
 pub const MAX_ATTEMPTS: i64 = 8;
+/// Failed handshakes in a row (about 3 s) before a new rest-hook subscription goes to `error`.
+pub const HANDSHAKE_ATTEMPTS: i64 = 3;
 const CURSOR: &str = "subscriptions";
 
 fn now_secs() -> i64 {
@@ -226,9 +228,12 @@ async fn post(
     let text = body["__notification"].to_string();
     let mut req = http
         .post(&endpoint)?
-        .header("content-type", "application/fhir+json")
-        .header(SIGNATURE_HEADER, signature(secret, now_secs(), &text))
+        .header("content-type", payload_type(body))
         .timeout(Duration::from_secs(timeout_of(body)));
+    // Signed only when the subscriber gave a secret (Courier's extension; optional).
+    if !secret.is_empty() {
+        req = req.header(SIGNATURE_HEADER, signature(secret, now_secs(), &text));
+    }
     for h in body["channel"]["header"].as_array().into_iter().flatten() {
         if let Some((n, v)) = h.as_str().and_then(|h| h.split_once(':')) {
             req = req.header(n.trim(), v.trim());
@@ -245,6 +250,15 @@ async fn post(
     } else {
         let _ = &sub.id;
         Err(format!("the endpoint answered {}", res.status().as_u16()))
+    }
+}
+
+/// The notification's Content-Type: the subscription's `channel.payload` (the IG: the server
+/// SHALL use it), `application/fhir+json` when it names none.
+fn payload_type(body: &Value) -> &'static str {
+    match body["channel"]["payload"].as_str() {
+        Some("application/json") => "application/json",
+        _ => "application/fhir+json",
     }
 }
 
@@ -380,7 +394,9 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
             Err(why) => {
                 tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
                 let attempts = attempts + 1;
-                if attempts >= MAX_ATTEMPTS {
+                // A handshake someone is waiting on gives up sooner (requested → error).
+                let limit = if kind == "handshake" { HANDSHAKE_ATTEMPTS } else { MAX_ATTEMPTS };
+                if attempts >= limit {
                     s.execute(
                         "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ?",
                         vec![attempts.into(), why.into(), id.into()],

@@ -47,6 +47,33 @@ pub const EXT_SECRET: &str =
 /// `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
 pub const SIGNATURE_HEADER: &str = "X-Courier-Signature";
 const MIN_SECRET_CHARS: usize = 32;
+const MAX_HEADERS: usize = 10;
+/// Headers a subscriber cannot set on its notifications.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "te",
+    "upgrade",
+    "trailer",
+    "x-courier-signature",
+];
+
+/// What the API shows of a Subscription: `channel.header` values are the subscriber's secrets
+/// (its endpoint's credentials), so only their names are shown, the values masked.
+pub fn shown(mut v: Value) -> Value {
+    if let Some(hs) = v["channel"]["header"].as_array_mut() {
+        for h in hs.iter_mut() {
+            if let Some((name, _)) = h.as_str().and_then(|x| x.split_once(':')) {
+                *h = json!(format!("{name}: ***"));
+            }
+        }
+    }
+    v
+}
 const BINDING_TOKEN_SECS: i64 = 300;
 
 /// The topics Courier offers: (canonical URL, resource type).
@@ -126,7 +153,8 @@ impl SubRow {
         v["status"] = json!(self.status);
         if let Some(e) = &self.last_error {
             if self.status == "error" {
-                v["error"] = json!([{"text": e}]);
+                // R4: Subscription.error is a string.
+                v["error"] = json!(e);
             }
         }
         Ok(v)
@@ -287,6 +315,18 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
             format!("subscribing to {res_type} changes takes read permission on {res_type}"),
         ));
     }
+    // Only the IG's filter extension is understood on criteria: another (a cross-version
+    // `http://hl7.org/fhir/5.0/…` one, a misspelt URL) would silently be a subscription to
+    // everything, so it is refused.
+    for e in v["_criteria"]["extension"].as_array().into_iter().flatten() {
+        let url = e["url"].as_str().unwrap_or_default();
+        if url != ext("backport-filter-criteria") {
+            return Err(bad(
+                "Subscription.criteria.extension",
+                format!("extension '{url}' on criteria is not supported: filters go in {}", ext("backport-filter-criteria")),
+            ));
+        }
+    }
     filters(state, res_type, &criteria_of(v))?;
     if !matches!(v["status"].as_str(), Some("requested" | "active")) {
         return Err(bad(
@@ -352,27 +392,41 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
                 e.to_string().replace("the JWKS URL", "the endpoint"),
             )
         })?;
+        // Signing is an extra the subscriber may ask for (the IG's own way to authenticate
+        // Courier to the endpoint is `channel.header`).
         if secret
             .as_ref()
-            .is_none_or(|s| s.chars().count() < MIN_SECRET_CHARS)
+            .is_some_and(|s| s.chars().count() < MIN_SECRET_CHARS)
         {
             return Err(bad(
                 "Subscription.channel.extension",
-                format!("a rest-hook subscription needs a signing secret of at least {MIN_SECRET_CHARS} characters in the {EXT_SECRET} extension"),
+                format!("a signing secret ({EXT_SECRET}) must have at least {MIN_SECRET_CHARS} characters"),
             ));
         }
     }
-    for h in channel["header"].as_array().into_iter().flatten() {
-        let ok = h
-            .as_str()
-            .and_then(|h| h.split_once(':'))
-            .is_some_and(|(n, _)| {
-                !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !ok {
+    let headers = channel["header"].as_array().cloned().unwrap_or_default();
+    if headers.len() > MAX_HEADERS {
+        return Err(bad(
+            "Subscription.channel.header",
+            format!("at most {MAX_HEADERS} headers"),
+        ));
+    }
+    for h in &headers {
+        let Some((name, value)) = h.as_str().and_then(|h| h.split_once(':')) else {
+            return Err(bad("Subscription.channel.header", "each header must be 'Name: value'"));
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let value_ok = value.len() <= 4096 && !value.chars().any(|c| c.is_control());
+        if !name_ok || !value_ok {
+            return Err(bad("Subscription.channel.header", "each header must be 'Name: value' (a token name, a value of at most 4096 characters without control characters)"));
+        }
+        // Headers that would change what is sent, or forge Courier's own signature.
+        if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(name.trim())) {
             return Err(bad(
                 "Subscription.channel.header",
-                "each header must be 'Name: value'",
+                format!("the header '{}' is set by Courier and cannot be given", name.trim()),
             ));
         }
     }
@@ -465,7 +519,7 @@ async fn create_inner(
     let scope = p.scope_text();
     let (owner_user, owner_patient, client) =
         (p.fhir_user.clone(), p.patient.clone(), p.client_id.clone());
-    let shown = v.clone();
+    let shown = shown(v.clone());
     blocking(move || {
         let start_seq = super::events::last_seq(&store)?;
         let (key_id, sealed) = store.keys.seal(v.to_string().as_bytes(), &aad(&sid));
@@ -542,7 +596,7 @@ pub async fn read(
     let id = path.into_inner();
     let result = async {
         let (_, row) = owned(&state, &req, &id, Perm::Read).await?;
-        let v = row.resource(&state.store)?;
+        let v = shown(row.resource(&state.store)?);
         Ok(reply(StatusCode::OK, &v))
     }
     .await;
@@ -573,7 +627,7 @@ pub async fn search(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
         let base = &state.settings.base_url;
         let mut entries = vec![];
         for r in rows.iter().filter(|r| r.owner_user == user) {
-            let v = r.resource(&state.store)?;
+            let v = shown(r.resource(&state.store)?);
             entries.push(json!({"fullUrl": format!("{base}/Subscription/{}", r.id), "resource": v, "search": {"mode": "match"}}));
         }
         Ok(reply(

@@ -17,6 +17,7 @@ mod emergency;
 mod export;
 mod failclosed;
 mod keys;
+mod kits;
 mod messaging;
 mod mfa;
 mod operability;

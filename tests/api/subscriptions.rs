@@ -300,11 +300,13 @@ both_backends! {
         let hook = "http://127.0.0.1:9/hook";
         let mut unknown_topic = subscription(rest_hook(hook), "id-only", &[]);
         unknown_topic["criteria"] = json!("Communication?status=completed");
-        let mut no_secret = subscription(rest_hook(hook), "id-only", &[]);
-        no_secret["channel"]["extension"] = json!([]);
+        // A signing secret is optional (the IG's subscribers authenticate Courier by
+        // channel.header), but one that is given must be long enough.
+        let mut short_secret = subscription(rest_hook(hook), "id-only", &[]);
+        short_secret["channel"]["extension"] = json!([{"url": EXT_SECRET, "valueString": "short"}]);
         let cases = [
             (unknown_topic, 400, "Subscription.criteria"),
-            (no_secret, 400, "Subscription.channel.extension"),
+            (short_secret, 400, "Subscription.channel.extension"),
             (subscription(rest_hook("http://example.org/hook"), "id-only", &[]), 400, "Subscription.channel.endpoint"),
             (subscription(rest_hook(hook), "everything", &[]), 400, "Subscription.channel.payload.extension"),
             (subscription(rest_hook(hook), "id-only", &["Communication?sent=2026"]), 400, "Subscription.criteria.extension"),
