@@ -6,6 +6,7 @@
 //! | `audit-chain` | leader | 1 s | seal new AuditEvents into the hash chain ([`crate::audit::chain`]) |
 //! | `out-of-office` | leader | 1 s | auto-replies for away recipients ([`crate::messaging::away`]) |
 //! | `escalation` | leader | 1 s | reminders and escalations of unread urgent messages ([`crate::messaging::escalation`]) |
+//! | `notify` | every instance (row leases) | 2 s | email notices of unread messages ([`crate::notify`]) |
 //! | `keys` | every instance | 30 s | pick up a rotated master or system key, re-wrap data keys |
 //! | `retention-purge` | leader | `COURIER_PURGE_INTERVAL_SECS` (first after 60 s) | [`crate::compliance::purge`] |
 //! | `outbox` | every instance (row leases) | continuous | AuditEvents and filings to the EHRs ([`crate::smart::outbox`]) |
@@ -68,6 +69,16 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
                         p.reminders, p.escalations, p.closed
                     )
                 }))
+            },
+        },
+        Periodic {
+            name: "notify",
+            leader_only: false,
+            every: Duration::from_secs(2),
+            first_after: Duration::from_secs(2),
+            work: |s, cfg| {
+                let n = crate::notify::run(s, cfg)?;
+                Ok((n > 0).then(|| format!("{n} email notices sent")))
             },
         },
         Periodic {

@@ -111,6 +111,16 @@ pub struct Settings {
     /// A static bearer token for `GET /metrics` (`COURIER_METRICS_TOKEN`, for a scraper); a system
     /// client's access token is accepted too. Unset: an access token only.
     pub metrics_token: Option<SecretString>,
+    /// The SMTP server for email notices (`COURIER_SMTP_URL`: `smtp://host:25` plain,
+    /// `smtp://user:pass@host:587?tls=required` STARTTLS, `smtps://host:465` TLS). Unset: no email.
+    pub smtp_url: Option<SecretString>,
+    /// The sender of notices (`COURIER_NOTIFY_FROM`, e.g. `Clinic <no-reply@clinic.example>`).
+    pub notify_from: String,
+    /// A new message not read in the app within this many seconds is notified by email
+    /// (`COURIER_NOTIFY_AFTER_SECS`).
+    pub notify_after_secs: i64,
+    /// The clinic's name in notices (`COURIER_CLINIC_NAME`).
+    pub clinic_name: String,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -232,6 +242,10 @@ impl Default for Settings {
             trusted_proxies: vec![],
             auth_failure_audit_window_secs: 60,
             metrics_token: None,
+            smtp_url: None,
+            notify_from: "Courier <no-reply@localhost>".into(),
+            notify_after_secs: 900,
+            clinic_name: "your care team".into(),
         }
     }
 }
@@ -354,6 +368,27 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_ESCALATION_RENOTIFY_SECS") {
             self.escalation_renotify_secs = num("COURIER_ESCALATION_RENOTIFY_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_SMTP_URL") {
+            anyhow::ensure!(
+                v.starts_with("smtp://") || v.starts_with("smtps://"),
+                "COURIER_SMTP_URL must be smtp://… or smtps://…"
+            );
+            self.smtp_url = Some(SecretString::from(v));
+        }
+        if let Some(v) = env("COURIER_NOTIFY_FROM") {
+            anyhow::ensure!(
+                v.parse::<lettre::message::Mailbox>().is_ok(),
+                "COURIER_NOTIFY_FROM must be an address such as 'Clinic <no-reply@clinic.example>', got '{v}'"
+            );
+            self.notify_from = v;
+        }
+        if let Some(v) = env("COURIER_NOTIFY_AFTER_SECS") {
+            self.notify_after_secs = num("COURIER_NOTIFY_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_CLINIC_NAME") {
+            anyhow::ensure!(v.len() <= 100 && !v.chars().any(|c| c.is_control()), "COURIER_CLINIC_NAME must be a short name");
+            self.clinic_name = v;
         }
         if let Some(v) = env("COURIER_ESCALATION_AFTER_SECS") {
             self.escalation_after_secs = num("COURIER_ESCALATION_AFTER_SECS", v)?;

@@ -37,6 +37,11 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
         if events::logged(r.res_type) {
             events::record(c, kind, r.res_type, r.id, r.version_id, None)?;
         }
+        if r.res_type == "Communication" && kind == Kind::Create {
+            if let Some(body) = r.body {
+                crate::notify::on_written(c, r.id, body)?;
+            }
+        }
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ pub mod fhir;
 pub mod hooks;
 pub mod messaging;
 pub mod mfa;
+pub mod notify;
 pub mod outbound;
 pub mod smart;
 pub mod startup;

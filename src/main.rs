@@ -53,6 +53,9 @@ enum Command {
     /// Identity mapping between EHRs and Courier.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Email notices of unread messages.
+    #[command(subcommand)]
+    Notify(NotifyCommand),
     /// Multi-factor sign-in: each EHR's policy, and a person's second factors.
     #[command(subcommand)]
     Mfa(MfaCommand),
@@ -236,6 +239,13 @@ enum MfaCommand {
 }
 
 #[derive(Subcommand)]
+enum NotifyCommand {
+    /// Notices per state (pending, sending, sent, skipped, parked, uncertain) and the oldest of
+    /// each.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum OutboxCommand {
     /// The backlog per EHR: pending, delivered, the oldest undelivered item and its last error.
     Status,
@@ -335,6 +345,22 @@ fn main() -> anyhow::Result<()> {
         Command::Emergency(EmergencyCommand::List { days }) => emergency_list(&settings, days),
         Command::Keys(cmd) => keys(&settings, cmd),
         Command::Outbox(OutboxCommand::Status) => outbox_status(&settings),
+        Command::Notify(NotifyCommand::Status) => {
+            let store = open_store(&settings)?;
+            let rows = courier::notify::status(&store)?;
+            if rows.is_empty() {
+                println!("no notices");
+            }
+            for r in rows {
+                let oldest = r
+                    .oldest
+                    .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_default();
+                println!("{}\t{}\toldest {}", r.state, r.n, oldest);
+            }
+            Ok(())
+        }
         Command::Identity(IdentityCommand::Conflicts) => identity_conflicts(&settings),
         Command::Mfa(cmd) => mfa(&settings, cmd),
         Command::SigningKey(cmd) => signing_key(&settings, cmd),

@@ -162,6 +162,7 @@ impl Application {
                 .configure(crate::smart::launch::routes)
                 .configure(crate::smart::session::routes)
                 .configure(crate::mfa::routes)
+                .configure(crate::notify::routes)
                 // Static paths first, then FHIR's type level, then the operations on an
                 // instance, then FHIR's instance level (see `fhir::type_routes`).
                 .configure(crate::messaging::routes)

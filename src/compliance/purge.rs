@@ -224,6 +224,12 @@ pub fn erase_dependents<C: Conn>(
     for (res_type, ids) in &by_type {
         crate::messaging::events::erase(c, res_type, ids)?;
         if *res_type == "Communication" {
+            for id in ids {
+                c.execute(
+                    "DELETE FROM notices WHERE about = ?",
+                    vec![format!("Communication/{id}").into()],
+                )?;
+            }
             crate::messaging::receipts::erase(c, ids)?;
             crate::messaging::away::erase(c, ids)?;
         }
@@ -941,6 +947,13 @@ pub fn erase_patient(
         for table in ["mfa_factors", "mfa_recovery_codes", "mfa_guard", "mfa_tickets"] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE user_ref = ?"),
+                vec![reference.clone().into()],
+            )?;
+        }
+        // Their email address, choices and notices.
+        for table in ["notify_contacts", "notify_prefs", "notices"] {
+            c.execute(
+                &format!("DELETE FROM {table} WHERE person = ?"),
                 vec![reference.clone().into()],
             )?;
         }

@@ -853,6 +853,8 @@ async fn map_identity(
         let (r, how) = identity::link(&store, &iss, &|s| ehr2.trusts(s), &resource)?;
         // Refreshed at every launch: the app names people as their EHR does today.
         identity::remember(&store, &r, &kept)?;
+        // …and notices reach the email address their record gives today.
+        crate::notify::remember_contacts(&store, &r, &resource)?;
         Ok::<_, identity::LinkError>((r, how))
     })
     .await

@@ -20,6 +20,7 @@ mod keys;
 mod kits;
 mod messaging;
 mod mfa;
+mod notify;
 mod operability;
 mod people;
 mod plans;

@@ -1,0 +1,43 @@
+-- Issue 23. Reaching people outside the app, with no PHI in what is sent.
+-- A person's contact points (email now), sealed; from the EHR's record (Patient.telecom,
+-- Practitioner.telecom) at each launch.
+CREATE TABLE notify_contacts (
+    person      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    key_id      TEXT NOT NULL,
+    sealed      BYTEA NOT NULL,
+    source      TEXT NOT NULL,
+    verified_at BIGINT,
+    updated_at  BIGINT NOT NULL,
+    PRIMARY KEY (person, kind)
+);
+-- A person's choices: opted out of email (unsubscribe), and the token of their unsubscribe link.
+CREATE TABLE notify_prefs (
+    person         TEXT PRIMARY KEY,
+    email_off      BIGINT NOT NULL DEFAULT 0,
+    unsubscribe    TEXT NOT NULL,
+    updated_at     BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX notify_prefs_unsubscribe ON notify_prefs (unsubscribe);
+-- Notices decided in the message's own transaction: one per recipient of a new message. A worker
+-- with a lease sends each once it is due (not read in the app within COURIER_NOTIFY_AFTER_SECS).
+-- state: pending | sending | sent | skipped | parked | uncertain (a send cut off by a crash: never
+-- sent again, counted for the operator).
+CREATE TABLE notices (
+    id              TEXT PRIMARY KEY,
+    person          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    about           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    channel         TEXT,
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    lease_owner     TEXT,
+    lease_until     BIGINT NOT NULL DEFAULT 0,
+    reason          TEXT,
+    created_at      BIGINT NOT NULL,
+    sent_at         BIGINT
+);
+CREATE INDEX notices_due ON notices (state, next_attempt_at);
+CREATE INDEX notices_about ON notices (about);
+CREATE INDEX notices_person ON notices (person);

@@ -1,0 +1,3 @@
+DROP TABLE notices;
+DROP TABLE notify_prefs;
+DROP TABLE notify_contacts;

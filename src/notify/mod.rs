@@ -1,0 +1,450 @@
+//! Reaching people outside the app (issue 23, first part): "you have a new secure message" by
+//! email, with no PHI.
+//!
+//! - **Decided with the message.** A new message (a Communication created `completed` or
+//!   `in-progress`) gets one `notices` row per person it is addressed to (Patient, Practitioner,
+//!   RelatedPerson; not its sender), in the message's own transaction ([`on_written`]). So a
+//!   notice can be neither lost (the message is there, so is its notice) nor made for a message
+//!   that was not.
+//! - **Sent when due, only if still unread.** A worker on every instance claims due rows with a
+//!   lease ([`run`]); a notice is due `COURIER_NOTIFY_AFTER_SECS` after its message, and is
+//!   skipped if the person has read the message in the app meanwhile, has opted out, or has no
+//!   email address.
+//! - **No PHI, ever.** The email names neither the patient nor the sender, carries no message
+//!   text or subject, only the clinic's name and a link to sign in ([`render`]). Contact points
+//!   come from the EHR's record (`telecom` with `system` email) at each launch, sealed.
+//! - **Once.** A claimed row is `sending` under a lease; a success is `sent`; an SMTP 4xx or a
+//!   network failure is retried with backoff (1 s … 5 min, 10 tries, then `parked`); a 5xx is
+//!   `parked` at once with its reason. A row whose lease ran out while `sending` (the instance died
+//!   mid-send: whether the server took it is unknown) becomes `uncertain` and is never sent again:
+//!   never twice, and counted for the operator (`courier notify status`).
+//! - **Unsubscribe.** Every email carries `List-Unsubscribe` (one click, RFC 8058) to
+//!   `/notify/unsubscribe?t=…`, a random token per person.
+//! - Each sent notice is audited (who was told, about which message reference; no address).
+
+use crate::config::Settings;
+use crate::store::db::{Bind, Conn};
+use crate::store::{Store, StoreError};
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
+use diesel::sql_types::{BigInt, Binary, Nullable, Text};
+use diesel::QueryableByName;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+
+/// The code system of notice AuditEvent subtypes.
+pub const NOTICE_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/notice";
+const LEASE_SECS: i64 = 60;
+const MAX_ATTEMPTS: i64 = 10;
+const BATCH: i64 = 50;
+
+fn now() -> i64 {
+    crate::clock::now_micros() / 1_000_000
+}
+
+fn person_ref(v: &Value) -> Option<String> {
+    let r = v["reference"].as_str()?;
+    ["Patient/", "Practitioner/", "RelatedPerson/"]
+        .iter()
+        .any(|p| r.starts_with(p))
+        .then(|| r.to_string())
+}
+
+/// In the transaction that writes a message: one notice per person it is addressed to.
+pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), StoreError> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Ok(());
+    };
+    if !matches!(v["status"].as_str(), Some("completed" | "in-progress")) {
+        return Ok(());
+    }
+    let sender = person_ref(&v["sender"]);
+    let mut people: Vec<String> = v["recipient"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(person_ref)
+        .filter(|r| Some(r) != sender.as_ref())
+        .collect();
+    people.sort();
+    people.dedup();
+    let t = now();
+    for person in people {
+        c.execute(
+            "INSERT INTO notices (id, person, kind, about, state, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?)",
+            vec![
+                uuid::Uuid::new_v4().to_string().into(),
+                person.into(),
+                format!("Communication/{id}").into(),
+                t.into(),
+                t.into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn contact_aad(person: &str, kind: &str) -> String {
+    format!("notify-contact/{person}/{kind}")
+}
+
+/// The email address an EHR record gives (`telecom`, `system` email, not old or ended).
+pub fn email_of(resource: &Value) -> Option<String> {
+    let t = chrono::Utc::now().to_rfc3339();
+    resource["telecom"]
+        .as_array()?
+        .iter()
+        .filter(|c| c["system"] == "email" && c["use"] != "old")
+        .filter(|c| c["period"]["end"].as_str().is_none_or(|end| end > t.as_str()))
+        .filter_map(|c| c["value"].as_str())
+        .map(|v| v.trim().trim_start_matches("mailto:").to_string())
+        .find(|v| v.parse::<lettre::Address>().is_ok())
+}
+
+/// Keeps (or refreshes) a person's email address from their EHR record, sealed.
+pub fn remember_contacts(store: &Store, person: &str, resource: &Value) -> Result<(), StoreError> {
+    let Some(email) = email_of(resource) else {
+        return Ok(());
+    };
+    let (key_id, sealed) = store.keys.seal(email.as_bytes(), &contact_aad(person, "email"));
+    let t = now();
+    store.execute(
+        "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, 'email', ?, ?, 'ehr', ?, ?) \
+         ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = excluded.source, verified_at = excluded.verified_at, updated_at = excluded.updated_at",
+        vec![person.into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
+    )?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct ContactRow {
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    sealed: Vec<u8>,
+}
+
+fn email(store: &Store, person: &str) -> Result<Option<String>, StoreError> {
+    let Some(r) = store
+        .query::<ContactRow>(
+            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = 'email' AND verified_at IS NOT NULL",
+            vec![person.into()],
+        )?
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, "email"))?;
+    Ok(String::from_utf8(plain).ok())
+}
+
+#[derive(QueryableByName)]
+struct PrefRow {
+    #[diesel(sql_type = BigInt)]
+    email_off: i64,
+    #[diesel(sql_type = Text)]
+    unsubscribe: String,
+}
+
+/// The person's choices, made on first need (with their unsubscribe token).
+fn prefs(store: &Store, person: &str) -> Result<PrefRow, StoreError> {
+    store.execute(
+        "INSERT INTO notify_prefs (person, email_off, unsubscribe, updated_at) VALUES (?, 0, ?, ?) ON CONFLICT (person) DO NOTHING",
+        vec![person.into(), oauth2::CsrfToken::new_random().secret().clone().into(), now().into()],
+    )?;
+    store
+        .query::<PrefRow>(
+            "SELECT email_off, unsubscribe FROM notify_prefs WHERE person = ?",
+            vec![person.into()],
+        )?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Other(anyhow::anyhow!("no preferences row")))
+}
+
+/// What an email notice says: no names, no message text, no subject — only that there is a
+/// message, from which clinic, and where to sign in.
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+}
+
+pub fn render(settings: &Settings, staff: bool, link: &str, unsubscribe: &str) -> Rendered {
+    let clinic = &settings.clinic_name;
+    let subject = format!("New secure message from {clinic}");
+    let who = if staff {
+        "You have a new secure message in Courier.".to_string()
+    } else {
+        format!("You have a new secure message from {clinic}.")
+    };
+    let text = format!(
+        "Hello,\r\n\r\n{who}\r\n\r\nTo read it, sign in here:\r\n{link}\r\n\r\n\
+         For your privacy this email does not contain the message. Please do not reply to this email.\r\n\r\n\
+         To stop these emails: {unsubscribe}\r\n"
+    );
+    Rendered { subject, text }
+}
+
+#[derive(QueryableByName, Debug)]
+struct Claimed {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    person: String,
+    #[diesel(sql_type = Text)]
+    about: String,
+    #[diesel(sql_type = BigInt)]
+    attempts: i64,
+}
+
+#[derive(QueryableByName)]
+struct Read {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Why a send failed, and whether trying again could help.
+pub struct Failed {
+    pub permanent: bool,
+    pub reason: String,
+}
+
+/// One pass of the worker: rows cut off mid-send become `uncertain`; due rows are claimed under
+/// a lease and sent (or skipped, retried, parked). Returns how many were sent.
+pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
+    let t = now();
+    store.execute(
+        "UPDATE notices SET state = 'uncertain', reason = 'the instance sending it stopped; it may or may not have been sent' WHERE state = 'sending' AND lease_until < ?",
+        vec![t.into()],
+    )?;
+    let Some(smtp) = settings.smtp_url.as_ref() else {
+        return Ok(0);
+    };
+    let owner = format!("{}#{}", settings.instance_id, uuid::Uuid::new_v4());
+    let due = t - settings.notify_after_secs;
+    let claimed: Vec<Claimed> = store.query(
+        "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
+         WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND created_at <= ? ORDER BY next_attempt_at LIMIT ?) \
+         AND state = 'pending' RETURNING id, person, about, attempts",
+        vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
+    )?;
+    if claimed.is_empty() {
+        return Ok(0);
+    }
+    let transport = lettre::SmtpTransport::from_url(smtp.expose_secret())
+        .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
+        .timeout(Some(std::time::Duration::from_secs(20)))
+        .build();
+    let mut sent = 0;
+    for n in claimed {
+        let done = |state: &str, reason: Option<&str>, next: i64| {
+            store.execute(
+                "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, channel = 'email', sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
+                vec![state.into(), reason.map(String::from).into(), next.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
+            )
+        };
+        let comm = n.about.trim_start_matches("Communication/").to_string();
+        let read = store
+            .query::<Read>(
+                "SELECT COUNT(*) AS n FROM receipts WHERE comm_id = ? AND recipient = ? AND read_at IS NOT NULL",
+                vec![comm.into(), n.person.clone().into()],
+            )?
+            .first()
+            .is_some_and(|r| r.n > 0);
+        if read {
+            done("skipped", Some("read in the app"), t)?;
+            continue;
+        }
+        let p = prefs(store, &n.person)?;
+        if p.email_off > 0 {
+            done("skipped", Some("opted out of email"), t)?;
+            continue;
+        }
+        let Some(to) = email(store, &n.person)? else {
+            done("skipped", Some("no email address"), t)?;
+            continue;
+        };
+        let link = sign_in_link(store, settings, &n.person)?;
+        let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
+        let r = render(settings, n.person.starts_with("Practitioner/"), &link, &unsubscribe);
+        match send(&transport, settings, &to, &r, &n.id, &unsubscribe) {
+            Ok(()) => {
+                done("sent", None, t)?;
+                audit(store, &n.person, &n.about, None)?;
+                sent += 1;
+            }
+            Err(f) if f.permanent || n.attempts >= MAX_ATTEMPTS => {
+                done("parked", Some(&f.reason), t)?;
+                audit(store, &n.person, &n.about, Some(&f.reason))?;
+            }
+            Err(f) => {
+                let backoff = (1i64 << (n.attempts - 1).clamp(0, 9)).min(300);
+                store.execute(
+                    "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                    vec![f.reason.into(), (t + backoff).into(), n.id.clone().into(), owner.clone().into()],
+                )?;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// Where a person signs in: their portal (the standalone launch of an EHR that knows them).
+fn sign_in_link(store: &Store, settings: &Settings, person: &str) -> Result<String, StoreError> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let ehr = store
+        .query::<Name>(
+            "SELECT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss WHERE l.courier_ref = ? ORDER BY e.name LIMIT 1",
+            vec![person.into()],
+        )?
+        .into_iter()
+        .next();
+    Ok(match ehr {
+        Some(e) => format!("{}/smart/launch?ehr={}", settings.base_url, e.name),
+        None => format!("{}/app/", settings.base_url),
+    })
+}
+
+fn send(
+    transport: &lettre::SmtpTransport,
+    settings: &Settings,
+    to: &str,
+    r: &Rendered,
+    id: &str,
+    unsubscribe: &str,
+) -> Result<(), Failed> {
+    use lettre::message::header::ContentType;
+    use lettre::Transport;
+    let permanent = |reason: String| Failed { permanent: true, reason };
+    let from: lettre::message::Mailbox = settings
+        .notify_from
+        .parse()
+        .map_err(|e| permanent(format!("the sender address is invalid: {e}")))?;
+    let to: lettre::message::Mailbox = to
+        .parse()
+        .map_err(|_| permanent("the recipient address is invalid".into()))?;
+    let domain = from.email.domain().to_string();
+    let email = lettre::Message::builder()
+        .from(from)
+        .to(to)
+        .subject(&r.subject)
+        .message_id(Some(format!("<{id}@{domain}>")))
+        .raw_header(lettre::message::header::HeaderValue::new(
+            lettre::message::header::HeaderName::new_from_ascii_str("List-Unsubscribe"),
+            format!("<{unsubscribe}>"),
+        ))
+        .raw_header(lettre::message::header::HeaderValue::new(
+            lettre::message::header::HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+            "List-Unsubscribe=One-Click".to_string(),
+        ))
+        .header(ContentType::TEXT_PLAIN)
+        .body(r.text.clone())
+        .map_err(|e| permanent(format!("cannot build the email: {e}")))?;
+    transport.send(&email).map(|_| ()).map_err(|e| Failed {
+        permanent: e.is_permanent(),
+        reason: if e.is_permanent() {
+            format!("the mail server refused it: {}", e.status().map(|c| c.to_string()).unwrap_or_default())
+        } else {
+            "the mail server could not be reached or deferred it".to_string()
+        },
+    })
+}
+
+/// Audits a notice (DICOM 110106 Export: information sent out of Courier), naming the person told
+/// and the message it is about — never the address or any content.
+fn audit(store: &Store, person: &str, about: &str, failure: Option<&str>) -> Result<(), StoreError> {
+    let ctx = crate::audit::Context::job(&store.base_url, "notify");
+    let mut ev = crate::audit::authentication(&ctx, failure);
+    ev["type"] = json!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106", "display": "Export"});
+    ev["subtype"] = json!([{"system": NOTICE_SYSTEM, "code": "email-notice"}]);
+    ev["action"] = json!("R");
+    if let Some(agents) = ev["agent"].as_array_mut() {
+        agents.push(json!({
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP", "display": "information recipient"}]},
+            "who": {"reference": person}, "requestor": false
+        }));
+    }
+    ev["entity"] = json!([{"what": {"reference": about}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"}}]);
+    store.record_audit(ev)
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/notify/unsubscribe", web::get().to(unsubscribe_page))
+        .route("/notify/unsubscribe", web::post().to(unsubscribe));
+}
+
+fn token_of(q: &str) -> Option<String> {
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "t")
+        .map(|(_, v)| v.into_owned())
+        .filter(|t| !t.is_empty() && t.len() <= 64)
+}
+
+fn small_page(title: &str, body: &str) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"))
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>{title}</title><main style=\"font-family:sans-serif;max-width:36em;margin:3em auto;padding:0 1em\"><h1>{title}</h1>{body}</main></html>"
+        ))
+}
+
+/// `GET /notify/unsubscribe?t=…`: a page with one button (a link checker must not unsubscribe).
+async fn unsubscribe_page(req: actix_web::HttpRequest) -> HttpResponse {
+    let Some(t) = token_of(req.query_string()) else {
+        return small_page("Email notices", "<p>This link is not complete.</p>");
+    };
+    let t = t.replace('"', "");
+    small_page(
+        "Stop email notices?",
+        &format!("<p>You will no longer get emails telling you about new secure messages. You can still read them when you sign in.</p>\
+         <form method=\"post\" action=\"/notify/unsubscribe?t={t}\"><button type=\"submit\" style=\"min-height:44px;font-size:1em\">Stop these emails</button></form>"),
+    )
+}
+
+/// `POST /notify/unsubscribe?t=…` (RFC 8058 one-click, or the page's button).
+async fn unsubscribe(state: web::Data<crate::api::AppState>, req: actix_web::HttpRequest) -> HttpResponse {
+    let Some(t) = token_of(req.query_string()) else {
+        return small_page("Email notices", "<p>This link is not complete.</p>");
+    };
+    let store = state.store.clone();
+    let n = web::block(move || {
+        store.execute(
+            "UPDATE notify_prefs SET email_off = ?, updated_at = ? WHERE unsubscribe = ?",
+            vec![now().into(), now().into(), t.into()],
+        )
+    })
+    .await;
+    match n {
+        Ok(Ok(1)) => small_page("You will get no more email notices", "<p>Sign in to read your secure messages whenever you like.</p>"),
+        // The same answer for an unknown token: it says nothing about who has one.
+        Ok(Ok(_)) => small_page("You will get no more email notices", "<p>Sign in to read your secure messages whenever you like.</p>"),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+#[derive(QueryableByName)]
+pub struct StateCount {
+    #[diesel(sql_type = Text)]
+    pub state: String,
+    #[diesel(sql_type = BigInt)]
+    pub n: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub oldest: Option<i64>,
+}
+
+/// `courier notify status`: notices per state, with the oldest of each.
+pub fn status(store: &Store) -> Result<Vec<StateCount>, StoreError> {
+    store.query(
+        "SELECT state, COUNT(*) AS n, MIN(created_at) AS oldest FROM notices GROUP BY state ORDER BY state",
+        vec![],
+    )
+}

@@ -1,0 +1,320 @@
+//! Email notices of unread messages (issue 23, first part) against a real SMTP server started by
+//! the test (PyPI `aiosmtpd`, its Maildir read back): what arrives (headers, link, unsubscribe),
+//! that no PHI is in any of it, a message read in time is not notified, unsubscribing, a mail
+//! server that is down then back, and the audit trail.
+
+use crate::ehr::{back_with, launch_as, new_ehr, person, spawn_ehr, standalone, step};
+use crate::helpers::*;
+use courier::smart::registry;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// A real SMTP server (aiosmtpd) writing what it receives to a Maildir.
+struct Smtp {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Smtp {
+    fn start(port: u16, dir: tempfile::TempDir) -> Option<Smtp> {
+        let child = std::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.path().join("mail"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but python3 cannot start aiosmtpd (pip install aiosmtpd)");
+            }
+            eprintln!("skipped: no python3/aiosmtpd");
+            return None;
+        };
+        let mut s = Smtp { dir, child: Some(child) };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(s);
+            }
+            if let Some(Ok(Some(_))) = s.child.as_mut().map(|c| c.try_wait()) {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("CI=true but aiosmtpd is not installed (pip install aiosmtpd)");
+                }
+                eprintln!("skipped: aiosmtpd did not start");
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("aiosmtpd did not listen on {port}");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every message received, as (headers, body) with headers lower-cased.
+    fn received(&self) -> Vec<(Vec<(String, String)>, String)> {
+        let new = self.dir.path().join("mail/new");
+        let mut out = vec![];
+        for e in std::fs::read_dir(new).into_iter().flatten().flatten() {
+            let raw = std::fs::read_to_string(e.path()).unwrap_or_default().replace("\r\n", "\n");
+            let (head, body) = raw.split_once("\n\n").unwrap_or((&raw, ""));
+            let mut headers: Vec<(String, String)> = vec![];
+            for line in head.lines() {
+                if line.starts_with(' ') || line.starts_with('\t') {
+                    if let Some(last) = headers.last_mut() {
+                        last.1.push_str(line.trim());
+                    }
+                } else if let Some((k, v)) = line.split_once(':') {
+                    headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+                }
+            }
+            let qp = headers.iter().any(|(k, v)| k == "content-transfer-encoding" && v.eq_ignore_ascii_case("quoted-printable"));
+            out.push((headers, if qp { quoted_printable(body) } else { body.to_string() }));
+        }
+        out
+    }
+
+    async fn wait(&self, n: usize) -> Vec<(Vec<(String, String)>, String)> {
+        for _ in 0..200 {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{n} emails did not arrive within 20 s (got {})", self.received().len());
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// RFC 2045 §6.7: soft line breaks go, `=XX` is the byte XX.
+fn quoted_printable(body: &str) -> String {
+    let joined = body.replace("=\n", "");
+    let b = joined.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'=' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 {
+            if let Ok(x) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn h<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[derive(diesel::QueryableByName, Debug)]
+struct Notice {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    state: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    reason: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    about: String,
+}
+
+fn notices(app: &TestApp) -> Vec<Notice> {
+    app.store.query("SELECT state, reason, about FROM notices ORDER BY created_at, id", vec![]).unwrap()
+}
+
+async fn wait_state(app: &TestApp, about: &str, state: &str) -> Notice {
+    for _ in 0..150 {
+        if let Some(n) = notices(app).into_iter().find(|n| n.about == about && n.state == state) {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {state} notice about {about}: {:?}", notices(app));
+}
+
+mod unread_messages_are_notified_by_email_with_no_phi {
+    use super::*;
+
+    async fn app(backend: Backend, port: u16) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.smtp_url = Some(format!("smtp://127.0.0.1:{port}").into());
+            s.notify_after_secs = 2;
+            s.clinic_name = "Riverside Clinic".into();
+            s.notify_from = "Riverside Clinic <no-reply@riverside.example>".into();
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let port = free_port();
+        run(app(Backend::Sqlite, port).await.unwrap(), port).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let port = free_port();
+        match app(Backend::Postgres, port).await {
+            Some(a) => run(a, port).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, port: u16) {
+        let Some(mut smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else { return };
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let mut ada = person("Patient", "a1", &[]);
+        ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+        ada["telecom"] = json!([{"system": "email", "value": "old@example.org", "use": "old"}, {"system": "phone", "value": "+1 555 0100"}, {"system": "email", "value": "ada@example.org"}]);
+        let mut grace = person("Practitioner", "dr-a", &[]);
+        grace["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
+        grace["telecom"] = json!([{"system": "email", "value": "grace@hospital.example"}]);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace]))).await;
+        let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        // The patient signs in through the portal once (Courier learns her address), the
+        // clinician through the EHR.
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        let (to_ehr, cookie) = standalone(&app).await;
+        let (_, back, _) = step(&to_ehr).await;
+        let (s, page) = back_with(&back.unwrap(), &cookie).await;
+        assert_eq!(s, 200, "{page}");
+        let patient_session = crate::ehr::session_of(&page);
+        let clinician = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let (grace_ref, ada_ref) = (clinician["fhirUser"].as_str().unwrap().to_string(), clinician["patient"].as_str().unwrap().to_string());
+        let doctor = client_with_token(clinician["access_token"].as_str().unwrap());
+        let patient = client_with_token(patient_session["access_token"].as_str().unwrap());
+        let write = |text: &str, topic: &str| {
+            let body = json!({"resourceType": "Communication", "status": "completed",
+                "subject": {"reference": ada_ref}, "sender": {"reference": grace_ref},
+                "recipient": [{"reference": ada_ref}], "topic": {"text": topic},
+                "payload": [{"contentString": text}]});
+            let (c, url) = (doctor.clone(), app.url("Communication"));
+            async move {
+                let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201);
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            }
+        };
+        // 1. Unread for 2 s: an email to the patient, and only to her (not to the sender).
+        let first = write("Your HbA1c is 9.1%, please call us", "Diabetes follow-up").await;
+        let mails = smtp.wait(1).await;
+        assert_eq!(mails.len(), 1);
+        let (headers, body) = &mails[0];
+        assert_eq!(h(headers, "to"), Some("ada@example.org"));
+        assert_eq!(h(headers, "from"), Some("\"Riverside Clinic\" <no-reply@riverside.example>").or(h(headers, "from")));
+        assert!(h(headers, "from").unwrap().contains("no-reply@riverside.example"));
+        assert_eq!(h(headers, "subject"), Some("New secure message from Riverside Clinic"));
+        let unsubscribe = h(headers, "list-unsubscribe").expect("List-Unsubscribe").trim_matches(|c| c == '<' || c == '>').to_string();
+        assert!(unsubscribe.starts_with(&app.url("notify/unsubscribe?t=")), "{unsubscribe}");
+        assert_eq!(h(headers, "list-unsubscribe-post"), Some("List-Unsubscribe=One-Click"));
+        assert!(body.contains(&app.url("smart/launch?ehr=ehr-a")), "{body}");
+        wait_state(&app, &format!("Communication/{first}"), "sent").await;
+
+        // 2. Read in the app before it is due: no email.
+        let second = write("Appointment moved to Tuesday", "Scheduling").await;
+        let r = patient.post(app.url(&format!("Communication/{second}/$mark-read"))).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let n = wait_state(&app, &format!("Communication/{second}"), "skipped").await;
+        assert_eq!(n.reason.as_deref(), Some("read in the app"));
+
+        // 3. The mail server is down: the notice waits and is retried; back up, it arrives once.
+        smtp.stop();
+        let third = write("Your prescription is ready", "Pharmacy").await;
+        tokio::time::sleep(Duration::from_millis(4000)).await;
+        let pending = notices(&app).into_iter().find(|n| n.about == format!("Communication/{third}")).unwrap();
+        assert_eq!(pending.state, "pending", "{pending:?}");
+        assert!(pending.reason.as_deref().is_some_and(|r| r.contains("could not be reached")), "{pending:?}");
+        let dir = std::mem::replace(&mut smtp.dir, tempfile::tempdir().unwrap());
+        let smtp = Smtp::start(port, dir).unwrap();
+        let mails = smtp.wait(2).await;
+        wait_state(&app, &format!("Communication/{third}"), "sent").await;
+        assert_eq!(mails.len(), 2);
+
+        // 4. Unsubscribing (the page does nothing on GET; one-click POST): no more emails.
+        let page = reqwest::get(&unsubscribe).await.unwrap().text().await.unwrap();
+        assert!(page.contains("Stop these emails"));
+        assert_eq!(notices(&app).iter().filter(|n| n.state == "skipped").count(), 1);
+        let r = reqwest::Client::new().post(&unsubscribe).header("content-type", "application/x-www-form-urlencoded").body("List-Unsubscribe=One-Click").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let fourth = write("Flu shots available", "Clinic news").await;
+        let n = wait_state(&app, &format!("Communication/{fourth}"), "skipped").await;
+        assert_eq!(n.reason.as_deref(), Some("opted out of email"));
+        assert_eq!(smtp.received().len(), 2);
+
+        // No PHI in any email: no name, no message text, no topic, no birth date, no phone.
+        for (headers, body) in smtp.received() {
+            let all = format!("{headers:?}\n{body}");
+            for phi in ["Ada", "Lovelace", "Grace", "Hopper", "HbA1c", "9.1%", "Diabetes", "prescription", "Pharmacy", "Tuesday", "555 0100", &ada_ref, &grace_ref] {
+                assert!(!all.contains(phi), "'{phi}' in an email: {all}");
+            }
+        }
+        // Each sent notice is audited: who was told, about which message; never the address.
+        let audits = app.get_json(&format!("AuditEvent?subtype={}|email-notice", courier::notify::NOTICE_SYSTEM)).await;
+        assert_eq!(ids(&audits).len(), 2, "{audits}");
+        assert!(!audits.to_string().contains("ada@example.org"));
+        assert!(audits.to_string().contains(&format!("Communication/{first}")));
+        // The address is sealed at rest.
+        #[derive(diesel::QueryableByName)]
+        struct Sealed {
+            #[diesel(sql_type = diesel::sql_types::Binary)]
+            sealed: Vec<u8>,
+        }
+        let rows: Vec<Sealed> = app.store.query("SELECT sealed FROM notify_contacts", vec![]).unwrap();
+        assert_eq!(rows.len(), 2, "the patient's and the clinician's");
+        assert!(rows.iter().all(|r| !String::from_utf8_lossy(&r.sealed).contains("example")));
+        // Erasing the patient takes her address, choices and notices with her.
+        let r = app.client.post(app.url(&format!("{ada_ref}/$erase"))).send().await.unwrap();
+        if r.status().is_success() {
+            assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{first}")));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_cut_off_mid_send_is_never_sent_twice() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    // A row an instance claimed and then died with (its lease ran out while `sending`), and one
+    // still leased by a live instance.
+    let t = chrono::Utc::now().timestamp();
+    for (id, lease) in [("cut-off", t - 5), ("in-flight", t + 60)] {
+        app.store.execute(
+            "INSERT INTO notices (id, person, kind, about, state, attempts, next_attempt_at, lease_owner, lease_until, created_at) VALUES (?, 'Patient/x', 'new-message', 'Communication/c', 'sending', 1, ?, 'gone', ?, ?)",
+            vec![id.into(), t.into(), lease.into(), t.into()],
+        ).unwrap();
+    }
+    courier::notify::run(&app.store, &courier::config::Settings::default()).unwrap();
+    let states: Vec<Notice> = app.store.query("SELECT state, reason, id AS about FROM notices ORDER BY id", vec![]).unwrap();
+    assert_eq!(states[0].about, "cut-off");
+    assert_eq!(states[0].state, "uncertain", "whether it went out is unknown: never sent again");
+    assert!(states[0].reason.as_deref().unwrap().contains("may or may not"));
+    assert_eq!(states[1].state, "sending", "a live lease is left alone");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args(["notify", "status"])
+        .env("COURIER_DATA_DIR", app.dir.path())
+        .env("COURIER_DATABASE_URL", &app.database_url)
+        .env("COURIER_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+        .env("COURIER_LOG", "error")
+        .output()
+        .unwrap();
+    let (ok, out, err) = (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
+    assert!(ok, "{err}");
+    assert!(out.contains("uncertain\t1") && out.contains("sending\t1"), "{out}");
+}
