@@ -121,6 +121,13 @@ pub struct Settings {
     pub notify_after_secs: i64,
     /// The clinic's name in notices (`COURIER_CLINIC_NAME`).
     pub clinic_name: String,
+    /// An SMS provider with the Twilio Messages API shape (`COURIER_SMS_URL`, e.g.
+    /// `https://api.twilio.com`; `COURIER_SMS_ACCOUNT`, `COURIER_SMS_TOKEN`, `COURIER_SMS_FROM`
+    /// an E.164 number). Unset: no SMS.
+    pub sms_url: Option<String>,
+    pub sms_account: String,
+    pub sms_token: Option<SecretString>,
+    pub sms_from: String,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -246,6 +253,10 @@ impl Default for Settings {
             notify_from: "Courier <no-reply@localhost>".into(),
             notify_after_secs: 900,
             clinic_name: "your care team".into(),
+            sms_url: None,
+            sms_account: String::new(),
+            sms_token: None,
+            sms_from: String::new(),
         }
     }
 }
@@ -385,6 +396,21 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_NOTIFY_AFTER_SECS") {
             self.notify_after_secs = num("COURIER_NOTIFY_AFTER_SECS", v)?;
+        }
+        if let Some(v) = env("COURIER_SMS_URL") {
+            let u = url::Url::parse(&v).map_err(|e| anyhow::anyhow!("COURIER_SMS_URL: {e}"))?;
+            anyhow::ensure!(matches!(u.scheme(), "https" | "http"), "COURIER_SMS_URL must be an http(s) URL");
+            self.sms_url = Some(v.trim_end_matches('/').to_string());
+        }
+        if let Some(v) = env("COURIER_SMS_ACCOUNT") {
+            self.sms_account = v;
+        }
+        if let Some(v) = env("COURIER_SMS_TOKEN") {
+            self.sms_token = Some(SecretString::from(v));
+        }
+        if let Some(v) = env("COURIER_SMS_FROM") {
+            anyhow::ensure!(crate::notify::e164(&v).is_some(), "COURIER_SMS_FROM must be an E.164 number such as +15551234567");
+            self.sms_from = v;
         }
         if let Some(v) = env("COURIER_CLINIC_NAME") {
             anyhow::ensure!(v.len() <= 100 && !v.chars().any(|c| c.is_control()), "COURIER_CLINIC_NAME must be a short name");

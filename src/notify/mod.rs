@@ -70,18 +70,58 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
     people.dedup();
     let t = now();
     for person in people {
-        c.execute(
-            "INSERT INTO notices (id, person, kind, about, state, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?)",
-            vec![
-                uuid::Uuid::new_v4().to_string().into(),
-                person.into(),
-                format!("Communication/{id}").into(),
-                t.into(),
-                t.into(),
-            ],
+        // The channels the person can be reached by and has not turned off.
+        let channels: Vec<KindRow> = c.load(
+            "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
+             WHERE c.person = ? AND c.verified_at IS NOT NULL \
+             AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
+             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
+            vec![person.clone().into()],
         )?;
+        for ch in channels {
+            c.execute(
+                "INSERT INTO notices (id, person, kind, about, state, channel, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?, ?)",
+                vec![
+                    uuid::Uuid::new_v4().to_string().into(),
+                    person.clone().into(),
+                    format!("Communication/{id}").into(),
+                    ch.kind.into(),
+                    t.into(),
+                    t.into(),
+                ],
+            )?;
+        }
     }
     Ok(())
+}
+
+#[derive(QueryableByName)]
+struct KindRow {
+    #[diesel(sql_type = Text)]
+    kind: String,
+}
+
+/// A phone number in E.164 form (`+` and 8 to 15 digits), spaces, dashes and brackets removed.
+pub fn e164(v: &str) -> Option<String> {
+    let v = v.trim().trim_start_matches("tel:");
+    let digits: String = v.chars().filter(|c| c.is_ascii_digit()).collect();
+    let ok = v.starts_with('+')
+        && v.chars().all(|c| c.is_ascii_digit() || " +-().".contains(c))
+        && (8..=15).contains(&digits.len());
+    ok.then(|| format!("+{digits}"))
+}
+
+/// The mobile number an EHR record gives (`telecom` `sms`, or `phone` with `use` mobile).
+pub fn mobile_of(resource: &Value) -> Option<String> {
+    let t = chrono::Utc::now().to_rfc3339();
+    resource["telecom"]
+        .as_array()?
+        .iter()
+        .filter(|c| c["system"] == "sms" || (c["system"] == "phone" && c["use"] == "mobile"))
+        .filter(|c| c["use"] != "old")
+        .filter(|c| c["period"]["end"].as_str().is_none_or(|end| end > t.as_str()))
+        .filter_map(|c| c["value"].as_str())
+        .find_map(e164)
 }
 
 fn contact_aad(person: &str, kind: &str) -> String {
@@ -101,18 +141,20 @@ pub fn email_of(resource: &Value) -> Option<String> {
         .find(|v| v.parse::<lettre::Address>().is_ok())
 }
 
-/// Keeps (or refreshes) a person's email address from their EHR record, sealed.
+/// Keeps (or refreshes) a person's email address and mobile number from their EHR record, sealed.
 pub fn remember_contacts(store: &Store, person: &str, resource: &Value) -> Result<(), StoreError> {
-    let Some(email) = email_of(resource) else {
-        return Ok(());
-    };
-    let (key_id, sealed) = store.keys.seal(email.as_bytes(), &contact_aad(person, "email"));
-    let t = now();
-    store.execute(
-        "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, 'email', ?, ?, 'ehr', ?, ?) \
-         ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = excluded.source, verified_at = excluded.verified_at, updated_at = excluded.updated_at",
-        vec![person.into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
-    )?;
+    for (kind, value) in [("email", email_of(resource)), ("sms", mobile_of(resource))] {
+        let Some(value) = value else {
+            continue;
+        };
+        let (key_id, sealed) = store.keys.seal(value.as_bytes(), &contact_aad(person, kind));
+        let t = now();
+        store.execute(
+            "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, ?, ?, ?, 'ehr', ?, ?) \
+             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = excluded.source, verified_at = excluded.verified_at, updated_at = excluded.updated_at",
+            vec![person.into(), kind.into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
+        )?;
+    }
     Ok(())
 }
 
@@ -124,18 +166,18 @@ struct ContactRow {
     sealed: Vec<u8>,
 }
 
-fn email(store: &Store, person: &str) -> Result<Option<String>, StoreError> {
+fn contact(store: &Store, person: &str, kind: &str) -> Result<Option<String>, StoreError> {
     let Some(r) = store
         .query::<ContactRow>(
-            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = 'email' AND verified_at IS NOT NULL",
-            vec![person.into()],
+            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = ? AND verified_at IS NOT NULL",
+            vec![person.into(), kind.into()],
         )?
         .into_iter()
         .next()
     else {
         return Ok(None);
     };
-    let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, "email"))?;
+    let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, kind))?;
     Ok(String::from_utf8(plain).ok())
 }
 
@@ -143,6 +185,8 @@ fn email(store: &Store, person: &str) -> Result<Option<String>, StoreError> {
 struct PrefRow {
     #[diesel(sql_type = BigInt)]
     email_off: i64,
+    #[diesel(sql_type = BigInt)]
+    sms_off: i64,
     #[diesel(sql_type = Text)]
     unsubscribe: String,
 }
@@ -155,7 +199,7 @@ fn prefs(store: &Store, person: &str) -> Result<PrefRow, StoreError> {
     )?;
     store
         .query::<PrefRow>(
-            "SELECT email_off, unsubscribe FROM notify_prefs WHERE person = ?",
+            "SELECT email_off, sms_off, unsubscribe FROM notify_prefs WHERE person = ?",
             vec![person.into()],
         )?
         .into_iter()
@@ -194,6 +238,8 @@ struct Claimed {
     person: String,
     #[diesel(sql_type = Text)]
     about: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    channel: Option<String>,
     #[diesel(sql_type = BigInt)]
     attempts: i64,
 }
@@ -218,29 +264,34 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         "UPDATE notices SET state = 'uncertain', reason = 'the instance sending it stopped; it may or may not have been sent' WHERE state = 'sending' AND lease_until < ?",
         vec![t.into()],
     )?;
-    let Some(smtp) = settings.smtp_url.as_ref() else {
+    if settings.smtp_url.is_none() && settings.sms_url.is_none() {
         return Ok(0);
-    };
+    }
     let owner = format!("{}#{}", settings.instance_id, uuid::Uuid::new_v4());
     let due = t - settings.notify_after_secs;
     let claimed: Vec<Claimed> = store.query(
         "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
          WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND created_at <= ? ORDER BY next_attempt_at LIMIT ?) \
-         AND state = 'pending' RETURNING id, person, about, attempts",
+         AND state = 'pending' RETURNING id, person, about, channel, attempts",
         vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
     )?;
     if claimed.is_empty() {
         return Ok(0);
     }
-    let transport = lettre::SmtpTransport::from_url(smtp.expose_secret())
-        .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
-        .timeout(Some(std::time::Duration::from_secs(20)))
-        .build();
+    let transport = match &settings.smtp_url {
+        Some(url) => Some(
+            lettre::SmtpTransport::from_url(url.expose_secret())
+                .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
+                .timeout(Some(std::time::Duration::from_secs(20)))
+                .build(),
+        ),
+        None => None,
+    };
     let mut sent = 0;
     for n in claimed {
         let done = |state: &str, reason: Option<&str>, next: i64| {
             store.execute(
-                "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, channel = 'email', sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
+                "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
                 vec![state.into(), reason.map(String::from).into(), next.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
             )
         };
@@ -256,27 +307,41 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             done("skipped", Some("read in the app"), t)?;
             continue;
         }
+        let channel = n.channel.clone().unwrap_or_else(|| "email".into());
         let p = prefs(store, &n.person)?;
-        if p.email_off > 0 {
-            done("skipped", Some("opted out of email"), t)?;
+        let off = if channel == "sms" { p.sms_off } else { p.email_off };
+        if off > 0 {
+            done("skipped", Some(&format!("opted out of {channel}")), t)?;
             continue;
         }
-        let Some(to) = email(store, &n.person)? else {
-            done("skipped", Some("no email address"), t)?;
+        let Some(to) = contact(store, &n.person, &channel)? else {
+            done("skipped", Some(&format!("no {channel} contact")), t)?;
             continue;
         };
         let link = sign_in_link(store, settings, &n.person)?;
         let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
-        let r = render(settings, n.person.starts_with("Practitioner/"), &link, &unsubscribe);
-        match send(&transport, settings, &to, &r, &n.id, &unsubscribe) {
+        let staff = n.person.starts_with("Practitioner/");
+        let outcome = match (channel.as_str(), &transport) {
+            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, &link, &unsubscribe), &n.id, &unsubscribe),
+            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, &link)),
+            _ => {
+                // The channel is not configured on this server (any more): wait for it.
+                store.execute(
+                    "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                    vec![format!("no {channel} provider is configured").into(), (t + 300).into(), n.id.clone().into(), owner.clone().into()],
+                )?;
+                continue;
+            }
+        };
+        match outcome {
             Ok(()) => {
                 done("sent", None, t)?;
-                audit(store, &n.person, &n.about, None)?;
+                audit(store, &n.person, &n.about, &channel, None)?;
                 sent += 1;
             }
             Err(f) if f.permanent || n.attempts >= MAX_ATTEMPTS => {
                 done("parked", Some(&f.reason), t)?;
-                audit(store, &n.person, &n.about, Some(&f.reason))?;
+                audit(store, &n.person, &n.about, &channel, Some(&f.reason))?;
             }
             Err(f) => {
                 let backoff = (1i64 << (n.attempts - 1).clamp(0, 9)).min(300);
@@ -355,13 +420,69 @@ fn send(
     })
 }
 
+/// An SMS notice: the clinic, that there is a message, the link. No name, no content.
+pub fn sms_text(settings: &Settings, link: &str) -> String {
+    format!(
+        "{}: you have a new secure message. Sign in to read it: {link} Reply STOP to opt out.",
+        settings.clinic_name
+    )
+}
+
+/// Sends through the provider's Messages API (the Twilio shape: `POST
+/// {base}/2010-04-01/Accounts/{account}/Messages.json`, HTTP Basic account:token, form `To`,
+/// `From`, `Body`; 201 with the message's `sid`). 4xx: parked with the provider's code and
+/// message (a bad number, an opted-out recipient); 429, 5xx and timeouts: tried again.
+fn send_sms(settings: &Settings, to: &str, body: &str) -> Result<(), Failed> {
+    let base = settings.sms_url.as_deref().unwrap_or_default();
+    let url = format!("{base}/2010-04-01/Accounts/{}/Messages.json", settings.sms_account);
+    let token = settings.sms_token.as_ref().map(|t| t.expose_secret().to_string()).unwrap_or_default();
+    let form = form_urlencoded::Serializer::new(String::new())
+        .append_pair("To", to)
+        .append_pair("From", &settings.sms_from)
+        .append_pair("Body", body)
+        .finish();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Failed { permanent: false, reason: format!("cannot make the HTTP client: {e}") })?;
+    let request = client
+        .post(url)
+        .basic_auth(&settings.sms_account, Some(token))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send();
+    let answer = tokio::runtime::Handle::try_current()
+        .map_err(|_| Failed { permanent: false, reason: "no runtime".into() })?
+        .block_on(async {
+            let r = request.await?;
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            Ok::<_, reqwest::Error>((status, body))
+        });
+    match answer {
+        Ok((200..=299, _)) => Ok(()),
+        Ok((429, _)) | Ok((500..=599, _)) => Err(Failed { permanent: false, reason: "the SMS provider is busy or failing".into() }),
+        Ok((status, body)) => Err(Failed {
+            permanent: true,
+            reason: format!(
+                "the SMS provider refused it ({status}, code {}: {})",
+                body["code"].as_i64().map(|c| c.to_string()).unwrap_or_default(),
+                body["message"].as_str().unwrap_or("").chars().take(200).collect::<String>()
+            ),
+        }),
+        Err(_) => Err(Failed { permanent: false, reason: "the SMS provider could not be reached".into() }),
+    }
+}
+
 /// Audits a notice (DICOM 110106 Export: information sent out of Courier), naming the person told
 /// and the message it is about — never the address or any content.
-fn audit(store: &Store, person: &str, about: &str, failure: Option<&str>) -> Result<(), StoreError> {
+fn audit(store: &Store, person: &str, about: &str, channel: &str, failure: Option<&str>) -> Result<(), StoreError> {
     let ctx = crate::audit::Context::job(&store.base_url, "notify");
     let mut ev = crate::audit::authentication(&ctx, failure);
     ev["type"] = json!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106", "display": "Export"});
-    ev["subtype"] = json!([{"system": NOTICE_SYSTEM, "code": "email-notice"}]);
+    ev["subtype"] = json!([{"system": NOTICE_SYSTEM, "code": format!("{channel}-notice")}]);
     ev["action"] = json!("R");
     if let Some(agents) = ev["agent"].as_array_mut() {
         agents.push(json!({

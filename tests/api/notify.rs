@@ -255,8 +255,8 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         let r = reqwest::Client::new().post(&unsubscribe).header("content-type", "application/x-www-form-urlencoded").body("List-Unsubscribe=One-Click").send().await.unwrap();
         assert_eq!(r.status(), 200);
         let fourth = write("Flu shots available", "Clinic news").await;
-        let n = wait_state(&app, &format!("Communication/{fourth}"), "skipped").await;
-        assert_eq!(n.reason.as_deref(), Some("opted out of email"));
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{fourth}")), "no notice is even decided");
         assert_eq!(smtp.received().len(), 2);
 
         // No PHI in any email: no name, no message text, no topic, no birth date, no phone.
@@ -317,4 +317,146 @@ async fn a_notice_cut_off_mid_send_is_never_sent_twice() {
     let (ok, out, err) = (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
     assert!(ok, "{err}");
     assert!(out.contains("uncertain\t1") && out.contains("sending\t1"), "{out}");
+}
+
+/// An SMS provider stand-in with the Twilio Messages API shape: checks each request as the
+/// provider documents it (path, HTTP Basic auth, form fields, E.164 numbers, length) and answers
+/// like it: 201 with a `sid`, or 400 with `code` 21211 for a number it cannot reach.
+#[derive(Clone, Default)]
+struct SmsProvider {
+    got: std::sync::Arc<parking_lot::Mutex<Vec<Vec<(String, String)>>>>,
+    problems: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+async fn sms_provider() -> (SmsProvider, String) {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    use base64::Engine;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let p = SmsProvider::default();
+    let shared = p.clone();
+    let server = HttpServer::new(move || {
+        let p = shared.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let p = p.clone();
+            async move {
+                let mut bad = vec![];
+                if req.method() != "POST" || req.path() != "/2010-04-01/Accounts/AC0123456789/Messages.json" {
+                    bad.push(format!("wrong request {} {}", req.method(), req.path()));
+                }
+                let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+                let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("AC0123456789:sms-secret-token"));
+                if auth != want {
+                    bad.push("wrong or missing HTTP Basic auth".into());
+                }
+                if !req.headers().get("content-type").is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/x-www-form-urlencoded")) {
+                    bad.push("not a form".into());
+                }
+                let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+                let f = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+                let e164 = |v: &str| v.starts_with('+') && v[1..].chars().all(|c| c.is_ascii_digit()) && (9..=16).contains(&v.len());
+                if !e164(&f("To")) || !e164(&f("From")) {
+                    bad.push(format!("To/From not E.164: {:?}", form));
+                }
+                if f("Body").is_empty() || f("Body").chars().count() > 1600 {
+                    bad.push("Body empty or over 1600 characters".into());
+                }
+                let unreachable = f("To") == "+15550000000";
+                p.got.lock().push(form);
+                if !bad.is_empty() {
+                    p.problems.lock().extend(bad);
+                    return HttpResponse::BadRequest().json(json!({"code": 20001, "message": "bad request", "status": 400}));
+                }
+                if unreachable {
+                    return HttpResponse::BadRequest().json(json!({"code": 21211, "message": "The 'To' number +15550000000 is not a valid phone number.", "status": 400}));
+                }
+                HttpResponse::Created().json(json!({"sid": format!("SM{}", uuid::Uuid::new_v4().simple()), "status": "queued"}))
+            }
+        }))
+    })
+    .workers(1)
+    .listen(l)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    (p, url)
+}
+
+mod unread_messages_are_notified_by_sms_through_the_provider_api {
+    use super::*;
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 1;
+            s.clinic_name = "Riverside Clinic".into();
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let mut ada = person("Patient", "a1", &[]);
+        ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+        ada["telecom"] = json!([{"system": "phone", "value": "+44 20 7946 0000", "use": "home"}, {"system": "phone", "value": "+1 (555) 010-0199", "use": "mobile"}]);
+        let mut bob = person("Patient", "b2", &[]);
+        bob["telecom"] = json!([{"system": "sms", "value": "+1 555 000 0000"}]);
+        let grace = person("Practitioner", "dr-a", &[]);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, bob, grace]))).await;
+        let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        // Launches with each patient in context: Courier reads their records (and mobiles).
+        let with_ada = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let with_bob = launch_as(&app, &ehr, "b2", "Practitioner/dr-a").await;
+        let doctor = client_with_token(with_ada["access_token"].as_str().unwrap());
+        let grace_ref = with_ada["fhirUser"].as_str().unwrap().to_string();
+        let mut sent = vec![];
+        for patient in [with_ada["patient"].as_str().unwrap(), with_bob["patient"].as_str().unwrap()] {
+            let c = if patient == with_ada["patient"].as_str().unwrap() { doctor.clone() } else { client_with_token(with_bob["access_token"].as_str().unwrap()) };
+            let body = json!({"resourceType": "Communication", "status": "completed",
+                "subject": {"reference": patient}, "sender": {"reference": grace_ref},
+                "recipient": [{"reference": patient}], "payload": [{"contentString": "Your biopsy results are back"}]});
+            let r = c.post(app.url("Communication")).header("prefer", "return=representation").json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            sent.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+        }
+        let ok = wait_state(&app, &format!("Communication/{}", sent[0]), "sent").await;
+        assert!(ok.reason.is_none());
+        // The provider's 4xx for a number it cannot reach: parked with its reason, not retried.
+        let parked = wait_state(&app, &format!("Communication/{}", sent[1]), "parked").await;
+        assert!(parked.reason.as_deref().unwrap().contains("21211"), "{parked:?}");
+        assert!(provider.problems.lock().is_empty(), "{:?}", provider.problems.lock());
+        let got = provider.got.lock().clone();
+        assert_eq!(got.len(), 2, "one request each, no retry of a refusal: {got:?}");
+        let to_ada = got.iter().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100199")).expect("to Ada's mobile, not her home phone");
+        let text = &to_ada.iter().find(|(k, _)| k == "Body").unwrap().1;
+        assert!(text.starts_with("Riverside Clinic: you have a new secure message."), "{text}");
+        assert!(text.contains(&app.url("smart/launch?ehr=ehr-a")));
+        for phi in ["Ada", "Lovelace", "biopsy", "results"] {
+            assert!(!format!("{got:?}").contains(phi), "'{phi}' sent by SMS");
+        }
+        let audits = app.get_json(&format!("AuditEvent?subtype={}|sms-notice", courier::notify::NOTICE_SYSTEM)).await;
+        assert_eq!(ids(&audits).len(), 2, "sent and parked are both audited");
+        assert!(!audits.to_string().contains("5550100199"), "no number in the audit trail");
+    }
 }

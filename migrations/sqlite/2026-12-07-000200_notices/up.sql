@@ -1,5 +1,5 @@
 -- Issue 23. Reaching people outside the app, with no PHI in what is sent.
--- A person's contact points (email now), sealed; from the EHR's record (Patient.telecom,
+-- A person's contact points (kind email or sms: an E.164 mobile number), sealed; from the EHR's record (Patient.telecom,
 -- Practitioner.telecom) at each launch.
 CREATE TABLE notify_contacts (
     person      TEXT NOT NULL,
@@ -15,11 +15,13 @@ CREATE TABLE notify_contacts (
 CREATE TABLE notify_prefs (
     person         TEXT PRIMARY KEY,
     email_off      BIGINT NOT NULL DEFAULT 0,
+    sms_off        BIGINT NOT NULL DEFAULT 0,
     unsubscribe    TEXT NOT NULL,
     updated_at     BIGINT NOT NULL
 );
 CREATE UNIQUE INDEX notify_prefs_unsubscribe ON notify_prefs (unsubscribe);
--- Notices decided in the message's own transaction: one per recipient of a new message. A worker
+-- Notices decided in the message's own transaction: one per recipient of a new message and
+-- channel (email, sms) they can be reached by. A worker
 -- with a lease sends each once it is due (not read in the app within COURIER_NOTIFY_AFTER_SECS).
 -- state: pending | sending | sent | skipped | parked | uncertain (a send cut off by a crash: never
 -- sent again, counted for the operator).
