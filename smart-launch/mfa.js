@@ -7,9 +7,31 @@
   const main = document.getElementById('mfa');
   if (!main) return;
   const ticket = main.dataset.ticket;
+  const stepUp = main.dataset.stepUp === 'true';
+  const framed = window.top !== window.self;
   const $ = (id) => document.getElementById(id);
   const error = $('error');
   const status = $('status');
+
+  // A new sign-in in this tab: whoever was signed in here before is signed out now, so that
+  // Back cannot show their inbox under this person's second step. (A step-up keeps its session.)
+  if (!stepUp) {
+    try {
+      const old = JSON.parse(sessionStorage.getItem('courier.session') || 'null');
+      sessionStorage.removeItem('courier.session');
+      if (old && old.session) navigator.sendBeacon('/smart/logout', new URLSearchParams({ session: old.session }));
+    } catch { /* nothing stored */ }
+  }
+  // Inside the EHR's window a passkey cannot be set up (browsers mark it cross-origin, and it
+  // would not be accepted): enrolment offers the authenticator app there.
+  if (framed && $('enrol-passkey')) {
+    $('enrol-passkey').hidden = true;
+    for (const p of document.querySelectorAll('#enrol .hint')) p.hidden = true;
+    const note = document.createElement('p');
+    note.className = 'hint';
+    note.textContent = 'To set up a passkey instead, open Courier in its own window.';
+    $('enrol-totp').after(note);
+  }
 
   const toBuf = (s) => {
     const b64 = s.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(s.length / 4) * 4, '=');
@@ -21,7 +43,13 @@
     return btoa(s).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
   };
 
-  const say = (msg) => { error.textContent = msg || ''; };
+  let focusAfter = null;
+  const say = (msg) => {
+    error.textContent = msg || '';
+    for (const i of main.querySelectorAll('input[name=code]')) {
+      if (msg) i.setAttribute('aria-invalid', 'true'); else i.removeAttribute('aria-invalid');
+    }
+  };
 
   async function post(path, body) {
     let r;
@@ -55,9 +83,22 @@
       await fn();
     } catch (e) {
       say(e.message);
+      if (e.code === 'expired' || e.code === 'locked') {
+        // Nothing more to try on this page.
+        for (const f of main.querySelectorAll('form:not(#done) input, form:not(#done) button, #enrol button, #verify-passkey')) f.disabled = true;
+        working = false;
+        error.focus();
+        return;
+      }
     } finally {
-      working = false;
-      for (const b of main.querySelectorAll('button')) b.disabled = false;
+      if (working) {
+        working = false;
+        for (const b of main.querySelectorAll('button')) b.disabled = false;
+      }
+      const target = focusAfter;
+      focusAfter = null;
+      if (target) target.focus();
+      else if (error.textContent && document.activeElement === document.body) error.focus();
     }
   }
 
@@ -79,11 +120,14 @@
       list.append(li);
     }
     $('codes').hidden = false;
-    $('codes-saved').focus();
+    focusAfter = $('codes-saved');
   }
 
   // A browser or EHR frame that cannot use passkeys says so in words, not in a DOMException.
   function passkeyError(e) {
+    if (framed && e && (e.name === 'NotAllowedError' || e.name === 'SecurityError')) {
+      return new Error('Your passkey cannot be used inside this EHR window. Use your authenticator app or a recovery code, or open Courier in its own window.');
+    }
     if (e && e.name === 'NotAllowedError') {
       return new Error('No passkey answered (it was cancelled, timed out, or is not on this device). Try again, or use another way.');
     }
@@ -141,11 +185,16 @@
   }));
 
   $('enrol-totp')?.addEventListener('click', () => run(async () => {
+    // Shown already: the key the person may have scanned stays the one to confirm.
+    if (!$('totp-setup').hidden) {
+      focusAfter = $('totp-enrol-code');
+      return;
+    }
     const o = await post('totp/enrol/begin', {});
     $('totp-secret').textContent = o.secret.replace(/(.{4})/g, '$1 ').trim();
     if (o.qr) $('totp-qr').src = o.qr;
     $('totp-setup').hidden = false;
-    $('totp-enrol-code').focus();
+    focusAfter = $('totp-enrol-code');
   }));
 
   const onSubmit = (form, path, input) => $(form)?.addEventListener('submit', (ev) => {
@@ -156,7 +205,7 @@
         passed(await post(path, { code: field.value.trim() }));
       } finally {
         field.value = '';
-        field.focus();
+        if (!focusAfter) focusAfter = field;
       }
     });
   });

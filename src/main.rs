@@ -200,17 +200,18 @@ enum EhrCommand {
 #[derive(Subcommand)]
 enum MfaCommand {
     /// Show or set an EHR's multi-factor policy: off (the EHR's sign-in is enough), trust-ehr
-    /// (enough when the EHR's id_token shows a second factor in amr/acr, else Courier's own), or
-    /// always (Courier's own second factor at every sign-in).
+    /// (enough when the EHR's id_token shows a second factor in amr/acr, else Courier's own),
+    /// writes (as trust-ehr, but without the EHR's second factor the session reads only until
+    /// Courier's own unlocks writing), or always (Courier's own second factor at every sign-in).
     Policy {
         /// The EHR's name.
         #[arg(long)]
         ehr: String,
         /// The policy for EHR launches.
-        #[arg(long, value_parser = ["off", "trust-ehr", "always"])]
+        #[arg(long, value_parser = ["off", "trust-ehr", "writes", "always"])]
         launch: Option<String>,
         /// The policy for the EHR's portal (standalone launches).
-        #[arg(long, value_parser = ["off", "trust-ehr", "always"])]
+        #[arg(long, value_parser = ["off", "trust-ehr", "writes", "always"])]
         portal: Option<String>,
         /// acr values of the EHR's id_token that show a second factor (space-separated; "" for none).
         #[arg(long)]

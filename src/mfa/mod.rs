@@ -412,6 +412,7 @@ async fn begin(
     let ticket = oauth2::CsrfToken::new_random().secret().clone();
     let h = hash(&ticket);
     let user = waiting.user().to_string();
+    let step_up = matches!(waiting, Waiting::Upgrade(_));
     let pending = Pending {
         waiting,
         frame_origin: frame_origin.clone(),
@@ -440,7 +441,7 @@ async fn begin(
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot start the second factor: {e}"))?;
     Ok(launch::framed_by(
-        page(state, &user, &ticket, &factors.0, factors.1),
+        page(state, &user, step_up, &ticket, &factors.0, factors.1),
         frame_origin.as_deref(),
     ))
 }
@@ -463,16 +464,21 @@ fn webauthn(state: &AppState) -> Option<Webauthn> {
         .ok()
 }
 
+/// When a lockout ends, in words that need no time zone.
 fn clock(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.format("%H:%M UTC").to_string())
-        .unwrap_or_default()
+    let minutes = ((t - now()) as f64 / 60.0).ceil().max(1.0) as i64;
+    if minutes == 1 {
+        "in 1 minute".into()
+    } else {
+        format!("in {minutes} minutes")
+    }
 }
 
 /// The second-factor page: enrolment for a person with no factor, else the factors they have.
 fn page(
     state: &AppState,
     user: &str,
+    step_up: bool,
     ticket: &str,
     factors: &[factors::Factor],
     locked_until: Option<i64>,
@@ -484,6 +490,14 @@ fn page(
     let hidden = |show: bool| if show { "" } else { " hidden" };
     let staff = user.starts_with("Practitioner/");
     let (heading, intro) = match (enrol, staff) {
+        _ if step_up && enrol => (
+            "Set up a second step to send messages",
+            "You can read messages already. Before you send, Courier asks for a second step. Set it up once; you will use it each time.",
+        ),
+        _ if step_up => (
+            "Confirm it's you to send messages",
+            "You can read messages already. Before you send, confirm it's you with your second step.",
+        ),
         (true, true) => (
             "Set up a second step for signing in",
             "Courier protects patients' messages with a second step after you sign in. Set it up once; you will use it each time you sign in.",
@@ -503,7 +517,7 @@ fn page(
     };
     let locked = locked_until.map(|t| {
         format!(
-            "Too many wrong attempts. You can try again after {}, or ask your administrator to reset your second step.",
+            "Too many wrong attempts. You can try again {}. If you have lost your phone or passkey, contact your clinic or help desk to reset your second step.",
             clock(t)
         )
     });
@@ -511,9 +525,9 @@ fn page(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>{heading} — Courier</title><link rel=\"stylesheet\" href=\"/smart/mfa.css\"></head>\
-<body><main id=\"mfa\" data-ticket=\"{ticket}\" data-mode=\"{mode}\">\
-<h1>{heading}</h1><p>{intro}</p>\
-<p id=\"error\" role=\"alert\" class=\"error\">{locked}</p>\
+<body><main id=\"mfa\" data-ticket=\"{ticket}\" data-mode=\"{mode}\" data-step-up=\"{step_up}\">\
+<h1>{heading}</h1><p>{intro}</p>{not_now}\
+<p id=\"error\" role=\"alert\" class=\"error\" tabindex=\"-1\">{locked}</p>\
 <section id=\"enrol\"{enrol_hidden}>\
 <h2>Choose how</h2>\
 <button type=\"button\" id=\"enrol-passkey\"{passkey_enrol_hidden}>Use a passkey (recommended)</button>\
@@ -524,19 +538,19 @@ fn page(
 <img id=\"totp-qr\" alt=\"QR code to add Courier to your authenticator app\" width=\"200\" height=\"200\">\
 <p>Key: <code id=\"totp-secret\"></code></p>\
 <form id=\"totp-enrol-form\"><label for=\"totp-enrol-code\">Then enter the 6-digit code the app shows</label>\
-<input id=\"totp-enrol-code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9 ]*\" maxlength=\"7\" required>\
+<input id=\"totp-enrol-code\" name=\"code\" aria-describedby=\"error\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{{3}} ?[0-9]{{3}}\" maxlength=\"7\" title=\"6 digits\" required>\
 <button type=\"submit\">Confirm</button></form></div>\
 </section>\
 <section id=\"verify\"{verify_hidden}>\
 <button type=\"button\" id=\"verify-passkey\"{passkey_verify_hidden}>Use your passkey</button>\
 <form id=\"totp-form\"{totp_verify_hidden}><label for=\"totp-code\">6-digit code from your authenticator app</label>\
-<input id=\"totp-code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9 ]*\" maxlength=\"7\" required>\
+<input id=\"totp-code\" name=\"code\" aria-describedby=\"error\" inputmode=\"numeric\" autocomplete=\"one-time-code\" pattern=\"[0-9]{{3}} ?[0-9]{{3}}\" maxlength=\"7\" title=\"6 digits\" required>\
 <button type=\"submit\">Verify</button></form>\
 <details id=\"recovery\"><summary>Lost your phone or passkey?</summary>\
 <form id=\"recovery-form\"><label for=\"recovery-code\">Enter one of your recovery codes</label>\
-<input id=\"recovery-code\" name=\"code\" autocomplete=\"off\" spellcheck=\"false\" maxlength=\"40\" required>\
+<input id=\"recovery-code\" name=\"code\" aria-describedby=\"error\" autocomplete=\"off\" spellcheck=\"false\" maxlength=\"40\" required>\
 <button type=\"submit\">Use recovery code</button></form>\
-<p class=\"hint\">No recovery codes? Ask your administrator to reset your second step.</p></details>\
+<p class=\"hint\">No recovery codes? Contact your clinic or help desk to reset your second step.</p></details>\
 </section>\
 <section id=\"codes\" hidden><h2>Save your recovery codes</h2>\
 <p>If you lose your phone or passkey, each of these codes lets you in once. Keep them somewhere safe: they are shown only now.</p>\
@@ -548,6 +562,8 @@ fn page(
         intro = esc(intro),
         ticket = esc(ticket),
         mode = if enrol { "enrol" } else { "verify" },
+        step_up = step_up,
+        not_now = if step_up { "<p><a href=\"/app/\">Not now — back to my messages</a></p>" } else { "" },
         locked = esc(locked.as_deref().unwrap_or("")),
         enrol_hidden = hidden(enrol),
         verify_hidden = hidden(!enrol),
@@ -738,7 +754,7 @@ fn locked(until: i64) -> HttpResponse {
         .insert_header((header::RETRY_AFTER, (until - now()).max(1).to_string()))
         .json(json!({
             "error": "locked",
-            "message": format!("Too many wrong attempts. You can try again after {}, or ask your administrator to reset your second step.", clock(until)),
+            "message": format!("Too many wrong attempts. You can try again {}. If you have lost your phone or passkey, contact your clinic or help desk to reset your second step.", clock(until)),
         }))
 }
 

@@ -603,9 +603,15 @@ async fn complete(
         }
     }
     let scope = web_app_scope(&user);
+    // The EHR's FHIR origin, and the EHR screens the operator names (COURIER_FRAME_ANCESTORS:
+    // an EHR's UI often lives on another origin than its FHIR base).
     let frame_origin = reqwest::Url::parse(&ehr.iss)
         .ok()
-        .map(|u| u.origin().ascii_serialization());
+        .map(|u| u.origin().ascii_serialization())
+        .map(|o| match state.settings.frame_ancestors.trim() {
+            "" | "'none'" | "'self'" => o,
+            more => format!("{o} {more}"),
+        });
     let session = json!({
         "fhirUser": user,
         "patient": patient,
@@ -1172,12 +1178,14 @@ fn handoff(session: &Value) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; connect-src 'self'; script-src 'nonce-{nonce}'")))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
-             <script nonce=\"{nonce}\">sessionStorage.setItem(\"courier.session\", JSON.stringify({data}));location.replace(\"/app/\");</script>\
+             <script nonce=\"{nonce}\">const n={data};\
+             try{{const o=JSON.parse(sessionStorage.getItem(\"courier.session\")||\"null\");if(o&&o.session&&o.session!==n.session)navigator.sendBeacon(\"/smart/logout\",new URLSearchParams({{session:o.session}}));}}catch(e){{}}\
+             sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");</script>\
              <noscript>Courier needs JavaScript.</noscript></html>"
         ))
 }

@@ -460,8 +460,8 @@ pub async fn back_with(url: &str, cookie: &str) -> (u16, String) {
 
 /// The session the hand-off page gives the web app.
 pub fn session_of(page: &str) -> Value {
-    let start = page.find("JSON.stringify(").expect("hand-off script") + "JSON.stringify(".len();
-    let end = page[start..].find("));location").unwrap() + start;
+    let start = page.find("const n=").expect("hand-off script") + "const n=".len();
+    let end = page[start..].find(";try{").unwrap() + start;
     serde_json::from_str(&page[start..end]).unwrap()
 }
 
@@ -1029,8 +1029,11 @@ both_backends! {
         // Only a clinician may file, and only what they can see.
         let patient = client_with_token(&issue(&app.tokens, &app.admin_client_id, "patient/Communication.rs", Some(pt), Some(pt.strip_prefix("Patient/").unwrap())));
         assert_eq!(patient.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 403);
-        let other = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.rs", Some("Practitioner/someone-else"), None));
+        let other = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.crs", Some("Practitioner/someone-else"), None));
         assert_eq!(other.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 404);
+        // Filing writes to the chart: a token that may only read cannot.
+        let reader = client_with_token(&issue(&app.tokens, &app.admin_client_id, "user/Communication.rs", Some("Practitioner/someone-else"), None));
+        assert_eq!(reader.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 403);
     }
 }
 

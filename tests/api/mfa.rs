@@ -526,6 +526,9 @@ both_backends! {
         assert_eq!(r.status(), 403, "a read-only session cannot write");
         let r = reader.get(app.url("Communication")).send().await.unwrap();
         assert_eq!(r.status(), 200);
+        // Filing to the chart writes to the patient's record: not before the second factor.
+        let r = reader.post(app.url("Communication/any-thread/$file-to-chart")).send().await.unwrap();
+        assert_eq!(r.status(), 403);
         // No session, an ended one: refused in words.
         let step_up = |handle: String| {
             let c = app.anonymous.clone();

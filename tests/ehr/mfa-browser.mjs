@@ -181,9 +181,18 @@ try {
   check(c.fhirUser.startsWith('Patient/'), 'patient: signed in as the patient');
 
   step('patient: a used code is refused, the next one passes');
-  await patient.evaluate(() => sessionStorage.clear());
+  const before = await session(patient);
   await patient.goto(cfg.patient_url);
   await patient.waitForSelector('h1:text("Confirm it\'s you")');
+  // A new sign-in in this tab signs out whoever was signed in before: Back cannot show their
+  // inbox, and their session is over.
+  check(await session(patient) === null, 'patient: the earlier session is still in the tab');
+  let ended = 0;
+  for (let i = 0; i < 20 && ended !== 401; i++) {
+    ended = await patient.evaluate(async (h) => (await fetch('/smart/session/refresh', { method: 'POST', body: new URLSearchParams({ session: h }) })).status, before.session);
+    if (ended !== 401) await patient.waitForTimeout(100);
+  }
+  check(ended === 401, `patient: the earlier session still refreshes (${ended})`);
   check(await patient.isVisible('#totp-form'), 'patient: the code form is offered');
   check(!(await patient.isVisible('#verify-passkey')), 'patient: no passkey is offered to someone without one');
   await patient.fill('#totp-code', first);
