@@ -1,11 +1,48 @@
 // Courier's second step after signing in through an EHR or portal (server: src/mfa).
 // Passkeys (WebAuthn) first, an authenticator app (TOTP) as the fallback, recovery codes when
-// both are lost. The page carries a single-use ticket for the sign-in waiting on this step; once a
-// factor passes, the hidden form posts the ticket and the server starts the session.
-(() => {
+// both are lost. The sign-in waiting on this step is named by a single-use ticket the callback
+// put in this tab's sessionStorage; this page asks the server what to show for it, so a reload
+// or Back keeps the step. Once a factor passes, the hidden form posts the ticket and the server
+// starts the session.
+(async () => {
   'use strict';
-  const main = document.getElementById('mfa');
+  let main = document.getElementById('mfa');
   if (!main) return;
+  const held = sessionStorage.getItem('courier.mfa');
+  const gone = (text) => {
+    main.textContent = '';
+    const h = document.createElement('h1');
+    h.textContent = 'Sign-in expired';
+    const p = document.createElement('p');
+    p.setAttribute('role', 'alert');
+    p.textContent = text;
+    main.append(h, p);
+  };
+  if (!held) {
+    gone('This sign-in has expired or is finished. Start again from your EHR or portal.');
+    return;
+  }
+  let view;
+  try {
+    const r = await fetch('/smart/mfa/view', {
+      method: 'POST', headers: { 'content-type': 'application/json' }, credentials: 'omit',
+      body: JSON.stringify({ ticket: held }),
+    });
+    view = await r.json();
+    if (!r.ok) {
+      if (view.error === 'expired') sessionStorage.removeItem('courier.mfa');
+      gone(view.message || 'This sign-in has expired. Start again from your EHR or portal.');
+      return;
+    }
+  } catch {
+    gone('Courier cannot be reached. Check your connection, then reload this page.');
+    return;
+  }
+  const doc = new DOMParser().parseFromString(view.html, 'text/html');
+  document.title = doc.title;
+  const fresh = document.importNode(doc.getElementById('mfa'), true);
+  main.replaceWith(fresh);
+  main = fresh;
   const ticket = main.dataset.ticket;
   const stepUp = main.dataset.stepUp === 'true';
   const framed = window.top !== window.self;
@@ -83,6 +120,7 @@
       await fn();
     } catch (e) {
       say(e.message);
+      if (e.code === 'expired') sessionStorage.removeItem('courier.mfa');
       if (e.code === 'expired' || e.code === 'locked') {
         // Nothing more to try on this page.
         for (const f of main.querySelectorAll('form:not(#done) input, form:not(#done) button, #enrol button, #verify-passkey')) f.disabled = true;

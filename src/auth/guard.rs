@@ -24,7 +24,7 @@ fn is_public(path: &str) -> bool {
         || path.starts_with("/app/")
         // The second step of a sign-in: bound by its single-use ticket (src/mfa).
         || path.starts_with("/smart/mfa/")
-        || matches!(path, "/smart/mfa.js" | "/smart/mfa.css")
+        || matches!(path, "/smart/mfa" | "/smart/mfa.js" | "/smart/mfa.css")
         // An email notice's unsubscribe link, bound by its random token.
         || path == "/notify/unsubscribe"
         || matches!(

@@ -173,7 +173,9 @@ pub fn set_settings(
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/smart/mfa.js", web::get().to(script))
+    cfg.route("/smart/mfa", web::get().to(shell))
+        .route("/smart/mfa/view", web::post().to(view))
+        .route("/smart/mfa.js", web::get().to(script))
         .route("/smart/mfa.css", web::get().to(style))
         .route("/smart/mfa/passkey/register/begin", web::post().to(passkey_register_begin))
         .route("/smart/mfa/passkey/register/finish", web::post().to(passkey_register_finish))
@@ -440,10 +442,8 @@ async fn begin(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot start the second factor: {e}"))?;
-    Ok(launch::framed_by(
-        page(state, &user, step_up, &ticket, &factors.0, factors.1),
-        frame_origin.as_deref(),
-    ))
+    let _ = (factors, step_up);
+    Ok(launch::framed_by(bootstrap(&ticket), frame_origin.as_deref()))
 }
 
 fn esc(s: &str) -> String {
@@ -482,7 +482,7 @@ fn page(
     ticket: &str,
     factors: &[factors::Factor],
     locked_until: Option<i64>,
-) -> HttpResponse {
+) -> String {
     let has_passkey = factors.iter().any(|f| f.kind == factors::PASSKEY);
     let has_totp = factors.iter().any(|f| f.kind == factors::TOTP);
     let passkeys = webauthn(state).is_some();
@@ -571,16 +571,73 @@ fn page(
         passkey_verify_hidden = hidden(has_passkey && passkeys),
         totp_verify_hidden = hidden(has_totp),
     );
+    body
+}
+
+/// The CSP of the second-step pages.
+const PAGE_CSP: &str = "default-src 'none'; base-uri 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'";
+
+/// What the callback (or the step-up) answers: the ticket goes into the tab's sessionStorage and
+/// the tab moves to `/smart/mfa` (replacing the callback in its history), so that a reload, Back,
+/// or a phone dropping the tab while the person reads their authenticator app does not end the
+/// sign-in, and the ticket is never in a URL.
+fn bootstrap(ticket: &str) -> HttpResponse {
+    let nonce = oauth2::CsrfToken::new_random().secret().clone();
+    // The ticket is URL-safe base64: nothing in it can end the string or the script.
+    let ticket: String = ticket.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; base-uri 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'",
-        ))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
-        .body(body)
+        .body(format!(
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
+             <script nonce=\"{nonce}\">sessionStorage.setItem(\"courier.mfa\",\"{ticket}\");location.replace(\"/smart/mfa\");</script>\
+             <noscript>Courier needs JavaScript.</noscript></html>"
+        ))
+}
+
+/// `GET /smart/mfa`: the page the second step runs in; its script asks `/smart/mfa/view` what to
+/// show for the ticket this tab holds.
+async fn shell(state: web::Data<AppState>) -> HttpResponse {
+    let ancestors = match state.settings.frame_ancestors.trim() {
+        "" | "'none'" => "'self'".to_string(),
+        a => format!("'self' {a}"),
+    };
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        .insert_header((header::CONTENT_SECURITY_POLICY, format!("{PAGE_CSP}; frame-ancestors {ancestors}")))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .content_type("text/html; charset=utf-8")
+        .body(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+<title>Courier</title><link rel=\"stylesheet\" href=\"/smart/mfa.css\"></head>\
+<body><main id=\"mfa\"><p id=\"status\" class=\"hint\" role=\"status\">Loading…</p></main>\
+<script src=\"/smart/mfa.js\"></script></body></html>",
+        )
+}
+
+/// `POST /smart/mfa/view` (`{ticket}`): the second-step page for this ticket, as HTML the shell
+/// puts in place.
+async fn view(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let step = match load(&state, &req, &body).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let u = step.user.clone();
+    let known = in_store(&state, move |s| Ok((factors::list(s, &u)?, factors::locked_until(s, &u)?))).await;
+    let (factors, locked) = match known {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let ticket = step.body["ticket"].as_str().unwrap_or_default().to_string();
+    let step_up = matches!(step.pending.waiting, Waiting::Upgrade(_));
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(json!({"html": page(&state, &step.user, step_up, &ticket, &factors, locked)}))
 }
 
 async fn script() -> HttpResponse {
@@ -1187,7 +1244,7 @@ fn upgraded(token: &Value) -> HttpResponse {
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
              <script nonce=\"{nonce}\">const k=\"courier.session\";const s=JSON.parse(sessionStorage.getItem(k)||\"null\");\
-             if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}location.replace(\"/app/\");</script>\
+             if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}sessionStorage.removeItem(\"courier.mfa\");location.replace(\"/app/\");</script>\
              <noscript>Courier needs JavaScript.</noscript></html>"
         ))
 }

@@ -1185,7 +1185,7 @@ fn handoff(session: &Value) -> HttpResponse {
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
              <script nonce=\"{nonce}\">const n={data};\
              try{{const o=JSON.parse(sessionStorage.getItem(\"courier.session\")||\"null\");if(o&&o.session&&o.session!==n.session)navigator.sendBeacon(\"/smart/logout\",new URLSearchParams({{session:o.session}}));}}catch(e){{}}\
-             sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");</script>\
+             sessionStorage.removeItem(\"courier.mfa\");sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");</script>\
              <noscript>Courier needs JavaScript.</noscript></html>"
         ))
 }

@@ -63,10 +63,19 @@ fn claims(token: &str) -> Value {
     .unwrap()
 }
 
+/// The ticket the callback's answer puts in the tab's sessionStorage.
 fn ticket_of(page: &str) -> String {
-    let start = page.find("data-ticket=\"").expect("the second-factor page") + 13;
+    let key = "sessionStorage.setItem(\"courier.mfa\",\"";
+    let start = page.find(key).expect("the second-factor bootstrap") + key.len();
     let end = page[start..].find('"').unwrap() + start;
     page[start..end].to_string()
+}
+
+/// The second-step page for the ticket a callback answer holds (`/smart/mfa/view`).
+async fn view_of(app: &TestApp, page: &str) -> String {
+    let (s, v) = mfa_step(app, "view", json!({"ticket": ticket_of(page)})).await;
+    assert_eq!(s, 200, "{v}");
+    v["html"].as_str().unwrap().to_string()
 }
 
 fn is_hand_off(page: &str) -> bool {
@@ -182,7 +191,7 @@ both_backends! {
             let (s, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
             assert_eq!(s, 200);
             assert!(!is_hand_off(&page) && !page.contains("access_token"), "{page}");
-            assert!(page.contains("Set up a second step"), "{page}");
+            assert!(view_of(&app, &page).await.contains("Set up a second step"), "{page}");
             assert!(!ticket_of(&page).is_empty());
         }
         // An acr the registration names vouches too.
@@ -217,7 +226,7 @@ both_backends! {
         let (_, back, _) = step(&to_ehr).await;
         let (s, page) = back_with(&back.unwrap(), &cookie).await;
         assert_eq!(s, 200, "{page}");
-        assert!(!is_hand_off(&page) && page.contains("data-ticket"), "{page}");
+        assert!(!is_hand_off(&page) && page.contains("courier.mfa"), "{page}");
         // Bad policies are refused and change nothing.
         assert!(mfa::set_settings(&app.store, "ehr-a", Some("maybe"), None, None).is_err());
         assert_eq!(mfa::settings(&app.store, "ehr-a").unwrap().launch, mfa::Policy::Off);
@@ -275,7 +284,7 @@ both_backends! {
 
         // Second sign-in: the app's code, never enrolment again.
         let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
-        assert!(page.contains("Confirm it's you"), "{page}");
+        assert!(view_of(&app, &page).await.contains("Confirm it's you"), "{page}");
         let ticket = ticket_of(&page);
         let (s, _) = mfa_step(&app, "totp/enrol/begin", json!({"ticket": ticket})).await;
         assert_eq!(s, 409, "a second app cannot be enrolled without the first");
@@ -339,7 +348,7 @@ both_backends! {
         assert_eq!(mfa::factors::recovery_codes_left(&app.store, &user).unwrap(), 0);
         assert_eq!(audited(&app, "reset").await, 1);
         let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
-        assert!(page.contains("Set up a second step"), "{page}");
+        assert!(view_of(&app, &page).await.contains("Set up a second step"), "{page}");
         // The app's old codes mean nothing now.
         let t = ticket_of(&page);
         let (s, _) = mfa_step(&app, "totp/verify", json!({"ticket": t, "code": code_at(&secret, now())})).await;
@@ -373,7 +382,7 @@ both_backends! {
         // The test server's base URL is an IP address: no relying-party id, so no passkeys.
         assert_eq!(s, 400, "{options}");
         assert_eq!(options["error"], "no_passkeys");
-        assert!(page.contains("id=\"enrol-passkey\" hidden"), "the page does not offer passkeys");
+        assert!(view_of(&app, &page).await.contains("id=\"enrol-passkey\" hidden"), "the page does not offer passkeys");
         // A form another site posts is refused (login CSRF: an attacker's finished sign-in
         // completed in the victim's tab), as is a step from another origin.
         let r = app.anonymous.post(app.url("smart/mfa/complete"))
@@ -392,7 +401,14 @@ both_backends! {
         assert_eq!(r.status(), 403);
         // The page may be framed by Courier and the launching EHR only.
         let (_, launch) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
-        assert!(launch.contains("data-ticket"));
+        assert!(launch.contains("courier.mfa"));
+        // The callback's answer only hands the ticket to the tab and moves on: no ticket in a URL,
+        // and a reload of /smart/mfa shows the step again.
+        assert!(launch.contains("location.replace(\"/smart/mfa\")"));
+        let shell = app.anonymous.get(app.url("smart/mfa")).send().await.unwrap();
+        assert_eq!(shell.status(), 200);
+        assert!(shell.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors"));
+        assert!(view_of(&app, &launch).await.contains("data-ticket"));
         // The second-factor page is never cached, never framed by strangers, never leaks a Referer.
         let r = app.anonymous.get(app.url("smart/mfa.js")).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -425,7 +441,7 @@ both_backends_with! {
         amr(&ehr, json!(["pwd"]), Value::Null).await;
         let (s, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
         assert_eq!(s, 200, "{page}");
-        assert!(!page.contains("id=\"enrol-passkey\" hidden"), "passkeys are offered");
+        assert!(!view_of(&app, &page).await.contains("id=\"enrol-passkey\" hidden"), "passkeys are offered");
         let ticket = ticket_of(&page);
         let (s, options) = mfa_step(&app, "passkey/register/begin", json!({"ticket": ticket})).await;
         assert_eq!(s, 200, "{options}");

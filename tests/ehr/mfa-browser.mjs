@@ -193,6 +193,10 @@ try {
     if (ended !== 401) await patient.waitForTimeout(100);
   }
   check(ended === 401, `patient: the earlier session still refreshes (${ended})`);
+  // Reading the code off the phone may reload the tab: the step is still there.
+  await patient.reload();
+  await patient.waitForSelector('h1:text("Confirm it\'s you")');
+  check(!(await patient.url()).includes('/smart/callback'), 'patient: the callback URL stayed in the tab');
   check(await patient.isVisible('#totp-form'), 'patient: the code form is offered');
   check(!(await patient.isVisible('#verify-passkey')), 'patient: no passkey is offered to someone without one');
   await patient.fill('#totp-code', first);
