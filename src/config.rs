@@ -121,6 +121,9 @@ pub struct Settings {
     pub notify_after_secs: i64,
     /// The clinic's name in notices (`COURIER_CLINIC_NAME`).
     pub clinic_name: String,
+    /// Urgent messages to clinicians are notified during their quiet hours too
+    /// (`COURIER_NOTIFY_URGENT_BREAKS_QUIET`, default true).
+    pub notify_urgent_breaks_quiet: bool,
     /// An SMS provider with the Twilio Messages API shape (`COURIER_SMS_URL`, e.g.
     /// `https://api.twilio.com`; `COURIER_SMS_ACCOUNT`, `COURIER_SMS_TOKEN`, `COURIER_SMS_FROM`
     /// an E.164 number). Unset: no SMS.
@@ -253,6 +256,7 @@ impl Default for Settings {
             notify_from: "Courier <no-reply@localhost>".into(),
             notify_after_secs: 900,
             clinic_name: "your care team".into(),
+            notify_urgent_breaks_quiet: true,
             sms_url: None,
             sms_account: String::new(),
             sms_token: None,
@@ -411,6 +415,13 @@ impl Settings {
         if let Some(v) = env("COURIER_SMS_FROM") {
             anyhow::ensure!(crate::notify::e164(&v).is_some(), "COURIER_SMS_FROM must be an E.164 number such as +15551234567");
             self.sms_from = v;
+        }
+        if let Some(v) = env("COURIER_NOTIFY_URGENT_BREAKS_QUIET") {
+            self.notify_urgent_breaks_quiet = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => anyhow::bail!("COURIER_NOTIFY_URGENT_BREAKS_QUIET must be true or false, got '{v}'"),
+            };
         }
         if let Some(v) = env("COURIER_CLINIC_NAME") {
             anyhow::ensure!(v.len() <= 100 && !v.chars().any(|c| c.is_control()), "COURIER_CLINIC_NAME must be a short name");

@@ -68,6 +68,7 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         .collect();
     people.sort();
     people.dedup();
+    let urgent = matches!(v["priority"].as_str(), Some("urgent" | "asap" | "stat"));
     let t = now();
     for person in people {
         // The channels the person can be reached by and has not turned off.
@@ -80,12 +81,13 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         )?;
         for ch in channels {
             c.execute(
-                "INSERT INTO notices (id, person, kind, about, state, channel, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?, ?)",
+                "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?, ?, ?)",
                 vec![
                     uuid::Uuid::new_v4().to_string().into(),
                     person.clone().into(),
                     format!("Communication/{id}").into(),
                     ch.kind.into(),
+                    i64::from(urgent).into(),
                     t.into(),
                     t.into(),
                 ],
@@ -189,6 +191,40 @@ struct PrefRow {
     sms_off: i64,
     #[diesel(sql_type = Text)]
     unsubscribe: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    quiet_from: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    quiet_to: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    time_zone: Option<String>,
+}
+
+impl PrefRow {
+    /// When the person's quiet hours that hold at `t` end (Unix seconds), if they hold.
+    fn quiet_until(&self, t: i64) -> Option<i64> {
+        let (from, to, tz) = (self.quiet_from.as_deref()?, self.quiet_to.as_deref()?, self.time_zone.as_deref()?);
+        let tz: chrono_tz::Tz = tz.parse().ok()?;
+        let from = chrono::NaiveTime::parse_from_str(from, "%H:%M").ok()?;
+        let to = chrono::NaiveTime::parse_from_str(to, "%H:%M").ok()?;
+        let local = chrono::DateTime::from_timestamp(t, 0)?.with_timezone(&tz);
+        let now = local.time();
+        let inside = if from <= to { now >= from && now < to } else { now >= from || now < to };
+        if !inside {
+            return None;
+        }
+        // The next `to` after now, in the person's zone (a gap at a DST change: the hour after).
+        let mut day = local.date_naive();
+        if now >= to {
+            day = day.succ_opt()?;
+        }
+        let end = day.and_time(to);
+        use chrono::TimeZone;
+        let end = tz
+            .from_local_datetime(&end)
+            .earliest()
+            .or_else(|| tz.from_local_datetime(&(end + chrono::Duration::hours(1))).earliest())?;
+        Some(end.timestamp())
+    }
 }
 
 /// The person's choices, made on first need (with their unsubscribe token).
@@ -199,7 +235,7 @@ fn prefs(store: &Store, person: &str) -> Result<PrefRow, StoreError> {
     )?;
     store
         .query::<PrefRow>(
-            "SELECT email_off, sms_off, unsubscribe FROM notify_prefs WHERE person = ?",
+            "SELECT email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone FROM notify_prefs WHERE person = ?",
             vec![person.into()],
         )?
         .into_iter()
@@ -241,6 +277,8 @@ struct Claimed {
     #[diesel(sql_type = Nullable<Text>)]
     channel: Option<String>,
     #[diesel(sql_type = BigInt)]
+    urgent: i64,
+    #[diesel(sql_type = BigInt)]
     attempts: i64,
 }
 
@@ -272,7 +310,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
     let claimed: Vec<Claimed> = store.query(
         "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
          WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND created_at <= ? ORDER BY next_attempt_at LIMIT ?) \
-         AND state = 'pending' RETURNING id, person, about, channel, attempts",
+         AND state = 'pending' RETURNING id, person, about, channel, urgent, attempts",
         vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
     )?;
     if claimed.is_empty() {
@@ -312,6 +350,16 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         let off = if channel == "sms" { p.sms_off } else { p.email_off };
         if off > 0 {
             done("skipped", Some(&format!("opted out of {channel}")), t)?;
+            continue;
+        }
+        // Quiet hours: the notice waits for their end — unless it is an urgent message to a
+        // clinician and the clinic lets those break through.
+        let breaks = n.urgent > 0 && n.person.starts_with("Practitioner/") && settings.notify_urgent_breaks_quiet;
+        if let Some(until) = p.quiet_until(t).filter(|_| !breaks) {
+            store.execute(
+                "UPDATE notices SET state = 'pending', reason = 'quiet hours', attempts = attempts - 1, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                vec![until.into(), n.id.clone().into(), owner.clone().into()],
+            )?;
             continue;
         }
         let Some(to) = contact(store, &n.person, &channel)? else {
@@ -496,7 +544,138 @@ fn audit(store: &Store, person: &str, about: &str, channel: &str, failure: Optio
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/notify/unsubscribe", web::get().to(unsubscribe_page))
-        .route("/notify/unsubscribe", web::post().to(unsubscribe));
+        .route("/notify/unsubscribe", web::post().to(unsubscribe))
+        .route("/notify/preferences", web::get().to(get_preferences))
+        .route("/notify/preferences", web::put().to(put_preferences));
+}
+
+/// An address or number as the person sees it in the app: enough to recognise it, not to use it.
+fn masked(kind: &str, v: &str) -> String {
+    match kind {
+        "email" => match v.split_once('@') {
+            Some((local, domain)) => format!("{}***@{domain}", local.chars().next().unwrap_or('*')),
+            None => "***".into(),
+        },
+        _ => {
+            let digits: Vec<char> = v.chars().filter(|c| c.is_ascii_digit()).collect();
+            let last: String = digits[digits.len().saturating_sub(4)..].iter().collect();
+            format!("••• {last}")
+        }
+    }
+}
+
+fn person_of(req: &actix_web::HttpRequest) -> Result<String, crate::fhir::outcome::FhirError> {
+    let p = crate::fhir::access::principal(req)?;
+    p.fhir_user.clone().filter(|u| person_ref(&json!({"reference": u})).is_some()).ok_or_else(|| {
+        crate::fhir::outcome::FhirError::new(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            "notice preferences belong to a signed-in person (a token with fhirUser)",
+        )
+    })
+}
+
+fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
+    let p = prefs(store, person)?;
+    let mut out = json!({});
+    for (kind, off) in [("email", p.email_off), ("sms", p.sms_off)] {
+        out[kind] = match contact(store, person, kind)? {
+            Some(v) => json!({"to": masked(kind, &v), "on": off == 0}),
+            None => json!({"to": null, "on": false}),
+        };
+    }
+    out["quiet"] = match (&p.quiet_from, &p.quiet_to, &p.time_zone) {
+        (Some(f), Some(t), Some(z)) => json!({"from": f, "to": t, "time_zone": z}),
+        _ => Value::Null,
+    };
+    Ok(out)
+}
+
+/// `GET /notify/preferences`: the signed-in person's channels (masked) and quiet hours.
+async fn get_preferences(state: web::Data<crate::api::AppState>, req: actix_web::HttpRequest) -> HttpResponse {
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let store = state.store.clone();
+    match web::block(move || preferences_of(&store, &person)).await {
+        Ok(Ok(v)) => HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(v),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+/// `PUT /notify/preferences` (`{"email": {"on"}, "sms": {"on"}, "quiet": {"from": "22:00",
+/// "to": "07:00", "time_zone": "Europe/London"} | null}`): bad input is a 400 OperationOutcome
+/// and changes nothing.
+async fn put_preferences(
+    state: web::Data<crate::api::AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    use crate::fhir::outcome::FhirError;
+    let bad = |what: &str, why: &str| {
+        actix_web::ResponseError::error_response(&FhirError::at(actix_web::http::StatusCode::BAD_REQUEST, "invalid", what, why))
+    };
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    if body.len() > 4096 {
+        return bad("preferences", "the request is too large");
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return bad("preferences", "the request is not JSON");
+    };
+    let flag = |k: &str| match &v[k]["on"] {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        _ => Err(format!("{k}.on must be true or false")),
+    };
+    let (email, sms) = match (flag("email"), flag("sms")) {
+        (Ok(e), Ok(s)) => (e, s),
+        (Err(e), _) | (_, Err(e)) => return bad("preferences", &e),
+    };
+    let quiet = match &v["quiet"] {
+        Value::Null => None,
+        q => {
+            let time = |k: &str| q[k].as_str().filter(|s| chrono::NaiveTime::parse_from_str(s, "%H:%M").is_ok() && s.len() == 5);
+            let (Some(from), Some(to)) = (time("from"), time("to")) else {
+                return bad("quiet", "quiet hours are two times as HH:MM, from and to");
+            };
+            let Some(zone) = q["time_zone"].as_str().filter(|z| z.parse::<chrono_tz::Tz>().is_ok()) else {
+                return bad("quiet.time_zone", "the time zone must be an IANA name such as Europe/London");
+            };
+            if from == to {
+                return bad("quiet", "quiet hours must not start and end at the same time");
+            }
+            Some((from.to_string(), to.to_string(), zone.to_string()))
+        }
+    };
+    let store = state.store.clone();
+    let done = web::block(move || -> Result<Value, StoreError> {
+        prefs(&store, &person)?;
+        let t = now();
+        if let Some(on) = email {
+            store.execute("UPDATE notify_prefs SET email_off = ?, updated_at = ? WHERE person = ?", vec![(if on { 0 } else { t }).into(), t.into(), person.clone().into()])?;
+        }
+        if let Some(on) = sms {
+            store.execute("UPDATE notify_prefs SET sms_off = ?, updated_at = ? WHERE person = ?", vec![(if on { 0 } else { t }).into(), t.into(), person.clone().into()])?;
+        }
+        let (f, to, z) = match &quiet {
+            Some((f, to, z)) => (Some(f.clone()), Some(to.clone()), Some(z.clone())),
+            None => (None, None, None),
+        };
+        store.execute(
+            "UPDATE notify_prefs SET quiet_from = ?, quiet_to = ?, time_zone = ?, updated_at = ? WHERE person = ?",
+            vec![f.into(), to.into(), z.into(), t.into(), person.clone().into()],
+        )?;
+        preferences_of(&store, &person)
+    })
+    .await;
+    match done {
+        Ok(Ok(v)) => HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(v),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
 }
 
 fn token_of(q: &str) -> Option<String> {

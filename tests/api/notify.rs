@@ -460,3 +460,126 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         assert!(!audits.to_string().contains("5550100199"), "no number in the audit trail");
     }
 }
+
+mod preferences_and_quiet_hours {
+    use super::*;
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 1;
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn put(c: &reqwest::Client, app: &TestApp, body: Value) -> (u16, Value) {
+        let r = c.put(app.url("notify/preferences")).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let mut ada = person("Patient", "a1", &[]);
+        ada["telecom"] = json!([{"system": "sms", "value": "+1 555 010 0199"}]);
+        let mut grace = person("Practitioner", "dr-a", &[]);
+        grace["telecom"] = json!([{"system": "phone", "use": "mobile", "value": "+15550100277"}]);
+        let mut alan = person("Practitioner", "dr-b", &[]);
+        alan["telecom"] = json!([{"system": "phone", "use": "mobile", "value": "+15550100388"}]);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace, alan]))).await;
+        let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        let (to_ehr, cookie) = standalone(&app).await;
+        let (_, back, _) = step(&to_ehr).await;
+        let (_, page) = back_with(&back.unwrap(), &cookie).await;
+        let ada_s = crate::ehr::session_of(&page);
+        let grace_s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let alan_s = launch_as(&app, &ehr, "a1", "Practitioner/dr-b").await;
+        let (ada_c, grace_c, alan_c) = (
+            client_with_token(ada_s["access_token"].as_str().unwrap()),
+            client_with_token(grace_s["access_token"].as_str().unwrap()),
+            client_with_token(alan_s["access_token"].as_str().unwrap()),
+        );
+        let (ada_ref, grace_ref, alan_ref) = (
+            ada_s["fhirUser"].as_str().unwrap().to_string(),
+            grace_s["fhirUser"].as_str().unwrap().to_string(),
+            alan_s["fhirUser"].as_str().unwrap().to_string(),
+        );
+        // What the person sees: the channels their record gives, masked; none turned off.
+        let got: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(got, json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true}, "quiet": null}));
+        // Bad input: 400 with an OperationOutcome, and nothing changes.
+        for bad in [
+            json!({"quiet": {"from": "25:00", "to": "07:00", "time_zone": "Europe/London"}}),
+            json!({"quiet": {"from": "22:00", "to": "07:00", "time_zone": "Mars/Olympus"}}),
+            json!({"quiet": {"from": "22:00", "to": "22:00", "time_zone": "UTC"}}),
+            json!({"sms": {"on": "no"}}),
+        ] {
+            let (s, o) = put(&ada_c, &app, bad.clone()).await;
+            assert_eq!(s, 400, "{bad}: {o}");
+            assert_eq!(o["resourceType"], "OperationOutcome");
+        }
+        let again: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(again, got);
+        // An integrator's token is nobody's: no preferences.
+        assert_eq!(app.client.get(app.url("notify/preferences")).send().await.unwrap().status(), 403);
+        assert_eq!(app.anonymous.get(app.url("notify/preferences")).send().await.unwrap().status(), 401);
+
+        // Quiet hours that hold now (in UTC: from an hour ago to two hours ahead), for Ada and Alan.
+        let now = chrono::Utc::now();
+        let hm = |d: chrono::DateTime<chrono::Utc>| d.format("%H:%M").to_string();
+        let quiet = json!({"quiet": {"from": hm(now - chrono::Duration::hours(1)), "to": hm(now + chrono::Duration::hours(2)), "time_zone": "UTC"}});
+        for c in [&ada_c, &alan_c] {
+            let (s, v) = put(c, &app, quiet.clone()).await;
+            assert_eq!(s, 200, "{v}");
+            assert_eq!(v["quiet"]["time_zone"], "UTC");
+        }
+        let send = |c: &reqwest::Client, body: Value| {
+            let (c, url) = (c.clone(), app.url("Communication"));
+            async move {
+                let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            }
+        };
+        // A routine message to Ada waits for the end of her quiet hours.
+        let routine = send(&grace_c, json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": ada_ref},
+            "sender": {"reference": grace_ref}, "recipient": [{"reference": ada_ref}], "payload": [{"contentString": "Routine"}]})).await;
+        // An urgent message to Alan, a clinician, breaks through his.
+        let urgent = send(&grace_c, json!({"resourceType": "Communication", "status": "completed", "priority": "urgent", "subject": {"reference": ada_ref},
+            "sender": {"reference": grace_ref}, "recipient": [{"reference": alan_ref}], "payload": [{"contentString": "Urgent"}]})).await;
+        wait_state(&app, &format!("Communication/{urgent}"), "sent").await;
+        let waiting = notices(&app).into_iter().find(|n| n.about == format!("Communication/{routine}")).unwrap();
+        assert_eq!((waiting.state.as_str(), waiting.reason.as_deref()), ("pending", Some("quiet hours")), "{waiting:?}");
+        assert_eq!(provider.got.lock().len(), 1, "only the urgent one went out");
+        assert!(provider.got.lock()[0].iter().any(|(k, v)| k == "To" && v == "+15550100388"));
+        // Turning SMS off: a new message makes no notice at all.
+        let (s, v) = put(&ada_c, &app, json!({"sms": {"on": false}, "quiet": null})).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["sms"]["on"], false);
+        assert!(v["quiet"].is_null());
+        let later = send(&grace_c, json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": ada_ref},
+            "sender": {"reference": grace_ref}, "recipient": [{"reference": ada_ref}], "payload": [{"contentString": "Later"}]})).await;
+        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{later}")));
+    }
+}

@@ -11,11 +11,15 @@ CREATE TABLE notify_contacts (
     updated_at  BIGINT NOT NULL,
     PRIMARY KEY (person, kind)
 );
--- A person's choices: opted out of email (unsubscribe), and the token of their unsubscribe link.
+-- A person's choices: channels turned off, quiet hours (HH:MM to HH:MM in their IANA time zone),
+-- and the token of their unsubscribe link.
 CREATE TABLE notify_prefs (
     person         TEXT PRIMARY KEY,
     email_off      BIGINT NOT NULL DEFAULT 0,
     sms_off        BIGINT NOT NULL DEFAULT 0,
+    quiet_from     TEXT,
+    quiet_to       TEXT,
+    time_zone      TEXT,
     unsubscribe    TEXT NOT NULL,
     updated_at     BIGINT NOT NULL
 );
@@ -32,6 +36,7 @@ CREATE TABLE notices (
     about           TEXT NOT NULL,
     state           TEXT NOT NULL,
     channel         TEXT,
+    urgent          BIGINT NOT NULL DEFAULT 0,
     attempts        BIGINT NOT NULL DEFAULT 0,
     next_attempt_at BIGINT NOT NULL,
     lease_owner     TEXT,
