@@ -116,6 +116,9 @@ function end(why) {
   $('new-form').reset();
   $('filter-text').value = '';
   if ($('new-dialog').open) $('new-dialog').close();
+  if ($('notices-dialog').open) $('notices-dialog').close();
+  $('notices').hidden = true;
+  for (const id of ['notices-email-label', 'notices-sms-label', 'notices-zone']) $(id).replaceChildren();
   document.title = 'Courier messages';
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
@@ -1128,6 +1131,71 @@ function chooseTo() {
   newError('');
 }
 
+// Notifications: which channels, and quiet hours in this browser's time zone.
+function noticesError(text) {
+  $('notices-error').textContent = text || '';
+  $('notices-error').hidden = !text;
+}
+
+async function openNotices() {
+  noticesError('');
+  $('notices-status').textContent = '';
+  let p;
+  try {
+    p = await api('GET', '/notify/preferences');
+  } catch (e) {
+    showNotice('Your notification settings could not be loaded. ' + plain(e));
+    return;
+  }
+  if (!token) return;
+  for (const [kind, label] of [['email', 'Email'], ['sms', 'Text message']]) {
+    const c = p[kind] || {};
+    $('notices-' + kind).checked = !!c.on;
+    $('notices-' + kind).disabled = !c.to;
+    $('notices-' + kind + '-label').textContent = c.to ? label + ' to ' + c.to : label + ' (no ' + (kind === 'sms' ? 'mobile number' : 'address') + ' on your record)';
+  }
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+  $('notices-quiet').checked = !!p.quiet;
+  if (p.quiet) { $('notices-from').value = p.quiet.from; $('notices-to').value = p.quiet.to; }
+  $('notices-hours').hidden = !p.quiet;
+  $('notices-zone').textContent = '(' + ((p.quiet && p.quiet.time_zone) || zone) + ')';
+  $('notices-dialog').showModal();
+}
+
+async function saveNotices(ev) {
+  ev.preventDefault();
+  noticesError('');
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+  const body = {
+    email: {on: $('notices-email').checked},
+    sms: {on: $('notices-sms').checked},
+    quiet: $('notices-quiet').checked ? {from: $('notices-from').value, to: $('notices-to').value, time_zone: zone} : null,
+  };
+  if (body.quiet && (!body.quiet.from || !body.quiet.to || body.quiet.from === body.quiet.to)) {
+    noticesError('Choose when quiet hours start and end (two different times).');
+    $('notices-from').focus();
+    return;
+  }
+  try {
+    const r = await fetch('/notify/preferences', {
+      method: 'PUT',
+      headers: {Authorization: 'Bearer ' + token, 'Content-Type': 'application/json'},
+      body: JSON.stringify(body),
+    });
+    if (!r.ok) {
+      let why = 'Your settings could not be saved.';
+      try { const o = await r.json(); if (o.issue && o.issue[0]) why = o.issue[0].diagnostics; } catch (e) { /* none */ }
+      noticesError(why);
+      return;
+    }
+    $('notices-status').textContent = 'Saved.';
+    $('notices-dialog').close();
+    $('announce').textContent = 'Notification settings saved.';
+  } catch (e) {
+    noticesError('Courier cannot be reached. Try again.');
+  }
+}
+
 async function openNew() {
   $('new-form').reset();
   newError('');
@@ -1441,6 +1509,12 @@ async function start() {
     try { await Notification.requestPermission(); } catch (e) { /* the sound still plays */ }
   });
   $('logout').addEventListener('click', () => signOut('You have signed out.'));
+  $('notices').hidden = false;
+  $('notices').addEventListener('click', openNotices);
+  $('notices-form').addEventListener('submit', saveNotices);
+  $('notices-cancel').addEventListener('click', () => $('notices-dialog').close());
+  $('notices-dialog').addEventListener('close', () => { if (token) $('notices').focus(); });
+  $('notices-quiet').addEventListener('change', () => { $('notices-hours').hidden = !$('notices-quiet').checked; });
   // The inbox is ready when its threads show; counts, previews and names fill in after.
   let ready = false;
   const shown = () => {

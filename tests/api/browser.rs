@@ -239,6 +239,7 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
     };
     let mut patient = person("Patient", "a1", &[]);
     patient["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
+    patient["telecom"] = json!([{"system": "email", "value": "ada@example.org"}]);
     let mut clinician = person("Practitioner", "dr-a", &[]);
     clinician["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
     ehr.control(reqwest::Method::POST, "seed", Some(json!([patient, clinician])))

@@ -206,6 +206,24 @@ try {
   await patient.fill('#totp-code', totp(key, Date.now() / 1000 + 30));
   await patient.click('#totp-form button');
   await patient.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+
+  step('patient: notification settings');
+  await patient.click('#notices');
+  await patient.waitForSelector('#notices-dialog[open]');
+  check((await patient.textContent('#notices-email-label')).includes('a***@example.org'), 'patient: her email, masked, is offered');
+  check(await patient.isDisabled('#notices-sms'), 'patient: no mobile number: text messages cannot be turned on');
+  await a11y(patient, 'app: notification settings (phone)', true);
+  await patient.uncheck('#notices-email');
+  await patient.check('#notices-quiet');
+  await patient.fill('#notices-from', '21:30');
+  await patient.fill('#notices-to', '06:45');
+  await patient.click('#notices-save');
+  await patient.waitForSelector('#notices-dialog:not([open])', { state: 'attached' });
+  const saved = await patient.evaluate(async () => {
+    const s = JSON.parse(sessionStorage.getItem('courier.session'));
+    return (await fetch('/notify/preferences', { headers: { Authorization: 'Bearer ' + s.access_token } })).json();
+  });
+  check(saved.email.on === false && saved.quiet && saved.quiet.from === '21:30' && saved.quiet.to === '06:45' && saved.quiet.time_zone, `patient: settings saved: ${JSON.stringify(saved)}`);
   await shots('final');
 
   check(problems.length === 0, problems.join('\n'));
