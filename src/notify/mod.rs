@@ -69,6 +69,25 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
     people.sort();
     people.dedup();
     let urgent = matches!(v["priority"].as_str(), Some("urgent" | "asap" | "stat"));
+    // A scheduled reminder or dose (sent from a CommunicationRequest) whose `medium` names email
+    // or SMS (v3-ParticipationMode EMAILWRIT, SMSWRIT) goes through that channel at once, as well
+    // as into the app; any other message is notified only if it stays unread.
+    let scheduled = v["basedOn"]
+        .as_array()
+        .is_some_and(|b| b.iter().any(|r| r["reference"].as_str().is_some_and(|x| x.starts_with("CommunicationRequest/"))));
+    let media: Vec<&str> = v["medium"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["coding"].as_array().into_iter().flatten())
+        .filter(|c| c["system"] == "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode")
+        .filter_map(|c| match c["code"].as_str() {
+            Some("EMAILWRIT") => Some("email"),
+            Some("SMSWRIT") => Some("sms"),
+            _ => None,
+        })
+        .collect();
+    let reminder = scheduled && !media.is_empty();
     let t = now();
     for person in people {
         // The channels the person can be reached by and has not turned off.
@@ -79,12 +98,13 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
              AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
             vec![person.clone().into()],
         )?;
-        for ch in channels {
+        for ch in channels.into_iter().filter(|ch| !reminder || media.contains(&ch.kind.as_str())) {
             c.execute(
-                "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, 'new-message', ?, 'pending', ?, ?, ?, ?)",
+                "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                 vec![
                     uuid::Uuid::new_v4().to_string().into(),
                     person.clone().into(),
+                    (if reminder { "reminder" } else { "new-message" }).into(),
                     format!("Communication/{id}").into(),
                     ch.kind.into(),
                     i64::from(urgent).into(),
@@ -250,8 +270,18 @@ pub struct Rendered {
     pub text: String,
 }
 
-pub fn render(settings: &Settings, staff: bool, link: &str, unsubscribe: &str) -> Rendered {
+pub fn render(settings: &Settings, staff: bool, reminder: bool, link: &str, unsubscribe: &str) -> Rendered {
     let clinic = &settings.clinic_name;
+    if reminder {
+        return Rendered {
+            subject: format!("A reminder from {clinic}"),
+            text: format!(
+                "Hello,\r\n\r\nYou have a reminder from {clinic}.\r\n\r\nTo read it, sign in here:\r\n{link}\r\n\r\n\
+                 For your privacy this email does not contain the reminder. Please do not reply to this email.\r\n\r\n\
+                 To stop these emails: {unsubscribe}\r\n"
+            ),
+        };
+    }
     let subject = format!("New secure message from {clinic}");
     let who = if staff {
         "You have a new secure message in Courier.".to_string()
@@ -272,6 +302,8 @@ struct Claimed {
     id: String,
     #[diesel(sql_type = Text)]
     person: String,
+    #[diesel(sql_type = Text)]
+    kind: String,
     #[diesel(sql_type = Text)]
     about: String,
     #[diesel(sql_type = Nullable<Text>)]
@@ -309,8 +341,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
     let due = t - settings.notify_after_secs;
     let claimed: Vec<Claimed> = store.query(
         "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
-         WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND created_at <= ? ORDER BY next_attempt_at LIMIT ?) \
-         AND state = 'pending' RETURNING id, person, about, channel, urgent, attempts",
+         WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND (kind = 'reminder' OR created_at <= ?) ORDER BY next_attempt_at LIMIT ?) \
+         AND state = 'pending' RETURNING id, person, kind, about, channel, urgent, attempts",
         vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
     )?;
     if claimed.is_empty() {
@@ -341,7 +373,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             )?
             .first()
             .is_some_and(|r| r.n > 0);
-        if read {
+        if read && n.kind != "reminder" {
             done("skipped", Some("read in the app"), t)?;
             continue;
         }
@@ -370,8 +402,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
         let staff = n.person.starts_with("Practitioner/");
         let outcome = match (channel.as_str(), &transport) {
-            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, &link, &unsubscribe), &n.id, &unsubscribe),
-            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, &link)),
+            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, n.kind == "reminder", &link, &unsubscribe), &n.id, &unsubscribe),
+            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, n.kind == "reminder", &link)),
             _ => {
                 // The channel is not configured on this server (any more): wait for it.
                 store.execute(
@@ -469,9 +501,10 @@ fn send(
 }
 
 /// An SMS notice: the clinic, that there is a message, the link. No name, no content.
-pub fn sms_text(settings: &Settings, link: &str) -> String {
+pub fn sms_text(settings: &Settings, reminder: bool, link: &str) -> String {
+    let what = if reminder { "a reminder" } else { "a new secure message" };
     format!(
-        "{}: you have a new secure message. Sign in to read it: {link} Reply STOP to opt out.",
+        "{}: you have {what}. Sign in to read it: {link} Reply STOP to opt out.",
         settings.clinic_name
     )
 }

@@ -458,6 +458,34 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         let audits = app.get_json(&format!("AuditEvent?subtype={}|sms-notice", courier::notify::NOTICE_SYSTEM)).await;
         assert_eq!(ids(&audits).len(), 2, "sent and parked are both audited");
         assert!(!audits.to_string().contains("5550100199"), "no number in the audit trail");
+        // A medication reminder asked for by SMS (CommunicationRequest.medium SMSWRIT): when the
+        // scheduler sends it, it goes by SMS at once too, saying only that there is a reminder.
+        let ada_ref = with_ada["patient"].as_str().unwrap();
+        let cr = json!({"resourceType": "CommunicationRequest", "status": "active", "priority": "routine",
+            "subject": {"reference": ada_ref}, "recipient": [{"reference": ada_ref}], "requester": {"reference": grace_ref},
+            "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode", "code": "SMSWRIT"}]}],
+            "payload": [{"contentString": "Take 500 mg metformin with breakfast"}],
+            "occurrenceDateTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
+        let r = doctor.post(app.url("CommunicationRequest")).json(&cr).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let mut reminder = None;
+        for _ in 0..150 {
+            if let Some(f) = provider.got.lock().iter().find(|f| f.iter().any(|(k, v)| k == "Body" && v.contains("a reminder"))) {
+                reminder = Some(f.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reminder = reminder.expect("the reminder went by SMS");
+        assert!(reminder.iter().any(|(k, v)| k == "To" && v == "+15550100199"));
+        assert!(!format!("{reminder:?}").contains("metformin"), "no PHI in the reminder");
+        #[derive(diesel::QueryableByName)]
+        struct K {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            kind: String,
+        }
+        let kinds: Vec<K> = app.store.query("SELECT kind FROM notices WHERE state = 'sent'", vec![]).unwrap();
+        assert!(kinds.iter().any(|k| k.kind == "reminder"));
     }
 }
 
