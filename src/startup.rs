@@ -251,7 +251,13 @@ async fn metrics(state: web::Data<AppState>, req: actix_web::HttpRequest) -> Htt
         .error_response();
     }
     let store = state.store.clone();
-    match web::block(move || crate::smart::outbox::metrics(&store)).await {
+    match web::block(move || {
+        let mut m = crate::smart::outbox::metrics(&store)?;
+        m.push_str(&crate::notify::metrics(&store)?);
+        Ok::<_, crate::store::StoreError>(m)
+    })
+    .await
+    {
         Ok(Ok(text)) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4")
             .body(text),

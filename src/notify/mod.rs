@@ -774,6 +774,24 @@ pub struct StateCount {
     pub oldest: Option<i64>,
 }
 
+/// Prometheus text for `/metrics`: notices per state (the backlog is `pending`, failures
+/// `parked` and `uncertain`), and the age of the oldest pending one.
+pub fn metrics(store: &Store) -> Result<String, StoreError> {
+    let rows = status(store)?;
+    let mut out = String::from("# HELP courier_notices Notices of messages outside the app, by state.\n# TYPE courier_notices gauge\n");
+    for s in ["pending", "sending", "sent", "skipped", "parked", "uncertain"] {
+        let n = rows.iter().find(|r| r.state == s).map_or(0, |r| r.n);
+        out.push_str(&format!("courier_notices{{state=\"{s}\"}} {n}\n"));
+    }
+    let oldest = rows
+        .iter()
+        .find(|r| r.state == "pending")
+        .and_then(|r| r.oldest)
+        .map_or(0, |t| (now() - t).max(0));
+    out.push_str(&format!("# HELP courier_notices_oldest_pending_seconds Age of the oldest pending notice.\n# TYPE courier_notices_oldest_pending_seconds gauge\ncourier_notices_oldest_pending_seconds {oldest}\n"));
+    Ok(out)
+}
+
 /// `courier notify status`: notices per state, with the oldest of each.
 pub fn status(store: &Store) -> Result<Vec<StateCount>, StoreError> {
     store.query(

@@ -486,6 +486,11 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         }
         let kinds: Vec<K> = app.store.query("SELECT kind FROM notices WHERE state = 'sent'", vec![]).unwrap();
         assert!(kinds.iter().any(|k| k.kind == "reminder"));
+        // The backlog and failures show on /metrics.
+        let m = app.client.get(app.url("metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(m.contains("courier_notices{state=\"parked\"} 1"), "{m}");
+        assert!(m.contains("courier_notices{state=\"sent\"} 2"), "{m}");
+        assert!(m.contains("courier_notices_oldest_pending_seconds"), "{m}");
     }
 }
 
