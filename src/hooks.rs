@@ -33,6 +33,9 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
         };
         if r.res_type == "CommunicationRequest" {
             crate::messaging::schedule::track(c, r.id, r.status, r.body)?;
+            if let Some(body) = r.body {
+                crate::notify::on_escalation(c, r.id, body)?;
+            }
         }
         if events::logged(r.res_type) {
             events::record(c, kind, r.res_type, r.id, r.version_id, None)?;

@@ -146,6 +146,50 @@ pub fn mobile_of(resource: &Value) -> Option<String> {
         .find_map(e164)
 }
 
+/// In the transaction that escalates an unread urgent message to the backup (the on-call
+/// clinician, `COURIER_ESCALATION_BACKUP`): a notice to the backup's phone (and email) at once,
+/// through quiet hours. One per escalation and channel, however often the request is updated.
+pub fn on_escalation<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), StoreError> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Ok(());
+    };
+    let escalation = v["category"].as_array().into_iter().flatten().flat_map(|c| c["coding"].as_array().into_iter().flatten())
+        .any(|c| c["system"] == crate::messaging::escalation::CATEGORY_SYSTEM && c["code"] == "unread-urgent");
+    if !escalation || v["status"] != "active" {
+        return Ok(());
+    }
+    let backup = v["extension"].as_array().into_iter().flatten()
+        .filter(|e| e["url"] == crate::messaging::escalation::EXTENSION)
+        .flat_map(|e| e["extension"].as_array().into_iter().flatten())
+        .find(|e| e["url"] == "escalatedTo")
+        .and_then(|e| person_ref(&e["valueReference"]));
+    let Some(backup) = backup else {
+        return Ok(());
+    };
+    let channels: Vec<KindRow> = c.load(
+        "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
+         WHERE c.person = ? AND c.verified_at IS NOT NULL \
+         AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
+         AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
+        vec![backup.clone().into()],
+    )?;
+    let t = now();
+    for ch in channels {
+        c.execute(
+            "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, 'escalation', ?, 'pending', ?, 1, ?, ?) ON CONFLICT (id) DO NOTHING",
+            vec![
+                format!("escalation-{id}-{}", ch.kind).into(),
+                backup.clone().into(),
+                format!("CommunicationRequest/{id}").into(),
+                ch.kind.into(),
+                t.into(),
+                t.into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 fn contact_aad(person: &str, kind: &str) -> String {
     format!("notify-contact/{person}/{kind}")
 }
@@ -270,9 +314,18 @@ pub struct Rendered {
     pub text: String,
 }
 
-pub fn render(settings: &Settings, staff: bool, reminder: bool, link: &str, unsubscribe: &str) -> Rendered {
+pub fn render(settings: &Settings, staff: bool, kind: &str, link: &str, unsubscribe: &str) -> Rendered {
     let clinic = &settings.clinic_name;
-    if reminder {
+    if kind == "escalation" {
+        return Rendered {
+            subject: "Urgent: a message is waiting for you in Courier".into(),
+            text: format!(
+                "An urgent message has not been read, and it has been passed to you.\r\n\r\nSign in to read it:\r\n{link}\r\n\r\n\
+                 To stop these emails: {unsubscribe}\r\n"
+            ),
+        };
+    }
+    if kind == "reminder" {
         return Rendered {
             subject: format!("A reminder from {clinic}"),
             text: format!(
@@ -341,7 +394,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
     let due = t - settings.notify_after_secs;
     let claimed: Vec<Claimed> = store.query(
         "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
-         WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND (kind = 'reminder' OR created_at <= ?) ORDER BY next_attempt_at LIMIT ?) \
+         WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND (kind <> 'new-message' OR created_at <= ?) ORDER BY next_attempt_at LIMIT ?) \
          AND state = 'pending' RETURNING id, person, kind, about, channel, urgent, attempts",
         vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
     )?;
@@ -365,7 +418,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 vec![state.into(), reason.map(String::from).into(), next.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
             )
         };
-        let comm = n.about.trim_start_matches("Communication/").to_string();
+        let comm = n.about.strip_prefix("Communication/").unwrap_or_default().to_string();
         let read = store
             .query::<Read>(
                 "SELECT COUNT(*) AS n FROM receipts WHERE comm_id = ? AND recipient = ? AND read_at IS NOT NULL",
@@ -373,7 +426,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             )?
             .first()
             .is_some_and(|r| r.n > 0);
-        if read && n.kind != "reminder" {
+        if read && n.kind == "new-message" {
             done("skipped", Some("read in the app"), t)?;
             continue;
         }
@@ -402,8 +455,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
         let staff = n.person.starts_with("Practitioner/");
         let outcome = match (channel.as_str(), &transport) {
-            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, n.kind == "reminder", &link, &unsubscribe), &n.id, &unsubscribe),
-            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, n.kind == "reminder", &link)),
+            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, &n.kind, &link, &unsubscribe), &n.id, &unsubscribe),
+            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, &n.kind, &link)),
             _ => {
                 // The channel is not configured on this server (any more): wait for it.
                 store.execute(
@@ -501,8 +554,11 @@ fn send(
 }
 
 /// An SMS notice: the clinic, that there is a message, the link. No name, no content.
-pub fn sms_text(settings: &Settings, reminder: bool, link: &str) -> String {
-    let what = if reminder { "a reminder" } else { "a new secure message" };
+pub fn sms_text(settings: &Settings, kind: &str, link: &str) -> String {
+    if kind == "escalation" {
+        return format!("Courier: an urgent message is waiting and has been passed to you. Sign in: {link}");
+    }
+    let what = if kind == "reminder" { "a reminder" } else { "a new secure message" };
     format!(
         "{}: you have {what}. Sign in to read it: {link} Reply STOP to opt out.",
         settings.clinic_name

@@ -616,3 +616,77 @@ mod preferences_and_quiet_hours {
         assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{later}")));
     }
 }
+
+mod escalations_reach_the_on_call_phone {
+    use super::*;
+
+    const ON_CALL: &str = "Practitioner/0c0a1111-2222-4333-8444-555566667777";
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 3600;
+            s.escalation_renotify_secs = 1;
+            s.escalation_after_secs = 2;
+            s.escalation_backup = Some(ON_CALL.into());
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        // The on-call clinician's mobile (as a launch would have read it from the EHR), and quiet
+        // hours all day: an escalation breaks through them.
+        courier::notify::remember_contacts(&app.store, ON_CALL, &json!({"telecom": [{"system": "sms", "value": "+15550100466"}]})).unwrap();
+        app.store.execute(
+            "INSERT INTO notify_prefs (person, email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone, updated_at) VALUES (?, 0, 0, 'tok-on-call', '00:00', '23:59', 'UTC', 0)",
+            vec![ON_CALL.into()],
+        ).unwrap();
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([person("Patient", "a1", &[]), person("Practitioner", "dr-a", &[])]))).await;
+        let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        let (grace, ada) = (s["fhirUser"].as_str().unwrap(), s["patient"].as_str().unwrap());
+        let body = json!({"resourceType": "Communication", "status": "completed", "priority": "stat",
+            "subject": {"reference": ada}, "sender": {"reference": grace}, "recipient": [{"reference": ada}],
+            "payload": [{"contentString": "Potassium 6.8, go to the emergency department"}]});
+        let r = client_with_token(s["access_token"].as_str().unwrap()).post(app.url("Communication")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let mut got = None;
+        for _ in 0..150 {
+            if let Some(f) = provider.got.lock().iter().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466")) {
+                got = Some(f.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sms = got.expect("the on-call clinician's phone was told");
+        let text = &sms.iter().find(|(k, _)| k == "Body").unwrap().1;
+        assert!(text.contains("urgent message is waiting"), "{text}");
+        assert!(!text.contains("Potassium") && !text.contains("6.8"), "no PHI: {text}");
+        // Once per escalation, however often its request is updated with reminders.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let to_on_call = provider.got.lock().iter().filter(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466")).count();
+        assert_eq!(to_on_call, 1);
+    }
+}
