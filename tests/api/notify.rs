@@ -690,3 +690,52 @@ mod escalations_reach_the_on_call_phone {
         assert_eq!(to_on_call, 1);
     }
 }
+
+/// Two instances on one PostgreSQL database, both running the notice worker: every notice is
+/// sent exactly once (the claim is one UPDATE … RETURNING under a lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_send_each_notice_once() {
+    let (provider, url) = sms_provider().await;
+    let with_sms = move |url: String| {
+        move |s: &mut courier::config::Settings| {
+            s.sms_url = Some(url.clone());
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 1;
+        }
+    };
+    let Some(first) = spawn_app_with(Backend::Postgres, with_sms(url.clone())).await else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let db = first.database_url.clone();
+    let tweak = with_sms(url);
+    let second = spawn_app_with(Backend::Postgres, move |s| {
+        tweak(s);
+        s.database_url = db;
+    })
+    .await
+    .unwrap();
+    let patients: Vec<String> = (0..5).map(|i| format!("Patient/0c0a1111-2222-4333-8444-00000000000{i}")).collect();
+    for (i, p) in patients.iter().enumerate() {
+        courier::notify::remember_contacts(&first.store, p, &json!({"telecom": [{"system": "sms", "value": format!("+1555010050{i}")}]})).unwrap();
+    }
+    // 40 messages, written through both instances.
+    for k in 0..40 {
+        let app = if k % 2 == 0 { &first } else { &second };
+        let p = &patients[k % patients.len()];
+        app.create(&message(p, "2026-12-06T10:00:00Z", &format!("message {k}"))).await;
+    }
+    for _ in 0..200 {
+        let sent = notices(&first).iter().filter(|n| n.state == "sent").count();
+        if sent == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states: Vec<String> = notices(&first).into_iter().map(|n| n.state).collect();
+    assert_eq!(states.iter().filter(|s| *s == "sent").count(), 40, "{states:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(provider.got.lock().len(), 40, "each notice exactly once across the two instances");
+}
