@@ -951,7 +951,7 @@ pub fn erase_patient(
             )?;
         }
         // Their email address, choices and notices.
-        for table in ["notify_contacts", "notify_prefs", "notices"] {
+        for table in ["notify_contacts", "notify_prefs", "notices", "notify_pending_contacts"] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE person = ?"),
                 vec![reference.clone().into()],

@@ -217,7 +217,8 @@ pub fn remember_contacts(store: &Store, person: &str, resource: &Value) -> Resul
         let t = now();
         store.execute(
             "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, ?, ?, ?, 'ehr', ?, ?) \
-             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = excluded.source, verified_at = excluded.verified_at, updated_at = excluded.updated_at",
+             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = excluded.source, verified_at = excluded.verified_at, updated_at = excluded.updated_at \
+             WHERE notify_contacts.source = 'ehr'",
             vec![person.into(), kind.into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
         )?;
     }
@@ -635,7 +636,183 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/notify/unsubscribe", web::get().to(unsubscribe_page))
         .route("/notify/unsubscribe", web::post().to(unsubscribe))
         .route("/notify/preferences", web::get().to(get_preferences))
-        .route("/notify/preferences", web::put().to(put_preferences));
+        .route("/notify/preferences", web::put().to(put_preferences))
+        .route("/notify/contacts", web::post().to(change_contact))
+        .route("/notify/contacts/verify", web::post().to(verify_contact));
+}
+
+const CODE_SECS: i64 = 600;
+const CODE_TRIES: i64 = 5;
+
+fn code_hash(person: &str, kind: &str, code: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{person}\n{kind}\n{code}").as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn outcome(status: u16, what: &str, why: &str) -> HttpResponse {
+    actix_web::ResponseError::error_response(&crate::fhir::outcome::FhirError::at(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),
+        if status == 429 { "throttled" } else { "invalid" },
+        what,
+        why,
+    ))
+}
+
+/// `POST /notify/contacts` (`{"kind": "email" | "sms", "value": …}`): a new address or number
+/// for the signed-in person, used only once the 6-digit code sent to it comes back
+/// (`/notify/contacts/verify`); until then the old one stays.
+async fn change_contact(
+    state: web::Data<crate::api::AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return outcome(400, "contact", "the request is not JSON");
+    };
+    let kind = v["kind"].as_str().unwrap_or_default().to_string();
+    let raw = v["value"].as_str().unwrap_or_default().trim().to_string();
+    let value = match kind.as_str() {
+        "email" if raw.len() <= 254 && raw.parse::<lettre::Address>().is_ok() => raw.to_lowercase(),
+        "email" => return outcome(400, "contact.value", "that is not an email address"),
+        "sms" => match e164(&raw) {
+            Some(n) => n,
+            None => return outcome(400, "contact.value", "a mobile number in international form, such as +1 555 010 0199"),
+        },
+        _ => return outcome(400, "contact.kind", "kind is email or sms"),
+    };
+    let configured = match kind.as_str() {
+        "email" => state.settings.smtp_url.is_some(),
+        _ => state.settings.sms_url.is_some(),
+    };
+    if !configured {
+        return outcome(400, "contact.kind", &format!("this clinic does not send notices by {}", if kind == "sms" { "text message" } else { "email" }));
+    }
+    use rand::Rng;
+    let code = format!("{:06}", rand::thread_rng().gen_range(0..1_000_000));
+    let store = state.store.clone();
+    let settings = state.settings.clone();
+    let (p2, k2, v2, c2) = (person.clone(), kind.clone(), value.clone(), code.clone());
+    let sent = web::block(move || -> Result<Result<(), Failed>, StoreError> {
+        // One code a minute per person and channel: the endpoint cannot be made to send texts
+        // in bulk to numbers someone else chose.
+        #[derive(QueryableByName)]
+        struct Recent {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let recent = store.query::<Recent>(
+            "SELECT COUNT(*) AS n FROM notify_pending_contacts WHERE person = ? AND kind = ? AND expires_at > ?",
+            vec![p2.clone().into(), k2.clone().into(), (now() + CODE_SECS - 60).into()],
+        )?;
+        if recent.first().is_some_and(|r| r.n > 0) {
+            return Ok(Err(Failed { permanent: false, reason: "wait a minute before asking for another code".into() }));
+        }
+        let (key_id, sealed) = store.keys.seal(v2.as_bytes(), &format!("notify-pending/{p2}/{k2}"));
+        store.execute(
+            "INSERT INTO notify_pending_contacts (person, kind, key_id, sealed, code_hash, tries, expires_at) VALUES (?, ?, ?, ?, ?, 0, ?) \
+             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, code_hash = excluded.code_hash, tries = 0, expires_at = excluded.expires_at",
+            vec![p2.clone().into(), k2.clone().into(), key_id.into(), Bind::Blob(sealed), code_hash(&p2, &k2, &c2).into(), (now() + CODE_SECS).into()],
+        )?;
+        let text = format!("Your Courier code is {c2}. It expires in 10 minutes. If you did not ask for it, ignore this message.");
+        Ok(match k2.as_str() {
+            "email" => {
+                let tr = lettre::SmtpTransport::from_url(settings.smtp_url.as_ref().map(|u| u.expose_secret().to_string()).unwrap_or_default().as_str())
+                    .map_err(|e| StoreError::Other(anyhow::anyhow!("COURIER_SMTP_URL: {e}")))?
+                    .timeout(Some(std::time::Duration::from_secs(20)))
+                    .build();
+                let r = Rendered { subject: "Your Courier code".into(), text: format!("{text}\r\n") };
+                send(&tr, &settings, &v2, &r, &uuid::Uuid::new_v4().to_string(), &format!("{}/app/", settings.base_url))
+            }
+            _ => send_sms(&settings, &v2, &text),
+        })
+    })
+    .await;
+    match sent {
+        Ok(Ok(Ok(()))) => HttpResponse::Accepted()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(json!({"pending": masked(&kind, &value), "expires_in": CODE_SECS})),
+        Ok(Ok(Err(f))) if f.reason.starts_with("wait a minute") => outcome(429, "contact", "Wait a minute before asking for another code."),
+        Ok(Ok(Err(f))) => outcome(if f.permanent { 400 } else { 503 }, "contact.value", &format!("the code could not be sent: {}", f.reason)),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+#[derive(QueryableByName)]
+struct PendingContact {
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    sealed: Vec<u8>,
+    #[diesel(sql_type = Text)]
+    code_hash: String,
+    #[diesel(sql_type = BigInt)]
+    tries: i64,
+    #[diesel(sql_type = BigInt)]
+    expires_at: i64,
+}
+
+/// `POST /notify/contacts/verify` (`{"kind", "code"}`): the code sent to the new address or
+/// number; right, it replaces the old one (and the EHR's next launch does not put that back).
+async fn verify_contact(
+    state: web::Data<crate::api::AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return outcome(400, "contact", "the request is not JSON");
+    };
+    let kind = v["kind"].as_str().unwrap_or_default().to_string();
+    let code: String = v["code"].as_str().unwrap_or_default().chars().filter(|c| c.is_ascii_digit()).collect();
+    let store = state.store.clone();
+    let done = web::block(move || -> Result<Result<Value, (u16, &'static str)>, StoreError> {
+        // One try counted before it is checked: five guesses at most, however sent.
+        store.execute(
+            "UPDATE notify_pending_contacts SET tries = tries + 1 WHERE person = ? AND kind = ?",
+            vec![person.clone().into(), kind.clone().into()],
+        )?;
+        let Some(p) = store
+            .query::<PendingContact>(
+                "SELECT key_id, sealed, code_hash, tries, expires_at FROM notify_pending_contacts WHERE person = ? AND kind = ?",
+                vec![person.clone().into(), kind.clone().into()],
+            )?
+            .into_iter()
+            .next()
+        else {
+            return Ok(Err((400, "there is no code waiting: ask for a new one")));
+        };
+        if p.expires_at < now() || p.tries > CODE_TRIES {
+            store.execute("DELETE FROM notify_pending_contacts WHERE person = ? AND kind = ?", vec![person.clone().into(), kind.clone().into()])?;
+            return Ok(Err((400, "that code has expired or was tried too often: ask for a new one")));
+        }
+        if code.len() != 6 || code_hash(&person, &kind, &code) != p.code_hash {
+            return Ok(Err((400, "that code is not right")));
+        }
+        let value = store.open_sealed(&p.key_id, &p.sealed, &format!("notify-pending/{person}/{kind}"))?;
+        let (key_id, sealed) = store.keys.seal(&value, &contact_aad(&person, &kind));
+        let t = now();
+        store.execute(
+            "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, ?, ?, ?, 'app', ?, ?) \
+             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = 'app', verified_at = excluded.verified_at, updated_at = excluded.updated_at",
+            vec![person.clone().into(), kind.clone().into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
+        )?;
+        store.execute("DELETE FROM notify_pending_contacts WHERE person = ? AND kind = ?", vec![person.clone().into(), kind.clone().into()])?;
+        Ok(Ok(preferences_of(&store, &person)?))
+    })
+    .await;
+    match done {
+        Ok(Ok(Ok(v))) => HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(v),
+        Ok(Ok(Err((status, why)))) => outcome(status, "contact.code", why),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
 }
 
 /// An address or number as the person sees it in the app: enough to recognise it, not to use it.

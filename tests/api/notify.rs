@@ -739,3 +739,108 @@ async fn two_instances_send_each_notice_once() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(provider.got.lock().len(), 40, "each notice exactly once across the two instances");
 }
+
+mod a_person_changes_their_number_with_a_code_sent_to_it {
+    use super::*;
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn portal(app: &TestApp) -> reqwest::Client {
+        let (to_ehr, cookie) = standalone(app).await;
+        let (_, back, _) = step(&to_ehr).await;
+        let (_, page) = back_with(&back.unwrap(), &cookie).await;
+        client_with_token(crate::ehr::session_of(&page)["access_token"].as_str().unwrap())
+    }
+
+    async fn post(c: &reqwest::Client, app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+        let r = c.post(app.url(path)).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let mut ada = person("Patient", "a1", &[]);
+        ada["telecom"] = json!([{"system": "sms", "value": "+15550100199"}]);
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada]))).await;
+        let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
+        n.launch_scopes = "openid fhirUser launch launch/patient online_access patient/Patient.r";
+        registry::add(&app.store, &n).unwrap();
+        ehr.register_courier(&app, "courier").await;
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        let ada_c = portal(&app).await;
+        // Bad input: refused in words, nothing sent.
+        for (body, what) in [
+            (json!({"kind": "fax", "value": "+15550100222"}), "contact.kind"),
+            (json!({"kind": "sms", "value": "12345"}), "contact.value"),
+            (json!({"kind": "email", "value": "not an address"}), "contact.value"),
+            (json!({"kind": "email", "value": "ada@example.org"}), "contact.kind"),
+        ] {
+            let (s, o) = post(&ada_c, &app, "notify/contacts", body.clone()).await;
+            assert_eq!(s, 400, "{body}: {o}");
+            assert_eq!(o["issue"][0]["expression"][0], what, "{o}");
+        }
+        assert!(provider.got.lock().is_empty());
+        // A new number: a code is sent to it, and the old one stays until the code comes back.
+        let (s, v) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+1 (555) 010-0222"})).await;
+        assert_eq!(s, 202, "{v}");
+        assert_eq!(v["pending"], "••• 0222");
+        let got = provider.got.lock().clone();
+        assert_eq!(got.len(), 1);
+        assert!(got[0].iter().any(|(k, v)| k == "To" && v == "+15550100222"));
+        let body = got[0].iter().find(|(k, _)| k == "Body").unwrap().1.clone();
+        let code: String = body.split("code is ").nth(1).unwrap().chars().take(6).collect();
+        let prefs: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(prefs["sms"]["to"], "••• 0199", "the old number until the code comes back");
+        let wrong = if code == "000000" { "111111" } else { "000000" };
+        let (s, o) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": wrong})).await;
+        assert_eq!(s, 400, "{o}");
+        let (s, v) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": code})).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["sms"]["to"], "••• 0222");
+        // The code is used up, and the EHR's next launch does not put the old number back.
+        let (s, _) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": code})).await;
+        assert_eq!(s, 400);
+        let again = portal(&app).await;
+        let prefs: Value = again.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(prefs["sms"]["to"], "••• 0222");
+        // Guessing: five tries, then the code is gone. (A new code waits a minute after the last.)
+        app.store.execute("UPDATE notify_pending_contacts SET expires_at = expires_at - 120", vec![]).unwrap();
+        let (s, _) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+15550100333"})).await;
+        assert_eq!(s, 202);
+        let (s, _) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+15550100444"})).await;
+        assert_eq!(s, 429, "one code a minute");
+        let sent = provider.got.lock().iter().rev().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100333")).unwrap().iter().find(|(k, _)| k == "Body").unwrap().1.clone();
+        let right: String = sent.split("code is ").nth(1).unwrap().chars().take(6).collect();
+        let wrong = if right == "000000" { "111111" } else { "000000" };
+        for _ in 0..5 {
+            post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": wrong})).await;
+        }
+        let (s, o) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": right})).await;
+        assert_eq!(s, 400, "the right code after five wrong ones: {o}");
+        let prefs: Value = again.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(prefs["sms"]["to"], "••• 0222");
+    }
+}

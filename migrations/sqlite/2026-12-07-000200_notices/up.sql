@@ -48,3 +48,15 @@ CREATE TABLE notices (
 CREATE INDEX notices_due ON notices (state, next_attempt_at);
 CREATE INDEX notices_about ON notices (about);
 CREATE INDEX notices_person ON notices (person);
+-- An address or number the person typed in the app, waiting for the one-time code sent to it
+-- (only its salted hash kept; 10 minutes, 5 tries).
+CREATE TABLE notify_pending_contacts (
+    person     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    key_id     TEXT NOT NULL,
+    sealed     BLOB NOT NULL,
+    code_hash  TEXT NOT NULL,
+    tries      BIGINT NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (person, kind)
+);
