@@ -118,7 +118,9 @@ function end(why) {
   if ($('new-dialog').open) $('new-dialog').close();
   if ($('notices-dialog').open) $('notices-dialog').close();
   $('notices').hidden = true;
-  for (const id of ['notices-email-label', 'notices-sms-label', 'notices-zone']) $(id).replaceChildren();
+  for (const id of ['notices-email-label', 'notices-sms-label', 'notices-zone', 'notices-status']) $(id).replaceChildren();
+  $('notices-value').value = '';
+  $('notices-code').value = '';
   document.title = 'Courier messages';
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
@@ -1162,6 +1164,51 @@ async function openNotices() {
   $('notices-dialog').showModal();
 }
 
+async function contactCall(path, body) {
+  const r = await fetch(path, {
+    method: 'POST',
+    headers: {Authorization: 'Bearer ' + token, 'Content-Type': 'application/json'},
+    body: JSON.stringify(body),
+  });
+  let json = null;
+  try { json = await r.json(); } catch (e) { /* none */ }
+  if (!r.ok) {
+    const issue = json && json.issue && json.issue[0];
+    throw new Error(issue ? issue.diagnostics : 'Something went wrong. Try again.');
+  }
+  return json;
+}
+
+async function sendContactCode() {
+  noticesError('');
+  try {
+    const v = await contactCall('/notify/contacts', {kind: $('notices-kind').value, value: $('notices-value').value});
+    $('notices-status').textContent = 'We sent a code to ' + v.pending + '. Enter it below.';
+    $('notices-code-field').hidden = false;
+    $('notices-code').focus();
+  } catch (e) {
+    noticesError(e.message);
+    $('notices-value').focus();
+  }
+}
+
+async function verifyContact() {
+  noticesError('');
+  try {
+    await contactCall('/notify/contacts/verify', {kind: $('notices-kind').value, code: $('notices-code').value});
+    $('notices-code').value = '';
+    $('notices-value').value = '';
+    $('notices-code-field').hidden = true;
+    $('notices-change').open = false;
+    $('notices-dialog').close();
+    await openNotices();
+    $('notices-status').textContent = 'Changed.';
+  } catch (e) {
+    noticesError(e.message);
+    $('notices-code').focus();
+  }
+}
+
 async function saveNotices(ev) {
   ev.preventDefault();
   noticesError('');
@@ -1515,6 +1562,8 @@ async function start() {
   $('notices-cancel').addEventListener('click', () => $('notices-dialog').close());
   $('notices-dialog').addEventListener('close', () => { if (token) $('notices').focus(); });
   $('notices-quiet').addEventListener('change', () => { $('notices-hours').hidden = !$('notices-quiet').checked; });
+  $('notices-send-code').addEventListener('click', sendContactCode);
+  $('notices-verify').addEventListener('click', verifyContact);
   // The inbox is ready when its threads show; counts, previews and names fill in after.
   let ready = false;
   const shown = () => {

@@ -213,6 +213,13 @@ try {
   check((await patient.textContent('#notices-email-label')).includes('a***@example.org'), 'patient: her email, masked, is offered');
   check(await patient.isDisabled('#notices-sms'), 'patient: no mobile number: text messages cannot be turned on');
   await a11y(patient, 'app: notification settings (phone)', true);
+  // Another address: this clinic sends no email here, and says so in words.
+  await patient.click('#notices-change summary');
+  await patient.selectOption('#notices-kind', 'email');
+  await patient.fill('#notices-value', 'ada.new@example.org');
+  await patient.click('#notices-send-code');
+  await patient.waitForSelector('#notices-error:text("does not send notices by email")');
+  await a11y(patient, 'app: changing the address (phone)', true);
   await patient.uncheck('#notices-email');
   await patient.check('#notices-quiet');
   await patient.fill('#notices-from', '21:30');
