@@ -68,6 +68,18 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         .collect();
     people.sort();
     people.dedup();
+    // A Group or CareTeam recipient: one row now, expanded to its members (who may change) by the
+    // worker, which knows the store's index of memberships.
+    let mut groups: Vec<String> = v["recipient"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["reference"].as_str())
+        .filter(|r| r.starts_with("Group/") || r.starts_with("CareTeam/"))
+        .map(String::from)
+        .collect();
+    groups.sort();
+    groups.dedup();
     let urgent = matches!(v["priority"].as_str(), Some("urgent" | "asap" | "stat"));
     // A scheduled reminder or dose (sent from a CommunicationRequest) whose `medium` names email
     // or SMS (v3-ParticipationMode EMAILWRIT, SMSWRIT) goes through that channel at once, as well
@@ -89,6 +101,20 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         .collect();
     let reminder = scheduled && !media.is_empty();
     let t = now();
+    for group in groups {
+        c.execute(
+            "INSERT INTO notices (id, person, kind, about, state, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            vec![
+                uuid::Uuid::new_v4().to_string().into(),
+                group.into(),
+                (if reminder { "reminder" } else { "new-message" }).into(),
+                format!("Communication/{id}").into(),
+                i64::from(urgent).into(),
+                t.into(),
+                t.into(),
+            ],
+        )?;
+    }
     for person in people {
         // The channels the person can be reached by and has not turned off.
         let channels: Vec<KindRow> = c.load(
@@ -413,6 +439,10 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
     };
     let mut sent = 0;
     for n in claimed {
+        if n.person.starts_with("Group/") || n.person.starts_with("CareTeam/") {
+            expand(store, &n, &owner)?;
+            continue;
+        }
         let done = |state: &str, reason: Option<&str>, next: i64| {
             store.execute(
                 "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
@@ -487,6 +517,59 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         }
     }
     Ok(sent)
+}
+
+/// A notice to a Group or CareTeam becomes one per member and channel (their own choices apply),
+/// dated as the message, with ids made from the group notice's, so doing it twice adds nothing.
+fn expand(store: &Store, n: &Claimed, owner: &str) -> Result<(), StoreError> {
+    let sender = n
+        .about
+        .strip_prefix("Communication/")
+        .and_then(|id| store.read("Communication", id).ok())
+        .and_then(|s| s.body)
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| person_ref(&v["sender"]));
+    #[derive(QueryableByName)]
+    struct Created {
+        #[diesel(sql_type = BigInt)]
+        created_at: i64,
+    }
+    let created = store
+        .query::<Created>("SELECT created_at FROM notices WHERE id = ?", vec![n.id.clone().into()])?
+        .first()
+        .map_or(now(), |c| c.created_at);
+    for member in crate::messaging::groups::members(store, &n.person)? {
+        if person_ref(&json!({"reference": member})).is_none() || Some(&member) == sender.as_ref() {
+            continue;
+        }
+        let channels: Vec<KindRow> = store.query(
+            "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
+             WHERE c.person = ? AND c.verified_at IS NOT NULL \
+             AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
+             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
+            vec![member.clone().into()],
+        )?;
+        for ch in channels {
+            store.execute(
+                "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                vec![
+                    format!("{}:{}:{}", n.id, member, ch.kind).into(),
+                    member.clone().into(),
+                    n.kind.clone().into(),
+                    n.about.clone().into(),
+                    ch.kind.into(),
+                    n.urgent.into(),
+                    created.into(),
+                    created.into(),
+                ],
+            )?;
+        }
+    }
+    store.execute(
+        "UPDATE notices SET state = 'expanded', reason = 'one notice per member' WHERE id = ? AND lease_owner = ?",
+        vec![n.id.clone().into(), owner.into()],
+    )?;
+    Ok(())
 }
 
 /// Where a person signs in: their portal (the standalone launch of an EHR that knows them).
@@ -1012,7 +1095,7 @@ pub struct StateCount {
 pub fn metrics(store: &Store) -> Result<String, StoreError> {
     let rows = status(store)?;
     let mut out = String::from("# HELP courier_notices Notices of messages outside the app, by state.\n# TYPE courier_notices gauge\n");
-    for s in ["pending", "sending", "sent", "skipped", "parked", "uncertain"] {
+    for s in ["pending", "sending", "sent", "skipped", "parked", "uncertain", "expanded"] {
         let n = rows.iter().find(|r| r.state == s).map_or(0, |r| r.n);
         out.push_str(&format!("courier_notices{{state=\"{s}\"}} {n}\n"));
     }

@@ -484,7 +484,15 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
             #[diesel(sql_type = diesel::sql_types::Text)]
             kind: String,
         }
-        let kinds: Vec<K> = app.store.query("SELECT kind FROM notices WHERE state = 'sent'", vec![]).unwrap();
+        // The provider answered; the notice is marked sent just after.
+        let mut kinds: Vec<K> = vec![];
+        for _ in 0..50 {
+            kinds = app.store.query("SELECT kind FROM notices WHERE state = 'sent'", vec![]).unwrap();
+            if kinds.iter().any(|k| k.kind == "reminder") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert!(kinds.iter().any(|k| k.kind == "reminder"));
         // The backlog and failures show on /metrics.
         let m = app.client.get(app.url("metrics")).send().await.unwrap().text().await.unwrap();
@@ -842,5 +850,62 @@ mod a_person_changes_their_number_with_a_code_sent_to_it {
         assert_eq!(s, 400, "the right code after five wrong ones: {o}");
         let prefs: Value = again.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
         assert_eq!(prefs["sms"]["to"], "••• 0222");
+    }
+}
+
+mod members_of_a_group_are_each_notified {
+    use super::*;
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 1;
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        // The nurse line: two nurses and the doctor who writes to it.
+        let (n1, n2) = ("Practitioner/0c0a1111-2222-4333-8444-0000000000a1", "Practitioner/0c0a1111-2222-4333-8444-0000000000a2");
+        courier::notify::remember_contacts(&app.store, n1, &json!({"telecom": [{"system": "sms", "value": "+15550100701"}]})).unwrap();
+        courier::notify::remember_contacts(&app.store, n2, &json!({"telecom": [{"system": "sms", "value": "+15550100702"}]})).unwrap();
+        courier::notify::remember_contacts(&app.store, "Practitioner/dr-1", &json!({"telecom": [{"system": "sms", "value": "+15550100703"}]})).unwrap();
+        let group = json!({"resourceType": "Group", "id": "nurse-line", "type": "practitioner", "actual": true,
+            "member": [{"entity": {"reference": n1}}, {"entity": {"reference": n2}}, {"entity": {"reference": "Practitioner/dr-1"}}]});
+        let r = app.put("Group/nurse-line", &group).await;
+        assert!(r.status().is_success(), "{}", r.status());
+        let id = app.create(&message("Group/nurse-line", "2026-12-06T10:00:00Z", "Please call Mrs Lovelace back")).await;
+        for _ in 0..150 {
+            if provider.got.lock().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let to: Vec<String> = provider.got.lock().iter().filter_map(|f| f.iter().find(|(k, _)| k == "To").map(|(_, v)| v.clone())).collect();
+        let mut sorted = to.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["+15550100701", "+15550100702"], "each member once, never the sender");
+        let states: Vec<Notice> = notices(&app).into_iter().filter(|n| n.about == format!("Communication/{id}")).collect();
+        assert!(states.iter().any(|n| n.state == "expanded"), "{states:?}");
+        assert_eq!(states.iter().filter(|n| n.state == "sent").count(), 2, "{states:?}");
     }
 }
