@@ -1156,6 +1156,11 @@ async function openNotices() {
     $('notices-' + kind).disabled = !c.to;
     $('notices-' + kind + '-label').textContent = c.to ? label + ' to ' + c.to : label + ' (no ' + (kind === 'sms' ? 'mobile number' : 'address') + ' on your record)';
   }
+  const kinds = p.kinds || {};
+  $('notices-kind-new-message').checked = kinds['new-message'] !== false;
+  $('notices-kind-reminder').checked = kinds.reminder !== false;
+  const digest = String(p.digest_minutes || 0);
+  $('notices-digest').value = [...$('notices-digest').options].some((o) => o.value === digest) ? digest : '0';
   const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
   $('notices-quiet').checked = !!p.quiet;
   if (p.quiet) { $('notices-from').value = p.quiet.from; $('notices-to').value = p.quiet.to; }
@@ -1216,6 +1221,8 @@ async function saveNotices(ev) {
   const body = {
     email: {on: $('notices-email').checked},
     sms: {on: $('notices-sms').checked},
+    kinds: {'new-message': $('notices-kind-new-message').checked, reminder: $('notices-kind-reminder').checked},
+    digest_minutes: Number($('notices-digest').value),
     quiet: $('notices-quiet').checked ? {from: $('notices-from').value, to: $('notices-to').value, time_zone: zone} : null,
   };
   if (body.quiet && (!body.quiet.from || !body.quiet.to || body.quiet.from === body.quiet.to)) {

@@ -121,8 +121,9 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
             "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
              WHERE c.person = ? AND c.verified_at IS NOT NULL \
              AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
-            vec![person.clone().into()],
+             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
+             AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY c.kind",
+            vec![person.clone().into(), format!("% {} %", if reminder { "reminder" } else { "new-message" }).into()],
         )?;
         for ch in channels.into_iter().filter(|ch| !reminder || media.contains(&ch.kind.as_str())) {
             c.execute(
@@ -288,9 +289,17 @@ struct PrefRow {
     quiet_to: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     time_zone: Option<String>,
+    #[diesel(sql_type = Text)]
+    kinds_off: String,
+    #[diesel(sql_type = BigInt)]
+    digest_minutes: i64,
 }
 
 impl PrefRow {
+    fn kind_off(&self, kind: &str) -> bool {
+        self.kinds_off.split_whitespace().any(|k| k == kind)
+    }
+
     /// When the person's quiet hours that hold at `t` end (Unix seconds), if they hold.
     fn quiet_until(&self, t: i64) -> Option<i64> {
         let (from, to, tz) = (self.quiet_from.as_deref()?, self.quiet_to.as_deref()?, self.time_zone.as_deref()?);
@@ -326,7 +335,7 @@ fn prefs(store: &Store, person: &str) -> Result<PrefRow, StoreError> {
     )?;
     store
         .query::<PrefRow>(
-            "SELECT email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone FROM notify_prefs WHERE person = ?",
+            "SELECT email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone, kinds_off, digest_minutes FROM notify_prefs WHERE person = ?",
             vec![person.into()],
         )?
         .into_iter()
@@ -341,7 +350,7 @@ pub struct Rendered {
     pub text: String,
 }
 
-pub fn render(settings: &Settings, staff: bool, kind: &str, link: &str, unsubscribe: &str) -> Rendered {
+pub fn render(settings: &Settings, staff: bool, kind: &str, count: i64, link: &str, unsubscribe: &str) -> Rendered {
     let clinic = &settings.clinic_name;
     if kind == "escalation" {
         return Rendered {
@@ -362,11 +371,11 @@ pub fn render(settings: &Settings, staff: bool, kind: &str, link: &str, unsubscr
             ),
         };
     }
-    let subject = format!("New secure message from {clinic}");
-    let who = if staff {
-        "You have a new secure message in Courier.".to_string()
-    } else {
-        format!("You have a new secure message from {clinic}.")
+    let (subject, who) = match (count > 1, staff) {
+        (true, true) => (format!("{count} new secure messages"), format!("You have {count} new secure messages in Courier.")),
+        (true, false) => (format!("{count} new secure messages from {clinic}"), format!("You have {count} new secure messages from {clinic}.")),
+        (false, true) => (format!("New secure message from {clinic}"), "You have a new secure message in Courier.".to_string()),
+        (false, false) => (format!("New secure message from {clinic}"), format!("You have a new secure message from {clinic}.")),
     };
     let text = format!(
         "Hello,\r\n\r\n{who}\r\n\r\nTo read it, sign in here:\r\n{link}\r\n\r\n\
@@ -438,7 +447,12 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         None => None,
     };
     let mut sent = 0;
+    // (person, channel) whose due new-message notices a digest of this pass already told of.
+    let mut digested = std::collections::HashSet::new();
     for n in claimed {
+        if n.kind == "new-message" && digested.contains(&(n.person.clone(), n.channel.clone())) {
+            continue;
+        }
         if n.person.starts_with("Group/") || n.person.starts_with("CareTeam/") {
             expand(store, &n, &owner)?;
             continue;
@@ -468,6 +482,47 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             done("skipped", Some(&format!("opted out of {channel}")), t)?;
             continue;
         }
+        if n.kind != "escalation" && p.kind_off(&n.kind) {
+            done("skipped", Some(&format!("opted out of {} notices", n.kind)), t)?;
+            continue;
+        }
+        // A digest: at most one notice of new messages per channel in the interval; the one
+        // sent says how many are waiting, and stands for the others due with it.
+        let mut count = 1;
+        if n.kind == "new-message" && p.digest_minutes > 0 {
+            #[derive(QueryableByName)]
+            struct Last {
+                #[diesel(sql_type = Nullable<BigInt>)]
+                last: Option<i64>,
+            }
+            let last = store
+                .query::<Last>(
+                    "SELECT MAX(sent_at) AS last FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND state = 'sent'",
+                    vec![n.person.clone().into(), channel.clone().into()],
+                )?
+                .first()
+                .and_then(|l| l.last);
+            if let Some(next) = last.map(|l| l + p.digest_minutes * 60).filter(|&next| next > t) {
+                store.execute(
+                    "UPDATE notices SET state = 'pending', reason = 'digest', attempts = attempts - 1, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                    vec![next.into(), n.id.clone().into(), owner.clone().into()],
+                )?;
+                continue;
+            }
+            #[derive(QueryableByName)]
+            struct Count {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            count += store
+                .query::<Count>(
+                    "SELECT COUNT(*) AS n FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
+                     AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
+                    vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
+                )?
+                .first()
+                .map_or(0, |c| c.n);
+        }
         // Quiet hours: the notice waits for their end — unless it is an urgent message to a
         // clinician and the clinic lets those break through.
         let breaks = n.urgent > 0 && n.person.starts_with("Practitioner/") && settings.notify_urgent_breaks_quiet;
@@ -486,8 +541,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
         let staff = n.person.starts_with("Practitioner/");
         let outcome = match (channel.as_str(), &transport) {
-            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, &n.kind, &link, &unsubscribe), &n.id, &unsubscribe),
-            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, &n.kind, &link)),
+            ("email", Some(tr)) => send(tr, settings, &to, &render(settings, staff, &n.kind, count, &link, &unsubscribe), &n.id, &unsubscribe),
+            ("sms", _) if settings.sms_url.is_some() => send_sms(settings, &to, &sms_text(settings, &n.kind, count, &link)),
             _ => {
                 // The channel is not configured on this server (any more): wait for it.
                 store.execute(
@@ -500,6 +555,15 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         match outcome {
             Ok(()) => {
                 done("sent", None, t)?;
+                if count > 1 {
+                    // The others this digest told of are told.
+                    store.execute(
+                        "UPDATE notices SET state = 'sent', reason = 'in a digest', sent_at = ? WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
+                         AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
+                        vec![t.into(), n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
+                    )?;
+                    digested.insert((n.person.clone(), n.channel.clone()));
+                }
                 audit(store, &n.person, &n.about, &channel, None)?;
                 sent += 1;
             }
@@ -638,11 +702,17 @@ fn send(
 }
 
 /// An SMS notice: the clinic, that there is a message, the link. No name, no content.
-pub fn sms_text(settings: &Settings, kind: &str, link: &str) -> String {
+pub fn sms_text(settings: &Settings, kind: &str, count: i64, link: &str) -> String {
     if kind == "escalation" {
         return format!("Courier: an urgent message is waiting and has been passed to you. Sign in: {link}");
     }
-    let what = if kind == "reminder" { "a reminder" } else { "a new secure message" };
+    let what = if kind == "reminder" {
+        "a reminder".to_string()
+    } else if count > 1 {
+        format!("{count} new secure messages")
+    } else {
+        "a new secure message".to_string()
+    };
     format!(
         "{}: you have {what}. Sign in to read it: {link} Reply STOP to opt out.",
         settings.clinic_name
@@ -933,6 +1003,8 @@ fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
             None => json!({"to": null, "on": false}),
         };
     }
+    out["kinds"] = json!({"new-message": !p.kind_off("new-message"), "reminder": !p.kind_off("reminder")});
+    out["digest_minutes"] = json!(p.digest_minutes);
     out["quiet"] = match (&p.quiet_from, &p.quiet_to, &p.time_zone) {
         (Some(f), Some(t), Some(z)) => json!({"from": f, "to": t, "time_zone": z}),
         _ => Value::Null,
@@ -984,6 +1056,30 @@ async fn put_preferences(
         (Ok(e), Ok(s)) => (e, s),
         (Err(e), _) | (_, Err(e)) => return bad("preferences", &e),
     };
+    let mut kinds_off: Option<Vec<&str>> = None;
+    if let Some(k) = v.get("kinds").filter(|k| !k.is_null()) {
+        let Some(obj) = k.as_object() else {
+            return bad("kinds", "kinds is an object such as {\"new-message\": true, \"reminder\": false}");
+        };
+        let mut off = vec![];
+        for (name, on) in obj {
+            let known = ["new-message", "reminder"].into_iter().find(|x| x == name);
+            match (known, on.as_bool()) {
+                (Some(kn), Some(false)) => off.push(kn),
+                (Some(_), Some(true)) => {}
+                _ => return bad("kinds", "kinds are new-message and reminder, each true or false"),
+            }
+        }
+        kinds_off = Some(off);
+    }
+    let digest = match &v["digest_minutes"] {
+        Value::Null => None,
+        d => match d.as_i64().filter(|m| (0..=1440).contains(m)) {
+            Some(m) => Some(m),
+            None => return bad("digest_minutes", "digest_minutes is a whole number of minutes from 0 (none) to 1440"),
+        },
+    };
+    let quiet_given = v.get("quiet").is_some();
     let quiet = match &v["quiet"] {
         Value::Null => None,
         q => {
@@ -1010,14 +1106,23 @@ async fn put_preferences(
         if let Some(on) = sms {
             store.execute("UPDATE notify_prefs SET sms_off = ?, updated_at = ? WHERE person = ?", vec![(if on { 0 } else { t }).into(), t.into(), person.clone().into()])?;
         }
+        if let Some(off) = &kinds_off {
+            store.execute("UPDATE notify_prefs SET kinds_off = ? WHERE person = ?", vec![off.join(" ").into(), person.clone().into()])?;
+        }
+        if let Some(m) = digest {
+            store.execute("UPDATE notify_prefs SET digest_minutes = ? WHERE person = ?", vec![m.into(), person.clone().into()])?;
+        }
         let (f, to, z) = match &quiet {
             Some((f, to, z)) => (Some(f.clone()), Some(to.clone()), Some(z.clone())),
             None => (None, None, None),
         };
-        store.execute(
-            "UPDATE notify_prefs SET quiet_from = ?, quiet_to = ?, time_zone = ?, updated_at = ? WHERE person = ?",
-            vec![f.into(), to.into(), z.into(), t.into(), person.clone().into()],
-        )?;
+        // Quiet hours change only when the request names them (null: none).
+        if quiet_given {
+            store.execute(
+                "UPDATE notify_prefs SET quiet_from = ?, quiet_to = ?, time_zone = ?, updated_at = ? WHERE person = ?",
+                vec![f.into(), to.into(), z.into(), t.into(), person.clone().into()],
+            )?;
+        }
         preferences_of(&store, &person)
     })
     .await;

@@ -568,13 +568,17 @@ mod preferences_and_quiet_hours {
         );
         // What the person sees: the channels their record gives, masked; none turned off.
         let got: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(got, json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true}, "quiet": null}));
+        assert_eq!(got, json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true},
+            "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "quiet": null}));
         // Bad input: 400 with an OperationOutcome, and nothing changes.
         for bad in [
             json!({"quiet": {"from": "25:00", "to": "07:00", "time_zone": "Europe/London"}}),
             json!({"quiet": {"from": "22:00", "to": "07:00", "time_zone": "Mars/Olympus"}}),
             json!({"quiet": {"from": "22:00", "to": "22:00", "time_zone": "UTC"}}),
             json!({"sms": {"on": "no"}}),
+            json!({"kinds": {"sms": false}}),
+            json!({"kinds": {"reminder": "off"}}),
+            json!({"digest_minutes": 5000}),
         ] {
             let (s, o) = put(&ada_c, &app, bad.clone()).await;
             assert_eq!(s, 400, "{bad}: {o}");
@@ -907,5 +911,81 @@ mod members_of_a_group_are_each_notified {
         let states: Vec<Notice> = notices(&app).into_iter().filter(|n| n.about == format!("Communication/{id}")).collect();
         assert!(states.iter().any(|n| n.state == "expanded"), "{states:?}");
         assert_eq!(states.iter().filter(|n| n.state == "sent").count(), 2, "{states:?}");
+    }
+}
+
+mod digests_and_kinds_turned_off {
+    use super::*;
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.sms_url = Some(url);
+            s.sms_account = "AC0123456789".into();
+            s.sms_token = Some("sms-secret-token".to_string().into());
+            s.sms_from = "+15557654321".into();
+            s.notify_after_secs = 2;
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        let ada = "Patient/0c0a1111-2222-4333-8444-0000000000d1";
+        courier::notify::remember_contacts(&app.store, ada, &json!({"telecom": [{"system": "sms", "value": "+15550100801"}]})).unwrap();
+        // As the app would set them: a digest at most once an hour, no reminders.
+        let token = issue(&app.tokens, &app.admin_client_id, "patient/Communication.rs", Some(ada), Some(ada.strip_prefix("Patient/").unwrap()));
+        let c = client_with_token(&token);
+        let r = c.put(app.url("notify/preferences")).json(&json!({"digest_minutes": 60, "kinds": {"reminder": false}})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((v["digest_minutes"].clone(), v["kinds"]["reminder"].clone()), (json!(60), json!(false)));
+        for k in 0..3 {
+            app.create(&message(ada, "2026-12-06T10:00:00Z", &format!("message {k}"))).await;
+        }
+        for _ in 0..100 {
+            if !provider.got.lock().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let got = provider.got.lock().clone();
+        assert_eq!(got.len(), 1, "one notice for the three: {got:?}");
+        let body = &got[0].iter().find(|(k, _)| k == "Body").unwrap().1;
+        assert!(body.contains("3 new secure messages"), "{body}");
+        // A fourth within the hour waits for the digest.
+        let fourth = app.create(&message(ada, "2026-12-06T10:05:00Z", "message 4")).await;
+        let n = {
+            let mut found = None;
+            for _ in 0..100 {
+                found = notices(&app).into_iter().find(|n| n.about == format!("Communication/{fourth}") && n.reason.as_deref() == Some("digest"));
+                if found.is_some() { break; }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            found.expect("the fourth waits for the digest")
+        };
+        assert_eq!(n.state, "pending");
+        assert_eq!(provider.got.lock().len(), 1);
+        // Reminders turned off: a scheduled reminder by SMS makes no notice.
+        let cr = json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": ada}],
+            "sender": {"reference": "Practitioner/dr-1"}, "basedOn": [{"reference": "CommunicationRequest/x"}],
+            "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode", "code": "SMSWRIT"}]}],
+            "payload": [{"contentString": "Take your medicine"}]});
+        let reminder = app.create(&cr).await;
+        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{reminder}")), "no reminder notice");
     }
 }

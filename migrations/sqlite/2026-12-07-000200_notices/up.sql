@@ -11,8 +11,9 @@ CREATE TABLE notify_contacts (
     updated_at  BIGINT NOT NULL,
     PRIMARY KEY (person, kind)
 );
--- A person's choices: channels turned off, quiet hours (HH:MM to HH:MM in their IANA time zone),
--- and the token of their unsubscribe link.
+-- A person's choices: channels turned off, kinds of notice turned off (new-message, reminder),
+-- quiet hours (HH:MM to HH:MM in their IANA time zone), a digest interval (at most one notice of
+-- new messages per channel in that many minutes), and the token of their unsubscribe link.
 CREATE TABLE notify_prefs (
     person         TEXT PRIMARY KEY,
     email_off      BIGINT NOT NULL DEFAULT 0,
@@ -20,6 +21,8 @@ CREATE TABLE notify_prefs (
     quiet_from     TEXT,
     quiet_to       TEXT,
     time_zone      TEXT,
+    kinds_off      TEXT NOT NULL DEFAULT '',
+    digest_minutes BIGINT NOT NULL DEFAULT 0,
     unsubscribe    TEXT NOT NULL,
     updated_at     BIGINT NOT NULL
 );
