@@ -403,7 +403,10 @@ impl Settings {
         }
         if let Some(v) = env("COURIER_SMS_URL") {
             let u = url::Url::parse(&v).map_err(|e| anyhow::anyhow!("COURIER_SMS_URL: {e}"))?;
-            anyhow::ensure!(matches!(u.scheme(), "https" | "http"), "COURIER_SMS_URL must be an http(s) URL");
+            anyhow::ensure!(
+                matches!(u.scheme(), "https" | "http"),
+                "COURIER_SMS_URL must be an http(s) URL"
+            );
             self.sms_url = Some(v.trim_end_matches('/').to_string());
         }
         if let Some(v) = env("COURIER_SMS_ACCOUNT") {
@@ -413,18 +416,26 @@ impl Settings {
             self.sms_token = Some(SecretString::from(v));
         }
         if let Some(v) = env("COURIER_SMS_FROM") {
-            anyhow::ensure!(crate::notify::e164(&v).is_some(), "COURIER_SMS_FROM must be an E.164 number such as +15551234567");
+            anyhow::ensure!(
+                crate::notify::e164(&v).is_some(),
+                "COURIER_SMS_FROM must be an E.164 number such as +15551234567"
+            );
             self.sms_from = v;
         }
         if let Some(v) = env("COURIER_NOTIFY_URGENT_BREAKS_QUIET") {
             self.notify_urgent_breaks_quiet = match v.as_str() {
                 "true" | "1" => true,
                 "false" | "0" => false,
-                _ => anyhow::bail!("COURIER_NOTIFY_URGENT_BREAKS_QUIET must be true or false, got '{v}'"),
+                _ => anyhow::bail!(
+                    "COURIER_NOTIFY_URGENT_BREAKS_QUIET must be true or false, got '{v}'"
+                ),
             };
         }
         if let Some(v) = env("COURIER_CLINIC_NAME") {
-            anyhow::ensure!(v.len() <= 100 && !v.chars().any(|c| c.is_control()), "COURIER_CLINIC_NAME must be a short name");
+            anyhow::ensure!(
+                v.len() <= 100 && !v.chars().any(|c| c.is_control()),
+                "COURIER_CLINIC_NAME must be a short name"
+            );
             self.clinic_name = v;
         }
         if let Some(v) = env("COURIER_ESCALATION_AFTER_SECS") {

@@ -243,7 +243,11 @@ pub async fn introspect(
 ) -> HttpResponse {
     // RFC 7662 asks the caller to authenticate. One that sends no credentials at all learns
     // nothing: every token is inactive to it (as the SMART App Launch test kit expects).
-    if req.headers().get(actix_web::http::header::AUTHORIZATION).is_none() {
+    if req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .is_none()
+    {
         return HttpResponse::Ok()
             .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
             .json(json!({"active": false}));

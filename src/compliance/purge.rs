@@ -944,14 +944,24 @@ pub fn erase_patient(
             vec![reference.clone().into()],
         )?;
         // Their second factors (passkeys, authenticator app, recovery codes) and waiting sign-ins.
-        for table in ["mfa_factors", "mfa_recovery_codes", "mfa_guard", "mfa_tickets"] {
+        for table in [
+            "mfa_factors",
+            "mfa_recovery_codes",
+            "mfa_guard",
+            "mfa_tickets",
+        ] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE user_ref = ?"),
                 vec![reference.clone().into()],
             )?;
         }
         // Their email address, choices and notices.
-        for table in ["notify_contacts", "notify_prefs", "notices", "notify_pending_contacts"] {
+        for table in [
+            "notify_contacts",
+            "notify_prefs",
+            "notices",
+            "notify_pending_contacts",
+        ] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE person = ?"),
                 vec![reference.clone().into()],

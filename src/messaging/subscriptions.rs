@@ -323,7 +323,10 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
         if url != ext("backport-filter-criteria") {
             return Err(bad(
                 "Subscription.criteria.extension",
-                format!("extension '{url}' on criteria is not supported: filters go in {}", ext("backport-filter-criteria")),
+                format!(
+                    "extension '{url}' on criteria is not supported: filters go in {}",
+                    ext("backport-filter-criteria")
+                ),
             ));
         }
     }
@@ -413,7 +416,10 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
     }
     for h in &headers {
         let Some((name, value)) = h.as_str().and_then(|h| h.split_once(':')) else {
-            return Err(bad("Subscription.channel.header", "each header must be 'Name: value'"));
+            return Err(bad(
+                "Subscription.channel.header",
+                "each header must be 'Name: value'",
+            ));
         };
         let name_ok = !name.is_empty()
             && name.len() <= 64
@@ -423,10 +429,16 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
             return Err(bad("Subscription.channel.header", "each header must be 'Name: value' (a token name, a value of at most 4096 characters without control characters)"));
         }
         // Headers that would change what is sent, or forge Courier's own signature.
-        if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(name.trim())) {
+        if RESERVED_HEADERS
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(name.trim()))
+        {
             return Err(bad(
                 "Subscription.channel.header",
-                format!("the header '{}' is set by Courier and cannot be given", name.trim()),
+                format!(
+                    "the header '{}' is set by Courier and cannot be given",
+                    name.trim()
+                ),
             ));
         }
     }

@@ -71,7 +71,13 @@ pub fn list(store: &Store, user: &str) -> Result<Vec<Factor>, StoreError> {
     )
 }
 
-fn add(store: &Store, user: &str, kind: &str, label: &str, secret: &[u8]) -> Result<String, StoreError> {
+fn add(
+    store: &Store,
+    user: &str,
+    kind: &str,
+    label: &str,
+    secret: &[u8],
+) -> Result<String, StoreError> {
     let id = uuid::Uuid::new_v4().to_string();
     let (key_id, sealed) = store.keys.seal(secret, &aad(user, &id));
     store.execute(
@@ -115,14 +121,25 @@ pub fn totp(secret: &[u8], account: &str) -> Result<totp_rs::Totp, String> {
 
 /// The time step a code matches, if any (the current one or one step either side).
 pub fn totp_step(secret: &[u8], code: &str, at: i64) -> Option<i64> {
-    let code: String = code.chars().filter(|c| !c.is_whitespace() && *c != '-').collect();
+    let code: String = code
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect();
     if code.len() != 6 || !code.chars().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    totp(secret, "x").ok()?.check(&code, at.max(0) as u64).map(|s| s as i64)
+    totp(secret, "x")
+        .ok()?
+        .check(&code, at.max(0) as u64)
+        .map(|s| s as i64)
 }
 
-pub fn add_totp(store: &Store, user: &str, secret: &[u8], first_step: i64) -> Result<String, StoreError> {
+pub fn add_totp(
+    store: &Store,
+    user: &str,
+    secret: &[u8],
+    first_step: i64,
+) -> Result<String, StoreError> {
     let id = add(store, user, TOTP, "Authenticator app", secret)?;
     // The code that proved the enrolment is used up too.
     store.execute(
@@ -161,13 +178,18 @@ pub fn check_totp(store: &Store, user: &str, code: &str) -> Result<TotpCheck, St
         }
         replayed = true;
     }
-    Ok(if replayed { TotpCheck::Replayed } else { TotpCheck::Wrong })
+    Ok(if replayed {
+        TotpCheck::Replayed
+    } else {
+        TotpCheck::Wrong
+    })
 }
 
 // ---- passkeys ----
 
 pub fn add_passkey(store: &Store, user: &str, passkey: &Passkey) -> Result<String, StoreError> {
-    let json = serde_json::to_vec(passkey).map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
+    let json = serde_json::to_vec(passkey)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
     add(store, user, PASSKEY, "Passkey", &json)
 }
 
@@ -176,16 +198,22 @@ pub fn passkeys(store: &Store, user: &str) -> Result<Vec<(String, Passkey)>, Sto
     let mut out = Vec::new();
     for f in list(store, user)?.into_iter().filter(|f| f.kind == PASSKEY) {
         let json = open(store, &f)?;
-        let pk: Passkey =
-            serde_json::from_slice(&json).map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
+        let pk: Passkey = serde_json::from_slice(&json)
+            .map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
         out.push((f.id, pk));
     }
     Ok(out)
 }
 
 /// Stores a passkey after a sign-in (its signature counter and backup state move on).
-pub fn update_passkey(store: &Store, user: &str, id: &str, passkey: &Passkey) -> Result<(), StoreError> {
-    let json = serde_json::to_vec(passkey).map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
+pub fn update_passkey(
+    store: &Store,
+    user: &str,
+    id: &str,
+    passkey: &Passkey,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(passkey)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!(e.to_string())))?;
     let (key_id, sealed) = store.keys.seal(&json, &aad(user, id));
     store.execute(
         "UPDATE mfa_factors SET key_id = ?, sealed = ?, last_used_at = ? WHERE id = ? AND user_ref = ?",
@@ -219,14 +247,23 @@ fn normalize_code(code: &str) -> String {
 /// bits), written as four groups of six.
 pub fn new_recovery_codes(store: &Store, user: &str) -> Result<Vec<String>, StoreError> {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
-    store.execute("DELETE FROM mfa_recovery_codes WHERE user_ref = ?", vec![user.into()])?;
+    store.execute(
+        "DELETE FROM mfa_recovery_codes WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
     let mut rng = rand::thread_rng();
     let mut codes = Vec::with_capacity(RECOVERY_CODES);
     for _ in 0..RECOVERY_CODES {
         let raw: String = (0..CODE_CHARS)
             .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
             .collect();
-        let code = format!("{}-{}-{}-{}", &raw[..6], &raw[6..12], &raw[12..18], &raw[18..]);
+        let code = format!(
+            "{}-{}-{}-{}",
+            &raw[..6],
+            &raw[6..12],
+            &raw[12..18],
+            &raw[18..]
+        );
         let salt = hex(&rng.gen::<[u8; 16]>());
         store.execute(
             "INSERT INTO mfa_recovery_codes (user_ref, salt, code_hash, used_at) VALUES (?, ?, ?, NULL)",
@@ -391,16 +428,31 @@ fn lock(store: &Store, user: &str, t: i64) -> Result<i64, StoreError> {
 
 /// A right answer clears the count of wrong ones.
 pub fn record_success(store: &Store, user: &str) -> Result<(), StoreError> {
-    store.execute("DELETE FROM mfa_guard WHERE user_ref = ?", vec![user.into()])?;
+    store.execute(
+        "DELETE FROM mfa_guard WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
     Ok(())
 }
 
 /// Removes every factor, recovery code and lockout of a person (`courier mfa reset`, erasure):
 /// their next sign-in enrols anew. Returns how many factors were removed.
 pub fn reset(store: &Store, user: &str) -> Result<usize, StoreError> {
-    let n = store.execute("DELETE FROM mfa_factors WHERE user_ref = ?", vec![user.into()])?;
-    store.execute("DELETE FROM mfa_recovery_codes WHERE user_ref = ?", vec![user.into()])?;
-    store.execute("DELETE FROM mfa_guard WHERE user_ref = ?", vec![user.into()])?;
-    store.execute("DELETE FROM mfa_tickets WHERE user_ref = ?", vec![user.into()])?;
+    let n = store.execute(
+        "DELETE FROM mfa_factors WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
+    store.execute(
+        "DELETE FROM mfa_recovery_codes WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
+    store.execute(
+        "DELETE FROM mfa_guard WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
+    store.execute(
+        "DELETE FROM mfa_tickets WHERE user_ref = ?",
+        vec![user.into()],
+    )?;
     Ok(n)
 }

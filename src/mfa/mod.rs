@@ -71,7 +71,9 @@ impl Policy {
             "trust-ehr" => Ok(Policy::TrustEhr),
             "writes" => Ok(Policy::Writes),
             "always" => Ok(Policy::Always),
-            other => anyhow::bail!("the MFA policy must be off, trust-ehr, writes or always, not '{other}'"),
+            other => anyhow::bail!(
+                "the MFA policy must be off, trust-ehr, writes or always, not '{other}'"
+            ),
         }
     }
 
@@ -177,14 +179,29 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/smart/mfa/view", web::post().to(view))
         .route("/smart/mfa.js", web::get().to(script))
         .route("/smart/mfa.css", web::get().to(style))
-        .route("/smart/mfa/passkey/register/begin", web::post().to(passkey_register_begin))
-        .route("/smart/mfa/passkey/register/finish", web::post().to(passkey_register_finish))
+        .route(
+            "/smart/mfa/passkey/register/begin",
+            web::post().to(passkey_register_begin),
+        )
+        .route(
+            "/smart/mfa/passkey/register/finish",
+            web::post().to(passkey_register_finish),
+        )
         .route("/smart/mfa/passkey/begin", web::post().to(passkey_begin))
         .route("/smart/mfa/passkey/finish", web::post().to(passkey_finish))
-        .route("/smart/mfa/totp/enrol/begin", web::post().to(totp_enrol_begin))
-        .route("/smart/mfa/totp/enrol/finish", web::post().to(totp_enrol_finish))
+        .route(
+            "/smart/mfa/totp/enrol/begin",
+            web::post().to(totp_enrol_begin),
+        )
+        .route(
+            "/smart/mfa/totp/enrol/finish",
+            web::post().to(totp_enrol_finish),
+        )
         .route("/smart/mfa/totp/verify", web::post().to(totp_verify))
-        .route("/smart/mfa/recovery/verify", web::post().to(recovery_verify))
+        .route(
+            "/smart/mfa/recovery/verify",
+            web::post().to(recovery_verify),
+        )
         .route("/smart/mfa/complete", web::post().to(complete))
         .route("/smart/mfa/step-up", web::post().to(step_up_writes));
 }
@@ -236,7 +253,11 @@ pub async fn step_up(
     // A patient or a relative always meets the portal's policy, whichever door they came in by;
     // a clinician's standalone launch is the portal's too.
     let patient_side = !signin.user.starts_with("Practitioner/");
-    let policy = if signin.portal || patient_side { s.portal } else { s.launch };
+    let policy = if signin.portal || patient_side {
+        s.portal
+    } else {
+        s.launch
+    };
     let amr_vouches = shows_second_factor(&signin.ehr_amr);
     let vouched = amr_vouches
         || signin
@@ -309,10 +330,18 @@ pub fn read_only(scope: &str) -> String {
 /// `POST /smart/mfa/step-up` (form `session=<handle>`): a session that reads only (policy
 /// `writes`) asks for Courier's second factor; when it passes, the session and its later tokens
 /// may write.
-async fn step_up_writes(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn step_up_writes(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let sorry = |text: &str| launch::page(StatusCode::BAD_REQUEST, "Cannot confirm it's you", text);
     if !same_origin(&state, &req) {
-        return launch::page(StatusCode::FORBIDDEN, "Cannot confirm it's you", "This request did not come from Courier's own page.");
+        return launch::page(
+            StatusCode::FORBIDDEN,
+            "Cannot confirm it's you",
+            "This request did not come from Courier's own page.",
+        );
     }
     let Some(handle) = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "session")
@@ -337,8 +366,15 @@ async fn step_up_writes(state: web::Data<AppState>, req: HttpRequest, body: web:
         .flatten()
         .and_then(|e| reqwest::Url::parse(&e.iss).ok())
         .map(|u| u.origin().ascii_serialization());
-    if audit_step(&state, &req, &current.fhir_user, "step-up-begun", None).await.is_err() {
-        return launch::page(StatusCode::SERVICE_UNAVAILABLE, "Cannot confirm it's you", "Courier cannot start this step right now. Try again in a moment.");
+    if audit_step(&state, &req, &current.fhir_user, "step-up-begun", None)
+        .await
+        .is_err()
+    {
+        return launch::page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Cannot confirm it's you",
+            "Courier cannot start this step right now. Try again in a moment.",
+        );
     }
     let waiting = Waiting::Upgrade(Upgrade {
         handle_hash: current.handle_hash,
@@ -350,7 +386,11 @@ async fn step_up_writes(state: web::Data<AppState>, req: HttpRequest, body: web:
         Ok(page) => page,
         Err(why) => {
             tracing::warn!(reason = %why, "step-up failed");
-            launch::page(StatusCode::SERVICE_UNAVAILABLE, "Cannot confirm it's you", "Courier cannot start this step right now. Try again in a moment.")
+            launch::page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot confirm it's you",
+                "Courier cannot start this step right now. Try again in a moment.",
+            )
         }
     }
 }
@@ -443,7 +483,10 @@ async fn begin(
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot start the second factor: {e}"))?;
     let _ = (factors, step_up);
-    Ok(launch::framed_by(bootstrap(&ticket), frame_origin.as_deref()))
+    Ok(launch::framed_by(
+        bootstrap(&ticket),
+        frame_origin.as_deref(),
+    ))
 }
 
 fn esc(s: &str) -> String {
@@ -584,7 +627,10 @@ const PAGE_CSP: &str = "default-src 'none'; base-uri 'none'; script-src 'self'; 
 fn bootstrap(ticket: &str) -> HttpResponse {
     let nonce = oauth2::CsrfToken::new_random().secret().clone();
     // The ticket is URL-safe base64: nothing in it can end the string or the script.
-    let ticket: String = ticket.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    let ticket: String = ticket
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
@@ -608,7 +654,10 @@ async fn shell(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, format!("{PAGE_CSP}; frame-ancestors {ancestors}")))
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            format!("{PAGE_CSP}; frame-ancestors {ancestors}"),
+        ))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
         .body(
@@ -628,7 +677,10 @@ async fn view(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) ->
         Err(r) => return r,
     };
     let u = step.user.clone();
-    let known = in_store(&state, move |s| Ok((factors::list(s, &u)?, factors::locked_until(s, &u)?))).await;
+    let known = in_store(&state, move |s| {
+        Ok((factors::list(s, &u)?, factors::locked_until(s, &u)?))
+    })
+    .await;
     let (factors, locked) = match known {
         Ok(k) => k,
         Err(r) => return r,
@@ -709,15 +761,30 @@ fn same_origin(state: &AppState, req: &HttpRequest) -> bool {
 /// Reads the request's ticket and the sign-in it names (not yet used, not expired).
 async fn load(state: &AppState, req: &HttpRequest, body: &[u8]) -> Result<Step, HttpResponse> {
     if !same_origin(state, req) {
-        return Err(refuse(StatusCode::FORBIDDEN, "cross_site", "This request did not come from Courier's own page."));
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "This request did not come from Courier's own page.",
+        ));
     }
     if body.len() > MAX_BODY {
-        return Err(refuse(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "The request is too large."));
+        return Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "The request is too large.",
+        ));
     }
     let body: Value = serde_json::from_slice(body).map_err(|_| {
-        refuse(StatusCode::BAD_REQUEST, "invalid_request", "The request is not JSON.")
+        refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "The request is not JSON.",
+        )
     })?;
-    let Some(ticket) = body["ticket"].as_str().filter(|t| !t.is_empty() && t.len() <= 128) else {
+    let Some(ticket) = body["ticket"]
+        .as_str()
+        .filter(|t| !t.is_empty() && t.len() <= 128)
+    else {
         return Err(expired());
     };
     let h = hash(ticket);
@@ -749,7 +816,11 @@ async fn load(state: &AppState, req: &HttpRequest, body: &[u8]) -> Result<Step, 
     })
 }
 
-async fn save(state: &AppState, step: &Step, verified: Option<&[&str]>) -> Result<(), HttpResponse> {
+async fn save(
+    state: &AppState,
+    step: &Step,
+    verified: Option<&[&str]>,
+) -> Result<(), HttpResponse> {
     let json = serde_json::to_vec(&step.pending).map_err(|_| unavailable())?;
     let (key_id, sealed) = state.store.keys.seal(&json, &aad(&step.ticket_hash));
     let store = state.store.clone();
@@ -782,20 +853,35 @@ async fn in_store<T: Send + 'static>(
 async fn check_lock(state: &AppState, req: &HttpRequest, user: &str) -> Result<(), HttpResponse> {
     let u = user.to_string();
     if let Some(until) = in_store(state, move |s| factors::locked_until(s, &u)).await? {
-        let _ = audit_step(state, req, user, "locked-out", Some("second factor refused: locked out after repeated wrong attempts")).await;
+        let _ = audit_step(
+            state,
+            req,
+            user,
+            "locked-out",
+            Some("second factor refused: locked out after repeated wrong attempts"),
+        )
+        .await;
         return Err(locked(until));
     }
     Ok(())
 }
 
 /// Counts an answer before it is checked (see [`factors::attempt`]); refuses while locked out.
-async fn count_attempt(state: &AppState, req: &HttpRequest, user: &str) -> Result<(), HttpResponse> {
+async fn count_attempt(
+    state: &AppState,
+    req: &HttpRequest,
+    user: &str,
+) -> Result<(), HttpResponse> {
     let u = user.to_string();
     match in_store(state, move |s| factors::attempt(s, &u)).await? {
         factors::Attempt::Go => Ok(()),
         factors::Attempt::Locked(until, started) => {
             let why = if started {
-                format!("locked out for {} minutes after {} wrong attempts", factors::LOCKOUT_SECS / 60, factors::MAX_FAILURES)
+                format!(
+                    "locked out for {} minutes after {} wrong attempts",
+                    factors::LOCKOUT_SECS / 60,
+                    factors::MAX_FAILURES
+                )
             } else {
                 "second factor refused: locked out after repeated wrong attempts".to_string()
             };
@@ -834,7 +920,11 @@ async fn wrong(
                 req,
                 user,
                 "locked-out",
-                Some(&format!("locked out for {} minutes after {} wrong attempts", factors::LOCKOUT_SECS / 60, factors::MAX_FAILURES)),
+                Some(&format!(
+                    "locked out for {} minutes after {} wrong attempts",
+                    factors::LOCKOUT_SECS / 60,
+                    factors::MAX_FAILURES
+                )),
             )
             .await;
             locked(until)
@@ -854,7 +944,10 @@ async fn passed(
     amr: &[&str],
     enrolled: bool,
 ) -> HttpResponse {
-    if audit_step(state, req, &step.user, audit_code, None).await.is_err() {
+    if audit_step(state, req, &step.user, audit_code, None)
+        .await
+        .is_err()
+    {
         return unavailable();
     }
     if let Err(r) = save(state, step, Some(amr)).await {
@@ -892,7 +985,10 @@ fn user_uuid(user: &str) -> Uuid {
 /// Enrolment is for a person with no factor yet; with one, the person must use it.
 async fn must_have_none(state: &AppState, user: &str) -> Result<(), HttpResponse> {
     let u = user.to_string();
-    if !in_store(state, move |s| factors::list(s, &u)).await?.is_empty() {
+    if !in_store(state, move |s| factors::list(s, &u))
+        .await?
+        .is_empty()
+    {
         return Err(refuse(
             StatusCode::CONFLICT,
             "enrolled",
@@ -902,7 +998,11 @@ async fn must_have_none(state: &AppState, user: &str) -> Result<(), HttpResponse
     Ok(())
 }
 
-async fn passkey_register_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn passkey_register_begin(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -911,17 +1011,23 @@ async fn passkey_register_begin(state: web::Data<AppState>, req: HttpRequest, bo
         return r;
     }
     let Some(wa) = webauthn(&state) else {
-        return refuse(StatusCode::BAD_REQUEST, "no_passkeys", "Passkeys are not available on this server: use an authenticator app.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_passkeys",
+            "Passkeys are not available on this server: use an authenticator app.",
+        );
     };
     let display = match &step.pending.waiting {
         Waiting::SignIn(s) => s.session["user_display"]["name"].as_str().map(String::from),
         Waiting::Upgrade(u) => {
             let who = u.user.clone();
-            in_store(&state, move |s| crate::smart::identity::summaries(s, &[who]))
-                .await
-                .ok()
-                .and_then(|m| m.into_values().next())
-                .and_then(|v| v["name"].as_str().map(String::from))
+            in_store(&state, move |s| {
+                crate::smart::identity::summaries(s, &[who])
+            })
+            .await
+            .ok()
+            .and_then(|m| m.into_values().next())
+            .and_then(|v| v["name"].as_str().map(String::from))
         }
     }
     .unwrap_or_else(|| "Courier user".into());
@@ -953,7 +1059,11 @@ async fn passkey_register_finish(
     }
     let (Some(wa), Some(registration)) = (webauthn(&state), step.pending.registration.take())
     else {
-        return refuse(StatusCode::BAD_REQUEST, "no_challenge", "Start setting up the passkey again.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_challenge",
+            "Start setting up the passkey again.",
+        );
     };
     let credential: Option<RegisterPublicKeyCredential> =
         serde_json::from_value(step.body["credential"].clone()).ok();
@@ -961,17 +1071,40 @@ async fn passkey_register_finish(
     let Some(passkey) = passkey else {
         // The challenge is used up either way.
         let _ = save(&state, &step, None).await;
-        let _ = audit_step(&state, &req, &step.user, "passkey-enrolment-refused", Some("the passkey's registration did not verify")).await;
-        return refuse(StatusCode::BAD_REQUEST, "wrong", "That passkey could not be set up. Try again, or use an authenticator app.");
+        let _ = audit_step(
+            &state,
+            &req,
+            &step.user,
+            "passkey-enrolment-refused",
+            Some("the passkey's registration did not verify"),
+        )
+        .await;
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "wrong",
+            "That passkey could not be set up. Try again, or use an authenticator app.",
+        );
     };
     let u = step.user.clone();
     if let Err(r) = in_store(&state, move |s| factors::add_passkey(s, &u, &passkey)).await {
         return r;
     }
-    passed(&state, &req, &step, "passkey-enrolled", &["pop", "user", "mfa"], true).await
+    passed(
+        &state,
+        &req,
+        &step,
+        "passkey-enrolled",
+        &["pop", "user", "mfa"],
+        true,
+    )
+    .await
 }
 
-async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn passkey_begin(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -980,7 +1113,11 @@ async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::
         return r;
     }
     let Some(wa) = webauthn(&state) else {
-        return refuse(StatusCode::BAD_REQUEST, "no_passkeys", "Passkeys are not available on this server.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_passkeys",
+            "Passkeys are not available on this server.",
+        );
     };
     let u = step.user.clone();
     let keys = match in_store(&state, move |s| factors::passkeys(s, &u)).await {
@@ -988,7 +1125,11 @@ async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::
         Err(r) => return r,
     };
     if keys.is_empty() {
-        return refuse(StatusCode::BAD_REQUEST, "no_passkey", "You have no passkey: use your authenticator app or a recovery code.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_passkey",
+            "You have no passkey: use your authenticator app or a recovery code.",
+        );
     }
     let creds: Vec<_> = keys.into_iter().map(|(_, k)| k).collect();
     let Ok((options, authentication)) = wa.start_passkey_authentication(&creds) else {
@@ -1003,7 +1144,11 @@ async fn passkey_begin(state: web::Data<AppState>, req: HttpRequest, body: web::
         .json(options)
 }
 
-async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn passkey_finish(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -1013,7 +1158,11 @@ async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web:
     }
     let (Some(wa), Some(authentication)) = (webauthn(&state), step.pending.authentication.take())
     else {
-        return refuse(StatusCode::BAD_REQUEST, "no_challenge", "Start again: press “Use your passkey”.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_challenge",
+            "Start again: press “Use your passkey”.",
+        );
     };
     // The challenge is single use, whatever happens next.
     if let Err(r) = save(&state, &step, None).await {
@@ -1021,9 +1170,18 @@ async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web:
     }
     let credential: Option<PublicKeyCredential> =
         serde_json::from_value(step.body["credential"].clone()).ok();
-    let result = credential.and_then(|c| wa.finish_passkey_authentication(&c, &authentication).ok());
+    let result =
+        credential.and_then(|c| wa.finish_passkey_authentication(&c, &authentication).ok());
     let Some(result) = result else {
-        return wrong(&state, &req, &step.user, "passkey-refused", "the passkey's assertion did not verify", "That passkey was not accepted.").await;
+        return wrong(
+            &state,
+            &req,
+            &step.user,
+            "passkey-refused",
+            "the passkey's assertion did not verify",
+            "That passkey was not accepted.",
+        )
+        .await;
     };
     let u = step.user.clone();
     let updated = in_store(&state, move |s| {
@@ -1039,13 +1197,37 @@ async fn passkey_finish(state: web::Data<AppState>, req: HttpRequest, body: web:
     .await;
     match updated {
         // Removed meanwhile (`courier mfa reset`).
-        Ok(false) => wrong(&state, &req, &step.user, "passkey-refused", "the passkey is no longer registered", "That passkey was not accepted.").await,
-        Ok(true) => passed(&state, &req, &step, "passkey-verified", &["pop", "user", "mfa"], false).await,
+        Ok(false) => {
+            wrong(
+                &state,
+                &req,
+                &step.user,
+                "passkey-refused",
+                "the passkey is no longer registered",
+                "That passkey was not accepted.",
+            )
+            .await
+        }
+        Ok(true) => {
+            passed(
+                &state,
+                &req,
+                &step,
+                "passkey-verified",
+                &["pop", "user", "mfa"],
+                false,
+            )
+            .await
+        }
         Err(r) => r,
     }
 }
 
-async fn totp_enrol_begin(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn totp_enrol_begin(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -1084,10 +1266,19 @@ async fn totp_enrol_begin(state: web::Data<AppState>, req: HttpRequest, body: we
 }
 
 fn code_of(step: &Step) -> String {
-    step.body["code"].as_str().unwrap_or("").chars().take(32).collect()
+    step.body["code"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .take(32)
+        .collect()
 }
 
-async fn totp_enrol_finish(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn totp_enrol_finish(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let mut step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -1096,21 +1287,40 @@ async fn totp_enrol_finish(state: web::Data<AppState>, req: HttpRequest, body: w
         return r;
     }
     let Some(secret) = step.pending.totp_secret.clone() else {
-        return refuse(StatusCode::BAD_REQUEST, "no_challenge", "Start setting up the authenticator app again.");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "no_challenge",
+            "Start setting up the authenticator app again.",
+        );
     };
     let Some(first_step) = factors::totp_step(&secret, &code_of(&step), now()) else {
-        let _ = audit_step(&state, &req, &step.user, "totp-enrolment-refused", Some("the first code did not match")).await;
+        let _ = audit_step(
+            &state,
+            &req,
+            &step.user,
+            "totp-enrolment-refused",
+            Some("the first code did not match"),
+        )
+        .await;
         return refuse(StatusCode::BAD_REQUEST, "wrong", "That code does not match. Check that your phone's clock is right, and enter the newest code.");
     };
     step.pending.totp_secret = None;
     let u = step.user.clone();
-    if let Err(r) = in_store(&state, move |s| factors::add_totp(s, &u, &secret, first_step)).await {
+    if let Err(r) = in_store(&state, move |s| {
+        factors::add_totp(s, &u, &secret, first_step)
+    })
+    .await
+    {
         return r;
     }
     passed(&state, &req, &step, "totp-enrolled", &["otp", "mfa"], true).await
 }
 
-async fn totp_verify(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn totp_verify(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -1124,16 +1334,36 @@ async fn totp_verify(state: web::Data<AppState>, req: HttpRequest, body: web::By
             passed(&state, &req, &step, "totp-verified", &["otp", "mfa"], false).await
         }
         Ok(factors::TotpCheck::Replayed) => {
-            wrong(&state, &req, &step.user, "totp-replayed", "a code that was already used", "That code was used already. Wait for the next code and enter it.").await
+            wrong(
+                &state,
+                &req,
+                &step.user,
+                "totp-replayed",
+                "a code that was already used",
+                "That code was used already. Wait for the next code and enter it.",
+            )
+            .await
         }
         Ok(factors::TotpCheck::Wrong) => {
-            wrong(&state, &req, &step.user, "totp-refused", "a wrong code", "That code is not right. Enter the newest code from your authenticator app.").await
+            wrong(
+                &state,
+                &req,
+                &step.user,
+                "totp-refused",
+                "a wrong code",
+                "That code is not right. Enter the newest code from your authenticator app.",
+            )
+            .await
         }
         Err(r) => r,
     }
 }
 
-async fn recovery_verify(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+async fn recovery_verify(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
     let step = match load(&state, &req, &body).await {
         Ok(s) => s,
         Err(r) => return r,
@@ -1143,8 +1373,28 @@ async fn recovery_verify(state: web::Data<AppState>, req: HttpRequest, body: web
     }
     let (u, code) = (step.user.clone(), code_of(&step));
     match in_store(&state, move |s| factors::use_recovery_code(s, &u, &code)).await {
-        Ok(true) => passed(&state, &req, &step, "recovery-code-used", &["otp", "mfa"], false).await,
-        Ok(false) => wrong(&state, &req, &step.user, "recovery-code-refused", "a wrong or used recovery code", "That recovery code is not right, or was used already.").await,
+        Ok(true) => {
+            passed(
+                &state,
+                &req,
+                &step,
+                "recovery-code-used",
+                &["otp", "mfa"],
+                false,
+            )
+            .await
+        }
+        Ok(false) => {
+            wrong(
+                &state,
+                &req,
+                &step.user,
+                "recovery-code-refused",
+                "a wrong or used recovery code",
+                "That recovery code is not right, or was used already.",
+            )
+            .await
+        }
         Err(r) => r,
     }
 }
@@ -1154,7 +1404,11 @@ async fn recovery_verify(state: web::Data<AppState>, req: HttpRequest, body: web
 async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
     let sorry = |text: &str| launch::page(StatusCode::BAD_REQUEST, "Sign-in failed", text);
     if !same_origin(&state, &req) {
-        return launch::page(StatusCode::FORBIDDEN, "Sign-in failed", "This request did not come from Courier's own page.");
+        return launch::page(
+            StatusCode::FORBIDDEN,
+            "Sign-in failed",
+            "This request did not come from Courier's own page.",
+        );
     }
     let Some(ticket) = form_urlencoded::parse(&body)
         .find(|(k, _)| k == "ticket")
@@ -1173,7 +1427,11 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
         )
     })
     .await;
-    let Some(row) = row.ok().and_then(|r| r.ok()).and_then(|r| r.into_iter().next()) else {
+    let Some(row) = row
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.into_iter().next())
+    else {
         return sorry("This sign-in has expired, or its second step was not completed. Start again from your EHR or portal.");
     };
     if row.expires_at < now() {
@@ -1209,9 +1467,12 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
         }
         Waiting::Upgrade(u) => {
             let amr = with(u.amr.clone());
-            let upgraded_page = crate::smart::session::upgrade(&state, &u.handle_hash, &u.scope, &amr)
-                .await
-                .map(|token| launch::framed_by(upgraded(&token), pending.frame_origin.as_deref()));
+            let upgraded_page =
+                crate::smart::session::upgrade(&state, &u.handle_hash, &u.scope, &amr)
+                    .await
+                    .map(|token| {
+                        launch::framed_by(upgraded(&token), pending.frame_origin.as_deref())
+                    });
             if upgraded_page.is_ok() {
                 let _ = audit_step(&state, &req, &u.user, "writes-unlocked", None).await;
             }

@@ -50,7 +50,12 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
     }
     // Filing writes to the patient's record: it takes the right to write messages (a session
     // that reads only, before its second factor, cannot).
-    access::decide(state, &p, "Communication", crate::auth::scopes::Perm::Create)?;
+    access::decide(
+        state,
+        &p,
+        "Communication",
+        crate::auth::scopes::Perm::Create,
+    )?;
     let thread = access::read(state, &p, "Communication", id, None).await?;
     let header: Value = serde_json::from_slice(thread.body.as_deref().unwrap_or_default())
         .map_err(|_| FhirError::internal())?;

@@ -260,7 +260,11 @@ fn decide_and_link<C: Conn>(
 }
 
 /// The Courier identity an EHR's reference (`Practitioner/123` at the EHR named `ehr`) is linked to.
-pub fn courier_reference(store: &Store, ehr: &str, ehr_ref: &str) -> anyhow::Result<Option<String>> {
+pub fn courier_reference(
+    store: &Store,
+    ehr: &str,
+    ehr_ref: &str,
+) -> anyhow::Result<Option<String>> {
     let ehr = super::registry::get(store, ehr)?
         .ok_or_else(|| anyhow::anyhow!("no EHR named {ehr} is registered"))?;
     Ok(store

@@ -496,7 +496,11 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
                 Ok(page) => page,
                 Err(why) => {
                     tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
-                    page(actix_web::http::StatusCode::BAD_GATEWAY, "Sign-in failed", &why)
+                    page(
+                        actix_web::http::StatusCode::BAD_GATEWAY,
+                        "Sign-in failed",
+                        &why,
+                    )
                 }
             }
         }
@@ -633,7 +637,13 @@ async fn complete(
     });
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str()).take(16).map(|x| x.chars().take(32).collect()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .take(16)
+                    .map(|x| x.chars().take(32).collect())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     Ok(SignIn {
@@ -651,7 +661,9 @@ async fn complete(
         ehr_expires_at: crate::clock::now_micros() / 1_000_000
             + res.expires_in().map_or(300, |d| d.as_secs() as i64),
         ehr_amr: strings(&claims["amr"]),
-        ehr_acr: claims["acr"].as_str().map(|a| a.chars().take(256).collect()),
+        ehr_acr: claims["acr"]
+            .as_str()
+            .map(|a| a.chars().take(256).collect()),
         session,
     })
 }
@@ -750,8 +762,10 @@ pub fn framed_by(mut page: HttpResponse, origin: Option<&str>) -> HttpResponse {
             Some(o) => format!("'self' {o}"),
             None => "'self'".to_string(),
         };
-        if let Ok(v) = header::HeaderValue::from_str(&format!("{csp}; frame-ancestors {ancestors}")) {
-            page.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+        if let Ok(v) = header::HeaderValue::from_str(&format!("{csp}; frame-ancestors {ancestors}"))
+        {
+            page.headers_mut()
+                .insert(header::CONTENT_SECURITY_POLICY, v);
         }
     }
     page

@@ -231,9 +231,11 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator_app() {
     let Some(chromium) = chromium() else { return };
-    let app = spawn_app_with(Backend::Sqlite, |s| s.base_url = "http://localhost:0".into())
-        .await
-        .unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.base_url = "http://localhost:0".into()
+    })
+    .await
+    .unwrap();
     let Some(ehr) = spawn_ehr("ehr-a") else {
         return;
     };
@@ -242,8 +244,12 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
     patient["telecom"] = json!([{"system": "email", "value": "ada@example.org"}]);
     let mut clinician = person("Practitioner", "dr-a", &[]);
     clinician["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
-    ehr.control(reqwest::Method::POST, "seed", Some(json!([patient, clinician])))
-        .await;
+    ehr.control(
+        reqwest::Method::POST,
+        "seed",
+        Some(json!([patient, clinician])),
+    )
+    .await;
     let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
     n.launch_scopes =
         "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
@@ -255,8 +261,10 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
     ehr.control(
         reqwest::Method::POST,
         "clients",
-        Some(json!({"client_id": "courier", "jwks_url": app.url("smart/jwks"),
-            "redirect_uris": [format!("{local}smart/callback")], "scopes": "*"})),
+        Some(
+            json!({"client_id": "courier", "jwks_url": app.url("smart/jwks"),
+            "redirect_uris": [format!("{local}smart/callback")], "scopes": "*"}),
+        ),
     )
     .await;
     // The EHR's id_tokens show no second factor.
@@ -288,8 +296,7 @@ async fn a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator
         "patient_url": format!("{local}smart/launch?ehr=ehr-a"),
         "artifacts": artifacts,
     });
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr/mfa-browser.mjs");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr/mfa-browser.mjs");
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(240),
         tokio::process::Command::new("node")

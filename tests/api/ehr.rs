@@ -1062,7 +1062,10 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
         .expect("registered at start");
     assert_eq!(e.backend_scopes, "system/AuditEvent.c");
     let m = courier::mfa::settings(&app.store, "from-file").unwrap();
-    assert_eq!((m.launch, m.portal), (courier::mfa::Policy::Always, courier::mfa::Policy::TrustEhr));
+    assert_eq!(
+        (m.launch, m.portal),
+        (courier::mfa::Policy::Always, courier::mfa::Policy::TrustEhr)
+    );
     assert_eq!(m.acr, ["urn:example:loa:mfa"]);
     // A restart with changed settings updates them and keeps the key the EHR registered.
     let url = app.database_url.clone();

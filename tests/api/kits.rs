@@ -48,7 +48,9 @@ async fn listener() -> Listener {
                     .iter()
                     .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                     .collect();
-                s.got.lock().push((headers, String::from_utf8_lossy(&body).to_string()));
+                s.got
+                    .lock()
+                    .push((headers, String::from_utf8_lossy(&body).to_string()));
                 HttpResponse::Ok().finish()
             }
         }))
@@ -94,12 +96,17 @@ impl Listener {
         self.got
             .lock()
             .iter()
-            .filter(|(h, _)| header(h, "authorization") == Some(&format!("Bearer {NOTIFICATION_TOKEN}")))
+            .filter(|(h, _)| {
+                header(h, "authorization") == Some(&format!("Bearer {NOTIFICATION_TOKEN}"))
+            })
             .filter_map(|(h, b)| Some((h.clone(), serde_json::from_str::<Value>(b).ok()?)))
             .filter(|(_, b)| {
                 let s = status_of(b);
                 code(s, "type") == kind
-                    && param(s, "subscription").first().and_then(|p| p["valueReference"]["reference"].as_str()).is_some_and(|r| r.ends_with(&format!("/{id}")))
+                    && param(s, "subscription")
+                        .first()
+                        .and_then(|p| p["valueReference"]["reference"].as_str())
+                        .is_some_and(|r| r.ends_with(&format!("/{id}")))
             })
             .collect()
     }
@@ -112,7 +119,10 @@ impl Listener {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no {kind} notification for Subscription/{id} within 15 s: {:?}", self.got.lock());
+        panic!(
+            "no {kind} notification for Subscription/{id} within 15 s: {:?}",
+            self.got.lock()
+        );
     }
 }
 
@@ -124,7 +134,8 @@ fn kit_subscription(endpoint: &str, content: &str, heartbeat: Option<u64>) -> Va
         json!({"url": format!("{IG}/backport-max-count"), "valuePositiveInt": 20}),
     ];
     if let Some(h) = heartbeat {
-        channel_ext.push(json!({"url": format!("{IG}/backport-heartbeat-period"), "valueUnsignedInt": h}));
+        channel_ext
+            .push(json!({"url": format!("{IG}/backport-heartbeat-period"), "valueUnsignedInt": h}));
     }
     json!({
         "resourceType": "Subscription",
@@ -171,7 +182,12 @@ async fn create(c: &reqwest::Client, app: &TestApp, body: &Value) -> (u16, Value
 
 /// 1.1.02 as the kit runs it: create, wait for the handshake, trigger an event ("the tester
 /// triggers an event in Courier, then clicks resume"), wait for its notification.
-async fn workflow(app: &TestApp, hook: &Listener, content: &str, heartbeat: Option<u64>) -> (String, Value, reqwest::Client) {
+async fn workflow(
+    app: &TestApp,
+    hook: &Listener,
+    content: &str,
+    heartbeat: Option<u64>,
+) -> (String, Value, reqwest::Client) {
     let c = subscriber(app);
     let (s, created) = create(&c, app, &kit_subscription(&hook.url, content, heartbeat)).await;
     assert_eq!(s, 201, "{created}");
@@ -179,13 +195,25 @@ async fn workflow(app: &TestApp, hook: &Listener, content: &str, heartbeat: Opti
     hook.wait("handshake", &id, 1).await;
     // Active once the handshake is answered: the event after it is notified.
     for _ in 0..50 {
-        let r: Value = c.get(app.url(&format!("Subscription/{id}"))).send().await.unwrap().json().await.unwrap();
+        let r: Value = c
+            .get(app.url(&format!("Subscription/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if r["status"] == "active" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    app.create(&message("Patient/p-kit", "2026-12-06T10:00:00Z", "Your lab results are ready")).await;
+    app.create(&message(
+        "Patient/p-kit",
+        "2026-12-06T10:00:00Z",
+        "Your lab results are ready",
+    ))
+    .await;
     hook.wait("event-notification", &id, 1).await;
     (id, created, c)
 }
@@ -197,12 +225,24 @@ fn assert_notification_bundle(b: &Value, id: &str, kind: &str) {
     let entries = b["entry"].as_array().expect("entries");
     assert!(!entries.is_empty());
     for e in entries {
-        assert!(e.get("request").is_some() && e.get("response").is_some(), "every entry has request and response: {e}");
+        assert!(
+            e.get("request").is_some() && e.get("response").is_some(),
+            "every entry has request and response: {e}"
+        );
     }
-    assert!(entries[0]["request"]["url"].as_str().unwrap().ends_with(&format!("Subscription/{id}/$status")), "{b}");
+    assert!(
+        entries[0]["request"]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("Subscription/{id}/$status")),
+        "{b}"
+    );
     let status = status_of(b);
     assert_eq!(status["resourceType"], "Parameters");
-    assert_eq!(status["meta"]["profile"][0], format!("{IG}/backport-subscription-status-r4"));
+    assert_eq!(
+        status["meta"]["profile"][0],
+        format!("{IG}/backport-subscription-status-r4")
+    );
     assert_eq!(code(status, "type"), kind);
     // The profile's required parameters (what the kit's validator checks).
     for p in ["subscription", "status", "type"] {

@@ -3,9 +3,9 @@
 //! recovery codes), replayed and wrong codes, lockout, `courier mfa reset`, the token's `amr`, and
 //! the audit trail of each step. Passkeys in a real browser: `browser::a_clinician_signs_in_with_a_passkey_and_a_patient_with_an_authenticator_app`.
 
-use crate::{both_backends, both_backends_with};
 use crate::ehr::{back_with, new_ehr, person, session_of, spawn_ehr, standalone, step, TestEhr};
 use crate::helpers::*;
+use crate::{both_backends, both_backends_with};
 use base64::Engine;
 use courier::mfa;
 use courier::smart::registry;
@@ -15,7 +15,10 @@ async fn fixture(app: &TestApp, ehr: &TestEhr) {
     ehr.control(
         reqwest::Method::POST,
         "seed",
-        Some(json!([person("Patient", "a1", &[]), person("Practitioner", "dr-a", &[])])),
+        Some(json!([
+            person("Patient", "a1", &[]),
+            person("Practitioner", "dr-a", &[])
+        ])),
     )
     .await;
     let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
@@ -136,7 +139,8 @@ async fn audited(app: &TestApp, code: &str) -> usize {
 
 #[test]
 fn which_amr_values_show_a_second_factor() {
-    let v = |a: &[&str]| mfa::shows_second_factor(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let v =
+        |a: &[&str]| mfa::shows_second_factor(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     for yes in [
         &["mfa"][..],
         &["pwd", "otp"],
@@ -514,7 +518,8 @@ both_backends! {
 
 /// The token the step-up's page hands the app.
 fn upgraded_token(page: &str) -> Value {
-    let start = page.find("Object.assign(s,").expect("the step-up hand-off") + "Object.assign(s,".len();
+    let start =
+        page.find("Object.assign(s,").expect("the step-up hand-off") + "Object.assign(s,".len();
     let end = page[start..].find(");delete").unwrap() + start;
     serde_json::from_str(&page[start..end]).unwrap()
 }
@@ -599,7 +604,9 @@ both_backends! {
 #[test]
 fn read_only_keeps_reads_and_searches() {
     assert_eq!(
-        mfa::read_only("patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"),
+        mfa::read_only(
+            "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
+        ),
         "patient/Communication.rs patient/CommunicationRequest.rs patient/Binary.r"
     );
     assert_eq!(mfa::read_only("user/Binary.c openid"), "");

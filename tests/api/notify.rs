@@ -18,7 +18,15 @@ struct Smtp {
 impl Smtp {
     fn start(port: u16, dir: tempfile::TempDir) -> Option<Smtp> {
         let child = std::process::Command::new("python3")
-            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
             .arg(dir.path().join("mail"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -30,7 +38,10 @@ impl Smtp {
             eprintln!("skipped: no python3/aiosmtpd");
             return None;
         };
-        let mut s = Smtp { dir, child: Some(child) };
+        let mut s = Smtp {
+            dir,
+            child: Some(child),
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Some(s);
@@ -59,7 +70,9 @@ impl Smtp {
         let new = self.dir.path().join("mail/new");
         let mut out = vec![];
         for e in std::fs::read_dir(new).into_iter().flatten().flatten() {
-            let raw = std::fs::read_to_string(e.path()).unwrap_or_default().replace("\r\n", "\n");
+            let raw = std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .replace("\r\n", "\n");
             let (head, body) = raw.split_once("\n\n").unwrap_or((&raw, ""));
             let mut headers: Vec<(String, String)> = vec![];
             for line in head.lines() {
@@ -71,8 +84,17 @@ impl Smtp {
                     headers.push((k.trim().to_lowercase(), v.trim().to_string()));
                 }
             }
-            let qp = headers.iter().any(|(k, v)| k == "content-transfer-encoding" && v.eq_ignore_ascii_case("quoted-printable"));
-            out.push((headers, if qp { quoted_printable(body) } else { body.to_string() }));
+            let qp = headers.iter().any(|(k, v)| {
+                k == "content-transfer-encoding" && v.eq_ignore_ascii_case("quoted-printable")
+            });
+            out.push((
+                headers,
+                if qp {
+                    quoted_printable(body)
+                } else {
+                    body.to_string()
+                },
+            ));
         }
         out
     }
@@ -85,7 +107,10 @@ impl Smtp {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{n} emails did not arrive within 20 s (got {})", self.received().len());
+        panic!(
+            "{n} emails did not arrive within 20 s (got {})",
+            self.received().len()
+        );
     }
 }
 
@@ -116,11 +141,18 @@ fn quoted_printable(body: &str) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn h<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 #[derive(diesel::QueryableByName, Debug)]
@@ -134,12 +166,20 @@ struct Notice {
 }
 
 fn notices(app: &TestApp) -> Vec<Notice> {
-    app.store.query("SELECT state, reason, about FROM notices ORDER BY created_at, id", vec![]).unwrap()
+    app.store
+        .query(
+            "SELECT state, reason, about FROM notices ORDER BY created_at, id",
+            vec![],
+        )
+        .unwrap()
 }
 
 async fn wait_state(app: &TestApp, about: &str, state: &str) -> Notice {
     for _ in 0..150 {
-        if let Some(n) = notices(app).into_iter().find(|n| n.about == about && n.state == state) {
+        if let Some(n) = notices(app)
+            .into_iter()
+            .find(|n| n.about == about && n.state == state)
+        {
             return n;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -176,29 +216,42 @@ mod unread_messages_are_notified_by_email_with_no_phi {
     }
 
     async fn run(app: TestApp, port: u16) {
-        let Some(mut smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else { return };
-        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let Some(mut smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
+        let Some(ehr) = spawn_ehr("ehr-a") else {
+            return;
+        };
         let mut ada = person("Patient", "a1", &[]);
         ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
         ada["telecom"] = json!([{"system": "email", "value": "old@example.org", "use": "old"}, {"system": "phone", "value": "+1 555 0100"}, {"system": "email", "value": "ada@example.org"}]);
         let mut grace = person("Practitioner", "dr-a", &[]);
         grace["name"] = json!([{"given": ["Grace"], "family": "Hopper"}]);
         grace["telecom"] = json!([{"system": "email", "value": "grace@hospital.example"}]);
-        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace]))).await;
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace])))
+            .await;
         let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
         n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
         registry::add(&app.store, &n).unwrap();
         ehr.register_courier(&app, "courier").await;
         // The patient signs in through the portal once (Courier learns her address), the
         // clinician through the EHR.
-        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        ehr.control(
+            reqwest::Method::POST,
+            "settings",
+            Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"})),
+        )
+        .await;
         let (to_ehr, cookie) = standalone(&app).await;
         let (_, back, _) = step(&to_ehr).await;
         let (s, page) = back_with(&back.unwrap(), &cookie).await;
         assert_eq!(s, 200, "{page}");
         let patient_session = crate::ehr::session_of(&page);
         let clinician = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
-        let (grace_ref, ada_ref) = (clinician["fhirUser"].as_str().unwrap().to_string(), clinician["patient"].as_str().unwrap().to_string());
+        let (grace_ref, ada_ref) = (
+            clinician["fhirUser"].as_str().unwrap().to_string(),
+            clinician["patient"].as_str().unwrap().to_string(),
+        );
         let doctor = client_with_token(clinician["access_token"].as_str().unwrap());
         let patient = client_with_token(patient_session["access_token"].as_str().unwrap());
         let write = |text: &str, topic: &str| {
@@ -208,9 +261,18 @@ mod unread_messages_are_notified_by_email_with_no_phi {
                 "payload": [{"contentString": text}]});
             let (c, url) = (doctor.clone(), app.url("Communication"));
             async move {
-                let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+                let r = c
+                    .post(url)
+                    .header("prefer", "return=representation")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 201);
-                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             }
         };
         // 1. Unread for 2 s: an email to the patient, and only to her (not to the sender).
@@ -219,18 +281,39 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         assert_eq!(mails.len(), 1);
         let (headers, body) = &mails[0];
         assert_eq!(h(headers, "to"), Some("ada@example.org"));
-        assert_eq!(h(headers, "from"), Some("\"Riverside Clinic\" <no-reply@riverside.example>").or(h(headers, "from")));
-        assert!(h(headers, "from").unwrap().contains("no-reply@riverside.example"));
-        assert_eq!(h(headers, "subject"), Some("New secure message from Riverside Clinic"));
-        let unsubscribe = h(headers, "list-unsubscribe").expect("List-Unsubscribe").trim_matches(|c| c == '<' || c == '>').to_string();
-        assert!(unsubscribe.starts_with(&app.url("notify/unsubscribe?t=")), "{unsubscribe}");
-        assert_eq!(h(headers, "list-unsubscribe-post"), Some("List-Unsubscribe=One-Click"));
+        assert_eq!(
+            h(headers, "from"),
+            Some("\"Riverside Clinic\" <no-reply@riverside.example>").or(h(headers, "from"))
+        );
+        assert!(h(headers, "from")
+            .unwrap()
+            .contains("no-reply@riverside.example"));
+        assert_eq!(
+            h(headers, "subject"),
+            Some("New secure message from Riverside Clinic")
+        );
+        let unsubscribe = h(headers, "list-unsubscribe")
+            .expect("List-Unsubscribe")
+            .trim_matches(|c| c == '<' || c == '>')
+            .to_string();
+        assert!(
+            unsubscribe.starts_with(&app.url("notify/unsubscribe?t=")),
+            "{unsubscribe}"
+        );
+        assert_eq!(
+            h(headers, "list-unsubscribe-post"),
+            Some("List-Unsubscribe=One-Click")
+        );
         assert!(body.contains(&app.url("smart/launch?ehr=ehr-a")), "{body}");
         wait_state(&app, &format!("Communication/{first}"), "sent").await;
 
         // 2. Read in the app before it is due: no email.
         let second = write("Appointment moved to Tuesday", "Scheduling").await;
-        let r = patient.post(app.url(&format!("Communication/{second}/$mark-read"))).send().await.unwrap();
+        let r = patient
+            .post(app.url(&format!("Communication/{second}/$mark-read")))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{}", r.status());
         let n = wait_state(&app, &format!("Communication/{second}"), "skipped").await;
         assert_eq!(n.reason.as_deref(), Some("read in the app"));
@@ -239,9 +322,18 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         smtp.stop();
         let third = write("Your prescription is ready", "Pharmacy").await;
         tokio::time::sleep(Duration::from_millis(4000)).await;
-        let pending = notices(&app).into_iter().find(|n| n.about == format!("Communication/{third}")).unwrap();
+        let pending = notices(&app)
+            .into_iter()
+            .find(|n| n.about == format!("Communication/{third}"))
+            .unwrap();
         assert_eq!(pending.state, "pending", "{pending:?}");
-        assert!(pending.reason.as_deref().is_some_and(|r| r.contains("could not be reached")), "{pending:?}");
+        assert!(
+            pending
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("could not be reached")),
+            "{pending:?}"
+        );
         let dir = std::mem::replace(&mut smtp.dir, tempfile::tempdir().unwrap());
         let smtp = Smtp::start(port, dir).unwrap();
         let mails = smtp.wait(2).await;
@@ -249,41 +341,96 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         assert_eq!(mails.len(), 2);
 
         // 4. Unsubscribing (the page does nothing on GET; one-click POST): no more emails.
-        let page = reqwest::get(&unsubscribe).await.unwrap().text().await.unwrap();
+        let page = reqwest::get(&unsubscribe)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert!(page.contains("Stop these emails"));
-        assert_eq!(notices(&app).iter().filter(|n| n.state == "skipped").count(), 1);
-        let r = reqwest::Client::new().post(&unsubscribe).header("content-type", "application/x-www-form-urlencoded").body("List-Unsubscribe=One-Click").send().await.unwrap();
+        assert_eq!(
+            notices(&app)
+                .iter()
+                .filter(|n| n.state == "skipped")
+                .count(),
+            1
+        );
+        let r = reqwest::Client::new()
+            .post(&unsubscribe)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("List-Unsubscribe=One-Click")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let fourth = write("Flu shots available", "Clinic news").await;
         tokio::time::sleep(Duration::from_millis(3000)).await;
-        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{fourth}")), "no notice is even decided");
+        assert!(
+            notices(&app)
+                .iter()
+                .all(|n| n.about != format!("Communication/{fourth}")),
+            "no notice is even decided"
+        );
         assert_eq!(smtp.received().len(), 2);
 
         // No PHI in any email: no name, no message text, no topic, no birth date, no phone.
         for (headers, body) in smtp.received() {
             let all = format!("{headers:?}\n{body}");
-            for phi in ["Ada", "Lovelace", "Grace", "Hopper", "HbA1c", "9.1%", "Diabetes", "prescription", "Pharmacy", "Tuesday", "555 0100", &ada_ref, &grace_ref] {
+            for phi in [
+                "Ada",
+                "Lovelace",
+                "Grace",
+                "Hopper",
+                "HbA1c",
+                "9.1%",
+                "Diabetes",
+                "prescription",
+                "Pharmacy",
+                "Tuesday",
+                "555 0100",
+                &ada_ref,
+                &grace_ref,
+            ] {
                 assert!(!all.contains(phi), "'{phi}' in an email: {all}");
             }
         }
         // Each sent notice is audited: who was told, about which message; never the address.
-        let audits = app.get_json(&format!("AuditEvent?subtype={}|email-notice", courier::notify::NOTICE_SYSTEM)).await;
+        let audits = app
+            .get_json(&format!(
+                "AuditEvent?subtype={}|email-notice",
+                courier::notify::NOTICE_SYSTEM
+            ))
+            .await;
         assert_eq!(ids(&audits).len(), 2, "{audits}");
         assert!(!audits.to_string().contains("ada@example.org"));
-        assert!(audits.to_string().contains(&format!("Communication/{first}")));
+        assert!(audits
+            .to_string()
+            .contains(&format!("Communication/{first}")));
         // The address is sealed at rest.
         #[derive(diesel::QueryableByName)]
         struct Sealed {
             #[diesel(sql_type = diesel::sql_types::Binary)]
             sealed: Vec<u8>,
         }
-        let rows: Vec<Sealed> = app.store.query("SELECT sealed FROM notify_contacts", vec![]).unwrap();
+        let rows: Vec<Sealed> = app
+            .store
+            .query("SELECT sealed FROM notify_contacts", vec![])
+            .unwrap();
         assert_eq!(rows.len(), 2, "the patient's and the clinician's");
-        assert!(rows.iter().all(|r| !String::from_utf8_lossy(&r.sealed).contains("example")));
+        assert!(rows
+            .iter()
+            .all(|r| !String::from_utf8_lossy(&r.sealed).contains("example")));
         // Erasing the patient takes her address, choices and notices with her.
-        let r = app.client.post(app.url(&format!("{ada_ref}/$erase"))).send().await.unwrap();
+        let r = app
+            .client
+            .post(app.url(&format!("{ada_ref}/$erase")))
+            .send()
+            .await
+            .unwrap();
         if r.status().is_success() {
-            assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{first}")));
+            assert!(notices(&app)
+                .iter()
+                .all(|n| n.about != format!("Communication/{first}")));
         }
     }
 }
@@ -301,22 +448,45 @@ async fn a_notice_cut_off_mid_send_is_never_sent_twice() {
         ).unwrap();
     }
     courier::notify::run(&app.store, &courier::config::Settings::default()).unwrap();
-    let states: Vec<Notice> = app.store.query("SELECT state, reason, id AS about FROM notices ORDER BY id", vec![]).unwrap();
+    let states: Vec<Notice> = app
+        .store
+        .query(
+            "SELECT state, reason, id AS about FROM notices ORDER BY id",
+            vec![],
+        )
+        .unwrap();
     assert_eq!(states[0].about, "cut-off");
-    assert_eq!(states[0].state, "uncertain", "whether it went out is unknown: never sent again");
-    assert!(states[0].reason.as_deref().unwrap().contains("may or may not"));
+    assert_eq!(
+        states[0].state, "uncertain",
+        "whether it went out is unknown: never sent again"
+    );
+    assert!(states[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("may or may not"));
     assert_eq!(states[1].state, "sending", "a live lease is left alone");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
         .args(["notify", "status"])
         .env("COURIER_DATA_DIR", app.dir.path())
         .env("COURIER_DATABASE_URL", &app.database_url)
-        .env("COURIER_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+        .env(
+            "COURIER_MASTER_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
         .env("COURIER_LOG", "error")
         .output()
         .unwrap();
-    let (ok, out, err) = (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
+    let (ok, out, err) = (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    );
     assert!(ok, "{err}");
-    assert!(out.contains("uncertain\t1") && out.contains("sending\t1"), "{out}");
+    assert!(
+        out.contains("uncertain\t1") && out.contains("sending\t1"),
+        "{out}"
+    );
 }
 
 /// An SMS provider stand-in with the Twilio Messages API shape: checks each request as the
@@ -413,14 +583,21 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
     }
 
     async fn run(app: TestApp, provider: SmsProvider) {
-        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let Some(ehr) = spawn_ehr("ehr-a") else {
+            return;
+        };
         let mut ada = person("Patient", "a1", &[]);
         ada["name"] = json!([{"given": ["Ada"], "family": "Lovelace"}]);
         ada["telecom"] = json!([{"system": "phone", "value": "+44 20 7946 0000", "use": "home"}, {"system": "phone", "value": "+1 (555) 010-0199", "use": "mobile"}]);
         let mut bob = person("Patient", "b2", &[]);
         bob["telecom"] = json!([{"system": "sms", "value": "+1 555 000 0000"}]);
         let grace = person("Practitioner", "dr-a", &[]);
-        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, bob, grace]))).await;
+        ehr.control(
+            reqwest::Method::POST,
+            "seed",
+            Some(json!([ada, bob, grace])),
+        )
+        .await;
         let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
         n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
         registry::add(&app.store, &n).unwrap();
@@ -431,33 +608,76 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         let doctor = client_with_token(with_ada["access_token"].as_str().unwrap());
         let grace_ref = with_ada["fhirUser"].as_str().unwrap().to_string();
         let mut sent = vec![];
-        for patient in [with_ada["patient"].as_str().unwrap(), with_bob["patient"].as_str().unwrap()] {
-            let c = if patient == with_ada["patient"].as_str().unwrap() { doctor.clone() } else { client_with_token(with_bob["access_token"].as_str().unwrap()) };
+        for patient in [
+            with_ada["patient"].as_str().unwrap(),
+            with_bob["patient"].as_str().unwrap(),
+        ] {
+            let c = if patient == with_ada["patient"].as_str().unwrap() {
+                doctor.clone()
+            } else {
+                client_with_token(with_bob["access_token"].as_str().unwrap())
+            };
             let body = json!({"resourceType": "Communication", "status": "completed",
                 "subject": {"reference": patient}, "sender": {"reference": grace_ref},
                 "recipient": [{"reference": patient}], "payload": [{"contentString": "Your biopsy results are back"}]});
-            let r = c.post(app.url("Communication")).header("prefer", "return=representation").json(&body).send().await.unwrap();
+            let r = c
+                .post(app.url("Communication"))
+                .header("prefer", "return=representation")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
-            sent.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+            sent.push(
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
         }
         let ok = wait_state(&app, &format!("Communication/{}", sent[0]), "sent").await;
         assert!(ok.reason.is_none());
         // The provider's 4xx for a number it cannot reach: parked with its reason, not retried.
         let parked = wait_state(&app, &format!("Communication/{}", sent[1]), "parked").await;
-        assert!(parked.reason.as_deref().unwrap().contains("21211"), "{parked:?}");
-        assert!(provider.problems.lock().is_empty(), "{:?}", provider.problems.lock());
+        assert!(
+            parked.reason.as_deref().unwrap().contains("21211"),
+            "{parked:?}"
+        );
+        assert!(
+            provider.problems.lock().is_empty(),
+            "{:?}",
+            provider.problems.lock()
+        );
         let got = provider.got.lock().clone();
-        assert_eq!(got.len(), 2, "one request each, no retry of a refusal: {got:?}");
-        let to_ada = got.iter().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100199")).expect("to Ada's mobile, not her home phone");
+        assert_eq!(
+            got.len(),
+            2,
+            "one request each, no retry of a refusal: {got:?}"
+        );
+        let to_ada = got
+            .iter()
+            .find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100199"))
+            .expect("to Ada's mobile, not her home phone");
         let text = &to_ada.iter().find(|(k, _)| k == "Body").unwrap().1;
-        assert!(text.starts_with("Riverside Clinic: you have a new secure message."), "{text}");
+        assert!(
+            text.starts_with("Riverside Clinic: you have a new secure message."),
+            "{text}"
+        );
         assert!(text.contains(&app.url("smart/launch?ehr=ehr-a")));
         for phi in ["Ada", "Lovelace", "biopsy", "results"] {
             assert!(!format!("{got:?}").contains(phi), "'{phi}' sent by SMS");
         }
-        let audits = app.get_json(&format!("AuditEvent?subtype={}|sms-notice", courier::notify::NOTICE_SYSTEM)).await;
+        let audits = app
+            .get_json(&format!(
+                "AuditEvent?subtype={}|sms-notice",
+                courier::notify::NOTICE_SYSTEM
+            ))
+            .await;
         assert_eq!(ids(&audits).len(), 2, "sent and parked are both audited");
-        assert!(!audits.to_string().contains("5550100199"), "no number in the audit trail");
+        assert!(
+            !audits.to_string().contains("5550100199"),
+            "no number in the audit trail"
+        );
         // A medication reminder asked for by SMS (CommunicationRequest.medium SMSWRIT): when the
         // scheduler sends it, it goes by SMS at once too, saying only that there is a reminder.
         let ada_ref = with_ada["patient"].as_str().unwrap();
@@ -466,19 +686,32 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
             "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode", "code": "SMSWRIT"}]}],
             "payload": [{"contentString": "Take 500 mg metformin with breakfast"}],
             "occurrenceDateTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)});
-        let r = doctor.post(app.url("CommunicationRequest")).json(&cr).send().await.unwrap();
+        let r = doctor
+            .post(app.url("CommunicationRequest"))
+            .json(&cr)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let mut reminder = None;
         for _ in 0..150 {
-            if let Some(f) = provider.got.lock().iter().find(|f| f.iter().any(|(k, v)| k == "Body" && v.contains("a reminder"))) {
+            if let Some(f) = provider.got.lock().iter().find(|f| {
+                f.iter()
+                    .any(|(k, v)| k == "Body" && v.contains("a reminder"))
+            }) {
                 reminder = Some(f.clone());
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let reminder = reminder.expect("the reminder went by SMS");
-        assert!(reminder.iter().any(|(k, v)| k == "To" && v == "+15550100199"));
-        assert!(!format!("{reminder:?}").contains("metformin"), "no PHI in the reminder");
+        assert!(reminder
+            .iter()
+            .any(|(k, v)| k == "To" && v == "+15550100199"));
+        assert!(
+            !format!("{reminder:?}").contains("metformin"),
+            "no PHI in the reminder"
+        );
         #[derive(diesel::QueryableByName)]
         struct K {
             #[diesel(sql_type = diesel::sql_types::Text)]
@@ -487,7 +720,10 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         // The provider answered; the notice is marked sent just after.
         let mut kinds: Vec<K> = vec![];
         for _ in 0..50 {
-            kinds = app.store.query("SELECT kind FROM notices WHERE state = 'sent'", vec![]).unwrap();
+            kinds = app
+                .store
+                .query("SELECT kind FROM notices WHERE state = 'sent'", vec![])
+                .unwrap();
             if kinds.iter().any(|k| k.kind == "reminder") {
                 break;
             }
@@ -495,7 +731,15 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
         }
         assert!(kinds.iter().any(|k| k.kind == "reminder"));
         // The backlog and failures show on /metrics.
-        let m = app.client.get(app.url("metrics")).send().await.unwrap().text().await.unwrap();
+        let m = app
+            .client
+            .get(app.url("metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert!(m.contains("courier_notices{state=\"parked\"} 1"), "{m}");
         assert!(m.contains("courier_notices{state=\"sent\"} 2"), "{m}");
         assert!(m.contains("courier_notices_oldest_pending_seconds"), "{m}");
@@ -532,24 +776,41 @@ mod preferences_and_quiet_hours {
     }
 
     async fn put(c: &reqwest::Client, app: &TestApp, body: Value) -> (u16, Value) {
-        let r = c.put(app.url("notify/preferences")).json(&body).send().await.unwrap();
+        let r = c
+            .put(app.url("notify/preferences"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
     async fn run(app: TestApp, provider: SmsProvider) {
-        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let Some(ehr) = spawn_ehr("ehr-a") else {
+            return;
+        };
         let mut ada = person("Patient", "a1", &[]);
         ada["telecom"] = json!([{"system": "sms", "value": "+1 555 010 0199"}]);
         let mut grace = person("Practitioner", "dr-a", &[]);
         grace["telecom"] = json!([{"system": "phone", "use": "mobile", "value": "+15550100277"}]);
         let mut alan = person("Practitioner", "dr-b", &[]);
         alan["telecom"] = json!([{"system": "phone", "use": "mobile", "value": "+15550100388"}]);
-        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada, grace, alan]))).await;
+        ehr.control(
+            reqwest::Method::POST,
+            "seed",
+            Some(json!([ada, grace, alan])),
+        )
+        .await;
         let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
         n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
         registry::add(&app.store, &n).unwrap();
         ehr.register_courier(&app, "courier").await;
-        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        ehr.control(
+            reqwest::Method::POST,
+            "settings",
+            Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"})),
+        )
+        .await;
         let (to_ehr, cookie) = standalone(&app).await;
         let (_, back, _) = step(&to_ehr).await;
         let (_, page) = back_with(&back.unwrap(), &cookie).await;
@@ -567,9 +828,19 @@ mod preferences_and_quiet_hours {
             alan_s["fhirUser"].as_str().unwrap().to_string(),
         );
         // What the person sees: the channels their record gives, masked; none turned off.
-        let got: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(got, json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true},
-            "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "quiet": null}));
+        let got: Value = ada_c
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true},
+            "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "quiet": null})
+        );
         // Bad input: 400 with an OperationOutcome, and nothing changes.
         for bad in [
             json!({"quiet": {"from": "25:00", "to": "07:00", "time_zone": "Europe/London"}}),
@@ -584,11 +855,34 @@ mod preferences_and_quiet_hours {
             assert_eq!(s, 400, "{bad}: {o}");
             assert_eq!(o["resourceType"], "OperationOutcome");
         }
-        let again: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        let again: Value = ada_c
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(again, got);
         // An integrator's token is nobody's: no preferences.
-        assert_eq!(app.client.get(app.url("notify/preferences")).send().await.unwrap().status(), 403);
-        assert_eq!(app.anonymous.get(app.url("notify/preferences")).send().await.unwrap().status(), 401);
+        assert_eq!(
+            app.client
+                .get(app.url("notify/preferences"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            403
+        );
+        assert_eq!(
+            app.anonymous
+                .get(app.url("notify/preferences"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
 
         // Quiet hours that hold now (in UTC: from an hour ago to two hours ahead), for Ada and Alan.
         let now = chrono::Utc::now();
@@ -602,9 +896,18 @@ mod preferences_and_quiet_hours {
         let send = |c: &reqwest::Client, body: Value| {
             let (c, url) = (c.clone(), app.url("Communication"));
             async move {
-                let r = c.post(url).header("prefer", "return=representation").json(&body).send().await.unwrap();
+                let r = c
+                    .post(url)
+                    .header("prefer", "return=representation")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             }
         };
         // A routine message to Ada waits for the end of her quiet hours.
@@ -614,10 +917,19 @@ mod preferences_and_quiet_hours {
         let urgent = send(&grace_c, json!({"resourceType": "Communication", "status": "completed", "priority": "urgent", "subject": {"reference": ada_ref},
             "sender": {"reference": grace_ref}, "recipient": [{"reference": alan_ref}], "payload": [{"contentString": "Urgent"}]})).await;
         wait_state(&app, &format!("Communication/{urgent}"), "sent").await;
-        let waiting = notices(&app).into_iter().find(|n| n.about == format!("Communication/{routine}")).unwrap();
-        assert_eq!((waiting.state.as_str(), waiting.reason.as_deref()), ("pending", Some("quiet hours")), "{waiting:?}");
+        let waiting = notices(&app)
+            .into_iter()
+            .find(|n| n.about == format!("Communication/{routine}"))
+            .unwrap();
+        assert_eq!(
+            (waiting.state.as_str(), waiting.reason.as_deref()),
+            ("pending", Some("quiet hours")),
+            "{waiting:?}"
+        );
         assert_eq!(provider.got.lock().len(), 1, "only the urgent one went out");
-        assert!(provider.got.lock()[0].iter().any(|(k, v)| k == "To" && v == "+15550100388"));
+        assert!(provider.got.lock()[0]
+            .iter()
+            .any(|(k, v)| k == "To" && v == "+15550100388"));
         // Turning SMS off: a new message makes no notice at all.
         let (s, v) = put(&ada_c, &app, json!({"sms": {"on": false}, "quiet": null})).await;
         assert_eq!(s, 200);
@@ -625,7 +937,9 @@ mod preferences_and_quiet_hours {
         assert!(v["quiet"].is_null());
         let later = send(&grace_c, json!({"resourceType": "Communication", "status": "completed", "subject": {"reference": ada_ref},
             "sender": {"reference": grace_ref}, "recipient": [{"reference": ada_ref}], "payload": [{"contentString": "Later"}]})).await;
-        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{later}")));
+        assert!(notices(&app)
+            .iter()
+            .all(|n| n.about != format!("Communication/{later}")));
     }
 }
 
@@ -666,27 +980,55 @@ mod escalations_reach_the_on_call_phone {
     async fn run(app: TestApp, provider: SmsProvider) {
         // The on-call clinician's mobile (as a launch would have read it from the EHR), and quiet
         // hours all day: an escalation breaks through them.
-        courier::notify::remember_contacts(&app.store, ON_CALL, &json!({"telecom": [{"system": "sms", "value": "+15550100466"}]})).unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            ON_CALL,
+            &json!({"telecom": [{"system": "sms", "value": "+15550100466"}]}),
+        )
+        .unwrap();
         app.store.execute(
             "INSERT INTO notify_prefs (person, email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone, updated_at) VALUES (?, 0, 0, 'tok-on-call', '00:00', '23:59', 'UTC', 0)",
             vec![ON_CALL.into()],
         ).unwrap();
-        let Some(ehr) = spawn_ehr("ehr-a") else { return };
-        ehr.control(reqwest::Method::POST, "seed", Some(json!([person("Patient", "a1", &[]), person("Practitioner", "dr-a", &[])]))).await;
+        let Some(ehr) = spawn_ehr("ehr-a") else {
+            return;
+        };
+        ehr.control(
+            reqwest::Method::POST,
+            "seed",
+            Some(json!([
+                person("Patient", "a1", &[]),
+                person("Practitioner", "dr-a", &[])
+            ])),
+        )
+        .await;
         let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
         n.launch_scopes = "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r";
         registry::add(&app.store, &n).unwrap();
         ehr.register_courier(&app, "courier").await;
         let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
-        let (grace, ada) = (s["fhirUser"].as_str().unwrap(), s["patient"].as_str().unwrap());
+        let (grace, ada) = (
+            s["fhirUser"].as_str().unwrap(),
+            s["patient"].as_str().unwrap(),
+        );
         let body = json!({"resourceType": "Communication", "status": "completed", "priority": "stat",
             "subject": {"reference": ada}, "sender": {"reference": grace}, "recipient": [{"reference": ada}],
             "payload": [{"contentString": "Potassium 6.8, go to the emergency department"}]});
-        let r = client_with_token(s["access_token"].as_str().unwrap()).post(app.url("Communication")).json(&body).send().await.unwrap();
+        let r = client_with_token(s["access_token"].as_str().unwrap())
+            .post(app.url("Communication"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         let mut got = None;
         for _ in 0..150 {
-            if let Some(f) = provider.got.lock().iter().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466")) {
+            if let Some(f) = provider
+                .got
+                .lock()
+                .iter()
+                .find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466"))
+            {
                 got = Some(f.clone());
                 break;
             }
@@ -695,10 +1037,18 @@ mod escalations_reach_the_on_call_phone {
         let sms = got.expect("the on-call clinician's phone was told");
         let text = &sms.iter().find(|(k, _)| k == "Body").unwrap().1;
         assert!(text.contains("urgent message is waiting"), "{text}");
-        assert!(!text.contains("Potassium") && !text.contains("6.8"), "no PHI: {text}");
+        assert!(
+            !text.contains("Potassium") && !text.contains("6.8"),
+            "no PHI: {text}"
+        );
         // Once per escalation, however often its request is updated with reminders.
         tokio::time::sleep(Duration::from_millis(3000)).await;
-        let to_on_call = provider.got.lock().iter().filter(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466")).count();
+        let to_on_call = provider
+            .got
+            .lock()
+            .iter()
+            .filter(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100466"))
+            .count();
         assert_eq!(to_on_call, 1);
     }
 }
@@ -729,15 +1079,23 @@ async fn two_instances_send_each_notice_once() {
     })
     .await
     .unwrap();
-    let patients: Vec<String> = (0..5).map(|i| format!("Patient/0c0a1111-2222-4333-8444-00000000000{i}")).collect();
+    let patients: Vec<String> = (0..5)
+        .map(|i| format!("Patient/0c0a1111-2222-4333-8444-00000000000{i}"))
+        .collect();
     for (i, p) in patients.iter().enumerate() {
-        courier::notify::remember_contacts(&first.store, p, &json!({"telecom": [{"system": "sms", "value": format!("+1555010050{i}")}]})).unwrap();
+        courier::notify::remember_contacts(
+            &first.store,
+            p,
+            &json!({"telecom": [{"system": "sms", "value": format!("+1555010050{i}")}]}),
+        )
+        .unwrap();
     }
     // 40 messages, written through both instances.
     for k in 0..40 {
         let app = if k % 2 == 0 { &first } else { &second };
         let p = &patients[k % patients.len()];
-        app.create(&message(p, "2026-12-06T10:00:00Z", &format!("message {k}"))).await;
+        app.create(&message(p, "2026-12-06T10:00:00Z", &format!("message {k}")))
+            .await;
     }
     for _ in 0..200 {
         let sent = notices(&first).iter().filter(|n| n.state == "sent").count();
@@ -747,9 +1105,17 @@ async fn two_instances_send_each_notice_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let states: Vec<String> = notices(&first).into_iter().map(|n| n.state).collect();
-    assert_eq!(states.iter().filter(|s| *s == "sent").count(), 40, "{states:?}");
+    assert_eq!(
+        states.iter().filter(|s| *s == "sent").count(),
+        40,
+        "{states:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(provider.got.lock().len(), 40, "each notice exactly once across the two instances");
+    assert_eq!(
+        provider.got.lock().len(),
+        40,
+        "each notice exactly once across the two instances"
+    );
 }
 
 mod a_person_changes_their_number_with_a_code_sent_to_it {
@@ -784,7 +1150,11 @@ mod a_person_changes_their_number_with_a_code_sent_to_it {
         let (to_ehr, cookie) = standalone(app).await;
         let (_, back, _) = step(&to_ehr).await;
         let (_, page) = back_with(&back.unwrap(), &cookie).await;
-        client_with_token(crate::ehr::session_of(&page)["access_token"].as_str().unwrap())
+        client_with_token(
+            crate::ehr::session_of(&page)["access_token"]
+                .as_str()
+                .unwrap(),
+        )
     }
 
     async fn post(c: &reqwest::Client, app: &TestApp, path: &str, body: Value) -> (u16, Value) {
@@ -793,22 +1163,39 @@ mod a_person_changes_their_number_with_a_code_sent_to_it {
     }
 
     async fn run(app: TestApp, provider: SmsProvider) {
-        let Some(ehr) = spawn_ehr("ehr-a") else { return };
+        let Some(ehr) = spawn_ehr("ehr-a") else {
+            return;
+        };
         let mut ada = person("Patient", "a1", &[]);
         ada["telecom"] = json!([{"system": "sms", "value": "+15550100199"}]);
-        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada]))).await;
+        ehr.control(reqwest::Method::POST, "seed", Some(json!([ada])))
+            .await;
         let mut n = new_ehr("ehr-a", &ehr.base, "ES384");
         n.launch_scopes = "openid fhirUser launch launch/patient online_access patient/Patient.r";
         registry::add(&app.store, &n).unwrap();
         ehr.register_courier(&app, "courier").await;
-        ehr.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
+        ehr.control(
+            reqwest::Method::POST,
+            "settings",
+            Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"})),
+        )
+        .await;
         let ada_c = portal(&app).await;
         // Bad input: refused in words, nothing sent.
         for (body, what) in [
-            (json!({"kind": "fax", "value": "+15550100222"}), "contact.kind"),
+            (
+                json!({"kind": "fax", "value": "+15550100222"}),
+                "contact.kind",
+            ),
             (json!({"kind": "sms", "value": "12345"}), "contact.value"),
-            (json!({"kind": "email", "value": "not an address"}), "contact.value"),
-            (json!({"kind": "email", "value": "ada@example.org"}), "contact.kind"),
+            (
+                json!({"kind": "email", "value": "not an address"}),
+                "contact.value",
+            ),
+            (
+                json!({"kind": "email", "value": "ada@example.org"}),
+                "contact.kind",
+            ),
         ] {
             let (s, o) = post(&ada_c, &app, "notify/contacts", body.clone()).await;
             assert_eq!(s, 400, "{body}: {o}");
@@ -816,43 +1203,147 @@ mod a_person_changes_their_number_with_a_code_sent_to_it {
         }
         assert!(provider.got.lock().is_empty());
         // A new number: a code is sent to it, and the old one stays until the code comes back.
-        let (s, v) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+1 (555) 010-0222"})).await;
+        let (s, v) = post(
+            &ada_c,
+            &app,
+            "notify/contacts",
+            json!({"kind": "sms", "value": "+1 (555) 010-0222"}),
+        )
+        .await;
         assert_eq!(s, 202, "{v}");
         assert_eq!(v["pending"], "••• 0222");
         let got = provider.got.lock().clone();
         assert_eq!(got.len(), 1);
         assert!(got[0].iter().any(|(k, v)| k == "To" && v == "+15550100222"));
         let body = got[0].iter().find(|(k, _)| k == "Body").unwrap().1.clone();
-        let code: String = body.split("code is ").nth(1).unwrap().chars().take(6).collect();
-        let prefs: Value = ada_c.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(prefs["sms"]["to"], "••• 0199", "the old number until the code comes back");
+        let code: String = body
+            .split("code is ")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .take(6)
+            .collect();
+        let prefs: Value = ada_c
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            prefs["sms"]["to"], "••• 0199",
+            "the old number until the code comes back"
+        );
         let wrong = if code == "000000" { "111111" } else { "000000" };
-        let (s, o) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": wrong})).await;
+        let (s, o) = post(
+            &ada_c,
+            &app,
+            "notify/contacts/verify",
+            json!({"kind": "sms", "code": wrong}),
+        )
+        .await;
         assert_eq!(s, 400, "{o}");
-        let (s, v) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": code})).await;
+        let (s, v) = post(
+            &ada_c,
+            &app,
+            "notify/contacts/verify",
+            json!({"kind": "sms", "code": code}),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["sms"]["to"], "••• 0222");
         // The code is used up, and the EHR's next launch does not put the old number back.
-        let (s, _) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": code})).await;
+        let (s, _) = post(
+            &ada_c,
+            &app,
+            "notify/contacts/verify",
+            json!({"kind": "sms", "code": code}),
+        )
+        .await;
         assert_eq!(s, 400);
         let again = portal(&app).await;
-        let prefs: Value = again.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        let prefs: Value = again
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(prefs["sms"]["to"], "••• 0222");
         // Guessing: five tries, then the code is gone. (A new code waits a minute after the last.)
-        app.store.execute("UPDATE notify_pending_contacts SET expires_at = expires_at - 120", vec![]).unwrap();
-        let (s, _) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+15550100333"})).await;
+        app.store
+            .execute(
+                "UPDATE notify_pending_contacts SET expires_at = expires_at - 120",
+                vec![],
+            )
+            .unwrap();
+        let (s, _) = post(
+            &ada_c,
+            &app,
+            "notify/contacts",
+            json!({"kind": "sms", "value": "+15550100333"}),
+        )
+        .await;
         assert_eq!(s, 202);
-        let (s, _) = post(&ada_c, &app, "notify/contacts", json!({"kind": "sms", "value": "+15550100444"})).await;
+        let (s, _) = post(
+            &ada_c,
+            &app,
+            "notify/contacts",
+            json!({"kind": "sms", "value": "+15550100444"}),
+        )
+        .await;
         assert_eq!(s, 429, "one code a minute");
-        let sent = provider.got.lock().iter().rev().find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100333")).unwrap().iter().find(|(k, _)| k == "Body").unwrap().1.clone();
-        let right: String = sent.split("code is ").nth(1).unwrap().chars().take(6).collect();
-        let wrong = if right == "000000" { "111111" } else { "000000" };
+        let sent = provider
+            .got
+            .lock()
+            .iter()
+            .rev()
+            .find(|f| f.iter().any(|(k, v)| k == "To" && v == "+15550100333"))
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k == "Body")
+            .unwrap()
+            .1
+            .clone();
+        let right: String = sent
+            .split("code is ")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .take(6)
+            .collect();
+        let wrong = if right == "000000" {
+            "111111"
+        } else {
+            "000000"
+        };
         for _ in 0..5 {
-            post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": wrong})).await;
+            post(
+                &ada_c,
+                &app,
+                "notify/contacts/verify",
+                json!({"kind": "sms", "code": wrong}),
+            )
+            .await;
         }
-        let (s, o) = post(&ada_c, &app, "notify/contacts/verify", json!({"kind": "sms", "code": right})).await;
+        let (s, o) = post(
+            &ada_c,
+            &app,
+            "notify/contacts/verify",
+            json!({"kind": "sms", "code": right}),
+        )
+        .await;
         assert_eq!(s, 400, "the right code after five wrong ones: {o}");
-        let prefs: Value = again.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        let prefs: Value = again
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(prefs["sms"]["to"], "••• 0222");
     }
 }
@@ -888,15 +1379,39 @@ mod members_of_a_group_are_each_notified {
 
     async fn run(app: TestApp, provider: SmsProvider) {
         // The nurse line: two nurses and the doctor who writes to it.
-        let (n1, n2) = ("Practitioner/0c0a1111-2222-4333-8444-0000000000a1", "Practitioner/0c0a1111-2222-4333-8444-0000000000a2");
-        courier::notify::remember_contacts(&app.store, n1, &json!({"telecom": [{"system": "sms", "value": "+15550100701"}]})).unwrap();
-        courier::notify::remember_contacts(&app.store, n2, &json!({"telecom": [{"system": "sms", "value": "+15550100702"}]})).unwrap();
-        courier::notify::remember_contacts(&app.store, "Practitioner/dr-1", &json!({"telecom": [{"system": "sms", "value": "+15550100703"}]})).unwrap();
+        let (n1, n2) = (
+            "Practitioner/0c0a1111-2222-4333-8444-0000000000a1",
+            "Practitioner/0c0a1111-2222-4333-8444-0000000000a2",
+        );
+        courier::notify::remember_contacts(
+            &app.store,
+            n1,
+            &json!({"telecom": [{"system": "sms", "value": "+15550100701"}]}),
+        )
+        .unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            n2,
+            &json!({"telecom": [{"system": "sms", "value": "+15550100702"}]}),
+        )
+        .unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            "Practitioner/dr-1",
+            &json!({"telecom": [{"system": "sms", "value": "+15550100703"}]}),
+        )
+        .unwrap();
         let group = json!({"resourceType": "Group", "id": "nurse-line", "type": "practitioner", "actual": true,
             "member": [{"entity": {"reference": n1}}, {"entity": {"reference": n2}}, {"entity": {"reference": "Practitioner/dr-1"}}]});
         let r = app.put("Group/nurse-line", &group).await;
         assert!(r.status().is_success(), "{}", r.status());
-        let id = app.create(&message("Group/nurse-line", "2026-12-06T10:00:00Z", "Please call Mrs Lovelace back")).await;
+        let id = app
+            .create(&message(
+                "Group/nurse-line",
+                "2026-12-06T10:00:00Z",
+                "Please call Mrs Lovelace back",
+            ))
+            .await;
         for _ in 0..150 {
             if provider.got.lock().len() >= 2 {
                 break;
@@ -904,13 +1419,29 @@ mod members_of_a_group_are_each_notified {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let to: Vec<String> = provider.got.lock().iter().filter_map(|f| f.iter().find(|(k, _)| k == "To").map(|(_, v)| v.clone())).collect();
+        let to: Vec<String> = provider
+            .got
+            .lock()
+            .iter()
+            .filter_map(|f| f.iter().find(|(k, _)| k == "To").map(|(_, v)| v.clone()))
+            .collect();
         let mut sorted = to.clone();
         sorted.sort();
-        assert_eq!(sorted, ["+15550100701", "+15550100702"], "each member once, never the sender");
-        let states: Vec<Notice> = notices(&app).into_iter().filter(|n| n.about == format!("Communication/{id}")).collect();
+        assert_eq!(
+            sorted,
+            ["+15550100701", "+15550100702"],
+            "each member once, never the sender"
+        );
+        let states: Vec<Notice> = notices(&app)
+            .into_iter()
+            .filter(|n| n.about == format!("Communication/{id}"))
+            .collect();
         assert!(states.iter().any(|n| n.state == "expanded"), "{states:?}");
-        assert_eq!(states.iter().filter(|n| n.state == "sent").count(), 2, "{states:?}");
+        assert_eq!(
+            states.iter().filter(|n| n.state == "sent").count(),
+            2,
+            "{states:?}"
+        );
     }
 }
 
@@ -945,16 +1476,40 @@ mod digests_and_kinds_turned_off {
 
     async fn run(app: TestApp, provider: SmsProvider) {
         let ada = "Patient/0c0a1111-2222-4333-8444-0000000000d1";
-        courier::notify::remember_contacts(&app.store, ada, &json!({"telecom": [{"system": "sms", "value": "+15550100801"}]})).unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            ada,
+            &json!({"telecom": [{"system": "sms", "value": "+15550100801"}]}),
+        )
+        .unwrap();
         // As the app would set them: a digest at most once an hour, no reminders.
-        let token = issue(&app.tokens, &app.admin_client_id, "patient/Communication.rs", Some(ada), Some(ada.strip_prefix("Patient/").unwrap()));
+        let token = issue(
+            &app.tokens,
+            &app.admin_client_id,
+            "patient/Communication.rs",
+            Some(ada),
+            Some(ada.strip_prefix("Patient/").unwrap()),
+        );
         let c = client_with_token(&token);
-        let r = c.put(app.url("notify/preferences")).json(&json!({"digest_minutes": 60, "kinds": {"reminder": false}})).send().await.unwrap();
+        let r = c
+            .put(app.url("notify/preferences"))
+            .json(&json!({"digest_minutes": 60, "kinds": {"reminder": false}}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
-        assert_eq!((v["digest_minutes"].clone(), v["kinds"]["reminder"].clone()), (json!(60), json!(false)));
+        assert_eq!(
+            (v["digest_minutes"].clone(), v["kinds"]["reminder"].clone()),
+            (json!(60), json!(false))
+        );
         for k in 0..3 {
-            app.create(&message(ada, "2026-12-06T10:00:00Z", &format!("message {k}"))).await;
+            app.create(&message(
+                ada,
+                "2026-12-06T10:00:00Z",
+                &format!("message {k}"),
+            ))
+            .await;
         }
         for _ in 0..100 {
             if !provider.got.lock().is_empty() {
@@ -968,12 +1523,19 @@ mod digests_and_kinds_turned_off {
         let body = &got[0].iter().find(|(k, _)| k == "Body").unwrap().1;
         assert!(body.contains("3 new secure messages"), "{body}");
         // A fourth within the hour waits for the digest.
-        let fourth = app.create(&message(ada, "2026-12-06T10:05:00Z", "message 4")).await;
+        let fourth = app
+            .create(&message(ada, "2026-12-06T10:05:00Z", "message 4"))
+            .await;
         let n = {
             let mut found = None;
             for _ in 0..100 {
-                found = notices(&app).into_iter().find(|n| n.about == format!("Communication/{fourth}") && n.reason.as_deref() == Some("digest"));
-                if found.is_some() { break; }
+                found = notices(&app).into_iter().find(|n| {
+                    n.about == format!("Communication/{fourth}")
+                        && n.reason.as_deref() == Some("digest")
+                });
+                if found.is_some() {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             found.expect("the fourth waits for the digest")
@@ -986,6 +1548,11 @@ mod digests_and_kinds_turned_off {
             "medium": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode", "code": "SMSWRIT"}]}],
             "payload": [{"contentString": "Take your medicine"}]});
         let reminder = app.create(&cr).await;
-        assert!(notices(&app).iter().all(|n| n.about != format!("Communication/{reminder}")), "no reminder notice");
+        assert!(
+            notices(&app)
+                .iter()
+                .all(|n| n.about != format!("Communication/{reminder}")),
+            "no reminder notice"
+        );
     }
 }
