@@ -508,6 +508,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             break;
         }
         let full = claimed.len() as i64 == BATCH;
+        let mut sent_ids: Vec<String> = vec![];
+        let mut audits: Vec<Value> = vec![];
         // (person, channel) whose due new-message notices a digest of this pass already told of.
         let mut digested = std::collections::HashSet::new();
         for n in claimed {
@@ -644,6 +646,13 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 }
             };
             match outcome {
+                Ok(()) if count == 1 => {
+                    // Marked sent, and audited, with the rest of the batch (one write for all;
+                    // a crash before it leaves them `sending`, hence `uncertain`: never resent).
+                    sent_ids.push(n.id.clone());
+                    audits.push(audit_event(store, &n.person, &n.about, &channel, None));
+                    sent += 1;
+                }
                 Ok(()) => {
                     done("sent", None, t)?;
                     if count > 1 {
@@ -671,7 +680,24 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 }
             }
         }
-        if !full || started.elapsed() > std::time::Duration::from_secs(10) {
+            if !sent_ids.is_empty() {
+            let marks = vec!["?"; sent_ids.len()].join(", ");
+            let mut binds: Vec<Bind> = vec![now().into(), owner.clone().into()];
+            binds.extend(sent_ids.into_iter().map(Bind::from));
+            store.execute(
+                &format!("UPDATE notices SET state = 'sent', reason = NULL, sent_at = ? WHERE lease_owner = ? AND state = 'sending' AND id IN ({marks})"),
+                binds,
+            )?;
+        }
+        // Recorded side by side, so that they share the store's group commits.
+        let failed = std::thread::scope(|scope| {
+            let handles: Vec<_> = audits.into_iter().map(|ev| scope.spawn(move || store.record_audit(ev))).collect();
+            handles.into_iter().any(|h| !matches!(h.join(), Ok(Ok(()))))
+        });
+        if failed {
+            anyhow::bail!("a notice's AuditEvent could not be recorded");
+        }
+    if !full || started.elapsed() > std::time::Duration::from_secs(10) {
             break;
         }
     }
@@ -909,6 +935,10 @@ fn audit(
     channel: &str,
     failure: Option<&str>,
 ) -> Result<(), StoreError> {
+    store.record_audit(audit_event(store, person, about, channel, failure))
+}
+
+fn audit_event(store: &Store, person: &str, about: &str, channel: &str, failure: Option<&str>) -> Value {
     let ctx = crate::audit::Context::job(&store.base_url, "notify");
     let mut ev = crate::audit::authentication(&ctx, failure);
     ev["type"] = json!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106", "display": "Export"});
@@ -921,7 +951,7 @@ fn audit(
         }));
     }
     ev["entity"] = json!([{"what": {"reference": about}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"}}]);
-    store.record_audit(ev)
+    ev
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
