@@ -625,23 +625,14 @@ const PAGE_CSP: &str = "default-src 'none'; base-uri 'none'; script-src 'self'; 
 /// or a phone dropping the tab while the person reads their authenticator app does not end the
 /// sign-in, and the ticket is never in a URL.
 fn bootstrap(ticket: &str) -> HttpResponse {
-    let nonce = oauth2::CsrfToken::new_random().secret().clone();
     // The ticket is URL-safe base64: nothing in it can end the string or the script.
     let ticket: String = ticket
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .collect();
-    HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .content_type("text/html; charset=utf-8")
-        .body(format!(
-            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
-             <script nonce=\"{nonce}\">sessionStorage.setItem(\"courier.mfa\",\"{ticket}\");location.replace(\"/smart/mfa\");</script>\
-             <noscript>Courier needs JavaScript.</noscript></html>"
-        ))
+    launch::script_page(&format!(
+        "sessionStorage.setItem(\"courier.mfa\",\"{ticket}\");location.replace(\"/smart/mfa\");"
+    ))
 }
 
 /// `GET /smart/mfa`: the page the second step runs in; its script asks `/smart/mfa/view` what to
@@ -1490,24 +1481,11 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
 
 /// After a step-up: the app's stored session gets the new token (which may write) and goes on.
 fn upgraded(token: &Value) -> HttpResponse {
-    let nonce = oauth2::CsrfToken::new_random().secret().clone();
-    let data = token
-        .to_string()
-        .replace('<', "\\u003c")
-        .replace('\u{2028}', "\\u2028")
-        .replace('\u{2029}', "\\u2029");
-    HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::REFERRER_POLICY, "no-referrer"))
-        .insert_header((header::CONTENT_SECURITY_POLICY, format!("default-src 'none'; base-uri 'none'; script-src 'nonce-{nonce}'")))
-        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-        .content_type("text/html; charset=utf-8")
-        .body(format!(
-            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
-             <script nonce=\"{nonce}\">const k=\"courier.session\";const s=JSON.parse(sessionStorage.getItem(k)||\"null\");\
-             if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}sessionStorage.removeItem(\"courier.mfa\");location.replace(\"/app/\");</script>\
-             <noscript>Courier needs JavaScript.</noscript></html>"
-        ))
+    let data = launch::script_json(token);
+    launch::script_page(&format!(
+        "const k=\"courier.session\";const s=JSON.parse(sessionStorage.getItem(k)||\"null\");\
+         if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}sessionStorage.removeItem(\"courier.mfa\");location.replace(\"/app/\");"
+    ))
 }
 
 /// Who a person is for `courier mfa`: a Courier identity (`Practitioner/…`) or, with an EHR, that

@@ -121,14 +121,8 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
     }
     for person in people {
         // The channels the person can be reached by and has not turned off.
-        let channels: Vec<KindRow> = c.load(
-            "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
-             WHERE c.person = ? AND c.verified_at IS NOT NULL \
-             AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
-             AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY c.kind",
-            vec![person.clone().into(), format!("% {} %", if reminder { "reminder" } else { "new-message" }).into()],
-        )?;
+        let kind = if reminder { "reminder" } else { "new-message" };
+        let channels: Vec<KindRow> = c.load(CHANNELS, channel_binds(&person, kind))?;
         for ch in channels
             .into_iter()
             .filter(|ch| !reminder || media.contains(&ch.kind.as_str()))
@@ -149,6 +143,19 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         }
     }
     Ok(())
+}
+
+/// The channels a person can be reached by for a kind of notice: a verified contact, the channel
+/// not turned off, the kind not turned off (binds: [`channel_binds`]).
+const CHANNELS: &str =
+    "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
+     WHERE c.person = ? AND c.verified_at IS NOT NULL \
+     AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
+     AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
+     AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY c.kind";
+
+fn channel_binds(person: &str, kind: &str) -> Vec<Bind> {
+    vec![person.into(), format!("% {kind} %").into()]
 }
 
 #[derive(QueryableByName)]
@@ -215,13 +222,7 @@ pub fn on_escalation<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), St
     let Some(backup) = backup else {
         return Ok(());
     };
-    let channels: Vec<KindRow> = c.load(
-        "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
-         WHERE c.person = ? AND c.verified_at IS NOT NULL \
-         AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-         AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
-        vec![backup.clone().into()],
-    )?;
+    let channels: Vec<KindRow> = c.load(CHANNELS, channel_binds(&backup, "escalation"))?;
     let t = now();
     for ch in channels {
         c.execute(
@@ -680,7 +681,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 }
             }
         }
-            if !sent_ids.is_empty() {
+        if !sent_ids.is_empty() {
             let marks = vec!["?"; sent_ids.len()].join(", ");
             let mut binds: Vec<Bind> = vec![now().into(), owner.clone().into()];
             binds.extend(sent_ids.into_iter().map(Bind::from));
@@ -691,13 +692,16 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         }
         // Recorded side by side, so that they share the store's group commits.
         let failed = std::thread::scope(|scope| {
-            let handles: Vec<_> = audits.into_iter().map(|ev| scope.spawn(move || store.record_audit(ev))).collect();
+            let handles: Vec<_> = audits
+                .into_iter()
+                .map(|ev| scope.spawn(move || store.record_audit(ev)))
+                .collect();
             handles.into_iter().any(|h| !matches!(h.join(), Ok(Ok(()))))
         });
         if failed {
             anyhow::bail!("a notice's AuditEvent could not be recorded");
         }
-    if !full || started.elapsed() > std::time::Duration::from_secs(10) {
+        if !full || started.elapsed() > std::time::Duration::from_secs(10) {
             break;
         }
     }
@@ -730,13 +734,7 @@ fn expand(store: &Store, n: &Claimed, owner: &str) -> Result<(), StoreError> {
         if person_ref(&json!({"reference": member})).is_none() || Some(&member) == sender.as_ref() {
             continue;
         }
-        let channels: Vec<KindRow> = store.query(
-            "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
-             WHERE c.person = ? AND c.verified_at IS NOT NULL \
-             AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-             AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) ORDER BY c.kind",
-            vec![member.clone().into()],
-        )?;
+        let channels: Vec<KindRow> = store.query(CHANNELS, channel_binds(&member, &n.kind))?;
         for ch in channels {
             store.execute(
                 "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
@@ -938,7 +936,13 @@ fn audit(
     store.record_audit(audit_event(store, person, about, channel, failure))
 }
 
-fn audit_event(store: &Store, person: &str, about: &str, channel: &str, failure: Option<&str>) -> Value {
+fn audit_event(
+    store: &Store,
+    person: &str,
+    about: &str,
+    channel: &str,
+    failure: Option<&str>,
+) -> Value {
     let ctx = crate::audit::Context::job(&store.base_url, "notify");
     let mut ev = crate::audit::authentication(&ctx, failure);
     ev["type"] = json!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110106", "display": "Export"});

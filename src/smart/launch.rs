@@ -1182,13 +1182,26 @@ pub async fn verify_id_token(
 /// The page that hands the session to the web app: the token travels in this no-store body into
 /// `sessionStorage`, then the app loads — no URL ever carries it.
 fn handoff(session: &Value) -> HttpResponse {
-    let nonce = CsrfToken::new_random().secret().clone();
-    // JSON inside <script>: no "</" or line separators can end or break it.
-    let data = session
-        .to_string()
+    let data = script_json(session);
+    script_page(&format!(
+        "const n={data};\
+         try{{const o=JSON.parse(sessionStorage.getItem(\"courier.session\")||\"null\");if(o&&o.session&&o.session!==n.session)navigator.sendBeacon(\"/smart/logout\",new URLSearchParams({{session:o.session}}));}}catch(e){{}}\
+         sessionStorage.removeItem(\"courier.mfa\");sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");"
+    ))
+}
+
+/// JSON to put inside a `<script>`: no `</` or line separator can end or break it.
+pub(crate) fn script_json(v: &Value) -> String {
+    v.to_string()
         .replace('<', "\\u003c")
         .replace('\u{2028}', "\\u2028")
-        .replace('\u{2029}', "\\u2029");
+        .replace('\u{2029}', "\\u2029")
+}
+
+/// A page of the sign-in that only runs `script` (under its own nonce: nothing else runs) and
+/// moves on: never cached, no Referer, beacons to Courier only.
+pub(crate) fn script_page(script: &str) -> HttpResponse {
+    let nonce = CsrfToken::new_random().secret().clone();
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
@@ -1197,9 +1210,6 @@ fn handoff(session: &Value) -> HttpResponse {
         .content_type("text/html; charset=utf-8")
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
-             <script nonce=\"{nonce}\">const n={data};\
-             try{{const o=JSON.parse(sessionStorage.getItem(\"courier.session\")||\"null\");if(o&&o.session&&o.session!==n.session)navigator.sendBeacon(\"/smart/logout\",new URLSearchParams({{session:o.session}}));}}catch(e){{}}\
-             sessionStorage.removeItem(\"courier.mfa\");sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");</script>\
-             <noscript>Courier needs JavaScript.</noscript></html>"
+             <script nonce=\"{nonce}\">{script}</script><noscript>Courier needs JavaScript.</noscript></html>"
         ))
 }

@@ -498,6 +498,14 @@ struct SmsProvider {
     problems: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
 }
 
+/// Settings pointing Courier at the stand-in (its account, token and sending number).
+fn with_sms_provider(s: &mut courier::config::Settings, url: String) {
+    s.sms_url = Some(url);
+    s.sms_account = "AC0123456789".into();
+    s.sms_token = Some("sms-secret-token".to_string().into());
+    s.sms_from = "+15557654321".into();
+}
+
 async fn sms_provider() -> (SmsProvider, String) {
     use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
     use base64::Engine;
@@ -557,10 +565,7 @@ mod unread_messages_are_notified_by_sms_through_the_provider_api {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
             s.notify_after_secs = 1;
             s.clinic_name = "Riverside Clinic".into();
         })
@@ -751,10 +756,7 @@ mod preferences_and_quiet_hours {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
             s.notify_after_secs = 1;
         })
         .await
@@ -950,10 +952,7 @@ mod escalations_reach_the_on_call_phone {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
             s.notify_after_secs = 3600;
             s.escalation_renotify_secs = 1;
             s.escalation_after_secs = 2;
@@ -1060,10 +1059,7 @@ async fn two_instances_send_each_notice_once() {
     let (provider, url) = sms_provider().await;
     let with_sms = move |url: String| {
         move |s: &mut courier::config::Settings| {
-            s.sms_url = Some(url.clone());
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url.clone());
             s.notify_after_secs = 1;
         }
     };
@@ -1123,10 +1119,7 @@ mod a_person_changes_their_number_with_a_code_sent_to_it {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
         })
         .await
     }
@@ -1353,10 +1346,7 @@ mod members_of_a_group_are_each_notified {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
             s.notify_after_secs = 1;
         })
         .await
@@ -1450,10 +1440,7 @@ mod digests_and_kinds_turned_off {
 
     async fn app(backend: Backend, url: String) -> Option<TestApp> {
         spawn_app_with(backend, move |s| {
-            s.sms_url = Some(url);
-            s.sms_account = "AC0123456789".into();
-            s.sms_token = Some("sms-secret-token".to_string().into());
-            s.sms_from = "+15557654321".into();
+            with_sms_provider(s, url);
             s.notify_after_secs = 2;
         })
         .await
