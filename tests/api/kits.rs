@@ -7,7 +7,7 @@
 //! - the Inferno **SMART App Launch Test Kit**'s server-side checks for an authorization server:
 //!   discovery, Backend Services token requests and their refusals, token introspection.
 //!
-//! The mapping kit test → test here is the table in README.md ("Conformance test kits").
+//! The mapping kit test → test here is the table in docs/conformance.md.
 
 use crate::auth::{assertion, es384, get_token, token_request, token_url};
 use crate::both_backends;
