@@ -131,6 +131,12 @@ pub struct Settings {
     pub sms_account: String,
     pub sms_token: Option<SecretString>,
     pub sms_from: String,
+    /// Web push to the app's browsers (`COURIER_WEB_PUSH`, default true): the app offers it,
+    /// and notices go to the push services the browsers name (they must be reachable).
+    pub web_push: bool,
+    /// The contact in every VAPID token (`COURIER_VAPID_SUBJECT`, a `mailto:` or `https:` URI,
+    /// RFC 8292 §2.1). Unset: the base URL when it is https, else the notices' sender address.
+    pub vapid_subject: Option<String>,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -261,6 +267,8 @@ impl Default for Settings {
             sms_account: String::new(),
             sms_token: None,
             sms_from: String::new(),
+            web_push: true,
+            vapid_subject: None,
         }
     }
 }
@@ -430,6 +438,20 @@ impl Settings {
                     "COURIER_NOTIFY_URGENT_BREAKS_QUIET must be true or false, got '{v}'"
                 ),
             };
+        }
+        if let Some(v) = env("COURIER_WEB_PUSH") {
+            self.web_push = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => anyhow::bail!("COURIER_WEB_PUSH must be true or false, got '{v}'"),
+            };
+        }
+        if let Some(v) = env("COURIER_VAPID_SUBJECT") {
+            anyhow::ensure!(
+                (v.starts_with("mailto:") && v.contains('@')) || v.starts_with("https://"),
+                "COURIER_VAPID_SUBJECT must be a mailto: or https: URI (RFC 8292), got '{v}'"
+            );
+            self.vapid_subject = Some(v);
         }
         if let Some(v) = env("COURIER_CLINIC_NAME") {
             anyhow::ensure!(

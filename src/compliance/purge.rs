@@ -955,12 +955,13 @@ pub fn erase_patient(
                 vec![reference.clone().into()],
             )?;
         }
-        // Their email address, choices and notices.
+        // Their email address, mobile number, browsers, choices and notices.
         for table in [
             "notify_contacts",
             "notify_prefs",
             "notices",
             "notify_pending_contacts",
+            "notify_push",
         ] {
             c.execute(
                 &format!("DELETE FROM {table} WHERE person = ?"),

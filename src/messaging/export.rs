@@ -6,7 +6,9 @@
 //!   recipient, requester — the same compartment the access policy uses);
 //! - the Binaries they attach;
 //! - the receipts on those messages, as a Parameters resource;
-//! - the AuditEvents about the patient: who read or changed their data, when, from where.
+//! - the AuditEvents about the patient: who read or changed their data, when, from where;
+//! - how Courier reaches them outside the app (email address, mobile number, choices, the number
+//!   of browsers with push turned on, each notice sent or not), as a Parameters resource.
 //!
 //! What each caller gets ([`Viewer`]):
 //! - **The patient's own call** gets what their token could read anyway, type by type: a type
@@ -196,6 +198,13 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
             }
             receipts.push(json!({"name": "receipt", "part": part}));
         }
+    }
+    // How Courier reaches the patient outside the app: contacts, choices, browsers, notices.
+    if let Some(p) = crate::notify::export_of(store, &format!("Patient/{patient}"))? {
+        entries.push(json!({
+            "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+            "resource": p,
+        }));
     }
     if !receipts.is_empty() {
         entries.push(json!({

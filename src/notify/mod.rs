@@ -32,8 +32,11 @@ use diesel::QueryableByName;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
+pub mod push;
+
 /// The code system of notice AuditEvent subtypes.
 pub const NOTICE_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/notice";
+const PARTICIPATION_MODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode";
 const LEASE_SECS: i64 = 60;
 const MAX_ATTEMPTS: i64 = 10;
 const BATCH: i64 = 50;
@@ -82,7 +85,8 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
     groups.dedup();
     let urgent = matches!(v["priority"].as_str(), Some("urgent" | "asap" | "stat"));
     // A scheduled reminder or dose (sent from a CommunicationRequest) whose `medium` names email
-    // or SMS (v3-ParticipationMode EMAILWRIT, SMSWRIT) goes through that channel at once, as well
+    // or SMS (v3-ParticipationMode EMAILWRIT, SMSWRIT) or web push (Courier's notice system, code
+    // `push`) goes through that channel at once, as well
     // as into the app; any other message is notified only if it stays unread.
     let scheduled = v["basedOn"].as_array().is_some_and(|b| {
         b.iter().any(|r| {
@@ -96,10 +100,11 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
         .into_iter()
         .flatten()
         .flat_map(|m| m["coding"].as_array().into_iter().flatten())
-        .filter(|c| c["system"] == "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode")
-        .filter_map(|c| match c["code"].as_str() {
-            Some("EMAILWRIT") => Some("email"),
-            Some("SMSWRIT") => Some("sms"),
+        .filter_map(|c| match (c["system"].as_str(), c["code"].as_str()) {
+            (Some(PARTICIPATION_MODE), Some("EMAILWRIT")) => Some("email"),
+            (Some(PARTICIPATION_MODE), Some("SMSWRIT")) => Some("sms"),
+            // v3-ParticipationMode has no code for web push: Courier's own.
+            (Some(NOTICE_SYSTEM), Some("push")) => Some("push"),
             _ => None,
         })
         .collect();
@@ -148,14 +153,15 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
 /// The channels a person can be reached by for a kind of notice: a verified contact, the channel
 /// not turned off, the kind not turned off (binds: [`channel_binds`]).
 const CHANNELS: &str =
-    "SELECT c.kind AS kind FROM notify_contacts c LEFT JOIN notify_prefs p ON p.person = c.person \
-     WHERE c.person = ? AND c.verified_at IS NOT NULL \
-     AND NOT (c.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-     AND NOT (c.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
-     AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY c.kind";
+    "SELECT k.kind AS kind FROM (SELECT person, kind FROM notify_contacts WHERE person = ? AND verified_at IS NOT NULL \
+     UNION SELECT DISTINCT person, 'push' AS kind FROM notify_push WHERE person = ?) k \
+     LEFT JOIN notify_prefs p ON p.person = k.person \
+     WHERE NOT (k.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
+     AND NOT (k.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
+     AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY k.kind";
 
 fn channel_binds(person: &str, kind: &str) -> Vec<Bind> {
-    vec![person.into(), format!("% {kind} %").into()]
+    vec![person.into(), person.into(), format!("% {kind} %").into()]
 }
 
 #[derive(QueryableByName)]
@@ -479,20 +485,12 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         "UPDATE notices SET state = 'uncertain', reason = 'the instance sending it stopped; it may or may not have been sent' WHERE state = 'sending' AND lease_until < ?",
         vec![t.into()],
     )?;
-    if settings.smtp_url.is_none() && settings.sms_url.is_none() {
+    if settings.smtp_url.is_none() && settings.sms_url.is_none() && !settings.web_push {
         return Ok(0);
     }
     let owner = format!("{}#{}", settings.instance_id, uuid::Uuid::new_v4());
     let due = t - settings.notify_after_secs;
-    let transport = match &settings.smtp_url {
-        Some(url) => Some(
-            lettre::SmtpTransport::from_url(url.expose_secret())
-                .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
-                .timeout(Some(std::time::Duration::from_secs(20)))
-                .build(),
-        ),
-        None => None,
-    };
+    let senders = Senders::new(store, settings)?;
     let mut sent = 0;
     let started = std::time::Instant::now();
     // Batches while there are due notices (up to 10 s a pass: another instance, or the next
@@ -509,9 +507,9 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             break;
         }
         let full = claimed.len() as i64 == BATCH;
-        let mut sent_ids: Vec<String> = vec![];
-        let mut audits: Vec<Value> = vec![];
-        // (person, channel) whose due new-message notices a digest of this pass already told of.
+        // 1. What to send, decided one by one (the store's reads and the person's choices).
+        let mut ready: Vec<Ready> = vec![];
+        // (person, channel) whose due new-message notices a digest of this batch tells of.
         let mut digested = std::collections::HashSet::new();
         for n in claimed {
             if n.kind == "new-message" && digested.contains(&(n.person.clone(), n.channel.clone()))
@@ -522,162 +520,70 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 expand(store, &n, &owner)?;
                 continue;
             }
-            let done = |state: &str, reason: Option<&str>, next: i64| {
+            if let Some(r) = decide(store, settings, &senders, &owner, n, t)? {
+                if r.count > 1 {
+                    digested.insert((r.n.person.clone(), r.n.channel.clone()));
+                }
+                ready.push(r);
+            }
+        }
+        // 2. Sent side by side (the SMTP pool's connections, the HTTP clients' connections):
+        // each send waits on another server, not on this machine.
+        let results = senders.send_all(&ready);
+        // 3. Recorded.
+        let mut sent_ids: Vec<String> = vec![];
+        let mut audits: Vec<Value> = vec![];
+        for (r, result) in ready.into_iter().zip(results) {
+            let Ready { n, channel, count, .. } = r;
+            let done = |state: &str, reason: Option<&str>| {
                 store.execute(
                 "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
-                vec![state.into(), reason.map(String::from).into(), next.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
+                vec![state.into(), reason.map(String::from).into(), t.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
             )
             };
-            let comm = n
-                .about
-                .strip_prefix("Communication/")
-                .unwrap_or_default()
-                .to_string();
-            let read = store
-            .query::<Read>(
-                "SELECT COUNT(*) AS n FROM receipts WHERE comm_id = ? AND recipient = ? AND read_at IS NOT NULL",
-                vec![comm.into(), n.person.clone().into()],
-            )?
-            .first()
-            .is_some_and(|r| r.n > 0);
-            if read && n.kind == "new-message" {
-                done("skipped", Some("read in the app"), t)?;
-                continue;
-            }
-            let channel = n.channel.clone().unwrap_or_else(|| "email".into());
-            let p = prefs(store, &n.person)?;
-            let off = if channel == "sms" {
-                p.sms_off
-            } else {
-                p.email_off
-            };
-            if off > 0 {
-                done("skipped", Some(&format!("opted out of {channel}")), t)?;
-                continue;
-            }
-            if n.kind != "escalation" && p.kind_off(&n.kind) {
-                done(
-                    "skipped",
-                    Some(&format!("opted out of {} notices", n.kind)),
-                    t,
-                )?;
-                continue;
-            }
-            // A digest: at most one notice of new messages per channel in the interval; the one
-            // sent says how many are waiting, and stands for the others due with it.
-            let mut count = 1;
-            if n.kind == "new-message" && p.digest_minutes > 0 {
-                #[derive(QueryableByName)]
-                struct Last {
-                    #[diesel(sql_type = Nullable<BigInt>)]
-                    last: Option<i64>,
-                }
-                let last = store
-                .query::<Last>(
-                    "SELECT MAX(sent_at) AS last FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND state = 'sent'",
-                    vec![n.person.clone().into(), channel.clone().into()],
-                )?
-                .first()
-                .and_then(|l| l.last);
-                if let Some(next) = last
-                    .map(|l| l + p.digest_minutes * 60)
-                    .filter(|&next| next > t)
-                {
-                    store.execute(
-                    "UPDATE notices SET state = 'pending', reason = 'digest', attempts = attempts - 1, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
-                    vec![next.into(), n.id.clone().into(), owner.clone().into()],
-                )?;
-                    continue;
-                }
-                #[derive(QueryableByName)]
-                struct Count {
-                    #[diesel(sql_type = BigInt)]
-                    n: i64,
-                }
-                count += store
-                .query::<Count>(
-                    "SELECT COUNT(*) AS n FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
-                     AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
-                    vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
-                )?
-                .first()
-                .map_or(0, |c| c.n);
-            }
-            // Quiet hours: the notice waits for their end — unless it is an urgent message to a
-            // clinician and the clinic lets those break through.
-            let breaks = n.urgent > 0
-                && n.person.starts_with("Practitioner/")
-                && settings.notify_urgent_breaks_quiet;
-            if let Some(until) = p.quiet_until(t).filter(|_| !breaks) {
+            // A digest that did not go leaves the notices it stood for to the next pass.
+            let release_digested = || {
                 store.execute(
-                "UPDATE notices SET state = 'pending', reason = 'quiet hours', attempts = attempts - 1, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
-                vec![until.into(), n.id.clone().into(), owner.clone().into()],
-            )?;
-                continue;
-            }
-            let Some(to) = contact(store, &n.person, &channel)? else {
-                done("skipped", Some(&format!("no {channel} contact")), t)?;
-                continue;
+                    "UPDATE notices SET state = 'pending', attempts = attempts - 1 WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
+                     AND state = 'sending' AND lease_owner = ?",
+                    vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
+                )
             };
-            let link = sign_in_link(store, settings, &n.person)?;
-            let unsubscribe = format!(
-                "{}/notify/unsubscribe?t={}",
-                settings.base_url, p.unsubscribe
-            );
-            let staff = n.person.starts_with("Practitioner/");
-            let outcome = match (channel.as_str(), &transport) {
-                ("email", Some(tr)) => send(
-                    tr,
-                    settings,
-                    &to,
-                    &render(settings, staff, &n.kind, count, &link, &unsubscribe),
-                    &n.id,
-                    &unsubscribe,
-                ),
-                ("sms", _) if settings.sms_url.is_some() => {
-                    send_sms(settings, &to, &sms_text(settings, &n.kind, count, &link))
-                }
-                _ => {
-                    // The channel is not configured on this server (any more): wait for it.
-                    store.execute(
-                    "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
-                    vec![format!("no {channel} provider is configured").into(), (t + 300).into(), n.id.clone().into(), owner.clone().into()],
-                )?;
-                    continue;
-                }
-            };
-            match outcome {
-                Ok(()) if count == 1 => {
+            match result {
+                Outcome::Sent if count == 1 => {
                     // Marked sent, and audited, with the rest of the batch (one write for all;
                     // a crash before it leaves them `sending`, hence `uncertain`: never resent).
                     sent_ids.push(n.id.clone());
                     audits.push(audit_event(store, &n.person, &n.about, &channel, None));
                     sent += 1;
                 }
-                Ok(()) => {
-                    done("sent", None, t)?;
-                    if count > 1 {
-                        // The others this digest told of are told.
-                        store.execute(
+                Outcome::Sent => {
+                    done("sent", None)?;
+                    // The others this digest told of are told.
+                    store.execute(
                         "UPDATE notices SET state = 'sent', reason = 'in a digest', sent_at = ? WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
                          AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
                         vec![t.into(), n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
                     )?;
-                        digested.insert((n.person.clone(), n.channel.clone()));
-                    }
                     audit(store, &n.person, &n.about, &channel, None)?;
                     sent += 1;
                 }
-                Err(f) if f.permanent || n.attempts >= MAX_ATTEMPTS => {
-                    done("parked", Some(&f.reason), t)?;
+                Outcome::Gone => {
+                    done("skipped", Some("the browser's push subscription has expired"))?;
+                    release_digested()?;
+                }
+                Outcome::Failed(f) if f.permanent || n.attempts >= MAX_ATTEMPTS => {
+                    done("parked", Some(&f.reason))?;
+                    release_digested()?;
                     audit(store, &n.person, &n.about, &channel, Some(&f.reason))?;
                 }
-                Err(f) => {
+                Outcome::Failed(f) => {
                     let backoff = (1i64 << (n.attempts - 1).clamp(0, 9)).min(300);
                     store.execute(
                     "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
                     vec![f.reason.into(), (t + backoff).into(), n.id.clone().into(), owner.clone().into()],
                 )?;
+                    release_digested()?;
                 }
             }
         }
@@ -706,6 +612,348 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         }
     }
     Ok(sent)
+}
+
+/// A claimed notice ready to go: who, by which channel, how many messages it tells of, what.
+struct Ready {
+    n: Claimed,
+    channel: String,
+    count: i64,
+    job: Job,
+}
+
+enum Job {
+    Email { to: String, rendered: Rendered, unsubscribe: String },
+    Sms { to: String, body: String },
+    Push { devices: Vec<push::Device>, payload: Vec<u8>, urgent: bool, ttl: u64 },
+}
+
+enum Outcome {
+    Sent,
+    /// Every browser subscription of the person has expired (and was forgotten).
+    Gone,
+    Failed(Failed),
+}
+
+/// Step 1 for one claimed notice: skipped (read, opted out, no contact), postponed (digest,
+/// quiet hours, channel not configured) — written at once — or ready to send.
+fn decide(
+    store: &Store,
+    settings: &Settings,
+    senders: &Senders<'_>,
+    owner: &str,
+    n: Claimed,
+    t: i64,
+) -> anyhow::Result<Option<Ready>> {
+    let done = |state: &str, reason: &str| {
+        store.execute(
+            "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+            vec![state.into(), reason.to_string().into(), t.into(), n.id.clone().into(), owner.into()],
+        )
+    };
+    let postpone = |reason: &str, until: i64, retry: bool| {
+        store.execute(
+            &format!("UPDATE notices SET state = 'pending', reason = ?, {}next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                if retry { "" } else { "attempts = attempts - 1, " }),
+            vec![reason.to_string().into(), until.into(), n.id.clone().into(), owner.into()],
+        )
+    };
+    let comm = n
+        .about
+        .strip_prefix("Communication/")
+        .unwrap_or_default()
+        .to_string();
+    let read = store
+        .query::<Read>(
+            "SELECT COUNT(*) AS n FROM receipts WHERE comm_id = ? AND recipient = ? AND read_at IS NOT NULL",
+            vec![comm.into(), n.person.clone().into()],
+        )?
+        .first()
+        .is_some_and(|r| r.n > 0);
+    if read && n.kind == "new-message" {
+        done("skipped", "read in the app")?;
+        return Ok(None);
+    }
+    let channel = n.channel.clone().unwrap_or_else(|| "email".into());
+    let p = prefs(store, &n.person)?;
+    let off = match channel.as_str() {
+        "sms" => p.sms_off,
+        "email" => p.email_off,
+        _ => 0,
+    };
+    if off > 0 {
+        done("skipped", &format!("opted out of {channel}"))?;
+        return Ok(None);
+    }
+    if n.kind != "escalation" && p.kind_off(&n.kind) {
+        done("skipped", &format!("opted out of {} notices", n.kind))?;
+        return Ok(None);
+    }
+    // A digest: at most one notice of new messages per channel in the interval; the one sent
+    // says how many are waiting, and stands for the others due with it.
+    let mut count = 1;
+    if n.kind == "new-message" && p.digest_minutes > 0 {
+        #[derive(QueryableByName)]
+        struct Last {
+            #[diesel(sql_type = Nullable<BigInt>)]
+            last: Option<i64>,
+        }
+        let last = store
+            .query::<Last>(
+                "SELECT MAX(sent_at) AS last FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND state = 'sent'",
+                vec![n.person.clone().into(), channel.clone().into()],
+            )?
+            .first()
+            .and_then(|l| l.last);
+        if let Some(next) = last
+            .map(|l| l + p.digest_minutes * 60)
+            .filter(|&next| next > t)
+        {
+            postpone("digest", next, false)?;
+            return Ok(None);
+        }
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        count += store
+            .query::<Count>(
+                "SELECT COUNT(*) AS n FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
+                 AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
+                vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.into()],
+            )?
+            .first()
+            .map_or(0, |c| c.n);
+    }
+    // Quiet hours: the notice waits for their end — unless it is an urgent message to a
+    // clinician and the clinic lets those break through.
+    let breaks =
+        n.urgent > 0 && n.person.starts_with("Practitioner/") && settings.notify_urgent_breaks_quiet;
+    if let Some(until) = p.quiet_until(t).filter(|_| !breaks) {
+        postpone("quiet hours", until, false)?;
+        return Ok(None);
+    }
+    let configured = match channel.as_str() {
+        "email" => senders.smtp.is_some(),
+        "sms" => settings.sms_url.is_some(),
+        "push" => senders.vapid.is_some(),
+        _ => false,
+    };
+    if !configured {
+        // The channel is not configured on this server (any more): wait for it.
+        postpone(&format!("no {channel} provider is configured"), t + 300, true)?;
+        return Ok(None);
+    }
+    let link = sign_in_link(store, settings, &n.person)?;
+    let job = if channel == "push" {
+        let devices = push::devices(store, &n.person)?;
+        if devices.is_empty() {
+            done("skipped", "no browser has push notifications turned on")?;
+            return Ok(None);
+        }
+        Job::Push {
+            devices,
+            payload: push::payload(settings, &n.kind, count, &link),
+            urgent: n.urgent > 0 || n.kind == "escalation",
+            ttl: if n.kind == "escalation" { 3600 } else { 86_400 },
+        }
+    } else {
+        let Some(to) = contact(store, &n.person, &channel)? else {
+            done("skipped", &format!("no {channel} contact"))?;
+            return Ok(None);
+        };
+        if channel == "sms" {
+            Job::Sms {
+                to,
+                body: sms_text(settings, &n.kind, count, &link),
+            }
+        } else {
+            let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
+            let staff = n.person.starts_with("Practitioner/");
+            Job::Email {
+                to,
+                rendered: render(settings, staff, &n.kind, count, &link, &unsubscribe),
+                unsubscribe,
+            }
+        }
+    };
+    Ok(Some(Ready {
+        n,
+        channel,
+        count,
+        job,
+    }))
+}
+
+/// How many sends are in flight at once: each mostly waits on the mail server or provider.
+const SENDERS: usize = 8;
+
+/// What the worker sends with, made once a pass: the SMTP connection pool, the HTTP clients,
+/// the VAPID key.
+struct Senders<'a> {
+    store: &'a Store,
+    settings: &'a Settings,
+    smtp: Option<lettre::SmtpTransport>,
+    sms: Option<reqwest::Client>,
+    push: Outbound,
+    /// (private key DER, public key, subject) when web push is on.
+    vapid: Option<(Vec<u8>, String, String)>,
+    runtime: RuntimeRef,
+}
+
+enum RuntimeRef {
+    Handle(tokio::runtime::Handle),
+    Own(tokio::runtime::Runtime),
+}
+
+impl RuntimeRef {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            RuntimeRef::Handle(h) => h.block_on(f),
+            RuntimeRef::Own(r) => r.handle().block_on(f),
+        }
+    }
+}
+
+use crate::outbound::Outbound;
+
+/// The HTTP client for push services, one per process and address policy (its connections to
+/// a push service stay open from one pass to the next).
+fn push_client(settings: &Settings) -> anyhow::Result<Outbound> {
+    static CLIENTS: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashMap<String, Outbound>>> =
+        std::sync::OnceLock::new();
+    let key = format!("{}|{}", settings.subscription_private_endpoints, settings.outbound_allow.join(","));
+    let mut clients = CLIENTS.get_or_init(Default::default).lock();
+    if let Some(c) = clients.get(&key) {
+        return Ok(c.clone());
+    }
+    let c = Outbound::new(settings)?;
+    clients.insert(key, c.clone());
+    Ok(c)
+}
+
+impl<'a> Senders<'a> {
+    fn new(store: &'a Store, settings: &'a Settings) -> anyhow::Result<Senders<'a>> {
+        let smtp = match &settings.smtp_url {
+            Some(url) => Some(
+                lettre::SmtpTransport::from_url(url.expose_secret())
+                    .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
+                    .timeout(Some(std::time::Duration::from_secs(20)))
+                    .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(SENDERS as u32))
+                    .build(),
+            ),
+            None => None,
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let sms = match &settings.sms_url {
+            Some(_) => Some(
+                reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(20))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()?,
+            ),
+            None => None,
+        };
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(h) => RuntimeRef::Handle(h),
+            Err(_) => RuntimeRef::Own(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?,
+            ),
+        };
+        let vapid = if settings.web_push {
+            let (der, public) = push::vapid(store)?;
+            Some((der, public, push::subject(settings)))
+        } else {
+            None
+        };
+        Ok(Senders {
+            store,
+            settings,
+            smtp,
+            sms,
+            push: push_client(settings)?,
+            vapid,
+            runtime,
+        })
+    }
+
+    fn send_all(&self, ready: &[Ready]) -> Vec<Outcome> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<parking_lot::Mutex<Option<Outcome>>> =
+            ready.iter().map(|_| parking_lot::Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..SENDERS.min(ready.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(r) = ready.get(i) else { break };
+                    *results[i].lock() = Some(self.send_one(r));
+                });
+            }
+        });
+        results
+            .into_iter()
+            .map(|m| {
+                m.into_inner().unwrap_or(Outcome::Failed(Failed {
+                    permanent: false,
+                    reason: "not sent".into(),
+                }))
+            })
+            .collect()
+    }
+
+    fn send_one(&self, r: &Ready) -> Outcome {
+        let result = match &r.job {
+            Job::Email { to, rendered, unsubscribe } => match &self.smtp {
+                Some(tr) => send(tr, self.settings, to, rendered, &r.n.id, unsubscribe),
+                None => Err(Failed { permanent: false, reason: "no SMTP server is configured".into() }),
+            },
+            Job::Sms { to, body } => match &self.sms {
+                Some(c) => self.runtime.block_on(send_sms(c, self.settings, to, body)),
+                None => Err(Failed { permanent: false, reason: "no SMS provider is configured".into() }),
+            },
+            Job::Push { devices, payload, urgent, ttl } => {
+                let Some((der, public, subject)) = &self.vapid else {
+                    return Outcome::Failed(Failed { permanent: false, reason: "web push is off".into() });
+                };
+                return self.runtime.block_on(async {
+                    let (mut delivered, mut gone, mut failure) = (0, 0, None::<Failed>);
+                    for d in devices {
+                        match push::send(&self.push, der, public, subject, d, payload, *urgent, *ttl).await {
+                            push::Pushed::Delivered => delivered += 1,
+                            push::Pushed::Gone => {
+                                gone += 1;
+                                if let Err(e) = push::forget(self.store, &d.id) {
+                                    tracing::warn!(error = %e, "could not forget an expired push subscription");
+                                }
+                            }
+                            push::Pushed::Failed(f) => {
+                                // A retryable failure outranks a permanent one.
+                                if failure.as_ref().is_none_or(|old| old.permanent) {
+                                    failure = Some(f);
+                                }
+                            }
+                        }
+                    }
+                    if delivered > 0 {
+                        Outcome::Sent
+                    } else if let Some(f) = failure {
+                        Outcome::Failed(f)
+                    } else {
+                        debug_assert!(gone > 0);
+                        Outcome::Gone
+                    }
+                });
+            }
+        };
+        match result {
+            Ok(()) => Outcome::Sent,
+            Err(f) => Outcome::Failed(f),
+        }
+    }
 }
 
 /// A notice to a Group or CareTeam becomes one per member and channel (their own choices apply),
@@ -853,7 +1101,12 @@ pub fn sms_text(settings: &Settings, kind: &str, count: i64, link: &str) -> Stri
 /// {base}/2010-04-01/Accounts/{account}/Messages.json`, HTTP Basic account:token, form `To`,
 /// `From`, `Body`; 201 with the message's `sid`). 4xx: parked with the provider's code and
 /// message (a bad number, an opted-out recipient); 429, 5xx and timeouts: tried again.
-fn send_sms(settings: &Settings, to: &str, body: &str) -> Result<(), Failed> {
+async fn send_sms(
+    client: &reqwest::Client,
+    settings: &Settings,
+    to: &str,
+    body: &str,
+) -> Result<(), Failed> {
     let base = settings.sms_url.as_deref().unwrap_or_default();
     let url = format!(
         "{base}/2010-04-01/Accounts/{}/Messages.json",
@@ -869,32 +1122,19 @@ fn send_sms(settings: &Settings, to: &str, body: &str) -> Result<(), Failed> {
         .append_pair("From", &settings.sms_from)
         .append_pair("Body", body)
         .finish();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(20))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Failed {
-            permanent: false,
-            reason: format!("cannot make the HTTP client: {e}"),
-        })?;
     let request = client
         .post(url)
         .basic_auth(&settings.sms_account, Some(token))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form)
         .send();
-    let answer = tokio::runtime::Handle::try_current()
-        .map_err(|_| Failed {
-            permanent: false,
-            reason: "no runtime".into(),
-        })?
-        .block_on(async {
-            let r = request.await?;
-            let status = r.status().as_u16();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            Ok::<_, reqwest::Error>((status, body))
-        });
+    let answer = async {
+        let r = request.await?;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        Ok::<_, reqwest::Error>((status, body))
+    }
+    .await;
     match answer {
         Ok((200..=299, _)) => Ok(()),
         Ok((429, _)) | Ok((500..=599, _)) => Err(Failed {
@@ -964,7 +1204,77 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/notify/preferences", web::get().to(get_preferences))
         .route("/notify/preferences", web::put().to(put_preferences))
         .route("/notify/contacts", web::post().to(change_contact))
-        .route("/notify/contacts/verify", web::post().to(verify_contact));
+        .route("/notify/contacts/verify", web::post().to(verify_contact))
+        .route("/notify/push", web::post().to(add_push))
+        .route("/notify/push", web::delete().to(remove_push));
+}
+
+/// `POST /notify/push` (a `PushSubscription` as JSON: `{"endpoint", "keys": {"p256dh",
+/// "auth"}}`): this browser gets the signed-in person's notices by web push. 201 with
+/// `{"devices": n}`; a malformed subscription, or an endpoint Courier may not reach, is a 400.
+async fn add_push(
+    state: web::Data<crate::api::AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    if !state.settings.web_push {
+        return outcome(409, "push", "Web push is turned off on this server (COURIER_WEB_PUSH).");
+    }
+    let sub = match serde_json::from_slice::<push::Subscription>(&body) {
+        Ok(s) => s,
+        Err(_) => {
+            return outcome(
+                400,
+                "push",
+                "Send the browser's push subscription: {\"endpoint\": …, \"keys\": {\"p256dh\": …, \"auth\": …}}.",
+            )
+        }
+    };
+    if let Err(why) = push::validate(&state.settings, &sub) {
+        return outcome(400, "push", &format!("This push subscription cannot be used: {why}."));
+    }
+    let http = match push_client(&state.settings) {
+        Ok(h) => h,
+        Err(_) => return HttpResponse::ServiceUnavailable().finish(),
+    };
+    if let Err(e) = http.check(&sub.endpoint).await {
+        return outcome(400, "push.endpoint", &format!("This push service cannot be used: {e}."));
+    }
+    let store = state.store.clone();
+    match web::block(move || push::register(&store, &person, &sub)).await {
+        Ok(Ok(n)) => HttpResponse::Created()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .json(json!({"devices": n})),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
+}
+
+/// `DELETE /notify/push` (`{"endpoint"}`): this browser gets no more notices. 204 whether or
+/// not it had them (another person's device is not touched, and not told of).
+async fn remove_push(
+    state: web::Data<crate::api::AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let person = match person_of(&req) {
+        Ok(p) => p,
+        Err(e) => return actix_web::ResponseError::error_response(&e),
+    };
+    let Some(endpoint) = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["endpoint"].as_str().map(String::from))
+    else {
+        return outcome(400, "push", "Send {\"endpoint\": …} of the subscription to remove.");
+    };
+    let store = state.store.clone();
+    match web::block(move || push::unregister(&store, &person, &endpoint)).await {
+        Ok(Ok(_)) => HttpResponse::NoContent().finish(),
+        _ => HttpResponse::ServiceUnavailable().finish(),
+    }
 }
 
 const CODE_SECS: i64 = 600;
@@ -1076,7 +1386,15 @@ async fn change_contact(
                 let r = Rendered { subject: "Your Courier code".into(), text: format!("{text}\r\n") };
                 send(&tr, &settings, &v2, &r, &uuid::Uuid::new_v4().to_string(), &format!("{}/app/", settings.base_url))
             }
-            _ => send_sms(&settings, &v2, &text),
+            _ => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let client = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(20))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| StoreError::Other(e.into()))?;
+                tokio::runtime::Handle::current().block_on(send_sms(&client, &settings, &v2, &text))
+            }
         })
     })
     .await;
@@ -1216,6 +1534,7 @@ fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
             None => json!({"to": null, "on": false}),
         };
     }
+    out["push"] = json!({"devices": push::count(store, person)?});
     out["kinds"] =
         json!({"new-message": !p.kind_off("new-message"), "reminder": !p.kind_off("reminder")});
     out["digest_minutes"] = json!(p.digest_minutes);
@@ -1224,6 +1543,121 @@ fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
         _ => Value::Null,
     };
     Ok(out)
+}
+
+/// What Courier holds to reach `person` outside the app, for their export (GDPR Art. 15, HIPAA
+/// right of access): a Parameters resource, or `None` when there is nothing.
+pub fn export_of(store: &Store, person: &str) -> Result<Option<Value>, StoreError> {
+    use crate::search::dates::format_instant;
+    let at = |secs: i64| json!(format_instant(secs * 1_000_000));
+    let mut parameter = vec![];
+    #[derive(QueryableByName)]
+    struct C {
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = Text)]
+        source: String,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        verified_at: Option<i64>,
+    }
+    let contacts: Vec<C> = store.query(
+        "SELECT kind, source, verified_at FROM notify_contacts WHERE person = ? ORDER BY kind",
+        vec![person.into()],
+    )?;
+    for c in contacts {
+        let Some(value) = contact_any(store, person, &c.kind)? else {
+            continue;
+        };
+        let mut part = vec![
+            json!({"name": "channel", "valueCode": c.kind}),
+            json!({"name": "value", "valueString": value}),
+            json!({"name": "source", "valueCode": c.source}),
+        ];
+        if let Some(v) = c.verified_at {
+            part.push(json!({"name": "verified", "valueInstant": at(v)}));
+        }
+        parameter.push(json!({"name": "contact", "part": part}));
+    }
+    let has_prefs = store
+        .query::<Read>(
+            "SELECT COUNT(*) AS n FROM notify_prefs WHERE person = ?",
+            vec![person.into()],
+        )?
+        .first()
+        .is_some_and(|r| r.n > 0);
+    if has_prefs {
+        let p = preferences_of(store, person)?;
+        let mut part = vec![
+            json!({"name": "email", "valueBoolean": p["email"]["on"].as_bool().unwrap_or(false)}),
+            json!({"name": "sms", "valueBoolean": p["sms"]["on"].as_bool().unwrap_or(false)}),
+            json!({"name": "new-message-notices", "valueBoolean": p["kinds"]["new-message"].as_bool().unwrap_or(true)}),
+            json!({"name": "reminder-notices", "valueBoolean": p["kinds"]["reminder"].as_bool().unwrap_or(true)}),
+            json!({"name": "digest-minutes", "valueInteger": p["digest_minutes"].as_i64().unwrap_or(0)}),
+        ];
+        if let (Some(f), Some(t), Some(z)) = (
+            p["quiet"]["from"].as_str(),
+            p["quiet"]["to"].as_str(),
+            p["quiet"]["time_zone"].as_str(),
+        ) {
+            part.push(json!({"name": "quiet-hours", "valueString": format!("{f}-{t} {z}")}));
+        }
+        parameter.push(json!({"name": "preferences", "part": part}));
+    }
+    let devices = push::count(store, person)?;
+    if devices > 0 {
+        parameter.push(json!({"name": "push-devices", "valueInteger": devices}));
+    }
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        channel: Option<String>,
+        #[diesel(sql_type = Text)]
+        state: String,
+        #[diesel(sql_type = Text)]
+        about: String,
+        #[diesel(sql_type = BigInt)]
+        created_at: i64,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        sent_at: Option<i64>,
+    }
+    let notices: Vec<N> = store.query(
+        "SELECT kind, channel, state, about, created_at, sent_at FROM notices WHERE person = ? ORDER BY created_at, id",
+        vec![person.into()],
+    )?;
+    for n in notices {
+        let mut part = vec![
+            json!({"name": "kind", "valueCode": n.kind}),
+            json!({"name": "channel", "valueCode": n.channel.unwrap_or_else(|| "email".into())}),
+            json!({"name": "state", "valueCode": n.state}),
+            json!({"name": "about", "valueReference": {"reference": n.about}}),
+            json!({"name": "created", "valueInstant": at(n.created_at)}),
+        ];
+        if let Some(s) = n.sent_at {
+            part.push(json!({"name": "sent", "valueInstant": at(s)}));
+        }
+        parameter.push(json!({"name": "notice", "part": part}));
+    }
+    Ok((!parameter.is_empty()).then(|| {
+        json!({"resourceType": "Parameters", "id": "notification-settings", "parameter": parameter})
+    }))
+}
+
+/// A contact point, verified or not (the export shows both).
+fn contact_any(store: &Store, person: &str, kind: &str) -> Result<Option<String>, StoreError> {
+    let Some(r) = store
+        .query::<ContactRow>(
+            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = ?",
+            vec![person.into(), kind.into()],
+        )?
+        .into_iter()
+        .next()
+    else {
+        return Ok(None);
+    };
+    let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, kind))?;
+    Ok(String::from_utf8(plain).ok())
 }
 
 /// `GET /notify/preferences`: the signed-in person's channels (masked) and quiet hours.
@@ -1236,7 +1670,17 @@ async fn get_preferences(
         Err(e) => return actix_web::ResponseError::error_response(&e),
     };
     let store = state.store.clone();
-    match web::block(move || preferences_of(&store, &person)).await {
+    let web_push = state.settings.web_push;
+    let got = web::block(move || {
+        let mut v = preferences_of(&store, &person)?;
+        // The key the browser subscribes with (`applicationServerKey`), when web push is on.
+        v["push"]["public_key"] = match web_push {
+            true => json!(push::vapid(&store)?.1),
+            false => Value::Null,
+        };
+        Ok::<_, StoreError>(v)
+    });
+    match got.await {
         Ok(Ok(v)) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .json(v),

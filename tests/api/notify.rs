@@ -830,7 +830,7 @@ mod preferences_and_quiet_hours {
             alan_s["fhirUser"].as_str().unwrap().to_string(),
         );
         // What the person sees: the channels their record gives, masked; none turned off.
-        let got: Value = ada_c
+        let mut got: Value = ada_c
             .get(app.url("notify/preferences"))
             .send()
             .await
@@ -838,9 +838,12 @@ mod preferences_and_quiet_hours {
             .json()
             .await
             .unwrap();
+        assert!(got["push"]["public_key"].is_string(), "{got}");
+        got["push"]["public_key"] = json!("…");
         assert_eq!(
             got,
             json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true},
+            "push": {"devices": 0, "public_key": "…"},
             "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "quiet": null})
         );
         // Bad input: 400 with an OperationOutcome, and nothing changes.
@@ -857,7 +860,7 @@ mod preferences_and_quiet_hours {
             assert_eq!(s, 400, "{bad}: {o}");
             assert_eq!(o["resourceType"], "OperationOutcome");
         }
-        let again: Value = ada_c
+        let mut again: Value = ada_c
             .get(app.url("notify/preferences"))
             .send()
             .await
@@ -865,6 +868,7 @@ mod preferences_and_quiet_hours {
             .json()
             .await
             .unwrap();
+        again["push"]["public_key"] = json!("…");
         assert_eq!(again, got);
         // An integrator's token is nobody's: no preferences.
         assert_eq!(
@@ -1541,5 +1545,356 @@ mod digests_and_kinds_turned_off {
                 .all(|n| n.about != format!("Communication/{reminder}")),
             "no reminder notice"
         );
+    }
+}
+
+/// A push service stand-in (RFC 8030 §5): records each push message request and answers with
+/// the status set for its path (201 unless told otherwise).
+#[derive(Clone, Default)]
+struct PushService {
+    got: std::sync::Arc<parking_lot::Mutex<Vec<(String, Vec<(String, String)>, Vec<u8>)>>>,
+    answer: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<String, u16>>>,
+}
+
+async fn push_service() -> (PushService, String) {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let p = PushService::default();
+    let shared = p.clone();
+    let server = HttpServer::new(move || {
+        let p = shared.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let p = p.clone();
+            async move {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_lowercase(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                let path = req.path().to_string();
+                p.got.lock().push((path.clone(), headers, body.to_vec()));
+                let status = p.answer.lock().get(&path).copied().unwrap_or(201);
+                HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+                    .insert_header(("location", format!("{path}/msg/1")))
+                    .finish()
+            }
+        }))
+    })
+    .workers(1)
+    .listen(l)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    (p, url)
+}
+
+/// A browser's push subscription keys (what `PushManager.subscribe` makes): its P-256 key pair
+/// and 16-byte auth secret.
+struct BrowserKeys {
+    secret: p256::SecretKey,
+    auth: [u8; 16],
+}
+
+impl BrowserKeys {
+    fn new() -> BrowserKeys {
+        use rand::RngCore;
+        let mut auth = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut auth);
+        BrowserKeys {
+            secret: p256::SecretKey::random(&mut rand::rngs::OsRng),
+            auth,
+        }
+    }
+
+    fn public(&self) -> Vec<u8> {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        self.secret.public_key().to_encoded_point(false).as_bytes().to_vec()
+    }
+
+    fn subscription(&self, endpoint: &str) -> Value {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        json!({"endpoint": endpoint, "expirationTime": null,
+            "keys": {"p256dh": b.encode(self.public()), "auth": b.encode(self.auth)}})
+    }
+
+    /// Decrypts a push message body as a browser does, written here from RFC 8291 §3.3–3.4
+    /// and RFC 8188 §2 (not with the library Courier encrypts with).
+    fn decrypt(&self, body: &[u8]) -> Vec<u8> {
+        use aes_gcm::aead::{Aead, KeyInit};
+        use hmac::Mac;
+        let hmac = |key: &[u8], data: &[&[u8]]| -> Vec<u8> {
+            let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
+            for d in data {
+                m.update(d);
+            }
+            m.finalize().into_bytes().to_vec()
+        };
+        // RFC 8188 §2.1: salt (16) | rs (4) | idlen (1) | keyid | ciphertext.
+        let salt = &body[..16];
+        let rs = u32::from_be_bytes(body[16..20].try_into().unwrap()) as usize;
+        let idlen = body[20] as usize;
+        let as_public = &body[21..21 + idlen];
+        let ciphertext = &body[21 + idlen..];
+        assert_eq!(idlen, 65, "keyid is the sender's uncompressed P-256 key (RFC 8291 §4)");
+        assert!(ciphertext.len() <= rs, "one record");
+        let sender = p256::PublicKey::from_sec1_bytes(as_public).unwrap();
+        let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), sender.as_affine());
+        // RFC 8291 §3.3: IKM = HKDF(auth_secret, ecdh_secret, "WebPush: info" 0 ua_public as_public, 32).
+        let prk_key = hmac(&self.auth, &[shared.raw_secret_bytes().as_slice()]);
+        let ikm = hmac(&prk_key, &[b"WebPush: info\0", &self.public(), as_public, &[1]]);
+        // RFC 8188 §2.2–2.3: CEK and NONCE from HKDF(salt, IKM).
+        let prk = hmac(salt, &[&ikm]);
+        let cek = &hmac(&prk, &[b"Content-Encoding: aes128gcm\0", &[1]])[..16];
+        let nonce = &hmac(&prk, &[b"Content-Encoding: nonce\0", &[1]])[..12];
+        let cipher = aes_gcm::Aes128Gcm::new_from_slice(cek).unwrap();
+        let mut plain = cipher
+            .decrypt(aes_gcm::Nonce::from_slice(nonce), ciphertext)
+            .expect("the payload decrypts with the subscription's keys");
+        // The last record's padding: a 0x02 delimiter, then zeros.
+        while plain.last() == Some(&0) {
+            plain.pop();
+        }
+        assert_eq!(plain.pop(), Some(2), "last-record padding delimiter");
+        plain
+    }
+}
+
+/// Checks the VAPID `Authorization` (RFC 8292 §2–3): an ES256 JWT verified with the key `k`
+/// carries, `aud` the push service's origin, `exp` within 24 hours, `sub` a contact URI.
+fn check_vapid(authorization: &str, origin: &str, public_key: &str) -> Value {
+    use base64::Engine;
+    let rest = authorization.strip_prefix("vapid ").expect("vapid scheme");
+    let mut t = None;
+    let mut k = None;
+    for part in rest.split(',') {
+        let (name, value) = part.trim().split_once('=').unwrap();
+        match name {
+            "t" => t = Some(value.to_string()),
+            "k" => k = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    let (t, k) = (t.expect("t="), k.expect("k="));
+    assert_eq!(k, public_key, "k is the key the browser subscribed with");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&k).unwrap();
+    assert_eq!(raw.len(), 65);
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let key = jsonwebtoken::DecodingKey::from_ec_components(&b.encode(&raw[1..33]), &b.encode(&raw[33..]))
+        .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[origin]);
+    v.set_required_spec_claims(&["exp", "aud", "sub"]);
+    let claims = jsonwebtoken::decode::<Value>(&t, &key, &v)
+        .expect("the VAPID JWT verifies")
+        .claims;
+    let now = chrono::Utc::now().timestamp();
+    let exp = claims["exp"].as_i64().unwrap();
+    assert!(exp > now && exp <= now + 24 * 3600, "exp within 24 h: {claims}");
+    claims
+}
+
+mod web_push_is_encrypted_for_the_browser_and_signed {
+    use super::*;
+    use crate::messaging::{clinician_token, patient_token, user_token};
+
+    async fn app(backend: Backend) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.subscription_private_endpoints = true;
+            s.notify_after_secs = 1;
+            s.clinic_name = "Riverside Clinic".into();
+            s.vapid_subject = Some("mailto:it@riverside.example".into());
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        run(app(Backend::Sqlite).await.unwrap()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        match app(Backend::Postgres).await {
+            Some(a) => run(a).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn wait_for(service: &PushService, n: usize) {
+        for _ in 0..150 {
+            if service.got.lock().len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{n} pushes did not arrive (got {})", service.got.lock().len());
+    }
+
+    async fn run(app: TestApp) {
+        let (service, base) = push_service().await;
+        let patient = client_with_token(&patient_token(&app, "p1"));
+        let other = client_with_token(&patient_token(&app, "p2"));
+        let doctor = client_with_token(&clinician_token(&app, "dr-1"));
+        let prefs: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let public_key = prefs["push"]["public_key"].as_str().expect("VAPID key").to_string();
+        assert_eq!(prefs["push"]["devices"], 0);
+        let post = |c: &reqwest::Client, body: Value| {
+            let (c, url) = (c.clone(), app.url("notify/push"));
+            async move { c.post(url).json(&body).send().await.unwrap() }
+        };
+        // Bad subscriptions: a clear 400 OperationOutcome, nothing kept.
+        let phone = BrowserKeys::new();
+        let good = phone.subscription(&format!("{base}/push/phone"));
+        let mut bad_key = good.clone();
+        bad_key["keys"]["p256dh"] = json!("AAAA");
+        let mut bad_auth = good.clone();
+        bad_auth["keys"]["auth"] = json!("c2hvcnQ");
+        let mut ftp = good.clone();
+        ftp["endpoint"] = json!("ftp://push.example/x");
+        for (body, says) in [
+            (json!({}), "push subscription"),
+            (bad_key, "p256dh"),
+            (bad_auth, "auth"),
+            (ftp, "https"),
+        ] {
+            let r = post(&patient, body.clone()).await;
+            assert_eq!(r.status(), 400, "{body}");
+            let o: Value = r.json().await.unwrap();
+            assert_eq!(o["resourceType"], "OperationOutcome");
+            assert!(o["issue"][0]["diagnostics"].as_str().unwrap().contains(says), "{o}");
+        }
+        // Not signed in: 401; a system client (no person): 403.
+        let r = reqwest::Client::new().post(app.url("notify/push")).json(&good).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let system = client_with_token(&user_token(&app, "system/*.cruds", "Device/x", None));
+        let r = post(&system, good.clone()).await;
+        assert!(r.status() == 403 || r.status() == 401, "{}", r.status());
+        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(n["push"]["devices"], 0, "nothing kept from bad requests");
+
+        // Two browsers turn notifications on.
+        let laptop = BrowserKeys::new();
+        let r = post(&patient, good.clone()).await;
+        assert_eq!(r.status(), 201);
+        let r = post(&patient, laptop.subscription(&format!("{base}/push/laptop"))).await;
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.json::<Value>().await.unwrap()["devices"], 2);
+        // Another person cannot turn off a device that is not theirs.
+        let r = other
+            .delete(app.url("notify/push"))
+            .json(&json!({"endpoint": format!("{base}/push/phone")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+
+        // A new message to the patient, unread: a push to each browser.
+        let phi = "Your biopsy shows melanoma, Ada Lovelace";
+        let mut m = crate::messaging::msg("Practitioner/dr-1", &["Patient/p1"], phi);
+        m["subject"] = json!({"reference": "Patient/p1"});
+        m["topic"] = json!({"text": "Dermatology results"});
+        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        wait_for(&service, 2).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let got = service.got.lock().clone();
+        assert_eq!(got.len(), 2, "one push per browser");
+        let origin = base.clone();
+        for (path, headers, body) in &got {
+            let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+            assert_eq!(h("content-encoding"), Some("aes128gcm"), "RFC 8291 §4");
+            assert!(h("ttl").and_then(|t| t.parse::<u64>().ok()).is_some_and(|t| t > 0), "RFC 8030 §5.2 TTL");
+            assert_eq!(h("urgency"), Some("normal"));
+            let claims = check_vapid(h("authorization").expect("VAPID"), &origin, &public_key);
+            assert_eq!(claims["sub"], "mailto:it@riverside.example");
+            let keys = if path == "/push/phone" { &phone } else { &laptop };
+            let plain = keys.decrypt(body);
+            let text = String::from_utf8(plain).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["title"], "Riverside Clinic");
+            assert_eq!(v["body"], "You have a new secure message.");
+            assert!(v["url"].as_str().unwrap().starts_with(&app.url("")), "{v}");
+            for secret in ["biopsy", "melanoma", "Ada", "Lovelace", "Dermatology", "p1", "dr-1"] {
+                assert!(!text.contains(secret), "PHI {secret:?} in a push payload: {text}");
+            }
+            // Nothing readable on the wire either.
+            assert!(!String::from_utf8_lossy(body).contains("Riverside"));
+        }
+        let sent: Vec<Notice> = notices(&app).into_iter().filter(|n| n.state == "sent").collect();
+        assert_eq!(sent.len(), 1, "one notice, both browsers: {sent:?}");
+
+        // The laptop's subscription has expired (410): forgotten; the phone still gets it.
+        service.answer.lock().insert("/push/laptop".into(), 410);
+        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        wait_for(&service, 4).await;
+        for _ in 0..50 {
+            if notices(&app).iter().filter(|n| n.state == "sent").count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(notices(&app).iter().filter(|n| n.state == "sent").count(), 2);
+        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(n["push"]["devices"], 1, "the expired subscription is forgotten");
+
+        // The push service is failing (503): tried again, and delivered once it is back.
+        service.answer.lock().insert("/push/phone".into(), 503);
+        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        let third = format!("Communication/{}", r.json::<Value>().await.unwrap()["id"].as_str().unwrap());
+        wait_for(&service, 5).await;
+        let waiting = wait_state(&app, &third, "pending").await;
+        assert!(waiting.reason.as_deref().unwrap_or("").contains("push service"), "{waiting:?}");
+        service.answer.lock().insert("/push/phone".into(), 201);
+        wait_state(&app, &third, "sent").await;
+
+        // The patient turns this browser off: no device, and the next notice is not made.
+        let r = patient
+            .delete(app.url("notify/push"))
+            .json(&json!({"endpoint": format!("{base}/push/phone")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(n["push"]["devices"], 0);
+        let before = service.got.lock().len();
+        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        let fourth = format!("Communication/{}", r.json::<Value>().await.unwrap()["id"].as_str().unwrap());
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(service.got.lock().len(), before, "no push after turning it off");
+        assert!(notices(&app).iter().all(|n| n.about != fourth), "no notice made");
+
+        // The export tells the patient which browsers and notices there were.
+        let everything: Value = patient
+            .get(app.url("Patient/p1/$everything"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let settings = everything["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["resource"]["id"] == "notification-settings")
+            .expect("notification settings in the export");
+        let notices_exported = settings["resource"]["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == "notice")
+            .count();
+        assert_eq!(notices_exported, 3, "{settings}");
     }
 }

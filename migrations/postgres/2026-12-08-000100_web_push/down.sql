@@ -1,0 +1,2 @@
+DROP TABLE notify_vapid;
+DROP TABLE notify_push;
