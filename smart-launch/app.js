@@ -1156,6 +1156,8 @@ async function openNotices() {
     $('notices-' + kind).disabled = !c.to;
     $('notices-' + kind + '-label').textContent = c.to ? label + ' to ' + c.to : label + ' (no ' + (kind === 'sms' ? 'mobile number' : 'address') + ' on your record)';
   }
+  await showPushState(p.push || {});
+  if (!token) return;
   const kinds = p.kinds || {};
   $('notices-kind-new-message').checked = kinds['new-message'] !== false;
   $('notices-kind-reminder').checked = kinds.reminder !== false;
@@ -1167,6 +1169,92 @@ async function openNotices() {
   $('notices-hours').hidden = !p.quiet;
   $('notices-zone').textContent = '(' + ((p.quiet && p.quiet.time_zone) || zone) + ')';
   $('notices-dialog').showModal();
+}
+
+// Web push in this browser: a service worker shows what the push service delivers.
+let pushKey = null;
+
+function pushSupported() {
+  return !!pushKey && window.isSecureContext && 'serviceWorker' in navigator && 'PushManager' in window && 'Notification' in window;
+}
+
+async function browserSubscription() {
+  if (!('serviceWorker' in navigator)) return null;
+  try {
+    const reg = await navigator.serviceWorker.getRegistration('/app/');
+    return reg && reg.pushManager ? await reg.pushManager.getSubscription() : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+async function showPushState(push) {
+  pushKey = push.public_key || null;
+  const box = $('notices-push');
+  const denied = 'Notification' in window && Notification.permission === 'denied';
+  box.disabled = !pushSupported() || denied;
+  const sub = pushSupported() ? await browserSubscription() : null;
+  box.checked = !!sub && push.devices > 0;
+  $('notices-push-label').textContent = !pushSupported()
+    ? 'Notifications in this browser (not available in this browser)'
+    : denied ? 'Notifications in this browser (blocked: allow them in the browser’s settings for this site)'
+      : 'Notifications in this browser';
+}
+
+function keyBytes(b64url) {
+  const s = atob(b64url.replace(/-/g, '+').replace(/_/g, '/'));
+  return Uint8Array.from(s, (c) => c.charCodeAt(0));
+}
+
+// Turned on or off at once (the browser asks for permission on this click).
+async function togglePush() {
+  const box = $('notices-push');
+  const on = box.checked;
+  noticesError('');
+  box.disabled = true;
+  try {
+    if (on) {
+      const permission = await Notification.requestPermission();
+      if (permission !== 'granted') {
+        throw new Error('This browser is not allowed to show notifications. Allow them in the browser’s settings for this site, then try again.');
+      }
+      const reg = await navigator.serviceWorker.register('/app/sw.js', {scope: '/app/'});
+      await navigator.serviceWorker.ready;
+      const key = keyBytes(pushKey);
+      let sub = await reg.pushManager.getSubscription();
+      const old = sub && sub.options && sub.options.applicationServerKey && new Uint8Array(sub.options.applicationServerKey);
+      if (sub && old && (old.length !== key.length || old.some((b, i) => b !== key[i]))) {
+        await sub.unsubscribe();
+        sub = null;
+      }
+      if (!sub) {
+        try {
+          sub = await reg.pushManager.subscribe({userVisibleOnly: true, applicationServerKey: key});
+        } catch (e) {
+          throw new Error('This browser could not turn on notifications: its push service did not answer. Try again later, or use email or text messages.');
+        }
+      }
+      await contactCall('/notify/push', sub.toJSON());
+      $('notices-status').textContent = 'Notifications are on in this browser.';
+    } else {
+      const sub = await browserSubscription();
+      if (sub) {
+        await fetch('/notify/push', {
+          method: 'DELETE',
+          headers: {Authorization: 'Bearer ' + token, 'Content-Type': 'application/json'},
+          body: JSON.stringify({endpoint: sub.endpoint}),
+        });
+        await sub.unsubscribe().catch(() => {});
+      }
+      $('notices-status').textContent = 'Notifications are off in this browser.';
+    }
+  } catch (e) {
+    box.checked = !on;
+    noticesError(e.message || 'Notifications could not be changed. Try again.');
+    box.focus();
+  } finally {
+    box.disabled = !pushSupported();
+  }
 }
 
 async function contactCall(path, body) {
@@ -1349,6 +1437,20 @@ function alertUrgent() {
   }
 }
 
+// A new message while this tab is in the background: a browser notification, if allowed. No
+// PHI in it (it can show on a locked screen or a shared screen).
+function notifyHidden() {
+  if (!alertsOn()) return;
+  const title = 'Courier';
+  const options = {body: 'You have a new secure message.', tag: 'courier-new-message'};
+  try {
+    new Notification(title, options);
+  } catch (e) {
+    // Where pages cannot make notifications (Android), the service worker can.
+    if ('serviceWorker' in navigator) navigator.serviceWorker.getRegistration('/app/').then((r) => r && r.showNotification(title, options)).catch(() => {});
+  }
+}
+
 // ----- real time -----------------------------------------------------------------------------
 
 function setConnection(text, offline) {
@@ -1425,6 +1527,7 @@ function onEvent(f) {
     delivered.add(c.id);
     api('POST', '/Communication/' + c.id + '/$mark-delivered').catch(() => {});
     if (!isPatient() && URGENT.includes(c.priority)) alertUrgent();
+    else if (document.hidden) notifyHidden();
   }
   if (current && c.id === current.header.id) {
     current.header = c;
@@ -1568,6 +1671,7 @@ async function start() {
   $('notices-form').addEventListener('submit', saveNotices);
   $('notices-cancel').addEventListener('click', () => $('notices-dialog').close());
   $('notices-dialog').addEventListener('close', () => { if (token) $('notices').focus(); });
+  $('notices-push').addEventListener('change', togglePush);
   $('notices-quiet').addEventListener('change', () => { $('notices-hours').hidden = !$('notices-quiet').checked; });
   $('notices-send-code').addEventListener('click', sendContactCode);
   $('notices-verify').addEventListener('click', verifyContact);

@@ -11,6 +11,7 @@ use serde_json::json;
 const INDEX: &str = include_str!("../../smart-launch/index.html");
 const SCRIPT: &str = include_str!("../../smart-launch/app.js");
 const STYLE: &str = include_str!("../../smart-launch/app.css");
+const WORKER: &str = include_str!("../../smart-launch/sw.js");
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route(
@@ -29,6 +30,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/app/app.css",
         web::get().to(|| async { asset("text/css; charset=utf-8", STYLE) }),
+    )
+    .route(
+        "/app/sw.js",
+        // The service worker that shows web push notices (scope /app/).
+        web::get().to(|| async { asset("text/javascript; charset=utf-8", WORKER) }),
     )
     .route("/app/config.json", web::get().to(config));
 }

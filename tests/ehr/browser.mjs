@@ -468,6 +468,70 @@ try {
   await patient.setViewportSize({ width: 390, height: 844 });
   await shots('final');
 
+  // ---- Notifications in this browser: the app registers its service worker and asks the
+  // browser's push service for a subscription. Headless Chromium here has no push service (it
+  // needs Google's, out of reach), so the subscription itself fails, and the app must say so in
+  // plain words; a push delivered to the service worker (CDP) then shows a notification without
+  // PHI. (The server side — encryption, VAPID, expiry — is tested against a stand-in push
+  // service by notify::web_push_is_encrypted_for_the_browser_and_signed.) ----
+  step('patient: notifications in this browser');
+  const origin = new URL(cfg.base).origin;
+  await patient.context().grantPermissions(['notifications'], { origin });
+  await patient.click('#notices');
+  await patient.waitForSelector('#notices-dialog[open]');
+  check(await patient.isEnabled('#notices-push'), 'patient: "Notifications in this browser" can be turned on');
+  check(!(await patient.isChecked('#notices-push')), 'patient: notifications start off in this browser');
+  await patient.click('#notices-push');
+  await patient.waitForFunction(() => !document.getElementById('notices-push').disabled, null, { timeout: 20000 });
+  const subscribed = await patient.isChecked('#notices-push');
+  if (!subscribed) {
+    const why = await patient.textContent('#notices-error');
+    check(/could not turn on notifications/.test(why) && !/Error|DOMException|Abort/.test(why), `patient: a failed push subscription is explained in plain words (got "${why}")`);
+  }
+  const scope = await patient.evaluate(async () => (await navigator.serviceWorker.getRegistration('/app/'))?.scope);
+  check(scope === origin + '/app/', `patient: the service worker is registered for /app/ (got ${scope})`);
+  // What the service worker does with a push: in a browser profile of its own (Chromium
+  // dispatches pushes only outside private contexts), a push delivered by CDP shows one
+  // notification, and its link can only open Courier.
+  {
+    const profile = join(cfg.artifacts, 'push-profile');
+    const own = await chromium.launchPersistentContext(profile, { executablePath: process.env.COURIER_CHROMIUM || '/usr/bin/chromium',
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'] });
+    try {
+      await own.grantPermissions(['notifications'], { origin });
+      const page = own.pages()[0] || await own.newPage();
+      await page.goto(origin + '/app/');
+      const ocdp = await own.newCDPSession(page);
+      const regs = [];
+      ocdp.on('ServiceWorker.workerRegistrationUpdated', (e) => regs.push(...e.registrations.filter((r) => !r.isDeleted)));
+      await ocdp.send('ServiceWorker.enable');
+      await page.evaluate(async () => { await navigator.serviceWorker.register('/app/sw.js', { scope: '/app/' }); await navigator.serviceWorker.ready; });
+      for (let i = 0; i < 50 && !regs.some((r) => r.scopeURL === origin + '/app/'); i++) await new Promise((r) => setTimeout(r, 100));
+      const swReg = regs.find((r) => r.scopeURL === origin + '/app/');
+      check(swReg, 'patient: CDP sees the service worker');
+      await ocdp.send('ServiceWorker.deliverPushMessage', { origin, registrationId: swReg.registrationId,
+        data: JSON.stringify({ title: 'Riverside Clinic', body: 'You have a new secure message.', url: 'https://elsewhere.example/phish', tag: 'courier-new-message' }) });
+      const pushShown = await page.evaluate(async () => {
+        const r = await navigator.serviceWorker.getRegistration('/app/');
+        for (let i = 0; i < 50; i++) {
+          const n = await r.getNotifications();
+          if (n.length) return n.map((x) => ({ title: x.title, body: x.body, url: x.data && x.data.url }));
+          await new Promise((res) => setTimeout(res, 100));
+        }
+        return [];
+      });
+      check(pushShown.length === 1 && pushShown[0].title === 'Riverside Clinic' && pushShown[0].body === 'You have a new secure message.', `patient: the push shows one notification (got ${JSON.stringify(pushShown)})`);
+      check(pushShown[0].url === origin + '/app/', `patient: a notification opens Courier only, never another site (got ${pushShown[0].url})`);
+    } finally {
+      await own.close();
+    }
+  }
+  await patient.keyboard.press('Escape');
+  await patient.waitForSelector('#notices-dialog[open]', { state: 'hidden' });
+  // Chromium logs why it refused the subscription (no Push API in a private context); the app
+  // has said so in its own words above.
+  for (let i = problems.length - 1; i >= 0; i--) if (/does not support the Push API/.test(problems[i])) problems.splice(i, 1);
+
   // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
   step('patient: signs out');
   const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
