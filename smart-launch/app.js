@@ -1158,6 +1158,11 @@ async function openNotices() {
   }
   await showPushState(p.push || {});
   if (!token) return;
+  const langs = $('notices-language');
+  langs.replaceChildren(...(p.languages || []).map((l) => new Option(l.name, l.code)));
+  langs.value = p.language || p.default_language || 'en';
+  if (!langs.value) langs.value = p.default_language || 'en';
+  langs.dataset.initial = langs.value;
   const kinds = p.kinds || {};
   $('notices-kind-new-message').checked = kinds['new-message'] !== false;
   $('notices-kind-reminder').checked = kinds.reminder !== false;
@@ -1311,6 +1316,8 @@ async function saveNotices(ev) {
     sms: {on: $('notices-sms').checked},
     kinds: {'new-message': $('notices-kind-new-message').checked, reminder: $('notices-kind-reminder').checked},
     digest_minutes: Number($('notices-digest').value),
+    // Sent only when changed: until then the language of the person's record applies.
+    ...($('notices-language').value !== $('notices-language').dataset.initial ? {language: $('notices-language').value} : {}),
     quiet: $('notices-quiet').checked ? {from: $('notices-from').value, to: $('notices-to').value, time_zone: zone} : null,
   };
   if (body.quiet && (!body.quiet.from || !body.quiet.to || body.quiet.from === body.quiet.to)) {

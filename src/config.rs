@@ -137,6 +137,12 @@ pub struct Settings {
     /// The contact in every VAPID token (`COURIER_VAPID_SUBJECT`, a `mailto:` or `https:` URI,
     /// RFC 8292 §2.1). Unset: the base URL when it is https, else the notices' sender address.
     pub vapid_subject: Option<String>,
+    /// The language of notices to a person whose language is not known
+    /// (`COURIER_NOTIFY_LANGUAGE`, a BCP 47 tag; default `en`).
+    pub notify_language: String,
+    /// Wording of notices per language, over the built-in English and Spanish (config file only:
+    /// `[notify_templates.fr]` tables, keys as in `src/notify/templates.toml`).
+    pub notify_templates: crate::notify::templates::Texts,
 }
 
 /// An `[[ehr]]` table of the config file.
@@ -269,6 +275,8 @@ impl Default for Settings {
             sms_from: String::new(),
             web_push: true,
             vapid_subject: None,
+            notify_language: "en".into(),
+            notify_templates: Default::default(),
         }
     }
 }
@@ -453,6 +461,14 @@ impl Settings {
             );
             self.vapid_subject = Some(v);
         }
+        if let Some(v) = env("COURIER_NOTIFY_LANGUAGE") {
+            anyhow::ensure!(
+                crate::notify::templates::normalize(&v).is_some(),
+                "COURIER_NOTIFY_LANGUAGE must be a language tag such as 'en' or 'es', got '{v}'"
+            );
+            self.notify_language = v;
+        }
+        crate::notify::templates::validate(&self.notify_templates).map_err(anyhow::Error::msg)?;
         if let Some(v) = env("COURIER_CLINIC_NAME") {
             anyhow::ensure!(
                 v.len() <= 100 && !v.chars().any(|c| c.is_control()),

@@ -33,6 +33,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 pub mod push;
+pub mod templates;
 
 /// The code system of notice AuditEvent subtypes.
 pub const NOTICE_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/notice";
@@ -284,7 +285,38 @@ pub fn remember_contacts(store: &Store, person: &str, resource: &Value) -> Resul
             vec![person.into(), kind.into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
         )?;
     }
+    // The record's preferred language, unless the person chose one in the app.
+    if let Some(lang) = language_of(resource) {
+        prefs(store, person)?;
+        store.execute(
+            "UPDATE notify_prefs SET language = ? WHERE person = ? AND language_chosen = 0",
+            vec![lang.into(), person.into()],
+        )?;
+    }
     Ok(())
+}
+
+/// The language an EHR record prefers: `Patient.communication` (the one marked `preferred`, else
+/// the first), or `Practitioner.communication` (R4: a list of CodeableConcepts); a BCP 47 code's
+/// primary subtag.
+pub fn language_of(resource: &Value) -> Option<String> {
+    let list = resource["communication"].as_array()?;
+    let concept = |c: &Value| -> Option<String> {
+        let concept = if c["language"].is_object() {
+            &c["language"]
+        } else {
+            c
+        };
+        concept["coding"]
+            .as_array()?
+            .iter()
+            .filter_map(|k| k["code"].as_str())
+            .find_map(templates::normalize)
+    };
+    list.iter()
+        .find(|c| c["preferred"] == true)
+        .and_then(concept)
+        .or_else(|| list.iter().find_map(concept))
 }
 
 #[derive(QueryableByName)]
@@ -328,6 +360,8 @@ struct PrefRow {
     kinds_off: String,
     #[diesel(sql_type = BigInt)]
     digest_minutes: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    language: Option<String>,
 }
 
 impl PrefRow {
@@ -378,7 +412,7 @@ fn prefs(store: &Store, person: &str) -> Result<PrefRow, StoreError> {
     )?;
     store
         .query::<PrefRow>(
-            "SELECT email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone, kinds_off, digest_minutes FROM notify_prefs WHERE person = ?",
+            "SELECT email_off, sms_off, unsubscribe, quiet_from, quiet_to, time_zone, kinds_off, digest_minutes, language FROM notify_prefs WHERE person = ?",
             vec![person.into()],
         )?
         .into_iter()
@@ -400,50 +434,37 @@ pub fn render(
     count: i64,
     link: &str,
     unsubscribe: &str,
+    lang: Option<&str>,
 ) -> Rendered {
-    let clinic = &settings.clinic_name;
-    if kind == "escalation" {
-        return Rendered {
-            subject: "Urgent: a message is waiting for you in Courier".into(),
-            text: format!(
-                "An urgent message has not been read, and it has been passed to you.\r\n\r\nSign in to read it:\r\n{link}\r\n\r\n\
-                 To stop these emails: {unsubscribe}\r\n"
-            ),
-        };
-    }
-    if kind == "reminder" {
-        return Rendered {
-            subject: format!("A reminder from {clinic}"),
-            text: format!(
-                "Hello,\r\n\r\nYou have a reminder from {clinic}.\r\n\r\nTo read it, sign in here:\r\n{link}\r\n\r\n\
-                 For your privacy this email does not contain the reminder. Please do not reply to this email.\r\n\r\n\
-                 To stop these emails: {unsubscribe}\r\n"
-            ),
-        };
-    }
-    let (subject, who) = match (count > 1, staff) {
-        (true, true) => (
-            format!("{count} new secure messages"),
-            format!("You have {count} new secure messages in Courier."),
+    let w = templates::words(settings, lang);
+    let t = |key: &str| w.get(key, count, link);
+    let many = count > 1;
+    let (subject, line, privacy) = match kind {
+        "escalation" => (t("escalation_subject"), t("escalation_line"), None),
+        "reminder" => (
+            t("reminder_subject"),
+            t("reminder_line"),
+            Some(t("privacy_reminder")),
         ),
-        (true, false) => (
-            format!("{count} new secure messages from {clinic}"),
-            format!("You have {count} new secure messages from {clinic}."),
-        ),
-        (false, true) => (
-            format!("New secure message from {clinic}"),
-            "You have a new secure message in Courier.".to_string(),
-        ),
-        (false, false) => (
-            format!("New secure message from {clinic}"),
-            format!("You have a new secure message from {clinic}."),
-        ),
+        _ => {
+            let (s, l) = match (staff, many) {
+                (true, true) => ("staff_subject_many", "staff_line_many"),
+                (true, false) => ("staff_subject", "staff_line"),
+                (false, true) => ("subject_many", "line_many"),
+                (false, false) => ("subject", "line"),
+            };
+            (t(s), t(l), Some(t("privacy")))
+        }
     };
-    let text = format!(
-        "Hello,\r\n\r\n{who}\r\n\r\nTo read it, sign in here:\r\n{link}\r\n\r\n\
-         For your privacy this email does not contain the message. Please do not reply to this email.\r\n\r\n\
-         To stop these emails: {unsubscribe}\r\n"
-    );
+    let mut text = String::new();
+    if privacy.is_some() {
+        text.push_str(&format!("{}\r\n\r\n", t("greeting")));
+    }
+    text.push_str(&format!("{line}\r\n\r\n{}\r\n{link}\r\n\r\n", t("sign_in")));
+    if let Some(p) = privacy {
+        text.push_str(&format!("{p}\r\n\r\n"));
+    }
+    text.push_str(&format!("{} {unsubscribe}\r\n", t("unsubscribe")));
     Rendered { subject, text }
 }
 
@@ -534,7 +555,9 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         let mut sent_ids: Vec<String> = vec![];
         let mut audits: Vec<Value> = vec![];
         for (r, result) in ready.into_iter().zip(results) {
-            let Ready { n, channel, count, .. } = r;
+            let Ready {
+                n, channel, count, ..
+            } = r;
             let done = |state: &str, reason: Option<&str>| {
                 store.execute(
                 "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
@@ -569,7 +592,10 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                     sent += 1;
                 }
                 Outcome::Gone => {
-                    done("skipped", Some("the browser's push subscription has expired"))?;
+                    done(
+                        "skipped",
+                        Some("the browser's push subscription has expired"),
+                    )?;
                     release_digested()?;
                 }
                 Outcome::Failed(f) if f.permanent || n.attempts >= MAX_ATTEMPTS => {
@@ -623,9 +649,21 @@ struct Ready {
 }
 
 enum Job {
-    Email { to: String, rendered: Rendered, unsubscribe: String },
-    Sms { to: String, body: String },
-    Push { devices: Vec<push::Device>, payload: Vec<u8>, urgent: bool, ttl: u64 },
+    Email {
+        to: String,
+        rendered: Rendered,
+        unsubscribe: String,
+    },
+    Sms {
+        to: String,
+        body: String,
+    },
+    Push {
+        devices: Vec<push::Device>,
+        payload: Vec<u8>,
+        urgent: bool,
+        ttl: u64,
+    },
 }
 
 enum Outcome {
@@ -728,8 +766,9 @@ fn decide(
     }
     // Quiet hours: the notice waits for their end — unless it is an urgent message to a
     // clinician and the clinic lets those break through.
-    let breaks =
-        n.urgent > 0 && n.person.starts_with("Practitioner/") && settings.notify_urgent_breaks_quiet;
+    let breaks = n.urgent > 0
+        && n.person.starts_with("Practitioner/")
+        && settings.notify_urgent_breaks_quiet;
     if let Some(until) = p.quiet_until(t).filter(|_| !breaks) {
         postpone("quiet hours", until, false)?;
         return Ok(None);
@@ -742,7 +781,11 @@ fn decide(
     };
     if !configured {
         // The channel is not configured on this server (any more): wait for it.
-        postpone(&format!("no {channel} provider is configured"), t + 300, true)?;
+        postpone(
+            &format!("no {channel} provider is configured"),
+            t + 300,
+            true,
+        )?;
         return Ok(None);
     }
     let link = sign_in_link(store, settings, &n.person)?;
@@ -754,7 +797,7 @@ fn decide(
         }
         Job::Push {
             devices,
-            payload: push::payload(settings, &n.kind, count, &link),
+            payload: push::payload(settings, &n.kind, count, &link, p.language.as_deref()),
             urgent: n.urgent > 0 || n.kind == "escalation",
             ttl: if n.kind == "escalation" { 3600 } else { 86_400 },
         }
@@ -766,14 +809,25 @@ fn decide(
         if channel == "sms" {
             Job::Sms {
                 to,
-                body: sms_text(settings, &n.kind, count, &link),
+                body: sms_text(settings, &n.kind, count, &link, p.language.as_deref()),
             }
         } else {
-            let unsubscribe = format!("{}/notify/unsubscribe?t={}", settings.base_url, p.unsubscribe);
+            let unsubscribe = format!(
+                "{}/notify/unsubscribe?t={}",
+                settings.base_url, p.unsubscribe
+            );
             let staff = n.person.starts_with("Practitioner/");
             Job::Email {
                 to,
-                rendered: render(settings, staff, &n.kind, count, &link, &unsubscribe),
+                rendered: render(
+                    settings,
+                    staff,
+                    &n.kind,
+                    count,
+                    &link,
+                    &unsubscribe,
+                    p.language.as_deref(),
+                ),
                 unsubscribe,
             }
         }
@@ -821,9 +875,14 @@ use crate::outbound::Outbound;
 /// The HTTP client for push services, one per process and address policy (its connections to
 /// a push service stay open from one pass to the next).
 fn push_client(settings: &Settings) -> anyhow::Result<Outbound> {
-    static CLIENTS: std::sync::OnceLock<parking_lot::Mutex<std::collections::HashMap<String, Outbound>>> =
-        std::sync::OnceLock::new();
-    let key = format!("{}|{}", settings.subscription_private_endpoints, settings.outbound_allow.join(","));
+    static CLIENTS: std::sync::OnceLock<
+        parking_lot::Mutex<std::collections::HashMap<String, Outbound>>,
+    > = std::sync::OnceLock::new();
+    let key = format!(
+        "{}|{}",
+        settings.subscription_private_endpoints,
+        settings.outbound_allow.join(",")
+    );
     let mut clients = CLIENTS.get_or_init(Default::default).lock();
     if let Some(c) = clients.get(&key) {
         return Ok(c.clone());
@@ -840,7 +899,9 @@ impl<'a> Senders<'a> {
                 lettre::SmtpTransport::from_url(url.expose_secret())
                     .map_err(|e| anyhow::anyhow!("COURIER_SMTP_URL: {e}"))?
                     .timeout(Some(std::time::Duration::from_secs(20)))
-                    .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(SENDERS as u32))
+                    .pool_config(
+                        lettre::transport::smtp::PoolConfig::new().max_size(SENDERS as u32),
+                    )
                     .build(),
             ),
             None => None,
@@ -883,8 +944,10 @@ impl<'a> Senders<'a> {
 
     fn send_all(&self, ready: &[Ready]) -> Vec<Outcome> {
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<parking_lot::Mutex<Option<Outcome>>> =
-            ready.iter().map(|_| parking_lot::Mutex::new(None)).collect();
+        let results: Vec<parking_lot::Mutex<Option<Outcome>>> = ready
+            .iter()
+            .map(|_| parking_lot::Mutex::new(None))
+            .collect();
         std::thread::scope(|scope| {
             for _ in 0..SENDERS.min(ready.len()) {
                 scope.spawn(|| loop {
@@ -907,17 +970,35 @@ impl<'a> Senders<'a> {
 
     fn send_one(&self, r: &Ready) -> Outcome {
         let result = match &r.job {
-            Job::Email { to, rendered, unsubscribe } => match &self.smtp {
+            Job::Email {
+                to,
+                rendered,
+                unsubscribe,
+            } => match &self.smtp {
                 Some(tr) => send(tr, self.settings, to, rendered, &r.n.id, unsubscribe),
-                None => Err(Failed { permanent: false, reason: "no SMTP server is configured".into() }),
+                None => Err(Failed {
+                    permanent: false,
+                    reason: "no SMTP server is configured".into(),
+                }),
             },
             Job::Sms { to, body } => match &self.sms {
                 Some(c) => self.runtime.block_on(send_sms(c, self.settings, to, body)),
-                None => Err(Failed { permanent: false, reason: "no SMS provider is configured".into() }),
+                None => Err(Failed {
+                    permanent: false,
+                    reason: "no SMS provider is configured".into(),
+                }),
             },
-            Job::Push { devices, payload, urgent, ttl } => {
+            Job::Push {
+                devices,
+                payload,
+                urgent,
+                ttl,
+            } => {
                 let Some((der, public, subject)) = &self.vapid else {
-                    return Outcome::Failed(Failed { permanent: false, reason: "web push is off".into() });
+                    return Outcome::Failed(Failed {
+                        permanent: false,
+                        reason: "web push is off".into(),
+                    });
                 };
                 return self.runtime.block_on(async {
                     let (mut delivered, mut gone, mut failure) = (0, 0, None::<Failed>);
@@ -1078,23 +1159,21 @@ fn send(
 }
 
 /// An SMS notice: the clinic, that there is a message, the link. No name, no content.
-pub fn sms_text(settings: &Settings, kind: &str, count: i64, link: &str) -> String {
-    if kind == "escalation" {
-        return format!(
-            "Courier: an urgent message is waiting and has been passed to you. Sign in: {link}"
-        );
-    }
-    let what = if kind == "reminder" {
-        "a reminder".to_string()
-    } else if count > 1 {
-        format!("{count} new secure messages")
-    } else {
-        "a new secure message".to_string()
+pub fn sms_text(
+    settings: &Settings,
+    kind: &str,
+    count: i64,
+    link: &str,
+    lang: Option<&str>,
+) -> String {
+    let w = templates::words(settings, lang);
+    let key = match kind {
+        "escalation" => "sms_escalation",
+        "reminder" => "sms_reminder",
+        _ if count > 1 => "sms_many",
+        _ => "sms",
     };
-    format!(
-        "{}: you have {what}. Sign in to read it: {link} Reply STOP to opt out.",
-        settings.clinic_name
-    )
+    w.get(key, count, link)
 }
 
 /// Sends through the provider's Messages API (the Twilio shape: `POST
@@ -1222,7 +1301,11 @@ async fn add_push(
         Err(e) => return actix_web::ResponseError::error_response(&e),
     };
     if !state.settings.web_push {
-        return outcome(409, "push", "Web push is turned off on this server (COURIER_WEB_PUSH).");
+        return outcome(
+            409,
+            "push",
+            "Web push is turned off on this server (COURIER_WEB_PUSH).",
+        );
     }
     let sub = match serde_json::from_slice::<push::Subscription>(&body) {
         Ok(s) => s,
@@ -1235,14 +1318,22 @@ async fn add_push(
         }
     };
     if let Err(why) = push::validate(&state.settings, &sub) {
-        return outcome(400, "push", &format!("This push subscription cannot be used: {why}."));
+        return outcome(
+            400,
+            "push",
+            &format!("This push subscription cannot be used: {why}."),
+        );
     }
     let http = match push_client(&state.settings) {
         Ok(h) => h,
         Err(_) => return HttpResponse::ServiceUnavailable().finish(),
     };
     if let Err(e) = http.check(&sub.endpoint).await {
-        return outcome(400, "push.endpoint", &format!("This push service cannot be used: {e}."));
+        return outcome(
+            400,
+            "push.endpoint",
+            &format!("This push service cannot be used: {e}."),
+        );
     }
     let store = state.store.clone();
     match web::block(move || push::register(&store, &person, &sub)).await {
@@ -1268,7 +1359,11 @@ async fn remove_push(
         .ok()
         .and_then(|v| v["endpoint"].as_str().map(String::from))
     else {
-        return outcome(400, "push", "Send {\"endpoint\": …} of the subscription to remove.");
+        return outcome(
+            400,
+            "push",
+            "Send {\"endpoint\": …} of the subscription to remove.",
+        );
     };
     let store = state.store.clone();
     match web::block(move || push::unregister(&store, &person, &endpoint)).await {
@@ -1376,14 +1471,16 @@ async fn change_contact(
              ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, code_hash = excluded.code_hash, tries = 0, expires_at = excluded.expires_at",
             vec![p2.clone().into(), k2.clone().into(), key_id.into(), Bind::Blob(sealed), code_hash(&p2, &k2, &c2).into(), (now() + CODE_SECS).into()],
         )?;
-        let text = format!("Your Courier code is {c2}. It expires in 10 minutes. If you did not ask for it, ignore this message.");
+        let lang = prefs(&store, &p2)?.language;
+        let w = templates::words(&settings, lang.as_deref());
+        let text = w.code(&c2);
         Ok(match k2.as_str() {
             "email" => {
                 let tr = lettre::SmtpTransport::from_url(settings.smtp_url.as_ref().map(|u| u.expose_secret().to_string()).unwrap_or_default().as_str())
                     .map_err(|e| StoreError::Other(anyhow::anyhow!("COURIER_SMTP_URL: {e}")))?
                     .timeout(Some(std::time::Duration::from_secs(20)))
                     .build();
-                let r = Rendered { subject: "Your Courier code".into(), text: format!("{text}\r\n") };
+                let r = Rendered { subject: w.get("code_subject", 0, ""), text: format!("{text}\r\n") };
                 send(&tr, &settings, &v2, &r, &uuid::Uuid::new_v4().to_string(), &format!("{}/app/", settings.base_url))
             }
             _ => {
@@ -1525,6 +1622,22 @@ fn person_of(req: &actix_web::HttpRequest) -> Result<String, crate::fhir::outcom
         })
 }
 
+/// Everything the app shows in its Notifications dialog (GET and PUT answer the same).
+fn preferences_full(store: &Store, settings: &Settings, person: &str) -> Result<Value, StoreError> {
+    let mut v = preferences_of(store, person)?;
+    // The key the browser subscribes with (`applicationServerKey`), when web push is on.
+    v["push"]["public_key"] = match settings.web_push {
+        true => json!(push::vapid(store)?.1),
+        false => Value::Null,
+    };
+    v["languages"] = templates::languages(settings)
+        .into_iter()
+        .map(|(code, name)| json!({"code": code, "name": name}))
+        .collect();
+    v["default_language"] = json!(templates::words(settings, None).lang());
+    Ok(v)
+}
+
 fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
     let p = prefs(store, person)?;
     let mut out = json!({});
@@ -1538,6 +1651,7 @@ fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
     out["kinds"] =
         json!({"new-message": !p.kind_off("new-message"), "reminder": !p.kind_off("reminder")});
     out["digest_minutes"] = json!(p.digest_minutes);
+    out["language"] = json!(p.language);
     out["quiet"] = match (&p.quiet_from, &p.quiet_to, &p.time_zone) {
         (Some(f), Some(t), Some(z)) => json!({"from": f, "to": t, "time_zone": z}),
         _ => Value::Null,
@@ -1670,16 +1784,8 @@ async fn get_preferences(
         Err(e) => return actix_web::ResponseError::error_response(&e),
     };
     let store = state.store.clone();
-    let web_push = state.settings.web_push;
-    let got = web::block(move || {
-        let mut v = preferences_of(&store, &person)?;
-        // The key the browser subscribes with (`applicationServerKey`), when web push is on.
-        v["push"]["public_key"] = match web_push {
-            true => json!(push::vapid(&store)?.1),
-            false => Value::Null,
-        };
-        Ok::<_, StoreError>(v)
-    });
+    let settings = state.settings.clone();
+    let got = web::block(move || preferences_full(&store, &settings, &person));
     match got.await {
         Ok(Ok(v)) => HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -1790,7 +1896,30 @@ async fn put_preferences(
             Some((from.to_string(), to.to_string(), zone.to_string()))
         }
     };
+    // `language`: one of the languages notices are written in, or null for the record's.
+    let language: Option<Option<String>> = match v.get("language") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(l))
+            if templates::languages(&state.settings)
+                .iter()
+                .any(|(c, _)| c == l) =>
+        {
+            Some(Some(l.clone()))
+        }
+        Some(_) => {
+            let known: Vec<String> = templates::languages(&state.settings)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect();
+            return bad(
+                "language",
+                &format!("language is one of {} (or null)", known.join(", ")),
+            );
+        }
+    };
     let store = state.store.clone();
+    let settings = state.settings.clone();
     let done = web::block(move || -> Result<Value, StoreError> {
         prefs(&store, &person)?;
         let t = now();
@@ -1817,7 +1946,15 @@ async fn put_preferences(
                 vec![f.into(), to.into(), z.into(), t.into(), person.clone().into()],
             )?;
         }
-        preferences_of(&store, &person)
+        if let Some(lang) = &language {
+            // Chosen in the app: the EHR's record no longer sets it (null: back to the record's
+            // at the next launch, else the clinic's default).
+            store.execute(
+                "UPDATE notify_prefs SET language = ?, language_chosen = ? WHERE person = ?",
+                vec![lang.clone().into(), i64::from(lang.is_some()).into(), person.clone().into()],
+            )?;
+        }
+        preferences_full(&store, &settings, &person)
     })
     .await;
     match done {

@@ -60,9 +60,11 @@ pub struct Device {
 
 fn decode(v: &str) -> Option<Vec<u8>> {
     let v = v.trim().trim_end_matches('=');
-    B64.decode(v)
-        .ok()
-        .or_else(|| base64::engine::general_purpose::STANDARD_NO_PAD.decode(v).ok())
+    B64.decode(v).ok().or_else(|| {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(v)
+            .ok()
+    })
 }
 
 fn device_id(endpoint: &str) -> String {
@@ -230,19 +232,26 @@ pub fn subject(settings: &Settings) -> String {
 }
 
 /// What the notification says: the clinic, that there is something, where to sign in.
-pub fn payload(settings: &Settings, kind: &str, count: i64, link: &str) -> Vec<u8> {
-    let title = settings.clinic_name.clone();
-    let body = match kind {
-        "escalation" => "An urgent message is waiting and has been passed to you.".to_string(),
-        "reminder" => "You have a reminder. Open Courier to read it.".to_string(),
-        _ if count > 1 => format!("You have {count} new secure messages."),
-        _ => "You have a new secure message.".to_string(),
+pub fn payload(
+    settings: &Settings,
+    kind: &str,
+    count: i64,
+    link: &str,
+    lang: Option<&str>,
+) -> Vec<u8> {
+    let w = super::templates::words(settings, lang);
+    let key = match kind {
+        "escalation" => "push_escalation",
+        "reminder" => "push_reminder",
+        _ if count > 1 => "push_many",
+        _ => "push",
     };
     serde_json::to_vec(&json!({
-        "title": title,
-        "body": body,
+        "title": settings.clinic_name,
+        "body": w.get(key, count, link),
         "url": link,
         "tag": format!("courier-{kind}"),
+        "lang": w.lang(),
     }))
     .unwrap_or_default()
 }
@@ -266,9 +275,12 @@ pub async fn send(
     urgent: bool,
     ttl_secs: u64,
 ) -> Pushed {
-    let failed = |permanent: bool, reason: String| Pushed::Failed(super::Failed { permanent, reason });
-    let (Some(key), Some(auth)) = (decode(&device.sub.keys.p256dh), decode(&device.sub.keys.auth))
-    else {
+    let failed =
+        |permanent: bool, reason: String| Pushed::Failed(super::Failed { permanent, reason });
+    let (Some(key), Some(auth)) = (
+        decode(&device.sub.keys.p256dh),
+        decode(&device.sub.keys.auth),
+    ) else {
         return failed(true, "the device's keys are unreadable".into());
     };
     let Ok(ua_public) = p256::PublicKey::from_sec1_bytes(&key) else {
@@ -320,8 +332,17 @@ pub async fn send(
         Ok(200..=299) => Pushed::Delivered,
         Ok(404) | Ok(410) => Pushed::Gone,
         Ok(429) | Ok(500..=599) => failed(false, "the push service is busy or failing".into()),
-        Ok(413) => failed(true, "the push service refused the payload as too large (413)".into()),
+        Ok(413) => failed(
+            true,
+            "the push service refused the payload as too large (413)".into(),
+        ),
         Ok(s) => failed(true, format!("the push service refused it ({s})")),
-        Err(e) => failed(false, format!("the push service could not be reached: {}", crate::outbound::why(e))),
+        Err(e) => failed(
+            false,
+            format!(
+                "the push service could not be reached: {}",
+                crate::outbound::why(e)
+            ),
+        ),
     }
 }

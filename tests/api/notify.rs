@@ -844,7 +844,9 @@ mod preferences_and_quiet_hours {
             got,
             json!({"email": {"to": null, "on": false}, "sms": {"to": "••• 0199", "on": true},
             "push": {"devices": 0, "public_key": "…"},
-            "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "quiet": null})
+            "kinds": {"new-message": true, "reminder": true}, "digest_minutes": 0, "language": null,
+            "quiet": null, "languages": [{"code": "en", "name": "English"}, {"code": "es", "name": "Español"}],
+            "default_language": "en"})
         );
         // Bad input: 400 with an OperationOutcome, and nothing changes.
         for bad in [
@@ -1570,7 +1572,12 @@ async fn push_service() -> (PushService, String) {
                 let headers = req
                     .headers()
                     .iter()
-                    .map(|(k, v)| (k.as_str().to_lowercase(), v.to_str().unwrap_or("").to_string()))
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_lowercase(),
+                            v.to_str().unwrap_or("").to_string(),
+                        )
+                    })
                     .collect();
                 let path = req.path().to_string();
                 p.got.lock().push((path.clone(), headers, body.to_vec()));
@@ -1609,7 +1616,11 @@ impl BrowserKeys {
 
     fn public(&self) -> Vec<u8> {
         use p256::elliptic_curve::sec1::ToEncodedPoint;
-        self.secret.public_key().to_encoded_point(false).as_bytes().to_vec()
+        self.secret
+            .public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .to_vec()
     }
 
     fn subscription(&self, endpoint: &str) -> Value {
@@ -1637,13 +1648,20 @@ impl BrowserKeys {
         let idlen = body[20] as usize;
         let as_public = &body[21..21 + idlen];
         let ciphertext = &body[21 + idlen..];
-        assert_eq!(idlen, 65, "keyid is the sender's uncompressed P-256 key (RFC 8291 §4)");
+        assert_eq!(
+            idlen, 65,
+            "keyid is the sender's uncompressed P-256 key (RFC 8291 §4)"
+        );
         assert!(ciphertext.len() <= rs, "one record");
         let sender = p256::PublicKey::from_sec1_bytes(as_public).unwrap();
-        let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), sender.as_affine());
+        let shared =
+            p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), sender.as_affine());
         // RFC 8291 §3.3: IKM = HKDF(auth_secret, ecdh_secret, "WebPush: info" 0 ua_public as_public, 32).
         let prk_key = hmac(&self.auth, &[shared.raw_secret_bytes().as_slice()]);
-        let ikm = hmac(&prk_key, &[b"WebPush: info\0", &self.public(), as_public, &[1]]);
+        let ikm = hmac(
+            &prk_key,
+            &[b"WebPush: info\0", &self.public(), as_public, &[1]],
+        );
         // RFC 8188 §2.2–2.3: CEK and NONCE from HKDF(salt, IKM).
         let prk = hmac(salt, &[&ikm]);
         let cek = &hmac(&prk, &[b"Content-Encoding: aes128gcm\0", &[1]])[..16];
@@ -1678,11 +1696,16 @@ fn check_vapid(authorization: &str, origin: &str, public_key: &str) -> Value {
     }
     let (t, k) = (t.expect("t="), k.expect("k="));
     assert_eq!(k, public_key, "k is the key the browser subscribed with");
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&k).unwrap();
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&k)
+        .unwrap();
     assert_eq!(raw.len(), 65);
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let key = jsonwebtoken::DecodingKey::from_ec_components(&b.encode(&raw[1..33]), &b.encode(&raw[33..]))
-        .unwrap();
+    let key = jsonwebtoken::DecodingKey::from_ec_components(
+        &b.encode(&raw[1..33]),
+        &b.encode(&raw[33..]),
+    )
+    .unwrap();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.set_audience(&[origin]);
     v.set_required_spec_claims(&["exp", "aud", "sub"]);
@@ -1691,7 +1714,10 @@ fn check_vapid(authorization: &str, origin: &str, public_key: &str) -> Value {
         .claims;
     let now = chrono::Utc::now().timestamp();
     let exp = claims["exp"].as_i64().unwrap();
-    assert!(exp > now && exp <= now + 24 * 3600, "exp within 24 h: {claims}");
+    assert!(
+        exp > now && exp <= now + 24 * 3600,
+        "exp within 24 h: {claims}"
+    );
     claims
 }
 
@@ -1729,7 +1755,10 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{n} pushes did not arrive (got {})", service.got.lock().len());
+        panic!(
+            "{n} pushes did not arrive (got {})",
+            service.got.lock().len()
+        );
     }
 
     async fn run(app: TestApp) {
@@ -1745,7 +1774,10 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             .json()
             .await
             .unwrap();
-        let public_key = prefs["push"]["public_key"].as_str().expect("VAPID key").to_string();
+        let public_key = prefs["push"]["public_key"]
+            .as_str()
+            .expect("VAPID key")
+            .to_string();
         assert_eq!(prefs["push"]["devices"], 0);
         let post = |c: &reqwest::Client, body: Value| {
             let (c, url) = (c.clone(), app.url("notify/push"));
@@ -1770,22 +1802,44 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             assert_eq!(r.status(), 400, "{body}");
             let o: Value = r.json().await.unwrap();
             assert_eq!(o["resourceType"], "OperationOutcome");
-            assert!(o["issue"][0]["diagnostics"].as_str().unwrap().contains(says), "{o}");
+            assert!(
+                o["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap()
+                    .contains(says),
+                "{o}"
+            );
         }
         // Not signed in: 401; a system client (no person): 403.
-        let r = reqwest::Client::new().post(app.url("notify/push")).json(&good).send().await.unwrap();
+        let r = reqwest::Client::new()
+            .post(app.url("notify/push"))
+            .json(&good)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401);
         let system = client_with_token(&user_token(&app, "system/*.cruds", "Device/x", None));
         let r = post(&system, good.clone()).await;
         assert!(r.status() == 403 || r.status() == 401, "{}", r.status());
-        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        let n: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(n["push"]["devices"], 0, "nothing kept from bad requests");
 
         // Two browsers turn notifications on.
         let laptop = BrowserKeys::new();
         let r = post(&patient, good.clone()).await;
         assert_eq!(r.status(), 201);
-        let r = post(&patient, laptop.subscription(&format!("{base}/push/laptop"))).await;
+        let r = post(
+            &patient,
+            laptop.subscription(&format!("{base}/push/laptop")),
+        )
+        .await;
         assert_eq!(r.status(), 201);
         assert_eq!(r.json::<Value>().await.unwrap()["devices"], 2);
         // Another person cannot turn off a device that is not theirs.
@@ -1802,7 +1856,12 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
         let mut m = crate::messaging::msg("Practitioner/dr-1", &["Patient/p1"], phi);
         m["subject"] = json!({"reference": "Patient/p1"});
         m["topic"] = json!({"text": "Dermatology results"});
-        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        let r = doctor
+            .post(app.url("Communication"))
+            .json(&m)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         wait_for(&service, 2).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1810,31 +1869,64 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
         assert_eq!(got.len(), 2, "one push per browser");
         let origin = base.clone();
         for (path, headers, body) in &got {
-            let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+            let h = |n: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.as_str())
+            };
             assert_eq!(h("content-encoding"), Some("aes128gcm"), "RFC 8291 §4");
-            assert!(h("ttl").and_then(|t| t.parse::<u64>().ok()).is_some_and(|t| t > 0), "RFC 8030 §5.2 TTL");
+            assert!(
+                h("ttl")
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .is_some_and(|t| t > 0),
+                "RFC 8030 §5.2 TTL"
+            );
             assert_eq!(h("urgency"), Some("normal"));
             let claims = check_vapid(h("authorization").expect("VAPID"), &origin, &public_key);
             assert_eq!(claims["sub"], "mailto:it@riverside.example");
-            let keys = if path == "/push/phone" { &phone } else { &laptop };
+            let keys = if path == "/push/phone" {
+                &phone
+            } else {
+                &laptop
+            };
             let plain = keys.decrypt(body);
             let text = String::from_utf8(plain).unwrap();
             let v: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(v["title"], "Riverside Clinic");
             assert_eq!(v["body"], "You have a new secure message.");
             assert!(v["url"].as_str().unwrap().starts_with(&app.url("")), "{v}");
-            for secret in ["biopsy", "melanoma", "Ada", "Lovelace", "Dermatology", "p1", "dr-1"] {
-                assert!(!text.contains(secret), "PHI {secret:?} in a push payload: {text}");
+            for secret in [
+                "biopsy",
+                "melanoma",
+                "Ada",
+                "Lovelace",
+                "Dermatology",
+                "p1",
+                "dr-1",
+            ] {
+                assert!(
+                    !text.contains(secret),
+                    "PHI {secret:?} in a push payload: {text}"
+                );
             }
             // Nothing readable on the wire either.
             assert!(!String::from_utf8_lossy(body).contains("Riverside"));
         }
-        let sent: Vec<Notice> = notices(&app).into_iter().filter(|n| n.state == "sent").collect();
+        let sent: Vec<Notice> = notices(&app)
+            .into_iter()
+            .filter(|n| n.state == "sent")
+            .collect();
         assert_eq!(sent.len(), 1, "one notice, both browsers: {sent:?}");
 
         // The laptop's subscription has expired (410): forgotten; the phone still gets it.
         service.answer.lock().insert("/push/laptop".into(), 410);
-        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
+        let r = doctor
+            .post(app.url("Communication"))
+            .json(&m)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201);
         wait_for(&service, 4).await;
         for _ in 0..50 {
@@ -1843,17 +1935,45 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(notices(&app).iter().filter(|n| n.state == "sent").count(), 2);
-        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(n["push"]["devices"], 1, "the expired subscription is forgotten");
+        assert_eq!(
+            notices(&app).iter().filter(|n| n.state == "sent").count(),
+            2
+        );
+        let n: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            n["push"]["devices"], 1,
+            "the expired subscription is forgotten"
+        );
 
         // The push service is failing (503): tried again, and delivered once it is back.
         service.answer.lock().insert("/push/phone".into(), 503);
-        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
-        let third = format!("Communication/{}", r.json::<Value>().await.unwrap()["id"].as_str().unwrap());
+        let r = doctor
+            .post(app.url("Communication"))
+            .json(&m)
+            .send()
+            .await
+            .unwrap();
+        let third = format!(
+            "Communication/{}",
+            r.json::<Value>().await.unwrap()["id"].as_str().unwrap()
+        );
         wait_for(&service, 5).await;
         let waiting = wait_state(&app, &third, "pending").await;
-        assert!(waiting.reason.as_deref().unwrap_or("").contains("push service"), "{waiting:?}");
+        assert!(
+            waiting
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("push service"),
+            "{waiting:?}"
+        );
         service.answer.lock().insert("/push/phone".into(), 201);
         wait_state(&app, &third, "sent").await;
 
@@ -1865,14 +1985,36 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             .await
             .unwrap();
         assert_eq!(r.status(), 204);
-        let n: Value = patient.get(app.url("notify/preferences")).send().await.unwrap().json().await.unwrap();
+        let n: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(n["push"]["devices"], 0);
         let before = service.got.lock().len();
-        let r = doctor.post(app.url("Communication")).json(&m).send().await.unwrap();
-        let fourth = format!("Communication/{}", r.json::<Value>().await.unwrap()["id"].as_str().unwrap());
+        let r = doctor
+            .post(app.url("Communication"))
+            .json(&m)
+            .send()
+            .await
+            .unwrap();
+        let fourth = format!(
+            "Communication/{}",
+            r.json::<Value>().await.unwrap()["id"].as_str().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert_eq!(service.got.lock().len(), before, "no push after turning it off");
-        assert!(notices(&app).iter().all(|n| n.about != fourth), "no notice made");
+        assert_eq!(
+            service.got.lock().len(),
+            before,
+            "no push after turning it off"
+        );
+        assert!(
+            notices(&app).iter().all(|n| n.about != fourth),
+            "no notice made"
+        );
 
         // The export tells the patient which browsers and notices there were.
         let everything: Value = patient
@@ -1896,5 +2038,205 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             .filter(|p| p["name"] == "notice")
             .count();
         assert_eq!(notices_exported, 3, "{settings}");
+    }
+}
+
+mod notices_speak_the_persons_language {
+    use super::*;
+    use crate::messaging::{clinician_token, patient_token};
+
+    async fn app(backend: Backend, url: String) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            with_sms_provider(s, url);
+            s.notify_after_secs = 1;
+            s.clinic_name = "Riverside".into();
+            s.notify_templates = std::collections::BTreeMap::from([(
+                "fr".to_string(),
+                std::collections::BTreeMap::from([
+                    ("name".to_string(), "Français".to_string()),
+                    (
+                        "sms".to_string(),
+                        "{clinic} : vous avez un nouveau message sécurisé. Connectez-vous : {link}"
+                            .to_string(),
+                    ),
+                ]),
+            )]);
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (p, url) = sms_provider().await;
+        run(app(Backend::Sqlite, url).await.unwrap(), p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (p, url) = sms_provider().await;
+        match app(Backend::Postgres, url).await {
+            Some(a) => run(a, p).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    async fn run(app: TestApp, provider: SmsProvider) {
+        let record = |phone: &str, lang: &str| {
+            json!({"telecom": [{"system": "sms", "value": phone}],
+                "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}},
+                    {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": lang}]}, "preferred": true}]})
+        };
+        // Her record prefers Mexican Spanish; his says French is preferred, but he chooses
+        // French in the app... and another patient chooses English over her record's Spanish.
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/p-es",
+            &record("+15550100801", "es-MX"),
+        )
+        .unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/p-fr",
+            &record("+15550100802", "de"),
+        )
+        .unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/p-en",
+            &record("+15550100803", "es"),
+        )
+        .unwrap();
+        let put = |who: &str, body: Value| {
+            let (c, url) = (
+                client_with_token(&patient_token(&app, who)),
+                app.url("notify/preferences"),
+            );
+            async move {
+                let r = c.put(url).json(&body).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        let (s, o) = put("p-fr", json!({"language": "klingon"})).await;
+        assert_eq!(s, 400, "{o}");
+        assert!(
+            o["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("en, es, fr"),
+            "{o}"
+        );
+        let (s, v) = put("p-fr", json!({"language": "fr"})).await;
+        assert_eq!((s, v["language"].as_str()), (200, Some("fr")), "{v}");
+        assert!(v["languages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["code"] == "fr" && l["name"] == "Français"));
+        let (s, v) = put("p-en", json!({"language": "en"})).await;
+        assert_eq!((s, v["language"].as_str()), (200, Some("en")));
+        // The next launch reads the records again: a choice made in the app stands.
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/p-fr",
+            &record("+15550100802", "de"),
+        )
+        .unwrap();
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/p-en",
+            &record("+15550100803", "es"),
+        )
+        .unwrap();
+
+        let doctor = client_with_token(&clinician_token(&app, "dr-1"));
+        let m = crate::messaging::msg(
+            "Practitioner/dr-1",
+            &["Patient/p-es", "Patient/p-fr", "Patient/p-en"],
+            "Resultados: glucosa 180",
+        );
+        let r = doctor
+            .post(app.url("Communication"))
+            .json(&m)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        for _ in 0..150 {
+            if provider.got.lock().len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = provider.got.lock().clone();
+        let body_to = |to: &str| {
+            got.iter()
+                .find(|f| f.iter().any(|(k, v)| k == "To" && v == to))
+                .and_then(|f| f.iter().find(|(k, _)| k == "Body").map(|(_, v)| v.clone()))
+                .unwrap_or_else(|| panic!("no SMS to {to}: {got:?}"))
+        };
+        let es = body_to("+15550100801");
+        assert!(
+            es.starts_with("Riverside: tiene un nuevo mensaje seguro."),
+            "{es}"
+        );
+        let fr = body_to("+15550100802");
+        assert!(
+            fr.starts_with("Riverside : vous avez un nouveau message sécurisé."),
+            "{fr}"
+        );
+        let en = body_to("+15550100803");
+        assert!(
+            en.starts_with("Riverside: you have a new secure message."),
+            "{en}"
+        );
+        for b in [&es, &fr, &en] {
+            assert!(b.contains(&app.url("")), "the sign-in link: {b}");
+            assert!(!b.contains("glucosa") && !b.contains("180"), "PHI in {b}");
+        }
+        // Email and push speak it too (the same words).
+        let settings = courier::config::Settings {
+            clinic_name: "Riverside".into(),
+            ..Default::default()
+        };
+        let mail = courier::notify::render(
+            &settings,
+            false,
+            "new-message",
+            3,
+            "https://x/app/",
+            "https://x/u",
+            Some("es"),
+        );
+        assert_eq!(mail.subject, "3 mensajes seguros nuevos de Riverside");
+        assert!(
+            mail.text
+                .starts_with("Hola:\r\n\r\nTiene 3 mensajes seguros nuevos de Riverside."),
+            "{}",
+            mail.text
+        );
+        let push: Value = serde_json::from_slice(&courier::notify::push::payload(
+            &settings,
+            "reminder",
+            1,
+            "https://x/app/",
+            Some("es-419"),
+        ))
+        .unwrap();
+        assert_eq!(
+            push["body"],
+            "Tiene un recordatorio. Abra Courier para leerlo."
+        );
+        assert_eq!(push["lang"], "es");
+        // A language with no words of its own falls back to the clinic's default.
+        let de = courier::notify::render(
+            &settings,
+            false,
+            "new-message",
+            1,
+            "https://x/app/",
+            "https://x/u",
+            Some("de"),
+        );
+        assert_eq!(de.subject, "New secure message from Riverside");
     }
 }

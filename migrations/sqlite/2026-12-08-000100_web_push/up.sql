@@ -19,3 +19,7 @@ CREATE TABLE notify_vapid (
     public_key TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
+-- The language of a person's notices: from their EHR record (Patient.communication preferred) at
+-- each launch, unless they chose one in the app (language_chosen = 1).
+ALTER TABLE notify_prefs ADD COLUMN language TEXT;
+ALTER TABLE notify_prefs ADD COLUMN language_chosen BIGINT NOT NULL DEFAULT 0;
