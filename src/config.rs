@@ -119,6 +119,10 @@ pub struct Settings {
     /// A new message not read in the app within this many seconds is notified by email
     /// (`COURIER_NOTIFY_AFTER_SECS`).
     pub notify_after_secs: i64,
+    /// How long an instance holds the notices it is sending (`COURIER_NOTIFY_LEASE_SECS`, default
+    /// 300): a notice still `sending` after that (its instance died mid-send) becomes `uncertain`
+    /// and is never sent again. Longer than a batch's sends can take (8 at a time, 20 s each).
+    pub notify_lease_secs: i64,
     /// The clinic's name in notices (`COURIER_CLINIC_NAME`).
     pub clinic_name: String,
     /// Urgent messages to clinicians are notified during their quiet hours too
@@ -267,6 +271,7 @@ impl Default for Settings {
             smtp_url: None,
             notify_from: "Courier <no-reply@localhost>".into(),
             notify_after_secs: 900,
+            notify_lease_secs: 300,
             clinic_name: "your care team".into(),
             notify_urgent_breaks_quiet: true,
             sms_url: None,
@@ -413,6 +418,13 @@ impl Settings {
                 "COURIER_NOTIFY_FROM must be an address such as 'Clinic <no-reply@clinic.example>', got '{v}'"
             );
             self.notify_from = v;
+        }
+        if let Some(v) = env("COURIER_NOTIFY_LEASE_SECS") {
+            self.notify_lease_secs = num("COURIER_NOTIFY_LEASE_SECS", v)?;
+            anyhow::ensure!(
+                self.notify_lease_secs >= 2,
+                "COURIER_NOTIFY_LEASE_SECS must be at least 2"
+            );
         }
         if let Some(v) = env("COURIER_NOTIFY_AFTER_SECS") {
             self.notify_after_secs = num("COURIER_NOTIFY_AFTER_SECS", v)?;

@@ -38,7 +38,6 @@ pub mod templates;
 /// The code system of notice AuditEvent subtypes.
 pub const NOTICE_SYSTEM: &str = "https://courier.example.org/fhir/CodeSystem/notice";
 const PARTICIPATION_MODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationMode";
-const LEASE_SECS: i64 = 60;
 const MAX_ATTEMPTS: i64 = 10;
 const BATCH: i64 = 50;
 
@@ -522,7 +521,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
         "UPDATE notices SET state = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1 \
          WHERE id IN (SELECT id FROM notices WHERE state = 'pending' AND next_attempt_at <= ? AND (kind <> 'new-message' OR created_at <= ?) ORDER BY next_attempt_at LIMIT ?) \
          AND state = 'pending' RETURNING id, person, kind, about, channel, urgent, attempts",
-        vec![owner.clone().into(), (t + LEASE_SECS).into(), t.into(), due.into(), BATCH.into()],
+        vec![owner.clone().into(), (t + settings.notify_lease_secs.max(2)).into(), t.into(), due.into(), BATCH.into()],
     )?;
         if claimed.is_empty() {
             break;

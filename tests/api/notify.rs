@@ -2240,3 +2240,144 @@ mod notices_speak_the_persons_language {
         assert_eq!(de.subject, "New secure message from Riverside");
     }
 }
+
+/// An SMTP server that takes a message's DATA and never answers it: the sending instance is
+/// cut off in the middle of a send. `data` turns true once the message body has arrived.
+fn black_hole_smtp() -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let data = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = data.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                let _ = w.write_all(b"220 blackhole ESMTP\r\n");
+                let mut in_data = false;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let l = line.trim_end().to_string();
+                    line.clear();
+                    if in_data {
+                        if l == "." {
+                            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            // Never answered: hold the connection until the peer dies.
+                            std::thread::sleep(Duration::from_secs(600));
+                        }
+                        continue;
+                    }
+                    let up = l.to_ascii_uppercase();
+                    let answer: &[u8] = if up.starts_with("EHLO") {
+                        b"250-blackhole\r\n250 8BITMIME\r\n"
+                    } else if up.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go on\r\n"
+                    } else if up.starts_with("QUIT") {
+                        b"221 bye\r\n"
+                    } else {
+                        b"250 OK\r\n"
+                    };
+                    let _ = w.write_all(answer);
+                }
+            });
+        }
+    });
+    (port, data)
+}
+
+/// Two Courier processes on one PostgreSQL database: the first is killed (SIGKILL) while the mail
+/// server holds its send open; the second, started after, never sends that notice (whether it went
+/// out is unknown: `uncertain`), and sends the next one normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_send_never_sends_twice() {
+    // The in-process instance only takes the messages: it has no channel, so it sends nothing.
+    let Some(app) = spawn_app_with(Backend::Postgres, |s| {
+        s.web_push = false;
+        s.smtp_url = None;
+    })
+    .await
+    else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let serve = |smtp_port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("serve")
+            .env("COURIER_DATA_DIR", app.dir.path())
+            .env("COURIER_DATABASE_URL", &app.database_url)
+            .env(
+                "COURIER_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .env("COURIER_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("COURIER_SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}"))
+            .env("COURIER_NOTIFY_AFTER_SECS", "0")
+            .env("COURIER_NOTIFY_LEASE_SECS", "3")
+            .env("COURIER_WEB_PUSH", "false")
+            .env("COURIER_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("courier serve starts")
+    };
+    courier::notify::remember_contacts(
+        &app.store,
+        "Patient/k1",
+        &json!({"telecom": [{"system": "email", "value": "k1@example.org"}]}),
+    )
+    .unwrap();
+    let (hole, data) = black_hole_smtp();
+    let mut first = serve(hole);
+    let cut = app
+        .create(&message("Patient/k1", "2026-12-06T10:00:00Z", "first"))
+        .await;
+    for _ in 0..300 {
+        if data.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        data.load(std::sync::atomic::Ordering::SeqCst),
+        "the first instance was sending"
+    );
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+
+    let port = free_port();
+    let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+        return;
+    };
+    let mut second = serve(port);
+    let cut_off = wait_state(&app, &format!("Communication/{cut}"), "uncertain").await;
+    assert!(
+        cut_off
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("may or may not"),
+        "{cut_off:?}"
+    );
+    let next = app
+        .create(&message("Patient/k1", "2026-12-06T10:05:00Z", "second"))
+        .await;
+    wait_state(&app, &format!("Communication/{next}"), "sent").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mails = smtp.received();
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(
+        mails.len(),
+        1,
+        "only the second notice was sent by the second instance"
+    );
+    assert_eq!(h(&mails[0].0, "to"), Some("k1@example.org"));
+    assert!(
+        h(&mails[0].0, "message-id").is_some_and(|id| !id.is_empty()),
+        "{:?}",
+        mails[0].0
+    );
+}
