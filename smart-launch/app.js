@@ -1154,7 +1154,10 @@ async function openNotices() {
     const c = p[kind] || {};
     $('notices-' + kind).checked = !!c.on;
     $('notices-' + kind).disabled = !c.to;
-    $('notices-' + kind + '-label').textContent = c.to ? label + ' to ' + c.to : label + ' (no ' + (kind === 'sms' ? 'mobile number' : 'address') + ' on your record)';
+    $('notices-' + kind + '-label').textContent = c.bounced
+      ? label + ' to ' + c.to + ': could not be delivered there. Give another address below.'
+      : c.to ? label + ' to ' + c.to : label + ' (no ' + (kind === 'sms' ? 'mobile number' : 'address') + ' on your record)';
+    if (c.bounced) $('notices-' + kind).disabled = true;
   }
   await showPushState(p.push || {});
   if (!token) return;

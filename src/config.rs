@@ -116,6 +116,10 @@ pub struct Settings {
     pub smtp_url: Option<SecretString>,
     /// The sender of notices (`COURIER_NOTIFY_FROM`, e.g. `Clinic <no-reply@clinic.example>`).
     pub notify_from: String,
+    /// The envelope sender of email notices, where later bounces (DSNs) go
+    /// (`COURIER_NOTIFY_BOUNCE_TO`; pipe that mailbox to `courier notify bounce`). Unset: the
+    /// From address.
+    pub notify_bounce_to: Option<String>,
     /// A new message not read in the app within this many seconds is notified by email
     /// (`COURIER_NOTIFY_AFTER_SECS`).
     pub notify_after_secs: i64,
@@ -272,6 +276,7 @@ impl Default for Settings {
             notify_from: "Courier <no-reply@localhost>".into(),
             notify_after_secs: 900,
             notify_lease_secs: 300,
+            notify_bounce_to: None,
             clinic_name: "your care team".into(),
             notify_urgent_breaks_quiet: true,
             sms_url: None,
@@ -418,6 +423,13 @@ impl Settings {
                 "COURIER_NOTIFY_FROM must be an address such as 'Clinic <no-reply@clinic.example>', got '{v}'"
             );
             self.notify_from = v;
+        }
+        if let Some(v) = env("COURIER_NOTIFY_BOUNCE_TO") {
+            anyhow::ensure!(
+                v.parse::<lettre::Address>().is_ok(),
+                "COURIER_NOTIFY_BOUNCE_TO must be an address such as bounces@clinic.example, got '{v}'"
+            );
+            self.notify_bounce_to = Some(v);
         }
         if let Some(v) = env("COURIER_NOTIFY_LEASE_SECS") {
             self.notify_lease_secs = num("COURIER_NOTIFY_LEASE_SECS", v)?;

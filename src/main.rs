@@ -241,9 +241,14 @@ enum MfaCommand {
 
 #[derive(Subcommand)]
 enum NotifyCommand {
-    /// Notices per state (pending, sending, sent, skipped, parked, uncertain) and the oldest of
-    /// each.
+    /// Notices per state (pending, sending, sent, skipped, parked, uncertain, bounced) and the
+    /// oldest of each.
     Status,
+    /// Reads a bounce (a delivery status notification, RFC 3464) on standard input and records it
+    /// on its notice; a permanent failure stops email to that address. For the mail system's
+    /// pipe from the bounce mailbox (COURIER_NOTIFY_BOUNCE_TO). Exit 0 also for mail that is no
+    /// bounce of a notice (it is ignored, so the mail system does not retry).
+    Bounce,
 }
 
 #[derive(Subcommand)]
@@ -359,6 +364,22 @@ fn main() -> anyhow::Result<()> {
                     .map(|d| d.to_rfc3339())
                     .unwrap_or_default();
                 println!("{}\t{}\toldest {}", r.state, r.n, oldest);
+            }
+            Ok(())
+        }
+        Command::Notify(NotifyCommand::Bounce) => {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            std::io::stdin()
+                .take(10 * 1024 * 1024)
+                .read_to_end(&mut raw)?;
+            let raw = String::from_utf8_lossy(&raw);
+            match courier::notify::bounce::parse(&raw) {
+                Some(dsn) => {
+                    let store = open_store(&settings)?;
+                    println!("{}", courier::notify::bounce::record(&store, &dsn)?);
+                }
+                None => println!("not a bounce of a Courier notice; ignored"),
             }
             Ok(())
         }

@@ -32,6 +32,7 @@ use diesel::QueryableByName;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
+pub mod bounce;
 pub mod push;
 pub mod templates;
 
@@ -153,7 +154,7 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
 /// The channels a person can be reached by for a kind of notice: a verified contact, the channel
 /// not turned off, the kind not turned off (binds: [`channel_binds`]).
 const CHANNELS: &str =
-    "SELECT k.kind AS kind FROM (SELECT person, kind FROM notify_contacts WHERE person = ? AND verified_at IS NOT NULL \
+    "SELECT k.kind AS kind FROM (SELECT person, kind FROM notify_contacts WHERE person = ? AND verified_at IS NOT NULL AND bounced_at IS NULL \
      UNION SELECT DISTINCT person, 'push' AS kind FROM notify_push WHERE person = ?) k \
      LEFT JOIN notify_prefs p ON p.person = k.person \
      WHERE NOT (k.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
@@ -339,6 +340,17 @@ fn contact(store: &Store, person: &str, kind: &str) -> Result<Option<String>, St
     };
     let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, kind))?;
     Ok(String::from_utf8(plain).ok())
+}
+
+/// Whether email to the person's address bounced (a DSN) since they last set it.
+fn bounced(store: &Store, person: &str) -> Result<bool, StoreError> {
+    Ok(store
+        .query::<Read>(
+            "SELECT COUNT(*) AS n FROM notify_contacts WHERE person = ? AND kind = 'email' AND bounced_at IS NOT NULL",
+            vec![person.into()],
+        )?
+        .first()
+        .is_some_and(|r| r.n > 0))
 }
 
 #[derive(QueryableByName)]
@@ -805,6 +817,10 @@ fn decide(
             done("skipped", &format!("no {channel} contact"))?;
             return Ok(None);
         };
+        if channel == "email" && bounced(store, &n.person)? {
+            done("skipped", "the email address bounced")?;
+            return Ok(None);
+        }
         if channel == "sms" {
             Job::Sms {
                 to,
@@ -1128,6 +1144,17 @@ fn send(
         .parse()
         .map_err(|_| permanent("the recipient address is invalid".into()))?;
     let domain = from.email.domain().to_string();
+    // Bounces go to the bounce mailbox when there is one (read by `courier notify bounce`).
+    let envelope = match &settings.notify_bounce_to {
+        Some(b) => Some(
+            lettre::address::Envelope::new(
+                b.parse::<lettre::Address>().ok(),
+                vec![to.email.clone()],
+            )
+            .map_err(|e| permanent(format!("cannot address the email: {e}")))?,
+        ),
+        None => None,
+    };
     let email = lettre::Message::builder()
         .from(from)
         .to(to)
@@ -1141,7 +1168,12 @@ fn send(
             lettre::message::header::HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
             "List-Unsubscribe=One-Click".to_string(),
         ))
-        .header(ContentType::TEXT_PLAIN)
+        .header(ContentType::TEXT_PLAIN);
+    let email = match envelope {
+        Some(e) => email.envelope(e),
+        None => email,
+    };
+    let email = email
         .body(r.text.clone())
         .map_err(|e| permanent(format!("cannot build the email: {e}")))?;
     transport.send(&email).map(|_| ()).map_err(|e| Failed {
@@ -1576,7 +1608,7 @@ async fn verify_contact(
         let t = now();
         store.execute(
             "INSERT INTO notify_contacts (person, kind, key_id, sealed, source, verified_at, updated_at) VALUES (?, ?, ?, ?, 'app', ?, ?) \
-             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = 'app', verified_at = excluded.verified_at, updated_at = excluded.updated_at",
+             ON CONFLICT (person, kind) DO UPDATE SET key_id = excluded.key_id, sealed = excluded.sealed, source = 'app', verified_at = excluded.verified_at, updated_at = excluded.updated_at, bounced_at = NULL",
             vec![person.clone().into(), kind.clone().into(), key_id.into(), Bind::Blob(sealed), t.into(), t.into()],
         )?;
         store.execute("DELETE FROM notify_pending_contacts WHERE person = ? AND kind = ?", vec![person.clone().into(), kind.clone().into()])?;
@@ -1642,6 +1674,9 @@ fn preferences_of(store: &Store, person: &str) -> Result<Value, StoreError> {
     let mut out = json!({});
     for (kind, off) in [("email", p.email_off), ("sms", p.sms_off)] {
         out[kind] = match contact(store, person, kind)? {
+            Some(v) if kind == "email" && bounced(store, person)? => {
+                json!({"to": masked(kind, &v), "on": off == 0, "bounced": true})
+            }
             Some(v) => json!({"to": masked(kind, &v), "on": off == 0}),
             None => json!({"to": null, "on": false}),
         };

@@ -2381,3 +2381,174 @@ async fn an_instance_killed_mid_send_never_sends_twice() {
         mails[0].0
     );
 }
+
+mod a_later_bounce_stops_email_to_that_address {
+    use super::*;
+    use crate::messaging::patient_token;
+
+    async fn app(backend: Backend, port: u16) -> Option<TestApp> {
+        spawn_app_with(backend, move |s| {
+            s.smtp_url = Some(format!("smtp://127.0.0.1:{port}").into());
+            s.notify_after_secs = 1;
+            s.notify_from = "Riverside <no-reply@riverside.example>".into();
+            s.notify_bounce_to = Some("bounces@riverside.example".into());
+            s.web_push = false;
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let port = free_port();
+        run(app(Backend::Sqlite, port).await.unwrap(), port).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let port = free_port();
+        match app(Backend::Postgres, port).await {
+            Some(a) => run(a, port).await,
+            None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
+        }
+    }
+
+    fn bounce(app: &TestApp, dsn: &str) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["notify", "bounce"])
+            .env("COURIER_DATA_DIR", app.dir.path())
+            .env("COURIER_DATABASE_URL", &app.database_url)
+            .env(
+                "COURIER_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .env("COURIER_LOG", "error")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(dsn.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    async fn run(app: TestApp, port: u16) {
+        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
+        courier::notify::remember_contacts(
+            &app.store,
+            "Patient/b1",
+            &json!({"telecom": [{"system": "email", "value": "b1@example.org"}]}),
+        )
+        .unwrap();
+        let first = app
+            .create(&message("Patient/b1", "2026-12-06T10:00:00Z", "first"))
+            .await;
+        let mails = smtp.wait(1).await;
+        let (headers, _) = &mails[0];
+        assert_eq!(
+            h(headers, "x-mailfrom"),
+            Some("bounces@riverside.example"),
+            "the envelope sender is the bounce mailbox"
+        );
+        let message_id = h(headers, "message-id").unwrap().to_string();
+        wait_state(&app, &format!("Communication/{first}"), "sent").await;
+        // Not a bounce: ignored, and the mail system is told all is well (exit 0).
+        assert!(bounce(
+            &app,
+            "From: someone@example.org\r\nSubject: thanks!\r\n\r\nThank you\r\n"
+        )
+        .contains("ignored"));
+        // The recipient's server refuses it later (RFC 3464).
+        let dsn = format!(
+            "From: MAILER-DAEMON@mx.example.org\r\nTo: bounces@riverside.example\r\nSubject: Undelivered Mail\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"x\"\r\n\r\n--x\r\n\
+             Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n\
+             Final-Recipient: rfc822; b1@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--x\r\n\
+             Content-Type: text/rfc822-headers\r\n\r\nTo: b1@example.org\r\nMessage-ID: {message_id}\r\n--x--\r\n"
+        );
+        let said = bounce(&app, &dsn);
+        assert!(
+            said.contains("bounced (5.1.1)") && !said.contains("b1@example.org"),
+            "{said}"
+        );
+        let n = wait_state(&app, &format!("Communication/{first}"), "bounced").await;
+        assert!(n.reason.unwrap().contains("5.1.1"));
+        // The person sees it, and no more email goes to that address.
+        let patient = client_with_token(&patient_token(&app, "b1"));
+        let p: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(p["email"]["bounced"], true, "{p}");
+        let second = app
+            .create(&message("Patient/b1", "2026-12-06T10:05:00Z", "second"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert_eq!(smtp.received().len(), 1, "no email to a bounced address");
+        assert!(notices(&app)
+            .iter()
+            .all(|n| n.about != format!("Communication/{second}")));
+        // They give another address, confirmed with the code sent to it: email resumes.
+        let r = patient
+            .post(app.url("notify/contacts"))
+            .json(&json!({"kind": "email", "value": "b1.new@example.org"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let mails = smtp.wait(2).await;
+        let code_mail = mails
+            .iter()
+            .find(|(h0, _)| h(h0, "to") == Some("b1.new@example.org"))
+            .expect("the code");
+        let code: String = code_mail
+            .1
+            .chars()
+            .filter(|c| c.is_ascii_digit())
+            .take(6)
+            .collect();
+        let r = patient
+            .post(app.url("notify/contacts/verify"))
+            .json(&json!({"kind": "email", "code": code}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let p: Value = patient
+            .get(app.url("notify/preferences"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(p["email"]["bounced"].is_null(), "{p}");
+        app.create(&message("Patient/b1", "2026-12-06T10:10:00Z", "third"))
+            .await;
+        let mails = smtp.wait(3).await;
+        assert_eq!(
+            mails
+                .iter()
+                .filter(|(h0, _)| h(h0, "to") == Some("b1.new@example.org"))
+                .count(),
+            2
+        );
+    }
+}

@@ -23,3 +23,6 @@ CREATE TABLE notify_vapid (
 -- each launch, unless they chose one in the app (language_chosen = 1).
 ALTER TABLE notify_prefs ADD COLUMN language TEXT;
 ALTER TABLE notify_prefs ADD COLUMN language_chosen BIGINT NOT NULL DEFAULT 0;
+-- A later bounce (a DSN read by `courier notify bounce`) of an email notice: no more email to
+-- the address until the person gives another in the app.
+ALTER TABLE notify_contacts ADD COLUMN bounced_at BIGINT;
