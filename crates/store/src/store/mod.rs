@@ -1,6 +1,7 @@
 //! Persistence: one write path for every change. [`Store::write`] versions the resource, re-indexes
 //! it, encrypts its body and records its AuditEvent in one database transaction; reads decrypt.
 
+pub mod compress;
 pub mod crypto;
 pub mod db;
 pub mod health;
@@ -401,6 +402,8 @@ struct Draft {
     last_updated: i64,
     /// The stored JSON; `None` for a deletion.
     body: Option<Vec<u8>>,
+    /// What is sealed: the JSON compressed ([`compress::pack`]), made on the caller's thread.
+    packed: Option<Vec<u8>>,
     /// Retention class and scope patient: which data key seals it.
     class: String,
     patient: String,
@@ -1337,10 +1340,12 @@ impl Store {
             Some(r) => index::entries(&self.registry, res_type, &r.value, &self.base_url),
             None => Vec::new(),
         };
+        let packed = body.as_deref().map(compress::pack);
         Draft {
             version_id,
             last_updated,
             body,
+            packed,
             class,
             patient,
             entries,
@@ -1366,7 +1371,7 @@ impl Store {
         let deleted = d.body.is_none();
         let aad = format!("{res_type}/{id}/{version_id}");
         let key_id = self.scoped_key(c, &d.class, &d.patient, last_updated)?;
-        let plain = d.body.as_deref().unwrap_or_default();
+        let plain = d.packed.as_deref().unwrap_or_default();
         let sealed = match self.keys.seal_with(&key_id, plain, &aad) {
             Ok(s) => s,
             // The key cache started over between lookup and use: load it again.
@@ -1482,7 +1487,8 @@ impl Store {
             None
         } else {
             let aad = format!("{}/{}/{}", row.res_type, row.fhir_id, row.version_id);
-            Some(self.open_sealed(&row.key_id, &row.body, &aad)?)
+            let plain = self.open_sealed(&row.key_id, &row.body, &aad)?;
+            Some(compress::unpack(plain)?)
         };
         Ok(Stored {
             res_type: row.res_type,
