@@ -145,6 +145,13 @@ pub struct Settings {
     /// The contact in every VAPID token (`COURIER_VAPID_SUBJECT`, a `mailto:` or `https:` URI,
     /// RFC 8292 §2.1). Unset: the base URL when it is https, else the notices' sender address.
     pub vapid_subject: Option<String>,
+    /// The push services browsers' subscriptions may name (`COURIER_PUSH_HOSTS`, comma-separated
+    /// host names, `*.domain` for any under it): Chrome's, Firefox's, Safari's and Edge's by
+    /// default. Anything else a person posts is refused (no requests into other networks).
+    pub push_hosts: Vec<String>,
+    /// Bodies compressed before they are sealed (`COURIER_STORE_COMPRESS`, default true; false
+    /// only to measure what it saves: rows of both kinds stay readable).
+    pub store_compress: bool,
     /// The language of notices to a person whose language is not known
     /// (`COURIER_NOTIFY_LANGUAGE`, a BCP 47 tag; default `en`).
     pub notify_language: String,
@@ -285,6 +292,16 @@ impl Default for Settings {
             sms_from: String::new(),
             web_push: true,
             vapid_subject: None,
+            store_compress: true,
+            push_hosts: [
+                "fcm.googleapis.com",
+                "updates.push.services.mozilla.com",
+                "web.push.apple.com",
+                "*.push.apple.com",
+                "*.notify.windows.com",
+            ]
+            .map(String::from)
+            .to_vec(),
             notify_language: "en".into(),
             notify_templates: Default::default(),
         }
@@ -477,6 +494,20 @@ impl Settings {
                 "false" | "0" => false,
                 _ => anyhow::bail!("COURIER_WEB_PUSH must be true or false, got '{v}'"),
             };
+        }
+        if let Some(v) = env("COURIER_STORE_COMPRESS") {
+            self.store_compress = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => anyhow::bail!("COURIER_STORE_COMPRESS must be true or false, got '{v}'"),
+            };
+        }
+        if let Some(v) = env("COURIER_PUSH_HOSTS") {
+            self.push_hosts = v
+                .split(',')
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect();
         }
         if let Some(v) = env("COURIER_VAPID_SUBJECT") {
             anyhow::ensure!(

@@ -62,7 +62,7 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
     let retention = crate::compliance::retention::Policy::new(settings.retention.clone())?;
     // The key file is re-read on an unknown master key only when it is where the key comes from.
     let key_file = settings.master_key.is_none().then(|| settings.key_file());
-    Store::open(
+    let store = Store::open(
         db,
         Keyring::with_previous(master, previous),
         registry,
@@ -70,7 +70,12 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
         retention,
         key_file,
         crate::hooks::app(),
-    )
+    )?;
+    store.compress_bodies.store(
+        settings.store_compress,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(store)
 }
 
 impl Application {

@@ -200,7 +200,20 @@ pub fn everything(store: &Store, patient: &str, viewer: Viewer) -> Result<Value,
         }
     }
     // How Courier reaches the patient outside the app: contacts, choices, browsers, notices.
-    if let Some(p) = crate::notify::export_of(store, &format!("Patient/{patient}"))? {
+    // (For the patient's own call only when their token may read their messages: a token
+    // scoped to attachments, say, gets no contact details.)
+    let notices_granted = match viewer {
+        Viewer::Administrator => true,
+        Viewer::Patient(p) => p
+            .scopes
+            .iter()
+            .any(|s| s.names("Communication") && s.allows(Perm::Read)),
+    };
+    let notices = match notices_granted {
+        true => crate::notify::export_of(store, &format!("Patient/{patient}"))?,
+        false => None,
+    };
+    if let Some(p) = notices {
         entries.push(json!({
             "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
             "resource": p,

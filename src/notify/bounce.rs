@@ -20,6 +20,8 @@ pub struct Dsn {
     pub notice: String,
     pub permanent: bool,
     pub status: String,
+    /// The address the report is about (`Final-Recipient: rfc822; …`).
+    pub recipient: Option<String>,
 }
 
 /// Reads a DSN (the whole message, as the mail system hands it over). `None`: not a DSN about a
@@ -29,6 +31,7 @@ pub fn parse(raw: &str) -> Option<Dsn> {
     let mut action = None;
     let mut status = None;
     let mut notice = None;
+    let mut recipient = None;
     // Header fields may be folded (RFC 5322 §2.2.3): join continuation lines first.
     let mut lines: Vec<String> = vec![];
     for l in raw.lines() {
@@ -50,6 +53,17 @@ pub fn parse(raw: &str) -> Option<Dsn> {
         match name.trim().to_ascii_lowercase().as_str() {
             "action" if action.is_none() => action = Some(value.to_ascii_lowercase()),
             "status" if status.is_none() => status = Some(value.to_string()),
+            "final-recipient" | "original-recipient" if recipient.is_none() => {
+                // RFC 3464 §2.3.2: address-type ";" generic-address.
+                recipient = value
+                    .split_once(';')
+                    .map(|(_, a)| {
+                        a.trim()
+                            .trim_matches(|c| c == '<' || c == '>')
+                            .to_ascii_lowercase()
+                    })
+                    .filter(|a| a.contains('@'));
+            }
             // The returned headers of the notice (Courier's Message-ID: <notice-id@domain>), or
             // the envelope id, whichever comes.
             "message-id" | "original-envelope-id" => {
@@ -75,6 +89,7 @@ pub fn parse(raw: &str) -> Option<Dsn> {
         notice: notice?,
         permanent,
         status: status.chars().take(16).collect(),
+        recipient,
     })
 }
 
@@ -98,6 +113,16 @@ pub fn record(store: &Store, dsn: &Dsn) -> Result<String, StoreError> {
             dsn.notice
         ));
     };
+    // Anyone can send mail to the bounce mailbox: the report must be about the address the
+    // person has now (a late bounce of an address they have since changed, or a forged report
+    // naming another address, changes nothing).
+    let current = super::contact(store, &r.person, "email")?.map(|a| a.to_ascii_lowercase());
+    if dsn.recipient.is_none() || dsn.recipient != current {
+        return Ok(format!(
+            "notice {}: the report is not about the person's current address; ignored",
+            dsn.notice
+        ));
+    }
     if !dsn.permanent {
         store.execute(
             "UPDATE notices SET reason = ? WHERE id = ?",
@@ -152,7 +177,8 @@ From: Clinic <no-reply@clinic.example>\r\nTo: gone@example.org\r\nMessage-ID:\r\
             Some(Dsn {
                 notice: "6f1c2b3a-1d2e-4f5a-8b9c-0d1e2f3a4b5c".into(),
                 permanent: true,
-                status: "5.1.1".into()
+                status: "5.1.1".into(),
+                recipient: Some("gone@example.org".into()),
             })
         );
     }

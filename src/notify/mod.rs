@@ -552,11 +552,24 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 expand(store, &n, &owner)?;
                 continue;
             }
-            if let Some(r) = decide(store, settings, &senders, &owner, n, t)? {
-                if r.count > 1 {
-                    digested.insert((r.n.person.clone(), r.n.channel.clone()));
+            let id = n.id.clone();
+            match decide(store, settings, &senders, &owner, n, t) {
+                Ok(Some(r)) => {
+                    if r.count > 1 {
+                        digested.insert((r.n.person.clone(), r.n.channel.clone()));
+                    }
+                    ready.push(r);
                 }
-                ready.push(r);
+                Ok(None) => {}
+                // One notice that cannot be decided (an unreadable contact, a store error) waits
+                // for the next pass; the rest of the batch goes on.
+                Err(e) => {
+                    tracing::warn!(notice = %id, error = %e, "a notice could not be prepared; it waits");
+                    let _ = store.execute(
+                        "UPDATE notices SET state = 'pending', reason = 'could not be prepared; tried again', next_attempt_at = ? WHERE id = ? AND lease_owner = ? AND state = 'sending'",
+                        vec![(t + 60).into(), id.into(), owner.clone().into()],
+                    );
+                }
             }
         }
         // 2. Sent side by side (the SMTP pool's connections, the HTTP clients' connections):
@@ -571,7 +584,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             } = r;
             let done = |state: &str, reason: Option<&str>| {
                 store.execute(
-                "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ?",
+                "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END WHERE id = ? AND lease_owner = ? AND state = 'sending'",
                 vec![state.into(), reason.map(String::from).into(), t.into(), state.into(), now().into(), n.id.clone().into(), owner.clone().into()],
             )
             };
@@ -584,6 +597,13 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 )
             };
             match result {
+                Outcome::NotTried => {
+                    store.execute(
+                        "UPDATE notices SET state = 'pending', attempts = attempts - 1, next_attempt_at = ? WHERE id = ? AND lease_owner = ? AND state = 'sending'",
+                        vec![t.into(), n.id.clone().into(), owner.clone().into()],
+                    )?;
+                    release_digested()?;
+                }
                 Outcome::Sent if count == 1 => {
                     // Marked sent, and audited, with the rest of the batch (one write for all;
                     // a crash before it leaves them `sending`, hence `uncertain`: never resent).
@@ -596,8 +616,8 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                     // The others this digest told of are told.
                     store.execute(
                         "UPDATE notices SET state = 'sent', reason = 'in a digest', sent_at = ? WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
-                         AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
-                        vec![t.into(), n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.clone().into()],
+                         AND created_at <= ? AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
+                        vec![t.into(), n.person.clone().into(), channel.clone().into(), n.id.clone().into(), t.into(), owner.clone().into()],
                     )?;
                     audit(store, &n.person, &n.about, &channel, None)?;
                     sent += 1;
@@ -617,7 +637,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 Outcome::Failed(f) => {
                     let backoff = (1i64 << (n.attempts - 1).clamp(0, 9)).min(300);
                     store.execute(
-                    "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+                    "UPDATE notices SET state = 'pending', reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ? AND state = 'sending'",
                     vec![f.reason.into(), (t + backoff).into(), n.id.clone().into(), owner.clone().into()],
                 )?;
                     release_digested()?;
@@ -678,6 +698,8 @@ enum Job {
 }
 
 enum Outcome {
+    /// Not sent in this pass (the pass ran out of time): back to pending, no try counted.
+    NotTried,
     Sent,
     /// Every browser subscription of the person has expired (and was forgotten).
     Gone,
@@ -696,13 +718,13 @@ fn decide(
 ) -> anyhow::Result<Option<Ready>> {
     let done = |state: &str, reason: &str| {
         store.execute(
-            "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+            "UPDATE notices SET state = ?, reason = ?, next_attempt_at = ? WHERE id = ? AND lease_owner = ? AND state = 'sending'",
             vec![state.into(), reason.to_string().into(), t.into(), n.id.clone().into(), owner.into()],
         )
     };
     let postpone = |reason: &str, until: i64, retry: bool| {
         store.execute(
-            &format!("UPDATE notices SET state = 'pending', reason = ?, {}next_attempt_at = ? WHERE id = ? AND lease_owner = ?",
+            &format!("UPDATE notices SET state = 'pending', reason = ?, {}next_attempt_at = ? WHERE id = ? AND lease_owner = ? AND state = 'sending'",
                 if retry { "" } else { "attempts = attempts - 1, " }),
             vec![reason.to_string().into(), until.into(), n.id.clone().into(), owner.into()],
         )
@@ -769,8 +791,8 @@ fn decide(
         count += store
             .query::<Count>(
                 "SELECT COUNT(*) AS n FROM notices WHERE person = ? AND channel = ? AND kind = 'new-message' AND id <> ? \
-                 AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
-                vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), owner.into()],
+                 AND created_at <= ? AND (state = 'pending' OR (state = 'sending' AND lease_owner = ?))",
+                vec![n.person.clone().into(), channel.clone().into(), n.id.clone().into(), t.into(), owner.into()],
             )?
             .first()
             .map_or(0, |c| c.n);
@@ -890,21 +912,16 @@ use crate::outbound::Outbound;
 /// The HTTP client for push services, one per process and address policy (its connections to
 /// a push service stay open from one pass to the next).
 fn push_client(settings: &Settings) -> anyhow::Result<Outbound> {
-    static CLIENTS: std::sync::OnceLock<
-        parking_lot::Mutex<std::collections::HashMap<String, Outbound>>,
-    > = std::sync::OnceLock::new();
-    let key = format!(
-        "{}|{}",
-        settings.subscription_private_endpoints,
-        settings.outbound_allow.join(",")
-    );
-    let mut clients = CLIENTS.get_or_init(Default::default).lock();
-    if let Some(c) = clients.get(&key) {
-        return Ok(c.clone());
-    }
-    let c = Outbound::new(settings)?;
-    clients.insert(key, c.clone());
-    Ok(c)
+    // Public addresses only, whatever COURIER_OUTBOUND_ALLOW opens for EHRs: a push endpoint is
+    // chosen by whoever signs in. (Address rules lifted altogether only where configured so:
+    // closed networks, tests.)
+    static PUBLIC: std::sync::OnceLock<Outbound> = std::sync::OnceLock::new();
+    static ANY: std::sync::OnceLock<Outbound> = std::sync::OnceLock::new();
+    Ok(if settings.subscription_private_endpoints {
+        ANY.get_or_init(Outbound::any_address).clone()
+    } else {
+        PUBLIC.get_or_init(Outbound::public_only).clone()
+    })
 }
 
 impl<'a> Senders<'a> {
@@ -940,11 +957,14 @@ impl<'a> Senders<'a> {
                     .build()?,
             ),
         };
-        let vapid = if settings.web_push {
-            let (der, public) = push::vapid(store)?;
-            Some((der, public, push::subject(settings)))
-        } else {
-            None
+        // A VAPID key that cannot be read stops web push only, never email or SMS.
+        let vapid = match settings.web_push.then(|| push::vapid(store)) {
+            Some(Ok((der, public))) => Some((der, public, push::subject(settings))),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the VAPID key cannot be read: web push notices wait");
+                None
+            }
+            None => None,
         };
         Ok(Senders {
             store,
@@ -963,9 +983,17 @@ impl<'a> Senders<'a> {
             .iter()
             .map(|_| parking_lot::Mutex::new(None))
             .collect();
+        // No new send starts after half the lease: what is left goes back to pending, so a slow
+        // server (or a person's slow push endpoints) cannot keep notices past their lease.
+        let started = std::time::Instant::now();
+        let budget =
+            std::time::Duration::from_secs((self.settings.notify_lease_secs.max(2) / 2) as u64);
         std::thread::scope(|scope| {
             for _ in 0..SENDERS.min(ready.len()) {
                 scope.spawn(|| loop {
+                    if started.elapsed() > budget {
+                        break;
+                    }
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(r) = ready.get(i) else { break };
                     *results[i].lock() = Some(self.send_one(r));
@@ -974,12 +1002,7 @@ impl<'a> Senders<'a> {
         });
         results
             .into_iter()
-            .map(|m| {
-                m.into_inner().unwrap_or(Outcome::Failed(Failed {
-                    permanent: false,
-                    reason: "not sent".into(),
-                }))
-            })
+            .map(|m| m.into_inner().unwrap_or(Outcome::NotTried))
             .collect()
     }
 
@@ -1018,7 +1041,18 @@ impl<'a> Senders<'a> {
                 return self.runtime.block_on(async {
                     let (mut delivered, mut gone, mut failure) = (0, 0, None::<Failed>);
                     for d in devices {
-                        match push::send(&self.push, der, public, subject, d, payload, *urgent, *ttl).await {
+                        match push::send(
+                            self.settings,
+                            &self.push,
+                            der,
+                            public,
+                            subject,
+                            d,
+                            payload,
+                            *urgent,
+                            *ttl,
+                        )
+                        .await {
                             push::Pushed::Delivered => delivered += 1,
                             push::Pushed::Gone => {
                                 gone += 1;

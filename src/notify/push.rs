@@ -88,6 +88,12 @@ pub fn validate(settings: &Settings, s: &Subscription) -> Result<(), String> {
     if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
         return Err("the push endpoint must name a host and no credentials".into());
     }
+    if !service_allowed(settings, &url) {
+        return Err(format!(
+            "the push endpoint is not at a push service Courier sends to ({}; COURIER_PUSH_HOSTS)",
+            settings.push_hosts.join(", ")
+        ));
+    }
     let key = decode(&s.keys.p256dh).ok_or("keys.p256dh is not base64url")?;
     if key.len() != 65 || p256::PublicKey::from_sec1_bytes(&key).is_err() {
         return Err("keys.p256dh is not an uncompressed P-256 public key".into());
@@ -96,6 +102,33 @@ pub fn validate(settings: &Settings, s: &Subscription) -> Result<(), String> {
         Some(a) if a.len() == 16 => Ok(()),
         _ => Err("keys.auth must be 16 bytes, base64url".into()),
     }
+}
+
+/// Whether `url` is at one of the push services Courier sends to (`COURIER_PUSH_HOSTS`: exact
+/// host names, or `*.domain` for any host under it) on the https port. Browsers' push services
+/// are few and public; anything else a person posts (an address inside the hospital's network)
+/// is not a push service.
+pub fn service_allowed(settings: &Settings, url: &url::Url) -> bool {
+    let Some(host) = url
+        .host_str()
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    else {
+        return false;
+    };
+    let port_ok = match url.scheme() {
+        "https" => url.port().is_none_or(|p| p == 443),
+        // Plain http only where address rules are lifted (closed networks, tests).
+        "http" => settings.subscription_private_endpoints,
+        _ => false,
+    };
+    port_ok
+        && settings.push_hosts.iter().any(|h| {
+            let h = h.trim().to_ascii_lowercase();
+            match h.strip_prefix("*.") {
+                Some(domain) => host.ends_with(&format!(".{domain}")),
+                None => host == h,
+            }
+        })
 }
 
 /// Keeps the subscription for `person` (moving it from whoever had this device before), and
@@ -265,7 +298,9 @@ pub enum Pushed {
 }
 
 /// Sends one push: the payload encrypted for the device, signed with the VAPID key.
+#[allow(clippy::too_many_arguments)]
 pub async fn send(
+    settings: &Settings,
     http: &Outbound,
     vapid_der: &[u8],
     vapid_public: &str,
@@ -289,6 +324,9 @@ pub async fn send(
     let Ok(url) = url::Url::parse(&device.sub.endpoint) else {
         return failed(true, "the push endpoint is not a URL".into());
     };
+    if !service_allowed(settings, &url) {
+        return Pushed::Gone;
+    }
     // RFC 8292 §2: `aud` is the origin of the push resource.
     let audience = url.origin().ascii_serialization();
     let Ok(uri) = device.sub.endpoint.parse() else {

@@ -1731,6 +1731,8 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             s.notify_after_secs = 1;
             s.clinic_name = "Riverside Clinic".into();
             s.vapid_subject = Some("mailto:it@riverside.example".into());
+            // The stand-in push service is on loopback.
+            s.push_hosts = vec!["127.0.0.1".into()];
         })
         .await
     }
@@ -1792,7 +1794,16 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
         bad_auth["keys"]["auth"] = json!("c2hvcnQ");
         let mut ftp = good.clone();
         ftp["endpoint"] = json!("ftp://push.example/x");
+        // Not a push service Courier sends to (an address inside the hospital, say): refused.
+        let mut inside = good.clone();
+        inside["endpoint"] = json!("https://ehr-db.hospital.internal:5432/push");
+        let mut other_port = good.clone();
+        other_port["endpoint"] = json!(format!("{base}/push/phone")
+            .replace("http://", "https://")
+            .replace("127.0.0.1", "localhost"));
         for (body, says) in [
+            (inside, "not at a push service"),
+            (other_port, "not at a push service"),
             (json!({}), "push subscription"),
             (bad_key, "p256dh"),
             (bad_auth, "auth"),
@@ -2038,6 +2049,20 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             .filter(|p| p["name"] == "notice")
             .count();
         assert_eq!(notices_exported, 3, "{settings}");
+        // A token of hers that may not read her messages gets none of it.
+        let narrow = client_with_token(&user_token(
+            &app,
+            "patient/Binary.cr",
+            "Patient/p1",
+            Some("p1"),
+        ));
+        let r = narrow
+            .get(app.url("Patient/p1/$everything"))
+            .send()
+            .await
+            .unwrap();
+        let body = r.text().await.unwrap();
+        assert!(!body.contains("notification-settings"), "{body}");
     }
 }
 
@@ -2479,6 +2504,11 @@ mod a_later_bounce_stops_email_to_that_address {
              Final-Recipient: rfc822; b1@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--x\r\n\
              Content-Type: text/rfc822-headers\r\n\r\nTo: b1@example.org\r\nMessage-ID: {message_id}\r\n--x--\r\n"
         );
+        // A report about another address (forged, or a late bounce of an address since changed)
+        // changes nothing.
+        let forged = dsn.replace("rfc822; b1@example.org", "rfc822; someone.else@example.org");
+        assert!(bounce(&app, &forged).contains("not about the person's current address"));
+        wait_state(&app, &format!("Communication/{first}"), "sent").await;
         let said = bounce(&app, &dsn);
         assert!(
             said.contains("bounced (5.1.1)") && !said.contains("b1@example.org"),

@@ -360,6 +360,9 @@ pub struct Store {
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
     /// Whether writes succeed now (see [`health`]).
     pub health: health::WriteHealth,
+    /// Bodies are compressed before they are sealed ([`compress`]); off only to measure what it
+    /// saves (`COURIER_STORE_COMPRESS=false`). Either way every row stays readable.
+    pub compress_bodies: std::sync::atomic::AtomicBool,
 }
 
 /// Data keys by scope (class, patient): key id and the end of its write window.
@@ -523,6 +526,7 @@ impl Store {
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
                 health: Default::default(),
+                compress_bodies: std::sync::atomic::AtomicBool::new(true),
             }
         });
         store.load_keys()?;
@@ -1340,7 +1344,16 @@ impl Store {
             Some(r) => index::entries(&self.registry, res_type, &r.value, &self.base_url),
             None => Vec::new(),
         };
-        let packed = body.as_deref().map(compress::pack);
+        let packed = body.as_deref().map(|b| {
+            if self
+                .compress_bodies
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                compress::pack(b)
+            } else {
+                b.to_vec()
+            }
+        });
         Draft {
             version_id,
             last_updated,
