@@ -24,6 +24,27 @@ pub struct App;
 crate::forward_hooks!(App, written, audited, erased);
 
 fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
+    // Everything else first: the events go last, so that on PostgreSQL the event lock (taken by
+    // the first event) is held only from there to the commit.
+    for r in w {
+        let created = matches!(r.status, WriteStatus::Created);
+        if r.res_type == "CommunicationRequest"
+            && !matches!(
+                r.status,
+                WriteStatus::Existing | WriteStatus::NothingToDelete
+            )
+        {
+            crate::messaging::schedule::track(c, r.id, r.status, r.body)?;
+            if let Some(body) = r.body {
+                crate::notify::on_escalation(c, r.id, body)?;
+            }
+        }
+        if r.res_type == "Communication" && created {
+            if let Some(body) = r.body {
+                crate::notify::on_written(c, r.id, body)?;
+            }
+        }
+    }
     for r in w {
         let kind = match r.status {
             WriteStatus::Created => Kind::Create,
@@ -31,19 +52,8 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
             WriteStatus::Deleted => Kind::Delete,
             WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
         };
-        if r.res_type == "CommunicationRequest" {
-            crate::messaging::schedule::track(c, r.id, r.status, r.body)?;
-            if let Some(body) = r.body {
-                crate::notify::on_escalation(c, r.id, body)?;
-            }
-        }
         if events::logged(r.res_type) {
             events::record(c, kind, r.res_type, r.id, r.version_id, None)?;
-        }
-        if r.res_type == "Communication" && kind == Kind::Create {
-            if let Some(body) = r.body {
-                crate::notify::on_written(c, r.id, body)?;
-            }
         }
     }
     Ok(())

@@ -128,7 +128,7 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
     for person in people {
         // The channels the person can be reached by and has not turned off.
         let kind = if reminder { "reminder" } else { "new-message" };
-        let channels: Vec<KindRow> = c.load(CHANNELS, channel_binds(&person, kind))?;
+        let channels: Vec<KindRow> = c.load_cached(CHANNELS, channel_binds(&person, kind))?;
         for ch in channels
             .into_iter()
             .filter(|ch| !reminder || media.contains(&ch.kind.as_str()))
@@ -229,7 +229,7 @@ pub fn on_escalation<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), St
     let Some(backup) = backup else {
         return Ok(());
     };
-    let channels: Vec<KindRow> = c.load(CHANNELS, channel_binds(&backup, "escalation"))?;
+    let channels: Vec<KindRow> = c.load_cached(CHANNELS, channel_binds(&backup, "escalation"))?;
     let t = now();
     for ch in channels {
         c.execute(
