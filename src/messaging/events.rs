@@ -84,9 +84,10 @@ pub fn record<C: Conn>(
             detail.into(),
         ],
     )?;
-    // The other instances are told after the commit (`hub::announce`): a NOTIFY here would take
-    // PostgreSQL's cluster-wide notify lock at commit and hold it through the commit's flush,
-    // one writing transaction at a time.
+    if c.is_postgres() {
+        // Delivered at commit, to every instance listening (and not at all on rollback).
+        c.execute(&format!("NOTIFY {CHANNEL}"), vec![])?;
+    }
     Ok(())
 }
 

@@ -65,7 +65,6 @@ impl Hub {
         });
         if let Some(url) = postgres_url {
             listen(url, Arc::downgrade(&store.changed));
-            announce(Arc::downgrade(&store));
         }
         let h = hub.clone();
         tokio::spawn(async move { h.tail().await });
@@ -233,32 +232,6 @@ pub fn local_ref(reference: &str, base: &str) -> String {
 /// instance and wakes the tail. Reading notifications is a non-blocking socket read, polled every
 /// 10 ms; a broken connection is re-established. The thread ends (closing its connection) once the
 /// store is gone, so an instance shut down in-process leaves no connection behind.
-/// PostgreSQL: after this instance commits, tells the other instances (`NOTIFY` in a statement of
-/// its own, at most one per 2 ms: a burst of commits is one notice). Their listeners wake their
-/// tails, which read the event log. Outside the write transactions, so commits do not queue on
-/// PostgreSQL's notify lock; an instance that dies between its commit and this leaves the others
-/// to find the events at their next poll (within a second).
-fn announce(store: std::sync::Weak<Store>) {
-    tokio::spawn(async move {
-        loop {
-            let Some(committed) = store.upgrade().map(|s| s.committed.clone()) else {
-                return;
-            };
-            committed.notified().await;
-            drop(committed);
-            let Some(s) = store.upgrade() else { return };
-            let sent = tokio::task::spawn_blocking(move || {
-                s.execute(&format!("NOTIFY {}", events::CHANNEL), vec![])
-            })
-            .await;
-            if let Ok(Err(e)) = sent {
-                tracing::warn!(error = %e, "could not tell the other instances of new events");
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
-}
-
 fn listen(url: String, wake: std::sync::Weak<tokio::sync::Notify>) {
     use diesel::{Connection, PgConnection, RunQueryDsl};
     std::thread::Builder::new()

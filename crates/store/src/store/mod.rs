@@ -350,10 +350,6 @@ pub struct Store {
     synced_groups: std::sync::atomic::AtomicU64,
     /// Woken after every commit: the messaging hub tails the event log when it fires.
     pub changed: Arc<tokio::sync::Notify>,
-    /// Woken after every commit of this instance only (not by other instances' news): on
-    /// PostgreSQL the hub then tells the other instances, after the commit (see
-    /// `messaging::hub`), so that no write transaction takes PostgreSQL's NOTIFY lock.
-    pub committed: Arc<tokio::sync::Notify>,
     /// The retention classes: each version's class scopes its data key.
     pub retention: crate::retention::Policy,
     /// What the modules above the store add to its transactions (registered at start-up).
@@ -525,7 +521,6 @@ impl Store {
                 wal_syncs: Default::default(),
                 synced_groups: Default::default(),
                 changed: Arc::new(tokio::sync::Notify::new()),
-                committed: Arc::new(tokio::sync::Notify::new()),
                 retention,
                 hooks,
                 key_file,
@@ -800,7 +795,6 @@ impl Store {
     /// (a receipt set in a transaction of its own).
     pub fn notify_changed(&self) {
         self.changed.notify_one();
-        self.committed.notify_one();
     }
 
     /// Records an AuditEvent on its own (reads, searches, and failed interactions whose own
@@ -838,7 +832,6 @@ impl Store {
                 Ok(r)
             }));
             self.changed.notify_one();
-            self.committed.notify_one();
             return r;
         };
         let slot = Slot::new(None);

@@ -94,7 +94,6 @@ fn write_loop(
                 s.answer(r);
             }
             store.changed.notify_one();
-            store.committed.notify_one();
             continue;
         }
         // Another group waiting: the syncer makes this one durable while the writer commits
@@ -161,7 +160,6 @@ fn make_durable(store: &Store, groups: Vec<Committed>) {
         }
     }
     store.changed.notify_one();
-    store.committed.notify_one();
     // Freed after everyone is answered, on the syncer's thread (or the writer's when idle).
     drop(spent);
 }
