@@ -43,6 +43,8 @@ const server = createServer(async (req, res) => {
   }
 });
 
+server.keepAliveTimeout = 120000;
+server.headersTimeout = 130000;
 server.listen(0, '127.0.0.1', () => {
   process.stdout.write(`${JSON.stringify({ base: `http://127.0.0.1:${server.address().port}/fhir` })}\n`);
 });
