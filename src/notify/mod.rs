@@ -1053,7 +1053,14 @@ impl<'a> Senders<'a> {
                             *ttl,
                         )
                         .await {
-                            push::Pushed::Delivered => delivered += 1,
+                            push::Pushed::Delivered => {
+                                delivered += 1;
+                                // When the device last took a notice (for the operator; no content).
+                                let _ = self.store.execute(
+                                    "UPDATE notify_push SET last_sent_at = ? WHERE id = ?",
+                                    vec![now().into(), d.id.clone().into()],
+                                );
+                            }
                             push::Pushed::Gone => {
                                 gone += 1;
                                 if let Err(e) = push::forget(self.store, &d.id) {

@@ -1929,6 +1929,19 @@ mod web_push_is_encrypted_for_the_browser_and_signed {
             .filter(|n| n.state == "sent")
             .collect();
         assert_eq!(sent.len(), 1, "one notice, both browsers: {sent:?}");
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let stamped: Vec<N> = app
+            .store
+            .query(
+                "SELECT COUNT(*) AS n FROM notify_push WHERE last_sent_at IS NOT NULL",
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(stamped[0].n, 2, "each browser's last delivery is recorded");
 
         // The laptop's subscription has expired (410): forgotten; the phone still gets it.
         service.answer.lock().insert("/push/laptop".into(), 410);

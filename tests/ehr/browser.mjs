@@ -484,6 +484,8 @@ try {
   await patient.click('#notices-push');
   await patient.waitForFunction(() => !document.getElementById('notices-push').disabled, null, { timeout: 20000 });
   const subscribed = await patient.isChecked('#notices-push');
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-notifications-dialog.png'), fullPage: false }).catch(() => {});
+  await a11y(patient, 'patient notifications dialog (phone)', true);
   if (!subscribed) {
     const why = await patient.textContent('#notices-error');
     check(/could not turn on notifications/.test(why) && !/Error|DOMException|Abort/.test(why), `patient: a failed push subscription is explained in plain words (got "${why}")`);
