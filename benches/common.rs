@@ -10,3 +10,39 @@ pub fn bench_jwks() -> String {
     jwk["kid"] = json!("bench");
     json!({"keys": [jwk]}).to_string()
 }
+
+/// Settings for a benchmark's own Courier in `dir` (a fresh SQLite file unless `database_url`
+/// is given), the test master key, logs at `warn`.
+#[allow(dead_code)] // not every benchmark starts its server this way
+pub fn settings(dir: &std::path::Path, database_url: Option<String>) -> courier::config::Settings {
+    courier::config::Settings {
+        listen: "127.0.0.1:0".into(),
+        base_url: "http://127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        database_url: database_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.join("bench.db").display())),
+        master_key: Some(
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+                .to_string()
+                .into(),
+        ),
+        log: "warn".into(),
+        web_push: false,
+        ..courier::config::Settings::default()
+    }
+}
+
+/// A pooled HTTP client that sends `token` as its bearer token.
+#[allow(dead_code)]
+pub fn bearer_client(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .default_headers(h)
+        .build()
+        .unwrap()
+}

@@ -118,19 +118,6 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
-fn client(token: String) -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .default_headers(h)
-        .build()
-        .unwrap()
-}
-
 async fn server(a: &Args, compress: bool) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let database_url = match a.backend.as_str() {
@@ -146,23 +133,15 @@ async fn server(a: &Args, compress: bool) -> Server {
             let sep = if base.contains('?') { '&' } else { '?' };
             format!("{base}{sep}options=-csearch_path%3D{schema}")
         }
-        _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        _ => String::new(),
     };
     let settings = Settings {
-        listen: "127.0.0.1:0".into(),
-        base_url: "http://127.0.0.1:0".into(),
-        data_dir: dir.path().to_path_buf(),
-        database_url,
-        master_key: Some(
-            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
-                .to_string()
-                .into(),
-        ),
         db_pool_size: 16,
-        log: "warn".into(),
         store_compress: compress,
-        web_push: false,
-        ..Settings::default()
+        ..common::settings(
+            dir.path(),
+            (a.backend == "postgres").then_some(database_url),
+        )
     };
     let app = Application::build(settings).unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -188,8 +167,8 @@ async fn server(a: &Args, compress: bool) -> Server {
     };
     Server {
         base,
-        system: client(issue("system/Communication.cruds", None)),
-        user: client(issue(
+        system: common::bearer_client(&issue("system/Communication.cruds", None)),
+        user: common::bearer_client(&issue(
             "user/Communication.rs",
             Some("Practitioner/bench-sender"),
         )),

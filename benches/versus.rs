@@ -166,19 +166,8 @@ async fn main() {
     // Courier.
     let dir = tempfile::tempdir().unwrap();
     let settings = Settings {
-        listen: "127.0.0.1:0".into(),
-        base_url: "http://127.0.0.1:0".into(),
-        data_dir: dir.path().to_path_buf(),
-        database_url: format!("sqlite://{}", dir.path().join("bench.db").display()),
-        master_key: Some(
-            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
-                .to_string()
-                .into(),
-        ),
         sqlite_synchronous: "FULL".into(),
-        log: "warn".into(),
-        web_push: false,
-        ..Settings::default()
+        ..common::settings(dir.path(), None)
     };
     let app = Application::build(settings).unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -199,22 +188,10 @@ async fn main() {
         })
         .unwrap()
         .access_token;
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    let pooled = |h: reqwest::header::HeaderMap| {
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .default_headers(h)
-            .build()
-            .unwrap()
-    };
     let courier = Target {
         name: "Courier",
         base,
-        client: pooled(h),
+        client: common::bearer_client(&token),
     };
     // The router.
     let ehr_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ehr");
@@ -235,7 +212,10 @@ async fn main() {
     let router = Target {
         name: "router",
         base: ready["base"].as_str().unwrap().to_string(),
-        client: pooled(Default::default()),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap(),
     };
     // Inboxes first, on fresh stores (the router's search is a scan of everything it holds, and
     // the create phases below add far more): the same seed into each over HTTP, then searches.

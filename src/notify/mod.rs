@@ -328,10 +328,21 @@ struct ContactRow {
 }
 
 fn contact(store: &Store, person: &str, kind: &str) -> Result<Option<String>, StoreError> {
+    read_contact(store, person, kind, true)
+}
+
+/// A person's contact point, unsealed: only a verified one when `verified_only` (what is sent
+/// to), or either (what their export shows).
+fn read_contact(
+    store: &Store,
+    person: &str,
+    kind: &str,
+    verified_only: bool,
+) -> Result<Option<String>, StoreError> {
     let Some(r) = store
         .query::<ContactRow>(
-            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = ? AND verified_at IS NOT NULL",
-            vec![person.into(), kind.into()],
+            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = ? AND (verified_at IS NOT NULL OR ? = 0)",
+            vec![person.into(), kind.into(), i64::from(verified_only).into()],
         )?
         .into_iter()
         .next()
@@ -522,7 +533,9 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
     }
     let owner = format!("{}#{}", settings.instance_id, uuid::Uuid::new_v4());
     let due = t - settings.notify_after_secs;
-    let senders = Senders::new(store, settings)?;
+    // Made at the first due notice: a pass with nothing to send opens no connection and
+    // unseals no key.
+    let mut made: Option<Senders> = None;
     let mut sent = 0;
     let started = std::time::Instant::now();
     // Batches while there are due notices (up to 10 s a pass: another instance, or the next
@@ -539,6 +552,22 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
             break;
         }
         let full = claimed.len() as i64 == BATCH;
+        if made.is_none() {
+            match Senders::new(store, settings) {
+                Ok(s) => made = Some(s),
+                Err(e) => {
+                    // Nothing was sent: the claimed notices wait for the next pass.
+                    store.execute(
+                        "UPDATE notices SET state = 'pending', attempts = attempts - 1 WHERE lease_owner = ? AND state = 'sending'",
+                        vec![owner.clone().into()],
+                    )?;
+                    return Err(e);
+                }
+            }
+        }
+        let Some(senders) = made.as_ref() else {
+            break;
+        };
         // 1. What to send, decided one by one (the store's reads and the person's choices).
         let mut ready: Vec<Ready> = vec![];
         // (person, channel) whose due new-message notices a digest of this batch tells of.
@@ -553,7 +582,7 @@ pub fn run(store: &Store, settings: &Settings) -> anyhow::Result<usize> {
                 continue;
             }
             let id = n.id.clone();
-            match decide(store, settings, &senders, &owner, n, t) {
+            match decide(store, settings, senders, &owner, n, t) {
                 Ok(Some(r)) => {
                     if r.count > 1 {
                         digested.insert((r.n.person.clone(), r.n.channel.clone()));
@@ -938,14 +967,8 @@ impl<'a> Senders<'a> {
             ),
             None => None,
         };
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let sms = match &settings.sms_url {
-            Some(_) => Some(
-                reqwest::Client::builder()
-                    .timeout(std::time::Duration::from_secs(20))
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()?,
-            ),
+            Some(_) => Some(sms_client()?),
             None => None,
         };
         let runtime = match tokio::runtime::Handle::try_current() {
@@ -1246,6 +1269,15 @@ pub fn sms_text(
         _ => "sms",
     };
     w.get(key, count, link)
+}
+
+/// The HTTP client for the SMS provider (no redirects followed: the token is never forwarded).
+fn sms_client() -> reqwest::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// Sends through the provider's Messages API (the Twilio shape: `POST
@@ -1556,12 +1588,7 @@ async fn change_contact(
                 send(&tr, &settings, &v2, &r, &uuid::Uuid::new_v4().to_string(), &format!("{}/app/", settings.base_url))
             }
             _ => {
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let client = reqwest::Client::builder()
-                    .timeout(std::time::Duration::from_secs(20))
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| StoreError::Other(e.into()))?;
+                let client = sms_client().map_err(|e| StoreError::Other(e.into()))?;
                 tokio::runtime::Handle::current().block_on(send_sms(&client, &settings, &v2, &text))
             }
         })
@@ -1754,7 +1781,7 @@ pub fn export_of(store: &Store, person: &str) -> Result<Option<Value>, StoreErro
         vec![person.into()],
     )?;
     for c in contacts {
-        let Some(value) = contact_any(store, person, &c.kind)? else {
+        let Some(value) = read_contact(store, person, &c.kind, false)? else {
             continue;
         };
         let mut part = vec![
@@ -1831,22 +1858,6 @@ pub fn export_of(store: &Store, person: &str) -> Result<Option<Value>, StoreErro
     Ok((!parameter.is_empty()).then(|| {
         json!({"resourceType": "Parameters", "id": "notification-settings", "parameter": parameter})
     }))
-}
-
-/// A contact point, verified or not (the export shows both).
-fn contact_any(store: &Store, person: &str, kind: &str) -> Result<Option<String>, StoreError> {
-    let Some(r) = store
-        .query::<ContactRow>(
-            "SELECT key_id, sealed FROM notify_contacts WHERE person = ? AND kind = ?",
-            vec![person.into(), kind.into()],
-        )?
-        .into_iter()
-        .next()
-    else {
-        return Ok(None);
-    };
-    let plain = store.open_sealed(&r.key_id, &r.sealed, &contact_aad(person, kind))?;
-    Ok(String::from_utf8(plain).ok())
 }
 
 /// `GET /notify/preferences`: the signed-in person's channels (masked) and quiet hours.
