@@ -104,7 +104,7 @@ fn growth(before: &[(String, i64)], after: &[(String, i64)], per: usize) -> Stri
         .collect();
     g.sort_by_key(|(_, d)| -d);
     g.iter()
-        .take(6)
+        .take(24)
         .map(|(n, d)| format!("{n} {:.0}", *d as f64 / per as f64))
         .collect::<Vec<_>>()
         .join(", ")

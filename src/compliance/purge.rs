@@ -15,6 +15,7 @@
 
 use crate::audit::{self, Interaction};
 use crate::clock::now_micros;
+use crate::search::names;
 use crate::store::db::{Bind, Conn, Db};
 use crate::store::{Store, StoreError};
 use crate::with_conn;
@@ -47,6 +48,12 @@ const PATIENT_PARAMS: [&str; 9] = [
     "CommunicationRequest.requester",
     "CommunicationRequest.sender",
     "CommunicationRequest.recipient",
+];
+
+/// The parameters by which a message attaches a Binary.
+const ATTACHMENT_PARAMS: [&str; 2] = [
+    "Communication.attachment",
+    "CommunicationRequest.attachment",
 ];
 
 #[derive(QueryableByName, Debug, Clone)]
@@ -172,8 +179,8 @@ fn held_rids<C: Conn>(c: &mut C, holds: &[Hold]) -> Result<HashSet<i64>, StoreEr
         } else if let Some(id) = h.target.strip_prefix("Communication/") {
             let rows: Vec<RidRow> = c.load(
                 "SELECT rid FROM resources WHERE res_type = 'Communication' AND fhir_id = ? \
-                 UNION SELECT rid FROM idx_ref WHERE param = 'Communication.part-of' AND target_type = 'Communication' AND target_id = ?",
-                vec![id.into(), id.into()],
+                 UNION SELECT rid FROM idx_ref WHERE param = ? AND target_type = 'Communication' AND target_id = ?",
+                vec![id.into(), names::key("Communication.part-of").into(), id.into()],
             )?;
             out.extend(rows.into_iter().map(|r| r.rid));
         }
@@ -184,7 +191,7 @@ fn held_rids<C: Conn>(c: &mut C, holds: &[Hold]) -> Result<HashSet<i64>, StoreEr
 /// The messages in a patient's compartment, and everything sealed under the patient's keys.
 fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, StoreError> {
     let marks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
-    let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| (*p).into()).collect();
+    let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| names::key(p).into()).collect();
     binds.push(patient.into());
     binds.push(format!("Patient/{patient}").into());
     let rows: Vec<RidRow> = c.load(
@@ -337,9 +344,11 @@ fn attached_binaries<C: Conn>(
         return Ok(vec![]);
     }
     let marks = vec!["?"; messages.len()].join(", ");
+    let mut binds: Vec<Bind> = ATTACHMENT_PARAMS.iter().map(|p| names::key(p).into()).collect();
+    binds.extend(messages.iter().map(|r| Bind::Int(*r)));
     let rows: Vec<IdRow> = c.load(
-        &format!("SELECT code AS id FROM idx_token WHERE param IN ('Communication.attachment', 'CommunicationRequest.attachment') AND rid IN ({marks})"),
-        messages.iter().map(|r| Bind::Int(*r)).collect(),
+        &format!("SELECT code AS id FROM idx_token WHERE param IN (?, ?) AND rid IN ({marks})"),
+        binds,
     )?;
     Ok(rows
         .into_iter()
@@ -354,8 +363,13 @@ fn attached_binaries<C: Conn>(
 /// Is Binary `id` attached to a message still stored?
 fn binary_attached<C: Conn>(c: &mut C, base: &str, id: &str) -> Result<bool, StoreError> {
     let rows: Vec<RidRow> = c.load(
-        "SELECT rid FROM idx_token WHERE param IN ('Communication.attachment', 'CommunicationRequest.attachment') AND code IN (?, ?) LIMIT 1",
-        vec![format!("Binary/{id}").into(), format!("{base}/Binary/{id}").into()],
+        "SELECT rid FROM idx_token WHERE param IN (?, ?) AND code IN (?, ?) LIMIT 1",
+        vec![
+            names::key(ATTACHMENT_PARAMS[0]).into(),
+            names::key(ATTACHMENT_PARAMS[1]).into(),
+            format!("Binary/{id}").into(),
+            format!("{base}/Binary/{id}").into(),
+        ],
     )?;
     Ok(!rows.is_empty())
 }
@@ -601,8 +615,8 @@ fn audit_step<C: Conn>(
         held_refs.insert(h.target.clone());
         let parts: Vec<IdRow> = c.load(
             "SELECT r.fhir_id AS id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-             WHERE x.param = 'Communication.part-of' AND x.target_type = 'Communication' AND x.target_id = ?",
-            vec![id.into()],
+             WHERE x.param = ? AND x.target_type = 'Communication' AND x.target_id = ?",
+            vec![names::key("Communication.part-of").into(), id.into()],
         )?;
         held_refs.extend(parts.into_iter().map(|p| format!("Communication/{}", p.id)));
     }
@@ -631,9 +645,13 @@ fn audit_step<C: Conn>(
         if !held_refs.is_empty() {
             let about: Vec<IdRow> = c.load(
                 "SELECT target_type || '/' || target_id AS id FROM idx_ref \
-                 WHERE rid = ? AND param IN ('AuditEvent.patient', 'AuditEvent.entity') \
+                 WHERE rid = ? AND param IN (?, ?) \
                  AND target_type IS NOT NULL AND target_id IS NOT NULL",
-                vec![rid.into()],
+                vec![
+                    rid.into(),
+                    names::key("AuditEvent.patient").into(),
+                    names::key("AuditEvent.entity").into(),
+                ],
             )?;
             if about.iter().any(|a| held_refs.contains(&a.id)) {
                 break;
@@ -834,7 +852,7 @@ fn shared_rids<C: Conn>(
         let marks = vec!["?"; chunk.len()].join(", ");
         let pmarks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
         let mut binds: Vec<Bind> = chunk.iter().map(|r| Bind::Int(*r)).collect();
-        binds.extend(PATIENT_PARAMS.iter().map(|p| Bind::from(*p)));
+        binds.extend(PATIENT_PARAMS.iter().map(|p| Bind::from(names::key(p))));
         binds.push(patient.into());
         let rows: Vec<RidRow> = c.load(
             &format!(

@@ -46,7 +46,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
     let key = store
         .registry
         .get("PractitionerRole", "practitioner")
-        .map(|p| p.key.clone())
+        .map(|p| crate::search::names::key(&p.key).to_string())
         .unwrap_or_default();
     let roles: Vec<IdRow> = store.query(
         "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \

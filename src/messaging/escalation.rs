@@ -102,11 +102,12 @@ fn ctx(store: &Store) -> audit::Context {
     audit::Context::job(&store.base_url, "escalation")
 }
 
+/// The name index rows carry for the parameter `code` of `res_type`.
 fn key(store: &Store, res_type: &str, code: &str) -> String {
     store
         .registry
         .get(res_type, code)
-        .map(|p| p.key.clone())
+        .map(|p| crate::search::names::key(&p.key).to_string())
         .unwrap_or_default()
 }
 

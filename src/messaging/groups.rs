@@ -45,12 +45,12 @@ pub fn of_on(
     Ok(rows.into_iter().map(|r| r.reference).collect())
 }
 
-/// The index key of a membership parameter (`Group.member`, `CareTeam.participant`).
+/// The name index rows carry for a membership parameter (`Group.member`, `CareTeam.participant`).
 fn param_key(store: &Store, res_type: &str, code: &str) -> String {
     store
         .registry
         .get(res_type, code)
-        .map(|p| p.key.clone())
+        .map(|p| crate::search::names::key(&p.key).to_string())
         .unwrap_or_default()
 }
 

@@ -504,7 +504,7 @@ fn unread_messages(
         store
             .registry
             .get("Communication", code)
-            .map(|p| p.key.clone())
+            .map(|p| crate::search::names::key(&p.key).to_string())
             .unwrap_or_default()
     };
     // One row per unread message and thread (a message to the user and to their group is one

@@ -311,7 +311,8 @@ both_backends! {
 
     // A store made before migrations 000019 and 000020 gets its reference rows' dates, and its
     // URL index, on upgrade: both are undone (their down.sql, newest first, and diesel forgets
-    // they ran), and a restart runs them again.
+    // they ran), and a restart runs them again. The short index names (2026-12-09) are undone
+    // first and redone after them, so this is also an upgrade of a store with long names.
     async fn principal_date_migration_backfills_an_existing_store(app: TestApp) {
         let to = |sent: Option<&str>| {
             let mut c = comm(json!({"recipient": [{"reference": "Patient/mig"}, {"reference": "https://other.example/fhir/Patient/mig"}]}));
@@ -325,10 +326,12 @@ both_backends! {
         let undated = app.create(&to(None)).await;
         let downs = match app.backend {
             Backend::Sqlite => [
+                include_str!("../../migrations/sqlite/2026-12-09-000100_short_index_names/down.sql"),
                 include_str!("../../migrations/sqlite/2026-11-29-000020_reference_url_partial_index/down.sql"),
                 include_str!("../../migrations/sqlite/2026-11-29-000019_reference_sort_date/down.sql"),
             ],
             Backend::Postgres => [
+                include_str!("../../migrations/postgres/2026-12-09-000100_short_index_names/down.sql"),
                 include_str!("../../migrations/postgres/2026-11-29-000020_reference_url_partial_index/down.sql"),
                 include_str!("../../migrations/postgres/2026-11-29-000019_reference_sort_date/down.sql"),
             ],
@@ -336,8 +339,8 @@ both_backends! {
         for stmt in downs.iter().flat_map(|d| d.split(';')).map(str::trim).filter(|s| !s.is_empty()) {
             app.store.execute(stmt, vec![]).unwrap();
         }
-        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version IN ('20261129000019', '20261129000020')", vec![]).unwrap();
-        assert_eq!(forgotten, 2, "the migrations' versions as diesel records them");
+        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version IN ('20261129000019', '20261129000020', '20261209000100')", vec![]).unwrap();
+        assert_eq!(forgotten, 3, "the migrations' versions as diesel records them");
         let upgraded = spawn_instance_on(&app).await.unwrap();
         assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=-sent").await, vec![mar.clone(), jan.clone(), undated.clone()]);
         assert_eq!(upgraded.search_ids("Communication?recipient=Patient/mig&_sort=sent").await, vec![jan.clone(), mar.clone(), undated.clone()]);

@@ -5,6 +5,7 @@
 pub mod dates;
 pub mod fhirpath;
 pub mod index;
+pub mod names;
 pub mod query;
 pub mod sql;
 
@@ -148,6 +149,16 @@ impl Registry {
                         .or_default()
                         .insert(p.code.clone(), p);
                 }
+            }
+        }
+        // Index rows carry a short name for each parameter (names.rs): one without a name would
+        // be stored under its full key, which no migration expects.
+        for p in reg.by_type.values().flat_map(|m| m.values()) {
+            if names::key(&p.key) == p.key {
+                anyhow::bail!(
+                    "{}: no short name for its index rows in crates/store/src/search/names.rs",
+                    p.key
+                );
             }
         }
         for key in REFERENCE_SORT_DATES {

@@ -3,7 +3,7 @@
 
 use super::index::RefParts;
 use super::query::{Condition, Prefix, SearchRequest, SortKey, StringMatch, TokenValue};
-use super::ParamType;
+use super::{names, ParamType};
 use crate::store::db::Bind;
 
 pub struct Sql {
@@ -36,9 +36,14 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// `INDEXED BY` hint for a per-resource lookup into an index table (SQLite only).
+    /// The hint for a per-resource lookup into an index table (SQLite only): the token and date
+    /// tables are keyed by (rid, param, …) themselves (`WITHOUT ROWID`, so `NOT INDEXED` means
+    /// their own key); the others have a `_rid` index.
     fn by_rid(self, table: &str) -> String {
         match self {
+            Dialect::Sqlite if table == "idx_token" || table == "idx_date" => {
+                " NOT INDEXED".to_string()
+            }
             Dialect::Sqlite => format!(" INDEXED BY {table}_rid"),
             Dialect::Postgres => String::new(),
         }
@@ -229,7 +234,7 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
                     "(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ",
                     dialect.by_rid(table)
                 ));
-                q.bind(key.as_str());
+                q.bind(names::key(key));
                 q.push(if *descending {
                     ") DESC NULLS LAST"
                 } else {
@@ -336,7 +341,7 @@ fn union_of<V>(
             q.push(" UNION ");
         }
         q.push(&format!("{select} FROM {table} WHERE param = "));
-        q.bind(key);
+        q.bind(names::key(key));
         q.push(" AND ");
         value(q, v);
     }
@@ -358,7 +363,7 @@ fn exists_per_row<V>(
         if not { "NOT " } else { "" },
         dialect.by_rid(table)
     ));
-    q.bind(key);
+    q.bind(names::key(key));
     q.push(" AND (");
     if values.is_empty() {
         q.push("1 = 0");
@@ -403,18 +408,19 @@ fn token_value(q: &mut Sql, v: &TokenValue) {
             q.bind(code.as_str());
         }
         TokenValue::SystemCode(None, Some(code)) => {
-            q.push("system IS NULL AND code = ");
+            q.push("code = ");
             q.bind(code.as_str());
+            q.push(" AND system = ''");
         }
         TokenValue::SystemCode(Some(system), Some(code)) => {
             q.push("code = ");
             q.bind(code.as_str());
             q.push(" AND system = ");
-            q.bind(system.as_str());
+            q.bind(names::system(Some(system)).into_owned());
         }
         TokenValue::SystemCode(Some(system), None) => {
             q.push("system = ");
-            q.bind(system.as_str());
+            q.bind(names::system(Some(system)).into_owned());
         }
         TokenValue::SystemCode(None, None) => q.push("1 = 0"),
     }
@@ -541,7 +547,7 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                 " m{} WHERE m.rid = r.rid AND m.param = ",
                 dialect.by_rid(table(*kind))
             ));
-            q.bind(key.as_str());
+            q.bind(names::key(key));
             q.push(")");
         }
         Condition::Token { key, not, values } => {
@@ -563,12 +569,12 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                     "EXISTS (SELECT 1 FROM idx_date m{} WHERE m.rid = r.rid AND m.param = ",
                     dialect.by_rid("idx_date")
                 ));
-                q.bind(key.as_str());
+                q.bind(names::key(key));
                 q.push(") AND r.rid NOT IN (SELECT rid FROM idx_date WHERE param = ");
             } else {
                 q.push("r.rid IN (SELECT rid FROM idx_date WHERE param = ");
             }
-            q.bind(key.as_str());
+            q.bind(names::key(key));
             q.push(" AND (");
             for (i, (p, lo, hi)) in values.iter().enumerate() {
                 if i > 0 {

@@ -15,7 +15,7 @@ mod writer;
 use crate::audit::{self, Interaction};
 use crate::search::index::{self, Entry};
 use crate::search::query::{Condition, Include, SearchRequest, Total};
-use crate::search::{dates, sql, Registry};
+use crate::search::{dates, names, sql, Registry};
 use crate::with_conn;
 use crypto::Keyring;
 use db::{Bind, Conn, Db};
@@ -735,7 +735,10 @@ impl Store {
         let key_marks = vec!["?"; ref_keys.len()].join(", ");
         for (res_type, ids) in &by_type {
             let id_marks = vec!["?"; ids.len()].join(", ");
-            let mut binds: Vec<Bind> = ref_keys.iter().map(|k| k.clone().into()).collect();
+            let mut binds: Vec<Bind> = ref_keys
+                .iter()
+                .map(|k| names::key(k).to_string().into())
+                .collect();
             binds.push((*res_type).into());
             binds.extend(ids.iter().map(|i| Bind::from(*i)));
             c.execute(
@@ -773,7 +776,7 @@ impl Store {
             return Ok(0);
         };
         let marks = vec!["?"; params.len()].join(", ");
-        let mut binds: Vec<Bind> = params.iter().map(|p| Bind::from(*p)).collect();
+        let mut binds: Vec<Bind> = params.iter().map(|p| Bind::from(names::key(p))).collect();
         binds.push(t.into());
         binds.push(id.into());
         Ok(c.execute(
@@ -1720,7 +1723,7 @@ impl Store {
     ) -> Result<Vec<(i64, String)>, StoreError> {
         let ph = vec!["?"; from.len()].join(", ");
         let mut binds: Vec<Bind> =
-            vec![inc.param_key.clone().into(), inc.source_type.clone().into()];
+            vec![names::key(&inc.param_key).to_string().into(), inc.source_type.clone().into()];
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
@@ -1823,8 +1826,8 @@ impl IndexRows {
                     code,
                 } => tokens.extend([
                     rid.into(),
-                    param.clone().into(),
-                    system.clone().into(),
+                    names::key(param).to_string().into(),
+                    names::system(system.as_deref()).into_owned().into(),
                     code.clone().into(),
                 ]),
                 Entry::Ref {
@@ -1834,7 +1837,7 @@ impl IndexRows {
                     url,
                 } => refs.extend([
                     rid.into(),
-                    param.clone().into(),
+                    names::key(param).to_string().into(),
                     target_type.clone().into(),
                     target_id.clone().into(),
                     url.clone().into(),
@@ -1842,11 +1845,11 @@ impl IndexRows {
                     at_hi.into(),
                 ]),
                 Entry::Date { param, lo, hi } => {
-                    dates_.extend([rid.into(), param.clone().into(), (*lo).into(), (*hi).into()])
+                    dates_.extend([rid.into(), names::key(param).to_string().into(), (*lo).into(), (*hi).into()])
                 }
                 Entry::Str { param, norm, raw } => strings.extend([
                     rid.into(),
-                    param.clone().into(),
+                    names::key(param).to_string().into(),
                     norm.clone().into(),
                     raw.clone().into(),
                 ]),
@@ -1855,18 +1858,32 @@ impl IndexRows {
     }
 
     /// Inserts the rows gathered so far.
+    /// On SQLite the token and date tables are keyed by their rows (`WITHOUT ROWID`): `OR IGNORE`
+    /// keeps a multi-row INSERT from needing a statement journal (it cannot abort midway), and a
+    /// resource's entries are distinct, so it ignores nothing.
     fn flush<C: Conn>(&mut self, c: &mut C) -> Result<(), StoreError> {
-        for (target, width, rows) in [
-            ("idx_token (rid, param, system, code)", 4, &mut self.tokens),
+        let keyed = if c.is_postgres() {
+            "INSERT INTO"
+        } else {
+            "INSERT OR IGNORE INTO"
+        };
+        for (verb, target, width, rows) in [
+            (keyed, "idx_token (rid, param, system, code)", 4, &mut self.tokens),
             (
+                "INSERT INTO",
                 "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
                 7,
                 &mut self.refs,
             ),
-            ("idx_date (rid, param, lo, hi)", 4, &mut self.dates),
-            ("idx_string (rid, param, norm, raw)", 4, &mut self.strings),
+            (keyed, "idx_date (rid, param, lo, hi)", 4, &mut self.dates),
+            (
+                "INSERT INTO",
+                "idx_string (rid, param, norm, raw)",
+                4,
+                &mut self.strings,
+            ),
         ] {
-            multi_insert(c, target, width, std::mem::take(rows))?;
+            multi_insert(c, verb, target, width, std::mem::take(rows))?;
         }
         Ok(())
     }
@@ -1877,6 +1894,7 @@ impl IndexRows {
 /// statement cache, so the sizes stay few (at most 64 per table).
 fn multi_insert<C: Conn>(
     c: &mut C,
+    verb: &str,
     target: &str,
     width: usize,
     binds: Vec<Bind>,
@@ -1888,7 +1906,7 @@ fn multi_insert<C: Conn>(
     let row = format!("({})", vec!["?"; width].join(", "));
     let sql = |rows: usize| {
         format!(
-            "INSERT INTO {target} VALUES {}",
+            "{verb} {target} VALUES {}",
             vec![row.as_str(); rows].join(", ")
         )
     };
