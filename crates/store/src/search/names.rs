@@ -13,6 +13,9 @@
 //! without one), and migration `2026-12-09-000100_short_index_names` rewrote the rows stored
 //! before, from these same lists (a test checks that it names each pair).
 
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
 /// Each search parameter's index key and the name its rows carry. Append only.
 pub const KEYS: &[(&str, &str)] = &[
     ("AuditEvent.action", "1"),
@@ -132,10 +135,13 @@ pub const SYSTEMS: &[(&str, &str)] = &[
 /// The name index rows carry for the parameter `key`. A key without one (no such parameter) is
 /// returned as it is: it contains a `.`, so it matches no stored row.
 pub fn key(key: &str) -> &str {
-    KEYS.iter()
-        .find(|(k, _)| *k == key)
-        .map_or(key, |(_, name)| name)
+    BY_KEY.get(key).copied().unwrap_or(key)
 }
+
+/// The lists as maps: each create looks up ~24 keys and ~12 systems on the single writer.
+static BY_KEY: LazyLock<HashMap<&str, &str>> = LazyLock::new(|| KEYS.iter().copied().collect());
+static BY_SYSTEM: LazyLock<HashMap<&str, &str>> =
+    LazyLock::new(|| SYSTEMS.iter().copied().collect());
 
 /// What `idx_token.system` holds for a token's system: `''` for none (the column is part of the
 /// table's key, so never NULL), a well-known system's short name, any other system as it is — but
@@ -145,8 +151,8 @@ pub fn system(system: Option<&str>) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
     match system {
         None => Cow::Borrowed(""),
-        Some(s) => match SYSTEMS.iter().find(|(url, _)| *url == s) {
-            Some((_, name)) => Cow::Borrowed(name),
+        Some(s) => match BY_SYSTEM.get(s) {
+            Some(name) => Cow::Borrowed(name),
             None if s.is_empty() || s.starts_with('~') => Cow::Owned(format!("~{s}")),
             None => Cow::Borrowed(s),
         },
