@@ -191,7 +191,10 @@ fn held_rids<C: Conn>(c: &mut C, holds: &[Hold]) -> Result<HashSet<i64>, StoreEr
 /// The messages in a patient's compartment, and everything sealed under the patient's keys.
 fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, StoreError> {
     let marks = vec!["?"; PATIENT_PARAMS.len()].join(", ");
-    let mut binds: Vec<Bind> = PATIENT_PARAMS.iter().map(|p| names::key(p).into()).collect();
+    let mut binds: Vec<Bind> = PATIENT_PARAMS
+        .iter()
+        .map(|p| names::key(p).into())
+        .collect();
     binds.push(patient.into());
     binds.push(format!("Patient/{patient}").into());
     let rows: Vec<RidRow> = c.load(
@@ -344,7 +347,10 @@ fn attached_binaries<C: Conn>(
         return Ok(vec![]);
     }
     let marks = vec!["?"; messages.len()].join(", ");
-    let mut binds: Vec<Bind> = ATTACHMENT_PARAMS.iter().map(|p| names::key(p).into()).collect();
+    let mut binds: Vec<Bind> = ATTACHMENT_PARAMS
+        .iter()
+        .map(|p| names::key(p).into())
+        .collect();
     binds.extend(messages.iter().map(|r| Bind::Int(*r)));
     let rows: Vec<IdRow> = c.load(
         &format!("SELECT code AS id FROM idx_token WHERE param IN (?, ?) AND rid IN ({marks})"),

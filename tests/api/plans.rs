@@ -316,7 +316,10 @@ async fn the_narrowest_condition_drives_and_the_others_are_probed_per_match() {
         );
         // Each probe reads the (rid, param, values) index alone, not the table row too.
         for p in probes {
-            assert!(p.contains("COVERING INDEX") || p.contains(" USING PRIMARY KEY (rid=?"), "{query}: {p}");
+            assert!(
+                p.contains("COVERING INDEX") || p.contains(" USING PRIMARY KEY (rid=?"),
+                "{query}: {p}"
+            );
         }
     }
 }

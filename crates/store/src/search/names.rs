@@ -174,9 +174,20 @@ mod tests {
             assert!(names.insert(*n), "name {n} given twice");
             assert!(!n.contains('.'), "{n}: a name must not look like a key");
         }
-        for t in ["AuditEvent", "Communication", "CommunicationRequest", "CareTeam", "Group"] {
+        for t in [
+            "AuditEvent",
+            "Communication",
+            "CommunicationRequest",
+            "CareTeam",
+            "Group",
+            "PractitionerRole",
+        ] {
             for p in reg.indexed(t) {
-                assert!(keys.contains(p.key.as_str()), "{} has no stored name", p.key);
+                assert!(
+                    keys.contains(p.key.as_str()),
+                    "{} has no stored name",
+                    p.key
+                );
             }
         }
         let mut systems = HashSet::new();
@@ -190,7 +201,10 @@ mod tests {
     #[test]
     fn no_client_system_can_be_stored_as_another() {
         assert_eq!(system(None), "");
-        assert_eq!(system(Some("http://dicom.nema.org/resources/ontology/DCM")), "~6");
+        assert_eq!(
+            system(Some("http://dicom.nema.org/resources/ontology/DCM")),
+            "~6"
+        );
         // A client's system that looks like a name, or is empty, is kept apart.
         assert_eq!(system(Some("~6")), "~~6");
         assert_eq!(system(Some("~~6")), "~~~6");
@@ -211,10 +225,16 @@ mod tests {
             );
             let sql = std::fs::read_to_string(&path).unwrap();
             for (k, n) in KEYS {
-                assert!(sql.contains(&format!("WHEN '{k}' THEN '{n}'")), "{backend}: {k}");
+                assert!(
+                    sql.contains(&format!("WHEN '{k}' THEN '{n}'")),
+                    "{backend}: {k}"
+                );
             }
             for (url, n) in SYSTEMS {
-                assert!(sql.contains(&format!("WHEN '{url}' THEN '{n}'")), "{backend}: {url}");
+                assert!(
+                    sql.contains(&format!("WHEN '{url}' THEN '{n}'")),
+                    "{backend}: {url}"
+                );
             }
         }
     }

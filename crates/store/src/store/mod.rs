@@ -1722,8 +1722,10 @@ impl Store {
         from: &[i64],
     ) -> Result<Vec<(i64, String)>, StoreError> {
         let ph = vec!["?"; from.len()].join(", ");
-        let mut binds: Vec<Bind> =
-            vec![names::key(&inc.param_key).to_string().into(), inc.source_type.clone().into()];
+        let mut binds: Vec<Bind> = vec![
+            names::key(&inc.param_key).to_string().into(),
+            inc.source_type.clone().into(),
+        ];
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
@@ -1844,9 +1846,12 @@ impl IndexRows {
                     at_lo.into(),
                     at_hi.into(),
                 ]),
-                Entry::Date { param, lo, hi } => {
-                    dates_.extend([rid.into(), names::key(param).to_string().into(), (*lo).into(), (*hi).into()])
-                }
+                Entry::Date { param, lo, hi } => dates_.extend([
+                    rid.into(),
+                    names::key(param).to_string().into(),
+                    (*lo).into(),
+                    (*hi).into(),
+                ]),
                 Entry::Str { param, norm, raw } => strings.extend([
                     rid.into(),
                     names::key(param).to_string().into(),
@@ -1868,7 +1873,12 @@ impl IndexRows {
             "INSERT OR IGNORE INTO"
         };
         for (verb, target, width, rows) in [
-            (keyed, "idx_token (rid, param, system, code)", 4, &mut self.tokens),
+            (
+                keyed,
+                "idx_token (rid, param, system, code)",
+                4,
+                &mut self.tokens,
+            ),
             (
                 "INSERT INTO",
                 "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
