@@ -214,26 +214,43 @@ mod tests {
         assert_eq!(key("Nothing.such"), "Nothing.such");
     }
 
-    /// The migration that rewrote the rows stored before names each pair as the lists do, on both
-    /// backends (a name that differed would hide every older row from searches).
+    /// The migration that rewrote the rows stored before names each pair as the lists do, for each
+    /// of the four tables, on both backends, and its down.sql undoes each (a name that differed
+    /// would hide every older row from searches).
     #[test]
     fn the_migration_uses_the_same_names() {
         for backend in ["sqlite", "postgres"] {
-            let path = format!(
-                "{}/../../migrations/{backend}/2026-12-09-000100_short_index_names/up.sql",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let sql = std::fs::read_to_string(&path).unwrap();
+            let read = |file: &str| {
+                std::fs::read_to_string(format!(
+                    "{}/../../migrations/{backend}/2026-12-09-000100_short_index_names/{file}",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap()
+            };
+            let (up, down) = (read("up.sql"), read("down.sql"));
+            let count = |sql: &str, pair: String| sql.matches(pair.as_str()).count();
             for (k, n) in KEYS {
-                assert!(
-                    sql.contains(&format!("WHEN '{k}' THEN '{n}'")),
-                    "{backend}: {k}"
+                assert_eq!(
+                    count(&up, format!("WHEN '{k}' THEN '{n}'")),
+                    4,
+                    "{backend} up: {k}"
+                );
+                assert_eq!(
+                    count(&down, format!("WHEN '{n}' THEN '{k}'")),
+                    4,
+                    "{backend} down: {k}"
                 );
             }
             for (url, n) in SYSTEMS {
-                assert!(
-                    sql.contains(&format!("WHEN '{url}' THEN '{n}'")),
-                    "{backend}: {url}"
+                assert_eq!(
+                    count(&up, format!("WHEN '{url}' THEN '{n}'")),
+                    1,
+                    "{backend} up: {url}"
+                );
+                assert_eq!(
+                    count(&down, format!("WHEN '{n}' THEN '{url}'")),
+                    1,
+                    "{backend} down: {url}"
                 );
             }
         }
