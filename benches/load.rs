@@ -357,6 +357,24 @@ async fn main() {
         );
     }
 
+    if !reuse {
+        // One process holds the server and the load generator, so this is an upper bound on the
+        // server's resident size (issue 24's aim: ≤ 150 MB after 100,000 creates).
+        let created = 2 * a.creates + a.creates / 4;
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        println!(
+            "resident size after {created} creates: {:.0} MiB (server and load generator, one process)",
+            rss_kib as f64 / 1024.0
+        );
+    }
+
     // ---- seed to N messages through the store's write path ---- (not when searching a kept store)
     if !reuse {
         let have = 2 * a.creates + a.creates / 4;
