@@ -46,3 +46,17 @@ pub fn bearer_client(token: &str) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Reads `--name value` arguments: `set(name, value)` says whether it knows the name. Cargo's own
+/// `--bench` is skipped; an unknown argument stops the benchmark.
+#[allow(dead_code)]
+pub fn parse_args(mut set: impl FnMut(&str, String) -> bool) {
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        if k == "--bench" {
+            continue;
+        }
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        assert!(set(&k, v), "unknown argument {k}");
+    }
+}

@@ -41,18 +41,16 @@ fn args() -> Args {
         rounds: 2,
         clients: 8,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut val = || it.next().expect("a value");
-        match k.as_str() {
-            "--backend" => a.backend = val(),
-            "--messages" => a.messages = val().parse().unwrap(),
-            "--rounds" => a.rounds = val().parse().unwrap(),
-            "--clients" => a.clients = val().parse().unwrap(),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+    common::parse_args(|k, v| {
+        match k {
+            "--backend" => a.backend = v,
+            "--messages" => a.messages = v.parse().unwrap(),
+            "--rounds" => a.rounds = v.parse().unwrap(),
+            "--clients" => a.clients = v.parse().unwrap(),
+            _ => return false,
         }
-    }
+        true
+    });
     a
 }
 

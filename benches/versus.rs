@@ -44,18 +44,16 @@ fn args() -> Args {
         seed: 5_000,
         searches: 2_000,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut val = || it.next().expect("a value");
-        match k.as_str() {
-            "--secs" => a.secs = val().parse().unwrap(),
-            "--rounds" => a.rounds = val().parse().unwrap(),
-            "--seed" => a.seed = val().parse().unwrap(),
-            "--searches" => a.searches = val().parse().unwrap(),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
+    common::parse_args(|k, v| {
+        match k {
+            "--secs" => a.secs = v.parse().unwrap(),
+            "--rounds" => a.rounds = v.parse().unwrap(),
+            "--seed" => a.seed = v.parse().unwrap(),
+            "--searches" => a.searches = v.parse().unwrap(),
+            _ => return false,
         }
-    }
+        true
+    });
     a
 }
 

@@ -45,9 +45,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
     };
     let key = store
         .registry
-        .get("PractitionerRole", "practitioner")
-        .map(|p| crate::search::names::key(&p.key).to_string())
-        .unwrap_or_default();
+        .index_name("PractitionerRole", "practitioner");
     let roles: Vec<IdRow> = store.query(
         "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          WHERE x.param = ? AND x.target_type = 'Practitioner' AND x.target_id = ? AND x.url IS NULL \

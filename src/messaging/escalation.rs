@@ -102,15 +102,6 @@ fn ctx(store: &Store) -> audit::Context {
     audit::Context::job(&store.base_url, "escalation")
 }
 
-/// The name index rows carry for the parameter `code` of `res_type`.
-fn key(store: &Store, res_type: &str, code: &str) -> String {
-    store
-        .registry
-        .get(res_type, code)
-        .map(|p| crate::search::names::key(&p.key).to_string())
-        .unwrap_or_default()
-}
-
 /// What one escalation pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
@@ -131,11 +122,17 @@ pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
     let unread: Vec<Unread> = store.query(
         UNREAD_SQL,
         vec![
-            key(store, "Communication", "priority").into(),
-            key(store, "Communication", "recipient").into(),
+            store
+                .registry
+                .index_name("Communication", "priority")
+                .into(),
+            store
+                .registry
+                .index_name("Communication", "recipient")
+                .into(),
             due_before.into(),
             (now - HORIZON_SECS * secs).into(),
-            key(store, "Communication", "status").into(),
+            store.registry.index_name("Communication", "status").into(),
         ],
     )?;
     let mut pass = Pass::default();
@@ -286,7 +283,7 @@ fn close_resolved(store: &Store, now: i64) -> Result<usize, StoreError> {
         RESOLVED_SQL,
         vec![
             (now - HORIZON_SECS * secs).into(),
-            key(store, "Communication", "status").into(),
+            store.registry.index_name("Communication", "status").into(),
         ],
     )?;
     for row in resolved {

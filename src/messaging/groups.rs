@@ -29,7 +29,7 @@ pub fn of_on(
     let Some((t, id)) = user.and_then(|u| u.split_once('/')) else {
         return Ok(vec![]);
     };
-    let key = |rt: &str, code: &str| param_key(store, rt, code);
+    let key = |rt: &str, code: &str| store.registry.index_name(rt, code);
     let rows: Vec<RefRow> = store.query_on(
         c,
         "SELECT DISTINCT r.res_type || '/' || r.fhir_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
@@ -45,15 +45,6 @@ pub fn of_on(
     Ok(rows.into_iter().map(|r| r.reference).collect())
 }
 
-/// The name index rows carry for a membership parameter (`Group.member`, `CareTeam.participant`).
-fn param_key(store: &Store, res_type: &str, code: &str) -> String {
-    store
-        .registry
-        .get(res_type, code)
-        .map(|p| crate::search::names::key(&p.key).to_string())
-        .unwrap_or_default()
-}
-
 /// The members (`Type/id`, local references) of a Group (`member.entity`) or CareTeam
 /// (`participant.member`) stored in Courier, one level deep; empty for any other reference or an
 /// unknown group. Blocking.
@@ -62,9 +53,9 @@ pub fn members(store: &Store, group: &str) -> Result<Vec<String>, StoreError> {
         return Ok(vec![]);
     };
     let param = if t == "Group" {
-        param_key(store, "Group", "member")
+        store.registry.index_name("Group", "member")
     } else {
-        param_key(store, "CareTeam", "participant")
+        store.registry.index_name("CareTeam", "participant")
     };
     let rows: Vec<RefRow> = store.query(
         "SELECT DISTINCT x.target_type || '/' || x.target_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \

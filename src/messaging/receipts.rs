@@ -500,13 +500,7 @@ fn unread_messages(
     if targets.is_empty() {
         return Ok(vec![]);
     }
-    let key = |code: &str| {
-        store
-            .registry
-            .get("Communication", code)
-            .map(|p| crate::search::names::key(&p.key).to_string())
-            .unwrap_or_default()
-    };
+    let key = |code: &str| store.registry.index_name("Communication", code);
     // One row per unread message and thread (a message to the user and to their group is one
     // message), newest first.
     let sql = unread_sql(targets.len());

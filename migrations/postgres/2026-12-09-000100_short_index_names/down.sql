@@ -1,270 +1,92 @@
 -- Back to long names and NULL systems.
+-- Each full name and its short name, parameters (Type.code) and code systems (URIs): the lists
+-- of crates/store/src/search/names.rs, which a test holds this table to.
+CREATE TABLE migration_short_names (long TEXT PRIMARY KEY, short TEXT NOT NULL UNIQUE);
+INSERT INTO migration_short_names (long, short) VALUES
+    ('AuditEvent.action', '1'),
+    ('AuditEvent.address', '2'),
+    ('AuditEvent.agent', '3'),
+    ('AuditEvent.agent-name', '4'),
+    ('AuditEvent.agent-role', '5'),
+    ('AuditEvent.altid', '6'),
+    ('AuditEvent.date', '7'),
+    ('AuditEvent.entity', '8'),
+    ('AuditEvent.entity-name', '9'),
+    ('AuditEvent.entity-role', '10'),
+    ('AuditEvent.entity-type', '11'),
+    ('AuditEvent.outcome', '12'),
+    ('AuditEvent.patient', '13'),
+    ('AuditEvent.policy', '14'),
+    ('AuditEvent.site', '15'),
+    ('AuditEvent.source', '16'),
+    ('AuditEvent.subtype', '17'),
+    ('AuditEvent.type', '18'),
+    ('CareTeam.participant', '19'),
+    ('CareTeam.patient', '20'),
+    ('Communication._security', '21'),
+    ('Communication.attachment', '22'),
+    ('Communication.based-on', '23'),
+    ('Communication.category', '24'),
+    ('Communication.encounter', '25'),
+    ('Communication.identifier', '26'),
+    ('Communication.in-response-to', '27'),
+    ('Communication.instantiates-canonical', '28'),
+    ('Communication.instantiates-uri', '29'),
+    ('Communication.medium', '30'),
+    ('Communication.part-of', '31'),
+    ('Communication.patient', '32'),
+    ('Communication.priority', '33'),
+    ('Communication.received', '34'),
+    ('Communication.recipient', '35'),
+    ('Communication.sender', '36'),
+    ('Communication.sent', '37'),
+    ('Communication.status', '38'),
+    ('Communication.subject', '39'),
+    ('Communication.topic', '40'),
+    ('CommunicationRequest._security', '41'),
+    ('CommunicationRequest.attachment', '42'),
+    ('CommunicationRequest.authored', '43'),
+    ('CommunicationRequest.based-on', '44'),
+    ('CommunicationRequest.category', '45'),
+    ('CommunicationRequest.encounter', '46'),
+    ('CommunicationRequest.group-identifier', '47'),
+    ('CommunicationRequest.identifier', '48'),
+    ('CommunicationRequest.medium', '49'),
+    ('CommunicationRequest.occurrence', '50'),
+    ('CommunicationRequest.patient', '51'),
+    ('CommunicationRequest.priority', '52'),
+    ('CommunicationRequest.recipient', '53'),
+    ('CommunicationRequest.replaces', '54'),
+    ('CommunicationRequest.requester', '55'),
+    ('CommunicationRequest.sender', '56'),
+    ('CommunicationRequest.status', '57'),
+    ('CommunicationRequest.subject', '58'),
+    ('Group.member', '59'),
+    ('PractitionerRole.practitioner', '60'),
+    ('http://terminology.hl7.org/CodeSystem/audit-event-type', '~1'),
+    ('http://hl7.org/fhir/restful-interaction', '~2'),
+    ('http://terminology.hl7.org/CodeSystem/audit-entity-type', '~3'),
+    ('http://terminology.hl7.org/CodeSystem/object-role', '~4'),
+    ('https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType', '~5'),
+    ('http://dicom.nema.org/resources/ontology/DCM', '~6'),
+    ('http://terminology.hl7.org/CodeSystem/v3-ParticipationType', '~7'),
+    ('http://terminology.hl7.org/CodeSystem/v3-ActCode', '~8'),
+    ('http://terminology.hl7.org/CodeSystem/extra-security-role-type', '~9'),
+    ('http://terminology.hl7.org/CodeSystem/security-source-type', '~10'),
+    ('http://terminology.hl7.org/CodeSystem/provenance-participant-type', '~11'),
+    ('http://terminology.hl7.org/CodeSystem/v3-ActReason', '~12'),
+    ('http://terminology.hl7.org/CodeSystem/communication-category', '~13'),
+    ('http://terminology.hl7.org/CodeSystem/v3-ParticipationMode', '~14'),
+    ('urn:ietf:rfc:3986', '~15'),
+    ('http://hl7.org/fhir/resource-types', '~16'),
+    ('http://terminology.hl7.org/CodeSystem/v3-Confidentiality', '~17');
+
 ALTER TABLE idx_token ALTER COLUMN system DROP NOT NULL;
-UPDATE idx_token SET param = CASE param
-        WHEN '1' THEN 'AuditEvent.action'
-        WHEN '2' THEN 'AuditEvent.address'
-        WHEN '3' THEN 'AuditEvent.agent'
-        WHEN '4' THEN 'AuditEvent.agent-name'
-        WHEN '5' THEN 'AuditEvent.agent-role'
-        WHEN '6' THEN 'AuditEvent.altid'
-        WHEN '7' THEN 'AuditEvent.date'
-        WHEN '8' THEN 'AuditEvent.entity'
-        WHEN '9' THEN 'AuditEvent.entity-name'
-        WHEN '10' THEN 'AuditEvent.entity-role'
-        WHEN '11' THEN 'AuditEvent.entity-type'
-        WHEN '12' THEN 'AuditEvent.outcome'
-        WHEN '13' THEN 'AuditEvent.patient'
-        WHEN '14' THEN 'AuditEvent.policy'
-        WHEN '15' THEN 'AuditEvent.site'
-        WHEN '16' THEN 'AuditEvent.source'
-        WHEN '17' THEN 'AuditEvent.subtype'
-        WHEN '18' THEN 'AuditEvent.type'
-        WHEN '19' THEN 'CareTeam.participant'
-        WHEN '20' THEN 'CareTeam.patient'
-        WHEN '21' THEN 'Communication._security'
-        WHEN '22' THEN 'Communication.attachment'
-        WHEN '23' THEN 'Communication.based-on'
-        WHEN '24' THEN 'Communication.category'
-        WHEN '25' THEN 'Communication.encounter'
-        WHEN '26' THEN 'Communication.identifier'
-        WHEN '27' THEN 'Communication.in-response-to'
-        WHEN '28' THEN 'Communication.instantiates-canonical'
-        WHEN '29' THEN 'Communication.instantiates-uri'
-        WHEN '30' THEN 'Communication.medium'
-        WHEN '31' THEN 'Communication.part-of'
-        WHEN '32' THEN 'Communication.patient'
-        WHEN '33' THEN 'Communication.priority'
-        WHEN '34' THEN 'Communication.received'
-        WHEN '35' THEN 'Communication.recipient'
-        WHEN '36' THEN 'Communication.sender'
-        WHEN '37' THEN 'Communication.sent'
-        WHEN '38' THEN 'Communication.status'
-        WHEN '39' THEN 'Communication.subject'
-        WHEN '40' THEN 'Communication.topic'
-        WHEN '41' THEN 'CommunicationRequest._security'
-        WHEN '42' THEN 'CommunicationRequest.attachment'
-        WHEN '43' THEN 'CommunicationRequest.authored'
-        WHEN '44' THEN 'CommunicationRequest.based-on'
-        WHEN '45' THEN 'CommunicationRequest.category'
-        WHEN '46' THEN 'CommunicationRequest.encounter'
-        WHEN '47' THEN 'CommunicationRequest.group-identifier'
-        WHEN '48' THEN 'CommunicationRequest.identifier'
-        WHEN '49' THEN 'CommunicationRequest.medium'
-        WHEN '50' THEN 'CommunicationRequest.occurrence'
-        WHEN '51' THEN 'CommunicationRequest.patient'
-        WHEN '52' THEN 'CommunicationRequest.priority'
-        WHEN '53' THEN 'CommunicationRequest.recipient'
-        WHEN '54' THEN 'CommunicationRequest.replaces'
-        WHEN '55' THEN 'CommunicationRequest.requester'
-        WHEN '56' THEN 'CommunicationRequest.sender'
-        WHEN '57' THEN 'CommunicationRequest.status'
-        WHEN '58' THEN 'CommunicationRequest.subject'
-        WHEN '59' THEN 'Group.member'
-        WHEN '60' THEN 'PractitionerRole.practitioner'
-        ELSE param END, system = CASE WHEN system = '' THEN NULL
-        WHEN substr(system, 1, 2) = '~~' OR system = '~' THEN substr(system, 2)
-        ELSE CASE system
-            WHEN '~1' THEN 'http://terminology.hl7.org/CodeSystem/audit-event-type'
-            WHEN '~2' THEN 'http://hl7.org/fhir/restful-interaction'
-            WHEN '~3' THEN 'http://terminology.hl7.org/CodeSystem/audit-entity-type'
-            WHEN '~4' THEN 'http://terminology.hl7.org/CodeSystem/object-role'
-            WHEN '~5' THEN 'https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType'
-            WHEN '~6' THEN 'http://dicom.nema.org/resources/ontology/DCM'
-            WHEN '~7' THEN 'http://terminology.hl7.org/CodeSystem/v3-ParticipationType'
-            WHEN '~8' THEN 'http://terminology.hl7.org/CodeSystem/v3-ActCode'
-            WHEN '~9' THEN 'http://terminology.hl7.org/CodeSystem/extra-security-role-type'
-            WHEN '~10' THEN 'http://terminology.hl7.org/CodeSystem/security-source-type'
-            WHEN '~11' THEN 'http://terminology.hl7.org/CodeSystem/provenance-participant-type'
-            WHEN '~12' THEN 'http://terminology.hl7.org/CodeSystem/v3-ActReason'
-            WHEN '~13' THEN 'http://terminology.hl7.org/CodeSystem/communication-category'
-            WHEN '~14' THEN 'http://terminology.hl7.org/CodeSystem/v3-ParticipationMode'
-            WHEN '~15' THEN 'urn:ietf:rfc:3986'
-            WHEN '~16' THEN 'http://hl7.org/fhir/resource-types'
-            WHEN '~17' THEN 'http://terminology.hl7.org/CodeSystem/v3-Confidentiality'
-            ELSE system END END;
-UPDATE idx_date SET param = CASE param
-        WHEN '1' THEN 'AuditEvent.action'
-        WHEN '2' THEN 'AuditEvent.address'
-        WHEN '3' THEN 'AuditEvent.agent'
-        WHEN '4' THEN 'AuditEvent.agent-name'
-        WHEN '5' THEN 'AuditEvent.agent-role'
-        WHEN '6' THEN 'AuditEvent.altid'
-        WHEN '7' THEN 'AuditEvent.date'
-        WHEN '8' THEN 'AuditEvent.entity'
-        WHEN '9' THEN 'AuditEvent.entity-name'
-        WHEN '10' THEN 'AuditEvent.entity-role'
-        WHEN '11' THEN 'AuditEvent.entity-type'
-        WHEN '12' THEN 'AuditEvent.outcome'
-        WHEN '13' THEN 'AuditEvent.patient'
-        WHEN '14' THEN 'AuditEvent.policy'
-        WHEN '15' THEN 'AuditEvent.site'
-        WHEN '16' THEN 'AuditEvent.source'
-        WHEN '17' THEN 'AuditEvent.subtype'
-        WHEN '18' THEN 'AuditEvent.type'
-        WHEN '19' THEN 'CareTeam.participant'
-        WHEN '20' THEN 'CareTeam.patient'
-        WHEN '21' THEN 'Communication._security'
-        WHEN '22' THEN 'Communication.attachment'
-        WHEN '23' THEN 'Communication.based-on'
-        WHEN '24' THEN 'Communication.category'
-        WHEN '25' THEN 'Communication.encounter'
-        WHEN '26' THEN 'Communication.identifier'
-        WHEN '27' THEN 'Communication.in-response-to'
-        WHEN '28' THEN 'Communication.instantiates-canonical'
-        WHEN '29' THEN 'Communication.instantiates-uri'
-        WHEN '30' THEN 'Communication.medium'
-        WHEN '31' THEN 'Communication.part-of'
-        WHEN '32' THEN 'Communication.patient'
-        WHEN '33' THEN 'Communication.priority'
-        WHEN '34' THEN 'Communication.received'
-        WHEN '35' THEN 'Communication.recipient'
-        WHEN '36' THEN 'Communication.sender'
-        WHEN '37' THEN 'Communication.sent'
-        WHEN '38' THEN 'Communication.status'
-        WHEN '39' THEN 'Communication.subject'
-        WHEN '40' THEN 'Communication.topic'
-        WHEN '41' THEN 'CommunicationRequest._security'
-        WHEN '42' THEN 'CommunicationRequest.attachment'
-        WHEN '43' THEN 'CommunicationRequest.authored'
-        WHEN '44' THEN 'CommunicationRequest.based-on'
-        WHEN '45' THEN 'CommunicationRequest.category'
-        WHEN '46' THEN 'CommunicationRequest.encounter'
-        WHEN '47' THEN 'CommunicationRequest.group-identifier'
-        WHEN '48' THEN 'CommunicationRequest.identifier'
-        WHEN '49' THEN 'CommunicationRequest.medium'
-        WHEN '50' THEN 'CommunicationRequest.occurrence'
-        WHEN '51' THEN 'CommunicationRequest.patient'
-        WHEN '52' THEN 'CommunicationRequest.priority'
-        WHEN '53' THEN 'CommunicationRequest.recipient'
-        WHEN '54' THEN 'CommunicationRequest.replaces'
-        WHEN '55' THEN 'CommunicationRequest.requester'
-        WHEN '56' THEN 'CommunicationRequest.sender'
-        WHEN '57' THEN 'CommunicationRequest.status'
-        WHEN '58' THEN 'CommunicationRequest.subject'
-        WHEN '59' THEN 'Group.member'
-        WHEN '60' THEN 'PractitionerRole.practitioner'
-        ELSE param END;
-UPDATE idx_ref SET param = CASE param
-        WHEN '1' THEN 'AuditEvent.action'
-        WHEN '2' THEN 'AuditEvent.address'
-        WHEN '3' THEN 'AuditEvent.agent'
-        WHEN '4' THEN 'AuditEvent.agent-name'
-        WHEN '5' THEN 'AuditEvent.agent-role'
-        WHEN '6' THEN 'AuditEvent.altid'
-        WHEN '7' THEN 'AuditEvent.date'
-        WHEN '8' THEN 'AuditEvent.entity'
-        WHEN '9' THEN 'AuditEvent.entity-name'
-        WHEN '10' THEN 'AuditEvent.entity-role'
-        WHEN '11' THEN 'AuditEvent.entity-type'
-        WHEN '12' THEN 'AuditEvent.outcome'
-        WHEN '13' THEN 'AuditEvent.patient'
-        WHEN '14' THEN 'AuditEvent.policy'
-        WHEN '15' THEN 'AuditEvent.site'
-        WHEN '16' THEN 'AuditEvent.source'
-        WHEN '17' THEN 'AuditEvent.subtype'
-        WHEN '18' THEN 'AuditEvent.type'
-        WHEN '19' THEN 'CareTeam.participant'
-        WHEN '20' THEN 'CareTeam.patient'
-        WHEN '21' THEN 'Communication._security'
-        WHEN '22' THEN 'Communication.attachment'
-        WHEN '23' THEN 'Communication.based-on'
-        WHEN '24' THEN 'Communication.category'
-        WHEN '25' THEN 'Communication.encounter'
-        WHEN '26' THEN 'Communication.identifier'
-        WHEN '27' THEN 'Communication.in-response-to'
-        WHEN '28' THEN 'Communication.instantiates-canonical'
-        WHEN '29' THEN 'Communication.instantiates-uri'
-        WHEN '30' THEN 'Communication.medium'
-        WHEN '31' THEN 'Communication.part-of'
-        WHEN '32' THEN 'Communication.patient'
-        WHEN '33' THEN 'Communication.priority'
-        WHEN '34' THEN 'Communication.received'
-        WHEN '35' THEN 'Communication.recipient'
-        WHEN '36' THEN 'Communication.sender'
-        WHEN '37' THEN 'Communication.sent'
-        WHEN '38' THEN 'Communication.status'
-        WHEN '39' THEN 'Communication.subject'
-        WHEN '40' THEN 'Communication.topic'
-        WHEN '41' THEN 'CommunicationRequest._security'
-        WHEN '42' THEN 'CommunicationRequest.attachment'
-        WHEN '43' THEN 'CommunicationRequest.authored'
-        WHEN '44' THEN 'CommunicationRequest.based-on'
-        WHEN '45' THEN 'CommunicationRequest.category'
-        WHEN '46' THEN 'CommunicationRequest.encounter'
-        WHEN '47' THEN 'CommunicationRequest.group-identifier'
-        WHEN '48' THEN 'CommunicationRequest.identifier'
-        WHEN '49' THEN 'CommunicationRequest.medium'
-        WHEN '50' THEN 'CommunicationRequest.occurrence'
-        WHEN '51' THEN 'CommunicationRequest.patient'
-        WHEN '52' THEN 'CommunicationRequest.priority'
-        WHEN '53' THEN 'CommunicationRequest.recipient'
-        WHEN '54' THEN 'CommunicationRequest.replaces'
-        WHEN '55' THEN 'CommunicationRequest.requester'
-        WHEN '56' THEN 'CommunicationRequest.sender'
-        WHEN '57' THEN 'CommunicationRequest.status'
-        WHEN '58' THEN 'CommunicationRequest.subject'
-        WHEN '59' THEN 'Group.member'
-        WHEN '60' THEN 'PractitionerRole.practitioner'
-        ELSE param END;
-UPDATE idx_string SET param = CASE param
-        WHEN '1' THEN 'AuditEvent.action'
-        WHEN '2' THEN 'AuditEvent.address'
-        WHEN '3' THEN 'AuditEvent.agent'
-        WHEN '4' THEN 'AuditEvent.agent-name'
-        WHEN '5' THEN 'AuditEvent.agent-role'
-        WHEN '6' THEN 'AuditEvent.altid'
-        WHEN '7' THEN 'AuditEvent.date'
-        WHEN '8' THEN 'AuditEvent.entity'
-        WHEN '9' THEN 'AuditEvent.entity-name'
-        WHEN '10' THEN 'AuditEvent.entity-role'
-        WHEN '11' THEN 'AuditEvent.entity-type'
-        WHEN '12' THEN 'AuditEvent.outcome'
-        WHEN '13' THEN 'AuditEvent.patient'
-        WHEN '14' THEN 'AuditEvent.policy'
-        WHEN '15' THEN 'AuditEvent.site'
-        WHEN '16' THEN 'AuditEvent.source'
-        WHEN '17' THEN 'AuditEvent.subtype'
-        WHEN '18' THEN 'AuditEvent.type'
-        WHEN '19' THEN 'CareTeam.participant'
-        WHEN '20' THEN 'CareTeam.patient'
-        WHEN '21' THEN 'Communication._security'
-        WHEN '22' THEN 'Communication.attachment'
-        WHEN '23' THEN 'Communication.based-on'
-        WHEN '24' THEN 'Communication.category'
-        WHEN '25' THEN 'Communication.encounter'
-        WHEN '26' THEN 'Communication.identifier'
-        WHEN '27' THEN 'Communication.in-response-to'
-        WHEN '28' THEN 'Communication.instantiates-canonical'
-        WHEN '29' THEN 'Communication.instantiates-uri'
-        WHEN '30' THEN 'Communication.medium'
-        WHEN '31' THEN 'Communication.part-of'
-        WHEN '32' THEN 'Communication.patient'
-        WHEN '33' THEN 'Communication.priority'
-        WHEN '34' THEN 'Communication.received'
-        WHEN '35' THEN 'Communication.recipient'
-        WHEN '36' THEN 'Communication.sender'
-        WHEN '37' THEN 'Communication.sent'
-        WHEN '38' THEN 'Communication.status'
-        WHEN '39' THEN 'Communication.subject'
-        WHEN '40' THEN 'Communication.topic'
-        WHEN '41' THEN 'CommunicationRequest._security'
-        WHEN '42' THEN 'CommunicationRequest.attachment'
-        WHEN '43' THEN 'CommunicationRequest.authored'
-        WHEN '44' THEN 'CommunicationRequest.based-on'
-        WHEN '45' THEN 'CommunicationRequest.category'
-        WHEN '46' THEN 'CommunicationRequest.encounter'
-        WHEN '47' THEN 'CommunicationRequest.group-identifier'
-        WHEN '48' THEN 'CommunicationRequest.identifier'
-        WHEN '49' THEN 'CommunicationRequest.medium'
-        WHEN '50' THEN 'CommunicationRequest.occurrence'
-        WHEN '51' THEN 'CommunicationRequest.patient'
-        WHEN '52' THEN 'CommunicationRequest.priority'
-        WHEN '53' THEN 'CommunicationRequest.recipient'
-        WHEN '54' THEN 'CommunicationRequest.replaces'
-        WHEN '55' THEN 'CommunicationRequest.requester'
-        WHEN '56' THEN 'CommunicationRequest.sender'
-        WHEN '57' THEN 'CommunicationRequest.status'
-        WHEN '58' THEN 'CommunicationRequest.subject'
-        WHEN '59' THEN 'Group.member'
-        WHEN '60' THEN 'PractitionerRole.practitioner'
-        ELSE param END;
+UPDATE idx_token SET param = COALESCE((SELECT n.long FROM migration_short_names n WHERE n.short = idx_token.param), idx_token.param),
+    system = CASE WHEN idx_token.system = '' THEN NULL
+        WHEN idx_token.system = '~' OR substr(idx_token.system, 1, 2) = '~~' THEN substr(idx_token.system, 2)
+        ELSE COALESCE((SELECT n.long FROM migration_short_names n WHERE n.short = idx_token.system), idx_token.system) END;
+UPDATE idx_date SET param = COALESCE((SELECT n.long FROM migration_short_names n WHERE n.short = idx_date.param), idx_date.param);
+UPDATE idx_ref SET param = COALESCE((SELECT n.long FROM migration_short_names n WHERE n.short = idx_ref.param), idx_ref.param);
+UPDATE idx_string SET param = COALESCE((SELECT n.long FROM migration_short_names n WHERE n.short = idx_string.param), idx_string.param);
+DROP TABLE migration_short_names;

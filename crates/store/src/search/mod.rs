@@ -181,6 +181,14 @@ impl Registry {
             .or_else(|| self.common.get(code))
     }
 
+    /// The name the index rows of the parameter `code` of `res_type` carry ([`names::key`]), for
+    /// SQL written by hand; empty (it matches no row) when there is no such parameter.
+    pub fn index_name(&self, res_type: &str, code: &str) -> String {
+        self.get(res_type, code)
+            .map(|p| names::key(&p.key).to_string())
+            .unwrap_or_default()
+    }
+
     /// Type-specific parameters of `res_type` (those that are indexed).
     pub fn indexed(&self, res_type: &str) -> impl Iterator<Item = &SearchParam> {
         self.by_type
