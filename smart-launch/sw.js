@@ -7,6 +7,7 @@ self.addEventListener('install', () => self.skipWaiting());
 self.addEventListener('activate', (event) => event.waitUntil(self.clients.claim()));
 
 function sameOrigin(url) {
+  if (typeof url !== 'string' || !url) return null;
   try {
     const u = new URL(url, self.location.origin);
     return u.origin === self.location.origin ? u.href : null;
