@@ -1,6 +1,7 @@
-//! The SQLite write path's mechanics (SQLite only; PostgreSQL commits each write on its own):
-//! group commit by the writer thread with the WAL's fsync made by the syncer thread (or the writer when nothing else waits), the background
-//! checkpointer, and SQLite's process-wide settings.
+//! The write path's mechanics. SQLite: group commit by the writer thread with the WAL's fsync
+//! made by the syncer thread (or the writer when nothing else waits), the background
+//! checkpointer, and SQLite's process-wide settings. PostgreSQL: group commit of plain creates
+//! and AuditEvents by its writers.
 
 use crate::helpers::*;
 use serde_json::Value;
@@ -251,4 +252,107 @@ async fn the_database_file_can_be_kept_in_memory() {
     // Off by default.
     let plain = sqlite_app("NORMAL").await;
     assert_eq!(plain.store.resident_bytes(), 0);
+}
+
+/// PostgreSQL's group commit (issue 24): plain creates waiting together are committed in one
+/// transaction (one commit, one turn of the event lock); a create that fails inside its group is
+/// answered alone with its error, and the others are committed, each with its event and its
+/// AuditEvent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    let mut outside = PgConnection::establish(&app.database_url).unwrap();
+    // A notice for `Group/poison` cannot be inserted: the create that names it fails in the middle
+    // of its group, after its own rows are written.
+    for sql in [
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.person = 'Group/poison' THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER poison BEFORE INSERT ON notices FOR EACH ROW EXECUTE FUNCTION poison()",
+        // The event lock, held from outside: each writer's group waits at its first event, and
+        // the creates sent meanwhile queue up behind them.
+        "SELECT pg_advisory_lock(hashtext('courier.events.' || current_schema()))",
+    ] {
+        diesel::sql_query(sql).execute(&mut outside).unwrap();
+    }
+    let (c0, _, _) = app.store.group_commit_stats();
+    let mut bodies: Vec<Value> = (0..30)
+        .map(|i| {
+            message(
+                "Patient/p1",
+                "2026-11-28T10:00:00Z",
+                &format!("together {i}"),
+            )
+        })
+        .collect();
+    bodies.insert(
+        17,
+        message("Group/poison", "2026-11-28T10:00:00Z", "poisoned"),
+    );
+    let release = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        diesel::sql_query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut outside)
+            .unwrap();
+    });
+    let answers =
+        futures::future::join_all(bodies.iter().map(|b| app.post("Communication", b))).await;
+    release.await.unwrap();
+    let mut ids = Vec::new();
+    for (i, r) in answers.into_iter().enumerate() {
+        if i == 17 {
+            assert!(
+                r.status().is_server_error(),
+                "the poisoned create failed: {}",
+                r.status()
+            );
+            continue;
+        }
+        assert_eq!(r.status(), 201);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let (c1, _, _) = app.store.group_commit_stats();
+    assert!(
+        c1 > c0 && c1 - c0 < 30,
+        "30 creates waiting together were committed by the group commit, in fewer transactions: {}",
+        c1 - c0
+    );
+    for id in &ids {
+        let m = app.get_json(&format!("Communication/{id}")).await;
+        assert!(m["payload"][0]["contentString"]
+            .as_str()
+            .unwrap()
+            .starts_with("together "));
+        let audit = app
+            .get_json(&format!(
+                "AuditEvent?entity=Communication/{id}&subtype=create"
+            ))
+            .await;
+        assert_eq!(audit["total"], 1, "its create's AuditEvent: {audit}");
+    }
+    let events: Vec<courier::store::rows::CountRow> = app
+        .store
+        .query(
+            "SELECT COUNT(*) AS n FROM events WHERE kind = 'create' AND res_type = 'Communication'",
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        events[0].n, 30,
+        "one event per committed create, none for the failed one"
+    );
+    let poisoned = app
+        .get_json("Communication?recipient=Group/poison&_total=accurate")
+        .await;
+    assert_eq!(
+        poisoned["total"], 0,
+        "nothing of the failed create was kept"
+    );
 }

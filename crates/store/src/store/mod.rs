@@ -335,6 +335,10 @@ pub struct Store {
     /// SQLite: the queue of the writer thread, which commits every job waiting in it as one group
     /// (see [`Store::submit`]); `None` on PostgreSQL.
     writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, WriteUnit)>>,
+    /// PostgreSQL: the queue of the group-commit writers, which commit plain creates and
+    /// AuditEvents waiting together in one transaction each (see [`writer::start_pg`]); `None` on
+    /// SQLite.
+    pg_writer: Option<std::sync::mpsc::Sender<(Arc<Slot>, WriteUnit)>>,
     /// SQLite: checkpoints the write-ahead log off the writer's path; stops with the store.
     _checkpointer: Option<db::Checkpointer>,
     /// SQLite: keeps the database file in memory when asked to (see [`resident`]); stops with
@@ -507,6 +511,13 @@ impl Store {
         let sqlite = matches!(db, Db::Sqlite(..));
         let store = Arc::new_cyclic(|weak: &std::sync::Weak<Store>| {
             let writer = sqlite.then(|| writer::start(weak.clone()));
+            let pg_writer = match &db {
+                Db::Postgres(pool) => Some(writer::start_pg(
+                    weak.clone(),
+                    (pool.max_size() / 2).clamp(1, writer::PG_WRITERS),
+                )),
+                Db::Sqlite(..) => None,
+            };
             Store {
                 db,
                 keys,
@@ -514,6 +525,7 @@ impl Store {
                 base_url: base_url.to_string(),
                 sqlite_writer: parking_lot::Mutex::new(()),
                 writer,
+                pg_writer,
                 _checkpointer: checkpointer,
                 resident: parking_lot::Mutex::new(None),
                 group_commits: Default::default(),
@@ -620,7 +632,7 @@ impl Store {
     }
 
     async fn submit_async_unobserved(self: &Arc<Self>, job: WriteUnit) -> WriteUnitResult {
-        let Some(writer) = &self.writer else {
+        let Some(writer) = self.queue_for(&job) else {
             let store = self.clone();
             return tokio::task::spawn_blocking(move || store.submit(job))
                 .await
@@ -631,6 +643,25 @@ impl Store {
             .send((Slot::new(Some(tx)), job))
             .map_err(|_| writer::gone())?;
         rx.await.map_err(|_| writer::gone())?
+    }
+
+    /// The group-commit queue that takes `job`: on SQLite the single writer's, for every job; on
+    /// PostgreSQL the group-commit writers', for plain creates and AuditEvents only. Those take no
+    /// row lock on an existing row, so a transaction of many of them cannot deadlock with another
+    /// writer (updates, deletes, conditional creates and erasures lock rows, and run in a
+    /// transaction of their own as before).
+    fn queue_for(
+        &self,
+        job: &WriteUnit,
+    ) -> Option<&std::sync::mpsc::Sender<(Arc<Slot>, WriteUnit)>> {
+        if let Some(w) = &self.writer {
+            return Some(w);
+        }
+        let plain = match job {
+            WriteUnit::Audit(_) => true,
+            WriteUnit::Ops(ops, _) => ops.iter().all(|p| p.ahead.is_some()),
+        };
+        self.pg_writer.as_ref().filter(|_| plain)
     }
 
     /// The job for `ops`: what can be made before the transaction (a plain create's version and
@@ -826,11 +857,11 @@ impl Store {
     }
 
     fn submit_unobserved(&self, job: WriteUnit) -> WriteUnitResult {
-        let Some(writer) = &self.writer else {
+        let Some(writer) = self.queue_for(&job) else {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| {
                 let mut ix = IndexRows::default();
-                let r = self.run_unit(c, &job, &mut ix)?;
+                let r = self.run_unit(c, &job, &mut ix, false)?;
                 ix.flush(c)?;
                 Ok(r)
             }));
@@ -849,45 +880,79 @@ impl Store {
     /// outcome; whether a commit was made that still needs [`Db::sync_wal`] to be durable; and
     /// the jobs committed, for the caller to free on a thread other than the writer's (freeing
     /// them was ~5% of the writer's time).
-    fn commit_group(
-        &self,
-        mut batch: Vec<(Arc<Slot>, WriteUnit)>,
-    ) -> (Answers, bool, Vec<WriteUnit>) {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut spent = Vec::with_capacity(batch.len());
+    fn commit_group(&self, batch: Vec<(Arc<Slot>, WriteUnit)>) -> (Answers, bool, Vec<WriteUnit>) {
         let mut pooled = match self.db.get() {
             Ok(db::PooledConn::Sqlite(c)) => c,
-            Ok(db::PooledConn::Postgres(_)) => unreachable!("group commit is SQLite's"),
-            Err(e) => {
-                let msg = e.to_string();
-                for (s, _) in batch {
-                    let e = StoreError::Other(anyhow::anyhow!("cannot open the database: {msg}"));
-                    outcomes.push((s, Err(e)));
-                }
-                return (outcomes, false, spent);
-            }
+            Ok(db::PooledConn::Postgres(_)) => unreachable!("this group commit is SQLite's"),
+            Err(e) => return (cannot_open(batch, &e), false, Vec::new()),
         };
         let deferred = self.db.defers_sync();
         let mut conn = db::DeferredSync::new(&mut pooled, deferred);
         let c: &mut diesel::SqliteConnection = &mut conn;
+        let (outcomes, committed, spent) = self.commit_together(c, batch);
+        (outcomes, committed && deferred, spent)
+    }
+
+    /// PostgreSQL: commits `batch` (plain creates and AuditEvents, see [`Store::queue_for`]) in
+    /// one transaction, re-running it without any job that fails. One commit (one flush of the
+    /// write-ahead log) and one turn of the event lock serve the whole group: the event lock is
+    /// held from an event's insert to the commit, so one transaction per write made every write
+    /// wait for the previous one's flush.
+    fn commit_group_pg(&self, batch: Vec<(Arc<Slot>, WriteUnit)>) -> (Answers, Vec<WriteUnit>) {
+        let mut pooled = match self.db.get() {
+            Ok(db::PooledConn::Postgres(c)) => c,
+            Ok(db::PooledConn::Sqlite(_)) => unreachable!("this group commit is PostgreSQL's"),
+            Err(e) => return (cannot_open(batch, &e), Vec::new()),
+        };
+        let c: &mut diesel::PgConnection = &mut pooled;
+        let (outcomes, _, spent) = self.commit_together(c, batch);
+        (outcomes, spent)
+    }
+
+    /// Commits `batch` in one transaction on `c`, re-running it without any job that fails (that
+    /// job is answered with its error). Returns each job's outcome, whether a transaction
+    /// committed, and the jobs committed.
+    ///
+    /// SQLite (one writer, which holds the only write lock): the data keys met are remembered
+    /// for the transaction (see `scoped_key`), and each job's own additions (events, notices) are
+    /// written with it. PostgreSQL (several writers at once): every job's rows first, then the
+    /// index rows of the group in one INSERT per table, then the additions of each job in order,
+    /// so that the event lock is taken last, after every row of the group is written.
+    fn commit_together<C: Conn>(
+        &self,
+        c: &mut C,
+        mut batch: Vec<(Arc<Slot>, WriteUnit)>,
+    ) -> (Answers, bool, Vec<WriteUnit>) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut spent = Vec::with_capacity(batch.len());
+        let postgres = c.is_postgres();
         while !batch.is_empty() {
             let attempt = c.write_tx(|c| {
                 // Keys met in an attempt rolled back may be gone: each attempt starts afresh.
-                *self.group_keys.lock() = Some(HashMap::new());
+                if !postgres {
+                    *self.group_keys.lock() = Some(HashMap::new());
+                }
                 let mut results = Vec::with_capacity(batch.len());
                 // The group's index rows, inserted together at its end (see `IndexRows`).
                 let mut ix = IndexRows::default();
                 for (i, (_, job)) in batch.iter().enumerate() {
-                    match self.run_unit(c, job, &mut ix) {
+                    match self.run_unit(c, job, &mut ix, postgres) {
                         Ok(r) => results.push(r),
                         // Roll back everything; the failing job is answered, the rest re-run.
                         Err(e) => return Err(BatchAbort::Unit(i, e)),
                     }
                 }
                 ix.flush(c).map_err(BatchAbort::Store)?;
+                if postgres {
+                    for (i, r) in results.iter().enumerate() {
+                        self.run_hooks(c, r).map_err(|e| BatchAbort::Unit(i, e))?;
+                    }
+                }
                 Ok(results)
             });
-            *self.group_keys.lock() = None;
+            if !postgres {
+                *self.group_keys.lock() = None;
+            }
             match attempt {
                 Ok(results) => {
                     for ((s, job), r) in batch.drain(..).zip(results) {
@@ -896,7 +961,7 @@ impl Store {
                     }
                     self.group_commits
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return (outcomes, deferred, spent);
+                    return (outcomes, true, spent);
                 }
                 Err(BatchAbort::Unit(i, e)) => {
                     let (s, _) = batch.remove(i);
@@ -936,7 +1001,15 @@ impl Store {
     /// AuditEvent's) go to `ix`, for the caller to insert with others (see [`IndexRows`]); before
     /// an operation that reads the index (a conditional create, an update's access check) they
     /// are flushed.
-    fn run_unit<C: Conn>(&self, c: &mut C, job: &WriteUnit, ix: &mut IndexRows) -> WriteUnitResult {
+    /// `grouped` (PostgreSQL's group commit): the caller writes the index rows and runs
+    /// [`Store::run_hooks`] after every job of its group.
+    fn run_unit<C: Conn>(
+        &self,
+        c: &mut C,
+        job: &WriteUnit,
+        ix: &mut IndexRows,
+        grouped: bool,
+    ) -> WriteUnitResult {
         match job {
             WriteUnit::Audit(a) => {
                 self.insert_audit(c, a, ix)?;
@@ -987,35 +1060,43 @@ impl Store {
                     }
                     results.push(r);
                 }
+                if grouped {
+                    return Ok(results);
+                }
                 // PostgreSQL: the gathered index rows go in before the events, so that no round
                 // trip falls inside the event lock (SQLite inserts them at the group's end).
                 if c.is_postgres() {
                     ix.flush(c)?;
                 }
-                // What the modules above add (messaging events, schedules) last, once every row
-                // lock is held (see `messaging::events::lock`).
-                let written: Vec<hooks::Written> = results
-                    .iter()
-                    .filter(|r| {
-                        !matches!(
-                            r.status,
-                            WriteStatus::Existing | WriteStatus::NothingToDelete
-                        )
-                    })
-                    .map(|r| hooks::Written {
-                        res_type: &r.stored.res_type,
-                        id: &r.stored.id,
-                        version_id: r.stored.version_id,
-                        status: r.status,
-                        body: r.stored.body.as_deref(),
-                    })
-                    .collect();
-                if !written.is_empty() {
-                    c.written(&*self.hooks, &written)?;
-                }
+                self.run_hooks(c, &results)?;
                 Ok(results)
             }
         }
+    }
+
+    /// What the modules above add to a job's writes (messaging events, schedules, notices), last,
+    /// once every row lock is held (see `messaging::events::lock`).
+    fn run_hooks<C: Conn>(&self, c: &mut C, results: &[WriteResult]) -> Result<(), StoreError> {
+        let written: Vec<hooks::Written> = results
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.status,
+                    WriteStatus::Existing | WriteStatus::NothingToDelete
+                )
+            })
+            .map(|r| hooks::Written {
+                res_type: &r.stored.res_type,
+                id: &r.stored.id,
+                version_id: r.stored.version_id,
+                status: r.status,
+                body: r.stored.body.as_deref(),
+            })
+            .collect();
+        if !written.is_empty() {
+            c.written(&*self.hooks, &written)?;
+        }
+        Ok(())
     }
 
     /// An AuditEvent drafted for insertion (a fresh UUIDv7 id).
@@ -1897,6 +1978,18 @@ impl IndexRows {
         }
         Ok(())
     }
+}
+
+/// Every job of `batch` answered with the error of opening a connection.
+fn cannot_open(batch: Vec<(Arc<Slot>, WriteUnit)>, e: &anyhow::Error) -> Answers {
+    let msg = e.to_string();
+    batch
+        .into_iter()
+        .map(|(s, _)| {
+            let e = StoreError::Other(anyhow::anyhow!("cannot open the database: {msg}"));
+            (s, Err(e))
+        })
+        .collect()
 }
 
 /// One INSERT with many rows (fewer statements per write): 64 rows per statement, the rest in one

@@ -163,3 +163,64 @@ fn make_durable(store: &Store, groups: Vec<Committed>) {
     // Freed after everyone is answered, on the syncer's thread (or the writer's when idle).
     drop(spent);
 }
+
+/// PostgreSQL: at most this many group-commit writers (each holds a pooled connection while it
+/// commits a group; half the pool at most, so that reads keep the rest).
+pub(super) const PG_WRITERS: u32 = 4;
+
+/// PostgreSQL: the largest group one transaction takes (a longer queue makes several groups,
+/// committed by the writers side by side).
+const PG_GROUP: usize = 64;
+
+/// Starts `writers` PostgreSQL group-commit writers sharing one queue, and returns the queue.
+/// Each takes every job waiting (up to [`PG_GROUP`]) and commits them in one transaction; while
+/// one commits, the others can write their groups' rows, so only the event lock and the commit
+/// itself are taken in turn. The commit is durable (`synchronous_commit`) before any job is
+/// answered. The writers end when the store (which owns the queue's sender) is dropped.
+pub(super) fn start_pg(store: Weak<Store>, writers: u32) -> Sender<(Arc<Slot>, WriteUnit)> {
+    let (queue, jobs) = channel::<(Arc<Slot>, WriteUnit)>();
+    let jobs = Arc::new(parking_lot::Mutex::new(jobs));
+    for i in 0..writers {
+        let (store, jobs) = (store.clone(), jobs.clone());
+        std::thread::Builder::new()
+            .name(format!("courier-pg-writer-{i}"))
+            .spawn(move || pg_write_loop(store, jobs))
+            .expect("cannot start a PostgreSQL writer thread");
+    }
+    queue
+}
+
+fn pg_write_loop(
+    store: Weak<Store>,
+    jobs: Arc<parking_lot::Mutex<Receiver<(Arc<Slot>, WriteUnit)>>>,
+) {
+    loop {
+        // One writer waits on the queue at a time; the others wait for it to take its group.
+        let batch: Vec<(Arc<Slot>, WriteUnit)> = {
+            let queue = jobs.lock();
+            let Ok(first) = queue.recv() else { return };
+            std::iter::once(first)
+                .chain(queue.try_iter().take(PG_GROUP - 1))
+                .collect()
+        };
+        let Some(store) = store.upgrade() else {
+            for (s, _) in batch {
+                s.answer(Err(gone()));
+            }
+            return;
+        };
+        let held: Vec<Arc<Slot>> = batch.iter().map(|(s, _)| s.clone()).collect();
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _unwind = AnswerOnUnwind(held);
+            store.commit_group_pg(batch)
+        }));
+        let Ok((answers, spent)) = done else {
+            continue;
+        };
+        for (s, r) in answers {
+            s.answer(r);
+        }
+        store.changed.notify_one();
+        drop(spent);
+    }
+}
