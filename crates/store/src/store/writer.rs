@@ -1,3 +1,5 @@
+//! The group-commit writers. PostgreSQL's are at the end ([`start_pg`]).
+//!
 //! SQLite's single writer: a thread that commits every job waiting in its queue as one
 //! transaction (group commit), and a syncer thread behind it that makes the committed groups
 //! durable (one `fdatasync` of the write-ahead log for all the groups committed since the last
@@ -179,7 +181,7 @@ const PG_GROUP: usize = 64;
 /// answered. The writers end when the store (which owns the queue's sender) is dropped.
 pub(super) fn start_pg(store: Weak<Store>, writers: u32) -> Sender<(Arc<Slot>, WriteUnit)> {
     let (queue, jobs) = channel::<(Arc<Slot>, WriteUnit)>();
-    let jobs = Arc::new(parking_lot::Mutex::new(jobs));
+    let jobs: SharedQueue = Arc::new(parking_lot::Mutex::new(jobs));
     for i in 0..writers {
         let (store, jobs) = (store.clone(), jobs.clone());
         std::thread::Builder::new()
@@ -190,10 +192,10 @@ pub(super) fn start_pg(store: Weak<Store>, writers: u32) -> Sender<(Arc<Slot>, W
     queue
 }
 
-fn pg_write_loop(
-    store: Weak<Store>,
-    jobs: Arc<parking_lot::Mutex<Receiver<(Arc<Slot>, WriteUnit)>>>,
-) {
+/// The queue the PostgreSQL writers share: one of them waits on it at a time.
+type SharedQueue = Arc<parking_lot::Mutex<Receiver<(Arc<Slot>, WriteUnit)>>>;
+
+fn pg_write_loop(store: Weak<Store>, jobs: SharedQueue) {
     loop {
         // One writer waits on the queue at a time; the others wait for it to take its group.
         let batch: Vec<(Arc<Slot>, WriteUnit)> = {
