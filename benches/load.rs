@@ -338,16 +338,19 @@ async fn main() {
         }
         let secs = started.elapsed().as_secs_f64();
         let after = Usage::now();
-        // SQLite only: each create is one job of a group commit, and the database's writes are
-        // this process's (PostgreSQL's are its server's).
+        // Each create is one job of a group commit (both backends). The bytes written are this
+        // process's on SQLite only (PostgreSQL's are its server's).
         let groups = store.group_commit_stats().0 - groups_before;
+        let per_group = format!(
+            "; {:.1} creates per group commit",
+            total as f64 / groups.max(1) as f64
+        );
         let sqlite = if a.backend == "postgres" {
-            String::new()
+            per_group
         } else {
             format!(
-                ", {:.1} KiB written; {:.1} creates per group commit",
+                ", {:.1} KiB written{per_group}",
                 (after.written - before.written) as f64 / 1024.0 / total as f64,
-                total as f64 / groups.max(1) as f64
             )
         };
         println!(
