@@ -255,9 +255,10 @@ async fn the_database_file_can_be_kept_in_memory() {
 }
 
 /// PostgreSQL's group commit (issue 24): plain creates waiting together are committed in one
-/// transaction (one commit, one turn of the event lock); a create that fails inside its group is
-/// answered alone with its error, and the others are committed, each with its event and its
-/// AuditEvent.
+/// transaction (one commit, one turn of the event lock, one INSERT per table); a create that
+/// fails inside its group is answered alone with its error, and the others are committed, each
+/// with its event and its AuditEvent. That holds both for a failure that names its job (a notice
+/// of its own) and for one in the group's shared INSERT (its version row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
     use diesel::{Connection, PgConnection, RunQueryDsl};
@@ -271,6 +272,12 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
          IF NEW.person = 'Group/poison' THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$",
         "CREATE TRIGGER poison BEFORE INSERT ON notices FOR EACH ROW EXECUTE FUNCTION poison()",
+        // A version sealed under Patient/poison's data key cannot be inserted: the group's
+        // one INSERT of version rows fails, and no job is named.
+        "CREATE FUNCTION poison_version() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.key_id IN (SELECT key_id FROM data_keys WHERE patient = 'Patient/poison') \
+         THEN RAISE EXCEPTION 'poisoned version'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER poison_version BEFORE INSERT ON resource_versions FOR EACH ROW EXECUTE FUNCTION poison_version()",
         // The event lock, held from outside: each writer's group waits at its first event, and
         // the creates sent meanwhile queue up behind them.
         "SELECT pg_advisory_lock(hashtext('courier.events.' || current_schema()))",
@@ -291,6 +298,10 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         17,
         message("Group/poison", "2026-11-28T10:00:00Z", "poisoned"),
     );
+    bodies.insert(
+        23,
+        message("Patient/poison", "2026-11-28T10:00:00Z", "poisoned version"),
+    );
     let release = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(1500));
         diesel::sql_query("SELECT pg_advisory_unlock_all()")
@@ -302,7 +313,7 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
     release.await.unwrap();
     let mut ids = Vec::new();
     for (i, r) in answers.into_iter().enumerate() {
-        if i == 17 {
+        if i == 17 || i == 23 {
             assert!(
                 r.status().is_server_error(),
                 "the poisoned create failed: {}",
@@ -346,13 +357,12 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         .unwrap();
     assert_eq!(
         events[0].n, 30,
-        "one event per committed create, none for the failed one"
+        "one event per committed create, none for the failed ones"
     );
-    let poisoned = app
-        .get_json("Communication?recipient=Group/poison&_total=accurate")
-        .await;
-    assert_eq!(
-        poisoned["total"], 0,
-        "nothing of the failed create was kept"
-    );
+    for who in ["Group/poison", "Patient/poison"] {
+        let poisoned = app
+            .get_json(&format!("Communication?recipient={who}&_total=accurate"))
+            .await;
+        assert_eq!(poisoned["total"], 0, "nothing of a failed create was kept");
+    }
 }

@@ -861,7 +861,7 @@ impl Store {
             let mut c = self.db.get()?;
             let r = with_conn!(c, |c| c.write_tx(|c| {
                 let mut ix = IndexRows::default();
-                let r = self.run_unit(c, &job, &mut ix, false)?;
+                let r = self.run_unit(c, &job, &mut ix)?;
                 ix.flush(c)?;
                 Ok(r)
             }));
@@ -915,9 +915,10 @@ impl Store {
     ///
     /// SQLite (one writer, which holds the only write lock): the data keys met are remembered
     /// for the transaction (see `scoped_key`), and each job's own additions (events, notices) are
-    /// written with it. PostgreSQL (several writers at once): every job's rows first, then the
-    /// index rows of the group in one INSERT per table, then the additions of each job in order,
-    /// so that the event lock is taken last, after every row of the group is written.
+    /// written with it. PostgreSQL (several writers at once): the group's rows with one INSERT
+    /// per table ([`Store::run_group_pg`]), then the additions of each job in order, so that the
+    /// event lock is taken last, after every row of the group is written. A failure no job can be
+    /// blamed for commits each job on its own instead.
     fn commit_together<C: Conn>(
         &self,
         c: &mut C,
@@ -932,16 +933,21 @@ impl Store {
                 if !postgres {
                     *self.group_keys.lock() = Some(HashMap::new());
                 }
-                let mut results = Vec::with_capacity(batch.len());
                 // The group's index rows, inserted together at its end (see `IndexRows`).
                 let mut ix = IndexRows::default();
-                for (i, (_, job)) in batch.iter().enumerate() {
-                    match self.run_unit(c, job, &mut ix, postgres) {
-                        Ok(r) => results.push(r),
-                        // Roll back everything; the failing job is answered, the rest re-run.
-                        Err(e) => return Err(BatchAbort::Unit(i, e)),
+                let results = if postgres {
+                    self.run_group_pg(c, &batch, &mut ix)?
+                } else {
+                    let mut results = Vec::with_capacity(batch.len());
+                    for (i, (_, job)) in batch.iter().enumerate() {
+                        match self.run_unit(c, job, &mut ix) {
+                            Ok(r) => results.push(r),
+                            // Roll back everything; the failing job is answered, the rest re-run.
+                            Err(e) => return Err(BatchAbort::Unit(i, e)),
+                        }
                     }
-                }
+                    results
+                };
                 ix.flush(c).map_err(BatchAbort::Store)?;
                 if postgres {
                     for (i, r) in results.iter().enumerate() {
@@ -966,6 +972,21 @@ impl Store {
                 Err(BatchAbort::Unit(i, e)) => {
                     let (s, _) = batch.remove(i);
                     outcomes.push((s, Err(e)));
+                }
+                // PostgreSQL: a failure no job can be blamed for (the group's shared INSERTs)
+                // fails no job that would have succeeded without it: each half of the group is
+                // committed on its own, halved again while it fails, so a job that cannot be
+                // written is left alone after a few attempts and the others are still grouped.
+                Err(BatchAbort::Store(_)) if postgres && batch.len() > 1 => {
+                    let second = batch.split_off(batch.len() / 2);
+                    let mut committed = false;
+                    for half in [std::mem::take(&mut batch), second] {
+                        let (o, done, s) = self.commit_together(c, half);
+                        outcomes.extend(o);
+                        spent.extend(s);
+                        committed |= done;
+                    }
+                    return (outcomes, committed, spent);
                 }
                 Err(BatchAbort::Store(e)) => {
                     // The requests it fails, by id (the writer thread is in none's log span).
@@ -997,19 +1018,176 @@ impl Store {
         )
     }
 
+    /// PostgreSQL: runs a group of plain creates and AuditEvents (see [`Store::queue_for`]) with
+    /// one multi-row INSERT per table for the whole group: every version's data key and seal
+    /// first, then the resource rows, the version rows, each AuditEvent's outbox rows, and the
+    /// index rows to `ix`. The caller runs the hooks. A failure that belongs to one job names it.
+    fn run_group_pg<C: Conn>(
+        &self,
+        c: &mut C,
+        batch: &[(Arc<Slot>, WriteUnit)],
+        ix: &mut IndexRows,
+    ) -> Result<Vec<Vec<WriteResult>>, BatchAbort> {
+        // Every version the group writes, with its job: a create's own, then its AuditEvent's.
+        let mut items: Vec<(usize, &str, &str, &Draft)> = Vec::new();
+        for (i, (_, job)) in batch.iter().enumerate() {
+            match job {
+                WriteUnit::Audit(a) => items.push((i, "AuditEvent", &a.id, &a.draft)),
+                WriteUnit::Ops(ops, _) => {
+                    for p in ops {
+                        let (WriteOp::Create { res_type, id, .. }, Some((own, audit))) =
+                            (&p.op, &p.ahead)
+                        else {
+                            let e = anyhow::anyhow!("only plain creates are written in a group");
+                            return Err(BatchAbort::Unit(i, StoreError::Other(e)));
+                        };
+                        items.push((i, res_type, id, own));
+                        items.push((i, "AuditEvent", &audit.id, &audit.draft));
+                    }
+                }
+            }
+        }
+        let stored = self.put_new_versions(c, &items, ix)?;
+        let mut stored = stored.into_iter();
+        let mut results = Vec::with_capacity(batch.len());
+        for (i, (_, job)) in batch.iter().enumerate() {
+            let audited = |c: &mut C, a: &AuditDraft| {
+                c.audited(&*self.hooks, &a.id, &a.value)
+                    .map_err(|e| BatchAbort::Unit(i, e))
+            };
+            match job {
+                WriteUnit::Audit(a) => {
+                    stored.next();
+                    audited(c, a)?;
+                    results.push(vec![]);
+                }
+                WriteUnit::Ops(ops, _) => {
+                    let mut r = Vec::with_capacity(ops.len());
+                    for p in ops {
+                        let own = stored.next().expect("a version per create");
+                        stored.next();
+                        if let Some((_, a)) = &p.ahead {
+                            audited(c, a)?;
+                        }
+                        r.push(WriteResult {
+                            status: WriteStatus::Created,
+                            stored: own,
+                        });
+                    }
+                    results.push(r);
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// PostgreSQL: writes the first version of each new resource of `items` (job, type, id,
+    /// draft) with one INSERT per table (64 rows each at most), in `items`' order.
+    fn put_new_versions<C: Conn>(
+        &self,
+        c: &mut C,
+        items: &[(usize, &str, &str, &Draft)],
+        ix: &mut IndexRows,
+    ) -> Result<Vec<Stored>, BatchAbort> {
+        const ROWS: usize = 64;
+        let mut sealed = Vec::with_capacity(items.len());
+        for &(i, res_type, id, d) in items {
+            let unit = |e: StoreError| BatchAbort::Unit(i, e);
+            let aad = format!("{res_type}/{id}/{}", d.version_id);
+            let key_id = self
+                .scoped_key(c, &d.class, &d.patient, d.last_updated)
+                .map_err(unit)?;
+            let plain = d.packed.as_deref().unwrap_or_default();
+            let body = match self.keys.seal_with(&key_id, plain, &aad) {
+                Ok(s) => s,
+                // The key cache started over between lookup and use: load it again.
+                Err(_) => {
+                    self.ensure_key(c, &key_id).map_err(unit)?;
+                    self.keys
+                        .seal_with(&key_id, plain, &aad)
+                        .map_err(|e| unit(StoreError::Other(e)))?
+                }
+            };
+            sealed.push((key_id, body));
+        }
+        let mut rids: HashMap<(&str, &str), i64> = HashMap::with_capacity(items.len());
+        for chunk in items.chunks(ROWS) {
+            let mut binds = Vec::with_capacity(chunk.len() * 6);
+            for &(_, res_type, id, d) in chunk {
+                binds.extend([
+                    res_type.into(),
+                    id.into(),
+                    d.version_id.into(),
+                    d.last_updated.into(),
+                    i64::from(d.body.is_none()).into(),
+                    d.class.clone().into(),
+                ]);
+            }
+            let values = vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let rows: Vec<rows::InsertedRow> = c
+                .load_cached(
+                    &format!(
+                        "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted, retention_class) \
+                         VALUES {values} RETURNING rid, fhir_id"
+                    ),
+                    binds,
+                )
+                .map_err(|e| BatchAbort::Store(e.into()))?;
+            // Ids are unique per type; a group's ids are all fresh UUIDs, unique across types.
+            let by_id: HashMap<String, i64> =
+                rows.into_iter().map(|r| (r.fhir_id, r.rid)).collect();
+            for &(_, res_type, id, _) in chunk {
+                let rid = *by_id.get(id).ok_or_else(|| {
+                    BatchAbort::Store(StoreError::Other(anyhow::anyhow!(
+                        "a resource row was not returned by its insert"
+                    )))
+                })?;
+                rids.insert((res_type, id), rid);
+            }
+        }
+        let mut binds = Vec::with_capacity(items.len() * 8);
+        let mut out = Vec::with_capacity(items.len());
+        for (&(_, res_type, id, d), (key_id, body)) in items.iter().zip(sealed) {
+            let rid = rids[&(res_type, id)];
+            binds.extend([
+                rid.into(),
+                res_type.into(),
+                d.version_id.into(),
+                d.last_updated.into(),
+                "POST".into(),
+                i64::from(d.body.is_none()).into(),
+                key_id.into(),
+                Bind::Blob(body),
+            ]);
+            if d.body.is_some() {
+                ix.add(rid, &d.entries);
+            }
+            out.push(Stored {
+                res_type: res_type.into(),
+                id: id.into(),
+                version_id: d.version_id,
+                last_updated: d.last_updated,
+                deleted: d.body.is_none(),
+                method: "POST".into(),
+                body: d.body.clone(),
+            });
+        }
+        multi_insert(
+            c,
+            "INSERT INTO",
+            "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body)",
+            8,
+            binds,
+        )
+        .map_err(BatchAbort::Store)?;
+        Ok(out)
+    }
+
     /// Runs one job. The index rows of the versions it writes itself (a plain create's, every
     /// AuditEvent's) go to `ix`, for the caller to insert with others (see [`IndexRows`]); before
     /// an operation that reads the index (a conditional create, an update's access check) they
     /// are flushed.
-    /// `grouped` (PostgreSQL's group commit): the caller writes the index rows and runs
-    /// [`Store::run_hooks`] after every job of its group.
-    fn run_unit<C: Conn>(
-        &self,
-        c: &mut C,
-        job: &WriteUnit,
-        ix: &mut IndexRows,
-        grouped: bool,
-    ) -> WriteUnitResult {
+    fn run_unit<C: Conn>(&self, c: &mut C, job: &WriteUnit, ix: &mut IndexRows) -> WriteUnitResult {
         match job {
             WriteUnit::Audit(a) => {
                 self.insert_audit(c, a, ix)?;
@@ -1059,9 +1237,6 @@ impl Store {
                         }
                     }
                     results.push(r);
-                }
-                if grouped {
-                    return Ok(results);
                 }
                 // PostgreSQL: the gathered index rows go in before the events, so that no round
                 // trip falls inside the event lock (SQLite inserts them at the group's end).

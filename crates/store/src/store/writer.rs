@@ -168,7 +168,7 @@ fn make_durable(store: &Store, groups: Vec<Committed>) {
 
 /// PostgreSQL: at most this many group-commit writers (each holds a pooled connection while it
 /// commits a group; half the pool at most, so that reads keep the rest).
-pub(super) const PG_WRITERS: u32 = 4;
+pub(super) const PG_WRITERS: u32 = 2;
 
 /// PostgreSQL: the largest group one transaction takes (a longer queue makes several groups,
 /// committed by the writers side by side).
