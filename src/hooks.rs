@@ -45,6 +45,7 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
             }
         }
     }
+    let mut logged = Vec::new();
     for r in w {
         let kind = match r.status {
             WriteStatus::Created => Kind::Create,
@@ -53,10 +54,10 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
             WriteStatus::Existing | WriteStatus::NothingToDelete => continue,
         };
         if events::logged(r.res_type) {
-            events::record(c, kind, r.res_type, r.id, r.version_id, None)?;
+            logged.push((kind, r.res_type, r.id, r.version_id, None));
         }
     }
-    Ok(())
+    events::record_all(c, logged)
 }
 
 fn audited<C: Conn>(c: &mut C, id: &str, event: &Value) -> Result<(), StoreError> {

@@ -916,9 +916,10 @@ impl Store {
     /// SQLite (one writer, which holds the only write lock): the data keys met are remembered
     /// for the transaction (see `scoped_key`), and each job's own additions (events, notices) are
     /// written with it. PostgreSQL (several writers at once): the group's rows with one INSERT
-    /// per table ([`Store::run_group_pg`]), then the additions of each job in order, so that the
-    /// event lock is taken last, after every row of the group is written. A failure no job can be
-    /// blamed for commits each job on its own instead.
+    /// per table ([`Store::run_group_pg`]), then the additions of the whole group in one call
+    /// (its events in one INSERT), so that the event lock is taken last, after every row of the
+    /// group is written, and once. A failure no job can be blamed for commits each half of the
+    /// group on its own instead.
     fn commit_together<C: Conn>(
         &self,
         c: &mut C,
@@ -949,10 +950,11 @@ impl Store {
                     results
                 };
                 ix.flush(c).map_err(BatchAbort::Store)?;
+                // PostgreSQL: the hooks of the whole group in one call (its events in one INSERT,
+                // one turn of the event lock); a failure there names no job (see below).
                 if postgres {
-                    for (i, r) in results.iter().enumerate() {
-                        self.run_hooks(c, r).map_err(|e| BatchAbort::Unit(i, e))?;
-                    }
+                    self.run_hooks(c, results.iter().flatten())
+                        .map_err(BatchAbort::Store)?;
                 }
                 Ok(results)
             });
@@ -1251,9 +1253,13 @@ impl Store {
 
     /// What the modules above add to a job's writes (messaging events, schedules, notices), last,
     /// once every row lock is held (see `messaging::events::lock`).
-    fn run_hooks<C: Conn>(&self, c: &mut C, results: &[WriteResult]) -> Result<(), StoreError> {
+    fn run_hooks<'a, C: Conn>(
+        &self,
+        c: &mut C,
+        results: impl IntoIterator<Item = &'a WriteResult>,
+    ) -> Result<(), StoreError> {
         let written: Vec<hooks::Written> = results
-            .iter()
+            .into_iter()
             .filter(|r| {
                 !matches!(
                     r.status,
