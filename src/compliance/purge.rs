@@ -1010,8 +1010,10 @@ pub fn erase_patient(
         // Crypto-erase: what is kept but still sealed under the patient's keys (an older version
         // of a message later shared, a Binary a kept message attaches) is sealed again under its
         // class's unscoped key, so the patient's keys seal nothing stored any more.
+        // In (class, patient) order, as a PostgreSQL group commit share-locks the keys it seals
+        // with (`Store::put_new_versions`): the same order, so the two cannot deadlock.
         let keys: Vec<IdRow> = c.load(
-            "SELECT key_id AS id FROM data_keys WHERE patient = ?",
+            "SELECT key_id AS id FROM data_keys WHERE patient = ? ORDER BY class, window_end, key_id",
             vec![reference.clone().into()],
         )?;
         for k in &keys {

@@ -302,8 +302,21 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         23,
         message("Patient/poison", "2026-11-28T10:00:00Z", "poisoned version"),
     );
+    // Released once both writers wait for it (and a moment more for the rest to queue).
     let release = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting: Vec<courier::store::rows::CountRow> = diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .load(&mut outside)
+            .unwrap();
+            if waiting[0].n >= 2 || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
         diesel::sql_query("SELECT pg_advisory_unlock_all()")
             .execute(&mut outside)
             .unwrap();

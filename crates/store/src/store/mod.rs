@@ -449,6 +449,9 @@ struct Slot {
     /// An async caller's channel: answered through it instead of `result` (see
     /// [`Store::write_async`]).
     reply: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<WriteUnitResult>>>,
+    /// Answered: a slot keeps its first answer (a PostgreSQL group answers the halves of a
+    /// group it had to split as each commits; the writer's own answer then changes nothing).
+    answered: std::sync::atomic::AtomicBool,
 }
 
 /// Answers every slot it holds with an error if dropped while the thread panics.
@@ -472,10 +475,17 @@ impl Slot {
             result: parking_lot::Mutex::new(None),
             ready: parking_lot::Condvar::new(),
             reply: parking_lot::Mutex::new(reply),
+            answered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     fn answer(&self, r: WriteUnitResult) {
+        if self
+            .answered
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         if let Some(tx) = self.reply.lock().take() {
             // The caller may have gone (its request was cancelled): the job's outcome stands.
             let _ = tx.send(r);
@@ -646,9 +656,10 @@ impl Store {
     }
 
     /// The group-commit queue that takes `job`: on SQLite the single writer's, for every job; on
-    /// PostgreSQL the group-commit writers', for plain creates and AuditEvents only. Those take no
-    /// row lock on an existing row, so a transaction of many of them cannot deadlock with another
-    /// writer (updates, deletes, conditional creates and erasures lock rows, and run in a
+    /// PostgreSQL the group-commit writers', for plain creates and AuditEvents only. Those lock no
+    /// existing row but the data keys they seal with (shared, in a fixed order, see
+    /// `put_new_versions`), so a transaction of many of them does not deadlock with another
+    /// writer (updates, deletes and conditional creates lock resource rows, and run in a
     /// transaction of their own as before).
     fn queue_for(
         &self,
@@ -950,11 +961,14 @@ impl Store {
                     results
                 };
                 ix.flush(c).map_err(BatchAbort::Store)?;
-                // PostgreSQL: the hooks of the whole group in one call (its events in one INSERT,
-                // one turn of the event lock); a failure there names no job (see below).
+                // PostgreSQL: each job's additions (its events, notices, schedule), in order,
+                // after every row of the group: the event lock is taken at the first event and
+                // held to the commit. A job whose additions fail (a schedule Courier cannot keep)
+                // is answered with that error, the others re-run.
                 if postgres {
-                    self.run_hooks(c, results.iter().flatten())
-                        .map_err(BatchAbort::Store)?;
+                    for (i, r) in results.iter().enumerate() {
+                        self.run_hooks(c, r).map_err(|e| BatchAbort::Unit(i, e))?;
+                    }
                 }
                 Ok(results)
             });
@@ -979,16 +993,33 @@ impl Store {
                 // fails no job that would have succeeded without it: each half of the group is
                 // committed on its own, halved again while it fails, so a job that cannot be
                 // written is left alone after a few attempts and the others are still grouped.
-                Err(BatchAbort::Store(_)) if postgres && batch.len() > 1 => {
+                // Not when the database itself is unavailable: no split would help. Each half is
+                // answered once committed (durable at commit on PostgreSQL), so nothing that
+                // goes wrong later can answer its jobs with an error.
+                Err(BatchAbort::Store(e))
+                    if postgres && batch.len() > 1 && health::unavailable(&e).is_none() =>
+                {
                     let second = batch.split_off(batch.len() / 2);
                     let mut committed = false;
                     for half in [std::mem::take(&mut batch), second] {
                         let (o, done, s) = self.commit_together(c, half);
-                        outcomes.extend(o);
+                        for (slot, r) in o {
+                            slot.answer(r);
+                            // Answered: a slot keeps its first answer (see `Slot::answer`).
+                            let again = StoreError::Other(anyhow::anyhow!("answered already"));
+                            outcomes.push((slot, Err(again)));
+                        }
                         spent.extend(s);
                         committed |= done;
                     }
                     return (outcomes, committed, spent);
+                }
+                // One job: its own error, as it happened (a conflict to retry, the database
+                // unreachable, a bad value).
+                Err(BatchAbort::Store(e)) if batch.len() == 1 => {
+                    let (s, _) = batch.remove(0);
+                    outcomes.push((s, Err(e)));
+                    break;
                 }
                 Err(BatchAbort::Store(e)) => {
                     // The requests it fails, by id (the writer thread is in none's log span).
@@ -1084,7 +1115,11 @@ impl Store {
     }
 
     /// PostgreSQL: writes the first version of each new resource of `items` (job, type, id,
-    /// draft) with one INSERT per table (64 rows each at most), in `items`' order.
+    /// draft) with one INSERT per table (64 rows and about 8 MB each at most), in `items`' order.
+    ///
+    /// Each data-key scope (class, patient) is looked up once, in sorted order, as an erasure
+    /// takes a patient's keys (`compliance::purge`): a group share-locks several patients' keys,
+    /// and two transactions taking keys in different orders could deadlock.
     fn put_new_versions<C: Conn>(
         &self,
         c: &mut C,
@@ -1092,13 +1127,27 @@ impl Store {
         ix: &mut IndexRows,
     ) -> Result<Vec<Stored>, BatchAbort> {
         const ROWS: usize = 64;
+        const BYTES: usize = 8 << 20;
+        // Each scope's key, for the latest write time of its versions (its window must hold all).
+        let mut scopes: std::collections::BTreeMap<(&str, &str), (usize, i64)> = Default::default();
+        for &(i, _, _, d) in items {
+            let e = scopes
+                .entry((&d.class, &d.patient))
+                .or_insert((i, d.last_updated));
+            e.1 = e.1.max(d.last_updated);
+        }
+        let mut keys: HashMap<(&str, &str), String> = HashMap::with_capacity(scopes.len());
+        for ((class, patient), (i, now)) in scopes {
+            let key_id = self
+                .scoped_key(c, class, patient, now)
+                .map_err(|e| BatchAbort::Unit(i, e))?;
+            keys.insert((class, patient), key_id);
+        }
         let mut sealed = Vec::with_capacity(items.len());
         for &(i, res_type, id, d) in items {
             let unit = |e: StoreError| BatchAbort::Unit(i, e);
             let aad = format!("{res_type}/{id}/{}", d.version_id);
-            let key_id = self
-                .scoped_key(c, &d.class, &d.patient, d.last_updated)
-                .map_err(unit)?;
+            let key_id = keys[&(d.class.as_str(), d.patient.as_str())].clone();
             let plain = d.packed.as_deref().unwrap_or_default();
             let body = match self.keys.seal_with(&key_id, plain, &aad) {
                 Ok(s) => s,
@@ -1112,6 +1161,7 @@ impl Store {
             };
             sealed.push((key_id, body));
         }
+        let shared = |e: diesel::result::Error| BatchAbort::Store(e.into());
         let mut rids: HashMap<(&str, &str), i64> = HashMap::with_capacity(items.len());
         for chunk in items.chunks(ROWS) {
             let mut binds = Vec::with_capacity(chunk.len() * 6);
@@ -1130,27 +1180,48 @@ impl Store {
                 .load_cached(
                     &format!(
                         "INSERT INTO resources (res_type, fhir_id, version_id, last_updated, deleted, retention_class) \
-                         VALUES {values} RETURNING rid, fhir_id"
+                         VALUES {values} RETURNING rid, res_type, fhir_id"
                     ),
                     binds,
                 )
-                .map_err(|e| BatchAbort::Store(e.into()))?;
-            // Ids are unique per type; a group's ids are all fresh UUIDs, unique across types.
-            let by_id: HashMap<String, i64> =
-                rows.into_iter().map(|r| (r.fhir_id, r.rid)).collect();
+                .map_err(shared)?;
+            let by_key: HashMap<(String, String), i64> = rows
+                .into_iter()
+                .map(|r| ((r.res_type, r.fhir_id), r.rid))
+                .collect();
             for &(_, res_type, id, _) in chunk {
-                let rid = *by_id.get(id).ok_or_else(|| {
-                    BatchAbort::Store(StoreError::Other(anyhow::anyhow!(
-                        "a resource row was not returned by its insert"
-                    )))
-                })?;
-                rids.insert((res_type, id), rid);
+                let rid = by_key
+                    .get(&(res_type.to_string(), id.to_string()))
+                    .ok_or_else(|| {
+                        BatchAbort::Store(StoreError::Other(anyhow::anyhow!(
+                            "a resource row was not returned by its insert"
+                        )))
+                    })?;
+                rids.insert((res_type, id), *rid);
             }
         }
-        let mut binds = Vec::with_capacity(items.len() * 8);
         let mut out = Vec::with_capacity(items.len());
+        let (mut binds, mut rows, mut bytes) = (Vec::new(), 0, 0);
+        let flush = |c: &mut C, binds: &mut Vec<Bind>, rows: &mut usize, bytes: &mut usize| {
+            if *rows == 0 {
+                return Ok(());
+            }
+            let sql = format!(
+                "INSERT INTO resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body) VALUES {}",
+                vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; *rows].join(", ")
+            );
+            (*rows, *bytes) = (0, 0);
+            c.execute(&sql, std::mem::take(binds))
+                .map(|_| ())
+                .map_err(shared)
+        };
         for (&(_, res_type, id, d), (key_id, body)) in items.iter().zip(sealed) {
+            if rows == ROWS || (rows > 0 && bytes + body.len() > BYTES) {
+                flush(c, &mut binds, &mut rows, &mut bytes)?;
+            }
             let rid = rids[&(res_type, id)];
+            bytes += body.len();
+            rows += 1;
             binds.extend([
                 rid.into(),
                 res_type.into(),
@@ -1174,14 +1245,7 @@ impl Store {
                 body: d.body.clone(),
             });
         }
-        multi_insert(
-            c,
-            "INSERT INTO",
-            "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body)",
-            8,
-            binds,
-        )
-        .map_err(BatchAbort::Store)?;
+        flush(c, &mut binds, &mut rows, &mut bytes)?;
         Ok(out)
     }
 

@@ -49,11 +49,13 @@ pub struct RidRow {
     pub rid: i64,
 }
 
-/// A resource row inserted, as `RETURNING rid, fhir_id` names it.
+/// A resource row inserted, as `RETURNING rid, res_type, fhir_id` names it.
 #[derive(Debug, Clone, QueryableByName)]
 pub struct InsertedRow {
     #[diesel(sql_type = BigInt)]
     pub rid: i64,
+    #[diesel(sql_type = Text)]
+    pub res_type: String,
     #[diesel(sql_type = Text)]
     pub fhir_id: String,
 }
