@@ -388,7 +388,7 @@ async fn main() {
             base_url: base.clone(),
             ..Default::default()
         };
-        // Four seeders at once: PostgreSQL takes them concurrently, SQLite group-commits them.
+        // Four seeders at once: both backends group-commit them (PostgreSQL on two writers).
         let seeded = Arc::new(AtomicUsize::new(have));
         let mut seeders = Vec::new();
         for _ in 0..4 {
