@@ -656,11 +656,14 @@ impl Store {
     }
 
     /// The group-commit queue that takes `job`: on SQLite the single writer's, for every job; on
-    /// PostgreSQL the group-commit writers', for plain creates and AuditEvents only. Those lock no
-    /// existing row but the data keys they seal with (shared, in a fixed order, see
-    /// `put_new_versions`), so a transaction of many of them does not deadlock with another
-    /// writer (updates, deletes and conditional creates lock resource rows, and run in a
-    /// transaction of their own as before).
+    /// PostgreSQL the group-commit writers', for plain creates only. Those lock no existing row
+    /// but the data keys they seal with (shared, in a fixed order, see `put_new_versions`), so a
+    /// transaction of many of them does not deadlock with another writer; and each records an
+    /// event, whose lock is held to the commit, which is what grouping them saves. Updates,
+    /// deletes and conditional creates lock resource rows and run in a transaction of their own;
+    /// so do AuditEvents alone (a read's): they take no event lock, PostgreSQL flushes
+    /// concurrent commits together by itself, and through a writer thread a search's p50 was
+    /// ~0.3 ms slower (docs/benchmarks.md).
     fn queue_for(
         &self,
         job: &WriteUnit,
@@ -668,11 +671,9 @@ impl Store {
         if let Some(w) = &self.writer {
             return Some(w);
         }
-        let plain = match job {
-            WriteUnit::Audit(_) => true,
-            WriteUnit::Ops(ops, _) => ops.iter().all(|p| p.ahead.is_some()),
-        };
-        self.pg_writer.as_ref().filter(|_| plain)
+        let plain_creates =
+            matches!(job, WriteUnit::Ops(ops, _) if ops.iter().all(|p| p.ahead.is_some()));
+        self.pg_writer.as_ref().filter(|_| plain_creates)
     }
 
     /// The job for `ops`: what can be made before the transaction (a plain create's version and
@@ -904,7 +905,7 @@ impl Store {
         (outcomes, committed && deferred, spent)
     }
 
-    /// PostgreSQL: commits `batch` (plain creates and AuditEvents, see [`Store::queue_for`]) in
+    /// PostgreSQL: commits `batch` (plain creates, see [`Store::queue_for`]) in
     /// one transaction, re-running it without any job that fails. One commit (one flush of the
     /// write-ahead log) and one turn of the event lock serve the whole group: the event lock is
     /// held from an event's insert to the commit, so one transaction per write made every write
@@ -1051,7 +1052,7 @@ impl Store {
         )
     }
 
-    /// PostgreSQL: runs a group of plain creates and AuditEvents (see [`Store::queue_for`]) with
+    /// PostgreSQL: runs a group of plain creates (see [`Store::queue_for`]; a lone AuditEvent too) with
     /// one multi-row INSERT per table for the whole group: every version's data key and seal
     /// first, then the resource rows, the version rows, each AuditEvent's outbox rows, and the
     /// index rows to `ix`. The caller runs the hooks. A failure that belongs to one job names it.
