@@ -928,10 +928,9 @@ impl Store {
     /// SQLite (one writer, which holds the only write lock): the data keys met are remembered
     /// for the transaction (see `scoped_key`), and each job's own additions (events, notices) are
     /// written with it. PostgreSQL (several writers at once): the group's rows with one INSERT
-    /// per table ([`Store::run_group_pg`]), then the additions of the whole group in one call
-    /// (its events in one INSERT), so that the event lock is taken last, after every row of the
-    /// group is written, and once. A failure no job can be blamed for commits each half of the
-    /// group on its own instead.
+    /// per table ([`Store::run_group_pg`]), then each job's additions in order, so that the event
+    /// lock is taken after every row of the group is written, and held once to the commit. A
+    /// failure no job can be blamed for commits each half of the group on its own instead.
     fn commit_together<C: Conn>(
         &self,
         c: &mut C,
