@@ -5,6 +5,7 @@
 
 use crate::helpers::*;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn sqlite_app(synchronous: &str) -> TestApp {
@@ -378,4 +379,131 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
             .await;
         assert_eq!(poisoned["total"], 0, "nothing of a failed create was kept");
     }
+}
+
+/// Killed mid-write (SIGKILL) while PostgreSQL group commits run: every create that was answered
+/// 201 is there whole (its body, its AuditEvent, its event), and nothing is there in part (every
+/// stored message has its AuditEvent and its event, whether or not its answer got out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_commits_keep_every_answered_create_through_a_kill() {
+    let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A second instance on the same database, in a process of its own, taking the writes.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("serve")
+        .env("COURIER_DATA_DIR", app.dir.path())
+        .env("COURIER_DATABASE_URL", &app.database_url)
+        .env(
+            "COURIER_MASTER_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
+        .env("COURIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COURIER_BASE_URL", &app.base)
+        .env("COURIER_WEB_PUSH", "false")
+        .env("COURIER_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("courier serve starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app
+        .client
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second instance did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..32 {
+        let (client, base, answered, stop) = (
+            app.client.clone(),
+            base.clone(),
+            answered.clone(),
+            stop.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let body = message("Patient/p1", "2026-12-06T10:00:00Z", &format!("w{w} n{i}"));
+                let Ok(r) = client
+                    .post(format!("{base}/Communication"))
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                // Killed: no answer at all. An answer is a 201, or a failure the test must see.
+                assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+                let Ok(v) = r.json::<Value>().await else {
+                    break;
+                };
+                answered.lock().push(v["id"].as_str().unwrap().to_string());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    child.kill().unwrap(); // SIGKILL, with writes in flight
+    child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let answered = answered.lock().clone();
+    eprintln!("{} creates answered before the kill", answered.len());
+    assert!(
+        answered.len() > 50,
+        "the instance took writes before it was killed: {}",
+        answered.len()
+    );
+    let count = |sql: &str| {
+        let r: Vec<courier::store::rows::CountRow> = app.store.query(sql, vec![]).unwrap();
+        r[0].n
+    };
+    let messages = count("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'Communication'");
+    assert!(messages >= answered.len() as i64);
+    assert_eq!(
+        count(
+            "SELECT COUNT(*) AS n FROM events WHERE kind = 'create' AND res_type = 'Communication'"
+        ),
+        messages,
+        "every stored message has its event, and no event is without its message"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) AS n FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE r.res_type = 'Communication'"),
+        messages,
+        "every stored message has its version"
+    );
+    for id in &answered {
+        let m = app.get_json(&format!("Communication/{id}")).await;
+        assert!(m["payload"][0]["contentString"]
+            .as_str()
+            .unwrap()
+            .starts_with('w'));
+    }
+    // Each stored message's create AuditEvent (the answered ones and any whose answer was lost).
+    let created = app
+        .get_json("AuditEvent?subtype=create&_count=1&_total=accurate")
+        .await;
+    assert_eq!(
+        created["total"], messages,
+        "one create AuditEvent per stored message"
+    );
 }
