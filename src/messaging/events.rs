@@ -79,38 +79,32 @@ pub fn record<C: Conn>(
 pub type NewEvent<'a> = (Kind, &'a str, &'a str, i64, Option<String>);
 
 /// Appends `events`, in their order, inside the caller's transaction: one turn of the event lock,
-/// one INSERT (of up to 64 rows) and one `NOTIFY` for all of them, as the event lock is held from
-/// here to the commit (a group commit's writes record theirs together).
+/// one INSERT (of up to 64 rows) and one `NOTIFY` for all of a write's events, as the event lock
+/// is held from here to the commit.
 pub fn record_all<C: Conn>(c: &mut C, events: Vec<NewEvent>) -> Result<(), StoreError> {
-    const ROWS: usize = 64;
     if events.is_empty() {
         return Ok(());
     }
     lock(c)?;
     let at = crate::clock::now_micros();
-    let mut events = events.into_iter().peekable();
-    while events.peek().is_some() {
-        let mut binds = Vec::new();
-        let mut rows = 0;
-        for (kind, res_type, id, version_id, detail) in events.by_ref().take(ROWS) {
-            binds.extend([
-                at.into(),
-                kind.as_str().into(),
-                res_type.into(),
-                id.into(),
-                version_id.into(),
-                detail.into(),
-            ]);
-            rows += 1;
-        }
-        c.execute(
-            &format!(
-                "INSERT INTO events (at, kind, res_type, fhir_id, version_id, detail) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
-            ),
-            binds,
-        )?;
+    let mut binds = Vec::with_capacity(events.len() * 6);
+    for (kind, res_type, id, version_id, detail) in events {
+        binds.extend([
+            at.into(),
+            kind.as_str().into(),
+            res_type.into(),
+            id.into(),
+            version_id.into(),
+            detail.into(),
+        ]);
     }
+    crate::store::multi_insert(
+        c,
+        "INSERT INTO",
+        "events (at, kind, res_type, fhir_id, version_id, detail)",
+        6,
+        binds,
+    )?;
     if c.is_postgres() {
         // Delivered at commit, to every instance listening (and not at all on rollback).
         c.execute(&format!("NOTIFY {CHANNEL}"), vec![])?;

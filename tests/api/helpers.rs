@@ -63,6 +63,34 @@ fn fresh_postgres_schema(admin_url: &str) -> String {
     format!("{admin_url}{sep}options=-csearch_path%3D{schema}")
 }
 
+/// A free TCP port on loopback (free when asked; for a process started next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `courier serve` on `app`'s database and master key, listening on `port`, quiet: a Courier
+/// instance in a process of its own (to kill). The caller adds its settings and spawns it.
+pub fn serve_command(app: &TestApp, port: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_courier"));
+    c.arg("serve")
+        .env("COURIER_DATA_DIR", app.dir.path())
+        .env("COURIER_DATABASE_URL", &app.database_url)
+        .env(
+            "COURIER_MASTER_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
+        .env("COURIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COURIER_WEB_PUSH", "false")
+        .env("COURIER_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
+}
+
 /// A second Courier instance on the same database as `app` (same master key), as after a restart
 /// or beside it in a cluster.
 pub async fn spawn_instance_on(app: &TestApp) -> Option<TestApp> {

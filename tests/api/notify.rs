@@ -140,14 +140,6 @@ fn quoted_printable(body: &str) -> String {
     String::from_utf8_lossy(&out).to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn h<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -2342,22 +2334,10 @@ async fn an_instance_killed_mid_send_never_sends_twice() {
         return;
     };
     let serve = |smtp_port: u16| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .arg("serve")
-            .env("COURIER_DATA_DIR", app.dir.path())
-            .env("COURIER_DATABASE_URL", &app.database_url)
-            .env(
-                "COURIER_MASTER_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-            )
-            .env("COURIER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        serve_command(&app, free_port())
             .env("COURIER_SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}"))
             .env("COURIER_NOTIFY_AFTER_SECS", "0")
             .env("COURIER_NOTIFY_LEASE_SECS", "3")
-            .env("COURIER_WEB_PUSH", "false")
-            .env("COURIER_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("courier serve starts")
     };

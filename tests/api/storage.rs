@@ -40,6 +40,23 @@ async fn create_together(app: &TestApp, n: usize) -> Vec<String> {
     ids
 }
 
+/// The number one query of the store's database answers (as `n`).
+fn number(app: &TestApp, sql: &str) -> i64 {
+    let r: Vec<courier::store::rows::CountRow> = app.store.query(sql, vec![]).unwrap();
+    r[0].n
+}
+
+/// Each of `ids` reads back as a Communication whose text starts with `prefix`.
+async fn assert_readable(app: &TestApp, ids: &[String], prefix: &str) {
+    for id in ids {
+        let m = app.get_json(&format!("Communication/{id}")).await;
+        assert!(m["payload"][0]["contentString"]
+            .as_str()
+            .unwrap()
+            .starts_with(prefix));
+    }
+}
+
 /// Waits (up to 5 s) until every group commit made so far has been made durable by an fsync;
 /// the commits, those made durable, and the fsyncs.
 async fn settled_stats(app: &TestApp) -> (u64, u64, u64) {
@@ -74,31 +91,21 @@ async fn with_synchronous_full_every_group_commit_is_made_durable_by_a_wal_fsync
         s1 - s0,
         c1 - c0
     );
-    for id in &ids {
-        let m = app.get_json(&format!("Communication/{id}")).await;
-        assert!(m["payload"][0]["contentString"]
-            .as_str()
-            .unwrap()
-            .starts_with("grouped "));
-    }
+    assert_readable(&app, &ids, "grouped ").await;
     // Messages about one patient written in one group commit share their scope's one data key
     // (looked up once per transaction, made once).
-    let keys: Vec<courier::store::rows::CountRow> = app
-        .store
-        .query(
-            "SELECT COUNT(*) AS n FROM data_keys WHERE patient = 'Patient/p1'",
-            vec![],
-        )
-        .unwrap();
-    assert_eq!(keys[0].n, 1);
+    assert_eq!(
+        number(
+            &app,
+            "SELECT COUNT(*) AS n FROM data_keys WHERE patient = 'Patient/p1'"
+        ),
+        1
+    );
     // The pooled connection the group commit used (NORMAL meanwhile) is back at FULL: the pool is
     // LIFO, so the next query runs on it.
-    let sync: Vec<courier::store::rows::CountRow> = app
-        .store
-        .query("SELECT synchronous AS n FROM pragma_synchronous", vec![])
-        .unwrap();
     assert_eq!(
-        sync[0].n, 2,
+        number(&app, "SELECT synchronous AS n FROM pragma_synchronous"),
+        2,
         "a pooled connection was left at synchronous=NORMAL"
     );
 }
@@ -349,12 +356,8 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         "30 creates waiting together were committed by the group commit, in fewer transactions: {}",
         c1 - c0
     );
+    assert_readable(&app, &ids, "together ").await;
     for id in &ids {
-        let m = app.get_json(&format!("Communication/{id}")).await;
-        assert!(m["payload"][0]["contentString"]
-            .as_str()
-            .unwrap()
-            .starts_with("together "));
         let audit = app
             .get_json(&format!(
                 "AuditEvent?entity=Communication/{id}&subtype=create"
@@ -362,15 +365,12 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
             .await;
         assert_eq!(audit["total"], 1, "its create's AuditEvent: {audit}");
     }
-    let events: Vec<courier::store::rows::CountRow> = app
-        .store
-        .query(
-            "SELECT COUNT(*) AS n FROM events WHERE kind = 'create' AND res_type = 'Communication'",
-            vec![],
-        )
-        .unwrap();
     assert_eq!(
-        events[0].n, 30,
+        number(
+            &app,
+            "SELECT COUNT(*) AS n FROM events WHERE kind = 'create' AND res_type = 'Communication'"
+        ),
+        30,
         "one event per committed create, none for the failed ones"
     );
     for who in ["Group/poison", "Patient/poison"] {
@@ -389,26 +389,10 @@ async fn postgres_group_commits_keep_every_answered_create_through_a_kill() {
     let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // A second instance on the same database, in a process of its own, taking the writes.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .arg("serve")
-        .env("COURIER_DATA_DIR", app.dir.path())
-        .env("COURIER_DATABASE_URL", &app.database_url)
-        .env(
-            "COURIER_MASTER_KEY",
-            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-        )
-        .env("COURIER_LISTEN", format!("127.0.0.1:{port}"))
+    let mut child = serve_command(&app, port)
         .env("COURIER_BASE_URL", &app.base)
-        .env("COURIER_WEB_PUSH", "false")
-        .env("COURIER_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("courier serve starts");
     let base = format!("http://127.0.0.1:{port}");
@@ -473,31 +457,25 @@ async fn postgres_group_commits_keep_every_answered_create_through_a_kill() {
         "the instance took writes before it was killed: {}",
         answered.len()
     );
-    let count = |sql: &str| {
-        let r: Vec<courier::store::rows::CountRow> = app.store.query(sql, vec![]).unwrap();
-        r[0].n
-    };
-    let messages = count("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'Communication'");
+    let messages = number(
+        &app,
+        "SELECT COUNT(*) AS n FROM resources WHERE res_type = 'Communication'",
+    );
     assert!(messages >= answered.len() as i64);
     assert_eq!(
-        count(
+        number(
+            &app,
             "SELECT COUNT(*) AS n FROM events WHERE kind = 'create' AND res_type = 'Communication'"
         ),
         messages,
         "every stored message has its event, and no event is without its message"
     );
     assert_eq!(
-        count("SELECT COUNT(*) AS n FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE r.res_type = 'Communication'"),
+        number(&app, "SELECT COUNT(*) AS n FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE r.res_type = 'Communication'"),
         messages,
         "every stored message has its version"
     );
-    for id in &answered {
-        let m = app.get_json(&format!("Communication/{id}")).await;
-        assert!(m["payload"][0]["contentString"]
-            .as_str()
-            .unwrap()
-            .starts_with('w'));
-    }
+    assert_readable(&app, &answered, "w").await;
     // Each stored message's create AuditEvent (the answered ones and any whose answer was lost).
     let created = app
         .get_json("AuditEvent?subtype=create&_count=1&_total=accurate")

@@ -417,6 +417,31 @@ struct Draft {
     entries: Vec<Entry>,
 }
 
+impl Draft {
+    /// What the write of this draft returns.
+    fn stored(&self, res_type: &str, id: &str, method: &str) -> Stored {
+        Stored {
+            res_type: res_type.into(),
+            id: id.into(),
+            version_id: self.version_id,
+            last_updated: self.last_updated,
+            deleted: self.body.is_none(),
+            method: method.into(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// The version table and its columns, as every INSERT of a version names them.
+const VERSION_ROW: &str =
+    "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body)";
+
+/// Job `i` of a PostgreSQL group is not a plain create (the queue takes nothing else).
+fn not_grouped(i: usize) -> BatchAbort {
+    let e = anyhow::anyhow!("only plain creates are written in a group");
+    BatchAbort::Unit(i, StoreError::Other(e))
+}
+
 /// An AuditEvent ready to insert: its id, content and drafted version.
 struct AuditDraft {
     id: String,
@@ -1063,59 +1088,37 @@ impl Store {
     ) -> Result<Vec<Vec<WriteResult>>, BatchAbort> {
         // Every version the group writes, with its job: a create's own, then its AuditEvent's.
         let mut items: Vec<(usize, &str, &str, &Draft)> = Vec::new();
+        let mut creates: Vec<(usize, &AuditDraft)> = Vec::new();
         for (i, (_, job)) in batch.iter().enumerate() {
-            match job {
-                WriteUnit::Audit(a) => items.push((i, "AuditEvent", &a.id, &a.draft)),
-                WriteUnit::Ops(ops, _) => {
-                    for p in ops {
-                        let (WriteOp::Create { res_type, id, .. }, Some((own, audit))) =
-                            (&p.op, &p.ahead)
-                        else {
-                            let e = anyhow::anyhow!("only plain creates are written in a group");
-                            return Err(BatchAbort::Unit(i, StoreError::Other(e)));
-                        };
-                        items.push((i, res_type, id, own));
-                        items.push((i, "AuditEvent", &audit.id, &audit.draft));
-                    }
-                }
+            let WriteUnit::Ops(ops, _) = job else {
+                return Err(not_grouped(i));
+            };
+            for p in ops {
+                let (WriteOp::Create { res_type, id, .. }, Some((own, audit))) = (&p.op, &p.ahead)
+                else {
+                    return Err(not_grouped(i));
+                };
+                items.push((i, res_type, id, own));
+                items.push((i, "AuditEvent", &audit.id, &audit.draft));
+                creates.push((i, audit));
             }
         }
         let stored = self.put_new_versions(c, &items, ix)?;
-        let mut stored = stored.into_iter();
-        let mut results = Vec::with_capacity(batch.len());
-        for (i, (_, job)) in batch.iter().enumerate() {
-            let audited = |c: &mut C, a: &AuditDraft| {
-                c.audited(&*self.hooks, &a.id, &a.value)
-                    .map_err(|e| BatchAbort::Unit(i, e))
-            };
-            match job {
-                WriteUnit::Audit(a) => {
-                    stored.next();
-                    audited(c, a)?;
-                    results.push(vec![]);
-                }
-                WriteUnit::Ops(ops, _) => {
-                    let mut r = Vec::with_capacity(ops.len());
-                    for p in ops {
-                        let own = stored.next().expect("a version per create");
-                        stored.next();
-                        if let Some((_, a)) = &p.ahead {
-                            audited(c, a)?;
-                        }
-                        r.push(WriteResult {
-                            status: WriteStatus::Created,
-                            stored: own,
-                        });
-                    }
-                    results.push(r);
-                }
-            }
+        let mut results: Vec<Vec<WriteResult>> = batch.iter().map(|_| Vec::new()).collect();
+        // Each create's own version (its AuditEvent's follows it), and its AuditEvent's outbox rows.
+        for ((i, audit), own) in creates.into_iter().zip(stored.into_iter().step_by(2)) {
+            c.audited(&*self.hooks, &audit.id, &audit.value)
+                .map_err(|e| BatchAbort::Unit(i, e))?;
+            results[i].push(WriteResult {
+                status: WriteStatus::Created,
+                stored: own,
+            });
         }
         Ok(results)
     }
 
     /// PostgreSQL: writes the first version of each new resource of `items` (job, type, id,
-    /// draft) with one INSERT per table (64 rows and about 8 MB each at most), in `items`' order.
+    /// draft) with one INSERT per table (see [`multi_insert`]), in `items`' order.
     ///
     /// Each data-key scope (class, patient) is looked up once, in sorted order, as an erasure
     /// takes a patient's keys (`compliance::purge`): a group share-locks several patients' keys,
@@ -1127,7 +1130,6 @@ impl Store {
         ix: &mut IndexRows,
     ) -> Result<Vec<Stored>, BatchAbort> {
         const ROWS: usize = 64;
-        const BYTES: usize = 8 << 20;
         // Each scope's key, for the latest write time of its versions (its window must hold all).
         let mut scopes: std::collections::BTreeMap<(&str, &str), (usize, i64)> = Default::default();
         for &(i, _, _, d) in items {
@@ -1145,21 +1147,11 @@ impl Store {
         }
         let mut sealed = Vec::with_capacity(items.len());
         for &(i, res_type, id, d) in items {
-            let unit = |e: StoreError| BatchAbort::Unit(i, e);
-            let aad = format!("{res_type}/{id}/{}", d.version_id);
-            let key_id = keys[&(d.class.as_str(), d.patient.as_str())].clone();
-            let plain = d.packed.as_deref().unwrap_or_default();
-            let body = match self.keys.seal_with(&key_id, plain, &aad) {
-                Ok(s) => s,
-                // The key cache started over between lookup and use: load it again.
-                Err(_) => {
-                    self.ensure_key(c, &key_id).map_err(unit)?;
-                    self.keys
-                        .seal_with(&key_id, plain, &aad)
-                        .map_err(|e| unit(StoreError::Other(e)))?
-                }
-            };
-            sealed.push((key_id, body));
+            let key_id = &keys[&(d.class.as_str(), d.patient.as_str())];
+            let body = self
+                .seal(c, key_id, res_type, id, d)
+                .map_err(|e| BatchAbort::Unit(i, e))?;
+            sealed.push((key_id.clone(), body));
         }
         let shared = |e: diesel::result::Error| BatchAbort::Store(e.into());
         let mut rids: HashMap<(&str, &str), i64> = HashMap::with_capacity(items.len());
@@ -1201,27 +1193,9 @@ impl Store {
             }
         }
         let mut out = Vec::with_capacity(items.len());
-        let (mut binds, mut rows, mut bytes) = (Vec::new(), 0, 0);
-        let flush = |c: &mut C, binds: &mut Vec<Bind>, rows: &mut usize, bytes: &mut usize| {
-            if *rows == 0 {
-                return Ok(());
-            }
-            let sql = format!(
-                "INSERT INTO resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body) VALUES {}",
-                vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; *rows].join(", ")
-            );
-            (*rows, *bytes) = (0, 0);
-            c.execute(&sql, std::mem::take(binds))
-                .map(|_| ())
-                .map_err(shared)
-        };
+        let mut binds = Vec::with_capacity(items.len() * 8);
         for (&(_, res_type, id, d), (key_id, body)) in items.iter().zip(sealed) {
-            if rows == ROWS || (rows > 0 && bytes + body.len() > BYTES) {
-                flush(c, &mut binds, &mut rows, &mut bytes)?;
-            }
             let rid = rids[&(res_type, id)];
-            bytes += body.len();
-            rows += 1;
             binds.extend([
                 rid.into(),
                 res_type.into(),
@@ -1235,17 +1209,9 @@ impl Store {
             if d.body.is_some() {
                 ix.add(rid, &d.entries);
             }
-            out.push(Stored {
-                res_type: res_type.into(),
-                id: id.into(),
-                version_id: d.version_id,
-                last_updated: d.last_updated,
-                deleted: d.body.is_none(),
-                method: "POST".into(),
-                body: d.body.clone(),
-            });
+            out.push(d.stored(res_type, id, "POST"));
         }
-        flush(c, &mut binds, &mut rows, &mut bytes)?;
+        multi_insert(c, "INSERT INTO", VERSION_ROW, 8, binds).map_err(BatchAbort::Store)?;
         Ok(out)
     }
 
@@ -1711,19 +1677,8 @@ impl Store {
     ) -> Result<Stored, StoreError> {
         let (version_id, last_updated) = (d.version_id, d.last_updated);
         let deleted = d.body.is_none();
-        let aad = format!("{res_type}/{id}/{version_id}");
         let key_id = self.scoped_key(c, &d.class, &d.patient, last_updated)?;
-        let plain = d.packed.as_deref().unwrap_or_default();
-        let sealed = match self.keys.seal_with(&key_id, plain, &aad) {
-            Ok(s) => s,
-            // The key cache started over between lookup and use: load it again.
-            Err(_) => {
-                self.ensure_key(c, &key_id)?;
-                self.keys
-                    .seal_with(&key_id, plain, &aad)
-                    .map_err(StoreError::Other)?
-            }
-        };
+        let sealed = self.seal(c, &key_id, res_type, id, d)?;
         let rid = match prior {
             Some(h) => {
                 c.execute(
@@ -1747,7 +1702,7 @@ impl Store {
             }
         };
         c.execute(
-            "INSERT INTO resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            &format!("INSERT INTO {VERSION_ROW} VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
             vec![
                 rid.into(),
                 res_type.into(),
@@ -1762,15 +1717,30 @@ impl Store {
         if !deleted {
             ix.add(rid, &d.entries);
         }
-        Ok(Stored {
-            res_type: res_type.into(),
-            id: id.into(),
-            version_id,
-            last_updated,
-            deleted,
-            method: method.into(),
-            body: d.body.clone(),
-        })
+        Ok(d.stored(res_type, id, method))
+    }
+
+    /// A version's body sealed under data key `key_id` (its scope's, from `scoped_key`).
+    fn seal<C: Conn>(
+        &self,
+        c: &mut C,
+        key_id: &str,
+        res_type: &str,
+        id: &str,
+        d: &Draft,
+    ) -> Result<Vec<u8>, StoreError> {
+        let aad = format!("{res_type}/{id}/{}", d.version_id);
+        let plain = d.packed.as_deref().unwrap_or_default();
+        match self.keys.seal_with(key_id, plain, &aad) {
+            Ok(s) => Ok(s),
+            // The key cache started over between lookup and use: load it again.
+            Err(_) => {
+                self.ensure_key(c, key_id)?;
+                self.keys
+                    .seal_with(key_id, plain, &aad)
+                    .map_err(StoreError::Other)
+            }
+        }
     }
 
     // ----- reads --------------------------------------------------------------------------------
@@ -2237,10 +2207,11 @@ fn cannot_open(batch: Vec<(Arc<Slot>, WriteUnit)>, e: &anyhow::Error) -> Answers
         .collect()
 }
 
-/// One INSERT with many rows (fewer statements per write): 64 rows per statement, the rest in one
-/// statement of its own. Each row count is a statement of its own in every connection's prepared
-/// statement cache, so the sizes stay few (at most 64 per table).
-fn multi_insert<C: Conn>(
+/// One INSERT with many rows (fewer statements per write): at most 64 rows and about 8 MB of
+/// values per statement (a group's version rows can carry large Binaries). Each row count is a
+/// statement of its own in every connection's prepared statement cache, so the sizes stay few (at
+/// most 64 per table). `binds` are the rows' values, `width` per row.
+pub fn multi_insert<C: Conn>(
     c: &mut C,
     verb: &str,
     target: &str,
@@ -2248,6 +2219,7 @@ fn multi_insert<C: Conn>(
     binds: Vec<Bind>,
 ) -> Result<(), StoreError> {
     const ROWS: usize = 64;
+    const BYTES: usize = 8 << 20;
     if binds.is_empty() {
         return Ok(());
     }
@@ -2258,14 +2230,29 @@ fn multi_insert<C: Conn>(
             vec![row.as_str(); rows].join(", ")
         )
     };
+    let size = |b: &Bind| match b {
+        Bind::Text(t) | Bind::OptText(Some(t)) => t.len(),
+        Bind::Blob(v) | Bind::OptBlob(Some(v)) => v.len(),
+        _ => 8,
+    };
     // One statement (most single writes) takes the binds as they are, without a copy.
-    if binds.len() <= width * ROWS {
+    if binds.len() <= width * ROWS && binds.iter().map(size).sum::<usize>() <= BYTES {
         c.execute(&sql(binds.len() / width), binds)?;
         return Ok(());
     }
-    let mut binds = binds.into_iter();
-    while binds.len() > 0 {
-        let chunk: Vec<Bind> = binds.by_ref().take(width * ROWS).collect();
+    let mut binds = binds.into_iter().peekable();
+    while binds.peek().is_some() {
+        let (mut chunk, mut bytes) = (Vec::new(), 0);
+        while chunk.len() < width * ROWS && binds.peek().is_some() {
+            let row: Vec<Bind> = binds.by_ref().take(width).collect();
+            let n: usize = row.iter().map(size).sum();
+            if !chunk.is_empty() && bytes + n > BYTES {
+                c.execute(&sql(chunk.len() / width), std::mem::take(&mut chunk))?;
+                bytes = 0;
+            }
+            bytes += n;
+            chunk.extend(row);
+        }
         c.execute(&sql(chunk.len() / width), chunk)?;
     }
     Ok(())
@@ -2350,4 +2337,37 @@ fn compose(res_type: &str, id: &str, version_id: i64, last_updated: i64, r: &Inc
     }
     out.push(b'}');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::Connection;
+
+    /// Every row is written, however the rows are split into statements (by count, by bytes).
+    /// (How they are split is not observable here.)
+    #[test]
+    fn multi_insert_splits_by_rows_and_by_bytes() {
+        let mut c = diesel::SqliteConnection::establish(":memory:").unwrap();
+        c.execute("CREATE TABLE t (n BIGINT, b BLOB)", vec![])
+            .unwrap();
+        let rows = |n: usize, size: usize| -> Vec<Bind> {
+            (0..n)
+                .flat_map(|i| [Bind::Int(i as i64), Bind::Blob(vec![7; size])])
+                .collect()
+        };
+        // 130 small rows: 64 + 64 + 2, all written.
+        multi_insert(&mut c, "INSERT INTO", "t (n, b)", 2, rows(130, 10)).unwrap();
+        // 5 rows of 3 MB: split by bytes (2 + 2 + 1 rows), all written.
+        multi_insert(&mut c, "INSERT INTO", "t (n, b)", 2, rows(5, 3 << 20)).unwrap();
+        let n: Vec<rows::CountRow> = c.load("SELECT COUNT(*) AS n FROM t", vec![]).unwrap();
+        assert_eq!(n[0].n, 135);
+        let big: Vec<rows::CountRow> = c
+            .load(
+                "SELECT SUM(length(b)) AS n FROM t WHERE length(b) > 10",
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(big[0].n, 5 * (3 << 20));
+    }
 }

@@ -73,29 +73,17 @@ fn write_loop(
         // Everything queued meanwhile joins this group.
         let batch: Vec<(Arc<Slot>, WriteUnit)> =
             std::iter::once(first).chain(jobs.try_iter()).collect();
-        let Some(store) = store.upgrade() else {
-            for (s, _) in batch {
-                s.answer(Err(gone()));
-            }
-            return;
-        };
-        let held: Vec<Arc<Slot>> = batch.iter().map(|(s, _)| s.clone()).collect();
-        // A panic in a group answers its jobs with an error (`AnswerOnUnwind`) and leaves the
-        // writer running for the next.
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _unwind = AnswerOnUnwind(held);
+        let (store, (answers, needs_sync, spent)) = match guarded(&store, batch, |store, batch| {
             let _writer = store.sqlite_writer.lock();
             store.commit_group(batch)
-        }));
-        let Ok((answers, needs_sync, spent)) = done else {
-            continue;
+        }) {
+            Ok(done) => done,
+            Err(Stopped::Gone) => return,
+            Err(Stopped::Panicked) => continue,
         };
         let group = Committed { answers, spent };
         if !needs_sync {
-            for (s, r) in group.answers {
-                s.answer(r);
-            }
-            store.changed.notify_one();
+            answer(&store, group.answers);
             continue;
         }
         // Another group waiting: the syncer makes this one durable while the writer commits
@@ -205,24 +193,53 @@ fn pg_write_loop(store: Weak<Store>, jobs: SharedQueue) {
                 .chain(queue.try_iter().take(PG_GROUP - 1))
                 .collect()
         };
-        let Some(store) = store.upgrade() else {
-            for (s, _) in batch {
-                s.answer(Err(gone()));
-            }
-            return;
-        };
-        let held: Vec<Arc<Slot>> = batch.iter().map(|(s, _)| s.clone()).collect();
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _unwind = AnswerOnUnwind(held);
-            store.commit_group_pg(batch)
-        }));
-        let Ok((answers, spent)) = done else {
-            continue;
-        };
-        for (s, r) in answers {
-            s.answer(r);
-        }
-        store.changed.notify_one();
+        let (store, (answers, spent)) =
+            match guarded(&store, batch, |store, batch| store.commit_group_pg(batch)) {
+                Ok(done) => done,
+                Err(Stopped::Gone) => return,
+                Err(Stopped::Panicked) => continue,
+            };
+        answer(&store, answers);
         drop(spent);
     }
+}
+
+/// Why a writer's group was not committed.
+enum Stopped {
+    /// The store is closing: every job was answered so, and the writer ends.
+    Gone,
+    /// The commit panicked: every job was answered with an error (`AnswerOnUnwind`), and the
+    /// writer goes on with the next group.
+    Panicked,
+}
+
+/// Runs `commit` on `batch` with the store, if it is still open.
+fn guarded<T>(
+    store: &Weak<Store>,
+    batch: Vec<(Arc<Slot>, WriteUnit)>,
+    commit: impl FnOnce(&Store, Vec<(Arc<Slot>, WriteUnit)>) -> T,
+) -> Result<(Arc<Store>, T), Stopped> {
+    let Some(store) = store.upgrade() else {
+        for (s, _) in batch {
+            s.answer(Err(gone()));
+        }
+        return Err(Stopped::Gone);
+    };
+    let held: Vec<Arc<Slot>> = batch.iter().map(|(s, _)| s.clone()).collect();
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _unwind = AnswerOnUnwind(held);
+        commit(&store, batch)
+    }));
+    match done {
+        Ok(t) => Ok((store, t)),
+        Err(_) => Err(Stopped::Panicked),
+    }
+}
+
+/// Answers committed (and durable) jobs, then tells the event log's readers.
+fn answer(store: &Store, answers: Answers) {
+    for (s, r) in answers {
+        s.answer(r);
+    }
+    store.changed.notify_one();
 }
