@@ -18,7 +18,8 @@
 //! swing less than throughput with this machine's speed); then inbox search
 //! `recipient=…&_sort=-sent&_count=50` p50/p99 over a store of N Communications (seeded through
 //! the same store write path, 500 per transaction, each with its AuditEvent), and two inboxes
-//! merged (`recipient=a,b`).
+//! merged (`recipient=a,b`); then an auditor's AuditEvent searches by patient, with and without
+//! a `subtype` (which is checked on the bodies).
 //!
 //! Every request carries a bearer token. The cost of authorization is reported three ways: the
 //! per-request token check measured in-process, creates/s with a user token (whose writes are
@@ -529,6 +530,41 @@ async fn main() {
             a.messages,
             percentile(&lat, 0.50).as_secs_f64() * 1000.0,
             percentile(&lat, 0.99).as_secs_f64() * 1000.0,
+        );
+    }
+    // ---- an auditor's searches: a patient's trail, and its creates (`subtype` is checked on
+    // each candidate's body: search::UNSTORED) ----
+    let auditor = http(token("system/AuditEvent.rs", None));
+    for (what, extra) in [
+        ("patient=…", ""),
+        ("patient=…&subtype=create", "&subtype=create"),
+    ] {
+        let mut lat = Vec::with_capacity(a.searches);
+        let mut entries = 0usize;
+        for k in 0..a.searches + 50 {
+            let p = (k * 7919) % a.recipients.min(5000);
+            let t = Instant::now();
+            let resp = auditor
+                .get(format!(
+                    "{base}/AuditEvent?patient=Patient/pat-{p}{extra}&_sort=-date&_count=50"
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "AuditEvent search");
+            let body = resp.bytes().await.unwrap();
+            if k >= 50 {
+                lat.push(t.elapsed());
+                entries += body.windows(9).filter(|w| w == b"\"search\":").count();
+            }
+        }
+        lat.sort();
+        println!(
+            "AuditEvent search ({what}&_sort=-date&_count=50), system token, {} entries/page avg: p50 {:.2} ms, p99 {:.2} ms ({} requests, 1 client)",
+            entries / a.searches.max(1),
+            percentile(&lat, 0.50).as_secs_f64() * 1000.0,
+            percentile(&lat, 0.99).as_secs_f64() * 1000.0,
+            a.searches,
         );
     }
 }

@@ -345,54 +345,10 @@ pub fn is_administrator(
 }
 
 /// Does a resource with these index entries satisfy `c`? The in-memory twin of the SQL in
-/// `search::sql` for the conditions the policy produces (reference, token, any-of); any other
-/// condition is refused rather than guessed.
+/// `search::sql` ([`courier_store::search::eval`]); a condition on the resource row itself
+/// (`_id`, `_lastUpdated`), which the policy never makes, is refused rather than guessed.
 pub fn admits(c: &Condition, entries: &[Entry]) -> bool {
-    match c {
-        Condition::AnyOf(groups) => groups.iter().any(|g| g.iter().all(|c| admits(c, entries))),
-        Condition::Reference { key, values } => entries.iter().any(|e| match e {
-            Entry::Ref {
-                param,
-                target_type,
-                target_id,
-                url,
-            } if param == key => {
-                values
-                    .iter()
-                    .any(|v| match (&v.url, &v.target_type, &v.target_id) {
-                        (Some(u), _, _) => url.as_ref() == Some(u),
-                        (None, Some(t), Some(id)) => {
-                            url.is_none()
-                                && target_type.as_ref() == Some(t)
-                                && target_id.as_ref() == Some(id)
-                        }
-                        (None, None, Some(id)) => url.is_none() && target_id.as_ref() == Some(id),
-                        _ => false,
-                    })
-            }
-            _ => false,
-        }),
-        Condition::Token { key, not, values } => {
-            let found = entries.iter().any(|e| match e {
-                Entry::Token {
-                    param,
-                    system,
-                    code,
-                } if param == key => values.iter().any(|v| match v {
-                    TokenValue::Code(c) => code == c,
-                    TokenValue::SystemCode(None, Some(c)) => system.is_none() && code == c,
-                    TokenValue::SystemCode(Some(s), Some(c)) => {
-                        system.as_ref() == Some(s) && code == c
-                    }
-                    TokenValue::SystemCode(Some(s), None) => system.as_ref() == Some(s),
-                    TokenValue::SystemCode(None, None) => false,
-                }),
-                _ => false,
-            });
-            found != *not
-        }
-        _ => false,
-    }
+    courier_store::search::eval::admits(c, entries, None)
 }
 
 /// May `p` see this resource (for `perm`, Read or Search)? Binaries are decided in `fhir::access`.

@@ -37,14 +37,13 @@ macro_rules! in_write_tx {
 const BATCH: usize = 200;
 /// Delivered outbox rows are kept this long (they only name AuditEvents already at the EHR).
 const OUTBOX_KEEP_MICROS: i64 = 30 * 86_400 * 1_000_000;
-/// The compartment parameters that make a message a patient's (as the access policy has them).
-const PATIENT_PARAMS: [&str; 9] = [
+/// The compartment parameters that make a message a patient's (as the access policy has them;
+/// `patient` is `subject` of type Patient, search::ALIASES).
+const PATIENT_PARAMS: [&str; 7] = [
     "Communication.subject",
-    "Communication.patient",
     "Communication.sender",
     "Communication.recipient",
     "CommunicationRequest.subject",
-    "CommunicationRequest.patient",
     "CommunicationRequest.requester",
     "CommunicationRequest.sender",
     "CommunicationRequest.recipient",
@@ -650,13 +649,15 @@ fn audit_step<C: Conn>(
         }
         if !held_refs.is_empty() {
             let about: Vec<IdRow> = c.load(
+                // The patients it is about (`patient`, stored as the agents and entities that
+                // are Patients: search::ALIASES) and the resources it names.
                 "SELECT target_type || '/' || target_id AS id FROM idx_ref \
-                 WHERE rid = ? AND param IN (?, ?) \
+                 WHERE rid = ? AND (param = ? OR (param = ? AND target_type = 'Patient')) \
                  AND target_type IS NOT NULL AND target_id IS NOT NULL",
                 vec![
                     rid.into(),
-                    names::key("AuditEvent.patient").into(),
                     names::key("AuditEvent.entity").into(),
+                    names::key("AuditEvent.agent").into(),
                 ],
             )?;
             if about.iter().any(|a| held_refs.contains(&a.id)) {

@@ -172,3 +172,152 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
         "{text}"
     );
 }
+
+/// Every AuditEvent `query` finds (all pages), by id.
+async fn audit_ids(app: &TestApp, client: &reqwest::Client, query: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = Some(app.url(&format!("AuditEvent?{query}")));
+    while let Some(url) = next {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{query}");
+        let b: Value = r.json().await.unwrap();
+        for e in b["entry"].as_array().into_iter().flatten() {
+            if e["search"]["mode"] == "match" {
+                out.push(e["resource"]["id"].as_str().unwrap().to_string());
+            }
+        }
+        next = b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+            .map(|l| l["url"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+fn strs<'a>(v: &'a Value, path: &[&str]) -> Vec<&'a str> {
+    let mut at: Vec<&Value> = vec![v];
+    for k in path {
+        at = at
+            .into_iter()
+            .flat_map(|x| match &x[*k] {
+                Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                Value::Null => vec![],
+                o => vec![o],
+            })
+            .collect();
+    }
+    at.into_iter().filter_map(Value::as_str).collect()
+}
+
+both_backends! {
+    // Issue 24: an AuditEvent's codes and names have no index rows (search::UNSTORED); a search
+    // checks them on the bodies of the candidates its other conditions select. Each query here
+    // is held to the same filter applied to the AuditEvents themselves, beside the stored
+    // conditions and under a patient's access condition, through pages, counts, sorts and
+    // `_include`.
+    async fn audit_codes_without_index_rows_are_searched_on_the_bodies(app: TestApp) {
+        let mut made = Vec::new();
+        for (i, p) in ["q1", "q1", "q2"].iter().enumerate() {
+            made.push(app.create(&message(&format!("Patient/{p}"), "2024-01-01", &format!("m{i}"))).await);
+        }
+        let dr = client_with_token(&crate::messaging::user_token(&app, "user/AuditEvent.rs user/Communication.rs", "Practitioner/dr-1", None));
+        assert_eq!(dr.get(app.url(&format!("Communication/{}", made[0]))).send().await.unwrap().status(), 200);
+        assert_eq!(app.get(&format!("Communication/{}", made[2])).await.status(), 200);
+        assert_eq!(app.get("Communication/nope").await.status(), 404);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        let before = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        let until = format!("date=lt{}", before.replace('+', "%2B"));
+
+        // The AuditEvents so far, read whole (searches from here on are later).
+        let all: Vec<Value> = {
+            let b = app.get_json(&format!("AuditEvent?{until}&_count=1000")).await;
+            b["entry"].as_array().unwrap().iter().map(|e| e["resource"].clone()).collect()
+        };
+        assert!(all.len() >= 6, "three creates, two reads and a failed read: {}", all.len());
+        let id = |e: &Value| e["id"].as_str().unwrap().to_string();
+        let about_q1 = |e: &Value| strs(e, &["agent", "who", "reference"]).into_iter().chain(strs(e, &["entity", "what", "reference"])).any(|r| r == "Patient/q1");
+        let subtypes = |e: &Value| strs(e, &["subtype", "code"]).into_iter().map(String::from).collect::<Vec<_>>();
+        type Filter = Box<dyn Fn(&Value) -> bool>;
+        let cases: Vec<(&str, Filter)> = vec![
+            ("type=rest", Box::new(|e| e["type"]["code"] == "rest")),
+            ("type=http://terminology.hl7.org/CodeSystem/audit-event-type|rest", Box::new(|e| e["type"]["code"] == "rest")),
+            ("type=http://other|rest", Box::new(|_| false)),
+            ("subtype=read", Box::new(move |e| subtypes(e).contains(&"read".to_string()))),
+            ("subtype=create,read", Box::new(move |e| subtypes(e).iter().any(|s| s == "create" || s == "read"))),
+            ("subtype:not=read", Box::new(move |e| !subtypes(e).contains(&"read".to_string()))),
+            ("action=R", Box::new(|e| e["action"] == "R")),
+            ("action=R&outcome=4", Box::new(|e| e["action"] == "R" && e["outcome"] == "4")),
+            ("entity-type=XrequestId", Box::new(|e| strs(e, &["entity", "type", "code"]).contains(&"XrequestId"))),
+            ("entity-role=1", Box::new(|e| strs(e, &["entity", "role", "code"]).contains(&"1"))),
+            ("agent-name=cour", Box::new(|e| strs(e, &["agent", "name"]).iter().any(|n| n.to_lowercase().starts_with("cour")))),
+            ("agent-name:exact=Courier", Box::new(|e| strs(e, &["agent", "name"]).contains(&"Courier"))),
+            ("agent-name:exact=courier", Box::new(|_| false)),
+            ("agent-name:contains=ouri", Box::new(|e| strs(e, &["agent", "name"]).iter().any(|n| n.to_lowercase().contains("ouri")))),
+            ("address=127", Box::new(|e| strs(e, &["agent", "network", "address"]).iter().any(|a| a.starts_with("127")))),
+            ("policy:missing=true", Box::new(|e| strs(e, &["agent", "policy"]).is_empty())),
+            ("subtype=read&patient=Patient/q1", Box::new(move |e| about_q1(e) && strs(e, &["subtype", "code"]).contains(&"read"))),
+        ];
+        for (query, keep) in &cases {
+            let mut want: Vec<String> = all.iter().filter(|e| keep(e)).map(id).collect();
+            want.sort();
+            let mut got = audit_ids(&app, &app.client, &format!("{query}&{until}&_count=2")).await;
+            got.sort();
+            assert_eq!(got, want, "{query}");
+            let counted = app.get_json(&format!("AuditEvent?{query}&{until}&_summary=count")).await;
+            assert_eq!(counted["total"], want.len(), "{query}: count");
+            let first = app.get_json(&format!("AuditEvent?{query}&{until}&_total=accurate&_count=1")).await;
+            assert_eq!(first["total"], want.len(), "{query}: _total");
+        }
+        // Some of them match something, and something else.
+        for q in ["subtype=read", "subtype:not=read", "entity-role=1", "action=R&outcome=4"] {
+            let keep = &cases.iter().find(|(c, _)| *c == q).unwrap().1;
+            let n = all.iter().filter(|e| keep(e)).count();
+            assert!(n > 0 && n < all.len(), "{q}: {n} of {}", all.len());
+        }
+
+        // A user sees only what they did, whatever the body's codes say.
+        let by_dr = |e: &Value| strs(e, &["agent", "who", "reference"]).contains(&"Practitioner/dr-1");
+        let mut want: Vec<String> = all.iter().filter(|e| by_dr(e) && subtypes(e).iter().any(|s| s == "create" || s == "read")).map(id).collect();
+        want.sort();
+        assert_eq!(want.len(), 1, "the read by Practitioner/dr-1: {want:?}");
+        let mut got = audit_ids(&app, &dr, &format!("subtype=create,read&{until}&_count=1")).await;
+        got.sort();
+        assert_eq!(got, want);
+
+        // Sorted by a code on the body: each event's lowest (or highest) subtype, none last.
+        for (sort, descending) in [("subtype", false), ("-subtype", true)] {
+            let got = audit_ids(&app, &app.client, &format!("_sort={sort}&{until}&_count=3")).await;
+            assert_eq!(got.len(), all.len());
+            let key = |i: &String| {
+                let e = all.iter().find(|e| id(e) == *i).unwrap();
+                let s = subtypes(e);
+                if descending { s.into_iter().max() } else { s.into_iter().min() }
+            };
+            let keys: Vec<Option<String>> = got.iter().map(key).collect();
+            for w in keys.windows(2) {
+                match (&w[0], &w[1]) {
+                    (Some(a), Some(b)) => assert!(if descending { a >= b } else { a <= b }, "{sort}: {keys:?}"),
+                    (None, Some(_)) => panic!("{sort}: an event without a subtype before one with: {keys:?}"),
+                    _ => {}
+                }
+            }
+        }
+
+        // `_include` from a page checked on the bodies.
+        let b = app.get_json(&format!("AuditEvent?subtype=read&entity-role=4&{until}&_include=AuditEvent:entity")).await;
+        let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
+        assert!(included.contains(&made[0].as_str()) && included.contains(&made[2].as_str()), "{included:?}");
+
+        // None of these codes has an index row; the outcome keeps its own.
+        let n = |sql: &str| -> i64 {
+            let r: Vec<courier::store::rows::CountRow> = app.store.query(sql, vec![]).unwrap();
+            r[0].n
+        };
+        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param IN ('1', '5', '6', '10', '11', '14', '15', '17', '18')"), 0);
+        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_string WHERE param IN ('2', '4', '9')"), 0);
+        assert!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12'") >= all.len() as i64);
+    }
+}

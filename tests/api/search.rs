@@ -15,6 +15,99 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
+/// What `patient_is_read_from_its_bases_rows_of_type_patient` expects of every `patient` search.
+async fn patient_searches(app: &TestApp, m: &[String; 7]) {
+    let [a, b, ext, g, none, cr, crg] = m;
+    let q = |s: &str| format!("Communication?{s}");
+    assert_eq!(app.search_ids(&q("patient=pa")).await, vec![a.clone()]);
+    assert_eq!(
+        app.search_ids(&q("patient=Patient/pa")).await,
+        vec![a.clone()]
+    );
+    assert_eq!(
+        app.search_ids(&q(&format!("patient={}/Patient/pb", app.base)))
+            .await,
+        vec![b.clone()]
+    );
+    assert_eq!(
+        app.search_ids(&q("patient=https://other.example/fhir/Patient/pa"))
+            .await,
+        vec![ext.clone()]
+    );
+    assert_eq!(
+        app.search_ids(&q("patient=Group/pa")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        app.search_ids(&q("patient:Patient=pb")).await,
+        vec![b.clone()]
+    );
+    assert_eq!(
+        sorted(app.search_ids(&q("patient=pa,pb")).await),
+        sorted(vec![a.clone(), b.clone()])
+    );
+    assert_eq!(
+        app.search_ids(&q("patient=pa,pb&_sort=-sent")).await,
+        vec![b.clone(), a.clone()]
+    );
+    assert_eq!(
+        sorted(app.search_ids(&q("patient:missing=true")).await),
+        sorted(vec![g.clone(), none.clone()])
+    );
+    assert_eq!(
+        sorted(app.search_ids(&q("patient:missing=false")).await),
+        sorted(vec![a.clone(), b.clone(), ext.clone()])
+    );
+    assert_eq!(
+        app.get_json(&q("patient=pa,pb&_summary=count")).await["total"],
+        2
+    );
+    // Beside another condition that drives the search, and as the driver of a sort.
+    assert_eq!(
+        app.search_ids(&q("sent=ge2024-01-15&patient=pb")).await,
+        vec![b.clone()]
+    );
+    // `_include` of an alias runs (Courier stores no Patient to include).
+    let inc = app
+        .get(&q(&format!("_id={a}&_include=Communication:patient")))
+        .await;
+    assert_eq!(inc.status(), 200);
+    assert_eq!(
+        app.search_ids("CommunicationRequest?patient=pa").await,
+        vec![cr.clone()]
+    );
+    assert_eq!(
+        app.search_ids("CommunicationRequest?requester=Practitioner/rq&patient:missing=true")
+            .await,
+        vec![crg.clone()]
+    );
+    // AuditEvent: an agent or an entity that is a Patient. Each create above by the
+    // system token has its AuditEvent name the message's patient (subject, else a
+    // recipient) as an entity.
+    let created = app
+        .get_json("AuditEvent?patient=pa&subtype=create&_summary=count")
+        .await;
+    assert_eq!(created["total"], 3, "the creates of {a}, {none} and {cr}");
+    assert_eq!(
+        app.get_json("AuditEvent?patient=Patient/pz&type=110100&_summary=count")
+            .await["total"],
+        1
+    );
+    assert_eq!(
+        app.get_json("AuditEvent?agent=pz&type=110100&_summary=count")
+            .await["total"],
+        2
+    );
+    assert_eq!(
+        app.get(&format!(
+            "AuditEvent?patient=pz&_include=AuditEvent:patient"
+        ))
+        .await
+        .status(),
+        200
+    );
+}
+
 both_backends! {
     async fn token_search_supports_system_code_forms_not_and_missing(app: TestApp) {
         let a = app.create(&comm(json!({"category": [{"coding": [{"system": "http://s1", "code": "alert"}]}], "medium": [{"coding": [{"system": "http://m", "code": "WRITTEN"}]}]}))).await;
@@ -403,6 +496,55 @@ both_backends! {
             next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
         }
         assert_eq!(sorted(seen), sorted(vec![a, b, d, f]));
+    }
+
+    // `patient` has no index rows of its own (issue 24: they repeated `subject`'s, and an
+    // AuditEvent's agent's or entity's): it reads its bases' rows that point at a Patient, in
+    // every form a search can take, and the migration that dropped the old rows can be undone
+    // and redone with the same answers.
+    async fn patient_is_read_from_its_bases_rows_of_type_patient(app: TestApp) {
+        let a = app.create(&comm(json!({"subject": {"reference": "Patient/pa"}, "sent": "2024-01-01"}))).await;
+        let b = app.create(&comm(json!({"subject": {"reference": format!("{}/Patient/pb", app.base)}, "sent": "2024-02-01"}))).await;
+        let ext = app.create(&comm(json!({"subject": {"reference": "https://other.example/fhir/Patient/pa"}}))).await;
+        let g = app.create(&comm(json!({"subject": {"reference": "Group/pa"}}))).await;
+        let none = app.create(&comm(json!({"recipient": [{"reference": "Patient/pa"}]}))).await;
+        let cr = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active",
+            "subject": {"reference": "Patient/pa"}, "requester": {"reference": "Practitioner/rq"}})).await;
+        let crg = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active",
+            "subject": {"reference": "Group/pa"}, "requester": {"reference": "Practitioner/rq"}})).await;
+        // An AuditEvent whose patient is only an agent, and one whose Practitioner agent has the same id.
+        let audit = |who: &str| json!({"resourceType": "AuditEvent", "recorded": "2024-03-01T00:00:00Z",
+            "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110100"},
+            "agent": [{"who": {"reference": who}, "requestor": true}],
+            "source": {"observer": {"display": "test"}}});
+        app.store.record_audit(audit("Patient/pz")).unwrap();
+        app.store.record_audit(audit("Practitioner/pz")).unwrap();
+
+        let made = [a, b, ext, g, none, cr, crg];
+        patient_searches(&app, &made).await;
+        let stored = |app: &TestApp| {
+            let r: Vec<courier::store::rows::CountRow> = app.store
+                .query("SELECT COUNT(*) AS n FROM idx_ref WHERE param IN ('13', '32', '51')", vec![])
+                .unwrap();
+            r[0].n
+        };
+        assert_eq!(stored(&app), 0, "no index rows are stored for an alias");
+
+        // The migration undone (its rows made again from their bases) and redone on a restart.
+        let down = match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000100_patient_alias_rows/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000100_patient_alias_rows/down.sql"),
+        };
+        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty() && !s.lines().all(|l| l.starts_with("--"))) {
+            app.store.execute(stmt, vec![]).unwrap();
+        }
+        // a, b, ext, cr; the AuditEvents of the creates of a and cr (entity), Patient/pz (agent).
+        assert!(stored(&app) >= 7, "down.sql restores the rows: {}", stored(&app));
+        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261210000100'", vec![]).unwrap();
+        assert_eq!(forgotten, 1);
+        let upgraded = spawn_instance_on(&app).await.unwrap();
+        assert_eq!(stored(&upgraded), 0, "the migration drops them again");
+        patient_searches(&upgraded, &made).await;
     }
 
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {

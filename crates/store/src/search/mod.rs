@@ -3,6 +3,7 @@
 //! CapabilityStatement lists.
 
 pub mod dates;
+pub mod eval;
 pub mod fhirpath;
 pub mod index;
 pub mod names;
@@ -68,6 +69,66 @@ pub fn reference_sort_date(res_type: &str) -> Option<&'static str> {
     })
 }
 
+/// Parameters whose index rows would repeat another parameter's rows of one target type, and
+/// so are not stored (issue 24: a message's patient was indexed twice, as `subject` and as
+/// `patient`, and so was an AuditEvent's, as `entity` and as `patient`). A search, `:missing` or
+/// `_include` on one reads the rows of its base parameters that point at the target type
+/// ([`sql`], `Store::follow`); the in-memory evaluation (`index::entries`) still computes it from
+/// its own expression. [`Registry::load`] checks that each definition is exactly
+/// `<base>.where(resolve() is <type>)` (joined by `|` for several bases).
+pub const ALIASES: [(&str, &[&str], &str); 3] = [
+    (
+        "AuditEvent.patient",
+        &["AuditEvent.agent", "AuditEvent.entity"],
+        "Patient",
+    ),
+    (
+        "Communication.patient",
+        &["Communication.subject"],
+        "Patient",
+    ),
+    (
+        "CommunicationRequest.patient",
+        &["CommunicationRequest.subject"],
+        "Patient",
+    ),
+];
+
+/// The base parameters and target type of `key` when it is one of [`ALIASES`].
+pub fn alias_of(key: &str) -> Option<(&'static [&'static str], &'static str)> {
+    ALIASES
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, bases, t)| (*bases, *t))
+}
+
+/// Parameters that have no index rows: a search checks them on the bodies of the candidates the
+/// other conditions select ([`eval`]), in `Store::search`. Issue 24: an AuditEvent — one per
+/// read, search and write — stored ~17 index rows, ~1.1 KB, most of them the same few codes
+/// on every event (type `rest`, the agent names and addresses, the entity types and roles). Its
+/// references (`agent`, `entity`, `source`, and `patient` through them), its `date` and its
+/// `outcome` (a failure is the rare value a security review looks for) keep their rows: BALP's
+/// searches are by patient, user, resource and time, and those select the candidates.
+pub const UNSTORED: [&str; 12] = [
+    "AuditEvent.action",
+    "AuditEvent.address",
+    "AuditEvent.agent-name",
+    "AuditEvent.agent-role",
+    "AuditEvent.altid",
+    "AuditEvent.entity-name",
+    "AuditEvent.entity-role",
+    "AuditEvent.entity-type",
+    "AuditEvent.policy",
+    "AuditEvent.site",
+    "AuditEvent.subtype",
+    "AuditEvent.type",
+];
+
+/// Is `key` one of [`UNSTORED`]?
+pub fn is_unstored(key: &str) -> bool {
+    UNSTORED.contains(&key)
+}
+
 /// One search parameter of one resource type.
 #[derive(Debug, Clone)]
 pub struct SearchParam {
@@ -102,6 +163,7 @@ impl Registry {
     /// a parameter that does not work.
     pub fn load() -> anyhow::Result<Registry> {
         let mut reg = Registry::default();
+        let mut raw_expressions: BTreeMap<String, String> = BTreeMap::new();
         for (name, text) in PROFILES {
             let v: Value =
                 serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
@@ -141,6 +203,7 @@ impl Registry {
                     targets: Vec::clone(&targets),
                     key: format!("{base}.{}", s("code")),
                 };
+                raw_expressions.insert(p.key.clone(), s("expression"));
                 if base == "Resource" {
                     reg.common.insert(p.code.clone(), p);
                 } else {
@@ -158,6 +221,27 @@ impl Registry {
                 anyhow::bail!(
                     "{}: no short name for its index rows in crates/store/src/search/names.rs",
                     p.key
+                );
+            }
+        }
+        for key in UNSTORED {
+            if !raw_expressions.contains_key(key) {
+                anyhow::bail!("{key} (search::UNSTORED) is not a search parameter");
+            }
+        }
+        for (key, bases, target) in ALIASES {
+            let expected: Vec<String> = bases
+                .iter()
+                .map(|b| {
+                    let base = raw_expressions.get(*b).map(String::as_str).unwrap_or("?");
+                    format!("{base}.where(resolve() is {target})")
+                })
+                .collect();
+            if raw_expressions.get(key) != Some(&expected.join(" | ")) {
+                anyhow::bail!(
+                    "{key}: stored as its base parameters' rows of type {target} (search::ALIASES), \
+                     but its expression is not {}",
+                    expected.join(" | ")
                 );
             }
         }

@@ -169,6 +169,16 @@ fn from_where(
 
 /// The page query: the row ids of `count + 1` matches (one extra tells whether there is a next page).
 pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
+    let mut q = ordered(res_type, req, snapshot, dialect);
+    q.push(" LIMIT ");
+    q.bind(req.count as i64 + 1);
+    q.push(" OFFSET ");
+    q.bind(req.offset as i64);
+    q
+}
+
+/// The row ids of every match, in the search's order (no page).
+pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();
     q.push("SELECT r.rid");
     let driver = driver(req);
@@ -251,10 +261,6 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
     } else {
         "r.rid ASC"
     });
-    q.push(" LIMIT ");
-    q.bind(req.count as i64 + 1);
-    q.push(" OFFSET ");
-    q.bind(req.offset as i64);
     q
 }
 
@@ -305,39 +311,64 @@ pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
 /// `OR` of the values inside one `param = ?` branch would be read by SQLite, which keeps no
 /// statistics, as a scan of every entry of the parameter (all the store's recipients for
 /// `recipient=a,b`); each branch here is one range of `idx_ref_lookup` or `idx_ref_url`.
+///
+/// A parameter stored as its bases' rows of one type (`search::ALIASES`: `patient` is `subject`
+/// pointing at a Patient) reads those rows, each value also required to be of that type.
 fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
-    union_of(q, "idx_ref", key, values, select, reference_value);
+    match super::alias_of(key) {
+        None => union_of(q, "idx_ref", &[key], values, select, reference_value),
+        Some((bases, target)) => {
+            let typed: Vec<RefParts> = values
+                .iter()
+                .filter(|v| v.target_type.as_deref().is_none_or(|t| t == target))
+                .map(|v| RefParts {
+                    target_type: Some(target.to_string()),
+                    ..v.clone()
+                })
+                .collect();
+            union_of(q, "idx_ref", bases, &typed, select, |q, v| {
+                reference_value(q, v);
+                q.push(" AND target_type = ");
+                q.bind(target);
+            })
+        }
+    }
 }
 
 /// `{select} FROM idx_token` rows matching any of `values`, one `UNION` branch per value (see
 /// [`reference_rows`]: `code = a OR (system = s AND code = b)` inside one branch scans the
 /// parameter).
 fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue], select: &str) {
-    union_of(q, "idx_token", key, values, select, token_value);
+    union_of(q, "idx_token", &[key], values, select, token_value);
 }
 
 /// `SELECT rid FROM idx_string` rows matching any of `values` (already normalised, but for
 /// `:exact`), one `UNION` branch per value, each answerable from `idx_string_lookup (param,
 /// norm)` (see [`string_value`]).
 fn string_rows(q: &mut Sql, key: &str, mode: StringMatch, values: &[String], dialect: Dialect) {
-    union_of(q, "idx_string", key, values, "SELECT rid", |q, v| {
+    union_of(q, "idx_string", &[key], values, "SELECT rid", |q, v| {
         string_value(q, mode, v, dialect)
     });
 }
 
-/// `{select} FROM {table} WHERE param = ? AND <value>` for each value, joined by `UNION`.
+/// `{select} FROM {table} WHERE param = ? AND <value>` for each key and value, joined by `UNION`.
 fn union_of<V>(
     q: &mut Sql,
     table: &str,
-    key: &str,
+    keys: &[&str],
     values: &[V],
     select: &str,
     value: impl Fn(&mut Sql, &V),
 ) {
-    if values.is_empty() {
+    if values.is_empty() || keys.is_empty() {
         q.push(&format!("{select} FROM {table} WHERE 1 = 0"));
+        return;
     }
-    for (i, v) in values.iter().enumerate() {
+    for (i, (key, v)) in keys
+        .iter()
+        .flat_map(|k| values.iter().map(move |v| (k, v)))
+        .enumerate()
+    {
         if i > 0 {
             q.push(" UNION ");
         }
@@ -545,10 +576,26 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             });
             q.push(table(*kind));
             q.push(&format!(
-                " m{} WHERE m.rid = r.rid AND m.param = ",
+                " m{} WHERE m.rid = r.rid AND ",
                 dialect.by_rid(table(*kind))
             ));
-            q.bind(names::key(key));
+            match super::alias_of(key) {
+                Some((bases, target)) => {
+                    q.push("m.param IN (");
+                    for (i, b) in bases.iter().enumerate() {
+                        if i > 0 {
+                            q.push(", ");
+                        }
+                        q.bind(names::key(b));
+                    }
+                    q.push(") AND m.target_type = ");
+                    q.bind(target);
+                }
+                None => {
+                    q.push("m.param = ");
+                    q.bind(names::key(key));
+                }
+            }
             q.push(")");
         }
         Condition::Token { key, not, values } => {

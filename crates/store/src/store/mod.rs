@@ -14,8 +14,8 @@ mod writer;
 
 use crate::audit::{self, Interaction};
 use crate::search::index::{self, Entry};
-use crate::search::query::{Condition, Include, SearchRequest, Total};
-use crate::search::{dates, names, sql, Registry};
+use crate::search::query::{Condition, Include, SearchRequest, SortKey, Total};
+use crate::search::{dates, eval, names, sql, Registry};
 use crate::with_conn;
 use crypto::Keyring;
 use db::{Bind, Conn, Db};
@@ -1549,6 +1549,7 @@ impl Store {
         rids: &[i64],
         g: &Condition,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        refuse_body_condition(g)?;
         let mut out = std::collections::HashSet::new();
         let mut c = self.db.get()?;
         for chunk in rids.chunks(500) {
@@ -1569,6 +1570,7 @@ impl Store {
 
     /// Does the live resource `rid` meet the access policy's condition `g`?
     fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
+        refuse_body_condition(g)?;
         let q = sql::admits(rid, g, dialect(c));
         Ok(!c.load::<RidRow>(&q.text, q.binds)?.is_empty())
     }
@@ -1857,6 +1859,7 @@ impl Store {
             }
             if let Some(f) = filter {
                 // The access policy, on the resource's current version (the index holds only that).
+                refuse_body_condition(f)?;
                 let p = sql::predicate(f, dialect(c));
                 sql.push_str(" AND ");
                 sql.push_str(&p.text);
@@ -1888,6 +1891,9 @@ impl Store {
                     .n
                 }
             };
+            if req.conditions.iter().any(eval::needs_body) || sorts_on_body(req) {
+                return self.search_on_bodies(c, res_type, req, snapshot);
+            }
             let want_total = req.total == Total::Accurate || req.summary_count;
             let total = if want_total {
                 let q = sql::count(res_type, req, snapshot, dialect(c));
@@ -1924,12 +1930,119 @@ impl Store {
         })
     }
 
+    /// A search with a condition or a sort on a parameter that has no index rows
+    /// (`search::UNSTORED`): SQL lists the candidates the other conditions select, in the
+    /// search's order, and each candidate's body decides the rest ([`eval`]). Reading stops once
+    /// the page is full, unless the total or a sort on the body needs every match.
+    fn search_on_bodies<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        req: &SearchRequest,
+        snapshot: i64,
+    ) -> Result<SearchPage, StoreError> {
+        let (on_body, in_sql): (Vec<Condition>, Vec<Condition>) =
+            req.conditions.iter().cloned().partition(eval::needs_body);
+        let sort_on_body = sorts_on_body(req);
+        let mut candidates = req.clone();
+        candidates.conditions = in_sql;
+        if sort_on_body {
+            candidates.sort.clear(); // sorted below, from the bodies
+        }
+        let q = sql::ordered(res_type, &candidates, snapshot, dialect(c));
+        let rids: Vec<RidRow> = c.load(&q.text, q.binds)?;
+        let want_total = req.total == Total::Accurate || req.summary_count;
+        let every = want_total || sort_on_body;
+        let window = req.offset..req.offset + req.count;
+        let mut found = 0usize;
+        let mut page: Vec<(i64, Stored)> = Vec::new();
+        let mut keyed: Vec<(Vec<Option<SortValue>>, i64)> = Vec::new();
+        for chunk in rids.chunks(200) {
+            let chunk: Vec<i64> = chunk.iter().map(|r| r.rid).collect();
+            for (rid, s) in self.bodies_by_rid(c, &chunk)? {
+                let Some(value) = s
+                    .body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                else {
+                    continue;
+                };
+                let entries = index::entries(&self.registry, res_type, &value, &self.base_url);
+                let row = eval::Row {
+                    id: &s.id,
+                    last_updated: s.last_updated,
+                };
+                if !on_body
+                    .iter()
+                    .all(|cond| eval::admits(cond, &entries, Some(row)))
+                {
+                    continue;
+                }
+                if sort_on_body {
+                    keyed.push((sort_values(&req.sort, &entries, row), rid));
+                } else if window.contains(&found) {
+                    page.push((rid, s));
+                }
+                found += 1;
+            }
+            if !every && found > window.end {
+                break;
+            }
+        }
+        if sort_on_body {
+            keyed.sort_by(|a, b| compare_sorted(&req.sort, a, b));
+            let rids: Vec<i64> = keyed
+                .iter()
+                .skip(window.start)
+                .take(req.count)
+                .map(|(_, rid)| *rid)
+                .collect();
+            page = self.bodies_by_rid(c, &rids)?;
+        }
+        let has_next = found > window.end;
+        let total = if want_total {
+            Some(found as i64)
+        } else {
+            (!has_next && req.offset == 0).then_some(page.len() as i64)
+        };
+        if req.summary_count {
+            page.clear();
+        }
+        let page_rids: Vec<i64> = page.iter().map(|(rid, _)| *rid).collect();
+        let included = if req.summary_count {
+            vec![]
+        } else {
+            self.includes(c, &req.includes, &page_rids, req.include_access.as_ref())?
+        };
+        Ok(SearchPage {
+            matches: page.into_iter().map(|(_, s)| s).collect(),
+            included,
+            total,
+            has_next,
+            snapshot,
+        })
+    }
+
     /// Current bodies for `rids`, in the order given.
     fn bodies<C: Conn>(&self, c: &mut C, rids: &[i64]) -> Result<Vec<Stored>, StoreError> {
+        Ok(self
+            .bodies_by_rid(c, rids)?
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect())
+    }
+
+    /// Current bodies for `rids` with their row ids, in the order given (a resource deleted
+    /// meanwhile left out).
+    fn bodies_by_rid<C: Conn>(
+        &self,
+        c: &mut C,
+        rids: &[i64],
+    ) -> Result<Vec<(i64, Stored)>, StoreError> {
         if rids.len() > 500 {
             let mut out = Vec::with_capacity(rids.len());
             for chunk in rids.chunks(500) {
-                out.extend(self.bodies(c, chunk)?);
+                out.extend(self.bodies_by_rid(c, chunk)?);
             }
             return Ok(out);
         }
@@ -1948,7 +2061,7 @@ impl Store {
         let mut by_rid: HashMap<i64, VersionRow> = rows.into_iter().map(|r| (r.rid, r)).collect();
         rids.iter()
             .filter_map(|rid| by_rid.remove(rid))
-            .map(|r| self.open_row(r))
+            .map(|r| Ok((r.rid, self.open_row(r)?)))
             .collect()
     }
 
@@ -2018,17 +2131,33 @@ impl Store {
         from: &[i64],
     ) -> Result<Vec<(i64, String)>, StoreError> {
         let ph = vec!["?"; from.len()].join(", ");
-        let mut binds: Vec<Bind> = vec![
-            names::key(&inc.param_key).to_string().into(),
-            inc.source_type.clone().into(),
-        ];
+        // A parameter stored as its bases' rows of one type (search::ALIASES) follows those rows
+        // that point at that type.
+        let (keys, of_type): (Vec<&str>, Option<&str>) =
+            match crate::search::alias_of(&inc.param_key) {
+                Some((bases, target)) => (bases.to_vec(), Some(target)),
+                None => (vec![inc.param_key.as_str()], None),
+            };
+        let key_marks = vec!["?"; keys.len()].join(", ");
+        let mut binds: Vec<Bind> = keys
+            .iter()
+            .map(|k| names::key(k).to_string().into())
+            .collect();
+        binds.push(inc.source_type.clone().into());
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
+        let type_filter = match of_type {
+            Some(t) => {
+                binds.push(t.into());
+                " AND x.target_type = ?"
+            }
+            None => "",
+        };
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
             let mut sql = format!(
                 "SELECT t.rid, t.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid \
                  JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id AND t.deleted = 0 \
-                 WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND x.rid IN ({ph})"
+                 WHERE x.param IN ({key_marks}) AND s.res_type = ? AND x.url IS NULL AND x.rid IN ({ph}){type_filter}"
             );
             if let Some(tt) = &inc.target_type {
                 sql.push_str(" AND t.res_type = ?");
@@ -2043,7 +2172,7 @@ impl Store {
             let sql = format!(
                 "SELECT s.rid, s.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
                  JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id \
-                 WHERE x.param = ? AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph})"
+                 WHERE x.param IN ({key_marks}) AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph}){type_filter}"
             );
             Ok(c.load::<RidTypeRow>(&sql, binds)?
                 .into_iter()
@@ -2118,6 +2247,11 @@ impl IndexRows {
         let at_hi: Option<i64> = principal.map(|(_, hi)| hi).max();
         for e in entries {
             match e {
+                // Its rows are its bases' rows of one type (search::ALIASES).
+                Entry::Ref { param, .. } if crate::search::alias_of(param).is_some() => {}
+                // Checked on the body when searched (search::UNSTORED).
+                Entry::Token { param, .. } | Entry::Str { param, .. }
+                    if crate::search::is_unstored(param) => {}
                 Entry::Token {
                     param,
                     system,
@@ -2263,6 +2397,98 @@ pub fn multi_insert<C: Conn>(
 /// The patient whose data key seals a resource: a message's patient (subject, sender, recipient),
 /// a Binary's `securityContext` patient. AuditEvents are sealed per month, not per patient: the
 /// audit trail outlives an erasure (its own retention, GDPR Art. 17(3)(b)).
+/// The access checks outside a search are SQL alone: a condition on a parameter without index
+/// rows (`search::UNSTORED`, which the access policy never names) would match nothing there, so
+/// it is an error instead.
+fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
+    if eval::needs_body(g) {
+        return Err(StoreError::Other(anyhow::anyhow!(
+            "an access condition names a parameter that has no index rows"
+        )));
+    }
+    Ok(())
+}
+
+/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
+fn sorts_on_body(req: &SearchRequest) -> bool {
+    req.sort
+        .iter()
+        .any(|k| matches!(k, SortKey::Param { key, .. } if crate::search::is_unstored(key)))
+}
+
+/// One sort key's value for a resource, as `sql::ordered` sorts: a token's code, a string's
+/// normalised form, a date's lowest start (ascending) or highest end (descending).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SortValue {
+    Int(i64),
+    Text(String),
+}
+
+fn sort_values(sort: &[SortKey], entries: &[Entry], row: eval::Row) -> Vec<Option<SortValue>> {
+    sort.iter()
+        .map(|k| match k {
+            SortKey::Id { .. } => Some(SortValue::Text(row.id.to_string())),
+            SortKey::LastUpdated { .. } => Some(SortValue::Int(row.last_updated)),
+            SortKey::Param {
+                key,
+                kind,
+                descending,
+            } => {
+                let values = entries.iter().filter_map(|e| match (kind, e) {
+                    (crate::search::ParamType::Date, Entry::Date { param, lo, hi })
+                        if param == key =>
+                    {
+                        Some(SortValue::Int(if *descending { *hi } else { *lo }))
+                    }
+                    (crate::search::ParamType::String, Entry::Str { param, norm, .. })
+                        if param == key =>
+                    {
+                        Some(SortValue::Text(norm.clone()))
+                    }
+                    (
+                        crate::search::ParamType::Token | crate::search::ParamType::Uri,
+                        Entry::Token { param, code, .. },
+                    ) if param == key => Some(SortValue::Text(code.clone())),
+                    _ => None,
+                });
+                if *descending {
+                    values.max()
+                } else {
+                    values.min()
+                }
+            }
+        })
+        .collect()
+}
+
+/// The order of `sql::ordered` with a sort: each key in turn (a missing value last either way),
+/// then the row id ascending.
+fn compare_sorted(
+    sort: &[SortKey],
+    a: &(Vec<Option<SortValue>>, i64),
+    b: &(Vec<Option<SortValue>>, i64),
+) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for (i, k) in sort.iter().enumerate() {
+        let descending = match k {
+            SortKey::Id { descending }
+            | SortKey::LastUpdated { descending }
+            | SortKey::Param { descending, .. } => *descending,
+        };
+        let o = match (&a.0[i], &b.0[i]) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(x), Some(y)) if descending => y.cmp(x),
+            (Some(x), Some(y)) => x.cmp(y),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    a.1.cmp(&b.1)
+}
+
 fn scope_patient(res_type: &str, value: &Value, base_url: &str) -> Option<String> {
     // A reference to a Patient of this server (relative, or absolute under the base URL).
     let local_patient = |r: &str| {
