@@ -266,8 +266,9 @@ both_backends! {
             let mut got = audit_ids(&app, &app.client, &format!("{query}&{until}&_count=2")).await;
             got.sort();
             assert_eq!(got, want, "{query}");
-            let counted = app.get_json(&format!("AuditEvent?{query}&{until}&_summary=count")).await;
+            let counted = app.get_json(&format!("AuditEvent?{query}&{until}&_summary=count&_count=1")).await;
             assert_eq!(counted["total"], want.len(), "{query}: count");
+            assert!(counted["link"].as_array().unwrap().iter().all(|l| l["relation"] != "next"), "{query}: a count has no next page");
             let first = app.get_json(&format!("AuditEvent?{query}&{until}&_total=accurate&_count=1")).await;
             assert_eq!(first["total"], want.len(), "{query}: _total");
         }
@@ -310,6 +311,39 @@ both_backends! {
         let b = app.get_json(&format!("AuditEvent?subtype=read&entity-role=4&{until}&_include=AuditEvent:entity")).await;
         let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
         assert!(included.contains(&made[0].as_str()) && included.contains(&made[2].as_str()), "{included:?}");
+
+        // A token whose scope names a code (SMART v2 `?subtype=read`) sees only such events, in
+        // a search and through `_revinclude` from the messages.
+        let reader = courier::auth::clients::add(&app.store, "audit reader", courier::auth::clients::KeySource::Document(es384_key().1.to_string()),
+            "system/Communication.rs system/AuditEvent.rs").unwrap();
+        let reads_only = client_with_token(&issue(&app.tokens, &reader, "system/Communication.rs system/AuditEvent.rs?subtype=read", None, None));
+        let mut want: Vec<String> = all.iter().filter(|e| subtypes(e).contains(&"read".to_string())).map(id).collect();
+        want.sort();
+        let mut got = audit_ids(&app, &reads_only, &format!("{until}&_count=2")).await;
+        got.sort();
+        assert_eq!(got, want, "the scope's subtype");
+        let r = reads_only.get(app.url(&format!("Communication?_id={}&_revinclude=AuditEvent:entity", made[0]))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let b: Value = r.json().await.unwrap();
+        let revincluded: Vec<&Value> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| &e["resource"]).collect();
+        assert!(!revincluded.is_empty(), "the read of {} is included", made[0]);
+        assert!(revincluded.iter().all(|e| e["subtype"][0]["code"] == "read"), "only reads: {revincluded:?}");
+
+        // A search that would check more candidates on their bodies than the store allows is
+        // refused as too costly, naming the parameter; one whose page fills first is answered.
+        app.store.body_candidates.store(3, std::sync::atomic::Ordering::Relaxed);
+        for query in ["type=110100", "type=rest&_summary=count", "_sort=subtype", "subtype=read&_total=accurate"] {
+            let r = app.get(&format!("AuditEvent?{query}")).await;
+            assert_eq!(r.status(), 400, "{query}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["issue"][0]["code"], "too-costly", "{query}: {oo}");
+            let code = query.split(['=', '&']).next().unwrap().trim_start_matches("_sort");
+            let named = if code.is_empty() { "subtype" } else { code };
+            assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains(named), "{query}: {oo}");
+        }
+        assert_eq!(app.get("AuditEvent?type=rest&_count=1").await.status(), 200);
+        assert_eq!(audit_ids(&app, &app.client, &format!("patient=Patient/q2&subtype=create&{until}")).await.len(), 1);
+        app.store.body_candidates.store(courier::store::BODY_CANDIDATES, std::sync::atomic::Ordering::Relaxed);
 
         // None of these codes has an index row; the outcome keeps its own.
         let n = |sql: &str| -> i64 {

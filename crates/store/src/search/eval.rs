@@ -162,3 +162,140 @@ pub fn needs_body(c: &Condition) -> bool {
         Condition::Id { .. } | Condition::LastUpdated(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::search::ParamType;
+
+    fn date(lo: i64, hi: i64) -> Entry {
+        Entry::Date {
+            param: "T.d".into(),
+            lo,
+            hi,
+        }
+    }
+
+    fn cond(values: &[(Prefix, i64, i64)]) -> Condition {
+        Condition::Date {
+            key: "T.d".into(),
+            values: values.to_vec(),
+        }
+    }
+
+    #[test]
+    fn dates_match_as_the_sql_does() {
+        // Stored 10..=19 (a day, say), searched 10..=19, 0..=9, 20..=29.
+        let e = [date(10, 19)];
+        let yes = |p, l, h| admits(&cond(&[(p, l, h)]), &e, None);
+        assert!(yes(Prefix::Eq, 10, 19) && !yes(Prefix::Eq, 12, 19));
+        assert!(yes(Prefix::Gt, 0, 9) && !yes(Prefix::Gt, 10, 19));
+        assert!(yes(Prefix::Lt, 20, 29) && !yes(Prefix::Lt, 10, 19));
+        assert!(yes(Prefix::Ge, 10, 19) && yes(Prefix::Ge, 0, 9) && !yes(Prefix::Ge, 20, 29));
+        assert!(yes(Prefix::Le, 10, 19) && yes(Prefix::Le, 20, 29) && !yes(Prefix::Le, 0, 9));
+        assert!(yes(Prefix::Sa, 0, 9) && !yes(Prefix::Sa, 5, 10));
+        assert!(yes(Prefix::Eb, 20, 29) && !yes(Prefix::Eb, 19, 29));
+        // `ne`: a value, and none within the searched range; a list of `ne`: none within all.
+        assert!(yes(Prefix::Ne, 0, 9) && !yes(Prefix::Ne, 10, 19));
+        assert!(
+            !admits(&cond(&[(Prefix::Ne, 0, 9)]), &[], None),
+            "no value: no match"
+        );
+        let two = [date(10, 19), date(30, 39)];
+        assert!(admits(&cond(&[(Prefix::Ne, 10, 19)]), &two, None));
+        assert!(admits(
+            &cond(&[(Prefix::Ne, 10, 19), (Prefix::Ne, 0, 9)]),
+            &e,
+            None
+        ));
+        // A list with other prefixes: any value under its own prefix.
+        assert!(admits(
+            &cond(&[(Prefix::Gt, 50, 59), (Prefix::Ne, 0, 9)]),
+            &e,
+            None
+        ));
+    }
+
+    #[test]
+    fn tokens_strings_missing_and_the_row() {
+        let e = [
+            Entry::Token {
+                param: "T.t".into(),
+                system: Some("http://s".into()),
+                code: "a".into(),
+            },
+            Entry::Token {
+                param: "T.t".into(),
+                system: None,
+                code: "b".into(),
+            },
+            Entry::Str {
+                param: "T.s".into(),
+                norm: "courier app".into(),
+                raw: "Courier App".into(),
+            },
+        ];
+        let tok = |not, v: TokenValue| Condition::Token {
+            key: "T.t".into(),
+            not,
+            values: vec![v],
+        };
+        let sc = |s: Option<&str>, c: Option<&str>| {
+            TokenValue::SystemCode(s.map(String::from), c.map(String::from))
+        };
+        assert!(admits(&tok(false, TokenValue::Code("a".into())), &e, None));
+        assert!(admits(
+            &tok(false, sc(Some("http://s"), Some("a"))),
+            &e,
+            None
+        ));
+        assert!(
+            !admits(&tok(false, sc(None, Some("a"))), &e, None),
+            "|a: no system"
+        );
+        assert!(admits(&tok(false, sc(None, Some("b"))), &e, None));
+        assert!(admits(&tok(false, sc(Some("http://s"), None)), &e, None));
+        assert!(!admits(&tok(true, TokenValue::Code("a".into())), &e, None));
+        assert!(admits(&tok(true, TokenValue::Code("z".into())), &e, None));
+        let s = |mode, v: &str| Condition::Str {
+            key: "T.s".into(),
+            mode,
+            values: vec![v.into()],
+        };
+        assert!(admits(&s(StringMatch::Prefix, "cour"), &e, None));
+        assert!(!admits(&s(StringMatch::Prefix, "app"), &e, None));
+        assert!(admits(&s(StringMatch::Contains, "r ap"), &e, None));
+        assert!(admits(&s(StringMatch::Exact, "Courier App"), &e, None));
+        assert!(!admits(&s(StringMatch::Exact, "courier app"), &e, None));
+        let missing = |key: &str, missing| Condition::Missing {
+            key: key.into(),
+            kind: ParamType::Token,
+            missing,
+        };
+        assert!(
+            admits(&missing("T.t", false), &e, None) && !admits(&missing("T.t", true), &e, None)
+        );
+        assert!(admits(&missing("T.x", true), &e, None));
+        let row = Row {
+            id: "m1",
+            last_updated: 15,
+        };
+        let id = |not| Condition::Id {
+            not,
+            ids: vec!["m1".into()],
+        };
+        assert!(admits(&id(false), &e, Some(row)) && !admits(&id(true), &e, Some(row)));
+        assert!(
+            !admits(&id(false), &e, None),
+            "no row: refused, not guessed"
+        );
+        let lu = Condition::LastUpdated(vec![(Prefix::Ge, 10, 14)]);
+        assert!(admits(&lu, &e, Some(row)));
+        let any = Condition::AnyOf(vec![
+            vec![id(true)],
+            vec![tok(false, TokenValue::Code("b".into()))],
+        ]);
+        assert!(admits(&any, &e, Some(row)));
+        assert!(!admits(&Condition::AnyOf(vec![]), &e, Some(row)));
+    }
+}

@@ -177,6 +177,21 @@ pub fn page(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect
     q
 }
 
+/// The row ids of the first `limit` matches, in the search's order (the candidates of a search
+/// checked on bodies).
+pub fn candidates(
+    res_type: &str,
+    req: &SearchRequest,
+    snapshot: i64,
+    dialect: Dialect,
+    limit: usize,
+) -> Sql {
+    let mut q = ordered(res_type, req, snapshot, dialect);
+    q.push(" LIMIT ");
+    q.bind(limit as i64);
+    q
+}
+
 /// The row ids of every match, in the search's order (no page).
 pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let mut q = Sql::new();

@@ -321,6 +321,11 @@ pub struct SearchPage {
     pub snapshot: i64,
 }
 
+/// At most this many candidates of a search are checked on their bodies (`search::UNSTORED`):
+/// each is read, decrypted and decompressed (~10k take a few hundred milliseconds), on one pooled
+/// connection. A search that would need more is refused as too costly, naming how to narrow it.
+pub const BODY_CANDIDATES: usize = 10_000;
+
 /// At most this many resources are added by `_include`/`_revinclude` to one page.
 pub const MAX_INCLUDED: usize = 1000;
 
@@ -362,6 +367,9 @@ pub struct Store {
     pub key_file: Option<std::path::PathBuf>,
     /// The audit chain's HMAC key, once loaded (see `audit::chain`).
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
+    /// The most candidates a search checks on their bodies (`search::UNSTORED`); more, and the
+    /// search is refused as too costly. [`BODY_CANDIDATES`] unless a test lowers it.
+    pub body_candidates: std::sync::atomic::AtomicUsize,
     /// Whether writes succeed now (see [`health`]).
     pub health: health::WriteHealth,
     /// Bodies are compressed before they are sealed ([`compress`]); off only to measure what it
@@ -572,6 +580,7 @@ impl Store {
                 hooks,
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
+                body_candidates: std::sync::atomic::AtomicUsize::new(BODY_CANDIDATES),
                 health: Default::default(),
                 compress_bodies: std::sync::atomic::AtomicBool::new(true),
             }
@@ -1549,9 +1558,11 @@ impl Store {
         rids: &[i64],
         g: &Condition,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
-        refuse_body_condition(g)?;
         let mut out = std::collections::HashSet::new();
         let mut c = self.db.get()?;
+        if eval::needs_body(g) {
+            return with_conn!(c, |c| self.admitted_on_bodies(c, rids, g));
+        }
         for chunk in rids.chunks(500) {
             let rows: Vec<RidRow> = with_conn!(c, |c| {
                 let q = sql::admits_many(chunk, g, dialect(c));
@@ -1570,9 +1581,41 @@ impl Store {
 
     /// Does the live resource `rid` meet the access policy's condition `g`?
     fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
-        refuse_body_condition(g)?;
+        if eval::needs_body(g) {
+            return Ok(self.admitted_on_bodies(c, &[rid], g)?.contains(&rid));
+        }
         let q = sql::admits(rid, g, dialect(c));
         Ok(!c.load::<RidRow>(&q.text, q.binds)?.is_empty())
+    }
+
+    /// Which of the live resources `rids` meet `g`, a condition that names a parameter without
+    /// index rows (an access token's scope may, `system/AuditEvent.rs?subtype=read`): checked
+    /// on each one's current body.
+    fn admitted_on_bodies<C: Conn>(
+        &self,
+        c: &mut C,
+        rids: &[i64],
+        g: &Condition,
+    ) -> Result<HashSet<i64>, StoreError> {
+        let mut out = HashSet::new();
+        for (rid, s) in self.bodies_by_rid(c, rids)? {
+            let Some(value) = s
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+            else {
+                continue;
+            };
+            let entries = index::entries(&self.registry, &s.res_type, &value, &self.base_url);
+            let row = eval::Row {
+                id: &s.id,
+                last_updated: s.last_updated,
+            };
+            if eval::admits(g, &entries, Some(row)) {
+                out.insert(rid);
+            }
+        }
+        Ok(out)
     }
 
     fn head<C: Conn>(
@@ -1949,8 +1992,13 @@ impl Store {
         if sort_on_body {
             candidates.sort.clear(); // sorted below, from the bodies
         }
-        let q = sql::ordered(res_type, &candidates, snapshot, dialect(c));
-        let rids: Vec<RidRow> = c.load(&q.text, q.binds)?;
+        let limit = self
+            .body_candidates
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let q = sql::candidates(res_type, &candidates, snapshot, dialect(c), limit + 1);
+        let mut rids: Vec<RidRow> = c.load(&q.text, q.binds)?;
+        let more = rids.len() > limit;
+        rids.truncate(limit);
         let want_total = req.total == Total::Accurate || req.summary_count;
         let every = want_total || sort_on_body;
         let window = req.offset..req.offset + req.count;
@@ -1989,6 +2037,36 @@ impl Store {
                 break;
             }
         }
+        if more && (every || found <= window.end) {
+            let names: Vec<&str> = on_body
+                .iter()
+                .flat_map(condition_keys)
+                .chain(req.sort.iter().filter_map(|k| match k {
+                    SortKey::Param { key, .. } if crate::search::is_unstored(key) => {
+                        Some(key.as_str())
+                    }
+                    _ => None,
+                }))
+                .filter(|k| crate::search::is_unstored(k))
+                .map(|k| k.split_once('.').map_or(k, |(_, code)| code))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Err(StoreError::Invalid(vec![Issue {
+                code: "too-costly",
+                expression: String::new(),
+                diagnostics: format!(
+                    "{} has no index: this search would check it on more than {limit} {res_type}s \
+                     one by one{}; narrow it by another parameter (patient, agent, entity, date)",
+                    names.join(", "),
+                    if every {
+                        " (for its total or its sort)"
+                    } else {
+                        ""
+                    }
+                ),
+            }]));
+        }
         if sort_on_body {
             keyed.sort_by(|a, b| compare_sorted(&req.sort, a, b));
             let rids: Vec<i64> = keyed
@@ -1999,7 +2077,7 @@ impl Store {
                 .collect();
             page = self.bodies_by_rid(c, &rids)?;
         }
-        let has_next = found > window.end;
+        let has_next = found > window.end && !req.summary_count;
         let total = if want_total {
             Some(found as i64)
         } else {
@@ -2394,12 +2472,9 @@ pub fn multi_insert<C: Conn>(
 
 /// The stored JSON: `resourceType`, `id`, `meta` (with `versionId`/`lastUpdated` set, the client's
 /// profile/tag/security kept), then every other member exactly as received.
-/// The patient whose data key seals a resource: a message's patient (subject, sender, recipient),
-/// a Binary's `securityContext` patient. AuditEvents are sealed per month, not per patient: the
-/// audit trail outlives an erasure (its own retention, GDPR Art. 17(3)(b)).
-/// The access checks outside a search are SQL alone: a condition on a parameter without index
-/// rows (`search::UNSTORED`, which the access policy never names) would match nothing there, so
-/// it is an error instead.
+/// History filters its versions by the access condition in SQL: a condition on a parameter
+/// without index rows (`search::UNSTORED`; only AuditEvent has any, and it has no history) would
+/// match nothing there, so it is an error instead.
 fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
     if eval::needs_body(g) {
         return Err(StoreError::Other(anyhow::anyhow!(
@@ -2407,6 +2482,19 @@ fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// The parameter keys a condition names.
+fn condition_keys(c: &Condition) -> Vec<&str> {
+    match c {
+        Condition::AnyOf(groups) => groups.iter().flatten().flat_map(condition_keys).collect(),
+        Condition::Token { key, .. }
+        | Condition::Reference { key, .. }
+        | Condition::Date { key, .. }
+        | Condition::Str { key, .. }
+        | Condition::Missing { key, .. } => vec![key.as_str()],
+        Condition::Id { .. } | Condition::LastUpdated(_) => vec![],
+    }
 }
 
 /// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
@@ -2489,6 +2577,9 @@ fn compare_sorted(
     a.1.cmp(&b.1)
 }
 
+/// The patient whose data key seals a resource: a message's patient (subject, sender, recipient),
+/// a Binary's `securityContext` patient. AuditEvents are sealed per month, not per patient: the
+/// audit trail outlives an erasure (its own retention, GDPR Art. 17(3)(b)).
 fn scope_patient(res_type: &str, value: &Value, base_url: &str) -> Option<String> {
     // A reference to a Patient of this server (relative, or absolute under the base URL).
     let local_patient = |r: &str| {
