@@ -201,8 +201,11 @@ mod tests {
             !admits(&cond(&[(Prefix::Ne, 0, 9)]), &[], None),
             "no value: no match"
         );
+        // One value within the range excludes the resource, whatever its others (as the SQL's
+        // `rid NOT IN (…)`).
         let two = [date(10, 19), date(30, 39)];
-        assert!(admits(&cond(&[(Prefix::Ne, 10, 19)]), &two, None));
+        assert!(!admits(&cond(&[(Prefix::Ne, 10, 19)]), &two, None));
+        assert!(admits(&cond(&[(Prefix::Ne, 50, 59)]), &two, None));
         assert!(admits(
             &cond(&[(Prefix::Ne, 10, 19), (Prefix::Ne, 0, 9)]),
             &e,
