@@ -49,6 +49,16 @@ const PATIENT_PARAMS: [&str; 7] = [
     "CommunicationRequest.recipient",
 ];
 
+/// How many resources of a retention class (`?`) are past their period (updated before `?`),
+/// AuditEvents aside (the audit trail is cut from the start of its chain). Read through
+/// `resources_retention`, which holds no AuditEvent (its `WHERE res_type <> 'AuditEvent'` is
+/// repeated here, so that both databases use it).
+pub const EXPIRED_COUNT: &str = "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE retention_class = ? AND last_updated < ? AND res_type <> 'AuditEvent'";
+
+/// The next page of them after row id `?` (see [`EXPIRED_COUNT`]).
+pub const EXPIRED_PAGE: &str = "SELECT rid, res_type, fhir_id FROM resources WHERE retention_class = ? AND last_updated < ? AND rid > ? \
+     AND res_type <> 'AuditEvent' ORDER BY rid LIMIT ?";
+
 /// The parameters by which a message attaches a Binary.
 const ATTACHMENT_PARAMS: [&str; 2] = [
     "Communication.attachment",
@@ -445,7 +455,7 @@ pub fn purge(
     let mut total = 0usize;
     for (class, period) in &classes {
         let n = store.query::<Count>(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE retention_class = ? AND last_updated < ? AND res_type <> 'AuditEvent'",
+            EXPIRED_COUNT,
             vec![class.clone().into(), (as_of - period).into()],
         )?[0]
             .n;
@@ -458,9 +468,13 @@ pub fn purge(
         let mut removed = 0usize;
         loop {
             let page: Vec<Target> = store.query(
-                "SELECT rid, res_type, fhir_id FROM resources WHERE retention_class = ? AND last_updated < ? AND rid > ? \
-                 AND res_type <> 'AuditEvent' ORDER BY rid LIMIT ?",
-                vec![class.clone().into(), cutoff.into(), after.into(), (BATCH as i64).into()],
+                EXPIRED_PAGE,
+                vec![
+                    class.clone().into(),
+                    cutoff.into(),
+                    after.into(),
+                    (BATCH as i64).into(),
+                ],
             )?;
             let Some(last) = page.last() else { break };
             after = last.rid;

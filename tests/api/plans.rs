@@ -323,3 +323,37 @@ async fn the_narrowest_condition_drives_and_the_others_are_probed_per_match() {
         }
     }
 }
+
+/// The retention purge finds what is past its period through `resources_retention`, which since
+/// issue 24 holds no AuditEvent (a partial index: SQLite uses it only when the query repeats its
+/// condition). Without the index each daily pass would read every resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_purge_reads_its_partial_index() {
+    use courier::compliance::purge::{EXPIRED_COUNT, EXPIRED_PAGE};
+    let app = sqlite_app().await;
+    #[derive(QueryableByName)]
+    struct Def {
+        #[diesel(sql_type = Text)]
+        sql: String,
+    }
+    let def: Vec<Def> = app
+        .store
+        .query(
+            "SELECT sql FROM sqlite_master WHERE name = 'resources_retention'",
+            vec![],
+        )
+        .unwrap();
+    assert!(
+        def[0].sql.contains("WHERE res_type <> 'AuditEvent'"),
+        "{}",
+        def[0].sql
+    );
+    for sql in [EXPIRED_COUNT, EXPIRED_PAGE] {
+        let steps = plan(&app, sql);
+        assert!(
+            steps.iter().any(|(d, _)| d
+                .contains("INDEX resources_retention (retention_class=? AND last_updated<?)")),
+            "{sql}: {steps:?}"
+        );
+    }
+}
