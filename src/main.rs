@@ -603,7 +603,11 @@ fn audit_verify(settings: &Settings) -> anyhow::Result<()> {
             Ok(())
         }
         courier::audit::chain::Verdict::Broken { seq, audit_id, why } => {
-            println!("BROKEN at link {seq} (AuditEvent/{audit_id}): {why}");
+            if audit_id.is_empty() {
+                println!("BROKEN at link {seq}: {why}");
+            } else {
+                println!("BROKEN at link {seq} (AuditEvent/{audit_id}): {why}");
+            }
             std::process::exit(1);
         }
     }

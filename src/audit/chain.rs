@@ -1,7 +1,8 @@
 //! The tamper-evident audit chain.
 //!
 //! The leader seals every stored AuditEvent version, in the order it finds them, into one global
-//! chain: `hash = HMAC-SHA-256(chain key, previous hash | vid | id | key id | SHA-256(ciphertext))`.
+//! chain: `hash = HMAC-SHA-256(chain key, previous hash | vid | id | key id | SHA-256(ciphertext))`
+//! (the previous hash in hex; each link stores its hash's 32 bytes and the version row it seals).
 //! It hashes the row exactly as stored (never re-serialised JSON), so any edit of a sealed row, its
 //! replacement by another valid row, or its deletion breaks the chain; `courier audit verify` walks
 //! it and names the first broken link. The chain key is random, kept sealed under Courier's system
@@ -39,17 +40,36 @@ struct Row {
     body: Vec<u8>,
 }
 
-/// One link of the chain (also read by the audit trail's retention purge).
+/// One link of the chain (also read by the audit trail's retention purge). The hash is stored as
+/// its 32 bytes; the chain is computed over the hex form (`link`, `hex`).
 #[derive(QueryableByName)]
 pub(crate) struct Link {
     #[diesel(sql_type = BigInt)]
     pub(crate) seq: i64,
     #[diesel(sql_type = BigInt)]
     pub(crate) vid: i64,
+    #[diesel(sql_type = Binary)]
+    pub(crate) hash: Vec<u8>,
+}
+
+/// A stored hash in the hex form the chain is computed over.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A link's hex hash (as `link` returns it) as the bytes stored.
+fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .filter_map(|i| hex.get(i..i + 2))
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect()
+}
+
+#[derive(QueryableByName)]
+struct AnchorHash {
     #[diesel(sql_type = Text)]
-    pub(crate) audit_id: String,
-    #[diesel(sql_type = Text)]
-    pub(crate) hash: String,
+    hash: String,
 }
 
 #[derive(QueryableByName)]
@@ -71,11 +91,7 @@ pub(crate) fn link(
     h.update(prev.as_bytes());
     h.update(format!("|{vid}|{id}|{key_id}|").as_bytes());
     h.update(&Sha256::digest(body));
-    h.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&h.finalize().into_bytes())
 }
 
 #[derive(QueryableByName)]
@@ -130,7 +146,7 @@ pub(crate) fn chain_key(store: &Store) -> Result<Vec<u8>, StoreError> {
 fn last_link(store: &Store) -> Result<Option<Link>, StoreError> {
     Ok(store
         .query::<Link>(
-            "SELECT seq, vid, audit_id, hash FROM audit_chain ORDER BY seq DESC LIMIT 1",
+            "SELECT seq, vid, hash FROM audit_chain ORDER BY seq DESC LIMIT 1",
             vec![],
         )?
         .into_iter()
@@ -153,13 +169,10 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     }
     let key = chain_key(store)?;
     let mut prev = match last_link(store)? {
-        Some(l) => l.hash,
+        Some(l) => hex(&l.hash),
         // Every link was cut by the retention purge: the chain goes on from its anchor.
         None => store
-            .query::<Link>(
-                "SELECT seq, seq AS vid, '' AS audit_id, hash FROM audit_chain_anchor WHERE id = 1",
-                vec![],
-            )?
+            .query::<AnchorHash>("SELECT hash FROM audit_chain_anchor WHERE id = 1", vec![])?
             .into_iter()
             .next()
             .map_or(GENESIS.to_string(), |a| a.hash),
@@ -168,7 +181,7 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let mut links = Vec::with_capacity(rows.len());
     for r in &rows {
         let hash = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
-        links.push((r.vid, r.fhir_id.clone(), hash.clone()));
+        links.push((r.vid, unhex(&hash)));
         prev = hash;
     }
     // One transaction for the batch (one commit, not one per AuditEvent).
@@ -177,13 +190,12 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     crate::with_conn!(c, |c| {
         use crate::store::db::Conn;
         c.write_tx(|c| -> Result<(), StoreError> {
-            for (vid, id, hash) in &links {
+            for (vid, hash) in &links {
                 c.execute(
-                    "INSERT INTO audit_chain (vid, audit_id, hash, sealed_at) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO audit_chain (vid, hash, sealed_at) VALUES (?, ?, ?)",
                     vec![
                         (*vid).into(),
-                        id.clone().into(),
-                        hash.clone().into(),
+                        crate::store::db::Bind::Blob(hash.clone()),
                         now.into(),
                     ],
                 )?;
@@ -271,7 +283,7 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
     let mut links = 0usize;
     loop {
         let page: Vec<Link> = store.query(
-            "SELECT seq, vid, audit_id, hash FROM audit_chain WHERE seq > ? ORDER BY seq LIMIT 2000",
+            "SELECT seq, vid, hash FROM audit_chain WHERE seq > ? ORDER BY seq LIMIT 2000",
             vec![after.into()],
         )?;
         let Some(last) = page.last().map(|l| l.seq) else {
@@ -285,26 +297,20 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
             let Some(r) = rows.into_iter().next() else {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
-                    audit_id: l.audit_id,
-                    why: "the sealed AuditEvent row is gone".into(),
+                    audit_id: String::new(),
+                    why: format!("the sealed AuditEvent row (version row {}) is gone", l.vid),
                 });
             };
-            if r.fhir_id != l.audit_id {
-                return Ok(Verdict::Broken {
-                    seq: l.seq,
-                    audit_id: l.audit_id,
-                    why: format!("the row now belongs to AuditEvent/{}", r.fhir_id),
-                });
-            }
+            // The AuditEvent's id is part of the hash: a row moved to another id breaks it too.
             let expect = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
-            if expect != l.hash {
+            if expect != hex(&l.hash) {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
-                    audit_id: l.audit_id,
+                    audit_id: r.fhir_id,
                     why: "the row or the chain was changed after it was sealed".into(),
                 });
             }
-            prev = l.hash;
+            prev = expect;
             links += 1;
         }
         after = last;

@@ -612,7 +612,7 @@ fn audit_step<C: Conn>(
     };
     let (mut seq, mut prev) = anchor.unwrap_or((0, crate::audit::chain::GENESIS.to_string()));
     let rows: Vec<ChainRow> = c.load(
-        "SELECT c.seq, c.vid, c.audit_id, c.hash, r.rid, r.fhir_id, v.key_id, v.body, v.last_updated \
+        "SELECT c.seq, c.vid, c.hash, r.rid, r.fhir_id, v.key_id, v.body, v.last_updated \
          FROM audit_chain c LEFT JOIN resource_versions v ON v.vid = c.vid LEFT JOIN resources r ON r.rid = v.rid \
          WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
         vec![seq.into(), (BATCH as i64).into()],
@@ -649,10 +649,8 @@ fn audit_step<C: Conn>(
                 r.link.seq
             )));
         };
-        if *id != r.link.audit_id
-            || crate::audit::chain::link(chain_key, &prev, r.link.vid, id, key_id, body)
-                != r.link.hash
-        {
+        let hash = crate::audit::chain::link(chain_key, &prev, r.link.vid, id, key_id, body);
+        if hash != crate::audit::chain::hex(&r.link.hash) {
             return Err(StoreError::Other(anyhow::anyhow!(
                 "the audit chain is broken at link {}: not cutting it; see `courier audit verify`",
                 r.link.seq
@@ -679,11 +677,11 @@ fn audit_step<C: Conn>(
             }
         }
         seq = r.link.seq;
-        prev = r.link.hash.clone();
+        prev = hash;
         cut.push(Target {
             rid,
             res_type: "AuditEvent".into(),
-            fhir_id: r.link.audit_id.clone(),
+            fhir_id: id.clone(),
         });
     }
     if cut.is_empty() {

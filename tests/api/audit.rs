@@ -73,6 +73,60 @@ both_backends! {
         assert!(!audit_events(&app, "date=ge2020-01-01").await.is_empty());
     }
 
+    // Issue 24: a link keeps its hash as 32 bytes and no copy of the AuditEvent's id. A chain
+    // sealed before (the migration undone: hex hashes and ids again) is converted on upgrade and
+    // still verifies, and new links seal onto it.
+    async fn an_existing_chain_is_compacted_on_upgrade_and_still_verifies(app: TestApp) {
+        use courier::audit::chain::{seal, verify, Verdict};
+        for i in 0..4 {
+            app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", &format!("c{i}"))).await;
+        }
+        let sealed = |app: &TestApp| {
+            let _ = seal(&app.store);
+            verify(&app.store).unwrap()
+        };
+        let mut links = 0;
+        for _ in 0..100 {
+            if let Verdict::Intact { links: n, unsealed: 0 } = sealed(&app) {
+                links = n;
+                if n >= 4 { break; }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(links >= 4, "{:?}", verify(&app.store).unwrap());
+        let down = match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000400_compact_audit_chain/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000400_compact_audit_chain/down.sql"),
+        };
+        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            app.store.execute(stmt, vec![]).unwrap();
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Old {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            hash: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            audit_id: String,
+        }
+        let old: Vec<Old> = app.store.query("SELECT hash, audit_id FROM audit_chain ORDER BY seq", vec![]).unwrap();
+        assert!(old.iter().all(|o| o.hash.len() == 64 && !o.audit_id.is_empty()), "down.sql restores the old form");
+        assert_eq!(app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261210000400'", vec![]).unwrap(), 1);
+        let upgraded = spawn_instance_on(&app).await.unwrap();
+        match verify(&upgraded.store).unwrap() {
+            Verdict::Intact { links: n, .. } => assert!(n >= links, "{n} links after the upgrade, {links} before"),
+            v => panic!("the converted chain does not verify: {v:?}"),
+        }
+        upgraded.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after")).await;
+        let mut grown = false;
+        for _ in 0..100 {
+            if let Verdict::Intact { links: n, unsealed: 0 } = sealed(&upgraded) {
+                if n > links { grown = true; break; }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(grown, "{:?}", verify(&upgraded.store).unwrap());
+    }
+
     async fn a_write_and_its_audit_commit_together(app: TestApp) {
         let before = audit_events(&app, "subtype=create").await.len();
         let tx = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -147,7 +201,8 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
     let sealed: Vec<V> = app
         .store
         .query(
-            "SELECT vid, audit_id FROM audit_chain ORDER BY seq LIMIT 4",
+            "SELECT c.vid, r.fhir_id AS audit_id FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid \
+             JOIN resources r ON r.rid = v.rid ORDER BY c.seq LIMIT 4",
             vec![],
         )
         .unwrap();

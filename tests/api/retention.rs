@@ -477,13 +477,15 @@ both_backends! {
         }
         assert!(sealed >= 5, "sealed {sealed}: {:?}; own seals {own_seals:?}", chain::verify(&app.store).unwrap());
         // A broken link is never cut away: the purge refuses and changes nothing.
+        // (A link's hash is stored as its 32 bytes; the chain is computed over their hex form.)
         #[derive(QueryableByName)]
-        struct Link { #[diesel(sql_type = Text)] hash: String }
-        let second: Link = app.store.query::<Link>("SELECT hash FROM audit_chain ORDER BY seq LIMIT 1 OFFSET 1", vec![]).unwrap().remove(0);
-        app.store.execute("UPDATE audit_chain SET hash = 'forged' WHERE hash = ?", vec![second.hash.clone().into()]).unwrap();
+        struct Link { #[diesel(sql_type = diesel::sql_types::BigInt)] seq: i64, #[diesel(sql_type = diesel::sql_types::Binary)] hash: Vec<u8> }
+        let second: Link = app.store.query::<Link>("SELECT seq, hash FROM audit_chain ORDER BY seq LIMIT 1 OFFSET 1", vec![]).unwrap().remove(0);
+        assert_eq!(second.hash.len(), 32, "a link's hash is stored as its 32 bytes");
+        app.store.execute("UPDATE audit_chain SET hash = ? WHERE seq = ?", vec![courier::store::db::Bind::Blob(vec![0; 32]), second.seq.into()]).unwrap();
         let err = purge::purge(&app.store, now_micros() + 10 * DAY, false, None).unwrap_err();
         assert!(err.to_string().contains("broken at link"), "{err}");
-        app.store.execute("UPDATE audit_chain SET hash = ? WHERE hash = 'forged'", vec![second.hash.into()]).unwrap();
+        app.store.execute("UPDATE audit_chain SET hash = ? WHERE seq = ?", vec![courier::store::db::Bind::Blob(second.hash), second.seq.into()]).unwrap();
         // A held patient's AuditEvents stop the cut (it takes a prefix of the chain).
         assert!(purge::place_hold(&app.store, "Patient/p1", "audit matter").unwrap());
         let partial = purge::purge(&app.store, now_micros() + 10 * DAY, false, None).unwrap();
@@ -508,7 +510,7 @@ both_backends! {
             use sha2::{Digest, Sha256};
             #[derive(QueryableByName)]
             struct L { #[diesel(sql_type = diesel::sql_types::BigInt)] seq: i64, #[diesel(sql_type = diesel::sql_types::BigInt)] vid: i64,
-                #[diesel(sql_type = Text)] audit_id: String, #[diesel(sql_type = Text)] key_id: String,
+                #[diesel(sql_type = Text)] fhir_id: String, #[diesel(sql_type = Text)] key_id: String,
                 #[diesel(sql_type = diesel::sql_types::Binary)] body: Vec<u8> }
             app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "more")).await;
             app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "and more")).await;
@@ -522,17 +524,19 @@ both_backends! {
             struct A { #[diesel(sql_type = Text)] hash: String }
             let anchor = app.store.query::<A>("SELECT hash FROM audit_chain_anchor WHERE id = 1", vec![]).unwrap().remove(0);
             let links: Vec<L> = app.store.query(
-                "SELECT c.seq, c.vid, c.audit_id, v.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid ORDER BY c.seq", vec![]).unwrap();
+                "SELECT c.seq, c.vid, r.fhir_id, v.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid \
+                 JOIN resources r ON r.rid = v.rid ORDER BY c.seq", vec![]).unwrap();
             let victim = &links[0];
             app.store.execute("DELETE FROM audit_chain WHERE seq = ?", vec![victim.seq.into()]).unwrap();
             let mut prev = anchor.hash;
             for l in &links[1..] {
                 let mut h = Sha256::new();
                 h.update(prev.as_bytes());
-                h.update(format!("|{}|{}|{}|", l.vid, l.audit_id, l.key_id).as_bytes());
+                h.update(format!("|{}|{}|{}|", l.vid, l.fhir_id, l.key_id).as_bytes());
                 h.update(Sha256::digest(&l.body));
-                let hash: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-                app.store.execute("UPDATE audit_chain SET hash = ? WHERE seq = ?", vec![hash.clone().into(), l.seq.into()]).unwrap();
+                let bytes = h.finalize().to_vec();
+                let hash: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                app.store.execute("UPDATE audit_chain SET hash = ? WHERE seq = ?", vec![courier::store::db::Bind::Blob(bytes), l.seq.into()]).unwrap();
                 prev = hash;
             }
             assert!(matches!(chain::verify(&app.store).unwrap(), Verdict::Broken { .. }), "recomputed links verified");
@@ -542,10 +546,11 @@ both_backends! {
         // Cutting more of the chain by hand and moving the anchor over the gap is caught: the
         // anchor is sealed under a key only Courier holds.
         #[derive(QueryableByName)]
-        struct First { #[diesel(sql_type = diesel::sql_types::BigInt)] seq: i64, #[diesel(sql_type = Text)] hash: String }
+        struct First { #[diesel(sql_type = diesel::sql_types::BigInt)] seq: i64, #[diesel(sql_type = diesel::sql_types::Binary)] hash: Vec<u8> }
         let first: First = app.store.query::<First>("SELECT seq, hash FROM audit_chain ORDER BY seq LIMIT 1", vec![]).unwrap().remove(0);
         app.store.execute("DELETE FROM audit_chain WHERE seq <= ?", vec![first.seq.into()]).unwrap();
-        app.store.execute("UPDATE audit_chain_anchor SET seq = ?, hash = ? WHERE id = 1", vec![first.seq.into(), first.hash.into()]).unwrap();
+        let first_hex: String = first.hash.iter().map(|b| format!("{b:02x}")).collect();
+        app.store.execute("UPDATE audit_chain_anchor SET seq = ?, hash = ? WHERE id = 1", vec![first.seq.into(), first_hex.into()]).unwrap();
         match chain::verify(&app.store).unwrap() {
             Verdict::Broken { why, .. } => assert!(why.contains("anchor"), "{why}"),
             v => panic!("a moved anchor verified: {v:?}"),

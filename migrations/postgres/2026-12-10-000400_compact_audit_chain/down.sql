@@ -1,0 +1,3 @@
+ALTER TABLE audit_chain ALTER COLUMN hash TYPE TEXT USING encode(hash, 'hex');
+ALTER TABLE audit_chain ADD COLUMN audit_id TEXT NOT NULL DEFAULT '';
+UPDATE audit_chain SET audit_id = COALESCE((SELECT r.fhir_id FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = audit_chain.vid), '');
