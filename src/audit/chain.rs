@@ -57,15 +57,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A link's hex hash (as `link` returns it) as the bytes stored.
-fn unhex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .filter_map(|i| hex.get(i..i + 2))
-        .filter_map(|b| u8::from_str_radix(b, 16).ok())
-        .collect()
-}
-
 #[derive(QueryableByName)]
 struct AnchorHash {
     #[diesel(sql_type = Text)]
@@ -78,6 +69,7 @@ struct MaxRow {
     n: Option<i64>,
 }
 
+/// A link's hash, in the hex form the next link is computed over (see [`link_bytes`]).
 pub(crate) fn link(
     key: &[u8],
     prev: &str,
@@ -86,12 +78,17 @@ pub(crate) fn link(
     key_id: &str,
     body: &[u8],
 ) -> String {
+    hex(&link_bytes(key, prev, vid, id, key_id, body))
+}
+
+/// A link's hash as stored: its 32 bytes.
+fn link_bytes(key: &[u8], prev: &str, vid: i64, id: &str, key_id: &str, body: &[u8]) -> Vec<u8> {
     use hmac::{Hmac, Mac};
     let mut h = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     h.update(prev.as_bytes());
     h.update(format!("|{vid}|{id}|{key_id}|").as_bytes());
     h.update(&Sha256::digest(body));
-    hex(&h.finalize().into_bytes())
+    h.finalize().into_bytes().to_vec()
 }
 
 #[derive(QueryableByName)]
@@ -180,9 +177,9 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let now = now_micros();
     let mut links = Vec::with_capacity(rows.len());
     for r in &rows {
-        let hash = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
-        links.push((r.vid, unhex(&hash)));
-        prev = hash;
+        let hash = link_bytes(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
+        prev = hex(&hash);
+        links.push((r.vid, hash));
     }
     // One transaction for the batch (one commit, not one per AuditEvent).
     let _writer = store.exclusive_writer();
@@ -307,7 +304,11 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
                     audit_id: r.fhir_id,
-                    why: "the row or the chain was changed after it was sealed".into(),
+                    // The id the row carries now (an edit may have changed it too).
+                    why: format!(
+                        "the row (version row {}) or the chain was changed after it was sealed",
+                        l.vid
+                    ),
                 });
             }
             prev = expect;
