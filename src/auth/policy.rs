@@ -215,13 +215,16 @@ fn scope_query(scope: &Scope, registry: &Registry, base_url: &str) -> Option<Vec
     };
     let req = query::parse(registry, &scope.resource, &pairs, base_url, &limits).ok()?;
     // Positive token and reference conditions only: `:not` would also pass deleted resources
-    // (which have no index rows) and is refused.
+    // (which have no index rows) and is refused. And only on parameters that have index rows: a
+    // search's access condition must select its candidates in SQL, or a search by a token
+    // limited to, say, `AuditEvent?subtype=read` would check every AuditEvent's body (a cost,
+    // and a "too costly" answer, that depend on what the token cannot see).
     let ok = !req.conditions.is_empty()
         && req.conditions.iter().all(|c| {
             matches!(
                 c,
                 Condition::Token { not: false, .. } | Condition::Reference { .. }
-            )
+            ) && !courier_store::search::eval::needs_body(c)
         });
     ok.then_some(req.conditions)
 }
@@ -277,6 +280,7 @@ pub fn decide(
     }
     let mut groups: Vec<Vec<Condition>> = Vec::new();
     let mut named = false;
+    let mut unusable_filter = false;
     for scope in p
         .scopes
         .iter()
@@ -293,9 +297,9 @@ pub fn decide(
         } else {
             compartment(p, registry, res_type, scope.context, perm)
         };
-        let (Some(confinement), Some(mut conditions)) =
-            (confinement, scope_query(scope, registry, base_url))
-        else {
+        let query = scope_query(scope, registry, base_url);
+        unusable_filter |= query.is_none();
+        let (Some(confinement), Some(mut conditions)) = (confinement, query) else {
             continue;
         };
         if let Some(c) = confinement {
@@ -310,7 +314,12 @@ pub fn decide(
         groups.push(conditions);
     }
     if groups.is_empty() {
-        let why = if named {
+        let why = if named && unusable_filter {
+            format!(
+                "the token's scope for {res_type} filters by a parameter Courier cannot apply as an \
+                 access condition (positive token and reference parameters with an index only)"
+            )
+        } else if named {
             format!(
                 "the token's scopes name {res_type} but cannot apply here (no {} in context)",
                 if p.fhir_user.is_none() {
