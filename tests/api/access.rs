@@ -260,7 +260,7 @@ both_backends! {
                     while let Some(url) = next {
                         let (_, b) = seen.take(c.get(&url).send().await.unwrap()).await;
                         paged.extend(id_set(&b, "match"));
-                        next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+                        next = next_link(&b);
                     }
                     assert_eq!(paged, expected, "{name}: paging {t}");
                 } else {

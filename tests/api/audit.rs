@@ -230,25 +230,13 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
 
 /// Every AuditEvent `query` finds (all pages), by id.
 async fn audit_ids(app: &TestApp, client: &reqwest::Client, query: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut next = Some(app.url(&format!("AuditEvent?{query}")));
-    while let Some(url) = next {
-        let r = client.get(&url).send().await.unwrap();
-        assert_eq!(r.status(), 200, "{query}");
-        let b: Value = r.json().await.unwrap();
-        for e in b["entry"].as_array().into_iter().flatten() {
-            if e["search"]["mode"] == "match" {
-                out.push(e["resource"]["id"].as_str().unwrap().to_string());
-            }
-        }
-        next = b["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_string());
-    }
-    out
+    all_pages(client, app.url(&format!("AuditEvent?{query}")))
+        .await
+        .iter()
+        .flat_map(|b| b["entry"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn strs<'a>(v: &'a Value, path: &[&str]) -> Vec<&'a str> {

@@ -90,40 +90,19 @@ async fn assert_unavailable(r: reqwest::Response, what: &str) {
 
 /// The request ids the AuditEvents record.
 async fn audited_request_ids(app: &TestApp) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut next = Some(app.url("AuditEvent?_count=1000"));
-    while let Some(url) = next {
-        let b: Value = app
-            .client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.extend(
-            b["entry"]
+    all_pages(&app.client, app.url("AuditEvent?_count=1000"))
+        .await
+        .iter()
+        .flat_map(|b| b["entry"].as_array().unwrap().clone())
+        .flat_map(|e| {
+            e["resource"]["entity"]
                 .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|e| {
-                    e["resource"]["entity"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .filter(|en| en["type"]["code"] == "XrequestId")
-                .filter_map(|en| en["what"]["identifier"]["value"].as_str().map(String::from)),
-        );
-        next = b["link"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_string());
-    }
-    out
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|en| en["type"]["code"] == "XrequestId")
+        .filter_map(|en| en["what"]["identifier"]["value"].as_str().map(String::from))
+        .collect()
 }
 
 both_backends! {

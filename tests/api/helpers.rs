@@ -287,6 +287,29 @@ impl TestApp {
     }
 }
 
+/// The `next` link of a search Bundle, if it has one.
+pub fn next_link(bundle: &Value) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .map(|l| l["url"].as_str().unwrap().to_string())
+}
+
+/// Every page of the search at `url`, following `next` links; each page must answer 200.
+pub async fn all_pages(client: &reqwest::Client, url: String) -> Vec<Value> {
+    let mut pages = Vec::new();
+    let mut next = Some(url);
+    while let Some(url) = next {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let b: Value = r.json().await.unwrap();
+        next = next_link(&b);
+        pages.push(b);
+    }
+    pages
+}
+
 pub fn ids(bundle: &Value) -> Vec<String> {
     bundle["entry"]
         .as_array()

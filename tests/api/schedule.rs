@@ -195,10 +195,7 @@ async fn a_thousand_requests_across_instances_are_each_sent_once() {
                 orphan_lateness.push(late);
             }
         }
-        next = page["link"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
-            .map(|l| l["url"].as_str().unwrap().to_string());
+        next = next_link(&page);
     }
     assert_eq!(per_request.len(), n, "every request sent");
     assert!(per_request.values().all(|&c| c == 1), "none sent twice");

@@ -237,7 +237,7 @@ both_backends! {
         }
         let first = app.get_json("Communication?recipient=Patient/inbox&_sort=-sent&_count=2").await;
         let mut seen = ids(&first);
-        let mut next = first["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+        let mut next = next_link(&first);
         // A new, newest message arrives while the client pages.
         let late = app.create(&message("Patient/inbox", "2024-12-31", "late")).await;
         let mut saw_previous = false;
@@ -245,7 +245,7 @@ both_backends! {
             let page: Value = app.client.get(&url).send().await.unwrap().json().await.unwrap();
             saw_previous |= page["link"].as_array().unwrap().iter().any(|l| l["relation"] == "previous");
             seen.extend(ids(&page));
-            next = page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+            next = next_link(&page);
         }
         assert!(saw_previous);
         all.reverse();
@@ -371,7 +371,7 @@ both_backends! {
         assert_eq!(app.search_ids("Communication?recipient=Patient/sx&_sort=-sent,-status").await, desc);
         assert_eq!(app.search_ids("Communication?recipient=Patient/sx&_sort=-sent&_count=2").await, vec![year.clone(), noon.clone()]);
         let page2 = app.get_json("Communication?recipient=Patient/sx&_sort=-sent&_count=2").await;
-        let next = page2["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_string();
+        let next = next_link(&page2).unwrap();
         let p2: Value = app.client.get(&next).send().await.unwrap().json().await.unwrap();
         assert_eq!(ids(&p2), vec![tie.clone(), twice.clone()]);
         // Several values: either recipient.
@@ -493,7 +493,7 @@ both_backends! {
         while let Some(url) = next {
             let b: serde_json::Value = app.client.get(&url).send().await.unwrap().json().await.unwrap();
             seen.extend(b["entry"].as_array().into_iter().flatten().map(|e| e["resource"]["id"].as_str().unwrap().to_string()));
-            next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").map(|l| l["url"].as_str().unwrap().to_string());
+            next = next_link(&b);
         }
         assert_eq!(sorted(seen), sorted(vec![a, b, d, f]));
     }

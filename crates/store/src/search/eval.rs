@@ -152,14 +152,19 @@ pub fn date_matches(prefix: Prefix, lo: i64, hi: i64, pl: i64, ph: i64) -> bool 
 /// Does `c` name a parameter that has no index rows ([`super::UNSTORED`]), so that SQL cannot
 /// decide it?
 pub fn needs_body(c: &Condition) -> bool {
+    keys(c).into_iter().any(super::is_unstored)
+}
+
+/// The parameter keys `c` names (none for `_id` and `_lastUpdated`).
+pub fn keys(c: &Condition) -> Vec<&str> {
     match c {
-        Condition::AnyOf(groups) => groups.iter().flatten().any(needs_body),
+        Condition::AnyOf(groups) => groups.iter().flatten().flat_map(keys).collect(),
         Condition::Token { key, .. }
         | Condition::Reference { key, .. }
         | Condition::Date { key, .. }
         | Condition::Str { key, .. }
-        | Condition::Missing { key, .. } => super::is_unstored(key),
-        Condition::Id { .. } | Condition::LastUpdated(_) => false,
+        | Condition::Missing { key, .. } => vec![key.as_str()],
+        Condition::Id { .. } | Condition::LastUpdated(_) => vec![],
     }
 }
 

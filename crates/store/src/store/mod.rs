@@ -1558,11 +1558,9 @@ impl Store {
         rids: &[i64],
         g: &Condition,
     ) -> Result<std::collections::HashSet<i64>, StoreError> {
+        refuse_body_condition(g)?;
         let mut out = std::collections::HashSet::new();
         let mut c = self.db.get()?;
-        if eval::needs_body(g) {
-            return with_conn!(c, |c| self.admitted_on_bodies(c, rids, g));
-        }
         for chunk in rids.chunks(500) {
             let rows: Vec<RidRow> = with_conn!(c, |c| {
                 let q = sql::admits_many(chunk, g, dialect(c));
@@ -1581,41 +1579,9 @@ impl Store {
 
     /// Does the live resource `rid` meet the access policy's condition `g`?
     fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
-        if eval::needs_body(g) {
-            return Ok(self.admitted_on_bodies(c, &[rid], g)?.contains(&rid));
-        }
+        refuse_body_condition(g)?;
         let q = sql::admits(rid, g, dialect(c));
         Ok(!c.load::<RidRow>(&q.text, q.binds)?.is_empty())
-    }
-
-    /// Which of the live resources `rids` meet `g`, a condition that names a parameter without
-    /// index rows (an access token's scope may, `system/AuditEvent.rs?subtype=read`): checked
-    /// on each one's current body.
-    fn admitted_on_bodies<C: Conn>(
-        &self,
-        c: &mut C,
-        rids: &[i64],
-        g: &Condition,
-    ) -> Result<HashSet<i64>, StoreError> {
-        let mut out = HashSet::new();
-        for (rid, s) in self.bodies_by_rid(c, rids)? {
-            let Some(value) = s
-                .body
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-            else {
-                continue;
-            };
-            let entries = index::entries(&self.registry, &s.res_type, &value, &self.base_url);
-            let row = eval::Row {
-                id: &s.id,
-                last_updated: s.last_updated,
-            };
-            if eval::admits(g, &entries, Some(row)) {
-                out.insert(rid);
-            }
-        }
-        Ok(out)
     }
 
     fn head<C: Conn>(
@@ -2038,19 +2004,15 @@ impl Store {
             }
         }
         if more && (every || found <= window.end) {
-            let names: Vec<&str> = on_body
+            let names: std::collections::BTreeSet<&str> = on_body
                 .iter()
-                .flat_map(condition_keys)
+                .flat_map(eval::keys)
                 .chain(req.sort.iter().filter_map(|k| match k {
-                    SortKey::Param { key, .. } if crate::search::is_unstored(key) => {
-                        Some(key.as_str())
-                    }
+                    SortKey::Param { key, .. } => Some(key.as_str()),
                     _ => None,
                 }))
                 .filter(|k| crate::search::is_unstored(k))
                 .map(|k| k.split_once('.').map_or(k, |(_, code)| code))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
                 .collect();
             return Err(StoreError::Invalid(vec![Issue {
                 code: "too-costly",
@@ -2058,7 +2020,7 @@ impl Store {
                 diagnostics: format!(
                     "{} has no index: this search would check it on more than {limit} {res_type}s \
                      one by one{}; narrow it by another parameter (patient, agent, entity, date)",
-                    names.join(", "),
+                    names.into_iter().collect::<Vec<_>>().join(", "),
                     if every {
                         " (for its total or its sort)"
                     } else {
@@ -2472,9 +2434,10 @@ pub fn multi_insert<C: Conn>(
 
 /// The stored JSON: `resourceType`, `id`, `meta` (with `versionId`/`lastUpdated` set, the client's
 /// profile/tag/security kept), then every other member exactly as received.
-/// History filters its versions by the access condition in SQL: a condition on a parameter
-/// without index rows (`search::UNSTORED`; only AuditEvent has any, and it has no history) would
-/// match nothing there, so it is an error instead.
+/// The access checks outside a search (history, `admits`) are SQL alone: a condition on a
+/// parameter without index rows (`search::UNSTORED`) would match nothing there, so it is an
+/// error instead. The access policy never makes one (a granular scope may not name such a
+/// parameter: `policy::scope_query`).
 fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
     if eval::needs_body(g) {
         return Err(StoreError::Other(anyhow::anyhow!(
@@ -2482,19 +2445,6 @@ fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
         )));
     }
     Ok(())
-}
-
-/// The parameter keys a condition names.
-fn condition_keys(c: &Condition) -> Vec<&str> {
-    match c {
-        Condition::AnyOf(groups) => groups.iter().flatten().flat_map(condition_keys).collect(),
-        Condition::Token { key, .. }
-        | Condition::Reference { key, .. }
-        | Condition::Date { key, .. }
-        | Condition::Str { key, .. }
-        | Condition::Missing { key, .. } => vec![key.as_str()],
-        Condition::Id { .. } | Condition::LastUpdated(_) => vec![],
-    }
 }
 
 /// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
