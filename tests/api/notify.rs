@@ -313,11 +313,19 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         // 3. The mail server is down: the notice waits and is retried; back up, it arrives once.
         smtp.stop();
         let third = write("Your prescription is ready", "Pharmacy").await;
-        tokio::time::sleep(Duration::from_millis(4000)).await;
-        let pending = notices(&app)
-            .into_iter()
-            .find(|n| n.about == format!("Communication/{third}"))
-            .unwrap();
+        // The notice falls due 2 s after the message and the sender looks every 2 s: wait for its
+        // first attempt (a fixed sleep raced the sender on a loaded machine), then check it waits.
+        let mut pending = None;
+        for _ in 0..150 {
+            pending = notices(&app)
+                .into_iter()
+                .find(|n| n.about == format!("Communication/{third}") && n.reason.is_some());
+            if pending.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pending = pending.unwrap_or_else(|| panic!("no attempt at {third}: {:?}", notices(&app)));
         assert_eq!(pending.state, "pending", "{pending:?}");
         assert!(
             pending
