@@ -176,7 +176,14 @@ async fn server(a: &Args, compress: bool) -> Server {
 }
 
 fn patient(i: usize) -> String {
-    format!("Patient/{i:08}-0000-4000-8000-000000000000")
+    // Shaped like the ids Courier assigns a linked person (`courier_store::ids::random_id`: 22
+    // base62 digits; a 36-character UUID before issue 24's fifth step).
+    format!(
+        "Patient/{}",
+        courier_store::ids::base62(
+            0x0193_7000_0000_7000_8000_0000_0000_0000 + i as u128 * 0x9E37_79B9_7F4A_7C15
+        )
+    )
 }
 
 /// `n` creates (or reads of `ids`) at `clients` concurrency; the ids created.

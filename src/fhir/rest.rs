@@ -283,8 +283,9 @@ async fn checked(
     Ok((incoming, c.guard, c.may_create))
 }
 
+/// A new resource id (`courier_store::ids`: a UUIDv7 in 22 base62 digits).
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    courier_store::ids::new_id()
 }
 
 // ----- create -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-//! Identity mapping between EHRs and Courier. Courier keeps its own identities (`Patient/{uuid}`,
-//! `Practitioner/{uuid}`, `RelatedPerson/{uuid}`); each is linked to the `(iss, EHR reference)`
+//! Identity mapping between EHRs and Courier. Courier keeps its own identities (`Patient/{id}`,
+//! `Practitioner/{id}`, `RelatedPerson/{id}`; a random id, `courier_store::ids::random_id`); each is linked to the `(iss, EHR reference)`
 //! pairs it is known by and to its business identifiers (`system|value`: MRN, NPI, …).
 //!
 //! [`link`] takes a Patient/Practitioner/RelatedPerson read from an EHR and finds its Courier
@@ -212,7 +212,7 @@ fn decide_and_link<C: Conn>(
             )))
         }
         (None, 0) => {
-            let new = format!("{kind}/{}", uuid::Uuid::new_v4());
+            let new = format!("{kind}/{}", courier_store::ids::random_id());
             c.execute(
                 "INSERT INTO identities (courier_ref, kind, created_at) VALUES (?, ?, ?)",
                 vec![

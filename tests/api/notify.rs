@@ -325,7 +325,8 @@ mod unread_messages_are_notified_by_email_with_no_phi {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let pending = pending.unwrap_or_else(|| panic!("no attempt at {third}: {:?}", notices(&app)));
+        let pending =
+            pending.unwrap_or_else(|| panic!("no attempt at {third}: {:?}", notices(&app)));
         assert_eq!(pending.state, "pending", "{pending:?}");
         assert!(
             pending

@@ -485,3 +485,63 @@ async fn postgres_group_commits_keep_every_answered_create_through_a_kill() {
         "one create AuditEvent per stored message"
     );
 }
+
+/// Whether `id` has the shape of the ids Courier assigns now (`courier_store::ids`).
+fn compact(id: &str) -> bool {
+    id.len() == 22 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+crate::both_backends! {
+    // Issue 24: the ids Courier assigns are 22 base62 digits, not 36-character UUIDs (each id is
+    // stored several times); a resource that kept a UUID id beside them reads, searches and
+    // updates as before.
+    async fn the_ids_courier_assigns_are_22_letters_and_digits(app: TestApp) {
+        let id = app.create(&message("Patient/p1", "2026-12-06T10:00:00Z", "hello")).await;
+        assert!(compact(&id), "{id}");
+        let audits = app
+            .get_json(&format!("AuditEvent?entity=Communication/{id}"))
+            .await;
+        let audit_ids = ids(&audits);
+        assert!(!audit_ids.is_empty(), "{audits}");
+        assert!(audit_ids.iter().all(|a| compact(a)), "{audit_ids:?}");
+        #[derive(diesel::QueryableByName)]
+        struct Key {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            key_id: String,
+        }
+        let keys: Vec<Key> = app
+            .store
+            .query("SELECT DISTINCT key_id FROM resource_versions", vec![])
+            .unwrap();
+        assert!(!keys.is_empty());
+        assert!(
+            keys.iter()
+                .all(|k| k.key_id.strip_prefix("dk-").is_some_and(compact)),
+            "{:?}",
+            keys.iter().map(|k| &k.key_id).collect::<Vec<_>>()
+        );
+        // A person first seen in an EHR gets a random id of the same shape.
+        let (person, _) = courier::smart::identity::link(
+            &app.store,
+            "https://ehr.example",
+            &|_| true,
+            &serde_json::json!({"resourceType": "Patient", "id": "mrn-1"}),
+        )
+        .unwrap();
+        let pid = person.strip_prefix("Patient/").unwrap();
+        assert!(compact(pid), "{person}");
+        // An id of the old shape beside the new ones.
+        let old = "01a24c36-757e-73f9-b1bb-9c29fd3026e7";
+        let mut m = message("Patient/p1", "2026-12-06T09:00:00Z", "old shape");
+        m["id"] = old.into();
+        let r = app.put(&format!("Communication/{old}"), &m).await;
+        assert_eq!(r.status(), 201);
+        let found = app.get_json("Communication?recipient=Patient/p1&_sort=sent").await;
+        assert_eq!(ids(&found), vec![old.to_string(), id.clone()]);
+        m["payload"][0]["contentString"] = "updated".into();
+        assert_eq!(app.put(&format!("Communication/{old}"), &m).await.status(), 200);
+        let read = app.get_json(&format!("Communication/{old}")).await;
+        assert_eq!(read["payload"][0]["contentString"], "updated");
+        assert_eq!(read["meta"]["versionId"], "2");
+    }
+}

@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod clock;
+pub mod ids;
 pub mod retention;
 pub mod search;
 pub mod store;

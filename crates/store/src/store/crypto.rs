@@ -215,7 +215,7 @@ impl Keyring {
     pub fn generate(&self) -> WrappedKey {
         let mut dk = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut dk);
-        let key_id = format!("dk-{}", uuid::Uuid::now_v7().simple());
+        let key_id = format!("dk-{}", crate::ids::new_id());
         let wrapped = self.masters.read()[0].wrap(&dk, &key_id);
         WrappedKey { key_id, wrapped }
     }

@@ -1319,9 +1319,9 @@ impl Store {
         Ok(())
     }
 
-    /// An AuditEvent drafted for insertion (a fresh UUIDv7 id).
+    /// An AuditEvent drafted for insertion (a fresh id, `crate::ids`).
     fn audit_draft(&self, event: Value) -> AuditDraft {
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = crate::ids::new_id();
         let incoming = Incoming::from_value(event);
         let draft = self.draft("AuditEvent", &id, None, Some(&incoming));
         AuditDraft {
