@@ -151,6 +151,15 @@ pub async fn authenticate(
             req.extensions_mut().insert(p);
             next.call(req).await.map(|r| r.map_into_left_body())
         }
+        // The database could not be asked (revocation, the user's groups): not the token's
+        // fault, so not 401 (a client would drop a good token) and not counted as a failed
+        // authentication; 503 with Retry-After, as for any storage outage.
+        Err(why) if why == UNCHECKED => {
+            let err = FhirError::unavailable(&format!("{UNCHECKED} (the database is unreachable)"));
+            Ok(req
+                .into_response(err.error_response())
+                .map_into_right_body())
+        }
         Err(why) => {
             let ctx = audit_context(req.request(), &state);
             let ip = abuse::client_ip(req.request(), &state.settings);

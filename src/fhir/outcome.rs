@@ -68,6 +68,21 @@ impl FhirError {
             format!("{why}; nothing was served or changed: retry later"),
         )
     }
+    /// 503 `transient` with `Retry-After` from a storage failure met while a request ran: nothing
+    /// was served, but a write's commit may have reached the database before it failed (a
+    /// connection lost during the commit leaves its outcome unknown), so this says so rather
+    /// than "nothing was changed", which would have a client send a saved message twice.
+    pub fn unavailable_in_flight(why: &str) -> FhirError {
+        FhirError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            format!(
+                "{why}; nothing was served: retry later. A write may have been saved if the \
+                 database failed while committing it: retry a create with If-None-Exist, or read \
+                 before writing again"
+            ),
+        )
+    }
     pub fn outcome(&self) -> Value {
         outcome(&self.issues, "error")
     }
@@ -99,7 +114,7 @@ impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> FhirError {
         if let Some(why) = crate::store::health::unavailable(&e) {
             tracing::error!(error = %e, "the database cannot be written");
-            return FhirError::unavailable(why);
+            return FhirError::unavailable_in_flight(why);
         }
         match e {
             StoreError::NotFound(t, id) => FhirError::not_found(format!("{t}/{id} is not known")),

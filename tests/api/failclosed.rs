@@ -11,6 +11,7 @@ use crate::both_backends;
 use crate::helpers::*;
 use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Makes the database "full": no write that needs new space succeeds.
 pub fn fill_disk(app: &TestApp) {
@@ -315,4 +316,135 @@ both_backends! {
         }
         assert_eq!(n, 1, "the restarted instance did not send its claimed message within 5 s");
     }
+}
+
+/// A TCP proxy to PostgreSQL that can be cut (every connection closed, new ones refused) and
+/// restored: the database becoming unreachable, as in a restart or a network partition.
+struct Cuttable {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Cuttable {
+    async fn start(upstream: String) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let (c, l) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let up = upstream.clone();
+                l.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                }));
+            }
+        });
+        Cuttable { port, cut, links }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.links.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PostgreSQL unreachable (found by a probe restarting it under load): a valid token is answered
+/// 503 with Retry-After, not 401 (a client would throw a good token away), and is not counted as
+/// a failed authentication; `/readyz` answers 503 promptly instead of hanging; a write's 503 does
+/// not claim that nothing was saved (its commit may have reached the database); and once the
+/// database is back, everything works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgresql_is_unreachable_good_tokens_get_503_and_readiness_says_so_at_once() {
+    let Some(url) = crate::helpers::postgres_url() else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let host = url
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:5432")
+        .to_string();
+    let proxy = Cuttable::start(host.clone()).await;
+    let port = proxy.port;
+    let app = spawn_app_with(Backend::Postgres, move |s| {
+        s.database_url = s
+            .database_url
+            .replacen(&host, &format!("127.0.0.1:{port}"), 1);
+        s.db_pool_size = 4;
+    })
+    .await
+    .unwrap();
+    let first = app
+        .create(&message("Patient/p1", "2026-12-06T10:00:00Z", "before"))
+        .await;
+    assert_eq!(app.get("readyz").await.status(), 200);
+
+    proxy.cut();
+    let t = std::time::Instant::now();
+    let r = app.get("readyz").await;
+    assert_eq!(r.status(), 503);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    for _ in 0..3 {
+        let r = app.get(&format!("Communication/{first}")).await;
+        assert_eq!(r.status(), 503, "not 401: the token is good");
+        assert!(r.headers().get("retry-after").is_some());
+        assert!(r.headers().get("www-authenticate").is_none());
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["code"], "transient", "{oo}");
+    }
+    let r = app
+        .post(
+            "Communication",
+            &message("Patient/p1", "2026-12-06T10:01:00Z", "during"),
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    let oo: Value = r.json().await.unwrap();
+    let said = oo["issue"][0]["diagnostics"].as_str().unwrap().to_string();
+    assert!(
+        !said.contains("changed") || said.contains("could not be checked"),
+        "a write's 503 never claims nothing changed unless it failed before any write: {said}"
+    );
+
+    proxy.restore();
+    let mut back = false;
+    for _ in 0..150 {
+        if app.get("readyz").await.status() == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(back, "ready again once the database is back");
+    let later = app
+        .create(&message("Patient/p1", "2026-12-06T10:02:00Z", "after"))
+        .await;
+    assert_eq!(
+        app.get(&format!("Communication/{later}")).await.status(),
+        200
+    );
+    // The good token was not refused as a failed authentication: no such AuditEvent.
+    let failures = app.get_json("AuditEvent?outcome=4,8").await;
+    assert!(
+        !failures.to_string().contains("could not be checked"),
+        "{failures}"
+    );
 }

@@ -39,7 +39,7 @@ pub struct TestApp {
 }
 
 /// PostgreSQL URL for tests: `COURIER_TEST_POSTGRES_URL`. Under CI a missing URL is a failure.
-fn postgres_url() -> Option<String> {
+pub fn postgres_url() -> Option<String> {
     match std::env::var("COURIER_TEST_POSTGRES_URL") {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
