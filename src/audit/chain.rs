@@ -40,6 +40,25 @@ struct Row {
     body: Vec<u8>,
 }
 
+/// A chained row as `verify` reads it: [`Row`], and what would hide it from searches.
+#[derive(QueryableByName)]
+struct CheckedRow {
+    #[diesel(sql_type = BigInt)]
+    vid: i64,
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
+    #[diesel(sql_type = Text)]
+    key_id: String,
+    #[diesel(sql_type = Binary)]
+    body: Vec<u8>,
+    /// Empty, or "resource type/version type" when either is not AuditEvent.
+    #[diesel(sql_type = Text)]
+    retyped: String,
+    /// Non-zero when the resource or its version is marked deleted.
+    #[diesel(sql_type = BigInt)]
+    hidden: i64,
+}
+
 /// One link of the chain (also read by the audit trail's retention purge). The hash is stored as
 /// its 32 bytes; the chain is computed over the hex form (`link`, `hex`).
 #[derive(QueryableByName)]
@@ -287,17 +306,52 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
             break;
         };
         for l in page {
-            let rows: Vec<Row> = store.query(
-                "SELECT v.vid, r.fhir_id, v.key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?",
+            let rows: Vec<CheckedRow> = store.query(
+                "SELECT v.vid, r.fhir_id, v.key_id, v.body, \
+                 CASE WHEN r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' THEN '' \
+                      ELSE r.res_type || '/' || v.res_type END AS retyped, \
+                 r.deleted + v.deleted AS hidden \
+                 FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?",
                 vec![l.vid.into()],
             )?;
-            let Some(r) = rows.into_iter().next() else {
+            let Some(CheckedRow {
+                vid,
+                fhir_id,
+                key_id,
+                body,
+                retyped,
+                hidden,
+            }) = rows.into_iter().next()
+            else {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
                     audit_id: String::new(),
                     why: format!("the sealed AuditEvent row (version row {}) is gone", l.vid),
                 });
             };
+            let r = Row {
+                vid,
+                fhir_id,
+                key_id,
+                body,
+            };
+            // The type and the deleted flag are outside the hash (the link predates them being
+            // checked), but either would hide the AuditEvent from every search: checked here.
+            if !retyped.is_empty() || hidden != 0 {
+                return Ok(Verdict::Broken {
+                    seq: l.seq,
+                    audit_id: r.fhir_id,
+                    why: format!(
+                        "the AuditEvent's row (version row {}) was {} after it was sealed",
+                        l.vid,
+                        if retyped.is_empty() {
+                            "marked deleted".to_string()
+                        } else {
+                            format!("re-typed (resource/version: {retyped})")
+                        }
+                    ),
+                });
+            }
             // The AuditEvent's id is part of the hash: a row moved to another id breaks it too.
             let expect = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
             if expect != hex(&l.hash) {

@@ -207,6 +207,36 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
         )
         .unwrap();
     let (victim, donor) = (&sealed[2], &sealed[3]);
+    // Outside the hash, but each would hide an AuditEvent from every search: re-typing its
+    // resource row, or marking it deleted. Each is named, and undone for the next.
+    for (edit, undo, said) in [
+        (
+            "UPDATE resources SET res_type = 'Basic' WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
+            "UPDATE resources SET res_type = 'AuditEvent' WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
+            "re-typed (resource/version: Basic/AuditEvent)",
+        ),
+        (
+            "UPDATE resources SET deleted = 1 WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
+            "UPDATE resources SET deleted = 0 WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
+            "marked deleted",
+        ),
+    ] {
+        app.store.execute(edit, vec![victim.vid.into()]).unwrap();
+        let listed = app.get_json("AuditEvent?_count=100").await;
+        assert!(
+            !ids(&listed).contains(&victim.audit_id),
+            "the edit hides it from searches"
+        );
+        match verify(&app.store).unwrap() {
+            Verdict::Broken { audit_id, why, .. } => {
+                assert_eq!(audit_id, victim.audit_id);
+                assert!(why.contains(said), "{why}");
+            }
+            other => panic!("verify missed the edit '{edit}': {other:?}"),
+        }
+        app.store.execute(undo, vec![victim.vid.into()]).unwrap();
+        assert!(matches!(verify(&app.store).unwrap(), Verdict::Intact { .. }));
+    }
     app.store
         .execute(
             "UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE vid = ?) WHERE vid = ?",

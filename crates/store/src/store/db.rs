@@ -275,10 +275,50 @@ impl Conn for PgConnection {
     }
 }
 
+/// How long a request waits for a PostgreSQL connection, and how long once one could not be had
+/// (the database unreachable: a restart, a partition): then each request is answered 503 within
+/// a second instead of holding its client for ten, until a connection is had again.
+const PG_CHECKOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const PG_CHECKOUT_WHILE_UNREACHABLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// PostgreSQL's pool, and whether the last attempt to get a connection failed (shared by clones).
+#[derive(Clone)]
+pub struct PgPool {
+    pool: Pool<ConnectionManager<PgConnection>>,
+    unreachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::ops::Deref for PgPool {
+    type Target = Pool<ConnectionManager<PgConnection>>;
+    fn deref(&self) -> &Self::Target {
+        &self.pool
+    }
+}
+
+impl PgPool {
+    /// A connection, waiting [`PG_CHECKOUT`], or [`PG_CHECKOUT_WHILE_UNREACHABLE`] after a
+    /// failed attempt until one succeeds.
+    pub fn checkout(
+        &self,
+    ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, diesel::r2d2::PoolError> {
+        use std::sync::atomic::Ordering;
+        let down = self.unreachable.load(Ordering::Relaxed);
+        let got = self.pool.get_timeout(if down {
+            PG_CHECKOUT_WHILE_UNREACHABLE
+        } else {
+            PG_CHECKOUT
+        });
+        if got.is_ok() == down {
+            self.unreachable.store(!down, Ordering::Relaxed);
+        }
+        got
+    }
+}
+
 /// A pool of either backend.
 #[derive(Clone)]
 pub enum Db {
-    Postgres(Pool<ConnectionManager<PgConnection>>),
+    Postgres(PgPool),
     /// The pool, the database file's path and its `synchronous` setting (FULL, NORMAL, EXTRA).
     Sqlite(
         Pool<ConnectionManager<SqliteConnection>>,
@@ -443,13 +483,16 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = Pool::builder()
                 .max_size(pool_size)
-                .connection_timeout(std::time::Duration::from_secs(10))
+                .connection_timeout(PG_CHECKOUT)
                 .build(ConnectionManager::<PgConnection>::new(url))
                 .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
             let mut c = pool.get()?;
             c.run_pending_migrations(POSTGRES_MIGRATIONS)
                 .map_err(|e| anyhow::anyhow!("PostgreSQL migration failed: {e}"))?;
-            Ok(Db::Postgres(pool))
+            Ok(Db::Postgres(PgPool {
+                pool,
+                unreachable: Default::default(),
+            }))
         } else {
             let path = url.strip_prefix("sqlite://").unwrap_or(url);
             let dir = std::path::Path::new(path)
@@ -492,7 +535,7 @@ impl Db {
 
     pub fn get(&self) -> anyhow::Result<PooledConn> {
         Ok(match self {
-            Db::Postgres(p) => PooledConn::Postgres(p.get()?),
+            Db::Postgres(p) => PooledConn::Postgres(p.checkout()?),
             Db::Sqlite(p, ..) => PooledConn::Sqlite(p.get()?),
         })
     }
