@@ -175,7 +175,7 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let max: Vec<MaxRow> = store.query("SELECT MAX(vid) AS n FROM audit_chain", vec![])?;
     let from = max.first().and_then(|m| m.n).map_or(0, |m| m - LOOK_BACK);
     let rows: Vec<Row> = store.query(
-        "SELECT v.vid, r.fhir_id, v.key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid \
+        "SELECT v.vid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid \
          LEFT JOIN audit_chain c ON c.vid = v.vid \
          WHERE v.res_type = 'AuditEvent' AND v.vid > ? AND c.vid IS NULL ORDER BY v.vid LIMIT 5000",
         vec![from.into()],
@@ -307,7 +307,7 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
         };
         for l in page {
             let rows: Vec<CheckedRow> = store.query(
-                "SELECT v.vid, r.fhir_id, v.key_id, v.body, \
+                "SELECT v.vid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, \
                  CASE WHEN r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' THEN '' \
                       ELSE r.res_type || '/' || v.res_type END AS retyped, \
                  r.deleted + v.deleted AS hidden \

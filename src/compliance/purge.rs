@@ -209,7 +209,7 @@ fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, Store
     let rows: Vec<RidRow> = c.load(
         &format!(
             "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = 'Patient' AND target_id = ? AND url IS NULL \
-             UNION SELECT v.rid FROM resource_versions v JOIN data_keys k ON k.key_id = v.key_id WHERE k.patient = ?"
+             UNION SELECT v.rid FROM resource_versions v JOIN data_keys k ON k.n = v.key_n WHERE k.patient = ?"
         ),
         binds,
     )?;
@@ -612,7 +612,7 @@ fn audit_step<C: Conn>(
     };
     let (mut seq, mut prev) = anchor.unwrap_or((0, crate::audit::chain::GENESIS.to_string()));
     let rows: Vec<ChainRow> = c.load(
-        "SELECT c.seq, c.vid, c.hash, r.rid, r.fhir_id, v.key_id, v.body, v.last_updated \
+        "SELECT c.seq, c.vid, c.hash, r.rid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, v.last_updated \
          FROM audit_chain c LEFT JOIN resource_versions v ON v.vid = c.vid LEFT JOIN resources r ON r.rid = v.rid \
          WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
         vec![seq.into(), (BATCH as i64).into()],

@@ -158,7 +158,7 @@ async fn rotation_under_load(backend: Backend) {
         created_at: i64,
     }
     let made: Vec<Made> = app.store.query(
-        "SELECT k.created_at FROM data_keys k JOIN resource_versions v ON v.key_id = k.key_id JOIN resources r ON r.rid = v.rid WHERE r.fhir_id = ?",
+        "SELECT k.created_at FROM data_keys k JOIN resource_versions v ON v.key_n = k.n JOIN resources r ON r.rid = v.rid WHERE r.fhir_id = ?",
         vec![fresh.into()],
     ).unwrap();
     assert!(made[0].created_at >= rotated_at);
@@ -282,4 +282,86 @@ async fn the_keys_commands_rotate_the_master_key_in_the_key_file_while_courier_r
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("COURIER_PREVIOUS_MASTER_KEYS"));
+}
+
+crate::both_backends! {
+    // Issue 24: a version names its data key by the key's number (`data_keys.n`), not its text
+    // id. A store written before (the migration undone: text ids in the version rows again) is
+    // converted on upgrade: every message still opens, the audit chain (whose hash covers the
+    // text id) still verifies, and new keys are numbered.
+    async fn versions_name_their_data_key_by_number_after_an_upgrade(app: TestApp) {
+        use courier::audit::chain::{seal, verify, Verdict};
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            ids.push(app.create(&patient_message(i)).await);
+        }
+        let _ = seal(&app.store);
+        let down = match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-11-000100_data_key_numbers/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-11-000100_data_key_numbers/down.sql"),
+        };
+        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            app.store.execute(stmt, vec![]).unwrap();
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Named {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            key_id: String,
+        }
+        let old: Vec<Named> = app
+            .store
+            .query("SELECT key_id FROM resource_versions", vec![])
+            .unwrap();
+        assert!(!old.is_empty() && old.iter().all(|o| o.key_id.starts_with("dk-")), "down.sql restores text ids");
+        assert_eq!(
+            app.store
+                .execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261211000100'", vec![])
+                .unwrap(),
+            1
+        );
+        let upgraded = spawn_instance_on(&app).await.unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let m = upgraded.get_json(&format!("Communication/{id}")).await;
+            assert_eq!(m["payload"][0]["contentString"], format!("rotation load {i}"), "{m}");
+        }
+        let unnamed = upgraded.store.query::<courier::store::rows::CountRow>(
+            "SELECT COUNT(*) AS n FROM resource_versions v LEFT JOIN data_keys k ON k.n = v.key_n WHERE k.key_id IS NULL",
+            vec![],
+        );
+        assert_eq!(unnamed.unwrap()[0].n, 0, "every version's key number names a key");
+        let _ = seal(&upgraded.store);
+        assert!(
+            matches!(verify(&upgraded.store).unwrap(), Verdict::Intact { .. }),
+            "{:?}",
+            verify(&upgraded.store).unwrap()
+        );
+        // A new patient's first message makes a new data key, numbered after the others.
+        let before = upgraded.store.query::<courier::store::rows::CountRow>(
+            "SELECT COALESCE(MAX(n), 0) AS n FROM data_keys",
+            vec![],
+        );
+        let before = before.unwrap()[0].n;
+        let fresh = upgraded
+            .create(&message("Patient/new-after-upgrade", "2026-11-20T10:00:00Z", "fresh"))
+            .await;
+        assert_eq!(
+            upgraded.get_json(&format!("Communication/{fresh}")).await["payload"][0]["contentString"],
+            "fresh"
+        );
+        let unnumbered = upgraded.store.query::<courier::store::rows::CountRow>(
+            "SELECT COUNT(*) AS n FROM data_keys WHERE n IS NULL",
+            vec![],
+        );
+        assert_eq!(unnumbered.unwrap()[0].n, 0, "every key has a number");
+        let newest = upgraded.store.query::<courier::store::rows::CountRow>(
+            "SELECT MIN(n) AS n FROM data_keys WHERE patient = 'Patient/new-after-upgrade'",
+            vec![],
+        );
+        assert!(newest.unwrap()[0].n > before, "numbered after every key before it");
+        let distinct = upgraded.store.query::<courier::store::rows::CountRow>(
+            "SELECT COUNT(*) - COUNT(DISTINCT n) AS n FROM data_keys",
+            vec![],
+        );
+        assert_eq!(distinct.unwrap()[0].n, 0, "numbers are unique");
+    }
 }

@@ -223,7 +223,7 @@ async fn retention_purge_removes_every_trace_of_expired_data_and_keeps_the_rest(
         body: Vec<u8>,
     }
     let backup: Sealed = app.store.query::<Sealed>(
-        "SELECT v.key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE r.fhir_id = ?",
+        "SELECT k.key_id, v.body FROM resource_versions v JOIN data_keys k ON k.n = v.key_n JOIN resources r ON r.rid = v.rid WHERE r.fhir_id = ?",
         vec![r1.clone().into()],
     ).unwrap().remove(0);
     assert!(app
@@ -524,7 +524,7 @@ both_backends! {
             struct A { #[diesel(sql_type = Text)] hash: String }
             let anchor = app.store.query::<A>("SELECT hash FROM audit_chain_anchor WHERE id = 1", vec![]).unwrap().remove(0);
             let links: Vec<L> = app.store.query(
-                "SELECT c.seq, c.vid, r.fhir_id, v.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid \
+                "SELECT c.seq, c.vid, r.fhir_id, k.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid JOIN data_keys k ON k.n = v.key_n \
                  JOIN resources r ON r.rid = v.rid ORDER BY c.seq", vec![]).unwrap();
             let victim = &links[0];
             app.store.execute("DELETE FROM audit_chain WHERE seq = ?", vec![victim.seq.into()]).unwrap();

@@ -283,7 +283,7 @@ async fn postgres_commits_waiting_creates_together_and_a_failing_one_alone() {
         // A version sealed under Patient/poison's data key cannot be inserted: the group's
         // one INSERT of version rows fails, and no job is named.
         "CREATE FUNCTION poison_version() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-         IF NEW.key_id IN (SELECT key_id FROM data_keys WHERE patient = 'Patient/poison') \
+         IF NEW.key_n IN (SELECT n FROM data_keys WHERE patient = 'Patient/poison') \
          THEN RAISE EXCEPTION 'poisoned version'; END IF; RETURN NEW; END $$",
         "CREATE TRIGGER poison_version BEFORE INSERT ON resource_versions FOR EACH ROW EXECUTE FUNCTION poison_version()",
         // The event lock, held from outside: each writer's group waits at its first event, and
@@ -511,7 +511,7 @@ crate::both_backends! {
         }
         let keys: Vec<Key> = app
             .store
-            .query("SELECT DISTINCT key_id FROM resource_versions", vec![])
+            .query("SELECT DISTINCT k.key_id FROM resource_versions v JOIN data_keys k ON k.n = v.key_n", vec![])
             .unwrap();
         assert!(!keys.is_empty());
         assert!(

@@ -296,8 +296,10 @@ impl std::ops::Deref for PgPool {
 }
 
 impl PgPool {
-    /// A connection, waiting [`PG_CHECKOUT`], or [`PG_CHECKOUT_WHILE_UNREACHABLE`] after a
-    /// failed attempt until one succeeds.
+    /// A connection, waiting [`PG_CHECKOUT`], or [`PG_CHECKOUT_WHILE_UNREACHABLE`] once a
+    /// checkout timed out while the pool held fewer connections than it may (so they could not
+    /// be made or kept: the database unreachable), until one succeeds. A checkout that timed out
+    /// on a busy pool (every connection made and in use, say behind a lock) changes nothing.
     pub fn checkout(
         &self,
     ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, diesel::r2d2::PoolError> {
@@ -308,8 +310,16 @@ impl PgPool {
         } else {
             PG_CHECKOUT
         });
-        if got.is_ok() == down {
-            self.unreachable.store(!down, Ordering::Relaxed);
+        match &got {
+            Ok(_) if down => self.unreachable.store(false, Ordering::Relaxed),
+            Err(_) if !down => {
+                let s = self.pool.state();
+                let busy = s.connections >= self.pool.max_size() && s.idle_connections == 0;
+                if !busy {
+                    self.unreachable.store(true, Ordering::Relaxed)
+                }
+            }
+            _ => {}
         }
         got
     }

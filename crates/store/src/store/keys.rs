@@ -366,7 +366,8 @@ impl Store {
         }
         let rows: Vec<Sealed> = c.load(
             "SELECT v.vid, v.res_type, r.fhir_id, v.version_id, v.body, r.retention_class \
-             FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.key_id = ?",
+             FROM resource_versions v JOIN resources r ON r.rid = v.rid \
+             WHERE v.key_n = (SELECT n FROM data_keys WHERE key_id = ?)",
             vec![key_id.into()],
         )?;
         self.ensure_key(c, key_id)?;
@@ -382,7 +383,7 @@ impl Store {
                 .seal_with(&to, &plain, &aad)
                 .map_err(StoreError::Other)?;
             c.execute(
-                "UPDATE resource_versions SET key_id = ?, body = ? WHERE vid = ?",
+                "UPDATE resource_versions SET key_n = (SELECT n FROM data_keys WHERE key_id = ?), body = ? WHERE vid = ?",
                 vec![to.into(), Bind::Blob(sealed), r.vid.into()],
             )?;
         }
@@ -405,7 +406,7 @@ impl Store {
             )?;
         }
         let used: Vec<KeyIdRow> = c.load(
-            "SELECT key_id FROM resource_versions WHERE key_id = ? LIMIT 1",
+            "SELECT k.key_id FROM resource_versions v JOIN data_keys k ON k.n = v.key_n WHERE k.key_id = ? LIMIT 1",
             vec![key_id.into()],
         )?;
         if !used.is_empty() {

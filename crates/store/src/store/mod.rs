@@ -440,9 +440,14 @@ impl Draft {
     }
 }
 
-/// The version table and its columns, as every INSERT of a version names them.
+/// The version table and its columns, as every INSERT of a version names them, and one row's
+/// values: the data key is bound by its text id and stored as its number (`data_keys.n`).
 const VERSION_ROW: &str =
-    "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_id, body)";
+    "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_n, body)";
+// Queries read a version's key's text id back through the number: `COALESCE((SELECT k.key_id
+// FROM data_keys k WHERE k.n = v.key_n), '') AS key_id` (a key gone makes that one version
+// unreadable, as its text id did before, not the whole query fail).
+const VERSION_VALUES: &str = "(?, ?, ?, ?, ?, ?, (SELECT n FROM data_keys WHERE key_id = ?), ?)";
 
 /// Job `i` of a PostgreSQL group is not a plain create (the queue takes nothing else).
 fn not_grouped(i: usize) -> BatchAbort {
@@ -1220,7 +1225,8 @@ impl Store {
             }
             out.push(d.stored(res_type, id, "POST"));
         }
-        multi_insert(c, "INSERT INTO", VERSION_ROW, 8, binds).map_err(BatchAbort::Store)?;
+        multi_insert_rows(c, "INSERT INTO", VERSION_ROW, VERSION_VALUES, 8, binds)
+            .map_err(BatchAbort::Store)?;
         Ok(out)
     }
 
@@ -1713,7 +1719,7 @@ impl Store {
             }
         };
         c.execute(
-            &format!("INSERT INTO {VERSION_ROW} VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+            &format!("INSERT INTO {VERSION_ROW} VALUES {VERSION_VALUES}"),
             vec![
                 rid.into(),
                 res_type.into(),
@@ -1769,7 +1775,7 @@ impl Store {
         id: &str,
     ) -> Result<Stored, StoreError> {
         let rows: Vec<VersionRow> = c.load(
-            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
              FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
              WHERE r.res_type = ? AND r.fhir_id = ?",
             vec![res_type.into(), id.into()],
@@ -1789,7 +1795,7 @@ impl Store {
         let mut c = self.db.get()?;
         let rows: Vec<VersionRow> = with_conn!(c, |c| {
             c.load(
-            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
              FROM resources r JOIN resource_versions v ON v.rid = r.rid \
              WHERE r.res_type = ? AND r.fhir_id = ? AND v.version_id = ?",
             vec![res_type.into(), id.into(), version.into()]
@@ -1854,7 +1860,7 @@ impl Store {
                 }
             };
             let mut sql = String::from(
-                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
                  FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
             );
             let mut binds: Vec<Bind> = vec![res_type.into(), snapshot.into()];
@@ -2092,7 +2098,7 @@ impl Store {
         let placeholders = vec!["?"; rids.len()].join(", ");
         let rows: Vec<VersionRow> = c.load(
             &format!(
-                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, v.key_id, v.body \
+                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
                  FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
                  WHERE r.rid IN ({placeholders}) AND r.deleted = 0"
             ),
@@ -2392,18 +2398,26 @@ pub fn multi_insert<C: Conn>(
     width: usize,
     binds: Vec<Bind>,
 ) -> Result<(), StoreError> {
+    let row = format!("({})", vec!["?"; width].join(", "));
+    multi_insert_rows(c, verb, target, &row, width, binds)
+}
+
+/// [`multi_insert`] with each row's values written as `row` (with `width` placeholders), e.g. a
+/// value looked up by a subquery.
+pub fn multi_insert_rows<C: Conn>(
+    c: &mut C,
+    verb: &str,
+    target: &str,
+    row: &str,
+    width: usize,
+    binds: Vec<Bind>,
+) -> Result<(), StoreError> {
     const ROWS: usize = 64;
     const BYTES: usize = 8 << 20;
     if binds.is_empty() {
         return Ok(());
     }
-    let row = format!("({})", vec!["?"; width].join(", "));
-    let sql = |rows: usize| {
-        format!(
-            "{verb} {target} VALUES {}",
-            vec![row.as_str(); rows].join(", ")
-        )
-    };
+    let sql = |rows: usize| format!("{verb} {target} VALUES {}", vec![row; rows].join(", "));
     let size = |b: &Bind| match b {
         Bind::Text(t) | Bind::OptText(Some(t)) => t.len(),
         Bind::Blob(v) | Bind::OptBlob(Some(v)) => v.len(),
