@@ -463,9 +463,14 @@ both_backends! {
         let mut sealed = 0;
         let mut own_seals = Vec::new();
         for i in 0..300 {
+            // At least the five creates' links: verify's chain walk and its count of unsealed rows
+            // are two statements, so a seal committed between them reads as 0 links, 0 unsealed
+            // (seen once on PostgreSQL).
             if let Verdict::Intact { links, unsealed: 0 } = chain::verify(&app.store).unwrap() {
-                sealed = links;
-                break;
+                if links >= 5 {
+                    sealed = links;
+                    break;
+                }
             }
             if i >= 50 {
                 own_seals.push(chain::seal(&app.store).map_err(|e| e.to_string()));
