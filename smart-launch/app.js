@@ -58,6 +58,13 @@ function clearNotice(cause) {
   if (noticeCause && (!cause || noticeCause === cause)) showNotice('');
 }
 
+// The kinds of file Courier takes (its configuration), in words.
+function sendable() {
+  const names = {'image/jpeg': 'JPEG', 'image/png': 'PNG', 'image/gif': 'GIF', 'image/webp': 'WebP', 'image/heic': 'HEIC', 'application/pdf': 'PDF', 'text/plain': 'plain text'};
+  const kinds = (config.attachment_types || []).map((t) => names[t] || t);
+  return kinds.length ? kinds.join(', ') + ' files' : 'photos and PDF documents';
+}
+
 // What an error means to the person using the app.
 function plain(e) {
   if (!e) return 'Something went wrong.';
@@ -69,7 +76,7 @@ function plain(e) {
     case 404: case 410: return 'That is no longer available. It may have been removed.';
     case 409: case 412: return 'Someone changed this at the same time. Please try again.';
     case 413: return 'That is too large to send' + (config.attachment_max_bytes ? ' (the limit is ' + Math.round(config.attachment_max_bytes / 1048576) + ' MB).' : '.');
-    case 415: return 'That kind of file cannot be sent. You can send photos (JPEG, PNG) and PDF documents.';
+    case 415: return 'That kind of file cannot be sent. You can send ' + sendable() + '.';
     case 429: return 'Too many requests at once. Wait a moment and try again.';
     default: return e.status >= 500 ? 'Courier is having a problem right now. Try again in a moment.' : (e.message || 'Something went wrong.');
   }
@@ -711,7 +718,7 @@ function renderMessage(m) {
     if (p.contentAttachment) li.append(attachmentView(p.contentAttachment));
   }
   if (mine) {
-    li.append(el('div', {class: 'status', id: 'status-' + m.id}, receiptText(m.id)));
+    li.append(el('div', {class: 'status', id: 'status-' + m.id}, receiptText(m.id) || (m.status === 'completed' ? 'Sent' : '')));
     if (m.id !== (current && current.header.id)) li.append(withdrawButton(m));
   }
   return li;

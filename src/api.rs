@@ -110,39 +110,45 @@ pub async fn answer_audited(
     result: Res,
 ) -> HttpResponse {
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
-    let answer =
-        match (audited, result) {
-            (Ok(()), result) => result,
-            // A change that was made has its AuditEvent in its own transaction: it stands, and so
-            // does its answer (a 503 would invite a second, duplicate change).
-            (Err(_), Ok(r))
-                if r.status().is_success()
-                    && matches!(
-                        interaction,
-                        Interaction::Create
-                            | Interaction::Update
-                            | Interaction::Patch
-                            | Interaction::Delete
-                    ) =>
-            {
-                Ok(r)
-            }
-            // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
-            // changes, if any, were made (each audited in its transaction).
-            (Err(e), Ok(r))
-                if r.status().is_success()
-                    && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
-            {
-                let mut e = e;
-                e.issues[0].diagnostics =
-                    format!(
+    let answer = match (audited, result) {
+        (Ok(()), result) => result,
+        // A change that was made has its AuditEvent in its own transaction: it stands, and so
+        // does its answer (a 503 would invite a second, duplicate change).
+        (Err(_), Ok(r))
+            if r.status().is_success()
+                && matches!(
+                    interaction,
+                    Interaction::Create
+                        | Interaction::Update
+                        | Interaction::Patch
+                        | Interaction::Delete
+                ) =>
+        {
+            Ok(r)
+        }
+        // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
+        // changes, if any, were made (each audited in its transaction).
+        (Err(e), Ok(r))
+            if r.status().is_success()
+                && matches!(interaction, Interaction::Transaction | Interaction::Batch) =>
+        {
+            let mut e = e;
+            e.issues[0].diagnostics = format!(
                 "{}; the bundle's changes, if any, were made: read them back before retrying",
-                e.issues[0].diagnostics.split(';').next().unwrap_or_default()
+                e.issues[0]
+                    .diagnostics
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
             );
-                Err(e)
-            }
-            (Err(e), _) => Err(e),
-        };
+            Err(e)
+        }
+        // Failed, and its failure could not be audited either (the database unreachable): the
+        // request's own 503 says what may have happened (a write's commit cut off may have
+        // been saved), which the audit's "nothing was served or changed" would deny.
+        (Err(_), Err(e)) if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE => Err(e),
+        (Err(e), _) => Err(e),
+    };
     answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e))
 }
 

@@ -5,7 +5,7 @@
 //
 //   cd tests/ehr && node axe-selftest.mjs
 import { chromium } from 'playwright-core';
-import { axeAudit, smallTargets } from './axe.mjs';
+import { axeAudit, smallFields, smallTargets } from './axe.mjs';
 
 const CSP = `<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src data:">`;
 const PIXEL = 'data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==';
@@ -18,6 +18,7 @@ const BAD = `<!doctype html><html lang="en"><head>${CSP}<title>Bad</title></head
 <p style="color:#bbb;background:#fff">Hard to read</p>
 <input type="text">
 <input type="checkbox" id="c">
+<input type="text" id="tiny" aria-label="Tiny" style="font-size:13px">
 </main></body></html>`;
 
 // The same kinds of content, done right; a hidden button (no box) and a skip link parked off the
@@ -26,7 +27,7 @@ const CLEAN = `<!doctype html><html lang="en"><head>${CSP}<title>Clean</title></
 <img src="${PIXEL}" width="50" height="50" alt="Logo">
 <button style="min-width:48px;min-height:48px">Go</button>
 <p style="color:#222;background:#fff">Easy to read</p>
-<label style="display:inline-block;min-height:44px;min-width:44px;padding:12px">Name <input type="text" style="min-height:44px"></label>
+<label style="display:inline-block;min-height:44px;min-width:44px;padding:12px">Name <input type="text" style="min-height:44px;font-size:16px"></label>
 <label style="display:inline-block;min-height:44px;min-width:44px;padding:12px"><input type="checkbox"> Remember</label>
 <button hidden>Hidden</button>
 <a href="#main" style="position:absolute;left:-9999px">Skip to the content</a>
@@ -54,12 +55,16 @@ try {
   const badSmall = await smallTargets(page, 'bad');
   check(badSmall.some((p) => p.includes('20 × 20 px')), `bad page: the 20 × 20 button is small (got ${JSON.stringify(badSmall)})`);
   check(badSmall.some((p) => p.includes('input#c[type=checkbox]')), `bad page: the unlabelled checkbox is small (got ${JSON.stringify(badSmall)})`);
+  const badFields = await smallFields(page, 'bad');
+  check(badFields.some((p) => p.includes('input#tiny 13px')), `bad page: the 13px field is small (got ${JSON.stringify(badFields)})`);
 
   await page.setContent(CLEAN);
   const clean = await axeAudit(page, 'clean');
   check(clean.length === 0, `clean page: no serious or critical violations (got ${JSON.stringify(clean)})`);
   const cleanSmall = await smallTargets(page, 'clean');
   check(cleanSmall.length === 0, `clean page: no small targets (got ${JSON.stringify(cleanSmall)})`);
+  const cleanFields = await smallFields(page, 'clean');
+  check(cleanFields.length === 0, `clean page: no small fields (got ${JSON.stringify(cleanFields)})`);
 
   // Loading axe under `script-src 'self'` made no CSP violation (nothing for a test to trip on).
   check(consoleErrors.length === 0, `no console errors (got ${JSON.stringify(consoleErrors)})`);

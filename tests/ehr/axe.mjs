@@ -52,6 +52,22 @@ export async function axeAudit(page, screen) {
  * radio button is measured by the label that encloses it, when one does (the label is what is
  * tapped).
  */
+// Text fields under 16px on the phone screen `screen`: Safari on a phone zooms the page into one
+// on focus (the person then pans and zooms back out while typing).
+export async function smallFields(page, screen, min = 16) {
+  const small = await page.evaluate((min) => {
+    const out = [];
+    for (const e of document.querySelectorAll('input:not([type=hidden]):not([type=checkbox]):not([type=radio]):not([type=file]):not([type=button]):not([type=submit]), select, textarea')) {
+      const box = e.getBoundingClientRect();
+      if (box.width <= 1 || box.height <= 1) continue;
+      const size = parseFloat(getComputedStyle(e).fontSize);
+      if (size < min) out.push(`${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''} ${size}px`);
+    }
+    return out;
+  }, min);
+  return small.map((s) => `${screen}: a field under ${min}px (a phone zooms in on it): ${s}`);
+}
+
 export async function smallTargets(page, screen, min = 44) {
   const small = await page.evaluate((min) => {
     const selector = 'button, a[href], input:not([type=hidden]), select, textarea, [role=button], [tabindex="0"]';

@@ -23,7 +23,7 @@
 import { chromium } from 'playwright-core';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { axeAudit, smallTargets } from './axe.mjs';
+import { axeAudit, smallFields, smallTargets } from './axe.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 mkdirSync(cfg.artifacts, { recursive: true });
@@ -74,7 +74,7 @@ function step(what) { steps.push(what); }
 // axe-core on the screen as it is now, and (on the phone) the touch targets.
 async function a11y(page, screen, phone) {
   problems.push(...await axeAudit(page, screen));
-  if (phone) problems.push(...await smallTargets(page, screen));
+  if (phone) problems.push(...await smallTargets(page, screen), ...await smallFields(page, screen));
 }
 
 async function noScriptRan(page, name) {
@@ -230,6 +230,10 @@ try {
   await clinician.keyboard.press('Enter');
   await clinician.waitForFunction((t) => document.querySelector('#thread-title').textContent === t, XSS_TOPIC, { timeout: 10000 });
   await clinician.waitForSelector('#messages li .text');
+  // A message of one's own says at once that it was sent (before any receipt, an offline
+  // recipient's included); it never shows no status at all.
+  const sentStatus = (await clinician.locator('#messages li .status').first().textContent()).trim();
+  check(/^(Sent|Delivered to |Read by )/.test(sentStatus), `clinician: a sent message shows its status at once (got "${sentStatus}")`);
 
   // It appears first in the patient's list without a reload, marked unread; she opens it.
   step('patient: opens the new thread');
