@@ -958,6 +958,13 @@ function messageFor(h, payload, status, priority) {
 // message begun on one device can be finished on another.
 function restoreDraft(d) {
   if (!current) return;
+  // Typed while the thread was loading (see draftChanged): that text wins and is saved as this
+  // thread's draft, over the stored one if there is one; nothing typed is replaced.
+  if (draft && draft.thread === current.header.id && draft.early) {
+    draft.early = false;
+    if (d && !draft.id) { draft.id = d.id; draft.version = d.meta.versionId; }
+    return;
+  }
   draft = {thread: current.header.id, id: d ? d.id : null, version: d ? d.meta.versionId : null, timer: null};
   if (d) {
     $('compose-text').value = ((d.payload || []).find((p) => p.contentString) || {}).contentString || '';
@@ -968,7 +975,9 @@ function restoreDraft(d) {
 }
 
 function draftChanged() {
-  if (!draft || !current || document.body.dataset.readOnly) return;
+  if (!current || document.body.dataset.readOnly) return;
+  // Typing before the thread's stored draft was looked up (a slow network): kept all the same.
+  if (!draft) draft = {thread: current.header.id, id: null, version: null, timer: null, early: true};
   clearTimeout(draft.timer);
   $('draft-state').textContent = '';
   draft.timer = setTimeout(() => saveDraft(), DRAFT_DELAY);

@@ -45,13 +45,6 @@ export async function axeAudit(page, screen) {
     });
 }
 
-/**
- * Visible interactive elements smaller than `min` CSS px in width or height, one line each.
- * Hidden elements are skipped (no box, `visibility: hidden`, a 1 × 1 px "visually hidden" box, or
- * a box moved off the page to the left or top, like a skip link until focused); a checkbox or
- * radio button is measured by the label that encloses it, when one does (the label is what is
- * tapped).
- */
 // Text fields under 16px on the phone screen `screen`: Safari on a phone zooms the page into one
 // on focus (the person then pans and zooms back out while typing).
 export async function smallFields(page, screen, min = 16) {
@@ -68,6 +61,13 @@ export async function smallFields(page, screen, min = 16) {
   return small.map((s) => `${screen}: a field under ${min}px (a phone zooms in on it): ${s}`);
 }
 
+/**
+ * Visible interactive elements smaller than `min` CSS px in width or height, one line each.
+ * Hidden elements are skipped (no box, `visibility: hidden`, a 1 × 1 px "visually hidden" box, or
+ * a box moved off the page to the left or top, like a skip link until focused); a checkbox or
+ * radio button is measured by the label that encloses it, when one does (the label is what is
+ * tapped).
+ */
 export async function smallTargets(page, screen, min = 44) {
   const small = await page.evaluate((min) => {
     const selector = 'button, a[href], input:not([type=hidden]), select, textarea, [role=button], [tabindex="0"]';

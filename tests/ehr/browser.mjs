@@ -335,12 +335,18 @@ try {
   const offered = await clinician.locator('#new-to option').allTextContents();
   check(offered.some((o) => o.includes(cfg.colleague_name)), `clinician: the care team is offered by name (got ${JSON.stringify(offered)})`);
   await clinician.selectOption('#new-to', cfg.colleague_ref);
+  // A slow network: the new thread's stored draft is looked up late, and the clinician types
+  // before it is. What she typed is still kept as the thread's draft (checked after the run:
+  // four staff-only resources, this draft one of them).
+  const slowDraftLookup = async (r) => { await new Promise((done) => setTimeout(done, 2000)); await r.continue().catch(() => {}); };
+  await clinician.route(/status=preparation/, slowDraftLookup);
   await clinician.click('#new-send');
   await clinician.waitForSelector('#staff-banner:not([hidden])', { timeout: 10000 });
   await clinician.waitForSelector('#threads li .badge.staff');
   // The composer belongs to its thread: text and priority do not follow to the next one.
   await clinician.fill('#compose-text', 'half-written note for the pharmacist');
   await clinician.selectOption('#compose-priority', 'urgent');
+  await clinician.unroute(/status=preparation/, slowDraftLookup);
   await row(clinician, 'Lab results').locator('button').click();
   await clinician.waitForSelector('#staff-banner', { state: 'hidden' });
   check(await clinician.inputValue('#compose-text') === '', 'clinician: typed text does not leak into another thread');
