@@ -28,21 +28,10 @@ use sha2::{Digest, Sha256};
 const LOOK_BACK: i64 = 10_000;
 pub(crate) const GENESIS: &str = "courier-audit-chain-v1";
 
+/// An AuditEvent's version row as the chain reads it (`ROW_COLUMNS`, from `resource_versions v
+/// JOIN resources r`): what its link hashes, and what would hide it from searches (`verify`).
 #[derive(QueryableByName)]
 struct Row {
-    #[diesel(sql_type = BigInt)]
-    vid: i64,
-    #[diesel(sql_type = Text)]
-    fhir_id: String,
-    #[diesel(sql_type = Text)]
-    key_id: String,
-    #[diesel(sql_type = Binary)]
-    body: Vec<u8>,
-}
-
-/// A chained row as `verify` reads it: [`Row`], and what would hide it from searches.
-#[derive(QueryableByName)]
-struct CheckedRow {
     #[diesel(sql_type = BigInt)]
     vid: i64,
     #[diesel(sql_type = Text)]
@@ -58,6 +47,12 @@ struct CheckedRow {
     #[diesel(sql_type = BigInt)]
     hidden: i64,
 }
+
+const ROW_COLUMNS: &str = "v.vid, r.fhir_id, \
+    COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, \
+    CASE WHEN r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' THEN '' \
+         ELSE r.res_type || '/' || v.res_type END AS retyped, \
+    r.deleted + v.deleted AS hidden";
 
 /// One link of the chain (also read by the audit trail's retention purge). The hash is stored as
 /// its 32 bytes; the chain is computed over the hex form (`link`, `hex`).
@@ -175,9 +170,11 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let max: Vec<MaxRow> = store.query("SELECT MAX(vid) AS n FROM audit_chain", vec![])?;
     let from = max.first().and_then(|m| m.n).map_or(0, |m| m - LOOK_BACK);
     let rows: Vec<Row> = store.query(
-        "SELECT v.vid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body FROM resource_versions v JOIN resources r ON r.rid = v.rid \
-         LEFT JOIN audit_chain c ON c.vid = v.vid \
-         WHERE v.res_type = 'AuditEvent' AND v.vid > ? AND c.vid IS NULL ORDER BY v.vid LIMIT 5000",
+        &format!(
+            "SELECT {ROW_COLUMNS} FROM resource_versions v JOIN resources r ON r.rid = v.rid \
+             LEFT JOIN audit_chain c ON c.vid = v.vid \
+             WHERE v.res_type = 'AuditEvent' AND v.vid > ? AND c.vid IS NULL ORDER BY v.vid LIMIT 5000"
+        ),
         vec![from.into()],
     )?;
     if rows.is_empty() {
@@ -306,48 +303,32 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
             break;
         };
         for l in page {
-            let rows: Vec<CheckedRow> = store.query(
-                "SELECT v.vid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, \
-                 CASE WHEN r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' THEN '' \
-                      ELSE r.res_type || '/' || v.res_type END AS retyped, \
-                 r.deleted + v.deleted AS hidden \
-                 FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?",
+            let rows: Vec<Row> = store.query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?"
+                ),
                 vec![l.vid.into()],
             )?;
-            let Some(CheckedRow {
-                vid,
-                fhir_id,
-                key_id,
-                body,
-                retyped,
-                hidden,
-            }) = rows.into_iter().next()
-            else {
+            let Some(r) = rows.into_iter().next() else {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
                     audit_id: String::new(),
                     why: format!("the sealed AuditEvent row (version row {}) is gone", l.vid),
                 });
             };
-            let r = Row {
-                vid,
-                fhir_id,
-                key_id,
-                body,
-            };
             // The type and the deleted flag are outside the hash (the link predates them being
             // checked), but either would hide the AuditEvent from every search: checked here.
-            if !retyped.is_empty() || hidden != 0 {
+            if !r.retyped.is_empty() || r.hidden != 0 {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
                     audit_id: r.fhir_id,
                     why: format!(
                         "the AuditEvent's row (version row {}) was {} after it was sealed",
                         l.vid,
-                        if retyped.is_empty() {
+                        if r.retyped.is_empty() {
                             "marked deleted".to_string()
                         } else {
-                            format!("re-typed (resource/version: {retyped})")
+                            format!("re-typed (resource/version: {})", r.retyped)
                         }
                     ),
                 });

@@ -98,9 +98,7 @@ both_backends! {
             Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000400_compact_audit_chain/down.sql"),
             Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000400_compact_audit_chain/down.sql"),
         };
-        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            app.store.execute(stmt, vec![]).unwrap();
-        }
+        run_script(&app, down);
         #[derive(diesel::QueryableByName)]
         struct Old {
             #[diesel(sql_type = diesel::sql_types::Text)]

@@ -91,6 +91,18 @@ pub fn serve_command(app: &TestApp, port: u16) -> std::process::Command {
     c
 }
 
+/// Runs a migration's `down.sql` (or any script of plain statements) on `app`'s database, one
+/// statement at a time (the store runs one per call); comment-only pieces are skipped.
+pub fn run_script(app: &TestApp, script: &str) {
+    for stmt in script
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+    {
+        app.store.execute(stmt, vec![]).unwrap();
+    }
+}
+
 /// A second Courier instance on the same database as `app` (same master key), as after a restart
 /// or beside it in a cluster.
 pub async fn spawn_instance_on(app: &TestApp) -> Option<TestApp> {

@@ -300,9 +300,7 @@ crate::both_backends! {
             Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-11-000100_data_key_numbers/down.sql"),
             Backend::Postgres => include_str!("../../migrations/postgres/2026-12-11-000100_data_key_numbers/down.sql"),
         };
-        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            app.store.execute(stmt, vec![]).unwrap();
-        }
+        run_script(&app, down);
         #[derive(diesel::QueryableByName)]
         struct Named {
             #[diesel(sql_type = diesel::sql_types::Text)]

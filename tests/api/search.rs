@@ -429,8 +429,8 @@ both_backends! {
                 include_str!("../../migrations/postgres/2026-11-29-000019_reference_sort_date/down.sql"),
             ],
         };
-        for stmt in downs.iter().flat_map(|d| d.split(';')).map(str::trim).filter(|s| !s.is_empty()) {
-            app.store.execute(stmt, vec![]).unwrap();
+        for down in downs {
+            run_script(&app, down);
         }
         let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version IN ('20261129000019', '20261129000020', '20261209000100')", vec![]).unwrap();
         assert_eq!(forgotten, 3, "the migrations' versions as diesel records them");
@@ -535,9 +535,7 @@ both_backends! {
             Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000100_patient_alias_rows/down.sql"),
             Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000100_patient_alias_rows/down.sql"),
         };
-        for stmt in down.split(';').map(str::trim).filter(|s| !s.is_empty() && !s.lines().all(|l| l.starts_with("--"))) {
-            app.store.execute(stmt, vec![]).unwrap();
-        }
+        run_script(&app, down);
         // a, b, ext, cr; the AuditEvents of the creates of a and cr (entity), Patient/pz (agent).
         assert!(stored(&app) >= 7, "down.sql restores the rows: {}", stored(&app));
         let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261210000100'", vec![]).unwrap();

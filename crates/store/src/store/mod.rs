@@ -444,10 +444,13 @@ impl Draft {
 /// values: the data key is bound by its text id and stored as its number (`data_keys.n`).
 const VERSION_ROW: &str =
     "resource_versions (rid, res_type, version_id, last_updated, method, deleted, key_n, body)";
-// Queries read a version's key's text id back through the number: `COALESCE((SELECT k.key_id
-// FROM data_keys k WHERE k.n = v.key_n), '') AS key_id` (a key gone makes that one version
-// unreadable, as its text id did before, not the whole query fail).
 const VERSION_VALUES: &str = "(?, ?, ?, ?, ?, ?, (SELECT n FROM data_keys WHERE key_id = ?), ?)";
+
+/// A version row as read (`VersionRow`), from `resource_versions v JOIN resources r`: its key's
+/// text id through the number (a key gone makes that one version unreadable, as its text id did
+/// before, not the whole query fail).
+const VERSION_COLUMNS: &str = "v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, \
+    v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body";
 
 /// Job `i` of a PostgreSQL group is not a plain create (the queue takes nothing else).
 fn not_grouped(i: usize) -> BatchAbort {
@@ -1775,9 +1778,11 @@ impl Store {
         id: &str,
     ) -> Result<Stored, StoreError> {
         let rows: Vec<VersionRow> = c.load(
-            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
-             FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
-             WHERE r.res_type = ? AND r.fhir_id = ?",
+            &format!(
+                "SELECT {VERSION_COLUMNS} \
+                 FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
+                 WHERE r.res_type = ? AND r.fhir_id = ?"
+            ),
             vec![res_type.into(), id.into()],
         )?;
         let row = rows
@@ -1795,9 +1800,10 @@ impl Store {
         let mut c = self.db.get()?;
         let rows: Vec<VersionRow> = with_conn!(c, |c| {
             c.load(
-            "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
-             FROM resources r JOIN resource_versions v ON v.rid = r.rid \
-             WHERE r.res_type = ? AND r.fhir_id = ? AND v.version_id = ?",
+            &format!(
+                "SELECT {VERSION_COLUMNS} FROM resources r JOIN resource_versions v ON v.rid = r.rid \
+                 WHERE r.res_type = ? AND r.fhir_id = ? AND v.version_id = ?"
+            ),
             vec![res_type.into(), id.into(), version.into()]
         )
         })?;
@@ -1859,8 +1865,8 @@ impl Store {
                         .n
                 }
             };
-            let mut sql = String::from(
-                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
+            let mut sql = format!(
+                "SELECT {VERSION_COLUMNS} \
                  FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
             );
             let mut binds: Vec<Bind> = vec![res_type.into(), snapshot.into()];
@@ -2098,7 +2104,7 @@ impl Store {
         let placeholders = vec!["?"; rids.len()].join(", ");
         let rows: Vec<VersionRow> = c.load(
             &format!(
-                "SELECT v.vid, v.rid, v.res_type, r.fhir_id, v.version_id, v.last_updated, v.method, v.deleted, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body \
+                "SELECT {VERSION_COLUMNS} \
                  FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
                  WHERE r.rid IN ({placeholders}) AND r.deleted = 0"
             ),
