@@ -544,4 +544,47 @@ crate::both_backends! {
         assert_eq!(read["payload"][0]["contentString"], "updated");
         assert_eq!(read["meta"]["versionId"], "2");
     }
+
+    // Many updates of one resource at once (a SQLite group commit may hold several of them):
+    // its index rows are those of its last version only. Rows of an earlier version in the same
+    // group would let a search (and the access policy, which reads the same rows) find the
+    // message by a recipient it no longer has.
+    async fn updates_of_one_resource_in_one_group_leave_only_the_last_versions_index_rows(app: TestApp) {
+        let r = app
+            .post("Communication", &message("Patient/first", "2026-12-06T09:00:00Z", "moved"))
+            .await;
+        assert_eq!(r.status(), 201);
+        let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+        let n = 24;
+        let bodies: Vec<Value> = (0..n)
+            .map(|i| {
+                let mut m = message(&format!("Patient/moved-{i}"), "2026-12-06T09:00:00Z", "moved");
+                m["id"] = id.clone().into();
+                m
+            })
+            .collect();
+        let path = format!("Communication/{id}");
+        for r in futures::future::join_all(bodies.iter().map(|b| app.put(&path, b))).await {
+            assert_eq!(r.status(), 200);
+        }
+        let now = app.get_json(&path).await;
+        assert_eq!(now["meta"]["versionId"], (n + 1).to_string());
+        let last = now["recipient"][0]["reference"].as_str().unwrap().to_string();
+        for who in (0..n).map(|i| format!("Patient/moved-{i}")).chain(["Patient/first".to_string()]) {
+            let found = app.get_json(&format!("Communication?recipient={who}")).await;
+            let expected = if who == last { vec![id.clone()] } else { vec![] };
+            assert_eq!(ids(&found), expected, "searched by {who}; the message is now to {last}");
+        }
+        assert_eq!(
+            number(
+                &app,
+                &format!(
+                    "SELECT COUNT(*) AS n FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+                     WHERE r.res_type = 'Communication' AND r.fhir_id = '{id}'"
+                )
+            ),
+            // recipient and sender
+            2
+        );
+    }
 }

@@ -36,13 +36,14 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// The hint for a per-resource lookup into an index table (SQLite only): the token and date
-    /// tables are keyed by (rid, param, …) themselves (`WITHOUT ROWID`), and SQLite names that key
-    /// `sqlite_autoindex_{table}_1` (`NOT INDEXED` would not pin it: on a `WITHOUT ROWID` table
-    /// it still weighs the lookup index); the others have a `_rid` index.
+    /// The hint for a per-resource lookup into an index table (SQLite only): the token, date and
+    /// reference tables are keyed by (rid, param, …) themselves (`WITHOUT ROWID`), and SQLite
+    /// names that key `sqlite_autoindex_{table}_1` (`NOT INDEXED` would not pin it: on a
+    /// `WITHOUT ROWID` table it still weighs the lookup index); the string table has a `_rid`
+    /// index.
     fn by_rid(self, table: &str) -> String {
         match self {
-            Dialect::Sqlite if table == "idx_token" || table == "idx_date" => {
+            Dialect::Sqlite if table != "idx_string" => {
                 format!(" INDEXED BY sqlite_autoindex_{table}_1")
             }
             Dialect::Sqlite => format!(" INDEXED BY {table}_rid"),

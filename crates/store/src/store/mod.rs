@@ -2297,6 +2297,8 @@ impl IndexRows {
         });
         let at_lo: Option<i64> = principal.clone().map(|(lo, _)| lo).min();
         let at_hi: Option<i64> = principal.map(|(_, hi)| hi).max();
+        // Numbers the resource's reference rows (their key on SQLite is (rid, param, n)).
+        let mut n: i64 = 0;
         for e in entries {
             match e {
                 // Its rows are its bases' rows of one type (search::ALIASES).
@@ -2319,15 +2321,19 @@ impl IndexRows {
                     target_type,
                     target_id,
                     url,
-                } => refs.extend([
-                    rid.into(),
-                    names::key(param).to_string().into(),
-                    target_type.clone().into(),
-                    target_id.clone().into(),
-                    url.clone().into(),
-                    at_lo.into(),
-                    at_hi.into(),
-                ]),
+                } => {
+                    refs.extend([
+                        rid.into(),
+                        names::key(param).to_string().into(),
+                        n.into(),
+                        target_type.clone().into(),
+                        target_id.clone().into(),
+                        url.clone().into(),
+                        at_lo.into(),
+                        at_hi.into(),
+                    ]);
+                    n += 1;
+                }
                 Entry::Date { param, lo, hi } => dates_.extend([
                     rid.into(),
                     names::key(param).to_string().into(),
@@ -2345,14 +2351,32 @@ impl IndexRows {
     }
 
     /// Inserts the rows gathered so far.
-    /// On SQLite the token and date tables are keyed by their rows (`WITHOUT ROWID`): `OR IGNORE`
+    /// On SQLite the token, date and reference tables are keyed (`WITHOUT ROWID`): `OR IGNORE`
     /// keeps a multi-row INSERT from needing a statement journal (it cannot abort midway), and a
-    /// resource's entries are distinct, so it ignores nothing.
+    /// resource's entries are distinct (its reference rows by their number), so it ignores
+    /// nothing.
     fn flush<C: Conn>(&mut self, c: &mut C) -> Result<(), StoreError> {
         let keyed = if c.is_postgres() {
             "INSERT INTO"
         } else {
             "INSERT OR IGNORE INTO"
+        };
+        // PostgreSQL's reference table has no `n` (a heap gains nothing from the key): its rows
+        // without it.
+        let (mut refs, ref_cols, ref_width) = if c.is_postgres() {
+            let mut rows = std::mem::take(&mut self.refs);
+            let mut i = 0;
+            rows.retain(|_| {
+                i += 1;
+                (i - 1) % 8 != 2
+            });
+            (rows, "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)", 7)
+        } else {
+            (
+                std::mem::take(&mut self.refs),
+                "idx_ref (rid, param, n, target_type, target_id, url, at_lo, at_hi)",
+                8,
+            )
         };
         for (verb, target, width, rows) in [
             (
@@ -2361,12 +2385,7 @@ impl IndexRows {
                 4,
                 &mut self.tokens,
             ),
-            (
-                "INSERT INTO",
-                "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
-                7,
-                &mut self.refs,
-            ),
+            (keyed, ref_cols, ref_width, &mut refs),
             (keyed, "idx_date (rid, param, lo, hi)", 4, &mut self.dates),
             (
                 "INSERT INTO",
