@@ -357,3 +357,29 @@ async fn the_retention_purge_reads_its_partial_index() {
         );
     }
 }
+
+/// A type's history (`Communication/_history`, newest first) reads `resource_versions_type`,
+/// which since issue 24 holds no AuditEvent: the history's SQL repeats the index's condition, and
+/// reads the versions in the index's order (no sort of every version of the type). AuditEvent's
+/// history reads the versions' own key in order (they are most of the versions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_types_history_reads_the_version_index_in_order() {
+    use courier::store::history_sql;
+    let app = sqlite_app().await;
+    let steps = plan(&app, &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("Communication")));
+    assert!(
+        steps.iter().any(|(d, _)| d.contains("INDEX resource_versions_type (res_type=? AND vid<?)")),
+        "{steps:?}"
+    );
+    let audit = plan(&app, &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("AuditEvent")));
+    for steps in [&steps, &audit] {
+        assert!(
+            !steps.iter().any(|(d, _)| d.contains("TEMP B-TREE")),
+            "sorted without an index: {steps:?}"
+        );
+    }
+    assert!(
+        audit.iter().any(|(d, _)| d.starts_with("SEARCH v USING INTEGER PRIMARY KEY (rowid<?)")),
+        "{audit:?}"
+    );
+}

@@ -1837,6 +1837,7 @@ impl Store {
     }
 
     /// Instance (`id` given) or type history, newest first. `snapshot` pins the view for paging.
+    /// The SQL starts with [`history_sql`].
     #[allow(clippy::too_many_arguments)] // each is one of _history's own parameters
     pub fn history(
         &self,
@@ -1865,10 +1866,7 @@ impl Store {
                         .n
                 }
             };
-            let mut sql = format!(
-                "SELECT {VERSION_COLUMNS} \
-                 FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
-            );
+            let mut sql = history_sql(res_type);
             let mut binds: Vec<Bind> = vec![res_type.into(), snapshot.into()];
             if let Some(id) = id {
                 sql.push_str(" AND r.fhir_id = ?");
@@ -2263,6 +2261,21 @@ fn dialect<C: Conn>(c: &C) -> sql::Dialect {
     } else {
         sql::Dialect::Sqlite
     }
+}
+
+/// The versions of type `?` up to vid `?` (a history's snapshot), each with its resource row, for
+/// [`Store::history`] to add its conditions and `ORDER BY v.vid DESC` to. The (res_type, vid)
+/// index holds every type but AuditEvent, which are most of the versions: their history reads
+/// the versions' own key, newest first, and every other type names the index's condition.
+pub fn history_sql(res_type: &str) -> String {
+    let mut sql = format!(
+        "SELECT {VERSION_COLUMNS} \
+         FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
+    );
+    if res_type != "AuditEvent" {
+        sql.push_str(" AND v.res_type <> 'AuditEvent'");
+    }
+    sql
 }
 
 /// Index rows to insert together: one multi-row INSERT per index table for many versions (a

@@ -1,0 +1,2 @@
+DROP INDEX resource_versions_type;
+CREATE INDEX resource_versions_type ON resource_versions (res_type, vid);
