@@ -12,6 +12,7 @@ use crate::helpers::*;
 use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Makes the database "full": no write that needs new space succeeds.
 pub fn fill_disk(app: &TestApp) {
@@ -501,4 +502,54 @@ async fn a_create_cut_off_by_a_lost_connection_is_answered_503_that_it_may_have_
         app.get(&format!("Communication/{later}")).await.status(),
         200
     );
+}
+
+/// A read (or search) whose database connection is lost while it runs is answered 503 that
+/// nothing was served or changed: a read writes nothing of the client's, so the write's "may have
+/// been saved" (above) would only alarm. The connection is ended while the read waits for a
+/// table another session holds locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_changed() {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let id = app
+        .create(&message("Patient/p1", "2026-12-06T10:00:00Z", "read while cut off"))
+        .await;
+    let mut outside = PgConnection::establish(&app.database_url).unwrap();
+    diesel::sql_query("BEGIN").execute(&mut outside).unwrap();
+    diesel::sql_query("LOCK TABLE resource_versions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut outside)
+        .unwrap();
+    let cutter = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ended = 0;
+        while ended == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            ended = diesel::sql_query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%resource_versions%' AND pid <> pg_backend_pid()",
+            )
+            .execute(&mut outside)
+            .unwrap();
+        }
+        diesel::sql_query("ROLLBACK").execute(&mut outside).unwrap();
+        ended
+    });
+    let r = app.get(&format!("Communication/{id}")).await;
+    assert!(cutter.await.unwrap() > 0, "the read waited for the lock and was ended");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let oo: Value = r.json().await.unwrap();
+    let said = oo["issue"][0]["diagnostics"].as_str().unwrap();
+    assert_eq!(oo["issue"][0]["code"], "transient", "{oo}");
+    assert!(
+        said.contains("nothing was served or changed") && !said.contains("saved"),
+        "{said}"
+    );
+    // The server goes on.
+    let later = app.get_json(&format!("Communication/{id}")).await;
+    assert_eq!(later["payload"][0]["contentString"], "read while cut off");
 }

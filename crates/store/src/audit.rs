@@ -84,6 +84,20 @@ impl Interaction {
         }
     }
 
+    /// Does it only read (no write of the client's can have been made by it)?
+    pub fn reads_only(self) -> bool {
+        matches!(
+            self,
+            Interaction::Read
+                | Interaction::Vread
+                | Interaction::SearchType
+                | Interaction::SearchSystem
+                | Interaction::HistoryInstance
+                | Interaction::HistoryType
+                | Interaction::Capabilities
+        )
+    }
+
     fn action(self) -> &'static str {
         match self {
             Interaction::Create => "C",
