@@ -30,6 +30,7 @@ const filters = {scope: 'patient', text: '', show: 'all', when: '', patient: '',
 const blobs = new Map(); // Binary path -> object URL (image previews), revoked at sign-out
 let draft = null; // {thread, id, timer, saving} — the open thread's draft on the server
 let noticeCause = null;
+let again = null; // {href, text}: where the signed-out screen signs in again (a portal session's EHR)
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -85,6 +86,8 @@ function plain(e) {
 // The session is over (signed out, logged off for inactivity, revoked elsewhere): every trace of
 // PHI leaves the page and the app's memory, nothing actionable stays, and one clear screen says so.
 function end(why) {
+  // Where to sign in again (not PHI: the EHR's registered name), kept past the session's end.
+  if (session && session.portal && session.ehr) again = {href: '/smart/launch?ehr=' + encodeURIComponent(session.ehr), text: 'Sign in again'};
   sessionStorage.removeItem(STORE_KEY);
   sessionStorage.removeItem(SEQ_KEY);
   token = null;
@@ -131,6 +134,9 @@ function end(why) {
   document.title = 'Courier messages';
   $('ended').hidden = false;
   $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
+  // A portal sign-in can be started again here; an EHR launch only from the EHR.
+  $('ended-again').hidden = !again;
+  if (again) { $('ended-again').href = again.href; $('ended-again').textContent = again.text; }
   $('connection').textContent = 'Signed out';
   $('connection').classList.remove('offline');
   window.scrollTo(0, 0);
@@ -1582,6 +1588,19 @@ window.addEventListener('online', () => {
   setConnection('Reconnecting…', true);
   connect();
 });
+
+// The on-screen keyboard: while the message field has focus on a phone and the visible height is
+// short (the keyboard is up), body.typing compacts the screen around the thread (app.css).
+function updateTyping() {
+  const vv = window.visualViewport;
+  const visible = vv ? vv.height : window.innerHeight;
+  const typing = document.activeElement === $('compose-text') && window.innerWidth <= 700 && visible < 560;
+  document.body.classList.toggle('typing', typing);
+}
+if (window.visualViewport) window.visualViewport.addEventListener('resize', updateTyping);
+window.addEventListener('resize', updateTyping);
+document.addEventListener('focusin', updateTyping);
+document.addEventListener('focusout', () => setTimeout(updateTyping, 0));
 
 // ----- styling from the EHR -------------------------------------------------------------------
 

@@ -620,6 +620,9 @@ async fn complete(
         "fhirUser": user,
         "patient": patient,
         "ehr": ehr.name,
+        // Signed in through the EHR's portal (a standalone launch): the app's signed-out screen
+        // links back to `/smart/launch?ehr=…`; an EHR launch can only be started again from it.
+        "portal": pending.browser_hash.is_some(),
         "need_patient_banner": extra.need_patient_banner.unwrap_or(false),
         // For the app's header and patient banner only (they are the EHR's own data).
         "user_display": user_shown,

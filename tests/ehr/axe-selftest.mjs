@@ -5,7 +5,7 @@
 //
 //   cd tests/ehr && node axe-selftest.mjs
 import { chromium } from 'playwright-core';
-import { axeAudit, smallFields, smallTargets } from './axe.mjs';
+import { axeAudit, smallFields, smallTargets, smallText } from './axe.mjs';
 
 const CSP = `<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src data:">`;
 const PIXEL = 'data:image/gif;base64,R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==';
@@ -19,13 +19,14 @@ const BAD = `<!doctype html><html lang="en"><head>${CSP}<title>Bad</title></head
 <input type="text">
 <input type="checkbox" id="c">
 <input type="text" id="tiny" aria-label="Tiny" style="font-size:13px">
+<p id="fine-print" style="font-size:12px">Read at arm's length</p>
 </main></body></html>`;
 
 // The same kinds of content, done right; a hidden button (no box) and a skip link parked off the
 // page are not targets.
 const CLEAN = `<!doctype html><html lang="en"><head>${CSP}<title>Clean</title></head><body><main><h1>Clean</h1>
 <img src="${PIXEL}" width="50" height="50" alt="Logo">
-<button style="min-width:48px;min-height:48px">Go</button>
+<button style="min-width:48px;min-height:48px;font-size:16px">Go</button>
 <p style="color:#222;background:#fff">Easy to read</p>
 <label style="display:inline-block;min-height:44px;min-width:44px;padding:12px">Name <input type="text" style="min-height:44px;font-size:16px"></label>
 <label style="display:inline-block;min-height:44px;min-width:44px;padding:12px"><input type="checkbox"> Remember</label>
@@ -58,6 +59,9 @@ try {
   const badFields = await smallFields(page, 'bad');
   check(badFields.some((p) => p.includes('input#tiny 13px')), `bad page: the 13px field is small (got ${JSON.stringify(badFields)})`);
 
+  const badText = await smallText(page, 'bad');
+  check(badText.some((p) => p.includes('p#fine-print 12px')), `bad page: the 12px text is small (got ${JSON.stringify(badText)})`);
+
   await page.setContent(CLEAN);
   const clean = await axeAudit(page, 'clean');
   check(clean.length === 0, `clean page: no serious or critical violations (got ${JSON.stringify(clean)})`);
@@ -65,6 +69,9 @@ try {
   check(cleanSmall.length === 0, `clean page: no small targets (got ${JSON.stringify(cleanSmall)})`);
   const cleanFields = await smallFields(page, 'clean');
   check(cleanFields.length === 0, `clean page: no small fields (got ${JSON.stringify(cleanFields)})`);
+
+  const cleanText = await smallText(page, 'clean');
+  check(cleanText.length === 0, `clean page: no small text (got ${JSON.stringify(cleanText)})`);
 
   // Loading axe under `script-src 'self'` made no CSP violation (nothing for a test to trip on).
   check(consoleErrors.length === 0, `no console errors (got ${JSON.stringify(consoleErrors)})`);

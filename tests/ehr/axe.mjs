@@ -61,6 +61,25 @@ export async function smallFields(page, screen, min = 16) {
   return small.map((s) => `${screen}: a field under ${min}px (a phone zooms in on it): ${s}`);
 }
 
+// Text under `min` px on the phone screen `screen` (times, receipts, hints read at arm's length):
+// each visible element with text of its own, once per distinct element and size.
+export async function smallText(page, screen, min = 14) {
+  const small = await page.evaluate((min) => {
+    const out = [];
+    for (const e of document.body.querySelectorAll('*')) {
+      if (!Array.from(e.childNodes).some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+      const box = e.getBoundingClientRect();
+      if (box.width <= 1 || box.height <= 1 || box.right <= 0 || box.bottom <= 0) continue;
+      const style = getComputedStyle(e);
+      if (style.visibility === 'hidden') continue;
+      const size = parseFloat(style.fontSize);
+      if (size < min) out.push(`${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''}${e.classList.length ? '.' + Array.from(e.classList).join('.') : ''} ${size}px`);
+    }
+    return [...new Set(out)];
+  }, min);
+  return small.map((s) => `${screen}: text under ${min}px: ${s}`);
+}
+
 /**
  * Visible interactive elements smaller than `min` CSS px in width or height, one line each.
  * Hidden elements are skipped (no box, `visibility: hidden`, a 1 × 1 px "visually hidden" box, or

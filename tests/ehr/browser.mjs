@@ -23,7 +23,7 @@
 import { chromium } from 'playwright-core';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { axeAudit, smallFields, smallTargets } from './axe.mjs';
+import { axeAudit, smallFields, smallTargets, smallText } from './axe.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 mkdirSync(cfg.artifacts, { recursive: true });
@@ -74,7 +74,7 @@ function step(what) { steps.push(what); }
 // axe-core on the screen as it is now, and (on the phone) the touch targets.
 async function a11y(page, screen, phone) {
   problems.push(...await axeAudit(page, screen));
-  if (phone) problems.push(...await smallTargets(page, screen), ...await smallFields(page, screen));
+  if (phone) problems.push(...await smallTargets(page, screen), ...await smallFields(page, screen), ...await smallText(page, screen));
 }
 
 async function noScriptRan(page, name) {
@@ -278,6 +278,28 @@ try {
   await patient.click('#send');
   await clinician.waitForSelector('#messages img.thumb[alt="Photo: rash.png"]', { timeout: 10000 });
   await clinician.waitForFunction(() => { const i = document.querySelector('#messages img.thumb'); return i && i.complete && i.naturalWidth === 2; }, null, { timeout: 10000 });
+  const thumb = await clinician.locator('#messages img.thumb').first().boundingBox();
+  check(thumb && thumb.width >= 96 && thumb.height >= 96, `clinician: a tiny photo shows at a size one can tap and see (got ${thumb && Math.round(thumb.width)} × ${thumb && Math.round(thumb.height)})`);
+
+  // Typing on a phone with the on-screen keyboard up (a short visible height): the thread stays in
+  // view above the field, and the emergency notice and whom the message goes to still show.
+  step('patient: types with the keyboard up');
+  await patient.setViewportSize({ width: 390, height: 430 });
+  await patient.focus('#compose-text');
+  await patient.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
+  await patient.waitForTimeout(200);
+  const room = await patient.evaluate(() => {
+    const box = document.querySelector('#messages-box').getBoundingClientRect();
+    const field = document.querySelector('#compose').getBoundingClientRect();
+    return Math.round(Math.min(box.bottom, field.top) - Math.max(box.top, 0));
+  });
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-keyboard-up.png'), fullPage: false }).catch(() => {});
+  check(room >= 140, `patient: with the keyboard up ${room} px of the thread show above the field (want at least 140)`);
+  check(await patient.isVisible('#compose .emergency'), 'patient: with the keyboard up the emergency notice still shows');
+  check(!(await patient.textContent('#compose-to')) || await patient.isVisible('#compose-to'), 'patient: with the keyboard up whom the message goes to still shows');
+  await patient.evaluate(() => document.activeElement.blur());
+  await patient.setViewportSize({ width: 390, height: 844 });
+  check(await patient.isVisible('header.top'), 'patient: the header is back once the keyboard is down');
 
   // The patient withdraws her own message (two presses, no browser dialog).
   step('patient: withdraws a message');
@@ -579,6 +601,10 @@ try {
   const box = await patient.locator('#ended').boundingBox();
   check(box && box.y < 740, 'patient: the signed-out notice is in view');
   check(!(await patient.isVisible('#logout')) && !(await patient.isVisible('#new-thread')), 'patient: nothing actionable without a session');
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-signed-out.png'), fullPage: false }).catch(() => {});
+  const again = await patient.getAttribute('#ended-again', 'href');
+  const portal = new URL(cfg.patient_url);
+  check(await patient.isVisible('#ended-again') && again === portal.pathname + portal.search, `patient: the signed-out screen offers to sign in again through the portal (got ${again})`);
   await a11y(patient, 'patient signed out (phone)', true);
   const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
   check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
@@ -593,6 +619,7 @@ try {
   const cleft = await phiWhere(clinician, [cfg.patient_name, 'Lab results', cfg.patient_mrn, cfg.other_patient_name, cfg.colleague_name]);
   check(cleft.length === 0, `clinician: PHI left in the page after the session was revoked elsewhere: ${cleft.join('; ')}`);
   check(!(await clinician.isVisible('#main')) && !(await clinician.isVisible('#patient-banner')), 'clinician: the inbox stays visible after revocation');
+  check(!(await clinician.isVisible('#ended-again')), 'clinician: an EHR launch is not offered a portal sign-in');
 
   check(problems.length === 0, problems.join('\n'));
   console.log(JSON.stringify({ ok: true, steps: steps.length }));
