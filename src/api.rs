@@ -112,8 +112,16 @@ pub async fn answer_audited(
     // A storage 503 met during a read changed nothing of the client's: say so, instead of the
     // write's "may have been saved" (FhirError::unavailable_in_flight).
     let result = match result {
-        Err(e) if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE && interaction.reads_only() => {
-            let why = e.issues[0].diagnostics.split(';').next().unwrap_or_default().to_string();
+        Err(e)
+            if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE
+                && interaction.reads_only() =>
+        {
+            let why = e.issues[0]
+                .diagnostics
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             Err(FhirError::unavailable(&why))
         }
         r => r,

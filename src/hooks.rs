@@ -60,8 +60,8 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
     events::record_all(c, logged)
 }
 
-fn audited<C: Conn>(c: &mut C, id: &str, event: &Value) -> Result<(), StoreError> {
-    crate::smart::outbox::enqueue(c, id, event)
+fn audited<C: Conn>(c: &mut C, events: &[(&str, &Value)]) -> Result<(), StoreError> {
+    crate::smart::outbox::enqueue(c, events)
 }
 
 fn erased<C: Conn>(c: &mut C, e: &[Erased]) -> Result<(), StoreError> {

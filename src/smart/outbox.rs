@@ -41,41 +41,71 @@ fn now() -> i64 {
 }
 
 #[derive(QueryableByName)]
-struct NameRow {
+struct LinkRow {
+    #[diesel(sql_type = Text)]
+    person: String,
     #[diesel(sql_type = Text)]
     name: String,
 }
 
-/// Inside the AuditEvent's own transaction: one outbox row per EHR that knows the event's patient
-/// (or, for an event about no patient, its user). An EHR that knows only the clinician does not
-/// hear about another organisation's patient.
-pub fn enqueue<C: Conn>(c: &mut C, audit_id: &str, event: &Value) -> Result<(), StoreError> {
-    let people = people_of(event);
-    if people.is_empty() {
+/// Inside the AuditEvents' own transaction: for each event, one outbox row per EHR that knows the
+/// event's patient (or, for an event about no patient, its user). An EHR that knows only the
+/// clinician does not hear about another organisation's patient. A PostgreSQL group's events
+/// come together: one lookup of the EHRs that know their people, one INSERT of their rows.
+pub fn enqueue<C: Conn>(c: &mut C, events: &[(&str, &Value)]) -> Result<(), StoreError> {
+    let people: Vec<(&str, Vec<String>)> = events
+        .iter()
+        .map(|(id, event)| (*id, people_of(event)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    let mut all: Vec<&str> = people
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(String::as_str))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    if all.is_empty() {
         return Ok(());
     }
-    let ph = vec!["?"; people.len()].join(", ");
-    let ehrs: Vec<NameRow> = c.load_cached(
+    let ph = vec!["?"; all.len()].join(", ");
+    let links: Vec<LinkRow> = c.load_cached(
         &format!(
-            "SELECT DISTINCT e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
+            "SELECT DISTINCT l.courier_ref AS person, e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
              WHERE l.courier_ref IN ({ph}) ORDER BY e.name"
         ),
-        people.into_iter().map(Bind::Text).collect(),
+        all.into_iter().map(Bind::from).collect(),
     )?;
-    let t = now();
-    for ehr in ehrs {
-        c.execute(
-            "INSERT INTO outbox (id, ehr, res_type, res_id, created_at, attempts, next_attempt_at) VALUES (?, ?, 'AuditEvent', ?, ?, 0, ?)",
-            vec![
-                uuid::Uuid::now_v7().to_string().into(),
-                ehr.name.into(),
-                audit_id.into(),
-                crate::clock::now_micros().into(),
-                t.into(),
-            ],
-        )?;
+    if links.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let (t, created) = (now(), crate::clock::now_micros());
+    let mut rows: Vec<Bind> = Vec::new();
+    for (audit_id, people) in &people {
+        let mut ehrs: Vec<&str> = links
+            .iter()
+            .filter(|l| people.contains(&l.person))
+            .map(|l| l.name.as_str())
+            .collect();
+        ehrs.sort_unstable();
+        ehrs.dedup();
+        for ehr in ehrs {
+            rows.extend([
+                uuid::Uuid::now_v7().to_string().into(),
+                ehr.into(),
+                (*audit_id).into(),
+                created.into(),
+                t.into(),
+            ]);
+        }
+    }
+    crate::store::multi_insert_rows(
+        c,
+        "INSERT INTO",
+        "outbox (id, ehr, res_type, res_id, created_at, attempts, next_attempt_at)",
+        "(?, ?, 'AuditEvent', ?, ?, 0, ?)",
+        5,
+        rows,
+    )
 }
 
 /// Whom the event is about: its patient entities, else its agents (Courier identities).

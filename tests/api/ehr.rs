@@ -1116,3 +1116,54 @@ async fn ehrs_from_the_config_file_are_registered_and_updated() {
     .unwrap();
     assert_eq!(parsed.ehr[0].alg, "ES384");
 }
+
+both_backends! {
+    // Many creates at once (one group commit on PostgreSQL, whose outbox rows are made for the
+    // whole group with one lookup): each create's AuditEvent goes to exactly the EHRs that know
+    // its patient, never to another patient's EHR, and an unlinked patient's to none.
+    async fn concurrent_creates_queue_each_audit_event_for_its_own_patients_ehr(app: TestApp) {
+        registry::add(&app.store, &new_ehr("ehr-a", "https://ehr-a.invalid/fhir", "ES384")).unwrap();
+        registry::add(&app.store, &new_ehr("ehr-b", "https://ehr-b.invalid/fhir", "ES384")).unwrap();
+        let link = |iss: &str, mrn: &str| {
+            courier::smart::identity::link(&app.store, iss, &|_| true, &json!({"resourceType": "Patient", "id": mrn}))
+                .unwrap()
+                .0
+        };
+        let (a, b) = (link("https://ehr-a.invalid/fhir", "mrn-a"), link("https://ehr-b.invalid/fhir", "mrn-b"));
+        let patients = [a.clone(), b.clone(), "Patient/unlinked".to_string()];
+        let bodies: Vec<Value> = (0..30)
+            .map(|i| {
+                let mut m = message(&patients[i % 3], "2026-12-06T09:00:00Z", &format!("queued {i}"));
+                m["subject"] = json!({"reference": patients[i % 3]});
+                m
+            })
+            .collect();
+        let answers = futures::future::join_all(bodies.iter().map(|m| app.post("Communication", m))).await;
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            ehr: String,
+        }
+        for (i, r) in answers.into_iter().enumerate() {
+            assert_eq!(r.status(), 201);
+            let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+            let events = app.get_json(&format!("AuditEvent?entity=Communication/{id}&subtype=create")).await;
+            let audit = ids(&events);
+            assert_eq!(audit.len(), 1, "{events}");
+            let rows: Vec<Row> = app
+                .store
+                .query(
+                    "SELECT ehr FROM outbox WHERE res_type = 'AuditEvent' AND res_id = ? ORDER BY ehr",
+                    vec![audit[0].clone().into()],
+                )
+                .unwrap();
+            let got: Vec<String> = rows.into_iter().map(|r| r.ehr).collect();
+            let want: Vec<String> = match i % 3 {
+                0 => vec!["ehr-a".into()],
+                1 => vec!["ehr-b".into()],
+                _ => vec![],
+            };
+            assert_eq!(got, want, "the AuditEvent of the create about {}", patients[i % 3]);
+        }
+    }
+}

@@ -516,7 +516,11 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
         return;
     };
     let id = app
-        .create(&message("Patient/p1", "2026-12-06T10:00:00Z", "read while cut off"))
+        .create(&message(
+            "Patient/p1",
+            "2026-12-06T10:00:00Z",
+            "read while cut off",
+        ))
         .await;
     let mut outside = PgConnection::establish(&app.database_url).unwrap();
     diesel::sql_query("BEGIN").execute(&mut outside).unwrap();
@@ -539,7 +543,10 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
         ended
     });
     let r = app.get(&format!("Communication/{id}")).await;
-    assert!(cutter.await.unwrap() > 0, "the read waited for the lock and was ended");
+    assert!(
+        cutter.await.unwrap() > 0,
+        "the read waited for the lock and was ended"
+    );
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     let oo: Value = r.json().await.unwrap();

@@ -366,12 +366,23 @@ async fn the_retention_purge_reads_its_partial_index() {
 async fn a_types_history_reads_the_version_index_in_order() {
     use courier::store::history_sql;
     let app = sqlite_app().await;
-    let steps = plan(&app, &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("Communication")));
+    let steps = plan(
+        &app,
+        &format!(
+            "{} ORDER BY v.vid DESC LIMIT 10",
+            history_sql("Communication")
+        ),
+    );
     assert!(
-        steps.iter().any(|(d, _)| d.contains("INDEX resource_versions_type (res_type=? AND vid<?)")),
+        steps
+            .iter()
+            .any(|(d, _)| d.contains("INDEX resource_versions_type (res_type=? AND vid<?)")),
         "{steps:?}"
     );
-    let audit = plan(&app, &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("AuditEvent")));
+    let audit = plan(
+        &app,
+        &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("AuditEvent")),
+    );
     for steps in [&steps, &audit] {
         assert!(
             !steps.iter().any(|(d, _)| d.contains("TEMP B-TREE")),
@@ -379,7 +390,9 @@ async fn a_types_history_reads_the_version_index_in_order() {
         );
     }
     assert!(
-        audit.iter().any(|(d, _)| d.starts_with("SEARCH v USING INTEGER PRIMARY KEY (rowid<?)")),
+        audit
+            .iter()
+            .any(|(d, _)| d.starts_with("SEARCH v USING INTEGER PRIMARY KEY (rowid<?)")),
         "{audit:?}"
     );
 }

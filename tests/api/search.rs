@@ -325,9 +325,17 @@ async fn reference_rows_are_keyed_by_resource_after_an_upgrade() {
     let app = spawn_app(Backend::Sqlite).await.unwrap();
     let to = |who: &[&str]| {
         let recipients: Vec<Value> = who.iter().map(|w| json!({"reference": w})).collect();
-        comm(json!({"recipient": recipients, "sender": {"reference": "Practitioner/dr-1"}, "sent": "2024-02-01"}))
+        comm(
+            json!({"recipient": recipients, "sender": {"reference": "Practitioner/dr-1"}, "sent": "2024-02-01"}),
+        )
     };
-    let both = app.create(&to(&["Patient/k1", "Patient/k2", "https://other.example/fhir/Patient/k3"])).await;
+    let both = app
+        .create(&to(&[
+            "Patient/k1",
+            "Patient/k2",
+            "https://other.example/fhir/Patient/k3",
+        ]))
+        .await;
     let one = app.create(&to(&["Patient/k1"])).await;
     let table_sql = |s: &courier::store::Store| {
         #[derive(diesel::QueryableByName)]
@@ -335,44 +343,108 @@ async fn reference_rows_are_keyed_by_resource_after_an_upgrade() {
             #[diesel(sql_type = diesel::sql_types::Text)]
             sql: String,
         }
-        let r: Vec<Sql> = s.query("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'idx_ref'", vec![]).unwrap();
+        let r: Vec<Sql> = s
+            .query(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'idx_ref'",
+                vec![],
+            )
+            .unwrap();
         r[0].sql.clone()
     };
     assert!(table_sql(&app.store).contains("WITHOUT ROWID"));
-    let count = |s: &courier::store::Store, sql: &str| s.query::<courier::store::rows::CountRow>(sql, vec![]).unwrap()[0].n;
+    let count = |s: &courier::store::Store, sql: &str| {
+        s.query::<courier::store::rows::CountRow>(sql, vec![])
+            .unwrap()[0]
+            .n
+    };
     let rows = count(&app.store, "SELECT COUNT(*) AS n FROM idx_ref");
-    run_script(&app, include_str!("../../migrations/sqlite/2026-12-12-000100_reference_rows_keyed/down.sql"));
-    assert!(!table_sql(&app.store).contains("WITHOUT ROWID"), "down.sql restores the rowid table");
+    run_script(
+        &app,
+        include_str!("../../migrations/sqlite/2026-12-12-000100_reference_rows_keyed/down.sql"),
+    );
+    assert!(
+        !table_sql(&app.store).contains("WITHOUT ROWID"),
+        "down.sql restores the rowid table"
+    );
     assert_eq!(
-        app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261212000100'", vec![]).unwrap(),
+        app.store
+            .execute(
+                "DELETE FROM __diesel_schema_migrations WHERE version = '20261212000100'",
+                vec![]
+            )
+            .unwrap(),
         1
     );
     let upgraded = spawn_instance_on(&app).await.unwrap();
     assert!(table_sql(&upgraded.store).contains("WITHOUT ROWID"));
-    assert_eq!(count(&upgraded.store, "SELECT COUNT(*) AS n FROM idx_ref"), rows, "every reference row is kept");
+    assert_eq!(
+        count(&upgraded.store, "SELECT COUNT(*) AS n FROM idx_ref"),
+        rows,
+        "every reference row is kept"
+    );
     assert_eq!(
         count(&upgraded.store, "SELECT COUNT(*) AS n FROM (SELECT rid, COUNT(*) AS c, MIN(n) AS lo, MAX(n) AS hi FROM idx_ref GROUP BY rid) WHERE lo <> 0 OR hi <> c - 1"),
         0,
         "each resource's reference rows are numbered 0, 1, …"
     );
     let mut expected = vec![one.clone(), both.clone()];
-    assert_eq!(upgraded.search_ids("Communication?recipient=Patient/k1&_sort=-_lastUpdated").await, expected);
-    assert_eq!(upgraded.search_ids("Communication?recipient=Patient/k2").await, vec![both.clone()]);
-    assert_eq!(upgraded.search_ids("Communication?recipient=https://other.example/fhir/Patient/k3").await, vec![both.clone()]);
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=Patient/k1&_sort=-_lastUpdated")
+            .await,
+        expected
+    );
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=Patient/k2")
+            .await,
+        vec![both.clone()]
+    );
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=https://other.example/fhir/Patient/k3")
+            .await,
+        vec![both.clone()]
+    );
     // The per-resource lookup (a second condition checked on each match) reads the keyed table.
-    assert_eq!(upgraded.search_ids("Communication?recipient=Patient/k2&sender=Practitioner/dr-1").await, vec![both.clone()]);
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=Patient/k2&sender=Practitioner/dr-1")
+            .await,
+        vec![both.clone()]
+    );
     // An update replaces the resource's rows, numbered afresh, beside converted ones.
     let mut changed = to(&["Patient/k2"]);
     changed["id"] = json!(one);
-    assert_eq!(upgraded.put(&format!("Communication/{one}"), &changed).await.status(), 200);
-    expected.retain(|i| i != &one);
-    assert_eq!(upgraded.search_ids("Communication?recipient=Patient/k1").await, expected);
     assert_eq!(
-        sorted(upgraded.search_ids("Communication?recipient=Patient/k2").await),
+        upgraded
+            .put(&format!("Communication/{one}"), &changed)
+            .await
+            .status(),
+        200
+    );
+    expected.retain(|i| i != &one);
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=Patient/k1")
+            .await,
+        expected
+    );
+    assert_eq!(
+        sorted(
+            upgraded
+                .search_ids("Communication?recipient=Patient/k2")
+                .await
+        ),
         sorted(vec![one.clone(), both.clone()])
     );
     let fresh = upgraded.create(&to(&["Patient/k1", "Patient/k1b"])).await;
-    assert_eq!(upgraded.search_ids("Communication?recipient=Patient/k1b").await, vec![fresh]);
+    assert_eq!(
+        upgraded
+            .search_ids("Communication?recipient=Patient/k1b")
+            .await,
+        vec![fresh]
+    );
 }
 
 #[tokio::test]

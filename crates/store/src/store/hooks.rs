@@ -3,8 +3,8 @@
 //!
 //! - [`Hooks::written`]: after the writes of one job, in its transaction, once every row lock is
 //!   held — the derived rows that must commit with the resource (messaging events, schedules).
-//! - [`Hooks::audited`]: after an AuditEvent is inserted, in its transaction (the outbox rows that
-//!   deliver it to the EHRs).
+//! - [`Hooks::audited`]: after AuditEvents are inserted (one, or a PostgreSQL group's), in their
+//!   transaction (the outbox rows that deliver them to the EHRs): `(id, event)` each.
 //! - [`Hooks::erased`]: when resources are purged or erased, in the erasing transaction — each
 //!   module removes the rows it keeps about them.
 //!
@@ -39,10 +39,10 @@ pub trait Hooks: Send + Sync {
     fn audited_sqlite(
         &self,
         c: &mut SqliteConnection,
-        id: &str,
-        event: &Value,
+        events: &[(&str, &Value)],
     ) -> Result<(), StoreError>;
-    fn audited_pg(&self, c: &mut PgConnection, id: &str, event: &Value) -> Result<(), StoreError>;
+    fn audited_pg(&self, c: &mut PgConnection, events: &[(&str, &Value)])
+        -> Result<(), StoreError>;
     fn erased_sqlite(&self, c: &mut SqliteConnection, e: &[Erased]) -> Result<(), StoreError>;
     fn erased_pg(&self, c: &mut PgConnection, e: &[Erased]) -> Result<(), StoreError>;
 }
@@ -50,7 +50,7 @@ pub trait Hooks: Send + Sync {
 /// Calls the hook method for the connection's backend.
 pub trait Dispatch {
     fn written(&mut self, h: &dyn Hooks, w: &[Written]) -> Result<(), StoreError>;
-    fn audited(&mut self, h: &dyn Hooks, id: &str, event: &Value) -> Result<(), StoreError>;
+    fn audited(&mut self, h: &dyn Hooks, events: &[(&str, &Value)]) -> Result<(), StoreError>;
     fn erased(&mut self, h: &dyn Hooks, e: &[Erased]) -> Result<(), StoreError>;
 }
 
@@ -58,8 +58,8 @@ impl Dispatch for SqliteConnection {
     fn written(&mut self, h: &dyn Hooks, w: &[Written]) -> Result<(), StoreError> {
         h.written_sqlite(self, w)
     }
-    fn audited(&mut self, h: &dyn Hooks, id: &str, event: &Value) -> Result<(), StoreError> {
-        h.audited_sqlite(self, id, event)
+    fn audited(&mut self, h: &dyn Hooks, events: &[(&str, &Value)]) -> Result<(), StoreError> {
+        h.audited_sqlite(self, events)
     }
     fn erased(&mut self, h: &dyn Hooks, e: &[Erased]) -> Result<(), StoreError> {
         h.erased_sqlite(self, e)
@@ -70,8 +70,8 @@ impl Dispatch for PgConnection {
     fn written(&mut self, h: &dyn Hooks, w: &[Written]) -> Result<(), StoreError> {
         h.written_pg(self, w)
     }
-    fn audited(&mut self, h: &dyn Hooks, id: &str, event: &Value) -> Result<(), StoreError> {
-        h.audited_pg(self, id, event)
+    fn audited(&mut self, h: &dyn Hooks, events: &[(&str, &Value)]) -> Result<(), StoreError> {
+        h.audited_pg(self, events)
     }
     fn erased(&mut self, h: &dyn Hooks, e: &[Erased]) -> Result<(), StoreError> {
         h.erased_pg(self, e)
@@ -79,7 +79,7 @@ impl Dispatch for PgConnection {
 }
 
 /// Implements [`Hooks`] for `$t` by forwarding each pair of methods to generic functions
-/// `written<C: Conn>(c, w)`, `audited<C: Conn>(c, id, event)` and `erased<C: Conn>(c, e)` in scope.
+/// `written<C: Conn>(c, w)`, `audited<C: Conn>(c, events)` and `erased<C: Conn>(c, e)` in scope.
 #[macro_export]
 macro_rules! forward_hooks {
     ($t:ty, $written:path, $audited:path, $erased:path) => {
@@ -101,18 +101,16 @@ macro_rules! forward_hooks {
             fn audited_sqlite(
                 &self,
                 c: &mut diesel::SqliteConnection,
-                id: &str,
-                event: &serde_json::Value,
+                events: &[(&str, &serde_json::Value)],
             ) -> Result<(), $crate::store::StoreError> {
-                $audited(c, id, event)
+                $audited(c, events)
             }
             fn audited_pg(
                 &self,
                 c: &mut diesel::PgConnection,
-                id: &str,
-                event: &serde_json::Value,
+                events: &[(&str, &serde_json::Value)],
             ) -> Result<(), $crate::store::StoreError> {
-                $audited(c, id, event)
+                $audited(c, events)
             }
             fn erased_sqlite(
                 &self,

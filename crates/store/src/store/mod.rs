@@ -1003,14 +1003,12 @@ impl Store {
                     results
                 };
                 ix.flush(c).map_err(BatchAbort::Store)?;
-                // PostgreSQL: each job's additions (its events, notices, schedule), in order,
-                // after every row of the group: the event lock is taken at the first event and
-                // held to the commit. A job whose additions fail (a schedule Courier cannot keep)
-                // is answered with that error, the others re-run.
+                // PostgreSQL: the jobs' additions (events, notices, schedules) after every row
+                // of the group: the event lock is taken at the first event and held to the
+                // commit. A job whose additions fail (a schedule Courier cannot keep) is answered
+                // with that error, the others re-run.
                 if postgres {
-                    for (i, r) in results.iter().enumerate() {
-                        self.run_hooks(c, r).map_err(|e| BatchAbort::Unit(i, e))?;
-                    }
+                    self.run_group_hooks(c, &results)?;
                 }
                 Ok(results)
             });
@@ -1122,10 +1120,16 @@ impl Store {
         }
         let stored = self.put_new_versions(c, &items, ix)?;
         let mut results: Vec<Vec<WriteResult>> = batch.iter().map(|_| Vec::new()).collect();
-        // Each create's own version (its AuditEvent's follows it), and its AuditEvent's outbox rows.
-        for ((i, audit), own) in creates.into_iter().zip(stored.into_iter().step_by(2)) {
-            c.audited(&*self.hooks, &audit.id, &audit.value)
-                .map_err(|e| BatchAbort::Unit(i, e))?;
+        // The AuditEvents' outbox rows, for the whole group at once (one lookup of whom they
+        // go to); a failure there is the group's.
+        let events: Vec<(&str, &Value)> = creates
+            .iter()
+            .map(|(_, a)| (a.id.as_str(), &a.value))
+            .collect();
+        c.audited(&*self.hooks, &events)
+            .map_err(BatchAbort::Store)?;
+        // Each create's own version (its AuditEvent's follows it).
+        for ((i, _), own) in creates.into_iter().zip(stored.into_iter().step_by(2)) {
             results[i].push(WriteResult {
                 status: WriteStatus::Created,
                 stored: own,
@@ -1328,6 +1332,30 @@ impl Store {
         Ok(())
     }
 
+    /// PostgreSQL: a group's additions in one pass (every job's notices and schedules, then all
+    /// their events in one INSERT, so the event lock is held only from there to the commit). If
+    /// that fails it is undone (a savepoint) and each job's additions run on their own, in order,
+    /// so that the job that fails is named and answered with its own error.
+    fn run_group_hooks<C: Conn>(
+        &self,
+        c: &mut C,
+        results: &[Vec<WriteResult>],
+    ) -> Result<(), BatchAbort> {
+        if results.len() > 1 {
+            c.execute("SAVEPOINT group_additions", vec![])
+                .map_err(|e| BatchAbort::Store(e.into()))?;
+            if self.run_hooks(c, results.iter().flatten()).is_ok() {
+                return Ok(());
+            }
+            c.execute("ROLLBACK TO SAVEPOINT group_additions", vec![])
+                .map_err(|e| BatchAbort::Store(e.into()))?;
+        }
+        for (i, r) in results.iter().enumerate() {
+            self.run_hooks(c, r).map_err(|e| BatchAbort::Unit(i, e))?;
+        }
+        Ok(())
+    }
+
     /// An AuditEvent drafted for insertion (a fresh id, `crate::ids`).
     fn audit_draft(&self, event: Value) -> AuditDraft {
         let id = crate::ids::new_id();
@@ -1349,7 +1377,7 @@ impl Store {
         self.put_draft(c, "AuditEvent", &a.id, None, &a.draft, "POST", ix)?;
         // In the same transaction: what the modules above add (the outbox rows that deliver it to
         // the EHRs that know its people).
-        c.audited(&*self.hooks, &a.id, &a.value)?;
+        c.audited(&*self.hooks, &[(a.id.as_str(), &a.value)])?;
         Ok(())
     }
 
@@ -2383,7 +2411,11 @@ impl IndexRows {
                 i += 1;
                 (i - 1) % 8 != 2
             });
-            (rows, "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)", 7)
+            (
+                rows,
+                "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
+                7,
+            )
         } else {
             (
                 std::mem::take(&mut self.refs),
