@@ -1589,12 +1589,15 @@ window.addEventListener('online', () => {
   connect();
 });
 
-// The on-screen keyboard: while the message field has focus on a phone and the visible height is
-// short (the keyboard is up), body.typing compacts the screen around the thread (app.css).
+// The on-screen keyboard: while the composer has focus on a phone and the visible height is short
+// (the keyboard is up), body.typing compacts the screen around the thread (app.css). Focus moving
+// from the field to Send (a tap) keeps it: the layout must not move under the finger; it ends
+// when focus leaves the composer or the keyboard goes down.
 function updateTyping() {
   const vv = window.visualViewport;
   const visible = vv ? vv.height : window.innerHeight;
-  const typing = document.activeElement === $('compose-text') && window.innerWidth <= 700 && visible < 560;
+  const inCompose = $('compose').contains(document.activeElement);
+  const typing = inCompose && window.innerWidth <= 700 && visible < 560;
   document.body.classList.toggle('typing', typing);
 }
 if (window.visualViewport) window.visualViewport.addEventListener('resize', updateTyping);

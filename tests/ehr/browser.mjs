@@ -71,6 +71,37 @@ function check(cond, what) {
 
 function step(what) { steps.push(what); }
 
+// Typing on a phone with the on-screen keyboard up (390 × 430 visible): at least 140 px of the
+// thread show above the field, and what must stay in view does (`inView`: whom it goes to, the
+// emergency notice, whose record it is about); the header comes back once the keyboard is down.
+async function keyboardUp(page, who, inView) {
+  await page.setViewportSize({ width: 390, height: 430 });
+  await page.focus('#compose-text');
+  await page.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
+  await page.waitForTimeout(200);
+  const room = await page.evaluate(() => {
+    const box = document.querySelector('#messages-box').getBoundingClientRect();
+    const field = document.querySelector('#compose').getBoundingClientRect();
+    const about = document.querySelector('#thread-patient');
+    const above = about && !about.hidden ? about.getBoundingClientRect().bottom : 0;
+    return Math.round(Math.min(box.bottom, field.top) - Math.max(box.top, above, 0));
+  });
+  await page.screenshot({ path: join(cfg.artifacts, `${who}-keyboard-up.png`), fullPage: false }).catch(() => {});
+  check(room >= 140, `${who}: with the keyboard up ${room} px of the thread show above the field (want at least 140)`);
+  for (const sel of inView) {
+    const shown = await page.evaluate((sel) => {
+      const e = document.querySelector(sel);
+      if (!e || !e.textContent.trim()) return false;
+      const r = e.getBoundingClientRect();
+      return r.height > 0 && r.top >= 0 && r.bottom <= innerHeight;
+    }, sel);
+    check(shown, `${who}: with the keyboard up ${sel} shows, in view`);
+  }
+  await page.evaluate(() => document.activeElement.blur());
+  await page.setViewportSize({ width: 390, height: 844 });
+  check(await page.isVisible('header.top'), `${who}: the header is back once the keyboard is down`);
+}
+
 // axe-core on the screen as it is now, and (on the phone) the touch targets.
 async function a11y(page, screen, phone) {
   problems.push(...await axeAudit(page, screen));
@@ -281,25 +312,8 @@ try {
   const thumb = await clinician.locator('#messages img.thumb').first().boundingBox();
   check(thumb && thumb.width >= 96 && thumb.height >= 96, `clinician: a tiny photo shows at a size one can tap and see (got ${thumb && Math.round(thumb.width)} × ${thumb && Math.round(thumb.height)})`);
 
-  // Typing on a phone with the on-screen keyboard up (a short visible height): the thread stays in
-  // view above the field, and the emergency notice and whom the message goes to still show.
   step('patient: types with the keyboard up');
-  await patient.setViewportSize({ width: 390, height: 430 });
-  await patient.focus('#compose-text');
-  await patient.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
-  await patient.waitForTimeout(200);
-  const room = await patient.evaluate(() => {
-    const box = document.querySelector('#messages-box').getBoundingClientRect();
-    const field = document.querySelector('#compose').getBoundingClientRect();
-    return Math.round(Math.min(box.bottom, field.top) - Math.max(box.top, 0));
-  });
-  await patient.screenshot({ path: join(cfg.artifacts, 'patient-keyboard-up.png'), fullPage: false }).catch(() => {});
-  check(room >= 140, `patient: with the keyboard up ${room} px of the thread show above the field (want at least 140)`);
-  check(await patient.isVisible('#compose .emergency'), 'patient: with the keyboard up the emergency notice still shows');
-  check(!(await patient.textContent('#compose-to')) || await patient.isVisible('#compose-to'), 'patient: with the keyboard up whom the message goes to still shows');
-  await patient.evaluate(() => document.activeElement.blur());
-  await patient.setViewportSize({ width: 390, height: 844 });
-  check(await patient.isVisible('header.top'), 'patient: the header is back once the keyboard is down');
+  await keyboardUp(patient, 'patient', ['#compose .emergency', '#compose-to']);
 
   // The patient withdraws her own message (two presses, no browser dialog).
   step('patient: withdraws a message');
@@ -467,6 +481,7 @@ try {
   await clinician.waitForSelector('#thread-patient.other');
   check(await clinician.isVisible('#back') && !(await clinician.isVisible('#threads')), 'clinician: on a phone the thread takes the screen, with a way back');
   await a11y(clinician, 'clinician thread (phone)', true);
+  await keyboardUp(clinician, 'clinician', ['#thread-patient', '#compose-to']);
   await clinician.click('#back');
   await clinician.click('#scope-patient');
   await clinician.setViewportSize({ width: 1280, height: 800 });
