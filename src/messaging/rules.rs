@@ -5,11 +5,13 @@
 //!   `.sender`, when given, are the signed-in user (a system client excepted); a user's
 //!   CommunicationRequest without either gets the user as requester, so the scheduler later sends
 //!   it as the author verified here;
-//! - a patient's new conversation (a message with no `partOf`) carries a category, and a patient's
-//!   message — sent now or scheduled — stays within the configured length (patient-portal
-//!   guardrails; that a patient cannot address another patient is the access policy's).
+//! - a patient's new conversation (a message with no `partOf`, or a scheduled message, which is
+//!   sent as a new conversation) carries a category, and a patient's message — sent now or
+//!   scheduled — stays within the configured length (patient-portal guardrails; that a patient
+//!   cannot address another patient is the access policy's).
 //!
-//! [`prepare`] then checks what a message points at and labels it (see [`super::staff_only`]):
+//! [`prepare`] then checks what a message points at and labels it (see [`super::staff_only`]), and
+//! keeps Courier's own identifiers (a scheduled send's, a reminder's) out of clients' hands:
 //! a thread (`partOf`, `inResponseTo`) must be one the writer can see; a Group or CareTeam a patient
 //! writes to must not reach another patient; a staff-only thread stays staff-only.
 
@@ -58,7 +60,7 @@ pub fn check(
     match res_type {
         "Binary" => attachment_type(settings, body),
         "Communication" if patient_side => patient_message(settings, body),
-        "CommunicationRequest" if patient_side => patient_text(settings, res_type, body),
+        "CommunicationRequest" if patient_side => patient_request(settings, body),
         _ => Ok(()),
     }
 }
@@ -127,21 +129,35 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
 fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
     // A new conversation says what it is about (for triage); a reply belongs to its thread.
     let starts_thread = body["partOf"].as_array().is_none_or(|a| a.is_empty());
-    let has_category = !starts_thread
-        || body["category"].as_array().is_some_and(|c| {
-            c.iter().any(|cc| {
-                cc["coding"].as_array().is_some_and(|x| !x.is_empty()) || cc["text"].is_string()
-            })
-        });
-    if !has_category {
-        return Err(FhirError::at(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "required",
-            "Communication.category",
-            "a conversation started by a patient needs a category (what it is about)",
-        ));
+    if starts_thread {
+        categorised("Communication", body)?;
     }
     patient_text(settings, "Communication", body)
+}
+
+/// A patient's scheduled message: the scheduler sends it as a new conversation (it has no
+/// thread), so it says what it is about, as a new conversation sent at once must.
+fn patient_request(settings: &Settings, body: &Value) -> Result<(), FhirError> {
+    categorised("CommunicationRequest", body)?;
+    patient_text(settings, "CommunicationRequest", body)
+}
+
+/// A category with a coding or a text (any system: for triage).
+fn categorised(res_type: &str, body: &Value) -> Result<(), FhirError> {
+    let has_category = body["category"].as_array().is_some_and(|c| {
+        c.iter().any(|cc| {
+            cc["coding"].as_array().is_some_and(|x| !x.is_empty()) || cc["text"].is_string()
+        })
+    });
+    if has_category {
+        return Ok(());
+    }
+    Err(FhirError::at(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "required",
+        format!("{res_type}.category"),
+        "a conversation started by a patient needs a category (what it is about)",
+    ))
 }
 
 /// A patient's message text, sent now or scheduled, stays within the configured length.
@@ -164,6 +180,31 @@ fn patient_text(settings: &Settings, res_type: &str, body: &Value) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The identifiers in Courier's own systems (a scheduled send's, a reminder's), sorted.
+fn courier_marks(body: &Value) -> Vec<(String, String)> {
+    let mut marks: Vec<(String, String)> = body["identifier"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let system = i["system"].as_str()?;
+            [
+                super::schedule::IDENTIFIER_SYSTEM,
+                super::escalation::IDENTIFIER_SYSTEM,
+            ]
+            .contains(&system)
+            .then(|| {
+                (
+                    system.to_string(),
+                    i["value"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect();
+    marks.sort();
+    marks
 }
 
 /// Checks what a Communication or CommunicationRequest about to be written points at, and
@@ -281,12 +322,31 @@ pub async fn prepare(
     }
     // A new version of a staff-only message stays staff-only (when the writer may see it at
     // all: otherwise the write is refused as not found by the access guard).
+    let mut stored_marks = Vec::new();
     if let Some(id) = replaces {
         if let Ok(s) = access::read(state, p, res_type, id, None).await {
             let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
                 .unwrap_or(Value::Null);
             inherited |= super::staff_only::is_labelled(&v);
+            stored_marks = courier_marks(&v);
         }
+    }
+    // Courier's own identifiers say "the scheduler sent this" and "this is the reminder for
+    // that": written by a client, one would stop a scheduled message or a reminder from being
+    // sent (Courier finds the marker and takes it as done). No client writes one; an update
+    // keeps the stored version's as they are.
+    let marks = courier_marks(body);
+    if marks != stored_marks {
+        return Err(FhirError::at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            format!("{res_type}.identifier"),
+            format!(
+                "identifiers in {} and {} are Courier's own (they mark what its scheduler and reminders wrote); a client cannot add, change or remove one",
+                super::schedule::IDENTIFIER_SYSTEM,
+                super::escalation::IDENTIFIER_SYSTEM
+            ),
+        ));
     }
     let store = state.store.clone();
     let rt = res_type.to_string();

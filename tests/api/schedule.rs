@@ -360,3 +360,69 @@ both_backends! {
         assert!(app.store.write(send(2), &ctx).is_ok());
     }
 }
+
+both_backends! {
+    // Courier finds a scheduled send by its identifier (urn:courier:schedule|request) and takes it
+    // as done: a client that wrote one could stop another's scheduled message (an outside probe
+    // did, as another patient who only knew the request's id). No client writes Courier's own
+    // identifiers (nor a reminder's); an update keeps the stored ones as they are. A patient's
+    // scheduled message starts a conversation, so it needs a category as one sent at once does.
+    async fn a_client_cannot_write_courier_s_own_identifiers_to_stop_a_scheduled_message(app: TestApp) {
+        let due = app.create(&request(utc_in(3), "Take your evening dose")).await;
+        let other = client_with_token(&issue(&app.tokens, &app.admin_client_id, "patient/Communication.crs patient/CommunicationRequest.crs", Some("Patient/p2"), Some("p2")));
+        let forged = json!({
+            "resourceType": "Communication", "status": "completed",
+            "identifier": [{"system": "urn:courier:schedule", "value": due}],
+            "category": [{"text": "question"}],
+            "subject": {"reference": "Patient/p2"}, "sender": {"reference": "Patient/p2"},
+            "recipient": [{"reference": "Practitioner/dr-2"}],
+            "payload": [{"contentString": "not the reminder"}]
+        });
+        let r = other.post(app.url("Communication")).json(&forged).send().await.unwrap();
+        assert_eq!(r.status(), 422);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["expression"][0], "Communication.identifier", "{oo}");
+        // Not from a system client either, nor a reminder's on a request.
+        let mut as_system = forged.clone();
+        as_system["identifier"][0]["value"] = json!(format!("{due}-x"));
+        assert_eq!(app.post("Communication", &as_system).await.status(), 422);
+        let mut reminder = request(utc_in(3600), "a reminder");
+        reminder["identifier"] = json!([{"system": "urn:courier:escalation", "value": "x:Practitioner/dr-1"}]);
+        assert_eq!(app.post("CommunicationRequest", &reminder).await.status(), 422);
+        // The scheduled message is sent all the same.
+        let mut sent = vec![];
+        for _ in 0..100 {
+            sent = sent_for(&app, &due).await;
+            if !sent.is_empty() { break; }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(sent.len(), 1, "the scheduled message went out");
+        assert_eq!(sent[0]["payload"][0]["contentString"], "Take your evening dose");
+        // Its sender may update it with its identifier as stored, not change or drop it.
+        let id = sent[0]["id"].as_str().unwrap().to_string();
+        let mut kept = sent[0].clone();
+        kept["status"] = json!("entered-in-error");
+        assert_eq!(app.put(&format!("Communication/{id}"), &kept).await.status(), 200);
+        let mut changed = app.get_json(&format!("Communication/{id}")).await;
+        changed["identifier"][0]["value"] = json!("another");
+        assert_eq!(app.put(&format!("Communication/{id}"), &changed).await.status(), 422);
+        changed.as_object_mut().unwrap().remove("identifier");
+        assert_eq!(app.put(&format!("Communication/{id}"), &changed).await.status(), 422);
+        // A patient's scheduled message needs a category.
+        let mut mine = request(utc_in(3600), "see you then");
+        for k in ["subject", "recipient", "requester"] {
+            mine.as_object_mut().unwrap().remove(k);
+        }
+        mine["subject"] = json!({"reference": "Patient/p2"});
+        mine["requester"] = json!({"reference": "Patient/p2"});
+        mine["recipient"] = json!([{"reference": "Practitioner/dr-2"}]);
+        let mut uncategorised = mine.clone();
+        uncategorised.as_object_mut().unwrap().remove("category");
+        let r = other.post(app.url("CommunicationRequest")).json(&uncategorised).send().await.unwrap();
+        assert_eq!(r.status(), 422);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["expression"][0], "CommunicationRequest.category", "{oo}");
+        let r = other.post(app.url("CommunicationRequest")).json(&mine).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+}
