@@ -116,12 +116,8 @@ pub async fn answer_audited(
             if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE
                 && interaction.reads_only() =>
         {
-            let why = e.issues[0]
-                .diagnostics
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .to_string();
+            let said = e.issues.first().map_or("", |i| i.diagnostics.as_str());
+            let why = said.split(';').next().unwrap_or_default().to_string();
             Err(FhirError::unavailable(&why))
         }
         r => r,

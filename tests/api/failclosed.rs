@@ -534,7 +534,7 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
             std::thread::sleep(Duration::from_millis(50));
             ended = diesel::sql_query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%resource_versions%' AND pid <> pg_backend_pid()",
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%v.version_id = r.version_id%' AND pid <> pg_backend_pid()",
             )
             .execute(&mut outside)
             .unwrap();

@@ -361,7 +361,8 @@ async fn the_retention_purge_reads_its_partial_index() {
 /// A type's history (`Communication/_history`, newest first) reads `resource_versions_type`,
 /// which since issue 24 holds no AuditEvent: the history's SQL repeats the index's condition, and
 /// reads the versions in the index's order (no sort of every version of the type). AuditEvent's
-/// history reads the versions' own key in order (they are most of the versions).
+/// history reads the versions' own key in order (they are most of the versions); one resource's
+/// history reads its own versions by rid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_types_history_reads_the_version_index_in_order() {
     use courier::store::history_sql;
@@ -370,7 +371,7 @@ async fn a_types_history_reads_the_version_index_in_order() {
         &app,
         &format!(
             "{} ORDER BY v.vid DESC LIMIT 10",
-            history_sql("Communication")
+            history_sql("Communication", false)
         ),
     );
     assert!(
@@ -381,7 +382,10 @@ async fn a_types_history_reads_the_version_index_in_order() {
     );
     let audit = plan(
         &app,
-        &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql("AuditEvent")),
+        &format!(
+            "{} ORDER BY v.vid DESC LIMIT 10",
+            history_sql("AuditEvent", false)
+        ),
     );
     for steps in [&steps, &audit] {
         assert!(
@@ -395,4 +399,17 @@ async fn a_types_history_reads_the_version_index_in_order() {
             .any(|(d, _)| d.starts_with("SEARCH v USING INTEGER PRIMARY KEY (rowid<?)")),
         "{audit:?}"
     );
+    // One resource's history reads its own versions (by rid), not its type's: a review measured
+    // 67 ms against 1 ms at 200,000 versions when the type's index drove it.
+    for t in ["Communication", "AuditEvent"] {
+        let one = plan(
+            &app,
+            &format!("{} ORDER BY v.vid DESC LIMIT 10", history_sql(t, true)),
+        );
+        assert!(
+            one.iter().any(|(d, _)| d
+                .starts_with("SEARCH v USING INDEX sqlite_autoindex_resource_versions_1 (rid=?)")),
+            "{t}: {one:?}"
+        );
+    }
 }

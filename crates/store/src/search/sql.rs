@@ -43,7 +43,7 @@ impl Dialect {
     /// index.
     fn by_rid(self, table: &str) -> String {
         match self {
-            Dialect::Sqlite if table != "idx_string" => {
+            Dialect::Sqlite if matches!(table, "idx_token" | "idx_date" | "idx_ref") => {
                 format!(" INDEXED BY sqlite_autoindex_{table}_1")
             }
             Dialect::Sqlite => format!(" INDEXED BY {table}_rid"),

@@ -1879,11 +1879,13 @@ impl Store {
     ) -> Result<(Vec<Stored>, bool, i64), StoreError> {
         let mut c = self.db.get()?;
         with_conn!(c, |c| {
-            if let Some(id) = id {
-                if self.head(c, res_type, id)?.is_none() {
-                    return Err(StoreError::NotFound(res_type.into(), id.into()));
-                }
-            }
+            let rid = match id {
+                Some(id) => match self.head(c, res_type, id)? {
+                    Some(h) => Some(h.rid),
+                    None => return Err(StoreError::NotFound(res_type.into(), id.into())),
+                },
+                None => None,
+            };
             let snapshot = match snapshot {
                 Some(s) => s,
                 None => {
@@ -1894,12 +1896,11 @@ impl Store {
                         .n
                 }
             };
-            let mut sql = history_sql(res_type);
-            let mut binds: Vec<Bind> = vec![res_type.into(), snapshot.into()];
-            if let Some(id) = id {
-                sql.push_str(" AND r.fhir_id = ?");
-                binds.push(id.into());
-            }
+            let mut sql = history_sql(res_type, rid.is_some());
+            let mut binds: Vec<Bind> = match rid {
+                Some(rid) => vec![rid.into(), snapshot.into()],
+                None => vec![res_type.into(), snapshot.into()],
+            };
             if let Some(s) = since {
                 sql.push_str(" AND v.last_updated >= ?");
                 binds.push(s.into());
@@ -2291,15 +2292,20 @@ fn dialect<C: Conn>(c: &C) -> sql::Dialect {
     }
 }
 
-/// The versions of type `?` up to vid `?` (a history's snapshot), each with its resource row, for
-/// [`Store::history`] to add its conditions and `ORDER BY v.vid DESC` to. The (res_type, vid)
-/// index holds every type but AuditEvent, which are most of the versions: their history reads
-/// the versions' own key, newest first, and every other type names the index's condition.
-pub fn history_sql(res_type: &str) -> String {
-    let mut sql = format!(
-        "SELECT {VERSION_COLUMNS} \
-         FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.res_type = ? AND v.vid <= ?",
+/// The versions of one resource (`instance`: its rid `?`) or of a type (its name `?`) up to vid
+/// `?` (a history's snapshot), each with its resource row, for [`Store::history`] to add its
+/// conditions and `ORDER BY v.vid DESC` to. An instance's are read by its rid (its few versions,
+/// then sorted), never by walking its type's versions. A type's: the (res_type, vid) index holds
+/// every type but AuditEvent, which are most of the versions: their history reads the versions'
+/// own key, newest first, and every other type names the index's condition.
+pub fn history_sql(res_type: &str, instance: bool) -> String {
+    let head = format!(
+        "SELECT {VERSION_COLUMNS} FROM resource_versions v JOIN resources r ON r.rid = v.rid"
     );
+    if instance {
+        return format!("{head} WHERE v.rid = ? AND v.vid <= ?");
+    }
+    let mut sql = format!("{head} WHERE v.res_type = ? AND v.vid <= ?");
     if res_type != "AuditEvent" {
         sql.push_str(" AND v.res_type <> 'AuditEvent'");
     }
@@ -2313,9 +2319,22 @@ pub fn history_sql(res_type: &str) -> String {
 #[derive(Default)]
 struct IndexRows {
     tokens: Vec<Bind>,
-    refs: Vec<Bind>,
+    refs: Vec<RefRow>,
     dates: Vec<Bind>,
     strings: Vec<Bind>,
+}
+
+/// One reference index row. `n` numbers a resource's reference rows: on SQLite the table is
+/// keyed (rid, param, n); PostgreSQL's has no such column.
+struct RefRow {
+    rid: i64,
+    param: String,
+    n: i64,
+    target_type: Option<String>,
+    target_id: Option<String>,
+    url: Option<String>,
+    at_lo: Option<i64>,
+    at_hi: Option<i64>,
 }
 
 impl IndexRows {
@@ -2363,16 +2382,16 @@ impl IndexRows {
                     target_id,
                     url,
                 } => {
-                    refs.extend([
-                        rid.into(),
-                        names::key(param).to_string().into(),
-                        n.into(),
-                        target_type.clone().into(),
-                        target_id.clone().into(),
-                        url.clone().into(),
-                        at_lo.into(),
-                        at_hi.into(),
-                    ]);
+                    refs.push(RefRow {
+                        rid,
+                        param: names::key(param).to_string(),
+                        n,
+                        target_type: target_type.clone(),
+                        target_id: target_id.clone(),
+                        url: url.clone(),
+                        at_lo,
+                        at_hi,
+                    });
                     n += 1;
                 }
                 Entry::Date { param, lo, hi } => dates_.extend([
@@ -2402,27 +2421,33 @@ impl IndexRows {
         } else {
             "INSERT OR IGNORE INTO"
         };
-        // PostgreSQL's reference table has no `n` (a heap gains nothing from the key): its rows
-        // without it.
-        let (mut refs, ref_cols, ref_width) = if c.is_postgres() {
-            let mut rows = std::mem::take(&mut self.refs);
-            let mut i = 0;
-            rows.retain(|_| {
-                i += 1;
-                (i - 1) % 8 != 2
-            });
+        // PostgreSQL's reference table has no `n` (a heap gains nothing from the key).
+        let postgres = c.is_postgres();
+        let (ref_cols, ref_width) = if postgres {
             (
-                rows,
                 "idx_ref (rid, param, target_type, target_id, url, at_lo, at_hi)",
                 7,
             )
         } else {
             (
-                std::mem::take(&mut self.refs),
                 "idx_ref (rid, param, n, target_type, target_id, url, at_lo, at_hi)",
                 8,
             )
         };
+        let mut refs = Vec::with_capacity(self.refs.len() * ref_width);
+        for r in std::mem::take(&mut self.refs) {
+            refs.extend([r.rid.into(), r.param.into()]);
+            if !postgres {
+                refs.push(r.n.into());
+            }
+            refs.extend([
+                r.target_type.into(),
+                r.target_id.into(),
+                r.url.into(),
+                r.at_lo.into(),
+                r.at_hi.into(),
+            ]);
+        }
         for (verb, target, width, rows) in [
             (
                 keyed,
