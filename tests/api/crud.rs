@@ -22,6 +22,13 @@ both_backends! {
         assert_eq!(read.headers()["etag"], "W/\"1\"");
         let read: Value = read.json().await.unwrap();
         assert_eq!(read, created);
+        // HEAD: the read's status and ETag, no body; an unknown id is 404 as for GET.
+        let head = app.client.head(app.url(&format!("Communication/{id}"))).send().await.unwrap();
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers()["etag"], "W/\"1\"");
+        assert!(head.bytes().await.unwrap().is_empty());
+        let head = app.client.head(app.url("Communication/no-such-id")).send().await.unwrap();
+        assert_eq!(head.status(), 404);
 
         let mut changed = created.clone();
         changed["status"] = json!("entered-in-error");
