@@ -118,7 +118,7 @@ pub fn instance_routes(cfg: &mut web::ServiceConfig) {
         web::resource("/{type}/{id}")
             .route(web::get().to(rest::read))
             // HEAD: the read's status and headers (ETag, Last-Modified), no body.
-            .route(web::head().to(rest::read))
+            .route(web::head().to(rest::head))
             .route(web::put().to(rest::update))
             .route(web::patch().to(rest::patch))
             .route(web::delete().to(rest::delete))

@@ -442,6 +442,21 @@ pub async fn read(
     finish_read(&state, &ctx, Interaction::Read, &res_type, &id, result).await
 }
 
+/// `HEAD /{type}/{id}`: the read's status and headers, without its body (actix drops it). Only
+/// for a FHIR type and id: any other two-part path (`/app/app.js`, `/Communication/$unread`)
+/// whose route answers only GET is no endpoint here, as before, and writes no AuditEvent.
+pub async fn head(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    let (res_type, id) = path.as_ref();
+    if support(res_type).is_none() || !fhir_codec::is_valid_id(id) {
+        return super::no_such_endpoint().await;
+    }
+    read(state, req, path).await
+}
+
 pub async fn vread(
     state: web::Data<AppState>,
     req: HttpRequest,

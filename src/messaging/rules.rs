@@ -136,9 +136,12 @@ fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {
 }
 
 /// A patient's scheduled message: the scheduler sends it as a new conversation (it has no
-/// thread), so it says what it is about, as a new conversation sent at once must.
+/// thread), so an active one says what it is about, as a new conversation sent at once must
+/// (revoking or holding an older request without one stays possible).
 fn patient_request(settings: &Settings, body: &Value) -> Result<(), FhirError> {
-    categorised("CommunicationRequest", body)?;
+    if body["status"] == "active" {
+        categorised("CommunicationRequest", body)?;
+    }
     patient_text(settings, "CommunicationRequest", body)
 }
 
@@ -180,6 +183,39 @@ fn patient_text(settings: &Settings, res_type: &str, body: &Value) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Courier's own identifiers on the stored version an update replaces. A system client (which
+/// may update what it cannot read) is compared with what is stored; anyone else with what they
+/// can read (what they cannot read, they cannot update: the access guard answers 404, so the
+/// answer says nothing about a hidden version). A failure to read (503) is the write's.
+async fn stored_marks(
+    state: &AppState,
+    p: &Principal,
+    res_type: &str,
+    id: &str,
+) -> Result<Vec<(String, String)>, FhirError> {
+    let system = p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_none();
+    let stored = if system {
+        let (store, rt, id) = (state.store.clone(), res_type.to_string(), id.to_string());
+        match blocking(move || Ok(store.read(&rt, &id))).await? {
+            Ok(s) => Some(s),
+            Err(crate::store::StoreError::NotFound(..) | crate::store::StoreError::Gone(..)) => {
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        match access::read(state, p, res_type, id, None).await {
+            Ok(s) => Some(s),
+            Err(e) if e.status.is_client_error() => None,
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(stored
+        .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref().unwrap_or_default()).ok())
+        .map(|v| courier_marks(&v))
+        .unwrap_or_default())
 }
 
 /// The identifiers in Courier's own systems (a scheduled send's, a reminder's), sorted.
@@ -322,15 +358,17 @@ pub async fn prepare(
     }
     // A new version of a staff-only message stays staff-only (when the writer may see it at
     // all: otherwise the write is refused as not found by the access guard).
-    let mut stored_marks = Vec::new();
     if let Some(id) = replaces {
         if let Ok(s) = access::read(state, p, res_type, id, None).await {
             let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
                 .unwrap_or(Value::Null);
             inherited |= super::staff_only::is_labelled(&v);
-            stored_marks = courier_marks(&v);
         }
     }
+    let stored_marks = match replaces {
+        Some(id) => stored_marks(state, p, res_type, id).await?,
+        None => Vec::new(),
+    };
     // Courier's own identifiers say "the scheduler sent this" and "this is the reminder for
     // that": written by a client, one would stop a scheduled message or a reminder from being
     // sent (Courier finds the marker and takes it as done). No client writes one; an update

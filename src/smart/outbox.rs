@@ -67,14 +67,22 @@ pub fn enqueue<C: Conn>(c: &mut C, events: &[(&str, &Value)]) -> Result<(), Stor
     if all.is_empty() {
         return Ok(());
     }
-    let ph = vec!["?"; all.len()].join(", ");
-    let links: Vec<LinkRow> = c.load_cached(
-        &format!(
-            "SELECT DISTINCT l.courier_ref AS person, e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
-             WHERE l.courier_ref IN ({ph}) ORDER BY e.name"
-        ),
-        all.into_iter().map(Bind::from).collect(),
-    )?;
+    // At most 256 people per lookup, the list padded to a power of two with its last value: few
+    // statement shapes in each connection's prepared-statement cache, however large the group.
+    let mut links: Vec<LinkRow> = Vec::new();
+    for chunk in all.chunks(256) {
+        let width = chunk.len().next_power_of_two();
+        let ph = vec!["?"; width].join(", ");
+        let mut binds: Vec<Bind> = chunk.iter().map(|p| Bind::from(*p)).collect();
+        binds.resize_with(width, || Bind::from(chunk[chunk.len() - 1]));
+        links.extend(c.load_cached::<LinkRow>(
+            &format!(
+                "SELECT DISTINCT l.courier_ref AS person, e.name AS name FROM identity_links l JOIN ehrs e ON e.iss = l.iss \
+                 WHERE l.courier_ref IN ({ph})"
+            ),
+            binds,
+        )?);
+    }
     if links.is_empty() {
         return Ok(());
     }

@@ -29,6 +29,14 @@ both_backends! {
         assert!(head.bytes().await.unwrap().is_empty());
         let head = app.client.head(app.url("Communication/no-such-id")).send().await.unwrap();
         assert_eq!(head.status(), 404);
+        // Not a FHIR type and id: no endpoint (and no AuditEvent), as before.
+        let audits = app.get_json("AuditEvent?_summary=count").await["total"].as_i64().unwrap();
+        for path in ["app/app.js", "Communication/$unread", "Communication/_history"] {
+            let head = app.client.head(app.url(path)).send().await.unwrap();
+            assert_eq!(head.status(), 404, "{path}");
+        }
+        // One more: the first count's own AuditEvent.
+        assert_eq!(app.get_json("AuditEvent?_summary=count").await["total"], audits + 1);
 
         let mut changed = created.clone();
         changed["status"] = json!("entered-in-error");

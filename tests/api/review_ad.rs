@@ -311,10 +311,12 @@ both_backends! {
         let (s, v) = send(&ada_app, &app, "POST", "Communication", Some(&long)).await;
         assert_eq!(s, 422, "a patient app sent 5,013 characters: {v}");
         let cr = json!({"resourceType": "CommunicationRequest", "status": "active", "requester": {"reference": "Patient/ada"},
+            "category": [{"text": "question"}],
             "recipient": [{"reference": "Practitioner/dr1"}], "occurrenceDateTime": "2099-01-01T09:00:00Z",
             "payload": [{"contentString": "x".repeat(5013)}]});
         let (s, v) = send(&ada_app, &app, "POST", "CommunicationRequest", Some(&cr)).await;
         assert_eq!(s, 422, "a patient app scheduled 5,013 characters: {v}");
+        assert_eq!(v["issue"][0]["expression"][0], "CommunicationRequest.payload[0].contentString", "{v}");
         assert_eq!(app.row_counts(), before);
     }
 }

@@ -232,6 +232,7 @@ both_backends! {
         let soon = |secs: i64| (chrono::Utc::now() + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let request = |extra: Value| {
             let mut r = json!({"resourceType": "CommunicationRequest", "status": "active", "subject": {"reference": "Patient/ada"},
+                "category": [{"text": "prescription"}],
                 "recipient": [{"reference": "Practitioner/dr1"}], "occurrenceDateTime": soon(1),
                 "payload": [{"contentString": "Please renew my prescription"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -362,6 +363,7 @@ both_backends! {
             let (s, oo) = send(&ada, &app, "POST", "Communication", Some(&m)).await;
             assert_eq!(s, 403, "to {to}: {oo}");
             let cr = json!({"resourceType": "CommunicationRequest", "status": "active", "recipient": [{"reference": to}],
+                "category": [{"text": "question"}],
                 "occurrenceDateTime": "2099-01-01T09:00:00Z", "payload": [{"contentString": "Hello later"}]});
             let (s, oo) = send(&ada, &app, "POST", "CommunicationRequest", Some(&cr)).await;
             assert_eq!(s, 403, "scheduled to {to}: {oo}");

@@ -970,8 +970,9 @@ impl Store {
     /// SQLite (one writer, which holds the only write lock): the data keys met are remembered
     /// for the transaction (see `scoped_key`), and each job's own additions (events, notices) are
     /// written with it. PostgreSQL (several writers at once): the group's rows with one INSERT
-    /// per table ([`Store::run_group_pg`]), then each job's additions in order, so that the event
-    /// lock is taken after every row of the group is written, and held once to the commit. A
+    /// per table ([`Store::run_group_pg`]), then the jobs' additions in one pass
+    /// ([`Store::run_group_hooks`]), so that the event lock is taken after every row of the group
+    /// is written, and held once to the commit. A
     /// failure no job can be blamed for commits each half of the group on its own instead.
     fn commit_together<C: Conn>(
         &self,
@@ -1344,8 +1345,11 @@ impl Store {
         if results.len() > 1 {
             c.execute("SAVEPOINT group_additions", vec![])
                 .map_err(|e| BatchAbort::Store(e.into()))?;
-            if self.run_hooks(c, results.iter().flatten()).is_ok() {
-                return Ok(());
+            match self.run_hooks(c, results.iter().flatten()) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a group's additions failed together; each job's alone")
+                }
             }
             c.execute("ROLLBACK TO SAVEPOINT group_additions", vec![])
                 .map_err(|e| BatchAbort::Store(e.into()))?;
@@ -1879,11 +1883,18 @@ impl Store {
     ) -> Result<(Vec<Stored>, bool, i64), StoreError> {
         let mut c = self.db.get()?;
         with_conn!(c, |c| {
+            // The resource's rid (a plain read: no row lock, as a writer's head takes).
             let rid = match id {
-                Some(id) => match self.head(c, res_type, id)? {
-                    Some(h) => Some(h.rid),
-                    None => return Err(StoreError::NotFound(res_type.into(), id.into())),
-                },
+                Some(id) => {
+                    let rows: Vec<CountRow> = c.load(
+                        "SELECT rid AS n FROM resources WHERE res_type = ? AND fhir_id = ?",
+                        vec![res_type.into(), id.into()],
+                    )?;
+                    match rows.first() {
+                        Some(r) => Some(r.n),
+                        None => return Err(StoreError::NotFound(res_type.into(), id.into())),
+                    }
+                }
                 None => None,
             };
             let snapshot = match snapshot {
