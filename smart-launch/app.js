@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const STORE_KEY = 'courier.session';
 const SEQ_KEY = 'courier.seq';
+const AGAIN_KEY = 'courier.sign-in-again'; // {href, text}: not PHI (a registered EHR's name)
 const ALERTS_KEY = 'courier.alerts-asked';
 const URGENT = ['urgent', 'asap', 'stat'];
 const PAGE = 50; // messages per page in a thread (older ones load on scroll)
@@ -86,8 +87,24 @@ function plain(e) {
 // The session is over (signed out, logged off for inactivity, revoked elsewhere): every trace of
 // PHI leaves the page and the app's memory, nothing actionable stays, and one clear screen says so.
 function end(why) {
-  // Where to sign in again (not PHI: the EHR's registered name), kept past the session's end.
-  if (session && session.portal && session.ehr) again = {href: '/smart/launch?ehr=' + encodeURIComponent(session.ehr), text: 'Sign in again'};
+  // Where to sign in again (not PHI: the EHR's registered name), kept past the session's end and
+  // a reload of this tab (a new session clears it).
+  if (session && session.portal && session.ehr) {
+    again = {href: '/smart/launch?ehr=' + encodeURIComponent(session.ehr), text: 'Sign in again'};
+    sessionStorage.setItem(AGAIN_KEY, JSON.stringify(again));
+  } else if (!again && !(session && session.fhirUser)) {
+    try { again = JSON.parse(sessionStorage.getItem(AGAIN_KEY)); } catch (e) { again = null; }
+    if (!again || typeof again.href !== 'string' || !again.href.startsWith('/smart/launch?ehr=')) again = null;
+  }
+  // The server may end an idle session a moment before this page's own check: say so.
+  const idle = (config.idle_timeout_secs || 0) * 1000;
+  if (token && idle && Date.now() - lastActivity > idle - 20000 && (!why || why.startsWith('Your session has ended'))) {
+    why = 'You were signed out after ' + Math.round(idle / 60000) + ' minutes without activity.';
+  }
+  // Where to open Courier again, in the person's own words.
+  const place = !session || !session.fhirUser ? 'your EHR or your patient portal' : isPatient() ? 'your patient portal' : 'your EHR';
+  const againText = 'Open Courier again from ' + place + ' to continue.';
+  if (why) why = why.replace('Open Courier again from your EHR or your patient portal to continue.', againText);
   sessionStorage.removeItem(STORE_KEY);
   sessionStorage.removeItem(SEQ_KEY);
   token = null;
@@ -133,7 +150,7 @@ function end(why) {
   $('notices-code').value = '';
   document.title = 'Courier messages';
   $('ended').hidden = false;
-  $('ended-why').textContent = why || 'Open Courier again from your EHR or your patient portal to continue.';
+  $('ended-why').textContent = why || againText;
   // A portal sign-in can be started again here; an EHR launch only from the EHR.
   $('ended-again').hidden = !again;
   if (again) { $('ended-again').href = again.href; $('ended-again').textContent = again.text; }
@@ -1046,6 +1063,8 @@ async function send(ev) {
   const payload = [];
   if (text) payload.push({contentString: text});
   const priority = isPatient() ? null : $('compose-priority').value;
+  // Sent with the keyboard up: the field keeps focus after (the keyboard stays, the screen too).
+  const typing = document.body.classList.contains('typing');
   $('send').disabled = true;
   composeError('');
   try {
@@ -1079,6 +1098,7 @@ async function send(ev) {
   } finally {
     $('send').disabled = false;
     updateCount();
+    if (typing && current === open) $('compose-text').focus();
   }
 }
 
@@ -1489,6 +1509,9 @@ function setConnection(text, offline) {
   const c = $('connection');
   c.textContent = text;
   c.classList.toggle('offline', !!offline);
+  // Also where one writes: the header is scrolled away (or set aside while typing) on a phone.
+  $('compose-offline').textContent = offline ? text + ': messages cannot be sent until then.' : '';
+  $('compose-offline').hidden = !offline;
 }
 
 function connect() {
@@ -1631,6 +1654,7 @@ function setScope(scope) {
 async function start() {
   try { session = JSON.parse(sessionStorage.getItem(STORE_KEY)); } catch (e) { session = null; }
   if (!session || !session.access_token) { end(); return; }
+  sessionStorage.removeItem(AGAIN_KEY);
   token = session.access_token;
   tokenExpires = Date.now() + (session.expires_in || 300) * 1000;
   const me = myName();
@@ -1664,7 +1688,10 @@ async function start() {
   // emergencies — with the number to call.
   if (isPatient() && config.emergency_number) {
     for (const e of document.querySelectorAll('.emergency')) {
-      e.textContent = 'Not for emergencies. If this is an emergency, call ' + config.emergency_number + ' now.';
+      // The short form shows while typing with the keyboard up (app.css).
+      e.replaceChildren(
+        el('span', {class: 'long'}, 'Not for emergencies. If this is an emergency, call ' + config.emergency_number + ' now.'),
+        el('span', {class: 'short'}, 'Emergency? Call ' + config.emergency_number + ' now.'));
       e.hidden = false;
     }
   }

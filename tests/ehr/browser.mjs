@@ -74,8 +74,8 @@ function step(what) { steps.push(what); }
 // Typing on a phone with the on-screen keyboard up (390 × 430 visible): at least 140 px of the
 // thread show above the field, and what must stay in view does (`inView`: whom it goes to, the
 // emergency notice, whose record it is about); the header comes back once the keyboard is down.
-async function keyboardUp(page, who, inView) {
-  await page.setViewportSize({ width: 390, height: 430 });
+async function keyboardUp(page, who, inView, size = { width: 390, height: 430 }, want = 140) {
+  await page.setViewportSize(size);
   await page.focus('#compose-text');
   await page.evaluate(() => window.scrollTo(0, document.documentElement.scrollHeight));
   await page.waitForTimeout(200);
@@ -86,8 +86,8 @@ async function keyboardUp(page, who, inView) {
     const above = about && !about.hidden ? about.getBoundingClientRect().bottom : 0;
     return Math.round(Math.min(box.bottom, field.top) - Math.max(box.top, above, 0));
   });
-  await page.screenshot({ path: join(cfg.artifacts, `${who}-keyboard-up.png`), fullPage: false }).catch(() => {});
-  check(room >= 140, `${who}: with the keyboard up ${room} px of the thread show above the field (want at least 140)`);
+  await page.screenshot({ path: join(cfg.artifacts, `${who}-keyboard-up-${size.width}x${size.height}.png`), fullPage: false }).catch(() => {});
+  check(room >= want, `${who}: with the keyboard up at ${size.width} × ${size.height}, ${room} px of the thread show above the field (want at least ${want})`);
   for (const sel of inView) {
     const shown = await page.evaluate((sel) => {
       const e = document.querySelector(sel);
@@ -97,6 +97,16 @@ async function keyboardUp(page, who, inView) {
     }, sel);
     check(shown, `${who}: with the keyboard up ${sel} shows, in view`);
   }
+  // Offline while typing: the composer says so, in view (the header is set aside).
+  await page.context().setOffline(true);
+  await page.waitForFunction(() => {
+    const e = document.querySelector('#compose-offline');
+    if (!e || e.hidden) return false;
+    const r = e.getBoundingClientRect();
+    return r.top >= 0 && r.bottom <= innerHeight;
+  }, null, { timeout: 5000 }).catch(() => check(false, `${who}: offline while typing, the composer does not say so in view`));
+  await page.context().setOffline(false);
+  await page.waitForSelector('#compose-offline', { state: 'hidden', timeout: 15000 }).catch(() => check(false, `${who}: back online, the composer still says offline`));
   await page.evaluate(() => document.activeElement.blur());
   await page.setViewportSize({ width: 390, height: 844 });
   check(await page.isVisible('header.top'), `${who}: the header is back once the keyboard is down`);
@@ -314,6 +324,7 @@ try {
 
   step('patient: types with the keyboard up');
   await keyboardUp(patient, 'patient', ['#compose .emergency', '#compose-to']);
+  await keyboardUp(patient, 'patient', ['#compose .emergency', '#compose-to'], { width: 360, height: 330 }, 100);
 
   // The patient withdraws her own message (two presses, no browser dialog).
   step('patient: withdraws a message');
@@ -621,6 +632,11 @@ try {
   const portal = new URL(cfg.patient_url);
   check(await patient.isVisible('#ended-again') && again === portal.pathname + portal.search, `patient: the signed-out screen offers to sign in again through the portal (got ${again})`);
   await a11y(patient, 'patient signed out (phone)', true);
+  await patient.reload();
+  await patient.waitForSelector('#ended:not([hidden])');
+  check(await patient.isVisible('#ended-again'), 'patient: "Sign in again" is still offered after a reload of the signed-out page');
+  const placeSaid = await patient.textContent('#ended-why');
+  check(!/your EHR/.test(placeSaid) || /patient portal/.test(placeSaid), `patient: the signed-out screen speaks of the portal (got "${placeSaid}")`);
   const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
   check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
 
