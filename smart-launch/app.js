@@ -675,8 +675,11 @@ function renderThreadHead() {
   $('file-chart').hidden = isPatient();
   // Beside the message box (which stays in view on a phone when the banners have scrolled away):
   // whom a reply goes to, and for a clinician which patient it is about.
-  const to = participants(h).filter((r) => r !== session.fhirUser).map(nameOf).join(', ');
-  $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt ? ' · about ' + nameOf(pt) : '');
+  // A patient among them is named once, as the patient ("To: Bob Other (the patient)").
+  const others = participants(h).filter((r) => r !== session.fhirUser);
+  const toPatient = !isPatient() && pt && others.includes(pt);
+  const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient)' : '')).join(', ');
+  $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt && !toPatient ? ' · about ' + nameOf(pt) : '');
 }
 
 function renderMessages() {

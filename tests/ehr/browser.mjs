@@ -214,7 +214,8 @@ try {
   });
   check(inView, 'clinician: a long thread opens at the newest message with the composer in view');
   const composeTo = await clinician.textContent('#compose-to');
-  check(composeTo.includes(cfg.patient_name) && composeTo.includes('about'), `clinician: the composer says whom the reply goes to and about whom (got "${composeTo}")`);
+  // The patient is named once: "(the patient)" when the reply goes to them, "about …" when not.
+  check(composeTo.split(cfg.patient_name).length === 2 && /about|\(the patient\)/.test(composeTo), `clinician: the composer says whom the reply goes to and about whom, naming the patient once (got "${composeTo}")`);
   const first = await clinician.locator('#messages > li').count();
   check(first <= 51 && await clinician.isVisible('#older'), `clinician: a long thread loads a page, not all (${first})`);
   await clinician.evaluate(() => { document.querySelector('#messages-box').scrollTop = 0; });
