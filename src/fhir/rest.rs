@@ -899,9 +899,10 @@ async fn history_inner(
             })
             .transpose()
     };
+    // `_count=0`: no entries (as a search's count alone; a history bundle carries no total).
     let count = num("_count")?
         .unwrap_or(state.settings.default_count)
-        .clamp(1, state.settings.max_count);
+        .min(state.settings.max_count);
     let offset = num("_offset")?.unwrap_or(0);
     let snapshot = num("_snapshot")?.map(|s| s as i64);
     let since = match get("_since") {
@@ -918,15 +919,20 @@ async fn history_inner(
     let (rt, rid) = (res_type.to_string(), id.clone());
     let f2 = filter.clone();
     let (mut versions, has_next, snapshot) = blocking(move || {
-        Ok(store.history(
+        let (v, more, snap) = store.history(
             &rt,
             rid.as_deref(),
             since,
-            count,
+            count.max(1),
             offset,
             snapshot,
             f2.as_ref(),
-        )?)
+        )?;
+        Ok(if count == 0 {
+            (Vec::new(), false, snap)
+        } else {
+            (v, more, snap)
+        })
     })
     .await?;
     if filter.is_some() {

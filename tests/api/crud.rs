@@ -64,6 +64,10 @@ both_backends! {
         let methods: Vec<&str> = hist["entry"].as_array().unwrap().iter().map(|e| e["request"]["method"].as_str().unwrap()).collect();
         assert_eq!(methods, vec!["DELETE", "PUT", "POST"]);
         assert!(hist["entry"][0].get("resource").is_none());
+        // `_count=0`: a history bundle with no entries (it was clamped to one).
+        let none = app.get_json(&format!("Communication/{id}/_history?_count=0")).await;
+        assert_eq!(none["type"], "history");
+        assert!(none["entry"].as_array().is_none_or(|e| e.is_empty()), "{none}");
         // Deleted resources leave search results.
         assert!(app.search_ids("Communication?recipient=Patient/p1").await.is_empty());
     }
