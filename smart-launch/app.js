@@ -104,7 +104,7 @@ function end(why) {
   // Where to open Courier again, in the person's own words.
   const place = !session || !session.fhirUser ? 'your EHR or your patient portal' : isPatient() ? 'your patient portal' : 'your EHR';
   const againText = 'Open Courier again from ' + place + ' to continue.';
-  if (why) why = why.replace('Open Courier again from your EHR or your patient portal to continue.', againText);
+  if (why && why.startsWith('Your session has ended')) why += ' ' + againText;
   sessionStorage.removeItem(STORE_KEY);
   sessionStorage.removeItem(SEQ_KEY);
   token = null;
@@ -187,7 +187,7 @@ async function refreshToken() {
     return true;
   }
   if (r.status === 400 || r.status === 401) {
-    end('Your session has ended (signed out here or elsewhere, or by your EHR). Open Courier again from your EHR or your patient portal to continue.');
+    end('Your session has ended (signed out here or elsewhere, or by your EHR).');
   }
   return false;
 }
@@ -242,7 +242,7 @@ async function api(method, path, body, headers) {
     const issue = json && json.issue && json.issue[0];
     const err = new Error(issue ? (issue.diagnostics || issue.code) : ('the server answered ' + r.status));
     err.status = r.status;
-    if (r.status === 401 && token) end('Your session has ended. Open Courier again to continue.');
+    if (r.status === 401 && token) end('Your session has ended.');
     throw err;
   }
   return json;

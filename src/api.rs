@@ -109,18 +109,11 @@ pub async fn answer_audited(
     patient: Option<String>,
     result: Res,
 ) -> HttpResponse {
-    // A storage 503 met during a read changed nothing of the client's: say so, instead of the
-    // write's "may have been saved" (FhirError::unavailable_in_flight).
-    let result = match result {
-        Err(e)
-            if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE
-                && interaction.reads_only() =>
-        {
-            let said = e.issues.first().map_or("", |i| i.diagnostics.as_str());
-            let why = said.split(';').next().unwrap_or_default().to_string();
-            Err(FhirError::unavailable(&why))
-        }
-        r => r,
+    // A storage 503 met during a read changed nothing of the client's: it says so.
+    let result = if interaction.reads_only() {
+        result.map_err(FhirError::for_a_read)
+    } else {
+        result
     };
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
     let answer = match (audited, result) {

@@ -83,6 +83,16 @@ impl FhirError {
             ),
         )
     }
+    /// This error as answered to a request that can have written nothing (a read, search or
+    /// history): a storage 503 says "nothing was served or changed", not the in-flight write's
+    /// "may have been saved" ([`FhirError::unavailable_in_flight`]); anything else as it is.
+    pub fn for_a_read(self) -> FhirError {
+        if self.status != StatusCode::SERVICE_UNAVAILABLE {
+            return self;
+        }
+        let said = self.issues.first().map_or("", |i| i.diagnostics.as_str());
+        FhirError::unavailable(said.split(';').next().unwrap_or_default())
+    }
     pub fn outcome(&self) -> Value {
         outcome(&self.issues, "error")
     }

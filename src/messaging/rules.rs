@@ -185,37 +185,42 @@ fn patient_text(settings: &Settings, res_type: &str, body: &Value) -> Result<(),
     Ok(())
 }
 
-/// Courier's own identifiers on the stored version an update replaces. A system client (which
-/// may update what it cannot read) is compared with what is stored; anyone else with what they
-/// can read (what they cannot read, they cannot update: the access guard answers 404, so the
-/// answer says nothing about a hidden version). A failure to read (503) is the write's.
-async fn stored_marks(
+/// The version an update replaces, as the writer may see it (`None` when they may not: then
+/// the access guard answers 404, so nothing here says anything about a hidden version). A
+/// failure to read (503) is the write's.
+async fn replaced_version(
     state: &AppState,
     p: &Principal,
     res_type: &str,
     id: &str,
+) -> Result<Option<Value>, FhirError> {
+    match access::read(state, p, res_type, id, None).await {
+        Ok(s) => Ok(serde_json::from_slice(s.body.as_deref().unwrap_or_default()).ok()),
+        Err(e) if e.status.is_client_error() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Courier's own identifiers on the stored version, for a system client that may update what
+/// it cannot read: compared with what is stored.
+async fn stored_marks(
+    state: &AppState,
+    res_type: &str,
+    id: &str,
 ) -> Result<Vec<(String, String)>, FhirError> {
-    let system = p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_none();
-    let stored = if system {
-        let (store, rt, id) = (state.store.clone(), res_type.to_string(), id.to_string());
-        match blocking(move || Ok(store.read(&rt, &id))).await? {
-            Ok(s) => Some(s),
-            Err(crate::store::StoreError::NotFound(..) | crate::store::StoreError::Gone(..)) => {
-                None
-            }
-            Err(e) => return Err(e.into()),
+    let (store, rt, id) = (state.store.clone(), res_type.to_string(), id.to_string());
+    let stored = match blocking(move || Ok(store.read(&rt, &id))).await? {
+        Ok(s) => s,
+        Err(crate::store::StoreError::NotFound(..) | crate::store::StoreError::Gone(..)) => {
+            return Ok(Vec::new())
         }
-    } else {
-        match access::read(state, p, res_type, id, None).await {
-            Ok(s) => Some(s),
-            Err(e) if e.status.is_client_error() => None,
-            Err(e) => return Err(e),
-        }
+        Err(e) => return Err(e.into()),
     };
-    Ok(stored
-        .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref().unwrap_or_default()).ok())
-        .map(|v| courier_marks(&v))
-        .unwrap_or_default())
+    Ok(
+        serde_json::from_slice::<Value>(stored.body.as_deref().unwrap_or_default())
+            .map(|v| courier_marks(&v))
+            .unwrap_or_default(),
+    )
 }
 
 /// The identifiers in Courier's own systems (a scheduled send's, a reminder's), sorted.
@@ -358,16 +363,20 @@ pub async fn prepare(
     }
     // A new version of a staff-only message stays staff-only (when the writer may see it at
     // all: otherwise the write is refused as not found by the access guard).
-    if let Some(id) = replaces {
-        if let Ok(s) = access::read(state, p, res_type, id, None).await {
-            let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
-                .unwrap_or(Value::Null);
-            inherited |= super::staff_only::is_labelled(&v);
-        }
+    let replaced = match replaces {
+        Some(id) => replaced_version(state, p, res_type, id).await?,
+        None => None,
+    };
+    if let Some(v) = &replaced {
+        inherited |= super::staff_only::is_labelled(v);
     }
-    let stored_marks = match replaces {
-        Some(id) => stored_marks(state, p, res_type, id).await?,
-        None => Vec::new(),
+    // Courier's own identifiers on it: as the writer sees it, or as stored for a system client
+    // that may update what it cannot read.
+    let system = p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_none();
+    let stored_marks = match (replaces, &replaced) {
+        (_, Some(v)) => courier_marks(v),
+        (Some(id), None) if system => stored_marks(state, res_type, id).await?,
+        _ => Vec::new(),
     };
     // Courier's own identifiers say "the scheduler sent this" and "this is the reminder for
     // that": written by a client, one would stop a scheduled message or a reminder from being

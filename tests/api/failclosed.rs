@@ -71,8 +71,8 @@ pub fn free_disk(app: &TestApp) {
     }
 }
 
-/// A 503 OperationOutcome with `Retry-After`, `transient`, that says why.
-async fn assert_unavailable(r: reqwest::Response, what: &str) {
+/// A 503 OperationOutcome with `Retry-After`, `transient`: what it says.
+async fn unavailable_said(r: reqwest::Response, what: &str) -> String {
     assert_eq!(r.status(), 503, "{what}");
     assert!(
         r.headers().get("retry-after").is_some(),
@@ -81,13 +81,13 @@ async fn assert_unavailable(r: reqwest::Response, what: &str) {
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome", "{what}: {oo}");
     assert_eq!(oo["issue"][0]["code"], "transient", "{what}: {oo}");
-    assert!(
-        oo["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .contains("full"),
-        "{what}: {oo}"
-    );
+    oo["issue"][0]["diagnostics"].as_str().unwrap().to_string()
+}
+
+/// A 503 OperationOutcome with `Retry-After`, `transient`, that says why (the disk is full).
+async fn assert_unavailable(r: reqwest::Response, what: &str) {
+    let said = unavailable_said(r, what).await;
+    assert!(said.contains("full"), "{what}: {said}");
 }
 
 /// The request ids the AuditEvents record.
@@ -486,11 +486,7 @@ async fn a_create_cut_off_by_a_lost_connection_is_answered_503_that_it_may_have_
             &message("Group/cut-off", "2026-12-06T10:00:00Z", "cut off"),
         )
         .await;
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().get("retry-after").is_some());
-    let oo: Value = r.json().await.unwrap();
-    let said = oo["issue"][0]["diagnostics"].as_str().unwrap();
-    assert_eq!(oo["issue"][0]["code"], "transient", "{oo}");
+    let said = unavailable_said(r, "the cut-off request").await;
     assert!(
         said.contains("may have been saved") && !said.contains("changed"),
         "{said}"
@@ -547,11 +543,7 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
         cutter.await.unwrap() > 0,
         "the read waited for the lock and was ended"
     );
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().get("retry-after").is_some());
-    let oo: Value = r.json().await.unwrap();
-    let said = oo["issue"][0]["diagnostics"].as_str().unwrap();
-    assert_eq!(oo["issue"][0]["code"], "transient", "{oo}");
+    let said = unavailable_said(r, "the cut-off request").await;
     assert!(
         said.contains("nothing was served or changed") && !said.contains("saved"),
         "{said}"

@@ -390,12 +390,7 @@ both_backends! {
         reminder["identifier"] = json!([{"system": "urn:courier:escalation", "value": "x:Practitioner/dr-1"}]);
         assert_eq!(app.post("CommunicationRequest", &reminder).await.status(), 422);
         // The scheduled message is sent all the same.
-        let mut sent = vec![];
-        for _ in 0..100 {
-            sent = sent_for(&app, &due).await;
-            if !sent.is_empty() { break; }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let sent = wait_for_sends(&app, &due, 1).await;
         assert_eq!(sent.len(), 1, "the scheduled message went out");
         assert_eq!(sent[0]["payload"][0]["contentString"], "Take your evening dose");
         // Its sender may update it with its identifier as stored, not change or drop it.

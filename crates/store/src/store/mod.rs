@@ -1886,12 +1886,12 @@ impl Store {
             // The resource's rid (a plain read: no row lock, as a writer's head takes).
             let rid = match id {
                 Some(id) => {
-                    let rows: Vec<CountRow> = c.load(
-                        "SELECT rid AS n FROM resources WHERE res_type = ? AND fhir_id = ?",
+                    let rows: Vec<RidRow> = c.load(
+                        "SELECT rid FROM resources WHERE res_type = ? AND fhir_id = ?",
                         vec![res_type.into(), id.into()],
                     )?;
                     match rows.first() {
-                        Some(r) => Some(r.n),
+                        Some(r) => Some(r.rid),
                         None => return Err(StoreError::NotFound(res_type.into(), id.into())),
                     }
                 }
