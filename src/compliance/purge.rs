@@ -188,8 +188,13 @@ fn held_rids<C: Conn>(c: &mut C, holds: &[Hold]) -> Result<HashSet<i64>, StoreEr
         } else if let Some(id) = h.target.strip_prefix("Communication/") {
             let rows: Vec<RidRow> = c.load(
                 "SELECT rid FROM resources WHERE res_type = 'Communication' AND fhir_id = ? \
-                 UNION SELECT rid FROM idx_ref WHERE param = ? AND target_type = 'Communication' AND target_id = ?",
-                vec![id.into(), names::key("Communication.part-of").into(), id.into()],
+                 UNION SELECT rid FROM idx_ref WHERE param = ? AND target_type = ? AND target_id = ?",
+                vec![
+                    id.into(),
+                    names::key("Communication.part-of").into(),
+                    names::ty("Communication").into(),
+                    id.into(),
+                ],
             )?;
             out.extend(rows.into_iter().map(|r| r.rid));
         }
@@ -204,11 +209,12 @@ fn compartment_rids<C: Conn>(c: &mut C, patient: &str) -> Result<Vec<i64>, Store
         .iter()
         .map(|p| names::key(p).into())
         .collect();
+    binds.push(names::ty("Patient").into());
     binds.push(patient.into());
     binds.push(format!("Patient/{patient}").into());
     let rows: Vec<RidRow> = c.load(
         &format!(
-            "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = 'Patient' AND target_id = ? AND url IS NULL \
+            "SELECT rid FROM idx_ref WHERE param IN ({marks}) AND target_type = ? AND target_id = ? AND url IS NULL \
              UNION SELECT v.rid FROM resource_versions v JOIN data_keys k ON k.n = v.key_n WHERE k.patient = ?"
         ),
         binds,
@@ -634,8 +640,12 @@ fn audit_step<C: Conn>(
         held_refs.insert(h.target.clone());
         let parts: Vec<IdRow> = c.load(
             "SELECT r.fhir_id AS id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-             WHERE x.param = ? AND x.target_type = 'Communication' AND x.target_id = ?",
-            vec![names::key("Communication.part-of").into(), id.into()],
+             WHERE x.param = ? AND x.target_type = ? AND x.target_id = ?",
+            vec![
+                names::key("Communication.part-of").into(),
+                names::ty("Communication").into(),
+                id.into(),
+            ],
         )?;
         held_refs.extend(parts.into_iter().map(|p| format!("Communication/{}", p.id)));
     }
@@ -663,9 +673,13 @@ fn audit_step<C: Conn>(
             let about: Vec<IdRow> = c.load(
                 // The patients it is about (`patient`, stored as the agents and entities that
                 // are Patients: search::ALIASES) and the resources it names.
-                "SELECT target_type || '/' || target_id AS id FROM idx_ref \
-                 WHERE rid = ? AND (param = ? OR (param = ? AND target_type = 'Patient')) \
-                 AND target_type IS NOT NULL AND target_id IS NOT NULL",
+                &format!(
+                    "SELECT {} || '/' || target_id AS id FROM idx_ref \
+                     WHERE rid = ? AND (param = ? OR (param = ? AND target_type = '{}')) \
+                     AND target_type IS NOT NULL AND target_id IS NOT NULL",
+                    names::type_sql("target_type"),
+                    names::ty("Patient")
+                ),
                 vec![
                     rid.into(),
                     names::key("AuditEvent.entity").into(),
@@ -876,7 +890,8 @@ fn shared_rids<C: Conn>(
         let rows: Vec<RidRow> = c.load(
             &format!(
                 "SELECT DISTINCT rid FROM idx_ref WHERE rid IN ({marks}) AND param IN ({pmarks}) \
-                 AND target_type = 'Patient' AND target_id <> ? AND url IS NULL"
+                 AND target_type = '{}' AND target_id <> ? AND url IS NULL",
+                names::ty("Patient")
             ),
             binds,
         )?;

@@ -48,9 +48,13 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
         .index_name("PractitionerRole", "practitioner");
     let roles: Vec<IdRow> = store.query(
         "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         WHERE x.param = ? AND x.target_type = 'Practitioner' AND x.target_id = ? AND x.url IS NULL \
+         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
          AND r.res_type = 'PractitionerRole' AND r.deleted = 0",
-        vec![key.into(), id.into()],
+        vec![
+            key.into(),
+            crate::search::names::ty("Practitioner").into(),
+            id.into(),
+        ],
     )?;
     for role in roles {
         let Ok(s) = store.read("PractitionerRole", &role.fhir_id) else {

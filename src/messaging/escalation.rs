@@ -41,15 +41,30 @@ const HORIZON_SECS: i64 = 7 * 24 * 3600;
 /// SQLite (which has no statistics) from answering the EXISTS through the (param, code) index,
 /// reading every completed message for each candidate: on a store of 1,000,000 messages one
 /// pass then ran for more than ten minutes, every second. By rid it is one index probe.
-pub const UNREAD_SQL: &str = "SELECT r.fhir_id AS comm_id, x.target_type || '/' || x.target_id AS recipient, r.last_updated AS at \
+/// Reference rows name a type by its short name (`search::names::TYPES`).
+pub static UNREAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let recipient = format!(
+        "{} || '/' || x.target_id",
+        crate::search::names::type_sql("x.target_type")
+    );
+    let people = [
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+    ]
+    .map(|t| format!("'{}'", crate::search::names::ty(t)))
+    .join(", ");
+    format!("SELECT r.fhir_id AS comm_id, {recipient} AS recipient, r.last_updated AS at \
          FROM idx_token pr CROSS JOIN resources r CROSS JOIN idx_ref x \
-         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = x.target_type || '/' || x.target_id \
+         LEFT JOIN receipts rc ON rc.comm_id = r.fhir_id AND rc.recipient = {recipient} \
          WHERE pr.param = ? AND pr.code IN ('urgent', 'asap', 'stat') \
          AND r.rid = pr.rid AND x.rid = r.rid AND x.param = ? AND x.url IS NULL \
          AND r.res_type = 'Communication' AND r.deleted = 0 AND rc.read_at IS NULL \
          AND r.last_updated <= ? AND r.last_updated >= ? \
-         AND x.target_type IN ('Patient', 'Practitioner', 'PractitionerRole', 'RelatedPerson') \
-         AND EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param || '' = ? AND s.code = 'completed')";
+         AND x.target_type IN ({people}) \
+         AND EXISTS (SELECT 1 FROM idx_token s WHERE s.rid = r.rid AND s.param || '' = ? AND s.code = 'completed')")
+});
 
 /// Open escalations that are resolved (binds: horizon, status key). The `|| ''` as in
 /// [`UNREAD_SQL`].
@@ -120,7 +135,7 @@ pub fn run(store: &Store, settings: &Settings) -> Result<Pass, StoreError> {
     let secs = 1_000_000;
     let due_before = now - settings.escalation_renotify_secs * secs;
     let unread: Vec<Unread> = store.query(
-        UNREAD_SQL,
+        &UNREAD_SQL,
         vec![
             store
                 .registry

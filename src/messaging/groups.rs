@@ -39,7 +39,7 @@ pub fn of_on(
             key("Group", "member").into(),
             key("CareTeam", "participant").into(),
             id.into(),
-            t.into(),
+            crate::search::names::ty(t).into(),
         ],
     )?;
     Ok(rows.into_iter().map(|r| r.reference).collect())
@@ -58,9 +58,12 @@ pub fn members(store: &Store, group: &str) -> Result<Vec<String>, StoreError> {
         store.registry.index_name("CareTeam", "participant")
     };
     let rows: Vec<RefRow> = store.query(
-        "SELECT DISTINCT x.target_type || '/' || x.target_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         WHERE r.res_type = ? AND r.fhir_id = ? AND r.deleted = 0 AND x.param = ? \
-         AND x.target_type IS NOT NULL AND x.target_id IS NOT NULL ORDER BY 1",
+        &format!(
+            "SELECT DISTINCT {} || '/' || x.target_id AS reference FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+             WHERE r.res_type = ? AND r.fhir_id = ? AND r.deleted = 0 AND x.param = ? \
+             AND x.target_type IS NOT NULL AND x.target_id IS NOT NULL ORDER BY 1",
+            crate::search::names::type_sql("x.target_type")
+        ),
         vec![t.into(), id.into(), param.into()],
     )?;
     Ok(rows.into_iter().map(|m| m.reference).collect())

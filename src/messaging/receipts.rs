@@ -471,8 +471,9 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
 pub fn unread_sql(targets: usize) -> String {
     let addressed = vec!["(x.target_id = ? AND x.target_type = ?)"; targets].join(" OR ");
     let ids = vec!["?"; targets].join(", ");
+    let thread_type = crate::search::names::type_sql("p.target_type");
     format!(
-        "SELECT DISTINCT r.rid, r.fhir_id AS id, p.target_type || '/' || p.target_id AS thread, \
+        "SELECT DISTINCT r.rid, r.fhir_id AS id, {thread_type} || '/' || p.target_id AS thread, \
          CAST(CASE WHEN EXISTS (SELECT 1 FROM idx_token pr WHERE pr.rid = r.rid AND pr.param || '' = ? AND pr.code IN ('urgent', 'asap', 'stat')) THEN 1 ELSE 0 END AS BIGINT) AS urgent, \
          r.last_updated AS at \
          FROM idx_ref x JOIN resources r ON r.rid = x.rid \
@@ -515,7 +516,7 @@ fn unread_messages(
     }
     for (t, id) in targets {
         binds.push(id.into());
-        binds.push(t.into());
+        binds.push(crate::search::names::ty(t).into());
     }
     binds.push(key("status").into());
     store.query(&sql, binds)

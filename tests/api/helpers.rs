@@ -283,8 +283,9 @@ impl TestApp {
     pub async fn create(&self, body: &Value) -> String {
         let rt = body["resourceType"].as_str().unwrap();
         let r = self.post(rt, body).await;
-        assert_eq!(r.status(), 201, "create {rt}");
+        let status = r.status();
         let v: Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "create {rt}: {v}");
         v["id"].as_str().unwrap().to_string()
     }
 

@@ -107,7 +107,7 @@ fn assert_probes_by_rid(what: &str, steps: &[(String, Vec<String>)]) {
 async fn escalation_and_unread_passes_probe_the_index_tables_by_row_id() {
     let app = sqlite_app().await;
 
-    let unread = plan(&app, escalation::UNREAD_SQL);
+    let unread = plan(&app, &escalation::UNREAD_SQL);
     assert_probes_by_rid("escalation, unread urgent messages", &unread);
     let first = unread
         .iter()

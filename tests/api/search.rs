@@ -666,12 +666,16 @@ both_backends! {
             Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000100_patient_alias_rows/down.sql"),
             Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000100_patient_alias_rows/down.sql"),
         };
-        // On SQLite the later migration that keyed the reference table is undone first (newest
-        // first) and redone after it.
-        let mut versions = "'20261210000100'";
+        // The later migrations that changed the reference rows are undone first (newest first)
+        // and redone after it: their types' short names, and on SQLite the keyed table.
+        run_script(&app, match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-13-000100_reference_type_names/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-13-000100_reference_type_names/down.sql"),
+        });
+        let mut versions = "'20261210000100', '20261213000100'";
         if app.backend == Backend::Sqlite {
             run_script(&app, include_str!("../../migrations/sqlite/2026-12-12-000100_reference_rows_keyed/down.sql"));
-            versions = "'20261210000100', '20261212000100'";
+            versions = "'20261210000100', '20261212000100', '20261213000100'";
         }
         run_script(&app, down);
         // a, b, ext, cr; the AuditEvents of the creates of a and cr (entity), Patient/pz (agent).
@@ -681,6 +685,79 @@ both_backends! {
         let upgraded = spawn_instance_on(&app).await.unwrap();
         assert_eq!(stored(&upgraded), 0, "the migration drops them again");
         patient_searches(&upgraded, &made).await;
+    }
+
+    // Reference rows name their target's type by a short name (issue 24: a row is stored twice,
+    // and most name a Patient, a Practitioner or a Communication); a type without one keeps its
+    // name. Searches by every reference form, `_include` and `_revinclude` answer the same before
+    // and after the migration that converts the stored rows, undone and redone.
+    async fn reference_rows_name_types_by_short_names_across_an_upgrade(app: TestApp) {
+        let parent = app.create(&comm(json!({"subject": {"reference": "Patient/t1"}, "recipient": [{"reference": "Patient/t1"}]}))).await;
+        let child = app.create(&comm(json!({
+            "subject": {"reference": "Patient/t1"},
+            "recipient": [{"reference": "Practitioner/t2"}, {"reference": "Patient/t1"}],
+            "partOf": [{"reference": format!("Communication/{parent}")}],
+            "basedOn": [{"reference": "Basic/b1"}]}))).await;
+        let other = app.create(&comm(json!({"recipient": [{"reference": "Practitioner/t1"}]}))).await;
+        let types = |app: &TestApp| {
+            #[derive(diesel::QueryableByName)]
+            struct T {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                t: String,
+            }
+            let rows: Vec<T> = app.store
+                .query("SELECT DISTINCT target_type AS t FROM idx_ref WHERE target_type IS NOT NULL ORDER BY 1", vec![])
+                .unwrap();
+            rows.into_iter().map(|r| r.t).collect::<Vec<_>>()
+        };
+        let searches = |app: TestApp| {
+            let (parent, child, other) = (parent.clone(), child.clone(), other.clone());
+            async move {
+                for (query, want) in [
+                    ("Communication?recipient=Practitioner/t2".to_string(), vec![&child]),
+                    ("Communication?recipient=Practitioner/t1".to_string(), vec![&other]),
+                    ("Communication?recipient=Patient/t1".to_string(), vec![&child, &parent]),
+                    ("Communication?recipient:Practitioner=t1".to_string(), vec![&other]),
+                    ("Communication?recipient=t1".to_string(), vec![&child, &other, &parent]),
+                    ("Communication?subject=Patient/t1".to_string(), vec![&child, &parent]),
+                    ("Communication?patient=t1".to_string(), vec![&child, &parent]),
+                    ("Communication?based-on=Basic/b1".to_string(), vec![&child]),
+                    (format!("Communication?part-of=Communication/{parent}"), vec![&child]),
+                    (format!("Communication?part-of:Communication={parent}"), vec![&child]),
+                ] {
+                    let mut want: Vec<String> = want.into_iter().cloned().collect();
+                    want.sort();
+                    assert_eq!(sorted(app.search_ids(&query).await), want, "{query}");
+                }
+                let all = |b: serde_json::Value| {
+                    let mut v: Vec<(String, String)> = b["entry"].as_array().unwrap().iter()
+                        .map(|e| (e["resource"]["id"].as_str().unwrap().to_string(), e["search"]["mode"].as_str().unwrap().to_string()))
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let mut want = vec![(child.clone(), "match".to_string()), (parent.clone(), "include".to_string())];
+                want.sort();
+                assert_eq!(all(app.get_json(&format!("Communication?_id={child}&_include=Communication:part-of")).await), want);
+                let mut want = vec![(parent.clone(), "match".to_string()), (child.clone(), "include".to_string())];
+                want.sort();
+                assert_eq!(all(app.get_json(&format!("Communication?_id={parent}&_revinclude=Communication:part-of")).await), want);
+                app
+            }
+        };
+        assert_eq!(types(&app), ["1", "2", "5", "Basic"], "short names, a type without one in full");
+        let app = searches(app).await;
+
+        run_script(&app, match app.backend {
+            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-13-000100_reference_type_names/down.sql"),
+            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-13-000100_reference_type_names/down.sql"),
+        });
+        assert_eq!(types(&app), ["Basic", "Communication", "Patient", "Practitioner"], "down.sql names them in full");
+        let forgotten = app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261213000100'", vec![]).unwrap();
+        assert_eq!(forgotten, 1);
+        let upgraded = spawn_instance_on(&app).await.unwrap();
+        assert_eq!(types(&upgraded), ["1", "2", "5", "Basic"], "the upgrade converts the stored rows");
+        searches(upgraded).await;
     }
 
     async fn ne_does_not_match_resources_without_a_value(app: TestApp) {

@@ -132,6 +132,64 @@ pub const SYSTEMS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Resource types a reference names, and the name a reference row carries instead (`idx_ref.
+/// target_type`; a row is stored twice, and most name a Patient, a Practitioner or a
+/// Communication). A type not listed is stored as it is: a type's name starts with an upper-case
+/// letter (`index::parse_reference`), a short name is digits, so neither can be taken for the
+/// other. Append only.
+pub const TYPES: &[(&str, &str)] = &[
+    ("Patient", "1"),
+    ("Practitioner", "2"),
+    ("PractitionerRole", "3"),
+    ("RelatedPerson", "4"),
+    ("Communication", "5"),
+    ("CommunicationRequest", "6"),
+    ("Organization", "7"),
+    ("CareTeam", "8"),
+    ("Group", "9"),
+    ("Device", "10"),
+    ("Encounter", "11"),
+    ("Binary", "12"),
+    ("AuditEvent", "13"),
+    ("Location", "14"),
+    ("DocumentReference", "15"),
+    ("Appointment", "16"),
+    ("DiagnosticReport", "17"),
+    ("Observation", "18"),
+    ("MedicationRequest", "19"),
+    ("ServiceRequest", "20"),
+    ("Task", "21"),
+    ("HealthcareService", "22"),
+    ("Endpoint", "23"),
+    ("Subscription", "24"),
+];
+
+/// The name a reference row carries for the resource type `t`.
+pub fn ty(t: &str) -> &str {
+    BY_TYPE.get(t).copied().unwrap_or(t)
+}
+
+/// The resource type a reference row's `target_type` names (the inverse of [`ty`]).
+pub fn type_of(stored: &str) -> &str {
+    TYPE_BY_NAME.get(stored).copied().unwrap_or(stored)
+}
+
+/// SQL for the resource type that the reference row column `col` (`x.target_type`) names: what
+/// a query compares with `resources.res_type` or puts into a `Type/id` reference. NULL stays NULL.
+pub fn type_sql(col: &str) -> String {
+    format!("(CASE {col}{} ELSE {col} END)", *TYPE_WHENS)
+}
+
+static TYPE_WHENS: LazyLock<String> = LazyLock::new(|| {
+    TYPES
+        .iter()
+        .map(|(t, n)| format!(" WHEN '{n}' THEN '{t}'"))
+        .collect()
+});
+static BY_TYPE: LazyLock<HashMap<&str, &str>> = LazyLock::new(|| TYPES.iter().copied().collect());
+static TYPE_BY_NAME: LazyLock<HashMap<&str, &str>> =
+    LazyLock::new(|| TYPES.iter().map(|(t, n)| (*n, *t)).collect());
+
 /// The name index rows carry for the parameter `key`. A key without one (no such parameter) is
 /// returned as it is: it contains a `.`, so it matches no stored row.
 pub fn key(key: &str) -> &str {
@@ -212,6 +270,48 @@ mod tests {
         assert_eq!(system(Some("http://example.org/x")), "http://example.org/x");
         assert_eq!(key("Communication.recipient"), "35");
         assert_eq!(key("Nothing.such"), "Nothing.such");
+    }
+
+    /// Short type names are distinct digits, never a type's name; the SQL expression and the
+    /// functions agree; the migration that rewrote the stored rows (and its down.sql) names each
+    /// pair as the list does, once, on both backends.
+    #[test]
+    fn type_names_are_distinct_and_the_migration_uses_them() {
+        let mut types = HashSet::new();
+        let mut names = HashSet::new();
+        for (t, n) in TYPES {
+            assert!(types.insert(*t), "{t} listed twice");
+            assert!(names.insert(*n), "type name {n} given twice");
+            assert!(n.chars().all(|c| c.is_ascii_digit()), "{n}");
+            assert!(t.starts_with(|c: char| c.is_ascii_uppercase()), "{t}");
+            assert_eq!(type_of(ty(t)), *t);
+            assert!(type_sql("x").contains(&format!(" WHEN '{n}' THEN '{t}'")));
+        }
+        assert_eq!(ty("Patient"), "1");
+        assert_eq!(ty("Basic"), "Basic");
+        assert_eq!(type_of("Basic"), "Basic");
+        for backend in ["sqlite", "postgres"] {
+            for file in ["up.sql", "down.sql"] {
+                let sql = std::fs::read_to_string(format!(
+                    "{}/../../migrations/{backend}/2026-12-13-000100_reference_type_names/{file}",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap();
+                assert_eq!(
+                    sql.matches("\n    ('").count(),
+                    TYPES.len(),
+                    "{backend} {file}"
+                );
+                for (t, n) in TYPES {
+                    let pair = format!("('{t}', '{n}')");
+                    assert_eq!(
+                        sql.matches(pair.as_str()).count(),
+                        1,
+                        "{backend} {file}: {pair}"
+                    );
+                }
+            }
+        }
     }
 
     /// The migration that rewrote the rows stored before, and its down.sql, name each pair as the

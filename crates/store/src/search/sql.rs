@@ -345,7 +345,7 @@ fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
             union_of(q, "idx_ref", bases, &typed, select, |q, v| {
                 reference_value(q, v);
                 q.push(" AND target_type = ");
-                q.bind(target);
+                q.bind(names::ty(target));
             })
         }
     }
@@ -437,7 +437,7 @@ fn reference_value(q: &mut Sql, v: &RefParts) {
             q.push("target_id = ");
             q.bind(id.as_str());
             q.push(" AND target_type = ");
-            q.bind(t.as_str());
+            q.bind(names::ty(t));
             q.push(" AND url IS NULL");
         }
         (None, None, Some(id)) => {
@@ -605,7 +605,7 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                         q.bind(names::key(b));
                     }
                     q.push(") AND m.target_type = ");
-                    q.bind(target);
+                    q.bind(names::ty(target));
                 }
                 None => {
                     q.push("m.param = ");

@@ -824,7 +824,7 @@ impl Store {
                 .iter()
                 .map(|k| names::key(k).to_string().into())
                 .collect();
-            binds.push((*res_type).into());
+            binds.push(names::ty(res_type).into());
             binds.extend(ids.iter().map(|i| Bind::from(*i)));
             c.execute(
                 &format!("DELETE FROM idx_ref WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
@@ -862,7 +862,7 @@ impl Store {
         };
         let marks = vec!["?"; params.len()].join(", ");
         let mut binds: Vec<Bind> = params.iter().map(|p| Bind::from(names::key(p))).collect();
-        binds.push(t.into());
+        binds.push(names::ty(t).into());
         binds.push(id.into());
         Ok(c.execute(
             &format!("DELETE FROM idx_ref WHERE param IN ({marks}) AND target_type = ? AND target_id = ? AND url IS NULL"),
@@ -2237,16 +2237,18 @@ impl Store {
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
         let type_filter = match of_type {
             Some(t) => {
-                binds.push(t.into());
+                binds.push(names::ty(t).into());
                 " AND x.target_type = ?"
             }
             None => "",
         };
+        // Reference rows name a type by its short name (names::TYPES).
+        let target = names::type_sql("x.target_type");
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
             let mut sql = format!(
                 "SELECT t.rid, t.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid \
-                 JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id AND t.deleted = 0 \
+                 JOIN resources t ON t.res_type = {target} AND t.fhir_id = x.target_id AND t.deleted = 0 \
                  WHERE x.param IN ({key_marks}) AND s.res_type = ? AND x.url IS NULL AND x.rid IN ({ph}){type_filter}"
             );
             if let Some(tt) = &inc.target_type {
@@ -2261,7 +2263,7 @@ impl Store {
             // Resources of `source_type` whose parameter refers to one of the `from` resources.
             let sql = format!(
                 "SELECT s.rid, s.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
-                 JOIN resources t ON t.res_type = x.target_type AND t.fhir_id = x.target_id \
+                 JOIN resources t ON t.res_type = {target} AND t.fhir_id = x.target_id \
                  WHERE x.param IN ({key_marks}) AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph}){type_filter}"
             );
             Ok(c.load::<RidTypeRow>(&sql, binds)?
@@ -2397,7 +2399,7 @@ impl IndexRows {
                         rid,
                         param: names::key(param).to_string(),
                         n,
-                        target_type: target_type.clone(),
+                        target_type: target_type.as_deref().map(|t| names::ty(t).to_string()),
                         target_id: target_id.clone(),
                         url: url.clone(),
                         at_lo,

@@ -1,0 +1,34 @@
+-- Issue 24: a reference index row names its target's type by a short name (digits) instead of
+-- the type's name: `Patient` is '1', `Communication` '5' (crates/store/src/search/names.rs,
+-- TYPES). A row is stored twice (the table and idx_ref_lookup), and most name a Patient, a
+-- Practitioner or a Communication: about 100 bytes less per message with its AuditEvent. A type
+-- not listed keeps its name; a name starts with an upper-case letter, a short name is digits.
+CREATE TABLE reference_type_names (long TEXT PRIMARY KEY, short TEXT NOT NULL);
+INSERT INTO reference_type_names (long, short) VALUES
+    ('Patient', '1'),
+    ('Practitioner', '2'),
+    ('PractitionerRole', '3'),
+    ('RelatedPerson', '4'),
+    ('Communication', '5'),
+    ('CommunicationRequest', '6'),
+    ('Organization', '7'),
+    ('CareTeam', '8'),
+    ('Group', '9'),
+    ('Device', '10'),
+    ('Encounter', '11'),
+    ('Binary', '12'),
+    ('AuditEvent', '13'),
+    ('Location', '14'),
+    ('DocumentReference', '15'),
+    ('Appointment', '16'),
+    ('DiagnosticReport', '17'),
+    ('Observation', '18'),
+    ('MedicationRequest', '19'),
+    ('ServiceRequest', '20'),
+    ('Task', '21'),
+    ('HealthcareService', '22'),
+    ('Endpoint', '23'),
+    ('Subscription', '24');
+UPDATE idx_ref SET target_type = (SELECT n.short FROM reference_type_names n WHERE n.long = idx_ref.target_type)
+WHERE target_type IN (SELECT long FROM reference_type_names);
+DROP TABLE reference_type_names;
