@@ -1696,7 +1696,7 @@ impl Store {
                 .compress_bodies
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
-                compress::pack(b)
+                compress::pack_for(b, res_type, id)
             } else {
                 b.to_vec()
             }
@@ -1855,7 +1855,7 @@ impl Store {
         } else {
             let aad = format!("{}/{}/{}", row.res_type, row.fhir_id, row.version_id);
             let plain = self.open_sealed(&row.key_id, &row.body, &aad)?;
-            Some(compress::unpack(plain)?)
+            Some(compress::unpack_for(plain, &row.res_type, &row.fhir_id)?)
         };
         Ok(Stored {
             res_type: row.res_type,
