@@ -341,6 +341,18 @@ async fn request_id(
         HeaderName::from_static("x-request-id"),
         HeaderValue::from_str(&id).expect("checked ASCII"),
     );
+    // Nothing Courier answers is kept by a browser's or a proxy's cache unless the route says so
+    // (the app's own files, the public keys): message bodies, Binaries, searches and errors hold
+    // PHI, and a disk cache would keep them after sign-out.
+    if !res
+        .headers()
+        .contains_key(actix_web::http::header::CACHE_CONTROL)
+    {
+        res.headers_mut().insert(
+            actix_web::http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+    }
     // The route's pattern is found by matching the path against the routes once more: only
     // when the line is logged.
     if tracing::enabled!(tracing::Level::INFO) {

@@ -74,6 +74,8 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
     // Every message of the thread the clinician can see, page by page; only those about the same
     // patient (a message about someone else does not go into this chart).
     let mut items = vec![("Communication".to_string(), id.to_string())];
+    // Staff-only messages are filed with their label (NOPAT), and the clinician is told so.
+    let mut staff_only = usize::from(crate::messaging::staff_only::is_labelled(&header));
     let mut offset = 0usize;
     loop {
         let pairs = vec![
@@ -88,6 +90,7 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
                 .unwrap_or(Value::Null);
             if audit::patient_of(&body).as_deref() == Some(patient.as_str()) {
                 items.push(("Communication".to_string(), s.id.clone()));
+                staff_only += usize::from(crate::messaging::staff_only::is_labelled(&body));
             }
         }
         if !page.has_next || page.matches.is_empty() {
@@ -130,8 +133,14 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
     .await?;
     Ok(HttpResponse::Accepted().content_type(FHIR_JSON).body(
         outcome::information(&format!(
-            "{n} Communications queued for filing to {}",
-            filed_to.join(", ")
+            "{n} Communications queued for filing to {}{}",
+            filed_to.join(", "),
+            match staff_only {
+                0 => String::new(),
+                k => format!(
+                    "; {k} of them staff-only, filed with the security label NOPAT (no disclosure to the patient)"
+                ),
+            }
         ))
         .to_string(),
     ))

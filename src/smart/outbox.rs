@@ -467,7 +467,15 @@ fn translate(
     );
     if let Some(o) = event.as_object_mut() {
         o.remove("id");
-        o.remove("meta");
+        // Courier's version and time are not the EHR's; the security labels go with the resource
+        // (a staff-only message filed to the chart must still say it is not for the patient).
+        let security = o
+            .remove("meta")
+            .and_then(|mut m| m.get_mut("security").map(Value::take))
+            .filter(|s| s.as_array().is_some_and(|a| !a.is_empty()));
+        if let Some(security) = security {
+            o.insert("meta".into(), serde_json::json!({ "security": security }));
+        }
         // Not for another organisation's eyes: the raw search (other people's ids and search
         // terms), the returned OperationOutcome, network addresses.
         o.remove("contained");

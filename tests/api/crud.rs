@@ -315,3 +315,51 @@ both_backends! {
         assert_eq!(app.get_json(&format!("Communication/{id}")).await["meta"]["versionId"], "1");
     }
 }
+
+/// No answer that can hold PHI may be kept by a browser's or a proxy's cache (a disk cache
+/// outlives sign-out): reads, versions, searches, history, a Binary's raw bytes, the app's API
+/// and errors say `Cache-Control: no-store`. The app's own files keep their own rule.
+#[tokio::test]
+async fn answers_that_can_hold_phi_are_never_cached() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let id = app
+        .create(
+            &json!({"resourceType": "Communication", "status": "completed",
+            "subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Patient/p1"}],
+            "payload": [{"contentString": "private"}]}),
+        )
+        .await;
+    let bin = app
+        .client
+        .post(app.url("Binary"))
+        .header("content-type", "image/png")
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bin.status(), 201);
+    let bin: Value = bin.json().await.unwrap();
+    let bin = bin["id"].as_str().unwrap().to_string();
+    for path in [
+        format!("Communication/{id}"),
+        format!("Communication/{id}/_history/1"),
+        format!("Communication/{id}/_history"),
+        "Communication?subject=Patient/p1".to_string(),
+        format!("Binary/{bin}"),
+        "Communication/no-such-id".to_string(),
+        "Communication?unknown-param=1".to_string(),
+        "Communication/$unread".to_string(),
+    ] {
+        let r = app.get(&path).await;
+        assert_eq!(
+            r.headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "{path} ({})",
+            r.status()
+        );
+    }
+    let js = app.client.get(app.url("app/app.js")).send().await.unwrap();
+    assert_eq!(js.headers()["cache-control"], "no-cache");
+}

@@ -1010,22 +1010,33 @@ both_backends! {
             post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{thread}")}],
                 "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": pt}], "payload": [{"contentString": text}]})).await;
         }
+        // A side note to a colleague in the patient's thread: staff-only (labelled NOPAT).
+        post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{thread}")}],
+            "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": "Practitioner/dr-b"}],
+            "payload": [{"contentString": "SIDENOTE: recheck adherence"}]})).await;
         let file = || clinician.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send();
         let r = file().await.unwrap();
-        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        assert_eq!(r.status(), 202);
+        let said = r.text().await.unwrap();
+        assert!(said.contains("4 Communications queued") && said.contains("1 of them staff-only"), "{said}");
         assert!(drained(&app).await, "{:?}", courier::smart::outbox::status(&app.store).unwrap());
         let filed = || async { a.control(reqwest::Method::GET, "resources/Communication", None).await["resources"].as_array().unwrap().clone() };
         let chart = filed().await;
-        assert_eq!(chart.len(), 3, "the header and both messages");
+        assert_eq!(chart.len(), 4, "the header, both messages and the side note");
         for c in &chart {
             assert_eq!(c["subject"]["reference"], "Patient/a1", "the EHR's own reference");
             assert_eq!(c["sender"]["reference"], "Practitioner/dr-a");
             assert!(c["identifier"].to_string().contains("urn:courier:communication"));
+            // The side note keeps its label in the chart; the others carry none.
+            let note = c.to_string().contains("SIDENOTE");
+            let labelled = c["meta"]["security"].as_array().is_some_and(|l| l.iter().any(|x| x["code"] == "NOPAT"
+                && x["system"] == "http://terminology.hl7.org/CodeSystem/v3-ActCode"));
+            assert_eq!(labelled, note, "{c}");
         }
         // Filing again adds nothing.
         assert_eq!(file().await.unwrap().status(), 202);
         assert!(drained(&app).await);
-        assert_eq!(filed().await.len(), 3);
+        assert_eq!(filed().await.len(), 4);
         // Only a clinician may file, and only what they can see.
         let patient = client_with_token(&issue(&app.tokens, &app.admin_client_id, "patient/Communication.rs", Some(pt), Some(pt.strip_prefix("Patient/").unwrap())));
         assert_eq!(patient.post(app.url(&format!("Communication/{thread}/$file-to-chart"))).send().await.unwrap().status(), 403);
