@@ -99,7 +99,7 @@ function end(why) {
   // The server may end an idle session a moment before this page's own check: say so.
   const idle = (config.idle_timeout_secs || 0) * 1000;
   if (token && idle && Date.now() - lastActivity > idle - 20000 && (!why || why.startsWith('Your session has ended'))) {
-    why = 'You were signed out after ' + Math.round(idle / 60000) + ' minutes without activity.';
+    why = idleWords(idle);
   }
   // Where to open Courier again, in the person's own words.
   const place = !session || !session.fhirUser ? 'your EHR or your patient portal' : isPatient() ? 'your patient portal' : 'your EHR';
@@ -129,7 +129,7 @@ function end(why) {
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to']) $(id).replaceChildren();
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to', 'notice-text', 'new-error']) $(id).replaceChildren();
   for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older']) $(id).hidden = true;
   document.querySelector('.skip').hidden = true;
   $('thread-title').textContent = '';
@@ -197,7 +197,16 @@ async function signOut(why) {
   const t = token;
   end(why);
   if (s && t) {
-    try { await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}}); } catch (e) { /* ended locally anyway */ }
+    // Offline: ended here at once; the server is told as soon as the network is back (while
+    // this page is open; otherwise the session ends at its idle limit).
+    const tell = async () => {
+      try {
+        await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}});
+      } catch (e) {
+        window.addEventListener('online', tell, {once: true});
+      }
+    };
+    await tell();
   }
 }
 
@@ -207,12 +216,20 @@ setInterval(() => {
   if (!token) return;
   const idle = (config.idle_timeout_secs || 0) * 1000;
   if (idle && Date.now() - lastActivity > idle) {
-    signOut('You were signed out after ' + Math.round(idle / 60000) + ' minutes without activity.');
+    signOut(idleWords(idle));
     return;
   }
   if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
 }, 15000);
-for (const ev of ['keydown', 'pointerdown', 'focus']) {
+// "after 1 minute", "after 15 minutes", "after 90 seconds".
+function idleWords(ms) {
+  const min = Math.round(ms / 60000);
+  const span = ms < 120000 && ms % 60000 ? Math.round(ms / 1000) + ' seconds' : min === 1 ? '1 minute' : min + ' minutes';
+  return 'You were signed out after ' + span + ' without activity.';
+}
+// Reading counts as activity: scrolling with the wheel, a touch or the keys, and moving the
+// pointer over the page, as well as typing and pressing.
+for (const ev of ['keydown', 'pointerdown', 'focus', 'wheel', 'scroll', 'touchmove', 'pointermove']) {
   window.addEventListener(ev, () => {
     lastActivity = Date.now();
     if (token && Date.now() > tokenExpires) refreshToken();
@@ -562,6 +579,7 @@ function threadRow(t) {
     el('span', {class: 'badges'},
       t.status === 'preparation' || draftThreads.has(t.id) ? el('span', {class: 'badge draft'}, 'Draft') : null,
       isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
+      !isPatient() && !isStaffOnly(t) && last && isStaffOnly(last) ? el('span', {class: 'badge staff'}, 'Staff note') : null,
       urgent ? el('span', {class: 'badge urgent'}, counts && counts.urgent ? 'Urgent · ' + counts.urgent : 'Urgent') : null,
       counts && counts.n ? el('span', {class: 'badge'}, counts.n + ' unread') : null));
   b.addEventListener('click', () => openThread(t.id));
@@ -678,8 +696,16 @@ function renderThreadHead() {
   // A patient among them is named once, as the patient ("To: Bob Other (the patient)").
   const others = participants(h).filter((r) => r !== session.fhirUser);
   const toPatient = !isPatient() && pt && others.includes(pt);
-  const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient)' : '')).join(', ');
-  $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt && !toPatient ? ' · about ' + nameOf(pt) : '');
+  // Two patients may share a name: the birth date goes with it, and a patient other than the
+  // one open in the EHR is said to be so.
+  const bornOf = (r) => {
+    const p = people.get(r) || (r === session.patient ? session.patient_display || {} : {});
+    return p.birthDate ? ', born ' + born(p.birthDate) : '';
+  };
+  const other = !isPatient() && session.patient && pt && pt !== session.patient;
+  const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient' + bornOf(r) + ')' : '')).join(', ');
+  $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt && !toPatient ? ' · about ' + nameOf(pt) + bornOf(pt) : '') +
+    (other ? ' · another patient, not the one open in your EHR' : '');
 }
 
 function renderMessages() {
@@ -729,9 +755,13 @@ async function loadOlder() {
 function renderMessage(m) {
   const mine = refOf(m.sender) === session.fhirUser;
   const withdrawn = m.status === 'entered-in-error';
-  const li = el('li', {id: 'msg-' + m.id, class: (mine ? 'mine ' : '') + (withdrawn ? 'withdrawn' : '')});
+  // A staff-only message inside a conversation the patient is part of: marked, since the
+  // conversation's banner does not say so (the patient never receives it).
+  const staffNote = !isPatient() && isStaffOnly(m) && !(current && isStaffOnly(current.header));
+  const li = el('li', {id: 'msg-' + m.id, class: (mine ? 'mine ' : '') + (withdrawn ? 'withdrawn ' : '') + (staffNote ? 'staff-note' : '')});
   const when = m.sent || m.meta.lastUpdated;
   li.append(el('div', {class: 'meta'},
+    staffNote ? el('span', {class: 'badge staff'}, 'Staff only — not shown to the patient') : null,
     el('span', {class: 'from'}, nameOf(refOf(m.sender))),
     el('time', {datetime: when}, FULL.format(new Date(when))),
     m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null));
@@ -1091,6 +1121,8 @@ async function send(ev) {
       replaceMessage(saved);
       $('compose-text').value = '';
       $('compose-file').value = '';
+      // Urgency is chosen for one message: the next one starts routine again.
+      if (!isPatient()) $('compose-priority').value = 'routine';
       $('draft-state').textContent = '';
       scrollToNewest();
     }
@@ -1101,7 +1133,10 @@ async function send(ev) {
   } finally {
     $('send').disabled = false;
     updateCount();
-    if (typing && current === open) $('compose-text').focus();
+    // The field keeps focus (with the keyboard up on a phone; on a desktop Send was pressed
+    // from the keyboard or the mouse and focus would fall back to the page's start).
+    const lost = document.activeElement === document.body || document.activeElement === $('send');
+    if ((typing || lost) && current === open && !$('compose').hidden) $('compose-text').focus();
   }
 }
 
@@ -1109,6 +1144,7 @@ async function send(ev) {
 function composeError(text) {
   $('compose-error').textContent = text;
   $('compose-error').hidden = !text;
+  if (text) $('compose-error').scrollIntoView({block: 'nearest'});
 }
 
 function updateCount() {
@@ -1120,6 +1156,7 @@ function updateCount() {
 // ----- new conversation -----------------------------------------------------------------------
 
 let recipientsList = [];
+let recipientsError = null;
 
 function newError(text) {
   $('new-error').textContent = text;
@@ -1131,8 +1168,10 @@ async function loadRecipients() {
     const q = !isPatient() && session.patient ? '?patient=' + encodeURIComponent(session.patient) : '';
     const p = await api('GET', '/Communication/$recipients' + q);
     recipientsList = (p.parameter || []).map(learnPerson);
+    recipientsError = null;
   } catch (e) {
     recipientsList = [];
+    recipientsError = e;
   }
 }
 
@@ -1167,7 +1206,10 @@ function fillTo() {
   }
   if (!isPatient() && (staff || !session.patient)) sel.append(el('option', {value: 'other'}, 'Someone else (enter their reference)…'));
   if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
-  if (isPatient() && sel.options.length === 1) {
+  if (recipientsError) {
+    // Not "no care team": the list could not be fetched.
+    newError('Whom you can write to could not be loaded. ' + plain(recipientsError));
+  } else if (isPatient() && sel.options.length === 1) {
     newError('Courier does not know your care team yet. Please call your clinic, or reply in an existing conversation.');
   }
   $('ref-field').hidden = sel.value !== 'other';

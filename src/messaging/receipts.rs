@@ -433,11 +433,15 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     let mut threads: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
     let mut listed = vec![];
     for r in &rows {
-        if let Some(t) = &r.thread {
-            let e = threads.entry(t.clone()).or_default();
-            e.0 += 1;
-            e.1 += r.urgent;
-        }
+        // A thread's header (no partOf) counts in its own thread, so the threads' counts add up
+        // to the total.
+        let thread = r
+            .thread
+            .clone()
+            .unwrap_or_else(|| format!("Communication/{}", r.id));
+        let e = threads.entry(thread).or_default();
+        e.0 += 1;
+        e.1 += r.urgent;
         if seen.insert(r.rid) {
             total += 1;
             urgent += r.urgent;

@@ -215,7 +215,9 @@ try {
   check(inView, 'clinician: a long thread opens at the newest message with the composer in view');
   const composeTo = await clinician.textContent('#compose-to');
   // The patient is named once: "(the patient)" when the reply goes to them, "about …" when not.
-  check(composeTo.split(cfg.patient_name).length === 2 && /about|\(the patient\)/.test(composeTo), `clinician: the composer says whom the reply goes to and about whom, naming the patient once (got "${composeTo}")`);
+  check(composeTo.split(cfg.patient_name).length === 2 && /about|\(the patient/.test(composeTo), `clinician: the composer says whom the reply goes to and about whom, naming the patient once (got "${composeTo}")`);
+  // Two patients may share a name: the composer gives the birth date too.
+  check(/born /.test(composeTo), `clinician: the composer names the patient with their birth date (got "${composeTo}")`);
   const first = await clinician.locator('#messages > li').count();
   check(first <= 51 && await clinician.isVisible('#older'), `clinician: a long thread loads a page, not all (${first})`);
   await clinician.evaluate(() => { document.querySelector('#messages-box').scrollTop = 0; });
@@ -232,6 +234,9 @@ try {
   await clinician.click('#scope-all');
   await row(clinician, cfg.other_patient_name).locator('button').click();
   await clinician.waitForSelector('#thread-patient.other');
+  const otherTo = await clinician.textContent('#compose-to');
+  check(otherTo.includes(cfg.other_patient_name) && /born /.test(otherTo) && /another patient/.test(otherTo),
+    `clinician: the composer of another patient's thread says so, with the birth date (got "${otherTo}")`);
   await clinician.waitForTimeout(2500);
   check(!(await clinician.locator('#messages li .text', { hasText: 'Reading' }).count()), 'clinician: older messages of another thread appeared in this one');
   await clinician.unroute(/_offset=/);
@@ -362,8 +367,11 @@ try {
   await clinician.waitForFunction((t) => document.querySelector('#compose-text').value === t, DRAFT, { timeout: 10000 });
   check((await clinician.textContent('#draft-state')).includes('restored'), 'clinician: the draft says it was restored');
   check(!(await patient.locator('#messages li .text', { hasText: DRAFT }).count()), 'patient: a draft is not shown to the recipient');
+  await clinician.selectOption('#compose-priority', 'asap');
   await clinician.click('#send');
   await patient.waitForSelector(`#messages li .text:text("${DRAFT}")`, { timeout: 10000 });
+  await clinician.waitForFunction(() => document.querySelector('#compose-text').value === '', null, { timeout: 10000 });
+  check(await clinician.inputValue('#compose-priority') === 'routine', 'clinician: the priority starts routine again after a send');
 
   // ---- Staff only: the clinician writes to a colleague about the patient. ----
   step('clinician: staff only');
@@ -402,6 +410,26 @@ try {
   await patient.waitForTimeout(1500);
   const patientText = await patient.evaluate(() => document.body.textContent);
   check(!patientText.includes(STAFF_TOPIC) && !patientText.includes(STAFF_TEXT), 'patient: a staff-only conversation reached the portal');
+
+  // A side note to a colleague inside the patient's conversation (staff-only by its recipients):
+  // marked as such for the clinician, since the conversation's banner does not say it; never
+  // shown to the patient.
+  step('clinician: a staff-only side note in the patient\'s conversation');
+  const SIDE = 'Side note: recheck adherence before calling';
+  const sideStatus = await clinician.evaluate(async ([text, colleague]) => {
+    const s = JSON.parse(sessionStorage.getItem('courier.session'));
+    const h = { Authorization: 'Bearer ' + s.access_token, 'Content-Type': 'application/fhir+json' };
+    const list = await (await fetch('/Communication?part-of:missing=true&_sort=-_lastUpdated&_count=200', { headers: h })).json();
+    const header = (list.entry || []).map((e) => e.resource).find((r) => JSON.stringify(r.topic || {}).includes('Lab results') && r.subject && r.subject.reference === s.patient);
+    const note = { resourceType: 'Communication', status: 'completed', partOf: [{ reference: 'Communication/' + header.id }],
+      subject: header.subject, sender: { reference: s.fhirUser }, recipient: [{ reference: colleague }], payload: [{ contentString: text }] };
+    return (await fetch('/Communication', { method: 'POST', headers: h, body: JSON.stringify(note) })).status;
+  }, [SIDE, cfg.colleague_ref]);
+  check(sideStatus === 201, `clinician: posting the side note failed (${sideStatus})`);
+  await clinician.waitForSelector(`#messages li.staff-note .text:text("${SIDE}")`, { timeout: 10000 });
+  check((await clinician.textContent('#messages li.staff-note .badge.staff')).includes('not shown to the patient'), 'clinician: a staff-only message in the patient\'s conversation is marked');
+  await patient.waitForTimeout(1000);
+  check(!(await patient.evaluate(() => document.body.textContent)).includes(SIDE), 'patient: a staff-only side note reached the portal');
 
   // ---- The patient starts a conversation: she picks from the care team, never a reference. ----
   step('patient: new conversation');
@@ -501,6 +529,18 @@ try {
   await row(patient, 'Lab results').locator('button').click();
   await patient.waitForSelector('#compose:not([hidden])');
   await a11y(patient, 'patient thread (desktop)');
+  // A short desktop window (1920 × 1080 at 200 % zoom): a failed send's error can be seen.
+  await patient.setViewportSize({ width: 960, height: 540 });
+  const failPost = async (r) => { if (r.request().method() === 'POST') await r.fulfill({ status: 500, contentType: 'application/fhir+json', body: '{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception"}]}' }); else await r.continue(); };
+  await patient.route('**/Communication', failPost);
+  await patient.fill('#compose-text', 'This one will fail');
+  await patient.click('#send');
+  await patient.waitForSelector('#compose-error:not([hidden])');
+  const shortBox = await patient.locator('#compose-error').boundingBox();
+  check(shortBox && shortBox.y >= 0 && shortBox.y + shortBox.height <= 540 + 1, `patient: a failed send's error is in view at 960 × 540 (got ${JSON.stringify(shortBox)})`);
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-send-failed-960x540.png'), fullPage: false }).catch(() => {});
+  await patient.unroute('**/Communication', failPost);
+  await patient.fill('#compose-text', '');
   await patient.setViewportSize({ width: 390, height: 844 });
   await patient.click('#back');
 
