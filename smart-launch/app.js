@@ -1158,9 +1158,17 @@ function updateCount() {
 let recipientsList = [];
 let recipientsError = null;
 
-function newError(text) {
+function newError(text, field) {
   $('new-error').textContent = text;
   $('new-error').hidden = !text;
+  // The field at fault is marked and takes focus (a screen reader says what is wrong with it).
+  for (const f of document.querySelectorAll('#new-form [aria-invalid]')) f.removeAttribute('aria-invalid');
+  if (text && field) {
+    const f = $(field);
+    f.setAttribute('aria-invalid', 'true');
+    f.setAttribute('aria-describedby', 'new-error');
+    f.focus();
+  }
 }
 
 async function loadRecipients() {
@@ -1464,24 +1472,25 @@ async function startThread(ev) {
   newError('');
   let to = $('new-to').value;
   if (to === 'other') to = $('new-recipient').value.trim();
-  if (!to) { newError('Choose whom to write to.'); return; }
+  const toField = $('new-to').value === 'other' ? 'new-recipient' : 'new-to';
+  if (!to) { newError('Choose whom to write to.', toField); return; }
   if (!/^(Patient|Practitioner|PractitionerRole|RelatedPerson|CareTeam|Group)\/[A-Za-z0-9\-.]{1,64}$/.test(to)) {
-    newError('That is not a reference Courier knows. It looks like Practitioner/456.');
+    newError('That is not a reference Courier knows. It looks like Practitioner/456.', toField);
     return;
   }
   const staffOnly = !isPatient() && $('audience-staff').checked;
   if (!isPatient() && !staffOnly && session.patient && /^(Patient|RelatedPerson)\//.test(to) && to !== session.patient) {
-    newError('This conversation is about ' + nameOf(session.patient) + '; it cannot be sent to another patient.');
+    newError('This conversation is about ' + nameOf(session.patient) + '; it cannot be sent to another patient.', toField);
     return;
   }
   if (staffOnly && /^(Patient|RelatedPerson)\//.test(to)) {
-    newError('A staff-only conversation cannot include the patient or their relatives. Choose “Message the patient” instead.');
+    newError('A staff-only conversation cannot include the patient or their relatives. Choose “Message the patient” instead.', toField);
     return;
   }
-  if (!$('new-topic').value.trim()) { newError('Give the conversation a subject.'); return; }
-  if (isPatient() && !$('new-category').value) { newError('Choose what this is about.'); return; }
+  if (!$('new-topic').value.trim()) { newError('Give the conversation a subject.', 'new-topic'); return; }
+  if (isPatient() && !$('new-category').value) { newError('Choose what this is about.', 'new-category'); return; }
   const text = $('new-text').value.trim();
-  if (!text) { newError('Write your message.'); return; }
+  if (!text) { newError('Write your message.', 'new-text'); return; }
   const base = {
     resourceType: 'Communication',
     sender: referenceTo(session.fhirUser),

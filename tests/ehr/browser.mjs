@@ -446,6 +446,8 @@ try {
   await patient.click('#new-send');
   await patient.waitForSelector('#new-error:not([hidden])');
   check((await patient.textContent('#new-error')).includes('Choose whom'), 'patient: a missing recipient is explained in the dialog');
+  check(await patient.evaluate(() => document.activeElement.id === 'new-to' && document.activeElement.getAttribute('aria-invalid') === 'true'),
+    'patient: the field at fault takes focus and is marked invalid');
   await patient.selectOption('#new-to', cfg.colleague_ref);
   await patient.getByLabel('Subject').fill(PATIENT_TOPIC);
   await patient.selectOption('#new-category', { index: 1 });
