@@ -119,6 +119,13 @@ impl Application {
             .starts_with("postgres")
             .then(|| settings.database_url.clone());
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
+        // SIGTERM or SIGINT starts the graceful shutdown (actix finishes the requests in flight):
+        // the sockets close at once, so no app shows "Connected" to a server that is going.
+        let stopping = hub.clone();
+        tokio::spawn(async move {
+            stop_signal().await;
+            stopping.stopping.send_replace(true);
+        });
         crate::messaging::away::init(&store)?;
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
         let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
@@ -205,6 +212,29 @@ impl Application {
             }
         }
         r
+    }
+}
+
+/// The signal that stops the server (SIGTERM or SIGINT).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Hub {
     gate: parking_lot::Mutex<()>,
     /// Revoked tokens and removed clients: their sockets close (see `revocations`).
     pub revocations: Arc<super::revocations::Revocations>,
+    /// True once the server is stopping: every socket closes at once with 1012 ("restarting"),
+    /// so an app says it is reconnecting instead of "Connected" through the graceful shutdown.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// How many events a socket may be behind before it is told to reload instead of catching up.
@@ -62,6 +65,7 @@ impl Hub {
             head: AtomicI64::new(head),
             gate: parking_lot::Mutex::new(()),
             revocations: super::revocations::Revocations::start(store.clone()),
+            stopping: tokio::sync::watch::channel(false).0,
         });
         if let Some(url) = postgres_url {
             listen(url, Arc::downgrade(&store.changed));

@@ -300,6 +300,10 @@ async fn serve(
     }
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.tick().await;
+    let mut stopping = hub.stopping.subscribe();
+    if *stopping.borrow_and_update() {
+        return close(1012, "restarting");
+    }
     loop {
         let expires = tokio::time::sleep(Duration::from_secs(
             (exp - chrono::Utc::now().timestamp()).max(0) as u64,
@@ -348,6 +352,7 @@ async fn serve(
                 }
                 Err(RecvError::Closed) => return close(1012, "restarting"),
             },
+            Ok(()) = stopping.changed() => return close(1012, "restarting"),
             Ok(()) = viewer.revocations.changed() => {
                 if viewer.revoked() {
                     return refuse(session, 4401, "revoked", "the access token has been revoked").await;

@@ -893,3 +893,56 @@ async fn the_event_lock_of_another_schema_does_not_stall_writes() {
         .unwrap();
     assert_eq!(status, 201);
 }
+
+/// A server told to stop (SIGTERM) closes its sockets at once with 1012 ("restarting"), so the
+/// app says it is reconnecting; before, a socket stayed open through the graceful shutdown (up
+/// to 10 s) and the app kept saying "Connected" while sends failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_closes_its_sockets_at_once() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let port = free_port();
+    let mut child = serve_command(&app, port)
+        .env("COURIER_BASE_URL", &app.base)
+        .spawn()
+        .expect("courier serve starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app
+        .client
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the instance did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (stream, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .expect("connect");
+    let mut ws = Ws { stream };
+    ws.send(&json!({"type": "auth", "token": patient_token(&app, "p1")}))
+        .await;
+    assert_eq!(ws.next().await.expect("ready")["type"], "ready");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let asked = std::time::Instant::now();
+    assert_eq!(ws.close_code().await, Some(1012), "closed as restarting");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    // The process still ends on its own.
+    let ended = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < ended, "the server did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
