@@ -125,7 +125,19 @@ pub(crate) fn identifier_condition(
     res_type: &str,
     identifier: &str,
 ) -> Result<crate::search::query::SearchRequest, crate::store::StoreError> {
-    let pairs = vec![("identifier".to_string(), identifier.to_string())];
+    condition(store, res_type, &[("identifier", identifier)])
+}
+
+/// A conditional create's condition of several search parameters (all must match).
+pub(crate) fn condition(
+    store: &crate::store::Store,
+    res_type: &str,
+    pairs: &[(&str, &str)],
+) -> Result<crate::search::query::SearchRequest, crate::store::StoreError> {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let limits = crate::search::query::Limits {
         default_count: 2,
         max_count: 2,

@@ -197,10 +197,19 @@ fn send(store: &Store, d: &Due) -> Result<bool, StoreError> {
         res_type: "Communication".into(),
         id: crate::fhir::rest::new_id(),
         resource: Incoming::from_value(msg),
-        if_none_exist: Some(super::identifier_condition(
+        // Its identifier, and (a second layer, since no client may write that identifier) that
+        // it is based on this request: a message planted with the identifier alone before
+        // clients were refused it does not stop the send.
+        if_none_exist: Some(super::condition(
             store,
             "Communication",
-            &format!("{IDENTIFIER_SYSTEM}|{ident}"),
+            &[
+                ("identifier", &format!("{IDENTIFIER_SYSTEM}|{ident}")),
+                (
+                    "based-on",
+                    &format!("CommunicationRequest/{}", d.request_id),
+                ),
+            ],
         )?),
     }];
     if remaining == 0 {

@@ -421,3 +421,34 @@ both_backends! {
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     }
 }
+
+both_backends! {
+    // A message planted with a scheduled send's identifier before clients were refused it (or
+    // written around the API) does not stop the send: the scheduler's condition also asks that
+    // the message be based on the request.
+    async fn a_planted_identifier_without_the_request_does_not_stop_a_scheduled_message(app: TestApp) {
+        use courier::store::{Incoming, WriteOp};
+        let due = app.create(&request(utc_in(3), "Take your evening dose")).await;
+        let mut planted = message("Patient/p2", "2026-11-01T10:00:00Z", "not the reminder");
+        planted["identifier"] = json!([{"system": "urn:courier:schedule", "value": due}]);
+        let ctx = courier::audit::Context::job(&app.base, "test");
+        app.store
+            .write(
+                vec![WriteOp::Create {
+                    res_type: "Communication".into(),
+                    id: uuid::Uuid::new_v4().to_string(),
+                    resource: Incoming::from_value(planted),
+                    if_none_exist: None,
+                }],
+                &ctx,
+            )
+            .unwrap();
+        let sent = wait_for_sends(&app, &due, 1).await;
+        assert_eq!(sent.len(), 1, "the scheduled message went out");
+        assert_eq!(sent[0]["payload"][0]["contentString"], "Take your evening dose");
+        let marked = app
+            .get_json(&format!("Communication?identifier=urn:courier:schedule|{due}"))
+            .await;
+        assert_eq!(ids(&marked).len(), 2, "the planted one and the real one");
+    }
+}
