@@ -167,7 +167,15 @@ function isStaffOnly(c) {
 
 // ----- tokens and the session ---------------------------------------------------------------
 
-async function refreshToken() {
+// One refresh at a time: every caller shares the one in flight (a burst of activity after a
+// pause must not send a burst of refreshes, which an EHR that rotates refresh tokens would take
+// as reuse and end the session).
+let refreshing = null;
+function refreshToken() {
+  if (!refreshing) refreshing = refreshOnce().finally(() => { refreshing = null; });
+  return refreshing;
+}
+async function refreshOnce() {
   if (!token || !session || !session.session) return false;
   const body = new URLSearchParams({session: session.session});
   let r;
@@ -199,12 +207,17 @@ async function signOut(why) {
   if (s && t) {
     // Offline: ended here at once; the server is told as soon as the network is back (while
     // this page is open; otherwise the session ends at its idle limit).
+    // A few tries with growing waits (the server may be restarting), and again when the
+    // browser is back online.
+    let tries = 0;
     const tell = async () => {
+      tries += 1;
       try {
-        await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}});
-      } catch (e) {
-        window.addEventListener('online', tell, {once: true});
-      }
+        const r = await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}, keepalive: true});
+        if (r.status < 500) return;
+      } catch (e) { /* not reached: tried again below */ }
+      if (tries < 6) setTimeout(tell, 2000 * 2 ** tries);
+      window.addEventListener('online', tell, {once: true});
     };
     await tell();
   }
@@ -227,14 +240,20 @@ function idleWords(ms) {
   const span = ms < 120000 && ms % 60000 ? Math.round(ms / 1000) + ' seconds' : min === 1 ? '1 minute' : min + ' minutes';
   return 'You were signed out after ' + span + ' without activity.';
 }
-// Reading counts as activity: scrolling with the wheel, a touch or the keys, and moving the
-// pointer over the page, as well as typing and pressing.
-for (const ev of ['keydown', 'pointerdown', 'focus', 'wheel', 'scroll', 'touchmove', 'pointermove']) {
-  window.addEventListener(ev, () => {
-    lastActivity = Date.now();
-    if (token && Date.now() > tokenExpires) refreshToken();
-  }, true);
+// Reading counts as activity: the wheel, a touch moving, the keys, pressing, and moving the
+// pointer some way (not the jitter of a resting mouse or a remote desktop). Not `scroll`: the
+// app scrolls by itself when messages arrive, and that is nobody at the screen.
+let pointerAt = null;
+function active() {
+  lastActivity = Date.now();
+  if (token && Date.now() > tokenExpires) refreshToken();
 }
+for (const ev of ['keydown', 'pointerdown', 'focus', 'wheel', 'touchmove']) window.addEventListener(ev, active, true);
+window.addEventListener('pointermove', (e) => {
+  if (pointerAt && Math.hypot(e.screenX - pointerAt[0], e.screenY - pointerAt[1]) < 24) return;
+  pointerAt = [e.screenX, e.screenY];
+  active();
+}, {capture: true, passive: true});
 
 async function api(method, path, body, headers) {
   if (!token) { const e = new Error('you are signed out'); e.status = 401; throw e; }
@@ -442,7 +461,8 @@ async function loadUnread() {
       if (x.name === 'urgent') unread.urgent = x.valueInteger;
       if (x.name === 'thread') {
         const get = (n) => x.part.find((q) => q.name === n);
-        unread.byThread.set(get('thread').valueReference.reference, {n: get('unread').valueInteger, urgent: get('urgent').valueInteger});
+        const header = get('header');
+        unread.byThread.set(get('thread').valueReference.reference, {n: get('unread').valueInteger, urgent: get('urgent').valueInteger, header: !!(header && header.valueBoolean)});
       }
     }
     unreadKnown = true;
@@ -874,8 +894,10 @@ async function markSeen() {
   const todo = [...open.messages.values()].filter((m) => {
     const toMe = (m.recipient || []).some((r) => refOf(r) === session.fhirUser);
     if (!toMe || m.status === 'preparation' || m.status === 'entered-in-error' || marked.has(m.id)) return false;
-    // Replies are counted per thread: none unread there means only the header may need a mark.
-    return m.id === open.header.id || !unreadKnown || (counts && counts.n > 0) || fresh.has(m.id);
+    // Replies are counted per thread (with the header, when it is unread): none unread there
+    // but the header means only the header needs a mark.
+    const replies = counts ? counts.n - (counts.header ? 1 : 0) : 0;
+    return m.id === open.header.id || !unreadKnown || replies > 0 || fresh.has(m.id);
   });
   let changed = false;
   await each(todo, 6, async (m) => {
@@ -946,6 +968,13 @@ async function fileToChart() {
     await api('POST', '/Communication/' + current.header.id + '/$file-to-chart');
     b.textContent = 'Filed to the chart';
     clearNotice('chart');
+    // Staff-only messages go to the chart with their label; the clinician is told, since what
+    // the EHR shows its patient portal is the EHR's to decide.
+    const staff = [...current.messages.values()].filter(isStaffOnly).length;
+    if (staff) {
+      showNotice('Filed to the chart. ' + (staff === 1 ? '1 staff-only message was' : staff + ' staff-only messages were') +
+        ' filed with the label “no disclosure to the patient”: check that your EHR keeps ' + (staff === 1 ? 'it' : 'them') + ' out of the patient portal.', 'chart');
+    }
   } catch (e) {
     showNotice('The conversation was not filed to the chart. ' + (e.status === 404 || e.status === 409 || e.status === 422 ? 'No EHR Courier is connected to knows this patient (and you).' : plain(e)), 'chart');
     b.disabled = false;
@@ -1135,7 +1164,8 @@ async function send(ev) {
     updateCount();
     // The field keeps focus (with the keyboard up on a phone; on a desktop Send was pressed
     // from the keyboard or the mouse and focus would fall back to the page's start).
-    const lost = document.activeElement === document.body || document.activeElement === $('send');
+    // (Not on a touch screen: focusing the field there opens the keyboard.)
+    const lost = (document.activeElement === document.body || document.activeElement === $('send')) && matchMedia('(pointer: fine)').matches;
     if ((typing || lost) && current === open && !$('compose').hidden) $('compose-text').focus();
   }
 }

@@ -119,13 +119,6 @@ impl Application {
             .starts_with("postgres")
             .then(|| settings.database_url.clone());
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
-        // SIGTERM or SIGINT starts the graceful shutdown (actix finishes the requests in flight):
-        // the sockets close at once, so no app shows "Connected" to a server that is going.
-        let stopping = hub.clone();
-        tokio::spawn(async move {
-            stop_signal().await;
-            stopping.stopping.send_replace(true);
-        });
         crate::messaging::away::init(&store)?;
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
         let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
@@ -155,6 +148,18 @@ impl Application {
             jwks: Arc::new(JwksCache::new(outbound)),
             ehrs: ehrs.clone(),
             hub,
+        });
+        // SIGTERM or SIGINT starts the graceful shutdown (actix finishes the requests in flight):
+        // the sockets close at once, so no app shows "Connected" to a server that is going, and
+        // /readyz says 503 so a load balancer sends no one back. (Started once nothing here can
+        // fail any more; it keeps only a weak hold on the hub.)
+        let stopping = Arc::downgrade(&state.hub);
+        tokio::spawn(async move {
+            if stop_signal().await {
+                if let Some(hub) = stopping.upgrade() {
+                    hub.stopping.send_replace(true);
+                }
+            }
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -215,26 +220,36 @@ impl Application {
     }
 }
 
-/// The signal that stops the server (SIGTERM or SIGINT).
-async fn stop_signal() {
+/// Waits for the signal that stops the server (SIGTERM or SIGINT): true when it came, false
+/// when no handler could be installed (logged; the sockets then close only as before).
+async fn stop_signal() -> bool {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (term, int) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                got = term.recv() => got.is_some(),
+                got = int.recv() => got.is_some(),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM/SIGINT: WebSockets will not be closed early at shutdown");
+                false
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for Ctrl-C");
+                false
+            }
+        }
     }
 }
 
@@ -307,6 +322,11 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if *state.hub.stopping.borrow() {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("application/json")
+            .body(r#"{"status":"stopping"}"#);
+    }
     let store = state.store.clone();
     // Answered within 2 s whatever the database does: while it is unreachable, taking a pooled
     // connection waits for the pool's own timeout (10 s), longer than a load balancer's check.

@@ -430,11 +430,12 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
     // One message may sit in one thread (partOf); a message counts once.
     let mut seen = std::collections::HashSet::new();
     let (mut total, mut urgent) = (0i64, 0i64);
-    let mut threads: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+    // Per thread: unread, urgent, and whether its header is among the unread.
+    let mut threads: std::collections::BTreeMap<String, (i64, i64, bool)> = Default::default();
     let mut listed = vec![];
     for r in &rows {
-        // A thread's header (no partOf) counts in its own thread, so the threads' counts add up
-        // to the total.
+        // A thread's header (no partOf) counts in its own thread (and says so: an app that
+        // shows the header as the thread's title marks it read with the thread).
         let thread = r
             .thread
             .clone()
@@ -442,6 +443,7 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
         let e = threads.entry(thread).or_default();
         e.0 += 1;
         e.1 += r.urgent;
+        e.2 |= r.thread.is_none();
         if seen.insert(r.rid) {
             total += 1;
             urgent += r.urgent;
@@ -454,11 +456,12 @@ async fn unread_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res {
         json!({"name": "unread", "valueInteger": total}),
         json!({"name": "urgent", "valueInteger": urgent}),
     ];
-    for (t, (n, u)) in threads {
+    for (t, (n, u, header)) in threads {
         params.push(json!({"name": "thread", "part": [
             {"name": "thread", "valueReference": {"reference": t}},
             {"name": "unread", "valueInteger": n},
             {"name": "urgent", "valueInteger": u},
+            {"name": "header", "valueBoolean": header},
         ]}));
     }
     params.extend(listed);

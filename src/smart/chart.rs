@@ -138,7 +138,9 @@ async fn file(state: &web::Data<AppState>, req: &HttpRequest, id: &str) -> Res {
             match staff_only {
                 0 => String::new(),
                 k => format!(
-                    "; {k} of them staff-only, filed with the security label NOPAT (no disclosure to the patient)"
+                    "; {k} of them staff-only, filed with the security label NOPAT (no disclosure to the patient). \
+                     A copy the EHR already holds from an earlier filing is left as it is: one filed before \
+                     Courier kept labels in the chart may lack it"
                 ),
             }
         ))

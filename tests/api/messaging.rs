@@ -249,6 +249,7 @@ both_backends! {
         assert_eq!(part(t, "thread").unwrap()["valueReference"]["reference"], format!("Communication/{thread}"));
         assert_eq!(part(t, "unread").unwrap()["valueInteger"], 2);
         assert_eq!(part(t, "urgent").unwrap()["valueInteger"], 1);
+        assert_eq!(part(t, "header").unwrap()["valueBoolean"], true, "its header is among them");
 
         // p1 reads it; p2 only has it delivered.
         let (s, r) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;

@@ -2244,6 +2244,7 @@ impl Store {
         };
         // Reference rows name a type by its short name (names::TYPES).
         let target = names::type_sql("x.target_type");
+        let short = names::short_type_sql("t.res_type");
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
             let mut sql = format!(
@@ -2263,7 +2264,7 @@ impl Store {
             // Resources of `source_type` whose parameter refers to one of the `from` resources.
             let sql = format!(
                 "SELECT s.rid, s.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
-                 JOIN resources t ON t.res_type = {target} AND t.fhir_id = x.target_id \
+                 JOIN resources t ON x.target_type = {short} AND t.fhir_id = x.target_id \
                  WHERE x.param IN ({key_marks}) AND s.res_type = ? AND x.url IS NULL AND t.rid IN ({ph}){type_filter}"
             );
             Ok(c.load::<RidTypeRow>(&sql, binds)?
