@@ -223,8 +223,20 @@ fn first_reminder(
     let (cr, escalated_to) = request(store, &id, msg, &u.recipient, 1, now, escalate, None);
     // Conditional on the identifier: after a crash between the request and its row,
     // the next pass finds the request instead of making a second one.
+    // Also (a second layer, since no client may write that identifier) its category and
+    // recipient: a request planted with the identifier alone, before clients were refused it,
+    // is not taken for the reminder.
     let identifier = format!("{IDENTIFIER_SYSTEM}|{}:{}", u.comm_id, u.recipient);
-    let cond = super::identifier_condition(store, "CommunicationRequest", &identifier)?;
+    let category = format!("{CATEGORY_SYSTEM}|unread-urgent");
+    let cond = super::condition(
+        store,
+        "CommunicationRequest",
+        &[
+            ("identifier", &identifier),
+            ("category", &category),
+            ("recipient", &u.recipient),
+        ],
+    )?;
     let written = store.write(
         vec![WriteOp::Create {
             res_type: "CommunicationRequest".into(),

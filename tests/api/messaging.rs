@@ -947,3 +947,52 @@ async fn a_stopping_server_closes_its_sockets_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A request planted with a reminder's identifier (before clients were refused it, or around the
+/// API) is not taken for the reminder: the recipient still gets Courier's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_reminder_identifier_does_not_stop_the_reminder() {
+    use courier::store::{Incoming, WriteOp};
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.escalation_renotify_secs = 1;
+        s.escalation_after_secs = 3600;
+    })
+    .await
+    .unwrap();
+    let (mut p1_ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+    let mut urgent = msg("Practitioner/dr-1", &["Patient/p1"], "Call us today");
+    urgent["priority"] = json!("stat");
+    let id = app.create(&urgent).await;
+    p1_ws.next().await.unwrap(); // the message
+    let planted = json!({"resourceType": "CommunicationRequest", "status": "active",
+        "identifier": [{"system": "urn:courier:escalation", "value": format!("{id}:Patient/p1")}],
+        "recipient": [{"reference": "Practitioner/someone"}],
+        "payload": [{"contentString": "not a reminder"}]});
+    let planted_id = uuid::Uuid::new_v4().to_string();
+    app.store
+        .write(
+            vec![WriteOp::Create {
+                res_type: "CommunicationRequest".into(),
+                id: planted_id.clone(),
+                resource: Incoming::from_value(planted),
+                if_none_exist: None,
+            }],
+            &courier::audit::Context::job(&app.base, "test"),
+        )
+        .unwrap();
+    let e = p1_ws
+        .next_within(Duration::from_secs(8))
+        .await
+        .expect("a reminder");
+    assert_eq!(e["event"], "create", "{e}");
+    assert_ne!(e["resource"]["id"], planted_id.as_str());
+    assert_eq!(
+        e["resource"]["about"][0]["reference"],
+        format!("Communication/{id}")
+    );
+    // The planted request is left as it was.
+    let still: Value = app
+        .get_json(&format!("CommunicationRequest/{planted_id}"))
+        .await;
+    assert_eq!(still["payload"][0]["contentString"], "not a reminder");
+}
