@@ -86,10 +86,22 @@ impl Guard {
     /// The addresses of `name`: refused outright for loopback names, else the lookup's result.
     async fn lookup(&self, name: &str) -> Result<std::io::Result<Vec<IpAddr>>, Refused> {
         let key = name.trim_end_matches('.').to_ascii_lowercase();
-        if !self.any_address && (key == "localhost" || key.ends_with(".localhost")) {
-            return Err(Refused(format!(
-                "{name} is a loopback name; Courier does not connect to it"
-            )));
+        if key == "localhost" || key.ends_with(".localhost") {
+            // Loopback by definition (RFC 6761 §6.3), never asked of DNS: its addresses that the
+            // rules admit (COURIER_OUTBOUND_ALLOW covering 127.0.0.0/8, say), else refused.
+            let admitted: Vec<IpAddr> = [
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ]
+            .into_iter()
+            .filter(|ip| self.check(*ip).is_ok())
+            .collect();
+            if admitted.is_empty() {
+                return Err(Refused(format!(
+                    "{name} is a loopback name; Courier does not connect to it{ALLOW_HINT}"
+                )));
+            }
+            return Ok(Ok(admitted));
         }
         let pinned = self.pinned.read().get(&key).cloned();
         Ok(match pinned {
@@ -531,6 +543,28 @@ mod tests {
             pinned: RwLock::new(HashMap::new()),
         };
         assert!(all.check("127.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    /// `localhost` is loopback, never looked up: refused unless the rules admit loopback, then
+    /// the admitted loopback addresses only.
+    #[tokio::test]
+    async fn localhost_is_loopback_and_reachable_only_when_loopback_is_allowed() {
+        let g = Guard {
+            any_address: false,
+            allow: vec![parse_net("127.0.0.0/8").unwrap()],
+            pinned: RwLock::new(HashMap::new()),
+        };
+        assert_eq!(
+            g.resolve("LocalHost.").await.unwrap(),
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(g.resolve("ehr.localhost").await.unwrap().len(), 1);
+        let none = Guard {
+            any_address: false,
+            allow: vec![parse_net("10.0.0.0/8").unwrap()],
+            pinned: RwLock::new(HashMap::new()),
+        };
+        assert!(none.resolve("localhost").await.is_err());
     }
 
     #[tokio::test]

@@ -117,18 +117,10 @@ pub fn operation_routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// `{res_type}?identifier={identifier}` as a store condition: what makes a derived write (a
-/// scheduled send, an escalation request) happen once — written with `if_none_exist`, a retry
-/// after a crash finds the first instead of writing a second.
-pub(crate) fn identifier_condition(
-    store: &crate::store::Store,
-    res_type: &str,
-    identifier: &str,
-) -> Result<crate::search::query::SearchRequest, crate::store::StoreError> {
-    condition(store, res_type, &[("identifier", identifier)])
-}
-
-/// A conditional create's condition of several search parameters (all must match).
+/// `{res_type}?{name}={value}&…` as a store condition (all must match): what makes a derived
+/// write (a scheduled send, an escalation request) happen once — written with `if_none_exist`
+/// on its identifier (and what else marks it as Courier's), a retry after a crash finds the
+/// first instead of writing a second.
 pub(crate) fn condition(
     store: &crate::store::Store,
     res_type: &str,

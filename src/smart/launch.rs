@@ -55,7 +55,13 @@ pub struct SmartFields {
     pub patient: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encounter: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A boolean in SMART; some EHRs send `"true"`/`"false"`, which is taken too (one mistyped
+    /// hint must not fail the sign-in).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_bool"
+    )]
     pub need_patient_banner: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smart_style_url: Option<String>,
@@ -72,6 +78,34 @@ pub struct SmartFields {
 }
 impl oauth2::ExtraTokenFields for SmartFields {}
 
+/// A boolean, or the strings "true"/"false"; anything else is no value.
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Bool(b) => Some(b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    })
+}
+
+/// What a failed code exchange tells the person and the log: never the EHR's own
+/// `error_description` (free text from another system, which may name a patient or its
+/// internals), only its error code.
+fn token_exchange_error<E: std::error::Error + 'static>(
+    e: &oauth2::RequestTokenError<E, BasicErrorResponse>,
+) -> String {
+    use oauth2::RequestTokenError as R;
+    match e {
+        R::ServerResponse(r) => format!(
+            "the EHR refused the sign-in code ({})",
+            r.error().as_ref()
+        ),
+        R::Request(_) => "the EHR's token endpoint could not be reached".into(),
+        R::Parse(_, _) => "the EHR's answer to the sign-in code could not be read (a field of its token response is not what SMART defines); the code is now used up".into(),
+        R::Other(_) => "the EHR's token endpoint answered in a way Courier does not understand".into(),
+    }
+}
+
 type SmartClient = oauth2::Client<
     BasicErrorResponse,
     StandardTokenResponse<SmartFields, BasicTokenType>,
@@ -86,6 +120,17 @@ fn redirect_uri(state: &AppState) -> String {
 
 /// A page for people (errors end here), escaped, never cached, never leaking a Referer.
 pub(crate) fn page(status: actix_web::http::StatusCode, title: &str, text: &str) -> HttpResponse {
+    page_with(status, title, text, None, None)
+}
+
+/// [`page`] with a link onward (a path on Courier) and the request's reference.
+pub(crate) fn page_with(
+    status: actix_web::http::StatusCode,
+    title: &str,
+    text: &str,
+    link: Option<(&str, &str)>,
+    reference: Option<&str>,
+) -> HttpResponse {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
             .replace('<', "&lt;")
@@ -100,9 +145,17 @@ pub(crate) fn page(status: actix_web::http::StatusCode, title: &str, text: &str)
         .content_type("text/html; charset=utf-8")
         .body(format!(
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{t} — Courier</title>\
-             <main style=\"font-family:sans-serif;max-width:40em;margin:3em auto\"><h1>{t}</h1><p>{x}</p></main></html>",
+             <main style=\"font-family:sans-serif;max-width:40em;margin:3em auto\"><h1>{t}</h1><p>{x}</p>{l}{r}</main></html>",
             t = esc(title),
-            x = esc(text)
+            x = esc(text),
+            l = link
+                .filter(|(href, _)| href.starts_with('/') && !href.starts_with("//"))
+                .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", esc(href), esc(label)))
+                .unwrap_or_default(),
+            r = reference
+                .filter(|r| !r.is_empty())
+                .map(|r| format!("<p style=\"color:#555\">Reference: {}</p>", esc(r)))
+                .unwrap_or_default(),
         ))
 }
 
@@ -129,17 +182,28 @@ async fn refuse(
     text: &str,
 ) -> HttpResponse {
     audit_login(state, req, None, Some(&format!("{title}: {text}"))).await;
-    page(
+    page_with(
         actix_web::http::StatusCode::from_u16(status).unwrap_or_default(),
         title,
         text,
+        None,
+        Some(&reference(req)),
     )
+}
+
+/// The request's id, which the server log carries on every line of it: what a person can give
+/// their administrator.
+fn reference(req: &HttpRequest) -> String {
+    actix_web::HttpMessage::extensions(req)
+        .get::<crate::api::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default()
 }
 
 /// The longest `launch`, `iss`, `state`, `code` (any parameter) these endpoints take, and the
 /// longest query string: what is stored per launch stays small (a flood cannot fill the disk).
-pub const MAX_PARAM_BYTES: usize = 2048;
-const MAX_QUERY_BYTES: usize = 8 * 1024;
+pub const MAX_PARAM_BYTES: usize = 4096;
+const MAX_QUERY_BYTES: usize = 16 * 1024;
 
 /// Is any parameter (or the query string) longer than the endpoints take?
 fn oversized(req: &HttpRequest, q: &[(String, String)]) -> bool {
@@ -185,13 +249,28 @@ pub async fn ehr_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpRes
     };
     let store = state.store.clone();
     let iss2 = iss.to_string();
-    let ehr = match web::block(move || registry::by_iss(&store, &iss2)).await {
-        Ok(Ok(Some(e))) => e,
-        Ok(Ok(None)) => {
-            return refuse(&state, &req, 400, "Unknown EHR", "This EHR is not registered with Courier. Ask your administrator to register it (courier ehr add).").await
-        }
-        _ => return refuse(&state, &req, 503, "Courier is unavailable", "Try again in a moment.").await,
-    };
+    let ehr =
+        match web::block(move || registry::by_iss(&store, &iss2)).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) => return refuse(
+                &state,
+                &req,
+                400,
+                "Unknown EHR",
+                "This EHR is not registered with Courier. Ask your administrator to register it.",
+            )
+            .await,
+            _ => {
+                return refuse(
+                    &state,
+                    &req,
+                    503,
+                    "Courier is unavailable",
+                    "Try again in a moment.",
+                )
+                .await
+            }
+        };
     authorize(&state, &req, ehr, Some(launch.to_string())).await
 }
 
@@ -431,14 +510,22 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
     };
     let Some(pending) = pending.filter(|p| p.expires_at >= crate::clock::now_micros() / 1_000_000)
     else {
-        return refuse(
+        // Most often the Back button after signing in: the tab may still hold its session.
+        audit_login(
             &state,
             &req,
-            400,
-            "Sign-in failed",
-            "This sign-in has expired or was already used. Start again from the EHR.",
+            None,
+            Some("Sign-in failed: expired or already used"),
         )
         .await;
+        return page_with(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "This sign-in has expired or was already used. If you have just signed in, Courier may \
+             already be open in this tab. Otherwise start again from your EHR or your patient portal.",
+            Some(("/app/", "Go to Courier")),
+            Some(&reference(&req)),
+        );
     };
     if let Some(expected) = &pending.browser_hash {
         let cookie = req
@@ -496,17 +583,23 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
                 Ok(page) => page,
                 Err(why) => {
                     tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
-                    page(
+                    page_with(
                         actix_web::http::StatusCode::BAD_GATEWAY,
                         "Sign-in failed",
                         &why,
+                        None,
+                        Some(&reference(&req)),
                     )
                 }
             }
         }
         Err(why) => {
             tracing::warn!(ehr = %ehr.name, reason = %why, "launch failed");
-            refuse(&state, &req, 502, "Sign-in failed", &why).await
+            let text = format!(
+                "Courier could not complete the sign-in with your EHR: {why}. Try again from your \
+                 EHR; if it keeps failing, give your administrator the reference below."
+            );
+            refuse(&state, &req, 502, "Sign-in failed", &text).await
         }
     }
 }
@@ -538,7 +631,7 @@ async fn complete(
         .add_extra_param("client_assertion", assertion)
         .request_async(&send)
         .await
-        .map_err(|e| format!("the EHR's token endpoint refused the code: {e}"))?;
+        .map_err(|e| token_exchange_error(&e))?;
     let extra = res.extra_fields().clone();
     let id_token = extra
         .id_token
@@ -1071,6 +1164,8 @@ async fn fetch_style(state: &web::Data<AppState>, url: &str) -> Value {
 
 /// At most this many keys of a JWKS are tried for an id_token without `kid`.
 const MAX_KEYS_TRIED: usize = 4;
+/// How far ahead of Courier's clock an id_token's `iat` may be (clocks drift; more is a wrong clock).
+const MAX_FUTURE_IAT_SECS: i64 = 300;
 
 /// Can `key` verify a signature made with `alg`? (Its type and curve fit, it is not an
 /// encryption key, and an `alg` it names is this one.)
@@ -1165,6 +1260,15 @@ pub async fn verify_id_token(
                     if data.claims["nonce"].as_str() != Some(nonce) {
                         return Err("the id_token's nonce does not match this sign-in".into());
                     }
+                    // Issued far "in the future" (OpenID Connect Core §3.1.3.7: iat may reject
+                    // tokens issued too far from now): a clock is wrong.
+                    let now = chrono::Utc::now().timestamp();
+                    if data.claims["iat"]
+                        .as_i64()
+                        .is_some_and(|iat| iat > now + MAX_FUTURE_IAT_SECS)
+                    {
+                        return Err(format!("the id_token was issued more than {} minutes ahead of Courier's clock: the EHR's clock or Courier's is wrong", MAX_FUTURE_IAT_SECS / 60));
+                    }
                     return Ok(data.claims);
                 }
                 // Another key may have signed it.
@@ -1215,4 +1319,35 @@ pub(crate) fn script_page(script: &str) -> HttpResponse {
             "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Courier</title>\
              <script nonce=\"{nonce}\">{script}</script><noscript>Courier needs JavaScript.</noscript></html>"
         ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An EHR's refusal is told by its error code only: its free-text description (which may
+    /// name a patient or the EHR's internals) reaches neither the page nor the log.
+    #[test]
+    fn a_refused_code_exchange_shows_the_error_code_not_the_ehrs_description() {
+        let refused: oauth2::RequestTokenError<std::io::Error, BasicErrorResponse> =
+            oauth2::RequestTokenError::ServerResponse(BasicErrorResponse::new(
+                oauth2::basic::BasicErrorResponseType::InvalidGrant,
+                Some("Patient Alice Testpatient MRN1001 db=ORA-PRD-03".into()),
+                None,
+            ));
+        let said = token_exchange_error(&refused);
+        assert!(said.contains("invalid_grant"), "{said}");
+        assert!(!said.contains("Alice") && !said.contains("ORA"), "{said}");
+        let odd: oauth2::RequestTokenError<std::io::Error, BasicErrorResponse> =
+            oauth2::RequestTokenError::Other("Patient Alice".into());
+        assert!(!token_exchange_error(&odd).contains("Alice"));
+    }
+
+    #[test]
+    fn a_banner_hint_sent_as_a_string_is_taken() {
+        let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":"false"}"#).unwrap();
+        assert_eq!(f.need_patient_banner, Some(false));
+        let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":1}"#).unwrap();
+        assert_eq!(f.need_patient_banner, None);
+    }
 }

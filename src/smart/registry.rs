@@ -84,12 +84,33 @@ pub fn normalize_iss(iss: &str) -> anyhow::Result<String> {
         url.query().is_none() && url.fragment().is_none() && url.username().is_empty(),
         "iss must be a plain FHIR base URL (no query, fragment or credentials)"
     );
-    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))
+        || url.host_str().is_some_and(|h| h.ends_with(".localhost"));
     anyhow::ensure!(
         url.scheme() == "https" || (url.scheme() == "http" && loopback),
         "iss must be https (http only on loopback)"
     );
-    Ok(iss.trim_end_matches('/').to_string())
+    Ok(iss_key(iss))
+}
+
+/// `iss` as EHRs are told apart: without trailing slashes, scheme and host without case (RFC
+/// 3986 §6.2.2.1: `HTTPS://EHR.example.org/fhir` is `https://ehr.example.org/fhir`); the path
+/// keeps its case.
+pub fn iss_key(iss: &str) -> String {
+    let trimmed = iss.trim_end_matches('/');
+    let authority_end = trimmed
+        .find("://")
+        .map(|i| {
+            trimmed[i + 3..]
+                .find('/')
+                .map_or(trimmed.len(), |j| i + 3 + j)
+        })
+        .unwrap_or(0);
+    format!(
+        "{}{}",
+        trimmed[..authority_end].to_ascii_lowercase(),
+        &trimmed[authority_end..]
+    )
 }
 
 /// A URL a registration overrides discovery with (`what` names it in errors): absolute, https
@@ -210,13 +231,23 @@ pub fn get(store: &Store, name: &str) -> Result<Option<Ehr>, StoreError> {
 
 /// The EHR whose FHIR base is `iss` (an EHR launch names its EHR this way).
 pub fn by_iss(store: &Store, iss: &str) -> Result<Option<Ehr>, StoreError> {
-    Ok(store
+    let key = iss_key(iss);
+    let exact: Option<Ehr> = store
         .query(
             &format!("SELECT {COLUMNS} FROM ehrs WHERE iss = ?"),
-            vec![iss.trim_end_matches('/').into()],
+            vec![key.clone().into()],
         )?
         .into_iter()
-        .next())
+        .next();
+    if exact.is_some() {
+        return Ok(exact);
+    }
+    // A registration stored before hosts were compared without case: the few EHRs, compared
+    // as keys.
+    Ok(store
+        .query::<Ehr>(&format!("SELECT {COLUMNS} FROM ehrs"), vec![])?
+        .into_iter()
+        .find(|e| iss_key(&e.iss) == key))
 }
 
 /// Removes an EHR with its sessions and undelivered outbox rows (a later EHR of the same name

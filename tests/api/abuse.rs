@@ -153,7 +153,7 @@ both_backends_with! {
 }
 
 both_backends! {
-    async fn a_launch_value_over_2_kb_is_refused_and_nothing_is_stored(app: TestApp) {
+    async fn a_launch_value_over_4_kb_is_refused_and_nothing_is_stored(app: TestApp) {
         let iss = fake_ehr();
         courier::smart::registry::add(&app.store, &crate::ehr::new_ehr("big", &iss, "ES384")).unwrap();
         let c = no_redirects();
@@ -164,13 +164,13 @@ both_backends! {
         let big = "x".repeat(30 * 1024);
         let r = c.get(app.url(&format!("launch?iss={iss}&launch={big}"))).send().await.unwrap();
         assert_eq!(r.status(), 400);
-        let r = c.get(app.url(&format!("launch?iss={iss}&launch={}", "y".repeat(2049)))).send().await.unwrap();
+        let r = c.get(app.url(&format!("launch?iss={iss}&launch={}", "y".repeat(4097)))).send().await.unwrap();
         assert_eq!(r.status(), 400);
         let r = c.get(app.url(&format!("smart/callback?code=c&state={big}"))).send().await.unwrap();
         assert_eq!(r.status(), 400);
         assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM launch_states"), 1, "nothing more stored");
-        // Up to 2 KB is taken.
-        let r = c.get(app.url(&format!("launch?iss={iss}&launch={}", "z".repeat(2048)))).send().await.unwrap();
+        // Up to 4 KB is taken (an EHR's launch or code may be long: RFC 6749 §4.1.2).
+        let r = c.get(app.url(&format!("launch?iss={iss}&launch={}", "z".repeat(4096)))).send().await.unwrap();
         assert_eq!(r.status(), 302);
     }
 

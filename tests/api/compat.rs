@@ -145,6 +145,26 @@ both_backends! {
         let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
         assert_eq!(status, 502, "{page}");
         assert!(page.contains("id_token"), "{page}");
+        assert!(page.contains("Reference: "), "a reference to give the administrator: {page}");
+        // 10 minutes ahead: issued "in the future" beyond any drift, a wrong clock; refused.
+        set(json!({"clock_skew_secs": 600, "token_ttl": 3600})).await;
+        let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
+        let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+        let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+        let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(status, 502, "{page}");
+        assert!(page.contains("clock"), "{page}");
+        // A right clock again. An `iss` whose scheme is upper case, with a trailing slash, names
+        // the same EHR (RFC 3986 §6.2.2.1), and a banner hint sent as the string "true" is taken.
+        set(json!({"clock_skew_secs": 0, "token_ttl": 300})).await;
+        let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a", "need_patient_banner": "true"}))).await;
+        let upper = format!("{}/", ehr.base.replacen("http://", "HTTP://", 1));
+        let (_, to_ehr, page) = crate::ehr::step(&app.url(&format!("launch?iss={upper}&launch={}", launch["launch"].as_str().unwrap()))).await;
+        let to_ehr = to_ehr.unwrap_or_else(|| panic!("the launch goes to the EHR: {page}"));
+        let (_, back, _) = crate::ehr::step(&to_ehr).await;
+        let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(crate::ehr::session_of(&page)["need_patient_banner"], true, "{page}");
     }
 }
 

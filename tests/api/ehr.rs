@@ -523,6 +523,8 @@ both_backends! {
         let (s, loc, body) = step(&back).await;
         assert_eq!((s, loc), (400, None));
         assert!(body.contains("expired or was already used"));
+        // (Most often Back after signing in: the page offers the way back into Courier.)
+        assert!(body.contains("<a href=\"/app/\">Go to Courier</a>"), "{body}");
 
         // Standalone launch from the patient portal: the patient signs in at the EHR.
         a.control(reqwest::Method::POST, "settings", Some(json!({"auto_approve_user": "Patient/a1", "standalone_patient": "a1"}))).await;
