@@ -28,6 +28,9 @@ pub struct AppState {
     pub ehrs: Arc<crate::smart::backend::Connections>,
     /// The real-time hub (WebSocket fan-out).
     pub hub: Arc<crate::messaging::hub::Hub>,
+    /// AuditEvents that could not be recorded when they happened, recorded once the store
+    /// takes writes again.
+    pub deferred_audit: Arc<crate::audit::deferred::Deferred>,
 }
 
 pub type Res = Result<HttpResponse, FhirError>;
@@ -116,6 +119,23 @@ pub async fn answer_audited(
         result
     };
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
+    // What could not be recorded now is recorded once the store takes writes again (see
+    // `audit::deferred`), saying what the client was answered.
+    let (audited, unrecorded) = match audited {
+        Ok(()) => (Ok(()), None),
+        Err((e, ev)) => (Err(e), Some(ev)),
+    };
+    let write_stands = result.as_ref().is_ok_and(|r| r.status().is_success())
+        && matches!(
+            interaction,
+            Interaction::Create | Interaction::Update | Interaction::Patch | Interaction::Delete
+        );
+    if let Some(ev) = unrecorded {
+        // A change that was made has its AuditEvent in its own transaction already.
+        if !write_stands {
+            state.deferred_audit.push(refused(ev));
+        }
+    }
     let answer = match (audited, result) {
         (Ok(()), result) => result,
         // A change that was made has its AuditEvent in its own transaction: it stands, and so
@@ -159,8 +179,8 @@ pub async fn answer_audited(
 }
 
 /// Records the AuditEvent of an interaction that has none from the write path: reads, searches,
-/// and every failure; durable when this returns. `Err` (503) when it could not be recorded: the
-/// caller must not serve the result (see [`answer_audited`]).
+/// and every failure; durable when this returns. `Err` (503, and the event) when it could not be
+/// recorded: the caller must not serve the result (see [`answer_audited`]).
 pub async fn audit_outcome(
     state: &web::Data<AppState>,
     ctx: &audit::Context,
@@ -168,7 +188,7 @@ pub async fn audit_outcome(
     what: Option<String>,
     patient: Option<String>,
     result: &Res,
-) -> Result<(), FhirError> {
+) -> Result<(), (FhirError, Value)> {
     let failure_outcome;
     let failure = match result {
         Ok(r) if r.status().is_success() || r.status().is_redirection() => None,
@@ -194,18 +214,46 @@ pub async fn audit_outcome(
         patient.as_deref(),
         failure,
     );
-    record_event_checked(state, ev).await
+    try_record(state, ev.clone()).await.map_err(|e| (e, ev))
+}
+
+/// `event` as what happened when its request was refused because it could not be recorded: a
+/// success becomes a serious failure, and the description says the client was answered 503.
+fn refused(mut event: Value) -> Value {
+    if event["outcome"] == "0" {
+        event["outcome"] = serde_json::json!("8");
+    }
+    let said = "answered 503: the audit trail could not be written when this was requested, so nothing was served or changed; recorded once it could";
+    event["outcomeDesc"] = match event["outcomeDesc"].as_str() {
+        Some(d) if !d.is_empty() => serde_json::json!(format!("{d}; {said}")),
+        _ => serde_json::json!(said),
+    };
+    event
 }
 
 /// Records an AuditEvent on its own (durable before this returns). A failure is logged; for
 /// callers that go ahead whatever happens (a refusal, a logout).
 pub async fn record_event(state: &AppState, event: Value) {
-    let _ = record_event_checked(state, event).await;
+    if try_record(state, event.clone()).await.is_err() {
+        // What it records happened: recorded as it is, once the store takes writes again.
+        state.deferred_audit.push(event);
+    }
 }
 
 /// Records an AuditEvent on its own (durable before this returns); `Err` (503, logged with the
-/// request id) when it could not be: what it records must then not happen.
+/// request id) when it could not be: what it records must then not happen (it is recorded later
+/// as refused, see `audit::deferred`).
 pub async fn record_event_checked(state: &AppState, event: Value) -> Result<(), FhirError> {
+    match try_record(state, event.clone()).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            state.deferred_audit.push(refused(event));
+            Err(e)
+        }
+    }
+}
+
+async fn try_record(state: &AppState, event: Value) -> Result<(), FhirError> {
     let request_id = event["entity"]
         .as_array()
         .and_then(|es| {

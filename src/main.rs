@@ -81,6 +81,7 @@ enum Command {
         #[arg(long)]
         now: bool,
         /// Judge expiry as of this instant instead of now (RFC 3339), e.g. to preview a date.
+        /// A later instant than now only with --dry-run (it would remove what has not expired).
         #[arg(long)]
         as_of: Option<String>,
     },
@@ -649,6 +650,12 @@ fn purge(settings: &Settings, dry_run: bool, as_of: Option<String>) -> anyhow::R
             .timestamp_micros(),
         None => courier::clock::now_micros(),
     };
+    // Removing as of a later date would destroy what has not expired yet: only previewed.
+    if !dry_run && as_of > courier::clock::now_micros() + 60_000_000 {
+        anyhow::bail!(
+            "--as-of is later than now: that would remove data that has not expired yet. Use it with --dry-run to preview that date; nothing was changed"
+        );
+    }
     let store = open_store(&settings)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(

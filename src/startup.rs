@@ -36,6 +36,8 @@ pub struct Application {
     pub scheduler: tokio::task::AbortHandle,
     /// Failed authentications counted but not yet audited: written at shutdown.
     abuse: Arc<crate::auth::abuse::Abuse>,
+    /// Refusals' AuditEvents still waiting for the store (recorded at a stop if they can be).
+    deferred_audit: Arc<crate::audit::deferred::Deferred>,
 }
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
@@ -70,7 +72,13 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
         retention,
         key_file,
         crate::hooks::app(),
-    )?;
+    );
+    // A key made just now for a store that then refused to open (its data under another key:
+    // the key file lost or misplaced) is not left behind to be mistaken for the right one.
+    if created && store.is_err() {
+        let _ = std::fs::remove_file(settings.key_file());
+    }
+    let store = store?;
     store.compress_bodies.store(
         settings.store_compress,
         std::sync::atomic::Ordering::Relaxed,
@@ -141,6 +149,8 @@ impl Application {
         let abuse_at_exit = abuse.clone();
         let abuse = web::Data::from(abuse);
         let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));
+        let deferred_audit = Arc::new(crate::audit::deferred::Deferred::default());
+        let base_url = settings.base_url.clone();
         let state = web::Data::new(AppState {
             store: store.clone(),
             settings: Arc::new(settings),
@@ -148,7 +158,29 @@ impl Application {
             jwks: Arc::new(JwksCache::new(outbound)),
             ehrs: ehrs.clone(),
             hub,
+            deferred_audit: deferred_audit.clone(),
         });
+        // AuditEvents that could not be recorded when their request was refused: recorded once
+        // the store takes writes again (every 2 s while any wait; ends with the store).
+        {
+            let (deferred, store, base_url) = (
+                Arc::downgrade(&deferred_audit),
+                Arc::downgrade(&store),
+                base_url,
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    let (Some(deferred), Some(store)) = (deferred.upgrade(), store.upgrade())
+                    else {
+                        return;
+                    };
+                    if !deferred.is_empty() {
+                        deferred.flush(&store, &base_url).await;
+                    }
+                }
+            });
+        }
         // SIGTERM or SIGINT starts the graceful shutdown (actix finishes the requests in flight):
         // the sockets close at once, so no app shows "Connected" to a server that is going, and
         // /readyz says 503 so a load balancer sends no one back. (Started once nothing here can
@@ -201,6 +233,7 @@ impl Application {
             outbox,
             scheduler,
             abuse: abuse_at_exit,
+            deferred_audit,
         })
     }
 
@@ -214,6 +247,15 @@ impl Application {
         for event in self.abuse.due(true) {
             if let Err(e) = self.store.record_audit_async(event).await {
                 tracing::error!(error = %e, "could not record AuditEvent");
+            }
+        }
+        if !self.deferred_audit.is_empty() {
+            self.deferred_audit
+                .flush(&self.store, &self.store.base_url)
+                .await;
+            let left = self.deferred_audit.len();
+            if left > 0 {
+                tracing::error!(left, "AuditEvents of refused requests could not be recorded before the stop (the log has each, by request id)");
             }
         }
         r

@@ -3,3 +3,4 @@
 
 pub use courier_store::audit::*;
 pub mod chain;
+pub mod deferred;

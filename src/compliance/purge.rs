@@ -459,6 +459,7 @@ pub fn purge(
         })
         .collect();
     let mut total = 0usize;
+    let mut planned = Summary::default();
     for (class, period) in &classes {
         let n = store.query::<Count>(
             EXPIRED_COUNT,
@@ -466,6 +467,20 @@ pub fn purge(
         )?[0]
             .n;
         total += n as usize;
+        planned.classes.insert(class.clone(), n as usize);
+    }
+    // Recorded before anything is removed: a purge stopped part-way (killed, the disk full)
+    // still leaves in the trail that it ran, when, and what it found expired.
+    if !dry_run {
+        let ctx = audit::Context::job(&store.base_url, "retention purge");
+        record(
+            store,
+            &ctx,
+            "retention purge started",
+            None,
+            &planned,
+            "expired",
+        )?;
     }
     let mut done = 0usize;
     for (class, period) in &classes {
@@ -559,7 +574,7 @@ pub fn purge(
             }
         }
         let ctx = audit::Context::job(&store.base_url, "retention purge");
-        record(store, &ctx, "purge", None, &summary)?;
+        record(store, &ctx, "purge", None, &summary, "removed")?;
         scrub_files(store);
     }
     Ok(summary)
@@ -760,19 +775,21 @@ fn purge_audit(
     Ok((events, events, outbox))
 }
 
-/// Records a purge or an erasure as an AuditEvent: per class, how many; never what.
+/// Records a purge or an erasure as an AuditEvent: per class, how many (`{verb}:{class}`);
+/// never what.
 fn record(
     store: &Store,
     ctx: &audit::Context,
     job: &str,
     patient: Option<&str>,
     summary: &Summary,
+    verb: &str,
 ) -> Result<(), StoreError> {
     let mut ev = audit::event(ctx, Interaction::Delete, patient, patient, None);
     let mut detail: Vec<Value> = summary
         .classes
         .iter()
-        .map(|(class, n)| json!({"type": format!("removed:{class}"), "valueString": n.to_string()}))
+        .map(|(class, n)| json!({"type": format!("{verb}:{class}"), "valueString": n.to_string()}))
         .collect();
     detail.push(json!({"type": "versions", "valueString": summary.versions.to_string()}));
     detail.push(json!({"type": "held", "valueString": summary.held.to_string()}));
@@ -1057,7 +1074,7 @@ pub fn erase_patient(
         Ok::<_, StoreError>(n)
     })?;
     summary.keys_destroyed = destroyed;
-    record(store, ctx, "erasure", Some(&reference), &summary)?;
+    record(store, ctx, "erasure", Some(&reference), &summary, "removed")?;
     scrub_files(store);
     Ok(summary)
 }

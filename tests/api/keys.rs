@@ -363,3 +363,31 @@ crate::both_backends! {
         assert_eq!(distinct.unwrap()[0].n, 0, "numbers are unique");
     }
 }
+
+/// A store started without its master key (the key file lost or misplaced) refuses to start, and
+/// leaves no new key file behind to be mistaken for the right one (an outside fault probe found
+/// one created before the refusal).
+#[tokio::test]
+async fn a_start_without_the_master_key_refuses_and_creates_no_key_file() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    app.create(
+        &serde_json::json!({"resourceType": "Communication", "status": "completed",
+        "subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Patient/p1"}]}),
+    )
+    .await;
+    let key_file = app.dir.path().join("master.key");
+    assert!(
+        !key_file.exists(),
+        "the test app's key is configured, not in a file"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("migrate")
+        .env("COURIER_DATA_DIR", app.dir.path())
+        .env("COURIER_DATABASE_URL", &app.database_url)
+        .env_remove("COURIER_MASTER_KEY")
+        .env("COURIER_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started without its key");
+    assert!(!key_file.exists(), "a stray key file was left");
+}

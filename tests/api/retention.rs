@@ -355,6 +355,19 @@ async fn retention_purge_removes_every_trace_of_expired_data_and_keeps_the_rest(
         purge_ev.contains("removed:notification") && !purge_ev.contains(&r1),
         "{purge_ev}"
     );
+    // … and so is its start, recorded before anything was removed (a purge stopped part-way
+    // still leaves that it ran and what it found expired).
+    let started = trail["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].to_string())
+        .find(|t| t.contains("Courier retention purge started"))
+        .expect("the purge's start AuditEvent");
+    assert!(
+        started.contains("expired:notification") && !started.contains(&r1),
+        "{started}"
+    );
     // The chain still verifies; a second purge finds nothing more.
     assert!(matches!(
         chain::verify(&app.store).unwrap(),
@@ -561,4 +574,45 @@ both_backends! {
             v => panic!("a moved anchor verified: {v:?}"),
         }
     }
+}
+
+/// `courier purge --now --as-of <later than now>` would destroy what has not expired yet: refused,
+/// nothing changed; the same date previews with --dry-run.
+#[tokio::test]
+async fn a_purge_as_of_a_later_date_is_only_a_preview() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    app.create(
+        &json!({"resourceType": "Communication", "status": "completed",
+        "subject": {"reference": "Patient/p1"}, "recipient": [{"reference": "Patient/p1"}]}),
+    )
+    .await;
+    let before = app.row_counts();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(args)
+            .env("COURIER_DATA_DIR", app.dir.path())
+            .env("COURIER_DATABASE_URL", &app.database_url)
+            .env(
+                "COURIER_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .env("COURIER_LOG", "error")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = run(&["purge", "--now", "--as-of", "2090-01-01T00:00:00Z"]);
+    assert!(
+        !ok && err.contains("--dry-run") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(app.row_counts(), before, "nothing changed");
+    let (ok, out, err) = run(&["purge", "--dry-run", "--as-of", "2090-01-01T00:00:00Z"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("would remove"), "{out}");
+    assert_eq!(app.row_counts(), before);
 }

@@ -67,7 +67,10 @@ impl MasterKey {
             })?;
         }
         let b64 = new_key_base64();
+        // On disk (file and directory entry) before anything is sealed with it: a power loss
+        // after the first write must not leave data under a key that was never stored.
         write_private(file, &b64)
+            .and_then(|()| sync_parent(file))
             .map_err(|e| anyhow::anyhow!("cannot write master key file {}: {e}", file.display()))?;
         Ok((MasterKey::from_base64(&b64)?, prev, true))
     }
@@ -111,12 +114,31 @@ pub fn read_key_file(file: &Path) -> anyhow::Result<(MasterKey, Vec<MasterKey>)>
     Ok((current, keys.collect::<anyhow::Result<Vec<_>>>()?))
 }
 
-/// Rewrites the key file with `lines` (base64 keys, current first), atomically and mode 0600.
+/// Rewrites the key file with `lines` (base64 keys, current first), atomically and mode 0600,
+/// and durably: the new file is synced before it replaces the old one and the directory after, so
+/// the data keys a rotation then re-wraps (and commits) are never under a key lost to a power
+/// loss (an outside fault probe found a 0-byte key file after a simulated power loss on XFS).
 pub fn rewrite_key_file(file: &Path, lines: &[String]) -> anyhow::Result<()> {
     let tmp = file.with_extension("key.new");
     let _ = std::fs::remove_file(&tmp);
     write_private(&tmp, &(lines.join("\n") + "\n"))?;
     std::fs::rename(&tmp, file)?;
+    sync_parent(file)?;
+    Ok(())
+}
+
+/// Syncs the directory holding `file` (its entry: a created or renamed file survives a power
+/// loss only then).
+fn sync_parent(file: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = file.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 
@@ -139,12 +161,16 @@ fn write_private(file: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(file)?;
     f.write_all(text.as_bytes())?;
+    f.sync_all()?;
     Ok(())
 }
 
 #[cfg(not(unix))]
 fn write_private(file: &Path, text: &str) -> anyhow::Result<()> {
-    std::fs::write(file, text)?;
+    use std::io::Write;
+    let mut f = std::fs::File::create(file)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
     Ok(())
 }
 
@@ -333,6 +359,26 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rewrite replaces the key file whole (no temporary left, mode 0600). That it is synced
+    /// (file, then directory) is not observable here: an outside probe checked it with a
+    /// simulated power loss on XFS (`xfs_io -x -c shutdown`), which left a 0-byte file before.
+    #[test]
+    fn the_key_file_is_rewritten_whole_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("master.key");
+        let (a, b) = (new_key_base64(), new_key_base64());
+        rewrite_key_file(&file, &[a.clone()]).unwrap();
+        rewrite_key_file(&file, &[b.clone(), a.clone()]).unwrap();
+        assert_eq!(key_file_lines(&file).unwrap(), vec![b, a]);
+        assert!(!dir.path().join("master.key.new").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
 
     #[test]
     fn sealed_data_opens_only_with_its_row_identity() {

@@ -50,6 +50,10 @@ pub fn unavailable(e: &StoreError) -> Option<&'static str> {
         Some("the database is read-only")
     } else if t.contains("disk i/o error") || t.contains("could not be made durable") {
         Some("the database storage reported an I/O error")
+    } else if t.contains("canceling statement due to statement timeout")
+        || t.contains("canceling statement due to lock timeout")
+    {
+        Some("the database did not answer in time")
     } else if t.contains("unable to open database file")
         || t.contains("cannot open the database")
         || t.contains("timed out waiting for connection")
