@@ -124,7 +124,15 @@ impl From<StoreError> for FhirError {
     fn from(e: StoreError) -> FhirError {
         if let Some(why) = crate::store::health::unavailable(&e) {
             tracing::error!(error = %e, "the database cannot be written");
-            return FhirError::unavailable_in_flight(why);
+            // A full or read-only database refuses the write before anything commits (SQLite
+            // rolls it back; PostgreSQL aborts the statement): nothing was changed. A lost
+            // connection, an I/O error or a timeout may have met the commit itself.
+            return match why {
+                crate::store::health::FULL | crate::store::health::READ_ONLY => {
+                    FhirError::unavailable(why)
+                }
+                _ => FhirError::unavailable_in_flight(why),
+            };
         }
         match e {
             StoreError::NotFound(t, id) => FhirError::not_found(format!("{t}/{id} is not known")),

@@ -140,7 +140,9 @@ both_backends! {
         // A write answers 503 too (not 500 `exception`), and so does the readiness probe.
         let r = app.post("Communication", &message("Patient/p1", "2026-01-01T11:00:00Z", "x")).await;
         refused_ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
-        assert_unavailable(r, "create").await;
+        // A full database refuses the write before anything commits: it says nothing changed.
+        let said = unavailable_said(r, "create").await;
+        assert!(said.contains("full") && said.contains("nothing was served or changed"), "{said}");
         let r = app.anonymous.get(app.url("readyz")).send().await.unwrap();
         assert_eq!(r.status(), 503, "readyz with the database full");
         assert!(r.headers().get("retry-after").is_some());

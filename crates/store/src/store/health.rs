@@ -26,11 +26,16 @@ pub struct WriteHealth {
 /// bug), in words fit for a client; `None` for every other error. Diesel does not expose SQLSTATE
 /// or SQLite's result codes, so the backends' own messages are matched: SQLite's
 /// `sqlite3_errstr` texts and PostgreSQL's `ENOSPC` text (`disk_full`, 53100).
+/// What [`unavailable`] says of a full database.
+pub const FULL: &str = "the database storage is full";
+/// What [`unavailable`] says of a read-only database.
+pub const READ_ONLY: &str = "the database is read-only";
+
 pub fn unavailable(e: &StoreError) -> Option<&'static str> {
     use diesel::result::{DatabaseErrorKind, Error};
     let text = match e {
         StoreError::Db(Error::DatabaseError(DatabaseErrorKind::ReadOnlyTransaction, _)) => {
-            return Some("the database is read-only")
+            return Some(READ_ONLY)
         }
         StoreError::Db(Error::DatabaseError(
             DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
@@ -45,9 +50,9 @@ pub fn unavailable(e: &StoreError) -> Option<&'static str> {
         || t.contains("no space left on device")
         || t.contains("disk quota exceeded")
     {
-        Some("the database storage is full")
+        Some(FULL)
     } else if t.contains("readonly database") || t.contains("read-only") {
-        Some("the database is read-only")
+        Some(READ_ONLY)
     } else if t.contains("disk i/o error") || t.contains("could not be made durable") {
         Some("the database storage reported an I/O error")
     } else if t.contains("canceling statement due to statement timeout")
