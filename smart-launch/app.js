@@ -541,7 +541,7 @@ function visibleThreads() {
     if (filters.patient && pt !== filters.patient) continue;
     if (filters.inbox === 'me' && !participants(t).includes(session.fhirUser)) continue;
     if (filters.inbox && filters.inbox !== 'me' && !inboxesOf(t).includes(filters.inbox)) continue;
-    const counts = unread.byThread.get('Communication/' + t.id);
+    const counts = shownUnread(t);
     if (filters.show === 'unread' && !(counts && counts.n)) continue;
     if (filters.show === 'urgent' && !(counts && counts.urgent) && !URGENT.includes((latest.get(t.id) || {}).priority)) continue;
     if (filters.show === 'waiting') {
@@ -574,13 +574,30 @@ function renderThreadsNow() {
   list.replaceChildren(...rows);
   $('threads-empty').hidden = threads.size > 0;
   $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' : '';
-  $('threads-title').textContent = unread.total ? 'Conversations (' + unread.total + ' unread)' : 'Conversations';
-  document.title = (unread.total ? '(' + unread.total + ') ' : '') + 'Courier messages';
+  const total = shownTotal();
+  $('threads-title').textContent = total ? 'Conversations (' + total + ' unread)' : 'Conversations';
+  document.title = (total ? '(' + total + ') ' : '') + 'Courier messages';
   refreshFilterChoices();
 }
 
-function threadRow(t) {
+// Unread as a person counts them: a thread's header without a message of its own (its title)
+// is not one (the server counts it, and this app marks it read with the thread).
+function shownUnread(t) {
   const counts = unread.byThread.get('Communication/' + t.id);
+  if (!counts || !counts.header || (t.payload || []).length) return counts;
+  return {n: counts.n - 1, urgent: Math.max(0, counts.urgent - (URGENT.includes(t.priority) ? 1 : 0)), header: false};
+}
+function shownTotal() {
+  let total = unread.total;
+  for (const t of threads.values()) {
+    const c = unread.byThread.get('Communication/' + t.id);
+    if (c && c.header && !(t.payload || []).length) total -= 1;
+  }
+  return Math.max(0, total);
+}
+
+function threadRow(t) {
+  const counts = shownUnread(t);
   const last = latest.get(t.id);
   const pt = patientOf(t);
   // Clinicians see the patient first; a patient sees whom the conversation is with.
@@ -965,12 +982,14 @@ async function fileToChart() {
   const b = $('file-chart');
   b.disabled = true;
   try {
-    await api('POST', '/Communication/' + current.header.id + '/$file-to-chart');
+    const said = await api('POST', '/Communication/' + current.header.id + '/$file-to-chart');
     b.textContent = 'Filed to the chart';
     clearNotice('chart');
     // Staff-only messages go to the chart with their label; the clinician is told, since what
-    // the EHR shows its patient portal is the EHR's to decide.
-    const staff = [...current.messages.values()].filter(isStaffOnly).length;
+    // the EHR shows its patient portal is the EHR's to decide. The server counts the whole
+    // thread (the page holds only its newest messages).
+    const m = /(\d+) of them staff-only/.exec(((said && said.issue) || []).map((i) => i.diagnostics || '').join(' '));
+    const staff = m ? Number(m[1]) : 0;
     if (staff) {
       showNotice('Filed to the chart. ' + (staff === 1 ? '1 staff-only message was' : staff + ' staff-only messages were') +
         ' filed with the label “no disclosure to the patient”: check that your EHR keeps ' + (staff === 1 ? 'it' : 'them') + ' out of the patient portal.', 'chart');
@@ -1121,6 +1140,7 @@ async function send(ev) {
   const text = $('compose-text').value.trim();
   const file = $('compose-file').files[0];
   if (!text && !file) { composeError('Write a message or choose a photo or file to send.'); return; }
+  if (tooLong(text)) { composeError(tooLong(text)); return; }
   const h = open.header;
   const payload = [];
   if (text) payload.push({contentString: text});
@@ -1180,7 +1200,15 @@ function composeError(text) {
 function updateCount() {
   const max = isPatient() ? config.patient_max_message_chars : 0;
   const n = $('compose-text').value.length;
-  $('compose-count').textContent = max && n > max * 0.8 ? n + ' / ' + max + ' characters' : '';
+  $('compose-count').textContent = max && n > max
+    ? n + ' / ' + max + ' characters: too long to send. Shorten it, or send it in two messages.'
+    : max && n > max * 0.8 ? n + ' / ' + max + ' characters' : '';
+}
+
+// A patient's text over the limit: said, and not sent (nothing is cut off).
+function tooLong(text) {
+  const max = isPatient() ? config.patient_max_message_chars : 0;
+  return max && text.length > max ? 'This message is ' + text.length + ' characters long; at most ' + max + ' can be sent. Shorten it, or send it in two messages.' : '';
 }
 
 // ----- new conversation -----------------------------------------------------------------------
@@ -1521,6 +1549,7 @@ async function startThread(ev) {
   if (isPatient() && !$('new-category').value) { newError('Choose what this is about.', 'new-category'); return; }
   const text = $('new-text').value.trim();
   if (!text) { newError('Write your message.', 'new-text'); return; }
+  if (tooLong(text)) { newError(tooLong(text), 'new-text'); return; }
   const base = {
     resourceType: 'Communication',
     sender: referenceTo(session.fhirUser),
@@ -1786,8 +1815,9 @@ async function start() {
     }
   }
   if (isPatient() && config.patient_max_message_chars) {
-    $('compose-text').maxLength = config.patient_max_message_chars;
-    $('new-text').maxLength = config.patient_max_message_chars;
+    // No maxlength: a pasted text longer than the limit is kept whole and said to be too long
+    // (a field that cut it would silently lose its end: "… I also take warfarin.").
+    $('new-text').dataset.max = config.patient_max_message_chars;
   }
   // A clinician launched with a patient sees that patient's conversations first.
   if (!isPatient() && session.patient) {

@@ -133,7 +133,15 @@ pub async fn answer_audited(
     if let Some(ev) = unrecorded {
         // A change that was made has its AuditEvent in its own transaction already.
         if !write_stands {
-            state.deferred_audit.push(refused(ev));
+            let late = match &result {
+                // A read, search or history withheld: nothing was served.
+                _ if interaction.reads_only() => Late::Withheld,
+                // It ran (an operation, a bundle): its effects stand, its answer was 503.
+                Ok(_) => Late::RanAnswered503,
+                // It failed on its own: its failure is what the event says.
+                Err(_) => Late::AsItIs,
+            };
+            state.deferred_audit.push(deferred(ev, late));
         }
     }
     let answer = match (audited, result) {
@@ -217,13 +225,30 @@ pub async fn audit_outcome(
     try_record(state, ev.clone()).await.map_err(|e| (e, ev))
 }
 
-/// `event` as what happened when its request was refused because it could not be recorded: a
-/// success becomes a serious failure, and the description says the client was answered 503.
-fn refused(mut event: Value) -> Value {
-    if event["outcome"] == "0" {
-        event["outcome"] = serde_json::json!("8");
-    }
-    let said = "answered 503: the audit trail could not be written when this was requested, so nothing was served or changed; recorded once it could";
+/// What a late-recorded AuditEvent says of its request (see `audit::deferred`).
+#[derive(Clone, Copy)]
+enum Late {
+    /// Refused because its AuditEvent could not be written: nothing was served or changed (a
+    /// success becomes a serious failure).
+    Withheld,
+    /// It ran (its effects stand) but was answered 503.
+    RanAnswered503,
+    /// As the event says (a failure of its own, or something that happened regardless).
+    AsItIs,
+}
+
+/// `event`, to be recorded late, saying what the client was told.
+fn deferred(mut event: Value, late: Late) -> Value {
+    let said = match late {
+        Late::Withheld => {
+            if event["outcome"] == "0" {
+                event["outcome"] = serde_json::json!("8");
+            }
+            "answered 503: the audit trail could not be written when this was requested, so nothing was served or changed; recorded once it could"
+        }
+        Late::RanAnswered503 => "it ran, but was answered 503 because its AuditEvent could not be written then (its changes, if any, were made); recorded once it could",
+        Late::AsItIs => "recorded late: the audit trail could not be written when this happened",
+    };
     event["outcomeDesc"] = match event["outcomeDesc"].as_str() {
         Some(d) if !d.is_empty() => serde_json::json!(format!("{d}; {said}")),
         _ => serde_json::json!(said),
@@ -236,7 +261,7 @@ fn refused(mut event: Value) -> Value {
 pub async fn record_event(state: &AppState, event: Value) {
     if try_record(state, event.clone()).await.is_err() {
         // What it records happened: recorded as it is, once the store takes writes again.
-        state.deferred_audit.push(event);
+        state.deferred_audit.push(deferred(event, Late::AsItIs));
     }
 }
 
@@ -247,7 +272,7 @@ pub async fn record_event_checked(state: &AppState, event: Value) -> Result<(), 
     match try_record(state, event.clone()).await {
         Ok(()) => Ok(()),
         Err(e) => {
-            state.deferred_audit.push(refused(event));
+            state.deferred_audit.push(deferred(event, Late::Withheld));
             Err(e)
         }
     }

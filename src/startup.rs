@@ -51,6 +51,22 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
         settings.db_pool_size,
         &settings.sqlite_synchronous,
     )?;
+    // No key given and no key file, but data sealed under some key: the key file is lost or
+    // misplaced. Refused before a new key is made (a new one would only be mistaken for it).
+    if settings.master_key.is_none() && !settings.key_file().exists() {
+        use crate::store::db::Conn;
+        let mut c = db.get()?;
+        let sealed: Vec<crate::store::rows::CountRow> = crate::with_conn!(c, |c| c.load(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM data_keys",
+            vec![]
+        ))?;
+        if sealed.first().is_some_and(|r| r.n > 0) {
+            anyhow::bail!(
+                "the database holds data sealed under a master key, but no key is configured (COURIER_MASTER_KEY) and the key file {} does not exist: restore the key file; nothing was created",
+                settings.key_file().display()
+            );
+        }
+    }
     let (master, previous, created) = MasterKey::load_or_create(
         settings.master_key.as_ref(),
         &settings.previous_master_keys,
@@ -72,13 +88,7 @@ pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
         retention,
         key_file,
         crate::hooks::app(),
-    );
-    // A key made just now for a store that then refused to open (its data under another key:
-    // the key file lost or misplaced) is not left behind to be mistaken for the right one.
-    if created && store.is_err() {
-        let _ = std::fs::remove_file(settings.key_file());
-    }
-    let store = store?;
+    )?;
     store.compress_bodies.store(
         settings.store_compress,
         std::sync::atomic::Ordering::Relaxed,
@@ -250,9 +260,12 @@ impl Application {
             }
         }
         if !self.deferred_audit.is_empty() {
-            self.deferred_audit
-                .flush(&self.store, &self.store.base_url)
-                .await;
+            // Bounded: a database that hangs must not hold the stop past its grace period.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.deferred_audit.flush(&self.store, &self.store.base_url),
+            )
+            .await;
             let left = self.deferred_audit.len();
             if left > 0 {
                 tracing::error!(left, "AuditEvents of refused requests could not be recorded before the stop (the log has each, by request id)");

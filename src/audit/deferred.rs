@@ -3,8 +3,11 @@
 //! are kept in memory, in order, and recorded as soon as the store takes writes again, so the
 //! trail shows the refusals of an outage too (an outside fault probe found them missing).
 //!
-//! Bounded: at most [`MAX_KEPT`] events wait; beyond that only their number is kept, and one
-//! AuditEvent says how many were lost. They live in this process only: a crash or a stop while
+//! Bounded: at most [`MAX_KEPT`] events and [`MAX_BYTES`] of them wait; beyond that only their
+//! number is kept, and one AuditEvent says how many were lost. An event the store refuses for
+//! another reason than its availability (it will never be taken) is dropped, logged, and counted
+//! as lost, so it cannot hold up the ones behind it. An event whose first try failed after its
+//! commit (a connection lost at that moment) may be recorded twice. They live in this process only: a crash or a stop while
 //! the store is still unavailable loses them (the log keeps each refusal, with its request id).
 
 use crate::store::Store;
@@ -13,12 +16,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// At most this many refusals wait to be recorded (~2 KB each).
+/// At most this many refusals wait to be recorded (~2 KB each)…
 pub const MAX_KEPT: usize = 10_000;
+/// … and at most this many bytes of them (an event echoes some of its request).
+pub const MAX_BYTES: usize = 32 << 20;
 
 #[derive(Default)]
 pub struct Deferred {
-    waiting: parking_lot::Mutex<VecDeque<Value>>,
+    waiting: parking_lot::Mutex<VecDeque<(Value, usize)>>,
+    bytes: std::sync::atomic::AtomicUsize,
     lost: AtomicU64,
     /// One flush at a time (the background pass and a stop may meet).
     flushing: tokio::sync::Mutex<()>,
@@ -27,11 +33,13 @@ pub struct Deferred {
 impl Deferred {
     /// Keeps `event` to be recorded later.
     pub fn push(&self, event: Value) {
+        let size = event.to_string().len();
         let mut q = self.waiting.lock();
-        if q.len() >= MAX_KEPT {
+        if q.len() >= MAX_KEPT || self.bytes.load(Ordering::Relaxed) + size > MAX_BYTES {
             self.lost.fetch_add(1, Ordering::Relaxed);
         } else {
-            q.push_back(event);
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+            q.push_back((event, size));
         }
     }
 
@@ -50,14 +58,22 @@ impl Deferred {
         let _one = self.flushing.lock().await;
         let mut recorded = 0;
         loop {
-            let Some(ev) = self.waiting.lock().front().cloned() else {
+            let Some((ev, _)) = self.waiting.lock().front().cloned() else {
                 break;
             };
-            if store.record_audit_async(ev).await.is_err() {
-                return recorded;
+            match store.record_audit_async(ev).await {
+                Ok(()) => recorded += 1,
+                // The store is still unavailable: it stays, for the next pass.
+                Err(e) if crate::store::health::unavailable(&e).is_some() => return recorded,
+                // Refused for itself: it never will be taken.
+                Err(e) => {
+                    tracing::error!(error = %e, "a late AuditEvent cannot be recorded: dropped");
+                    self.lost.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            self.waiting.lock().pop_front();
-            recorded += 1;
+            if let Some((_, size)) = self.waiting.lock().pop_front() {
+                self.bytes.fetch_sub(size, Ordering::Relaxed);
+            }
         }
         let lost = self.lost.swap(0, Ordering::Relaxed);
         if lost > 0 {

@@ -470,8 +470,21 @@ pub fn purge(
         planned.classes.insert(class.clone(), n as usize);
     }
     // Recorded before anything is removed: a purge stopped part-way (killed, the disk full)
-    // still leaves in the trail that it ran, when, and what it found expired.
+    // still leaves in the trail that it ran, when, and what it found expired — the audit
+    // trail's expired part too (at most: a hold or the chain may keep some).
     if !dry_run {
+        let audit_class = store
+            .retention
+            .class_of("AuditEvent", &json!({}))
+            .to_string();
+        if let Some(period) = store.retention.period(&audit_class) {
+            let n = store.query::<Count>(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE res_type = 'AuditEvent' AND last_updated < ?",
+                vec![(as_of - period).into()],
+            )?[0]
+                .n;
+            *planned.classes.entry(audit_class).or_default() += n as usize;
+        }
         let ctx = audit::Context::job(&store.base_url, "retention purge");
         record(
             store,
@@ -559,10 +572,19 @@ pub fn purge(
         }
     }
     if !dry_run {
-        summary.outbox_rows += store.execute(
-            "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
-            vec![(as_of - OUTBOX_KEEP_MICROS).into()],
-        )?;
+        // In batches: one row per delivered AuditEvent, so a store not purged for long has many
+        // (one statement must stay within PostgreSQL's statement timeout).
+        loop {
+            let n = store.execute(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                 WHERE delivered_at IS NOT NULL AND delivered_at < ? LIMIT 5000)",
+                vec![(as_of - OUTBOX_KEEP_MICROS).into()],
+            )?;
+            summary.outbox_rows += n;
+            if n == 0 {
+                break;
+            }
+        }
         // A person's summary (name, birth date, MRN) and a patient's care team are refreshed at
         // each launch: one not refreshed within the message class's period goes.
         if let Some(period) = store.retention.period("message") {
@@ -791,13 +813,17 @@ fn record(
         .iter()
         .map(|(class, n)| json!({"type": format!("{verb}:{class}"), "valueString": n.to_string()}))
         .collect();
-    detail.push(json!({"type": "versions", "valueString": summary.versions.to_string()}));
-    detail.push(json!({"type": "held", "valueString": summary.held.to_string()}));
-    detail
-        .push(json!({"type": "keys-destroyed", "valueString": summary.keys_destroyed.to_string()}));
-    detail.push(
-        json!({"type": "audit-links-cut", "valueString": summary.audit_links_cut.to_string()}),
-    );
+    // A start says what it found expired; the end, what it did.
+    if verb != "expired" {
+        detail.push(json!({"type": "versions", "valueString": summary.versions.to_string()}));
+        detail.push(json!({"type": "held", "valueString": summary.held.to_string()}));
+        detail.push(
+            json!({"type": "keys-destroyed", "valueString": summary.keys_destroyed.to_string()}),
+        );
+        detail.push(
+            json!({"type": "audit-links-cut", "valueString": summary.audit_links_cut.to_string()}),
+        );
+    }
     let entity = json!({
         "what": {"display": format!("Courier {job}")},
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},

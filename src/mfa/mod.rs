@@ -226,6 +226,28 @@ async fn audit_step(
     step: &str,
     failure: Option<&str>,
 ) -> Result<(), crate::fhir::outcome::FhirError> {
+    crate::api::record_event_checked(state, step_event(state, req, user, step, failure)).await
+}
+
+/// [`audit_step`] for a step that happened whether or not its AuditEvent can be recorded now
+/// (then it is recorded as it is, once the store takes writes again).
+async fn audit_step_as_is(
+    state: &AppState,
+    req: &HttpRequest,
+    user: &str,
+    step: &str,
+    failure: Option<&str>,
+) {
+    crate::api::record_event(state, step_event(state, req, user, step, failure)).await
+}
+
+fn step_event(
+    state: &AppState,
+    req: &HttpRequest,
+    user: &str,
+    step: &str,
+    failure: Option<&str>,
+) -> Value {
     let mut ctx = audit_context(req, state);
     ctx.client_id = Some(WEB_APP_CLIENT.into());
     ctx.user = Some(user.to_string());
@@ -233,7 +255,7 @@ async fn audit_step(
     if let Some(subtypes) = ev["subtype"].as_array_mut() {
         subtypes.push(json!({"system": STEP_SYSTEM, "code": step}));
     }
-    crate::api::record_event_checked(state, ev).await
+    ev
 }
 
 /// The launch's last step: the session starts now when the policy is met, else the person is
@@ -844,7 +866,7 @@ async fn in_store<T: Send + 'static>(
 async fn check_lock(state: &AppState, req: &HttpRequest, user: &str) -> Result<(), HttpResponse> {
     let u = user.to_string();
     if let Some(until) = in_store(state, move |s| factors::locked_until(s, &u)).await? {
-        let _ = audit_step(
+        audit_step_as_is(
             state,
             req,
             user,
@@ -876,7 +898,7 @@ async fn count_attempt(
             } else {
                 "second factor refused: locked out after repeated wrong attempts".to_string()
             };
-            let _ = audit_step(state, req, user, "locked-out", Some(&why)).await;
+            audit_step_as_is(state, req, user, "locked-out", Some(&why)).await;
             Err(locked(until))
         }
     }
@@ -903,10 +925,10 @@ async fn wrong(
 ) -> HttpResponse {
     let u = user.to_string();
     let lock = in_store(state, move |s| factors::failed(s, &u)).await;
-    let _ = audit_step(state, req, user, step, Some(why)).await;
+    audit_step_as_is(state, req, user, step, Some(why)).await;
     match lock {
         Ok(Some(until)) => {
-            let _ = audit_step(
+            audit_step_as_is(
                 state,
                 req,
                 user,
@@ -1062,7 +1084,7 @@ async fn passkey_register_finish(
     let Some(passkey) = passkey else {
         // The challenge is used up either way.
         let _ = save(&state, &step, None).await;
-        let _ = audit_step(
+        audit_step_as_is(
             &state,
             &req,
             &step.user,
@@ -1285,7 +1307,7 @@ async fn totp_enrol_finish(
         );
     };
     let Some(first_step) = factors::totp_step(&secret, &code_of(&step), now()) else {
-        let _ = audit_step(
+        audit_step_as_is(
             &state,
             &req,
             &step.user,
@@ -1465,7 +1487,7 @@ async fn complete(state: web::Data<AppState>, req: HttpRequest, body: web::Bytes
                         launch::framed_by(upgraded(&token), pending.frame_origin.as_deref())
                     });
             if upgraded_page.is_ok() {
-                let _ = audit_step(&state, &req, &u.user, "writes-unlocked", None).await;
+                audit_step_as_is(&state, &req, &u.user, "writes-unlocked", None).await;
             }
             upgraded_page
         }

@@ -101,7 +101,7 @@ fn token_exchange_error<E: std::error::Error + 'static>(
             r.error().as_ref()
         ),
         R::Request(_) => "the EHR's token endpoint could not be reached".into(),
-        R::Parse(_, _) => "the EHR's answer to the sign-in code could not be read (a field of its token response is not what SMART defines); the code is now used up".into(),
+        R::Parse(_, _) => "the EHR's answer to the sign-in code could not be read (not a token response, or a field of it is not what SMART defines); the code may be used up".into(),
         R::Other(_) => "the EHR's token endpoint answered in a way Courier does not understand".into(),
     }
 }
@@ -149,7 +149,9 @@ pub(crate) fn page_with(
             t = esc(title),
             x = esc(text),
             l = link
-                .filter(|(href, _)| href.starts_with('/') && !href.starts_with("//"))
+                .filter(|(href, _)| {
+                    href.starts_with('/') && !href.starts_with("//") && !href.contains('\\')
+                })
                 .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", esc(href), esc(label)))
                 .unwrap_or_default(),
             r = reference
@@ -1264,8 +1266,8 @@ pub async fn verify_id_token(
                     // tokens issued too far from now): a clock is wrong.
                     let now = chrono::Utc::now().timestamp();
                     if data.claims["iat"]
-                        .as_i64()
-                        .is_some_and(|iat| iat > now + MAX_FUTURE_IAT_SECS)
+                        .as_f64()
+                        .is_some_and(|iat| iat > (now + MAX_FUTURE_IAT_SECS) as f64)
                     {
                         return Err(format!("the id_token was issued more than {} minutes ahead of Courier's clock: the EHR's clock or Courier's is wrong", MAX_FUTURE_IAT_SECS / 60));
                     }

@@ -90,7 +90,9 @@ pub fn normalize_iss(iss: &str) -> anyhow::Result<String> {
         url.scheme() == "https" || (url.scheme() == "http" && loopback),
         "iss must be https (http only on loopback)"
     );
-    Ok(iss_key(iss))
+    // Stored as given (the EHR's own spelling is what its references and tokens carry); EHRs
+    // are told apart, and found by a launch's iss, by [`iss_key`].
+    Ok(iss.trim_end_matches('/').to_string())
 }
 
 /// `iss` as EHRs are told apart: without trailing slashes, scheme and host without case (RFC
@@ -166,6 +168,15 @@ pub fn add(store: &Store, new: &NewEhr) -> anyhow::Result<Ehr> {
         "the client id is required"
     );
     let iss = normalize_iss(new.iss)?;
+    // Two registrations whose iss differ only in the case of scheme or host are one EHR.
+    if let Some(other) = by_iss(store, &iss)? {
+        anyhow::ensure!(
+            other.name == name,
+            "EHR '{}' is already registered with this iss ({})",
+            other.name,
+            other.iss
+        );
+    }
     let alg = match new.alg {
         "ES384" => Algorithm::ES384,
         "RS384" => Algorithm::RS384,
@@ -283,7 +294,7 @@ pub fn sync(store: &Store, configured: &[crate::config::EhrConfig]) -> anyhow::R
                 // Another server under the same name would inherit sessions, links and pending
                 // deliveries meant for the old one: that takes `courier ehr remove` and a new add.
                 anyhow::ensure!(
-                    e.iss == normalize_iss(&c.iss)? && e.alg == c.alg,
+                    iss_key(&e.iss) == iss_key(&normalize_iss(&c.iss)?) && e.alg == c.alg,
                     "[[ehr]] {}: iss or alg differ from the registered EHR; remove it (courier ehr remove) and start again",
                     c.name
                 );

@@ -288,6 +288,13 @@ try {
   await item.waitFor({ timeout: 10000 });
   await patient.waitForFunction(() => document.querySelector('#threads li .topic').textContent.startsWith('Lab results'));
   await patient.waitForSelector('#threads li.unread .badge');
+  // The heading's unread total is what the rows add up to (a thread's title is not a message).
+  const [headed, rowsSum] = await patient.evaluate(() => {
+    const m = /\((\d+) unread\)/.exec(document.querySelector('#threads-title').textContent);
+    const rows = [...document.querySelectorAll('#threads li .badge')].map((x) => /^(\d+) unread$/.exec(x.textContent.trim())).filter(Boolean);
+    return [m ? Number(m[1]) : 0, rows.reduce((a, x) => a + Number(x[1]), 0)];
+  });
+  check(headed === rowsSum && headed > 0, `patient: the unread total (${headed}) is what the rows add up to (${rowsSum})`);
   await item.locator('button').focus();
   await patient.keyboard.press('Enter');
   await patient.waitForSelector('#messages li .text');
@@ -300,6 +307,12 @@ try {
   const emergency = patient.locator('#compose .emergency');
   check(await emergency.isVisible() && (await emergency.textContent()).includes('call 911'), 'patient: the emergency notice with its number is shown where they write');
   check(!(await clinician.isVisible('#compose .emergency')), 'clinician: no patient emergency notice');
+  // On a 360 × 640 phone the composer (stuck to the bottom) leaves most of the screen to the thread.
+  await patient.setViewportSize({ width: 360, height: 640 });
+  const composeHeight = await patient.evaluate(() => document.querySelector('#compose').getBoundingClientRect().height);
+  check(composeHeight <= 320, `patient: the composer takes at most half of a 360 × 640 screen (got ${Math.round(composeHeight)} px)`);
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-thread-360x640.png'), fullPage: false }).catch(() => {});
+  await patient.setViewportSize({ width: 390, height: 844 });
   await a11y(patient, 'patient thread (phone)', true);
 
   // The read receipt reaches the clinician's screen live, by name.
@@ -499,6 +512,14 @@ try {
   step('patient: plain-word errors');
   await row(patient, 'Lab results').locator('button').click();
   await patient.waitForSelector('#compose:not([hidden])');
+  // A pasted text over the limit (2,000) is kept whole, said to be too long, and not sent.
+  const long = 'x'.repeat(2100) + ' END: I also take warfarin.';
+  await patient.fill('#compose-text', long);
+  check((await patient.inputValue('#compose-text')) === long, 'patient: a long pasted text is kept whole (not cut off)');
+  await patient.click('#send');
+  await patient.waitForSelector('#compose-error:not([hidden])');
+  check((await patient.textContent('#compose-error')).includes('at most 2000'), 'patient: a text over the limit is said to be too long');
+  await patient.fill('#compose-text', '');
   await patient.setInputFiles('#compose-file', { name: 'setup.exe', mimeType: 'application/x-msdownload', buffer: Buffer.from('MZ') });
   await patient.click('#send');
   // Beside Send (in view on a phone), not at the top of the page.
