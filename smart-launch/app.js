@@ -550,8 +550,11 @@ function visibleThreads() {
     }
     if (since && new Date(activityOf(t)).getTime() < since) continue;
     if (q) {
-      const hay = [topicOf(t), pt ? nameOf(pt) : '', (people.get(pt) || {}).mrn || '', ...participants(t).map(nameOf)].join(' ').toLowerCase();
-      if (!hay.includes(q)) continue;
+      // The patient's name in any order ("lovelace ada"), birth date as shown or as stored
+      // ("Mar 2, 1985", "1985-03-02", "1985"), MRN, topic, participants: every word must match.
+      const p = people.get(pt) || {};
+      const hay = [topicOf(t), pt ? nameOf(pt) : '', p.mrn || '', p.birthDate || '', p.birthDate ? born(p.birthDate) : '', ...participants(t).map(nameOf)].join(' ').toLowerCase();
+      if (!q.split(/\s+/).every((w) => hay.includes(w))) continue;
     }
     out.push(t);
   }
@@ -1623,7 +1626,7 @@ function setConnection(text, offline) {
   c.textContent = text;
   c.classList.toggle('offline', !!offline);
   // Also where one writes: the header is scrolled away (or set aside while typing) on a phone.
-  $('compose-offline').textContent = offline ? text + ': messages cannot be sent until then.' : '';
+  $('compose-offline').textContent = offline ? (/[.…]$/.test(text) ? text : text + '.') + ' Messages cannot be sent until then.' : '';
   $('compose-offline').hidden = !offline;
 }
 
@@ -1638,7 +1641,12 @@ function connect() {
   ws.onmessage = (m) => {
     let f;
     try { f = JSON.parse(m.data); } catch (e) { return; }
-    if (f.type === 'ready') { wsBackoff = 1000; setConnection('Connected'); clearNotice('network'); remember(f.seq); }
+    if (f.type === 'ready') {
+      wsBackoff = 1000; setConnection('Connected'); clearNotice('network'); remember(f.seq);
+      // A new-conversation dialog opened while Courier could not be reached lists whom one can
+      // write to now.
+      if ($('new-dialog').open && recipientsError) loadRecipients().then(() => { if (token && $('new-dialog').open) { newError(''); fillTo(); } });
+    }
     else if (f.type === 'resync') { remember(f.seq); loadThreads().then(() => current && openThread(current.header.id)); }
     else if (f.type === 'event') { remember(f.seq); onEvent(f); }
     else if (f.type === 'error' && (f.code === 'expired' || f.code === 'login' || f.code === 'revoked')) {

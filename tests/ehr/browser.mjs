@@ -200,6 +200,12 @@ try {
   await clinician.fill('#filter-text', 'bob');
   await clinician.waitForFunction(() => document.querySelectorAll('#threads li').length === 1);
   check((await rows(clinician).first().textContent()).includes(cfg.other_patient_name), 'clinician: search finds the patient by name');
+  // … by family name first, and by birth year (the row shows the birth date).
+  await clinician.fill('#filter-text', 'other bob');
+  await clinician.waitForFunction(() => document.querySelectorAll('#threads li').length === 1);
+  await clinician.fill('#filter-text', '1950');
+  await clinician.waitForFunction(() => document.querySelectorAll('#threads li').length === 1);
+  check((await rows(clinician).first().textContent()).includes(cfg.other_patient_name), 'clinician: search finds the patient by birth year');
   await clinician.fill('#filter-text', '');
   await clinician.click('#scope-patient');
 
@@ -504,9 +510,20 @@ try {
   await patient.context().setOffline(true);
   await patient.evaluate(() => window.dispatchEvent(new Event('offline')));
   await patient.waitForSelector('#connection.offline');
+  // A new conversation started offline: the list of whom to write to could not be loaded (not
+  // "no care team"), and it fills itself once Courier is back.
+  if (await patient.isVisible('#back')) await patient.click('#back');
+  await patient.click('#new-thread');
+  await patient.waitForSelector('#new-dialog[open]');
+  await patient.waitForSelector('#new-error:not([hidden])');
+  check((await patient.textContent('#new-error')).includes('could not be loaded'), 'patient: offline, the dialog says whom to write to could not be loaded');
   await patient.context().setOffline(false);
   await patient.evaluate(() => window.dispatchEvent(new Event('online')));
   await patient.waitForSelector('#connection:text-is("Connected")', { timeout: 15000 });
+  const refilled = await patient.waitForFunction(() => document.querySelectorAll('#new-to option').length > 1 && document.querySelector('#new-error').hidden, null, { timeout: 15000 }).then(() => true, () => false);
+  check(refilled, 'patient: back online, the open dialog lists whom to write to');
+  await patient.keyboard.press('Escape');
+  await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
 
   // ---- Errors in plain words, gone when their cause is. ----
   step('patient: plain-word errors');
