@@ -347,6 +347,20 @@ pub async fn prepare(
                     let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
                         .unwrap_or(Value::Null);
                     inherited |= super::staff_only::is_labelled(&v);
+                    // A conversation is about one patient: a message about another cannot join
+                    // it (it would sit, and be filed to the chart, under the wrong patient).
+                    let mine = patient_named(body, base);
+                    let theirs = patient_named(&v, base);
+                    if let (Some(mine), Some(theirs)) = (&mine, &theirs) {
+                        if mine != theirs {
+                            return Err(FhirError::at(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "business-rule",
+                            format!("{res_type}.{element}[{i}]"),
+                            format!("this message is about {mine}, but the conversation it joins ({local}) is about another patient: start a new conversation"),
+                            ));
+                        }
+                    }
                 }
                 // An integrator that reaches every message may load a thread out of order.
                 Err(_) if unconfined => {}
@@ -461,4 +475,27 @@ pub async fn prepare(
     .await?;
     *body = v;
     outcome
+}
+
+/// The patient a message is about, as the search index reads its references (relative or under
+/// this server's base): its subject, else a Patient among its recipients, else its sender.
+fn patient_named(v: &Value, base: &str) -> Option<String> {
+    for field in ["subject", "recipient", "sender"] {
+        let refs: Vec<&Value> = match &v[field] {
+            Value::Array(a) => a.iter().collect(),
+            x => vec![x],
+        };
+        for r in refs {
+            let Some(p) = r["reference"]
+                .as_str()
+                .and_then(|s| crate::search::index::parse_reference(s, base))
+            else {
+                continue;
+            };
+            if p.url.is_none() && p.target_type.as_deref() == Some("Patient") {
+                return p.target_id.map(|id| format!("Patient/{id}"));
+            }
+        }
+    }
+    None
 }

@@ -996,3 +996,47 @@ async fn a_planted_reminder_identifier_does_not_stop_the_reminder() {
         .await;
     assert_eq!(still["payload"][0]["contentString"], "not a reminder");
 }
+
+both_backends! {
+    // A conversation is about one patient: a message about another cannot join it (it would be
+    // read, counted and filed to the chart under the wrong patient; an outside probe joined one).
+    // A message about the same patient, or a staff note in it, still can.
+    async fn a_message_about_another_patient_cannot_join_a_patients_conversation(app: TestApp) {
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let post = |body: Value| {
+            let (dr, url) = (dr.clone(), app.url("Communication"));
+            async move {
+                let r = dr.post(url).header("content-type", "application/fhir+json").body(body.to_string()).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        let (s, h) = post(json!({"resourceType": "Communication", "status": "in-progress",
+            "subject": {"reference": "Patient/p2"}, "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": "Patient/p2"}], "topic": {"text": "p2's results"}})).await;
+        assert_eq!(s, 201, "{h}");
+        let thread = format!("Communication/{}", h["id"].as_str().unwrap());
+        let before = app.row_counts();
+        for wrong in [
+            json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": thread}],
+                "sender": {"reference": "Practitioner/dr-1"}, "recipient": [{"reference": "Patient/p1"}],
+                "payload": [{"contentString": "for p1"}]}),
+            json!({"resourceType": "Communication", "status": "completed", "inResponseTo": [{"reference": format!("{}/{thread}", app.base)}],
+                "subject": {"reference": "Patient/p1"}, "sender": {"reference": "Practitioner/dr-1"},
+                "recipient": [{"reference": "Practitioner/dr-2"}], "payload": [{"contentString": "about p1"}]}),
+        ] {
+            let (s, oo) = post(wrong).await;
+            assert_eq!(s, 422, "{oo}");
+            assert!(oo.to_string().contains("another patient"), "{oo}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing was written");
+        let (s, r) = post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": thread}],
+            "subject": {"reference": "Patient/p2"}, "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": "Patient/p2"}], "payload": [{"contentString": "for p2"}]})).await;
+        assert_eq!(s, 201, "{r}");
+        let (s, r) = post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": thread}],
+            "subject": {"reference": "Patient/p2"}, "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": "Practitioner/dr-2"}], "payload": [{"contentString": "side note"}]})).await;
+        assert_eq!(s, 201, "a staff note about the same patient: {r}");
+    }
+}
