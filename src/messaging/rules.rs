@@ -347,9 +347,12 @@ pub async fn prepare(
                     let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
                         .unwrap_or(Value::Null);
                     inherited |= super::staff_only::is_labelled(&v);
-                    // A conversation is about one patient: a message about another cannot join
-                    // it (it would sit, and be filed to the chart, under the wrong patient).
-                    let mine = patient_named(body, base);
+                    // A conversation is about one patient: a person's message about another
+                    // cannot join it (it would sit, and be filed to the chart, under the wrong
+                    // patient). An integrator's writes are its own to get right, as their order
+                    // is (it may load an EHR's threads as they are).
+                    let person = p.kind() != SubjectKind::System;
+                    let mine = patient_named(body, base).filter(|_| person);
                     let theirs = patient_named(&v, base);
                     if let (Some(mine), Some(theirs)) = (&mine, &theirs) {
                         if mine != theirs {
