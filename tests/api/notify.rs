@@ -192,25 +192,29 @@ mod unread_messages_are_notified_by_email_with_no_phi {
         .await
     }
 
+    // The mail server listens before the app starts (see `a_later_bounce_…`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
         let port = free_port();
-        run(app(Backend::Sqlite, port).await.unwrap(), port).await;
+        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
+        run(app(Backend::Sqlite, port).await.unwrap(), smtp, port).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres() {
         let port = free_port();
+        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
         match app(Backend::Postgres, port).await {
-            Some(a) => run(a, port).await,
+            Some(a) => run(a, smtp, port).await,
             None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
         }
     }
 
-    async fn run(app: TestApp, port: u16) {
-        let Some(mut smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
-            return;
-        };
+    async fn run(app: TestApp, mut smtp: Smtp, port: u16) {
         let Some(ehr) = spawn_ehr("ehr-a") else {
             return;
         };
@@ -2424,17 +2428,25 @@ mod a_later_bounce_stops_email_to_that_address {
         .await
     }
 
+    // The mail server listens before the app starts: a port only chosen free, then left unbound
+    // while the app started, was taken by another test's process under a full run (a flake).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
         let port = free_port();
-        run(app(Backend::Sqlite, port).await.unwrap(), port).await;
+        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
+        run(app(Backend::Sqlite, port).await.unwrap(), smtp).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres() {
         let port = free_port();
+        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
+            return;
+        };
         match app(Backend::Postgres, port).await {
-            Some(a) => run(a, port).await,
+            Some(a) => run(a, smtp).await,
             None => eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set"),
         }
     }
@@ -2470,10 +2482,7 @@ mod a_later_bounce_stops_email_to_that_address {
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
-    async fn run(app: TestApp, port: u16) {
-        let Some(smtp) = Smtp::start(port, tempfile::tempdir().unwrap()) else {
-            return;
-        };
+    async fn run(app: TestApp, smtp: Smtp) {
         courier::notify::remember_contacts(
             &app.store,
             "Patient/b1",
