@@ -148,18 +148,7 @@ pub async fn answer_audited(
         (Ok(()), result) => result,
         // A change that was made has its AuditEvent in its own transaction: it stands, and so
         // does its answer (a 503 would invite a second, duplicate change).
-        (Err(_), Ok(r))
-            if r.status().is_success()
-                && matches!(
-                    interaction,
-                    Interaction::Create
-                        | Interaction::Update
-                        | Interaction::Patch
-                        | Interaction::Delete
-                ) =>
-        {
-            Ok(r)
-        }
+        (Err(_), Ok(r)) if write_stands => Ok(r),
         // A bundle's GET entries are audited only by the bundle's AuditEvent: withheld. Its
         // changes, if any, were made (each audited in its transaction).
         (Err(e), Ok(r))

@@ -469,21 +469,23 @@ pub fn purge(
         total += n as usize;
         planned.classes.insert(class.clone(), n as usize);
     }
+    // The audit trail's class and period (purged last, from the start of its chain).
+    let audit_class = store
+        .retention
+        .class_of("AuditEvent", &json!({}))
+        .to_string();
+    let audit_period = store.retention.period(&audit_class);
     // Recorded before anything is removed: a purge stopped part-way (killed, the disk full)
     // still leaves in the trail that it ran, when, and what it found expired — the audit
     // trail's expired part too (at most: a hold or the chain may keep some).
     if !dry_run {
-        let audit_class = store
-            .retention
-            .class_of("AuditEvent", &json!({}))
-            .to_string();
-        if let Some(period) = store.retention.period(&audit_class) {
+        if let Some(period) = audit_period {
             let n = store.query::<Count>(
                 "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE res_type = 'AuditEvent' AND last_updated < ?",
                 vec![(as_of - period).into()],
             )?[0]
                 .n;
-            *planned.classes.entry(audit_class).or_default() += n as usize;
+            *planned.classes.entry(audit_class.clone()).or_default() += n as usize;
         }
         let ctx = audit::Context::job(&store.base_url, "retention purge");
         record(
@@ -553,11 +555,7 @@ pub fn purge(
         summary.classes.insert(class.clone(), removed);
     }
     // The audit trail: from the start of the chain, as far as it expired.
-    let audit_class = store
-        .retention
-        .class_of("AuditEvent", &json!({}))
-        .to_string();
-    if let Some(period) = store.retention.period(&audit_class) {
+    if let Some(period) = audit_period {
         let (n, links, outbox) = purge_audit(store, as_of - period, dry_run)?;
         *summary.classes.entry(audit_class.clone()).or_default() += n;
         summary.audit_links_cut = links;

@@ -202,6 +202,18 @@ fn reference(req: &HttpRequest) -> String {
         .unwrap_or_default()
 }
 
+/// The page when Courier's own database cannot be reached mid-launch.
+async fn unavailable(state: &web::Data<AppState>, req: &HttpRequest) -> HttpResponse {
+    refuse(
+        state,
+        req,
+        503,
+        "Courier is unavailable",
+        "Try again in a moment.",
+    )
+    .await
+}
+
 /// The longest `launch`, `iss`, `state`, `code` (any parameter) these endpoints take, and the
 /// longest query string: what is stored per launch stays small (a flood cannot fill the disk).
 pub const MAX_PARAM_BYTES: usize = 4096;
@@ -262,16 +274,7 @@ pub async fn ehr_launch(state: web::Data<AppState>, req: HttpRequest) -> HttpRes
                 "This EHR is not registered with Courier. Ask your administrator to register it.",
             )
             .await,
-            _ => {
-                return refuse(
-                    &state,
-                    &req,
-                    503,
-                    "Courier is unavailable",
-                    "Try again in a moment.",
-                )
-                .await
-            }
+            _ => return unavailable(&state, &req).await,
         };
     authorize(&state, &req, ehr, Some(launch.to_string())).await
 }
@@ -305,16 +308,7 @@ pub async fn standalone_launch(state: web::Data<AppState>, req: HttpRequest) -> 
             )
             .await
         }
-        _ => {
-            refuse(
-                &state,
-                &req,
-                503,
-                "Courier is unavailable",
-                "Try again in a moment.",
-            )
-            .await
-        }
+        _ => unavailable(&state, &req).await,
     }
 }
 
@@ -416,14 +410,7 @@ async fn authorize(
     })
     .await;
     if !matches!(saved, Ok(Ok(_))) {
-        return refuse(
-            state,
-            req,
-            503,
-            "Courier is unavailable",
-            "Try again in a moment.",
-        )
-        .await;
+        return unavailable(state, req).await;
     }
     let mut res = HttpResponse::Found();
     res.insert_header((header::LOCATION, url.to_string()))
@@ -499,16 +486,7 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
     .await;
     let pending = match pending {
         Ok(Ok(rows)) => rows.into_iter().next(),
-        _ => {
-            return refuse(
-                &state,
-                &req,
-                503,
-                "Courier is unavailable",
-                "Try again in a moment.",
-            )
-            .await
-        }
+        _ => return unavailable(&state, &req).await,
     };
     let Some(pending) = pending.filter(|p| p.expires_at >= crate::clock::now_micros() / 1_000_000)
     else {

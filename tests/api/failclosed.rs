@@ -520,13 +520,25 @@ async fn a_create_cut_off_by_a_lost_connection_is_answered_503_that_it_may_have_
     );
 }
 
+/// A session of its own that holds `resource_versions` locked (in a transaction the caller
+/// ends with ROLLBACK): every read and write of a version waits for it.
+fn lock_versions_elsewhere(app: &TestApp) -> diesel::PgConnection {
+    use diesel::{Connection, RunQueryDsl};
+    let mut outside = diesel::PgConnection::establish(&app.database_url).unwrap();
+    diesel::sql_query("BEGIN").execute(&mut outside).unwrap();
+    diesel::sql_query("LOCK TABLE resource_versions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut outside)
+        .unwrap();
+    outside
+}
+
 /// A read (or search) whose database connection is lost while it runs is answered 503 that
 /// nothing was served or changed: a read writes nothing of the client's, so the write's "may have
 /// been saved" (above) would only alarm. The connection is ended while the read waits for a
 /// table another session holds locked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_changed() {
-    use diesel::{Connection, PgConnection, RunQueryDsl};
+    use diesel::RunQueryDsl;
     let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
         eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
         return;
@@ -538,11 +550,7 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
             "read while cut off",
         ))
         .await;
-    let mut outside = PgConnection::establish(&app.database_url).unwrap();
-    diesel::sql_query("BEGIN").execute(&mut outside).unwrap();
-    diesel::sql_query("LOCK TABLE resource_versions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut outside)
-        .unwrap();
+    let mut outside = lock_versions_elsewhere(&app);
     let cutter = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut ended = 0;
@@ -578,7 +586,7 @@ async fn a_read_cut_off_by_a_lost_connection_is_answered_503_that_nothing_change
 /// lock is (an outside fault probe saw 88 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stuck_behind_a_lock_is_answered_503_within_the_lock_timeout() {
-    use diesel::{Connection, PgConnection, RunQueryDsl};
+    use diesel::RunQueryDsl;
     let Some(app) = spawn_app_with(Backend::Postgres, |_| {}).await else {
         eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
         return;
@@ -590,11 +598,7 @@ async fn a_request_stuck_behind_a_lock_is_answered_503_within_the_lock_timeout()
             "behind a lock",
         ))
         .await;
-    let mut outside = PgConnection::establish(&app.database_url).unwrap();
-    diesel::sql_query("BEGIN").execute(&mut outside).unwrap();
-    diesel::sql_query("LOCK TABLE resource_versions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut outside)
-        .unwrap();
+    let mut outside = lock_versions_elsewhere(&app);
     let started = Instant::now();
     let r = app.get(&format!("Communication/{id}")).await;
     let took = started.elapsed();
