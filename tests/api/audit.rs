@@ -267,6 +267,17 @@ async fn audit_ids(app: &TestApp, client: &reqwest::Client, query: &str) -> Vec<
         .collect()
 }
 
+/// The ids each of `queries` finds (with `extra`), sorted.
+async fn sorted_answers(app: &TestApp, queries: &[&str], extra: &str) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for q in queries {
+        let mut got = audit_ids(app, &app.client, &format!("{q}&{extra}&_count=50")).await;
+        got.sort();
+        out.push(got);
+    }
+    out
+}
+
 fn strs<'a>(v: &'a Value, path: &[&str]) -> Vec<&'a str> {
     let mut at: Vec<&Value> = vec![v];
     for k in path {
@@ -321,6 +332,18 @@ both_backends! {
             ("subtype:not=read", Box::new(move |e| !subtypes(e).contains(&"read".to_string()))),
             ("action=R", Box::new(|e| e["action"] == "R")),
             ("action=R&outcome=4", Box::new(|e| e["action"] == "R" && e["outcome"] == "4")),
+            // A success has no outcome row (search::SPARSE): each form still matches exactly.
+            ("outcome=0", Box::new(|e| e["outcome"] == "0")),
+            ("outcome=|0", Box::new(|e| e["outcome"] == "0")),
+            ("outcome=http://hl7.org/fhir/audit-event-outcome|0", Box::new(|_| false)),
+            ("outcome=4", Box::new(|e| e["outcome"] == "4")),
+            ("outcome=0,4", Box::new(|e| e["outcome"] == "0" || e["outcome"] == "4")),
+            ("outcome:not=0", Box::new(|e| e["outcome"] != "0")),
+            ("outcome:not=4", Box::new(|e| e["outcome"] != "4")),
+            ("outcome:not=0,4", Box::new(|e| e["outcome"] != "0" && e["outcome"] != "4")),
+            ("outcome:missing=true", Box::new(|e| e.get("outcome").is_none())),
+            ("outcome:missing=false", Box::new(|e| e.get("outcome").is_some())),
+            ("outcome=0&subtype=read", Box::new(move |e| e["outcome"] == "0" && subtypes(e).contains(&"read".to_string()))),
             ("entity-type=XrequestId", Box::new(|e| strs(e, &["entity", "type", "code"]).contains(&"XrequestId"))),
             ("entity-role=1", Box::new(|e| strs(e, &["entity", "role", "code"]).contains(&"1"))),
             ("agent-name=cour", Box::new(|e| strs(e, &["agent", "name"]).iter().any(|n| n.to_lowercase().starts_with("cour")))),
@@ -344,7 +367,7 @@ both_backends! {
             assert_eq!(first["total"], want.len(), "{query}: _total");
         }
         // Some of them match something, and something else.
-        for q in ["subtype=read", "subtype:not=read", "entity-role=1", "action=R&outcome=4"] {
+        for q in ["subtype=read", "subtype:not=read", "entity-role=1", "action=R&outcome=4", "outcome=0", "outcome:not=0"] {
             let keep = &cases.iter().find(|(c, _)| *c == q).unwrap().1;
             let n = all.iter().filter(|e| keep(e)).count();
             assert!(n > 0 && n < all.len(), "{q}: {n} of {}", all.len());
@@ -432,6 +455,47 @@ both_backends! {
         };
         assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param IN ('1', '5', '6', '10', '11', '14', '15', '17', '18')"), 0);
         assert_eq!(n("SELECT COUNT(*) AS n FROM idx_string WHERE param IN ('2', '4', '9')"), 0);
-        assert!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12'") >= all.len() as i64);
+        // A success has none (search::SPARSE); a failure has its row.
+        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'"), 0);
+        let failures = all.iter().filter(|e| e["outcome"] != "0").count() as i64;
+        assert!(failures > 0 && n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12'") >= failures);
+
+        // Sorted by outcome (checked on the bodies, as a success has no row to sort by).
+        for (sort, descending) in [("outcome", false), ("-outcome", true)] {
+            let got = audit_ids(&app, &app.client, &format!("_sort={sort}&{until}&_count=3")).await;
+            assert_eq!(got.len(), all.len());
+            let codes: Vec<String> = got.iter().map(|i| all.iter().find(|e| id(e) == *i).unwrap()["outcome"].as_str().unwrap().to_string()).collect();
+            assert!(codes.windows(2).all(|w| if descending { w[0] >= w[1] } else { w[0] <= w[1] }), "{sort}: {codes:?}");
+        }
+
+        // The same answers with the rows as they were before (the migration undone), and again
+        // after it is redone.
+        let outcome_cases = ["outcome=0", "outcome=4", "outcome=0,4", "outcome:not=0", "outcome:missing=false"];
+        let before = sorted_answers(&app, &outcome_cases, &until).await;
+        let (down, up) = match app.backend {
+            Backend::Sqlite => (
+                include_str!("../../migrations/sqlite/2026-12-14-000100_audit_outcome_sparse/down.sql"),
+                include_str!("../../migrations/sqlite/2026-12-14-000100_audit_outcome_sparse/up.sql"),
+            ),
+            Backend::Postgres => (
+                include_str!("../../migrations/postgres/2026-12-14-000100_audit_outcome_sparse/down.sql"),
+                include_str!("../../migrations/postgres/2026-12-14-000100_audit_outcome_sparse/up.sql"),
+            ),
+        };
+        run_script(&app, down);
+        assert!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'") >= (all.len() as i64 - failures));
+        // Read without the stored form, the old rows answer the plain forms the same.
+        let mut zero = audit_ids(&app, &app.client, &format!("outcome=4&{until}&_count=50")).await;
+        zero.sort();
+        assert_eq!(zero, before[1]);
+        run_script(&app, up);
+        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'"), 0);
+        assert_eq!(sorted_answers(&app, &outcome_cases, &until).await, before);
+        for (q, got) in outcome_cases.iter().zip(&before) {
+            let keep = &cases.iter().find(|(c, _)| c == q).unwrap().1;
+            let mut want: Vec<String> = all.iter().filter(|e| keep(e)).map(id).collect();
+            want.sort();
+            assert_eq!(got, &want, "{q}");
+        }
     }
 }

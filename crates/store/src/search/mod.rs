@@ -11,6 +11,7 @@ pub mod query;
 pub mod sql;
 
 use fhirpath::Expression;
+use query::{Condition, TokenValue};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -123,6 +124,91 @@ pub const UNSTORED: [&str; 12] = [
     "AuditEvent.subtype",
     "AuditEvent.type",
 ];
+
+/// Parameters whose most common value has no index rows: an AuditEvent's `outcome` is `0`
+/// (success) on nearly every event, so a row for it selected nothing and cost ~32 B per event on
+/// SQLite and ~130 B on PostgreSQL (issue 24). Its other values keep their rows (a failure is the
+/// rare value a security review looks for), and an event without an outcome has one row with the
+/// empty code ([`SPARSE_MISSING`]), so that "no row" means exactly the common value. The SQL of
+/// a search reads conditions on these parameters in that stored form ([`stored_form`]); checks
+/// in memory ([`eval`]) see every value, as before.
+pub const SPARSE: [(&str, &str); 1] = [("AuditEvent.outcome", "0")];
+
+/// The code of the row that stands for "no value" of a [`SPARSE`] parameter.
+pub const SPARSE_MISSING: &str = "";
+
+/// The value of `key` that has no rows, when `key` is one of [`SPARSE`].
+pub fn sparse_of(key: &str) -> Option<&'static str> {
+    SPARSE.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+}
+
+/// `c` as the stored rows of [`SPARSE`] parameters answer it, or `None` when `c` names none of
+/// them. For a sparse parameter `p` whose common value is `z`:
+///
+/// - `p=z` matches a resource with no row for `p`; `p=a,z` a row for `a` or none;
+/// - `p:not=z` a resource with some row (another value, or the empty code of "no value");
+/// - `p:missing=true` the empty code's row, `p:missing=false` anything without it.
+///
+/// A value with a system never matches `z`, whose rows (had they been stored) carry none.
+/// Applied once, where the SQL is made: its `Missing` means "no row", not "no value".
+pub fn stored_form(c: &Condition) -> Option<Condition> {
+    match c {
+        Condition::AnyOf(groups) => {
+            if !groups.iter().flatten().any(|c| stored_form(c).is_some()) {
+                return None;
+            }
+            Some(Condition::AnyOf(
+                groups
+                    .iter()
+                    .map(|g| {
+                        g.iter()
+                            .map(|c| stored_form(c).unwrap_or_else(|| c.clone()))
+                            .collect()
+                    })
+                    .collect(),
+            ))
+        }
+        Condition::Token { key, not, values } => {
+            let z = sparse_of(key)?;
+            let is_z = |v: &TokenValue| match v {
+                TokenValue::Code(c) | TokenValue::SystemCode(None, Some(c)) => c == z,
+                _ => false,
+            };
+            if !values.iter().any(is_z) {
+                return None;
+            }
+            let none = |missing: bool| Condition::Missing {
+                key: key.clone(),
+                kind: ParamType::Token,
+                missing,
+            };
+            let others: Vec<TokenValue> = values.iter().filter(|v| !is_z(v)).cloned().collect();
+            let rest = |not: bool| Condition::Token {
+                key: key.clone(),
+                not,
+                values: others.clone(),
+            };
+            Some(match (*not, others.is_empty()) {
+                (false, true) => none(true),
+                (false, false) => Condition::AnyOf(vec![vec![none(true)], vec![rest(false)]]),
+                (true, true) => none(false),
+                (true, false) => Condition::AnyOf(vec![vec![none(false), rest(true)]]),
+            })
+        }
+        Condition::Missing { key, missing, .. } => {
+            sparse_of(key)?;
+            Some(Condition::Token {
+                key: key.clone(),
+                not: !*missing,
+                values: vec![TokenValue::SystemCode(
+                    None,
+                    Some(SPARSE_MISSING.to_string()),
+                )],
+            })
+        }
+        _ => None,
+    }
+}
 
 /// Is `key` one of [`UNSTORED`]?
 pub fn is_unstored(key: &str) -> bool {
@@ -294,5 +380,120 @@ impl Registry {
     /// All parameters usable on `res_type`, for the CapabilityStatement.
     pub fn all_for(&self, res_type: &str) -> Vec<&SearchParam> {
         self.common.values().chain(self.indexed(res_type)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index::Entry;
+    use super::query::{Condition, TokenValue};
+    use super::*;
+
+    const OUTCOME: &str = "AuditEvent.outcome";
+
+    /// An event's entries with outcome `o`, as searched in memory, and as stored.
+    fn event(o: Option<&str>) -> (Vec<Entry>, Vec<Entry>) {
+        let date = Entry::Date {
+            param: "AuditEvent.date".into(),
+            lo: 1,
+            hi: 2,
+        };
+        let tok = |code: &str| Entry::Token {
+            param: OUTCOME.into(),
+            system: None,
+            code: code.into(),
+        };
+        let all = o.map(tok).into_iter().chain([date.clone()]).collect();
+        let stored = match o {
+            Some("0") => vec![date],
+            Some(c) => vec![tok(c), date],
+            None => vec![tok(SPARSE_MISSING), date],
+        };
+        (all, stored)
+    }
+
+    #[test]
+    fn a_sparse_parameter_searched_in_its_stored_form_matches_as_on_every_value() {
+        let code = |c: &str| TokenValue::Code(c.into());
+        let no_system = |c: &str| TokenValue::SystemCode(None, Some(c.into()));
+        let with_system = |c: &str| {
+            TokenValue::SystemCode(
+                Some("http://hl7.org/fhir/audit-event-outcome".into()),
+                Some(c.into()),
+            )
+        };
+        let token = |not, values: Vec<TokenValue>| Condition::Token {
+            key: OUTCOME.into(),
+            not,
+            values,
+        };
+        let missing = |missing| Condition::Missing {
+            key: OUTCOME.into(),
+            kind: ParamType::Token,
+            missing,
+        };
+        let mut conditions = vec![missing(true), missing(false)];
+        for not in [false, true] {
+            for values in [
+                vec![code("0")],
+                vec![no_system("0")],
+                vec![with_system("0")],
+                vec![code("4")],
+                vec![code("0"), code("4")],
+                vec![code("8"), no_system("0")],
+                vec![code("12"), code("4")],
+            ] {
+                conditions.push(token(not, values));
+            }
+        }
+        // The policy's groups (a token scope `?outcome=0`) are rewritten inside.
+        conditions.push(Condition::AnyOf(vec![
+            vec![token(false, vec![code("0")])],
+            vec![missing(true)],
+        ]));
+        let events = [None, Some("0"), Some("4"), Some("8"), Some("12")];
+        let mut changed = 0;
+        for c in &conditions {
+            let s = stored_form(c);
+            changed += usize::from(s.is_some());
+            let s = s.unwrap_or_else(|| c.clone());
+            for o in events {
+                let (all, stored) = event(o);
+                assert_eq!(
+                    eval::admits(&s, &stored, None),
+                    eval::admits(c, &all, None),
+                    "{c:?} on outcome {o:?}: stored form {s:?}"
+                );
+            }
+        }
+        assert!(
+            changed >= 10,
+            "most of these need the stored form ({changed})"
+        );
+        // Other parameters are left as they are.
+        let status = Condition::Token {
+            key: "Communication.status".into(),
+            not: false,
+            values: vec![code("0")],
+        };
+        assert!(stored_form(&status).is_none());
+    }
+
+    #[test]
+    fn the_migration_names_the_sparse_parameter_by_its_short_key() {
+        for backend in ["sqlite", "postgres"] {
+            for file in ["up.sql", "down.sql"] {
+                let path = format!(
+                    "{}/../../migrations/{backend}/2026-12-14-000100_audit_outcome_sparse/{file}",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                let sql = std::fs::read_to_string(&path).unwrap();
+                let (key, zero) = SPARSE[0];
+                assert!(sql.contains(&format!("'{}'", names::key(key))), "{path}");
+                assert!(sql.contains(&format!("code = '{SPARSE_MISSING}'")) || file == "up.sql");
+                assert!(sql.contains(&format!("'{zero}'")), "{path}");
+                assert_eq!(names::system(None), "");
+            }
+        }
     }
 }

@@ -195,6 +195,8 @@ pub fn candidates(
 
 /// The row ids of every match, in the search's order (no page).
 pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
+    let stored = stored_request(req);
+    let req = stored.as_ref().unwrap_or(req);
     let mut q = Sql::new();
     q.push("SELECT r.rid");
     let driver = driver(req);
@@ -281,6 +283,8 @@ pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dial
 }
 
 pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
+    let stored = stored_request(req);
+    let req = stored.as_ref().unwrap_or(req);
     let mut q = Sql::new();
     q.push("SELECT COUNT(*) AS n");
     let w = from_where(res_type, req, driver(req), snapshot, dialect);
@@ -291,6 +295,8 @@ pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialec
 
 /// Does the live resource `rid` satisfy `c`? (`SELECT r.rid … LIMIT 1`: a row means yes.)
 pub fn admits(rid: i64, c: &Condition, dialect: Dialect) -> Sql {
+    let stored = super::stored_form(c);
+    let c = stored.as_ref().unwrap_or(c);
     let mut q = Sql::new();
     q.push("SELECT r.rid FROM resources r WHERE r.rid = ");
     q.bind(rid);
@@ -302,6 +308,8 @@ pub fn admits(rid: i64, c: &Condition, dialect: Dialect) -> Sql {
 /// Which of the live resources `rids` meet `c` (one query for many: the unread count checks
 /// every unread message against the reader's access condition).
 pub fn admits_many(rids: &[i64], c: &Condition, dialect: Dialect) -> Sql {
+    let stored = super::stored_form(c);
+    let c = stored.as_ref().unwrap_or(c);
     let mut q = Sql::new();
     q.push("SELECT r.rid FROM resources r WHERE r.rid IN (");
     for (i, rid) in rids.iter().enumerate() {
@@ -317,9 +325,29 @@ pub fn admits_many(rids: &[i64], c: &Condition, dialect: Dialect) -> Sql {
 
 /// `c` as a SQL predicate over `resources r` (for history, which is not a search).
 pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
+    let stored = super::stored_form(c);
+    let c = stored.as_ref().unwrap_or(c);
     let mut q = Sql::new();
     condition(&mut q, c, dialect);
     q
+}
+
+/// `req` with its conditions on [`super::SPARSE`] parameters in their stored form, if it has any.
+fn stored_request(req: &SearchRequest) -> Option<SearchRequest> {
+    if req
+        .conditions
+        .iter()
+        .all(|c| super::stored_form(c).is_none())
+    {
+        return None;
+    }
+    let mut r = req.clone();
+    for c in &mut r.conditions {
+        if let Some(s) = super::stored_form(c) {
+            *c = s;
+        }
+    }
+    Some(r)
 }
 
 /// `{select} FROM idx_ref` rows matching any of `values`: one branch per value, joined by

@@ -1243,7 +1243,7 @@ impl Store {
                 Bind::Blob(body),
             ]);
             if d.body.is_some() {
-                ix.add(rid, &d.entries);
+                ix.add(rid, res_type, &d.entries);
             }
             out.push(d.stored(res_type, id, "POST"));
         }
@@ -1783,7 +1783,7 @@ impl Store {
             ],
         )?;
         if !deleted {
-            ix.add(rid, &d.entries);
+            ix.add(rid, res_type, &d.entries);
         }
         Ok(d.stored(res_type, id, method))
     }
@@ -2077,7 +2077,7 @@ impl Store {
                     SortKey::Param { key, .. } => Some(key.as_str()),
                     _ => None,
                 }))
-                .filter(|k| crate::search::is_unstored(k))
+                .filter(|k| crate::search::is_unstored(k) || crate::search::sparse_of(k).is_some())
                 .map(|k| k.split_once('.').map_or(k, |(_, code)| code))
                 .collect();
             return Err(StoreError::Invalid(vec![Issue {
@@ -2369,7 +2369,7 @@ struct RefRow {
 
 impl IndexRows {
     /// Adds the index rows of the version of resource `rid` with these entries.
-    fn add(&mut self, rid: i64, entries: &[Entry]) {
+    fn add(&mut self, rid: i64, res_type: &str, entries: &[Entry]) {
         let IndexRows {
             tokens,
             refs,
@@ -2396,6 +2396,12 @@ impl IndexRows {
                 // Checked on the body when searched (search::UNSTORED).
                 Entry::Token { param, .. } | Entry::Str { param, .. }
                     if crate::search::is_unstored(param) => {}
+                // The common value of a sparse parameter has no row (search::SPARSE).
+                Entry::Token {
+                    param,
+                    system: None,
+                    code,
+                } if crate::search::sparse_of(param) == Some(code.as_str()) => {}
                 Entry::Token {
                     param,
                     system,
@@ -2436,6 +2442,21 @@ impl IndexRows {
                     norm.clone().into(),
                     raw.clone().into(),
                 ]),
+            }
+        }
+        // A sparse parameter without a value has the row of "no value" (search::SPARSE).
+        for (key, _) in crate::search::SPARSE {
+            if key.split_once('.').is_some_and(|(t, _)| t == res_type)
+                && !entries
+                    .iter()
+                    .any(|e| matches!(e, Entry::Token { param, .. } if param == key))
+            {
+                tokens.extend([
+                    rid.into(),
+                    names::key(key).to_string().into(),
+                    names::system(None).into_owned().into(),
+                    crate::search::SPARSE_MISSING.to_string().into(),
+                ]);
             }
         }
     }
@@ -2586,11 +2607,13 @@ fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
+/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`), or not one
+/// for each value (`search::SPARSE`)?
 fn sorts_on_body(req: &SearchRequest) -> bool {
-    req.sort
-        .iter()
-        .any(|k| matches!(k, SortKey::Param { key, .. } if crate::search::is_unstored(key)))
+    req.sort.iter().any(|k| {
+        matches!(k, SortKey::Param { key, .. }
+            if crate::search::is_unstored(key) || crate::search::sparse_of(key).is_some())
+    })
 }
 
 /// One sort key's value for a resource, as `sql::ordered` sorts: a token's code, a string's
