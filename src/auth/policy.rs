@@ -160,37 +160,114 @@ fn compartment(
             g
         }
     };
+    let patient_side = match context {
+        Context::Patient => p.kind() != SubjectKind::Practitioner,
+        Context::User => matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson),
+        Context::System => false,
+    };
+    let groups = if patient_side && matches!(perm, Perm::Read | Perm::Search) {
+        only_own_requests(p, registry, res_type, groups)
+    } else {
+        groups
+    };
     let groups = hide_others_drafts(p, registry, res_type, groups);
     (!groups.is_empty()).then_some(Some(Condition::AnyOf(groups)))
 }
 
-/// A draft message (`status=preparation`) is its author's alone: every group of a compartment
-/// but "the principal is the sender" also requires that the message is not a draft. (A system
-/// client, unconfined, sees drafts as it sees everything.)
+/// A CommunicationRequest is a message not sent yet (a scheduled send, a medication schedule, a
+/// draft): what reaches a patient is the Communication it becomes, at its time. The patient's
+/// side reads the requests it made itself (as requester or sender: the user, or the patient in
+/// context), and of those addressed to it only Courier's own reminders of an unread urgent
+/// message (identifier `urn:courier:escalation`, which no client can write; they carry no
+/// text) — never a clinician's scheduled or draft request: a result scheduled for release after
+/// a consultation must not be read the day before.
+fn only_own_requests(
+    p: &Principal,
+    registry: &Registry,
+    res_type: &str,
+    groups: Vec<Vec<Condition>>,
+) -> Vec<Vec<Condition>> {
+    if res_type != "CommunicationRequest" {
+        return groups;
+    }
+    let keys: Vec<&str> = ["requester", "sender"]
+        .iter()
+        .filter_map(|c| registry.get(res_type, c))
+        .map(|p| p.key.as_str())
+        .collect();
+    let own: Vec<String> = p
+        .fhir_user
+        .iter()
+        .cloned()
+        .chain(p.patient.iter().map(|id| format!("Patient/{id}")))
+        .collect();
+    let reminder = registry
+        .get(res_type, "identifier")
+        .map(|p| Condition::Token {
+            key: p.key.clone(),
+            not: false,
+            values: vec![TokenValue::SystemCode(
+                Some(crate::messaging::escalation::IDENTIFIER_SYSTEM.to_string()),
+                None,
+            )],
+        });
+    let recipient = registry.get(res_type, "recipient").map(|p| p.key.as_str());
+    groups
+        .into_iter()
+        .filter_map(|mut g| match g.as_slice() {
+            [Condition::Reference { key, values }]
+                if keys.contains(&key.as_str())
+                    && values.iter().all(|v| {
+                        v.url.is_none()
+                            && v.target_type
+                                .as_deref()
+                                .zip(v.target_id.as_deref())
+                                .is_some_and(|(t, id)| own.contains(&format!("{t}/{id}")))
+                    }) =>
+            {
+                Some(g)
+            }
+            [Condition::Reference { key, .. }] if Some(key.as_str()) == recipient => {
+                g.push(reminder.clone()?);
+                Some(g)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A draft message (a Communication in `preparation`, a CommunicationRequest in `draft`) is its
+/// author's alone: every group of a compartment but "the principal is the sender" (or, of a
+/// request, its requester) also requires that it is not a draft. (A system client, unconfined,
+/// sees drafts as it sees everything.)
 fn hide_others_drafts(
     p: &Principal,
     registry: &Registry,
     res_type: &str,
     mut groups: Vec<Vec<Condition>>,
 ) -> Vec<Vec<Condition>> {
-    if res_type != "Communication" {
-        return groups;
-    }
-    let (Some(status), Some(sender)) = (
-        registry.get(res_type, "status"),
-        registry.get(res_type, "sender"),
-    ) else {
+    let (draft, authors): (&str, &[&str]) = match res_type {
+        "Communication" => ("preparation", &["sender"]),
+        "CommunicationRequest" => ("draft", &["sender", "requester"]),
+        _ => return groups,
+    };
+    let Some(status) = registry.get(res_type, "status") else {
         return groups;
     };
+    let authors: Vec<&str> = authors
+        .iter()
+        .filter_map(|c| registry.get(res_type, c))
+        .map(|p| p.key.as_str())
+        .collect();
     let me = p.fhir_user.as_deref();
     let not_draft = Condition::Token {
         key: status.key.clone(),
         not: true,
-        values: vec![TokenValue::Code("preparation".into())],
+        values: vec![TokenValue::Code(draft.into())],
     };
     for g in groups.iter_mut() {
         let own = matches!(g.as_slice(), [Condition::Reference { key, values }]
-        if *key == sender.key && values.iter().any(|v| {
+        if authors.contains(&key.as_str()) && values.iter().any(|v| {
             me.is_some_and(|m| Some(m) == v.target_type.as_deref().zip(v.target_id.as_deref())
                 .map(|(t, id)| format!("{t}/{id}")).as_deref())
         }));

@@ -106,8 +106,14 @@ fn sees(w: &Who, r: &Res) -> bool {
     if staff_only && patient_side {
         return false;
     }
-    // The patient's side reads what the patient takes part in, not what is only about them.
-    let participant_roles: &[&str] = &["sender", "recipient", "requester"];
+    // The patient's side reads what the patient takes part in, not what is only about them; of
+    // the requests (messages not sent yet), only those it made (none of these is one of
+    // Courier's reminders).
+    let participant_roles: &[&str] = if r.res_type == "CommunicationRequest" && patient_side {
+        &["sender", "requester"]
+    } else {
+        &["sender", "recipient", "requester"]
+    };
     match context {
         "system" => true,
         "patient" if patient_side => involves(

@@ -452,3 +452,77 @@ both_backends! {
         assert_eq!(ids(&marked).len(), 2, "the planted one and the real one");
     }
 }
+
+both_backends! {
+    // From an outside probe: a patient read a clinician's scheduled request ("your biopsy shows
+    // …", due next week) and a draft one, through search, read and the socket's policy. A
+    // request is a message not sent yet: the patient's side reads only its own; a draft is its
+    // author's alone, as a draft Communication is. A colleague it is addressed to still sees an
+    // active one.
+    async fn a_request_not_sent_yet_is_not_the_patient_s_to_read(app: TestApp) {
+        let dr = client_with_token(&crate::messaging::clinician_token(&app, "dr-1"));
+        let colleague = client_with_token(&crate::messaging::clinician_token(&app, "dr-2"));
+        let p1 = client_with_token(&crate::messaging::patient_token(&app, "p1"));
+        let post = |c: &reqwest::Client, body: Value| {
+            let (c, url) = (c.clone(), app.url("CommunicationRequest"));
+            async move {
+                let r = c.post(url).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+                r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+            }
+        };
+        let mut later = request(utc_in(7 * 86_400), "FUTURE: your biopsy result");
+        later["recipient"] = json!([{"reference": "Patient/p1"}, {"reference": "Practitioner/dr-2"}]);
+        let later = post(&dr, later).await;
+        let mut draft = request(utc_in(86_400), "DRAFT: thinking about what to say");
+        draft["status"] = json!("draft");
+        draft["recipient"] = json!([{"reference": "Patient/p1"}, {"reference": "Practitioner/dr-2"}]);
+        let draft = post(&dr, draft).await;
+        let mut own = request(utc_in(86_400), "Remind my doctor about my refill");
+        own["requester"] = json!({"reference": "Patient/p1"});
+        own["recipient"] = json!([{"reference": "Practitioner/dr-1"}]);
+        let own = post(&p1, own).await;
+
+        let ids = |c: &reqwest::Client, q: &str| {
+            let (c, url) = (c.clone(), app.url(q));
+            async move {
+                let b: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+                let mut v: Vec<String> = b["entry"].as_array().cloned().unwrap_or_default().iter()
+                    .map(|e| e["resource"]["id"].as_str().unwrap().to_string()).collect();
+                v.sort();
+                (v, b["total"].clone())
+            }
+        };
+        // The patient: only the request they made, in a search, its total and a count.
+        assert_eq!(ids(&p1, "CommunicationRequest?_total=accurate").await, (vec![own.clone()], json!(1)));
+        assert_eq!(ids(&p1, "CommunicationRequest?_summary=count").await.1, json!(1));
+        assert_eq!(ids(&p1, "CommunicationRequest?subject=Patient/p1").await.0, vec![own.clone()]);
+        for id in [&later, &draft] {
+            for path in [format!("CommunicationRequest/{id}"), format!("CommunicationRequest/{id}/_history"), format!("CommunicationRequest/{id}/_history/1")] {
+                let r = p1.get(app.url(&path)).send().await.unwrap();
+                assert_eq!(r.status(), 404, "{path}");
+                assert!(!r.text().await.unwrap().contains("biopsy"));
+            }
+        }
+        assert_eq!(p1.get(app.url(&format!("CommunicationRequest/{own}"))).send().await.unwrap().status(), 200);
+        // The colleague it is addressed to: the active one, not the draft.
+        assert_eq!(ids(&colleague, "CommunicationRequest").await.0, vec![later.clone()]);
+        assert_eq!(colleague.get(app.url(&format!("CommunicationRequest/{draft}"))).send().await.unwrap().status(), 404);
+        // The author: both.
+        let mut both = vec![later.clone(), draft.clone(), own.clone()];
+        both.sort();
+        assert_eq!(ids(&dr, "CommunicationRequest").await.0, both, "the author, and the recipient of the patient's own");
+
+        // Once sent, what the patient reads is the Communication.
+        let now = post(&dr, request(utc_in(-5), "Your results are ready")).await;
+        let mut sent = vec![];
+        for _ in 0..50 {
+            sent = sent_for(&app, &now).await;
+            if !sent.is_empty() { break; }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let message = sent[0]["id"].as_str().unwrap();
+        assert_eq!(p1.get(app.url(&format!("Communication/{message}"))).send().await.unwrap().status(), 200);
+        assert_eq!(p1.get(app.url(&format!("CommunicationRequest/{now}"))).send().await.unwrap().status(), 404);
+    }
+}
