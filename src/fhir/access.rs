@@ -91,12 +91,19 @@ pub async fn read(
         })
     })
     .await?;
+    // One answer for "no such resource", "no such version" and "not yours to see", whichever
+    // it is: a vread's wording told a hidden resource from a missing one (an outside probe).
+    let unknown = || match version {
+        Some(v) => not_found(res_type, &format!("{id}/_history/{v}")),
+        None => not_found(res_type, id),
+    };
     let confined = !matches!(access, Some(Access::All));
     let s = match loaded {
         Ok(s) => s,
         Err(StoreError::Gone(..)) if confined && !binary_reachable_by_all(state, p, res_type) => {
-            return Err(not_found(res_type, id))
+            return Err(unknown())
         }
+        Err(StoreError::NotFound(..)) => return Err(unknown()),
         Err(e) => return Err(e.into()),
     };
     let visible = match &access {
@@ -115,7 +122,7 @@ pub async fn read(
     if visible {
         Ok(s)
     } else {
-        Err(not_found(res_type, id))
+        Err(unknown())
     }
 }
 

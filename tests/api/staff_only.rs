@@ -135,6 +135,23 @@ both_backends! {
                 assert_eq!(s, 404, "Ada: GET {path}");
             }
         }
+        // … worded as for a resource that does not exist, whatever the version asked (a vread
+        // once said "Communication/<id> is not known" for a hidden one and
+        // "…/_history/1 is not known" for a missing one).
+        let unknown = "Abcdefghijklmnopqrstuv";
+        for v in ["1", "2", "9"] {
+            let (s, missing) = send(&ada, &app, "GET", &format!("Communication/{unknown}/_history/{v}"), None).await;
+            assert_eq!(s, 404);
+            for id in &hidden {
+                let (s, b) = send(&ada, &app, "GET", &format!("Communication/{id}/_history/{v}"), None).await;
+                assert_eq!(s, 404);
+                assert_eq!(b.to_string().replace(id.as_str(), unknown), missing.to_string(), "version {v} of a hidden message");
+            }
+            let (s, b) = send(&ada, &app, "GET", &format!("Binary/{bin}/_history/{v}"), None).await;
+            assert_eq!(s, 404);
+            let (_, missing) = send(&ada, &app, "GET", &format!("Binary/{unknown}/_history/{v}"), None).await;
+            assert_eq!(b.to_string().replace(bin.as_str(), unknown), missing.to_string(), "version {v} of a hidden Binary");
+        }
         let (s, _) = send(&ada, &app, "GET", &format!("Binary/{bin}"), None).await;
         assert_eq!(s, 404, "Ada: the staff-only message's attachment");
         for path in [
