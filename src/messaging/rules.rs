@@ -387,6 +387,18 @@ pub async fn prepare(
     if let Some(v) = &replaced {
         inherited |= super::staff_only::is_labelled(v);
     }
+    // A message sent without `sent` was sent now: the app, and every inbox, orders a thread by
+    // `sent`, where one without it came out oldest and missing from the newest page (an outside
+    // walk-through). Only when it is sent: created completed, or a draft completed now.
+    if res_type == "Communication"
+        && body["status"] == "completed"
+        && body.get("sent").is_none()
+        && replaced.as_ref().is_none_or(|v| v["status"] != "completed")
+    {
+        body["sent"] = json!(crate::search::dates::format_instant(
+            crate::clock::now_micros()
+        ));
+    }
     // Courier's own identifiers on it: as the writer sees it, or as stored for a system client
     // that may update what it cannot read.
     let system = p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_none();

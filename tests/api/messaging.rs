@@ -1040,3 +1040,53 @@ both_backends! {
         assert_eq!(s, 201, "a staff note about the same patient: {r}");
     }
 }
+
+both_backends! {
+    // From an outside walk-through: a message posted without `sent` sorted as the oldest of its
+    // thread, so the newest message was missing from the page the app opened. A message sent
+    // without one was sent when Courier took it; a draft has none until it is sent.
+    async fn a_message_sent_without_a_time_is_given_the_time_it_was_sent(app: TestApp) {
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let post = |c: &reqwest::Client, body: Value| {
+            let (c, url) = (c.clone(), app.url("Communication"));
+            async move {
+                let r = c.post(url).json(&body).send().await.unwrap();
+                assert_eq!(r.status(), 201);
+                r.json::<Value>().await.unwrap()
+            }
+        };
+        let older = post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "Your results are normal")).await;
+        let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let mut untimed = msg("Practitioner/dr-1", &["Patient/p1"], "Here is your lab report");
+        untimed.as_object_mut().unwrap().remove("sent");
+        let made = post(&dr, untimed.clone()).await;
+        let sent = chrono::DateTime::parse_from_rfc3339(made["sent"].as_str().expect("sent is set")).unwrap();
+        assert!(sent >= before && sent <= chrono::Utc::now() + chrono::Duration::seconds(1), "{sent}");
+        // Newest first in the thread's order (the app's `_sort=-sent`).
+        let b = app.get_json("Communication?recipient=Patient/p1&_sort=-sent").await;
+        assert_eq!(b["entry"][0]["resource"]["id"], made["id"], "{b}");
+        assert_eq!(b["entry"][1]["resource"]["id"], older["id"]);
+        // A system client's too.
+        let by_system = app.create(&untimed).await;
+        assert!(app.get_json(&format!("Communication/{by_system}")).await["sent"].is_string());
+        // A draft has none; sending it gives it one; a later change keeps it.
+        let mut draft = untimed.clone();
+        draft["status"] = json!("preparation");
+        let d = post(&dr, draft).await;
+        assert!(d.get("sent").is_none(), "{d}");
+        let id = d["id"].as_str().unwrap();
+        let mut now_sent = d.clone();
+        now_sent["status"] = json!("completed");
+        let r = dr.put(app.url(&format!("Communication/{id}"))).json(&now_sent).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["sent"].is_string(), "sent when the draft is sent: {v}");
+        let mut later = v.clone();
+        later.as_object_mut().unwrap().remove("sent");
+        later["priority"] = json!("urgent");
+        let v: Value = dr.put(app.url(&format!("Communication/{id}"))).json(&later).send().await.unwrap().json().await.unwrap();
+        assert!(v.get("sent").is_none(), "a completed message's own change is its writer's: {v}");
+        // Given, it is kept.
+        assert_eq!(post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "x")).await["sent"], "2026-11-28T10:00:00Z");
+    }
+}
