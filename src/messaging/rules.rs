@@ -24,6 +24,7 @@ use crate::config::Settings;
 use crate::fhir::access;
 use crate::fhir::outcome::FhirError;
 use actix_web::http::StatusCode;
+use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
@@ -57,8 +58,14 @@ pub fn check(
     // An app in a patient's context with no user writes for the patient, under the same rules.
     let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson)
         || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
+    if matches!(res_type, "Communication" | "CommunicationRequest") {
+        attachment_titles(res_type, body)?;
+    }
     match res_type {
-        "Binary" => attachment_type(settings, body),
+        "Binary" => {
+            attachment_type(settings, body)?;
+            attachment_content(body)
+        }
         "Communication" if patient_side => patient_message(settings, body),
         "CommunicationRequest" if patient_side => patient_request(settings, body),
         _ => Ok(()),
@@ -124,6 +131,87 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
             settings.attachment_types.join(", ")
         ),
     ))
+}
+
+/// Text-direction controls (embeddings, overrides, isolates) that make a file name read
+/// otherwise than it is: `report\u{202E}fdp.exe` shows as `reportexe.pdf` (an outside
+/// walk-through sent one, and the clinician's app offered an executable as a PDF).
+const DIRECTION_CONTROLS: &[char] = &[
+    '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}',
+    '\u{2069}',
+];
+
+/// An attachment's file name has no text-direction controls.
+fn attachment_titles(res_type: &str, body: &Value) -> Result<(), FhirError> {
+    for (i, p) in body["payload"].as_array().into_iter().flatten().enumerate() {
+        let title = p["contentAttachment"]["title"].as_str().unwrap_or_default();
+        if title.contains(DIRECTION_CONTROLS) {
+            return Err(FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "value",
+                format!("{res_type}.payload[{i}].contentAttachment.title"),
+                "a file name may not contain text-direction control characters (U+202A–U+202E, U+2066–U+2069): they make it read as another name",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the bytes of an attachment of `essence` start with, for the types whose format says so;
+/// `None` for a type that has no such mark (or is not known here).
+fn content_matches(essence: &str, data: &[u8]) -> Option<bool> {
+    Some(match essence {
+        "application/pdf" => data.starts_with(b"%PDF-"),
+        "image/png" => data.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "image/jpeg" => data.starts_with(&[0xFF, 0xD8, 0xFF]),
+        "image/gif" => data.starts_with(b"GIF87a") || data.starts_with(b"GIF89a"),
+        "image/webp" => data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WEBP",
+        "image/heic" => {
+            data.len() >= 12
+                && &data[4..8] == b"ftyp"
+                && [
+                    &b"heic"[..],
+                    b"heix",
+                    b"hevc",
+                    b"hevx",
+                    b"heim",
+                    b"heis",
+                    b"mif1",
+                    b"msf1",
+                ]
+                .contains(&&data[8..12])
+        }
+        // Text: UTF-8 without NUL bytes (an executable or an archive is neither).
+        "text/plain" => std::str::from_utf8(data).is_ok_and(|t| !t.contains('\0')),
+        _ => return None,
+    })
+}
+
+/// A Binary's bytes are what its content type says (an outside walk-through sent a Windows
+/// executable declared `application/pdf`, and a PNG that was not one).
+fn attachment_content(body: &Value) -> Result<(), FhirError> {
+    let Some(data) = body["data"].as_str() else {
+        return Ok(());
+    };
+    let declared = body["contentType"].as_str().unwrap_or_default();
+    let essence = declared
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else {
+        return Ok(()); // refused as invalid base64 by the validator
+    };
+    if content_matches(&essence, &bytes) == Some(false) {
+        return Err(FhirError::at(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            "Binary.data",
+            format!("the content is not {essence}, as its contentType says: send the file as its own type"),
+        ));
+    }
+    Ok(())
 }
 
 fn patient_message(settings: &Settings, body: &Value) -> Result<(), FhirError> {

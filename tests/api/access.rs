@@ -437,7 +437,7 @@ both_backends! {
         let p2 = token_for(&app, "patient/Communication.crs patient/Binary.c", Some("Patient/p2"), Some("p2")).await;
         let d1 = token_for(&app, "user/Communication.rs", Some("Practitioner/d1"), None).await;
         // p2 uploads a photo and sends it to d2.
-        let r = p2.post(app.url("Binary")).header("content-type", "image/png").body(vec![9u8, 9, 9]).send().await.unwrap();
+        let r = p2.post(app.url("Binary")).header("content-type", "image/png").body(b"\x89PNG\r\n\x1a\n\x09\x09\x09".to_vec()).send().await.unwrap();
         assert_eq!(r.status(), 201);
         let photo = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
         assert_eq!(p2.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap().status(), 200, "the uploader reads it back");

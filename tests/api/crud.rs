@@ -1,5 +1,6 @@
 use crate::both_backends;
 use crate::helpers::*;
+use base64::Engine;
 use serde_json::{json, Value};
 
 both_backends! {
@@ -189,8 +190,62 @@ both_backends! {
         assert_eq!(app.search_ids("CommunicationRequest?occurrence=2025-03-01").await, vec![id]);
     }
 
+    // From an outside walk-through: a patient uploaded a Windows executable declared
+    // `application/pdf` and attached it as "lab-report\u{202E}fdp.exe", which the clinician's
+    // app showed as "lab-report…exe.pdf". A Binary's bytes must be what its type says, and a file
+    // name has no text-direction controls; nothing refused is stored.
+    async fn an_attachment_is_what_its_type_and_name_say(app: TestApp) {
+        let before = app.row_counts();
+        for (ct, bytes) in [
+            ("application/pdf", b"MZ\x90\x00\x03\x00\x00\x00".to_vec()),
+            ("image/png", b"MZ\x90\x00".to_vec()),
+            ("image/jpeg", b"%PDF-1.7".to_vec()),
+            ("image/gif", b"\x89PNG\r\n\x1a\n".to_vec()),
+            ("image/webp", b"RIFF\x00\x00\x00\x00WAVE".to_vec()),
+            ("image/heic", b"\x00\x00\x00\x18ftypisom".to_vec()),
+            ("text/plain", b"PK\x03\x04\x00\x00zip".to_vec()),
+            ("text/plain", vec![0xff, 0xfe, 0x00]),
+        ] {
+            let r = app.client.post(app.url("Binary")).header("content-type", ct).body(bytes.clone()).send().await.unwrap();
+            assert_eq!(r.status(), 415, "{ct}: {bytes:?}");
+            let oo: Value = r.json().await.unwrap();
+            assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains(ct), "{oo}");
+            // As FHIR JSON too.
+            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            let r = app.post("Binary", &json!({"resourceType": "Binary", "contentType": ct, "data": data})).await;
+            assert_eq!(r.status(), 415, "{ct} as JSON");
+        }
+        assert_eq!(before, app.row_counts(), "nothing refused is stored");
+        for (ct, bytes) in [
+            ("application/pdf", b"%PDF-1.7\n%\xe2\xe3".to_vec()),
+            ("image/png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec()),
+            ("image/jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF".to_vec()),
+            ("image/gif", b"GIF89a\x01\x00".to_vec()),
+            ("image/webp", b"RIFF\x24\x00\x00\x00WEBPVP8 ".to_vec()),
+            ("image/heic", b"\x00\x00\x00\x18ftypheic\x00\x00".to_vec()),
+            ("text/plain; charset=utf-8", "Blood pressure 140/90 — الضغط".as_bytes().to_vec()),
+        ] {
+            let r = app.client.post(app.url("Binary")).header("content-type", ct).body(bytes).send().await.unwrap();
+            assert_eq!(r.status(), 201, "{ct}");
+        }
+        let bin = app.create(&json!({"resourceType": "Binary", "contentType": "application/pdf", "data": "JVBERi0xLjc="})).await;
+        let with_title = |title: &str| json!({"resourceType": "Communication", "status": "completed",
+            "recipient": [{"reference": "Practitioner/dr-1"}],
+            "payload": [{"contentAttachment": {"contentType": "application/pdf", "url": format!("Binary/{bin}"), "title": title}}]});
+        let before = app.row_counts();
+        for title in ["lab-report\u{202E}fdp.exe", "\u{2067}exe.pdf\u{2069}", "a\u{202A}b.pdf"] {
+            let r = app.post("Communication", &with_title(title)).await;
+            assert_eq!(r.status(), 422, "{title:?}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["issue"][0]["expression"][0], "Communication.payload[0].contentAttachment.title", "{oo}");
+        }
+        assert_eq!(before, app.row_counts());
+        // A name in a right-to-left script is a name.
+        assert_eq!(app.post("Communication", &with_title("تقرير المختبر.pdf")).await.status(), 201);
+    }
+
     async fn binary_stores_raw_content_and_enforces_its_size_limit(app: TestApp) {
-        let png = vec![0x89u8, b'P', b'N', b'G', 0, 1, 2, 3, 255];
+        let png = b"\x89PNG\r\n\x1a\n\x00\x01\x02\x03\xff".to_vec();
         let r = app.client.post(app.url("Binary")).header("content-type", "image/png").body(png.clone()).send().await.unwrap();
         assert_eq!(r.status(), 201);
         let v: Value = r.json().await.unwrap();
@@ -260,7 +315,7 @@ async fn binary_over_the_limit_is_refused_with_413() {
         .client
         .post(app.url("Binary"))
         .header("content-type", "application/pdf")
-        .body(vec![7u8; 1001])
+        .body([&b"%PDF-"[..], &[7u8; 996]].concat())
         .send()
         .await
         .unwrap();
@@ -271,7 +326,7 @@ async fn binary_over_the_limit_is_refused_with_413() {
         .client
         .post(app.url("Binary"))
         .header("content-type", "application/pdf")
-        .body(vec![7u8; 1000])
+        .body([&b"%PDF-"[..], &[7u8; 995]].concat())
         .send()
         .await
         .unwrap();
@@ -333,7 +388,7 @@ async fn answers_that_can_hold_phi_are_never_cached() {
         .client
         .post(app.url("Binary"))
         .header("content-type", "image/png")
-        .body(vec![1u8, 2, 3])
+        .body(b"\x89PNG\r\n\x1a\n\x01\x02\x03".to_vec())
         .send()
         .await
         .unwrap();

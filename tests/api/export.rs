@@ -36,7 +36,13 @@ both_backends! {
         let from_p1 = app.create(&json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Patient/p1"},
             "recipient": [{"reference": "Practitioner/dr-1"}], "payload": [{"contentString": "Thanks"}]})).await;
         let to_p2 = app.create(&message("Patient/p2", "2026-11-01T11:00:00Z", "Private to p2")).await;
+        // The patient's own request is theirs; a clinician's, not sent yet, is not (what reaches
+        // the patient is the message it becomes).
         let request = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active", "subject": {"reference": "Patient/p1"},
+            "requester": {"reference": "Patient/p1"},
+            "recipient": [{"reference": "Practitioner/dr-1"}], "payload": [{"contentString": "Please renew my prescription"}]})).await;
+        let scheduled = app.create(&json!({"resourceType": "CommunicationRequest", "status": "active", "subject": {"reference": "Patient/p1"},
+            "requester": {"reference": "Practitioner/dr-1"}, "occurrenceDateTime": "2099-01-01T09:00:00Z",
             "recipient": [{"reference": "Patient/p1"}], "payload": [{"contentString": "Fasting from midnight"}]})).await;
         // The audit trail is the patient's to see when the token's scopes name AuditEvent.
         let p1 = token(&app, "patient/*.rs patient/AuditEvent.rs", Some("Patient/p1"), Some("p1"));
@@ -54,7 +60,10 @@ both_backends! {
         let mut expect = vec![to_p1.clone(), from_p1.clone()];
         expect.sort();
         assert_eq!(comms, expect);
-        assert_eq!(resources(&b, "CommunicationRequest")[0]["id"], request.as_str());
+        let requests = resources(&b, "CommunicationRequest");
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(requests[0]["id"], request.as_str());
+        assert!(!b.to_string().contains(&scheduled) && !b.to_string().contains("Fasting"));
         assert_eq!(resources(&b, "Binary")[0]["id"], bin.as_str());
         let receipts = resources(&b, "Parameters");
         assert!(receipts[0].to_string().contains(&to_p1) && receipts[0].to_string().contains("\"read\""));

@@ -256,7 +256,10 @@ async fn binary_entries_follow_the_binary_limit() {
             continue;
         };
         use base64::Engine;
-        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let b64 = |n: usize| {
+            base64::engine::general_purpose::STANDARD
+                .encode([&b"%PDF-"[..], &vec![7u8; n - 5]].concat())
+        };
         let bin = |n: usize| json!({"resourceType": "Binary", "contentType": "application/pdf", "data": b64(n)});
         // Over the Binary limit: 413 alone, as an entry, and as a raw upload.
         rejected(

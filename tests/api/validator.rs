@@ -53,7 +53,7 @@ async fn every_response_kind_validates_with_an_independent_validator() {
         .client
         .post(app.url("Binary"))
         .header("content-type", "image/png")
-        .body(vec![1u8, 2, 3])
+        .body(b"\x89PNG\r\n\x1a\n\x01\x02\x03".to_vec())
         .send()
         .await
         .unwrap();
