@@ -7,6 +7,12 @@ const $ = (id) => document.getElementById(id);
 const STORE_KEY = 'courier.session';
 const SEQ_KEY = 'courier.seq';
 const AGAIN_KEY = 'courier.sign-in-again'; // {href, text}: not PHI (a registered EHR's name)
+// When this page was last alive (ms; not PHI). A browser that restores a closed window ("Restore
+// pages", Ctrl+Shift+T, a restart) gives the tab its sessionStorage back, token and all: a start
+// this long after the page was left is such a restore, not a reload, and is signed out (a
+// ward PC's next user must not find the last one's inbox). The launch and step-up pages clear it.
+const LEFT_KEY = 'courier.left';
+const RESTORED_AFTER_MS = 15000;
 const ALERTS_KEY = 'courier.alerts-asked';
 const URGENT = ['urgent', 'asap', 'stat'];
 const PAGE = 50; // messages per page in a thread (older ones load on scroll)
@@ -107,6 +113,7 @@ function end(why) {
   if (why && why.startsWith('Your session has ended')) why += ' ' + againText;
   sessionStorage.removeItem(STORE_KEY);
   sessionStorage.removeItem(SEQ_KEY);
+  sessionStorage.removeItem(LEFT_KEY);
   token = null;
   session = session ? {fhirUser: null} : null;
   $('step-up').hidden = true;
@@ -612,10 +619,10 @@ function threadRow(t) {
   // The time shown is when the newest message was sent (the list is ordered by activity).
   const when = (last && (last.sent || updatedOf(last))) || t.sent || updatedOf(t);
   const b = el('button', {type: 'button', class: 'row', 'data-id': t.id, 'aria-current': current && current.header.id === t.id ? 'true' : null},
-    el('span', {class: 'who'}, who),
+    el('span', {class: 'who', dir: 'auto'}, who),
     el('time', {class: 'when', datetime: when}, shortTime(when)),
-    el('span', {class: 'topic'}, topicOf(t)),
-    preview ? el('span', {class: 'preview'}, preview.slice(0, 140)) : null,
+    el('span', {class: 'topic', dir: 'auto'}, topicOf(t)),
+    preview ? el('span', {class: 'preview', dir: 'auto'}, preview.slice(0, 140)) : null,
     el('span', {class: 'badges'},
       t.status === 'preparation' || draftThreads.has(t.id) ? el('span', {class: 'badge draft'}, 'Draft') : null,
       isStaffOnly(t) ? el('span', {class: 'badge staff'}, 'Staff only') : null,
@@ -655,6 +662,9 @@ function refreshFilterChoices() {
 
 // ----- thread view ---------------------------------------------------------------------------
 
+// The conversation whose messages could not be loaded when it was opened.
+let unopened = null;
+
 async function openThread(id) {
   await flushDraft();
   let header = threads.get(id);
@@ -680,7 +690,15 @@ async function openThread(id) {
   try {
     // The newest page first; older ones load when scrolled to (or with the button).
     page = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=-sent&_count=' + PAGE);
-  } catch (e) { showNotice(plain(e), 'open'); return; }
+  } catch (e) {
+    // Not an empty conversation to reply into: no composer until it loads (when Courier is
+    // back, see `connect`).
+    $('compose').hidden = true;
+    unopened = id;
+    showNotice('This conversation could not be loaded. ' + plain(e), 'open');
+    return;
+  }
+  unopened = null;
   if (!token || !current || current.header.id !== id) return;
   current.messages.set(header.id, header);
   const got = matches(page);
@@ -802,7 +820,7 @@ function renderMessage(m) {
   const when = m.sent || m.meta.lastUpdated;
   li.append(el('div', {class: 'meta'},
     staffNote ? el('span', {class: 'badge staff'}, 'Staff only — not shown to the patient') : null,
-    el('span', {class: 'from'}, nameOf(refOf(m.sender))),
+    el('span', {class: 'from', dir: 'auto'}, nameOf(refOf(m.sender))),
     el('time', {datetime: when}, FULL.format(new Date(when))),
     m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null));
   if (withdrawn) {
@@ -810,25 +828,30 @@ function renderMessage(m) {
     return li;
   }
   for (const p of (m.payload || [])) {
-    if (p.contentString) li.append(el('p', {class: 'text'}, p.contentString));
+    // A right-to-left message reads right to left (its punctuation at its own end).
+    if (p.contentString) li.append(el('p', {class: 'text', dir: 'auto'}, p.contentString));
     if (p.contentAttachment) li.append(attachmentView(p.contentAttachment));
   }
   if (mine) {
     li.append(el('div', {class: 'status', id: 'status-' + m.id}, receiptText(m.id) || (m.status === 'completed' ? 'Sent' : '')));
-    if (m.id !== (current && current.header.id)) li.append(withdrawButton(m));
+    if (m.id !== (current && current.header.id)) li.append(withdrawButton(m, when));
   }
   return li;
 }
 
 // Withdrawing one's own message takes two presses (no browser dialog): the message stays in the
 // thread as "withdrawn" for everyone (status entered-in-error).
-function withdrawButton(m) {
-  const b = el('button', {type: 'button', class: 'quiet small withdraw'}, 'Withdraw');
+function withdrawButton(m, when) {
+  // Which message it withdraws, for a screen reader (every button reads "Withdraw" on screen).
+  const words = (textOf(m) || '').slice(0, 40);
+  const label = 'Withdraw your message of ' + FULL.format(new Date(when)) + (words ? ': ' + words : '');
+  const b = el('button', {type: 'button', class: 'quiet small withdraw', 'aria-label': label}, 'Withdraw');
   let armed = null;
   b.addEventListener('click', async () => {
     if (!armed) {
       b.textContent = 'Press again to withdraw';
-      armed = setTimeout(() => { armed = null; b.textContent = 'Withdraw'; }, 5000);
+      b.setAttribute('aria-label', 'Press again to withdraw. ' + label);
+      armed = setTimeout(() => { armed = null; b.textContent = 'Withdraw'; b.setAttribute('aria-label', label); }, 5000);
       return;
     }
     clearTimeout(armed);
@@ -844,6 +867,7 @@ function withdrawButton(m) {
       showNotice('The message was not withdrawn. ' + plain(e), 'withdraw');
       b.disabled = false;
       b.textContent = 'Withdraw';
+      b.setAttribute('aria-label', label);
     }
   });
   return b;
@@ -879,18 +903,24 @@ async function binaryUrl(path, type) {
   return url;
 }
 
+// Text-direction controls make a file name read as another ("report\u202Efdp.exe" shows as
+// "reportexe.pdf"); Courier refuses them, and a name stored before is shown without them.
+const DIRECTION_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g;
+
 function attachmentView(a) {
-  const name = a.title || 'attachment';
+  const name = (a.title || '').replace(DIRECTION_CONTROLS, '') || 'attachment';
   const path = binaryPath(a.url);
   if (!path) return el('span', {class: 'attachment'}, 'Attachment (not stored in Courier, not opened): ' + name);
   const wrap = el('div', {class: 'attachment'});
   if (IMAGE.test(a.contentType || '')) {
     const img = el('img', {class: 'thumb', alt: 'Photo: ' + name});
     wrap.append(img);
+    const broken = () => img.replaceWith(el('span', {}, 'The photo could not be shown.'));
+    img.addEventListener('error', broken, {once: true});
     binaryUrl(path, a.contentType).then((u) => { img.src = u; }).catch(() => { img.replaceWith(el('span', {}, 'The photo could not be loaded.')); });
   }
   const size = a.size ? ' (' + (a.size > 1048576 ? (a.size / 1048576).toFixed(1) + ' MB' : Math.max(1, Math.round(a.size / 1024)) + ' KB') + ')' : '';
-  const b = el('button', {type: 'button', class: 'quiet small', 'aria-label': 'Download ' + name}, '⬇ ' + name + size);
+  const b = el('button', {type: 'button', class: 'quiet small', 'aria-label': 'Download ' + name}, '⬇ ', el('bdi', {}, name), size);
   b.addEventListener('click', async () => {
     try {
       const url = await binaryUrl(path, 'application/octet-stream');
@@ -1643,6 +1673,8 @@ function connect() {
     try { f = JSON.parse(m.data); } catch (e) { return; }
     if (f.type === 'ready') {
       wsBackoff = 1000; setConnection('Connected'); clearNotice('network'); remember(f.seq);
+      // A conversation opened while Courier could not be reached loads now.
+      if (unopened && current && current.header.id === unopened) openThread(unopened);
       // A new-conversation dialog opened while Courier could not be reached lists whom one can
       // write to now.
       if ($('new-dialog').open && recipientsError) loadRecipients().then(() => { if (token && $('new-dialog').open) { newError(''); fillTo(); } });
@@ -1681,6 +1713,8 @@ function onEvent(f) {
   if (f.event === 'receipt') {
     const r = f.receipt;
     showReceipt(f.id, {recipient: r.recipient.reference, delivered: r.delivered, read: r.read});
+    // Read on another of my devices: my counts change too.
+    if (r.recipient.reference === session.fhirUser) loadUnreadSoon();
     return;
   }
   const c = f.resource;
@@ -1772,11 +1806,22 @@ function setScope(scope) {
   renderThreads();
 }
 
+function alive() { if (token) sessionStorage.setItem(LEFT_KEY, String(Date.now())); }
+
 async function start() {
   try { session = JSON.parse(sessionStorage.getItem(STORE_KEY)); } catch (e) { session = null; }
   if (!session || !session.access_token) { end(); return; }
   sessionStorage.removeItem(AGAIN_KEY);
   token = session.access_token;
+  const left = Number(sessionStorage.getItem(LEFT_KEY) || 0);
+  if (left && Date.now() - left > RESTORED_AFTER_MS) {
+    signOut('Your session has ended because Courier was closed.');
+    return;
+  }
+  alive();
+  setInterval(alive, 5000);
+  window.addEventListener('pagehide', alive);
+  document.addEventListener('visibilitychange', alive);
   tokenExpires = Date.now() + (session.expires_in || 300) * 1000;
   const me = myName();
   $('me').textContent = me ? 'Signed in as ' + me : 'Signed in';

@@ -1506,7 +1506,7 @@ fn upgraded(token: &Value) -> HttpResponse {
     let data = launch::script_json(token);
     launch::script_page(&format!(
         "const k=\"courier.session\";const s=JSON.parse(sessionStorage.getItem(k)||\"null\");\
-         if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}sessionStorage.removeItem(\"courier.mfa\");location.replace(\"/app/\");"
+         if(s){{Object.assign(s,{data});delete s.step_up;sessionStorage.setItem(k,JSON.stringify(s));}}sessionStorage.removeItem(\"courier.mfa\");sessionStorage.removeItem(\"courier.left\");location.replace(\"/app/\");"
     ))
 }
 

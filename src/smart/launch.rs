@@ -1273,7 +1273,7 @@ fn handoff(session: &Value) -> HttpResponse {
     script_page(&format!(
         "const n={data};\
          try{{const o=JSON.parse(sessionStorage.getItem(\"courier.session\")||\"null\");if(o&&o.session&&o.session!==n.session)navigator.sendBeacon(\"/smart/logout\",new URLSearchParams({{session:o.session}}));}}catch(e){{}}\
-         sessionStorage.removeItem(\"courier.mfa\");sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");"
+         sessionStorage.removeItem(\"courier.mfa\");sessionStorage.removeItem(\"courier.left\");sessionStorage.setItem(\"courier.session\", JSON.stringify(n));location.replace(\"/app/\");"
     ))
 }
 

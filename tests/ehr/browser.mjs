@@ -354,6 +354,12 @@ try {
   // The patient withdraws her own message (two presses, no browser dialog).
   step('patient: withdraws a message');
   const mineReply = patient.locator('#messages li.mine', { hasText: REPLY });
+  // Each Withdraw button says which message it withdraws (a screen reader hears the label).
+  const labels = await patient.$$eval('#messages button.withdraw', (bs) => bs.map((b) => b.getAttribute('aria-label')));
+  check(labels.length > 0 && new Set(labels).size === labels.length && labels.every((l) => /^Withdraw your message of /.test(l || '')), `patient: Withdraw buttons are told apart (${labels.join(' | ')})`);
+  check((await mineReply.locator('button.withdraw').getAttribute('aria-label')).includes(REPLY.slice(0, 20)), 'patient: the Withdraw button names its message');
+  // Message text takes its direction from its own script.
+  check(await patient.$$eval('#messages li .text', (ps) => ps.length > 0 && ps.every((p) => p.getAttribute('dir') === 'auto')), 'patient: message text has dir=auto');
   await mineReply.locator('button.withdraw').click();
   await mineReply.locator('button.withdraw:text("Press again to withdraw")').click();
   await clinician.waitForSelector('#messages li.withdrawn', { timeout: 10000 });
@@ -723,10 +729,32 @@ try {
 
   // ---- Revoked elsewhere: the clinician's session ends outside this page (another device, the
   // EHR, an administrator); the page clears itself without any click. ----
-  step('clinician: session revoked elsewhere');
+  // A window closed without signing out and restored later ("Restore pages", Ctrl+Shift+T)
+  // gets its sessionStorage back; the restored page signs the session out, and so the
+  // clinician's open page ends too (revoked elsewhere).
+  step('clinician: a closed window restored later; session revoked elsewhere');
   const cs = await clinician.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')));
-  const out = await fetch(cfg.base + 'smart/logout', { method: 'POST', body: new URLSearchParams({ session: cs.session }), headers: { Authorization: 'Bearer ' + cs.access_token } });
-  check(out.status === 200, `clinician: logout elsewhere answered ${out.status}`);
+  const stored = await clinician.evaluate(() => Object.fromEntries(Object.entries(sessionStorage)));
+  check(Date.now() - Number(stored['courier.left'] || 0) < 15000, 'clinician: the page records that it is alive');
+  const restored = await clinician.context().newPage();
+  await restored.addInitScript((s) => {
+    if (sessionStorage.getItem('courier.session')) return;
+    for (const [k, v] of Object.entries(s)) sessionStorage.setItem(k, v);
+    sessionStorage.setItem('courier.left', String(Date.now() - 60000)); // closed a minute ago
+  }, stored);
+  await restored.goto(cfg.base + 'app/');
+  await restored.waitForSelector('#ended:not([hidden])');
+  const why = await restored.textContent('#ended-why');
+  check(/closed/.test(why), `clinician: a restored window says why it is signed out (got "${why}")`);
+  const rleft = await phiWhere(restored, [cfg.patient_name, 'Lab results', cfg.patient_mrn, cfg.colleague_name]);
+  check(rleft.length === 0, `clinician: PHI in a restored window: ${rleft.join('; ')}`);
+  let revoked = 0;
+  for (let i = 0; i < 50 && revoked !== 401; i++) {
+    revoked = (await fetch(cfg.base + 'Communication', { headers: { Authorization: 'Bearer ' + cs.access_token } })).status;
+    if (revoked !== 401) await new Promise((r) => setTimeout(r, 100));
+  }
+  check(revoked === 401, `clinician: the restored window's token is revoked (got ${revoked})`);
+  await restored.close();
   await clinician.waitForSelector('#ended:not([hidden])', { timeout: 15000 });
   const cleft = await phiWhere(clinician, [cfg.patient_name, 'Lab results', cfg.patient_mrn, cfg.other_patient_name, cfg.colleague_name]);
   check(cleft.length === 0, `clinician: PHI left in the page after the session was revoked elsewhere: ${cleft.join('; ')}`);
