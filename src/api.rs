@@ -267,6 +267,14 @@ pub async fn record_event_checked(state: &AppState, event: Value) -> Result<(), 
     }
 }
 
+/// Records an AuditEvent of something that has happened already (a disclosure over a socket):
+/// now, or once the store takes writes again (`audit::deferred`), saying it is late.
+pub async fn record_event_after(state: &AppState, event: Value) {
+    if try_record(state, event.clone()).await.is_err() {
+        state.deferred_audit.push(deferred(event, Late::AsItIs));
+    }
+}
+
 async fn try_record(state: &AppState, event: Value) -> Result<(), FhirError> {
     let request_id = event["entity"]
         .as_array()

@@ -1089,6 +1089,11 @@ async fn search_common(
                     || p.fhir_user.as_deref() == Some(pt.as_str())
             })
     });
+    if let Ok(r) = &result {
+        if let Some(d) = r.extensions().get::<Disclosed>() {
+            ctx.disclosed = d.0.clone();
+        }
+    }
     answer_audited(&state, &ctx, Interaction::SearchType, None, patient, result).await
 }
 
@@ -1104,10 +1109,26 @@ async fn search_inner(
     let search = parse_search(state, res_type, &pairs, prefer_strict(req))?;
     let p = access::principal(req)?;
     let page = access::search(state, &p, res_type, search.clone()).await?;
-    Ok(super::bundle::searchset(
-        &state.settings.base_url,
-        res_type,
-        &search,
-        &page,
-    ))
+    let mut answer = super::bundle::searchset(&state.settings.base_url, res_type, &search, &page);
+    // Whose data the page disclosed: each patient goes into the search's AuditEvent (an outside
+    // probe's clinician searched `Communication?status=completed`, got a patient's messages,
+    // and the patient's accounting of disclosures never showed it).
+    let bodies: Vec<Value> = page
+        .matches
+        .iter()
+        .chain(&page.included)
+        .filter_map(|s| {
+            s.body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+        })
+        .collect();
+    answer
+        .extensions_mut()
+        .insert(Disclosed(audit::patients_of(&bodies)));
+    Ok(answer)
 }
+
+/// The patients whose data an answer disclosed (for its AuditEvent).
+#[derive(Clone)]
+pub struct Disclosed(pub Vec<String>);

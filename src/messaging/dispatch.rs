@@ -377,6 +377,7 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
         return;
     };
     let outcome = post(http, &sub, &body, &secret).await;
+    let disclosed = patients_in(&body["__notification"]);
     let s = store.clone();
     let id = sub.id.clone();
     let attempts = sub.attempts;
@@ -388,7 +389,7 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
                     vec![upto.into(), now.into(), id.into()],
                 )?;
                 if kind == "event-notification" {
-                    audit_disclosure(&s, &sub, sub.delivered + 1, upto);
+                    audit_disclosure(&s, &sub, sub.delivered + 1, upto, disclosed);
                 }
             }
             Err(why) => {
@@ -450,14 +451,27 @@ pub fn spawn(
     })
 }
 
+/// The patients whose resources a notification carries (`full-resource` content).
+fn patients_in(notification: &Value) -> Vec<String> {
+    let resources = notification["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["resource"])
+        .filter(|r| r.is_object() && r["resourceType"] != "SubscriptionStatus");
+    crate::audit::patients_of(resources)
+}
+
 /// Records that notifications `from..=to` went to the subscription's owner: an AuditEvent per
-/// delivery (the subscription, the owner's client, how many events and the content level — not
-/// what they were about). Failures are logged, never fatal to delivery.
-fn audit_disclosure(store: &Store, sub: &SubRow, from: i64, to: i64) {
+/// delivery (the subscription, the owner's client, how many events and the content level, and
+/// the patients whose resources it carried, so that their accounting of disclosures shows it).
+/// Failures are logged, never fatal to delivery.
+fn audit_disclosure(store: &Store, sub: &SubRow, from: i64, to: i64, disclosed: Vec<String>) {
     // The recipient of the disclosure is the owner's client (and user).
     let mut ctx = crate::audit::Context::job(&store.base_url, "subscription delivery");
     ctx.user = sub.owner_user.clone();
     ctx.client_id = Some(sub.owner_client.clone());
+    ctx.disclosed = disclosed;
     let what = format!("Subscription/{}", sub.id);
     let mut event = crate::audit::event(
         &ctx,
@@ -705,8 +719,8 @@ async fn channel(
                     let to = (last + row.max_count).min(row.events_since_start);
                     let Ok(Ok(b)) = notification(&state.store, &row, "event-notification", last + 1, to).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
-                    let (s, r, from) = (state.store.clone(), row.clone(), last + 1);
-                    let _ = web::block(move || audit_disclosure(&s, &r, from, to)).await;
+                    let (s, r, from, disclosed) = (state.store.clone(), row.clone(), last + 1, patients_in(&b));
+                    let _ = web::block(move || audit_disclosure(&s, &r, from, to, disclosed)).await;
                     last = to;
                     last_sent = Instant::now();
                 }

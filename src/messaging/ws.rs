@@ -184,10 +184,78 @@ async fn run(
     stream: actix_ws::MessageStream,
 ) {
     let mut stream = stream.max_frame_size(64 * 1024).aggregate_continuations();
-    let stop = serve(&state, ctx, &source, &mut session, &mut stream).await;
+    let mut told = Disclosures::default();
+    let stop = serve(&state, ctx, &source, &mut session, &mut stream, &mut told).await;
+    told.record(&state).await;
     if let Stop::Close(reason) = stop {
         let _ = session.close(reason).await;
     }
+}
+
+/// What a socket has sent, for its AuditEvents: whose data, how many events, which seqs. A
+/// catch-up replays up to `MAX_CATCH_UP` whole resources, and live events carry them too: each is
+/// a disclosure to the socket's user, which the patients concerned must find in their
+/// accounting (`AuditEvent?patient=`; an outside probe found only the socket's login there).
+/// Recorded after a catch-up, every `CHECK_EVERY` while events flow, and when the socket ends.
+#[derive(Default)]
+struct Disclosures {
+    /// The socket's session, once authenticated (user, client, token).
+    ctx: Option<crate::audit::Context>,
+    patients: std::collections::BTreeSet<String>,
+    events: usize,
+    seqs: Option<(i64, i64)>,
+}
+
+impl Disclosures {
+    fn note(&mut self, e: &Event) {
+        self.events += 1;
+        self.seqs = Some(
+            self.seqs
+                .map_or((e.seq, e.seq), |(a, b)| (a.min(e.seq), b.max(e.seq))),
+        );
+        if let Some(p) = patient_in(e) {
+            self.patients.insert(p);
+        }
+    }
+
+    async fn record(&mut self, state: &AppState) {
+        let (Some(ctx), Some((from, to))) = (&self.ctx, self.seqs) else {
+            return;
+        };
+        let mut ctx = ctx.clone();
+        ctx.request_id = uuid::Uuid::new_v4().to_string();
+        ctx.disclosed = std::mem::take(&mut self.patients).into_iter().collect();
+        let mut event =
+            crate::audit::event(&ctx, crate::audit::Interaction::Operation, None, None, None);
+        event["outcomeDesc"] = json!(format!(
+            "sent {} events ({from}-{to}) with their resources over the WebSocket",
+            self.events
+        ));
+        self.events = 0;
+        self.seqs = None;
+        crate::api::record_event_after(state, event).await;
+    }
+}
+
+/// The patient an event's resource concerns (its subject, else a Patient it names).
+fn patient_in(e: &Event) -> Option<String> {
+    let patients = e.entries.iter().filter_map(|x| match x {
+        crate::search::index::Entry::Ref {
+            param,
+            target_type: Some(t),
+            target_id: Some(id),
+            url: None,
+        } if t == "Patient" => Some((param.ends_with(".subject"), format!("Patient/{id}"))),
+        _ => None,
+    });
+    let mut first = None;
+    for (subject, p) in patients {
+        if subject {
+            return Some(p);
+        }
+        first.get_or_insert(p);
+    }
+    first
 }
 
 async fn next_text(
@@ -226,6 +294,7 @@ async fn serve(
     source: &Source,
     session: &mut actix_ws::Session,
     stream: &mut actix_ws::AggregatedMessageStream,
+    told: &mut Disclosures,
 ) -> Stop {
     let hub: Arc<Hub> = state.hub.clone();
     let first = match tokio::time::timeout(AUTH_TIMEOUT, next_text(stream, session)).await {
@@ -279,13 +348,16 @@ async fn serve(
         )
         .await;
     }
+    told.ctx = Some(opened);
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();
     let mut last = frame.since.unwrap_or(head).min(head).max(0);
     // Catch-up from the log, then live from the channel (events up to `head` are in the log;
     // the channel holds everything after it, and anything already sent is skipped by seq).
-    match catch_up(&hub, &viewer, session, last, head).await {
+    let caught = catch_up(&hub, &viewer, session, last, head, told).await;
+    told.record(state).await;
+    match caught {
         Ok(Some(seq)) => last = seq,
         Ok(None) => {
             if let Err(stop) = send(session, &json!({"type": "resync", "seq": head})).await {
@@ -332,14 +404,17 @@ async fn serve(
                     if viewer.revoked() {
                         return refuse(session, 4401, "revoked", "the access token has been revoked").await;
                     }
-                    if viewer.sees(&e) && session.text(e.text.clone()).await.is_err() {
-                        return Stop::Gone;
+                    if viewer.sees(&e) {
+                        if session.text(e.text.clone()).await.is_err() {
+                            return Stop::Gone;
+                        }
+                        told.note(&e);
                     }
                 }
                 Err(RecvError::Lagged(_)) => {
                     // Too slow for the channel: what was dropped is read back from the log.
                     let upto = hub.head();
-                    match catch_up(&hub, &viewer, session, last, upto).await {
+                    match catch_up(&hub, &viewer, session, last, upto, told).await {
                         Ok(Some(seq)) => last = seq,
                         Ok(None) => {
                             if let Err(stop) = send(session, &json!({"type": "resync", "seq": upto})).await {
@@ -362,6 +437,7 @@ async fn serve(
                 return refuse(session, 4401, "expired", "the access token has expired: refresh it and reconnect").await;
             }
             _ = check.tick() => {
+                told.record(state).await;
                 // Still valid? And group memberships as they are now (a member removed from a
                 // care team stops hearing of its messages within this interval).
                 let st = state.clone();
@@ -394,6 +470,7 @@ async fn catch_up(
     session: &mut actix_ws::Session,
     from: i64,
     upto: i64,
+    told: &mut Disclosures,
 ) -> Result<Option<i64>, Stop> {
     if upto - from > MAX_CATCH_UP as i64 {
         return Ok(None);
@@ -415,6 +492,7 @@ async fn catch_up(
             }
             if viewer.sees(e) {
                 session.text(e.text.clone()).await.map_err(|_| Stop::Gone)?;
+                told.note(e);
             }
         }
         last = end.min(upto);

@@ -1,7 +1,7 @@
 use crate::both_backends;
 use crate::helpers::*;
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 async fn audit_events(app: &TestApp, query: &str) -> Vec<Value> {
     let b = app
@@ -497,5 +497,69 @@ both_backends! {
             want.sort();
             assert_eq!(got, &want, "{q}");
         }
+    }
+}
+
+both_backends! {
+    // From an outside probe: a clinician's search that named no patient
+    // (`Communication?status=completed`), and a socket's catch-up that replayed every message
+    // the user may see, disclosed patients' messages without a trace in those patients'
+    // accounting (`AuditEvent?patient=`). Each now names every patient whose data it carried.
+    async fn every_patient_whose_data_was_disclosed_finds_it_in_their_audit_trail(app: TestApp) {
+        let to = |p: &str, text: &str| json!({"resourceType": "Communication", "status": "completed",
+            "subject": {"reference": format!("Patient/{p}")}, "sender": {"reference": "Practitioner/dr-1"},
+            "recipient": [{"reference": format!("Patient/{p}")}, {"reference": "Practitioner/dr-2"}],
+            "sent": "2026-12-01T10:00:00Z", "payload": [{"contentString": text}]});
+        app.create(&to("d1", "for d1")).await;
+        app.create(&to("d2", "for d2")).await;
+        app.create(&to("d3", "for d3")).await;
+        let mut third = to("d3", "not for dr-2");
+        third["recipient"] = json!([{"reference": "Patient/d3"}]);
+        app.create(&third).await;
+        let dr2 = client_with_token(&crate::messaging::user_token(&app, "user/Communication.rs", "Practitioner/dr-2", None));
+        let count = |q: String| {
+            let app = &app;
+            async move { app.get_json(&format!("AuditEvent?{q}&_summary=count")).await["total"].as_i64().unwrap() }
+        };
+        // dr-2's events in each patient's trail (the counts themselves are another client's).
+        let trail = |p: &str| format!("agent=Practitioner/dr-2&patient=Patient/{p}");
+        let before = [count(trail("d1")).await, count(trail("d2")).await, count(trail("d3")).await];
+
+        // A search that names no patient.
+        let r = dr2.get(app.url("Communication?status=completed")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let b: Value = r.json().await.unwrap();
+        assert_eq!(b["entry"].as_array().unwrap().len(), 3, "d1's, d2's and d3's first message: {b}");
+        let after = [count(trail("d1")).await, count(trail("d2")).await, count(trail("d3")).await];
+        assert_eq!([after[0] - before[0], after[1] - before[1], after[2] - before[2]], [1, 1, 1], "one search event in each trail");
+        let ev = &app.get_json("AuditEvent?patient=Patient/d1&agent=Practitioner/dr-2&subtype=search-type&_sort=-date&_count=1").await["entry"][0]["resource"];
+        let named: Vec<&str> = strs(ev, &["entity", "what", "reference"]);
+        for p in ["Patient/d1", "Patient/d2", "Patient/d3"] {
+            assert!(named.contains(&p), "{p} in {ev}");
+        }
+        assert!(!ev.to_string().contains("PatientQuery"), "three patients: not BALP's one-patient profile: {ev}");
+        // A search with nothing found names no one.
+        let r = dr2.get(app.url("Communication?status=entered-in-error")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(count(trail("d1")).await, after[0]);
+
+        // A socket's catch-up: the messages it replayed, by patient, when it ends.
+        let token = crate::messaging::user_token(&app, "user/Communication.rs", "Practitioner/dr-2", None);
+        let (ws, events, _) = crate::messaging::Ws::open(&app, &token, Some(0)).await;
+        assert!(events.len() >= 3, "{}", events.len());
+        drop(ws);
+        let mut by_socket = 0;
+        for _ in 0..50 {
+            let b = app.get_json("AuditEvent?patient=Patient/d2&agent=Practitioner/dr-2&subtype=operation&_count=50").await;
+            by_socket = b["entry"].as_array().map_or(0, |a| a.iter().filter(|e| e["resource"]["outcomeDesc"].as_str().unwrap_or("").contains("over the WebSocket")).count());
+            if by_socket > 0 { break; }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(by_socket, 1, "the catch-up is in d2's trail");
+        let ev = app.get_json("AuditEvent?patient=Patient/d2&agent=Practitioner/dr-2&subtype=operation&_sort=-date&_count=1").await;
+        let ev = &ev["entry"][0]["resource"];
+        assert!(strs(ev, &["agent", "who", "reference"]).contains(&"Practitioner/dr-2"), "{ev}");
+        let named = strs(ev, &["entity", "what", "reference"]);
+        assert!(["Patient/d1", "Patient/d2", "Patient/d3"].iter().all(|p| named.contains(p)), "{ev}");
     }
 }

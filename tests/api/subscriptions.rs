@@ -251,6 +251,17 @@ both_backends! {
         assert_eq!(seen, vec![(1, first.clone()), (2, second.clone())]);
         assert_eq!(n1["entry"][1]["resource"]["payload"][0]["contentString"], "for p1", "full-resource content");
         assert!(!hook.got.lock().iter().any(|(_, b)| b.contains("for p2 only")), "nothing outside the grant");
+        // Each delivery's AuditEvent names the patient whose message it carried (their
+        // accounting of disclosures finds it), and no other.
+        let mut delivered = 0;
+        for _ in 0..50 {
+            let b = app.get_json(&format!("AuditEvent?patient=Patient/p1&entity=Subscription/{id}")).await;
+            delivered = b["entry"].as_array().map_or(0, |a| a.len());
+            if delivered >= 1 { break; }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(delivered >= 1, "the deliveries are in p1's audit trail: {delivered}");
+        assert_eq!(app.get_json(&format!("AuditEvent?patient=Patient/p2&entity=Subscription/{id}&_summary=count")).await["total"], 0);
 
         // The receiver fails twice: Courier retries with backoff, and the numbering carries on.
         hook.fail.store(2, Ordering::SeqCst);

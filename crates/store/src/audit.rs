@@ -28,6 +28,10 @@ pub struct Context {
     pub query: Option<String>,
     /// The user acts under an emergency-access grant: the AuditEvent's purpose is BTG.
     pub emergency: bool,
+    /// Patients whose data the interaction disclosed besides the one it names (a search's
+    /// results, a socket's or subscription's deliveries): each is a Patient entity, so that
+    /// `AuditEvent?patient=` — a patient's accounting of disclosures — finds the event.
+    pub disclosed: Vec<String>,
 }
 
 impl Context {
@@ -170,6 +174,12 @@ pub fn event(
 ) -> Value {
     let agents = agents_of(ctx, interaction);
     let mut entities = entities_of(ctx, interaction, what, patient);
+    let mut named: std::collections::BTreeSet<&str> = patient.into_iter().collect();
+    for p in &ctx.disclosed {
+        if named.insert(p.as_str()) {
+            entities.push(patient_entity(p));
+        }
+    }
     let mut ev = json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "Restful Operation"},
@@ -186,7 +196,8 @@ pub fn event(
     // Moved in rather than interpolated: `json!` copies an interpolated Value by serialising it.
     ev["agent"] = Value::Array(agents);
     match failure {
-        None => claim_profile(&mut ev, interaction, patient),
+        // BALP's Patient* profiles name one patient; more disclosed take the plain profile.
+        None => claim_profile(&mut ev, interaction, named.len() == 1),
         Some(f) => record_failure(&mut ev, &mut entities, f),
     }
     if !entities.is_empty() {
@@ -297,16 +308,31 @@ fn entities_of(
         _ => {}
     }
     if let Some(p) = patient {
-        entities.push(obj([
-            ("what", json!({"reference": p})),
-            (
-                "type",
-                json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"}),
-            ),
-            ("role", object_role("1", "Patient")),
-        ]));
+        entities.push(patient_entity(p));
     }
     entities
+}
+
+/// The BALP Patient entity for `p` (`Patient/id`).
+fn patient_entity(p: &str) -> Value {
+    obj([
+        ("what", json!({"reference": p})),
+        (
+            "type",
+            json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"}),
+        ),
+        ("role", object_role("1", "Patient")),
+    ])
+}
+
+/// The patients of `resources` (each as [`patient_of`] finds it), once each, in first-seen order.
+pub fn patients_of<'a>(resources: impl IntoIterator<Item = &'a Value>) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    resources
+        .into_iter()
+        .filter_map(patient_of)
+        .filter(|p| seen.insert(p.clone()))
+        .collect()
 }
 
 /// A search's query (the raw request, base64) as a BALP Query entity.
@@ -333,9 +359,9 @@ fn object_role(code: &str, display: &str) -> Value {
 
 /// A successful interaction claims its BALP profile (the `Patient*` one when a patient is
 /// involved), if BALP defines one.
-fn claim_profile(ev: &mut Value, interaction: Interaction, patient: Option<&str>) {
+fn claim_profile(ev: &mut Value, interaction: Interaction, one_patient: bool) {
     if let Some(profile) = interaction.profile() {
-        let name = if patient.is_some() {
+        let name = if one_patient {
             format!("{BALP}Patient{profile}")
         } else {
             format!("{BALP}{profile}")
