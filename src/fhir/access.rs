@@ -119,11 +119,73 @@ pub async fn read(
             policy::admits(c, &entries)
         }
     };
-    if visible {
-        Ok(s)
-    } else {
-        Err(unknown())
+    if !visible {
+        return Err(unknown());
     }
+    // An earlier version of a withdrawn message is its author's (see `recalled`).
+    if confined && res_type == "Communication" && version.is_some() {
+        let current = current_of(state, res_type, id).await?;
+        if current
+            .as_ref()
+            .is_some_and(|c| c.1 != s.version_id && recalled(state, p, &c.0))
+        {
+            return Err(unknown());
+        }
+    }
+    Ok(s)
+}
+
+/// The current version of `res_type/id` (its body and version), if it is live.
+async fn current_of(
+    state: &AppState,
+    res_type: &str,
+    id: &str,
+) -> Result<Option<(Value, i64)>, FhirError> {
+    let store = state.store.clone();
+    let (rt, rid) = (res_type.to_string(), id.to_string());
+    match blocking(move || Ok(store.read(&rt, &rid))).await? {
+        Ok(s) => Ok(Some((body_value(&s), s.version_id))),
+        Err(StoreError::NotFound(..) | StoreError::Gone(..)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Is `current` a withdrawn message (`entered-in-error`) that `p` did not write? Withdrawing
+/// recalls the content: the withdrawn version has none, and the versions before it are kept
+/// for the author and for compliance (an unconfined client), never shown to its readers.
+pub fn recalled(state: &AppState, p: &Principal, current: &Value) -> bool {
+    current["status"] == "entered-in-error"
+        && !crate::messaging::rules::acting_as(p, "Communication").is_some_and(|me| {
+            current["sender"]["reference"].as_str().is_some_and(|r| {
+                crate::messaging::hub::local_ref(r, &state.settings.base_url) == me
+            })
+        })
+}
+
+/// Drops from `versions` (a history, for a confined `p`) the earlier versions of withdrawn
+/// messages that `p` did not write.
+pub async fn without_recalled(
+    state: &AppState,
+    p: &Principal,
+    versions: Vec<Stored>,
+) -> Result<Vec<Stored>, FhirError> {
+    let mut current: std::collections::HashMap<String, Option<(Value, i64)>> = Default::default();
+    let mut out = Vec::with_capacity(versions.len());
+    for s in versions {
+        if s.res_type == "Communication" {
+            if !current.contains_key(&s.id) {
+                let c = current_of(state, "Communication", &s.id).await?;
+                current.insert(s.id.clone(), c);
+            }
+            if let Some(Some((c, v))) = current.get(&s.id) {
+                if *v != s.version_id && recalled(state, p, c) {
+                    continue;
+                }
+            }
+        }
+        out.push(s);
+    }
+    Ok(out)
 }
 
 fn binary_reachable_by_all(state: &AppState, p: &Principal, res_type: &str) -> bool {

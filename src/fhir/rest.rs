@@ -938,6 +938,8 @@ async fn history_inner(
     if filter.is_some() {
         // Older versions may have been outside the grant even though the current one is not.
         versions.retain(|s| access::may_see(state, &p, s));
+        // Nor are a withdrawn message's earlier versions its readers' (its content is recalled).
+        versions = access::without_recalled(state, &p, versions).await?;
     }
     let base = &state.settings.base_url;
     let path = match &id {

@@ -225,10 +225,15 @@ impl Hub {
 }
 
 /// `Type/id` of a reference to this server (relative or absolute under `base`); others unchanged.
+/// One `/` after the base, as the search index reads it (`index::parse_reference`): a reference
+/// that the index does not take for a local one is not one here either (an outside probe's
+/// `base//Communication/x` passed as local here and not in the index).
 pub fn local_ref(reference: &str, base: &str) -> String {
     reference
         .strip_prefix(base)
-        .map(|r| r.trim_start_matches('/').to_string())
+        .and_then(|r| r.strip_prefix('/'))
+        .filter(|r| !r.starts_with('/'))
+        .map(String::from)
         .unwrap_or_else(|| reference.to_string())
 }
 

@@ -475,6 +475,21 @@ pub async fn prepare(
     if let Some(v) = &replaced {
         inherited |= super::staff_only::is_labelled(v);
     }
+    // Withdrawing a message (`entered-in-error`) recalls its content: the new version carries no
+    // payload, so no reader, search, socket or subscription gets it from here on (an outside
+    // walk-through's recipient still read a withdrawn message's text through the API). The
+    // versions before stay in the record for its author and for compliance (`fhir::access`
+    // keeps them from everyone else).
+    if res_type == "Communication"
+        && body["status"] == "entered-in-error"
+        && replaced
+            .as_ref()
+            .is_some_and(|v| v["status"] != "entered-in-error")
+    {
+        if let Some(o) = body.as_object_mut() {
+            o.remove("payload");
+        }
+    }
     // A message sent without `sent` was sent now: the app, and every inbox, orders a thread by
     // `sent`, where one without it came out oldest and missing from the newest page (an outside
     // walk-through). Only when it is sent: created completed, or a draft completed now.

@@ -1090,3 +1090,53 @@ both_backends! {
         assert_eq!(post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "x")).await["sent"], "2026-11-28T10:00:00Z");
     }
 }
+
+both_backends! {
+    // From an outside walk-through: a clinician withdrew a message sent to the wrong patient,
+    // and that patient still read its text through search, `_history` and vread. Withdrawing
+    // recalls the content: the withdrawn version has none, and the versions before are the
+    // author's (and compliance's) alone.
+    async fn a_withdrawn_message_s_content_is_recalled_from_its_readers(app: TestApp) {
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let r = dr.post(app.url("Communication")).json(&msg("Practitioner/dr-1", &["Patient/p1"], "WRONGPATIENT biopsy result")).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let sent: Value = r.json().await.unwrap();
+        let id = sent["id"].as_str().unwrap().to_string();
+        let (mut ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+        assert!(p1.get(app.url(&format!("Communication/{id}"))).send().await.unwrap().text().await.unwrap().contains("WRONGPATIENT"));
+        // Withdrawn by its author, with the body as read (payload and all).
+        let mut w = sent.clone();
+        w["status"] = json!("entered-in-error");
+        let r = dr.put(app.url(&format!("Communication/{id}"))).json(&w).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v.get("payload").is_none(), "{v}");
+        let e = ws.next().await.expect("the withdrawal reaches the socket");
+        assert!(!e.to_string().contains("WRONGPATIENT"), "{e}");
+        // The patient: nothing of the text, on any path.
+        for path in [
+            format!("Communication/{id}"),
+            "Communication?status=entered-in-error".to_string(),
+            format!("Communication/{id}/_history"),
+            "Communication/_history".to_string(),
+            format!("Communication?_id={id}"),
+        ] {
+            let r = p1.get(app.url(&path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            assert!(!r.text().await.unwrap().contains("WRONGPATIENT"), "{path}");
+        }
+        let r = p1.get(app.url(&format!("Communication/{id}/_history/1"))).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        assert!(!r.text().await.unwrap().contains("WRONGPATIENT"));
+        assert_eq!(p1.get(app.url(&format!("Communication/{id}/_history/2"))).send().await.unwrap().status(), 200);
+        // Its author and compliance keep the record.
+        for c in [&dr, &app.client] {
+            let r = c.get(app.url(&format!("Communication/{id}/_history/1"))).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert!(r.text().await.unwrap().contains("WRONGPATIENT"));
+        }
+        let h = dr.get(app.url(&format!("Communication/{id}/_history"))).send().await.unwrap().text().await.unwrap();
+        assert!(h.contains("WRONGPATIENT"), "the author's history keeps it");
+    }
+}
