@@ -369,11 +369,29 @@ function nameOf(ref) {
   if (!ref) return 'Unknown';
   if (ref === session.fhirUser) return 'You';
   const p = people.get(ref);
-  if (p && p.name) return p.name;
+  if (p && p.name) return p.name + twin(ref, p);
   if (ref === session.patient && session.patient_display && session.patient_display.name) return session.patient_display.name;
   if (/^Patient\//.test(ref)) return 'Patient (name not known)';
   if (/^(Group|CareTeam)\//.test(ref)) return 'Care team';
   return 'Clinician (name not known)';
+}
+
+// Two people of one name are told apart (an outside walk-through: two "Grace Hopper"s in a
+// patient's list, and in a colleague's staff-only picker): by role, else birth date, else the
+// end of their reference.
+function twin(ref, p) {
+  const key = p.name.trim().toLowerCase();
+  let other = null;
+  for (const [r, q] of people) {
+    if (r !== ref && q && q.name && q.name.trim().toLowerCase() === key) { other = q; break; }
+  }
+  return other ? ' (' + tellApart(ref, p, other) + ')' : '';
+}
+
+function tellApart(ref, p, other) {
+  if (p.role && p.role !== other.role) return p.role;
+  if (p.birthDate && p.birthDate !== other.birthDate) return 'born ' + born(p.birthDate);
+  return '…' + ref.split('/').pop().slice(-4);
 }
 
 function referenceTo(ref) {
@@ -526,7 +544,7 @@ function textOf(c) {
   const p = (c.payload || []).find((x) => x.contentString);
   if (p) return p.contentString;
   const a = (c.payload || []).find((x) => x.contentAttachment);
-  return a ? 'Attachment: ' + (a.contentAttachment.title || 'file') : '';
+  return a ? 'Attachment: ' + ((a.contentAttachment.title || '').replace(DIRECTION_CONTROLS, '') || 'file') : '';
 }
 
 function topicOf(t) {
@@ -692,10 +710,12 @@ async function openThread(id) {
     page = await api('GET', '/Communication?part-of=' + encodeURIComponent('Communication/' + id) + '&_sort=-sent&_count=' + PAGE);
   } catch (e) {
     // Not an empty conversation to reply into: no composer until it loads (when Courier is
-    // back, see `connect`).
+    // back, see `connect`, or in a few seconds). Only if it is still the one open.
+    if (!current || current.header.id !== id) return;
     $('compose').hidden = true;
     unopened = id;
     showNotice('This conversation could not be loaded. ' + plain(e), 'open');
+    setTimeout(() => { if (token && unopened === id && current && current.header.id === id) openThread(id); }, 10000);
     return;
   }
   unopened = null;
@@ -1300,7 +1320,12 @@ function fillTo() {
   for (const src of ['pool', 'care-team', 'correspondent']) {
     if (!groups[src] || toThePatient) continue;
     const og = el('optgroup', {label: SOURCE[src]});
-    for (const r of groups[src]) og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '')));
+    for (const r of groups[src]) {
+      // Of two of one name (and role), each says which it is.
+      const twins = recipientsList.filter((x) => x.reference !== r.reference && r.name && x.name === r.name && x.role === r.role);
+      const which = twins.length ? ' (…' + r.reference.split('/').pop().slice(-4) + ')' : '';
+      og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '') + which));
+    }
     sel.append(og);
   }
   if (!isPatient() && (staff || !session.patient)) sel.append(el('option', {value: 'other'}, 'Someone else (enter their reference)…'));
@@ -1537,6 +1562,7 @@ async function saveNotices(ev) {
 async function openNew() {
   $('new-form').reset();
   newError('');
+  typedConfirmed = null;
   if ($('new-thread').dataset.busy) return;
   $('new-thread').dataset.busy = '1';
   try { await loadRecipients(); } finally { delete $('new-thread').dataset.busy; }
@@ -1557,6 +1583,9 @@ async function openNew() {
   }
   $('new-dialog').showModal();
 }
+
+// The typed reference whose person the dialog has named (a second Start goes on).
+let typedConfirmed = null;
 
 async function startThread(ev) {
   ev.preventDefault();
@@ -1583,12 +1612,26 @@ async function startThread(ev) {
   const text = $('new-text').value.trim();
   if (!text) { newError('Write your message.', 'new-text'); return; }
   if (tooLong(text)) { newError(tooLong(text), 'new-text'); return; }
+  // A typed reference: whom it names is said before anything is sent (an outside walk-through
+  // wrote to a patient, and to a practitioner who does not exist, by reference alone).
+  if ($('new-to').value === 'other' && typedConfirmed !== to) {
+    await wantPeople([to]);
+    if (!token) return;
+    const p = people.get(to);
+    typedConfirmed = to;
+    newError(p && p.name
+      ? 'You are writing to ' + nameOf(to) + (p.birthDate ? ', born ' + born(p.birthDate) : '') + (p.role ? ' — ' + p.role : '') +
+        (/^Patient\//.test(to) ? ' (the patient: they will read it)' : '') + '. Press Start conversation again to go on.'
+      : 'Courier does not know ' + to + ': check the reference — a message to it may reach no one. Press Start conversation again to write to it anyway.', toField);
+    return;
+  }
   const base = {
     resourceType: 'Communication',
     sender: referenceTo(session.fhirUser),
     recipient: [referenceTo(to)],
   };
   if (session.patient) base.subject = {reference: session.patient};
+  else if (/^Patient\//.test(to)) base.subject = {reference: to};
   const category = $('new-category').value;
   if (category) base.category = [{coding: [{system: config.category_system, code: category}]}];
   $('new-send').disabled = true;
@@ -1814,14 +1857,16 @@ async function start() {
   sessionStorage.removeItem(AGAIN_KEY);
   token = session.access_token;
   const left = Number(sessionStorage.getItem(LEFT_KEY) || 0);
-  if (left && Date.now() - left > RESTORED_AFTER_MS) {
+  // A tab the browser discarded to save memory and reloads when shown again was never closed.
+  if (left && !document.wasDiscarded && Date.now() - left > RESTORED_AFTER_MS) {
     signOut('Your session has ended because Courier was closed.');
     return;
   }
   alive();
   setInterval(alive, 5000);
-  window.addEventListener('pagehide', alive);
+  for (const e of ['pagehide', 'pageshow', 'focus']) window.addEventListener(e, alive);
   document.addEventListener('visibilitychange', alive);
+  document.addEventListener('resume', alive);
   tokenExpires = Date.now() + (session.expires_in || 300) * 1000;
   const me = myName();
   $('me').textContent = me ? 'Signed in as ' + me : 'Signed in';

@@ -138,6 +138,13 @@ impl Application {
             .then(|| settings.database_url.clone());
         let hub = crate::messaging::hub::Hub::start(store.clone(), pg_url.clone())?;
         crate::messaging::away::init(&store)?;
+        // A shared inbox that reaches no one is not offered to anyone (`$recipients`): say so.
+        for (label, group) in &settings.message_pools {
+            if crate::messaging::groups::members(&store, group)?.is_empty() {
+                tracing::warn!(pool = %label, %group,
+                    "COURIER_MESSAGE_POOLS names a Group that Courier does not hold, or holds without members: the shared inbox is not offered until it has some");
+            }
+        }
         let leader = Arc::new(crate::messaging::dispatch::Leader::new(pg_url));
         let abuse = Arc::new(crate::auth::abuse::Abuse::new(&settings));
         let settings_arc = Arc::new(settings.clone());

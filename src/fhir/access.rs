@@ -122,8 +122,14 @@ pub async fn read(
     if !visible {
         return Err(unknown());
     }
-    // An earlier version of a withdrawn message is its author's (see `recalled`).
+    // An earlier version of a withdrawn message is its author's (see `recalled`); of a deleted
+    // one, no confined reader's (its history is not shown either).
     if confined && res_type == "Communication" && version.is_some() {
+        let (store, rid) = (state.store.clone(), id.to_string());
+        let head = blocking(move || Ok(store.current_version("Communication", &rid))).await??;
+        if head.is_some_and(|(_, deleted)| deleted) {
+            return Err(unknown());
+        }
         let current = current_of(state, res_type, id).await?;
         if current
             .as_ref()
@@ -157,7 +163,8 @@ pub fn recalled(state: &AppState, p: &Principal, current: &Value) -> bool {
     current["status"] == "entered-in-error"
         && !crate::messaging::rules::acting_as(p, "Communication").is_some_and(|me| {
             current["sender"]["reference"].as_str().is_some_and(|r| {
-                crate::messaging::hub::local_ref(r, &state.settings.base_url) == me
+                let r = crate::messaging::hub::local_ref(r, &state.settings.base_url);
+                r.split("/_history").next() == Some(me.as_str())
             })
         })
 }

@@ -828,8 +828,9 @@ pub async fn instance_history(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (res_type, id) = path.into_inner();
-    let ctx = audit_context(&req, &state);
+    let mut ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, Some(id.clone())).await;
+    disclosed_by(&mut ctx, &result);
     answer_audited(
         &state,
         &ctx,
@@ -847,9 +848,32 @@ pub async fn type_history(
     path: web::Path<String>,
 ) -> HttpResponse {
     let res_type = path.into_inner();
-    let ctx = audit_context(&req, &state);
+    let mut ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, None).await;
+    disclosed_by(&mut ctx, &result);
     answer_audited(&state, &ctx, Interaction::HistoryType, None, None, result).await
+}
+
+/// The patients an answer disclosed (its `Disclosed`), into its AuditEvent's context.
+fn disclosed_by(ctx: &mut audit::Context, result: &Res) {
+    if let Ok(r) = result {
+        if let Some(d) = r.extensions().get::<Disclosed>() {
+            ctx.disclosed = d.0.clone();
+        }
+    }
+}
+
+/// The patients of stored resources (their bodies), for an answer's AuditEvent.
+fn patients_in_stored<'a>(stored: impl IntoIterator<Item = &'a Stored>) -> Disclosed {
+    let bodies: Vec<Value> = stored
+        .into_iter()
+        .filter_map(|s| {
+            s.body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+        })
+        .collect();
+    Disclosed(audit::patients_of(&bodies))
 }
 
 async fn history_inner(
@@ -957,9 +981,11 @@ async fn history_inner(
         .iter()
         .map(|s| super::bundle::history_entry(base, s))
         .collect();
-    Ok(super::bundle::bundle_response(
-        "history", None, links, entries,
-    ))
+    let mut answer = super::bundle::bundle_response("history", None, links, entries);
+    answer
+        .extensions_mut()
+        .insert(patients_in_stored(&versions));
+    Ok(answer)
 }
 
 // ----- search -----------------------------------------------------------------------------------
@@ -1091,11 +1117,7 @@ async fn search_common(
                     || p.fhir_user.as_deref() == Some(pt.as_str())
             })
     });
-    if let Ok(r) = &result {
-        if let Some(d) = r.extensions().get::<Disclosed>() {
-            ctx.disclosed = d.0.clone();
-        }
-    }
+    disclosed_by(&mut ctx, &result);
     answer_audited(&state, &ctx, Interaction::SearchType, None, patient, result).await
 }
 
@@ -1115,19 +1137,9 @@ async fn search_inner(
     // Whose data the page disclosed: each patient goes into the search's AuditEvent (an outside
     // probe's clinician searched `Communication?status=completed`, got a patient's messages,
     // and the patient's accounting of disclosures never showed it).
-    let bodies: Vec<Value> = page
-        .matches
-        .iter()
-        .chain(&page.included)
-        .filter_map(|s| {
-            s.body
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-        })
-        .collect();
-    answer
-        .extensions_mut()
-        .insert(Disclosed(audit::patients_of(&bodies)));
+    answer.extensions_mut().insert(patients_in_stored(
+        page.matches.iter().chain(&page.included),
+    ));
     Ok(answer)
 }
 

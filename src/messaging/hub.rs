@@ -176,7 +176,11 @@ impl Hub {
             Kind::Create | Kind::Update => {
                 let s = store.vread(&r.res_type, &r.fhir_id, r.version_id).ok()?;
                 let v: Value = serde_json::from_slice(s.body.as_deref()?).ok()?;
-                (v.clone(), Some(v))
+                // Replayed after the message was withdrawn: the event, not its recalled content.
+                let shown =
+                    (!superseded_by_withdrawal(store, &r.res_type, &r.fhir_id, r.version_id))
+                        .then(|| v.clone());
+                (v, shown)
             }
             Kind::Delete => {
                 let s = store
@@ -225,6 +229,24 @@ impl Hub {
 }
 
 /// `Type/id` of a reference to this server (relative or absolute under `base`); others unchanged.
+/// Has the message `res_type/id` been withdrawn (`entered-in-error`) in a version after
+/// `version`? Then that version's content is recalled: a replayed event (a socket's catch-up, a
+/// subscription behind or retrying) carries no resource (an outside review: the original text
+/// went out again after the withdrawal).
+pub fn superseded_by_withdrawal(store: &Store, res_type: &str, id: &str, version: i64) -> bool {
+    res_type == "Communication"
+        && store
+            .current_version(res_type, id)
+            .is_ok_and(|c| c.is_some_and(|(v, _)| v > version))
+        && store.read(res_type, id).is_ok_and(|s| {
+            s.version_id > version
+                && s.body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                    .is_some_and(|v| v["status"] == "entered-in-error")
+        })
+}
+
 /// One `/` after the base, as the search index reads it (`index::parse_reference`): a reference
 /// that the index does not take for a local one is not one here either (an outside probe's
 /// `base//Communication/x` passed as local here and not in the index).

@@ -312,10 +312,15 @@ async fn recipients_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res
     let pools = state.settings.message_pools.clone();
     let params = blocking(move || {
         let me = p.fhir_user.clone().unwrap_or_default();
-        let mut out: Vec<(String, Option<String>, &'static str)> = pools
-            .iter()
-            .map(|(label, r)| (r.clone(), Some(label.clone()), "pool"))
-            .collect();
+        // A shared inbox is offered only when it reaches someone: a pool whose Group Courier
+        // does not hold (or holds without members) would take a patient's message and show
+        // "Sent" while no one could read it (an outside walk-through; the start logs it).
+        let mut out: Vec<(String, Option<String>, &'static str)> = vec![];
+        for (label, r) in &pools {
+            if !super::groups::members(&store, r)?.is_empty() {
+                out.push((r.clone(), Some(label.clone()), "pool"));
+            }
+        }
         // A staff user learns another patient's care team only for a patient they could see.
         let knows_patient = match &patient {
             Some(pt) => {

@@ -200,8 +200,21 @@ fn attachment_content(body: &Value) -> Result<(), FhirError> {
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else {
-        return Ok(()); // refused as invalid base64 by the validator
+    // As any decoder reading it later would: line breaks and missing padding allowed (an
+    // executable wrapped at 76 columns must not pass as "not base64, so not checked").
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let lenient = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let Ok(bytes) = lenient.decode(compact.as_bytes()) else {
+        return Err(FhirError::at(
+            StatusCode::BAD_REQUEST,
+            "value",
+            "Binary.data",
+            "data is not base64",
+        ));
     };
     if content_matches(&essence, &bytes) == Some(false) {
         return Err(FhirError::at(
@@ -401,6 +414,19 @@ pub async fn prepare(
             body["sender"] = json!({"reference": me});
         }
     }
+    // … and says no more than that of who wrote it: a display or an extension on the sender is
+    // the writer's own claim ("Dr. Smith, Cardiology", "on behalf of" a clinician: an outside
+    // probe and walk-through stored both), which another client would show as fact.
+    let writes_as_patient = patient_user
+        || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
+    if writes_as_patient {
+        for element in ["sender", "requester"] {
+            if let Some(o) = body.get_mut(element).and_then(Value::as_object_mut) {
+                o.remove("display");
+                o.remove("extension");
+            }
+        }
+    }
     about_one_patient(body, base)?;
     let mut inherited = false;
     // The thread: a message may belong only to a conversation its writer can see.
@@ -480,27 +506,33 @@ pub async fn prepare(
     // walk-through's recipient still read a withdrawn message's text through the API). The
     // versions before stay in the record for its author and for compliance (`fhir::access`
     // keeps them from everyone else).
-    if res_type == "Communication"
-        && body["status"] == "entered-in-error"
-        && replaced
-            .as_ref()
-            .is_some_and(|v| v["status"] != "entered-in-error")
-    {
+    if res_type == "Communication" && body["status"] == "entered-in-error" {
         if let Some(o) = body.as_object_mut() {
             o.remove("payload");
         }
     }
-    // A message sent without `sent` was sent now: the app, and every inbox, orders a thread by
-    // `sent`, where one without it came out oldest and missing from the newest page (an outside
-    // walk-through). Only when it is sent: created completed, or a draft completed now.
+    // A person's message sent without `sent` was sent now: the app, and every inbox, orders a
+    // thread by `sent`, where one without it came out oldest and missing from the newest page
+    // (an outside walk-through). Only when it is sent (created completed, or a draft completed
+    // now); a later change without it keeps the time it had. An integrator's messages are as it
+    // gives them (it may load history whose time is not known).
     if res_type == "Communication"
+        && p.kind() != SubjectKind::System
         && body["status"] == "completed"
         && body.get("sent").is_none()
-        && replaced.as_ref().is_none_or(|v| v["status"] != "completed")
     {
-        body["sent"] = json!(crate::search::dates::format_instant(
-            crate::clock::now_micros()
-        ));
+        match replaced.as_ref().filter(|v| v["status"] == "completed") {
+            Some(v) => {
+                if let Some(t) = v.get("sent") {
+                    body["sent"] = t.clone();
+                }
+            }
+            None => {
+                body["sent"] = json!(crate::search::dates::format_instant(
+                    crate::clock::now_micros()
+                ));
+            }
+        }
     }
     // Courier's own identifiers on it: as the writer sees it, or as stored for a system client
     // that may update what it cannot read.

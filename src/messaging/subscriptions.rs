@@ -765,7 +765,15 @@ pub fn bundle(
                 "request": {"method": method, "url": request_url},
                 "response": {"status": status},
             });
-            if content == "full-resource" && e.kind != "delete" {
+            if content == "full-resource"
+                && e.kind != "delete"
+                && !super::hub::superseded_by_withdrawal(
+                    store,
+                    &e.res_type,
+                    &e.fhir_id,
+                    e.version_id,
+                )
+            {
                 if let Some(body) = store
                     .vread(&e.res_type, &e.fhir_id, e.version_id)
                     .ok()

@@ -514,6 +514,19 @@ fn translate(
             }
         }
     }
+    if event["resourceType"] == "Communication" {
+        // Who a message is from and to is what its references say, as Courier checked them: an
+        // extension on a participant is the writer's own claim (an outside walk-through's
+        // patient added an invented "on behalf of" a clinician to her sender, and filing wrote
+        // it into the chart as that clinician's). Not filed.
+        for element in ["sender", "recipient", "subject"] {
+            match event.get_mut(element) {
+                Some(Value::Array(a)) => a.iter_mut().for_each(strip_extensions),
+                Some(v) => strip_extensions(v),
+                None => {}
+            }
+        }
+    }
     rewrite(store, iss, absolute, &mut event)?;
     if event["resourceType"] == "Communication" {
         let id = json!({"system": COMMUNICATION_SYSTEM, "value": courier_url});
@@ -539,6 +552,12 @@ fn translate(
         event,
         format!("entity:identifier={OUTBOX_SYSTEM}|{outbox_id}"),
     ))
+}
+
+fn strip_extensions(v: &mut Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("extension");
+    }
 }
 
 /// Files resources to an EHR's chart through the outbox (the "file to chart" operation).

@@ -56,6 +56,14 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         "openid fhirUser launch launch/patient online_access user/Patient.r user/Practitioner.r patient/Patient.r user/CareTeam.rs patient/CareTeam.rs";
     registry::add(&app.store, &n).unwrap();
     ehr.register_courier(&app, "courier").await;
+    // The shared inbox reaches someone (a pool without members is not offered).
+    let pool = json!({"resourceType": "Group", "id": "nurse-line", "type": "practitioner", "actual": true,
+        "member": [{"entity": {"reference": "Practitioner/nurse-1"}}]});
+    assert!(app
+        .put("Group/nurse-line", &pool)
+        .await
+        .status()
+        .is_success());
     // Earlier launches (as an EHR would have made them): Grace with Bob and with Ada in context,
     // and her colleague Alan — so that Courier knows them, and there is history to show.
     let with_bob = launch_as(&app, &ehr, "b2", "Practitioner/dr-a").await;

@@ -1009,8 +1009,10 @@ both_backends! {
         }};
         let thread = post(json!({"resourceType": "Communication", "status": "in-progress", "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": pt}], "topic": {"text": "Lab results"}})).await;
         for text in ["Your potassium is normal", "Please repeat in 3 months"] {
+            // A participant's extension is its writer's claim ("on behalf of" someone): not filed.
             post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{thread}")}],
-                "subject": {"reference": pt}, "sender": {"reference": dr}, "recipient": [{"reference": pt}], "payload": [{"contentString": text}]})).await;
+                "subject": {"reference": pt}, "recipient": [{"reference": pt}], "payload": [{"contentString": text}],
+                "sender": {"reference": dr, "extension": [{"url": "http://example.org/on-behalf-of", "valueReference": {"reference": "Practitioner/dr-b"}}]}})).await;
         }
         // A side note to a colleague in the patient's thread: staff-only (labelled NOPAT).
         post(json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{thread}")}],
@@ -1028,6 +1030,7 @@ both_backends! {
         for c in &chart {
             assert_eq!(c["subject"]["reference"], "Patient/a1", "the EHR's own reference");
             assert_eq!(c["sender"]["reference"], "Practitioner/dr-a");
+            assert!(c["sender"].get("extension").is_none() && !c.to_string().contains("on-behalf-of"), "{c}");
             assert!(c["identifier"].to_string().contains("urn:courier:communication"));
             // The side note keeps its label in the chart; the others carry none.
             let note = c.to_string().contains("SIDENOTE");

@@ -1066,9 +1066,9 @@ both_backends! {
         let b = app.get_json("Communication?recipient=Patient/p1&_sort=-sent").await;
         assert_eq!(b["entry"][0]["resource"]["id"], made["id"], "{b}");
         assert_eq!(b["entry"][1]["resource"]["id"], older["id"]);
-        // A system client's too.
+        // An integrator's is as it gives it (it may load history whose time is not known).
         let by_system = app.create(&untimed).await;
-        assert!(app.get_json(&format!("Communication/{by_system}")).await["sent"].is_string());
+        assert!(app.get_json(&format!("Communication/{by_system}")).await.get("sent").is_none());
         // A draft has none; sending it gives it one; a later change keeps it.
         let mut draft = untimed.clone();
         draft["status"] = json!("preparation");
@@ -1085,7 +1085,7 @@ both_backends! {
         later.as_object_mut().unwrap().remove("sent");
         later["priority"] = json!("urgent");
         let v: Value = dr.put(app.url(&format!("Communication/{id}"))).json(&later).send().await.unwrap().json().await.unwrap();
-        assert!(v.get("sent").is_none(), "a completed message's own change is its writer's: {v}");
+        assert!(v["sent"].is_string(), "a later change keeps the time it was sent: {v}");
         // Given, it is kept.
         assert_eq!(post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "x")).await["sent"], "2026-11-28T10:00:00Z");
     }
@@ -1138,5 +1138,30 @@ both_backends! {
         }
         let h = dr.get(app.url(&format!("Communication/{id}/_history"))).send().await.unwrap().text().await.unwrap();
         assert!(h.contains("WRONGPATIENT"), "the author's history keeps it");
+    }
+}
+
+both_backends! {
+    // From an outside probe and walk-through: a patient's message stored the sender display
+    // "Dr. Smith, Cardiology" and an invented "on behalf of" extension, which another client
+    // (or the chart it was filed to) would show as fact. A patient's sender is their reference.
+    async fn a_patient_s_message_says_no_more_of_its_sender_than_who_it_is(app: TestApp) {
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "About my results");
+        m["sender"] = json!({"reference": "Patient/p1", "display": "Dr. Smith, Cardiology",
+            "extension": [{"url": "http://example.org/on-behalf-of", "valueReference": {"reference": "Practitioner/dr-1"}}]});
+        m["category"] = json!([{"coding": [{"system": "https://courier.example.org/fhir/CodeSystem/message-category", "code": "question"}]}]);
+        let r = p1.post(app.url("Communication")).json(&m).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["sender"], json!({"reference": "Patient/p1"}), "{v}");
+        let stored = app.get_json(&format!("Communication/{}", v["id"].as_str().unwrap())).await;
+        assert!(!stored.to_string().contains("Dr. Smith") && !stored.to_string().contains("on-behalf-of"));
+        // A clinician's own display stays (it is theirs to give).
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let mut m = msg("Practitioner/dr-1", &["Patient/p1"], "Reply");
+        m["sender"]["display"] = json!("Dr One");
+        let v: Value = dr.post(app.url("Communication")).json(&m).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["sender"]["display"], "Dr One");
     }
 }

@@ -97,7 +97,7 @@ struct Raw {
 }
 
 both_backends_with! {
-    |s| { s.message_pools = vec![("Nurse line".into(), "Group/nurse-line".into())]; }
+    |s| { s.message_pools = vec![("Nurse line".into(), "Group/nurse-line".into()), ("Front desk".into(), "Group/front-desk".into())]; }
 
     async fn people_are_named_from_the_ehr_only_to_who_may_know_them(app: TestApp) {
         let Some(ehr) = spawn_ehr("ehr-a") else { return };
@@ -161,12 +161,18 @@ both_backends_with! {
         assert!(!n.contains_key(edsger));
 
         // Whom Ada may write to: the nurse line, her care team, the clinician who wrote to her.
+        // A shared inbox Courier holds no members for (the front desk's Group was never loaded)
+        // is not offered: her message would reach no one.
+        let group = json!({"resourceType": "Group", "id": "nurse-line", "type": "practitioner", "actual": true,
+            "member": [{"entity": {"reference": "Practitioner/nurse-1"}}]});
+        assert!(app.put("Group/nurse-line", &group).await.status().is_success());
         let r = client_with_token(at).get(app.url("Communication/$recipients")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let p: Value = r.json().await.unwrap();
         let n = named(&p);
         assert_eq!(n["Group/nurse-line"]["name"], "Nurse line", "{p}");
         assert_eq!(n["Group/nurse-line"]["source"], "pool");
+        assert!(!n.contains_key("Group/front-desk"), "a pool that reaches no one: {p}");
         assert_eq!(n[&alan]["source"], "care-team");
         assert_eq!(n[grace]["source"], "correspondent");
         assert!(!n.contains_key(edsger), "{p}");

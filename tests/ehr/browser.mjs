@@ -412,6 +412,10 @@ try {
   await clinician.click('#new-send');
   await clinician.waitForSelector('#new-error:not([hidden])');
   check((await clinician.textContent('#new-error')).includes('cannot include the patient'), 'clinician: the refusal is explained in the dialog');
+  // A typed reference is named (or said to be unknown) before anything is sent.
+  await clinician.fill('#new-recipient', 'Practitioner/does-not-exist');
+  await clinician.click('#new-send');
+  await clinician.waitForFunction(() => /does not know Practitioner\/does-not-exist/.test(document.querySelector('#new-error').textContent), null, { timeout: 5000 });
   // The care team is offered by name.
   const offered = await clinician.locator('#new-to option').allTextContents();
   check(offered.some((o) => o.includes(cfg.colleague_name)), `clinician: the care team is offered by name (got ${JSON.stringify(offered)})`);

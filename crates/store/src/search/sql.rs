@@ -259,10 +259,23 @@ pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dial
                         },
                     ),
                 };
-                q.push(&format!(
-                    "(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ",
-                    dialect.by_rid(table)
-                ));
+                match super::sparse_of(key) {
+                    // Its rows in their stored form (`super::SPARSE`): none is the common value,
+                    // the empty code is "no value".
+                    Some(z) => {
+                        let agg = if *descending { "MAX" } else { "MIN" };
+                        q.push("(SELECT CASE WHEN COUNT(*) = 0 THEN ");
+                        q.bind(z);
+                        q.push(&format!(
+                            " ELSE {agg}(NULLIF(s.code, '')) END FROM {table} s{} WHERE s.rid = r.rid AND s.param = ",
+                            dialect.by_rid(table)
+                        ));
+                    }
+                    None => q.push(&format!(
+                        "(SELECT {col} FROM {table} s{} WHERE s.rid = r.rid AND s.param = ",
+                        dialect.by_rid(table)
+                    )),
+                }
                 q.bind(names::key(key));
                 q.push(if *descending {
                     ") DESC NULLS LAST"

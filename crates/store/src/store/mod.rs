@@ -1843,6 +1843,26 @@ impl Store {
         self.open_row(row)
     }
 
+    /// The current version number of `res_type/id` and whether it is a deletion (`None`: no
+    /// such resource). Reads the head row only (nothing is decrypted).
+    pub fn current_version(
+        &self,
+        res_type: &str,
+        id: &str,
+    ) -> Result<Option<(i64, bool)>, StoreError> {
+        let mut c = self.db.get()?;
+        let rows: Vec<HeadRow> = with_conn!(c, |c| {
+            c.load_cached(
+                "SELECT rid, fhir_id, version_id, last_updated, deleted, retention_class FROM resources WHERE res_type = ? AND fhir_id = ?",
+                vec![res_type.into(), id.into()],
+            )
+        })?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|r| (r.version_id, r.deleted != 0)))
+    }
+
     /// One version; a deleted version reads as `Gone`.
     pub fn vread(&self, res_type: &str, id: &str, version: i64) -> Result<Stored, StoreError> {
         let mut c = self.db.get()?;
@@ -2607,13 +2627,11 @@ fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`), or not one
-/// for each value (`search::SPARSE`)?
+/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
 fn sorts_on_body(req: &SearchRequest) -> bool {
-    req.sort.iter().any(|k| {
-        matches!(k, SortKey::Param { key, .. }
-            if crate::search::is_unstored(key) || crate::search::sparse_of(key).is_some())
-    })
+    req.sort
+        .iter()
+        .any(|k| matches!(k, SortKey::Param { key, .. } if crate::search::is_unstored(key)))
 }
 
 /// One sort key's value for a resource, as `sql::ordered` sorts: a token's code, a string's
