@@ -925,7 +925,7 @@ async function binaryUrl(path, type) {
 
 // Text-direction controls make a file name read as another ("report\u202Efdp.exe" shows as
 // "reportexe.pdf"); Courier refuses them, and a name stored before is shown without them.
-const DIRECTION_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g;
+const DIRECTION_CONTROLS = /[\u202A-\u202E\u2066-\u2069\u200E\u200F\u061C]/g;
 
 function attachmentView(a) {
   const name = (a.title || '').replace(DIRECTION_CONTROLS, '') || 'attachment';

@@ -70,6 +70,12 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// Audits an operation's result (see [`audit_outcome`]) and answers with it.
+/// The patients whose data an answer disclosed, as an extension of the response: its
+/// AuditEvent names each (`answer_audited`), so that `AuditEvent?patient=` is that patient's
+/// accounting of disclosures.
+#[derive(Clone)]
+pub struct Disclosed(pub Vec<String>);
+
 pub async fn audited_answer(
     state: &web::Data<AppState>,
     req: &HttpRequest,
@@ -117,6 +123,22 @@ pub async fn answer_audited(
         result.map_err(FhirError::for_a_read)
     } else {
         result
+    };
+    // Whose data the answer disclosed (`Disclosed`, set by whoever built it) is named in its
+    // AuditEvent.
+    let with_disclosed;
+    let ctx = match result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.extensions().get::<Disclosed>().cloned())
+    {
+        Some(d) => {
+            let mut c = ctx.clone();
+            c.disclosed.extend(d.0);
+            with_disclosed = c;
+            &with_disclosed
+        }
+        None => ctx,
     };
     let audited = audit_outcome(state, ctx, interaction, what, patient, &result).await;
     // What could not be recorded now is recorded once the store takes writes again (see

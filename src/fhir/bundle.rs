@@ -77,6 +77,38 @@ pub fn bundle_response(
         .body(serde_json::to_vec(&b).expect("bundle serialises"))
 }
 
+/// The batch or transaction response of `entries`, marked with the patients whose data they carry (for its AuditEvent: a
+/// batch of reads discloses what each read does; an outside probe found a batch's GETs of a
+/// patient's messages in no patient's trail).
+fn with_disclosed(base: &str, kind: &'static str, entries: Vec<Entry>) -> HttpResponse {
+    let bodies: Vec<Value> = entries
+        .iter()
+        .filter_map(|e| e.resource.as_ref())
+        .filter_map(|r| serde_json::from_str(r.get()).ok())
+        .collect();
+    // A searchset inside an entry carries its own entries.
+    let mut all: Vec<Value> = vec![];
+    for b in bodies {
+        if b["resourceType"] == "Bundle" {
+            all.extend(
+                b["entry"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e["resource"].clone()),
+            );
+        } else {
+            all.push(b);
+        }
+    }
+    let disclosed = crate::audit::patients_of(&all, base);
+    let mut answer = bundle_response(kind, None, vec![], entries);
+    answer
+        .extensions_mut()
+        .insert(crate::api::Disclosed(disclosed));
+    answer
+}
+
 /// `self`, `next` and `previous` links; later pages carry `_snapshot` so they see the same data.
 pub fn page_links(
     path: &str,
@@ -758,7 +790,11 @@ async fn transaction(
             out.push(get_entry(state, e, p).await);
         }
     }
-    Ok(bundle_response("transaction-response", None, vec![], out))
+    Ok(with_disclosed(
+        &state.settings.base_url,
+        "transaction-response",
+        out,
+    ))
 }
 
 async fn batch(
@@ -817,7 +853,7 @@ async fn batch(
             Err(err) => error_entry(&err),
         });
     }
-    bundle_response("batch-response", None, vec![], out)
+    with_disclosed(&state.settings.base_url, "batch-response", out)
 }
 
 /// The ids of the messages `v` answers or belongs to (`partOf`, `inResponseTo`), read as the

@@ -40,6 +40,13 @@ impl FhirError {
             }],
         }
     }
+    /// The same error, its issues placed at `expression` (a check reused inside another resource).
+    pub fn at_path(mut self, expression: &str) -> FhirError {
+        for i in &mut self.issues {
+            i.expression = expression.to_string();
+        }
+        self
+    }
     pub fn bad_request(diagnostics: impl Into<String>) -> FhirError {
         FhirError::new(StatusCode::BAD_REQUEST, "invalid", diagnostics)
     }

@@ -828,9 +828,8 @@ pub async fn instance_history(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (res_type, id) = path.into_inner();
-    let mut ctx = audit_context(&req, &state);
+    let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, Some(id.clone())).await;
-    disclosed_by(&mut ctx, &result);
     answer_audited(
         &state,
         &ctx,
@@ -848,23 +847,16 @@ pub async fn type_history(
     path: web::Path<String>,
 ) -> HttpResponse {
     let res_type = path.into_inner();
-    let mut ctx = audit_context(&req, &state);
+    let ctx = audit_context(&req, &state);
     let result = history_inner(&state, &req, &res_type, None).await;
-    disclosed_by(&mut ctx, &result);
     answer_audited(&state, &ctx, Interaction::HistoryType, None, None, result).await
 }
 
-/// The patients an answer disclosed (its `Disclosed`), into its AuditEvent's context.
-fn disclosed_by(ctx: &mut audit::Context, result: &Res) {
-    if let Ok(r) = result {
-        if let Some(d) = r.extensions().get::<Disclosed>() {
-            ctx.disclosed = d.0.clone();
-        }
-    }
-}
-
 /// The patients of stored resources (their bodies), for an answer's AuditEvent.
-fn patients_in_stored<'a>(stored: impl IntoIterator<Item = &'a Stored>) -> Disclosed {
+pub fn patients_in_stored<'a>(
+    base: &str,
+    stored: impl IntoIterator<Item = &'a Stored>,
+) -> Disclosed {
     let bodies: Vec<Value> = stored
         .into_iter()
         .filter_map(|s| {
@@ -873,7 +865,7 @@ fn patients_in_stored<'a>(stored: impl IntoIterator<Item = &'a Stored>) -> Discl
                 .and_then(|b| serde_json::from_slice(b).ok())
         })
         .collect();
-    Disclosed(audit::patients_of(&bodies))
+    Disclosed(audit::patients_of(&bodies, base))
 }
 
 async fn history_inner(
@@ -984,7 +976,7 @@ async fn history_inner(
     let mut answer = super::bundle::bundle_response("history", None, links, entries);
     answer
         .extensions_mut()
-        .insert(patients_in_stored(&versions));
+        .insert(patients_in_stored(&state.settings.base_url, &versions));
     Ok(answer)
 }
 
@@ -1117,7 +1109,6 @@ async fn search_common(
                     || p.fhir_user.as_deref() == Some(pt.as_str())
             })
     });
-    disclosed_by(&mut ctx, &result);
     answer_audited(&state, &ctx, Interaction::SearchType, None, patient, result).await
 }
 
@@ -1138,11 +1129,10 @@ async fn search_inner(
     // probe's clinician searched `Communication?status=completed`, got a patient's messages,
     // and the patient's accounting of disclosures never showed it).
     answer.extensions_mut().insert(patients_in_stored(
+        &state.settings.base_url,
         page.matches.iter().chain(&page.included),
     ));
     Ok(answer)
 }
 
-/// The patients whose data an answer disclosed (for its AuditEvent).
-#[derive(Clone)]
-pub struct Disclosed(pub Vec<String>);
+use crate::api::Disclosed;

@@ -377,7 +377,7 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
         return;
     };
     let outcome = post(http, &sub, &body, &secret).await;
-    let disclosed = patients_in(&body["__notification"]);
+    let disclosed = patients_in(&body["__notification"], &store.base_url);
     let s = store.clone();
     let id = sub.id.clone();
     let attempts = sub.attempts;
@@ -394,6 +394,12 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
             }
             Err(why) => {
                 tracing::warn!(subscription = %id, kind, error = %why, "notification failed");
+                // An endpoint that answered took the notification, whatever it answered: the
+                // disclosure is recorded (an outside probe's endpoint answered 500 to each of
+                // four deliveries of a patient's message, and none was in the trail).
+                if kind == "event-notification" && why.starts_with("the endpoint answered") {
+                    audit_disclosure(&s, &sub, sub.delivered + 1, upto, disclosed.clone());
+                }
                 let attempts = attempts + 1;
                 // A handshake someone is waiting on gives up sooner (requested → error).
                 let limit = if kind == "handshake" { HANDSHAKE_ATTEMPTS } else { MAX_ATTEMPTS };
@@ -452,14 +458,14 @@ pub fn spawn(
 }
 
 /// The patients whose resources a notification carries (`full-resource` content).
-fn patients_in(notification: &Value) -> Vec<String> {
+fn patients_in(notification: &Value, base: &str) -> Vec<String> {
     let resources = notification["entry"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|e| &e["resource"])
-        .filter(|r| r.is_object() && r["resourceType"] != "SubscriptionStatus");
-    crate::audit::patients_of(resources)
+        .filter(|r| r.is_object() && r["resourceType"] != "Parameters");
+    crate::audit::patients_of(resources, base)
 }
 
 /// Records that notifications `from..=to` went to the subscription's owner: an AuditEvent per
@@ -719,7 +725,7 @@ async fn channel(
                     let to = (last + row.max_count).min(row.events_since_start);
                     let Ok(Ok(b)) = notification(&state.store, &row, "event-notification", last + 1, to).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
-                    let (s, r, from, disclosed) = (state.store.clone(), row.clone(), last + 1, patients_in(&b));
+                    let (s, r, from, disclosed) = (state.store.clone(), row.clone(), last + 1, patients_in(&b, &state.store.base_url));
                     let _ = web::block(move || audit_disclosure(&s, &r, from, to, disclosed)).await;
                     last = to;
                     last_sent = Instant::now();

@@ -229,22 +229,31 @@ impl Hub {
 }
 
 /// `Type/id` of a reference to this server (relative or absolute under `base`); others unchanged.
-/// Has the message `res_type/id` been withdrawn (`entered-in-error`) in a version after
-/// `version`? Then that version's content is recalled: a replayed event (a socket's catch-up, a
-/// subscription behind or retrying) carries no resource (an outside review: the original text
-/// went out again after the withdrawal).
+/// Has the message `res_type/id` been withdrawn (`entered-in-error`) or deleted in a version
+/// after `version`? Then that version's content is recalled: a replayed event (a socket's
+/// catch-up, a subscription behind or retrying, `$events`) carries no resource (an outside
+/// review: the original text went out again after the withdrawal, and after a deletion).
 pub fn superseded_by_withdrawal(store: &Store, res_type: &str, id: &str, version: i64) -> bool {
-    res_type == "Communication"
-        && store
-            .current_version(res_type, id)
-            .is_ok_and(|c| c.is_some_and(|(v, _)| v > version))
-        && store.read(res_type, id).is_ok_and(|s| {
-            s.version_id > version
-                && s.body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                    .is_some_and(|v| v["status"] == "entered-in-error")
-        })
+    if res_type != "Communication" {
+        return false;
+    }
+    match store.current_version(res_type, id) {
+        Ok(Some((v, deleted))) if v > version => {
+            if deleted {
+                return true;
+            }
+        }
+        Ok(Some(_)) => return false,
+        // Gone from the store (purged, erased) or not readable: nothing of it is replayed.
+        _ => return true,
+    }
+    store.read(res_type, id).is_ok_and(|s| {
+        s.version_id > version
+            && s.body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .is_some_and(|v| v["status"] == "entered-in-error")
+    })
 }
 
 /// One `/` after the base, as the search index reads it (`index::parse_reference`): a reference

@@ -60,6 +60,7 @@ pub fn check(
         || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
     if matches!(res_type, "Communication" | "CommunicationRequest") {
         attachment_titles(res_type, body)?;
+        inline_attachments(settings, res_type, body)?;
     }
     match res_type {
         "Binary" => {
@@ -133,12 +134,23 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
     ))
 }
 
+/// What a withdrawn message loses: every element that can carry its words (an outside probe
+/// read a withdrawn message's topic, notes, reasons and narrative after the payload was gone).
+const RECALLED: &[&str] = &[
+    "payload",
+    "note",
+    "topic",
+    "reasonCode",
+    "text",
+    "contained",
+];
+
 /// Text-direction controls (embeddings, overrides, isolates) that make a file name read
 /// otherwise than it is: `report\u{202E}fdp.exe` shows as `reportexe.pdf` (an outside
 /// walk-through sent one, and the clinician's app offered an executable as a PDF).
 const DIRECTION_CONTROLS: &[char] = &[
     '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}',
-    '\u{2069}',
+    '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}',
 ];
 
 /// An attachment's file name has no text-direction controls.
@@ -150,7 +162,7 @@ fn attachment_titles(res_type: &str, body: &Value) -> Result<(), FhirError> {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "value",
                 format!("{res_type}.payload[{i}].contentAttachment.title"),
-                "a file name may not contain text-direction control characters (U+202A–U+202E, U+2066–U+2069): they make it read as another name",
+                "a file name may not contain text-direction control characters (U+202A–U+202E, U+2066–U+2069, U+200E, U+200F, U+061C): they make it read as another name",
             ));
         }
     }
@@ -185,6 +197,50 @@ fn content_matches(essence: &str, data: &[u8]) -> Option<bool> {
         "text/plain" => std::str::from_utf8(data).is_ok_and(|t| !t.contains('\0')),
         _ => return None,
     })
+}
+
+/// An attachment inside a message is held to a Binary's rules: its declared type one of the
+/// accepted ones, its inline bytes what that type says; a contained Binary is a Binary (an
+/// outside probe sent an executable inline as `application/pdf`, one as
+/// `application/x-msdownload`, and a contained Binary, all accepted).
+fn inline_attachments(settings: &Settings, res_type: &str, body: &Value) -> Result<(), FhirError> {
+    for (i, p) in body["payload"].as_array().into_iter().flatten().enumerate() {
+        let a = &p["contentAttachment"];
+        if !a.is_object() {
+            continue;
+        }
+        let at = format!("{res_type}.payload[{i}].contentAttachment");
+        if let Some(ct) = a["contentType"].as_str() {
+            attachment_type(settings, &json!({"contentType": ct}))
+                .map_err(|e| e.at_path(&format!("{at}.contentType")))?;
+        }
+        if a.get("data").is_some() {
+            let ct = a["contentType"].as_str().unwrap_or_default();
+            if ct.is_empty() {
+                return Err(FhirError::at(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "required",
+                    format!("{at}.contentType"),
+                    "an attachment with data says what type it is",
+                ));
+            }
+            attachment_content(&json!({"contentType": ct, "data": a["data"]}))
+                .map_err(|e| e.at_path(&format!("{at}.data")))?;
+        }
+    }
+    for (i, c) in body["contained"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if c["resourceType"] == "Binary" {
+            attachment_type(settings, c)
+                .and_then(|()| attachment_content(c))
+                .map_err(|e| e.at_path(&format!("{res_type}.contained[{i}]")))?;
+        }
+    }
+    Ok(())
 }
 
 /// A Binary's bytes are what its content type says (an outside walk-through sent a Windows
@@ -422,8 +478,10 @@ pub async fn prepare(
     if writes_as_patient {
         for element in ["sender", "requester"] {
             if let Some(o) = body.get_mut(element).and_then(Value::as_object_mut) {
-                o.remove("display");
-                o.remove("extension");
+                o.retain(|k, _| k == "reference");
+            }
+            if let Some(o) = body.as_object_mut() {
+                o.remove(&format!("_{element}"));
             }
         }
     }
@@ -506,9 +564,28 @@ pub async fn prepare(
     // walk-through's recipient still read a withdrawn message's text through the API). The
     // versions before stay in the record for its author and for compliance (`fhir::access`
     // keeps them from everyone else).
+    // … for good: a withdrawn message put back would show its earlier versions again (an outside
+    // probe PATCHed one back to completed). A correction goes as a new message.
+    if res_type == "Communication"
+        && p.kind() != SubjectKind::System
+        && replaced
+            .as_ref()
+            .is_some_and(|v| v["status"] == "entered-in-error")
+        && body["status"] != "entered-in-error"
+    {
+        return Err(FhirError::at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            "Communication.status",
+            "this message was withdrawn, and a withdrawn message stays withdrawn: send a new message instead",
+        ));
+    }
     if res_type == "Communication" && body["status"] == "entered-in-error" {
         if let Some(o) = body.as_object_mut() {
-            o.remove("payload");
+            // Whatever can carry its words: the text, notes, reasons, narrative, contained copies.
+            for k in RECALLED {
+                o.remove(*k);
+            }
         }
     }
     // A person's message sent without `sent` was sent now: the app, and every inbox, orders a
@@ -517,7 +594,7 @@ pub async fn prepare(
     // now); a later change without it keeps the time it had. An integrator's messages are as it
     // gives them (it may load history whose time is not known).
     if res_type == "Communication"
-        && p.kind() != SubjectKind::System
+        && (p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some())
         && body["status"] == "completed"
         && body.get("sent").is_none()
     {

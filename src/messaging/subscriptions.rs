@@ -900,7 +900,20 @@ pub async fn events(
             Ok(bundle(&store, &r2, "query-event", &evs, &content))
         })
         .await?;
-        Ok(reply(StatusCode::OK, &b))
+        let resources = b["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| &e["resource"])
+            .filter(|r| r.is_object() && r["resourceType"] != "Parameters");
+        let mut answer = reply(StatusCode::OK, &b);
+        answer
+            .extensions_mut()
+            .insert(crate::api::Disclosed(crate::audit::patients_of(
+                resources,
+                &state.settings.base_url,
+            )));
+        Ok(answer)
     }
     .await;
     audited_answer(

@@ -213,9 +213,7 @@ impl Disclosures {
             self.seqs
                 .map_or((e.seq, e.seq), |(a, b)| (a.min(e.seq), b.max(e.seq))),
         );
-        if let Some(p) = patient_in(e) {
-            self.patients.insert(p);
-        }
+        self.patients.extend(patients_in(e));
     }
 
     async fn record(&mut self, state: &AppState) {
@@ -237,25 +235,17 @@ impl Disclosures {
     }
 }
 
-/// The patient an event's resource concerns (its subject, else a Patient it names).
-fn patient_in(e: &Event) -> Option<String> {
-    let patients = e.entries.iter().filter_map(|x| match x {
+/// The patients an event's resource concerns (every Patient it refers to).
+fn patients_in(e: &Event) -> impl Iterator<Item = String> + '_ {
+    e.entries.iter().filter_map(|x| match x {
         crate::search::index::Entry::Ref {
-            param,
             target_type: Some(t),
             target_id: Some(id),
             url: None,
-        } if t == "Patient" => Some((param.ends_with(".subject"), format!("Patient/{id}"))),
+            ..
+        } if t == "Patient" => Some(format!("Patient/{id}")),
         _ => None,
-    });
-    let mut first = None;
-    for (subject, p) in patients {
-        if subject {
-            return Some(p);
-        }
-        first.get_or_insert(p);
-    }
-    first
+    })
 }
 
 async fn next_text(

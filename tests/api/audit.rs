@@ -541,10 +541,26 @@ both_backends! {
             assert!(named.contains(&p), "{p} in {ev}");
         }
         assert!(!ev.to_string().contains("PatientQuery"), "three patients: not BALP's one-patient profile: {ev}");
+        // A message to two patients discloses both; a batch of reads and a history name whom
+        // they disclosed too.
+        let mut two = to("d4", "for d4 and d5");
+        two.as_object_mut().unwrap().remove("subject");
+        two["recipient"] = json!([{"reference": "Patient/d4"}, {"reference": format!("{}/Patient/d5", app.base)}, {"reference": "Practitioner/dr-2"}]);
+        let both = app.create(&two).await;
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": format!("Communication/{both}")}},
+            {"request": {"method": "GET", "url": "Communication?subject=Patient/d4"}}]});
+        let r = dr2.post(app.url("")).json(&batch).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(count(format!("{}&subtype=batch", trail("d5"))).await, 1, "the batch is in d5's trail");
+        assert_eq!(count(format!("{}&subtype=batch", trail("d4"))).await, 1);
+        assert_eq!(dr2.get(app.url("Communication/_history?_count=50")).send().await.unwrap().status(), 200);
+        assert_eq!(count(format!("{}&subtype=history-type", trail("d5"))).await, 1, "the history is in d5's trail");
         // A search with nothing found names no one.
+        let d1 = count(trail("d1")).await;
         let r = dr2.get(app.url("Communication?status=entered-in-error")).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(count(trail("d1")).await, after[0]);
+        assert_eq!(count(trail("d1")).await, d1);
 
         // A socket's catch-up: the messages it replayed, by patient, when it ends.
         let token = crate::messaging::user_token(&app, "user/Communication.rs", "Practitioner/dr-2", None);

@@ -244,8 +244,31 @@ both_backends! {
             assert_eq!(oo["issue"][0]["expression"][0], "Communication.payload[0].contentAttachment.title", "{oo}");
         }
         assert_eq!(before, app.row_counts());
-        // A name in a right-to-left script is a name.
+        // A name in a right-to-left script is a name; direction marks are not.
         assert_eq!(app.post("Communication", &with_title("تقرير المختبر.pdf")).await.status(), 201);
+        for title in ["report\u{200F}.exe.pdf", "a\u{200E}b.pdf", "a\u{061C}b.pdf"] {
+            assert_eq!(app.post("Communication", &with_title(title)).await.status(), 422, "{title:?}");
+        }
+        // An attachment inside the message is held to a Binary's rules: inline bytes, the
+        // declared type, a contained Binary.
+        let before = app.row_counts();
+        let inline = |ct: &str, data: &str| json!({"resourceType": "Communication", "status": "completed",
+            "recipient": [{"reference": "Practitioner/dr-1"}],
+            "payload": [{"contentAttachment": {"contentType": ct, "data": data, "title": "file"}}]});
+        let r = app.post("Communication", &inline("application/pdf", "TVqQAAMAAAA=")).await;
+        assert_eq!(r.status(), 415);
+        let oo: Value = r.json().await.unwrap();
+        assert_eq!(oo["issue"][0]["expression"][0], "Communication.payload[0].contentAttachment.data", "{oo}");
+        assert_eq!(app.post("Communication", &inline("application/x-msdownload", "TVqQAAMAAAA=")).await.status(), 415);
+        let by_url = json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Practitioner/dr-1"}],
+            "payload": [{"contentAttachment": {"contentType": "text/html", "url": format!("Binary/{bin}")}}]});
+        assert_eq!(app.post("Communication", &by_url).await.status(), 415, "an attachment's declared type is checked");
+        let contained = json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Practitioner/dr-1"}],
+            "contained": [{"resourceType": "Binary", "id": "b", "contentType": "application/pdf", "data": "TVqQAAMAAAA="}],
+            "payload": [{"contentAttachment": {"contentType": "application/pdf", "url": "#b"}}]});
+        assert_eq!(app.post("Communication", &contained).await.status(), 415);
+        assert_eq!(before, app.row_counts());
+        assert_eq!(app.post("Communication", &inline("application/pdf", "JVBERi0xLjc=")).await.status(), 201);
     }
 
     async fn binary_stores_raw_content_and_enforces_its_size_limit(app: TestApp) {

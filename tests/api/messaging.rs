@@ -1098,12 +1098,13 @@ both_backends! {
     // author's (and compliance's) alone.
     async fn a_withdrawn_message_s_content_is_recalled_from_its_readers(app: TestApp) {
         let dr = client_with_token(&clinician_token(&app, "dr-1"));
-        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let p1_token = patient_token(&app, "p1");
+        let p1 = client_with_token(&p1_token);
         let r = dr.post(app.url("Communication")).json(&msg("Practitioner/dr-1", &["Patient/p1"], "WRONGPATIENT biopsy result")).send().await.unwrap();
         assert_eq!(r.status(), 201);
         let sent: Value = r.json().await.unwrap();
         let id = sent["id"].as_str().unwrap().to_string();
-        let (mut ws, _, _) = Ws::open(&app, &patient_token(&app, "p1"), None).await;
+        let (mut ws, _, _) = Ws::open(&app, &p1_token, None).await;
         assert!(p1.get(app.url(&format!("Communication/{id}"))).send().await.unwrap().text().await.unwrap().contains("WRONGPATIENT"));
         // Withdrawn by its author, with the body as read (payload and all).
         let mut w = sent.clone();
@@ -1138,6 +1139,32 @@ both_backends! {
         }
         let h = dr.get(app.url(&format!("Communication/{id}/_history"))).send().await.unwrap().text().await.unwrap();
         assert!(h.contains("WRONGPATIENT"), "the author's history keeps it");
+        // A withdrawn message stays withdrawn (put back, its earlier versions would show again).
+        let mut back = v.clone();
+        back["status"] = json!("completed");
+        let r = dr.put(app.url(&format!("Communication/{id}"))).json(&back).send().await.unwrap();
+        assert_eq!(r.status(), 422);
+        assert!(!p1.get(app.url(&format!("Communication/{id}/_history/1"))).send().await.unwrap().text().await.unwrap().contains("WRONGPATIENT"));
+
+        // Everything that can carry its words goes, not only the payload.
+        let mut wordy = msg("Practitioner/dr-1", &["Patient/p1"], "WORDS-PAYLOAD");
+        wordy["topic"] = json!({"text": "WORDS-TOPIC"});
+        wordy["note"] = json!([{"text": "WORDS-NOTE"}]);
+        wordy["reasonCode"] = json!([{"text": "WORDS-REASON"}]);
+        let made: Value = dr.post(app.url("Communication")).json(&wordy).send().await.unwrap().json().await.unwrap();
+        let wid = made["id"].as_str().unwrap().to_string();
+        let mut w = made.clone();
+        w["status"] = json!("entered-in-error");
+        assert_eq!(dr.put(app.url(&format!("Communication/{wid}"))).json(&w).send().await.unwrap().status(), 200);
+        let now = p1.get(app.url(&format!("Communication/{wid}"))).send().await.unwrap().text().await.unwrap();
+        assert!(!now.contains("WORDS-"), "{now}");
+        // Withdrawn, then deleted: a socket's catch-up replays the events without their content,
+        // and no version is the patient's to read.
+        assert_eq!(dr.delete(app.url(&format!("Communication/{wid}"))).send().await.unwrap().status(), 204);
+        let (_, events, _) = Ws::open(&app, &p1_token, Some(0)).await;
+        let replayed = serde_json::to_string(&events).unwrap();
+        assert!(!replayed.contains("WORDS-") && !replayed.contains("WRONGPATIENT"), "{replayed}");
+        assert_eq!(p1.get(app.url(&format!("Communication/{wid}/_history/1"))).send().await.unwrap().status(), 404);
     }
 }
 
@@ -1155,6 +1182,19 @@ both_backends! {
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["sender"], json!({"reference": "Patient/p1"}), "{v}");
+        // Nor an identifier or a type on it, from a patient app with no user either; and that
+        // app's message gets its time too.
+        let no_user = client_with_token(&issue(&app.tokens, &app.admin_client_id, "patient/Communication.cruds", None, Some("p1")));
+        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "From the portal app");
+        m.as_object_mut().unwrap().remove("sent");
+        m["sender"] = json!({"reference": "Patient/p1", "type": "Practitioner", "identifier": {"system": "http://npi", "value": "Dr Smith"},
+            "_reference": {"extension": [{"url": "http://example.org/x", "valueString": "Dr Smith"}]}});
+        m["category"] = json!([{"coding": [{"system": "https://courier.example.org/fhir/CodeSystem/message-category", "code": "question"}]}]);
+        let r = no_user.post(app.url("Communication")).json(&m).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["sender"], json!({"reference": "Patient/p1"}), "{v}");
+        assert!(v["sent"].is_string(), "{v}");
         let stored = app.get_json(&format!("Communication/{}", v["id"].as_str().unwrap())).await;
         assert!(!stored.to_string().contains("Dr. Smith") && !stored.to_string().contains("on-behalf-of"));
         // A clinician's own display stays (it is theirs to give).

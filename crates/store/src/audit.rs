@@ -325,14 +325,35 @@ fn patient_entity(p: &str) -> Value {
     ])
 }
 
-/// The patients of `resources` (each as [`patient_of`] finds it), once each, in first-seen order.
-pub fn patients_of<'a>(resources: impl IntoIterator<Item = &'a Value>) -> Vec<String> {
+/// Every patient `resources` concern — each Patient among their subject, patient, senders and
+/// recipients, relative or written in full under `base` — once each, in first-seen order: whose
+/// data an answer disclosed (a message to two patients discloses both).
+pub fn patients_of<'a>(resources: impl IntoIterator<Item = &'a Value>, base: &str) -> Vec<String> {
     let mut seen = std::collections::BTreeSet::new();
-    resources
-        .into_iter()
-        .filter_map(patient_of)
-        .filter(|p| seen.insert(p.clone()))
-        .collect()
+    let mut out = vec![];
+    for r in resources {
+        for field in ["subject", "patient", "sender", "recipient"] {
+            let refs: Vec<&Value> = match &r[field] {
+                Value::Array(a) => a.iter().collect(),
+                v @ Value::Object(_) => vec![v],
+                _ => vec![],
+            };
+            for x in refs {
+                let Some(s) = x["reference"].as_str() else {
+                    continue;
+                };
+                let s = s
+                    .strip_prefix(base)
+                    .and_then(|t| t.strip_prefix('/'))
+                    .unwrap_or(s);
+                let s = s.split("/_history").next().unwrap_or(s);
+                if s.starts_with("Patient/") && seen.insert(s.to_string()) {
+                    out.push(s.to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A search's query (the raw request, base64) as a BALP Query entity.
