@@ -84,7 +84,9 @@ function plain(e) {
     case 404: case 410: return 'That is no longer available. It may have been removed.';
     case 409: case 412: return 'Someone changed this at the same time. Please try again.';
     case 413: return 'That is too large to send' + (config.attachment_max_bytes ? ' (the limit is ' + Math.round(config.attachment_max_bytes / 1048576) + ' MB).' : '.');
-    case 415: return 'That kind of file cannot be sent. You can send ' + sendable() + '.';
+    case 415: return /content is not/.test(e.message || '')
+      ? 'This file is not what its name or type says (it may be damaged, or a text file not saved as UTF-8). Save it again and send it, or send a photo or PDF of it.'
+      : 'That kind of file cannot be sent. You can send ' + sendable() + '.';
     case 429: return 'Too many requests at once. Wait a moment and try again.';
     default: return e.status >= 500 ? 'Courier is having a problem right now. Try again in a moment.' : (e.message || 'Something went wrong.');
   }
@@ -1092,7 +1094,8 @@ async function upload(file) {
     throw e;
   }
   const bin = await api('POST', '/Binary', {resourceType: 'Binary', contentType: type, data: toBase64(await file.arrayBuffer())}, {Prefer: 'return=representation'});
-  return {contentType: type, url: 'Binary/' + bin.id, title: file.name, size: file.size};
+  // The name without direction controls (Courier refuses them: they make a name read as another).
+  return {contentType: type, url: 'Binary/' + bin.id, title: file.name.replace(DIRECTION_CONTROLS, '') || 'file', size: file.size};
 }
 
 function messageFor(h, payload, status, priority) {
@@ -1857,9 +1860,12 @@ async function start() {
   sessionStorage.removeItem(AGAIN_KEY);
   token = session.access_token;
   const left = Number(sessionStorage.getItem(LEFT_KEY) || 0);
-  // A tab the browser discarded to save memory and reloads when shown again was never closed.
-  if (left && !document.wasDiscarded && Date.now() - left > RESTORED_AFTER_MS) {
-    signOut('Your session has ended because Courier was closed.');
+  // A tab the browser discarded to save memory and reloads when shown again was never closed,
+  // and a reload is the person here pressing it (after Courier was unreachable, say); a restored
+  // window comes back as a history navigation.
+  const nav = (performance.getEntriesByType && performance.getEntriesByType('navigation')[0]) || {};
+  if (left && !document.wasDiscarded && nav.type !== 'reload' && Date.now() - left > RESTORED_AFTER_MS) {
+    signOut('Your session has ended because this window left Courier (it was closed, or another page was opened in it).');
     return;
   }
   alive();
