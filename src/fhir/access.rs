@@ -234,6 +234,34 @@ async fn binary_visible(state: &AppState, p: &Principal, id: &str) -> Result<boo
     Ok(false)
 }
 
+/// The patients of the messages that attach Binary `id` (for the AuditEvent of its read: a
+/// photo or file a patient sent is that patient's data, in their accounting of disclosures). Not
+/// confined to what the reader may see: it names, in the trail, whose file was read.
+pub async fn patients_of_binary(state: &AppState, id: &str) -> Result<Vec<String>, FhirError> {
+    let base = state.settings.base_url.clone();
+    let mut bodies = vec![];
+    for res_type in ["Communication", "CommunicationRequest"] {
+        let Some(param) = state.store.registry.get(res_type, "attachment") else {
+            continue;
+        };
+        let search = SearchRequest::of(
+            vec![Condition::Token {
+                key: param.key.clone(),
+                not: false,
+                values: vec![
+                    TokenValue::Code(format!("Binary/{id}")),
+                    TokenValue::Code(format!("{base}/Binary/{id}")),
+                ],
+            }],
+            20,
+        );
+        let store = state.store.clone();
+        let page = blocking(move || Ok(store.search(res_type, &search)?)).await?;
+        bodies.extend(page.matches.iter().map(body_value));
+    }
+    Ok(crate::audit::patients_of(&bodies, &base))
+}
+
 /// The identifier system naming an OAuth client as a Binary's owner (a backend service has no user).
 pub const CLIENT_SYSTEM: &str = "urn:courier:oauth-client";
 

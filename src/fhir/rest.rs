@@ -515,6 +515,18 @@ async fn read_inner(
     let body = s.body.clone().unwrap_or_default();
     let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let patient = audit::patient_of(&value);
+    // A Binary's patients are those of the messages that attach it.
+    let disclosed = if res_type == "Binary" {
+        Some(Disclosed(access::patients_of_binary(state, id).await?))
+    } else {
+        None
+    };
+    let mark = |mut r: HttpResponse| {
+        if let Some(d) = &disclosed {
+            r.extensions_mut().insert(d.clone());
+        }
+        r
+    };
     // If-None-Match: the client's copy is current.
     if let Some(inm) = req
         .headers()
@@ -523,7 +535,7 @@ async fn read_inner(
     {
         if parse_etag(inm).ok() == Some(s.version_id) {
             return Ok((
-                resource_response(StatusCode::NOT_MODIFIED, &s).finish(),
+                mark(resource_response(StatusCode::NOT_MODIFIED, &s).finish()),
                 patient,
             ));
         }
@@ -540,18 +552,22 @@ async fn read_inner(
             .unwrap_or_default();
         // User-supplied content: never let a browser run it in our origin.
         return Ok((
-            resource_response(StatusCode::OK, &s)
-                .content_type(ct)
-                .insert_header(("X-Content-Type-Options", "nosniff"))
-                .insert_header(("Content-Security-Policy", "sandbox; default-src 'none'"))
-                .body(data),
+            mark(
+                resource_response(StatusCode::OK, &s)
+                    .content_type(ct)
+                    .insert_header(("X-Content-Type-Options", "nosniff"))
+                    .insert_header(("Content-Security-Policy", "sandbox; default-src 'none'"))
+                    .body(data),
+            ),
             patient,
         ));
     }
     Ok((
-        resource_response(StatusCode::OK, &s)
-            .content_type(FHIR_JSON)
-            .body(body),
+        mark(
+            resource_response(StatusCode::OK, &s)
+                .content_type(FHIR_JSON)
+                .body(body),
+        ),
         patient,
     ))
 }

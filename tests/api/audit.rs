@@ -556,6 +556,15 @@ both_backends! {
         assert_eq!(count(format!("{}&subtype=batch", trail("d4"))).await, 1);
         assert_eq!(dr2.get(app.url("Communication/_history?_count=50")).send().await.unwrap().status(), 200);
         assert_eq!(count(format!("{}&subtype=history-type", trail("d5"))).await, 1, "the history is in d5's trail");
+        // A photo a patient's message carries is that patient's: its read names them.
+        let photo = app.create(&json!({"resourceType": "Binary", "contentType": "image/png", "data": "iVBORw0KGgo="})).await;
+        let mut with_photo = to("d6", "a photo");
+        with_photo["payload"] = json!([{"contentAttachment": {"contentType": "image/png", "url": format!("Binary/{photo}")}}]);
+        app.create(&with_photo).await;
+        let dr2_all = client_with_token(&crate::messaging::user_token(&app, "user/Communication.rs user/Binary.r", "Practitioner/dr-2", None));
+        let r = dr2_all.get(app.url(&format!("Binary/{photo}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(count(format!("{}&subtype=read", trail("d6"))).await, 1, "the photo's read is in d6's trail");
         // A search with nothing found names no one.
         let d1 = count(trail("d1")).await;
         let r = dr2.get(app.url("Communication?status=entered-in-error")).send().await.unwrap();
