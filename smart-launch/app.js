@@ -715,6 +715,7 @@ async function openThread(id) {
     // back, see `connect`, or in a few seconds). Only if it is still the one open.
     if (!current || current.header.id !== id) return;
     $('compose').hidden = true;
+    $('thread-actions').hidden = true;
     unopened = id;
     showNotice('This conversation could not be loaded. ' + plain(e), 'open');
     setTimeout(() => { if (token && unopened === id && current && current.header.id === id) openThread(id); }, 10000);
