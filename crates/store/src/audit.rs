@@ -325,6 +325,31 @@ fn patient_entity(p: &str) -> Value {
     ])
 }
 
+/// The four elements [`patients_of`] reads, parsed alone from a stored body (the rest of the
+/// body is skipped, not built: a search names the patients of every resource it returns).
+#[derive(serde::Deserialize)]
+struct Participants {
+    subject: Option<Value>,
+    patient: Option<Value>,
+    sender: Option<Value>,
+    recipient: Option<Value>,
+}
+
+/// [`patients_of`] the stored bodies (JSON bytes) `bodies`.
+pub fn patients_of_bodies<'a>(
+    bodies: impl IntoIterator<Item = &'a [u8]>,
+    base: &str,
+) -> Vec<String> {
+    let parts: Vec<Value> = bodies
+        .into_iter()
+        .filter_map(|b| serde_json::from_slice::<Participants>(b).ok())
+        .map(|p| {
+            json!({"subject": p.subject, "patient": p.patient, "sender": p.sender, "recipient": p.recipient})
+        })
+        .collect();
+    patients_of(&parts, base)
+}
+
 /// Every patient `resources` concern — each Patient among their subject, patient, senders and
 /// recipients, relative or written in full under `base` — once each, in first-seen order: whose
 /// data an answer disclosed (a message to two patients discloses both).
@@ -484,4 +509,36 @@ pub fn patient_of(resource: &Value) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod disclosed_tests {
+    use super::*;
+
+    #[test]
+    fn patients_are_read_from_the_bodies_as_from_the_resources() {
+        let base = "https://courier.example";
+        let bodies = [
+            json!({"resourceType": "Communication", "subject": {"reference": "Patient/a"},
+                "recipient": [{"reference": "Patient/b"}, {"reference": "https://courier.example/Patient/c"},
+                    {"reference": "https://elsewhere.example/Patient/x"}, {"reference": "Practitioner/d"}],
+                "payload": [{"contentString": "Patient/y"}]}),
+            json!({"resourceType": "Communication", "sender": {"reference": "Patient/b/_history/2"}}),
+            json!({"resourceType": "AuditEvent", "entity": [{"what": {"reference": "Patient/z"}}]}),
+        ];
+        let raw: Vec<Vec<u8>> = bodies
+            .iter()
+            .map(|b| serde_json::to_vec(b).unwrap())
+            .collect();
+        let want = vec![
+            "Patient/a".to_string(),
+            "Patient/b".into(),
+            "Patient/c".into(),
+        ];
+        assert_eq!(patients_of(&bodies, base), want);
+        assert_eq!(
+            patients_of_bodies(raw.iter().map(Vec::as_slice), base),
+            want
+        );
+    }
 }
