@@ -377,7 +377,7 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
         return;
     };
     let outcome = post(http, &sub, &body, &secret).await;
-    let disclosed = patients_in(&body["__notification"], &store.base_url);
+    let disclosed = super::subscriptions::patients_in(&body["__notification"], &store.base_url);
     let s = store.clone();
     let id = sub.id.clone();
     let attempts = sub.attempts;
@@ -455,17 +455,6 @@ pub fn spawn(
             }
         }
     })
-}
-
-/// The patients whose resources a notification carries (`full-resource` content).
-fn patients_in(notification: &Value, base: &str) -> Vec<String> {
-    let resources = notification["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| &e["resource"])
-        .filter(|r| r.is_object() && r["resourceType"] != "Parameters");
-    crate::audit::patients_of(resources, base)
 }
 
 /// Records that notifications `from..=to` went to the subscription's owner: an AuditEvent per
@@ -725,7 +714,7 @@ async fn channel(
                     let to = (last + row.max_count).min(row.events_since_start);
                     let Ok(Ok(b)) = notification(&state.store, &row, "event-notification", last + 1, to).await else { return };
                     if session.text(b.to_string()).await.is_err() { return; }
-                    let (s, r, from, disclosed) = (state.store.clone(), row.clone(), last + 1, patients_in(&b, &state.store.base_url));
+                    let (s, r, from, disclosed) = (state.store.clone(), row.clone(), last + 1, super::subscriptions::patients_in(&b, &state.store.base_url));
                     let _ = web::block(move || audit_disclosure(&s, &r, from, to, disclosed)).await;
                     last = to;
                     last_sent = Instant::now();

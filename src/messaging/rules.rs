@@ -112,14 +112,19 @@ fn own_reference(
     ))
 }
 
-fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
+/// A content type's essence (`image/png` of `Image/PNG; charset=binary`).
+fn essence(body: &Value) -> String {
     let declared = body["contentType"].as_str().unwrap_or_default();
-    let essence = declared
+    declared
         .split(';')
         .next()
         .unwrap_or_default()
         .trim()
-        .to_ascii_lowercase();
+        .to_ascii_lowercase()
+}
+
+fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
+    let essence = essence(body);
     if settings.attachment_types.contains(&essence) {
         return Ok(());
     }
@@ -249,13 +254,7 @@ fn attachment_content(body: &Value) -> Result<(), FhirError> {
     let Some(data) = body["data"].as_str() else {
         return Ok(());
     };
-    let declared = body["contentType"].as_str().unwrap_or_default();
-    let essence = declared
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = essence(body);
     // As any decoder reading it later would: line breaks and missing padding allowed (an
     // executable wrapped at 76 columns must not pass as "not base64, so not checked").
     let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();

@@ -900,17 +900,11 @@ pub async fn events(
             Ok(bundle(&store, &r2, "query-event", &evs, &content))
         })
         .await?;
-        let resources = b["entry"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| &e["resource"])
-            .filter(|r| r.is_object() && r["resourceType"] != "Parameters");
         let mut answer = reply(StatusCode::OK, &b);
         answer
             .extensions_mut()
-            .insert(crate::api::Disclosed(crate::audit::patients_of(
-                resources,
+            .insert(crate::api::Disclosed(patients_in(
+                &b,
                 &state.settings.base_url,
             )));
         Ok(answer)
@@ -924,6 +918,18 @@ pub async fn events(
         result,
     )
     .await
+}
+
+/// The patients whose resources a notification Bundle carries (`full-resource` content; its
+/// status entry is a Parameters).
+pub fn patients_in(notification: &Value, base: &str) -> Vec<String> {
+    let resources = notification["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["resource"])
+        .filter(|r| r.is_object() && r["resourceType"] != "Parameters");
+    crate::audit::patients_of(resources, base)
 }
 
 pub fn token_hash(token: &str) -> String {
