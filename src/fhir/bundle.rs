@@ -116,7 +116,7 @@ pub fn page_links(
     offset: usize,
     count: usize,
     has_next: bool,
-    snapshot: i64,
+    snapshot: &str,
 ) -> Vec<Value> {
     let url = |off: usize, with_snapshot: bool| {
         let mut s = form_urlencoded::Serializer::new(String::new());
@@ -125,7 +125,7 @@ pub fn page_links(
         }
         if with_snapshot {
             s.append_pair("_offset", &off.to_string());
-            s.append_pair("_snapshot", &snapshot.to_string());
+            s.append_pair("_snapshot", snapshot);
         }
         let q = s.finish();
         if q.is_empty() {
@@ -145,11 +145,12 @@ pub fn page_links(
 }
 
 pub fn searchset(
-    base: &str,
+    state: &AppState,
     res_type: &str,
     req: &SearchRequest,
     page: &SearchPage,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
+    let base = state.settings.base_url.as_str();
     let mut params = req.used.clone();
     if !params.iter().any(|(k, _)| k == "_count") {
         params.push(("_count".into(), req.count.to_string()));
@@ -160,7 +161,7 @@ pub fn searchset(
         req.offset,
         req.count,
         page.has_next,
-        page.snapshot,
+        &super::paging::seal(&state.store, page.snapshot)?,
     );
     let mut entries: Vec<Entry> = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
     for (mode, list) in [("match", &page.matches), ("include", &page.included)] {
@@ -181,7 +182,7 @@ pub fn searchset(
             ..Default::default()
         });
     }
-    bundle_response("searchset", page.total, links, entries)
+    Ok(bundle_response("searchset", page.total, links, entries))
 }
 
 pub fn history_entry(base: &str, s: &Stored) -> Entry {
@@ -1040,7 +1041,7 @@ async fn get_entry(state: &web::Data<AppState>, e: &Parsed, p: &Principal) -> En
                 }
                 let search = rest::parse_search(state, &e.res_type, &query_pairs(e.query.as_deref().unwrap_or("")), false)?;
                 let page = access::search(state, p, &e.res_type, search.clone()).await?;
-                let resp = searchset(&base, &e.res_type, &search, &page);
+                let resp = searchset(state, &e.res_type, &search, &page)?;
                 let body = actix_web::body::to_bytes(resp.into_body()).await.map_err(|_| FhirError::internal())?;
                 Ok(Entry {
                     resource: RawValue::from_string(String::from_utf8_lossy(&body).into_owned()).ok(),

@@ -5,6 +5,7 @@ pub mod bundle;
 pub mod capability;
 pub mod limits;
 pub mod outcome;
+pub mod paging;
 pub mod rest;
 
 use actix_web::web;

@@ -935,7 +935,9 @@ async fn history_inner(
         .unwrap_or(state.settings.default_count)
         .min(state.settings.max_count);
     let offset = num("_offset")?.unwrap_or(0);
-    let snapshot = num("_snapshot")?.map(|s| s as i64);
+    let snapshot = get("_snapshot")
+        .map(|t| super::paging::open(&state.store, &t))
+        .transpose()?;
     let since = match get("_since") {
         Some(s) => Some(
             dates::range(&s)
@@ -983,7 +985,8 @@ async fn history_inner(
         .cloned()
         .collect();
     keep.push(("_count".into(), count.to_string()));
-    let links = super::bundle::page_links(&path, &keep, offset, count, has_next, snapshot);
+    let snapshot = super::paging::seal(&state.store, snapshot)?;
+    let links = super::bundle::page_links(&path, &keep, offset, count, has_next, &snapshot);
     let entries = versions
         .iter()
         .map(|s| super::bundle::history_entry(base, s))
@@ -1008,6 +1011,7 @@ pub fn parse_search(
         max_count: state.settings.max_count,
         strict,
     };
+    let pairs = &super::paging::open_pairs(&state.store, pairs)?;
     query::parse(
         &state.store.registry,
         res_type,
@@ -1139,7 +1143,7 @@ async fn search_inner(
     let search = parse_search(state, res_type, &pairs, prefer_strict(req))?;
     let p = access::principal(req)?;
     let page = access::search(state, &p, res_type, search.clone()).await?;
-    let mut answer = super::bundle::searchset(&state.settings.base_url, res_type, &search, &page);
+    let mut answer = super::bundle::searchset(state, res_type, &search, &page)?;
     // Whose data the page disclosed: each patient goes into the search's AuditEvent (an outside
     // probe's clinician searched `Communication?status=completed`, got a patient's messages,
     // and the patient's accounting of disclosures never showed it).

@@ -251,7 +251,46 @@ both_backends! {
         all.reverse();
         assert_eq!(seen, all, "pages skipped or repeated a message");
         // A new search sees the new message first.
-        assert_eq!(app.search_ids("Communication?recipient=Patient/inbox&_sort=-sent&_count=1").await, vec![late]);
+        assert_eq!(app.search_ids("Communication?recipient=Patient/inbox&_sort=-sent&_count=1").await, vec![late.clone()]);
+
+        // The pinned view travels sealed: the link's `_snapshot` is not the store's row counter
+        // (which would show any client the whole service's activity), two links to the same view
+        // do not compare equal, and a `_snapshot` Courier did not issue changes nothing and is a 400.
+        let snapshot_of = |b: &Value| -> String {
+            let url = url::Url::parse(&next_link(b).expect("a next link")).unwrap();
+            url.query_pairs().find(|(k, _)| k == "_snapshot").expect("_snapshot").1.into_owned()
+        };
+        let q = "Communication?recipient=Patient/inbox&_sort=-sent&_count=2";
+        let (one, two) = (app.get_json(q).await, app.get_json(q).await);
+        let (s1, s2) = (snapshot_of(&one), snapshot_of(&two));
+        assert_ne!(s1, s2, "two links to one view are not linkable");
+        assert!(s1.parse::<i64>().is_err() && s1.len() >= 40, "sealed, not a number: {s1}");
+        let mut forged = s1.clone().into_bytes();
+        forged[20] = if forged[20] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        for bad in ["0", "999999", "", forged.as_str()] {
+            let r = app.get(&format!("{q}&_offset=2&_snapshot={bad}")).await;
+            assert_eq!(r.status(), 400, "_snapshot={bad}");
+            let o: Value = r.json().await.unwrap();
+            assert_eq!(o["resourceType"], "OperationOutcome");
+            assert!(o["issue"][0]["diagnostics"].as_str().unwrap().contains("paging link"), "{o}");
+        }
+        // The same in a POSTed search and a batch's search entry, and in history.
+        let r = app.client.post(app.url("Communication/_search"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("recipient=Patient/inbox&_offset=2&_snapshot=12").send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let hist = app.get_json(&format!("Communication/{late}/_history?_count=1")).await;
+        assert!(next_link(&hist).is_none());
+        let hist = app.get_json("Communication/_history?_count=2").await;
+        let hs = snapshot_of(&hist);
+        assert!(hs.parse::<i64>().is_err(), "history's link is sealed too: {hs}");
+        let page2: Value = app.client.get(next_link(&hist).unwrap()).send().await.unwrap().json().await.unwrap();
+        assert_eq!(page2["entry"].as_array().unwrap().len(), 2, "a sealed history link pages");
+        assert_eq!(app.get("Communication/_history?_offset=2&_snapshot=7").await.status(), 400);
+        // A sealed link still pins the view: page 2 of the first search is what it was.
+        let page2: Value = app.client.get(next_link(&one).unwrap()).send().await.unwrap().json().await.unwrap();
+        assert_eq!(ids(&page2).len(), 2);
     }
 
     async fn include_revinclude_and_iterate(app: TestApp) {
