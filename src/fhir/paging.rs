@@ -18,7 +18,8 @@ const AAD: &[u8] = b"courier paging snapshot v1";
 fn cipher(store: &Store) -> Result<Aes256Gcm, FhirError> {
     use hmac::{Hmac, Mac};
     let chain = crate::audit::chain::chain_key(store).map_err(FhirError::from)?;
-    let mut h = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&chain).expect("HMAC takes any key length");
+    let mut h =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(&chain).expect("HMAC takes any key length");
     h.update(AAD);
     let key = h.finalize().into_bytes();
     Ok(Aes256Gcm::new_from_slice(&key).expect("32-byte key"))

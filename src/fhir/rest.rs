@@ -948,32 +948,59 @@ async fn history_inner(
         ),
         None => None,
     };
-    let store = state.store.clone();
-    let (rt, rid) = (res_type.to_string(), id.clone());
-    let f2 = filter.clone();
-    let (mut versions, has_next, snapshot) = blocking(move || {
-        let (v, more, snap) = store.history(
-            &rt,
-            rid.as_deref(),
-            since,
-            count.max(1),
-            offset,
-            snapshot,
-            f2.as_ref(),
-        )?;
-        Ok(if count == 0 {
-            (Vec::new(), false, snap)
-        } else {
-            (v, more, snap)
+    // A confined reader's history is filtered before it is paged: the SQL applies the grant to
+    // each resource's current version, and older versions outside the grant (or recalled by a
+    // withdrawal) are left out here, chunk by chunk, so that every page is full while more
+    // follow and a short page or a `next` never says that hidden versions exist. `_offset`
+    // counts the versions this reader sees.
+    let chunk = if filter.is_some() {
+        count.clamp(20, 200)
+    } else {
+        count.max(1)
+    };
+    let (mut versions, mut has_next, mut pinned) = (Vec::new(), false, snapshot);
+    let (mut raw, mut skipped) = (if filter.is_some() { 0 } else { offset }, 0usize);
+    while count > 0 {
+        let store = state.store.clone();
+        let (rt, rid, f2) = (res_type.to_string(), id.clone(), filter.clone());
+        let (mut got, more, snap) = blocking(move || {
+            Ok(store.history(&rt, rid.as_deref(), since, chunk, raw, pinned, f2.as_ref())?)
         })
-    })
-    .await?;
-    if filter.is_some() {
-        // Older versions may have been outside the grant even though the current one is not.
-        versions.retain(|s| access::may_see(state, &p, s));
-        // Nor are a withdrawn message's earlier versions its readers' (its content is recalled).
-        versions = access::without_recalled(state, &p, versions).await?;
+        .await?;
+        pinned = Some(snap);
+        raw += got.len();
+        if filter.is_some() {
+            // Older versions may have been outside the grant even though the current one is not.
+            got.retain(|s| access::may_see(state, &p, s));
+            // Nor are a withdrawn message's earlier versions its readers' (its content is recalled).
+            got = access::without_recalled(state, &p, got).await?;
+        }
+        for v in got {
+            if skipped < offset && filter.is_some() {
+                skipped += 1;
+            } else if versions.len() < count {
+                versions.push(v);
+            } else {
+                has_next = true;
+                break;
+            }
+        }
+        if has_next || !more {
+            break;
+        }
+        if filter.is_none() && versions.len() >= count {
+            has_next = more;
+            break;
+        }
     }
+    let snapshot = match pinned {
+        Some(s) => s,
+        // `_count=0` read nothing: its links still pin the view.
+        None => {
+            let (store, rt) = (state.store.clone(), res_type.to_string());
+            blocking(move || Ok(store.history(&rt, None, None, 1, 0, None, None)?.2)).await?
+        }
+    };
     let base = &state.settings.base_url;
     let path = match &id {
         Some(id) => format!("{base}/{res_type}/{id}/_history"),

@@ -1166,6 +1166,53 @@ both_backends! {
         assert!(!replayed.contains("WORDS-") && !replayed.contains("WRONGPATIENT"), "{replayed}");
         assert_eq!(p1.get(app.url(&format!("Communication/{wid}/_history/1"))).send().await.unwrap().status(), 404);
     }
+
+    // A confined reader's history was paged before hidden versions were left out: a page could
+    // be short and still have `next`, which said hidden versions exist. Now every page is full
+    // while more follow, `_offset` counts what the reader sees, and the pages together are
+    // exactly the versions the reader may see, each once.
+    async fn a_patient_s_history_pages_are_full_and_say_nothing_of_hidden_versions(app: TestApp) {
+        let dr = client_with_token(&clinician_token(&app, "dr-1"));
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let mut visible = Vec::new();
+        for i in 0..4 {
+            // Each withdrawn message: version 1 (its words) is hidden, version 2 is seen.
+            let made: Value = dr.post(app.url("Communication")).json(&msg("Practitioner/dr-1", &["Patient/p1"], &format!("HIDDEN-{i}"))).send().await.unwrap().json().await.unwrap();
+            let id = made["id"].as_str().unwrap().to_string();
+            let mut w = made.clone();
+            w["status"] = json!("entered-in-error");
+            assert_eq!(dr.put(app.url(&format!("Communication/{id}"))).json(&w).send().await.unwrap().status(), 200);
+            visible.push(format!("{id}/2"));
+            // And one plain message, seen whole.
+            let kept: Value = dr.post(app.url("Communication")).json(&msg("Practitioner/dr-1", &["Patient/p1"], "kept")).send().await.unwrap().json().await.unwrap();
+            visible.push(format!("{}/1", kept["id"].as_str().unwrap()));
+        }
+        let key = |e: &Value| format!("{}/{}", e["resource"]["id"].as_str().unwrap(), e["resource"]["meta"]["versionId"].as_str().unwrap());
+        let mut seen = Vec::new();
+        let mut next = Some(app.url("Communication/_history?_count=3"));
+        let mut pages = 0;
+        while let Some(url) = next {
+            let r = p1.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let text = r.text().await.unwrap();
+            assert!(!text.contains("HIDDEN-"), "{text}");
+            let b: Value = serde_json::from_str(&text).unwrap();
+            let entries: Vec<Value> = b["entry"].as_array().cloned().unwrap_or_default();
+            next = next_link(&b);
+            if next.is_some() {
+                assert_eq!(entries.len(), 3, "a page with a next link is full: {b}");
+            }
+            seen.extend(entries.iter().map(key));
+            pages += 1;
+            assert!(pages < 10);
+        }
+        visible.reverse();
+        assert_eq!(seen, visible, "every visible version once, newest first");
+        assert_eq!(pages, 3, "8 versions in pages of 3");
+        // The author sees all 12 versions.
+        let all: Value = dr.get(app.url("Communication/_history?_count=50")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(all["entry"].as_array().unwrap().len(), 12);
+    }
 }
 
 both_backends! {
