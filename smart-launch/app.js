@@ -1082,7 +1082,10 @@ function toBase64(buf) {
   return btoa(s);
 }
 
-async function upload(file) {
+// A file to send, checked here first (size, kind): the Binary to create and the attachment that
+// names it. Sent in one transaction with its message (see send), so a message Courier refuses
+// leaves no file behind on the server.
+async function attachmentOf(file) {
   if (config.attachment_max_bytes && file.size > config.attachment_max_bytes) {
     const e = new Error('too large');
     e.status = 413;
@@ -1094,9 +1097,22 @@ async function upload(file) {
     e.status = 415;
     throw e;
   }
-  const bin = await api('POST', '/Binary', {resourceType: 'Binary', contentType: type, data: toBase64(await file.arrayBuffer())}, {Prefer: 'return=representation'});
-  // The name without direction controls (Courier refuses them: they make a name read as another).
-  return {contentType: type, url: 'Binary/' + bin.id, title: file.name.replace(DIRECTION_CONTROLS, '') || 'file', size: file.size};
+  const ref = 'urn:uuid:' + uuid();
+  return {
+    entry: {fullUrl: ref, resource: {resourceType: 'Binary', contentType: type, data: toBase64(await file.arrayBuffer())}, request: {method: 'POST', url: 'Binary'}},
+    // The name without direction controls (Courier refuses them: they make a name read as another).
+    attachment: {contentType: type, url: ref, title: file.name.replace(DIRECTION_CONTROLS, '') || 'file', size: file.size},
+  };
+}
+
+// A random (version 4) UUID, also where crypto.randomUUID is not offered (a page not served
+// over https).
+function uuid() {
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, '0')).join('');
+  return h.slice(0, 8) + '-' + h.slice(8, 12) + '-' + h.slice(12, 16) + '-' + h.slice(16, 20) + '-' + h.slice(20);
 }
 
 function messageFor(h, payload, status, priority) {
@@ -1207,17 +1223,24 @@ async function send(ev) {
   $('send').disabled = true;
   composeError('');
   try {
-    if (file) payload.push({contentAttachment: await upload(file)});
+    const file_ = file ? await attachmentOf(file) : null;
+    if (file_) payload.push({contentAttachment: file_.attachment});
     if (d && d.timer) { clearTimeout(d.timer); d.timer = null; }
     if (d && d.saving) await d.saving;
     const msg = messageFor(h, payload, 'completed', priority);
+    // The draft becomes the message (one resource, sent now).
+    if (d && d.id) msg.id = d.id;
+    const write = d && d.id
+      ? {resource: msg, request: {method: 'PUT', url: 'Communication/' + d.id}}
+      : {fullUrl: 'urn:uuid:' + uuid(), resource: msg, request: {method: 'POST', url: 'Communication'}};
     let saved;
-    if (d && d.id) {
-      // The draft becomes the message (one resource, sent now).
-      msg.id = d.id;
-      saved = await api('PUT', '/Communication/' + d.id, msg, {Prefer: 'return=representation'});
+    if (file_) {
+      // The file and its message in one transaction: both are stored, or neither.
+      const done = await api('POST', '/', {resourceType: 'Bundle', type: 'transaction', entry: [file_.entry, write]}, {Prefer: 'return=representation'});
+      saved = done && done.entry && done.entry[1] && done.entry[1].resource;
+      if (!saved || saved.resourceType !== 'Communication') throw new Error('the answer did not carry the message');
     } else {
-      saved = await api('POST', '/Communication', msg, {Prefer: 'return=representation'});
+      saved = await api(write.request.method, '/' + write.request.url, msg, {Prefer: 'return=representation'});
     }
     if (d) { d.id = null; d.version = null; }
     draftThreads.delete(h.id);

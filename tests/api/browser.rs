@@ -232,6 +232,37 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         ids(&app.get_json("Communication?status=entered-in-error").await).len(),
         1
     );
+    // Every file stored is one a message attaches (or attached: a withdrawn message's earlier
+    // version): the send refused with a photo left none.
+    let stored: Vec<courier::store::rows::InsertedRow> = app
+        .store
+        .query(
+            "SELECT rid, res_type, fhir_id FROM resources WHERE res_type = 'Binary'",
+            vec![],
+        )
+        .unwrap();
+    let all = app.get_json("Communication/_history?_count=1000").await;
+    let attached: std::collections::HashSet<String> = all["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| {
+            e["resource"]["payload"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|p| p["contentAttachment"]["url"].as_str().map(String::from))
+        .filter_map(|u| u.rsplit_once("Binary/").map(|(_, id)| id.to_string()))
+        .collect();
+    assert!(stored.len() >= 2, "the files sent are stored");
+    for b in &stored {
+        assert!(
+            attached.contains(&b.fhir_id),
+            "Binary/{} is attached to no message",
+            b.fhir_id
+        );
+    }
 }
 
 /// Multi-factor sign-in in Chromium (issue 22 §3): a clinician enrols and uses a passkey on a

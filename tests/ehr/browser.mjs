@@ -347,6 +347,31 @@ try {
   const thumb = await clinician.locator('#messages img.thumb').first().boundingBox();
   check(thumb && thumb.width >= 96 && thumb.height >= 96, `clinician: a tiny photo shows at a size one can tap and see (got ${thumb && Math.round(thumb.width)} × ${thumb && Math.round(thumb.height)})`);
 
+  // A message Courier refuses leaves no file behind: the file goes in one transaction with its
+  // message (the Rust side then finds every stored file attached to a message).
+  step('patient: a refused message with a photo');
+  const rootPost = (u) => new URL(u).pathname === '/';
+  let tampered = 0;
+  await patient.route(rootPost, async (route) => {
+    const req = route.request();
+    if (req.method() !== 'POST') return route.continue();
+    const b = JSON.parse(req.postData());
+    b.entry[b.entry.length - 1].resource.status = 'not-a-status';
+    tampered++;
+    await route.continue({ postData: JSON.stringify(b) });
+  });
+  await patient.fill('#compose-text', 'refused with a photo');
+  await patient.setInputFiles('#compose-file', { name: 'refused.png', mimeType: 'image/png', buffer: PNG });
+  await patient.click('#send');
+  await patient.waitForSelector('#compose-error:not([hidden])');
+  check(tampered === 1, `patient: the photo and its message went in one transaction (${tampered})`);
+  check((await patient.textContent('#compose-error')).startsWith('Your message was not sent.'), 'patient: the refused send is said');
+  await patient.unroute(rootPost);
+  // Sent again as it stands (the text and the photo were kept): now it goes.
+  await patient.click('#send');
+  await patient.waitForSelector('#compose-error', { state: 'hidden', timeout: 10000 });
+  await clinician.waitForSelector('#messages li .text:text("refused with a photo")', { timeout: 10000 });
+
   step('patient: types with the keyboard up');
   await keyboardUp(patient, 'patient', ['#compose .emergency', '#compose-to']);
   await keyboardUp(patient, 'patient', ['#compose .emergency', '#compose-to'], { width: 360, height: 330 }, 100);
