@@ -166,7 +166,11 @@ impl Application {
         let abuse_at_exit = abuse.clone();
         let abuse = web::Data::from(abuse);
         let bodies = web::Data::new(crate::auth::abuse::BodyBudget::new(&settings));
-        let deferred_audit = Arc::new(crate::audit::deferred::Deferred::default());
+        // Kept in a spool in the data directory too: a crash during an outage does not lose them.
+        let deferred_audit = Arc::new(crate::audit::deferred::Deferred::with_spool(
+            store.clone(),
+            &settings.data_dir,
+        ));
         let base_url = settings.base_url.clone();
         let state = web::Data::new(AppState {
             store: store.clone(),

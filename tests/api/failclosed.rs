@@ -610,3 +610,126 @@ async fn a_request_stuck_behind_a_lock_is_answered_503_within_the_lock_timeout()
     // Served again once the lock is gone.
     assert_eq!(app.get(&format!("Communication/{id}")).await.status(), 200);
 }
+
+/// Waits until `base/metadata` answers.
+async fn started(app: &TestApp, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app
+        .client
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "courier serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Refusals whose AuditEvents wait for the database (full) survive a crash: each is in the
+/// instance's spool (sealed) before the 503 is answered, and the next start records them. The
+/// spool is emptied once they are recorded, and its ballast (room kept for a full disk) is there.
+/// A process of its own (killed with SIGKILL); the "full disk" is PostgreSQL's (a trigger), which
+/// a process outside the test can meet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_waiting_to_be_audited_survive_a_crash() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let id = app
+        .create(&message(
+            "Patient/p1",
+            "2026-12-06T10:00:00Z",
+            "lab results",
+        ))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |port: u16| {
+        serve_command(&app, port)
+            .env("COURIER_BASE_URL", &app.base)
+            .env("COURIER_DATA_DIR", dir.path())
+            .spawn()
+            .expect("courier serve starts")
+    };
+    let port = free_port();
+    let mut first = serve(port);
+    let base = format!("http://127.0.0.1:{port}");
+    started(&app, &base).await;
+    let spool = dir.path().join("audit-spool");
+    let ballast = dir.path().join("audit-spool.ballast");
+    assert_eq!(
+        std::fs::metadata(&ballast).unwrap().len(),
+        8 << 20,
+        "room kept for the spool"
+    );
+
+    fill_disk(&app);
+    let mut refused = Vec::new();
+    for _ in 0..50 {
+        let r = app
+            .client
+            .get(format!("{base}/Communication/{id}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            refused.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+            if refused.len() == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        3,
+        "reads refused while the audit cannot be written"
+    );
+    let spooled = std::fs::read_to_string(&spool).unwrap();
+    assert_eq!(
+        spooled.lines().count(),
+        3,
+        "each refusal is spooled before it is answered"
+    );
+    assert!(
+        !spooled.contains("Communication") && !spooled.contains(&refused[0]),
+        "sealed, not in the clear"
+    );
+    first.kill().unwrap(); // SIGKILL: nothing flushed
+    first.wait().unwrap();
+
+    free_disk(&app);
+    let port = free_port();
+    let mut second = serve(port);
+    started(&app, &format!("http://127.0.0.1:{port}")).await;
+    let mut missing = refused.clone();
+    for _ in 0..60 {
+        let audited = audited_request_ids(&app).await;
+        missing.retain(|rid| !audited.contains(rid));
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        missing.is_empty(),
+        "refusals lost in the crash: {missing:?}"
+    );
+    // Recorded once each, the spool emptied, the ballast in place.
+    let audited = audited_request_ids(&app).await;
+    for rid in &refused {
+        assert_eq!(
+            audited.iter().filter(|a| *a == rid).count(),
+            1,
+            "{rid} recorded once"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&spool).map_or(0, |m| m.len()) > 0 {
+        assert!(Instant::now() < deadline, "the spool was not emptied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::metadata(&ballast).unwrap().len(), 8 << 20);
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
