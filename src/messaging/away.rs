@@ -77,13 +77,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
             if start.is_some_and(|s| s > at) || end.is_some_and(|e| e < at) {
                 continue;
             }
-            let delegate = v["extension"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| e["url"] == EXT_DELEGATE)
-                .and_then(|e| e["valueReference"]["reference"].as_str())
-                .map(String::from);
+            let delegate = delegate_of(&v, &store.base_url);
             return Ok(Some(Away {
                 reply: n["description"]
                     .as_str()
@@ -94,6 +88,55 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
         }
     }
     Ok(None)
+}
+
+/// The delegate a PractitionerRole names, when it is staff (a local `Practitioner/…` or
+/// `PractitionerRole/…`): a delegate gets copies of every message sent to the one away, so
+/// anyone else named (a patient, a group, another server's address) is ignored, and logged.
+/// Writes refuse such a delegate ([`check_delegate`]); this holds for what was stored before.
+pub fn delegate_of(role: &Value, base: &str) -> Option<String> {
+    let named = role["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["url"] == EXT_DELEGATE)
+        .and_then(|e| e["valueReference"]["reference"].as_str())?;
+    let local = super::hub::local_ref(named, base);
+    if is_staff(&local) {
+        Some(local)
+    } else {
+        tracing::warn!("an out-of-office delegate that is not a Practitioner or PractitionerRole of this server is ignored");
+        None
+    }
+}
+
+fn is_staff(r: &str) -> bool {
+    r.split_once('/').is_some_and(|(t, id)| {
+        matches!(t, "Practitioner" | "PractitionerRole") && fhir_codec::is_valid_id(id)
+    })
+}
+
+/// A PractitionerRole's delegate, as written: a Practitioner or PractitionerRole of this server
+/// (422 otherwise: the delegate is sent a copy of every message to the one away, so a patient
+/// named there — by mistake or not — would read other patients' messages).
+pub fn check_delegate(role: &Value, base: &str) -> Result<(), String> {
+    for (i, e) in role["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if e["url"] != EXT_DELEGATE {
+            continue;
+        }
+        let ok = e["valueReference"]["reference"]
+            .as_str()
+            .is_some_and(|r| is_staff(&super::hub::local_ref(r, base)));
+        if !ok {
+            return Err(format!("PractitionerRole.extension[{i}]"));
+        }
+    }
+    Ok(())
 }
 
 fn ctx(store: &Store) -> audit::Context {

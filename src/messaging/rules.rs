@@ -63,6 +63,14 @@ pub fn check(
         inline_attachments(settings, res_type, body)?;
     }
     match res_type {
+        "PractitionerRole" => super::away::check_delegate(body, &settings.base_url).map_err(|at| {
+            FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                at,
+                "an out-of-office delegate must be a Practitioner or PractitionerRole of this server: the delegate is sent a copy of every message to the one away",
+            )
+        }),
         "Binary" => {
             attachment_type(settings, body)?;
             attachment_content(body)

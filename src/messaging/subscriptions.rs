@@ -182,8 +182,12 @@ impl SubRow {
         }
     }
 
+    /// The same client, user and patient context: an app with no user is one client for every
+    /// patient it is launched for, and one patient's subscription is not another's to read.
     fn owned_by(&self, p: &Principal) -> bool {
-        self.owner_client == p.client_id && self.owner_user == p.fhir_user
+        self.owner_client == p.client_id
+            && self.owner_user == p.fhir_user
+            && self.owner_patient == p.patient
     }
 }
 
@@ -628,7 +632,7 @@ pub async fn search(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
         let p = crate::fhir::access::principal(&req)?;
         may(&p, Perm::Search)?;
         let store = state.store.clone();
-        let (client, user) = (p.client_id.clone(), p.fhir_user.clone());
+        let client = p.client_id.clone();
         let rows = blocking(move || {
             Ok(store.query::<SubRow>(
                 &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE owner_client = ? ORDER BY created_at"),
@@ -638,7 +642,7 @@ pub async fn search(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
         .await?;
         let base = &state.settings.base_url;
         let mut entries = vec![];
-        for r in rows.iter().filter(|r| r.owner_user == user) {
+        for r in rows.iter().filter(|r| r.owned_by(&p)) {
             let v = shown(r.resource(&state.store)?);
             entries.push(json!({"fullUrl": format!("{base}/Subscription/{}", r.id), "resource": v, "search": {"mode": "match"}}));
         }

@@ -730,6 +730,98 @@ both_backends! {
     }
 }
 
+/// From an outside probe: a clinician named `Patient/bob` as their out-of-office delegate, and
+/// every message sent to them while away was copied to that patient (text, attachments, another
+/// patient as subject). A delegate is staff: a write naming anyone else is 422, and a role
+/// stored before this rule is not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_office_delegate_is_staff_only() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
+    let now = chrono::Utc::now();
+    let role = |delegate: &str| {
+        json!({"resourceType": "PractitionerRole", "active": true,
+        "practitioner": {"reference": "Practitioner/dr-2"},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": delegate}}],
+        "notAvailable": [{"description": "Away.",
+            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]})
+    };
+    for bad in [
+        "Patient/bob",
+        "Group/ward",
+        "https://elsewhere.example/fhir/Practitioner/x",
+        "RelatedPerson/r",
+    ] {
+        let (s, oo) = post_as(&dr2, &app, "/PractitionerRole", &role(bad)).await;
+        assert_eq!(s, 422, "{bad}: {oo}");
+        assert_eq!(
+            oo["issue"][0]["expression"][0], "PractitionerRole.extension[0]",
+            "{oo}"
+        );
+        let r = app.post("PractitionerRole", &role(bad)).await;
+        assert_eq!(r.status(), 422, "a system client's write too: {bad}");
+    }
+    let (s, _) = post_as(&dr2, &app, "/PractitionerRole", &role("Practitioner/dr-3")).await;
+    assert_eq!(s, 201);
+    // A role stored before the rule (written straight to the store), naming a patient.
+    let ctx = courier::audit::Context::job(&app.base, "test");
+    app.store
+        .write(
+            vec![courier::store::WriteOp::Create {
+                res_type: "PractitionerRole".into(),
+                id: "legacy".into(),
+                resource: courier::store::Incoming::from_value({
+                    let mut r = role("Patient/bob");
+                    r["practitioner"] = json!({"reference": "Practitioner/dr-4"});
+                    r
+                }),
+                if_none_exist: None,
+            }],
+            &ctx,
+        )
+        .unwrap();
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let mut m = msg(
+        "Patient/p1",
+        &["Practitioner/dr-4"],
+        "BOB-MUST-NOT-READ my results",
+    );
+    m["category"] = json!([{"text": "question"}]);
+    let (s, sent) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{sent}");
+    let id = sent["id"].as_str().unwrap().to_string();
+    // The automatic reply comes (dr-4 is away); no copy goes to the patient named as delegate.
+    let mut replied = false;
+    for _ in 0..80 {
+        let b = app
+            .get_json(&format!("Communication?in-response-to=Communication/{id}"))
+            .await;
+        if b["entry"].as_array().is_some_and(|e| !e.is_empty()) {
+            replied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(replied, "the away job ran");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let to_bob = app.get_json("Communication?recipient=Patient/bob").await;
+    assert_eq!(
+        to_bob["entry"].as_array().map_or(0, |e| e.len()),
+        0,
+        "{to_bob}"
+    );
+    let bob = client_with_token(&patient_token(&app, "bob"));
+    let seen = bob
+        .get(app.url("Communication"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!seen.contains("BOB-MUST-NOT-READ"), "{seen}");
+}
+
 /// Out-of-office: a practitioner's PractitionerRole.notAvailable makes Courier answer for them and
 /// copy their delegate; escalation goes to the delegate at once; nothing answers an automatic
 /// message.

@@ -338,6 +338,40 @@ both_backends! {
         assert_eq!(list["total"], 0, "nothing was created");
     }
 
+    // From an outside probe: a patient app with no user is one client for every patient it is
+    // launched for; in Bob's context it listed Ada's subscription and read her messages through
+    // `$events`. A subscription is its owner's in one patient's context.
+    async fn a_patient_app_s_subscription_is_one_patient_s(app: TestApp) {
+        let scope = "patient/Communication.rs patient/Subscription.cruds";
+        let id = clients::add(&app.store, "portal app", clients::KeySource::Document(es384_key().1.to_string()), "system/*.cruds").unwrap();
+        let ada = client_with_token(&issue(&app.tokens, &id, scope, None, Some("ada")));
+        let bob = client_with_token(&issue(&app.tokens, &id, scope, None, Some("bob")));
+        let (s, created) = post(&ada, &app, "Subscription", &subscription(json!({"type": "websocket"}), "full-resource", &[])).await;
+        assert_eq!(s, 201, "{created}");
+        let sub = created["id"].as_str().unwrap().to_string();
+        app.create(&to("ada", "ADA-ONLY results")).await;
+        let mut ev = Value::Null;
+        for _ in 0..100 {
+            ev = get(&ada, &app, &format!("Subscription/{sub}/$events")).await.1;
+            if ev.to_string().contains("ADA-ONLY") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ev.to_string().contains("ADA-ONLY"), "the owner reads its events: {ev}");
+        for path in [format!("Subscription/{sub}"), format!("Subscription/{sub}/$events"), format!("Subscription/{sub}/$status")] {
+            let (s, v) = get(&bob, &app, &path).await;
+            assert_eq!(s, 404, "{path}: {v}");
+            assert!(!v.to_string().contains("ADA-ONLY"));
+        }
+        let (s, v) = post(&bob, &app, &format!("Subscription/{sub}/$get-ws-binding-token"), &json!({"resourceType": "Parameters"})).await;
+        assert_eq!(s, 404, "{v}");
+        let (_, list) = get(&bob, &app, "Subscription").await;
+        assert_eq!(list["total"], 0, "{list}");
+        let (_, list) = get(&ada, &app, "Subscription").await;
+        assert_eq!(list["total"], 1, "{list}");
+    }
+
     async fn filters_and_the_websocket_channel_with_heartbeats(app: TestApp) {
         let c = integrator(&app, "system/Communication.rs system/Subscription.cruds", None);
         let mut ws_channel = json!({"type": "websocket"});
