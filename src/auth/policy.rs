@@ -128,9 +128,20 @@ fn compartment(
             } else {
                 patient_params(res_type)
             };
-            let mut g = refers(registry, res_type, params, &format!("Patient/{patient}"));
+            let me = format!("Patient/{patient}");
+            let mut g = refers(registry, res_type, params, &me);
             if p.kind() == SubjectKind::Patient {
-                g.extend(via_groups(p, registry, res_type));
+                // Through a group, only what is about the patient: a member is added to a Group or
+                // CareTeam when the EHR says so, and must not read what it was sent before about
+                // someone else (an outside probe read an earlier message about another patient,
+                // which would have been refused had the member been in the group then).
+                let about_me = refers(registry, res_type, &["subject"], &me);
+                for mut via in via_groups(p, registry, res_type) {
+                    for s in &about_me {
+                        via.extend(s.iter().cloned());
+                    }
+                    g.push(via);
+                }
             }
             g
         }

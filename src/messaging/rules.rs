@@ -666,25 +666,45 @@ pub async fn prepare(
                 return Ok((v, Err(e)));
             }
         }
-        // A message about a patient reaches no other patient through a Group or CareTeam either
-        // (whoever writes it: see `about_one_patient` for the parties named directly).
-        if let Some(subject) = v["subject"]["reference"]
+        // A message reaches one patient at most, whoever writes it, with a Patient subject or
+        // none (an outside probe sent one clinician's message to two patients by leaving the
+        // subject out, or making it a Group): the subject, else the first patient it names, and
+        // no other among its parties or the members of a Group or CareTeam it is sent to (see
+        // `about_one_patient` for the parties of a message with a Patient subject).
+        let subject = v["subject"]["reference"]
             .as_str()
             .map(|r| super::hub::local_ref(r, &store.base_url))
-            .filter(|r| r.starts_with("Patient/"))
-        {
-            let reached = super::staff_only::patient_side_participants(&store, &rt, &v)?;
+            .filter(|r| r.starts_with("Patient/"));
+        let reached = super::staff_only::patient_side_participants(&store, &rt, &v)?;
+        let named = subject.clone().or_else(|| {
+            reached
+                .iter()
+                .find(|(_, who)| who.starts_with("Patient/"))
+                .map(|(_, who)| who.clone())
+        });
+        if let Some(named) = &named {
             if let Some((path, who)) = reached
                 .iter()
-                .find(|(_, who)| who.starts_with("Patient/") && **who != subject)
+                .find(|(_, who)| who.starts_with("Patient/") && **who != **named)
             {
+                let said = match &subject {
+                    Some(subject) => format!("this message is about {subject}; it cannot reach another patient ({who}) through a Group or CareTeam"),
+                    None => format!("a message reaches one patient at most: it names {named} and {who} (directly or through a Group or CareTeam); send each patient their own"),
+                };
                 let e = FhirError::at(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "business-rule",
                     path.clone(),
-                    format!("this message is about {subject}; it cannot reach another patient ({who}) through a Group or CareTeam"),
+                    said,
                 );
                 return Ok((v, Err(e)));
+            }
+            // … and is about that patient: a message without a subject that reaches one patient
+            // (directly, or as a member of a Group or CareTeam) is given them as its subject. The
+            // patient's side reads what reaches it through a group only when it is about them
+            // (`auth::policy`), so a member added later does not read what was sent before.
+            if v.get("subject").is_none() {
+                v["subject"] = json!({"reference": named});
             }
         }
         let mut r = super::staff_only::label(&store, &rt, &mut v, inherited)?.map_err(|r| {

@@ -217,7 +217,7 @@ both_backends! {
 
     async fn receipts_are_set_by_their_recipient_and_shown_to_the_sender(app: TestApp) {
         let sender = client_with_token(&clinician_token(&app, "dr-1"));
-        let p1 = client_with_token(&patient_token(&app, "p1"));
+        let p1 = client_with_token(&clinician_token(&app, "dr-2"));
         let p2 = client_with_token(&patient_token(&app, "p2"));
         let outsider = client_with_token(&clinician_token(&app, "dr-9"));
         let (mut sender_ws, _, _) = Ws::open(&app, &clinician_token(&app, "dr-1"), None).await;
@@ -226,10 +226,10 @@ both_backends! {
         let thread = app.create(&json!({
             "resourceType": "Communication", "status": "in-progress",
             "sender": {"reference": "Practitioner/dr-1"},
-            "recipient": [{"reference": "Patient/p1"}, {"reference": "Patient/p2"}],
+            "recipient": [{"reference": "Practitioner/dr-2"}, {"reference": "Patient/p2"}],
             "topic": {"text": "Flu clinic"}
         })).await;
-        let mut m = msg("Practitioner/dr-1", &["Patient/p1", "Patient/p2"], "Flu shots on Monday");
+        let mut m = msg("Practitioner/dr-1", &["Practitioner/dr-2", "Patient/p2"], "Flu shots on Monday");
         m["partOf"] = json!([{"reference": format!("Communication/{thread}")}]);
         m["priority"] = json!("urgent");
         let id = app.create(&m).await;
@@ -251,11 +251,11 @@ both_backends! {
         assert_eq!(part(t, "urgent").unwrap()["valueInteger"], 1);
         assert_eq!(part(t, "header").unwrap()["valueBoolean"], true, "its header is among them");
 
-        // p1 reads it; p2 only has it delivered.
+        // dr-2 reads it; p2 only has it delivered.
         let (s, r) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
         assert_eq!(s, 200, "{r}");
         let receipt = param(&r, "receipt").unwrap();
-        assert_eq!(part(receipt, "recipient").unwrap()["valueReference"]["reference"], "Patient/p1");
+        assert_eq!(part(receipt, "recipient").unwrap()["valueReference"]["reference"], "Practitioner/dr-2");
         assert!(part(receipt, "delivered").is_some() && part(receipt, "read").is_some());
         let (s, _) = call(&p2, &app, "POST", &format!("/Communication/{id}/$mark-delivered")).await;
         assert_eq!(s, 200);
@@ -264,13 +264,13 @@ both_backends! {
         let a = sender_ws.next().await.unwrap();
         let b = sender_ws.next().await.unwrap();
         assert_eq!((a["event"].as_str(), b["event"].as_str()), (Some("receipt"), Some("receipt")));
-        assert_eq!(a["receipt"]["recipient"]["reference"], "Patient/p1");
+        assert_eq!(a["receipt"]["recipient"]["reference"], "Practitioner/dr-2");
         assert!(a["receipt"]["read"].is_string());
         assert_eq!(b["receipt"]["recipient"]["reference"], "Patient/p2");
         assert!(b["receipt"].get("read").is_none());
         let own = p2_ws.next().await.unwrap();
         assert_eq!(own["receipt"]["recipient"]["reference"], "Patient/p2");
-        assert!(p2_ws.next_within(Duration::from_millis(500)).await.is_none(), "p1's receipt is not p2's business");
+        assert!(p2_ws.next_within(Duration::from_millis(500)).await.is_none(), "dr-2's receipt is not p2's business");
 
         // The sender sees every receipt; a recipient only their own; an outsider nothing at all.
         let (s, all) = call(&sender, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
@@ -288,7 +288,7 @@ both_backends! {
         assert_eq!(s, 403, "{o}");
         assert_eq!(o["resourceType"], "OperationOutcome");
 
-        // Unread now: p1 has only the thread header left; p2 still has the message (delivered is
+        // Unread now: dr-2 has only the thread header left; p2 still has the message (delivered is
         // not read), so its urgent count stays.
         let (_, u) = call(&p1, &app, "GET", "/Communication/$unread").await;
         assert_eq!(param(&u, "unread").unwrap()["valueInteger"], 1);

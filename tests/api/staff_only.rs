@@ -395,6 +395,52 @@ both_backends! {
         assert_eq!(send(&ada, &app, "POST", "Communication", Some(&m)).await.0, 201);
     }
 
+    // From an outside probe: the one-patient rule held only when the subject was a Patient (a
+    // clinician's message to Ada and Bob without a subject, or with a Group as subject, reached
+    // both); and a patient added to a Group later read what had been sent to it about another
+    // patient. A message reaches one patient at most, is about that patient, and the patient's
+    // side reads through a group only what is about them.
+    async fn a_message_reaches_one_patient_and_a_member_added_later_reads_nothing_of_others(app: TestApp) {
+        let dr = client_with_token(&clinician_token(&app, "dr1"));
+        let before = app.row_counts();
+        let mut as_group = msg("Practitioner/dr1", &["Patient/ada", "Patient/bob"], "TWO-PATIENTS");
+        as_group["subject"] = json!({"reference": "Group/ward"});
+        for body in [msg("Practitioner/dr1", &["Patient/ada", "Patient/bob"], "TWO-PATIENTS"), as_group] {
+            let (s, oo) = send(&dr, &app, "POST", "Communication", Some(&body)).await;
+            assert_eq!(s, 422, "{oo}");
+            assert!(oo["issue"][0]["diagnostics"].as_str().unwrap().contains("one patient at most"), "{oo}");
+            assert_eq!(app.post("Communication", &body).await.status(), 422, "a system client's too");
+        }
+        let cr = json!({"resourceType": "CommunicationRequest", "status": "active",
+            "requester": {"reference": "Practitioner/dr1"}, "recipient": [{"reference": "Patient/ada"}, {"reference": "Patient/bob"}],
+            "occurrenceDateTime": "2099-01-01T09:00:00Z", "payload": [{"contentString": "TWO-PATIENTS later"}]});
+        assert_eq!(send(&dr, &app, "POST", "CommunicationRequest", Some(&cr)).await.0, 422);
+        assert_eq!(app.row_counts(), before, "nothing written");
+
+        // A group of a clinician and Ada; a message to it without a subject is about Ada.
+        let members = |who: &[&str]| who.iter().map(|w| json!({"entity": {"reference": w}})).collect::<Vec<_>>();
+        let group = app.create(&json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": members(&["Practitioner/dr1", "Patient/ada"])})).await;
+        let to_group = app.create(&msg("Practitioner/dr2", &[&format!("Group/{group}")], "ADA-GROUP results")).await;
+        let stored = app.get_json(&format!("Communication/{to_group}")).await;
+        assert_eq!(stored["subject"]["reference"], "Patient/ada", "{stored}");
+        let ada = client_with_token(&patient_token(&app, "ada"));
+        assert_eq!(ada.get(app.url(&format!("Communication/{to_group}"))).send().await.unwrap().status(), 200);
+        // Bob joins the group (the EHR says so): nothing sent before about Ada is his.
+        let g = json!({"resourceType": "Group", "id": group, "type": "person", "actual": true,
+            "member": members(&["Practitioner/dr1", "Patient/ada", "Patient/bob"])});
+        assert_eq!(app.put(&format!("Group/{group}"), &g).await.status(), 200);
+        let bob = client_with_token(&patient_token(&app, "bob"));
+        assert_eq!(bob.get(app.url(&format!("Communication/{to_group}"))).send().await.unwrap().status(), 404);
+        for path in ["Communication".to_string(), format!("Communication?recipient=Group/{group}"), "Communication/_history".into()] {
+            let seen = bob.get(app.url(&path)).send().await.unwrap().text().await.unwrap();
+            assert!(!seen.contains("ADA-GROUP"), "{path}: {seen}");
+        }
+        // And the group now reaches two patients: no message goes to it.
+        let r = app.post("Communication", &msg("Practitioner/dr2", &[&format!("Group/{group}")], "to both")).await;
+        assert_eq!(r.status(), 422);
+    }
+
     async fn a_user_cannot_change_who_a_group_reaches(app: TestApp) {
         let group = app.create(&json!({"resourceType": "Group", "type": "practitioner", "actual": true,
             "member": [{"entity": {"reference": "Practitioner/dr2"}}]})).await;
