@@ -149,14 +149,130 @@ fn attachment_type(settings: &Settings, body: &Value) -> Result<(), FhirError> {
 
 /// What a withdrawn message loses: every element that can carry its words (an outside probe
 /// read a withdrawn message's topic, notes, reasons and narrative after the payload was gone).
-const RECALLED: &[&str] = &[
-    "payload",
-    "note",
-    "topic",
-    "reasonCode",
-    "text",
-    "contained",
+/// What a withdrawn message keeps: who, when, which thread, how urgent — nothing that holds
+/// words. Everything else goes (payload, notes, topic, reasons, narrative, contained copies, and
+/// also extensions, displays, texts and identifiers, where an outside probe still read the
+/// words after the first version of this rule).
+const KEPT_WHEN_WITHDRAWN: &[&str] = &[
+    "resourceType",
+    "id",
+    "meta",
+    "identifier",
+    "status",
+    "statusReason",
+    "category",
+    "priority",
+    "medium",
+    "subject",
+    "sender",
+    "recipient",
+    "partOf",
+    "inResponseTo",
+    "basedOn",
+    "encounter",
+    "sent",
+    "received",
+    "extension",
 ];
+
+/// `body` as withdrawn: only [`KEPT_WHEN_WITHDRAWN`], and of those only what holds no words —
+/// references without display, identifier or extension; codes without text or display;
+/// labels as system and code; Courier's own identifiers and its own extensions that are not
+/// text. Its author and compliance keep the earlier versions.
+fn recall(body: &mut Value) {
+    /// `v`'s members `keys` that it has (none: `None`).
+    fn pick(v: &Value, keys: &[&str]) -> Option<Value> {
+        let o: serde_json::Map<String, Value> = keys
+            .iter()
+            .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
+            .collect();
+        (!o.is_empty()).then_some(Value::Object(o))
+    }
+    fn reference(v: &Value) -> Option<Value> {
+        pick(v, &["reference"])
+    }
+    fn codes(v: &Value) -> Option<Value> {
+        let codings: Vec<Value> = v["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| pick(c, &["system", "code"]))
+            .collect();
+        (!codings.is_empty()).then(|| json!({"coding": codings}))
+    }
+    fn each(v: &Value, f: fn(&Value) -> Option<Value>) -> Option<Value> {
+        let kept: Vec<Value> = v.as_array()?.iter().filter_map(f).collect();
+        (!kept.is_empty()).then_some(Value::Array(kept))
+    }
+    let Some(o) = body.as_object_mut() else {
+        return;
+    };
+    o.retain(|k, _| KEPT_WHEN_WITHDRAWN.contains(&k.as_str()));
+    let keys: Vec<String> = o.keys().cloned().collect();
+    for k in keys {
+        let v = o[&k].clone();
+        let kept = match k.as_str() {
+            "resourceType" | "id" | "status" | "priority" | "sent" | "received" => Some(v),
+            "subject" | "sender" | "encounter" => reference(&v),
+            "recipient" | "partOf" | "inResponseTo" | "basedOn" => each(&v, reference),
+            "statusReason" => codes(&v),
+            "category" | "medium" => each(&v, codes),
+            "identifier" => each(&v, |i| {
+                let own = [
+                    super::schedule::IDENTIFIER_SYSTEM,
+                    super::escalation::IDENTIFIER_SYSTEM,
+                ];
+                own.contains(&i["system"].as_str().unwrap_or(""))
+                    .then(|| pick(i, &["system", "value"]))
+                    .flatten()
+            }),
+            "extension" => each(&v, |e| {
+                let own = e["url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("https://courier.example.org/"));
+                let wordless = e.as_object().is_some_and(|x| {
+                    x.iter().all(|(k, v)| {
+                        k == "url"
+                            || (k.starts_with("value")
+                                && !matches!(k.as_str(), "valueString" | "valueMarkdown")
+                                && !v.is_object()
+                                && !v.is_array())
+                    })
+                });
+                (own && wordless).then(|| e.clone())
+            }),
+            "meta" => {
+                let mut m = serde_json::Map::new();
+                for key in ["versionId", "lastUpdated", "profile"] {
+                    if let Some(x) = v.get(key) {
+                        m.insert(key.into(), x.clone());
+                    }
+                }
+                for key in ["security", "tag"] {
+                    let labels: Vec<Value> = v[key]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|c| pick(c, &["system", "code"]))
+                        .collect();
+                    if !labels.is_empty() {
+                        m.insert(key.into(), Value::Array(labels));
+                    }
+                }
+                (!m.is_empty()).then_some(Value::Object(m))
+            }
+            _ => None,
+        };
+        match kept {
+            Some(x) => {
+                o.insert(k, x);
+            }
+            None => {
+                o.remove(&k);
+            }
+        }
+    }
+}
 
 /// Text-direction controls (embeddings, overrides, isolates) that make a file name read
 /// otherwise than it is: `report\u{202E}fdp.exe` shows as `reportexe.pdf` (an outside
@@ -588,12 +704,7 @@ pub async fn prepare(
         ));
     }
     if res_type == "Communication" && body["status"] == "entered-in-error" {
-        if let Some(o) = body.as_object_mut() {
-            // Whatever can carry its words: the text, notes, reasons, narrative, contained copies.
-            for k in RECALLED {
-                o.remove(*k);
-            }
-        }
+        recall(body);
     }
     // A person's message sent without `sent` was sent now: the app, and every inbox, orders a
     // thread by `sent`, where one without it came out oldest and missing from the newest page

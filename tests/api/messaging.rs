@@ -1243,6 +1243,15 @@ both_backends! {
         wordy["topic"] = json!({"text": "WORDS-TOPIC"});
         wordy["note"] = json!([{"text": "WORDS-NOTE"}]);
         wordy["reasonCode"] = json!([{"text": "WORDS-REASON"}]);
+        // … and wherever else a client can put words (a second probe read these).
+        wordy["extension"] = json!([{"url": "https://example.org/note", "valueString": "WORDS-EXT"}]);
+        wordy["reasonReference"] = json!([{"reference": "Condition/c1", "display": "WORDS-REASONREF"}]);
+        wordy["about"] = json!([{"reference": "DiagnosticReport/d1", "display": "WORDS-ABOUT"}]);
+        wordy["category"] = json!([{"text": "WORDS-CATEGORY", "coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "notification", "display": "WORDS-DISPLAY"}]}]);
+        wordy["medium"] = json!([{"text": "WORDS-MEDIUM"}]);
+        wordy["identifier"] = json!([{"system": "https://ehr.example/msg", "value": "WORDS-IDENTIFIER"}]);
+        wordy["recipient"] = json!([{"reference": "Patient/p1", "display": "WORDS-RECIPIENT"}]);
+        wordy["statusReason"] = json!({"text": "WORDS-STATUSREASON"});
         let made: Value = dr.post(app.url("Communication")).json(&wordy).send().await.unwrap().json().await.unwrap();
         let wid = made["id"].as_str().unwrap().to_string();
         let mut w = made.clone();
@@ -1250,6 +1259,11 @@ both_backends! {
         assert_eq!(dr.put(app.url(&format!("Communication/{wid}"))).json(&w).send().await.unwrap().status(), 200);
         let now = p1.get(app.url(&format!("Communication/{wid}"))).send().await.unwrap().text().await.unwrap();
         assert!(!now.contains("WORDS-"), "{now}");
+        // What it keeps: who, when, which thread, the codes.
+        let kept: Value = serde_json::from_str(&now).unwrap();
+        assert_eq!(kept["recipient"][0]["reference"], "Patient/p1", "{kept}");
+        assert_eq!(kept["category"][0]["coding"][0]["code"], "notification", "{kept}");
+        assert_eq!(kept["status"], "entered-in-error");
         // Withdrawn, then deleted: a socket's catch-up replays the events without their content,
         // and no version is the patient's to read.
         assert_eq!(dr.delete(app.url(&format!("Communication/{wid}"))).send().await.unwrap().status(), 204);
