@@ -270,6 +270,17 @@ async fn mark_inner(
     let p = access::principal(req)?;
     let user = user_of(&p)?;
     let msg = load_message(state, &p, id).await?;
+    // A receipt changes what others see and do (the sender sees "read"; an urgent message's
+    // reminder stops, so no one else is paged): a token that may only read messages cannot set
+    // one (an outside probe marked read with a read-only token, as a session has before its
+    // second factor).
+    if access::decide(state, &p, "Communication", Perm::Update).is_err() {
+        return Err(FhirError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "setting a receipt needs a grant to update Communications (this token may only read them)",
+        ));
+    }
     let base = &state.settings.base_url;
     let to = recipients(&msg, base);
     if !to.iter().any(|r| *r == user || p.groups.contains(r)) {
@@ -366,7 +377,14 @@ async fn list_inner(state: &web::Data<AppState>, req: &HttpRequest, id: &str) ->
         .filter(|r| everyone || Some(&r.recipient) == me.as_ref())
         .map(Receipt::to_parameter)
         .collect();
-    Ok(parameters(shown))
+    // When a patient received and read a message is theirs: the answer is in their accounting
+    // of disclosures (an outside probe found it in no patient's trail).
+    let disclosed = crate::audit::patients_of(std::iter::once(&msg), base);
+    let mut answer = parameters(shown);
+    answer
+        .extensions_mut()
+        .insert(crate::api::Disclosed(disclosed));
+    Ok(answer)
 }
 
 #[derive(QueryableByName)]

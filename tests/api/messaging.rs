@@ -251,6 +251,13 @@ both_backends! {
         assert_eq!(part(t, "urgent").unwrap()["valueInteger"], 1);
         assert_eq!(part(t, "header").unwrap()["valueBoolean"], true, "its header is among them");
 
+        // A token that may only read messages sets no receipt (the sender would see "read", an
+        // urgent message's reminder would stop): p2's read-only session is refused.
+        let read_only = client_with_token(&user_token(&app, "patient/Communication.rs", "Patient/p2", Some("p2")));
+        for op in ["$mark-read", "$mark-delivered", "$mark-unread"] {
+            let (s, oo) = call(&read_only, &app, "POST", &format!("/Communication/{id}/{op}")).await;
+            assert_eq!(s, 403, "{op}: {oo}");
+        }
         // dr-2 reads it; p2 only has it delivered.
         let (s, r) = call(&p1, &app, "POST", &format!("/Communication/{id}/$mark-read")).await;
         assert_eq!(s, 200, "{r}");
@@ -276,6 +283,12 @@ both_backends! {
         let (s, all) = call(&sender, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
         assert_eq!(s, 200);
         assert_eq!(all["parameter"].as_array().unwrap().len(), 2);
+        // … and that disclosure (when p2 received and read it) is in p2's accounting.
+        let trail = app.get_json("AuditEvent?patient=Patient/p2&agent=Practitioner/dr-1&subtype=operation&_count=200").await;
+        let theirs = trail["entry"].as_array().into_iter().flatten().filter(|e| {
+            e["resource"]["entity"].as_array().into_iter().flatten().any(|x| x["what"]["reference"] == format!("Communication/{id}").as_str())
+        });
+        assert_eq!(theirs.count(), 1, "the sender's $receipts is in p2's trail");
         let (_, mine) = call(&p2, &app, "GET", &format!("/Communication/{id}/$receipts")).await;
         assert_eq!(mine["parameter"].as_array().unwrap().len(), 1);
         assert_eq!(mine["parameter"][0]["part"][0]["valueReference"]["reference"], "Patient/p2");
