@@ -706,27 +706,42 @@ pub async fn prepare(
     if res_type == "Communication" && body["status"] == "entered-in-error" {
         recall(body);
     }
-    // A person's message sent without `sent` was sent now: the app, and every inbox, orders a
-    // thread by `sent`, where one without it came out oldest and missing from the newest page
-    // (an outside walk-through). Only when it is sent (created completed, or a draft completed
-    // now); a later change without it keeps the time it had. An integrator's messages are as it
-    // gives them (it may load history whose time is not known).
+    // A person's message is sent when Courier takes it: its `sent` is Courier's time, not the
+    // writer's (an outside walk-through's message without one came out oldest in its thread; an
+    // outside probe's patient backdated one to 1900 and dated another 2099, and the app shows
+    // `sent` as fact). Set when it is sent (created completed, or a draft completed now); a later
+    // change keeps the time it had. `received` is its recipients' to have, not its writer's: kept
+    // as stored. An integrator's messages are as it gives them (it may load history).
     if res_type == "Communication"
         && (p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some())
-        && body["status"] == "completed"
-        && body.get("sent").is_none()
     {
-        match replaced.as_ref().filter(|v| v["status"] == "completed") {
-            Some(v) => {
-                if let Some(t) = v.get("sent") {
-                    body["sent"] = t.clone();
-                }
+        let was_sent = replaced.as_ref().filter(|v| v["status"] == "completed");
+        let stored = |k: &str| replaced.as_ref().and_then(|v| v.get(k)).cloned();
+        if let Some(o) = body.as_object_mut() {
+            if o.get("status").and_then(Value::as_str) == Some("completed") {
+                match was_sent {
+                    Some(v) => match v.get("sent") {
+                        Some(t) => o.insert("sent".into(), t.clone()),
+                        None => o.remove("sent"),
+                    },
+                    None => o.insert(
+                        "sent".into(),
+                        json!(crate::search::dates::format_instant(
+                            crate::clock::now_micros()
+                        )),
+                    ),
+                };
+            } else if let Some(t) = stored("sent") {
+                o.insert("sent".into(), t);
+            } else {
+                o.remove("sent");
             }
-            None => {
-                body["sent"] = json!(crate::search::dates::format_instant(
-                    crate::clock::now_micros()
-                ));
-            }
+            o.remove("_sent");
+            match stored("received") {
+                Some(t) => o.insert("received".into(), t),
+                None => o.remove("received"),
+            };
+            o.remove("_received");
         }
     }
     // Courier's own identifiers on it: as the writer sees it, or as stored for a system client
@@ -759,6 +774,7 @@ pub async fn prepare(
     let mut v = std::mem::take(body);
     let patient_bound = policy::patient_bound(p, res_type);
     let patient_side = patient_user || (p.kind() == SubjectKind::System && patient_bound.is_some());
+    let person = p.kind() != SubjectKind::System || patient_bound.is_some();
     let (v, outcome) = blocking(move || {
         // A patient's message to a Group or CareTeam reaches its members: none may be another
         // patient (as for a message addressed to them directly).
@@ -777,8 +793,7 @@ pub async fn prepare(
                 return Ok((v, Err(e)));
             }
         }
-        // A message reaches one patient at most, whoever writes it, with a Patient subject or
-        // none (an outside probe sent one clinician's message to two patients by leaving the
+        // A message reaches one patient at most, with a Patient subject or none (an outside probe sent one clinician's message to two patients by leaving the
         // subject out, or making it a Group): the subject, else the first patient it names, and
         // no other among its parties or the members of a Group or CareTeam it is sent to (see
         // `about_one_patient` for the parties of a message with a Patient subject).
@@ -787,11 +802,14 @@ pub async fn prepare(
             .map(|r| super::hub::local_ref(r, &store.base_url))
             .filter(|r| r.starts_with("Patient/"));
         let reached = super::staff_only::patient_side_participants(&store, &rt, &v)?;
+        // Without a Patient subject, for people's writes (users, patient apps): an integrator's
+        // messages are its own to get right (it may load an EHR's as they are).
         let named = subject.clone().or_else(|| {
             reached
                 .iter()
                 .find(|(_, who)| who.starts_with("Patient/"))
                 .map(|(_, who)| who.clone())
+                .filter(|_| person)
         });
         if let Some(named) = &named {
             if let Some((path, who)) = reached

@@ -45,7 +45,7 @@ both_backends! {
             "requester": {"reference": "Practitioner/dr-1"}, "occurrenceDateTime": "2099-01-01T09:00:00Z",
             "recipient": [{"reference": "Patient/p1"}], "payload": [{"contentString": "Fasting from midnight"}]})).await;
         // The audit trail is the patient's to see when the token's scopes name AuditEvent.
-        let p1 = token(&app, "patient/*.rs patient/AuditEvent.rs", Some("Patient/p1"), Some("p1"));
+        let p1 = token(&app, "patient/*.rs patient/Communication.u patient/AuditEvent.rs", Some("Patient/p1"), Some("p1"));
         assert_eq!(p1.post(app.url(&format!("Communication/{to_p1}/$mark-read"))).send().await.unwrap().status(), 200);
         // A clinician reads p1's message: that access is p1's to see.
         let dr = token(&app, "user/*.rs", Some("Practitioner/dr-1"), None);

@@ -1191,8 +1191,24 @@ both_backends! {
         later["priority"] = json!("urgent");
         let v: Value = dr.put(app.url(&format!("Communication/{id}"))).json(&later).send().await.unwrap().json().await.unwrap();
         assert!(v["sent"].is_string(), "a later change keeps the time it was sent: {v}");
-        // Given, it is kept.
-        assert_eq!(post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "x")).await["sent"], "2026-11-28T10:00:00Z");
+        // Given by a person, it is still Courier's time (an outside probe's patient dated one 1900
+        // and another 2099, and the app shows `sent` as fact); `received` is not the writer's.
+        let p1 = client_with_token(&patient_token(&app, "p1"));
+        for (who, mut m) in [
+            (&dr, msg("Practitioner/dr-1", &["Patient/p1"], "x")),
+            (&p1, msg("Patient/p1", &["Practitioner/dr-1"], "y")),
+        ] {
+            m["sent"] = json!("1900-01-01T00:00:00Z");
+            m["received"] = json!("2099-01-01T00:00:00Z");
+            m["category"] = json!([{"text": "question"}]);
+            let v = post(who, m).await;
+            let sent = chrono::DateTime::parse_from_rfc3339(v["sent"].as_str().unwrap()).unwrap();
+            assert!((chrono::Utc::now().fixed_offset() - sent).num_seconds().abs() < 60, "{v}");
+            assert!(v.get("received").is_none(), "{v}");
+        }
+        // An integrator's is kept as given (it may load history).
+        let id = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "z")).await;
+        assert_eq!(app.get_json(&format!("Communication/{id}")).await["sent"], "2026-11-28T10:00:00Z");
     }
 }
 

@@ -293,9 +293,13 @@ both_backends! {
             "subject": {"reference": "Patient/c"}, "sender": {"reference": "Practitioner/y"},
             "recipient": [{"reference": "Practitioner/y"}]})).await, 201);
         assert!(names(y, "Patient/c").await.is_empty(), "a draft revealed a patient's name");
-        // A broadcast to two patients names neither to the other; nor a relative to a patient.
+        // A broadcast to two patients is refused (a message reaches one patient at most); one to
+        // a patient and a relative names the relative to no one through the patient.
         assert_eq!(post(clinician_token(&app, "x"), json!({"resourceType": "Communication", "status": "completed",
             "sender": {"reference": "Practitioner/x"}, "recipient": [{"reference": "Patient/a"}, {"reference": "Patient/b"}, {"reference": "RelatedPerson/rb"}],
+            "payload": [{"contentString": "Flu clinic on Monday"}]})).await, 422);
+        assert_eq!(post(clinician_token(&app, "x"), json!({"resourceType": "Communication", "status": "completed",
+            "sender": {"reference": "Practitioner/x"}, "recipient": [{"reference": "Patient/b"}, {"reference": "RelatedPerson/rb"}],
             "payload": [{"contentString": "Flu clinic on Monday"}]})).await, 201);
         let b = patient_token(&app, "b");
         assert!(names(b.clone(), "Patient/a").await.is_empty(), "a broadcast named another patient");

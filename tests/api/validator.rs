@@ -177,7 +177,7 @@ async fn every_response_kind_validates_with_an_independent_validator() {
     let patient = client_with_token(&issue(
         &app.tokens,
         &app.admin_client_id,
-        "patient/Communication.rs",
+        "patient/Communication.rus",
         Some("Patient/p9"),
         Some("p9"),
     ));
