@@ -848,12 +848,14 @@ pub fn framed_by(mut page: HttpResponse, origin: Option<&str>) -> HttpResponse {
 }
 
 /// The launch scopes in the syntax the EHR speaks. Courier's are SMART v2 (`user/Patient.rs`);
-/// an EHR whose discovery advertises `permission-v1` but not `permission-v2` gets them as SMART
-/// v1 (`user/Patient.read`; a v1 EHR ignores v2 scopes, and the launch would then lack the reads
-/// it needs). A v2 scope with a query has no v1 form and is sent unchanged.
+/// an EHR whose discovery does not advertise `permission-v2` gets them as SMART v1
+/// (`user/Patient.read`): one that lists only `permission-v1`, and one that lists neither — an
+/// EHR built before SMART 2, or found through its CapabilityStatement alone (an outside probe's
+/// v1 EHR of that kind ignored the v2 scopes, answered every read 403, and the clinician was
+/// signed in with an unnamed patient). A v2 scope with a query has no v1 form and is sent
+/// unchanged.
 pub fn in_the_ehrs_syntax(scopes: Vec<String>, capabilities: &[String]) -> Vec<String> {
-    let has = |c: &str| capabilities.iter().any(|x| x == c);
-    if !(has("permission-v1") && !has("permission-v2")) {
+    if capabilities.iter().any(|x| x == "permission-v2") {
         return scopes;
     }
     scopes

@@ -33,9 +33,15 @@ fn v2_scopes_are_asked_in_v1_of_an_ehr_that_speaks_only_v1() {
     );
     assert_eq!(in_the_ehrs_syntax(asked.clone(), &both), asked);
     assert_eq!(
+        in_the_ehrs_syntax(asked.clone(), &["permission-v2".to_string()]),
+        asked
+    );
+    // Neither advertised (an EHR from before SMART 2, or known by its CapabilityStatement
+    // alone): v1.
+    assert_eq!(
         in_the_ehrs_syntax(asked.clone(), &[]),
-        asked,
-        "no capabilities: as configured"
+        in_the_ehrs_syntax(asked.clone(), &v1),
+        "no permission-v2: v1"
     );
 }
 
@@ -50,6 +56,14 @@ both_backends! {
         assert!(s["fhirUser"].as_str().unwrap().starts_with("Practitioner/"), "{s}");
         assert_eq!(s["user_display"]["name"], "Grace Hopper");
         assert_eq!(s["patient_display"]["name"], "Ada Lovelace");
+        // An EHR that speaks only v1 and advertises no permission at all (its CapabilityStatement
+        // alone: from before SMART 2) gets v1 too, and the people are named.
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"metadata_oauth_uris": "same", "smart_configuration": false}))).await;
+        app.ehrs.discovery().forget(&ehr.base);
+        let s = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        assert_eq!(s["user_display"]["name"], "Grace Hopper", "{s}");
+        assert_eq!(s["patient_display"]["name"], "Ada Lovelace");
+        ehr.control(reqwest::Method::POST, "settings", Some(json!({"smart_configuration": true}))).await;
         // And an EHR that speaks only v2 gets v2.
         ehr.control(reqwest::Method::POST, "settings", Some(json!({"scopes_version": 2}))).await;
         app.ehrs.discovery().forget(&ehr.base);
