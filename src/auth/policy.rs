@@ -366,6 +366,17 @@ pub fn decide(
             "the patient's side reads its audit trail through Patient/[id]/$everything".into(),
         ));
     }
+    // Nor does it read Groups: a group's members are other people (other patients among them),
+    // whose ids a patient learnt by reading the groups they belong to (an outside probe).
+    if res_type == "Group"
+        && p.scopes
+            .iter()
+            .any(|s| s.names(res_type) && patient_facing(p, s))
+    {
+        return Err(Denied(
+            "the patient's side does not read Groups: their members are other people".into(),
+        ));
+    }
     let mut groups: Vec<Vec<Condition>> = Vec::new();
     let mut named = false;
     let mut unusable_filter = false;

@@ -438,6 +438,12 @@ both_backends! {
             let seen = bob.get(app.url(&path)).send().await.unwrap().text().await.unwrap();
             assert!(!seen.contains("ADA-GROUP"), "{path}: {seen}");
         }
+        // Nor does Bob learn who else is in it: the patient's side reads no Group.
+        for path in [format!("Group/{group}"), "Group?member=Patient/ada".to_string(), "Group".to_string()] {
+            let r = bob.get(app.url(&path)).send().await.unwrap();
+            assert_eq!(r.status(), 403, "{path}");
+            assert!(!r.text().await.unwrap().contains("Patient/ada"));
+        }
         // And the group now reaches two patients: no message goes to it.
         let (s, _) = send(&dr2, &app, "POST", "Communication", Some(&msg("Practitioner/dr2", &[&format!("Group/{group}")], "to both"))).await;
         assert_eq!(s, 422);
