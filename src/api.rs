@@ -160,8 +160,14 @@ pub async fn answer_audited(
                 _ if interaction.reads_only() => Late::Withheld,
                 // It ran (an operation, a bundle): its effects stand, its answer was 503.
                 Ok(_) => Late::RanAnswered503,
-                // It failed on its own: its failure is what the event says.
-                Err(_) => Late::AsItIs,
+                // It failed on its own with a 503: what the event says is what the client heard.
+                Err(e) if e.status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE => {
+                    Late::AsItIs
+                }
+                // It failed on its own (400, 409 …) but the client was answered 503 (its
+                // failure could not be audited): the event says both (an outside fault probe
+                // found refused creates recorded as "HTTP 400" that their clients got as 503).
+                Err(_) => Late::FailedAnswered503,
             };
             state.deferred_audit.push(deferred(ev, late));
         }
@@ -246,6 +252,8 @@ enum Late {
     RanAnswered503,
     /// As the event says (a failure of its own, or something that happened regardless).
     AsItIs,
+    /// It failed on its own, and was answered 503 instead (its failure could not be audited).
+    FailedAnswered503,
 }
 
 /// `event`, to be recorded late, saying what the client was told.
@@ -259,6 +267,7 @@ fn deferred(mut event: Value, late: Late) -> Value {
         }
         Late::RanAnswered503 => "it ran, but was answered 503 because its AuditEvent could not be written then (its changes, if any, were made); recorded once it could",
         Late::AsItIs => "recorded late: the audit trail could not be written when this happened",
+        Late::FailedAnswered503 => "answered 503, not this outcome: the audit trail could not be written when this was refused (nothing was changed); recorded once it could",
     };
     event["outcomeDesc"] = match event["outcomeDesc"].as_str() {
         Some(d) if !d.is_empty() => serde_json::json!(format!("{d}; {said}")),

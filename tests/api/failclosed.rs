@@ -143,6 +143,12 @@ both_backends! {
         // A full database refuses the write before anything commits: it says nothing changed.
         let said = unavailable_said(r, "create").await;
         assert!(said.contains("full") && said.contains("nothing was served or changed"), "{said}");
+        // An invalid create (its own answer a 400) is answered 503 too, and its AuditEvent, once
+        // recorded, says that (not "HTTP 400" alone, which the client never heard).
+        let bad = app.post("Communication", &json!({"resourceType": "Communication", "status": "not-a-status"})).await;
+        assert_eq!(bad.status(), 503);
+        let bad_id = bad.headers()["x-request-id"].to_str().unwrap().to_string();
+        refused_ids.push(bad_id.clone());
         let r = app.anonymous.get(app.url("readyz")).send().await.unwrap();
         assert_eq!(r.status(), 503, "readyz with the database full");
         assert!(r.headers().get("retry-after").is_some());
@@ -180,6 +186,18 @@ both_backends! {
         let refusals = app.get_json("AuditEvent?outcome=8&_count=100").await;
         let said = refusals.to_string();
         assert!(said.contains("answered 503"), "{said}");
+        let events: Vec<Value> = all_pages(&app.client, app.url("AuditEvent?_count=1000"))
+            .await
+            .iter()
+            .flat_map(|b| b["entry"].as_array().unwrap().clone())
+            .map(|e| e["resource"].clone())
+            .collect();
+        let of_bad = events
+            .iter()
+            .find(|e| e.to_string().contains(&bad_id))
+            .expect("the invalid create's AuditEvent");
+        let desc = of_bad["outcomeDesc"].as_str().unwrap_or_default();
+        assert!(desc.contains("answered 503, not this outcome"), "{desc}");
     }
 }
 
