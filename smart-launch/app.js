@@ -1735,7 +1735,7 @@ function connect() {
   const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
   ws = new WebSocket(url);
   ws.onopen = () => {
-    const since = Number(sessionStorage.getItem(SEQ_KEY));
+    const since = sessionStorage.getItem(SEQ_KEY);
     ws.send(JSON.stringify(Object.assign({type: 'auth', token}, since ? {since} : {})));
   };
   ws.onmessage = (m) => {
@@ -1764,8 +1764,10 @@ function connect() {
   };
 }
 
+// Where the socket's events have been read up to: Courier's sealed token (opaque; frames come in
+// order, so the latest is the furthest).
 function remember(seq) {
-  if (typeof seq === 'number' && seq > Number(sessionStorage.getItem(SEQ_KEY) || 0)) sessionStorage.setItem(SEQ_KEY, String(seq));
+  if (typeof seq === 'string' && seq) sessionStorage.setItem(SEQ_KEY, seq);
 }
 
 function onEvent(f) {

@@ -14,28 +14,45 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
 const AAD: &[u8] = b"courier paging snapshot v1";
+/// The same for the real-time socket's event numbers (`seq`), which count every event Courier
+/// records: sealed as paging links are, under their own purpose.
+const SEQ_AAD: &[u8] = b"courier event seq v1";
 
-fn cipher(store: &Store) -> Result<Aes256Gcm, FhirError> {
+fn cipher(store: &Store, purpose: &[u8]) -> Result<Aes256Gcm, FhirError> {
     use hmac::{Hmac, Mac};
     let chain = crate::audit::chain::chain_key(store).map_err(FhirError::from)?;
     let mut h =
         <Hmac<sha2::Sha256> as Mac>::new_from_slice(&chain).expect("HMAC takes any key length");
-    h.update(AAD);
+    h.update(purpose);
     let key = h.finalize().into_bytes();
     Ok(Aes256Gcm::new_from_slice(&key).expect("32-byte key"))
 }
 
 /// The paging token for `snapshot`.
 pub fn seal(store: &Store, snapshot: i64) -> Result<String, FhirError> {
+    seal_for(store, snapshot, AAD)
+}
+
+/// The socket's token for event number `seq`.
+pub fn seal_seq(store: &Store, seq: i64) -> Result<String, FhirError> {
+    seal_for(store, seq, SEQ_AAD)
+}
+
+/// The event number a socket token names (`None`: not one Courier issued).
+pub fn open_seq(store: &Store, token: &str) -> Option<i64> {
+    open_for(store, token, SEQ_AAD).ok()
+}
+
+fn seal_for(store: &Store, snapshot: i64, aad: &[u8]) -> Result<String, FhirError> {
     use rand::RngCore;
     let mut nonce = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let sealed = cipher(store)?
+    let sealed = cipher(store, aad)?
         .encrypt(
             Nonce::from_slice(&nonce),
             Payload {
                 msg: &snapshot.to_be_bytes(),
-                aad: AAD,
+                aad,
             },
         )
         .map_err(|_| FhirError::internal())?;
@@ -46,6 +63,10 @@ pub fn seal(store: &Store, snapshot: i64) -> Result<String, FhirError> {
 
 /// The snapshot a paging token names; a 400 for anything Courier did not issue.
 pub fn open(store: &Store, token: &str) -> Result<i64, FhirError> {
+    open_for(store, token, AAD)
+}
+
+fn open_for(store: &Store, token: &str, aad: &[u8]) -> Result<i64, FhirError> {
     let refused = || {
         FhirError::bad_request(
             "_snapshot is not a paging link Courier issued: follow the Bundle's next or previous link, or search again",
@@ -57,12 +78,12 @@ pub fn open(store: &Store, token: &str) -> Result<i64, FhirError> {
     if raw.len() != 12 + 8 + 16 {
         return Err(refused());
     }
-    let plain = cipher(store)?
+    let plain = cipher(store, aad)?
         .decrypt(
             Nonce::from_slice(&raw[..12]),
             Payload {
                 msg: &raw[12..],
-                aad: AAD,
+                aad,
             },
         )
         .map_err(|_| refused())?;

@@ -199,7 +199,8 @@ impl Hub {
             .map(|s| local_ref(s, &store.base_url));
         let mut msg = json!({
             "type": "event",
-            "seq": r.seq,
+            // Sealed: in the clear it counts every event Courier records, anyone's.
+            "seq": crate::fhir::paging::seal_seq(store, r.seq).ok(),
             "event": kind.as_str(),
             "resourceType": r.res_type,
             "id": r.fhir_id,

@@ -4,7 +4,9 @@
 //! - client → `{"type":"auth","token":"<Courier access token>","since":<seq>}` within 10 s of
 //!   connecting (the token never travels in a URL). `since` is the last event seq the client
 //!   has seen; without it, delivery starts now. Later `auth` frames swap in a refreshed token of
-//!   the same user and client.
+//!   the same user and client. A `seq` is an opaque token (sealed, see `fhir::paging`: in the
+//!   clear it counted every event Courier records, which let a patient watch others' activity);
+//!   a `since` Courier did not issue gets `resync`.
 //! - server → `{"type":"event","seq":…,"event":"create|update|delete|receipt", "resourceType",
 //!   "id", "versionId", "at", "resource"?, "receipt"?}` for every change the token may see,
 //!   first the ones missed since `since` (catch-up), then live, in seq order, each once.
@@ -111,12 +113,19 @@ struct AuthFrame {
     #[serde(rename = "type")]
     kind: String,
     token: String,
-    since: Option<i64>,
+    /// The last `seq` the client got (a token Courier issued; a number from before they were
+    /// sealed is taken too).
+    since: Option<Value>,
 }
 
 enum Stop {
     Close(Option<CloseReason>),
     Gone,
+}
+
+/// Event number `seq` as the socket shows it: sealed (see `fhir::paging`).
+fn sealed(state: &AppState, seq: i64) -> Option<String> {
+    crate::fhir::paging::seal_seq(&state.store, seq).ok()
 }
 
 async fn send(session: &mut actix_ws::Session, v: &Value) -> Result<(), Stop> {
@@ -342,7 +351,25 @@ async fn serve(
     let mut exp = principal.exp;
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();
-    let mut last = frame.since.unwrap_or(head).min(head).max(0);
+    // A `since` Courier did not issue: the client is told to resync (load afresh), from now.
+    let since = match &frame.since {
+        Some(Value::String(t)) => crate::fhir::paging::open_seq(&state.store, t)
+            .or_else(|| t.parse::<i64>().ok())
+            .ok_or(()),
+        Some(v) => v.as_i64().ok_or(()),
+        None => Ok(head),
+    };
+    if since.is_err() {
+        if let Err(stop) = send(
+            session,
+            &json!({"type": "resync", "seq": sealed(state, head)}),
+        )
+        .await
+        {
+            return stop;
+        }
+    }
+    let mut last = since.unwrap_or(head).min(head).max(0);
     // Catch-up from the log, then live from the channel (events up to `head` are in the log;
     // the channel holds everything after it, and anything already sent is skipped by seq).
     let caught = catch_up(&hub, &viewer, session, last, head, told).await;
@@ -350,14 +377,24 @@ async fn serve(
     match caught {
         Ok(Some(seq)) => last = seq,
         Ok(None) => {
-            if let Err(stop) = send(session, &json!({"type": "resync", "seq": head})).await {
+            if let Err(stop) = send(
+                session,
+                &json!({"type": "resync", "seq": sealed(state, head)}),
+            )
+            .await
+            {
                 return stop;
             }
             last = head;
         }
         Err(stop) => return stop,
     }
-    if let Err(stop) = send(session, &json!({"type": "ready", "seq": last})).await {
+    if let Err(stop) = send(
+        session,
+        &json!({"type": "ready", "seq": sealed(state, last)}),
+    )
+    .await
+    {
         return stop;
     }
     let mut check = tokio::time::interval(CHECK_EVERY);
@@ -407,7 +444,7 @@ async fn serve(
                     match catch_up(&hub, &viewer, session, last, upto, told).await {
                         Ok(Some(seq)) => last = seq,
                         Ok(None) => {
-                            if let Err(stop) = send(session, &json!({"type": "resync", "seq": upto})).await {
+                            if let Err(stop) = send(session, &json!({"type": "resync", "seq": sealed(state, upto)})).await {
                                 return stop;
                             }
                             last = upto;

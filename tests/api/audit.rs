@@ -573,7 +573,7 @@ both_backends! {
 
         // A socket's catch-up: the messages it replayed, by patient, when it ends.
         let token = crate::messaging::user_token(&app, "user/Communication.rs", "Practitioner/dr-2", None);
-        let (ws, events, _) = crate::messaging::Ws::open(&app, &token, Some(0)).await;
+        let (ws, events, _) = crate::messaging::Ws::open(&app, &token, Some(serde_json::json!(0))).await;
         assert!(events.len() >= 3, "{}", events.len());
         drop(ws);
         let mut by_socket = 0;

@@ -18,7 +18,7 @@ pub struct Ws {
 
 impl Ws {
     /// Opens `/ws`, sends the auth frame, and collects the catch-up events up to `ready`.
-    pub async fn open(app: &TestApp, token: &str, since: Option<i64>) -> (Ws, Vec<Value>, i64) {
+    pub async fn open(app: &TestApp, token: &str, since: Option<Value>) -> (Ws, Vec<Value>, Value) {
         let url = format!("{}/ws", app.base.replace("http://", "ws://"));
         let (stream, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -26,14 +26,14 @@ impl Ws {
         let mut ws = Ws { stream };
         let mut auth = json!({"type": "auth", "token": token});
         if let Some(s) = since {
-            auth["since"] = s.into();
+            auth["since"] = s;
         }
         ws.send(&auth).await;
         let mut events = vec![];
         loop {
             let f = ws.next().await.expect("a frame before ready");
             match f["type"].as_str() {
-                Some("ready") => return (ws, events, f["seq"].as_i64().unwrap()),
+                Some("ready") => return (ws, events, f["seq"].clone()),
                 Some("event") => events.push(f),
                 _ => panic!("unexpected frame {f}"),
             }
@@ -172,18 +172,32 @@ both_backends! {
         let first = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "one")).await;
         let e = ws.next().await.unwrap();
         assert_eq!(e["id"], first.as_str());
-        let last_seen = e["seq"].as_i64().unwrap();
-        assert!(last_seen > seq);
+        // Sealed: a token, not the count of every event Courier recorded (an outside probe
+        // watched it move with other patients' messages); each differs.
+        let last_seen = e["seq"].clone();
+        assert!(last_seen.is_string() && seq.is_string() && last_seen != seq, "{last_seen} {seq}");
+        assert!(last_seen.as_str().unwrap().parse::<i64>().is_err());
         drop(ws); // the connection drops
 
         let a = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "two")).await;
         app.create(&msg("Practitioner/dr-1", &["Patient/p2"], "not yours")).await;
         let b = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "three")).await;
 
-        let (mut ws, caught, ready) = Ws::open(&app, &token, Some(last_seen)).await;
+        let (mut ws, caught, ready) = Ws::open(&app, &token, Some(last_seen.clone())).await;
         let ids: Vec<&str> = caught.iter().map(|e| e["id"].as_str().unwrap()).collect();
         assert_eq!(ids, vec![a.as_str(), b.as_str()], "the two missed, in order, nothing else");
-        assert!(ready >= caught[1]["seq"].as_i64().unwrap());
+        assert!(ready.is_string() && caught[1]["seq"].is_string());
+        // A `since` Courier did not issue is as none: the client is told to resync.
+        let (mut forged, _, _) = {
+            let url = format!("{}/ws", app.base.replace("http://", "ws://"));
+            let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+            let mut f = Ws { stream };
+            f.send(&json!({"type": "auth", "token": token, "since": "bm90LWEtdG9rZW4"})).await;
+            let first = f.next().await.unwrap();
+            assert_eq!(first["type"], "resync", "{first}");
+            (f, (), ())
+        };
+        assert_eq!(forged.next().await.unwrap()["type"], "ready");
         // And live delivery carries on after the catch-up, without repeats.
         let c = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "four")).await;
         let e = ws.next().await.unwrap();
@@ -1296,7 +1310,7 @@ both_backends! {
         // Withdrawn, then deleted: a socket's catch-up replays the events without their content,
         // and no version is the patient's to read.
         assert_eq!(dr.delete(app.url(&format!("Communication/{wid}"))).send().await.unwrap().status(), 204);
-        let (_, events, _) = Ws::open(&app, &p1_token, Some(0)).await;
+        let (_, events, _) = Ws::open(&app, &p1_token, Some(json!(0))).await;
         let replayed = serde_json::to_string(&events).unwrap();
         assert!(!replayed.contains("WORDS-") && !replayed.contains("WRONGPATIENT"), "{replayed}");
         assert_eq!(p1.get(app.url(&format!("Communication/{wid}/_history/1"))).send().await.unwrap().status(), 404);

@@ -88,7 +88,7 @@ both_backends! {
         assert!(!text.contains(&staff), "the catch-up shows a staff-only message: {text}");
         assert!(ws.next_within(Duration::from_millis(300)).await.is_none());
         // From the very beginning too.
-        let (_, events, _) = Ws::open(&app, &ada_token, Some(0)).await;
+        let (_, events, _) = Ws::open(&app, &ada_token, Some(json!(0))).await;
         assert!(!serde_json::to_string(&events).unwrap().contains(&staff));
     }
 
@@ -339,7 +339,7 @@ both_backends! {
         while let Some(e) = ws.next_within(Duration::from_millis(700)).await {
             assert!(!e.to_string().contains("prognosis"), "Ada's socket carried the staff-only version: {e}");
         }
-        let (_, events, _) = Ws::open(&app, &ada_token, Some(0)).await;
+        let (_, events, _) = Ws::open(&app, &ada_token, Some(json!(0))).await;
         assert!(!serde_json::to_string(&events).unwrap().contains("prognosis"));
     }
 
