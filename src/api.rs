@@ -64,9 +64,19 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, FhirError> {
     // The request's span (its request id) follows the work onto the blocking thread.
     let span = tracing::Span::current();
-    web::block(move || span.in_scope(f))
-        .await
-        .map_err(|_| FhirError::internal())?
+    // Bounded like a write (`store::WRITE_WAIT`): a database that stops answering without
+    // breaking the connection must not hold the request for the whole outage.
+    match tokio::time::timeout(
+        crate::store::WRITE_WAIT,
+        web::block(move || span.in_scope(f)),
+    )
+    .await
+    {
+        Ok(done) => done.map_err(|_| FhirError::internal())?,
+        Err(_) => Err(FhirError::unavailable_in_flight(
+            "the database did not answer in time",
+        )),
+    }
 }
 
 /// Audits an operation's result (see [`audit_outcome`]) and answers with it.

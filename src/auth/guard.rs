@@ -135,13 +135,16 @@ pub async fn authenticate(
                 Some((p, mut c)) => admit(&state, p, &mut c),
                 None => {
                     let st = state.clone();
-                    web::block(move || {
+                    let checked = web::block(move || {
                         let p = st.tokens.verify(&t)?;
                         let mut c = st.store.db.get().map_err(|_| UNCHECKED.to_string())?;
                         admit(&st, p, &mut c)
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err(UNCHECKED.into()))
+                    });
+                    // Bounded: a database that stops answering is "unreachable" here too.
+                    match tokio::time::timeout(crate::store::WRITE_WAIT, checked).await {
+                        Ok(done) => done.unwrap_or_else(|_| Err(UNCHECKED.into())),
+                        Err(_) => Err(UNCHECKED.into()),
+                    }
                 }
             }
         }

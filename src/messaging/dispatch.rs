@@ -79,7 +79,8 @@ impl Leader {
             }
             *held = None; // the connection (and with it the lock) is gone
         }
-        let Ok(mut c) = diesel::PgConnection::establish(url) else {
+        let Ok(mut c) = diesel::PgConnection::establish(&crate::store::db::with_liveness(url))
+        else {
             return false;
         };
         let got: Vec<Got> = diesel::sql_query(

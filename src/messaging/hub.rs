@@ -281,7 +281,7 @@ fn listen(url: String, wake: std::sync::Weak<tokio::sync::Notify>) {
             if wake.strong_count() == 0 {
                 return;
             }
-            let mut conn = match PgConnection::establish(&url) {
+            let mut conn = match PgConnection::establish(&crate::store::db::with_liveness(&url)) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "event listener cannot connect; retrying");

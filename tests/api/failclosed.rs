@@ -362,7 +362,35 @@ both_backends! {
 struct Cuttable {
     port: u16,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Frozen: connections stay open and nothing passes (a partition that drops packets
+    /// without a reset, as far as the client can tell).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Copies `from` to `to` while not frozen; while frozen, reads nothing (the bytes wait).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16384];
+    loop {
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Cuttable {
@@ -370,22 +398,36 @@ impl Cuttable {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let links: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
-        let (c, l) = (cut.clone(), links.clone());
+        let (c, f, l) = (cut.clone(), frozen.clone(), links.clone());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: refused
                 }
-                let up = upstream.clone();
+                let (up, f) = (upstream.clone(), f.clone());
                 l.lock().unwrap().push(tokio::spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    if let Ok(out) = tokio::net::TcpStream::connect(up).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = out.into_split();
+                        let there = tokio::spawn(pump(ir, ow, f.clone()));
+                        pump(or, iw, f).await;
+                        there.abort();
                     }
                 }));
             }
         });
-        Cuttable { port, cut, links }
+        Cuttable {
+            port,
+            cut,
+            frozen,
+            links,
+        }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn cut(&self) {
@@ -750,4 +792,91 @@ async fn refusals_waiting_to_be_audited_survive_a_crash() {
     assert_eq!(std::fs::metadata(&ballast).unwrap().len(), 8 << 20);
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// PostgreSQL that stops answering without breaking the connection (an outside fault probe froze
+/// its proxy: creates were held for the whole outage, then saved after their clients had given
+/// up). A request is answered 503 within Courier's wait (`store::WRITE_WAIT`, 30 s) at whichever
+/// step the database stopped it (a write's answer says it may have been saved); once the
+/// database answers again, everything works and a create retried with If-None-Exist is there
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_gets_writes_answered_503_in_bounded_time() {
+    let Some(url) = crate::helpers::postgres_url() else {
+        eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let host = url
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:5432")
+        .to_string();
+    let proxy = Cuttable::start(host.clone()).await;
+    let port = proxy.port;
+    let app = spawn_app_with(Backend::Postgres, move |s| {
+        s.database_url = s
+            .database_url
+            .replacen(&host, &format!("127.0.0.1:{port}"), 1);
+    })
+    .await
+    .unwrap();
+    app.create(&message("Patient/p1", "2026-12-06T10:00:00Z", "before"))
+        .await;
+    proxy.freeze(true);
+    let started = Instant::now();
+    let r = app
+        .client
+        .post(app.url("Communication"))
+        .header("content-type", "application/fhir+json")
+        .header("if-none-exist", "identifier=urn:test|frozen-1")
+        .body({
+            let mut m = message("Patient/p1", "2026-12-06T10:01:00Z", "while frozen");
+            m["identifier"] = json!([{"system": "urn:test", "value": "frozen-1"}]);
+            m.to_string()
+        })
+        .timeout(Duration::from_secs(90))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 503);
+    let oo: Value = r.json().await.unwrap();
+    let said = oo["issue"][0]["diagnostics"].as_str().unwrap().to_string();
+    // Refused where it stopped: the token's check (nothing changed), or the write (it may have
+    // been saved); either way 503, in bounded time.
+    assert!(
+        said.contains("may have been saved") || said.contains("nothing was served or changed"),
+        "{said}"
+    );
+    assert!(
+        waited < Duration::from_secs(45),
+        "answered after {waited:?}"
+    );
+    proxy.freeze(false);
+    // Back: the retry with If-None-Exist makes it exist once, whatever the first one did.
+    let mut ok = false;
+    for _ in 0..60 {
+        let mut m = message("Patient/p1", "2026-12-06T10:01:00Z", "while frozen");
+        m["identifier"] = json!([{"system": "urn:test", "value": "frozen-1"}]);
+        let r = app
+            .client
+            .post(app.url("Communication"))
+            .header("content-type", "application/fhir+json")
+            .header("if-none-exist", "identifier=urn:test|frozen-1")
+            .body(m.to_string())
+            .send()
+            .await
+            .unwrap();
+        if r.status().is_success() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(ok, "writes work again once the database answers");
+    let b = app
+        .get_json("Communication?identifier=urn:test|frozen-1")
+        .await;
+    assert_eq!(b["entry"].as_array().unwrap().len(), 1, "{b}");
 }

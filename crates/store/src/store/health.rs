@@ -57,6 +57,7 @@ pub fn unavailable(e: &StoreError) -> Option<&'static str> {
         Some("the database storage reported an I/O error")
     } else if t.contains("canceling statement due to statement timeout")
         || t.contains("canceling statement due to lock timeout")
+        || t.contains(super::WRITE_WAIT_TEXT)
     {
         Some("the database did not answer in time")
     } else if t.contains("unable to open database file")

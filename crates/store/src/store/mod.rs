@@ -268,6 +268,12 @@ pub struct WriteResult {
     pub stored: Stored,
 }
 
+/// The longest an async caller waits for its write to be answered (see `submit_async`):
+/// longer than PostgreSQL's lock timeout (20 s), so a write waiting on a lock gets that answer.
+pub const WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How such a wait's error begins (`health::unavailable` knows it).
+pub const WRITE_WAIT_TEXT: &str = "no answer from the database within";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0}/{1} is not known")]
@@ -698,17 +704,31 @@ impl Store {
     }
 
     async fn submit_async_unobserved(self: &Arc<Self>, job: WriteUnit) -> WriteUnitResult {
+        // No caller waits longer than this for its write: a database that stops answering without
+        // breaking the connection (seen in an outside fault probe) would otherwise hold every
+        // request for the whole outage. The write may still complete: the answer says so.
+        let late = || {
+            StoreError::Other(anyhow::anyhow!(
+                "{WRITE_WAIT_TEXT} {} s",
+                WRITE_WAIT.as_secs()
+            ))
+        };
         let Some(writer) = self.queue_for(&job) else {
             let store = self.clone();
-            return tokio::task::spawn_blocking(move || store.submit(job))
+            let done = tokio::task::spawn_blocking(move || store.submit(job));
+            return tokio::time::timeout(WRITE_WAIT, done)
                 .await
+                .map_err(|_| late())?
                 .map_err(|e| StoreError::Other(anyhow::anyhow!("the write failed: {e}")))?;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         writer
             .send((Slot::new(Some(tx)), job))
             .map_err(|_| writer::gone())?;
-        rx.await.map_err(|_| writer::gone())?
+        tokio::time::timeout(WRITE_WAIT, rx)
+            .await
+            .map_err(|_| late())?
+            .map_err(|_| writer::gone())?
     }
 
     /// The group-commit queue that takes `job`: on SQLite the single writer's, for every job; on
