@@ -298,7 +298,10 @@ async fn process(
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 "Bundle.type",
-                format!("Bundle.type must be batch or transaction, not {other:?}"),
+                match other {
+                    Some(t) => format!("Bundle.type must be batch or transaction, not '{t}'"),
+                    None => "Bundle.type must be batch or transaction (it is missing)".to_string(),
+                },
             )))
         }
     };

@@ -938,6 +938,15 @@ async fn history_inner(
     let snapshot = get("_snapshot")
         .map(|t| super::paging::open(&state.store, &t))
         .transpose()?;
+    // `_at` and `_list` are R4 history parameters Courier does not implement: answering as if
+    // they were absent would return versions the client asked to leave out.
+    for k in ["_at", "_list"] {
+        if get(k).is_some() {
+            return Err(FhirError::bad_request(format!(
+                "{k} is not supported on _history: use _since (and _count)"
+            )));
+        }
+    }
     let since = match get("_since") {
         Some(s) => Some(
             dates::range(&s)

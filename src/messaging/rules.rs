@@ -59,6 +59,7 @@ pub fn check(
     let patient_side = matches!(p.kind(), SubjectKind::Patient | SubjectKind::RelatedPerson)
         || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
     if matches!(res_type, "Communication" | "CommunicationRequest") {
+        reference_types(settings, res_type, body)?;
         attachment_titles(res_type, body)?;
         inline_attachments(settings, res_type, body)?;
     }
@@ -79,6 +80,64 @@ pub fn check(
         "CommunicationRequest" if patient_side => patient_request(settings, body),
         _ => Ok(()),
     }
+}
+
+/// The parties of a message name what R4 allows them to (a `recipient` that is a `Binary` or a
+/// `Communication` is no one to send to: an outside probe's was accepted). 400 naming the element.
+fn reference_types(settings: &Settings, res_type: &str, body: &Value) -> Result<(), FhirError> {
+    const PEOPLE: &[&str] = &[
+        "Device",
+        "Organization",
+        "Patient",
+        "Practitioner",
+        "PractitionerRole",
+        "RelatedPerson",
+    ];
+    let allowed = |element: &str| -> Vec<&str> {
+        let mut t = PEOPLE.to_vec();
+        match element {
+            "subject" => return vec!["Patient", "Group"],
+            "recipient" => t.extend(["Group", "CareTeam", "HealthcareService"]),
+            "sender" => t.push("HealthcareService"),
+            _ => {}
+        }
+        t
+    };
+    let elements: &[&str] = match res_type {
+        "CommunicationRequest" => &["subject", "sender", "recipient", "requester"],
+        _ => &["subject", "sender", "recipient"],
+    };
+    for element in elements {
+        let refs: Vec<(String, &Value)> = match &body[*element] {
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("{res_type}.{element}[{i}]"), r))
+                .collect(),
+            Value::Null => vec![],
+            r => vec![(format!("{res_type}.{element}"), r)],
+        };
+        for (at, r) in refs {
+            let Some(parts) = r["reference"]
+                .as_str()
+                .and_then(|s| crate::search::index::parse_reference(s, &settings.base_url))
+            else {
+                continue;
+            };
+            if let Some(t) = parts.target_type.as_deref() {
+                let ok = allowed(element);
+                if !ok.contains(&t) {
+                    return Err(FhirError::at(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        format!("{at}.reference"),
+                        format!("{at} may name a {}, not a {t}", ok.join(", ")),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whom `p` writes `res_type` as: the signed-in user; for an app in a patient's context with no

@@ -4,6 +4,33 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 both_backends! {
+    // From an outside probe's bad-input round: each of these was accepted (or answered with
+    // Rust debug text); now a clear 400 that changes nothing.
+    async fn bad_references_and_unsupported_history_parameters_are_refused(app: TestApp) {
+        let before = app.row_counts();
+        for (body, at) in [
+            (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Binary/x"}]}), "Communication.recipient[0].reference"),
+            (json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Communication/y"}}), "Communication.sender.reference"),
+            (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "#nobody"}]}), "Communication.recipient[0].reference"),
+        ] {
+            let r = app.post("Communication", &body).await;
+            assert_eq!(r.status(), 400, "{body}");
+            let oo: Value = r.json().await.unwrap();
+            assert_eq!(oo["issue"][0]["expression"][0], at, "{oo}");
+        }
+        let r = app.post("", &json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Communication", "status": "completed"}}]})).await;
+        assert_eq!(r.status(), 400);
+        let said = r.text().await.unwrap();
+        assert!(said.contains("not 'collection'") && !said.contains("Some("), "{said}");
+        for q in ["Communication/_history?_at=2026-01-01", "Communication/_history?_list=x"] {
+            assert_eq!(app.get(q).await.status(), 400, "{q}");
+        }
+        assert_eq!(app.row_counts(), before, "nothing written");
+        // A `#` in text is text.
+        assert_eq!(app.post("Communication", &json!({"resourceType": "Communication", "status": "completed",
+            "recipient": [{"reference": "Practitioner/d1"}], "payload": [{"contentString": "#urgent call me"}]})).await.status(), 201);
+    }
+
     async fn create_read_update_delete_lifecycle(app: TestApp) {
         let body = message("Patient/p1", "2024-05-01T10:00:00Z", "hello");
         let r = app.post("Communication", &body).await;

