@@ -762,6 +762,46 @@ pub async fn prepare(
             "this message was withdrawn, and a withdrawn message stays withdrawn: send a new message instead",
         ));
     }
+    // A sent message is what its readers read: a person may withdraw it, not rewrite it (an
+    // outside probe's patient turned "mild chest pain", read by the clinician, into "crushing
+    // chest pain", and re-addressed a read message to another patient, keeping its time and
+    // read receipt). A correction goes as a new message. An integrator's updates are its own
+    // (it may mirror an EHR's record).
+    if res_type == "Communication"
+        && (p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some())
+        && body["status"] != "entered-in-error"
+    {
+        // Its author's (anyone else is refused by the authorship check, as not found).
+        let me = acting_as(p, res_type);
+        let authored = |v: &Value| {
+            v["sender"]["reference"]
+                .as_str()
+                .map(|r| super::hub::local_ref(r, base))
+                == me
+        };
+        if let Some(v) = replaced
+            .as_ref()
+            .filter(|v| v["status"] == "completed" && authored(v))
+        {
+            let content = |x: &Value| {
+                let mut x = x.clone();
+                if let Some(o) = x.as_object_mut() {
+                    for k in ["meta", "sent", "_sent", "received", "_received", "text"] {
+                        o.remove(k);
+                    }
+                }
+                x
+            };
+            if content(v) != content(body) {
+                return Err(FhirError::at(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "business-rule",
+                    "Communication",
+                    "this message was sent and may have been read: it cannot be changed. Send a correction as a new message, or withdraw it",
+                ));
+            }
+        }
+    }
     if res_type == "Communication" && body["status"] == "entered-in-error" {
         recall(body);
     }

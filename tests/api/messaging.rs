@@ -1200,11 +1200,26 @@ both_backends! {
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
         assert!(v["sent"].is_string(), "sent when the draft is sent: {v}");
+        // Sent, it is frozen (an outside probe rewrote read messages, and re-addressed one to
+        // another patient): a change is 422; the same message again keeps its time.
         let mut later = v.clone();
         later.as_object_mut().unwrap().remove("sent");
         later["priority"] = json!("urgent");
-        let v: Value = dr.put(app.url(&format!("Communication/{id}"))).json(&later).send().await.unwrap().json().await.unwrap();
-        assert!(v["sent"].is_string(), "a later change keeps the time it was sent: {v}");
+        let r = dr.put(app.url(&format!("Communication/{id}"))).json(&later).send().await.unwrap();
+        assert_eq!(r.status(), 422);
+        let mut readdressed = v.clone();
+        readdressed["recipient"] = json!([{"reference": "Patient/p2"}]);
+        readdressed["subject"] = json!({"reference": "Patient/p2"});
+        assert_eq!(dr.put(app.url(&format!("Communication/{id}"))).json(&readdressed).send().await.unwrap().status(), 422);
+        let patch = json!([{"op": "replace", "path": "/payload/0/contentString", "value": "50 mg"}]);
+        let r = dr.patch(app.url(&format!("Communication/{id}"))).header("content-type", "application/json-patch+json").body(patch.to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 422);
+        let mut same = v.clone();
+        same.as_object_mut().unwrap().remove("sent");
+        let r = dr.put(app.url(&format!("Communication/{id}"))).json(&same).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["sent"].is_string(), "the same message again keeps the time it was sent: {v}");
         // Given by a person, it is still Courier's time (an outside probe's patient dated one 1900
         // and another 2099, and the app shows `sent` as fact); `received` is not the writer's.
         let p1 = client_with_token(&patient_token(&app, "p1"));

@@ -175,7 +175,10 @@ both_backends! {
         let mut v2 = v.clone();
         v2["recipient"] = json!([{"reference": "Practitioner/dr2"}]);
         v2["payload"] = json!([{"contentString": "Actually: biopsy is malignant"}]);
-        let (s, v2) = send(&dr1, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await;
+        // A person cannot rewrite a sent message any more (422); an integrator may (it mirrors
+        // an EHR's record), and its new version is then staff-only and hidden from Ada.
+        assert_eq!(send(&dr1, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await.0, 422);
+        let (s, v2) = send(&app.client, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await;
         assert_eq!(s, 200, "{v2}");
         assert!(labelled(&v2), "{v2}");
         let ada = client_with_token(&patient_token(&app, "ada"));
@@ -334,7 +337,8 @@ both_backends! {
         let mut v2 = v.clone();
         v2["recipient"] = json!([{"reference": "Practitioner/dr2"}]);
         v2["payload"] = json!([{"contentString": "Between us: prognosis is poor"}]);
-        let (s, v2) = send(&dr1, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await;
+        assert_eq!(send(&dr1, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await.0, 422, "a sent message is frozen for people");
+        let (s, v2) = send(&app.client, &app, "PUT", &format!("Communication/{id}"), Some(&v2)).await;
         assert_eq!(s, 200, "{v2}");
         while let Some(e) = ws.next_within(Duration::from_millis(700)).await {
             assert!(!e.to_string().contains("prognosis"), "Ada's socket carried the staff-only version: {e}");
