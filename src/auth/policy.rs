@@ -77,6 +77,28 @@ fn via_groups(p: &Principal, registry: &Registry, res_type: &str) -> Vec<Vec<Con
         .collect()
 }
 
+/// [`via_groups`] for the patient's side: through a group, only what is about the patient `me`.
+/// A member is added to a Group or CareTeam when the EHR says so, and must not read what was sent
+/// to it before about someone else (an outside probe read an earlier message about another
+/// patient, which would have been refused had the member been in the group then).
+fn via_groups_about(
+    p: &Principal,
+    registry: &Registry,
+    res_type: &str,
+    me: &str,
+) -> Vec<Vec<Condition>> {
+    let about_me = refers(registry, res_type, &["subject"], me);
+    via_groups(p, registry, res_type)
+        .into_iter()
+        .map(|mut via| {
+            for s in &about_me {
+                via.extend(s.iter().cloned());
+            }
+            via
+        })
+        .collect()
+}
+
 /// One group per parameter: "`param` refers to `target`" (a local `Type/id`).
 fn refers(
     registry: &Registry,
@@ -131,24 +153,21 @@ fn compartment(
             let me = format!("Patient/{patient}");
             let mut g = refers(registry, res_type, params, &me);
             if p.kind() == SubjectKind::Patient {
-                // Through a group, only what is about the patient: a member is added to a Group or
-                // CareTeam when the EHR says so, and must not read what it was sent before about
-                // someone else (an outside probe read an earlier message about another patient,
-                // which would have been refused had the member been in the group then).
-                let about_me = refers(registry, res_type, &["subject"], &me);
-                for mut via in via_groups(p, registry, res_type) {
-                    for s in &about_me {
-                        via.extend(s.iter().cloned());
-                    }
-                    g.push(via);
-                }
+                g.extend(via_groups_about(p, registry, res_type, &me));
             }
             g
         }
         Context::User => {
             let user = p.fhir_user.as_ref()?;
             let mut g = refers(registry, res_type, participant_params(res_type), user);
-            g.extend(via_groups(p, registry, res_type));
+            match p.kind() {
+                // A patient signed in with user scopes: through a group, only what is about them
+                // (as with patient scopes); a relative: nothing through a group (whom it is about
+                // is not theirs to judge).
+                SubjectKind::Patient => g.extend(via_groups_about(p, registry, res_type, user)),
+                SubjectKind::RelatedPerson => {}
+                _ => g.extend(via_groups(p, registry, res_type)),
+            }
             if let Some(patient) = &p.patient {
                 g.extend(refers(
                     registry,
@@ -368,14 +387,14 @@ pub fn decide(
     }
     // Nor does it read Groups: a group's members are other people (other patients among them),
     // whose ids a patient learnt by reading the groups they belong to (an outside probe).
-    if res_type == "Group"
+    if matches!(res_type, "Group" | "CareTeam")
         && p.scopes
             .iter()
             .any(|s| s.names(res_type) && patient_facing(p, s))
     {
-        return Err(Denied(
-            "the patient's side does not read Groups: their members are other people".into(),
-        ));
+        return Err(Denied(format!(
+            "the patient's side does not read {res_type}s: their members are other people"
+        )));
     }
     let mut groups: Vec<Vec<Condition>> = Vec::new();
     let mut named = false;

@@ -934,6 +934,29 @@ pub async fn prepare(
             if v.get("subject").is_none() {
                 v["subject"] = json!({"reference": named});
             }
+        } else if v.get("subject").is_none() {
+            // An integrator's message without a subject that reaches exactly one patient, and
+            // only as a member of a Group or CareTeam, is about that patient too: otherwise that
+            // patient would never read it (a second outside probe: 201, and not delivered).
+            let patients: std::collections::BTreeSet<&String> = reached
+                .iter()
+                .filter(|(_, who)| who.starts_with("Patient/"))
+                .map(|(_, who)| who)
+                .collect();
+            let direct = |who: &str| {
+                v["recipient"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .chain([&v["sender"], &v["requester"]])
+                    .filter_map(|r| r["reference"].as_str())
+                    .any(|r| super::hub::local_ref(r, &store.base_url) == who)
+            };
+            if let [only] = patients.into_iter().collect::<Vec<_>>()[..] {
+                if !direct(only) {
+                    v["subject"] = json!({"reference": only});
+                }
+            }
         }
         let mut r = super::staff_only::label(&store, &rt, &mut v, inherited)?.map_err(|r| {
             FhirError::at(

@@ -182,12 +182,13 @@ impl SubRow {
         }
     }
 
-    /// The same client, user and patient context: an app with no user is one client for every
-    /// patient it is launched for, and one patient's subscription is not another's to read.
+    /// The same client and user; for an app with no user, the same patient context too (it is
+    /// one client for every patient it is launched for, and one patient's subscription is not
+    /// another's to read). A user's subscriptions are theirs whichever patient they open next.
     fn owned_by(&self, p: &Principal) -> bool {
         self.owner_client == p.client_id
             && self.owner_user == p.fhir_user
-            && self.owner_patient == p.patient
+            && (p.fhir_user.is_some() || self.owner_patient == p.patient)
     }
 }
 

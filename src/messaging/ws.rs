@@ -113,8 +113,7 @@ struct AuthFrame {
     #[serde(rename = "type")]
     kind: String,
     token: String,
-    /// The last `seq` the client got (a token Courier issued; a number from before they were
-    /// sealed is taken too).
+    /// The last `seq` the client got (a token Courier issued), or 0 for the start.
     since: Option<Value>,
 }
 
@@ -352,11 +351,12 @@ async fn serve(
     let mut viewer = Viewer::new(state, principal);
     let (mut rx, head) = hub.subscribe();
     // A `since` Courier did not issue: the client is told to resync (load afresh), from now.
+    // A number is taken only as 0 ("from the start"): any other would let a client bisect the
+    // global event number from what a catch-up returns (an outside probe did).
     let since = match &frame.since {
-        Some(Value::String(t)) => crate::fhir::paging::open_seq(&state.store, t)
-            .or_else(|| t.parse::<i64>().ok())
-            .ok_or(()),
-        Some(v) => v.as_i64().ok_or(()),
+        Some(Value::String(t)) => crate::fhir::paging::open_seq(&state.store, t).ok_or(()),
+        Some(v) if v.as_i64() == Some(0) => Ok(0),
+        Some(_) => Err(()),
         None => Ok(head),
     };
     if since.is_err() {

@@ -198,6 +198,13 @@ both_backends! {
             (f, (), ())
         };
         assert_eq!(forged.next().await.unwrap()["type"], "ready");
+        // Nor a number but 0 (from the start): any other would let a client bisect the global
+        // event number from what the catch-up returns (a second probe did).
+        let url = format!("{}/ws", app.base.replace("http://", "ws://"));
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+        let mut numeric = Ws { stream };
+        numeric.send(&json!({"type": "auth", "token": token, "since": 3})).await;
+        assert_eq!(numeric.next().await.unwrap()["type"], "resync");
         // And live delivery carries on after the catch-up, without repeats.
         let c = app.create(&msg("Practitioner/dr-1", &["Patient/p1"], "four")).await;
         let e = ws.next().await.unwrap();

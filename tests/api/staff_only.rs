@@ -438,7 +438,23 @@ both_backends! {
             let seen = bob.get(app.url(&path)).send().await.unwrap().text().await.unwrap();
             assert!(!seen.contains("ADA-GROUP"), "{path}: {seen}");
         }
-        // Nor does Bob learn who else is in it: the patient's side reads no Group.
+        // Nor with user scopes (a second probe), nor his relative's.
+        for token in [user_token(&app, "user/Communication.rs", "Patient/bob", None), user_token(&app, "user/Communication.rs", "RelatedPerson/rb", None)] {
+            let seen = client_with_token(&token).get(app.url("Communication")).send().await.unwrap().text().await.unwrap();
+            assert!(!seen.contains("ADA-GROUP"), "{seen}");
+        }
+        // An integrator's message to the group, before Bob: about Ada (else she never reads it).
+        let g1 = app.create(&json!({"resourceType": "Group", "type": "person", "actual": true,
+            "member": members(&["Practitioner/dr1", "Patient/ada"])})).await;
+        let from_ehr = app.create(&msg("Practitioner/dr2", &[&format!("Group/{g1}")], "FROM-EHR to the team")).await;
+        assert_eq!(app.get_json(&format!("Communication/{from_ehr}")).await["subject"]["reference"], "Patient/ada");
+        assert_eq!(ada.get(app.url(&format!("Communication/{from_ehr}"))).send().await.unwrap().status(), 200);
+        // Nor does Bob learn who else is in it: the patient's side reads no Group or CareTeam.
+        let team = app.create(&json!({"resourceType": "CareTeam", "status": "active",
+            "participant": [{"member": {"reference": "Practitioner/dr1"}}, {"member": {"reference": "Patient/ada"}}, {"member": {"reference": "Patient/bob"}}]})).await;
+        for path in [format!("CareTeam/{team}"), "CareTeam?participant=Patient/ada".to_string()] {
+            assert_eq!(bob.get(app.url(&path)).send().await.unwrap().status(), 403, "{path}");
+        }
         for path in [format!("Group/{group}"), "Group?member=Patient/ada".to_string(), "Group".to_string()] {
             let r = bob.get(app.url(&path)).send().await.unwrap();
             assert_eq!(r.status(), 403, "{path}");

@@ -370,6 +370,14 @@ both_backends! {
         assert_eq!(list["total"], 0, "{list}");
         let (_, list) = get(&ada, &app, "Subscription").await;
         assert_eq!(list["total"], 1, "{list}");
+        // A user's subscription is theirs whichever patient they open next (a second probe: a
+        // clinician's, made while launched for Ada, was lost when launched for Bob).
+        let scope = "user/Communication.rs user/Subscription.cruds";
+        let as_dr = |patient: &str| client_with_token(&issue(&app.tokens, &id, scope, Some("Practitioner/dr"), Some(patient)));
+        let (s, made) = post(&as_dr("ada"), &app, "Subscription", &subscription(json!({"type": "websocket"}), "id-only", &[])).await;
+        assert_eq!(s, 201, "{made}");
+        let (_, list) = get(&as_dr("bob"), &app, "Subscription").await;
+        assert_eq!(list["total"], 1, "{list}");
     }
 
     async fn filters_and_the_websocket_channel_with_heartbeats(app: TestApp) {
