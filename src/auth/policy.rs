@@ -155,6 +155,18 @@ fn compartment(
             if p.kind() == SubjectKind::Patient {
                 g.extend(via_groups_about(p, registry, res_type, &me));
             }
+            // A relative (proxy) reads, besides the patient's, what they sent or received
+            // themself about this patient (an outside probe's proxy lost sight of their own
+            // message, and of the clinician's reply to them, the moment it was sent).
+            if let (SubjectKind::RelatedPerson, Some(user)) = (p.kind(), &p.fhir_user) {
+                let about = refers(registry, res_type, &["subject"], &me);
+                for mut mine in refers(registry, res_type, participant_params(res_type), user) {
+                    for s in &about {
+                        mine.extend(s.iter().cloned());
+                    }
+                    g.push(mine);
+                }
+            }
             g
         }
         Context::User => {

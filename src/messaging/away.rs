@@ -158,6 +158,21 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
     };
     let mut written = 0;
     let now = now_micros();
+    // A message withdrawn is withdrawn from the delegate too: its copies go the same way (an
+    // outside probe's delegate kept the text and the photo of a message its patient withdrew).
+    for e in rows
+        .iter()
+        .filter(|e| e.kind == "update" && e.res_type == "Communication")
+    {
+        let Ok(s) = store.vread("Communication", &e.fhir_id, e.version_id) else {
+            continue;
+        };
+        let v: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        if v["status"] == "entered-in-error" {
+            written += recall_copies(store, &e.fhir_id)?;
+        }
+    }
     for e in rows
         .iter()
         .filter(|e| e.kind == "create" && e.res_type == "Communication")
@@ -252,6 +267,59 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
     }
     super::events::move_cursor(store, CURSOR, last)?;
     Ok(written)
+}
+
+/// Withdraws the automatic copies of message `id` sent to delegates (see [`run`]). Returns how
+/// many were withdrawn now.
+fn recall_copies(store: &Store, id: &str) -> Result<usize, StoreError> {
+    let key = store.registry.index_name("Communication", "in-response-to");
+    let copies: Vec<IdRow> = store.query(
+        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0",
+        vec![
+            key.into(),
+            crate::search::names::ty("Communication").into(),
+            id.into(),
+        ],
+    )?;
+    let mut n = 0;
+    for c in copies {
+        let Ok(s) = store.read("Communication", &c.fhir_id) else {
+            continue;
+        };
+        let mut v: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let forward = v["extension"].as_array().is_some_and(|x| {
+            x.iter()
+                .any(|e| e["url"] == EXT_AUTOMATIC && e["valueCode"] == "forward")
+        });
+        if !forward || v["status"] == "entered-in-error" {
+            continue;
+        }
+        v["status"] = json!("entered-in-error");
+        super::rules::recall(&mut v);
+        let r = store.write(
+            vec![WriteOp::Update {
+                res_type: "Communication".into(),
+                id: c.fhir_id.clone(),
+                resource: Incoming::from_value(v),
+                if_match: Some(s.version_id),
+                upsert: false,
+                patch: false,
+                guard: None,
+                may_create: false,
+            }],
+            &ctx(store),
+        );
+        match r {
+            Ok(_) => n += 1,
+            // Changed meanwhile: the next pass over its own update sees it.
+            Err(StoreError::PreconditionFailed(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Erasure (the store's erase hook): the out-of-office marks of these Communications.

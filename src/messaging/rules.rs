@@ -238,7 +238,7 @@ const KEPT_WHEN_WITHDRAWN: &[&str] = &[
 /// references without display, identifier or extension; codes without text or display;
 /// labels as system and code; Courier's own identifiers and its own extensions that are not
 /// text. Its author and compliance keep the earlier versions.
-fn recall(body: &mut Value) {
+pub(crate) fn recall(body: &mut Value) {
     /// `v`'s members `keys` that it has (none: `None`).
     fn pick(v: &Value, keys: &[&str]) -> Option<Value> {
         let o: serde_json::Map<String, Value> = keys

@@ -527,12 +527,30 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
         }
     }
     if let Some(error) = param(&q, "error") {
-        let why = if error == "access_denied" {
-            "Access was denied at the EHR."
-        } else {
-            "The EHR refused the sign-in."
+        // The EHR's code (RFC 6749 §4.1.2.1), named and said in plain words: a fault in the set-up
+        // is for an administrator, a passing one is worth another try (an outside probe found
+        // every code shown as "refused", and none in the page, the log or the audit trail).
+        let code: String = error
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(64)
+            .collect();
+        let (status, title, why) = match code.as_str() {
+            "access_denied" => (403, "Sign-in cancelled", "Access was denied at the EHR.".to_string()),
+            "temporarily_unavailable" | "server_error" => (
+                503,
+                "Sign-in failed",
+                format!("The EHR could not sign you in just now ({code}). Try again in a moment."),
+            ),
+            "invalid_scope" | "invalid_request" | "unauthorized_client" | "unsupported_response_type" => (
+                502,
+                "Sign-in failed",
+                format!("The EHR refused Courier's request ({code}): Courier's registration at the EHR needs attention. Tell your administrator; trying again will not help."),
+            ),
+            _ => (403, "Sign-in failed", format!("The EHR refused the sign-in ({code}).")),
         };
-        return refuse(&state, &req, 403, "Sign-in cancelled", why).await;
+        tracing::warn!(error = %code, "the EHR answered the authorization request with an error");
+        return refuse(&state, &req, status, title, &why).await;
     }
     let Some(code) = param(&q, "code").map(String::from) else {
         return refuse(

@@ -567,6 +567,15 @@ both_backends! {
         let (s, body) = back_with(&back, &cookie).await;
         assert_eq!(s, 403);
         assert!(body.contains("denied"));
+        // Other codes are named and said for what they are (a set-up fault, a passing one).
+        for (code, status, words) in [("invalid_scope", 502, "administrator"), ("temporarily_unavailable", 503, "Try again")] {
+            let (to_ehr, cookie) = standalone(&app).await;
+            let (_, back, _) = step(&to_ehr).await;
+            let back = back.unwrap().replace("error=access_denied", &format!("error={code}"));
+            let (s, body) = back_with(&back, &cookie).await;
+            assert_eq!(s, status, "{code}: {body}");
+            assert!(body.contains(code) && body.contains(words), "{body}");
+        }
         let logins = app.get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110122&_count=100").await;
         let entries = logins["entry"].as_array().unwrap();
         assert!(entries.iter().any(|e| e["resource"]["outcome"] == "0" && e["resource"].to_string().contains(&user)));

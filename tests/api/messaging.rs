@@ -960,6 +960,39 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
         .filter(|e| e["resource"]["extension"][0]["url"] == courier::messaging::away::EXT_AUTOMATIC)
         .count();
     assert_eq!(automatic, 2, "no automatic reply once back");
+    // The patient withdraws the first message: the copy the delegate got is withdrawn too (a
+    // second outside probe's delegate kept the text and the photo).
+    let mut w = sent.clone();
+    w["status"] = json!("entered-in-error");
+    let r = p1
+        .put(app.url(&format!("/Communication/{id}")))
+        .json(&w)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let dr3 = client_with_token(&clinician_token(&app, "dr-3"));
+    let copy_id = copy["id"].as_str().unwrap().to_string();
+    let mut recalled = Value::Null;
+    for _ in 0..60 {
+        recalled = dr3
+            .get(app.url(&format!("/Communication/{copy_id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if recalled["status"] == "entered-in-error" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(recalled["status"], "entered-in-error", "{recalled}");
+    assert!(
+        !recalled.to_string().contains("double my dose"),
+        "{recalled}"
+    );
 }
 
 /// The event log's commit-order lock is one per schema: a Courier in another schema of the same

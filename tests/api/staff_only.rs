@@ -465,6 +465,34 @@ both_backends! {
         assert_eq!(s, 422);
     }
 
+    // From a second outside probe: a relative (proxy) signed in for a patient could send a
+    // message and never see it again, nor the clinician's reply to them.
+    async fn a_relative_reads_what_they_sent_and_received_about_the_patient(app: TestApp) {
+        let mother = client_with_token(&user_token(&app, "patient/*.cruds", "RelatedPerson/rb", Some("b")));
+        let mut m = msg("RelatedPerson/rb", &["Practitioner/dr1"], "MOTHER asks about the rash");
+        m["subject"] = json!({"reference": "Patient/b"});
+        m["category"] = json!([{"text": "question"}]);
+        let (s, sent) = send(&mother, &app, "POST", "Communication", Some(&m)).await;
+        assert_eq!(s, 201, "{sent}");
+        let id = sent["id"].as_str().unwrap().to_string();
+        assert_eq!(send(&mother, &app, "GET", &format!("Communication/{id}"), None).await.0, 200, "her own message");
+        let dr1 = client_with_token(&clinician_token(&app, "dr1"));
+        let mut reply = msg("Practitioner/dr1", &["RelatedPerson/rb"], "DOCTOR answers the mother");
+        reply["subject"] = json!({"reference": "Patient/b"});
+        reply["inResponseTo"] = json!([{"reference": format!("Communication/{id}")}]);
+        let (s, r) = send(&dr1, &app, "POST", "Communication", Some(&reply)).await;
+        assert_eq!(s, 201, "{r}");
+        let (_, seen) = send(&mother, &app, "GET", "Communication", None).await;
+        let seen = seen.to_string();
+        assert!(seen.contains("MOTHER asks") && seen.contains("DOCTOR answers"), "{seen}");
+        // About another of her children, in this child's context: not here.
+        let mut other = msg("Practitioner/dr1", &["RelatedPerson/rb"], "ABOUT-C sibling");
+        other["subject"] = json!({"reference": "Patient/c"});
+        assert_eq!(send(&dr1, &app, "POST", "Communication", Some(&other)).await.0, 201);
+        let (_, seen) = send(&mother, &app, "GET", "Communication", None).await;
+        assert!(!seen.to_string().contains("ABOUT-C"), "{seen}");
+    }
+
     async fn a_user_cannot_change_who_a_group_reaches(app: TestApp) {
         let group = app.create(&json!({"resourceType": "Group", "type": "practitioner", "actual": true,
             "member": [{"entity": {"reference": "Practitioner/dr2"}}]})).await;
