@@ -58,20 +58,19 @@ pub fn audit_context(req: &HttpRequest, state: &AppState) -> audit::Context {
     }
 }
 
+/// The longest a request waits for its blocking store work ([`blocking`]).
+pub const BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Runs blocking store work off the async executor.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, FhirError> + Send + 'static,
 ) -> Result<T, FhirError> {
     // The request's span (its request id) follows the work onto the blocking thread.
     let span = tracing::Span::current();
-    // Bounded like a write (`store::WRITE_WAIT`): a database that stops answering without
-    // breaking the connection must not hold the request for the whole outage.
-    match tokio::time::timeout(
-        crate::store::WRITE_WAIT,
-        web::block(move || span.in_scope(f)),
-    )
-    .await
-    {
+    // Bounded: a database that stops answering without breaking the connection must not hold
+    // the request for the whole outage (the token's check and writes wait `store::WRITE_WAIT`;
+    // this, which also runs exports, erasures and transactions, longer).
+    match tokio::time::timeout(BLOCKING_WAIT, web::block(move || span.in_scope(f))).await {
         Ok(done) => done.map_err(|_| FhirError::internal())?,
         Err(_) => Err(FhirError::unavailable_in_flight(
             "the database did not answer in time",

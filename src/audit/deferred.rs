@@ -66,7 +66,9 @@ impl Spool {
             .store
             .keys
             .seal(event.to_string().as_bytes(), SPOOL_AAD);
-        format!("{key_id}\t{}\n", B64.encode(sealed))
+        // A line of its own even after a write cut short (a full disk): a fragment before it is
+        // read as one bad line, not glued to this one.
+        format!("\n{key_id}\t{}\n", B64.encode(sealed))
     }
 
     /// Appends `event` and syncs; on a full disk, gives up the ballast's room and tries again.
@@ -262,6 +264,8 @@ impl Deferred {
     pub async fn flush(&self, store: &Arc<Store>, base_url: &str) -> usize {
         let _one = self.flushing.lock().await;
         let mut recorded = 0;
+        // Dropped from the queue (refused for themselves): the spool must lose them too.
+        let mut dropped = 0;
         loop {
             let Some((ev, _)) = self.waiting.lock().front().cloned() else {
                 break;
@@ -270,7 +274,7 @@ impl Deferred {
                 Ok(()) => recorded += 1,
                 // The store is still unavailable: it stays, for the next pass.
                 Err(e) if crate::store::health::unavailable(&e).is_some() => {
-                    if recorded > 0 {
+                    if recorded + dropped > 0 {
                         self.respool();
                     }
                     return recorded;
@@ -279,6 +283,7 @@ impl Deferred {
                 Err(e) => {
                     tracing::error!(error = %e, "a late AuditEvent cannot be recorded: dropped");
                     self.lost.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
                 }
             }
             if let Some((_, size)) = self.waiting.lock().pop_front() {
@@ -298,7 +303,7 @@ impl Deferred {
                 self.lost.fetch_add(lost, Ordering::Relaxed);
             }
         }
-        if recorded > 0 {
+        if recorded + dropped > 0 {
             self.respool();
             tracing::info!(
                 recorded,

@@ -188,6 +188,15 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
         if msg["status"] != "completed" || automatic {
             continue;
         }
+        // Withdrawn or deleted since (in this batch, or while the job was behind): nothing is
+        // copied (a code review: the copy would have outlived the withdrawal).
+        let now_stored = store
+            .read("Communication", &e.fhir_id)
+            .ok()
+            .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref()?).ok());
+        if now_stored.is_none_or(|v| v["status"] == "entered-in-error") {
+            continue;
+        }
         let sender = msg["sender"]["reference"]
             .as_str()
             .map(|r| super::hub::local_ref(r, &store.base_url));

@@ -779,14 +779,25 @@ pub async fn prepare(
                 .map(|r| super::hub::local_ref(r, base))
                 == me
         };
+        // Any status but a draft's: a message out of `preparation` is shown to its readers
+        // (a code review: one sent as `in-progress` could otherwise be rewritten).
         if let Some(v) = replaced
             .as_ref()
-            .filter(|v| v["status"] == "completed" && authored(v))
+            .filter(|v| v["status"] != "preparation" && authored(v))
         {
             let content = |x: &Value| {
                 let mut x = x.clone();
                 if let Some(o) = x.as_object_mut() {
-                    for k in ["meta", "sent", "_sent", "received", "_received", "text"] {
+                    for k in [
+                        "meta",
+                        "sent",
+                        "_sent",
+                        "received",
+                        "_received",
+                        "text",
+                        "status",
+                        "_status",
+                    ] {
                         o.remove(k);
                     }
                 }
@@ -803,6 +814,18 @@ pub async fn prepare(
         }
     }
     if res_type == "Communication" && body["status"] == "entered-in-error" {
+        // A person's withdrawal is of the message as it was: made from the stored version, so
+        // that it cannot also move it to other recipients or another thread.
+        if p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some() {
+            if let Some(v) = &replaced {
+                let id = body.get("id").cloned();
+                *body = v.clone();
+                body["status"] = json!("entered-in-error");
+                if let Some(id) = id {
+                    body["id"] = id;
+                }
+            }
+        }
         recall(body);
     }
     // A person's message is sent when Courier takes it: its `sent` is Courier's time, not the

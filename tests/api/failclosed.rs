@@ -747,7 +747,7 @@ async fn refusals_waiting_to_be_audited_survive_a_crash() {
     );
     let spooled = std::fs::read_to_string(&spool).unwrap();
     assert_eq!(
-        spooled.lines().count(),
+        spooled.lines().filter(|l| !l.is_empty()).count(),
         3,
         "each refusal is spooled before it is answered"
     );

@@ -1254,6 +1254,24 @@ both_backends! {
         let patch = json!([{"op": "replace", "path": "/payload/0/contentString", "value": "50 mg"}]);
         let r = dr.patch(app.url(&format!("Communication/{id}"))).header("content-type", "application/json-patch+json").body(patch.to_string()).send().await.unwrap();
         assert_eq!(r.status(), 422);
+        // A withdrawal is of the message as it was: it cannot also re-address it.
+        let other: Value = post(&dr, msg("Practitioner/dr-1", &["Patient/p1"], "to withdraw")).await;
+        let mut moved = other.clone();
+        moved["status"] = json!("entered-in-error");
+        moved["recipient"] = json!([{"reference": "Practitioner/dr-9"}]);
+        let r = dr.put(app.url(&format!("Communication/{}", other["id"].as_str().unwrap()))).json(&moved).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let w: Value = r.json().await.unwrap();
+        assert_eq!(w["recipient"][0]["reference"], "Patient/p1", "{w}");
+        // Any status but a draft's is frozen (a code review: one sent as in-progress could be
+        // rewritten after it was read).
+        let mut open = msg("Practitioner/dr-1", &["Patient/p1"], "in progress");
+        open["status"] = json!("in-progress");
+        let o: Value = post(&dr, open).await;
+        let mut rewritten = o.clone();
+        rewritten["payload"] = json!([{"contentString": "rewritten"}]);
+        let r = dr.put(app.url(&format!("Communication/{}", o["id"].as_str().unwrap()))).json(&rewritten).send().await.unwrap();
+        assert_eq!(r.status(), 422);
         let mut same = v.clone();
         same.as_object_mut().unwrap().remove("sent");
         let r = dr.put(app.url(&format!("Communication/{id}"))).json(&same).send().await.unwrap();
