@@ -308,7 +308,9 @@ fn hide_others_drafts(
         values: vec![TokenValue::Code(draft.into())],
     };
     for g in groups.iter_mut() {
-        let own = matches!(g.as_slice(), [Condition::Reference { key, values }]
+        // The author's own group: "author is me", alone or narrowed further (a relative's is
+        // "sender is me, about this patient").
+        let own = matches!(g.first(), Some(Condition::Reference { key, values })
         if authors.contains(&key.as_str()) && values.iter().any(|v| {
             me.is_some_and(|m| Some(m) == v.target_type.as_deref().zip(v.target_id.as_deref())
                 .map(|(t, id)| format!("{t}/{id}")).as_deref())

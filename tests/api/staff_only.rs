@@ -476,6 +476,14 @@ both_backends! {
         assert_eq!(s, 201, "{sent}");
         let id = sent["id"].as_str().unwrap().to_string();
         assert_eq!(send(&mother, &app, "GET", &format!("Communication/{id}"), None).await.0, 200, "her own message");
+        // … and her own draft (a code review found it hidden from her).
+        let mut d = m.clone();
+        d["status"] = json!("preparation");
+        d["payload"] = json!([{"contentString": "MOTHER-DRAFT half written"}]);
+        let (s, draft) = send(&mother, &app, "POST", "Communication", Some(&d)).await;
+        assert_eq!(s, 201, "{draft}");
+        let did = draft["id"].as_str().unwrap().to_string();
+        assert_eq!(send(&mother, &app, "GET", &format!("Communication/{did}"), None).await.0, 200, "her own draft");
         let dr1 = client_with_token(&clinician_token(&app, "dr1"));
         let mut reply = msg("Practitioner/dr1", &["RelatedPerson/rb"], "DOCTOR answers the mother");
         reply["subject"] = json!({"reference": "Patient/b"});
