@@ -148,7 +148,7 @@ try {
   step('patient signs in');
   const patient = await open('patient', { width: 390, height: 844 });
   await patient.goto(cfg.patient_url);
-  await patient.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await patient.waitForSelector('body[data-ready="true"]', { timeout: 45000 });
   check(!(await patient.isVisible('#priority-field')), 'patient: no priority choice for patients');
   check(!(await patient.isVisible('#scope')), 'patient: no patient scope choice');
   await row(patient, 'Blood pressure diary').waitFor();
@@ -164,7 +164,7 @@ try {
   step('clinician launches');
   const clinician = await open('clinician', { width: 1280, height: 800 });
   await clinician.goto(cfg.clinician_url);
-  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 45000 });
   const banner = await clinician.textContent('#patient-banner');
   check(banner.includes(cfg.patient_name) && banner.includes(cfg.patient_mrn), `clinician: the patient banner names the patient and MRN (got "${banner}")`);
   check((await clinician.textContent('#me')).includes(cfg.clinician_name), 'clinician: signed-in name shown');
@@ -410,7 +410,7 @@ try {
   await clinician.fill('#compose-text', DRAFT);
   await clinician.waitForSelector('#draft-state:text("Draft saved.")', { timeout: 10000 });
   await clinician.reload();
-  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 20000 });
+  await clinician.waitForSelector('body[data-ready="true"]', { timeout: 45000 });
   // The list marks the thread with an unsent draft.
   await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li')].some((l) => l.textContent.includes('Lab results') && l.querySelector('.badge.draft')), null, { timeout: 10000 });
   await row(clinician, 'Lab results').locator('button').click();
