@@ -38,23 +38,38 @@ struct IdRow {
     fhir_id: String,
 }
 
+/// The live `res_type` resources whose `param` refers to the local `target_type/id`.
+fn referrers(
+    store: &Store,
+    res_type: &str,
+    param: &str,
+    target_type: &str,
+    id: &str,
+) -> Result<Vec<IdRow>, StoreError> {
+    store.query(
+        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
+         AND r.res_type = ? AND r.deleted = 0",
+        vec![
+            store.registry.index_name(res_type, param).into(),
+            crate::search::names::ty(target_type).into(),
+            id.into(),
+            res_type.into(),
+        ],
+    )
+}
+
 /// Is `who` (`Practitioner/…`) away at `at` (µs)? Blocking.
 pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreError> {
     let Some(("Practitioner", id)) = who.split_once('/') else {
         return Ok(None);
     };
-    let key = store
-        .registry
-        .index_name("PractitionerRole", "practitioner");
-    let roles: Vec<IdRow> = store.query(
-        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
-         AND r.res_type = 'PractitionerRole' AND r.deleted = 0",
-        vec![
-            key.into(),
-            crate::search::names::ty("Practitioner").into(),
-            id.into(),
-        ],
+    let roles = referrers(
+        store,
+        "PractitionerRole",
+        "practitioner",
+        "Practitioner",
+        id,
     )?;
     for role in roles {
         let Ok(s) = store.read("PractitionerRole", &role.fhir_id) else {
@@ -281,16 +296,12 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
 /// Withdraws the automatic copies of message `id` sent to delegates (see [`run`]). Returns how
 /// many were withdrawn now.
 fn recall_copies(store: &Store, id: &str) -> Result<usize, StoreError> {
-    let key = store.registry.index_name("Communication", "in-response-to");
-    let copies: Vec<IdRow> = store.query(
-        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
-         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0",
-        vec![
-            key.into(),
-            crate::search::names::ty("Communication").into(),
-            id.into(),
-        ],
+    let copies = referrers(
+        store,
+        "Communication",
+        "in-response-to",
+        "Communication",
+        id,
     )?;
     let mut n = 0;
     for c in copies {

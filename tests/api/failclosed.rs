@@ -393,6 +393,31 @@ async fn pump(
     }
 }
 
+/// A PostgreSQL app whose database connections go through a [`Cuttable`] proxy (with `pool`
+/// connections, when given); `None` without PostgreSQL.
+async fn behind_proxy(pool: Option<u32>) -> Option<(Cuttable, TestApp)> {
+    let url = crate::helpers::postgres_url()?;
+    let host = url
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:5432")
+        .to_string();
+    let proxy = Cuttable::start(host.clone()).await;
+    let port = proxy.port;
+    let app = spawn_app_with(Backend::Postgres, move |s| {
+        s.database_url = s
+            .database_url
+            .replacen(&host, &format!("127.0.0.1:{port}"), 1);
+        if let Some(n) = pool {
+            s.db_pool_size = n;
+        }
+    })
+    .await
+    .unwrap();
+    Some((proxy, app))
+}
+
 impl Cuttable {
     async fn start(upstream: String) -> Cuttable {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -450,26 +475,10 @@ impl Cuttable {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_postgresql_is_unreachable_good_tokens_get_503_and_readiness_says_so_at_once() {
-    let Some(url) = crate::helpers::postgres_url() else {
+    let Some((proxy, app)) = behind_proxy(Some(4)).await else {
         eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
         return;
     };
-    let host = url
-        .split('@')
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or("127.0.0.1:5432")
-        .to_string();
-    let proxy = Cuttable::start(host.clone()).await;
-    let port = proxy.port;
-    let app = spawn_app_with(Backend::Postgres, move |s| {
-        s.database_url = s
-            .database_url
-            .replacen(&host, &format!("127.0.0.1:{port}"), 1);
-        s.db_pool_size = 4;
-    })
-    .await
-    .unwrap();
     let first = app
         .create(&message("Patient/p1", "2026-12-06T10:00:00Z", "before"))
         .await;
@@ -671,21 +680,6 @@ async fn a_request_stuck_behind_a_lock_is_answered_503_within_the_lock_timeout()
     assert_eq!(app.get(&format!("Communication/{id}")).await.status(), 200);
 }
 
-/// Waits until `base/metadata` answers.
-async fn started(app: &TestApp, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app
-        .client
-        .get(format!("{base}/metadata"))
-        .send()
-        .await
-        .map_or(true, |r| !r.status().is_success())
-    {
-        assert!(Instant::now() < deadline, "courier serve did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Refusals whose AuditEvents wait for the database (full) survive a crash: each is in the
 /// instance's spool (sealed) before the 503 is answered, and the next start records them. The
 /// spool is emptied once they are recorded, and its ballast (room kept for a full disk) is there.
@@ -802,25 +796,10 @@ async fn refusals_waiting_to_be_audited_survive_a_crash() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_stops_answering_gets_writes_answered_503_in_bounded_time() {
-    let Some(url) = crate::helpers::postgres_url() else {
+    let Some((proxy, app)) = behind_proxy(None).await else {
         eprintln!("skipped: COURIER_TEST_POSTGRES_URL is not set");
         return;
     };
-    let host = url
-        .split('@')
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or("127.0.0.1:5432")
-        .to_string();
-    let proxy = Cuttable::start(host.clone()).await;
-    let port = proxy.port;
-    let app = spawn_app_with(Backend::Postgres, move |s| {
-        s.database_url = s
-            .database_url
-            .replacen(&host, &format!("127.0.0.1:{port}"), 1);
-    })
-    .await
-    .unwrap();
     app.create(&message("Patient/p1", "2026-12-06T10:00:00Z", "before"))
         .await;
     proxy.freeze(true);

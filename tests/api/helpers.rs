@@ -398,3 +398,21 @@ macro_rules! both_backends_with {
         )*
     };
 }
+
+/// Waits (at most 30 s) until a Courier process at `base` answers `/metadata`.
+pub async fn started(app: &TestApp, base: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app
+        .client
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "courier serve did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -396,20 +396,7 @@ async fn postgres_group_commits_keep_every_answered_create_through_a_kill() {
         .spawn()
         .expect("courier serve starts");
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app
-        .client
-        .get(format!("{base}/metadata"))
-        .send()
-        .await
-        .map_or(true, |r| !r.status().is_success())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the second instance did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    started(&app, &base).await;
     let answered = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
