@@ -1,8 +1,10 @@
 //! The tamper-evident audit chain.
 //!
-//! The leader seals every stored AuditEvent version, in the order it finds them, into one global
-//! chain: `hash = HMAC-SHA-256(chain key, previous hash | vid | id | key id | SHA-256(ciphertext))`
-//! (the previous hash in hex; each link stores its hash's 32 bytes and the version row it seals).
+//! The leader seals every stored AuditEvent, in the order it finds them, into one global chain:
+//! `hash = HMAC-SHA-256(chain key, previous hash | row | id | key id | SHA-256(ciphertext))` (the
+//! previous hash in hex; each link stores its hash's 32 bytes and the `audit_events` row it seals,
+//! in its `vid` column: events moved there from the generic tables kept their version row's
+//! number as their row id, so their links verify unchanged).
 //! It hashes the row exactly as stored (never re-serialised JSON), so any edit of a sealed row, its
 //! replacement by another valid row, or its deletion breaks the chain; `courier audit verify` walks
 //! it and names the first broken link. The chain key is random, kept sealed under Courier's system
@@ -28,31 +30,34 @@ use sha2::{Digest, Sha256};
 const LOOK_BACK: i64 = 10_000;
 pub(crate) const GENESIS: &str = "courier-audit-chain-v1";
 
-/// An AuditEvent's version row as the chain reads it (`ROW_COLUMNS`, from `resource_versions v
-/// JOIN resources r`): what its link hashes, and what would hide it from searches (`verify`).
+/// An AuditEvent's row as the chain reads it (`ROW_COLUMNS`, from `audit_events a`): what its
+/// link hashes. `vid` is the row's id (for events moved from the generic tables, the number of
+/// their version row, which their links were made with).
 #[derive(QueryableByName)]
 struct Row {
     #[diesel(sql_type = BigInt)]
     vid: i64,
+    /// The stored id; empty for a derived one, filled in by [`Row::named`].
     #[diesel(sql_type = Text)]
     fhir_id: String,
     #[diesel(sql_type = Text)]
     key_id: String,
     #[diesel(sql_type = Binary)]
     body: Vec<u8>,
-    /// Empty, or "resource type/version type" when either is not AuditEvent.
-    #[diesel(sql_type = Text)]
-    retyped: String,
-    /// Non-zero when the resource or its version is marked deleted.
-    #[diesel(sql_type = BigInt)]
-    hidden: i64,
 }
 
-const ROW_COLUMNS: &str = "v.vid, r.fhir_id, \
-    COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, \
-    CASE WHEN r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' THEN '' \
-         ELSE r.res_type || '/' || v.res_type END AS retyped, \
-    r.deleted + v.deleted AS hidden";
+impl Row {
+    /// With its id, derived from its row when not stored.
+    fn named(mut self, store: &Store) -> Row {
+        if self.fhir_id.is_empty() {
+            self.fhir_id = store.audit_ids().id(self.vid);
+        }
+        self
+    }
+}
+
+const ROW_COLUMNS: &str = "a.rid AS vid, COALESCE(a.fhir_id, '') AS fhir_id, \
+    COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = a.key_n), '') AS key_id, a.body";
 
 /// One link of the chain (also read by the audit trail's retention purge). The hash is stored as
 /// its 32 bytes; the chain is computed over the hex form (`link`, `hex`).
@@ -105,53 +110,11 @@ fn link_bytes(key: &[u8], prev: &str, vid: i64, id: &str, key_id: &str, body: &[
     h.finalize().into_bytes().to_vec()
 }
 
-#[derive(QueryableByName)]
-struct ChainKey {
-    #[diesel(sql_type = Text)]
-    key_id: String,
-    #[diesel(sql_type = Binary)]
-    seal: Vec<u8>,
-}
-
-const CHAIN_KEY_AAD: &str = "audit_chain_key";
-
 /// The chain's HMAC key: made (random, sealed under the system key) by the first instance that
-/// needs it, then read and kept in memory.
+/// needs it, then read and kept in memory (`Store::chain_key`, which the store also keys the
+/// AuditEvents' ids with).
 pub(crate) fn chain_key(store: &Store) -> Result<Vec<u8>, StoreError> {
-    if let Some(k) = store.chain_key.get() {
-        return Ok(k.clone());
-    }
-    let read = |store: &Store| -> Result<Option<Vec<u8>>, StoreError> {
-        let rows: Vec<ChainKey> = store.query(
-            "SELECT key_id, seal FROM audit_chain_key WHERE id = 1",
-            vec![],
-        )?;
-        rows.into_iter()
-            .next()
-            .map(|r| {
-                store
-                    .open_sealed(&r.key_id, &r.seal, CHAIN_KEY_AAD)
-                    .map_err(StoreError::Other)
-            })
-            .transpose()
-    };
-    let key = match read(store)? {
-        Some(k) => k,
-        None => {
-            use rand::RngCore;
-            let mut k = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut k);
-            let (key_id, seal) = store.keys.seal(&k, CHAIN_KEY_AAD);
-            store.execute(
-                "INSERT INTO audit_chain_key (id, key_id, seal) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
-                vec![key_id.into(), crate::store::db::Bind::Blob(seal)],
-            )?;
-            // Another instance may have won the insert: use what is stored.
-            read(store)?.ok_or_else(|| StoreError::Other(anyhow::anyhow!("no audit chain key")))?
-        }
-    };
-    let _ = store.chain_key.set(key.clone());
-    Ok(key)
+    store.chain_key()
 }
 
 fn last_link(store: &Store) -> Result<Option<Link>, StoreError> {
@@ -171,9 +134,8 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     let from = max.first().and_then(|m| m.n).map_or(0, |m| m - LOOK_BACK);
     let rows: Vec<Row> = store.query(
         &format!(
-            "SELECT {ROW_COLUMNS} FROM resource_versions v JOIN resources r ON r.rid = v.rid \
-             LEFT JOIN audit_chain c ON c.vid = v.vid \
-             WHERE v.res_type = 'AuditEvent' AND v.vid > ? AND c.vid IS NULL ORDER BY v.vid LIMIT 5000"
+            "SELECT {ROW_COLUMNS} FROM audit_events a LEFT JOIN audit_chain c ON c.vid = a.rid \
+             WHERE a.rid > ? AND c.vid IS NULL ORDER BY a.rid LIMIT 5000"
         ),
         vec![from.into()],
     )?;
@@ -192,6 +154,7 @@ pub fn seal(store: &Store) -> Result<usize, StoreError> {
     };
     let now = now_micros();
     let mut links = Vec::with_capacity(rows.len());
+    let rows: Vec<Row> = rows.into_iter().map(|r| r.named(store)).collect();
     for r in &rows {
         let hash = link_bytes(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
         prev = hex(&hash);
@@ -304,35 +267,16 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
         };
         for l in page {
             let rows: Vec<Row> = store.query(
-                &format!(
-                    "SELECT {ROW_COLUMNS} FROM resource_versions v JOIN resources r ON r.rid = v.rid WHERE v.vid = ?"
-                ),
+                &format!("SELECT {ROW_COLUMNS} FROM audit_events a WHERE a.rid = ?"),
                 vec![l.vid.into()],
             )?;
-            let Some(r) = rows.into_iter().next() else {
+            let Some(r) = rows.into_iter().next().map(|r| r.named(store)) else {
                 return Ok(Verdict::Broken {
                     seq: l.seq,
                     audit_id: String::new(),
-                    why: format!("the sealed AuditEvent row (version row {}) is gone", l.vid),
+                    why: format!("the sealed AuditEvent row (row {}) is gone", l.vid),
                 });
             };
-            // The type and the deleted flag are outside the hash (the link predates them being
-            // checked), but either would hide the AuditEvent from every search: checked here.
-            if !r.retyped.is_empty() || r.hidden != 0 {
-                return Ok(Verdict::Broken {
-                    seq: l.seq,
-                    audit_id: r.fhir_id,
-                    why: format!(
-                        "the AuditEvent's row (version row {}) was {} after it was sealed",
-                        l.vid,
-                        if r.retyped.is_empty() {
-                            "marked deleted".to_string()
-                        } else {
-                            format!("re-typed (resource/version: {})", r.retyped)
-                        }
-                    ),
-                });
-            }
             // The AuditEvent's id is part of the hash: a row moved to another id breaks it too.
             let expect = link(&key, &prev, r.vid, &r.fhir_id, &r.key_id, &r.body);
             if expect != hex(&l.hash) {
@@ -341,7 +285,7 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
                     audit_id: r.fhir_id,
                     // The id the row carries now (an edit may have changed it too).
                     why: format!(
-                        "the row (version row {}) or the chain was changed after it was sealed",
+                        "the row (row {}) or the chain was changed after it was sealed",
                         l.vid
                     ),
                 });
@@ -353,8 +297,8 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
     }
     // Rows older than a minute that are not in the chain were written around the sealer.
     let stale: Vec<MaxRow> = store.query(
-        "SELECT COUNT(*) AS n FROM resource_versions v LEFT JOIN audit_chain c ON c.vid = v.vid \
-         WHERE v.res_type = 'AuditEvent' AND c.vid IS NULL AND v.last_updated < ?",
+        "SELECT COUNT(*) AS n FROM audit_events a LEFT JOIN audit_chain c ON c.vid = a.rid \
+         WHERE c.vid IS NULL AND a.last_updated < ?",
         vec![(now_micros() - 60_000_000).into()],
     )?;
     let stale = stale.first().and_then(|m| m.n).unwrap_or(0);
@@ -366,8 +310,8 @@ pub fn verify(store: &Store) -> Result<Verdict, StoreError> {
         });
     }
     let fresh: Vec<MaxRow> = store.query(
-        "SELECT COUNT(*) AS n FROM resource_versions v LEFT JOIN audit_chain c ON c.vid = v.vid \
-         WHERE v.res_type = 'AuditEvent' AND c.vid IS NULL",
+        "SELECT COUNT(*) AS n FROM audit_events a LEFT JOIN audit_chain c ON c.vid = a.rid \
+         WHERE c.vid IS NULL",
         vec![],
     )?;
     Ok(Verdict::Intact {

@@ -481,7 +481,7 @@ pub fn purge(
     if !dry_run {
         if let Some(period) = audit_period {
             let n = store.query::<Count>(
-                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resources WHERE res_type = 'AuditEvent' AND last_updated < ?",
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM audit_events WHERE at_hi < ?",
                 vec![(as_of - period).into()],
             )?[0]
                 .n;
@@ -652,9 +652,11 @@ fn audit_step<C: Conn>(
         },
     };
     let (mut seq, mut prev) = anchor.unwrap_or((0, crate::audit::chain::GENESIS.to_string()));
+    // A link names its AuditEvent's row (`store::audit_rows`); a derived id is '' here.
     let rows: Vec<ChainRow> = c.load(
-        "SELECT c.seq, c.vid, c.hash, r.rid, r.fhir_id, COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = v.key_n), '') AS key_id, v.body, v.last_updated \
-         FROM audit_chain c LEFT JOIN resource_versions v ON v.vid = c.vid LEFT JOIN resources r ON r.rid = v.rid \
+        "SELECT c.seq, c.vid, c.hash, a.rid, CASE WHEN a.rid IS NULL THEN NULL ELSE COALESCE(a.fhir_id, '') END AS fhir_id, \
+         COALESCE((SELECT k.key_id FROM data_keys k WHERE k.n = a.key_n), '') AS key_id, a.body, a.last_updated \
+         FROM audit_chain c LEFT JOIN audit_events a ON a.rid = c.vid \
          WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
         vec![seq.into(), (BATCH as i64).into()],
     )?;
@@ -694,7 +696,12 @@ fn audit_step<C: Conn>(
                 r.link.seq
             )));
         };
-        let hash = crate::audit::chain::link(chain_key, &prev, r.link.vid, id, key_id, body);
+        let id = if id.is_empty() {
+            store.audit_ids().id(rid)
+        } else {
+            id.clone()
+        };
+        let hash = crate::audit::chain::link(chain_key, &prev, r.link.vid, &id, key_id, body);
         if hash != crate::audit::chain::hex(&r.link.hash) {
             return Err(StoreError::Other(anyhow::anyhow!(
                 "the audit chain is broken at link {}: not cutting it; see `courier audit verify`",
@@ -705,23 +712,17 @@ fn audit_step<C: Conn>(
             break;
         }
         if !held_refs.is_empty() {
-            let about: Vec<IdRow> = c.load(
-                // The patients it is about (`patient`, stored as the agents and entities that
-                // are Patients: search::ALIASES) and the resources it names.
-                &format!(
-                    "SELECT {} || '/' || target_id AS id FROM idx_ref \
-                     WHERE rid = ? AND (param = ? OR (param = ? AND target_type = '{}')) \
-                     AND target_type IS NOT NULL AND target_id IS NOT NULL",
-                    names::type_sql("target_type"),
-                    names::ty("Patient")
-                ),
-                vec![
-                    rid.into(),
-                    names::key("AuditEvent.entity").into(),
-                    names::key("AuditEvent.agent").into(),
-                ],
+            // The patients it is about (`patient` is the agents and entities that are Patients:
+            // search::ALIASES) and the resources it names, from its body.
+            let about = store.audit_references(
+                c,
+                rid,
+                &["AuditEvent.entity", "AuditEvent.agent"],
             )?;
-            if about.iter().any(|a| held_refs.contains(&a.id)) {
+            let held = about.iter().any(|(param, r)| {
+                (param == "AuditEvent.entity" || r.starts_with("Patient/")) && held_refs.contains(r)
+            });
+            if held {
                 break;
             }
         }
@@ -730,7 +731,7 @@ fn audit_step<C: Conn>(
         cut.push(Target {
             rid,
             res_type: "AuditEvent".into(),
-            fhir_id: id.clone(),
+            fhir_id: id,
         });
     }
     if cut.is_empty() {

@@ -73,58 +73,6 @@ both_backends! {
         assert!(!audit_events(&app, "date=ge2020-01-01").await.is_empty());
     }
 
-    // Issue 24: a link keeps its hash as 32 bytes and no copy of the AuditEvent's id. A chain
-    // sealed before (the migration undone: hex hashes and ids again) is converted on upgrade and
-    // still verifies, and new links seal onto it.
-    async fn an_existing_chain_is_compacted_on_upgrade_and_still_verifies(app: TestApp) {
-        use courier::audit::chain::{seal, verify, Verdict};
-        for i in 0..4 {
-            app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", &format!("c{i}"))).await;
-        }
-        let sealed = |app: &TestApp| {
-            let _ = seal(&app.store);
-            verify(&app.store).unwrap()
-        };
-        let mut links = 0;
-        for _ in 0..100 {
-            if let Verdict::Intact { links: n, unsealed: 0 } = sealed(&app) {
-                links = n;
-                if n >= 4 { break; }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(links >= 4, "{:?}", verify(&app.store).unwrap());
-        let down = match app.backend {
-            Backend::Sqlite => include_str!("../../migrations/sqlite/2026-12-10-000400_compact_audit_chain/down.sql"),
-            Backend::Postgres => include_str!("../../migrations/postgres/2026-12-10-000400_compact_audit_chain/down.sql"),
-        };
-        run_script(&app, down);
-        #[derive(diesel::QueryableByName)]
-        struct Old {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            hash: String,
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            audit_id: String,
-        }
-        let old: Vec<Old> = app.store.query("SELECT hash, audit_id FROM audit_chain ORDER BY seq", vec![]).unwrap();
-        assert!(old.iter().all(|o| o.hash.len() == 64 && !o.audit_id.is_empty()), "down.sql restores the old form");
-        assert_eq!(app.store.execute("DELETE FROM __diesel_schema_migrations WHERE version = '20261210000400'", vec![]).unwrap(), 1);
-        let upgraded = spawn_instance_on(&app).await.unwrap();
-        match verify(&upgraded.store).unwrap() {
-            Verdict::Intact { links: n, .. } => assert!(n >= links, "{n} links after the upgrade, {links} before"),
-            v => panic!("the converted chain does not verify: {v:?}"),
-        }
-        upgraded.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after")).await;
-        let mut grown = false;
-        for _ in 0..100 {
-            if let Verdict::Intact { links: n, unsealed: 0 } = sealed(&upgraded) {
-                if n > links { grown = true; break; }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(grown, "{:?}", verify(&upgraded.store).unwrap());
-    }
-
     async fn a_write_and_its_audit_commit_together(app: TestApp) {
         let before = audit_events(&app, "subtype=create").await.len();
         let tx = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -134,6 +82,73 @@ both_backends! {
         assert_eq!(app.post("", &tx).await.status(), 200);
         assert_eq!(audit_events(&app, "subtype=create").await.len(), before + 2);
     }
+}
+
+/// Issue 24: AuditEvents written before they had rows of their own (a SQLite database made by
+/// the build before, `tests/fixtures/before-audit-events`: 4 messages, their reads, 3 refused
+/// requests, 12 AuditEvents, all sealed) move to `audit_events` on upgrade, keep their ids, are
+/// found by every search they were found by, and their chain verifies unchanged; new events get
+/// derived ids and seal onto it. (It replaces the test of the earlier chain compaction, whose
+/// down migration needs AuditEvents in the generic tables.)
+#[tokio::test]
+async fn audit_events_stored_before_move_to_their_own_rows_on_upgrade() {
+    use courier::audit::chain::{seal, verify, Verdict};
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-audit-events");
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("courier.db");
+    let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(fixture.join("courier.db.gz")).unwrap());
+    std::io::copy(&mut gz, &mut std::fs::File::create(&db).unwrap()).unwrap();
+    let key = std::fs::read_to_string(fixture.join("master.key")).unwrap().trim().to_string();
+    let url = format!("sqlite://{}", db.display());
+    let app = spawn_app_with(Backend::Sqlite, move |s| {
+        s.database_url = url;
+        s.master_key = Some(key.into());
+    })
+    .await
+    .unwrap();
+    let n = |sql: &str| -> i64 { app.store.query::<courier::store::rows::CountRow>(sql, vec![]).unwrap()[0].n };
+    assert_eq!(n("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'AuditEvent'"), 0, "none left in the generic tables");
+    let old: Vec<String> = std::fs::read_to_string(fixture.join("audit-events.txt")).unwrap().lines().map(String::from).collect();
+    assert_eq!(old.len(), 12);
+    match verify(&app.store).unwrap() {
+        Verdict::Intact { links, .. } => assert!(links >= 12, "{links} links"),
+        v => panic!("the moved trail does not verify: {v:?}"),
+    }
+    // Each reads by its id, and the whole trail lists them.
+    for id in &old {
+        let ev = app.get_json(&format!("AuditEvent/{id}")).await;
+        assert_eq!(ev["id"], id.as_str(), "{ev}");
+    }
+    let listed = ids(&app.get_json("AuditEvent?_count=200").await);
+    assert!(old.iter().all(|i| listed.contains(i)), "{listed:?}");
+    // By patient, resource and outcome, as before: each message's create and read name it.
+    let messages: Vec<String> = std::fs::read_to_string(fixture.join("communications.txt")).unwrap().lines().map(String::from).collect();
+    for m in &messages {
+        let about = ids(&app.get_json(&format!("AuditEvent?entity=Communication/{m}&_count=50")).await);
+        assert_eq!(about.iter().filter(|i| old.contains(i)).count(), 2, "{m}: {about:?}");
+    }
+    let p1 = ids(&app.get_json("AuditEvent?patient=Patient/p1&_sort=-date&_count=50").await);
+    // p1's two messages (create, read) and the refused PUT of Patient/p1.
+    assert_eq!(p1.iter().filter(|i| old.contains(i)).count(), 5, "{p1:?}");
+    let refused = ids(&app.get_json("AuditEvent?outcome:not=0&_count=50").await);
+    assert_eq!(refused.iter().filter(|i| old.contains(i)).count(), 3, "{refused:?}");
+    assert_eq!(ids(&app.get_json(&format!("AuditEvent?_id={}", old[5])).await), vec![old[5].clone()]);
+    // New events: an id derived from their row, none stored; sealed onto the moved chain.
+    let created = app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after")).await;
+    let mine = ids(&app.get_json(&format!("AuditEvent?entity=Communication/{created}")).await);
+    assert_eq!(mine.len(), 1);
+    assert!(!old.contains(&mine[0]));
+    assert_eq!(n("SELECT COUNT(*) AS n FROM audit_events WHERE fhir_id IS NULL") as usize, n("SELECT COUNT(*) AS n FROM audit_events") as usize - old.len());
+    let mut sealed = 0;
+    for _ in 0..100 {
+        let _ = seal(&app.store);
+        if let Verdict::Intact { links, unsealed: 0 } = verify(&app.store).unwrap() {
+            sealed = links;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(sealed > 12, "{:?}", verify(&app.store).unwrap());
 }
 
 /// The audit chain: sealed by the leader, verified by `courier audit verify`, broken by an edit
@@ -199,45 +214,29 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
     let sealed: Vec<V> = app
         .store
         .query(
-            "SELECT c.vid, r.fhir_id AS audit_id FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid \
-             JOIN resources r ON r.rid = v.rid ORDER BY c.seq LIMIT 4",
+            "SELECT c.vid, COALESCE(a.fhir_id, '') AS audit_id FROM audit_chain c JOIN audit_events a ON a.rid = c.vid \
+             ORDER BY c.seq LIMIT 4",
             vec![],
         )
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|v: V| V { audit_id: app.store.audit_ids().id(v.vid), ..v })
+        .collect();
     let (victim, donor) = (&sealed[2], &sealed[3]);
-    // Outside the hash, but each would hide an AuditEvent from every search: re-typing its
-    // resource row, or marking it deleted. Each is named, and undone for the next.
-    for (edit, undo, said) in [
-        (
-            "UPDATE resources SET res_type = 'Basic' WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
-            "UPDATE resources SET res_type = 'AuditEvent' WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
-            "re-typed (resource/version: Basic/AuditEvent)",
-        ),
-        (
-            "UPDATE resources SET deleted = 1 WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
-            "UPDATE resources SET deleted = 0 WHERE rid = (SELECT rid FROM resource_versions WHERE vid = ?)",
-            "marked deleted",
-        ),
-    ] {
-        app.store.execute(edit, vec![victim.vid.into()]).unwrap();
-        let listed = app.get_json("AuditEvent?_count=100").await;
-        assert!(
-            !ids(&listed).contains(&victim.audit_id),
-            "the edit hides it from searches"
-        );
-        match verify(&app.store).unwrap() {
-            Verdict::Broken { audit_id, why, .. } => {
-                assert_eq!(audit_id, victim.audit_id);
-                assert!(why.contains(said), "{why}");
-            }
-            other => panic!("verify missed the edit '{edit}': {other:?}"),
+    // The row given another id (its own is derived from its row): the id is in the hash.
+    app.store.execute("UPDATE audit_events SET fhir_id = ? WHERE rid = ?", vec![donor.audit_id.clone().into(), victim.vid.into()]).unwrap();
+    match verify(&app.store).unwrap() {
+        Verdict::Broken { audit_id, why, .. } => {
+            assert_eq!(audit_id, donor.audit_id, "named by the id it carries now");
+            assert!(why.contains("changed after it was sealed"), "{why}");
         }
-        app.store.execute(undo, vec![victim.vid.into()]).unwrap();
-        assert!(matches!(verify(&app.store).unwrap(), Verdict::Intact { .. }));
+        other => panic!("verify missed the new id: {other:?}"),
     }
+    app.store.execute("UPDATE audit_events SET fhir_id = NULL WHERE rid = ?", vec![victim.vid.into()]).unwrap();
+    assert!(matches!(verify(&app.store).unwrap(), Verdict::Intact { .. }));
     app.store
         .execute(
-            "UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE vid = ?) WHERE vid = ?",
+            "UPDATE audit_events SET body = (SELECT body FROM audit_events WHERE rid = ?) WHERE rid = ?",
             vec![donor.vid.into(), victim.vid.into()],
         )
         .unwrap();
@@ -455,12 +454,13 @@ both_backends! {
             let r: Vec<courier::store::rows::CountRow> = app.store.query(sql, vec![]).unwrap();
             r[0].n
         };
-        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param IN ('1', '5', '6', '10', '11', '14', '15', '17', '18')"), 0);
+        // (AuditEvents' rows are their own tables: store::audit_rows.)
+        assert_eq!(n("SELECT COUNT(*) AS n FROM audit_tokens WHERE param IN ('1', '5', '6', '10', '11', '14', '15', '17', '18')"), 0);
         assert_eq!(n("SELECT COUNT(*) AS n FROM idx_string WHERE param IN ('2', '4', '9')"), 0);
         // A success has none (search::SPARSE); a failure has its row.
-        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'"), 0);
+        assert_eq!(n("SELECT COUNT(*) AS n FROM audit_tokens WHERE param = '12' AND code = '0'"), 0);
         let failures = all.iter().filter(|e| e["outcome"] != "0").count() as i64;
-        assert!(failures > 0 && n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12'") >= failures);
+        assert!(failures > 0 && n("SELECT COUNT(*) AS n FROM audit_tokens WHERE param = '12'") >= failures);
 
         // Sorted by outcome (a success's missing row sorts as 0), also where bodies may not be
         // checked one by one.
@@ -471,29 +471,9 @@ both_backends! {
             assert!(codes.windows(2).all(|w| if descending { w[0] >= w[1] } else { w[0] <= w[1] }), "{sort}: {codes:?}");
         }
 
-        // The same answers with the rows as they were before (the migration undone), and again
-        // after it is redone.
+        // Each outcome condition answers what the bodies say.
         let outcome_cases = ["outcome=0", "outcome=4", "outcome=0,4", "outcome:not=0", "outcome:missing=false"];
         let before = sorted_answers(&app, &outcome_cases, &until).await;
-        let (down, up) = match app.backend {
-            Backend::Sqlite => (
-                include_str!("../../migrations/sqlite/2026-12-14-000100_audit_outcome_sparse/down.sql"),
-                include_str!("../../migrations/sqlite/2026-12-14-000100_audit_outcome_sparse/up.sql"),
-            ),
-            Backend::Postgres => (
-                include_str!("../../migrations/postgres/2026-12-14-000100_audit_outcome_sparse/down.sql"),
-                include_str!("../../migrations/postgres/2026-12-14-000100_audit_outcome_sparse/up.sql"),
-            ),
-        };
-        run_script(&app, down);
-        assert!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'") >= (all.len() as i64 - failures));
-        // Read without the stored form, the old rows answer the plain forms the same.
-        let mut zero = audit_ids(&app, &app.client, &format!("outcome=4&{until}&_count=50")).await;
-        zero.sort();
-        assert_eq!(zero, before[1]);
-        run_script(&app, up);
-        assert_eq!(n("SELECT COUNT(*) AS n FROM idx_token WHERE param = '12' AND code = '0'"), 0);
-        assert_eq!(sorted_answers(&app, &outcome_cases, &until).await, before);
         for (q, got) in outcome_cases.iter().zip(&before) {
             let keep = &cases.iter().find(|(c, _)| c == q).unwrap().1;
             let mut want: Vec<String> = all.iter().filter(|e| keep(e)).map(id).collect();

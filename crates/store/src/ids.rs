@@ -35,6 +35,19 @@ pub fn base62(mut n: u128) -> String {
     out.iter().map(|&b| b as char).collect()
 }
 
+/// The number 22 base62 digits write ([`base62`]'s inverse); `None` for anything else.
+pub fn from_base62(s: &str) -> Option<u128> {
+    if s.len() != WIDTH {
+        return None;
+    }
+    let mut n: u128 = 0;
+    for b in s.bytes() {
+        let d = DIGITS.iter().position(|&x| x == b)? as u128;
+        n = n.checked_mul(62)?.checked_add(d)?;
+    }
+    Some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +67,12 @@ mod tests {
         values.dedup();
         let ids: Vec<String> = values.iter().map(|&v| base62(v)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "order kept");
+        assert!(values
+            .iter()
+            .zip(&ids)
+            .all(|(v, id)| from_base62(id) == Some(*v)));
+        assert_eq!(from_base62("7n42DGM5Tflk9n8mt7Fhc8"), None, "above 2^128");
+        assert_eq!(from_base62("short"), None);
         // Fresh ids: distinct, in creation order, valid FHIR ids.
         let fresh: Vec<String> = (0..1000).map(|_| new_id()).collect();
         assert!(fresh.windows(2).all(|w| w[0] < w[1]), "creation order");

@@ -9,13 +9,35 @@ use crate::store::db::Bind;
 pub struct Sql {
     pub text: String,
     pub binds: Vec<Bind>,
+    /// Over the AuditEvents' own tables (`store::audit_rows`): `audit_events r` for the rows,
+    /// `audit_refs` (one copy, no NULLs), `audit_tokens`, and the date as the row's columns.
+    audit: bool,
 }
 
 impl Sql {
-    fn new() -> Sql {
+    /// SQL over the tables that hold `res_type`.
+    fn of(res_type: &str) -> Sql {
         Sql {
             text: String::new(),
             binds: Vec::new(),
+            audit: crate::store::audit_rows::is_audit(res_type),
+        }
+    }
+    /// SQL nested in `self`, over the same tables.
+    fn nested(&self) -> Sql {
+        Sql {
+            text: String::new(),
+            binds: Vec::new(),
+            audit: self.audit,
+        }
+    }
+    /// The table that holds what `generic` holds for other types.
+    fn table(&self, generic: &'static str) -> &'static str {
+        match (self.audit, generic) {
+            (true, "resources") => "audit_events",
+            (true, "idx_token") => "audit_tokens",
+            (true, "idx_ref") => "audit_refs",
+            _ => generic,
         }
     }
     fn push(&mut self, s: &str) {
@@ -43,7 +65,9 @@ impl Dialect {
     /// index.
     fn by_rid(self, table: &str) -> String {
         match self {
-            Dialect::Sqlite if matches!(table, "idx_token" | "idx_date" | "idx_ref") => {
+            Dialect::Sqlite
+                if matches!(table, "idx_token" | "idx_date" | "idx_ref" | "audit_tokens") =>
+            {
                 format!(" INDEXED BY sqlite_autoindex_{table}_1")
             }
             Dialect::Sqlite => format!(" INDEXED BY {table}_rid"),
@@ -107,17 +131,20 @@ fn from_where(
     snapshot: i64,
     dialect: Dialect,
 ) -> Sql {
-    let mut q = Sql::new();
+    let mut q = Sql::of(res_type);
     if let Some(k) = driver {
-        let mut d = Sql::new();
+        let mut d = q.nested();
         match &req.conditions[k] {
             // Driven from a reference, the rows also carry the principal date (see `page`).
-            // Several values are joined by UNION, which drops the duplicates itself.
+            // Several values are joined by UNION, which drops the duplicates itself. An
+            // AuditEvent's reference rows carry its date's end only (an instant's range is the
+            // same width on every event, so both orders are the same).
             Condition::Reference { key, values } => {
-                let select = if values.len() == 1 {
-                    "SELECT DISTINCT rid, at_lo, at_hi"
-                } else {
-                    "SELECT rid, at_lo, at_hi"
+                let select = match (values.len() == 1, q.audit) {
+                    (true, false) => "SELECT DISTINCT rid, at_lo, at_hi",
+                    (false, false) => "SELECT rid, at_lo, at_hi",
+                    (true, true) => "SELECT DISTINCT rid, at_hi AS at_lo, at_hi",
+                    (false, true) => "SELECT rid, at_hi AS at_lo, at_hi",
                 };
                 reference_rows(&mut d, key, values, select)
             }
@@ -148,6 +175,16 @@ fn from_where(
                 q.push(" AND ");
                 per_row(&mut q, c, dialect);
             }
+        }
+        return q;
+    }
+    if q.audit {
+        // Every row is a live AuditEvent; the planner picks between the row id and the date.
+        q.push(" FROM audit_events r WHERE r.rid <= ");
+        q.bind(snapshot);
+        for c in &req.conditions {
+            q.push(" AND ");
+            condition(&mut q, c, dialect);
         }
         return q;
     }
@@ -197,7 +234,7 @@ pub fn candidates(
 pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let stored = stored_request(req);
     let req = stored.as_ref().unwrap_or(req);
-    let mut q = Sql::new();
+    let mut q = Sql::of(res_type);
     q.push("SELECT r.rid");
     let driver = driver(req);
     let w = from_where(res_type, req, driver, snapshot, dialect);
@@ -228,6 +265,16 @@ pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dial
             } else {
                 "r.at_lo ASC NULLS LAST"
             }),
+            // An AuditEvent's date is on its row.
+            SortKey::Param {
+                kind: ParamType::Date,
+                descending,
+                ..
+            } if q.audit => q.push(if *descending {
+                "(SELECT a.at_hi FROM audit_events a WHERE a.rid = r.rid) DESC NULLS LAST"
+            } else {
+                "(SELECT a.at_lo FROM audit_events a WHERE a.rid = r.rid) ASC NULLS LAST"
+            }),
             SortKey::Param {
                 key,
                 kind,
@@ -251,7 +298,7 @@ pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dial
                         },
                     ),
                     _ => (
-                        "idx_token",
+                        q.table("idx_token"),
                         if *descending {
                             "MAX(s.code)"
                         } else {
@@ -298,7 +345,7 @@ pub fn ordered(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dial
 pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialect) -> Sql {
     let stored = stored_request(req);
     let req = stored.as_ref().unwrap_or(req);
-    let mut q = Sql::new();
+    let mut q = Sql::of(res_type);
     q.push("SELECT COUNT(*) AS n");
     let w = from_where(res_type, req, driver(req), snapshot, dialect);
     q.push(&w.text);
@@ -306,41 +353,35 @@ pub fn count(res_type: &str, req: &SearchRequest, snapshot: i64, dialect: Dialec
     q
 }
 
-/// Does the live resource `rid` satisfy `c`? (`SELECT r.rid … LIMIT 1`: a row means yes.)
-pub fn admits(rid: i64, c: &Condition, dialect: Dialect) -> Sql {
-    let stored = super::stored_form(c);
-    let c = stored.as_ref().unwrap_or(c);
-    let mut q = Sql::new();
-    q.push("SELECT r.rid FROM resources r WHERE r.rid = ");
-    q.bind(rid);
-    q.push(" AND r.deleted = 0 AND ");
-    condition(&mut q, c, dialect);
-    q
+/// Does the live resource `rid` of `res_type` satisfy `c`? (`SELECT r.rid … LIMIT 1`: a row
+/// means yes.)
+pub fn admits(res_type: &str, rid: i64, c: &Condition, dialect: Dialect) -> Sql {
+    admits_many(res_type, &[rid], c, dialect)
 }
 
 /// Which of the live resources `rids` meet `c` (one query for many: the unread count checks
 /// every unread message against the reader's access condition).
-pub fn admits_many(rids: &[i64], c: &Condition, dialect: Dialect) -> Sql {
+pub fn admits_many(res_type: &str, rids: &[i64], c: &Condition, dialect: Dialect) -> Sql {
     let stored = super::stored_form(c);
     let c = stored.as_ref().unwrap_or(c);
-    let mut q = Sql::new();
-    q.push("SELECT r.rid FROM resources r WHERE r.rid IN (");
+    let mut q = Sql::of(res_type);
+    q.push(&format!("SELECT r.rid FROM {} r WHERE r.rid IN (", q.table("resources")));
     for (i, rid) in rids.iter().enumerate() {
         if i > 0 {
             q.push(", ");
         }
         q.bind(*rid);
     }
-    q.push(") AND r.deleted = 0 AND ");
+    q.push(if q.audit { ") AND " } else { ") AND r.deleted = 0 AND " });
     condition(&mut q, c, dialect);
     q
 }
 
-/// `c` as a SQL predicate over `resources r` (for history, which is not a search).
-pub fn predicate(c: &Condition, dialect: Dialect) -> Sql {
+/// `c` as a SQL predicate over the rows `r` of `res_type` (for history, which is not a search).
+pub fn predicate(res_type: &str, c: &Condition, dialect: Dialect) -> Sql {
     let stored = super::stored_form(c);
     let c = stored.as_ref().unwrap_or(c);
-    let mut q = Sql::new();
+    let mut q = Sql::of(res_type);
     condition(&mut q, c, dialect);
     q
 }
@@ -372,8 +413,9 @@ fn stored_request(req: &SearchRequest) -> Option<SearchRequest> {
 /// A parameter stored as its bases' rows of one type (`search::ALIASES`: `patient` is `subject`
 /// pointing at a Patient) reads those rows, each value also required to be of that type.
 fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
+    let table = q.table("idx_ref");
     match super::alias_of(key) {
-        None => union_of(q, "idx_ref", &[key], values, select, reference_value),
+        None => union_of(q, table, &[key], values, select, reference_value),
         Some((bases, target)) => {
             let typed: Vec<RefParts> = values
                 .iter()
@@ -383,7 +425,7 @@ fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
                     ..v.clone()
                 })
                 .collect();
-            union_of(q, "idx_ref", bases, &typed, select, |q, v| {
+            union_of(q, table, bases, &typed, select, |q, v| {
                 reference_value(q, v);
                 q.push(" AND target_type = ");
                 q.bind(names::ty(target));
@@ -396,7 +438,8 @@ fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
 /// [`reference_rows`]: `code = a OR (system = s AND code = b)` inside one branch scans the
 /// parameter).
 fn token_rows(q: &mut Sql, key: &str, values: &[TokenValue], select: &str) {
-    union_of(q, "idx_token", &[key], values, select, token_value);
+    let table = q.table("idx_token");
+    union_of(q, table, &[key], values, select, token_value);
 }
 
 /// `SELECT rid FROM idx_string` rows matching any of `values` (already normalised, but for
@@ -469,6 +512,9 @@ fn exists_per_row<V>(
 }
 
 fn reference_value(q: &mut Sql, v: &RefParts) {
+    if q.audit {
+        return audit_reference_value(q, v);
+    }
     match (&v.url, &v.target_type, &v.target_id) {
         (Some(url), _, _) => {
             q.push("url = ");
@@ -485,6 +531,31 @@ fn reference_value(q: &mut Sql, v: &RefParts) {
             q.push("target_id = ");
             q.bind(id.as_str());
             q.push(" AND url IS NULL");
+        }
+        _ => q.push("1 = 0"),
+    }
+}
+
+/// [`reference_value`] on `audit_refs`, which has no NULLs: an absolute reference is stored with
+/// the type `/` (`store::audit_rows::URL_TYPE`) and its URL as the id; a missing type or id is ''.
+fn audit_reference_value(q: &mut Sql, v: &RefParts) {
+    use crate::store::audit_rows::URL_TYPE;
+    match (&v.url, &v.target_type, &v.target_id) {
+        (Some(url), _, _) => {
+            q.push("target_id = ");
+            q.bind(url.as_str());
+            q.push(&format!(" AND target_type = '{URL_TYPE}'"));
+        }
+        (None, Some(t), Some(id)) => {
+            q.push("target_id = ");
+            q.bind(id.as_str());
+            q.push(" AND target_type = ");
+            q.bind(names::ty(t));
+        }
+        (None, None, Some(id)) => {
+            q.push("target_id = ");
+            q.bind(id.as_str());
+            q.push(&format!(" AND target_type <> '{URL_TYPE}'"));
         }
         _ => q.push("1 = 0"),
     }
@@ -566,13 +637,16 @@ fn per_row(q: &mut Sql, c: &Condition, dialect: Dialect) {
             key, not: false, ..
         } if key.ends_with("identifier") => condition(q, c, dialect),
         Condition::Token { key, not, values } => {
-            exists_per_row(q, "idx_token", key, *not, values, dialect, token_value)
+            let table = q.table("idx_token");
+            exists_per_row(q, table, key, *not, values, dialect, token_value)
         }
         Condition::Str { key, mode, values } => {
             exists_per_row(q, "idx_string", key, false, values, dialect, |q, v| {
                 string_value(q, *mode, v, dialect)
             })
         }
+        // An AuditEvent's date is on its row.
+        Condition::Date { .. } if q.audit => condition(q, c, dialect),
         Condition::Date { key, values } => {
             if values.iter().all(|(p, _, _)| *p == Prefix::Ne) {
                 // As in `condition`: a value for the parameter, and none within all the values.
@@ -601,6 +675,37 @@ fn per_row(q: &mut Sql, c: &Condition, dialect: Dialect) {
 
 fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
     match c {
+        // An AuditEvent's id is stored (moved from the generic tables) or derived from its row
+        // id, which the store has put in the list as `#rid` (`audit_rows::rid_token`).
+        Condition::Id { not, ids } if q.audit => {
+            let (rids, stored): (Vec<&String>, Vec<&String>) =
+                ids.iter().partition(|i| i.starts_with('#'));
+            q.push(if *not { "NOT (" } else { "(" });
+            if stored.is_empty() && rids.is_empty() {
+                q.push("1 = 0");
+            }
+            if !stored.is_empty() {
+                q.push("COALESCE(r.fhir_id, '') IN (");
+                for (i, id) in stored.iter().enumerate() {
+                    if i > 0 {
+                        q.push(", ");
+                    }
+                    q.bind(id.as_str());
+                }
+                q.push(")");
+            }
+            if !rids.is_empty() {
+                q.push(if stored.is_empty() { "r.rid IN (" } else { " OR r.rid IN (" });
+                for (i, rid) in rids.iter().enumerate() {
+                    if i > 0 {
+                        q.push(", ");
+                    }
+                    q.bind(rid[1..].parse::<i64>().unwrap_or(0));
+                }
+                q.push(")");
+            }
+            q.push(")");
+        }
         Condition::Id { not, ids } => {
             q.push(if *not {
                 "r.fhir_id NOT IN ("
@@ -625,17 +730,18 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             }
             q.push(")");
         }
+        Condition::Missing { key, kind, missing } if q.audit && *kind != ParamType::Token => {
+            audit_missing(q, key, *kind, *missing)
+        }
         Condition::Missing { key, kind, missing } => {
             q.push(if *missing {
                 "NOT EXISTS (SELECT 1 FROM "
             } else {
                 "EXISTS (SELECT 1 FROM "
             });
-            q.push(table(*kind));
-            q.push(&format!(
-                " m{} WHERE m.rid = r.rid AND ",
-                dialect.by_rid(table(*kind))
-            ));
+            let t = q.table(table(*kind));
+            q.push(t);
+            q.push(&format!(" m{} WHERE m.rid = r.rid AND ", dialect.by_rid(t)));
             match super::alias_of(key) {
                 Some((bases, target)) => {
                     q.push("m.param IN (");
@@ -665,6 +771,7 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             reference_rows(q, key, values, "SELECT rid");
             q.push(")");
         }
+        Condition::Date { values, .. } if q.audit => audit_date(q, values),
         Condition::Date { key, values } => {
             let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
             // `ne` must also match resources whose every value differs, so it negates `eq` over the set.
@@ -720,6 +827,62 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
             q.push(")");
         }
     }
+}
+
+/// `:missing` on an AuditEvent's reference or date: its references are listed once (their table
+/// is keyed for lookup, not by event), its date is its row's.
+fn audit_missing(q: &mut Sql, key: &str, kind: ParamType, missing: bool) {
+    q.push(if missing {
+        "r.rid NOT IN ("
+    } else {
+        "r.rid IN ("
+    });
+    match kind {
+        ParamType::Reference => {
+            q.push("SELECT rid FROM audit_refs WHERE ");
+            match super::alias_of(key) {
+                Some((bases, target)) => {
+                    q.push("param IN (");
+                    for (i, b) in bases.iter().enumerate() {
+                        if i > 0 {
+                            q.push(", ");
+                        }
+                        q.bind(names::key(b));
+                    }
+                    q.push(") AND target_type = ");
+                    q.bind(names::ty(target));
+                }
+                None => {
+                    q.push("param = ");
+                    q.bind(names::key(key));
+                }
+            }
+        }
+        ParamType::Date => q.push("SELECT a.rid FROM audit_events a WHERE a.at_lo IS NOT NULL"),
+        // No other kind is stored for an AuditEvent (search::UNSTORED): none has a value.
+        _ => q.push("SELECT a.rid FROM audit_events a WHERE 1 = 0"),
+    }
+    q.push(")");
+}
+
+/// A condition on an AuditEvent's date, on its row's columns (`ne`: a date, and not within all
+/// the values, as for other types).
+fn audit_date(q: &mut Sql, values: &[(Prefix, i64, i64)]) {
+    let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
+    q.push("r.rid IN (SELECT a.rid FROM audit_events a WHERE ");
+    q.push(if ne {
+        "a.at_lo IS NOT NULL AND NOT ("
+    } else {
+        "("
+    });
+    for (i, (p, lo, hi)) in values.iter().enumerate() {
+        if i > 0 {
+            q.push(if ne { " AND " } else { " OR " });
+        }
+        let p = if ne { Prefix::Eq } else { *p };
+        date_cond(q, "a.at_lo", "a.at_hi", p, *lo, *hi);
+    }
+    q.push("))");
 }
 
 /// The least string above every string that starts with `prefix`, in code-point order (which is

@@ -370,7 +370,38 @@ impl Store {
              WHERE v.key_n = (SELECT n FROM data_keys WHERE key_id = ?)",
             vec![key_id.into()],
         )?;
+        // AuditEvents (`audit_rows`): their class is their type's.
+        let audits: Vec<Sealed> = c.load(
+            "SELECT r.rid AS vid, 'AuditEvent' AS res_type, COALESCE(r.fhir_id, '') AS fhir_id, \
+             CAST(1 AS BIGINT) AS version_id, r.body, '' AS retention_class \
+             FROM audit_events r WHERE r.key_n = (SELECT n FROM data_keys WHERE key_id = ?)",
+            vec![key_id.into()],
+        )?;
         self.ensure_key(c, key_id)?;
+        let audit_class = self
+            .retention
+            .class_of(super::audit_rows::TYPE, &serde_json::Value::Null)
+            .to_string();
+        let resealed = rows.len() + audits.len();
+        for mut r in audits {
+            if r.fhir_id.is_empty() {
+                r.fhir_id = self.audit_ids().id(r.vid);
+            }
+            let aad = format!("{}/{}/{}", r.res_type, r.fhir_id, r.version_id);
+            let plain = self
+                .keys
+                .open(key_id, &r.body, &aad)
+                .map_err(StoreError::Other)?;
+            let to = self.scoped_key(c, &audit_class, "", now_micros())?;
+            let sealed = self
+                .keys
+                .seal_with(&to, &plain, &aad)
+                .map_err(StoreError::Other)?;
+            c.execute(
+                "UPDATE audit_events SET key_n = (SELECT n FROM data_keys WHERE key_id = ?), body = ? WHERE rid = ?",
+                vec![to.into(), Bind::Blob(sealed), r.vid.into()],
+            )?;
+        }
         for r in &rows {
             let aad = format!("{}/{}/{}", r.res_type, r.fhir_id, r.version_id);
             let plain = self
@@ -387,7 +418,7 @@ impl Store {
                 vec![to.into(), Bind::Blob(sealed), r.vid.into()],
             )?;
         }
-        Ok(rows.len())
+        Ok(resealed)
     }
 
     /// Destroys data key `key_id` if nothing sealed under it remains (inside `c`'s transaction).
@@ -406,8 +437,9 @@ impl Store {
             )?;
         }
         let used: Vec<KeyIdRow> = c.load(
-            "SELECT k.key_id FROM resource_versions v JOIN data_keys k ON k.n = v.key_n WHERE k.key_id = ? LIMIT 1",
-            vec![key_id.into()],
+            "SELECT k.key_id FROM resource_versions v JOIN data_keys k ON k.n = v.key_n WHERE k.key_id = ? \
+             UNION ALL SELECT k.key_id FROM audit_events a JOIN data_keys k ON k.n = a.key_n WHERE k.key_id = ?",
+            vec![key_id.into(), key_id.into()],
         )?;
         if !used.is_empty() {
             return Ok(false);

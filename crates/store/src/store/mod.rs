@@ -1,6 +1,7 @@
 //! Persistence: one write path for every change. [`Store::write`] versions the resource, re-indexes
 //! it, encrypts its body and records its AuditEvent in one database transaction; reads decrypt.
 
+pub mod audit_rows;
 pub mod compress;
 pub mod crypto;
 pub mod db;
@@ -25,6 +26,10 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+/// Any resource type but AuditEvent (held in the generic tables), where a type is needed only to
+/// tell the two apart (`audit_rows::is_audit`).
+const GENERIC: &str = "";
 
 /// A resource body as received: the parsed value (checked, indexed) and its top-level members as
 /// the exact JSON text sent, so the stored body is what the client sent plus `id` and `meta`.
@@ -371,8 +376,11 @@ pub struct Store {
     hooks: Arc<dyn hooks::Hooks>,
     /// The master key file, re-read when a data key is wrapped by a master key not known here.
     pub key_file: Option<std::path::PathBuf>,
-    /// The audit chain's HMAC key, once loaded (see `audit::chain`).
+    /// The audit chain's HMAC key, once loaded ([`Store::chain_key`]).
     pub chain_key: std::sync::OnceLock<Vec<u8>>,
+    /// AuditEvent ids from their rows and back (`audit_rows::Ids`), keyed by the chain key: set
+    /// when the store opens.
+    audit_ids: std::sync::OnceLock<audit_rows::Ids>,
     /// The most candidates a search checks on their bodies (`search::UNSTORED`); more, and the
     /// search is refused as too costly. [`BODY_CANDIDATES`] unless a test lowers it.
     pub body_candidates: std::sync::atomic::AtomicUsize,
@@ -464,9 +472,9 @@ fn not_grouped(i: usize) -> BatchAbort {
     BatchAbort::Unit(i, StoreError::Other(e))
 }
 
-/// An AuditEvent ready to insert: its id, content and drafted version.
+/// An AuditEvent ready to insert: its content and drafted row (its id is given with its row, see
+/// `audit_rows`; the drafted body names none, and the id is put back when it is read).
 struct AuditDraft {
-    id: String,
     value: Value,
     draft: Draft,
 }
@@ -608,12 +616,15 @@ impl Store {
                 hooks,
                 key_file,
                 chain_key: std::sync::OnceLock::new(),
+                audit_ids: std::sync::OnceLock::new(),
                 body_candidates: std::sync::atomic::AtomicUsize::new(BODY_CANDIDATES),
                 health: Default::default(),
                 compress_bodies: std::sync::atomic::AtomicBool::new(true),
             }
         });
         store.load_keys()?;
+        let chain_key = store.chain_key()?;
+        let _ = store.audit_ids.set(audit_rows::Ids::new(&chain_key));
         Ok(store)
     }
 
@@ -834,6 +845,14 @@ impl Store {
             .map(|(_, t, id)| hooks::Erased { res_type: t, id })
             .collect();
         c.erased(&*self.hooks, &erased)?;
+        let (audits, targets): (Vec<_>, Vec<_>) = targets
+            .iter()
+            .partition(|(_, t, _)| audit_rows::is_audit(t));
+        let audits: Vec<i64> = audits.iter().map(|(rid, _, _)| *rid).collect();
+        let mut versions = self.erase_audits(c, &audits)?;
+        if targets.is_empty() {
+            return Ok(versions);
+        }
         let rids: Vec<Bind> = targets.iter().map(|(rid, _, _)| Bind::Int(*rid)).collect();
         let rid_marks = vec!["?"; targets.len()].join(", ");
         #[derive(diesel::QueryableByName)]
@@ -841,7 +860,7 @@ impl Store {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
-        let versions = c.load::<N>(
+        versions += c.load::<N>(
             &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
             rids.clone(),
         )?[0]
@@ -860,10 +879,13 @@ impl Store {
                 .collect();
             binds.push(names::ty(res_type).into());
             binds.extend(ids.iter().map(|i| Bind::from(*i)));
-            c.execute(
-                &format!("DELETE FROM idx_ref WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
-                binds,
-            )?;
+            // Other resources' rows, and AuditEvents' (keyed by target, `audit_rows`).
+            for table in ["idx_ref", "audit_refs"] {
+                c.execute(
+                    &format!("DELETE FROM {table} WHERE param IN ({key_marks}) AND target_type = ? AND target_id IN ({id_marks})"),
+                    binds.clone(),
+                )?;
+            }
         }
         for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
             c.execute(
@@ -882,6 +904,112 @@ impl Store {
         Ok(versions)
     }
 
+    /// The local references of the AuditEvent in row `rid` under `params` (`AuditEvent.entity`, …),
+    /// as (parameter, `Type/id`), read from its body (its reference rows are keyed by target).
+    pub fn audit_references<C: Conn>(
+        &self,
+        c: &mut C,
+        rid: i64,
+        params: &[&str],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for (_, s) in self.bodies_by_rid(c, audit_rows::TYPE, &[rid])? {
+            let Some(value) = s
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+            else {
+                continue;
+            };
+            for e in index::entries(&self.registry, audit_rows::TYPE, &value, &self.base_url) {
+                if let Entry::Ref {
+                    param,
+                    target_type: Some(t),
+                    target_id: Some(id),
+                    url: None,
+                } = e
+                {
+                    if params.contains(&param.as_str()) {
+                        out.push((param, format!("{t}/{id}")));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Erases the AuditEvents in rows `rids` (the retention purge's cut of the audit trail), inside
+    /// the caller's write transaction: their reference rows (found from their bodies: the table is
+    /// keyed by target; an event whose body cannot be read any more has its rows found by a scan),
+    /// outcome rows and rows. Returns how many went.
+    fn erase_audits<C: Conn>(&self, c: &mut C, rids: &[i64]) -> Result<usize, StoreError> {
+        if rids.is_empty() {
+            return Ok(0);
+        }
+        let mut unread: Vec<i64> = Vec::new();
+        let mut keys: Vec<Bind> = Vec::new();
+        for chunk in rids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let rows: Vec<VersionRow> = c.load(
+                &format!(
+                    "SELECT {} FROM audit_events r WHERE r.rid IN ({marks})",
+                    audit_rows::ROW_COLUMNS
+                ),
+                chunk.iter().map(|r| Bind::Int(*r)).collect(),
+            )?;
+            for row in rows {
+                let rid = row.rid;
+                let value = self
+                    .open_row(row)
+                    .ok()
+                    .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref()?).ok());
+                let Some(value) = value else {
+                    unread.push(rid);
+                    continue;
+                };
+                let entries =
+                    index::entries(&self.registry, audit_rows::TYPE, &value, &self.base_url);
+                let (_, at_hi) = audit_rows::date_of(&entries);
+                for (param, id, ty) in entries.iter().filter_map(audit_rows::ref_key) {
+                    keys.extend([
+                        param.into(),
+                        id.into(),
+                        ty.into(),
+                        at_hi.unwrap_or(0).into(),
+                        rid.into(),
+                    ]);
+                }
+            }
+        }
+        for chunk in keys.chunks(5 * 100) {
+            let rows = vec!["(param = ? AND target_id = ? AND target_type = ? AND at_hi = ? AND rid = ?)"; chunk.len() / 5];
+            c.execute(
+                &format!("DELETE FROM audit_refs WHERE {}", rows.join(" OR ")),
+                chunk.to_vec(),
+            )?;
+        }
+        let mut n = 0;
+        for chunk in rids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let binds: Vec<Bind> = chunk.iter().map(|r| Bind::Int(*r)).collect();
+            if chunk.iter().any(|r| unread.contains(r)) {
+                c.execute(
+                    &format!("DELETE FROM audit_refs WHERE rid IN ({marks})"),
+                    binds.clone(),
+                )?;
+            }
+            c.execute(
+                &format!("DELETE FROM audit_tokens WHERE rid IN ({marks})"),
+                binds.clone(),
+            )?;
+            n += c.execute(
+                &format!("DELETE FROM audit_events WHERE rid IN ({marks})"),
+                binds,
+            )?;
+        }
+        Ok(n)
+    }
+
     /// Takes `target` (`Type/id`) out of the reference index rows of `params` (parameter URLs or
     /// keys as [`crate::search::Registry::get`] names them `Type.param`): kept resources no longer
     /// name an erased person in the index. Inside the caller's write transaction.
@@ -898,10 +1026,16 @@ impl Store {
         let mut binds: Vec<Bind> = params.iter().map(|p| Bind::from(names::key(p))).collect();
         binds.push(names::ty(t).into());
         binds.push(id.into());
-        Ok(c.execute(
-            &format!("DELETE FROM idx_ref WHERE param IN ({marks}) AND target_type = ? AND target_id = ? AND url IS NULL"),
-            binds,
-        )?)
+        // AuditEvents' rows too (`audit_rows`: an absolute reference is typed '/', never `t`).
+        let audits = c.execute(
+            &format!("DELETE FROM audit_refs WHERE param IN ({marks}) AND target_type = ? AND target_id = ?"),
+            binds.clone(),
+        )?;
+        Ok(audits
+            + c.execute(
+                &format!("DELETE FROM idx_ref WHERE param IN ({marks}) AND target_type = ? AND target_id = ? AND url IS NULL"),
+                binds,
+            )?)
     }
 
     /// Retires every active data key scoped to `patient` (`Patient/id`): new writes about them get
@@ -1136,7 +1270,7 @@ impl Store {
         batch: &[(Arc<Slot>, WriteUnit)],
         ix: &mut IndexRows,
     ) -> Result<Vec<Vec<WriteResult>>, BatchAbort> {
-        // Every version the group writes, with its job: a create's own, then its AuditEvent's.
+        // Every version the group writes, with its job, and each create's AuditEvent.
         let mut items: Vec<(usize, &str, &str, &Draft)> = Vec::new();
         let mut creates: Vec<(usize, &AuditDraft)> = Vec::new();
         for (i, (_, job)) in batch.iter().enumerate() {
@@ -1149,22 +1283,24 @@ impl Store {
                     return Err(not_grouped(i));
                 };
                 items.push((i, res_type, id, own));
-                items.push((i, "AuditEvent", &audit.id, &audit.draft));
                 creates.push((i, audit));
             }
         }
         let stored = self.put_new_versions(c, &items, ix)?;
+        let audits: Vec<&AuditDraft> = creates.iter().map(|(_, a)| *a).collect();
+        let ids = self.put_audits(c, &audits, ix).map_err(BatchAbort::Store)?;
         let mut results: Vec<Vec<WriteResult>> = batch.iter().map(|_| Vec::new()).collect();
         // The AuditEvents' outbox rows, for the whole group at once (one lookup of whom they
         // go to); a failure there is the group's.
-        let events: Vec<(&str, &Value)> = creates
+        let events: Vec<(&str, &Value)> = ids
             .iter()
-            .map(|(_, a)| (a.id.as_str(), &a.value))
+            .zip(&audits)
+            .map(|(id, a)| (id.as_str(), &a.value))
             .collect();
         c.audited(&*self.hooks, &events)
             .map_err(BatchAbort::Store)?;
-        // Each create's own version (its AuditEvent's follows it).
-        for ((i, _), own) in creates.into_iter().zip(stored.into_iter().step_by(2)) {
+        // Each create's own version.
+        for ((i, _), own) in creates.into_iter().zip(stored) {
             results[i].push(WriteResult {
                 status: WriteStatus::Created,
                 stored: own,
@@ -1396,13 +1532,12 @@ impl Store {
         Ok(())
     }
 
-    /// An AuditEvent drafted for insertion (a fresh id, `crate::ids`).
+    /// An AuditEvent drafted for insertion. Its id comes with its row (`audit_rows`): the draft
+    /// is made with an empty one, which the sealed body leaves out (`compress::pack_for`).
     fn audit_draft(&self, event: Value) -> AuditDraft {
-        let id = crate::ids::new_id();
         let incoming = Incoming::from_value(event);
-        let draft = self.draft("AuditEvent", &id, None, Some(&incoming));
+        let draft = self.draft(audit_rows::TYPE, "", None, Some(&incoming));
         AuditDraft {
-            id,
             value: incoming.value,
             draft,
         }
@@ -1414,11 +1549,67 @@ impl Store {
         a: &AuditDraft,
         ix: &mut IndexRows,
     ) -> Result<(), StoreError> {
-        self.put_draft(c, "AuditEvent", &a.id, None, &a.draft, "POST", ix)?;
+        let id = self.put_audits(c, &[a], ix)?.remove(0);
         // In the same transaction: what the modules above add (the outbox rows that deliver it to
         // the EHRs that know its people).
-        c.audited(&*self.hooks, &[(a.id.as_str(), &a.value)])?;
+        c.audited(&*self.hooks, &[(id.as_str(), &a.value)])?;
         Ok(())
+    }
+
+    /// Writes AuditEvents (see [`audit_rows`]): their rows with one INSERT, their reference and
+    /// outcome rows to `ix`. Returns their ids, in order.
+    fn put_audits<C: Conn>(
+        &self,
+        c: &mut C,
+        drafts: &[&AuditDraft],
+        ix: &mut IndexRows,
+    ) -> Result<Vec<String>, StoreError> {
+        let rids = audit_rows::allocate(c, drafts.len())?;
+        let mut binds = Vec::with_capacity(drafts.len() * 6);
+        let mut ids = Vec::with_capacity(drafts.len());
+        // Each scope's key once (nearly always one: the audit class's, no patient), for the
+        // latest write time of its events (its window must hold all).
+        let mut keys: HashMap<(&str, &str), String> = HashMap::new();
+        let mut latest: HashMap<(&str, &str), i64> = HashMap::new();
+        for a in drafts {
+            let e = latest
+                .entry((&a.draft.class, &a.draft.patient))
+                .or_insert(a.draft.last_updated);
+            *e = (*e).max(a.draft.last_updated);
+        }
+        for (a, &rid) in drafts.iter().zip(&rids) {
+            let d = &a.draft;
+            let id = self.audit_ids().id(rid);
+            let scope = (d.class.as_str(), d.patient.as_str());
+            let key_id = match keys.get(&scope) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = self.scoped_key(c, scope.0, scope.1, latest[&scope])?;
+                    keys.insert(scope, k.clone());
+                    k
+                }
+            };
+            let sealed = self.seal(c, &key_id, audit_rows::TYPE, &id, d)?;
+            binds.extend(audit_rows::values(rid, d, key_id, sealed));
+            ix.add_audit(rid, &d.entries);
+            ids.push(id);
+        }
+        multi_insert_rows(
+            c,
+            "INSERT INTO",
+            audit_rows::INSERT,
+            audit_rows::VALUES,
+            6,
+            binds,
+        )?;
+        Ok(ids)
+    }
+
+    /// The AuditEvent id codec (set up when the store is opened).
+    pub fn audit_ids(&self) -> &audit_rows::Ids {
+        self.audit_ids
+            .get()
+            .expect("the AuditEvent id key is loaded when the store opens")
     }
 
     fn apply<C: Conn>(&self, c: &mut C, op: &WriteOp) -> Result<WriteResult, StoreError> {
@@ -1459,7 +1650,7 @@ impl Store {
             match found.len() {
                 0 => {}
                 1 => {
-                    let stored = self.bodies(c, &[found[0].rid])?.remove(0);
+                    let stored = self.bodies(c, res_type, &[found[0].rid])?.remove(0);
                     return Ok(WriteResult {
                         status: WriteStatus::Existing,
                         stored,
@@ -1501,7 +1692,7 @@ impl Store {
         if let (Some(g), Some(h)) = (&guard, &head) {
             // A confined caller neither sees nor revives what it cannot see; a deleted
             // resource it cannot see as such.
-            if h.deleted != 0 || !self.admits(c, h.rid, g)? {
+            if h.deleted != 0 || !self.admits(c, res_type, h.rid, g)? {
                 return Err(StoreError::NotFound(res_type.clone(), id.clone()));
             }
         }
@@ -1588,7 +1779,7 @@ impl Store {
         let head = self.head(c, res_type, id)?;
         if let Some(g) = &guard {
             let visible = match &head {
-                Some(h) if h.deleted == 0 => self.admits(c, h.rid, g)?,
+                Some(h) if h.deleted == 0 => self.admits(c, res_type, h.rid, g)?,
                 _ => false,
             };
             if !visible {
@@ -1629,7 +1820,8 @@ impl Store {
         }
     }
 
-    /// Which of the live resources `rids` meet the access policy's condition `g`.
+    /// Which of the live resources `rids` (of any type but AuditEvent) meet the access policy's
+    /// condition `g`.
     pub fn admitted_rids(
         &self,
         rids: &[i64],
@@ -1640,7 +1832,7 @@ impl Store {
         let mut c = self.db.get()?;
         for chunk in rids.chunks(500) {
             let rows: Vec<RidRow> = with_conn!(c, |c| {
-                let q = sql::admits_many(chunk, g, dialect(c));
+                let q = sql::admits_many(GENERIC, chunk, g, dialect(c));
                 c.load::<RidRow>(&q.text, q.binds)
             })?;
             out.extend(rows.into_iter().map(|r| r.rid));
@@ -1648,16 +1840,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Does the live resource `rid` meet the access policy's condition `g`? (Outside a write.)
+    /// Does the live resource `rid` (of any type but AuditEvent) meet the access policy's
+    /// condition `g`? (Outside a write.)
     pub fn admits_rid(&self, rid: i64, g: &Condition) -> Result<bool, StoreError> {
         let mut c = self.db.get()?;
-        with_conn!(c, |c| self.admits(c, rid, g))
+        with_conn!(c, |c| self.admits(c, GENERIC, rid, g))
     }
 
-    /// Does the live resource `rid` meet the access policy's condition `g`?
-    fn admits<C: Conn>(&self, c: &mut C, rid: i64, g: &Condition) -> Result<bool, StoreError> {
+    /// Does the live resource `rid` of `res_type` meet the access policy's condition `g`?
+    fn admits<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        rid: i64,
+        g: &Condition,
+    ) -> Result<bool, StoreError> {
         refuse_body_condition(g)?;
-        let q = sql::admits(rid, g, dialect(c));
+        let q = sql::admits(res_type, rid, g, dialect(c));
         Ok(!c.load::<RidRow>(&q.text, q.binds)?.is_empty())
     }
 
@@ -1845,6 +2044,12 @@ impl Store {
         res_type: &str,
         id: &str,
     ) -> Result<Stored, StoreError> {
+        if audit_rows::is_audit(res_type) {
+            return match self.audit_row(c, id)? {
+                Some(row) => self.open_row(row),
+                None => Err(StoreError::NotFound(res_type.into(), id.into())),
+            };
+        }
         let rows: Vec<VersionRow> = c.load(
             &format!(
                 "SELECT {VERSION_COLUMNS} \
@@ -1863,6 +2068,23 @@ impl Store {
         self.open_row(row)
     }
 
+    /// The row of AuditEvent `id`: by its row id when the id is derived from it, else by the id
+    /// stored (events moved from the generic tables).
+    fn audit_row<C: Conn>(&self, c: &mut C, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        let cols = audit_rows::ROW_COLUMNS;
+        let rows: Vec<VersionRow> = match self.audit_ids().rid(id) {
+            Some(rid) => c.load_cached(
+                &format!("SELECT {cols} FROM audit_events r WHERE r.rid = ? AND r.fhir_id IS NULL"),
+                vec![rid.into()],
+            )?,
+            None => c.load_cached(
+                &format!("SELECT {cols} FROM audit_events r WHERE r.fhir_id = ?"),
+                vec![id.into()],
+            )?,
+        };
+        Ok(rows.into_iter().next())
+    }
+
     /// The current version number of `res_type/id` and whether it is a deletion (`None`: no
     /// such resource). Reads the head row only (nothing is decrypted).
     pub fn current_version(
@@ -1871,6 +2093,10 @@ impl Store {
         id: &str,
     ) -> Result<Option<(i64, bool)>, StoreError> {
         let mut c = self.db.get()?;
+        if audit_rows::is_audit(res_type) {
+            let row = with_conn!(c, |c| self.audit_row(c, id))?;
+            return Ok(row.map(|_| (1, false)));
+        }
         let rows: Vec<HeadRow> = with_conn!(c, |c| {
             c.load_cached(
                 "SELECT rid, fhir_id, version_id, last_updated, deleted, retention_class FROM resources WHERE res_type = ? AND fhir_id = ?",
@@ -1886,6 +2112,17 @@ impl Store {
     /// One version; a deleted version reads as `Gone`.
     pub fn vread(&self, res_type: &str, id: &str, version: i64) -> Result<Stored, StoreError> {
         let mut c = self.db.get()?;
+        if audit_rows::is_audit(res_type) {
+            // An AuditEvent has one version.
+            let row = with_conn!(c, |c| self.audit_row(c, id))?.filter(|_| version == 1);
+            return match row {
+                Some(row) => self.open_row(row),
+                None => Err(StoreError::NotFound(
+                    res_type.into(),
+                    format!("{id}/_history/{version}"),
+                )),
+            };
+        }
         let rows: Vec<VersionRow> = with_conn!(c, |c| {
             c.load(
             &format!(
@@ -1904,7 +2141,10 @@ impl Store {
         self.open_row(row)
     }
 
-    fn open_row(&self, row: VersionRow) -> Result<Stored, StoreError> {
+    fn open_row(&self, mut row: VersionRow) -> Result<Stored, StoreError> {
+        if row.fhir_id.is_empty() && audit_rows::is_audit(&row.res_type) {
+            row.fhir_id = self.audit_ids().id(row.rid);
+        }
         let deleted = row.deleted != 0;
         let body = if deleted {
             None
@@ -1939,8 +2179,13 @@ impl Store {
     ) -> Result<(Vec<Stored>, bool, i64), StoreError> {
         let mut c = self.db.get()?;
         with_conn!(c, |c| {
+            let audit = audit_rows::is_audit(res_type);
             // The resource's rid (a plain read: no row lock, as a writer's head takes).
             let rid = match id {
+                Some(id) if audit => match self.audit_row(c, id)? {
+                    Some(r) => Some(r.rid),
+                    None => return Err(StoreError::NotFound(res_type.into(), id.into())),
+                },
                 Some(id) => {
                     let rows: Vec<RidRow> = c.load(
                         "SELECT rid FROM resources WHERE res_type = ? AND fhir_id = ?",
@@ -1956,31 +2201,44 @@ impl Store {
             let snapshot = match snapshot {
                 Some(s) => s,
                 None => {
-                    c.load::<CountRow>(
-                        "SELECT COALESCE(MAX(vid), 0) AS n FROM resource_versions",
-                        vec![],
-                    )?[0]
-                        .n
+                    let table = if audit {
+                        "SELECT COALESCE(MAX(rid), 0) AS n FROM audit_events"
+                    } else {
+                        "SELECT COALESCE(MAX(vid), 0) AS n FROM resource_versions"
+                    };
+                    c.load::<CountRow>(table, vec![])?[0].n
                 }
             };
-            let mut sql = history_sql(res_type, rid.is_some());
+            // An AuditEvent is its one version, its row `r` (`audit_rows::ROW_COLUMNS`).
+            let (mut sql, at, order) = if audit {
+                let cols = audit_rows::ROW_COLUMNS;
+                let sql = match rid {
+                    Some(_) => format!("SELECT {cols} FROM audit_events r WHERE r.rid = ? AND r.rid <= ?"),
+                    None => format!("SELECT {cols} FROM audit_events r WHERE r.rid <= ?"),
+                };
+                (sql, "r.last_updated", " ORDER BY r.rid DESC LIMIT ? OFFSET ?")
+            } else {
+                let sql = history_sql(res_type, rid.is_some());
+                (sql, "v.last_updated", " ORDER BY v.vid DESC LIMIT ? OFFSET ?")
+            };
             let mut binds: Vec<Bind> = match rid {
                 Some(rid) => vec![rid.into(), snapshot.into()],
+                None if audit => vec![snapshot.into()],
                 None => vec![res_type.into(), snapshot.into()],
             };
             if let Some(s) = since {
-                sql.push_str(" AND v.last_updated >= ?");
+                sql.push_str(&format!(" AND {at} >= ?"));
                 binds.push(s.into());
             }
             if let Some(f) = filter {
                 // The access policy, on the resource's current version (the index holds only that).
                 refuse_body_condition(f)?;
-                let p = sql::predicate(f, dialect(c));
+                let p = sql::predicate(res_type, f, dialect(c));
                 sql.push_str(" AND ");
                 sql.push_str(&p.text);
                 binds.extend(p.binds);
             }
-            sql.push_str(" ORDER BY v.vid DESC LIMIT ? OFFSET ?");
+            sql.push_str(order);
             binds.push((count as i64 + 1).into());
             binds.push((offset as i64).into());
             let mut rows: Vec<VersionRow> = c.load(&sql, binds)?;
@@ -1996,14 +2254,20 @@ impl Store {
 
     /// Runs a search: the page, `_include`/`_revinclude` results, and the total if asked for.
     pub fn search(&self, res_type: &str, req: &SearchRequest) -> Result<SearchPage, StoreError> {
+        let audit = audit_rows::is_audit(res_type);
+        let with_rids = audit.then(|| self.audit_id_conditions(req)).flatten();
+        let req = with_rids.as_ref().unwrap_or(req);
         let mut c = self.db.get()?;
         with_conn!(c, |c| {
             let snapshot = match req.snapshot {
                 Some(s) => s,
                 None => {
-                    c.load::<CountRow>("SELECT COALESCE(MAX(rid), 0) AS n FROM resources", vec![])?
-                        [0]
-                    .n
+                    let q = if audit {
+                        "SELECT COALESCE(MAX(rid), 0) AS n FROM audit_events"
+                    } else {
+                        "SELECT COALESCE(MAX(rid), 0) AS n FROM resources"
+                    };
+                    c.load::<CountRow>(q, vec![])?[0].n
                 }
             };
             if req.conditions.iter().any(eval::needs_body) || sorts_on_body(req) {
@@ -2033,8 +2297,14 @@ impl Store {
             let total =
                 total.or_else(|| (!has_next && req.offset == 0).then_some(rows.len() as i64));
             let rids: Vec<i64> = rows.iter().map(|r| r.rid).collect();
-            let matches = self.bodies(c, &rids)?;
-            let included = self.includes(c, &req.includes, &rids, req.include_access.as_ref())?;
+            let matches = self.bodies(c, res_type, &rids)?;
+            let included = self.includes(
+                c,
+                &req.includes,
+                res_type,
+                &rids,
+                req.include_access.as_ref(),
+            )?;
             Ok(SearchPage {
                 matches,
                 included,
@@ -2079,7 +2349,7 @@ impl Store {
         let mut keyed: Vec<(Vec<Option<SortValue>>, i64)> = Vec::new();
         for chunk in rids.chunks(200) {
             let chunk: Vec<i64> = chunk.iter().map(|r| r.rid).collect();
-            for (rid, s) in self.bodies_by_rid(c, &chunk)? {
+            for (rid, s) in self.bodies_by_rid(c, res_type, &chunk)? {
                 let Some(value) = s
                     .body
                     .as_deref()
@@ -2143,7 +2413,7 @@ impl Store {
                 .take(req.count)
                 .map(|(_, rid)| *rid)
                 .collect();
-            page = self.bodies_by_rid(c, &rids)?;
+            page = self.bodies_by_rid(c, res_type, &rids)?;
         }
         let has_next = found > window.end && !req.summary_count;
         let total = if want_total {
@@ -2158,7 +2428,13 @@ impl Store {
         let included = if req.summary_count {
             vec![]
         } else {
-            self.includes(c, &req.includes, &page_rids, req.include_access.as_ref())?
+            self.includes(
+                c,
+                &req.includes,
+                res_type,
+                &page_rids,
+                req.include_access.as_ref(),
+            )?
         };
         Ok(SearchPage {
             matches: page.into_iter().map(|(_, s)| s).collect(),
@@ -2169,26 +2445,82 @@ impl Store {
         })
     }
 
-    /// Current bodies for `rids`, in the order given.
-    fn bodies<C: Conn>(&self, c: &mut C, rids: &[i64]) -> Result<Vec<Stored>, StoreError> {
+    /// `req` with the AuditEvent ids of its `_id` conditions that are derived from a row as that
+    /// row (`audit_rows::rid_token`), if it has any such condition.
+    fn audit_id_conditions(&self, req: &SearchRequest) -> Option<SearchRequest> {
+        fn map(ids: &audit_rows::Ids, c: &Condition) -> Option<Condition> {
+            match c {
+                Condition::Id { not, ids: list } => Some(Condition::Id {
+                    not: *not,
+                    ids: list
+                        .iter()
+                        .map(|i| ids.rid(i).map_or_else(|| i.clone(), audit_rows::rid_token))
+                        .collect(),
+                }),
+                Condition::AnyOf(groups) => {
+                    let mapped: Vec<Vec<Option<Condition>>> = groups
+                        .iter()
+                        .map(|g| g.iter().map(|c| map(ids, c)).collect())
+                        .collect();
+                    if mapped.iter().flatten().all(Option::is_none) {
+                        return None;
+                    }
+                    Some(Condition::AnyOf(
+                        groups
+                            .iter()
+                            .zip(mapped)
+                            .map(|(g, m)| {
+                                g.iter()
+                                    .zip(m)
+                                    .map(|(c, m)| m.unwrap_or_else(|| c.clone()))
+                                    .collect()
+                            })
+                            .collect(),
+                    ))
+                }
+                _ => None,
+            }
+        }
+        let ids = self.audit_ids();
+        let mapped: Vec<Option<Condition>> = req.conditions.iter().map(|c| map(ids, c)).collect();
+        if mapped.iter().all(Option::is_none) {
+            return None;
+        }
+        let mut r = req.clone();
+        for (c, m) in r.conditions.iter_mut().zip(mapped) {
+            if let Some(m) = m {
+                *c = m;
+            }
+        }
+        Some(r)
+    }
+
+    /// Current bodies for `rids` of `res_type`, in the order given.
+    fn bodies<C: Conn>(
+        &self,
+        c: &mut C,
+        res_type: &str,
+        rids: &[i64],
+    ) -> Result<Vec<Stored>, StoreError> {
         Ok(self
-            .bodies_by_rid(c, rids)?
+            .bodies_by_rid(c, res_type, rids)?
             .into_iter()
             .map(|(_, s)| s)
             .collect())
     }
 
-    /// Current bodies for `rids` with their row ids, in the order given (a resource deleted
-    /// meanwhile left out).
+    /// Current bodies for `rids` of `res_type` with their row ids, in the order given (a resource
+    /// deleted meanwhile left out). AuditEvents are rows of their own (`audit_rows`).
     fn bodies_by_rid<C: Conn>(
         &self,
         c: &mut C,
+        res_type: &str,
         rids: &[i64],
     ) -> Result<Vec<(i64, Stored)>, StoreError> {
         if rids.len() > 500 {
             let mut out = Vec::with_capacity(rids.len());
             for chunk in rids.chunks(500) {
-                out.extend(self.bodies_by_rid(c, chunk)?);
+                out.extend(self.bodies_by_rid(c, res_type, chunk)?);
             }
             return Ok(out);
         }
@@ -2196,14 +2528,19 @@ impl Store {
             return Ok(vec![]);
         }
         let placeholders = vec!["?"; rids.len()].join(", ");
-        let rows: Vec<VersionRow> = c.load(
-            &format!(
+        let sql = if audit_rows::is_audit(res_type) {
+            format!(
+                "SELECT {} FROM audit_events r WHERE r.rid IN ({placeholders})",
+                audit_rows::ROW_COLUMNS
+            )
+        } else {
+            format!(
                 "SELECT {VERSION_COLUMNS} \
                  FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id \
                  WHERE r.rid IN ({placeholders}) AND r.deleted = 0"
-            ),
-            rids.iter().map(|r| Bind::Int(*r)).collect(),
-        )?;
+            )
+        };
+        let rows: Vec<VersionRow> = c.load(&sql, rids.iter().map(|r| Bind::Int(*r)).collect())?;
         let mut by_rid: HashMap<i64, VersionRow> = rows.into_iter().map(|r| (r.rid, r)).collect();
         rids.iter()
             .filter_map(|rid| by_rid.remove(rid))
@@ -2211,41 +2548,53 @@ impl Store {
             .collect()
     }
 
-    /// `_include` / `_revinclude` (with `:iterate` repeated until nothing new is found).
+    /// `_include` / `_revinclude` (with `:iterate` repeated until nothing new is found), from the
+    /// matches `matched` of `res_type`. Resources are known by row id and whether they are
+    /// AuditEvents (whose rows are numbered apart, `audit_rows`).
     fn includes<C: Conn>(
         &self,
         c: &mut C,
         includes: &[Include],
+        res_type: &str,
         matched: &[i64],
         reach: Option<&HashMap<String, Option<Condition>>>,
     ) -> Result<Vec<Stored>, StoreError> {
         if includes.is_empty() || matched.is_empty() {
             return Ok(vec![]);
         }
-        let mut seen: HashSet<i64> = matched.iter().copied().collect();
-        let mut out_rids = Vec::new();
-        let mut frontier: Vec<i64> = matched.to_vec();
+        let audit = audit_rows::is_audit(res_type);
+        let mut seen: HashSet<(i64, bool)> = matched.iter().map(|r| (*r, audit)).collect();
+        let mut out: Vec<(i64, bool)> = Vec::new();
+        let mut frontier: Vec<(i64, bool)> = matched.iter().map(|r| (*r, audit)).collect();
         let mut first = true;
         while !frontier.is_empty() {
             let mut found = Vec::new();
             for inc in includes.iter().filter(|i| first || i.iterate) {
                 for chunk in frontier.chunks(500) {
                     let followed = self.follow(c, inc, chunk)?;
-                    for rid in self.reachable(c, followed, reach)? {
-                        if out_rids.len() + found.len() < MAX_INCLUDED && seen.insert(rid) {
-                            found.push(rid);
+                    for (rid, t) in self.reachable(c, followed, reach)? {
+                        let key = (rid, audit_rows::is_audit(&t));
+                        if out.len() + found.len() < MAX_INCLUDED && seen.insert(key) {
+                            found.push(key);
                         }
                     }
                 }
             }
-            out_rids.extend(found.iter().copied());
+            out.extend(found.iter().copied());
             frontier = found;
             first = false;
-            if out_rids.len() >= MAX_INCLUDED {
+            if out.len() >= MAX_INCLUDED {
                 break; // a bound on pathological reference graphs
             }
         }
-        self.bodies(c, &out_rids)
+        let mut bodies: HashMap<(i64, bool), Stored> = HashMap::with_capacity(out.len());
+        for (kind, is) in [(GENERIC, false), (audit_rows::TYPE, true)] {
+            let rids: Vec<i64> = out.iter().filter(|k| k.1 == is).map(|k| k.0).collect();
+            for (rid, s) in self.bodies_by_rid(c, kind, &rids)? {
+                bodies.insert((rid, is), s);
+            }
+        }
+        Ok(out.iter().filter_map(|k| bodies.remove(k)).collect())
     }
 
     /// The followed resources the caller may reach (see `SearchRequest::include_access`).
@@ -2254,28 +2603,46 @@ impl Store {
         c: &mut C,
         followed: Vec<(i64, String)>,
         reach: Option<&HashMap<String, Option<Condition>>>,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         let Some(reach) = reach else {
-            return Ok(followed.into_iter().map(|(rid, _)| rid).collect());
+            return Ok(followed);
         };
         let mut out = Vec::with_capacity(followed.len());
         for (rid, res_type) in followed {
             match reach.get(&res_type) {
                 None => {}
-                Some(None) => out.push(rid),
-                Some(Some(cond)) if self.admits(c, rid, cond)? => out.push(rid),
+                Some(None) => out.push((rid, res_type)),
+                Some(Some(cond)) if self.admits(c, &res_type, rid, cond)? => {
+                    out.push((rid, res_type))
+                }
                 Some(Some(_)) => {}
             }
         }
         Ok(out)
     }
 
+    /// The resources one `_include`/`_revinclude` reaches from `from` (row ids, and whether each
+    /// is an AuditEvent), as row id and type.
     fn follow<C: Conn>(
         &self,
         c: &mut C,
         inc: &Include,
-        from: &[i64],
+        from: &[(i64, bool)],
     ) -> Result<Vec<(i64, String)>, StoreError> {
+        let source_audit = audit_rows::is_audit(&inc.source_type);
+        // Forward, the sources are `from` of the source type; backward, the targets are `from`
+        // (nothing refers to an AuditEvent: none is followed back).
+        let from: Vec<i64> = from
+            .iter()
+            .filter(|(_, a)| if inc.reverse { !a } else { *a == source_audit })
+            .map(|(rid, _)| *rid)
+            .collect();
+        if from.is_empty() {
+            return Ok(vec![]);
+        }
+        if source_audit && !inc.reverse {
+            return self.follow_from_audits(c, inc, &from);
+        }
         let ph = vec!["?"; from.len()].join(", ");
         // A parameter stored as its bases' rows of one type (search::ALIASES) follows those rows
         // that point at that type.
@@ -2289,7 +2656,9 @@ impl Store {
             .iter()
             .map(|k| names::key(k).to_string().into())
             .collect();
-        binds.push(inc.source_type.clone().into());
+        if !source_audit {
+            binds.push(inc.source_type.clone().into());
+        }
         binds.extend(from.iter().map(|r| Bind::Int(*r)));
         let type_filter = match of_type {
             Some(t) => {
@@ -2301,6 +2670,20 @@ impl Store {
         // Reference rows name a type by its short name (names::TYPES).
         let target = names::type_sql("x.target_type");
         let short = names::short_type_sql("t.res_type");
+        if source_audit {
+            // AuditEvents whose parameter refers to one of the `from` resources: their reference
+            // rows are keyed by target (`audit_rows`), absolute ones typed '/', never a short name.
+            let sql = format!(
+                "SELECT x.rid, 'AuditEvent' AS res_type FROM resources t \
+                 JOIN audit_refs x ON x.target_id = t.fhir_id AND x.target_type = {short} \
+                 WHERE x.param IN ({key_marks}) AND t.rid IN ({ph}){type_filter}"
+            );
+            return Ok(c
+                .load::<RidTypeRow>(&sql, binds)?
+                .into_iter()
+                .map(|r| (r.rid, r.res_type))
+                .collect());
+        }
         if !inc.reverse {
             // The references the `from` resources make, resolved to current local resources.
             let mut sql = format!(
@@ -2328,6 +2711,56 @@ impl Store {
                 .map(|r| (r.rid, r.res_type))
                 .collect())
         }
+    }
+
+    /// `_include` from AuditEvents: their references are read from their bodies (their reference
+    /// rows are keyed by target, not by event), resolved to current local resources.
+    fn follow_from_audits<C: Conn>(
+        &self,
+        c: &mut C,
+        inc: &Include,
+        from: &[i64],
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let (keys, of_type): (Vec<&str>, Option<&str>) =
+            match crate::search::alias_of(&inc.param_key) {
+                Some((bases, target)) => (bases.to_vec(), Some(target)),
+                None => (vec![inc.param_key.as_str()], None),
+            };
+        let mut targets: Vec<(String, String)> = Vec::new();
+        for (_, s) in self.bodies_by_rid(c, audit_rows::TYPE, from)? {
+            let Some(value) = s
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+            else {
+                continue;
+            };
+            for e in index::entries(&self.registry, audit_rows::TYPE, &value, &self.base_url) {
+                if let Entry::Ref {
+                    param,
+                    target_type: Some(t),
+                    target_id: Some(id),
+                    url: None,
+                } = e
+                {
+                    let wanted = keys.contains(&param.as_str())
+                        && of_type.is_none_or(|o| o == t)
+                        && inc.target_type.as_deref().is_none_or(|tt| tt == t);
+                    if wanted && !targets.contains(&(t.clone(), id.clone())) {
+                        targets.push((t, id));
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (t, id) in targets {
+            let rows: Vec<RidTypeRow> = c.load_cached(
+                "SELECT rid, res_type FROM resources WHERE res_type = ? AND fhir_id = ? AND deleted = 0",
+                vec![t.into(), id.into()],
+            )?;
+            out.extend(rows.into_iter().map(|r| (r.rid, r.res_type)));
+        }
+        Ok(out)
     }
 
     /// Row counts of every table, leaving out AuditEvents (which record failures too). Tests assert
@@ -2392,6 +2825,9 @@ struct IndexRows {
     refs: Vec<RefRow>,
     dates: Vec<Bind>,
     strings: Vec<Bind>,
+    /// AuditEvents' rows (`audit_rows`): references, and outcomes other than 0.
+    audit_refs: Vec<Bind>,
+    audit_tokens: Vec<Bind>,
 }
 
 /// One reference index row. `n` numbers a resource's reference rows: on SQLite the table is
@@ -2415,6 +2851,7 @@ impl IndexRows {
             refs,
             dates: dates_,
             strings,
+            ..
         } = self;
         // The resource's principal date, carried by each of its reference rows (search::REFERENCE_SORT_DATES).
         let principal = entries.iter().filter_map(|e| match e {
@@ -2434,24 +2871,9 @@ impl IndexRows {
                 // Its rows are its bases' rows of one type (search::ALIASES).
                 Entry::Ref { param, .. } if crate::search::alias_of(param).is_some() => {}
                 // Checked on the body when searched (search::UNSTORED).
-                Entry::Token { param, .. } | Entry::Str { param, .. }
-                    if crate::search::is_unstored(param) => {}
-                // The common value of a sparse parameter has no row (search::SPARSE).
-                Entry::Token {
-                    param,
-                    system: None,
-                    code,
-                } if crate::search::sparse_of(param) == Some(code.as_str()) => {}
-                Entry::Token {
-                    param,
-                    system,
-                    code,
-                } => tokens.extend([
-                    rid.into(),
-                    names::key(param).to_string().into(),
-                    names::system(system.as_deref()).into_owned().into(),
-                    code.clone().into(),
-                ]),
+                Entry::Str { param, .. } if crate::search::is_unstored(param) => {}
+                // See `token_rows`.
+                Entry::Token { .. } => {}
                 Entry::Ref {
                     param,
                     target_type,
@@ -2484,20 +2906,10 @@ impl IndexRows {
                 ]),
             }
         }
-        // A sparse parameter without a value has the row of "no value" (search::SPARSE).
-        for (key, _) in crate::search::SPARSE {
-            if key.split_once('.').is_some_and(|(t, _)| t == res_type)
-                && !entries
-                    .iter()
-                    .any(|e| matches!(e, Entry::Token { param, .. } if param == key))
-            {
-                tokens.extend([
-                    rid.into(),
-                    names::key(key).to_string().into(),
-                    names::system(None).into_owned().into(),
-                    crate::search::SPARSE_MISSING.to_string().into(),
-                ]);
-            }
+        let mut rows = Vec::new();
+        token_rows(res_type, entries, &mut rows);
+        for (param, system, code) in rows {
+            tokens.extend([rid.into(), param.into(), system.into(), code.into()]);
         }
     }
 
@@ -2554,10 +2966,61 @@ impl IndexRows {
                 4,
                 &mut self.strings,
             ),
+            // An event's references are distinct (`add_audit`), and so are its tokens.
+            (
+                keyed,
+                "audit_refs (param, target_id, target_type, at_hi, rid)",
+                5,
+                &mut self.audit_refs,
+            ),
+            (
+                keyed,
+                "audit_tokens (rid, param, system, code)",
+                4,
+                &mut self.audit_tokens,
+            ),
         ] {
             multi_insert(c, verb, target, width, std::mem::take(rows))?;
         }
         Ok(())
+    }
+}
+
+/// The token index rows (short key, short system, code) of a resource of `res_type` with these
+/// entries: none for a parameter checked on the body (search::UNSTORED) or for the common value
+/// of a sparse one, and the row of "no value" for a sparse parameter without one (search::SPARSE).
+fn token_rows(res_type: &str, entries: &[Entry], out: &mut Vec<(String, String, String)>) {
+    for e in entries {
+        if let Entry::Token {
+            param,
+            system,
+            code,
+        } = e
+        {
+            if crate::search::is_unstored(param)
+                || (system.is_none() && crate::search::sparse_of(param) == Some(code.as_str()))
+            {
+                continue;
+            }
+            out.push((
+                names::key(param).to_string(),
+                names::system(system.as_deref()).into_owned(),
+                code.clone(),
+            ));
+        }
+    }
+    for (key, _) in crate::search::SPARSE {
+        if key.split_once('.').is_some_and(|(t, _)| t == res_type)
+            && !entries
+                .iter()
+                .any(|e| matches!(e, Entry::Token { param, .. } if param == key))
+        {
+            out.push((
+                names::key(key).to_string(),
+                names::system(None).into_owned(),
+                crate::search::SPARSE_MISSING.to_string(),
+            ));
+        }
     }
 }
 
