@@ -714,11 +714,8 @@ fn audit_step<C: Conn>(
         if !held_refs.is_empty() {
             // The patients it is about (`patient` is the agents and entities that are Patients:
             // search::ALIASES) and the resources it names, from its body.
-            let about = store.audit_references(
-                c,
-                rid,
-                &["AuditEvent.entity", "AuditEvent.agent"],
-            )?;
+            let about =
+                store.audit_references(c, rid, &["AuditEvent.entity", "AuditEvent.agent"])?;
             let held = about.iter().any(|(param, r)| {
                 (param == "AuditEvent.entity" || r.starts_with("Patient/")) && held_refs.contains(r)
             });

@@ -13,6 +13,9 @@ const STORE_TABLES: &[&str] = &[
     "idx_string",
     "data_keys",
     "write_probe",
+    "audit_events",
+    "audit_refs",
+    "audit_tokens",
 ];
 
 /// Writes to the store's tables in `text`: `INSERT INTO t`, `UPDATE t`, `DELETE FROM t`, where

@@ -73,6 +73,91 @@ both_backends! {
         assert!(!audit_events(&app, "date=ge2020-01-01").await.is_empty());
     }
 
+    // Issue 24: an AuditEvent is one row of its own (store::audit_rows), its id derived from its
+    // row; every way to read and search it works as for any resource.
+    async fn audit_events_have_rows_of_their_own_and_read_and_search_as_before(app: TestApp) {
+        let made: Vec<String> = vec![
+            app.create(&message("Patient/r1", "2026-11-01T10:00:00Z", "one")).await,
+            app.create(&message("Patient/r1", "2026-11-01T10:00:01Z", "two")).await,
+            app.create(&message("Patient/r1", "2026-11-01T10:00:02Z", "three")).await,
+        ];
+        app.get_json(&format!("Communication/{}", made[0])).await;
+        let n = |sql: &str| -> i64 { app.store.query::<courier::store::rows::CountRow>(sql, vec![]).unwrap()[0].n };
+        assert_eq!(n("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'AuditEvent'"), 0);
+        assert_eq!(n("SELECT COUNT(*) AS n FROM resource_versions WHERE res_type = 'AuditEvent'"), 0);
+        assert!(n("SELECT COUNT(*) AS n FROM audit_events") >= 4);
+        assert_eq!(n("SELECT COUNT(*) AS n FROM audit_events WHERE fhir_id IS NOT NULL"), 0, "ids are derived, not stored");
+
+        let first = audit_events(&app, &format!("entity=Communication/{}", made[0])).await;
+        assert_eq!(first.len(), 2, "its create and its read");
+        let id = first[0]["id"].as_str().unwrap().to_string();
+        assert!(id.len() == 22 && id.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+        assert_eq!(app.get_json(&format!("AuditEvent/{id}")).await["id"], id.as_str());
+        assert_eq!(app.get_json(&format!("AuditEvent/{id}/_history/1")).await["id"], id.as_str());
+        assert_eq!(app.get(&format!("AuditEvent/{id}/_history/2")).await.status(), 404);
+        // An id of the same shape that names no event, and one that is not Courier's at all.
+        let other = courier_store::ids::new_id();
+        assert_eq!(app.get(&format!("AuditEvent/{other}")).await.status(), 404);
+        assert_eq!(app.get("AuditEvent/no-such-event").await.status(), 404);
+
+        // By id, and sorted by id (most are not stored: sorted as they read).
+        let mut trail: Vec<String> = Vec::new();
+        for m in &made {
+            trail.extend(audit_events(&app, &format!("entity=Communication/{m}")).await.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        }
+        assert_eq!(trail.len(), 4);
+        let two = format!("{},{}", trail[1], trail[3]);
+        let mut got = ids(&app.get_json(&format!("AuditEvent?_id={two}")).await);
+        got.sort();
+        let mut want = vec![trail[1].clone(), trail[3].clone()];
+        want.sort();
+        assert_eq!(got, want);
+        let sorted = ids(&app.get_json("AuditEvent?patient=Patient/r1&subtype=create,read&_sort=_id&_count=50").await);
+        assert!(sorted.len() >= 4 && sorted.windows(2).all(|w| w[0] < w[1]), "{sorted:?}");
+        let desc = ids(&app.get_json("AuditEvent?patient=Patient/r1&subtype=create,read&_sort=-_id&_count=50").await);
+        assert_eq!(desc, sorted.iter().rev().cloned().collect::<Vec<_>>());
+
+        // By date, on the row's columns: the instant it was recorded, before and after it.
+        let ev = app.get_json(&format!("AuditEvent/{}", trail[2])).await;
+        let at = ev["recorded"].as_str().unwrap().to_string();
+        let scope = "patient=Patient/r1&_count=50";
+        assert!(ids(&app.get_json(&format!("AuditEvent?{scope}&date={at}")).await).contains(&trail[2]));
+        assert!(!ids(&app.get_json(&format!("AuditEvent?{scope}&date=lt{at}")).await).contains(&trail[2]));
+        assert!(ids(&app.get_json(&format!("AuditEvent?{scope}&date=ge{at}")).await).contains(&trail[2]));
+        assert!(!ids(&app.get_json(&format!("AuditEvent?{scope}&date=ne{at}")).await).contains(&trail[2]));
+        assert!(ids(&app.get_json(&format!("AuditEvent?date={at}&_count=50")).await).contains(&trail[2]), "the date alone");
+        // (Each search adds its own event about r1: the reads and creates alone compare.)
+        let recorded = |b: Value| -> Vec<String> {
+            b["entry"].as_array().unwrap().iter().map(|e| e["resource"]["recorded"].as_str().unwrap().to_string()).collect()
+        };
+        let newest_first = recorded(app.get_json(&format!("AuditEvent?{scope}&subtype=create,read&_sort=-date")).await);
+        let oldest_first = recorded(app.get_json(&format!("AuditEvent?{scope}&subtype=create,read&_sort=date")).await);
+        assert_eq!(newest_first.len(), 4);
+        assert!(newest_first.windows(2).all(|w| w[0] >= w[1]), "{newest_first:?}");
+        assert!(oldest_first.windows(2).all(|w| w[0] <= w[1]), "{oldest_first:?}");
+        assert_eq!(app.get_json("AuditEvent?date:missing=true&_summary=count").await["total"], 0);
+        let with_entity = app.get_json(&format!("AuditEvent?{scope}&subtype=create,read&entity:missing=false&_summary=count")).await["total"].clone();
+        assert_eq!(with_entity, 4);
+        assert_eq!(app.get_json(&format!("AuditEvent?{scope}&subtype=create,read&entity:missing=true&_summary=count")).await["total"], 0);
+
+        // Included both ways.
+        let b = app.get_json(&format!("Communication?_id={}&_revinclude=AuditEvent:entity", made[0])).await;
+        let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
+        assert_eq!(included.len(), 2, "{b}");
+        let b = app.get_json(&format!("AuditEvent?entity=Communication/{}&_include=AuditEvent:entity", made[1])).await;
+        let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
+        assert_eq!(included, vec![made[1].as_str()], "{b}");
+
+        // Paged one by one: every event once.
+        let pages = all_pages(&app.client, app.url("AuditEvent?patient=Patient/r1&_count=1")).await;
+        let paged: Vec<String> = pages.iter().flat_map(ids).collect();
+        let mut unique = paged.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), paged.len());
+        assert!(trail.iter().all(|t| paged.contains(t)));
+    }
+
     async fn a_write_and_its_audit_commit_together(app: TestApp) {
         let before = audit_events(&app, "subtype=create").await.len();
         let tx = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -93,12 +178,17 @@ both_backends! {
 #[tokio::test]
 async fn audit_events_stored_before_move_to_their_own_rows_on_upgrade() {
     use courier::audit::chain::{seal, verify, Verdict};
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-audit-events");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-audit-events");
     let db_dir = tempfile::tempdir().unwrap();
     let db = db_dir.path().join("courier.db");
-    let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(fixture.join("courier.db.gz")).unwrap());
+    let mut gz =
+        flate2::read::GzDecoder::new(std::fs::File::open(fixture.join("courier.db.gz")).unwrap());
     std::io::copy(&mut gz, &mut std::fs::File::create(&db).unwrap()).unwrap();
-    let key = std::fs::read_to_string(fixture.join("master.key")).unwrap().trim().to_string();
+    let key = std::fs::read_to_string(fixture.join("master.key"))
+        .unwrap()
+        .trim()
+        .to_string();
     let url = format!("sqlite://{}", db.display());
     let app = spawn_app_with(Backend::Sqlite, move |s| {
         s.database_url = url;
@@ -106,9 +196,22 @@ async fn audit_events_stored_before_move_to_their_own_rows_on_upgrade() {
     })
     .await
     .unwrap();
-    let n = |sql: &str| -> i64 { app.store.query::<courier::store::rows::CountRow>(sql, vec![]).unwrap()[0].n };
-    assert_eq!(n("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'AuditEvent'"), 0, "none left in the generic tables");
-    let old: Vec<String> = std::fs::read_to_string(fixture.join("audit-events.txt")).unwrap().lines().map(String::from).collect();
+    let n = |sql: &str| -> i64 {
+        app.store
+            .query::<courier::store::rows::CountRow>(sql, vec![])
+            .unwrap()[0]
+            .n
+    };
+    assert_eq!(
+        n("SELECT COUNT(*) AS n FROM resources WHERE res_type = 'AuditEvent'"),
+        0,
+        "none left in the generic tables"
+    );
+    let old: Vec<String> = std::fs::read_to_string(fixture.join("audit-events.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(old.len(), 12);
     match verify(&app.store).unwrap() {
         Verdict::Intact { links, .. } => assert!(links >= 12, "{links} links"),
@@ -122,24 +225,50 @@ async fn audit_events_stored_before_move_to_their_own_rows_on_upgrade() {
     let listed = ids(&app.get_json("AuditEvent?_count=200").await);
     assert!(old.iter().all(|i| listed.contains(i)), "{listed:?}");
     // By patient, resource and outcome, as before: each message's create and read name it.
-    let messages: Vec<String> = std::fs::read_to_string(fixture.join("communications.txt")).unwrap().lines().map(String::from).collect();
+    let messages: Vec<String> = std::fs::read_to_string(fixture.join("communications.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     for m in &messages {
-        let about = ids(&app.get_json(&format!("AuditEvent?entity=Communication/{m}&_count=50")).await);
-        assert_eq!(about.iter().filter(|i| old.contains(i)).count(), 2, "{m}: {about:?}");
+        let about = ids(&app
+            .get_json(&format!("AuditEvent?entity=Communication/{m}&_count=50"))
+            .await);
+        assert_eq!(
+            about.iter().filter(|i| old.contains(i)).count(),
+            2,
+            "{m}: {about:?}"
+        );
     }
-    let p1 = ids(&app.get_json("AuditEvent?patient=Patient/p1&_sort=-date&_count=50").await);
+    let p1 = ids(&app
+        .get_json("AuditEvent?patient=Patient/p1&_sort=-date&_count=50")
+        .await);
     // p1's two messages (create, read), the refused PUT of Patient/p1 and the search that
     // disclosed p1's trail.
     assert_eq!(p1.iter().filter(|i| old.contains(i)).count(), 6, "{p1:?}");
     let refused = ids(&app.get_json("AuditEvent?outcome:not=0&_count=50").await);
-    assert_eq!(refused.iter().filter(|i| old.contains(i)).count(), 3, "{refused:?}");
-    assert_eq!(ids(&app.get_json(&format!("AuditEvent?_id={}", old[5])).await), vec![old[5].clone()]);
+    assert_eq!(
+        refused.iter().filter(|i| old.contains(i)).count(),
+        3,
+        "{refused:?}"
+    );
+    assert_eq!(
+        ids(&app.get_json(&format!("AuditEvent?_id={}", old[5])).await),
+        vec![old[5].clone()]
+    );
     // New events: an id derived from their row, none stored; sealed onto the moved chain.
-    let created = app.create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after")).await;
-    let mine = ids(&app.get_json(&format!("AuditEvent?entity=Communication/{created}")).await);
+    let created = app
+        .create(&message("Patient/p1", "2026-11-01T10:00:00Z", "after"))
+        .await;
+    let mine = ids(&app
+        .get_json(&format!("AuditEvent?entity=Communication/{created}"))
+        .await);
     assert_eq!(mine.len(), 1);
     assert!(!old.contains(&mine[0]));
-    assert_eq!(n("SELECT COUNT(*) AS n FROM audit_events WHERE fhir_id IS NULL") as usize, n("SELECT COUNT(*) AS n FROM audit_events") as usize - old.len());
+    assert_eq!(
+        n("SELECT COUNT(*) AS n FROM audit_events WHERE fhir_id IS NULL") as usize,
+        n("SELECT COUNT(*) AS n FROM audit_events") as usize - old.len()
+    );
     let mut sealed = 0;
     for _ in 0..100 {
         let _ = seal(&app.store);
@@ -225,7 +354,12 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
         .collect();
     let (victim, donor) = (&sealed[2], &sealed[3]);
     // The row given another id (its own is derived from its row): the id is in the hash.
-    app.store.execute("UPDATE audit_events SET fhir_id = ? WHERE rid = ?", vec![donor.audit_id.clone().into(), victim.vid.into()]).unwrap();
+    app.store
+        .execute(
+            "UPDATE audit_events SET fhir_id = ? WHERE rid = ?",
+            vec![donor.audit_id.clone().into(), victim.vid.into()],
+        )
+        .unwrap();
     match verify(&app.store).unwrap() {
         Verdict::Broken { audit_id, why, .. } => {
             assert_eq!(audit_id, donor.audit_id, "named by the id it carries now");
@@ -233,8 +367,16 @@ async fn the_audit_chain_holds_until_a_row_is_edited_in_the_database() {
         }
         other => panic!("verify missed the new id: {other:?}"),
     }
-    app.store.execute("UPDATE audit_events SET fhir_id = NULL WHERE rid = ?", vec![victim.vid.into()]).unwrap();
-    assert!(matches!(verify(&app.store).unwrap(), Verdict::Intact { .. }));
+    app.store
+        .execute(
+            "UPDATE audit_events SET fhir_id = NULL WHERE rid = ?",
+            vec![victim.vid.into()],
+        )
+        .unwrap();
+    assert!(matches!(
+        verify(&app.store).unwrap(),
+        Verdict::Intact { .. }
+    ));
     app.store
         .execute(
             "UPDATE audit_events SET body = (SELECT body FROM audit_events WHERE rid = ?) WHERE rid = ?",

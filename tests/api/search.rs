@@ -717,8 +717,9 @@ both_backends! {
             versions = "'20261210000100', '20261212000100', '20261213000100'";
         }
         run_script(&app, down);
-        // a, b, ext, cr; the AuditEvents of the creates of a and cr (entity), Patient/pz (agent).
-        assert!(stored(&app) >= 7, "down.sql restores the rows: {}", stored(&app));
+        // a, b, ext, cr (AuditEvents' references are rows of their own since, `audit_refs`,
+        // which these migrations do not touch: their searches are checked after the upgrade).
+        assert!(stored(&app) >= 4, "down.sql restores the rows: {}", stored(&app));
         let forgotten = app.store.execute(&format!("DELETE FROM __diesel_schema_migrations WHERE version IN ({versions})"), vec![]).unwrap();
         assert_eq!(forgotten, versions.split(',').count());
         let upgraded = spawn_instance_on(&app).await.unwrap();

@@ -365,14 +365,21 @@ pub fn admits_many(res_type: &str, rids: &[i64], c: &Condition, dialect: Dialect
     let stored = super::stored_form(c);
     let c = stored.as_ref().unwrap_or(c);
     let mut q = Sql::of(res_type);
-    q.push(&format!("SELECT r.rid FROM {} r WHERE r.rid IN (", q.table("resources")));
+    q.push(&format!(
+        "SELECT r.rid FROM {} r WHERE r.rid IN (",
+        q.table("resources")
+    ));
     for (i, rid) in rids.iter().enumerate() {
         if i > 0 {
             q.push(", ");
         }
         q.bind(*rid);
     }
-    q.push(if q.audit { ") AND " } else { ") AND r.deleted = 0 AND " });
+    q.push(if q.audit {
+        ") AND "
+    } else {
+        ") AND r.deleted = 0 AND "
+    });
     condition(&mut q, c, dialect);
     q
 }
@@ -695,7 +702,11 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                 q.push(")");
             }
             if !rids.is_empty() {
-                q.push(if stored.is_empty() { "r.rid IN (" } else { " OR r.rid IN (" });
+                q.push(if stored.is_empty() {
+                    "r.rid IN ("
+                } else {
+                    " OR r.rid IN ("
+                });
                 for (i, rid) in rids.iter().enumerate() {
                     if i > 0 {
                         q.push(", ");

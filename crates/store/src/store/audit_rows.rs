@@ -137,7 +137,8 @@ impl super::Store {
                     "INSERT INTO audit_chain_key (id, key_id, seal) VALUES (1, ?, ?) ON CONFLICT (id) DO NOTHING",
                     vec![key_id.into(), Bind::Blob(seal)],
                 )?;
-                read(self)?.ok_or_else(|| StoreError::Other(anyhow::anyhow!("no audit chain key")))?
+                read(self)?
+                    .ok_or_else(|| StoreError::Other(anyhow::anyhow!("no audit chain key")))?
             }
         };
         let _ = self.chain_key.set(key.clone());

@@ -982,7 +982,11 @@ impl Store {
             }
         }
         for chunk in keys.chunks(5 * 100) {
-            let rows = vec!["(param = ? AND target_id = ? AND target_type = ? AND at_hi = ? AND rid = ?)"; chunk.len() / 5];
+            let rows =
+                vec![
+                    "(param = ? AND target_id = ? AND target_type = ? AND at_hi = ? AND rid = ?)";
+                    chunk.len() / 5
+                ];
             c.execute(
                 &format!("DELETE FROM audit_refs WHERE {}", rows.join(" OR ")),
                 chunk.to_vec(),
@@ -2213,13 +2217,23 @@ impl Store {
             let (mut sql, at, order) = if audit {
                 let cols = audit_rows::ROW_COLUMNS;
                 let sql = match rid {
-                    Some(_) => format!("SELECT {cols} FROM audit_events r WHERE r.rid = ? AND r.rid <= ?"),
+                    Some(_) => {
+                        format!("SELECT {cols} FROM audit_events r WHERE r.rid = ? AND r.rid <= ?")
+                    }
                     None => format!("SELECT {cols} FROM audit_events r WHERE r.rid <= ?"),
                 };
-                (sql, "r.last_updated", " ORDER BY r.rid DESC LIMIT ? OFFSET ?")
+                (
+                    sql,
+                    "r.last_updated",
+                    " ORDER BY r.rid DESC LIMIT ? OFFSET ?",
+                )
             } else {
                 let sql = history_sql(res_type, rid.is_some());
-                (sql, "v.last_updated", " ORDER BY v.vid DESC LIMIT ? OFFSET ?")
+                (
+                    sql,
+                    "v.last_updated",
+                    " ORDER BY v.vid DESC LIMIT ? OFFSET ?",
+                )
             };
             let mut binds: Vec<Bind> = match rid {
                 Some(rid) => vec![rid.into(), snapshot.into()],
@@ -2270,7 +2284,7 @@ impl Store {
                     c.load::<CountRow>(q, vec![])?[0].n
                 }
             };
-            if req.conditions.iter().any(eval::needs_body) || sorts_on_body(req) {
+            if req.conditions.iter().any(eval::needs_body) || sorts_on_body(res_type, req) {
                 return self.search_on_bodies(c, res_type, req, snapshot);
             }
             let want_total = req.total == Total::Accurate || req.summary_count;
@@ -2328,7 +2342,7 @@ impl Store {
     ) -> Result<SearchPage, StoreError> {
         let (on_body, in_sql): (Vec<Condition>, Vec<Condition>) =
             req.conditions.iter().cloned().partition(eval::needs_body);
-        let sort_on_body = sorts_on_body(req);
+        let sort_on_body = sorts_on_body(res_type, req);
         let mut candidates = req.clone();
         candidates.conditions = in_sql;
         if sort_on_body {
@@ -2389,6 +2403,11 @@ impl Store {
                 }))
                 .filter(|k| crate::search::is_unstored(k) || crate::search::sparse_of(k).is_some())
                 .map(|k| k.split_once('.').map_or(k, |(_, code)| code))
+                .chain(
+                    (audit_rows::is_audit(res_type)
+                        && req.sort.iter().any(|k| matches!(k, SortKey::Id { .. })))
+                    .then_some("_id"),
+                )
                 .collect();
             return Err(StoreError::Invalid(vec![Issue {
                 code: "too-costly",
@@ -3110,11 +3129,14 @@ fn refuse_body_condition(g: &Condition) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`)?
-fn sorts_on_body(req: &SearchRequest) -> bool {
-    req.sort
-        .iter()
-        .any(|k| matches!(k, SortKey::Param { key, .. } if crate::search::is_unstored(key)))
+/// Does the search sort by a parameter that has no index rows (`search::UNSTORED`), or AuditEvents
+/// by id (most have none stored: it is derived from their row, `audit_rows`)?
+fn sorts_on_body(res_type: &str, req: &SearchRequest) -> bool {
+    req.sort.iter().any(|k| match k {
+        SortKey::Param { key, .. } => crate::search::is_unstored(key),
+        SortKey::Id { .. } => audit_rows::is_audit(res_type),
+        SortKey::LastUpdated { .. } => false,
+    })
 }
 
 /// One sort key's value for a resource, as `sql::ordered` sorts: a token's code, a string's
