@@ -148,6 +148,26 @@ both_backends! {
         let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
         assert_eq!(included, vec![made[1].as_str()], "{b}");
 
+        // AuditEvents that name AuditEvents (a read of one names it as its entity), both ways.
+        let b = app.get_json(&format!("AuditEvent?_id={id}&_revinclude=AuditEvent:entity")).await;
+        let readers: Vec<&Value> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").collect();
+        assert!(!readers.is_empty() && readers.iter().all(|e| e["resource"]["entity"].to_string().contains(&id)), "{b}");
+        let b = app.get_json(&format!("AuditEvent?entity=AuditEvent/{id}&_include=AuditEvent:entity")).await;
+        let included: Vec<&str> = b["entry"].as_array().unwrap().iter().filter(|e| e["search"]["mode"] == "include").map(|e| e["resource"]["id"].as_str().unwrap()).collect();
+        assert!(included.contains(&id.as_str()), "{b}");
+        // A row number is not an id: `_id` takes ids only.
+        for not_an_id in ["%231", "%23%31", "!"] {
+            assert_eq!(app.get_json(&format!("AuditEvent?_id={not_an_id}")).await["entry"].as_array().map_or(0, |e| e.len()), 0, "{not_an_id}");
+        }
+        // A body stored uncompressed carries its id too (it is drafted before its row exists).
+        app.store.compress_bodies.store(false, std::sync::atomic::Ordering::Relaxed);
+        let plain = app.create(&message("Patient/r1", "2026-11-01T10:00:03Z", "four")).await;
+        app.store.compress_bodies.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ev = audit_events(&app, &format!("entity=Communication/{plain}")).await;
+        let ev_id = ev[0]["id"].as_str().unwrap();
+        assert_eq!(ev_id.len(), 22, "{}", ev[0]);
+        assert_eq!(app.get_json(&format!("AuditEvent/{ev_id}")).await["id"], ev_id);
+
         // Paged one by one: every event once.
         let pages = all_pages(&app.client, app.url("AuditEvent?patient=Patient/r1&_count=1")).await;
         let paged: Vec<String> = pages.iter().flat_map(ids).collect();

@@ -541,9 +541,12 @@ both_backends! {
             #[derive(QueryableByName)]
             struct A { #[diesel(sql_type = Text)] hash: String }
             let anchor = app.store.query::<A>("SELECT hash FROM audit_chain_anchor WHERE id = 1", vec![]).unwrap().remove(0);
-            let links: Vec<L> = app.store.query(
-                "SELECT c.seq, c.vid, r.fhir_id, k.key_id, v.body FROM audit_chain c JOIN resource_versions v ON v.vid = c.vid JOIN data_keys k ON k.n = v.key_n \
-                 JOIN resources r ON r.rid = v.rid ORDER BY c.seq", vec![]).unwrap();
+            // (A link names its AuditEvent's row; a derived id is not stored: store::audit_rows.)
+            let links: Vec<L> = app.store.query::<L>(
+                "SELECT c.seq, c.vid, COALESCE(a.fhir_id, '') AS fhir_id, k.key_id, a.body FROM audit_chain c \
+                 JOIN audit_events a ON a.rid = c.vid JOIN data_keys k ON k.n = a.key_n ORDER BY c.seq", vec![]).unwrap()
+                .into_iter().map(|l| L { fhir_id: if l.fhir_id.is_empty() { app.store.audit_ids().id(l.vid) } else { l.fhir_id }, ..l }).collect();
+            assert!(links.len() >= 3, "the links and their rows");
             let victim = &links[0];
             app.store.execute("DELETE FROM audit_chain WHERE seq = ?", vec![victim.seq.into()]).unwrap();
             let mut prev = anchor.hash;

@@ -44,7 +44,11 @@ SELECT v.vid, r.fhir_id, v.last_updated,
        v.key_n, v.body
 FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id
 WHERE r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' AND r.deleted = 0;
-SELECT setval(pg_get_serial_sequence('audit_events', 'rid'), COALESCE((SELECT MAX(rid) FROM audit_events), 0) + 1, false);
+-- A new event's row never takes a number the chain already names (a link whose row was not
+-- moved: deleted or re-typed by hand), nor one of a moved event.
+SELECT setval(pg_get_serial_sequence('audit_events', 'rid'),
+              GREATEST(COALESCE((SELECT MAX(rid) FROM audit_events), 0), COALESCE((SELECT MAX(vid) FROM audit_chain), 0)) + 1,
+              false);
 
 INSERT INTO audit_refs (param, target_id, target_type, at_hi, rid)
 SELECT DISTINCT x.param,

@@ -45,6 +45,14 @@ SELECT v.vid, r.fhir_id, v.last_updated,
 FROM resources r JOIN resource_versions v ON v.rid = r.rid AND v.version_id = r.version_id
 WHERE r.res_type = 'AuditEvent' AND v.res_type = 'AuditEvent' AND r.deleted = 0;
 
+-- A new event's row never takes a number the chain already names (a link whose row was not
+-- moved: deleted or re-typed by hand), nor one of a moved event.
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'audit_events', 0 WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'audit_events');
+UPDATE sqlite_sequence
+SET seq = MAX(seq, COALESCE((SELECT MAX(vid) FROM audit_chain), 0), COALESCE((SELECT MAX(rid) FROM audit_events), 0))
+WHERE name = 'audit_events';
+
 INSERT OR IGNORE INTO audit_refs (param, target_id, target_type, at_hi, rid)
 SELECT x.param,
        CASE WHEN x.url IS NOT NULL THEN x.url ELSE COALESCE(x.target_id, '') END,

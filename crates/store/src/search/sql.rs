@@ -169,6 +169,11 @@ fn from_where(
         q.push(&format!(" FROM ({}) r WHERE r.rid <= ", d.text));
         q.binds.extend(d.binds);
         q.bind(snapshot);
+        // An AuditEvent's reference rows are keyed by target, not by event: should one outlive
+        // its event (`Store::erase_audits` finds them from the body), it matches nothing.
+        if q.audit {
+            q.push(" AND EXISTS (SELECT 1 FROM audit_events e WHERE e.rid = r.rid)");
+        }
         // The others: broad ones probed per driving row, narrow ones as lists (see `per_row`).
         for (i, c) in req.conditions.iter().enumerate() {
             if i != k {
@@ -180,11 +185,12 @@ fn from_where(
     }
     if q.audit {
         // Every row is a live AuditEvent; the planner picks between the row id and the date.
+        // Each condition is checked per row as beside a driver (a date on the row itself).
         q.push(" FROM audit_events r WHERE r.rid <= ");
         q.bind(snapshot);
         for c in &req.conditions {
             q.push(" AND ");
-            condition(&mut q, c, dialect);
+            per_row(&mut q, c, dialect);
         }
         return q;
     }
@@ -434,8 +440,12 @@ fn reference_rows(q: &mut Sql, key: &str, values: &[RefParts], select: &str) {
                 .collect();
             union_of(q, table, bases, &typed, select, |q, v| {
                 reference_value(q, v);
-                q.push(" AND target_type = ");
-                q.bind(names::ty(target));
+                // An AuditEvent's absolute reference is typed '/' (`audit_rows::URL_TYPE`): the
+                // value's own type was checked above.
+                if !(q.audit && v.url.is_some()) {
+                    q.push(" AND target_type = ");
+                    q.bind(names::ty(target));
+                }
             })
         }
     }
@@ -652,8 +662,13 @@ fn per_row(q: &mut Sql, c: &Condition, dialect: Dialect) {
                 string_value(q, *mode, v, dialect)
             })
         }
-        // An AuditEvent's date is on its row.
-        Condition::Date { .. } if q.audit => condition(q, c, dialect),
+        // An AuditEvent's date is on its row: one probe of it per row (a list of every event in
+        // the range would be most of the trail for `date=ge…`).
+        Condition::Date { values, .. } if q.audit => {
+            q.push("EXISTS (SELECT 1 FROM audit_events a WHERE a.rid = r.rid AND ");
+            audit_date_values(q, values);
+            q.push(")");
+        }
         Condition::Date { key, values } => {
             if values.iter().all(|(p, _, _)| *p == Prefix::Ne) {
                 // As in `condition`: a value for the parameter, and none within all the values.
@@ -702,10 +717,11 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                 q.push(")");
             }
             if !rids.is_empty() {
+                // A derived id names a row whose id is not stored (a moved event's is).
                 q.push(if stored.is_empty() {
-                    "r.rid IN ("
+                    "(r.fhir_id IS NULL AND r.rid IN ("
                 } else {
-                    " OR r.rid IN ("
+                    " OR (r.fhir_id IS NULL AND r.rid IN ("
                 });
                 for (i, rid) in rids.iter().enumerate() {
                     if i > 0 {
@@ -713,7 +729,7 @@ fn condition(q: &mut Sql, c: &Condition, dialect: Dialect) {
                     }
                     q.bind(rid[1..].parse::<i64>().unwrap_or(0));
                 }
-                q.push(")");
+                q.push("))");
             }
             q.push(")");
         }
@@ -879,8 +895,14 @@ fn audit_missing(q: &mut Sql, key: &str, kind: ParamType, missing: bool) {
 /// A condition on an AuditEvent's date, on its row's columns (`ne`: a date, and not within all
 /// the values, as for other types).
 fn audit_date(q: &mut Sql, values: &[(Prefix, i64, i64)]) {
-    let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
     q.push("r.rid IN (SELECT a.rid FROM audit_events a WHERE ");
+    audit_date_values(q, values);
+    q.push(")");
+}
+
+/// [`audit_date`]'s test of the row `a`.
+fn audit_date_values(q: &mut Sql, values: &[(Prefix, i64, i64)]) {
+    let ne = values.iter().all(|(p, _, _)| *p == Prefix::Ne);
     q.push(if ne {
         "a.at_lo IS NOT NULL AND NOT ("
     } else {
@@ -893,7 +915,7 @@ fn audit_date(q: &mut Sql, values: &[(Prefix, i64, i64)]) {
         let p = if ne { Prefix::Eq } else { *p };
         date_cond(q, "a.at_lo", "a.at_hi", p, *lo, *hi);
     }
-    q.push("))");
+    q.push(")");
 }
 
 /// The least string above every string that starts with `prefix`, in code-point order (which is

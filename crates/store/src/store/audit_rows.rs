@@ -36,9 +36,49 @@ pub fn is_audit(res_type: &str) -> bool {
     res_type == TYPE
 }
 
-/// An AuditEvent row id in a search's `_id` list (`search::sql`): `#` cannot be in a FHIR id.
+/// An AuditEvent row id in a search's `_id` list (`search::sql`): `#` cannot be in a FHIR id, and
+/// `Store::search` turns every value that is not one into [`NO_ID`] first.
 pub fn rid_token(rid: i64) -> String {
     format!("#{rid}")
+}
+
+/// What a searched `_id` that is not a FHIR id becomes: it matches no event.
+pub const NO_ID: &str = "!";
+
+/// Is `id` a FHIR id (`[A-Za-z0-9\-\.]{1,64}`)?
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// The draft `d` (made with an empty id) with its body named `id`, when its packed form is one
+/// that carries the id (stored as it is, or deflated whole); `None` when the packed form leaves
+/// the id out (`compress::DEFLATE_V1_AFTER_ID`), as nearly every one does.
+pub(super) fn named(d: &Draft, id: &str, compress: bool) -> Option<Draft> {
+    let packed = d.packed.as_deref()?;
+    if packed.first() == Some(&super::compress::DEFLATE_V1_AFTER_ID) {
+        return None;
+    }
+    let body = d.body.as_deref()?;
+    let rest = body.strip_prefix(super::compress::identity(TYPE, "").as_slice())?;
+    let mut json = super::compress::identity(TYPE, id);
+    json.extend_from_slice(rest);
+    let packed = if compress {
+        super::compress::pack_for(&json, TYPE, id)
+    } else {
+        json.clone()
+    };
+    Some(Draft {
+        version_id: d.version_id,
+        last_updated: d.last_updated,
+        body: Some(json),
+        packed: Some(packed),
+        class: d.class.clone(),
+        patient: d.patient.clone(),
+        entries: d.entries.clone(),
+    })
 }
 
 /// The columns of an AuditEvent row read as a `rows::VersionRow` (version 1 of a live resource,

@@ -845,26 +845,6 @@ impl Store {
             .map(|(_, t, id)| hooks::Erased { res_type: t, id })
             .collect();
         c.erased(&*self.hooks, &erased)?;
-        let (audits, targets): (Vec<_>, Vec<_>) = targets
-            .iter()
-            .partition(|(_, t, _)| audit_rows::is_audit(t));
-        let audits: Vec<i64> = audits.iter().map(|(rid, _, _)| *rid).collect();
-        let mut versions = self.erase_audits(c, &audits)?;
-        if targets.is_empty() {
-            return Ok(versions);
-        }
-        let rids: Vec<Bind> = targets.iter().map(|(rid, _, _)| Bind::Int(*rid)).collect();
-        let rid_marks = vec!["?"; targets.len()].join(", ");
-        #[derive(diesel::QueryableByName)]
-        struct N {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
-        versions += c.load::<N>(
-            &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
-            rids.clone(),
-        )?[0]
-            .n as usize;
         let mut by_type: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
         for (_, t, id) in targets {
             by_type.entry(t).or_default().push(id);
@@ -887,6 +867,26 @@ impl Store {
                 )?;
             }
         }
+        let (audits, targets): (Vec<_>, Vec<_>) = targets
+            .iter()
+            .partition(|(_, t, _)| audit_rows::is_audit(t));
+        let audits: Vec<i64> = audits.iter().map(|(rid, _, _)| *rid).collect();
+        let mut versions = self.erase_audits(c, &audits)?;
+        if targets.is_empty() {
+            return Ok(versions);
+        }
+        let rids: Vec<Bind> = targets.iter().map(|(rid, _, _)| Bind::Int(*rid)).collect();
+        let rid_marks = vec!["?"; targets.len()].join(", ");
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        versions += c.load::<N>(
+            &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM resource_versions WHERE rid IN ({rid_marks})"),
+            rids.clone(),
+        )?[0]
+            .n as usize;
         for t in ["idx_token", "idx_ref", "idx_date", "idx_string"] {
             c.execute(
                 &format!("DELETE FROM {t} WHERE rid IN ({rid_marks})"),
@@ -981,16 +981,22 @@ impl Store {
                 }
             }
         }
+        let mut deleted = 0;
         for chunk in keys.chunks(5 * 100) {
-            let rows =
-                vec![
+            let rows = vec![
                     "(param = ? AND target_id = ? AND target_type = ? AND at_hi = ? AND rid = ?)";
                     chunk.len() / 5
                 ];
-            c.execute(
+            deleted += c.execute(
                 &format!("DELETE FROM audit_refs WHERE {}", rows.join(" OR ")),
                 chunk.to_vec(),
             )?;
+        }
+        // None of the rows the bodies name (another build indexed them differently): found by
+        // a scan instead, so that none outlives its event. (Fewer is normal: an erasure takes a
+        // person's rows out of the events that name them.)
+        if deleted == 0 && !keys.is_empty() {
+            unread = rids.to_vec();
         }
         let mut n = 0;
         for chunk in rids.chunks(500) {
@@ -1584,7 +1590,17 @@ impl Store {
         for (a, &rid) in drafts.iter().zip(&rids) {
             let d = &a.draft;
             let id = self.audit_ids().id(rid);
+            // The body was drafted with an empty id, which the packed form leaves out; one
+            // stored as it is (compression off, or deflate did not make it smaller) gets its id.
             let scope = (d.class.as_str(), d.patient.as_str());
+            let named;
+            let d = match audit_rows::named(d, &id, self.compress_bodies()) {
+                Some(n) => {
+                    named = n;
+                    &named
+                }
+                None => d,
+            };
             let key_id = match keys.get(&scope) {
                 Some(k) => k.clone(),
                 None => {
@@ -1607,6 +1623,12 @@ impl Store {
             binds,
         )?;
         Ok(ids)
+    }
+
+    /// Are bodies compressed before they are sealed (see `compress_bodies`)?
+    fn compress_bodies(&self) -> bool {
+        self.compress_bodies
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The AuditEvent id codec (set up when the store is opened).
@@ -2469,11 +2491,17 @@ impl Store {
     fn audit_id_conditions(&self, req: &SearchRequest) -> Option<SearchRequest> {
         fn map(ids: &audit_rows::Ids, c: &Condition) -> Option<Condition> {
             match c {
+                // A value that is not a FHIR id names no event (and cannot pass for a row
+                // number, `#…`, which only this mapping writes).
                 Condition::Id { not, ids: list } => Some(Condition::Id {
                     not: *not,
                     ids: list
                         .iter()
-                        .map(|i| ids.rid(i).map_or_else(|| i.clone(), audit_rows::rid_token))
+                        .map(|i| match ids.rid(i) {
+                            Some(rid) => audit_rows::rid_token(rid),
+                            None if audit_rows::is_fhir_id(i) => i.clone(),
+                            None => audit_rows::NO_ID.to_string(),
+                        })
                         .collect(),
                 }),
                 Condition::AnyOf(groups) => {
@@ -2649,19 +2677,94 @@ impl Store {
         from: &[(i64, bool)],
     ) -> Result<Vec<(i64, String)>, StoreError> {
         let source_audit = audit_rows::is_audit(&inc.source_type);
-        // Forward, the sources are `from` of the source type; backward, the targets are `from`
-        // (nothing refers to an AuditEvent: none is followed back).
-        let from: Vec<i64> = from
-            .iter()
-            .filter(|(_, a)| if inc.reverse { !a } else { *a == source_audit })
-            .map(|(rid, _)| *rid)
+        let of = |audit: bool| -> Vec<i64> {
+            from.iter()
+                .filter(|(_, a)| *a == audit)
+                .map(|(rid, _)| *rid)
+                .collect()
+        };
+        if !inc.reverse {
+            // The sources are those of `from` of the source type.
+            let sources = of(source_audit);
+            if sources.is_empty() {
+                return Ok(vec![]);
+            }
+            if source_audit {
+                return self.follow_from_audits(c, inc, &sources);
+            }
+            return self.follow_generic(c, inc, &sources);
+        }
+        // Backward, the targets are `from`: AuditEvents (which a read's AuditEvent names as its
+        // entity) by their ids, the others by their rows.
+        let mut out = Vec::new();
+        let generic = of(false);
+        if !generic.is_empty() {
+            out.extend(self.follow_generic(c, inc, &generic)?);
+        }
+        let audits = of(true);
+        if !audits.is_empty() {
+            out.extend(self.follow_back_to_audits(c, inc, &audits)?);
+        }
+        Ok(out)
+    }
+
+    /// [`Store::follow`] backward to the AuditEvents in rows `targets`: the resources of the
+    /// source type whose parameter names one of them.
+    fn follow_back_to_audits<C: Conn>(
+        &self,
+        c: &mut C,
+        inc: &Include,
+        targets: &[i64],
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let ids: Vec<String> = self
+            .bodies_by_rid(c, audit_rows::TYPE, targets)?
+            .into_iter()
+            .map(|(_, s)| s.id)
             .collect();
-        if from.is_empty() {
+        let (keys, of_type): (Vec<&str>, Option<&str>) =
+            match crate::search::alias_of(&inc.param_key) {
+                Some((bases, target)) => (bases.to_vec(), Some(target)),
+                None => (vec![inc.param_key.as_str()], None),
+            };
+        if ids.is_empty() || of_type.is_some_and(|t| !audit_rows::is_audit(t)) {
             return Ok(vec![]);
         }
-        if source_audit && !inc.reverse {
-            return self.follow_from_audits(c, inc, &from);
-        }
+        let key_marks = vec!["?"; keys.len()].join(", ");
+        let id_marks = vec!["?"; ids.len()].join(", ");
+        let mut binds: Vec<Bind> = keys
+            .iter()
+            .map(|k| names::key(k).to_string().into())
+            .collect();
+        binds.push(names::ty(audit_rows::TYPE).into());
+        binds.extend(ids.into_iter().map(Bind::from));
+        let sql = if audit_rows::is_audit(&inc.source_type) {
+            format!(
+                "SELECT x.rid, 'AuditEvent' AS res_type FROM audit_refs x \
+                 WHERE x.param IN ({key_marks}) AND x.target_type = ? AND x.target_id IN ({id_marks})"
+            )
+        } else {
+            binds.push(inc.source_type.clone().into());
+            format!(
+                "SELECT s.rid, s.res_type FROM idx_ref x JOIN resources s ON s.rid = x.rid AND s.deleted = 0 \
+                 WHERE x.param IN ({key_marks}) AND x.target_type = ? AND x.target_id IN ({id_marks}) \
+                 AND x.url IS NULL AND s.res_type = ?"
+            )
+        };
+        Ok(c.load::<RidTypeRow>(&sql, binds)?
+            .into_iter()
+            .map(|r| (r.rid, r.res_type))
+            .collect())
+    }
+
+    /// [`Store::follow`] from (forward) or to (backward) resources other than AuditEvents, in
+    /// rows `from`.
+    fn follow_generic<C: Conn>(
+        &self,
+        c: &mut C,
+        inc: &Include,
+        from: &[i64],
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let source_audit = audit_rows::is_audit(&inc.source_type);
         let ph = vec!["?"; from.len()].join(", ");
         // A parameter stored as its bases' rows of one type (search::ALIASES) follows those rows
         // that point at that type.
@@ -2773,6 +2876,12 @@ impl Store {
         }
         let mut out = Vec::new();
         for (t, id) in targets {
+            if audit_rows::is_audit(&t) {
+                if let Some(row) = self.audit_row(c, &id)? {
+                    out.push((row.rid, t));
+                }
+                continue;
+            }
             let rows: Vec<RidTypeRow> = c.load_cached(
                 "SELECT rid, res_type FROM resources WHERE res_type = ? AND fhir_id = ? AND deleted = 0",
                 vec![t.into(), id.into()],
