@@ -78,12 +78,19 @@ pub struct SmartFields {
 }
 impl oauth2::ExtraTokenFields for SmartFields {}
 
-/// A boolean, or the strings "true"/"false"; anything else is no value.
+/// A boolean, or what EHRs send for one: the strings "true"/"false", "yes"/"no", "1"/"0", or the
+/// numbers 1/0; anything else is no value.
 fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    let word = |s: &str| match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" => Some(true),
+        "false" | "no" | "0" => Some(false),
+        _ => None,
+    };
     Ok(match Value::deserialize(d)? {
         Value::Bool(b) => Some(b),
-        Value::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
-        Value::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
+        Value::String(s) => word(&s),
+        Value::Number(n) if n.as_u64() == Some(1) => Some(true),
+        Value::Number(n) if n.as_u64() == Some(0) => Some(false),
         _ => None,
     })
 }
@@ -714,7 +721,9 @@ async fn complete(
         // Signed in through the EHR's portal (a standalone launch): the app's signed-out screen
         // links back to `/smart/launch?ehr=…`; an EHR launch can only be started again from it.
         "portal": pending.browser_hash.is_some(),
-        "need_patient_banner": extra.need_patient_banner.unwrap_or(false),
+        // Without the hint (or with one that cannot be read) the app shows whose record this
+        // is: a clinician must see which patient they write about; only the EHR's "no" hides it.
+        "need_patient_banner": extra.need_patient_banner.unwrap_or(true),
         // For the app's header and patient banner only (they are the EHR's own data).
         "user_display": user_shown,
         "patient_display": patient_shown,
@@ -1279,11 +1288,41 @@ pub async fn verify_id_token(
                         format!("the id_token names no kid and its signature verifies with none of the EHR's {:?} keys (at most {MAX_KEYS_TRIED} tried)", header.alg)
                     };
                 }
-                Err(e) => return Err(format!("the id_token is not valid: {e}")),
+                Err(e) => return Err(id_token_invalid(e.kind())),
             }
         }
     }
     Err(why)
+}
+
+/// Why a verified id_token is refused, in words an administrator can act on (the library's own
+/// names, such as `InvalidAudience`, are not shown).
+fn id_token_invalid(kind: &jsonwebtoken::errors::ErrorKind) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::ExpiredSignature => {
+            "the id_token has expired (its exp is past, beyond a minute of clock difference)".into()
+        }
+        K::ImmatureSignature => {
+            "the id_token is not valid yet (its nbf is ahead of Courier's clock)".into()
+        }
+        K::InvalidIssuer => {
+            "the id_token was issued by another server than the EHR (its iss is not the EHR's)"
+                .into()
+        }
+        K::InvalidAudience => {
+            "the id_token is for another app (its aud is not Courier's client id at the EHR)".into()
+        }
+        K::InvalidSubject => "the id_token names no valid user (sub)".into(),
+        K::MissingRequiredClaim(c) => format!("the id_token lacks the {c} claim"),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+            "the id_token's alg does not match its key".into()
+        }
+        K::Json(_) | K::Utf8(_) | K::Base64(_) | K::InvalidToken => {
+            "the id_token cannot be read (not a well-formed JWT)".into()
+        }
+        _ => "the id_token is not valid".into(),
+    }
 }
 
 /// The page that hands the session to the web app: the token travels in this no-store body into
@@ -1348,6 +1387,10 @@ mod tests {
         let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":"false"}"#).unwrap();
         assert_eq!(f.need_patient_banner, Some(false));
         let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":1}"#).unwrap();
+        assert_eq!(f.need_patient_banner, Some(true));
+        let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":"No"}"#).unwrap();
+        assert_eq!(f.need_patient_banner, Some(false));
+        let f: SmartFields = serde_json::from_str(r#"{"need_patient_banner":2}"#).unwrap();
         assert_eq!(f.need_patient_banner, None);
     }
 }

@@ -151,6 +151,15 @@ both_backends! {
         // 60 s ahead: issued "in the future" by Courier's clock, accepted.
         set(json!({"clock_skew_secs": 60})).await;
         launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        // An id_token issued for another app: refused, said in words (not the library's name).
+        set(json!({"id_token_aud": "another-app"})).await;
+        let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
+        let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+        let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+        let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(status, 502, "{page}");
+        assert!(page.contains("for another app") && !page.contains("InvalidAudience"), "{page}");
+        set(json!({"id_token_aud": null})).await;
         // 200 s behind: expired beyond the skew allowed, refused with a page that says so.
         set(json!({"clock_skew_secs": -200})).await;
         let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
@@ -179,6 +188,21 @@ both_backends! {
         let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
         assert_eq!(status, 200, "{page}");
         assert_eq!(crate::ehr::session_of(&page)["need_patient_banner"], true, "{page}");
+        // Other spellings of the hint are read; with none, or one that cannot be read, the app
+        // shows which patient is in context (the banner is the safe side: a clinician must see
+        // whose record they are writing in). Only an explicit "no" hides it.
+        for (hint, banner) in [(json!("yes"), true), (json!(1), true), (json!("no"), false), (json!(0), false), (json!(false), false), (json!("maybe"), true), (serde_json::Value::Null, true)] {
+            let mut body = json!({"patient": "a1", "user": "Practitioner/dr-a"});
+            if !hint.is_null() {
+                body["need_patient_banner"] = hint.clone();
+            }
+            let launch = ehr.control(reqwest::Method::POST, "launches", Some(body)).await;
+            let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+            let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+            let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+            assert_eq!(status, 200, "{hint}: {page}");
+            assert_eq!(crate::ehr::session_of(&page)["need_patient_banner"], banner, "{hint}");
+        }
     }
 }
 

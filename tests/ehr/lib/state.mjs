@@ -45,6 +45,9 @@ export function createState(config, key) {
       // many EHRs send) and `acr` (null: none). A password and a one-time code by default.
       idTokenAmr: ['pwd', 'otp'],
       idTokenAcr: null,
+      // The id_token's aud: null is the client's id, as SMART requires; a string plays an EHR
+      // that issues it for another app (a fault Courier must refuse and name).
+      idTokenAud: null,
       // Backend Services elsewhere: a second token endpoint at this path (client_credentials
       // only; discovery does not name it), and whether /token still grants client_credentials.
       backendTokenPath: null,

@@ -91,6 +91,7 @@ export function createTestControl(state, tokens, fhir) {
       set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
       set('id_token_amr', 'idTokenAmr', (v) => v === null || (Array.isArray(v) && v.every((m) => typeof m === 'string')));
       set('id_token_acr', 'idTokenAcr', (v) => v === null || typeof v === 'string');
+      set('id_token_aud', 'idTokenAud', (v) => v === null || typeof v === 'string');
       set('backend_token_path', 'backendTokenPath', (v) => v === null || isFreePath(v));
       set('token_client_credentials', 'tokenClientCredentials', (v) => typeof v === 'boolean');
       set('if_none_exist', 'ifNoneExist', (v) => v === 'honoured' || v === 400 || v === 412 || v === 501);
@@ -187,6 +188,7 @@ function publicSettings(state) {
     metadata_oauth_uris: s.metadataOauthUris,
     id_token_amr: s.idTokenAmr,
     id_token_acr: s.idTokenAcr,
+    id_token_aud: s.idTokenAud,
     backend_token_path: s.backendTokenPath,
     token_client_credentials: s.tokenClientCredentials,
     if_none_exist: s.ifNoneExist,

@@ -109,7 +109,7 @@ export class TokenService {
     return new jose.SignJWT(claims)
       .setProtectedHeader(settings.idTokenKid ? { alg, kid, typ: 'JWT' } : { alg, typ: 'JWT' })
       .setIssuer(urls.issuer)
-      .setAudience(clientId)
+      .setAudience(settings.idTokenAud ?? clientId)
       .setSubject(user)
       .setIssuedAt(nowSeconds() + skew)
       .setExpirationTime(nowSeconds() + skew + settings.tokenTtl)
