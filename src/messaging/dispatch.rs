@@ -100,14 +100,37 @@ impl Leader {
 // ----- matching -----------------------------------------------------------------------------------
 
 fn active(store: &Store, channel: Option<&str>) -> Result<Vec<SubRow>, StoreError> {
-    let (extra, binds) = match channel {
-        Some(c) => (" AND channel = ?", vec![c.into()]),
-        None => ("", vec![]),
+    let now = crate::clock::now_micros();
+    turn_off_ended(store, now)?;
+    let mut binds: Vec<crate::store::db::Bind> = vec![now.into()];
+    let extra = match channel {
+        Some(c) => {
+            binds.push(c.into());
+            " AND channel = ?"
+        }
+        None => "",
     };
     store.query(
-        &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE status IN ('requested', 'active'){extra} ORDER BY created_at"),
+        &format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE status IN ('requested', 'active') AND (end_at IS NULL OR end_at > ?){extra} ORDER BY created_at"),
         binds,
     )
+}
+
+/// Subscriptions past their `end` are turned off (FHIR R4 `Subscription.end`). Read first: a
+/// write on every tick would queue behind the writes of the whole service (docs/architecture.md).
+fn turn_off_ended(store: &Store, now: i64) -> Result<(), StoreError> {
+    const ENDED: &str = "end_at IS NOT NULL AND end_at <= ? AND status <> 'off'";
+    let due: Vec<crate::store::rows::CountRow> = store.query(
+        &format!("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM subscriptions WHERE {ENDED}"),
+        vec![now.into()],
+    )?;
+    if due.first().is_some_and(|d| d.n > 0) {
+        store.execute(
+            &format!("UPDATE subscriptions SET status = 'off' WHERE {ENDED}"),
+            vec![now.into()],
+        )?;
+    }
+    Ok(())
 }
 
 /// Numbers the new events of the log for the subscriptions they reach. Returns how many events

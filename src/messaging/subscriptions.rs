@@ -213,6 +213,8 @@ struct Request {
     heartbeat: i64,
     max_count: i64,
     secret: Option<String>,
+    /// `Subscription.end`, when given (microseconds): the dispatcher turns it off then.
+    end_at: Option<i64>,
 }
 
 fn bad(expression: &str, why: impl Into<String>) -> FhirError {
@@ -447,6 +449,23 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
             ));
         }
     }
+    // The time to turn it off: one already past would never be active (and would be listed as
+    // active until then).
+    let end_at = match v["end"].as_str() {
+        None => None,
+        Some(end) => {
+            let Some((at, _)) = crate::search::dates::range(end) else {
+                return Err(bad("Subscription.end", "end is not a FHIR instant"));
+            };
+            if at <= now_micros() {
+                return Err(bad(
+                    "Subscription.end",
+                    "end is in the past: the subscription would never be active",
+                ));
+            }
+            Some(at)
+        }
+    };
     Ok(Request {
         topic,
         channel: kind,
@@ -455,6 +474,7 @@ fn check(state: &AppState, p: &Principal, v: &mut Value) -> Result<Request, Fhir
         heartbeat,
         max_count,
         secret,
+        end_at,
     })
 }
 
@@ -551,7 +571,7 @@ async fn create_inner(
             }
         }
         store.execute(
-            "INSERT INTO subscriptions (id, key_id, body, secret, owner_client, owner_scope, owner_user, owner_patient, topic, channel, content, status, heartbeat_secs, max_count, start_seq, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO subscriptions (id, key_id, body, secret, owner_client, owner_scope, owner_user, owner_patient, topic, channel, content, status, heartbeat_secs, max_count, start_seq, created_at, end_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             vec![
                 sid.clone().into(),
                 key_id.into(),
@@ -569,6 +589,7 @@ async fn create_inner(
                 r.max_count.into(),
                 start_seq.into(),
                 now.into(),
+                r.end_at.into(),
             ],
         )?;
         let _ = r.endpoint;

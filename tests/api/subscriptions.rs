@@ -315,7 +315,10 @@ both_backends! {
         // channel.header), but one that is given must be long enough.
         let mut short_secret = subscription(rest_hook(hook), "id-only", &[]);
         short_secret["channel"]["extension"] = json!([{"url": EXT_SECRET, "valueString": "short"}]);
+        let mut ended = subscription(rest_hook(hook), "id-only", &[]);
+        ended["end"] = json!("2020-01-01T00:00:00Z");
         let cases = [
+            (ended, 400, "Subscription.end"),
             (unknown_topic, 400, "Subscription.criteria"),
             (short_secret, 400, "Subscription.channel.extension"),
             (subscription(rest_hook("http://example.org/hook"), "id-only", &[]), 400, "Subscription.channel.endpoint"),
@@ -336,6 +339,46 @@ both_backends! {
         assert_eq!(post(&no_read, &app, "Subscription", &subscription(rest_hook(hook), "id-only", &[])).await.0, 403);
         let (_, list) = get(&c, &app, "Subscription").await;
         assert_eq!(list["total"], 0, "nothing was created");
+    }
+
+    // FHIR R4 Subscription.end: the time to turn it off. Before, a subscription past its end was
+    // listed as active and delivered for ever.
+    async fn a_subscription_is_turned_off_at_its_end(app: TestApp) {
+        let c = integrator(&app, "system/Communication.rs system/Subscription.cruds", None);
+        let end = chrono::Utc::now() + chrono::Duration::seconds(3);
+        let mut s = subscription(json!({"type": "websocket"}), "id-only", &[]);
+        s["end"] = json!(end.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        let (st, made) = post(&c, &app, "Subscription", &s).await;
+        assert_eq!(st, 201, "{made}");
+        let id = made["id"].as_str().unwrap().to_string();
+        assert_eq!(made["status"], "active");
+        assert_eq!(made["end"], s["end"]);
+        // Before its end it hears of a message.
+        app.create(&to("e1", "before the end")).await;
+        let mut heard = 0;
+        for _ in 0..50 {
+            let st = get(&c, &app, &format!("Subscription/{id}/$status")).await.1;
+            heard = st["entry"][0]["resource"]["parameter"].as_array().unwrap().iter()
+                .find(|x| x["name"] == "events-since-subscription-start").unwrap()["valueString"].as_str().unwrap().parse::<i64>().unwrap();
+            if heard >= 1 { break; }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(heard, 1);
+        // After its end: off, and a message then is not numbered for it.
+        tokio::time::sleep((end - chrono::Utc::now()).to_std().unwrap_or_default() + std::time::Duration::from_millis(200)).await;
+        app.create(&to("e1", "after the end")).await;
+        let mut read = Value::Null;
+        for _ in 0..50 {
+            read = get(&c, &app, &format!("Subscription/{id}")).await.1;
+            if read["status"] == "off" { break; }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(read["status"], "off", "{read}");
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let st = get(&c, &app, &format!("Subscription/{id}/$status")).await.1;
+        let n = st["entry"][0]["resource"]["parameter"].as_array().unwrap().iter()
+            .find(|x| x["name"] == "events-since-subscription-start").unwrap()["valueString"].clone();
+        assert_eq!(n, "1", "nothing after its end: {st}");
     }
 
     // From an outside probe: a patient app with no user is one client for every patient it is
