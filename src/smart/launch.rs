@@ -637,6 +637,7 @@ async fn complete(
         .request_async(&send)
         .await
         .map_err(|e| token_exchange_error(&e))?;
+    bearer_only(res.token_type())?;
     let extra = res.extra_fields().clone();
     let id_token = extra
         .id_token
@@ -1269,6 +1270,19 @@ pub async fn verify_id_token(
                     if data.claims["nonce"].as_str() != Some(nonce) {
                         return Err("the id_token's nonce does not match this sign-in".into());
                     }
+                    // OpenID Connect Core §3.1.3.7: an id_token for several audiences names the
+                    // party it was issued to (azp), which must be this client; an azp present is
+                    // checked whatever the audience.
+                    let audiences = data.claims["aud"].as_array().map_or(1, |a| a.len());
+                    match data.claims["azp"].as_str() {
+                        Some(azp) if azp != client_id => {
+                            return Err("the id_token was issued to another app (its azp is not Courier's client id at the EHR)".into())
+                        }
+                        None if audiences > 1 => {
+                            return Err("the id_token names several audiences but not which app it was issued to (azp)".into())
+                        }
+                        _ => {}
+                    }
                     // Issued far "in the future" (OpenID Connect Core §3.1.3.7: iat may reject
                     // tokens issued too far from now): a clock is wrong.
                     let now = chrono::Utc::now().timestamp();
@@ -1293,6 +1307,19 @@ pub async fn verify_id_token(
         }
     }
     Err(why)
+}
+
+/// SMART's token responses are `token_type: Bearer` (any case): Courier sends the EHR's token as
+/// a bearer token (RFC 6750), so another type (`MAC`, a proof-of-possession scheme) would fail
+/// at every use; refused at sign-in, named.
+pub fn bearer_only(t: &oauth2::basic::BasicTokenType) -> Result<(), String> {
+    match t {
+        oauth2::basic::BasicTokenType::Bearer => Ok(()),
+        other => Err(format!(
+            "the EHR issued a token of type '{}': Courier uses bearer tokens only, as SMART requires",
+            other.as_ref()
+        )),
+    }
 }
 
 /// Why a verified id_token is refused, in words an administrator can act on (the library's own

@@ -448,6 +448,7 @@ async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value,
             }
             other => Refusal::Unavailable(other.to_string()),
         })?;
+    super::launch::bearer_only(res.token_type()).map_err(Refusal::Refused)?;
     let new_refresh = res
         .refresh_token()
         .map(|r| r.secret().clone())

@@ -159,7 +159,36 @@ both_backends! {
         let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
         assert_eq!(status, 502, "{page}");
         assert!(page.contains("for another app") && !page.contains("InvalidAudience"), "{page}");
-        set(json!({"id_token_aud": null})).await;
+        // Several audiences: Courier among them is not enough without azp naming Courier
+        // (OpenID Connect Core §3.1.3.7), and an azp naming another app is refused.
+        for (aud, azp, ok) in [
+            (json!(["$client", "another-app"]), serde_json::Value::Null, false),
+            (json!(["$client", "another-app"]), json!("another-app"), false),
+            (json!("$client"), json!("another-app"), false),
+            (json!(["$client", "another-app"]), json!("$client"), true),
+        ] {
+            set(json!({"id_token_aud": aud, "id_token_azp": azp})).await;
+            let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
+            let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+            let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+            let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+            assert_eq!(status == 200, ok, "{aud} {azp}: {page}");
+            if !ok {
+                assert!(page.contains("azp"), "{page}");
+            }
+        }
+        set(json!({"id_token_aud": null, "id_token_azp": null})).await;
+        // A token that is not a bearer token (SMART's token_type is "Bearer", in any case).
+        set(json!({"token_type": "MAC"})).await;
+        let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;
+        let (_, to_ehr, _) = crate::ehr::step(&app.url(&format!("launch?iss={}&launch={}", ehr.base, launch["launch"].as_str().unwrap()))).await;
+        let (_, back, _) = crate::ehr::step(&to_ehr.unwrap()).await;
+        let (status, _, page) = crate::ehr::step(&back.unwrap()).await;
+        assert_eq!(status, 502, "{page}");
+        assert!(page.contains("bearer tokens only"), "{page}");
+        set(json!({"token_type": "bearer"})).await;
+        launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+        set(json!({"token_type": "Bearer"})).await;
         // 200 s behind: expired beyond the skew allowed, refused with a page that says so.
         set(json!({"clock_skew_secs": -200})).await;
         let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;

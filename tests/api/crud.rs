@@ -12,6 +12,9 @@ both_backends! {
             (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Binary/x"}]}), "Communication.recipient[0].reference"),
             (json!({"resourceType": "Communication", "status": "completed", "sender": {"reference": "Communication/y"}}), "Communication.sender.reference"),
             (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "#nobody"}]}), "Communication.recipient[0].reference"),
+            // Year 0000 is no FHIR date (0001–9999), though the time types parse it.
+            (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Practitioner/d1"}], "sent": "0000-01-01T00:00:00Z"}), "Communication.sent"),
+            (json!({"resourceType": "Communication", "status": "completed", "recipient": [{"reference": "Practitioner/d1"}], "received": "0000-06-01"}), "Communication.received"),
         ] {
             let r = app.post("Communication", &body).await;
             assert_eq!(r.status(), 400, "{body}");

@@ -48,6 +48,10 @@ export function createState(config, key) {
       // The id_token's aud: null is the client's id, as SMART requires; a string plays an EHR
       // that issues it for another app (a fault Courier must refuse and name).
       idTokenAud: null,
+      // The id_token's azp (OpenID Connect: the party it was issued to); null: none.
+      idTokenAzp: null,
+      // The token_type of user grants' token responses (SMART: "Bearer").
+      tokenType: 'Bearer',
       // Backend Services elsewhere: a second token endpoint at this path (client_credentials
       // only; discovery does not name it), and whether /token still grants client_credentials.
       backendTokenPath: null,

@@ -91,7 +91,9 @@ export function createTestControl(state, tokens, fhir) {
       set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
       set('id_token_amr', 'idTokenAmr', (v) => v === null || (Array.isArray(v) && v.every((m) => typeof m === 'string')));
       set('id_token_acr', 'idTokenAcr', (v) => v === null || typeof v === 'string');
-      set('id_token_aud', 'idTokenAud', (v) => v === null || typeof v === 'string');
+      set('id_token_aud', 'idTokenAud', (v) => v === null || typeof v === 'string' || (Array.isArray(v) && v.every((a) => typeof a === 'string')));
+      set('id_token_azp', 'idTokenAzp', (v) => v === null || typeof v === 'string');
+      set('token_type', 'tokenType', (v) => typeof v === 'string' && v.length > 0);
       set('backend_token_path', 'backendTokenPath', (v) => v === null || isFreePath(v));
       set('token_client_credentials', 'tokenClientCredentials', (v) => typeof v === 'boolean');
       set('if_none_exist', 'ifNoneExist', (v) => v === 'honoured' || v === 400 || v === 412 || v === 501);
@@ -189,6 +191,8 @@ function publicSettings(state) {
     id_token_amr: s.idTokenAmr,
     id_token_acr: s.idTokenAcr,
     id_token_aud: s.idTokenAud,
+    id_token_azp: s.idTokenAzp,
+    token_type: s.tokenType,
     backend_token_path: s.backendTokenPath,
     token_client_credentials: s.tokenClientCredentials,
     if_none_exist: s.ifNoneExist,

@@ -137,7 +137,8 @@ async function userTokens(tokens, client, grant, scopes, { nonce }) {
     scopes,
     context: grant.context,
   });
-  const body = { access_token: token, token_type: 'Bearer', expires_in: expiresIn, scope: scopes.join(' ') };
+  // token_type: 'Bearer' (SMART's fixed value, any case), or another one an EHR might send.
+  const body = { access_token: token, token_type: tokens.state.settings.tokenType, expires_in: expiresIn, scope: scopes.join(' ') };
   if (scopes.includes('openid')) {
     body.id_token = await tokens.idToken({ clientId: client.client_id, user: grant.user, scopes, nonce, authTime: grant.auth_time });
   }

@@ -98,6 +98,9 @@ export class TokenService {
     if (nonce) claims.nonce = nonce;
     if (settings.idTokenAmr) claims.amr = settings.idTokenAmr;
     if (settings.idTokenAcr) claims.acr = settings.idTokenAcr;
+    // "$client" stands for the client's id (in azp and aud).
+    const client = (a) => (a === '$client' ? clientId : a);
+    if (settings.idTokenAzp) claims.azp = client(settings.idTokenAzp);
     // fhirUser is an absolute URL of the user's FHIR resource (SMART App Launch 2, §fhirUser);
     // some EHRs send it relative (fhir_user_form).
     if (scopes.includes('fhirUser')) {
@@ -109,7 +112,7 @@ export class TokenService {
     return new jose.SignJWT(claims)
       .setProtectedHeader(settings.idTokenKid ? { alg, kid, typ: 'JWT' } : { alg, typ: 'JWT' })
       .setIssuer(urls.issuer)
-      .setAudience(settings.idTokenAud ?? clientId)
+      .setAudience(Array.isArray(settings.idTokenAud) ? settings.idTokenAud.map(client) : client(settings.idTokenAud ?? clientId))
       .setSubject(user)
       .setIssuedAt(nowSeconds() + skew)
       .setExpirationTime(nowSeconds() + skew + settings.tokenTtl)

@@ -152,7 +152,19 @@ pub fn check_indexable(
     base_url: &str,
 ) -> Vec<fhir_codec::Issue> {
     let mut bad: Vec<String> = Vec::new();
+    // Dates before the year 1 (`0000-…`): the time types parse them, FHIR's date, dateTime and
+    // instant do not (their year is 0001–9999).
+    let mut before_year_one: Vec<String> = Vec::new();
     for p in registry.indexed(res_type) {
+        if p.kind == ParamType::Date {
+            for v in p.expression.eval(resource) {
+                if let Some(s) = v.as_str() {
+                    if dates::range(s).is_some_and(|(lo, _)| !dates::plausible(lo)) {
+                        before_year_one.push(s.to_string());
+                    }
+                }
+            }
+        }
         if p.kind == ParamType::Reference {
             for v in p.expression.eval(resource) {
                 if let Some(r) = v
@@ -172,6 +184,8 @@ pub fn check_indexable(
     }
     bad.sort();
     bad.dedup();
+    before_year_one.sort();
+    before_year_one.dedup();
     bad.iter()
         .map(|s| fhir_codec::Issue {
             code: "too-long",
@@ -180,6 +194,11 @@ pub fn check_indexable(
                 "this searchable value is longer than {MAX_INDEXED_BYTES} bytes, the most this server indexes"
             ),
         })
+        .chain(before_year_one.iter().map(|s| fhir_codec::Issue {
+            code: "value",
+            expression: path_of(resource, res_type, s).unwrap_or_else(|| res_type.to_string()),
+            diagnostics: format!("'{s}' is not a FHIR date: years run from 0001 to 9999"),
+        }))
         .collect()
 }
 
