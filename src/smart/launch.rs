@@ -723,8 +723,13 @@ async fn complete(
         // links back to `/smart/launch?ehr=…`; an EHR launch can only be started again from it.
         "portal": pending.browser_hash.is_some(),
         // Without the hint (or with one that cannot be read) the app shows whose record this
-        // is: a clinician must see which patient they write about; only the EHR's "no" hides it.
-        "need_patient_banner": extra.need_patient_banner.unwrap_or(true),
+        // is to anyone but the patient themselves: a clinician (or a relative) must see which
+        // patient they write about; only the EHR's "no" hides it. A patient in their own portal
+        // is named in the header already, and on a phone the banner would take the room of
+        // their messages.
+        "need_patient_banner": extra
+            .need_patient_banner
+            .unwrap_or(patient.as_deref() != Some(user.as_str())),
         // For the app's header and patient banner only (they are the EHR's own data).
         "user_display": user_shown,
         "patient_display": patient_shown,

@@ -218,8 +218,10 @@ both_backends! {
         assert_eq!(status, 200, "{page}");
         assert_eq!(crate::ehr::session_of(&page)["need_patient_banner"], true, "{page}");
         // Other spellings of the hint are read; with none, or one that cannot be read, the app
-        // shows which patient is in context (the banner is the safe side: a clinician must see
-        // whose record they are writing in). Only an explicit "no" hides it.
+        // shows a clinician which patient is in context (the banner is the safe side: a
+        // clinician must see whose record they are writing in). Only an explicit "no" hides it.
+        // (A patient in their own portal is not shown their own banner unless the EHR asks:
+        // `ehr::ehr_and_standalone_launch_end_in_a_courier_user_token`.)
         for (hint, banner) in [(json!("yes"), true), (json!(1), true), (json!("no"), false), (json!(0), false), (json!(false), false), (json!("maybe"), true), (serde_json::Value::Null, true)] {
             let mut body = json!({"patient": "a1", "user": "Practitioner/dr-a"});
             if !hint.is_null() {

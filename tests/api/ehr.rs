@@ -540,6 +540,8 @@ both_backends! {
         let session = session_of(&page);
         assert_eq!(session["fhirUser"], patient.as_str(), "the patient is the same Courier patient");
         assert_eq!(session["patient"], patient.as_str());
+        // Their own record, no hint from the EHR: no banner of themselves (the header names them).
+        assert_eq!(session["need_patient_banner"], false);
 
         // An EHR that cannot be reached: a readable page, no redirect.
         registry::add(&app.store, &new_ehr("dead", "http://127.0.0.1:1/fhir", "ES384")).unwrap();
