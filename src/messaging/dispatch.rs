@@ -101,7 +101,6 @@ impl Leader {
 
 fn active(store: &Store, channel: Option<&str>) -> Result<Vec<SubRow>, StoreError> {
     let now = crate::clock::now_micros();
-    turn_off_ended(store, now)?;
     let mut binds: Vec<crate::store::db::Bind> = vec![now.into()];
     let extra = match channel {
         Some(c) => {
@@ -139,6 +138,8 @@ pub fn record_matches(store: &Store, hub: &Hub) -> Result<usize, StoreError> {
     // On its first run the job starts at the end of the log: subscriptions hear of what happens
     // from now.
     let cursor = super::events::cursor(store, CURSOR)?;
+    // Once per tick (`active` skips them meanwhile).
+    turn_off_ended(store, crate::clock::now_micros())?;
     let candidates = active(store, None)?;
     // Nothing before the oldest subscription's start concerns anyone: with no subscription,
     // nothing is read (or written) at all.
@@ -409,7 +410,8 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
         match outcome {
             Ok(()) => {
                 s.execute(
-                    "UPDATE subscriptions SET status = 'active', delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ?",
+                    // Not one turned off meanwhile (its end, its client removed).
+                    "UPDATE subscriptions SET status = 'active', delivered = ?, attempts = 0, next_attempt_at = 0, last_sent_at = ?, last_error = NULL WHERE id = ? AND status <> 'off'",
                     vec![upto.into(), now.into(), id.into()],
                 )?;
                 if kind == "event-notification" {
@@ -429,7 +431,7 @@ async fn deliver_one(store: &Arc<Store>, http: &crate::outbound::Outbound, sub: 
                 let limit = if kind == "handshake" { HANDSHAKE_ATTEMPTS } else { MAX_ATTEMPTS };
                 if attempts >= limit {
                     s.execute(
-                        "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ?",
+                        "UPDATE subscriptions SET status = 'error', attempts = ?, last_error = ? WHERE id = ? AND status <> 'off'",
                         vec![attempts.into(), why.into(), id.into()],
                     )?;
                 } else {

@@ -1275,9 +1275,12 @@ pub async fn verify_id_token(
                     if data.claims["nonce"].as_str() != Some(nonce) {
                         return Err("the id_token's nonce does not match this sign-in".into());
                     }
-                    // OpenID Connect Core §3.1.3.7: an id_token for several audiences names the
-                    // party it was issued to (azp), which must be this client; an azp present is
-                    // checked whatever the audience.
+                    // The party it was issued to (OpenID Connect Core 1.0 §3.1.3.7 as of errata
+                    // set 1, items 4–5): an id_token for several audiences must name this client
+                    // as azp, and an azp present is checked whatever the audience. (Errata set 2
+                    // drops item 4 and refuses any audience the client does not trust; Courier
+                    // takes other audiences beside its own only with azp naming it, as EHRs that
+                    // list every app of a project in aud send them.)
                     let audiences = data.claims["aud"].as_array().map_or(1, |a| a.len());
                     match data.claims["azp"].as_str() {
                         Some(azp) if azp != client_id => {

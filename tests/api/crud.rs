@@ -29,6 +29,9 @@ both_backends! {
             assert_eq!(app.get(q).await.status(), 400, "{q}");
         }
         assert_eq!(app.row_counts(), before, "nothing written");
+        // Year 1 is a year, whatever its zone makes of it in UTC.
+        assert_eq!(app.post("Communication", &json!({"resourceType": "Communication", "status": "completed",
+            "recipient": [{"reference": "Practitioner/d1"}], "sent": "0001-01-01T00:00:00+14:00"})).await.status(), 201);
         // A `#` in text is text.
         assert_eq!(app.post("Communication", &json!({"resourceType": "Communication", "status": "completed",
             "recipient": [{"reference": "Practitioner/d1"}], "payload": [{"contentString": "#urgent call me"}]})).await.status(), 201);

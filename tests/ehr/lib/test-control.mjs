@@ -91,8 +91,8 @@ export function createTestControl(state, tokens, fhir) {
       set('metadata_oauth_uris', 'metadataOauthUris', (v) => v === 'same' || v === 'elsewhere');
       set('id_token_amr', 'idTokenAmr', (v) => v === null || (Array.isArray(v) && v.every((m) => typeof m === 'string')));
       set('id_token_acr', 'idTokenAcr', (v) => v === null || typeof v === 'string');
-      set('id_token_aud', 'idTokenAud', (v) => v === null || typeof v === 'string' || (Array.isArray(v) && v.every((a) => typeof a === 'string')));
-      set('id_token_azp', 'idTokenAzp', (v) => v === null || typeof v === 'string');
+      set('id_token_aud', 'idTokenAud', (v) => v === null || (typeof v === 'string' && v.length > 0) || (Array.isArray(v) && v.length > 0 && v.every((a) => typeof a === 'string' && a.length > 0)));
+      set('id_token_azp', 'idTokenAzp', (v) => v === null || (typeof v === 'string' && v.length > 0));
       set('token_type', 'tokenType', (v) => typeof v === 'string' && v.length > 0);
       set('backend_token_path', 'backendTokenPath', (v) => v === null || isFreePath(v));
       set('token_client_credentials', 'tokenClientCredentials', (v) => typeof v === 'boolean');
