@@ -912,8 +912,23 @@ impl Store {
         rid: i64,
         params: &[&str],
     ) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .audit_local_refs(c, &[rid])?
+            .into_iter()
+            .filter(|(param, _, _)| params.contains(&param.as_str()))
+            .map(|(param, t, id)| (param, format!("{t}/{id}")))
+            .collect())
+    }
+
+    /// The local references (parameter, type, id) of the AuditEvents in rows `rids`, read from
+    /// their bodies (their reference rows are keyed by target, not by event).
+    fn audit_local_refs<C: Conn>(
+        &self,
+        c: &mut C,
+        rids: &[i64],
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut out = Vec::new();
-        for (_, s) in self.bodies_by_rid(c, audit_rows::TYPE, &[rid])? {
+        for (_, s) in self.bodies_by_rid(c, audit_rows::TYPE, rids)? {
             let Some(value) = s
                 .body
                 .as_deref()
@@ -929,9 +944,7 @@ impl Store {
                     url: None,
                 } = e
                 {
-                    if params.contains(&param.as_str()) {
-                        out.push((param, format!("{t}/{id}")));
-                    }
+                    out.push((param, t, id));
                 }
             }
         }
@@ -2721,11 +2734,7 @@ impl Store {
             .into_iter()
             .map(|(_, s)| s.id)
             .collect();
-        let (keys, of_type): (Vec<&str>, Option<&str>) =
-            match crate::search::alias_of(&inc.param_key) {
-                Some((bases, target)) => (bases.to_vec(), Some(target)),
-                None => (vec![inc.param_key.as_str()], None),
-            };
+        let (keys, of_type) = include_keys(inc);
         if ids.is_empty() || of_type.is_some_and(|t| !audit_rows::is_audit(t)) {
             return Ok(vec![]);
         }
@@ -2768,11 +2777,7 @@ impl Store {
         let ph = vec!["?"; from.len()].join(", ");
         // A parameter stored as its bases' rows of one type (search::ALIASES) follows those rows
         // that point at that type.
-        let (keys, of_type): (Vec<&str>, Option<&str>) =
-            match crate::search::alias_of(&inc.param_key) {
-                Some((bases, target)) => (bases.to_vec(), Some(target)),
-                None => (vec![inc.param_key.as_str()], None),
-            };
+        let (keys, of_type) = include_keys(inc);
         let key_marks = vec!["?"; keys.len()].join(", ");
         let mut binds: Vec<Bind> = keys
             .iter()
@@ -2843,35 +2848,14 @@ impl Store {
         inc: &Include,
         from: &[i64],
     ) -> Result<Vec<(i64, String)>, StoreError> {
-        let (keys, of_type): (Vec<&str>, Option<&str>) =
-            match crate::search::alias_of(&inc.param_key) {
-                Some((bases, target)) => (bases.to_vec(), Some(target)),
-                None => (vec![inc.param_key.as_str()], None),
-            };
+        let (keys, of_type) = include_keys(inc);
         let mut targets: Vec<(String, String)> = Vec::new();
-        for (_, s) in self.bodies_by_rid(c, audit_rows::TYPE, from)? {
-            let Some(value) = s
-                .body
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-            else {
-                continue;
-            };
-            for e in index::entries(&self.registry, audit_rows::TYPE, &value, &self.base_url) {
-                if let Entry::Ref {
-                    param,
-                    target_type: Some(t),
-                    target_id: Some(id),
-                    url: None,
-                } = e
-                {
-                    let wanted = keys.contains(&param.as_str())
-                        && of_type.is_none_or(|o| o == t)
-                        && inc.target_type.as_deref().is_none_or(|tt| tt == t);
-                    if wanted && !targets.contains(&(t.clone(), id.clone())) {
-                        targets.push((t, id));
-                    }
-                }
+        for (param, t, id) in self.audit_local_refs(c, from)? {
+            let wanted = keys.contains(&param.as_str())
+                && of_type.is_none_or(|o| o == t)
+                && inc.target_type.as_deref().is_none_or(|tt| tt == t);
+            if wanted && !targets.contains(&(t.clone(), id.clone())) {
+                targets.push((t, id));
             }
         }
         let mut out = Vec::new();
@@ -3149,6 +3133,15 @@ fn token_rows(res_type: &str, entries: &[Entry], out: &mut Vec<(String, String, 
                 crate::search::SPARSE_MISSING.to_string(),
             ));
         }
+    }
+}
+
+/// The index keys an `_include`/`_revinclude` follows, and the one target type they must point at
+/// when its parameter is stored as its bases' rows of that type (search::ALIASES).
+fn include_keys(inc: &Include) -> (Vec<&str>, Option<&str>) {
+    match crate::search::alias_of(&inc.param_key) {
+        Some((bases, target)) => (bases.to_vec(), Some(target)),
+        None => (vec![inc.param_key.as_str()], None),
     }
 }
 
