@@ -20,6 +20,7 @@ use crate::store::{Incoming, Store, StoreError, WriteOp};
 use diesel::sql_types::Text;
 use diesel::QueryableByName;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 
 pub const EXT_DELEGATE: &str = "https://courier.example.org/fhir/StructureDefinition/delegate";
 pub const EXT_AUTOMATIC: &str = "https://courier.example.org/fhir/StructureDefinition/automatic";
@@ -164,12 +165,42 @@ pub fn init(store: &Store) -> Result<(), StoreError> {
     super::events::cursor(store, CURSOR).map(|_| ())
 }
 
-/// One pass over the new messages. Blocking. Returns the automatic messages written.
+/// Events read at a time.
+const BATCH: i64 = 500;
+/// A pass takes batches while the log has more, for at most this long (the next pass, a second
+/// later, takes the rest).
+const PASS: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One pass over the new messages: every batch the log holds, up to [`PASS`]. Blocking. Returns
+/// the automatic messages written.
+///
+/// A pass once took 200 events a second whatever the log held: after a burst (an integrator's
+/// 10,000 reminders) a message to an away clinician waited its turn for minutes before its
+/// auto-reply and its copy to the covering colleague. Now a pass reads on until it has caught up,
+/// and a message's body is read again only when one of its recipients is away (whose status is
+/// looked up once per pass).
 pub fn run(store: &Store) -> Result<usize, StoreError> {
+    let started = std::time::Instant::now();
+    let mut away_now: HashMap<String, Option<Away>> = HashMap::new();
+    let mut written = 0;
+    loop {
+        let (n, read) = batch(store, &mut away_now)?;
+        written += n;
+        if read < BATCH as usize || started.elapsed() >= PASS {
+            return Ok(written);
+        }
+    }
+}
+
+/// One batch of the log after the job's cursor: (automatic messages written, events read).
+fn batch(
+    store: &Store,
+    away_now: &mut HashMap<String, Option<Away>>,
+) -> Result<(usize, usize), StoreError> {
     let cursor = super::events::cursor(store, CURSOR)?;
-    let rows = super::events::after(store, cursor, 200)?;
+    let rows = super::events::after(store, cursor, BATCH)?;
     let Some(last) = rows.last().map(|r| r.seq) else {
-        return Ok(0);
+        return Ok((0, 0));
     };
     let mut written = 0;
     let now = now_micros();
@@ -188,10 +219,16 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
             written += recall_copies(store, &e.fhir_id)?;
         }
     }
-    for e in rows
+    let created: Vec<_> = rows
         .iter()
         .filter(|e| e.kind == "create" && e.res_type == "Communication")
-    {
+        .collect();
+    let ids: Vec<&str> = created.iter().map(|e| e.fhir_id.as_str()).collect();
+    let to_someone_away = to_someone_away(store, &ids, now, away_now)?;
+    for e in created {
+        if !to_someone_away.contains(&e.fhir_id) {
+            continue;
+        }
         let Ok(s) = store.vread("Communication", &e.fhir_id, e.version_id) else {
             continue;
         };
@@ -203,18 +240,10 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
         if msg["status"] != "completed" || automatic {
             continue;
         }
-        // Withdrawn or deleted since (in this batch, or while the job was behind): nothing is
-        // copied (a code review: the copy would have outlived the withdrawal).
-        let now_stored = store
-            .read("Communication", &e.fhir_id)
-            .ok()
-            .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref()?).ok());
-        if now_stored.is_none_or(|v| v["status"] == "entered-in-error") {
-            continue;
-        }
         let sender = msg["sender"]["reference"]
             .as_str()
             .map(|r| super::hub::local_ref(r, &store.base_url));
+        let mut away_recipients = vec![];
         for to in msg["recipient"].as_array().into_iter().flatten() {
             let Some(to) = to["reference"]
                 .as_str()
@@ -225,9 +254,31 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
             if Some(&to) == sender.as_ref() {
                 continue;
             }
-            let Some(away) = away(store, &to, now)? else {
-                continue;
+            let known = match away_now.get(&to) {
+                Some(known) => known.clone(),
+                None => {
+                    let found = away(store, &to, now)?;
+                    away_now.insert(to.clone(), found.clone());
+                    found
+                }
             };
+            if let Some(away) = known {
+                away_recipients.push((to, away));
+            }
+        }
+        if away_recipients.is_empty() {
+            continue;
+        }
+        // Withdrawn or deleted since (in this batch, or while the job was behind): nothing is
+        // copied (a code review: the copy would have outlived the withdrawal).
+        let now_stored = store
+            .read("Communication", &e.fhir_id)
+            .ok()
+            .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref()?).ok());
+        if now_stored.is_none_or(|v| v["status"] == "entered-in-error") {
+            continue;
+        }
+        for (to, away) in away_recipients {
             // Once per message and recipient, whoever runs this.
             let claimed = store.execute(
                 "INSERT INTO away_handled (comm_id, recipient, at) VALUES (?, ?, ?) ON CONFLICT (comm_id, recipient) DO NOTHING",
@@ -290,7 +341,63 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
         }
     }
     super::events::move_cursor(store, CURSOR, last)?;
-    Ok(written)
+    Ok((written, rows.len()))
+}
+
+#[derive(QueryableByName)]
+struct RecipientRow {
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
+    #[diesel(sql_type = Text)]
+    target_id: String,
+}
+
+/// Of the messages `ids`, those with a Practitioner among their recipients who is away at `now`
+/// (`away_now` remembers who is, for the pass). From the index rows: most messages go to
+/// someone who is in, and their bodies are not read (each would be decrypted and inflated).
+fn to_someone_away(
+    store: &Store,
+    ids: &[&str],
+    now: i64,
+    away_now: &mut HashMap<String, Option<Away>>,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut found = std::collections::HashSet::new();
+    if ids.is_empty() {
+        return Ok(found);
+    }
+    let marks = vec!["?"; ids.len()].join(", ");
+    let mut binds: Vec<crate::store::db::Bind> = vec![
+        store
+            .registry
+            .index_name("Communication", "recipient")
+            .into(),
+        crate::search::names::ty("Practitioner").into(),
+    ];
+    binds.extend(ids.iter().map(|i| (*i).into()));
+    let rows: Vec<RecipientRow> = store.query(
+        &format!(
+            "SELECT r.fhir_id, x.target_id FROM resources r JOIN idx_ref x ON x.rid = r.rid \
+             WHERE x.param = ? AND x.target_type = ? AND x.url IS NULL \
+             AND r.res_type = 'Communication' AND r.deleted = 0 AND r.fhir_id IN ({marks})"
+        ),
+        binds,
+    )?;
+    for r in rows {
+        let who = format!("Practitioner/{}", r.target_id);
+        let is_away = match away_now.get(&who) {
+            Some(known) => known.is_some(),
+            None => {
+                let a = away(store, &who, now)?;
+                let is = a.is_some();
+                away_now.insert(who, a);
+                is
+            }
+        };
+        if is_away {
+            found.insert(r.fhir_id);
+        }
+    }
+    Ok(found)
 }
 
 /// Withdraws the automatic copies of message `id` sent to delegates (see [`run`]). Returns how

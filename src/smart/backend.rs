@@ -146,5 +146,70 @@ pub(crate) async fn send(
         out = out.header(k, v);
     }
     let body = res.bytes().await.map_err(std::io::Error::other)?.to_vec();
-    out.body(body).map_err(std::io::Error::other)
+    out.body(lenient_expires_in(body))
+        .map_err(std::io::Error::other)
+}
+
+/// A token response's `expires_in` as a number of seconds, when the EHR sent it as a string of
+/// digits (`"3600"`) or a number with a fraction (`3600.0`): RFC 6749 §5.1 makes it a number,
+/// but EHRs in use send both forms, and the `oauth2` crate refuses the whole response (and with
+/// it the sign-in or the write-back) for it. Anything else is passed on as it came, to be
+/// accepted or refused as it is.
+pub(crate) fn lenient_expires_in(body: Vec<u8>) -> Vec<u8> {
+    if !body.windows(12).any(|w| w == b"\"expires_in\"") {
+        return body;
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    let seconds = match &v["expires_in"] {
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        serde_json::Value::Number(n) if n.as_u64().is_none() => n
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e15)
+            .map(|f| f as u64),
+        _ => None,
+    };
+    match seconds {
+        Some(s) => {
+            v["expires_in"] = s.into();
+            serde_json::to_vec(&v).unwrap_or(body)
+        }
+        None => body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lenient_expires_in;
+    use serde_json::{json, Value};
+
+    fn read(body: Value) -> Value {
+        serde_json::from_slice(&lenient_expires_in(serde_json::to_vec(&body).unwrap())).unwrap()
+    }
+
+    #[test]
+    fn expires_in_is_read_as_a_number_of_seconds_in_the_forms_ehrs_send() {
+        for (sent, read_as) in [
+            (json!(3600), json!(3600)),
+            (json!("3600"), json!(3600)),
+            (json!(" 300 "), json!(300)),
+            (json!(3600.0), json!(3600)),
+            (json!(299.9), json!(299)),
+            // Not a number of seconds: passed on as it came (the oauth2 crate refuses it).
+            (json!("an hour"), json!("an hour")),
+            (json!(-5), json!(-5)),
+            (json!(null), json!(null)),
+        ] {
+            let got =
+                read(json!({"access_token": "t", "token_type": "Bearer", "expires_in": sent}));
+            assert_eq!(got["expires_in"], read_as, "{sent}");
+            assert_eq!(got["access_token"], "t");
+        }
+        // Bodies without it, and bodies that are not JSON, are untouched.
+        let plain = br#"{"access_token":"t","token_type":"Bearer"}"#.to_vec();
+        assert_eq!(lenient_expires_in(plain.clone()), plain);
+        let html = b"<html>expires_in</html>".to_vec();
+        assert_eq!(lenient_expires_in(html.clone()), html);
+    }
 }

@@ -189,6 +189,15 @@ both_backends! {
         set(json!({"token_type": "bearer"})).await;
         launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
         set(json!({"token_type": "Bearer"})).await;
+        // expires_in as a string of digits, or with a fraction: RFC 6749 makes it a number, EHRs
+        // in use send both, and the sign-in once failed on them as a malformed token response.
+        for form in ["string", "fraction"] {
+            let s = set(json!({"expires_in_form": form})).await;
+            assert_eq!(s["expires_in_form"], form);
+            let l = launch_as(&app, &ehr, "a1", "Practitioner/dr-a").await;
+            assert_eq!(l["user_display"]["name"], "Grace Hopper", "{form}: {l}");
+        }
+        set(json!({"expires_in_form": "number"})).await;
         // 200 s behind: expired beyond the skew allowed, refused with a page that says so.
         set(json!({"clock_skew_secs": -200})).await;
         let launch = ehr.control(reqwest::Method::POST, "launches", Some(json!({"patient": "a1", "user": "Practitioner/dr-a"}))).await;

@@ -954,6 +954,24 @@ both_backends! {
         assert_eq!(client_with_token(first).get(app.url("Communication")).send().await.unwrap().status(), 401);
         assert_eq!(session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
         assert_eq!(session_post(&app, "smart/session/refresh", "not-a-session", None).await.0, 401);
+        // expires_in sent as a string ("2"): read as 2 s, so each refresh renews at the EHR (read
+        // as absent, the token would count as good for 300 s and no refresh would reach it).
+        a.control(reqwest::Method::POST, "settings", Some(json!({"expires_in_form": "string"}))).await;
+        let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+        let refreshes = || async { a.control(reqwest::Method::GET, "counters", None).await["token"]["by_grant_type"]["refresh_token"].as_u64().unwrap_or(0) };
+        for _ in 0..2 {
+            let before = refreshes().await;
+            let (st, body) = session_post(&app, "smart/session/refresh", s["session"].as_str().unwrap(), None).await;
+            assert_eq!(st, 200, "{body}");
+            assert_eq!(refreshes().await, before + 1, "renewed at the EHR");
+        }
+        // A refresh answered with a token that is not a bearer token ends the session (Courier
+        // could only send it as one).
+        a.control(reqwest::Method::POST, "settings", Some(json!({"expires_in_form": "number", "token_type": "MAC"}))).await;
+        let (st, body) = session_post(&app, "smart/session/refresh", s["session"].as_str().unwrap(), None).await;
+        assert_eq!(st, 401, "{body}");
+        assert_eq!(body["error"], "session_ended", "{body}");
+        a.control(reqwest::Method::POST, "settings", Some(json!({"token_type": "Bearer"}))).await;
         // When the EHR revokes the grant, the next refresh that needs it ends the session.
         let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
         a.control(reqwest::Method::POST, "revoke", Some(json!({}))).await;

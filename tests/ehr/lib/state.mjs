@@ -52,6 +52,9 @@ export function createState(config, key) {
       idTokenAzp: null,
       // The token_type of user grants' token responses (SMART: "Bearer").
       tokenType: 'Bearer',
+      // expires_in in token responses: 'number' (RFC 6749), or 'string' ("3600") or 'fraction'
+      // (3600.5), as some EHRs send it.
+      expiresInForm: 'number',
       // Backend Services elsewhere: a second token endpoint at this path (client_credentials
       // only; discovery does not name it), and whether /token still grants client_credentials.
       backendTokenPath: null,

@@ -94,6 +94,7 @@ export function createTestControl(state, tokens, fhir) {
       set('id_token_aud', 'idTokenAud', (v) => v === null || (typeof v === 'string' && v.length > 0) || (Array.isArray(v) && v.length > 0 && v.every((a) => typeof a === 'string' && a.length > 0)));
       set('id_token_azp', 'idTokenAzp', (v) => v === null || (typeof v === 'string' && v.length > 0));
       set('token_type', 'tokenType', (v) => typeof v === 'string' && v.length > 0);
+      set('expires_in_form', 'expiresInForm', (v) => v === 'number' || v === 'string' || v === 'fraction');
       set('backend_token_path', 'backendTokenPath', (v) => v === null || isFreePath(v));
       set('token_client_credentials', 'tokenClientCredentials', (v) => typeof v === 'boolean');
       set('if_none_exist', 'ifNoneExist', (v) => v === 'honoured' || v === 400 || v === 412 || v === 501);
@@ -193,6 +194,7 @@ function publicSettings(state) {
     id_token_aud: s.idTokenAud,
     id_token_azp: s.idTokenAzp,
     token_type: s.tokenType,
+    expires_in_form: s.expiresInForm,
     backend_token_path: s.backendTokenPath,
     token_client_credentials: s.tokenClientCredentials,
     if_none_exist: s.ifNoneExist,

@@ -93,7 +93,7 @@ async function clientCredentialsGrant(tokens, client, params) {
   if (scopes.length === 0) throw invalidScope('none of the requested system/ scopes is registered for this client');
   const family = tokens.newFamily(client.client_id);
   const { token, expiresIn } = await tokens.accessToken({ family, clientId: client.client_id, subject: client.client_id, scopes });
-  return { access_token: token, token_type: 'Bearer', expires_in: expiresIn, scope: scopes.join(' ') };
+  return { access_token: token, token_type: 'Bearer', expires_in: expiresInAs(tokens.state, expiresIn), scope: scopes.join(' ') };
 }
 
 // Refresh tokens rotate by default: each use returns a new refresh token and
@@ -138,12 +138,22 @@ async function userTokens(tokens, client, grant, scopes, { nonce }) {
     context: grant.context,
   });
   // token_type: 'Bearer' (SMART's fixed value, any case), or another one an EHR might send.
-  const body = { access_token: token, token_type: tokens.state.settings.tokenType, expires_in: expiresIn, scope: scopes.join(' ') };
+  const body = { access_token: token, token_type: tokens.state.settings.tokenType, expires_in: expiresInAs(tokens.state, expiresIn), scope: scopes.join(' ') };
   if (scopes.includes('openid')) {
     body.id_token = await tokens.idToken({ clientId: client.client_id, user: grant.user, scopes, nonce, authTime: grant.auth_time });
   }
   for (const field of CONTEXT_FIELDS) if (grant.context?.[field] !== undefined) body[field] = grant.context[field];
   return body;
+}
+
+// expires_in as RFC 6749 has it (a number), or as some EHRs send it: a string of digits, or a
+// number with a fraction.
+function expiresInAs(state, seconds) {
+  switch (state.settings.expiresInForm) {
+    case 'string': return String(seconds);
+    case 'fraction': return seconds + 0.5;
+    default: return seconds;
+  }
 }
 
 function wantsRefresh(scopes) {
