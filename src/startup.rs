@@ -113,7 +113,7 @@ impl Application {
         // file or directory, full disk) stops the start, naming it and why.
         store.probe_write().map_err(|e| {
             let place = match &store.db {
-                Db::Sqlite(_, path, ..) => format!("the SQLite database {}", path.display()),
+                Db::Sqlite(_, path, _) => format!("the SQLite database {}", path.display()),
                 Db::Postgres(_) => "the PostgreSQL database".to_string(),
             };
             anyhow::anyhow!("cannot write to {place}: {e}")

@@ -177,14 +177,13 @@ const PASS: std::time::Duration = std::time::Duration::from_secs(5);
 /// A pass once took 200 events a second whatever the log held: after a burst (an integrator's
 /// 10,000 reminders) a message to an away clinician waited its turn for minutes before its
 /// auto-reply and its copy to the covering colleague. Now a pass reads on until it has caught up,
-/// and a message's body is read again only when one of its recipients is away (whose status is
-/// looked up once per pass).
+/// and a message's body is read only when one of its recipients is away (whose status is looked
+/// up once per batch).
 pub fn run(store: &Store) -> Result<usize, StoreError> {
     let started = std::time::Instant::now();
-    let mut away_now: HashMap<String, Option<Away>> = HashMap::new();
     let mut written = 0;
     loop {
-        let (n, read) = batch(store, &mut away_now)?;
+        let (n, read) = batch(store)?;
         written += n;
         if read < BATCH as usize || started.elapsed() >= PASS {
             return Ok(written);
@@ -193,10 +192,11 @@ pub fn run(store: &Store) -> Result<usize, StoreError> {
 }
 
 /// One batch of the log after the job's cursor: (automatic messages written, events read).
-fn batch(
-    store: &Store,
-    away_now: &mut HashMap<String, Option<Away>>,
-) -> Result<(usize, usize), StoreError> {
+///
+/// Who is away is looked up once per batch, after the batch is read, so after every message in
+/// it was written: a clinician who went away before their message was written is seen as away
+/// (a review: remembered for a whole pass, a status looked up before the message could be stale).
+fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
     let cursor = super::events::cursor(store, CURSOR)?;
     let rows = super::events::after(store, cursor, BATCH)?;
     let Some(last) = rows.last().map(|r| r.seq) else {
@@ -204,6 +204,7 @@ fn batch(
     };
     let mut written = 0;
     let now = now_micros();
+    let mut away_now: HashMap<String, Option<Away>> = HashMap::new();
     // A message withdrawn is withdrawn from the delegate too: its copies go the same way (an
     // outside probe's delegate kept the text and the photo of a message its patient withdrew).
     for e in rows
@@ -224,7 +225,7 @@ fn batch(
         .filter(|e| e.kind == "create" && e.res_type == "Communication")
         .collect();
     let ids: Vec<&str> = created.iter().map(|e| e.fhir_id.as_str()).collect();
-    let to_someone_away = to_someone_away(store, &ids, now, away_now)?;
+    let to_someone_away = to_someone_away(store, &ids, now, &mut away_now)?;
     for e in created {
         if !to_someone_away.contains(&e.fhir_id) {
             continue;
@@ -353,7 +354,7 @@ struct RecipientRow {
 }
 
 /// Of the messages `ids`, those with a Practitioner among their recipients who is away at `now`
-/// (`away_now` remembers who is, for the pass). From the index rows: most messages go to
+/// (`away_now` remembers who is, for the batch). From the index rows: most messages go to
 /// someone who is in, and their bodies are not read (each would be decrypted and inflated).
 fn to_someone_away(
     store: &Store,
@@ -374,9 +375,17 @@ fn to_someone_away(
         crate::search::names::ty("Practitioner").into(),
     ];
     binds.extend(ids.iter().map(|i| (*i).into()));
+    // SQLite, which has no statistics here, would otherwise read every recipient row of the
+    // store through the lookup index (param = ?) and join the messages to it (a review read the
+    // plan): its reference rows are pinned to their key, (rid, param, n), so the batch's messages
+    // drive.
+    let pin = match store.db {
+        crate::store::db::Db::Sqlite(..) => " INDEXED BY sqlite_autoindex_idx_ref_1",
+        crate::store::db::Db::Postgres(_) => "",
+    };
     let rows: Vec<RecipientRow> = store.query(
         &format!(
-            "SELECT r.fhir_id, x.target_id FROM resources r JOIN idx_ref x ON x.rid = r.rid \
+            "SELECT r.fhir_id, x.target_id FROM resources r JOIN idx_ref x{pin} ON x.rid = r.rid \
              WHERE x.param = ? AND x.target_type = ? AND x.url IS NULL \
              AND r.res_type = 'Communication' AND r.deleted = 0 AND r.fhir_id IN ({marks})"
         ),

@@ -150,24 +150,39 @@ pub(crate) async fn send(
         .map_err(std::io::Error::other)
 }
 
-/// A token response's `expires_in` as a number of seconds, when the EHR sent it as a string of
-/// digits (`"3600"`) or a number with a fraction (`3600.0`): RFC 6749 §5.1 makes it a number,
-/// but EHRs in use send both forms, and the `oauth2` crate refuses the whole response (and with
-/// it the sign-in or the write-back) for it. Anything else is passed on as it came, to be
-/// accepted or refused as it is.
+/// The longest lifetime Courier takes from a token response (a year): an EHR's token is
+/// renewed long before, and a larger figure would overflow the clocks it is added to.
+const MAX_EXPIRES_IN: u64 = 365 * 24 * 3600;
+
+/// A token response's `expires_in` as a whole number of seconds Courier can use: a string of
+/// digits (`"3600"`) or a number with a fraction (`3600.0`) is read as that number (RFC 6749 §5.1
+/// makes it a number, but EHRs in use send both forms, and the `oauth2` crate refuses the whole
+/// response — the sign-in or the write-back — for it), and any of them beyond a year is a year
+/// (`18446744073709551615` once reached `Instant + Duration` and panicked). Anything else, and a
+/// body that names `expires_in` more than once (which the `oauth2` crate refuses, and which
+/// re-writing would merge), is passed on as it came.
 pub(crate) fn lenient_expires_in(body: Vec<u8>) -> Vec<u8> {
-    if !body.windows(12).any(|w| w == b"\"expires_in\"") {
+    if body.windows(12).filter(|w| w == b"\"expires_in\"").count() != 1 {
         return body;
     }
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return body;
     };
     let seconds = match &v["expires_in"] {
-        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
-        serde_json::Value::Number(n) if n.as_u64().is_none() => n
+        serde_json::Value::Number(n) if n.as_u64().is_some_and(|s| s <= MAX_EXPIRES_IN) => None,
+        serde_json::Value::Number(n) => n
             .as_f64()
-            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e15)
-            .map(|f| f as u64),
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| (f as u64).min(MAX_EXPIRES_IN)),
+        serde_json::Value::String(s) => s
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .or_else(|| {
+                let t = s.trim();
+                (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).then_some(u64::MAX)
+            })
+            .map(|s| s.min(MAX_EXPIRES_IN)),
         _ => None,
     };
     match seconds {
@@ -196,6 +211,11 @@ mod tests {
             (json!(" 300 "), json!(300)),
             (json!(3600.0), json!(3600)),
             (json!(299.9), json!(299)),
+            // Beyond a year: a year (u64::MAX once overflowed the clock it was added to).
+            (json!(18446744073709551615u64), json!(31536000)),
+            (json!("18446744073709551615"), json!(31536000)),
+            (json!("99999999999999999999999"), json!(31536000)),
+            (json!(1e300), json!(31536000)),
             // Not a number of seconds: passed on as it came (the oauth2 crate refuses it).
             (json!("an hour"), json!("an hour")),
             (json!(-5), json!(-5)),
@@ -206,6 +226,9 @@ mod tests {
             assert_eq!(got["expires_in"], read_as, "{sent}");
             assert_eq!(got["access_token"], "t");
         }
+        // Named twice: passed on as it came (the oauth2 crate refuses it).
+        let twice = br#"{"access_token":"t","expires_in":"5","expires_in":"3600"}"#.to_vec();
+        assert_eq!(lenient_expires_in(twice.clone()), twice);
         // Bodies without it, and bodies that are not JSON, are untouched.
         let plain = br#"{"access_token":"t","token_type":"Bearer"}"#.to_vec();
         assert_eq!(lenient_expires_in(plain.clone()), plain);

@@ -1028,6 +1028,9 @@ both_backends! {
         n.backend_scopes = "system/AuditEvent.c system/Communication.crs";
         registry::add(&app.store, &n).unwrap();
         a.register_courier(&app, "courier").await;
+        // This EHR sends expires_in as a string ("300"), at sign-in and to Backend Services (the
+        // filing's token): both read it.
+        a.control(reqwest::Method::POST, "settings", Some(json!({"expires_in_form": "string"}))).await;
         let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
         let (dr, pt) = (s["fhirUser"].as_str().unwrap(), s["patient"].as_str().unwrap());
         let clinician = client_with_token(s["access_token"].as_str().unwrap());

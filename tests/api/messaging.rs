@@ -999,9 +999,8 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
 /// clinician is answered and copied to their delegate in the next pass, not after the job has
 /// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
 /// seconds' delay, 10,000 nearly a minute).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst() {
-    let app = spawn_app_with(Backend::Sqlite, |_| {}).await.unwrap();
+both_backends! {
+async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst(app: TestApp) {
     let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
     let now = chrono::Utc::now();
     let role = json!({"resourceType": "PractitionerRole", "active": true,
@@ -1097,6 +1096,7 @@ async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst() {
         .get_json("/Communication?_count=1&_summary=count&sender=Practitioner/in-1")
         .await;
     assert_eq!(r["total"], 0, "{r}");
+}
 }
 
 /// The event log's commit-order lock is one per schema: a Courier in another schema of the same

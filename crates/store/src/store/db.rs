@@ -10,7 +10,6 @@ use diesel::sql_types::{BigInt, Binary, Nullable, Text};
 use diesel::sqlite::Sqlite;
 use diesel::{PgConnection, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use std::sync::Arc;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
@@ -330,19 +329,13 @@ impl PgPool {
 #[derive(Clone)]
 pub enum Db {
     Postgres(PgPool),
-    /// The pool, the database file's path, its `synchronous` setting (FULL, NORMAL, EXTRA) and
-    /// the write-ahead log kept open for [`Db::sync_wal`].
+    /// The pool, the database file's path and its `synchronous` setting (FULL, NORMAL, EXTRA).
     Sqlite(
         Pool<ConnectionManager<SqliteConnection>>,
         std::path::PathBuf,
         String,
-        Arc<WalFile>,
     ),
 }
-
-/// The `-wal` file as last opened, with its device and inode (see [`Db::sync_wal`]).
-#[derive(Default)]
-pub struct WalFile(std::sync::Mutex<Option<(Arc<std::fs::File>, u64, u64)>>);
 
 pub enum PooledConn {
     Postgres(PooledConnection<ConnectionManager<PgConnection>>),
@@ -613,7 +606,7 @@ impl Db {
                 .max_size(pool_size)
                 .connection_customizer(Box::new(SqlitePragmas { sync: sync.clone() }))
                 .build(ConnectionManager::<SqliteConnection>::new(path))?;
-            Ok(Db::Sqlite(pool, path.into(), sync, Arc::default()))
+            Ok(Db::Sqlite(pool, path.into(), sync))
         }
     }
 
@@ -643,19 +636,15 @@ impl Db {
 
     /// Does the group commit leave its fsync to [`Db::sync_wal`] (SQLite, `synchronous = FULL`)?
     pub(crate) fn defers_sync(&self) -> bool {
-        matches!(self, Db::Sqlite(_, _, sync, _) if sync == "FULL")
+        matches!(self, Db::Sqlite(_, _, sync) if sync == "FULL")
     }
 
     /// SQLite with deferred syncs: makes everything committed to the write-ahead log so far durable (`fdatasync` on
-    /// the `-wal` file, as `synchronous = FULL` does at the end of every commit). The file stays
-    /// open between calls (opening and closing it cost each lone write ~20 µs), and each call
-    /// first checks by `stat` that the path still names that file (device and inode), so a log
-    /// SQLite has removed and made anew is never missed: while the old one is held open its inode
-    /// cannot be reused, so the same inode at the path is the same file. No WAL file means its
-    /// content was checkpointed into the database file, which SQLite synced itself.
+    /// the `-wal` file, as `synchronous = FULL` does at the end of every commit). Opened by path
+    /// each time, so a log SQLite has removed and made anew is never missed. No WAL file means
+    /// its content was checkpointed into the database file, which SQLite synced itself.
     pub fn sync_wal(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let Db::Sqlite(_, path, _, open) = self else {
+        let Db::Sqlite(_, path, _) = self else {
             return Ok(());
         };
         if !self.defers_sync() {
@@ -663,32 +652,11 @@ impl Db {
         }
         let mut wal = path.clone().into_os_string();
         wal.push("-wal");
-        let now = match std::fs::metadata(&wal) {
-            Ok(m) => (m.dev(), m.ino()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let kept = {
-            let held = open.0.lock().unwrap_or_else(|p| p.into_inner());
-            held.as_ref()
-                .filter(|(_, dev, ino)| (*dev, *ino) == now)
-                .map(|(f, ..)| f.clone())
-        };
-        let file = match kept {
-            Some(f) => f,
-            None => {
-                let f = match std::fs::File::open(&wal) {
-                    Ok(f) => Arc::new(f),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                    Err(e) => return Err(e),
-                };
-                let m = f.metadata()?;
-                *open.0.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((f.clone(), m.dev(), m.ino()));
-                f
-            }
-        };
-        file.sync_data()
+        match std::fs::File::open(&wal) {
+            Ok(f) => f.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -815,7 +815,7 @@ impl Store {
     /// SQLite: keeps the first `limit_bytes` of the database file in memory from now on (see
     /// [`resident`]). Nothing on PostgreSQL.
     pub fn keep_resident(&self, limit_bytes: u64) -> anyhow::Result<()> {
-        if let Db::Sqlite(_, path, ..) = &self.db {
+        if let Db::Sqlite(_, path, _) = &self.db {
             let keeper = resident::Keeper::start(path.into(), limit_bytes)
                 .map_err(|e| anyhow::anyhow!("cannot keep the SQLite database in memory: {e}"))?;
             *self.resident.lock() = Some(keeper);
