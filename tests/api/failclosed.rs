@@ -6,6 +6,7 @@
 //! A full disk is made real on SQLite with `PRAGMA max_page_count` (the database cannot grow:
 //! SQLITE_FULL, SQLite's own disk-full path) on every pooled connection, and on PostgreSQL with a
 //! trigger that raises `disk_full` (SQLSTATE 53100) with PostgreSQL's own message on every insert.
+//! And once for real: the data directory on a small tmpfs, filled until the file system says ENOSPC.
 
 use crate::both_backends;
 use crate::helpers::*;
@@ -858,4 +859,187 @@ async fn a_database_that_stops_answering_gets_writes_answered_503_in_bounded_tim
         .get_json("Communication?identifier=urn:test|frozen-1")
         .await;
     assert_eq!(b["entry"].as_array().unwrap().len(), 1, "{b}");
+}
+
+/// Unmounts the test's tmpfs when the test ends, however it ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A message of ~20 KB of text that does not compress (so the disk fills in a few hundred).
+fn bulky_message(i: u64) -> (Value, String) {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (i + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+    let letters = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ";
+    let text: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            letters[(x % letters.len() as u64) as usize] as char
+        })
+        .collect();
+    (
+        json!({"resourceType": "Communication", "status": "completed",
+            "sender": {"reference": "Practitioner/dr-1"}, "recipient": [{"reference": "Patient/p1"}],
+            "subject": {"reference": "Patient/p1"}, "payload": [{"contentString": text}]}),
+        text,
+    )
+}
+
+/// A real full disk: the data directory (database, write-ahead log, audit spool, keys) on a small
+/// tmpfs, filled by messages until the file system itself says ENOSPC (the other full-disk tests
+/// stop SQLite short with `max_page_count`). Writes are refused with 503 and `Retry-After`, never a
+/// 500; every write answered 201 before is there, whole, once room is made; writes work again
+/// without a restart; the database passes SQLite's integrity check and the audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_really_full_disk_refuses_writes_keeps_every_answered_one_and_recovers() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("CI").is_err(),
+            "the real full-disk test mounts a tmpfs: under CI it must run as root"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (not root)");
+        return;
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let data = mnt.path().to_path_buf();
+    // Room the test gives back later (the audit spool keeps its own 8 MB ballast beside it).
+    let room = data.join("test-room");
+    std::fs::write(&room, vec![7u8; 6 << 20]).unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |s| {
+        s.data_dir = data.clone();
+        s.database_url = format!("sqlite://{}", data.join("courier.db").display());
+        s.sqlite_synchronous = "FULL".into();
+    })
+    .await
+    .unwrap();
+    // Until the disk stays full: when the spool first finds no room for a refusal's AuditEvent
+    // it deletes its 8 MB ballast, and writes go on into that room until it too is used up.
+    let mut answered: Vec<(String, String)> = vec![];
+    let mut refused: Vec<String> = vec![];
+    let mut in_a_row = 0;
+    for i in 0..4_000 {
+        let (m, text) = bulky_message(i);
+        let r = app.post("Communication", &m).await;
+        if r.status() == 201 {
+            let id = r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            answered.push((id, text));
+            in_a_row = 0;
+            continue;
+        }
+        refused.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+        assert_unavailable(r, &format!("create {i} on a full disk")).await;
+        in_a_row += 1;
+        if in_a_row == 3 {
+            break;
+        }
+    }
+    assert_eq!(in_a_row, 3, "the disk filled up and stayed full");
+    assert!(
+        answered.len() > 20,
+        "{} written before the disk was full",
+        answered.len()
+    );
+    let r = app.get(&format!("Communication/{}", answered[0].0)).await;
+    assert!(
+        matches!(r.status().as_u16(), 200 | 503),
+        "a read on a full disk: {}",
+        r.status()
+    );
+    // (`/readyz` may say ready here: a small write — the read's AuditEvent — can still find room
+    // in pages SQLite has free when a 20 KB message cannot.)
+    // Room again: writes work without a restart, and every answered write is there, whole.
+    std::fs::remove_file(&room).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        let (m, _) = bulky_message(10_000);
+        if app.post("Communication", &m).await.status() == 201 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "writes work again once there is room");
+    for (id, text) in &answered {
+        let r = app.get(&format!("Communication/{id}")).await;
+        assert_eq!(
+            r.status(),
+            200,
+            "Communication/{id}, answered 201 before the disk filled"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["payload"][0]["contentString"].as_str(),
+            Some(text.as_str()),
+            "{id}"
+        );
+    }
+    let mut ready = false;
+    for _ in 0..50 {
+        if app
+            .anonymous
+            .get(app.url("readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "readyz says ready again");
+    // The refusals' AuditEvents, which waited (spooled) while there was no room, are recorded.
+    let mut missing = refused.clone();
+    for _ in 0..60 {
+        let audited = audited_request_ids(&app).await;
+        missing.retain(|rid| !audited.contains(rid));
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        missing.is_empty(),
+        "refusals never recorded: {missing:?} of {refused:?}"
+    );
+    // The database is sound, and so is the audit trail's chain.
+    {
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct Check {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            integrity_check: String,
+        }
+        let mut c =
+            diesel::SqliteConnection::establish(data.join("courier.db").to_str().unwrap()).unwrap();
+        let rows: Vec<Check> = diesel::sql_query("PRAGMA integrity_check")
+            .load(&mut c)
+            .unwrap();
+        assert_eq!(rows.first().map(|r| r.integrity_check.as_str()), Some("ok"));
+    }
+    courier::audit::chain::seal(&app.store).unwrap();
+    let verdict = courier::audit::chain::verify(&app.store).unwrap();
+    assert!(
+        matches!(verdict, courier::audit::chain::Verdict::Intact { links, .. } if links > answered.len()),
+        "{verdict:?}"
+    );
 }
