@@ -205,6 +205,14 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
     let mut written = 0;
     let now = now_micros();
     let mut away_now: HashMap<String, Option<Away>> = HashMap::new();
+    // Messages sent by this batch: those created as sent, and drafts sent (an update out of
+    // `preparation`: the app saves what a patient types as a draft and sends it by updating it;
+    // an outside walk-through's patient got no auto-reply, and the covering colleague no copy,
+    // for a message sent after "Draft saved").
+    let mut sent: Vec<&super::events::EventRow> = rows
+        .iter()
+        .filter(|e| e.kind == "create" && e.res_type == "Communication")
+        .collect();
     // A message withdrawn is withdrawn from the delegate too: its copies go the same way (an
     // outside probe's delegate kept the text and the photo of a message its patient withdrew).
     for e in rows
@@ -218,12 +226,18 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
             serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
         if v["status"] == "entered-in-error" {
             written += recall_copies(store, &e.fhir_id)?;
+        } else if v["status"] == "completed" && e.version_id > 1 {
+            let was_draft = store
+                .vread("Communication", &e.fhir_id, e.version_id - 1)
+                .ok()
+                .and_then(|s| serde_json::from_slice::<Value>(s.body.as_deref()?).ok())
+                .is_some_and(|before| before["status"] == "preparation");
+            if was_draft {
+                sent.push(e);
+            }
         }
     }
-    let created: Vec<_> = rows
-        .iter()
-        .filter(|e| e.kind == "create" && e.res_type == "Communication")
-        .collect();
+    let created = sent;
     let ids: Vec<&str> = created.iter().map(|e| e.fhir_id.as_str()).collect();
     let to_someone_away = to_someone_away(store, &ids, now, &mut away_now)?;
     for e in created {

@@ -999,6 +999,75 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
 /// clinician is answered and copied to their delegate in the next pass, not after the job has
 /// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
 /// seconds' delay, 10,000 nearly a minute).
+// A message the patient saved as a draft first (the app saves what is typed) and then sent, by
+// updating it out of `preparation`, is answered and copied like one sent at once (an outside
+// walk-through: sent after "Draft saved", it got no auto-reply and the delegate no copy). The
+// draft itself is not.
+both_backends! {
+async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: TestApp) {
+    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
+    let now = chrono::Utc::now();
+    let role = json!({"resourceType": "PractitionerRole", "active": true,
+        "practitioner": {"reference": "Practitioner/dr-2"},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
+        "notAvailable": [{"description": "Away this week.",
+            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
+    let (s, created) = post_as(&dr2, &app, "/PractitionerRole", &role).await;
+    assert_eq!(s, 201, "{created}");
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let mut m = msg("Patient/p1", &["Practitioner/dr-2"], "Drafted, then sent");
+    m["category"] = json!([{"text": "question"}]);
+    m["status"] = json!("preparation");
+    let (s, draft) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{draft}");
+    let id = draft["id"].as_str().unwrap().to_string();
+    let pass = || {
+        let store = app.store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || courier::messaging::away::run(&store))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    pass().await;
+    let answered = || async {
+        app.get_json("/Communication?_count=10&sender=Practitioner/dr-2")
+            .await["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(answered().await.is_empty(), "a draft is not answered");
+    let mut sent = draft.clone();
+    sent["status"] = json!("completed");
+    let r = p1
+        .put(app.url(&format!("/Communication/{id}")))
+        .header("content-type", "application/fhir+json")
+        .body(sent.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    pass().await;
+    let mut got = vec![];
+    for _ in 0..20 {
+        got = answered().await;
+        if got.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kinds: Vec<&str> = got
+        .iter()
+        .filter(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{id}").as_str())
+        .filter_map(|e| e["resource"]["extension"][0]["valueCode"].as_str())
+        .collect();
+    assert!(kinds.contains(&"auto-reply") && kinds.contains(&"forward"), "{got:?}");
+    assert_eq!(got.len(), 2, "once each: {got:?}");
+}
+}
+
 both_backends! {
 async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst(app: TestApp) {
     let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
