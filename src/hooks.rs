@@ -27,7 +27,6 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
     // Everything else first: the events go last, so that on PostgreSQL the event lock (taken by
     // the first event) is held only from there to the commit.
     for r in w {
-        let created = matches!(r.status, WriteStatus::Created);
         if r.res_type == "CommunicationRequest"
             && !matches!(
                 r.status,
@@ -39,10 +38,8 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
                 crate::notify::on_escalation(c, r.id, body)?;
             }
         }
-        if r.res_type == "Communication" && created {
-            if let Some(body) = r.body {
-                crate::notify::on_written(c, r.id, body)?;
-            }
+        if r.res_type == "Communication" {
+            sent_or_drafted(c, r)?;
         }
     }
     let mut logged = Vec::new();
@@ -58,6 +55,59 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
         }
     }
     events::record_all(c, logged)
+}
+
+/// A Communication written: the notices of a new message when it is sent — created as sent, or a
+/// draft (`preparation`, kept in `draft_messages`) updated out of it (before, a message sent after
+/// "Draft saved" reached nobody's email, SMS or push).
+fn sent_or_drafted<C: Conn>(c: &mut C, r: &Written) -> Result<(), StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    let status = r
+        .body
+        .and_then(|b| serde_json::from_slice::<Status>(b).ok())
+        .and_then(|s| s.status);
+    let sent = matches!(status.as_deref(), Some("completed" | "in-progress"));
+    match r.status {
+        WriteStatus::Created if status.as_deref() == Some("preparation") => {
+            c.execute(
+                "INSERT INTO draft_messages (comm_id) VALUES (?) ON CONFLICT (comm_id) DO NOTHING",
+                vec![r.id.into()],
+            )?;
+        }
+        WriteStatus::Created => {
+            if let Some(body) = r.body {
+                crate::notify::on_written(c, r.id, body)?;
+            }
+        }
+        WriteStatus::Updated if sent => {
+            let was_draft = c.execute(
+                "DELETE FROM draft_messages WHERE comm_id = ?",
+                vec![r.id.into()],
+            )? > 0;
+            if let (true, Some(body)) = (was_draft, r.body) {
+                crate::notify::on_written(c, r.id, body)?;
+            }
+        }
+        WriteStatus::Updated if status.as_deref() != Some("preparation") => {
+            // Withdrawn (or anything else) before it was sent: never a new message.
+            c.execute(
+                "DELETE FROM draft_messages WHERE comm_id = ?",
+                vec![r.id.into()],
+            )?;
+        }
+        WriteStatus::Deleted => {
+            c.execute(
+                "DELETE FROM draft_messages WHERE comm_id = ?",
+                vec![r.id.into()],
+            )?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn audited<C: Conn>(c: &mut C, events: &[(&str, &Value)]) -> Result<(), StoreError> {

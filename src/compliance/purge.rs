@@ -257,6 +257,12 @@ pub fn erase_dependents<C: Conn>(
             }
             crate::messaging::receipts::erase(c, ids)?;
             crate::messaging::away::erase(c, ids)?;
+            for id in ids {
+                c.execute(
+                    "DELETE FROM draft_messages WHERE comm_id = ?",
+                    vec![(*id).into()],
+                )?;
+            }
         }
         crate::messaging::escalation::erase(c, res_type, ids)?;
         crate::messaging::schedule::erase(c, res_type, ids)?;

@@ -995,10 +995,86 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
     );
 }
 
-/// After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
-/// clinician is answered and copied to their delegate in the next pass, not after the job has
-/// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
-/// seconds' delay, 10,000 nearly a minute).
+// After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
+// clinician is answered and copied to their delegate in the next pass, not after the job has
+// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
+// seconds' delay, 10,000 nearly a minute).
+// A message sent after its draft was saved makes the notices of a new message (email, SMS, push)
+// once, when it is sent: not while it is a draft, not again when it is changed afterwards (before,
+// only a message created as sent made them).
+both_backends! {
+async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let notices = |id: &str| {
+        app.store
+            .query::<N>(
+                "SELECT COUNT(*) AS n FROM notices WHERE about = ?",
+                vec![format!("Communication/{id}").into()],
+            )
+            .unwrap()[0]
+            .n
+    };
+    // dr-2 can be reached by web push (a subscription: the channel exists).
+    app.store
+        .execute(
+            "INSERT INTO notify_push (id, person, key_id, sealed, created_at) VALUES (?, ?, ?, ?, ?)",
+            vec![
+                "push-1".into(),
+                "Practitioner/dr-2".into(),
+                "k".into(),
+                courier::store::db::Bind::Blob(vec![1, 2, 3]),
+                0i64.into(),
+            ],
+        )
+        .unwrap();
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let mut m = msg("Patient/p1", &["Practitioner/dr-2"], "Sent at once");
+    m["category"] = json!([{"text": "question"}]);
+    let (s, at_once) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{at_once}");
+    assert_eq!(notices(at_once["id"].as_str().unwrap()), 1, "a message sent at once");
+    m["status"] = json!("preparation");
+    let (s, draft) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{draft}");
+    let id = draft["id"].as_str().unwrap().to_string();
+    let put = |body: Value| {
+        let (c, url) = (p1.clone(), app.url(&format!("/Communication/{id}")));
+        async move {
+            let r = c
+                .put(url)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(notices(&id), 0, "a draft");
+    let mut edited = draft.clone();
+    edited["payload"] = json!([{"contentString": "Drafted, edited"}]);
+    let (s, edited) = put(edited).await;
+    assert_eq!(s, 200, "{edited}");
+    assert_eq!(notices(&id), 0, "a draft edited");
+    let mut sent = edited.clone();
+    sent["status"] = json!("completed");
+    let (s, sent) = put(sent).await;
+    assert_eq!(s, 200, "{sent}");
+    assert_eq!(notices(&id), 1, "the draft sent");
+    // Withdrawn afterwards: no new notice.
+    let mut withdrawn = sent.clone();
+    withdrawn["status"] = json!("entered-in-error");
+    let (s, w) = put(withdrawn).await;
+    assert_eq!(s, 200, "{w}");
+    assert_eq!(notices(&id), 1, "nothing more");
+}
+}
+
 // A message the patient saved as a draft first (the app saves what is typed) and then sent, by
 // updating it out of `preparation`, is answered and copied like one sent at once (an outside
 // walk-through: sent after "Draft saved", it got no auto-reply and the delegate no copy). The
