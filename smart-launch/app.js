@@ -170,6 +170,12 @@ function end(why) {
 }
 
 // A staff-only message carries the HL7 security label NOPAT (Courier labels it at write time).
+// 'auto-reply' or 'forward' for a message Courier wrote for someone out of office, else null.
+function automaticKind(c) {
+  const x = ((c && c.extension) || []).find((e) => e.url === 'https://courier.example.org/fhir/StructureDefinition/automatic');
+  return x ? (x.valueCode || 'auto-reply') : null;
+}
+
 function isStaffOnly(c) {
   return ((c && c.meta && c.meta.security) || []).some((x) => x.code === 'NOPAT' && x.system === 'http://terminology.hl7.org/CodeSystem/v3-ActCode');
 }
@@ -841,8 +847,12 @@ function renderMessage(m) {
   const staffNote = !isPatient() && isStaffOnly(m) && !(current && isStaffOnly(current.header));
   const li = el('li', {id: 'msg-' + m.id, class: (mine ? 'mine ' : '') + (withdrawn ? 'withdrawn ' : '') + (staffNote ? 'staff-note' : '')});
   const when = m.sent || m.meta.lastUpdated;
+  // Written by Courier for someone out of office, not by them (an outside walk-through's patient
+  // could take the reply for the clinician's own answer).
+  const auto = automaticKind(m);
   li.append(el('div', {class: 'meta'},
     staffNote ? el('span', {class: 'badge staff'}, 'Staff only — not shown to the patient') : null,
+    auto ? el('span', {class: 'badge auto'}, auto === 'forward' ? 'Forwarded automatically' : 'Automatic reply: away') : null,
     el('span', {class: 'from', dir: 'auto'}, nameOf(refOf(m.sender))),
     el('time', {datetime: when}, FULL.format(new Date(when))),
     m.priority && m.priority !== 'routine' ? el('span', {class: 'priority'}, m.priority) : null));

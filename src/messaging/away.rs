@@ -323,6 +323,20 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
                 super::staff_only::label_derived(store, "Communication", &mut v, &msg);
                 v
             };
+            // The covering colleague writing in the thread (the away clinician among its
+            // recipients) needs neither a reply saying they cover nor a copy of their own words
+            // (an outside walk-through's colleague got both); a delegate the message already
+            // reaches needs no copy.
+            if sender.is_some() && sender == away.delegate {
+                continue;
+            }
+            let reaches = |who: &str| {
+                msg["recipient"].as_array().into_iter().flatten().any(|r| {
+                    r["reference"]
+                        .as_str()
+                        .is_some_and(|x| super::hub::local_ref(x, &store.base_url) == who)
+                })
+            };
             if let Some(sender) = &sender {
                 ops.push(with(
                     base.clone(),
@@ -331,9 +345,11 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
                     json!([{"contentString": away.reply}]),
                 ));
             }
-            if let Some(d) = &away.delegate {
-                let mut payload =
-                    vec![json!({"contentString": format!("Forwarded while {to} is away.")})];
+            if let Some(d) = away.delegate.as_deref().filter(|d| !reaches(d)) {
+                // Said in words, not by reference (the walk-through's colleague read "Forwarded
+                // while Practitioner/3JxNk5T50UlwoiWw4BXu3x is away"); the app names the sender.
+                let mut payload = vec![json!({"contentString":
+                    "Forwarded automatically while I am away. Below is the message as its sender wrote it."})];
                 payload.extend(msg["payload"].as_array().cloned().unwrap_or_default());
                 ops.push(with(base.clone(), "forward", d, json!(payload)));
             }

@@ -111,14 +111,19 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
     // Two threads with the same subject about two patients; a long thread with Ada.
     let bob_token = with_bob["access_token"].as_str().unwrap().to_string();
     let ada_token = with_ada["access_token"].as_str().unwrap().to_string();
-    thread(
-        bob_token,
+    let bobs = thread(
+        bob_token.clone(),
         bob.clone(),
         bob.clone(),
         "Chest pain after climbing stairs",
         "How is the knee today?",
     )
     .await;
+    // An out-of-office reply Courier wrote for Grace in it: marked as automatic where shown.
+    post(&bob_token, json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{bobs}")}],
+        "subject": {"reference": bob}, "sender": {"reference": grace}, "recipient": [{"reference": bob}],
+        "sent": "2026-12-01T08:00:00Z", "payload": [{"contentString": "Away until Monday."}],
+        "extension": [{"url": courier::messaging::away::EXT_AUTOMATIC, "valueCode": "auto-reply"}]})).await;
     thread(
         ada_token.clone(),
         ada.clone(),

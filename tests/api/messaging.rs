@@ -1141,6 +1141,25 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
         .collect();
     assert!(kinds.contains(&"auto-reply") && kinds.contains(&"forward"), "{got:?}");
     assert_eq!(got.len(), 2, "once each: {got:?}");
+    // The copy says what it is in words, not by reference.
+    let forward = got
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|r| r["extension"][0]["valueCode"] == "forward")
+        .unwrap();
+    let said = forward["payload"][0]["contentString"].as_str().unwrap();
+    assert!(said.contains("while I am away") && !said.contains("Practitioner/"), "{said}");
+    assert_eq!(forward["payload"][1]["contentString"], "Drafted, then sent");
+    // The covering colleague answers the patient with dr-2 copied in: no auto-reply to them and
+    // no copy of their own words back to them.
+    let dr3 = client_with_token(&clinician_token(&app, "dr-3"));
+    let mut cover = msg("Practitioner/dr-3", &["Patient/p1", "Practitioner/dr-2"], "Covering: yes, with food.");
+    cover["subject"] = json!({"reference": "Patient/p1"});
+    let (s, c) = post_as(&dr3, &app, "/Communication", &cover).await;
+    assert_eq!(s, 201, "{c}");
+    pass().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(answered().await.len(), 2, "nothing automatic for the colleague who covers");
 }
 }
 

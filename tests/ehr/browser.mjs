@@ -199,6 +199,9 @@ try {
   await clinician.waitForSelector('#thread-patient.other');
   const other = await clinician.textContent('#thread-patient');
   check(other.includes(cfg.other_patient_name) && other.includes('not the one open in your EHR'), `clinician: another patient's thread says so (got "${other}")`);
+  // An out-of-office reply written for her says so (not her own words).
+  const autoText = await clinician.locator('#messages li', { hasText: 'Away until Monday.' }).textContent({ timeout: DELIVERY });
+  check(/Automatic reply/.test(autoText), `clinician: an automatic reply is marked as one (got "${autoText}")`);
   await a11y(clinician, 'clinician thread about another patient');
   // Search by patient name.
   await clinician.fill('#filter-text', 'bob');
