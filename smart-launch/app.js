@@ -169,13 +169,13 @@ function end(why) {
   $('ended').focus();
 }
 
-// A staff-only message carries the HL7 security label NOPAT (Courier labels it at write time).
 // 'auto-reply' or 'forward' for a message Courier wrote for someone out of office, else null.
 function automaticKind(c) {
   const x = ((c && c.extension) || []).find((e) => e.url === 'https://courier.example.org/fhir/StructureDefinition/automatic');
   return x ? (x.valueCode || 'auto-reply') : null;
 }
 
+// A staff-only message carries the HL7 security label NOPAT (Courier labels it at write time).
 function isStaffOnly(c) {
   return ((c && c.meta && c.meta.security) || []).some((x) => x.code === 'NOPAT' && x.system === 'http://terminology.hl7.org/CodeSystem/v3-ActCode');
 }

@@ -347,9 +347,17 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
             }
             if let Some(d) = away.delegate.as_deref().filter(|d| !reaches(d)) {
                 // Said in words, not by reference (the walk-through's colleague read "Forwarded
-                // while Practitioner/3JxNk5T50UlwoiWw4BXu3x is away"); the app names the sender.
-                let mut payload = vec![json!({"contentString":
-                    "Forwarded automatically while I am away. Below is the message as its sender wrote it."})];
+                // while Practitioner/3JxNk5T50UlwoiWw4BXu3x is away"), with whose words follow:
+                // the copy's sender is the one away, and its subject names the patient.
+                let whose = match sender.as_deref().and_then(|r| r.split_once('/')) {
+                    Some(("Patient", _)) => "the patient's message",
+                    Some(("RelatedPerson", _)) => "the message from the patient's relative",
+                    Some(("Practitioner" | "PractitionerRole", _)) => "a colleague's message",
+                    _ => "the message",
+                };
+                let mut payload = vec![json!({"contentString": format!(
+                    "Forwarded automatically while I am away. Below is {whose}, as it was written."
+                )})];
                 payload.extend(msg["payload"].as_array().cloned().unwrap_or_default());
                 ops.push(with(base.clone(), "forward", d, json!(payload)));
             }

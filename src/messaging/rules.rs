@@ -762,6 +762,38 @@ pub async fn prepare(
             "this message was withdrawn, and a withdrawn message stays withdrawn: send a new message instead",
         ));
     }
+    // Sent is sent: a person's message out of `preparation` does not become a draft again (a
+    // review: through a draft, a sent and read message could be rewritten and re-addressed,
+    // and counted as sent anew by the out-of-office job).
+    if res_type == "Communication"
+        && (p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some())
+        && replaced
+            .as_ref()
+            .is_some_and(|v| v["status"] != "preparation")
+        && body["status"] == "preparation"
+    {
+        return Err(FhirError::at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            "Communication.status",
+            "this message was sent and may have been read: it cannot become a draft again. Send a correction as a new message, or withdraw it",
+        ));
+    }
+    // Courier's own mark of a message it wrote for someone out of office: nobody else's to put
+    // on a message (the app shows it as "Automatic reply"), kept on the messages that have it.
+    let automatic = |v: &Value| {
+        v["extension"]
+            .as_array()
+            .is_some_and(|x| x.iter().any(|e| e["url"] == super::away::EXT_AUTOMATIC))
+    };
+    if res_type == "Communication" && automatic(body) && !replaced.as_ref().is_some_and(automatic) {
+        return Err(FhirError::at(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            "Communication.extension",
+            "the automatic extension marks messages Courier writes for someone out of office; a client may not set it",
+        ));
+    }
     // A sent message is what its readers read: a person may withdraw it, not rewrite it (an
     // outside probe's patient turned "mild chest pain", read by the clinician, into "crushing
     // chest pain", and re-addressed a read message to another patient, keeping its time and

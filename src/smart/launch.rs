@@ -151,8 +151,9 @@ pub(crate) fn page_with(
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .content_type("text/html; charset=utf-8")
         .body(format!(
-            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>{t} — Courier</title>\
-             <main style=\"font-family:sans-serif;max-width:40em;margin:3em auto\"><h1>{t}</h1><p>{x}</p>{l}{r}</main></html>",
+            "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{t} — Courier</title>\
+             <main style=\"font-family:sans-serif;max-width:40em;margin:3em auto;padding:0 1em\"><h1>{t}</h1><p>{x}</p>{l}{r}</main></html>",
             t = esc(title),
             x = esc(text),
             l = link
@@ -328,7 +329,10 @@ async fn authorize(
 ) -> HttpResponse {
     let endpoints = match state.ehrs.discovery().endpoints(&ehr.iss).await {
         Ok(e) => e,
-        Err(_) => {
+        Err(e) => {
+            // Why, for the administrator (an address the outbound rules refuse reads as
+            // "unreachable" on the page; the walk-through's log said nothing).
+            tracing::warn!(ehr = %ehr.name, error = %e, "cannot read the EHR's SMART configuration");
             return refuse(
                 state,
                 req,
@@ -336,7 +340,7 @@ async fn authorize(
                 "The EHR cannot be reached",
                 "Courier could not read the EHR's SMART configuration. Try again later.",
             )
-            .await
+            .await;
         }
     };
     let Some(auth_url) = endpoints.authorization.clone() else {
@@ -543,7 +547,11 @@ pub async fn callback(state: web::Data<AppState>, req: HttpRequest) -> HttpRespo
             .take(64)
             .collect();
         let (status, title, why) = match code.as_str() {
-            "access_denied" => (403, "Sign-in cancelled", "Access was denied at the EHR.".to_string()),
+            "access_denied" => (
+                403,
+                "Sign-in cancelled",
+                "Sign-in was declined at your health record system (your patient portal or your EHR). To use Courier, start again there and allow access.".to_string(),
+            ),
             "temporarily_unavailable" | "server_error" => (
                 503,
                 "Sign-in failed",

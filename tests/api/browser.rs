@@ -119,11 +119,35 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         "How is the knee today?",
     )
     .await;
-    // An out-of-office reply Courier wrote for Grace in it: marked as automatic where shown.
-    post(&bob_token, json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{bobs}")}],
+    // An out-of-office reply Courier wrote for Grace in it (as the job writes it, through the
+    // store: no client may set the mark): marked as automatic where shown.
+    let auto = json!({"resourceType": "Communication", "status": "completed", "partOf": [{"reference": format!("Communication/{bobs}")}],
         "subject": {"reference": bob}, "sender": {"reference": grace}, "recipient": [{"reference": bob}],
         "sent": "2026-12-01T08:00:00Z", "payload": [{"contentString": "Away until Monday."}],
-        "extension": [{"url": courier::messaging::away::EXT_AUTOMATIC, "valueCode": "auto-reply"}]})).await;
+        "extension": [{"url": courier::messaging::away::EXT_AUTOMATIC, "valueCode": "auto-reply"}]});
+    let (store, ctx) = (
+        app.store.clone(),
+        courier::audit::Context {
+            request_id: "out-of-office".into(),
+            client_address: "127.0.0.1".into(),
+            base_url: app.store.base_url.clone(),
+            ..Default::default()
+        },
+    );
+    tokio::task::spawn_blocking(move || {
+        store.write(
+            vec![courier::store::WriteOp::Create {
+                res_type: "Communication".into(),
+                id: courier::fhir::rest::new_id(),
+                resource: courier::store::Incoming::from_value(auto),
+                if_none_exist: None,
+            }],
+            &ctx,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
     thread(
         ada_token.clone(),
         ada.clone(),

@@ -568,7 +568,10 @@ both_backends! {
         assert!(back.contains("error=access_denied"));
         let (s, body) = back_with(&back, &cookie).await;
         assert_eq!(s, 403);
-        assert!(body.contains("denied"));
+        // In words a patient can act on, readable on a phone (an outside walk-through found it
+        // tiny there, and saying "EHR" to a patient).
+        assert!(body.contains("declined") && body.contains("patient portal"), "{body}");
+        assert!(body.contains(r#"name="viewport""#), "{body}");
         // Other codes are named and said for what they are (a set-up fault, a passing one).
         for (code, status, words) in [("invalid_scope", 502, "administrator"), ("temporarily_unavailable", 503, "Try again")] {
             let (to_ehr, cookie) = standalone(&app).await;

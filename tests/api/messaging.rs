@@ -995,10 +995,6 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
     );
 }
 
-// After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
-// clinician is answered and copied to their delegate in the next pass, not after the job has
-// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
-// seconds' delay, 10,000 nearly a minute).
 // A message sent after its draft was saved makes the notices of a new message (email, SMS, push)
 // once, when it is sent: not while it is a draft, not again when it is changed afterwards (before,
 // only a message created as sent made them).
@@ -1066,6 +1062,18 @@ async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
     let (s, sent) = put(sent).await;
     assert_eq!(s, 200, "{sent}");
     assert_eq!(notices(&id), 1, "the draft sent");
+    // Sent is sent: it does not become a draft again (to be rewritten and sent anew).
+    let mut back = sent.clone();
+    back["status"] = json!("preparation");
+    let (s, o) = put(back).await;
+    assert_eq!(s, 422, "{o}");
+    // Courier's mark of an automatic message is not a client's to set.
+    let mut forged = msg("Patient/p1", &["Practitioner/dr-2"], "Not really automatic");
+    forged["category"] = json!([{"text": "question"}]);
+    forged["extension"] = json!([{"url": courier::messaging::away::EXT_AUTOMATIC, "valueCode": "auto-reply"}]);
+    let (s, o) = post_as(&p1, &app, "/Communication", &forged).await;
+    assert_eq!(s, 422, "{o}");
+    assert!(o.to_string().contains("automatic"), "{o}");
     // Withdrawn afterwards: no new notice.
     let mut withdrawn = sent.clone();
     withdrawn["status"] = json!("entered-in-error");
@@ -1148,7 +1156,7 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
         .find(|r| r["extension"][0]["valueCode"] == "forward")
         .unwrap();
     let said = forward["payload"][0]["contentString"].as_str().unwrap();
-    assert!(said.contains("while I am away") && !said.contains("Practitioner/"), "{said}");
+    assert!(said.contains("while I am away") && said.contains("the patient's message") && !said.contains("Practitioner/"), "{said}");
     assert_eq!(forward["payload"][1]["contentString"], "Drafted, then sent");
     // The covering colleague answers the patient with dr-2 copied in: no auto-reply to them and
     // no copy of their own words back to them.
@@ -1160,9 +1168,34 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
     pass().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(answered().await.len(), 2, "nothing automatic for the colleague who covers");
+    // A message that already reaches the delegate: the patient gets the auto-reply, the delegate
+    // no second copy.
+    let mut both = msg("Patient/p1", &["Practitioner/dr-2", "Practitioner/dr-3"], "To both of you");
+    both["category"] = json!([{"text": "question"}]);
+    let (s, b) = post_as(&p1, &app, "/Communication", &both).await;
+    assert_eq!(s, 201, "{b}");
+    pass().await;
+    let mut kinds = vec![];
+    for _ in 0..20 {
+        kinds = answered()
+            .await
+            .iter()
+            .filter(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{}", b["id"].as_str().unwrap()).as_str())
+            .filter_map(|e| e["resource"]["extension"][0]["valueCode"].as_str().map(String::from))
+            .collect::<Vec<_>>();
+        if !kinds.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kinds, vec!["auto-reply".to_string()], "no copy to a delegate already reached");
 }
 }
 
+// After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
+// clinician is answered and copied to their delegate in the next pass, not after the job has
+// worked through the burst at 200 events a second (it once did: 2,000 messages meant ten
+// seconds' delay, 10,000 nearly a minute).
 both_backends! {
 async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst(app: TestApp) {
     let dr2 = client_with_token(&clinician_token(&app, "dr-2"));

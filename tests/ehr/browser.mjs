@@ -199,6 +199,17 @@ try {
   await clinician.waitForSelector('#thread-patient.other');
   const other = await clinician.textContent('#thread-patient');
   check(other.includes(cfg.other_patient_name) && other.includes('not the one open in your EHR'), `clinician: another patient's thread says so (got "${other}")`);
+  // A long patient name in "This patient (…)" wraps rather than being cut off (an outside
+  // walk-through saw "Wolfeschlegelsteinhaus" and no more).
+  const clipped = await clinician.evaluate(() => {
+    const b = document.querySelector('#scope-patient');
+    const was = b.textContent;
+    b.textContent = 'This patient (Hubert Wolfeschlegelsteinhausenbergerdorff)';
+    const cut = b.scrollWidth > b.clientWidth + 1;
+    b.textContent = was;
+    return cut;
+  });
+  check(!clipped, 'clinician: a long patient name in "This patient (…)" is not cut off');
   // An out-of-office reply written for her says so (not her own words).
   const autoText = await clinician.locator('#messages li', { hasText: 'Away until Monday.' }).textContent({ timeout: DELIVERY });
   check(/Automatic reply/.test(autoText), `clinician: an automatic reply is marked as one (got "${autoText}")`);
