@@ -83,27 +83,17 @@ fn sent_or_drafted<C: Conn>(c: &mut C, r: &Written) -> Result<(), StoreError> {
                 crate::notify::on_written(c, r.id, body)?;
             }
         }
-        WriteStatus::Updated if sent => {
+        // Still a draft.
+        WriteStatus::Updated if status.as_deref() == Some("preparation") => {}
+        // Out of draft: sent (its notices now), or withdrawn, deleted — never a new message.
+        WriteStatus::Updated | WriteStatus::Deleted => {
             let was_draft = c.execute(
                 "DELETE FROM draft_messages WHERE comm_id = ?",
                 vec![r.id.into()],
             )? > 0;
-            if let (true, Some(body)) = (was_draft, r.body) {
+            if let (true, true, Some(body)) = (was_draft, sent, r.body) {
                 crate::notify::on_written(c, r.id, body)?;
             }
-        }
-        WriteStatus::Updated if status.as_deref() != Some("preparation") => {
-            // Withdrawn (or anything else) before it was sent: never a new message.
-            c.execute(
-                "DELETE FROM draft_messages WHERE comm_id = ?",
-                vec![r.id.into()],
-            )?;
-        }
-        WriteStatus::Deleted => {
-            c.execute(
-                "DELETE FROM draft_messages WHERE comm_id = ?",
-                vec![r.id.into()],
-            )?;
         }
         _ => {}
     }

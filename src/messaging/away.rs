@@ -155,6 +155,13 @@ pub fn check_delegate(role: &Value, base: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `v` is a message Courier wrote for someone out of office (its [`EXT_AUTOMATIC`] mark).
+pub fn is_automatic(v: &Value) -> bool {
+    v["extension"]
+        .as_array()
+        .is_some_and(|x| x.iter().any(|e| e["url"] == EXT_AUTOMATIC))
+}
+
 fn ctx(store: &Store) -> audit::Context {
     audit::Context::job(&store.base_url, "out-of-office")
 }
@@ -249,10 +256,7 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
         };
         let msg: Value =
             serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
-        let automatic = msg["extension"]
-            .as_array()
-            .is_some_and(|x| x.iter().any(|e| e["url"] == EXT_AUTOMATIC));
-        if msg["status"] != "completed" || automatic {
+        if msg["status"] != "completed" || is_automatic(&msg) {
             continue;
         }
         let sender = msg["sender"]["reference"]

@@ -781,12 +781,10 @@ pub async fn prepare(
     }
     // Courier's own mark of a message it wrote for someone out of office: nobody else's to put
     // on a message (the app shows it as "Automatic reply"), kept on the messages that have it.
-    let automatic = |v: &Value| {
-        v["extension"]
-            .as_array()
-            .is_some_and(|x| x.iter().any(|e| e["url"] == super::away::EXT_AUTOMATIC))
-    };
-    if res_type == "Communication" && automatic(body) && !replaced.as_ref().is_some_and(automatic) {
+    if res_type == "Communication"
+        && super::away::is_automatic(body)
+        && !replaced.as_ref().is_some_and(super::away::is_automatic)
+    {
         return Err(FhirError::at(
             StatusCode::UNPROCESSABLE_ENTITY,
             "business-rule",

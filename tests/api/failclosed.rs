@@ -108,6 +108,20 @@ async fn audited_request_ids(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
+/// Of the request ids `refused`, those whose AuditEvents are still not recorded after ~15 s.
+async fn unrecorded(app: &TestApp, refused: &[String]) -> Vec<String> {
+    let mut missing = refused.to_vec();
+    for _ in 0..60 {
+        let audited = audited_request_ids(app).await;
+        missing.retain(|rid| !audited.contains(rid));
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    missing
+}
+
 both_backends! {
     async fn a_read_whose_audit_cannot_be_recorded_is_not_served(app: TestApp) {
         let id = app.create(&message("Patient/p1", "2026-01-01T10:00:00Z", "lab results")).await;
@@ -757,15 +771,7 @@ async fn refusals_waiting_to_be_audited_survive_a_crash() {
     let port = free_port();
     let mut second = serve(port);
     started(&app, &format!("http://127.0.0.1:{port}")).await;
-    let mut missing = refused.clone();
-    for _ in 0..60 {
-        let audited = audited_request_ids(&app).await;
-        missing.retain(|rid| !audited.contains(rid));
-        if missing.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let missing = unrecorded(&app, &refused).await;
     assert!(
         missing.is_empty(),
         "refusals lost in the crash: {missing:?}"
@@ -1008,15 +1014,7 @@ async fn a_really_full_disk_refuses_writes_keeps_every_answered_one_and_recovers
     }
     assert!(ready, "readyz says ready again");
     // The refusals' AuditEvents, which waited (spooled) while there was no room, are recorded.
-    let mut missing = refused.clone();
-    for _ in 0..60 {
-        let audited = audited_request_ids(&app).await;
-        missing.retain(|rid| !audited.contains(rid));
-        if missing.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let missing = unrecorded(&app, &refused).await;
     assert!(
         missing.is_empty(),
         "refusals never recorded: {missing:?} of {refused:?}"

@@ -390,6 +390,45 @@ pub async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Valu
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
+pub async fn put_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    let r = c
+        .put(app.url(path))
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+/// dr-2 sets their out-of-office (their own PractitionerRole, away from an hour ago to an hour
+/// from now, `reply` their automatic reply, dr-3 covering): the role as stored.
+async fn dr2_away_dr3_covers(app: &TestApp, reply: &str) -> Value {
+    let dr2 = client_with_token(&clinician_token(app, "dr-2"));
+    let now = chrono::Utc::now();
+    let role = json!({"resourceType": "PractitionerRole", "active": true,
+        "practitioner": {"reference": "Practitioner/dr-2"},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
+        "notAvailable": [{"description": reply,
+            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
+    let (s, created) = post_as(&dr2, app, "/PractitionerRole", &role).await;
+    assert_eq!(
+        s, 201,
+        "the practitioner sets their own out-of-office: {created}"
+    );
+    created
+}
+
+/// One pass of the out-of-office job (beside the instance's own, which may be running).
+async fn away_pass(app: &TestApp) {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || courier::messaging::away::run(&store))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 both_backends! {
     async fn drafts_are_their_authors_alone_until_sent(app: TestApp) {
         let author = client_with_token(&clinician_token(&app, "dr-1"));
@@ -1037,35 +1076,22 @@ async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
     let (s, draft) = post_as(&p1, &app, "/Communication", &m).await;
     assert_eq!(s, 201, "{draft}");
     let id = draft["id"].as_str().unwrap().to_string();
-    let put = |body: Value| {
-        let (c, url) = (p1.clone(), app.url(&format!("/Communication/{id}")));
-        async move {
-            let r = c
-                .put(url)
-                .header("content-type", "application/fhir+json")
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            let st = r.status().as_u16();
-            (st, r.json::<Value>().await.unwrap())
-        }
-    };
+    let path = format!("/Communication/{id}");
     assert_eq!(notices(&id), 0, "a draft");
     let mut edited = draft.clone();
     edited["payload"] = json!([{"contentString": "Drafted, edited"}]);
-    let (s, edited) = put(edited).await;
+    let (s, edited) = put_as(&p1, &app, &path, &edited).await;
     assert_eq!(s, 200, "{edited}");
     assert_eq!(notices(&id), 0, "a draft edited");
     let mut sent = edited.clone();
     sent["status"] = json!("completed");
-    let (s, sent) = put(sent).await;
+    let (s, sent) = put_as(&p1, &app, &path, &sent).await;
     assert_eq!(s, 200, "{sent}");
     assert_eq!(notices(&id), 1, "the draft sent");
     // Sent is sent: it does not become a draft again (to be rewritten and sent anew).
     let mut back = sent.clone();
     back["status"] = json!("preparation");
-    let (s, o) = put(back).await;
+    let (s, o) = put_as(&p1, &app, &path, &back).await;
     assert_eq!(s, 422, "{o}");
     // Courier's mark of an automatic message is not a client's to set.
     let mut forged = msg("Patient/p1", &["Practitioner/dr-2"], "Not really automatic");
@@ -1077,7 +1103,7 @@ async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
     // Withdrawn afterwards: no new notice.
     let mut withdrawn = sent.clone();
     withdrawn["status"] = json!("entered-in-error");
-    let (s, w) = put(withdrawn).await;
+    let (s, w) = put_as(&p1, &app, &path, &withdrawn).await;
     assert_eq!(s, 200, "{w}");
     assert_eq!(notices(&id), 1, "nothing more");
 }
@@ -1089,15 +1115,7 @@ async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
 // draft itself is not.
 both_backends! {
 async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: TestApp) {
-    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
-    let now = chrono::Utc::now();
-    let role = json!({"resourceType": "PractitionerRole", "active": true,
-        "practitioner": {"reference": "Practitioner/dr-2"},
-        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
-        "notAvailable": [{"description": "Away this week.",
-            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
-    let (s, created) = post_as(&dr2, &app, "/PractitionerRole", &role).await;
-    assert_eq!(s, 201, "{created}");
+    dr2_away_dr3_covers(&app, "Away this week.").await;
     let p1 = client_with_token(&patient_token(&app, "p1"));
     let mut m = msg("Patient/p1", &["Practitioner/dr-2"], "Drafted, then sent");
     m["category"] = json!([{"text": "question"}]);
@@ -1105,16 +1123,7 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
     let (s, draft) = post_as(&p1, &app, "/Communication", &m).await;
     assert_eq!(s, 201, "{draft}");
     let id = draft["id"].as_str().unwrap().to_string();
-    let pass = || {
-        let store = app.store.clone();
-        async move {
-            tokio::task::spawn_blocking(move || courier::messaging::away::run(&store))
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
-    pass().await;
+    away_pass(&app).await;
     let answered = || async {
         app.get_json("/Communication?_count=10&sender=Practitioner/dr-2")
             .await["entry"]
@@ -1125,15 +1134,9 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
     assert!(answered().await.is_empty(), "a draft is not answered");
     let mut sent = draft.clone();
     sent["status"] = json!("completed");
-    let r = p1
-        .put(app.url(&format!("/Communication/{id}")))
-        .header("content-type", "application/fhir+json")
-        .body(sent.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    pass().await;
+    let (s, r) = put_as(&p1, &app, &format!("/Communication/{id}"), &sent).await;
+    assert_eq!(s, 200, "{r}");
+    away_pass(&app).await;
     let mut got = vec![];
     for _ in 0..20 {
         got = answered().await;
@@ -1165,7 +1168,7 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
     cover["subject"] = json!({"reference": "Patient/p1"});
     let (s, c) = post_as(&dr3, &app, "/Communication", &cover).await;
     assert_eq!(s, 201, "{c}");
-    pass().await;
+    away_pass(&app).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(answered().await.len(), 2, "nothing automatic for the colleague who covers");
     // A message that already reaches the delegate: the patient gets the auto-reply, the delegate
@@ -1174,7 +1177,7 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
     both["category"] = json!([{"text": "question"}]);
     let (s, b) = post_as(&p1, &app, "/Communication", &both).await;
     assert_eq!(s, 201, "{b}");
-    pass().await;
+    away_pass(&app).await;
     let mut kinds = vec![];
     for _ in 0..20 {
         kinds = answered()
@@ -1198,15 +1201,7 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
 // seconds' delay, 10,000 nearly a minute).
 both_backends! {
 async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst(app: TestApp) {
-    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
-    let now = chrono::Utc::now();
-    let role = json!({"resourceType": "PractitionerRole", "active": true,
-        "practitioner": {"reference": "Practitioner/dr-2"},
-        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
-        "notAvailable": [{"description": "Away today.",
-            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
-    let (s, created) = post_as(&dr2, &app, "/PractitionerRole", &role).await;
-    assert_eq!(s, 201, "{created}");
+    dr2_away_dr3_covers(&app, "Away today.").await;
     // 2,400 messages to colleagues who are in, then one to dr-2, in one transaction (the job
     // cannot have started on them before they are all there).
     let mut ops: Vec<courier::store::WriteOp> = (0..2400)
@@ -1246,11 +1241,7 @@ async fn an_away_practitioner_is_answered_in_one_pass_after_a_burst(app: TestApp
         .unwrap();
     // One pass (beside the instance's own, which may be running: whichever claims the message
     // writes its copies).
-    let store = app.store.clone();
-    tokio::task::spawn_blocking(move || courier::messaging::away::run(&store))
-        .await
-        .unwrap()
-        .unwrap();
+    away_pass(&app).await;
     let mut found = Value::Null;
     for _ in 0..10 {
         let r = app
