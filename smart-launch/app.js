@@ -138,8 +138,8 @@ function end(why) {
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to', 'notice-text', 'new-error']) $(id).replaceChildren();
-  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older']) $(id).hidden = true;
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to', 'notice-text', 'new-error', 'file-name']) $(id).replaceChildren();
+  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older', 'file-chosen']) $(id).hidden = true;
   document.querySelector('.skip').hidden = true;
   $('thread-title').textContent = '';
   $('threads-count').textContent = '';
@@ -153,6 +153,8 @@ function end(why) {
   $('filter-text').value = '';
   if ($('new-dialog').open) $('new-dialog').close();
   if ($('notices-dialog').open) $('notices-dialog').close();
+  if ($('idle-dialog').open) $('idle-dialog').close();
+  $('idle-text').textContent = '';
   $('notices').hidden = true;
   for (const id of ['notices-email-label', 'notices-sms-label', 'notices-zone', 'notices-status']) $(id).replaceChildren();
   $('notices-value').value = '';
@@ -167,6 +169,15 @@ function end(why) {
   $('connection').classList.remove('offline');
   window.scrollTo(0, 0);
   $('ended').focus();
+}
+
+// The chosen file's name beside the picker (as text: a file name is the sender's own words), and
+// a way to take it off again.
+function showChosen() {
+  const f = $('compose-file').files[0];
+  $('file-chosen').hidden = !f;
+  $('file-name').textContent = f ? f.name : '';
+  $('file-remove').setAttribute('aria-label', f ? 'Remove the attached file ' + f.name : 'Remove the attached file');
 }
 
 // 'auto-reply' or 'forward' for a message Courier wrote for someone out of office, else null.
@@ -193,14 +204,18 @@ function refreshToken() {
 async function refreshOnce() {
   if (!token || !session || !session.session) return false;
   const body = new URLSearchParams({session: session.session});
+  const mine = session;
   let r;
   try {
     r = await fetch('/smart/session/refresh', {method: 'POST', body, headers: {Authorization: 'Bearer ' + token}});
   } catch (e) {
     return false; // offline: keep the old token until it expires, try again later
   }
+  // Signed out meanwhile: the answer must not bring the session back to this page.
+  if (!token || session !== mine) return false;
   if (r.ok) {
     const t = await r.json();
+    if (!token || session !== mine) return false;
     token = t.access_token;
     tokenExpires = Date.now() + t.expires_in * 1000;
     lastRefresh = Date.now();
@@ -242,13 +257,45 @@ async function signOut(why) {
 // signed out here at the configured idle limit (Courier's own log-off ends the session too).
 setInterval(() => {
   if (!token) return;
+  if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
+}, 15000);
+
+// Warned before the idle sign-out (WCAG 2.2.1: at least 20 seconds to keep the session with one
+// simple action): a minute before it — a quarter of the limit when that is shorter, never under
+// 20 s — a dialog counts down, above any other dialog (a half-written new conversation would be
+// lost). "Stay signed in", or any activity, keeps the session and tells the server at once.
+function idleCheck() {
+  const dialog = $('idle-dialog');
   const idle = (config.idle_timeout_secs || 0) * 1000;
-  if (idle && Date.now() - lastActivity > idle) {
+  if (!token || !idle) {
+    if (dialog.open) dialog.close();
+    return;
+  }
+  const left = lastActivity + idle - Date.now();
+  if (left <= 0) {
     signOut(idleWords(idle));
     return;
   }
-  if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
-}, 15000);
+  const warn = Math.max(20000, Math.min(60000, idle / 4));
+  if (left > warn) {
+    if (dialog.open) dialog.close();
+    return;
+  }
+  const secs = Math.ceil(left / 1000);
+  $('idle-text').textContent = 'You will be signed out in ' + (secs === 1 ? '1 second' : secs + ' seconds') + ' because Courier has not been used for a while.';
+  if (!dialog.open) {
+    idleOpening = true;
+    dialog.showModal();
+    idleOpening = false;
+  }
+}
+let idleOpening = false;
+setInterval(idleCheck, 1000);
+function stayIn() {
+  lastActivity = Date.now();
+  if ($('idle-dialog').open) $('idle-dialog').close();
+  if (token) refreshToken();
+}
 // "after 1 minute", "after 15 minutes", "after 90 seconds".
 function idleWords(ms) {
   const min = Math.round(ms / 60000);
@@ -259,9 +306,13 @@ function idleWords(ms) {
 // pointer some way (not the jitter of a resting mouse or a remote desktop). Not `scroll`: the
 // app scrolls by itself when messages arrive, and that is nobody at the screen.
 let pointerAt = null;
-function active() {
+function active(e) {
+  // The idle warning taking the focus is not someone at the screen.
+  if (e && e.type === 'focus' && (idleOpening || $('idle-dialog').contains(e.target))) return;
   lastActivity = Date.now();
-  if (token && Date.now() > tokenExpires) refreshToken();
+  // While the warning shows, the server is told at once; the warning closes at the next tick,
+  // not under a press (whose click would then land on what lies beneath it).
+  if (token && ($('idle-dialog').open || Date.now() > tokenExpires)) refreshToken();
 }
 for (const ev of ['keydown', 'pointerdown', 'focus', 'wheel', 'touchmove']) window.addEventListener(ev, active, true);
 window.addEventListener('pointermove', (e) => {
@@ -1260,6 +1311,7 @@ async function send(ev) {
       replaceMessage(saved);
       $('compose-text').value = '';
       $('compose-file').value = '';
+      showChosen();
       // Urgency is chosen for one message: the next one starts routine again.
       if (!isPatient()) $('compose-priority').value = 'routine';
       $('draft-state').textContent = '';
@@ -1995,6 +2047,17 @@ async function start() {
     try { await Notification.requestPermission(); } catch (e) { /* the sound still plays */ }
   });
   $('logout').addEventListener('click', () => signOut('You have signed out.'));
+  $('idle-stay').addEventListener('click', stayIn);
+  $('compose-file').addEventListener('change', showChosen);
+  $('compose').addEventListener('reset', () => setTimeout(showChosen, 0));
+  $('file-remove').addEventListener('click', () => {
+    $('compose-file').value = '';
+    showChosen();
+    $('compose-file').focus();
+  });
+  $('idle-leave').addEventListener('click', () => signOut('You have signed out.'));
+  // Escape closes a dialog; here it means "I am here" as any key does.
+  $('idle-dialog').addEventListener('cancel', (e) => { e.preventDefault(); stayIn(); });
   $('notices').hidden = false;
   $('notices').addEventListener('click', openNotices);
   $('notices-form').addEventListener('submit', saveNotices);

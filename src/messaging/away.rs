@@ -7,7 +7,9 @@
 //! once per message and recipient):
 //! - an automatic reply to its sender (`inResponseTo` the message, same thread, the description
 //!   as text), and
-//! - when a delegate is named, a copy to the delegate (`inResponseTo` the message, its text).
+//! - when a delegate is named, a copy to the delegate (`inResponseTo` the message, its text),
+//!   and the delegate joins the message's thread (a recipient of its header), so that it is in
+//!   their list and the patient's replies reach them.
 //!
 //! Both are marked with the `automatic` extension and are never answered automatically in turn.
 //! Escalation (`escalation.rs`) does not remind someone who is away: it goes to their delegate at
@@ -381,10 +383,78 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
                 &ctx(store),
             )?;
             written += n;
+            if let Some(d) = away.delegate.as_deref().filter(|d| !reaches(d)) {
+                written += join_thread(store, &msg, d)?;
+            }
         }
     }
     super::events::move_cursor(store, CURSOR, last)?;
     Ok((written, rows.len()))
+}
+
+/// The delegate joins the thread the forwarded message belongs to (a recipient of its header),
+/// so that the conversation is in their own list — not only with that patient open in their EHR
+/// — and what is written in it next (the patient's replies, addressed to the header's
+/// participants) reaches them directly. An outside walk-through's covering colleague could not
+/// find the copy, and the patient's replies went on to the clinician who was away. Changes
+/// nothing when the message has no thread, the thread is withdrawn or gone, or the delegate
+/// already takes part; a header changed meanwhile is read again (the update is made on the
+/// version read, never over someone else's). Returns the number of versions written.
+fn join_thread(store: &Store, msg: &Value, delegate: &str) -> Result<usize, StoreError> {
+    let Some(header) = msg["partOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["reference"].as_str())
+        .map(|r| super::hub::local_ref(r, &store.base_url))
+        .find_map(|r| r.strip_prefix("Communication/").map(String::from))
+    else {
+        return Ok(0);
+    };
+    for _ in 0..3 {
+        let Ok(now) = store.read("Communication", &header) else {
+            return Ok(0);
+        };
+        let Some(mut h) = now
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        else {
+            return Ok(0);
+        };
+        let takes_part = |r: &Value| {
+            r["reference"]
+                .as_str()
+                .is_some_and(|x| super::hub::local_ref(x, &store.base_url) == delegate)
+        };
+        if h["status"] == "entered-in-error"
+            || takes_part(&h["sender"])
+            || h["recipient"].as_array().into_iter().flatten().any(takes_part)
+        {
+            return Ok(0);
+        }
+        match h["recipient"].as_array_mut() {
+            Some(to) => to.push(json!({"reference": delegate})),
+            None => h["recipient"] = json!([{"reference": delegate}]),
+        }
+        let op = WriteOp::Update {
+            res_type: "Communication".into(),
+            id: header.clone(),
+            resource: Incoming::from_value(h),
+            if_match: Some(now.version_id),
+            upsert: false,
+            patch: false,
+            guard: None,
+            may_create: false,
+        };
+        match store.write(vec![op], &ctx(store)) {
+            Ok(_) => return Ok(1),
+            Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::warn!("an out-of-office delegate could not join a thread changed three times meanwhile");
+    Ok(0)
 }
 
 #[derive(QueryableByName)]

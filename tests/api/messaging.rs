@@ -1195,6 +1195,92 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
 }
 }
 
+// The covering colleague finds the forwarded message in their own list of conversations, without
+// that patient open in their EHR, and the patient's replies reach them directly: the delegate
+// joins the thread (an outside walk-through's colleague could not find the copy, and the
+// patient's next messages went on to the clinician who was away).
+both_backends! {
+async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_them(app: TestApp) {
+    dr2_away_dr3_covers(&app, "Away this week; Dr Three covers.").await;
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let dr3 = client_with_token(&clinician_token(&app, "dr-3"));
+    // As the app starts a conversation: a header, then the first message in it.
+    let mut h = msg("Patient/p1", &["Practitioner/dr-2"], "");
+    h.as_object_mut().unwrap().remove("payload");
+    h["status"] = json!("in-progress");
+    h["topic"] = json!({"text": "My tablets"});
+    h["subject"] = json!({"reference": "Patient/p1"});
+    h["category"] = json!([{"text": "question"}]);
+    let (s, header) = post_as(&p1, &app, "/Communication", &h).await;
+    assert_eq!(s, 201, "{header}");
+    let hid = header["id"].as_str().unwrap().to_string();
+    let threads = |c: reqwest::Client| {
+        let url = app.url("/Communication?part-of:missing=true&_count=50");
+        async move {
+            let b: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            ids(&b)
+        }
+    };
+    assert!(!threads(dr3.clone()).await.contains(&hid), "not theirs before dr-2 is written to");
+    let mut first = msg("Patient/p1", &["Practitioner/dr-2"], "Can I take them with food?");
+    first["partOf"] = json!([{"reference": format!("Communication/{hid}")}]);
+    first["subject"] = json!({"reference": "Patient/p1"});
+    first["category"] = json!([{"text": "question"}]);
+    let (s, f) = post_as(&p1, &app, "/Communication", &first).await;
+    assert_eq!(s, 201, "{f}");
+    away_pass(&app).await;
+    // The thread is in the colleague's list, and the copy in it.
+    assert!(threads(dr3.clone()).await.contains(&hid), "the covering colleague lists the thread");
+    let (s, in_thread) = call(&dr3, &app, "GET", &format!("/Communication?part-of=Communication/{hid}")).await;
+    assert_eq!(s, 200, "{in_thread}");
+    let forwarded: Vec<&Value> = in_thread["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| &e["resource"])
+        .filter(|r| r["extension"][0]["valueCode"] == "forward")
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{in_thread}");
+    assert_eq!(forwarded[0]["payload"][1]["contentString"], "Can I take them with food?");
+    // The patient sees who has joined (the header names dr-3 now), and the patient's reply,
+    // addressed as the app addresses it (the header's participants but themself), reaches dr-3
+    // directly — no copy needed, the auto-reply still goes to the patient.
+    let (s, seen) = call(&p1, &app, "GET", &format!("/Communication/{hid}")).await;
+    assert_eq!(s, 200, "{seen}");
+    let to: Vec<&str> = seen["recipient"].as_array().unwrap().iter().filter_map(|r| r["reference"].as_str()).collect();
+    assert_eq!(to, vec!["Practitioner/dr-2", "Practitioner/dr-3"], "{seen}");
+    assert_eq!(seen["topic"]["text"], "My tablets", "the header is otherwise unchanged");
+    let mut reply = msg("Patient/p1", &to, "Also: is grapefruit juice all right?");
+    reply["partOf"] = json!([{"reference": format!("Communication/{hid}")}]);
+    reply["subject"] = json!({"reference": "Patient/p1"});
+    reply["category"] = json!([{"text": "question"}]);
+    let (s, r) = post_as(&p1, &app, "/Communication", &reply).await;
+    assert_eq!(s, 201, "{r}");
+    let rid = r["id"].as_str().unwrap().to_string();
+    let (s, got) = call(&dr3, &app, "GET", &format!("/Communication/{rid}")).await;
+    assert_eq!(s, 200, "the colleague reads the patient's reply: {got}");
+    away_pass(&app).await;
+    let (_, auto) = call(&dr3, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
+    let answering: Vec<&str> = auto["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{rid}").as_str())
+        .filter_map(|e| e["resource"]["extension"][0]["valueCode"].as_str())
+        .collect();
+    assert!(!answering.contains(&"forward"), "no copy of a message that reaches the colleague: {auto}");
+    let (_, mine) = call(&p1, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
+    assert!(
+        mine["entry"].as_array().into_iter().flatten().any(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{rid}").as_str()
+            && e["resource"]["extension"][0]["valueCode"] == "auto-reply"),
+        "the patient is still told dr-2 is away: {mine}"
+    );
+    // Joined once: the header has one version more, not one per message.
+    let (_, h_now) = call(&p1, &app, "GET", &format!("/Communication/{hid}")).await;
+    assert_eq!(h_now["meta"]["versionId"], "2", "{h_now}");
+}
+}
+
 // After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
 // clinician is answered and copied to their delegate in the next pass, not after the job has
 // worked through the burst at 200 events a second (it once did: 2,000 messages meant ten

@@ -359,6 +359,21 @@ try {
   // A photo with no text: a thumbnail on the other side.
   step('patient: photo only');
   await patient.setInputFiles('#compose-file', { name: 'rash.png', mimeType: 'image/png', buffer: PNG });
+  // The picker on a phone: a button that says what it does (the browser's own control read
+  // "Choose File No", cut off beside Send), the chosen file's name beside it, all in view.
+  const picker = await patient.locator('label.file-label').boundingBox();
+  const pickerSays = (await patient.locator('label.file-label').innerText()).trim();
+  check(picker && picker.x >= 0 && picker.x + picker.width <= 390 && picker.height >= 44 && pickerSays === 'Attach',
+    `patient: the file picker is an "Attach" button in view on a phone (got "${pickerSays}", ${JSON.stringify(picker)})`);
+  const chosen = (await patient.textContent('#file-name')) || '';
+  const chosenBox = await patient.locator('#file-chosen').boundingBox();
+  check(chosen === 'rash.png' && chosenBox && chosenBox.x + chosenBox.width <= 390, `patient: the chosen file's name shows beside the picker (got "${chosen}")`);
+  const sendBox = await patient.locator('#send').boundingBox();
+  check(sendBox && sendBox.x + sendBox.width <= 390, 'patient: Send stays in view beside the picker and the file name');
+  await patient.click('#file-remove');
+  check((await patient.evaluate(() => document.getElementById('compose-file').files.length)) === 0 && !(await patient.isVisible('#file-chosen')),
+    'patient: "Remove" takes the chosen file off');
+  await patient.setInputFiles('#compose-file', { name: 'rash.png', mimeType: 'image/png', buffer: PNG });
   await patient.click('#send');
   await clinician.waitForSelector('#messages img.thumb[alt="Photo: rash.png"]', { timeout: DELIVERY });
   await clinician.waitForFunction(() => { const i = document.querySelector('#messages img.thumb'); return i && i.complete && i.naturalWidth === 2; }, null, { timeout: DELIVERY });
@@ -748,6 +763,38 @@ try {
   // Chromium logs why it refused the subscription (no Push API in a private context); the app
   // has said so in its own words above.
   for (let i = problems.length - 1; i >= 0; i--) if (/does not support the Push API/.test(problems[i])) problems.splice(i, 1);
+
+  // ---- Warned before the idle sign-out (WCAG 2.2.1): a countdown above an open dialog, one
+  // press keeps the session and what was typed. ----
+  step('patient: warned before the idle sign-out');
+  const idleSecs = await patient.evaluate(() => config.idle_timeout_secs);
+  await patient.click('#new-thread');
+  await patient.waitForSelector('#new-dialog[open]');
+  await patient.fill('#new-text', 'Half-written before the warning');
+  // As if nobody had touched the page for all but 30 s of the limit.
+  await patient.evaluate((s) => { lastActivity = Date.now() - (s * 1000 - 30000); }, idleSecs);
+  await patient.waitForSelector('#idle-dialog[open]', { timeout: 5000 });
+  const warned = await patient.textContent('#idle-text');
+  const n = Number((warned.match(/signed out in (\d+) seconds/) || [])[1]);
+  check(n > 20 && n <= 30, `patient: the warning counts down the seconds left (got "${warned}")`);
+  const idleBox = await patient.locator('#idle-stay').boundingBox();
+  check(idleBox && idleBox.y >= 0 && idleBox.y + idleBox.height <= 844, 'patient: "Stay signed in" is in view on a phone');
+  check((await patient.evaluate(() => document.activeElement && document.activeElement.closest('#idle-dialog') !== null)), 'patient: the warning takes the focus (keyboard, screen reader)');
+  await a11y(patient, 'idle warning (phone)', true);
+  await patient.waitForTimeout(1500);
+  check(await patient.isVisible('#idle-dialog'), 'patient: the warning stays until answered (its own focus is not activity)');
+  const refreshes = [];
+  patient.on('request', (r) => { if (r.url().endsWith('/smart/session/refresh')) refreshes.push(r.url()); });
+  await patient.click('#idle-stay');
+  await patient.waitForSelector('#idle-dialog', { state: 'hidden' });
+  check(await patient.isVisible('#new-dialog') && (await patient.inputValue('#new-text')) === 'Half-written before the warning',
+    'patient: after "Stay signed in" the half-written conversation is still there');
+  for (let i = 0; i < 50 && refreshes.length === 0; i++) await patient.waitForTimeout(100);
+  check(refreshes.length >= 1, 'patient: "Stay signed in" tells the server at once (the session is refreshed)');
+  await patient.waitForTimeout(1500);
+  check(!(await patient.isVisible('#idle-dialog')) && !(await patient.isVisible('#ended')), 'patient: still signed in after the warning was answered');
+  await patient.click('#new-cancel');
+  await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
 
   // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
   step('patient: signs out');
