@@ -429,7 +429,11 @@ fn join_thread(store: &Store, msg: &Value, delegate: &str) -> Result<usize, Stor
         };
         if h["status"] == "entered-in-error"
             || takes_part(&h["sender"])
-            || h["recipient"].as_array().into_iter().flatten().any(takes_part)
+            || h["recipient"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(takes_part)
         {
             return Ok(0);
         }
@@ -453,7 +457,9 @@ fn join_thread(store: &Store, msg: &Value, delegate: &str) -> Result<usize, Stor
             Err(e) => return Err(e),
         }
     }
-    tracing::warn!("an out-of-office delegate could not join a thread changed three times meanwhile");
+    tracing::warn!(
+        "an out-of-office delegate could not join a thread changed three times meanwhile"
+    );
     Ok(0)
 }
 
