@@ -138,8 +138,8 @@ function end(why) {
   for (const url of blobs.values()) URL.revokeObjectURL(url);
   blobs.clear();
   unread = {total: 0, urgent: 0, byThread: new Map()};
-  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to', 'notice-text', 'new-error', 'file-name']) $(id).replaceChildren();
-  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older', 'file-chosen']) $(id).hidden = true;
+  for (const id of ['threads', 'messages', 'patient-banner', 'thread-patient', 'announce', 'new-to', 'filter-patient', 'me', 'new-about', 'compose-error', 'compose-to', 'notice-text', 'new-error', 'file-name', 'compose-away', 'new-away']) $(id).replaceChildren();
+  for (const id of ['main', 'patient-banner', 'compose', 'staff-banner', 'notice', 'thread-actions', 'thread-patient', 'logout', 'alerts', 'older', 'file-chosen', 'compose-away', 'new-away']) $(id).hidden = true;
   document.querySelector('.skip').hidden = true;
   $('thread-title').textContent = '';
   $('threads-count').textContent = '';
@@ -417,11 +417,36 @@ async function askNow() {
 function learnPerson(param) {
   const v = {};
   for (const q of (param.part || [])) {
-    const val = q.valueString ?? q.valueDate ?? q.valueCode ?? (q.valueReference && q.valueReference.reference);
+    const val = q.valueString ?? q.valueDate ?? q.valueDateTime ?? q.valueBoolean ?? q.valueCode ?? (q.valueReference && q.valueReference.reference);
     v[q.name] = val;
   }
   if (v.reference) people.set(v.reference, v);
   return v;
+}
+
+// "until 11 Dec 2026" (a date), "until 11 Dec 2026, 17:00" (a time): when someone away is back.
+function untilText(p) {
+  if (!p.awayUntil) return '';
+  if (/^\d{4}-\d{2}-\d{2}$/.test(p.awayUntil)) return ' until ' + born(p.awayUntil);
+  const t = new Date(p.awayUntil);
+  return isNaN(t) ? '' : ' until ' + FULL.format(t);
+}
+
+// Whom of `refs` is away, in words, with their own automatic reply: said before sending (the
+// message still goes to them; the covering colleague gets a copy).
+function awayNotice(refs) {
+  const lines = [];
+  for (const r of refs) {
+    const p = people.get(r);
+    if (!p || p.away !== true || r === session.fhirUser) continue;
+    lines.push(nameOf(r) + ' is away' + untilText(p) + '.' + (p.awayReply ? ' Their message: “' + p.awayReply + '”' : ''));
+  }
+  return lines.join(' ');
+}
+function showAway(id, refs) {
+  const text = awayNotice(refs);
+  $(id).textContent = text;
+  $(id).hidden = !text;
 }
 
 function nameOf(ref) {
@@ -844,6 +869,7 @@ function renderThreadHead() {
   const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient' + bornOf(r) + ')' : '')).join(', ');
   $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt && !toPatient ? ' · about ' + nameOf(pt) + bornOf(pt) : '') +
     (other ? ' · another patient, not the one open in your EHR' : '');
+  showAway('compose-away', others);
 }
 
 function renderMessages() {
@@ -1413,7 +1439,8 @@ function fillTo() {
       // Of two of one name (and role), each says which it is.
       const twins = recipientsList.filter((x) => x.reference !== r.reference && r.name && x.name === r.name && x.role === r.role);
       const which = twins.length ? ' (…' + r.reference.split('/').pop().slice(-4) + ')' : '';
-      og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '') + which));
+      const away = r.away === true ? ' (away' + untilText(r) + ')' : '';
+      og.append(el('option', {value: r.reference}, (r.name || nameOf(r.reference)) + (r.role ? ' — ' + r.role : '') + which + away));
     }
     sel.append(og);
   }
@@ -1426,11 +1453,13 @@ function fillTo() {
     newError('Courier does not know your care team yet. Please call your clinic, or reply in an existing conversation.');
   }
   $('ref-field').hidden = sel.value !== 'other';
+  showAway('new-away', [sel.value]);
 }
 
 function chooseTo() {
   $('ref-field').hidden = $('new-to').value !== 'other';
   newError('');
+  showAway('new-away', [$('new-to').value]);
 }
 
 // Notifications: which channels, and quiet hours in this browser's time zone.

@@ -33,6 +33,8 @@ const CURSOR: &str = "away";
 pub struct Away {
     pub reply: String,
     pub delegate: Option<String>,
+    /// The end of the time away as its PractitionerRole gives it (a FHIR dateTime), if it has one.
+    pub until: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -102,6 +104,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
                     .unwrap_or("I am away.")
                     .to_string(),
                 delegate,
+                until: n["during"]["end"].as_str().map(String::from),
             }));
         }
     }

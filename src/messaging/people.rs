@@ -164,6 +164,39 @@ fn person(
 
 use crate::api::parameters;
 
+/// A practitioner out of office now says so where they are named (`away`, `awayUntil`,
+/// `awayReply`: their own automatic reply), so that whoever writes to them knows before sending,
+/// not only from the automatic reply after (an outside walk-through's patient was told "replies
+/// within 2 business days" while writing to someone away for a week).
+fn mark_away(store: &Store, person: &mut Value, now: i64) -> Result<(), StoreError> {
+    let Some(r) = person["part"][0]["valueReference"]["reference"]
+        .as_str()
+        .filter(|r| r.starts_with("Practitioner/"))
+    else {
+        return Ok(());
+    };
+    let Some(away) = super::away::away(store, r, now)? else {
+        return Ok(());
+    };
+    if let Some(part) = person["part"].as_array_mut() {
+        part.push(json!({"name": "away", "valueBoolean": true}));
+        if let Some(until) = away.until {
+            part.push(json!({"name": "awayUntil", "valueDateTime": until}));
+        }
+        part.push(json!({"name": "awayReply", "valueString": away.reply}));
+    }
+    Ok(())
+}
+
+/// The people of an answer, each marked when away.
+fn marked(store: &Store, people: Vec<Value>) -> Result<Vec<Value>, StoreError> {
+    let now = crate::clock::now_micros();
+    people
+        .into_iter()
+        .map(|mut v| mark_away(store, &mut v, now).map(|_| v))
+        .collect()
+}
+
 /// `GET /Communication/$participants`
 pub async fn participants(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let result = participants_inner(&state, &req).await;
@@ -246,13 +279,14 @@ async fn participants_inner(state: &web::Data<AppState>, req: &HttpRequest) -> R
         }
         let keys: Vec<String> = allowed.iter().map(|(r, _)| r.clone()).collect();
         let summaries = identity::summaries(&store, &keys)?;
-        Ok::<_, FhirError>(
+        Ok::<_, FhirError>(marked(
+            &store,
             allowed
                 .iter()
                 .filter(|(r, pool)| pool.is_some() || summaries.contains_key(r))
                 .map(|(r, pool)| person(r, summaries.get(r), pool.as_deref(), None))
-                .collect::<Vec<_>>(),
-        )
+                .collect(),
+        )?)
     })
     .await?;
     Ok(parameters(params))
@@ -342,11 +376,12 @@ async fn recipients_inner(state: &web::Data<AppState>, req: &HttpRequest) -> Res
         }
         let keys: Vec<String> = out.iter().map(|(r, _, _)| r.clone()).collect();
         let summaries = identity::summaries(&store, &keys)?;
-        Ok::<_, FhirError>(
+        Ok::<_, FhirError>(marked(
+            &store,
             out.iter()
                 .map(|(r, pool, src)| person(r, summaries.get(r), pool.as_deref(), Some(src)))
-                .collect::<Vec<_>>(),
-        )
+                .collect(),
+        )?)
     })
     .await?;
     Ok(parameters(params))

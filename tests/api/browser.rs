@@ -213,6 +213,8 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
         "colleague_name": "Alan Turing",
         "colleague_ref": alan_ref,
         "colleague_token": alan["access_token"],
+        // To set the colleague's out-of-office as an administrator would.
+        "admin_token": issue(&app.tokens, &app.admin_client_id, ADMIN_SCOPES, None, None),
         "clinician_ref": grace,
         "patient_ref": ada,
         "base": app.url(""),

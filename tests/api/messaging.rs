@@ -1281,6 +1281,58 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
 }
 }
 
+// Whoever writes to a clinician who is away is told so before sending, where the clinician is
+// named ($participants, $recipients): away, until when, and their own automatic reply (an outside
+// walk-through's patient read "usually replies within 2 business days" while writing to someone
+// away for a week). Someone who is in is not marked.
+both_backends! {
+async fn a_clinician_away_is_said_to_be_away_where_they_are_named(app: TestApp) {
+    courier::smart::identity::remember(&app.store, "Practitioner/dr-2", &json!({"name": "Grace Hopper"})).unwrap();
+    courier::smart::identity::remember(&app.store, "Practitioner/dr-3", &json!({"name": "Alan Turing"})).unwrap();
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let dr1 = client_with_token(&clinician_token(&app, "dr-1"));
+    let mut hello = msg("Patient/p1", &["Practitioner/dr-2", "Practitioner/dr-3"], "Hello both");
+    hello["category"] = json!([{"text": "question"}]);
+    let (s, h) = post_as(&p1, &app, "/Communication", &hello).await;
+    assert_eq!(s, 201, "{h}");
+    let person = |b: &Value, who: &str| -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        for x in b["parameter"].as_array().into_iter().flatten() {
+            let parts = x["part"].as_array().unwrap();
+            if parts[0]["valueReference"]["reference"] != who {
+                continue;
+            }
+            for q in parts {
+                let v = q.as_object().unwrap().iter().find(|(k, _)| k.starts_with("value")).unwrap().1.clone();
+                m.insert(q["name"].as_str().unwrap().to_string(), v);
+            }
+        }
+        m
+    };
+    let ask = "/Communication/$participants?reference=Practitioner/dr-2&reference=Practitioner/dr-3";
+    let (s, before) = call(&p1, &app, "GET", ask).await;
+    assert_eq!(s, 200, "{before}");
+    assert_eq!(person(&before, "Practitioner/dr-2")["name"], "Grace Hopper", "{before}");
+    assert!(!person(&before, "Practitioner/dr-2").contains_key("away"), "not away yet: {before}");
+    let role = dr2_away_dr3_covers(&app, "Away until Friday; Dr Turing covers.").await;
+    let end = role["notAvailable"][0]["during"]["end"].clone();
+    for (who, c) in [("the patient", &p1), ("a colleague", &dr1)] {
+        let (s, now) = call(c, &app, "GET", ask).await;
+        assert_eq!(s, 200, "{now}");
+        let dr2 = person(&now, "Practitioner/dr-2");
+        assert_eq!(dr2.get("away"), Some(&json!(true)), "{who}: {now}");
+        assert_eq!(dr2.get("awayUntil"), Some(&end), "{who}: {now}");
+        assert_eq!(dr2.get("awayReply"), Some(&json!("Away until Friday; Dr Turing covers.")), "{who}: {now}");
+        assert!(!person(&now, "Practitioner/dr-3").contains_key("away"), "{who}: dr-3 is in: {now}");
+    }
+    // Where the patient picks whom to write to.
+    let (s, r) = call(&p1, &app, "GET", "/Communication/$recipients").await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(person(&r, "Practitioner/dr-2").get("away"), Some(&json!(true)), "{r}");
+    assert!(!person(&r, "Practitioner/dr-3").contains_key("away"), "{r}");
+}
+}
+
 // After a burst of messages (an integrator's reminders, a ward's morning), a message to an away
 // clinician is answered and copied to their delegate in the next pass, not after the job has
 // worked through the burst at 200 events a second (it once did: 2,000 messages meant ten

@@ -796,6 +796,28 @@ try {
   await patient.click('#new-cancel');
   await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
 
+  // ---- A colleague out of office is said to be away before anyone writes to them. ----
+  step('patient: writing to someone who is away');
+  const back = new Date(Date.now() + 3 * 86400000).toISOString().slice(0, 10);
+  const ooo = await fetch(cfg.base + 'PractitionerRole', {
+    method: 'POST',
+    headers: { Authorization: 'Bearer ' + cfg.admin_token, 'Content-Type': 'application/fhir+json' },
+    body: JSON.stringify({ resourceType: 'PractitionerRole', active: true, practitioner: { reference: cfg.colleague_ref },
+      notAvailable: [{ description: 'On leave; the nurse line covers.', during: { start: new Date(Date.now() - 3600000).toISOString(), end: back } }] }),
+  });
+  check(ooo.status === 201, `admin: the colleague's out-of-office was not set (${ooo.status})`);
+  await patient.click('#new-thread');
+  await patient.waitForSelector('#new-dialog[open]');
+  await patient.waitForFunction((r) => [...document.querySelectorAll('#new-to option')].some((o) => o.value === r), cfg.colleague_ref, { timeout: DELIVERY });
+  const option = await patient.evaluate((r) => [...document.querySelectorAll('#new-to option')].find((o) => o.value === r).textContent, cfg.colleague_ref);
+  check(option.includes(cfg.colleague_name) && /\(away until /.test(option), `patient: whom to write to says who is away (got "${option}")`);
+  await patient.selectOption('#new-to', cfg.colleague_ref);
+  const awaySaid = (await patient.textContent('#new-away')) || '';
+  check(await patient.isVisible('#new-away') && awaySaid.startsWith(cfg.colleague_name + ' is away until ') && awaySaid.includes('On leave; the nurse line covers.'),
+    `patient: choosing someone away says so, with their own message, before sending (got "${awaySaid}")`);
+  await patient.keyboard.press('Escape');
+  await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
+
   // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
   step('patient: signs out');
   const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
@@ -803,7 +825,7 @@ try {
   await patient.click('#logout');
   await patient.waitForSelector('#ended:not([hidden])');
   check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
-  const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line']);
+  const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line', 'On leave']);
   check(left.length === 0, `patient: PHI left in the page after sign-out: ${left.join('; ')}`);
   const box = await patient.locator('#ended').boundingBox();
   check(box && box.y < 740, 'patient: the signed-out notice is in view');
