@@ -29,6 +29,10 @@ let wsBackoff = 1000;
 let current = null; // the open thread: {header, messages: Map id -> resource, older: next-page path}
 const threads = new Map(); // id -> header Communication
 const latest = new Map(); // thread id -> newest message in it (orders the list, gives the preview)
+// thread id -> newest message a person wrote (not Courier's automatic reply or forward): the
+// preview and "Waiting for my reply" go by it (a walk-through: back from leave, a clinician's
+// unanswered request read "You: Forwarded automatically…" and was not among those waiting).
+const latestWritten = new Map();
 const draftThreads = new Set(); // threads where I have an unsent draft
 let unread = {total: 0, urgent: 0, byThread: new Map()};
 let unreadKnown = false; // $unread has answered at least once
@@ -126,6 +130,7 @@ function end(why) {
   current = null;
   threads.clear();
   latest.clear();
+  latestWritten.clear();
   draftThreads.clear();
   people.clear();
   asked.clear();
@@ -154,6 +159,14 @@ function end(why) {
   if ($('new-dialog').open) $('new-dialog').close();
   if ($('notices-dialog').open) $('notices-dialog').close();
   if ($('idle-dialog').open) $('idle-dialog').close();
+  $('idle-error').hidden = true;
+  $('file-name').title = '';
+  if ($('away-dialog').open) $('away-dialog').close();
+  $('away').hidden = true;
+  awayRole = null;
+  $('away-form').reset();
+  $('away-delegate').replaceChildren();
+  for (const id of ['away-now', 'away-status', 'away-error']) $(id).textContent = '';
   $('idle-text').textContent = '';
   $('notices').hidden = true;
   for (const id of ['notices-email-label', 'notices-sms-label', 'notices-zone', 'notices-status']) $(id).replaceChildren();
@@ -177,6 +190,7 @@ function showChosen() {
   const f = $('compose-file').files[0];
   $('file-chosen').hidden = !f;
   $('file-name').textContent = f ? f.name : '';
+  $('file-name').title = f ? f.name : '';
   $('file-remove').setAttribute('aria-label', f ? 'Remove the attached file ' + f.name : 'Remove the attached file');
 }
 
@@ -255,9 +269,14 @@ async function signOut(why) {
 
 // The token is refreshed shortly before it expires while the user is active. An idle user is
 // signed out here at the configured idle limit (Courier's own log-off ends the session too).
+// The server counts the session idle from its last refresh: while the person is active it is
+// refreshed at least every half idle limit too (an idle limit shorter than a token's life would
+// otherwise end the session on the server before the warning here).
 setInterval(() => {
   if (!token) return;
-  if (tokenExpires - Date.now() < 60000 && lastActivity > lastRefresh) refreshToken();
+  const idle = (config.idle_timeout_secs || 0) * 1000;
+  const due = tokenExpires - Date.now() < 60000 || (idle && Date.now() - lastRefresh > idle / 2);
+  if (due && lastActivity > lastRefresh) refreshToken();
 }, 15000);
 
 // Warned before the idle sign-out (WCAG 2.2.1: at least 20 seconds to keep the session with one
@@ -291,10 +310,23 @@ function idleCheck() {
 }
 let idleOpening = false;
 setInterval(idleCheck, 1000);
-function stayIn() {
-  lastActivity = Date.now();
-  if ($('idle-dialog').open) $('idle-dialog').close();
-  if (token) refreshToken();
+document.addEventListener('visibilitychange', () => { if (!document.hidden) idleCheck(); });
+// "Stay signed in": the server is told first; the warning closes once it has agreed (else it
+// stays, saying so, and the countdown goes on).
+async function stayIn() {
+  if (!token) return;
+  $('idle-stay').disabled = true;
+  const ok = await refreshToken();
+  $('idle-stay').disabled = false;
+  if (!token) return;
+  if (ok) {
+    lastActivity = Date.now();
+    $('idle-error').hidden = true;
+    if ($('idle-dialog').open) $('idle-dialog').close();
+  } else {
+    $('idle-error').textContent = 'Courier could not be reached to keep you signed in. Check the connection and press "Stay signed in" again.';
+    $('idle-error').hidden = false;
+  }
 }
 // "after 1 minute", "after 15 minutes", "after 90 seconds".
 function idleWords(ms) {
@@ -307,12 +339,22 @@ function idleWords(ms) {
 // app scrolls by itself when messages arrive, and that is nobody at the screen.
 let pointerAt = null;
 function active(e) {
-  // The idle warning taking the focus is not someone at the screen.
-  if (e && e.type === 'focus' && (idleOpening || $('idle-dialog').contains(e.target))) return;
+  const dialog = $('idle-dialog');
+  // While the warning shows, only its buttons (and Escape) decide: a Tab, an arrow key of a
+  // screen reader or the press on "Sign out now" inside it is not "I am here" (a review: the
+  // next tick closed the warning under the press, and the click landed on the page beneath).
+  // Nor is the focus the warning takes.
+  if (dialog.open || idleOpening) return;
+  if (e && e.target instanceof Node && dialog.contains(e.target)) return;
+  // Back after the limit (a background tab's timers may run once a minute): signed out, not
+  // revived.
+  const idle = (config.idle_timeout_secs || 0) * 1000;
+  if (token && idle && Date.now() - lastActivity > idle) {
+    signOut(idleWords(idle));
+    return;
+  }
   lastActivity = Date.now();
-  // While the warning shows, the server is told at once; the warning closes at the next tick,
-  // not under a press (whose click would then land on what lies beneath it).
-  if (token && ($('idle-dialog').open || Date.now() > tokenExpires)) refreshToken();
+  if (token && Date.now() > tokenExpires) refreshToken();
 }
 for (const ev of ['keydown', 'pointerdown', 'focus', 'wheel', 'touchmove']) window.addEventListener(ev, active, true);
 window.addEventListener('pointermove', (e) => {
@@ -522,6 +564,7 @@ function patientLine(ref) {
 async function loadThreads(onFirstPage) {
   threads.clear();
   latest.clear();
+  latestWritten.clear();
   // Every thread header, a page at a time (the newest first): the list shows as soon as they
   // are in; the newest messages (previews, order), the unread counts and the names follow in
   // parallel and fill the rows in as they land.
@@ -600,6 +643,9 @@ function noteLatest(m) {
   if (!t || m.status === 'preparation') return;
   const old = latest.get(t);
   if (!old || updatedOf(m) >= updatedOf(old)) latest.set(t, m);
+  if (automaticKind(m)) return;
+  const wrote = latestWritten.get(t);
+  if (!wrote || updatedOf(m) >= updatedOf(wrote)) latestWritten.set(t, m);
 }
 
 function activityOf(t) {
@@ -654,7 +700,7 @@ function visibleThreads() {
     if (filters.show === 'unread' && !(counts && counts.n)) continue;
     if (filters.show === 'urgent' && !(counts && counts.urgent) && !URGENT.includes((latest.get(t.id) || {}).priority)) continue;
     if (filters.show === 'waiting') {
-      const last = latest.get(t.id);
+      const last = latestWritten.get(t.id);
       if (!last || refOf(last.sender) === session.fhirUser || last.status === 'entered-in-error') continue;
     }
     if (since && new Date(activityOf(t)).getTime() < since) continue;
@@ -716,7 +762,8 @@ function threadRow(t) {
   const who = isPatient()
     ? participants(t).filter((r) => r !== session.fhirUser && r !== pt).map(nameOf).join(', ') || 'Your care team'
     : patientLine(pt);
-  const preview = last ? (nameOf(refOf(last.sender)) + ': ' + (last.status === 'entered-in-error' ? '(withdrawn)' : textOf(last))) : '';
+  const said = latestWritten.get(t.id) || last;
+  const preview = said ? (nameOf(refOf(said.sender)) + ': ' + (said.status === 'entered-in-error' ? '(withdrawn)' : textOf(said))) : '';
   const urgent = (counts && counts.urgent) || (last && URGENT.includes(last.priority));
   // The time shown is when the newest message was sent (the list is ordered by activity).
   const when = (last && (last.sent || updatedOf(last))) || t.sent || updatedOf(t);
@@ -1508,6 +1555,148 @@ async function openNotices() {
   $('notices-dialog').showModal();
 }
 
+// ----- out of office (practitioners) --------------------------------------------------------
+// Kept as FHIR: the practitioner's own PractitionerRole, its notAvailable period (the automatic
+// reply as its description) and the delegate extension. The dialog keeps one period.
+
+const EXT_DELEGATE = 'https://courier.example.org/fhir/StructureDefinition/delegate';
+let awayRole = null; // my PractitionerRole holding the out-of-office, as last read or saved
+
+function awayError(text) {
+  $('away-error').textContent = text || '';
+  $('away-error').hidden = !text;
+}
+
+// A FHIR dateTime as the value of a datetime-local field (a date alone: the start of that day, or
+// for an end its last minute: FHIR's "until 2026-12-11" includes that day).
+function localValue(v, end) {
+  if (!v) return '';
+  if (/^\d{4}-\d{2}-\d{2}$/.test(v)) return v + (end ? 'T23:59' : 'T00:00');
+  const t = new Date(v);
+  if (isNaN(t)) return '';
+  const pad = (n) => String(n).padStart(2, '0');
+  return t.getFullYear() + '-' + pad(t.getMonth() + 1) + '-' + pad(t.getDate()) + 'T' + pad(t.getHours()) + ':' + pad(t.getMinutes());
+}
+
+// The period in force now or next, of a PractitionerRole.
+function awayPeriod(role) {
+  const now = Date.now();
+  const ends = (n) => (n.during && n.during.end ? new Date(localValue(n.during.end, true)).getTime() : Infinity);
+  return ((role && role.notAvailable) || []).filter((n) => ends(n) >= now)[0] || null;
+}
+
+// The header button says when I am away now ("Away until 11 Dec 2026"), so it is not forgotten.
+function showAwayState() {
+  const n = awayPeriod(awayRole);
+  const start = n && n.during && n.during.start ? new Date(localValue(n.during.start)).getTime() : 0;
+  const now = n && start <= Date.now();
+  $('away').textContent = now ? 'Away' + untilText({awayUntil: n.during && n.during.end}) : 'Out of office';
+  $('away').classList.toggle('on', !!now);
+}
+
+async function loadAway() {
+  const b = await api('GET', '/PractitionerRole?practitioner=' + encodeURIComponent(session.fhirUser) + '&_count=20');
+  const roles = matches(b);
+  awayRole = roles.find((r) => (r.notAvailable || []).length) || roles[0] || null;
+  showAwayState();
+}
+
+async function openAway() {
+  awayError('');
+  $('away-status').textContent = '';
+  try {
+    await Promise.all([loadAway(), loadRecipients()]);
+  } catch (e) {
+    showNotice('Your out-of-office could not be loaded. ' + plain(e));
+    return;
+  }
+  if (!token) return;
+  const n = awayPeriod(awayRole);
+  const delegate = awayRole && ((awayRole.extension || []).find((x) => x.url === EXT_DELEGATE) || {}).valueReference;
+  $('away-from').value = localValue(n && n.during && n.during.start) || localValue(new Date().toISOString());
+  $('away-until').value = localValue(n && n.during && n.during.end, true);
+  $('away-reply').value = (n && n.description) || '';
+  // Colleagues by name: those Courier has named in this session, the care team, the current
+  // delegate; never a patient.
+  const refs = new Set();
+  for (const [r] of people) if (/^(Practitioner|PractitionerRole)\//.test(r)) refs.add(r);
+  for (const r of recipientsList) if (r.reference && /^(Practitioner|PractitionerRole)\//.test(r.reference)) refs.add(r.reference);
+  const cover = delegate && refOf(delegate);
+  if (cover) refs.add(cover);
+  refs.delete(session.fhirUser);
+  await wantPeople([...refs]);
+  if (!token) return;
+  const sel = $('away-delegate');
+  sel.replaceChildren(el('option', {value: ''}, 'No one'));
+  for (const r of [...refs].sort((a, b) => nameOf(a).localeCompare(nameOf(b)))) {
+    const p = people.get(r) || {};
+    sel.append(el('option', {value: r}, nameOf(r) + (p.role ? ' — ' + p.role : '')));
+  }
+  sel.value = cover || '';
+  const on = n && n.during && new Date(localValue(n.during.start)).getTime() <= Date.now();
+  $('away-now').textContent = on ? 'You are away now' + untilText({awayUntil: n.during.end}) + '.' : '';
+  $('away-now').hidden = !on;
+  $('away-off').hidden = !n;
+  $('away-dialog').showModal();
+}
+
+async function saveAway(ev) {
+  ev.preventDefault();
+  awayError('');
+  const from = $('away-from').value;
+  const until = $('away-until').value;
+  if (!from) { awayError('Say from when you are away.'); $('away-from').focus(); return; }
+  const start = new Date(from);
+  const end = until ? new Date(until) : null;
+  if (isNaN(start) || (end && isNaN(end))) { awayError('A date is not complete.'); return; }
+  if (end && end <= start) { awayError('You are back before you leave: check the dates.'); $('away-until').focus(); return; }
+  if (end && end <= new Date()) { awayError('That time is already over: check the dates.'); $('away-until').focus(); return; }
+  const d = $('away-delegate').value;
+  let reply = $('away-reply').value.trim();
+  if (!reply) {
+    reply = 'I am away' + (end ? ' until ' + FULL.format(end) : '') + '.' + (d ? ' ' + nameOf(d) + ' is covering for me.' : '') + ' If it is urgent, please call the clinic.';
+  }
+  const body = awayRole ? JSON.parse(JSON.stringify(awayRole)) : {resourceType: 'PractitionerRole', active: true, practitioner: {reference: session.fhirUser}};
+  delete body.meta;
+  body.notAvailable = [{description: reply, during: Object.assign({start: start.toISOString()}, end ? {end: end.toISOString()} : {})}];
+  body.extension = (body.extension || []).filter((x) => x.url !== EXT_DELEGATE);
+  if (d) body.extension.push({url: EXT_DELEGATE, valueReference: {reference: d}});
+  if (!body.extension.length) delete body.extension;
+  await putAway(body, 'Saved. ' + 'Whoever writes to you ' + (start <= new Date() ? 'now' : 'from ' + FULL.format(start)) + ' is told you are away.');
+}
+
+async function awayOff() {
+  if (!awayRole) return;
+  const body = JSON.parse(JSON.stringify(awayRole));
+  delete body.meta;
+  delete body.notAvailable;
+  body.extension = (body.extension || []).filter((x) => x.url !== EXT_DELEGATE);
+  if (!body.extension.length) delete body.extension;
+  await putAway(body, 'Turned off: you are not shown as away, and nobody gets an automatic reply.');
+}
+
+async function putAway(body, said) {
+  $('away-save').disabled = true;
+  $('away-off').disabled = true;
+  try {
+    awayRole = awayRole
+      ? await api('PUT', '/PractitionerRole/' + encodeURIComponent(awayRole.id), Object.assign(body, {id: awayRole.id}), {Prefer: 'return=representation', 'If-Match': 'W/"' + awayRole.meta.versionId + '"'})
+      : await api('POST', '/PractitionerRole', body, {Prefer: 'return=representation'});
+    showAwayState();
+    $('away-status').textContent = said;
+    $('away-off').hidden = !awayPeriod(awayRole);
+    const n = awayPeriod(awayRole);
+    const on = n && n.during && new Date(localValue(n.during.start)).getTime() <= Date.now();
+    $('away-now').textContent = on ? 'You are away now' + untilText({awayUntil: n.during.end}) + '.' : '';
+    $('away-now').hidden = !on;
+  } catch (e) {
+    awayError((e.status === 412 ? 'Your out-of-office was changed elsewhere meanwhile: close this and open it again. ' : 'Not saved. ') + plain(e));
+  } finally {
+    $('away-save').disabled = false;
+    $('away-off').disabled = false;
+  }
+}
+
 // Web push in this browser: a service worker shows what the push service delivers.
 let pushKey = null;
 
@@ -2087,6 +2276,15 @@ async function start() {
   $('idle-leave').addEventListener('click', () => signOut('You have signed out.'));
   // Escape closes a dialog; here it means "I am here" as any key does.
   $('idle-dialog').addEventListener('cancel', (e) => { e.preventDefault(); stayIn(); });
+  if (/^Practitioner\//.test(session.fhirUser || '')) {
+    $('away').hidden = false;
+    $('away').addEventListener('click', openAway);
+    $('away-form').addEventListener('submit', saveAway);
+    $('away-off').addEventListener('click', awayOff);
+    $('away-cancel').addEventListener('click', () => $('away-dialog').close());
+    $('away-dialog').addEventListener('close', () => { if (token) $('away').focus(); });
+    loadAway().catch(() => { /* the button still opens the dialog, which says what failed */ });
+  }
   $('notices').hidden = false;
   $('notices').addEventListener('click', openNotices);
   $('notices-form').addEventListener('submit', saveNotices);

@@ -42,6 +42,11 @@ pub struct Application {
 
 /// Opens (and migrates) the database and loads keys: what `courier migrate` and `serve` share.
 pub fn open_store(settings: &Settings) -> anyhow::Result<Arc<Store>> {
+    // OpenSSL (libpq's TLS) is set up before any connection so that it does not free its global
+    // state in an atexit handler: other threads (a pool's connections, background jobs) may
+    // still use it while the process exits — a test binary segfaulted in libcrypto at exit after
+    // every test had passed. The OS frees it instead.
+    openssl_sys::init();
     if settings.data_dir.is_dir() {
         // Narrowed to 0700 if it is open to others (a new one is made 0700 where it is needed).
         crate::store::private::dir(&settings.data_dir)?;

@@ -8,8 +8,9 @@
 //! - an automatic reply to its sender (`inResponseTo` the message, same thread, the description
 //!   as text), and
 //! - when a delegate is named, a copy to the delegate (`inResponseTo` the message, its text),
-//!   and the delegate joins the message's thread (a recipient of its header), so that it is in
-//!   their list and the patient's replies reach them.
+//!   and the delegate joins the message's thread (a recipient of its header, [`join_op`]) while
+//!   the cover lasts ([`end_covers`]), so that it is in their list and the patient's replies
+//!   reach them.
 //!
 //! Both are marked with the `automatic` extension and are never answered automatically in turn.
 //! Escalation (`escalation.rs`) does not remind someone who is away: it goes to their delegate at
@@ -193,7 +194,7 @@ const PASS: std::time::Duration = std::time::Duration::from_secs(5);
 /// up once per batch).
 pub fn run(store: &Store) -> Result<usize, StoreError> {
     let started = std::time::Instant::now();
-    let mut written = 0;
+    let mut written = end_covers(store)?;
     loop {
         let (n, read) = batch(store)?;
         written += n;
@@ -373,80 +374,243 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
             if ops.is_empty() {
                 continue;
             }
-            let n = ops.len();
-            store.write(
-                ops.into_iter()
-                    .map(|v| WriteOp::Create {
-                        res_type: "Communication".into(),
-                        id: crate::fhir::rest::new_id(),
-                        resource: Incoming::from_value(v),
-                        if_none_exist: None,
-                    })
-                    .collect(),
-                &ctx(store),
-            )?;
-            written += n;
-            if let Some(d) = away.delegate.as_deref().filter(|d| !reaches(d)) {
-                written += join_thread(store, &msg, d)?;
-            }
+            let copies: Vec<WriteOp> = ops
+                .into_iter()
+                .map(|v| WriteOp::Create {
+                    res_type: "Communication".into(),
+                    id: crate::fhir::rest::new_id(),
+                    resource: Incoming::from_value(v),
+                    if_none_exist: None,
+                })
+                .collect();
+            let delegate = away.delegate.as_deref().filter(|d| !reaches(d));
+            written += write_copies(store, copies, &msg, &to, delegate)?;
         }
     }
     super::events::move_cursor(store, CURSOR, last)?;
     Ok((written, rows.len()))
 }
 
-/// The delegate joins the thread the forwarded message belongs to (a recipient of its header),
-/// so that the conversation is in their own list — not only with that patient open in their EHR
-/// — and what is written in it next (the patient's replies, addressed to the header's
-/// participants) reaches them directly. An outside walk-through's covering colleague could not
-/// find the copy, and the patient's replies went on to the clinician who was away. Changes
-/// nothing when the message has no thread, the thread is withdrawn or gone, or the delegate
-/// already takes part; a header changed meanwhile is read again (the update is made on the
-/// version read, never over someone else's). Returns the number of versions written.
-fn join_thread(store: &Store, msg: &Value, delegate: &str) -> Result<usize, StoreError> {
+/// Writes the automatic messages for one message and recipient, and — when a copy goes to a
+/// delegate — has the delegate join the thread (see [`join_op`]) in the same transaction: a header
+/// changed meanwhile is read again (up to three times, then the copies go without the join), so
+/// neither the copies nor the join are lost to a conflict. Returns the resources written.
+fn write_copies(
+    store: &Store,
+    copies: Vec<WriteOp>,
+    msg: &Value,
+    away_who: &str,
+    delegate: Option<&str>,
+) -> Result<usize, StoreError> {
+    for attempt in 0..4 {
+        let join = match delegate {
+            Some(d) if attempt < 3 => join_op(store, msg, away_who, d)?,
+            _ => None,
+        };
+        let mut ops = copies.clone();
+        if let Some((header, op)) = join {
+            // Recorded before the write (a crash after it leaves no delegate joined for good):
+            // the join is undone when the cover ends ([`end_covers`]).
+            store.execute(
+                "INSERT INTO away_joins (header_id, delegate, away) VALUES (?, ?, ?) ON CONFLICT (header_id, delegate) DO NOTHING",
+                vec![header.into(), delegate.unwrap_or_default().into(), away_who.into()],
+            )?;
+            ops.push(op);
+        }
+        let n = ops.len();
+        match store.write(ops, &ctx(store)) {
+            Ok(_) => return Ok(n),
+            Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) if attempt < 3 => {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(0)
+}
+
+/// The update by which the delegate joins the thread of a message forwarded to them: a recipient
+/// of its header, so that the conversation is in their own list — not only with that patient open
+/// in their EHR — and what is written in it next (the patient's replies, addressed to the header's
+/// participants) reaches them directly (an outside walk-through's covering colleague could not
+/// find the copy, and the patient's replies went on to the clinician who was away). Made on the
+/// version read (If-Match). `None` — the copy alone — unless the message's `partOf` is a thread
+/// header (no `partOf` and no text of its own, neither a draft nor withdrawn), about the same
+/// patient, that the clinician away takes part in, and which the delegate does not take part in
+/// already; and never from a staff-only message into a thread the patient reads (a review: a side
+/// note between colleagues would have shown the patient a new participant). The join lasts while
+/// the clinician is away with this delegate ([`end_covers`]).
+fn join_op(
+    store: &Store,
+    msg: &Value,
+    away_who: &str,
+    delegate: &str,
+) -> Result<Option<(String, WriteOp)>, StoreError> {
+    let local = |r: &Value| {
+        r["reference"]
+            .as_str()
+            .map(|x| super::hub::local_ref(x, &store.base_url))
+    };
     let Some(header) = msg["partOf"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["reference"].as_str())
-        .map(|r| super::hub::local_ref(r, &store.base_url))
+        .filter_map(local)
         .find_map(|r| r.strip_prefix("Communication/").map(String::from))
     else {
-        return Ok(0);
+        return Ok(None);
     };
+    let Ok(now) = store.read("Communication", &header) else {
+        return Ok(None);
+    };
+    let Some(mut h) = now
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+    else {
+        return Ok(None);
+    };
+    let takes_part = |h: &Value, who: &str| {
+        local(&h["sender"]).as_deref() == Some(who)
+            || h["recipient"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| local(r).as_deref() == Some(who))
+    };
+    let is_header = h.get("partOf").is_none()
+        && h.get("payload").is_none()
+        && !matches!(
+            h["status"].as_str(),
+            Some("preparation" | "entered-in-error")
+        );
+    if !is_header
+        || local(&h["subject"]) != local(&msg["subject"])
+        || !takes_part(&h, away_who)
+        || takes_part(&h, delegate)
+        || (super::staff_only::is_labelled(msg) && !super::staff_only::is_labelled(&h))
+    {
+        return Ok(None);
+    }
+    match h["recipient"].as_array_mut() {
+        Some(to) => to.push(json!({"reference": delegate})),
+        None => h["recipient"] = json!([{"reference": delegate}]),
+    }
+    Ok(Some((
+        header.clone(),
+        WriteOp::Update {
+            res_type: "Communication".into(),
+            id: header,
+            resource: Incoming::from_value(h),
+            if_match: Some(now.version_id),
+            upsert: false,
+            patch: false,
+            guard: None,
+            may_create: false,
+        },
+    )))
+}
+
+#[derive(QueryableByName)]
+struct JoinRow {
+    #[diesel(sql_type = Text)]
+    header_id: String,
+    #[diesel(sql_type = Text)]
+    delegate: String,
+    #[diesel(sql_type = Text)]
+    away: String,
+}
+
+/// Ends the covers that are over: a delegate who joined a thread while a colleague was away
+/// ([`join_op`]) leaves it again once that colleague is back, or names another delegate — unless
+/// they wrote in the thread themself meanwhile (then it is their conversation too). A review: a
+/// delegate named even for an hour would otherwise have stayed in every such conversation, and
+/// received the patient's replies, for good. Returns the headers changed.
+pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
+    let rows: Vec<JoinRow> = store.query(
+        "SELECT header_id, delegate, away FROM away_joins ORDER BY header_id LIMIT 200",
+        vec![],
+    )?;
+    let now = now_micros();
+    let mut still: HashMap<String, Option<String>> = HashMap::new();
+    let mut changed = 0;
+    for row in rows {
+        let covering = match still.get(&row.away) {
+            Some(d) => d.clone(),
+            None => {
+                let d = away(store, &row.away, now)?.and_then(|a| a.delegate);
+                still.insert(row.away.clone(), d.clone());
+                d
+            }
+        };
+        if covering.as_deref() == Some(row.delegate.as_str()) {
+            continue;
+        }
+        if leave_thread(store, &row.header_id, &row.delegate)? {
+            changed += 1;
+        }
+        store.execute(
+            "DELETE FROM away_joins WHERE header_id = ? AND delegate = ?",
+            vec![row.header_id.into(), row.delegate.into()],
+        )?;
+    }
+    Ok(changed)
+}
+
+/// Takes `delegate` off the header's recipients, unless they wrote in the thread. On the version
+/// read; a header changed meanwhile is read again.
+fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<bool, StoreError> {
+    let Some((t, id)) = delegate.split_once('/') else {
+        return Ok(false);
+    };
+    let wrote: Vec<IdRow> = store.query(
+        "SELECT r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN resources r ON r.rid = a.rid \
+         WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
+         AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0 LIMIT 1",
+        vec![
+            store.registry.index_name("Communication", "part-of").into(),
+            crate::search::names::ty("Communication").into(),
+            header.into(),
+            store.registry.index_name("Communication", "sender").into(),
+            crate::search::names::ty(t).into(),
+            id.into(),
+        ],
+    )?;
+    if !wrote.is_empty() {
+        return Ok(false);
+    }
     for _ in 0..3 {
-        let Ok(now) = store.read("Communication", &header) else {
-            return Ok(0);
+        let Ok(now) = store.read("Communication", header) else {
+            return Ok(false);
         };
         let Some(mut h) = now
             .body
             .as_deref()
             .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         else {
-            return Ok(0);
+            return Ok(false);
         };
-        let takes_part = |r: &Value| {
+        let Some(to) = h["recipient"].as_array_mut() else {
+            return Ok(false);
+        };
+        let before = to.len();
+        to.retain(|r| {
             r["reference"]
                 .as_str()
-                .is_some_and(|x| super::hub::local_ref(x, &store.base_url) == delegate)
-        };
-        if h["status"] == "entered-in-error"
-            || takes_part(&h["sender"])
-            || h["recipient"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(takes_part)
-        {
-            return Ok(0);
+                .map(|x| super::hub::local_ref(x, &store.base_url))
+                .as_deref()
+                != Some(delegate)
+        });
+        if to.len() == before {
+            return Ok(false);
         }
-        match h["recipient"].as_array_mut() {
-            Some(to) => to.push(json!({"reference": delegate})),
-            None => h["recipient"] = json!([{"reference": delegate}]),
+        if to.is_empty() {
+            h.as_object_mut().map(|o| o.remove("recipient"));
         }
         let op = WriteOp::Update {
             res_type: "Communication".into(),
-            id: header.clone(),
+            id: header.into(),
             resource: Incoming::from_value(h),
             if_match: Some(now.version_id),
             upsert: false,
@@ -455,15 +619,12 @@ fn join_thread(store: &Store, msg: &Value, delegate: &str) -> Result<usize, Stor
             may_create: false,
         };
         match store.write(vec![op], &ctx(store)) {
-            Ok(_) => return Ok(1),
+            Ok(_) => return Ok(true),
             Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => continue,
             Err(e) => return Err(e),
         }
     }
-    tracing::warn!(
-        "an out-of-office delegate could not join a thread changed three times meanwhile"
-    );
-    Ok(0)
+    Ok(false)
 }
 
 #[derive(QueryableByName)]
@@ -584,6 +745,10 @@ pub fn erase<C: crate::store::db::Conn>(c: &mut C, ids: &[&str]) -> Result<(), S
     let marks = vec!["?"; ids.len()].join(", ");
     c.execute(
         &format!("DELETE FROM away_handled WHERE comm_id IN ({marks})"),
+        ids.iter().map(|i| (*i).into()).collect(),
+    )?;
+    c.execute(
+        &format!("DELETE FROM away_joins WHERE header_id IN ({marks})"),
         ids.iter().map(|i| (*i).into()).collect(),
     )?;
     Ok(())

@@ -786,10 +786,11 @@ async fn complete(
 }
 
 /// What the web app's tokens may do: a practitioner reads and writes the messages they take part
-/// in; a patient or their representative, the patient's compartment.
+/// in, and their own PractitionerRole (their out-of-office: the policy confines it to
+/// `practitioner` = them); a patient or their representative, the patient's compartment.
 pub fn web_app_scope(user: &str) -> &'static str {
     if user.starts_with("Practitioner/") {
-        "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr"
+        "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr user/PractitionerRole.crus"
     } else {
         "patient/Communication.cruds patient/CommunicationRequest.crs patient/Binary.cr"
     }

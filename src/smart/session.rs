@@ -97,6 +97,8 @@ pub fn start(state: &AppState, s: &Signed) -> anyhow::Result<String> {
 #[derive(QueryableByName)]
 struct JtiRow {
     #[diesel(sql_type = Text)]
+    handle_hash: String,
+    #[diesel(sql_type = Text)]
     token_jtis: String,
 }
 
@@ -253,25 +255,54 @@ async fn end(state: &web::Data<AppState>, handle_hash: &str) {
 }
 
 /// Ends every session matching `condition` (logout, idle, a removed EHR): their Courier tokens are
-/// revoked, then the rows deleted. The one way a session ends.
+/// revoked, then the rows deleted. The one way a session ends. A row is deleted only as it was
+/// read: a refresh that appended a token meanwhile (between the read and the delete) makes the
+/// row be read and revoked again, so no token it was given outlives the session (a review: the
+/// token of a refresh racing a sign-out stayed valid for its five minutes).
 pub fn end_where(
     store: &crate::store::Store,
     condition: &str,
     binds: Vec<crate::store::db::Bind>,
 ) -> Result<usize, crate::store::StoreError> {
     let rows: Vec<JtiRow> = store.query(
-        &format!("SELECT token_jtis FROM ehr_sessions WHERE {condition}"),
-        binds.clone(),
+        &format!("SELECT handle_hash, token_jtis FROM ehr_sessions WHERE {condition}"),
+        binds,
     )?;
-    for pair in rows.iter().flat_map(|r| r.token_jtis.split_whitespace()) {
-        if let Some((jti, exp)) = pair.split_once(':') {
-            crate::auth::tokens::revoke_in(store, jti, exp.parse().unwrap_or(i64::MAX / 4))?;
+    let mut ended = 0;
+    for mut row in rows {
+        for _ in 0..5 {
+            for pair in row.token_jtis.split_whitespace() {
+                if let Some((jti, exp)) = pair.split_once(':') {
+                    crate::auth::tokens::revoke_in(
+                        store,
+                        jti,
+                        exp.parse().unwrap_or(i64::MAX / 4),
+                    )?;
+                }
+            }
+            let n = store.execute(
+                "DELETE FROM ehr_sessions WHERE handle_hash = ? AND token_jtis = ?",
+                vec![
+                    row.handle_hash.clone().into(),
+                    row.token_jtis.clone().into(),
+                ],
+            )?;
+            if n > 0 {
+                ended += n;
+                break;
+            }
+            // Changed meanwhile (a token appended), or gone: read it again.
+            let again: Vec<JtiRow> = store.query(
+                "SELECT handle_hash, token_jtis FROM ehr_sessions WHERE handle_hash = ?",
+                vec![row.handle_hash.clone().into()],
+            )?;
+            match again.into_iter().next() {
+                Some(r) => row = r,
+                None => break,
+            }
         }
     }
-    store.execute(
-        &format!("DELETE FROM ehr_sessions WHERE {condition}"),
-        binds,
-    )
+    Ok(ended)
 }
 
 /// `POST /smart/session/refresh` (form: `session=<handle>`): a fresh Courier token while the user
@@ -311,8 +342,18 @@ pub async fn refresh(
                 return ended("the EHR ended the session: sign in again");
             }
             Err((false, why)) => {
-                // Unreachable or failing EHR: the session stays; the app may try again.
+                // Unreachable or failing EHR: the session stays, and counts as active (the person
+                // is; a review: a clinician pressing "Stay signed in" while the EHR was down was
+                // signed out a minute later); the app may try again.
                 tracing::warn!(ehr = %row.ehr, reason = %why, "could not refresh a session at the EHR");
+                let (store, h) = (state.store.clone(), row.handle_hash.clone());
+                let _ = web::block(move || {
+                    store.execute(
+                        "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ?",
+                        vec![t.into(), h.into()],
+                    )
+                })
+                .await;
                 return HttpResponse::ServiceUnavailable()
                     .insert_header((header::CACHE_CONTROL, "no-store"))
                     .insert_header((header::RETRY_AFTER, "10"))

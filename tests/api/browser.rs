@@ -246,13 +246,13 @@ async fn clinician_and_patient_message_each_other_in_real_browsers() {
     );
     // What the browsers did really went through Courier. Staff only (NOPAT): the thread's header
     // and message, the note half-written in it (kept as that thread's draft when the clinician
-    // moved on), the colleague's urgent message, and the side note in the patient's
-    // conversation. The draft that was sent is no draft any more; the withdrawn message is
-    // entered-in-error.
+    // moved on), the colleague's urgent message, the side note in the patient's conversation,
+    // and the out-of-office copy to the colleague covering. The draft that was sent is no draft
+    // any more; the withdrawn message is entered-in-error.
     let staff = app
         .get_json("Communication?_security=http://terminology.hl7.org/CodeSystem/v3-ActCode|NOPAT")
         .await;
-    assert_eq!(ids(&staff).len(), 5, "{staff}");
+    assert_eq!(ids(&staff).len(), 6, "{staff}");
     let drafts = app.get_json("Communication?status=preparation").await;
     assert_eq!(ids(&drafts).len(), 1, "{drafts}");
     assert_eq!(

@@ -1022,6 +1022,37 @@ async fn idle_sessions_are_logged_off() {
     );
 }
 
+// A person active while their EHR cannot be reached stays signed in: the refresh Courier answers
+// 503 ("try again shortly") still counts as activity (a review: a clinician pressing "Stay
+// signed in" while the EHR was down was signed out at the idle limit counted from before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_while_the_ehr_is_down_keeps_the_session_active() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 4).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    // The EHR's tokens live 1 s, so each refresh needs the EHR.
+    a.control(
+        reqwest::Method::POST,
+        "settings",
+        Some(json!({"token_ttl": 1})),
+    )
+    .await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let handle = s["session"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    a.control(reqwest::Method::POST, "down", Some(json!({})))
+        .await;
+    let (st, body) = session_post(&app, "smart/session/refresh", &handle, None).await;
+    assert_eq!(st, 503, "{body}");
+    a.control(reqwest::Method::POST, "up", None).await;
+    // 5 s after the launch, 2.5 s after the person was last active.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (st, body) = session_post(&app, "smart/session/refresh", &handle, None).await;
+    assert_eq!(st, 200, "active 2.5 s ago, the session goes on: {body}");
+}
+
 both_backends! {
     async fn a_clinician_files_a_thread_to_the_chart_once(app: TestApp) {
         let Some(a) = spawn_ehr("ehr-a") else { return };

@@ -1197,21 +1197,58 @@ async fn a_draft_sent_to_an_away_practitioner_is_answered_like_any_message(app: 
 
 // The covering colleague finds the forwarded message in their own list of conversations, without
 // that patient open in their EHR, and the patient's replies reach them directly: the delegate
-// joins the thread (an outside walk-through's colleague could not find the copy, and the
-// patient's next messages went on to the clinician who was away).
+// joins the thread while the cover lasts (an outside walk-through's colleague could not find the
+// copy, and the patient's next messages went on to the clinician who was away). Not from a
+// staff-only side note into the patient's thread, not into a message that is not a thread
+// header; and they leave again when the clinician is back, unless they wrote in the thread.
 both_backends! {
 async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_them(app: TestApp) {
-    dr2_away_dr3_covers(&app, "Away this week; Dr Three covers.").await;
+    let role = dr2_away_dr3_covers(&app, "Away this week; Dr Three covers.").await;
     let p1 = client_with_token(&patient_token(&app, "p1"));
+    // dr-1 has the patient open in their EHR (and so reads the patient's threads).
+    let dr1 = client_with_token(&user_token(&app, "user/*.cruds", "Practitioner/dr-1", Some("p1")));
     let dr3 = client_with_token(&clinician_token(&app, "dr-3"));
+    let thread = |text: &str| {
+        let mut h = msg("Patient/p1", &["Practitioner/dr-2"], "");
+        h.as_object_mut().unwrap().remove("payload");
+        h["status"] = json!("in-progress");
+        h["topic"] = json!({"text": text});
+        h["subject"] = json!({"reference": "Patient/p1"});
+        h["category"] = json!([{"text": "question"}]);
+        h
+    };
+    let in_thread = |from: &str, to: &[&str], hid: &str, text: &str| {
+        let mut m = msg(from, to, text);
+        m["partOf"] = json!([{"reference": format!("Communication/{hid}")}]);
+        m["subject"] = json!({"reference": "Patient/p1"});
+        m["category"] = json!([{"text": "question"}]);
+        m
+    };
+    let header_to = |hid: String| {
+        let url = app.url(&format!("/Communication/{hid}"));
+        let c = app.client.clone();
+        async move {
+            let h: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            h["recipient"].as_array().unwrap().iter().filter_map(|r| r["reference"].as_str().map(String::from)).collect::<Vec<_>>()
+        }
+    };
+    // Passes until `done` holds (the instance's own job may be in the middle of one).
+    macro_rules! until {
+        ($what:expr, $done:expr) => {{
+            let mut ok = false;
+            for _ in 0..50 {
+                away_pass(&app).await;
+                if $done {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(ok, "{}", $what);
+        }};
+    }
     // As the app starts a conversation: a header, then the first message in it.
-    let mut h = msg("Patient/p1", &["Practitioner/dr-2"], "");
-    h.as_object_mut().unwrap().remove("payload");
-    h["status"] = json!("in-progress");
-    h["topic"] = json!({"text": "My tablets"});
-    h["subject"] = json!({"reference": "Patient/p1"});
-    h["category"] = json!([{"text": "question"}]);
-    let (s, header) = post_as(&p1, &app, "/Communication", &h).await;
+    let (s, header) = post_as(&p1, &app, "/Communication", &thread("My tablets")).await;
     assert_eq!(s, 201, "{header}");
     let hid = header["id"].as_str().unwrap().to_string();
     let threads = |c: reqwest::Client| {
@@ -1222,62 +1259,172 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
         }
     };
     assert!(!threads(dr3.clone()).await.contains(&hid), "not theirs before dr-2 is written to");
-    let mut first = msg("Patient/p1", &["Practitioner/dr-2"], "Can I take them with food?");
-    first["partOf"] = json!([{"reference": format!("Communication/{hid}")}]);
-    first["subject"] = json!({"reference": "Patient/p1"});
-    first["category"] = json!([{"text": "question"}]);
-    let (s, f) = post_as(&p1, &app, "/Communication", &first).await;
+    let (s, f) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &["Practitioner/dr-2"], &hid, "Can I take them with food?")).await;
     assert_eq!(s, 201, "{f}");
-    away_pass(&app).await;
-    // The thread is in the colleague's list, and the copy in it.
-    assert!(threads(dr3.clone()).await.contains(&hid), "the covering colleague lists the thread");
-    let (s, in_thread) = call(&dr3, &app, "GET", &format!("/Communication?part-of=Communication/{hid}")).await;
-    assert_eq!(s, 200, "{in_thread}");
-    let forwarded: Vec<&Value> = in_thread["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| &e["resource"])
-        .filter(|r| r["extension"][0]["valueCode"] == "forward")
-        .collect();
-    assert_eq!(forwarded.len(), 1, "{in_thread}");
+    until!("the covering colleague lists the thread", threads(dr3.clone()).await.contains(&hid));
+    // The copy is in it.
+    let (s, seen_by_dr3) = call(&dr3, &app, "GET", &format!("/Communication?part-of=Communication/{hid}")).await;
+    assert_eq!(s, 200, "{seen_by_dr3}");
+    let forwarded: Vec<&Value> = seen_by_dr3["entry"].as_array().into_iter().flatten().map(|e| &e["resource"])
+        .filter(|r| r["extension"][0]["valueCode"] == "forward").collect();
+    assert_eq!(forwarded.len(), 1, "{seen_by_dr3}");
     assert_eq!(forwarded[0]["payload"][1]["contentString"], "Can I take them with food?");
-    // The patient sees who has joined (the header names dr-3 now), and the patient's reply,
-    // addressed as the app addresses it (the header's participants but themself), reaches dr-3
-    // directly — no copy needed, the auto-reply still goes to the patient.
+    // The patient sees who has joined, and the patient's reply, addressed as the app addresses it
+    // (the header's participants but themself), reaches dr-3 directly — no copy needed, the
+    // auto-reply still goes to the patient.
     let (s, seen) = call(&p1, &app, "GET", &format!("/Communication/{hid}")).await;
     assert_eq!(s, 200, "{seen}");
     let to: Vec<&str> = seen["recipient"].as_array().unwrap().iter().filter_map(|r| r["reference"].as_str()).collect();
     assert_eq!(to, vec!["Practitioner/dr-2", "Practitioner/dr-3"], "{seen}");
     assert_eq!(seen["topic"]["text"], "My tablets", "the header is otherwise unchanged");
-    let mut reply = msg("Patient/p1", &to, "Also: is grapefruit juice all right?");
-    reply["partOf"] = json!([{"reference": format!("Communication/{hid}")}]);
-    reply["subject"] = json!({"reference": "Patient/p1"});
-    reply["category"] = json!([{"text": "question"}]);
-    let (s, r) = post_as(&p1, &app, "/Communication", &reply).await;
+    let (s, r) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &to, &hid, "Also: is grapefruit juice all right?")).await;
     assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_str().unwrap().to_string();
     let (s, got) = call(&dr3, &app, "GET", &format!("/Communication/{rid}")).await;
     assert_eq!(s, 200, "the colleague reads the patient's reply: {got}");
-    away_pass(&app).await;
-    let (_, auto) = call(&dr3, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
-    let answering: Vec<&str> = auto["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{rid}").as_str())
-        .filter_map(|e| e["resource"]["extension"][0]["valueCode"].as_str())
-        .collect();
-    assert!(!answering.contains(&"forward"), "no copy of a message that reaches the colleague: {auto}");
-    let (_, mine) = call(&p1, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
-    assert!(
-        mine["entry"].as_array().into_iter().flatten().any(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{rid}").as_str()
-            && e["resource"]["extension"][0]["valueCode"] == "auto-reply"),
-        "the patient is still told dr-2 is away: {mine}"
-    );
+    let answers = |c: reqwest::Client| {
+        let url = app.url(&format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2"));
+        let rid = rid.clone();
+        async move {
+            let b: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+            b["entry"].as_array().into_iter().flatten()
+                .filter(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{rid}").as_str())
+                .filter_map(|e| e["resource"]["extension"][0]["valueCode"].as_str().map(String::from))
+                .collect::<Vec<_>>()
+        }
+    };
+    until!("the patient is still told dr-2 is away", answers(p1.clone()).await == vec!["auto-reply".to_string()]);
+    assert!(!answers(app.client.clone()).await.contains(&"forward".to_string()), "no copy of a message that reaches the colleague");
     // Joined once: the header has one version more, not one per message.
     let (_, h_now) = call(&p1, &app, "GET", &format!("/Communication/{hid}")).await;
     assert_eq!(h_now["meta"]["versionId"], "2", "{h_now}");
+
+    // A staff-only side note to dr-2 in the patient's thread: dr-3 gets the copy, but does not
+    // join a thread the patient reads (the patient would see a new participant appear).
+    let (s, h2) = post_as(&p1, &app, "/Communication", &thread("My knee")).await;
+    assert_eq!(s, 201, "{h2}");
+    let h2 = h2["id"].as_str().unwrap().to_string();
+    let mut note = in_thread("Practitioner/dr-1", &["Practitioner/dr-2"], &h2, "Between us: check her INR first.");
+    note["meta"] = json!({"security": [{"system": courier::messaging::staff_only::ACT_CODE, "code": "NOPAT"}]});
+    let (s, n) = post_as(&dr1, &app, "/Communication", &note).await;
+    assert_eq!(s, 201, "{n}");
+    let nid = n["id"].as_str().unwrap().to_string();
+    let copied = || async {
+        let b = app.get_json(&format!("/Communication?part-of=Communication/{h2}&recipient=Practitioner/dr-3")).await;
+        b["entry"].as_array().into_iter().flatten().any(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{nid}").as_str())
+    };
+    until!("the side note is copied to dr-3", copied().await);
+    assert_eq!(header_to(h2.clone()).await, vec!["Practitioner/dr-2"], "the patient's thread is not joined through a staff-only note");
+    // A message whose partOf is another message with text of its own (not a header): it is not
+    // re-addressed.
+    let (s, root) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &["Practitioner/dr-2"], &hid, "A message, not a header")).await;
+    assert_eq!(s, 201, "{root}");
+    let root_id = root["id"].as_str().unwrap().to_string();
+    let mut under = in_thread("Patient/p1", &["Practitioner/dr-2"], &root_id, "Under a message");
+    under["partOf"] = json!([{"reference": format!("Communication/{root_id}")}]);
+    let (s, u) = post_as(&p1, &app, "/Communication", &under).await;
+    assert_eq!(s, 201, "{u}");
+    {
+        let uid = u["id"].as_str().unwrap().to_string();
+        let copied = || async {
+            let b = app.get_json("/Communication?recipient=Practitioner/dr-3&_count=100").await;
+            b["entry"].as_array().into_iter().flatten().any(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{uid}").as_str())
+        };
+        until!("the message under a message is copied", copied().await);
+        assert_eq!(header_to(root_id.clone()).await, vec!["Practitioner/dr-2"], "a message with text is never re-addressed");
+    }
+
+    // dr-2 is back: dr-3 leaves the thread they joined (they did not write in it) ...
+    let mut back = role.clone();
+    back.as_object_mut().unwrap().remove("notAvailable");
+    let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
+    let (s, b) = put_as(&dr2, &app, &format!("/PractitionerRole/{}", role["id"].as_str().unwrap()), &back).await;
+    assert_eq!(s, 200, "{b}");
+    until!("dr-3 leaves the thread when dr-2 is back", header_to(hid.clone()).await == vec!["Practitioner/dr-2".to_string()]);
+    assert!(!threads(dr3.clone()).await.contains(&hid), "the thread is no longer in dr-3's list");
+    // ... but stays in one they wrote in while covering.
+    dr2_away_dr3_covers(&app, "Away again.").await;
+    let (s, h3) = post_as(&p1, &app, "/Communication", &thread("My rash")).await;
+    assert_eq!(s, 201, "{h3}");
+    let h3 = h3["id"].as_str().unwrap().to_string();
+    let (s, _) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &["Practitioner/dr-2"], &h3, "It is spreading")).await;
+    assert_eq!(s, 201);
+    until!("dr-3 joins the third thread", header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()));
+    let (s, w) = post_as(&dr3, &app, "/Communication", &in_thread("Practitioner/dr-3", &["Patient/p1", "Practitioner/dr-2"], &h3, "Covering: please send a photo.")).await;
+    assert_eq!(s, 201, "{w}");
+    let (_, roles) = call(&app.client, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-2").await;
+    for e in roles["entry"].as_array().into_iter().flatten() {
+        let mut r = e["resource"].clone();
+        r.as_object_mut().unwrap().remove("notAvailable");
+        let (s, _) = put_as(&dr2, &app, &format!("/PractitionerRole/{}", r["id"].as_str().unwrap()), &r).await;
+        assert_eq!(s, 200);
+    }
+    let joins = || {
+        let store = app.store.clone();
+        async move {
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let v: Vec<N> = store.query("SELECT COUNT(*) AS n FROM away_joins", vec![]).unwrap();
+            v[0].n
+        }
+    };
+    until!("the cover's record goes", joins().await == 0);
+    assert!(header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()), "a delegate who wrote in the thread stays in it");
+}
+}
+
+// A clinician sets their own out-of-office from the web app: its token may write and search their
+// own PractitionerRole (the policy confines it to practitioner = them), not anyone else's; a
+// patient's may not write one at all.
+both_backends! {
+async fn a_clinician_sets_their_own_out_of_office_with_the_web_apps_token(app: TestApp) {
+    use courier::smart::launch::web_app_scope;
+    let dr2 = client_with_token(&user_token(&app, web_app_scope("Practitioner/dr-2"), "Practitioner/dr-2", None));
+    let now = chrono::Utc::now();
+    let role = |who: &str| json!({"resourceType": "PractitionerRole", "active": true,
+        "practitioner": {"reference": who},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
+        "notAvailable": [{"description": "Away; Dr Three covers.",
+            "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::days(2)).to_rfc3339()}}]});
+    let (s, mine) = post_as(&dr2, &app, "/PractitionerRole", &role("Practitioner/dr-2")).await;
+    assert_eq!(s, 201, "{mine}");
+    let (s, found) = call(&dr2, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-2").await;
+    assert_eq!((s, ids(&found)), (200, vec![mine["id"].as_str().unwrap().to_string()]), "{found}");
+    // In force: a message to dr-2 is answered.
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let mut m = msg("Patient/p1", &["Practitioner/dr-2"], "Are you there?");
+    m["category"] = json!([{"text": "question"}]);
+    let (s, sent) = post_as(&p1, &app, "/Communication", &m).await;
+    assert_eq!(s, 201, "{sent}");
+    away_pass(&app).await;
+    let (_, replies) = call(&p1, &app, "GET", "/Communication?sender=Practitioner/dr-2").await;
+    assert_eq!(ids(&replies).len(), 1, "the automatic reply: {replies}");
+    // Turned off by the same token: no period, no delegate.
+    let mut off = mine.clone();
+    off.as_object_mut().unwrap().remove("notAvailable");
+    off.as_object_mut().unwrap().remove("extension");
+    let (s, o) = put_as(&dr2, &app, &format!("/PractitionerRole/{}", mine["id"].as_str().unwrap()), &off).await;
+    assert_eq!(s, 200, "{o}");
+    assert!(courier::messaging::away::away(&app.store, "Practitioner/dr-2", courier::clock::now_micros()).unwrap().is_none());
+    // Not for someone else: dr-2 cannot make dr-4 "away" with themself as the delegate (they would
+    // get copies of dr-4's messages), nor read dr-4's.
+    let mut theirs = role("Practitioner/dr-4");
+    theirs["extension"][0]["valueReference"]["reference"] = json!("Practitioner/dr-2");
+    let (s, o) = post_as(&dr2, &app, "/PractitionerRole", &theirs).await;
+    assert_eq!(s, 403, "{o}");
+    let (s, other) = post_as(&app.client, &app, "/PractitionerRole", &role("Practitioner/dr-4")).await;
+    assert_eq!(s, 201, "{other}");
+    let (s, _) = call(&dr2, &app, "GET", &format!("/PractitionerRole/{}", other["id"].as_str().unwrap())).await;
+    assert_eq!(s, 404);
+    let (_, search) = call(&dr2, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-4").await;
+    assert_eq!(ids(&search), Vec::<String>::new(), "{search}");
+    // A patient's web-app token writes no PractitionerRole.
+    let pt = client_with_token(&user_token(&app, web_app_scope("Patient/p1"), "Patient/p1", Some("p1")));
+    let (s, o) = post_as(&pt, &app, "/PractitionerRole", &role("Practitioner/dr-2")).await;
+    assert_eq!(s, 403, "{o}");
 }
 }
 

@@ -537,7 +537,7 @@ both_backends! {
         assert_eq!(session["step_up"], "writes");
         let token = session["access_token"].as_str().unwrap().to_string();
         let c = claims(&token);
-        assert_eq!(c["scope"], "user/Communication.rs user/CommunicationRequest.rs user/Binary.r");
+        assert_eq!(c["scope"], "user/Communication.rs user/CommunicationRequest.rs user/Binary.r user/PractitionerRole.rs");
         let (user, patient) = (c["fhirUser"].as_str().unwrap().to_string(), format!("Patient/{}", c["patient"].as_str().unwrap()));
         let message = json!({"resourceType": "Communication", "status": "completed",
             "subject": {"reference": patient}, "sender": {"reference": user},
@@ -574,7 +574,7 @@ both_backends! {
         let upgraded = upgraded_token(&page);
         let writer_token = upgraded["access_token"].as_str().unwrap();
         let c = claims(writer_token);
-        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr user/PractitionerRole.crus");
         assert_eq!(c["amr"], json!(["pwd", "otp", "mfa"]));
         assert_eq!(upgraded["amr"], json!(["pwd", "otp", "mfa"]));
         let r = client_with_token(writer_token).post(app.url("Communication")).json(&message).send().await.unwrap();
@@ -583,7 +583,7 @@ both_backends! {
         let (s, refreshed) = crate::ehr::session_post(&app, "smart/session/refresh", &handle, None).await;
         assert_eq!(s, 200);
         let c = claims(refreshed["access_token"].as_str().unwrap());
-        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+        assert_eq!(c["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr user/PractitionerRole.crus");
         assert_eq!(c["amr"], json!(["pwd", "otp", "mfa"]));
         let (_, again) = step_up(handle.clone()).await;
         assert!(again.contains("already"), "{again}");
@@ -597,7 +597,7 @@ both_backends! {
         let (_, page) = launch_page(&app, &ehr, "Practitioner/dr-a").await;
         let session = session_of(&page);
         assert!(session["step_up"].is_null());
-        assert_eq!(claims(session["access_token"].as_str().unwrap())["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr");
+        assert_eq!(claims(session["access_token"].as_str().unwrap())["scope"], "user/Communication.cruds user/CommunicationRequest.cruds user/Binary.cr user/PractitionerRole.crus");
     }
 }
 

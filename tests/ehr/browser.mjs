@@ -370,6 +370,12 @@ try {
   check(chosen === 'rash.png' && chosenBox && chosenBox.x + chosenBox.width <= 390, `patient: the chosen file's name shows beside the picker (got "${chosen}")`);
   const sendBox = await patient.locator('#send').boundingBox();
   check(sendBox && sendBox.x + sendBox.width <= 390, 'patient: Send stays in view beside the picker and the file name');
+  // A very long name is cut, not pushed past the screen's edge.
+  await patient.setInputFiles('#compose-file', { name: 'scan-of-my-discharge-letter-from-the-hospital-'.repeat(3) + 'page1.png', mimeType: 'image/png', buffer: PNG });
+  const wide = await patient.evaluate(() => document.documentElement.scrollWidth);
+  const removeBox = await patient.locator('#file-remove').boundingBox();
+  check(wide <= 390 && removeBox && removeBox.x + removeBox.width <= 390 && removeBox.width >= 44,
+    `patient: a long file name does not widen the page or squeeze "Remove" (page ${wide} px, Remove ${JSON.stringify(removeBox)})`);
   await patient.click('#file-remove');
   check((await patient.evaluate(() => document.getElementById('compose-file').files.length)) === 0 && !(await patient.isVisible('#file-chosen')),
     'patient: "Remove" takes the chosen file off');
@@ -781,8 +787,10 @@ try {
   check(idleBox && idleBox.y >= 0 && idleBox.y + idleBox.height <= 844, 'patient: "Stay signed in" is in view on a phone');
   check((await patient.evaluate(() => document.activeElement && document.activeElement.closest('#idle-dialog') !== null)), 'patient: the warning takes the focus (keyboard, screen reader)');
   await a11y(patient, 'idle warning (phone)', true);
+  // Moving between its buttons (as a keyboard or screen-reader user does) is not an answer.
+  await patient.keyboard.press('Tab');
   await patient.waitForTimeout(1500);
-  check(await patient.isVisible('#idle-dialog'), 'patient: the warning stays until answered (its own focus is not activity)');
+  check(await patient.isVisible('#idle-dialog'), 'patient: the warning stays until answered (its own focus, a Tab inside it, are not activity)');
   const refreshes = [];
   patient.on('request', (r) => { if (r.url().endsWith('/smart/session/refresh')) refreshes.push(r.url()); });
   await patient.click('#idle-stay');
@@ -842,6 +850,65 @@ try {
   check(!/your EHR/.test(placeSaid) || /patient portal/.test(placeSaid), `patient: the signed-out screen speaks of the portal (got "${placeSaid}")`);
   const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
   check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
+
+  // ---- The clinician sets their own out-of-office in the app, and turns it off. ----
+  step('clinician: out of office');
+  await clinician.setViewportSize({ width: 1280, height: 800 });
+  await clinician.click('#away');
+  await clinician.waitForSelector('#away-dialog[open]');
+  check((await clinician.inputValue('#away-from')) !== '', 'clinician: "away from" starts filled (now)');
+  const delegates = await clinician.evaluate(() => [...document.querySelectorAll('#away-delegate option')].map((o) => [o.value, o.textContent]));
+  check(delegates.some(([v, t]) => v === cfg.colleague_ref && t.includes(cfg.colleague_name)),
+    `clinician: colleagues are offered by name to cover (got ${JSON.stringify(delegates)})`);
+  check(!delegates.some(([, t]) => t.includes(cfg.patient_name)), 'clinician: no patient is offered to cover');
+  // Back before leaving: refused in words, nothing saved.
+  await clinician.fill('#away-from', '2031-05-10T09:00');
+  await clinician.fill('#away-until', '2031-05-09T09:00');
+  await clinician.click('#away-save');
+  await clinician.waitForSelector('#away-error:not([hidden])');
+  check((await clinician.textContent('#away-error')).includes('back before you leave'), 'clinician: dates the wrong way round are said so');
+  const inTwoDays = new Date(Date.now() + 2 * 86400000);
+  const pad = (n) => String(n).padStart(2, '0');
+  const local = (t) => `${t.getFullYear()}-${pad(t.getMonth() + 1)}-${pad(t.getDate())}T${pad(t.getHours())}:${pad(t.getMinutes())}`;
+  await clinician.fill('#away-from', local(new Date(Date.now() - 60000)));
+  await clinician.fill('#away-until', local(inTwoDays));
+  await clinician.fill('#away-reply', 'At a conference; Alan Turing covers.');
+  await clinician.selectOption('#away-delegate', cfg.colleague_ref);
+  await clinician.click('#away-save');
+  await clinician.waitForFunction(() => /Saved/.test(document.getElementById('away-status').textContent), null, { timeout: DELIVERY });
+  check(/^Away until /.test((await clinician.textContent('#away')).trim()), `clinician: the header says they are away (got "${await clinician.textContent('#away')}")`);
+  const roles = await (await fetch(cfg.base + 'PractitionerRole?practitioner=' + encodeURIComponent(cfg.clinician_ref), { headers: { Authorization: 'Bearer ' + cfg.admin_token } })).json();
+  const saved = (roles.entry || []).map((e) => e.resource).find((r) => (r.notAvailable || []).length);
+  check(saved && saved.notAvailable[0].description === 'At a conference; Alan Turing covers.' &&
+    (saved.extension || []).some((x) => x.valueReference && x.valueReference.reference === cfg.colleague_ref) &&
+    Math.abs(new Date(saved.notAvailable[0].during.end) - inTwoDays) < 120000,
+    `clinician: the out-of-office is kept as FHIR (PractitionerRole.notAvailable, the delegate) (got ${JSON.stringify(saved)})`);
+  await a11y(clinician, 'out-of-office dialog', false);
+  await clinician.click('#away-cancel');
+  // The patient writes meanwhile and is answered automatically in her name: her list still shows
+  // the patient's words (not "You: …" her automatic reply), among the threads waiting for her.
+  const labId = await clinician.evaluate(() => [...threads.values()].find((t) => t.topic && (t.topic.text || '').startsWith('Lab results')).id);
+  const asked = await fetch(cfg.base + 'Communication', {
+    method: 'POST',
+    headers: { Authorization: 'Bearer ' + cfg.admin_token, 'Content-Type': 'application/fhir+json', Prefer: 'return=representation' },
+    body: JSON.stringify({ resourceType: 'Communication', status: 'completed', sent: new Date().toISOString(), partOf: [{ reference: 'Communication/' + labId }],
+      subject: { reference: cfg.patient_ref }, sender: { reference: cfg.patient_ref }, recipient: [{ reference: cfg.clinician_ref }],
+      category: [{ text: 'question' }], payload: [{ contentString: 'Is the appointment still on?' }] }),
+  });
+  check(asked.status === 201, `patient: the message to the away clinician was not sent (${asked.status})`);
+  await clinician.waitForFunction((id) => { const m = latest.get(id); return m && automaticKind(m) !== null; }, labId, { timeout: DELIVERY });
+  const labRow = (await row(clinician, 'Lab results').first().textContent()) || '';
+  check(labRow.includes(cfg.patient_name + ': Is the appointment still on?'), `clinician: the list previews the patient's words, not her automatic reply (got "${labRow}")`);
+  await clinician.selectOption('#filter-show', 'waiting');
+  const waiting = await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li .topic')].some((t) => t.textContent.startsWith('Lab results')), null, { timeout: 5000 }).then(() => true, () => false);
+  check(waiting, 'clinician: a thread answered only automatically is still waiting for her reply');
+  await clinician.selectOption('#filter-show', 'all');
+  await clinician.click('#away');
+  await clinician.waitForSelector('#away-dialog[open]');
+  await clinician.click('#away-off');
+  await clinician.waitForFunction(() => /Turned off/.test(document.getElementById('away-status').textContent), null, { timeout: DELIVERY });
+  await clinician.click('#away-cancel');
+  check((await clinician.textContent('#away')).trim() === 'Out of office', 'clinician: turned off, the header says so');
 
   // ---- Revoked elsewhere: the clinician's session ends outside this page (another device, the
   // EHR, an administrator); the page clears itself without any click. ----
