@@ -116,25 +116,52 @@ fn message(recipient: usize, day: usize, minute: usize) -> serde_json::Value {
 struct Usage {
     cpu_secs: f64,
     written: u64,
+    /// CPU of the local PostgreSQL server's processes (every process named `postgres` this user
+    /// may read): it shares the machine's cores with Courier, so a create costs both.
+    postgres_cpu_secs: f64,
+}
+
+/// utime + stime of a `/proc/<pid>/stat`, in seconds (100 ticks/s).
+fn cpu_of(stat: &str) -> f64 {
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // fields[0] is the state (field 3), so utime (14) is at 11 and stime (15) at 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|e| cpu_of(&std::fs::read_to_string(e.path().join("stat")).unwrap_or_default()))
+        .sum()
 }
 
 impl Usage {
     fn now() -> Usage {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
         let written = io
             .lines()
             .find_map(|l| l.strip_prefix("write_bytes: "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
-        // fields[0] is the state (field 3), so utime (14) is at 11 and stime (15) at 12; 100 ticks/s.
         Usage {
-            cpu_secs: (ticks(11) + ticks(12)) / 100.0,
+            cpu_secs: cpu_of(&stat),
             written,
+            postgres_cpu_secs: postgres_cpu_secs(),
         }
     }
 }
@@ -347,7 +374,10 @@ async fn main() {
             total as f64 / groups.max(1) as f64
         );
         let sqlite = if a.backend == "postgres" {
-            per_group
+            format!(
+                "; PostgreSQL server {:.0} µs CPU per create{per_group}",
+                (after.postgres_cpu_secs - before.postgres_cpu_secs) * 1e6 / total as f64
+            )
         } else {
             format!(
                 ", {:.1} KiB written{per_group}",

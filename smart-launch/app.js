@@ -116,7 +116,7 @@ function end(why) {
   // Where to open Courier again, in the person's own words.
   const place = !session || !session.fhirUser ? 'your EHR or your patient portal' : isPatient() ? 'your patient portal' : 'your EHR';
   const againText = 'Open Courier again from ' + place + ' to continue.';
-  if (why && why.startsWith('Your session has ended')) why += ' ' + againText;
+  if (why && !why.includes(againText)) why += ' ' + againText;
   sessionStorage.removeItem(STORE_KEY);
   sessionStorage.removeItem(SEQ_KEY);
   sessionStorage.removeItem(LEFT_KEY);
@@ -150,6 +150,7 @@ function end(why) {
   $('threads-count').textContent = '';
   $('threads-title').textContent = 'Conversations';
   $('scope-patient').textContent = 'This patient';
+  $('scope-all').textContent = 'All my patients';
   $('draft-state').textContent = '';
   $('filter-inbox').replaceChildren(el('option', {value: ''}, 'All inboxes'));
   for (const id of ['filter-patient', 'filter-inbox']) delete $(id).dataset.list;
@@ -297,10 +298,12 @@ function idleCheck() {
   }
   const warn = Math.max(20000, Math.min(60000, idle / 4));
   if (left > warn) {
-    if (dialog.open) dialog.close();
+    if (dialog.open) { dialog.close(); renderThreads(); }
     return;
   }
   const secs = Math.ceil(left / 1000);
+  // The tab's title says it too, for a window in the background.
+  document.title = 'Signing out in ' + secs + ' s — Courier';
   $('idle-text').textContent = 'You will be signed out in ' + (secs === 1 ? '1 second' : secs + ' seconds') + ' because Courier has not been used for a while.';
   if (!dialog.open) {
     idleOpening = true;
@@ -323,6 +326,7 @@ async function stayIn() {
     lastActivity = Date.now();
     $('idle-error').hidden = true;
     if ($('idle-dialog').open) $('idle-dialog').close();
+    renderThreads();
   } else {
     $('idle-error').textContent = 'Courier could not be reached to keep you signed in. Check the connection and press "Stay signed in" again.';
     $('idle-error').hidden = false;
@@ -732,6 +736,17 @@ function renderThreadsNow() {
   list.replaceChildren(...rows);
   $('threads-empty').hidden = threads.size > 0;
   $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' : '';
+  // Launched with one patient open, what is new about others is said where one switches to it
+  // (a walk-through: a covering colleague saw "1 unread" and "Showing 0 of 1", nothing more).
+  if (!isPatient() && session.patient) {
+    let elsewhere = 0;
+    for (const t of threads.values()) {
+      if (patientOf(t) === session.patient) continue;
+      const c = shownUnread(t);
+      elsewhere += (c && c.n) || 0;
+    }
+    $('scope-all').textContent = 'All my patients' + (elsewhere ? ' (' + elsewhere + ' unread)' : '');
+  }
   const total = shownTotal();
   $('threads-title').textContent = total ? 'Conversations (' + total + ' unread)' : 'Conversations';
   document.title = (total ? '(' + total + ') ' : '') + 'Courier messages';

@@ -36,6 +36,8 @@ pub struct Away {
     pub delegate: Option<String>,
     /// The end of the time away as its PractitionerRole gives it (a FHIR dateTime), if it has one.
     pub until: Option<String>,
+    /// When the time away began (µs), if it says.
+    pub since: Option<i64>,
 }
 
 #[derive(QueryableByName)]
@@ -106,6 +108,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
                     .to_string(),
                 delegate,
                 until: n["during"]["end"].as_str().map(String::from),
+                since: start,
             }));
         }
     }
@@ -347,7 +350,13 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
                         .is_some_and(|x| super::hub::local_ref(x, &store.base_url) == who)
                 })
             };
-            if let Some(sender) = &sender {
+            // One automatic reply per conversation and time away: a patient writing three times
+            // in a thread is told once (a walk-through: identical replies stacked up).
+            let told = match (&sender, thread_of(&msg, &store.base_url)) {
+                (Some(s), Some(t)) => replied_in(store, &t, &to, s, away.since.unwrap_or(0))?,
+                _ => false,
+            };
+            if let Some(sender) = sender.as_ref().filter(|_| !told) {
                 ops.push(with(
                     base.clone(),
                     "auto-reply",
@@ -451,13 +460,7 @@ fn join_op(
             .as_str()
             .map(|x| super::hub::local_ref(x, &store.base_url))
     };
-    let Some(header) = msg["partOf"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(local)
-        .find_map(|r| r.strip_prefix("Communication/").map(String::from))
-    else {
+    let Some(header) = thread_of(msg, &store.base_url) else {
         return Ok(None);
     };
     let Ok(now) = store.read("Communication", &header) else {
@@ -509,6 +512,67 @@ fn join_op(
             may_create: false,
         },
     )))
+}
+
+/// The thread (`Communication/…` id of its `partOf`) a message belongs to, if local.
+fn thread_of(msg: &Value, base: &str) -> Option<String> {
+    msg["partOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["reference"].as_str())
+        .map(|r| super::hub::local_ref(r, base))
+        .find_map(|r| r.strip_prefix("Communication/").map(String::from))
+}
+
+/// Has `away_who` already sent `sender` an automatic reply in `thread` since `since` (µs)?
+fn replied_in(
+    store: &Store,
+    thread: &str,
+    away_who: &str,
+    sender: &str,
+    since: i64,
+) -> Result<bool, StoreError> {
+    let (Some((at, aid)), Some((st, sid))) = (away_who.split_once('/'), sender.split_once('/'))
+    else {
+        return Ok(false);
+    };
+    let found: Vec<IdRow> = store.query(
+        "SELECT r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN idx_ref c ON c.rid = a.rid \
+         JOIN resources r ON r.rid = a.rid \
+         WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
+         AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
+         AND c.param = ? AND c.target_type = ? AND c.target_id = ? AND c.url IS NULL \
+         AND r.res_type = 'Communication' AND r.deleted = 0 AND r.last_updated >= ? LIMIT 20",
+        vec![
+            store.registry.index_name("Communication", "part-of").into(),
+            crate::search::names::ty("Communication").into(),
+            thread.into(),
+            store.registry.index_name("Communication", "sender").into(),
+            crate::search::names::ty(at).into(),
+            aid.into(),
+            store.registry.index_name("Communication", "recipient").into(),
+            crate::search::names::ty(st).into(),
+            sid.into(),
+            since.into(),
+        ],
+    )?;
+    for f in found {
+        let Ok(s) = store.read("Communication", &f.fhir_id) else {
+            continue;
+        };
+        let v: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        if v["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["url"] == EXT_AUTOMATIC && x["valueCode"] == "auto-reply")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[derive(QueryableByName)]

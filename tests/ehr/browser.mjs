@@ -783,6 +783,7 @@ try {
   const warned = await patient.textContent('#idle-text');
   const n = Number((warned.match(/signed out in (\d+) seconds/) || [])[1]);
   check(n > 20 && n <= 30, `patient: the warning counts down the seconds left (got "${warned}")`);
+  check(/^Signing out in \d+ s/.test(await patient.title()), `patient: the tab's title says it too (got "${await patient.title()}")`);
   const idleBox = await patient.locator('#idle-stay').boundingBox();
   check(idleBox && idleBox.y >= 0 && idleBox.y + idleBox.height <= 844, 'patient: "Stay signed in" is in view on a phone');
   check((await patient.evaluate(() => document.activeElement && document.activeElement.closest('#idle-dialog') !== null)), 'patient: the warning takes the focus (keyboard, screen reader)');
@@ -801,6 +802,7 @@ try {
   check(refreshes.length >= 1, 'patient: "Stay signed in" tells the server at once (the session is refreshed)');
   await patient.waitForTimeout(1500);
   check(!(await patient.isVisible('#idle-dialog')) && !(await patient.isVisible('#ended')), 'patient: still signed in after the warning was answered');
+  check(!/Signing out/.test(await patient.title()), 'patient: the title is back to normal after the warning');
   await patient.click('#new-cancel');
   await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
 
