@@ -67,17 +67,29 @@ fn referrers(
     )
 }
 
+/// At most this many of a practitioner's PractitionerRoles are read (the newest) to tell whether
+/// they are away: each is decrypted and parsed at every lookup, and a probe's practitioner made
+/// every automatic reply wait half a minute with sixty roles of a megabyte.
+pub const ROLES_READ: i64 = 10;
+
 /// Is `who` (`Practitioner/…`) away at `at` (µs)? Blocking.
 pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreError> {
     let Some(("Practitioner", id)) = who.split_once('/') else {
         return Ok(None);
     };
-    let roles = referrers(
-        store,
-        "PractitionerRole",
-        "practitioner",
-        "Practitioner",
-        id,
+    let roles: Vec<IdRow> = store.query(
+        "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
+         WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
+         AND r.res_type = 'PractitionerRole' AND r.deleted = 0 ORDER BY r.rid DESC LIMIT ?",
+        vec![
+            store
+                .registry
+                .index_name("PractitionerRole", "practitioner")
+                .into(),
+            crate::search::names::ty("Practitioner").into(),
+            id.into(),
+            ROLES_READ.into(),
+        ],
     )?;
     for role in roles {
         let Ok(s) = store.read("PractitionerRole", &role.fhir_id) else {
@@ -160,6 +172,49 @@ pub fn check_delegate(role: &Value, base: &str) -> Result<(), String> {
         if !ok {
             return Err(format!("PractitionerRole.extension[{i}]"));
         }
+    }
+    Ok(())
+}
+
+/// At most this many `notAvailable` periods per PractitionerRole.
+pub const MAX_PERIODS: usize = 20;
+/// At most this many characters of automatic reply (`notAvailable.description`).
+pub const MAX_REPLY_CHARS: usize = 1000;
+/// At most this many bytes of PractitionerRole.
+pub const MAX_ROLE_BYTES: usize = 32 * 1024;
+
+/// A PractitionerRole is read at every "is this practitioner away" and its description sent to
+/// everyone who writes to them: a probe's roles of a megabyte made every automatic reply wait
+/// half a minute, and a reply of a megabyte went out for each two-byte message. 422 beyond
+/// [`MAX_PERIODS`], [`MAX_REPLY_CHARS`], [`MAX_ROLE_BYTES`]: (where, why).
+pub fn check_size(role: &Value) -> Result<(), (String, String)> {
+    let periods = role["notAvailable"].as_array().map_or(0, |a| a.len());
+    if periods > MAX_PERIODS {
+        return Err((
+            "PractitionerRole.notAvailable".into(),
+            format!("at most {MAX_PERIODS} periods away (got {periods})"),
+        ));
+    }
+    for (i, n) in role["notAvailable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let chars = n["description"].as_str().map_or(0, |d| d.chars().count());
+        if chars > MAX_REPLY_CHARS {
+            return Err((
+                format!("PractitionerRole.notAvailable[{i}].description"),
+                format!("an automatic reply of at most {MAX_REPLY_CHARS} characters (got {chars})"),
+            ));
+        }
+    }
+    let bytes = role.to_string().len();
+    if bytes > MAX_ROLE_BYTES {
+        return Err((
+            "PractitionerRole".into(),
+            format!("a PractitionerRole of at most {MAX_ROLE_BYTES} bytes (got {bytes})"),
+        ));
     }
     Ok(())
 }
@@ -265,7 +320,12 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
         };
         let msg: Value =
             serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
-        if msg["status"] != "completed" || is_automatic(&msg) {
+        // A thread's header (no text of its own) is not a message to answer or to copy (a probe:
+        // a header sent `completed` got its own reply and an empty forward).
+        if msg["status"] != "completed"
+            || is_automatic(&msg)
+            || msg["payload"].as_array().is_none_or(|p| p.is_empty())
+        {
             continue;
         }
         let sender = msg["sender"]["reference"]
@@ -353,7 +413,14 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
             // One automatic reply per conversation and time away: a patient writing three times
             // in a thread is told once (a walk-through: identical replies stacked up).
             let told = match (&sender, thread_of(&msg, &store.base_url)) {
-                (Some(s), Some(t)) => replied_in(store, &t, &to, s, away.since.unwrap_or(0))?,
+                // A time away without a start: the last week (not any earlier absence).
+                (Some(s), Some(t)) => replied_in(
+                    store,
+                    &t,
+                    &to,
+                    s,
+                    away.since.unwrap_or(now - 7 * 86_400_000_000),
+                )?,
                 _ => false,
             };
             if let Some(sender) = sender.as_ref().filter(|_| !told) {
@@ -418,13 +485,14 @@ fn write_copies(
         };
         let mut ops = copies.clone();
         if let Some((header, op)) = join {
+            let Some(d) = delegate else { break };
             // Recorded before the write (a crash after it leaves no delegate joined for good):
             // the join is undone when the cover ends ([`end_covers`]).
             store.execute(
-                "INSERT INTO away_joins (header_id, delegate, away) VALUES (?, ?, ?) ON CONFLICT (header_id, delegate) DO NOTHING",
-                vec![header.into(), delegate.unwrap_or_default().into(), away_who.into()],
+                "INSERT INTO away_joins (header_id, delegate, away) VALUES (?, ?, ?) ON CONFLICT (header_id, delegate, away) DO NOTHING",
+                vec![header.into(), d.into(), away_who.into()],
             )?;
-            ops.push(op);
+            ops.extend(op);
         }
         let n = ops.len();
         match store.write(ops, &ctx(store)) {
@@ -454,7 +522,7 @@ fn join_op(
     msg: &Value,
     away_who: &str,
     delegate: &str,
-) -> Result<Option<(String, WriteOp)>, StoreError> {
+) -> Result<Option<(String, Option<WriteOp>)>, StoreError> {
     let local = |r: &Value| {
         r["reference"]
             .as_str()
@@ -490,10 +558,18 @@ fn join_op(
     if !is_header
         || local(&h["subject"]) != local(&msg["subject"])
         || !takes_part(&h, away_who)
-        || takes_part(&h, delegate)
         || (super::staff_only::is_labelled(msg) && !super::staff_only::is_labelled(&h))
     {
         return Ok(None);
+    }
+    if takes_part(&h, delegate) {
+        // Already there: by a cover for another colleague away, this cover is recorded too (so
+        // that the delegate stays while either lasts); otherwise they take part of their own.
+        let joined: Vec<HeaderRow> = store.query(
+            "SELECT header_id FROM away_joins WHERE header_id = ? AND delegate = ? LIMIT 1",
+            vec![header.clone().into(), delegate.into()],
+        )?;
+        return Ok((!joined.is_empty()).then_some((header, None)));
     }
     match h["recipient"].as_array_mut() {
         Some(to) => to.push(json!({"reference": delegate})),
@@ -501,7 +577,7 @@ fn join_op(
     }
     Ok(Some((
         header.clone(),
-        WriteOp::Update {
+        Some(WriteOp::Update {
             res_type: "Communication".into(),
             id: header,
             resource: Incoming::from_value(h),
@@ -510,7 +586,7 @@ fn join_op(
             patch: false,
             guard: None,
             may_create: false,
-        },
+        }),
     )))
 }
 
@@ -576,62 +652,108 @@ fn replied_in(
 }
 
 #[derive(QueryableByName)]
-struct JoinRow {
-    #[diesel(sql_type = Text)]
-    header_id: String,
-    #[diesel(sql_type = Text)]
-    delegate: String,
+struct CoverRow {
     #[diesel(sql_type = Text)]
     away: String,
+    #[diesel(sql_type = Text)]
+    delegate: String,
+}
+
+#[derive(QueryableByName)]
+struct HeaderRow {
+    #[diesel(sql_type = Text)]
+    header_id: String,
 }
 
 /// Ends the covers that are over: a delegate who joined a thread while a colleague was away
 /// ([`join_op`]) leaves it again once that colleague is back, or names another delegate — unless
-/// they wrote in the thread themself meanwhile (then it is their conversation too). A review: a
-/// delegate named even for an hour would otherwise have stayed in every such conversation, and
-/// received the patient's replies, for good. Returns the headers changed.
+/// they sent a message in the thread themself meanwhile (then it is their conversation too), or
+/// still cover it for someone else away. A review: a delegate named even for an hour would
+/// otherwise have stayed in every such conversation, and received the patient's replies, for
+/// good. Covers are taken by (clinician away, delegate), so the threads of covers that go on never
+/// hold up those of covers that ended (a probe: 200 of them did); each pass looks up each
+/// clinician with a cover once ([`away`] reads at most [`ROLES_READ`] roles). Returns the headers
+/// changed.
 pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
-    let rows: Vec<JoinRow> = store.query(
-        "SELECT header_id, delegate, away FROM away_joins ORDER BY header_id LIMIT 200",
-        vec![],
-    )?;
+    let covers: Vec<CoverRow> =
+        store.query("SELECT DISTINCT away, delegate FROM away_joins", vec![])?;
     let now = now_micros();
     let mut still: HashMap<String, Option<String>> = HashMap::new();
     let mut changed = 0;
-    for row in rows {
-        let covering = match still.get(&row.away) {
+    for cover in covers {
+        let covering = match still.get(&cover.away) {
             Some(d) => d.clone(),
             None => {
-                let d = away(store, &row.away, now)?.and_then(|a| a.delegate);
-                still.insert(row.away.clone(), d.clone());
+                let d = away(store, &cover.away, now)?.and_then(|a| a.delegate);
+                still.insert(cover.away.clone(), d.clone());
                 d
             }
         };
-        if covering.as_deref() == Some(row.delegate.as_str()) {
+        if covering.as_deref() == Some(cover.delegate.as_str()) {
             continue;
         }
-        if leave_thread(store, &row.header_id, &row.delegate)? {
-            changed += 1;
-        }
-        store.execute(
-            "DELETE FROM away_joins WHERE header_id = ? AND delegate = ?",
-            vec![row.header_id.into(), row.delegate.into()],
+        let headers: Vec<HeaderRow> = store.query(
+            "SELECT header_id FROM away_joins WHERE away = ? AND delegate = ? LIMIT 500",
+            vec![cover.away.clone().into(), cover.delegate.clone().into()],
         )?;
+        for h in headers {
+            // Still covering this thread for another colleague away: stays.
+            let others: Vec<CoverRow> = store.query(
+                "SELECT away, delegate FROM away_joins WHERE header_id = ? AND delegate = ? AND away <> ?",
+                vec![h.header_id.clone().into(), cover.delegate.clone().into(), cover.away.clone().into()],
+            )?;
+            let mut kept = false;
+            for o in others {
+                let d = match still.get(&o.away) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = away(store, &o.away, now)?.and_then(|a| a.delegate);
+                        still.insert(o.away.clone(), d.clone());
+                        d
+                    }
+                };
+                kept |= d.as_deref() == Some(cover.delegate.as_str());
+            }
+            if !kept {
+                match leave_thread(store, &h.header_id, &cover.delegate)? {
+                    Leave::Left => changed += 1,
+                    Leave::Stays => {}
+                    // Changed meanwhile three times: the next check tries again.
+                    Leave::Again => continue,
+                }
+            }
+            store.execute(
+                "DELETE FROM away_joins WHERE header_id = ? AND delegate = ? AND away = ?",
+                vec![
+                    h.header_id.into(),
+                    cover.delegate.clone().into(),
+                    cover.away.clone().into(),
+                ],
+            )?;
+        }
     }
     Ok(changed)
 }
 
-/// Takes `delegate` off the header's recipients, unless they wrote in the thread. On the version
-/// read; a header changed meanwhile is read again.
-fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<bool, StoreError> {
+enum Leave {
+    Left,
+    Stays,
+    Again,
+}
+
+/// Takes `delegate` off the header's recipients, unless they sent a message of their own in the
+/// thread (a draft, a withdrawn message or an automatic one does not count: a probe kept a
+/// delegate in a patient's thread for good with a draft it then deleted). On the version read; a
+/// header changed meanwhile is read again.
+fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, StoreError> {
     let Some((t, id)) = delegate.split_once('/') else {
-        return Ok(false);
+        return Ok(Leave::Stays);
     };
-    let wrote: Vec<IdRow> = store.query(
+    let theirs: Vec<IdRow> = store.query(
         "SELECT r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN resources r ON r.rid = a.rid \
          WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
          AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0 LIMIT 1",
+         AND r.res_type = 'Communication' AND r.deleted = 0 LIMIT 200",
         vec![
             store.registry.index_name("Communication", "part-of").into(),
             crate::search::names::ty("Communication").into(),
@@ -641,22 +763,29 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<bool, Sto
             id.into(),
         ],
     )?;
-    if !wrote.is_empty() {
-        return Ok(false);
+    for m in theirs {
+        let Ok(s) = store.read("Communication", &m.fhir_id) else {
+            continue;
+        };
+        let v: Value =
+            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        if matches!(v["status"].as_str(), Some("completed" | "in-progress")) && !is_automatic(&v) {
+            return Ok(Leave::Stays);
+        }
     }
     for _ in 0..3 {
         let Ok(now) = store.read("Communication", header) else {
-            return Ok(false);
+            return Ok(Leave::Stays);
         };
         let Some(mut h) = now
             .body
             .as_deref()
             .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         else {
-            return Ok(false);
+            return Ok(Leave::Stays);
         };
         let Some(to) = h["recipient"].as_array_mut() else {
-            return Ok(false);
+            return Ok(Leave::Stays);
         };
         let before = to.len();
         to.retain(|r| {
@@ -667,7 +796,7 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<bool, Sto
                 != Some(delegate)
         });
         if to.len() == before {
-            return Ok(false);
+            return Ok(Leave::Stays);
         }
         if to.is_empty() {
             h.as_object_mut().map(|o| o.remove("recipient"));
@@ -683,12 +812,12 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<bool, Sto
             may_create: false,
         };
         match store.write(vec![op], &ctx(store)) {
-            Ok(_) => return Ok(true),
+            Ok(_) => return Ok(Leave::Left),
             Err(StoreError::PreconditionFailed(_) | StoreError::Conflict(_)) => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(false)
+    Ok(Leave::Again)
 }
 
 #[derive(QueryableByName)]

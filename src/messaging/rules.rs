@@ -64,14 +64,19 @@ pub fn check(
         inline_attachments(settings, res_type, body)?;
     }
     match res_type {
-        "PractitionerRole" => super::away::check_delegate(body, &settings.base_url).map_err(|at| {
-            FhirError::at(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "business-rule",
-                at,
-                "an out-of-office delegate must be a Practitioner or PractitionerRole of this server: the delegate is sent a copy of every message to the one away",
-            )
-        }),
+        "PractitionerRole" => {
+            super::away::check_delegate(body, &settings.base_url).map_err(|at| {
+                FhirError::at(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "business-rule",
+                    at,
+                    "an out-of-office delegate must be a Practitioner or PractitionerRole of this server: the delegate is sent a copy of every message to the one away",
+                )
+            })?;
+            super::away::check_size(body).map_err(|(at, why)| {
+                FhirError::at(StatusCode::UNPROCESSABLE_ENTITY, "business-rule", at, why)
+            })
+        }
         "Binary" => {
             attachment_type(settings, body)?;
             attachment_content(body)

@@ -255,15 +255,21 @@ async fn end(state: &web::Data<AppState>, handle_hash: &str) {
 }
 
 /// Ends every session matching `condition` (logout, idle, a removed EHR): their Courier tokens are
-/// revoked, then the rows deleted. The one way a session ends. A row is deleted only as it was
-/// read: a refresh that appended a token meanwhile (between the read and the delete) makes the
-/// row be read and revoked again, so no token it was given outlives the session (a review: the
-/// token of a refresh racing a sign-out stayed valid for its five minutes).
+/// revoked, then the rows deleted. The one way a session ends. First each row is marked idle since
+/// ever (`last_active` 0), so no refresh after that adds a token to it (a refresh appends only to
+/// a session still active, and revokes its token otherwise); then a row is deleted only as it was
+/// read, so a token a refresh appended before the mark is read and revoked too (a review: the
+/// token of a refresh racing a sign-out stayed valid for its five minutes; a probe: refreshes in a
+/// loop could outrun the re-reads).
 pub fn end_where(
     store: &crate::store::Store,
     condition: &str,
     binds: Vec<crate::store::db::Bind>,
 ) -> Result<usize, crate::store::StoreError> {
+    store.execute(
+        &format!("UPDATE ehr_sessions SET last_active = 0 WHERE {condition}"),
+        binds.clone(),
+    )?;
     let rows: Vec<JtiRow> = store.query(
         &format!("SELECT handle_hash, token_jtis FROM ehr_sessions WHERE {condition}"),
         binds,
@@ -319,7 +325,8 @@ pub async fn refresh(
         return ended("no such session: sign in again from the EHR");
     };
     let t = now();
-    if t - row.last_active > state.settings.idle_timeout_secs {
+    let idle = state.settings.idle_timeout_secs;
+    if t - row.last_active > idle {
         end(&state, &row.handle_hash).await;
         audit_logout(
             &state,
@@ -349,8 +356,8 @@ pub async fn refresh(
                 let (store, h) = (state.store.clone(), row.handle_hash.clone());
                 let _ = web::block(move || {
                     store.execute(
-                        "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ?",
-                        vec![t.into(), h.into()],
+                        "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ? AND last_active >= ?",
+                        vec![t.into(), h.into(), (t - idle).into()],
                     )
                 })
                 .await;
@@ -387,9 +394,10 @@ pub async fn refresh(
     // Appended in one statement (concurrent refreshes both land); no row means the session ended
     // meanwhile, and the token just issued is revoked instead of handed out.
     let recorded = web::block(move || {
+        // Only to a session still active: one being ended is marked idle first (`end_where`).
         let n = store2.execute(
-            "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ?",
-            vec![entry.into(), h2.into()],
+            "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
+            vec![entry.into(), h2.into(), (t - idle).into()],
         )?;
         if n == 0 {
             crate::auth::tokens::revoke_in(&store2, &jti, exp)?;
@@ -404,11 +412,14 @@ pub async fn refresh(
         Some(v) => {
             let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));
             store.execute(
-                "UPDATE ehr_sessions SET last_active = ?, key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ?",
-                vec![t.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into()],
+                "UPDATE ehr_sessions SET last_active = ?, key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ? AND last_active >= ?",
+                vec![t.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into(), (t - idle).into()],
             )
         }
-        None => store.execute("UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ?", vec![t.into(), h.into()]),
+        None => store.execute(
+            "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ? AND last_active >= ?",
+            vec![t.into(), h.into(), (t - idle).into()],
+        ),
     })
     .await;
     HttpResponse::Ok()

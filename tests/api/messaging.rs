@@ -1303,6 +1303,20 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     let (_, all) = call(&p1, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
     let replies = all["entry"].as_array().into_iter().flatten().filter(|e| e["resource"]["extension"][0]["valueCode"] == "auto-reply").count();
     assert_eq!(replies, 1, "the patient was told once that dr-2 is away: {all}");
+    // A header sent as `completed` (no text of its own) is nothing to answer or forward.
+    let mut bare = thread("A header sent completed");
+    bare["status"] = json!("completed");
+    let (s, b) = post_as(&p1, &app, "/Communication", &bare).await;
+    assert_eq!(s, 201, "{b}");
+    for _ in 0..3 {
+        away_pass(&app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let about_bare = app.get_json("/Communication?sender=Practitioner/dr-2&_count=100").await;
+    assert!(
+        !about_bare["entry"].as_array().into_iter().flatten().any(|e| e["resource"]["inResponseTo"][0]["reference"] == format!("Communication/{}", b["id"].as_str().unwrap()).as_str()),
+        "{about_bare}"
+    );
     // Joined once: the header has one version more, not one per message.
     let (_, h_now) = call(&p1, &app, "GET", &format!("/Communication/{hid}")).await;
     assert_eq!(h_now["meta"]["versionId"], "2", "{h_now}");
@@ -1342,7 +1356,45 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
         assert_eq!(header_to(root_id.clone()).await, vec!["Practitioner/dr-2"], "a message with text is never re-addressed");
     }
 
-    // dr-2 is back: dr-3 leaves the thread they joined (they did not write in it) ...
+    // dr-3 saves a draft in the thread (and withdraws nothing, sends nothing): a draft is not
+    // writing in the thread (a probe kept a delegate in a patient's thread with one).
+    let mut draft = in_thread("Practitioner/dr-3", &["Patient/p1", "Practitioner/dr-2"], &hid, "half a thought");
+    draft["status"] = json!("preparation");
+    let (s, d) = post_as(&dr3, &app, "/Communication", &draft).await;
+    assert_eq!(s, 201, "{d}");
+    // A second thread, shared by dr-2 and dr-4, both away with dr-3 covering: when dr-2 is back,
+    // dr-3 stays there for dr-4.
+    let dr4 = client_with_token(&clinician_token(&app, "dr-4"));
+    let now = chrono::Utc::now();
+    let r4 = json!({"resourceType": "PractitionerRole", "active": true, "practitioner": {"reference": "Practitioner/dr-4"},
+        "extension": [{"url": courier::messaging::away::EXT_DELEGATE, "valueReference": {"reference": "Practitioner/dr-3"}}],
+        "notAvailable": [{"description": "Away too.", "during": {"start": (now - chrono::Duration::hours(1)).to_rfc3339(), "end": (now + chrono::Duration::hours(1)).to_rfc3339()}}]});
+    let (s, r4) = post_as(&dr4, &app, "/PractitionerRole", &r4).await;
+    assert_eq!(s, 201, "{r4}");
+    let mut shared = thread("Both of you");
+    shared["recipient"] = json!([{"reference": "Practitioner/dr-2"}, {"reference": "Practitioner/dr-4"}]);
+    let (s, h4) = post_as(&p1, &app, "/Communication", &shared).await;
+    assert_eq!(s, 201, "{h4}");
+    let h4 = h4["id"].as_str().unwrap().to_string();
+    for who in ["Practitioner/dr-2", "Practitioner/dr-4"] {
+        let (s, _) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &[who], &h4, "For you")).await;
+        assert_eq!(s, 201);
+    }
+    let joins_of = |h: String| {
+        let store = app.store.clone();
+        async move {
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let v: Vec<N> = store.query("SELECT COUNT(*) AS n FROM away_joins WHERE header_id = ?", vec![h.into()]).unwrap();
+            v[0].n
+        }
+    };
+    until!("dr-3 covers the shared thread for both", joins_of(h4.clone()).await == 2);
+    assert_eq!(header_to(h4.clone()).await, vec!["Practitioner/dr-2", "Practitioner/dr-4", "Practitioner/dr-3"]);
+    // dr-2 is back: dr-3 leaves the thread they joined (they sent nothing in it) ...
     let mut back = role.clone();
     back.as_object_mut().unwrap().remove("notAvailable");
     let dr2 = client_with_token(&clinician_token(&app, "dr-2"));
@@ -1350,6 +1402,14 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     assert_eq!(s, 200, "{b}");
     until!("dr-3 leaves the thread when dr-2 is back", header_to(hid.clone()).await == vec!["Practitioner/dr-2".to_string()]);
     assert!(!threads(dr3.clone()).await.contains(&hid), "the thread is no longer in dr-3's list");
+    // ... but not the one they still cover for dr-4; when dr-4 is back too, they leave it.
+    until!("dr-2's cover of the shared thread ends", joins_of(h4.clone()).await == 1);
+    assert!(header_to(h4.clone()).await.contains(&"Practitioner/dr-3".to_string()), "still covering for dr-4");
+    let mut back4 = r4.clone();
+    back4.as_object_mut().unwrap().remove("notAvailable");
+    let (s, _) = put_as(&dr4, &app, &format!("/PractitionerRole/{}", r4["id"].as_str().unwrap()), &back4).await;
+    assert_eq!(s, 200);
+    until!("dr-3 leaves the shared thread when dr-4 is back too", !header_to(h4.clone()).await.contains(&"Practitioner/dr-3".to_string()));
     // ... but stays in one they wrote in while covering.
     dr2_away_dr3_covers(&app, "Away again.").await;
     let (s, h3) = post_as(&p1, &app, "/Communication", &thread("My rash")).await;
@@ -1429,6 +1489,20 @@ async fn a_clinician_sets_their_own_out_of_office_with_the_web_apps_token(app: T
     assert_eq!(s, 404);
     let (_, search) = call(&dr2, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-4").await;
     assert_eq!(ids(&search), Vec::<String>::new(), "{search}");
+    // A role is read at every lookup and its reply sent to everyone who writes: bounded (422).
+    let mut many = role("Practitioner/dr-2");
+    many["notAvailable"] = json!((0..21).map(|i| json!({"description": format!("away {i}")})).collect::<Vec<_>>());
+    let (s, o) = post_as(&dr2, &app, "/PractitionerRole", &many).await;
+    assert_eq!(s, 422, "{o}");
+    let mut long = role("Practitioner/dr-2");
+    long["notAvailable"][0]["description"] = json!("x".repeat(1001));
+    let (s, o) = post_as(&dr2, &app, "/PractitionerRole", &long).await;
+    assert_eq!(s, 422, "{o}");
+    assert!(o.to_string().contains("1000 characters"), "{o}");
+    let mut big = role("Practitioner/dr-2");
+    big["telecom"] = json!((0..400).map(|i| json!({"system": "other", "value": format!("{i:0>100}")})).collect::<Vec<_>>());
+    let (s, o) = post_as(&dr2, &app, "/PractitionerRole", &big).await;
+    assert_eq!(s, 422, "{o}");
     // A patient's web-app token writes no PractitionerRole.
     let pt = client_with_token(&user_token(&app, web_app_scope("Patient/p1"), "Patient/p1", Some("p1")));
     let (s, o) = post_as(&pt, &app, "/PractitionerRole", &role("Practitioner/dr-2")).await;

@@ -6,5 +6,6 @@ CREATE TABLE away_joins (
     header_id TEXT NOT NULL,
     delegate TEXT NOT NULL,
     away TEXT NOT NULL,
-    PRIMARY KEY (header_id, delegate)
+    PRIMARY KEY (header_id, delegate, away)
 );
+CREATE INDEX away_joins_cover ON away_joins (away, delegate);
