@@ -451,13 +451,18 @@ impl From<String> for Refusal {
 }
 
 async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value, i64), Refusal> {
+    // Tokens that cannot be read now never will be (a destroyed key, a damaged row): the session
+    // ends, rather than answering "try again" for ever (a probe: each such 503 counted as activity,
+    // so the session never idled out).
     let tokens: Value = serde_json::from_slice(
         &state
             .store
             .open_sealed(&row.key_id, &row.ehr_tokens, &aad(&row.handle_hash))
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| {
+                Refusal::Refused(format!("the session's EHR tokens cannot be read: {e}"))
+            })?,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Refusal::Refused(format!("the session's EHR tokens cannot be read: {e}")))?;
     let refresh = tokens["refresh_token"]
         .as_str()
         .ok_or_else(|| Refusal::Refused("the EHR gave no refresh token".into()))?
@@ -488,16 +493,17 @@ async fn refresh_inner(state: &web::Data<AppState>, row: &Row) -> Result<(Value,
         .request_async(&send)
         .await
         .map_err(|e| match e {
-            oauth2::RequestTokenError::ServerResponse(r)
-                if matches!(
-                    r.error(),
-                    oauth2::basic::BasicErrorResponseType::InvalidGrant
-                        | oauth2::basic::BasicErrorResponseType::InvalidClient
-                        | oauth2::basic::BasicErrorResponseType::UnauthorizedClient
-                ) =>
-            {
-                Refusal::Refused(format!("refresh refused: {}", r.error()))
-            }
+            // An OAuth error is the EHR's answer, not its absence: the session ends — except the
+            // two that say "later" (RFC 6749 names them for the authorization endpoint; token
+            // endpoints use them too).
+            oauth2::RequestTokenError::ServerResponse(r) => match r.error() {
+                oauth2::basic::BasicErrorResponseType::Extension(code)
+                    if code == "temporarily_unavailable" || code == "server_error" =>
+                {
+                    Refusal::Unavailable(format!("the EHR answered {code}"))
+                }
+                other => Refusal::Refused(format!("refresh refused: {other}")),
+            },
             other => Refusal::Unavailable(other.to_string()),
         })?;
     super::launch::bearer_only(res.token_type()).map_err(Refusal::Refused)?;

@@ -1051,6 +1051,20 @@ async fn a_refresh_while_the_ehr_is_down_keeps_the_session_active() {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let (st, body) = session_post(&app, "smart/session/refresh", &handle, None).await;
     assert_eq!(st, 200, "active 2.5 s ago, the session goes on: {body}");
+    // EHR tokens that cannot be read (a destroyed key, a damaged row) will never be: the session
+    // ends, instead of answering "try again" — and counting as activity — for ever.
+    app.store
+        .execute(
+            "UPDATE ehr_sessions SET ehr_tokens = ?, ehr_expires_at = 0",
+            vec![courier::store::db::Bind::Blob(vec![0u8; 40])],
+        )
+        .unwrap();
+    let (st, body) = session_post(&app, "smart/session/refresh", &handle, None).await;
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (401, Some("session_ended")),
+        "{body}"
+    );
 }
 
 both_backends! {
