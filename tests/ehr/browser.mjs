@@ -365,6 +365,8 @@ try {
   const pickerSays = (await patient.locator('label.file-label').innerText()).trim();
   check(picker && picker.x >= 0 && picker.x + picker.width <= 390 && picker.height >= 44 && pickerSays === 'Attach',
     `patient: the file picker is an "Attach" button in view on a phone (got "${pickerSays}", ${JSON.stringify(picker)})`);
+  const under = await patient.evaluate(() => { const b = document.querySelector('label.file-label').getBoundingClientRect(); const e = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2); return e && e.id; });
+  check(under === 'compose-file', `patient: under "Attach" is the file control itself (a screen reader's touch finds it; got ${under})`);
   const chosen = (await patient.textContent('#file-name')) || '';
   const chosenBox = await patient.locator('#file-chosen').boundingBox();
   check(chosen === 'rash.png' && chosenBox && chosenBox.x + chosenBox.width <= 390, `patient: the chosen file's name shows beside the picker (got "${chosen}")`);
