@@ -1610,7 +1610,8 @@ function showAwayState() {
 }
 
 async function loadAway() {
-  const b = await api('GET', '/PractitionerRole?practitioner=' + encodeURIComponent(session.fhirUser) + '&_count=20');
+  // The 20 last changed, as Courier reads them to tell whether someone is away.
+  const b = await api('GET', '/PractitionerRole?practitioner=' + encodeURIComponent(session.fhirUser) + '&_sort=-_lastUpdated&_count=20');
   const roles = matches(b);
   awayRole = roles.find((r) => (r.notAvailable || []).length) || roles[0] || null;
   showAwayState();

@@ -67,10 +67,11 @@ fn referrers(
     )
 }
 
-/// At most this many of a practitioner's PractitionerRoles are read (the newest) to tell whether
+/// At most this many of a practitioner's PractitionerRoles are read (the last changed: the one
+/// just set away counts, however many others there are; the app reads as many) to tell whether
 /// they are away: each is decrypted and parsed at every lookup, and a probe's practitioner made
 /// every automatic reply wait half a minute with sixty roles of a megabyte.
-pub const ROLES_READ: i64 = 10;
+pub const ROLES_READ: i64 = 20;
 
 /// Is `who` (`Practitioner/…`) away at `at` (µs)? Blocking.
 pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreError> {
@@ -80,7 +81,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
     let roles: Vec<IdRow> = store.query(
         "SELECT r.fhir_id FROM idx_ref x JOIN resources r ON r.rid = x.rid \
          WHERE x.param = ? AND x.target_type = ? AND x.target_id = ? AND x.url IS NULL \
-         AND r.res_type = 'PractitionerRole' AND r.deleted = 0 ORDER BY r.rid DESC LIMIT ?",
+         AND r.res_type = 'PractitionerRole' AND r.deleted = 0 ORDER BY r.last_updated DESC LIMIT ?",
         vec![
             store
                 .registry
@@ -598,7 +599,13 @@ fn thread_of(msg: &Value, base: &str) -> Option<String> {
         .flatten()
         .filter_map(|p| p["reference"].as_str())
         .map(|r| super::hub::local_ref(r, base))
-        .find_map(|r| r.strip_prefix("Communication/").map(String::from))
+        // `Communication/H/_history/1` is thread H too (a probe: each such message got a reply).
+        .find_map(|r| {
+            r.strip_prefix("Communication/")
+                .and_then(|rest| rest.split('/').next())
+                .filter(|id| fhir_codec::is_valid_id(id))
+                .map(String::from)
+        })
 }
 
 /// Has `away_who` already sent `sender` an automatic reply in `thread` since `since` (µs)?
@@ -657,6 +664,14 @@ struct CoverRow {
     away: String,
     #[diesel(sql_type = Text)]
     delegate: String,
+}
+
+#[derive(QueryableByName)]
+struct RidRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    rid: i64,
+    #[diesel(sql_type = Text)]
+    fhir_id: String,
 }
 
 #[derive(QueryableByName)]
@@ -749,29 +764,50 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, St
     let Some((t, id)) = delegate.split_once('/') else {
         return Ok(Leave::Stays);
     };
-    let theirs: Vec<IdRow> = store.query(
-        "SELECT r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN resources r ON r.rid = a.rid \
-         WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
-         AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0 LIMIT 200",
-        vec![
-            store.registry.index_name("Communication", "part-of").into(),
-            crate::search::names::ty("Communication").into(),
-            header.into(),
-            store.registry.index_name("Communication", "sender").into(),
-            crate::search::names::ty(t).into(),
-            id.into(),
-        ],
-    )?;
-    for m in theirs {
-        let Ok(s) = store.read("Communication", &m.fhir_id) else {
-            continue;
+    // Every message of theirs in the thread, a page at a time (a probe hid a real reply behind
+    // 205 drafts when only 200 were read), up to 5,000.
+    let mut after = 0i64;
+    for _ in 0..25 {
+        let theirs: Vec<RidRow> = store.query(
+            "SELECT r.rid, r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN resources r ON r.rid = a.rid \
+             WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
+             AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
+             AND r.res_type = 'Communication' AND r.deleted = 0 AND r.rid > ? ORDER BY r.rid LIMIT 200",
+            vec![
+                store.registry.index_name("Communication", "part-of").into(),
+                crate::search::names::ty("Communication").into(),
+                header.into(),
+                store.registry.index_name("Communication", "sender").into(),
+                crate::search::names::ty(t).into(),
+                id.into(),
+                after.into(),
+            ],
+        )?;
+        let Some(last) = theirs.last().map(|r| r.rid) else {
+            break;
         };
-        let v: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
-        if matches!(v["status"].as_str(), Some("completed" | "in-progress")) && !is_automatic(&v) {
-            return Ok(Leave::Stays);
+        for m in &theirs {
+            let Ok(s) = store.read("Communication", &m.fhir_id) else {
+                continue;
+            };
+            let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
+            // Sent, not automatic, and to someone other than themself (a note to self kept a
+            // probe's delegate in the patient's thread).
+            let to_another = v["recipient"].as_array().into_iter().flatten().any(|r| {
+                r["reference"]
+                    .as_str()
+                    .map(|x| super::hub::local_ref(x, &store.base_url))
+                    .is_some_and(|x| x != delegate)
+            });
+            if matches!(v["status"].as_str(), Some("completed" | "in-progress"))
+                && !is_automatic(&v)
+                && to_another
+            {
+                return Ok(Leave::Stays);
+            }
         }
+        after = last;
     }
     for _ in 0..3 {
         let Ok(now) = store.read("Communication", header) else {

@@ -1362,6 +1362,24 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     draft["status"] = json!("preparation");
     let (s, d) = post_as(&dr3, &app, "/Communication", &draft).await;
     assert_eq!(s, 201, "{d}");
+    // Nor is a staff-only note to themself (it kept a probe's delegate in the thread).
+    let mut to_self = in_thread("Practitioner/dr-3", &["Practitioner/dr-3"], &hid, "note to self");
+    to_self["meta"] = json!({"security": [{"system": courier::messaging::staff_only::ACT_CODE, "code": "NOPAT"}]});
+    let (s, n) = post_as(&dr3, &app, "/Communication", &to_self).await;
+    assert_eq!(s, 201, "{n}");
+    // A message naming the thread by a version of its header (`…/_history/1`) is in the same
+    // thread: no second automatic reply (a probe got one per such message).
+    let mut versioned = in_thread("Patient/p1", &["Practitioner/dr-2"], &hid, "Named by version");
+    versioned["partOf"] = json!([{"reference": format!("Communication/{hid}/_history/1")}]);
+    let (s, v) = post_as(&p1, &app, "/Communication", &versioned).await;
+    assert_eq!(s, 201, "{v}");
+    for _ in 0..3 {
+        away_pass(&app).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, all) = call(&p1, &app, "GET", &format!("/Communication?part-of=Communication/{hid}&sender=Practitioner/dr-2")).await;
+    let replies = all["entry"].as_array().into_iter().flatten().filter(|e| e["resource"]["extension"][0]["valueCode"] == "auto-reply").count();
+    assert_eq!(replies, 1, "still one automatic reply in the thread: {all}");
     // A second thread, shared by dr-2 and dr-4, both away with dr-3 covering: when dr-2 is back,
     // dr-3 stays there for dr-4.
     let dr4 = client_with_token(&clinician_token(&app, "dr-4"));
@@ -1418,6 +1436,13 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     let (s, _) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &["Practitioner/dr-2"], &h3, "It is spreading")).await;
     assert_eq!(s, 201);
     until!("dr-3 joins the third thread", header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()));
+    // 205 drafts first, then the real reply: the reply is found behind them (a probe hid it when
+    // only 200 of a delegate's messages were read).
+    let mut draft = in_thread("Practitioner/dr-3", &["Patient/p1", "Practitioner/dr-2"], &h3, "draft");
+    draft["status"] = json!("preparation");
+    let entries: Vec<Value> = (0..205).map(|_| json!({"resource": draft, "request": {"method": "POST", "url": "Communication"}})).collect();
+    let (s, b) = post_as(&dr3, &app, "/", &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})).await;
+    assert_eq!(s, 200, "{}", b.to_string().chars().take(400).collect::<String>());
     let (s, w) = post_as(&dr3, &app, "/Communication", &in_thread("Practitioner/dr-3", &["Patient/p1", "Practitioner/dr-2"], &h3, "Covering: please send a photo.")).await;
     assert_eq!(s, 201, "{w}");
     let (_, roles) = call(&app.client, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-2").await;
@@ -1461,6 +1486,15 @@ async fn a_clinician_sets_their_own_out_of_office_with_the_web_apps_token(app: T
     assert_eq!(s, 201, "{mine}");
     let (s, found) = call(&dr2, &app, "GET", "/PractitionerRole?practitioner=Practitioner/dr-2").await;
     assert_eq!((s, ids(&found)), (200, vec![mine["id"].as_str().unwrap().to_string()]), "{found}");
+    // However many other roles dr-2 has, the one last changed counts: 21 plain ones, then the
+    // away role touched (a probe's away role went unseen behind ten newer ones).
+    for i in 0..21 {
+        let plain = json!({"resourceType": "PractitionerRole", "active": i % 2 == 0, "practitioner": {"reference": "Practitioner/dr-2"}});
+        let (s, o) = post_as(&dr2, &app, "/PractitionerRole", &plain).await;
+        assert_eq!(s, 201, "{o}");
+    }
+    let (s, mine) = put_as(&dr2, &app, &format!("/PractitionerRole/{}", mine["id"].as_str().unwrap()), &mine).await;
+    assert_eq!(s, 200, "{mine}");
     // In force: a message to dr-2 is answered.
     let p1 = client_with_token(&patient_token(&app, "p1"));
     let mut m = msg("Patient/p1", &["Practitioner/dr-2"], "Are you there?");
