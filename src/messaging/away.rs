@@ -96,8 +96,7 @@ pub fn away(store: &Store, who: &str, at: i64) -> Result<Option<Away>, StoreErro
         let Ok(s) = store.read("PractitionerRole", &role.fhir_id) else {
             continue;
         };
-        let v: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let v = json_of(&s);
         if v["active"] == false {
             continue;
         }
@@ -175,6 +174,11 @@ pub fn check_delegate(role: &Value, base: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A stored version's body as JSON (`null` when it has none or it cannot be read).
+fn json_of(s: &crate::store::Stored) -> Value {
+    serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null)
 }
 
 /// At most this many `notAvailable` periods per PractitionerRole.
@@ -294,8 +298,7 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
         let Ok(s) = store.vread("Communication", &e.fhir_id, e.version_id) else {
             continue;
         };
-        let v: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let v = json_of(&s);
         if v["status"] == "entered-in-error" {
             written += recall_copies(store, &e.fhir_id)?;
         } else if v["status"] == "completed" && e.version_id > 1 {
@@ -319,8 +322,7 @@ fn batch(store: &Store) -> Result<(usize, usize), StoreError> {
         let Ok(s) = store.vread("Communication", &e.fhir_id, e.version_id) else {
             continue;
         };
-        let msg: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let msg = json_of(&s);
         // A thread's header (no text of its own) is not a message to answer or to copy (a probe:
         // a header sent `completed` got its own reply and an empty forward).
         if msg["status"] != "completed"
@@ -644,8 +646,7 @@ fn replied_in(
         let Ok(s) = store.read("Communication", &f.fhir_id) else {
             continue;
         };
-        let v: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let v = json_of(&s);
         if v["extension"]
             .as_array()
             .into_iter()
@@ -696,14 +697,7 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
     let mut still: HashMap<String, Option<String>> = HashMap::new();
     let mut changed = 0;
     for cover in covers {
-        let covering = match still.get(&cover.away) {
-            Some(d) => d.clone(),
-            None => {
-                let d = away(store, &cover.away, now)?.and_then(|a| a.delegate);
-                still.insert(cover.away.clone(), d.clone());
-                d
-            }
-        };
+        let covering = delegate_now(store, &mut still, &cover.away, now)?;
         if covering.as_deref() == Some(cover.delegate.as_str()) {
             continue;
         }
@@ -719,14 +713,7 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
             )?;
             let mut kept = false;
             for o in others {
-                let d = match still.get(&o.away) {
-                    Some(d) => d.clone(),
-                    None => {
-                        let d = away(store, &o.away, now)?.and_then(|a| a.delegate);
-                        still.insert(o.away.clone(), d.clone());
-                        d
-                    }
-                };
+                let d = delegate_now(store, &mut still, &o.away, now)?;
                 kept |= d.as_deref() == Some(cover.delegate.as_str());
             }
             if !kept {
@@ -748,6 +735,21 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
         }
     }
     Ok(changed)
+}
+
+/// Who covers for `who` now, if they are away (looked up once per [`end_covers`] pass).
+fn delegate_now(
+    store: &Store,
+    still: &mut HashMap<String, Option<String>>,
+    who: &str,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    if let Some(d) = still.get(who) {
+        return Ok(d.clone());
+    }
+    let d = away(store, who, now)?.and_then(|a| a.delegate);
+    still.insert(who.to_string(), d.clone());
+    Ok(d)
 }
 
 enum Leave {
@@ -790,8 +792,7 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, St
             let Ok(s) = store.read("Communication", &m.fhir_id) else {
                 continue;
             };
-            let v: Value = serde_json::from_slice(s.body.as_deref().unwrap_or_default())
-                .unwrap_or(Value::Null);
+            let v = json_of(&s);
             // Sent, not automatic, and to someone other than themself (a note to self kept a
             // probe's delegate in the patient's thread).
             let to_another = v["recipient"].as_array().into_iter().flatten().any(|r| {
@@ -935,8 +936,7 @@ fn recall_copies(store: &Store, id: &str) -> Result<usize, StoreError> {
         let Ok(s) = store.read("Communication", &c.fhir_id) else {
             continue;
         };
-        let mut v: Value =
-            serde_json::from_slice(s.body.as_deref().unwrap_or_default()).unwrap_or(Value::Null);
+        let mut v = json_of(&s);
         let forward = v["extension"].as_array().is_some_and(|x| {
             x.iter()
                 .any(|e| e["url"] == EXT_AUTOMATIC && e["valueCode"] == "forward")

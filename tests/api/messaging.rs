@@ -1037,13 +1037,19 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
 // A message sent after its draft was saved makes the notices of a new message (email, SMS, push)
 // once, when it is sent: not while it is a draft, not again when it is changed afterwards (before,
 // only a message created as sent made them).
+#[derive(diesel::QueryableByName)]
+struct N {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// `SELECT COUNT(*) AS n …` in the app's store.
+fn count(app: &TestApp, sql: &str, binds: Vec<courier::store::db::Bind>) -> i64 {
+    app.store.query::<N>(sql, binds).unwrap()[0].n
+}
+
 both_backends! {
 async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
-    #[derive(diesel::QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
     let notices = |id: &str| {
         app.store
             .query::<N>(
@@ -1398,19 +1404,8 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
         let (s, _) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &[who], &h4, "For you")).await;
         assert_eq!(s, 201);
     }
-    let joins_of = |h: String| {
-        let store = app.store.clone();
-        async move {
-            #[derive(diesel::QueryableByName)]
-            struct N {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                n: i64,
-            }
-            let v: Vec<N> = store.query("SELECT COUNT(*) AS n FROM away_joins WHERE header_id = ?", vec![h.into()]).unwrap();
-            v[0].n
-        }
-    };
-    until!("dr-3 covers the shared thread for both", joins_of(h4.clone()).await == 2);
+    let joins_of = |h: &str| count(&app, "SELECT COUNT(*) AS n FROM away_joins WHERE header_id = ?", vec![h.into()]);
+    until!("dr-3 covers the shared thread for both", joins_of(&h4) == 2);
     assert_eq!(header_to(h4.clone()).await, vec!["Practitioner/dr-2", "Practitioner/dr-4", "Practitioner/dr-3"]);
     // dr-2 is back: dr-3 leaves the thread they joined (they sent nothing in it) ...
     let mut back = role.clone();
@@ -1421,7 +1416,7 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     until!("dr-3 leaves the thread when dr-2 is back", header_to(hid.clone()).await == vec!["Practitioner/dr-2".to_string()]);
     assert!(!threads(dr3.clone()).await.contains(&hid), "the thread is no longer in dr-3's list");
     // ... but not the one they still cover for dr-4; when dr-4 is back too, they leave it.
-    until!("dr-2's cover of the shared thread ends", joins_of(h4.clone()).await == 1);
+    until!("dr-2's cover of the shared thread ends", joins_of(&h4) == 1);
     assert!(header_to(h4.clone()).await.contains(&"Practitioner/dr-3".to_string()), "still covering for dr-4");
     let mut back4 = r4.clone();
     back4.as_object_mut().unwrap().remove("notAvailable");
@@ -1452,19 +1447,7 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
         let (s, _) = put_as(&dr2, &app, &format!("/PractitionerRole/{}", r["id"].as_str().unwrap()), &r).await;
         assert_eq!(s, 200);
     }
-    let joins = || {
-        let store = app.store.clone();
-        async move {
-            #[derive(diesel::QueryableByName)]
-            struct N {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                n: i64,
-            }
-            let v: Vec<N> = store.query("SELECT COUNT(*) AS n FROM away_joins", vec![]).unwrap();
-            v[0].n
-        }
-    };
-    until!("the cover's record goes", joins().await == 0);
+    until!("the cover's record goes", count(&app, "SELECT COUNT(*) AS n FROM away_joins", vec![]) == 0);
     assert!(header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()), "a delegate who wrote in the thread stays in it");
 }
 }
