@@ -593,21 +593,62 @@ fn join_op(
     )))
 }
 
-/// The thread (`Communication/…` id of its `partOf`) a message belongs to, if local.
+/// The thread (`Communication/…` id of its `partOf`) a message belongs to, if local, read as the
+/// index reads the reference (`Communication/H/_history/1` is thread H: a probe got an automatic
+/// reply for each message naming it so).
 fn thread_of(msg: &Value, base: &str) -> Option<String> {
     msg["partOf"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|p| p["reference"].as_str())
-        .map(|r| super::hub::local_ref(r, base))
-        // `Communication/H/_history/1` is thread H too (a probe: each such message got a reply).
-        .find_map(|r| {
-            r.strip_prefix("Communication/")
-                .and_then(|rest| rest.split('/').next())
-                .filter(|id| fhir_codec::is_valid_id(id))
-                .map(String::from)
-        })
+        .filter_map(|r| crate::search::index::parse_reference(r, base))
+        .find(|p| p.url.is_none() && p.target_type.as_deref() == Some("Communication"))
+        .and_then(|p| p.target_id)
+}
+
+/// The live messages of `thread` whose reference parameters name each of `refs` (`(param,
+/// "Type/id")`), last changed at `since` (µs) or later, after row `after`, in row order, at most
+/// `limit`. From the index rows alone.
+fn in_thread(
+    store: &Store,
+    thread: &str,
+    refs: &[(&str, &str)],
+    since: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<RidRow>, StoreError> {
+    let mut joins = String::new();
+    let mut conds = String::new();
+    let mut binds: Vec<crate::store::db::Bind> = vec![
+        store.registry.index_name("Communication", "part-of").into(),
+        crate::search::names::ty("Communication").into(),
+        thread.into(),
+    ];
+    for (i, (param, target)) in refs.iter().enumerate() {
+        let Some((t, id)) = target.split_once('/') else {
+            return Ok(vec![]);
+        };
+        joins.push_str(&format!(" JOIN idx_ref x{i} ON x{i}.rid = a.rid"));
+        conds.push_str(&format!(
+            " AND x{i}.param = ? AND x{i}.target_type = ? AND x{i}.target_id = ? AND x{i}.url IS NULL"
+        ));
+        binds.extend([
+            store.registry.index_name("Communication", param).into(),
+            crate::search::names::ty(t).into(),
+            id.into(),
+        ]);
+    }
+    binds.extend([since.into(), after.into(), limit.into()]);
+    store.query(
+        &format!(
+            "SELECT r.rid, r.fhir_id FROM idx_ref a{joins} JOIN resources r ON r.rid = a.rid \
+             WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL{conds} \
+             AND r.res_type = 'Communication' AND r.deleted = 0 AND r.last_updated >= ? AND r.rid > ? \
+             ORDER BY r.rid LIMIT ?"
+        ),
+        binds,
+    )
 }
 
 /// Has `away_who` already sent `sender` an automatic reply in `thread` since `since` (µs)?
@@ -618,29 +659,13 @@ fn replied_in(
     sender: &str,
     since: i64,
 ) -> Result<bool, StoreError> {
-    let (Some((at, aid)), Some((st, sid))) = (away_who.split_once('/'), sender.split_once('/'))
-    else {
-        return Ok(false);
-    };
-    let found: Vec<IdRow> = store.query(
-        "SELECT r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN idx_ref c ON c.rid = a.rid \
-         JOIN resources r ON r.rid = a.rid \
-         WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
-         AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
-         AND c.param = ? AND c.target_type = ? AND c.target_id = ? AND c.url IS NULL \
-         AND r.res_type = 'Communication' AND r.deleted = 0 AND r.last_updated >= ? LIMIT 20",
-        vec![
-            store.registry.index_name("Communication", "part-of").into(),
-            crate::search::names::ty("Communication").into(),
-            thread.into(),
-            store.registry.index_name("Communication", "sender").into(),
-            crate::search::names::ty(at).into(),
-            aid.into(),
-            store.registry.index_name("Communication", "recipient").into(),
-            crate::search::names::ty(st).into(),
-            sid.into(),
-            since.into(),
-        ],
+    let found = in_thread(
+        store,
+        thread,
+        &[("sender", away_who), ("recipient", sender)],
+        since,
+        0,
+        20,
     )?;
     for f in found {
         let Ok(s) = store.read("Communication", &f.fhir_id) else {
@@ -763,28 +788,14 @@ enum Leave {
 /// delegate in a patient's thread for good with a draft it then deleted). On the version read; a
 /// header changed meanwhile is read again.
 fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, StoreError> {
-    let Some((t, id)) = delegate.split_once('/') else {
+    if !delegate.contains('/') {
         return Ok(Leave::Stays);
-    };
+    }
     // Every message of theirs in the thread, a page at a time (a probe hid a real reply behind
     // 205 drafts when only 200 were read), up to 5,000.
     let mut after = 0i64;
     for _ in 0..25 {
-        let theirs: Vec<RidRow> = store.query(
-            "SELECT r.rid, r.fhir_id FROM idx_ref a JOIN idx_ref b ON b.rid = a.rid JOIN resources r ON r.rid = a.rid \
-             WHERE a.param = ? AND a.target_type = ? AND a.target_id = ? AND a.url IS NULL \
-             AND b.param = ? AND b.target_type = ? AND b.target_id = ? AND b.url IS NULL \
-             AND r.res_type = 'Communication' AND r.deleted = 0 AND r.rid > ? ORDER BY r.rid LIMIT 200",
-            vec![
-                store.registry.index_name("Communication", "part-of").into(),
-                crate::search::names::ty("Communication").into(),
-                header.into(),
-                store.registry.index_name("Communication", "sender").into(),
-                crate::search::names::ty(t).into(),
-                id.into(),
-                after.into(),
-            ],
-        )?;
+        let theirs = in_thread(store, header, &[("sender", delegate)], 0, after, 200)?;
         let Some(last) = theirs.last().map(|r| r.rid) else {
             break;
         };

@@ -169,15 +169,7 @@ fn subscriber(app: &TestApp) -> reqwest::Client {
 }
 
 async fn create(c: &reqwest::Client, app: &TestApp, body: &Value) -> (u16, Value) {
-    let r = c
-        .post(app.url("Subscription"))
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    crate::messaging::send_json(c.post(app.url("Subscription")), body).await
 }
 
 /// 1.1.02 as the kit runs it: create, wait for the handshake, trigger an event ("the tester

@@ -377,11 +377,10 @@ async fn a_message_posted_to_one_instance_reaches_a_socket_on_another() {
     );
 }
 
-pub async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
-    let r = c
-        .post(app.url(path))
+/// Sends `body` as FHIR JSON with `request`: (status, the JSON answer or null).
+pub async fn send_json(request: reqwest::RequestBuilder, body: &Value) -> (u16, Value) {
+    let r = request
         .header("content-type", "application/fhir+json")
-        .header("prefer", "return=representation")
         .body(body.to_string())
         .send()
         .await
@@ -390,16 +389,17 @@ pub async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Valu
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
+pub async fn post_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    send_json(
+        c.post(app.url(path))
+            .header("prefer", "return=representation"),
+        body,
+    )
+    .await
+}
+
 pub async fn put_as(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
-    let r = c
-        .put(app.url(path))
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    send_json(c.put(app.url(path)), body).await
 }
 
 /// dr-2 sets their out-of-office (their own PractitionerRole, away from an hour ago to an hour

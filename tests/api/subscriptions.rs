@@ -186,15 +186,7 @@ fn integrator(app: &TestApp, scope: &str, patient: Option<&str>) -> reqwest::Cli
 }
 
 async fn post(c: &reqwest::Client, app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
-    let r = c
-        .post(app.url(path))
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    crate::messaging::send_json(c.post(app.url(path)), body).await
 }
 
 async fn get(c: &reqwest::Client, app: &TestApp, path: &str) -> (u16, Value) {
