@@ -23,6 +23,14 @@ use sha2::{Digest, Sha256};
 /// The EHR's token is refreshed when it has less than this left.
 const REFRESH_MARGIN_SECS: i64 = 60;
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Courier tokens of one session alive at once, at most: the app refreshes at most every 15 s
+/// (a token lives 300 s), so 30 is twice what it ever holds; beyond, a refresh is refused with
+/// 429 until the oldest expires (a probe: a refresh loop grew the session's row without bound).
+const MAX_LIVE_TOKENS: usize = 30;
+/// A token is kept in the session's list this long past its expiry (verification allows 5 s).
+const EXPIRED_KEPT_SECS: i64 = 60;
+/// The columns of [`Row`].
+const ROW_COLUMNS: &str = "handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr, token_jtis";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/smart/session/refresh", web::post().to(refresh))
@@ -126,6 +134,21 @@ struct Row {
     last_active: i64,
     #[diesel(sql_type = Text)]
     amr: String,
+    #[diesel(sql_type = Text)]
+    token_jtis: String,
+}
+
+/// The entries (`jti:exp`) of a session's token list that may still be presented: expired ones
+/// (past the verifier's leeway, with a margin) need no revocation and are dropped.
+fn live_entries(token_jtis: &str, t: i64) -> Vec<&str> {
+    token_jtis
+        .split_whitespace()
+        .filter(|pair| {
+            pair.split_once(':')
+                .and_then(|(_, exp)| exp.parse::<i64>().ok())
+                .is_none_or(|exp| exp + EXPIRED_KEPT_SECS >= t)
+        })
+        .collect()
 }
 
 fn handle_of(body: &[u8]) -> Option<String> {
@@ -151,20 +174,29 @@ async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str
     crate::api::record_event(state, event).await;
 }
 
-async fn load(state: &web::Data<AppState>, handle: &str) -> Option<Row> {
+/// The session a handle names; an error when the database could not say.
+async fn load(state: &web::Data<AppState>, handle: &str) -> Result<Option<Row>, ()> {
     let store = state.store.clone();
     let h = hash(handle);
-    web::block(move || {
+    match web::block(move || {
         store.query::<Row>(
-            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr FROM ehr_sessions WHERE handle_hash = ?",
+            &format!("SELECT {ROW_COLUMNS} FROM ehr_sessions WHERE handle_hash = ?"),
             vec![h.into()],
         )
     })
     .await
-    .ok()?
-    .ok()?
-    .into_iter()
-    .next()
+    {
+        Ok(Ok(rows)) => Ok(rows.into_iter().next()),
+        _ => Err(()),
+    }
+}
+
+/// 503: Courier could not do what was asked now; the app tries again.
+fn unavailable(body: Value) -> HttpResponse {
+    HttpResponse::ServiceUnavailable()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::RETRY_AFTER, "5"))
+        .json(body)
 }
 
 /// A live session (not idle past the limit), as `POST /smart/mfa/step-up` needs it.
@@ -177,7 +209,7 @@ pub struct Current {
 }
 
 pub async fn current(state: &web::Data<AppState>, handle: &str) -> Option<Current> {
-    let row = load(state, handle).await?;
+    let row = load(state, handle).await.ok().flatten()?;
     (now() - row.last_active <= state.settings.idle_timeout_secs).then(|| Current {
         handle_hash: row.handle_hash,
         ehr: row.ehr,
@@ -200,7 +232,7 @@ pub async fn upgrade(
     let h = handle_hash.to_string();
     let row = web::block(move || {
         store.query::<Row>(
-            "SELECT handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr FROM ehr_sessions WHERE handle_hash = ?",
+            &format!("SELECT {ROW_COLUMNS} FROM ehr_sessions WHERE handle_hash = ?"),
             vec![h.into()],
         )
     })
@@ -248,10 +280,19 @@ pub async fn upgrade(
 }
 
 /// Ends a session: the row goes, and every Courier token it was given is revoked at once.
-async fn end(state: &web::Data<AppState>, handle_hash: &str) {
+/// Ends one session; false when it could not be ended now (the database failing): the caller
+/// must not say it has.
+async fn end(state: &web::Data<AppState>, handle_hash: &str) -> bool {
     let st = state.clone();
     let h = handle_hash.to_string();
-    let _ = web::block(move || end_where(&st.store, "handle_hash = ?", vec![h.into()])).await;
+    match web::block(move || end_where(&st.store, "handle_hash = ?", vec![h.into()])).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "could not end a session");
+            false
+        }
+        Err(_) => false,
+    }
 }
 
 /// Ends every session matching `condition` (logout, idle, a removed EHR): their Courier tokens are
@@ -321,8 +362,14 @@ pub async fn refresh(
     let Some(handle) = handle_of(&body) else {
         return ended("no session handle");
     };
-    let Some(row) = load(&state, &handle).await else {
-        return ended("no such session: sign in again from the EHR");
+    let row = match load(&state, &handle).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return ended("no such session: sign in again from the EHR"),
+        Err(()) => {
+            return unavailable(
+                json!({"error": "temporarily_unavailable", "error_description": "Courier could not read the session; try again shortly"}),
+            )
+        }
     };
     let t = now();
     let idle = state.settings.idle_timeout_secs;
@@ -336,6 +383,20 @@ pub async fn refresh(
         )
         .await;
         return ended("signed out after a period of inactivity");
+    }
+    let live = live_entries(&row.token_jtis, t);
+    if live.len() >= MAX_LIVE_TOKENS {
+        // Refused before the EHR is asked; not activity. The app keeps its current token.
+        let soonest = live
+            .iter()
+            .filter_map(|p| p.split_once(':').and_then(|(_, e)| e.parse::<i64>().ok()))
+            .min()
+            .unwrap_or(t);
+        let wait = (soonest + EXPIRED_KEPT_SECS - t).clamp(1, 3600);
+        return HttpResponse::TooManyRequests()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .insert_header((header::RETRY_AFTER, wait.to_string()))
+            .json(json!({"error": "slow_down", "error_description": format!("this session has {MAX_LIVE_TOKENS} tokens still valid; try again in {wait} s")}));
     }
     // Keep the EHR session alive with the user's.
     let mut ehr_tokens: Option<Value> = None;
@@ -385,20 +446,30 @@ pub async fn refresh(
     let store = state.store.clone();
     let h = row.handle_hash.clone();
     let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
-    let (store2, h2, jti, exp) = (
+    // The list as read, its expired entries dropped and the new one added: written only if the
+    // list is still the one read; else (a concurrent refresh) appended in one statement, so both land.
+    let pruned = format!(" {}{entry}", live.join(" "));
+    let (store2, h2, jti, exp, read) = (
         store.clone(),
         h.clone(),
         issued.claims.jti.clone(),
         issued.claims.exp,
+        row.token_jtis.clone(),
     );
-    // Appended in one statement (concurrent refreshes both land); no row means the session ended
-    // meanwhile, and the token just issued is revoked instead of handed out.
+    // No row changed means the session ended meanwhile, and the token just issued is revoked
+    // instead of handed out.
     let recorded = web::block(move || {
         // Only to a session still active: one being ended is marked idle first (`end_where`).
-        let n = store2.execute(
-            "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
-            vec![entry.into(), h2.into(), (t - idle).into()],
+        let mut n = store2.execute(
+            "UPDATE ehr_sessions SET token_jtis = ? WHERE handle_hash = ? AND token_jtis = ? AND last_active >= ?",
+            vec![pruned.into(), h2.clone().into(), read.into(), (t - idle).into()],
         )?;
+        if n == 0 {
+            n = store2.execute(
+                "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
+                vec![entry.into(), h2.into(), (t - idle).into()],
+            )?;
+        }
         if n == 0 {
             crate::auth::tokens::revoke_in(&store2, &jti, exp)?;
         }
@@ -524,21 +595,64 @@ pub async fn logout(
     req: HttpRequest,
     body: web::Bytes,
 ) -> HttpResponse {
+    let mut done = true;
     if let Some(token) = crate::auth::guard::bearer(&req).map(String::from) {
         let st = state.clone();
-        let _ = web::block(move || match st.tokens.verify(&token) {
+        let revoked = web::block(move || match st.tokens.verify(&token) {
             Ok(p) => st.tokens.revoke(&p).map_err(|e| e.to_string()),
             Err(_) => Ok(()),
         })
         .await;
+        done &= matches!(revoked, Ok(Ok(())));
     }
     if let Some(handle) = handle_of(&body) {
-        if let Some(row) = load(&state, &handle).await {
-            end(&state, &row.handle_hash).await;
-            audit_logout(&state, &req, &row.fhir_user, "logout").await;
+        match load(&state, &handle).await {
+            Ok(Some(row)) => {
+                if end(&state, &row.handle_hash).await {
+                    audit_logout(&state, &req, &row.fhir_user, "logout").await;
+                } else {
+                    done = false;
+                }
+            }
+            Ok(None) => {}
+            Err(()) => done = false,
         }
+    }
+    if !done {
+        // Not "signed out" when it is not so: the app keeps trying (it retries a 5xx).
+        return unavailable(
+            json!({"signed_out": false, "error": "temporarily_unavailable", "error_description": "the sign-out could not be completed; try again"}),
+        );
     }
     HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(json!({"signed_out": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session's token list keeps what may still be presented (and so must be revoked when the
+    /// session ends) and drops what has expired past the verifier's leeway.
+    #[test]
+    fn the_token_list_keeps_live_tokens_and_drops_long_expired_ones() {
+        let t = 10_000;
+        let list = format!(
+            " old:{} edge:{} live:{} odd:x",
+            t - EXPIRED_KEPT_SECS - 1,
+            t - EXPIRED_KEPT_SECS,
+            t + 300
+        );
+        // An entry whose expiry cannot be read is kept (revoked at the end, to be safe).
+        assert_eq!(
+            live_entries(&list, t),
+            vec![
+                format!("edge:{}", t - EXPIRED_KEPT_SECS),
+                format!("live:{}", t + 300),
+                "odd:x".to_string()
+            ]
+        );
+        assert!(live_entries("", t).is_empty());
+    }
 }

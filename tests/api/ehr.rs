@@ -957,6 +957,36 @@ both_backends! {
         assert_eq!(client_with_token(first).get(app.url("Communication")).send().await.unwrap().status(), 401);
         assert_eq!(session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
         assert_eq!(session_post(&app, "smart/session/refresh", "not-a-session", None).await.0, 401);
+        // A refresh loop is bounded: at most 30 tokens of one session are alive at once (the
+        // app holds one or two), the row does not grow past them, and ending the session still
+        // revokes every one, those handed out before the refusals included.
+        a.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 3600}))).await;
+        let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+        let handle = s["session"].as_str().unwrap().to_string();
+        let mut handed = vec![s["access_token"].as_str().unwrap().to_string()];
+        let mut refused = 0;
+        for _ in 0..40 {
+            let (st, body) = session_post(&app, "smart/session/refresh", &handle, None).await;
+            match st {
+                200 => handed.push(body["access_token"].as_str().unwrap().to_string()),
+                429 => {
+                    refused += 1;
+                    assert_eq!(body["error"], "slow_down", "{body}");
+                }
+                _ => panic!("{st} {body}"),
+            }
+        }
+        assert_eq!(handed.len(), 30, "the launch's token and 29 refreshes");
+        assert_eq!(refused, 11);
+        let longest = count(&app, "SELECT CAST(MAX(length(token_jtis)) AS BIGINT) AS n FROM ehr_sessions", vec![]);
+        assert!(longest < 30 * 60, "{longest}");
+        assert_eq!(client_with_token(handed.last().unwrap()).get(app.url("Communication")).send().await.unwrap().status(), 200, "the session goes on");
+        let (st, _) = session_post(&app, "smart/logout", &handle, None).await;
+        assert_eq!(st, 200);
+        for t in &handed {
+            assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 401);
+        }
+        a.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 2}))).await;
         // expires_in sent as a string ("2"): read as 2 s, so each refresh renews at the EHR (read
         // as absent, the token would count as good for 300 s and no refresh would reach it).
         a.control(reqwest::Method::POST, "settings", Some(json!({"expires_in_form": "string"}))).await;
@@ -984,6 +1014,45 @@ both_backends! {
         let logouts = app.get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110123").await;
         assert!(ids(&logouts).len() >= 2, "logouts are audited");
     }
+}
+
+/// A sign-out Courier could not carry out (its database refusing writes) is not answered "signed
+/// out": 503, which the app tries again, and the tokens it could not revoke are revoked when it can.
+/// PostgreSQL only: its "full disk" refuses every insert, SQLite's only those needing a new page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_out_that_cannot_be_carried_out_is_not_said_to_be_done() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let (handle, token) = (
+        s["session"].as_str().unwrap(),
+        s["access_token"].as_str().unwrap(),
+    );
+    crate::failclosed::fill_disk(&app);
+    let (st, body) = session_post(&app, "smart/logout", handle, Some(token)).await;
+    assert_eq!(st, 503, "{body}");
+    assert_eq!(body["signed_out"], false, "{body}");
+    crate::failclosed::free_disk(&app);
+    let (st, body) = session_post(&app, "smart/logout", handle, Some(token)).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        client_with_token(token)
+            .get(app.url("Communication"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        session_post(&app, "smart/session/refresh", handle, None)
+            .await
+            .0,
+        401
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

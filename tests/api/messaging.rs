@@ -1037,27 +1037,14 @@ async fn an_away_practitioner_answers_automatically_and_their_delegate_covers() 
 // A message sent after its draft was saved makes the notices of a new message (email, SMS, push)
 // once, when it is sent: not while it is a draft, not again when it is changed afterwards (before,
 // only a message created as sent made them).
-#[derive(diesel::QueryableByName)]
-struct N {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
-
-/// `SELECT COUNT(*) AS n …` in the app's store.
-fn count(app: &TestApp, sql: &str, binds: Vec<courier::store::db::Bind>) -> i64 {
-    app.store.query::<N>(sql, binds).unwrap()[0].n
-}
-
 both_backends! {
 async fn a_draft_makes_its_notices_when_it_is_sent(app: TestApp) {
     let notices = |id: &str| {
-        app.store
-            .query::<N>(
-                "SELECT COUNT(*) AS n FROM notices WHERE about = ?",
-                vec![format!("Communication/{id}").into()],
-            )
-            .unwrap()[0]
-            .n
+        count(
+            &app,
+            "SELECT COUNT(*) AS n FROM notices WHERE about = ?",
+            vec![format!("Communication/{id}").into()],
+        )
     };
     // dr-2 can be reached by web push (a subscription: the channel exists).
     app.store
