@@ -175,6 +175,7 @@ function end(why) {
   $('notices-code').value = '';
   document.title = 'Courier messages';
   $('ended').hidden = false;
+  $('ended-pending').hidden = true;
   $('ended-why').textContent = why || againText;
   // A portal sign-in can be started again here; an EHR launch only from the EHR.
   $('ended-again').hidden = !again;
@@ -259,8 +260,11 @@ async function signOut(why) {
       tries += 1;
       try {
         const r = await fetch('/smart/logout', {method: 'POST', body: new URLSearchParams({session: s}), headers: {Authorization: 'Bearer ' + t}, keepalive: true});
-        if (r.status < 500) return;
+        if (r.status < 500) { $('ended-pending').hidden = true; return; }
       } catch (e) { /* not reached: tried again below */ }
+      // Said on the screen: the server has not confirmed it (the session ends at its idle limit
+      // at the latest).
+      if (!token) $('ended-pending').hidden = false;
       if (tries < 6) setTimeout(tell, 2000 * 2 ** tries);
       window.addEventListener('online', tell, {once: true});
     };
@@ -328,7 +332,7 @@ async function stayIn() {
     if ($('idle-dialog').open) $('idle-dialog').close();
     renderThreads();
   } else {
-    $('idle-error').textContent = 'Courier could not be reached to keep you signed in. Check the connection and press "Stay signed in" again.';
+    $('idle-error').textContent = 'Courier could not keep you signed in just now. Check the connection and press "Stay signed in" again.';
     $('idle-error').hidden = false;
   }
 }
@@ -2048,8 +2052,17 @@ function connect() {
     else if (f.type === 'resync') { remember(f.seq); loadThreads().then(() => current && openThread(current.header.id)); }
     else if (f.type === 'event') { remember(f.seq); onEvent(f); }
     else if (f.type === 'error' && (f.code === 'expired' || f.code === 'login' || f.code === 'revoked')) {
+      // A fresh token, then the socket again; if no token can be had now (Courier busy or out of
+      // reach), the socket is tried again later, waiting longer each time (live updates must not
+      // stop without a word, nor a loop mint token after token).
       ws.onclose = null;
-      refreshToken().then((ok) => { if (ok) connect(); });
+      refreshToken().then((ok) => {
+        if (!token) return;
+        if (ok) { connect(); return; }
+        setConnection('Reconnecting…', true);
+        setTimeout(connect, wsBackoff);
+        wsBackoff = Math.min(wsBackoff * 2, 30000);
+      });
     }
   };
   ws.onclose = () => {

@@ -13,7 +13,9 @@
 //! - server → `{"type":"ready","seq":…}` when catch-up is done; `{"type":"resync","seq":…}`
 //!   instead when the client was too far behind (reload, then carry on from `seq`).
 //! - server → `{"type":"error","code":…,"message":…}` and a close (4401 expired, revoked or invalid
-//!   token; 4400 protocol error) — the client refreshes its token and reconnects with `since`.
+//!   token; 4400 protocol error) — the client refreshes its token and reconnects with `since`;
+//!   1013 `unavailable` when the token or the audit cannot be checked or written now — the client
+//!   reconnects later with the same token.
 //!
 //! Each event passes the socket principal's access decision (`auth::policy`, the same one as
 //! every read and search); a receipt goes only to the message's sender and the recipient it
@@ -148,22 +150,37 @@ async fn refuse(session: &mut actix_ws::Session, code: u16, error: &str, why: &s
 }
 
 /// Verifies a token as the HTTP guard does (signature, expiry, revocation, client removal).
-async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal, String> {
+/// `Err(None)`: it could not be checked now (the database failing) — not the client's fault, so
+/// neither a failed authentication nor a reason to refresh the token.
+async fn verify(state: &web::Data<AppState>, token: String) -> Result<Principal, Option<String>> {
     let st = state.clone();
     web::block(move || {
-        let mut p = st.tokens.verify(&token)?;
+        let mut p = st.tokens.verify(&token).map_err(Some)?;
         match st.tokens.still_valid(&p) {
             Ok(true) => {
-                p.groups = super::groups::of(&st.store, p.fhir_user.as_deref())
-                    .map_err(|_| "the access token could not be checked".to_string())?;
+                p.groups =
+                    super::groups::of(&st.store, p.fhir_user.as_deref()).map_err(|_| None)?;
                 Ok(p)
             }
-            Ok(false) => Err("the access token has been revoked or its client removed".into()),
-            Err(_) => Err("the access token could not be checked".into()),
+            Ok(false) => Err(Some(
+                "the access token has been revoked or its client removed".into(),
+            )),
+            Err(_) => Err(None),
         }
     })
     .await
-    .unwrap_or_else(|_| Err("the access token could not be checked".into()))
+    .unwrap_or(Err(None))
+}
+
+/// 1013 "try again later": the token could not be checked now.
+async fn unchecked(session: &mut actix_ws::Session) -> Stop {
+    refuse(
+        session,
+        1013,
+        "unavailable",
+        "the access token could not be checked now; retry later",
+    )
+    .await
 }
 
 /// Where a socket comes from, for the aggregated audit and the rate limit of failed logins.
@@ -306,7 +323,8 @@ async fn serve(
     };
     let principal = match verify(state, frame.token).await {
         Ok(p) => p,
-        Err(why) => {
+        Err(None) => return unchecked(session).await,
+        Err(Some(why)) => {
             // One AuditEvent per source and window, with the count (as for bearer checks).
             let throttled = crate::auth::abuse::socket_failure(
                 state,
@@ -421,7 +439,8 @@ async fn serve(
                         viewer = Viewer::new(state, p);
                     }
                     Ok(_) => return refuse(session, 4401, "login", "a refreshed token must be the same user's").await,
-                    Err(why) => return refuse(session, 4401, "login", &why).await,
+                    Err(Some(why)) => return refuse(session, 4401, "login", &why).await,
+                    Err(None) => return unchecked(session).await,
                 }
             }
             got = rx.recv() => match got {
@@ -479,7 +498,8 @@ async fn serve(
                 .await;
                 match fresh {
                     Ok(Ok(Some(p))) => viewer = Viewer::new(state, p),
-                    _ => return refuse(session, 4401, "revoked", "the access token has been revoked").await,
+                    Ok(Ok(None)) => return refuse(session, 4401, "revoked", "the access token has been revoked").await,
+                    _ => return unchecked(session).await,
                 }
                 if session.ping(b"").await.is_err() {
                     return Stop::Gone;

@@ -29,6 +29,8 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer
 const MAX_LIVE_TOKENS: usize = 30;
 /// A token is kept in the session's list this long past its expiry (verification allows 5 s).
 const EXPIRED_KEPT_SECS: i64 = 60;
+/// The verifier's leeway on expiry (`auth::tokens`): a token counts as valid this long after.
+const VERIFY_LEEWAY_SECS: i64 = 5;
 /// The columns of [`Row`].
 const ROW_COLUMNS: &str = "handle_hash, ehr, fhir_user, patient, encounter, scope, key_id, ehr_tokens, ehr_expires_at, last_active, amr, token_jtis";
 
@@ -151,6 +153,99 @@ fn live_entries(token_jtis: &str, t: i64) -> Vec<&str> {
         .collect()
 }
 
+/// When a session's list already holds [`MAX_LIVE_TOKENS`] tokens still valid: the seconds until
+/// the first of them is not (a refresh then is refused with 429 and this `Retry-After`).
+fn crowded(token_jtis: &str, t: i64) -> Option<i64> {
+    let valid: Vec<i64> = live_entries(token_jtis, t)
+        .iter()
+        .map(|p| {
+            p.split_once(':')
+                .and_then(|(_, e)| e.parse::<i64>().ok())
+                .unwrap_or(i64::MAX / 4)
+        })
+        .filter(|exp| exp + VERIFY_LEEWAY_SECS >= t)
+        .collect();
+    (valid.len() >= MAX_LIVE_TOKENS).then(|| {
+        let soonest = valid.iter().min().copied().unwrap_or(t);
+        (soonest + VERIFY_LEEWAY_SECS + 1 - t).clamp(1, 3600)
+    })
+}
+
+fn slow_down(wait: i64) -> HttpResponse {
+    HttpResponse::TooManyRequests()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::RETRY_AFTER, wait.to_string()))
+        .json(json!({"error": "slow_down", "error_description": format!("this session has {MAX_LIVE_TOKENS} tokens still valid; try again in {wait} s")}))
+}
+
+/// What became of a token a refresh issued.
+enum Recorded {
+    /// In the session's list: it may be handed out.
+    Yes,
+    /// The session ended meanwhile: the token was revoked.
+    Ended,
+    /// The list filled meanwhile: the token was revoked; try again after this many seconds.
+    Crowded(i64),
+}
+
+/// Adds a token's entry (` jti:exp`) to an active session's list, dropping entries long expired,
+/// unless the list is full of valid ones. The list is rewritten only if it is still the one read
+/// (read again otherwise, a few times; then appended in one statement, so concurrent refreshes
+/// all land). Only to a session still active: one being ended is marked idle first
+/// (`end_where`). A token not recorded is revoked.
+fn record_token(
+    store: &crate::store::Store,
+    handle_hash: &str,
+    mut read: String,
+    (jti, exp): (&str, i64),
+    t: i64,
+    idle: i64,
+) -> Result<Recorded, crate::store::StoreError> {
+    let entry = format!(" {jti}:{exp}");
+    let active = t - idle;
+    let mut outcome = None;
+    for _ in 0..5 {
+        if let Some(wait) = crowded(&read, t) {
+            outcome = Some(Recorded::Crowded(wait));
+            break;
+        }
+        let pruned = format!(" {}{entry}", live_entries(&read, t).join(" "));
+        let n = store.execute(
+            "UPDATE ehr_sessions SET token_jtis = ? WHERE handle_hash = ? AND token_jtis = ? AND last_active >= ?",
+            vec![pruned.into(), handle_hash.into(), read.into(), active.into()],
+        )?;
+        if n == 1 {
+            return Ok(Recorded::Yes);
+        }
+        let again: Vec<JtiRow> = store.query(
+            "SELECT handle_hash, token_jtis FROM ehr_sessions WHERE handle_hash = ? AND last_active >= ?",
+            vec![handle_hash.into(), active.into()],
+        )?;
+        match again.into_iter().next() {
+            Some(r) => read = r.token_jtis,
+            None => {
+                outcome = Some(Recorded::Ended);
+                break;
+            }
+        }
+    }
+    let outcome = match outcome {
+        Some(o) => o,
+        None => {
+            let n = store.execute(
+                "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
+                vec![entry.into(), handle_hash.into(), active.into()],
+            )?;
+            if n == 1 {
+                return Ok(Recorded::Yes);
+            }
+            Recorded::Ended
+        }
+    };
+    crate::auth::tokens::revoke_in(store, jti, exp)?;
+    Ok(outcome)
+}
+
 fn handle_of(body: &[u8]) -> Option<String> {
     form_urlencoded::parse(body)
         .find(|(k, _)| k == "session")
@@ -189,6 +284,14 @@ async fn load(state: &web::Data<AppState>, handle: &str) -> Result<Option<Row>, 
         Ok(Ok(rows)) => Ok(rows.into_iter().next()),
         _ => Err(()),
     }
+}
+
+/// 503 for a session that was to end but could not be ended now: not "signed out" (the next
+/// refresh tries again).
+fn not_ended() -> HttpResponse {
+    unavailable(
+        json!({"error": "temporarily_unavailable", "error_description": "Courier could not end the session now; try again shortly"}),
+    )
 }
 
 /// 503: Courier could not do what was asked now; the app tries again.
@@ -374,7 +477,9 @@ pub async fn refresh(
     let t = now();
     let idle = state.settings.idle_timeout_secs;
     if t - row.last_active > idle {
-        end(&state, &row.handle_hash).await;
+        if !end(&state, &row.handle_hash).await {
+            return not_ended();
+        }
         audit_logout(
             &state,
             &req,
@@ -384,19 +489,9 @@ pub async fn refresh(
         .await;
         return ended("signed out after a period of inactivity");
     }
-    let live = live_entries(&row.token_jtis, t);
-    if live.len() >= MAX_LIVE_TOKENS {
+    if let Some(wait) = crowded(&row.token_jtis, t) {
         // Refused before the EHR is asked; not activity. The app keeps its current token.
-        let soonest = live
-            .iter()
-            .filter_map(|p| p.split_once(':').and_then(|(_, e)| e.parse::<i64>().ok()))
-            .min()
-            .unwrap_or(t);
-        let wait = (soonest + EXPIRED_KEPT_SECS - t).clamp(1, 3600);
-        return HttpResponse::TooManyRequests()
-            .insert_header((header::CACHE_CONTROL, "no-store"))
-            .insert_header((header::RETRY_AFTER, wait.to_string()))
-            .json(json!({"error": "slow_down", "error_description": format!("this session has {MAX_LIVE_TOKENS} tokens still valid; try again in {wait} s")}));
+        return slow_down(wait);
     }
     // Keep the EHR session alive with the user's.
     let mut ehr_tokens: Option<Value> = None;
@@ -405,7 +500,9 @@ pub async fn refresh(
             Ok((tokens, expires_in)) => ehr_tokens = Some(json!([tokens, expires_in])),
             Err((true, why)) => {
                 tracing::warn!(ehr = %row.ehr, reason = %why, "the EHR refused to refresh a session");
-                end(&state, &row.handle_hash).await;
+                if !end(&state, &row.handle_hash).await {
+                    return not_ended();
+                }
                 audit_logout(&state, &req, &row.fhir_user, "the EHR ended the session").await;
                 return ended("the EHR ended the session: sign in again");
             }
@@ -445,10 +542,6 @@ pub async fn refresh(
     };
     let store = state.store.clone();
     let h = row.handle_hash.clone();
-    let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
-    // The list as read, its expired entries dropped and the new one added: written only if the
-    // list is still the one read; else (a concurrent refresh) appended in one statement, so both land.
-    let pruned = format!(" {}{entry}", live.join(" "));
     let (store2, h2, jti, exp, read) = (
         store.clone(),
         h.clone(),
@@ -456,28 +549,16 @@ pub async fn refresh(
         issued.claims.exp,
         row.token_jtis.clone(),
     );
-    // No row changed means the session ended meanwhile, and the token just issued is revoked
-    // instead of handed out.
-    let recorded = web::block(move || {
-        // Only to a session still active: one being ended is marked idle first (`end_where`).
-        let mut n = store2.execute(
-            "UPDATE ehr_sessions SET token_jtis = ? WHERE handle_hash = ? AND token_jtis = ? AND last_active >= ?",
-            vec![pruned.into(), h2.clone().into(), read.into(), (t - idle).into()],
-        )?;
-        if n == 0 {
-            n = store2.execute(
-                "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
-                vec![entry.into(), h2.into(), (t - idle).into()],
-            )?;
+    let recorded = web::block(move || record_token(&store2, &h2, read, (&jti, exp), t, idle)).await;
+    match recorded {
+        Ok(Ok(Recorded::Yes)) => {}
+        Ok(Ok(Recorded::Ended)) => return ended("the session has ended: sign in again"),
+        Ok(Ok(Recorded::Crowded(wait))) => return slow_down(wait),
+        _ => {
+            return unavailable(
+                json!({"error": "temporarily_unavailable", "error_description": "Courier could not record the new token; try again shortly"}),
+            )
         }
-        if n == 0 {
-            crate::auth::tokens::revoke_in(&store2, &jti, exp)?;
-        }
-        Ok::<_, crate::store::StoreError>(n)
-    })
-    .await;
-    if !matches!(recorded, Ok(Ok(1))) {
-        return ended("the session has ended: sign in again");
     }
     let _ = web::block(move || match ehr_tokens {
         Some(v) => {
@@ -654,5 +735,29 @@ mod tests {
             ]
         );
         assert!(live_entries("", t).is_empty());
+    }
+
+    /// Full means 30 tokens still valid (expiry plus the verifier's 5 s); expired ones kept in
+    /// the list for their margin do not count, and the wait is until the first valid one is not.
+    #[test]
+    fn a_session_is_full_at_thirty_valid_tokens() {
+        let t = 10_000;
+        let list = |valid: usize, expired: usize| {
+            let mut s = String::new();
+            for i in 0..valid {
+                s.push_str(&format!(" v{i}:{}", t + 100 + i as i64));
+            }
+            for i in 0..expired {
+                s.push_str(&format!(" e{i}:{}", t - 30));
+            }
+            s
+        };
+        assert_eq!(crowded(&list(29, 10), t), None);
+        assert_eq!(crowded(&list(30, 0), t), Some(106));
+        // One at the edge of its leeway still counts; one past it does not.
+        let edge = format!("{} x:{}", list(29, 0), t - VERIFY_LEEWAY_SECS);
+        assert_eq!(crowded(&edge, t), Some(1));
+        let past = format!("{} x:{}", list(29, 0), t - VERIFY_LEEWAY_SECS - 1);
+        assert_eq!(crowded(&past, t), None);
     }
 }

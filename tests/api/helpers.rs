@@ -91,8 +91,6 @@ pub fn serve_command(app: &TestApp, port: u16) -> std::process::Command {
     c
 }
 
-/// Runs a migration's `down.sql` (or any script of plain statements) on `app`'s database, one
-/// statement at a time (the store runs one per call); comment-only pieces are skipped.
 /// `SELECT … AS n` (a BIGINT: `COUNT(*)`, or a `CAST(… AS BIGINT)`) in the app's store.
 pub fn count(app: &TestApp, sql: &str, binds: Vec<courier::store::db::Bind>) -> i64 {
     #[derive(diesel::QueryableByName)]
@@ -103,6 +101,8 @@ pub fn count(app: &TestApp, sql: &str, binds: Vec<courier::store::db::Bind>) -> 
     app.store.query::<N>(sql, binds).unwrap()[0].n
 }
 
+/// Runs a migration's `down.sql` (or any script of plain statements) on `app`'s database, one
+/// statement at a time (the store runs one per call); comment-only pieces are skipped.
 pub fn run_script(app: &TestApp, script: &str) {
     for stmt in script
         .split(';')

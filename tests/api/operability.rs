@@ -61,10 +61,10 @@ both_backends! {
                 let mut c = pool.get().unwrap();
                 let hits: Vec<Hit> = diesel::sql_query(
                     "SELECT COUNT(*) AS n FROM resource_versions WHERE position(convert_to('CANARY-7f3a9', 'UTF8') in body) > 0")
-                    .load(&mut *c).unwrap();
+                    .load(&mut **c).unwrap();
                 assert_eq!(hits[0].n, 0);
                 for t in ["idx_token", "idx_ref", "idx_string"] {
-                    let hits: Vec<Hit> = diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {t} x WHERE CAST(x AS TEXT) LIKE '%CANARY%'")).load(&mut *c).unwrap();
+                    let hits: Vec<Hit> = diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {t} x WHERE CAST(x AS TEXT) LIKE '%CANARY%'")).load(&mut **c).unwrap();
                     assert_eq!(hits[0].n, 0, "{t}");
                 }
             }

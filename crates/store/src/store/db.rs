@@ -5,7 +5,9 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::BoxedSqlQuery;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{
+    ConnectionManager, CustomizeConnection, ManageConnection, Pool, PooledConnection,
+};
 use diesel::sql_types::{BigInt, Binary, Nullable, Text};
 use diesel::sqlite::Sqlite;
 use diesel::{PgConnection, SqliteConnection};
@@ -281,15 +283,71 @@ impl Conn for PgConnection {
 const PG_CHECKOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const PG_CHECKOUT_WHILE_UNREACHABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A pooled PostgreSQL connection and when it was last found alive.
+pub struct PgConn {
+    conn: PgConnection,
+    checked: std::time::Instant,
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+/// A connection found alive this recently is handed out without asking again.
+const PG_CHECKED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// diesel's connection manager, but a connection is checked (`SELECT 1`, a round trip) on
+/// check-out only when it was not checked in the last [`PG_CHECKED_FOR`]: one in every 3.6
+/// statements of a create was that check (a statement log of the load benchmark), each a round
+/// trip and a query the server parses and plans. A connection that died since its last check
+/// fails the one statement it is used for (as one that dies in the middle of a request always
+/// could); once a second has passed it is checked, found dead and replaced.
+#[derive(Debug)]
+pub struct PgManager(ConnectionManager<PgConnection>);
+
+impl ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConn, Self::Error> {
+        Ok(PgConn {
+            conn: self.0.connect()?,
+            checked: std::time::Instant::now(),
+        })
+    }
+
+    fn is_valid(&self, c: &mut PgConn) -> Result<(), Self::Error> {
+        if c.checked.elapsed() < PG_CHECKED_FOR {
+            return Ok(());
+        }
+        self.0.is_valid(&mut c.conn)?;
+        c.checked = std::time::Instant::now();
+        Ok(())
+    }
+
+    fn has_broken(&self, c: &mut PgConn) -> bool {
+        self.0.has_broken(&mut c.conn)
+    }
+}
+
 /// PostgreSQL's pool, and whether the last attempt to get a connection failed (shared by clones).
 #[derive(Clone)]
 pub struct PgPool {
-    pool: Pool<ConnectionManager<PgConnection>>,
+    pool: Pool<PgManager>,
     unreachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::ops::Deref for PgPool {
-    type Target = Pool<ConnectionManager<PgConnection>>;
+    type Target = Pool<PgManager>;
     fn deref(&self) -> &Self::Target {
         &self.pool
     }
@@ -300,9 +358,7 @@ impl PgPool {
     /// checkout timed out while the pool held fewer connections than it may (so they could not
     /// be made or kept: the database unreachable), until one succeeds. A checkout that timed out
     /// on a busy pool (every connection made and in use, say behind a lock) changes nothing.
-    pub fn checkout(
-        &self,
-    ) -> Result<PooledConnection<ConnectionManager<PgConnection>>, diesel::r2d2::PoolError> {
+    pub fn checkout(&self) -> Result<PooledConnection<PgManager>, diesel::r2d2::PoolError> {
         use std::sync::atomic::Ordering;
         let down = self.unreachable.load(Ordering::Relaxed);
         let got = self.pool.get_timeout(if down {
@@ -338,7 +394,7 @@ pub enum Db {
 }
 
 pub enum PooledConn {
-    Postgres(PooledConnection<ConnectionManager<PgConnection>>),
+    Postgres(PooledConnection<PgManager>),
     Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
 }
 
@@ -373,8 +429,8 @@ const PG_TIMEOUTS: &str = "SET statement_timeout = '60s'; SET lock_timeout = '20
 #[derive(Debug)]
 struct PgTimeouts;
 
-impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for PgTimeouts {
-    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+impl CustomizeConnection<PgConn, diesel::r2d2::Error> for PgTimeouts {
+    fn on_acquire(&self, conn: &mut PgConn) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(PG_TIMEOUTS)
             .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -558,7 +614,7 @@ impl Db {
                 .max_size(pool_size)
                 .connection_timeout(PG_CHECKOUT)
                 .connection_customizer(Box::new(PgTimeouts))
-                .build(ConnectionManager::<PgConnection>::new(url))
+                .build(PgManager(ConnectionManager::<PgConnection>::new(url)))
                 .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
             let mut c = pool.get()?;
             // A migration may rewrite a large table: no time limit for it.
