@@ -26,6 +26,7 @@ crate::forward_hooks!(App, written, audited, erased);
 fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
     // Everything else first: the events go last, so that on PostgreSQL the event lock (taken by
     // the first event) is held only from there to the commit.
+    let mut wants = Vec::new();
     for r in w {
         if r.res_type == "CommunicationRequest"
             && !matches!(
@@ -39,9 +40,10 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
             }
         }
         if r.res_type == "Communication" {
-            sent_or_drafted(c, r)?;
+            sent_or_drafted(c, r, &mut wants)?;
         }
     }
+    crate::notify::flush(c, wants)?;
     let mut logged = Vec::new();
     for r in w {
         let kind = match r.status {
@@ -60,7 +62,11 @@ fn written<C: Conn>(c: &mut C, w: &[Written]) -> Result<(), StoreError> {
 /// A Communication written: the notices of a new message when it is sent — created as sent, or a
 /// draft (`preparation`, kept in `draft_messages`) updated out of it (before, a message sent after
 /// "Draft saved" reached nobody's email, SMS or push).
-fn sent_or_drafted<C: Conn>(c: &mut C, r: &Written) -> Result<(), StoreError> {
+fn sent_or_drafted<C: Conn>(
+    c: &mut C,
+    r: &Written,
+    wants: &mut Vec<crate::notify::Want>,
+) -> Result<(), StoreError> {
     #[derive(serde::Deserialize)]
     struct Status<'a> {
         #[serde(borrow)]
@@ -80,7 +86,7 @@ fn sent_or_drafted<C: Conn>(c: &mut C, r: &Written) -> Result<(), StoreError> {
         }
         WriteStatus::Created => {
             if let Some(body) = r.body {
-                crate::notify::on_written(c, r.id, body)?;
+                crate::notify::on_written(c, r.id, body, wants)?;
             }
         }
         // Still a draft.
@@ -92,7 +98,7 @@ fn sent_or_drafted<C: Conn>(c: &mut C, r: &Written) -> Result<(), StoreError> {
                 vec![r.id.into()],
             )? > 0;
             if let (true, true, Some(body)) = (was_draft, sent, r.body) {
-                crate::notify::on_written(c, r.id, body)?;
+                crate::notify::on_written(c, r.id, body, wants)?;
             }
         }
         _ => {}

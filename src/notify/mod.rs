@@ -54,8 +54,25 @@ fn person_ref(v: &Value) -> Option<String> {
         .then(|| r.to_string())
 }
 
-/// In the transaction that writes a message: one notice per person it is addressed to.
-pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), StoreError> {
+/// A person's notices a message calls for: made by [`flush`] once the person's channels are known.
+pub struct Want {
+    person: String,
+    kind: &'static str,
+    about: String,
+    urgent: bool,
+    /// A reminder goes only through the channels its message names.
+    only: Option<Vec<&'static str>>,
+    at: i64,
+}
+
+/// In the transaction that writes a message: one notice per person it is addressed to (a Group or
+/// CareTeam's row now; each person's, once their channels are looked up, in [`flush`]).
+pub fn on_written<C: Conn>(
+    c: &mut C,
+    id: &str,
+    body: &[u8],
+    wants: &mut Vec<Want>,
+) -> Result<(), StoreError> {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return Ok(());
     };
@@ -125,50 +142,111 @@ pub fn on_written<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), Store
             ],
         )?;
     }
+    let only = reminder.then(|| media.clone());
     for person in people {
-        // The channels the person can be reached by and has not turned off.
-        let kind = if reminder { "reminder" } else { "new-message" };
-        let channels: Vec<KindRow> = c.load_cached(CHANNELS, channel_binds(&person, kind))?;
-        for ch in channels
-            .into_iter()
-            .filter(|ch| !reminder || media.contains(&ch.kind.as_str()))
-        {
-            c.execute(
-                "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-                vec![
-                    uuid::Uuid::new_v4().to_string().into(),
-                    person.clone().into(),
-                    (if reminder { "reminder" } else { "new-message" }).into(),
-                    format!("Communication/{id}").into(),
-                    ch.kind.into(),
-                    i64::from(urgent).into(),
-                    t.into(),
-                    t.into(),
-                ],
-            )?;
-        }
+        wants.push(Want {
+            person,
+            kind: if reminder { "reminder" } else { "new-message" },
+            about: format!("Communication/{id}"),
+            urgent,
+            only: only.clone(),
+            at: t,
+        });
     }
     Ok(())
 }
 
-/// The channels a person can be reached by for a kind of notice: a verified contact, the channel
-/// not turned off, the kind not turned off (binds: [`channel_binds`]).
-const CHANNELS: &str =
-    "SELECT k.kind AS kind FROM (SELECT person, kind FROM notify_contacts WHERE person = ? AND verified_at IS NOT NULL AND bounced_at IS NULL \
-     UNION SELECT DISTINCT person, 'push' AS kind FROM notify_push WHERE person = ?) k \
-     LEFT JOIN notify_prefs p ON p.person = k.person \
-     WHERE NOT (k.kind = 'email' AND COALESCE(p.email_off, 0) > 0) \
-     AND NOT (k.kind = 'sms' AND COALESCE(p.sms_off, 0) > 0) \
-     AND (' ' || COALESCE(p.kinds_off, '') || ' ') NOT LIKE ? ORDER BY k.kind";
+/// The notices of a transaction's messages ([`on_written`]): every person's channels in one
+/// query, the notices in one INSERT (a query per recipient and an INSERT per notice were one in
+/// every eleven statements of a PostgreSQL create).
+pub fn flush<C: Conn>(c: &mut C, wants: Vec<Want>) -> Result<(), StoreError> {
+    if wants.is_empty() {
+        return Ok(());
+    }
+    let mut people: Vec<&str> = wants.iter().map(|w| w.person.as_str()).collect();
+    people.sort_unstable();
+    people.dedup();
+    let mut rows = Vec::new();
+    for chunk in people.chunks(REACH_CHUNK) {
+        let (sql, binds) = reach_query(chunk);
+        rows.extend(c.load_cached::<ReachRow>(&sql, binds)?);
+    }
+    let mut binds = Vec::new();
+    for w in &wants {
+        for ch in channels(&rows, &w.person, w.kind) {
+            if w.only.as_ref().is_some_and(|only| !only.contains(&ch)) {
+                continue;
+            }
+            binds.extend([
+                uuid::Uuid::new_v4().to_string().into(),
+                w.person.clone().into(),
+                w.kind.into(),
+                w.about.clone().into(),
+                ch.to_string().into(),
+                i64::from(w.urgent).into(),
+                w.at.into(),
+                w.at.into(),
+            ]);
+        }
+    }
+    crate::store::multi_insert_rows(
+        c,
+        "INSERT INTO",
+        "notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at)",
+        "(?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        8,
+        binds,
+    )
+}
 
-fn channel_binds(person: &str, kind: &str) -> Vec<Bind> {
-    vec![person.into(), person.into(), format!("% {kind} %").into()]
+/// People looked up by one [`reach_query`], at most.
+const REACH_CHUNK: usize = 128;
+
+/// How each of `people` can be reached: their verified contacts and push subscriptions, with what
+/// they turned off ([`channels`] reads it). The list is padded (its last person repeated) to a
+/// power of two, so the statement has one of eight shapes, each prepared once per connection.
+fn reach_query(people: &[&str]) -> (String, Vec<Bind>) {
+    let n = people.len().next_power_of_two();
+    let padded: Vec<&str> = (0..n).map(|i| people[i.min(people.len() - 1)]).collect();
+    let marks = vec!["?"; n].join(", ");
+    let sql = format!(
+        "SELECT k.person AS person, k.kind AS kind, COALESCE(p.email_off, 0) AS email_off, \
+         COALESCE(p.sms_off, 0) AS sms_off, COALESCE(p.kinds_off, '') AS kinds_off \
+         FROM (SELECT person, kind FROM notify_contacts WHERE person IN ({marks}) \
+         AND verified_at IS NOT NULL AND bounced_at IS NULL \
+         UNION SELECT DISTINCT person, 'push' AS kind FROM notify_push WHERE person IN ({marks})) k \
+         LEFT JOIN notify_prefs p ON p.person = k.person ORDER BY k.person, k.kind"
+    );
+    let mut binds: Vec<Bind> = padded.iter().map(|p| (*p).into()).collect();
+    binds.extend(padded.iter().map(|p| Bind::from(*p)));
+    (sql, binds)
 }
 
 #[derive(QueryableByName)]
-struct KindRow {
+struct ReachRow {
+    #[diesel(sql_type = Text)]
+    person: String,
     #[diesel(sql_type = Text)]
     kind: String,
+    #[diesel(sql_type = BigInt)]
+    email_off: i64,
+    #[diesel(sql_type = BigInt)]
+    sms_off: i64,
+    #[diesel(sql_type = Text)]
+    kinds_off: String,
+}
+
+/// The channels (`email`, `push`, `sms`: by name) by which `person` takes notices of `kind`: a
+/// verified contact, the channel not turned off, the kind not turned off.
+fn channels<'a>(rows: &'a [ReachRow], person: &str, kind: &str) -> Vec<&'a str> {
+    let word = format!(" {kind} ");
+    rows.iter()
+        .filter(|r| r.person == person)
+        .filter(|r| !(r.kind == "email" && r.email_off > 0))
+        .filter(|r| !(r.kind == "sms" && r.sms_off > 0))
+        .filter(|r| !format!(" {} ", r.kinds_off).contains(&word))
+        .map(|r| r.kind.as_str())
+        .collect()
 }
 
 /// A phone number in E.164 form (`+` and 8 to 15 digits), spaces, dashes and brackets removed.
@@ -229,16 +307,17 @@ pub fn on_escalation<C: Conn>(c: &mut C, id: &str, body: &[u8]) -> Result<(), St
     let Some(backup) = backup else {
         return Ok(());
     };
-    let channels: Vec<KindRow> = c.load_cached(CHANNELS, channel_binds(&backup, "escalation"))?;
+    let (sql, binds) = reach_query(&[&backup]);
+    let rows: Vec<ReachRow> = c.load_cached(&sql, binds)?;
     let t = now();
-    for ch in channels {
+    for ch in channels(&rows, &backup, "escalation") {
         c.execute(
             "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, 'escalation', ?, 'pending', ?, 1, ?, ?) ON CONFLICT (id) DO NOTHING",
             vec![
-                format!("escalation-{id}-{}", ch.kind).into(),
+                format!("escalation-{id}-{}", ch).into(),
                 backup.clone().into(),
                 format!("CommunicationRequest/{id}").into(),
-                ch.kind.into(),
+                ch.into(),
                 t.into(),
                 t.into(),
             ],
@@ -1142,16 +1221,17 @@ fn expand(store: &Store, n: &Claimed, owner: &str) -> Result<(), StoreError> {
         if person_ref(&json!({"reference": member})).is_none() || Some(&member) == sender.as_ref() {
             continue;
         }
-        let channels: Vec<KindRow> = store.query(CHANNELS, channel_binds(&member, &n.kind))?;
-        for ch in channels {
+        let (sql, binds) = reach_query(&[&member]);
+        let rows: Vec<ReachRow> = store.query(&sql, binds)?;
+        for ch in channels(&rows, &member, &n.kind) {
             store.execute(
                 "INSERT INTO notices (id, person, kind, about, state, channel, urgent, next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 vec![
-                    format!("{}:{}:{}", n.id, member, ch.kind).into(),
+                    format!("{}:{}:{}", n.id, member, ch).into(),
                     member.clone().into(),
                     n.kind.clone().into(),
                     n.about.clone().into(),
-                    ch.kind.into(),
+                    ch.into(),
                     n.urgent.into(),
                     created.into(),
                     created.into(),
