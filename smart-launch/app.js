@@ -541,6 +541,15 @@ function participants(c) {
   return [...new Set(all)];
 }
 
+// " (covering for Ada Lovelace)" for a participant Courier added to the thread while a colleague
+// is away, else "": everyone in the conversation is told why they are there.
+function coveringFor(h, r) {
+  const entry = (h.recipient || []).find((x) => refOf(x) === r);
+  const note = ((entry && entry.extension) || []).find((e) => e.url === 'https://courier.example.org/fhir/StructureDefinition/covering-for');
+  const who = note && refOf(note.valueReference);
+  return who ? ' (covering for ' + nameOf(who) + ')' : '';
+}
+
 function isPatient() { return /^(Patient|RelatedPerson)\//.test(session.fhirUser || ''); }
 
 // The patient a thread is about: its subject, else the patient among its participants.
@@ -932,7 +941,7 @@ function renderThreadHead() {
     return p.birthDate ? ', born ' + born(p.birthDate) : '';
   };
   const other = !isPatient() && session.patient && pt && pt !== session.patient;
-  const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient' + bornOf(r) + ')' : '')).join(', ');
+  const to = others.map((r) => nameOf(r) + (toPatient && r === pt ? ' (the patient' + bornOf(r) + ')' : '') + coveringFor(h, r)).join(', ');
   $('compose-to').textContent = 'To: ' + (to || 'the conversation') + (!isPatient() && pt && !toPatient ? ' · about ' + nameOf(pt) + bornOf(pt) : '') +
     (other ? ' · another patient, not the one open in your EHR' : '');
   showAway('compose-away', others);

@@ -27,6 +27,9 @@ use std::collections::HashMap;
 
 pub const EXT_DELEGATE: &str = "https://courier.example.org/fhir/StructureDefinition/delegate";
 pub const EXT_AUTOMATIC: &str = "https://courier.example.org/fhir/StructureDefinition/automatic";
+/// On a thread header's recipient Courier added while a colleague is away: whom they cover for
+/// (`valueReference`), so that everyone in the conversation is told why they are there.
+pub const EXT_COVERING: &str = "https://courier.example.org/fhir/StructureDefinition/covering-for";
 const CURSOR: &str = "away";
 
 /// Away now: the automatic reply and the delegate, if any.
@@ -574,9 +577,11 @@ fn join_op(
         )?;
         return Ok((!joined.is_empty()).then_some((header, None)));
     }
+    let joined = json!({"reference": delegate,
+        "extension": [{"url": EXT_COVERING, "valueReference": {"reference": away_who}}]});
     match h["recipient"].as_array_mut() {
-        Some(to) => to.push(json!({"reference": delegate})),
-        None => h["recipient"] = json!([{"reference": delegate}]),
+        Some(to) => to.push(joined),
+        None => h["recipient"] = json!([joined]),
     }
     Ok(Some((
         header.clone(),
@@ -736,18 +741,40 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
                 "SELECT away, delegate FROM away_joins WHERE header_id = ? AND delegate = ? AND away <> ?",
                 vec![h.header_id.clone().into(), cover.delegate.clone().into(), cover.away.clone().into()],
             )?;
-            let mut kept = false;
+            let mut kept = None;
             for o in others {
                 let d = delegate_now(store, &mut still, &o.away, now)?;
-                kept |= d.as_deref() == Some(cover.delegate.as_str());
-            }
-            if !kept {
-                match leave_thread(store, &h.header_id, &cover.delegate)? {
-                    Leave::Left => changed += 1,
-                    Leave::Stays => {}
-                    // Changed meanwhile three times: the next check tries again.
-                    Leave::Again => continue,
+                if d.as_deref() == Some(cover.delegate.as_str()) {
+                    kept = Some(o.away);
                 }
+            }
+            let done = match &kept {
+                // Said to cover for the colleague still away (if Courier added them at all).
+                Some(other) => {
+                    let noted = store
+                        .read("Communication", &h.header_id)
+                        .ok()
+                        .is_some_and(|s| {
+                            covering_noted(&json_of(&s), &cover.delegate, &store.base_url)
+                        });
+                    if noted {
+                        edit_entry(
+                            store,
+                            &h.header_id,
+                            &cover.delegate,
+                            Entry::Note(Some(other)),
+                        )?
+                    } else {
+                        Leave::Stays
+                    }
+                }
+                None => leave_thread(store, &h.header_id, &cover.delegate)?,
+            };
+            match done {
+                Leave::Left => changed += 1,
+                Leave::Stays => {}
+                // Changed meanwhile three times: the next check tries again.
+                Leave::Again => continue,
             }
             store.execute(
                 "DELETE FROM away_joins WHERE header_id = ? AND delegate = ? AND away = ?",
@@ -760,6 +787,20 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
         }
     }
     Ok(changed)
+}
+
+/// Does the header say `delegate` covers for someone ([`EXT_COVERING`] on their entry)?
+fn covering_noted(h: &Value, delegate: &str, base: &str) -> bool {
+    h["recipient"].as_array().into_iter().flatten().any(|r| {
+        r["reference"]
+            .as_str()
+            .is_some_and(|x| super::hub::local_ref(x, base) == delegate)
+            && r["extension"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["url"] == EXT_COVERING)
+    })
 }
 
 /// Who covers for `who` now, if they are away (looked up once per [`end_covers`] pass).
@@ -785,8 +826,9 @@ enum Leave {
 
 /// Takes `delegate` off the header's recipients, unless they sent a message of their own in the
 /// thread (a draft, a withdrawn message or an automatic one does not count: a probe kept a
-/// delegate in a patient's thread for good with a draft it then deleted). On the version read; a
-/// header changed meanwhile is read again.
+/// delegate in a patient's thread for good with a draft it then deleted); one who stays is no
+/// longer said to be covering ([`EXT_COVERING`]). On the version read; a header changed
+/// meanwhile is read again.
 fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, StoreError> {
     if !delegate.contains('/') {
         return Ok(Leave::Stays);
@@ -816,11 +858,35 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, St
                 && !is_automatic(&v)
                 && to_another
             {
-                return Ok(Leave::Stays);
+                // A participant of their own now: no longer said to be covering.
+                return Ok(
+                    match edit_entry(store, header, delegate, Entry::Note(None))? {
+                        Leave::Again => Leave::Again,
+                        Leave::Left | Leave::Stays => Leave::Stays,
+                    },
+                );
             }
         }
         after = last;
     }
+    edit_entry(store, header, delegate, Entry::Remove)
+}
+
+/// What [`edit_entry`] does to a delegate's entry among a header's recipients.
+enum Entry<'a> {
+    Remove,
+    /// Its "covering for" note names this colleague, or (`None`) none.
+    Note(Option<&'a str>),
+}
+
+/// Edits `delegate`'s entry among the header's recipients. `Left` when the header was changed,
+/// `Stays` when there was nothing to change, `Again` when it kept changing meanwhile.
+fn edit_entry(
+    store: &Store,
+    header: &str,
+    delegate: &str,
+    what: Entry,
+) -> Result<Leave, StoreError> {
     for _ in 0..3 {
         let Ok(now) = store.read("Communication", header) else {
             return Ok(Leave::Stays);
@@ -835,15 +901,43 @@ fn leave_thread(store: &Store, header: &str, delegate: &str) -> Result<Leave, St
         let Some(to) = h["recipient"].as_array_mut() else {
             return Ok(Leave::Stays);
         };
-        let before = to.len();
-        to.retain(|r| {
+        let theirs = |r: &Value| {
             r["reference"]
                 .as_str()
                 .map(|x| super::hub::local_ref(x, &store.base_url))
                 .as_deref()
-                != Some(delegate)
-        });
-        if to.len() == before {
+                == Some(delegate)
+        };
+        let before = to.clone();
+        match what {
+            Entry::Remove => to.retain(|r| !theirs(r)),
+            Entry::Note(who) => {
+                for r in to.iter_mut().filter(|r| theirs(r)) {
+                    let mut ext: Vec<Value> = r["extension"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| e["url"] != EXT_COVERING)
+                        .cloned()
+                        .collect();
+                    if let Some(who) = who {
+                        ext.push(
+                            json!({"url": EXT_COVERING, "valueReference": {"reference": who}}),
+                        );
+                    }
+                    match r.as_object_mut() {
+                        Some(o) if ext.is_empty() => {
+                            o.remove("extension");
+                        }
+                        Some(o) => {
+                            o.insert("extension".into(), Value::Array(ext));
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        if *to == before {
             return Ok(Leave::Stays);
         }
         if to.is_empty() {

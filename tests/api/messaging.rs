@@ -1270,6 +1270,10 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     let to: Vec<&str> = seen["recipient"].as_array().unwrap().iter().filter_map(|r| r["reference"].as_str()).collect();
     assert_eq!(to, vec!["Practitioner/dr-2", "Practitioner/dr-3"], "{seen}");
     assert_eq!(seen["topic"]["text"], "My tablets", "the header is otherwise unchanged");
+    // ... and why: dr-3's entry says whom they cover for.
+    assert_eq!(seen["recipient"][1]["extension"][0]["url"], courier::messaging::away::EXT_COVERING, "{seen}");
+    assert_eq!(seen["recipient"][1]["extension"][0]["valueReference"]["reference"], "Practitioner/dr-2", "{seen}");
+    assert!(seen["recipient"][0].get("extension").is_none(), "{seen}");
     let (s, r) = post_as(&p1, &app, "/Communication", &in_thread("Patient/p1", &to, &hid, "Also: is grapefruit juice all right?")).await;
     assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_str().unwrap().to_string();
@@ -1405,6 +1409,10 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     // ... but not the one they still cover for dr-4; when dr-4 is back too, they leave it.
     until!("dr-2's cover of the shared thread ends", joins_of(&h4) == 1);
     assert!(header_to(h4.clone()).await.contains(&"Practitioner/dr-3".to_string()), "still covering for dr-4");
+    // ... and said to cover for dr-4 now.
+    let (_, shared_now) = call(&p1, &app, "GET", &format!("/Communication/{h4}")).await;
+    let dr3_entry = shared_now["recipient"].as_array().unwrap().iter().find(|r| r["reference"] == "Practitioner/dr-3").unwrap().clone();
+    assert_eq!(dr3_entry["extension"][0]["valueReference"]["reference"], "Practitioner/dr-4", "{shared_now}");
     let mut back4 = r4.clone();
     back4.as_object_mut().unwrap().remove("notAvailable");
     let (s, _) = put_as(&dr4, &app, &format!("/PractitionerRole/{}", r4["id"].as_str().unwrap()), &back4).await;
@@ -1436,6 +1444,9 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     }
     until!("the cover's record goes", count(&app, "SELECT COUNT(*) AS n FROM away_joins", vec![]) == 0);
     assert!(header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()), "a delegate who wrote in the thread stays in it");
+    // ... as a participant of their own: no longer said to be covering.
+    let (_, after) = call(&p1, &app, "GET", &format!("/Communication/{h3}")).await;
+    assert!(!after.to_string().contains(courier::messaging::away::EXT_COVERING), "{after}");
 }
 }
 

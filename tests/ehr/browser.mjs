@@ -834,8 +834,13 @@ try {
   step('patient: signs out');
   const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
   await row(patient, 'Lab results').locator('button').click();
+  // A sign-out the server could not confirm (here: its first answer is 503) is said so on the
+  // signed-out screen, and told again until it is.
+  await patient.route('**/smart/logout', (r) => r.fulfill({ status: 503, contentType: 'application/json', body: '{"signed_out":false}' }), { times: 1 });
   await patient.click('#logout');
   await patient.waitForSelector('#ended:not([hidden])');
+  const pendingSaid = await patient.waitForSelector('#ended-pending:not([hidden])', { timeout: 5000 }).then(() => true, () => false);
+  check(pendingSaid, 'patient: a sign-out the server has not confirmed is said so');
   check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
   const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line', 'On leave']);
   check(left.length === 0, `patient: PHI left in the page after sign-out: ${left.join('; ')}`);
@@ -843,6 +848,8 @@ try {
   check(box && box.y < 740, 'patient: the signed-out notice is in view');
   check(!(await patient.isVisible('#logout')) && !(await patient.isVisible('#new-thread')), 'patient: nothing actionable without a session');
   await patient.screenshot({ path: join(cfg.artifacts, 'patient-signed-out.png'), fullPage: false }).catch(() => {});
+  const confirmed = await patient.waitForSelector('#ended-pending', { state: 'hidden', timeout: 15000 }).then(() => true, () => false);
+  check(confirmed, 'patient: the sign-out is told again and the note goes once the server confirms it');
   const again = await patient.getAttribute('#ended-again', 'href');
   const portal = new URL(cfg.patient_url);
   check(await patient.isVisible('#ended-again') && again === portal.pathname + portal.search, `patient: the signed-out screen offers to sign in again through the portal (got ${again})`);
@@ -907,6 +914,14 @@ try {
   const waiting = await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li .topic')].some((t) => t.textContent.startsWith('Lab results')), null, { timeout: 5000 }).then(() => true, () => false);
   check(waiting, 'clinician: a thread answered only automatically is still waiting for her reply');
   await clinician.selectOption('#filter-show', 'all');
+  // The colleague covering joins the conversation, and the page says why they are in it.
+  const covering = await clinician.waitForFunction((a) => { const t = threads.get(a.id); return t && (t.recipient || []).some((r) => r.reference === a.ref && (r.extension || []).some((e) => /covering-for$/.test(e.url))); },
+    { id: labId, ref: cfg.colleague_ref }, { timeout: DELIVERY }).then(() => true, () => false);
+  check(covering, 'clinician: the colleague covering joins the thread, marked as covering');
+  await row(clinician, 'Lab results').first().locator('button').click();
+  await clinician.waitForFunction((n) => (document.getElementById('compose-to').textContent || '').includes(n + ' (covering for '), cfg.colleague_name, { timeout: 5000 }).catch(() => {});
+  const coverTo = (await clinician.textContent('#compose-to')) || '';
+  check(coverTo.includes(cfg.colleague_name + ' (covering for '), `clinician: beside the message box, whom the colleague covers for (got "${coverTo}")`);
   await clinician.click('#away');
   await clinician.waitForSelector('#away-dialog[open]');
   await clinician.click('#away-off');

@@ -252,19 +252,25 @@ impl Conn for PgConnection {
         self.transaction(f)
     }
     fn execute(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<usize> {
-        CachedQuery { sql, binds }.execute(self)
+        CachedQuery { sql, binds }
+            .execute(self)
+            .inspect_err(note_pg_error)
     }
     fn load_cached<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
     where
         T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
     {
-        CachedQuery { sql, binds }.load::<T>(self)
+        CachedQuery { sql, binds }
+            .load::<T>(self)
+            .inspect_err(note_pg_error)
     }
     fn load<T>(&mut self, sql: &str, binds: Vec<Bind>) -> DbResult<Vec<T>>
     where
         T: QueryableByName<Sqlite> + QueryableByName<Pg> + 'static,
     {
-        pg_query(sql, binds).load::<T>(self)
+        pg_query(sql, binds)
+            .load::<T>(self)
+            .inspect_err(note_pg_error)
     }
     fn write_tx<T, E>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, E>) -> Result<T, E>
     where
@@ -283,10 +289,28 @@ impl Conn for PgConnection {
 const PG_CHECKOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const PG_CHECKOUT_WHILE_UNREACHABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A pooled PostgreSQL connection and when it was last found alive.
+/// A pooled PostgreSQL connection, when it was last found alive, and the [`PG_LOST`] count then.
 pub struct PgConn {
     conn: PgConnection,
     checked: std::time::Instant,
+    lost: u64,
+}
+
+/// How many statements have failed because their connection was lost (closed by the server, a
+/// restart, a network cut). Any such failure makes every pooled connection be checked again at
+/// its next check-out: the ones that died with it are found and replaced, not handed out again.
+static PG_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a statement's failure in [`PG_LOST`] when its connection was lost.
+fn note_pg_error(e: &diesel::result::Error) {
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+    if matches!(
+        e,
+        Error::DatabaseError(Kind::ClosedConnection | Kind::UnableToSendCommand, _)
+            | Error::BrokenTransactionManager
+    ) {
+        PG_LOST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl std::ops::Deref for PgConn {
@@ -306,11 +330,11 @@ impl std::ops::DerefMut for PgConn {
 const PG_CHECKED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// diesel's connection manager, but a connection is checked (`SELECT 1`, a round trip) on
-/// check-out only when it was not checked in the last [`PG_CHECKED_FOR`]: one in every 3.6
-/// statements of a create was that check (a statement log of the load benchmark), each a round
-/// trip and a query the server parses and plans. A connection that died since its last check
-/// fails the one statement it is used for (as one that dies in the middle of a request always
-/// could); once a second has passed it is checked, found dead and replaced.
+/// check-out only when it was not checked in the last [`PG_CHECKED_FOR`], or a statement lost
+/// its connection since ([`PG_LOST`]): one in every 3.6 statements of a create was that check (a
+/// statement log of the load benchmark), each a round trip and a query the server parses and
+/// plans. After a restart or a cut, the first statement to find its connection gone makes every
+/// other one be checked before it is used again (the connections died together).
 #[derive(Debug)]
 pub struct PgManager(ConnectionManager<PgConnection>);
 
@@ -319,18 +343,26 @@ impl ManageConnection for PgManager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConn, Self::Error> {
+        let lost = PG_LOST.load(std::sync::atomic::Ordering::SeqCst);
         Ok(PgConn {
             conn: self.0.connect()?,
             checked: std::time::Instant::now(),
+            lost,
         })
     }
 
     fn is_valid(&self, c: &mut PgConn) -> Result<(), Self::Error> {
-        if c.checked.elapsed() < PG_CHECKED_FOR {
+        let lost = PG_LOST.load(std::sync::atomic::Ordering::SeqCst);
+        if c.checked.elapsed() < PG_CHECKED_FOR && c.lost == lost {
             return Ok(());
         }
-        self.0.is_valid(&mut c.conn)?;
+        self.0.is_valid(&mut c.conn).inspect_err(|e| {
+            if let diesel::r2d2::Error::QueryError(e) = e {
+                note_pg_error(e);
+            }
+        })?;
         c.checked = std::time::Instant::now();
+        c.lost = lost;
         Ok(())
     }
 
