@@ -751,12 +751,13 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
             let done = match &kept {
                 // Said to cover for the colleague still away (if Courier added them at all).
                 Some(other) => {
-                    let noted = store
-                        .read("Communication", &h.header_id)
-                        .ok()
-                        .is_some_and(|s| {
-                            covering_noted(&json_of(&s), &cover.delegate, &store.base_url)
-                        });
+                    // A header that cannot be read now is tried again at the next pass (its
+                    // record kept), not taken as having no note.
+                    let noted = match store.read("Communication", &h.header_id) {
+                        Ok(s) => covering_noted(&json_of(&s), &cover.delegate, &store.base_url),
+                        Err(StoreError::NotFound(..) | StoreError::Gone(..)) => false,
+                        Err(e) => return Err(e),
+                    };
                     if noted {
                         edit_entry(
                             store,

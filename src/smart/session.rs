@@ -186,13 +186,15 @@ enum Recorded {
     Ended,
     /// The list filled meanwhile: the token was revoked; try again after this many seconds.
     Crowded(i64),
+    /// The list kept changing (refreshes racing on one session): the token was revoked.
+    Busy,
 }
 
 /// Adds a token's entry (` jti:exp`) to an active session's list, dropping entries long expired,
 /// unless the list is full of valid ones. The list is rewritten only if it is still the one read
-/// (read again otherwise, a few times; then appended in one statement, so concurrent refreshes
-/// all land). Only to a session still active: one being ended is marked idle first
-/// (`end_where`). A token not recorded is revoked.
+/// (read again otherwise, a few times; then the refresh is refused as busy: appending without the
+/// check would let a burst of parallel refreshes pass the limit). Only to a session still active:
+/// one being ended is marked idle first (`end_where`). A token not recorded is revoked.
 fn record_token(
     store: &crate::store::Store,
     handle_hash: &str,
@@ -229,19 +231,7 @@ fn record_token(
             }
         }
     }
-    let outcome = match outcome {
-        Some(o) => o,
-        None => {
-            let n = store.execute(
-                "UPDATE ehr_sessions SET token_jtis = token_jtis || ? WHERE handle_hash = ? AND last_active >= ?",
-                vec![entry.into(), handle_hash.into(), active.into()],
-            )?;
-            if n == 1 {
-                return Ok(Recorded::Yes);
-            }
-            Recorded::Ended
-        }
-    };
+    let outcome = outcome.unwrap_or(Recorded::Busy);
     crate::auth::tokens::revoke_in(store, jti, exp)?;
     Ok(outcome)
 }
@@ -554,6 +544,7 @@ pub async fn refresh(
         Ok(Ok(Recorded::Yes)) => {}
         Ok(Ok(Recorded::Ended)) => return ended("the session has ended: sign in again"),
         Ok(Ok(Recorded::Crowded(wait))) => return slow_down(wait),
+        Ok(Ok(Recorded::Busy)) => return slow_down(1),
         _ => {
             return unavailable(
                 json!({"error": "temporarily_unavailable", "error_description": "Courier could not record the new token; try again shortly"}),

@@ -301,14 +301,21 @@ pub struct PgConn {
 /// its next check-out: the ones that died with it are found and replaced, not handed out again.
 static PG_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Counts a statement's failure in [`PG_LOST`] when its connection was lost.
-fn note_pg_error(e: &diesel::result::Error) {
+/// Counts a statement's failure in [`PG_LOST`] when its connection was lost. Called where a
+/// statement runs and where any database error becomes a `StoreError` (a transaction's `BEGIN` or
+/// `COMMIT` failing is seen only there); counting one failure twice does no harm.
+pub(crate) fn note_pg_error(e: &diesel::result::Error) {
     use diesel::result::{DatabaseErrorKind as Kind, Error};
-    if matches!(
-        e,
+    let lost = match e {
         Error::DatabaseError(Kind::ClosedConnection | Kind::UnableToSendCommand, _)
-            | Error::BrokenTransactionManager
-    ) {
+        | Error::BrokenTransactionManager => true,
+        Error::RollbackErrorOnCommit { commit_error, .. } => {
+            note_pg_error(commit_error);
+            false
+        }
+        _ => false,
+    };
+    if lost {
         PG_LOST.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

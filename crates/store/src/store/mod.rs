@@ -303,6 +303,7 @@ pub enum StoreError {
 impl From<diesel::result::Error> for StoreError {
     fn from(e: diesel::result::Error) -> Self {
         use diesel::result::{DatabaseErrorKind, Error};
+        db::note_pg_error(&e);
         match e {
             // Two writers raced to create the same resource: the loser is told, nothing is lost.
             Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
