@@ -30,6 +30,9 @@ pub struct WriteHealth {
 pub const FULL: &str = "the database storage is full";
 /// What [`unavailable`] says of a read-only database.
 pub const READ_ONLY: &str = "the database is read-only";
+const IO_ERROR: &str = "the database storage reported an I/O error";
+const NO_ANSWER: &str = "the database did not answer in time";
+const UNREACHABLE: &str = "the database is unreachable";
 
 pub fn unavailable(e: &StoreError) -> Option<&'static str> {
     use diesel::result::{DatabaseErrorKind, Error};
@@ -40,12 +43,19 @@ pub fn unavailable(e: &StoreError) -> Option<&'static str> {
         StoreError::Db(Error::DatabaseError(
             DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
             _,
-        )) => return Some("the database is unreachable"),
+        )) => return Some(UNREACHABLE),
         StoreError::Db(e) => e.to_string(),
         StoreError::Other(e) => format!("{e:#}"),
         _ => return None,
     };
     let t = text.to_ascii_lowercase();
+    // An error that already says it (a group's failure passed on to each of its jobs).
+    if let Some(why) = [FULL, READ_ONLY, IO_ERROR, NO_ANSWER, UNREACHABLE]
+        .into_iter()
+        .find(|w| t.contains(&w.to_ascii_lowercase()))
+    {
+        return Some(why);
+    }
     if t.contains("database or disk is full")
         || t.contains("no space left on device")
         || t.contains("disk quota exceeded")
@@ -54,18 +64,28 @@ pub fn unavailable(e: &StoreError) -> Option<&'static str> {
     } else if t.contains("readonly database") || t.contains("read-only") {
         Some(READ_ONLY)
     } else if t.contains("disk i/o error") || t.contains("could not be made durable") {
-        Some("the database storage reported an I/O error")
+        Some(IO_ERROR)
     } else if t.contains("canceling statement due to statement timeout")
         || t.contains("canceling statement due to lock timeout")
         || t.contains(super::WRITE_WAIT_TEXT)
     {
-        Some("the database did not answer in time")
+        Some(NO_ANSWER)
     } else if t.contains("unable to open database file")
         || t.contains("cannot open the database")
         || t.contains("timed out waiting for connection")
         || t.contains("the store is closing")
+        // PostgreSQL's connection lost under a statement (libpq's and the server's words: a
+        // fault probe's terminated backends and restarts got 500 for these).
+        || t.contains("connection has been closed unexpectedly")
+        || t.contains("server closed the connection unexpectedly")
+        || t.contains("terminating connection due to administrator command")
+        || t.contains("the database system is shutting down")
+        || t.contains("the database system is starting up")
+        || t.contains("could not receive data from server")
+        || t.contains("could not send data to server")
+        || t.contains("no connection to the server")
     {
-        Some("the database is unreachable")
+        Some(UNREACHABLE)
     } else {
         None
     }
@@ -219,6 +239,22 @@ mod tests {
             unavailable(&db(ClosedConnection, "server closed the connection")),
             Some("the database is unreachable")
         );
+        // A connection lost under a statement, in PostgreSQL's and libpq's words (a fault probe
+        // got 500 for these when a group commit's backend was terminated).
+        for said in [
+            "SSL connection has been closed unexpectedly",
+            "terminating connection due to administrator command",
+            "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally",
+            "FATAL:  the database system is shutting down",
+        ] {
+            assert_eq!(unavailable(&db(Unknown, said)), Some(UNREACHABLE), "{said}");
+        }
+        // A group's failure passed on to each of its jobs keeps what it was.
+        for why in [FULL, READ_ONLY, IO_ERROR, NO_ANSWER, UNREACHABLE] {
+            let passed =
+                StoreError::Other(anyhow::anyhow!("commit failed: {why}: database error: x"));
+            assert_eq!(unavailable(&passed), Some(why));
+        }
         assert_eq!(unavailable(&db(UniqueViolation, "duplicate key")), None);
         assert_eq!(unavailable(&StoreError::Conflict("retry".into())), None);
         assert_eq!(

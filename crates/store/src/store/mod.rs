@@ -1259,9 +1259,13 @@ impl Store {
                     let request_ids: Vec<&str> =
                         batch.iter().filter_map(|(_, j)| j.request_id()).collect();
                     tracing::error!(error = %e, jobs = batch.len(), request_ids = %request_ids.join(","), "group commit failed");
+                    // Each job's error keeps what the group's was (the database unreachable, full,
+                    // ...: 503, not 500 — a fault probe's creates got 500 when a group's
+                    // connection was terminated).
+                    let why = health::unavailable(&e).map_or(String::new(), |w| format!("{w}: "));
                     let msg = e.to_string();
                     for (s, _) in batch.drain(..) {
-                        let e = StoreError::Other(anyhow::anyhow!("commit failed: {msg}"));
+                        let e = StoreError::Other(anyhow::anyhow!("commit failed: {why}{msg}"));
                         outcomes.push((s, Err(e)));
                     }
                     break;
