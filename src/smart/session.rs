@@ -140,16 +140,17 @@ struct Row {
     token_jtis: String,
 }
 
+/// An entry's (`jti:exp`) expiry, when it can be read.
+fn expiry(entry: &str) -> Option<i64> {
+    entry.split_once(':')?.1.parse().ok()
+}
+
 /// The entries (`jti:exp`) of a session's token list that may still be presented: expired ones
 /// (past the verifier's leeway, with a margin) need no revocation and are dropped.
 fn live_entries(token_jtis: &str, t: i64) -> Vec<&str> {
     token_jtis
         .split_whitespace()
-        .filter(|pair| {
-            pair.split_once(':')
-                .and_then(|(_, exp)| exp.parse::<i64>().ok())
-                .is_none_or(|exp| exp + EXPIRED_KEPT_SECS >= t)
-        })
+        .filter(|entry| expiry(entry).is_none_or(|exp| exp + EXPIRED_KEPT_SECS >= t))
         .collect()
 }
 
@@ -158,11 +159,7 @@ fn live_entries(token_jtis: &str, t: i64) -> Vec<&str> {
 fn crowded(token_jtis: &str, t: i64) -> Option<i64> {
     let valid: Vec<i64> = live_entries(token_jtis, t)
         .iter()
-        .map(|p| {
-            p.split_once(':')
-                .and_then(|(_, e)| e.parse::<i64>().ok())
-                .unwrap_or(i64::MAX / 4)
-        })
+        .map(|entry| expiry(entry).unwrap_or(i64::MAX / 4))
         .filter(|exp| exp + VERIFY_LEEWAY_SECS >= t)
         .collect();
     (valid.len() >= MAX_LIVE_TOKENS).then(|| {
