@@ -260,17 +260,35 @@ async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str
 async fn load(state: &web::Data<AppState>, handle: &str) -> Result<Option<Row>, ()> {
     let store = state.store.clone();
     let h = hash(handle);
-    match web::block(move || {
-        store.query::<Row>(
-            &format!("SELECT {ROW_COLUMNS} FROM ehr_sessions WHERE handle_hash = ?"),
-            vec![h.into()],
-        )
-    })
-    .await
-    {
-        Ok(Ok(rows)) => Ok(rows.into_iter().next()),
+    match web::block(move || row_of(&store, &h)).await {
+        Ok(Ok(row)) => Ok(row),
         _ => Err(()),
     }
+}
+
+/// The session whose handle hashes to `handle_hash`. Blocking.
+fn row_of(
+    store: &crate::store::Store,
+    handle_hash: &str,
+) -> Result<Option<Row>, crate::store::StoreError> {
+    let rows: Vec<Row> = store.query(
+        &format!("SELECT {ROW_COLUMNS} FROM ehr_sessions WHERE handle_hash = ?"),
+        vec![handle_hash.into()],
+    )?;
+    Ok(rows.into_iter().next())
+}
+
+/// Marks a session active at `t`, if it still is (one being ended is marked idle first). Blocking.
+fn touch(
+    store: &crate::store::Store,
+    handle_hash: &str,
+    t: i64,
+    idle: i64,
+) -> Result<usize, crate::store::StoreError> {
+    store.execute(
+        "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ? AND last_active >= ?",
+        vec![t.into(), handle_hash.into(), (t - idle).into()],
+    )
 }
 
 /// 503 for a session that was to end but could not be ended now: not "signed out" (the next
@@ -320,18 +338,11 @@ pub async fn upgrade(
 ) -> Result<Value, String> {
     let store = state.store.clone();
     let h = handle_hash.to_string();
-    let row = web::block(move || {
-        store.query::<Row>(
-            &format!("SELECT {ROW_COLUMNS} FROM ehr_sessions WHERE handle_hash = ?"),
-            vec![h.into()],
-        )
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?
-    .into_iter()
-    .next()
-    .ok_or("your session has ended: sign in again")?;
+    let row = web::block(move || row_of(&store, &h))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("your session has ended: sign in again")?;
     let issued = state
         .tokens
         .issue_with_amr(
@@ -499,13 +510,7 @@ pub async fn refresh(
                 // signed out a minute later); the app may try again.
                 tracing::warn!(ehr = %row.ehr, reason = %why, "could not refresh a session at the EHR");
                 let (store, h) = (state.store.clone(), row.handle_hash.clone());
-                let _ = web::block(move || {
-                    store.execute(
-                        "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ? AND last_active >= ?",
-                        vec![t.into(), h.into(), (t - idle).into()],
-                    )
-                })
-                .await;
+                let _ = web::block(move || touch(&store, &h, t, idle)).await;
                 return HttpResponse::ServiceUnavailable()
                     .insert_header((header::CACHE_CONTROL, "no-store"))
                     .insert_header((header::RETRY_AFTER, "10"))
@@ -556,10 +561,7 @@ pub async fn refresh(
                 vec![t.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into(), (t - idle).into()],
             )
         }
-        None => store.execute(
-            "UPDATE ehr_sessions SET last_active = ? WHERE handle_hash = ? AND last_active >= ?",
-            vec![t.into(), h.into(), (t - idle).into()],
-        ),
+        None => touch(&store, &h, t, idle),
     })
     .await;
     HttpResponse::Ok()

@@ -864,15 +864,7 @@ async fn an_ehr_launch_whose_id_token_has_no_kid_signs_in() {
         "{s}"
     );
     let token = s["access_token"].as_str().unwrap();
-    assert_eq!(
-        client_with_token(token)
-            .get(app.url("Communication"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status_with(&app, token).await, 200);
 }
 
 /// An EHR launch of `user` with `patient` in context, through to the hand-off page's session.
@@ -947,14 +939,14 @@ both_backends! {
         assert_eq!(after, before + 1, "the EHR token was refreshed");
         let token = fresh["access_token"].as_str().unwrap().to_string();
         assert_ne!(token, s["access_token"].as_str().unwrap());
-        assert_eq!(client_with_token(&token).get(app.url("Communication")).send().await.unwrap().status(), 200);
+        assert_eq!(status_with(&app, &token).await, 200);
         // Logout: the session and the token end at once.
         let (st, _) = session_post(&app, "smart/logout", &handle, Some(&token)).await;
         assert_eq!(st, 200);
-        assert_eq!(client_with_token(&token).get(app.url("Communication")).send().await.unwrap().status(), 401);
+        assert_eq!(status_with(&app, &token).await, 401);
         // So does every earlier token of the session, the launch's own included.
         let first = s["access_token"].as_str().unwrap();
-        assert_eq!(client_with_token(first).get(app.url("Communication")).send().await.unwrap().status(), 401);
+        assert_eq!(status_with(&app, first).await, 401);
         assert_eq!(session_post(&app, "smart/session/refresh", &handle, None).await.0, 401);
         assert_eq!(session_post(&app, "smart/session/refresh", "not-a-session", None).await.0, 401);
         // A refresh loop is bounded: at most 30 tokens of one session are alive at once (the
@@ -986,11 +978,11 @@ both_backends! {
         assert_eq!(refused, 12);
         let longest = count(&app, "SELECT CAST(MAX(length(token_jtis)) AS BIGINT) AS n FROM ehr_sessions", vec![]);
         assert!(longest < 30 * 60, "{longest}");
-        assert_eq!(client_with_token(handed.last().unwrap()).get(app.url("Communication")).send().await.unwrap().status(), 200, "the session goes on");
+        assert_eq!(status_with(&app, handed.last().unwrap()).await, 200, "the session goes on");
         let (st, _) = session_post(&app, "smart/logout", &handle, None).await;
         assert_eq!(st, 200);
         for t in &handed {
-            assert_eq!(client_with_token(t).get(app.url("Communication")).send().await.unwrap().status(), 401);
+            assert_eq!(status_with(&app, t).await, 401);
         }
         a.control(reqwest::Method::POST, "settings", Some(json!({"token_ttl": 2}))).await;
         // expires_in sent as a string ("2"): read as 2 s, so each refresh renews at the EHR (read
@@ -1044,15 +1036,7 @@ async fn a_sign_out_that_cannot_be_carried_out_is_not_said_to_be_done() {
     crate::failclosed::free_disk(&app);
     let (st, body) = session_post(&app, "smart/logout", handle, Some(token)).await;
     assert_eq!(st, 200, "{body}");
-    assert_eq!(
-        client_with_token(token)
-            .get(app.url("Communication"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(status_with(&app, token).await, 401);
     assert_eq!(
         session_post(&app, "smart/session/refresh", handle, None)
             .await
@@ -1086,12 +1070,7 @@ async fn idle_sessions_are_logged_off() {
         .contains("inactivity"));
     let first = s["access_token"].as_str().unwrap();
     assert_eq!(
-        client_with_token(first)
-            .get(app.url("Communication"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status_with(&app, first).await,
         401,
         "its tokens end with it"
     );

@@ -208,6 +208,18 @@ pub fn run_cli(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
 pub const ADMIN_SCOPES: &str = "system/*.cruds system/AuditEvent.rs";
 
 /// A reqwest client that sends `token` as its bearer token on every request.
+/// What a search of Communication answers with this bearer token (200 while it is good, 401
+/// once revoked or expired).
+pub async fn status_with(app: &TestApp, token: &str) -> u16 {
+    client_with_token(token)
+        .get(app.url("Communication"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 pub fn client_with_token(token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
