@@ -172,7 +172,11 @@ fn slow_down(wait: i64) -> HttpResponse {
     HttpResponse::TooManyRequests()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::RETRY_AFTER, wait.to_string()))
-        .json(json!({"error": "slow_down", "error_description": format!("this session has {MAX_LIVE_TOKENS} tokens still valid; try again in {wait} s")}))
+        .json(json!({"error": "slow_down", "error_description": crowded_words(wait)}))
+}
+
+fn crowded_words(wait: i64) -> String {
+    format!("this session has {MAX_LIVE_TOKENS} tokens still valid; try again in {wait} s")
 }
 
 /// What became of a token a refresh issued.
@@ -359,23 +363,32 @@ pub async fn upgrade(
     let store = state.store.clone();
     let (h, scope, joined) = (row.handle_hash.clone(), scope.to_string(), amr.join(" "));
     let idle = state.settings.idle_timeout_secs;
-    let entry = format!(" {}:{}", issued.claims.jti, issued.claims.exp);
     let (jti, exp) = (issued.claims.jti.clone(), issued.claims.exp);
-    let n = web::block(move || {
-        let n = store.execute(
-            "UPDATE ehr_sessions SET scope = ?, amr = ?, token_jtis = token_jtis || ?, last_active = ? WHERE handle_hash = ? AND last_active >= ?",
-            vec![scope.into(), joined.into(), entry.into(), now().into(), h.into(), (now() - idle).into()],
-        )?;
-        if n == 0 {
-            crate::auth::tokens::revoke_in(&store, &jti, exp)?;
+    // The new token goes into the session's list under the same limit as a refresh's; then the
+    // session takes the new scope, unless it ended meanwhile (the token is revoked then).
+    let recorded = web::block(move || {
+        let t = now();
+        let recorded = record_token(&store, &h, row.token_jtis, (&jti, exp), t, idle)?;
+        if matches!(recorded, Recorded::Yes) {
+            let n = store.execute(
+                "UPDATE ehr_sessions SET scope = ?, amr = ?, last_active = ? WHERE handle_hash = ? AND last_active >= ?",
+                vec![scope.into(), joined.into(), t.into(), h.into(), (t - idle).into()],
+            )?;
+            if n == 0 {
+                crate::auth::tokens::revoke_in(&store, &jti, exp)?;
+                return Ok(Recorded::Ended);
+            }
         }
-        Ok::<_, crate::store::StoreError>(n)
+        Ok::<_, crate::store::StoreError>(recorded)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    if n != 1 {
-        return Err("your session has ended: sign in again".into());
+    match recorded {
+        Recorded::Yes => {}
+        Recorded::Ended => return Err("your session has ended: sign in again".into()),
+        Recorded::Crowded(wait) => return Err(crowded_words(wait)),
+        Recorded::Busy => return Err("this session is busy: try again".into()),
     }
     Ok(json!({"access_token": issued.access_token, "expires_in": issued.expires_in, "amr": amr}))
 }

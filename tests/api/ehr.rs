@@ -1043,6 +1043,29 @@ async fn a_sign_out_that_cannot_be_carried_out_is_not_said_to_be_done() {
             .0,
         401
     );
+    // A session past its idle limit, which Courier cannot end now: its refresh is 503, not
+    // "signed out" (and not a fresh token); once it can, the session ends and its token with it.
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let (handle, token) = (
+        s["session"].as_str().unwrap(),
+        s["access_token"].as_str().unwrap(),
+    );
+    app.store
+        .execute("UPDATE ehr_sessions SET last_active = 0", vec![])
+        .unwrap();
+    crate::failclosed::fill_disk(&app);
+    let (st, body) = session_post(&app, "smart/session/refresh", handle, None).await;
+    assert_eq!(st, 503, "{body}");
+    assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+    assert!(body["access_token"].is_null());
+    crate::failclosed::free_disk(&app);
+    let (st, body) = session_post(&app, "smart/session/refresh", handle, None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("inactivity"));
+    assert_eq!(status_with(&app, token).await, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

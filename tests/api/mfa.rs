@@ -569,6 +569,21 @@ both_backends! {
         let secret = begun["secret"].as_str().unwrap().to_string();
         let (s, _) = mfa_step(&app, "totp/enrol/finish", json!({"ticket": ticket, "code": code_at(&secret, now())})).await;
         assert_eq!(s, 200);
+        // A session already holding 30 tokens still valid gets no more from a step-up either
+        // (as from a refresh): refused in words, and nothing of the session changes.
+        let stuffed: String = (0..30).map(|i| format!(" stuffed-{i}:{}", now() + 600)).collect();
+        app.store.execute("UPDATE ehr_sessions SET token_jtis = token_jtis || ?", vec![stuffed.clone().into()]).unwrap();
+        let (s, page) = complete(&app, &ticket).await;
+        assert_eq!(s, 502, "{page}");
+        assert!(page.contains("30 tokens still valid"), "{page}");
+        assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM ehr_sessions WHERE amr = 'pwd' AND scope NOT LIKE '%cruds%'", vec![]), 1);
+        app.store.execute("UPDATE ehr_sessions SET token_jtis = replace(token_jtis, ?, '')", vec![stuffed.into()]).unwrap();
+        // Once the list has room, a new step-up (a later step's code: the first is used up).
+        let (s, page) = step_up(handle.clone()).await;
+        assert_eq!(s, 200, "{page}");
+        let ticket = ticket_of(&page);
+        let (s, e) = mfa_step(&app, "totp/verify", json!({"ticket": ticket, "code": code_at(&secret, now() + 30)})).await;
+        assert_eq!(s, 200, "{e}");
         let (s, page) = complete(&app, &ticket).await;
         assert_eq!(s, 200, "{page}");
         let upgraded = upgraded_token(&page);
