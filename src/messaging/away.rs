@@ -234,6 +234,22 @@ pub fn is_automatic(v: &Value) -> bool {
         .is_some_and(|x| x.iter().any(|e| e["url"] == EXT_AUTOMATIC))
 }
 
+/// The "covering for" notes ([`EXT_COVERING`]) on `v`'s recipients: (the recipient, the
+/// colleague they cover for), as written. `None` when the extension appears anywhere else, or
+/// without a reference (Courier puts it only on a recipient, naming a colleague).
+pub fn covering_notes(v: &Value) -> Option<Vec<(String, String)>> {
+    let mut notes = vec![];
+    for r in v["recipient"].as_array().into_iter().flatten() {
+        for e in r["extension"].as_array().into_iter().flatten() {
+            if e["url"] == EXT_COVERING {
+                let who = e["valueReference"]["reference"].as_str()?;
+                notes.push((r["reference"].as_str()?.to_string(), who.to_string()));
+            }
+        }
+    }
+    (v.to_string().matches(EXT_COVERING).count() == notes.len()).then_some(notes)
+}
+
 fn ctx(store: &Store) -> audit::Context {
     audit::Context::job(&store.base_url, "out-of-office")
 }

@@ -797,6 +797,28 @@ pub async fn prepare(
             "the automatic extension marks messages Courier writes for someone out of office; a client may not set it",
         ));
     }
+    // Nor is the note that a recipient covers for a colleague away (the app shows "X (covering
+    // for Y)" beside the message box): a client may keep or drop the notes Courier wrote, not
+    // add one or change whom it names. Nor on a scheduled message's request, whose recipients
+    // its messages copy.
+    if matches!(res_type, "Communication" | "CommunicationRequest")
+        && body.to_string().contains(super::away::EXT_COVERING)
+    {
+        let before = replaced
+            .as_ref()
+            .and_then(super::away::covering_notes)
+            .unwrap_or_default();
+        let kept = super::away::covering_notes(body)
+            .is_some_and(|notes| notes.iter().all(|n| before.contains(n)));
+        if !kept {
+            return Err(FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                format!("{res_type}.recipient.extension"),
+                "the covering-for extension says whom Courier added to cover for a colleague out of office; a client may not set it",
+            ));
+        }
+    }
     // A sent message is what its readers read: a person may withdraw it, not rewrite it (an
     // outside probe's patient turned "mild chest pain", read by the clinician, into "crushing
     // chest pain", and re-addressed a read message to another patient, keeping its time and

@@ -1426,6 +1426,14 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     let (_, shared_now) = call(&p1, &app, "GET", &format!("/Communication/{h4}")).await;
     let dr3_entry = shared_now["recipient"].as_array().unwrap().iter().find(|r| r["reference"] == "Practitioner/dr-3").unwrap().clone();
     assert_eq!(dr3_entry["extension"][0]["valueReference"]["reference"], "Practitioner/dr-4", "{shared_now}");
+    // An integrator's update may keep Courier's note, not change whom it names.
+    let (s, kept) = put_as(&app.client, &app, &format!("/Communication/{h4}"), &shared_now).await;
+    assert_eq!(s, 200, "{kept}");
+    assert!(kept.to_string().contains("Practitioner/dr-4"), "{kept}");
+    let forged = shared_now.to_string().replace("\"Practitioner/dr-4\"}}", "\"Practitioner/dr-9\"}}");
+    assert_ne!(forged, shared_now.to_string());
+    let (s, e) = put_as(&app.client, &app, &format!("/Communication/{h4}"), &serde_json::from_str::<Value>(&forged).unwrap()).await;
+    assert_eq!(s, 422, "{e}");
     let mut back4 = r4.clone();
     back4.as_object_mut().unwrap().remove("notAvailable");
     let (s, _) = put_as(&dr4, &app, &format!("/PractitionerRole/{}", r4["id"].as_str().unwrap()), &back4).await;
@@ -1471,6 +1479,54 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     // ... as a participant of their own: no longer said to be covering.
     let (_, after) = call(&p1, &app, "GET", &format!("/Communication/{h3}")).await;
     assert!(!after.to_string().contains(courier::messaging::away::EXT_COVERING), "{after}");
+}
+}
+
+// "Covering for" is Courier's to say (the app shows it beside the message box): a patient, a
+// clinician or an integrator that puts the note on a message's recipients, elsewhere on it, or on
+// a scheduled message's request (whose recipients its messages copy) is refused, and nothing is
+// stored.
+both_backends! {
+async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
+    use courier::messaging::away::EXT_COVERING;
+    let p1 = client_with_token(&patient_token(&app, "p1"));
+    let dr1 = client_with_token(&clinician_token(&app, "dr-1"));
+    let note = json!([{"url": EXT_COVERING, "valueReference": {"reference": "Practitioner/dr-2"}}]);
+    let noted = |sender: &str| {
+        let to = if sender == "Patient/p1" { "Practitioner/dr-1" } else { "Patient/p1" };
+        let mut m = msg(sender, &[to], "Who is this?");
+        m["subject"] = json!({"reference": "Patient/p1"});
+        m["category"] = json!([{"text": "question"}]);
+        m["recipient"][0]["extension"] = note.clone();
+        m
+    };
+    let mut elsewhere = msg("Practitioner/dr-1", &["Patient/p1"], "Hello");
+    elsewhere["subject"] = json!({"reference": "Patient/p1"});
+    elsewhere["sender"]["extension"] = note.clone();
+    let mut request = json!({"resourceType": "CommunicationRequest", "status": "active",
+        "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Practitioner/dr-1"},
+        "recipient": [{"reference": "Patient/p1", "extension": note}],
+        "payload": [{"contentString": "Take your tablets"}], "occurrenceDateTime": "2030-01-01T09:00:00Z"});
+    for (who, path, body) in [
+        (&p1, "/Communication", noted("Patient/p1")),
+        (&dr1, "/Communication", noted("Practitioner/dr-1")),
+        (&app.client, "/Communication", noted("Practitioner/dr-1")),
+        (&dr1, "/Communication", elsewhere.clone()),
+        (&dr1, "/CommunicationRequest", request.clone()),
+    ] {
+        let (s, e) = post_as(who, &app, path, &body).await;
+        assert_eq!(s, 422, "{path}: {e}");
+        assert!(e.to_string().contains("covering-for"), "{e}");
+    }
+    assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM resources WHERE res_type IN ('Communication', 'CommunicationRequest')", vec![]), 0);
+    // Without the note, the same writes go in.
+    request["recipient"] = json!([{"reference": "Patient/p1"}]);
+    let (s, e) = post_as(&dr1, &app, "/CommunicationRequest", &request).await;
+    assert_eq!(s, 201, "{e}");
+    let mut plain = noted("Patient/p1");
+    plain["recipient"][0].as_object_mut().unwrap().remove("extension");
+    let (s, e) = post_as(&p1, &app, "/Communication", &plain).await;
+    assert_eq!(s, 201, "{e}");
 }
 }
 
