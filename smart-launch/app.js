@@ -2092,7 +2092,7 @@ function onEvent(f) {
   if (f.resourceType === 'CommunicationRequest') {
     // Courier's escalation of an unread urgent message: a reminder for its recipient (or backup).
     const c = f.resource;
-    const escalation = c && (c.category || []).some((x) => (x.coding || []).some((k) => k.code === 'unread-urgent'));
+    const escalation = c && (c.category || []).some((x) => (x.coding || []).some((k) => k.system === 'https://courier.example.org/fhir/CodeSystem/escalation' && k.code === 'unread-urgent'));
     if (escalation && c.status === 'active' && (c.recipient || []).some((r) => refOf(r) === session.fhirUser)) {
       showNotice('Reminder: an urgent message is waiting to be read.', 'reminder');
       if (!isPatient()) alertUrgent();

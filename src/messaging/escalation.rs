@@ -357,6 +357,25 @@ fn update(store: &Store, id: &str, cr: Value) -> Result<(), StoreError> {
 /// The CommunicationRequest that records (and notifies) an escalation. Returns it and whether it
 /// names the backup.
 #[allow(clippy::too_many_arguments)]
+/// Courier's marks of an escalation on a CommunicationRequest: its [`EXTENSION`] and the
+/// categories in [`CATEGORY_SYSTEM`] (empty on any other request). Only Courier writes them: one
+/// put by a client would page a clinician, through quiet hours, as if a message were waiting.
+pub fn marks(v: &Value) -> Vec<Value> {
+    let ext = v["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["url"] == EXTENSION);
+    let categories = v["category"].as_array().into_iter().flatten().filter(|c| {
+        c["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|k| k["system"] == CATEGORY_SYSTEM)
+    });
+    ext.chain(categories).cloned().collect()
+}
+
 fn request(
     store: &Store,
     id: &str,

@@ -819,6 +819,26 @@ pub async fn prepare(
             ));
         }
     }
+    // Nor is an escalation's mark (a reminder of an unread urgent message, paging its backup):
+    // a client's request may not carry one, and an update keeps Courier's as it is, or drops it.
+    if res_type == "CommunicationRequest" {
+        let marks = super::escalation::marks(body);
+        let before = replaced
+            .as_ref()
+            .map(super::escalation::marks)
+            .unwrap_or_default();
+        if !marks.is_empty() && marks != before {
+            return Err(FhirError::at(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "business-rule",
+                "CommunicationRequest.category",
+                format!(
+                    "the escalation extension and the category system {} mark Courier's reminders of unread urgent messages; a client may not set them",
+                    super::escalation::CATEGORY_SYSTEM
+                ),
+            ));
+        }
+    }
     // A sent message is what its readers read: a person may withdraw it, not rewrite it (an
     // outside probe's patient turned "mild chest pain", read by the clinician, into "crushing
     // chest pain", and re-addressed a read message to another patient, keeping its time and

@@ -1485,7 +1485,7 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
 // "Covering for" is Courier's to say (the app shows it beside the message box): a patient, a
 // clinician or an integrator that puts the note on a message's recipients, elsewhere on it, or on
 // a scheduled message's request (whose recipients its messages copy) is refused, and nothing is
-// stored.
+// stored. So is an escalation's mark on a request.
 both_backends! {
 async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
     use courier::messaging::away::EXT_COVERING;
@@ -1507,6 +1507,26 @@ async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
         "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Practitioner/dr-1"},
         "recipient": [{"reference": "Patient/p1", "extension": note}],
         "payload": [{"contentString": "Take your tablets"}], "occurrenceDateTime": "2030-01-01T09:00:00Z"});
+    // Nor is an escalation's (it would page the clinician it names, through quiet hours).
+    let paging = |requester: &str| json!({"resourceType": "CommunicationRequest", "status": "active",
+        "extension": [{"url": courier::messaging::escalation::EXTENSION, "extension": [
+            {"url": "escalatedTo", "valueReference": {"reference": "Practitioner/dr-2"}}]}],
+        "category": [{"coding": [{"system": courier::messaging::escalation::CATEGORY_SYSTEM, "code": "unread-urgent"}]}],
+        "requester": {"reference": requester}, "recipient": [{"reference": "Practitioner/dr-1"}],
+        "payload": [{"contentString": "An urgent message is waiting to be read."}]});
+    let mut category_only = paging("Practitioner/dr-1");
+    category_only.as_object_mut().unwrap().remove("extension");
+    for (who, path, body) in [
+        (&p1, "/CommunicationRequest", paging("Patient/p1")),
+        (&dr1, "/CommunicationRequest", paging("Practitioner/dr-1")),
+        (&app.client, "/CommunicationRequest", paging("Practitioner/dr-1")),
+        (&dr1, "/CommunicationRequest", category_only),
+    ] {
+        let (s, e) = post_as(who, &app, path, &body).await;
+        assert_eq!(s, 422, "{e}");
+        assert!(e.to_string().contains("escalation"), "{e}");
+    }
+    assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM notices", vec![]), 0);
     for (who, path, body) in [
         (&p1, "/Communication", noted("Patient/p1")),
         (&dr1, "/Communication", noted("Practitioner/dr-1")),
