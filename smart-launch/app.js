@@ -114,7 +114,8 @@ function end(why) {
     why = idleWords(idle);
   }
   // Where to open Courier again, in the person's own words.
-  const place = !session || !session.fhirUser ? 'your EHR or your patient portal' : isPatient() ? 'your patient portal' : 'your EHR';
+  // A portal's sign-in link, kept for this tab, says where also after a reload.
+  const place = session && session.fhirUser ? (isPatient() ? 'your patient portal' : 'your EHR') : again ? 'your patient portal' : 'your EHR or your patient portal';
   const againText = 'Open Courier again from ' + place + ' to continue.';
   if (why && !why.includes(againText)) why += ' ' + againText;
   sessionStorage.removeItem(STORE_KEY);
@@ -134,6 +135,7 @@ function end(why) {
   draftThreads.clear();
   people.clear();
   asked.clear();
+  askedAt.clear();
   receipts.clear();
   delivered.clear();
   marked.clear();
@@ -160,6 +162,9 @@ function end(why) {
   if ($('new-dialog').open) $('new-dialog').close();
   if ($('notices-dialog').open) $('notices-dialog').close();
   if ($('idle-dialog').open) $('idle-dialog').close();
+  if ($('photo-dialog').open) $('photo-dialog').close();
+  $('photo-full').removeAttribute('src');
+  $('photo-full').alt = '';
   $('idle-error').hidden = true;
   $('file-name').title = '';
   if ($('away-dialog').open) $('away-dialog').close();
@@ -428,17 +433,24 @@ function refOf(x) {
 
 // People by name: Courier's summaries (from the EHR, $participants), asked for in batches.
 const people = new Map(); // ref -> {name, birthDate, gender, mrn, role}
-const asked = new Set(); // every reference asked for (once)
+const asked = new Set(); // every reference asked for
+const askedAt = new Map(); // reference -> when it was last asked (ms)
 let pending = [];
 let askTimer = null;
 let askWaiters = [];
+// A clinician's summary says whether they are away: asked again when older than `maxAge` ms
+// (0: whenever a conversation opens; an outside walk-through: an open page said a clinician was
+// away after they came back, and said nothing when they went away after it loaded).
+const AWAY_FRESH_MS = 60000;
 
-function wantPeople(refs) {
+function wantPeople(refs, maxAge) {
   for (const r of refs) {
-    if (r && /^(Patient|Practitioner|PractitionerRole|RelatedPerson|Group|CareTeam)\/[A-Za-z0-9.-]{1,64}$/.test(r) && !asked.has(r) && !people.has(r)) {
-      asked.add(r);
-      pending.push(r);
-    }
+    if (!r || !/^(Patient|Practitioner|PractitionerRole|RelatedPerson|Group|CareTeam)\/[A-Za-z0-9.-]{1,64}$/.test(r)) continue;
+    const stale = maxAge !== undefined && /^Practitioner(Role)?\//.test(r) && Date.now() - (askedAt.get(r) || 0) >= maxAge;
+    if ((asked.has(r) || people.has(r)) && !stale) continue;
+    asked.add(r);
+    askedAt.set(r, Date.now());
+    if (!pending.includes(r)) pending.push(r);
   }
   if (!pending.length) return Promise.resolve();
   return new Promise((resolve) => {
@@ -447,6 +459,9 @@ function wantPeople(refs) {
     askTimer = setTimeout(askNow, 20);
   });
 }
+
+// While a conversation is open in view, whether its clinicians are away stays current.
+setInterval(() => { if (token && current && !document.hidden) wantPeople(participants(current.header), AWAY_FRESH_MS); }, AWAY_FRESH_MS);
 
 async function askNow() {
   const waiters = askWaiters;
@@ -547,7 +562,7 @@ function coveringFor(h, r) {
   const entry = (h.recipient || []).find((x) => refOf(x) === r);
   const note = ((entry && entry.extension) || []).find((e) => e.url === 'https://courier.example.org/fhir/StructureDefinition/covering-for');
   const who = note && refOf(note.valueReference);
-  return who ? ' (covering for ' + nameOf(who) + ')' : '';
+  return who ? ' (covering for ' + (who === session.fhirUser ? 'you' : nameOf(who)) + ')' : '';
 }
 
 function isPatient() { return /^(Patient|RelatedPerson)\//.test(session.fhirUser || ''); }
@@ -851,6 +866,7 @@ async function openThread(id) {
   current = {header, messages: new Map(), older: null};
   draft = null;
   $('main').classList.add('reading');
+  wantPeople(participants(header), 0);
   renderThreadHead();
   // The composer belongs to one thread: nothing typed or chosen for another carries over.
   $('compose').reset();
@@ -957,9 +973,19 @@ function renderMessages() {
   }
 }
 
+function scrollBox() {
+  return window.matchMedia('(max-width: 700px)').matches ? document.scrollingElement : $('messages-box');
+}
+
 function scrollToNewest() {
-  const box = window.matchMedia('(max-width: 700px)').matches ? document.scrollingElement : $('messages-box');
+  const box = scrollBox();
   box.scrollTop = box.scrollHeight;
+}
+
+// Is the conversation shown to its end, but for `slack` pixels?
+function nearEnd(slack) {
+  const box = scrollBox();
+  return box.scrollHeight - box.scrollTop - box.clientHeight <= slack;
 }
 
 async function loadOlder() {
@@ -1099,10 +1125,23 @@ function attachmentView(a) {
   const wrap = el('div', {class: 'attachment'});
   if (IMAGE.test(a.contentType || '')) {
     const img = el('img', {class: 'thumb', alt: 'Photo: ' + name});
-    wrap.append(img);
-    const broken = () => img.replaceWith(el('span', {}, 'The photo could not be shown.'));
+    // Enlarged in the page (an outside walk-through: the only full-size view was a download,
+    // which leaves the photo in a shared computer's Downloads folder).
+    const open = el('button', {type: 'button', class: 'thumb-open', 'aria-label': 'Enlarge photo: ' + name}, img);
+    open.addEventListener('click', () => {
+      if (!img.src) return;
+      $('photo-full').src = img.src;
+      $('photo-full').alt = 'Photo: ' + name;
+      $('photo-dialog').setAttribute('aria-label', 'Photo: ' + name);
+      $('photo-dialog').showModal();
+    });
+    wrap.append(open);
+    const broken = () => open.replaceWith(el('span', {}, 'The photo could not be shown.'));
     img.addEventListener('error', broken, {once: true});
-    binaryUrl(path, a.contentType).then((u) => { img.src = u; }).catch(() => { img.replaceWith(el('span', {}, 'The photo could not be loaded.')); });
+    // A photo grows its message once loaded: one that was shown to the end stays so (a
+    // walk-through: a new photo's lower part, its file and its status were below the fold).
+    img.addEventListener('load', () => { if (current && nearEnd(img.offsetHeight + 80)) scrollToNewest(); }, {once: true});
+    binaryUrl(path, a.contentType).then((u) => { img.src = u; }).catch(() => { open.replaceWith(el('span', {}, 'The photo could not be loaded.')); });
   }
   const size = a.size ? ' (' + (a.size > 1048576 ? (a.size / 1048576).toFixed(1) + ' MB' : Math.max(1, Math.round(a.size / 1024)) + ' KB') + ')' : '';
   const b = el('button', {type: 'button', class: 'quiet small', 'aria-label': 'Download ' + name}, '⬇ ', el('bdi', {}, name), size);
@@ -1528,13 +1567,19 @@ function fillTo() {
     newError('Courier does not know your care team yet. Please call your clinic, or reply in an existing conversation.');
   }
   $('ref-field').hidden = sel.value !== 'other';
-  showAway('new-away', [sel.value]);
+  showAwayFresh('new-away', sel.value);
 }
 
 function chooseTo() {
   $('ref-field').hidden = $('new-to').value !== 'other';
   newError('');
-  showAway('new-away', [$('new-to').value]);
+  showAwayFresh('new-away', $('new-to').value);
+}
+
+// Whether the one chosen is away, as known now; then as Courier says, if that was not recent.
+function showAwayFresh(id, ref) {
+  showAway(id, [ref]);
+  wantPeople([ref], 0).then(() => { if ($('new-to').value === ref) showAway(id, [ref]); });
 }
 
 // Notifications: which channels, and quiet hours in this browser's time zone.
@@ -2278,12 +2323,16 @@ async function start() {
   $('main').hidden = false;
   $('compose').addEventListener('submit', send);
   $('compose-text').addEventListener('input', () => { updateCount(); draftChanged(); });
+  // About to write: whether those it goes to are away, as Courier says now.
+  $('compose-text').addEventListener('focus', () => { if (current) wantPeople(participants(current.header), AWAY_FRESH_MS); });
   $('compose-priority').addEventListener('change', draftChanged);
   for (const id of ['audience-patient', 'audience-staff']) $(id).addEventListener('change', () => { newError(''); fillTo(); });
   $('new-to').addEventListener('change', chooseTo);
   $('new-thread').addEventListener('click', openNew);
   $('new-form').addEventListener('submit', startThread);
   $('new-cancel').addEventListener('click', () => $('new-dialog').close());
+  $('photo-close').addEventListener('click', () => $('photo-dialog').close());
+  $('photo-dialog').addEventListener('close', () => { $('photo-full').removeAttribute('src'); });
   $('new-dialog').addEventListener('close', () => { if (token) $('new-thread').focus(); });
   $('back').addEventListener('click', closeThread);
   $('older').addEventListener('click', loadOlder);

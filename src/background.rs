@@ -82,6 +82,16 @@ pub fn periodic(settings: &Settings) -> Vec<Periodic> {
             },
         },
         Periodic {
+            name: "sessions",
+            leader_only: true,
+            every: Duration::from_secs(30),
+            first_after: Duration::from_secs(30),
+            work: |s, cfg| {
+                let n = crate::smart::session::sweep(s, cfg.idle_timeout_secs)?;
+                Ok((n > 0).then(|| format!("{n} idle sessions logged off")))
+            },
+        },
+        Periodic {
             name: "keys",
             leader_only: false,
             every: Duration::from_secs(30),

@@ -27,6 +27,18 @@ use std::time::{Duration, Instant};
 
 /// Access-token lifetime: SMART asks for at most 5 minutes for backend services.
 pub const TOKEN_LIFETIME_SECS: i64 = 300;
+/// The lifetime of a web-app session's tokens: no longer than the idle limit, so that a person
+/// who stops using Courier holds no valid token past it even if nothing asks for a refresh (a
+/// probe: with a 20 s idle limit, a token from the session's last refresh still read messages
+/// at 60 s; the session itself ends at its next refresh).
+pub fn session_lifetime(idle_timeout_secs: i64) -> i64 {
+    if idle_timeout_secs > 0 {
+        idle_timeout_secs.min(TOKEN_LIFETIME_SECS)
+    } else {
+        TOKEN_LIFETIME_SECS
+    }
+}
+
 /// How long a retired signing key stays published and accepted.
 pub const RETIRED_KEY_GRACE_SECS: i64 = 3600;
 const KEY_REFRESH: Duration = Duration::from_secs(30);
@@ -218,11 +230,18 @@ impl Tokens {
 
     /// Issues an access token for `grant`.
     pub fn issue(&self, grant: &Grant) -> anyhow::Result<Issued> {
-        self.issue_with_amr(grant, &[])
+        self.issue_with_amr(grant, &[], TOKEN_LIFETIME_SECS)
     }
 
-    /// Issues a token for a signed-in person that says how they authenticated (`amr`).
-    pub fn issue_with_amr(&self, grant: &Grant, amr: &[String]) -> anyhow::Result<Issued> {
+    /// Issues a token for a signed-in person that says how they authenticated (`amr`), valid for
+    /// `lifetime` seconds (at most [`TOKEN_LIFETIME_SECS`]; see [`session_lifetime`]).
+    pub fn issue_with_amr(
+        &self,
+        grant: &Grant,
+        amr: &[String],
+        lifetime: i64,
+    ) -> anyhow::Result<Issued> {
+        let lifetime = lifetime.clamp(1, TOKEN_LIFETIME_SECS);
         self.refresh_if_stale(false);
         let iat = now();
         let claims = AccessClaims {
@@ -232,7 +251,7 @@ impl Tokens {
                 .clone()
                 .unwrap_or_else(|| grant.client_id.clone()),
             aud: self.issuer.clone(),
-            exp: iat + TOKEN_LIFETIME_SECS,
+            exp: iat + lifetime,
             iat,
             jti: uuid::Uuid::new_v4().to_string(),
             client_id: grant.client_id.clone(),
@@ -253,7 +272,7 @@ impl Tokens {
         let access_token = jsonwebtoken::encode(&header, &claims, key)?;
         Ok(Issued {
             access_token,
-            expires_in: TOKEN_LIFETIME_SECS,
+            expires_in: lifetime,
             claims,
         })
     }

@@ -659,10 +659,12 @@ pub async fn prepare(
     }
     // … and says no more than that of who wrote it: a display or an extension on the sender is
     // the writer's own claim ("Dr. Smith, Cardiology", "on behalf of" a clinician: an outside
-    // probe and walk-through stored both), which another client would show as fact.
-    let writes_as_patient = patient_user
-        || (p.kind() == SubjectKind::System && policy::patient_bound(p, res_type).is_some());
-    if writes_as_patient {
+    // probe and walk-through stored both), which another client would show as fact. So is a
+    // clinician's (a probe's clinician labelled their message "Dr Vera Victim"): a person's
+    // message names its author by reference only; Courier names people from its own records.
+    let writes_as_person =
+        p.kind() != SubjectKind::System || policy::patient_bound(p, res_type).is_some();
+    if writes_as_person {
         for element in ["sender", "requester"] {
             if let Some(o) = body.get_mut(element).and_then(Value::as_object_mut) {
                 o.retain(|k, _| k == "reference");

@@ -840,6 +840,7 @@ pub async fn finish(
                 encounter: None,
             },
             &amr,
+            crate::auth::tokens::session_lifetime(state.settings.idle_timeout_secs),
         )
         .map_err(|e| format!("cannot issue a Courier token: {e}"))?;
     let signed = super::session::Signed {

@@ -253,11 +253,59 @@ fn ended(why: &str) -> HttpResponse {
 async fn audit_logout(state: &web::Data<AppState>, req: &HttpRequest, user: &str, why: &str) {
     let mut ctx = crate::api::audit_context(req, state);
     ctx.client_id = Some(super::launch::WEB_APP_CLIENT.into());
+    crate::api::record_event(state, logout_event(ctx, user, why)).await;
+}
+
+/// The AuditEvent of `user`'s session ending (DICOM 110123 Logout), for `why`.
+fn logout_event(mut ctx: crate::audit::Context, user: &str, why: &str) -> Value {
     ctx.user = Some(user.to_string());
     let mut event = crate::audit::authentication(&ctx, None);
     event["subtype"] = json!([{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110123", "display": "Logout"}]);
     event["outcomeDesc"] = json!(why);
-    crate::api::record_event(state, event).await;
+    event
+}
+
+#[derive(QueryableByName)]
+struct IdleRow {
+    #[diesel(sql_type = Text)]
+    handle_hash: String,
+    #[diesel(sql_type = Text)]
+    fhir_user: String,
+}
+
+/// Ends the sessions idle past `idle` seconds (a background pass every 30 s): their Courier
+/// tokens revoked, the EHR's tokens they held dropped, each audited as an automatic log-off —
+/// whether or not anyone asks for a refresh again (a probe: an abandoned session ended only at
+/// its next refresh, and kept its EHR tokens, sealed, until then). Blocking; at most 200 a pass.
+/// Returns the sessions ended.
+pub fn sweep(store: &crate::store::Store, idle: i64) -> Result<usize, crate::store::StoreError> {
+    if idle <= 0 {
+        return Ok(0);
+    }
+    let cutoff = now() - idle;
+    let rows: Vec<IdleRow> = store.query(
+        "SELECT handle_hash, fhir_user FROM ehr_sessions WHERE last_active < ? LIMIT 200",
+        vec![cutoff.into()],
+    )?;
+    let mut ended = 0;
+    for row in rows {
+        // Still idle when ended (a refresh in between keeps it).
+        let n = end_where(
+            store,
+            "handle_hash = ? AND last_active < ?",
+            vec![row.handle_hash.into(), cutoff.into()],
+        )?;
+        if n > 0 {
+            ended += n;
+            let ctx = crate::audit::Context::job(&store.base_url, "sessions");
+            store.record_audit(logout_event(
+                ctx,
+                &row.fhir_user,
+                "automatic log-off after inactivity",
+            ))?;
+        }
+    }
+    Ok(ended)
 }
 
 /// The session a handle names; an error when the database could not say.
@@ -358,6 +406,7 @@ pub async fn upgrade(
                 encounter: row.encounter.clone(),
             },
             amr,
+            crate::auth::tokens::session_lifetime(state.settings.idle_timeout_secs),
         )
         .map_err(|e| e.to_string())?;
     let store = state.store.clone();
@@ -541,6 +590,7 @@ pub async fn refresh(
             encounter: row.encounter.clone(),
         },
         &amr,
+        crate::auth::tokens::session_lifetime(state.settings.idle_timeout_secs),
     );
     let Ok(issued) = issued else {
         return HttpResponse::InternalServerError().finish();

@@ -1068,6 +1068,73 @@ async fn a_sign_out_that_cannot_be_carried_out_is_not_said_to_be_done() {
     assert_eq!(status_with(&app, token).await, 401);
 }
 
+// A person who stops using Courier holds no valid token past the idle limit, even when nothing
+// asks for a refresh (a probe: with a 20 s limit, the session's last token still read messages
+// at 60 s, as tokens lived 5 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_token_outlives_the_idle_limit() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 2).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let token = s["access_token"].as_str().unwrap();
+    let c = claims(token);
+    assert_eq!(
+        c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(),
+        2,
+        "{c}"
+    );
+    assert_eq!(status_with(&app, token).await, 200);
+    // Past its expiry and the verifier's 5 s leeway, with no refresh asked for.
+    tokio::time::sleep(std::time::Duration::from_millis(8200)).await;
+    assert_eq!(status_with(&app, token).await, 401);
+}
+
+// An abandoned session is logged off by Courier's own pass, not only at its next refresh: its
+// tokens revoked, the EHR's tokens it held gone, the log-off audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_sessions_are_logged_off_without_a_refresh() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 2).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let token = s["access_token"].as_str().unwrap().to_string();
+    let sweep = || {
+        let store = app.store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || courier::smart::session::sweep(&store, 2))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(sweep().await, 0, "not idle yet");
+    assert_eq!(status_with(&app, &token).await, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(3200)).await;
+    assert_eq!(sweep().await, 1);
+    assert_eq!(
+        count(&app, "SELECT COUNT(*) AS n FROM ehr_sessions", vec![]),
+        0,
+        "the session and the EHR's tokens it held are gone"
+    );
+    // Revoked (its expiry's leeway would still let it in otherwise).
+    assert_eq!(status_with(&app, &token).await, 401);
+    let trail = app
+        .get_json("AuditEvent?subtype=http://dicom.nema.org/resources/ontology/DCM|110123")
+        .await;
+    assert!(
+        trail
+            .to_string()
+            .contains("automatic log-off after inactivity"),
+        "{trail}"
+    );
+    assert_eq!(sweep().await, 0, "once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_are_logged_off() {
     let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 1).await else {

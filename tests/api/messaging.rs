@@ -1502,7 +1502,7 @@ async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
     };
     let mut elsewhere = msg("Practitioner/dr-1", &["Patient/p1"], "Hello");
     elsewhere["subject"] = json!({"reference": "Patient/p1"});
-    elsewhere["sender"]["extension"] = note.clone();
+    elsewhere["extension"] = note.clone();
     let mut request = json!({"resourceType": "CommunicationRequest", "status": "active",
         "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Practitioner/dr-1"},
         "recipient": [{"reference": "Patient/p1", "extension": note}],
@@ -2214,7 +2214,7 @@ both_backends! {
 both_backends! {
     // From an outside probe and walk-through: a patient's message stored the sender display
     // "Dr. Smith, Cardiology" and an invented "on behalf of" extension, which another client
-    // (or the chart it was filed to) would show as fact. A patient's sender is their reference.
+    // (or the chart it was filed to) would show as fact. A person's sender is their reference.
     async fn a_patient_s_message_says_no_more_of_its_sender_than_who_it_is(app: TestApp) {
         let p1 = client_with_token(&patient_token(&app, "p1"));
         let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "About my results");
@@ -2240,11 +2240,17 @@ both_backends! {
         assert!(v["sent"].is_string(), "{v}");
         let stored = app.get_json(&format!("Communication/{}", v["id"].as_str().unwrap())).await;
         assert!(!stored.to_string().contains("Dr. Smith") && !stored.to_string().contains("on-behalf-of"));
-        // A clinician's own display stays (it is theirs to give).
+        // Nor a clinician's (a probe's clinician labelled their message "Dr Vera Victim", which
+        // an API reader would show as its author): Courier names people from its own records.
         let dr = client_with_token(&clinician_token(&app, "dr-1"));
         let mut m = msg("Practitioner/dr-1", &["Patient/p1"], "Reply");
-        m["sender"]["display"] = json!("Dr One");
+        m["sender"]["display"] = json!("Dr Vera Victim");
         let v: Value = dr.post(app.url("Communication")).json(&m).send().await.unwrap().json().await.unwrap();
-        assert_eq!(v["sender"]["display"], "Dr One");
+        assert_eq!(v["sender"], json!({"reference": "Practitioner/dr-1"}), "{v}");
+        // An integrator's stays (it may mirror an EHR's record as it is).
+        let mut m = msg("Practitioner/dr-1", &["Patient/p1"], "Mirrored");
+        m["sender"]["display"] = json!("Dr One");
+        let v: Value = app.client.post(app.url("Communication")).json(&m).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["sender"]["display"], "Dr One", "{v}");
     }
 }

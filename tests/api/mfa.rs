@@ -6,7 +6,6 @@
 use crate::ehr::{back_with, new_ehr, person, session_of, spawn_ehr, standalone, step, TestEhr};
 use crate::helpers::*;
 use crate::{both_backends, both_backends_with};
-use base64::Engine;
 use courier::mfa;
 use courier::smart::registry;
 use serde_json::{json, Value};
@@ -54,16 +53,6 @@ async fn launch_page(app: &TestApp, ehr: &TestEhr, user: &str) -> (u16, String) 
     let (_, back, _) = step(&to_ehr.unwrap()).await;
     let (s, _, page) = step(&back.unwrap()).await;
     (s, page)
-}
-
-fn claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 /// The ticket the callback's answer puts in the tab's sessionStorage.

@@ -23,6 +23,7 @@
 import { chromium } from 'playwright-core';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { crc32, deflateSync } from 'node:zlib';
 import { axeAudit, smallFields, smallTargets, smallText } from './axe.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
@@ -42,6 +43,25 @@ const PATIENT_TOPIC = 'Question about my inhaler';
 // thumbnail): every wait is on the state itself; this only bounds a failure. Under the full test
 // suite's load one took over 10 s (the machine has 2 cores); alone, well under a second.
 const DELIVERY = 30000;
+// A w × h grey PNG (RGB, 8 bits).
+function pngOf(w, h) {
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type), data]);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(crc32(body));
+    return Buffer.concat([len, body, crc]);
+  };
+  const head = Buffer.alloc(13);
+  head.writeUInt32BE(w, 0);
+  head.writeUInt32BE(h, 4);
+  head[8] = 8;
+  head[9] = 2;
+  const raw = Buffer.alloc((w * 3 + 1) * h, 0x80);
+  for (let y = 0; y < h; y++) raw[y * (w * 3 + 1)] = 0;
+  return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), chunk('IHDR', head), chunk('IDAT', deflateSync(raw)), chunk('IEND', Buffer.alloc(0))]);
+}
 const PNG = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg==', 'base64');
 
 const browser = await chromium.launch({
@@ -295,6 +315,10 @@ try {
   await clinician.waitForFunction(() => document.querySelector('#new-to').value.startsWith('Patient/'));
   check((await clinician.locator('#new-to option:checked').textContent()).includes(cfg.patient_name), 'clinician: the patient in context is the default recipient, by name');
   await a11y(clinician, 'clinician new conversation');
+  // What is typed is never kept in the browser's form history (a walk-through found a subject in
+  // a shared computer's profile after sign-out).
+  const remembered = await clinician.evaluate(() => [...document.querySelectorAll('input:not([type=hidden]):not([type=file]):not([type=checkbox]):not([type=radio]):not([type=time]):not([type=datetime-local]), textarea')].filter((x) => !/^(off|one-time-code)$/.test(x.getAttribute('autocomplete') || '')).map((x) => x.id));
+  check(remembered.length === 0, `clinician: fields the browser would remember: ${remembered.join(', ')}`);
   await clinician.getByLabel('Subject').fill(XSS_TOPIC);
   await clinician.fill('#new-text', XSS_TEXT);
   await clinician.focus('#new-send');
@@ -387,6 +411,23 @@ try {
   await clinician.waitForFunction(() => { const i = document.querySelector('#messages img.thumb'); return i && i.complete && i.naturalWidth === 2; }, null, { timeout: DELIVERY });
   const thumb = await clinician.locator('#messages img.thumb').first().boundingBox();
   check(thumb && thumb.width >= 96 && thumb.height >= 96, `clinician: a tiny photo shows at a size one can tap and see (got ${thumb && Math.round(thumb.width)} × ${thumb && Math.round(thumb.height)})`);
+  // A tall photo: once it has loaded, the conversation is still shown to its end (a walk-through:
+  // a phone photo's lower part, its file and its status were below the fold); it enlarges in the
+  // page (not only as a download), and nothing of it stays when closed.
+  step('patient: a tall photo');
+  await patient.setInputFiles('#compose-file', { name: 'tall.png', mimeType: 'image/png', buffer: pngOf(20, 400) });
+  await patient.click('#send');
+  const tallLoaded = await clinician.waitForFunction(() => { const i = document.querySelector('#messages img.thumb[alt="Photo: tall.png"]'); return i && i.complete && i.naturalHeight === 400; }, null, { timeout: DELIVERY }).then(() => true, () => false);
+  check(tallLoaded, 'clinician: the tall photo arrives');
+  const fold = await clinician.evaluate(() => { const b = scrollBox(); return {gap: b.scrollHeight - b.scrollTop - b.clientHeight, scrolls: b.scrollHeight > b.clientHeight}; });
+  check(fold.scrolls && fold.gap <= 4, `clinician: after a tall photo loads, the conversation is still shown to its end (${JSON.stringify(fold)})`);
+  await clinician.click('#messages button.thumb-open[aria-label="Enlarge photo: tall.png"]');
+  await clinician.waitForSelector('#photo-dialog[open]');
+  const big = await clinician.evaluate(() => { const i = document.getElementById('photo-full'); return i.complete ? i.naturalHeight : 0; });
+  check(big === 400, `clinician: the photo opens enlarged in the page (${big})`);
+  await clinician.click('#photo-close');
+  await clinician.waitForSelector('#photo-dialog', { state: 'hidden' });
+  check(!(await clinician.getAttribute('#photo-full', 'src')), 'clinician: a closed photo leaves nothing behind');
 
   // A message Courier refuses leaves no file behind: the file goes in one transaction with its
   // message (the Rust side then finds every stored file attached to a message).
@@ -830,38 +871,6 @@ try {
   await patient.keyboard.press('Escape');
   await patient.waitForSelector('#new-dialog[open]', { state: 'hidden' });
 
-  // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
-  step('patient: signs out');
-  const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
-  await row(patient, 'Lab results').locator('button').click();
-  // A sign-out the server could not confirm (here: its first answer is 503) is said so on the
-  // signed-out screen, and told again until it is.
-  await patient.route('**/smart/logout', (r) => r.fulfill({ status: 503, contentType: 'application/json', body: '{"signed_out":false}' }), { times: 1 });
-  await patient.click('#logout');
-  await patient.waitForSelector('#ended:not([hidden])');
-  const pendingSaid = await patient.waitForSelector('#ended-pending:not([hidden])', { timeout: 5000 }).then(() => true, () => false);
-  check(pendingSaid, 'patient: a sign-out the server has not confirmed is said so');
-  check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
-  const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line', 'On leave']);
-  check(left.length === 0, `patient: PHI left in the page after sign-out: ${left.join('; ')}`);
-  const box = await patient.locator('#ended').boundingBox();
-  check(box && box.y < 740, 'patient: the signed-out notice is in view');
-  check(!(await patient.isVisible('#logout')) && !(await patient.isVisible('#new-thread')), 'patient: nothing actionable without a session');
-  await patient.screenshot({ path: join(cfg.artifacts, 'patient-signed-out.png'), fullPage: false }).catch(() => {});
-  const confirmed = await patient.waitForSelector('#ended-pending', { state: 'hidden', timeout: 15000 }).then(() => true, () => false);
-  check(confirmed, 'patient: the sign-out is told again and the note goes once the server confirms it');
-  const again = await patient.getAttribute('#ended-again', 'href');
-  const portal = new URL(cfg.patient_url);
-  check(await patient.isVisible('#ended-again') && again === portal.pathname + portal.search, `patient: the signed-out screen offers to sign in again through the portal (got ${again})`);
-  await a11y(patient, 'patient signed out (phone)', true);
-  await patient.reload();
-  await patient.waitForSelector('#ended:not([hidden])');
-  check(await patient.isVisible('#ended-again'), 'patient: "Sign in again" is still offered after a reload of the signed-out page');
-  const placeSaid = await patient.textContent('#ended-why');
-  check(!/your EHR/.test(placeSaid) || /patient portal/.test(placeSaid), `patient: the signed-out screen speaks of the portal (got "${placeSaid}")`);
-  const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
-  check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
-
   // ---- The clinician sets their own out-of-office in the app, and turns it off. ----
   step('clinician: out of office');
   await clinician.setViewportSize({ width: 1280, height: 800 });
@@ -896,6 +905,12 @@ try {
     `clinician: the out-of-office is kept as FHIR (PractitionerRole.notAvailable, the delegate) (got ${JSON.stringify(saved)})`);
   await a11y(clinician, 'out-of-office dialog', false);
   await clinician.click('#away-cancel');
+  // The patient's page loaded before the clinician went away: opening the conversation, she is
+  // told (an outside walk-through: the page said nothing until it was reloaded).
+  if (await patient.isVisible('#back')) await patient.click('#back');
+  await row(patient, 'Lab results').locator('button').click();
+  const toldAway = await patient.waitForFunction((n) => { const a = document.getElementById('compose-away'); return !a.hidden && a.textContent.includes(n + ' is away'); }, cfg.clinician_name, { timeout: 5000 }).then(() => true, () => false);
+  check(toldAway, `patient: opening the conversation, she is told her clinician went away after her page loaded (got "${await patient.textContent('#compose-away')}")`);
   // The patient writes meanwhile and is answered automatically in her name: her list still shows
   // the patient's words (not "You: …" her automatic reply), among the threads waiting for her.
   const labId = await clinician.evaluate(() => [...threads.values()].find((t) => t.topic && (t.topic.text || '').startsWith('Lab results')).id);
@@ -921,13 +936,52 @@ try {
   await row(clinician, 'Lab results').first().locator('button').click();
   await clinician.waitForFunction((n) => (document.getElementById('compose-to').textContent || '').includes(n + ' (covering for '), cfg.colleague_name, { timeout: 5000 }).catch(() => {});
   const coverTo = (await clinician.textContent('#compose-to')) || '';
-  check(coverTo.includes(cfg.colleague_name + ' (covering for '), `clinician: beside the message box, whom the colleague covers for (got "${coverTo}")`);
+  check(coverTo.includes(cfg.colleague_name + ' (covering for you)'), `clinician: beside the message box, that the colleague covers for her (got "${coverTo}")`);
   await clinician.click('#away');
   await clinician.waitForSelector('#away-dialog[open]');
   await clinician.click('#away-off');
   await clinician.waitForFunction(() => /Turned off/.test(document.getElementById('away-status').textContent), null, { timeout: DELIVERY });
   await clinician.click('#away-cancel');
   check((await clinician.textContent('#away')).trim() === 'Out of office', 'clinician: turned off, the header says so');
+  // ... and the patient, opening the conversation again, is no longer told she is away.
+  if (await patient.isVisible('#back')) await patient.click('#back');
+  await row(patient, 'Lab results').locator('button').click();
+  const clearedAway = await patient.waitForFunction(() => document.getElementById('compose-away').hidden, null, { timeout: 5000 }).then(() => true, () => false);
+  check(clearedAway, `patient: once her clinician is back, the conversation no longer says she is away (got "${await patient.textContent('#compose-away')}")`);
+  if (await patient.isVisible('#back')) await patient.click('#back');
+
+
+  // ---- Signing out ends the session: nothing of the inbox stays, the token is revoked. ----
+  step('patient: signs out');
+  const token = await patient.evaluate(() => JSON.parse(sessionStorage.getItem('courier.session')).access_token);
+  await row(patient, 'Lab results').locator('button').click();
+  // A sign-out the server could not confirm (here: its first answer is 503) is said so on the
+  // signed-out screen, and told again until it is.
+  await patient.route('**/smart/logout', (r) => r.fulfill({ status: 503, contentType: 'application/json', body: '{"signed_out":false}' }), { times: 1 });
+  await patient.click('#logout');
+  await patient.waitForSelector('#ended:not([hidden])');
+  const pendingSaid = await patient.waitForSelector('#ended-pending:not([hidden])', { timeout: 5000 }).then(() => true, () => false);
+  check(pendingSaid, 'patient: a sign-out the server has not confirmed is said so');
+  check(!(await patient.isVisible('#main')) && !(await patient.isVisible('#compose')), 'patient: the inbox stays visible after sign-out');
+  const left = await phiWhere(patient, [REPLY, 'Lab results', cfg.clinician_name, cfg.patient_name, cfg.colleague_name, 'Nurse line', 'On leave']);
+  check(left.length === 0, `patient: PHI left in the page after sign-out: ${left.join('; ')}`);
+  const box = await patient.locator('#ended').boundingBox();
+  check(box && box.y < 740, 'patient: the signed-out notice is in view');
+  check(!(await patient.isVisible('#logout')) && !(await patient.isVisible('#new-thread')), 'patient: nothing actionable without a session');
+  await patient.screenshot({ path: join(cfg.artifacts, 'patient-signed-out.png'), fullPage: false }).catch(() => {});
+  const confirmed = await patient.waitForSelector('#ended-pending', { state: 'hidden', timeout: 15000 }).then(() => true, () => false);
+  check(confirmed, 'patient: the sign-out is told again and the note goes once the server confirms it');
+  const again = await patient.getAttribute('#ended-again', 'href');
+  const portal = new URL(cfg.patient_url);
+  check(await patient.isVisible('#ended-again') && again === portal.pathname + portal.search, `patient: the signed-out screen offers to sign in again through the portal (got ${again})`);
+  await a11y(patient, 'patient signed out (phone)', true);
+  await patient.reload();
+  await patient.waitForSelector('#ended:not([hidden])');
+  check(await patient.isVisible('#ended-again'), 'patient: "Sign in again" is still offered after a reload of the signed-out page');
+  const placeSaid = await patient.textContent('#ended-why');
+  check(!/your EHR/.test(placeSaid) || /patient portal/.test(placeSaid), `patient: the signed-out screen speaks of the portal (got "${placeSaid}")`);
+  const after = await patient.evaluate(async (t) => (await fetch('/Communication', { headers: { Authorization: 'Bearer ' + t } })).status, token);
+  check(after === 401, `patient: the token is revoked on sign-out (got ${after})`);
 
   // ---- Revoked elsewhere: the clinician's session ends outside this page (another device, the
   // EHR, an administrator); the page clears itself without any click. ----
