@@ -2017,8 +2017,23 @@ async function startThread(ev) {
   if (category) base.category = [{coding: [{system: config.category_system, code: category}]}];
   $('new-send').disabled = true;
   try {
-    const header = await api('POST', '/Communication', Object.assign({status: 'in-progress', topic: {text: $('new-topic').value.trim()}}, base), {Prefer: 'return=representation'});
-    const first = await api('POST', '/Communication', Object.assign({status: 'completed', partOf: [{reference: 'Communication/' + header.id}], sent: new Date().toISOString(), payload: [{contentString: text}]}, base), {Prefer: 'return=representation'});
+    // The conversation, its first message and a photo or file in one transaction: all are
+    // stored, or none (a walk-through's patient could attach her photo only after starting).
+    const file = $('new-file').files[0];
+    const file_ = file ? await attachmentOf(file) : null;
+    const payload = [{contentString: text}];
+    if (file_) payload.push({contentAttachment: file_.attachment});
+    const hid = 'urn:uuid:' + uuid();
+    const entry = [
+      {fullUrl: hid, resource: Object.assign({status: 'in-progress', topic: {text: $('new-topic').value.trim()}}, base), request: {method: 'POST', url: 'Communication'}},
+      {fullUrl: 'urn:uuid:' + uuid(), resource: Object.assign({status: 'completed', partOf: [{reference: hid}], sent: new Date().toISOString(), payload}, base), request: {method: 'POST', url: 'Communication'}},
+    ];
+    if (file_) entry.unshift(file_.entry);
+    const done = await api('POST', '/', {resourceType: 'Bundle', type: 'transaction', entry}, {Prefer: 'return=representation'});
+    const written = ((done && done.entry) || []).map((e) => e.resource).filter((r) => r && r.resourceType === 'Communication');
+    const header = written.find((r) => !(r.partOf || []).length);
+    const first = written.find((r) => (r.partOf || []).length);
+    if (!header || !first) throw new Error('the answer did not carry the conversation');
     threads.set(header.id, header);
     noteLatest(first);
     $('new-dialog').close();

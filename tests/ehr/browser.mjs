@@ -588,8 +588,12 @@ try {
   await patient.getByLabel('Subject').fill(PATIENT_TOPIC);
   await patient.selectOption('#new-category', { index: 1 });
   await patient.fill('#new-text', 'Can I use it twice a day?');
+  // With a photo from the start (a walk-through's patient could attach one only after).
+  await patient.setInputFiles('#new-file', { name: 'inhaler.png', mimeType: 'image/png', buffer: PNG });
   await patient.click('#new-send');
   await patient.waitForSelector(`#thread-title:text("${PATIENT_TOPIC}")`, { timeout: DELIVERY });
+  const withPhoto = await patient.waitForSelector('#messages img.thumb[alt="Photo: inhaler.png"]', { timeout: DELIVERY }).then(() => true, () => false);
+  check(withPhoto, 'patient: a new conversation starts with its photo');
 
   // ---- New activity moves a thread up; the filters find it. ----
   step('new activity moves a thread up');
