@@ -763,7 +763,12 @@ function renderThreadsNow() {
   const rows = shown.map(threadRow);
   list.replaceChildren(...rows);
   $('threads-empty').hidden = threads.size > 0;
-  $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' : '';
+  // None shown of some: what to do about it (a walk-through: "Showing 0 of 1 conversations",
+  // no more).
+  const hidden = threads.size && !shown.length
+    ? ($('scope-patient').getAttribute('aria-pressed') === 'true' ? ': none about this patient matches. “All my patients” shows the others.' : ': change the search or the filters to see them.')
+    : '';
+  $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' + hidden : '';
   // Launched with one patient open, what is new about others is said where one switches to it
   // (a walk-through: a covering colleague saw "1 unread" and "Showing 0 of 1", nothing more).
   if (!isPatient() && session.patient) {

@@ -607,6 +607,28 @@ try {
   await clinician.waitForFunction(() => [...document.querySelectorAll('#threads li .topic')].some((t) => t.textContent.startsWith('Lab results')));
   check(!(await row(clinician, STAFF_TOPIC).count()), 'clinician: "waiting for my reply" leaves out threads where I wrote last');
   await clinician.selectOption('#filter-show', 'all');
+  // A search that finds nothing says what to do, not only "Showing 0 of N".
+  await clinician.fill('#filter-text', 'zzz-no-such-conversation');
+  const none = await clinician.waitForFunction(() => /^Showing 0 of \d+ conversations: .*(All my patients|filters)/.test(document.getElementById('threads-count').textContent), null, { timeout: 5000 }).then(() => true, () => false);
+  check(none, `clinician: an empty result says what to do (got "${await clinician.textContent('#threads-count')}")`);
+  await clinician.fill('#filter-text', '');
+  // "All conversations" is not cut off in the list's filters (a walk-through at 1280 × 800).
+  const viewport = clinician.viewportSize();
+  await clinician.setViewportSize({ width: 1280, height: 800 });
+  const cut = await clinician.evaluate(() => {
+    const s = document.getElementById('filter-show');
+    const cs = getComputedStyle(s);
+    const span = document.createElement('span');
+    Object.assign(span.style, {position: 'absolute', visibility: 'hidden', whiteSpace: 'nowrap', fontFamily: cs.fontFamily, fontSize: cs.fontSize, fontWeight: cs.fontWeight});
+    span.textContent = 'All conversations';
+    document.body.append(span);
+    const text = span.getBoundingClientRect().width;
+    span.remove();
+    // The text, the select's own padding, and its arrow (~28 px).
+    return {need: Math.round(text + parseFloat(cs.paddingLeft) + parseFloat(cs.paddingRight) + 28), box: s.clientWidth, font: cs.fontSize};
+  });
+  check(cut.need <= cut.box, `clinician: the "Show" choice is not cut off (${JSON.stringify(cut)})`);
+  await clinician.setViewportSize(viewport);
 
   // ---- Mark unread: the thread she has read is unread again for her. ----
   step('patient: mark unread');
