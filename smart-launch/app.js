@@ -225,6 +225,9 @@ function refreshToken() {
 async function refreshOnce() {
   if (!token || !session || !session.session) return false;
   const body = new URLSearchParams({session: session.session});
+  // Nothing done since the last refresh (the socket's token ran out, a background call met 401):
+  // a new token, but not activity: the session still ends at the idle limit.
+  if (!(lastActivity > lastRefresh)) body.set('background', '1');
   const mine = session;
   let r;
   try {

@@ -599,6 +599,57 @@ fn courier_marks(body: &Value) -> Vec<(String, String)> {
 /// A message (or request) about a patient is never sent to or from another patient: every
 /// Patient among its parties is its subject. (Addressed to the wrong patient, it would put one
 /// patient's matter — and, through the app, their name and MRN — in another's portal.)
+/// What else a person's message could say of who wrote or approved it, taken out (an attacker
+/// probe: a patient's message carried `note.authorReference` to a clinician with "approved by me –
+/// stop warfarin", an on-behalf-of extension and a narrative, and filing it to the chart wrote
+/// them into the EHR's record for that clinician): the narrative (`text`; Courier's readers show
+/// the payload), a note's author, extensions but Courier's own and the time zone, and the
+/// `display` of every reference (Courier names people and resources from its own records).
+fn unclaimed(body: &mut Value) {
+    let Some(o) = body.as_object_mut() else {
+        return;
+    };
+    o.remove("text");
+    for note in o
+        .get_mut("note")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object_mut)
+    {
+        note.retain(|k, _| !k.starts_with("author") && k != "_authorString");
+    }
+    if let Some(ext) = o.get_mut("extension").and_then(Value::as_array_mut) {
+        ext.retain(|e| {
+            e["url"].as_str().is_some_and(|u| {
+                u.starts_with("https://courier.example.org/")
+                    || u == crate::messaging::timing::EXT_TZ
+            })
+        });
+        if ext.is_empty() {
+            o.remove("extension");
+        }
+    }
+    fn no_displays(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if m.contains_key("reference") {
+                    m.remove("display");
+                    m.remove("_display");
+                }
+                for (k, x) in m.iter_mut() {
+                    if k != "contained" {
+                        no_displays(x);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(no_displays),
+            _ => {}
+        }
+    }
+    no_displays(body);
+}
+
 fn about_one_patient(body: &Value, base: &str) -> Result<(), FhirError> {
     let Some(subject) = body["subject"]["reference"]
         .as_str()
@@ -671,6 +722,22 @@ pub async fn prepare(
             }
             if let Some(o) = body.as_object_mut() {
                 o.remove(&format!("_{element}"));
+            }
+        }
+        unclaimed(body);
+    }
+    // A message from the patient's side is about that patient: a subject, when given, names
+    // them (a probe's patient wrote one "about" a Group, which no clinician could place).
+    if let Some(me) = policy::patient_bound(p, res_type).filter(|m| !m.is_empty()) {
+        let me = format!("Patient/{me}");
+        if let Some(subject) = body["subject"]["reference"].as_str() {
+            if super::hub::local_ref(subject, base) != me {
+                return Err(FhirError::at(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "business-rule",
+                    format!("{res_type}.subject"),
+                    format!("a message from the patient's side is about that patient: its subject must be {me}"),
+                ));
             }
         }
     }

@@ -536,6 +536,11 @@ pub async fn refresh(
     };
     let t = now();
     let idle = state.settings.idle_timeout_secs;
+    // A refresh the app asks for without the person having done anything since the last one (its
+    // socket's token ran out, a background call met 401) renews the token but is not activity: the
+    // session still ends at the idle limit (a probe: an open tab kept an idle session alive for
+    // good by refreshing at each socket expiry), and its token lives no longer than that.
+    let background = form_urlencoded::parse(&body).any(|(k, v)| k == "background" && v == "1");
     if t - row.last_active > idle {
         if !end(&state, &row.handle_hash).await {
             return not_ended();
@@ -571,8 +576,10 @@ pub async fn refresh(
                 // is; a review: a clinician pressing "Stay signed in" while the EHR was down was
                 // signed out a minute later); the app may try again.
                 tracing::warn!(ehr = %row.ehr, reason = %why, "could not refresh a session at the EHR");
-                let (store, h) = (state.store.clone(), row.handle_hash.clone());
-                let _ = web::block(move || touch(&store, &h, t, idle)).await;
+                if !background {
+                    let (store, h) = (state.store.clone(), row.handle_hash.clone());
+                    let _ = web::block(move || touch(&store, &h, t, idle)).await;
+                }
                 return HttpResponse::ServiceUnavailable()
                     .insert_header((header::CACHE_CONTROL, "no-store"))
                     .insert_header((header::RETRY_AFTER, "10"))
@@ -590,7 +597,14 @@ pub async fn refresh(
             encounter: row.encounter.clone(),
         },
         &amr,
-        crate::auth::tokens::session_lifetime(state.settings.idle_timeout_secs),
+        if background {
+            // Until the idle limit, counted from the person's last activity.
+            (row.last_active + idle - t)
+                .min(crate::auth::tokens::session_lifetime(idle))
+                .max(1)
+        } else {
+            crate::auth::tokens::session_lifetime(idle)
+        },
     );
     let Ok(issued) = issued else {
         return HttpResponse::InternalServerError().finish();
@@ -616,14 +630,16 @@ pub async fn refresh(
             )
         }
     }
+    let active_at = if background { row.last_active } else { t };
     let _ = web::block(move || match ehr_tokens {
         Some(v) => {
             let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));
             store.execute(
                 "UPDATE ehr_sessions SET last_active = ?, key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ? AND last_active >= ?",
-                vec![t.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into(), (t - idle).into()],
+                vec![active_at.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into(), (t - idle).into()],
             )
         }
+        None if background => Ok(0),
         None => touch(&store, &h, t, idle),
     })
     .await;

@@ -1135,6 +1135,38 @@ async fn abandoned_sessions_are_logged_off_without_a_refresh() {
     assert_eq!(sweep().await, 0, "once");
 }
 
+// A refresh the app asks for while the person does nothing (its socket's token ran out) renews
+// the token but is not activity: the session still ends at the idle limit, and the token lives
+// no longer than that (a probe: refreshing at each socket expiry kept an idle session for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_in_the_background_is_not_activity() {
+    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 4).await else {
+        return;
+    };
+    let Some(a) = spawn_ehr("ehr-a") else { return };
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    let handle = s["session"].as_str().unwrap();
+    let in_background = format!("{handle}&background=1");
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let (st, body) = session_post(&app, "smart/session/refresh", &in_background, None).await;
+    assert_eq!(st, 200, "{body}");
+    let c = claims(body["access_token"].as_str().unwrap());
+    let life = c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap();
+    assert!(
+        (1..=2).contains(&life),
+        "until the idle limit only: {life} s"
+    );
+    // Past the limit counted from the launch (whole seconds: more than 4 means 5 or more).
+    tokio::time::sleep(std::time::Duration::from_millis(3900)).await;
+    let (st, body) = session_post(&app, "smart/session/refresh", &in_background, None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("inactivity"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_are_logged_off() {
     let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 1).await else {

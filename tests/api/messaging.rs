@@ -1527,6 +1527,17 @@ async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
         assert!(e.to_string().contains("escalation"), "{e}");
     }
     assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM notices", vec![]), 0);
+    // A patient's message is about her (a probe's was "about" a Group no clinician could place).
+    for subject in ["Group/g1", "Patient/p2", "Practitioner/dr-1"] {
+        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "About whom?");
+        m["subject"] = json!({"reference": subject});
+        m["category"] = json!([{"text": "question"}]);
+        let (s, e) = post_as(&p1, &app, "/Communication", &m).await;
+        assert!(matches!(s, 400 | 403 | 422), "{subject}: {s} {e}");
+        if subject == "Group/g1" {
+            assert!(e.to_string().contains("subject must be Patient/"), "{e}");
+        }
+    }
     for (who, path, body) in [
         (&p1, "/Communication", noted("Patient/p1")),
         (&dr1, "/Communication", noted("Practitioner/dr-1")),
@@ -2240,6 +2251,23 @@ both_backends! {
         assert!(v["sent"].is_string(), "{v}");
         let stored = app.get_json(&format!("Communication/{}", v["id"].as_str().unwrap())).await;
         assert!(!stored.to_string().contains("Dr. Smith") && !stored.to_string().contains("on-behalf-of"));
+        // Nor anything else that says who wrote or approved it (an attacker probe filed to the
+        // chart a patient's message whose note was "approved by" a clinician): a note's author,
+        // extensions but Courier's own, the narrative, the display of any reference.
+        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "Please stop my warfarin");
+        m["category"] = json!([{"coding": [{"system": "https://courier.example.org/fhir/CodeSystem/message-category", "code": "question"}]}]);
+        m["note"] = json!([{"authorReference": {"reference": "Practitioner/dr-2"}, "text": "Reviewed and approved by me"}]);
+        m["extension"] = json!([{"url": "http://hl7.org/fhir/StructureDefinition/event-onBehalfOf", "valueReference": {"reference": "Practitioner/dr-2"}}]);
+        m["text"] = json!({"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Message from Dr Vera Victim</div>"});
+        m["recipient"][0]["display"] = json!("Dr Vera Victim (approved)");
+        let r = p1.post(app.url("Communication")).json(&m).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        let stored = app.get_json(&format!("Communication/{}", v["id"].as_str().unwrap())).await;
+        for claim in ["dr-2", "Vera Victim", "onBehalfOf"] {
+            assert!(!stored.to_string().contains(claim), "{claim}: {stored}");
+        }
+        assert_eq!(stored["note"][0]["text"], "Reviewed and approved by me", "the note's words stay, as the patient's");
         // Nor a clinician's (a probe's clinician labelled their message "Dr Vera Victim", which
         // an API reader would show as its author): Courier names people from its own records.
         let dr = client_with_token(&clinician_token(&app, "dr-1"));
