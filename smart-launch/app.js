@@ -165,6 +165,7 @@ function end(why) {
   if ($('photo-dialog').open) $('photo-dialog').close();
   $('photo-full').removeAttribute('src');
   $('photo-full').alt = '';
+  $('photo-dialog').setAttribute('aria-label', 'Photo');
   $('idle-error').hidden = true;
   $('file-name').title = '';
   if ($('away-dialog').open) $('away-dialog').close();
@@ -218,16 +219,17 @@ function isStaffOnly(c) {
 // pause must not send a burst of refreshes, which an EHR that rotates refresh tokens would take
 // as reuse and end the session).
 let refreshing = null;
-function refreshToken() {
-  if (!refreshing) refreshing = refreshOnce().finally(() => { refreshing = null; });
+// `asActivity`: the person answered (the idle warning); else activity is what the page saw.
+function refreshToken(asActivity) {
+  if (!refreshing) refreshing = refreshOnce(asActivity).finally(() => { refreshing = null; });
   return refreshing;
 }
-async function refreshOnce() {
+async function refreshOnce(asActivity) {
   if (!token || !session || !session.session) return false;
   const body = new URLSearchParams({session: session.session});
   // Nothing done since the last refresh (the socket's token ran out, a background call met 401):
   // a new token, but not activity: the session still ends at the idle limit.
-  if (!(lastActivity > lastRefresh)) body.set('background', '1');
+  if (!asActivity && !(lastActivity > lastRefresh)) body.set('background', '1');
   const mine = session;
   let r;
   try {
@@ -331,7 +333,9 @@ document.addEventListener('visibilitychange', () => { if (!document.hidden) idle
 async function stayIn() {
   if (!token) return;
   $('idle-stay').disabled = true;
-  const ok = await refreshToken();
+  // An answer is activity: the refresh says so to the server (a review: sent as a background
+  // refresh, the server would have signed the person out at the old limit).
+  const ok = await refreshToken(true);
   $('idle-stay').disabled = false;
   if (!token) return;
   if (ok) {

@@ -7,6 +7,7 @@
 //! | `out-of-office` | leader | 1 s | auto-replies for away recipients ([`crate::messaging::away`]) |
 //! | `escalation` | leader | 1 s | reminders and escalations of unread urgent messages ([`crate::messaging::escalation`]) |
 //! | `notify` | every instance (row leases) | 2 s | email notices of unread messages ([`crate::notify`]) |
+//! | `sessions` | leader | 30 s | end web-app sessions idle past the limit, audited ([`crate::smart::session::sweep`]) |
 //! | `keys` | every instance | 30 s | pick up a rotated master or system key, re-wrap data keys |
 //! | `retention-purge` | leader | `COURIER_PURGE_INTERVAL_SECS` (first after 60 s) | [`crate::compliance::purge`] |
 //! | `outbox` | every instance (row leases) | continuous | AuditEvents and filings to the EHRs ([`crate::smart::outbox`]) |

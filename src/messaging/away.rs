@@ -752,6 +752,9 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
             vec![cover.away.clone().into(), cover.delegate.clone().into()],
         )?;
         for h in headers {
+            if failed_lately(&h.header_id) {
+                continue;
+            }
             let done = match end_cover_in(store, &mut still, now, &cover, &h.header_id) {
                 Ok(done) => done,
                 // One thread that cannot be seen to now (a message unreadable, the database
@@ -760,7 +763,8 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
                 // waiting). A few in one pass: the database is failing, stop here.
                 Err(e) => {
                     failed += 1;
-                    tracing::warn!(error = %e, "a cover's end was not carried out in one thread; kept for the next pass");
+                    note_failed(&h.header_id);
+                    tracing::warn!(error = %e, "a cover's end was not carried out in one thread; tried again in 10 minutes");
                     if failed >= 3 {
                         return Ok(changed);
                     }
@@ -784,6 +788,35 @@ pub fn end_covers(store: &Store) -> Result<usize, StoreError> {
         }
     }
     Ok(changed)
+}
+
+/// How long a thread whose cover's end failed is left before it is tried again: a damaged row
+/// would otherwise be retried (and logged) every second, and three of them, first in the list,
+/// would end every pass before the covers behind them (a review).
+const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn failures() -> &'static std::sync::Mutex<HashMap<String, std::time::Instant>> {
+    static FAILED: std::sync::OnceLock<std::sync::Mutex<HashMap<String, std::time::Instant>>> =
+        std::sync::OnceLock::new();
+    FAILED.get_or_init(Default::default)
+}
+
+/// Did ending a cover in `header` fail less than [`RETRY_FAILED`] ago (on this instance)?
+fn failed_lately(header: &str) -> bool {
+    let mut f = failures().lock().unwrap_or_else(|p| p.into_inner());
+    f.retain(|_, at| at.elapsed() < RETRY_FAILED);
+    f.contains_key(header)
+}
+
+/// Forgets the threads whose cover's end failed, so that the next pass tries each again at once
+/// (after a damaged row is repaired; tests).
+pub fn retry_failed_covers() {
+    failures().lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+fn note_failed(header: &str) {
+    let mut f = failures().lock().unwrap_or_else(|p| p.into_inner());
+    f.insert(header.to_string(), std::time::Instant::now());
 }
 
 /// What ending `cover` does in thread `header`: the delegate leaves it, or stays (as a

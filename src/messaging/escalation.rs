@@ -354,9 +354,6 @@ fn update(store: &Store, id: &str, cr: Value) -> Result<(), StoreError> {
     )
 }
 
-/// The CommunicationRequest that records (and notifies) an escalation. Returns it and whether it
-/// names the backup.
-#[allow(clippy::too_many_arguments)]
 /// Courier's marks of an escalation on a CommunicationRequest: its [`EXTENSION`] and the
 /// categories in [`CATEGORY_SYSTEM`] (empty on any other request). Only Courier writes them: one
 /// put by a client would page a clinician, through quiet hours, as if a message were waiting.
@@ -376,6 +373,9 @@ pub fn marks(v: &Value) -> Vec<Value> {
     ext.chain(categories).cloned().collect()
 }
 
+/// The CommunicationRequest that records (and notifies) an escalation. Returns it and whether it
+/// names the backup.
+#[allow(clippy::too_many_arguments)]
 fn request(
     store: &Store,
     id: &str,

@@ -592,13 +592,6 @@ fn courier_marks(body: &Value) -> Vec<(String, String)> {
     marks
 }
 
-/// Checks what a Communication or CommunicationRequest about to be written points at, and
-/// labels it (see [`super::staff_only`]); called after [`check`] and the access policy on every
-/// REST and Bundle write of a message. `replaces`: the id of the version an update replaces.
-/// `fresh`: messages written earlier in the same transaction, with whether each is staff-only.
-/// A message (or request) about a patient is never sent to or from another patient: every
-/// Patient among its parties is its subject. (Addressed to the wrong patient, it would put one
-/// patient's matter — and, through the app, their name and MRN — in another's portal.)
 /// What else a person's message could say of who wrote or approved it, taken out (an attacker
 /// probe: a patient's message carried `note.authorReference` to a clinician with "approved by me –
 /// stop warfarin", an on-behalf-of extension and a narrative, and filing it to the chart wrote
@@ -619,37 +612,41 @@ fn unclaimed(body: &mut Value) {
     {
         note.retain(|k, _| !k.starts_with("author") && k != "_authorString");
     }
-    if let Some(ext) = o.get_mut("extension").and_then(Value::as_array_mut) {
-        ext.retain(|e| {
-            e["url"].as_str().is_some_and(|u| {
-                u.starts_with("https://courier.example.org/")
-                    || u == crate::messaging::timing::EXT_TZ
-            })
-        });
-        if ext.is_empty() {
-            o.remove("extension");
-        }
-    }
-    fn no_displays(v: &mut Value) {
+    // Everywhere but in contained resources (checked as resources of their own).
+    fn walk(v: &mut Value) {
         match v {
             Value::Object(m) => {
                 if m.contains_key("reference") {
                     m.remove("display");
                     m.remove("_display");
                 }
+                if let Some(ext) = m.get_mut("extension").and_then(Value::as_array_mut) {
+                    ext.retain(|e| {
+                        e["url"].as_str().is_some_and(|u| {
+                            u.starts_with("https://courier.example.org/")
+                                || u == crate::messaging::timing::EXT_TZ
+                        })
+                    });
+                    if ext.is_empty() {
+                        m.remove("extension");
+                    }
+                }
                 for (k, x) in m.iter_mut() {
                     if k != "contained" {
-                        no_displays(x);
+                        walk(x);
                     }
                 }
             }
-            Value::Array(a) => a.iter_mut().for_each(no_displays),
+            Value::Array(a) => a.iter_mut().for_each(walk),
             _ => {}
         }
     }
-    no_displays(body);
+    walk(body);
 }
 
+/// A message (or request) about a patient is never sent to or from another patient: every
+/// Patient among its parties is its subject. (Addressed to the wrong patient, it would put one
+/// patient's matter — and, through the app, their name and MRN — in another's portal.)
 fn about_one_patient(body: &Value, base: &str) -> Result<(), FhirError> {
     let Some(subject) = body["subject"]["reference"]
         .as_str()
@@ -679,6 +676,10 @@ fn about_one_patient(body: &Value, base: &str) -> Result<(), FhirError> {
     Ok(())
 }
 
+/// Checks what a Communication or CommunicationRequest about to be written points at, and
+/// labels it (see [`super::staff_only`]); called after [`check`] and the access policy on every
+/// REST and Bundle write of a message. `replaces`: the id of the version an update replaces.
+/// `fresh`: messages written earlier in the same transaction, with whether each is staff-only.
 pub async fn prepare(
     state: &AppState,
     p: &Principal,
@@ -725,21 +726,6 @@ pub async fn prepare(
             }
         }
         unclaimed(body);
-    }
-    // A message from the patient's side is about that patient: a subject, when given, names
-    // them (a probe's patient wrote one "about" a Group, which no clinician could place).
-    if let Some(me) = policy::patient_bound(p, res_type).filter(|m| !m.is_empty()) {
-        let me = format!("Patient/{me}");
-        if let Some(subject) = body["subject"]["reference"].as_str() {
-            if super::hub::local_ref(subject, base) != me {
-                return Err(FhirError::at(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "business-rule",
-                    format!("{res_type}.subject"),
-                    format!("a message from the patient's side is about that patient: its subject must be {me}"),
-                ));
-            }
-        }
     }
     about_one_patient(body, base)?;
     let mut inherited = false;
@@ -931,8 +917,11 @@ pub async fn prepare(
             .as_ref()
             .filter(|v| v["status"] != "preparation" && authored(v))
         {
+            // Both as a person's write is stored now (a version stored before `unclaimed` may
+            // hold displays and extensions that this one, stripped, no longer carries).
             let content = |x: &Value| {
                 let mut x = x.clone();
+                unclaimed(&mut x);
                 if let Some(o) = x.as_object_mut() {
                     for k in [
                         "meta",

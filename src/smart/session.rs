@@ -298,11 +298,11 @@ pub fn sweep(store: &crate::store::Store, idle: i64) -> Result<usize, crate::sto
         if n > 0 {
             ended += n;
             let ctx = crate::audit::Context::job(&store.base_url, "sessions");
-            store.record_audit(logout_event(
-                ctx,
-                &row.fhir_user,
-                "automatic log-off after inactivity",
-            ))?;
+            let event = logout_event(ctx, &row.fhir_user, "automatic log-off after inactivity");
+            if let Err(e) = store.record_audit(event) {
+                // The session is over either way; the rest of the pass goes on.
+                tracing::error!(error = %e, "an automatic log-off could not be audited");
+            }
         }
     }
     Ok(ended)
@@ -630,17 +630,20 @@ pub async fn refresh(
             )
         }
     }
-    let active_at = if background { row.last_active } else { t };
-    let _ = web::block(move || match ehr_tokens {
-        Some(v) => {
+    let _ = web::block(move || {
+        if let Some(v) = ehr_tokens {
             let (key_id, sealed) = store.keys.seal(v[0].to_string().as_bytes(), &aad(&h));
             store.execute(
-                "UPDATE ehr_sessions SET last_active = ?, key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ? AND last_active >= ?",
-                vec![active_at.into(), key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.into(), (t - idle).into()],
-            )
+                "UPDATE ehr_sessions SET key_id = ?, ehr_tokens = ?, ehr_expires_at = ? WHERE handle_hash = ? AND last_active >= ?",
+                vec![key_id.into(), sealed.into(), (t + v[1].as_i64().unwrap_or(300)).into(), h.clone().into(), (t - idle).into()],
+            )?;
         }
-        None if background => Ok(0),
-        None => touch(&store, &h, t, idle),
+        // A background refresh leaves the last activity as it is (never moved back).
+        if background {
+            Ok(0)
+        } else {
+            touch(&store, &h, t, idle)
+        }
     })
     .await;
     HttpResponse::Ok()

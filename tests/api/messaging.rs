@@ -1474,6 +1474,9 @@ async fn the_covering_colleague_joins_the_thread_and_the_patients_replies_reach_
     assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM away_joins WHERE header_id = ?", vec![h3.clone().into()]), 1, "kept for the next pass");
     assert!(header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()), "not taken out on a message it could not read");
     app.store.execute(&sealed_by("-"), vec![wid.into()]).unwrap();
+    // A thread that failed is left for ten minutes (a damaged row is not retried every second);
+    // once repaired, it may be tried at once.
+    courier::messaging::away::retry_failed_covers();
     until!("the cover's record goes", count(&app, "SELECT COUNT(*) AS n FROM away_joins", vec![]) == 0);
     assert!(header_to(h3.clone()).await.contains(&"Practitioner/dr-3".to_string()), "a delegate who wrote in the thread stays in it");
     // ... as a participant of their own: no longer said to be covering.
@@ -1527,17 +1530,6 @@ async fn nobody_but_courier_says_who_covers_for_whom(app: TestApp) {
         assert!(e.to_string().contains("escalation"), "{e}");
     }
     assert_eq!(count(&app, "SELECT COUNT(*) AS n FROM notices", vec![]), 0);
-    // A patient's message is about her (a probe's was "about" a Group no clinician could place).
-    for subject in ["Group/g1", "Patient/p2", "Practitioner/dr-1"] {
-        let mut m = msg("Patient/p1", &["Practitioner/dr-1"], "About whom?");
-        m["subject"] = json!({"reference": subject});
-        m["category"] = json!([{"text": "question"}]);
-        let (s, e) = post_as(&p1, &app, "/Communication", &m).await;
-        assert!(matches!(s, 400 | 403 | 422), "{subject}: {s} {e}");
-        if subject == "Group/g1" {
-            assert!(e.to_string().contains("subject must be Patient/"), "{e}");
-        }
-    }
     for (who, path, body) in [
         (&p1, "/Communication", noted("Patient/p1")),
         (&dr1, "/Communication", noted("Practitioner/dr-1")),
@@ -2280,5 +2272,9 @@ both_backends! {
         m["sender"]["display"] = json!("Dr One");
         let v: Value = app.client.post(app.url("Communication")).json(&m).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["sender"]["display"], "Dr One", "{v}");
+        // Its author may still send it again unchanged (a version stored with displays is
+        // compared as a person's write is stored now; a review: 422 "cannot be changed").
+        let (s, again) = put_as(&dr, &app, &format!("/Communication/{}", v["id"].as_str().unwrap()), &v).await;
+        assert_eq!(s, 200, "{again}");
     }
 }

@@ -862,13 +862,14 @@ try {
   await patient.waitForTimeout(1500);
   check(await patient.isVisible('#idle-dialog'), 'patient: the warning stays until answered (its own focus, a Tab inside it, are not activity)');
   const refreshes = [];
-  patient.on('request', (r) => { if (r.url().endsWith('/smart/session/refresh')) refreshes.push(r.url()); });
+  patient.on('request', (r) => { if (r.url().endsWith('/smart/session/refresh')) refreshes.push(r.postData() || ''); });
   await patient.click('#idle-stay');
   await patient.waitForSelector('#idle-dialog', { state: 'hidden' });
   check(await patient.isVisible('#new-dialog') && (await patient.inputValue('#new-text')) === 'Half-written before the warning',
     'patient: after "Stay signed in" the half-written conversation is still there');
   for (let i = 0; i < 50 && refreshes.length === 0; i++) await patient.waitForTimeout(100);
   check(refreshes.length >= 1, 'patient: "Stay signed in" tells the server at once (the session is refreshed)');
+  check(!refreshes[0].includes('background=1'), `patient: "Stay signed in" is activity to the server, not a background refresh (sent ${refreshes[0]})`);
   await patient.waitForTimeout(1500);
   check(!(await patient.isVisible('#idle-dialog')) && !(await patient.isVisible('#ended')), 'patient: still signed in after the warning was answered');
   check(!/Signing out/.test(await patient.title()), 'patient: the title is back to normal after the warning');
