@@ -445,16 +445,18 @@ pub async fn upgrade(
 /// Ends a session: the row goes, and every Courier token it was given is revoked at once.
 /// Ends one session; false when it could not be ended now (the database failing): the caller
 /// must not say it has.
-async fn end(state: &web::Data<AppState>, handle_hash: &str) -> bool {
+/// `Some(n)`: ended, `n` = 1 if this call ended it, 0 if it had ended already (the sweep, another
+/// request: that one audited it).
+async fn end(state: &web::Data<AppState>, handle_hash: &str) -> Option<usize> {
     let st = state.clone();
     let h = handle_hash.to_string();
     match web::block(move || end_where(&st.store, "handle_hash = ?", vec![h.into()])).await {
-        Ok(Ok(_)) => true,
+        Ok(Ok(n)) => Some(n),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "could not end a session");
-            false
+            None
         }
-        Err(_) => false,
+        Err(_) => None,
     }
 }
 
@@ -542,16 +544,20 @@ pub async fn refresh(
     // good by refreshing at each socket expiry), and its token lives no longer than that.
     let background = form_urlencoded::parse(&body).any(|(k, v)| k == "background" && v == "1");
     if t - row.last_active > idle {
-        if !end(&state, &row.handle_hash).await {
-            return not_ended();
+        match end(&state, &row.handle_hash).await {
+            None => return not_ended(),
+            // Ended by the sweep meanwhile, which audited it.
+            Some(0) => {}
+            Some(_) => {
+                audit_logout(
+                    &state,
+                    &req,
+                    &row.fhir_user,
+                    "automatic log-off after inactivity",
+                )
+                .await
+            }
         }
-        audit_logout(
-            &state,
-            &req,
-            &row.fhir_user,
-            "automatic log-off after inactivity",
-        )
-        .await;
         return ended("signed out after a period of inactivity");
     }
     if let Some(wait) = crowded(&row.token_jtis, t) {
@@ -565,10 +571,14 @@ pub async fn refresh(
             Ok((tokens, expires_in)) => ehr_tokens = Some(json!([tokens, expires_in])),
             Err((true, why)) => {
                 tracing::warn!(ehr = %row.ehr, reason = %why, "the EHR refused to refresh a session");
-                if !end(&state, &row.handle_hash).await {
-                    return not_ended();
+                match end(&state, &row.handle_hash).await {
+                    None => return not_ended(),
+                    Some(0) => {}
+                    Some(_) => {
+                        audit_logout(&state, &req, &row.fhir_user, "the EHR ended the session")
+                            .await
+                    }
                 }
-                audit_logout(&state, &req, &row.fhir_user, "the EHR ended the session").await;
                 return ended("the EHR ended the session: sign in again");
             }
             Err((false, why)) => {
@@ -760,13 +770,11 @@ pub async fn logout(
     }
     if let Some(handle) = handle_of(&body) {
         match load(&state, &handle).await {
-            Ok(Some(row)) => {
-                if end(&state, &row.handle_hash).await {
-                    audit_logout(&state, &req, &row.fhir_user, "logout").await;
-                } else {
-                    done = false;
-                }
-            }
+            Ok(Some(row)) => match end(&state, &row.handle_hash).await {
+                Some(0) => {}
+                Some(_) => audit_logout(&state, &req, &row.fhir_user, "logout").await,
+                None => done = false,
+            },
             Ok(None) => {}
             Err(()) => done = false,
         }
