@@ -339,9 +339,12 @@ async function stayIn() {
   $('idle-stay').disabled = false;
   if (!token) return;
   if (ok) {
-    lastActivity = Date.now();
     $('idle-error').hidden = true;
     if ($('idle-dialog').open) $('idle-dialog').close();
+    // Active as of that refresh (which told the server so), also after the focus the closed
+    // warning hands back: not newer, or the next timer tick would send another refresh as
+    // activity (a walk-through: the server kept the session two minutes past the limit).
+    lastActivity = lastRefresh;
     renderThreads();
   } else {
     $('idle-error').textContent = 'Courier could not keep you signed in just now. Check the connection and press "Stay signed in" again.';
@@ -468,7 +471,9 @@ function wantPeople(refs, maxAge) {
 }
 
 // While a conversation is open in view, whether its clinicians are away stays current.
-setInterval(() => { if (token && current && !document.hidden) wantPeople(participants(current.header), AWAY_FRESH_MS); }, AWAY_FRESH_MS);
+// (Asked when older than half a minute, looked at every 20 s: said within a minute; a
+// walk-through saw a notice stay 87 s when both were a minute.)
+setInterval(() => { if (token && current && !document.hidden) wantPeople(participants(current.header), AWAY_FRESH_MS / 2); }, 20000);
 
 async function askNow() {
   const waiters = askWaiters;
@@ -772,10 +777,11 @@ function renderThreadsNow() {
   $('threads-empty').hidden = threads.size > 0;
   // None shown of some: what to do about it (a walk-through: "Showing 0 of 1 conversations",
   // no more).
+  const filtered = $('filter-text').value.trim() || ['filter-show', 'filter-when', 'filter-patient', 'filter-inbox'].some((id) => $(id).value && $(id).value !== 'all');
   const hidden = threads.size && !shown.length
-    ? ($('scope-patient').getAttribute('aria-pressed') === 'true' ? ': none about this patient matches. “All my patients” shows the others.' : ': change the search or the filters to see them.')
+    ? (!filtered && $('scope-patient').getAttribute('aria-pressed') === 'true' ? ': none is about this patient. “All my patients” shows the others.' : ': change or clear the search and the filters to see them.')
     : '';
-  $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + ' conversations' + hidden : '';
+  $('threads-count').textContent = threads.size && shown.length !== threads.size ? 'Showing ' + shown.length + ' of ' + threads.size + (threads.size === 1 ? ' conversation' : ' conversations') + hidden : '';
   // Launched with one patient open, what is new about others is said where one switches to it
   // (a walk-through: a covering colleague saw "1 unread" and "Showing 0 of 1", nothing more).
   if (!isPatient() && session.patient) {
@@ -2316,7 +2322,7 @@ async function start() {
   for (const c of (config.categories || [])) categories.append(el('option', {value: c.code}, c.display));
   categories.required = isPatient();
   $('priority-field').hidden = isPatient();
-  if (config.attachment_types) $('compose-file').accept = config.attachment_types.join(',');
+  if (config.attachment_types) $('compose-file').accept = $('new-file').accept = config.attachment_types.join(',');
   // Patients are told, where they write and before they write, that messages are not for
   // emergencies — with the number to call.
   if (isPatient() && config.emergency_number) {
@@ -2359,7 +2365,11 @@ async function start() {
   $('new-form').addEventListener('submit', startThread);
   $('new-cancel').addEventListener('click', () => $('new-dialog').close());
   $('photo-close').addEventListener('click', () => $('photo-dialog').close());
-  $('photo-dialog').addEventListener('close', () => { $('photo-full').removeAttribute('src'); });
+  $('photo-dialog').addEventListener('close', () => {
+    $('photo-full').removeAttribute('src');
+    $('photo-full').alt = '';
+    $('photo-dialog').setAttribute('aria-label', 'Photo');
+  });
   $('new-dialog').addEventListener('close', () => { if (token) $('new-thread').focus(); });
   $('back').addEventListener('click', closeThread);
   $('older').addEventListener('click', loadOlder);
