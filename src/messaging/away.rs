@@ -247,7 +247,19 @@ pub fn covering_notes(v: &Value) -> Option<Vec<(String, String)>> {
             }
         }
     }
-    (v.to_string().matches(EXT_COVERING).count() == notes.len()).then_some(notes)
+    (extensions_of(v, EXT_COVERING) == notes.len()).then_some(notes)
+}
+
+/// How many extensions with this `url` `v` holds, anywhere in it.
+pub fn extensions_of(v: &Value, url: &str) -> usize {
+    match v {
+        Value::Object(m) => {
+            usize::from(m.get("url").and_then(Value::as_str) == Some(url))
+                + m.values().map(|x| extensions_of(x, url)).sum::<usize>()
+        }
+        Value::Array(a) => a.iter().map(|x| extensions_of(x, url)).sum(),
+        _ => 0,
+    }
 }
 
 fn ctx(store: &Store) -> audit::Context {

@@ -857,7 +857,7 @@ pub async fn prepare(
     // add one or change whom it names. Nor on a scheduled message's request, whose recipients
     // its messages copy.
     if matches!(res_type, "Communication" | "CommunicationRequest")
-        && body.to_string().contains(super::away::EXT_COVERING)
+        && super::away::extensions_of(body, super::away::EXT_COVERING) > 0
     {
         let before = replaced
             .as_ref()

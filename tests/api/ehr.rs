@@ -1068,17 +1068,24 @@ async fn a_sign_out_that_cannot_be_carried_out_is_not_said_to_be_done() {
     assert_eq!(status_with(&app, token).await, 401);
 }
 
+/// A SQLite Courier whose sessions idle out after `idle` seconds, with an EHR, and a clinician's
+/// session launched from it (the EHR is kept running while the pair is held).
+async fn signed_in_with_idle_limit(idle: i64) -> Option<(TestApp, TestEhr, Value)> {
+    let app = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = idle).await?;
+    let a = spawn_ehr("ehr-a")?;
+    launch_fixture(&app, &a).await;
+    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
+    Some((app, a, s))
+}
+
 // A person who stops using Courier holds no valid token past the idle limit, even when nothing
 // asks for a refresh (a probe: with a 20 s limit, the session's last token still read messages
 // at 60 s, as tokens lived 5 minutes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_session_token_outlives_the_idle_limit() {
-    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 2).await else {
+    let Some((app, _ehr, s)) = signed_in_with_idle_limit(2).await else {
         return;
     };
-    let Some(a) = spawn_ehr("ehr-a") else { return };
-    launch_fixture(&app, &a).await;
-    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
     let token = s["access_token"].as_str().unwrap();
     let c = claims(token);
     assert_eq!(
@@ -1096,12 +1103,9 @@ async fn no_session_token_outlives_the_idle_limit() {
 // tokens revoked, the EHR's tokens it held gone, the log-off audited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_sessions_are_logged_off_without_a_refresh() {
-    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 2).await else {
+    let Some((app, _ehr, s)) = signed_in_with_idle_limit(2).await else {
         return;
     };
-    let Some(a) = spawn_ehr("ehr-a") else { return };
-    launch_fixture(&app, &a).await;
-    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
     let token = s["access_token"].as_str().unwrap().to_string();
     let sweep = || {
         let store = app.store.clone();
@@ -1140,12 +1144,9 @@ async fn abandoned_sessions_are_logged_off_without_a_refresh() {
 // no longer than that (a probe: refreshing at each socket expiry kept an idle session for good).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_in_the_background_is_not_activity() {
-    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 4).await else {
+    let Some((app, _ehr, s)) = signed_in_with_idle_limit(4).await else {
         return;
     };
-    let Some(a) = spawn_ehr("ehr-a") else { return };
-    launch_fixture(&app, &a).await;
-    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
     let handle = s["session"].as_str().unwrap();
     let in_background = format!("{handle}&background=1");
     tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
@@ -1169,12 +1170,9 @@ async fn a_refresh_in_the_background_is_not_activity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_are_logged_off() {
-    let Some(app) = spawn_app_with(Backend::Sqlite, |s| s.idle_timeout_secs = 1).await else {
+    let Some((app, _ehr, s)) = signed_in_with_idle_limit(1).await else {
         return;
     };
-    let Some(a) = spawn_ehr("ehr-a") else { return };
-    launch_fixture(&app, &a).await;
-    let s = launch_as(&app, &a, "a1", "Practitioner/dr-a").await;
     let handle = s["session"].as_str().unwrap();
     assert_eq!(
         session_post(&app, "smart/session/refresh", handle, None)
